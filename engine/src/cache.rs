@@ -1,0 +1,194 @@
+//! Bounded per-shard cache of values, so hot keys are served without disk reads.
+//!
+//! Entries are keyed by (partition, key fingerprint) and remember the record location they were
+//! read from; a lookup only hits when the index still points at that location, so an update,
+//! delete, drop or compaction move invalidates an entry without any explicit bookkeeping.
+//! Eviction is CLOCK (second chance): a hit sets a reference bit, the hand evicts entries whose
+//! bit is clear. The budget counts value bytes plus a fixed per-entry overhead.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::index::{KeyHash, Location};
+
+/// Bookkeeping bytes charged per cached entry on top of the value.
+const ENTRY_OVERHEAD_BYTES: usize = 96;
+
+type Key = (u32, u64, u16);
+
+struct Slot {
+    loc: Location,
+    value: Bytes,
+    referenced: bool,
+    generation: u64,
+}
+
+pub(crate) struct ValueCache {
+    budget_bytes: usize,
+    used_bytes: usize,
+    map: HashMap<Key, Slot>,
+    clock: VecDeque<(Key, u64)>,
+    generation: u64,
+}
+
+impl ValueCache {
+    pub(crate) fn new(budget_bytes: usize) -> Self {
+        Self {
+            budget_bytes,
+            used_bytes: 0,
+            map: HashMap::new(),
+            clock: VecDeque::new(),
+            generation: 0,
+        }
+    }
+
+    fn key(partition: u32, kh: KeyHash) -> Key {
+        (partition, kh.digest, kh.check)
+    }
+
+    pub(crate) fn get(&mut self, partition: u32, kh: KeyHash, loc: Location) -> Option<Bytes> {
+        let k = Self::key(partition, kh);
+        let slot = self.map.get_mut(&k)?;
+        if slot.loc != loc {
+            self.remove(k);
+            return None;
+        }
+        slot.referenced = true;
+        Some(slot.value.clone())
+    }
+
+    pub(crate) fn insert(&mut self, partition: u32, kh: KeyHash, loc: Location, value: Bytes) {
+        let cost = value.len() + ENTRY_OVERHEAD_BYTES;
+        if cost > self.budget_bytes / 8 {
+            return; // one value must not wipe out a large share of the cache
+        }
+        let k = Self::key(partition, kh);
+        self.remove(k);
+        while self.used_bytes + cost > self.budget_bytes {
+            if !self.evict_one() {
+                break;
+            }
+        }
+        self.generation += 1;
+        self.used_bytes += cost;
+        self.map.insert(
+            k,
+            Slot {
+                loc,
+                value,
+                referenced: false,
+                generation: self.generation,
+            },
+        );
+        self.clock.push_back((k, self.generation));
+        // Stale clock entries (removed or replaced slots) are skipped lazily; keep them bounded.
+        if self.clock.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.clock
+                .retain(|(k, g)| map.get(k).is_some_and(|s| s.generation == *g));
+        }
+    }
+
+    /// A write of a cached key: keep the entry current, or forget it when it was deleted.
+    pub(crate) fn refresh(
+        &mut self,
+        partition: u32,
+        kh: KeyHash,
+        loc: Location,
+        value: Option<&[u8]>,
+    ) {
+        let k = Self::key(partition, kh);
+        if !self.map.contains_key(&k) {
+            return;
+        }
+        match value {
+            Some(v) => self.insert(partition, kh, loc, Bytes::copy_from_slice(v)),
+            None => self.remove(k),
+        }
+    }
+
+    pub(crate) fn drop_partition(&mut self, partition: u32) {
+        let gone: Vec<Key> = self
+            .map
+            .keys()
+            .filter(|k| k.0 == partition)
+            .copied()
+            .collect();
+        for k in gone {
+            self.remove(k);
+        }
+    }
+
+    fn remove(&mut self, k: Key) {
+        if let Some(s) = self.map.remove(&k) {
+            self.used_bytes -= s.value.len() + ENTRY_OVERHEAD_BYTES;
+        }
+    }
+
+    fn evict_one(&mut self) -> bool {
+        while let Some((k, g)) = self.clock.pop_front() {
+            match self.map.get_mut(&k) {
+                Some(s) if s.generation == g => {
+                    if s.referenced {
+                        s.referenced = false;
+                        self.clock.push_back((k, g));
+                    } else {
+                        self.remove(k);
+                        return true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
+    pub(crate) fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(o: u64) -> Location {
+        Location {
+            slot: 0,
+            offset: o * 8,
+            len: 8,
+        }
+    }
+
+    #[test]
+    fn stays_within_budget_and_invalidates_by_location() {
+        let mut c = ValueCache::new(8 * (ENTRY_OVERHEAD_BYTES + 100));
+        for i in 0..100u64 {
+            c.insert(
+                0,
+                KeyHash {
+                    digest: i,
+                    check: 0,
+                },
+                loc(i),
+                Bytes::from(vec![0u8; 100]),
+            );
+            assert!(c.used_bytes() <= 8 * (ENTRY_OVERHEAD_BYTES + 100));
+        }
+        assert_eq!(c.len(), 8);
+        let kh = KeyHash {
+            digest: 99,
+            check: 0,
+        };
+        assert!(c.get(0, kh, loc(99)).is_some());
+        // The index moved on: the entry must not be served.
+        assert!(c.get(0, kh, loc(100)).is_none());
+        assert!(c.get(0, kh, loc(99)).is_none());
+    }
+}

@@ -1,0 +1,327 @@
+//! Compaction: rewrite the live records of mostly-garbage segments into new segments, then delete
+//! the old files.
+//!
+//! It runs in its own glommio task queue (explicit shares, `Latency::NotImportant`) and yields
+//! often, so foreground requests keep their latency. Correctness against concurrent writers:
+//! - a record is copied only if the index points at it when it is looked at;
+//! - the index is switched to the copy only after the copy is durable, and only if the entry still
+//!   points at the original (compare-and-set): a write that superseded the key meanwhile wins and
+//!   the copy is garbage;
+//! - inputs are deleted after the outputs are durable, and through an intent file written first,
+//!   so a crash in the middle of deleting finishes the deletion at the next open rather than leaving
+//!   a tombstone's file gone while the older value it shadows survives.
+//!
+//! Tombstones and partition-drop markers are reaped (not copied) when no surviving segment can
+//! still hold an older record of their key: every segment outside this pass was created after
+//! the marker's seqno. Segments record the seqno counter at their creation for this purpose. A
+//! tombstone in an old segment that never reaches the garbage threshold stays (costing its index
+//! entry) until that segment is compacted.
+//!
+//! A damaged record met while copying is counted, logged and dropped; if the index pointed at it,
+//! the key is removed from the index (the cluster's anti-entropy repairs it from a replica).
+
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
+use crate::error::EngineError;
+use crate::index::{Entry, KeyHash, Location};
+use crate::io;
+use crate::record::RecordKind;
+use crate::recovery::INTENT_FILE;
+use crate::scan;
+use crate::segment::Segment;
+
+/// Memory tail of a compaction output is written out once it reaches this many bytes.
+const OUTPUT_FLUSH_BYTES: u64 = 1 << 20;
+
+/// What one compaction pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Segments rewritten and deleted.
+    pub segments_compacted: usize,
+    /// Bytes of the deleted segments.
+    pub bytes_before: u64,
+    /// Bytes of the segments written.
+    pub bytes_after: u64,
+    /// Records copied.
+    pub records_copied: u64,
+    /// Tombstones and drop markers reaped.
+    pub tombstones_reaped: u64,
+    /// Damaged records found in the inputs.
+    pub damaged_records: u64,
+}
+
+struct Move {
+    partition: u32,
+    key: KeyHash,
+    from: Location,
+    to: Location,
+    entry: Entry,
+}
+
+/// Clears the "compaction running" flag however the pass ends.
+struct Running<'a>(&'a Inner);
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.st.borrow_mut().compacting = false;
+    }
+}
+
+/// The background compactor: every `every`, one pass if any segment is over the threshold.
+pub(crate) async fn background(weak: Weak<Inner>, wake: Rc<Wake>, every: Duration) {
+    loop {
+        futures_lite::future::or(glommio::timer::sleep(every), wake.wait()).await;
+        if wake.is_shutdown() {
+            return;
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if let Err(e) = run(&inner).await {
+            tracing::warn!(error = %e, "compaction pass failed");
+            if inner.st.borrow().failed.is_some() {
+                return;
+            }
+        }
+    }
+}
+
+/// Marks the engine failed: compaction IO errors are as fatal as flush errors.
+fn fail(inner: &Inner, e: EngineError) -> EngineError {
+    let mut st = inner.st.borrow_mut();
+    if st.failed.is_none() {
+        tracing::error!(error = %e, "compaction IO failed; the store is now read-only until reopened");
+        st.failed = Some(std::sync::Arc::new(e.clone()));
+        for w in std::mem::take(&mut st.waiters) {
+            w.wake();
+        }
+    }
+    e
+}
+
+/// One compaction pass.
+pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineError> {
+    let (inputs, floor) = {
+        let mut st = inner.st.borrow_mut();
+        st.check_usable()?;
+        if st.compacting {
+            return Ok(CompactionReport::default());
+        }
+        let mut candidates: Vec<(f64, Rc<Segment>)> = st
+            .segments
+            .iter()
+            .flatten()
+            .filter(|s| s.sealed.get() && s.synced.get() == s.len.get())
+            .filter(|s| !st.writing.iter().any(|w| Rc::ptr_eq(w, s)))
+            .map(|s| {
+                (
+                    1.0 - s.live_bytes.get() as f64 / s.len.get().max(1) as f64,
+                    s.clone(),
+                )
+            })
+            .filter(|(g, _)| *g >= inner.cfg.compaction_garbage_ratio)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(CompactionReport::default());
+        }
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        candidates.truncate(inner.cfg.compaction_segments_max);
+        let inputs: Vec<Rc<Segment>> = candidates.into_iter().map(|(_, s)| s).collect();
+        let floor = st
+            .segments
+            .iter()
+            .flatten()
+            .filter(|s| !inputs.iter().any(|i| Rc::ptr_eq(i, s)))
+            .map(|s| s.created_seqno)
+            .fold(st.next_seqno, u64::min);
+        st.compacting = true;
+        (inputs, floor)
+    };
+    let _running = Running(inner);
+    let mut report = CompactionReport::default();
+    let mut out: Option<Rc<Segment>> = None;
+    let mut moves: Vec<Move> = Vec::new();
+
+    for input in &inputs {
+        let file = input.file().expect("sealed segments have files");
+        let mut bytes = io::read_all(&file, &input.path)
+            .await
+            .map_err(|e| fail(inner, e))?;
+        bytes.truncate(input.len.get() as usize);
+        let s = scan::scan(&bytes);
+        report.bytes_before += input.len.get();
+        for e in &s.entries {
+            glommio::yield_if_needed().await;
+            let from = Location {
+                slot: input.slot,
+                offset: e.offset as u64,
+                len: e.len,
+            };
+            let copy = {
+                let mut st = inner.st.borrow_mut();
+                match e.kind {
+                    RecordKind::SegmentHeader => false,
+                    RecordKind::Put | RecordKind::Tombstone => {
+                        match st.index.get(e.partition, e.key) {
+                            Some(cur) if cur.loc == from => {
+                                if cur.tombstone && e.seqno < floor {
+                                    st.index.remove_if(e.partition, e.key, from);
+                                    report.tombstones_reaped += 1;
+                                    false
+                                } else {
+                                    true
+                                }
+                            }
+                            _ => false,
+                        }
+                    }
+                    RecordKind::DropPartition => {
+                        if st.dropped.get(&e.partition) != Some(&e.seqno) {
+                            false
+                        } else if e.seqno < floor {
+                            st.dropped.remove(&e.partition);
+                            report.tombstones_reaped += 1;
+                            false
+                        } else {
+                            true
+                        }
+                    }
+                }
+            };
+            if !copy {
+                continue;
+            }
+            let rec = &bytes[e.offset as usize..(e.offset + e.len) as usize];
+            if let Some(o) = &out {
+                if o.len.get() + e.len as u64 > inner.cfg.segment_bytes {
+                    finish_output(inner, o, &mut moves, &mut report).await?;
+                    out = None;
+                }
+            }
+            let o = match &out {
+                Some(o) => o.clone(),
+                None => {
+                    let o = inner.st.borrow_mut().new_segment(&inner.cfg)?;
+                    out = Some(o.clone());
+                    o
+                }
+            };
+            let to = append_raw(&o, rec, *e);
+            report.records_copied += 1;
+            if matches!(e.kind, RecordKind::Put | RecordKind::Tombstone) {
+                let entry = Entry {
+                    loc: to,
+                    tombstone: e.kind == RecordKind::Tombstone,
+                    version: e.version,
+                };
+                moves.push(Move {
+                    partition: e.partition,
+                    key: e.key,
+                    from,
+                    to,
+                    entry,
+                });
+            }
+            if o.unflushed() >= OUTPUT_FLUSH_BYTES {
+                flush_segment(inner, &o).await.map_err(|e| fail(inner, e))?;
+            }
+        }
+        if s.damaged() {
+            // Entries pointing into damaged bytes were not copied; forget them.
+            let mut lost = 0u64;
+            let slot = input.slot;
+            let mut st = inner.st.borrow_mut();
+            let moving: std::collections::HashSet<(u32, u64)> = moves
+                .iter()
+                .filter(|m| m.from.slot == slot)
+                .map(|m| (m.partition, m.from.offset))
+                .collect();
+            st.index.retain(|p, e| {
+                let dangling = e.loc.slot == slot && !moving.contains(&(p, e.loc.offset));
+                lost += dangling as u64;
+                !dangling
+            });
+            report.damaged_records +=
+                (s.corrupt_regions.len() + s.torn_tail.is_some() as usize) as u64;
+            tracing::error!(path = %input.path.display(), lost_keys = lost, "compaction found damaged records");
+        }
+    }
+    if let Some(o) = out.take() {
+        finish_output(inner, &o, &mut moves, &mut report).await?;
+    }
+    // Every live record of the inputs now lives elsewhere (or was reaped); record the intent to
+    // delete them durably, then delete.
+    let ids: Vec<u64> = inputs.iter().map(|s| s.id).collect();
+    let intent_path = inner.cfg.dir.join(INTENT_FILE);
+    let mut intent = (ids.len() as u32).to_le_bytes().to_vec();
+    for id in &ids {
+        intent.extend_from_slice(&id.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&intent);
+    intent.extend_from_slice(&crc.to_le_bytes());
+    io::write_file(&intent_path, &inner.faults, &intent)
+        .await
+        .map_err(|e| fail(inner, e))?;
+    io::sync_dir(&inner.cfg.dir)
+        .await
+        .map_err(|e| fail(inner, e))?;
+    {
+        let mut st = inner.st.borrow_mut();
+        for s in &inputs {
+            st.free_slot(s.slot);
+        }
+    }
+    for s in &inputs {
+        io::remove(&s.path).await.map_err(|e| fail(inner, e))?;
+        io::remove(&s.hint_path).await.map_err(|e| fail(inner, e))?;
+    }
+    io::sync_dir(&inner.cfg.dir)
+        .await
+        .map_err(|e| fail(inner, e))?;
+    io::remove(&intent_path).await.map_err(|e| fail(inner, e))?;
+    report.segments_compacted = inputs.len();
+    let c = &inner.counters;
+    c.compactions.set(c.compactions.get() + 1);
+    c.compaction_bytes_reclaimed.set(
+        c.compaction_bytes_reclaimed.get() + report.bytes_before.saturating_sub(report.bytes_after),
+    );
+    c.tombstones_reaped
+        .set(c.tombstones_reaped.get() + report.tombstones_reaped);
+    c.compaction_damaged_records
+        .set(c.compaction_damaged_records.get() + report.damaged_records);
+    tracing::debug!(?report, "compaction pass done");
+    Ok(report)
+}
+
+/// Makes an output segment durable, writes its hint, then points the index at the copies that
+/// are still current.
+async fn finish_output(
+    inner: &Inner,
+    o: &Segment,
+    moves: &mut Vec<Move>,
+    report: &mut CompactionReport,
+) -> Result<(), EngineError> {
+    o.sealed.set(true);
+    flush_segment(inner, o).await.map_err(|e| fail(inner, e))?;
+    let file = o.file().expect("a flushed output has a file");
+    io::sync(&file, &o.path, &inner.faults)
+        .await
+        .map_err(|e| fail(inner, e))?;
+    o.synced.set(o.len.get());
+    report.bytes_after += o.len.get();
+    finish_sealed(inner, o).await;
+    let st = inner.st.borrow_mut();
+    let mut st = st;
+    for m in moves.drain(..) {
+        if st.index.replace_if(m.partition, m.key, m.from, m.entry) {
+            st.account_replace(
+                Some(Entry {
+                    loc: m.from,
+                    ..m.entry
+                }),
+                m.to.slot,
+                m.to.len,
+            );
+        }
+    }
+    Ok(())
+}

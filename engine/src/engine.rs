@@ -1,0 +1,816 @@
+//! The engine: one instance per shard, owned by that shard's thread (it is `!Send` on purpose).
+//!
+//! Write path: a put validates sizes, appends the encoded record to the active segment's memory
+//! tail, updates the index, and then either returns (`Buffered`) or waits for the flush epoch it
+//! joined to be written and synced (`Sync`). One flusher task per engine writes every segment's
+//! pending bytes with one write per segment and one `fdatasync` per file per flush, so all writers
+//! that joined an epoch share that IO (group commit). Flushes run one at a time, in order, which
+//! makes durability prefix-ordered: when a write is durable, every write accepted before it is too.
+//!
+//! Read path: index lookup (no IO), then the value cache, the memory tail, or one O_DIRECT read
+//! through io_uring; the record's CRC and full key are checked before a value is returned.
+//!
+//! Failure: a failed write or sync poisons the engine (see [`crate::EngineError::Failed`]).
+//! Dropping an engine without [`Engine::close`] is like a crash: buffered writes may be lost.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use glommio::TaskQueueHandle;
+
+use crate::cache::ValueCache;
+use crate::config::{Durability, EngineConfig};
+use crate::error::EngineError;
+use crate::hint::HintEntry;
+use crate::index::{Entry, Index, KeyHash, Location, SEGMENT_SLOTS_MAX, value_digest};
+use crate::io::{self, FaultPlan};
+use crate::record::{self, RecordKind};
+use crate::recovery::RecoveryReport;
+use crate::segment::Segment;
+use crate::stats::{Counters, EngineStats};
+
+/// A per-shard log-structured key-value store.
+pub struct Engine {
+    pub(crate) inner: Rc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) faults: Rc<FaultPlan>,
+    pub(crate) st: RefCell<State>,
+    pub(crate) cache: RefCell<ValueCache>,
+    pub(crate) counters: Counters,
+    pub(crate) recovery: RecoveryReport,
+    pub(crate) flush_wake: Rc<Wake>,
+    pub(crate) compaction_wake: Rc<Wake>,
+    pub(crate) compaction_queue: TaskQueueHandle,
+    pub(crate) tasks: RefCell<Vec<glommio::task::JoinHandle<()>>>,
+    /// Held for the engine's lifetime: an exclusive lock on the data directory.
+    pub(crate) _lock: std::fs::File,
+}
+
+pub(crate) struct State {
+    pub(crate) index: Index,
+    /// Segment table, by slot; the index refers to segments by slot.
+    pub(crate) segments: Vec<Option<Rc<Segment>>>,
+    pub(crate) free_slots: Vec<u16>,
+    pub(crate) next_segment_id: u64,
+    pub(crate) next_seqno: u64,
+    /// Current append target of writers.
+    pub(crate) active: Option<Rc<Segment>>,
+    /// Log segments with bytes not yet durable, oldest first (the active one last).
+    pub(crate) writing: VecDeque<Rc<Segment>>,
+    /// Partitions dropped, with the seqno of their still-needed drop marker.
+    pub(crate) dropped: BTreeMap<u32, u64>,
+    /// Flush epoch new appends join.
+    pub(crate) open_epoch: u64,
+    /// Every epoch up to and including this one is durable.
+    pub(crate) durable_epoch: u64,
+    pub(crate) waiters: Vec<Waker>,
+    /// A `Sync` writer waits on the open epoch: flush now.
+    pub(crate) sync_requested: bool,
+    /// When the oldest unflushed `Buffered` write of the open epoch was accepted.
+    pub(crate) buffered_since: Option<Instant>,
+    pub(crate) failed: Option<Arc<EngineError>>,
+    pub(crate) closed: bool,
+    pub(crate) compacting: bool,
+}
+
+/// A one-waiter wake-up signal for a background task, with a shutdown flag.
+#[derive(Default)]
+pub(crate) struct Wake {
+    set: Cell<bool>,
+    shutdown: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+    pub(crate) fn shutdown(&self) {
+        self.shutdown.set(true);
+        self.notify();
+    }
+    pub(crate) fn is_shutdown(&self) -> bool {
+        self.shutdown.get()
+    }
+    /// Resolves once notified (consuming the notification).
+    pub(crate) async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.set.replace(false) || self.shutdown.get() {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.flush_wake.shutdown();
+        self.compaction_wake.shutdown();
+    }
+}
+
+impl State {
+    pub(crate) fn check_usable(&self) -> Result<(), EngineError> {
+        if let Some(e) = &self.failed {
+            return Err(EngineError::Failed(e.clone()));
+        }
+        if self.closed {
+            return Err(EngineError::Closed);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn segment(&self, slot: u16) -> &Rc<Segment> {
+        self.segments[slot as usize]
+            .as_ref()
+            .expect("index only points at live segment slots")
+    }
+
+    pub(crate) fn alloc_slot(&mut self) -> Result<u16, EngineError> {
+        if let Some(s) = self.free_slots.pop() {
+            return Ok(s);
+        }
+        if self.segments.len() >= SEGMENT_SLOTS_MAX {
+            return Err(EngineError::TooManySegments(self.segments.len()));
+        }
+        self.segments.push(None);
+        Ok((self.segments.len() - 1) as u16)
+    }
+
+    pub(crate) fn free_slot(&mut self, slot: u16) {
+        assert!(
+            self.segments[slot as usize].take().is_some(),
+            "slot freed twice"
+        );
+        self.free_slots.push(slot);
+    }
+
+    /// Creates a writable segment (memory only; the flusher creates its file) whose first record
+    /// is its header.
+    pub(crate) fn new_segment(&mut self, cfg: &EngineConfig) -> Result<Rc<Segment>, EngineError> {
+        let slot = self.alloc_slot()?;
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let seg = Rc::new(Segment::new_writable(&cfg.dir, id, slot, self.next_seqno));
+        let hv = record::segment_header_value(id, self.next_seqno);
+        append_record(
+            &seg,
+            RecordKind::SegmentHeader,
+            self.next_seqno,
+            0,
+            &[],
+            &hv,
+        );
+        self.segments[slot as usize] = Some(seg.clone());
+        Ok(seg)
+    }
+
+    /// Updates segment liveness after the index replaced `old` with a record in `new_slot`.
+    pub(crate) fn account_replace(&self, old: Option<Entry>, new_slot: u16, new_len: u32) {
+        if let Some(old) = old {
+            let s = self.segment(old.loc.slot);
+            s.live_bytes.set(s.live_bytes.get() - old.loc.len as u64);
+        }
+        let s = self.segment(new_slot);
+        s.live_bytes.set(s.live_bytes.get() + new_len as u64);
+    }
+}
+
+/// Appends an encoded record to a writable segment's memory tail; returns its location.
+pub(crate) fn append_record(
+    seg: &Segment,
+    kind: RecordKind,
+    seqno: u64,
+    partition: u32,
+    key: &[u8],
+    value: &[u8],
+) -> Location {
+    assert!(!seg.sealed.get(), "appends go to unsealed segments only");
+    let offset = seg.len.get();
+    let len = {
+        let mut m = seg.mem.borrow_mut();
+        debug_assert_eq!(m.start + m.bytes.len() as u64, offset);
+        record::encode(&mut m.bytes, kind, seqno, partition, key, value)
+    };
+    seg.len.set(offset + len as u64);
+    let view = record::RecordView {
+        kind,
+        seqno,
+        partition,
+        key,
+        value,
+        len,
+    };
+    seg.hints
+        .borrow_mut()
+        .push(crate::scan::entry_of(&view, offset as usize));
+    Location {
+        slot: seg.slot,
+        offset,
+        len: len as u32,
+    }
+}
+
+/// Appends pre-encoded record bytes verbatim (compaction copies records without re-encoding).
+pub(crate) fn append_raw(seg: &Segment, bytes: &[u8], mut hint: HintEntry) -> Location {
+    assert!(!seg.sealed.get(), "appends go to unsealed segments only");
+    let offset = seg.len.get();
+    seg.mem.borrow_mut().bytes.extend_from_slice(bytes);
+    seg.len.set(offset + bytes.len() as u64);
+    hint.offset = u32::try_from(offset).expect("segments are at most 1 GiB");
+    seg.hints.borrow_mut().push(hint);
+    Location {
+        slot: seg.slot,
+        offset,
+        len: bytes.len() as u32,
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the store in `cfg.dir`, recovering whatever a previous run left.
+    /// Must be called inside a glommio executor; the engine stays on that thread.
+    pub async fn open(cfg: EngineConfig) -> Result<Engine, EngineError> {
+        Self::open_with_faults(cfg, FaultPlan::new()).await
+    }
+
+    /// Like [`Engine::open`], with an IO fault plan tests can arm.
+    pub async fn open_with_faults(
+        cfg: EngineConfig,
+        faults: Rc<FaultPlan>,
+    ) -> Result<Engine, EngineError> {
+        let inner = crate::recovery::open(cfg, faults).await?;
+        let inner = Rc::new(inner);
+        let flusher =
+            glommio::spawn_local(flusher(Rc::downgrade(&inner), inner.flush_wake.clone())).detach();
+        inner.tasks.borrow_mut().push(flusher);
+        if let Some(every) = inner.cfg.compaction_interval {
+            let task = glommio::spawn_local_into(
+                crate::compaction::background(
+                    Rc::downgrade(&inner),
+                    inner.compaction_wake.clone(),
+                    every,
+                ),
+                inner.compaction_queue,
+            )
+            .map_err(|e| EngineError::Config(format!("cannot spawn compactor: {e}")))?
+            .detach();
+            inner.tasks.borrow_mut().push(task);
+        }
+        Ok(Engine { inner })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    /// What recovery found when the engine was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), EngineError> {
+        let max = self.inner.cfg.key_bytes_max;
+        if key.len() > max {
+            return Err(EngineError::KeyTooLarge {
+                len: key.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the value of `key` in `partition`; `None` if absent or deleted.
+    pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Bytes>, EngineError> {
+        self.check_key(key)?;
+        let kh = KeyHash::of(key);
+        let c = &self.inner.counters;
+        c.gets.set(c.gets.get() + 1);
+        let (seg, entry) = {
+            let st = self.inner.st.borrow();
+            st.check_usable()?;
+            match st.index.get(partition, kh) {
+                Some(e) if !e.tombstone => (st.segment(e.loc.slot).clone(), e),
+                _ => return Ok(None),
+            }
+        };
+        if let Some(v) = self.inner.cache.borrow_mut().get(partition, kh, entry.loc) {
+            c.cache_hits.set(c.cache_hits.get() + 1);
+            return Ok(Some(v));
+        }
+        let raw = read_record(&self.inner, &seg, entry.loc).await?;
+        let rec = record::decode(&raw).map_err(|_| {
+            c.corrupt_reads.set(c.corrupt_reads.get() + 1);
+            tracing::error!(path = %seg.path.display(), offset = entry.loc.offset, "record failed its checksum on read");
+            EngineError::Corrupt { path: seg.path.clone(), offset: entry.loc.offset, reason: "checksum mismatch" }
+        })?;
+        if rec.key != key || rec.partition != partition {
+            // Another key with the same 80-bit fingerprint: this key is not stored.
+            return Ok(None);
+        }
+        assert_eq!(
+            rec.kind,
+            RecordKind::Put,
+            "index entry without tombstone flag points at a put"
+        );
+        let value = Bytes::copy_from_slice(rec.value);
+        self.inner
+            .cache
+            .borrow_mut()
+            .insert(partition, kh, entry.loc, value.clone());
+        Ok(Some(value))
+    }
+
+    /// Stores `value` under `key` in `partition`.
+    pub async fn put(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<(), EngineError> {
+        self.check_key(key)?;
+        let max = self.inner.cfg.value_bytes_max;
+        if value.len() > max {
+            return Err(EngineError::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        let c = &self.inner.counters;
+        c.puts.set(c.puts.get() + 1);
+        self.write(RecordKind::Put, partition, key, value, durability)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes `key` by writing a tombstone. Returns whether the key existed; deleting an absent
+    /// key writes nothing.
+    pub async fn delete(
+        &self,
+        partition: u32,
+        key: &[u8],
+        durability: Durability,
+    ) -> Result<bool, EngineError> {
+        self.check_key(key)?;
+        let c = &self.inner.counters;
+        c.deletes.set(c.deletes.get() + 1);
+        self.write(RecordKind::Tombstone, partition, key, &[], durability)
+            .await
+    }
+
+    /// Drops every key of `partition` (after a handoff, say), durably marked so recovery does not
+    /// bring them back. Cost: one small record plus freeing the partition's index table.
+    pub async fn drop_partition(
+        &self,
+        partition: u32,
+        durability: Durability,
+    ) -> Result<(), EngineError> {
+        self.write(RecordKind::DropPartition, partition, &[], &[], durability)
+            .await
+            .map(|_| ())
+    }
+
+    async fn write(
+        &self,
+        kind: RecordKind,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<bool, EngineError> {
+        let inner = &self.inner;
+        let rec_len = record::record_len(key.len(), value.len()) as u64;
+        // Backpressure: wait for flushes while the unwritten tail is over its bound (a single
+        // record larger than the bound is let through alone).
+        loop {
+            let epoch = {
+                let mut st = inner.st.borrow_mut();
+                st.check_usable()?;
+                let pending: u64 = st.writing.iter().map(|s| s.unflushed()).sum();
+                if pending == 0 || pending + rec_len <= inner.cfg.write_buffer_bytes_max as u64 {
+                    break;
+                }
+                st.sync_requested = true;
+                st.open_epoch
+            };
+            inner.flush_wake.notify();
+            wait_durable(inner, epoch).await?;
+        }
+        let epoch = {
+            let mut st = inner.st.borrow_mut();
+            let st = &mut *st;
+            st.check_usable()?;
+            let kh = KeyHash::of(key);
+            if kind == RecordKind::Tombstone {
+                match st.index.get(partition, kh) {
+                    Some(e) if !e.tombstone => {}
+                    _ => return Ok(false),
+                }
+            }
+            let seg = match &st.active {
+                Some(a) if a.len.get() + rec_len <= inner.cfg.segment_bytes => a.clone(),
+                _ => {
+                    if let Some(old) = st.active.take() {
+                        old.sealed.set(true);
+                    }
+                    let seg = st.new_segment(&inner.cfg)?;
+                    st.writing.push_back(seg.clone());
+                    st.active = Some(seg.clone());
+                    seg
+                }
+            };
+            let seqno = st.next_seqno;
+            st.next_seqno += 1;
+            let loc = append_record(&seg, kind, seqno, partition, key, value);
+            match kind {
+                RecordKind::Put | RecordKind::Tombstone => {
+                    let tombstone = kind == RecordKind::Tombstone;
+                    let version = if tombstone { 0 } else { value_digest(value) };
+                    let old = st.index.upsert(
+                        partition,
+                        kh,
+                        Entry {
+                            loc,
+                            tombstone,
+                            version,
+                        },
+                    );
+                    st.account_replace(old, loc.slot, loc.len);
+                    // Keep a cached hot key fresh; a write alone does not admit a key (write-heavy
+                    // loads would otherwise flush the cache of what is actually read).
+                    inner.cache.borrow_mut().refresh(
+                        partition,
+                        kh,
+                        loc,
+                        (!tombstone).then_some(value),
+                    );
+                }
+                RecordKind::DropPartition => {
+                    st.dropped.insert(partition, seqno);
+                    for e in st.index.drop_partition(partition) {
+                        let s = st.segment(e.loc.slot);
+                        s.live_bytes.set(s.live_bytes.get() - e.loc.len as u64);
+                    }
+                    inner.cache.borrow_mut().drop_partition(partition);
+                }
+                RecordKind::SegmentHeader => unreachable!(),
+            }
+            match durability {
+                Durability::Sync => st.sync_requested = true,
+                Durability::Buffered => {
+                    st.buffered_since.get_or_insert_with(Instant::now);
+                }
+            }
+            st.open_epoch
+        };
+        inner.flush_wake.notify();
+        if durability == Durability::Sync {
+            wait_durable(inner, epoch).await?;
+        }
+        Ok(true)
+    }
+
+    /// Makes every write accepted so far durable.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let epoch = {
+            let mut st = self.inner.st.borrow_mut();
+            st.check_usable()?;
+            if st.writing.iter().all(|s| s.synced.get() == s.len.get()) {
+                return Ok(());
+            }
+            st.sync_requested = true;
+            st.open_epoch
+        };
+        self.inner.flush_wake.notify();
+        wait_durable(&self.inner, epoch).await
+    }
+
+    /// Runs one compaction pass now (the background compactor does the same on its own).
+    pub async fn compact(&self) -> Result<crate::compaction::CompactionReport, EngineError> {
+        crate::compaction::run(&self.inner).await
+    }
+
+    /// Streams the live keys and values of one partition, in key-digest order. Keys written after
+    /// the call may or may not appear; a key deleted or dropped after the call does not.
+    pub fn iter_partition(&self, partition: u32) -> PartitionIter {
+        let mut keys: Vec<KeyHash> = self
+            .inner
+            .st
+            .borrow()
+            .index
+            .partition_entries(partition)
+            .into_iter()
+            .filter(|(_, e)| !e.tombstone)
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort_unstable();
+        keys.reverse();
+        PartitionIter {
+            inner: Rc::downgrade(&self.inner),
+            partition,
+            keys,
+        }
+    }
+
+    /// Key fingerprints and value digests of one partition without any IO (for anti-entropy),
+    /// sorted by digest. Tombstones are included with `tombstone` set.
+    pub fn partition_digests(&self, partition: u32) -> Vec<(KeyHash, Entry)> {
+        let mut v = self.inner.st.borrow().index.partition_entries(partition);
+        v.sort_unstable_by_key(|(k, _)| *k);
+        v
+    }
+
+    /// Counters and gauges for metrics.
+    pub fn stats(&self) -> EngineStats {
+        crate::stats::snapshot(&self.inner)
+    }
+
+    /// Flushes and syncs everything, seals the active segment (writing its hint file so the next
+    /// open is fast), stops background tasks and releases the directory lock.
+    pub async fn close(self) -> Result<(), EngineError> {
+        let epoch = {
+            let mut st = self.inner.st.borrow_mut();
+            st.check_usable()?;
+            st.closed = true;
+            if let Some(active) = st.active.take() {
+                active.sealed.set(true);
+            }
+            // An empty flush still finishes sealed segments (hint files), so always run one.
+            st.sync_requested = true;
+            st.open_epoch
+        };
+        self.inner.flush_wake.notify();
+        let r = wait_durable(&self.inner, epoch).await;
+        self.inner.flush_wake.shutdown();
+        self.inner.compaction_wake.shutdown();
+        let tasks = std::mem::take(&mut *self.inner.tasks.borrow_mut());
+        for t in tasks {
+            t.await;
+        }
+        r
+    }
+}
+
+/// Reads a record's bytes, from memory if the segment still holds them there.
+pub(crate) async fn read_record(
+    inner: &Inner,
+    seg: &Segment,
+    loc: Location,
+) -> Result<Vec<u8>, EngineError> {
+    if let Some(b) = seg.read_mem(loc.offset, loc.len as usize) {
+        return Ok(b);
+    }
+    let file = seg.file().expect("bytes not in memory are in the file");
+    let c = &inner.counters;
+    c.disk_reads.set(c.disk_reads.get() + 1);
+    let r = io::read_exact_at(&file, &seg.path, loc.offset, loc.len as usize).await?;
+    if r.len() < loc.len as usize {
+        return Err(EngineError::Corrupt {
+            path: seg.path.clone(),
+            offset: loc.offset,
+            reason: "record extends past end of file",
+        });
+    }
+    Ok(r.to_vec())
+}
+
+/// Waits until flush epoch `epoch` is durable or the engine failed.
+pub(crate) async fn wait_durable(inner: &Inner, epoch: u64) -> Result<(), EngineError> {
+    poll_fn(|cx| {
+        let mut st = inner.st.borrow_mut();
+        if st.durable_epoch >= epoch {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = &st.failed {
+            return Poll::Ready(Err(EngineError::Failed(e.clone())));
+        }
+        st.waiters.push(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// The flusher: one per engine, the only writer of log segments.
+async fn flusher(weak: Weak<Inner>, wake: Rc<Wake>) {
+    loop {
+        // Decide when to flush without holding the engine alive while idle.
+        loop {
+            let deadline = {
+                let Some(inner) = weak.upgrade() else { return };
+                let st = inner.st.borrow();
+                if st.failed.is_some() {
+                    return;
+                }
+                if st.sync_requested {
+                    break;
+                }
+                match st.buffered_since {
+                    Some(t) => {
+                        let due = t + inner.cfg.flush_interval;
+                        if Instant::now() >= due {
+                            break;
+                        }
+                        Some(due)
+                    }
+                    None if wake.is_shutdown() => return,
+                    None => None,
+                }
+            };
+            match deadline {
+                Some(due) => {
+                    let sleep =
+                        glommio::timer::sleep(due.saturating_duration_since(Instant::now()));
+                    futures_lite::future::or(sleep, wake.wait()).await;
+                }
+                None => wake.wait().await,
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if flush_once(&inner).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One group commit: write every pending segment, sync them, publish the epoch.
+pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
+    let (epoch, segs) = {
+        let mut st = inner.st.borrow_mut();
+        let e = st.open_epoch;
+        st.open_epoch += 1;
+        st.sync_requested = false;
+        st.buffered_since = None;
+        (e, st.writing.iter().cloned().collect::<Vec<_>>())
+    };
+    let result = async {
+        for seg in &segs {
+            flush_segment(inner, seg).await?;
+        }
+        for seg in &segs {
+            let to = seg.flushed.get();
+            if seg.synced.get() < to {
+                let file = seg.file().expect("flushed segments have files");
+                io::sync(&file, &seg.path, &inner.faults).await?;
+                seg.synced.set(to);
+            }
+        }
+        Ok::<(), EngineError>(())
+    }
+    .await;
+    let c = &inner.counters;
+    c.flushes.set(c.flushes.get() + 1);
+    let sealed_done: Vec<Rc<Segment>> = {
+        let mut st = inner.st.borrow_mut();
+        let waiters = std::mem::take(&mut st.waiters);
+        match &result {
+            Ok(()) => {
+                assert!(st.durable_epoch < epoch, "epochs complete in order");
+                st.durable_epoch = epoch;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "flush failed; the store is now read-only until reopened");
+                st.failed = Some(Arc::new(e.clone()));
+            }
+        }
+        for w in waiters {
+            w.wake();
+        }
+        if result.is_err() {
+            return Err(());
+        }
+        let done: Vec<_> = st
+            .writing
+            .iter()
+            .filter(|s| s.sealed.get() && s.synced.get() == s.len.get())
+            .cloned()
+            .collect();
+        st.writing
+            .retain(|s| !(s.sealed.get() && s.synced.get() == s.len.get()));
+        done
+    };
+    for seg in sealed_done {
+        finish_sealed(inner, &seg).await;
+    }
+    Ok(())
+}
+
+/// Writes a segment's pending bytes (creating its file on first use).
+pub(crate) async fn flush_segment(inner: &Inner, seg: &Segment) -> Result<(), EngineError> {
+    if seg.unflushed() == 0 {
+        return Ok(());
+    }
+    let file = match seg.file() {
+        Some(f) => f,
+        None => {
+            let f = Rc::new(io::open_rw(&seg.path, true).await?);
+            io::sync_dir(&inner.cfg.dir).await?;
+            *seg.file.borrow_mut() = Some(f.clone());
+            f
+        }
+    };
+    let (start, end, buf) = {
+        let m = seg.mem.borrow();
+        (m.start, seg.len.get(), io::dma_copy(&file, &m.bytes))
+    };
+    io::write_buf(&file, &seg.path, &inner.faults, start, buf).await?;
+    assert!(
+        seg.flushed.get() <= end,
+        "flushes of one segment complete in order"
+    );
+    seg.flushed.set(end);
+    seg.trim_mem(end);
+    let c = &inner.counters;
+    c.bytes_written.set(c.bytes_written.get() + (end - start));
+    Ok(())
+}
+
+/// A sealed segment reached the disk: write its hint file and release its memory. A failed hint
+/// write is not fatal (recovery scans the segment instead), only logged and counted.
+pub(crate) async fn finish_sealed(inner: &Inner, seg: &Segment) {
+    assert!(seg.sealed.get());
+    assert_eq!(
+        seg.synced.get(),
+        seg.len.get(),
+        "sealed segments are finished once durable"
+    );
+    let bytes = {
+        let hints = seg.hints.borrow();
+        crate::hint::encode(
+            crate::hint::HintHeader {
+                segment_id: seg.id,
+                created_seqno: seg.created_seqno,
+                data_len: seg.len.get() as u32,
+                count: hints.len() as u32,
+            },
+            &hints,
+        )
+    };
+    seg.release_mem();
+    if let Err(e) = io::write_file(&seg.hint_path, &inner.faults, &bytes).await {
+        let c = &inner.counters;
+        c.hint_write_failures.set(c.hint_write_failures.get() + 1);
+        tracing::warn!(error = %e, segment = seg.id, "hint file not written; recovery will scan the segment");
+    }
+}
+
+/// Iterator over one partition's live keys and values (see [`Engine::iter_partition`]).
+pub struct PartitionIter {
+    inner: Weak<Inner>,
+    partition: u32,
+    /// Remaining key fingerprints, popped from the back.
+    keys: Vec<KeyHash>,
+}
+
+impl PartitionIter {
+    /// Keys left to visit (an upper bound on the items still to come).
+    pub fn remaining(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The next (key, value), or `None` at the end.
+    pub async fn next(&mut self) -> Option<Result<(Vec<u8>, Bytes), EngineError>> {
+        let inner = self.inner.upgrade()?;
+        while let Some(kh) = self.keys.pop() {
+            let (seg, e) = {
+                let st = inner.st.borrow();
+                if let Err(e) = st.check_usable() {
+                    return Some(Err(e));
+                }
+                match st.index.get(self.partition, kh) {
+                    Some(e) if !e.tombstone => (st.segment(e.loc.slot).clone(), e),
+                    _ => continue,
+                }
+            };
+            let raw = match read_record(&inner, &seg, e.loc).await {
+                Ok(r) => r,
+                Err(err) => return Some(Err(err)),
+            };
+            return Some(match record::decode(&raw) {
+                Ok(r) => Ok((r.key.to_vec(), Bytes::copy_from_slice(r.value))),
+                Err(_) => Err(EngineError::Corrupt {
+                    path: seg.path.clone(),
+                    offset: e.loc.offset,
+                    reason: "checksum mismatch",
+                }),
+            });
+        }
+        None
+    }
+}

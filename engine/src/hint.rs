@@ -1,0 +1,243 @@
+//! Hint files: a compact listing of a sealed segment's records, so restart rebuilds the index
+//! without reading any value (the Bitcask idea).
+//!
+//! ```text
+//! header (32 bytes): magic "RKHT" u32 | version u16 | zero u16 | segment id u64 |
+//!                    created seqno u64 | data_len u32 | count u32
+//! entries (32 bytes each, sorted by offset):
+//!                    digest u64 | seqno u64 | partition u32 | offset u32 |
+//!                    len u32 (low 28 bits) + kind (high 4 bits) | check u16 | value digest u16
+//! trailer (4 bytes): CRC-32 over header and entries
+//! ```
+//!
+//! `data_len` is the segment's length when the hint was written; a segment file shorter than that
+//! (truncated behind our back) makes the hint unusable and recovery scans the segment instead. A
+//! hint with a bad CRC is ignored the same way: hints are an optimisation, never the only copy.
+//! Hint files are written once and never modified, which is what makes reading them through an
+//! mmap at startup sound.
+
+use crate::index::KeyHash;
+use crate::record::{RecordKind, read_u16, read_u32, read_u64};
+
+/// Bytes of the hint file header.
+pub const HINT_HEADER_BYTES: usize = 32;
+/// Bytes of one hint entry.
+pub const HINT_ENTRY_BYTES: usize = 32;
+const HINT_MAGIC: u32 = u32::from_le_bytes(*b"RKHT");
+const HINT_VERSION: u16 = 1;
+const LEN_MASK: u32 = (1 << 28) - 1;
+const _: () = assert!(crate::record::RECORD_BYTES_MAX < LEN_MASK as usize);
+
+/// One record as listed in a hint file (or produced by scanning a segment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintEntry {
+    /// Key fingerprint (zero for drop-partition and segment-header records).
+    pub key: KeyHash,
+    /// Sequence number of the record.
+    pub seqno: u64,
+    /// Partition of the record.
+    pub partition: u32,
+    /// Offset of the record in its segment.
+    pub offset: u32,
+    /// Padded length of the record.
+    pub len: u32,
+    /// Kind of the record.
+    pub kind: RecordKind,
+    /// 15-bit value digest (see [`crate::index::value_digest`]).
+    pub version: u16,
+}
+
+impl HintEntry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        assert!(self.len <= LEN_MASK);
+        out.extend_from_slice(&self.key.digest.to_le_bytes());
+        out.extend_from_slice(&self.seqno.to_le_bytes());
+        out.extend_from_slice(&self.partition.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&(self.len | (self.kind as u32) << 28).to_le_bytes());
+        out.extend_from_slice(&self.key.check.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let len_kind = read_u32(b, 24);
+        Some(Self {
+            key: KeyHash {
+                digest: read_u64(b, 0),
+                check: read_u16(b, 28),
+            },
+            seqno: read_u64(b, 8),
+            partition: read_u32(b, 16),
+            offset: read_u32(b, 20),
+            len: len_kind & LEN_MASK,
+            kind: RecordKind::from_u8((len_kind >> 28) as u8)?,
+            version: read_u16(b, 30),
+        })
+    }
+}
+
+/// What a hint file says about its segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintHeader {
+    /// Segment id.
+    pub segment_id: u64,
+    /// Seqno counter when the segment was created.
+    pub created_seqno: u64,
+    /// Valid length of the segment.
+    pub data_len: u32,
+    /// Number of entries.
+    pub count: u32,
+}
+
+/// Encodes a complete hint file.
+pub fn encode(h: HintHeader, entries: &[HintEntry]) -> Vec<u8> {
+    assert_eq!(h.count as usize, entries.len());
+    let mut out = Vec::with_capacity(HINT_HEADER_BYTES + entries.len() * HINT_ENTRY_BYTES + 4);
+    out.extend_from_slice(&HINT_MAGIC.to_le_bytes());
+    out.extend_from_slice(&HINT_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0u8; 2]);
+    out.extend_from_slice(&h.segment_id.to_le_bytes());
+    out.extend_from_slice(&h.created_seqno.to_le_bytes());
+    out.extend_from_slice(&h.data_len.to_le_bytes());
+    out.extend_from_slice(&h.count.to_le_bytes());
+    debug_assert_eq!(out.len(), HINT_HEADER_BYTES);
+    for e in entries {
+        debug_assert!(e.offset as usize % crate::record::RECORD_ALIGN == 0);
+        e.encode(&mut out);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A validated view over hint-file bytes (an mmap at startup, or a vector built by scanning).
+pub struct HintTable<B> {
+    bytes: B,
+    header: HintHeader,
+}
+
+impl<B: AsRef<[u8]>> HintTable<B> {
+    /// Validates `bytes` as a hint file. Trailing bytes (alignment padding) are ignored.
+    pub fn parse(bytes: B) -> Option<Self> {
+        let b = bytes.as_ref();
+        if b.len() < HINT_HEADER_BYTES + 4
+            || read_u32(b, 0) != HINT_MAGIC
+            || read_u16(b, 4) != HINT_VERSION
+        {
+            return None;
+        }
+        let header = HintHeader {
+            segment_id: read_u64(b, 8),
+            created_seqno: read_u64(b, 16),
+            data_len: read_u32(b, 24),
+            count: read_u32(b, 28),
+        };
+        let end = HINT_HEADER_BYTES
+            .checked_add((header.count as usize).checked_mul(HINT_ENTRY_BYTES)?)?;
+        if b.len() < end + 4 || crc32fast::hash(&b[..end]) != read_u32(b, end) {
+            return None;
+        }
+        let t = Self { bytes, header };
+        // Every entry must decode and entries must be sorted by offset (binary search relies on it).
+        let mut prev_end = 0u64;
+        for i in 0..t.len() {
+            let e = t.get_checked(i)?;
+            if (e.offset as u64) < prev_end
+                || e.offset as u64 + e.len as u64 > header.data_len as u64
+            {
+                return None;
+            }
+            prev_end = e.offset as u64 + e.len as u64;
+        }
+        Some(t)
+    }
+
+    /// Header of the hint file.
+    pub fn header(&self) -> HintHeader {
+        self.header
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.header.count as usize
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get_checked(&self, i: usize) -> Option<HintEntry> {
+        let at = HINT_HEADER_BYTES + i * HINT_ENTRY_BYTES;
+        HintEntry::decode(&self.bytes.as_ref()[at..at + HINT_ENTRY_BYTES])
+    }
+
+    /// Entry `i` (validated at parse time).
+    pub fn get(&self, i: usize) -> HintEntry {
+        self.get_checked(i)
+            .expect("entries were validated when the table was parsed")
+    }
+
+    /// The entry of the record at `offset`, if any (binary search; entries are sorted by offset).
+    pub fn find_offset(&self, offset: u64) -> Option<HintEntry> {
+        let (mut lo, mut hi) = (0usize, self.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let e = self.get(mid);
+            match (e.offset as u64).cmp(&offset) {
+                std::cmp::Ordering::Equal => return Some(e),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        None
+    }
+
+    /// Iterates the entries in offset order.
+    pub fn iter(&self) -> impl Iterator<Item = HintEntry> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_damage_is_refused() {
+        let entries: Vec<HintEntry> = (0..10u32)
+            .map(|i| HintEntry {
+                key: KeyHash::of(&i.to_le_bytes()),
+                seqno: 100 + i as u64,
+                partition: i % 3,
+                offset: 48 + i * 64,
+                len: 64,
+                kind: if i % 4 == 0 {
+                    RecordKind::Tombstone
+                } else {
+                    RecordKind::Put
+                },
+                version: (i * 7) as u16,
+            })
+            .collect();
+        let h = HintHeader {
+            segment_id: 9,
+            created_seqno: 99,
+            data_len: 48 + 640,
+            count: 10,
+        };
+        let mut bytes = encode(h, &entries);
+        bytes.resize(4096, 0);
+        let t = HintTable::parse(bytes.clone()).unwrap();
+        assert_eq!(t.header(), h);
+        assert_eq!(t.iter().collect::<Vec<_>>(), entries);
+        assert_eq!(t.find_offset(48 + 3 * 64), Some(entries[3]));
+        assert_eq!(t.find_offset(50), None);
+        for i in [0, 9, 40, 200, 351] {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(HintTable::parse(b).is_none(), "flip at {i} accepted");
+        }
+        assert!(HintTable::parse(&bytes[..100]).is_none());
+    }
+}

@@ -1,0 +1,245 @@
+//! The disk seam: every byte the engine reads or writes goes through here.
+//!
+//! Segment and hint files are glommio DMA files (O_DIRECT, io_uring), so the shard thread never
+//! blocks on IO and the page cache never holds our data twice. The same functions consult a
+//! [`FaultPlan`]: tests arm it to make the n-th write or sync fail, which is how the engine's
+//! handling of IO errors (fatal, reported to every waiting writer, nothing acknowledged lost) is
+//! exercised without a broken disk. An unarmed plan costs two `Cell` reads per IO.
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+
+use crate::error::EngineError;
+
+/// Block size all writes are aligned to; a multiple of every O_DIRECT alignment we meet.
+pub const IO_BLOCK_BYTES: u64 = 4096;
+/// Largest single read issued while streaming a whole file.
+pub const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Injected IO failures, for tests. Counters count down on every write or sync; when one reaches
+/// zero that operation fails (once per arming).
+#[derive(Debug, Default)]
+pub struct FaultPlan {
+    writes_until_failure: Cell<Option<u64>>,
+    syncs_until_failure: Cell<Option<u64>>,
+    writes: Cell<u64>,
+    syncs: Cell<u64>,
+}
+
+impl FaultPlan {
+    /// A plan that injects nothing until armed.
+    pub fn new() -> Rc<Self> {
+        Rc::new(Self::default())
+    }
+
+    /// Makes the write after `n` more successful writes fail (0: the next one).
+    pub fn fail_write_after(&self, n: u64) {
+        self.writes_until_failure.set(Some(n));
+    }
+
+    /// Makes the sync after `n` more successful syncs fail (0: the next one).
+    pub fn fail_sync_after(&self, n: u64) {
+        self.syncs_until_failure.set(Some(n));
+    }
+
+    /// Writes issued so far (successful or not).
+    pub fn writes(&self) -> u64 {
+        self.writes.get()
+    }
+
+    /// Syncs issued so far (successful or not).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.get()
+    }
+
+    fn tick(counter: &Cell<Option<u64>>) -> bool {
+        match counter.get() {
+            Some(0) => {
+                counter.set(None);
+                true
+            }
+            Some(n) => {
+                counter.set(Some(n - 1));
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+fn injected(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("injected {what} failure"))
+}
+
+/// Opens (creating if needed) a file for reading and writing with O_DIRECT.
+pub async fn open_rw(path: &Path, create_new: bool) -> Result<DmaFile, EngineError> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if create_new {
+        o.create_new(true);
+    }
+    o.dma_open(path)
+        .await
+        .map_err(|e| EngineError::io("open", path, e.into()))
+}
+
+/// Opens a file read-only with O_DIRECT.
+pub async fn open_ro(path: &Path) -> Result<DmaFile, EngineError> {
+    DmaFile::open(path)
+        .await
+        .map_err(|e| EngineError::io("open", path, e.into()))
+}
+
+/// Copies `data` into a DMA buffer zero-padded to whole blocks. Synchronous, so callers can copy
+/// out of a `RefCell` before awaiting the write.
+pub fn dma_copy(file: &DmaFile, data: &[u8]) -> DmaBuffer {
+    let padded = (data.len() as u64).next_multiple_of(IO_BLOCK_BYTES) as usize;
+    let mut buf = file.alloc_dma_buffer(padded.max(IO_BLOCK_BYTES as usize));
+    let bytes = buf.as_bytes_mut();
+    bytes[..data.len()].copy_from_slice(data);
+    bytes[data.len()..].fill(0);
+    buf
+}
+
+/// Writes a block-padded buffer (from [`dma_copy`]) at the block-aligned `pos`.
+pub async fn write_buf(
+    file: &DmaFile,
+    path: &Path,
+    faults: &FaultPlan,
+    pos: u64,
+    buf: DmaBuffer,
+) -> Result<(), EngineError> {
+    assert!(
+        pos % IO_BLOCK_BYTES == 0,
+        "writes start on a block boundary"
+    );
+    assert!(
+        buf.len() as u64 % IO_BLOCK_BYTES == 0,
+        "writes cover whole blocks"
+    );
+    faults.writes.set(faults.writes.get() + 1);
+    if FaultPlan::tick(&faults.writes_until_failure) {
+        return Err(EngineError::io("write", path, injected("write")));
+    }
+    let want = buf.len();
+    let n = file
+        .write_at(buf, pos)
+        .await
+        .map_err(|e| EngineError::io("write", path, e.into()))?;
+    if n != want {
+        return Err(EngineError::io(
+            "write",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write: {n} of {want}"),
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `fdatasync`s a file.
+pub async fn sync(file: &DmaFile, path: &Path, faults: &FaultPlan) -> Result<(), EngineError> {
+    faults.syncs.set(faults.syncs.get() + 1);
+    if FaultPlan::tick(&faults.syncs_until_failure) {
+        return Err(EngineError::io("fdatasync", path, injected("fdatasync")));
+    }
+    file.fdatasync()
+        .await
+        .map_err(|e| EngineError::io("fdatasync", path, e.into()))
+}
+
+/// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file.
+pub async fn read_exact_at(
+    file: &DmaFile,
+    path: &Path,
+    pos: u64,
+    len: usize,
+) -> Result<glommio::io::ReadResult, EngineError> {
+    file.read_at(pos, len)
+        .await
+        .map_err(|e| EngineError::io("read", path, e.into()))
+}
+
+/// Reads a whole file into memory in bounded chunks.
+pub async fn read_all(file: &DmaFile, path: &Path) -> Result<Vec<u8>, EngineError> {
+    let size = file
+        .file_size()
+        .await
+        .map_err(|e| EngineError::io("stat", path, e.into()))?;
+    let mut out = Vec::with_capacity(size as usize);
+    let mut pos = 0u64;
+    while pos < size {
+        let want = READ_CHUNK_BYTES.min((size - pos) as usize);
+        let r = read_exact_at(file, path, pos, want).await?;
+        if r.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&r);
+        pos += r.len() as u64;
+        glommio::yield_if_needed().await;
+    }
+    Ok(out)
+}
+
+/// Writes a small whole file (hint files) durably: create, write, sync, close.
+pub async fn write_file(path: &Path, faults: &FaultPlan, data: &[u8]) -> Result<(), EngineError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(path)
+        .await
+        .map_err(|e| EngineError::io("create", path, e.into()))?;
+    write_buf(&file, path, faults, 0, dma_copy(&file, data)).await?;
+    sync(&file, path, faults).await?;
+    file.close()
+        .await
+        .map_err(|e| EngineError::io("close", path, e.into()))
+}
+
+/// Truncates a file to `len` bytes and syncs it.
+pub async fn truncate(path: &Path, len: u64) -> Result<(), EngineError> {
+    let file = open_rw(path, false).await?;
+    file.truncate(len)
+        .await
+        .map_err(|e| EngineError::io("truncate", path, e.into()))?;
+    file.fdatasync()
+        .await
+        .map_err(|e| EngineError::io("fdatasync", path, e.into()))?;
+    file.close()
+        .await
+        .map_err(|e| EngineError::io("close", path, e.into()))
+}
+
+/// Removes a file; a file that is already gone is not an error.
+pub async fn remove(path: &Path) -> Result<(), EngineError> {
+    match glommio::io::remove(path).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e: std::io::Error = e.into();
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(EngineError::io("remove", path, e))
+            }
+        }
+    }
+}
+
+/// Syncs a directory so file creations and removals in it are durable.
+pub async fn sync_dir(path: &Path) -> Result<(), EngineError> {
+    let d = glommio::io::Directory::open(path)
+        .await
+        .map_err(|e| EngineError::io("open dir", path, e.into()))?;
+    d.sync()
+        .await
+        .map_err(|e| EngineError::io("sync dir", path, e.into()))?;
+    d.close()
+        .await
+        .map_err(|e| EngineError::io("close dir", path, e.into()))
+}

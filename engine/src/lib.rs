@@ -1,0 +1,40 @@
+//! ringkv-engine: the per-shard log-structured store.
+//!
+//! One [`Engine`] per shard, owned by that shard's thread (glommio executor): no locks, no shared
+//! state. It stores opaque keys (≤ 1 KiB by default) and values (≤ 1 MiB by default, 16 MiB at most)
+//! grouped in ring partitions, in append-only segment files written with O_DIRECT through io_uring.
+//!
+//! What it does: group-committed writes with per-write durability ([`Durability::Sync`] or
+//! [`Durability::Buffered`]), tombstone deletes, partition iteration and dropping, a bounded value
+//! cache, background compaction in its own task queue, and crash recovery (hint files for speed,
+//! scanning with CRC checks for robustness, torn tails truncated, damaged records reported).
+//!
+//! What it does not do: no causality or replication (the cluster layer stores its version vectors
+//! inside values), no range scans across keys (the index is a hash table), no TTL, no transactions
+//! across keys. Values are kept whole in memory while read or written.
+//!
+//! Layout of the crate: [`record`] and [`hint`] are the file formats, [`scan`] the recovery
+//! scanner and [`index`] the in-memory index, all sans-IO; `engine`, `recovery` and `compaction`
+//! do the IO through the seam in [`io`]. The file formats are documented in `docs/ARCHITECTURE.md`.
+
+mod cache;
+mod compaction;
+pub mod config;
+mod engine;
+pub mod error;
+pub mod hint;
+pub mod index;
+pub mod io;
+pub mod record;
+mod recovery;
+pub mod scan;
+mod segment;
+mod stats;
+
+pub use compaction::CompactionReport;
+pub use config::{Durability, EngineConfig};
+pub use engine::{Engine, PartitionIter};
+pub use error::EngineError;
+pub use io::FaultPlan;
+pub use recovery::{DamagedRegion, RecoveryReport};
+pub use stats::EngineStats;

@@ -1,0 +1,108 @@
+//! Counters and gauges of one engine, for `/metrics` and benchmarks.
+//!
+//! Counters are plain `Cell`s: the engine is single-threaded, so an increment is a load and a
+//! store, cheap enough for every operation.
+
+use std::cell::Cell;
+
+use crate::engine::Inner;
+
+/// Monotonic counters, updated in place.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) puts: Cell<u64>,
+    pub(crate) gets: Cell<u64>,
+    pub(crate) deletes: Cell<u64>,
+    pub(crate) cache_hits: Cell<u64>,
+    pub(crate) disk_reads: Cell<u64>,
+    pub(crate) flushes: Cell<u64>,
+    pub(crate) bytes_written: Cell<u64>,
+    pub(crate) corrupt_reads: Cell<u64>,
+    pub(crate) hint_write_failures: Cell<u64>,
+    pub(crate) compactions: Cell<u64>,
+    pub(crate) compaction_bytes_reclaimed: Cell<u64>,
+    pub(crate) tombstones_reaped: Cell<u64>,
+    pub(crate) compaction_damaged_records: Cell<u64>,
+}
+
+/// A snapshot of an engine's counters and gauges.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    /// Put operations accepted.
+    pub puts: u64,
+    /// Get operations.
+    pub gets: u64,
+    /// Delete operations.
+    pub deletes: u64,
+    /// Gets answered from the value cache.
+    pub cache_hits: u64,
+    /// Gets that read the disk.
+    pub disk_reads: u64,
+    /// Group commits (each one write per pending segment plus one fdatasync per file).
+    pub flushes: u64,
+    /// Bytes handed to the disk by flushes (including rewritten partial blocks).
+    pub bytes_written: u64,
+    /// Reads that found a record failing its checksum.
+    pub corrupt_reads: u64,
+    /// Hint files that could not be written.
+    pub hint_write_failures: u64,
+    /// Compaction passes that rewrote at least one segment.
+    pub compactions: u64,
+    /// Segment bytes freed by compaction.
+    pub compaction_bytes_reclaimed: u64,
+    /// Tombstones removed for good by compaction.
+    pub tombstones_reaped: u64,
+    /// Damaged records compaction found (and could not copy).
+    pub compaction_damaged_records: u64,
+    /// Index entries (live keys plus tombstones).
+    pub index_entries: u64,
+    /// Heap bytes of the index tables.
+    pub index_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Bytes in segment files (valid data, excluding alignment padding of the last block).
+    pub segment_bytes: u64,
+    /// Bytes of records the index points at.
+    pub live_bytes: u64,
+    /// Bytes charged to the value cache.
+    pub cache_bytes: u64,
+    /// Damaged regions found by the recovery that opened this engine.
+    pub recovery_corrupt_regions: u64,
+    /// Torn-tail bytes truncated by that recovery.
+    pub recovery_torn_bytes: u64,
+}
+
+pub(crate) fn snapshot(inner: &Inner) -> EngineStats {
+    let c = &inner.counters;
+    let st = inner.st.borrow();
+    let segs = st.segments.iter().flatten();
+    let (mut segments, mut segment_bytes, mut live_bytes) = (0, 0, 0);
+    for s in segs {
+        segments += 1;
+        segment_bytes += s.len.get();
+        live_bytes += s.live_bytes.get();
+    }
+    EngineStats {
+        puts: c.puts.get(),
+        gets: c.gets.get(),
+        deletes: c.deletes.get(),
+        cache_hits: c.cache_hits.get(),
+        disk_reads: c.disk_reads.get(),
+        flushes: c.flushes.get(),
+        bytes_written: c.bytes_written.get(),
+        corrupt_reads: c.corrupt_reads.get(),
+        hint_write_failures: c.hint_write_failures.get(),
+        compactions: c.compactions.get(),
+        compaction_bytes_reclaimed: c.compaction_bytes_reclaimed.get(),
+        tombstones_reaped: c.tombstones_reaped.get(),
+        compaction_damaged_records: c.compaction_damaged_records.get(),
+        index_entries: st.index.len() as u64,
+        index_bytes: st.index.heap_bytes() as u64,
+        segments,
+        segment_bytes,
+        live_bytes,
+        cache_bytes: inner.cache.borrow().used_bytes() as u64,
+        recovery_corrupt_regions: inner.recovery.corrupt_regions.len() as u64,
+        recovery_torn_bytes: inner.recovery.torn_tail_bytes,
+    }
+}

@@ -1,0 +1,110 @@
+//! Basic behaviour of one engine: put/get/delete, limits, restart, compaction, partitions.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use ringkv_engine::{Durability, Engine, EngineError};
+
+#[test]
+fn put_get_delete_restart_compact() {
+    common::run(|dir| async move {
+        let cfg = common::config(&dir);
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        for i in 0..1000u32 {
+            let d = if i % 2 == 0 {
+                Durability::Sync
+            } else {
+                Durability::Buffered
+            };
+            e.put(
+                i % 4,
+                format!("k{i}").as_bytes(),
+                format!("v{i}").as_bytes(),
+                d,
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(e.get(1, b"k1").await.unwrap().unwrap(), &b"v1"[..]);
+        assert_eq!(
+            e.get(2, b"k1").await.unwrap(),
+            None,
+            "partitions are separate namespaces"
+        );
+        assert!(e.delete(1, b"k1", Durability::Sync).await.unwrap());
+        assert!(!e.delete(1, b"k1", Durability::Sync).await.unwrap());
+        assert_eq!(e.get(1, b"k1").await.unwrap(), None);
+        let too_long = vec![0u8; 1025];
+        assert!(matches!(
+            e.put(0, &too_long, b"x", Durability::Sync).await,
+            Err(EngineError::KeyTooLarge {
+                len: 1025,
+                max: 1024
+            })
+        ));
+        let big = vec![0u8; (64 << 10) + 1];
+        assert!(matches!(
+            e.put(0, b"k", &big, Durability::Sync).await,
+            Err(EngineError::ValueTooLarge { .. })
+        ));
+        // Overwrite everything twice so older segments become garbage.
+        for round in 0..2 {
+            for i in 0..1000u32 {
+                e.put(
+                    i % 4,
+                    format!("k{i}").as_bytes(),
+                    format!("v{i}-{round}").as_bytes(),
+                    Durability::Buffered,
+                )
+                .await
+                .unwrap();
+            }
+        }
+        e.close().await.unwrap();
+
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        assert_eq!(
+            e.get(1, b"k1").await.unwrap(),
+            Some(bytes::Bytes::from_static(b"v1-1"))
+        );
+        assert_eq!(e.get(3, b"k999").await.unwrap().unwrap(), &b"v999-1"[..]);
+        assert!(matches!(
+            Engine::open(cfg.clone()).await,
+            Err(EngineError::Locked(_))
+        ));
+        let r = e.compact().await.unwrap();
+        assert!(r.segments_compacted > 0, "{r:?}");
+        for i in (0..1000u32).step_by(37) {
+            let want = format!("v{i}-1");
+            assert_eq!(
+                e.get(i % 4, format!("k{i}").as_bytes())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+                want.as_bytes()
+            );
+        }
+        let mut it = e.iter_partition(2);
+        let mut n = 0;
+        while let Some(kv) = it.next().await {
+            let (k, v) = kv.unwrap();
+            assert_eq!(
+                format!("{}-1", String::from_utf8(k).unwrap().replace('k', "v")).as_bytes(),
+                &v[..]
+            );
+            n += 1;
+        }
+        assert_eq!(n, 250);
+        e.drop_partition(2, Durability::Sync).await.unwrap();
+        assert_eq!(e.get(2, b"k2").await.unwrap(), None);
+        e.close().await.unwrap();
+        let e = Engine::open(cfg).await.unwrap();
+        assert_eq!(
+            e.get(2, b"k2").await.unwrap(),
+            None,
+            "a dropped partition stays dropped"
+        );
+        assert_eq!(e.get(3, b"k3").await.unwrap().unwrap(), &b"v3-1"[..]);
+        e.close().await.unwrap();
+    });
+}
