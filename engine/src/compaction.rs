@@ -191,11 +191,11 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                 continue;
             }
             let rec = &bytes[e.offset as usize..(e.offset + e.len) as usize];
-            if let Some(o) = &out {
-                if o.len.get() + e.len as u64 > inner.cfg.segment_bytes {
-                    finish_output(inner, o, &mut moves, &mut report).await?;
-                    out = None;
-                }
+            if let Some(o) = &out
+                && o.len.get() + e.len as u64 > inner.cfg.segment_bytes
+            {
+                finish_output(inner, o, &mut moves, &mut report).await?;
+                out = None;
             }
             let o = match &out {
                 Some(o) => o.clone(),

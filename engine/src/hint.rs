@@ -102,7 +102,7 @@ pub fn encode(h: HintHeader, entries: &[HintEntry]) -> Vec<u8> {
     out.extend_from_slice(&h.count.to_le_bytes());
     debug_assert_eq!(out.len(), HINT_HEADER_BYTES);
     for e in entries {
-        debug_assert!(e.offset as usize % crate::record::RECORD_ALIGN == 0);
+        debug_assert!((e.offset as usize).is_multiple_of(crate::record::RECORD_ALIGN));
         e.encode(&mut out);
     }
     let crc = crc32fast::hash(&out);

@@ -72,8 +72,8 @@ pub struct Location {
 impl Location {
     fn pack(self) -> u64 {
         assert!((self.slot as usize) < SEGMENT_SLOTS_MAX);
-        assert!(self.offset % RECORD_ALIGN as u64 == 0);
-        assert!(self.len as usize % RECORD_ALIGN == 0);
+        assert!(self.offset.is_multiple_of(RECORD_ALIGN as u64));
+        assert!((self.len as usize).is_multiple_of(RECORD_ALIGN));
         let off = self.offset / RECORD_ALIGN as u64;
         let len = self.len as u64 / RECORD_ALIGN as u64;
         assert!(off < 1 << OFFSET_BITS);

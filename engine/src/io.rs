@@ -113,11 +113,11 @@ pub async fn write_buf(
     buf: DmaBuffer,
 ) -> Result<(), EngineError> {
     assert!(
-        pos % IO_BLOCK_BYTES == 0,
+        pos.is_multiple_of(IO_BLOCK_BYTES),
         "writes start on a block boundary"
     );
     assert!(
-        buf.len() as u64 % IO_BLOCK_BYTES == 0,
+        (buf.len() as u64).is_multiple_of(IO_BLOCK_BYTES),
         "writes cover whole blocks"
     );
     faults.writes.set(faults.writes.get() + 1);

@@ -40,7 +40,7 @@ pub const SEGMENT_HEADER_VALUE_BYTES: usize = 16;
 pub const RECORD_BYTES_MAX: usize =
     align_up(HEADER_BYTES + KEY_BYTES_MAX_HARD + VALUE_BYTES_MAX_HARD);
 
-const _: () = assert!(HEADER_BYTES % RECORD_ALIGN == 0);
+const _: () = assert!(HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
 const _: () = assert!(RECORD_ALIGN.is_power_of_two());
 const _: () = assert!(KEY_BYTES_MAX_HARD <= u16::MAX as usize);
 const _: () = assert!(VALUE_BYTES_MAX_HARD <= u32::MAX as usize);

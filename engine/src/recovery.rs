@@ -335,7 +335,7 @@ pub(crate) async fn open(cfg: EngineConfig, faults: Rc<FaultPlan>) -> Result<Inn
                 st.index.upsert(e.partition, e.key, entry);
             }
             n += 1;
-            if n % 65536 == 0 {
+            if n.is_multiple_of(65536) {
                 glommio::yield_if_needed().await;
             }
         }
