@@ -192,12 +192,21 @@ pub(crate) async fn open(cfg: EngineConfig, faults: Rc<FaultPlan>) -> Result<Inn
         io::remove(&intent_path).await?;
     }
 
-    let mut ids: Vec<u64> = std::fs::read_dir(&dir)
+    let names: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| EngineError::io("list", &dir, e))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| parse_segment_name(e.file_name().to_str()?))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
+    let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     ids.sort_unstable();
+    // A hint whose segment is gone (a crash between the two removals) must not be picked up by a
+    // future segment that reuses the id.
+    for n in &names {
+        if let Some(id) = n.strip_suffix(".hint").and_then(|h| u64::from_str_radix(h, 16).ok())
+            && ids.binary_search(&id).is_err()
+        {
+            io::remove(&dir.join(n)).await?;
+        }
+    }
 
     let mut st = State {
         index: Index::default(),
