@@ -568,14 +568,31 @@ impl Engine {
     }
 }
 
+/// A record's bytes: copied out of a segment's memory tail, or the DMA buffer of the disk read
+/// (no second copy).
+pub(crate) enum RecordBytes {
+    Mem(Vec<u8>),
+    Disk(glommio::io::ReadResult),
+}
+
+impl std::ops::Deref for RecordBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            RecordBytes::Mem(v) => v,
+            RecordBytes::Disk(r) => r,
+        }
+    }
+}
+
 /// Reads a record's bytes, from memory if the segment still holds them there.
 pub(crate) async fn read_record(
     inner: &Inner,
     seg: &Segment,
     loc: Location,
-) -> Result<Vec<u8>, EngineError> {
+) -> Result<RecordBytes, EngineError> {
     if let Some(b) = seg.read_mem(loc.offset, loc.len as usize) {
-        return Ok(b);
+        return Ok(RecordBytes::Mem(b));
     }
     let file = seg.file().expect("bytes not in memory are in the file");
     let c = &inner.counters;
@@ -588,7 +605,7 @@ pub(crate) async fn read_record(
             reason: "record extends past end of file",
         });
     }
-    Ok(r.to_vec())
+    Ok(RecordBytes::Disk(r))
 }
 
 /// Waits until flush epoch `epoch` is durable or the engine failed.
