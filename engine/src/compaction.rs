@@ -17,6 +17,9 @@
 //! tombstone in an old segment that never reaches the garbage threshold stays (costing its index
 //! entry) until that segment is compacted.
 //!
+//! Sealed segments smaller than an eighth of `segment_bytes` are merged whenever there are two or
+//! more of them, so a store that restarts often does not pile up small files.
+//!
 //! A damaged record met while copying is counted, logged and dropped; if the index pointed at it,
 //! the key is removed from the index (the cluster's anti-entropy repairs it from a replica).
 
@@ -32,6 +35,8 @@ use crate::recovery::INTENT_FILE;
 use crate::scan;
 use crate::segment::Segment;
 
+/// Sealed segments shorter than `segment_bytes / SMALL_SEGMENT_FRACTION` are merged.
+const SMALL_SEGMENT_FRACTION: u64 = 8;
 /// Memory tail of a compaction output is written out once it reaches this many bytes.
 const OUTPUT_FLUSH_BYTES: u64 = 1 << 20;
 
@@ -106,7 +111,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
         if st.compacting {
             return Ok(CompactionReport::default());
         }
-        let mut candidates: Vec<(f64, Rc<Segment>)> = st
+        let sealed: Vec<(f64, Rc<Segment>)> = st
             .segments
             .iter()
             .flatten()
@@ -118,7 +123,14 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                     s.clone(),
                 )
             })
-            .filter(|(g, _)| *g >= inner.cfg.compaction_garbage_ratio)
+            .collect();
+        // Small sealed segments (every open starts a new segment, so frequent restarts leave
+        // many) are merged once there are two of them, whatever their garbage ratio.
+        let small = |s: &Segment| s.len.get() < inner.cfg.segment_bytes / SMALL_SEGMENT_FRACTION;
+        let smalls = sealed.iter().filter(|(_, s)| small(s)).count();
+        let mut candidates: Vec<(f64, Rc<Segment>)> = sealed
+            .into_iter()
+            .filter(|(g, s)| *g >= inner.cfg.compaction_garbage_ratio || (smalls >= 2 && small(s)))
             .collect();
         if candidates.is_empty() {
             return Ok(CompactionReport::default());

@@ -201,7 +201,9 @@ pub(crate) async fn open(cfg: EngineConfig, faults: Rc<FaultPlan>) -> Result<Inn
     // A hint whose segment is gone (a crash between the two removals) must not be picked up by a
     // future segment that reuses the id.
     for n in &names {
-        if let Some(id) = n.strip_suffix(".hint").and_then(|h| u64::from_str_radix(h, 16).ok())
+        if let Some(id) = n
+            .strip_suffix(".hint")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
             && ids.binary_search(&id).is_err()
         {
             io::remove(&dir.join(n)).await?;

@@ -108,3 +108,37 @@ fn put_get_delete_restart_compact() {
         e.close().await.unwrap();
     });
 }
+
+/// Every open starts a new segment; compaction must merge the small ones a restart-happy store
+/// leaves behind even though none of them holds garbage.
+#[test]
+fn small_segments_from_restarts_are_merged() {
+    common::run(|dir| async move {
+        let cfg = common::config(&dir);
+        for round in 0..6u32 {
+            let e = Engine::open(cfg.clone()).await.unwrap();
+            for i in 0..20u32 {
+                e.put(
+                    0,
+                    format!("r{round}k{i}").as_bytes(),
+                    b"value",
+                    Durability::Buffered,
+                )
+                .await
+                .unwrap();
+            }
+            e.close().await.unwrap();
+        }
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        assert_eq!(e.stats().segments, 6);
+        while e.compact().await.unwrap().segments_compacted > 0 {}
+        assert_eq!(e.stats().segments, 1, "all small segments merged into one");
+        for round in 0..6u32 {
+            for i in 0..20u32 {
+                let v = e.get(0, format!("r{round}k{i}").as_bytes()).await.unwrap();
+                assert_eq!(v.as_deref(), Some(&b"value"[..]));
+            }
+        }
+        e.close().await.unwrap();
+    });
+}

@@ -25,7 +25,9 @@ fn shard_config(shard: usize) -> EngineConfig {
 }
 
 fn value(shard: usize, key: u32, round: u32) -> Vec<u8> {
-    format!("shard {shard} key {key} round {round} ").repeat(40).into_bytes()
+    format!("shard {shard} key {key} round {round} ")
+        .repeat(40)
+        .into_bytes()
 }
 
 async fn shard_main(shard: usize) {
@@ -33,8 +35,14 @@ async fn shard_main(shard: usize) {
     let e = Engine::open(cfg.clone()).await.unwrap();
     for round in 0..4 {
         for k in 0..KEYS {
-            let d = if k % 50 == 0 { Durability::Sync } else { Durability::Buffered };
-            e.put(k % 8, &k.to_le_bytes(), &value(shard, k, round), d).await.unwrap();
+            let d = if k % 50 == 0 {
+                Durability::Sync
+            } else {
+                Durability::Buffered
+            };
+            e.put(k % 8, &k.to_le_bytes(), &value(shard, k, round), d)
+                .await
+                .unwrap();
         }
     }
     e.flush().await.unwrap();
