@@ -169,9 +169,15 @@ fn compaction_queue(shares: usize) -> glommio::TaskQueueHandle {
     })
 }
 
-pub(crate) async fn open(cfg: EngineConfig, faults: Rc<FaultPlan>) -> Result<Inner, EngineError> {
+pub(crate) async fn open(
+    mut cfg: EngineConfig,
+    faults: Rc<FaultPlan>,
+) -> Result<Inner, EngineError> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.dir).map_err(|e| EngineError::io("create dir", &cfg.dir, e))?;
+    // glommio opens files relative to no directory descriptor: a relative path fails (EBADF).
+    cfg.dir =
+        std::path::absolute(&cfg.dir).map_err(|e| EngineError::io("resolve dir", &cfg.dir, e))?;
     let lock = lock_dir(&cfg.dir)?;
     let dir = cfg.dir.clone();
     let mut report = RecoveryReport::default();

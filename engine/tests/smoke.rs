@@ -142,3 +142,35 @@ fn small_segments_from_restarts_are_merged() {
         e.close().await.unwrap();
     });
 }
+
+/// A data directory given as a relative path works like an absolute one.
+#[test]
+fn relative_data_dir() {
+    common::run(|dir| async move {
+        let cwd = std::env::current_dir().unwrap();
+        let rel = pathdiff(&dir, &cwd);
+        assert!(rel.is_relative());
+        let mut cfg = common::config(&rel);
+        cfg.dir = rel.join("store");
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        e.put(0, b"k", b"v", Durability::Sync).await.unwrap();
+        e.close().await.unwrap();
+        let e = Engine::open(cfg).await.unwrap();
+        assert_eq!(e.get(0, b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        e.close().await.unwrap();
+    });
+}
+
+/// `path` relative to `base` (both absolute), with `..` steps as needed.
+fn pathdiff(path: &std::path::Path, base: &std::path::Path) -> std::path::PathBuf {
+    let (p, b): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+    let common = p.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = std::path::PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out
+}
