@@ -257,6 +257,16 @@ fn us(v: f64) -> String {
     }
 }
 
+fn ratio(r: f64) -> String {
+    if r < 0.01 {
+        format!("{r:.1e}")
+    } else if r < 0.1 {
+        format!("{r:.3}")
+    } else {
+        format!("{r:.2}")
+    }
+}
+
 fn timed_row(out: &mut String, ops: f64, l: &Latency) {
     let _ = write!(
         out,
@@ -321,7 +331,12 @@ pub(crate) fn table(ours: &SideResults, rocks: Option<&SideResults>, cmp: &[Comp
         }
         match cmp.iter().find(|c| c.phase == name) {
             Some(c) => {
-                let _ = writeln!(out, " {:>7.2} {:>7.2}", c.throughput_ratio, c.p999_ratio);
+                let _ = writeln!(
+                    out,
+                    " {:>7} {:>7}",
+                    ratio(c.throughput_ratio),
+                    ratio(c.p999_ratio)
+                );
             }
             None => {
                 let _ = writeln!(out, " {:>7} {:>7}", "-", "-");
