@@ -104,12 +104,7 @@ pub(crate) struct EngineArgs {
 /// The parameters a run actually used (flags resolved), recorded in the JSON report.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Params {
-    /// The data directory as given.
     pub(crate) dir: PathBuf,
-    /// The same, absolute: the engine needs an absolute directory (glommio opens directories
-    /// relative to no directory descriptor, so a relative one fails with EBADF).
-    #[serde(skip)]
-    pub(crate) data_dir: PathBuf,
     pub(crate) duration_secs: f64,
     pub(crate) warmup_secs: f64,
     pub(crate) ops_max: Option<u64>,
@@ -142,11 +137,8 @@ impl Params {
             );
             None
         };
-        let data_dir = std::path::absolute(&a.dir)
-            .with_context(|| format!("resolving {}", a.dir.display()))?;
         let mut p = Self {
             dir: a.dir.clone(),
-            data_dir,
             duration_secs: a.duration_secs,
             warmup_secs: a.warmup_secs.unwrap_or(a.duration_secs),
             ops_max: a.ops_max,
@@ -288,8 +280,7 @@ pub(crate) fn run(args: EngineArgs) -> anyhow::Result<()> {
     let p = Params::resolve(&args)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let with_rocksdb = cfg!(feature = "rocksdb") && !args.no_rocksdb;
-    std::fs::create_dir_all(&p.data_dir)
-        .with_context(|| format!("creating {}", p.data_dir.display()))?;
+    std::fs::create_dir_all(&p.dir).with_context(|| format!("creating {}", p.dir.display()))?;
     if !cfg!(feature = "rocksdb") {
         eprintln!("built without the rocksdb feature: measuring ringkv only");
     }
@@ -398,10 +389,7 @@ async fn close(engine: Rc<Engine>) -> anyhow::Result<()> {
 }
 
 fn ours_put(p: &Params, mode: Mode, writers: usize) -> anyhow::Result<PutResult> {
-    let dir = fresh_dir(
-        &p.data_dir,
-        &format!("ringkv-put-{}-{writers}", mode.name()),
-    )?;
+    let dir = fresh_dir(&p.dir, &format!("ringkv-put-{}-{writers}", mode.name()))?;
     let (cfg, p2) = (engine_config(p, &dir), p.clone());
     let r = on_shard(p.cpu, move || put_on_shard(cfg, p2, mode, writers))?;
     remove_dir(&dir)?;
@@ -487,7 +475,7 @@ async fn put_worker(
 }
 
 fn ours_get(p: &Params) -> anyhow::Result<GetResult> {
-    let dir = fresh_dir(&p.data_dir, "ringkv-get")?;
+    let dir = fresh_dir(&p.dir, "ringkv-get")?;
     let (cfg, p2) = (engine_config(p, &dir), p.clone());
     let r = on_shard(p.cpu, move || get_on_shard(cfg, p2))?;
     remove_dir(&dir)?;
@@ -591,7 +579,7 @@ async fn get_worker(
 pub(crate) const VERIFY_KEYS: u64 = 1000;
 
 fn ours_big(p: &Params) -> anyhow::Result<(LoadResult, Vec<IndexResult>, RestartResult)> {
-    let dir = fresh_dir(&p.data_dir, "ringkv-big")?;
+    let dir = fresh_dir(&p.dir, "ringkv-big")?;
     let (cfg, p2) = (engine_config(p, &dir), p.clone());
     let r = on_shard(p.cpu, move || big_on_shard(cfg, p2))?;
     remove_dir(&dir)?;

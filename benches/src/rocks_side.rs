@@ -66,10 +66,7 @@ fn threads<T: Send>(
 
 /// A timed put phase on a fresh database.
 pub(crate) fn put_phase(p: &Params, mode: Mode, writers: usize) -> anyhow::Result<PutResult> {
-    let dir = fresh_dir(
-        &p.data_dir,
-        &format!("rocksdb-put-{}-{writers}", mode.name()),
-    )?;
+    let dir = fresh_dir(&p.dir, &format!("rocksdb-put-{}-{writers}", mode.name()))?;
     let db = open(p, &dir)?;
     let value = random_value(p.value_size, 1);
     let started = AtomicU64::new(0);
@@ -135,7 +132,7 @@ fn load(db: &DB, p: &Params, from: u64, to: u64, value: &[u8]) -> anyhow::Result
 
 /// Preloads the dataset, flushes and compacts it, warms up, then times random gets.
 pub(crate) fn get_phase(p: &Params) -> anyhow::Result<GetResult> {
-    let dir = fresh_dir(&p.data_dir, "rocksdb-get")?;
+    let dir = fresh_dir(&p.dir, "rocksdb-get")?;
     let db = open(p, &dir)?;
     let t = Instant::now();
     load(&db, p, 0, p.keys, &random_value(p.value_size, 2))?;
@@ -192,7 +189,7 @@ fn read_phase(db: &DB, readers: usize, phase: Phase) -> anyhow::Result<(Histogra
 pub(crate) fn big_phase(
     p: &Params,
 ) -> anyhow::Result<(LoadResult, Vec<IndexResult>, RestartResult)> {
-    let dir = fresh_dir(&p.data_dir, "rocksdb-big")?;
+    let dir = fresh_dir(&p.dir, "rocksdb-big")?;
     let db = open(p, &dir)?;
     let value = random_value(p.big_value_size, 3);
     let t0 = Instant::now();
