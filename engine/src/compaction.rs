@@ -29,7 +29,7 @@ use std::time::Duration;
 use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
 use crate::index::{Entry, KeyHash, Location};
-use crate::io;
+use crate::io::{self, IoClass};
 use crate::record::RecordKind;
 use crate::recovery::INTENT_FILE;
 use crate::scan;
@@ -115,8 +115,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
             .segments
             .iter()
             .flatten()
-            .filter(|s| s.sealed.get() && s.synced.get() == s.len.get())
-            .filter(|s| !st.writing.iter().any(|w| Rc::ptr_eq(w, s)))
+            .filter(|s| s.finished.get())
             .map(|s| {
                 (
                     1.0 - s.live_bytes.get() as f64 / s.len.get().max(1) as f64,
@@ -212,7 +211,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
             let o = match &out {
                 Some(o) => o.clone(),
                 None => {
-                    let o = inner.st.borrow_mut().new_segment(&inner.cfg)?;
+                    let o = inner.st.borrow_mut().new_segment(&inner.cfg, false)?;
                     out = Some(o.clone());
                     o
                 }
@@ -234,7 +233,9 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                 });
             }
             if o.unflushed() >= OUTPUT_FLUSH_BYTES {
-                flush_segment(inner, &o).await.map_err(|e| fail(inner, e))?;
+                flush_segment(inner, &o, IoClass::Compaction)
+                    .await
+                    .map_err(|e| fail(inner, e))?;
             }
         }
         if s.damaged() {
@@ -270,7 +271,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
     }
     let crc = crc32fast::hash(&intent);
     intent.extend_from_slice(&crc.to_le_bytes());
-    io::write_file(&intent_path, &inner.faults, &intent)
+    io::write_file(&intent_path, &inner.faults, IoClass::Compaction, &intent)
         .await
         .map_err(|e| fail(inner, e))?;
     io::sync_dir(&inner.cfg.dir)
@@ -313,9 +314,11 @@ async fn finish_output(
     report: &mut CompactionReport,
 ) -> Result<(), EngineError> {
     o.sealed.set(true);
-    flush_segment(inner, o).await.map_err(|e| fail(inner, e))?;
+    flush_segment(inner, o, IoClass::Compaction)
+        .await
+        .map_err(|e| fail(inner, e))?;
     let file = o.file().expect("a flushed output has a file");
-    io::sync(&file, &o.path, &inner.faults)
+    io::sync(&file, &o.path, &inner.faults, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
     o.synced.set(o.len.get());

@@ -29,7 +29,7 @@ use crate::config::{Durability, EngineConfig};
 use crate::error::EngineError;
 use crate::hint::HintEntry;
 use crate::index::{Entry, Index, KeyHash, Location, SEGMENT_SLOTS_MAX, value_digest};
-use crate::io::{self, FaultPlan};
+use crate::io::{self, FaultPlan, IoClass};
 use crate::record::{self, RecordKind};
 use crate::recovery::RecoveryReport;
 use crate::segment::Segment;
@@ -49,6 +49,7 @@ pub(crate) struct Inner {
     pub(crate) recovery: RecoveryReport,
     pub(crate) flush_wake: Rc<Wake>,
     pub(crate) compaction_wake: Rc<Wake>,
+    pub(crate) maintenance_wake: Rc<Wake>,
     pub(crate) compaction_queue: TaskQueueHandle,
     pub(crate) tasks: RefCell<Vec<glommio::task::JoinHandle<()>>>,
     /// Held for the engine's lifetime: an exclusive lock on the data directory.
@@ -80,6 +81,16 @@ pub(crate) struct State {
     pub(crate) failed: Option<Arc<EngineError>>,
     pub(crate) closed: bool,
     pub(crate) compacting: bool,
+    /// A zero-filled, synced file ready to become the next log segment (see maintenance).
+    pub(crate) spare: Option<Spare>,
+    /// Sealed, durable log segments waiting for their hint file (see maintenance).
+    pub(crate) to_finish: VecDeque<Rc<Segment>>,
+}
+
+/// A prepared segment file and the id it was created under.
+pub(crate) struct Spare {
+    pub(crate) id: u64,
+    pub(crate) file: Rc<glommio::io::DmaFile>,
 }
 
 /// A one-waiter wake-up signal for a background task, with a shutdown flag.
@@ -122,6 +133,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.flush_wake.shutdown();
         self.compaction_wake.shutdown();
+        self.maintenance_wake.shutdown();
     }
 }
 
@@ -161,13 +173,29 @@ impl State {
         self.free_slots.push(slot);
     }
 
-    /// Creates a writable segment (memory only; the flusher creates its file) whose first record
-    /// is its header.
-    pub(crate) fn new_segment(&mut self, cfg: &EngineConfig) -> Result<Rc<Segment>, EngineError> {
+    /// Creates a writable segment whose first record is its header. With `use_spare`, a prepared
+    /// file is used when one is ready; otherwise the segment lives in memory until the flusher
+    /// creates its file.
+    pub(crate) fn new_segment(
+        &mut self,
+        cfg: &EngineConfig,
+        use_spare: bool,
+    ) -> Result<Rc<Segment>, EngineError> {
         let slot = self.alloc_slot()?;
-        let id = self.next_segment_id;
-        self.next_segment_id += 1;
-        let seg = Rc::new(Segment::new_writable(&cfg.dir, id, slot, self.next_seqno));
+        let spare = if use_spare { self.spare.take() } else { None };
+        let id = match &spare {
+            Some(s) => s.id,
+            None => {
+                self.next_segment_id += 1;
+                self.next_segment_id - 1
+            }
+        };
+        let seg = Segment::new_writable(&cfg.dir, id, slot, self.next_seqno);
+        if let Some(s) = spare {
+            *seg.file.borrow_mut() = Some(s.file);
+            seg.preallocated.set(true);
+        }
+        let seg = Rc::new(seg);
         let hv = record::segment_header_value(id, self.next_seqno);
         append_record(
             &seg,
@@ -259,6 +287,13 @@ impl Engine {
         let flusher =
             glommio::spawn_local(flusher(Rc::downgrade(&inner), inner.flush_wake.clone())).detach();
         inner.tasks.borrow_mut().push(flusher);
+        let maintenance = glommio::spawn_local_into(
+            crate::maintenance::run(Rc::downgrade(&inner), inner.maintenance_wake.clone()),
+            inner.compaction_queue,
+        )
+        .map_err(|e| EngineError::Config(format!("cannot spawn maintenance task: {e}")))?
+        .detach();
+        inner.tasks.borrow_mut().push(maintenance);
         if let Some(every) = inner.cfg.compaction_interval {
             let task = glommio::spawn_local_into(
                 crate::compaction::background(
@@ -430,7 +465,9 @@ impl Engine {
                     if let Some(old) = st.active.take() {
                         old.sealed.set(true);
                     }
-                    let seg = st.new_segment(&inner.cfg)?;
+                    let seg = st.new_segment(&inner.cfg, true)?;
+                    // Whether or not the spare was ready, prepare the next one.
+                    inner.maintenance_wake.notify();
                     st.writing.push_back(seg.clone());
                     st.active = Some(seg.clone());
                     seg
@@ -544,10 +581,17 @@ impl Engine {
 
     /// Flushes and syncs everything, seals the active segment (writing its hint file so the next
     /// open is fast), stops background tasks and releases the directory lock.
+    ///
+    /// On an engine that failed, it stops the background tasks, waits for them and returns the
+    /// failure: afterwards the directory can be reopened (recovery decides what survived).
     pub async fn close(self) -> Result<(), EngineError> {
+        let usable = self.inner.st.borrow().check_usable();
+        if let Err(e) = usable {
+            self.stop_tasks().await;
+            return Err(e);
+        }
         let epoch = {
             let mut st = self.inner.st.borrow_mut();
-            st.check_usable()?;
             st.closed = true;
             if let Some(active) = st.active.take() {
                 active.sealed.set(true);
@@ -558,13 +602,39 @@ impl Engine {
         };
         self.inner.flush_wake.notify();
         let r = wait_durable(&self.inner, epoch).await;
+        self.stop_tasks().await;
+        let spare = self.inner.st.borrow_mut().spare.take();
+        if let Some(s) = spare {
+            drop(s.file);
+            io::remove(&crate::segment::segment_path(&self.inner.cfg.dir, s.id)).await?;
+        }
+        r
+    }
+}
+
+impl Engine {
+    /// Tells the background tasks to stop and waits for them. Maintenance finishes the sealed
+    /// segments it was handed (hint files) before it exits.
+    async fn stop_tasks(&self) {
         self.inner.flush_wake.shutdown();
         self.inner.compaction_wake.shutdown();
+        self.inner.maintenance_wake.shutdown();
         let tasks = std::mem::take(&mut *self.inner.tasks.borrow_mut());
         for t in tasks {
             t.await;
         }
-        r
+    }
+}
+
+/// Dropping an engine without [`Engine::close`] is like a crash for buffered writes. Background
+/// tasks are told to stop; one in the middle of an IO step finishes that step first and keeps
+/// the directory locked until then, so a reopen right after a drop may see
+/// [`EngineError::Locked`] for a moment.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.inner.flush_wake.shutdown();
+        self.inner.compaction_wake.shutdown();
+        self.inner.maintenance_wake.shutdown();
     }
 }
 
@@ -678,13 +748,13 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
     };
     let result = async {
         for seg in &segs {
-            flush_segment(inner, seg).await?;
+            flush_segment(inner, seg, IoClass::Log).await?;
         }
         for seg in &segs {
             let to = seg.flushed.get();
             if seg.synced.get() < to {
                 let file = seg.file().expect("flushed segments have files");
-                io::sync(&file, &seg.path, &inner.faults).await?;
+                io::sync(&file, &seg.path, &inner.faults, IoClass::Log).await?;
                 seg.synced.set(to);
             }
         }
@@ -693,7 +763,7 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
     .await;
     let c = &inner.counters;
     c.flushes.set(c.flushes.get() + 1);
-    let sealed_done: Vec<Rc<Segment>> = {
+    {
         let mut st = inner.st.borrow_mut();
         let waiters = std::mem::take(&mut st.waiters);
         match &result {
@@ -712,24 +782,31 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         if result.is_err() {
             return Err(());
         }
-        let done: Vec<_> = st
-            .writing
-            .iter()
-            .filter(|s| s.sealed.get() && s.synced.get() == s.len.get())
-            .cloned()
-            .collect();
-        st.writing
-            .retain(|s| !(s.sealed.get() && s.synced.get() == s.len.get()));
-        done
-    };
-    for seg in sealed_done {
-        finish_sealed(inner, &seg).await;
+        // Sealed segments that are now wholly durable leave the write path; their hint files
+        // are written by the maintenance task, not here, so the next flush is not delayed.
+        let st = &mut *st;
+        let mut sealed = false;
+        st.writing.retain(|s| {
+            let done = s.sealed.get() && s.synced.get() == s.len.get();
+            if done {
+                st.to_finish.push_back(s.clone());
+                sealed = true;
+            }
+            !done
+        });
+        if sealed {
+            inner.maintenance_wake.notify();
+        }
     }
     Ok(())
 }
 
 /// Writes a segment's pending bytes (creating its file on first use).
-pub(crate) async fn flush_segment(inner: &Inner, seg: &Segment) -> Result<(), EngineError> {
+pub(crate) async fn flush_segment(
+    inner: &Inner,
+    seg: &Segment,
+    class: IoClass,
+) -> Result<(), EngineError> {
     if seg.unflushed() == 0 {
         return Ok(());
     }
@@ -746,7 +823,7 @@ pub(crate) async fn flush_segment(inner: &Inner, seg: &Segment) -> Result<(), En
         let m = seg.mem.borrow();
         (m.start, seg.len.get(), io::dma_copy(&file, &m.bytes))
     };
-    io::write_buf(&file, &seg.path, &inner.faults, start, buf).await?;
+    io::write_buf(&file, &seg.path, &inner.faults, class, start, buf).await?;
     assert!(
         seg.flushed.get() <= end,
         "flushes of one segment complete in order"
@@ -780,11 +857,19 @@ pub(crate) async fn finish_sealed(inner: &Inner, seg: &Segment) {
         )
     };
     seg.release_mem();
-    if let Err(e) = io::write_file(&seg.hint_path, &inner.faults, &bytes).await {
+    if seg.preallocated.get() {
+        // Give back the unused zero-filled tail; if this fails the zeros read as a clean end.
+        let file = seg.file().expect("a preallocated segment has its file");
+        if let Err(e) = file.truncate(seg.len.get()).await {
+            tracing::warn!(error = %e, segment = seg.id, "could not trim a sealed segment");
+        }
+    }
+    if let Err(e) = io::write_file(&seg.hint_path, &inner.faults, IoClass::Hint, &bytes).await {
         let c = &inner.counters;
         c.hint_write_failures.set(c.hint_write_failures.get() + 1);
         tracing::warn!(error = %e, segment = seg.id, "hint file not written; recovery will scan the segment");
     }
+    seg.finished.set(true);
 }
 
 /// Iterator over one partition's live keys and values (see [`Engine::iter_partition`]).

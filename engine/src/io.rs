@@ -19,14 +19,30 @@ pub const IO_BLOCK_BYTES: u64 = 4096;
 /// Largest single read issued while streaming a whole file.
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// Injected IO failures, for tests. Counters count down on every write or sync; when one reaches
-/// zero that operation fails (once per arming).
+/// Which part of the engine an IO belongs to; faults are armed per class so a test injects
+/// exactly where it means to even while background tasks do IO of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IoClass {
+    /// Log segment writes and syncs by the flusher (the foreground write path).
+    Log,
+    /// Compaction output segments and the compaction intent file.
+    Compaction,
+    /// Hint files.
+    Hint,
+    /// Zero-filling of the next segment file in advance.
+    Spare,
+}
+
+const CLASSES: usize = 4;
+
+/// Injected IO failures, for tests. Per class, a countdown on writes and one on syncs; when a
+/// countdown reaches zero that operation fails (once per arming).
 #[derive(Debug, Default)]
 pub struct FaultPlan {
-    writes_until_failure: Cell<Option<u64>>,
-    syncs_until_failure: Cell<Option<u64>>,
-    writes: Cell<u64>,
-    syncs: Cell<u64>,
+    writes_until_failure: [Cell<Option<u64>>; CLASSES],
+    syncs_until_failure: [Cell<Option<u64>>; CLASSES],
+    writes: [Cell<u64>; CLASSES],
+    syncs: [Cell<u64>; CLASSES],
 }
 
 impl FaultPlan {
@@ -35,38 +51,49 @@ impl FaultPlan {
         Rc::new(Self::default())
     }
 
-    /// Makes the write after `n` more successful writes fail (0: the next one).
-    pub fn fail_write_after(&self, n: u64) {
-        self.writes_until_failure.set(Some(n));
+    /// Makes the write of `class` after `n` more successful ones fail (0: the next one).
+    pub fn fail_write_after(&self, class: IoClass, n: u64) {
+        self.writes_until_failure[class as usize].set(Some(n));
     }
 
-    /// Makes the sync after `n` more successful syncs fail (0: the next one).
-    pub fn fail_sync_after(&self, n: u64) {
-        self.syncs_until_failure.set(Some(n));
+    /// Makes the sync of `class` after `n` more successful ones fail (0: the next one).
+    pub fn fail_sync_after(&self, class: IoClass, n: u64) {
+        self.syncs_until_failure[class as usize].set(Some(n));
     }
 
-    /// Writes issued so far (successful or not).
-    pub fn writes(&self) -> u64 {
-        self.writes.get()
+    /// Writes of `class` issued so far (successful or not).
+    pub fn writes(&self, class: IoClass) -> u64 {
+        self.writes[class as usize].get()
     }
 
-    /// Syncs issued so far (successful or not).
-    pub fn syncs(&self) -> u64 {
-        self.syncs.get()
+    /// Syncs of `class` issued so far (successful or not).
+    pub fn syncs(&self, class: IoClass) -> u64 {
+        self.syncs[class as usize].get()
     }
 
-    fn tick(counter: &Cell<Option<u64>>) -> bool {
-        match counter.get() {
+    fn tick(count: &Cell<u64>, countdown: &Cell<Option<u64>>) -> bool {
+        count.set(count.get() + 1);
+        match countdown.get() {
             Some(0) => {
-                counter.set(None);
+                countdown.set(None);
                 true
             }
             Some(n) => {
-                counter.set(Some(n - 1));
+                countdown.set(Some(n - 1));
                 false
             }
             None => false,
         }
+    }
+
+    fn write_fails(&self, class: IoClass) -> bool {
+        let i = class as usize;
+        Self::tick(&self.writes[i], &self.writes_until_failure[i])
+    }
+
+    fn sync_fails(&self, class: IoClass) -> bool {
+        let i = class as usize;
+        Self::tick(&self.syncs[i], &self.syncs_until_failure[i])
     }
 }
 
@@ -109,6 +136,7 @@ pub async fn write_buf(
     file: &DmaFile,
     path: &Path,
     faults: &FaultPlan,
+    class: IoClass,
     pos: u64,
     buf: DmaBuffer,
 ) -> Result<(), EngineError> {
@@ -120,8 +148,7 @@ pub async fn write_buf(
         (buf.len() as u64).is_multiple_of(IO_BLOCK_BYTES),
         "writes cover whole blocks"
     );
-    faults.writes.set(faults.writes.get() + 1);
-    if FaultPlan::tick(&faults.writes_until_failure) {
+    if faults.write_fails(class) {
         return Err(EngineError::io("write", path, injected("write")));
     }
     let want = buf.len();
@@ -143,9 +170,13 @@ pub async fn write_buf(
 }
 
 /// `fdatasync`s a file.
-pub async fn sync(file: &DmaFile, path: &Path, faults: &FaultPlan) -> Result<(), EngineError> {
-    faults.syncs.set(faults.syncs.get() + 1);
-    if FaultPlan::tick(&faults.syncs_until_failure) {
+pub async fn sync(
+    file: &DmaFile,
+    path: &Path,
+    faults: &FaultPlan,
+    class: IoClass,
+) -> Result<(), EngineError> {
+    if faults.sync_fails(class) {
         return Err(EngineError::io("fdatasync", path, injected("fdatasync")));
     }
     file.fdatasync()
@@ -187,7 +218,12 @@ pub async fn read_all(file: &DmaFile, path: &Path) -> Result<Vec<u8>, EngineErro
 }
 
 /// Writes a small whole file (hint files) durably: create, write, sync, close.
-pub async fn write_file(path: &Path, faults: &FaultPlan, data: &[u8]) -> Result<(), EngineError> {
+pub async fn write_file(
+    path: &Path,
+    faults: &FaultPlan,
+    class: IoClass,
+    data: &[u8],
+) -> Result<(), EngineError> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -195,8 +231,8 @@ pub async fn write_file(path: &Path, faults: &FaultPlan, data: &[u8]) -> Result<
         .dma_open(path)
         .await
         .map_err(|e| EngineError::io("create", path, e.into()))?;
-    write_buf(&file, path, faults, 0, dma_copy(&file, data)).await?;
-    sync(&file, path, faults).await?;
+    write_buf(&file, path, faults, class, 0, dma_copy(&file, data)).await?;
+    sync(&file, path, faults, class).await?;
     file.close()
         .await
         .map_err(|e| EngineError::io("close", path, e.into()))

@@ -26,7 +26,7 @@ use crate::engine::{Inner, State, Wake};
 use crate::error::EngineError;
 use crate::hint::{self, HintHeader, HintTable};
 use crate::index::{Entry, Index, Location};
-use crate::io::{self, FaultPlan};
+use crate::io::{self, FaultPlan, IoClass};
 use crate::record::RecordKind;
 use crate::scan;
 use crate::segment::{Segment, hint_path, parse_segment_name, segment_path};
@@ -233,6 +233,8 @@ pub(crate) async fn open(
         failed: None,
         closed: false,
         compacting: false,
+        spare: None,
+        to_finish: Default::default(),
     };
     let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
     let mut max_seqno = 0u64;
@@ -298,7 +300,7 @@ pub(crate) async fn open(
                     count: s.entries.len() as u32,
                 };
                 let bytes = hint::encode(h, &s.entries);
-                if let Err(e) = io::write_file(&hpath, &faults, &bytes).await {
+                if let Err(e) = io::write_file(&hpath, &faults, IoClass::Hint, &bytes).await {
                     tracing::warn!(error = %e, "could not write hint file; the next start scans again");
                 }
                 Table::Owned(HintTable::parse(bytes).expect("freshly encoded hint table is valid"))
@@ -389,6 +391,7 @@ pub(crate) async fn open(
         recovery: report,
         flush_wake: Rc::new(Wake::default()),
         compaction_wake: Rc::new(Wake::default()),
+        maintenance_wake: Rc::new(Wake::default()),
         compaction_queue,
         tasks: std::cell::RefCell::new(Vec::new()),
         _lock: lock,

@@ -46,6 +46,10 @@ pub(crate) struct Segment {
     pub(crate) live_bytes: Cell<u64>,
     /// No more appends; once flushed and synced it is immutable.
     pub(crate) sealed: Cell<bool>,
+    /// Sealed, durable and its hint file written (or attempted): compaction may take it.
+    pub(crate) finished: Cell<bool>,
+    /// The file was zero-filled to `segment_bytes` in advance; trimmed when finished.
+    pub(crate) preallocated: Cell<bool>,
     pub(crate) mem: RefCell<MemTail>,
     /// Hint entries of the records appended so far, written out as the hint file when sealed.
     pub(crate) hints: RefCell<Vec<HintEntry>>,
@@ -70,6 +74,8 @@ impl Segment {
             synced: Cell::new(0),
             live_bytes: Cell::new(0),
             sealed: Cell::new(false),
+            finished: Cell::new(false),
+            preallocated: Cell::new(false),
             mem: RefCell::new(MemTail::default()),
             hints: RefCell::new(Vec::new()),
         }
@@ -89,6 +95,7 @@ impl Segment {
         s.flushed.set(len);
         s.synced.set(len);
         s.sealed.set(true);
+        s.finished.set(true);
         s.mem.borrow_mut().start = len;
         *s.file.borrow_mut() = Some(Rc::new(file));
         s

@@ -23,6 +23,7 @@ pub(crate) struct Counters {
     pub(crate) compaction_bytes_reclaimed: Cell<u64>,
     pub(crate) tombstones_reaped: Cell<u64>,
     pub(crate) compaction_damaged_records: Cell<u64>,
+    pub(crate) segment_prepare_failures: Cell<u64>,
 }
 
 /// A snapshot of an engine's counters and gauges.
@@ -54,6 +55,8 @@ pub struct EngineStats {
     pub tombstones_reaped: u64,
     /// Damaged records compaction found (and could not copy).
     pub compaction_damaged_records: u64,
+    /// Spare segment files that could not be prepared (the flusher then creates files itself).
+    pub segment_prepare_failures: u64,
     /// Index entries (live keys plus tombstones).
     pub index_entries: u64,
     /// Heap bytes of the index tables.
@@ -96,6 +99,7 @@ pub(crate) fn snapshot(inner: &Inner) -> EngineStats {
         compaction_bytes_reclaimed: c.compaction_bytes_reclaimed.get(),
         tombstones_reaped: c.tombstones_reaped.get(),
         compaction_damaged_records: c.compaction_damaged_records.get(),
+        segment_prepare_failures: c.segment_prepare_failures.get(),
         index_entries: st.index.len() as u64,
         index_bytes: st.index.heap_bytes() as u64,
         segments,

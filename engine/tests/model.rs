@@ -142,7 +142,7 @@ fn run_ops(ops: Vec<Op>) -> (u64, u64) {
                     e.flush().await.unwrap();
                     add(&e);
                     drop(e);
-                    e = Engine::open(cfg.clone()).await.unwrap();
+                    e = common::open_after_drop(&cfg).await;
                     assert!(e.recovery_report().corrupt_regions.is_empty());
                     check_all(&e, &model).await;
                 }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
-use ringkv_engine::EngineConfig;
+use ringkv_engine::{Engine, EngineConfig, EngineError};
 
 /// A fresh, empty directory for one test under `target/`.
 pub fn test_dir(name: &str) -> PathBuf {
@@ -44,4 +44,19 @@ where
         .join()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reopens a store whose previous engine was dropped without `close` (a simulated crash): its
+/// background tasks finish the IO step they are in before the directory lock is released, so
+/// `Locked` is retried for a bounded number of short sleeps.
+pub async fn open_after_drop(cfg: &EngineConfig) -> Engine {
+    for _ in 0..10_000 {
+        match Engine::open(cfg.clone()).await {
+            Err(EngineError::Locked(_)) => {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await
+            }
+            r => return r.unwrap(),
+        }
+    }
+    panic!("the dropped engine never released its directory");
 }
