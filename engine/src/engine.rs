@@ -85,6 +85,8 @@ pub(crate) struct State {
     pub(crate) spare: Option<Spare>,
     /// Sealed, durable log segments waiting for their hint file (see maintenance).
     pub(crate) to_finish: VecDeque<Rc<Segment>>,
+    /// Segments taken off `to_finish` and being finished right now.
+    pub(crate) finishing: usize,
 }
 
 /// A prepared segment file and the id it was created under.
@@ -539,8 +541,11 @@ impl Engine {
         wait_durable(&self.inner, epoch).await
     }
 
-    /// Runs one compaction pass now (the background compactor does the same on its own).
+    /// Runs one compaction pass now (the background compactor does the same on its own). Segments
+    /// sealed by earlier writes are finished first (hint files written), so they are eligible.
     pub async fn compact(&self) -> Result<crate::compaction::CompactionReport, EngineError> {
+        self.flush().await?;
+        wait_settled(&self.inner).await?;
         crate::compaction::run(&self.inner).await
     }
 
@@ -687,6 +692,22 @@ pub(crate) async fn wait_durable(inner: &Inner, epoch: u64) -> Result<(), Engine
         }
         if let Some(e) = &st.failed {
             return Poll::Ready(Err(EngineError::Failed(e.clone())));
+        }
+        st.waiters.push(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// Waits until every sealed, durable log segment has been finished by the maintenance task.
+pub(crate) async fn wait_settled(inner: &Inner) -> Result<(), EngineError> {
+    poll_fn(|cx| {
+        let mut st = inner.st.borrow_mut();
+        if let Some(e) = &st.failed {
+            return Poll::Ready(Err(EngineError::Failed(e.clone())));
+        }
+        if st.to_finish.is_empty() && st.finishing == 0 {
+            return Poll::Ready(Ok(()));
         }
         st.waiters.push(cx.waker().clone());
         Poll::Pending

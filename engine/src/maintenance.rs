@@ -30,9 +30,20 @@ pub(crate) async fn run(weak: Weak<Inner>, wake: Rc<Wake>) {
         {
             let Some(inner) = weak.upgrade() else { return };
             loop {
-                let next = inner.st.borrow_mut().to_finish.pop_front();
+                let next = {
+                    let mut st = inner.st.borrow_mut();
+                    let next = st.to_finish.pop_front();
+                    st.finishing += next.is_some() as usize;
+                    next
+                };
                 let Some(seg) = next else { break };
                 finish_sealed(&inner, &seg).await;
+                let mut st = inner.st.borrow_mut();
+                st.finishing -= 1;
+                // Explicit compactions wait for segments to be finished (see wait_settled).
+                for w in std::mem::take(&mut st.waiters) {
+                    w.wake();
+                }
             }
             let need_spare = {
                 let st = inner.st.borrow();

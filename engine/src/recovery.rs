@@ -235,6 +235,7 @@ pub(crate) async fn open(
         compacting: false,
         spare: None,
         to_finish: Default::default(),
+        finishing: 0,
     };
     let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
     let mut max_seqno = 0u64;
