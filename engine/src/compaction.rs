@@ -274,7 +274,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
     io::write_file(&intent_path, &inner.faults, IoClass::Compaction, &intent)
         .await
         .map_err(|e| fail(inner, e))?;
-    io::sync_dir(&inner.cfg.dir)
+    io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
     {
@@ -287,7 +287,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
         io::remove(&s.path).await.map_err(|e| fail(inner, e))?;
         io::remove(&s.hint_path).await.map_err(|e| fail(inner, e))?;
     }
-    io::sync_dir(&inner.cfg.dir)
+    io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
     io::remove(&intent_path).await.map_err(|e| fail(inner, e))?;

@@ -81,7 +81,7 @@ pub(crate) struct State {
     pub(crate) failed: Option<Arc<EngineError>>,
     pub(crate) closed: bool,
     pub(crate) compacting: bool,
-    /// A zero-filled, synced file ready to become the next log segment (see maintenance).
+    /// A created file, its directory entry synced, ready to become the next log segment.
     pub(crate) spare: Option<Spare>,
     /// Sealed, durable log segments waiting for their hint file (see maintenance).
     pub(crate) to_finish: VecDeque<Rc<Segment>>,
@@ -195,7 +195,6 @@ impl State {
         let seg = Segment::new_writable(&cfg.dir, id, slot, self.next_seqno);
         if let Some(s) = spare {
             *seg.file.borrow_mut() = Some(s.file);
-            seg.preallocated.set(true);
         }
         let seg = Rc::new(seg);
         let hv = record::segment_header_value(id, self.next_seqno);
@@ -835,7 +834,7 @@ pub(crate) async fn flush_segment(
         Some(f) => f,
         None => {
             let f = Rc::new(io::open_rw(&seg.path, true).await?);
-            io::sync_dir(&inner.cfg.dir).await?;
+            io::sync_dir(&inner.cfg.dir, &inner.faults, class).await?;
             *seg.file.borrow_mut() = Some(f.clone());
             f
         }
@@ -878,13 +877,6 @@ pub(crate) async fn finish_sealed(inner: &Inner, seg: &Segment) {
         )
     };
     seg.release_mem();
-    if seg.preallocated.get() {
-        // Give back the unused zero-filled tail; if this fails the zeros read as a clean end.
-        let file = seg.file().expect("a preallocated segment has its file");
-        if let Err(e) = file.truncate(seg.len.get()).await {
-            tracing::warn!(error = %e, segment = seg.id, "could not trim a sealed segment");
-        }
-    }
     if let Err(e) = io::write_file(&seg.hint_path, &inner.faults, IoClass::Hint, &bytes).await {
         let c = &inner.counters;
         c.hint_write_failures.set(c.hint_write_failures.get() + 1);

@@ -29,7 +29,7 @@ pub enum IoClass {
     Compaction,
     /// Hint files.
     Hint,
-    /// Zero-filling of the next segment file in advance.
+    /// Preparing the next segment file in advance (its directory sync).
     Spare,
 }
 
@@ -267,8 +267,15 @@ pub async fn remove(path: &Path) -> Result<(), EngineError> {
     }
 }
 
-/// Syncs a directory so file creations and removals in it are durable.
-pub async fn sync_dir(path: &Path) -> Result<(), EngineError> {
+/// Syncs a directory so file creations and removals in it are durable (a sync of `class`).
+pub async fn sync_dir(path: &Path, faults: &FaultPlan, class: IoClass) -> Result<(), EngineError> {
+    if faults.sync_fails(class) {
+        return Err(EngineError::io(
+            "sync dir",
+            path,
+            injected("directory sync"),
+        ));
+    }
     let d = glommio::io::Directory::open(path)
         .await
         .map_err(|e| EngineError::io("open dir", path, e.into()))?;

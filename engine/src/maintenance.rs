@@ -1,19 +1,18 @@
 //! Background upkeep of the write path, kept off the flusher so a group commit never waits for it:
-//! - finishing sealed segments: trimming the preallocated tail, writing the hint file;
-//! - preparing the next segment file before the active one fills up: created, zero-filled to
-//!   `segment_bytes`, synced, and its directory entry synced.
+//! - finishing sealed segments: writing their hint files;
+//! - preparing the next segment file before the active one fills up: created and its directory
+//!   entry synced, so the flush that rolls to a new segment does no file creation and no
+//!   directory sync (one journal commit fewer in that flush's latency).
 //!
-//! Why zero-fill: an `fdatasync` after a write that extends a file (or converts an unwritten
-//! extent) must also commit metadata through the filesystem journal; after a write that only
-//! overwrites allocated, written blocks it need not. On ext4 here that is ~2.7 ms against ~1.8 ms
-//! per write + fdatasync, and it is the tail of every sync write. It also takes the file creation
-//! and the directory sync out of the flush that rolls to a new segment. The cost is writing each
-//! segment's bytes twice (zeros first, in the background) and one spare file of `segment_bytes` on
-//! disk; `close` removes the spare and recovery removes a spare left by a crash (it holds no
-//! records).
+//! Measured and rejected: also zero-filling the prepared file to `segment_bytes`, so that later
+//! fdatasyncs overwrite allocated blocks instead of extending the file. Alone that saves a metadata
+//! commit per sync (2.7 ms → 1.8 ms per 4 KiB write + fdatasync in a probe here), but writing 64 MiB
+//! of zeros in the background at every roll competed with foreground syncs on the same disk: sync
+//! put throughput at one writer fell from ~6,200 to ~1,300 ops/s. See docs/BENCHMARKS.md.
 //!
-//! Failures here are not fatal: a spare that cannot be prepared is logged and counted, and the
-//! next segment is created by the flusher the plain way, which reports its own errors.
+//! `close` removes an unused prepared file; recovery removes one left by a crash (it holds no
+//! records). Failures here are not fatal: a file that cannot be prepared is logged and counted,
+//! and the flusher then creates the next segment file itself, reporting its own errors.
 
 use std::rc::{Rc, Weak};
 
@@ -21,9 +20,6 @@ use crate::engine::{Inner, Spare, Wake, finish_sealed};
 use crate::error::EngineError;
 use crate::io::{self, IoClass};
 use crate::segment::segment_path;
-
-/// Size of each zero-filling write.
-const ZERO_FILL_CHUNK_BYTES: u64 = 1 << 20;
 
 pub(crate) async fn run(weak: Weak<Inner>, wake: Rc<Wake>) {
     loop {
@@ -75,21 +71,7 @@ async fn prepare_spare(inner: &Inner) -> Result<(), EngineError> {
     };
     let path = segment_path(&inner.cfg.dir, id);
     let file = io::open_rw(&path, true).await?;
-    let result = async {
-        let mut pos = 0;
-        while pos < inner.cfg.segment_bytes {
-            let len = ZERO_FILL_CHUNK_BYTES.min(inner.cfg.segment_bytes - pos);
-            let mut buf = file.alloc_dma_buffer(len as usize);
-            buf.as_bytes_mut().fill(0);
-            io::write_buf(&file, &path, &inner.faults, IoClass::Spare, pos, buf).await?;
-            pos += len;
-            glommio::yield_if_needed().await;
-        }
-        io::sync(&file, &path, &inner.faults, IoClass::Spare).await?;
-        io::sync_dir(&inner.cfg.dir).await
-    }
-    .await;
-    if let Err(e) = result {
+    if let Err(e) = io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Spare).await {
         drop(file);
         let _ = io::remove(&path).await;
         return Err(e);

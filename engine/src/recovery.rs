@@ -193,7 +193,7 @@ pub(crate) async fn open(
                 io::remove(&segment_path(&dir, id)).await?;
                 io::remove(&hint_path(&dir, id)).await?;
             }
-            io::sync_dir(&dir).await?;
+            io::sync_dir(&dir, &faults, IoClass::Compaction).await?;
         }
         io::remove(&intent_path).await?;
     }

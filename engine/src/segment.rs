@@ -48,8 +48,6 @@ pub(crate) struct Segment {
     pub(crate) sealed: Cell<bool>,
     /// Sealed, durable and its hint file written (or attempted): compaction may take it.
     pub(crate) finished: Cell<bool>,
-    /// The file was zero-filled to `segment_bytes` in advance; trimmed when finished.
-    pub(crate) preallocated: Cell<bool>,
     pub(crate) mem: RefCell<MemTail>,
     /// Hint entries of the records appended so far, written out as the hint file when sealed.
     pub(crate) hints: RefCell<Vec<HintEntry>>,
@@ -75,7 +73,6 @@ impl Segment {
             live_bytes: Cell::new(0),
             sealed: Cell::new(false),
             finished: Cell::new(false),
-            preallocated: Cell::new(false),
             mem: RefCell::new(MemTail::default()),
             hints: RefCell::new(Vec::new()),
         }

@@ -4,7 +4,7 @@
 //!
 //! The sweep arms a failure at the n-th log write or log sync for a range of n, with four
 //! concurrent `Sync` writers whose values are big enough to roll segments. Failures of the
-//! background IO classes (hint files, the zero-filled spare segment file) must not be fatal: no
+//! background IO classes (hint files, preparing the next segment file) must not be fatal: no
 //! writer sees an error and the failure is counted. After each case the store is reopened without
 //! faults and every acknowledged put must read back exactly, every put that failed must read back
 //! exactly or not at all.
