@@ -5,6 +5,22 @@
 //! Merkle anti-entropy), each driven by `handle_*(now, input)` and returning outputs, plus the thin
 //! glommio shell that runs one shard per core and the `ringkv` binary.
 //!
+//! What exists now: the first building blocks, plain data structures and pure functions with no
+//! IO, no clock and no randomness, so that every node computes the same result from the same input:
+//!
+//! - [`node`]: [`NodeId`], the identity of a node in the ring and as a causality actor.
+//! - [`ring`]: partitions (`Q`, a power of two), the key → partition hash, the claim function that
+//!   balances ownership with minimal movement, and preference lists with their fallbacks.
+//!
+//! What comes later: dotted version vector sets (causality and siblings per key), the coordinator
+//! (quorum reads and writes over preference lists), membership and gossip (which orders ring
+//! versions), hinted handoff, anti-entropy, and the runtime shell.
+//!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
-//! about this crate. See `docs/ARCHITECTURE.md` for the layers. Until the node exists this crate is
-//! intentionally empty.
+//! about this crate. See `docs/ARCHITECTURE.md` for the layers.
+
+pub mod node;
+pub mod ring;
+
+pub use node::NodeId;
+pub use ring::{PartitionCount, PartitionId, Ring};

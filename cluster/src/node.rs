@@ -1,0 +1,27 @@
+//! Node identity: the one name a node has in the ring and in causality metadata.
+//!
+//! A [`NodeId`] is a small integer rather than a host name so that the ring (one owner per partition,
+//! gossiped whole) and every dotted version vector stored with every key stay compact, and so that
+//! ordering nodes is cheap and the same everywhere. Mapping ids to addresses is membership's job
+//! (later); this module only defines the id.
+//!
+//! Limits and obligations: ids are assigned once, by the operator or the join procedure, and are
+//! never reused for a different node. A node that may have lost acknowledged writes (a wiped or
+//! replaced disk, or buffered writes lost in a crash) must come back under a **new** id: it is also
+//! the actor of its dotted version vectors (`dvv.rs`), and an actor that restarts its counter would
+//! issue a dot that already names another value, which silently breaks causality for that key.
+
+use std::fmt;
+
+/// Identity of a cluster node; also the actor id in dotted version vectors.
+///
+/// Ordered by its integer value; every deterministic choice in this crate (claim tie-breaks,
+/// clock entry order) uses that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node-{}", self.0)
+    }
+}
