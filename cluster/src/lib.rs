@@ -11,16 +11,19 @@
 //! - [`node`]: [`NodeId`], the identity of a node in the ring and as a causality actor.
 //! - [`ring`]: partitions (`Q`, a power of two), the key → partition hash, the claim function that
 //!   balances ownership with minimal movement, and preference lists with their fallbacks.
+//! - [`dvv`]: dotted version vector sets (causality and siblings per key) and the version vectors
+//!   clients carry as opaque contexts.
 //!
-//! What comes later: dotted version vector sets (causality and siblings per key), the coordinator
-//! (quorum reads and writes over preference lists), membership and gossip (which orders ring
-//! versions), hinted handoff, anti-entropy, and the runtime shell.
+//! What comes later: the coordinator (quorum reads and writes over preference lists), membership
+//! and gossip (which orders ring versions), hinted handoff, anti-entropy, and the runtime shell.
 //!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
 
+pub mod dvv;
 pub mod node;
 pub mod ring;
 
+pub use dvv::{DvvSet, Put, VersionVector};
 pub use node::NodeId;
 pub use ring::{PartitionCount, PartitionId, Ring};
