@@ -205,6 +205,7 @@ impl State {
             0,
             &[],
             &hv,
+            Digests::NONE,
         );
         self.segments[slot as usize] = Some(seg.clone());
         Ok(seg)
@@ -222,6 +223,27 @@ impl State {
 }
 
 /// Appends an encoded record to a writable segment's memory tail; returns its location.
+/// The fingerprint and value digest of a record being appended, computed once by the caller
+/// for both the index and the hint entry.
+#[derive(Clone, Copy)]
+pub(crate) struct Digests {
+    pub(crate) key: KeyHash,
+    pub(crate) version: u16,
+}
+
+impl Digests {
+    /// For records without a key (segment headers, partition drops).
+    pub(crate) const NONE: Digests = Digests {
+        key: KeyHash {
+            digest: 0,
+            check: 0,
+        },
+        version: 0,
+    };
+}
+
+/// Appends an encoded record to a writable segment's memory tail; returns its location.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn append_record(
     seg: &Segment,
     kind: RecordKind,
@@ -229,6 +251,7 @@ pub(crate) fn append_record(
     partition: u32,
     key: &[u8],
     value: &[u8],
+    digests: Digests,
 ) -> Location {
     assert!(!seg.sealed.get(), "appends go to unsealed segments only");
     let offset = seg.len.get();
@@ -238,17 +261,15 @@ pub(crate) fn append_record(
         record::encode(&mut m.bytes, kind, seqno, partition, key, value)
     };
     seg.len.set(offset + len as u64);
-    let view = record::RecordView {
-        kind,
+    seg.hints.borrow_mut().push(HintEntry {
+        key: digests.key,
         seqno,
         partition,
-        key,
-        value,
-        len,
-    };
-    seg.hints
-        .borrow_mut()
-        .push(crate::scan::entry_of(&view, offset as usize));
+        offset: u32::try_from(offset).expect("segments are at most 1 GiB"),
+        len: len as u32,
+        kind,
+        version: digests.version,
+    });
     Location {
         slot: seg.slot,
         offset,
@@ -476,11 +497,22 @@ impl Engine {
             };
             let seqno = st.next_seqno;
             st.next_seqno += 1;
-            let loc = append_record(&seg, kind, seqno, partition, key, value);
+            let digests = match kind {
+                RecordKind::Put => Digests {
+                    key: kh,
+                    version: value_digest(value),
+                },
+                RecordKind::Tombstone => Digests {
+                    key: kh,
+                    version: 0,
+                },
+                _ => Digests::NONE,
+            };
+            let loc = append_record(&seg, kind, seqno, partition, key, value, digests);
             match kind {
                 RecordKind::Put | RecordKind::Tombstone => {
                     let tombstone = kind == RecordKind::Tombstone;
-                    let version = if tombstone { 0 } else { value_digest(value) };
+                    let version = digests.version;
                     let old = st.index.upsert(
                         partition,
                         kh,
@@ -510,15 +542,25 @@ impl Engine {
                 }
                 RecordKind::SegmentHeader => unreachable!(),
             }
-            match durability {
-                Durability::Sync => st.sync_requested = true,
-                Durability::Buffered => {
-                    st.buffered_since.get_or_insert_with(Instant::now);
+            // The flusher needs waking only when its plan changes: a sync writer now waits, or
+            // the first buffered write of the epoch starts the flush-interval clock.
+            let wake_flusher = match durability {
+                Durability::Sync => {
+                    st.sync_requested = true;
+                    true
                 }
-            }
-            st.open_epoch
+                Durability::Buffered => {
+                    let first = st.buffered_since.is_none();
+                    st.buffered_since.get_or_insert_with(Instant::now);
+                    first
+                }
+            };
+            (st.open_epoch, wake_flusher)
         };
-        inner.flush_wake.notify();
+        let (epoch, wake_flusher) = epoch;
+        if wake_flusher {
+            inner.flush_wake.notify();
+        }
         if durability == Durability::Sync {
             wait_durable(inner, epoch).await?;
         }
