@@ -1,10 +1,37 @@
 //! ringkv-net: the wire side of ringkv.
 //!
-//! This crate will own the framed binary protocol shared by clients and peers (frame header, message
-//! bodies, handshake, typed error frames, size limits checked before allocation), the RESP2 codec for
-//! Redis clients, and the Rust client library. It is runtime-free: the codec never touches a socket,
-//! so the glommio server, a tokio client and a blocking client all use the same code.
+//! This crate owns the framed binary protocol shared by clients and peers. The protocol is
+//! specified in `docs/PROTOCOL.md`; this crate is its reference implementation.
 //!
-//! It knows nothing of the engine or of the cluster logic (dependencies point one way: `cluster`
-//! uses `net`, never the reverse). The protocol is specified in `docs/PROTOCOL.md` once it exists;
-//! until then this crate is intentionally empty.
+//! - [`frame`]: the 20-byte frame header, [`decode_frame`] and [`encode_frame`].
+//! - [`message`]: message kinds and typed bodies (handshake, client ops, peer replica ops, errors).
+//! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
+//! - [`error`]: typed errors naming the frame, field and limit at fault.
+//!
+//! It is runtime-free: the codecs never touch a socket, a clock or an executor, so the glommio node,
+//! a tokio client and a blocking client all use the same code. Decoders are incremental and
+//! stateless (they take the bytes received so far and answer "need more", a message with the
+//! number of bytes it used, or a typed error) and check every declared size against a limit before
+//! allocating for it, so hostile input costs at most memory proportional to the bytes actually
+//! received and never more than the configured limits.
+//!
+//! It does not contain the client library, connection management or any request execution: those
+//! build on these codecs elsewhere. It knows nothing of the engine or of the cluster logic
+//! (dependencies point one way: `cluster` uses `net`, never the reverse).
+
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod message;
+mod wire;
+
+pub use error::{BodyError, EncodeError, FrameError};
+pub use frame::{
+    FrameHeader, MAGIC, PROTOCOL_VERSION, decode_frame, decode_header, encode_frame,
+    encode_frame_to_vec,
+};
+pub use limits::{Limits, LimitsError};
+pub use message::{
+    Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Kind, Message, Put, PutOk,
+    ReplicaGet, ReplicaGetOk, ReplicaPut, Role, Sibling,
+};

@@ -1,0 +1,209 @@
+//! Proptest strategies for every message of the framed protocol, shared by the test binaries.
+//!
+//! Sizes stay small (values of a few KiB) so hundreds of cases run in well under a second in debug
+//! builds, but every length-limited field is generated up to its exact limit, so the boundary
+//! where the encoder must still accept and the decoder must still decode is exercised.
+
+#![allow(dead_code, unreachable_pub)]
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
+use ringkv_net::{
+    Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Message, Put, PutOk,
+    ReplicaGet, ReplicaGetOk, ReplicaPut, Role, Sibling,
+};
+
+/// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
+pub fn bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    prop_oneof![
+        1 => Just(Bytes::new()),
+        1 => any::<u8>().prop_map(move |b| Bytes::from(vec![b; max])),
+        8 => proptest::collection::vec(any::<u8>(), 0..=max).prop_map(Bytes::from),
+    ]
+}
+
+/// A UTF-8 name of at most `max` bytes: ASCII up to the limit, or any printable characters.
+pub fn name(max: usize) -> impl Strategy<Value = String> {
+    assert!(max >= 64);
+    prop_oneof![
+        proptest::string::string_regex(&format!("[a-zA-Z0-9_.-]{{0,{max}}}")).expect("valid regex"),
+        // At most 4 bytes per character, so 16 characters always fit.
+        "\\PC{0,16}",
+    ]
+}
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![Just(Role::Client), Just(Role::Peer)]
+}
+
+fn bucket() -> impl Strategy<Value = Bytes> {
+    bytes(BUCKET_BYTES_MAX)
+}
+
+fn key() -> impl Strategy<Value = Bytes> {
+    bytes(KEY_BYTES_MAX_DEFAULT)
+}
+
+fn value() -> impl Strategy<Value = Bytes> {
+    bytes(4096)
+}
+
+fn context() -> impl Strategy<Value = Bytes> {
+    bytes(512)
+}
+
+fn sibling() -> impl Strategy<Value = Sibling> {
+    prop_oneof![
+        1 => Just(Sibling::Tombstone),
+        3 => bytes(64).prop_map(Sibling::Value),
+    ]
+}
+
+/// Any message with fields within the default limits.
+pub fn message() -> impl Strategy<Value = Message> {
+    let hello = (
+        any::<u8>(),
+        role(),
+        name(NAME_BYTES_MAX),
+        proptest::option::of(name(NAME_BYTES_MAX)),
+    )
+        .prop_map(|(protocol_version, role, cluster_name, node_name)| {
+            Message::Hello(Hello {
+                protocol_version,
+                role,
+                cluster_name,
+                node_name,
+            })
+        });
+    let hello_ok = (
+        any::<u8>(),
+        name(NAME_BYTES_MAX),
+        1..=u16::MAX,
+        any::<u16>(),
+    )
+        .prop_map(|(protocol_version, node_name, shard_count, shard)| {
+            Message::HelloOk(HelloOk {
+                protocol_version,
+                node_name,
+                shard_count,
+                shard: shard % shard_count,
+            })
+        });
+    let get = (bucket(), key(), any::<Option<u8>>(), any::<Option<u32>>()).prop_map(
+        |(bucket, key, r, timeout_ms)| {
+            Message::Get(Get {
+                bucket,
+                key,
+                r,
+                timeout_ms,
+            })
+        },
+    );
+    let get_ok = (
+        proptest::collection::vec(sibling(), 0..=SIBLINGS_MAX),
+        context(),
+    )
+        .prop_map(|(siblings, context)| Message::GetOk(GetOk { siblings, context }));
+    let put = (
+        bucket(),
+        key(),
+        value(),
+        proptest::option::of(context()),
+        any::<Option<u8>>(),
+        any::<Option<u8>>(),
+        any::<Option<u32>>(),
+    )
+        .prop_map(|(bucket, key, value, context, w, dw, timeout_ms)| {
+            Message::Put(Put {
+                bucket,
+                key,
+                value,
+                context,
+                w,
+                dw,
+                timeout_ms,
+            })
+        });
+    let delete = (
+        bucket(),
+        key(),
+        proptest::option::of(context()),
+        any::<Option<u8>>(),
+        any::<Option<u8>>(),
+        any::<Option<u32>>(),
+    )
+        .prop_map(|(bucket, key, context, w, dw, timeout_ms)| {
+            Message::Delete(Delete {
+                bucket,
+                key,
+                context,
+                w,
+                dw,
+                timeout_ms,
+            })
+        });
+    let replica_put = (
+        any::<u32>(),
+        any::<bool>(),
+        bucket(),
+        key(),
+        proptest::option::of(name(NAME_BYTES_MAX)),
+        value(),
+    )
+        .prop_map(|(partition, durable, bucket, key, hint, object)| {
+            Message::ReplicaPut(ReplicaPut {
+                partition,
+                durable,
+                bucket,
+                key,
+                hint,
+                object,
+            })
+        });
+    let replica_get = (any::<u32>(), bucket(), key()).prop_map(|(partition, bucket, key)| {
+        Message::ReplicaGet(ReplicaGet {
+            partition,
+            bucket,
+            key,
+        })
+    });
+    let replica_get_ok = proptest::option::of(value())
+        .prop_map(|object| Message::ReplicaGetOk(ReplicaGetOk { object }));
+    let error =
+        (any::<u16>(), prop_oneof!["[ -~]{0,1024}", "\\PC{0,64}"]).prop_map(|(code, message)| {
+            Message::Error(ErrorBody::new(ErrorCode::from_u16(code), message))
+        });
+    prop_oneof![
+        hello,
+        hello_ok,
+        Just(Message::Ping),
+        Just(Message::Pong),
+        get,
+        get_ok,
+        put,
+        context().prop_map(|context| Message::PutOk(PutOk { context })),
+        delete,
+        Just(Message::DeleteOk),
+        replica_put,
+        Just(Message::ReplicaPutOk),
+        replica_get,
+        replica_get_ok,
+        error,
+    ]
+}
+
+/// Any frame: a message and a valid request id (0 only for ERROR frames, sometimes).
+pub fn frame() -> impl Strategy<Value = Frame> {
+    (message(), 1..=u64::MAX, any::<bool>()).prop_map(|(message, id, zero)| {
+        let request_id = if zero && matches!(message, Message::Error(_)) {
+            0
+        } else {
+            id
+        };
+        Frame {
+            request_id,
+            message,
+        }
+    })
+}
