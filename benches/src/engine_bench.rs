@@ -8,6 +8,8 @@
 //! - get: `--keys` keys preloaded (buffered), then an unmeasured warm-up and a measured run of
 //!   uniform random gets by `--readers` concurrent readers; the cache (ringkv's value cache,
 //!   RocksDB's block cache) is `--cache-mib`, well below the dataset.
+//! - get hot (ringkv only): the same, with 90% of the gets on the hottest 2% of the keys, once
+//!   with the value cache and once without: what the cache buys on skewed reads.
 //! - index and restart: `--mid-keys` then `--big-keys` keys with small values loaded (buffered);
 //!   index memory per key at both sizes, then the store is closed and the open is timed.
 //!
@@ -31,7 +33,7 @@ use crate::report::{
     self, GetResult, IndexResult, Latency, LoadResult, PutResult, RestartResult, SideResults,
 };
 use crate::workload::{
-    Mode, Phase, key_of, merge, new_histogram, partition_of, random_key, random_value,
+    Mode, Phase, get_key, key_of, merge, new_histogram, partition_of, random_key, random_value,
     record_since, worker_rng,
 };
 
@@ -305,6 +307,11 @@ pub(crate) fn run(args: EngineArgs) -> anyhow::Result<()> {
     let g = ours_get(&p)?;
     progress("ringkv", &report::get_phase_name(&g), &get_detail(&g));
     ours.get = Some(g);
+    for cache in [true, false] {
+        let g = ours_get_hot(&p, cache)?;
+        progress("ringkv", &report::get_phase_name(&g), &get_detail(&g));
+        ours.get_hot.push(g);
+    }
     #[cfg(feature = "rocksdb")]
     if with_rocksdb {
         let g = crate::rocks_side::get_phase(&p)?;
@@ -477,7 +484,22 @@ async fn put_worker(
 fn ours_get(p: &Params) -> anyhow::Result<GetResult> {
     let dir = fresh_dir(&p.dir, "ringkv-get")?;
     let (cfg, p2) = (engine_config(p, &dir), p.clone());
-    let r = on_shard(p.cpu, move || get_on_shard(cfg, p2))?;
+    let r = on_shard(p.cpu, move || get_on_shard(cfg, p2, 0))?;
+    remove_dir(&dir)?;
+    Ok(r)
+}
+
+/// Hot-set gets (90% of them on the hottest 2% of the keys), with the configured value cache or
+/// none: what the cache buys when reads are skewed, as they are for carts and sessions.
+fn ours_get_hot(p: &Params, cache: bool) -> anyhow::Result<GetResult> {
+    let dir = fresh_dir(&p.dir, "ringkv-get-hot")?;
+    let mut cfg = engine_config(p, &dir);
+    if !cache {
+        cfg.cache_bytes = 0;
+    }
+    let hot_keys = (p.keys / 50).max(1);
+    let p2 = p.clone();
+    let r = on_shard(p.cpu, move || get_on_shard(cfg, p2, hot_keys))?;
     remove_dir(&dir)?;
     Ok(r)
 }
@@ -498,16 +520,21 @@ async fn load(engine: &Engine, p: &Params, from: u64, to: u64, value: &[u8]) -> 
     Ok(())
 }
 
-async fn get_on_shard(cfg: EngineConfig, p: Params) -> anyhow::Result<GetResult> {
+async fn get_on_shard(cfg: EngineConfig, p: Params, hot_keys: u64) -> anyhow::Result<GetResult> {
+    let cache_bytes = cfg.cache_bytes;
     let engine = Rc::new(Engine::open(cfg).await.context("opening the engine")?);
     let t = Instant::now();
     load(&engine, &p, 0, p.keys, &random_value(p.value_size, 2)).await?;
     engine.flush().await?;
     let preload_secs = t.elapsed().as_secs_f64();
-    let warm = read_phase(&engine, p.readers, p.warmup(0x3a3a)).await?;
+    let hot = |mut ph: Phase| {
+        ph.hot_keys = hot_keys;
+        ph
+    };
+    let warm = read_phase(&engine, p.readers, hot(p.warmup(0x3a3a))).await?;
     let s0 = engine.stats();
     let t0 = Instant::now();
-    let (h, misses) = read_phase(&engine, p.readers, p.phase(0x6e7)).await?;
+    let (h, misses) = read_phase(&engine, p.readers, hot(p.phase(0x6e7))).await?;
     let secs = t0.elapsed().as_secs_f64();
     let s1 = engine.stats();
     close(engine).await?;
@@ -524,6 +551,8 @@ async fn get_on_shard(cfg: EngineConfig, p: Params) -> anyhow::Result<GetResult>
         misses: misses + warm.1,
         cache_hit_ratio: (gets > 0).then(|| (s1.cache_hits - s0.cache_hits) as f64 / gets as f64),
         disk_reads: Some(s1.disk_reads - s0.disk_reads),
+        hot_keys,
+        cache_bytes,
     })
 }
 
@@ -562,7 +591,7 @@ async fn get_worker(
             break;
         }
         started.set(started.get() + 1);
-        let n = random_key(&mut rng, phase.keys);
+        let n = get_key(&mut rng, &phase);
         let v = engine
             .get(partition_of(n, phase.partitions), &key_of(n))
             .await?;

@@ -65,6 +65,10 @@ pub(crate) struct GetResult {
     pub(crate) cache_hit_ratio: Option<f64>,
     /// Disk reads during the measured gets (ringkv only).
     pub(crate) disk_reads: Option<u64>,
+    /// Keys of the hot set receiving 90% of the gets; 0 for uniform gets.
+    pub(crate) hot_keys: u64,
+    /// Value cache budget of the store during the phase.
+    pub(crate) cache_bytes: usize,
 }
 
 /// The bulk load of the index/restart phase.
@@ -113,6 +117,8 @@ pub(crate) struct RestartResult {
 pub(crate) struct SideResults {
     pub(crate) put: Vec<PutResult>,
     pub(crate) get: Option<GetResult>,
+    /// ringkv only: hot-set gets with and without the value cache.
+    pub(crate) get_hot: Vec<GetResult>,
     pub(crate) load: Option<LoadResult>,
     pub(crate) index: Vec<IndexResult>,
     pub(crate) restart: Option<RestartResult>,
@@ -244,7 +250,13 @@ pub(crate) fn put_phase_name(p: &PutResult) -> String {
 
 /// `get x16` and the like.
 pub(crate) fn get_phase_name(g: &GetResult) -> String {
-    format!("get x{}", g.readers)
+    if g.hot_keys == 0 {
+        format!("get x{}", g.readers)
+    } else if g.cache_bytes == 0 {
+        format!("get hot x{} nocache", g.readers)
+    } else {
+        format!("get hot x{} cache", g.readers)
+    }
 }
 
 fn us(v: f64) -> String {
@@ -322,6 +334,9 @@ pub(crate) fn table(ours: &SideResults, rocks: Option<&SideResults>, cmp: &[Comp
             b.map(|b| (b.ops_per_sec, b.latency.clone())),
         ));
     }
+    for a in &ours.get_hot {
+        rows.push((get_phase_name(a), a.ops_per_sec, a.latency.clone(), None));
+    }
     for (name, ops, lat, other) in rows {
         let _ = write!(out, "{name:<18}|");
         timed_row(&mut out, ops, &lat);
@@ -343,10 +358,11 @@ pub(crate) fn table(ours: &SideResults, rocks: Option<&SideResults>, cmp: &[Comp
             }
         }
     }
-    if let Some(g) = &ours.get {
+    for g in ours.get.iter().chain(&ours.get_hot) {
         let _ = writeln!(
             out,
-            "ringkv get: cache hit ratio {}, disk reads {}, misses {}",
+            "ringkv {}: cache hit ratio {}, disk reads {}, misses {}",
+            get_phase_name(g),
             g.cache_hit_ratio
                 .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0)),
             g.disk_reads.map_or("-".to_string(), |d| d.to_string()),

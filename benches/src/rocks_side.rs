@@ -157,6 +157,8 @@ pub(crate) fn get_phase(p: &Params) -> anyhow::Result<GetResult> {
         misses: misses + warm_misses,
         cache_hit_ratio: None,
         disk_reads: None,
+        hot_keys: 0,
+        cache_bytes: p.cache_bytes,
     })
 }
 

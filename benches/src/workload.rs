@@ -91,6 +91,21 @@ pub(crate) struct Phase {
     pub(crate) partitions: u32,
     /// Seed of the workers' random generators.
     pub(crate) seed: u64,
+    /// With a non-zero value, gets pick a key below this (the hot set) with probability
+    /// `HOT_SHARE`, else uniformly below `keys`.
+    pub(crate) hot_keys: u64,
+}
+
+/// Share of gets that go to the hot set in a hot-set phase.
+pub(crate) const HOT_SHARE: f64 = 0.9;
+
+/// The key of a get: uniform, or skewed to the hot set (see [`Phase::hot_keys`]).
+pub(crate) fn get_key(rng: &mut StdRng, phase: &Phase) -> u64 {
+    if phase.hot_keys > 0 && rng.gen_bool(HOT_SHARE) {
+        random_key(rng, phase.hot_keys)
+    } else {
+        random_key(rng, phase.keys)
+    }
 }
 
 impl Phase {
@@ -108,6 +123,7 @@ impl Phase {
             keys,
             partitions,
             seed,
+            hot_keys: 0,
         }
     }
 }
