@@ -1,12 +1,14 @@
 //! ringkv-net: the wire side of ringkv.
 //!
-//! This crate owns the framed binary protocol shared by clients and peers. The protocol is
-//! specified in `docs/PROTOCOL.md`; this crate is its reference implementation.
+//! This crate owns the framed binary protocol shared by clients and peers and the RESP2 codec for
+//! Redis clients. The protocol is specified in `docs/PROTOCOL.md`; this crate is its reference
+//! implementation.
 //!
 //! - [`frame`]: the 20-byte frame header, [`decode_frame`] and [`encode_frame`].
 //! - [`message`]: message kinds and typed bodies (handshake, client ops, peer replica ops, errors).
 //! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
 //! - [`error`]: typed errors naming the frame, field and limit at fault.
+//! - [`resp`]: an incremental RESP2 request parser and reply encoder (and a reply parser).
 //!
 //! It is runtime-free: the codecs never touch a socket, a clock or an executor, so the glommio node,
 //! a tokio client and a blocking client all use the same code. Decoders are incremental and
@@ -23,6 +25,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod resp;
 mod wire;
 
 pub use error::{BodyError, EncodeError, FrameError};
