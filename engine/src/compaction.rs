@@ -31,9 +31,9 @@ use crate::error::EngineError;
 use crate::index::{Entry, KeyHash, Location};
 use crate::io::{self, IoClass};
 use crate::record::RecordKind;
-use crate::recovery::INTENT_FILE;
+use crate::recovery::{INTENT_FILE, parse_intent};
 use crate::scan;
-use crate::segment::Segment;
+use crate::segment::{Segment, hint_path, segment_path};
 
 /// Sealed segments shorter than `segment_bytes / SMALL_SEGMENT_FRACTION` are merged.
 const SMALL_SEGMENT_FRACTION: u64 = 8;
@@ -103,40 +103,127 @@ fn fail(inner: &Inner, e: EngineError) -> EngineError {
     e
 }
 
+/// Tombstones beyond this share of index entries (and `TOMBSTONES_MIN`) make compaction rotate
+/// the oldest segments regardless of their garbage, so the reaping floor advances.
+const TOMBSTONE_SHARE_MAX: f64 = 0.1;
+const TOMBSTONES_MIN: usize = 1024;
+
+/// An output segment under construction. If the pass ends early (an error, or the caller dropped
+/// the future), the output must neither vanish from the segment table while its file exists (the
+/// reaping floor has to see it) nor hold the floor down forever: it is handed to compaction as
+/// a finished, all-garbage segment, or freed if it never reached the disk.
+struct Output<'a> {
+    inner: &'a Inner,
+    seg: Option<Rc<Segment>>,
+}
+
+impl Drop for Output<'_> {
+    fn drop(&mut self) {
+        let Some(o) = self.seg.take() else { return };
+        let mut st = self.inner.st.borrow_mut();
+        if o.file().is_some() {
+            o.sealed.set(true);
+            o.finished.set(true);
+        } else {
+            st.free_slot(o.slot);
+        }
+    }
+}
+
+/// Finishes the deletions of an earlier pass that was interrupted after writing its intent: the
+/// listed segments that are no longer in the segment table are removed; those still in it were
+/// never released (the pass stopped before) and stay.
+async fn finish_pending_intent(inner: &Inner) -> Result<(), EngineError> {
+    let path = inner.cfg.dir.join(INTENT_FILE);
+    let Ok(file) = io::open_ro(&path).await else {
+        return Ok(());
+    };
+    let bytes = io::read_all(&file, &path).await?;
+    drop(file);
+    let ids = parse_intent(&bytes).unwrap_or_default();
+    for id in ids {
+        let registered = inner
+            .st
+            .borrow()
+            .segments
+            .iter()
+            .flatten()
+            .any(|s| s.id == id);
+        if !registered {
+            io::remove(&segment_path(&inner.cfg.dir, id)).await?;
+            io::remove(&hint_path(&inner.cfg.dir, id)).await?;
+        }
+    }
+    io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Compaction).await?;
+    io::remove(&path).await
+}
+
+/// Picks the inputs of a pass: mostly-garbage segments, small ones, and, while tombstones pile up,
+/// the oldest ones.
+fn pick_inputs(inner: &Inner, st: &crate::engine::State) -> Vec<Rc<Segment>> {
+    let finished: Vec<(f64, Rc<Segment>)> = st
+        .segments
+        .iter()
+        .flatten()
+        .filter(|s| s.finished.get())
+        .map(|s| {
+            (
+                1.0 - s.live_bytes.get() as f64 / s.len.get().max(1) as f64,
+                s.clone(),
+            )
+        })
+        .collect();
+    // Small sealed segments (every open starts a new segment, so frequent restarts leave
+    // many) are merged once there are two of them, whatever their garbage ratio.
+    let small = |s: &Segment| s.len.get() < inner.cfg.segment_bytes / SMALL_SEGMENT_FRACTION;
+    let smalls = finished.iter().filter(|(_, s)| small(s)).count();
+    let mut candidates: Vec<(f64, Rc<Segment>)> = finished
+        .iter()
+        .filter(|(g, s)| *g >= inner.cfg.compaction_garbage_ratio || (smalls >= 2 && small(s)))
+        .cloned()
+        .collect();
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+    candidates.truncate(inner.cfg.compaction_segments_max);
+    // One old segment that never gathers garbage holds the reaping floor down for every newer
+    // tombstone; rewriting the oldest segments moves it.
+    let tombstones = st.index.tombstones();
+    if tombstones > TOMBSTONES_MIN
+        && tombstones as f64 > TOMBSTONE_SHARE_MAX * st.index.len() as f64
+    {
+        let mut oldest: Vec<&Rc<Segment>> = finished.iter().map(|(_, s)| s).collect();
+        oldest.sort_by_key(|s| (s.created_seqno, s.id));
+        for s in oldest {
+            if candidates.len() >= inner.cfg.compaction_segments_max.max(2) {
+                break;
+            }
+            if !candidates.iter().any(|(_, c)| Rc::ptr_eq(c, s)) {
+                candidates.push((0.0, s.clone()));
+            }
+        }
+    }
+    candidates.into_iter().map(|(_, s)| s).collect()
+}
+
 /// One compaction pass.
 pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineError> {
-    let (inputs, floor) = {
+    {
         let mut st = inner.st.borrow_mut();
         st.check_usable()?;
         if st.compacting {
             return Ok(CompactionReport::default());
         }
-        let sealed: Vec<(f64, Rc<Segment>)> = st
-            .segments
-            .iter()
-            .flatten()
-            .filter(|s| s.finished.get())
-            .map(|s| {
-                (
-                    1.0 - s.live_bytes.get() as f64 / s.len.get().max(1) as f64,
-                    s.clone(),
-                )
-            })
-            .collect();
-        // Small sealed segments (every open starts a new segment, so frequent restarts leave
-        // many) are merged once there are two of them, whatever their garbage ratio.
-        let small = |s: &Segment| s.len.get() < inner.cfg.segment_bytes / SMALL_SEGMENT_FRACTION;
-        let smalls = sealed.iter().filter(|(_, s)| small(s)).count();
-        let mut candidates: Vec<(f64, Rc<Segment>)> = sealed
-            .into_iter()
-            .filter(|(g, s)| *g >= inner.cfg.compaction_garbage_ratio || (smalls >= 2 && small(s)))
-            .collect();
-        if candidates.is_empty() {
+        st.compacting = true;
+    }
+    let _running = Running(inner);
+    finish_pending_intent(inner)
+        .await
+        .map_err(|e| fail(inner, e))?;
+    let (inputs, floor, pass_seqno) = {
+        let st = inner.st.borrow();
+        let inputs = pick_inputs(inner, &st);
+        if inputs.is_empty() {
             return Ok(CompactionReport::default());
         }
-        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
-        candidates.truncate(inner.cfg.compaction_segments_max);
-        let inputs: Vec<Rc<Segment>> = candidates.into_iter().map(|(_, s)| s).collect();
         let floor = st
             .segments
             .iter()
@@ -144,16 +231,18 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
             .filter(|s| !inputs.iter().any(|i| Rc::ptr_eq(i, s)))
             .map(|s| s.created_seqno)
             .fold(st.next_seqno, u64::min);
-        st.compacting = true;
-        (inputs, floor)
+        (inputs, floor, st.next_seqno)
     };
-    let _running = Running(inner);
     let mut report = CompactionReport::default();
-    let mut out: Option<Rc<Segment>> = None;
+    let mut out = Output { inner, seg: None };
     let mut moves: Vec<Move> = Vec::new();
+    // Tombstones and drop markers found reapable; applied only once the inputs' deletion is
+    // durably decided, so a pass that stops early leaves the index as it found it.
+    let mut reaps: Vec<(u32, KeyHash, Location)> = Vec::new();
+    let mut drop_reaps: Vec<(u32, u64)> = Vec::new();
 
     for input in &inputs {
-        let file = input.file().expect("sealed segments have files");
+        let file = input.file().expect("finished segments have files");
         let mut bytes = io::read_all(&file, &input.path)
             .await
             .map_err(|e| fail(inner, e))?;
@@ -162,21 +251,30 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
         report.bytes_before += input.len.get();
         for e in &s.entries {
             glommio::yield_if_needed().await;
+            // A full output is finished before the next decision, so deciding whether a record
+            // is live and appending it happen with no await in between.
+            if let Some(o) = &out.seg
+                && o.len.get() + e.len as u64 > inner.cfg.segment_bytes
+            {
+                let o = o.clone();
+                finish_output(inner, &o, &mut moves, &mut report).await?;
+                out.seg = None;
+            }
             let from = Location {
                 slot: input.slot,
                 offset: e.offset as u64,
                 len: e.len,
             };
-            let copy = {
+            // Decide and pick the output in one borrow; no await until the record is appended.
+            let target = {
                 let mut st = inner.st.borrow_mut();
-                match e.kind {
+                let copy = match e.kind {
                     RecordKind::SegmentHeader => false,
                     RecordKind::Put | RecordKind::Tombstone => {
                         match st.index.get(e.partition, e.key) {
                             Some(cur) if cur.loc == from => {
                                 if cur.tombstone && e.seqno < floor {
-                                    st.index.remove_if(e.partition, e.key, from);
-                                    report.tombstones_reaped += 1;
+                                    reaps.push((e.partition, e.key, from));
                                     false
                                 } else {
                                     true
@@ -189,33 +287,27 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                         if st.dropped.get(&e.partition) != Some(&e.seqno) {
                             false
                         } else if e.seqno < floor {
-                            st.dropped.remove(&e.partition);
-                            report.tombstones_reaped += 1;
+                            drop_reaps.push((e.partition, e.seqno));
                             false
                         } else {
                             true
                         }
                     }
+                };
+                match (&out.seg, copy) {
+                    (_, false) => None,
+                    (Some(o), true) => Some(o.clone()),
+                    (None, true) => {
+                        // Dated at the pass's start: every record copied in was live at or
+                        // after that point, which is what the reaping floor needs.
+                        let o = st.new_segment(&inner.cfg, false, pass_seqno)?;
+                        out.seg = Some(o.clone());
+                        Some(o)
+                    }
                 }
             };
-            if !copy {
-                continue;
-            }
+            let Some(o) = target else { continue };
             let rec = &bytes[e.offset as usize..(e.offset + e.len) as usize];
-            if let Some(o) = &out
-                && o.len.get() + e.len as u64 > inner.cfg.segment_bytes
-            {
-                finish_output(inner, o, &mut moves, &mut report).await?;
-                out = None;
-            }
-            let o = match &out {
-                Some(o) => o.clone(),
-                None => {
-                    let o = inner.st.borrow_mut().new_segment(&inner.cfg, false)?;
-                    out = Some(o.clone());
-                    o
-                }
-            };
             let to = append_raw(&o, rec, *e);
             report.records_copied += 1;
             if matches!(e.kind, RecordKind::Put | RecordKind::Tombstone) {
@@ -247,6 +339,12 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                 .iter()
                 .filter(|m| m.from.slot == slot)
                 .map(|m| (m.partition, m.from.offset))
+                .chain(
+                    reaps
+                        .iter()
+                        .filter(|r| r.2.slot == slot)
+                        .map(|r| (r.0, r.2.offset)),
+                )
                 .collect();
             st.index.retain(|p, e| {
                 let dangling = e.loc.slot == slot && !moving.contains(&(p, e.loc.offset));
@@ -258,10 +356,14 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
             tracing::error!(path = %input.path.display(), lost_keys = lost, "compaction found damaged records");
         }
     }
-    if let Some(o) = out.take() {
+    if let Some(o) = out.seg.clone() {
         finish_output(inner, &o, &mut moves, &mut report).await?;
+        out.seg = None;
     }
-    // Every live record of the inputs now lives elsewhere (or was reaped); record the intent to
+    // A record was left behind because a newer one superseded it; that newer one may still be
+    // only in memory. Make the log durable before the inputs can go.
+    crate::engine::flush_all(inner).await?;
+    // Every live record of the inputs now lives elsewhere (or is reaped); record the intent to
     // delete them durably, then delete.
     let ids: Vec<u64> = inputs.iter().map(|s| s.id).collect();
     let intent_path = inner.cfg.dir.join(INTENT_FILE);
@@ -279,6 +381,17 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
         .map_err(|e| fail(inner, e))?;
     {
         let mut st = inner.st.borrow_mut();
+        for (p, key, loc) in reaps {
+            if st.index.remove_if(p, key, loc).is_some() {
+                report.tombstones_reaped += 1;
+            }
+        }
+        for (p, seqno) in drop_reaps {
+            if st.dropped.get(&p) == Some(&seqno) {
+                st.dropped.remove(&p);
+                report.tombstones_reaped += 1;
+            }
+        }
         for s in &inputs {
             st.free_slot(s.slot);
         }

@@ -178,11 +178,15 @@ impl State {
     /// Creates a writable segment whose first record is its header. With `use_spare`, a prepared
     /// file is used when one is ready; otherwise the segment lives in memory until the flusher
     /// creates its file.
+    /// `created_seqno` must not exceed the seqno of any record the segment will hold that was
+    /// live when written (tombstone reaping relies on it, see compaction).
     pub(crate) fn new_segment(
         &mut self,
         cfg: &EngineConfig,
         use_spare: bool,
+        created_seqno: u64,
     ) -> Result<Rc<Segment>, EngineError> {
+        assert!(created_seqno <= self.next_seqno);
         let slot = self.alloc_slot()?;
         let spare = if use_spare { self.spare.take() } else { None };
         let id = match &spare {
@@ -192,12 +196,12 @@ impl State {
                 self.next_segment_id - 1
             }
         };
-        let seg = Segment::new_writable(&cfg.dir, id, slot, self.next_seqno);
+        let seg = Segment::new_writable(&cfg.dir, id, slot, created_seqno);
         if let Some(s) = spare {
             *seg.file.borrow_mut() = Some(s.file);
         }
         let seg = Rc::new(seg);
-        let hv = record::segment_header_value(id, self.next_seqno);
+        let hv = record::segment_header_value(id, created_seqno);
         append_record(
             &seg,
             RecordKind::SegmentHeader,
@@ -387,10 +391,22 @@ impl Engine {
             "index entry without tombstone flag points at a put"
         );
         let value = Bytes::copy_from_slice(rec.value);
-        self.inner
-            .cache
-            .borrow_mut()
-            .insert(partition, kh, entry.loc, value.clone());
+        // Cache only what is still current: a write or a compaction may have moved the key while
+        // this read was on disk, and caching the old value under its old location could serve it
+        // again once that segment slot is reused.
+        let current = self
+            .inner
+            .st
+            .borrow()
+            .index
+            .get(partition, kh)
+            .map(|e| e.loc);
+        if current == Some(entry.loc) {
+            self.inner
+                .cache
+                .borrow_mut()
+                .insert(partition, kh, entry.loc, value.clone());
+        }
         Ok(Some(value))
     }
 
@@ -470,94 +486,101 @@ impl Engine {
             inner.flush_wake.notify();
             wait_durable(inner, epoch).await?;
         }
-        let epoch = {
+        let appended = {
             let mut st = inner.st.borrow_mut();
             let st = &mut *st;
             st.check_usable()?;
             let kh = KeyHash::of(key);
-            if kind == RecordKind::Tombstone {
-                match st.index.get(partition, kh) {
-                    Some(e) if !e.tombstone => {}
-                    _ => return Ok(false),
-                }
-            }
-            let seg = match &st.active {
-                Some(a) if a.len.get() + rec_len <= inner.cfg.segment_bytes => a.clone(),
-                _ => {
-                    if let Some(old) = st.active.take() {
-                        old.sealed.set(true);
+            if kind == RecordKind::Tombstone
+                && !matches!(st.index.get(partition, kh), Some(e) if !e.tombstone)
+            {
+                None
+            } else {
+                let seg = match &st.active {
+                    Some(a) if a.len.get() + rec_len <= inner.cfg.segment_bytes => a.clone(),
+                    _ => {
+                        if let Some(old) = st.active.take() {
+                            old.sealed.set(true);
+                        }
+                        let seg = st.new_segment(&inner.cfg, true, st.next_seqno)?;
+                        // Whether or not the spare was ready, prepare the next one.
+                        inner.maintenance_wake.notify();
+                        st.writing.push_back(seg.clone());
+                        st.active = Some(seg.clone());
+                        seg
                     }
-                    let seg = st.new_segment(&inner.cfg, true)?;
-                    // Whether or not the spare was ready, prepare the next one.
-                    inner.maintenance_wake.notify();
-                    st.writing.push_back(seg.clone());
-                    st.active = Some(seg.clone());
-                    seg
-                }
-            };
-            let seqno = st.next_seqno;
-            st.next_seqno += 1;
-            let digests = match kind {
-                RecordKind::Put => Digests {
-                    key: kh,
-                    version: value_digest(value),
-                },
-                RecordKind::Tombstone => Digests {
-                    key: kh,
-                    version: 0,
-                },
-                _ => Digests::NONE,
-            };
-            let loc = append_record(&seg, kind, seqno, partition, key, value, digests);
-            match kind {
-                RecordKind::Put | RecordKind::Tombstone => {
-                    let tombstone = kind == RecordKind::Tombstone;
-                    let version = digests.version;
-                    let old = st.index.upsert(
-                        partition,
-                        kh,
-                        Entry {
+                };
+                let seqno = st.next_seqno;
+                st.next_seqno += 1;
+                let digests = match kind {
+                    RecordKind::Put => Digests {
+                        key: kh,
+                        version: value_digest(value),
+                    },
+                    RecordKind::Tombstone => Digests {
+                        key: kh,
+                        version: 0,
+                    },
+                    _ => Digests::NONE,
+                };
+                let loc = append_record(&seg, kind, seqno, partition, key, value, digests);
+                match kind {
+                    RecordKind::Put | RecordKind::Tombstone => {
+                        let tombstone = kind == RecordKind::Tombstone;
+                        let version = digests.version;
+                        let old = st.index.upsert(
+                            partition,
+                            kh,
+                            Entry {
+                                loc,
+                                tombstone,
+                                version,
+                            },
+                        );
+                        st.account_replace(old, loc.slot, loc.len);
+                        // Keep a cached hot key fresh; a write alone does not admit a key (write-heavy
+                        // loads would otherwise flush the cache of what is actually read).
+                        inner.cache.borrow_mut().refresh(
+                            partition,
+                            kh,
                             loc,
-                            tombstone,
-                            version,
-                        },
-                    );
-                    st.account_replace(old, loc.slot, loc.len);
-                    // Keep a cached hot key fresh; a write alone does not admit a key (write-heavy
-                    // loads would otherwise flush the cache of what is actually read).
-                    inner.cache.borrow_mut().refresh(
-                        partition,
-                        kh,
-                        loc,
-                        (!tombstone).then_some(value),
-                    );
-                }
-                RecordKind::DropPartition => {
-                    st.dropped.insert(partition, seqno);
-                    for e in st.index.drop_partition(partition) {
-                        let s = st.segment(e.loc.slot);
-                        s.live_bytes.set(s.live_bytes.get() - e.loc.len as u64);
+                            (!tombstone).then_some(value),
+                        );
                     }
-                    inner.cache.borrow_mut().drop_partition(partition);
+                    RecordKind::DropPartition => {
+                        st.dropped.insert(partition, seqno);
+                        for e in st.index.drop_partition(partition) {
+                            let s = st.segment(e.loc.slot);
+                            s.live_bytes.set(s.live_bytes.get() - e.loc.len as u64);
+                        }
+                        inner.cache.borrow_mut().drop_partition(partition);
+                    }
+                    RecordKind::SegmentHeader => unreachable!(),
                 }
-                RecordKind::SegmentHeader => unreachable!(),
+                // The flusher needs waking only when its plan changes: a sync writer now waits, or
+                // the first buffered write of the epoch starts the flush-interval clock.
+                let wake_flusher = match durability {
+                    Durability::Sync => {
+                        st.sync_requested = true;
+                        true
+                    }
+                    Durability::Buffered => {
+                        let first = st.buffered_since.is_none();
+                        st.buffered_since.get_or_insert_with(Instant::now);
+                        first
+                    }
+                };
+                Some((st.open_epoch, wake_flusher))
             }
-            // The flusher needs waking only when its plan changes: a sync writer now waits, or
-            // the first buffered write of the epoch starts the flush-interval clock.
-            let wake_flusher = match durability {
-                Durability::Sync => {
-                    st.sync_requested = true;
-                    true
-                }
-                Durability::Buffered => {
-                    let first = st.buffered_since.is_none();
-                    st.buffered_since.get_or_insert_with(Instant::now);
-                    first
-                }
-            };
-            (st.open_epoch, wake_flusher)
         };
-        let (epoch, wake_flusher) = epoch;
+        let Some((epoch, wake_flusher)) = appended else {
+            // Nothing to delete; but the tombstone (or drop) that made the key absent may not be
+            // durable yet, and a `Sync` caller is promised durability.
+            if durability == Durability::Sync {
+                flush_all(inner).await?;
+            }
+            return Ok(false);
+        };
         if wake_flusher {
             inner.flush_wake.notify();
         }
@@ -569,17 +592,7 @@ impl Engine {
 
     /// Makes every write accepted so far durable.
     pub async fn flush(&self) -> Result<(), EngineError> {
-        let epoch = {
-            let mut st = self.inner.st.borrow_mut();
-            st.check_usable()?;
-            if st.writing.iter().all(|s| s.synced.get() == s.len.get()) {
-                return Ok(());
-            }
-            st.sync_requested = true;
-            st.open_epoch
-        };
-        self.inner.flush_wake.notify();
-        wait_durable(&self.inner, epoch).await
+        flush_all(&self.inner).await
     }
 
     /// Runs one compaction pass now (the background compactor does the same on its own). Segments
@@ -722,6 +735,21 @@ pub(crate) async fn read_record(
         });
     }
     Ok(RecordBytes::Disk(r))
+}
+
+/// Makes every log write accepted so far durable (no-op when nothing is pending).
+pub(crate) async fn flush_all(inner: &Inner) -> Result<(), EngineError> {
+    let epoch = {
+        let mut st = inner.st.borrow_mut();
+        st.check_usable()?;
+        if st.writing.iter().all(|s| s.synced.get() == s.len.get()) {
+            return Ok(());
+        }
+        st.sync_requested = true;
+        st.open_epoch
+    };
+    inner.flush_wake.notify();
+    wait_durable(inner, epoch).await
 }
 
 /// Waits until flush epoch `epoch` is durable or the engine failed.

@@ -139,10 +139,22 @@ impl<B: AsRef<[u8]>> HintTable<B> {
         }
         let t = Self { bytes, header };
         // Every entry must decode and entries must be sorted by offset (binary search relies on it).
+        // Everything the index will be built from must fit its packing; a hint with a valid CRC
+        // but impossible fields (a bug, or a crafted file) is refused like a damaged one.
+        if header.data_len as u64 > crate::config::SEGMENT_BYTES_MAX_HARD {
+            return None;
+        }
+        let align = crate::record::RECORD_ALIGN as u32;
         let mut prev_end = 0u64;
         for i in 0..t.len() {
             let e = t.get_checked(i)?;
-            if (e.offset as u64) < prev_end
+            let plausible = e.len > 0
+                && e.len as usize <= crate::record::RECORD_BYTES_MAX
+                && e.len.is_multiple_of(align)
+                && e.offset.is_multiple_of(align)
+                && e.version & 0x8000 == 0;
+            if !plausible
+                || (e.offset as u64) < prev_end
                 || e.offset as u64 + e.len as u64 > header.data_len as u64
             {
                 return None;
@@ -233,6 +245,19 @@ mod tests {
         assert_eq!(t.iter().collect::<Vec<_>>(), entries);
         assert_eq!(t.find_offset(48 + 3 * 64), Some(entries[3]));
         assert_eq!(t.find_offset(50), None);
+        let mut odd = entries.clone();
+        odd[2].version = 0x8001;
+        let h2 = HintHeader { count: 10, ..h };
+        assert!(
+            HintTable::parse(encode(h2, &odd)).is_none(),
+            "impossible value digest accepted"
+        );
+        let mut odd = entries.clone();
+        odd[4].len = 60;
+        assert!(
+            HintTable::parse(encode(h2, &odd)).is_none(),
+            "unaligned length accepted"
+        );
         for i in [0, 9, 40, 200, 351] {
             let mut b = bytes.clone();
             b[i] ^= 0x10;

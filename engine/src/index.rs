@@ -146,6 +146,8 @@ fn join(v: [u32; 2]) -> u64 {
 #[derive(Default)]
 pub struct Index {
     parts: BTreeMap<u32, HashTable<Slot>>,
+    /// Entries with the tombstone flag (compaction rewrites old segments when they pile up).
+    tombstones: usize,
 }
 
 impl Index {
@@ -170,10 +172,13 @@ impl Index {
             hashbrown::hash_table::Entry::Occupied(mut o) => {
                 let old = o.get().entry();
                 *o.get_mut() = slot;
+                self.tombstones -= old.tombstone as usize;
+                self.tombstones += e.tombstone as usize;
                 Some(old)
             }
             hashbrown::hash_table::Entry::Vacant(v) => {
                 v.insert(slot);
+                self.tombstones += e.tombstone as usize;
                 None
             }
         }
@@ -195,7 +200,10 @@ impl Index {
             s.digest() == kh.digest && s.check == kh.check
         }) {
             Some(s) if s.entry().loc == expected => {
+                let old = s.entry();
                 *s = Slot::new(kh, e);
+                self.tombstones -= old.tombstone as usize;
+                self.tombstones += e.tombstone as usize;
                 true
             }
             _ => false,
@@ -214,15 +222,19 @@ impl Index {
             return None;
         }
         let (s, _) = o.remove();
+        self.tombstones -= s.entry().tombstone as usize;
         Some(s.entry())
     }
 
     /// Removes a whole partition, returning its table for accounting.
     pub fn drop_partition(&mut self, partition: u32) -> Vec<Entry> {
-        self.parts
+        let gone: Vec<Entry> = self
+            .parts
             .remove(&partition)
             .map(|t| t.iter().map(Slot::entry).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.tombstones -= gone.iter().filter(|e| e.tombstone).count();
+        gone
     }
 
     /// Key digests and entries of one partition (unordered).
@@ -263,9 +275,21 @@ impl Index {
 
     /// Removes every entry for which `f` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(u32, Entry) -> bool) {
+        let mut removed_tombstones = 0;
         for (&p, t) in self.parts.iter_mut() {
-            t.retain(|s| keep(p, s.entry()));
+            t.retain(|s| {
+                let e = s.entry();
+                let k = keep(p, e);
+                removed_tombstones += (!k && e.tombstone) as usize;
+                k
+            });
         }
+        self.tombstones -= removed_tombstones;
+    }
+
+    /// Entries that are tombstones.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones
     }
 
     /// Number of entries (live keys plus tombstones).
@@ -353,8 +377,10 @@ mod tests {
         assert!(ix.replace_if(5, kh, e1.loc, e2));
         assert!(!ix.replace_if(5, kh, e1.loc, e1));
         assert_eq!(ix.get(5, kh), Some(e2));
+        assert_eq!(ix.tombstones(), 1);
         assert_eq!(ix.remove_if(5, kh, e1.loc), None);
         assert_eq!(ix.remove_if(5, kh, e2.loc), Some(e2));
         assert!(ix.is_empty());
+        assert_eq!(ix.tombstones(), 0);
     }
 }

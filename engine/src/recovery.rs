@@ -27,7 +27,7 @@ use crate::error::EngineError;
 use crate::hint::{self, HintHeader, HintTable};
 use crate::index::{Entry, Index, Location};
 use crate::io::{self, FaultPlan, IoClass};
-use crate::record::RecordKind;
+use crate::record::{RECORD_BYTES_MAX, RecordKind};
 use crate::scan;
 use crate::segment::{Segment, hint_path, parse_segment_name, segment_path};
 use crate::stats::Counters;
@@ -248,6 +248,14 @@ pub(crate) async fn open(
             .file_size()
             .await
             .map_err(|e| EngineError::io("stat", &path, e.into()))?;
+        if size > crate::config::SEGMENT_BYTES_MAX_HARD + RECORD_BYTES_MAX as u64 {
+            // No segment this engine writes is that large; refuse rather than read it whole.
+            return Err(EngineError::Corrupt {
+                path,
+                offset: 0,
+                reason: "segment file larger than any segment this engine writes",
+            });
+        }
         let hinted = map_hint(&hpath)
             .and_then(HintTable::parse)
             .filter(|t| t.header().segment_id == id && t.header().data_len as u64 <= size);

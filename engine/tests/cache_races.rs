@@ -1,0 +1,69 @@
+//! The value cache must never serve an overwritten value. It validates an entry by its location
+//! (segment slot, offset, length), and slots are reused after compaction frees them. A `get`
+//! whose disk read overlaps a `put` of the same key must not cache the old value under the old
+//! location: once compaction frees that slot and a later output places the key at the same
+//! (slot, offset, length), such an entry would be served as a hit. Gets cache only values whose
+//! location is still current when the read completes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use ringkv_engine::{Durability, Engine};
+
+#[test]
+fn cache_serves_overwritten_value_after_slot_reuse() {
+    common::run(|dir| async move {
+        let mut cfg = common::config(&dir);
+        cfg.compaction_segments_max = 1;
+        cfg.compaction_garbage_ratio = 0.01;
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        let v1 = vec![b'1'; 1000];
+        let v2 = vec![b'2'; 1000]; // same length: same record length
+        // Segment slot 0: header, then k=v1 at offset 48 (its first record).
+        e.put(0, b"k", &v1, Durability::Sync).await.unwrap();
+        let filler = |i: usize| format!("f{i}").into_bytes();
+        for i in 0..40 {
+            e.put(1, &filler(i), &[7u8; 30_000], Durability::Sync)
+                .await
+                .unwrap();
+        }
+        assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
+
+        // A get of k reads the disk (k's block was flushed and trimmed from memory)...
+        {
+            let get = e.get(0, b"k");
+            futures_lite::pin!(get);
+            assert!(
+                futures_lite::future::poll_once(&mut get).await.is_none(),
+                "the get waits for its disk read"
+            );
+            // ...while k is overwritten (the new record lands in slot 1).
+            e.put(0, b"k", &v2, Durability::Buffered).await.unwrap();
+            // The get answers v1 (fine: it started first) and caches (k, slot 0 @48, v1).
+            assert_eq!(get.await.unwrap().as_deref(), Some(&v1[..]));
+        }
+
+        // Make slot 0 all garbage, seal slot 1 (the next active segment takes a new slot),
+        // then compact slot 0 away: slot 0 goes back to the free list.
+        for i in 0..40 {
+            e.put(1, &filler(i), &[8u8; 30_000], Durability::Sync)
+                .await
+                .unwrap();
+        }
+        e.flush().await.unwrap();
+        let r = e.compact().await.unwrap();
+        assert_eq!(r.records_copied, 0, "{r:?}");
+        assert_eq!(r.segments_compacted, 1, "{r:?}");
+        // Compact slot 1: its first live record is k (the fillers before it were overwritten),
+        // so the output (taking free slot 0) holds k at offset 48 with the same length.
+        let r = e.compact().await.unwrap();
+        assert_eq!(r.segments_compacted, 1, "{r:?}");
+        let got = e.get(0, b"k").await.unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(&v2[..]),
+            "stale cached value served for an overwritten key"
+        );
+        e.close().await.unwrap();
+    });
+}
