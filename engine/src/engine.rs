@@ -5,7 +5,8 @@
 //! joined to be written and synced (`Sync`). One flusher task per engine writes every segment's
 //! pending bytes with one write per segment and one `fdatasync` per file per flush, so all writers
 //! that joined an epoch share that IO (group commit). Flushes run one at a time, in order, which
-//! makes durability prefix-ordered: when a write is durable, every write accepted before it is too.
+//! makes acknowledged durability prefix-ordered: when a write is acknowledged durable, every write
+//! accepted before it is durable too (unacknowledged writes have no order on power loss).
 //!
 //! Read path: index lookup (no IO), then the value cache, the memory tail, or one O_DIRECT read
 //! through io_uring; the record's CRC and full key are checked before a value is returned.
