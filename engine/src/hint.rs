@@ -91,23 +91,57 @@ pub struct HintHeader {
 
 /// Encodes a complete hint file.
 pub fn encode(h: HintHeader, entries: &[HintEntry]) -> Vec<u8> {
-    assert_eq!(h.count as usize, entries.len());
     let mut out = Vec::with_capacity(HINT_HEADER_BYTES + entries.len() * HINT_ENTRY_BYTES + 4);
-    out.extend_from_slice(&HINT_MAGIC.to_le_bytes());
-    out.extend_from_slice(&HINT_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0u8; 2]);
-    out.extend_from_slice(&h.segment_id.to_le_bytes());
-    out.extend_from_slice(&h.created_seqno.to_le_bytes());
-    out.extend_from_slice(&h.data_len.to_le_bytes());
-    out.extend_from_slice(&h.count.to_le_bytes());
-    debug_assert_eq!(out.len(), HINT_HEADER_BYTES);
+    let mut enc = HintEncoder::new(h, &mut out);
     for e in entries {
-        debug_assert!((e.offset as usize).is_multiple_of(crate::record::RECORD_ALIGN));
-        e.encode(&mut out);
+        enc.entry(e, &mut out);
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
+    enc.finish(&mut out);
     out
+}
+
+/// Encodes a hint file piece by piece, so a large one can be written in chunks (the caller may
+/// drain `out` between calls; the CRC runs over everything produced).
+pub struct HintEncoder {
+    crc: crc32fast::Hasher,
+    remaining: u32,
+}
+
+impl HintEncoder {
+    /// Starts a hint file: appends the header to `out`.
+    pub fn new(h: HintHeader, out: &mut Vec<u8>) -> Self {
+        let start = out.len();
+        out.extend_from_slice(&HINT_MAGIC.to_le_bytes());
+        out.extend_from_slice(&HINT_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0u8; 2]);
+        out.extend_from_slice(&h.segment_id.to_le_bytes());
+        out.extend_from_slice(&h.created_seqno.to_le_bytes());
+        out.extend_from_slice(&h.data_len.to_le_bytes());
+        out.extend_from_slice(&h.count.to_le_bytes());
+        debug_assert_eq!(out.len() - start, HINT_HEADER_BYTES);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&out[start..]);
+        Self {
+            crc,
+            remaining: h.count,
+        }
+    }
+
+    /// Appends one entry to `out`.
+    pub fn entry(&mut self, e: &HintEntry, out: &mut Vec<u8>) {
+        assert!(self.remaining > 0, "more entries than the header announced");
+        debug_assert!((e.offset as usize).is_multiple_of(crate::record::RECORD_ALIGN));
+        self.remaining -= 1;
+        let start = out.len();
+        e.encode(out);
+        self.crc.update(&out[start..]);
+    }
+
+    /// Appends the trailer (CRC) to `out`.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        assert_eq!(self.remaining, 0, "fewer entries than the header announced");
+        out.extend_from_slice(&self.crc.finalize().to_le_bytes());
+    }
 }
 
 /// A validated view over hint-file bytes (an mmap at startup, or a vector built by scanning).

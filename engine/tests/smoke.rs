@@ -174,3 +174,41 @@ fn pathdiff(path: &std::path::Path, base: &std::path::Path) -> std::path::PathBu
     }
     out
 }
+
+/// A hint file larger than one write chunk (1 MiB) is written piece by piece; it must still be
+/// one valid hint that the next open loads instead of scanning.
+#[test]
+fn large_hint_file_is_written_in_chunks_and_loaded() {
+    common::run(|dir| async move {
+        let mut cfg = common::config(&dir);
+        cfg.segment_bytes = 16 << 20;
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        for i in 0..100_000u32 {
+            e.put(i % 8, &i.to_le_bytes(), b"v", Durability::Buffered)
+                .await
+                .unwrap();
+        }
+        e.close().await.unwrap();
+        let hint_bytes: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|d| d.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "hint"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert!(
+            hint_bytes > 3 << 20,
+            "the hint spans several chunks ({hint_bytes} bytes)"
+        );
+        let e = Engine::open(cfg).await.unwrap();
+        let r = e.recovery_report();
+        assert_eq!((r.segments_from_hints, r.segments_scanned), (1, 0));
+        assert_eq!(r.index_entries, 100_000);
+        for i in (0..100_000u32).step_by(997) {
+            assert_eq!(
+                e.get(i % 8, &i.to_le_bytes()).await.unwrap().as_deref(),
+                Some(&b"v"[..])
+            );
+        }
+        e.close().await.unwrap();
+    });
+}
