@@ -9,6 +9,7 @@
 //! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
 //! - [`error`]: typed errors naming the frame, field and limit at fault.
 //! - [`resp`]: an incremental RESP2 request parser and reply encoder (and a reply parser).
+//! - [`client`]: a blocking client on `std::net` (handshake, get/put/delete/ping, timeouts).
 //!
 //! It is runtime-free: the codecs never touch a socket, a clock or an executor, so the glommio node,
 //! a tokio client and a blocking client all use the same code. Decoders are incremental and
@@ -17,10 +18,11 @@
 //! allocating for it, so hostile input costs at most memory proportional to the bytes actually
 //! received and never more than the configured limits.
 //!
-//! It does not contain the client library, connection management or any request execution: those
-//! build on these codecs elsewhere. It knows nothing of the engine or of the cluster logic
+//! Besides the blocking [`client`] it contains no connection management and no request execution.
+//! It knows nothing of the engine or of the cluster logic
 //! (dependencies point one way: `cluster` uses `net`, never the reverse).
 
+pub mod client;
 pub mod error;
 pub mod frame;
 pub mod limits;
@@ -28,6 +30,7 @@ pub mod message;
 pub mod resp;
 mod wire;
 
+pub use client::{Client, ClientConfig, ClientError, GetReply};
 pub use error::{BodyError, EncodeError, FrameError};
 pub use frame::{
     FrameHeader, MAGIC, PROTOCOL_VERSION, decode_frame, decode_header, encode_frame,

@@ -1,0 +1,214 @@
+//! `ringkv`: the node server and its command-line client.
+//!
+//! `ringkv serve` runs a single node (see `docs/OPERATIONS.md` for every flag);
+//! `ringkv get|put|del|ping` talk to a node through the blocking client in `ringkv-net`, print
+//! values raw on stdout for shell scripts, and exit 1 with "not found" on stderr for a missing key.
+//! Exit codes: 0 success, 1 key not found, 2 any error.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ringkv_cluster::node::route::parse_cpu_list;
+use ringkv_cluster::node::server::{ServeConfig, serve};
+use ringkv_engine::Durability;
+use ringkv_net::{Client, ClientConfig, Sibling};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringkv",
+    version,
+    about = "A Dynamo-style replicated key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DurabilityArg {
+    /// Acknowledge a write once it is on disk and synced.
+    Sync,
+    /// Acknowledge once buffered; written and synced within the engine's flush interval.
+    Buffered,
+}
+
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// Node to talk to.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    server: String,
+    /// Bucket of the key.
+    #[arg(long, default_value = "default")]
+    bucket: String,
+    /// Cluster name sent in the handshake.
+    #[arg(long, default_value = "ringkv")]
+    cluster_name: String,
+    /// Per-request timeout in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// Directory for the node's data (one subdirectory per shard).
+        #[arg(long, default_value = "./ringkv-data")]
+        data_dir: PathBuf,
+        /// Client protocol address; every shard listens on it (SO_REUSEPORT).
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: SocketAddr,
+        /// Number of shards (one per CPU); default: the CPUs in the process's affinity mask.
+        #[arg(long)]
+        shards: Option<usize>,
+        /// When writes are acknowledged.
+        #[arg(long, value_enum, default_value = "sync")]
+        durability: DurabilityArg,
+        /// Name of the cluster clients must give in their handshake.
+        #[arg(long, default_value = "ringkv")]
+        cluster_name: String,
+        /// This node's name.
+        #[arg(long, default_value = "ringkv")]
+        node_name: String,
+    },
+    /// Print the value of KEY (exit 1 if it does not exist).
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// The key.
+        key: String,
+    },
+    /// Store VALUE under KEY.
+    Put {
+        #[command(flatten)]
+        target: Target,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Delete KEY.
+    Del {
+        #[command(flatten)]
+        target: Target,
+        /// The key.
+        key: String,
+    },
+    /// Check that the node answers.
+    Ping {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// CPUs this process may run on, from the kernel's view of its affinity mask.
+fn affinity_cpus() -> anyhow::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    Ok(parse_cpu_list(list)?)
+}
+
+fn connect(t: &Target) -> anyhow::Result<Client> {
+    let config = ClientConfig {
+        cluster_name: t.cluster_name.clone(),
+        timeout: Duration::from_millis(t.timeout_ms),
+        ..ClientConfig::default()
+    };
+    Client::connect(t.server.as_str(), config).with_context(|| format!("connect to {}", t.server))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            shards,
+            durability,
+            cluster_name,
+            node_name,
+        } => {
+            let mut cpus = affinity_cpus()?;
+            if let Some(n) = shards {
+                anyhow::ensure!(n > 0, "--shards must be at least 1");
+                // More shards than allowed CPUs wrap around: useful for tests, not for speed.
+                cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
+            }
+            let mut cfg = ServeConfig::new(data_dir, listen, cpus);
+            cfg.durability = match durability {
+                DurabilityArg::Sync => Durability::Sync,
+                DurabilityArg::Buffered => Durability::Buffered,
+            };
+            cfg.cluster_name = cluster_name;
+            cfg.node_name = node_name;
+            serve(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { target, key } => {
+            let reply = connect(&target)?.get(target.bucket.as_bytes(), key.as_bytes())?;
+            let values: Vec<_> = reply
+                .siblings
+                .iter()
+                .filter_map(|s| match s {
+                    Sibling::Value(v) => Some(v),
+                    Sibling::Tombstone => None,
+                })
+                .collect();
+            if values.is_empty() {
+                eprintln!("not found");
+                return Ok(ExitCode::from(1));
+            }
+            if values.len() > 1 {
+                eprintln!("{} siblings", values.len());
+            }
+            let mut out = std::io::stdout().lock();
+            for v in values {
+                out.write_all(v).context("write to stdout")?;
+            }
+            out.flush().context("write to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Put { target, key, value } => {
+            connect(&target)?.put(
+                target.bucket.as_bytes(),
+                key.as_bytes(),
+                value.as_bytes(),
+                None,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Del { target, key } => {
+            connect(&target)?.delete(target.bucket.as_bytes(), key.as_bytes(), None)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ping { target } => {
+            connect(&target)?.ping()?;
+            println!("pong");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringkv: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! The glommio shell of a node: one executor per shard, listeners, connections, the channel mesh
+//! between shards, and shutdown.
+//!
+//! [`serve`] checks that the listen address is free (glommio's listener always sets SO_REUSEPORT,
+//! so a second node would otherwise silently share the port), blocks SIGTERM and SIGINT, starts a
+//! small signal executor that turns the first signal into a cancellation, and one
+//! `LocalExecutor` per shard pinned to its CPU (`Placement::Fixed`). Each shard opens its own
+//! engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address, joins two
+//! channel meshes (requests and replies between shards) and accepts connections.
+//!
+//! A connection is a reader task and a writer task joined by a bounded queue. The reader decodes
+//! frames, asks the [`Session`] what each one means and spawns one task per GET/PUT/DELETE, so
+//! replies leave in completion order (pipelining with out-of-order replies). At most
+//! [`ServeConfig::inflight_per_connection_max`] requests run per connection; beyond that the reader
+//! stops reading and TCP pushes back. A request whose partition belongs to another shard crosses
+//! the request mesh as the decoded [`Message`] (never re-encoded), the owner executes it and sends
+//! the reply back over the reply mesh, where a waiting table routes it to the request's task.
+//! A frame the codec rejects gets the codec's error frame; unless the codec says the stream can
+//! continue, the connection then stops reading, finishes what is in flight and closes. Other
+//! connections are not affected.
+//!
+//! Shutdown, on the first SIGTERM or SIGINT: every shard stops accepting, stops reading from its
+//! connections, lets in-flight requests finish and their replies be written, closes its side of the
+//! request mesh, keeps serving other shards' requests until they have all closed theirs, then
+//! closes (flushes and syncs) its engine. [`serve`] returns once every shard has done so.
+//!
+//! Limits and gaps: if one shard fails to start (engine or listener), [`serve`] returns the error at
+//! once and the process is expected to exit, without closing the engines the other shards opened
+//! (recovery handles that like a crash; nothing was acknowledged yet). Request deadlines
+//! (`timeout_ms`) are not enforced yet; a request runs until the engine answers.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
+use ringkv_net::{
+    ErrorBody, ErrorCode, Frame, GetOk, Limits, Message, PutOk, Sibling, decode_frame, encode_frame,
+};
+
+use super::route::{ENGINE_KEY_BYTES_MAX, engine_key, partition_of, shard_of};
+use super::session::{NodeInfo, Session, Step};
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_RETRY_DELAY_MS: u64 = 10;
+
+/// Everything a node needs to run.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Root of the node's data; shard `i` keeps its engine in `shard-<i>` below it.
+    pub data_dir: PathBuf,
+    /// Client protocol address, shared by every shard's listener.
+    pub listen: SocketAddr,
+    /// One CPU per shard: shard `i` runs pinned to `cpus[i]`.
+    pub cpus: Vec<usize>,
+    /// When a PUT or DELETE is acknowledged.
+    pub durability: Durability,
+    /// Cluster name clients must give in HELLO.
+    pub cluster_name: String,
+    /// This node's name, sent in HELLO_OK.
+    pub node_name: String,
+    /// Frame and key limits of the client protocol.
+    pub limits: Limits,
+    /// Most requests executing at once per connection; the reader stops reading beyond it.
+    pub inflight_per_connection_max: usize,
+    /// Capacity of each shard-to-shard queue of the request and reply meshes, in messages.
+    pub mesh_queue_messages_max: usize,
+    /// Most requests from other shards a shard executes at once.
+    pub peer_inflight_max: usize,
+}
+
+impl ServeConfig {
+    /// Defaults for a node on `listen` with data in `data_dir`, one shard per CPU in `cpus`.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr, cpus: Vec<usize>) -> Self {
+        Self {
+            data_dir,
+            listen,
+            cpus,
+            durability: Durability::Sync,
+            cluster_name: "ringkv".to_owned(),
+            node_name: "ringkv".to_owned(),
+            limits: Limits::DEFAULT,
+            inflight_per_connection_max: 128,
+            mesh_queue_messages_max: 1024,
+            peer_inflight_max: 1024,
+        }
+    }
+}
+
+/// Why a node could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Another process listens on the address.
+    #[error("address {addr} is already in use (another ringkv node or another server?)")]
+    AddrInUse {
+        /// The listen address.
+        addr: SocketAddr,
+    },
+    /// The address could not be bound for another reason.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The listen address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A shard's engine failed to open or to close.
+    #[error("shard {shard}: engine in {dir}: {source}")]
+    Engine {
+        /// The shard.
+        shard: usize,
+        /// Its engine directory.
+        dir: PathBuf,
+        /// The engine's error.
+        source: EngineError,
+    },
+    /// The runtime refused something (executor, listener, mesh, signals), often because io_uring
+    /// or locked memory is not available.
+    #[error("{what}: {message}")]
+    Runtime {
+        /// What was being done.
+        what: String,
+        /// The runtime's error.
+        message: String,
+    },
+}
+
+fn runtime(what: impl Into<String>, e: impl std::fmt::Display) -> ServeError {
+    ServeError::Runtime {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// A GET, PUT or DELETE sent to the shard that owns its partition.
+#[derive(Debug)]
+struct ShardRequest {
+    /// Chosen by the sending shard to match the reply; unique among its requests in flight.
+    tag: u64,
+    /// The sending shard, where the reply goes.
+    origin: usize,
+    /// The key's partition (computed once, by the sender).
+    partition: u32,
+    /// The decoded request.
+    message: Message,
+}
+
+/// The answer to a [`ShardRequest`].
+#[derive(Debug)]
+struct ShardReply {
+    tag: u64,
+    message: Message,
+}
+
+/// Replies this shard waits for from other shards, by tag.
+#[derive(Default)]
+struct Waiting {
+    next_tag: Cell<u64>,
+    replies: RefCell<HashMap<u64, LocalSender<Message>>>,
+}
+
+/// One shard's state, shared by its tasks (never across threads).
+struct Shard {
+    id: usize,
+    shard_count: usize,
+    engine: Engine,
+    durability: Durability,
+    info: NodeInfo,
+    limits: Limits,
+    inflight_per_connection_max: usize,
+    requests: Senders<ShardRequest>,
+    waiting: Rc<Waiting>,
+}
+
+/// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
+///
+/// Must be called from a thread that is not a glommio executor, before any other thread is
+/// started (the signal mask is inherited by threads started afterwards).
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let shards = cfg.cpus.len();
+    if shards == 0 || shards > super::route::SHARDS_MAX {
+        return Err(ServeError::Config(format!(
+            "shard count {shards} outside [1, {}]",
+            super::route::SHARDS_MAX
+        )));
+    }
+    let mut cfg = cfg;
+    cfg.listen = check_port_free(cfg.listen)?;
+    glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
+
+    // The signal executor owns the cancellation token; each shard gets a foreign child of it.
+    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Result<Vec<ForeignCancellation>, String>>(1);
+    let signal_thread = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("ringkv-signals")
+        .spawn(move || async move {
+            let token = CancellationToken::new();
+            let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tokens_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let children = (0..shards).map(|_| token.foreign_child()).collect();
+            if tokens_tx.send(Ok(children)).is_err() {
+                return;
+            }
+            match signals.recv().await {
+                Ok(signal) => tracing::info!(signal, "shutting down on signal"),
+                Err(e) => tracing::error!(error = %e, "cannot read signals; shutting down"),
+            }
+            token.cancel();
+        })
+        .map_err(|e| runtime("cannot start the signal executor", e))?;
+    let tokens = tokens_rx
+        .recv()
+        .map_err(|e| runtime("signal executor", e))?
+        .map_err(|e| runtime("cannot watch SIGTERM and SIGINT", e))?;
+
+    let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
+    let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, Result<(), ServeError>)>();
+    let mut handles = Vec::with_capacity(shards);
+    for (id, (cpu, shutdown)) in cfg.cpus.iter().copied().zip(tokens).enumerate() {
+        let (cfg, requests, replies, done) = (
+            cfg.clone(),
+            requests.clone(),
+            replies.clone(),
+            done_tx.clone(),
+        );
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                let result = run_shard(id, cfg, requests, replies, shutdown).await;
+                let _ = done.send((id, result));
+            })
+            .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
+        handles.push(handle);
+    }
+    drop(done_tx);
+    for _ in 0..shards {
+        match done_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((_, Err(e))) => return Err(e),
+            Err(_) => return Err(runtime("shard executor", "a shard thread panicked")),
+        }
+    }
+    for (id, handle) in handles.into_iter().enumerate() {
+        handle
+            .join()
+            .map_err(|e| runtime(format!("shard {id}"), e))?;
+    }
+    // The signal thread ended when it cancelled; nothing else makes every shard return Ok.
+    let _ = signal_thread.join();
+    Ok(())
+}
+
+/// Fails fast when something already listens on `addr`, and resolves port 0 to a free port so
+/// every shard binds the same one.
+fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+    // std's listener does not set SO_REUSEPORT, so this bind fails if any socket holds the port.
+    let probe = std::net::TcpListener::bind(addr).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            ServeError::AddrInUse { addr }
+        } else {
+            ServeError::Bind { addr, source }
+        }
+    })?;
+    probe
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+async fn run_shard(
+    id: usize,
+    cfg: ServeConfig,
+    requests: MeshBuilder<ShardRequest, glommio::channels::channel_mesh::Full>,
+    replies: MeshBuilder<ShardReply, glommio::channels::channel_mesh::Full>,
+    shutdown: ForeignCancellation,
+) -> Result<(), ServeError> {
+    let shutdown = shutdown.attach();
+    let shard_count = cfg.cpus.len();
+    let dir = cfg.data_dir.join(format!("shard-{id}"));
+    let mut ecfg = EngineConfig::new(&dir);
+    ecfg.key_bytes_max = ENGINE_KEY_BYTES_MAX;
+    ecfg.default_durability = cfg.durability;
+    let engine = Engine::open(ecfg)
+        .await
+        .map_err(|source| ServeError::Engine {
+            shard: id,
+            dir: dir.clone(),
+            source,
+        })?;
+    let listener = TcpListener::bind(cfg.listen)
+        .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
+    let (req_tx, mut req_rx) = requests
+        .join()
+        .await
+        .map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
+    let (rep_tx, mut rep_rx) = replies
+        .join()
+        .await
+        .map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    // Client requests preempt background work (compaction runs in the engine's own queue).
+    let foreground = glommio::executor().create_task_queue(
+        Shares::Static(1000),
+        Latency::Matters(Duration::from_millis(1)),
+        "requests",
+    );
+    let waiting = Rc::new(Waiting::default());
+    let shard = Rc::new(Shard {
+        id,
+        shard_count,
+        engine,
+        durability: cfg.durability,
+        info: NodeInfo {
+            cluster_name: cfg.cluster_name.clone(),
+            node_name: cfg.node_name.clone(),
+            shard_count: u16::try_from(shard_count).expect("serve bounds the shard count"),
+        },
+        limits: cfg.limits,
+        inflight_per_connection_max: cfg.inflight_per_connection_max,
+        requests: req_tx,
+        waiting: waiting.clone(),
+    });
+
+    // Replies from other shards: hand each to the task waiting for it.
+    for (_, rx) in rep_rx.streams() {
+        let waiting = waiting.clone();
+        glommio::spawn_local(async move {
+            while let Some(reply) = rx.recv().await {
+                let sender = waiting.replies.borrow_mut().remove(&reply.tag);
+                if let Some(sender) = sender {
+                    // The waiter may have gone (its connection died); nothing to do then.
+                    let _ = sender.try_send(reply.message);
+                }
+            }
+        })
+        .detach();
+    }
+    // Requests from other shards, executed here and answered on the reply mesh.
+    let rep_tx = Rc::new(rep_tx);
+    let peer_slots = Rc::new(Semaphore::new(cfg.peer_inflight_max as u64));
+    let peer_work = Gate::new();
+    let mut peer_loops = Vec::new();
+    for (_, rx) in req_rx.streams() {
+        let (shard, rep_tx, slots, work) = (
+            shard.clone(),
+            rep_tx.clone(),
+            peer_slots.clone(),
+            peer_work.clone(),
+        );
+        peer_loops.push(glommio::spawn_local_into(
+            async move {
+                while let Some(req) = rx.recv().await {
+                    let Ok(permit) = slots.acquire_static_permit(1).await else {
+                        break;
+                    };
+                    let (shard, rep_tx) = (shard.clone(), rep_tx.clone());
+                    let spawned = work.spawn(async move {
+                        let message = shard.execute_local(req.partition, req.message).await;
+                        let reply = ShardReply {
+                            tag: req.tag,
+                            message,
+                        };
+                        // Fails only if the origin shard is gone; then nobody waits for it.
+                        let _ = rep_tx.send_to(req.origin, reply).await;
+                        drop(permit);
+                    });
+                    if let Ok(task) = spawned {
+                        task.detach();
+                    }
+                }
+            },
+            foreground,
+        ));
+    }
+
+    tracing::info!(shard = id, addr = %cfg.listen, "shard serving");
+    let connections = Gate::new();
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shutdown.cancelled().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let (shard, shutdown) = (shard.clone(), shutdown.clone());
+                let task =
+                    connections.spawn_into(serve_connection(shard, stream, shutdown), foreground);
+                if let Ok(task) = task {
+                    task.detach();
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(shard = id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+            }
+        }
+    }
+    drop(listener);
+    // Every connection has stopped reading and written its last reply.
+    let _ = connections.close().await;
+    // No request from this shard can follow; peers' loops end once every shard got here.
+    shard.requests.close();
+    for task in peer_loops.into_iter().flatten() {
+        task.await;
+    }
+    let _ = peer_work.close().await;
+    rep_tx.close();
+    drop(rep_tx);
+    let shard = Rc::try_unwrap(shard)
+        .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
+    shard
+        .engine
+        .close()
+        .await
+        .map_err(|source| ServeError::Engine {
+            shard: id,
+            dir,
+            source,
+        })?;
+    tracing::info!(shard = id, "shard closed");
+    Ok(())
+}
+
+fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorBody::new(code, message))
+}
+
+/// The error frame body for an engine failure: input limits are the client's problem, a closed
+/// engine means the node is stopping, anything else is the node's.
+fn engine_error(e: &EngineError) -> Message {
+    let code = match e {
+        EngineError::KeyTooLarge { .. } | EngineError::ValueTooLarge { .. } => ErrorCode::TooLarge,
+        EngineError::Closed => ErrorCode::ShuttingDown,
+        _ => ErrorCode::Internal,
+    };
+    error_message(code, e.to_string())
+}
+
+impl Shard {
+    /// Executes a GET, PUT or DELETE here or on the shard owning its partition.
+    async fn execute(&self, message: Message) -> Message {
+        let (bucket, key) = match &message {
+            Message::Get(m) => (&m.bucket, &m.key),
+            Message::Put(m) => (&m.bucket, &m.key),
+            Message::Delete(m) => (&m.bucket, &m.key),
+            other => {
+                return error_message(
+                    ErrorCode::Internal,
+                    format!("{} reached the executor", other.kind()),
+                );
+            }
+        };
+        let partition = partition_of(bucket, key);
+        let owner = shard_of(partition, self.shard_count);
+        if owner == self.id {
+            return self.execute_local(partition.0, message).await;
+        }
+        self.forward(owner, partition.0, message).await
+    }
+
+    async fn forward(&self, owner: usize, partition: u32, message: Message) -> Message {
+        let tag = self.waiting.next_tag.get();
+        self.waiting.next_tag.set(tag + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.waiting.replies.borrow_mut().insert(tag, tx);
+        let request = ShardRequest {
+            tag,
+            origin: self.id,
+            partition,
+            message,
+        };
+        if self.requests.send_to(owner, request).await.is_err() {
+            self.waiting.replies.borrow_mut().remove(&tag);
+            return error_message(
+                ErrorCode::ShuttingDown,
+                format!("shard {owner} is stopping"),
+            );
+        }
+        match rx.recv().await {
+            Some(reply) => reply,
+            None => error_message(
+                ErrorCode::Internal,
+                format!("shard {owner} dropped a reply"),
+            ),
+        }
+    }
+
+    /// Executes a request for a partition this shard owns.
+    ///
+    /// Single-node semantics for now: GET_OK carries zero or one sibling and an empty context,
+    /// PUT and DELETE ignore the context they are given.
+    async fn execute_local(&self, partition: u32, message: Message) -> Message {
+        debug_assert_eq!(partition as usize % self.shard_count, self.id);
+        match message {
+            Message::Get(m) => match self
+                .engine
+                .get(partition, &engine_key(&m.bucket, &m.key))
+                .await
+            {
+                Ok(value) => Message::GetOk(GetOk {
+                    siblings: value.map(Sibling::Value).into_iter().collect(),
+                    context: Bytes::new(),
+                }),
+                Err(e) => engine_error(&e),
+            },
+            Message::Put(m) => {
+                let key = engine_key(&m.bucket, &m.key);
+                match self
+                    .engine
+                    .put(partition, &key, &m.value, self.durability)
+                    .await
+                {
+                    Ok(()) => Message::PutOk(PutOk {
+                        context: Bytes::new(),
+                    }),
+                    Err(e) => engine_error(&e),
+                }
+            }
+            Message::Delete(m) => {
+                let key = engine_key(&m.bucket, &m.key);
+                match self.engine.delete(partition, &key, self.durability).await {
+                    Ok(_) => Message::DeleteOk,
+                    Err(e) => engine_error(&e),
+                }
+            }
+            other => error_message(
+                ErrorCode::Internal,
+                format!("{} reached the executor", other.kind()),
+            ),
+        }
+    }
+}
+
+/// Serves one client connection until it closes, fails a frame, or the node shuts down.
+async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, shutdown: CancellationToken) {
+    // Small replies must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    let (replies, outbox) = local_channel::new_bounded::<Frame>(shard.inflight_per_connection_max);
+    // Shared by the reader and every request task; the channel closes when the last one is gone.
+    let replies = Rc::new(replies);
+    let limits = shard.limits;
+    let writer = glommio::spawn_local(write_replies(writer, outbox, limits));
+    let slots = Rc::new(Semaphore::new(shard.inflight_per_connection_max as u64));
+    let mut session = Session::new(
+        shard.info.clone(),
+        u16::try_from(shard.id).expect("serve bounds the shard count"),
+    );
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    'read: loop {
+        // Decode every complete frame buffered so far.
+        let mut used = 0;
+        loop {
+            match decode_frame(&buf[used..], &limits) {
+                Ok(None) => break,
+                Ok(Some((frame, len))) => {
+                    used += len;
+                    match session.on_frame(frame) {
+                        Step::Reply(reply) => {
+                            if replies.send(reply).await.is_err() {
+                                break 'read;
+                            }
+                        }
+                        Step::ReplyAndClose(reply) => {
+                            let _ = replies.send(reply).await;
+                            break 'read;
+                        }
+                        Step::Execute(request) => {
+                            let Ok(permit) = slots.acquire_static_permit(1).await else {
+                                break 'read;
+                            };
+                            let (shard, replies) = (shard.clone(), replies.clone());
+                            glommio::spawn_local(async move {
+                                let message = shard.execute(request.message).await;
+                                let reply = Frame {
+                                    request_id: request.request_id,
+                                    message,
+                                };
+                                let _ = replies.send(reply).await;
+                                drop(permit);
+                            })
+                            .detach();
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = replies.send(e.error_frame()).await;
+                    match e.skip_len() {
+                        Some(len) => used += len,
+                        None => break 'read,
+                    }
+                }
+            }
+        }
+        buf.drain(..used);
+        let read = futures_lite::future::or(async { Some(reader.read(&mut chunk).await) }, async {
+            shutdown.cancelled().await;
+            None
+        })
+        .await;
+        match read {
+            None | Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    // In-flight requests keep clones of the sender; the writer ends after their replies.
+    drop(replies);
+    writer.await;
+}
+
+/// Writes replies in the order they complete, then closes the write side.
+async fn write_replies(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    outbox: local_channel::LocalReceiver<Frame>,
+    limits: Limits,
+) {
+    let mut out = Vec::new();
+    while let Some(frame) = outbox.recv().await {
+        out.clear();
+        if let Err(e) = encode_frame(&frame, &limits, &mut out) {
+            // A reply over the frame limit (a value stored under larger limits): say so instead.
+            out.clear();
+            let fallback = Frame {
+                request_id: frame.request_id,
+                message: error_message(ErrorCode::TooLarge, format!("reply not sent: {e}")),
+            };
+            if encode_frame(&fallback, &limits, &mut out).is_err() {
+                continue;
+            }
+        }
+        if writer.write_all(&out).await.is_err() {
+            // The peer is gone; drain the queue so request tasks do not block on it.
+            while outbox.recv().await.is_some() {}
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.close().await;
+}

@@ -1,0 +1,220 @@
+//! One client connection's protocol state (sans-IO): handshake, then requests.
+//!
+//! The shell decodes frames and hands each to [`Session::on_frame`], which answers with a
+//! [`Step`]: reply now, execute a data request against a shard, or reply and close. Only the
+//! shell touches sockets, engines and channels; this module decides what the protocol allows, per
+//! `docs/PROTOCOL.md` §3: HELLO first (role client, a protocol version we speak, our cluster
+//! name), a second HELLO or a reply kind sent as a request is `invalid_request` and the
+//! connection stays open, anything before HELLO is `handshake_required` and closes it.
+//!
+//! Limits: peers are refused (`invalid_request`, closed) until the Dynamo layer serves replica
+//! requests. GET/PUT/DELETE's quorum fields (`r`, `w`, `dw`), `timeout_ms` and contexts are
+//! accepted and ignored on a single node; the Dynamo issue gives them meaning.
+
+use ringkv_net::{ErrorBody, ErrorCode, Frame, HelloOk, Message, PROTOCOL_VERSION, Role};
+
+/// What the shell must do with one decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send this reply; the connection stays open.
+    Reply(Frame),
+    /// Send this reply, then close the connection.
+    ReplyAndClose(Frame),
+    /// Execute this GET, PUT or DELETE on the shard owning its key and reply with the result.
+    Execute(Frame),
+}
+
+/// Facts about the node a session needs to answer HELLO.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// The cluster name clients must name in HELLO.
+    pub cluster_name: String,
+    /// This node's name, sent in HELLO_OK.
+    pub node_name: String,
+    /// Number of shards of the node.
+    pub shard_count: u16,
+}
+
+/// The protocol state of one connection.
+#[derive(Debug)]
+pub struct Session {
+    info: NodeInfo,
+    shard: u16,
+    greeted: bool,
+}
+
+fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
+    Frame {
+        request_id,
+        message: Message::Error(ErrorBody::new(code, message)),
+    }
+}
+
+impl Session {
+    /// A session on a connection accepted by `shard`.
+    pub fn new(info: NodeInfo, shard: u16) -> Self {
+        assert!(shard < info.shard_count);
+        Self {
+            info,
+            shard,
+            greeted: false,
+        }
+    }
+
+    /// Whether HELLO has been answered with HELLO_OK.
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
+    /// Decides what to do with `frame`.
+    pub fn on_frame(&mut self, frame: Frame) -> Step {
+        let id = frame.request_id;
+        if !self.greeted {
+            let Message::Hello(hello) = frame.message else {
+                return Step::ReplyAndClose(error(
+                    id,
+                    ErrorCode::HandshakeRequired,
+                    "send HELLO before any request",
+                ));
+            };
+            if hello.protocol_version == 0 {
+                return Step::ReplyAndClose(error(
+                    id,
+                    ErrorCode::UnsupportedVersion,
+                    "protocol version 0 is not spoken",
+                ));
+            }
+            if hello.cluster_name != self.info.cluster_name {
+                return Step::ReplyAndClose(error(
+                    id,
+                    ErrorCode::WrongCluster,
+                    format!(
+                        "this node belongs to cluster {:?}, not {:?}",
+                        self.info.cluster_name, hello.cluster_name
+                    ),
+                ));
+            }
+            if hello.role != Role::Client {
+                return Step::ReplyAndClose(error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "this node serves clients only (peer links come with the cluster layer)",
+                ));
+            }
+            self.greeted = true;
+            return Step::Reply(Frame {
+                request_id: id,
+                message: Message::HelloOk(HelloOk {
+                    // The highest version both sides speak; HELLO's is the sender's highest.
+                    protocol_version: hello.protocol_version.min(PROTOCOL_VERSION),
+                    node_name: self.info.node_name.clone(),
+                    shard_count: self.info.shard_count,
+                    shard: self.shard,
+                }),
+            });
+        }
+        match frame.message {
+            Message::Ping => Step::Reply(Frame {
+                request_id: id,
+                message: Message::Pong,
+            }),
+            Message::Get(_) | Message::Put(_) | Message::Delete(_) => Step::Execute(frame),
+            Message::Hello(_) => Step::Reply(error(
+                id,
+                ErrorCode::InvalidRequest,
+                "HELLO was already received on this connection",
+            )),
+            other => Step::Reply(error(
+                id,
+                ErrorCode::InvalidRequest,
+                format!("{} is not a request a client may send", other.kind()),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use bytes::Bytes;
+    use ringkv_net::{Get, Hello};
+
+    use super::*;
+
+    fn info() -> NodeInfo {
+        NodeInfo {
+            cluster_name: "c".into(),
+            node_name: "n".into(),
+            shard_count: 2,
+        }
+    }
+
+    fn hello(cluster: &str, role: Role) -> Frame {
+        Frame {
+            request_id: 1,
+            message: Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                role,
+                cluster_name: cluster.into(),
+                node_name: None,
+            }),
+        }
+    }
+
+    fn get() -> Frame {
+        Frame {
+            request_id: 2,
+            message: Message::Get(Get {
+                bucket: Bytes::from_static(b"b"),
+                key: Bytes::from_static(b"k"),
+                r: None,
+                timeout_ms: None,
+            }),
+        }
+    }
+
+    fn code(step: &Step) -> Option<ErrorCode> {
+        let (Step::Reply(f) | Step::ReplyAndClose(f) | Step::Execute(f)) = step;
+        match &f.message {
+            Message::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    /// A request before HELLO closes the connection; after HELLO it is executed.
+    #[test]
+    fn handshake_comes_first() {
+        let mut s = Session::new(info(), 1);
+        let step = s.on_frame(get());
+        assert!(matches!(step, Step::ReplyAndClose(_)));
+        assert_eq!(code(&step), Some(ErrorCode::HandshakeRequired));
+
+        let mut s = Session::new(info(), 1);
+        match s.on_frame(hello("c", Role::Client)) {
+            Step::Reply(Frame {
+                message: Message::HelloOk(ok),
+                ..
+            }) => {
+                assert_eq!(ok.shard, 1);
+                assert_eq!(ok.shard_count, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.greeted());
+        assert!(matches!(s.on_frame(get()), Step::Execute(_)));
+        let again = s.on_frame(hello("c", Role::Client));
+        assert!(matches!(again, Step::Reply(_)));
+        assert_eq!(code(&again), Some(ErrorCode::InvalidRequest));
+    }
+
+    /// The wrong cluster and the peer role are refused and the connection closed.
+    #[test]
+    fn bad_hellos_close() {
+        let step = Session::new(info(), 0).on_frame(hello("other", Role::Client));
+        assert!(matches!(step, Step::ReplyAndClose(_)));
+        assert_eq!(code(&step), Some(ErrorCode::WrongCluster));
+        let step = Session::new(info(), 0).on_frame(hello("c", Role::Peer));
+        assert!(matches!(step, Step::ReplyAndClose(_)));
+        assert_eq!(code(&step), Some(ErrorCode::InvalidRequest));
+    }
+}

@@ -1,0 +1,327 @@
+//! End to end: `ringkv serve` as a child process on loopback, driven through the blocking client,
+//! raw sockets and the CLI.
+//!
+//! Each test starts its own server on a free port with two shards (so requests cross the channel
+//! mesh) and a data directory under CARGO_TARGET_TMPDIR, waits with bounded retries until it
+//! answers PING, and kills it in a drop guard so a failing test never leaves a server behind.
+//! Nothing asserts on wall-clock time; every wait is a bounded number of retries.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use ringkv_net::{
+    Client, ClientConfig, ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION,
+    Role, Sibling, decode_frame, encode_frame_to_vec,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
+/// Enough keys that both shards own some with overwhelming probability (256 partitions).
+const KEYS: usize = 200;
+const STARTUP_RETRIES: usize = 300;
+const RETRY_DELAY_MS: u64 = 50;
+
+fn data_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("node-e2e-{}", std::process::id()))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running server; killed on drop unless it was stopped.
+struct Server {
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &Path, port: u16) -> Server {
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(BIN)
+            .args(["serve", "--shards", "2", "--durability", "buffered"])
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child: Some(child),
+            addr,
+        };
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited during startup: {status}");
+            }
+            if let Ok(mut c) = Client::connect(&server.addr, config())
+                && c.ping().is_ok()
+            {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        server.kill();
+        panic!("server did not answer within {STARTUP_RETRIES} attempts");
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (bounded).
+    fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("server did not exit after SIGTERM");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn config() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+fn value(i: usize, round: usize) -> Vec<u8> {
+    format!("value {i} round {round}").into_bytes()
+}
+
+/// Writes, overwrites, reads back and deletes many keys across both shards, then restarts the
+/// server (SIGTERM, exit 0) and finds exactly the surviving keys, with the bucket part of the key:
+/// the same key in another bucket is a different key.
+#[test]
+fn put_get_delete_across_shards_and_restart() {
+    let dir = data_dir("crud");
+    let port = free_port();
+    let server = Server::start(&dir, port);
+    let mut c = server.client();
+    assert_eq!(c.server().shard_count, 2);
+    for round in 0..2 {
+        for i in 0..KEYS {
+            c.put(b"b", &key(i), &value(i, round), None).unwrap();
+        }
+    }
+    c.put(b"other", &key(0), b"elsewhere", None).unwrap();
+    for i in 0..KEYS {
+        let got = c.get(b"b", &key(i)).unwrap();
+        assert_eq!(got.siblings, vec![Sibling::Value(value(i, 1).into())]);
+    }
+    for i in (0..KEYS).step_by(2) {
+        c.delete(b"b", &key(i), None).unwrap();
+    }
+    let missing = c.get(b"b", b"never written").unwrap();
+    assert!(missing.siblings.is_empty());
+    drop(c);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let server = Server::start(&dir, port);
+    let mut c = server.client();
+    for i in 0..KEYS {
+        let got = c.get(b"b", &key(i)).unwrap();
+        if i % 2 == 0 {
+            assert!(got.siblings.is_empty(), "key {i} was deleted");
+        } else {
+            assert_eq!(got.value().map(|v| v.to_vec()), Some(value(i, 1)));
+        }
+    }
+    assert_eq!(
+        c.get(b"other", &key(0))
+            .unwrap()
+            .value()
+            .map(|v| v.to_vec()),
+        Some(b"elsewhere".to_vec())
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+fn hello_frame() -> Vec<u8> {
+    let hello = Frame {
+        request_id: 1,
+        message: Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Client,
+            cluster_name: "ringkv".into(),
+            node_name: None,
+        }),
+    };
+    encode_frame_to_vec(&hello, &Limits::DEFAULT).unwrap()
+}
+
+/// Reads frames until the server closes the connection; returns them.
+fn read_until_closed(s: &mut TcpStream) -> Vec<Frame> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).expect("server closes, never times out");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let mut frames = Vec::new();
+    let mut used = 0;
+    while let Some((f, len)) = decode_frame(&buf[used..], &Limits::DEFAULT).unwrap() {
+        frames.push(f);
+        used += len;
+    }
+    assert_eq!(used, buf.len(), "trailing bytes after the last frame");
+    frames
+}
+
+/// A malformed frame (bad magic), an oversized frame and a request before HELLO each get an ERROR
+/// frame and close their own connection, while a client connected all along keeps working.
+#[test]
+fn bad_frames_close_only_their_connection() {
+    let dir = data_dir("malformed");
+    let server = Server::start(&dir, free_port());
+    let mut good = server.client();
+    good.put(b"b", b"k", b"v", None).unwrap();
+
+    // Bad magic after a valid handshake.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(&hello_frame()).unwrap();
+    s.write_all(b"GET k HTTP/1.1\r\n\r\n").unwrap();
+    let frames = read_until_closed(&mut s);
+    assert!(matches!(frames[0].message, Message::HelloOk(_)));
+    match &frames[..] {
+        [
+            _,
+            Frame {
+                request_id: 0,
+                message: Message::Error(e),
+            },
+        ] => assert_eq!(e.code, ErrorCode::BadFrame),
+        other => panic!("{other:?}"),
+    }
+
+    // A header announcing a body over the frame limit: refused before it is sent.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(&hello_frame()).unwrap();
+    let mut header = hello_frame()[..20].to_vec();
+    header[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    header[12..20].copy_from_slice(&7u64.to_le_bytes());
+    s.write_all(&header).unwrap();
+    let frames = read_until_closed(&mut s);
+    match frames.last().map(|f| (&f.message, f.request_id)) {
+        Some((Message::Error(e), 7)) => assert_eq!(e.code, ErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+
+    // A request before HELLO.
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    let ping = Frame {
+        request_id: 3,
+        message: Message::Ping,
+    };
+    s.write_all(&encode_frame_to_vec(&ping, &Limits::DEFAULT).unwrap())
+        .unwrap();
+    let frames = read_until_closed(&mut s);
+    match &frames[..] {
+        [
+            Frame {
+                message: Message::Error(e),
+                ..
+            },
+        ] => assert_eq!(e.code, ErrorCode::HandshakeRequired),
+        other => panic!("{other:?}"),
+    }
+
+    // The first client never noticed.
+    good.ping().unwrap();
+    assert_eq!(
+        good.get(b"b", b"k").unwrap().value().map(|v| v.to_vec()),
+        Some(b"v".to_vec())
+    );
+    // A value over the engine's limit is a per-request error: the connection stays usable.
+    let big = vec![0u8; (1 << 20) + 1];
+    match good.put(b"b", b"big", &big, None) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    good.ping().unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+fn cli(server: &Server, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--server", &server.addr, "--bucket", "cli"])
+        .output()
+        .unwrap()
+}
+
+/// The CLI round trip shell scripts rely on: put, get prints the value raw, del, get of a missing
+/// key prints "not found" on stderr and exits 1; a second server on a taken port refuses to start.
+#[test]
+fn cli_round_trip_and_port_taken() {
+    let dir = data_dir("cli");
+    let server = Server::start(&dir, free_port());
+    let out = cli(&server, &["ping"]);
+    assert!(out.status.success());
+    let out = cli(&server, &["put", "greeting", "hello world"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&server, &["get", "greeting"]);
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"hello world");
+    let out = cli(&server, &["del", "greeting"]);
+    assert!(out.status.success());
+    let out = cli(&server, &["get", "greeting"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not found");
+
+    let taken = Command::new(BIN)
+        .args(["serve", "--listen", &server.addr, "--data-dir"])
+        .arg(data_dir("cli-second"))
+        .output()
+        .unwrap();
+    assert_eq!(taken.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("already in use"));
+    assert_eq!(server.terminate().code(), Some(0));
+}
