@@ -23,7 +23,8 @@
 //! every key against its model: with an acknowledgement since the last check, the state must be
 //! the op of a version issued no earlier than it; without one, the state confirmed by the last
 //! check or the op of any version issued since. What it reads back becomes the confirmed state for
-//! the next round, on the same directory. Every tenth round it also reads all keys through
+//! the next round, on the same directory. The child compacts in the background every 2 ms, so
+//! kills also interrupt compaction passes. Every tenth round the parent also reads all keys through
 //! partition iteration and runs compaction (which keeps the number of segment files, one per
 //! child, from growing without bound) and checks that compaction changed nothing.
 //!
@@ -212,7 +213,11 @@ fn crash_child() {
 async fn child_main(dir: PathBuf, base: u64) {
     // libtest may have printed "test crash_child ... " without a newline: start a fresh line.
     emit("");
-    let engine = match Engine::open(common::config(&dir)).await {
+    // Background compaction runs in the child too (every open leaves a small segment, so it
+    // always has merging to do): kills also land in the middle of compaction passes.
+    let mut cfg = common::config(&dir);
+    cfg.compaction_interval = Some(std::time::Duration::from_millis(2));
+    let engine = match Engine::open(cfg).await {
         Ok(e) => Rc::new(e),
         Err(e) => {
             emit(&format!("ERR open: {e}"));
@@ -356,6 +361,8 @@ struct Totals {
     corrupt_regions: u64,
     segments_scanned: u64,
     segments_compacted: u64,
+    /// Segments recovery deleted for a compaction the kill interrupted after its intent.
+    intent_segments_removed: u64,
 }
 
 /// Reads the child's stdout on a thread and forwards complete lines (a partial last line, cut
@@ -528,8 +535,8 @@ fn crash_sigkill() {
         println!(
             "crash test: {iterations} kill points in {:.1?}: {} ops issued, {} acknowledged; \
              ops in flight at a kill: {} applied, {} not; recovery scanned {} segments, \
-             truncated {} torn tails ({} bytes), skipped {} damaged regions; compaction \
-             rewrote {} segments",
+             truncated {} torn tails ({} bytes), skipped {} damaged regions, finished {} \
+             interrupted compaction deletions; compaction rewrote {} segments",
             started.elapsed(),
             totals.issued,
             totals.acked,
@@ -539,6 +546,7 @@ fn crash_sigkill() {
             totals.torn_tails,
             totals.torn_tail_bytes,
             totals.corrupt_regions,
+            totals.intent_segments_removed,
             totals.segments_compacted,
         );
     });
@@ -573,6 +581,7 @@ async fn verify(
     let report = engine.recovery_report().clone();
     check_report(&report)?;
     totals.segments_scanned += report.segments_scanned;
+    totals.intent_segments_removed += report.compacted_segments_removed;
     totals.torn_tails += report.torn_tails.len() as u64;
     totals.torn_tail_bytes += report.torn_tail_bytes;
     totals.corrupt_regions += report.corrupt_regions.len() as u64;
