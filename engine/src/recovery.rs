@@ -27,7 +27,7 @@ use crate::error::EngineError;
 use crate::hint::{self, HintHeader, HintTable};
 use crate::index::{Entry, Index, Location};
 use crate::io::{self, FaultPlan, IoClass};
-use crate::record::{RECORD_BYTES_MAX, RecordKind};
+use crate::record::RecordKind;
 use crate::scan;
 use crate::segment::{Segment, hint_path, parse_segment_name, segment_path};
 use crate::stats::Counters;
@@ -248,7 +248,9 @@ pub(crate) async fn open(
             .file_size()
             .await
             .map_err(|e| EngineError::io("stat", &path, e.into()))?;
-        if size > crate::config::SEGMENT_BYTES_MAX_HARD + RECORD_BYTES_MAX as u64 {
+        // Segments never grow past the hard limit (a record is appended only if it fits), and
+        // the index can address nothing beyond it.
+        if size > crate::config::SEGMENT_BYTES_MAX_HARD {
             // No segment this engine writes is that large; refuse rather than read it whole.
             return Err(EngineError::Corrupt {
                 path,
