@@ -325,3 +325,135 @@ fn cli_round_trip_and_port_taken() {
     assert!(String::from_utf8_lossy(&taken.stderr).contains("already in use"));
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// Pipelining: one connection writes a burst of PUTs, GETs of the same keys, a PING and a frame of unknown kind
+/// without waiting, and gets exactly one reply per request id (in any order), the unknown kind as
+/// an `unknown_kind` error that leaves the connection open. Meanwhile several other connections,
+/// each on its own thread, write and read their own keys.
+#[test]
+fn pipelined_requests_and_concurrent_connections() {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use ringkv_net::{Get, Put};
+
+    let dir = data_dir("pipeline");
+    let server = Server::start(&dir, free_port());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let mut c = server.client();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let k = format!("t{t}-{i}");
+                    c.put(b"conc", k.as_bytes(), k.as_bytes(), None).unwrap();
+                }
+                for i in 0..50 {
+                    let k = format!("t{t}-{i}");
+                    let got = c.get(b"conc", k.as_bytes()).unwrap();
+                    assert_eq!(got.value().map(|v| v.to_vec()), Some(k.into_bytes()));
+                }
+            })
+        })
+        .collect();
+
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    let mut burst = hello_frame();
+    let mut expected = BTreeMap::new();
+    let mut id = 1;
+    for i in 0..KEYS {
+        id += 1;
+        let put = Message::Put(Put {
+            bucket: Bytes::from_static(b"pipe"),
+            key: key(i).into(),
+            value: value(i, 0).into(),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        });
+        let frame = Frame {
+            request_id: id,
+            message: put,
+        };
+        burst.extend(encode_frame_to_vec(&frame, &Limits::DEFAULT).unwrap());
+        expected.insert(id, "PUT_OK");
+        id += 1;
+        let get = Message::Get(Get {
+            bucket: Bytes::from_static(b"pipe"),
+            key: key(i).into(),
+            r: None,
+            timeout_ms: None,
+        });
+        let frame = Frame {
+            request_id: id,
+            message: get,
+        };
+        burst.extend(encode_frame_to_vec(&frame, &Limits::DEFAULT).unwrap());
+        expected.insert(id, "GET_OK");
+    }
+    id += 1;
+    let ping = Frame {
+        request_id: id,
+        message: Message::Ping,
+    };
+    burst.extend(encode_frame_to_vec(&ping, &Limits::DEFAULT).unwrap());
+    expected.insert(id, "PONG");
+    // A well-formed header of a kind this node does not know, with an empty body.
+    id += 1;
+    let mut unknown = encode_frame_to_vec(&ping, &Limits::DEFAULT).unwrap();
+    unknown[5] = 0x7F;
+    unknown[12..20].copy_from_slice(&id.to_le_bytes());
+    burst.extend(unknown);
+    expected.insert(id, "unknown_kind");
+    id += 1;
+    let last = Frame {
+        request_id: id,
+        message: Message::Ping,
+    };
+    burst.extend(encode_frame_to_vec(&last, &Limits::DEFAULT).unwrap());
+    expected.insert(id, "PONG");
+    s.write_all(&burst).unwrap();
+
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = BTreeMap::new();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    // HELLO_OK plus one reply per request.
+    while got.len() < expected.len() + 1 {
+        match decode_frame(&buf, &Limits::DEFAULT).unwrap() {
+            Some((f, len)) => {
+                buf.drain(..len);
+                let name = match &f.message {
+                    Message::Error(e) => e.code.name().to_owned(),
+                    m => m.kind().name().to_owned(),
+                };
+                assert!(
+                    got.insert(f.request_id, name).is_none(),
+                    "two replies to {}",
+                    f.request_id
+                );
+            }
+            None => {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "server closed a pipelined connection");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+    assert_eq!(got.remove(&1).as_deref(), Some("HELLO_OK"));
+    let expected: BTreeMap<u64, String> = expected
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+    assert_eq!(got, expected);
+    // Pipelined requests may run in any order, so the values are checked once all were answered.
+    let mut c = server.client();
+    for i in 0..KEYS {
+        let got = c.get(b"pipe", &key(i)).unwrap();
+        assert_eq!(got.value().map(|v| v.to_vec()), Some(value(i, 0)));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(server.terminate().code(), Some(0));
+}
