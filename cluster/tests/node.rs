@@ -297,9 +297,10 @@ fn cli(server: &Server, args: &[&str]) -> std::process::Output {
 }
 
 /// The CLI round trip shell scripts rely on: put, get prints the value raw, del, get of a missing
-/// key prints "not found" on stderr and exits 1; a second server on a taken port refuses to start.
+/// key prints "not found" on stderr and exits 1. A second server on a taken port, or on a data
+/// directory in use, refuses to start with a clear message.
 #[test]
-fn cli_round_trip_and_port_taken() {
+fn cli_round_trip_and_refused_starts() {
     let dir = data_dir("cli");
     let server = Server::start(&dir, free_port());
     let out = cli(&server, &["ping"]);
@@ -323,6 +324,19 @@ fn cli_round_trip_and_port_taken() {
         .unwrap();
     assert_eq!(taken.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&taken.stderr).contains("already in use"));
+
+    let locked = Command::new(BIN)
+        .args(["serve", "--shards", "2", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(locked.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&locked.stderr).contains("locked by another process"),
+        "{locked:?}"
+    );
     assert_eq!(server.terminate().code(), Some(0));
 }
 

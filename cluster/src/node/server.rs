@@ -54,6 +54,8 @@ use super::session::{NodeInfo, Session, Step};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Most reply bytes gathered into one write.
+const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
 
@@ -632,6 +634,10 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, shutdown: Cancell
 }
 
 /// Writes replies in the order they complete, then closes the write side.
+///
+/// Replies already queued when the writer wakes are encoded into one buffer (up to
+/// [`WRITE_BATCH_BYTES_MAX`]) and sent with one write, so a pipelining client costs one syscall per
+/// batch rather than per reply.
 async fn write_replies(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     outbox: local_channel::LocalReceiver<Frame>,
@@ -640,15 +646,12 @@ async fn write_replies(
     let mut out = Vec::new();
     while let Some(frame) = outbox.recv().await {
         out.clear();
-        if let Err(e) = encode_frame(&frame, &limits, &mut out) {
-            // A reply over the frame limit (a value stored under larger limits): say so instead.
-            out.clear();
-            let fallback = Frame {
-                request_id: frame.request_id,
-                message: error_message(ErrorCode::TooLarge, format!("reply not sent: {e}")),
-            };
-            if encode_frame(&fallback, &limits, &mut out).is_err() {
-                continue;
+        encode_reply(&frame, &limits, &mut out);
+        while out.len() < WRITE_BATCH_BYTES_MAX {
+            // Take what is already queued without waiting for more.
+            match futures_lite::future::poll_once(outbox.recv()).await {
+                Some(Some(frame)) => encode_reply(&frame, &limits, &mut out),
+                Some(None) | None => break,
             }
         }
         if writer.write_all(&out).await.is_err() {
@@ -659,4 +662,21 @@ async fn write_replies(
     }
     let _ = writer.flush().await;
     let _ = writer.close().await;
+}
+
+/// Appends `frame` to `out`, or an error frame saying why it could not be sent.
+fn encode_reply(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
+    let start = out.len();
+    if let Err(e) = encode_frame(frame, limits, out) {
+        // A reply over the frame limit (a value stored under larger limits): say so instead.
+        out.truncate(start);
+        let fallback = Frame {
+            request_id: frame.request_id,
+            message: error_message(ErrorCode::TooLarge, format!("reply not sent: {e}")),
+        };
+        // An error body is bounded far below any frame limit the codec accepts.
+        if encode_frame(&fallback, limits, out).is_err() {
+            out.truncate(start);
+        }
+    }
 }
