@@ -5,9 +5,10 @@
 //! ordering nodes is cheap and the same everywhere. Mapping ids to addresses is membership's job
 //! (later); this module only defines the id.
 //!
-//! Its submodules are the single-node runtime: [`route`] (partition, shard and engine key of a
-//! request, sans-IO), [`session`] (a connection's protocol state, sans-IO) and [`server`] (the
-//! glommio shell: one executor and engine per shard, listeners, the channel mesh, shutdown).
+//! Its submodules are the single-node runtime: [`config`] (settings from file and flags, sans-IO),
+//! [`route`] (partition, shard and engine key of a request, sans-IO), [`session`] (a connection's
+//! protocol state, sans-IO) and [`server`] (the glommio shell: one executor and engine per shard,
+//! listeners, the channel mesh, shutdown).
 //!
 //! Limits and obligations: ids are assigned once, by the operator or the join procedure, and are
 //! never reused for a different node. A node that may have lost acknowledged writes (a wiped or
@@ -15,6 +16,7 @@
 //! the actor of its dotted version vectors (`dvv.rs`), and an actor that restarts its counter would
 //! issue a dot that already names another value, which silently breaks causality for that key.
 
+pub mod config;
 pub mod route;
 pub mod server;
 pub mod session;

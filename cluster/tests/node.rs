@@ -48,9 +48,14 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, port: u16) -> Server {
+        Self::start_with(dir, port, &[])
+    }
+
+    fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(BIN)
             .args(["serve", "--shards", "2", "--durability", "buffered"])
+            .args(extra)
             .arg("--listen")
             .arg(&addr)
             .arg("--data-dir")
@@ -343,7 +348,8 @@ fn cli_round_trip_and_refused_starts() {
 /// Pipelining: one connection writes a burst of PUTs, GETs of the same keys, a PING and a frame of unknown kind
 /// without waiting, and gets exactly one reply per request id (in any order), the unknown kind as
 /// an `unknown_kind` error that leaves the connection open. Meanwhile several other connections,
-/// each on its own thread, write and read their own keys.
+/// each on its own thread, write and read their own keys. A config file bounds the requests in
+/// flight per connection to 4, far below the burst, so the server must push back, not drop.
 #[test]
 fn pipelined_requests_and_concurrent_connections() {
     use std::collections::BTreeMap;
@@ -352,7 +358,12 @@ fn pipelined_requests_and_concurrent_connections() {
     use ringkv_net::{Get, Put};
 
     let dir = data_dir("pipeline");
-    let server = Server::start(&dir, free_port());
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ringkv.toml");
+    std::fs::write(&config, "inflight_per_connection_max = 4\nshards = 1\n").unwrap();
+    // The file says one shard; the --shards 2 flag wins.
+    let server = Server::start_with(&dir, free_port(), &["--config", config.to_str().unwrap()]);
+    assert_eq!(server.client().server().shard_count, 2);
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let mut c = server.client();

@@ -1,6 +1,6 @@
 //! `ringkv`: the node server and its command-line client.
 //!
-//! `ringkv serve` runs a single node (see `docs/OPERATIONS.md` for every flag);
+//! `ringkv serve` runs a single node (see `docs/OPERATIONS.md` for every setting and flag);
 //! `ringkv get|put|del|ping` talk to a node through the blocking client in `ringkv-net`, print
 //! values raw on stdout for shell scripts, and exit 1 with "not found" on stderr for a missing key.
 //! Exit codes: 0 success, 1 key not found, 2 any error.
@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use ringkv_cluster::node::config::{DurabilityName, FileConfig, Settings};
 use ringkv_cluster::node::route::parse_cpu_list;
 use ringkv_cluster::node::server::{ServeConfig, serve};
-use ringkv_engine::Durability;
 use ringkv_net::{Client, ClientConfig, Sibling};
 
 #[derive(Parser, Debug)]
@@ -55,26 +55,39 @@ struct Target {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a node.
+    /// Run a node. Every setting can also come from --config; a flag overrides the file.
     Serve {
-        /// Directory for the node's data (one subdirectory per shard).
-        #[arg(long, default_value = "./ringkv-data")]
-        data_dir: PathBuf,
-        /// Client protocol address; every shard listens on it (SO_REUSEPORT).
-        #[arg(long, default_value = "127.0.0.1:7878")]
-        listen: SocketAddr,
-        /// Number of shards (one per CPU); default: the CPUs in the process's affinity mask.
+        /// TOML file with settings (keys named like the flags, with underscores).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory for the node's data (one subdirectory per shard) [default: ./ringkv-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Client protocol address; every shard listens on it (SO_REUSEPORT)
+        /// [default: 127.0.0.1:7878].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
         #[arg(long)]
         shards: Option<usize>,
-        /// When writes are acknowledged.
-        #[arg(long, value_enum, default_value = "sync")]
-        durability: DurabilityArg,
-        /// Name of the cluster clients must give in their handshake.
-        #[arg(long, default_value = "ringkv")]
-        cluster_name: String,
-        /// This node's name.
-        #[arg(long, default_value = "ringkv")]
-        node_name: String,
+        /// When writes are acknowledged [default: sync].
+        #[arg(long, value_enum)]
+        durability: Option<DurabilityArg>,
+        /// Name of the cluster clients must give in their handshake [default: ringkv].
+        #[arg(long)]
+        cluster_name: Option<String>,
+        /// This node's name [default: ringkv].
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Requests executing at once per connection [default: 128].
+        #[arg(long)]
+        inflight_per_connection_max: Option<usize>,
+        /// Capacity of each shard-to-shard queue, in messages [default: 1024].
+        #[arg(long)]
+        mesh_queue_messages_max: Option<usize>,
+        /// Other shards' requests executing at once on a shard [default: 1024].
+        #[arg(long)]
+        peer_inflight_max: Option<usize>,
     },
     /// Print the value of KEY (exit 1 if it does not exist).
     Get {
@@ -128,26 +141,52 @@ fn connect(t: &Target) -> anyhow::Result<Client> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve {
+            config,
             data_dir,
             listen,
             shards,
             durability,
             cluster_name,
             node_name,
+            inflight_per_connection_max,
+            mesh_queue_messages_max,
+            peer_inflight_max,
         } => {
+            let file = match &config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("read config file {}", path.display()))?;
+                    FileConfig::parse(&text).with_context(|| path.display().to_string())?
+                }
+                None => FileConfig::default(),
+            };
+            let flags = FileConfig {
+                data_dir,
+                listen,
+                shards,
+                durability: durability.map(|d| match d {
+                    DurabilityArg::Sync => DurabilityName::Sync,
+                    DurabilityArg::Buffered => DurabilityName::Buffered,
+                }),
+                cluster_name,
+                node_name,
+                inflight_per_connection_max,
+                mesh_queue_messages_max,
+                peer_inflight_max,
+            };
+            let settings = Settings::resolve(flags, file)?;
             let mut cpus = affinity_cpus()?;
-            if let Some(n) = shards {
-                anyhow::ensure!(n > 0, "--shards must be at least 1");
+            if let Some(n) = settings.shards {
                 // More shards than allowed CPUs wrap around: useful for tests, not for speed.
                 cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
             }
-            let mut cfg = ServeConfig::new(data_dir, listen, cpus);
-            cfg.durability = match durability {
-                DurabilityArg::Sync => Durability::Sync,
-                DurabilityArg::Buffered => Durability::Buffered,
-            };
-            cfg.cluster_name = cluster_name;
-            cfg.node_name = node_name;
+            let mut cfg = ServeConfig::new(settings.data_dir, settings.listen, cpus);
+            cfg.durability = settings.durability;
+            cfg.cluster_name = settings.cluster_name;
+            cfg.node_name = settings.node_name;
+            cfg.inflight_per_connection_max = settings.inflight_per_connection_max;
+            cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
+            cfg.peer_inflight_max = settings.peer_inflight_max;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

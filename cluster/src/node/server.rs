@@ -49,6 +49,7 @@ use ringkv_net::{
     ErrorBody, ErrorCode, Frame, GetOk, Limits, Message, PutOk, Sibling, decode_frame, encode_frame,
 };
 
+use super::config;
 use super::route::{ENGINE_KEY_BYTES_MAX, engine_key, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
@@ -92,12 +93,12 @@ impl ServeConfig {
             listen,
             cpus,
             durability: Durability::Sync,
-            cluster_name: "ringkv".to_owned(),
-            node_name: "ringkv".to_owned(),
+            cluster_name: config::NAME_DEFAULT.to_owned(),
+            node_name: config::NAME_DEFAULT.to_owned(),
             limits: Limits::DEFAULT,
-            inflight_per_connection_max: 128,
-            mesh_queue_messages_max: 1024,
-            peer_inflight_max: 1024,
+            inflight_per_connection_max: config::INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
+            mesh_queue_messages_max: config::MESH_QUEUE_MESSAGES_MAX_DEFAULT,
+            peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
         }
     }
 }

@@ -1,0 +1,243 @@
+//! Node settings: a TOML file, command-line flags that override it, and defaults (sans-IO).
+//!
+//! [`FileConfig::parse`] reads the file's text (the caller reads the file); [`Settings::resolve`]
+//! merges, for every setting, the flag if given, else the file's value, else the default, so that
+//! `ringkv serve` with neither file nor flags runs a working single node. Unknown keys in the file
+//! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
+//! setting with its default.
+//!
+//! Limits: only the settings the node implements today exist here; listeners for RESP, admin and
+//! peers, seeds and protocol limits come with their features.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ringkv_engine::Durability;
+use serde::Deserialize;
+
+/// Default data directory.
+pub const DATA_DIR_DEFAULT: &str = "./ringkv-data";
+/// Default client protocol address.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7878";
+/// Default cluster and node name.
+pub const NAME_DEFAULT: &str = "ringkv";
+/// Default bound on requests executing at once per connection.
+pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 128;
+/// Default capacity of each shard-to-shard queue, in messages.
+pub const MESH_QUEUE_MESSAGES_MAX_DEFAULT: usize = 1024;
+/// Default bound on other shards' requests executing at once on a shard.
+pub const PEER_INFLIGHT_MAX_DEFAULT: usize = 1024;
+/// Largest value accepted for any of the three bounds above; beyond it they stop bounding memory.
+pub const QUEUE_BOUND_MAX: usize = 1 << 16;
+
+/// `sync` or `buffered`, as written in the file and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityName {
+    /// [`Durability::Sync`].
+    Sync,
+    /// [`Durability::Buffered`].
+    Buffered,
+}
+
+impl From<DurabilityName> for Durability {
+    fn from(d: DurabilityName) -> Self {
+        match d {
+            DurabilityName::Sync => Durability::Sync,
+            DurabilityName::Buffered => Durability::Buffered,
+        }
+    }
+}
+
+/// Every setting, each optional: the contents of a config file, or the flags given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Node data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Client protocol address.
+    pub listen: Option<SocketAddr>,
+    /// Number of shards.
+    pub shards: Option<usize>,
+    /// Write acknowledgement.
+    pub durability: Option<DurabilityName>,
+    /// Cluster name clients must give.
+    pub cluster_name: Option<String>,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// Requests executing at once per connection.
+    pub inflight_per_connection_max: Option<usize>,
+    /// Capacity of each shard-to-shard queue, in messages.
+    pub mesh_queue_messages_max: Option<usize>,
+    /// Other shards' requests executing at once on a shard.
+    pub peer_inflight_max: Option<usize>,
+}
+
+/// A config file or flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("setting {name} = {value}: {reason}")]
+    Invalid {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+impl FileConfig {
+    /// Parses a config file's text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+/// The resolved settings of a node (shard count still optional: the caller defaults it to the
+/// CPUs of the affinity mask, which only it can read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Node data directory.
+    pub data_dir: PathBuf,
+    /// Client protocol address.
+    pub listen: SocketAddr,
+    /// Number of shards, if set.
+    pub shards: Option<usize>,
+    /// Write acknowledgement.
+    pub durability: Durability,
+    /// Cluster name clients must give.
+    pub cluster_name: String,
+    /// This node's name.
+    pub node_name: String,
+    /// Requests executing at once per connection.
+    pub inflight_per_connection_max: usize,
+    /// Capacity of each shard-to-shard queue, in messages.
+    pub mesh_queue_messages_max: usize,
+    /// Other shards' requests executing at once on a shard.
+    pub peer_inflight_max: usize,
+}
+
+fn bound(name: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 || value > QUEUE_BOUND_MAX {
+        return Err(ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason: "must be in [1, 65536]",
+        });
+    }
+    Ok(value)
+}
+
+impl Settings {
+    /// Merges `flags` over `file` over the defaults and checks the result.
+    pub fn resolve(flags: FileConfig, file: FileConfig) -> Result<Self, ConfigError> {
+        let listen = match flags.listen.or(file.listen) {
+            Some(addr) => addr,
+            None => LISTEN_DEFAULT
+                .parse()
+                .expect("the default listen address is a valid socket address"),
+        };
+        let shards = flags.shards.or(file.shards);
+        if shards == Some(0) {
+            return Err(ConfigError::Invalid {
+                name: "shards",
+                value: "0".into(),
+                reason: "a node needs at least one shard",
+            });
+        }
+        Ok(Self {
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            listen,
+            shards,
+            durability: flags
+                .durability
+                .or(file.durability)
+                .unwrap_or(DurabilityName::Sync)
+                .into(),
+            cluster_name: flags
+                .cluster_name
+                .or(file.cluster_name)
+                .unwrap_or_else(|| NAME_DEFAULT.to_owned()),
+            node_name: flags
+                .node_name
+                .or(file.node_name)
+                .unwrap_or_else(|| NAME_DEFAULT.to_owned()),
+            inflight_per_connection_max: bound(
+                "inflight_per_connection_max",
+                flags
+                    .inflight_per_connection_max
+                    .or(file.inflight_per_connection_max)
+                    .unwrap_or(INFLIGHT_PER_CONNECTION_MAX_DEFAULT),
+            )?,
+            mesh_queue_messages_max: bound(
+                "mesh_queue_messages_max",
+                flags
+                    .mesh_queue_messages_max
+                    .or(file.mesh_queue_messages_max)
+                    .unwrap_or(MESH_QUEUE_MESSAGES_MAX_DEFAULT),
+            )?,
+            peer_inflight_max: bound(
+                "peer_inflight_max",
+                flags
+                    .peer_inflight_max
+                    .or(file.peer_inflight_max)
+                    .unwrap_or(PEER_INFLIGHT_MAX_DEFAULT),
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// No file and no flags give the documented defaults.
+    #[test]
+    fn defaults() {
+        let s = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("./ringkv-data"));
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7878");
+        assert_eq!(s.shards, None);
+        assert_eq!(s.durability, Durability::Sync);
+        assert_eq!(s.inflight_per_connection_max, 128);
+    }
+
+    /// A flag beats the file, the file beats the default.
+    #[test]
+    fn flags_override_the_file() {
+        let file = FileConfig::parse(
+            "data_dir = \"/d\"\nlisten = \"0.0.0.0:9000\"\ndurability = \"buffered\"\nshards = 3\n",
+        )
+        .unwrap();
+        let flags = FileConfig {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..FileConfig::default()
+        };
+        let s = Settings::resolve(flags, file).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:1");
+        assert_eq!(s.data_dir, PathBuf::from("/d"));
+        assert_eq!(s.durability, Durability::Buffered);
+        assert_eq!(s.shards, Some(3));
+    }
+
+    /// Misspelt keys, wrong types and out-of-range bounds are refused.
+    #[test]
+    fn bad_files_are_refused() {
+        assert!(FileConfig::parse("data_dri = \"/d\"").is_err());
+        assert!(FileConfig::parse("shards = \"two\"").is_err());
+        assert!(FileConfig::parse("durability = \"maybe\"").is_err());
+        let zero = FileConfig::parse("peer_inflight_max = 0").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), zero).is_err());
+        let zero = FileConfig::parse("shards = 0").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), zero).is_err());
+    }
+}
