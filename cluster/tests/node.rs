@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ringkv_net::{
     Client, ClientConfig, ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION,
-    Role, Sibling, decode_frame, encode_frame_to_vec,
+    Reply, Request, Role, Sibling, decode_frame, encode_frame_to_vec,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
@@ -471,12 +471,36 @@ fn pipelined_requests_and_concurrent_connections() {
         .map(|(k, v)| (k, v.to_owned()))
         .collect();
     assert_eq!(got, expected);
-    // Pipelined requests may run in any order, so the values are checked once all were answered.
+    // Pipelined requests may run in any order, so the values are read in a second batch, through
+    // the client's pipeline this time, with one refused request among them.
     let mut c = server.client();
-    for i in 0..KEYS {
-        let got = c.get(b"pipe", &key(i)).unwrap();
-        assert_eq!(got.value().map(|v| v.to_vec()), Some(value(i, 0)));
+    let mut reads: Vec<Request> = (0..KEYS)
+        .map(|i| Request::Get {
+            bucket: Bytes::from_static(b"pipe"),
+            key: key(i).into(),
+        })
+        .collect();
+    reads.push(Request::Put {
+        bucket: Bytes::from_static(b"pipe"),
+        key: Bytes::from_static(b"big"),
+        value: vec![0u8; (1 << 20) + 1].into(),
+        context: None,
+    });
+    reads.push(Request::Ping);
+    let replies = c.pipeline(reads).unwrap();
+    assert_eq!(replies.len(), KEYS + 2);
+    for (i, reply) in replies[..KEYS].iter().enumerate() {
+        match reply {
+            Ok(Reply::Get(got)) => assert_eq!(got.value().map(|v| v.to_vec()), Some(value(i, 0))),
+            other => panic!("read {i}: {other:?}"),
+        }
     }
+    match &replies[KEYS] {
+        Err(ClientError::Server { code, .. }) => assert_eq!(*code, ErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(replies[KEYS + 1], Ok(Reply::Pong)));
+    c.ping().unwrap();
     for t in threads {
         t.join().unwrap();
     }

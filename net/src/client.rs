@@ -7,8 +7,11 @@
 //! typed [`ClientError`]: IO, timeout, a protocol violation by the server, or an ERROR frame the
 //! server sent (with its [`ErrorCode`]).
 //!
-//! Limits and what is left out: one request at a time per client (no pipelining, although the
-//! protocol allows it), no connection pool, no reconnect. After a timeout or a protocol error the
+//! [`Client::pipeline`] sends a batch of requests without waiting for each reply, at most
+//! [`ClientConfig::pipeline_window_max`] in flight, and matches the replies (which may come in any
+//! order) to the requests by id.
+//!
+//! Limits and what is left out: no connection pool, no reconnect, no async facade. After a timeout or a protocol error the
 //! connection's state is unknown and the client refuses further use ([`ClientError::Broken`]);
 //! open a new one. Contexts are passed through unchanged; a single node ignores them.
 
@@ -34,6 +37,9 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Frame and key limits; must not exceed the server's.
     pub limits: Limits,
+    /// Most requests [`Client::pipeline`] keeps in flight. Bounded so that neither side's socket
+    /// buffers fill with unread replies while the other side still writes.
+    pub pipeline_window_max: usize,
 }
 
 impl Default for ClientConfig {
@@ -42,8 +48,96 @@ impl Default for ClientConfig {
             cluster_name: "ringkv".to_owned(),
             timeout: Duration::from_secs(5),
             limits: Limits::DEFAULT,
+            pipeline_window_max: 64,
         }
     }
+}
+
+/// One request of a [`Client::pipeline`] batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Read a key.
+    Get {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+    },
+    /// Write a key.
+    Put {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+        /// Context from an earlier read, if any.
+        context: Option<Bytes>,
+    },
+    /// Delete a key.
+    Delete {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// Context from an earlier read, if any.
+        context: Option<Bytes>,
+    },
+    /// Check the node answers.
+    Ping,
+}
+
+impl Request {
+    fn into_message(self) -> Message {
+        match self {
+            Request::Get { bucket, key } => Message::Get(Get {
+                bucket,
+                key,
+                r: None,
+                timeout_ms: None,
+            }),
+            Request::Put {
+                bucket,
+                key,
+                value,
+                context,
+            } => Message::Put(Put {
+                bucket,
+                key,
+                value,
+                context,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+            }),
+            Request::Delete {
+                bucket,
+                key,
+                context,
+            } => Message::Delete(Delete {
+                bucket,
+                key,
+                context,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+            }),
+            Request::Ping => Message::Ping,
+        }
+    }
+}
+
+/// The reply to one [`Request`] of a pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A GET's siblings and context.
+    Get(GetReply),
+    /// A PUT's new context.
+    Put(Bytes),
+    /// A DELETE succeeded.
+    Delete,
+    /// PING answered.
+    Pong,
 }
 
 /// Everything a client call can fail with.
@@ -274,6 +368,131 @@ impl Client {
         result
     }
 
+    /// Sends `requests` pipelined and returns one result per request, in request order.
+    ///
+    /// A request the node refused (an ERROR frame about it) is an `Err` in its slot and the rest
+    /// go on. Failures of the connection itself (IO, timeout, invalid frames, an ERROR about the
+    /// whole connection) fail the whole call and break the client, since the fate of requests in
+    /// flight is then unknown. Each wait for a reply is bounded by the configured timeout.
+    pub fn pipeline(
+        &mut self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<Result<Reply, ClientError>>, ClientError> {
+        if self.broken {
+            return Err(ClientError::Broken);
+        }
+        let result = self.pipeline_inner(requests);
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn pipeline_inner(
+        &mut self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<Result<Reply, ClientError>>, ClientError> {
+        let count = requests.len();
+        let window = self.config.pipeline_window_max.max(1);
+        let first_id = self.next_id;
+        self.next_id += count as u64;
+        let mut results: Vec<Option<Result<Reply, ClientError>>> = Vec::with_capacity(count);
+        results.resize_with(count, || None);
+        let mut pending = requests.into_iter().enumerate();
+        let (mut sent, mut answered) = (0usize, 0usize);
+        let mut out = Vec::new();
+        while answered < count {
+            // Top the window up with as many requests as fit, in one write.
+            out.clear();
+            while sent - answered < window {
+                let Some((i, request)) = pending.next() else {
+                    break;
+                };
+                let frame = Frame {
+                    request_id: first_id + i as u64,
+                    message: request.into_message(),
+                };
+                let start = out.len();
+                match encode_frame(&frame, &self.config.limits, &mut out) {
+                    Ok(_) => sent += 1,
+                    Err(e) => {
+                        // Never sent, so already answered, locally.
+                        out.truncate(start);
+                        results[i] = Some(Err(e.into()));
+                        sent += 1;
+                        answered += 1;
+                    }
+                }
+            }
+            if !out.is_empty() {
+                let timeout = self.config.timeout;
+                self.stream
+                    .write_all(&out)
+                    .map_err(|e| ClientError::io("write", e, timeout))?;
+            }
+            if answered == count {
+                break;
+            }
+            let frame = self.read_frame()?;
+            let index = frame
+                .request_id
+                .checked_sub(first_id)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|&i| i < count && results[i].is_none());
+            let Some(index) = index else {
+                return Err(match frame.message {
+                    Message::Error(e) if frame.request_id == 0 => ClientError::Server {
+                        code: e.code,
+                        message: e.message,
+                    },
+                    _ => ClientError::Unexpected(format!(
+                        "reply to unknown request {}",
+                        frame.request_id
+                    )),
+                });
+            };
+            let reply = match frame.message {
+                Message::Error(e) => Err(ClientError::Server {
+                    code: e.code,
+                    message: e.message,
+                }),
+                Message::GetOk(GetOk { siblings, context }) => {
+                    Ok(Reply::Get(GetReply { siblings, context }))
+                }
+                Message::PutOk(ok) => Ok(Reply::Put(ok.context)),
+                Message::DeleteOk => Ok(Reply::Delete),
+                Message::Pong => Ok(Reply::Pong),
+                other => return Err(ClientError::Unexpected(other.kind().to_string())),
+            };
+            results[index] = Some(reply);
+            answered += 1;
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("the loop ends only once every request is answered"))
+            .collect())
+    }
+
+    /// Reads the next frame, waiting at most the configured timeout for each chunk of it.
+    fn read_frame(&mut self) -> Result<Frame, ClientError> {
+        let timeout = self.config.timeout;
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            if let Some((frame, used)) = decode_frame(&self.buf, &self.config.limits)? {
+                self.buf.drain(..used);
+                return Ok(frame);
+            }
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| ClientError::io("read", e, timeout))?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     fn round_trip(&mut self, message: Message) -> Result<Message, ClientError> {
         let request_id = self.next_id;
         self.next_id += 1;
@@ -290,32 +509,19 @@ impl Client {
         self.stream
             .write_all(&out)
             .map_err(|e| ClientError::io("write", e, timeout))?;
-        let mut chunk = [0u8; 16 << 10];
-        loop {
-            if let Some((frame, used)) = decode_frame(&self.buf, &self.config.limits)? {
-                self.buf.drain(..used);
-                if frame.request_id == 0 || frame.request_id == request_id {
-                    return match frame.message {
-                        Message::Error(e) => Err(ClientError::Server {
-                            code: e.code,
-                            message: e.message,
-                        }),
-                        m => Ok(m),
-                    };
-                }
-                return Err(ClientError::Unexpected(format!(
-                    "reply to request {} while waiting for {request_id}",
-                    frame.request_id
-                )));
-            }
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .map_err(|e| ClientError::io("read", e, timeout))?;
-            if n == 0 {
-                return Err(ClientError::Closed);
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+        let frame = self.read_frame()?;
+        if frame.request_id != 0 && frame.request_id != request_id {
+            return Err(ClientError::Unexpected(format!(
+                "reply to request {} while waiting for {request_id}",
+                frame.request_id
+            )));
+        }
+        match frame.message {
+            Message::Error(e) => Err(ClientError::Server {
+                code: e.code,
+                message: e.message,
+            }),
+            m => Ok(m),
         }
     }
 }

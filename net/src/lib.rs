@@ -30,7 +30,7 @@ pub mod message;
 pub mod resp;
 mod wire;
 
-pub use client::{Client, ClientConfig, ClientError, GetReply};
+pub use client::{Client, ClientConfig, ClientError, GetReply, Reply, Request};
 pub use error::{BodyError, EncodeError, FrameError};
 pub use frame::{
     FrameHeader, MAGIC, PROTOCOL_VERSION, decode_frame, decode_header, encode_frame,
