@@ -88,6 +88,9 @@ enum Command {
         /// Other shards' requests executing at once on a shard [default: 1024].
         #[arg(long)]
         peer_inflight_max: Option<usize>,
+        /// Bound on the wait for connections to drain at shutdown, in ms [default: 5000].
+        #[arg(long)]
+        shutdown_drain_ms: Option<u64>,
     },
     /// Print the value of KEY (exit 1 if it does not exist).
     Get {
@@ -151,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             inflight_per_connection_max,
             mesh_queue_messages_max,
             peer_inflight_max,
+            shutdown_drain_ms,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -173,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 inflight_per_connection_max,
                 mesh_queue_messages_max,
                 peer_inflight_max,
+                shutdown_drain_ms,
             };
             let settings = Settings::resolve(flags, file)?;
             let mut cpus = affinity_cpus()?;
@@ -187,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.inflight_per_connection_max = settings.inflight_per_connection_max;
             cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
             cfg.peer_inflight_max = settings.peer_inflight_max;
+            cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -27,7 +27,11 @@ pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 128;
 pub const MESH_QUEUE_MESSAGES_MAX_DEFAULT: usize = 1024;
 /// Default bound on other shards' requests executing at once on a shard.
 pub const PEER_INFLIGHT_MAX_DEFAULT: usize = 1024;
-/// Largest value accepted for any of the three bounds above; beyond it they stop bounding memory.
+/// Default bound on the wait for connections to drain at shutdown, in milliseconds.
+pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 5000;
+/// Largest accepted shutdown drain, in milliseconds: ten minutes.
+pub const SHUTDOWN_DRAIN_MS_MAX: u64 = 600_000;
+/// Largest value accepted for any of the three queue bounds above; beyond it they stop bounding memory.
 pub const QUEUE_BOUND_MAX: usize = 1 << 16;
 
 /// `sync` or `buffered`, as written in the file and on the command line.
@@ -71,6 +75,8 @@ pub struct FileConfig {
     pub mesh_queue_messages_max: Option<usize>,
     /// Other shards' requests executing at once on a shard.
     pub peer_inflight_max: Option<usize>,
+    /// Bound on the connection drain at shutdown, in milliseconds.
+    pub shutdown_drain_ms: Option<u64>,
 }
 
 /// A config file or flag that cannot be used.
@@ -120,6 +126,8 @@ pub struct Settings {
     pub mesh_queue_messages_max: usize,
     /// Other shards' requests executing at once on a shard.
     pub peer_inflight_max: usize,
+    /// Bound on the connection drain at shutdown, in milliseconds.
+    pub shutdown_drain_ms: u64,
 }
 
 fn bound(name: &'static str, value: usize) -> Result<usize, ConfigError> {
@@ -150,7 +158,19 @@ impl Settings {
                 reason: "a node needs at least one shard",
             });
         }
+        let shutdown_drain_ms = flags
+            .shutdown_drain_ms
+            .or(file.shutdown_drain_ms)
+            .unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT);
+        if shutdown_drain_ms > SHUTDOWN_DRAIN_MS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "shutdown_drain_ms",
+                value: shutdown_drain_ms.to_string(),
+                reason: "must be at most 600000 (ten minutes)",
+            });
+        }
         Ok(Self {
+            shutdown_drain_ms,
             data_dir: flags
                 .data_dir
                 .or(file.data_dir)

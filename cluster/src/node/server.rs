@@ -20,7 +20,9 @@
 //! connections are not affected.
 //!
 //! Shutdown, on the first SIGTERM or SIGINT: every shard stops accepting, stops reading from its
-//! connections, lets in-flight requests finish and their replies be written, closes its side of the
+//! connections, lets in-flight requests finish and their replies be written (for at most
+//! [`ServeConfig::shutdown_drain_ms`]; a connection whose client stopped reading is then dropped,
+//! its requests still finish in the engine), closes its side of the
 //! request mesh, keeps serving other shards' requests until they have all closed theirs, then
 //! closes (flushes and syncs) its engine. [`serve`] returns once every shard has done so.
 //!
@@ -83,6 +85,9 @@ pub struct ServeConfig {
     pub mesh_queue_messages_max: usize,
     /// Most requests from other shards a shard executes at once.
     pub peer_inflight_max: usize,
+    /// How long shutdown waits for connections to write their last replies before dropping the
+    /// ones that are stuck (a client that stopped reading), in milliseconds.
+    pub shutdown_drain_ms: u64,
 }
 
 impl ServeConfig {
@@ -99,6 +104,7 @@ impl ServeConfig {
             inflight_per_connection_max: config::INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
             mesh_queue_messages_max: config::MESH_QUEUE_MESSAGES_MAX_DEFAULT,
             peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
+            shutdown_drain_ms: config::SHUTDOWN_DRAIN_MS_DEFAULT,
         }
     }
 }
@@ -398,6 +404,8 @@ async fn run_shard(
 
     tracing::info!(shard = id, addr = %cfg.listen, "shard serving");
     let connections = Gate::new();
+    // Cancelled when the drain after shutdown takes too long: stuck writers give up.
+    let abort = CancellationToken::new();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shutdown.cancelled().await;
@@ -407,9 +415,9 @@ async fn run_shard(
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                let (shard, shutdown) = (shard.clone(), shutdown.clone());
-                let task =
-                    connections.spawn_into(serve_connection(shard, stream, shutdown), foreground);
+                let (shard, shutdown, abort) = (shard.clone(), shutdown.clone(), abort.clone());
+                let task = connections
+                    .spawn_into(serve_connection(shard, stream, shutdown, abort), foreground);
                 if let Ok(task) = task {
                     task.detach();
                 }
@@ -421,8 +429,28 @@ async fn run_shard(
         }
     }
     drop(listener);
-    // Every connection has stopped reading and written its last reply.
-    let _ = connections.close().await;
+    // Every connection has stopped reading; wait (bounded) for their last replies to be written.
+    let drained = futures_lite::future::or(
+        async {
+            let _ = connections.close().await;
+            true
+        },
+        async {
+            glommio::timer::sleep(Duration::from_millis(cfg.shutdown_drain_ms)).await;
+            false
+        },
+    )
+    .await;
+    if !drained {
+        tracing::warn!(
+            shard = id,
+            drain_ms = cfg.shutdown_drain_ms,
+            "connections still writing at the end of the drain; dropping them"
+        );
+        abort.cancel();
+        // Closing again waits for the close already begun; aborted writers end promptly.
+        let _ = connections.close().await;
+    }
     // No request from this shard can follow; peers' loops end once every shard got here.
     shard.requests.close();
     for task in peer_loops.into_iter().flatten() {
@@ -557,7 +585,12 @@ impl Shard {
 }
 
 /// Serves one client connection until it closes, fails a frame, or the node shuts down.
-async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, shutdown: CancellationToken) {
+async fn serve_connection(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
     // Small replies must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = futures_lite::io::split(stream);
@@ -565,7 +598,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream, shutdown: Cancell
     // Shared by the reader and every request task; the channel closes when the last one is gone.
     let replies = Rc::new(replies);
     let limits = shard.limits;
-    let writer = glommio::spawn_local(write_replies(writer, outbox, limits));
+    let writer = glommio::spawn_local(write_replies(writer, outbox, limits, abort));
     let slots = Rc::new(Semaphore::new(shard.inflight_per_connection_max as u64));
     let mut session = Session::new(
         shard.info.clone(),
@@ -643,6 +676,7 @@ async fn write_replies(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     outbox: local_channel::LocalReceiver<Frame>,
     limits: Limits,
+    abort: CancellationToken,
 ) {
     let mut out = Vec::new();
     while let Some(frame) = outbox.recv().await {
@@ -655,9 +689,15 @@ async fn write_replies(
                 Some(None) | None => break,
             }
         }
-        if writer.write_all(&out).await.is_err() {
-            // The peer is gone; drain the queue so request tasks do not block on it.
-            while outbox.recv().await.is_some() {}
+        let written =
+            futures_lite::future::or(async { writer.write_all(&out).await.is_ok() }, async {
+                abort.cancelled().await;
+                false
+            })
+            .await;
+        if !written {
+            // The peer is gone or the drain ran out; dropping the queue fails the request tasks'
+            // sends, so nothing waits on this connection any more.
             return;
         }
     }
