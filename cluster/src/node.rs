@@ -6,7 +6,8 @@
 //! (later); this module only defines the id.
 //!
 //! Its submodules are the single-node runtime: [`config`] (settings from file and flags, sans-IO),
-//! [`route`] (partition, shard and engine key of a request, sans-IO), [`session`] (a connection's
+//! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
+//! requests, sans-IO), [`session`] (a connection's
 //! protocol state, sans-IO) and [`server`] (the glommio shell: one executor and engine per shard,
 //! listeners, the channel mesh, shutdown).
 //!
@@ -17,6 +18,7 @@
 //! issue a dot that already names another value, which silently breaks causality for that key.
 
 pub mod config;
+pub mod resp;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -549,3 +549,100 @@ fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
     assert_eq!(got.value().map(|v| v.len()), Some(big.len()));
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// Redis clients: over the RESP listener, SET/GET/MGET/EXISTS/DEL behave as in Redis, in the
+/// bucket the CLI uses by default (so `ringkv get` sees a Redis SET), pipelined commands are
+/// answered in order, and a protocol error gets `-ERR Protocol error` and closes only that
+/// connection.
+#[test]
+fn resp_listener_speaks_redis() {
+    use ringkv_net::resp::{RespLimits, RespValue, decode_reply, encode_command};
+
+    fn bulk(b: &[u8]) -> RespValue {
+        RespValue::Bulk(b.to_vec().into())
+    }
+
+    /// Sends the commands in one write and reads one reply per command.
+    fn call(s: &mut TcpStream, commands: &[&[&str]]) -> Vec<RespValue> {
+        let mut out = Vec::new();
+        for c in commands {
+            encode_command(c, &mut out);
+        }
+        s.write_all(&out).unwrap();
+        let mut replies = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while replies.len() < commands.len() {
+            match decode_reply(&buf, &RespLimits::DEFAULT).unwrap() {
+                Some((v, len)) => {
+                    buf.drain(..len);
+                    replies.push(v);
+                }
+                None => {
+                    let n = s.read(&mut chunk).unwrap();
+                    assert!(n > 0, "connection closed early");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+        assert!(buf.is_empty());
+        replies
+    }
+
+    let dir = data_dir("resp");
+    let resp_port = free_port();
+    let resp_addr = format!("127.0.0.1:{resp_port}");
+    let server = Server::start_with(&dir, free_port(), &["--resp-listen", &resp_addr]);
+    let mut s = TcpStream::connect(&resp_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let keys: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    let sets: Vec<Vec<&str>> = keys.iter().map(|k| vec!["SET", k, k]).collect();
+    let sets: Vec<&[&str]> = sets.iter().map(|c| c.as_slice()).collect();
+    let replies = call(&mut s, &sets);
+    assert!(replies.iter().all(|r| *r == RespValue::Simple("OK".into())));
+    let gets: Vec<Vec<&str>> = keys.iter().map(|k| vec!["GET", k]).collect();
+    let gets: Vec<&[&str]> = gets.iter().map(|c| c.as_slice()).collect();
+    let replies = call(&mut s, &gets);
+    for (k, r) in keys.iter().zip(&replies) {
+        assert_eq!(*r, bulk(k.as_bytes()));
+    }
+    assert_eq!(
+        call(
+            &mut s,
+            &[
+                &["PING"],
+                &["MGET", "r1", "nope", "r2"],
+                &["EXISTS", "r1", "nope", "r1"],
+                &["DEL", "r1", "nope"],
+                &["GET", "r1"],
+                &["HELLO", "3"],
+            ]
+        ),
+        vec![
+            RespValue::Simple("PONG".into()),
+            RespValue::Array(vec![bulk(b"r1"), RespValue::Null, bulk(b"r2")]),
+            RespValue::Integer(2),
+            RespValue::Integer(1),
+            RespValue::Null,
+            RespValue::Error("NOPROTO unsupported protocol version".into()),
+        ]
+    );
+    // The CLI reads what Redis wrote (same default bucket).
+    let out = Command::new(BIN)
+        .args(["get", "--server", &server.addr, "r2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"r2");
+
+    let mut bad = TcpStream::connect(&resp_addr).unwrap();
+    bad.write_all(b"*1\r\n$x\r\n").unwrap();
+    let mut reply = Vec::new();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.read_to_end(&mut reply).unwrap();
+    assert!(reply.starts_with(b"-ERR Protocol error"), "{reply:?}");
+    assert_eq!(
+        call(&mut s, &[&["PING"]]),
+        vec![RespValue::Simple("PONG".into())]
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

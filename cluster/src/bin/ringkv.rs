@@ -67,6 +67,9 @@ enum Command {
         /// [default: 127.0.0.1:7878].
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// RESP2 (Redis protocol) address, e.g. 127.0.0.1:6379 [default: disabled].
+        #[arg(long)]
+        resp_listen: Option<SocketAddr>,
         /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
         #[arg(long)]
         shards: Option<usize>,
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             data_dir,
             listen,
+            resp_listen,
             shards,
             durability,
             cluster_name,
@@ -167,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let flags = FileConfig {
                 data_dir,
                 listen,
+                resp_listen,
                 shards,
                 durability: durability.map(|d| match d {
                     DurabilityArg::Sync => DurabilityName::Sync,
@@ -187,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut cfg = ServeConfig::new(settings.data_dir, settings.listen, cpus);
             cfg.durability = settings.durability;
+            cfg.resp_listen = settings.resp_listen;
             cfg.cluster_name = settings.cluster_name;
             cfg.node_name = settings.node_name;
             cfg.inflight_per_connection_max = settings.inflight_per_connection_max;

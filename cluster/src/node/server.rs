@@ -15,6 +15,8 @@
 //! stops reading and TCP pushes back. A request whose partition belongs to another shard crosses
 //! the request mesh as the decoded [`Message`] (never re-encoded), the owner executes it and sends
 //! the reply back over the reply mesh, where a waiting table routes it to the request's task.
+//! With `resp_listen` set, each shard also listens for Redis clients ([`super::resp`] maps their
+//! commands onto the same requests; replies stay in command order, as RESP requires).
 //! A frame the codec rejects gets the codec's error frame; unless the codec says the stream can
 //! continue, the connection then stops reading, finishes what is in flight and closes. Other
 //! connections are not affected.
@@ -47,11 +49,13 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
+use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
 use ringkv_net::{
     ErrorBody, ErrorCode, Frame, GetOk, Limits, Message, PutOk, Sibling, decode_frame, encode_frame,
 };
 
 use super::config;
+use super::resp::{self, RespPlan};
 use super::route::{ENGINE_KEY_BYTES_MAX, engine_key, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
@@ -69,6 +73,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Client protocol address, shared by every shard's listener.
     pub listen: SocketAddr,
+    /// RESP2 (Redis protocol) address, shared by every shard's listener; `None` disables it.
+    pub resp_listen: Option<SocketAddr>,
     /// One CPU per shard: shard `i` runs pinned to `cpus[i]`.
     pub cpus: Vec<usize>,
     /// When a PUT or DELETE is acknowledged.
@@ -96,6 +102,7 @@ impl ServeConfig {
         Self {
             data_dir,
             listen,
+            resp_listen: None,
             cpus,
             durability: Durability::Sync,
             cluster_name: config::NAME_DEFAULT.to_owned(),
@@ -211,6 +218,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let mut cfg = cfg;
     cfg.listen = check_port_free(cfg.listen)?;
+    if let Some(addr) = cfg.resp_listen {
+        let addr = check_port_free(addr)?;
+        if addr == cfg.listen {
+            return Err(ServeError::Config(format!(
+                "the RESP listener cannot share the client protocol's address {addr}"
+            )));
+        }
+        cfg.resp_listen = Some(addr);
+    }
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
 
@@ -319,6 +335,13 @@ async fn run_shard(
         })?;
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
+    let resp_listener = match cfg.resp_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let (req_tx, mut req_rx) = requests
         .join()
         .await
@@ -406,6 +429,41 @@ async fn run_shard(
     let connections = Gate::new();
     // Cancelled when the drain after shutdown takes too long: stuck writers give up.
     let abort = CancellationToken::new();
+    if let Some(resp_listener) = resp_listener {
+        let (shard, shutdown, abort, gate) = (
+            shard.clone(),
+            shutdown.clone(),
+            abort.clone(),
+            connections.clone(),
+        );
+        let resp_loop = async move {
+            loop {
+                let accepted =
+                    futures_lite::future::or(async { Some(resp_listener.accept().await) }, async {
+                        shutdown.cancelled().await;
+                        None
+                    })
+                    .await;
+                match accepted {
+                    None => break,
+                    Some(Ok(stream)) => {
+                        let conn =
+                            serve_resp(shard.clone(), stream, shutdown.clone(), abort.clone());
+                        if let Ok(task) = gate.spawn_into(conn, foreground) {
+                            task.detach();
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(shard = shard.id, error = %e, "RESP accept failed");
+                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+                    }
+                }
+            }
+        };
+        if let Ok(task) = connections.spawn_into(resp_loop, foreground) {
+            task.detach();
+        }
+    }
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shutdown.cancelled().await;
@@ -665,6 +723,97 @@ async fn serve_connection(
     // In-flight requests keep clones of the sender; the writer ends after their replies.
     drop(replies);
     writer.await;
+}
+
+/// Serves one RESP2 connection: commands run one after the other and replies go out in order, as
+/// Redis clients expect; replies to pipelined commands are written together.
+async fn serve_resp(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = RespLimits::DEFAULT;
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    let mut out = Vec::new();
+    'read: loop {
+        let mut used = 0;
+        let mut close = false;
+        loop {
+            match decode_command(&buf[used..], &limits) {
+                Ok(None) => break,
+                Ok(Some((cmd, len))) => {
+                    used += len;
+                    // Redis ignores empty commands.
+                    if cmd.is_empty() {
+                        continue;
+                    }
+                    let reply = match resp::plan(&cmd) {
+                        RespPlan::Reply(v) => v,
+                        RespPlan::ReplyAndClose(v) => {
+                            close = true;
+                            v
+                        }
+                        RespPlan::Execute(requests, how) => {
+                            let mut replies = Vec::with_capacity(requests.len());
+                            for request in requests {
+                                replies.push(shard.execute(request).await);
+                            }
+                            resp::combine(how, &replies)
+                        }
+                    };
+                    encode_resp(&reply, &mut out);
+                    if close {
+                        break;
+                    }
+                    // Bounds the reply buffer when a client pipelines reads of large values.
+                    if out.len() >= WRITE_BATCH_BYTES_MAX {
+                        if !write_or_abort(&mut stream, &out, &abort).await {
+                            break 'read;
+                        }
+                        out.clear();
+                    }
+                }
+                Err(e) => {
+                    // The stream can no longer be framed: answer as Redis does and close.
+                    encode_resp(&e.reply(), &mut out);
+                    close = true;
+                    break;
+                }
+            }
+        }
+        buf.drain(..used);
+        if !out.is_empty() {
+            if !write_or_abort(&mut stream, &out, &abort).await {
+                break;
+            }
+            out.clear();
+        }
+        if close {
+            break;
+        }
+        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            shutdown.cancelled().await;
+            None
+        })
+        .await;
+        match read {
+            None | Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Writes `bytes`, unless the connection fails or shutdown's drain runs out first.
+async fn write_or_abort(stream: &mut TcpStream, bytes: &[u8], abort: &CancellationToken) -> bool {
+    futures_lite::future::or(async { stream.write_all(bytes).await.is_ok() }, async {
+        abort.cancelled().await;
+        false
+    })
+    .await
 }
 
 /// Writes replies in the order they complete, then closes the write side.
