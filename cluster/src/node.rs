@@ -6,6 +6,7 @@
 //! (later); this module only defines the id.
 //!
 //! Its submodules are the single-node runtime: [`config`] (settings from file and flags, sans-IO),
+//! [`metrics`] (counters, Prometheus text and admin HTTP answers, sans-IO),
 //! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
 //! requests, sans-IO), [`session`] (a connection's
 //! protocol state, sans-IO) and [`server`] (the glommio shell: one executor and engine per shard,
@@ -18,6 +19,7 @@
 //! issue a dot that already names another value, which silently breaks causality for that key.
 
 pub mod config;
+pub mod metrics;
 pub mod resp;
 pub mod route;
 pub mod server;

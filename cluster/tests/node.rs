@@ -646,3 +646,72 @@ fn resp_listener_speaks_redis() {
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// The admin listener: `/health` answers ok, and `/metrics` counts exactly the requests made,
+/// summed over shards (each request is counted once, by the shard that received it), with the
+/// open connection visible while it is open.
+#[test]
+fn admin_health_and_metrics() {
+    fn http_get(addr: &str, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn sum(metrics: &str, prefix: &str) -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    let dir = data_dir("admin");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(&dir, free_port(), &["--admin-listen", &admin]);
+    let health = http_get(&admin, "/health");
+    assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
+    assert!(health.ends_with("ok\n"));
+
+    let mut c = server.client();
+    for i in 0..20 {
+        c.put(b"m", &key(i), b"v", None).unwrap();
+    }
+    for i in 0..7 {
+        c.get(b"m", &key(i)).unwrap();
+    }
+    c.delete(b"m", &key(0), None).unwrap();
+    let metrics = http_get(&admin, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"));
+    let count = |op: &str| {
+        (0..2)
+            .map(|shard| {
+                sum(
+                    &metrics,
+                    &format!("ringkv_requests_total{{shard=\"{shard}\",op=\"{op}\"}}"),
+                )
+            })
+            .sum::<u64>()
+    };
+    assert_eq!(count("put"), 20);
+    assert_eq!(count("get"), 7);
+    assert_eq!(count("delete"), 1);
+    assert_eq!(sum(&metrics, "ringkv_request_errors_total"), 0);
+    // This client's connection is open; the startup probes' close as the server notices their
+    // EOF, which may come after a scrape, hence the bounded retries.
+    let mut open = sum(&metrics, "ringkv_connections_open");
+    for _ in 0..STARTUP_RETRIES {
+        if open == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        open = sum(&http_get(&admin, "/metrics"), "ringkv_connections_open");
+    }
+    assert_eq!(open, 1);
+    assert!(http_get(&admin, "/nope").starts_with("HTTP/1.1 404"));
+    drop(c);
+    assert_eq!(server.terminate().code(), Some(0));
+}

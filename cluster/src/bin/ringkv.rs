@@ -70,6 +70,9 @@ enum Command {
         /// RESP2 (Redis protocol) address, e.g. 127.0.0.1:6379 [default: disabled].
         #[arg(long)]
         resp_listen: Option<SocketAddr>,
+        /// Admin HTTP address serving /metrics and /health [default: disabled].
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
         /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
         #[arg(long)]
         shards: Option<usize>,
@@ -151,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             listen,
             resp_listen,
+            admin_listen,
             shards,
             durability,
             cluster_name,
@@ -172,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 listen,
                 resp_listen,
+                admin_listen,
                 shards,
                 durability: durability.map(|d| match d {
                     DurabilityArg::Sync => DurabilityName::Sync,
@@ -193,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut cfg = ServeConfig::new(settings.data_dir, settings.listen, cpus);
             cfg.durability = settings.durability;
             cfg.resp_listen = settings.resp_listen;
+            cfg.admin_listen = settings.admin_listen;
             cfg.cluster_name = settings.cluster_name;
             cfg.node_name = settings.node_name;
             cfg.inflight_per_connection_max = settings.inflight_per_connection_max;

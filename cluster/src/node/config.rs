@@ -6,8 +6,8 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Limits: only the settings the node implements today exist here; admin and peer listeners,
-//! seeds and protocol limits come with their features.
+//! Limits: only the settings the node implements today exist here; the peer listener, seeds and
+//! protocol limits come with their features.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,6 +63,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// RESP2 (Redis protocol) address; absent means no RESP listener.
     pub resp_listen: Option<SocketAddr>,
+    /// Admin HTTP address; absent means no admin listener.
+    pub admin_listen: Option<SocketAddr>,
     /// Number of shards.
     pub shards: Option<usize>,
     /// Write acknowledgement.
@@ -116,6 +118,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// RESP2 address, if enabled.
     pub resp_listen: Option<SocketAddr>,
+    /// Admin HTTP address, if enabled.
+    pub admin_listen: Option<SocketAddr>,
     /// Number of shards, if set.
     pub shards: Option<usize>,
     /// Write acknowledgement.
@@ -176,6 +180,7 @@ impl Settings {
         Ok(Self {
             shutdown_drain_ms,
             resp_listen: flags.resp_listen.or(file.resp_listen),
+            admin_listen: flags.admin_listen.or(file.admin_listen),
             data_dir: flags
                 .data_dir
                 .or(file.data_dir)

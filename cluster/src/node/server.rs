@@ -38,8 +38,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +56,7 @@ use ringkv_net::{
 };
 
 use super::config;
+use super::metrics::{self, Op, ShardMetrics};
 use super::resp::{self, RespPlan};
 use super::route::{ENGINE_KEY_BYTES_MAX, engine_key, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
@@ -75,6 +77,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// RESP2 (Redis protocol) address, shared by every shard's listener; `None` disables it.
     pub resp_listen: Option<SocketAddr>,
+    /// Admin HTTP address (`/metrics`, `/health`), served by shard 0; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
     /// One CPU per shard: shard `i` runs pinned to `cpus[i]`.
     pub cpus: Vec<usize>,
     /// When a PUT or DELETE is acknowledged.
@@ -103,6 +107,7 @@ impl ServeConfig {
             data_dir,
             listen,
             resp_listen: None,
+            admin_listen: None,
             cpus,
             durability: Durability::Sync,
             cluster_name: config::NAME_DEFAULT.to_owned(),
@@ -202,6 +207,7 @@ struct Shard {
     inflight_per_connection_max: usize,
     requests: Senders<ShardRequest>,
     waiting: Rc<Waiting>,
+    metrics: Arc<ShardMetrics>,
 }
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
@@ -226,6 +232,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             )));
         }
         cfg.resp_listen = Some(addr);
+    }
+    if let Some(addr) = cfg.admin_listen {
+        let addr = check_port_free(addr)?;
+        if addr == cfg.listen || Some(addr) == cfg.resp_listen {
+            return Err(ServeError::Config(format!(
+                "the admin listener cannot share another listener's address {addr}"
+            )));
+        }
+        cfg.admin_listen = Some(addr);
     }
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
@@ -261,19 +276,23 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
+    let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
+        .map(|_| Arc::new(ShardMetrics::default()))
+        .collect();
     let (done_tx, done_rx) = mpsc::channel::<(usize, Result<(), ServeError>)>();
     let mut handles = Vec::with_capacity(shards);
     for (id, (cpu, shutdown)) in cfg.cpus.iter().copied().zip(tokens).enumerate() {
-        let (cfg, requests, replies, done) = (
+        let (cfg, requests, replies, done, metrics) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
             done_tx.clone(),
+            metrics.clone(),
         );
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let result = run_shard(id, cfg, requests, replies, shutdown).await;
+                let result = run_shard(id, cfg, requests, replies, shutdown, metrics).await;
                 let _ = done.send((id, result));
             })
             .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
@@ -319,6 +338,7 @@ async fn run_shard(
     requests: MeshBuilder<ShardRequest, glommio::channels::channel_mesh::Full>,
     replies: MeshBuilder<ShardReply, glommio::channels::channel_mesh::Full>,
     shutdown: ForeignCancellation,
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
 ) -> Result<(), ServeError> {
     let shutdown = shutdown.attach();
     let shard_count = cfg.cpus.len();
@@ -341,6 +361,13 @@ async fn run_shard(
                 .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
         ),
         None => None,
+    };
+    let admin_listener = match cfg.admin_listen {
+        Some(addr) if id == 0 => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
+        ),
+        _ => None,
     };
     let (req_tx, mut req_rx) = requests
         .join()
@@ -371,7 +398,35 @@ async fn run_shard(
         inflight_per_connection_max: cfg.inflight_per_connection_max,
         requests: req_tx,
         waiting: waiting.clone(),
+        metrics: all_metrics[id].clone(),
     });
+
+    // Engine figures for the admin listener; a weak handle so the engine can still be closed.
+    let weak = Rc::downgrade(&shard);
+    let refresh_stop = shutdown.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match weak.upgrade() {
+                Some(shard) => shard.metrics.set_engine(&shard.engine.stats()),
+                None => break,
+            }
+            let stopped = futures_lite::future::or(
+                async {
+                    refresh_stop.cancelled().await;
+                    true
+                },
+                async {
+                    glommio::timer::sleep(Duration::from_millis(metrics::ENGINE_REFRESH_MS)).await;
+                    false
+                },
+            )
+            .await;
+            if stopped {
+                break;
+            }
+        }
+    })
+    .detach();
 
     // Replies from other shards: hand each to the task waiting for it.
     for (_, rx) in rep_rx.streams() {
@@ -464,6 +519,34 @@ async fn run_shard(
             task.detach();
         }
     }
+    if let Some(admin_listener) = admin_listener {
+        let (shutdown, all) = (shutdown.clone(), all_metrics.clone());
+        let admin_loop = async move {
+            loop {
+                let accepted = futures_lite::future::or(
+                    async { Some(admin_listener.accept().await) },
+                    async {
+                        shutdown.cancelled().await;
+                        None
+                    },
+                )
+                .await;
+                match accepted {
+                    None => break,
+                    // One request at a time: scrapes are rare and answering one is cheap, so an
+                    // admin client can never pile up tasks on the shard.
+                    Some(Ok(stream)) => serve_admin(stream, &all, &shutdown).await,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+                    }
+                }
+            }
+        };
+        if let Ok(task) = connections.spawn(admin_loop) {
+            task.detach();
+        }
+    }
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shutdown.cancelled().await;
@@ -548,8 +631,25 @@ fn engine_error(e: &EngineError) -> Message {
 }
 
 impl Shard {
-    /// Executes a GET, PUT or DELETE here or on the shard owning its partition.
+    /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it.
     async fn execute(&self, message: Message) -> Message {
+        let op = match &message {
+            Message::Get(_) => Some(Op::Get),
+            Message::Put(_) => Some(Op::Put),
+            Message::Delete(_) => Some(Op::Delete),
+            _ => None,
+        };
+        let start = Instant::now();
+        let reply = self.route(message).await;
+        if let Some(op) = op {
+            let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let ok = !matches!(reply, Message::Error(_));
+            self.metrics.record(op, elapsed_us, ok);
+        }
+        reply
+    }
+
+    async fn route(&self, message: Message) -> Message {
         let (bucket, key) = match &message {
             Message::Get(m) => (&m.bucket, &m.key),
             Message::Put(m) => (&m.bucket, &m.key),
@@ -651,6 +751,8 @@ async fn serve_connection(
 ) {
     // Small replies must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
+    shard.metrics.connection_opened();
+    let _counted = scopeguard(&shard.metrics);
     let (mut reader, writer) = futures_lite::io::split(stream);
     let (replies, outbox) = local_channel::new_bounded::<Frame>(shard.inflight_per_connection_max);
     // Shared by the reader and every request task; the channel closes when the last one is gone.
@@ -734,6 +836,8 @@ async fn serve_resp(
     abort: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    shard.metrics.connection_opened();
+    let _counted = scopeguard(&shard.metrics);
     let limits = RespLimits::DEFAULT;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
@@ -804,6 +908,47 @@ async fn serve_resp(
             Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+    let _ = stream.close().await;
+}
+
+/// Counts a connection as closed when dropped, however its task ends.
+struct ConnectionCount<'a>(&'a ShardMetrics);
+
+impl Drop for ConnectionCount<'_> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+fn scopeguard(metrics: &ShardMetrics) -> ConnectionCount<'_> {
+    ConnectionCount(metrics)
+}
+
+/// Answers one admin HTTP request (bounded head, bounded by shutdown) and closes.
+async fn serve_admin(
+    mut stream: TcpStream,
+    all: &[Arc<ShardMetrics>],
+    shutdown: &CancellationToken,
+) {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !metrics::head_complete(&head) {
+        if head.len() >= metrics::ADMIN_REQUEST_BYTES_MAX {
+            return;
+        }
+        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            shutdown.cancelled().await;
+            None
+        })
+        .await;
+        match read {
+            Some(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
+    let shards: Vec<&ShardMetrics> = all.iter().map(|m| m.as_ref()).collect();
+    let response = metrics::admin_response(&head, &shards);
+    let _ = stream.write_all(&response).await;
     let _ = stream.close().await;
 }
 

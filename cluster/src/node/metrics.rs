@@ -1,0 +1,322 @@
+//! Node metrics and the admin HTTP answers (sans-IO): counters, latency histograms, rendering in
+//! the Prometheus text format, and the response to one admin request.
+//!
+//! Each shard owns one [`ShardMetrics`] and is its only writer; the admin listener (on shard 0)
+//! reads every shard's. This is the one place shards share memory: single-writer atomic counters
+//! with relaxed ordering, because a scrape only needs each counter to be a value it once had, and
+//! routing every scrape through every shard's queue would make monitoring depend on the shards it
+//! is meant to watch. Requests are counted by the shard that received them (a forwarded request is
+//! counted once), from the decoded request to the reply being ready.
+//!
+//! Engine figures are a snapshot each shard copies from its engine every
+//! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that.
+//!
+//! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
+//! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ringkv_engine::EngineStats;
+
+/// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied).
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000,
+];
+/// How often a shard copies its engine's statistics into its metrics.
+pub const ENGINE_REFRESH_MS: u64 = 1000;
+/// Largest admin request head (request line and headers).
+pub const ADMIN_REQUEST_BYTES_MAX: usize = 8 << 10;
+
+/// A client operation, as counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// GET.
+    Get = 0,
+    /// PUT.
+    Put = 1,
+    /// DELETE.
+    Delete = 2,
+}
+
+const OPS: [(Op, &str); 3] = [(Op::Get, "get"), (Op::Put, "put"), (Op::Delete, "delete")];
+const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// Engine figures published as gauges (name, help, accessor).
+type EngineField = (&'static str, &'static str, fn(&EngineStats) -> u64);
+const ENGINE_FIELDS: [EngineField; 10] = [
+    (
+        "ringkv_engine_keys",
+        "Index entries (live keys and tombstones).",
+        |s| s.index_entries,
+    ),
+    ("ringkv_engine_segments", "Segment files.", |s| s.segments),
+    (
+        "ringkv_engine_segment_bytes",
+        "Bytes in segment files.",
+        |s| s.segment_bytes,
+    ),
+    (
+        "ringkv_engine_live_bytes",
+        "Bytes of records the index points at.",
+        |s| s.live_bytes,
+    ),
+    (
+        "ringkv_engine_bytes_written_total",
+        "Bytes handed to the disk.",
+        |s| s.bytes_written,
+    ),
+    ("ringkv_engine_flushes_total", "Group commits.", |s| {
+        s.flushes
+    }),
+    (
+        "ringkv_engine_compactions_total",
+        "Compaction passes that rewrote segments.",
+        |s| s.compactions,
+    ),
+    (
+        "ringkv_engine_corrupt_reads_total",
+        "Reads that failed their checksum.",
+        |s| s.corrupt_reads,
+    ),
+    (
+        "ringkv_engine_cache_hits_total",
+        "Gets answered from the value cache.",
+        |s| s.cache_hits,
+    ),
+    (
+        "ringkv_engine_recovery_corrupt_regions",
+        "Damaged regions found at open.",
+        |s| s.recovery_corrupt_regions,
+    ),
+];
+
+/// One shard's counters. Written only by its shard.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    requests: [AtomicU64; 3],
+    errors: [AtomicU64; 3],
+    latency_buckets: [[AtomicU64; BUCKETS]; 3],
+    latency_sum_us: [AtomicU64; 3],
+    connections_open: AtomicU64,
+    connections_total: AtomicU64,
+    engine: [AtomicU64; ENGINE_FIELDS.len()],
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl ShardMetrics {
+    /// Counts one request of `op` that took `elapsed_us` and succeeded or not.
+    pub fn record(&self, op: Op, elapsed_us: u64, ok: bool) {
+        let i = op as usize;
+        add(&self.requests[i], 1);
+        if !ok {
+            add(&self.errors[i], 1);
+        }
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| elapsed_us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        add(&self.latency_buckets[i][bucket], 1);
+        add(&self.latency_sum_us[i], elapsed_us);
+    }
+
+    /// A connection was accepted.
+    pub fn connection_opened(&self) {
+        add(&self.connections_open, 1);
+        add(&self.connections_total, 1);
+    }
+
+    /// A connection ended.
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Publishes a snapshot of the shard's engine statistics.
+    pub fn set_engine(&self, stats: &EngineStats) {
+        for (slot, (_, _, get)) in self.engine.iter().zip(ENGINE_FIELDS) {
+            slot.store(get(stats), Ordering::Relaxed);
+        }
+    }
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Renders every shard's metrics in the Prometheus text exposition format (version 0.0.4).
+pub fn render(shards: &[&ShardMetrics]) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail; the results are ignored for that reason.
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut out,
+        "ringkv_requests_total",
+        "counter",
+        "Client requests by operation.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        for (op, name) in OPS {
+            let n = load(&m.requests[op as usize]);
+            let _ = writeln!(
+                out,
+                "ringkv_requests_total{{shard=\"{shard}\",op=\"{name}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "ringkv_request_errors_total",
+        "counter",
+        "Requests answered with an error.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        for (op, name) in OPS {
+            let n = load(&m.errors[op as usize]);
+            let _ = writeln!(
+                out,
+                "ringkv_request_errors_total{{shard=\"{shard}\",op=\"{name}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "ringkv_request_duration_seconds",
+        "histogram",
+        "Request latency on the node.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        for (op, name) in OPS {
+            let i = op as usize;
+            let mut cumulative = 0;
+            for (b, upper) in LATENCY_BUCKETS_US.iter().enumerate() {
+                cumulative += load(&m.latency_buckets[i][b]);
+                let le = *upper as f64 / 1e6;
+                let _ = writeln!(
+                    out,
+                    "ringkv_request_duration_seconds_bucket{{shard=\"{shard}\",op=\"{name}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            cumulative += load(&m.latency_buckets[i][BUCKETS - 1]);
+            let sum = load(&m.latency_sum_us[i]) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "ringkv_request_duration_seconds_bucket{{shard=\"{shard}\",op=\"{name}\",le=\"+Inf\"}} {cumulative}\n\
+                 ringkv_request_duration_seconds_sum{{shard=\"{shard}\",op=\"{name}\"}} {sum}\n\
+                 ringkv_request_duration_seconds_count{{shard=\"{shard}\",op=\"{name}\"}} {cumulative}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "ringkv_connections_open",
+        "gauge",
+        "Open client connections.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringkv_connections_open{{shard=\"{shard}\"}} {}",
+            load(&m.connections_open)
+        );
+    }
+    family(
+        &mut out,
+        "ringkv_connections_total",
+        "counter",
+        "Accepted client connections.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "ringkv_connections_total{{shard=\"{shard}\"}} {}",
+            load(&m.connections_total)
+        );
+    }
+    for (f, (name, help, _)) in ENGINE_FIELDS.iter().enumerate() {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(&mut out, name, kind, help);
+        for (shard, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
+        }
+    }
+    out
+}
+
+/// Whether `buf` holds a complete HTTP request head.
+pub fn head_complete(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+fn response(status: &str, content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The whole response to the admin request whose head is `head`.
+pub fn admin_response(head: &[u8], shards: &[&ShardMetrics]) -> Vec<u8> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return response("405 Method Not Allowed", "text/plain", "only GET\n");
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/health" => response("200 OK", "text/plain", "ok\n"),
+        "/metrics" => response("200 OK", "text/plain; version=0.0.4", &render(shards)),
+        _ => response("404 Not Found", "text/plain", "try /metrics or /health\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts land in the right op and bucket, and the histogram is cumulative.
+    #[test]
+    fn render_counts() {
+        let m = ShardMetrics::default();
+        m.record(Op::Put, 70, true);
+        m.record(Op::Put, 5_000_000, false);
+        m.record(Op::Get, 10, true);
+        let text = render(&[&m]);
+        assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"put\"} 2\n"));
+        assert!(text.contains("ringkv_request_errors_total{shard=\"0\",op=\"put\"} 1\n"));
+        assert!(text.contains(
+            "ringkv_request_duration_seconds_bucket{shard=\"0\",op=\"put\",le=\"0.0001\"} 1\n"
+        ));
+        assert!(text.contains(
+            "ringkv_request_duration_seconds_bucket{shard=\"0\",op=\"put\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"get\"} 1\n"));
+    }
+
+    /// The admin paths and refusals.
+    #[test]
+    fn admin_paths() {
+        let m = ShardMetrics::default();
+        let ok = admin_response(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", &[&m]);
+        assert!(ok.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(ok.ends_with(b"\r\n\r\nok\n"));
+        let metrics = admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]);
+        assert!(String::from_utf8_lossy(&metrics).contains("# TYPE ringkv_requests_total counter"));
+        assert!(admin_response(b"GET /x HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 404"));
+        assert!(
+            admin_response(b"POST /metrics HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 405")
+        );
+        assert!(head_complete(b"GET / HTTP/1.1\r\n\r\n"));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\n"));
+    }
+}
