@@ -715,3 +715,34 @@ fn admin_health_and_metrics() {
     drop(c);
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// Configured limits hold: with 10-byte keys and 1000-byte values, a value at the limit is
+/// stored, one byte more is refused `too_large` on a connection that stays usable, and a key over
+/// the limit is refused by the decoder, which closes that connection only.
+#[test]
+fn configured_limits_are_enforced() {
+    let dir = data_dir("limits");
+    let server = Server::start_with(
+        &dir,
+        free_port(),
+        &["--value-bytes-max", "1000", "--key-bytes-max", "10"],
+    );
+    let mut c = server.client();
+    c.put(b"b", b"0123456789", &[1u8; 1000], None).unwrap();
+    match c.put(b"b", b"k", &[1u8; 1001], None) {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        c.get(b"b", b"0123456789").unwrap().value().map(|v| v.len()),
+        Some(1000)
+    );
+
+    let mut other = server.client();
+    match other.get(b"b", b"0123456789a") {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::TooLarge),
+        other => panic!("{other:?}"),
+    }
+    c.ping().unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+}

@@ -97,6 +97,15 @@ enum Command {
         /// Bound on the wait for connections to drain at shutdown, in ms [default: 5000].
         #[arg(long)]
         shutdown_drain_ms: Option<u64>,
+        /// Largest frame accepted, header included [default: 17825792 (17 MiB)].
+        #[arg(long)]
+        frame_bytes_max: Option<usize>,
+        /// Largest key accepted [default: 1024].
+        #[arg(long)]
+        key_bytes_max: Option<usize>,
+        /// Largest value stored [default: 1048576 (1 MiB)].
+        #[arg(long)]
+        value_bytes_max: Option<usize>,
     },
     /// Print the value of KEY (exit 1 if it does not exist).
     Get {
@@ -163,6 +172,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mesh_queue_messages_max,
             peer_inflight_max,
             shutdown_drain_ms,
+            frame_bytes_max,
+            key_bytes_max,
+            value_bytes_max,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -188,6 +200,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mesh_queue_messages_max,
                 peer_inflight_max,
                 shutdown_drain_ms,
+                frame_bytes_max,
+                key_bytes_max,
+                value_bytes_max,
             };
             let settings = Settings::resolve(flags, file)?;
             let mut cpus = affinity_cpus()?;
@@ -205,6 +220,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
             cfg.peer_inflight_max = settings.peer_inflight_max;
             cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
+            cfg.limits = settings.limits;
+            cfg.value_bytes_max = settings.value_bytes_max;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -6,13 +6,23 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Limits: only the settings the node implements today exist here; the peer listener, seeds and
-//! protocol limits come with their features.
+//! Limits: only the settings the node implements today exist here; the peer listener and seeds
+//! come with their features.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ringkv_engine::Durability;
+use ringkv_engine::config::{
+    KEY_BYTES_MAX_HARD as ENGINE_KEY_BYTES_MAX_HARD, VALUE_BYTES_MAX_HARD,
+};
+use ringkv_net::Limits;
+use ringkv_net::limits::{
+    FRAME_BYTES_MAX_DEFAULT, FRAME_BYTES_MAX_HARD, FRAME_BYTES_MIN, KEY_BYTES_MAX_DEFAULT,
+    PUT_OVERHEAD_BYTES_MAX,
+};
+
+use super::route::engine_key_bytes_max;
 use serde::Deserialize;
 
 /// Default data directory.
@@ -27,6 +37,10 @@ pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 128;
 pub const MESH_QUEUE_MESSAGES_MAX_DEFAULT: usize = 1024;
 /// Default bound on other shards' requests executing at once on a shard.
 pub const PEER_INFLIGHT_MAX_DEFAULT: usize = 1024;
+/// Default largest value: the engine's default, 1 MiB.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Largest `key_bytes_max`: the engine's hard key limit less the bucket prefix of engine keys.
+pub const KEY_BYTES_MAX_MAX: usize = ENGINE_KEY_BYTES_MAX_HARD - engine_key_bytes_max(0);
 /// Default bound on the wait for connections to drain at shutdown, in milliseconds.
 pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 5000;
 /// Largest accepted shutdown drain, in milliseconds: ten minutes.
@@ -81,6 +95,12 @@ pub struct FileConfig {
     pub peer_inflight_max: Option<usize>,
     /// Bound on the connection drain at shutdown, in milliseconds.
     pub shutdown_drain_ms: Option<u64>,
+    /// Largest frame accepted, header included.
+    pub frame_bytes_max: Option<usize>,
+    /// Largest key accepted.
+    pub key_bytes_max: Option<usize>,
+    /// Largest value stored.
+    pub value_bytes_max: Option<usize>,
 }
 
 /// A config file or flag that cannot be used.
@@ -136,6 +156,10 @@ pub struct Settings {
     pub peer_inflight_max: usize,
     /// Bound on the connection drain at shutdown, in milliseconds.
     pub shutdown_drain_ms: u64,
+    /// Frame and key limits of the client protocol.
+    pub limits: Limits,
+    /// Largest value stored.
+    pub value_bytes_max: usize,
 }
 
 fn bound(name: &'static str, value: usize) -> Result<usize, ConfigError> {
@@ -147,6 +171,40 @@ fn bound(name: &'static str, value: usize) -> Result<usize, ConfigError> {
         });
     }
     Ok(value)
+}
+
+/// Checks the protocol limits and the value limit against their bounds and each other.
+fn check_limits(limits: &Limits, value_bytes_max: usize) -> Result<(), ConfigError> {
+    if !(FRAME_BYTES_MIN..=FRAME_BYTES_MAX_HARD).contains(&limits.frame_bytes_max) {
+        return Err(ConfigError::Invalid {
+            name: "frame_bytes_max",
+            value: limits.frame_bytes_max.to_string(),
+            reason: "must be in [65536, 67108864]",
+        });
+    }
+    if limits.key_bytes_max == 0 || limits.key_bytes_max > KEY_BYTES_MAX_MAX {
+        return Err(ConfigError::Invalid {
+            name: "key_bytes_max",
+            value: limits.key_bytes_max.to_string(),
+            reason: "must be in [1, 3840]",
+        });
+    }
+    if value_bytes_max > VALUE_BYTES_MAX_HARD {
+        return Err(ConfigError::Invalid {
+            name: "value_bytes_max",
+            value: value_bytes_max.to_string(),
+            reason: "must be at most 16777216 (16 MiB)",
+        });
+    }
+    // A value the node stores must fit a PUT frame, or no client could ever write it.
+    if value_bytes_max + PUT_OVERHEAD_BYTES_MAX > limits.frame_bytes_max {
+        return Err(ConfigError::Invalid {
+            name: "value_bytes_max",
+            value: value_bytes_max.to_string(),
+            reason: "a PUT of this size does not fit frame_bytes_max",
+        });
+    }
+    Ok(())
 }
 
 impl Settings {
@@ -177,8 +235,25 @@ impl Settings {
                 reason: "must be at most 600000 (ten minutes)",
             });
         }
+        let limits = Limits {
+            frame_bytes_max: flags
+                .frame_bytes_max
+                .or(file.frame_bytes_max)
+                .unwrap_or(FRAME_BYTES_MAX_DEFAULT),
+            key_bytes_max: flags
+                .key_bytes_max
+                .or(file.key_bytes_max)
+                .unwrap_or(KEY_BYTES_MAX_DEFAULT),
+        };
+        let value_bytes_max = flags
+            .value_bytes_max
+            .or(file.value_bytes_max)
+            .unwrap_or(VALUE_BYTES_MAX_DEFAULT);
+        check_limits(&limits, value_bytes_max)?;
         Ok(Self {
             shutdown_drain_ms,
+            limits,
+            value_bytes_max,
             resp_listen: flags.resp_listen.or(file.resp_listen),
             admin_listen: flags.admin_listen.or(file.admin_listen),
             data_dir: flags
@@ -269,5 +344,14 @@ mod tests {
         assert!(Settings::resolve(FileConfig::default(), zero).is_err());
         let zero = FileConfig::parse("shards = 0").unwrap();
         assert!(Settings::resolve(FileConfig::default(), zero).is_err());
+        let over_hard = FileConfig::parse("value_bytes_max = 16777217").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), over_hard).is_err());
+        let no_fit =
+            FileConfig::parse("value_bytes_max = 16777216\nframe_bytes_max = 16777216").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), no_fit).is_err());
+        let fits = FileConfig::parse("value_bytes_max = 16777216").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), fits).is_ok());
+        let key = FileConfig::parse("key_bytes_max = 3841").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), key).is_err());
     }
 }

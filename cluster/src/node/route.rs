@@ -17,9 +17,14 @@ use crate::ring::{PartitionCount, PartitionId};
 /// The ring's partition count for a node; fixed until the Dynamo layer makes it a cluster setting.
 pub const PARTITIONS: PartitionCount = PartitionCount::DEFAULT;
 
-/// Largest engine key a request can produce: the length byte, the longest bucket and the longest
-/// key the wire accepts with default limits.
-pub const ENGINE_KEY_BYTES_MAX: usize = 1 + BUCKET_BYTES_MAX + KEY_BYTES_MAX_DEFAULT;
+/// Largest engine key a request can produce with default limits: the length byte, the longest
+/// bucket and the longest key the wire accepts.
+pub const ENGINE_KEY_BYTES_MAX: usize = engine_key_bytes_max(KEY_BYTES_MAX_DEFAULT);
+
+/// Largest engine key for requests whose keys are at most `key_bytes_max` bytes.
+pub const fn engine_key_bytes_max(key_bytes_max: usize) -> usize {
+    1 + BUCKET_BYTES_MAX + key_bytes_max
+}
 
 /// Most shards a node runs; HELLO_OK carries the count as a u16, and a node with more cores than
 /// this would be better split into several nodes anyway.

@@ -58,7 +58,7 @@ use ringkv_net::{
 use super::config;
 use super::metrics::{self, Op, ShardMetrics};
 use super::resp::{self, RespPlan};
-use super::route::{ENGINE_KEY_BYTES_MAX, engine_key, partition_of, shard_of};
+use super::route::{engine_key, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 /// Bytes asked of the socket per read.
@@ -89,6 +89,8 @@ pub struct ServeConfig {
     pub node_name: String,
     /// Frame and key limits of the client protocol.
     pub limits: Limits,
+    /// Largest value stored (the engine's limit); a larger PUT is answered `too_large`.
+    pub value_bytes_max: usize,
     /// Most requests executing at once per connection; the reader stops reading beyond it.
     pub inflight_per_connection_max: usize,
     /// Capacity of each shard-to-shard queue of the request and reply meshes, in messages.
@@ -113,6 +115,7 @@ impl ServeConfig {
             cluster_name: config::NAME_DEFAULT.to_owned(),
             node_name: config::NAME_DEFAULT.to_owned(),
             limits: Limits::DEFAULT,
+            value_bytes_max: config::VALUE_BYTES_MAX_DEFAULT,
             inflight_per_connection_max: config::INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
             mesh_queue_messages_max: config::MESH_QUEUE_MESSAGES_MAX_DEFAULT,
             peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
@@ -344,7 +347,8 @@ async fn run_shard(
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let mut ecfg = EngineConfig::new(&dir);
-    ecfg.key_bytes_max = ENGINE_KEY_BYTES_MAX;
+    ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max);
+    ecfg.value_bytes_max = cfg.value_bytes_max;
     ecfg.default_durability = cfg.durability;
     let engine = Engine::open(ecfg)
         .await
