@@ -394,7 +394,8 @@ fn pipelined_requests_and_concurrent_connections() {
             context: None,
             w: None,
             dw: None,
-            timeout_ms: None,
+            // A deadline the request names itself, far beyond any plausible delay.
+            timeout_ms: Some(60_000),
         });
         let frame = Frame {
             request_id: id,

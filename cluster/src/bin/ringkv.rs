@@ -53,6 +53,8 @@ struct Target {
     timeout_ms: u64,
 }
 
+// Parsed once at startup, so the size of the serve variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node. Every setting can also come from --config; a flag overrides the file.
@@ -97,6 +99,9 @@ enum Command {
         /// Bound on the wait for connections to drain at shutdown, in ms [default: 5000].
         #[arg(long)]
         shutdown_drain_ms: Option<u64>,
+        /// Deadline of requests that name none, in ms [default: 10000].
+        #[arg(long)]
+        request_timeout_ms: Option<u64>,
         /// Largest frame accepted, header included [default: 17825792 (17 MiB)].
         #[arg(long)]
         frame_bytes_max: Option<usize>,
@@ -172,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mesh_queue_messages_max,
             peer_inflight_max,
             shutdown_drain_ms,
+            request_timeout_ms,
             frame_bytes_max,
             key_bytes_max,
             value_bytes_max,
@@ -200,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mesh_queue_messages_max,
                 peer_inflight_max,
                 shutdown_drain_ms,
+                request_timeout_ms,
                 frame_bytes_max,
                 key_bytes_max,
                 value_bytes_max,
@@ -220,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
             cfg.peer_inflight_max = settings.peer_inflight_max;
             cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
+            cfg.request_timeout_ms = settings.request_timeout_ms;
             cfg.limits = settings.limits;
             cfg.value_bytes_max = settings.value_bytes_max;
             serve(cfg)?;

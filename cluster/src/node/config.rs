@@ -41,6 +41,10 @@ pub const PEER_INFLIGHT_MAX_DEFAULT: usize = 1024;
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// Largest `key_bytes_max`: the engine's hard key limit less the bucket prefix of engine keys.
 pub const KEY_BYTES_MAX_MAX: usize = ENGINE_KEY_BYTES_MAX_HARD - engine_key_bytes_max(0);
+/// Default deadline of requests that name none, in milliseconds.
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Largest request deadline, in milliseconds: ten minutes (longer ones are shortened to it).
+pub const REQUEST_TIMEOUT_MS_MAX: u64 = 600_000;
 /// Default bound on the wait for connections to drain at shutdown, in milliseconds.
 pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 5000;
 /// Largest accepted shutdown drain, in milliseconds: ten minutes.
@@ -95,6 +99,8 @@ pub struct FileConfig {
     pub peer_inflight_max: Option<usize>,
     /// Bound on the connection drain at shutdown, in milliseconds.
     pub shutdown_drain_ms: Option<u64>,
+    /// Deadline of requests that name none, in milliseconds.
+    pub request_timeout_ms: Option<u64>,
     /// Largest frame accepted, header included.
     pub frame_bytes_max: Option<usize>,
     /// Largest key accepted.
@@ -156,6 +162,8 @@ pub struct Settings {
     pub peer_inflight_max: usize,
     /// Bound on the connection drain at shutdown, in milliseconds.
     pub shutdown_drain_ms: u64,
+    /// Deadline of requests that name none, in milliseconds.
+    pub request_timeout_ms: u64,
     /// Frame and key limits of the client protocol.
     pub limits: Limits,
     /// Largest value stored.
@@ -250,8 +258,20 @@ impl Settings {
             .or(file.value_bytes_max)
             .unwrap_or(VALUE_BYTES_MAX_DEFAULT);
         check_limits(&limits, value_bytes_max)?;
+        let request_timeout_ms = flags
+            .request_timeout_ms
+            .or(file.request_timeout_ms)
+            .unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
+        if request_timeout_ms == 0 || request_timeout_ms > REQUEST_TIMEOUT_MS_MAX {
+            return Err(ConfigError::Invalid {
+                name: "request_timeout_ms",
+                value: request_timeout_ms.to_string(),
+                reason: "must be in [1, 600000]",
+            });
+        }
         Ok(Self {
             shutdown_drain_ms,
+            request_timeout_ms,
             limits,
             value_bytes_max,
             resp_listen: flags.resp_listen.or(file.resp_listen),
@@ -351,6 +371,8 @@ mod tests {
         assert!(Settings::resolve(FileConfig::default(), no_fit).is_err());
         let fits = FileConfig::parse("value_bytes_max = 16777216").unwrap();
         assert!(Settings::resolve(FileConfig::default(), fits).is_ok());
+        let never = FileConfig::parse("request_timeout_ms = 0").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), never).is_err());
         let key = FileConfig::parse("key_bytes_max = 3841").unwrap();
         assert!(Settings::resolve(FileConfig::default(), key).is_err());
     }

@@ -30,8 +30,9 @@
 //!
 //! Limits and gaps: if one shard fails to start (engine or listener), [`serve`] returns the error at
 //! once and the process is expected to exit, without closing the engines the other shards opened
-//! (recovery handles that like a crash; nothing was acknowledged yet). Request deadlines
-//! (`timeout_ms`) are not enforced yet; a request runs until the engine answers.
+//! (recovery handles that like a crash; nothing was acknowledged yet). A request's deadline
+//! (`timeout_ms`, or `request_timeout_ms`) bounds when it is answered, not the work: timed-out
+//! work runs to its end (see `Shard::execute`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -97,6 +98,8 @@ pub struct ServeConfig {
     pub mesh_queue_messages_max: usize,
     /// Most requests from other shards a shard executes at once.
     pub peer_inflight_max: usize,
+    /// Deadline of a request that names none (`timeout_ms` absent), in milliseconds.
+    pub request_timeout_ms: u64,
     /// How long shutdown waits for connections to write their last replies before dropping the
     /// ones that are stuck (a client that stopped reading), in milliseconds.
     pub shutdown_drain_ms: u64,
@@ -120,6 +123,7 @@ impl ServeConfig {
             mesh_queue_messages_max: config::MESH_QUEUE_MESSAGES_MAX_DEFAULT,
             peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
             shutdown_drain_ms: config::SHUTDOWN_DRAIN_MS_DEFAULT,
+            request_timeout_ms: config::REQUEST_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -211,6 +215,7 @@ struct Shard {
     requests: Senders<ShardRequest>,
     waiting: Rc<Waiting>,
     metrics: Arc<ShardMetrics>,
+    request_timeout_ms: u64,
 }
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
@@ -403,6 +408,7 @@ async fn run_shard(
         requests: req_tx,
         waiting: waiting.clone(),
         metrics: all_metrics[id].clone(),
+        request_timeout_ms: cfg.request_timeout_ms,
     });
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
@@ -636,15 +642,44 @@ fn engine_error(e: &EngineError) -> Message {
 
 impl Shard {
     /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it.
-    async fn execute(&self, message: Message) -> Message {
-        let op = match &message {
-            Message::Get(_) => Some(Op::Get),
-            Message::Put(_) => Some(Op::Put),
-            Message::Delete(_) => Some(Op::Delete),
-            _ => None,
+    ///
+    /// The answer is `timeout` if the work takes longer than the request's `timeout_ms` (or the
+    /// node's `request_timeout_ms`). The work itself is never cancelled halfway, since a write
+    /// may already be in the engine's group commit: it runs on in its own task, holding `hold`
+    /// (the connection's in-flight slot) until it ends, so timed-out work still counts against
+    /// the connection's bound.
+    async fn execute<H: 'static>(self: &Rc<Self>, message: Message, hold: H) -> Message {
+        let (op, requested_ms) = match &message {
+            Message::Get(m) => (Some(Op::Get), m.timeout_ms),
+            Message::Put(m) => (Some(Op::Put), m.timeout_ms),
+            Message::Delete(m) => (Some(Op::Delete), m.timeout_ms),
+            _ => (None, None),
         };
+        let timeout_ms = requested_ms
+            .map_or(self.request_timeout_ms, u64::from)
+            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
         let start = Instant::now();
-        let reply = self.route(message).await;
+        let shard = self.clone();
+        let mut work = glommio::spawn_local(async move {
+            let reply = shard.route(message).await;
+            drop(hold);
+            reply
+        });
+        let finished = futures_lite::future::or(async { Some((&mut work).await) }, async {
+            glommio::timer::sleep(Duration::from_millis(timeout_ms)).await;
+            None
+        })
+        .await;
+        let reply = match finished {
+            Some(reply) => reply,
+            None => {
+                work.detach();
+                error_message(
+                    ErrorCode::Timeout,
+                    format!("no answer within {timeout_ms} ms; a write may still be applied"),
+                )
+            }
+        };
         if let Some(op) = op {
             let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
             let ok = !matches!(reply, Message::Error(_));
@@ -794,13 +829,12 @@ async fn serve_connection(
                             };
                             let (shard, replies) = (shard.clone(), replies.clone());
                             glommio::spawn_local(async move {
-                                let message = shard.execute(request.message).await;
+                                let message = shard.execute(request.message, permit).await;
                                 let reply = Frame {
                                     request_id: request.request_id,
                                     message,
                                 };
                                 let _ = replies.send(reply).await;
-                                drop(permit);
                             })
                             .detach();
                         }
@@ -867,7 +901,7 @@ async fn serve_resp(
                         RespPlan::Execute(requests, how) => {
                             let mut replies = Vec::with_capacity(requests.len());
                             for request in requests {
-                                replies.push(shard.execute(request).await);
+                                replies.push(shard.execute(request, ()).await);
                             }
                             resp::combine(how, &replies)
                         }
