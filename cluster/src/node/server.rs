@@ -503,12 +503,7 @@ async fn run_shard(
         );
         let resp_loop = async move {
             loop {
-                let accepted =
-                    futures_lite::future::or(async { Some(resp_listener.accept().await) }, async {
-                        shutdown.cancelled().await;
-                        None
-                    })
-                    .await;
+                let accepted = unless(resp_listener.accept(), shutdown.cancelled()).await;
                 match accepted {
                     None => break,
                     Some(Ok(stream)) => {
@@ -533,14 +528,7 @@ async fn run_shard(
         let (shutdown, all) = (shutdown.clone(), all_metrics.clone());
         let admin_loop = async move {
             loop {
-                let accepted = futures_lite::future::or(
-                    async { Some(admin_listener.accept().await) },
-                    async {
-                        shutdown.cancelled().await;
-                        None
-                    },
-                )
-                .await;
+                let accepted = unless(admin_listener.accept(), shutdown.cancelled()).await;
                 match accepted {
                     None => break,
                     // One request at a time: scrapes are rare and answering one is cheap, so an
@@ -558,11 +546,7 @@ async fn run_shard(
         }
     }
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown.cancelled().await;
-            None
-        })
-        .await;
+        let accepted = unless(listener.accept(), shutdown.cancelled()).await;
         match accepted {
             None => break,
             Some(Ok(stream)) => {
@@ -665,10 +649,10 @@ impl Shard {
             drop(hold);
             reply
         });
-        let finished = futures_lite::future::or(async { Some((&mut work).await) }, async {
-            glommio::timer::sleep(Duration::from_millis(timeout_ms)).await;
-            None
-        })
+        let finished = unless(
+            &mut work,
+            glommio::timer::sleep(Duration::from_millis(timeout_ms)),
+        )
         .await;
         let reply = match finished {
             Some(reply) => reply,
@@ -850,11 +834,7 @@ async fn serve_connection(
             }
         }
         buf.drain(..used);
-        let read = futures_lite::future::or(async { Some(reader.read(&mut chunk).await) }, async {
-            shutdown.cancelled().await;
-            None
-        })
-        .await;
+        let read = unless(reader.read(&mut chunk), shutdown.cancelled()).await;
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
@@ -936,11 +916,7 @@ async fn serve_resp(
         if close {
             break;
         }
-        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            shutdown.cancelled().await;
-            None
-        })
-        .await;
+        let read = unless(stream.read(&mut chunk), shutdown.cancelled()).await;
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
@@ -974,11 +950,7 @@ async fn serve_admin(
         if head.len() >= metrics::ADMIN_REQUEST_BYTES_MAX {
             return;
         }
-        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
-            shutdown.cancelled().await;
-            None
-        })
-        .await;
+        let read = unless(stream.read(&mut chunk), shutdown.cancelled()).await;
         match read {
             Some(Ok(n)) if n > 0 => head.extend_from_slice(&chunk[..n]),
             _ => return,
@@ -1052,4 +1024,17 @@ fn encode_reply(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
             out.truncate(start);
         }
     }
+}
+
+/// Runs `work` unless `stop` completes first, in which case it answers `None`: how every accept
+/// and read loop stops at shutdown, and how a request meets its deadline.
+async fn unless<T>(
+    work: impl std::future::Future<Output = T>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Option<T> {
+    futures_lite::future::or(async { Some(work.await) }, async {
+        stop.await;
+        None
+    })
+    .await
 }
