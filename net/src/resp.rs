@@ -422,6 +422,37 @@ fn number_line(
     }
 }
 
+/// Validates the body of a bulk string of declared length `len` starting at `data`: the length
+/// against the limits (before anything is read), then the closing CRLF. Returns the offset just
+/// past the CRLF, or `None` when more bytes are needed.
+fn bulk_end(
+    buf: &[u8],
+    data: usize,
+    len: i64,
+    limits: &RespLimits,
+) -> Result<Option<usize>, RespError> {
+    let Ok(len) = usize::try_from(len) else {
+        return Err(RespError::InvalidBulkLength);
+    };
+    if len > limits.bulk_bytes_max {
+        return Err(RespError::BulkTooLarge {
+            len: len as u64,
+            max: limits.bulk_bytes_max,
+        });
+    }
+    // `data` is bounded by message_bytes_max (checked by the caller) and `len` by
+    // bulk_bytes_max; saturating keeps even unvalidated limits from overflowing.
+    let end = data.saturating_add(len).saturating_add(2);
+    check_message_len(end, limits)?;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    if &buf[end - 2..end] != b"\r\n" {
+        return Err(RespError::ExpectedCrlf);
+    }
+    Ok(Some(end))
+}
+
 fn check_message_len(end: usize, limits: &RespLimits) -> Result<(), RespError> {
     if end > limits.message_bytes_max {
         return Err(RespError::MessageTooLarge {
@@ -483,26 +514,10 @@ fn walk_multibulk(
         let Some((len, data)) = number_line(buf, pos, RespError::InvalidBulkLength)? else {
             return Ok(None);
         };
-        let Ok(len) = usize::try_from(len) else {
-            return Err(RespError::InvalidBulkLength);
-        };
-        if len > limits.bulk_bytes_max {
-            return Err(RespError::BulkTooLarge {
-                len: len as u64,
-                max: limits.bulk_bytes_max,
-            });
-        }
-        // `data` is bounded by message_bytes_max (checked above) and `len` by bulk_bytes_max;
-        // saturating keeps even unvalidated limits from overflowing.
-        let end = data.saturating_add(len).saturating_add(2);
-        check_message_len(end, limits)?;
-        if buf.len() < end {
+        let Some(end) = bulk_end(buf, data, len, limits)? else {
             return Ok(None);
-        }
-        if &buf[end - 2..end] != b"\r\n" {
-            return Err(RespError::ExpectedCrlf);
-        }
-        on_arg(data, data + len);
+        };
+        on_arg(data, end - 2);
         pos = end;
     }
     check_message_len(pos, limits)?;
@@ -733,23 +748,9 @@ fn parse_value(
             if len == -1 {
                 (built(RespValue::Null), data)
             } else {
-                let Ok(len) = usize::try_from(len) else {
-                    return Err(RespError::InvalidBulkLength);
-                };
-                if len > limits.bulk_bytes_max {
-                    return Err(RespError::BulkTooLarge {
-                        len: len as u64,
-                        max: limits.bulk_bytes_max,
-                    });
-                }
-                let end = data.saturating_add(len).saturating_add(2);
-                check_message_len(end, limits)?;
-                if buf.len() < end {
+                let Some(end) = bulk_end(buf, data, len, limits)? else {
                     return Ok(None);
-                }
-                if &buf[end - 2..end] != b"\r\n" {
-                    return Err(RespError::ExpectedCrlf);
-                }
+                };
                 let v = build.then(|| RespValue::Bulk(Bytes::copy_from_slice(&buf[data..end - 2])));
                 (v, end)
             }
