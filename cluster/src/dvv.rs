@@ -72,20 +72,56 @@ use std::collections::BTreeMap;
 
 use crate::node::NodeId;
 
+/// The author of causal events: a node in one of its *epochs*.
+///
+/// A node numbers the writes it coordinates per key, and a dot `(actor, n)` must name one value
+/// forever. A node can lose the local state its numbering continues from (a crash in `buffered`
+/// durability, a coordination with no local replica, a partition that moved away and back), so
+/// it never continues an actor whose history it may have lost: it starts a new epoch instead,
+/// which is a new actor with its own counters. Which epoch a coordinator may continue is the
+/// coordinator's rule (`coordinator.rs`); here an actor is just an ordered pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Actor {
+    /// The node.
+    pub node: NodeId,
+    /// The node's epoch; a node issues epochs in increasing order and never reuses one.
+    pub epoch: u32,
+}
+
+impl Actor {
+    /// `node` in `epoch`.
+    pub const fn new(node: NodeId, epoch: u32) -> Self {
+        Actor { node, epoch }
+    }
+}
+
+impl From<NodeId> for Actor {
+    /// The node's epoch 0.
+    fn from(node: NodeId) -> Self {
+        Actor { node, epoch: 0 }
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.node, self.epoch)
+    }
+}
+
 /// Most entries a decoded context may have.
 pub const CONTEXT_ENTRIES_MAX: usize = 64;
 /// Format version written in the first byte of an encoded context.
-const CONTEXT_FORMAT_VERSION: u8 = 1;
+const CONTEXT_FORMAT_VERSION: u8 = 2;
 /// Format version byte plus the `u32` entry count.
 const CONTEXT_HEADER_BYTES: usize = 1 + 4;
-/// Actor `u32` plus counter `u64`.
-const CONTEXT_ENTRY_BYTES: usize = 4 + 8;
+/// Actor (node `u32`, epoch `u32`) plus counter `u64`.
+const CONTEXT_ENTRY_BYTES: usize = 4 + 4 + 8;
 /// Largest context [`VersionVector::decode`] accepts, in bytes.
 pub const CONTEXT_BYTES_MAX: usize =
     CONTEXT_HEADER_BYTES + CONTEXT_ENTRIES_MAX * CONTEXT_ENTRY_BYTES;
 
 const _: () = assert!(CONTEXT_ENTRIES_MAX as u64 <= u32::MAX as u64);
-const _: () = assert!(CONTEXT_BYTES_MAX == 773);
+const _: () = assert!(CONTEXT_BYTES_MAX == 1029);
 
 /// Why context bytes were rejected. Every variant is a client error: the bytes were not produced
 /// by [`VersionVector::encode`] (or were damaged or forged).
@@ -133,11 +169,28 @@ pub enum DecodeError {
     },
 }
 
+/// Why stored clock entries were rejected by [`DvvSet::from_entries`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClockError {
+    /// Actors are not strictly ascending.
+    #[error("clock entry {index} is not in strictly ascending actor order")]
+    Unordered {
+        /// Index of the offending entry.
+        index: usize,
+    },
+    /// A zero counter, or more live values than events.
+    #[error("clock entry {index} has a zero counter or more values than events")]
+    BadCounter {
+        /// Index of the offending entry.
+        index: usize,
+    },
+}
+
 /// One event of one actor: the `counter`-th write coordinated by `actor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dot {
-    /// The coordinating node.
-    pub actor: NodeId,
+    /// The coordinating node and epoch.
+    pub actor: Actor,
     /// Its event number, from 1.
     pub counter: u64,
 }
@@ -149,7 +202,7 @@ pub struct Dot {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VersionVector {
     /// No zero counters, so equal histories are equal maps.
-    counters: BTreeMap<NodeId, u64>,
+    counters: BTreeMap<Actor, u64>,
 }
 
 impl VersionVector {
@@ -159,7 +212,7 @@ impl VersionVector {
     }
 
     /// How many of `actor`'s events are known.
-    pub fn get(&self, actor: NodeId) -> u64 {
+    pub fn get(&self, actor: Actor) -> u64 {
         self.counters.get(&actor).copied().unwrap_or(0)
     }
 
@@ -169,7 +222,7 @@ impl VersionVector {
     }
 
     /// Raises `actor`'s counter to at least `counter`.
-    pub fn advance(&mut self, actor: NodeId, counter: u64) {
+    pub fn advance(&mut self, actor: Actor, counter: u64) {
         if counter > 0 {
             let known = self.counters.entry(actor).or_insert(0);
             *known = (*known).max(counter);
@@ -187,7 +240,7 @@ impl VersionVector {
     }
 
     /// `(actor, counter)` pairs in actor order, counters non-zero.
-    pub fn iter(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (Actor, u64)> + '_ {
         self.counters.iter().map(|(a, c)| (*a, *c))
     }
 
@@ -210,11 +263,11 @@ impl VersionVector {
     /// The opaque context bytes for clients. Little-endian:
     ///
     /// ```text
-    /// version u8 = 1 | count u32 | count × (actor u32 | counter u64), actors strictly ascending,
-    ///                                      counters ≥ 1
+    /// version u8 = 2 | count u32 | count × (node u32 | epoch u32 | counter u64),
+    ///                   actors (node, epoch) strictly ascending, counters ≥ 1
     /// ```
     ///
-    /// Exactly `5 + 12 · count` bytes. Vectors with more than [`CONTEXT_ENTRIES_MAX`] entries are
+    /// Exactly `5 + 16 · count` bytes. Vectors with more than [`CONTEXT_ENTRIES_MAX`] entries are
     /// encoded too, but [`VersionVector::decode`] rejects them (see the module docs).
     pub fn encode(&self) -> Vec<u8> {
         let count = u32::try_from(self.counters.len())
@@ -225,7 +278,8 @@ impl VersionVector {
         bytes.extend_from_slice(&count.to_le_bytes());
         for (actor, counter) in self.iter() {
             assert!(counter > 0, "version vectors hold no zero counters");
-            bytes.extend_from_slice(&actor.0.to_le_bytes());
+            bytes.extend_from_slice(&actor.node.0.to_le_bytes());
+            bytes.extend_from_slice(&actor.epoch.to_le_bytes());
             bytes.extend_from_slice(&counter.to_le_bytes());
         }
         assert_eq!(
@@ -260,18 +314,25 @@ impl VersionVector {
             });
         }
         let mut counters = BTreeMap::new();
-        let mut previous: Option<NodeId> = None;
+        let mut previous: Option<Actor> = None;
         for (index, entry) in body.chunks_exact(CONTEXT_ENTRY_BYTES).enumerate() {
-            let (actor, counter) = entry.split_at(4);
-            let actor = NodeId(u32::from_le_bytes(
-                actor
-                    .try_into()
-                    .expect("chunks are 12 bytes: 4 for the actor"),
-            ));
+            let (node, rest) = entry.split_at(4);
+            let (epoch, counter) = rest.split_at(4);
+            let actor = Actor {
+                node: NodeId(u32::from_le_bytes(
+                    node.try_into()
+                        .expect("chunks are 16 bytes: 4 for the node"),
+                )),
+                epoch: u32::from_le_bytes(
+                    epoch
+                        .try_into()
+                        .expect("chunks are 16 bytes: 4 for the epoch"),
+                ),
+            };
             let counter = u64::from_le_bytes(
                 counter
                     .try_into()
-                    .expect("chunks are 12 bytes: 8 for the counter"),
+                    .expect("chunks are 16 bytes: 8 for the counter"),
             );
             if previous.is_some_and(|p| p >= actor) {
                 return Err(DecodeError::Unordered { index });
@@ -287,9 +348,9 @@ impl VersionVector {
     }
 }
 
-impl FromIterator<(NodeId, u64)> for VersionVector {
+impl FromIterator<(Actor, u64)> for VersionVector {
     /// Collects `(actor, counter)` pairs; repeated actors keep the largest counter, zeros vanish.
-    fn from_iter<I: IntoIterator<Item = (NodeId, u64)>>(iter: I) -> Self {
+    fn from_iter<I: IntoIterator<Item = (Actor, u64)>>(iter: I) -> Self {
         let mut vv = VersionVector::new();
         for (actor, counter) in iter {
             vv.advance(actor, counter);
@@ -335,7 +396,7 @@ impl<V> Put<V> {
 /// One actor's entry: events `1..=counter` known, the last `values.len()` of them live.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Entry<V> {
-    actor: NodeId,
+    actor: Actor,
     counter: u64,
     /// Oldest first: `values[i]` has the dot `counter − len + 1 + i`.
     values: Vec<V>,
@@ -377,8 +438,8 @@ impl<V: Eq> DvvSet<V> {
     /// gets the dot `(actor, counter + 1)`. Values the context does not cover stay as siblings.
     ///
     /// `actor` must be the node running the update, and its counter must only ever grow (see
-    /// [`NodeId`]): the result is causally newer than both `server` and the context.
-    pub fn update(put: Put<V>, server: DvvSet<V>, actor: NodeId) -> DvvSet<V> {
+    /// [`Actor`]): the result is causally newer than both `server` and the context.
+    pub fn update(put: Put<V>, server: DvvSet<V>, actor: Actor) -> DvvSet<V> {
         let Put { context, value } = put;
         let mut clock = server.discard(&context);
         let at = clock.entries.partition_point(|e| e.actor < actor);
@@ -484,6 +545,56 @@ impl<V: Eq> DvvSet<V> {
         self.size() == 0
     }
 
+    /// The clock's entries in actor order: `(actor, counter, live values oldest first)`. With
+    /// [`DvvSet::from_entries`], the way objects are stored and sent.
+    pub fn entries(&self) -> impl Iterator<Item = (Actor, u64, &[V])> + '_ {
+        self.entries
+            .iter()
+            .map(|e| (e.actor, e.counter, e.values.as_slice()))
+    }
+
+    /// Rebuilds a clock from [`DvvSet::entries`], checking what a clock must satisfy: actors
+    /// strictly ascending, counters ≥ 1, at most `counter` values per entry.
+    pub fn from_entries(
+        entries: impl IntoIterator<Item = (Actor, u64, Vec<V>)>,
+    ) -> Result<DvvSet<V>, ClockError> {
+        let mut clock = DvvSet::empty();
+        for (index, (actor, counter, values)) in entries.into_iter().enumerate() {
+            if clock
+                .entries
+                .last()
+                .is_some_and(|e: &Entry<V>| e.actor >= actor)
+            {
+                return Err(ClockError::Unordered { index });
+            }
+            if counter == 0 || values.len() as u64 > counter {
+                return Err(ClockError::BadCounter { index });
+            }
+            clock.entries.push(Entry {
+                actor,
+                counter,
+                values,
+            });
+        }
+        clock.assert_invariants();
+        Ok(clock)
+    }
+
+    /// Maps every live value, keeping the dots.
+    pub fn map<W: Eq>(self, mut f: impl FnMut(V) -> W) -> DvvSet<W> {
+        DvvSet {
+            entries: self
+                .entries
+                .into_iter()
+                .map(|e| Entry {
+                    actor: e.actor,
+                    counter: e.counter,
+                    values: e.values.into_iter().map(&mut f).collect(),
+                })
+                .collect(),
+        }
+    }
+
     fn assert_invariants(&self) {
         for pair in self.entries.windows(2) {
             assert!(pair[0].actor < pair[1].actor, "entries sorted by actor");
@@ -531,8 +642,8 @@ mod tests {
 
     use super::*;
 
-    const A: NodeId = NodeId(1);
-    const B: NodeId = NodeId(2);
+    const A: Actor = Actor::new(NodeId(1), 0);
+    const B: Actor = Actor::new(NodeId(2), 0);
 
     fn values<V: Eq + Clone>(clock: &DvvSet<V>) -> Vec<V> {
         clock.values().cloned().collect()
@@ -562,19 +673,21 @@ mod tests {
         assert_eq!(values(&b), [2]);
         assert_eq!(values(&a.clone().sync(b.clone())), [2]);
         assert_eq!(a.clone().sync(b.clone()), b.clone().sync(a));
-        let c = DvvSet::update(Put::new(3), DvvSet::empty(), NodeId(3));
+        let c = DvvSet::update(Put::new(3), DvvSet::empty(), Actor::from(NodeId(3)));
         assert_eq!(values(&b.sync(c)), [2, 3]);
     }
 
     #[test]
     fn context_encoding_is_canonical_and_checked() {
-        let vv: VersionVector = [(A, 3), (B, 1), (NodeId(7), 0)].into_iter().collect();
+        let vv: VersionVector = [(A, 3), (B, 1), (Actor::from(NodeId(7)), 0)]
+            .into_iter()
+            .collect();
         assert_eq!(vv.len(), 2);
         let bytes = vv.encode();
-        assert_eq!(bytes.len(), 5 + 2 * 12);
+        assert_eq!(bytes.len(), 5 + 2 * 16);
         assert_eq!(VersionVector::decode(&bytes).unwrap(), vv);
         assert_eq!(
-            VersionVector::decode(&[1, 0, 0, 0, 0]).unwrap(),
+            VersionVector::decode(&[2, 0, 0, 0, 0]).unwrap(),
             VersionVector::new()
         );
 
@@ -583,14 +696,14 @@ mod tests {
             Err(DecodeError::Truncated { len: 3 })
         );
         let mut wrong_version = bytes.clone();
-        wrong_version[0] = 2;
+        wrong_version[0] = 1;
         assert_eq!(
             VersionVector::decode(&wrong_version),
-            Err(DecodeError::UnknownVersion { version: 2 })
+            Err(DecodeError::UnknownVersion { version: 1 })
         );
         // A hostile count is rejected from the header alone.
         assert_eq!(
-            VersionVector::decode(&[1, 0xff, 0xff, 0xff, 0xff]),
+            VersionVector::decode(&[2, 0xff, 0xff, 0xff, 0xff]),
             Err(DecodeError::TooManyEntries { count: u32::MAX })
         );
         assert!(matches!(
@@ -598,14 +711,14 @@ mod tests {
             Err(DecodeError::LengthMismatch { .. })
         ));
         let mut swapped = bytes.clone();
-        swapped[5..17].copy_from_slice(&bytes[17..29]);
-        swapped[17..29].copy_from_slice(&bytes[5..17]);
+        swapped[5..21].copy_from_slice(&bytes[21..37]);
+        swapped[21..37].copy_from_slice(&bytes[5..21]);
         assert_eq!(
             VersionVector::decode(&swapped),
             Err(DecodeError::Unordered { index: 1 })
         );
         let mut zero = bytes.clone();
-        zero[9..17].fill(0);
+        zero[13..21].fill(0);
         assert_eq!(
             VersionVector::decode(&zero),
             Err(DecodeError::ZeroCounter { index: 0 })
@@ -616,13 +729,13 @@ mod tests {
     #[test]
     fn context_entry_limit() {
         let full: VersionVector = (0..CONTEXT_ENTRIES_MAX as u32)
-            .map(|i| (NodeId(i), 1))
+            .map(|i| (Actor::from(NodeId(i)), 1))
             .collect();
         let bytes = full.encode();
         assert_eq!(bytes.len(), CONTEXT_BYTES_MAX);
         assert_eq!(VersionVector::decode(&bytes).unwrap(), full);
         let over: VersionVector = (0..=CONTEXT_ENTRIES_MAX as u32)
-            .map(|i| (NodeId(i), 1))
+            .map(|i| (Actor::from(NodeId(i)), 1))
             .collect();
         assert_eq!(
             VersionVector::decode(&over.encode()),

@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
+use ringkv_cluster::dvv::Actor;
 use ringkv_cluster::dvv::{CONTEXT_ENTRIES_MAX, Dot, DvvSet, Put, VersionVector};
 use ringkv_cluster::node::NodeId;
 
@@ -75,7 +76,7 @@ fn expected_values(clock: &Clock, writes: &[Write]) -> BTreeSet<u32> {
         .collect()
 }
 
-/// Runs `ops` on `replicas` replicas (actor of replica i is NodeId(i)), checking laws 3 and 6
+/// Runs `ops` on `replicas` replicas (actor of replica i is node i, epoch 0), checking laws 3 and 6
 /// along the way. The value of the i-th write is i, so values are unique.
 fn run(replicas: usize, ops: &[Op]) -> History {
     let mut clocks: Vec<Clock> = vec![DvvSet::empty(); replicas];
@@ -99,10 +100,10 @@ fn run(replicas: usize, ops: &[Op]) -> History {
                 let after = DvvSet::update(
                     Put::new_with_context(context.clone(), value),
                     before.clone(),
-                    NodeId(*at as u32),
+                    Actor::from(NodeId(*at as u32)),
                 );
                 let dot = after.dots().find(|(_, v)| **v == value).unwrap().0;
-                assert_eq!(dot.actor, NodeId(*at as u32));
+                assert_eq!(dot.actor, Actor::from(NodeId(*at as u32)));
                 assert_eq!(
                     dot.counter,
                     before.join().get(dot.actor).max(context.get(dot.actor)) + 1
@@ -184,7 +185,7 @@ proptest! {
         let history = run(replicas, &ops);
         let start = pick.get(&history.pool).clone();
         let context = start.join();
-        let (a, b, c) = (NodeId(10), NodeId(if same_coordinator { 10 } else { 11 }), NodeId(12));
+        let (a, b, c) = (Actor::from(NodeId(10)), Actor::from(NodeId(if same_coordinator { 10 } else { 11 })), Actor::from(NodeId(12)));
         let first = DvvSet::update(Put::new_with_context(context.clone(), 1_000_000), start.clone(), a);
         let both = if same_coordinator {
             DvvSet::update(Put::new_with_context(context, 1_000_001), first, b)
@@ -221,7 +222,7 @@ proptest! {
     fn contexts_round_trip(
         entries in prop::collection::btree_map(any::<u32>(), 1u64.., 0..=CONTEXT_ENTRIES_MAX),
     ) {
-        let vv: VersionVector = entries.into_iter().map(|(a, c)| (NodeId(a), c)).collect();
+        let vv: VersionVector = entries.into_iter().map(|(a, c)| (Actor::from(NodeId(a)), c)).collect();
         let bytes = vv.encode();
         prop_assert_eq!(VersionVector::decode(&bytes), Ok(vv));
     }
@@ -244,10 +245,12 @@ proptest! {
         cut in 0usize..2,
     ) {
         let count = entries.len() as u32 + extra;
-        let mut bytes = vec![1];
+        let mut bytes = vec![2];
         bytes.extend_from_slice(&count.to_le_bytes());
         for (actor, counter) in &entries {
+            // Node `actor`, epoch 0.
             bytes.extend_from_slice(&actor.to_le_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
             bytes.extend_from_slice(&counter.to_le_bytes());
         }
         bytes.truncate(bytes.len() - cut.min(bytes.len() - 5));
