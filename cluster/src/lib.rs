@@ -22,8 +22,11 @@
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
 
+pub mod bucket;
+pub mod coordinator;
 pub mod dvv;
 pub mod node;
+pub mod object;
 pub mod ring;
 
 pub use dvv::{DvvSet, Put, VersionVector};

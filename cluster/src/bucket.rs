@@ -1,0 +1,208 @@
+//! Buckets: named namespaces with their replication and conflict properties (sans-IO).
+//!
+//! A bucket's [`BucketProps`] say how many replicas a key has (`n`), how many must answer a read
+//! (`r`) or acknowledge a write (`w`), how many of those write acknowledgements must be durable
+//! (`dw`), whether concurrent writes are kept as siblings or resolved by last-write-wins, and how
+//! many siblings a key may accumulate before writes to it are refused. A request may override `r`,
+//! `w` and `dw` ([`Overrides`]); [`BucketProps::quorum`] checks the result.
+//!
+//! What this module does not own: where the properties come from. Today the node reads them from
+//! its configuration (`[buckets.<name>]` tables) and every node of a cluster must be given the
+//! same ones; distributing bucket properties through the cluster belongs to membership.
+//!
+//! Limits: `n` ≤ [`N_MAX`]; `r`, `w` in `1..=n`; `dw ≤ w`; `max_siblings` in
+//! `1..=`[`SIBLINGS_MAX`] (the wire limit of a GET reply).
+
+use std::collections::BTreeMap;
+
+use ringkv_net::limits::SIBLINGS_MAX;
+
+/// Most replicas a key may have; the ring's `TARGET_N_MAX`.
+pub const N_MAX: u8 = crate::ring::TARGET_N_MAX as u8;
+/// Name of the bucket that RESP commands and requests without a bucket use.
+pub const DEFAULT_BUCKET: &str = "default";
+/// Default sibling limit: enough for real write concurrency, low enough that a key whose
+/// siblings are never merged is noticed early.
+pub const MAX_SIBLINGS_DEFAULT: u16 = 32;
+
+const _: () = assert!(MAX_SIBLINGS_DEFAULT as usize <= SIBLINGS_MAX);
+const _: () = assert!(N_MAX >= 3);
+
+/// How concurrent writes to a key are resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConflictMode {
+    /// Concurrent writes are kept as siblings and returned to the application with a causal
+    /// context; a write with that context resolves them. Nothing is lost.
+    Siblings,
+    /// The write with the highest hybrid-logical-clock timestamp wins (ties: higher node id).
+    /// Concurrent writes are silently lost: for session-like data where that is acceptable.
+    Lww,
+}
+
+/// A bucket's properties.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BucketProps {
+    /// Replicas per key.
+    pub n: u8,
+    /// Replies a read waits for.
+    pub r: u8,
+    /// Acknowledgements a write waits for.
+    pub w: u8,
+    /// Of the `w` acknowledgements, how many must be durable (synced) writes.
+    pub dw: u8,
+    /// Siblings or last-write-wins.
+    pub mode: ConflictMode,
+    /// A write that would leave more siblings than this is refused (`too_many_siblings`).
+    pub max_siblings: u16,
+}
+
+impl Default for BucketProps {
+    /// Dynamo's common configuration: `(N, R, W) = (3, 2, 2)`, one durable acknowledgement
+    /// (the coordinator's own write), siblings.
+    fn default() -> Self {
+        BucketProps {
+            n: 3,
+            r: 2,
+            w: 2,
+            dw: 1,
+            mode: ConflictMode::Siblings,
+            max_siblings: MAX_SIBLINGS_DEFAULT,
+        }
+    }
+}
+
+/// Properties that cannot work together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bucket properties: {0}")]
+pub struct PropsError(pub String);
+
+/// A request's own quorum, overriding the bucket's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Overrides {
+    /// Read quorum.
+    pub r: Option<u8>,
+    /// Write quorum.
+    pub w: Option<u8>,
+    /// Durable-write quorum.
+    pub dw: Option<u8>,
+}
+
+/// The quorum one request runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Quorum {
+    /// Replicas.
+    pub n: u8,
+    /// Replies a read waits for.
+    pub r: u8,
+    /// Acknowledgements a write waits for.
+    pub w: u8,
+    /// Durable acknowledgements among them.
+    pub dw: u8,
+}
+
+impl BucketProps {
+    /// Checks the properties.
+    pub fn validate(&self) -> Result<(), PropsError> {
+        if self.n == 0 || self.n > N_MAX {
+            return Err(PropsError(format!("n = {} outside [1, {N_MAX}]", self.n)));
+        }
+        self.quorum(Overrides::default()).map(|_| ())?;
+        if self.max_siblings == 0 || usize::from(self.max_siblings) > SIBLINGS_MAX {
+            return Err(PropsError(format!(
+                "max_siblings = {} outside [1, {SIBLINGS_MAX}]",
+                self.max_siblings
+            )));
+        }
+        Ok(())
+    }
+
+    /// The quorum for a request with `overrides`, checked: `r` and `w` in `1..=n`, `dw ≤ w`.
+    pub fn quorum(&self, overrides: Overrides) -> Result<Quorum, PropsError> {
+        let q = Quorum {
+            n: self.n,
+            r: overrides.r.unwrap_or(self.r),
+            w: overrides.w.unwrap_or(self.w),
+            dw: overrides.dw.unwrap_or(self.dw),
+        };
+        if q.r == 0 || q.r > q.n {
+            return Err(PropsError(format!("r = {} outside [1, n = {}]", q.r, q.n)));
+        }
+        if q.w == 0 || q.w > q.n {
+            return Err(PropsError(format!("w = {} outside [1, n = {}]", q.w, q.n)));
+        }
+        if q.dw > q.w {
+            return Err(PropsError(format!("dw = {} above w = {}", q.dw, q.w)));
+        }
+        Ok(q)
+    }
+}
+
+/// Every bucket's properties: named buckets, and the properties of any other bucket.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Buckets {
+    /// Properties of buckets not named in `named`.
+    pub default: BucketProps,
+    /// Buckets with their own properties.
+    pub named: BTreeMap<Vec<u8>, BucketProps>,
+}
+
+impl Buckets {
+    /// The properties of `bucket`.
+    pub fn props(&self, bucket: &[u8]) -> &BucketProps {
+        self.named.get(bucket).unwrap_or(&self.default)
+    }
+
+    /// Checks every bucket's properties.
+    pub fn validate(&self) -> Result<(), PropsError> {
+        self.default.validate()?;
+        for (name, props) in &self.named {
+            props
+                .validate()
+                .map_err(|e| PropsError(format!("{}: {}", String::from_utf8_lossy(name), e.0)))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Quorums outside what `n` allows are refused, with the numbers in the message.
+    #[test]
+    fn quorums_are_checked() {
+        let p = BucketProps::default();
+        assert!(p.validate().is_ok());
+        assert!(
+            p.quorum(Overrides {
+                r: Some(4),
+                ..Overrides::default()
+            })
+            .is_err()
+        );
+        assert!(
+            p.quorum(Overrides {
+                w: Some(1),
+                dw: Some(2),
+                ..Overrides::default()
+            })
+            .is_err()
+        );
+        let q = p
+            .quorum(Overrides {
+                r: Some(3),
+                w: Some(3),
+                dw: Some(3),
+            })
+            .expect("within n");
+        assert_eq!((q.r, q.w, q.dw), (3, 3, 3));
+        let zero = BucketProps { n: 0, ..p };
+        assert!(zero.validate().is_err());
+        let siblings = BucketProps {
+            max_siblings: 0,
+            ..p
+        };
+        assert!(siblings.validate().is_err());
+    }
+}

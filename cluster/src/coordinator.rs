@@ -1,0 +1,1928 @@
+//! The Dynamo request path as a sans-IO state machine: quorum reads and writes, sloppy quorum with
+//! hinted handoff, read repair and forwarding.
+//!
+//! One [`Core`] runs per shard (in the simulator: per node). It never reads a clock, a socket or
+//! randomness: the shell feeds it client requests ([`Core::handle_client`]), peer messages
+//! ([`Core::handle_peer`]), storage results ([`Core::handle_stored`]), unreachable peers
+//! ([`Core::handle_unreachable`]) and time ([`Core::handle_tick`]), each with `now` in
+//! milliseconds, and carries out the [`Output`]s they return: messages to send, storage
+//! operations to run, replies to clients. [`Core::next_deadline`] says when to tick next.
+//!
+//! # Request paths
+//!
+//! - **put / delete** (a delete writes a [`Val::Tombstone`]): a node that is not one of the key's
+//!   `n` home replicas (its *preference list*) forwards the request to the first home it believes
+//!   reachable. The coordinator (a home) reads its local replica, applies the client's context and
+//!   a new dot ([`DvvSet::update`]; in `lww` buckets a hybrid-logical-clock stamp instead), checks
+//!   the sibling and size limits, writes locally, and then sends the new object to the other homes.
+//!   It answers once `w` replicas (itself included) acknowledged and `dw` of them durably; the
+//!   rest complete in the background until the request's deadline.
+//! - **get**: any node coordinates. It asks the `n` replicas, answers after `r` replies with the
+//!   merge of what they returned (siblings and context), and once every replica answered (or the
+//!   deadline passed) sends the merged object to each replica that returned something older: read
+//!   repair.
+//! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
+//!   coordinator believes that home unreachable (a request to it timed out or its connection
+//!   failed, less than `down_ms` ago), by the next node of the ring walk not already serving a
+//!   slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
+//!   space ([`Space::Hint`]), and answers reads of that slot from it. When a slot's replica times
+//!   out during a request, the slot moves on to the next fallback.
+//! - **hinted handoff**: every `hint_retry_ms` the core sends each stored hint to its home (at most
+//!   `hint_inflight_max` at once); once the home acknowledges a durable write, the hint is removed
+//!   unless it changed meanwhile. The membership layer adds pacing and failure detection later.
+//!
+//! # Dots must never repeat: actors and epochs
+//!
+//! A coordinator continues the numbering of its actor from its local replica, so the numbering is
+//! only safe while that replica holds every dot the actor issued for the key. The rules:
+//!
+//! - A home coordinator continues its actor with the highest epoch among its entries in the local
+//!   replica, provided that epoch is not below `floor`; otherwise it starts its *primary epoch*
+//!   for the key (a new clock entry). In `sync` durability the local write is synced before the
+//!   object leaves the node, so `floor` is 0 and numbering continues across restarts; in
+//!   `buffered` durability a crash may lose the local write after peers received it, so `floor` is
+//!   the primary epoch of the current run and every key starts a new entry after a restart.
+//! - A coordinator outside the preference list (all homes unreachable) has no replica to continue
+//!   from, so each such write takes a fresh epoch of its own (dot `(node, epoch, 1)`).
+//! - Epochs come from an [`EpochLease`] the shell persists: each run gets epochs above every
+//!   earlier run's. When fewer than a quarter are left, [`Output::RenewEpochs`] asks for more; a
+//!   non-home write that finds none left fails with `overloaded`.
+//!
+//! Obligation for later layers: whatever removes a home replica's objects without a tombstone
+//! (partition transfer, tombstone reaping) must raise `floor` for the keys it removes.
+//!
+//! # Concurrency
+//!
+//! Every read-modify-write of one stored key (coordination, replica merge, hint removal) holds a
+//! per-key lock inside the core, so two merges never interleave and a dot is never issued twice
+//! from the same local state. Plain reads (replica reads, hint delivery) take no lock.
+//!
+//! Limits: the sibling limit is enforced where writes are coordinated; merges of concurrent writes
+//! on replicas may exceed it, and a read whose merge has more than the wire's `SIBLINGS_MAX`
+//! siblings fails with `too_many_siblings`. Everything is ordered (`BTreeMap`) so a simulated run
+//! is a function of its seed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use ringkv_net::limits::SIBLINGS_MAX;
+use ringkv_net::{ErrorBody, ErrorCode, GetOk, Message, PutOk, Sibling};
+
+use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
+use crate::dvv::{Actor, DvvSet, Put, VersionVector};
+use crate::node::NodeId;
+use crate::object::{Lww, Object, Val, hlc_next};
+use crate::ring::{PartitionId, Ring};
+
+/// Settings of a [`Core`].
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Bucket properties.
+    pub buckets: Buckets,
+    /// Whether local writes are synced (`sync` durability): every replica write is then durable
+    /// and the epoch floor is 0 (module docs).
+    pub durable_writes: bool,
+    /// Deadline of a request that names none.
+    pub request_timeout_ms: u64,
+    /// A replica that has not answered within this is believed unreachable; its slot moves on.
+    pub replica_timeout_ms: u64,
+    /// How long a node stays believed unreachable without news from it.
+    pub down_ms: u64,
+    /// Interval between hinted-handoff rounds.
+    pub hint_retry_ms: u64,
+    /// Most hints in delivery at once.
+    pub hint_inflight_max: usize,
+    /// Largest encoded object a write may produce (the engine's value limit).
+    pub object_bytes_max: usize,
+    /// Most keys coordinated at once (client requests beyond it are refused `overloaded`).
+    pub ops_max: usize,
+}
+
+impl CoreConfig {
+    /// Defaults for `node`.
+    pub fn new(node: NodeId) -> Self {
+        CoreConfig {
+            node,
+            buckets: Buckets::default(),
+            durable_writes: true,
+            request_timeout_ms: 10_000,
+            replica_timeout_ms: 1_000,
+            down_ms: 2_000,
+            hint_retry_ms: 1_000,
+            hint_inflight_max: 64,
+            object_bytes_max: 1 << 20,
+            ops_max: 65_536,
+        }
+    }
+}
+
+/// Epochs this core may use (module docs). The shell persists `end` before handing a lease over,
+/// so a later run's lease starts above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochLease {
+    /// The epoch home coordination uses in this run.
+    pub primary: u32,
+    /// Next fresh epoch for non-home coordination.
+    pub next: u32,
+    /// End (exclusive) of the leased range.
+    pub end: u32,
+    /// Size of the lease when granted; renewal is asked for below a quarter of it.
+    pub size: u32,
+}
+
+impl EpochLease {
+    /// A lease of `[start, start + size)`, the first epoch being the primary one.
+    pub fn new(start: u32, size: u32) -> Self {
+        assert!(size >= 2, "a lease needs a primary and a fresh epoch");
+        let end = start.checked_add(size).expect("epoch space exhausted");
+        EpochLease {
+            primary: start,
+            next: start + 1,
+            end,
+            size,
+        }
+    }
+}
+
+/// Where a key is stored on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Space {
+    /// The node's own replica (it is a home of the key, or was sent a repair).
+    Primary,
+    /// A fallback's copy held for the named home node (sloppy quorum).
+    Hint(NodeId),
+}
+
+/// One stored key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreKey {
+    /// Ring partition of the key.
+    pub partition: u32,
+    /// Replica or hint.
+    pub space: Space,
+    /// Bucket.
+    pub bucket: Bytes,
+    /// Key.
+    pub key: Bytes,
+}
+
+/// A storage operation for the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Read the object; answer `Ok(Some)` or `Ok(None)`.
+    Read,
+    /// Replace the object, synced before answering if `durable`; answer `Ok(None)`.
+    Write {
+        /// The new object.
+        object: Object,
+        /// Sync before answering.
+        durable: bool,
+    },
+    /// Remove the object (a delivered hint); answer `Ok(None)`.
+    Remove,
+}
+
+/// Messages between cores of different nodes. `id`s are chosen by the sender of a request,
+/// unique among its outstanding requests, and echoed by the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// Merge `object` into the replica (or the hint for `hint`).
+    ReplicaPut {
+        /// Request id.
+        id: u64,
+        /// Where to store it.
+        key: StoreKey,
+        /// What to merge.
+        object: Object,
+        /// Sync before acknowledging.
+        durable: bool,
+    },
+    /// The merge is done.
+    ReplicaPutOk {
+        /// Request id.
+        id: u64,
+        /// Whether it was synced.
+        durable: bool,
+    },
+    /// Read the replica (or hint).
+    ReplicaGet {
+        /// Request id.
+        id: u64,
+        /// What to read.
+        key: StoreKey,
+    },
+    /// The replica's object, if any.
+    ReplicaGetOk {
+        /// Request id.
+        id: u64,
+        /// The object.
+        object: Option<Object>,
+    },
+    /// Coordinate this client request (GET, PUT or DELETE) for the sender.
+    Forward {
+        /// Request id.
+        id: u64,
+        /// The client's request.
+        request: Message,
+    },
+    /// The answer to a [`PeerMsg::Forward`]: the reply for the client.
+    ForwardReply {
+        /// Request id.
+        id: u64,
+        /// The reply.
+        reply: Message,
+    },
+    /// A request failed on the receiver (storage error, bad input).
+    Failed {
+        /// Request id.
+        id: u64,
+        /// Why.
+        error: ErrorBody,
+    },
+}
+
+impl PeerMsg {
+    /// Whether this message answers a request (rather than being one).
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            PeerMsg::ReplicaPutOk { .. }
+                | PeerMsg::ReplicaGetOk { .. }
+                | PeerMsg::ForwardReply { .. }
+                | PeerMsg::Failed { .. }
+        )
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send `msg` to node `to`. Delivery is best effort: the core times out what is lost.
+    Send {
+        /// Destination.
+        to: NodeId,
+        /// The message.
+        msg: PeerMsg,
+    },
+    /// Run a storage operation and report it with [`Core::handle_stored`] and the same `id`.
+    Store {
+        /// Operation id.
+        id: u64,
+        /// The key.
+        key: StoreKey,
+        /// The operation.
+        op: StoreOp,
+    },
+    /// Answer client request `req` (the id the shell gave [`Core::handle_client`]).
+    Reply {
+        /// The client request.
+        req: u64,
+        /// GET_OK, PUT_OK, DELETE_OK or ERROR.
+        message: Message,
+    },
+    /// Persist a new epoch range above every range handed out so far and give it to
+    /// [`Core::handle_epochs`].
+    RenewEpochs,
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Requests forwarded to a home node.
+    pub forwarded: u64,
+    /// Replica writes sent to fallbacks with a hint.
+    pub hinted_writes: u64,
+    /// Hints delivered to their home and removed.
+    pub hints_delivered: u64,
+    /// Read-repair writes sent.
+    pub read_repairs: u64,
+    /// Slots moved to a fallback after a replica failed during a request.
+    pub slot_moves: u64,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorBody::new(code, message))
+}
+
+/// The client operation of a request, decoded.
+#[derive(Clone, Debug)]
+enum Write {
+    Put(Bytes),
+    Delete,
+}
+
+/// One of the `n` replica positions of a request.
+#[derive(Clone, Debug)]
+struct Slot {
+    /// The home node of the slot.
+    home: NodeId,
+    /// The node serving it now (the home or a fallback).
+    holder: Option<NodeId>,
+    /// Outstanding message to the holder, if any.
+    pending: Option<u64>,
+    /// The holder answered (ack or read reply).
+    done: bool,
+    /// Read result of the holder (gets).
+    read: Option<Option<Object>>,
+}
+
+impl Slot {
+    fn key(&self, partition: u32, bucket: &Bytes, key: &Bytes) -> StoreKey {
+        let holder = self
+            .holder
+            .expect("a slot with a pending request has a holder");
+        StoreKey {
+            partition,
+            space: if holder == self.home {
+                Space::Primary
+            } else {
+                Space::Hint(self.home)
+            },
+            bucket: bucket.clone(),
+            key: key.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum OpKind {
+    /// A write being coordinated; `object` is set once the local update is computed.
+    Write {
+        write: Write,
+        context: Option<VersionVector>,
+        object: Option<Object>,
+        acks: u8,
+        durable_acks: u8,
+        /// Replicas asked to sync.
+        want_durable: bool,
+    },
+    /// A read.
+    Read { replies: u8, merged: Option<Object> },
+    /// A request forwarded to a home node.
+    Forwarded {
+        request: Message,
+        tried: BTreeSet<NodeId>,
+        pending: Option<(NodeId, u64)>,
+    },
+}
+
+/// Who gets the answer of a coordinated request.
+#[derive(Clone, Copy, Debug)]
+enum ReplyTo {
+    Client(u64),
+    Peer(NodeId, u64),
+}
+
+#[derive(Debug)]
+struct Op {
+    reply_to: ReplyTo,
+    replied: bool,
+    partition: u32,
+    bucket: Bytes,
+    key: Bytes,
+    quorum: Quorum,
+    deadline: u64,
+    slots: Vec<Slot>,
+    /// Every node that served a slot of this request (a fallback is used once).
+    used: BTreeSet<NodeId>,
+    kind: OpKind,
+}
+
+/// What an outstanding message or storage operation belongs to.
+#[derive(Debug)]
+enum Pending {
+    /// A replica write or read of slot `slot` of op `op`, sent to `node` (maybe this node).
+    Slot { op: u64, slot: usize, node: NodeId },
+    /// A forwarded request.
+    Forward { op: u64, node: NodeId },
+    /// A read repair sent to `node`; nothing waits for it.
+    Repair { node: NodeId },
+    /// A hint sent to its home.
+    Delivery { hint: StoreKey, object: Object },
+    /// A replica read for a peer (or this node) that is a plain storage read.
+    PeerRead { to: ReplyTo2 },
+    /// A hint read before delivery.
+    HintRead { hint: StoreKey },
+}
+
+/// Where the answer of a local storage read goes.
+#[derive(Clone, Copy, Debug)]
+enum ReplyTo2 {
+    Peer(NodeId, u64),
+    Slot { op: u64, slot: usize },
+}
+
+/// A read-modify-write of one stored key, run under that key's lock.
+#[derive(Debug)]
+struct Job {
+    key: StoreKey,
+    kind: JobKind,
+    /// Storage operation in flight for the job.
+    stage: Stage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Queued,
+    Reading,
+    Writing,
+}
+
+#[derive(Debug)]
+enum JobKind {
+    /// Compute and write the coordinated update of op `op`.
+    Coordinate { op: u64 },
+    /// Merge `object` into the stored key, then acknowledge.
+    Apply {
+        object: Object,
+        durable: bool,
+        then: ApplyDone,
+    },
+    /// Remove a delivered hint if it still holds `delivered`.
+    DropHint { delivered: Object },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ApplyDone {
+    Peer(NodeId, u64),
+    Slot { op: u64, slot: usize },
+    Nothing,
+}
+
+/// State of one stored hint.
+#[derive(Debug, Default)]
+struct HintState {
+    in_flight: bool,
+}
+
+/// The request-path state machine of one shard (module docs).
+pub struct Core {
+    cfg: CoreConfig,
+    ring: Ring,
+    /// Walk order of every partition, computed once per ring.
+    walks: Vec<Vec<NodeId>>,
+    epochs: EpochLease,
+    renewing: bool,
+    floor: u32,
+    hlc_last: u64,
+    next_id: u64,
+    ops: BTreeMap<u64, Op>,
+    /// Deadlines of ops, for ticks.
+    op_deadlines: BTreeSet<(u64, u64)>,
+    pending: BTreeMap<u64, Pending>,
+    /// Timeouts of outstanding messages: (deadline, id).
+    timeouts: BTreeSet<(u64, u64)>,
+    jobs: BTreeMap<u64, Job>,
+    /// Per stored key: the job holding the lock first, then the ones waiting.
+    locks: BTreeMap<StoreKey, VecDeque<u64>>,
+    /// Store operation id → job id.
+    job_ops: BTreeMap<u64, u64>,
+    down: BTreeMap<NodeId, u64>,
+    hints: BTreeMap<StoreKey, HintState>,
+    hints_in_flight: usize,
+    next_hint_round: u64,
+    out: Vec<Output>,
+    stats: CoreStats,
+}
+
+impl Core {
+    /// A core for `cfg.node` on `ring`, with the epochs of this run and the hints found in storage
+    /// (keys in [`Space::Hint`]).
+    pub fn new(
+        cfg: CoreConfig,
+        ring: Ring,
+        epochs: EpochLease,
+        hints: impl IntoIterator<Item = StoreKey>,
+    ) -> Core {
+        assert!(cfg.replica_timeout_ms > 0);
+        assert!(cfg.hint_retry_ms > 0);
+        assert!(cfg.hint_inflight_max > 0);
+        let floor = if cfg.durable_writes {
+            0
+        } else {
+            epochs.primary
+        };
+        let mut core = Core {
+            walks: Vec::new(),
+            ring,
+            epochs,
+            renewing: false,
+            floor,
+            hlc_last: 0,
+            next_id: 1,
+            ops: BTreeMap::new(),
+            op_deadlines: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            timeouts: BTreeSet::new(),
+            jobs: BTreeMap::new(),
+            locks: BTreeMap::new(),
+            job_ops: BTreeMap::new(),
+            down: BTreeMap::new(),
+            hints: hints
+                .into_iter()
+                .filter(|k| matches!(k.space, Space::Hint(_)))
+                .map(|k| (k, HintState::default()))
+                .collect(),
+            hints_in_flight: 0,
+            next_hint_round: 0,
+            out: Vec::new(),
+            stats: CoreStats::default(),
+            cfg,
+        };
+        core.set_ring(core.ring.clone());
+        core
+    }
+
+    /// Replaces the ring (a membership change).
+    pub fn set_ring(&mut self, ring: Ring) {
+        self.walks = (0..ring.partition_count().get())
+            .map(|p| ring.walk(PartitionId(p)).collect())
+            .collect();
+        self.ring = ring;
+    }
+
+    /// The ring in use.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CoreStats {
+        self.stats
+    }
+
+    /// Hints stored here and not yet delivered.
+    pub fn hint_count(&self) -> usize {
+        self.hints.len()
+    }
+
+    /// Requests being coordinated or forwarded.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// When [`Core::handle_tick`] has work next, if ever.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut next = [
+            self.timeouts.first().map(|(t, _)| *t),
+            self.op_deadlines.first().map(|(t, _)| *t),
+            (!self.hints.is_empty()).then_some(self.next_hint_round),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(n) = next.as_mut() {
+            *n = (*n).max(1);
+        }
+        next
+    }
+
+    fn take_output(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn believed_up(&self, node: NodeId, now: u64) -> bool {
+        node == self.cfg.node
+            || self
+                .down
+                .get(&node)
+                .is_none_or(|since| now >= since.saturating_add(self.cfg.down_ms))
+    }
+
+    fn mark_down(&mut self, node: NodeId, now: u64) {
+        if node != self.cfg.node {
+            self.down.insert(node, now);
+        }
+    }
+
+    fn heard_from(&mut self, node: NodeId) {
+        self.down.remove(&node);
+    }
+
+    /// A new epoch range (answer to [`Output::RenewEpochs`]).
+    pub fn handle_epochs(&mut self, lease: EpochLease) {
+        assert!(lease.next > self.epochs.next.max(self.epochs.primary));
+        self.renewing = false;
+        self.epochs = EpochLease {
+            primary: self.epochs.primary,
+            ..lease
+        };
+    }
+
+    fn fresh_epoch(&mut self) -> Option<u32> {
+        if self.epochs.next >= self.epochs.end {
+            return None;
+        }
+        let e = self.epochs.next;
+        self.epochs.next += 1;
+        if !self.renewing && self.epochs.end - self.epochs.next < self.epochs.size / 4 {
+            self.renewing = true;
+            self.out.push(Output::RenewEpochs);
+        }
+        Some(e)
+    }
+
+    // ----- client requests -----
+
+    /// A client request: GET, PUT or DELETE. The answer comes as [`Output::Reply`] with `req`.
+    pub fn handle_client(&mut self, now: u64, req: u64, request: Message) -> Vec<Output> {
+        self.start(now, ReplyTo::Client(req), request, false);
+        self.take_output()
+    }
+
+    fn answer(&mut self, to: ReplyTo, message: Message) {
+        match to {
+            ReplyTo::Client(req) => self.out.push(Output::Reply { req, message }),
+            ReplyTo::Peer(node, id) => self.out.push(Output::Send {
+                to: node,
+                msg: PeerMsg::ForwardReply { id, reply: message },
+            }),
+        }
+    }
+
+    fn start(&mut self, now: u64, reply_to: ReplyTo, request: Message, forwarded: bool) {
+        let (bucket, key, timeout_ms, overrides) = match &request {
+            Message::Get(m) => (
+                m.bucket.clone(),
+                m.key.clone(),
+                m.timeout_ms,
+                Overrides {
+                    r: m.r,
+                    ..Overrides::default()
+                },
+            ),
+            Message::Put(m) => (
+                m.bucket.clone(),
+                m.key.clone(),
+                m.timeout_ms,
+                Overrides {
+                    w: m.w,
+                    dw: m.dw,
+                    ..Overrides::default()
+                },
+            ),
+            Message::Delete(m) => (
+                m.bucket.clone(),
+                m.key.clone(),
+                m.timeout_ms,
+                Overrides {
+                    w: m.w,
+                    dw: m.dw,
+                    ..Overrides::default()
+                },
+            ),
+            other => {
+                let kind = other.kind();
+                return self.answer(
+                    reply_to,
+                    error(
+                        ErrorCode::InvalidRequest,
+                        format!("{kind} is not a key request"),
+                    ),
+                );
+            }
+        };
+        if self.ops.len() >= self.cfg.ops_max {
+            return self.answer(
+                reply_to,
+                error(
+                    ErrorCode::Overloaded,
+                    format!("{} requests in flight on this shard", self.ops.len()),
+                ),
+            );
+        }
+        let props = *self.cfg.buckets.props(&bucket);
+        let quorum = match props.quorum(overrides) {
+            Ok(q) => q,
+            Err(e) => return self.answer(reply_to, error(ErrorCode::InvalidRequest, e.0)),
+        };
+        let members = self.ring.members().len();
+        let n = usize::from(quorum.n).min(members);
+        let partition = self.ring.partition_of(&bucket, &key).0;
+        let deadline = now.saturating_add(
+            timeout_ms
+                .map_or(self.cfg.request_timeout_ms, u64::from)
+                .max(1),
+        );
+        let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
+        let is_home = homes.contains(&self.cfg.node);
+        let id = self.id();
+        let mut op = Op {
+            reply_to,
+            replied: false,
+            partition,
+            bucket,
+            key,
+            quorum,
+            deadline,
+            slots: homes
+                .iter()
+                .map(|&home| Slot {
+                    home,
+                    holder: None,
+                    pending: None,
+                    done: false,
+                    read: None,
+                })
+                .collect(),
+            used: BTreeSet::new(),
+            kind: OpKind::Read {
+                replies: 0,
+                merged: None,
+            },
+        };
+        // With fewer members than `n`, every member is a home and quorums above the member
+        // count cannot be met: refused below with the counts.
+        let (r, w) = (usize::from(quorum.r), usize::from(quorum.w));
+        match request {
+            Message::Get(_) => {
+                if r > n {
+                    return self.answer(reply_to, not_enough("read", 0, r, n));
+                }
+                self.ops.insert(id, op);
+                self.op_deadlines.insert((deadline, id));
+                for slot in 0..n {
+                    self.assign_slot(now, id, slot);
+                }
+                self.check_read(now, id);
+            }
+            Message::Put(_) | Message::Delete(_) if w > n => {
+                self.answer(reply_to, not_enough("write", 0, w, n));
+            }
+            Message::Put(_) | Message::Delete(_) if !is_home && !forwarded => {
+                let up: Option<NodeId> = homes.iter().copied().find(|h| self.believed_up(*h, now));
+                match up {
+                    Some(home) => {
+                        op.kind = OpKind::Forwarded {
+                            request,
+                            tried: BTreeSet::new(),
+                            pending: None,
+                        };
+                        self.ops.insert(id, op);
+                        self.op_deadlines.insert((deadline, id));
+                        self.forward(now, id, home);
+                    }
+                    None => self.start_write(now, id, op, request, false),
+                }
+            }
+            Message::Put(_) | Message::Delete(_) => self.start_write(now, id, op, request, is_home),
+            _ => unreachable!("other kinds were answered above"),
+        }
+    }
+
+    fn forward(&mut self, now: u64, id: u64, home: NodeId) {
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        let OpKind::Forwarded {
+            request,
+            tried,
+            pending,
+        } = &mut op.kind
+        else {
+            return;
+        };
+        tried.insert(home);
+        let msg_id = self.next_id;
+        self.next_id += 1;
+        *pending = Some((home, msg_id));
+        let request = request.clone();
+        self.pending
+            .insert(msg_id, Pending::Forward { op: id, node: home });
+        self.timeouts
+            .insert((now + self.cfg.replica_timeout_ms.max(1), msg_id));
+        self.stats.forwarded += 1;
+        self.out.push(Output::Send {
+            to: home,
+            msg: PeerMsg::Forward {
+                id: msg_id,
+                request,
+            },
+        });
+    }
+
+    fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: Message, is_home: bool) {
+        let (write, context) = match request {
+            Message::Put(m) => (Write::Put(m.value), m.context),
+            Message::Delete(m) => (Write::Delete, m.context),
+            _ => unreachable!("start_write is called for writes"),
+        };
+        let context = match context.filter(|c| !c.is_empty()) {
+            None => None,
+            Some(bytes) => match VersionVector::decode(&bytes) {
+                Ok(vv) => Some(vv),
+                Err(e) => {
+                    return self.answer(op.reply_to, error(ErrorCode::BadContext, e.to_string()));
+                }
+            },
+        };
+        let want_durable = op.quorum.dw > u8::from(is_home && self.cfg.durable_writes);
+        op.kind = OpKind::Write {
+            write,
+            context,
+            object: None,
+            acks: 0,
+            durable_acks: 0,
+            want_durable,
+        };
+        let deadline = op.deadline;
+        let key = StoreKey {
+            partition: op.partition,
+            space: Space::Primary,
+            bucket: op.bucket.clone(),
+            key: op.key.clone(),
+        };
+        self.ops.insert(id, op);
+        self.op_deadlines.insert((deadline, id));
+        if is_home {
+            // The coordinator's own slot is served by the local update.
+            let me = self.cfg.node;
+            let op = self.ops.get_mut(&id).expect("inserted above");
+            op.used.insert(me);
+            if let Some(slot) = op.slots.iter_mut().find(|s| s.home == me) {
+                slot.holder = Some(me);
+            }
+            self.lock(key, JobKind::Coordinate { op: id });
+        } else {
+            // No home reachable: coordinate without a local replica, on a fresh epoch.
+            let Some(epoch) = self.fresh_epoch() else {
+                return self.fail_op(
+                    id,
+                    error(
+                        ErrorCode::Overloaded,
+                        "no home replica reachable and no fresh epoch left to coordinate elsewhere",
+                    ),
+                );
+            };
+            let actor = Actor::new(self.cfg.node, epoch);
+            match self.updated(id, None, actor, now) {
+                Ok(object) => self.replicate(now, id, object),
+                Err(e) => self.fail_op(id, Message::Error(e)),
+            }
+        }
+    }
+
+    /// The object a write produces from the local replica `local` (module docs on epochs).
+    fn updated(
+        &mut self,
+        id: u64,
+        local: Option<Object>,
+        actor: Actor,
+        now: u64,
+    ) -> Result<Object, ErrorBody> {
+        let op = self.ops.get(&id).expect("the op of a running write exists");
+        let OpKind::Write { write, context, .. } = &op.kind else {
+            unreachable!("updated is called for writes");
+        };
+        let val = match write {
+            Write::Put(v) => Val::Value(v.clone()),
+            Write::Delete => Val::Tombstone,
+        };
+        let props = self.cfg.buckets.props(&op.bucket);
+        let object = match props.mode {
+            ConflictMode::Siblings => {
+                let server = match local {
+                    Some(Object::Causal(c)) => c,
+                    Some(Object::Lww(_)) | None => DvvSet::empty(),
+                };
+                let put = match context {
+                    Some(vv) => Put::new_with_context(vv.clone(), val),
+                    None => Put::new(val),
+                };
+                let clock = DvvSet::update(put, server, actor);
+                if clock.size() > usize::from(props.max_siblings) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::TooManySiblings,
+                        format!(
+                            "the write would leave {} siblings, above the bucket's limit of {}; \
+                             read the key, merge its siblings and write back with the context",
+                            clock.size(),
+                            props.max_siblings
+                        ),
+                    ));
+                }
+                Object::Causal(clock)
+            }
+            ConflictMode::Lww => {
+                let seen = local.as_ref().map_or(0, Object::timestamp);
+                let timestamp = hlc_next(self.hlc_last.max(seen), now);
+                self.hlc_last = timestamp;
+                let new = Object::Lww(Lww {
+                    timestamp,
+                    node: self.cfg.node,
+                    val,
+                });
+                match local {
+                    Some(l) => l.merge(new),
+                    None => new,
+                }
+            }
+        };
+        let size = object.encode().len();
+        if size > self.cfg.object_bytes_max {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the key's object would be {size} bytes with its siblings, above the limit \
+                     of {}; merge the siblings first",
+                    self.cfg.object_bytes_max
+                ),
+            ));
+        }
+        Ok(object)
+    }
+
+    /// The actor a home coordinator uses for a key whose local replica is `local`.
+    fn home_actor(&self, local: Option<&Object>) -> Actor {
+        let me = self.cfg.node;
+        let continued = match local {
+            Some(Object::Causal(c)) => c
+                .entries()
+                .map(|(a, _, _)| a)
+                .filter(|a| a.node == me && a.epoch >= self.floor)
+                .max(),
+            _ => None,
+        };
+        continued.unwrap_or(Actor::new(me, self.epochs.primary))
+    }
+
+    /// Sends the written object to every slot other than the coordinator's own.
+    fn replicate(&mut self, now: u64, id: u64, object: Object) {
+        let me = self.cfg.node;
+        let Some(op) = self.ops.get_mut(&id) else {
+            return;
+        };
+        if let OpKind::Write { object: o, .. } = &mut op.kind {
+            *o = Some(object);
+        }
+        for slot in 0..op.slots.len() {
+            let op = &self.ops[&id];
+            if op.slots[slot].holder == Some(me) && op.slots[slot].home == me {
+                continue;
+            }
+            self.assign_slot(now, id, slot);
+        }
+        self.check_write(now, id);
+    }
+
+    /// Gives slot `slot` of op `id` a holder (its home if believed up, else the next unused
+    /// fallback) and sends it the request; a slot with nobody left stays empty.
+    fn assign_slot(&mut self, now: u64, id: u64, slot: usize) {
+        let me = self.cfg.node;
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        let home = op.slots[slot].home;
+        let walk = &self.walks[op.partition as usize];
+        let n = op.slots.len();
+        let holder = if !op.used.contains(&home) && self.believed_up(home, now) {
+            Some(home)
+        } else {
+            walk[n..]
+                .iter()
+                .copied()
+                .find(|f| !op.used.contains(f) && self.believed_up(*f, now))
+        };
+        let op = self.ops.get_mut(&id).expect("looked up above");
+        let s = &mut op.slots[slot];
+        let moved = s.holder.is_some();
+        s.holder = holder;
+        s.pending = None;
+        s.done = false;
+        let Some(holder) = holder else {
+            return;
+        };
+        op.used.insert(holder);
+        let key = s.key(op.partition, &op.bucket, &op.key);
+        let msg_id = self.next_id;
+        self.next_id += 1;
+        let op = self.ops.get_mut(&id).expect("looked up above");
+        op.slots[slot].pending = Some(msg_id);
+        if holder != home && matches!(op.kind, OpKind::Write { .. }) {
+            self.stats.hinted_writes += 1;
+        }
+        if moved {
+            self.stats.slot_moves += 1;
+        }
+        let msg = match &op.kind {
+            OpKind::Write {
+                object: Some(object),
+                want_durable,
+                ..
+            } => PeerMsg::ReplicaPut {
+                id: msg_id,
+                key,
+                object: object.clone(),
+                durable: *want_durable,
+            },
+            OpKind::Write { object: None, .. } => {
+                unreachable!("slots are assigned once the object exists")
+            }
+            OpKind::Read { .. } => PeerMsg::ReplicaGet { id: msg_id, key },
+            OpKind::Forwarded { .. } => unreachable!("forwarded ops have no slots"),
+        };
+        self.pending.insert(
+            msg_id,
+            Pending::Slot {
+                op: id,
+                slot,
+                node: holder,
+            },
+        );
+        if holder == me {
+            self.local(msg_id, msg, ReplyTo2::Slot { op: id, slot });
+        } else {
+            self.timeouts
+                .insert((now + self.cfg.replica_timeout_ms, msg_id));
+            self.out.push(Output::Send { to: holder, msg });
+        }
+    }
+
+    /// Runs a replica request addressed to this node.
+    fn local(&mut self, msg_id: u64, msg: PeerMsg, to: ReplyTo2) {
+        match msg {
+            PeerMsg::ReplicaPut {
+                key,
+                object,
+                durable,
+                ..
+            } => {
+                let then = match to {
+                    ReplyTo2::Peer(n, id) => ApplyDone::Peer(n, id),
+                    ReplyTo2::Slot { op, slot } => ApplyDone::Slot { op, slot },
+                };
+                let _ = msg_id;
+                self.lock(
+                    key,
+                    JobKind::Apply {
+                        object,
+                        durable,
+                        then,
+                    },
+                );
+            }
+            PeerMsg::ReplicaGet { key, .. } => {
+                let sid = self.id();
+                self.pending.insert(sid, Pending::PeerRead { to });
+                self.out.push(Output::Store {
+                    id: sid,
+                    key,
+                    op: StoreOp::Read,
+                });
+            }
+            _ => unreachable!("only replica requests run locally"),
+        }
+    }
+
+    fn check_write(&mut self, now: u64, id: u64) {
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        let OpKind::Write {
+            acks, durable_acks, ..
+        } = op.kind
+        else {
+            return;
+        };
+        let (w, dw) = (op.quorum.w, op.quorum.dw);
+        if !op.replied && acks >= w && durable_acks >= dw {
+            let context = match &op.kind {
+                OpKind::Write {
+                    object: Some(o), ..
+                } => Bytes::from(o.context().encode()),
+                _ => Bytes::new(),
+            };
+            let reply = match &op.kind {
+                OpKind::Write {
+                    write: Write::Delete,
+                    ..
+                } => Message::DeleteOk,
+                _ => Message::PutOk(PutOk { context }),
+            };
+            let to = op.reply_to;
+            self.ops.get_mut(&id).expect("exists").replied = true;
+            self.answer(to, reply);
+        }
+        self.finish_if_done(now, id);
+    }
+
+    fn check_read(&mut self, now: u64, id: u64) {
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        let OpKind::Read { replies, merged } = &op.kind else {
+            return;
+        };
+        if !op.replied && *replies >= op.quorum.r {
+            let reply = read_reply(merged.as_ref());
+            let to = op.reply_to;
+            self.ops.get_mut(&id).expect("exists").replied = true;
+            self.answer(to, reply);
+        }
+        self.finish_if_done(now, id);
+    }
+
+    /// Ends an op whose slots have all answered or have nobody left: a write that never reached
+    /// its quorum fails with the counts; a read sends its repairs.
+    fn finish_if_done(&mut self, now: u64, id: u64) {
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        if matches!(op.kind, OpKind::Forwarded { .. }) {
+            return;
+        }
+        let settled = op.slots.iter().all(|s| s.done || s.holder.is_none());
+        if !settled {
+            return;
+        }
+        self.end_op(now, id, false);
+    }
+
+    /// Removes op `id`, answering it if it has not been answered: `timeout` if its deadline
+    /// passed, else `not_enough_replicas` with the counts.
+    fn end_op(&mut self, _now: u64, id: u64, timed_out: bool) {
+        let Some(op) = self.ops.remove(&id) else {
+            return;
+        };
+        self.op_deadlines.remove(&(op.deadline, id));
+        for slot in &op.slots {
+            if let Some(p) = slot.pending {
+                // Late answers find no op and are ignored; the message timeout goes too.
+                self.pending.remove(&p);
+            }
+        }
+        match &op.kind {
+            OpKind::Write {
+                acks, durable_acks, ..
+            } if !op.replied => {
+                let message = if timed_out {
+                    error(
+                        ErrorCode::Timeout,
+                        format!(
+                            "{acks} of {} write acknowledgements ({durable_acks} of {} durable) \
+                             before the deadline; the write may still be applied",
+                            op.quorum.w, op.quorum.dw
+                        ),
+                    )
+                } else if *acks < op.quorum.w {
+                    not_enough(
+                        "write",
+                        usize::from(*acks),
+                        usize::from(op.quorum.w),
+                        op.slots.len(),
+                    )
+                } else {
+                    error(
+                        ErrorCode::NotEnoughReplicas,
+                        format!(
+                            "{durable_acks} of {} durable write acknowledgements",
+                            op.quorum.dw
+                        ),
+                    )
+                };
+                self.answer(op.reply_to, message);
+            }
+            OpKind::Read { replies, merged } => {
+                if !op.replied {
+                    let message = if timed_out {
+                        error(
+                            ErrorCode::Timeout,
+                            format!(
+                                "{replies} of {} read replies before the deadline",
+                                op.quorum.r
+                            ),
+                        )
+                    } else {
+                        not_enough(
+                            "read",
+                            usize::from(*replies),
+                            usize::from(op.quorum.r),
+                            op.slots.len(),
+                        )
+                    };
+                    self.answer(op.reply_to, message);
+                }
+                if let Some(merged) = merged {
+                    self.repair(&op, merged);
+                }
+            }
+            OpKind::Forwarded { pending, .. } => {
+                if let Some((_, p)) = pending {
+                    self.pending.remove(p);
+                }
+                if !op.replied {
+                    self.answer(
+                        op.reply_to,
+                        error(
+                            ErrorCode::Timeout,
+                            "no home replica answered the forwarded request before the deadline",
+                        ),
+                    );
+                }
+            }
+            OpKind::Write { .. } => {}
+        }
+    }
+
+    /// Read repair: every slot holder that answered with something other than the merge gets it.
+    fn repair(&mut self, op: &Op, merged: &Object) {
+        for slot in &op.slots {
+            let (Some(holder), Some(read)) = (slot.holder, &slot.read) else {
+                continue;
+            };
+            if read.as_ref() == Some(merged) {
+                continue;
+            }
+            let key = StoreKey {
+                partition: op.partition,
+                space: if holder == slot.home {
+                    Space::Primary
+                } else {
+                    Space::Hint(slot.home)
+                },
+                bucket: op.bucket.clone(),
+                key: op.key.clone(),
+            };
+            self.stats.read_repairs += 1;
+            let msg_id = self.id();
+            let msg = PeerMsg::ReplicaPut {
+                id: msg_id,
+                key: key.clone(),
+                object: merged.clone(),
+                durable: false,
+            };
+            if holder == self.cfg.node {
+                self.lock(
+                    key,
+                    JobKind::Apply {
+                        object: merged.clone(),
+                        durable: false,
+                        then: ApplyDone::Nothing,
+                    },
+                );
+            } else {
+                self.pending
+                    .insert(msg_id, Pending::Repair { node: holder });
+                // Nobody waits for a repair; its timeout only cleans up the entry.
+                self.timeouts
+                    .insert((op.deadline.max(1) + self.cfg.replica_timeout_ms, msg_id));
+                self.out.push(Output::Send { to: holder, msg });
+            }
+        }
+    }
+
+    fn fail_op(&mut self, id: u64, message: Message) {
+        if let Some(op) = self.ops.remove(&id) {
+            self.op_deadlines.remove(&(op.deadline, id));
+            for slot in &op.slots {
+                if let Some(p) = slot.pending {
+                    self.pending.remove(&p);
+                }
+            }
+            if !op.replied {
+                self.answer(op.reply_to, message);
+            }
+        }
+    }
+
+    // ----- answers from slots -----
+
+    fn slot_answered(&mut self, now: u64, op_id: u64, slot: usize, result: SlotResult) {
+        let Some(op) = self.ops.get_mut(&op_id) else {
+            return;
+        };
+        let s = &mut op.slots[slot];
+        s.pending = None;
+        match result {
+            // The next fallback takes the slot, if any is left.
+            SlotResult::Failed => self.assign_slot(now, op_id, slot),
+            SlotResult::Written { durable } => {
+                s.done = true;
+                if let OpKind::Write {
+                    acks, durable_acks, ..
+                } = &mut op.kind
+                {
+                    *acks += 1;
+                    *durable_acks += u8::from(durable);
+                }
+                self.check_write(now, op_id);
+            }
+            SlotResult::Read(object) => {
+                s.done = true;
+                s.read = Some(object.clone());
+                if let OpKind::Read { replies, merged } = &mut op.kind {
+                    *replies += 1;
+                    if let Some(o) = object {
+                        *merged = Some(match merged.take() {
+                            Some(m) => m.merge(o),
+                            None => o,
+                        });
+                    }
+                }
+                self.check_read(now, op_id);
+            }
+        }
+        // A request whose remaining slots can no longer reach its quorum ends now rather than at
+        // its deadline.
+        if let Some(op) = self.ops.get(&op_id)
+            && !op.replied
+        {
+            let open = op
+                .slots
+                .iter()
+                .filter(|s| s.holder.is_some() && !s.done)
+                .count();
+            let (have, need) = match op.kind {
+                OpKind::Write { acks, .. } => (acks, op.quorum.w),
+                OpKind::Read { replies, .. } => (replies, op.quorum.r),
+                OpKind::Forwarded { .. } => return,
+            };
+            if usize::from(have) + open < usize::from(need) {
+                self.end_op(now, op_id, false);
+                return;
+            }
+        }
+        self.finish_if_done(now, op_id);
+    }
+
+    // ----- peers -----
+
+    /// A message from node `from`.
+    pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
+        self.heard_from(from);
+        match msg {
+            PeerMsg::ReplicaPut { id, .. } | PeerMsg::ReplicaGet { id, .. } => {
+                self.local(id, msg, ReplyTo2::Peer(from, id));
+            }
+            PeerMsg::Forward { id, request } => {
+                self.start(now, ReplyTo::Peer(from, id), request, true);
+            }
+            PeerMsg::ReplicaPutOk { id, durable } => match self.pending.remove(&id) {
+                Some(Pending::Slot { op, slot, .. }) => {
+                    self.slot_answered(now, op, slot, SlotResult::Written { durable })
+                }
+                Some(Pending::Delivery { hint, object }) => {
+                    self.hints_in_flight -= 1;
+                    if let Some(h) = self.hints.get_mut(&hint) {
+                        h.in_flight = false;
+                    }
+                    if durable {
+                        self.lock(hint, JobKind::DropHint { delivered: object });
+                    }
+                }
+                Some(Pending::Repair { .. }) | None => {}
+                Some(other) => {
+                    self.pending.insert(id, other);
+                }
+            },
+            PeerMsg::ReplicaGetOk { id, object } => {
+                if let Some(Pending::Slot { op, slot, .. }) = self.pending.remove(&id) {
+                    self.slot_answered(now, op, slot, SlotResult::Read(object));
+                }
+            }
+            PeerMsg::ForwardReply { id, reply } => {
+                if let Some(Pending::Forward { op, .. }) = self.pending.remove(&id)
+                    && let Some(o) = self.ops.remove(&op)
+                {
+                    self.op_deadlines.remove(&(o.deadline, op));
+                    self.answer(o.reply_to, reply);
+                }
+            }
+            PeerMsg::Failed { id, error: e } => {
+                match self.pending.remove(&id) {
+                    Some(Pending::Slot { op, slot, .. }) => {
+                        self.slot_answered(now, op, slot, SlotResult::Failed)
+                    }
+                    Some(Pending::Forward { op, .. }) => {
+                        // The home coordinated and failed: its answer is the client's answer.
+                        if let Some(o) = self.ops.remove(&op) {
+                            self.op_deadlines.remove(&(o.deadline, op));
+                            self.answer(o.reply_to, Message::Error(e));
+                        }
+                    }
+                    Some(Pending::Delivery { hint, .. }) => {
+                        self.hints_in_flight -= 1;
+                        if let Some(h) = self.hints.get_mut(&hint) {
+                            h.in_flight = false;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.take_output()
+    }
+
+    /// The shell lost its connection to `node` (or could not open one): everything outstanding
+    /// there fails now instead of at its timeout, and the node is believed unreachable.
+    pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
+        self.mark_down(node, now);
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| match p {
+                Pending::Slot { node: n, .. }
+                | Pending::Forward { node: n, .. }
+                | Pending::Repair { node: n } => *n == node,
+                Pending::Delivery { hint, .. } => hint.space == Space::Hint(node),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.expire(now, id);
+        }
+        self.take_output()
+    }
+
+    /// Message `id` is given up on (timeout or lost connection).
+    fn expire(&mut self, now: u64, id: u64) {
+        match self.pending.remove(&id) {
+            Some(Pending::Slot { op, slot, node }) => {
+                self.mark_down(node, now);
+                self.slot_answered(now, op, slot, SlotResult::Failed);
+            }
+            Some(Pending::Forward { op, node }) => {
+                self.mark_down(node, now);
+                let next = self.ops.get(&op).and_then(|o| match &o.kind {
+                    OpKind::Forwarded { tried, .. } => o
+                        .slots
+                        .iter()
+                        .map(|s| s.home)
+                        .find(|h| !tried.contains(h) && self.believed_up(*h, now)),
+                    _ => None,
+                });
+                match next {
+                    Some(home) => self.forward(now, op, home),
+                    None => {
+                        // Every home failed: coordinate here after all.
+                        if let Some(mut o) = self.ops.remove(&op) {
+                            self.op_deadlines.remove(&(o.deadline, op));
+                            let OpKind::Forwarded { request, .. } = std::mem::replace(
+                                &mut o.kind,
+                                OpKind::Read {
+                                    replies: 0,
+                                    merged: None,
+                                },
+                            ) else {
+                                return;
+                            };
+                            self.start_write(now, op, o, request, false);
+                        }
+                    }
+                }
+            }
+            Some(Pending::Repair { node }) => self.mark_down(node, now),
+            Some(Pending::Delivery { hint, .. }) => {
+                self.hints_in_flight -= 1;
+                if let Space::Hint(home) = hint.space {
+                    self.mark_down(home, now);
+                }
+                if let Some(h) = self.hints.get_mut(&hint) {
+                    h.in_flight = false;
+                }
+            }
+            Some(other) => {
+                self.pending.insert(id, other);
+            }
+            None => {}
+        }
+    }
+
+    // ----- time -----
+
+    /// Time passed: expires messages and requests, and runs a hinted-handoff round when due.
+    pub fn handle_tick(&mut self, now: u64) -> Vec<Output> {
+        while let Some(&(t, id)) = self.timeouts.first() {
+            if t > now {
+                break;
+            }
+            self.timeouts.pop_first();
+            self.expire(now, id);
+        }
+        while let Some(&(t, id)) = self.op_deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.op_deadlines.pop_first();
+            self.end_op(now, id, true);
+        }
+        if !self.hints.is_empty() && now >= self.next_hint_round {
+            self.next_hint_round = now + self.cfg.hint_retry_ms;
+            self.deliver_hints(now);
+        }
+        self.take_output()
+    }
+
+    fn deliver_hints(&mut self, now: u64) {
+        let ready: Vec<StoreKey> = self
+            .hints
+            .iter()
+            .filter(|(k, h)| {
+                !h.in_flight
+                    && match k.space {
+                        Space::Hint(home) => self.believed_up(home, now),
+                        Space::Primary => false,
+                    }
+            })
+            .map(|(k, _)| k.clone())
+            .take(
+                self.cfg
+                    .hint_inflight_max
+                    .saturating_sub(self.hints_in_flight),
+            )
+            .collect();
+        for hint in ready {
+            self.hints_in_flight += 1;
+            if let Some(h) = self.hints.get_mut(&hint) {
+                h.in_flight = true;
+            }
+            let id = self.id();
+            self.pending
+                .insert(id, Pending::HintRead { hint: hint.clone() });
+            self.out.push(Output::Store {
+                id,
+                key: hint,
+                op: StoreOp::Read,
+            });
+        }
+    }
+
+    // ----- storage -----
+
+    /// The result of [`Output::Store`] `id`: for a read the object, for a write or removal
+    /// `Ok(None)`; `Err` with the storage's message on failure.
+    pub fn handle_stored(
+        &mut self,
+        now: u64,
+        id: u64,
+        result: Result<Option<Object>, String>,
+    ) -> Vec<Output> {
+        if let Some(job) = self.job_ops.remove(&id) {
+            self.job_step(now, job, result);
+            return self.take_output();
+        }
+        match self.pending.remove(&id) {
+            Some(Pending::PeerRead { to }) => match (to, result) {
+                (ReplyTo2::Peer(node, rid), Ok(object)) => self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::ReplicaGetOk { id: rid, object },
+                }),
+                (ReplyTo2::Peer(node, rid), Err(e)) => self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::Failed {
+                        id: rid,
+                        error: ErrorBody::new(ErrorCode::Internal, e),
+                    },
+                }),
+                (ReplyTo2::Slot { op, slot }, result) => {
+                    let answer = match result {
+                        Ok(o) => SlotResult::Read(o),
+                        Err(_) => SlotResult::Failed,
+                    };
+                    self.pending_slot_done(op, slot);
+                    self.slot_answered(now, op, slot, answer);
+                }
+            },
+            Some(Pending::HintRead { hint }) => match result {
+                Ok(Some(object)) => {
+                    let Space::Hint(home) = hint.space else {
+                        unreachable!("hints are in hint space")
+                    };
+                    let mid = self.id();
+                    let key = StoreKey {
+                        space: Space::Primary,
+                        ..hint.clone()
+                    };
+                    self.pending.insert(
+                        mid,
+                        Pending::Delivery {
+                            hint,
+                            object: object.clone(),
+                        },
+                    );
+                    self.timeouts
+                        .insert((now + self.cfg.replica_timeout_ms, mid));
+                    self.out.push(Output::Send {
+                        to: home,
+                        msg: PeerMsg::ReplicaPut {
+                            id: mid,
+                            key,
+                            object,
+                            durable: true,
+                        },
+                    });
+                }
+                Ok(None) | Err(_) => {
+                    self.hints_in_flight -= 1;
+                    if result.is_ok() {
+                        self.hints.remove(&hint);
+                    } else if let Some(h) = self.hints.get_mut(&hint) {
+                        h.in_flight = false;
+                    }
+                }
+            },
+            Some(other) => {
+                self.pending.insert(id, other);
+            }
+            None => {}
+        }
+        self.take_output()
+    }
+
+    /// A local slot request finished; its pending entry (keyed by the slot's message id) goes.
+    fn pending_slot_done(&mut self, op: u64, slot: usize) {
+        if let Some(p) = self
+            .ops
+            .get(&op)
+            .and_then(|o| o.slots.get(slot))
+            .and_then(|s| s.pending)
+        {
+            self.pending.remove(&p);
+        }
+    }
+
+    // ----- per-key jobs -----
+
+    fn lock(&mut self, key: StoreKey, kind: JobKind) {
+        let id = self.id();
+        self.jobs.insert(
+            id,
+            Job {
+                key: key.clone(),
+                kind,
+                stage: Stage::Queued,
+            },
+        );
+        let queue = self.locks.entry(key).or_default();
+        queue.push_back(id);
+        if queue.len() == 1 {
+            self.job_read(id);
+        }
+    }
+
+    fn job_read(&mut self, job: u64) {
+        let sid = self.id();
+        let j = self.jobs.get_mut(&job).expect("a queued job exists");
+        j.stage = Stage::Reading;
+        let key = j.key.clone();
+        self.job_ops.insert(sid, job);
+        self.out.push(Output::Store {
+            id: sid,
+            key,
+            op: StoreOp::Read,
+        });
+    }
+
+    fn job_write(&mut self, job: u64, op: StoreOp) {
+        let sid = self.id();
+        let j = self.jobs.get_mut(&job).expect("a running job exists");
+        j.stage = Stage::Writing;
+        let key = j.key.clone();
+        self.job_ops.insert(sid, job);
+        self.out.push(Output::Store { id: sid, key, op });
+    }
+
+    /// Ends a job and starts the next one waiting for the same key.
+    fn unlock(&mut self, job: u64) -> Job {
+        let j = self.jobs.remove(&job).expect("a running job exists");
+        let queue = self
+            .locks
+            .get_mut(&j.key)
+            .expect("a running job holds its lock");
+        assert_eq!(
+            queue.pop_front(),
+            Some(job),
+            "the running job is first in line"
+        );
+        match queue.front().copied() {
+            Some(next) => self.job_read(next),
+            None => {
+                self.locks.remove(&j.key);
+            }
+        }
+        j
+    }
+
+    fn job_step(&mut self, now: u64, job: u64, result: Result<Option<Object>, String>) {
+        let stage = self
+            .jobs
+            .get(&job)
+            .expect("a job with a store op exists")
+            .stage;
+        match (stage, result) {
+            (Stage::Reading, Ok(local)) => self.job_read_done(now, job, local),
+            (Stage::Writing, Ok(_)) => self.job_written(now, job),
+            (_, Err(e)) => {
+                let j = self.unlock(job);
+                self.job_failed(now, j, e);
+            }
+            (Stage::Queued, Ok(_)) => unreachable!("a queued job has no store op"),
+        }
+    }
+
+    fn job_read_done(&mut self, now: u64, job: u64, local: Option<Object>) {
+        let j = self.jobs.get(&job).expect("exists");
+        match &j.kind {
+            JobKind::Coordinate { op } => {
+                let op = *op;
+                if !self.ops.contains_key(&op) {
+                    self.unlock(job);
+                    return;
+                }
+                let actor = self.home_actor(local.as_ref());
+                match self.updated(op, local, actor, now) {
+                    Ok(object) => {
+                        if let Some(o) = self.ops.get_mut(&op)
+                            && let OpKind::Write { object: slot, .. } = &mut o.kind
+                        {
+                            *slot = Some(object.clone());
+                        }
+                        let durable = self.cfg.durable_writes
+                            || self.ops.get(&op).is_some_and(|o| o.quorum.dw > 0);
+                        self.job_write(job, StoreOp::Write { object, durable });
+                    }
+                    Err(e) => {
+                        self.unlock(job);
+                        self.fail_op(op, Message::Error(e));
+                    }
+                }
+            }
+            JobKind::Apply {
+                object, durable, ..
+            } => {
+                let merged = match local.clone() {
+                    Some(l) => l.merge(object.clone()),
+                    None => object.clone(),
+                };
+                let durable = *durable || self.cfg.durable_writes;
+                if local.as_ref() == Some(&merged) && !durable {
+                    self.job_written(now, job);
+                } else {
+                    self.job_write(
+                        job,
+                        StoreOp::Write {
+                            object: merged,
+                            durable,
+                        },
+                    );
+                }
+            }
+            JobKind::DropHint { delivered } => {
+                if local.as_ref() == Some(delivered) {
+                    self.job_write(job, StoreOp::Remove);
+                } else {
+                    if local.is_none() {
+                        let key = j.key.clone();
+                        self.hints.remove(&key);
+                    }
+                    self.unlock(job);
+                }
+            }
+        }
+    }
+
+    fn job_written(&mut self, now: u64, job: u64) {
+        let j = self.unlock(job);
+        match j.kind {
+            JobKind::Coordinate { op } => {
+                let durable =
+                    self.cfg.durable_writes || self.ops.get(&op).is_some_and(|o| o.quorum.dw > 0);
+                let object = match self.ops.get_mut(&op) {
+                    Some(o) => {
+                        if let OpKind::Write {
+                            acks, durable_acks, ..
+                        } = &mut o.kind
+                        {
+                            *acks += 1;
+                            *durable_acks += u8::from(durable);
+                        }
+                        let me = self.cfg.node;
+                        if let Some(s) = o.slots.iter_mut().find(|s| s.home == me) {
+                            s.done = true;
+                        }
+                        match &o.kind {
+                            OpKind::Write { object, .. } => object.clone(),
+                            _ => None,
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(object) = object {
+                    self.replicate(now, op, object);
+                }
+            }
+            JobKind::Apply { durable, then, .. } => {
+                if let Space::Hint(_) = j.key.space {
+                    self.hints.entry(j.key.clone()).or_default();
+                }
+                let durable = durable || self.cfg.durable_writes;
+                match then {
+                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::ReplicaPutOk { id, durable },
+                    }),
+                    ApplyDone::Slot { op, slot } => {
+                        self.pending_slot_done(op, slot);
+                        self.slot_answered(now, op, slot, SlotResult::Written { durable });
+                    }
+                    ApplyDone::Nothing => {}
+                }
+            }
+            JobKind::DropHint { .. } => {
+                self.hints.remove(&j.key);
+                self.stats.hints_delivered += 1;
+            }
+        }
+    }
+
+    fn job_failed(&mut self, now: u64, j: Job, e: String) {
+        match j.kind {
+            JobKind::Coordinate { op } => {
+                self.fail_op(
+                    op,
+                    error(ErrorCode::Internal, format!("local write failed: {e}")),
+                );
+            }
+            JobKind::Apply { then, .. } => match then {
+                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(ErrorCode::Internal, e),
+                    },
+                }),
+                ApplyDone::Slot { op, slot } => {
+                    self.pending_slot_done(op, slot);
+                    self.slot_answered(now, op, slot, SlotResult::Failed);
+                }
+                ApplyDone::Nothing => {}
+            },
+            JobKind::DropHint { .. } => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+enum SlotResult {
+    Written { durable: bool },
+    Read(Option<Object>),
+    Failed,
+}
+
+fn not_enough(what: &str, got: usize, need: usize, replicas: usize) -> Message {
+    error(
+        ErrorCode::NotEnoughReplicas,
+        format!(
+            "{got} of {need} {what} replies needed; {replicas} replicas for the key, the others \
+             unreachable or failed and no fallback left"
+        ),
+    )
+}
+
+/// GET_OK for a merged object: its siblings (tombstones only when a value is concurrent with
+/// them; a key whose versions are all deletions reads as missing) and its context.
+fn read_reply(merged: Option<&Object>) -> Message {
+    let Some(object) = merged else {
+        return Message::GetOk(GetOk {
+            siblings: Vec::new(),
+            context: Bytes::new(),
+        });
+    };
+    let context = match object {
+        Object::Causal(_) => Bytes::from(object.context().encode()),
+        Object::Lww(_) => Bytes::new(),
+    };
+    if object.is_deleted() {
+        return Message::GetOk(GetOk {
+            siblings: Vec::new(),
+            context,
+        });
+    }
+    let siblings: Vec<Sibling> = object
+        .siblings()
+        .into_iter()
+        .map(|v| match v {
+            Val::Value(b) => Sibling::Value(b),
+            Val::Tombstone => Sibling::Tombstone,
+        })
+        .collect();
+    if siblings.len() > SIBLINGS_MAX {
+        return error(
+            ErrorCode::TooManySiblings,
+            format!(
+                "the key has {} siblings, more than a reply carries ({SIBLINGS_MAX})",
+                siblings.len()
+            ),
+        );
+    }
+    Message::GetOk(GetOk { siblings, context })
+}

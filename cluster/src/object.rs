@@ -1,0 +1,366 @@
+//! The replicated object: what a replica stores for one key, and how two replicas' objects merge.
+//!
+//! An [`Object`] is either causal (a [`DvvSet`] of [`Val`]ues: every concurrent sibling with its
+//! dot, and the key's causal history) or last-write-wins (one [`Val`] stamped with a hybrid
+//! logical clock timestamp and the coordinating node). Deletes are values too ([`Val::Tombstone`]),
+//! so a delete replicates, merges and supersedes like any write; reaping tombstones is
+//! anti-entropy's job (later).
+//!
+//! [`Object::merge`] is the one way replicas combine state (replica writes, read repair, hinted
+//! handoff): commutative, associative and idempotent, so replicas converge whatever the order of
+//! the exchanges. A causal object meeting a last-write-wins one (a bucket whose mode changed) keeps
+//! the causal one, so switching a bucket to `lww` never silently drops siblings.
+//!
+//! # Encoding
+//!
+//! Objects are stored in the engine and carried in REPLICA_PUT as bytes ([`Object::encode`]),
+//! little-endian:
+//!
+//! ```text
+//! causal: 0x01 | entries u16 | entries × (node u32 | epoch u32 | counter u64 | values u16 |
+//!                                          values × val)
+//! lww:    0x02 | timestamp u64 | node u32 | val
+//! val:    0x00 (tombstone) | 0x01 | len u32 | len bytes
+//! ```
+//!
+//! [`Object::decode`] checks every length against the input before allocating, and the clock's
+//! invariants, so damaged or hostile bytes are an [`ObjectError`], never a panic.
+
+use bytes::Bytes;
+
+use crate::dvv::{Actor, ClockError, DvvSet, VersionVector};
+use crate::node::NodeId;
+
+const TAG_CAUSAL: u8 = 0x01;
+const TAG_LWW: u8 = 0x02;
+const VAL_TOMBSTONE: u8 = 0x00;
+const VAL_VALUE: u8 = 0x01;
+/// Bytes of one causal entry before its values.
+const ENTRY_HEAD_BYTES: usize = 4 + 4 + 8 + 2;
+
+/// One version of a key: a value or a deletion.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Val {
+    /// A value.
+    Value(Bytes),
+    /// A deletion.
+    Tombstone,
+}
+
+/// A last-write-wins version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Lww {
+    /// Hybrid logical clock timestamp ([`hlc_next`]).
+    pub timestamp: u64,
+    /// The coordinating node; breaks timestamp ties.
+    pub node: NodeId,
+    /// The version.
+    pub val: Val,
+}
+
+impl Lww {
+    fn key(&self) -> (u64, NodeId) {
+        (self.timestamp, self.node)
+    }
+}
+
+/// What a replica stores for a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    /// Siblings with their causal history.
+    Causal(DvvSet<Val>),
+    /// One version, the latest by timestamp.
+    Lww(Lww),
+}
+
+/// Bytes that are not an encoded object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    /// Fewer bytes than the encoding needs.
+    #[error("object truncated at byte {at}")]
+    Truncated {
+        /// Where the input ran out.
+        at: usize,
+    },
+    /// An unknown tag byte.
+    #[error("unknown tag {tag:#04x} at byte {at}")]
+    BadTag {
+        /// The tag.
+        tag: u8,
+        /// Its offset.
+        at: usize,
+    },
+    /// Bytes after the object.
+    #[error("{extra} bytes after the object")]
+    Trailing {
+        /// How many.
+        extra: usize,
+    },
+    /// The clock breaks its invariants.
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+}
+
+/// The next hybrid logical clock timestamp after `last`, at wall-clock time `now_ms`: the
+/// physical milliseconds in the high 48 bits, a logical counter in the low 16, and always above
+/// `last`, so timestamps issued by one node increase even when its clock steps back.
+pub fn hlc_next(last: u64, now_ms: u64) -> u64 {
+    let physical = now_ms.saturating_mul(1 << 16);
+    physical.max(last.saturating_add(1))
+}
+
+impl Object {
+    /// Merges two replicas' objects (module docs).
+    pub fn merge(self, other: Object) -> Object {
+        match (self, other) {
+            (Object::Causal(a), Object::Causal(b)) => Object::Causal(a.sync(b)),
+            (Object::Lww(a), Object::Lww(b)) => Object::Lww(if b.key() > a.key() { b } else { a }),
+            (c @ Object::Causal(_), Object::Lww(_)) | (Object::Lww(_), c @ Object::Causal(_)) => c,
+        }
+    }
+
+    /// The concurrent versions, in a deterministic order.
+    pub fn siblings(&self) -> Vec<Val> {
+        match self {
+            Object::Causal(c) => c.values().cloned().collect(),
+            Object::Lww(l) => vec![l.val.clone()],
+        }
+    }
+
+    /// How many concurrent versions there are.
+    pub fn sibling_count(&self) -> usize {
+        match self {
+            Object::Causal(c) => c.size(),
+            Object::Lww(_) => 1,
+        }
+    }
+
+    /// The causal context handed to clients: the clock's history (empty for `lww`).
+    pub fn context(&self) -> VersionVector {
+        match self {
+            Object::Causal(c) => c.join(),
+            Object::Lww(_) => VersionVector::new(),
+        }
+    }
+
+    /// Whether every version is a deletion (a read answers "not found").
+    pub fn is_deleted(&self) -> bool {
+        self.siblings().iter().all(|v| *v == Val::Tombstone)
+    }
+
+    /// The largest `lww` timestamp in the object (0 for causal ones), so a coordinator's clock
+    /// stays above every timestamp it has seen.
+    pub fn timestamp(&self) -> u64 {
+        match self {
+            Object::Causal(_) => 0,
+            Object::Lww(l) => l.timestamp,
+        }
+    }
+
+    /// Encodes the object (module docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Object::Causal(clock) => {
+                out.push(TAG_CAUSAL);
+                let entries: Vec<_> = clock.entries().collect();
+                let count = u16::try_from(entries.len())
+                    .expect("a clock has at most one entry per actor the coordinators bound");
+                out.extend_from_slice(&count.to_le_bytes());
+                for (actor, counter, values) in entries {
+                    out.extend_from_slice(&actor.node.0.to_le_bytes());
+                    out.extend_from_slice(&actor.epoch.to_le_bytes());
+                    out.extend_from_slice(&counter.to_le_bytes());
+                    let n = u16::try_from(values.len())
+                        .expect("siblings per actor are bounded by the sibling limit");
+                    out.extend_from_slice(&n.to_le_bytes());
+                    for v in values {
+                        encode_val(v, &mut out);
+                    }
+                }
+            }
+            Object::Lww(l) => {
+                out.push(TAG_LWW);
+                out.extend_from_slice(&l.timestamp.to_le_bytes());
+                out.extend_from_slice(&l.node.0.to_le_bytes());
+                encode_val(&l.val, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Decodes [`Object::encode`]'s bytes. Values are slices of `bytes` (no copy).
+    pub fn decode(bytes: &Bytes) -> Result<Object, ObjectError> {
+        let mut r = Cursor { bytes, at: 0 };
+        let object = match r.u8()? {
+            TAG_CAUSAL => {
+                let count = r.u16()?;
+                // Each entry takes at least ENTRY_HEAD_BYTES, so the count is checked against
+                // the input before the vector is sized by it.
+                if usize::from(count) * ENTRY_HEAD_BYTES > r.remaining() {
+                    return Err(ObjectError::Truncated { at: bytes.len() });
+                }
+                let mut entries = Vec::with_capacity(usize::from(count));
+                for _ in 0..count {
+                    let node = NodeId(r.u32()?);
+                    let epoch = r.u32()?;
+                    let counter = r.u64()?;
+                    let n = r.u16()?;
+                    if usize::from(n) > r.remaining() {
+                        return Err(ObjectError::Truncated { at: bytes.len() });
+                    }
+                    let mut values = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        values.push(r.val()?);
+                    }
+                    entries.push((Actor::new(node, epoch), counter, values));
+                }
+                Object::Causal(DvvSet::from_entries(entries)?)
+            }
+            TAG_LWW => {
+                let timestamp = r.u64()?;
+                let node = NodeId(r.u32()?);
+                let val = r.val()?;
+                Object::Lww(Lww {
+                    timestamp,
+                    node,
+                    val,
+                })
+            }
+            tag => return Err(ObjectError::BadTag { tag, at: 0 }),
+        };
+        if r.remaining() > 0 {
+            return Err(ObjectError::Trailing {
+                extra: r.remaining(),
+            });
+        }
+        Ok(object)
+    }
+}
+
+fn encode_val(v: &Val, out: &mut Vec<u8>) {
+    match v {
+        Val::Tombstone => out.push(VAL_TOMBSTONE),
+        Val::Value(b) => {
+            out.push(VAL_VALUE);
+            let len = u32::try_from(b.len()).expect("values are bounded far below 4 GiB");
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(b);
+        }
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a Bytes,
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn take<const K: usize>(&mut self) -> Result<[u8; K], ObjectError> {
+        let end = self.at.checked_add(K).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            return Err(ObjectError::Truncated { at: self.at });
+        };
+        let mut out = [0u8; K];
+        out.copy_from_slice(&self.bytes[self.at..end]);
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, ObjectError> {
+        Ok(self.take::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ObjectError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, ObjectError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, ObjectError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+
+    fn val(&mut self) -> Result<Val, ObjectError> {
+        let at = self.at;
+        match self.u8()? {
+            VAL_TOMBSTONE => Ok(Val::Tombstone),
+            VAL_VALUE => {
+                let len = self.u32()? as usize;
+                if len > self.remaining() {
+                    return Err(ObjectError::Truncated { at: self.at });
+                }
+                let v = self.bytes.slice(self.at..self.at + len);
+                self.at += len;
+                Ok(Val::Value(v))
+            }
+            tag => Err(ObjectError::BadTag { tag, at }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::dvv::Put;
+
+    fn actor(n: u32) -> Actor {
+        Actor::new(NodeId(n), 1)
+    }
+
+    /// Encoding round-trips, and every truncation or extension of a valid encoding is an error.
+    #[test]
+    fn encoding_round_trips_and_rejects_damage() {
+        let a = DvvSet::update(
+            Put::new(Val::Value(Bytes::from_static(b"x"))),
+            DvvSet::empty(),
+            actor(1),
+        );
+        let b = DvvSet::update(Put::new(Val::Tombstone), DvvSet::empty(), actor(2));
+        let objects = [
+            Object::Causal(a.sync(b)),
+            Object::Causal(DvvSet::empty()),
+            Object::Lww(Lww {
+                timestamp: 7,
+                node: NodeId(3),
+                val: Val::Value(Bytes::from_static(b"yz")),
+            }),
+        ];
+        for o in objects {
+            let bytes = Bytes::from(o.encode());
+            assert_eq!(Object::decode(&bytes).unwrap(), o);
+            for cut in 0..bytes.len() {
+                assert!(Object::decode(&bytes.slice(..cut)).is_err());
+            }
+            let mut longer = bytes.to_vec();
+            longer.push(0);
+            assert!(Object::decode(&Bytes::from(longer)).is_err());
+        }
+    }
+
+    /// Last-write-wins keeps the highest (timestamp, node); a causal object beats an lww one.
+    #[test]
+    fn merges() {
+        let lww = |t, n| {
+            Object::Lww(Lww {
+                timestamp: t,
+                node: NodeId(n),
+                val: Val::Tombstone,
+            })
+        };
+        assert_eq!(lww(5, 1).merge(lww(5, 2)), lww(5, 2));
+        assert_eq!(lww(6, 1).merge(lww(5, 2)), lww(6, 1));
+        let c = Object::Causal(DvvSet::empty());
+        assert_eq!(lww(6, 1).merge(c.clone()), c);
+        assert!(hlc_next(10, 0) > 10);
+        assert!(hlc_next(0, 5) >= 5 << 16);
+    }
+}
