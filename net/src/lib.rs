@@ -39,5 +39,5 @@ pub use frame::{
 pub use limits::{Limits, LimitsError};
 pub use message::{
     Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Kind, Message, Put, PutOk,
-    ReplicaGet, ReplicaGetOk, ReplicaPut, Role, Sibling,
+    ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
 };

@@ -404,9 +404,9 @@ pub struct ReplicaPut {
     pub bucket: Bytes,
     /// Key.
     pub key: Bytes,
-    /// For a fallback replica (sloppy quorum): the node the object is meant for, to which it is
-    /// handed off once that node is reachable again.
-    pub hint: Option<String>,
+    /// For a fallback replica (sloppy quorum): the id of the home node the object is meant for;
+    /// the receiver keeps it as a hint and hands it off once that node is reachable again.
+    pub hint: Option<u32>,
     /// The versioned object (values and causal history), opaque to the codec.
     pub object: Bytes,
 }
@@ -416,10 +416,19 @@ pub struct ReplicaPut {
 pub struct ReplicaGet {
     /// Ring partition of the key.
     pub partition: u32,
+    /// Read the hint kept for this home node (sloppy quorum) instead of the receiver's replica.
+    pub hint: Option<u32>,
     /// Bucket name.
     pub bucket: Bytes,
     /// Key.
     pub key: Bytes,
+}
+
+/// REPLICA_PUT_OK: the object was merged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplicaPutOk {
+    /// Whether the merged object was synced before this answer (counts towards `dw`).
+    pub durable: bool,
 }
 
 /// REPLICA_GET_OK: the shard's replica.
@@ -481,7 +490,7 @@ pub enum Message {
     /// REPLICA_PUT.
     ReplicaPut(ReplicaPut),
     /// REPLICA_PUT_OK.
-    ReplicaPutOk,
+    ReplicaPutOk(ReplicaPutOk),
     /// REPLICA_GET.
     ReplicaGet(ReplicaGet),
     /// REPLICA_GET_OK.
@@ -569,7 +578,7 @@ impl Message {
             Self::Delete(_) => Kind::Delete,
             Self::DeleteOk => Kind::DeleteOk,
             Self::ReplicaPut(_) => Kind::ReplicaPut,
-            Self::ReplicaPutOk => Kind::ReplicaPutOk,
+            Self::ReplicaPutOk(_) => Kind::ReplicaPutOk,
             Self::ReplicaGet(_) => Kind::ReplicaGet,
             Self::ReplicaGetOk(_) => Kind::ReplicaGetOk,
             Self::Error(_) => Kind::Error,
@@ -606,7 +615,7 @@ impl Message {
                     });
                 }
             }
-            Self::Ping | Self::Pong | Self::DeleteOk | Self::ReplicaPutOk => {}
+            Self::Ping | Self::Pong | Self::DeleteOk | Self::ReplicaPutOk(_) => {}
             Self::Get(m) => check_bucket_key(&m.bucket, &m.key, limits)?,
             Self::GetOk(m) => {
                 if m.siblings.len() > SIBLINGS_MAX {
@@ -641,9 +650,6 @@ impl Message {
             }
             Self::ReplicaPut(m) => {
                 check_bucket_key(&m.bucket, &m.key, limits)?;
-                if let Some(h) = &m.hint {
-                    check_len(F_HINT, LenWidth::U8, h.len(), NAME_BYTES_MAX)?;
-                }
                 check_len(
                     F_OBJECT,
                     LenWidth::U32,
@@ -679,7 +685,8 @@ impl Message {
                     + opt_prefixed_len(U8, m.node_name.as_deref().map(str::as_bytes))
             }
             Self::HelloOk(m) => 1 + 2 + 2 + prefixed_len(U8, m.node_name.len()),
-            Self::Ping | Self::Pong | Self::DeleteOk | Self::ReplicaPutOk => 0,
+            Self::Ping | Self::Pong | Self::DeleteOk => 0,
+            Self::ReplicaPutOk(_) => 1,
             Self::Get(m) => {
                 opt_len(m.r, 1) + opt_len(m.timeout_ms, 4) + bucket_key_len(&m.bucket, &m.key)
             }
@@ -713,10 +720,10 @@ impl Message {
             Self::ReplicaPut(m) => {
                 4 + 1
                     + bucket_key_len(&m.bucket, &m.key)
-                    + opt_prefixed_len(U8, m.hint.as_deref().map(str::as_bytes))
+                    + opt_len(m.hint, 4)
                     + prefixed_len(U32, m.object.len())
             }
-            Self::ReplicaGet(m) => 4 + bucket_key_len(&m.bucket, &m.key),
+            Self::ReplicaGet(m) => 4 + opt_len(m.hint, 4) + bucket_key_len(&m.bucket, &m.key),
             Self::ReplicaGetOk(m) => opt_prefixed_len(U32, m.object.as_deref()),
             Self::Error(m) => 2 + prefixed_len(U16, m.message.len()),
         }
@@ -738,7 +745,8 @@ impl Message {
                 w.u16(m.shard);
                 w.prefixed(U8, m.node_name.as_bytes());
             }
-            Self::Ping | Self::Pong | Self::DeleteOk | Self::ReplicaPutOk => {}
+            Self::Ping | Self::Pong | Self::DeleteOk => {}
+            Self::ReplicaPutOk(m) => w.flag(m.durable),
             Self::Get(m) => {
                 w.opt_u8(m.r);
                 w.opt_u32(m.timeout_ms);
@@ -782,11 +790,12 @@ impl Message {
                 w.flag(m.durable);
                 w.prefixed(U8, &m.bucket);
                 w.prefixed(U16, &m.key);
-                w.opt_prefixed(U8, m.hint.as_deref().map(str::as_bytes));
+                w.opt_u32(m.hint);
                 w.prefixed(U32, &m.object);
             }
             Self::ReplicaGet(m) => {
                 w.u32(m.partition);
+                w.opt_u32(m.hint);
                 w.prefixed(U8, &m.bucket);
                 w.prefixed(U16, &m.key);
             }
@@ -852,7 +861,9 @@ impl Message {
             Kind::Ping => Self::Ping,
             Kind::Pong => Self::Pong,
             Kind::DeleteOk => Self::DeleteOk,
-            Kind::ReplicaPutOk => Self::ReplicaPutOk,
+            Kind::ReplicaPutOk => Self::ReplicaPutOk(ReplicaPutOk {
+                durable: r.flag(F_DURABLE)?,
+            }),
             Kind::Get => {
                 let rq = r.opt(F_R, Reader::u8)?;
                 let timeout_ms = r.opt(F_TIMEOUT_MS, Reader::u32)?;
@@ -938,7 +949,7 @@ impl Message {
                 let partition = r.u32(F_PARTITION)?;
                 let durable = r.flag(F_DURABLE)?;
                 let (bucket, key) = read_bucket_key(&mut r, limits)?;
-                let hint = r.opt(F_HINT, |r, f| r.string(f, U8, NAME_BYTES_MAX))?;
+                let hint = r.opt(F_HINT, Reader::u32)?;
                 let object = r.bytes(F_OBJECT, U32, object_bytes_max(limits))?;
                 Self::ReplicaPut(ReplicaPut {
                     partition,
@@ -951,9 +962,11 @@ impl Message {
             }
             Kind::ReplicaGet => {
                 let partition = r.u32(F_PARTITION)?;
+                let hint = r.opt(F_HINT, Reader::u32)?;
                 let (bucket, key) = read_bucket_key(&mut r, limits)?;
                 Self::ReplicaGet(ReplicaGet {
                     partition,
+                    hint,
                     bucket,
                     key,
                 })

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
     Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Message, Put, PutOk,
-    ReplicaGet, ReplicaGetOk, ReplicaPut, Role, Sibling,
+    ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -148,7 +148,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<bool>(),
         bucket(),
         key(),
-        proptest::option::of(name(NAME_BYTES_MAX)),
+        any::<Option<u32>>(),
         value(),
     )
         .prop_map(|(partition, durable, bucket, key, hint, object)| {
@@ -161,13 +161,16 @@ pub fn message() -> impl Strategy<Value = Message> {
                 object,
             })
         });
-    let replica_get = (any::<u32>(), bucket(), key()).prop_map(|(partition, bucket, key)| {
-        Message::ReplicaGet(ReplicaGet {
-            partition,
-            bucket,
-            key,
-        })
-    });
+    let replica_get = (any::<u32>(), any::<Option<u32>>(), bucket(), key()).prop_map(
+        |(partition, hint, bucket, key)| {
+            Message::ReplicaGet(ReplicaGet {
+                partition,
+                hint,
+                bucket,
+                key,
+            })
+        },
+    );
     let replica_get_ok = proptest::option::of(value())
         .prop_map(|object| Message::ReplicaGetOk(ReplicaGetOk { object }));
     let error =
@@ -186,7 +189,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         delete,
         Just(Message::DeleteOk),
         replica_put,
-        Just(Message::ReplicaPutOk),
+        any::<bool>().prop_map(|durable| Message::ReplicaPutOk(ReplicaPutOk { durable })),
         replica_get,
         replica_get_ok,
         error,
