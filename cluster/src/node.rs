@@ -19,7 +19,9 @@
 //! issue a dot that already names another value, which silently breaks causality for that key.
 
 pub mod config;
+pub mod epochs;
 pub mod metrics;
+pub mod peer;
 pub mod resp;
 pub mod route;
 pub mod server;

@@ -6,9 +6,17 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Limits: only the settings the node implements today exist here; the peer listener and seeds
-//! come with their features.
+//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the static member list, `ID@HOST:PORT`
+//! peer addresses; every node must be given the same list), `replica_timeout_ms`,
+//! `hint_retry_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
+//! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
+//! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works.
+//!
+//! Limits: membership is static (no join or leave while running); seeds are resolved once, at
+//! startup, by the caller.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -22,7 +30,10 @@ use ringkv_net::limits::{
     PUT_OVERHEAD_BYTES_MAX,
 };
 
+use super::NodeId;
+use super::peer::HINT_KEY_PREFIX_BYTES;
 use super::route::engine_key_bytes_max;
+use crate::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET, MAX_SIBLINGS_DEFAULT};
 use serde::Deserialize;
 
 /// Default data directory.
@@ -39,8 +50,20 @@ pub const MESH_QUEUE_MESSAGES_MAX_DEFAULT: usize = 1024;
 pub const PEER_INFLIGHT_MAX_DEFAULT: usize = 1024;
 /// Default largest value: the engine's default, 1 MiB.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 1 << 20;
-/// Largest `key_bytes_max`: the engine's hard key limit less the bucket prefix of engine keys.
-pub const KEY_BYTES_MAX_MAX: usize = ENGINE_KEY_BYTES_MAX_HARD - engine_key_bytes_max(0);
+/// Largest `key_bytes_max`: the engine's hard key limit less the bucket prefix of engine keys and
+/// the node id that prefixes hint keys.
+pub const KEY_BYTES_MAX_MAX: usize =
+    ENGINE_KEY_BYTES_MAX_HARD - engine_key_bytes_max(0) - HINT_KEY_PREFIX_BYTES;
+/// Default node id.
+pub const NODE_ID_DEFAULT: u32 = 1;
+/// Default time a replica has to answer before its slot moves on, in milliseconds.
+pub const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 1000;
+/// Default interval between hinted-handoff rounds, in milliseconds.
+pub const HINT_RETRY_MS_DEFAULT: u64 = 1000;
+/// Largest replica timeout or hint interval, in milliseconds: ten minutes.
+pub const PEER_INTERVAL_MS_MAX: u64 = 600_000;
+/// Longest node name: a peer HELLO carries `<id>@<name>` in 255 bytes, and an id takes up to 10.
+pub const NODE_NAME_BYTES_MAX: usize = 240;
 /// Default deadline of requests that name none, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Largest request deadline, in milliseconds: ten minutes (longer ones are shortened to it).
@@ -107,6 +130,94 @@ pub struct FileConfig {
     pub key_bytes_max: Option<usize>,
     /// Largest value stored.
     pub value_bytes_max: Option<usize>,
+    /// This node's id in the ring and in causality metadata.
+    pub node_id: Option<u32>,
+    /// Peer protocol address, shared by every shard's listener.
+    pub peer_listen: Option<SocketAddr>,
+    /// The cluster's members as `ID@HOST:PORT` peer addresses (this node may be included).
+    pub seeds: Option<Vec<String>>,
+    /// Time a replica has to answer before its slot moves on, in milliseconds.
+    pub replica_timeout_ms: Option<u64>,
+    /// Interval between hinted-handoff rounds, in milliseconds.
+    pub hint_retry_ms: Option<u64>,
+    /// Bucket properties by bucket name (`default` for every other bucket).
+    pub buckets: Option<BTreeMap<String, BucketTable>>,
+}
+
+/// A `[buckets.<name>]` table; absent fields take the default bucket's value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketTable {
+    /// Replicas per key.
+    pub n: Option<u8>,
+    /// Read quorum.
+    pub r: Option<u8>,
+    /// Write quorum.
+    pub w: Option<u8>,
+    /// Durable-write quorum.
+    pub dw: Option<u8>,
+    /// `siblings` or `lww`.
+    pub mode: Option<ConflictMode>,
+    /// Sibling limit.
+    pub max_siblings: Option<u16>,
+}
+
+impl BucketTable {
+    fn over(&self, base: BucketProps) -> BucketProps {
+        BucketProps {
+            n: self.n.unwrap_or(base.n),
+            r: self.r.unwrap_or(base.r),
+            w: self.w.unwrap_or(base.w),
+            dw: self.dw.unwrap_or(base.dw),
+            mode: self.mode.unwrap_or(base.mode),
+            max_siblings: self.max_siblings.unwrap_or(base.max_siblings),
+        }
+    }
+}
+
+/// The default bucket when none is configured, for a cluster of `members` nodes (module docs).
+pub fn default_bucket(members: usize) -> BucketProps {
+    let n = members.clamp(1, 3) as u8;
+    let majority = n / 2 + 1;
+    BucketProps {
+        n,
+        r: majority,
+        w: majority,
+        dw: 1,
+        mode: ConflictMode::Siblings,
+        max_siblings: MAX_SIBLINGS_DEFAULT,
+    }
+}
+
+/// Parses a seed `ID@HOST:PORT` into the id and the unresolved address.
+pub fn parse_seed(seed: &str) -> Result<(NodeId, String), ConfigError> {
+    let invalid = |reason| ConfigError::Invalid {
+        name: "seeds",
+        value: seed.to_owned(),
+        reason,
+    };
+    let (id, addr) = seed
+        .trim()
+        .split_once('@')
+        .ok_or_else(|| invalid("expected ID@HOST:PORT"))?;
+    let id: u32 = id
+        .parse()
+        .map_err(|_| invalid("the node id is not a u32"))?;
+    if !addr.contains(':') {
+        return Err(invalid("expected ID@HOST:PORT"));
+    }
+    Ok((NodeId(id), addr.to_owned()))
+}
+
+fn interval(name: &'static str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 || value > PEER_INTERVAL_MS_MAX {
+        return Err(ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason: "must be in [1, 600000]",
+        });
+    }
+    Ok(value)
 }
 
 /// A config file or flag that cannot be used.
@@ -168,6 +279,29 @@ pub struct Settings {
     pub limits: Limits,
     /// Largest value stored.
     pub value_bytes_max: usize,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Peer protocol address, if this node has peers or was given one.
+    pub peer_listen: Option<SocketAddr>,
+    /// Every other member's peer address, unresolved (`HOST:PORT`).
+    pub peers: BTreeMap<NodeId, String>,
+    /// Time a replica has to answer before its slot moves on, in milliseconds.
+    pub replica_timeout_ms: u64,
+    /// Interval between hinted-handoff rounds, in milliseconds.
+    pub hint_retry_ms: u64,
+    /// Bucket properties, validated.
+    pub buckets: Buckets,
+}
+
+impl Settings {
+    /// The member set: this node and its peers.
+    pub fn members(&self) -> BTreeSet<NodeId> {
+        self.peers
+            .keys()
+            .copied()
+            .chain(std::iter::once(self.node_id))
+            .collect()
+    }
 }
 
 fn bound(name: &'static str, value: usize) -> Result<usize, ConfigError> {
@@ -194,7 +328,7 @@ fn check_limits(limits: &Limits, value_bytes_max: usize) -> Result<(), ConfigErr
         return Err(ConfigError::Invalid {
             name: "key_bytes_max",
             value: limits.key_bytes_max.to_string(),
-            reason: "must be in [1, 3840]",
+            reason: "must be in [1, 3836]",
         });
     }
     if value_bytes_max > VALUE_BYTES_MAX_HARD {
@@ -269,7 +403,84 @@ impl Settings {
                 reason: "must be in [1, 600000]",
             });
         }
+        let node_id = NodeId(flags.node_id.or(file.node_id).unwrap_or(NODE_ID_DEFAULT));
+        let mut peers = BTreeMap::new();
+        let mut own_seed = None;
+        for seed in flags.seeds.or(file.seeds).unwrap_or_default() {
+            if seed.trim().is_empty() {
+                continue;
+            }
+            let (id, addr) = parse_seed(&seed)?;
+            if id == node_id {
+                own_seed = Some(addr);
+            } else if peers.insert(id, addr).is_some() {
+                return Err(ConfigError::Invalid {
+                    name: "seeds",
+                    value: seed,
+                    reason: "the same node id appears twice",
+                });
+            }
+        }
+        let peer_listen = match flags.peer_listen.or(file.peer_listen) {
+            Some(addr) => Some(addr),
+            None => own_seed.as_deref().and_then(|a| a.parse().ok()),
+        };
+        if !peers.is_empty() && peer_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "peer_listen",
+                value: "(none)".into(),
+                reason: "a node with peers needs a peer address (or an IP:PORT seed for its own id)",
+            });
+        }
+        let members = peers.len() + 1;
+        let mut tables = flags.buckets.or(file.buckets).unwrap_or_default();
+        let default = match tables.remove(DEFAULT_BUCKET) {
+            Some(t) => t.over(BucketProps::default()),
+            None => default_bucket(members),
+        };
+        let buckets = Buckets {
+            default,
+            named: tables
+                .into_iter()
+                .map(|(name, t)| (name.into_bytes(), t.over(default)))
+                .collect(),
+        };
+        buckets.validate().map_err(|e| ConfigError::Invalid {
+            name: "buckets",
+            value: e.0,
+            reason: "invalid bucket properties",
+        })?;
+        let node_name = flags
+            .node_name
+            .or(file.node_name)
+            .unwrap_or_else(|| NAME_DEFAULT.to_owned());
+        if node_name.len() > NODE_NAME_BYTES_MAX {
+            return Err(ConfigError::Invalid {
+                name: "node_name",
+                value: node_name,
+                reason: "must be at most 240 bytes",
+            });
+        }
         Ok(Self {
+            node_id,
+            peer_listen,
+            peers,
+            buckets,
+            node_name,
+            replica_timeout_ms: interval(
+                "replica_timeout_ms",
+                flags
+                    .replica_timeout_ms
+                    .or(file.replica_timeout_ms)
+                    .unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT),
+            )?,
+            hint_retry_ms: interval(
+                "hint_retry_ms",
+                flags
+                    .hint_retry_ms
+                    .or(file.hint_retry_ms)
+                    .unwrap_or(HINT_RETRY_MS_DEFAULT),
+            )?,
             shutdown_drain_ms,
             request_timeout_ms,
             limits,
@@ -290,10 +501,6 @@ impl Settings {
             cluster_name: flags
                 .cluster_name
                 .or(file.cluster_name)
-                .unwrap_or_else(|| NAME_DEFAULT.to_owned()),
-            node_name: flags
-                .node_name
-                .or(file.node_name)
                 .unwrap_or_else(|| NAME_DEFAULT.to_owned()),
             inflight_per_connection_max: bound(
                 "inflight_per_connection_max",
@@ -334,6 +541,42 @@ mod tests {
         assert_eq!(s.shards, None);
         assert_eq!(s.durability, Durability::Sync);
         assert_eq!(s.inflight_per_connection_max, 128);
+        assert_eq!(s.node_id, NodeId(1));
+        assert!(s.peers.is_empty());
+        let d = s.buckets.default;
+        assert_eq!((d.n, d.r, d.w, d.dw), (1, 1, 1, 1));
+    }
+
+    /// Seeds make the member set; the default bucket follows its size; bucket tables inherit
+    /// from the default bucket and are validated.
+    #[test]
+    fn cluster_settings() {
+        let file = FileConfig::parse(
+            "node_id = 2\nseeds = [\"1@127.0.0.1:7001\", \"2@127.0.0.1:7002\", \"3@h:7003\"]\n\
+             [buckets.sessions]\nmode = \"lww\"\nr = 1\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(FileConfig::default(), file).unwrap();
+        assert_eq!(s.node_id, NodeId(2));
+        assert_eq!(s.peer_listen.unwrap().to_string(), "127.0.0.1:7002");
+        assert_eq!(s.peers.len(), 2);
+        assert_eq!(s.members().len(), 3);
+        let d = s.buckets.default;
+        assert_eq!((d.n, d.r, d.w, d.dw), (3, 2, 2, 1));
+        let lww = s.buckets.props(b"sessions");
+        assert_eq!(
+            (lww.n, lww.r, lww.w, lww.mode),
+            (3, 1, 2, ConflictMode::Lww)
+        );
+
+        let bad = FileConfig::parse("[buckets.default]\nn = 1\nr = 2\n").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), bad).is_err());
+        let typo = FileConfig::parse("[buckets.default]\nnn = 1\n");
+        assert!(typo.is_err());
+        let no_peer_addr = FileConfig::parse("seeds = [\"2@host:1\"]").unwrap();
+        assert!(Settings::resolve(FileConfig::default(), no_peer_addr).is_err());
+        assert!(parse_seed("x@h:1").is_err());
+        assert!(parse_seed("1@h").is_err());
     }
 
     /// A flag beats the file, the file beats the default.

@@ -1,0 +1,364 @@
+//! Peer traffic on the wire and hints in the engine (sans-IO).
+//!
+//! The coordinator ([`crate::coordinator`]) speaks [`PeerMsg`]; nodes exchange frames of the
+//! binary protocol (`docs/PROTOCOL.md` §5.5–5.6). This module converts between the two, and maps
+//! the coordinator's [`StoreKey`]s onto engine partitions and keys:
+//!
+//! - REPLICA_PUT / REPLICA_GET ↔ [`PeerMsg::ReplicaPut`] / [`PeerMsg::ReplicaGet`]; the `hint`
+//!   field names the home node of a [`Space::Hint`] key.
+//! - REPLICA_PUT_OK / REPLICA_GET_OK ↔ the answers; an object that does not decode is a failed
+//!   replica ([`PeerMsg::Failed`]), never a panic and never a partial object.
+//! - A client GET, PUT or DELETE on a peer connection is a [`PeerMsg::Forward`]; whatever answers
+//!   it (GET_OK, PUT_OK, DELETE_OK) is the [`PeerMsg::ForwardReply`].
+//! - ERROR answers any request: [`PeerMsg::Failed`].
+//!
+//! Storage layout: a [`Space::Primary`] key lives in engine partition `partition` under
+//! [`engine_key`]`(bucket, key)`; a [`Space::Hint`]`(home)` key lives in engine partition
+//! [`HINT_PARTITION_BASE`]` | partition` under `home as u32 (big-endian) ‖ engine_key(bucket, key)`,
+//! so a node's hints never mix with its replicas, a fallback can list every hint of one ring
+//! partition with one partition scan, and hints for different homes of the same key stay apart.
+//!
+//! Limits: ring partitions are below [`PARTITION_COUNT_MAX`], so hint partitions never collide
+//! with replica partitions; a hint key is [`HINT_KEY_PREFIX_BYTES`] longer than its replica key,
+//! which the engine's key limit must leave room for.
+
+use bytes::Bytes;
+use ringkv_net::{
+    ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
+};
+
+use super::NodeId;
+use super::route::{PARTITIONS, engine_key, partition_of};
+use crate::coordinator::{PeerMsg, Space, StoreKey};
+use crate::object::Object;
+use crate::ring::PARTITION_COUNT_MAX;
+
+/// First engine partition of hints: the high bit, far above any ring partition.
+pub const HINT_PARTITION_BASE: u32 = 1 << 31;
+/// Bytes a hint's engine key has before the replica's engine key: the home node id.
+pub const HINT_KEY_PREFIX_BYTES: usize = 4;
+
+const _: () = assert!(PARTITION_COUNT_MAX <= HINT_PARTITION_BASE);
+
+/// The engine partition and key of a stored key.
+pub fn engine_location(key: &StoreKey) -> (u32, Vec<u8>) {
+    debug_assert!(key.partition < HINT_PARTITION_BASE);
+    match key.space {
+        Space::Primary => (key.partition, engine_key(&key.bucket, &key.key)),
+        Space::Hint(home) => {
+            let inner = engine_key(&key.bucket, &key.key);
+            let mut k = Vec::with_capacity(HINT_KEY_PREFIX_BYTES + inner.len());
+            k.extend_from_slice(&home.0.to_be_bytes());
+            k.extend_from_slice(&inner);
+            (HINT_PARTITION_BASE | key.partition, k)
+        }
+    }
+}
+
+/// The hint stored in ring partition `partition` under engine key `engine_key`, or `None` if the
+/// key is not a hint key (damaged or written by something else).
+pub fn hint_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {
+    let (home, rest) = engine_key.split_first_chunk::<HINT_KEY_PREFIX_BYTES>()?;
+    let (&len, rest) = rest.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let (bucket, key) = rest.split_at(len);
+    Some(StoreKey {
+        partition,
+        space: Space::Hint(NodeId(u32::from_be_bytes(*home))),
+        bucket: Bytes::copy_from_slice(bucket),
+        key: Bytes::copy_from_slice(key),
+    })
+}
+
+/// The name a node gives in a peer HELLO: `<id>@<name>` (`docs/PROTOCOL.md` §5.1).
+pub fn hello_name(node: NodeId, name: &str) -> String {
+    format!("{}@{name}", node.0)
+}
+
+/// The node id of a peer HELLO's `node_name`.
+pub fn parse_hello_name(name: &str) -> Option<NodeId> {
+    let (id, _) = name.split_once('@')?;
+    id.parse().ok().map(NodeId)
+}
+
+fn invalid(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::InvalidRequest, message)
+}
+
+/// The ring partition a peer request is for: the one it names (checked against its key, so a
+/// confused or hostile peer cannot store a key under another partition), or its key's partition
+/// for a forwarded client request.
+pub fn request_partition(message: &Message) -> Result<u32, ErrorBody> {
+    let (named, bucket, key) = match message {
+        Message::ReplicaPut(m) => (Some(m.partition), &m.bucket, &m.key),
+        Message::ReplicaGet(m) => (Some(m.partition), &m.bucket, &m.key),
+        Message::Get(m) => (None, &m.bucket, &m.key),
+        Message::Put(m) => (None, &m.bucket, &m.key),
+        Message::Delete(m) => (None, &m.bucket, &m.key),
+        other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
+    };
+    let actual = partition_of(bucket, key).0;
+    match named {
+        Some(p) if p != actual => Err(ErrorBody::new(
+            ErrorCode::WrongShard,
+            format!(
+                "partition {p} named for a key of partition {actual} (ring of {} partitions)",
+                PARTITIONS.get()
+            ),
+        )),
+        _ => Ok(actual),
+    }
+}
+
+fn decode_object(bytes: &Bytes) -> Result<Object, String> {
+    Object::decode(bytes).map_err(|e| format!("undecodable object: {e}"))
+}
+
+/// A peer request received as `message`, given the id the receiving core will echo.
+pub fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody> {
+    let space = |hint: Option<u32>| hint.map_or(Space::Primary, |h| Space::Hint(NodeId(h)));
+    Ok(match message {
+        Message::ReplicaPut(m) => PeerMsg::ReplicaPut {
+            id,
+            object: decode_object(&m.object).map_err(invalid)?,
+            key: StoreKey {
+                partition: m.partition,
+                space: space(m.hint),
+                bucket: m.bucket,
+                key: m.key,
+            },
+            durable: m.durable,
+        },
+        Message::ReplicaGet(m) => PeerMsg::ReplicaGet {
+            id,
+            key: StoreKey {
+                partition: m.partition,
+                space: space(m.hint),
+                bucket: m.bucket,
+                key: m.key,
+            },
+        },
+        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_)) => {
+            PeerMsg::Forward { id, request }
+        }
+        other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
+    })
+}
+
+/// An answer received as `message` for the request with id `id`.
+pub fn answer_from_wire(id: u64, message: Message) -> PeerMsg {
+    match message {
+        Message::ReplicaPutOk(ReplicaPutOk { durable }) => PeerMsg::ReplicaPutOk { id, durable },
+        Message::ReplicaGetOk(ReplicaGetOk { object: None }) => {
+            PeerMsg::ReplicaGetOk { id, object: None }
+        }
+        Message::ReplicaGetOk(ReplicaGetOk {
+            object: Some(bytes),
+        }) => match decode_object(&bytes) {
+            Ok(object) => PeerMsg::ReplicaGetOk {
+                id,
+                object: Some(object),
+            },
+            Err(e) => PeerMsg::Failed {
+                id,
+                error: ErrorBody::new(ErrorCode::Internal, e),
+            },
+        },
+        reply @ (Message::GetOk(_) | Message::PutOk(_) | Message::DeleteOk) => {
+            PeerMsg::ForwardReply { id, reply }
+        }
+        Message::Error(error) => PeerMsg::Failed { id, error },
+        other => PeerMsg::Failed {
+            id,
+            error: ErrorBody::new(
+                ErrorCode::Internal,
+                format!("a peer answered {} to a peer request", other.kind()),
+            ),
+        },
+    }
+}
+
+fn wire_key(key: StoreKey) -> (u32, Option<u32>, Bytes, Bytes) {
+    let hint = match key.space {
+        Space::Primary => None,
+        Space::Hint(home) => Some(home.0),
+    };
+    (key.partition, hint, key.bucket, key.key)
+}
+
+/// The frame id and message that carry `msg` (a request or an answer).
+pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
+    match msg {
+        PeerMsg::ReplicaPut {
+            id,
+            key,
+            object,
+            durable,
+        } => {
+            let (partition, hint, bucket, key) = wire_key(key);
+            (
+                id,
+                Message::ReplicaPut(ReplicaPut {
+                    partition,
+                    durable,
+                    bucket,
+                    key,
+                    hint,
+                    object: Bytes::from(object.encode()),
+                }),
+            )
+        }
+        PeerMsg::ReplicaPutOk { id, durable } => {
+            (id, Message::ReplicaPutOk(ReplicaPutOk { durable }))
+        }
+        PeerMsg::ReplicaGet { id, key } => {
+            let (partition, hint, bucket, key) = wire_key(key);
+            (
+                id,
+                Message::ReplicaGet(ReplicaGet {
+                    partition,
+                    hint,
+                    bucket,
+                    key,
+                }),
+            )
+        }
+        PeerMsg::ReplicaGetOk { id, object } => (
+            id,
+            Message::ReplicaGetOk(ReplicaGetOk {
+                object: object.map(|o| Bytes::from(o.encode())),
+            }),
+        ),
+        PeerMsg::Forward { id, request } => (id, request),
+        PeerMsg::ForwardReply { id, reply } => (id, reply),
+        PeerMsg::Failed { id, error } => (id, Message::Error(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::object::{Lww, Val};
+
+    fn key(space: Space) -> StoreKey {
+        let bucket = Bytes::from_static(b"cart");
+        let k = Bytes::from_static(b"alice");
+        StoreKey {
+            partition: partition_of(&bucket, &k).0,
+            space,
+            bucket,
+            key: k,
+        }
+    }
+
+    fn object() -> Object {
+        Object::Lww(Lww {
+            timestamp: 7,
+            node: NodeId(2),
+            val: Val::Value(Bytes::from_static(b"v")),
+        })
+    }
+
+    /// Hints are stored apart from replicas and come back from their engine key.
+    #[test]
+    fn hint_keys_round_trip() {
+        let primary = key(Space::Primary);
+        let hint = key(Space::Hint(NodeId(9)));
+        let (pp, pk) = engine_location(&primary);
+        let (hp, hk) = engine_location(&hint);
+        assert_eq!(pp, primary.partition);
+        assert_eq!(hp, HINT_PARTITION_BASE | primary.partition);
+        assert_eq!(hk.len(), pk.len() + HINT_KEY_PREFIX_BYTES);
+        assert_eq!(hint_from_engine(hint.partition, &hk), Some(hint));
+        assert_eq!(hint_from_engine(0, &[0, 0, 0]), None);
+        assert_eq!(hint_from_engine(0, &[0, 0, 0, 1, 5, b'a']), None);
+    }
+
+    /// Every peer message survives the trip through its frame; an undecodable object is a
+    /// failure, not a panic.
+    #[test]
+    fn peer_messages_round_trip() {
+        let requests = [
+            PeerMsg::ReplicaPut {
+                id: 3,
+                key: key(Space::Hint(NodeId(4))),
+                object: object(),
+                durable: true,
+            },
+            PeerMsg::ReplicaGet {
+                id: 4,
+                key: key(Space::Primary),
+            },
+        ];
+        for msg in requests {
+            let (id, wire) = to_wire(msg.clone());
+            assert_eq!(
+                request_partition(&wire).unwrap(),
+                key(Space::Primary).partition
+            );
+            assert_eq!(request_from_wire(id, wire).unwrap(), msg);
+        }
+        let answers = [
+            PeerMsg::ReplicaPutOk {
+                id: 5,
+                durable: true,
+            },
+            PeerMsg::ReplicaGetOk {
+                id: 6,
+                object: Some(object()),
+            },
+            PeerMsg::ReplicaGetOk {
+                id: 7,
+                object: None,
+            },
+            PeerMsg::ForwardReply {
+                id: 8,
+                reply: Message::DeleteOk,
+            },
+            PeerMsg::Failed {
+                id: 9,
+                error: ErrorBody::new(ErrorCode::Timeout, "slow"),
+            },
+        ];
+        for msg in answers {
+            let (id, wire) = to_wire(msg.clone());
+            assert_eq!(answer_from_wire(id, wire), msg);
+        }
+        let bad = Message::ReplicaGetOk(ReplicaGetOk {
+            object: Some(Bytes::from_static(b"\x07junk")),
+        });
+        assert!(matches!(answer_from_wire(1, bad), PeerMsg::Failed { .. }));
+        let (_, mut put) = to_wire(PeerMsg::ReplicaPut {
+            id: 1,
+            key: key(Space::Primary),
+            object: object(),
+            durable: false,
+        });
+        if let Message::ReplicaPut(m) = &mut put {
+            m.object = Bytes::from_static(b"\x01");
+        }
+        assert!(request_from_wire(1, put.clone()).is_err());
+        if let Message::ReplicaPut(m) = &mut put {
+            m.partition ^= 1;
+        }
+        assert_eq!(
+            request_partition(&put).unwrap_err().code,
+            ErrorCode::WrongShard
+        );
+    }
+
+    /// Peers name themselves `<id>@<name>`.
+    #[test]
+    fn hello_names() {
+        assert_eq!(
+            parse_hello_name(&hello_name(NodeId(12), "b@x")),
+            Some(NodeId(12))
+        );
+        assert_eq!(parse_hello_name("node-b"), None);
+        assert_eq!(parse_hello_name("x@node-b"), None);
+    }
+}
