@@ -146,9 +146,13 @@ fn put_get_delete_across_shards_and_restart() {
     let server = Server::start(&dir, port);
     let mut c = server.client();
     assert_eq!(c.server().shard_count, 2);
+    // Each overwrite passes the context of the write before it, so it supersedes that write
+    // instead of becoming its sibling.
+    let mut contexts = vec![None; KEYS];
     for round in 0..2 {
         for i in 0..KEYS {
-            c.put(b"b", &key(i), &value(i, round), None).unwrap();
+            let context = c.put(b"b", &key(i), &value(i, round), contexts[i].take());
+            contexts[i] = Some(context.unwrap());
         }
     }
     c.put(b"other", &key(0), b"elsewhere", None).unwrap();
@@ -157,7 +161,8 @@ fn put_get_delete_across_shards_and_restart() {
         assert_eq!(got.siblings, vec![Sibling::Value(value(i, 1).into())]);
     }
     for i in (0..KEYS).step_by(2) {
-        c.delete(b"b", &key(i), None).unwrap();
+        let context = c.get(b"b", &key(i)).unwrap().context;
+        c.delete(b"b", &key(i), Some(context)).unwrap();
     }
     let missing = c.get(b"b", b"never written").unwrap();
     assert!(missing.siblings.is_empty());
@@ -628,9 +633,9 @@ fn resp_listener_speaks_redis() {
             RespValue::Error("NOPROTO unsupported protocol version".into()),
         ]
     );
-    // The CLI reads what Redis wrote (same default bucket).
+    // The CLI reads what Redis wrote (in the RESP bucket).
     let out = Command::new(BIN)
-        .args(["get", "--server", &server.addr, "r2"])
+        .args(["get", "--server", &server.addr, "--bucket", "redis", "r2"])
         .output()
         .unwrap();
     assert_eq!(out.stdout, b"r2");

@@ -354,6 +354,12 @@ impl Client {
         }
     }
 
+    /// Sends any request message (for example a GET with its own `r`) and returns the reply; an
+    /// ERROR reply becomes [`ClientError::Server`].
+    pub fn request(&mut self, message: Message) -> Result<Message, ClientError> {
+        self.call(message)
+    }
+
     /// Sends one request and waits for its reply; an ERROR reply becomes [`ClientError::Server`].
     fn call(&mut self, message: Message) -> Result<Message, ClientError> {
         if self.broken {

@@ -1,22 +1,29 @@
 //! `ringkv`: the node server and its command-line client.
 //!
-//! `ringkv serve` runs a single node (see `docs/OPERATIONS.md` for every setting and flag);
-//! `ringkv get|put|del|ping` talk to a node through the blocking client in `ringkv-net`, print
-//! values raw on stdout for shell scripts, and exit 1 with "not found" on stderr for a missing key.
-//! Exit codes: 0 success, 1 key not found, 2 any error.
+//! `ringkv serve` runs a node, alone or in a static cluster (see `docs/OPERATIONS.md` for every
+//! setting and flag); `ringkv get|put|del|ping` talk to a node through the blocking client in
+//! `ringkv-net`. `get` prints a single value raw on stdout for shell scripts; concurrent siblings
+//! come as a `siblings N` line followed by one `value LEN` line plus LEN raw bytes and a newline,
+//! or a `tombstone` line, per sibling. `--show-context` prints the causal context as
+//! `context HEX` on stderr, which `put`/`del --context HEX` accept; `del` without a context
+//! reads the key first and deletes what it read. A missing key exits 1 with
+//! "not found" on stderr. Exit codes: 0 success, 1 key not found, 2 any error.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use ringkv_cluster::node::NodeId;
 use ringkv_cluster::node::config::{DurabilityName, FileConfig, Settings};
 use ringkv_cluster::node::route::parse_cpu_list;
 use ringkv_cluster::node::server::{ServeConfig, serve};
-use ringkv_net::{Client, ClientConfig, Sibling};
+use ringkv_net::{Client, ClientConfig, Delete, Get, Message, Put, Sibling};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,6 +58,22 @@ struct Target {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Print the causal context as `context HEX` on stderr.
+    #[arg(long)]
+    show_context: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct WriteOpts {
+    /// Causal context from a get (hex), so the write supersedes what was read.
+    #[arg(long)]
+    context: Option<String>,
+    /// Write quorum for this request [default: the bucket's].
+    #[arg(long)]
+    w: Option<u8>,
+    /// Durable-write quorum for this request [default: the bucket's].
+    #[arg(long)]
+    dw: Option<u8>,
 }
 
 // Parsed once at startup, so the size of the serve variant costs nothing worth boxing for.
@@ -111,11 +134,30 @@ enum Command {
         /// Largest value stored [default: 1048576 (1 MiB)].
         #[arg(long)]
         value_bytes_max: Option<usize>,
+        /// This node's id in the ring and in causality metadata [default: 1].
+        #[arg(long)]
+        node_id: Option<u32>,
+        /// Peer protocol address; every shard listens on it [default: this node's seed, if any].
+        #[arg(long)]
+        peer_listen: Option<SocketAddr>,
+        /// Cluster members as ID@HOST:PORT peer addresses, comma-separated [default: none, a
+        /// one-node cluster].
+        #[arg(long, value_delimiter = ',')]
+        seeds: Option<Vec<String>>,
+        /// Time a replica has to answer before its slot moves on, in ms [default: 1000].
+        #[arg(long)]
+        replica_timeout_ms: Option<u64>,
+        /// Interval between hinted-handoff rounds, in ms [default: 1000].
+        #[arg(long)]
+        hint_retry_ms: Option<u64>,
     },
-    /// Print the value of KEY (exit 1 if it does not exist).
+    /// Print the value (or the siblings) of KEY (exit 1 if it does not exist).
     Get {
         #[command(flatten)]
         target: Target,
+        /// Read quorum for this request [default: the bucket's].
+        #[arg(long)]
+        r: Option<u8>,
         /// The key.
         key: String,
     },
@@ -123,6 +165,8 @@ enum Command {
     Put {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        write: WriteOpts,
         /// The key.
         key: String,
         /// The value.
@@ -132,6 +176,8 @@ enum Command {
     Del {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        write: WriteOpts,
         /// The key.
         key: String,
     },
@@ -161,6 +207,44 @@ fn connect(t: &Target) -> anyhow::Result<Client> {
     Client::connect(t.server.as_str(), config).with_context(|| format!("connect to {}", t.server))
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> anyhow::Result<Bytes> {
+    let text = text.trim();
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        bail!("context {text:?} is not hex");
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map(Bytes::from)
+        .with_context(|| format!("context {text:?} is not hex"))
+}
+
+fn show_context(target: &Target, context: &[u8]) {
+    if target.show_context {
+        eprintln!("context {}", hex(context));
+    }
+}
+
+/// Resolves `ID@HOST:PORT` peers once, at startup.
+fn resolve_peers(peers: &BTreeMap<NodeId, String>) -> anyhow::Result<BTreeMap<NodeId, SocketAddr>> {
+    peers
+        .iter()
+        .map(|(id, addr)| {
+            let resolved = addr
+                .to_socket_addrs()
+                .with_context(|| format!("resolve seed {}@{addr}", id.0))?
+                .next()
+                .with_context(|| format!("seed {}@{addr} has no address", id.0))?;
+            Ok((*id, resolved))
+        })
+        .collect()
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve {
@@ -181,6 +265,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             frame_bytes_max,
             key_bytes_max,
             value_bytes_max,
+            node_id,
+            peer_listen,
+            seeds,
+            replica_timeout_ms,
+            hint_retry_ms,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -210,6 +299,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 frame_bytes_max,
                 key_bytes_max,
                 value_bytes_max,
+                node_id,
+                peer_listen,
+                seeds,
+                replica_timeout_ms,
+                hint_retry_ms,
+                buckets: None,
             };
             let settings = Settings::resolve(flags, file)?;
             let mut cpus = affinity_cpus()?;
@@ -230,44 +325,102 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.request_timeout_ms = settings.request_timeout_ms;
             cfg.limits = settings.limits;
             cfg.value_bytes_max = settings.value_bytes_max;
+            cfg.peers = resolve_peers(&settings.peers)?;
+            cfg.node_id = settings.node_id;
+            cfg.peer_listen = settings.peer_listen;
+            cfg.buckets = settings.buckets;
+            cfg.replica_timeout_ms = settings.replica_timeout_ms;
+            cfg.hint_retry_ms = settings.hint_retry_ms;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Get { target, key } => {
-            let reply = connect(&target)?.get(target.bucket.as_bytes(), key.as_bytes())?;
-            let values: Vec<_> = reply
+        Command::Get { target, r, key } => {
+            let request = Message::Get(Get {
+                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                key: Bytes::from(key.into_bytes()),
+                r,
+                timeout_ms: None,
+            });
+            let reply = match connect(&target)?.request(request)? {
+                Message::GetOk(ok) => ok,
+                other => bail!("unexpected reply {}", other.kind()),
+            };
+            show_context(&target, &reply.context);
+            if reply
                 .siblings
                 .iter()
-                .filter_map(|s| match s {
-                    Sibling::Value(v) => Some(v),
-                    Sibling::Tombstone => None,
-                })
-                .collect();
-            if values.is_empty() {
+                .all(|s| matches!(s, Sibling::Tombstone))
+            {
                 eprintln!("not found");
                 return Ok(ExitCode::from(1));
             }
-            if values.len() > 1 {
-                eprintln!("{} siblings", values.len());
-            }
             let mut out = std::io::stdout().lock();
-            for v in values {
-                out.write_all(v).context("write to stdout")?;
+            match reply.siblings.as_slice() {
+                [Sibling::Value(v)] => out.write_all(v).context("write to stdout")?,
+                siblings => {
+                    writeln!(out, "siblings {}", siblings.len()).context("write to stdout")?;
+                    for s in siblings {
+                        match s {
+                            Sibling::Value(v) => {
+                                writeln!(out, "value {}", v.len()).context("write to stdout")?;
+                                out.write_all(v).context("write to stdout")?;
+                                writeln!(out).context("write to stdout")?;
+                            }
+                            Sibling::Tombstone => {
+                                writeln!(out, "tombstone").context("write to stdout")?
+                            }
+                        }
+                    }
+                }
             }
             out.flush().context("write to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Put { target, key, value } => {
-            connect(&target)?.put(
-                target.bucket.as_bytes(),
-                key.as_bytes(),
-                value.as_bytes(),
-                None,
-            )?;
+        Command::Put {
+            target,
+            write,
+            key,
+            value,
+        } => {
+            let request = Message::Put(Put {
+                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                key: Bytes::from(key.into_bytes()),
+                value: Bytes::from(value.into_bytes()),
+                context: write.context.as_deref().map(unhex).transpose()?,
+                w: write.w,
+                dw: write.dw,
+                timeout_ms: None,
+            });
+            match connect(&target)?.request(request)? {
+                Message::PutOk(ok) => show_context(&target, &ok.context),
+                other => bail!("unexpected reply {}", other.kind()),
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Del { target, key } => {
-            connect(&target)?.delete(target.bucket.as_bytes(), key.as_bytes(), None)?;
+        Command::Del { target, write, key } => {
+            let mut client = connect(&target)?;
+            let context = match write.context.as_deref() {
+                Some(text) => Some(unhex(text)?),
+                // Without a context a delete would only add a tombstone beside the values; delete
+                // what is there now instead.
+                None => Some(
+                    client
+                        .get(target.bucket.as_bytes(), key.as_bytes())?
+                        .context,
+                ),
+            };
+            let request = Message::Delete(Delete {
+                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                key: Bytes::from(key.into_bytes()),
+                context,
+                w: write.w,
+                dw: write.dw,
+                timeout_ms: None,
+            });
+            match client.request(request)? {
+                Message::DeleteOk => {}
+                other => bail!("unexpected reply {}", other.kind()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Ping { target } => {

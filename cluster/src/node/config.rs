@@ -11,7 +11,8 @@
 //! `hint_retry_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
-//! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works.
+//! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
+//! RESP listener's bucket `redis`, when not configured, is the default bucket in `lww` mode.
 //!
 //! Limits: membership is static (no join or leave while running); seeds are resolved once, at
 //! startup, by the caller.
@@ -32,6 +33,7 @@ use ringkv_net::limits::{
 
 use super::NodeId;
 use super::peer::HINT_KEY_PREFIX_BYTES;
+use super::resp::RESP_BUCKET;
 use super::route::engine_key_bytes_max;
 use crate::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET, MAX_SIBLINGS_DEFAULT};
 use serde::Deserialize;
@@ -438,13 +440,21 @@ impl Settings {
             Some(t) => t.over(BucketProps::default()),
             None => default_bucket(members),
         };
-        let buckets = Buckets {
+        let mut buckets = Buckets {
             default,
             named: tables
                 .into_iter()
                 .map(|(name, t)| (name.into_bytes(), t.over(default)))
                 .collect(),
         };
+        // Redis clients carry no context: their bucket resolves by last write unless configured.
+        buckets
+            .named
+            .entry(RESP_BUCKET.to_vec())
+            .or_insert(BucketProps {
+                mode: ConflictMode::Lww,
+                ..default
+            });
         buckets.validate().map_err(|e| ConfigError::Invalid {
             name: "buckets",
             value: e.0,

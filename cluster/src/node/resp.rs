@@ -3,23 +3,24 @@
 //! [`plan`] turns a parsed [`RespCommand`] into a [`RespPlan`]: a reply it can give at once
 //! (PING, ECHO, INFO, COMMAND, HELLO, SELECT 0, QUIT, errors), or ringkv requests for the shell to
 //! execute in order, plus how [`combine`] turns their replies into one RESP reply. Keys live in
-//! the bucket [`RESP_BUCKET`], the CLI's default bucket, so `redis-cli SET k v` and
-//! `ringkv get k` see the same value.
+//! the bucket [`RESP_BUCKET`] (`redis`), which is last-write-wins unless configured otherwise:
+//! Redis clients have no causal contexts, so a SET must replace what is there rather than become
+//! a sibling of it. `redis-cli SET k v` and `ringkv get --bucket redis k` see the same value.
 //!
 //! Supported: `GET`, `SET key value` (no options), `DEL`, `EXISTS`, `MGET`, `PING`, `ECHO`,
 //! `INFO`, `COMMAND` (an empty list, enough for redis-cli), `HELLO` (protocol 2 only; `HELLO 3`
 //! is `NOPROTO`), `SELECT 0`, `QUIT`. Anything else is `-ERR unknown command`, as in Redis.
 //!
 //! Limits: DEL reads each key before deleting it to count what existed, so its count is not
-//! atomic with the deletes (a concurrent writer can make it off by one); single-node semantics
-//! otherwise match the binary protocol's (last write wins, no siblings).
+//! atomic with the deletes (a concurrent writer can make it off by one). If the `redis` bucket is
+//! configured with siblings, GET answers the last value sibling and SET adds siblings.
 
 use bytes::Bytes;
 use ringkv_net::resp::{RespCommand, RespValue};
 use ringkv_net::{Delete, Get, Message, Put, Sibling};
 
 /// The bucket Redis keys live in.
-pub const RESP_BUCKET: &[u8] = b"default";
+pub const RESP_BUCKET: &[u8] = b"redis";
 
 /// What to do with one command.
 #[derive(Debug, PartialEq, Eq)]

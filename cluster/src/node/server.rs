@@ -28,6 +28,28 @@
 //! request mesh, keeps serving other shards' requests until they have all closed theirs, then
 //! closes (flushes and syncs) its engine. [`serve`] returns once every shard has done so.
 //!
+//! # Replication
+//!
+//! Every shard runs one [`Core`] (the sans-IO coordinator) for the partitions it owns. A client
+//! GET, PUT or DELETE reaches the owner shard as before and is handed to its core; the shell
+//! carries out the core's [`Output`]s: storage operations on the shard's engine (objects encoded
+//! with [`Object::encode`]; hints in their own engine partitions, see [`super::peer`]), replies
+//! to the waiting request task, and messages to other nodes. Time reaches the core through a
+//! ticker that wakes every [`TICK_MS`] and calls `handle_tick` when `next_deadline` has passed
+//! (a fixed period keeps the shell simple; the cost is up to one tick of lateness on timeouts).
+//! Its clock is wall-clock milliseconds at startup plus monotonic time since, so last-write-wins
+//! timestamps compare across nodes and never go backwards within a run.
+//!
+//! Peer links: every shard listens on `peer_listen` (SO_REUSEPORT, like the other listeners) and
+//! keeps at most one outbound connection per remote node, opened lazily on the first message,
+//! greeted with HELLO (role peer, `<id>@<name>`), fed by a bounded queue (a full queue drops the
+//! message; the core times it out). A failed connect or a lost connection is reported to the core
+//! (`handle_unreachable`), and the next connect waits a backoff that doubles from
+//! [`PEER_BACKOFF_MIN_MS`] to [`PEER_BACKOFF_MAX_MS`]. Answers on an outbound connection go to the
+//! core of the shard that owns it, which sent the request. A request arriving on an inbound peer
+//! connection goes to the shard owning its partition (over the mesh when that is another shard),
+//! whose core executes it; the answer returns on the same connection with the same request id.
+//!
 //! Limits and gaps: if one shard fails to start (engine or listener), [`serve`] returns the error at
 //! once and the process is expected to exit, without closing the engines the other shards opened
 //! (recovery handles that like a crash; nothing was acknowledged yet). A request's deadline
@@ -35,31 +57,40 @@
 //! work runs to its end (see `Shard::execute`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::{MeshBuilder, Senders};
-use glommio::channels::local_channel::{self, LocalSender};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
+use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
 use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
 use ringkv_net::{
-    ErrorBody, ErrorCode, Frame, GetOk, Limits, Message, PutOk, Sibling, decode_frame, encode_frame,
+    ErrorBody, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Role, decode_frame,
+    encode_frame,
 };
 
+use crate::bucket::Buckets;
+use crate::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp};
+use crate::object::Object;
+use crate::ring::{PartitionId, Ring};
+
+use super::NodeId;
 use super::config;
+use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
 use super::metrics::{self, Op, ShardMetrics};
+use super::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
 use super::resp::{self, RespPlan};
-use super::route::{engine_key, engine_key_bytes_max, partition_of, shard_of};
+use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 /// Bytes asked of the socket per read.
@@ -68,6 +99,18 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
+/// Period of the ticker that drives each core's timeouts and hinted handoff.
+pub const TICK_MS: u64 = 10;
+/// Frames queued for one peer node before further ones are dropped (the core times them out).
+pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
+/// First wait before reconnecting to a peer after a failed connect or a lost connection.
+pub const PEER_BACKOFF_MIN_MS: u64 = 50;
+/// Longest wait between reconnection attempts to a peer.
+pub const PEER_BACKOFF_MAX_MS: u64 = 2000;
+/// Most 1 ms waits at shutdown for request tasks to let go of the shard.
+const STOP_POLLS_MAX: usize = 1000;
+/// Request id of the HELLO on an outbound peer connection; the core's ids count up from 1.
+const PEER_HELLO_ID: u64 = u64::MAX;
 
 /// Everything a node needs to run.
 #[derive(Clone, Debug)]
@@ -103,6 +146,18 @@ pub struct ServeConfig {
     /// How long shutdown waits for connections to write their last replies before dropping the
     /// ones that are stuck (a client that stopped reading), in milliseconds.
     pub shutdown_drain_ms: u64,
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Peer protocol address, shared by every shard's listener; `None` for a node alone.
+    pub peer_listen: Option<SocketAddr>,
+    /// Every other member's peer address.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Bucket properties.
+    pub buckets: Buckets,
+    /// Time a replica has to answer before its slot moves on, in milliseconds.
+    pub replica_timeout_ms: u64,
+    /// Interval between hinted-handoff rounds, in milliseconds.
+    pub hint_retry_ms: u64,
 }
 
 impl ServeConfig {
@@ -124,7 +179,22 @@ impl ServeConfig {
             peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
             shutdown_drain_ms: config::SHUTDOWN_DRAIN_MS_DEFAULT,
             request_timeout_ms: config::REQUEST_TIMEOUT_MS_DEFAULT,
+            node_id: NodeId(config::NODE_ID_DEFAULT),
+            peer_listen: None,
+            peers: BTreeMap::new(),
+            buckets: Buckets {
+                default: config::default_bucket(1),
+                named: BTreeMap::new(),
+            },
+            replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
+            hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
         }
+    }
+
+    /// Largest encoded object a shard stores or sends: the engine's hard value limit, and small
+    /// enough that a REPLICA_PUT carrying it fits a frame.
+    fn object_bytes_max(&self) -> usize {
+        VALUE_BYTES_MAX.min(self.limits.frame_bytes_max - PUT_OVERHEAD_BYTES_MAX)
     }
 }
 
@@ -147,6 +217,14 @@ pub enum ServeError {
         addr: SocketAddr,
         /// What the OS said.
         source: std::io::Error,
+    },
+    /// A shard's epoch lease could not be read or persisted.
+    #[error("shard {shard}: {source}")]
+    Epochs {
+        /// The shard.
+        shard: usize,
+        /// What went wrong.
+        source: epochs::EpochError,
     },
     /// A shard's engine failed to open or to close.
     #[error("shard {shard}: engine in {dir}: {source}")]
@@ -187,6 +265,8 @@ struct ShardRequest {
     partition: u32,
     /// The decoded request.
     message: Message,
+    /// For a request from another node: that node (the owner runs it as a peer request).
+    peer: Option<NodeId>,
 }
 
 /// The answer to a [`ShardRequest`].
@@ -208,7 +288,6 @@ struct Shard {
     id: usize,
     shard_count: usize,
     engine: Engine,
-    durability: Durability,
     info: NodeInfo,
     limits: Limits,
     inflight_per_connection_max: usize,
@@ -216,6 +295,53 @@ struct Shard {
     waiting: Rc<Waiting>,
     metrics: Arc<ShardMetrics>,
     request_timeout_ms: u64,
+    replica_timeout_ms: u64,
+    value_bytes_max: usize,
+    /// The coordinator of this shard's partitions.
+    core: RefCell<Core>,
+    clock: Clock,
+    node_id: NodeId,
+    node_name: String,
+    cluster_name: String,
+    /// Client requests waiting for the core's reply, by the id given to `handle_client`.
+    clients: RefCell<HashMap<u64, LocalSender<Message>>>,
+    next_client: Cell<u64>,
+    /// Peer requests waiting for the core's answer, by the id given to `handle_peer`.
+    inbound: RefCell<HashMap<u64, LocalSender<Message>>>,
+    next_inbound: Cell<u64>,
+    /// Outbound queue of each peer node this shard has talked to.
+    links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
+    peers: BTreeMap<NodeId, SocketAddr>,
+    epochs_path: PathBuf,
+    /// Storage operations and epoch renewals in flight; closed at shutdown.
+    store_work: Gate,
+    /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.
+    stop: CancellationToken,
+    foreground: TaskQueueHandle,
+}
+
+/// The core's clock: wall-clock milliseconds at startup plus monotonic time since.
+#[derive(Clone, Copy, Debug)]
+struct Clock {
+    base_unix_ms: u64,
+    start: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let base_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2));
+        Clock {
+            base_unix_ms,
+            start: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX / 2);
+        self.base_unix_ms.saturating_add(elapsed)
+    }
 }
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
@@ -250,6 +376,53 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         cfg.admin_listen = Some(addr);
     }
+    if let Some(addr) = cfg.peer_listen {
+        let addr = check_port_free(addr)?;
+        if addr == cfg.listen || Some(addr) == cfg.resp_listen || Some(addr) == cfg.admin_listen {
+            return Err(ServeError::Config(format!(
+                "the peer listener cannot share another listener's address {addr}"
+            )));
+        }
+        cfg.peer_listen = Some(addr);
+    }
+    if !cfg.peers.is_empty() && cfg.peer_listen.is_none() {
+        return Err(ServeError::Config(
+            "a node with peers needs a peer listen address".into(),
+        ));
+    }
+    if cfg.peers.contains_key(&cfg.node_id) {
+        return Err(ServeError::Config(format!(
+            "{} is listed as its own peer",
+            cfg.node_id
+        )));
+    }
+    cfg.buckets
+        .validate()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let members = cfg
+        .peers
+        .keys()
+        .copied()
+        .chain(std::iter::once(cfg.node_id))
+        .collect();
+    let target_n = std::iter::once(&cfg.buckets.default)
+        .chain(cfg.buckets.named.values())
+        .map(|p| usize::from(p.n))
+        .max()
+        .unwrap_or(1);
+    let ring = Ring::new(PARTITIONS, &members, target_n)
+        .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
+    // Leased before any executor starts: plain blocking file IO is fine here.
+    let mut leases = Vec::with_capacity(shards);
+    for id in 0..shards {
+        let dir = cfg.data_dir.join(format!("shard-{id}"));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| runtime(format!("shard {id}: cannot create {}", dir.display()), e))?;
+        let lease = epochs::lease(&dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)
+            .map_err(|source| ServeError::Epochs { shard: id, source })?;
+        leases.push(lease);
+    }
+    let clock = Clock::new();
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
 
@@ -289,18 +462,23 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .collect();
     let (done_tx, done_rx) = mpsc::channel::<(usize, Result<(), ServeError>)>();
     let mut handles = Vec::with_capacity(shards);
-    for (id, (cpu, shutdown)) in cfg.cpus.iter().copied().zip(tokens).enumerate() {
-        let (cfg, requests, replies, done, metrics) = (
+    for (id, ((cpu, shutdown), lease)) in
+        cfg.cpus.iter().copied().zip(tokens).zip(leases).enumerate()
+    {
+        let (cfg, requests, replies, done, metrics, ring) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
             done_tx.clone(),
             metrics.clone(),
+            ring.clone(),
         );
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let result = run_shard(id, cfg, requests, replies, shutdown, metrics).await;
+                let replication = Replication { ring, lease, clock };
+                let result =
+                    run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
                 let _ = done.send((id, result));
             })
             .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
@@ -340,6 +518,13 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
         .map_err(|source| ServeError::Bind { addr, source })
 }
 
+/// What a shard's core starts from.
+struct Replication {
+    ring: Ring,
+    lease: EpochLease,
+    clock: Clock,
+}
+
 async fn run_shard(
     id: usize,
     cfg: ServeConfig,
@@ -347,13 +532,17 @@ async fn run_shard(
     replies: MeshBuilder<ShardReply, glommio::channels::channel_mesh::Full>,
     shutdown: ForeignCancellation,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
+    replication: Replication,
 ) -> Result<(), ServeError> {
     let shutdown = shutdown.attach();
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let mut ecfg = EngineConfig::new(&dir);
-    ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max);
-    ecfg.value_bytes_max = cfg.value_bytes_max;
+    // Hint keys carry the home node's id before the replica key.
+    ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max) + HINT_KEY_PREFIX_BYTES;
+    // The engine stores whole objects (every sibling and the clock), not single values; the
+    // node's value limit is checked on client requests.
+    ecfg.value_bytes_max = cfg.object_bytes_max();
     ecfg.default_durability = cfg.durability;
     let engine = Engine::open(ecfg)
         .await
@@ -371,6 +560,20 @@ async fn run_shard(
         ),
         None => None,
     };
+    let peer_listener = match cfg.peer_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
+        ),
+        None => None,
+    };
+    let hints = scan_hints(&engine, id, shard_count)
+        .await
+        .map_err(|source| ServeError::Engine {
+            shard: id,
+            dir: dir.clone(),
+            source,
+        })?;
     let admin_listener = match cfg.admin_listen {
         Some(addr) if id == 0 => Some(
             TcpListener::bind(addr)
@@ -393,11 +596,21 @@ async fn run_shard(
         "requests",
     );
     let waiting = Rc::new(Waiting::default());
+    let mut core_cfg = CoreConfig::new(cfg.node_id);
+    core_cfg.buckets = cfg.buckets.clone();
+    core_cfg.durable_writes = cfg.durability == Durability::Sync;
+    core_cfg.request_timeout_ms = cfg.request_timeout_ms;
+    core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
+    core_cfg.hint_retry_ms = cfg.hint_retry_ms;
+    core_cfg.object_bytes_max = cfg.object_bytes_max();
+    let hint_count = hints.len();
+    let core = Core::new(core_cfg, replication.ring, replication.lease, hints);
+    tracing::info!(shard = id, node = %cfg.node_id, hints = hint_count, epoch = replication.lease.primary, "core ready");
+    let stop = CancellationToken::new();
     let shard = Rc::new(Shard {
         id,
         shard_count,
         engine,
-        durability: cfg.durability,
         info: NodeInfo {
             cluster_name: cfg.cluster_name.clone(),
             node_name: cfg.node_name.clone(),
@@ -409,7 +622,27 @@ async fn run_shard(
         waiting: waiting.clone(),
         metrics: all_metrics[id].clone(),
         request_timeout_ms: cfg.request_timeout_ms,
+        replica_timeout_ms: cfg.replica_timeout_ms,
+        value_bytes_max: cfg.value_bytes_max,
+        core: RefCell::new(core),
+        clock: replication.clock,
+        node_id: cfg.node_id,
+        node_name: cfg.node_name.clone(),
+        cluster_name: cfg.cluster_name.clone(),
+        clients: RefCell::new(HashMap::new()),
+        next_client: Cell::new(1),
+        inbound: RefCell::new(HashMap::new()),
+        next_inbound: Cell::new(1),
+        links: RefCell::new(HashMap::new()),
+        peers: cfg.peers.clone(),
+        epochs_path: dir.join(EPOCHS_FILE),
+        store_work: Gate::new(),
+        stop: stop.clone(),
+        foreground,
     });
+    glommio::spawn_local_into(run_ticks(Rc::downgrade(&shard), stop.clone()), foreground)
+        .map_err(|e| runtime(format!("shard {id}: ticker"), e))?
+        .detach();
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
     let weak = Rc::downgrade(&shard);
@@ -472,7 +705,10 @@ async fn run_shard(
                     };
                     let (shard, rep_tx) = (shard.clone(), rep_tx.clone());
                     let spawned = work.spawn(async move {
-                        let message = shard.execute_local(req.partition, req.message).await;
+                        let message = match req.peer {
+                            Some(from) => shard.serve_peer(from, req.message).await,
+                            None => shard.execute_local(req.partition, req.message).await,
+                        };
                         let reply = ShardReply {
                             tag: req.tag,
                             message,
@@ -524,6 +760,41 @@ async fn run_shard(
             task.detach();
         }
     }
+    if let Some(peer_listener) = peer_listener {
+        let (shard, shutdown, abort, gate) = (
+            shard.clone(),
+            shutdown.clone(),
+            abort.clone(),
+            connections.clone(),
+        );
+        let peer_loop = async move {
+            loop {
+                let accepted = unless(peer_listener.accept(), shutdown.cancelled()).await;
+                match accepted {
+                    None => break,
+                    Some(Ok(stream)) => {
+                        let conn = serve_connection(
+                            shard.clone(),
+                            stream,
+                            shutdown.clone(),
+                            abort.clone(),
+                            Role::Peer,
+                        );
+                        if let Ok(task) = gate.spawn_into(conn, foreground) {
+                            task.detach();
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(shard = shard.id, error = %e, "peer accept failed");
+                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+                    }
+                }
+            }
+        };
+        if let Ok(task) = connections.spawn_into(peer_loop, foreground) {
+            task.detach();
+        }
+    }
     if let Some(admin_listener) = admin_listener {
         let (shutdown, all) = (shutdown.clone(), all_metrics.clone());
         let admin_loop = async move {
@@ -551,8 +822,10 @@ async fn run_shard(
             None => break,
             Some(Ok(stream)) => {
                 let (shard, shutdown, abort) = (shard.clone(), shutdown.clone(), abort.clone());
-                let task = connections
-                    .spawn_into(serve_connection(shard, stream, shutdown, abort), foreground);
+                let task = connections.spawn_into(
+                    serve_connection(shard, stream, shutdown, abort, Role::Client),
+                    foreground,
+                );
                 if let Ok(task) = task {
                     task.detach();
                 }
@@ -594,6 +867,7 @@ async fn run_shard(
     let _ = peer_work.close().await;
     rep_tx.close();
     drop(rep_tx);
+    shard.stop_replication().await;
     let shard = Rc::try_unwrap(shard)
         .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
     shard
@@ -611,17 +885,6 @@ async fn run_shard(
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error(ErrorBody::new(code, message))
-}
-
-/// The error frame body for an engine failure: input limits are the client's problem, a closed
-/// engine means the node is stopping, anything else is the node's.
-fn engine_error(e: &EngineError) -> Message {
-    let code = match e {
-        EngineError::KeyTooLarge { .. } | EngineError::ValueTooLarge { .. } => ErrorCode::TooLarge,
-        EngineError::Closed => ErrorCode::ShuttingDown,
-        _ => ErrorCode::Internal,
-    };
-    error_message(code, e.to_string())
 }
 
 impl Shard {
@@ -642,6 +905,18 @@ impl Shard {
         let timeout_ms = requested_ms
             .map_or(self.request_timeout_ms, u64::from)
             .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
+        if let Message::Put(m) = &message
+            && m.value.len() > self.value_bytes_max
+        {
+            return error_message(
+                ErrorCode::TooLarge,
+                format!(
+                    "value of {} bytes above the node's limit of {}",
+                    m.value.len(),
+                    self.value_bytes_max
+                ),
+            );
+        }
         let start = Instant::now();
         let shard = self.clone();
         let mut work = glommio::spawn_local(async move {
@@ -672,7 +947,7 @@ impl Shard {
         reply
     }
 
-    async fn route(&self, message: Message) -> Message {
+    async fn route(self: &Rc<Self>, message: Message) -> Message {
         let (bucket, key) = match &message {
             Message::Get(m) => (&m.bucket, &m.key),
             Message::Put(m) => (&m.bucket, &m.key),
@@ -689,10 +964,16 @@ impl Shard {
         if owner == self.id {
             return self.execute_local(partition.0, message).await;
         }
-        self.forward(owner, partition.0, message).await
+        self.forward(owner, partition.0, message, None).await
     }
 
-    async fn forward(&self, owner: usize, partition: u32, message: Message) -> Message {
+    async fn forward(
+        &self,
+        owner: usize,
+        partition: u32,
+        message: Message,
+        peer: Option<NodeId>,
+    ) -> Message {
         let tag = self.waiting.next_tag.get();
         self.waiting.next_tag.set(tag + 1);
         let (tx, rx) = local_channel::new_bounded(1);
@@ -702,6 +983,7 @@ impl Shard {
             origin: self.id,
             partition,
             message,
+            peer,
         };
         if self.requests.send_to(owner, request).await.is_err() {
             self.waiting.replies.borrow_mut().remove(&tag);
@@ -719,58 +1001,33 @@ impl Shard {
         }
     }
 
-    /// Executes a request for a partition this shard owns.
-    ///
-    /// Single-node semantics for now: GET_OK carries zero or one sibling and an empty context,
-    /// PUT and DELETE ignore the context they are given.
-    async fn execute_local(&self, partition: u32, message: Message) -> Message {
+    /// Executes a client request for a partition this shard owns: its core coordinates it.
+    async fn execute_local(self: &Rc<Self>, partition: u32, message: Message) -> Message {
         debug_assert_eq!(partition as usize % self.shard_count, self.id);
-        match message {
-            Message::Get(m) => match self
-                .engine
-                .get(partition, &engine_key(&m.bucket, &m.key))
-                .await
-            {
-                Ok(value) => Message::GetOk(GetOk {
-                    siblings: value.map(Sibling::Value).into_iter().collect(),
-                    context: Bytes::new(),
-                }),
-                Err(e) => engine_error(&e),
-            },
-            Message::Put(m) => {
-                let key = engine_key(&m.bucket, &m.key);
-                match self
-                    .engine
-                    .put(partition, &key, &m.value, self.durability)
-                    .await
-                {
-                    Ok(()) => Message::PutOk(PutOk {
-                        context: Bytes::new(),
-                    }),
-                    Err(e) => engine_error(&e),
-                }
-            }
-            Message::Delete(m) => {
-                let key = engine_key(&m.bucket, &m.key);
-                match self.engine.delete(partition, &key, self.durability).await {
-                    Ok(_) => Message::DeleteOk,
-                    Err(e) => engine_error(&e),
-                }
-            }
-            other => error_message(
-                ErrorCode::Internal,
-                format!("{} reached the executor", other.kind()),
-            ),
+        let req = self.next_client.get();
+        self.next_client.set(req + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.clients.borrow_mut().insert(req, tx);
+        let outputs = self
+            .core
+            .borrow_mut()
+            .handle_client(self.clock.now_ms(), req, message);
+        self.carry_out(outputs);
+        match rx.recv().await {
+            Some(reply) => reply,
+            None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
         }
     }
 }
 
-/// Serves one client connection until it closes, fails a frame, or the node shuts down.
+/// Serves one connection of `role` (a client, or another node on the peer port) until it closes,
+/// fails a frame, or the node shuts down.
 async fn serve_connection(
     shard: Rc<Shard>,
     stream: TcpStream,
     shutdown: CancellationToken,
     abort: CancellationToken,
+    role: Role,
 ) {
     // Small replies must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
@@ -783,10 +1040,11 @@ async fn serve_connection(
     let limits = shard.limits;
     let writer = glommio::spawn_local(write_replies(writer, outbox, limits, abort));
     let slots = Rc::new(Semaphore::new(shard.inflight_per_connection_max as u64));
-    let mut session = Session::new(
-        shard.info.clone(),
-        u16::try_from(shard.id).expect("serve bounds the shard count"),
-    );
+    let shard_index = u16::try_from(shard.id).expect("serve bounds the shard count");
+    let mut session = match role {
+        Role::Client => Session::new(shard.info.clone(), shard_index),
+        Role::Peer => Session::for_peers(shard.info.clone(), shard_index),
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     'read: loop {
@@ -812,8 +1070,16 @@ async fn serve_connection(
                                 break 'read;
                             };
                             let (shard, replies) = (shard.clone(), replies.clone());
+                            let peer = session.peer();
                             glommio::spawn_local(async move {
-                                let message = shard.execute(request.message, permit).await;
+                                let message = match peer {
+                                    Some(from) => {
+                                        let reply = shard.route_peer(from, request.message).await;
+                                        drop(permit);
+                                        reply
+                                    }
+                                    None => shard.execute(request.message, permit).await,
+                                };
                                 let reply = Frame {
                                     request_id: request.request_id,
                                     message,
@@ -1037,4 +1303,466 @@ async fn unless<T>(
         None
     })
     .await
+}
+
+/// Every hint stored in the hint partitions of the ring partitions `shard` owns.
+async fn scan_hints(
+    engine: &Engine,
+    shard: usize,
+    shard_count: usize,
+) -> Result<Vec<StoreKey>, EngineError> {
+    let mut hints = Vec::new();
+    for partition in
+        (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
+    {
+        let mut keys = engine.iter_partition(HINT_PARTITION_BASE | partition);
+        while let Some(item) = keys.next().await {
+            let (key, _) = item?;
+            match peer::hint_from_engine(partition, &key) {
+                Some(hint) => hints.push(hint),
+                None => tracing::warn!(shard, partition, "ignoring a malformed hint key"),
+            }
+        }
+    }
+    Ok(hints)
+}
+
+impl Shard {
+    /// Carries out what the core asked for. Never called with the core borrowed.
+    fn carry_out(self: &Rc<Self>, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Reply { req, message } => {
+                    // The request task may be gone (its deadline passed first): nothing to do.
+                    if let Some(waiter) = self.clients.borrow_mut().remove(&req) {
+                        let _ = waiter.try_send(message);
+                    }
+                }
+                Output::Send { msg, .. } if msg.is_answer() => {
+                    let (id, message) = peer::to_wire(msg);
+                    if let Some(waiter) = self.inbound.borrow_mut().remove(&id) {
+                        let _ = waiter.try_send(message);
+                    }
+                }
+                Output::Send { to, msg } => self.send_to_peer(to, msg),
+                Output::Store { id, key, op } => self.spawn_store(id, key, op),
+                Output::RenewEpochs => self.spawn_renewal(),
+            }
+        }
+    }
+
+    /// Runs one storage operation of the core in its own task and reports the result.
+    fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
+        let shard = self.clone();
+        let spawned = self.store_work.spawn_into(
+            async move {
+                let result = shard.store(&key, op).await;
+                let outputs =
+                    shard
+                        .core
+                        .borrow_mut()
+                        .handle_stored(shard.clock.now_ms(), id, result);
+                shard.carry_out(outputs);
+            },
+            self.foreground,
+        );
+        match spawned {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(_) => {
+                // Shutting down: the operation fails, so nothing waits for it.
+                let outputs = self.core.borrow_mut().handle_stored(
+                    self.clock.now_ms(),
+                    id,
+                    Err("the shard is stopping".into()),
+                );
+                self.carry_out(outputs);
+            }
+        }
+    }
+
+    /// One storage operation on the engine: objects encoded, hints in their own partitions.
+    async fn store(&self, key: &StoreKey, op: StoreOp) -> Result<Option<Object>, String> {
+        let (partition, engine_key) = peer::engine_location(key);
+        match op {
+            StoreOp::Read => match self.engine.get(partition, &engine_key).await {
+                Ok(None) => Ok(None),
+                Ok(Some(bytes)) => Object::decode(&bytes).map(Some).map_err(|e| {
+                    format!("stored object in partition {partition} does not decode: {e}")
+                }),
+                Err(e) => Err(e.to_string()),
+            },
+            StoreOp::Write { object, durable } => {
+                let durability = if durable {
+                    Durability::Sync
+                } else {
+                    Durability::Buffered
+                };
+                self.engine
+                    .put(partition, &engine_key, &object.encode(), durability)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string())
+            }
+            // Losing a removal in a crash only delivers the hint again, and merging is idempotent.
+            StoreOp::Remove => self
+                .engine
+                .delete(partition, &engine_key, Durability::Buffered)
+                .await
+                .map(|_| None)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Persists a new epoch lease off the shard thread (it syncs a file) and hands it over.
+    fn spawn_renewal(self: &Rc<Self>) {
+        let shard = self.clone();
+        let (path, id) = (self.epochs_path.clone(), self.id);
+        let spawned = self.store_work.spawn(async move {
+            let leased = glommio::executor()
+                .spawn_blocking(move || epochs::lease(&path, id, EPOCH_LEASE_SIZE))
+                .await;
+            match leased {
+                Ok(lease) => shard.core.borrow_mut().handle_epochs(lease),
+                // The core keeps its remaining epochs and does not ask again; home writes are
+                // unaffected, writes coordinated away from every home fail once they run out.
+                Err(e) => tracing::error!(shard = id, error = %e, "cannot renew the epoch lease"),
+            }
+        });
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    /// Queues `msg` for node `to`, opening the link on first use.
+    fn send_to_peer(self: &Rc<Self>, to: NodeId, msg: PeerMsg) {
+        let (request_id, message) = peer::to_wire(msg);
+        let frame = Frame {
+            request_id,
+            message,
+        };
+        let mut links = self.links.borrow_mut();
+        if !links.contains_key(&to) {
+            let Some(addr) = self.peers.get(&to).copied() else {
+                // Not a member (cannot happen with a static ring): the core times it out.
+                tracing::warn!(shard = self.id, node = %to, "message for an unknown node dropped");
+                return;
+            };
+            let (tx, rx) = local_channel::new_bounded(PEER_QUEUE_FRAMES_MAX);
+            let link = run_link(Rc::downgrade(self), to, addr, rx, self.stop.clone());
+            match glommio::spawn_local_into(link, self.foreground) {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(_) => return,
+            }
+            links.insert(to, tx);
+        }
+        if let Some(queue) = links.get(&to)
+            && queue.try_send(frame).is_err()
+        {
+            tracing::debug!(shard = self.id, node = %to, "peer queue full; message dropped");
+        }
+    }
+
+    /// HELLO for an outbound peer connection.
+    fn peer_hello(&self) -> Frame {
+        Frame {
+            request_id: PEER_HELLO_ID,
+            message: Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                role: Role::Peer,
+                cluster_name: self.cluster_name.clone(),
+                node_name: Some(peer::hello_name(self.node_id, &self.node_name)),
+            }),
+        }
+    }
+
+    /// A request from node `from` received by this shard: run here or on the owner shard.
+    async fn route_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+        let partition = match peer::request_partition(&message) {
+            Ok(p) => p,
+            Err(e) => return Message::Error(e),
+        };
+        let owner = shard_of(PartitionId(partition), self.shard_count);
+        if owner == self.id {
+            self.serve_peer(from, message).await
+        } else {
+            self.forward(owner, partition, message, Some(from)).await
+        }
+    }
+
+    /// Runs a request from node `from` through this shard's core and returns its answer.
+    async fn serve_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+        let id = self.next_inbound.get();
+        self.next_inbound.set(id + 1);
+        let msg = match peer::request_from_wire(id, message) {
+            Ok(m) => m,
+            Err(e) => return Message::Error(e),
+        };
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.inbound.borrow_mut().insert(id, tx);
+        let outputs = self
+            .core
+            .borrow_mut()
+            .handle_peer(self.clock.now_ms(), from, msg);
+        self.carry_out(outputs);
+        // The core answers every request by its deadline; this bound only guards the waiter.
+        let bound = Duration::from_millis(self.request_timeout_ms.saturating_mul(2));
+        match unless(rx.recv(), glommio::timer::sleep(bound)).await {
+            Some(Some(answer)) => answer,
+            Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+            None => {
+                self.inbound.borrow_mut().remove(&id);
+                error_message(ErrorCode::Timeout, "no answer from the coordinator")
+            }
+        }
+    }
+
+    /// Ends the ticker and the peer links, waits for storage work, and fails whatever still
+    /// waits for the core, so the shard can be closed.
+    async fn stop_replication(self: &Rc<Self>) {
+        self.stop.cancel();
+        self.links.borrow_mut().clear();
+        let _ = self.store_work.close().await;
+        self.clients.borrow_mut().clear();
+        self.inbound.borrow_mut().clear();
+        // Tasks whose waiter was just dropped finish on their next poll; give them a moment.
+        for _ in 0..STOP_POLLS_MAX {
+            if Rc::strong_count(self) == 1 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Tells the core of the shard behind `shard` that `node` cannot be reached.
+fn peer_unreachable(shard: &Weak<Shard>, node: NodeId) {
+    if let Some(shard) = shard.upgrade() {
+        let outputs = shard
+            .core
+            .borrow_mut()
+            .handle_unreachable(shard.clock.now_ms(), node);
+        shard.carry_out(outputs);
+    }
+}
+
+/// Drives the core's timers: every [`TICK_MS`], a tick if the core has something due.
+async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+    loop {
+        let slept = unless(
+            glommio::timer::sleep(Duration::from_millis(TICK_MS)),
+            stop.cancelled(),
+        )
+        .await;
+        if slept.is_none() {
+            return;
+        }
+        let Some(shard) = shard.upgrade() else {
+            return;
+        };
+        let now = shard.clock.now_ms();
+        let due = shard
+            .core
+            .borrow()
+            .next_deadline()
+            .is_some_and(|deadline| deadline <= now);
+        if due {
+            let outputs = shard.core.borrow_mut().handle_tick(now);
+            shard.carry_out(outputs);
+        }
+    }
+}
+
+/// The outbound link of one shard to one peer node: connects when there is something to send,
+/// writes queued frames in batches, hands answers to the core, and reports failures.
+async fn run_link(
+    shard: Weak<Shard>,
+    node: NodeId,
+    addr: SocketAddr,
+    queue: LocalReceiver<Frame>,
+    stop: CancellationToken,
+) {
+    let mut backoff_ms = PEER_BACKOFF_MIN_MS;
+    loop {
+        let Some(Some(first)) = unless(queue.recv(), stop.cancelled()).await else {
+            return;
+        };
+        // A connect is bounded like a replica request: a slower peer is as good as down.
+        let Some((hello, limits, connect_ms)) = shard
+            .upgrade()
+            .map(|s| (s.peer_hello(), s.limits, s.replica_timeout_ms))
+        else {
+            return;
+        };
+        let connected = unless(
+            connect_peer(addr, hello, limits),
+            glommio::timer::sleep(Duration::from_millis(connect_ms)),
+        )
+        .await;
+        let stream = match connected {
+            Some(Ok(stream)) => Some(stream),
+            Some(Err(e)) => {
+                tracing::debug!(node = %node, %addr, error = %e, "cannot connect to peer");
+                None
+            }
+            None => {
+                tracing::debug!(node = %node, %addr, "peer connect timed out");
+                None
+            }
+        };
+        match stream {
+            None => {
+                drop(first);
+                peer_unreachable(&shard, node);
+                // What was queued meanwhile failed with the connection; drop it.
+                while let Some(Some(_)) = futures_lite::future::poll_once(queue.recv()).await {}
+                let waited = unless(
+                    glommio::timer::sleep(Duration::from_millis(backoff_ms)),
+                    stop.cancelled(),
+                )
+                .await;
+                if waited.is_none() {
+                    return;
+                }
+                backoff_ms = (backoff_ms * 2).min(PEER_BACKOFF_MAX_MS);
+            }
+            Some(stream) => {
+                tracing::info!(node = %node, %addr, "peer link up");
+                backoff_ms = PEER_BACKOFF_MIN_MS;
+                let (reader, writer) = futures_lite::io::split(stream);
+                let stopped = futures_lite::future::or(
+                    async {
+                        futures_lite::future::or(
+                            read_answers(&shard, node, reader, limits),
+                            write_requests(writer, first, &queue, limits),
+                        )
+                        .await;
+                        false
+                    },
+                    async {
+                        stop.cancelled().await;
+                        true
+                    },
+                )
+                .await;
+                if stopped {
+                    return;
+                }
+                tracing::info!(node = %node, %addr, "peer link lost");
+                peer_unreachable(&shard, node);
+            }
+        }
+    }
+}
+
+/// Opens a peer connection and completes the handshake.
+async fn connect_peer(addr: SocketAddr, hello: Frame, limits: Limits) -> Result<TcpStream, String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let mut out = Vec::new();
+    encode_frame(&hello, &limits, &mut out).map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        if let Some((frame, _)) = decode_frame(&buf, &limits).map_err(|e| e.to_string())? {
+            // Nothing else was sent, so nothing else can be buffered behind the reply.
+            return match frame.message {
+                Message::HelloOk(_) => Ok(stream),
+                Message::Error(e) => Err(format!("refused: {}: {}", e.code, e.message)),
+                other => Err(format!("answered HELLO with {}", other.kind())),
+            };
+        }
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during the handshake".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads answers on an outbound peer connection and gives them to the core, until the
+/// connection fails or sends something undecodable.
+async fn read_answers(
+    shard: &Weak<Shard>,
+    node: NodeId,
+    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+    limits: Limits,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    loop {
+        let mut used = 0;
+        loop {
+            match decode_frame(&buf[used..], &limits) {
+                Ok(None) => break,
+                Ok(Some((frame, len))) => {
+                    used += len;
+                    let Some(shard) = shard.upgrade() else {
+                        return;
+                    };
+                    let msg = peer::answer_from_wire(frame.request_id, frame.message);
+                    let outputs =
+                        shard
+                            .core
+                            .borrow_mut()
+                            .handle_peer(shard.clock.now_ms(), node, msg);
+                    shard.carry_out(outputs);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "undecodable frame from peer");
+                    return;
+                }
+            }
+        }
+        buf.drain(..used);
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Writes queued requests on an outbound peer connection, batched like replies.
+async fn write_requests(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    first: Frame,
+    queue: &LocalReceiver<Frame>,
+    limits: Limits,
+) {
+    let mut out = Vec::new();
+    let mut next = Some(first);
+    loop {
+        let frame = match next.take() {
+            Some(frame) => frame,
+            None => match queue.recv().await {
+                Some(frame) => frame,
+                None => return,
+            },
+        };
+        out.clear();
+        encode_request(&frame, &limits, &mut out);
+        while out.len() < WRITE_BATCH_BYTES_MAX {
+            match futures_lite::future::poll_once(queue.recv()).await {
+                Some(Some(frame)) => encode_request(&frame, &limits, &mut out),
+                Some(None) | None => break,
+            }
+        }
+        if writer.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Appends a request frame to `out`; one that cannot be encoded (an object over the frame
+/// limit) is dropped and the core times it out.
+fn encode_request(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
+    let start = out.len();
+    if let Err(e) = encode_frame(frame, limits, out) {
+        out.truncate(start);
+        tracing::warn!(kind = %frame.message.kind(), error = %e, "peer request not sent");
+    }
 }

@@ -1,4 +1,5 @@
-//! One client connection's protocol state (sans-IO): handshake, then requests.
+//! One connection's protocol state (sans-IO): handshake, then requests, for clients on the client
+//! port and for other nodes on the peer port.
 //!
 //! The shell decodes frames and hands each to [`Session::on_frame`], which answers with a
 //! [`Step`]: reply now, execute a data request against a shard, or reply and close. Only the
@@ -7,11 +8,16 @@
 //! name), a second HELLO or a reply kind sent as a request is `invalid_request` and the
 //! connection stays open, anything before HELLO is `handshake_required` and closes it.
 //!
-//! Limits: peers are refused (`invalid_request`, closed) until the Dynamo layer serves replica
-//! requests. GET/PUT/DELETE's quorum fields (`r`, `w`, `dw`), `timeout_ms` and contexts are
-//! accepted and ignored on a single node; the Dynamo issue gives them meaning.
+//! A session accepts one role ([`Session::new`] clients, [`Session::for_peers`] peers); the other
+//! is refused (`invalid_request`, closed), so a client can never send replica requests. A peer
+//! names itself `<id>@<name>` in HELLO ([`super::peer::parse_hello_name`]) and may then send
+//! REPLICA_PUT, REPLICA_GET and forwarded GET/PUT/DELETE; the shell executes them for
+//! [`Session::peer`].
 
 use ringkv_net::{ErrorBody, ErrorCode, Frame, HelloOk, Message, PROTOCOL_VERSION, Role};
+
+use super::NodeId;
+use super::peer::parse_hello_name;
 
 /// What the shell must do with one decoded frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -20,7 +26,8 @@ pub enum Step {
     Reply(Frame),
     /// Send this reply, then close the connection.
     ReplyAndClose(Frame),
-    /// Execute this GET, PUT or DELETE on the shard owning its key and reply with the result.
+    /// Execute this request (GET, PUT or DELETE; on a peer session also REPLICA_PUT and
+    /// REPLICA_GET) on the shard owning its key and reply with the result.
     Execute(Frame),
 }
 
@@ -41,6 +48,8 @@ pub struct Session {
     info: NodeInfo,
     shard: u16,
     greeted: bool,
+    role: Role,
+    peer: Option<NodeId>,
 }
 
 fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame {
@@ -51,14 +60,29 @@ fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Frame 
 }
 
 impl Session {
-    /// A session on a connection accepted by `shard`.
+    /// A client session on a connection accepted by `shard`.
     pub fn new(info: NodeInfo, shard: u16) -> Self {
         assert!(shard < info.shard_count);
         Self {
             info,
             shard,
             greeted: false,
+            role: Role::Client,
+            peer: None,
         }
+    }
+
+    /// A session on the peer port: only other nodes may connect.
+    pub fn for_peers(info: NodeInfo, shard: u16) -> Self {
+        Self {
+            role: Role::Peer,
+            ..Self::new(info, shard)
+        }
+    }
+
+    /// The node on the other end of a greeted peer session.
+    pub fn peer(&self) -> Option<NodeId> {
+        self.peer
     }
 
     /// Whether HELLO has been answered with HELLO_OK.
@@ -94,12 +118,28 @@ impl Session {
                     ),
                 ));
             }
-            if hello.role != Role::Client {
+            if hello.role != self.role {
+                let (want, port) = match self.role {
+                    Role::Client => ("clients", "client"),
+                    Role::Peer => ("other nodes", "peer"),
+                };
                 return Step::ReplyAndClose(error(
                     id,
                     ErrorCode::InvalidRequest,
-                    "this node serves clients only (peer links come with the cluster layer)",
+                    format!("the {port} port serves {want} only"),
                 ));
+            }
+            if self.role == Role::Peer {
+                match hello.node_name.as_deref().and_then(parse_hello_name) {
+                    Some(node) => self.peer = Some(node),
+                    None => {
+                        return Step::ReplyAndClose(error(
+                            id,
+                            ErrorCode::InvalidRequest,
+                            "a peer must name itself <id>@<name> in HELLO",
+                        ));
+                    }
+                }
             }
             self.greeted = true;
             return Step::Reply(Frame {
@@ -119,6 +159,9 @@ impl Session {
                 message: Message::Pong,
             }),
             Message::Get(_) | Message::Put(_) | Message::Delete(_) => Step::Execute(frame),
+            Message::ReplicaPut(_) | Message::ReplicaGet(_) if self.role == Role::Peer => {
+                Step::Execute(frame)
+            }
             Message::Hello(_) => Step::Reply(error(
                 id,
                 ErrorCode::InvalidRequest,
@@ -150,13 +193,17 @@ mod tests {
     }
 
     fn hello(cluster: &str, role: Role) -> Frame {
+        hello_named(cluster, role, None)
+    }
+
+    fn hello_named(cluster: &str, role: Role, name: Option<&str>) -> Frame {
         Frame {
             request_id: 1,
             message: Message::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
                 role,
                 cluster_name: cluster.into(),
-                node_name: None,
+                node_name: name.map(str::to_owned),
             }),
         }
     }
@@ -216,5 +263,31 @@ mod tests {
         let step = Session::new(info(), 0).on_frame(hello("c", Role::Peer));
         assert!(matches!(step, Step::ReplyAndClose(_)));
         assert_eq!(code(&step), Some(ErrorCode::InvalidRequest));
+    }
+
+    /// The peer port takes only peers that give their id, and then replica requests.
+    #[test]
+    fn peer_sessions() {
+        let step = Session::for_peers(info(), 0).on_frame(hello("c", Role::Client));
+        assert_eq!(code(&step), Some(ErrorCode::InvalidRequest));
+        let step = Session::for_peers(info(), 0).on_frame(hello_named("c", Role::Peer, Some("b")));
+        assert!(matches!(step, Step::ReplyAndClose(_)));
+        let mut s = Session::for_peers(info(), 0);
+        let step = s.on_frame(hello_named("c", Role::Peer, Some("7@b")));
+        assert!(matches!(step, Step::Reply(_)));
+        assert_eq!(s.peer(), Some(NodeId(7)));
+        let get = Frame {
+            request_id: 3,
+            message: Message::ReplicaGet(ringkv_net::ReplicaGet {
+                partition: 0,
+                hint: None,
+                bucket: Bytes::from_static(b"b"),
+                key: Bytes::from_static(b"k"),
+            }),
+        };
+        assert!(matches!(s.on_frame(get.clone()), Step::Execute(_)));
+        let mut client = Session::new(info(), 0);
+        let _ = client.on_frame(hello("c", Role::Client));
+        assert_eq!(code(&client.on_frame(get)), Some(ErrorCode::InvalidRequest));
     }
 }
