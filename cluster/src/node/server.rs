@@ -99,6 +99,8 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
+/// Bound on the connect that tells a live listener from connections lingering on a port.
+const PORT_PROBE_CONNECT_MS: u64 = 500;
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
 /// Frames queued for one peer node before further ones are dropped (the core times them out).
@@ -506,16 +508,29 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 /// every shard binds the same one.
 fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
     // std's listener does not set SO_REUSEPORT, so this bind fails if any socket holds the port.
-    let probe = std::net::TcpListener::bind(addr).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AddrInUse {
-            ServeError::AddrInUse { addr }
-        } else {
-            ServeError::Bind { addr, source }
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => probe
+            .local_addr()
+            .map_err(|source| ServeError::Bind { addr, source }),
+        // Connections a killed earlier run of this node had accepted linger in TIME_WAIT on the
+        // port for a minute and fail the probe although nobody listens; peers reconnecting all
+        // the time make that the rule after a crash. Only a listener that accepts is a conflict.
+        Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            let mut target = addr;
+            if target.ip().is_unspecified() {
+                target.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let probe = Duration::from_millis(PORT_PROBE_CONNECT_MS);
+            match std::net::TcpStream::connect_timeout(&target, probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(addr),
+                _ => Err(ServeError::AddrInUse { addr }),
+            }
         }
-    })?;
-    probe
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })
+        Err(source) => Err(ServeError::Bind { addr, source }),
+    }
 }
 
 /// What a shard's core starts from.
