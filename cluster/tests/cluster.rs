@@ -1,0 +1,335 @@
+//! End to end: several `ringkv serve` processes on loopback forming one static cluster, driven
+//! through the blocking client.
+//!
+//! Every node gets its own client port, peer port and data directory under
+//! CARGO_TARGET_TMPDIR, the same seed list and the same bucket file; each test waits with bounded
+//! retries until every node answers PING, and the nodes are killed in a drop guard so a failing
+//! test never leaves one behind. Nothing asserts on wall-clock time; every wait is a bounded
+//! number of retries.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringkv_cluster::node::NodeId;
+use ringkv_cluster::node::route::{PARTITIONS, partition_of};
+use ringkv_cluster::ring::Ring;
+use ringkv_net::{Client, ClientConfig, ClientError, Get, Message, Put, Sibling};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
+const STARTUP_RETRIES: usize = 300;
+const RETRY_DELAY_MS: u64 = 50;
+/// Rounds of the handoff poll, each a pause of [`HANDOFF_POLL_MS`] and one check.
+const HANDOFF_POLLS: usize = 150;
+const HANDOFF_POLL_MS: u64 = 200;
+
+const BUCKETS: &str = "\
+[buckets.default]
+n = 3
+r = 2
+w = 2
+dw = 1
+
+[buckets.sessions]
+mode = \"lww\"
+";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(15),
+        ..ClientConfig::default()
+    }
+}
+
+/// One node of a test cluster; killed on drop.
+struct Node {
+    id: u32,
+    child: Option<Child>,
+    addr: String,
+    args: Vec<String>,
+}
+
+impl Node {
+    fn start(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn wait_ready(&mut self) {
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node {} exited during startup: {status}", self.id);
+            }
+            if let Ok(mut c) = Client::connect(&self.addr, config())
+                && c.ping().is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        panic!("node {} did not answer", self.id);
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.addr, config()).unwrap()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) with kill(1).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `count` nodes (ids 1..=count) that know each other, each with `shards` shards.
+fn cluster(name: &str, count: u32, shards: usize, extra: &[&str]) -> Vec<Node> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cluster-e2e-{}", std::process::id()))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let buckets = dir.join("buckets.toml");
+    std::fs::write(&buckets, BUCKETS).unwrap();
+    let peer_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+    let seeds: Vec<String> = (1..=count)
+        .zip(&peer_ports)
+        .map(|(id, port)| format!("{id}@127.0.0.1:{port}"))
+        .collect();
+    let seeds = seeds.join(",");
+    let mut nodes: Vec<Node> = (1..=count)
+        .map(|id| {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let data: &Path = &dir.join(format!("node-{id}"));
+            let mut args: Vec<String> = vec![
+                "--config".into(),
+                buckets.display().to_string(),
+                "--shards".into(),
+                shards.to_string(),
+                "--node-id".into(),
+                id.to_string(),
+                "--node-name".into(),
+                format!("n{id}"),
+                "--listen".into(),
+                addr.clone(),
+                "--peer-listen".into(),
+                format!("127.0.0.1:{}", peer_ports[id as usize - 1]),
+                "--seeds".into(),
+                seeds.clone(),
+                "--data-dir".into(),
+                data.display().to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            Node {
+                id,
+                child: None,
+                addr,
+                args,
+            }
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    for n in &mut nodes {
+        n.wait_ready();
+    }
+    nodes
+}
+
+fn get_with(c: &mut Client, bucket: &[u8], key: &[u8], r: Option<u8>) -> ringkv_net::GetOk {
+    let request = Message::Get(Get {
+        bucket: Bytes::copy_from_slice(bucket),
+        key: Bytes::copy_from_slice(key),
+        r,
+        timeout_ms: None,
+    });
+    match c.request(request).unwrap() {
+        Message::GetOk(ok) => ok,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn values(ok: &ringkv_net::GetOk) -> BTreeSet<Vec<u8>> {
+    ok.siblings
+        .iter()
+        .map(|s| match s {
+            Sibling::Value(v) => v.to_vec(),
+            Sibling::Tombstone => b"<tombstone>".to_vec(),
+        })
+        .collect()
+}
+
+/// Siblings and their resolution across nodes: two writes based on the same (stale) context,
+/// coordinated by different nodes, are concurrent, so a quorum read from a third node returns
+/// both; a write with the context of that read supersedes both and every node then reads the one
+/// merged value. In an `lww` bucket the same concurrent writes leave a single value.
+#[test]
+fn concurrent_writes_become_siblings_and_a_context_resolves_them() {
+    let nodes = cluster("siblings", 3, 2, &[]);
+    let (mut a, mut b, mut c) = (nodes[0].client(), nodes[1].client(), nodes[2].client());
+
+    let base = a.put(b"cart", b"alice", b"apples", None).unwrap();
+    b.put(b"cart", b"alice", b"apples,bread", Some(base.clone()))
+        .unwrap();
+    c.put(b"cart", b"alice", b"apples,cheese", Some(base))
+        .unwrap();
+    let read = get_with(&mut a, b"cart", b"alice", None);
+    assert_eq!(
+        values(&read),
+        BTreeSet::from([b"apples,bread".to_vec(), b"apples,cheese".to_vec()])
+    );
+    assert_eq!(read.siblings.len(), 2);
+
+    b.put(
+        b"cart",
+        b"alice",
+        b"apples,bread,cheese",
+        Some(read.context.clone()),
+    )
+    .unwrap();
+    for client in [&mut a, &mut b, &mut c] {
+        let read = get_with(client, b"cart", b"alice", Some(3));
+        assert_eq!(
+            read.siblings,
+            vec![Sibling::Value("apples,bread,cheese".into())]
+        );
+    }
+
+    // Blind writes in a last-write-wins bucket: one value survives.
+    a.put(b"sessions", b"s1", b"first", None).unwrap();
+    b.put(b"sessions", b"s1", b"second", None).unwrap();
+    c.put(b"sessions", b"s1", b"third", None).unwrap();
+    for client in [&mut a, &mut b, &mut c] {
+        let read = get_with(client, b"sessions", b"s1", Some(3));
+        assert_eq!(read.siblings.len(), 1, "{read:?}");
+    }
+
+    // A delete with the read context removes the key everywhere.
+    let read = get_with(&mut c, b"cart", b"alice", None);
+    c.delete(b"cart", b"alice", Some(read.context)).unwrap();
+    let read = get_with(&mut a, b"cart", b"alice", Some(3));
+    assert!(read.siblings.is_empty(), "{read:?}");
+}
+
+/// Sloppy quorum and hinted handoff. Four nodes, N=3, R=2, W=2 (with three nodes and N=3 every
+/// node is a home of every key, so there would be no fallback to hold hints). One node is killed
+/// with SIGKILL: writes and reads through the others keep succeeding, and writes whose home set
+/// includes the dead node are taken by the fourth node as hints. After a restart, the hints reach
+/// the returning node: polled by freezing (SIGSTOP) the other three and reading with R=1 from it,
+/// which only its own replica can answer. Finally a read with R=3 returns every acknowledged write.
+#[test]
+fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
+    let mut nodes = cluster(
+        "handoff",
+        4,
+        1,
+        &["--replica-timeout-ms", "500", "--hint-retry-ms", "200"],
+    );
+    let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("key-{i}").into_bytes()).collect();
+    let mut a = nodes[0].client();
+    for k in &keys[..20] {
+        a.put(b"b", k, k, None).unwrap();
+    }
+
+    nodes[2].kill();
+    for k in &keys[20..] {
+        a.put(b"b", k, k, None).unwrap();
+    }
+    let mut b = nodes[1].client();
+    for k in &keys {
+        let read = get_with(&mut b, b"b", k, None);
+        assert_eq!(read.siblings, vec![Sibling::Value(k.clone().into())]);
+    }
+
+    // The keys written while node 3 was down whose home set includes it.
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let handed: Vec<&Vec<u8>> = keys[20..]
+        .iter()
+        .filter(|k| {
+            ring.preference_list(partition_of(b"b", k), 3)
+                .contains(&NodeId(3))
+        })
+        .collect();
+    assert!(!handed.is_empty());
+
+    nodes[2].start();
+    nodes[2].wait_ready();
+    let mut delivered = false;
+    for _ in 0..HANDOFF_POLLS {
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+        for i in [0, 1, 3] {
+            nodes[i].signal("STOP");
+        }
+        let mut c = nodes[2].client();
+        let present = handed
+            .iter()
+            .all(|k| !get_with(&mut c, b"b", k, Some(1)).siblings.is_empty());
+        for i in [0, 1, 3] {
+            nodes[i].signal("CONT");
+        }
+        if present {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "hints did not reach the restarted node");
+
+    let mut c = nodes[2].client();
+    for k in &keys {
+        let read = get_with(&mut c, b"b", k, Some(3));
+        assert_eq!(read.siblings, vec![Sibling::Value(k.clone().into())]);
+    }
+    // A quorum above N is refused with a typed error, and the connection stays usable.
+    let request = Message::Put(Put {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"x"),
+        value: Bytes::from_static(b"x"),
+        context: None,
+        w: Some(4),
+        dw: None,
+        timeout_ms: None,
+    });
+    assert!(matches!(
+        c.request(request),
+        Err(ClientError::Server { .. })
+    ));
+    c.ping().unwrap();
+}
