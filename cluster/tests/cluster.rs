@@ -199,7 +199,8 @@ fn values(ok: &ringkv_net::GetOk) -> BTreeSet<Vec<u8>> {
 /// Siblings and their resolution across nodes: two writes based on the same (stale) context,
 /// coordinated by different nodes, are concurrent, so a quorum read from a third node returns
 /// both; a write with the context of that read supersedes both and every node then reads the one
-/// merged value. In an `lww` bucket the same concurrent writes leave a single value.
+/// merged value. In an `lww` bucket the same concurrent writes leave a single value. With one
+/// node killed (SIGKILL), writes and reads keep succeeding.
 #[test]
 fn concurrent_writes_become_siblings_and_a_context_resolves_them() {
     let nodes = cluster("siblings", 3, 2, &[]);
@@ -246,6 +247,16 @@ fn concurrent_writes_become_siblings_and_a_context_resolves_them() {
     c.delete(b"cart", b"alice", Some(read.context)).unwrap();
     let read = get_with(&mut a, b"cart", b"alice", Some(3));
     assert!(read.siblings.is_empty(), "{read:?}");
+
+    // With one of three nodes killed, W=2 and R=2 are still met by the other two.
+    let mut nodes = nodes;
+    nodes[2].kill();
+    for i in 0..20 {
+        let k = format!("after-{i}").into_bytes();
+        a.put(b"cart", &k, &k, None).unwrap();
+        let read = get_with(&mut b, b"cart", &k, None);
+        assert_eq!(read.siblings, vec![Sibling::Value(k.into())]);
+    }
 }
 
 /// Sloppy quorum and hinted handoff. Four nodes, N=3, R=2, W=2 (with three nodes and N=3 every

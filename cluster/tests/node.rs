@@ -150,9 +150,11 @@ fn put_get_delete_across_shards_and_restart() {
     // instead of becoming its sibling.
     let mut contexts = vec![None; KEYS];
     for round in 0..2 {
-        for i in 0..KEYS {
-            let context = c.put(b"b", &key(i), &value(i, round), contexts[i].take());
-            contexts[i] = Some(context.unwrap());
+        for (i, context) in contexts.iter_mut().enumerate() {
+            *context = Some(
+                c.put(b"b", &key(i), &value(i, round), context.take())
+                    .unwrap(),
+            );
         }
     }
     c.put(b"other", &key(0), b"elsewhere", None).unwrap();

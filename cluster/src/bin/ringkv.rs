@@ -213,7 +213,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(text: &str) -> anyhow::Result<Bytes> {
     let text = text.trim();
-    if text.len() % 2 != 0 || !text.is_ascii() {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
         bail!("context {text:?} is not hex");
     }
     (0..text.len())

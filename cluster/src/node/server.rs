@@ -1458,25 +1458,26 @@ impl Shard {
             message,
         };
         let mut links = self.links.borrow_mut();
-        if !links.contains_key(&to) {
-            let Some(addr) = self.peers.get(&to).copied() else {
-                // Not a member (cannot happen with a static ring): the core times it out.
-                tracing::warn!(shard = self.id, node = %to, "message for an unknown node dropped");
-                return;
-            };
-            let (tx, rx) = local_channel::new_bounded(PEER_QUEUE_FRAMES_MAX);
-            let link = run_link(Rc::downgrade(self), to, addr, rx, self.stop.clone());
-            match glommio::spawn_local_into(link, self.foreground) {
-                Ok(task) => {
-                    task.detach();
+        let queue = match links.entry(to) {
+            std::collections::hash_map::Entry::Occupied(queue) => queue.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let Some(addr) = self.peers.get(&to).copied() else {
+                    // Not a member (cannot happen with a static ring): the core times it out.
+                    tracing::warn!(shard = self.id, node = %to, "message for an unknown node dropped");
+                    return;
+                };
+                let (tx, rx) = local_channel::new_bounded(PEER_QUEUE_FRAMES_MAX);
+                let link = run_link(Rc::downgrade(self), to, addr, rx, self.stop.clone());
+                match glommio::spawn_local_into(link, self.foreground) {
+                    Ok(task) => {
+                        task.detach();
+                    }
+                    Err(_) => return,
                 }
-                Err(_) => return,
+                slot.insert(tx)
             }
-            links.insert(to, tx);
-        }
-        if let Some(queue) = links.get(&to)
-            && queue.try_send(frame).is_err()
-        {
+        };
+        if queue.try_send(frame).is_err() {
             tracing::debug!(shard = self.id, node = %to, "peer queue full; message dropped");
         }
     }
