@@ -5,7 +5,9 @@
 //! ordering nodes is cheap and the same everywhere. Mapping ids to addresses is membership's job
 //! (later); this module only defines the id.
 //!
-//! Its submodules are the single-node runtime: [`config`] (settings from file and flags, sans-IO),
+//! Its submodules are the node runtime: [`config`] (settings from file and flags, sans-IO),
+//! [`peer`] (peer messages on the wire and hints in the engine, sans-IO), [`epochs`] (the
+//! persisted epoch lease of a shard),
 //! [`metrics`] (counters, Prometheus text and admin HTTP answers, sans-IO),
 //! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
 //! requests, sans-IO), [`session`] (a connection's
