@@ -15,7 +15,8 @@
 //! write that does not finish within the timeout, an invalid frame, a reply of the wrong kind or
 //! to an id never sent, an ERROR about the whole connection), every request in flight fails at
 //! once with the cause, and later requests fail with [`ClientError::Broken`] without being sent.
-//! Dropping the last handle of a connection stops both tasks and closes the socket.
+//! Both tasks then stop, which closes the socket; dropping the last handle of a connection does
+//! the same.
 //!
 //! [`AsyncPool`] holds [`PoolConfig::connections_max`] connections, opened on demand, and sends
 //! each request on the next one round-robin. A connection found broken is replaced on the spot,
@@ -38,7 +39,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::mux::{Mux, Received};
@@ -60,6 +61,10 @@ type Waiter = oneshot::Sender<Result<Message, ClientError>>;
 /// State shared by a connection's handles and its two tasks.
 struct Shared {
     mux: Mutex<Mux<Waiter>>,
+    /// Becomes true when the connection breaks, so that both tasks stop and the socket closes at
+    /// once rather than when the last handle goes (a server that restarts then sees its old
+    /// connections closed, not lingering half-open).
+    broken: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -72,11 +77,23 @@ impl Shared {
     /// Breaks the connection and hands every waiter the cause.
     fn fail(&self, error: ClientError) {
         let failed = self.lock().fail(&error);
+        self.broke(failed);
+    }
+
+    /// Hands the waiters of a connection that just broke their errors and stops both tasks.
+    fn broke(&self, failed: Vec<(Waiter, ClientError)>) {
         for (waiter, error) in failed {
             // The caller may have given up meanwhile; then nobody needs the error.
             let _ = waiter.send(Err(error));
         }
+        self.broken.send_replace(true);
     }
+}
+
+/// Resolves once the connection is broken.
+async fn broken(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone, which happens only once both tasks are.
+    let _ = rx.wait_for(|broken| *broken).await;
 }
 
 /// One multiplexed connection to a node, shared by any number of tasks.
@@ -182,8 +199,10 @@ impl AsyncConnection {
         };
 
         let inflight_max = config.inflight_per_connection_max.max(1);
+        let (broken_tx, broken_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             mux: Mutex::new(Mux::new(HELLO_REQUEST_ID + 1)),
+            broken: broken_tx,
         });
         // A permit is taken before a frame is queued, so the queue never holds more than there
         // are permits: sending on it does not wait.
@@ -193,10 +212,17 @@ impl AsyncConnection {
             read_half,
             buf,
             Arc::clone(&shared),
+            broken_rx.clone(),
             config.limits,
             timeout,
         ));
-        let writer = tokio::spawn(write_loop(rx, write_half, Arc::clone(&shared), timeout));
+        let writer = tokio::spawn(write_loop(
+            rx,
+            write_half,
+            Arc::clone(&shared),
+            broken_rx,
+            timeout,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
@@ -348,15 +374,25 @@ async fn bounded<T>(
         .unwrap_or(Err(ClientError::Timeout(timeout)))
 }
 
-/// Writes queued frames, batching what is queued, until every handle is gone or a write fails.
+/// Writes queued frames, batching what is queued, until every handle is gone or the connection
+/// breaks.
 async fn write_loop(
     mut queue: mpsc::Receiver<Bytes>,
     mut socket: OwnedWriteHalf,
     shared: Arc<Shared>,
+    broken_rx: watch::Receiver<bool>,
     timeout: Duration,
 ) {
     let mut batch = Vec::new();
-    while let Some(first) = queue.recv().await {
+    loop {
+        let first = tokio::select! {
+            first = queue.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+            // Dropping the socket half here (and the reader's) closes the connection.
+            () = broken(broken_rx.clone()) => return,
+        };
         let mut single = Some(first);
         while batch.len() + single.as_ref().map_or(0, Bytes::len) < WRITE_BATCH_BYTES_MAX {
             let Ok(next) = queue.try_recv() else {
@@ -391,6 +427,7 @@ async fn read_loop(
     mut socket: OwnedReadHalf,
     mut buf: BytesMut,
     shared: Arc<Shared>,
+    broken_rx: watch::Receiver<bool>,
     limits: Limits,
     timeout: Duration,
 ) {
@@ -413,16 +450,16 @@ async fn read_loop(
                     let _ = waiter.send(reply);
                 }
                 Received::Late => {}
-                Received::Broken(failed) => {
-                    for (waiter, error) in failed {
-                        let _ = waiter.send(Err(error));
-                    }
-                    return;
-                }
+                Received::Broken(failed) => return shared.broke(failed),
             }
         }
         buf.reserve(READ_CHUNK_BYTES);
-        match socket.read_buf(&mut buf).await {
+        let read = tokio::select! {
+            read = socket.read_buf(&mut buf) => read,
+            // The writer broke the connection.
+            () = broken(broken_rx.clone()) => return,
+        };
+        match read {
             Ok(0) => return shared.fail(ClientError::Closed),
             Ok(_) => {}
             Err(e) => return shared.fail(ClientError::io("read", e, timeout)),
