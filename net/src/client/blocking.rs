@@ -17,8 +17,8 @@
 //! timeout. A connection that broke is dropped when it comes back; one that the server closed while
 //! it sat idle (a restart, a shutdown) is noticed before it is lent, by a non-blocking peek that
 //! sees the end of stream, and dropped too. The replacement is opened with bounded retries and
-//! backoff. A request that fails on its connection is reported, not retried (see the [module
-//! docs](super) for why).
+//! backoff. A request that fails on its connection is reported, not retried (the parent module's
+//! docs say why).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -344,7 +344,11 @@ impl Client {
 /// A thread-safe pool of blocking connections to one node, replaced when they break.
 ///
 /// `Send + Sync`: share it by reference or in an `Arc`. Each call borrows one connection for its
-/// duration; see the [module docs](self) for how connections are lent and replaced.
+/// duration. Connections are opened on demand, at most [`PoolConfig::connections_max`]; a thread
+/// that finds them all busy waits, at most the request timeout. A connection that broke is dropped
+/// when it comes back, and one that the server closed while it sat idle is noticed before it is
+/// lent; replacements are opened with bounded retries and backoff. See [`crate::client`] for what
+/// is (not) retried.
 #[derive(Debug)]
 pub struct Pool {
     addr: String,

@@ -98,8 +98,15 @@ async fn broken(mut rx: watch::Receiver<bool>) {
 
 /// One multiplexed connection to a node, shared by any number of tasks.
 ///
+/// Requests from any number of tasks are pipelined on the one socket, at most
+/// [`ClientConfig::inflight_per_connection_max`] at once, and their replies, in whatever order they
+/// come, are matched to them by request id. A request that times out is forgotten and its late
+/// reply dropped; the connection goes on. When the connection breaks, every request in flight
+/// fails with the cause and later ones with [`ClientError::Broken`]. The connection's tasks run on
+/// the tokio runtime current at [`AsyncConnection::connect`].
+///
 /// Cloning is cheap and every clone uses the same connection; it closes when the last clone is
-/// dropped. See the [module docs](self) for how requests, timeouts and failures work.
+/// dropped. See [`crate::client`] for the other clients.
 #[derive(Clone)]
 pub struct AsyncConnection {
     inner: Arc<Inner>,
@@ -469,7 +476,13 @@ async fn read_loop(
 
 /// A pool of multiplexed connections to one node, replaced when they break.
 ///
-/// Cloning is cheap and every clone uses the same connections. See the [module docs](self).
+/// Holds up to [`PoolConfig::connections_max`] [`AsyncConnection`]s, opened on demand, and sends
+/// each request on the next one, round-robin. A connection found broken is replaced when a request
+/// picks it, with at most [`PoolConfig::connect_attempts_max`] attempts and backoff, all within the
+/// request's timeout. A request that failed on its connection is not retried (see
+/// [`crate::client`]).
+///
+/// Cloning is cheap and every clone uses the same connections.
 #[derive(Clone, Debug)]
 pub struct AsyncPool {
     inner: Arc<PoolInner>,
