@@ -1,140 +1,23 @@
 //! End to end: `ringkv serve` as a child process on loopback, driven through the blocking client,
 //! raw sockets and the CLI.
 //!
-//! Each test starts its own server on a free port with two shards (so requests cross the channel
-//! mesh) and a data directory under CARGO_TARGET_TMPDIR, waits with bounded retries until it
-//! answers PING, and kills it in a drop guard so a failing test never leaves a server behind.
-//! Nothing asserts on wall-clock time; every wait is a bounded number of retries.
+//! Each test starts its own server (see `common/mod.rs`: a free port, two shards, a data
+//! directory under CARGO_TARGET_TMPDIR, killed on drop). Nothing asserts on wall-clock time; every
+//! wait is a bounded number of retries.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
+use common::{BIN, KEYS, RETRY_DELAY_MS, STARTUP_RETRIES, Server, data_dir, free_port, key, value};
 use ringkv_net::{
-    Client, ClientConfig, ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION,
-    Reply, Request, Role, Sibling, decode_frame, encode_frame_to_vec,
+    ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Reply, Request, Role,
+    Sibling, decode_frame, encode_frame_to_vec,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
-/// Enough keys that both shards own some with overwhelming probability (256 partitions).
-const KEYS: usize = 200;
-const STARTUP_RETRIES: usize = 300;
-const RETRY_DELAY_MS: u64 = 50;
-
-fn data_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("node-e2e-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running server; killed on drop unless it was stopped.
-struct Server {
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Server {
-    fn start(dir: &Path, port: u16) -> Server {
-        Self::start_with(dir, port, &[])
-    }
-
-    fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .args(["serve", "--shards", "2", "--durability", "buffered"])
-            .args(extra)
-            .arg("--listen")
-            .arg(&addr)
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut server = Server {
-            child: Some(child),
-            addr,
-        };
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited during startup: {status}");
-            }
-            if let Ok(mut c) = Client::connect(&server.addr, config())
-                && c.ping().is_ok()
-            {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        server.kill();
-        panic!("server did not answer within {STARTUP_RETRIES} attempts");
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.addr, config()).unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit status (bounded).
-    fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server did not exit after SIGTERM");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn config() -> ClientConfig {
-    ClientConfig {
-        timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
-}
-
-fn key(i: usize) -> Vec<u8> {
-    format!("key-{i}").into_bytes()
-}
-
-fn value(i: usize, round: usize) -> Vec<u8> {
-    format!("value {i} round {round}").into_bytes()
-}
 
 /// Writes, overwrites, reads back and deletes many keys across both shards, then restarts the
 /// server (SIGTERM, exit 0) and finds exactly the surviving keys, with the bucket part of the key:

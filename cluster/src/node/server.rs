@@ -1,10 +1,11 @@
 //! The glommio shell of a node: one executor per shard, listeners, connections, the channel mesh
 //! between shards, and shutdown.
 //!
-//! [`serve`] checks that the listen address is free (glommio's listener always sets SO_REUSEPORT,
-//! so a second node would otherwise silently share the port), blocks SIGTERM and SIGINT, starts a
-//! small signal executor that turns the first signal into a cancellation, and one
-//! `LocalExecutor` per shard pinned to its CPU (`Placement::Fixed`). Each shard opens its own
+//! [`serve`] checks that nothing listens on the listen address (glommio's listener always sets
+//! SO_REUSEPORT, so a second node would otherwise silently share the port; connections left over
+//! from a crashed run do not count), blocks SIGTERM and SIGINT, starts a small signal executor
+//! that turns the first signal into a cancellation, and one `LocalExecutor` per shard pinned to
+//! its CPU (`Placement::Fixed`). Each shard opens its own
 //! engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address, joins two
 //! channel meshes (requests and replies between shards) and accepts connections.
 //!
@@ -328,16 +329,44 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 /// every shard binds the same one.
 fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
     // std's listener does not set SO_REUSEPORT, so this bind fails if any socket holds the port.
-    let probe = std::net::TcpListener::bind(addr).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::AddrInUse {
-            ServeError::AddrInUse { addr }
-        } else {
-            ServeError::Bind { addr, source }
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => probe
+            .local_addr()
+            .map_err(|source| ServeError::Bind { addr, source }),
+        // Connections of a previous run hold the port too, for as long as their clients keep
+        // their end open (FIN-WAIT-2 here): glommio's listeners do not set SO_REUSEADDR, so
+        // neither do the sockets they accepted, and the probe's bind is refused. The listeners'
+        // own SO_REUSEPORT bind coexists with such sockets, so only a listener is a conflict, and
+        // a listener answers a connection attempt.
+        Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            if something_listens(addr) {
+                Err(ServeError::AddrInUse { addr })
+            } else {
+                Ok(addr)
+            }
         }
-    })?;
-    probe
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })
+        Err(source) => Err(ServeError::Bind { addr, source }),
+    }
+}
+
+/// Bound on the connection attempt that tells a listener from leftover connections.
+const LISTENER_PROBE_TIMEOUT_MS: u64 = 1000;
+
+/// Whether a connection to `addr` (its loopback, for a wildcard address) is accepted. Anything but
+/// a refusal counts as a listener, so a doubtful case still fails fast rather than sharing a port.
+fn something_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = std::time::Duration::from_millis(LISTENER_PROBE_TIMEOUT_MS);
+    match std::net::TcpStream::connect_timeout(&target, timeout) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::ConnectionRefused,
+    }
 }
 
 async fn run_shard(
