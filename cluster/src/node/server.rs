@@ -2,11 +2,12 @@
 //! between shards, and shutdown.
 //!
 //! [`serve`] checks that the listen address is free (glommio's listener always sets SO_REUSEPORT,
-//! so a second node would otherwise silently share the port), blocks SIGTERM and SIGINT, starts a
+//! so a second node would otherwise silently share the port) and that the kernel gives the process
+//! io_uring and enough locked memory ([`super::preflight`]), blocks SIGTERM and SIGINT, starts a
 //! small signal executor that turns the first signal into a cancellation, and one
-//! `LocalExecutor` per shard pinned to its CPU (`Placement::Fixed`). Each shard opens its own
-//! engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address, joins two
-//! channel meshes (requests and replies between shards) and accepts connections.
+//! `LocalExecutor` per shard pinned to its CPU (`Placement::Fixed`). Each shard opens its own engine in `<data-dir>/shard-<i>`,
+//! binds its own listener on the shared address, joins two channel meshes (requests and replies
+//! between shards) and accepts connections.
 //!
 //! A connection is a reader task and a writer task joined by a bounded queue. The reader decodes
 //! frames, asks the [`Session`] what each one means and spawns one task per GET/PUT/DELETE, so
@@ -58,6 +59,7 @@ use ringkv_net::{
 
 use super::config;
 use super::metrics::{self, Op, ShardMetrics};
+use super::preflight;
 use super::resp::{self, RespPlan};
 use super::route::{engine_key, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
@@ -158,8 +160,31 @@ pub enum ServeError {
         /// The engine's error.
         source: EngineError,
     },
-    /// The runtime refused something (executor, listener, mesh, signals), often because io_uring
-    /// or locked memory is not available.
+    /// The kernel refuses this process an io_uring, which every executor is built on.
+    #[error("io_uring is not available: {reason}; {hint}")]
+    IoUringUnavailable {
+        /// What failed and the errno it failed with.
+        reason: String,
+        /// What to check or change.
+        hint: String,
+    },
+    /// The locked-memory limit (RLIMIT_MEMLOCK) is too low for the runtime.
+    #[error(
+        "not enough locked memory: RLIMIT_MEMLOCK is {limit_bytes} bytes and {cause}; this node \
+         alone needs at least {required_bytes} bytes: raise the limit for the user or service \
+         that runs ringkv (`ulimit -l {kib}` or more in its shell, LimitMEMLOCK= in its systemd \
+         unit, memlock in /etc/security/limits.conf, --ulimit memlock= for Docker)",
+        kib = .required_bytes.div_ceil(1024)
+    )]
+    LockedMemory {
+        /// What failed under the limit.
+        cause: String,
+        /// The soft limit this process runs under, in bytes.
+        limit_bytes: u64,
+        /// The least this node needs, in bytes, if no other process of the user holds any.
+        required_bytes: u64,
+    },
+    /// The runtime refused something (executor, listener, mesh, signals).
     #[error("{what}: {message}")]
     Runtime {
         /// What was being done.
@@ -250,6 +275,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         cfg.admin_listen = Some(addr);
     }
+    // One executor per shard and the signal executor.
+    let budget = preflight::check(shards + 1)?;
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
 
@@ -276,11 +303,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             }
             token.cancel();
         })
-        .map_err(|e| runtime("cannot start the signal executor", e))?;
-    let tokens = tokens_rx
-        .recv()
-        .map_err(|e| runtime("signal executor", e))?
-        .map_err(|e| runtime("cannot watch SIGTERM and SIGINT", e))?;
+        .map_err(|e| preflight::executor_error("cannot start the signal executor", e, &budget))?;
+    let tokens = match tokens_rx.recv() {
+        Ok(tokens) => tokens.map_err(|e| runtime("cannot watch SIGTERM and SIGINT", e))?,
+        // The executor was never built, so the closure never ran; the thread's result says why.
+        Err(_) => {
+            return Err(match signal_thread.join() {
+                Err(e) => preflight::executor_error("cannot start the signal executor", e, &budget),
+                Ok(()) => runtime("signal executor", "ended before watching signals"),
+            });
+        }
+    };
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
@@ -303,7 +336,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 let result = run_shard(id, cfg, requests, replies, shutdown, metrics).await;
                 let _ = done.send((id, result));
             })
-            .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
+            .map_err(|e| {
+                preflight::executor_error(
+                    format!("cannot start shard {id} on CPU {cpu}"),
+                    e,
+                    &budget,
+                )
+            })?;
         handles.push(handle);
     }
     drop(done_tx);
