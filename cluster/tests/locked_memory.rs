@@ -1,5 +1,5 @@
-//! End to end: `ringkv serve` under a low locked-memory limit (RLIMIT_MEMLOCK) refuses to start
-//! and says what to change.
+//! End to end: `ringkv serve` under a low locked-memory limit (RLIMIT_MEMLOCK) refuses to start,
+//! or stops cleanly when a shard's executor cannot be built, and says what to change.
 //!
 //! The children run under util-linux `prlimit` (lowering a limit needs no privilege) and, when
 //! this process has CAP_IPC_LOCK (root), under `setpriv` dropping it, since the kernel charges
@@ -12,8 +12,10 @@
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
+
+use ringkv_net::{Client, ClientConfig};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 const RETRIES: usize = 300;
@@ -119,6 +121,16 @@ fn error_line(stderr: &str) -> &str {
         .unwrap_or_else(|| panic!("no error line: {stderr}"))
 }
 
+/// Kills the child on drop, so a failing test leaves no server behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Under a limit of 0, glommio would build no executor: the node refuses before touching its
 /// data (the directory is never created), exits 2, and names the limit and how to raise it.
 #[test]
@@ -157,4 +169,67 @@ fn shards_beyond_the_charged_limit_are_refused_up_front() {
     );
     assert!(error.contains("at least 548864 bytes"), "{error}");
     assert!(!dir.exists(), "the refused node created {}", dir.display());
+}
+
+/// The kernel charges all of a user's io_uring memory to each process's limit, which no startup
+/// check can see: a first node of eight shards holds most of 512 KiB, so a second node passes
+/// its check but cannot build every executor. That second node must still stop its other shards
+/// and exit 2 with a locked-memory error (not hang waiting for the shard that never ran, and not
+/// a bare "Cannot allocate memory"), and the first node must be unaffected.
+#[test]
+fn a_shard_whose_rings_do_not_fit_stops_the_node() {
+    let first_addr = free_addr();
+    let Some(mut first) = serve_limited(LIMIT_BYTES, true, 8, &data_dir("first"), &first_addr)
+    else {
+        return;
+    };
+    let first = Running(first.stderr(Stdio::null()).spawn().unwrap());
+    let config = ClientConfig {
+        timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    };
+    let mut client = None;
+    for _ in 0..RETRIES {
+        if let Ok(mut c) = Client::connect(first_addr.as_str(), config.clone())
+            && c.ping().is_ok()
+        {
+            client = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    let mut client = client.expect("the first node starts");
+
+    let mut second = serve_limited(LIMIT_BYTES, true, 2, &data_dir("second"), &free_addr())
+        .expect("arranged for the first node");
+    let (status, stderr) = run_to_exit(second.env("RUST_LOG", "info"));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let error = error_line(&stderr);
+    assert!(
+        error.starts_with("ringkv: not enough locked memory"),
+        "{error}"
+    );
+    assert!(error.contains("io_uring rings do not fit"), "{error}");
+    // A shard that did get its executor opened its engine, and closed it.
+    let opened = stderr.matches("engine recovered").count();
+    let closed = stderr.matches("shard closed").count();
+    assert_eq!(opened, closed, "{stderr}");
+
+    client.ping().unwrap();
+    drop(client);
+    let mut first = first;
+    let child = &mut first.0;
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    for _ in 0..RETRIES {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    panic!("the first node did not exit after SIGTERM");
 }
