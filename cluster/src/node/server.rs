@@ -3,11 +3,13 @@
 //!
 //! [`serve`] checks that nothing listens on the listen address (glommio's listener always sets
 //! SO_REUSEPORT, so a second node would otherwise silently share the port; connections left over
-//! from a crashed run do not count), blocks SIGTERM and SIGINT, starts a small signal executor
-//! that turns the first signal into a cancellation, and one `LocalExecutor` per shard pinned to
-//! its CPU (`Placement::Fixed`). Each shard opens its own
-//! engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address, joins two
-//! channel meshes (requests and replies between shards) and accepts connections.
+//! from a crashed run do not count) and that the kernel gives the process io_uring and enough
+//! locked memory ([`super::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
+//! that reports the first signal, and one `LocalExecutor` per shard pinned to its CPU
+//! (`Placement::Fixed`). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
+//! listener on the shared address, joins two channel meshes (requests and replies between shards)
+//! and accepts connections. The thread that called [`serve`] holds the one cancellation token
+//! every executor watches and waits for the shards to end.
 //!
 //! A connection is a reader task and a writer task joined by a bounded queue. The reader decodes
 //! frames, asks the [`Session`] what each one means and spawns one task per GET/PUT/DELETE, so
@@ -29,11 +31,18 @@
 //! request mesh, keeps serving other shards' requests until they have all closed theirs, then
 //! closes (flushes and syncs) its engine. [`serve`] returns once every shard has done so.
 //!
-//! Limits and gaps: if one shard fails to start (engine or listener), [`serve`] returns the error at
-//! once and the process is expected to exit, without closing the engines the other shards opened
-//! (recovery handles that like a crash; nothing was acknowledged yet). A request's deadline
-//! (`timeout_ms`, or `request_timeout_ms`) bounds when it is answered, not the work: timed-out
-//! work runs to its end (see `Shard::execute`).
+//! A shard that fails (its executor cannot be created, its engine does not open, a listener
+//! cannot be bound, or it panics) ends the node the same way: its end cancels the token, shards
+//! still starting stop waiting for the mesh, every engine that was opened is closed (flushed,
+//! synced, its directory lock released), and [`serve`] returns the first error, the root cause,
+//! once every shard has ended; errors that follow it while stopping are logged.
+//!
+//! Limits: a shard still recovering its engine when another fails finishes the recovery before it
+//! stops (opening cannot be interrupted), so a failed start can take as long as a recovery. A
+//! shard that panics or whose engine cannot be handed back at close drops its engine unclosed,
+//! which the next start recovers like a crash. A request's deadline (`timeout_ms`, or
+//! `request_timeout_ms`) bounds when it is answered, not the work: timed-out work runs to its end
+//! (see `Shard::execute`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -46,11 +55,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use glommio::{ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares};
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
 use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
 use ringkv_net::{
@@ -59,6 +68,7 @@ use ringkv_net::{
 
 use super::config;
 use super::metrics::{self, Op, ShardMetrics};
+use super::preflight;
 use super::resp::{self, RespPlan};
 use super::route::{engine_key, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
@@ -159,8 +169,31 @@ pub enum ServeError {
         /// The engine's error.
         source: EngineError,
     },
-    /// The runtime refused something (executor, listener, mesh, signals), often because io_uring
-    /// or locked memory is not available.
+    /// The kernel refuses this process an io_uring, which every executor is built on.
+    #[error("io_uring is not available: {reason}; {hint}")]
+    IoUringUnavailable {
+        /// What failed and the errno it failed with.
+        reason: String,
+        /// What to check or change.
+        hint: String,
+    },
+    /// The locked-memory limit (RLIMIT_MEMLOCK) is too low for the runtime.
+    #[error(
+        "not enough locked memory: RLIMIT_MEMLOCK is {limit_bytes} bytes and {cause}; this node \
+         alone needs at least {required_bytes} bytes: raise the limit for the user or service \
+         that runs ringkv (`ulimit -l {kib}` or more in its shell, LimitMEMLOCK= in its systemd \
+         unit, memlock in /etc/security/limits.conf, --ulimit memlock= for Docker)",
+        kib = .required_bytes.div_ceil(1024)
+    )]
+    LockedMemory {
+        /// What failed under the limit.
+        cause: String,
+        /// The soft limit this process runs under, in bytes.
+        limit_bytes: u64,
+        /// The least this node needs, in bytes, if no other process of the user holds any.
+        required_bytes: u64,
+    },
+    /// The runtime refused something (executor, listener, mesh, signals).
     #[error("{what}: {message}")]
     Runtime {
         /// What was being done.
@@ -221,6 +254,9 @@ struct Shard {
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
 ///
+/// If a shard fails (to start, or to close), every other shard is stopped and closes its engine,
+/// and the first error is returned once all of them have ended.
+///
 /// Must be called from a thread that is not a glommio executor, before any other thread is
 /// started (the signal mask is inherited by threads started afterwards).
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
@@ -251,78 +287,214 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         cfg.admin_listen = Some(addr);
     }
+    // One executor per shard and the signal executor.
+    let budget = preflight::check(shards + 1)?;
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
 
-    // The signal executor owns the cancellation token; each shard gets a foreign child of it.
-    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Result<Vec<ForeignCancellation>, String>>(1);
-    let signal_thread = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("ringkv-signals")
-        .spawn(move || async move {
-            let token = CancellationToken::new();
-            let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tokens_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let children = (0..shards).map(|_| token.foreign_child()).collect();
-            if tokens_tx.send(Ok(children)).is_err() {
-                return;
-            }
-            match signals.recv().await {
-                Ok(signal) => tracing::info!(signal, "shutting down on signal"),
-                Err(e) => tracing::error!(error = %e, "cannot read signals; shutting down"),
-            }
-            token.cancel();
-        })
-        .map_err(|e| runtime("cannot start the signal executor", e))?;
-    let tokens = tokens_rx
-        .recv()
-        .map_err(|e| runtime("signal executor", e))?
-        .map_err(|e| runtime("cannot watch SIGTERM and SIGINT", e))?;
+    // Whatever stops the node cancels this token: the first signal, or the end of any shard (a
+    // shard ends before a signal only when it failed, and then the others must stop too). It
+    // lives on this thread, which runs no executor; each executor attaches a foreign child of it.
+    let stop = CancellationToken::new();
+    let (events_tx, events) = mpsc::channel::<Event>();
+    let signal_thread = watch_signals(stop.foreign_child(), events_tx.clone(), &budget)?;
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
     let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
-    let (done_tx, done_rx) = mpsc::channel::<(usize, Result<(), ServeError>)>();
-    let mut handles = Vec::with_capacity(shards);
-    for (id, (cpu, shutdown)) in cfg.cpus.iter().copied().zip(tokens).enumerate() {
-        let (cfg, requests, replies, done, metrics) = (
+    let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
+    let mut first_error = None;
+    for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
+        let (cfg, requests, replies, metrics) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
-            done_tx.clone(),
             metrics.clone(),
         );
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let shutdown = stop.foreign_child();
+        let report = EndReport {
+            id,
+            events: Some(events_tx.clone()),
+        };
+        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
                 let result = run_shard(id, cfg, requests, replies, shutdown, metrics).await;
-                let _ = done.send((id, result));
-            })
-            .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
-        handles.push(handle);
-    }
-    drop(done_tx);
-    for _ in 0..shards {
-        match done_rx.recv() {
-            Ok((_, Ok(()))) => {}
-            Ok((_, Err(e))) => return Err(e),
-            Err(_) => return Err(runtime("shard executor", "a shard thread panicked")),
+                report.send(result);
+            });
+        match spawned {
+            Ok(thread) => threads[id] = Some(thread),
+            Err(e) => {
+                // The shards already started wait in the mesh for this one; the stop below
+                // releases them.
+                first_error = Some(preflight::executor_error(
+                    format!("cannot start shard {id} on CPU {cpu}"),
+                    e,
+                    &budget,
+                ));
+                break;
+            }
         }
     }
-    for (id, handle) in handles.into_iter().enumerate() {
-        handle
-            .join()
-            .map_err(|e| runtime(format!("shard {id}"), e))?;
+    drop(events_tx);
+    if first_error.is_some() {
+        stop.cancel();
     }
-    // The signal thread ended when it cancelled; nothing else makes every shard return Ok.
-    let _ = signal_thread.join();
-    Ok(())
+
+    let mut running = threads.iter().filter(|t| t.is_some()).count();
+    let mut ended = vec![false; shards];
+    while running > 0 {
+        let Ok(event) = events.recv() else {
+            // Each running shard's report holds a sender until it has sent, so this cannot be.
+            keep_first(
+                &mut first_error,
+                runtime("shard executors", "a shard ended without a report"),
+            );
+            break;
+        };
+        let (id, result) = match event {
+            Event::Stop => {
+                stop.cancel();
+                continue;
+            }
+            Event::ShardEnded { id, result } => (id, result),
+        };
+        // A report from a shard whose thread never started (its spawn failed) is not a running
+        // shard's end.
+        if threads[id].is_none() || ended[id] {
+            continue;
+        }
+        ended[id] = true;
+        running -= 1;
+        let result = match result {
+            Some(result) => result,
+            // The thread ended without running the shard to its end; its result says why.
+            None => match threads[id].take().map(ExecutorJoinHandle::join) {
+                Some(Err(e)) => Err(preflight::executor_error(format!("shard {id}"), e, &budget)),
+                Some(Ok(())) | None => {
+                    Err(runtime(format!("shard {id}"), "ended without a result"))
+                }
+            },
+        };
+        if let Err(e) = result {
+            keep_first(&mut first_error, e);
+        }
+        // However a shard ended, the node cannot go on without it.
+        stop.cancel();
+    }
+    for (id, thread) in threads.into_iter().enumerate() {
+        if let Some(Err(e)) = thread.map(ExecutorJoinHandle::join) {
+            keep_first(&mut first_error, runtime(format!("shard {id}"), e));
+        }
+    }
+    // Ends the signal thread if no signal did.
+    stop.cancel();
+    if let Err(e) = signal_thread.join() {
+        tracing::warn!(error = %e, "signal executor failed");
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What the shard and signal threads tell [`serve`].
+enum Event {
+    /// The first SIGTERM or SIGINT arrived, or signals could no longer be read.
+    Stop,
+    /// A shard ended. Without a result, its thread ended without running it to its end (the
+    /// executor could not be built, or the shard panicked): joining the thread says why.
+    ShardEnded {
+        id: usize,
+        result: Option<Result<(), ServeError>>,
+    },
+}
+
+/// Reports a shard's end to [`serve`] exactly once, however the shard's thread ends: dropped
+/// without [`EndReport::send`] (its executor was never built, or it panicked), it reports an end
+/// without a result, so `serve` never waits for a shard that will not report.
+struct EndReport {
+    id: usize,
+    events: Option<mpsc::Sender<Event>>,
+}
+
+impl EndReport {
+    fn send(mut self, result: Result<(), ServeError>) {
+        if let Some(events) = self.events.take() {
+            // Fails only if `serve` is gone, and then nobody is waiting.
+            let _ = events.send(Event::ShardEnded {
+                id: self.id,
+                result: Some(result),
+            });
+        }
+    }
+}
+
+impl Drop for EndReport {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            let _ = events.send(Event::ShardEnded {
+                id: self.id,
+                result: None,
+            });
+        }
+    }
+}
+
+/// Keeps the first error, the root cause; later ones (shards that failed while stopping because
+/// of it) are logged.
+fn keep_first(first: &mut Option<ServeError>, e: ServeError) {
+    match first {
+        None => *first = Some(e),
+        Some(_) => tracing::error!(error = %e, "also failed while stopping"),
+    }
+}
+
+/// Starts the executor that turns the first SIGTERM or SIGINT into [`Event::Stop`]; it ends once
+/// `stop` is cancelled, by the signal or otherwise. Returns once the signals are watched.
+fn watch_signals(
+    stop: ForeignCancellation,
+    events: mpsc::Sender<Event>,
+    budget: &preflight::MemlockBudget,
+) -> Result<ExecutorJoinHandle<()>, ServeError> {
+    let (ready_tx, ready) = mpsc::sync_channel::<Result<(), String>>(1);
+    let thread = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("ringkv-signals")
+        .spawn(move || async move {
+            let stop = stop.attach();
+            let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            if ready_tx.send(Ok(())).is_err() {
+                return;
+            }
+            match unless(signals.recv(), stop.cancelled()).await {
+                // The node stops for another reason.
+                None => return,
+                Some(Ok(signal)) => tracing::info!(signal, "shutting down on signal"),
+                Some(Err(e)) => tracing::error!(error = %e, "cannot read signals; shutting down"),
+            }
+            let _ = events.send(Event::Stop);
+        })
+        .map_err(|e| preflight::executor_error("cannot start the signal executor", e, budget))?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(runtime("cannot watch SIGTERM and SIGINT", e))
+        }
+        // The executor was never built, so the closure never ran; the thread's result says why.
+        Err(_) => Err(match thread.join() {
+            Err(e) => preflight::executor_error("cannot start the signal executor", e, budget),
+            Ok(()) => runtime("signal executor", "ended before watching signals"),
+        }),
+    }
 }
 
 /// Fails fast when something already listens on `addr`, and resolves port 0 to a free port so
@@ -369,16 +541,22 @@ fn something_listens(addr: SocketAddr) -> bool {
     }
 }
 
+/// One shard's life: open its engine, start (listeners, meshes), serve until the node stops, close
+/// the engine. Once opened, the engine is closed however the start went.
 async fn run_shard(
     id: usize,
     cfg: ServeConfig,
-    requests: MeshBuilder<ShardRequest, glommio::channels::channel_mesh::Full>,
-    replies: MeshBuilder<ShardReply, glommio::channels::channel_mesh::Full>,
+    requests: MeshBuilder<ShardRequest, Full>,
+    replies: MeshBuilder<ShardReply, Full>,
     shutdown: ForeignCancellation,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
 ) -> Result<(), ServeError> {
     let shutdown = shutdown.attach();
-    let shard_count = cfg.cpus.len();
+    // Another shard failed before this one began: opening the engine only to close it would
+    // delay the exit by a recovery.
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let mut ecfg = EngineConfig::new(&dir);
     ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max);
@@ -391,6 +569,54 @@ async fn run_shard(
             dir: dir.clone(),
             source,
         })?;
+    let started = match start_shard(id, &cfg, requests, replies, &shutdown).await {
+        Ok(started) => started,
+        Err(e) => {
+            // The start's error is the one to report; a failed close after it is only logged.
+            if let Err(closing) = close_engine(id, engine, dir).await {
+                tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+            }
+            return Err(e);
+        }
+    };
+    let engine = match started {
+        Some(started) => serve_shard(id, &cfg, engine, started, shutdown, all_metrics).await?,
+        // The node stopped before every shard had started: nothing was served.
+        None => engine,
+    };
+    close_engine(id, engine, dir).await
+}
+
+/// Flushes, syncs and closes a shard's engine, releasing its directory.
+async fn close_engine(id: usize, engine: Engine, dir: PathBuf) -> Result<(), ServeError> {
+    engine.close().await.map_err(|source| ServeError::Engine {
+        shard: id,
+        dir,
+        source,
+    })?;
+    tracing::info!(shard = id, "shard closed");
+    Ok(())
+}
+
+/// What a shard serves with, once every shard has started.
+struct Started {
+    listener: TcpListener,
+    resp_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
+    requests: (Senders<ShardRequest>, Receivers<ShardRequest>),
+    replies: (Senders<ShardReply>, Receivers<ShardReply>),
+}
+
+/// Binds the shard's listeners and joins the two meshes. Joining completes only once every shard
+/// has joined, so it is abandoned when the node stops first (another shard failed to start):
+/// then the answer is `None`.
+async fn start_shard(
+    id: usize,
+    cfg: &ServeConfig,
+    requests: MeshBuilder<ShardRequest, Full>,
+    replies: MeshBuilder<ShardReply, Full>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Started>, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
     let resp_listener = match cfg.resp_listen {
@@ -407,14 +633,40 @@ async fn run_shard(
         ),
         _ => None,
     };
-    let (req_tx, mut req_rx) = requests
-        .join()
-        .await
-        .map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
-    let (rep_tx, mut rep_rx) = replies
-        .join()
-        .await
-        .map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    let Some(requests) = unless(requests.join(), shutdown.cancelled()).await else {
+        return Ok(None);
+    };
+    let requests = requests.map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
+    let Some(replies) = unless(replies.join(), shutdown.cancelled()).await else {
+        return Ok(None);
+    };
+    let replies = replies.map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    Ok(Some(Started {
+        listener,
+        resp_listener,
+        admin_listener,
+        requests,
+        replies,
+    }))
+}
+
+/// Serves until the node stops, drains, and hands the engine back for closing.
+async fn serve_shard(
+    id: usize,
+    cfg: &ServeConfig,
+    engine: Engine,
+    started: Started,
+    shutdown: CancellationToken,
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
+) -> Result<Engine, ServeError> {
+    let shard_count = cfg.cpus.len();
+    let Started {
+        listener,
+        resp_listener,
+        admin_listener,
+        requests: (req_tx, mut req_rx),
+        replies: (rep_tx, mut rep_rx),
+    } = started;
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
         Shares::Static(1000),
@@ -625,17 +877,7 @@ async fn run_shard(
     drop(rep_tx);
     let shard = Rc::try_unwrap(shard)
         .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
-    shard
-        .engine
-        .close()
-        .await
-        .map_err(|source| ServeError::Engine {
-            shard: id,
-            dir,
-            source,
-        })?;
-    tracing::info!(shard = id, "shard closed");
-    Ok(())
+    Ok(shard.engine)
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
