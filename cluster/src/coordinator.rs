@@ -558,6 +558,16 @@ impl Core {
         self.hints.len()
     }
 
+    /// The hints stored here, with whether each is being delivered.
+    pub fn hints(&self) -> impl Iterator<Item = (&StoreKey, bool)> + '_ {
+        self.hints.iter().map(|(k, h)| (k, h.in_flight))
+    }
+
+    /// Hints being delivered now.
+    pub fn hints_in_flight(&self) -> usize {
+        self.hints_in_flight
+    }
+
     /// Requests being coordinated or forwarded.
     pub fn ops_in_flight(&self) -> usize {
         self.ops.len()
@@ -778,7 +788,7 @@ impl Core {
         }
     }
 
-    fn forward(&mut self, now: u64, id: u64, home: NodeId) {
+    fn forward(&mut self, _now: u64, id: u64, home: NodeId) {
         let Some(op) = self.ops.get_mut(&id) else {
             return;
         };
@@ -795,10 +805,12 @@ impl Core {
         self.next_id += 1;
         *pending = Some((home, msg_id));
         let request = request.clone();
+        // No replica timeout here: a slow home may still be coordinating, and asking another
+        // home would write the value twice under two dots (it could then reappear after a
+        // client resolved it). The request's deadline bounds the wait; only a lost connection
+        // (`handle_unreachable`) moves the request to the next home.
         self.pending
             .insert(msg_id, Pending::Forward { op: id, node: home });
-        self.timeouts
-            .insert((now + self.cfg.replica_timeout_ms.max(1), msg_id));
         self.stats.forwarded += 1;
         self.out.push(Output::Send {
             to: home,
@@ -1148,7 +1160,7 @@ impl Core {
 
     /// Removes op `id`, answering it if it has not been answered: `timeout` if its deadline
     /// passed, else `not_enough_replicas` with the counts.
-    fn end_op(&mut self, _now: u64, id: u64, timed_out: bool) {
+    fn end_op(&mut self, now: u64, id: u64, timed_out: bool) {
         let Some(op) = self.ops.remove(&id) else {
             return;
         };
@@ -1211,7 +1223,7 @@ impl Core {
                     self.answer(op.reply_to, message);
                 }
                 if let Some(merged) = merged {
-                    self.repair(&op, merged);
+                    self.repair(now, &op, merged);
                 }
             }
             OpKind::Forwarded { pending, .. } => {
@@ -1233,7 +1245,7 @@ impl Core {
     }
 
     /// Read repair: every slot holder that answered with something other than the merge gets it.
-    fn repair(&mut self, op: &Op, merged: &Object) {
+    fn repair(&mut self, now: u64, op: &Op, merged: &Object) {
         for slot in &op.slots {
             let (Some(holder), Some(read)) = (slot.holder, &slot.read) else {
                 continue;
@@ -1271,9 +1283,10 @@ impl Core {
             } else {
                 self.pending
                     .insert(msg_id, Pending::Repair { node: holder });
-                // Nobody waits for a repair; its timeout only cleans up the entry.
+                // Nobody waits for a repair; its timeout cleans up the entry and, like any
+                // unanswered request, makes the node suspect.
                 self.timeouts
-                    .insert((op.deadline.max(1) + self.cfg.replica_timeout_ms, msg_id));
+                    .insert((now + self.cfg.replica_timeout_ms, msg_id));
                 self.out.push(Output::Send { to: holder, msg });
             }
         }

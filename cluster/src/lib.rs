@@ -1,23 +1,26 @@
 //! ringkv-cluster: the Dynamo layer and the node runtime.
 //!
-//! This crate will own the sans-IO state machines of the Dynamo design (ring and claim function,
-//! dotted version vectors, quorum coordination, sloppy quorum and hinted handoff, gossip membership,
-//! Merkle anti-entropy), each driven by `handle_*(now, input)` and returning outputs, plus the thin
-//! glommio shell that runs one shard per core and the `ringkv` binary.
+//! The Dynamo design as sans-IO state machines and pure functions (no IO, no clock, no
+//! randomness: every node computes the same result from the same input, and the simulator in
+//! `ringkv-tests` runs the same code), plus the glommio shell that runs one shard per core and the
+//! `ringkv` binary:
 //!
-//! What exists now: the first building blocks, plain data structures and pure functions with no
-//! IO, no clock and no randomness, so that every node computes the same result from the same input
-//! (except `node::server`, the runtime shell):
-//!
-//! - [`node`]: [`NodeId`], the identity of a node in the ring and as a causality actor, and the
-//!   single-node runtime (one shard per core, the client protocol, shutdown) behind `ringkv serve`.
 //! - [`ring`]: partitions (`Q`, a power of two), the key → partition hash, the claim function that
 //!   balances ownership with minimal movement, and preference lists with their fallbacks.
-//! - [`dvv`]: dotted version vector sets (causality and siblings per key) and the version vectors
-//!   clients carry as opaque contexts.
+//! - [`dvv`]: dotted version vector sets (causality and siblings per key), actors `(node, epoch)`,
+//!   and the version vectors clients carry as opaque contexts.
+//! - [`object`]: what a replica stores per key (siblings with their clock, or an lww version) and
+//!   how replicas merge. [`bucket`]: bucket properties and per-request quorums.
+//! - [`coordinator`]: the request path: quorum reads and writes, sloppy quorum and hinted
+//!   handoff, read repair, forwarding, epochs.
+//! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy; [`phi`]: phi-accrual
+//!   failure detection. Building blocks of the membership and anti-entropy layer, not yet driven
+//!   by the node.
+//! - [`node`]: [`NodeId`] and the node runtime (one shard per core, the client protocol,
+//!   shutdown) behind `ringkv serve`.
 //!
-//! What comes later: the coordinator (quorum reads and writes over preference lists), membership
-//! and gossip (which orders ring versions), hinted handoff, anti-entropy, and peer links.
+//! What comes later: gossip membership with plan/commit and partition transfer, bounded and
+//! receiver-paced hinted handoff, anti-entropy exchanges, admission control of background work.
 //!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
@@ -25,8 +28,10 @@
 pub mod bucket;
 pub mod coordinator;
 pub mod dvv;
+pub mod merkle;
 pub mod node;
 pub mod object;
+pub mod phi;
 pub mod ring;
 
 pub use dvv::{DvvSet, Put, VersionVector};

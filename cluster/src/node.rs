@@ -11,8 +11,9 @@
 //! [`metrics`] (counters, Prometheus text and admin HTTP answers, sans-IO),
 //! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
 //! requests, sans-IO), [`session`] (a connection's
-//! protocol state, sans-IO) and [`server`] (the glommio shell: one executor and engine per shard,
-//! listeners, the channel mesh, shutdown).
+//! protocol state, sans-IO), [`preflight`] (what the runtime needs from the kernel, checked before
+//! it starts) and [`server`] (the glommio shell: one executor and engine per shard, listeners, the
+//! channel mesh, shutdown).
 //!
 //! Limits and obligations: ids are assigned once, by the operator or the join procedure, and are
 //! never reused for a different node. A node that may have lost acknowledged writes (a wiped or
@@ -24,6 +25,7 @@ pub mod config;
 pub mod epochs;
 pub mod metrics;
 pub mod peer;
+pub mod preflight;
 pub mod resp;
 pub mod route;
 pub mod server;

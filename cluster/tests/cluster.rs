@@ -180,7 +180,7 @@ fn get_with(c: &mut Client, bucket: &[u8], key: &[u8], r: Option<u8>) -> ringkv_
         r,
         timeout_ms: None,
     });
-    match c.request(request).unwrap() {
+    match c.request_message(request).unwrap() {
         Message::GetOk(ok) => ok,
         other => panic!("{other:?}"),
     }
@@ -339,7 +339,7 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
         timeout_ms: None,
     });
     assert!(matches!(
-        c.request(request),
+        c.request_message(request),
         Err(ClientError::Server { .. })
     ));
     c.ping().unwrap();

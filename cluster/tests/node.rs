@@ -1,141 +1,27 @@
 //! End to end: `ringkv serve` as a child process on loopback, driven through the blocking client,
 //! raw sockets and the CLI.
 //!
-//! Each test starts its own server on a free port with two shards (so requests cross the channel
-//! mesh) and a data directory under CARGO_TARGET_TMPDIR, waits with bounded retries until it
-//! answers PING, and kills it in a drop guard so a failing test never leaves a server behind.
-//! Nothing asserts on wall-clock time; every wait is a bounded number of retries.
+//! Each test starts its own server (see `common/mod.rs`: a free port, two shards, a data
+//! directory under CARGO_TARGET_TMPDIR, killed on drop). Nothing asserts on wall-clock time; every
+//! wait is a bounded number of retries.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use common::{BIN, KEYS, RETRY_DELAY_MS, STARTUP_RETRIES, Server, data_dir, free_port, key, value};
 use ringkv_net::{
-    Client, ClientConfig, ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION,
-    Reply, Request, Role, Sibling, decode_frame, encode_frame_to_vec,
+    ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Reply, Request, Role,
+    Sibling, decode_frame, encode_frame_to_vec,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
-/// Enough keys that both shards own some with overwhelming probability (256 partitions).
-const KEYS: usize = 200;
-const STARTUP_RETRIES: usize = 300;
-const RETRY_DELAY_MS: u64 = 50;
-
-fn data_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("node-e2e-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running server; killed on drop unless it was stopped.
-struct Server {
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Server {
-    fn start(dir: &Path, port: u16) -> Server {
-        Self::start_with(dir, port, &[])
-    }
-
-    fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(BIN)
-            .args(["serve", "--shards", "2", "--durability", "buffered"])
-            .args(extra)
-            .arg("--listen")
-            .arg(&addr)
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut server = Server {
-            child: Some(child),
-            addr,
-        };
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited during startup: {status}");
-            }
-            if let Ok(mut c) = Client::connect(&server.addr, config())
-                && c.ping().is_ok()
-            {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        server.kill();
-        panic!("server did not answer within {STARTUP_RETRIES} attempts");
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.addr, config()).unwrap()
-    }
-
-    /// Sends SIGTERM and waits for the exit status (bounded).
-    fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server did not exit after SIGTERM");
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn config() -> ClientConfig {
-    ClientConfig {
-        timeout: Duration::from_secs(10),
-        ..ClientConfig::default()
-    }
-}
-
-fn key(i: usize) -> Vec<u8> {
-    format!("key-{i}").into_bytes()
-}
-
-fn value(i: usize, round: usize) -> Vec<u8> {
-    format!("value {i} round {round}").into_bytes()
-}
-
+/// Starts with a broken shard tried until the healthy one is seen opening its engine first (it
+/// does about three times in four).
+const FAILED_START_ATTEMPTS: usize = 20;
 /// Writes, overwrites, reads back and deletes many keys across both shards, then restarts the
 /// server (SIGTERM, exit 0) and finds exactly the surviving keys, with the bucket part of the key:
 /// the same key in another bucket is a different key.
@@ -752,5 +638,127 @@ fn configured_limits_are_enforced() {
         other => panic!("{other:?}"),
     }
     c.ping().unwrap();
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// Runs a command that is expected to exit on its own (a refused start) and returns its exit
+/// status and stderr; bounded, so a node that hangs instead of exiting fails the test.
+fn run_to_exit(cmd: &mut Command) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read while waiting, so a chatty child cannot block on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    for _ in 0..STARTUP_RETRIES {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "did not exit within {STARTUP_RETRIES} attempts; stderr: {}",
+        reader.join().unwrap()
+    );
+}
+
+/// A shard that cannot start stops the whole node cleanly. The node first runs and stores keys
+/// on both shards; then `shard-1` is replaced by a regular file, so shard 1 cannot open its
+/// engine. Each start must exit 2 naming shard 1, and shard 0 must have closed its engine if it
+/// opened one (logged "engine recovered" then "shard closed"; the engine's close leaves every
+/// segment sealed with its hint file and no preallocated spare segment, which an exit without
+/// close leaves behind). Shard 0 does not open its engine at all when shard 1 failed before it
+/// began, so the start is repeated (bounded) until shard 0 was seen opening and closing. With the
+/// file removed, the same directory starts and serves every key.
+#[test]
+fn a_shard_that_fails_to_start_stops_the_others_cleanly() {
+    let dir = data_dir("shard-fails");
+    let port = free_port();
+    let server = Server::start(&dir, port);
+    let mut c = server.client();
+    for i in 0..KEYS {
+        c.put(b"b", &key(i), &value(i, 0), None).unwrap();
+    }
+    drop(c);
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let broken = dir.join("shard-1");
+    std::fs::rename(&broken, dir.join("shard-1.saved")).unwrap();
+    std::fs::write(&broken, b"not a directory").unwrap();
+    let mut closed_seen = false;
+    for _ in 0..FAILED_START_ATTEMPTS {
+        let (status, stderr) = run_to_exit(
+            Command::new(BIN)
+                .args([
+                    "serve",
+                    "--shards",
+                    "2",
+                    "--durability",
+                    "buffered",
+                    "--listen",
+                ])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(&dir)
+                .env("RUST_LOG", "info"),
+        );
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("ringkv: "))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert!(error.starts_with("ringkv: shard 1: "), "{error}");
+        assert!(error.contains("shard-1"), "{error}");
+        let opened = stderr
+            .lines()
+            .any(|l| l.contains("engine recovered") && l.contains("shard-0"));
+        let closed = stderr
+            .lines()
+            .any(|l| l.contains("shard closed") && l.contains("shard=0"));
+        assert_eq!(opened, closed, "shard 0 opened without closing: {stderr}");
+        let files: Vec<String> = std::fs::read_dir(dir.join("shard-0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        for f in &files {
+            if let Some(stem) = f.strip_suffix(".seg") {
+                assert!(
+                    files.contains(&format!("{stem}.hint")),
+                    "{f} is not sealed: {files:?}"
+                );
+            }
+        }
+        if closed {
+            closed_seen = true;
+            break;
+        }
+    }
+    assert!(
+        closed_seen,
+        "in {FAILED_START_ATTEMPTS} starts, shard 1 always failed before shard 0 began"
+    );
+
+    std::fs::remove_file(&broken).unwrap();
+    std::fs::rename(dir.join("shard-1.saved"), &broken).unwrap();
+    let server = Server::start(&dir, port);
+    let mut c = server.client();
+    for i in 0..KEYS {
+        let got = c.get(b"b", &key(i)).unwrap();
+        assert_eq!(
+            got.value().map(|v| v.to_vec()),
+            Some(value(i, 0)),
+            "key {i}"
+        );
+    }
+    drop(c);
     assert_eq!(server.terminate().code(), Some(0));
 }

@@ -9,16 +9,18 @@
 //! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
 //! - [`error`]: typed errors naming the frame, field and limit at fault.
 //! - [`resp`]: an incremental RESP2 request parser and reply encoder (and a reply parser).
-//! - [`client`]: a blocking client on `std::net` (handshake, get/put/delete/ping, timeouts).
+//! - [`client`]: clients: a blocking one on `std::net` and a thread-safe pool of them, and (feature
+//!   `tokio`, on by default) a multiplexed async connection and a pool of those, all reconnecting
+//!   through their pools.
 //!
-//! It is runtime-free: the codecs never touch a socket, a clock or an executor, so the glommio node,
+//! The codecs are runtime-free: they never touch a socket, a clock or an executor, so the glommio node,
 //! a tokio client and a blocking client all use the same code. Decoders are incremental and
 //! stateless (they take the bytes received so far and answer "need more", a message with the
 //! number of bytes it used, or a typed error) and check every declared size against a limit before
 //! allocating for it, so hostile input costs at most memory proportional to the bytes actually
 //! received and never more than the configured limits.
 //!
-//! Besides the blocking [`client`] it contains no connection management and no request execution.
+//! Besides the [`client`] it contains no connection management and no request execution.
 //! It knows nothing of the engine or of the cluster logic
 //! (dependencies point one way: `cluster` uses `net`, never the reverse).
 
@@ -30,7 +32,11 @@ pub mod message;
 pub mod resp;
 mod wire;
 
-pub use client::{Client, ClientConfig, ClientError, GetReply, Reply, Request};
+#[cfg(feature = "tokio")]
+pub use client::{AsyncConnection, AsyncPool};
+pub use client::{
+    Client, ClientConfig, ClientError, GetReply, Pool, PoolConfig, PoolStats, Reply, Request,
+};
 pub use error::{BodyError, EncodeError, FrameError};
 pub use frame::{
     FrameHeader, MAGIC, PROTOCOL_VERSION, decode_frame, decode_header, encode_frame,

@@ -1,6 +1,12 @@
-//! ringkv-tests: integration tests that span crates or whole processes.
+//! ringkv-tests: integration tests that span crates or whole processes, and the cluster
+//! simulator they use.
 //!
-//! The tests live in `tests/tests/`: shard-per-core runs of several engines today; the
-//! deterministic cluster simulator, multi-process clusters on loopback and fault-injection runs
-//! join them as the node and the Dynamo layer land. Tests of one crate alone stay in that crate
-//! (the engine's model, crash, corruption and fault tests are in `engine/tests/`).
+//! - [`sim`]: a deterministic, seeded simulator running the real sans-IO coordinator of every
+//!   node over an in-memory store and a faulty virtual network, with checkers for the promises
+//!   of `docs/ARCHITECTURE.md` (no acknowledged write lost, siblings only for concurrent writes,
+//!   convergence). `tests/tests/sim.rs` runs it over many seeds.
+//! - `tests/tests/`: the simulator runs and shard-per-core runs of several engines. Tests of one
+//!   crate alone stay in that crate (the engine's model, crash, corruption and fault tests are in
+//!   `engine/tests/`; the node's end-to-end tests in `cluster/tests/`).
+
+pub mod sim;

@@ -341,7 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r,
                 timeout_ms: None,
             });
-            let reply = match connect(&target)?.request(request)? {
+            let reply = match connect(&target)?.request_message(request)? {
                 Message::GetOk(ok) => ok,
                 other => bail!("unexpected reply {}", other.kind()),
             };
@@ -391,7 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dw: write.dw,
                 timeout_ms: None,
             });
-            match connect(&target)?.request(request)? {
+            match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),
                 other => bail!("unexpected reply {}", other.kind()),
             }
@@ -417,7 +417,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dw: write.dw,
                 timeout_ms: None,
             });
-            match client.request(request)? {
+            match client.request_message(request)? {
                 Message::DeleteOk => {}
                 other => bail!("unexpected reply {}", other.kind()),
             }
@@ -444,8 +444,63 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ringkv: {e:#}");
+            eprintln!("ringkv: {}", causes(&e));
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The error and its causes joined by ": ", each said once. Many errors (the engine's, the
+/// node's) already end their message with their source's, which `{:#}` would print again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::causes;
+
+    /// A cause already at the end of its wrapper's message is not repeated; one that is not
+    /// (an `anyhow` context) is appended.
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(libc::EEXIST);
+        let repeated = anyhow::Error::new(Wrapper(io.to_string(), io));
+        assert_eq!(
+            causes(&repeated),
+            format!(
+                "wrapper: {}",
+                std::io::Error::from_raw_os_error(libc::EEXIST)
+            )
+        );
+        let context = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::ENOENT))
+            .context("read config file x.toml");
+        assert!(causes(&context).starts_with("read config file x.toml: No such file"));
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(String, std::io::Error);
+
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "wrapper: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
         }
     }
 }

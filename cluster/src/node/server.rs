@@ -1,12 +1,15 @@
 //! The glommio shell of a node: one executor per shard, listeners, connections, the channel mesh
 //! between shards, and shutdown.
 //!
-//! [`serve`] checks that the listen address is free (glommio's listener always sets SO_REUSEPORT,
-//! so a second node would otherwise silently share the port), blocks SIGTERM and SIGINT, starts a
-//! small signal executor that turns the first signal into a cancellation, and one
-//! `LocalExecutor` per shard pinned to its CPU (`Placement::Fixed`). Each shard opens its own
-//! engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address, joins two
-//! channel meshes (requests and replies between shards) and accepts connections.
+//! [`serve`] checks that nothing listens on the listen address (glommio's listener always sets
+//! SO_REUSEPORT, so a second node would otherwise silently share the port; connections left over
+//! from a crashed run do not count) and that the kernel gives the process io_uring and enough
+//! locked memory ([`super::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
+//! that reports the first signal, and one `LocalExecutor` per shard pinned to its CPU
+//! (`Placement::Fixed`). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
+//! listener on the shared address, joins two channel meshes (requests and replies between shards)
+//! and accepts connections. The thread that called [`serve`] holds the one cancellation token
+//! every executor watches and waits for the shards to end.
 //!
 //! A connection is a reader task and a writer task joined by a bounded queue. The reader decodes
 //! frames, asks the [`Session`] what each one means and spawns one task per GET/PUT/DELETE, so
@@ -50,11 +53,18 @@
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
-//! Limits and gaps: if one shard fails to start (engine or listener), [`serve`] returns the error at
-//! once and the process is expected to exit, without closing the engines the other shards opened
-//! (recovery handles that like a crash; nothing was acknowledged yet). A request's deadline
-//! (`timeout_ms`, or `request_timeout_ms`) bounds when it is answered, not the work: timed-out
-//! work runs to its end (see `Shard::execute`).
+//! A shard that fails (its executor cannot be created, its engine does not open, a listener
+//! cannot be bound, or it panics) ends the node the same way: its end cancels the token, shards
+//! still starting stop waiting for the mesh, every engine that was opened is closed (flushed,
+//! synced, its directory lock released), and [`serve`] returns the first error, the root cause,
+//! once every shard has ended; errors that follow it while stopping are logged.
+//!
+//! Limits: a shard still recovering its engine when another fails finishes the recovery before it
+//! stops (opening cannot be interrupted), so a failed start can take as long as a recovery. A
+//! shard that panics or whose engine cannot be handed back at close drops its engine unclosed,
+//! which the next start recovers like a crash. A request's deadline (`timeout_ms`, or
+//! `request_timeout_ms`) bounds when it is answered, not the work: timed-out work runs to its end
+//! (see `Shard::execute`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -66,11 +76,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+use glommio::{
+    ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+};
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
 use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
@@ -89,6 +101,7 @@ use super::config;
 use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
 use super::metrics::{self, Op, ShardMetrics};
 use super::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
+use super::preflight;
 use super::resp::{self, RespPlan};
 use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
@@ -99,8 +112,6 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
-/// Bound on the connect that tells a live listener from connections lingering on a port.
-const PORT_PROBE_CONNECT_MS: u64 = 500;
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
 /// Frames queued for one peer node before further ones are dropped (the core times them out).
@@ -238,8 +249,31 @@ pub enum ServeError {
         /// The engine's error.
         source: EngineError,
     },
-    /// The runtime refused something (executor, listener, mesh, signals), often because io_uring
-    /// or locked memory is not available.
+    /// The kernel refuses this process an io_uring, which every executor is built on.
+    #[error("io_uring is not available: {reason}; {hint}")]
+    IoUringUnavailable {
+        /// What failed and the errno it failed with.
+        reason: String,
+        /// What to check or change.
+        hint: String,
+    },
+    /// The locked-memory limit (RLIMIT_MEMLOCK) is too low for the runtime.
+    #[error(
+        "not enough locked memory: RLIMIT_MEMLOCK is {limit_bytes} bytes and {cause}; this node \
+         alone needs at least {required_bytes} bytes: raise the limit for the user or service \
+         that runs ringkv (`ulimit -l {kib}` or more in its shell, LimitMEMLOCK= in its systemd \
+         unit, memlock in /etc/security/limits.conf, --ulimit memlock= for Docker)",
+        kib = .required_bytes.div_ceil(1024)
+    )]
+    LockedMemory {
+        /// What failed under the limit.
+        cause: String,
+        /// The soft limit this process runs under, in bytes.
+        limit_bytes: u64,
+        /// The least this node needs, in bytes, if no other process of the user holds any.
+        required_bytes: u64,
+    },
+    /// The runtime refused something (executor, listener, mesh, signals).
     #[error("{what}: {message}")]
     Runtime {
         /// What was being done.
@@ -348,6 +382,9 @@ impl Clock {
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
 ///
+/// If a shard fails (to start, or to close), every other shard is stopped and closes its engine,
+/// and the first error is returned once all of them have ended.
+///
 /// Must be called from a thread that is not a glommio executor, before any other thread is
 /// started (the signal mask is inherited by threads started afterwards).
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
@@ -414,94 +451,218 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .unwrap_or(1);
     let ring = Ring::new(PARTITIONS, &members, target_n)
         .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
-    // Leased before any executor starts: plain blocking file IO is fine here.
-    let mut leases = Vec::with_capacity(shards);
-    for id in 0..shards {
-        let dir = cfg.data_dir.join(format!("shard-{id}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| runtime(format!("shard {id}: cannot create {}", dir.display()), e))?;
-        let lease = epochs::lease(&dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)
-            .map_err(|source| ServeError::Epochs { shard: id, source })?;
-        leases.push(lease);
-    }
+    // One executor per shard and the signal executor.
+    let budget = preflight::check(shards + 1)?;
     let clock = Clock::new();
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
 
-    // The signal executor owns the cancellation token; each shard gets a foreign child of it.
-    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Result<Vec<ForeignCancellation>, String>>(1);
-    let signal_thread = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("ringkv-signals")
-        .spawn(move || async move {
-            let token = CancellationToken::new();
-            let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tokens_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let children = (0..shards).map(|_| token.foreign_child()).collect();
-            if tokens_tx.send(Ok(children)).is_err() {
-                return;
-            }
-            match signals.recv().await {
-                Ok(signal) => tracing::info!(signal, "shutting down on signal"),
-                Err(e) => tracing::error!(error = %e, "cannot read signals; shutting down"),
-            }
-            token.cancel();
-        })
-        .map_err(|e| runtime("cannot start the signal executor", e))?;
-    let tokens = tokens_rx
-        .recv()
-        .map_err(|e| runtime("signal executor", e))?
-        .map_err(|e| runtime("cannot watch SIGTERM and SIGINT", e))?;
+    // Whatever stops the node cancels this token: the first signal, or the end of any shard (a
+    // shard ends before a signal only when it failed, and then the others must stop too). It
+    // lives on this thread, which runs no executor; each executor attaches a foreign child of it.
+    let stop = CancellationToken::new();
+    let (events_tx, events) = mpsc::channel::<Event>();
+    let signal_thread = watch_signals(stop.foreign_child(), events_tx.clone(), &budget)?;
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
     let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
-    let (done_tx, done_rx) = mpsc::channel::<(usize, Result<(), ServeError>)>();
-    let mut handles = Vec::with_capacity(shards);
-    for (id, ((cpu, shutdown), lease)) in
-        cfg.cpus.iter().copied().zip(tokens).zip(leases).enumerate()
-    {
-        let (cfg, requests, replies, done, metrics, ring) = (
+    let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
+    let mut first_error = None;
+    for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
+        let (cfg, requests, replies, metrics, ring) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
-            done_tx.clone(),
             metrics.clone(),
             ring.clone(),
         );
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let shutdown = stop.foreign_child();
+        let report = EndReport {
+            id,
+            events: Some(events_tx.clone()),
+        };
+        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let replication = Replication { ring, lease, clock };
+                let replication = Replication { ring, clock };
                 let result =
                     run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
-                let _ = done.send((id, result));
-            })
-            .map_err(|e| runtime(format!("cannot start shard {id} on CPU {cpu}"), e))?;
-        handles.push(handle);
-    }
-    drop(done_tx);
-    for _ in 0..shards {
-        match done_rx.recv() {
-            Ok((_, Ok(()))) => {}
-            Ok((_, Err(e))) => return Err(e),
-            Err(_) => return Err(runtime("shard executor", "a shard thread panicked")),
+                report.send(result);
+            });
+        match spawned {
+            Ok(thread) => threads[id] = Some(thread),
+            Err(e) => {
+                // The shards already started wait in the mesh for this one; the stop below
+                // releases them.
+                first_error = Some(preflight::executor_error(
+                    format!("cannot start shard {id} on CPU {cpu}"),
+                    e,
+                    &budget,
+                ));
+                break;
+            }
         }
     }
-    for (id, handle) in handles.into_iter().enumerate() {
-        handle
-            .join()
-            .map_err(|e| runtime(format!("shard {id}"), e))?;
+    drop(events_tx);
+    if first_error.is_some() {
+        stop.cancel();
     }
-    // The signal thread ended when it cancelled; nothing else makes every shard return Ok.
-    let _ = signal_thread.join();
-    Ok(())
+
+    let mut running = threads.iter().filter(|t| t.is_some()).count();
+    let mut ended = vec![false; shards];
+    while running > 0 {
+        let Ok(event) = events.recv() else {
+            // Each running shard's report holds a sender until it has sent, so this cannot be.
+            keep_first(
+                &mut first_error,
+                runtime("shard executors", "a shard ended without a report"),
+            );
+            break;
+        };
+        let (id, result) = match event {
+            Event::Stop => {
+                stop.cancel();
+                continue;
+            }
+            Event::ShardEnded { id, result } => (id, result),
+        };
+        // A report from a shard whose thread never started (its spawn failed) is not a running
+        // shard's end.
+        if threads[id].is_none() || ended[id] {
+            continue;
+        }
+        ended[id] = true;
+        running -= 1;
+        let result = match result {
+            Some(result) => result,
+            // The thread ended without running the shard to its end; its result says why.
+            None => match threads[id].take().map(ExecutorJoinHandle::join) {
+                Some(Err(e)) => Err(preflight::executor_error(format!("shard {id}"), e, &budget)),
+                Some(Ok(())) | None => {
+                    Err(runtime(format!("shard {id}"), "ended without a result"))
+                }
+            },
+        };
+        if let Err(e) = result {
+            keep_first(&mut first_error, e);
+        }
+        // However a shard ended, the node cannot go on without it.
+        stop.cancel();
+    }
+    for (id, thread) in threads.into_iter().enumerate() {
+        if let Some(Err(e)) = thread.map(ExecutorJoinHandle::join) {
+            keep_first(&mut first_error, runtime(format!("shard {id}"), e));
+        }
+    }
+    // Ends the signal thread if no signal did.
+    stop.cancel();
+    if let Err(e) = signal_thread.join() {
+        tracing::warn!(error = %e, "signal executor failed");
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What the shard and signal threads tell [`serve`].
+enum Event {
+    /// The first SIGTERM or SIGINT arrived, or signals could no longer be read.
+    Stop,
+    /// A shard ended. Without a result, its thread ended without running it to its end (the
+    /// executor could not be built, or the shard panicked): joining the thread says why.
+    ShardEnded {
+        id: usize,
+        result: Option<Result<(), ServeError>>,
+    },
+}
+
+/// Reports a shard's end to [`serve`] exactly once, however the shard's thread ends: dropped
+/// without [`EndReport::send`] (its executor was never built, or it panicked), it reports an end
+/// without a result, so `serve` never waits for a shard that will not report.
+struct EndReport {
+    id: usize,
+    events: Option<mpsc::Sender<Event>>,
+}
+
+impl EndReport {
+    fn send(mut self, result: Result<(), ServeError>) {
+        if let Some(events) = self.events.take() {
+            // Fails only if `serve` is gone, and then nobody is waiting.
+            let _ = events.send(Event::ShardEnded {
+                id: self.id,
+                result: Some(result),
+            });
+        }
+    }
+}
+
+impl Drop for EndReport {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            let _ = events.send(Event::ShardEnded {
+                id: self.id,
+                result: None,
+            });
+        }
+    }
+}
+
+/// Keeps the first error, the root cause; later ones (shards that failed while stopping because
+/// of it) are logged.
+fn keep_first(first: &mut Option<ServeError>, e: ServeError) {
+    match first {
+        None => *first = Some(e),
+        Some(_) => tracing::error!(error = %e, "also failed while stopping"),
+    }
+}
+
+/// Starts the executor that turns the first SIGTERM or SIGINT into [`Event::Stop`]; it ends once
+/// `stop` is cancelled, by the signal or otherwise. Returns once the signals are watched.
+fn watch_signals(
+    stop: ForeignCancellation,
+    events: mpsc::Sender<Event>,
+    budget: &preflight::MemlockBudget,
+) -> Result<ExecutorJoinHandle<()>, ServeError> {
+    let (ready_tx, ready) = mpsc::sync_channel::<Result<(), String>>(1);
+    let thread = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("ringkv-signals")
+        .spawn(move || async move {
+            let stop = stop.attach();
+            let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            if ready_tx.send(Ok(())).is_err() {
+                return;
+            }
+            match unless(signals.recv(), stop.cancelled()).await {
+                // The node stops for another reason.
+                None => return,
+                Some(Ok(signal)) => tracing::info!(signal, "shutting down on signal"),
+                Some(Err(e)) => tracing::error!(error = %e, "cannot read signals; shutting down"),
+            }
+            let _ = events.send(Event::Stop);
+        })
+        .map_err(|e| preflight::executor_error("cannot start the signal executor", e, budget))?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(runtime("cannot watch SIGTERM and SIGINT", e))
+        }
+        // The executor was never built, so the closure never ran; the thread's result says why.
+        Err(_) => Err(match thread.join() {
+            Err(e) => preflight::executor_error("cannot start the signal executor", e, budget),
+            Ok(()) => runtime("signal executor", "ended before watching signals"),
+        }),
+    }
 }
 
 /// Fails fast when something already listens on `addr`, and resolves port 0 to a free port so
@@ -512,21 +673,16 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
         Ok(probe) => probe
             .local_addr()
             .map_err(|source| ServeError::Bind { addr, source }),
-        // Connections a killed earlier run of this node had accepted linger in TIME_WAIT on the
-        // port for a minute and fail the probe although nobody listens; peers reconnecting all
-        // the time make that the rule after a crash. Only a listener that accepts is a conflict.
+        // Connections of a previous run hold the port too, for as long as their clients keep
+        // their end open (FIN-WAIT-2 here): glommio's listeners do not set SO_REUSEADDR, so
+        // neither do the sockets they accepted, and the probe's bind is refused. The listeners'
+        // own SO_REUSEPORT bind coexists with such sockets, so only a listener is a conflict, and
+        // a listener answers a connection attempt.
         Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
-            let mut target = addr;
-            if target.ip().is_unspecified() {
-                target.set_ip(match addr {
-                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            let probe = Duration::from_millis(PORT_PROBE_CONNECT_MS);
-            match std::net::TcpStream::connect_timeout(&target, probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(addr),
-                _ => Err(ServeError::AddrInUse { addr }),
+            if something_listens(addr) {
+                Err(ServeError::AddrInUse { addr })
+            } else {
+                Ok(addr)
             }
         }
         Err(source) => Err(ServeError::Bind { addr, source }),
@@ -536,22 +692,59 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
 /// What a shard's core starts from.
 struct Replication {
     ring: Ring,
-    lease: EpochLease,
     clock: Clock,
 }
 
+/// Bound on the connection attempt that tells a listener from leftover connections.
+const LISTENER_PROBE_TIMEOUT_MS: u64 = 1000;
+
+/// Whether a connection to `addr` (its loopback, for a wildcard address) is accepted. Anything but
+/// a refusal counts as a listener, so a doubtful case still fails fast rather than sharing a port.
+fn something_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let timeout = std::time::Duration::from_millis(LISTENER_PROBE_TIMEOUT_MS);
+    match std::net::TcpStream::connect_timeout(&target, timeout) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// One shard's life: open its engine, start (listeners, meshes), serve until the node stops, close
+/// the engine. Once opened, the engine is closed however the start went.
 async fn run_shard(
     id: usize,
     cfg: ServeConfig,
-    requests: MeshBuilder<ShardRequest, glommio::channels::channel_mesh::Full>,
-    replies: MeshBuilder<ShardReply, glommio::channels::channel_mesh::Full>,
+    requests: MeshBuilder<ShardRequest, Full>,
+    replies: MeshBuilder<ShardReply, Full>,
     shutdown: ForeignCancellation,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     replication: Replication,
 ) -> Result<(), ServeError> {
     let shutdown = shutdown.attach();
-    let shard_count = cfg.cpus.len();
+    // Another shard failed before this one began: opening the engine only to close it would
+    // delay the exit by a recovery.
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
     let dir = cfg.data_dir.join(format!("shard-{id}"));
+    // The lease is persisted (file writes and syncs) off the shard thread.
+    let lease_dir = dir.clone();
+    let lease = glommio::executor()
+        .spawn_blocking(move || {
+            std::fs::create_dir_all(&lease_dir).map_err(|source| epochs::EpochError::Io {
+                path: lease_dir.display().to_string(),
+                source,
+            })?;
+            epochs::lease(&lease_dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)
+        })
+        .await
+        .map_err(|source| ServeError::Epochs { shard: id, source })?;
     let mut ecfg = EngineConfig::new(&dir);
     // Hint keys carry the home node's id before the replica key.
     ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max) + HINT_KEY_PREFIX_BYTES;
@@ -566,6 +759,97 @@ async fn run_shard(
             dir: dir.clone(),
             source,
         })?;
+    let hints = match scan_hints(&engine, id, cfg.cpus.len()).await {
+        Ok(hints) => hints,
+        Err(source) => {
+            if let Err(closing) = close_engine(id, engine, dir.clone()).await {
+                tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+            }
+            return Err(ServeError::Engine {
+                shard: id,
+                dir,
+                source,
+            });
+        }
+    };
+    let started = match start_shard(id, &cfg, requests, replies, &shutdown).await {
+        Ok(started) => started,
+        Err(e) => {
+            // The start's error is the one to report; a failed close after it is only logged.
+            if let Err(closing) = close_engine(id, engine, dir).await {
+                tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+            }
+            return Err(e);
+        }
+    };
+    let engine = match started {
+        Some(started) => {
+            let core = start_core(id, &cfg, replication, lease, hints);
+            serve_shard(id, &cfg, engine, started, shutdown, all_metrics, core).await?
+        }
+        // The node stopped before every shard had started: nothing was served.
+        None => engine,
+    };
+    close_engine(id, engine, dir).await
+}
+
+/// The coordinator of a shard, with the hints found in its engine.
+fn start_core(
+    id: usize,
+    cfg: &ServeConfig,
+    replication: Replication,
+    lease: EpochLease,
+    hints: Vec<StoreKey>,
+) -> (Core, Clock) {
+    let mut core_cfg = CoreConfig::new(cfg.node_id);
+    core_cfg.buckets = cfg.buckets.clone();
+    core_cfg.durable_writes = cfg.durability == Durability::Sync;
+    core_cfg.request_timeout_ms = cfg.request_timeout_ms;
+    core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
+    core_cfg.hint_retry_ms = cfg.hint_retry_ms;
+    core_cfg.object_bytes_max = cfg.object_bytes_max();
+    tracing::info!(
+        shard = id,
+        node = %cfg.node_id,
+        hints = hints.len(),
+        epoch = lease.primary,
+        "coordinator ready"
+    );
+    let core = Core::new(core_cfg, replication.ring, lease, hints);
+    (core, replication.clock)
+}
+
+/// Flushes, syncs and closes a shard's engine, releasing its directory.
+async fn close_engine(id: usize, engine: Engine, dir: PathBuf) -> Result<(), ServeError> {
+    engine.close().await.map_err(|source| ServeError::Engine {
+        shard: id,
+        dir,
+        source,
+    })?;
+    tracing::info!(shard = id, "shard closed");
+    Ok(())
+}
+
+/// What a shard serves with, once every shard has started.
+struct Started {
+    listener: TcpListener,
+    resp_listener: Option<TcpListener>,
+    peer_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
+    requests: (Senders<ShardRequest>, Receivers<ShardRequest>),
+    replies: (Senders<ShardReply>, Receivers<ShardReply>),
+}
+
+/// Binds the shard's listeners and joins the two meshes. Joining completes only once every shard
+/// has joined, so it is abandoned when the node stops first (another shard failed to start):
+/// then the answer is `None`.
+async fn start_shard(
+    id: usize,
+    cfg: &ServeConfig,
+    requests: MeshBuilder<ShardRequest, Full>,
+    replies: MeshBuilder<ShardReply, Full>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Started>, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
     let resp_listener = match cfg.resp_listen {
@@ -582,13 +866,6 @@ async fn run_shard(
         ),
         None => None,
     };
-    let hints = scan_hints(&engine, id, shard_count)
-        .await
-        .map_err(|source| ServeError::Engine {
-            shard: id,
-            dir: dir.clone(),
-            source,
-        })?;
     let admin_listener = match cfg.admin_listen {
         Some(addr) if id == 0 => Some(
             TcpListener::bind(addr)
@@ -596,14 +873,44 @@ async fn run_shard(
         ),
         _ => None,
     };
-    let (req_tx, mut req_rx) = requests
-        .join()
-        .await
-        .map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
-    let (rep_tx, mut rep_rx) = replies
-        .join()
-        .await
-        .map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    let Some(requests) = unless(requests.join(), shutdown.cancelled()).await else {
+        return Ok(None);
+    };
+    let requests = requests.map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
+    let Some(replies) = unless(replies.join(), shutdown.cancelled()).await else {
+        return Ok(None);
+    };
+    let replies = replies.map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    Ok(Some(Started {
+        listener,
+        resp_listener,
+        peer_listener,
+        admin_listener,
+        requests,
+        replies,
+    }))
+}
+
+/// Serves until the node stops, drains, and hands the engine back for closing.
+async fn serve_shard(
+    id: usize,
+    cfg: &ServeConfig,
+    engine: Engine,
+    started: Started,
+    shutdown: CancellationToken,
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
+    (core, clock): (Core, Clock),
+) -> Result<Engine, ServeError> {
+    let shard_count = cfg.cpus.len();
+    let dir = cfg.data_dir.join(format!("shard-{id}"));
+    let Started {
+        listener,
+        resp_listener,
+        peer_listener,
+        admin_listener,
+        requests: (req_tx, mut req_rx),
+        replies: (rep_tx, mut rep_rx),
+    } = started;
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
         Shares::Static(1000),
@@ -611,16 +918,6 @@ async fn run_shard(
         "requests",
     );
     let waiting = Rc::new(Waiting::default());
-    let mut core_cfg = CoreConfig::new(cfg.node_id);
-    core_cfg.buckets = cfg.buckets.clone();
-    core_cfg.durable_writes = cfg.durability == Durability::Sync;
-    core_cfg.request_timeout_ms = cfg.request_timeout_ms;
-    core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
-    core_cfg.hint_retry_ms = cfg.hint_retry_ms;
-    core_cfg.object_bytes_max = cfg.object_bytes_max();
-    let hint_count = hints.len();
-    let core = Core::new(core_cfg, replication.ring, replication.lease, hints);
-    tracing::info!(shard = id, node = %cfg.node_id, hints = hint_count, epoch = replication.lease.primary, "core ready");
     let stop = CancellationToken::new();
     let shard = Rc::new(Shard {
         id,
@@ -640,7 +937,7 @@ async fn run_shard(
         replica_timeout_ms: cfg.replica_timeout_ms,
         value_bytes_max: cfg.value_bytes_max,
         core: RefCell::new(core),
-        clock: replication.clock,
+        clock,
         node_id: cfg.node_id,
         node_name: cfg.node_name.clone(),
         cluster_name: cfg.cluster_name.clone(),
@@ -885,17 +1182,7 @@ async fn run_shard(
     shard.stop_replication().await;
     let shard = Rc::try_unwrap(shard)
         .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
-    shard
-        .engine
-        .close()
-        .await
-        .map_err(|source| ServeError::Engine {
-            shard: id,
-            dir,
-            source,
-        })?;
-    tracing::info!(shard = id, "shard closed");
-    Ok(())
+    Ok(shard.engine)
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {

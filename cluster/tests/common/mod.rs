@@ -1,0 +1,144 @@
+//! A `ringkv serve` child process for end-to-end tests, shared by the test binaries.
+//!
+//! [`Server::start`] runs the binary on a free loopback port with two shards (so requests cross
+//! the channel mesh) and a data directory under CARGO_TARGET_TMPDIR, waits with bounded retries
+//! until it answers PING, and kills it in a drop guard so a failing test never leaves a server
+//! behind. Nothing here waits on wall-clock time beyond a bounded number of retries.
+
+// Each test binary uses its own subset of the helpers.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use ringkv_net::{Client, ClientConfig};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
+/// Enough keys that both shards own some with overwhelming probability (256 partitions).
+pub const KEYS: usize = 200;
+pub const STARTUP_RETRIES: usize = 300;
+pub const RETRY_DELAY_MS: u64 = 50;
+
+/// An empty directory for one test's data, under CARGO_TARGET_TMPDIR (not tmpfs: the engine uses
+/// O_DIRECT), distinct per test process.
+pub fn data_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("node-e2e-{}", std::process::id()))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running server; killed on drop unless it was stopped.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+}
+
+impl Server {
+    /// A server with buffered durability.
+    pub fn start(dir: &Path, port: u16) -> Server {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// A server with buffered durability and extra flags.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        Self::start_durable(dir, port, "buffered", extra)
+    }
+
+    /// A server with the given `--durability` and extra flags.
+    pub fn start_durable(dir: &Path, port: u16, durability: &str, extra: &[&str]) -> Server {
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(BIN)
+            .args(["serve", "--shards", "2", "--durability", durability])
+            .args(extra)
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child: Some(child),
+            addr,
+        };
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited during startup: {status}");
+            }
+            if let Ok(mut c) = Client::connect(&server.addr, config())
+                && c.ping().is_ok()
+            {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        server.kill();
+        panic!("server did not answer within {STARTUP_RETRIES} attempts");
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (bounded).
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("server did not exit after SIGTERM");
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn config() -> ClientConfig {
+    ClientConfig {
+        timeout: Duration::from_secs(10),
+        ..ClientConfig::default()
+    }
+}
+
+pub fn key(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+pub fn value(i: usize, round: usize) -> Vec<u8> {
+    format!("value {i} round {round}").into_bytes()
+}

@@ -1,0 +1,189 @@
+//! The coordinator's answers for requests it must refuse, driven directly: a one-node cluster
+//! whose storage operations complete at once. Each error says what happened, with the numbers.
+//! (Replication, faults and convergence are the simulator's: `tests/tests/sim.rs`.)
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use ringkv_cluster::NodeId;
+use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_cluster::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
+use ringkv_cluster::object::Object;
+use ringkv_cluster::ring::{PartitionCount, Ring};
+use ringkv_net::{ErrorCode, Get, Message, Put, Sibling};
+
+/// One node and its store; every output is carried out before a call returns.
+struct One {
+    core: Core,
+    store: BTreeMap<StoreKey, Object>,
+    replies: BTreeMap<u64, Message>,
+}
+
+impl One {
+    fn new(props: BucketProps) -> One {
+        let me = NodeId(1);
+        let mut cfg = CoreConfig::new(me);
+        cfg.buckets = Buckets {
+            default: props,
+            named: BTreeMap::new(),
+        };
+        let members: BTreeSet<NodeId> = [me].into();
+        let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 1).unwrap();
+        One {
+            core: Core::new(cfg, ring, EpochLease::new(1, 8), []),
+            store: BTreeMap::new(),
+            replies: BTreeMap::new(),
+        }
+    }
+
+    fn run(&mut self, mut outputs: Vec<Output>) {
+        while let Some(out) = outputs.pop() {
+            match out {
+                Output::Store { id, key, op } => {
+                    let result = match op {
+                        StoreOp::Read => Ok(self.store.get(&key).cloned()),
+                        StoreOp::Write { object, .. } => {
+                            self.store.insert(key, object);
+                            Ok(None)
+                        }
+                        StoreOp::Remove => {
+                            self.store.remove(&key);
+                            Ok(None)
+                        }
+                    };
+                    outputs.extend(self.core.handle_stored(0, id, result));
+                }
+                Output::Reply { req, message } => {
+                    self.replies.insert(req, message);
+                }
+                Output::Send { to, .. } => panic!("a one-node cluster sent to {to}"),
+                Output::RenewEpochs => {}
+            }
+        }
+    }
+
+    fn request(&mut self, req: u64, message: Message) -> Message {
+        let out = self.core.handle_client(0, req, message);
+        self.run(out);
+        self.replies.remove(&req).expect("answered at once")
+    }
+}
+
+fn put(value: &str, context: Option<Bytes>, w: Option<u8>) -> Message {
+    Message::Put(Put {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from(value.to_owned()),
+        context,
+        w,
+        dw: None,
+        timeout_ms: None,
+    })
+}
+
+fn get(r: Option<u8>) -> Message {
+    Message::Get(Get {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        r,
+        timeout_ms: None,
+    })
+}
+
+fn code(m: &Message) -> Option<ErrorCode> {
+    match m {
+        Message::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn props(n: u8) -> BucketProps {
+    BucketProps {
+        n,
+        r: 1,
+        w: 1,
+        dw: 0,
+        mode: ConflictMode::Siblings,
+        max_siblings: 3,
+    }
+}
+
+/// Blind writes pile up as siblings until the bucket's limit, then are refused with a message
+/// naming both counts; a write with the read's context resolves them all.
+#[test]
+fn sibling_limit_refuses_and_context_resolves() {
+    let mut one = One::new(props(1));
+    for (i, v) in ["a", "b", "c"].into_iter().enumerate() {
+        assert!(matches!(
+            one.request(i as u64, put(v, None, None)),
+            Message::PutOk(_)
+        ));
+    }
+    let refused = one.request(10, put("d", None, None));
+    assert_eq!(code(&refused), Some(ErrorCode::TooManySiblings));
+    let Message::Error(e) = &refused else {
+        unreachable!()
+    };
+    assert!(
+        e.message.contains("4 siblings") && e.message.contains("limit of 3"),
+        "{}",
+        e.message
+    );
+    let Message::GetOk(read) = one.request(11, get(None)) else {
+        panic!("read failed")
+    };
+    assert_eq!(read.siblings.len(), 3);
+    assert!(matches!(
+        one.request(12, put("merged", Some(read.context), None)),
+        Message::PutOk(_)
+    ));
+    let Message::GetOk(read) = one.request(13, get(None)) else {
+        panic!("read failed")
+    };
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"merged"))]
+    );
+}
+
+/// Contexts that do not decode, and quorums the cluster cannot reach, are refused with their
+/// own codes before anything is written.
+#[test]
+fn bad_contexts_and_unreachable_quorums_are_refused() {
+    let mut one = One::new(props(3));
+    let bad = one.request(1, put("x", Some(Bytes::from_static(b"\x02junk")), None));
+    assert_eq!(code(&bad), Some(ErrorCode::BadContext));
+    // n = 3 but the cluster has one member: w = 2 cannot be met, and the message says so.
+    let short = one.request(2, put("x", None, Some(2)));
+    assert_eq!(code(&short), Some(ErrorCode::NotEnoughReplicas));
+    let Message::Error(e) = &short else {
+        unreachable!()
+    };
+    assert!(e.message.contains("0 of 2"), "{}", e.message);
+    let invalid = one.request(3, get(Some(4)));
+    assert_eq!(code(&invalid), Some(ErrorCode::InvalidRequest));
+    assert!(one.store.is_empty(), "nothing was written");
+}
+
+/// An lww bucket answers one value, the last written, whatever the contexts.
+#[test]
+fn lww_keeps_the_last_write() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    for (i, v) in ["a", "b", "c"].into_iter().enumerate() {
+        assert!(matches!(
+            one.request(i as u64, put(v, None, None)),
+            Message::PutOk(_)
+        ));
+    }
+    let Message::GetOk(read) = one.request(9, get(None)) else {
+        panic!("read failed")
+    };
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"c"))]
+    );
+}

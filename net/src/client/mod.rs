@@ -1,0 +1,483 @@
+//! Clients of the binary protocol: a blocking one on `std::net` and, with the `tokio` feature (on by
+//! default), an asynchronous one for tokio applications, each with a pool that reconnects.
+//!
+//! | type | IO | concurrency on one connection | use from |
+//! |---|---|---|---|
+//! | [`Client`] | blocking `std::net` | one request, or one [`Client::pipeline`] batch, at a time | one thread |
+//! | [`Pool`] | blocking, [`PoolConfig::connections_max`] [`Client`]s | one request per connection | many threads (`Send + Sync`) |
+//! | [`AsyncConnection`] | tokio | up to [`ClientConfig::inflight_per_connection_max`] requests from any number of tasks, matched by request id | many tasks (cheap `Clone`) |
+//! | [`AsyncPool`] | tokio, [`PoolConfig::connections_max`] [`AsyncConnection`]s | as above, requests spread round-robin | many tasks (cheap `Clone`) |
+//!
+//! All of them speak the same requests ([`Request`]), return the same replies ([`Reply`],
+//! [`GetReply`]) and fail with the same typed [`ClientError`]: IO, timeout, an ERROR frame from the
+//! server with its [`ErrorCode`], a protocol violation by the server, or a connection that closed
+//! or broke. GET returns every sibling and the causal context; PUT and DELETE take the context of an
+//! earlier GET, or `None` for a blind write. Contexts are opaque bytes passed through unchanged.
+//!
+//! The blocking [`Pool`] is a pool of blocking [`Client`]s rather than a facade over the tokio
+//! client, so that blocking users (the `ringkv` CLI, scripts, benchmarks) build and run without an
+//! async runtime and its threads. The price is that a blocking connection carries one request at a
+//! time: a pool serves at most `connections_max` requests at once, and further threads wait for a
+//! free connection (bounded by the request timeout). A thread that needs more in flight sends a
+//! [`Pool::pipeline`] batch.
+//!
+//! Reconnects: a pool replaces a connection that broke (the server closed it or restarted, an IO
+//! error, a timeout on a blocking connection, a protocol violation) when a request next picks it,
+//! trying at most [`PoolConfig::connect_attempts_max`] times with exponential backoff. Requests in
+//! flight on a connection when it breaks fail with the cause as a typed error, never hang; they
+//! are not retried, because a request that reached the server may have been applied and a blind
+//! PUT is not idempotent. The only retry is of a request that was provably never sent (the
+//! connection was already known to be broken when the request was about to go out).
+//!
+//! Limits: one server per client or pool (no ring awareness, no failover to another node); no TLS
+//! or authentication (the protocol has none); the quorum and deadline fields of requests (`r`,
+//! `w`, `dw`, `timeout_ms`) are left to the node's defaults, except through the blocking
+//! client's `request_message`, which sends any request message as given.
+
+mod blocking;
+// The sans-IO core of the async client; the blocking client has one request at a time (or one
+// batch) and keeps its simpler bookkeeping.
+#[cfg(any(feature = "tokio", test))]
+mod mux;
+#[cfg(feature = "tokio")]
+mod tokio_client;
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use blocking::{Client, Pool};
+#[cfg(feature = "tokio")]
+pub use tokio_client::{AsyncConnection, AsyncPool};
+
+use crate::error::{EncodeError, FrameError};
+use crate::frame::PROTOCOL_VERSION;
+use crate::limits::Limits;
+use crate::message::{
+    Delete, ErrorCode, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
+};
+
+/// Settings of one connection, blocking or async.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Cluster name sent in HELLO; the node refuses another.
+    pub cluster_name: String,
+    /// Bound on connecting and on each request's round trip (the default per-request timeout of
+    /// the async client, which can also take one per request).
+    pub timeout: Duration,
+    /// Frame and key limits; must not exceed the server's.
+    pub limits: Limits,
+    /// Most requests [`Client::pipeline`] keeps in flight. Bounded so that neither side's socket
+    /// buffers fill with unread replies while the other side still writes.
+    pub pipeline_window_max: usize,
+    /// Most requests an [`AsyncConnection`] has in flight; further requests wait for a reply
+    /// (or their timeout) before they are sent. This bounds the memory of queued requests and of
+    /// waiting callers. The default matches a node's default `inflight_per_connection_max`.
+    pub inflight_per_connection_max: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            cluster_name: "ringkv".to_owned(),
+            timeout: Duration::from_secs(5),
+            limits: Limits::DEFAULT,
+            pipeline_window_max: 64,
+            inflight_per_connection_max: 128,
+        }
+    }
+}
+
+/// Settings of a [`Pool`] or an [`AsyncPool`].
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Connections the pool opens at most (lazily, on demand). Default 4; 0 counts as 1.
+    pub connections_max: usize,
+    /// Attempts to open a connection before the request that needed it fails with the last
+    /// attempt's error. Default 5; 0 counts as 1. Attempts also stop at the request's timeout.
+    pub connect_attempts_max: u32,
+    /// Wait after the first failed attempt; each further failure doubles it. Default 50 ms.
+    pub reconnect_backoff_ms: u64,
+    /// Cap on the wait between two attempts. Default 1000 ms.
+    pub reconnect_backoff_ms_max: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            connections_max: 4,
+            connect_attempts_max: 5,
+            reconnect_backoff_ms: 50,
+            reconnect_backoff_ms_max: 1000,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Number of connections, at least one.
+    fn connections(&self) -> usize {
+        self.connections_max.max(1)
+    }
+
+    /// Number of attempts to open a connection, at least one.
+    fn attempts(&self) -> u32 {
+        self.connect_attempts_max.max(1)
+    }
+
+    /// The wait after `failed` consecutive failed attempts (`failed >= 1`).
+    fn backoff(&self, failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(32);
+        let ms = self
+            .reconnect_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.reconnect_backoff_ms_max);
+        Duration::from_millis(ms)
+    }
+}
+
+/// Counters of a pool, for tests and monitoring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections opened successfully (handshake included) since the pool was created.
+    pub connects_total: u64,
+    /// Attempts to open a connection that failed.
+    pub connect_failures_total: u64,
+}
+
+/// One request, for [`Client::pipeline`] and the `call` methods of the async client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Read a key.
+    Get {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+    },
+    /// Write a key.
+    Put {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+        /// Context from an earlier read, if any.
+        context: Option<Bytes>,
+    },
+    /// Delete a key.
+    Delete {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// Context from an earlier read, if any.
+        context: Option<Bytes>,
+    },
+    /// Check the node answers.
+    Ping,
+}
+
+impl Request {
+    /// A GET, copying the bucket and key.
+    pub fn get(bucket: &[u8], key: &[u8]) -> Self {
+        Request::Get {
+            bucket: Bytes::copy_from_slice(bucket),
+            key: Bytes::copy_from_slice(key),
+        }
+    }
+
+    /// A PUT, copying the bucket, key and value.
+    pub fn put(bucket: &[u8], key: &[u8], value: &[u8], context: Option<Bytes>) -> Self {
+        Request::Put {
+            bucket: Bytes::copy_from_slice(bucket),
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::copy_from_slice(value),
+            context,
+        }
+    }
+
+    /// A DELETE, copying the bucket and key.
+    pub fn delete(bucket: &[u8], key: &[u8], context: Option<Bytes>) -> Self {
+        Request::Delete {
+            bucket: Bytes::copy_from_slice(bucket),
+            key: Bytes::copy_from_slice(key),
+            context,
+        }
+    }
+
+    /// The kind of the success reply.
+    fn reply_kind(&self) -> Kind {
+        match self {
+            Request::Get { .. } => Kind::GetOk,
+            Request::Put { .. } => Kind::PutOk,
+            Request::Delete { .. } => Kind::DeleteOk,
+            Request::Ping => Kind::Pong,
+        }
+    }
+
+    fn into_message(self) -> Message {
+        match self {
+            Request::Get { bucket, key } => Message::Get(Get {
+                bucket,
+                key,
+                r: None,
+                timeout_ms: None,
+            }),
+            Request::Put {
+                bucket,
+                key,
+                value,
+                context,
+            } => Message::Put(Put {
+                bucket,
+                key,
+                value,
+                context,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+            }),
+            Request::Delete {
+                bucket,
+                key,
+                context,
+            } => Message::Delete(Delete {
+                bucket,
+                key,
+                context,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+            }),
+            Request::Ping => Message::Ping,
+        }
+    }
+}
+
+/// The reply to one [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A GET's siblings and context.
+    Get(GetReply),
+    /// A PUT's new context.
+    Put(Bytes),
+    /// A DELETE succeeded.
+    Delete,
+    /// PING answered.
+    Pong,
+}
+
+impl Reply {
+    /// The reply a success message stands for; any other message is a protocol violation.
+    fn from_message(message: Message) -> Result<Self, ClientError> {
+        match message {
+            Message::GetOk(GetOk { siblings, context }) => {
+                Ok(Reply::Get(GetReply { siblings, context }))
+            }
+            Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
+            Message::DeleteOk => Ok(Reply::Delete),
+            Message::Pong => Ok(Reply::Pong),
+            other => Err(ClientError::Unexpected(other.kind().to_string())),
+        }
+    }
+
+    fn into_get(self) -> Result<GetReply, ClientError> {
+        match self {
+            Reply::Get(reply) => Ok(reply),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn into_put(self) -> Result<Bytes, ClientError> {
+        match self {
+            Reply::Put(context) => Ok(context),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn into_delete(self) -> Result<(), ClientError> {
+        match self {
+            Reply::Delete => Ok(()),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn into_pong(self) -> Result<(), ClientError> {
+        match self {
+            Reply::Pong => Ok(()),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    fn unexpected(&self) -> ClientError {
+        let kind = match self {
+            Reply::Get(_) => Kind::GetOk,
+            Reply::Put(_) => Kind::PutOk,
+            Reply::Delete => Kind::DeleteOk,
+            Reply::Pong => Kind::Pong,
+        };
+        ClientError::Unexpected(kind.to_string())
+    }
+}
+
+/// Everything a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The address did not resolve to anything.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// Connecting, reading or writing failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// No reply within the request's timeout (for a pool: no connection and reply within it).
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The server closed the connection.
+    #[error("the server closed the connection")]
+    Closed,
+    /// The request could not be encoded (a field over a limit).
+    #[error("cannot encode the request: {0}")]
+    Encode(#[from] EncodeError),
+    /// The server's bytes are not a valid frame.
+    #[error("invalid frame from the server: {0}")]
+    Frame(#[from] FrameError),
+    /// The server answered with a reply that does not fit the request, or answered a request that
+    /// was never sent.
+    #[error("unexpected reply {0}")]
+    Unexpected(String),
+    /// The server answered with an ERROR frame.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// An earlier error left the connection unusable; the request was not sent. Reconnect (a pool
+    /// does so by itself).
+    #[error("the connection is broken by an earlier error; reconnect")]
+    Broken,
+}
+
+impl ClientError {
+    fn io(op: &'static str, source: io::Error, timeout: Duration) -> Self {
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout(timeout),
+            io::ErrorKind::UnexpectedEof => Self::Closed,
+            _ => Self::Io { op, source },
+        }
+    }
+
+    /// A copy for each request that a broken connection fails. `io::Error` is not `Clone`; its
+    /// kind and message carry what a caller can act on.
+    #[cfg(any(feature = "tokio", test))]
+    fn duplicate(&self) -> Self {
+        match self {
+            Self::NoAddress(addr) => Self::NoAddress(addr.clone()),
+            Self::Io { op, source } => Self::Io {
+                op,
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Self::Timeout(d) => Self::Timeout(*d),
+            Self::Closed => Self::Closed,
+            Self::Encode(e) => Self::Encode(e.clone()),
+            Self::Frame(e) => Self::Frame(e.clone()),
+            Self::Unexpected(s) => Self::Unexpected(s.clone()),
+            Self::Server { code, message } => Self::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            Self::Broken => Self::Broken,
+        }
+    }
+
+    /// Whether another attempt to connect may succeed: not when the server refused the
+    /// handshake for good (wrong cluster, unsupported version).
+    fn connect_retryable(&self) -> bool {
+        match self {
+            Self::Server { code, .. } => code.is_transient(),
+            Self::Encode(_) => false,
+            _ => true,
+        }
+    }
+}
+
+/// The result of a GET: the key's siblings and the context to write back with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GetReply {
+    /// Concurrent versions; empty if the key does not exist.
+    pub siblings: Vec<Sibling>,
+    /// Opaque causal context (empty on a single node).
+    pub context: Bytes,
+}
+
+impl GetReply {
+    /// The value, when there is exactly one live sibling.
+    pub fn value(&self) -> Option<&Bytes> {
+        match self.siblings.as_slice() {
+            [Sibling::Value(v)] => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// The HELLO every client connection starts with.
+fn hello(config: &ClientConfig) -> Message {
+    Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: Role::Client,
+        cluster_name: config.cluster_name.clone(),
+        node_name: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Backoff doubles from the first wait up to the cap and never overflows.
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = PoolConfig::default();
+        let ms = |n| p.backoff(n).as_millis();
+        assert_eq!(ms(1), 50);
+        assert_eq!(ms(2), 100);
+        assert_eq!(ms(3), 200);
+        assert_eq!(ms(5), 800);
+        assert_eq!(ms(6), 1000);
+        assert_eq!(ms(u32::MAX), 1000);
+    }
+
+    /// Zero counts are clamped to one, so a pool always has a connection and an attempt.
+    #[test]
+    fn zero_counts_mean_one() {
+        let p = PoolConfig {
+            connections_max: 0,
+            connect_attempts_max: 0,
+            ..PoolConfig::default()
+        };
+        assert_eq!(p.connections(), 1);
+        assert_eq!(p.attempts(), 1);
+    }
+
+    /// Each request expects the reply kind of its message kind.
+    #[test]
+    fn reply_kinds_match_request_kinds() {
+        for request in [
+            Request::get(b"b", b"k"),
+            Request::put(b"b", b"k", b"v", None),
+            Request::delete(b"b", b"k", None),
+            Request::Ping,
+        ] {
+            let expect = request.reply_kind();
+            assert_eq!(request.into_message().kind().reply(), Some(expect));
+        }
+    }
+}

@@ -1,0 +1,1153 @@
+//! A deterministic simulator of a ringkv cluster: the real sans-IO [`Core`] on every node, an
+//! in-memory store, virtual time, and a network and a nemesis driven by one seed.
+//!
+//! What is simulated:
+//! - **Storage**: per node, a durable map and an unsynced overlay. A write completes after a
+//!   random delay; `durable` writes (and a periodic flush, like the engine's group commit) move
+//!   the overlay into the durable map. A crash loses the overlay and every operation in flight.
+//! - **Network**: every message gets a random delay (so messages reorder), may be dropped or
+//!   duplicated, and is lost between partitioned nodes. Messages are addressed to an incarnation:
+//!   a node that restarted never receives what was sent to (or answered for) its previous life,
+//!   as with TCP connections that die with a process.
+//! - **Nemesis**: partitions that isolate a random subset, crash-restarts with random downtime,
+//!   message loss and duplication, all during the fault phase only.
+//! - **Clients**: each runs one operation at a time against a random node: read-modify-write of
+//!   a register (siblings merged by taking the largest), set-add (siblings merged by union), and
+//!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket.
+//!
+//! Checkers:
+//! - after every read a client gets: no two siblings where one's write saw the other (each write
+//!   records the values of the read its context came from; "saw" is the transitive closure);
+//!   an `lww` read has at most one sibling;
+//! - at the end, after faults stop, every node is up, hints have drained and every key has been
+//!   read with `r = n`: every acknowledged write is a sibling of the final state or was seen by a
+//!   write whose value is (transitively); every acknowledged set element is in the final set;
+//!   all home replicas of every key hold identical objects; no hint is left.
+//!
+//! Everything iterates `BTreeMap`s and draws from one `StdRng`, so a seed replays exactly; the
+//! run's trace hash ([`Outcome::trace`]) proves it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ringkv_cluster::NodeId;
+use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_cluster::coordinator::{
+    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp,
+};
+use ringkv_cluster::object::Object;
+use ringkv_cluster::ring::{PartitionCount, Ring};
+use ringkv_net::{Get, Message, Put, Sibling};
+
+/// Size of an epoch lease; small so renewals happen in simulations.
+const LEASE_EPOCHS: u32 = 16;
+const SIBLINGS_BUCKET: &[u8] = b"default";
+const LWW_BUCKET: &[u8] = b"sessions";
+/// Set-add keys are numbered from here; registers from 0.
+const SET_KEYS: usize = 1000;
+
+/// Knobs of one run, all derived from the seed by [`Params::from_seed`].
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Operations per client during the fault phase.
+    pub ops_per_client: usize,
+    /// Distinct keys per bucket.
+    pub keys: usize,
+    /// Whether replica writes are synced (`sync`) or buffered.
+    pub durable_writes: bool,
+    /// Probability (per mille) that a message is dropped.
+    pub drop_permille: u32,
+    /// Probability (per mille) that a message is duplicated.
+    pub dup_permille: u32,
+    /// Whether nodes crash and restart.
+    pub crashes: bool,
+    /// Whether the network partitions.
+    pub partitions: bool,
+    /// Largest one-way message delay in ms.
+    pub delay_max_ms: u64,
+}
+
+impl Params {
+    /// Parameters drawn from `seed`: every run explores a different mix.
+    pub fn from_seed(seed: u64) -> Params {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5eed);
+        Params {
+            nodes: rng.gen_range(3..=5),
+            clients: rng.gen_range(2..=4),
+            ops_per_client: rng.gen_range(10..=25),
+            keys: rng.gen_range(1..=3),
+            durable_writes: rng.gen_bool(0.5),
+            drop_permille: [0, 10, 50][rng.gen_range(0..3)],
+            dup_permille: [0, 10, 30][rng.gen_range(0..3)],
+            crashes: rng.gen_bool(0.6),
+            partitions: rng.gen_bool(0.6),
+            delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Hash of every event in order: equal for equal seeds.
+    pub trace: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Writes acknowledged.
+    pub acked_writes: usize,
+    /// Reads that returned more than one sibling.
+    pub sibling_reads: usize,
+    /// Hinted writes, over all nodes.
+    pub hinted_writes: u64,
+    /// Hints delivered, over all nodes.
+    pub hints_delivered: u64,
+    /// Read repairs sent, over all nodes.
+    pub read_repairs: u64,
+    /// Crashes injected.
+    pub crashes: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Envelope {
+    from: usize,
+    to: usize,
+    to_incarnation: u32,
+    from_incarnation: u32,
+    msg: PeerMsg,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver(Envelope),
+    Stored {
+        node: usize,
+        incarnation: u32,
+        id: u64,
+        key: StoreKey,
+        op: StoreOp,
+    },
+    Tick {
+        node: usize,
+        incarnation: u32,
+    },
+    Flush {
+        node: usize,
+    },
+    ClientStart {
+        client: usize,
+    },
+    Crash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Partition,
+    Heal,
+}
+
+#[derive(Default)]
+struct Store {
+    durable: BTreeMap<StoreKey, Object>,
+    /// Unsynced changes (`None` = removed), lost on crash.
+    overlay: BTreeMap<StoreKey, Option<Object>>,
+}
+
+impl Store {
+    fn read(&self, key: &StoreKey) -> Option<Object> {
+        match self.overlay.get(key) {
+            Some(o) => o.clone(),
+            None => self.durable.get(key).cloned(),
+        }
+    }
+
+    fn sync(&mut self) {
+        for (k, v) in std::mem::take(&mut self.overlay) {
+            match v {
+                Some(o) => self.durable.insert(k, o),
+                None => self.durable.remove(&k),
+            };
+        }
+    }
+
+    fn keys(&self) -> BTreeSet<StoreKey> {
+        let mut keys: BTreeSet<StoreKey> = self.durable.keys().cloned().collect();
+        for (k, v) in &self.overlay {
+            if v.is_some() {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        keys
+    }
+}
+
+struct SimNode {
+    id: NodeId,
+    core: Option<Core>,
+    incarnation: u32,
+    store: Store,
+    /// Next unleased epoch, durable.
+    epoch_next: u32,
+    /// When the node has a tick scheduled.
+    tick_at: Option<u64>,
+}
+
+/// What a client's current operation is waiting for.
+#[derive(Clone, Debug)]
+enum ClientState {
+    Idle,
+    /// Read of a read-modify-write; then write `kind`.
+    Reading {
+        key: usize,
+        bucket: &'static [u8],
+        kind: WriteKind,
+    },
+    Writing {
+        write: u64,
+    },
+    Done,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum WriteKind {
+    Register,
+    SetAdd,
+    Blind,
+    Lww,
+}
+
+/// A write a client issued.
+#[derive(Clone, Debug)]
+struct WriteRecord {
+    bucket: &'static [u8],
+    key: usize,
+    value: Bytes,
+    /// Values returned by the read whose context the write carried.
+    saw: Vec<Bytes>,
+    /// The set element it added (set-add writes).
+    element: Option<String>,
+    acked: bool,
+}
+
+struct Client {
+    state: ClientState,
+    ops_left: usize,
+    seq: u64,
+}
+
+/// A final-phase read: the sibling values and context, or why it failed.
+type FinalRead = Result<(Vec<Bytes>, Bytes), String>;
+
+/// One simulated cluster run.
+pub struct Sim {
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Event>,
+    nodes: Vec<SimNode>,
+    clients: Vec<Client>,
+    params: Params,
+    /// Nodes cut off from the rest, while partitioned.
+    island: BTreeSet<usize>,
+    faults: bool,
+    /// Answers owed: (answering node, requester, request id) → requester's incarnation.
+    owed: BTreeMap<(usize, usize, u64), u32>,
+    /// Client requests in flight: (node, req) → client.
+    requests: BTreeMap<(usize, u64), usize>,
+    next_req: u64,
+    writes: BTreeMap<u64, WriteRecord>,
+    /// Value → write id.
+    by_value: BTreeMap<Bytes, u64>,
+    trace: u64,
+    event_count: u64,
+    sibling_reads: usize,
+    crashes: usize,
+    /// Final-phase reads: (bucket, key) → result.
+    final_reads: BTreeMap<(Vec<u8>, usize), FinalRead>,
+    /// Print every output (`RINGKV_SIM_TRACE=1`).
+    verbose: bool,
+    /// Final-phase read requests → the key they read.
+    final_keys: BTreeMap<u64, (&'static [u8], usize)>,
+}
+
+fn key_bytes(k: usize) -> Bytes {
+    Bytes::from(format!("k{k}"))
+}
+
+fn node_index(id: NodeId) -> usize {
+    id.0 as usize - 1
+}
+
+impl Sim {
+    /// A cluster for `seed`.
+    pub fn new(seed: u64) -> Sim {
+        let params = Params::from_seed(seed);
+        let members: BTreeSet<NodeId> = (1..=params.nodes as u32).map(NodeId).collect();
+        let ring = Ring::new(
+            PartitionCount::new(16).expect("16 is a valid count"),
+            &members,
+            3,
+        )
+        .expect("valid members");
+        let mut nodes = Vec::new();
+        for &id in &members {
+            nodes.push(SimNode {
+                id,
+                core: None,
+                incarnation: 0,
+                store: Store::default(),
+                epoch_next: 1,
+                tick_at: None,
+            });
+        }
+        let mut sim = Sim {
+            rng: StdRng::seed_from_u64(seed),
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            nodes,
+            clients: (0..params.clients)
+                .map(|_| Client {
+                    state: ClientState::Idle,
+                    ops_left: params.ops_per_client,
+                    seq: 0,
+                })
+                .collect(),
+            params,
+            island: BTreeSet::new(),
+            faults: true,
+            owed: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            next_req: 1,
+            writes: BTreeMap::new(),
+            by_value: BTreeMap::new(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            event_count: 0,
+            sibling_reads: 0,
+            crashes: 0,
+            final_reads: BTreeMap::new(),
+            final_keys: BTreeMap::new(),
+            verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
+        };
+        for n in 0..sim.nodes.len() {
+            sim.boot(n, ring.clone());
+        }
+        for c in 0..sim.clients.len() {
+            let at = sim.rng.gen_range(0..50);
+            sim.schedule(at, Event::ClientStart { client: c });
+        }
+        for n in 0..sim.nodes.len() {
+            sim.schedule(10, Event::Flush { node: n });
+        }
+        if sim.params.partitions {
+            let at = sim.rng.gen_range(100..1500);
+            sim.schedule(at, Event::Partition);
+        }
+        if sim.params.crashes {
+            let at = sim.rng.gen_range(100..1500);
+            let node = sim.rng.gen_range(0..sim.nodes.len());
+            sim.schedule(at, Event::Crash { node });
+        }
+        sim
+    }
+
+    fn config(&self, node: NodeId) -> CoreConfig {
+        let mut cfg = CoreConfig::new(node);
+        let props = BucketProps {
+            n: 3,
+            r: 2,
+            w: 2,
+            // In buffered runs the coordinator's own write is synced, so every acknowledged
+            // write is durable somewhere and crashes may not lose it.
+            dw: u8::from(!self.params.durable_writes),
+            mode: ConflictMode::Siblings,
+            max_siblings: 64,
+        };
+        let mut named = BTreeMap::new();
+        named.insert(
+            LWW_BUCKET.to_vec(),
+            BucketProps {
+                mode: ConflictMode::Lww,
+                ..props
+            },
+        );
+        cfg.buckets = Buckets {
+            default: props,
+            named,
+        };
+        cfg.durable_writes = self.params.durable_writes;
+        cfg.request_timeout_ms = 1_500;
+        cfg.replica_timeout_ms = 150;
+        cfg.down_ms = 400;
+        cfg.hint_retry_ms = 200;
+        cfg.hint_inflight_max = 4;
+        cfg
+    }
+
+    fn boot(&mut self, n: usize, ring: Ring) {
+        let cfg = self.config(self.nodes[n].id);
+        let node = &mut self.nodes[n];
+        let lease = EpochLease::new(node.epoch_next, LEASE_EPOCHS);
+        node.epoch_next += LEASE_EPOCHS;
+        let hints: Vec<StoreKey> = node
+            .store
+            .keys()
+            .into_iter()
+            .filter(|k| matches!(k.space, Space::Hint(_)))
+            .collect();
+        node.core = Some(Core::new(cfg, ring, lease, hints));
+        node.tick_at = None;
+        self.reschedule_tick(n);
+    }
+
+    fn schedule(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        self.events.insert((self.now + delay, self.seq), event);
+    }
+
+    fn mix(&mut self, x: u64) {
+        self.trace = (self.trace ^ x).wrapping_mul(0x0100_0000_01b3);
+    }
+
+    fn reschedule_tick(&mut self, n: usize) {
+        let Some(core) = self.nodes[n].core.as_ref() else {
+            return;
+        };
+        let Some(at) = core.next_deadline() else {
+            return;
+        };
+        let at = at.max(self.now);
+        if self.nodes[n]
+            .tick_at
+            .is_some_and(|t| t <= at && t >= self.now)
+        {
+            return;
+        }
+        self.nodes[n].tick_at = Some(at);
+        let incarnation = self.nodes[n].incarnation;
+        self.schedule(
+            at - self.now,
+            Event::Tick {
+                node: n,
+                incarnation,
+            },
+        );
+    }
+
+    /// Runs the fault phase, heals, drains and checks. Panics with the seed on a violation.
+    pub fn run(mut self) -> Outcome {
+        // Fault phase: until every client finished its operations (bounded in virtual time).
+        let fault_end = 60_000;
+        while self.now < fault_end
+            && self
+                .clients
+                .iter()
+                .any(|c| !matches!(c.state, ClientState::Done))
+        {
+            if !self.step() {
+                break;
+            }
+        }
+        // Heal: no more faults, every node up.
+        self.faults = false;
+        self.island.clear();
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].core.is_none() {
+                self.restart(n);
+            }
+        }
+        // Drain: let requests finish and hints reach their homes.
+        let drain_end = self.now + 30_000;
+        while self.now < drain_end {
+            let busy = self.nodes.iter().any(|n| {
+                n.core
+                    .as_ref()
+                    .is_some_and(|c| c.hint_count() > 0 || c.ops_in_flight() > 0)
+            });
+            if !busy && self.requests.is_empty() {
+                break;
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        // Beliefs that a node is down expire (down_ms) before the final pass, as they would
+        // in a cluster that has been healthy for a while.
+        let quiet_end = self.now + 1_000;
+        while self.now < quiet_end && self.step() {}
+        // Final read pass: every key read with r = n from node 0, repairing stale replicas.
+        for (bucket, k) in self.all_keys() {
+            self.final_read(bucket, k);
+        }
+        // Settle: requests, repairs and the hints they may leave behind all finish.
+        let settle_end = self.now + 30_000;
+        while self.now < settle_end && self.busy() {
+            if !self.step() {
+                break;
+            }
+        }
+        self.check_final();
+        let mut stats = (0, 0, 0);
+        for n in &self.nodes {
+            if let Some(c) = &n.core {
+                let s = c.stats();
+                stats.0 += s.hinted_writes;
+                stats.1 += s.hints_delivered;
+                stats.2 += s.read_repairs;
+            }
+        }
+        Outcome {
+            trace: self.trace,
+            events: self.event_count,
+            acked_writes: self.writes.values().filter(|w| w.acked).count(),
+            sibling_reads: self.sibling_reads,
+            hinted_writes: stats.0,
+            hints_delivered: stats.1,
+            read_repairs: stats.2,
+            crashes: self.crashes,
+        }
+    }
+
+    /// Whether anything is still in motion: requests, hints, messages or storage operations.
+    fn busy(&self) -> bool {
+        self.nodes.iter().any(|n| {
+            n.core
+                .as_ref()
+                .is_some_and(|c| c.hint_count() > 0 || c.ops_in_flight() > 0)
+        }) || !self.requests.is_empty()
+            || self
+                .events
+                .values()
+                .any(|e| matches!(e, Event::Stored { .. } | Event::Deliver(_)))
+    }
+
+    /// Every (bucket, key) a client may write.
+    fn all_keys(&self) -> Vec<(&'static [u8], usize)> {
+        let keys = self.params.keys;
+        (0..keys)
+            .map(|k| (SIBLINGS_BUCKET, k))
+            .chain((0..keys).map(|k| (SIBLINGS_BUCKET, SET_KEYS + k)))
+            .chain((0..keys).map(|k| (LWW_BUCKET, k)))
+            .collect()
+    }
+
+    fn final_read(&mut self, bucket: &'static [u8], k: usize) {
+        let req = self.next_req;
+        self.next_req += 1;
+        // usize::MAX marks a final read rather than a client's.
+        self.requests.insert((0, req), usize::MAX);
+        self.final_reads
+            .insert((bucket.to_vec(), k), Err("no answer".to_owned()));
+        let message = Message::Get(Get {
+            bucket: Bytes::from_static(bucket),
+            key: key_bytes(k),
+            r: Some(3),
+            timeout_ms: Some(5_000),
+        });
+        self.client_request(0, req, message);
+        // Remember which key the request was for.
+        self.final_keys.insert(req, (bucket, k));
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(((at, seq), event)) = self.events.pop_first() else {
+            return false;
+        };
+        assert!(at >= self.now, "time never goes back");
+        self.now = at;
+        self.event_count += 1;
+        self.mix(at);
+        self.mix(seq);
+        self.handle(event);
+        true
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver(env) => self.deliver(env),
+            Event::Stored {
+                node,
+                incarnation,
+                id,
+                key,
+                op,
+            } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
+                    return;
+                }
+                let store = &mut self.nodes[node].store;
+                let result = match op {
+                    StoreOp::Read => Ok(store.read(&key)),
+                    StoreOp::Write { object, durable } => {
+                        store.overlay.insert(key, Some(object));
+                        if durable {
+                            store.sync();
+                        }
+                        Ok(None)
+                    }
+                    StoreOp::Remove => {
+                        store.overlay.insert(key, None);
+                        Ok(None)
+                    }
+                };
+                let now = self.now;
+                let outputs = self.core(node).handle_stored(now, id, result);
+                self.outputs(node, outputs);
+            }
+            Event::Tick { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation {
+                    return;
+                }
+                if self.nodes[node].tick_at == Some(self.now) {
+                    self.nodes[node].tick_at = None;
+                }
+                if self.nodes[node].core.is_some() {
+                    let now = self.now;
+                    let outputs = self.core(node).handle_tick(now);
+                    self.outputs(node, outputs);
+                }
+            }
+            Event::Flush { node } => {
+                self.nodes[node].store.sync();
+                let every = self.rng.gen_range(5..30);
+                self.schedule(every, Event::Flush { node });
+            }
+            Event::ClientStart { client } => self.client_start(client),
+            Event::Crash { node } => {
+                if self.faults && self.nodes[node].core.is_some() {
+                    self.crash(node);
+                    let down = self.rng.gen_range(50..2_000);
+                    self.schedule(down, Event::Restart { node });
+                }
+                if self.faults {
+                    let next = self.rng.gen_range(300..3_000);
+                    let node = self.rng.gen_range(0..self.nodes.len());
+                    self.schedule(next, Event::Crash { node });
+                }
+            }
+            Event::Restart { node } => {
+                if self.nodes[node].core.is_none() {
+                    self.restart(node);
+                }
+            }
+            Event::Partition => {
+                if self.faults {
+                    self.island.clear();
+                    let size = self.rng.gen_range(1..self.nodes.len());
+                    while self.island.len() < size {
+                        let n = self.rng.gen_range(0..self.nodes.len());
+                        self.island.insert(n);
+                    }
+                    let heal = self.rng.gen_range(100..2_000);
+                    self.schedule(heal, Event::Heal);
+                }
+            }
+            Event::Heal => {
+                self.island.clear();
+                if self.faults {
+                    let next = self.rng.gen_range(200..3_000);
+                    self.schedule(next, Event::Partition);
+                }
+            }
+        }
+    }
+
+    fn core(&mut self, n: usize) -> &mut Core {
+        self.nodes[n]
+            .core
+            .as_mut()
+            .expect("events for a crashed node are filtered out")
+    }
+
+    fn crash(&mut self, n: usize) {
+        self.crashes += 1;
+        let node = &mut self.nodes[n];
+        node.core = None;
+        node.store.overlay.clear();
+        node.incarnation += 1;
+        node.tick_at = None;
+        self.owed.retain(|(at, _, _), _| *at != n);
+        // Client requests the node was coordinating are lost: their clients see a timeout.
+        let lost: Vec<(usize, u64)> = self
+            .requests
+            .keys()
+            .filter(|(at, _)| *at == n)
+            .copied()
+            .collect();
+        for key in lost {
+            if let Some(client) = self.requests.remove(&key) {
+                self.client_failed(client, key.1);
+            }
+        }
+    }
+
+    fn restart(&mut self, n: usize) {
+        let ring = self
+            .nodes
+            .iter()
+            .find_map(|x| x.core.as_ref().map(|c| c.ring().clone()))
+            .unwrap_or_else(|| {
+                let members: BTreeSet<NodeId> =
+                    (1..=self.params.nodes as u32).map(NodeId).collect();
+                Ring::new(PartitionCount::new(16).expect("valid"), &members, 3).expect("valid")
+            });
+        self.boot(n, ring);
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.island.contains(&a) == self.island.contains(&b)
+    }
+
+    fn send(&mut self, from: usize, to: usize, msg: PeerMsg) {
+        let from_incarnation = self.nodes[from].incarnation;
+        let to_incarnation = if msg.is_answer() {
+            let id = answer_id(&msg);
+            match self.owed.remove(&(from, to, id)) {
+                Some(inc) => inc,
+                // Not owed (a duplicate's second answer): the requester still gets it.
+                None => self.nodes[to].incarnation,
+            }
+        } else {
+            self.nodes[to].incarnation
+        };
+        let env = Envelope {
+            from,
+            to,
+            to_incarnation,
+            from_incarnation,
+            msg,
+        };
+        if self.faults && self.rng.gen_range(0..1000) < self.params.drop_permille {
+            return;
+        }
+        // Peer links are TCP: a message is never delivered twice by the network. Duplicates
+        // stand for retries; a forwarded client request is not retried (a retry would be a new
+        // write), so it is never duplicated.
+        let duplicable = !matches!(env.msg, PeerMsg::Forward { .. });
+        let copies = if duplicable
+            && self.faults
+            && self.rng.gen_range(0..1000) < self.params.dup_permille
+        {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.rng.gen_range(1..=self.params.delay_max_ms);
+            self.schedule(delay, Event::Deliver(env.clone()));
+        }
+    }
+
+    fn deliver(&mut self, env: Envelope) {
+        let Envelope {
+            from,
+            to,
+            to_incarnation,
+            from_incarnation,
+            msg,
+        } = env;
+        if self.nodes[to].incarnation != to_incarnation || self.nodes[to].core.is_none() {
+            return;
+        }
+        if !self.reachable(from, to) {
+            return;
+        }
+        if !msg.is_answer() {
+            if self.nodes[from].incarnation != from_incarnation {
+                // The requester restarted: its connection, and so this request, is gone.
+                return;
+            }
+            self.owed
+                .insert((to, from, request_id(&msg)), from_incarnation);
+        }
+        self.mix(0x1000 + to as u64);
+        if self.verbose {
+            println!(
+                "{:>6} node-{} <- node-{}: {msg:?}",
+                self.now,
+                to + 1,
+                from + 1
+            );
+        }
+        let now = self.now;
+        let from_id = self.nodes[from].id;
+        let outputs = self.core(to).handle_peer(now, from_id, msg);
+        self.outputs(to, outputs);
+    }
+
+    fn outputs(&mut self, n: usize, outputs: Vec<Output>) {
+        for out in outputs {
+            if self.verbose {
+                println!("{:>6} node-{} {out:?}", self.now, n + 1);
+            }
+            match out {
+                Output::Send { to, msg } => {
+                    let to = node_index(to);
+                    self.mix(0x2000 + to as u64);
+                    self.send(n, to, msg);
+                }
+                Output::Store { id, key, op } => {
+                    let delay = self.rng.gen_range(0..=3);
+                    let incarnation = self.nodes[n].incarnation;
+                    self.schedule(
+                        delay,
+                        Event::Stored {
+                            node: n,
+                            incarnation,
+                            id,
+                            key,
+                            op,
+                        },
+                    );
+                }
+                Output::Reply { req, message } => self.reply(n, req, message),
+                Output::RenewEpochs => {
+                    let node = &mut self.nodes[n];
+                    let lease = EpochLease::new(node.epoch_next, LEASE_EPOCHS);
+                    node.epoch_next += LEASE_EPOCHS;
+                    if let Some(core) = node.core.as_mut() {
+                        core.handle_epochs(lease);
+                    }
+                }
+            }
+        }
+        self.reschedule_tick(n);
+    }
+
+    // ----- clients -----
+
+    fn client_start(&mut self, c: usize) {
+        if !matches!(self.clients[c].state, ClientState::Idle) {
+            return;
+        }
+        if self.clients[c].ops_left == 0 {
+            self.clients[c].state = ClientState::Done;
+            return;
+        }
+        self.clients[c].ops_left -= 1;
+        let kind = match self.rng.gen_range(0..10) {
+            0..=3 => WriteKind::Register,
+            4..=6 => WriteKind::SetAdd,
+            7 => WriteKind::Blind,
+            _ => WriteKind::Lww,
+        };
+        // Sets live on their own keys: a register write would legitimately replace a set.
+        let key = self.rng.gen_range(0..self.params.keys)
+            + if matches!(kind, WriteKind::SetAdd) {
+                SET_KEYS
+            } else {
+                0
+            };
+        match kind {
+            WriteKind::Blind | WriteKind::Lww => {
+                let bucket = if matches!(kind, WriteKind::Lww) {
+                    LWW_BUCKET
+                } else {
+                    SIBLINGS_BUCKET
+                };
+                self.client_write(c, bucket, key, kind, Vec::new(), None);
+            }
+            WriteKind::Register | WriteKind::SetAdd => {
+                self.clients[c].state = ClientState::Reading {
+                    key,
+                    bucket: SIBLINGS_BUCKET,
+                    kind,
+                };
+                let message = Message::Get(Get {
+                    bucket: Bytes::from_static(SIBLINGS_BUCKET),
+                    key: key_bytes(key),
+                    r: None,
+                    timeout_ms: None,
+                });
+                self.client_send(c, message);
+            }
+        }
+    }
+
+    fn client_send(&mut self, c: usize, message: Message) -> u64 {
+        let req = self.next_req;
+        self.next_req += 1;
+        // A random live node; if none is up the request fails at once.
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].core.is_some())
+            .collect();
+        if up.is_empty() {
+            self.client_failed(c, req);
+            return req;
+        }
+        let n = up[self.rng.gen_range(0..up.len())];
+        self.requests.insert((n, req), c);
+        self.client_request(n, req, message);
+        req
+    }
+
+    fn client_request(&mut self, n: usize, req: u64, message: Message) {
+        let now = self.now;
+        let outputs = self.core(n).handle_client(now, req, message);
+        self.outputs(n, outputs);
+    }
+
+    fn client_write(
+        &mut self,
+        c: usize,
+        bucket: &'static [u8],
+        key: usize,
+        kind: WriteKind,
+        saw: Vec<Bytes>,
+        context: Option<Bytes>,
+    ) {
+        self.clients[c].seq += 1;
+        let tag = format!("c{c}s{}", self.clients[c].seq);
+        let (value, element) = match kind {
+            WriteKind::SetAdd => {
+                // The set is the union of every sibling read, plus the new element.
+                let mut set: BTreeSet<String> = BTreeSet::new();
+                for v in &saw {
+                    set.extend(decode_set(v));
+                }
+                set.insert(tag.clone());
+                (encode_set(&tag, &set), Some(tag.clone()))
+            }
+            _ => (Bytes::from(format!("{tag}|")), None),
+        };
+        let id = self.writes.len() as u64;
+        self.writes.insert(
+            id,
+            WriteRecord {
+                bucket,
+                key,
+                value: value.clone(),
+                saw,
+                element,
+                acked: false,
+            },
+        );
+        self.by_value.insert(value.clone(), id);
+        self.clients[c].state = ClientState::Writing { write: id };
+        let message = Message::Put(Put {
+            bucket: Bytes::from_static(bucket),
+            key: key_bytes(key),
+            value,
+            context,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        });
+        self.client_send(c, message);
+    }
+
+    fn client_failed(&mut self, c: usize, _req: u64) {
+        if c == usize::MAX {
+            return;
+        }
+        self.clients[c].state = ClientState::Idle;
+        let pause = self.rng.gen_range(1..50);
+        self.schedule(pause, Event::ClientStart { client: c });
+    }
+
+    fn reply(&mut self, n: usize, req: u64, message: Message) {
+        let Some(c) = self.requests.remove(&(n, req)) else {
+            return;
+        };
+        self.mix(0x3000 + req);
+        if c == usize::MAX {
+            let (bucket, k) = self.final_keys[&req];
+            let result = match message {
+                Message::GetOk(ok) => {
+                    let values = self.check_read(bucket, &ok.siblings);
+                    Ok((values, ok.context))
+                }
+                other => Err(format!("{other:?}")),
+            };
+            self.final_reads.insert((bucket.to_vec(), k), result);
+            return;
+        }
+        match (self.clients[c].state.clone(), message) {
+            (ClientState::Reading { key, bucket, kind }, Message::GetOk(ok)) => {
+                let values = self.check_read(bucket, &ok.siblings);
+                let context = (!ok.context.is_empty()).then_some(ok.context);
+                self.client_write(c, bucket, key, kind, values, context);
+            }
+            (ClientState::Writing { write }, Message::PutOk(_)) => {
+                self.writes
+                    .get_mut(&write)
+                    .expect("a write being acknowledged was recorded")
+                    .acked = true;
+                self.clients[c].state = ClientState::Idle;
+                let pause = self.rng.gen_range(1..30);
+                self.schedule(pause, Event::ClientStart { client: c });
+            }
+            (_, _) => self.client_failed(c, req),
+        }
+    }
+
+    /// Checks a read's siblings (none saw another; lww has one) and returns their values.
+    fn check_read(&mut self, bucket: &[u8], siblings: &[Sibling]) -> Vec<Bytes> {
+        let values: Vec<Bytes> = siblings
+            .iter()
+            .filter_map(|s| match s {
+                Sibling::Value(v) => Some(v.clone()),
+                Sibling::Tombstone => None,
+            })
+            .collect();
+        if bucket == LWW_BUCKET {
+            assert!(
+                siblings.len() <= 1,
+                "an lww read returned {} siblings",
+                siblings.len()
+            );
+        }
+        if values.len() > 1 {
+            self.sibling_reads += 1;
+        }
+        for a in &values {
+            let seen = self.seen_by(a);
+            for b in &values {
+                assert!(
+                    a == b || !seen.contains(b),
+                    "siblings {a:?} and {b:?} are not concurrent: the write of the first saw \
+                     the second"
+                );
+            }
+        }
+        values
+    }
+
+    /// Every value the write of `value` saw, transitively.
+    fn seen_by(&self, value: &Bytes) -> BTreeSet<Bytes> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![value.clone()];
+        while let Some(v) = todo.pop() {
+            let Some(id) = self.by_value.get(&v) else {
+                continue;
+            };
+            for s in &self.writes[id].saw {
+                if seen.insert(s.clone()) {
+                    todo.push(s.clone());
+                }
+            }
+        }
+        seen
+    }
+
+    fn check_final(&self) {
+        for n in &self.nodes {
+            let core = n.core.as_ref().expect("every node is up at the end");
+            let hints: Vec<_> = core.hints().collect();
+            assert!(
+                hints.is_empty(),
+                "node {} still holds hints ({} in flight): {hints:?}",
+                n.id,
+                core.hints_in_flight()
+            );
+        }
+        // Every acknowledged write survives, or was seen by a surviving write.
+        for w in self.writes.values().filter(|w| w.acked) {
+            let Some(Ok((values, _))) = self.final_reads.get(&(w.bucket.to_vec(), w.key)) else {
+                panic!(
+                    "final read of {}/k{} failed: {:?}",
+                    String::from_utf8_lossy(w.bucket),
+                    w.key,
+                    self.final_reads.get(&(w.bucket.to_vec(), w.key))
+                );
+            };
+            if w.bucket == LWW_BUCKET {
+                // Last-write-wins loses concurrent writes by design; a value must remain.
+                assert_eq!(values.len(), 1, "an lww key lost every write");
+                continue;
+            }
+            let present = values.contains(&w.value)
+                || values.iter().any(|f| self.seen_by(f).contains(&w.value));
+            assert!(
+                present,
+                "acknowledged write {:?} to k{} is lost: final siblings {:?}",
+                w.value, w.key, values
+            );
+            if let Some(element) = &w.element {
+                let union: BTreeSet<String> = values.iter().flat_map(decode_set).collect();
+                assert!(
+                    union.contains(element),
+                    "acknowledged set element {element} is lost"
+                );
+            }
+        }
+        // Home replicas converged.
+        let ring = self.nodes[0].core.as_ref().expect("up").ring().clone();
+        for (bucket, k) in self.all_keys() {
+            {
+                let key = key_bytes(k);
+                let partition = ring.partition_of(bucket, &key);
+                let homes = ring.preference_list(partition, 3);
+                let store_key = StoreKey {
+                    partition: partition.0,
+                    space: Space::Primary,
+                    bucket: Bytes::from_static(bucket),
+                    key: key.clone(),
+                };
+                let objects: Vec<Option<Object>> = homes
+                    .iter()
+                    .map(|h| self.nodes[node_index(*h)].store.read(&store_key))
+                    .collect();
+                let written = self
+                    .writes
+                    .values()
+                    .any(|w| w.bucket == bucket && w.key == k && w.acked);
+                if written {
+                    assert!(
+                        objects[0].is_some(),
+                        "home {} has nothing for k{k}",
+                        homes[0]
+                    );
+                }
+                for o in &objects[1..] {
+                    assert_eq!(
+                        o,
+                        &objects[0],
+                        "home replicas of {}/k{k} differ",
+                        String::from_utf8_lossy(bucket)
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn encode_set(tag: &str, set: &BTreeSet<String>) -> Bytes {
+    let elements: Vec<&str> = set.iter().map(String::as_str).collect();
+    Bytes::from(format!("{tag}|{}", elements.join(",")))
+}
+
+fn decode_set(v: &Bytes) -> BTreeSet<String> {
+    let text = String::from_utf8_lossy(v);
+    match text.split_once('|') {
+        Some((_, rest)) if !rest.is_empty() => rest.split(',').map(str::to_owned).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+fn answer_id(msg: &PeerMsg) -> u64 {
+    match msg {
+        PeerMsg::ReplicaPutOk { id, .. }
+        | PeerMsg::ReplicaGetOk { id, .. }
+        | PeerMsg::ForwardReply { id, .. }
+        | PeerMsg::Failed { id, .. } => *id,
+        _ => unreachable!("only answers have answer ids"),
+    }
+}
+
+fn request_id(msg: &PeerMsg) -> u64 {
+    match msg {
+        PeerMsg::ReplicaPut { id, .. }
+        | PeerMsg::ReplicaGet { id, .. }
+        | PeerMsg::Forward { id, .. } => *id,
+        _ => unreachable!("only requests have request ids"),
+    }
+}
