@@ -25,7 +25,8 @@
 //!   coordinator believes that home unreachable (a request to it timed out or its connection
 //!   failed, less than `down_ms` ago), by the next node of the ring walk not already serving a
 //!   slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
-//!   space ([`Space::Hint`]), and answers reads of that slot from it. When a slot's replica times
+//!   space ([`Space::Hint`]), always synced whatever the durability mode, and answers reads of
+//!   that slot from it. When a slot's replica times
 //!   out during a request, the slot moves on to the next fallback.
 //! - **hinted handoff**: every `hint_retry_ms` the core sends each stored hint to its home (at most
 //!   `hint_inflight_max` at once); once the home acknowledges a durable write, the hint is removed
@@ -1776,7 +1777,9 @@ impl Core {
                     Some(l) => l.merge(object.clone()),
                     None => object.clone(),
                 };
-                let durable = *durable || self.cfg.durable_writes;
+                // Hints are always synced: a fallback's copy may be the only one a write has
+                // beyond its coordinator, and it must survive until it is handed off.
+                let durable = *durable || self.cfg.durable_writes || is_hint(&j.key);
                 if local.as_ref() == Some(&merged) && !durable {
                     self.job_written(now, job);
                 } else {
@@ -1837,7 +1840,7 @@ impl Core {
                 if let Space::Hint(_) = j.key.space {
                     self.hints.entry(j.key.clone()).or_default();
                 }
-                let durable = durable || self.cfg.durable_writes;
+                let durable = durable || self.cfg.durable_writes || is_hint(&j.key);
                 match then {
                     ApplyDone::Peer(node, id) => self.out.push(Output::Send {
                         to: node,
@@ -1889,6 +1892,10 @@ enum SlotResult {
     Written { durable: bool },
     Read(Option<Object>),
     Failed,
+}
+
+fn is_hint(key: &StoreKey) -> bool {
+    matches!(key.space, Space::Hint(_))
 }
 
 fn not_enough(what: &str, got: usize, need: usize, replicas: usize) -> Message {
