@@ -39,10 +39,12 @@
 //!
 //! - A home coordinator continues its actor with the highest epoch among its entries in the local
 //!   replica, provided that epoch is not below `floor`; otherwise it starts its *primary epoch*
-//!   for the key (a new clock entry). In `sync` durability the local write is synced before the
-//!   object leaves the node, so `floor` is 0 and numbering continues across restarts; in
-//!   `buffered` durability a crash may lose the local write after peers received it, so `floor` is
-//!   the primary epoch of the current run and every key starts a new entry after a restart.
+//!   for the key (a new clock entry). The shell persists `floor` ([`CoreConfig::epoch_floor`]):
+//!   it stays where it was while every run keeps every dot it issued (runs in `sync` durability,
+//!   where the local write is synced before the object leaves the node, and runs that close
+//!   cleanly); after a crash in `buffered` durability, which may have lost local writes peers had
+//!   already received, it moves up to the next run's primary epoch, so each key coordinated
+//!   afterwards starts a new clock entry. Clocks thus grow by one entry per key per such crash.
 //! - A coordinator outside the preference list (all homes unreachable) has no replica to continue
 //!   from, so each such write takes a fresh epoch of its own (dot `(node, epoch, 1)`).
 //! - Epochs come from an [`EpochLease`] the shell persists: each run gets epochs above every
@@ -70,7 +72,7 @@ use ringkv_net::limits::SIBLINGS_MAX;
 use ringkv_net::{ErrorBody, ErrorCode, GetOk, Message, PutOk, Sibling};
 
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
-use crate::dvv::{Actor, DvvSet, Put, VersionVector};
+use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::node::NodeId;
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::ring::{PartitionId, Ring};
@@ -82,9 +84,12 @@ pub struct CoreConfig {
     pub node: NodeId,
     /// Bucket properties.
     pub buckets: Buckets,
-    /// Whether local writes are synced (`sync` durability): every replica write is then durable
-    /// and the epoch floor is 0 (module docs).
+    /// Whether local writes are synced (`sync` durability): every replica write is then durable.
     pub durable_writes: bool,
+    /// The lowest epoch whose actors may be continued (module docs): `Some(f)` when every dot of
+    /// epochs `f` and above is known to be in local storage, `None` to start at this run's
+    /// primary epoch (after a crash that may have lost dots).
+    pub epoch_floor: Option<u32>,
     /// Deadline of a request that names none.
     pub request_timeout_ms: u64,
     /// A replica that has not answered within this is believed unreachable; its slot moves on.
@@ -108,6 +113,7 @@ impl CoreConfig {
             node,
             buckets: Buckets::default(),
             durable_writes: true,
+            epoch_floor: Some(0),
             request_timeout_ms: 10_000,
             replica_timeout_ms: 1_000,
             down_ms: 2_000,
@@ -500,11 +506,11 @@ impl Core {
         assert!(cfg.replica_timeout_ms > 0);
         assert!(cfg.hint_retry_ms > 0);
         assert!(cfg.hint_inflight_max > 0);
-        let floor = if cfg.durable_writes {
-            0
-        } else {
-            epochs.primary
-        };
+        let floor = cfg.epoch_floor.unwrap_or(epochs.primary);
+        assert!(
+            floor <= epochs.primary,
+            "the floor is at or below this run's epochs"
+        );
         let mut core = Core {
             walks: Vec::new(),
             ring,
@@ -567,6 +573,11 @@ impl Core {
     /// Hints being delivered now.
     pub fn hints_in_flight(&self) -> usize {
         self.hints_in_flight
+    }
+
+    /// The epoch floor in use (module docs), for the shell to persist.
+    pub fn epoch_floor(&self) -> u32 {
+        self.floor
     }
 
     /// Requests being coordinated or forwarded.
@@ -831,13 +842,27 @@ impl Core {
         let context = match context.filter(|c| !c.is_empty()) {
             None => None,
             Some(bytes) => match VersionVector::decode(&bytes) {
+                // No actor coordinates 2^62 writes of one key: a larger counter is forged or
+                // damaged, and would overflow the next dot.
+                Ok(vv) if vv.iter().any(|(_, c)| c > COUNTER_MAX) => {
+                    return self.answer(
+                        op.reply_to,
+                        error(
+                            ErrorCode::BadContext,
+                            format!("context counter above {COUNTER_MAX}"),
+                        ),
+                    );
+                }
                 Ok(vv) => Some(vv),
                 Err(e) => {
                     return self.answer(op.reply_to, error(ErrorCode::BadContext, e.to_string()));
                 }
             },
         };
-        let want_durable = op.quorum.dw > u8::from(is_home && self.cfg.durable_writes);
+        // A home coordinator syncs its own write in `sync` mode and whenever `dw > 0`, and that
+        // write counts as one durable acknowledgement.
+        let local_durable = is_home && (self.cfg.durable_writes || op.quorum.dw > 0);
+        let want_durable = op.quorum.dw > u8::from(local_durable);
         op.kind = OpKind::Write {
             write,
             context,
@@ -924,6 +949,20 @@ impl Core {
                 }
                 Object::Causal(clock)
             }
+            // The key still holds siblings from before the bucket became `lww`: a plain lww
+            // version would lose every merge against them (causal objects win, so that a mode
+            // change never drops siblings silently). The write supersedes them causally instead.
+            ConflictMode::Lww if matches!(local, Some(Object::Causal(_))) => {
+                let Some(Object::Causal(server)) = local else {
+                    unreachable!("matched above")
+                };
+                let context = server.join();
+                Object::Causal(DvvSet::update(
+                    Put::new_with_context(context, val),
+                    server,
+                    actor,
+                ))
+            }
             ConflictMode::Lww => {
                 let seen = local.as_ref().map_or(0, Object::timestamp);
                 let timestamp = hlc_next(self.hlc_last.max(seen), now);
@@ -939,6 +978,18 @@ impl Core {
                 }
             }
         };
+        if let Object::Causal(clock) = &object
+            && clock.entries().count() > CONTEXT_ENTRIES_MAX
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the key's causal history would name {} actors, more than a context carries \
+                     ({CONTEXT_ENTRIES_MAX}); write it under a new key",
+                    clock.entries().count()
+                ),
+            ));
+        }
         let size = object.encode().len();
         if size > self.cfg.object_bytes_max {
             return Err(ErrorBody::new(
@@ -1397,19 +1448,28 @@ impl Core {
                     self.pending.insert(id, other);
                 }
             },
-            PeerMsg::ReplicaGetOk { id, object } => {
-                if let Some(Pending::Slot { op, slot, .. }) = self.pending.remove(&id) {
-                    self.slot_answered(now, op, slot, SlotResult::Read(object));
+            PeerMsg::ReplicaGetOk { id, object } => match self.pending.remove(&id) {
+                Some(Pending::Slot { op, slot, .. }) => {
+                    self.slot_answered(now, op, slot, SlotResult::Read(object))
                 }
-            }
-            PeerMsg::ForwardReply { id, reply } => {
-                if let Some(Pending::Forward { op, .. }) = self.pending.remove(&id)
-                    && let Some(o) = self.ops.remove(&op)
-                {
-                    self.op_deadlines.remove(&(o.deadline, op));
-                    self.answer(o.reply_to, reply);
+                // An answer of the wrong kind leaves what it does not answer in place.
+                Some(other) => {
+                    self.pending.insert(id, other);
                 }
-            }
+                None => {}
+            },
+            PeerMsg::ForwardReply { id, reply } => match self.pending.remove(&id) {
+                Some(Pending::Forward { op, .. }) => {
+                    if let Some(o) = self.ops.remove(&op) {
+                        self.op_deadlines.remove(&(o.deadline, op));
+                        self.answer(o.reply_to, reply);
+                    }
+                }
+                Some(other) => {
+                    self.pending.insert(id, other);
+                }
+                None => {}
+            },
             PeerMsg::Failed { id, error: e } => {
                 match self.pending.remove(&id) {
                     Some(Pending::Slot { op, slot, .. }) => {
@@ -1893,6 +1953,9 @@ enum SlotResult {
     Read(Option<Object>),
     Failed,
 }
+
+/// Largest context counter accepted (module docs: far above any real count, far below overflow).
+const COUNTER_MAX: u64 = 1 << 62;
 
 fn is_hint(key: &StoreKey) -> bool {
     matches!(key.space, Space::Hint(_))

@@ -59,13 +59,15 @@
 //! [`VersionVector::encode`] produces the opaque context bytes clients carry (format in
 //! [`VersionVector::encode`]). [`VersionVector::decode`] accepts only the canonical encoding, at
 //! most [`CONTEXT_ENTRIES_MAX`] entries ([`CONTEXT_BYTES_MAX`] bytes), and checks the length
-//! before allocating anything, so a hostile context costs nothing. A key whose clock has more
-//! actors than that (more than 64 distinct coordinators over its life) yields contexts that
-//! encode but do not decode; actor pruning, which would bound clocks, does not exist yet. Contexts
-//! are not authenticated: a forged context can supersede values the client never read, which a
-//! client can also do by reading first.
+//! before allocating anything, so a hostile context costs nothing. A clock gains an actor for each
+//! node that coordinates the key, and more with epochs (a write coordinated away from every home,
+//! each crash of a `buffered` node); the coordinator refuses a write that would give a key more
+//! actors than a context carries, and actor pruning, which would bound clocks, does not exist
+//! yet. Contexts are not authenticated: a forged context can supersede values the client never
+//! read, and even writes the forged counters run ahead of; the coordinator only refuses counters
+//! too large to be real.
 //!
-//! The number of siblings is not bounded here; the coordinator (later) enforces a sibling limit.
+//! The number of siblings is not bounded here; the coordinator enforces a sibling limit.
 //! An actor must never issue the same dot twice: see [`NodeId`] on node ids after data loss.
 
 use std::collections::BTreeMap;
@@ -109,7 +111,7 @@ impl std::fmt::Display for Actor {
 }
 
 /// Most entries a decoded context may have.
-pub const CONTEXT_ENTRIES_MAX: usize = 64;
+pub const CONTEXT_ENTRIES_MAX: usize = 256;
 /// Format version written in the first byte of an encoded context.
 const CONTEXT_FORMAT_VERSION: u8 = 2;
 /// Format version byte plus the `u32` entry count.
@@ -121,7 +123,7 @@ pub const CONTEXT_BYTES_MAX: usize =
     CONTEXT_HEADER_BYTES + CONTEXT_ENTRIES_MAX * CONTEXT_ENTRY_BYTES;
 
 const _: () = assert!(CONTEXT_ENTRIES_MAX as u64 <= u32::MAX as u64);
-const _: () = assert!(CONTEXT_BYTES_MAX == 1029);
+const _: () = assert!(CONTEXT_BYTES_MAX == 4101);
 
 /// Why context bytes were rejected. Every variant is a client error: the bytes were not produced
 /// by [`VersionVector::encode`] (or were damaged or forged).
@@ -304,7 +306,7 @@ impl VersionVector {
         if count as usize > CONTEXT_ENTRIES_MAX {
             return Err(DecodeError::TooManyEntries { count });
         }
-        // count ≤ 64, so this cannot overflow.
+        // count ≤ CONTEXT_ENTRIES_MAX, so this cannot overflow.
         let expected = CONTEXT_HEADER_BYTES + count as usize * CONTEXT_ENTRY_BYTES;
         if bytes.len() != expected {
             return Err(DecodeError::LengthMismatch {
@@ -739,7 +741,9 @@ mod tests {
             .collect();
         assert_eq!(
             VersionVector::decode(&over.encode()),
-            Err(DecodeError::TooManyEntries { count: 65 })
+            Err(DecodeError::TooManyEntries {
+                count: CONTEXT_ENTRIES_MAX as u32 + 1
+            })
         );
     }
 }

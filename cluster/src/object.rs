@@ -59,8 +59,15 @@ pub struct Lww {
 }
 
 impl Lww {
-    fn key(&self) -> (u64, NodeId) {
-        (self.timestamp, self.node)
+    /// The order of versions: timestamp, then node, then the version itself, so that even two
+    /// versions with the same stamp (a clock that stepped back across a restart) merge the same
+    /// way on every replica.
+    fn key(&self) -> (u64, NodeId, Option<&[u8]>) {
+        let val = match &self.val {
+            Val::Tombstone => None,
+            Val::Value(v) => Some(v.as_ref()),
+        };
+        (self.timestamp, self.node, val)
     }
 }
 
@@ -358,6 +365,15 @@ mod tests {
         };
         assert_eq!(lww(5, 1).merge(lww(5, 2)), lww(5, 2));
         assert_eq!(lww(6, 1).merge(lww(5, 2)), lww(6, 1));
+        // Equal stamps: the merge still commutes.
+        let v = |b: &'static [u8]| {
+            Object::Lww(Lww {
+                timestamp: 9,
+                node: NodeId(1),
+                val: Val::Value(Bytes::from_static(b)),
+            })
+        };
+        assert_eq!(v(b"a").merge(v(b"b")), v(b"b").merge(v(b"a")));
         let c = Object::Causal(DvvSet::empty());
         assert_eq!(lww(6, 1).merge(c.clone()), c);
         assert!(hlc_next(10, 0) > 10);

@@ -187,3 +187,112 @@ fn lww_keeps_the_last_write() {
         vec![Sibling::Value(Bytes::from_static(b"c"))]
     );
 }
+
+/// A context naming this node's own actor at an absurd counter: `bad_context`, not a crash of
+/// the core (the next dot would overflow).
+#[test]
+fn forged_counters_are_refused() {
+    let mut one = One::new(props(1));
+    // Version 2, one entry: node 1, epoch 1 (this core's primary epoch), counter u64::MAX.
+    let mut forged = vec![2u8];
+    forged.extend_from_slice(&1u32.to_le_bytes());
+    forged.extend_from_slice(&1u32.to_le_bytes());
+    forged.extend_from_slice(&1u32.to_le_bytes());
+    forged.extend_from_slice(&u64::MAX.to_le_bytes());
+    let refused = one.request(1, put("x", Some(Bytes::from(forged)), None));
+    assert_eq!(code(&refused), Some(ErrorCode::BadContext));
+}
+
+/// A bucket switched from siblings to lww: a write onto a key that still holds siblings is
+/// readable afterwards (it supersedes them), not acknowledged and then lost to the older,
+/// causal object.
+#[test]
+fn lww_write_onto_siblings_supersedes_them() {
+    let mut before = One::new(props(1));
+    assert!(matches!(
+        before.request(1, put("old-a", None, None)),
+        Message::PutOk(_)
+    ));
+    assert!(matches!(
+        before.request(2, put("old-b", None, None)),
+        Message::PutOk(_)
+    ));
+    let mut after = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    after.store = std::mem::take(&mut before.store);
+    assert!(matches!(
+        after.request(3, put("new", None, None)),
+        Message::PutOk(_)
+    ));
+    let Message::GetOk(read) = after.request(4, get(None)) else {
+        panic!("read failed")
+    };
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"new"))]
+    );
+}
+
+/// Writes coordinated away from every home each add an actor (a fresh epoch) to the key's
+/// clock. Every context handed out still decodes; once the clock would outgrow what a context
+/// carries, the write is refused with `too_large` and a message saying why.
+#[test]
+fn clocks_never_outgrow_their_contexts() {
+    let (n1, n2) = (NodeId(1), NodeId(2));
+    let members: BTreeSet<NodeId> = [n1, n2].into();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 1).unwrap();
+    // A key whose only home (n = 1) is node 1; node 2 coordinates it while node 1 is down.
+    let key = (0..100)
+        .map(|i| Bytes::from(format!("k{i}")))
+        .find(|k| ring.preference_list(ring.partition_of(b"b", k), 1) == vec![n1])
+        .unwrap();
+    let mut cfg = CoreConfig::new(n2);
+    cfg.buckets = Buckets {
+        default: props(1),
+        named: BTreeMap::new(),
+    };
+    let mut one = One {
+        core: Core::new(cfg, ring, EpochLease::new(1, 4096), []),
+        store: BTreeMap::new(),
+        replies: BTreeMap::new(),
+    };
+    let out = one.core.handle_unreachable(0, n1);
+    one.run(out);
+    let mut context: Option<Bytes> = None;
+    for i in 0..(ringkv_cluster::dvv::CONTEXT_ENTRIES_MAX as u64 + 10) {
+        let write = Message::Put(Put {
+            bucket: Bytes::from_static(b"b"),
+            key: key.clone(),
+            value: Bytes::from(format!("v{i}")),
+            context: context.clone(),
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        });
+        let ack = one.request(10_000 + i, write);
+        if let Message::Error(e) = &ack {
+            assert_eq!(e.code, ErrorCode::TooLarge, "write {i}: {}", e.message);
+            assert!(e.message.contains("actors"), "{}", e.message);
+            assert!(i >= 200, "refused early, at write {i}");
+            return;
+        }
+        let read = Message::Get(Get {
+            bucket: Bytes::from_static(b"b"),
+            key: key.clone(),
+            r: None,
+            timeout_ms: None,
+        });
+        let Message::GetOk(read) = one.request(20_000 + i, read) else {
+            panic!("read failed")
+        };
+        assert_eq!(
+            read.siblings.len(),
+            1,
+            "the context resolved the previous value"
+        );
+        context = Some(read.context);
+    }
+    panic!("the clock grew past the context limit without a refusal");
+}

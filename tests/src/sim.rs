@@ -69,6 +69,8 @@ pub struct Params {
     pub crashes: bool,
     /// Whether the network partitions.
     pub partitions: bool,
+    /// Durable acknowledgements a write needs.
+    pub dw: u8,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
 }
@@ -88,6 +90,7 @@ impl Params {
             crashes: rng.gen_bool(0.6),
             partitions: rng.gen_bool(0.6),
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
+            dw: rng.gen_range(0..=1),
         }
     }
 }
@@ -196,6 +199,9 @@ struct SimNode {
     store: Store,
     /// Next unleased epoch, durable.
     epoch_next: u32,
+    /// The persisted epoch floor (`None` while a buffered run may lose dots), as the node's
+    /// floor file.
+    floor: Option<u32>,
     /// When the node has a tick scheduled.
     tick_at: Option<u64>,
 }
@@ -235,6 +241,9 @@ struct WriteRecord {
     /// The set element it added (set-add writes).
     element: Option<String>,
     acked: bool,
+    /// When the client sent it, and when it was acknowledged.
+    started_at: u64,
+    acked_at: Option<u64>,
 }
 
 struct Client {
@@ -305,6 +314,7 @@ impl Sim {
                 incarnation: 0,
                 store: Store::default(),
                 epoch_next: 1,
+                floor: Some(0),
                 tick_at: None,
             });
         }
@@ -365,9 +375,11 @@ impl Sim {
             n: 3,
             r: 2,
             w: 2,
-            // In buffered runs the coordinator's own write is synced, so every acknowledged
-            // write is durable somewhere and crashes may not lose it.
-            dw: u8::from(!self.params.durable_writes),
+            // With dw = 0 in a buffered run an acknowledged write may sit unsynced on every
+            // replica that acknowledged it; it is still safe here because crashes are at least
+            // 300 ms apart and every node flushes at least every 30 ms, so one crash never meets
+            // another's unsynced writes. dw = 1 syncs the coordinator's own write.
+            dw: self.params.dw,
             mode: ConflictMode::Siblings,
             max_siblings: 64,
         };
@@ -397,6 +409,12 @@ impl Sim {
         let node = &mut self.nodes[n];
         let lease = EpochLease::new(node.epoch_next, LEASE_EPOCHS);
         node.epoch_next += LEASE_EPOCHS;
+        // As the node does: a sync run keeps the floor it starts with whatever happens; a
+        // buffered run removes it (and a crash leaves it removed).
+        let floor = node.floor.unwrap_or(lease.primary);
+        node.floor = self.params.durable_writes.then_some(floor);
+        let mut cfg = cfg;
+        cfg.epoch_floor = Some(floor);
         let hints: Vec<StoreKey> = node
             .store
             .keys()
@@ -710,7 +728,9 @@ impl Sim {
         let from_incarnation = self.nodes[from].incarnation;
         let to_incarnation = if msg.is_answer() {
             let id = answer_id(&msg);
-            match self.owed.remove(&(from, to, id)) {
+            // Kept after the first answer: a duplicated request's second answer belongs to the
+            // same incarnation of the requester.
+            match self.owed.get(&(from, to, id)).copied() {
                 Some(inc) => inc,
                 // Not owed (a duplicate's second answer): the requester still gets it.
                 None => self.nodes[to].incarnation,
@@ -928,6 +948,8 @@ impl Sim {
                 saw,
                 element,
                 acked: false,
+                started_at: self.now,
+                acked_at: None,
             },
         );
         self.by_value.insert(value.clone(), id);
@@ -977,10 +999,13 @@ impl Sim {
                 self.client_write(c, bucket, key, kind, values, context);
             }
             (ClientState::Writing { write }, Message::PutOk(_)) => {
-                self.writes
+                let now = self.now;
+                let record = self
+                    .writes
                     .get_mut(&write)
-                    .expect("a write being acknowledged was recorded")
-                    .acked = true;
+                    .expect("a write being acknowledged was recorded");
+                record.acked = true;
+                record.acked_at = Some(now);
                 self.clients[c].state = ClientState::Idle;
                 let pause = self.rng.gen_range(1..30);
                 self.schedule(pause, Event::ClientStart { client: c });
@@ -1040,6 +1065,17 @@ impl Sim {
 
     fn check_final(&self) {
         for n in &self.nodes {
+            let stored: Vec<StoreKey> = n
+                .store
+                .keys()
+                .into_iter()
+                .filter(|k| matches!(k.space, Space::Hint(_)))
+                .collect();
+            assert!(
+                stored.is_empty(),
+                "node {} still stores hints: {stored:?}",
+                n.id
+            );
             let core = n.core.as_ref().expect("every node is up at the end");
             let hints: Vec<_> = core.hints().collect();
             assert!(
@@ -1060,8 +1096,22 @@ impl Sim {
                 );
             };
             if w.bucket == LWW_BUCKET {
-                // Last-write-wins loses concurrent writes by design; a value must remain.
+                // Last-write-wins loses concurrent writes by design, but never a write to one
+                // that was acknowledged before it started (all nodes share the virtual clock).
                 assert_eq!(values.len(), 1, "an lww key lost every write");
+                let winner = self
+                    .by_value
+                    .get(&values[0])
+                    .map(|id| &self.writes[id])
+                    .expect("the final lww value was written by a client");
+                if let Some(acked_at) = winner.acked_at {
+                    assert!(
+                        w.started_at <= acked_at,
+                        "lww write {:?} started after {:?} was acknowledged, yet lost to it",
+                        w.value,
+                        winner.value
+                    );
+                }
                 continue;
             }
             let present = values.contains(&w.value)

@@ -106,6 +106,73 @@ pub fn lease(path: &Path, shard: usize, size: u32) -> Result<EpochLease, EpochEr
     Ok(EpochLease::new(base + next, size))
 }
 
+/// File holding the shard's *epoch floor* while it is known to be safe: the lowest epoch whose
+/// actors the coordinator may continue (`CoreConfig::epoch_floor`). A run in `sync` durability
+/// writes it at start (its writes are synced before their objects leave the node, so a crash
+/// loses no dot); a `buffered` run removes it at start and writes it back when it closes cleanly.
+/// Absent after a crash in `buffered` mode: the next run then starts a new floor at its own
+/// primary epoch, above every dot the crash may have lost.
+pub const FLOOR_FILE: &str = "floor";
+
+/// The epoch floor the previous runs left: `Some(0)` for a directory that never leased an epoch,
+/// `None` when a run may have lost dots (the caller then uses its own primary epoch).
+pub fn read_floor(dir: &Path) -> Result<Option<u32>, EpochError> {
+    let path = dir.join(FLOOR_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| EpochError::Damaged {
+                path: path.display().to_string(),
+                text: text.chars().take(64).collect(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((!dir.join(EPOCHS_FILE).exists()).then_some(0))
+        }
+        Err(e) => Err(EpochError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }),
+    }
+}
+
+/// Persists `floor` as safe for later runs, or removes the file (`None`) while this run may still
+/// lose dots (a `buffered` run until its clean close).
+pub fn write_floor(dir: &Path, floor: Option<u32>) -> Result<(), EpochError> {
+    let path = dir.join(FLOOR_FILE);
+    let io = |source| EpochError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match floor {
+        Some(f) => write_synced(&path, &f.to_string()).map_err(io),
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(dir).map_err(io),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(e)),
+        },
+    }
+}
+
+fn write_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{text}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -138,5 +205,25 @@ mod tests {
             Err(EpochError::Exhausted { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A buffered run that crashed leaves no floor, so the next run starts its own; a sync run,
+    /// or a clean close, keeps the floor it ran with.
+    #[test]
+    fn floors() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/unit-tmp")
+            .join(format!("floors-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Fresh directory: nothing issued yet.
+        assert_eq!(read_floor(&dir).unwrap(), Some(0));
+        lease(&dir.join(EPOCHS_FILE), 0, 4).unwrap();
+        // A buffered run started (and removed the file), then "crashed".
+        write_floor(&dir, None).unwrap();
+        assert_eq!(read_floor(&dir).unwrap(), None);
+        // The next run's floor is its primary epoch; it closed cleanly.
+        write_floor(&dir, Some(5)).unwrap();
+        assert_eq!(read_floor(&dir).unwrap(), Some(5));
     }
 }

@@ -733,18 +733,6 @@ async fn run_shard(
         return Ok(());
     }
     let dir = cfg.data_dir.join(format!("shard-{id}"));
-    // The lease is persisted (file writes and syncs) off the shard thread.
-    let lease_dir = dir.clone();
-    let lease = glommio::executor()
-        .spawn_blocking(move || {
-            std::fs::create_dir_all(&lease_dir).map_err(|source| epochs::EpochError::Io {
-                path: lease_dir.display().to_string(),
-                source,
-            })?;
-            epochs::lease(&lease_dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)
-        })
-        .await
-        .map_err(|source| ServeError::Epochs { shard: id, source })?;
     let mut ecfg = EngineConfig::new(&dir);
     // Hint keys carry the home node's id before the replica key.
     ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max) + HINT_KEY_PREFIX_BYTES;
@@ -759,6 +747,31 @@ async fn run_shard(
             dir: dir.clone(),
             source,
         })?;
+    // The run mark and the lease are read and persisted (file writes and syncs) off the shard
+    // thread, and only once the engine holds the directory's lock: a second node refused by the
+    // lock must not touch them.
+    let lease_dir = dir.clone();
+    let sync = cfg.durability == Durability::Sync;
+    let leased = glommio::executor()
+        .spawn_blocking(move || {
+            // Read before the lease: a directory without a lease file has issued nothing.
+            let floor = epochs::read_floor(&lease_dir)?;
+            let lease = epochs::lease(&lease_dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)?;
+            let floor = floor.unwrap_or(lease.primary);
+            // A sync run loses no dot however it ends; a buffered one only once it closed.
+            epochs::write_floor(&lease_dir, sync.then_some(floor))?;
+            Ok((lease, floor))
+        })
+        .await;
+    let (lease, floor) = match leased {
+        Ok(leased) => leased,
+        Err(source) => {
+            if let Err(closing) = close_engine(id, engine, dir.clone()).await {
+                tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+            }
+            return Err(ServeError::Epochs { shard: id, source });
+        }
+    };
     let hints = match scan_hints(&engine, id, cfg.cpus.len()).await {
         Ok(hints) => hints,
         Err(source) => {
@@ -784,8 +797,17 @@ async fn run_shard(
     };
     let engine = match started {
         Some(started) => {
-            let core = start_core(id, &cfg, replication, lease, hints);
-            serve_shard(id, &cfg, engine, started, shutdown, all_metrics, core).await?
+            let core = start_core(id, &cfg, replication, lease, floor, hints);
+            let engine =
+                serve_shard(id, &cfg, engine, started, shutdown, all_metrics, core).await?;
+            // Served and stopping: once every write is synced, nothing this run issued can be
+            // lost, so the floor holds for the next run. Recorded while the engine still holds
+            // the directory's lock, so no later run can have started meanwhile.
+            match engine.flush().await {
+                Ok(()) => mark_floor(id, dir.clone(), floor).await?,
+                Err(e) => tracing::error!(shard = id, error = %e, "final flush failed"),
+            }
+            engine
         }
         // The node stopped before every shard had started: nothing was served.
         None => engine,
@@ -799,11 +821,13 @@ fn start_core(
     cfg: &ServeConfig,
     replication: Replication,
     lease: EpochLease,
+    floor: u32,
     hints: Vec<StoreKey>,
 ) -> (Core, Clock) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
     core_cfg.buckets = cfg.buckets.clone();
     core_cfg.durable_writes = cfg.durability == Durability::Sync;
+    core_cfg.epoch_floor = Some(floor);
     core_cfg.request_timeout_ms = cfg.request_timeout_ms;
     core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
     core_cfg.hint_retry_ms = cfg.hint_retry_ms;
@@ -813,10 +837,19 @@ fn start_core(
         node = %cfg.node_id,
         hints = hints.len(),
         epoch = lease.primary,
+        epoch_floor = floor,
         "coordinator ready"
     );
     let core = Core::new(core_cfg, replication.ring, lease, hints);
     (core, replication.clock)
+}
+
+/// Records the epoch floor after a clean close (`epochs::FLOOR_FILE`).
+async fn mark_floor(id: usize, dir: PathBuf, floor: u32) -> Result<(), ServeError> {
+    glommio::executor()
+        .spawn_blocking(move || epochs::write_floor(&dir, Some(floor)))
+        .await
+        .map_err(|source| ServeError::Epochs { shard: id, source })
 }
 
 /// Flushes, syncs and closes a shard's engine, releasing its directory.
