@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// [default: 100; session: 64..256].
     #[arg(long)]
     pub value_size: Option<ValueSize>,
+    /// Share of reads, 0 to 1, replacing the mix of a read/update workload (a, b, c, session):
+    /// `--read-share 0` writes only.
+    #[arg(long)]
+    pub read_share: Option<f64>,
     /// Bucket on a ringkv target [default: ycsb (lww); cart: cart; session: sessions (lww)].
     #[arg(long)]
     pub bucket: Option<String>,
@@ -166,8 +170,27 @@ struct Ctx {
     stop: Arc<AtomicBool>,
 }
 
-/// Runs the load generator with `args`.
+/// Runs the load generator with `args`: prints the results table, writes the JSON report if
+/// asked, warns about an invalid open-loop run.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let report = measure(&args)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if let Some(o) = &report.open_loop
+        && !o.valid
+    {
+        eprintln!("warning: this open-loop run is invalid: {}", o.verdict);
+    }
+    Ok(())
+}
+
+/// Runs the load generator with `args` and returns its report (printing only progress on
+/// stderr and, on a terminal, the per-second lines).
+pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
     ensure!(
         (1..=CONNECTIONS_MAX).contains(&args.connections),
         "--connections must be 1..={CONNECTIONS_MAX}"
@@ -177,6 +200,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "--pipeline must be 1..={PIPELINE_MAX}"
     );
     ensure!(args.keys >= 1, "--keys must be at least 1");
+    if let Some(r) = args.read_share {
+        ensure!(
+            (0.0..=1.0).contains(&r),
+            "--read-share must be between 0 and 1"
+        );
+        ensure!(
+            matches!(
+                args.workload,
+                Workload::A | Workload::B | Workload::C | Workload::Session
+            ),
+            "--read-share applies to the read/update workloads a, b, c and session"
+        );
+    }
     ensure!(args.threads >= 1, "--threads must be at least 1");
     ensure!(!args.duration.is_zero(), "--duration must be positive");
     if let Some(r) = args.rate {
@@ -226,7 +262,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         (None, None) => bail!("no target: give --target or --spawn-local"),
     };
-    let result = runtime.block_on(run_load(&args, &target, cluster.as_ref(), stop));
+    let result = runtime.block_on(run_load(args, &target, cluster.as_ref(), stop));
     // Connections and tasks go before the nodes, so the nodes see their clients leave.
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Some(c) = cluster.as_mut() {
@@ -234,19 +270,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             eprintln!("warning: {problem}");
         }
     }
-    let report = result?;
-    print!("{}", report.table());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("report written to {}", path.display());
-    }
-    if let Some(o) = &report.open_loop
-        && !o.valid
-    {
-        eprintln!("warning: this open-loop run is invalid: {}", o.verdict);
-    }
-    Ok(())
+    result
 }
 
 /// Sets `stop` on SIGINT or SIGTERM, so that the run ends early, reports what it measured and
@@ -322,6 +346,7 @@ fn params(
         "distribution": ctx.planner.chooser_distribution(),
         "keys": args.keys,
         "value_size": ctx.planner.value_size.to_string(),
+        "read_share": args.read_share,
         "bucket": String::from_utf8_lossy(&ctx.bucket),
         "preload": !args.no_preload,
         "mode": if args.rate.is_some() { "open" } else { "closed" },
@@ -367,6 +392,7 @@ async fn run_load(
             chooser: KeyChooser::new(distribution, args.keys),
             value_size,
             key_count: Arc::new(AtomicU64::new(args.keys)),
+            read_share: args.read_share,
         },
         seed: args.seed,
         pipeline: args.pipeline,

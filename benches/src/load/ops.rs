@@ -76,6 +76,8 @@ pub(crate) struct Planner {
     pub(crate) value_size: ValueSize,
     /// Keys that exist: the preloaded ones plus the inserts so far (shared by all planners).
     pub(crate) key_count: Arc<AtomicU64>,
+    /// Replaces the read share of a read/update workload.
+    pub(crate) read_share: Option<f64>,
 }
 
 impl Planner {
@@ -90,12 +92,12 @@ impl Planner {
         let len = self.len(rng);
         match self.workload {
             Workload::A | Workload::B | Workload::C | Workload::Session => {
-                let read_share = match self.workload {
+                let read_share = self.read_share.unwrap_or(match self.workload {
                     Workload::A => 0.5,
                     Workload::B => 0.95,
                     Workload::C => 1.0,
                     _ => 0.2,
-                };
+                });
                 let key = self.chooser.next(rng, keys);
                 if p < read_share {
                     Plan::Read { key }
