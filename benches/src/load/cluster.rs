@@ -181,7 +181,7 @@ fn default_root() -> anyhow::Result<PathBuf> {
 /// Makes `cmd`'s child receive SIGTERM when the thread that spawned it ends, so that no node
 /// outlives a generator that was killed.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs between fork and exec and only calls prctl, which is
     // async-signal-safe, allocates nothing and takes no lock.
     unsafe {
@@ -362,7 +362,7 @@ impl Drop for LocalCluster {
 
 /// Sends SIGTERM to `pid`.
 #[allow(unsafe_code)]
-fn terminate(pid: u32) {
+pub(crate) fn terminate(pid: u32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };

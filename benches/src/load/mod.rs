@@ -25,6 +25,7 @@
 //! `unfinished_at_end` errors.
 
 pub(crate) mod cluster;
+pub mod compare;
 pub mod keygen;
 mod ops;
 mod resp_client;
