@@ -11,6 +11,10 @@
 //! below 1 favour ringkv. `--append FILE` appends it, with the command and the machine, to a
 //! Markdown file (docs/BENCHMARKS.md).
 //!
+//! ringkv's `redis` bucket is configured `n = r = w = 1`, with `dw = 0` in the buffered pairing
+//! (with the default `dw = 1` every write would be synced on a buffered node too) and `dw = 1`
+//! in the sync pairing.
+//!
 //! redis-server is taken from `--redis-server` or the PATH; if it is missing it is installed with
 //! apt-get (as root, or through sudo). Server processes are stopped (SIGTERM, then SIGKILL) when
 //! their pairing ends, on error too, and die with the generator if it is killed.
@@ -329,8 +333,19 @@ fn run_pairing(
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let mut server = if system == "ringkv" {
+            // `dw` is what makes a write durable whatever the node's durability mode: with the
+            // default `dw = 1` a buffered node still syncs every write before acknowledging it.
+            // Buffered is only buffered with `dw = 0`.
+            let dw = u8::from(durability == "sync");
+            let buckets = sys_dir.join("buckets.toml");
+            fs::write(
+                &buckets,
+                format!("[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = {dw}\n"),
+            )?;
             let argv = vec![
                 "serve".into(),
+                "--config".into(),
+                buckets.display().to_string(),
                 "--shards".into(),
                 "1".into(),
                 "--listen".into(),
@@ -453,17 +468,13 @@ fn table(pairing: &str, cells: &[Cell]) -> String {
     s
 }
 
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+/// The 1-, 5- and 15-minute load averages.
+fn load_average() -> String {
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
+    load.split_whitespace()
         .take(3)
         .collect::<Vec<_>>()
-        .join(" ");
-    format!("{cpus} CPUs, load average {load} at the end of the run")
+        .join(" ")
 }
 
 /// Runs the comparison.
@@ -479,6 +490,9 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    // Counted before pinning, which narrows what this process sees to one CPU.
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_before = load_average();
     pin_self(args.generator_cpu)?;
     let mut out = String::new();
     for pairing in &args.pairings {
@@ -492,10 +506,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.append {
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         let mut text = String::new();
-        let _ = writeln!(text, "\n### ringkv vs Redis over RESP\n");
+        let _ = writeln!(text, "\n## ringkv vs Redis over RESP (`redis-compare`)\n");
         let _ = writeln!(
             text,
-            "Command: `{command}` ({}; {version}; servers pinned to CPU {}, generator to CPU {}, ringkv with one shard, {} s per cell after {} s of warm-up, {} keys of {} B, uniform, closed loop). Machine: {}.\n",
+            "Command: `{command}` ({}; {version}; servers pinned to CPU {}, generator to CPU {}, ringkv with one shard, {} s per cell after {} s of warm-up, {} keys of {} B, uniform, closed loop). Machine: {cpus} CPUs, load average {load_before} before and {} after the run.\n",
             if cfg!(debug_assertions) {
                 "debug build"
             } else {
@@ -507,7 +521,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
             args.warmup.as_secs_f64(),
             args.keys,
             args.value_size,
-            machine()
+            load_average()
         );
         text.push_str(&out);
         let mut existing = fs::read_to_string(path).unwrap_or_default();
