@@ -3,7 +3,8 @@
 //! Each node is a `ringkv serve` child process with its own client, RESP and peer ports (free
 //! ports picked by binding port 0), its own data directory under the data root, and the same seed
 //! list and bucket file. The buckets are Dynamo's usual (N, R, W): `n = min(3, N)`, `r = w` a
-//! majority of `n` (so (3, 2, 2) on three nodes), one durable acknowledgement; `ycsb`, `sessions`
+//! majority of `n` (so (3, 2, 2) on three nodes), `dw` durable acknowledgements (`--dw`, default
+//! 1: even on `buffered` nodes one replica syncs each write before it is acknowledged); `ycsb`, `sessions`
 //! and `redis` are last-write-wins, `cart` keeps siblings.
 //!
 //! Finding the `ringkv` binary, first match wins: `--ringkv-bin PATH`; the `RINGKV_BIN`
@@ -44,6 +45,7 @@ pub(crate) struct ClusterOptions {
     pub(crate) nodes: usize,
     pub(crate) shards_per_node: usize,
     pub(crate) durability: String,
+    pub(crate) dw: u8,
     pub(crate) ringkv_bin: Option<PathBuf>,
     pub(crate) data_root: Option<PathBuf>,
     pub(crate) keep_data: bool,
@@ -78,12 +80,14 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The bucket tables of an `nodes`-node cluster.
-pub(crate) fn buckets_toml(nodes: usize) -> String {
+/// The bucket tables of an `nodes`-node cluster whose writes wait for `dw` durable
+/// acknowledgements (at most `w`).
+pub(crate) fn buckets_toml(nodes: usize, dw: u8) -> String {
     let n = nodes.clamp(1, 3);
     let q = n / 2 + 1;
+    let dw = usize::from(dw).min(q);
     format!(
-        "[buckets.default]\nn = {n}\nr = {q}\nw = {q}\ndw = 1\nmode = \"siblings\"\n\n\
+        "[buckets.default]\nn = {n}\nr = {q}\nw = {q}\ndw = {dw}\nmode = \"siblings\"\n\n\
          [buckets.ycsb]\nmode = \"lww\"\n\n[buckets.sessions]\nmode = \"lww\"\n\n\
          [buckets.redis]\nmode = \"lww\"\n\n[buckets.cart]\nmode = \"siblings\"\n"
     )
@@ -209,7 +213,7 @@ impl LocalCluster {
         };
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let buckets_toml = buckets_toml(opts.nodes);
+        let buckets_toml = buckets_toml(opts.nodes, opts.dw);
         let buckets = root.join("buckets.toml");
         fs::write(&buckets, &buckets_toml)?;
 

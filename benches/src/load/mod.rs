@@ -90,6 +90,11 @@ pub struct RunArgs {
     /// With --spawn-local: the nodes' durability (`sync`: acknowledged after fdatasync).
     #[arg(long, default_value = "sync", value_parser = ["sync", "buffered"])]
     pub durability: String,
+    /// With --spawn-local: durable acknowledgements a write waits for (the buckets' `dw`). With
+    /// the default 1 one replica syncs every write even on `buffered` nodes; 0 makes buffered
+    /// writes fully buffered.
+    #[arg(long, default_value_t = 1)]
+    pub dw: u8,
     /// With --spawn-local: the ringkv binary [default: built by cargo, or next to this one].
     #[arg(long)]
     pub ringkv_bin: Option<PathBuf>,
@@ -239,13 +244,14 @@ pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
                 nodes,
                 shards_per_node: args.node_shards.max(1),
                 durability: args.durability.clone(),
+                dw: args.dw,
                 ringkv_bin: args.ringkv_bin.clone(),
                 data_root: args.data_root.clone(),
                 keep_data: args.keep_data,
             };
             eprintln!(
-                "starting a {nodes}-node ringkv cluster on loopback ({} shard(s) per node, {} durability) ...",
-                opts.shards_per_node, opts.durability
+                "starting a {nodes}-node ringkv cluster on loopback ({} shard(s) per node, {} durability, dw = {}) ...",
+                opts.shards_per_node, opts.durability, opts.dw
             );
             Some(LocalCluster::start(&opts)?)
         }
@@ -340,6 +346,7 @@ fn params(
             "nodes": c.client_addrs.len(),
             "shards_per_node": args.node_shards.max(1),
             "durability": args.durability,
+            "dw": args.dw,
             "buckets_toml": c.buckets_toml,
             "ringkv_bin": c.bin.display().to_string(),
         })),
