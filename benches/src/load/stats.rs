@@ -1,0 +1,405 @@
+//! What a run records and reports: latency histograms per operation kind, errors by kind,
+//! versions seen per read, the open loop's dispatch lag, a per-second timeline, and the final
+//! table and JSON report.
+//!
+//! Each worker (closed loop) or lane (open loop) records into its own [`Recorder`] behind a
+//! mutex that only the once-a-second reporter and the final merge also take, so recording costs
+//! an uncontended lock and a histogram increment. Latencies are recorded in nanoseconds (1 ns to
+//! 100 s, 3 significant digits) and reported in microseconds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::ops::{OpError, Seen};
+use super::spec::OpKind;
+
+/// Largest latency a histogram holds: 100 s, in nanoseconds. Larger values are clamped.
+const LATENCY_NS_MAX: u64 = 100_000_000_000;
+
+/// An empty latency histogram, in nanoseconds.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3)
+        .expect("constant bounds: 1 <= low, high >= 2 * low, 3 significant digits")
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// What one worker or lane recorded.
+pub(crate) struct Recorder {
+    /// Latency per [`OpKind`] over the measured phase.
+    pub(crate) latency: Vec<Histogram<u64>>,
+    /// Errors by kind over the measured phase.
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// Reads by the number of versions they saw (0: missing key).
+    pub(crate) versions: BTreeMap<usize, u64>,
+    /// Open loop: intended start to send, for operations the generator itself delayed.
+    pub(crate) dispatch_lag: Histogram<u64>,
+    /// Open loop: send to reply (the service time, without any queueing in the generator).
+    pub(crate) service: Histogram<u64>,
+    /// Open loop: operations that waited for a free in-flight slot before they could be sent.
+    pub(crate) held_back: u64,
+    /// Since the last timeline tick (warm-up included): latency of every operation.
+    pub(crate) interval: Histogram<u64>,
+    /// Since the last timeline tick: errors.
+    pub(crate) interval_errors: u64,
+}
+
+impl Recorder {
+    pub(crate) fn new() -> Self {
+        Self {
+            latency: OpKind::ALL.iter().map(|_| new_histogram()).collect(),
+            errors: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            dispatch_lag: new_histogram(),
+            service: new_histogram(),
+            held_back: 0,
+            interval: new_histogram(),
+            interval_errors: 0,
+        }
+    }
+
+    /// Records one finished operation; `measured` is false during warm-up.
+    pub(crate) fn record(
+        &mut self,
+        kind: OpKind,
+        latency: Duration,
+        outcome: &Result<Seen, OpError>,
+        measured: bool,
+    ) {
+        let latency_ns = ns(latency).min(LATENCY_NS_MAX);
+        match outcome {
+            Ok(seen) => {
+                self.interval.saturating_record(latency_ns);
+                if measured {
+                    self.latency[kind.index()].saturating_record(latency_ns);
+                    if let Some(v) = seen {
+                        *self.versions.entry(*v).or_default() += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                self.interval_errors += 1;
+                if measured {
+                    *self.errors.entry(e.0.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Open loop: records the generator's own lag and the service time of one operation.
+    pub(crate) fn record_open_loop(&mut self, lag: Option<Duration>, service: Duration) {
+        if let Some(lag) = lag {
+            self.dispatch_lag
+                .saturating_record(ns(lag).min(LATENCY_NS_MAX));
+        }
+        self.service
+            .saturating_record(ns(service).min(LATENCY_NS_MAX));
+    }
+
+    /// Adds everything `other` recorded.
+    pub(crate) fn absorb(&mut self, other: &Recorder) {
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            mine.add(theirs).expect("histograms of identical bounds");
+        }
+        for (k, n) in &other.errors {
+            *self.errors.entry(k.clone()).or_default() += n;
+        }
+        for (v, n) in &other.versions {
+            *self.versions.entry(*v).or_default() += n;
+        }
+        self.dispatch_lag
+            .add(&other.dispatch_lag)
+            .expect("histograms of identical bounds");
+        self.service
+            .add(&other.service)
+            .expect("histograms of identical bounds");
+        self.held_back += other.held_back;
+    }
+}
+
+/// A recorder shared by a worker (or lane) and the reporter.
+pub(crate) type SharedRecorder = Arc<Mutex<Recorder>>;
+
+/// Locks a recorder; a panicked worker's counts are still worth reporting.
+pub(crate) fn lock(r: &SharedRecorder) -> MutexGuard<'_, Recorder> {
+    r.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// 99.99th percentile.
+    pub p9999_us: f64,
+    /// Largest value recorded.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl Percentiles {
+    pub(crate) fn of(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Self {
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            p9999_us: us(h.value_at_quantile(0.9999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// One operation kind's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpReport {
+    /// Successful operations in the measured phase.
+    pub count: u64,
+    /// `count` over the measured duration.
+    pub ops_per_sec: f64,
+    /// Latency: from the intended start (open loop) or from the send (closed loop) to the reply.
+    pub latency: Percentiles,
+}
+
+/// One second of the run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Tick {
+    /// Seconds since the start of the warm-up, at the end of this second.
+    pub t_secs: f64,
+    /// `warmup`, `measure` or `drain`.
+    pub phase: &'static str,
+    /// Successful operations in this second.
+    pub ops: u64,
+    /// Median latency of this second's operations, µs.
+    pub p50_us: f64,
+    /// 99th percentile of this second's operations, µs.
+    pub p99_us: f64,
+    /// Errors in this second.
+    pub errors: u64,
+}
+
+/// The open loop's own bookkeeping: did the generator keep its schedule?
+#[derive(Clone, Debug, Serialize)]
+pub struct OpenLoopReport {
+    /// Requested rate, operations per second.
+    pub rate: u64,
+    /// Operations scheduled in the measured phase.
+    pub scheduled: u64,
+    /// Operations sent (scheduled ones not sent by the end of the drain count as errors).
+    pub sent: u64,
+    /// Intended start to send, for operations sent with a free in-flight slot: the generator's
+    /// own lag (timer resolution, CPU).
+    pub dispatch_lag: Percentiles,
+    /// Send to reply: the latency a closed loop would report.
+    pub service: Percentiles,
+    /// Operations that found every in-flight slot of their connection busy (the target was not
+    /// keeping up with the rate); their wait is part of their latency.
+    pub held_back: u64,
+    /// The largest p99 dispatch lag a valid run may have, µs.
+    pub lag_p99_max_us: f64,
+    /// Whether the generator kept its schedule well enough for the latencies to be trusted.
+    pub valid: bool,
+    /// Why (or why not), in words.
+    pub verdict: String,
+}
+
+/// The whole run, as written by `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// The parameters of the run.
+    pub params: serde_json::Value,
+    /// The preload phase.
+    pub preload: PreloadReport,
+    /// Length of the measured phase, seconds.
+    pub measured_secs: f64,
+    /// Successful logical operations in the measured phase, all kinds.
+    pub ops: u64,
+    /// `ops` over `measured_secs`.
+    pub ops_per_sec: f64,
+    /// All errors in the measured phase.
+    pub errors_total: u64,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Per operation kind (only kinds that ran).
+    pub operations: BTreeMap<String, OpReport>,
+    /// Latency of all kinds together.
+    pub all: Percentiles,
+    /// Reads by versions seen (`"0"`: missing, `"1"`: one version, more: siblings).
+    pub versions_seen: BTreeMap<String, u64>,
+    /// Open-loop bookkeeping (absent for a closed loop).
+    pub open_loop: Option<OpenLoopReport>,
+    /// One entry per second, warm-up included.
+    pub timeline: Vec<Tick>,
+}
+
+/// The preload phase.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PreloadReport {
+    /// Keys written.
+    pub keys: u64,
+    /// Time it took, seconds.
+    pub secs: f64,
+    /// Errors by kind (a key whose write failed is retried, up to a bound).
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl RunReport {
+    /// Builds the report from the merged recorder.
+    pub(crate) fn build(
+        params: serde_json::Value,
+        preload: PreloadReport,
+        merged: &Recorder,
+        measured: Duration,
+        open_loop: Option<OpenLoopReport>,
+        timeline: Vec<Tick>,
+    ) -> Self {
+        let secs = measured.as_secs_f64().max(1e-9);
+        let mut all = new_histogram();
+        let mut operations = BTreeMap::new();
+        for kind in OpKind::ALL {
+            let h = &merged.latency[kind.index()];
+            if h.is_empty() {
+                continue;
+            }
+            all.add(h).expect("histograms of identical bounds");
+            operations.insert(
+                kind.name().to_owned(),
+                OpReport {
+                    count: h.len(),
+                    ops_per_sec: h.len() as f64 / secs,
+                    latency: Percentiles::of(h),
+                },
+            );
+        }
+        Self {
+            params,
+            preload,
+            measured_secs: secs,
+            ops: all.len(),
+            ops_per_sec: all.len() as f64 / secs,
+            errors_total: merged.errors.values().sum(),
+            errors: merged.errors.clone(),
+            operations,
+            all: Percentiles::of(&all),
+            versions_seen: merged
+                .versions
+                .iter()
+                .map(|(v, n)| (v.to_string(), *n))
+                .collect(),
+            open_loop,
+            timeline,
+        }
+    }
+
+    /// The human-readable results table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} ops in {:.1} s: {:.0} ops/s, {} errors (latency in µs)",
+            self.ops, self.measured_secs, self.ops_per_sec, self.errors_total
+        );
+        let _ = writeln!(
+            s,
+            "{:<8} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "op", "count", "ops/s", "p50", "p90", "p99", "p99.9", "p99.99", "max"
+        );
+        let mut row = |name: &str, count: u64, rate: f64, p: &Percentiles| {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>10} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                name,
+                count,
+                rate,
+                fmt_us(p.p50_us),
+                fmt_us(p.p90_us),
+                fmt_us(p.p99_us),
+                fmt_us(p.p999_us),
+                fmt_us(p.p9999_us),
+                fmt_us(p.max_us)
+            );
+        };
+        for (name, op) in &self.operations {
+            row(name, op.count, op.ops_per_sec, &op.latency);
+        }
+        if self.operations.len() > 1 {
+            row("all", self.ops, self.ops_per_sec, &self.all);
+        }
+        if !self.errors.is_empty() {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(s, "errors: {}", list.join(", "));
+        }
+        let reads: u64 = self.versions_seen.values().sum();
+        if reads > 0 {
+            let list: Vec<String> = self
+                .versions_seen
+                .iter()
+                .map(|(v, n)| format!("{v}: {:.4}%", 100.0 * *n as f64 / reads as f64))
+                .collect();
+            let _ = writeln!(s, "versions seen per read: {}", list.join(", "));
+        }
+        if !self.preload.errors.is_empty() {
+            let list: Vec<String> = self
+                .preload
+                .errors
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(s, "preload errors (retried): {}", list.join(", "));
+        }
+        if let Some(o) = &self.open_loop {
+            let _ = writeln!(
+                s,
+                "open loop at {} ops/s: {} scheduled, {} sent, {} held back by full pipelines; \
+                 dispatch lag p50 {} p99 {} max {} µs; service time p50 {} p99 {} µs",
+                o.rate,
+                o.scheduled,
+                o.sent,
+                o.held_back,
+                fmt_us(o.dispatch_lag.p50_us),
+                fmt_us(o.dispatch_lag.p99_us),
+                fmt_us(o.dispatch_lag.max_us),
+                fmt_us(o.service.p50_us),
+                fmt_us(o.service.p99_us),
+            );
+            let _ = writeln!(
+                s,
+                "{}: {}",
+                if o.valid { "valid" } else { "INVALID" },
+                o.verdict
+            );
+        }
+        s
+    }
+}
+
+/// A latency in µs with about three significant digits.
+pub(crate) fn fmt_us(us: f64) -> String {
+    if us >= 100.0 {
+        format!("{:.0}", us)
+    } else if us >= 10.0 {
+        format!("{:.1}", us)
+    } else {
+        format!("{:.2}", us)
+    }
+}

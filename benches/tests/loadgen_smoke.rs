@@ -1,0 +1,129 @@
+//! End to end: `ringkv-bench --spawn-local 1` starts a one-node cluster, runs a short workload
+//! against it, writes its JSON report and stops the node. Checks that the report has its fields,
+//! that operations ran and that none failed; never asserts on timing (a debug build on a shared
+//! machine measures nothing).
+//!
+//! The node binary: `cargo test` builds only this package's binaries, and
+//! `CARGO_BIN_EXE_ringkv` exists only inside ringkv-cluster. Under cargo (the `CARGO` variable is
+//! set for tests and passed on to the generator) the generator itself runs `cargo build -p
+//! ringkv-cluster --bin ringkv` into the same target directory and profile, so the node is
+//! always built from the same sources; `RINGKV_BIN` overrides it.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run(name: &str, extra: &[&str]) -> Value {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let json = base.join(format!("loadgen-{name}-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
+        .args(["--spawn-local", "1", "--keys", "50", "--duration", "1s"])
+        .args(["--warmup", "200ms", "--connections", "2", "--pipeline", "2"])
+        .arg("--data-root")
+        .arg(base.join("loadgen-smoke"))
+        .arg("--json")
+        .arg(&json)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ringkv-bench failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("p99.99"), "no results table:\n{table}");
+    report
+}
+
+fn field<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = &cur[part];
+        assert!(!cur.is_null(), "JSON report lacks {path}:\n{v:#}");
+    }
+    cur
+}
+
+fn check_common(r: &Value, kinds: &[&str]) {
+    assert!(field(r, "ops").as_u64().unwrap() > 0, "no operations");
+    assert_eq!(field(r, "errors_total").as_u64().unwrap(), 0, "{r:#}");
+    assert!(field(r, "errors").as_object().unwrap().is_empty());
+    assert_eq!(field(r, "preload.keys").as_u64().unwrap(), 50);
+    for kind in kinds {
+        for f in [
+            "count",
+            "ops_per_sec",
+            "latency.p50_us",
+            "latency.p90_us",
+            "latency.p99_us",
+            "latency.p999_us",
+            "latency.p9999_us",
+            "latency.max_us",
+        ] {
+            field(r, &format!("operations.{kind}.{f}"));
+        }
+        assert!(
+            field(r, &format!("operations.{kind}.count"))
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+    }
+    for f in [
+        "params.target",
+        "params.spawn_local.nodes",
+        "all.p99_us",
+        "measured_secs",
+    ] {
+        field(r, f);
+    }
+    assert!(!field(r, "timeline").as_array().unwrap().is_empty());
+    // Every key was preloaded, so every read saw at least one version.
+    let versions = field(r, "versions_seen").as_object().unwrap();
+    assert!(versions.keys().all(|v| v != "0"), "{versions:?}");
+}
+
+/// A closed-loop YCSB A run through the binary protocol; a cart run, whose reads and
+/// write-backs go through siblings and contexts.
+#[test]
+fn closed_loop_runs_against_a_local_node() {
+    let r = run("a", &["--workload", "a"]);
+    check_common(&r, &["read", "update"]);
+    assert!(r["open_loop"].is_null());
+    assert_eq!(field(&r, "params.mode"), "closed");
+
+    let r = run("cart", &["--workload", "cart"]);
+    check_common(&r, &["cart"]);
+}
+
+/// An open-loop run through the node's RESP port reports its schedule bookkeeping.
+#[test]
+fn open_loop_runs_against_a_local_resp_port() {
+    let r = run("resp", &["--workload", "b", "--resp", "--rate", "300"]);
+    check_common(&r, &["read"]);
+    assert!(
+        field(&r, "params.target")
+            .as_str()
+            .unwrap()
+            .starts_with("redis://")
+    );
+    for f in [
+        "rate",
+        "scheduled",
+        "sent",
+        "held_back",
+        "valid",
+        "verdict",
+        "dispatch_lag.p99_us",
+        "service.p99_us",
+    ] {
+        field(&r, &format!("open_loop.{f}"));
+    }
+    assert!(field(&r, "open_loop.sent").as_u64().unwrap() > 0);
+}
