@@ -307,6 +307,8 @@ pub struct CoreStats {
     pub read_repairs: u64,
     /// Slots moved to a fallback after a replica failed during a request.
     pub slot_moves: u64,
+    /// Jobs that shared a read and a write of their key with a job ahead of them.
+    pub batched_jobs: u64,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -428,6 +430,8 @@ struct Job {
     kind: JobKind,
     /// Storage operation in flight for the job.
     stage: Stage,
+    /// Jobs queued behind this one for the same key that run with it: one read, one write.
+    riders: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1734,6 +1738,7 @@ impl Core {
                 key: key.clone(),
                 kind,
                 stage: Stage::Queued,
+                riders: Vec::new(),
             },
         );
         let queue = self.locks.entry(key).or_default();
@@ -1743,11 +1748,44 @@ impl Core {
         }
     }
 
+    /// Starts the job first in line for its key, taking along the coordinations and merges
+    /// queued right behind it (at most [`BATCH_JOBS_MAX`]): they share one read and one write, so
+    /// a hot key costs one synced write per batch rather than per request.
     fn job_read(&mut self, job: u64) {
         let sid = self.id();
+        let key = self
+            .jobs
+            .get(&job)
+            .expect("a queued job exists")
+            .key
+            .clone();
+        let batchable = |kind: &JobKind| !matches!(kind, JobKind::DropHint { .. });
+        let mut riders = Vec::new();
+        if batchable(&self.jobs[&job].kind) {
+            let queue = self
+                .locks
+                .get_mut(&key)
+                .expect("a queued job has a lock queue");
+            assert_eq!(
+                queue.front(),
+                Some(&job),
+                "the job to start is first in line"
+            );
+            while riders.len() < BATCH_JOBS_MAX
+                && let Some(&next) = queue.get(1)
+                && batchable(&self.jobs[&next].kind)
+            {
+                queue.remove(1);
+                riders.push(next);
+            }
+        }
+        self.stats.batched_jobs += riders.len() as u64;
+        for r in &riders {
+            self.jobs.get_mut(r).expect("queued").stage = Stage::Reading;
+        }
         let j = self.jobs.get_mut(&job).expect("a queued job exists");
         j.stage = Stage::Reading;
-        let key = j.key.clone();
+        j.riders = riders;
         self.job_ops.insert(sid, job);
         self.out.push(Output::Store {
             id: sid,
@@ -1797,6 +1835,13 @@ impl Core {
             (Stage::Writing, Ok(_)) => self.job_written(now, job),
             (_, Err(e)) => {
                 let j = self.unlock(job);
+                for r in &j.riders {
+                    let rider = self
+                        .jobs
+                        .remove(r)
+                        .expect("a rider exists until its batch ends");
+                    self.job_failed(now, rider, e.clone());
+                }
                 self.job_failed(now, j, e);
             }
             (Stage::Queued, Ok(_)) => unreachable!("a queued job has no store op"),
@@ -1805,69 +1850,93 @@ impl Core {
 
     fn job_read_done(&mut self, now: u64, job: u64, local: Option<Object>) {
         let j = self.jobs.get(&job).expect("exists");
-        match &j.kind {
-            JobKind::Coordinate { op } => {
-                let op = *op;
-                if !self.ops.contains_key(&op) {
-                    self.unlock(job);
-                    return;
+        if let JobKind::DropHint { delivered } = &j.kind {
+            if local.as_ref() == Some(delivered) {
+                self.job_write(job, StoreOp::Remove);
+            } else {
+                // Changed since it was sent (or already gone): kept for the next round.
+                if local.is_none() {
+                    let key = j.key.clone();
+                    self.hints.remove(&key);
                 }
-                let actor = self.home_actor(local.as_ref());
-                match self.updated(op, local, actor, now) {
-                    Ok(object) => {
-                        if let Some(o) = self.ops.get_mut(&op)
-                            && let OpKind::Write { object: slot, .. } = &mut o.kind
-                        {
-                            *slot = Some(object.clone());
+                self.unlock(job);
+            }
+            return;
+        }
+        // The batch, in arrival order: each coordination continues from the object the ones
+        // before it produced (so dots stay consecutive), each merge folds into it.
+        let key = j.key.clone();
+        let batch: Vec<u64> = std::iter::once(job)
+            .chain(j.riders.iter().copied())
+            .collect();
+        let mut running = local.clone();
+        let mut durable = false;
+        for id in batch {
+            match &self.jobs[&id].kind {
+                JobKind::Coordinate { op } => {
+                    let op = *op;
+                    if !self.ops.contains_key(&op) {
+                        continue;
+                    }
+                    let actor = self.home_actor(running.as_ref());
+                    match self.updated(op, running.clone(), actor, now) {
+                        Ok(object) => {
+                            if let Some(o) = self.ops.get_mut(&op)
+                                && let OpKind::Write { object: slot, .. } = &mut o.kind
+                            {
+                                *slot = Some(object.clone());
+                            }
+                            durable |= self.cfg.durable_writes
+                                || self.ops.get(&op).is_some_and(|o| o.quorum.dw > 0);
+                            running = Some(object);
                         }
-                        let durable = self.cfg.durable_writes
-                            || self.ops.get(&op).is_some_and(|o| o.quorum.dw > 0);
-                        self.job_write(job, StoreOp::Write { object, durable });
-                    }
-                    Err(e) => {
-                        self.unlock(job);
-                        self.fail_op(op, Message::Error(e));
+                        // The op is answered and gone; its job completes as a no-op.
+                        Err(e) => self.fail_op(op, Message::Error(e)),
                     }
                 }
-            }
-            JobKind::Apply {
-                object, durable, ..
-            } => {
-                let merged = match local.clone() {
-                    Some(l) => l.merge(object.clone()),
-                    None => object.clone(),
-                };
-                // Hints are always synced: a fallback's copy may be the only one a write has
-                // beyond its coordinator, and it must survive until it is handed off.
-                let durable = *durable || self.cfg.durable_writes || is_hint(&j.key);
-                if local.as_ref() == Some(&merged) && !durable {
-                    self.job_written(now, job);
-                } else {
-                    self.job_write(
-                        job,
-                        StoreOp::Write {
-                            object: merged,
-                            durable,
-                        },
-                    );
+                JobKind::Apply {
+                    object,
+                    durable: asked,
+                    ..
+                } => {
+                    // Hints are always synced: a fallback's copy may be the only one a write
+                    // has beyond its coordinator, and it must survive until it is handed off.
+                    durable |= *asked || self.cfg.durable_writes || is_hint(&key);
+                    running = Some(match running.take() {
+                        Some(r) => r.merge(object.clone()),
+                        None => object.clone(),
+                    });
                 }
+                JobKind::DropHint { .. } => unreachable!("hint removals run alone"),
             }
-            JobKind::DropHint { delivered } => {
-                if local.as_ref() == Some(delivered) {
-                    self.job_write(job, StoreOp::Remove);
-                } else {
-                    if local.is_none() {
-                        let key = j.key.clone();
-                        self.hints.remove(&key);
-                    }
-                    self.unlock(job);
-                }
+        }
+        match running {
+            Some(object) if running_changed(&local, &object) || durable => {
+                self.job_write(job, StoreOp::Write { object, durable });
             }
+            _ => self.job_written(now, job),
         }
     }
 
+    /// The batch's write is done (or was not needed): every job of it completes.
     fn job_written(&mut self, now: u64, job: u64) {
         let j = self.unlock(job);
+        let riders: Vec<Job> = j
+            .riders
+            .iter()
+            .map(|r| {
+                self.jobs
+                    .remove(r)
+                    .expect("a rider exists until its batch ends")
+            })
+            .collect();
+        self.job_done(now, j);
+        for rider in riders {
+            self.job_done(now, rider);
+        }
+    }
+
+    fn job_done(&mut self, now: u64, j: Job) {
         match j.kind {
             JobKind::Coordinate { op } => {
                 let durable =
@@ -1952,6 +2021,13 @@ enum SlotResult {
     Written { durable: bool },
     Read(Option<Object>),
     Failed,
+}
+
+/// Most jobs sharing one read and one write of a key.
+const BATCH_JOBS_MAX: usize = 64;
+
+fn running_changed(local: &Option<Object>, object: &Object) -> bool {
+    local.as_ref() != Some(object)
 }
 
 /// Largest context counter accepted (module docs: far above any real count, far below overflow).

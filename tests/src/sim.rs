@@ -114,6 +114,8 @@ pub struct Outcome {
     pub read_repairs: u64,
     /// Crashes injected.
     pub crashes: usize,
+    /// Jobs that shared a key's read and write with another, over all nodes.
+    pub batched_jobs: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -513,13 +515,14 @@ impl Sim {
             }
         }
         self.check_final();
-        let mut stats = (0, 0, 0);
+        let mut stats = (0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
                 stats.0 += s.hinted_writes;
                 stats.1 += s.hints_delivered;
                 stats.2 += s.read_repairs;
+                stats.3 += s.batched_jobs;
             }
         }
         Outcome {
@@ -531,6 +534,7 @@ impl Sim {
             hints_delivered: stats.1,
             read_repairs: stats.2,
             crashes: self.crashes,
+            batched_jobs: stats.3,
         }
     }
 
