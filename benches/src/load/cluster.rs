@@ -18,7 +18,8 @@
 //! terminal reaches only the generator, which then stops them in order), with a parent-death
 //! signal (SIGTERM) so that even a generator killed with SIGKILL takes them down. [`LocalCluster`]
 //! stops them on drop: SIGTERM, a bounded wait for the clean shutdown, then SIGKILL. The data
-//! root is removed afterwards unless asked to keep it.
+//! root is removed afterwards unless asked to keep it; the next run removes the data roots of
+//! generators that died without cleaning up.
 
 use std::fs;
 use std::net::TcpListener;
@@ -36,6 +37,8 @@ pub(crate) const NODES_MAX: usize = 16;
 const STARTUP_WAIT: Duration = Duration::from_secs(60);
 /// Pause between two readiness probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// File in a run directory while its generator runs.
+const RUNNING_MARKER: &str = ".running";
 /// How long a node may take to shut down cleanly after SIGTERM before it is killed.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(15);
 
@@ -211,8 +214,12 @@ impl LocalCluster {
             Some(r) => r.join(std::process::id().to_string()),
             None => default_root()?,
         };
+        if let Some(base) = root.parent() {
+            sweep_stale(base);
+        }
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        fs::write(root.join(RUNNING_MARKER), b"")?;
         let buckets_toml = buckets_toml(opts.nodes, opts.dw);
         let buckets = root.join("buckets.toml");
         fs::write(&buckets, &buckets_toml)?;
@@ -349,7 +356,9 @@ impl LocalCluster {
                 }
             }
         }
-        if !self.keep_data {
+        if self.keep_data {
+            let _ = fs::remove_file(self.root.join(RUNNING_MARKER));
+        } else {
             let _ = fs::remove_dir_all(&self.root);
         }
         problems
@@ -374,6 +383,28 @@ pub(crate) fn terminate(pid: u32) {
     // the id cannot have been reused by another process.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+/// Removes the run directories (`<base>/<pid>`) of generators that are gone without cleaning up
+/// (those still holding [`RUNNING_MARKER`]): a generator killed with SIGKILL takes its nodes down
+/// (parent-death signal) but cannot remove their data. Kept runs (`--keep-data`) lose the marker
+/// when they end and are left alone.
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id()
+            && entry.path().join(RUNNING_MARKER).exists()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 
