@@ -446,7 +446,7 @@ fn shutdown_does_not_wait_for_a_client_that_stopped_reading() {
 
 /// Redis clients: over the RESP listener, SET/GET/MGET/EXISTS/DEL behave as in Redis, in the
 /// bucket the CLI uses by default (so `ringkv get` sees a Redis SET), pipelined commands are
-/// answered in order, and a protocol error gets `-ERR Protocol error` and closes only that
+/// answered in order and take effect in order on each key, and a protocol error gets `-ERR Protocol error` and closes only that
 /// connection.
 #[test]
 fn resp_listener_speaks_redis() {
@@ -521,6 +521,21 @@ fn resp_listener_speaks_redis() {
             RespValue::Error("NOPROTO unsupported protocol version".into()),
         ]
     );
+    // Pipelined commands on distinct keys run together, but commands on one key keep their
+    // order: every GET sees the SET just before it.
+    let values: Vec<String> = (0..20).map(|i| format!("v{i}")).collect();
+    let mut ordered: Vec<Vec<&str>> = Vec::new();
+    for v in &values {
+        ordered.push(vec!["SET", "same", v]);
+        ordered.push(vec!["SET", v, v]);
+        ordered.push(vec!["GET", "same"]);
+    }
+    let ordered: Vec<&[&str]> = ordered.iter().map(|c| c.as_slice()).collect();
+    let replies = call(&mut s, &ordered);
+    for (i, v) in values.iter().enumerate() {
+        assert_eq!(replies[3 * i], RespValue::Simple("OK".into()));
+        assert_eq!(replies[3 * i + 2], bulk(v.as_bytes()), "GET after SET {v}");
+    }
     // The CLI reads what Redis wrote (in the RESP bucket).
     let out = Command::new(BIN)
         .args(["get", "--server", &server.addr, "--bucket", "redis", "r2"])

@@ -19,7 +19,8 @@
 //! the request mesh as the decoded [`Message`] (never re-encoded), the owner executes it and sends
 //! the reply back over the reply mesh, where a waiting table routes it to the request's task.
 //! With `resp_listen` set, each shard also listens for Redis clients ([`super::resp`] maps their
-//! commands onto the same requests; replies stay in command order, as RESP requires).
+//! commands onto the same requests; pipelined commands on distinct keys run together, commands
+//! on one key in order, and replies stay in command order, as RESP requires).
 //! A frame the codec rejects gets the codec's error frame; unless the codec says the stream can
 //! continue, the connection then stops reading, finishes what is in flight and closes. Other
 //! connections are not affected.
@@ -1446,8 +1447,9 @@ async fn serve_connection(
     writer.await;
 }
 
-/// Serves one RESP2 connection: commands run one after the other and replies go out in order, as
-/// Redis clients expect; replies to pipelined commands are written together.
+/// Serves one RESP2 connection: pipelined commands run in waves of distinct keys ([`RespWave`]),
+/// so each key sees its commands in order, and replies go out in command order, as Redis clients
+/// expect; replies to pipelined commands are written together.
 async fn serve_resp(
     shard: Rc<Shard>,
     mut stream: TcpStream,
@@ -1464,6 +1466,7 @@ async fn serve_resp(
     'read: loop {
         let mut used = 0;
         let mut close = false;
+        let mut wave = RespWave::default();
         loop {
             match decode_command(&buf[used..], &limits) {
                 Ok(None) => break,
@@ -1473,23 +1476,18 @@ async fn serve_resp(
                     if cmd.is_empty() {
                         continue;
                     }
-                    let reply = match resp::plan(&cmd) {
-                        RespPlan::Reply(v) => v,
+                    let plan = resp::plan(&cmd);
+                    if !wave.admits(&plan) {
+                        wave.run(&shard, &mut out).await;
+                    }
+                    match plan {
+                        RespPlan::Reply(v) => wave.push_ready(v),
                         RespPlan::ReplyAndClose(v) => {
+                            wave.push_ready(v);
                             close = true;
-                            v
+                            break;
                         }
-                        RespPlan::Execute(requests, how) => {
-                            let mut replies = Vec::with_capacity(requests.len());
-                            for request in requests {
-                                replies.push(shard.execute(request, ()).await);
-                            }
-                            resp::combine(how, &replies)
-                        }
-                    };
-                    encode_resp(&reply, &mut out);
-                    if close {
-                        break;
+                        RespPlan::Execute(requests, how) => wave.push_execute(requests, how),
                     }
                     // Bounds the reply buffer when a client pipelines reads of large values.
                     if out.len() >= WRITE_BATCH_BYTES_MAX {
@@ -1501,12 +1499,13 @@ async fn serve_resp(
                 }
                 Err(e) => {
                     // The stream can no longer be framed: answer as Redis does and close.
-                    encode_resp(&e.reply(), &mut out);
+                    wave.push_ready(e.reply());
                     close = true;
                     break;
                 }
             }
         }
+        wave.run(&shard, &mut out).await;
         buf.drain(..used);
         if !out.is_empty() {
             if !write_or_abort(&mut stream, &out, &abort).await {
@@ -1524,6 +1523,87 @@ async fn serve_resp(
         }
     }
     let _ = stream.close().await;
+}
+
+/// Most pipelined RESP commands executed at once on one connection.
+const RESP_WAVE_COMMANDS_MAX: usize = 128;
+
+/// Pipelined RESP commands that run together: Redis clients expect each connection's commands
+/// to take effect in order, so a wave holds commands on distinct keys only (a command touching
+/// a key already in the wave starts the next wave), runs them concurrently (so synced writes on
+/// one connection share group commits) and encodes the replies in command order.
+#[derive(Default)]
+struct RespWave {
+    commands: Vec<WaveCommand>,
+    keys: std::collections::BTreeSet<(bytes::Bytes, bytes::Bytes)>,
+}
+
+enum WaveCommand {
+    Ready(ringkv_net::resp::RespValue),
+    Execute(Vec<Message>, resp::Combine),
+}
+
+fn request_key(m: &Message) -> Option<(bytes::Bytes, bytes::Bytes)> {
+    match m {
+        Message::Get(g) => Some((g.bucket.clone(), g.key.clone())),
+        Message::Put(p) => Some((p.bucket.clone(), p.key.clone())),
+        Message::Delete(d) => Some((d.bucket.clone(), d.key.clone())),
+        _ => None,
+    }
+}
+
+impl RespWave {
+    /// Whether `plan` may join the wave without overtaking a command on the same key.
+    fn admits(&self, plan: &RespPlan) -> bool {
+        if self.commands.len() >= RESP_WAVE_COMMANDS_MAX {
+            return false;
+        }
+        match plan {
+            RespPlan::Execute(requests, _) => requests
+                .iter()
+                .filter_map(request_key)
+                .all(|k| !self.keys.contains(&k)),
+            RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) => true,
+        }
+    }
+
+    fn push_ready(&mut self, v: ringkv_net::resp::RespValue) {
+        self.commands.push(WaveCommand::Ready(v));
+    }
+
+    fn push_execute(&mut self, requests: Vec<Message>, how: resp::Combine) {
+        self.keys.extend(requests.iter().filter_map(request_key));
+        self.commands.push(WaveCommand::Execute(requests, how));
+    }
+
+    /// Runs the wave's commands (each one's requests in order, the commands concurrently) and
+    /// appends their replies to `out` in command order.
+    async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
+        self.keys.clear();
+        let mut tasks = Vec::with_capacity(self.commands.len());
+        for command in self.commands.drain(..) {
+            tasks.push(match command {
+                WaveCommand::Ready(v) => Err(v),
+                WaveCommand::Execute(requests, how) => {
+                    let shard = shard.clone();
+                    Ok(glommio::spawn_local(async move {
+                        let mut replies = Vec::with_capacity(requests.len());
+                        for request in requests {
+                            replies.push(shard.execute(request, ()).await);
+                        }
+                        resp::combine(how, &replies)
+                    }))
+                }
+            });
+        }
+        for task in tasks {
+            let reply = match task {
+                Err(v) => v,
+                Ok(task) => task.await,
+            };
+            encode_resp(&reply, out);
+        }
+    }
 }
 
 /// Counts a connection as closed when dropped, however its task ends.
