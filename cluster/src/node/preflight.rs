@@ -20,7 +20,7 @@
 //! The charge is per user, not per process: the rings and registered buffers of every process of
 //! the same user (another node, any io_uring program) count against the limit of the process
 //! asking. [`check`] sees only this node's needs, so a limit shared that way can still fail a
-//! shard's executor with ENOMEM; [`executor_error`] reports that as the same locked-memory error.
+//! shard's executor with ENOMEM; `executor_error` reports that as the same locked-memory error.
 //! So can a limit just large enough for the first executors' registered buffers, which then leave
 //! too little for later executors' rings. `LimitMEMLOCK=infinity`, or CAP_IPC_LOCK, avoids all of
 //! it.
@@ -98,7 +98,7 @@ impl MemlockBudget {
 
 /// Fails when this process cannot run `executors` glommio executors: RLIMIT_MEMLOCK below what
 /// glommio demands or below what their rings are charged, or an io_uring that cannot be created.
-/// Answers the budget found, for [`executor_error`].
+/// Answers the budget found, for `executor_error`.
 pub fn check(executors: usize) -> Result<MemlockBudget, ServeError> {
     let (limit_bytes, _hard) =
         rlimit::getrlimit(rlimit::Resource::MEMLOCK).map_err(|e| ServeError::Runtime {
