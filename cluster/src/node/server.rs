@@ -1084,23 +1084,11 @@ async fn serve_shard(
             connections.clone(),
         );
         let resp_loop = async move {
-            loop {
-                let accepted = unless(resp_listener.accept(), shutdown.cancelled()).await;
-                match accepted {
-                    None => break,
-                    Some(Ok(stream)) => {
-                        let conn =
-                            serve_resp(shard.clone(), stream, shutdown.clone(), abort.clone());
-                        if let Ok(task) = gate.spawn_into(conn, foreground) {
-                            task.detach();
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(shard = shard.id, error = %e, "RESP accept failed");
-                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
-                    }
-                }
-            }
+            accept_until(&resp_listener, "RESP", shard.id, &shutdown, |stream| {
+                let conn = serve_resp(shard.clone(), stream, shutdown.clone(), abort.clone());
+                spawn_connection(&gate, conn, foreground)
+            })
+            .await;
         };
         if let Ok(task) = connections.spawn_into(resp_loop, foreground) {
             task.detach();
@@ -1114,28 +1102,17 @@ async fn serve_shard(
             connections.clone(),
         );
         let peer_loop = async move {
-            loop {
-                let accepted = unless(peer_listener.accept(), shutdown.cancelled()).await;
-                match accepted {
-                    None => break,
-                    Some(Ok(stream)) => {
-                        let conn = serve_connection(
-                            shard.clone(),
-                            stream,
-                            shutdown.clone(),
-                            abort.clone(),
-                            Role::Peer,
-                        );
-                        if let Ok(task) = gate.spawn_into(conn, foreground) {
-                            task.detach();
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(shard = shard.id, error = %e, "peer accept failed");
-                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
-                    }
-                }
-            }
+            accept_until(&peer_listener, "peer", shard.id, &shutdown, |stream| {
+                let conn = serve_connection(
+                    shard.clone(),
+                    stream,
+                    shutdown.clone(),
+                    abort.clone(),
+                    Role::Peer,
+                );
+                spawn_connection(&gate, conn, foreground)
+            })
+            .await;
         };
         if let Ok(task) = connections.spawn_into(peer_loop, foreground) {
             task.detach();
@@ -1144,44 +1121,28 @@ async fn serve_shard(
     if let Some(admin_listener) = admin_listener {
         let (shutdown, all) = (shutdown.clone(), all_metrics.clone());
         let admin_loop = async move {
-            loop {
-                let accepted = unless(admin_listener.accept(), shutdown.cancelled()).await;
-                match accepted {
-                    None => break,
-                    // One request at a time: scrapes are rare and answering one is cheap, so an
-                    // admin client can never pile up tasks on the shard.
-                    Some(Ok(stream)) => serve_admin(stream, &all, &shutdown).await,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
-                    }
-                }
-            }
+            // One request at a time: scrapes are rare and answering one is cheap, so an admin
+            // client can never pile up tasks on the shard.
+            accept_until(&admin_listener, "admin", id, &shutdown, |stream| {
+                serve_admin(stream, &all, &shutdown)
+            })
+            .await;
         };
         if let Ok(task) = connections.spawn(admin_loop) {
             task.detach();
         }
     }
-    loop {
-        let accepted = unless(listener.accept(), shutdown.cancelled()).await;
-        match accepted {
-            None => break,
-            Some(Ok(stream)) => {
-                let (shard, shutdown, abort) = (shard.clone(), shutdown.clone(), abort.clone());
-                let task = connections.spawn_into(
-                    serve_connection(shard, stream, shutdown, abort, Role::Client),
-                    foreground,
-                );
-                if let Ok(task) = task {
-                    task.detach();
-                }
-            }
-            Some(Err(e)) => {
-                tracing::warn!(shard = id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
-            }
-        }
-    }
+    accept_until(&listener, "client", id, &shutdown, |stream| {
+        let conn = serve_connection(
+            shard.clone(),
+            stream,
+            shutdown.clone(),
+            abort.clone(),
+            Role::Client,
+        );
+        spawn_connection(&connections, conn, foreground)
+    })
+    .await;
     drop(listener);
     // Every connection has stopped reading; wait (bounded) for their last replies to be written.
     let drained = futures_lite::future::or(
@@ -1703,6 +1664,41 @@ fn encode_reply(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
         // An error body is bounded far below any frame limit the codec accepts.
         if encode_frame(&fallback, limits, out).is_err() {
             out.truncate(start);
+        }
+    }
+}
+
+/// Runs a connection as a task of `gate` (so shutdown can wait for its last replies) in `queue`;
+/// the accept loop goes on at once.
+fn spawn_connection(
+    gate: &Gate,
+    conn: impl Future<Output = ()> + 'static,
+    queue: glommio::TaskQueueHandle,
+) -> std::future::Ready<()> {
+    if let Ok(task) = gate.spawn_into(conn, queue) {
+        task.detach();
+    }
+    std::future::ready(())
+}
+
+/// Accepts connections on `listener` and hands each to `accepted` until `stop` is cancelled. A
+/// failed accept (e.g. out of file descriptors) is logged and retried after a pause, so the loop
+/// never spins.
+async fn accept_until<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    what: &str,
+    shard: usize,
+    stop: &CancellationToken,
+    mut accepted: impl FnMut(TcpStream) -> F,
+) {
+    loop {
+        match unless(listener.accept(), stop.cancelled()).await {
+            None => break,
+            Some(Ok(stream)) => accepted(stream).await,
+            Some(Err(e)) => {
+                tracing::warn!(shard, listener = what, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+            }
         }
     }
 }
