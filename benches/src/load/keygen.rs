@@ -14,6 +14,22 @@ use rand::Rng;
 
 use super::spec::Distribution;
 
+/// Length of a key made by [`key_of`].
+pub const KEY_LEN: usize = 16;
+
+/// The key with number `n`: `k` followed by `n` in 15 zero-padded decimal digits, so keys sort
+/// in number order and all have one length. The engine benchmark uses the same keys.
+pub fn key_of(n: u64) -> [u8; KEY_LEN] {
+    let mut k = [b'0'; KEY_LEN];
+    k[0] = b'k';
+    let mut v = n;
+    for b in k[1..].iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    k
+}
+
 /// YCSB's zipfian constant.
 pub const ZIPFIAN_THETA: f64 = 0.99;
 

@@ -25,20 +25,7 @@ use super::keygen::KeyChooser;
 use super::resp_client::{RespConnection, RespFailure};
 use super::spec::{OpKind, ValueSize, Workload};
 
-/// Length of a key.
-pub(crate) const KEY_LEN: usize = 16;
-
-/// The key with number `n`.
-pub(crate) fn key_of(n: u64) -> [u8; KEY_LEN] {
-    let mut k = [b'0'; KEY_LEN];
-    k[0] = b'k';
-    let mut v = n;
-    for b in k[1..].iter_mut().rev() {
-        *b = b'0' + (v % 10) as u8;
-        v /= 10;
-    }
-    k
-}
+use super::keygen::key_of;
 
 /// One logical operation, drawn before it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
