@@ -982,19 +982,19 @@ impl Core {
                 }
             }
         };
-        if let Object::Causal(clock) = &object
-            && clock.entries().count() > CONTEXT_ENTRIES_MAX
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "the key's causal history would name {} actors, more than a context carries \
-                     ({CONTEXT_ENTRIES_MAX}); write it under a new key",
-                    clock.entries().count()
-                ),
-            ));
+        if let Object::Causal(clock) = &object {
+            let actors = clock.entries().count();
+            if actors > CONTEXT_ENTRIES_MAX {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the key's causal history would name {actors} actors, more than a \
+                         context carries ({CONTEXT_ENTRIES_MAX}); write it under a new key"
+                    ),
+                ));
+            }
         }
-        let size = object.encode().len();
+        let size = object.encoded_len();
         if size > self.cfg.object_bytes_max {
             return Err(ErrorBody::new(
                 ErrorCode::TooLarge,

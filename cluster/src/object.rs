@@ -164,6 +164,26 @@ impl Object {
         }
     }
 
+    /// The length of [`Object::encode`]'s output, computed without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let val_len = |v: &Val| match v {
+            Val::Tombstone => 1,
+            Val::Value(b) => 1 + 4 + b.len(),
+        };
+        match self {
+            Object::Causal(clock) => {
+                1 + 2
+                    + clock
+                        .entries()
+                        .map(|(_, _, values)| {
+                            ENTRY_HEAD_BYTES + values.iter().map(val_len).sum::<usize>()
+                        })
+                        .sum::<usize>()
+            }
+            Object::Lww(l) => 1 + 8 + 4 + val_len(&l.val),
+        }
+    }
+
     /// Encodes the object (module docs).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -343,6 +363,7 @@ mod tests {
         ];
         for o in objects {
             let bytes = Bytes::from(o.encode());
+            assert_eq!(o.encoded_len(), bytes.len());
             assert_eq!(Object::decode(&bytes).unwrap(), o);
             for cut in 0..bytes.len() {
                 assert!(Object::decode(&bytes.slice(..cut)).is_err());
