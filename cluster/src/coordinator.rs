@@ -1911,7 +1911,7 @@ impl Core {
             }
         }
         match running {
-            Some(object) if running_changed(&local, &object) || durable => {
+            Some(object) if local.as_ref() != Some(&object) || durable => {
                 self.job_write(job, StoreOp::Write { object, durable });
             }
             _ => self.job_written(now, job),
@@ -2025,10 +2025,6 @@ enum SlotResult {
 
 /// Most jobs sharing one read and one write of a key.
 const BATCH_JOBS_MAX: usize = 64;
-
-fn running_changed(local: &Option<Object>, object: &Object) -> bool {
-    local.as_ref() != Some(object)
-}
 
 /// Largest context counter accepted (module docs: far above any real count, far below overflow).
 const COUNTER_MAX: u64 = 1 << 62;
