@@ -759,6 +759,13 @@ async fn run_shard(
             let floor = epochs::read_floor(&lease_dir)?;
             let lease = epochs::lease(&lease_dir.join(EPOCHS_FILE), id, EPOCH_LEASE_SIZE)?;
             let floor = floor.unwrap_or(lease.primary);
+            // A floor is always an epoch an earlier run leased, below this run's.
+            if floor > lease.primary {
+                return Err(epochs::EpochError::Damaged {
+                    path: lease_dir.join(epochs::FLOOR_FILE).display().to_string(),
+                    text: floor.to_string(),
+                });
+            }
             // A sync run loses no dot however it ends; a buffered one only once it closed.
             epochs::write_floor(&lease_dir, sync.then_some(floor))?;
             Ok((lease, floor))
