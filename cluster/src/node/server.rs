@@ -70,7 +70,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -350,6 +350,8 @@ struct Shard {
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
     peers: BTreeMap<NodeId, SocketAddr>,
     epochs_path: PathBuf,
+    /// Whether this run keeps its floor file while it runs (`sync` durability).
+    floor_file: bool,
     /// Storage operations and epoch renewals in flight; closed at shutdown.
     store_work: Gate,
     /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.
@@ -989,6 +991,7 @@ async fn serve_shard(
         links: RefCell::new(HashMap::new()),
         peers: cfg.peers.clone(),
         epochs_path: dir.join(EPOCHS_FILE),
+        floor_file: cfg.durability == Durability::Sync,
         store_work: Gate::new(),
         stop: stop.clone(),
         foreground,
@@ -1765,6 +1768,7 @@ impl Shard {
                 Output::Send { to, msg } => self.send_to_peer(to, msg),
                 Output::Store { id, key, op } => self.spawn_store(id, key, op),
                 Output::RenewEpochs => self.spawn_renewal(),
+                Output::PersistFloor { floor } => self.spawn_floor(floor),
             }
         }
     }
@@ -1846,6 +1850,34 @@ impl Shard {
                 // The core keeps its remaining epochs and does not ask again; home writes are
                 // unaffected, writes coordinated away from every home fail once they run out.
                 Err(e) => tracing::error!(shard = id, error = %e, "cannot renew the epoch lease"),
+            }
+        });
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    /// Persists a raised epoch floor (tombstone reaping) off the shard thread, then tells the
+    /// core. A `buffered` run keeps no floor file while it runs (a crash must leave none), so the
+    /// floor counts as persisted at once: the next run after a crash starts above it anyway.
+    fn spawn_floor(self: &Rc<Self>, floor: u32) {
+        if !self.floor_file {
+            self.core.borrow_mut().handle_floor_persisted(floor);
+            return;
+        }
+        let shard = self.clone();
+        let id = self.id;
+        let Some(dir) = self.epochs_path.parent().map(Path::to_path_buf) else {
+            return;
+        };
+        let spawned = self.store_work.spawn(async move {
+            let written = glommio::executor()
+                .spawn_blocking(move || epochs::write_floor(&dir, Some(floor)))
+                .await;
+            match written {
+                Ok(()) => shard.core.borrow_mut().handle_floor_persisted(floor),
+                // Reaping of the tombstones the old floor keeps stays blocked (logged once).
+                Err(e) => tracing::error!(shard = id, error = %e, "cannot persist the epoch floor"),
             }
         });
         if let Ok(task) = spawned {
