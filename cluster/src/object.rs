@@ -411,7 +411,10 @@ mod tests {
             a.clone(),
             actor(1),
         );
-        assert_ne!(Object::Causal(later).digest(), Object::Causal(a.clone()).digest());
+        assert_ne!(
+            Object::Causal(later).digest(),
+            Object::Causal(a.clone()).digest()
+        );
         assert_ne!(
             Object::Causal(a.clone().sync(b)).digest(),
             Object::Causal(a).digest()

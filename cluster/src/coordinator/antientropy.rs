@@ -106,7 +106,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
-use super::{Core, JobKind, Output, Pending, PeerMsg, Space, StoreKey, StoreOp};
+use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
 use crate::node::NodeId;
 use crate::object::Object;
@@ -205,7 +205,10 @@ struct Exchange {
 
 #[derive(Debug)]
 enum Step {
-    Level { peer: NodeId, depth: u32 },
+    Level {
+        peer: NodeId,
+        depth: u32,
+    },
     Keys,
     Reap {
         keys: Vec<AeKey>,
@@ -574,7 +577,8 @@ impl Core {
                             .get(&(leaf, k.bucket.clone(), k.key.clone()))
                             .is_some_and(|e| {
                                 e.digest == k.digest
-                                    && e.tomb.is_some_and(|t| t.own_epoch.is_none_or(|ep| ep < floor))
+                                    && e.tomb
+                                        .is_some_and(|t| t.own_epoch.is_none_or(|ep| ep < floor))
                             })
                     })
                     .map(|k| (k.bucket, k.key))
@@ -775,7 +779,12 @@ impl Core {
     }
 
     /// A storage read issued by anti-entropy finished.
-    pub(super) fn ae_read_done(&mut self, now: u64, id: u64, result: Result<Option<Object>, String>) {
+    pub(super) fn ae_read_done(
+        &mut self,
+        now: u64,
+        id: u64,
+        result: Result<Option<Object>, String>,
+    ) {
         let Some((to, key)) = self.ae.pushes.remove(&id) else {
             return;
         };
@@ -889,9 +898,7 @@ impl Core {
             return;
         };
         let Step::Reap {
-            held: counts,
-            keys,
-            ..
+            held: counts, keys, ..
         } = &mut x.step
         else {
             return;
@@ -973,6 +980,10 @@ mod tests {
         }
         assert!(seen > 300);
         assert!(by_placement.len() <= 16, "{}", by_placement.len());
-        assert!(by_tree.len() > seen * 9 / 10 - 40, "{} of {seen}", by_tree.len());
+        assert!(
+            by_tree.len() > seen * 9 / 10 - 40,
+            "{} of {seen}",
+            by_tree.len()
+        );
     }
 }
