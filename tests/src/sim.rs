@@ -49,8 +49,9 @@ const LWW_BUCKET: &[u8] = b"sessions";
 const SET_KEYS: usize = 1000;
 /// Anti-entropy round interval.
 const AE_INTERVAL_MS: u64 = 100;
-/// Tombstone grace period: above how long a hint can wait on a fallback in these runs.
-const TOMBSTONE_GRACE_MS: u64 = 2_000;
+/// Tombstone grace period: above how long a hint can wait on a fallback after its home got the
+/// tombstone in these runs (partitions last at most 2 s, hints are retried every 200 ms).
+const TOMBSTONE_GRACE_MS: u64 = 3_000;
 /// Bound on the time replicas take to converge by anti-entropy once faults stop.
 const CONVERGE_MS_MAX: u64 = 60_000;
 /// A client marker for requests the harness makes itself and waits for.
@@ -85,6 +86,9 @@ pub struct Params {
     /// a home of every key and no fallback exists: replicas that missed writes are repaired by
     /// read repair and anti-entropy alone.
     pub handoff: bool,
+    /// Whether a crashed node may stay down longer than the tombstone grace period, so that
+    /// the others hold tombstones past their grace period that it has not received.
+    pub long_outages: bool,
 }
 
 impl Params {
@@ -104,6 +108,7 @@ impl Params {
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
             dw: rng.gen_range(0..=1),
             handoff: true,
+            long_outages: rng.gen_bool(0.3),
         }
         .with_handoff(rng.gen_bool(0.8))
     }
@@ -946,7 +951,11 @@ impl Sim {
             Event::Crash { node } => {
                 if self.faults && self.nodes[node].core.is_some() {
                     self.crash(node);
-                    let down = self.rng.gen_range(50..2_000);
+                    let down = if self.params.long_outages && self.rng.gen_bool(0.5) {
+                        self.rng.gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
+                    } else {
+                        self.rng.gen_range(50..2_000)
+                    };
                     self.schedule(down, Event::Restart { node });
                 }
                 if self.faults {

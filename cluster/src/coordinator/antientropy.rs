@@ -56,13 +56,14 @@
 //! A deletion is a tombstone that replicates like a value. A tombstone is removed (*reaped*) only
 //! when all of these hold, so that deleted data never comes back:
 //!
-//! 1. an exchange just found the initiator's tree equal to a peer's, and the tombstone has been
-//!    stored on the initiator for `tombstone_grace_ms` (the grace period lets hints, read
-//!    repairs and other in-flight copies of older versions arrive before the deletion leaves: an
-//!    older version of the key that arrives after the reap would come back. The grace period
-//!    must therefore exceed how long a fallback can hold a hint of the key);
-//! 2. every replica of the tree confirms ([`PeerMsg::AeReap`] / [`PeerMsg::AeReapOk`]) that it
-//!    holds the same tombstone (same digest) and allows its reaping (rule 3);
+//! 1. an exchange just found the initiator's tree equal to a peer's;
+//! 2. every replica of the tree, the initiator included, confirms ([`PeerMsg::AeReap`] /
+//!    [`PeerMsg::AeReapOk`]) that it has held the same tombstone (same digest) for at least
+//!    `tombstone_grace_ms`, and allows its reaping (rule 3). The grace period, counted on each
+//!    replica from when it stored the tombstone, lets hints, read repairs and other in-flight
+//!    copies of older versions arrive before the deletion leaves: an older version that arrives
+//!    after the reap would come back. It must therefore exceed how long a fallback can hold a
+//!    hint (or a message be in flight) after the home it is for got the tombstone;
 //! 3. a replica allows a tombstone's reaping only if every entry of its own node in the
 //!    tombstone's clock has an epoch below its **persisted epoch floor**;
 //! 4. each replica then removes its copy under the key's lock only if the digest is still the
@@ -565,6 +566,7 @@ impl Core {
                 keys,
             } => {
                 let floor = self.ae.floor_durable;
+                let grace = self.cfg.tombstone_grace_ms;
                 let Some(tree) = self.ae.trees.get(&(partition, n)) else {
                     return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
                 };
@@ -577,8 +579,10 @@ impl Core {
                             .get(&(leaf, k.bucket.clone(), k.key.clone()))
                             .is_some_and(|e| {
                                 e.digest == k.digest
-                                    && e.tomb
-                                        .is_some_and(|t| t.own_epoch.is_none_or(|ep| ep < floor))
+                                    && e.tomb.is_some_and(|t| {
+                                        now >= t.since.saturating_add(grace)
+                                            && t.own_epoch.is_none_or(|ep| ep < floor)
+                                    })
                             })
                     })
                     .map(|k| (k.bucket, k.key))
