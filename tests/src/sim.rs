@@ -952,7 +952,8 @@ impl Sim {
                 if self.faults && self.nodes[node].core.is_some() {
                     self.crash(node);
                     let down = if self.params.long_outages && self.rng.gen_bool(0.5) {
-                        self.rng.gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
+                        self.rng
+                            .gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
                     } else {
                         self.rng.gen_range(50..2_000)
                     };

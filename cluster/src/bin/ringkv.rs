@@ -150,6 +150,17 @@ enum Command {
         /// Interval between hinted-handoff rounds, in ms [default: 1000].
         #[arg(long)]
         hint_retry_ms: Option<u64>,
+        /// Interval between anti-entropy rounds of each shard, in ms; 0 turns anti-entropy
+        /// off [default: 1000].
+        #[arg(long)]
+        ae_interval_ms: Option<u64>,
+        /// Most keys one anti-entropy exchange lists and repairs in each direction [default: 256].
+        #[arg(long)]
+        ae_keys_max: Option<usize>,
+        /// How long every replica must have held a tombstone before it is reaped, in ms
+        /// [default: 86400000, one day].
+        #[arg(long)]
+        tombstone_grace_ms: Option<u64>,
     },
     /// Print the value (or the siblings) of KEY (exit 1 if it does not exist).
     Get {
@@ -270,6 +281,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seeds,
             replica_timeout_ms,
             hint_retry_ms,
+            ae_interval_ms,
+            ae_keys_max,
+            tombstone_grace_ms,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -304,6 +318,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seeds,
                 replica_timeout_ms,
                 hint_retry_ms,
+                ae_interval_ms,
+                ae_keys_max,
+                tombstone_grace_ms,
                 buckets: None,
             };
             let settings = Settings::resolve(flags, file)?;
@@ -331,6 +348,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.buckets = settings.buckets;
             cfg.replica_timeout_ms = settings.replica_timeout_ms;
             cfg.hint_retry_ms = settings.hint_retry_ms;
+            cfg.ae_interval_ms = settings.ae_interval_ms;
+            cfg.ae_keys_max = settings.ae_keys_max;
+            cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -8,7 +8,8 @@
 //!
 //! Cluster settings: `node_id`, `peer_listen`, `seeds` (the static member list, `ID@HOST:PORT`
 //! peer addresses; every node must be given the same list), `replica_timeout_ms`,
-//! `hint_retry_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! `hint_retry_ms`, the anti-entropy settings `ae_interval_ms` (0 turns it off), `ae_keys_max`
+//! and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
 //! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
@@ -62,6 +63,14 @@ pub const NODE_ID_DEFAULT: u32 = 1;
 pub const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 1000;
 /// Default interval between hinted-handoff rounds, in milliseconds.
 pub const HINT_RETRY_MS_DEFAULT: u64 = 1000;
+/// Default interval between anti-entropy rounds of a shard, in milliseconds.
+pub const AE_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// Default bound on the keys one anti-entropy exchange lists and repairs per direction.
+pub const AE_KEYS_MAX_DEFAULT: usize = 256;
+/// Default tombstone grace period, in milliseconds: one day.
+pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 86_400_000;
+/// Longest tombstone grace period, in milliseconds: 30 days.
+pub const TOMBSTONE_GRACE_MS_MAX: u64 = 30 * 86_400_000;
 /// Largest replica timeout or hint interval, in milliseconds: ten minutes.
 pub const PEER_INTERVAL_MS_MAX: u64 = 600_000;
 /// Longest node name: a peer HELLO carries `<id>@<name>` in 255 bytes, and an id takes up to 10.
@@ -142,6 +151,12 @@ pub struct FileConfig {
     pub replica_timeout_ms: Option<u64>,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: Option<u64>,
+    /// Interval between anti-entropy rounds of a shard, in milliseconds (0: off).
+    pub ae_interval_ms: Option<u64>,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: Option<usize>,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: Option<u64>,
     /// Bucket properties by bucket name (`default` for every other bucket).
     pub buckets: Option<BTreeMap<String, BucketTable>>,
 }
@@ -291,6 +306,12 @@ pub struct Settings {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between anti-entropy rounds of a shard, in milliseconds (0: off).
+    pub ae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: usize,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: u64,
     /// Bucket properties, validated.
     pub buckets: Buckets,
 }
@@ -491,6 +512,41 @@ impl Settings {
                     .or(file.hint_retry_ms)
                     .unwrap_or(HINT_RETRY_MS_DEFAULT),
             )?,
+            ae_interval_ms: {
+                let v = flags
+                    .ae_interval_ms
+                    .or(file.ae_interval_ms)
+                    .unwrap_or(AE_INTERVAL_MS_DEFAULT);
+                if v > PEER_INTERVAL_MS_MAX {
+                    return Err(ConfigError::Invalid {
+                        name: "ae_interval_ms",
+                        value: v.to_string(),
+                        reason: "must be in [0, 600000]",
+                    });
+                }
+                v
+            },
+            ae_keys_max: bound(
+                "ae_keys_max",
+                flags
+                    .ae_keys_max
+                    .or(file.ae_keys_max)
+                    .unwrap_or(AE_KEYS_MAX_DEFAULT),
+            )?,
+            tombstone_grace_ms: {
+                let v = flags
+                    .tombstone_grace_ms
+                    .or(file.tombstone_grace_ms)
+                    .unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT);
+                if v == 0 || v > TOMBSTONE_GRACE_MS_MAX {
+                    return Err(ConfigError::Invalid {
+                        name: "tombstone_grace_ms",
+                        value: v.to_string(),
+                        reason: "must be in [1, 2592000000]",
+                    });
+                }
+                v
+            },
             shutdown_drain_ms,
             request_timeout_ms,
             limits,

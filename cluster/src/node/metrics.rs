@@ -8,8 +8,11 @@
 //! is meant to watch. Requests are counted by the shard that received them (a forwarded request is
 //! counted once), from the decoded request to the reply being ready.
 //!
-//! Engine figures are a snapshot each shard copies from its engine every
-//! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that.
+//! Engine figures, the coordinator's anti-entropy counters and its Merkle roots are a snapshot
+//! each shard copies every [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that. The
+//! roots are the one snapshot that is not a counter: a list behind a mutex, written by its shard
+//! once a period and read by `GET /merkle`, one line per tree: `partition n keys root` (root in
+//! hex), sorted by partition then `n`, shards merged.
 //!
 //! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
 //! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
@@ -17,7 +20,11 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Mutex;
+
 use ringkv_engine::EngineStats;
+
+use crate::coordinator::{CoreStats, TreeRoot};
 
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied).
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -91,9 +98,41 @@ const ENGINE_FIELDS: [EngineField; 10] = [
     ),
 ];
 
+/// Coordinator counters published by the node (name, help, accessor).
+type CoreField = (&'static str, &'static str, fn(&CoreStats) -> u64);
+const CORE_FIELDS: [CoreField; 5] = [
+    (
+        "ringkv_ae_exchanges_total",
+        "Anti-entropy exchanges started (one partition tree with one other replica).",
+        |s| s.ae_exchanges,
+    ),
+    (
+        "ringkv_ae_in_sync_total",
+        "Anti-entropy exchanges that found the two trees equal.",
+        |s| s.ae_in_sync,
+    ),
+    (
+        "ringkv_ae_keys_repaired_total",
+        "Objects anti-entropy sent to a replica whose version differed or was missing.",
+        |s| s.ae_keys_repaired,
+    ),
+    (
+        "ringkv_tombstones_reaped_total",
+        "Tombstones removed once every replica held them past the grace period.",
+        |s| s.tombstones_reaped,
+    ),
+    (
+        "ringkv_epoch_floor_raises_total",
+        "Epoch floor raises made so that tombstones could be reaped.",
+        |s| s.floor_raises,
+    ),
+];
+
 /// One shard's counters. Written only by its shard.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
+    core: [AtomicU64; CORE_FIELDS.len()],
+    trees: Mutex<Vec<TreeRoot>>,
     requests: [AtomicU64; 3],
     errors: [AtomicU64; 3],
     latency_buckets: [[AtomicU64; BUCKETS]; 3],
@@ -140,6 +179,35 @@ impl ShardMetrics {
             slot.store(get(stats), Ordering::Relaxed);
         }
     }
+}
+
+impl ShardMetrics {
+    /// Publishes a snapshot of the coordinator's counters.
+    pub fn set_core(&self, stats: &CoreStats) {
+        for (slot, (_, _, get)) in self.core.iter().zip(CORE_FIELDS) {
+            slot.store(get(stats), Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes the shard's Merkle roots.
+    pub fn set_trees(&self, trees: Vec<TreeRoot>) {
+        // A writer that panicked left a whole list behind (it is replaced in one assignment).
+        *self.trees.lock().unwrap_or_else(|e| e.into_inner()) = trees;
+    }
+}
+
+/// The `GET /merkle` body: one line per tree of every shard (module docs).
+pub fn render_merkle(shards: &[&ShardMetrics]) -> String {
+    let mut all: Vec<TreeRoot> = Vec::new();
+    for m in shards {
+        all.extend(m.trees.lock().unwrap_or_else(|e| e.into_inner()).iter());
+    }
+    all.sort_by_key(|t| (t.partition, t.n));
+    let mut out = String::new();
+    for t in all {
+        let _ = writeln!(out, "{} {} {} {:016x}", t.partition, t.n, t.keys, t.root);
+    }
+    out
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -248,6 +316,12 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
     }
+    for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
+        family(&mut out, name, "counter", help);
+        for (shard, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.core[f]));
+        }
+    }
     out
 }
 
@@ -276,7 +350,12 @@ pub fn admin_response(head: &[u8], shards: &[&ShardMetrics]) -> Vec<u8> {
     match path.split('?').next().unwrap_or("") {
         "/health" => response("200 OK", "text/plain", "ok\n"),
         "/metrics" => response("200 OK", "text/plain; version=0.0.4", &render(shards)),
-        _ => response("404 Not Found", "text/plain", "try /metrics or /health\n"),
+        "/merkle" => response("200 OK", "text/plain", &render_merkle(shards)),
+        _ => response(
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /health or /merkle\n",
+        ),
     }
 }
 
@@ -313,6 +392,29 @@ mod tests {
         let metrics = admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]);
         assert!(String::from_utf8_lossy(&metrics).contains("# TYPE ringkv_requests_total counter"));
         assert!(admin_response(b"GET /x HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 404"));
+        m.set_core(&CoreStats {
+            tombstones_reaped: 4,
+            ..CoreStats::default()
+        });
+        let metrics =
+            String::from_utf8_lossy(&admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]))
+                .into_owned();
+        assert!(metrics.contains("ringkv_tombstones_reaped_total{shard=\"0\"} 4\n"));
+        let other = ShardMetrics::default();
+        other.set_trees(vec![TreeRoot {
+            partition: 1,
+            n: 3,
+            keys: 2,
+            root: 0xab,
+        }]);
+        m.set_trees(vec![TreeRoot {
+            partition: 2,
+            n: 3,
+            keys: 0,
+            root: 1,
+        }]);
+        let merkle = admin_response(b"GET /merkle HTTP/1.1\r\n\r\n", &[&m, &other]);
+        assert!(merkle.ends_with(b"\r\n\r\n1 3 2 00000000000000ab\n2 3 0 0000000000000001\n"));
         assert!(
             admin_response(b"POST /metrics HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 405")
         );

@@ -172,6 +172,12 @@ pub struct ServeConfig {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between anti-entropy rounds of each shard, in milliseconds (0: off).
+    pub ae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: usize,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: u64,
 }
 
 impl ServeConfig {
@@ -202,6 +208,9 @@ impl ServeConfig {
             },
             replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
             hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
+            ae_interval_ms: config::AE_INTERVAL_MS_DEFAULT,
+            ae_keys_max: config::AE_KEYS_MAX_DEFAULT,
+            tombstone_grace_ms: config::TOMBSTONE_GRACE_MS_DEFAULT,
         }
     }
 
@@ -841,6 +850,13 @@ fn start_core(
     core_cfg.request_timeout_ms = cfg.request_timeout_ms;
     core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
     core_cfg.hint_retry_ms = cfg.hint_retry_ms;
+    core_cfg.ae_interval_ms = cfg.ae_interval_ms;
+    core_cfg.ae_keys_max = cfg.ae_keys_max;
+    core_cfg.tombstone_grace_ms = cfg.tombstone_grace_ms;
+    core_cfg.shard = (
+        u32::try_from(id).expect("shard indexes are small"),
+        u32::try_from(cfg.cpus.len()).expect("shard counts are small"),
+    );
     core_cfg.object_bytes_max = cfg.object_bytes_max();
     tracing::info!(
         shard = id,
