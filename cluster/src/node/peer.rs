@@ -80,6 +80,23 @@ pub fn hint_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {
     })
 }
 
+/// The replica stored in ring partition `partition` under engine key `engine_key`
+/// (`len(bucket) ‖ bucket ‖ key`), or `None` if the key is not one.
+pub fn replica_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {
+    let (&len, rest) = engine_key.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let (bucket, key) = rest.split_at(len);
+    Some(StoreKey {
+        partition,
+        space: Space::Primary,
+        bucket: Bytes::copy_from_slice(bucket),
+        key: Bytes::copy_from_slice(key),
+    })
+}
+
 /// The name a node gives in a peer HELLO: `<id>@<name>` (`docs/PROTOCOL.md` §5.1).
 pub fn hello_name(node: NodeId, name: &str) -> String {
     format!("{}@{name}", node.0)
@@ -570,6 +587,8 @@ mod tests {
         assert_eq!(hk.len(), pk.len() + HINT_KEY_PREFIX_BYTES);
         assert_eq!(hint_from_engine(hint.partition, &hk), Some(hint));
         assert_eq!(hint_from_engine(0, &[0, 0, 0]), None);
+        assert_eq!(replica_from_engine(primary.partition, &pk), Some(primary));
+        assert_eq!(replica_from_engine(0, &[5, b'a']), None);
         assert_eq!(hint_from_engine(0, &[0, 0, 0, 1, 5, b'a']), None);
     }
 

@@ -816,9 +816,20 @@ async fn run_shard(
     };
     let engine = match started {
         Some(started) => {
-            let core = start_core(id, &cfg, replication, lease, floor, hints);
-            let engine =
-                serve_shard(id, &cfg, engine, started, shutdown, all_metrics, core).await?;
+            let (mut core, clock) = start_core(id, &cfg, replication, lease, floor, hints);
+            if let Err(source) = load_trees(&engine, &mut core, clock.now_ms(), id, &cfg).await {
+                if let Err(closing) = close_engine(id, engine, dir.clone()).await {
+                    tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+                }
+                return Err(ServeError::Engine {
+                    shard: id,
+                    dir,
+                    source,
+                });
+            }
+            let (engine, floor) =
+                serve_shard(id, &cfg, engine, started, shutdown, all_metrics, (core, clock))
+                    .await?;
             // Served and stopping: once every write is synced, nothing this run issued can be
             // lost, so the floor holds for the next run. Recorded while the engine still holds
             // the directory's lock, so no later run can have started meanwhile.
@@ -959,7 +970,7 @@ async fn serve_shard(
     shutdown: CancellationToken,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     (core, clock): (Core, Clock),
-) -> Result<Engine, ServeError> {
+) -> Result<(Engine, u32), ServeError> {
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let Started {
@@ -1022,7 +1033,15 @@ async fn serve_shard(
     glommio::spawn_local(async move {
         loop {
             match weak.upgrade() {
-                Some(shard) => shard.metrics.set_engine(&shard.engine.stats()),
+                Some(shard) => {
+                    shard.metrics.set_engine(&shard.engine.stats());
+                    let (stats, trees) = {
+                        let mut core = shard.core.borrow_mut();
+                        (core.stats(), core.merkle_roots())
+                    };
+                    shard.metrics.set_core(&stats);
+                    shard.metrics.set_trees(trees);
+                }
                 None => break,
             }
             let stopped = futures_lite::future::or(
@@ -1203,7 +1222,9 @@ async fn serve_shard(
     shard.stop_replication().await;
     let shard = Rc::try_unwrap(shard)
         .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
-    Ok(shard.engine)
+    // Tombstone reaping may have raised the floor during the run.
+    let floor = shard.core.borrow().epoch_floor();
+    Ok((shard.engine, floor))
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -1743,6 +1764,42 @@ async fn unless<T>(
 }
 
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns.
+/// Gives the core every replica object of the shard's partitions, so its anti-entropy trees
+/// describe the engine. Reads every stored object once: startup time grows with the data (the
+/// engine index's value digests are too weak, 15 bits, to stand for versions).
+async fn load_trees(
+    engine: &Engine,
+    core: &mut Core,
+    now: u64,
+    shard: usize,
+    cfg: &ServeConfig,
+) -> Result<(), EngineError> {
+    let shard_count = cfg.cpus.len();
+    let mut loaded = 0u64;
+    for partition in
+        (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
+    {
+        let mut items = engine.iter_partition(partition);
+        while let Some(item) = items.next().await {
+            let (engine_key, bytes) = item?;
+            let Some(key) = peer::replica_from_engine(partition, &engine_key) else {
+                tracing::warn!(shard, partition, "ignoring a malformed replica key");
+                continue;
+            };
+            match Object::decode(&bytes) {
+                Ok(object) => {
+                    core.load_replica(now, &key, &object);
+                    loaded += 1;
+                }
+                // Left out of the tree: anti-entropy repairs the key from the other replicas.
+                Err(e) => tracing::warn!(shard, partition, error = %e, "undecodable object"),
+            }
+        }
+    }
+    tracing::info!(shard, keys = loaded, "anti-entropy trees built");
+    Ok(())
+}
+
 async fn scan_hints(
     engine: &Engine,
     shard: usize,
