@@ -132,6 +132,7 @@ const CORE_FIELDS: [CoreField; 5] = [
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
     core: [AtomicU64; CORE_FIELDS.len()],
+    hints: AtomicU64,
     trees: Mutex<Vec<TreeRoot>>,
     requests: [AtomicU64; 3],
     errors: [AtomicU64; 3],
@@ -187,6 +188,11 @@ impl ShardMetrics {
         for (slot, (_, _, get)) in self.core.iter().zip(CORE_FIELDS) {
             slot.store(get(stats), Ordering::Relaxed);
         }
+    }
+
+    /// Publishes how many hints the shard holds for other nodes.
+    pub fn set_hints(&self, hints: u64) {
+        self.hints.store(hints, Ordering::Relaxed);
     }
 
     /// Publishes the shard's Merkle roots.
@@ -315,6 +321,15 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         for (shard, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
+    }
+    family(
+        &mut out,
+        "ringkv_hints_stored",
+        "gauge",
+        "Hints held for other nodes, not yet delivered.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        let _ = writeln!(out, "ringkv_hints_stored{{shard=\"{shard}\"}} {}", load(&m.hints));
     }
     for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
         family(&mut out, name, "counter", help);

@@ -1035,11 +1035,12 @@ async fn serve_shard(
             match weak.upgrade() {
                 Some(shard) => {
                     shard.metrics.set_engine(&shard.engine.stats());
-                    let (stats, trees) = {
+                    let (stats, trees, hints) = {
                         let mut core = shard.core.borrow_mut();
-                        (core.stats(), core.merkle_roots())
+                        (core.stats(), core.merkle_roots(), core.hint_count())
                     };
                     shard.metrics.set_core(&stats);
+                    shard.metrics.set_hints(hints as u64);
                     shard.metrics.set_trees(trees);
                 }
                 None => break,
