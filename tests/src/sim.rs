@@ -611,7 +611,13 @@ impl Sim {
         self.member_outputs(n, member_outputs);
         self.reschedule_tick(n);
         let incarnation = self.nodes[n].incarnation;
-        self.schedule(1, Event::MemberTick { node: n, incarnation });
+        self.schedule(
+            1,
+            Event::MemberTick {
+                node: n,
+                incarnation,
+            },
+        );
     }
 
     /// The operator's steps for the run's change, starting during the fault phase.
@@ -813,7 +819,9 @@ impl Sim {
         while self.now < drain_end {
             let busy = self.nodes.iter().any(|n| {
                 n.core.as_ref().is_some_and(|c| {
-                    c.hint_count() > 0 || c.ops_in_flight() > 0 || c.transfers_in_progress() != (0, 0)
+                    c.hint_count() > 0
+                        || c.ops_in_flight() > 0
+                        || c.transfers_in_progress() != (0, 0)
                 })
             });
             if !busy && self.requests.is_empty() && self.membership_settled() {
@@ -881,7 +889,10 @@ impl Sim {
         if !self.script.is_empty() {
             return false;
         }
-        let mut states = self.nodes.iter().map(|n| n.membership.as_ref().map(|m| m.state()));
+        let mut states = self
+            .nodes
+            .iter()
+            .map(|n| n.membership.as_ref().map(|m| m.state()));
         let Some(Some(first)) = states.next() else {
             return false;
         };

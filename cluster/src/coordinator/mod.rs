@@ -549,9 +549,14 @@ enum JobKind {
 #[derive(Debug, Clone, Copy)]
 enum ApplyDone {
     Peer(NodeId, u64),
-    Slot { op: u64, slot: usize },
+    Slot {
+        op: u64,
+        slot: usize,
+    },
     /// A key of a pulled page (`transfer.rs`).
-    Transfer { partition: u32 },
+    Transfer {
+        partition: u32,
+    },
     Nothing,
 }
 
@@ -604,7 +609,10 @@ impl Core {
         assert!(cfg.replica_timeout_ms > 0);
         assert!(cfg.hint_retry_ms > 0);
         assert!(cfg.hint_inflight_max > 0);
-        assert!(cfg.shard < cfg.shards, "a core's shard index is below the shard count");
+        assert!(
+            cfg.shard < cfg.shards,
+            "a core's shard index is below the shard count"
+        );
         let floor = cfg.epoch_floor.unwrap_or(epochs.primary);
         assert!(
             floor <= epochs.primary,
@@ -1562,7 +1570,7 @@ impl Core {
             PeerMsg::ReplicaPut { id, ref key, .. } => {
                 if key.space == Space::Primary && !self.replicates(key.partition) {
                     // A coordinator with an older ring: keep the write, and hand it on.
-                    self.handoff_needed(now, key.partition);
+                    self.foreign_write(now, from, id, key.partition);
                 }
                 self.local(id, msg, ReplyTo2::Peer(from, id));
             }
@@ -2126,6 +2134,9 @@ impl Core {
                 }
             }
             JobKind::Apply { durable, then, .. } => {
+                if let ApplyDone::Peer(node, id) = then {
+                    self.replica_write_done(now, node, id);
+                }
                 if let Space::Hint(_) = j.key.space {
                     self.hints.entry(j.key.clone()).or_default();
                 }
@@ -2161,13 +2172,16 @@ impl Core {
                 );
             }
             JobKind::Apply { then, .. } => match then {
-                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                }),
+                ApplyDone::Peer(node, id) => {
+                    self.replica_write_done(now, node, id);
+                    self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::Failed {
+                            id,
+                            error: ErrorBody::new(ErrorCode::Internal, e),
+                        },
+                    });
+                }
                 ApplyDone::Slot { op, slot } => {
                     self.pending_slot_done(op, slot);
                     self.slot_answered(now, op, slot, SlotResult::Failed);

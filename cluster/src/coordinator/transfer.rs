@@ -110,6 +110,9 @@ pub(super) struct Transfers {
     /// `(epoch, partition)` pulls finished and reported.
     done: BTreeSet<(u64, u32)>,
     handoffs: BTreeMap<u32, Handoff>,
+    /// Replica writes in flight to partitions this node does not replicate: (sender, request
+    /// id) → partition.
+    foreign: BTreeMap<(NodeId, u64), u32>,
 }
 
 impl Transfers {
@@ -201,6 +204,21 @@ impl Core {
         }
         self.transfer_round(now);
         self.take_output()
+    }
+
+    /// A replica write to a partition this node does not replicate (a coordinator with an older
+    /// ring) arrived: it is kept, and the partition's handoff must not finish before it lands.
+    pub(super) fn foreign_write(&mut self, now: u64, from: NodeId, id: u64, partition: u32) {
+        self.transfers.foreign.insert((from, id), partition);
+        self.handoff_needed(now, partition);
+    }
+
+    /// The replica write `id` from `from` finished (or failed): if it was a foreign one, the
+    /// handoff of its partition goes around again so it is pushed too.
+    pub(super) fn replica_write_done(&mut self, now: u64, from: NodeId, id: u64) {
+        if let Some(partition) = self.transfers.foreign.remove(&(from, id)) {
+            self.handoff_needed(now, partition);
+        }
     }
 
     /// Schedules (or repeats) the handoff of `partition`.
@@ -326,7 +344,8 @@ impl Core {
         pull.step = Step::Asking;
         let after = pull.cursor.clone();
         self.pending.insert(id, Pending::Pull { partition });
-        self.timeouts.insert((now + self.cfg.request_timeout_ms, id));
+        self.timeouts
+            .insert((now + self.cfg.request_timeout_ms, id));
         self.out.push(Output::Send {
             to: source,
             msg: PeerMsg::TransferPull {
@@ -578,7 +597,7 @@ impl Core {
                 h.cursor = Some(cursor);
                 h.step = Step::Idle { at: now };
             }
-            None if h.writes > 0 => {
+            None if h.writes > 0 || self.transfers.foreign.values().any(|p| *p == partition) => {
                 // Writes arrived during the pass: they may be behind the cursor. Again.
                 h.cursor = None;
                 h.step = Step::Idle { at: now };

@@ -31,8 +31,8 @@ use bytes::Bytes;
 use ringkv_net::limits::BUCKET_BYTES_MAX;
 use ringkv_net::wire::{LenWidth, Reader, Writer};
 use ringkv_net::{
-    BodyError, Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut,
-    ReplicaPutOk,
+    BodyError, Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk,
+    ReplicaPut, ReplicaPutOk,
 };
 
 use ringkv_engine::index::KeyHash;

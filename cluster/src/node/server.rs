@@ -76,12 +76,12 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
-use bytes::Bytes;
 use glommio::{
     ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
     yield_if_needed,
@@ -1898,7 +1898,11 @@ impl Shard {
             let (kh, engine_key, value) = entry.map_err(|e| e.to_string())?;
             last = Some(kh);
             let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
-                tracing::warn!(shard = self.id, partition, "skipping a malformed replica key");
+                tracing::warn!(
+                    shard = self.id,
+                    partition,
+                    "skipping a malformed replica key"
+                );
                 continue;
             };
             let object = Object::decode(&value).map_err(|e| {
@@ -1923,7 +1927,11 @@ impl Shard {
         let shard = self.clone();
         let spawned = self.store_work.spawn_into(
             async move {
-                match shard.engine.drop_partition(partition, Durability::Sync).await {
+                match shard
+                    .engine
+                    .drop_partition(partition, Durability::Sync)
+                    .await
+                {
                     Ok(_) => {
                         let outputs = shard
                             .core
