@@ -18,8 +18,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringkv_cluster::node::NodeId;
 use ringkv_cluster::node::route::{PARTITIONS, partition_of};
-use ringkv_cluster::ring::Ring;
 use ringkv_cluster::ring::PartitionId;
+use ringkv_cluster::ring::Ring;
 use ringkv_net::{
     Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Put, Sibling,
 };
@@ -470,7 +470,10 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
                     if let Ok(Message::DeleteOk) = c.request_message(delete) {
                         acked.insert(i, None);
                     }
-                } else if c.put(b"b", &key(i), &value, context.filter(|c| !c.is_empty())).is_ok() {
+                } else if c
+                    .put(b"b", &key(i), &value, context.filter(|c| !c.is_empty()))
+                    .is_ok()
+                {
                     acked.insert(i, Some(value));
                 }
             }
@@ -546,7 +549,10 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
     }
     assert!(repaired, "anti-entropy did not repair the restarted node");
     let hints: u64 = nodes.iter().map(|n| metric(n, "ringkv_hints_stored")).sum();
-    assert!(hints > 0, "the hints are still on the fallback, undelivered");
+    assert!(
+        hints > 0,
+        "the hints are still on the fallback, undelivered"
+    );
     let repairs: u64 = nodes
         .iter()
         .map(|n| metric(n, "ringkv_ae_keys_repaired_total"))

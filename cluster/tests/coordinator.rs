@@ -61,6 +61,7 @@ impl One {
                 Output::Send { to, .. } => panic!("a one-node cluster sent to {to}"),
                 Output::RenewEpochs => {}
                 Output::PersistFloor { floor } => self.core.handle_floor_persisted(floor),
+                other => panic!("a one-node cluster with a fixed ring moved data: {other:?}"),
             }
         }
     }

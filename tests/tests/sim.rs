@@ -43,6 +43,7 @@ fn seeds_keep_the_promises() {
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
+    let mut membership = (0usize, 0u64, 0u64);
     for seed in start..start + count {
         let o = run_seed(seed);
         totals.0 += o.acked_writes;
@@ -59,6 +60,9 @@ fn seeds_keep_the_promises() {
         ae.4 += o.floor_raises;
         ae.5 += o.stale_writes;
         ae.6 = ae.6.max(o.converge_ms);
+        membership.0 += o.changes;
+        membership.1 += o.partitions_received;
+        membership.2 += o.partitions_dropped;
     }
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
@@ -70,6 +74,11 @@ fn seeds_keep_the_promises() {
          reaped, {} floor raises, {} writes with pre-delete contexts, convergence within {} ms",
         ae.0, ae.1, ae.2, ae.3, ae.4, ae.5, ae.6
     );
+    println!(
+        "membership: {} changes committed, {} partitions received, {} partitions dropped after \
+         handoff",
+        membership.0, membership.1, membership.2
+    );
     if count >= 100 {
         assert!(totals.1 > 0, "no run produced siblings");
         assert!(totals.2 > 0 && totals.3 > 0, "no run used hinted handoff");
@@ -80,6 +89,10 @@ fn seeds_keep_the_promises() {
         assert!(ae.2 > 0, "anti-entropy never repaired a replica");
         assert!(ae.3 > 0 && ae.4 > 0, "no run reaped a tombstone");
         assert!(ae.5 > 0, "no run wrote with a pre-delete context");
+        assert!(
+            membership.0 > 0 && membership.1 > 0 && membership.2 > 0,
+            "no run changed membership and moved partitions"
+        );
     }
 }
 

@@ -111,7 +111,7 @@ use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
 use crate::node::NodeId;
 use crate::object::Object;
-use crate::ring::key_hash;
+use crate::ring::{PartitionId, key_hash};
 
 /// Most differing nodes of one level whose children the next level sends.
 pub(super) const LEVEL_PARENTS_MAX: usize = 16;
@@ -229,47 +229,75 @@ impl Core {
         tree_hash(bucket, key, self.ring.partition_count().bits())
     }
 
-    /// The replica count of the tree a bucket's keys belong to.
+    /// The tree a bucket's keys belong to: the bucket's `n`, not capped by the member count, so
+    /// that a key stays in its tree when members come and go.
     fn tree_n(&self, bucket: &[u8]) -> u8 {
-        let n = usize::from(self.cfg.buckets.props(bucket).n).min(self.ring.members().len());
-        u8::try_from(n).expect("n fits the bucket property's u8")
+        self.cfg.buckets.props(bucket).n
+    }
+
+    /// The replicas of tree `(partition, n)` in the ring in force: the first `n` of the walk,
+    /// or every member when there are fewer.
+    fn tree_homes(&self, tree: (u32, u8)) -> &[NodeId] {
+        let n = usize::from(tree.1).min(self.ring.members().len());
+        &self.walks[tree.0 as usize][..n]
     }
 
     /// The other replicas of tree `(partition, n)`.
     fn tree_peers(&self, tree: (u32, u8)) -> Vec<NodeId> {
-        self.walks[tree.0 as usize][..usize::from(tree.1)]
+        self.tree_homes(tree)
             .iter()
             .copied()
             .filter(|&h| h != self.cfg.node)
             .collect()
     }
 
-    /// Recomputes which trees this core keeps (module docs), keeping those it already has.
+    /// Recomputes which trees this core keeps (module docs), keeping those it already has: the
+    /// trees of the ring in force, which it exchanges, and those of the pending ring during a
+    /// membership change, so the keys a partition transfer writes are in the tree when the ring
+    /// flips.
     pub(super) fn ae_set_ring(&mut self) {
-        let (index, count) = self.cfg.shard;
+        let (index, count) = (self.cfg.shard, self.cfg.shards);
         assert!(count > 0 && index < count, "a shard index below the count");
-        let members = self.ring.members().len();
         let mut ns: Vec<u8> = std::iter::once(&self.cfg.buckets.default)
             .chain(self.cfg.buckets.named.values())
-            .map(|p| u8::try_from(usize::from(p.n).min(members)).expect("n fits a u8"))
+            .map(|p| p.n)
             .collect();
         ns.sort_unstable();
         ns.dedup();
         let me = self.cfg.node;
         let mut order = Vec::new();
+        let mut kept = std::collections::BTreeSet::new();
         for p in (0..self.ring.partition_count().get()).filter(|p| p % count == index) {
             for &n in &ns {
-                if self.walks[p as usize][..usize::from(n)].contains(&me) {
+                if self.tree_homes((p, n)).contains(&me) {
                     order.push((p, n));
+                    kept.insert((p, n));
+                }
+                if let Some((_, pending)) = self.transfers.pending() {
+                    let n_pending = usize::from(n).min(pending.members().len());
+                    if pending
+                        .preference_list(PartitionId(p), n_pending)
+                        .contains(&me)
+                    {
+                        kept.insert((p, n));
+                    }
                 }
             }
         }
         let mut trees = std::mem::take(&mut self.ae.trees);
-        self.ae.trees = order
-            .iter()
-            .map(|t| (*t, trees.remove(t).unwrap_or_default()))
+        self.ae.trees = kept
+            .into_iter()
+            .map(|t| (t, trees.remove(&t).unwrap_or_default()))
             .collect();
         self.ae.order = order;
+        if self
+            .ae
+            .exchange
+            .as_ref()
+            .is_some_and(|x| !self.ae.order.contains(&x.tree))
+        {
+            self.ae_end();
+        }
     }
 
     /// A stored replica object found at startup: the shell calls this for every key of
@@ -308,6 +336,12 @@ impl Core {
     /// Whether an anti-entropy exchange is running.
     pub fn ae_busy(&self) -> bool {
         self.ae.exchange.is_some() || !self.ae.pushes.is_empty()
+    }
+
+    /// A merge under `key`'s lock found `stored` and had nothing to write: the tree is set to
+    /// what is stored (a no-op unless the tree had drifted).
+    pub(super) fn ae_stored(&mut self, now: u64, key: &StoreKey, stored: Option<&Object>) {
+        self.tree_set(now, key, stored);
     }
 
     /// A storage operation on `key` is issued under its lock: its tree follows.
@@ -636,7 +670,10 @@ impl Core {
             }
             return;
         }
-        let t = self.ae.trees.get_mut(&tree).expect("exchanged trees exist");
+        // A ring change may have taken the tree away meanwhile.
+        let Some(t) = self.ae.trees.get_mut(&tree) else {
+            return self.ae_end();
+        };
         if depth < DEPTH {
             let width = FANOUT.pow(depth);
             let mut parents: Vec<usize> = differing
@@ -792,9 +829,12 @@ impl Core {
         let Some((to, key)) = self.ae.pushes.remove(&id) else {
             return;
         };
-        // Missing (reaped meanwhile) or unreadable: nothing to send; the next exchange retries.
-        let Ok(Some(object)) = result else {
-            return;
+        let object = match result {
+            Ok(Some(object)) => object,
+            // Gone (reaped meanwhile, or a tree that outlived its data): the tree learns it.
+            Ok(None) => return self.tree_set(now, &key, None),
+            // Unreadable: nothing to send; the next exchange retries.
+            Err(_) => return,
         };
         self.stats.ae_keys_repaired += 1;
         let mid = self.id();

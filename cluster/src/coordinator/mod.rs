@@ -79,6 +79,8 @@ use crate::ring::{PartitionId, Ring};
 
 mod antientropy;
 pub use antientropy::{AeKey, TreeRoot};
+mod transfer;
+pub use transfer::{HANDOFFS_MAX, PAGE_BYTES, PAGE_ITEMS, PULLS_MAX, ScanItem, ScanPage};
 
 /// Settings of a [`Core`].
 #[derive(Clone, Debug)]
@@ -114,9 +116,12 @@ pub struct CoreConfig {
     pub ae_keys_max: usize,
     /// How long a tombstone is kept after this replica stored it before it may be reaped.
     pub tombstone_grace_ms: u64,
-    /// This core's shard and the node's shard count: the core keeps trees for the partitions
-    /// `p` with `p % count == index` only.
-    pub shard: (u32, u32),
+    /// This core handles the partitions `p` with `p % shards == shard`.
+    pub shard: u32,
+    /// Cores of the node.
+    pub shards: u32,
+    /// Replicas partition transfers are computed for (the largest bucket `n`).
+    pub target_n: usize,
 }
 
 impl CoreConfig {
@@ -137,7 +142,9 @@ impl CoreConfig {
             ae_interval_ms: 1_000,
             ae_keys_max: 256,
             tombstone_grace_ms: 86_400_000,
-            shard: (0, 1),
+            shard: 0,
+            shards: 1,
+            target_n: 3,
         }
     }
 }
@@ -336,6 +343,23 @@ pub enum PeerMsg {
         /// Request id.
         id: u64,
     },
+    /// Send a page of the receiver's replica of `partition`, after cursor `after`
+    /// (`transfer.rs`).
+    TransferPull {
+        /// Request id.
+        id: u64,
+        /// The partition.
+        partition: u32,
+        /// Where the previous page ended; `None` for the first page.
+        after: Option<Bytes>,
+    },
+    /// A page of a partition.
+    TransferPage {
+        /// Request id.
+        id: u64,
+        /// The keys and the next cursor.
+        page: ScanPage,
+    },
     /// A request failed on the receiver (storage error, bad input).
     Failed {
         /// Request id.
@@ -346,6 +370,29 @@ pub enum PeerMsg {
 }
 
 impl PeerMsg {
+    /// The id a request carries and its answer echoes.
+    pub fn id(&self) -> u64 {
+        match self {
+            PeerMsg::ReplicaPut { id, .. }
+            | PeerMsg::ReplicaPutOk { id, .. }
+            | PeerMsg::ReplicaGet { id, .. }
+            | PeerMsg::ReplicaGetOk { id, .. }
+            | PeerMsg::Forward { id, .. }
+            | PeerMsg::ForwardReply { id, .. }
+            | PeerMsg::TransferPull { id, .. }
+            | PeerMsg::TransferPage { id, .. }
+            | PeerMsg::AeLevel { id, .. }
+            | PeerMsg::AeLevelOk { id, .. }
+            | PeerMsg::AeKeys { id, .. }
+            | PeerMsg::AeKeysOk { id, .. }
+            | PeerMsg::AeReap { id, .. }
+            | PeerMsg::AeReapOk { id, .. }
+            | PeerMsg::AeDrop { id, .. }
+            | PeerMsg::AeDropOk { id }
+            | PeerMsg::Failed { id, .. } => *id,
+        }
+    }
+
     /// Whether this message answers a request (rather than being one).
     pub fn is_answer(&self) -> bool {
         matches!(
@@ -357,6 +404,7 @@ impl PeerMsg {
                 | PeerMsg::AeKeysOk { .. }
                 | PeerMsg::AeReapOk { .. }
                 | PeerMsg::AeDropOk { .. }
+                | PeerMsg::TransferPage { .. }
                 | PeerMsg::Failed { .. }
         )
     }
@@ -398,6 +446,34 @@ pub enum Output {
         /// The new floor.
         floor: u32,
     },
+    /// Read a page of the replica of `partition`: up to `max_items` keys after cursor `after`
+    /// (and stop adding keys past `max_bytes`, keeping at least one), in a stable order; report
+    /// with [`Core::handle_scanned`] and the same `id`.
+    Scan {
+        /// Operation id.
+        id: u64,
+        /// The partition.
+        partition: u32,
+        /// Cursor from the previous page.
+        after: Option<Bytes>,
+        /// Most keys.
+        max_items: usize,
+        /// Byte budget.
+        max_bytes: usize,
+    },
+    /// This node now holds `partition` for the pending ring of `epoch`: tell membership
+    /// (`Membership::transfer_done`).
+    TransferDone {
+        /// The pending ring's epoch.
+        epoch: u64,
+        /// The partition.
+        partition: u32,
+    },
+    /// Drop the replica of `partition` (handed off), then call [`Core::partition_dropped`].
+    DropPartition {
+        /// The partition.
+        partition: u32,
+    },
 }
 
 /// Counters for metrics and tests.
@@ -425,6 +501,16 @@ pub struct CoreStats {
     pub tombstones_reaped: u64,
     /// Times tombstone reaping raised the epoch floor.
     pub floor_raises: u64,
+    /// Partitions pulled for a pending ring.
+    pub partitions_received: u64,
+    /// Keys merged from pulled pages.
+    pub transferred_keys: u64,
+    /// Keys pushed to the current replicas by handoffs.
+    pub handed_off_keys: u64,
+    /// Partitions dropped after their handoff.
+    pub partitions_dropped: u64,
+    /// Write copies sent to the replicas a pending ring adds.
+    pub pending_copies: u64,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -530,6 +616,14 @@ enum Pending {
     PeerRead { to: ReplyTo2 },
     /// A hint read before delivery.
     HintRead { hint: StoreKey },
+    /// A page asked for by the pull of `partition`.
+    Pull { partition: u32 },
+    /// A scan for a peer's pull, answered to `to` with `id`.
+    ServeScan { to: NodeId, id: u64 },
+    /// A scan of a partition being handed off.
+    HandoffScan { partition: u32 },
+    /// A key of a handoff page pushed to a replica.
+    HandoffPut { partition: u32 },
 }
 
 /// Where the answer of a local storage read goes.
@@ -576,7 +670,14 @@ enum JobKind {
 #[derive(Debug, Clone, Copy)]
 enum ApplyDone {
     Peer(NodeId, u64),
-    Slot { op: u64, slot: usize },
+    Slot {
+        op: u64,
+        slot: usize,
+    },
+    /// A key of a pulled page (`transfer.rs`).
+    Transfer {
+        partition: u32,
+    },
     Nothing,
 }
 
@@ -615,6 +716,7 @@ pub struct Core {
     out: Vec<Output>,
     stats: CoreStats,
     ae: antientropy::AeState,
+    transfers: transfer::Transfers,
 }
 
 impl Core {
@@ -629,6 +731,10 @@ impl Core {
         assert!(cfg.replica_timeout_ms > 0);
         assert!(cfg.hint_retry_ms > 0);
         assert!(cfg.hint_inflight_max > 0);
+        assert!(
+            cfg.shard < cfg.shards,
+            "a core's shard index is below the shard count"
+        );
         let floor = cfg.epoch_floor.unwrap_or(epochs.primary);
         assert!(
             floor <= epochs.primary,
@@ -660,6 +766,7 @@ impl Core {
             out: Vec::new(),
             stats: CoreStats::default(),
             ae: antientropy::AeState::new(floor),
+            transfers: transfer::Transfers::default(),
             cfg,
         };
         core.set_ring(core.ring.clone());
@@ -717,6 +824,7 @@ impl Core {
             self.op_deadlines.first().map(|(t, _)| *t),
             (!self.hints.is_empty()).then_some(self.next_hint_round),
             self.ae_deadline(),
+            self.transfer_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -1160,6 +1268,24 @@ impl Core {
             }
             self.assign_slot(now, id, slot);
         }
+        if self.transfers.pending().is_some()
+            && let Some(op) = self.ops.get(&id)
+            && let OpKind::Write {
+                object: Some(object),
+                want_durable,
+                ..
+            } = &op.kind
+        {
+            let homes: Vec<NodeId> = op.slots.iter().map(|s| s.home).collect();
+            let key = StoreKey {
+                partition: op.partition,
+                space: Space::Primary,
+                bucket: op.bucket.clone(),
+                key: op.key.clone(),
+            };
+            let (object, durable) = (object.clone(), *want_durable);
+            self.send_to_pending(now, key, &homes, &object, durable);
+        }
         self.check_write(now, id);
     }
 
@@ -1176,7 +1302,9 @@ impl Core {
         let holder = if !op.used.contains(&home) && self.believed_up(home, now) {
             Some(home)
         } else {
-            walk[n..]
+            // The ring may have changed (and shrunk) since the op began.
+            walk.get(n..)
+                .unwrap_or_default()
                 .iter()
                 .copied()
                 .find(|f| !op.used.contains(f) && self.believed_up(*f, now))
@@ -1550,9 +1678,42 @@ impl Core {
     pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
         self.heard_from(from);
         match msg {
-            PeerMsg::ReplicaPut { id, .. } | PeerMsg::ReplicaGet { id, .. } => {
+            PeerMsg::ReplicaPut { id, ref key, .. }
+                if key.space == Space::Primary && self.dropping(key.partition) =>
+            {
+                self.out.push(Output::Send {
+                    to: from,
+                    msg: PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(
+                            ErrorCode::Overloaded,
+                            "the partition is being dropped here after its handoff",
+                        ),
+                    },
+                });
+            }
+            PeerMsg::ReplicaPut { id, ref key, .. } => {
+                if key.space == Space::Primary && !self.replicates(key.partition) {
+                    // A coordinator with an older ring: keep the write, and hand it on.
+                    self.foreign_write(now, from, id, key.partition);
+                }
                 self.local(id, msg, ReplyTo2::Peer(from, id));
             }
+            PeerMsg::ReplicaGet { id, .. } => {
+                self.local(id, msg, ReplyTo2::Peer(from, id));
+            }
+            PeerMsg::TransferPull {
+                id,
+                partition,
+                after,
+            } => self.serve_pull(from, id, partition, after),
+            PeerMsg::TransferPage { id, page } => match self.pending.remove(&id) {
+                Some(Pending::Pull { partition }) => self.pull_page(now, partition, page),
+                Some(other) => {
+                    self.pending.insert(id, other);
+                }
+                None => {}
+            },
             PeerMsg::Forward { id, request } => {
                 self.start(now, ReplyTo::Peer(from, id), request, true);
             }
@@ -1576,6 +1737,9 @@ impl Core {
                     if durable {
                         self.lock(hint, JobKind::DropHint { delivered: object });
                     }
+                }
+                Some(Pending::HandoffPut { partition }) => {
+                    self.handoff_acked(now, partition, durable)
                 }
                 Some(Pending::Repair { .. }) | None => {}
                 Some(other) => {
@@ -1621,6 +1785,10 @@ impl Core {
                         if let Some(h) = self.hints.get_mut(&hint) {
                             h.in_flight = false;
                         }
+                    }
+                    Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
+                    Some(Pending::HandoffPut { partition }) => {
+                        self.handoff_acked(now, partition, false)
                     }
                     Some(_) => {}
                     None => self.ae_failed(now, from, id),
@@ -1691,6 +1859,8 @@ impl Core {
                 }
             }
             Some(Pending::Repair { node }) => self.mark_down(node, now),
+            Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
+            Some(Pending::HandoffPut { partition }) => self.handoff_acked(now, partition, false),
             Some(Pending::Delivery { hint, .. }) => {
                 self.hints_in_flight -= 1;
                 if let Space::Hint(home) = hint.space {
@@ -1730,6 +1900,7 @@ impl Core {
             self.deliver_hints(now);
         }
         self.ae_tick(now);
+        self.transfer_round(now);
         self.take_output()
     }
 
@@ -2061,7 +2232,12 @@ impl Core {
             Some(object) if local.as_ref() != Some(&object) || durable => {
                 self.job_write(now, job, StoreOp::Write { object, durable });
             }
-            _ => self.job_written(now, job),
+            _ => {
+                // Nothing to write: the replica's tree is re-checked against what is stored
+                // (anti-entropy), so a tree that missed a write heals when the key is merged.
+                self.ae_stored(now, &key, local.as_ref());
+                self.job_written(now, job)
+            }
         }
     }
 
@@ -2113,6 +2289,9 @@ impl Core {
                 }
             }
             JobKind::Apply { durable, then, .. } => {
+                if let ApplyDone::Peer(node, id) = then {
+                    self.replica_write_done(now, node, id);
+                }
                 if let Space::Hint(_) = j.key.space {
                     self.hints.entry(j.key.clone()).or_default();
                 }
@@ -2125,6 +2304,9 @@ impl Core {
                     ApplyDone::Slot { op, slot } => {
                         self.pending_slot_done(op, slot);
                         self.slot_answered(now, op, slot, SlotResult::Written { durable });
+                    }
+                    ApplyDone::Transfer { partition } => {
+                        self.transfer_applied(now, partition, true)
                     }
                     ApplyDone::Nothing => {}
                 }
@@ -2146,17 +2328,21 @@ impl Core {
                 );
             }
             JobKind::Apply { then, .. } => match then {
-                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                }),
+                ApplyDone::Peer(node, id) => {
+                    self.replica_write_done(now, node, id);
+                    self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::Failed {
+                            id,
+                            error: ErrorBody::new(ErrorCode::Internal, e),
+                        },
+                    });
+                }
                 ApplyDone::Slot { op, slot } => {
                     self.pending_slot_done(op, slot);
                     self.slot_answered(now, op, slot, SlotResult::Failed);
                 }
+                ApplyDone::Transfer { partition } => self.transfer_applied(now, partition, false),
                 ApplyDone::Nothing => {}
             },
             JobKind::DropHint { .. } | JobKind::Reap { .. } => {}

@@ -329,7 +329,11 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         "Hints held for other nodes, not yet delivered.",
     );
     for (shard, m) in shards.iter().enumerate() {
-        let _ = writeln!(out, "ringkv_hints_stored{{shard=\"{shard}\"}} {}", load(&m.hints));
+        let _ = writeln!(
+            out,
+            "ringkv_hints_stored{{shard=\"{shard}\"}} {}",
+            load(&m.hints)
+        );
     }
     for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
         family(&mut out, name, "counter", help);
