@@ -28,7 +28,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 const STARTUP_RETRIES: usize = 300;
 const RETRY_DELAY_MS: u64 = 50;
 /// Rounds of the handoff poll, each a pause of [`HANDOFF_POLL_MS`] and one check.
-const HANDOFF_POLLS: usize = 20;
+const HANDOFF_POLLS: usize = 150;
 const HANDOFF_POLL_MS: u64 = 200;
 
 const BUCKETS: &str = "\
@@ -519,7 +519,6 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
                 .map(|v| Sibling::Value(Bytes::from(v.clone())))
                 .collect();
             if found != expected {
-                eprintln!("key {i}: found {found:?}, expected {expected:?}");
                 all = false;
                 break;
             }
