@@ -111,7 +111,7 @@ use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
 use crate::node::NodeId;
 use crate::object::Object;
-use crate::ring::{PartitionId, key_hash};
+use crate::ring::{PartitionId, Ring, key_hash};
 
 /// Most differing nodes of one level whose children the next level sends.
 pub(super) const LEVEL_PARENTS_MAX: usize = 16;
@@ -157,6 +157,8 @@ pub(super) struct AeState {
     last_raise: Option<u64>,
     /// Reads of objects to send to a peer: store op id → (peer, key).
     pushes: BTreeMap<u64, (NodeId, StoreKey)>,
+    /// The rings (in force, pending) the trees were last computed for.
+    view: Option<(Ring, Option<Ring>)>,
 }
 
 impl AeState {
@@ -171,6 +173,7 @@ impl AeState {
             floor_pending: None,
             last_raise: None,
             pushes: BTreeMap::new(),
+            view: None,
         }
     }
 }
@@ -258,6 +261,14 @@ impl Core {
     pub(super) fn ae_set_ring(&mut self) {
         let (index, count) = (self.cfg.shard, self.cfg.shards);
         assert!(count > 0 && index < count, "a shard index below the count");
+        let view = (
+            self.ring.clone(),
+            self.transfers.pending().map(|(_, r)| r.clone()),
+        );
+        if self.ae.view.as_ref() == Some(&view) {
+            return;
+        }
+        self.ae.view = Some(view);
         let mut ns: Vec<u8> = std::iter::once(&self.cfg.buckets.default)
             .chain(self.cfg.buckets.named.values())
             .map(|p| p.n)
