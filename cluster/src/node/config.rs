@@ -664,6 +664,36 @@ mod tests {
     }
 
     /// Misspelt keys, wrong types and out-of-range bounds are refused.
+    /// Anti-entropy settings: defaults, the file, and their ranges (0 turns anti-entropy off; a
+    /// grace period of 0 would reap tombstones before any copy could arrive, so it is refused).
+    #[test]
+    fn anti_entropy_settings() {
+        let s = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(s.ae_interval_ms, AE_INTERVAL_MS_DEFAULT);
+        assert_eq!(s.ae_keys_max, AE_KEYS_MAX_DEFAULT);
+        assert_eq!(s.tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT);
+        let file = FileConfig::parse(
+            "ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(FileConfig::default(), file).unwrap();
+        assert_eq!(
+            (s.ae_interval_ms, s.ae_keys_max, s.tombstone_grace_ms),
+            (0, 16, 5000)
+        );
+        for bad in [
+            "tombstone_grace_ms = 0",
+            "ae_keys_max = 0",
+            "ae_interval_ms = 600001",
+        ] {
+            let file = FileConfig::parse(bad).unwrap();
+            assert!(
+                Settings::resolve(FileConfig::default(), file).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn bad_files_are_refused() {
         assert!(FileConfig::parse("data_dri = \"/d\"").is_err());
