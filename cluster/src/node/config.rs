@@ -672,10 +672,9 @@ mod tests {
         assert_eq!(s.ae_interval_ms, AE_INTERVAL_MS_DEFAULT);
         assert_eq!(s.ae_keys_max, AE_KEYS_MAX_DEFAULT);
         assert_eq!(s.tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT);
-        let file = FileConfig::parse(
-            "ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n",
-        )
-        .unwrap();
+        let file =
+            FileConfig::parse("ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n")
+                .unwrap();
         let s = Settings::resolve(FileConfig::default(), file).unwrap();
         assert_eq!(
             (s.ae_interval_ms, s.ae_keys_max, s.tombstone_grace_ms),
