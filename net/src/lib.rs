@@ -8,6 +8,8 @@
 //! - [`message`]: message kinds and typed bodies (handshake, client ops, peer replica ops, errors).
 //! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
 //! - [`error`]: typed errors naming the frame, field and limit at fault.
+//! - [`wire`]: the bounds-checked field reader and writer every body uses, public so the cluster
+//!   layer writes CLUSTER and ADMIN payloads with the same encodings.
 //! - [`resp`]: an incremental RESP2 request parser and reply encoder (and a reply parser).
 //! - [`client`]: clients: a blocking one on `std::net` and a thread-safe pool of them, and (feature
 //!   `tokio`, on by default) a multiplexed async connection and a pool of those, all reconnecting
@@ -30,7 +32,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod resp;
-mod wire;
+pub mod wire;
 
 #[cfg(feature = "tokio")]
 pub use client::{AsyncConnection, AsyncPool};
@@ -44,6 +46,7 @@ pub use frame::{
 };
 pub use limits::{Limits, LimitsError};
 pub use message::{
-    Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Kind, Message, Put, PutOk,
-    ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
+    Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello,
+    HelloOk, Kind, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
+    Sibling,
 };

@@ -43,10 +43,15 @@ pub enum Kind {
     Put = 0x11,
     /// Client delete (writes a tombstone).
     Delete = 0x12,
+    /// Operator command (cluster membership and status), answered with a text body.
+    Admin = 0x20,
     /// Replica write from a coordinator to a shard.
     ReplicaPut = 0x40,
     /// Replica read from a coordinator to a shard.
     ReplicaGet = 0x41,
+    /// Cluster control between nodes (gossip, anti-entropy, transfers, hint credit): a sub-kind
+    /// and a payload whose layout the cluster layer owns.
+    Cluster = 0x42,
     /// Error reply to any request.
     Error = 0x80,
     /// Reply to [`Kind::Hello`].
@@ -59,10 +64,14 @@ pub enum Kind {
     PutOk = 0x91,
     /// Reply to [`Kind::Delete`].
     DeleteOk = 0x92,
+    /// Reply to [`Kind::Admin`].
+    AdminOk = 0xA0,
     /// Reply to [`Kind::ReplicaPut`].
     ReplicaPutOk = 0xC0,
     /// Reply to [`Kind::ReplicaGet`].
     ReplicaGetOk = 0xC1,
+    /// Reply to [`Kind::Cluster`].
+    ClusterOk = 0xC2,
 }
 
 /// The bit that turns a request kind into its reply kind.
@@ -70,22 +79,26 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Kind {
     /// Every kind, in numeric order.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Get,
         Kind::Put,
         Kind::Delete,
+        Kind::Admin,
         Kind::ReplicaPut,
         Kind::ReplicaGet,
+        Kind::Cluster,
         Kind::Error,
         Kind::HelloOk,
         Kind::Pong,
         Kind::GetOk,
         Kind::PutOk,
         Kind::DeleteOk,
+        Kind::AdminOk,
         Kind::ReplicaPutOk,
         Kind::ReplicaGetOk,
+        Kind::ClusterOk,
     ];
 
     /// Decodes a kind byte; `None` for kinds this build does not know.
@@ -96,16 +109,20 @@ impl Kind {
             0x10 => Self::Get,
             0x11 => Self::Put,
             0x12 => Self::Delete,
+            0x20 => Self::Admin,
             0x40 => Self::ReplicaPut,
             0x41 => Self::ReplicaGet,
+            0x42 => Self::Cluster,
             0x80 => Self::Error,
             0x81 => Self::HelloOk,
             0x82 => Self::Pong,
             0x90 => Self::GetOk,
             0x91 => Self::PutOk,
             0x92 => Self::DeleteOk,
+            0xA0 => Self::AdminOk,
             0xC0 => Self::ReplicaPutOk,
             0xC1 => Self::ReplicaGetOk,
+            0xC2 => Self::ClusterOk,
             _ => return None,
         })
     }
@@ -135,16 +152,20 @@ impl Kind {
             Self::Get => "GET",
             Self::Put => "PUT",
             Self::Delete => "DELETE",
+            Self::Admin => "ADMIN",
             Self::ReplicaPut => "REPLICA_PUT",
             Self::ReplicaGet => "REPLICA_GET",
+            Self::Cluster => "CLUSTER",
             Self::Error => "ERROR",
             Self::HelloOk => "HELLO_OK",
             Self::Pong => "PONG",
             Self::GetOk => "GET_OK",
             Self::PutOk => "PUT_OK",
             Self::DeleteOk => "DELETE_OK",
+            Self::AdminOk => "ADMIN_OK",
             Self::ReplicaPutOk => "REPLICA_PUT_OK",
             Self::ReplicaGetOk => "REPLICA_GET_OK",
+            Self::ClusterOk => "CLUSTER_OK",
         }
     }
 }
@@ -438,6 +459,44 @@ pub struct ReplicaGetOk {
     pub object: Option<Bytes>,
 }
 
+/// ADMIN: an operator command (`docs/PROTOCOL.md` §5.8), e.g. `cluster-status`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Admin {
+    /// The command's name, at most [`NAME_BYTES_MAX`] bytes of UTF-8.
+    pub command: String,
+    /// Its arguments, as the command defines them (UTF-8 text for every command so far).
+    pub args: Bytes,
+}
+
+/// ADMIN_OK: the command's result, as the command defines it (UTF-8 text for every command so far).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AdminOk {
+    /// The result.
+    pub body: Bytes,
+}
+
+/// CLUSTER: a cluster-control message between nodes (`docs/PROTOCOL.md` §5.9). The codec checks
+/// only the envelope; the cluster layer defines and checks each sub-kind's payload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Cluster {
+    /// What the payload is.
+    pub sub: u8,
+    /// The ring partition the message is about, which decides the shard that handles it on the
+    /// receiving node; `None` for node-wide messages (gossip), handled by the node's first shard.
+    pub partition: Option<u32>,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// CLUSTER_OK: the answer to a [`Cluster`] request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClusterOk {
+    /// What the payload is.
+    pub sub: u8,
+    /// The payload.
+    pub payload: Bytes,
+}
+
 /// ERROR: a request failed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ErrorBody {
@@ -495,6 +554,14 @@ pub enum Message {
     ReplicaGet(ReplicaGet),
     /// REPLICA_GET_OK.
     ReplicaGetOk(ReplicaGetOk),
+    /// ADMIN.
+    Admin(Admin),
+    /// ADMIN_OK.
+    AdminOk(AdminOk),
+    /// CLUSTER.
+    Cluster(Cluster),
+    /// CLUSTER_OK.
+    ClusterOk(ClusterOk),
     /// ERROR.
     Error(ErrorBody),
 }
@@ -531,6 +598,11 @@ const F_PARTITION: &str = "partition";
 const F_DURABLE: &str = "durable";
 const F_HINT: &str = "hint";
 const F_OBJECT: &str = "object";
+const F_COMMAND: &str = "command";
+const F_ARGS: &str = "args";
+const F_BODY: &str = "body";
+const F_SUB: &str = "sub";
+const F_PAYLOAD: &str = "payload";
 const F_CODE: &str = "code";
 const F_MESSAGE: &str = "message";
 
@@ -545,6 +617,11 @@ fn opt_len<T>(v: Option<T>, size: usize) -> usize {
 
 /// Largest object blob: only the frame bounds it, since it holds every sibling of a key.
 fn object_bytes_max(limits: &Limits) -> usize {
+    limits.frame_bytes_max
+}
+
+/// Largest ADMIN / CLUSTER payload: only the frame bounds it.
+fn payload_bytes_max(limits: &Limits) -> usize {
     limits.frame_bytes_max
 }
 
@@ -581,6 +658,10 @@ impl Message {
             Self::ReplicaPutOk(_) => Kind::ReplicaPutOk,
             Self::ReplicaGet(_) => Kind::ReplicaGet,
             Self::ReplicaGetOk(_) => Kind::ReplicaGetOk,
+            Self::Admin(_) => Kind::Admin,
+            Self::AdminOk(_) => Kind::AdminOk,
+            Self::Cluster(_) => Kind::Cluster,
+            Self::ClusterOk(_) => Kind::ClusterOk,
             Self::Error(_) => Kind::Error,
         }
     }
@@ -663,6 +744,39 @@ impl Message {
                     check_len(F_OBJECT, LenWidth::U32, o.len(), object_bytes_max(limits))?;
                 }
             }
+            Self::Admin(m) => {
+                check_len(F_COMMAND, LenWidth::U8, m.command.len(), NAME_BYTES_MAX)?;
+                check_len(
+                    F_ARGS,
+                    LenWidth::U32,
+                    m.args.len(),
+                    payload_bytes_max(limits),
+                )?;
+            }
+            Self::AdminOk(m) => {
+                check_len(
+                    F_BODY,
+                    LenWidth::U32,
+                    m.body.len(),
+                    payload_bytes_max(limits),
+                )?;
+            }
+            Self::Cluster(m) => {
+                check_len(
+                    F_PAYLOAD,
+                    LenWidth::U32,
+                    m.payload.len(),
+                    payload_bytes_max(limits),
+                )?;
+            }
+            Self::ClusterOk(m) => {
+                check_len(
+                    F_PAYLOAD,
+                    LenWidth::U32,
+                    m.payload.len(),
+                    payload_bytes_max(limits),
+                )?;
+            }
             Self::Error(m) => {
                 check_len(
                     F_MESSAGE,
@@ -725,6 +839,10 @@ impl Message {
             }
             Self::ReplicaGet(m) => 4 + opt_len(m.hint, 4) + bucket_key_len(&m.bucket, &m.key),
             Self::ReplicaGetOk(m) => opt_prefixed_len(U32, m.object.as_deref()),
+            Self::Admin(m) => prefixed_len(U8, m.command.len()) + prefixed_len(U32, m.args.len()),
+            Self::AdminOk(m) => prefixed_len(U32, m.body.len()),
+            Self::Cluster(m) => 1 + opt_len(m.partition, 4) + prefixed_len(U32, m.payload.len()),
+            Self::ClusterOk(m) => 1 + prefixed_len(U32, m.payload.len()),
             Self::Error(m) => 2 + prefixed_len(U16, m.message.len()),
         }
     }
@@ -800,6 +918,20 @@ impl Message {
                 w.prefixed(U16, &m.key);
             }
             Self::ReplicaGetOk(m) => w.opt_prefixed(U32, m.object.as_deref()),
+            Self::Admin(m) => {
+                w.prefixed(U8, m.command.as_bytes());
+                w.prefixed(U32, &m.args);
+            }
+            Self::AdminOk(m) => w.prefixed(U32, &m.body),
+            Self::Cluster(m) => {
+                w.u8(m.sub);
+                w.opt_u32(m.partition);
+                w.prefixed(U32, &m.payload);
+            }
+            Self::ClusterOk(m) => {
+                w.u8(m.sub);
+                w.prefixed(U32, &m.payload);
+            }
             Self::Error(m) => {
                 w.u16(m.code.to_u16());
                 w.prefixed(U16, m.message.as_bytes());
@@ -973,6 +1105,22 @@ impl Message {
             }
             Kind::ReplicaGetOk => Self::ReplicaGetOk(ReplicaGetOk {
                 object: r.opt(F_OBJECT, |r, f| r.bytes(f, U32, object_bytes_max(limits)))?,
+            }),
+            Kind::Admin => Self::Admin(Admin {
+                command: r.string(F_COMMAND, U8, NAME_BYTES_MAX)?,
+                args: r.bytes(F_ARGS, U32, payload_bytes_max(limits))?,
+            }),
+            Kind::AdminOk => Self::AdminOk(AdminOk {
+                body: r.bytes(F_BODY, U32, payload_bytes_max(limits))?,
+            }),
+            Kind::Cluster => Self::Cluster(Cluster {
+                sub: r.u8(F_SUB)?,
+                partition: r.opt(F_PARTITION, Reader::u32)?,
+                payload: r.bytes(F_PAYLOAD, U32, payload_bytes_max(limits))?,
+            }),
+            Kind::ClusterOk => Self::ClusterOk(ClusterOk {
+                sub: r.u8(F_SUB)?,
+                payload: r.bytes(F_PAYLOAD, U32, payload_bytes_max(limits))?,
             }),
             Kind::Error => {
                 let code = ErrorCode::from_u16(r.u16(F_CODE)?);

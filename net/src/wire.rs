@@ -18,7 +18,7 @@ use crate::error::{BodyError, EncodeError};
 
 /// Width of a length prefix on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LenWidth {
+pub enum LenWidth {
     /// One byte: names and buckets.
     U8,
     /// Two bytes: keys and error messages.
@@ -29,7 +29,7 @@ pub(crate) enum LenWidth {
 
 impl LenWidth {
     /// Bytes the prefix itself occupies.
-    pub(crate) const fn bytes(self) -> usize {
+    pub const fn bytes(self) -> usize {
         match self {
             Self::U8 => 1,
             Self::U16 => 2,
@@ -48,17 +48,17 @@ impl LenWidth {
 }
 
 /// Encoded size of a length-prefixed field holding `len` bytes.
-pub(crate) const fn prefixed_len(width: LenWidth, len: usize) -> usize {
+pub const fn prefixed_len(width: LenWidth, len: usize) -> usize {
     width.bytes() + len
 }
 
 /// Encoded size of an optional length-prefixed field.
-pub(crate) fn opt_prefixed_len(width: LenWidth, value: Option<&[u8]>) -> usize {
+pub fn opt_prefixed_len(width: LenWidth, value: Option<&[u8]>) -> usize {
     1 + value.map_or(0, |v| prefixed_len(width, v.len()))
 }
 
 /// Checks a field's length against its limit before encoding, mirroring [`Reader::prefixed`].
-pub(crate) fn check_len(
+pub fn check_len(
     field: &'static str,
     width: LenWidth,
     len: usize,
@@ -76,12 +76,13 @@ pub(crate) fn check_len(
 }
 
 /// Reads a fully buffered body.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(body: &'a [u8]) -> Self {
+    /// A reader at the start of `body`.
+    pub fn new(body: &'a [u8]) -> Self {
         Self { rest: body }
     }
 
@@ -106,20 +107,28 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, BodyError> {
+    /// One byte.
+    pub fn u8(&mut self, field: &'static str) -> Result<u8, BodyError> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, BodyError> {
+    /// A little-endian u16.
+    pub fn u16(&mut self, field: &'static str) -> Result<u16, BodyError> {
         Ok(u16::from_le_bytes(self.array(field)?))
     }
 
-    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, BodyError> {
+    /// A little-endian u32.
+    pub fn u32(&mut self, field: &'static str) -> Result<u32, BodyError> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
 
+    /// A little-endian u64.
+    pub fn u64(&mut self, field: &'static str) -> Result<u64, BodyError> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
     /// A boolean or option tag: exactly 0 or 1.
-    pub(crate) fn flag(&mut self, field: &'static str) -> Result<bool, BodyError> {
+    pub fn flag(&mut self, field: &'static str) -> Result<bool, BodyError> {
         match self.u8(field)? {
             0 => Ok(false),
             1 => Ok(true),
@@ -134,7 +143,7 @@ impl<'a> Reader<'a> {
     ///
     /// The limit is checked before the remaining length so an absurd declared length is reported
     /// as "too large" (the peer is wrong about the limits), not as "truncated".
-    pub(crate) fn prefixed(
+    pub fn prefixed(
         &mut self,
         field: &'static str,
         width: LenWidth,
@@ -157,7 +166,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-prefixed byte string, copied out only after both checks passed.
-    pub(crate) fn bytes(
+    pub fn bytes(
         &mut self,
         field: &'static str,
         width: LenWidth,
@@ -167,7 +176,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A length-prefixed UTF-8 string.
-    pub(crate) fn string(
+    pub fn string(
         &mut self,
         field: &'static str,
         width: LenWidth,
@@ -179,7 +188,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An optional fixed-size value: a tag, then the value if the tag is 1.
-    pub(crate) fn opt<T>(
+    pub fn opt<T>(
         &mut self,
         field: &'static str,
         read: impl FnOnce(&mut Self, &'static str) -> Result<T, BodyError>,
@@ -192,12 +201,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Bytes not yet read.
-    pub(crate) fn remaining(&self) -> usize {
+    pub fn remaining(&self) -> usize {
         self.rest.len()
     }
 
     /// Ends the body: trailing bytes are an error so every message has one encoding.
-    pub(crate) fn finish(self) -> Result<(), BodyError> {
+    pub fn finish(self) -> Result<(), BodyError> {
         if self.rest.is_empty() {
             Ok(())
         } else {
@@ -209,52 +218,60 @@ impl<'a> Reader<'a> {
 }
 
 /// Writes a body whose fields were validated beforehand, counting the bytes written.
-pub(crate) struct Writer<'a, B: BufMut> {
+pub struct Writer<'a, B: BufMut> {
     out: &'a mut B,
     written: usize,
 }
 
 impl<'a, B: BufMut> Writer<'a, B> {
-    pub(crate) fn new(out: &'a mut B) -> Self {
+    /// A writer appending to `out`.
+    pub fn new(out: &'a mut B) -> Self {
         Self { out, written: 0 }
     }
 
-    pub(crate) fn written(&self) -> usize {
+    /// Bytes written so far.
+    pub fn written(&self) -> usize {
         self.written
     }
 
-    pub(crate) fn u8(&mut self, v: u8) {
+    /// One byte.
+    pub fn u8(&mut self, v: u8) {
         self.out.put_u8(v);
         self.written += 1;
     }
 
-    pub(crate) fn u16(&mut self, v: u16) {
+    /// A little-endian u16.
+    pub fn u16(&mut self, v: u16) {
         self.out.put_u16_le(v);
         self.written += 2;
     }
 
-    pub(crate) fn u32(&mut self, v: u32) {
+    /// A little-endian u32.
+    pub fn u32(&mut self, v: u32) {
         self.out.put_u32_le(v);
         self.written += 4;
     }
 
-    pub(crate) fn u64(&mut self, v: u64) {
+    /// A little-endian u64.
+    pub fn u64(&mut self, v: u64) {
         self.out.put_u64_le(v);
         self.written += 8;
     }
 
-    pub(crate) fn raw(&mut self, v: &[u8]) {
+    /// Bytes without a prefix.
+    pub fn raw(&mut self, v: &[u8]) {
         self.out.put_slice(v);
         self.written += v.len();
     }
 
-    pub(crate) fn flag(&mut self, v: bool) {
+    /// A boolean: 0 or 1.
+    pub fn flag(&mut self, v: bool) {
         self.u8(u8::from(v));
     }
 
     /// A length-prefixed byte string. The caller validated the length against the field's limit,
     /// so a length the prefix cannot express is a programming error.
-    pub(crate) fn prefixed(&mut self, width: LenWidth, v: &[u8]) {
+    pub fn prefixed(&mut self, width: LenWidth, v: &[u8]) {
         assert!(
             v.len() <= width.max(),
             "field length checked before encoding"
@@ -268,21 +285,24 @@ impl<'a, B: BufMut> Writer<'a, B> {
         self.raw(v);
     }
 
-    pub(crate) fn opt_prefixed(&mut self, width: LenWidth, v: Option<&[u8]>) {
+    /// An option tag, then the byte string if present.
+    pub fn opt_prefixed(&mut self, width: LenWidth, v: Option<&[u8]>) {
         self.flag(v.is_some());
         if let Some(v) = v {
             self.prefixed(width, v);
         }
     }
 
-    pub(crate) fn opt_u8(&mut self, v: Option<u8>) {
+    /// An option tag, then the byte if present.
+    pub fn opt_u8(&mut self, v: Option<u8>) {
         self.flag(v.is_some());
         if let Some(v) = v {
             self.u8(v);
         }
     }
 
-    pub(crate) fn opt_u32(&mut self, v: Option<u32>) {
+    /// An option tag, then the u32 if present.
+    pub fn opt_u32(&mut self, v: Option<u32>) {
         self.flag(v.is_some());
         if let Some(v) = v {
             self.u32(v);

@@ -11,6 +11,11 @@
 //! - A client GET, PUT or DELETE on a peer connection is a [`PeerMsg::Forward`]; whatever answers
 //!   it (GET_OK, PUT_OK, DELETE_OK) is the [`PeerMsg::ForwardReply`].
 //! - ERROR answers any request: [`PeerMsg::Failed`].
+//! - Cluster control (gossip, anti-entropy, transfers, hint credit) travels in CLUSTER /
+//!   CLUSTER_OK frames: a sub-kind byte from [`sub`] and a payload written with
+//!   `ringkv_net::wire::Writer` and read back with its `Reader`, which checks every length
+//!   against the bytes received (`docs/PROTOCOL.md` §5.9). A sub-kind this build does not know is
+//!   answered `invalid_request`, so a newer peer learns it and carries on.
 //!
 //! Storage layout: a [`Space::Primary`] key lives in engine partition `partition` under
 //! [`engine_key`]`(bucket, key)`; a [`Space::Hint`]`(home)` key lives in engine partition
@@ -24,7 +29,8 @@
 
 use bytes::Bytes;
 use ringkv_net::{
-    ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
+    Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut,
+    ReplicaPutOk,
 };
 
 use super::NodeId;
@@ -78,6 +84,28 @@ pub fn hello_name(node: NodeId, name: &str) -> String {
     format!("{}@{name}", node.0)
 }
 
+/// Sub-kinds of CLUSTER frames (`docs/PROTOCOL.md` §5.9). A request and its answer share the
+/// sub-kind. Numbers are never reused.
+pub mod sub {}
+
+/// A CLUSTER request as the core's message. Each sub-kind of [`sub`] gets an arm that reads its
+/// payload with `ringkv_net::wire::Reader` (which must consume it all) and maps a body error to
+/// `invalid_request`.
+fn cluster_request(_id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
+    Err(invalid(format!("unknown CLUSTER sub-kind {}", c.sub)))
+}
+
+/// A CLUSTER_OK answer as the core's message, the mirror of [`cluster_request`].
+fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
+    PeerMsg::Failed {
+        id,
+        error: ErrorBody::new(
+            ErrorCode::Internal,
+            format!("a peer answered unknown CLUSTER sub-kind {}", c.sub),
+        ),
+    }
+}
+
 /// The node id of a peer HELLO's `node_name`.
 pub fn parse_hello_name(name: &str) -> Option<NodeId> {
     let (id, _) = name.split_once('@')?;
@@ -90,9 +118,19 @@ fn invalid(message: impl Into<String>) -> ErrorBody {
 
 /// The ring partition a peer request is for: the one it names (checked against its key, so a
 /// confused or hostile peer cannot store a key under another partition), or its key's partition
-/// for a forwarded client request.
-pub fn request_partition(message: &Message) -> Result<u32, ErrorBody> {
+/// for a forwarded client request. `None` for node-wide CLUSTER messages, which the node's first
+/// shard handles.
+pub fn request_partition(message: &Message) -> Result<Option<u32>, ErrorBody> {
     let (named, bucket, key) = match message {
+        Message::Cluster(c) => {
+            return match c.partition {
+                Some(p) if p >= PARTITIONS.get() => Err(invalid(format!(
+                    "partition {p} outside the ring of {} partitions",
+                    PARTITIONS.get()
+                ))),
+                p => Ok(p),
+            };
+        }
         Message::ReplicaPut(m) => (Some(m.partition), &m.bucket, &m.key),
         Message::ReplicaGet(m) => (Some(m.partition), &m.bucket, &m.key),
         Message::Get(m) => (None, &m.bucket, &m.key),
@@ -109,7 +147,7 @@ pub fn request_partition(message: &Message) -> Result<u32, ErrorBody> {
                 PARTITIONS.get()
             ),
         )),
-        _ => Ok(actual),
+        _ => Ok(Some(actual)),
     }
 }
 
@@ -144,6 +182,7 @@ pub fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody
         request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_)) => {
             PeerMsg::Forward { id, request }
         }
+        Message::Cluster(c) => return cluster_request(id, c),
         other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
     })
 }
@@ -171,6 +210,7 @@ pub fn answer_from_wire(id: u64, message: Message) -> PeerMsg {
             PeerMsg::ForwardReply { id, reply }
         }
         Message::Error(error) => PeerMsg::Failed { id, error },
+        Message::ClusterOk(c) => cluster_answer(id, c),
         other => PeerMsg::Failed {
             id,
             error: ErrorBody::new(
@@ -298,7 +338,7 @@ mod tests {
             let (id, wire) = to_wire(msg.clone());
             assert_eq!(
                 request_partition(&wire).unwrap(),
-                key(Space::Primary).partition
+                Some(key(Space::Primary).partition)
             );
             assert_eq!(request_from_wire(id, wire).unwrap(), msg);
         }

@@ -1904,11 +1904,14 @@ impl Shard {
             Ok(p) => p,
             Err(e) => return Message::Error(e),
         };
-        let owner = shard_of(PartitionId(partition), self.shard_count);
+        // Node-wide cluster messages (gossip) belong to the first shard, which owns membership.
+        let owner = partition.map_or(0, |p| shard_of(PartitionId(p), self.shard_count));
         if owner == self.id {
             self.serve_peer(from, message).await
         } else {
-            self.forward(owner, partition, message, Some(from)).await
+            // The partition field only matters for client requests; peer requests carry theirs.
+            self.forward(owner, partition.unwrap_or(0), message, Some(from))
+                .await
         }
     }
 

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
-    Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello, HelloOk, Message, Put, PutOk,
-    ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
+    Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello,
+    HelloOk, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
+    Sibling,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -177,7 +178,25 @@ pub fn message() -> impl Strategy<Value = Message> {
         (any::<u16>(), prop_oneof!["[ -~]{0,1024}", "\\PC{0,64}"]).prop_map(|(code, message)| {
             Message::Error(ErrorBody::new(ErrorCode::from_u16(code), message))
         });
+    let admin = (name(NAME_BYTES_MAX), bytes(256))
+        .prop_map(|(command, args)| Message::Admin(Admin { command, args }));
+    let admin_ok = bytes(256).prop_map(|body| Message::AdminOk(AdminOk { body }));
+    let cluster = (any::<u8>(), proptest::option::of(any::<u32>()), bytes(256)).prop_map(
+        |(sub, partition, payload)| {
+            Message::Cluster(Cluster {
+                sub,
+                partition,
+                payload,
+            })
+        },
+    );
+    let cluster_ok = (any::<u8>(), bytes(256))
+        .prop_map(|(sub, payload)| Message::ClusterOk(ClusterOk { sub, payload }));
     prop_oneof![
+        admin,
+        admin_ok,
+        cluster,
+        cluster_ok,
         hello,
         hello_ok,
         Just(Message::Ping),
