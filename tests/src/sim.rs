@@ -19,10 +19,19 @@
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
 //!   records the values of the read its context came from; "saw" is the transitive closure);
 //!   an `lww` read has at most one sibling;
+//! - after every event, hint credit: a holder never has more hints in flight to a home than the
+//!   grant it uses, and that grant is one the home sent it (the simulator records every
+//!   HINT_CREDIT answer the network delivers); no grant is above `hint_credit_max`;
 //! - at the end, after faults stop, every node is up, hints have drained and every key has been
 //!   read with `r = n`: every acknowledged write is a sibling of the final state or was seen by a
 //!   write whose value is (transitively); every acknowledged set element is in the final set;
 //!   all home replicas of every key hold identical objects; no hint is left.
+//!
+//! A quarter of the seeds run with a tiny hint store ([`Params::hint_bytes_max`]), so fallbacks
+//! refuse most hints. The promises above still hold there: acknowledgements come from replicas
+//! that stored the write, and the final `r = n` read repairs the homes that missed a refused
+//! hint. (Nothing else would: until anti-entropy runs, a home that missed a refused hint for a
+//! key nobody reads again stays stale, which is why the final pass reads every key.)
 //!
 //! Everything iterates `BTreeMap`s and draws from one `StdRng`, so a seed replays exactly; the
 //! run's trace hash ([`Outcome::trace`]) proves it.
@@ -35,7 +44,7 @@ use rand::{Rng, SeedableRng};
 use ringkv_cluster::NodeId;
 use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_cluster::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp, hint_bytes,
 };
 use ringkv_cluster::object::Object;
 use ringkv_cluster::ring::{PartitionCount, Ring};
@@ -47,6 +56,8 @@ const SIBLINGS_BUCKET: &[u8] = b"default";
 const LWW_BUCKET: &[u8] = b"sessions";
 /// Set-add keys are numbered from here; registers from 0.
 const SET_KEYS: usize = 1000;
+/// Most hints a home grants at once; small so windows fill.
+const HINT_CREDIT_MAX: u32 = 3;
 
 /// Knobs of one run, all derived from the seed by [`Params::from_seed`].
 #[derive(Clone, Debug)]
@@ -73,6 +84,8 @@ pub struct Params {
     pub dw: u8,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
+    /// The hint store's bound per node, when it is tiny (overflow runs).
+    pub hint_bytes_max: Option<u64>,
 }
 
 impl Params {
@@ -91,6 +104,8 @@ impl Params {
             partitions: rng.gen_bool(0.6),
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
             dw: rng.gen_range(0..=1),
+            // Drawn last so the other knobs of a seed stay what they were.
+            hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
         }
     }
 }
@@ -116,6 +131,10 @@ pub struct Outcome {
     pub crashes: usize,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
+    /// Hint writes refused by a full hint store, over all nodes.
+    pub hint_overflow: u64,
+    /// Hint credit granted, over all nodes.
+    pub credits_granted: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -287,6 +306,8 @@ pub struct Sim {
     verbose: bool,
     /// Final-phase read requests → the key they read.
     final_keys: BTreeMap<u64, (&'static [u8], usize)>,
+    /// Hint credit the network delivered: (holder, its incarnation, request id) → granted.
+    grants: BTreeMap<(usize, u32, u64), u32>,
 }
 
 fn key_bytes(k: usize) -> Bytes {
@@ -347,6 +368,7 @@ impl Sim {
             crashes: 0,
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
+            grants: BTreeMap::new(),
             verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
         };
         for n in 0..sim.nodes.len() {
@@ -403,6 +425,11 @@ impl Sim {
         cfg.down_ms = 400;
         cfg.hint_retry_ms = 200;
         cfg.hint_inflight_max = 4;
+        cfg.hint_credit_max = HINT_CREDIT_MAX;
+        cfg.heartbeat_ms = 100;
+        if let Some(max) = self.params.hint_bytes_max {
+            cfg.hint_bytes_max = max;
+        }
         cfg
     }
 
@@ -417,11 +444,16 @@ impl Sim {
         node.floor = self.params.durable_writes.then_some(floor);
         let mut cfg = cfg;
         cfg.epoch_floor = Some(floor);
-        let hints: Vec<StoreKey> = node
+        let hints: Vec<(StoreKey, u64)> = node
             .store
             .keys()
             .into_iter()
             .filter(|k| matches!(k.space, Space::Hint(_)))
+            .map(|k| {
+                let object = node.store.read(&k).expect("a listed key is stored");
+                let bytes = hint_bytes(&k, object.encoded_len());
+                (k, bytes)
+            })
             .collect();
         node.core = Some(Core::new(cfg, ring, lease, hints));
         node.tick_at = None;
@@ -515,7 +547,7 @@ impl Sim {
             }
         }
         self.check_final();
-        let mut stats = (0, 0, 0, 0);
+        let mut stats = (0, 0, 0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
@@ -523,6 +555,8 @@ impl Sim {
                 stats.1 += s.hints_delivered;
                 stats.2 += s.read_repairs;
                 stats.3 += s.batched_jobs;
+                stats.4 += s.hint_overflow;
+                stats.5 += s.credits_granted;
             }
         }
         Outcome {
@@ -535,6 +569,8 @@ impl Sim {
             read_repairs: stats.2,
             crashes: self.crashes,
             batched_jobs: stats.3,
+            hint_overflow: stats.4,
+            credits_granted: stats.5,
         }
     }
 
@@ -545,10 +581,12 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|c| c.hint_count() > 0 || c.ops_in_flight() > 0)
         }) || !self.requests.is_empty()
-            || self
-                .events
-                .values()
-                .any(|e| matches!(e, Event::Stored { .. } | Event::Deliver(_)))
+            || self.events.values().any(|e| match e {
+                Event::Stored { .. } => true,
+                // Heartbeats never stop; they are not work in progress.
+                Event::Deliver(env) => !env.msg.is_heartbeat(),
+                _ => false,
+            })
     }
 
     /// Every (bucket, key) a client may write.
@@ -789,8 +827,22 @@ impl Sim {
                 // The requester restarted: its connection, and so this request, is gone.
                 return;
             }
-            self.owed
-                .insert((to, from, request_id(&msg)), from_incarnation);
+            // Nothing waits for a heartbeat's answer: not recorded (it would pile up).
+            if !msg.is_heartbeat() {
+                self.owed
+                    .insert((to, from, request_id(&msg)), from_incarnation);
+            }
+        }
+        if let PeerMsg::HintCreditOk { id, granted } = &msg {
+            assert!(
+                *granted <= HINT_CREDIT_MAX,
+                "node {} granted {granted} hints, above the limit",
+                from + 1
+            );
+            // A duplicated request is answered twice; the holder uses the first answer.
+            self.grants
+                .entry((to, to_incarnation, *id))
+                .or_insert(*granted);
         }
         self.mix(0x1000 + to as u64);
         if self.verbose {
@@ -805,6 +857,42 @@ impl Sim {
         let from_id = self.nodes[from].id;
         let outputs = self.core(to).handle_peer(now, from_id, msg);
         self.outputs(to, outputs);
+    }
+
+    /// Hint credit (module docs): every window of node `n` uses a grant its home sent, and has
+    /// no more hints in flight than that grant.
+    fn check_credit(&self, n: usize) {
+        let node = &self.nodes[n];
+        let Some(core) = node.core.as_ref() else {
+            return;
+        };
+        let mut in_flight = 0;
+        for w in core.hint_windows() {
+            let sent = self.grants.get(&(n, node.incarnation, w.grant_id));
+            assert_eq!(
+                sent,
+                Some(&w.granted),
+                "node {} uses a grant of {} from {} that the home did not send ({sent:?})",
+                n + 1,
+                w.granted,
+                w.home
+            );
+            assert!(
+                w.in_flight <= w.granted,
+                "node {} has {} hints in flight to {}, above the {} granted",
+                n + 1,
+                w.in_flight,
+                w.home,
+                w.granted
+            );
+            in_flight += w.in_flight as usize;
+        }
+        assert_eq!(
+            in_flight,
+            core.hints_in_flight(),
+            "node {}: every hint in flight belongs to a window",
+            n + 1
+        );
     }
 
     fn outputs(&mut self, n: usize, outputs: Vec<Output>) {
@@ -843,6 +931,7 @@ impl Sim {
                 }
             }
         }
+        self.check_credit(n);
         self.reschedule_tick(n);
     }
 
@@ -1192,6 +1281,8 @@ fn answer_id(msg: &PeerMsg) -> u64 {
         PeerMsg::ReplicaPutOk { id, .. }
         | PeerMsg::ReplicaGetOk { id, .. }
         | PeerMsg::ForwardReply { id, .. }
+        | PeerMsg::HintCreditOk { id, .. }
+        | PeerMsg::Pong { id }
         | PeerMsg::Failed { id, .. } => *id,
         _ => unreachable!("only answers have answer ids"),
     }
@@ -1201,7 +1292,9 @@ fn request_id(msg: &PeerMsg) -> u64 {
     match msg {
         PeerMsg::ReplicaPut { id, .. }
         | PeerMsg::ReplicaGet { id, .. }
-        | PeerMsg::Forward { id, .. } => *id,
+        | PeerMsg::Forward { id, .. }
+        | PeerMsg::HintCredit { id, .. }
+        | PeerMsg::Ping { id } => *id,
         _ => unreachable!("only requests have request ids"),
     }
 }

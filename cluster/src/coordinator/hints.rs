@@ -314,6 +314,12 @@ impl Core {
                 continue;
             }
             let wanted = u32::try_from(held.min(budget)).unwrap_or(u32::MAX);
+            let partition = self
+                .hints
+                .keys()
+                .find(|k| k.space == Space::Hint(home))
+                .map_or(0, |k| k.partition);
+            let w = self.handoff.windows.entry(home).or_default();
             let id = self.next_id;
             self.next_id += 1;
             w.asking = Some(id);
@@ -323,7 +329,11 @@ impl Core {
             self.stats.credit_requests += 1;
             self.out.push(Output::Send {
                 to: home,
-                msg: PeerMsg::HintCredit { id, wanted },
+                msg: PeerMsg::HintCredit {
+                    id,
+                    partition,
+                    wanted,
+                },
             });
         }
     }

@@ -277,6 +277,9 @@ pub enum PeerMsg {
     HintCredit {
         /// Request id.
         id: u64,
+        /// Ring partition of one of the hints (on a node with several cores, the core that owns
+        /// it, which will receive the hints, grants).
+        partition: u32,
         /// Hints the sender has ready for the receiver (bounded by its in-flight budget).
         wanted: u32,
     },
@@ -1520,7 +1523,7 @@ impl Core {
                 }
                 None => {}
             },
-            PeerMsg::HintCredit { id, wanted } => self.grant_credit(from, id, wanted),
+            PeerMsg::HintCredit { id, wanted, .. } => self.grant_credit(from, id, wanted),
             PeerMsg::HintCreditOk { id, granted } => match self.pending.remove(&id) {
                 Some(Pending::Credit { home }) => {
                     self.credit_answered(home, Some((id, granted)))

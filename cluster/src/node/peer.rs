@@ -27,7 +27,8 @@
 //! with replica partitions; a hint key is [`HINT_KEY_PREFIX_BYTES`] longer than its replica key,
 //! which the engine's key limit must leave room for.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use ringkv_net::wire::{Reader, Writer};
 use ringkv_net::{
     Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut,
     ReplicaPutOk,
@@ -86,24 +87,75 @@ pub fn hello_name(node: NodeId, name: &str) -> String {
 
 /// Sub-kinds of CLUSTER frames (`docs/PROTOCOL.md` §5.9). A request and its answer share the
 /// sub-kind. Numbers are never reused.
-pub mod sub {}
+pub mod sub {
+    /// [`PeerMsg::HintCredit`](crate::coordinator::PeerMsg::HintCredit) /
+    /// [`PeerMsg::HintCreditOk`](crate::coordinator::PeerMsg::HintCreditOk): request `wanted: u32`,
+    /// answer `granted: u32`; sent with the partition of a hint the holder has ready, so the
+    /// shard that will receive the hints grants.
+    pub const HINT_CREDIT: u8 = 1;
+    /// [`PeerMsg::Ping`](crate::coordinator::PeerMsg::Ping) /
+    /// [`PeerMsg::Pong`](crate::coordinator::PeerMsg::Pong): failure-detector heartbeat, empty
+    /// payloads, node-wide.
+    pub const HEARTBEAT: u8 = 2;
+}
 
 /// A CLUSTER request as the core's message. Each sub-kind of [`sub`] gets an arm that reads its
 /// payload with `ringkv_net::wire::Reader` (which must consume it all) and maps a body error to
 /// `invalid_request`.
-fn cluster_request(_id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
-    Err(invalid(format!("unknown CLUSTER sub-kind {}", c.sub)))
+fn cluster_request(id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
+    let body = |e: ringkv_net::BodyError| invalid(format!("CLUSTER sub-kind {}: {e}", c.sub));
+    let mut r = Reader::new(&c.payload);
+    let msg = match c.sub {
+        sub::HINT_CREDIT => PeerMsg::HintCredit {
+            id,
+            partition: c.partition.unwrap_or(0),
+            wanted: r.u32("wanted").map_err(body)?,
+        },
+        sub::HEARTBEAT => PeerMsg::Ping { id },
+        other => return Err(invalid(format!("unknown CLUSTER sub-kind {other}"))),
+    };
+    r.finish().map_err(body)?;
+    Ok(msg)
 }
 
 /// A CLUSTER_OK answer as the core's message, the mirror of [`cluster_request`].
 fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
-    PeerMsg::Failed {
+    let failed = |what: String| PeerMsg::Failed {
         id,
-        error: ErrorBody::new(
-            ErrorCode::Internal,
-            format!("a peer answered unknown CLUSTER sub-kind {}", c.sub),
-        ),
+        error: ErrorBody::new(ErrorCode::Internal, what),
+    };
+    let mut r = Reader::new(&c.payload);
+    let msg = match c.sub {
+        sub::HINT_CREDIT => match r.u32("granted") {
+            Ok(granted) => PeerMsg::HintCreditOk { id, granted },
+            Err(e) => return failed(format!("CLUSTER_OK sub-kind {}: {e}", c.sub)),
+        },
+        sub::HEARTBEAT => PeerMsg::Pong { id },
+        other => return failed(format!("a peer answered unknown CLUSTER sub-kind {other}")),
+    };
+    match r.finish() {
+        Ok(()) => msg,
+        Err(e) => failed(format!("CLUSTER_OK sub-kind {}: {e}", c.sub)),
     }
+}
+
+fn cluster(sub: u8, partition: Option<u32>, write: impl FnOnce(&mut Writer<'_, BytesMut>)) -> Message {
+    let mut payload = BytesMut::new();
+    write(&mut Writer::new(&mut payload));
+    Message::Cluster(Cluster {
+        sub,
+        partition,
+        payload: payload.freeze(),
+    })
+}
+
+fn cluster_ok(sub: u8, write: impl FnOnce(&mut Writer<'_, BytesMut>)) -> Message {
+    let mut payload = BytesMut::new();
+    write(&mut Writer::new(&mut payload));
+    Message::ClusterOk(ClusterOk {
+        sub,
+        payload: payload.freeze(),
+    })
 }
 
 /// The node id of a peer HELLO's `node_name`.
@@ -274,6 +326,19 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
         ),
         PeerMsg::Forward { id, request } => (id, request),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
+        PeerMsg::HintCredit {
+            id,
+            partition,
+            wanted,
+        } => (
+            id,
+            cluster(sub::HINT_CREDIT, Some(partition), |w| w.u32(wanted)),
+        ),
+        PeerMsg::HintCreditOk { id, granted } => {
+            (id, cluster_ok(sub::HINT_CREDIT, |w| w.u32(granted)))
+        }
+        PeerMsg::Ping { id } => (id, cluster(sub::HEARTBEAT, None, |_| {})),
+        PeerMsg::Pong { id } => (id, cluster_ok(sub::HEARTBEAT, |_| {})),
         PeerMsg::Failed { id, error } => (id, Message::Error(error)),
     }
 }

@@ -93,7 +93,9 @@ use ringkv_net::{
 };
 
 use crate::bucket::Buckets;
-use crate::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp};
+use crate::coordinator::{
+    Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp, hint_bytes,
+};
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring};
 
@@ -830,7 +832,7 @@ fn start_core(
     replication: Replication,
     lease: EpochLease,
     floor: u32,
-    hints: Vec<StoreKey>,
+    hints: Vec<(StoreKey, u64)>,
 ) -> (Core, Clock) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
     core_cfg.buckets = cfg.buckets.clone();
@@ -1723,21 +1725,25 @@ async fn unless<T>(
     .await
 }
 
-/// Every hint stored in the hint partitions of the ring partitions `shard` owns.
+/// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
+/// it counts for in the hint store's bound.
 async fn scan_hints(
     engine: &Engine,
     shard: usize,
     shard_count: usize,
-) -> Result<Vec<StoreKey>, EngineError> {
+) -> Result<Vec<(StoreKey, u64)>, EngineError> {
     let mut hints = Vec::new();
     for partition in
         (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
     {
         let mut keys = engine.iter_partition(HINT_PARTITION_BASE | partition);
         while let Some(item) = keys.next().await {
-            let (key, _) = item?;
+            let (key, object) = item?;
             match peer::hint_from_engine(partition, &key) {
-                Some(hint) => hints.push(hint),
+                Some(hint) => {
+                    let bytes = hint_bytes(&hint, object.len());
+                    hints.push((hint, bytes));
+                }
                 None => tracing::warn!(shard, partition, "ignoring a malformed hint key"),
             }
         }
