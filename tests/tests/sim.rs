@@ -58,15 +58,7 @@ fn seeds_keep_the_promises() {
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
          delivered, {} read repairs, {} crashes, {} batched jobs, {} hints refused (store \
          full), {} hint credits granted",
-        totals.0,
-        totals.1,
-        totals.2,
-        totals.3,
-        totals.4,
-        totals.5,
-        totals.6,
-        totals.7,
-        totals.8
+        totals.0, totals.1, totals.2, totals.3, totals.4, totals.5, totals.6, totals.7, totals.8
     );
     if count >= 100 {
         assert!(totals.1 > 0, "no run produced siblings");

@@ -141,17 +141,14 @@ impl Core {
 
     /// The delivery windows with hints in flight or a grant in use.
     pub fn hint_windows(&self) -> impl Iterator<Item = HintWindow> + '_ {
-        self.handoff
-            .windows
-            .iter()
-            .filter_map(|(home, w)| {
-                w.grant.map(|(grant_id, granted)| HintWindow {
-                    home: *home,
-                    grant_id,
-                    granted,
-                    in_flight: w.in_flight,
-                })
+        self.handoff.windows.iter().filter_map(|(home, w)| {
+            w.grant.map(|(grant_id, granted)| HintWindow {
+                home: *home,
+                grant_id,
+                granted,
+                in_flight: w.in_flight,
             })
+        })
     }
 
     /// The background share from admission control ([`crate::admission`]): scales the hint
@@ -186,7 +183,11 @@ impl Core {
     }
 
     /// Reserves the size of `object` for hint `key` before it is written, or refuses it.
-    pub(super) fn hint_reserve(&mut self, key: &StoreKey, object: &Object) -> Result<(), ErrorBody> {
+    pub(super) fn hint_reserve(
+        &mut self,
+        key: &StoreKey,
+        object: &Object,
+    ) -> Result<(), ErrorBody> {
         let home = home_of(key).expect("only hints are reserved");
         let new = hint_bytes(key, object.encoded_len());
         let old = self.hints.get(key).map_or(0, |h| h.bytes);
@@ -399,4 +400,3 @@ impl Core {
         });
     }
 }
-

@@ -1525,9 +1525,7 @@ impl Core {
             },
             PeerMsg::HintCredit { id, wanted, .. } => self.grant_credit(from, id, wanted),
             PeerMsg::HintCreditOk { id, granted } => match self.pending.remove(&id) {
-                Some(Pending::Credit { home }) => {
-                    self.credit_answered(home, Some((id, granted)))
-                }
+                Some(Pending::Credit { home }) => self.credit_answered(home, Some((id, granted))),
                 Some(other) => {
                     self.pending.insert(id, other);
                 }

@@ -139,7 +139,11 @@ fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
     }
 }
 
-fn cluster(sub: u8, partition: Option<u32>, write: impl FnOnce(&mut Writer<'_, BytesMut>)) -> Message {
+fn cluster(
+    sub: u8,
+    partition: Option<u32>,
+    write: impl FnOnce(&mut Writer<'_, BytesMut>),
+) -> Message {
     let mut payload = BytesMut::new();
     write(&mut Writer::new(&mut payload));
     Message::Cluster(Cluster {
