@@ -61,6 +61,15 @@ impl Core {
         !self.believed_up(node, now)
     }
 
+    /// Other members suspected at `now`.
+    pub fn suspected_count(&self, now: u64) -> usize {
+        self.ring
+            .members()
+            .iter()
+            .filter(|m| !self.believed_up(**m, now))
+            .count()
+    }
+
     /// A request to `node` timed out or its connection failed: suspected now.
     pub(super) fn mark_down(&mut self, node: NodeId, now: u64) {
         if node != self.cfg.node {
