@@ -22,19 +22,18 @@
 //!   deadline passed) sends the merged object to each replica that returned something older: read
 //!   repair.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
-//!   coordinator believes that home unreachable (a request to it timed out or its connection
-//!   failed, less than `down_ms` ago), by the next node of the ring walk not already serving a
-//!   slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
+//!   coordinator believes that home unreachable (see failure detection below), by the next node
+//!   of the ring walk not already serving a slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
 //!   space ([`Space::Hint`]), always synced whatever the durability mode, and answers reads of
 //!   that slot from it. When a slot's replica times
 //!   out during a request, the slot moves on to the next fallback.
-//! - **hinted handoff** ([`hints`]): hints live in a store bounded in bytes (`hint_bytes_max`;
+//! - **hinted handoff** (`hints.rs`): hints live in a store bounded in bytes (`hint_bytes_max`;
 //!   past it a fallback refuses hints with `overloaded` and the slot moves on). Every
 //!   `hint_retry_ms` the core asks each reachable home with hints for credit; the home grants
 //!   from its own load and the background share, and the holder never has more hints in flight
 //!   to it than granted. Once the home acknowledges a durable write, the hint is removed unless
 //!   it changed meanwhile.
-//! - **failure detection** ([`liveness`]): "believed unreachable" is local: a phi-accrual
+//! - **failure detection** (`liveness.rs`): "believed unreachable" is local: a phi-accrual
 //!   detector per peer, fed by every message from it and by a heartbeat every `heartbeat_ms`,
 //!   plus explicit suspicion for `down_ms` after a request to the peer timed out or its
 //!   connection failed.
