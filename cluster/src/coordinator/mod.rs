@@ -23,10 +23,10 @@
 //!   repair.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
 //!   coordinator believes that home unreachable (see failure detection below), by the next node
-//!   of the ring walk not already serving a slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
-//!   space ([`Space::Hint`]), always synced whatever the durability mode, and answers reads of
-//!   that slot from it. When a slot's replica times
-//!   out during a request, the slot moves on to the next fallback.
+//!   of the ring walk not already serving a slot. A fallback stores what it receives as a
+//!   *hint* naming the home, in a separate storage space ([`Space::Hint`]), always synced
+//!   whatever the durability mode, and answers reads of that slot from it. When a slot's replica
+//!   times out (or refuses a hint) during a request, the slot moves on to the next fallback.
 //! - **hinted handoff** (`hints.rs`): hints live in a store bounded in bytes (`hint_bytes_max`;
 //!   past it a fallback refuses hints with `overloaded` and the slot moves on). Every
 //!   `hint_retry_ms` the core asks each reachable home with hints for credit; the home grants
