@@ -19,6 +19,8 @@
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
 //!   records the values of the read its context came from; "saw" is the transitive closure);
 //!   an `lww` read has at most one sibling;
+//! - every replica write a node acknowledges is in its store (durably, if the acknowledgement
+//!   says so) when the acknowledgement leaves;
 //! - after every event, hint credit: a holder never has more hints in flight to a home than the
 //!   grant it uses, and that grant is one the home sent it (the simulator records every
 //!   HINT_CREDIT answer the network delivers); no grant is above `hint_credit_max`;
@@ -308,6 +310,9 @@ pub struct Sim {
     final_keys: BTreeMap<u64, (&'static [u8], usize)>,
     /// Hint credit the network delivered: (holder, its incarnation, request id) → granted.
     grants: BTreeMap<(usize, u32, u64), u32>,
+    /// Replica writes delivered and not yet acknowledged: (receiver, sender, request id) → what
+    /// and where (the acknowledgement checker).
+    puts: BTreeMap<(usize, usize, u64), (StoreKey, Object)>,
 }
 
 fn key_bytes(k: usize) -> Bytes {
@@ -369,6 +374,7 @@ impl Sim {
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
             grants: BTreeMap::new(),
+            puts: BTreeMap::new(),
             verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
         };
         for n in 0..sim.nodes.len() {
@@ -735,6 +741,7 @@ impl Sim {
         node.incarnation += 1;
         node.tick_at = None;
         self.owed.retain(|(at, _, _), _| *at != n);
+        self.puts.retain(|(at, _, _), _| *at != n);
         // Client requests the node was coordinating are lost: their clients see a timeout.
         let lost: Vec<(usize, u64)> = self
             .requests
@@ -767,6 +774,9 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, msg: PeerMsg) {
+        if let PeerMsg::ReplicaPutOk { id, durable } = &msg {
+            self.check_ack(from, to, *id, *durable);
+        }
         let from_incarnation = self.nodes[from].incarnation;
         let to_incarnation = if msg.is_answer() {
             let id = answer_id(&msg);
@@ -833,6 +843,13 @@ impl Sim {
                     .insert((to, from, request_id(&msg)), from_incarnation);
             }
         }
+        if let PeerMsg::ReplicaPut {
+            id, key, object, ..
+        } = &msg
+        {
+            self.puts
+                .insert((to, from, *id), (key.clone(), object.clone()));
+        }
         if let PeerMsg::HintCreditOk { id, granted } = &msg {
             assert!(
                 *granted <= HINT_CREDIT_MAX,
@@ -857,6 +874,28 @@ impl Sim {
         let from_id = self.nodes[from].id;
         let outputs = self.core(to).handle_peer(now, from_id, msg);
         self.outputs(to, outputs);
+    }
+
+    /// An acknowledged replica write is stored: what node `n` holds for the key (durably, if it
+    /// said so) already contains the object it was sent.
+    fn check_ack(&mut self, n: usize, requester: usize, id: u64, durable: bool) {
+        let Some((key, object)) = self.puts.remove(&(n, requester, id)) else {
+            return;
+        };
+        let store = &self.nodes[n].store;
+        let held = if durable {
+            store.durable.get(&key).cloned()
+        } else {
+            store.read(&key)
+        };
+        let contains = held
+            .as_ref()
+            .is_some_and(|h| h.clone().merge(object.clone()) == *h);
+        assert!(
+            contains,
+            "node {} acknowledged a replica write of {key:?} (durable: {durable}) it does not hold",
+            n + 1
+        );
     }
 
     /// Hint credit (module docs): every window of node `n` uses a grant its home sent, and has
