@@ -40,6 +40,14 @@ pub struct CoreFigures {
     pub peers_suspected: u64,
 }
 
+/// A per-shard admission series (name, kind, help, value).
+type AdmissionField = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardMetrics) -> String,
+);
+
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
 const CORE_FIELDS: [CoreField; 14] = [
@@ -370,7 +378,7 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         let sum: u64 = shards.iter().map(|m| load(&m.core[f])).sum();
         let _ = writeln!(out, "{name} {sum}");
     }
-    let admission: [(&str, &str, &str, fn(&ShardMetrics) -> String); 4] = [
+    let admission: [AdmissionField; 4] = [
         (
             "ringkv_admission_background_share",
             "gauge",
