@@ -13,16 +13,15 @@
 //!   how replicas merge. [`bucket`]: bucket properties and per-request quorums.
 //! - [`coordinator`]: the request path: quorum reads and writes, sloppy quorum and hinted
 //!   handoff, read repair, forwarding, epochs.
-//! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy, a building block not
-//!   yet driven by the node; [`phi`]: phi-accrual failure detection, which each coordinator
-//!   keeps per peer.
+//! - [`membership`]: gossiped cluster state (members, the ring in force and the pending one,
+//!   transfer reports) that merges deterministically, and the staged join/leave/remove changes a
+//!   claimant commits and flips once partitions are transferred.
+//! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy; [`phi`]: phi-accrual
+//!   failure detection, which each coordinator keeps per peer.
 //! - [`admission`]: admission control of background work (Dynamo §6.5): the foreground's tail
 //!   latency sets the share background work gets.
 //! - [`node`]: [`NodeId`] and the node runtime (one shard per core, the client protocol,
 //!   shutdown) behind `ringkv serve`.
-//!
-//! What comes later: gossip membership with plan/commit and partition transfer, anti-entropy
-//! exchanges.
 //!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
@@ -31,6 +30,7 @@ pub mod admission;
 pub mod bucket;
 pub mod coordinator;
 pub mod dvv;
+pub mod membership;
 pub mod merkle;
 pub mod node;
 pub mod object;
