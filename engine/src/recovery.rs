@@ -429,3 +429,21 @@ pub(crate) async fn open(
         _lock: lock,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use glommio::SharesManager;
+
+    use super::*;
+
+    /// The compaction queue reads the shares set last on its thread, clamped to glommio's range.
+    #[test]
+    fn compaction_shares_follow_the_setter() {
+        set_compaction_shares(7);
+        assert_eq!(CompactionShares.shares(), 7);
+        set_compaction_shares(0);
+        assert_eq!(CompactionShares.shares(), 1);
+        set_compaction_shares(5000);
+        assert_eq!(CompactionShares.shares(), 1000);
+    }
+}
