@@ -84,9 +84,9 @@ pub struct HintWindow {
     pub in_flight: u32,
 }
 
-/// Handoff state beyond the hint map.
+/// HintStore state beyond the hint map.
 #[derive(Debug)]
-pub(super) struct Handoff {
+pub(super) struct HintStore {
     /// Bytes of every hint held.
     bytes: u64,
     /// Hints held per home.
@@ -96,9 +96,9 @@ pub(super) struct Handoff {
     share: f64,
 }
 
-impl Default for Handoff {
+impl Default for HintStore {
     fn default() -> Self {
-        Handoff {
+        HintStore {
             bytes: 0,
             per_home: BTreeMap::new(),
             windows: BTreeMap::new(),
@@ -127,21 +127,21 @@ impl Core {
                 writing: false,
             };
             match self.hints.insert(key, state) {
-                Some(old) => self.handoff.bytes -= old.bytes,
-                None => *self.handoff.per_home.entry(home).or_default() += 1,
+                Some(old) => self.hint_store.bytes -= old.bytes,
+                None => *self.hint_store.per_home.entry(home).or_default() += 1,
             }
-            self.handoff.bytes += bytes;
+            self.hint_store.bytes += bytes;
         }
     }
 
     /// Bytes of the hints held (module docs).
     pub fn hint_bytes(&self) -> u64 {
-        self.handoff.bytes
+        self.hint_store.bytes
     }
 
     /// The delivery windows with hints in flight or a grant in use.
     pub fn hint_windows(&self) -> impl Iterator<Item = HintWindow> + '_ {
-        self.handoff.windows.iter().filter_map(|(home, w)| {
+        self.hint_store.windows.iter().filter_map(|(home, w)| {
             w.grant.map(|(grant_id, granted)| HintWindow {
                 home: *home,
                 grant_id,
@@ -154,7 +154,7 @@ impl Core {
     /// The background share from admission control ([`crate::admission`]): scales the hint
     /// credit this core grants and its own delivery budget. Clamped to `[0.01, 1]`.
     pub fn set_background_share(&mut self, share: f64) {
-        self.handoff.share = if share.is_nan() {
+        self.hint_store.share = if share.is_nan() {
             1.0
         } else {
             share.clamp(0.01, 1.0)
@@ -163,7 +163,7 @@ impl Core {
 
     /// The background share in use.
     pub fn background_share(&self) -> f64 {
-        self.handoff.share
+        self.hint_store.share
     }
 
     /// Whether storage operation `id` is background work (hint delivery), which the shell may
@@ -179,7 +179,7 @@ impl Core {
 
     /// Most deliveries in flight at once, over all homes.
     fn hint_budget(&self) -> usize {
-        ((self.cfg.hint_inflight_max as f64 * self.handoff.share) as usize).max(1)
+        ((self.cfg.hint_inflight_max as f64 * self.hint_store.share) as usize).max(1)
     }
 
     /// Reserves the size of `object` for hint `key` before it is written, or refuses it.
@@ -191,23 +191,23 @@ impl Core {
         let home = home_of(key).expect("only hints are reserved");
         let new = hint_bytes(key, object.encoded_len());
         let old = self.hints.get(key).map_or(0, |h| h.bytes);
-        let total = self.handoff.bytes - old + new;
+        let total = self.hint_store.bytes - old + new;
         if new > old && total > self.cfg.hint_bytes_max {
             return Err(ErrorBody::new(
                 ErrorCode::Overloaded,
                 format!(
                     "hint store full: {} of {} bytes held, a hint of {new} bytes does not fit",
-                    self.handoff.bytes, self.cfg.hint_bytes_max
+                    self.hint_store.bytes, self.cfg.hint_bytes_max
                 ),
             ));
         }
         let state = self.hints.entry(key.clone()).or_insert_with(|| {
-            *self.handoff.per_home.entry(home).or_default() += 1;
+            *self.hint_store.per_home.entry(home).or_default() += 1;
             HintState::default()
         });
         state.bytes = new;
         state.writing = true;
-        self.handoff.bytes = total;
+        self.hint_store.bytes = total;
         Ok(())
     }
 
@@ -225,13 +225,13 @@ impl Core {
             return;
         }
         if let Some(h) = self.hints.remove(key) {
-            self.handoff.bytes -= h.bytes;
+            self.hint_store.bytes -= h.bytes;
             if let Some(home) = home_of(key)
-                && let Some(n) = self.handoff.per_home.get_mut(&home)
+                && let Some(n) = self.hint_store.per_home.get_mut(&home)
             {
                 *n -= 1;
                 if *n == 0 {
-                    self.handoff.per_home.remove(&home);
+                    self.hint_store.per_home.remove(&home);
                 }
             }
         }
@@ -253,16 +253,22 @@ impl Core {
             self.stats.hint_overflow += 1;
             match job.kind {
                 JobKind::Apply { then, .. } => match then {
-                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                        to: node,
-                        msg: PeerMsg::Failed {
-                            id,
-                            error: e.clone(),
-                        },
-                    }),
+                    ApplyDone::Peer(node, id) => {
+                        self.replica_write_done(now, node, id);
+                        self.out.push(Output::Send {
+                            to: node,
+                            msg: PeerMsg::Failed {
+                                id,
+                                error: e.clone(),
+                            },
+                        });
+                    }
                     ApplyDone::Slot { op, slot } => {
                         self.pending_slot_done(op, slot);
                         self.slot_answered(now, op, slot, SlotResult::Failed);
+                    }
+                    ApplyDone::Transfer { partition } => {
+                        self.transfer_applied(now, partition, false)
                     }
                     ApplyDone::Nothing => {}
                 },
@@ -281,14 +287,14 @@ impl Core {
         let Some(home) = home_of(hint) else {
             return;
         };
-        let Some(w) = self.handoff.windows.get_mut(&home) else {
+        let Some(w) = self.hint_store.windows.get_mut(&home) else {
             return;
         };
         w.in_flight -= 1;
         if w.in_flight == 0 {
             w.grant = None;
             // The home kept up: ask again at the next tick rather than a round later.
-            if delivered && self.handoff.per_home.contains_key(&home) {
+            if delivered && self.hint_store.per_home.contains_key(&home) {
                 self.next_hint_round = self.next_hint_round.min(now);
             }
         }
@@ -297,7 +303,7 @@ impl Core {
     /// A hint round: asks every reachable home with hints and no open window for credit.
     pub(super) fn ask_credit(&mut self, now: u64) {
         let homes: Vec<(NodeId, usize)> = self
-            .handoff
+            .hint_store
             .per_home
             .iter()
             .map(|(h, n)| (*h, *n))
@@ -310,7 +316,7 @@ impl Core {
             if !self.believed_up(home, now) {
                 continue;
             }
-            let w = self.handoff.windows.entry(home).or_default();
+            let w = self.hint_store.windows.entry(home).or_default();
             if w.asking.is_some() || w.in_flight > 0 {
                 continue;
             }
@@ -320,7 +326,7 @@ impl Core {
                 .keys()
                 .find(|k| k.space == Space::Hint(home))
                 .map_or(0, |k| k.partition);
-            let w = self.handoff.windows.entry(home).or_default();
+            let w = self.hint_store.windows.entry(home).or_default();
             let id = self.next_id;
             self.next_id += 1;
             w.asking = Some(id);
@@ -343,7 +349,7 @@ impl Core {
     /// timed out: starts at most `granted` deliveries.
     pub(super) fn credit_answered(&mut self, home: NodeId, grant: Option<(u64, u32)>) {
         let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
-        let w = self.handoff.windows.entry(home).or_default();
+        let w = self.hint_store.windows.entry(home).or_default();
         w.asking = None;
         let Some((id, granted)) = grant else {
             return;
@@ -361,7 +367,11 @@ impl Core {
             .map(|(k, _)| k.clone())
             .take(n)
             .collect();
-        let w = self.handoff.windows.get_mut(&home).expect("entered above");
+        let w = self
+            .hint_store
+            .windows
+            .get_mut(&home)
+            .expect("entered above");
         if ready.is_empty() {
             w.grant = None;
             return;
@@ -388,7 +398,7 @@ impl Core {
         let busy = self.ops.len() + self.jobs.len();
         let idle = 1.0 - (busy as f64 / self.cfg.hint_busy_ops.max(1) as f64).min(1.0);
         let cap = wanted.min(self.cfg.hint_credit_max);
-        let mut granted = (f64::from(cap) * self.handoff.share * idle) as u32;
+        let mut granted = (f64::from(cap) * self.hint_store.share * idle) as u32;
         if granted == 0 && cap > 0 && busy < self.cfg.hint_busy_ops {
             // Not busy, only throttled: a trickle still drains the hints.
             granted = 1;

@@ -76,6 +76,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -83,6 +84,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
 use glommio::{
     ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+    yield_if_needed,
 };
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
@@ -95,7 +97,8 @@ use ringkv_net::{
 use crate::admission::{AdmissionConfig, AdmissionController};
 use crate::bucket::Buckets;
 use crate::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp, hint_bytes,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
+    hint_bytes,
 };
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring};
@@ -467,11 +470,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .copied()
         .chain(std::iter::once(cfg.node_id))
         .collect();
-    let target_n = std::iter::once(&cfg.buckets.default)
-        .chain(cfg.buckets.named.values())
-        .map(|p| usize::from(p.n))
-        .max()
-        .unwrap_or(1);
+    let target_n = cfg.buckets.max_n();
     let ring = Ring::new(PARTITIONS, &members, target_n)
         .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
     // One executor per shard and the signal executor.
@@ -865,6 +864,9 @@ fn start_core(
     core_cfg.heartbeat_ms = cfg.heartbeat_ms;
     core_cfg.phi_threshold = f64::from(cfg.phi_threshold);
     core_cfg.object_bytes_max = cfg.object_bytes_max();
+    core_cfg.shard = u32::try_from(id).expect("serve bounds the shard count");
+    core_cfg.shards = u32::try_from(cfg.cpus.len()).expect("serve bounds the shard count");
+    core_cfg.target_n = cfg.buckets.max_n();
     tracing::info!(
         shard = id,
         node = %cfg.node_id,
@@ -1810,6 +1812,17 @@ impl Shard {
                 Output::Send { to, msg } => self.send_to_peer(to, msg),
                 Output::Store { id, key, op } => self.spawn_store(id, key, op),
                 Output::RenewEpochs => self.spawn_renewal(),
+                Output::Scan {
+                    id,
+                    partition,
+                    after,
+                    max_items,
+                    max_bytes,
+                } => self.spawn_scan(id, partition, after, max_items, max_bytes),
+                Output::DropPartition { partition } => self.spawn_drop(partition),
+                Output::TransferDone { epoch, partition } => {
+                    tracing::info!(shard = self.id, epoch, partition, "partition received");
+                }
             }
         }
     }
@@ -1880,6 +1893,114 @@ impl Shard {
                 .await
                 .map(|_| None)
                 .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Reads a page of a partition's replicas for a transfer or handoff and reports it.
+    fn spawn_scan(
+        self: &Rc<Self>,
+        id: u64,
+        partition: u32,
+        after: Option<Bytes>,
+        max_items: usize,
+        max_bytes: usize,
+    ) {
+        let shard = self.clone();
+        let spawned = self.store_work.spawn_into(
+            async move {
+                let result = shard.scan(partition, after, max_items, max_bytes).await;
+                let outputs =
+                    shard
+                        .core
+                        .borrow_mut()
+                        .handle_scanned(shard.clock.now_ms(), id, result);
+                shard.carry_out(outputs);
+            },
+            self.foreground,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    async fn scan(
+        &self,
+        partition: u32,
+        after: Option<Bytes>,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, String> {
+        let after = match after {
+            Some(c) => Some(
+                peer::cursor_from_bytes(&c).ok_or_else(|| "a malformed scan cursor".to_string())?,
+            ),
+            None => None,
+        };
+        let mut it = self.engine.iter_partition_after(partition, after);
+        let mut page = ScanPage::default();
+        let mut bytes = 0;
+        let mut last = None;
+        while page.items.len() < max_items && (page.items.is_empty() || bytes < max_bytes) {
+            let Some(entry) = it.next_entry().await else {
+                return Ok(page);
+            };
+            let (kh, engine_key, value) = entry.map_err(|e| e.to_string())?;
+            last = Some(kh);
+            let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
+                tracing::warn!(
+                    shard = self.id,
+                    partition,
+                    "skipping a malformed replica key"
+                );
+                continue;
+            };
+            let object = Object::decode(&value).map_err(|e| {
+                format!("stored object in partition {partition} does not decode: {e}")
+            })?;
+            bytes += value.len();
+            page.items.push(ScanItem {
+                bucket,
+                key,
+                object,
+            });
+            yield_if_needed().await;
+        }
+        // Full page: the next one starts after its last key (an empty remainder gives an empty
+        // last page, which ends the scan).
+        page.next = last.map(peer::cursor_bytes);
+        Ok(page)
+    }
+
+    /// Drops a handed-off partition and tells the core.
+    fn spawn_drop(self: &Rc<Self>, partition: u32) {
+        let shard = self.clone();
+        let spawned = self.store_work.spawn_into(
+            async move {
+                match shard
+                    .engine
+                    .drop_partition(partition, Durability::Sync)
+                    .await
+                {
+                    Ok(_) => {
+                        let outputs = shard
+                            .core
+                            .borrow_mut()
+                            .partition_dropped(shard.clock.now_ms(), partition);
+                        shard.carry_out(outputs);
+                    }
+                    // The core keeps refusing writes to it; the operator sees why.
+                    Err(e) => tracing::error!(
+                        shard = shard.id,
+                        partition,
+                        error = %e,
+                        "cannot drop a handed-off partition"
+                    ),
+                }
+            },
+            self.foreground,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
         }
     }
 
