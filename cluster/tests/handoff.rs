@@ -305,9 +305,54 @@ fn delivery_is_paced_by_the_home() {
     node.tick(2_500);
     assert!(node.take().is_empty(), "a refused round waits for the next");
     node.tick(4_100);
+    let asked = node.take();
+    let [(_, PeerMsg::HintCredit { id, .. })] = asked.as_slice() else {
+        panic!("{asked:?}")
+    };
+    // A window in which one delivery failed waits for the next round, not the next tick.
+    node.peer(
+        4_101,
+        home,
+        PeerMsg::HintCreditOk {
+            id: *id,
+            granted: 2,
+        },
+    );
+    let ids: Vec<u64> = node
+        .take()
+        .iter()
+        .map(|(_, m)| match m {
+            PeerMsg::ReplicaPut { id, .. } => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    node.peer(
+        4_102,
+        home,
+        PeerMsg::ReplicaPutOk {
+            id: ids[0],
+            durable: false,
+        },
+    );
+    node.peer(
+        4_103,
+        home,
+        PeerMsg::ReplicaPutOk {
+            id: ids[1],
+            durable: true,
+        },
+    );
+    assert_eq!(node.core.hint_count(), 2);
+    node.tick(4_104);
+    assert!(
+        node.take().is_empty(),
+        "a failed window does not ask at once"
+    );
+    node.tick(5_100);
     assert!(matches!(
         node.take().as_slice(),
-        [(_, PeerMsg::HintCredit { .. })]
+        [(_, PeerMsg::HintCredit { wanted: 2, .. })]
     ));
 }
 

@@ -69,6 +69,8 @@ struct Window {
     grant: Option<(u64, u32)>,
     /// Deliveries in flight to the home.
     in_flight: u32,
+    /// A delivery of the window was not acknowledged durably.
+    failed: bool,
 }
 
 /// The delivery window of a holder to one home, for checkers.
@@ -291,10 +293,12 @@ impl Core {
             return;
         };
         w.in_flight -= 1;
+        w.failed |= !delivered;
         if w.in_flight == 0 {
             w.grant = None;
+            let failed = std::mem::take(&mut w.failed);
             // The home kept up: ask again at the next tick rather than a round later.
-            if delivered && self.hint_store.per_home.contains_key(&home) {
+            if !failed && self.hint_store.per_home.contains_key(&home) {
                 self.next_hint_round = self.next_hint_round.min(now);
             }
         }
