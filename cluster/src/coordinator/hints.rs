@@ -255,16 +255,13 @@ impl Core {
             self.stats.hint_overflow += 1;
             match job.kind {
                 JobKind::Apply { then, .. } => match then {
-                    ApplyDone::Peer(node, id) => {
-                        self.replica_write_done(now, node, id);
-                        self.out.push(Output::Send {
-                            to: node,
-                            msg: PeerMsg::Failed {
-                                id,
-                                error: e.clone(),
-                            },
-                        });
-                    }
+                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::Failed {
+                            id,
+                            error: e.clone(),
+                        },
+                    }),
                     ApplyDone::Slot { op, slot } => {
                         self.pending_slot_done(op, slot);
                         self.slot_answered(now, op, slot, SlotResult::Failed);
