@@ -159,7 +159,9 @@ impl Session {
                 message: Message::Pong,
             }),
             Message::Get(_) | Message::Put(_) | Message::Delete(_) => Step::Execute(frame),
-            Message::ReplicaPut(_) | Message::ReplicaGet(_) if self.role == Role::Peer => {
+            Message::ReplicaPut(_) | Message::ReplicaGet(_) | Message::Cluster(_)
+                if self.role == Role::Peer =>
+            {
                 Step::Execute(frame)
             }
             Message::Hello(_) => Step::Reply(error(
