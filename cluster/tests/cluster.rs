@@ -62,7 +62,7 @@ struct Node {
     id: u32,
     child: Option<Child>,
     addr: String,
-    /// Admin HTTP address (`/metrics`, `/merkle`).
+    /// Admin HTTP address (`/metrics`).
     admin: String,
     args: Vec<String>,
 }
@@ -98,6 +98,20 @@ impl Node {
 
     fn client(&self) -> Client {
         Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// The sum of every sample of metric `name` in the node's `/metrics`.
+    fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
     }
 
     fn kill(&mut self) {
@@ -407,20 +421,11 @@ fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
         .collect()
 }
 
-/// The sum over shards of a counter or gauge in a node's /metrics.
-fn metric(node: &Node, name: &str) -> u64 {
-    admin_get(node, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
-
 /// Anti-entropy alone repairs a node that was killed under writes. Four nodes, N=3, R=W=2, one
 /// shard each, anti-entropy every 10 ms; hint delivery is kept out of the way on purpose: every
 /// node runs with `--hint-retry-ms 600000` (ten minutes, the longest allowed), so the hints the
 /// fallback takes while node 3 is down stay on the fallback for the whole test (checked with
-/// `ringkv_hints_stored`). Node 3 is killed (SIGKILL) while a writer puts and deletes keys through
+/// `ringkv_hints`). Node 3 is killed (SIGKILL) while a writer puts and deletes keys through
 /// node 1, then restarted. Proof of repair: with the three other nodes frozen (SIGSTOP), node 3
 /// alone answers R=1 reads (with a deadline shorter than the freeze, so no late reply from a
 /// frozen node can read-repair it) with the last acknowledged value of every key, and nothing
@@ -539,24 +544,24 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
             eprintln!(
                 "node {}: exchanges {} in sync {} repaired {} roots {:?}",
                 n.id,
-                metric(n, "ringkv_ae_exchanges_total"),
-                metric(n, "ringkv_ae_in_sync_total"),
-                metric(n, "ringkv_ae_keys_repaired_total"),
+                n.metric("ringkv_ae_exchanges_total"),
+                n.metric("ringkv_ae_in_sync_total"),
+                n.metric("ringkv_ae_keys_repaired_total"),
                 merkle(n).into_iter().take(3).collect::<Vec<_>>()
             );
         }
     }
     assert!(repaired, "anti-entropy did not repair the restarted node");
-    let hints: u64 = nodes.iter().map(|n| metric(n, "ringkv_hints_stored")).sum();
+    let hints: f64 = nodes.iter().map(|n| n.metric("ringkv_hints")).sum();
     assert!(
-        hints > 0,
+        hints > 0.0,
         "the hints are still on the fallback, undelivered"
     );
-    let repairs: u64 = nodes
+    let repairs: f64 = nodes
         .iter()
-        .map(|n| metric(n, "ringkv_ae_keys_repaired_total"))
+        .map(|n| n.metric("ringkv_ae_keys_repaired_total"))
         .sum();
-    assert!(repairs > 0);
+    assert!(repairs > 0.0);
 
     // Every replica set reports the same roots (published each second: polled, bounded).
     let mut equal = false;
@@ -576,4 +581,55 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
     }
     assert!(equal, "replica sets report different Merkle roots");
+}
+
+/// A full hint store refuses hints and counts them, and writes still succeed on the replicas
+/// that remain. Four nodes, a hint store of one byte: with node 3 killed, every replica write
+/// meant for it goes to the one fallback of its key, which refuses it (`overloaded`); the slot
+/// has no fallback left, and W=2 is met by the two live homes. `/metrics` shows the refusals and
+/// no hint held anywhere.
+#[test]
+fn a_full_hint_store_refuses_hints_and_counts_them() {
+    let mut nodes = cluster(
+        "hint-overflow",
+        4,
+        1,
+        &["--replica-timeout-ms", "500", "--hint-bytes-max", "1"],
+    );
+    nodes[2].kill();
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let mut a = nodes[0].client();
+    let mut homed = 0;
+    for i in 0..40 {
+        let k = format!("key-{i}").into_bytes();
+        a.put(b"b", &k, &k, None).unwrap();
+        if ring
+            .preference_list(partition_of(b"b", &k), 3)
+            .contains(&NodeId(3))
+        {
+            homed += 1;
+        }
+    }
+    assert!(homed > 0);
+    let live = [0, 1, 3];
+    let mut overflow = 0.0;
+    // Metrics are published by each shard's ticker: polled a bounded number of times.
+    for _ in 0..STARTUP_RETRIES {
+        overflow = live
+            .iter()
+            .map(|&i| nodes[i].metric("ringkv_hint_overflow_total"))
+            .sum();
+        if overflow > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    assert!(overflow > 0.0, "no refused hint counted");
+    for &i in &live {
+        assert_eq!(nodes[i].metric("ringkv_hints"), 0.0);
+        assert_eq!(nodes[i].metric("ringkv_hint_bytes"), 0.0);
+        assert_eq!(nodes[i].metric("ringkv_admission_background_share"), 1.0);
+    }
+    assert!(nodes[0].metric("ringkv_heartbeats_total") > 0.0);
 }

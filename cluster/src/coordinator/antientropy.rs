@@ -48,8 +48,10 @@
 //!
 //! Anti-entropy is background work with fixed bounds: one exchange at a time per core, one
 //! started per `ae_interval_ms`, at most `ae_keys_max` keys listed and repaired per direction per
-//! exchange. The interval is the single knob: an admission controller scales background work by
-//! changing it ([`Core::set_ae_interval_ms`], 0 pauses anti-entropy).
+//! exchange. The interval is the single knob: the effective interval is `ae_interval_ms` divided
+//! by the core's background share from admission control ([`Core::set_background_share`], in
+//! `[0.01, 1]`), and [`Core::set_ae_interval_ms`] changes it (0 pauses anti-entropy). The reads of
+//! objects an exchange sends are background storage work ([`Core::is_background`]).
 //!
 //! # Reaping tombstones
 //!
@@ -344,6 +346,11 @@ impl Core {
             .collect()
     }
 
+    /// Whether storage operation `id` is an anti-entropy read (background work).
+    pub(super) fn ae_is_background(&self, id: u64) -> bool {
+        self.ae.pushes.contains_key(&id)
+    }
+
     /// Whether an anti-entropy exchange is running.
     pub fn ae_busy(&self) -> bool {
         self.ae.exchange.is_some() || !self.ae.pushes.is_empty()
@@ -431,7 +438,9 @@ impl Core {
         {
             return;
         }
-        self.ae.next_round = now + self.cfg.ae_interval_ms;
+        // Admission control scales background work: a share of 1/4 makes rounds 4 times rarer.
+        let interval = self.cfg.ae_interval_ms as f64 / self.background_share();
+        self.ae.next_round = now + interval as u64;
         let len = self.ae.order.len() as u64;
         let round = self.ae.round;
         self.ae.round += 1;
@@ -655,7 +664,7 @@ impl Core {
                     to: from,
                     msg: PeerMsg::AeDropOk { id },
                 });
-                self.ae_drop(partition, keys);
+                self.ae_drop(now, partition, keys);
             }
             // Drops are not awaited: the removals are checked under each key's lock.
             PeerMsg::AeDropOk { .. } => {}
@@ -907,7 +916,7 @@ impl Core {
             return;
         }
         if peers.is_empty() {
-            return self.ae_drop(tree_id.0, ready);
+            return self.ae_drop(now, tree_id.0, ready);
         }
         self.ae.exchange = Some(Exchange {
             tree: tree_id,
@@ -948,7 +957,7 @@ impl Core {
         self.out.push(Output::PersistFloor { floor: epoch });
     }
 
-    fn ae_reap_answered(&mut self, _now: u64, held: Vec<(Bytes, Bytes)>) {
+    fn ae_reap_answered(&mut self, now: u64, held: Vec<(Bytes, Bytes)>) {
         let Some(x) = self.ae.exchange.as_mut() else {
             return;
         };
@@ -984,7 +993,7 @@ impl Core {
         for peer in peers {
             let keys = confirmed.clone();
             self.ae_send(
-                _now,
+                now,
                 peer,
                 |id| PeerMsg::AeDrop {
                     id,
@@ -995,11 +1004,11 @@ impl Core {
                 false,
             );
         }
-        self.ae_drop(tree.0, confirmed);
+        self.ae_drop(now, tree.0, confirmed);
     }
 
     /// Removes each tombstone whose stored object still has the confirmed digest.
-    fn ae_drop(&mut self, partition: u32, keys: Vec<AeKey>) {
+    fn ae_drop(&mut self, now: u64, partition: u32, keys: Vec<AeKey>) {
         for k in keys.into_iter().take(self.cfg.ae_keys_max) {
             let key = StoreKey {
                 partition,
@@ -1007,7 +1016,7 @@ impl Core {
                 bucket: k.bucket,
                 key: k.key,
             };
-            self.lock(key, JobKind::Reap { digest: k.digest });
+            self.lock(now, key, JobKind::Reap { digest: k.digest });
         }
     }
 }

@@ -8,23 +8,142 @@
 //! is meant to watch. Requests are counted by the shard that received them (a forwarded request is
 //! counted once), from the decoded request to the reply being ready.
 //!
-//! Engine figures, the coordinator's anti-entropy counters and its Merkle roots are a snapshot
-//! each shard copies every [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that. The
-//! roots are the one snapshot that is not a counter: a list behind a mutex, written by its shard
-//! once a period and read by `GET /merkle`, one line per tree: `partition n keys root` (root in
-//! hex), sorted by partition then `n`, shards merged.
+//! Engine figures are a snapshot each shard copies from its engine every
+//! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that. Coordinator figures (hinted
+//! handoff, forwarding, read repair, failure detection) and the admission controller's state are
+//! copied by each shard's ticker, at most one tick late; coordinator figures are rendered summed
+//! over shards, the admission state per shard (each shard has its own controller). The
+//! anti-entropy counters are coordinator figures too; each shard's Merkle roots are copied every
+//! [`ENGINE_REFRESH_MS`] into a list behind a mutex (the one snapshot that is not a number), read
+//! by `GET /merkle`: one line per tree, `partition n keys root` (root in hex), sorted by partition
+//! then `n`, shards merged.
 //!
 //! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
 //! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ringkv_engine::EngineStats;
 
+use crate::admission::AdmissionState;
 use crate::coordinator::{CoreStats, TreeRoot};
+
+/// What a shard's coordinator reports, beyond its counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreFigures {
+    /// The coordinator's counters.
+    pub stats: CoreStats,
+    /// Hints held.
+    pub hints: u64,
+    /// Bytes of hints held.
+    pub hint_bytes: u64,
+    /// Hints being delivered.
+    pub hints_in_flight: u64,
+    /// Peers the shard believes unreachable now.
+    pub peers_suspected: u64,
+}
+
+/// A per-shard admission series (name, kind, help, value).
+type AdmissionField = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardMetrics) -> String,
+);
+
+/// Coordinator figures published summed over shards (name, help, accessor).
+type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
+const CORE_FIELDS: [CoreField; 19] = [
+    (
+        "ringkv_forwarded_total",
+        "Writes forwarded to a home node.",
+        |c| c.stats.forwarded,
+    ),
+    (
+        "ringkv_hinted_writes_total",
+        "Replica writes sent to a fallback as hints.",
+        |c| c.stats.hinted_writes,
+    ),
+    (
+        "ringkv_hints_delivered_total",
+        "Hints delivered to their home and removed.",
+        |c| c.stats.hints_delivered,
+    ),
+    (
+        "ringkv_hint_overflow_total",
+        "Hints refused because the hint store was full.",
+        |c| c.stats.hint_overflow,
+    ),
+    (
+        "ringkv_hint_credit_requests_total",
+        "Hint credit asked of homes.",
+        |c| c.stats.credit_requests,
+    ),
+    (
+        "ringkv_hint_credits_granted_total",
+        "Hints this node allowed holders to send, summed over grants.",
+        |c| c.stats.credits_granted,
+    ),
+    (
+        "ringkv_read_repairs_total",
+        "Read-repair writes sent.",
+        |c| c.stats.read_repairs,
+    ),
+    (
+        "ringkv_slot_moves_total",
+        "Replica slots moved to a fallback during a request.",
+        |c| c.stats.slot_moves,
+    ),
+    (
+        "ringkv_batched_jobs_total",
+        "Key jobs that shared a read and a write with the job ahead.",
+        |c| c.stats.batched_jobs,
+    ),
+    (
+        "ringkv_heartbeats_total",
+        "Failure-detector heartbeats sent.",
+        |c| c.stats.heartbeats,
+    ),
+    ("ringkv_hints", "Hints held.", |c| c.hints),
+    ("ringkv_hint_bytes", "Bytes of hints held.", |c| {
+        c.hint_bytes
+    }),
+    ("ringkv_hints_in_flight", "Hints being delivered.", |c| {
+        c.hints_in_flight
+    }),
+    (
+        "ringkv_ae_exchanges_total",
+        "Anti-entropy exchanges started (one partition tree with one other replica).",
+        |c| c.stats.ae_exchanges,
+    ),
+    (
+        "ringkv_ae_in_sync_total",
+        "Anti-entropy exchanges that found the two trees equal.",
+        |c| c.stats.ae_in_sync,
+    ),
+    (
+        "ringkv_ae_keys_repaired_total",
+        "Objects anti-entropy sent to a replica whose version differed or was missing.",
+        |c| c.stats.ae_keys_repaired,
+    ),
+    (
+        "ringkv_tombstones_reaped_total",
+        "Tombstones removed once every replica held them past the grace period.",
+        |c| c.stats.tombstones_reaped,
+    ),
+    (
+        "ringkv_epoch_floor_raises_total",
+        "Epoch floor raises made so that tombstones could be reaped.",
+        |c| c.stats.floor_raises,
+    ),
+    (
+        "ringkv_peers_suspected",
+        "Peers believed unreachable, summed over shards (each shard judges alone).",
+        |c| c.peers_suspected,
+    ),
+];
 
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied).
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -98,42 +217,9 @@ const ENGINE_FIELDS: [EngineField; 10] = [
     ),
 ];
 
-/// Coordinator counters published by the node (name, help, accessor).
-type CoreField = (&'static str, &'static str, fn(&CoreStats) -> u64);
-const CORE_FIELDS: [CoreField; 5] = [
-    (
-        "ringkv_ae_exchanges_total",
-        "Anti-entropy exchanges started (one partition tree with one other replica).",
-        |s| s.ae_exchanges,
-    ),
-    (
-        "ringkv_ae_in_sync_total",
-        "Anti-entropy exchanges that found the two trees equal.",
-        |s| s.ae_in_sync,
-    ),
-    (
-        "ringkv_ae_keys_repaired_total",
-        "Objects anti-entropy sent to a replica whose version differed or was missing.",
-        |s| s.ae_keys_repaired,
-    ),
-    (
-        "ringkv_tombstones_reaped_total",
-        "Tombstones removed once every replica held them past the grace period.",
-        |s| s.tombstones_reaped,
-    ),
-    (
-        "ringkv_epoch_floor_raises_total",
-        "Epoch floor raises made so that tombstones could be reaped.",
-        |s| s.floor_raises,
-    ),
-];
-
 /// One shard's counters. Written only by its shard.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
-    core: [AtomicU64; CORE_FIELDS.len()],
-    hints: AtomicU64,
-    trees: Mutex<Vec<TreeRoot>>,
     requests: [AtomicU64; 3],
     errors: [AtomicU64; 3],
     latency_buckets: [[AtomicU64; BUCKETS]; 3],
@@ -141,6 +227,13 @@ pub struct ShardMetrics {
     connections_open: AtomicU64,
     connections_total: AtomicU64,
     engine: [AtomicU64; ENGINE_FIELDS.len()],
+    core: [AtomicU64; CORE_FIELDS.len()],
+    /// Background share in millionths.
+    admission_share_ppm: AtomicU64,
+    admission_p99_us: AtomicU64,
+    admission_threshold_us: AtomicU64,
+    admission_adjustments: AtomicU64,
+    trees: Mutex<Vec<TreeRoot>>,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -174,31 +267,35 @@ impl ShardMetrics {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Publishes a snapshot of the shard's engine statistics.
-    pub fn set_engine(&self, stats: &EngineStats) {
-        for (slot, (_, _, get)) in self.engine.iter().zip(ENGINE_FIELDS) {
-            slot.store(get(stats), Ordering::Relaxed);
-        }
-    }
-}
-
-impl ShardMetrics {
-    /// Publishes a snapshot of the coordinator's counters.
-    pub fn set_core(&self, stats: &CoreStats) {
+    /// Publishes a snapshot of the shard's coordinator figures.
+    pub fn set_core(&self, figures: &CoreFigures) {
         for (slot, (_, _, get)) in self.core.iter().zip(CORE_FIELDS) {
-            slot.store(get(stats), Ordering::Relaxed);
+            slot.store(get(figures), Ordering::Relaxed);
         }
     }
 
-    /// Publishes how many hints the shard holds for other nodes.
-    pub fn set_hints(&self, hints: u64) {
-        self.hints.store(hints, Ordering::Relaxed);
+    /// Publishes the shard's admission-control state.
+    pub fn set_admission(&self, state: &AdmissionState) {
+        let ppm = (state.share * 1e6).round() as u64;
+        self.admission_share_ppm.store(ppm, Ordering::Relaxed);
+        self.admission_p99_us.store(state.p99_us, Ordering::Relaxed);
+        self.admission_threshold_us
+            .store(state.threshold_us, Ordering::Relaxed);
+        self.admission_adjustments
+            .store(state.adjustments, Ordering::Relaxed);
     }
 
     /// Publishes the shard's Merkle roots.
     pub fn set_trees(&self, trees: Vec<TreeRoot>) {
         // A writer that panicked left a whole list behind (it is replaced in one assignment).
         *self.trees.lock().unwrap_or_else(|e| e.into_inner()) = trees;
+    }
+
+    /// Publishes a snapshot of the shard's engine statistics.
+    pub fn set_engine(&self, stats: &EngineStats) {
+        for (slot, (_, _, get)) in self.engine.iter().zip(ENGINE_FIELDS) {
+            slot.store(get(stats), Ordering::Relaxed);
+        }
     }
 }
 
@@ -322,23 +419,46 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
     }
-    family(
-        &mut out,
-        "ringkv_hints_stored",
-        "gauge",
-        "Hints held for other nodes, not yet delivered.",
-    );
-    for (shard, m) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "ringkv_hints_stored{{shard=\"{shard}\"}} {}",
-            load(&m.hints)
-        );
-    }
     for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
-        family(&mut out, name, "counter", help);
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(&mut out, name, kind, help);
+        let sum: u64 = shards.iter().map(|m| load(&m.core[f])).sum();
+        let _ = writeln!(out, "{name} {sum}");
+    }
+    let admission: [AdmissionField; 4] = [
+        (
+            "ringkv_admission_background_share",
+            "gauge",
+            "Share of background work admission control allows, in (0, 1].",
+            |m| format!("{}", load(&m.admission_share_ppm) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_p99_seconds",
+            "gauge",
+            "Client p99 latency over the controller's window at its last adjustment.",
+            |m| format!("{}", load(&m.admission_p99_us) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_threshold_seconds",
+            "gauge",
+            "Client p99 above which background work backs off.",
+            |m| format!("{}", load(&m.admission_threshold_us) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_adjustments_total",
+            "counter",
+            "Changes of the background share.",
+            |m| load(&m.admission_adjustments).to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in admission {
+        family(&mut out, name, kind, help);
         for (shard, m) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.core[f]));
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", value(m));
         }
     }
     out
@@ -401,6 +521,36 @@ mod tests {
         assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"get\"} 1\n"));
     }
 
+    /// Coordinator figures are summed over shards; the admission state is per shard.
+    #[test]
+    fn render_core_and_admission() {
+        let (a, b) = (ShardMetrics::default(), ShardMetrics::default());
+        let mut figures = CoreFigures {
+            hint_bytes: 100,
+            ..CoreFigures::default()
+        };
+        figures.stats.hint_overflow = 2;
+        a.set_core(&figures);
+        figures.stats.hint_overflow = 3;
+        b.set_core(&figures);
+        b.set_admission(&AdmissionState {
+            share: 0.25,
+            p99_us: 12_000,
+            threshold_us: 10_000,
+            adjustments: 4,
+        });
+        let text = render(&[&a, &b]);
+        assert!(
+            text.contains(
+                "# TYPE ringkv_hint_overflow_total counter\nringkv_hint_overflow_total 5\n"
+            )
+        );
+        assert!(text.contains("\nringkv_hint_bytes 200\n"));
+        assert!(text.contains("ringkv_admission_background_share{shard=\"1\"} 0.25\n"));
+        assert!(text.contains("ringkv_admission_p99_seconds{shard=\"1\"} 0.012\n"));
+        assert!(text.contains("ringkv_admission_adjustments_total{shard=\"1\"} 4\n"));
+    }
+
     /// The admin paths and refusals.
     #[test]
     fn admin_paths() {
@@ -411,14 +561,6 @@ mod tests {
         let metrics = admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]);
         assert!(String::from_utf8_lossy(&metrics).contains("# TYPE ringkv_requests_total counter"));
         assert!(admin_response(b"GET /x HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 404"));
-        m.set_core(&CoreStats {
-            tombstones_reaped: 4,
-            ..CoreStats::default()
-        });
-        let metrics =
-            String::from_utf8_lossy(&admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]))
-                .into_owned();
-        assert!(metrics.contains("ringkv_tombstones_reaped_total{shard=\"0\"} 4\n"));
         let other = ShardMetrics::default();
         other.set_trees(vec![TreeRoot {
             partition: 1,
