@@ -1258,8 +1258,11 @@ impl Sim {
         }) || !self.requests.is_empty()
             || self.events.values().any(|e| match e {
                 Event::Stored { .. } => true,
-                // Heartbeats never stop; they are not work in progress.
-                Event::Deliver(env) => !env.msg.is_heartbeat(),
+                // Heartbeats and gossip never stop; they are not work in progress (membership
+                // has its own test, `membership_settled`).
+                Event::Deliver(env) => {
+                    !env.msg.is_heartbeat() && !matches!(env.msg, SimMsg::Member(_))
+                }
                 _ => false,
             })
     }
