@@ -304,6 +304,13 @@ fn ae_request(id: u64, s: u8, partition: u32, payload: &[u8]) -> Result<PeerMsg,
             let n = r.u8("n").map_err(body)?;
             let depth = r.u8("depth").map_err(body)?;
             let len = count(&mut r, "hashes", 12).map_err(body)?;
+            if len > crate::merkle::LEAVES {
+                return Err(body(BodyError::TooLarge {
+                    field: "hashes",
+                    len: len as u64,
+                    max: crate::merkle::LEAVES,
+                }));
+            }
             let mut hashes = Vec::with_capacity(len);
             for _ in 0..len {
                 let i = r.u32("index").map_err(body)?;
