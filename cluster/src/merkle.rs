@@ -70,21 +70,29 @@ pub fn leaf_of(key_hash: u64) -> usize {
 }
 
 impl MerkleTree {
-    /// An empty tree: every leaf 0, so equal to any other empty tree.
+    /// An empty tree: every leaf 0, so equal to any other empty tree. The inner hashes of the
+    /// empty tree are computed once per process and copied.
     pub fn new() -> Self {
-        let mut levels = Vec::with_capacity(DEPTH as usize + 1);
-        let mut dirty = Vec::with_capacity(DEPTH as usize + 1);
-        for depth in 0..=DEPTH {
-            let width = FANOUT.pow(depth);
-            levels.push(vec![0; width]);
-            // Inner levels start dirty so the first read computes them from the leaves.
-            dirty.push(vec![depth < DEPTH; width]);
-        }
-        MerkleTree {
-            levels,
-            dirty,
-            items: 0,
-        }
+        static EMPTY: std::sync::OnceLock<MerkleTree> = std::sync::OnceLock::new();
+        EMPTY
+            .get_or_init(|| {
+                let mut levels = Vec::with_capacity(DEPTH as usize + 1);
+                let mut dirty = Vec::with_capacity(DEPTH as usize + 1);
+                for depth in 0..=DEPTH {
+                    let width = FANOUT.pow(depth);
+                    levels.push(vec![0; width]);
+                    // Inner levels start dirty so the first read computes them from the leaves.
+                    dirty.push(vec![depth < DEPTH; width]);
+                }
+                let mut empty = MerkleTree {
+                    levels,
+                    dirty,
+                    items: 0,
+                };
+                empty.refresh();
+                empty
+            })
+            .clone()
     }
 
     /// Number of keys in the tree.
@@ -125,6 +133,10 @@ impl MerkleTree {
     }
 
     fn refresh(&mut self) {
+        // Every update marks its path up to the root, so a clean root means a clean tree.
+        if !self.dirty[0][0] {
+            return;
+        }
         for depth in (0..DEPTH as usize).rev() {
             let (upper, lower) = self.levels.split_at_mut(depth + 1);
             let (parents, children) = (&mut upper[depth], &lower[0]);

@@ -4,7 +4,7 @@
 //! dot, and the key's causal history) or last-write-wins (one [`Val`] stamped with a hybrid
 //! logical clock timestamp and the coordinating node). Deletes are values too ([`Val::Tombstone`]),
 //! so a delete replicates, merges and supersedes like any write; reaping tombstones is
-//! anti-entropy's job (later).
+//! anti-entropy's job (`coordinator/antientropy.rs`), which compares replicas by [`Object::digest`].
 //!
 //! [`Object::merge`] is the one way replicas combine state (replica writes, read repair, hinted
 //! handoff): commutative, associative and idempotent, so replicas converge whatever the order of
@@ -186,34 +186,48 @@ impl Object {
 
     /// Encodes the object (module docs).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut |b: &[u8]| out.extend_from_slice(b));
+        out
+    }
+
+    /// A 64-bit digest of the object: xxh3-64 of [`Object::encode`]'s bytes, computed without
+    /// building them. The encoding is canonical (a clock's entries are sorted by actor, each
+    /// entry's values are ordered by dot, no entry has counter 0, and an lww version has one
+    /// form), so equal objects have equal digests on every replica; anti-entropy relies on it.
+    pub fn digest(&self) -> u64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        self.encode_into(&mut |b: &[u8]| hasher.update(b));
+        hasher.digest()
+    }
+
+    /// Feeds the encoding to `sink`, piece by piece.
+    fn encode_into(&self, sink: &mut impl FnMut(&[u8])) {
         match self {
             Object::Causal(clock) => {
-                out.push(TAG_CAUSAL);
-                let entries: Vec<_> = clock.entries().collect();
-                let count = u16::try_from(entries.len())
+                sink(&[TAG_CAUSAL]);
+                let count = u16::try_from(clock.entries().count())
                     .expect("a clock has at most one entry per actor the coordinators bound");
-                out.extend_from_slice(&count.to_le_bytes());
-                for (actor, counter, values) in entries {
-                    out.extend_from_slice(&actor.node.0.to_le_bytes());
-                    out.extend_from_slice(&actor.epoch.to_le_bytes());
-                    out.extend_from_slice(&counter.to_le_bytes());
+                sink(&count.to_le_bytes());
+                for (actor, counter, values) in clock.entries() {
+                    sink(&actor.node.0.to_le_bytes());
+                    sink(&actor.epoch.to_le_bytes());
+                    sink(&counter.to_le_bytes());
                     let n = u16::try_from(values.len())
                         .expect("siblings per actor are bounded by the sibling limit");
-                    out.extend_from_slice(&n.to_le_bytes());
+                    sink(&n.to_le_bytes());
                     for v in values {
-                        encode_val(v, &mut out);
+                        encode_val(v, sink);
                     }
                 }
             }
             Object::Lww(l) => {
-                out.push(TAG_LWW);
-                out.extend_from_slice(&l.timestamp.to_le_bytes());
-                out.extend_from_slice(&l.node.0.to_le_bytes());
-                encode_val(&l.val, &mut out);
+                sink(&[TAG_LWW]);
+                sink(&l.timestamp.to_le_bytes());
+                sink(&l.node.0.to_le_bytes());
+                encode_val(&l.val, sink);
             }
         }
-        out
     }
 
     /// Decodes [`Object::encode`]'s bytes. Values are slices of `bytes` (no copy).
@@ -265,14 +279,14 @@ impl Object {
     }
 }
 
-fn encode_val(v: &Val, out: &mut Vec<u8>) {
+fn encode_val(v: &Val, sink: &mut impl FnMut(&[u8])) {
     match v {
-        Val::Tombstone => out.push(VAL_TOMBSTONE),
+        Val::Tombstone => sink(&[VAL_TOMBSTONE]),
         Val::Value(b) => {
-            out.push(VAL_VALUE);
+            sink(&[VAL_VALUE]);
             let len = u32::try_from(b.len()).expect("values are bounded far below 4 GiB");
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(b);
+            sink(&len.to_le_bytes());
+            sink(b);
         }
     }
 }
@@ -372,6 +386,48 @@ mod tests {
             longer.push(0);
             assert!(Object::decode(&Bytes::from(longer)).is_err());
         }
+    }
+
+    /// The digest is xxh3 of the encoding, and the encoding is canonical: objects reached by
+    /// merging the same writes in different orders, or decoded from each other's bytes, encode
+    /// to the same bytes and so have the same digest; different objects have different digests.
+    #[test]
+    fn digests_are_canonical() {
+        let v = |b: &'static [u8]| Val::Value(Bytes::from_static(b));
+        let a = DvvSet::update(Put::new(v(b"a")), DvvSet::empty(), actor(1));
+        let b = DvvSet::update(Put::new(v(b"b")), DvvSet::empty(), actor(2));
+        let c = DvvSet::update(Put::new(Val::Tombstone), DvvSet::empty(), actor(3));
+        let ab_c = Object::Causal(a.clone().sync(b.clone()).sync(c.clone()));
+        let c_ba = Object::Causal(c.clone().sync(b.clone().sync(a.clone())));
+        assert_eq!(ab_c, c_ba);
+        assert_eq!(ab_c.encode(), c_ba.encode());
+        assert_eq!(ab_c.digest(), c_ba.digest());
+        assert_eq!(ab_c.digest(), xxhash_rust::xxh3::xxh3_64(&ab_c.encode()));
+        let decoded = Object::decode(&Bytes::from(ab_c.encode())).unwrap();
+        assert_eq!(decoded.digest(), ab_c.digest());
+        // A superseding write changes the digest, and so does a second sibling.
+        let later = DvvSet::update(
+            Put::new_with_context(a.join(), v(b"a2")),
+            a.clone(),
+            actor(1),
+        );
+        assert_ne!(
+            Object::Causal(later).digest(),
+            Object::Causal(a.clone()).digest()
+        );
+        assert_ne!(
+            Object::Causal(a.clone().sync(b)).digest(),
+            Object::Causal(a).digest()
+        );
+        let lww = |t| {
+            Object::Lww(Lww {
+                timestamp: t,
+                node: NodeId(1),
+                val: Val::Tombstone,
+            })
+        };
+        assert_eq!(lww(4).digest(), lww(4).digest());
+        assert_ne!(lww(4).digest(), lww(5).digest());
     }
 
     /// Last-write-wins keeps the highest (timestamp, node); a causal object beats an lww one.

@@ -8,8 +8,9 @@
 //! number of retries.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
-use std::net::TcpListener;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -17,8 +18,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringkv_cluster::node::NodeId;
 use ringkv_cluster::node::route::{PARTITIONS, partition_of};
+use ringkv_cluster::ring::PartitionId;
 use ringkv_cluster::ring::Ring;
-use ringkv_net::{Client, ClientConfig, ClientError, ErrorCode, Get, Message, Put, Sibling};
+use ringkv_net::{
+    Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Put, Sibling,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 const STARTUP_RETRIES: usize = 300;
@@ -386,6 +390,197 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
         Err(ClientError::Server { .. })
     ));
     c.ping().unwrap();
+}
+
+/// The body of `GET <path>` on a node's admin port.
+fn admin_get(node: &Node, path: &str) -> String {
+    let mut stream = TcpStream::connect(&node.admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// A node's Merkle roots: (partition, n) → (keys, root).
+fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
+    admin_get(node, "/merkle")
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!(f.len(), 4, "{line}");
+            (
+                (f[0].parse().unwrap(), f[1].parse().unwrap()),
+                (f[2].parse().unwrap(), f[3].to_owned()),
+            )
+        })
+        .collect()
+}
+
+/// Anti-entropy alone repairs a node that was killed under writes. Four nodes, N=3, R=W=2, one
+/// shard each, anti-entropy every 10 ms; hint delivery is kept out of the way on purpose: every
+/// node runs with `--hint-retry-ms 600000` (ten minutes, the longest allowed), so the hints the
+/// fallback takes while node 3 is down stay on the fallback for the whole test (checked with
+/// `ringkv_hints`). Node 3 is killed (SIGKILL) while a writer puts and deletes keys through
+/// node 1, then restarted. Proof of repair: with the three other nodes frozen (SIGSTOP), node 3
+/// alone answers R=1 reads (with a deadline shorter than the freeze, so no late reply from a
+/// frozen node can read-repair it) with the last acknowledged value of every key, and nothing
+/// for deleted keys; and every partition's replicas report the same Merkle root on `/merkle`.
+#[test]
+fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
+    let mut nodes = cluster(
+        "anti-entropy",
+        4,
+        1,
+        &[
+            "--replica-timeout-ms",
+            "500",
+            "--hint-retry-ms",
+            "600000",
+            "--ae-interval-ms",
+            "10",
+            "--ae-keys-max",
+            "64",
+        ],
+    );
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let key = |i: usize| format!("ae-{i}").into_bytes();
+    let mut a = nodes[0].client();
+    for i in 0..30 {
+        a.put(b"b", &key(i), b"before", None).unwrap();
+    }
+    // The writer runs while node 3 is killed: every put it sees acknowledged is recorded.
+    let addr = nodes[0].addr.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&addr, config()).unwrap();
+        let mut acked: BTreeMap<usize, Option<Vec<u8>>> = BTreeMap::new();
+        for round in 0..3 {
+            for i in 0..60 {
+                let value = format!("round {round} key {i}").into_bytes();
+                let context = c.get(b"b", &key(i)).ok().map(|r| r.context);
+                if round == 2 && i % 5 == 0 {
+                    let delete = Message::Delete(Delete {
+                        bucket: Bytes::from_static(b"b"),
+                        key: Bytes::from(key(i)),
+                        context: context.filter(|c| !c.is_empty()),
+                        w: None,
+                        dw: None,
+                        timeout_ms: None,
+                    });
+                    if let Ok(Message::DeleteOk) = c.request_message(delete) {
+                        acked.insert(i, None);
+                    }
+                } else if c
+                    .put(b"b", &key(i), &value, context.filter(|c| !c.is_empty()))
+                    .is_ok()
+                {
+                    acked.insert(i, Some(value));
+                }
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    nodes[2].kill();
+    let acked = writer.join().unwrap();
+    assert_eq!(acked.len(), 60, "every key was written with node 3 down");
+    // Keys of node 3 were written to a fallback as hints, and they are not delivered.
+    let missed: Vec<usize> = (0..60)
+        .filter(|&i| {
+            ring.preference_list(partition_of(b"b", &key(i)), 3)
+                .contains(&NodeId(3))
+        })
+        .collect();
+    assert!(!missed.is_empty());
+
+    nodes[2].start();
+    nodes[2].wait_ready();
+    let mut repaired = false;
+    for _ in 0..HANDOFF_POLLS {
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+        for i in [0, 1, 3] {
+            nodes[i].signal("STOP");
+        }
+        let mut c = nodes[2].client();
+        let mut all = true;
+        for &i in &missed {
+            let request = Message::Get(Get {
+                bucket: Bytes::from_static(b"b"),
+                key: Bytes::from(key(i)),
+                r: Some(1),
+                timeout_ms: Some(200),
+            });
+            let found = match c.request_message(request) {
+                Ok(Message::GetOk(ok)) => ok.siblings,
+                other => panic!("{other:?}"),
+            };
+            let expected: Vec<Sibling> = acked[&i]
+                .iter()
+                .map(|v| Sibling::Value(Bytes::from(v.clone())))
+                .collect();
+            if found != expected {
+                all = false;
+                break;
+            }
+        }
+        // Past every read's deadline before the others wake: their late replies find nothing
+        // to repair.
+        std::thread::sleep(Duration::from_millis(400));
+        for i in [0, 1, 3] {
+            nodes[i].signal("CONT");
+        }
+        if all {
+            repaired = true;
+            break;
+        }
+    }
+    if !repaired {
+        for n in &nodes {
+            eprintln!(
+                "node {}: exchanges {} in sync {} repaired {} roots {:?}",
+                n.id,
+                n.metric("ringkv_ae_exchanges_total"),
+                n.metric("ringkv_ae_in_sync_total"),
+                n.metric("ringkv_ae_keys_repaired_total"),
+                merkle(n).into_iter().take(3).collect::<Vec<_>>()
+            );
+        }
+    }
+    assert!(repaired, "anti-entropy did not repair the restarted node");
+    let hints: f64 = nodes.iter().map(|n| n.metric("ringkv_hints")).sum();
+    assert!(
+        hints > 0.0,
+        "the hints are still on the fallback, undelivered"
+    );
+    let repairs: f64 = nodes
+        .iter()
+        .map(|n| n.metric("ringkv_ae_keys_repaired_total"))
+        .sum();
+    assert!(repairs > 0.0);
+
+    // Every replica set reports the same roots (published each second: polled, bounded).
+    let mut equal = false;
+    for _ in 0..HANDOFF_POLLS {
+        let roots: Vec<_> = nodes.iter().map(merkle).collect();
+        equal = (0..PARTITIONS.get()).all(|p| {
+            let homes = ring.preference_list(PartitionId(p), 3);
+            let of: BTreeSet<&(u64, String)> = homes
+                .iter()
+                .map(|h| &roots[h.0 as usize - 1][&(p, 3)])
+                .collect();
+            of.len() == 1
+        });
+        if equal {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+    }
+    assert!(equal, "replica sets report different Merkle roots");
 }
 
 /// A full hint store refuses hints and counts them, and writes still succeed on the replicas

@@ -11,7 +11,7 @@ use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_cluster::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
 use ringkv_cluster::object::Object;
 use ringkv_cluster::ring::{PartitionCount, Ring};
-use ringkv_net::{ErrorCode, Get, Message, Put, Sibling};
+use ringkv_net::{Delete, ErrorCode, Get, Message, Put, Sibling};
 
 /// One node and its store; every output is carried out before a call returns.
 struct One {
@@ -24,6 +24,7 @@ impl One {
     fn new(props: BucketProps) -> One {
         let me = NodeId(1);
         let mut cfg = CoreConfig::new(me);
+        cfg.tombstone_grace_ms = 1_000;
         cfg.buckets = Buckets {
             default: props,
             named: BTreeMap::new(),
@@ -59,13 +60,18 @@ impl One {
                 }
                 Output::Send { to, .. } => panic!("a one-node cluster sent to {to}"),
                 Output::RenewEpochs => {}
+                Output::PersistFloor { floor } => self.core.handle_floor_persisted(floor),
                 other => panic!("a one-node cluster with a fixed ring moved data: {other:?}"),
             }
         }
     }
 
     fn request(&mut self, req: u64, message: Message) -> Message {
-        let out = self.core.handle_client(0, req, message);
+        self.request_at(0, req, message)
+    }
+
+    fn request_at(&mut self, now: u64, req: u64, message: Message) -> Message {
+        let out = self.core.handle_client(now, req, message);
         self.run(out);
         self.replies.remove(&req).expect("answered at once")
     }
@@ -296,4 +302,73 @@ fn clocks_never_outgrow_their_contexts() {
         context = Some(read.context);
     }
     panic!("the clock grew past the context limit without a refusal");
+}
+
+fn siblings(m: &Message) -> Vec<Sibling> {
+    match m {
+        Message::GetOk(ok) => ok.siblings.clone(),
+        other => panic!("expected GET_OK, got {other:?}"),
+    }
+}
+
+fn context(m: &Message) -> Bytes {
+    match m {
+        Message::GetOk(ok) => ok.context.clone(),
+        Message::PutOk(ok) => ok.context.clone(),
+        other => panic!("expected a context, got {other:?}"),
+    }
+}
+
+/// A reaped tombstone never lets a later write reuse a dot: a client holding a context read
+/// before the deletion writes after the reap, following a blind write that re-created the key;
+/// the blind write must survive as a sibling, not be superseded by a context that never saw it.
+/// The reap raises the epoch floor first (the tombstone holds this node's current epoch), and
+/// the key is gone from storage and from its tree afterwards.
+#[test]
+fn a_reap_never_lets_a_dot_repeat() {
+    let mut one = One::new(props(1));
+    let grace = 1_000;
+    one.core.set_ae_interval_ms(10);
+    let v1 = one.request_at(0, 1, put("v1", None, None));
+    let stale = context(&v1);
+    let read = one.request_at(1, 2, get(None));
+    let deleted = one.request_at(
+        2,
+        3,
+        Message::Delete(Delete {
+            bucket: Bytes::from_static(b"b"),
+            key: Bytes::from_static(b"k"),
+            context: Some(context(&read)),
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        }),
+    );
+    assert_eq!(deleted, Message::DeleteOk);
+    assert_eq!(one.store.len(), 1, "the tombstone is stored");
+    // Ticks past the grace period: the first reap attempt raises the floor, a later one reaps.
+    let mut now = 3;
+    while now < 4 * grace && !one.store.is_empty() {
+        now += 10;
+        let out = one.core.handle_tick(now);
+        one.run(out);
+    }
+    assert!(one.store.is_empty(), "the tombstone was reaped");
+    assert_eq!(one.core.merkle_roots()[0].keys, 0, "the key left the tree");
+    let blind = one.request_at(now, 4, put("blind", None, None));
+    assert!(matches!(blind, Message::PutOk(_)), "{blind:?}");
+    let late = one.request_at(now, 5, put("late", Some(stale), None));
+    assert!(matches!(late, Message::PutOk(_)), "{late:?}");
+    let values = siblings(&one.request_at(now, 6, get(None)));
+    assert_eq!(
+        values,
+        vec![
+            Sibling::Value(Bytes::from_static(b"blind")),
+            Sibling::Value(Bytes::from_static(b"late"))
+        ],
+        "the blind write survives the stale context"
+    );
+    let stats = one.core.stats();
+    assert_eq!(stats.tombstones_reaped, 1);
+    assert_eq!(stats.floor_raises, 1);
 }

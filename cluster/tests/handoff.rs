@@ -39,6 +39,8 @@ fn config() -> CoreConfig {
     cfg.hint_retry_ms = 1_000;
     cfg.hint_inflight_max = 8;
     cfg.hint_credit_max = 16;
+    // These tests read the exact messages a tick sends: anti-entropy rounds stay out of them.
+    cfg.ae_interval_ms = 0;
     cfg
 }
 

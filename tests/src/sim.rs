@@ -61,7 +61,7 @@ use ringkv_cluster::membership::{
 };
 use ringkv_cluster::object::Object;
 use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
-use ringkv_net::{Get, Message, Put, Sibling};
+use ringkv_net::{Delete, Get, Message, Put, Sibling};
 
 /// Size of an epoch lease; small so renewals happen in simulations.
 const LEASE_EPOCHS: u32 = 16;
@@ -69,6 +69,15 @@ const SIBLINGS_BUCKET: &[u8] = b"default";
 const LWW_BUCKET: &[u8] = b"sessions";
 /// Set-add keys are numbered from here; registers from 0.
 const SET_KEYS: usize = 1000;
+/// Anti-entropy round interval.
+const AE_INTERVAL_MS: u64 = 200;
+/// Tombstone grace period: above how long a hint can wait on a fallback after its home got the
+/// tombstone in these runs (partitions last at most 2 s, hints are retried every 200 ms).
+const TOMBSTONE_GRACE_MS: u64 = 3_000;
+/// Bound on the time replicas take to converge by anti-entropy once faults stop.
+const CONVERGE_MS_MAX: u64 = 60_000;
+/// A client marker for requests the harness makes itself and waits for.
+const HARNESS: usize = usize::MAX - 1;
 /// Most hints a home grants at once; small so windows fill.
 const HINT_CREDIT_MAX: u32 = 3;
 
@@ -97,6 +106,13 @@ pub struct Params {
     pub dw: u8,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
+    /// Whether writes can be hinted. Without handoff the run has three nodes, so every node is
+    /// a home of every key and no fallback exists: replicas that missed writes are repaired by
+    /// read repair and anti-entropy alone.
+    pub handoff: bool,
+    /// Whether a crashed node may stay down longer than the tombstone grace period, so that
+    /// the others hold tombstones past their grace period that it has not received.
+    pub long_outages: bool,
     /// The hint store's bound per node, when it is tiny (overflow runs).
     pub hint_bytes_max: Option<u64>,
     /// The membership change the operator script makes, if any.
@@ -132,6 +148,8 @@ impl Params {
             partitions: rng.gen_bool(0.6),
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
             dw: rng.gen_range(0..=1),
+            handoff: true,
+            long_outages: rng.gen_bool(0.3),
             // Drawn last so the other knobs of a seed stay what they were.
             hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
             // From a stream of its own, so the other knobs of a seed stay what they were.
@@ -146,6 +164,15 @@ impl Params {
                 }
             },
         }
+        .with_handoff(rng.gen_bool(0.8))
+    }
+
+    fn with_handoff(mut self, handoff: bool) -> Params {
+        self.handoff = handoff;
+        if !handoff {
+            self.nodes = 3;
+        }
+        self
     }
 }
 
@@ -170,6 +197,20 @@ pub struct Outcome {
     pub crashes: usize,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
+    /// Deletes acknowledged.
+    pub acked_deletes: usize,
+    /// Anti-entropy exchanges, over all nodes.
+    pub ae_exchanges: u64,
+    /// Objects anti-entropy sent to replicas that differed, over all nodes.
+    pub ae_keys_repaired: u64,
+    /// Tombstones reaped, over all replicas.
+    pub tombstones_reaped: u64,
+    /// Epoch floor raises for reaping, over all nodes.
+    pub floor_raises: u64,
+    /// Writes made after reaping with a context from before the deletion.
+    pub stale_writes: usize,
+    /// Virtual ms from the end of the faults until every replica set's trees were equal.
+    pub converge_ms: u64,
     /// Hint writes refused by a full hint store, over all nodes.
     pub hint_overflow: u64,
     /// Hint credit granted, over all nodes.
@@ -375,6 +416,9 @@ enum ClientState {
     Writing {
         write: u64,
     },
+    Deleting {
+        delete: usize,
+    },
     Done,
 }
 
@@ -384,6 +428,16 @@ enum WriteKind {
     SetAdd,
     Blind,
     Lww,
+    Delete,
+}
+
+/// A delete a client issued (read-modify-delete on a register key).
+#[derive(Clone, Debug)]
+struct DeleteRecord {
+    key: usize,
+    /// Values returned by the read whose context the delete carried.
+    saw: Vec<Bytes>,
+    acked: bool,
 }
 
 /// A write a client issued.
@@ -441,6 +495,12 @@ pub struct Sim {
     verbose: bool,
     /// Final-phase read requests → the key they read.
     final_keys: BTreeMap<u64, (&'static [u8], usize)>,
+    deletes: Vec<DeleteRecord>,
+    /// The first context read per register key during the faults, with the values it covered.
+    stale: BTreeMap<usize, (Bytes, Vec<Bytes>)>,
+    /// The answer to the harness's own request.
+    harness_reply: Option<Message>,
+    stale_writes: usize,
     /// Hint credit the network delivered: (holder, its incarnation, request id) → granted.
     grants: BTreeMap<(usize, u32, u64), u32>,
     /// Replica writes delivered and not yet acknowledged: (receiver, sender, request id) → what
@@ -510,6 +570,10 @@ impl Sim {
             crashes: 0,
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
+            deletes: Vec::new(),
+            stale: BTreeMap::new(),
+            harness_reply: None,
+            stale_writes: 0,
             grants: BTreeMap::new(),
             puts: BTreeMap::new(),
             verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
@@ -574,6 +638,9 @@ impl Sim {
         cfg.down_ms = 400;
         cfg.hint_retry_ms = 200;
         cfg.hint_inflight_max = 4;
+        cfg.ae_interval_ms = AE_INTERVAL_MS;
+        cfg.ae_keys_max = 8;
+        cfg.tombstone_grace_ms = TOMBSTONE_GRACE_MS;
         cfg.hint_credit_max = HINT_CREDIT_MAX;
         cfg.heartbeat_ms = 100;
         if let Some(max) = self.params.hint_bytes_max {
@@ -647,6 +714,14 @@ impl Sim {
         let now = self.now;
         let mut outputs = core.set_view(now, view.ring, view.pending);
         outputs.extend(core.set_stored_partitions(now, stored));
+        // As a shard does at startup: the trees describe what storage holds.
+        for key in node.store.keys() {
+            if key.space == Space::Primary
+                && let Some(object) = node.store.read(&key)
+            {
+                core.load_replica(now, &key, &object);
+            }
+        }
         node.core = Some(core);
         node.tick_at = None;
         let member_outputs = membership.start();
@@ -852,6 +927,9 @@ impl Sim {
         // Heal: no more faults, every node up.
         self.faults = false;
         self.island.clear();
+        for node in &mut self.nodes {
+            node.store.sync();
+        }
         for n in 0..self.nodes.len() {
             if self.nodes[n].core.is_none() {
                 self.restart(n);
@@ -884,6 +962,42 @@ impl Sim {
             self.membership_settled(),
             "membership did not settle within the drain time"
         );
+        // Anti-entropy alone (no read of the final pass has run yet) makes every replica set's
+        // trees equal within a bound.
+        let healed_at = self.now;
+        self.converge("after the faults");
+        let converge_ms = self.now - healed_at;
+        // Tombstones past their grace period are reaped; the replicas stay converged.
+        let reap_end = self.now + TOMBSTONE_GRACE_MS * 2 + 2_000;
+        let mut next_check = self.now;
+        while self.now < reap_end {
+            if self.now >= next_check {
+                next_check = self.now + 200;
+                if self.tombstones_stored() == 0 {
+                    break;
+                }
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        if self.verbose {
+            println!(
+                "{:>6} tombstones left: {}",
+                self.now,
+                self.tombstones_stored()
+            );
+        }
+        self.converge("after reaping");
+        // Writes after the reaping: a blind write, then a write with a context read before the
+        // key's deletion. If the blind write reused a dot that old context covers, the second
+        // write would silently supersede it, and the final check finds it lost.
+        self.stale_phase();
+        for n in 0..self.nodes.len() {
+            if let Some(core) = self.nodes[n].core.as_mut() {
+                core.set_ae_interval_ms(0);
+            }
+        }
         // Beliefs that a node is down expire (down_ms) before the final pass, as they would
         // in a cluster that has been healthy for a while.
         let quiet_end = self.now + 1_000;
@@ -899,8 +1013,10 @@ impl Sim {
                 break;
             }
         }
+        self.check_trees();
         self.check_final();
         let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
+        let mut ae = (0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
@@ -908,6 +1024,10 @@ impl Sim {
                 stats.1 += s.hints_delivered;
                 stats.2 += s.read_repairs;
                 stats.3 += s.batched_jobs;
+                ae.0 += s.ae_exchanges;
+                ae.1 += s.ae_keys_repaired;
+                ae.2 += s.tombstones_reaped;
+                ae.3 += s.floor_raises;
                 stats.4 += s.partitions_received;
                 stats.5 += s.partitions_dropped;
                 stats.6 += s.hint_overflow;
@@ -929,6 +1049,172 @@ impl Sim {
             partitions_dropped: stats.5,
             hint_overflow: stats.6,
             credits_granted: stats.7,
+            acked_deletes: self.deletes.iter().filter(|d| d.acked).count(),
+            ae_exchanges: ae.0,
+            ae_keys_repaired: ae.1,
+            tombstones_reaped: ae.2,
+            floor_raises: ae.3,
+            stale_writes: self.stale_writes,
+            converge_ms,
+        }
+    }
+
+    /// Every core's trees describe its storage: a core built from the node's store has the same
+    /// roots and key counts.
+    fn check_trees(&mut self) {
+        for n in 0..self.nodes.len() {
+            let id = self.nodes[n].id;
+            let ring = self.nodes[n].core.as_ref().expect("up").ring().clone();
+            let mut fresh = Core::new(
+                self.config(id),
+                ring,
+                EpochLease::new(1, LEASE_EPOCHS),
+                Vec::<(StoreKey, u64)>::new(),
+            );
+            let store = &self.nodes[n].store;
+            for key in store.keys() {
+                if key.space == Space::Primary
+                    && let Some(object) = store.read(&key)
+                {
+                    fresh.load_replica(0, &key, &object);
+                }
+            }
+            let live = self.nodes[n].core.as_mut().expect("up").merkle_roots();
+            assert_eq!(
+                fresh.merkle_roots(),
+                live,
+                "node {id}'s trees do not describe its storage"
+            );
+        }
+    }
+
+    /// Every tree of every node, by (partition, n): each home's root.
+    fn roots(&mut self) -> BTreeMap<(u32, u8), BTreeMap<NodeId, u64>> {
+        let mut all: BTreeMap<(u32, u8), BTreeMap<NodeId, u64>> = BTreeMap::new();
+        for node in &mut self.nodes {
+            let id = node.id;
+            let core = node
+                .core
+                .as_mut()
+                .expect("every node is up after the faults");
+            for t in core.merkle_roots() {
+                all.entry((t.partition, t.n))
+                    .or_default()
+                    .insert(id, t.root);
+            }
+        }
+        all
+    }
+
+    /// The trees whose replicas' roots differ.
+    fn diverged(&mut self) -> Vec<(u32, u8)> {
+        let ring = self.nodes[0].core.as_ref().expect("up").ring().clone();
+        let roots = self.roots();
+        let mut out = Vec::new();
+        for (&(p, n), by_node) in &roots {
+            let homes =
+                ring.preference_list(PartitionId(p), usize::from(n).min(ring.members().len()));
+            assert_eq!(
+                homes.iter().copied().collect::<BTreeSet<_>>(),
+                by_node.keys().copied().collect::<BTreeSet<_>>(),
+                "tree ({p}, {n}) is kept by exactly its homes"
+            );
+            if by_node.values().collect::<BTreeSet<_>>().len() > 1 {
+                out.push((p, n));
+            }
+        }
+        out
+    }
+
+    /// Steps until every replica set's trees are equal; panics past [`CONVERGE_MS_MAX`].
+    fn converge(&mut self, when: &str) {
+        let end = self.now + CONVERGE_MS_MAX;
+        let mut next_check = self.now;
+        loop {
+            if self.now >= next_check {
+                next_check = self.now + 250;
+                if self.diverged().is_empty() {
+                    return;
+                }
+            }
+            assert!(
+                self.now < end,
+                "replica trees still differ {CONVERGE_MS_MAX} ms {when}: {:?}",
+                self.diverged()
+            );
+            if !self.step() {
+                panic!("the simulation ran out of events {when}");
+            }
+        }
+    }
+
+    /// Tombstones stored in home replicas, over all nodes.
+    fn tombstones_stored(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.store
+                    .keys()
+                    .into_iter()
+                    .filter(|k| k.space == Space::Primary)
+                    .filter(|k| n.store.read(k).is_some_and(|o| o.is_deleted()))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Sends `message` from the harness to a random node and steps until the answer (bounded).
+    fn call(&mut self, message: Message) -> Option<Message> {
+        self.harness_reply = None;
+        let req = self.next_req;
+        self.next_req += 1;
+        let n = self.rng.gen_range(0..self.nodes.len());
+        self.requests.insert((n, req), HARNESS);
+        self.client_request(n, req, message);
+        let end = self.now + 10_000;
+        while self.harness_reply.is_none() && self.now < end && self.step() {}
+        self.harness_reply.take()
+    }
+
+    fn stale_phase(&mut self) {
+        let stale: Vec<(usize, (Bytes, Vec<Bytes>))> =
+            std::mem::take(&mut self.stale).into_iter().collect();
+        for (k, (context, saw)) in stale {
+            for (tag, context, saw) in [("blind", None, Vec::new()), ("stale", Some(context), saw)]
+            {
+                let value = Bytes::from(format!("post-k{k}-{tag}|"));
+                let id = self.writes.len() as u64;
+                self.by_value.insert(value.clone(), id);
+                self.writes.insert(
+                    id,
+                    WriteRecord {
+                        bucket: SIBLINGS_BUCKET,
+                        key: k,
+                        value: value.clone(),
+                        saw,
+                        element: None,
+                        acked: false,
+                        started_at: self.now,
+                        acked_at: None,
+                    },
+                );
+                let reply = self.call(Message::Put(Put {
+                    bucket: Bytes::from_static(SIBLINGS_BUCKET),
+                    key: key_bytes(k),
+                    value,
+                    context,
+                    w: None,
+                    dw: None,
+                    timeout_ms: None,
+                }));
+                if let Some(Message::PutOk(_)) = reply {
+                    let now = self.now;
+                    let w = self.writes.get_mut(&id).expect("recorded above");
+                    w.acked = true;
+                    w.acked_at = Some(now);
+                    self.stale_writes += 1;
+                }
+            }
         }
     }
 
@@ -1100,14 +1386,24 @@ impl Sim {
             Event::Admin => self.admin_step(),
             Event::Flush { node } => {
                 self.nodes[node].store.sync();
-                let every = self.rng.gen_range(5..30);
-                self.schedule(every, Event::Flush { node });
+                // Once faults stop nothing crashes, so what is unsynced no longer matters: the
+                // periodic flush stops (every store is synced at the heal) and the long quiet
+                // phases cost fewer events.
+                if self.faults {
+                    let every = self.rng.gen_range(5..30);
+                    self.schedule(every, Event::Flush { node });
+                }
             }
             Event::ClientStart { client } => self.client_start(client),
             Event::Crash { node } => {
                 if self.faults && self.nodes[node].core.is_some() {
                     self.crash(node);
-                    let down = self.rng.gen_range(50..2_000);
+                    let down = if self.params.long_outages && self.rng.gen_bool(0.5) {
+                        self.rng
+                            .gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
+                    } else {
+                        self.rng.gen_range(50..2_000)
+                    };
                     self.schedule(down, Event::Restart { node });
                 }
                 if self.faults {
@@ -1425,6 +1721,17 @@ impl Sim {
                         core.handle_epochs(lease);
                     }
                 }
+                Output::PersistFloor { floor } => {
+                    // As the node does: a sync run writes its floor file; a buffered run keeps
+                    // none while it runs, so its next run starts above this floor anyway.
+                    let node = &mut self.nodes[n];
+                    if self.params.durable_writes {
+                        node.floor = Some(floor);
+                    }
+                    if let Some(core) = node.core.as_mut() {
+                        core.handle_floor_persisted(floor);
+                    }
+                }
             }
         }
         self.check_credit(n);
@@ -1442,11 +1749,12 @@ impl Sim {
             return;
         }
         self.clients[c].ops_left -= 1;
-        let kind = match self.rng.gen_range(0..10) {
+        let kind = match self.rng.gen_range(0..11) {
             0..=3 => WriteKind::Register,
             4..=6 => WriteKind::SetAdd,
             7 => WriteKind::Blind,
-            _ => WriteKind::Lww,
+            8 | 9 => WriteKind::Lww,
+            _ => WriteKind::Delete,
         };
         // Sets live on their own keys: a register write would legitimately replace a set.
         let key = self.rng.gen_range(0..self.params.keys)
@@ -1464,7 +1772,7 @@ impl Sim {
                 };
                 self.client_write(c, bucket, key, kind, Vec::new(), None);
             }
-            WriteKind::Register | WriteKind::SetAdd => {
+            WriteKind::Register | WriteKind::SetAdd | WriteKind::Delete => {
                 self.clients[c].state = ClientState::Reading {
                     key,
                     bucket: SIBLINGS_BUCKET,
@@ -1555,8 +1863,35 @@ impl Sim {
         self.client_send(c, message);
     }
 
+    fn client_delete(&mut self, c: usize, key: usize, saw: Vec<Bytes>, context: Option<Bytes>) {
+        self.deletes.push(DeleteRecord {
+            key,
+            saw,
+            acked: false,
+        });
+        self.clients[c].state = ClientState::Deleting {
+            delete: self.deletes.len() - 1,
+        };
+        let message = Message::Delete(Delete {
+            bucket: Bytes::from_static(SIBLINGS_BUCKET),
+            key: key_bytes(key),
+            context,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        });
+        self.client_send(c, message);
+    }
+
     fn client_failed(&mut self, c: usize, _req: u64) {
         if c == usize::MAX {
+            return;
+        }
+        if c == HARNESS {
+            self.harness_reply = Some(Message::Error(ringkv_net::ErrorBody::new(
+                ringkv_net::ErrorCode::Internal,
+                "no node answered",
+            )));
             return;
         }
         self.clients[c].state = ClientState::Idle;
@@ -1569,6 +1904,10 @@ impl Sim {
             return;
         };
         self.mix(0x3000 + req);
+        if c == HARNESS {
+            self.harness_reply = Some(message);
+            return;
+        }
         if c == usize::MAX {
             let (bucket, k) = self.final_keys[&req];
             let result = match message {
@@ -1585,7 +1924,21 @@ impl Sim {
             (ClientState::Reading { key, bucket, kind }, Message::GetOk(ok)) => {
                 let values = self.check_read(bucket, &ok.siblings);
                 let context = (!ok.context.is_empty()).then_some(ok.context);
-                self.client_write(c, bucket, key, kind, values, context);
+                if let (WriteKind::Register, Some(ctx)) = (kind, &context) {
+                    self.stale
+                        .entry(key)
+                        .or_insert_with(|| (ctx.clone(), values.clone()));
+                }
+                match kind {
+                    WriteKind::Delete => self.client_delete(c, key, values, context),
+                    _ => self.client_write(c, bucket, key, kind, values, context),
+                }
+            }
+            (ClientState::Deleting { delete }, Message::DeleteOk) => {
+                self.deletes[delete].acked = true;
+                self.clients[c].state = ClientState::Idle;
+                let pause = self.rng.gen_range(1..30);
+                self.schedule(pause, Event::ClientStart { client: c });
             }
             (ClientState::Writing { write }, Message::PutOk(_)) => {
                 let now = self.now;
@@ -1674,7 +2027,34 @@ impl Sim {
                 core.hints_in_flight()
             );
         }
-        // Every acknowledged write survives, or was seen by a surviving write.
+        // Values a delete superseded: what its read returned, and what those writes saw.
+        let mut deleted: BTreeMap<usize, BTreeSet<Bytes>> = BTreeMap::new();
+        for d in &self.deletes {
+            let set = deleted.entry(d.key).or_default();
+            for v in &d.saw {
+                set.insert(v.clone());
+                set.extend(self.seen_by(v));
+            }
+        }
+        // A deleted value never comes back: no final sibling is a value an acknowledged delete
+        // superseded (tombstone reaping must not let an older copy return).
+        for d in self.deletes.iter().filter(|d| d.acked) {
+            let Some(Ok((values, _))) = self.final_reads.get(&(SIBLINGS_BUCKET.to_vec(), d.key))
+            else {
+                panic!("final read of k{} failed", d.key);
+            };
+            for v in values {
+                let superseded =
+                    d.saw.contains(v) || d.saw.iter().any(|s| self.seen_by(s).contains(v));
+                assert!(
+                    !superseded,
+                    "deleted value {v:?} of k{} came back: final siblings {values:?}",
+                    d.key
+                );
+            }
+        }
+        // Every acknowledged write survives, or was seen by a surviving write, or was
+        // superseded by a delete.
         for w in self.writes.values().filter(|w| w.acked) {
             let Some(Ok((values, _))) = self.final_reads.get(&(w.bucket.to_vec(), w.key)) else {
                 panic!(
@@ -1704,7 +2084,8 @@ impl Sim {
                 continue;
             }
             let present = values.contains(&w.value)
-                || values.iter().any(|f| self.seen_by(f).contains(&w.value));
+                || values.iter().any(|f| self.seen_by(f).contains(&w.value))
+                || deleted.get(&w.key).is_some_and(|d| d.contains(&w.value));
             assert!(
                 present,
                 "acknowledged write {:?} to k{} is lost: final siblings {:?}",
@@ -1754,7 +2135,11 @@ impl Sim {
                     .writes
                     .values()
                     .any(|w| w.bucket == bucket && w.key == k && w.acked);
-                if written {
+                let read_values = self
+                    .final_reads
+                    .get(&(bucket.to_vec(), k))
+                    .is_some_and(|r| r.as_ref().is_ok_and(|(v, _)| !v.is_empty()));
+                if written && read_values {
                     assert!(
                         objects[0].is_some(),
                         "home {} has nothing for k{k}",

@@ -42,6 +42,7 @@ fn seeds_keep_the_promises() {
     let count = env("RINGKV_SIM_SEEDS").unwrap_or(1000);
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
+    let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64);
     for seed in start..start + count {
         let o = run_seed(seed);
@@ -52,6 +53,13 @@ fn seeds_keep_the_promises() {
         totals.4 += o.read_repairs;
         totals.5 += o.crashes;
         totals.6 += o.batched_jobs;
+        ae.0 += o.acked_deletes;
+        ae.1 += o.ae_exchanges;
+        ae.2 += o.ae_keys_repaired;
+        ae.3 += o.tombstones_reaped;
+        ae.4 += o.floor_raises;
+        ae.5 += o.stale_writes;
+        ae.6 = ae.6.max(o.converge_ms);
         totals.7 += o.hint_overflow;
         totals.8 += o.credits_granted;
         membership.0 += o.changes;
@@ -65,6 +73,11 @@ fn seeds_keep_the_promises() {
         totals.0, totals.1, totals.2, totals.3, totals.4, totals.5, totals.6, totals.7, totals.8
     );
     println!(
+        "anti-entropy: {} acknowledged deletes, {} exchanges, {} keys repaired, {} tombstones \
+         reaped, {} floor raises, {} writes with pre-delete contexts, convergence within {} ms",
+        ae.0, ae.1, ae.2, ae.3, ae.4, ae.5, ae.6
+    );
+    println!(
         "membership: {} changes committed, {} partitions received, {} partitions dropped after \
          handoff",
         membership.0, membership.1, membership.2
@@ -75,6 +88,10 @@ fn seeds_keep_the_promises() {
         assert!(totals.4 > 0, "no run repaired a replica");
         assert!(totals.5 > 0, "no run crashed a node");
         assert!(totals.6 > 0, "no run batched jobs on a key");
+        assert!(ae.0 > 0, "no run deleted a key");
+        assert!(ae.2 > 0, "anti-entropy never repaired a replica");
+        assert!(ae.3 > 0 && ae.4 > 0, "no run reaped a tombstone");
+        assert!(ae.5 > 0, "no run wrote with a pre-delete context");
         assert!(totals.7 > 0, "no run filled a hint store");
         assert!(totals.8 > 0, "no run granted hint credit");
         assert!(

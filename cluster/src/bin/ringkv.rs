@@ -150,6 +150,17 @@ enum Command {
         /// Interval between hinted-handoff rounds, in ms [default: 1000].
         #[arg(long)]
         hint_retry_ms: Option<u64>,
+        /// Interval between anti-entropy rounds of each shard, in ms; 0 turns anti-entropy
+        /// off [default: 1000].
+        #[arg(long)]
+        ae_interval_ms: Option<u64>,
+        /// Most keys one anti-entropy exchange lists and repairs in each direction [default: 256].
+        #[arg(long)]
+        ae_keys_max: Option<usize>,
+        /// How long every replica must have held a tombstone before it is reaped, in ms
+        /// [default: 86400000, one day].
+        #[arg(long)]
+        tombstone_grace_ms: Option<u64>,
         /// Bytes of hints this node stores at most, split evenly across shards; past it hints
         /// are refused `overloaded` [default: 1073741824 (1 GiB)].
         #[arg(long)]
@@ -283,6 +294,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seeds,
             replica_timeout_ms,
             hint_retry_ms,
+            ae_interval_ms,
+            ae_keys_max,
+            tombstone_grace_ms,
             hint_bytes_max,
             heartbeat_ms,
             phi_threshold,
@@ -321,6 +335,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seeds,
                 replica_timeout_ms,
                 hint_retry_ms,
+                ae_interval_ms,
+                ae_keys_max,
+                tombstone_grace_ms,
                 hint_bytes_max,
                 heartbeat_ms,
                 phi_threshold,
@@ -352,6 +369,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.buckets = settings.buckets;
             cfg.replica_timeout_ms = settings.replica_timeout_ms;
             cfg.hint_retry_ms = settings.hint_retry_ms;
+            cfg.ae_interval_ms = settings.ae_interval_ms;
+            cfg.ae_keys_max = settings.ae_keys_max;
+            cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
             cfg.hint_bytes_max = settings.hint_bytes_max;
             cfg.heartbeat_ms = settings.heartbeat_ms;
             cfg.phi_threshold = settings.phi_threshold;

@@ -172,11 +172,12 @@ impl Core {
     /// run in a lower-priority queue.
     pub fn is_background(&self, id: u64) -> bool {
         matches!(self.pending.get(&id), Some(Pending::HintRead { .. }))
+            || self.ae_is_background(id)
             || self
                 .job_ops
                 .get(&id)
                 .and_then(|j| self.jobs.get(j))
-                .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. }))
+                .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. } | JobKind::Reap { .. }))
     }
 
     /// Most deliveries in flight at once, over all homes.
@@ -272,7 +273,7 @@ impl Core {
                     ApplyDone::Nothing => {}
                 },
                 JobKind::Coordinate { op } => self.fail_op(op, Message::Error(e.clone())),
-                JobKind::DropHint { .. } => {}
+                JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
             }
         }
     }

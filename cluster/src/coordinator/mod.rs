@@ -83,6 +83,8 @@ use crate::node::NodeId;
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::ring::{PartitionId, Ring};
 
+mod antientropy;
+pub use antientropy::{AeKey, TreeRoot};
 mod hints;
 mod liveness;
 
@@ -132,6 +134,13 @@ pub struct CoreConfig {
     pub object_bytes_max: usize,
     /// Most keys coordinated at once (client requests beyond it are refused `overloaded`).
     pub ops_max: usize,
+    /// Interval between anti-entropy rounds (one exchange of one partition tree with one other
+    /// replica); 0 turns anti-entropy off. The pacing knob of `antientropy.rs`.
+    pub ae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange lists, and most it repairs in each direction.
+    pub ae_keys_max: usize,
+    /// How long a tombstone is kept after this replica stored it before it may be reaped.
+    pub tombstone_grace_ms: u64,
     /// This core handles the partitions `p` with `p % shards == shard`.
     pub shard: u32,
     /// Cores of the node.
@@ -160,6 +169,9 @@ impl CoreConfig {
             phi_threshold: crate::phi::PHI_THRESHOLD_DEFAULT,
             object_bytes_max: 1 << 20,
             ops_max: 65_536,
+            ae_interval_ms: 1_000,
+            ae_keys_max: 256,
+            tombstone_grace_ms: 86_400_000,
             shard: 0,
             shards: 1,
             target_n: 3,
@@ -283,6 +295,84 @@ pub enum PeerMsg {
         /// The reply.
         reply: Message,
     },
+    /// Anti-entropy: the sender's hashes of some nodes of level `depth` of its tree for
+    /// `(partition, n)`; the answer names those that differ here.
+    AeLevel {
+        /// Request id.
+        id: u64,
+        /// Ring partition.
+        partition: u32,
+        /// Replica count of the tree (module docs of `antientropy.rs`).
+        n: u8,
+        /// Tree level (0 = root).
+        depth: u8,
+        /// (node index, hash) pairs.
+        hashes: Vec<(u32, u64)>,
+    },
+    /// The nodes of an [`PeerMsg::AeLevel`] whose hashes differ here.
+    AeLevelOk {
+        /// Request id.
+        id: u64,
+        /// Node indexes.
+        differing: Vec<u32>,
+    },
+    /// Anti-entropy: the sender's keys (with digests) in some leaves of its tree. The receiver
+    /// sends back, as replica writes, its objects for keys that differ or the sender lacks, and
+    /// answers with the keys it wants the sender's objects for.
+    AeKeys {
+        /// Request id.
+        id: u64,
+        /// Ring partition.
+        partition: u32,
+        /// Replica count of the tree.
+        n: u8,
+        /// Leaf indexes covered.
+        leaves: Vec<u32>,
+        /// Every key of those leaves on the sender.
+        keys: Vec<AeKey>,
+    },
+    /// The keys of an [`PeerMsg::AeKeys`] the receiver wants the sender's objects for.
+    AeKeysOk {
+        /// Request id.
+        id: u64,
+        /// (bucket, key) pairs.
+        want: Vec<(Bytes, Bytes)>,
+    },
+    /// Tombstone reaping: does the receiver hold these tombstones (same digest) and allow them
+    /// to be reaped?
+    AeReap {
+        /// Request id.
+        id: u64,
+        /// Ring partition.
+        partition: u32,
+        /// Replica count of the tree.
+        n: u8,
+        /// The tombstones.
+        keys: Vec<AeKey>,
+    },
+    /// The tombstones of an [`PeerMsg::AeReap`] the receiver holds and allows to be reaped.
+    AeReapOk {
+        /// Request id.
+        id: u64,
+        /// (bucket, key) pairs.
+        held: Vec<(Bytes, Bytes)>,
+    },
+    /// Tombstone reaping: every replica holds these tombstones; remove each that is unchanged.
+    AeDrop {
+        /// Request id.
+        id: u64,
+        /// Ring partition.
+        partition: u32,
+        /// Replica count of the tree.
+        n: u8,
+        /// The tombstones.
+        keys: Vec<AeKey>,
+    },
+    /// An [`PeerMsg::AeDrop`] was received (the removals run in the background).
+    AeDropOk {
+        /// Request id.
+        id: u64,
+    },
     /// May the sender deliver up to `wanted` hints to the receiver (their home)?
     HintCredit {
         /// Request id.
@@ -348,6 +438,14 @@ impl PeerMsg {
             | PeerMsg::ForwardReply { id, .. }
             | PeerMsg::TransferPull { id, .. }
             | PeerMsg::TransferPage { id, .. }
+            | PeerMsg::AeLevel { id, .. }
+            | PeerMsg::AeLevelOk { id, .. }
+            | PeerMsg::AeKeys { id, .. }
+            | PeerMsg::AeKeysOk { id, .. }
+            | PeerMsg::AeReap { id, .. }
+            | PeerMsg::AeReapOk { id, .. }
+            | PeerMsg::AeDrop { id, .. }
+            | PeerMsg::AeDropOk { id }
             | PeerMsg::HintCredit { id, .. }
             | PeerMsg::HintCreditOk { id, .. }
             | PeerMsg::Ping { id }
@@ -363,6 +461,10 @@ impl PeerMsg {
             PeerMsg::ReplicaPutOk { .. }
                 | PeerMsg::ReplicaGetOk { .. }
                 | PeerMsg::ForwardReply { .. }
+                | PeerMsg::AeLevelOk { .. }
+                | PeerMsg::AeKeysOk { .. }
+                | PeerMsg::AeReapOk { .. }
+                | PeerMsg::AeDropOk { .. }
                 | PeerMsg::HintCreditOk { .. }
                 | PeerMsg::Pong { .. }
                 | PeerMsg::TransferPage { .. }
@@ -405,6 +507,13 @@ pub enum Output {
     /// Persist a new epoch range above every range handed out so far and give it to
     /// [`Core::handle_epochs`].
     RenewEpochs,
+    /// Persist `floor` as the epoch floor (in `sync` durability; a `buffered` run keeps no floor
+    /// file while it runs), then report it with [`Core::handle_floor_persisted`]. Tombstone
+    /// reaping raises the floor (module docs of `antientropy.rs`).
+    PersistFloor {
+        /// The new floor.
+        floor: u32,
+    },
     /// Read a page of the replica of `partition`: up to `max_items` keys after cursor `after`
     /// (and stop adding keys past `max_bytes`, keeping at least one), in a stable order; report
     /// with [`Core::handle_scanned`] and the same `id`.
@@ -450,6 +559,16 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
+    /// Anti-entropy exchanges started (one tree with one other replica).
+    pub ae_exchanges: u64,
+    /// Anti-entropy exchanges that found the two trees equal.
+    pub ae_in_sync: u64,
+    /// Objects anti-entropy sent to a replica whose version differed or was missing.
+    pub ae_keys_repaired: u64,
+    /// Tombstones this replica removed after every replica held them past the grace period.
+    pub tombstones_reaped: u64,
+    /// Times tombstone reaping raised the epoch floor.
+    pub floor_raises: u64,
     /// Hint writes refused because the hint store was full.
     pub hint_overflow: u64,
     /// Credit requests sent to homes.
@@ -622,6 +741,8 @@ enum JobKind {
     },
     /// Remove a delivered hint if it still holds `delivered`.
     DropHint { delivered: Object },
+    /// Remove a reaped tombstone if its digest is still `digest`.
+    Reap { digest: u64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -667,6 +788,7 @@ pub struct Core {
     next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
+    ae: antientropy::AeState,
     transfers: transfer::Transfers,
 }
 
@@ -713,6 +835,7 @@ impl Core {
             next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
+            ae: antientropy::AeState::new(floor),
             transfers: transfer::Transfers::default(),
             cfg,
         };
@@ -727,6 +850,7 @@ impl Core {
             .map(|p| ring.walk(PartitionId(p)).collect())
             .collect();
         self.ring = ring;
+        self.ae_set_ring();
     }
 
     /// The ring in use.
@@ -770,6 +894,7 @@ impl Core {
             self.timeouts.first().map(|(t, _)| *t),
             self.op_deadlines.first().map(|(t, _)| *t),
             (!self.hints.is_empty()).then_some(self.next_hint_round),
+            self.ae_deadline(),
             Some(self.live.next_heartbeat),
             self.transfer_deadline(),
         ]
@@ -1634,6 +1759,14 @@ impl Core {
             PeerMsg::Forward { id, request } => {
                 self.start(now, ReplyTo::Peer(from, id), request, true);
             }
+            PeerMsg::AeLevel { .. }
+            | PeerMsg::AeLevelOk { .. }
+            | PeerMsg::AeKeys { .. }
+            | PeerMsg::AeKeysOk { .. }
+            | PeerMsg::AeReap { .. }
+            | PeerMsg::AeReapOk { .. }
+            | PeerMsg::AeDrop { .. }
+            | PeerMsg::AeDropOk { .. } => self.ae_handle_peer(now, from, msg),
             PeerMsg::ReplicaPutOk { id, durable } => match self.pending.remove(&id) {
                 Some(Pending::Slot { op, slot, .. }) => {
                     self.slot_answered(now, op, slot, SlotResult::Written { durable })
@@ -1706,7 +1839,8 @@ impl Core {
                     Some(Pending::HandoffPut { partition }) => {
                         self.handoff_acked(now, partition, false)
                     }
-                    _ => {}
+                    Some(_) => {}
+                    None => self.ae_failed(now, from, id),
                 }
             }
         }
@@ -1717,6 +1851,7 @@ impl Core {
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
         self.mark_down(node, now);
+        self.ae_unreachable(now, node);
         let ids: Vec<u64> = self
             .pending
             .iter()
@@ -1789,7 +1924,7 @@ impl Core {
             Some(other) => {
                 self.pending.insert(id, other);
             }
-            None => {}
+            None => self.ae_expire(now, id),
         }
     }
 
@@ -1815,6 +1950,7 @@ impl Core {
             self.next_hint_round = now + self.cfg.hint_retry_ms;
             self.ask_credit(now);
         }
+        self.ae_tick(now);
         self.heartbeat(now);
         self.transfer_round(now);
         self.take_output()
@@ -1895,7 +2031,7 @@ impl Core {
             Some(other) => {
                 self.pending.insert(id, other);
             }
-            None => {}
+            None => self.ae_read_done(now, id, result),
         }
         self.take_output()
     }
@@ -1955,7 +2091,8 @@ impl Core {
             .expect("a queued job exists")
             .key
             .clone();
-        let batchable = |kind: &JobKind| !matches!(kind, JobKind::DropHint { .. });
+        let batchable =
+            |kind: &JobKind| !matches!(kind, JobKind::DropHint { .. } | JobKind::Reap { .. });
         let mut riders = Vec::new();
         if batchable(&self.jobs[&job].kind) {
             let queue = self
@@ -1990,11 +2127,13 @@ impl Core {
         });
     }
 
-    fn job_write(&mut self, job: u64, op: StoreOp) {
+    fn job_write(&mut self, now: u64, job: u64, op: StoreOp) {
         let sid = self.id();
         let j = self.jobs.get_mut(&job).expect("a running job exists");
         j.stage = Stage::Writing;
         let key = j.key.clone();
+        // The replica's tree follows every write of it (anti-entropy).
+        self.ae_written(now, &key, &op);
         self.job_ops.insert(sid, job);
         self.out.push(Output::Store { id: sid, key, op });
     }
@@ -2051,13 +2190,22 @@ impl Core {
         let j = self.jobs.get(&job).expect("exists");
         if let JobKind::DropHint { delivered } = &j.kind {
             if local.as_ref() == Some(delivered) {
-                self.job_write(job, StoreOp::Remove);
+                self.job_write(now, job, StoreOp::Remove);
             } else {
                 // Changed since it was sent (or already gone): kept for the next round.
                 if local.is_none() {
                     let key = j.key.clone();
                     self.hint_gone(&key);
                 }
+                self.unlock(job);
+            }
+            return;
+        }
+        if let JobKind::Reap { digest } = &j.kind {
+            if local.as_ref().map(Object::digest) == Some(*digest) {
+                self.job_write(now, job, StoreOp::Remove);
+            } else {
+                // Written again since every replica confirmed it: kept.
                 self.unlock(job);
             }
             return;
@@ -2106,7 +2254,9 @@ impl Core {
                         None => object.clone(),
                     });
                 }
-                JobKind::DropHint { .. } => unreachable!("hint removals run alone"),
+                JobKind::DropHint { .. } | JobKind::Reap { .. } => {
+                    unreachable!("removals run alone")
+                }
             }
         }
         if let Some(object) = &running
@@ -2117,9 +2267,14 @@ impl Core {
         }
         match running {
             Some(object) if local.as_ref() != Some(&object) || durable => {
-                self.job_write(job, StoreOp::Write { object, durable });
+                self.job_write(now, job, StoreOp::Write { object, durable });
             }
-            _ => self.job_written(now, job),
+            _ => {
+                // Nothing to write: the replica's tree is re-checked against what is stored
+                // (anti-entropy), so a tree that missed a write heals when the key is merged.
+                self.ae_stored(now, &key, local.as_ref());
+                self.job_written(now, job)
+            }
         }
     }
 
@@ -2193,6 +2348,7 @@ impl Core {
                 self.hint_gone(&j.key);
                 self.stats.hints_delivered += 1;
             }
+            JobKind::Reap { .. } => self.stats.tombstones_reaped += 1,
         }
     }
 
@@ -2219,7 +2375,7 @@ impl Core {
                 ApplyDone::Transfer { partition } => self.transfer_applied(now, partition, false),
                 ApplyDone::Nothing => {}
             },
-            JobKind::DropHint { .. } => {}
+            JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
         }
     }
 }

@@ -150,6 +150,8 @@ impl Core {
             self.set_ring(ring);
         }
         self.transfers.pending = pending;
+        // Anti-entropy keeps trees for the pending ring's partitions too.
+        self.ae_set_ring();
         let epoch = self.transfers.pending.as_ref().map(|(e, _)| *e);
         self.transfers.pulls.retain(|_, p| Some(p.epoch) == epoch);
         if let Some((epoch, next)) = self.transfers.pending.clone() {

@@ -10,7 +10,8 @@
 //! peer addresses; every node must be given the same list), `replica_timeout_ms`,
 //! `hint_retry_ms`, `hint_bytes_max` (the node's hint store, split evenly across its shards),
 //! `heartbeat_ms` and `phi_threshold` (failure detection), `admission_p99_threshold_us`
-//! (admission control of background work), and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! (admission control of background work), the anti-entropy settings `ae_interval_ms` (0 turns
+//! it off), `ae_keys_max` and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
 //! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
@@ -64,6 +65,14 @@ pub const NODE_ID_DEFAULT: u32 = 1;
 pub const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 1000;
 /// Default interval between hinted-handoff rounds, in milliseconds.
 pub const HINT_RETRY_MS_DEFAULT: u64 = 1000;
+/// Default interval between anti-entropy rounds of a shard, in milliseconds.
+pub const AE_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// Default bound on the keys one anti-entropy exchange lists and repairs per direction.
+pub const AE_KEYS_MAX_DEFAULT: usize = 256;
+/// Default tombstone grace period, in milliseconds: one day.
+pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 86_400_000;
+/// Longest tombstone grace period, in milliseconds: 30 days.
+pub const TOMBSTONE_GRACE_MS_MAX: u64 = 30 * 86_400_000;
 /// Default bound on the bytes of hints a node stores (all shards together): 1 GiB.
 pub const HINT_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 /// Default interval between failure-detector heartbeats to each peer, in milliseconds.
@@ -154,6 +163,12 @@ pub struct FileConfig {
     pub replica_timeout_ms: Option<u64>,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: Option<u64>,
+    /// Interval between anti-entropy rounds of a shard, in milliseconds (0: off).
+    pub ae_interval_ms: Option<u64>,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: Option<usize>,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: Option<u64>,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: Option<u64>,
     /// Interval between heartbeats to each peer, in milliseconds.
@@ -311,6 +326,12 @@ pub struct Settings {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between anti-entropy rounds of a shard, in milliseconds (0: off).
+    pub ae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: usize,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: u64,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: u64,
     /// Interval between heartbeats to each peer, in milliseconds.
@@ -519,6 +540,41 @@ impl Settings {
                     .or(file.hint_retry_ms)
                     .unwrap_or(HINT_RETRY_MS_DEFAULT),
             )?,
+            ae_interval_ms: {
+                let v = flags
+                    .ae_interval_ms
+                    .or(file.ae_interval_ms)
+                    .unwrap_or(AE_INTERVAL_MS_DEFAULT);
+                if v > PEER_INTERVAL_MS_MAX {
+                    return Err(ConfigError::Invalid {
+                        name: "ae_interval_ms",
+                        value: v.to_string(),
+                        reason: "must be in [0, 600000]",
+                    });
+                }
+                v
+            },
+            ae_keys_max: bound(
+                "ae_keys_max",
+                flags
+                    .ae_keys_max
+                    .or(file.ae_keys_max)
+                    .unwrap_or(AE_KEYS_MAX_DEFAULT),
+            )?,
+            tombstone_grace_ms: {
+                let v = flags
+                    .tombstone_grace_ms
+                    .or(file.tombstone_grace_ms)
+                    .unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT);
+                if v == 0 || v > TOMBSTONE_GRACE_MS_MAX {
+                    return Err(ConfigError::Invalid {
+                        name: "tombstone_grace_ms",
+                        value: v.to_string(),
+                        reason: "must be in [1, 2592000000]",
+                    });
+                }
+                v
+            },
             hint_bytes_max: flags
                 .hint_bytes_max
                 .or(file.hint_bytes_max)
@@ -675,6 +731,35 @@ mod tests {
     }
 
     /// Misspelt keys, wrong types and out-of-range bounds are refused.
+    /// Anti-entropy settings: defaults, the file, and their ranges (0 turns anti-entropy off; a
+    /// grace period of 0 would reap tombstones before any copy could arrive, so it is refused).
+    #[test]
+    fn anti_entropy_settings() {
+        let s = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(s.ae_interval_ms, AE_INTERVAL_MS_DEFAULT);
+        assert_eq!(s.ae_keys_max, AE_KEYS_MAX_DEFAULT);
+        assert_eq!(s.tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT);
+        let file =
+            FileConfig::parse("ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n")
+                .unwrap();
+        let s = Settings::resolve(FileConfig::default(), file).unwrap();
+        assert_eq!(
+            (s.ae_interval_ms, s.ae_keys_max, s.tombstone_grace_ms),
+            (0, 16, 5000)
+        );
+        for bad in [
+            "tombstone_grace_ms = 0",
+            "ae_keys_max = 0",
+            "ae_interval_ms = 600001",
+        ] {
+            let file = FileConfig::parse(bad).unwrap();
+            assert!(
+                Settings::resolve(FileConfig::default(), file).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn bad_files_are_refused() {
         assert!(FileConfig::parse("data_dri = \"/d\"").is_err());

@@ -12,18 +12,23 @@
 //! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that. Coordinator figures (hinted
 //! handoff, forwarding, read repair, failure detection) and the admission controller's state are
 //! copied by each shard's ticker, at most one tick late; coordinator figures are rendered summed
-//! over shards, the admission state per shard (each shard has its own controller).
+//! over shards, the admission state per shard (each shard has its own controller). The
+//! anti-entropy counters are coordinator figures too; each shard's Merkle roots are copied every
+//! [`ENGINE_REFRESH_MS`] into a list behind a mutex (the one snapshot that is not a number), read
+//! by `GET /merkle`: one line per tree, `partition n keys root` (root in hex), sorted by partition
+//! then `n`, shards merged.
 //!
 //! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
 //! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
 
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ringkv_engine::EngineStats;
 
 use crate::admission::AdmissionState;
-use crate::coordinator::CoreStats;
+use crate::coordinator::{CoreStats, TreeRoot};
 
 /// What a shard's coordinator reports, beyond its counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,7 +55,7 @@ type AdmissionField = (
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 14] = [
+const CORE_FIELDS: [CoreField; 19] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -108,6 +113,31 @@ const CORE_FIELDS: [CoreField; 14] = [
     ("ringkv_hints_in_flight", "Hints being delivered.", |c| {
         c.hints_in_flight
     }),
+    (
+        "ringkv_ae_exchanges_total",
+        "Anti-entropy exchanges started (one partition tree with one other replica).",
+        |c| c.stats.ae_exchanges,
+    ),
+    (
+        "ringkv_ae_in_sync_total",
+        "Anti-entropy exchanges that found the two trees equal.",
+        |c| c.stats.ae_in_sync,
+    ),
+    (
+        "ringkv_ae_keys_repaired_total",
+        "Objects anti-entropy sent to a replica whose version differed or was missing.",
+        |c| c.stats.ae_keys_repaired,
+    ),
+    (
+        "ringkv_tombstones_reaped_total",
+        "Tombstones removed once every replica held them past the grace period.",
+        |c| c.stats.tombstones_reaped,
+    ),
+    (
+        "ringkv_epoch_floor_raises_total",
+        "Epoch floor raises made so that tombstones could be reaped.",
+        |c| c.stats.floor_raises,
+    ),
     (
         "ringkv_peers_suspected",
         "Peers believed unreachable, summed over shards (each shard judges alone).",
@@ -203,6 +233,7 @@ pub struct ShardMetrics {
     admission_p99_us: AtomicU64,
     admission_threshold_us: AtomicU64,
     admission_adjustments: AtomicU64,
+    trees: Mutex<Vec<TreeRoot>>,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -254,12 +285,32 @@ impl ShardMetrics {
             .store(state.adjustments, Ordering::Relaxed);
     }
 
+    /// Publishes the shard's Merkle roots.
+    pub fn set_trees(&self, trees: Vec<TreeRoot>) {
+        // A writer that panicked left a whole list behind (it is replaced in one assignment).
+        *self.trees.lock().unwrap_or_else(|e| e.into_inner()) = trees;
+    }
+
     /// Publishes a snapshot of the shard's engine statistics.
     pub fn set_engine(&self, stats: &EngineStats) {
         for (slot, (_, _, get)) in self.engine.iter().zip(ENGINE_FIELDS) {
             slot.store(get(stats), Ordering::Relaxed);
         }
     }
+}
+
+/// The `GET /merkle` body: one line per tree of every shard (module docs).
+pub fn render_merkle(shards: &[&ShardMetrics]) -> String {
+    let mut all: Vec<TreeRoot> = Vec::new();
+    for m in shards {
+        all.extend(m.trees.lock().unwrap_or_else(|e| e.into_inner()).iter());
+    }
+    all.sort_by_key(|t| (t.partition, t.n));
+    let mut out = String::new();
+    for t in all {
+        let _ = writeln!(out, "{} {} {} {:016x}", t.partition, t.n, t.keys, t.root);
+    }
+    out
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -438,7 +489,12 @@ pub fn admin_response(head: &[u8], shards: &[&ShardMetrics]) -> Vec<u8> {
     match path.split('?').next().unwrap_or("") {
         "/health" => response("200 OK", "text/plain", "ok\n"),
         "/metrics" => response("200 OK", "text/plain; version=0.0.4", &render(shards)),
-        _ => response("404 Not Found", "text/plain", "try /metrics or /health\n"),
+        "/merkle" => response("200 OK", "text/plain", &render_merkle(shards)),
+        _ => response(
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /health or /merkle\n",
+        ),
     }
 }
 
@@ -505,6 +561,21 @@ mod tests {
         let metrics = admin_response(b"GET /metrics HTTP/1.1\r\n\r\n", &[&m]);
         assert!(String::from_utf8_lossy(&metrics).contains("# TYPE ringkv_requests_total counter"));
         assert!(admin_response(b"GET /x HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 404"));
+        let other = ShardMetrics::default();
+        other.set_trees(vec![TreeRoot {
+            partition: 1,
+            n: 3,
+            keys: 2,
+            root: 0xab,
+        }]);
+        m.set_trees(vec![TreeRoot {
+            partition: 2,
+            n: 3,
+            keys: 0,
+            root: 1,
+        }]);
+        let merkle = admin_response(b"GET /merkle HTTP/1.1\r\n\r\n", &[&m, &other]);
+        assert!(merkle.ends_with(b"\r\n\r\n1 3 2 00000000000000ab\n2 3 0 0000000000000001\n"));
         assert!(
             admin_response(b"POST /metrics HTTP/1.1\r\n\r\n", &[&m]).starts_with(b"HTTP/1.1 405")
         );

@@ -39,7 +39,7 @@ use ringkv_engine::index::KeyHash;
 
 use super::NodeId;
 use super::route::{PARTITIONS, engine_key, partition_of};
-use crate::coordinator::{PeerMsg, ScanItem, ScanPage, Space, StoreKey};
+use crate::coordinator::{AeKey, PeerMsg, ScanItem, ScanPage, Space, StoreKey};
 use crate::object::Object;
 use crate::ring::PARTITION_COUNT_MAX;
 
@@ -128,6 +128,14 @@ pub mod sub {
     /// [`PeerMsg::Pong`](crate::coordinator::PeerMsg::Pong): failure-detector heartbeat, empty
     /// payloads, node-wide.
     pub const HEARTBEAT: u8 = 33;
+    /// Anti-entropy: hashes of some nodes of one tree level ([`crate::coordinator::PeerMsg::AeLevel`]).
+    pub const AE_LEVEL: u8 = 48;
+    /// Anti-entropy: the keys of some leaves ([`crate::coordinator::PeerMsg::AeKeys`]).
+    pub const AE_KEYS: u8 = 49;
+    /// Tombstone reaping: confirm tombstones ([`crate::coordinator::PeerMsg::AeReap`]).
+    pub const AE_REAP: u8 = 50;
+    /// Tombstone reaping: remove them ([`crate::coordinator::PeerMsg::AeDrop`]).
+    pub const AE_DROP: u8 = 51;
 }
 
 /// Longest transfer cursor (it is the store's, opaque to peers).
@@ -199,6 +207,9 @@ fn cluster_request(id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
                 after,
             })
         }
+        (s @ (sub::AE_LEVEL | sub::AE_KEYS | sub::AE_REAP | sub::AE_DROP), Some(partition)) => {
+            ae_request(id, s, partition, &c.payload)
+        }
         (sub::HINT_CREDIT, Some(partition)) => {
             let wanted = read_payload(&c.payload, |r| r.u32("wanted")).map_err(bad)?;
             Ok(PeerMsg::HintCredit {
@@ -217,6 +228,170 @@ fn cluster_request(id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
     }
 }
 
+/// Largest bucket and key in anti-entropy payloads (their wire widths).
+const AE_BUCKET_MAX: usize = u8::MAX as usize;
+const AE_KEY_MAX: usize = u16::MAX as usize;
+
+/// Reads a count of items of at least `item_bytes` each, checked against what is left so that
+/// a hostile count allocates nothing.
+fn count(r: &mut Reader<'_>, field: &'static str, item_bytes: usize) -> Result<usize, BodyError> {
+    let n = r.u32(field)? as usize;
+    if n.saturating_mul(item_bytes) > r.remaining() {
+        return Err(BodyError::TooLarge {
+            field,
+            len: n as u64,
+            max: r.remaining() / item_bytes,
+        });
+    }
+    Ok(n)
+}
+
+fn write_count(w: &mut Writer<'_, Vec<u8>>, n: usize) {
+    w.u32(u32::try_from(n).expect("anti-entropy lists are bounded far below 4 G items"));
+}
+
+fn write_names(w: &mut Writer<'_, Vec<u8>>, names: &[(Bytes, Bytes)]) {
+    write_count(w, names.len());
+    for (b, k) in names {
+        w.prefixed(LenWidth::U8, b);
+        w.prefixed(LenWidth::U16, k);
+    }
+}
+
+fn read_names(r: &mut Reader<'_>) -> Result<Vec<(Bytes, Bytes)>, BodyError> {
+    let n = count(r, "names", 1 + 2)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let b = r.bytes("bucket", LenWidth::U8, AE_BUCKET_MAX)?;
+        let k = r.bytes("key", LenWidth::U16, AE_KEY_MAX)?;
+        out.push((b, k));
+    }
+    Ok(out)
+}
+
+fn write_keys(w: &mut Writer<'_, Vec<u8>>, keys: &[AeKey]) {
+    write_count(w, keys.len());
+    for k in keys {
+        w.prefixed(LenWidth::U8, &k.bucket);
+        w.prefixed(LenWidth::U16, &k.key);
+        w.u64(k.digest);
+    }
+}
+
+fn read_keys(r: &mut Reader<'_>) -> Result<Vec<AeKey>, BodyError> {
+    let n = count(r, "keys", 1 + 2 + 8)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let bucket = r.bytes("bucket", LenWidth::U8, AE_BUCKET_MAX)?;
+        let key = r.bytes("key", LenWidth::U16, AE_KEY_MAX)?;
+        let digest = r.u64("digest")?;
+        out.push(AeKey {
+            bucket,
+            key,
+            digest,
+        });
+    }
+    Ok(out)
+}
+
+/// An anti-entropy CLUSTER request as the core's message: the payload must decode exactly; a
+/// body error is `invalid_request`.
+fn ae_request(id: u64, s: u8, partition: u32, payload: &[u8]) -> Result<PeerMsg, ErrorBody> {
+    let mut r = Reader::new(payload);
+    let body = |e: BodyError| invalid(format!("CLUSTER sub-kind {s}: {e}"));
+    let msg = match s {
+        sub::AE_LEVEL => {
+            let n = r.u8("n").map_err(body)?;
+            let depth = r.u8("depth").map_err(body)?;
+            let len = count(&mut r, "hashes", 12).map_err(body)?;
+            if len > crate::merkle::LEAVES {
+                return Err(body(BodyError::TooLarge {
+                    field: "hashes",
+                    len: len as u64,
+                    max: crate::merkle::LEAVES,
+                }));
+            }
+            let mut hashes = Vec::with_capacity(len);
+            for _ in 0..len {
+                let i = r.u32("index").map_err(body)?;
+                let h = r.u64("hash").map_err(body)?;
+                hashes.push((i, h));
+            }
+            PeerMsg::AeLevel {
+                id,
+                partition,
+                n,
+                depth,
+                hashes,
+            }
+        }
+        sub::AE_KEYS => {
+            let n = r.u8("n").map_err(body)?;
+            let len = count(&mut r, "leaves", 4).map_err(body)?;
+            let mut leaves = Vec::with_capacity(len);
+            for _ in 0..len {
+                leaves.push(r.u32("leaf").map_err(body)?);
+            }
+            let keys = read_keys(&mut r).map_err(body)?;
+            PeerMsg::AeKeys {
+                id,
+                partition,
+                n,
+                leaves,
+                keys,
+            }
+        }
+        sub::AE_REAP | sub::AE_DROP => {
+            let n = r.u8("n").map_err(body)?;
+            let keys = read_keys(&mut r).map_err(body)?;
+            if s == sub::AE_REAP {
+                PeerMsg::AeReap {
+                    id,
+                    partition,
+                    n,
+                    keys,
+                }
+            } else {
+                PeerMsg::AeDrop {
+                    id,
+                    partition,
+                    n,
+                    keys,
+                }
+            }
+        }
+        other => return Err(invalid(format!("unknown CLUSTER sub-kind {other}"))),
+    };
+    r.finish().map_err(body)?;
+    Ok(msg)
+}
+
+/// An anti-entropy CLUSTER_OK answer as the core's message, the mirror of [`ae_request`]; an
+/// answer that does not decode is a failed request.
+fn ae_answer(id: u64, s: u8, payload: &[u8]) -> PeerMsg {
+    let mut r = Reader::new(payload);
+    let decoded = match s {
+        sub::AE_LEVEL => (|| {
+            let len = count(&mut r, "differing", 4)?;
+            let mut differing = Vec::with_capacity(len);
+            for _ in 0..len {
+                differing.push(r.u32("index")?);
+            }
+            Ok(PeerMsg::AeLevelOk { id, differing })
+        })(),
+        sub::AE_KEYS => read_names(&mut r).map(|want| PeerMsg::AeKeysOk { id, want }),
+        sub::AE_REAP => read_names(&mut r).map(|held| PeerMsg::AeReapOk { id, held }),
+        _ => Ok(PeerMsg::AeDropOk { id }),
+    };
+    match decoded.and_then(|m| r.finish().map(|()| m)) {
+        Ok(m) => m,
+        Err(e) => PeerMsg::Failed {
+            id,
+            error: ErrorBody::new(ErrorCode::Internal, format!("CLUSTER_OK sub-kind {s}: {e}")),
+        },
+    }
+}
+
 /// A CLUSTER_OK answer as the core's message, the mirror of [`cluster_request`].
 fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
     let failed = |message: String| PeerMsg::Failed {
@@ -229,6 +404,9 @@ fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
             Ok(Err(e)) => failed(e),
             Err(e) => failed(format!("TRANSFER_PAGE: {e}")),
         },
+        s @ (sub::AE_LEVEL | sub::AE_KEYS | sub::AE_REAP | sub::AE_DROP) => {
+            ae_answer(id, s, &c.payload)
+        }
         sub::HINT_CREDIT => match read_payload(&c.payload, |r| r.u32("granted")) {
             Ok(granted) => PeerMsg::HintCreditOk { id, granted },
             Err(e) => failed(format!("HINT_CREDIT answer: {e}")),
@@ -436,6 +614,62 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
         ),
         PeerMsg::Forward { id, request } => (id, request),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
+        PeerMsg::AeLevel {
+            id,
+            partition,
+            n,
+            depth,
+            hashes,
+        } => cluster(id, sub::AE_LEVEL, partition, |w| {
+            w.u8(n);
+            w.u8(depth);
+            write_count(w, hashes.len());
+            for (i, h) in hashes {
+                w.u32(i);
+                w.u64(h);
+            }
+        }),
+        PeerMsg::AeLevelOk { id, differing } => cluster_ok(id, sub::AE_LEVEL, |w| {
+            write_count(w, differing.len());
+            for i in differing {
+                w.u32(i);
+            }
+        }),
+        PeerMsg::AeKeys {
+            id,
+            partition,
+            n,
+            leaves,
+            keys,
+        } => cluster(id, sub::AE_KEYS, partition, |w| {
+            w.u8(n);
+            write_count(w, leaves.len());
+            for l in leaves {
+                w.u32(l);
+            }
+            write_keys(w, &keys);
+        }),
+        PeerMsg::AeKeysOk { id, want } => cluster_ok(id, sub::AE_KEYS, |w| write_names(w, &want)),
+        PeerMsg::AeReap {
+            id,
+            partition,
+            n,
+            keys,
+        } => cluster(id, sub::AE_REAP, partition, |w| {
+            w.u8(n);
+            write_keys(w, &keys);
+        }),
+        PeerMsg::AeReapOk { id, held } => cluster_ok(id, sub::AE_REAP, |w| write_names(w, &held)),
+        PeerMsg::AeDrop {
+            id,
+            partition,
+            n,
+            keys,
+        } => cluster(id, sub::AE_DROP, partition, |w| {
+            w.u8(n);
+            write_keys(w, &keys);
+        }),
+        PeerMsg::AeDropOk { id } => cluster_ok(id, sub::AE_DROP, |_| {}),
         PeerMsg::HintCredit {
             id,
             partition,
@@ -472,6 +706,32 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
         ),
         PeerMsg::Failed { id, error } => (id, Message::Error(error)),
     }
+}
+
+fn cluster(
+    id: u64,
+    sub: u8,
+    partition: u32,
+    write: impl FnOnce(&mut Writer<'_, Vec<u8>>),
+) -> (u64, Message) {
+    (
+        id,
+        Message::Cluster(Cluster {
+            sub,
+            partition: Some(partition),
+            payload: write_payload(write),
+        }),
+    )
+}
+
+fn cluster_ok(id: u64, sub: u8, write: impl FnOnce(&mut Writer<'_, Vec<u8>>)) -> (u64, Message) {
+    (
+        id,
+        Message::ClusterOk(ClusterOk {
+            sub,
+            payload: write_payload(write),
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -625,5 +885,85 @@ mod tests {
         );
         assert_eq!(parse_hello_name("node-b"), None);
         assert_eq!(parse_hello_name("x@node-b"), None);
+    }
+
+    /// Every anti-entropy message survives its CLUSTER frame; a payload with a byte too many or
+    /// too few, or a count above what is left, is refused, not a panic or a huge allocation.
+    #[test]
+    fn anti_entropy_messages_round_trip() {
+        let k = AeKey {
+            bucket: Bytes::from_static(b"cart"),
+            key: Bytes::from_static(b"alice"),
+            digest: 0xfeed,
+        };
+        let names = vec![(k.bucket.clone(), k.key.clone())];
+        let requests = [
+            PeerMsg::AeLevel {
+                id: 1,
+                partition: 5,
+                n: 3,
+                depth: 2,
+                hashes: vec![(7, 9), (8, 10)],
+            },
+            PeerMsg::AeKeys {
+                id: 2,
+                partition: 5,
+                n: 2,
+                leaves: vec![1, 4095],
+                keys: vec![k.clone(), k.clone()],
+            },
+            PeerMsg::AeReap {
+                id: 3,
+                partition: 5,
+                n: 3,
+                keys: vec![k.clone()],
+            },
+            PeerMsg::AeDrop {
+                id: 4,
+                partition: 5,
+                n: 3,
+                keys: vec![],
+            },
+        ];
+        for msg in requests {
+            let (id, wire) = to_wire(msg.clone());
+            assert_eq!(request_partition(&wire).unwrap(), Some(5));
+            assert_eq!(request_from_wire(id, wire.clone()).unwrap(), msg);
+            let Message::Cluster(c) = wire else {
+                panic!("anti-entropy travels in CLUSTER frames")
+            };
+            let mut longer = c.payload.to_vec();
+            longer.push(0);
+            let mut damaged = c.clone();
+            damaged.payload = Bytes::from(longer);
+            assert!(request_from_wire(1, Message::Cluster(damaged)).is_err());
+            let mut short = c.clone();
+            short.payload = c.payload.slice(..c.payload.len() - 1);
+            assert!(request_from_wire(1, Message::Cluster(short)).is_err());
+            let mut nowhere = c.clone();
+            nowhere.partition = None;
+            assert!(request_from_wire(1, Message::Cluster(nowhere)).is_err());
+        }
+        let answers = [
+            PeerMsg::AeLevelOk {
+                id: 5,
+                differing: vec![3, 4],
+            },
+            PeerMsg::AeKeysOk {
+                id: 6,
+                want: names.clone(),
+            },
+            PeerMsg::AeReapOk { id: 7, held: names },
+            PeerMsg::AeDropOk { id: 8 },
+        ];
+        for msg in answers {
+            let (id, wire) = to_wire(msg.clone());
+            assert_eq!(answer_from_wire(id, wire), msg);
+        }
+        let huge = Message::ClusterOk(ClusterOk {
+            sub: sub::AE_KEYS,
+            payload: Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]),
+        });
+        assert!(matches!(answer_from_wire(1, huge), PeerMsg::Failed { .. }));
     }
 }

@@ -70,7 +70,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -97,7 +97,7 @@ use ringkv_net::{
 use crate::admission::{AdmissionConfig, AdmissionController};
 use crate::bucket::Buckets;
 use crate::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
     hint_bytes,
 };
 use crate::object::Object;
@@ -180,6 +180,12 @@ pub struct ServeConfig {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between anti-entropy rounds of each shard, in milliseconds (0: off).
+    pub ae_interval_ms: u64,
+    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
+    pub ae_keys_max: usize,
+    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
+    pub tombstone_grace_ms: u64,
     /// Bytes of hints the node stores at most; each shard's core gets an even part.
     pub hint_bytes_max: u64,
     /// Interval between failure-detector heartbeats to each peer, in milliseconds.
@@ -218,6 +224,9 @@ impl ServeConfig {
             },
             replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
             hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
+            ae_interval_ms: config::AE_INTERVAL_MS_DEFAULT,
+            ae_keys_max: config::AE_KEYS_MAX_DEFAULT,
+            tombstone_grace_ms: config::TOMBSTONE_GRACE_MS_DEFAULT,
             hint_bytes_max: config::HINT_BYTES_MAX_DEFAULT,
             heartbeat_ms: config::HEARTBEAT_MS_DEFAULT,
             phi_threshold: config::PHI_THRESHOLD_DEFAULT,
@@ -375,6 +384,8 @@ struct Shard {
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
     peers: BTreeMap<NodeId, SocketAddr>,
     epochs_path: PathBuf,
+    /// Whether this run keeps its floor file while it runs (`sync` durability).
+    floor_file: bool,
     /// Storage operations and epoch renewals in flight; closed at shutdown.
     store_work: Gate,
     /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.
@@ -826,9 +837,27 @@ async fn run_shard(
     };
     let engine = match started {
         Some(started) => {
-            let core = start_core(id, &cfg, replication, lease, floor, hints);
-            let engine =
-                serve_shard(id, &cfg, engine, started, shutdown, all_metrics, core).await?;
+            let (mut core, clock) = start_core(id, &cfg, replication, lease, floor, hints);
+            if let Err(source) = load_trees(&engine, &mut core, clock.now_ms(), id, &cfg).await {
+                if let Err(closing) = close_engine(id, engine, dir.clone()).await {
+                    tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
+                }
+                return Err(ServeError::Engine {
+                    shard: id,
+                    dir,
+                    source,
+                });
+            }
+            let (engine, floor) = serve_shard(
+                id,
+                &cfg,
+                engine,
+                started,
+                shutdown,
+                all_metrics,
+                (core, clock),
+            )
+            .await?;
             // Served and stopping: once every write is synced, nothing this run issued can be
             // lost, so the floor holds for the next run. Recorded while the engine still holds
             // the directory's lock, so no later run can have started meanwhile.
@@ -860,6 +889,9 @@ fn start_core(
     core_cfg.request_timeout_ms = cfg.request_timeout_ms;
     core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
     core_cfg.hint_retry_ms = cfg.hint_retry_ms;
+    core_cfg.ae_interval_ms = cfg.ae_interval_ms;
+    core_cfg.ae_keys_max = cfg.ae_keys_max;
+    core_cfg.tombstone_grace_ms = cfg.tombstone_grace_ms;
     core_cfg.hint_bytes_max = cfg.hint_bytes_max / cfg.cpus.len().max(1) as u64;
     core_cfg.heartbeat_ms = cfg.heartbeat_ms;
     core_cfg.phi_threshold = f64::from(cfg.phi_threshold);
@@ -968,7 +1000,7 @@ async fn serve_shard(
     shutdown: CancellationToken,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     (core, clock): (Core, Clock),
-) -> Result<Engine, ServeError> {
+) -> Result<(Engine, u32), ServeError> {
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let Started {
@@ -1031,6 +1063,7 @@ async fn serve_shard(
         links: RefCell::new(HashMap::new()),
         peers: cfg.peers.clone(),
         epochs_path: dir.join(EPOCHS_FILE),
+        floor_file: cfg.durability == Durability::Sync,
         store_work: Gate::new(),
         stop: stop.clone(),
         foreground,
@@ -1045,7 +1078,11 @@ async fn serve_shard(
     glommio::spawn_local(async move {
         loop {
             match weak.upgrade() {
-                Some(shard) => shard.metrics.set_engine(&shard.engine.stats()),
+                Some(shard) => {
+                    shard.metrics.set_engine(&shard.engine.stats());
+                    let trees = shard.core.borrow_mut().merkle_roots();
+                    shard.metrics.set_trees(trees);
+                }
                 None => break,
             }
             let stopped = futures_lite::future::or(
@@ -1226,7 +1263,9 @@ async fn serve_shard(
     shard.stop_replication().await;
     let shard = Rc::try_unwrap(shard)
         .map_err(|_| runtime(format!("shard {id}"), "tasks still hold the shard at close"))?;
-    Ok(shard.engine)
+    // Tombstone reaping may have raised the floor during the run.
+    let floor = shard.core.borrow().epoch_floor();
+    Ok((shard.engine, floor))
 }
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -1766,6 +1805,48 @@ async fn unless<T>(
     .await
 }
 
+/// Gives the core every replica object of the shard's partitions, so its anti-entropy trees
+/// describe the engine. Reads every stored object once: startup time grows with the data (the
+/// engine index's value digests are too weak, 15 bits, to stand for versions).
+async fn load_trees(
+    engine: &Engine,
+    core: &mut Core,
+    now: u64,
+    shard: usize,
+    cfg: &ServeConfig,
+) -> Result<(), EngineError> {
+    let shard_count = cfg.cpus.len();
+    let mut loaded = 0u64;
+    for partition in
+        (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
+    {
+        let mut items = engine.iter_partition(partition);
+        while let Some(item) = items.next().await {
+            let (engine_key, bytes) = item?;
+            let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
+                tracing::warn!(shard, partition, "ignoring a malformed replica key");
+                continue;
+            };
+            let key = StoreKey {
+                partition,
+                space: Space::Primary,
+                bucket,
+                key,
+            };
+            match Object::decode(&bytes) {
+                Ok(object) => {
+                    core.load_replica(now, &key, &object);
+                    loaded += 1;
+                }
+                // Left out of the tree: anti-entropy repairs the key from the other replicas.
+                Err(e) => tracing::warn!(shard, partition, error = %e, "undecodable object"),
+            }
+        }
+    }
+    tracing::info!(shard, keys = loaded, "anti-entropy trees built");
+    Ok(())
+}
+
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
 /// it counts for in the hint store's bound.
 async fn scan_hints(
@@ -1812,6 +1893,7 @@ impl Shard {
                 Output::Send { to, msg } => self.send_to_peer(to, msg),
                 Output::Store { id, key, op } => self.spawn_store(id, key, op),
                 Output::RenewEpochs => self.spawn_renewal(),
+                Output::PersistFloor { floor } => self.spawn_floor(floor),
                 Output::Scan {
                     id,
                     partition,
@@ -2017,6 +2099,34 @@ impl Shard {
                 // The core keeps its remaining epochs and does not ask again; home writes are
                 // unaffected, writes coordinated away from every home fail once they run out.
                 Err(e) => tracing::error!(shard = id, error = %e, "cannot renew the epoch lease"),
+            }
+        });
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    /// Persists a raised epoch floor (tombstone reaping) off the shard thread, then tells the
+    /// core. A `buffered` run keeps no floor file while it runs (a crash must leave none), so the
+    /// floor counts as persisted at once: the next run after a crash starts above it anyway.
+    fn spawn_floor(self: &Rc<Self>, floor: u32) {
+        if !self.floor_file {
+            self.core.borrow_mut().handle_floor_persisted(floor);
+            return;
+        }
+        let shard = self.clone();
+        let id = self.id;
+        let Some(dir) = self.epochs_path.parent().map(Path::to_path_buf) else {
+            return;
+        };
+        let spawned = self.store_work.spawn(async move {
+            let written = glommio::executor()
+                .spawn_blocking(move || epochs::write_floor(&dir, Some(floor)))
+                .await;
+            match written {
+                Ok(()) => shard.core.borrow_mut().handle_floor_persisted(floor),
+                // Reaping of the tombstones the old floor keeps stays blocked (logged once).
+                Err(e) => tracing::error!(shard = id, error = %e, "cannot persist the epoch floor"),
             }
         });
         if let Ok(task) = spawned {

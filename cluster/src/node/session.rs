@@ -288,8 +288,21 @@ mod tests {
             }),
         };
         assert!(matches!(s.on_frame(get.clone()), Step::Execute(_)));
+        let cluster = Frame {
+            request_id: 4,
+            message: Message::Cluster(ringkv_net::Cluster {
+                sub: 32,
+                partition: Some(0),
+                payload: Bytes::new(),
+            }),
+        };
+        assert!(matches!(s.on_frame(cluster.clone()), Step::Execute(_)));
         let mut client = Session::new(info(), 0);
         let _ = client.on_frame(hello("c", Role::Client));
         assert_eq!(code(&client.on_frame(get)), Some(ErrorCode::InvalidRequest));
+        assert_eq!(
+            code(&client.on_frame(cluster)),
+            Some(ErrorCode::InvalidRequest)
+        );
     }
 }
