@@ -107,6 +107,8 @@ use super::resp::{self, RespPlan};
 use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
+mod admin;
+
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Most reply bytes gathered into one write.
@@ -1058,9 +1060,10 @@ async fn serve_shard(
                     };
                     let (shard, rep_tx) = (shard.clone(), rep_tx.clone());
                     let spawned = work.spawn(async move {
-                        let message = match req.peer {
-                            Some(from) => shard.serve_peer(from, req.message).await,
-                            None => shard.execute_local(req.partition, req.message).await,
+                        let message = match (req.peer, req.message) {
+                            (Some(from), message) => shard.serve_peer(from, message).await,
+                            (None, Message::Admin(admin)) => shard.admin_command(admin).await,
+                            (None, message) => shard.execute_local(req.partition, message).await,
                         };
                         let reply = ShardReply {
                             tag: req.tag,
@@ -1252,6 +1255,12 @@ impl Shard {
     }
 
     async fn route(self: &Rc<Self>, message: Message) -> Message {
+        // Operator commands are answered by the first shard, which owns cluster-wide state.
+        let message = match message {
+            Message::Admin(admin) if self.id == 0 => return self.admin_command(admin).await,
+            admin @ Message::Admin(_) => return self.forward(0, 0, admin, None).await,
+            other => other,
+        };
         let (bucket, key) = match &message {
             Message::Get(m) => (&m.bucket, &m.key),
             Message::Put(m) => (&m.bucket, &m.key),
