@@ -108,6 +108,9 @@ use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 mod admin;
+mod view;
+
+use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -350,7 +353,12 @@ struct Shard {
     next_inbound: Cell<u64>,
     /// Outbound queue of each peer node this shard has talked to.
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
-    peers: BTreeMap<NodeId, SocketAddr>,
+    /// Peer address of every other member, from the view in use.
+    peers: RefCell<BTreeMap<NodeId, SocketAddr>>,
+    /// Version of the view in use ([`view`]).
+    view_version: Cell<u64>,
+    /// The control mesh: views from shard 0 to the others.
+    control: Senders<Control>,
     epochs_path: PathBuf,
     /// Storage operations and epoch renewals in flight; closed at shutdown.
     store_work: Gate,
@@ -454,6 +462,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .unwrap_or(1);
     let ring = Ring::new(PARTITIONS, &members, target_n)
         .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
+    let view = Arc::new(ShardView {
+        version: 0,
+        ring,
+        pending: None,
+        peers: cfg.peers.clone(),
+    });
     // One executor per shard and the signal executor.
     let budget = preflight::check(shards + 1)?;
     let clock = Clock::new();
@@ -469,18 +483,20 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
+    let control = MeshBuilder::<Control, _>::full(shards, CONTROL_QUEUE_MESSAGES_MAX);
     let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
     let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
     let mut first_error = None;
     for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
-        let (cfg, requests, replies, metrics, ring) = (
+        let (cfg, requests, replies, metrics, view, control) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
             metrics.clone(),
-            ring.clone(),
+            view.clone(),
+            control.clone(),
         );
         let shutdown = stop.foreign_child();
         let report = EndReport {
@@ -490,7 +506,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let replication = Replication { ring, clock };
+                let replication = Replication {
+                    view,
+                    clock,
+                    control,
+                };
                 let result =
                     run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
                 report.send(result);
@@ -692,10 +712,11 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
     }
 }
 
-/// What a shard's core starts from.
+/// What a shard's core starts from, and how it learns of later views.
 struct Replication {
-    ring: Ring,
+    view: Arc<ShardView>,
     clock: Clock,
+    control: MeshBuilder<Control, Full>,
 }
 
 /// Bound on the connection attempt that tells a listener from leftover connections.
@@ -833,7 +854,7 @@ fn start_core(
     lease: EpochLease,
     floor: u32,
     hints: Vec<StoreKey>,
-) -> (Core, Clock) {
+) -> (Core, Replication) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
     core_cfg.buckets = cfg.buckets.clone();
     core_cfg.durable_writes = cfg.durability == Durability::Sync;
@@ -850,8 +871,8 @@ fn start_core(
         epoch_floor = floor,
         "coordinator ready"
     );
-    let core = Core::new(core_cfg, replication.ring, lease, hints);
-    (core, replication.clock)
+    let core = Core::new(core_cfg, replication.view.ring.clone(), lease, hints);
+    (core, replication)
 }
 
 /// Records the epoch floor after a clean close (`epochs::FLOOR_FILE`).
@@ -942,8 +963,18 @@ async fn serve_shard(
     started: Started,
     shutdown: CancellationToken,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
-    (core, clock): (Core, Clock),
+    (core, replication): (Core, Replication),
 ) -> Result<Engine, ServeError> {
+    let Replication {
+        view,
+        clock,
+        control,
+    } = replication;
+    let Some(control) = unless(control.join(), shutdown.cancelled()).await else {
+        return Ok(engine);
+    };
+    let (control_tx, mut control_rx) =
+        control.map_err(|e| runtime(format!("shard {id}: control mesh"), e))?;
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let Started {
@@ -989,7 +1020,9 @@ async fn serve_shard(
         inbound: RefCell::new(HashMap::new()),
         next_inbound: Cell::new(1),
         links: RefCell::new(HashMap::new()),
-        peers: cfg.peers.clone(),
+        peers: RefCell::new(view.peers.clone()),
+        view_version: Cell::new(view.version),
+        control: control_tx,
         epochs_path: dir.join(EPOCHS_FILE),
         store_work: Gate::new(),
         stop: stop.clone(),
@@ -1025,6 +1058,26 @@ async fn serve_shard(
         }
     })
     .detach();
+
+    // Views from shard 0. A weak handle: the loop must not keep the shard from closing.
+    for (_, rx) in control_rx.streams() {
+        let weak = Rc::downgrade(&shard);
+        glommio::spawn_local_into(
+            async move {
+                while let Some(message) = rx.recv().await {
+                    let Some(shard) = weak.upgrade() else {
+                        break;
+                    };
+                    match message {
+                        Control::View(view) => shard.apply_view(&view),
+                    }
+                }
+            },
+            foreground,
+        )
+        .map_err(|e| runtime(format!("shard {id}: control loop"), e))?
+        .detach();
+    }
 
     // Replies from other shards: hand each to the task waiting for it.
     for (_, rx) in rep_rx.streams() {
@@ -1178,6 +1231,7 @@ async fn serve_shard(
     }
     // No request from this shard can follow; peers' loops end once every shard got here.
     shard.requests.close();
+    shard.control.close();
     for task in peer_loops.into_iter().flatten() {
         task.await;
     }
@@ -1873,8 +1927,8 @@ impl Shard {
         let queue = match links.entry(to) {
             std::collections::hash_map::Entry::Occupied(queue) => queue.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                let Some(addr) = self.peers.get(&to).copied() else {
-                    // Not a member (cannot happen with a static ring): the core times it out.
+                let Some(addr) = self.peers.borrow().get(&to).copied() else {
+                    // Not a member of the view in use: the core times it out.
                     tracing::warn!(shard = self.id, node = %to, "message for an unknown node dropped");
                     return;
                 };

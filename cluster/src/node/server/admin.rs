@@ -38,7 +38,7 @@ impl Shard {
         debug_assert_eq!(self.id, 0);
         match admin.command.as_str() {
             "cluster-status" if admin.args.is_empty() => {
-                let text = static_status(self.node_id, &self.peers, self.core.borrow().ring());
+                let text = static_status(self.node_id, &self.peers.borrow(), self.core.borrow().ring());
                 Message::AdminOk(AdminOk {
                     body: Bytes::from(text.into_bytes()),
                 })

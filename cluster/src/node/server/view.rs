@@ -1,0 +1,75 @@
+//! The cluster view every shard works from, and how the first shard publishes it.
+//!
+//! The first shard owns the node's membership; every other shard holds an immutable snapshot of
+//! what it needs from it, a [`ShardView`]: the ring in use, the ring being moved to (if a change
+//! is committed and its transfers are running), and every member's peer address. Shard 0 sends
+//! each new view to every shard over a channel mesh of its own ([`Control`]), so a view never
+//! waits behind requests in the request mesh, and applies it to itself the same way.
+//!
+//! Applying a view replaces the shard's address book and hands the rings to its core. A link to
+//! a node that is no longer a member, or whose address changed, is closed: its queue is dropped,
+//! the link task ends once it has written what was queued, and the next message for the node
+//! opens a link to its new address. Requests in flight on a closed link get no answer and time
+//! out in the core, like those on a link that broke.
+//!
+//! Limits: views are small and rare (a membership change, not a request), so the mesh queue is
+//! short ([`CONTROL_QUEUE_MESSAGES_MAX`]); a sender waits when it is full. A shard applies views
+//! in the order shard 0 sent them; a view older than the one applied is ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::ring::Ring;
+
+use super::super::NodeId;
+use super::Shard;
+
+/// Capacity of each shard's queue in the control mesh, in messages.
+pub(super) const CONTROL_QUEUE_MESSAGES_MAX: usize = 64;
+
+/// What a shard needs from the node's membership, as of one version.
+#[derive(Debug)]
+pub(super) struct ShardView {
+    /// Version of the membership state this view was taken from; views only move forward.
+    pub(super) version: u64,
+    /// The ring requests are placed by.
+    pub(super) ring: Ring,
+    /// The ring a committed change moves to, while its transfers run.
+    pub(super) pending: Option<Ring>,
+    /// Peer address of every other member.
+    pub(super) peers: BTreeMap<NodeId, SocketAddr>,
+}
+
+/// What shards tell each other outside requests.
+#[derive(Debug)]
+pub(super) enum Control {
+    /// A new view, from shard 0 to every other shard.
+    View(Arc<ShardView>),
+}
+
+impl Shard {
+    /// Makes `view` this shard's view: addresses for its links, rings for its core.
+    pub(super) fn apply_view(self: &Rc<Self>, view: &ShardView) {
+        if view.version < self.view_version.get() {
+            return;
+        }
+        self.view_version.set(view.version);
+        {
+            let mut peers = self.peers.borrow_mut();
+            let mut links = self.links.borrow_mut();
+            links.retain(|node, _| {
+                let keep = view.peers.get(node).is_some_and(|a| peers.get(node) == Some(a));
+                if !keep {
+                    tracing::info!(shard = self.id, node = %node, "closing the link to a changed or removed member");
+                }
+                keep
+            });
+            peers.clone_from(&view.peers);
+        }
+        // The core takes the rings; with no transfers running only the ring in use matters.
+        let _ = &view.pending;
+        self.core.borrow_mut().set_ring(view.ring.clone());
+    }
+}
