@@ -13,14 +13,13 @@
 //!   how replicas merge. [`bucket`]: bucket properties and per-request quorums.
 //! - [`coordinator`]: the request path: quorum reads and writes, sloppy quorum and hinted
 //!   handoff, read repair, forwarding, epochs.
+//! - [`membership`]: gossiped cluster state (members, the ring in force and the pending one,
+//!   transfer reports) that merges deterministically, and the staged join/leave/remove changes a
+//!   claimant commits and flips once partitions are transferred.
 //! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy; [`phi`]: phi-accrual
-//!   failure detection. Building blocks of the membership and anti-entropy layer, not yet driven
-//!   by the node.
+//!   failure detection.
 //! - [`node`]: [`NodeId`] and the node runtime (one shard per core, the client protocol,
 //!   shutdown) behind `ringkv serve`.
-//!
-//! What comes later: gossip membership with plan/commit and partition transfer, bounded and
-//! receiver-paced hinted handoff, anti-entropy exchanges, admission control of background work.
 //!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
@@ -28,6 +27,7 @@
 pub mod bucket;
 pub mod coordinator;
 pub mod dvv;
+pub mod membership;
 pub mod merkle;
 pub mod node;
 pub mod object;

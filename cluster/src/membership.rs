@@ -1,0 +1,1629 @@
+//! Cluster membership: who is in the cluster, which ring is in force, which ring is being moved
+//! to, and how nodes agree on it (sans-IO).
+//!
+//! One [`Membership`] runs per node (on its first shard); the other shards receive [`View`]
+//! snapshots. It never reads a clock, a socket or randomness: the shell passes `now` and a random
+//! number for the gossip partner, and carries out the [`MembershipOutput`]s.
+//!
+//! # State and how it merges
+//!
+//! The gossiped [`ClusterState`] has three parts, each merging as a maximum, so the merge is
+//! commutative, associative and idempotent: two nodes that saw the same changes hold the same
+//! state whatever the order, and gossip converges.
+//!
+//! - **Members**: per node id, the entry with the highest `(version, status rank)` wins. Whoever
+//!   changes an entry (the node itself on `join`/`leave`, any node on `remove`, the claimant on
+//!   commit and flip) raises its version by one. Concurrent changes with equal versions resolve by
+//!   status rank ([`Status::Removed`] > [`Status::Leaving`] > [`Status::Valid`] >
+//!   [`Status::Joining`]), so a removal is never undone by a stale entry.
+//! - **Rings**: the ring in force and the pending ring being moved to, as one record with an
+//!   `epoch` and the id of its author; the highest `(epoch, author)` wins. Only the claimant writes
+//!   it, so in a settled cluster there is one author; two claimants that raced (different views of
+//!   who is valid) still resolve to the same record everywhere.
+//! - **Transfer reports**: per receiving node, the partitions it has received for the pending ring
+//!   of a given epoch. Only that node writes its report; the highest `(epoch, count)` wins.
+//!
+//! # Changes: stage, plan, commit, transfer, flip
+//!
+//! `join` (run on the joining node, naming a seed's peer address), `leave` and `remove` only
+//! *stage* a change: they set a member's status. `plan` shows what committing would do: the ring
+//! the claim function ([`Ring::claim`]) computes over the Joining and Valid members, which
+//! partitions change owner, and how many replica copies must move. `commit` sends the request to
+//! the **claimant** (the lowest id among Valid and Leaving members: deterministic, no election);
+//! the claimant makes that ring the pending ring and Joining members Valid.
+//!
+//! While a ring is pending, every node whose preference lists grow pulls the partitions it gains
+//! from a current replica (the coordinator does that, see `coordinator/transfer.rs`) and reports
+//! each one here ([`Membership::transfer_done`]). Coordinators also send writes to the pending
+//! replicas, so nothing written during the transfer is missed by the new owners. Once every
+//! required copy is reported, the claimant **flips**: the pending ring becomes the ring, and
+//! Leaving members that own nothing become Removed. Replicas that dropped out of a preference
+//! list then hand their copies to the current replicas and drop them (the coordinator again).
+//!
+//! # Limits
+//!
+//! One change at a time: `commit` is refused while a ring is pending. A down claimant stalls
+//! commits and flips (not reads or writes) until it returns or is removed. A joining node must be
+//! a fresh one-node cluster. Transfers are computed for `target_n` replicas (the largest bucket
+//! `n`). At most [`MEMBERS_MAX`] members.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use ringkv_net::wire::{LenWidth, Reader, Writer};
+use ringkv_net::{BodyError, limits::NAME_BYTES_MAX};
+
+use crate::node::NodeId;
+use crate::ring::{MEMBERS_MAX, PARTITION_COUNT_MAX, PartitionCount, PartitionId, Ring, RingError};
+
+/// A member's place in the cluster's life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Status {
+    /// Joined, waiting for a commit to own partitions.
+    Joining = 1,
+    /// A full member.
+    Valid = 2,
+    /// Staged to leave: keeps its partitions until a committed ring without it is in force.
+    Leaving = 3,
+    /// Gone: owns nothing and is no longer a gossip partner.
+    Removed = 4,
+}
+
+impl Status {
+    fn from_u8(b: u8) -> Option<Status> {
+        Some(match b {
+            1 => Status::Joining,
+            2 => Status::Valid,
+            3 => Status::Leaving,
+            4 => Status::Removed,
+            _ => return None,
+        })
+    }
+
+    /// The name `cluster status` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Joining => "joining",
+            Status::Valid => "valid",
+            Status::Leaving => "leaving",
+            Status::Removed => "removed",
+        }
+    }
+}
+
+/// One member as gossiped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Its id.
+    pub id: NodeId,
+    /// Where peers reach it (`HOST:PORT`).
+    pub peer_addr: String,
+    /// Where clients reach it (`HOST:PORT`).
+    pub client_addr: String,
+    /// Its status.
+    pub status: Status,
+    /// Raised by one on every change of the entry.
+    pub version: u64,
+}
+
+impl Member {
+    fn rank(&self) -> (u64, Status) {
+        (self.version, self.status)
+    }
+}
+
+/// A node's report of the partitions it received for the pending ring of `epoch`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Epoch of the rings record whose pending ring the partitions are for.
+    pub epoch: u64,
+    /// Partitions received.
+    pub done: BTreeSet<u32>,
+}
+
+/// The gossiped state (module docs: how each part merges).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Every node ever known, Removed ones included (so a removal is not forgotten).
+    pub members: BTreeMap<NodeId, Member>,
+    /// Version of the rings record.
+    pub epoch: u64,
+    /// Who wrote the rings record.
+    pub author: NodeId,
+    /// The ring in force.
+    pub ring: Ring,
+    /// The ring being moved to.
+    pub pending: Option<Ring>,
+    /// Transfer reports per receiving node.
+    pub reports: BTreeMap<NodeId, Report>,
+}
+
+impl ClusterState {
+    /// Merges `other` into `self`; returns whether `self` changed.
+    pub fn merge(&mut self, other: &ClusterState) -> bool {
+        let mut changed = false;
+        for (id, theirs) in &other.members {
+            match self.members.get(id) {
+                Some(ours) if ours.rank() >= theirs.rank() => {}
+                _ => {
+                    self.members.insert(*id, theirs.clone());
+                    changed = true;
+                }
+            }
+        }
+        if (other.epoch, other.author) > (self.epoch, self.author) {
+            self.epoch = other.epoch;
+            self.author = other.author;
+            self.ring = other.ring.clone();
+            self.pending = other.pending.clone();
+            changed = true;
+        }
+        for (id, theirs) in &other.reports {
+            match self.reports.get(id) {
+                Some(ours)
+                    if (ours.epoch, ours.done.len()) >= (theirs.epoch, theirs.done.len()) => {}
+                _ => {
+                    self.reports.insert(*id, theirs.clone());
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// The claimant: the lowest id among Valid and Leaving members.
+    pub fn claimant(&self) -> Option<NodeId> {
+        self.members
+            .values()
+            .find(|m| matches!(m.status, Status::Valid | Status::Leaving))
+            .map(|m| m.id)
+    }
+
+    /// The members the next claim places partitions on: Joining and Valid ones.
+    fn next_members(&self) -> BTreeSet<NodeId> {
+        self.members
+            .values()
+            .filter(|m| matches!(m.status, Status::Joining | Status::Valid))
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Whether anything is staged: the next member set differs from the ring's.
+    fn staged(&self) -> bool {
+        self.next_members() != *self.ring.members()
+    }
+
+    /// Encodes the state (gossip payloads and the persisted file).
+    pub fn encode(&self, w: &mut Writer<'_, Vec<u8>>) {
+        w.u8(STATE_FORMAT);
+        w.u32(self.members.len() as u32);
+        for m in self.members.values() {
+            w.u32(m.id.0);
+            w.prefixed(LenWidth::U8, m.peer_addr.as_bytes());
+            w.prefixed(LenWidth::U8, m.client_addr.as_bytes());
+            w.u8(m.status as u8);
+            w.u64(m.version);
+        }
+        w.u64(self.epoch);
+        w.u32(self.author.0);
+        encode_ring(w, &self.ring);
+        w.flag(self.pending.is_some());
+        if let Some(p) = &self.pending {
+            encode_ring(w, p);
+        }
+        w.u32(self.reports.len() as u32);
+        for (id, r) in &self.reports {
+            w.u32(id.0);
+            w.u64(r.epoch);
+            w.u32(r.done.len() as u32);
+            for p in &r.done {
+                w.u32(*p);
+            }
+        }
+    }
+
+    /// Decodes what [`ClusterState::encode`] wrote, checking every count before allocating.
+    pub fn decode(r: &mut Reader<'_>) -> Result<ClusterState, BodyError> {
+        let format = r.u8("state_format")?;
+        if format != STATE_FORMAT {
+            return Err(BodyError::BadValue {
+                field: "state_format",
+                value: u64::from(format),
+            });
+        }
+        let count = bounded(r.u32("members")?, MEMBERS_MAX, "members")?;
+        let mut members = BTreeMap::new();
+        for _ in 0..count {
+            let id = NodeId(r.u32("member_id")?);
+            let peer_addr = r.string("peer_addr", LenWidth::U8, NAME_BYTES_MAX)?;
+            let client_addr = r.string("client_addr", LenWidth::U8, NAME_BYTES_MAX)?;
+            let s = r.u8("status")?;
+            let status = Status::from_u8(s).ok_or(BodyError::BadValue {
+                field: "status",
+                value: u64::from(s),
+            })?;
+            let version = r.u64("member_version")?;
+            members.insert(
+                id,
+                Member {
+                    id,
+                    peer_addr,
+                    client_addr,
+                    status,
+                    version,
+                },
+            );
+        }
+        let epoch = r.u64("epoch")?;
+        let author = NodeId(r.u32("author")?);
+        let ring = decode_ring(r)?;
+        let pending = if r.flag("pending")? {
+            Some(decode_ring(r)?)
+        } else {
+            None
+        };
+        let count = bounded(r.u32("reports")?, MEMBERS_MAX, "reports")?;
+        let mut reports = BTreeMap::new();
+        for _ in 0..count {
+            let id = NodeId(r.u32("report_node")?);
+            let epoch = r.u64("report_epoch")?;
+            let n = bounded(
+                r.u32("report_done")?,
+                PARTITION_COUNT_MAX as usize,
+                "report_done",
+            )?;
+            let mut done = BTreeSet::new();
+            for _ in 0..n {
+                done.insert(r.u32("partition")?);
+            }
+            reports.insert(id, Report { epoch, done });
+        }
+        Ok(ClusterState {
+            members,
+            epoch,
+            author,
+            ring,
+            pending,
+            reports,
+        })
+    }
+}
+
+const STATE_FORMAT: u8 = 1;
+
+fn bounded(n: u32, max: usize, field: &'static str) -> Result<usize, BodyError> {
+    let n = n as usize;
+    if n > max {
+        return Err(BodyError::TooLarge {
+            field,
+            len: n as u64,
+            max,
+        });
+    }
+    Ok(n)
+}
+
+fn encode_ring(w: &mut Writer<'_, Vec<u8>>, ring: &Ring) {
+    w.u64(ring.version());
+    w.u32(ring.members().len() as u32);
+    for m in ring.members() {
+        w.u32(m.0);
+    }
+    w.u32(ring.owners().len() as u32);
+    for o in ring.owners() {
+        w.u32(o.0);
+    }
+}
+
+fn decode_ring(r: &mut Reader<'_>) -> Result<Ring, BodyError> {
+    let version = r.u64("ring_version")?;
+    let count = bounded(r.u32("ring_members")?, MEMBERS_MAX, "ring_members")?;
+    let mut members = BTreeSet::new();
+    for _ in 0..count {
+        members.insert(NodeId(r.u32("ring_member")?));
+    }
+    let count = bounded(
+        r.u32("ring_owners")?,
+        PARTITION_COUNT_MAX as usize,
+        "ring_owners",
+    )?;
+    let mut owners = Vec::with_capacity(count.min(r.remaining() / 4));
+    for _ in 0..count {
+        owners.push(NodeId(r.u32("ring_owner")?));
+    }
+    Ring::from_parts(version, owners, members).map_err(|_| BodyError::BadValue {
+        field: "ring",
+        value: version,
+    })
+}
+
+/// What every shard needs, published whenever it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View {
+    /// Raised on every change this node sees.
+    pub version: u64,
+    /// The ring in force.
+    pub ring: Ring,
+    /// The ring being moved to, and the epoch of the record that holds it (what transfer reports
+    /// name).
+    pub pending: Option<(u64, Ring)>,
+    /// Every member with its addresses.
+    pub members: BTreeMap<NodeId, Member>,
+}
+
+impl View {
+    /// The peer address of `node`, if it is a member that has not been removed.
+    pub fn peer_addr(&self, node: NodeId) -> Option<&str> {
+        self.members
+            .get(&node)
+            .filter(|m| m.status != Status::Removed)
+            .map(|m| m.peer_addr.as_str())
+    }
+}
+
+/// Settings of a [`Membership`].
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Where peers reach this node.
+    pub peer_addr: String,
+    /// Where clients reach this node.
+    pub client_addr: String,
+    /// Interval between gossip rounds.
+    pub gossip_ms: u64,
+    /// How long a request to a peer may take.
+    pub request_timeout_ms: u64,
+    /// Replicas transfers are computed for (the largest bucket `n`).
+    pub target_n: usize,
+    /// Partitions of a ring this node creates.
+    pub partitions: PartitionCount,
+}
+
+/// An operator command (ADMIN frames; `docs/PROTOCOL.md` §5.8.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminCmd {
+    /// Join the cluster of the node at this peer address.
+    Join {
+        /// A member's peer address.
+        seed: String,
+    },
+    /// Stage this node's departure.
+    Leave,
+    /// Stage another node's removal.
+    Remove {
+        /// The node.
+        node: NodeId,
+    },
+    /// Show what a commit would do.
+    Plan,
+    /// Apply the staged changes.
+    Commit,
+    /// Members, ownership, reachability, transfers.
+    Status,
+}
+
+impl AdminCmd {
+    /// The command of an ADMIN frame: `cluster-join` (args: the seed's peer address),
+    /// `cluster-leave`, `cluster-remove` (args: the node id), `cluster-plan`, `cluster-commit`,
+    /// `cluster-status`.
+    pub fn parse(command: &str, args: &str) -> Result<AdminCmd, MembershipError> {
+        let args = args.trim();
+        let none = |cmd: AdminCmd| {
+            if args.is_empty() {
+                Ok(cmd)
+            } else {
+                Err(MembershipError::BadCommand(format!(
+                    "{command} takes no arguments, got {args:?}"
+                )))
+            }
+        };
+        match command {
+            "cluster-join" if !args.is_empty() => Ok(AdminCmd::Join {
+                seed: args.to_string(),
+            }),
+            "cluster-join" => Err(MembershipError::BadCommand(
+                "cluster-join needs a seed's peer address (HOST:PORT)".into(),
+            )),
+            "cluster-leave" => none(AdminCmd::Leave),
+            "cluster-remove" => args
+                .parse::<u32>()
+                .map(|n| AdminCmd::Remove { node: NodeId(n) })
+                .map_err(|_| {
+                    MembershipError::BadCommand(format!(
+                        "cluster-remove needs a node id (an integer), got {args:?}"
+                    ))
+                }),
+            "cluster-plan" => none(AdminCmd::Plan),
+            "cluster-commit" => none(AdminCmd::Commit),
+            "cluster-status" => none(AdminCmd::Status),
+            other => Err(MembershipError::BadCommand(format!(
+                "unknown command {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Membership failures.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MembershipError {
+    /// An ADMIN command that does not parse.
+    #[error("{0}")]
+    BadCommand(String),
+    /// A ring could not be built.
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+    /// A persisted state that does not decode.
+    #[error("cluster state file: {0}")]
+    Damaged(String),
+    /// A persisted state of another node.
+    #[error("cluster state file belongs to {found}, not {expected}")]
+    WrongNode {
+        /// This node.
+        expected: NodeId,
+        /// The file's node.
+        found: NodeId,
+    },
+}
+
+/// Messages between the memberships of two nodes (CLUSTER frames without a partition).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipMsg {
+    /// Push-pull gossip: the sender's state.
+    Gossip {
+        /// Request id.
+        id: u64,
+        /// The state.
+        state: Box<ClusterState>,
+    },
+    /// The receiver's state after merging.
+    GossipOk {
+        /// Request id.
+        id: u64,
+        /// The state.
+        state: Box<ClusterState>,
+    },
+    /// A fresh node asks to join.
+    Join {
+        /// Request id.
+        id: u64,
+        /// The joining node.
+        member: Member,
+    },
+    /// Accepted: the cluster's state, which the joiner adopts.
+    JoinOk {
+        /// Request id.
+        id: u64,
+        /// The state.
+        state: Box<ClusterState>,
+    },
+    /// Apply the staged changes (sent to the claimant).
+    Commit {
+        /// Request id.
+        id: u64,
+    },
+    /// The outcome of a commit, or a refused join, as text for the operator.
+    Outcome {
+        /// Request id.
+        id: u64,
+        /// Success or the reason.
+        result: Result<String, String>,
+    },
+}
+
+/// CLUSTER sub-kinds of membership messages (`docs/PROTOCOL.md` §5.9.1).
+pub mod sub {
+    /// GOSSIP / GOSSIP_OK.
+    pub const GOSSIP: u8 = 1;
+    /// JOIN / JOIN_OK.
+    pub const JOIN: u8 = 2;
+    /// COMMIT (request only: answered by OUTCOME).
+    pub const COMMIT: u8 = 3;
+    /// OUTCOME (answer only: to COMMIT, or a refused JOIN).
+    pub const OUTCOME: u8 = 4;
+}
+
+impl MembershipMsg {
+    /// The request id.
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Gossip { id, .. }
+            | Self::GossipOk { id, .. }
+            | Self::Join { id, .. }
+            | Self::JoinOk { id, .. }
+            | Self::Commit { id }
+            | Self::Outcome { id, .. } => *id,
+        }
+    }
+
+    /// Whether it answers a request.
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            Self::GossipOk { .. } | Self::JoinOk { .. } | Self::Outcome { .. }
+        )
+    }
+
+    /// The sub-kind and payload of its CLUSTER (or CLUSTER_OK) frame.
+    pub fn encode(&self) -> (u8, Bytes) {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        let sub = match self {
+            Self::Gossip { state, .. } | Self::GossipOk { state, .. } => {
+                state.encode(&mut w);
+                sub::GOSSIP
+            }
+            Self::Join { member, .. } => {
+                w.u32(member.id.0);
+                w.prefixed(LenWidth::U8, member.peer_addr.as_bytes());
+                w.prefixed(LenWidth::U8, member.client_addr.as_bytes());
+                w.u64(member.version);
+                sub::JOIN
+            }
+            Self::JoinOk { state, .. } => {
+                state.encode(&mut w);
+                sub::JOIN
+            }
+            Self::Commit { .. } => sub::COMMIT,
+            Self::Outcome { result, .. } => {
+                w.flag(result.is_ok());
+                let text = match result {
+                    Ok(t) | Err(t) => t,
+                };
+                let mut end = text.len().min(u16::MAX as usize);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.prefixed(LenWidth::U16, &text.as_bytes()[..end]);
+                sub::OUTCOME
+            }
+        };
+        (sub, Bytes::from(out))
+    }
+
+    /// Decodes a frame's payload; `answer` tells CLUSTER_OK from CLUSTER. `Ok(None)` for a
+    /// sub-kind that is not membership's.
+    pub fn decode(
+        id: u64,
+        sub: u8,
+        answer: bool,
+        payload: &[u8],
+    ) -> Result<Option<MembershipMsg>, BodyError> {
+        let mut r = Reader::new(payload);
+        let msg = match (sub, answer) {
+            (sub::GOSSIP, false) => Self::Gossip {
+                id,
+                state: Box::new(ClusterState::decode(&mut r)?),
+            },
+            (sub::GOSSIP, true) => Self::GossipOk {
+                id,
+                state: Box::new(ClusterState::decode(&mut r)?),
+            },
+            (sub::JOIN, false) => Self::Join {
+                id,
+                member: Member {
+                    id: NodeId(r.u32("member_id")?),
+                    peer_addr: r.string("peer_addr", LenWidth::U8, NAME_BYTES_MAX)?,
+                    client_addr: r.string("client_addr", LenWidth::U8, NAME_BYTES_MAX)?,
+                    status: Status::Joining,
+                    version: r.u64("member_version")?,
+                },
+            },
+            (sub::JOIN, true) => Self::JoinOk {
+                id,
+                state: Box::new(ClusterState::decode(&mut r)?),
+            },
+            (sub::COMMIT, false) => Self::Commit { id },
+            (sub::OUTCOME, true) => {
+                let ok = r.flag("ok")?;
+                let text = r.string("text", LenWidth::U16, u16::MAX as usize)?;
+                Self::Outcome {
+                    id,
+                    result: if ok { Ok(text) } else { Err(text) },
+                }
+            }
+            _ => return Ok(None),
+        };
+        r.finish()?;
+        Ok(Some(msg))
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipOutput {
+    /// Send to a member (its address is in the view).
+    Send {
+        /// The member.
+        to: NodeId,
+        /// The message.
+        msg: MembershipMsg,
+    },
+    /// Send to an address whose node id is not known yet (a join's seed).
+    SendAddr {
+        /// `HOST:PORT` of the peer listener.
+        addr: String,
+        /// The message.
+        msg: MembershipMsg,
+    },
+    /// Answer ADMIN request `req`.
+    AdminReply {
+        /// The shell's request id.
+        req: u64,
+        /// Text for the operator, or the reason it failed.
+        result: Result<String, String>,
+    },
+    /// Publish to every shard.
+    View(View),
+    /// Write atomically to the node's cluster-state file (read back with
+    /// [`Membership::restore`]).
+    Persist(Vec<u8>),
+}
+
+/// A request this node sent and still waits for.
+#[derive(Debug)]
+struct Outstanding {
+    deadline: u64,
+    /// The ADMIN request waiting for it, if any.
+    admin: Option<u64>,
+}
+
+/// The membership state machine of one node (module docs).
+pub struct Membership {
+    cfg: MembershipConfig,
+    state: ClusterState,
+    view_version: u64,
+    next_id: u64,
+    next_gossip: u64,
+    outstanding: BTreeMap<u64, Outstanding>,
+    /// When each peer was last heard from (any membership message).
+    heard: BTreeMap<NodeId, u64>,
+    out: Vec<MembershipOutput>,
+}
+
+impl Membership {
+    fn with_state(cfg: MembershipConfig, state: ClusterState) -> Membership {
+        Membership {
+            cfg,
+            state,
+            view_version: 0,
+            next_id: 1,
+            next_gossip: 0,
+            outstanding: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// A cluster of `seeds` (all Valid; the ring claimed over them), or of this node alone when
+    /// `seeds` is empty. `seeds` must include this node when not empty.
+    pub fn bootstrap(
+        cfg: MembershipConfig,
+        seeds: &[(NodeId, String)],
+    ) -> Result<Membership, MembershipError> {
+        let mut members = BTreeMap::new();
+        let me = Member {
+            id: cfg.node,
+            peer_addr: cfg.peer_addr.clone(),
+            client_addr: cfg.client_addr.clone(),
+            status: Status::Valid,
+            version: 1,
+        };
+        members.insert(cfg.node, me);
+        for (id, addr) in seeds {
+            if *id != cfg.node {
+                members.insert(
+                    *id,
+                    Member {
+                        id: *id,
+                        peer_addr: addr.clone(),
+                        client_addr: String::new(),
+                        status: Status::Valid,
+                        // Below the node's own entry, which carries its client address.
+                        version: 0,
+                    },
+                );
+            }
+        }
+        let ids: BTreeSet<NodeId> = members.keys().copied().collect();
+        let ring = Ring::new(cfg.partitions, &ids, cfg.target_n)?;
+        let author = *ids.first().unwrap_or(&cfg.node);
+        let state = ClusterState {
+            members,
+            epoch: 1,
+            author,
+            ring,
+            pending: None,
+            reports: BTreeMap::new(),
+        };
+        Ok(Self::with_state(cfg, state))
+    }
+
+    /// The state persisted by an earlier run ([`MembershipOutput::Persist`]).
+    pub fn restore(cfg: MembershipConfig, bytes: &[u8]) -> Result<Membership, MembershipError> {
+        let mut r = Reader::new(bytes);
+        let node = NodeId(
+            r.u32("node")
+                .map_err(|e| MembershipError::Damaged(e.to_string()))?,
+        );
+        if node != cfg.node {
+            return Err(MembershipError::WrongNode {
+                expected: cfg.node,
+                found: node,
+            });
+        }
+        let state =
+            ClusterState::decode(&mut r).map_err(|e| MembershipError::Damaged(e.to_string()))?;
+        r.finish()
+            .map_err(|e| MembershipError::Damaged(e.to_string()))?;
+        let mut m = Self::with_state(cfg, state);
+        // Addresses may have changed between runs: this run's own entry wins from now on.
+        let me = m.state.members.get(&m.cfg.node).cloned();
+        if let Some(me) = me
+            && (me.peer_addr != m.cfg.peer_addr || me.client_addr != m.cfg.client_addr)
+        {
+            let (peer, client) = (m.cfg.peer_addr.clone(), m.cfg.client_addr.clone());
+            m.update_self(|e| {
+                e.peer_addr = peer;
+                e.client_addr = client;
+            });
+        }
+        Ok(m)
+    }
+
+    /// The bytes [`Membership::restore`] reads.
+    pub fn persisted(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        w.u32(self.cfg.node.0);
+        self.state.encode(&mut w);
+        out
+    }
+
+    /// The gossiped state.
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The snapshot shards use.
+    pub fn view(&self) -> View {
+        View {
+            version: self.view_version,
+            ring: self.state.ring.clone(),
+            pending: self
+                .state
+                .pending
+                .as_ref()
+                .map(|p| (self.state.epoch, p.clone())),
+            members: self.state.members.clone(),
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn take(&mut self) -> Vec<MembershipOutput> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Publishes and persists after a change.
+    fn changed(&mut self) {
+        self.view_version += 1;
+        let view = self.view();
+        self.out.push(MembershipOutput::View(view));
+        self.out.push(MembershipOutput::Persist(self.persisted()));
+    }
+
+    fn update_self(&mut self, f: impl FnOnce(&mut Member)) {
+        let node = self.cfg.node;
+        if let Some(e) = self.state.members.get_mut(&node) {
+            f(e);
+            e.version += 1;
+        }
+        self.changed();
+    }
+
+    fn request(&mut self, now: u64, admin: Option<u64>) -> u64 {
+        let id = self.id();
+        self.outstanding.insert(
+            id,
+            Outstanding {
+                deadline: now + self.cfg.request_timeout_ms,
+                admin,
+            },
+        );
+        id
+    }
+
+    /// The first outputs of a run: the view to publish.
+    pub fn start(&mut self) -> Vec<MembershipOutput> {
+        self.changed();
+        self.take()
+    }
+
+    /// Time passes: gossip with a random member every `gossip_ms` (`random` picks it), time out
+    /// requests, and, on the claimant, flip the ring once transfers are complete.
+    pub fn handle_tick(&mut self, now: u64, random: u64) -> Vec<MembershipOutput> {
+        let expired: Vec<u64> = self
+            .outstanding
+            .iter()
+            .filter(|(_, o)| o.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.fail(id, "no answer in time");
+        }
+        if now >= self.next_gossip {
+            self.next_gossip = now + self.cfg.gossip_ms;
+            let partners: Vec<NodeId> = self
+                .state
+                .members
+                .values()
+                .filter(|m| m.id != self.cfg.node && m.status != Status::Removed)
+                .map(|m| m.id)
+                .collect();
+            if !partners.is_empty() {
+                let to = partners[(random % partners.len() as u64) as usize];
+                let id = self.request(now, None);
+                let state = Box::new(self.state.clone());
+                self.out.push(MembershipOutput::Send {
+                    to,
+                    msg: MembershipMsg::Gossip { id, state },
+                });
+            }
+        }
+        self.maybe_flip();
+        self.take()
+    }
+
+    /// A request this node sent failed (connection refused, error answer).
+    pub fn handle_failed(&mut self, _now: u64, id: u64, reason: &str) -> Vec<MembershipOutput> {
+        self.fail(id, reason);
+        self.take()
+    }
+
+    fn fail(&mut self, id: u64, reason: &str) {
+        if let Some(o) = self.outstanding.remove(&id)
+            && let Some(req) = o.admin
+        {
+            self.out.push(MembershipOutput::AdminReply {
+                req,
+                result: Err(format!("the peer did not answer: {reason}")),
+            });
+        }
+    }
+
+    fn merge(&mut self, other: &ClusterState) {
+        if self.state.merge(other) {
+            self.changed();
+        }
+    }
+
+    /// A message from another node (`from` is `None` when the sender is not known by id yet).
+    pub fn handle_msg(
+        &mut self,
+        now: u64,
+        from: Option<NodeId>,
+        msg: MembershipMsg,
+    ) -> Vec<MembershipOutput> {
+        if let Some(from) = from {
+            self.heard.insert(from, now);
+        }
+        match msg {
+            MembershipMsg::Gossip { id, state } => {
+                self.merge(&state);
+                let reply = MembershipMsg::GossipOk {
+                    id,
+                    state: Box::new(self.state.clone()),
+                };
+                self.reply_to(from, reply);
+            }
+            MembershipMsg::GossipOk { id, state } => {
+                if self.outstanding.remove(&id).is_some() {
+                    self.merge(&state);
+                }
+            }
+            MembershipMsg::Join { id, member } => {
+                let known = self.state.members.get(&member.id).cloned();
+                match known {
+                    Some(m) if m.status != Status::Removed && m.peer_addr != member.peer_addr => {
+                        // Another live node already has this id: refuse rather than merge two
+                        // nodes' identities.
+                        self.reply_to(
+                            from,
+                            MembershipMsg::Outcome {
+                                id,
+                                result: Err(format!(
+                                    "{} is already a member at {}",
+                                    m.id, m.peer_addr
+                                )),
+                            },
+                        );
+                        return self.take();
+                    }
+                    Some(m) if m.status == Status::Removed => {
+                        self.reply_to(
+                            from,
+                            MembershipMsg::Outcome {
+                                id,
+                                result: Err(format!(
+                                    "{} was removed; a node rejoins under a new id",
+                                    m.id
+                                )),
+                            },
+                        );
+                        return self.take();
+                    }
+                    _ => {}
+                }
+                let version = known.map_or(member.version, |m| m.version.max(member.version)) + 1;
+                self.state.members.insert(
+                    member.id,
+                    Member {
+                        status: Status::Joining,
+                        version,
+                        ..member
+                    },
+                );
+                self.changed();
+                let reply = MembershipMsg::JoinOk {
+                    id,
+                    state: Box::new(self.state.clone()),
+                };
+                self.reply_to(from, reply);
+            }
+            MembershipMsg::JoinOk { id, state } => {
+                if let Some(o) = self.outstanding.remove(&id) {
+                    // The joiner drops its one-node cluster and adopts the seed's.
+                    let mut state = *state;
+                    if let Some(me) = state.members.get_mut(&self.cfg.node) {
+                        me.peer_addr = self.cfg.peer_addr.clone();
+                        me.client_addr = self.cfg.client_addr.clone();
+                    }
+                    self.state = state;
+                    self.changed();
+                    if let Some(req) = o.admin {
+                        let text = format!(
+                            "joined: {} is joining a cluster of {} members; run `ringkv cluster plan` \
+                             and `ringkv cluster commit` to give it partitions",
+                            self.cfg.node,
+                            self.state.members.len()
+                        );
+                        self.out.push(MembershipOutput::AdminReply {
+                            req,
+                            result: Ok(text),
+                        });
+                    }
+                }
+            }
+            MembershipMsg::Commit { id } => {
+                let result = self.commit_here();
+                self.reply_to(from, MembershipMsg::Outcome { id, result });
+            }
+            MembershipMsg::Outcome { id, result } => {
+                if let Some(o) = self.outstanding.remove(&id)
+                    && let Some(req) = o.admin
+                {
+                    self.out.push(MembershipOutput::AdminReply { req, result });
+                }
+            }
+        }
+        self.take()
+    }
+
+    /// Answers go back on the connection the request came on: the shell matches them by id, so
+    /// `to` only matters when the sender is known.
+    fn reply_to(&mut self, from: Option<NodeId>, msg: MembershipMsg) {
+        self.out.push(MembershipOutput::Send {
+            to: from.unwrap_or(self.cfg.node),
+            msg,
+        });
+    }
+
+    /// A partition of the pending ring of `epoch` received by one of this node's shards.
+    pub fn transfer_done(
+        &mut self,
+        _now: u64,
+        epoch: u64,
+        partition: u32,
+    ) -> Vec<MembershipOutput> {
+        let node = self.cfg.node;
+        let report = self.state.reports.entry(node).or_default();
+        if report.epoch < epoch {
+            *report = Report {
+                epoch,
+                done: BTreeSet::new(),
+            };
+        }
+        if report.epoch == epoch && report.done.insert(partition) {
+            self.changed();
+        }
+        self.maybe_flip();
+        self.take()
+    }
+
+    /// Copies the pending ring needs: `(partition, receiver)` for every node that joins the
+    /// partition's preference list and is not Removed.
+    pub fn required_transfers(&self) -> Vec<(u32, NodeId)> {
+        let Some(pending) = &self.state.pending else {
+            return Vec::new();
+        };
+        required(&self.state, &self.state.ring, pending, self.cfg.target_n)
+    }
+
+    fn maybe_flip(&mut self) {
+        if self.state.claimant() != Some(self.cfg.node) {
+            return;
+        }
+        let Some(pending) = self.state.pending.clone() else {
+            return;
+        };
+        let epoch = self.state.epoch;
+        let complete = self.required_transfers().iter().all(|(p, node)| {
+            self.state
+                .reports
+                .get(node)
+                .is_some_and(|r| r.epoch == epoch && r.done.contains(p))
+        });
+        if !complete {
+            return;
+        }
+        self.state.ring = pending;
+        self.state.pending = None;
+        self.state.epoch += 1;
+        self.state.author = self.cfg.node;
+        let gone: Vec<NodeId> = self
+            .state
+            .members
+            .values()
+            .filter(|m| m.status == Status::Leaving && !self.state.ring.members().contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        for id in gone {
+            if let Some(m) = self.state.members.get_mut(&id) {
+                m.status = Status::Removed;
+                m.version += 1;
+            }
+        }
+        self.changed();
+    }
+
+    /// An operator command; the answer comes as [`MembershipOutput::AdminReply`] with `req`.
+    pub fn admin(&mut self, now: u64, req: u64, cmd: AdminCmd) -> Vec<MembershipOutput> {
+        let result = match cmd {
+            AdminCmd::Join { seed } => {
+                if self.state.members.len() > 1 {
+                    Err(format!(
+                        "{} is already in a cluster of {} members; only a fresh node joins",
+                        self.cfg.node,
+                        self.state.members.len()
+                    ))
+                } else {
+                    let id = self.request(now, Some(req));
+                    let member = self.state.members.get(&self.cfg.node).cloned();
+                    if let Some(member) = member {
+                        self.out.push(MembershipOutput::SendAddr {
+                            addr: seed,
+                            msg: MembershipMsg::Join { id, member },
+                        });
+                    }
+                    return self.take();
+                }
+            }
+            AdminCmd::Leave => self.leave(),
+            AdminCmd::Remove { node } => self.remove(node),
+            AdminCmd::Plan => Ok(self.plan_text()),
+            AdminCmd::Commit => match self.state.claimant() {
+                Some(c) if c == self.cfg.node => self.commit_here(),
+                Some(c) => {
+                    let id = self.request(now, Some(req));
+                    self.out.push(MembershipOutput::Send {
+                        to: c,
+                        msg: MembershipMsg::Commit { id },
+                    });
+                    return self.take();
+                }
+                None => Err("no valid member to act as claimant".into()),
+            },
+            AdminCmd::Status => Ok(self.status_text(now)),
+        };
+        self.out.push(MembershipOutput::AdminReply { req, result });
+        self.take()
+    }
+
+    fn leave(&mut self) -> Result<String, String> {
+        let me = self.cfg.node;
+        let valid_others = self
+            .state
+            .members
+            .values()
+            .filter(|m| m.id != me && matches!(m.status, Status::Valid | Status::Joining))
+            .count();
+        if valid_others == 0 {
+            return Err("the last member cannot leave".into());
+        }
+        match self.state.members.get(&me).map(|m| m.status) {
+            Some(Status::Valid | Status::Joining) => {
+                self.update_self(|m| m.status = Status::Leaving);
+                Ok(format!(
+                    "{me} is staged to leave; run `ringkv cluster plan` and `ringkv cluster commit`"
+                ))
+            }
+            Some(s) => Err(format!("{me} is already {}", s.name())),
+            None => Err(format!("{me} is not a member")),
+        }
+    }
+
+    fn remove(&mut self, node: NodeId) -> Result<String, String> {
+        if node == self.cfg.node {
+            return Err("a node does not remove itself: use `ringkv cluster leave`".into());
+        }
+        let others = self
+            .state
+            .members
+            .values()
+            .filter(|m| m.id != node && matches!(m.status, Status::Valid | Status::Joining))
+            .count();
+        match self.state.members.get_mut(&node) {
+            None => Err(format!("{node} is not a member")),
+            Some(m) if m.status == Status::Removed => Err(format!("{node} is already removed")),
+            Some(_) if others == 0 => Err("removing it would leave no member".into()),
+            Some(m) => {
+                m.status = Status::Removed;
+                m.version += 1;
+                self.changed();
+                Ok(format!(
+                    "{node} is staged for removal (its replicas are rebuilt from the others); \
+                     run `ringkv cluster plan` and `ringkv cluster commit`"
+                ))
+            }
+        }
+    }
+
+    /// The ring a commit would make pending, if anything is staged.
+    fn next_ring(&self) -> Result<Option<Ring>, String> {
+        if !self.state.staged() {
+            return Ok(None);
+        }
+        let members = self.state.next_members();
+        if members.is_empty() {
+            return Err("no member would be left".into());
+        }
+        self.state
+            .ring
+            .claim(&members, self.cfg.target_n)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    fn commit_here(&mut self) -> Result<String, String> {
+        if self.state.claimant() != Some(self.cfg.node) {
+            return Err(format!(
+                "{} is not the claimant ({})",
+                self.cfg.node,
+                self.state
+                    .claimant()
+                    .map_or("none".to_string(), |c| c.to_string())
+            ));
+        }
+        if self.state.pending.is_some() {
+            let left = self.pending_left();
+            return Err(format!(
+                "a change is still in progress ({left} transfers left); commit again once it is done"
+            ));
+        }
+        let Some(next) = self.next_ring()? else {
+            return Err("nothing is staged".into());
+        };
+        let moves = self.state.ring.transfers(&next).len();
+        self.state.pending = Some(next);
+        self.state.epoch += 1;
+        self.state.author = self.cfg.node;
+        for m in self.state.members.values_mut() {
+            if m.status == Status::Joining {
+                m.status = Status::Valid;
+                m.version += 1;
+            }
+        }
+        let copies = self.required_transfers().len();
+        self.changed();
+        self.maybe_flip();
+        Ok(format!(
+            "committed: {moves} partitions change owner, {copies} replica copies to transfer"
+        ))
+    }
+
+    fn pending_left(&self) -> usize {
+        let epoch = self.state.epoch;
+        self.required_transfers()
+            .iter()
+            .filter(|(p, n)| {
+                !self
+                    .state
+                    .reports
+                    .get(n)
+                    .is_some_and(|r| r.epoch == epoch && r.done.contains(p))
+            })
+            .count()
+    }
+
+    /// What `cluster plan` prints.
+    pub fn plan_text(&self) -> String {
+        let mut s = String::new();
+        if self.state.pending.is_some() {
+            let _ = writeln!(
+                s,
+                "a change is in progress: {} of {} transfers left",
+                self.pending_left(),
+                self.required_transfers().len()
+            );
+            return s;
+        }
+        let next = match self.next_ring() {
+            Ok(Some(next)) => next,
+            Ok(None) => return "nothing is staged\n".into(),
+            Err(e) => return format!("the staged changes cannot be applied: {e}\n"),
+        };
+        for m in self.state.members.values() {
+            let change = match m.status {
+                Status::Joining => "join",
+                Status::Leaving => "leave",
+                Status::Removed if self.state.ring.members().contains(&m.id) => "remove",
+                _ => continue,
+            };
+            let _ = writeln!(s, "{change:<7} {}", m.id);
+        }
+        let q = f64::from(next.partition_count().get());
+        let before = self.state.ring.ownership_counts();
+        let after = next.ownership_counts();
+        let ids: BTreeSet<NodeId> = before.keys().chain(after.keys()).copied().collect();
+        let _ = writeln!(s, "ownership:");
+        for id in ids {
+            let b = before.get(&id).copied().unwrap_or(0) as f64;
+            let a = after.get(&id).copied().unwrap_or(0) as f64;
+            let _ = writeln!(s, "  {id}: {:.1}% -> {:.1}%", 100.0 * b / q, 100.0 * a / q);
+        }
+        let moves = self.state.ring.transfers(&next);
+        let _ = writeln!(s, "partitions changing owner: {}", moves.len());
+        for t in &moves {
+            let _ = writeln!(s, "  partition {}: {} -> {}", t.partition.0, t.from, t.to);
+        }
+        let copies = required(&self.state, &self.state.ring, &next, self.cfg.target_n);
+        let _ = writeln!(s, "replica copies to transfer: {}", copies.len());
+        s
+    }
+
+    /// What `cluster status` prints.
+    pub fn status_text(&self, now: u64) -> String {
+        let mut s = String::new();
+        let q = f64::from(self.state.ring.partition_count().get());
+        let own = self.state.ring.ownership_counts();
+        let pending_own = self.state.pending.as_ref().map(Ring::ownership_counts);
+        let _ = writeln!(
+            s,
+            "ring epoch {} (ring version {}), claimant {}",
+            self.state.epoch,
+            self.state.ring.version(),
+            self.state
+                .claimant()
+                .map_or("none".to_string(), |c| c.to_string())
+        );
+        let _ = writeln!(
+            s,
+            "{:<10} {:<8} {:>8} {:>8} {:<22} {:<22} reachability",
+            "node", "status", "owns", "pending", "peer", "client"
+        );
+        for m in self.state.members.values() {
+            let owns = 100.0 * own.get(&m.id).copied().unwrap_or(0) as f64 / q;
+            let pending = pending_own.as_ref().map_or("-".to_string(), |p| {
+                format!(
+                    "{:.1}%",
+                    100.0 * p.get(&m.id).copied().unwrap_or(0) as f64 / q
+                )
+            });
+            let reach = if m.id == self.cfg.node {
+                "self".to_string()
+            } else if m.status == Status::Removed {
+                "-".to_string()
+            } else {
+                match self.heard.get(&m.id) {
+                    Some(t) if now.saturating_sub(*t) <= 3 * self.cfg.gossip_ms => {
+                        format!("up (heard {} ms ago)", now.saturating_sub(*t))
+                    }
+                    Some(t) => format!("unreachable (silent {} ms)", now.saturating_sub(*t)),
+                    None => "unknown (not heard yet)".to_string(),
+                }
+            };
+            let _ = writeln!(
+                s,
+                "{:<10} {:<8} {:>7.1}% {:>8} {:<22} {:<22} {reach}",
+                m.id.to_string(),
+                m.status.name(),
+                owns,
+                pending,
+                m.peer_addr,
+                m.client_addr
+            );
+        }
+        if self.state.pending.is_some() {
+            let _ = writeln!(
+                s,
+                "pending transfers: {} of {} left",
+                self.pending_left(),
+                self.required_transfers().len()
+            );
+        } else {
+            let _ = writeln!(s, "pending transfers: none");
+        }
+        s
+    }
+}
+
+/// `(partition, receiver)` pairs going from `ring` to `next` for `n` replicas (module docs).
+fn required(state: &ClusterState, ring: &Ring, next: &Ring, n: usize) -> Vec<(u32, NodeId)> {
+    let mut out = Vec::new();
+    for p in 0..ring.partition_count().get() {
+        let before = ring.preference_list(PartitionId(p), n);
+        for node in next.preference_list(PartitionId(p), n) {
+            let removed = state
+                .members
+                .get(&node)
+                .is_none_or(|m| m.status == Status::Removed);
+            if !before.contains(&node) && !removed {
+                out.push((p, node));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(node: u32) -> MembershipConfig {
+        MembershipConfig {
+            node: NodeId(node),
+            peer_addr: format!("127.0.0.1:{}", 7000 + node),
+            client_addr: format!("127.0.0.1:{}", 6000 + node),
+            gossip_ms: 1000,
+            request_timeout_ms: 500,
+            target_n: 3,
+            partitions: PartitionCount::new(64).unwrap(),
+        }
+    }
+
+    fn seeds(ids: &[u32]) -> Vec<(NodeId, String)> {
+        ids.iter()
+            .map(|i| (NodeId(*i), format!("127.0.0.1:{}", 7000 + i)))
+            .collect()
+    }
+
+    /// Delivers every Send between the nodes until nothing is left (no loss).
+    fn pump(
+        nodes: &mut BTreeMap<NodeId, Membership>,
+        now: u64,
+        mut queue: Vec<(NodeId, MembershipOutput)>,
+    ) {
+        let mut admin = Vec::new();
+        while let Some((from, out)) = queue.pop() {
+            match out {
+                MembershipOutput::Send { to, msg } => {
+                    if let Some(n) = nodes.get_mut(&to) {
+                        for o in n.handle_msg(now, Some(from), msg) {
+                            queue.push((to, o));
+                        }
+                    }
+                }
+                MembershipOutput::SendAddr { addr, msg } => {
+                    let to = nodes
+                        .values()
+                        .find(|n| n.cfg.peer_addr == addr)
+                        .map(|n| n.cfg.node)
+                        .unwrap();
+                    for o in nodes.get_mut(&to).unwrap().handle_msg(now, None, msg) {
+                        // The answer goes back to the joiner on its connection.
+                        let o = match o {
+                            MembershipOutput::Send { msg, .. } if msg.is_answer() => {
+                                MembershipOutput::Send { to: from, msg }
+                            }
+                            o => o,
+                        };
+                        queue.push((to, o));
+                    }
+                }
+                MembershipOutput::AdminReply { result, .. } => admin.push(result),
+                _ => {}
+            }
+        }
+        for r in admin {
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+
+    fn gossip_rounds(nodes: &mut BTreeMap<NodeId, Membership>, now: u64, rounds: u64) {
+        for r in 0..rounds {
+            let ids: Vec<NodeId> = nodes.keys().copied().collect();
+            for (i, id) in ids.iter().enumerate() {
+                let out = nodes
+                    .get_mut(id)
+                    .unwrap()
+                    .handle_tick(now + r * 1000, r * 7 + i as u64);
+                pump(nodes, now, out.into_iter().map(|o| (*id, o)).collect());
+            }
+        }
+    }
+
+    /// The merge is order-independent: two nodes that saw the same changes agree.
+    #[test]
+    fn merge_commutes_and_is_idempotent() {
+        let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
+        let mut b = Membership::bootstrap(cfg(2), &seeds(&[1, 2, 3])).unwrap();
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
+        b.admin(0, 1, AdminCmd::Leave);
+        let (sa, sb) = (a.state.clone(), b.state.clone());
+        let mut ab = sa.clone();
+        ab.merge(&sb);
+        let mut ba = sb.clone();
+        ba.merge(&sa);
+        assert_eq!(ab, ba);
+        let again = ab.clone();
+        assert!(!ab.merge(&again));
+        assert_eq!(ab.members[&NodeId(3)].status, Status::Removed);
+        assert_eq!(ab.members[&NodeId(2)].status, Status::Leaving);
+    }
+
+    /// State survives its encoding, and garbage is an error, not a panic.
+    #[test]
+    fn state_round_trips() {
+        let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
+        a.admin(0, 2, AdminCmd::Commit);
+        a.transfer_done(0, a.state.epoch, 5);
+        let bytes = a.persisted();
+        let b = Membership::restore(cfg(1), &bytes).unwrap();
+        assert_eq!(b.state, a.state);
+        assert!(matches!(
+            Membership::restore(cfg(2), &bytes),
+            Err(MembershipError::WrongNode { .. })
+        ));
+        for cut in 0..bytes.len() {
+            assert!(Membership::restore(cfg(1), &bytes[..cut]).is_err());
+        }
+        for (sub, payload) in [
+            MembershipMsg::Gossip {
+                id: 1,
+                state: Box::new(a.state.clone()),
+            }
+            .encode(),
+            MembershipMsg::Outcome {
+                id: 1,
+                result: Err("x".into()),
+            }
+            .encode(),
+        ] {
+            let answer = sub == sub::OUTCOME;
+            assert!(
+                MembershipMsg::decode(1, sub, answer, &payload)
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    }
+
+    /// Join, commit, transfers reported, flip; then a leave the same way.
+    #[test]
+    fn join_then_leave() {
+        let mut nodes = BTreeMap::new();
+        for i in 1..=3 {
+            nodes.insert(
+                NodeId(i),
+                Membership::bootstrap(cfg(i), &seeds(&[1, 2, 3])).unwrap(),
+            );
+        }
+        nodes.insert(NodeId(4), Membership::bootstrap(cfg(4), &[]).unwrap());
+        gossip_rounds(&mut nodes, 0, 3);
+        let out = nodes.get_mut(&NodeId(4)).unwrap().admin(
+            10_000,
+            1,
+            AdminCmd::Join {
+                seed: "127.0.0.1:7002".into(),
+            },
+        );
+        pump(
+            &mut nodes,
+            10_000,
+            out.into_iter().map(|o| (NodeId(4), o)).collect(),
+        );
+        assert_eq!(nodes[&NodeId(4)].state.members.len(), 4);
+        gossip_rounds(&mut nodes, 11_000, 6);
+        // Commit from a node that is not the claimant: it goes to node 1.
+        let out = nodes
+            .get_mut(&NodeId(3))
+            .unwrap()
+            .admin(20_000, 2, AdminCmd::Commit);
+        pump(
+            &mut nodes,
+            20_000,
+            out.into_iter().map(|o| (NodeId(3), o)).collect(),
+        );
+        gossip_rounds(&mut nodes, 21_000, 6);
+        let required = nodes[&NodeId(1)].required_transfers();
+        assert!(!required.is_empty());
+        assert!(required.iter().all(|(_, n)| *n == NodeId(4)));
+        // A second commit is refused while the change is in progress.
+        let out = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .admin(22_000, 3, AdminCmd::Commit);
+        assert!(matches!(
+            &out[..],
+            [MembershipOutput::AdminReply { result: Err(_), .. }]
+        ));
+        let epoch = nodes[&NodeId(4)].state.epoch;
+        for (p, _) in &required {
+            nodes
+                .get_mut(&NodeId(4))
+                .unwrap()
+                .transfer_done(23_000, epoch, *p);
+        }
+        gossip_rounds(&mut nodes, 24_000, 8);
+        for n in nodes.values() {
+            assert!(n.state.pending.is_none());
+            assert!(n.state.ring.members().contains(&NodeId(4)));
+            assert_eq!(n.state, nodes[&NodeId(1)].state);
+        }
+        // Node 2 leaves.
+        let out = nodes
+            .get_mut(&NodeId(2))
+            .unwrap()
+            .admin(40_000, 4, AdminCmd::Leave);
+        pump(
+            &mut nodes,
+            40_000,
+            out.into_iter().map(|o| (NodeId(2), o)).collect(),
+        );
+        gossip_rounds(&mut nodes, 41_000, 6);
+        let out = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .admin(50_000, 5, AdminCmd::Commit);
+        pump(
+            &mut nodes,
+            50_000,
+            out.into_iter().map(|o| (NodeId(1), o)).collect(),
+        );
+        gossip_rounds(&mut nodes, 51_000, 6);
+        let required = nodes[&NodeId(1)].required_transfers();
+        assert!(!required.is_empty());
+        let epoch = nodes[&NodeId(1)].state.epoch;
+        for (p, n) in &required {
+            assert_ne!(*n, NodeId(2));
+            nodes.get_mut(n).unwrap().transfer_done(52_000, epoch, *p);
+        }
+        gossip_rounds(&mut nodes, 53_000, 8);
+        for n in nodes.values() {
+            assert!(n.state.pending.is_none());
+            assert!(!n.state.ring.members().contains(&NodeId(2)));
+            assert_eq!(n.state.members[&NodeId(2)].status, Status::Removed);
+        }
+    }
+
+    /// Commands parse strictly.
+    #[test]
+    fn commands_parse() {
+        assert_eq!(
+            AdminCmd::parse("cluster-remove", " 7 ").unwrap(),
+            AdminCmd::Remove { node: NodeId(7) }
+        );
+        assert!(AdminCmd::parse("cluster-remove", "x").is_err());
+        assert!(AdminCmd::parse("cluster-join", "").is_err());
+        assert!(AdminCmd::parse("cluster-plan", "extra").is_err());
+        assert!(AdminCmd::parse("cluster-dance", "").is_err());
+    }
+}
