@@ -1,6 +1,6 @@
 //! `ringkv`: the node server and its command-line client.
 //!
-//! `ringkv serve` runs a node, alone or in a static cluster (see `docs/OPERATIONS.md` for every
+//! `ringkv serve` runs a node, alone or in a cluster (see `docs/OPERATIONS.md` for every
 //! setting and flag); `ringkv get|put|del|ping` talk to a node through the blocking client in
 //! `ringkv-net`. `get` prints a single value raw on stdout for shell scripts; concurrent siblings
 //! come as a `siblings N` line followed by one `value LEN` line plus LEN raw bytes and a newline,
@@ -152,6 +152,9 @@ enum Command {
         /// Interval between hinted-handoff rounds, in ms [default: 1000].
         #[arg(long)]
         hint_retry_ms: Option<u64>,
+        /// Interval between membership gossip rounds, in ms [default: 1000].
+        #[arg(long)]
+        gossip_ms: Option<u64>,
     },
     /// Print the value (or the siblings) of KEY (exit 1 if it does not exist).
     Get {
@@ -344,6 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seeds,
             replica_timeout_ms,
             hint_retry_ms,
+            gossip_ms,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -378,6 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seeds,
                 replica_timeout_ms,
                 hint_retry_ms,
+                gossip_ms,
                 buckets: None,
             };
             let settings = Settings::resolve(flags, file)?;
@@ -405,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.buckets = settings.buckets;
             cfg.replica_timeout_ms = settings.replica_timeout_ms;
             cfg.hint_retry_ms = settings.hint_retry_ms;
+            cfg.gossip_ms = settings.gossip_ms;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -6,16 +6,16 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the static member list, `ID@HOST:PORT`
-//! peer addresses; every node must be given the same list), `replica_timeout_ms`,
-//! `hint_retry_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the initial member list, `ID@HOST:PORT`
+//! peer addresses; every node of a new cluster must be given the same list), `replica_timeout_ms`,
+//! `hint_retry_ms`, `gossip_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
 //! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
 //! RESP listener's bucket `redis`, when not configured, is the default bucket in `lww` mode.
 //!
-//! Limits: membership is static (no join or leave while running); seeds are resolved once, at
-//! startup, by the caller.
+//! Limits: seeds only bootstrap a new cluster (a node that persisted its membership restores it
+//! instead); they are resolved once, at startup, by the caller.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -62,6 +62,8 @@ pub const NODE_ID_DEFAULT: u32 = 1;
 pub const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 1000;
 /// Default interval between hinted-handoff rounds, in milliseconds.
 pub const HINT_RETRY_MS_DEFAULT: u64 = 1000;
+/// Default interval between membership gossip rounds, in milliseconds.
+pub const GOSSIP_MS_DEFAULT: u64 = 1000;
 /// Largest replica timeout or hint interval, in milliseconds: ten minutes.
 pub const PEER_INTERVAL_MS_MAX: u64 = 600_000;
 /// Longest node name: a peer HELLO carries `<id>@<name>` in 255 bytes, and an id takes up to 10.
@@ -142,6 +144,8 @@ pub struct FileConfig {
     pub replica_timeout_ms: Option<u64>,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: Option<u64>,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: Option<u64>,
     /// Bucket properties by bucket name (`default` for every other bucket).
     pub buckets: Option<BTreeMap<String, BucketTable>>,
 }
@@ -291,6 +295,8 @@ pub struct Settings {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: u64,
     /// Bucket properties, validated.
     pub buckets: Buckets,
 }
@@ -490,6 +496,13 @@ impl Settings {
                     .hint_retry_ms
                     .or(file.hint_retry_ms)
                     .unwrap_or(HINT_RETRY_MS_DEFAULT),
+            )?,
+            gossip_ms: interval(
+                "gossip_ms",
+                flags
+                    .gossip_ms
+                    .or(file.gossip_ms)
+                    .unwrap_or(GOSSIP_MS_DEFAULT),
             )?,
             shutdown_drain_ms,
             request_timeout_ms,

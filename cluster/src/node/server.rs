@@ -94,10 +94,12 @@ use ringkv_net::{
 
 use crate::bucket::Buckets;
 use crate::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp};
+use crate::membership::{Membership, MembershipConfig};
 use crate::object::Object;
-use crate::ring::{PartitionId, Ring};
+use crate::ring::PartitionId;
 
 use super::NodeId;
+use super::cluster_state;
 use super::config;
 use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
 use super::metrics::{self, Op, ShardMetrics};
@@ -107,7 +109,7 @@ use super::resp::{self, RespPlan};
 use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
-mod admin;
+mod members;
 mod view;
 
 use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
@@ -177,6 +179,8 @@ pub struct ServeConfig {
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
     pub hint_retry_ms: u64,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: u64,
 }
 
 impl ServeConfig {
@@ -207,6 +211,7 @@ impl ServeConfig {
             },
             replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
             hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
+            gossip_ms: config::GOSSIP_MS_DEFAULT,
         }
     }
 
@@ -237,6 +242,9 @@ pub enum ServeError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The node's membership could not be restored or started.
+    #[error("membership: {0}")]
+    Membership(String),
     /// A shard's epoch lease could not be read or persisted.
     #[error("shard {shard}: {source}")]
     Epochs {
@@ -353,6 +361,8 @@ struct Shard {
     next_inbound: Cell<u64>,
     /// Outbound queue of each peer node this shard has talked to.
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
+    /// The node's membership (shard 0 only).
+    members: Option<members::Driver>,
     /// Peer address of every other member, from the view in use.
     peers: RefCell<BTreeMap<NodeId, SocketAddr>>,
     /// Version of the view in use ([`view`]).
@@ -449,7 +459,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     cfg.buckets
         .validate()
         .map_err(|e| ServeError::Config(e.to_string()))?;
-    let members = cfg
+    let members: Vec<NodeId> = cfg
         .peers
         .keys()
         .copied()
@@ -460,14 +470,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .map(|p| usize::from(p.n))
         .max()
         .unwrap_or(1);
-    let ring = Ring::new(PARTITIONS, &members, target_n)
-        .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
-    let view = Arc::new(ShardView {
-        version: 0,
-        ring,
-        pending: None,
-        peers: cfg.peers.clone(),
-    });
+    let membership = start_membership(&cfg, &members, target_n)?;
+    let view = Arc::new(ShardView::from_view(cfg.node_id, &membership.view()));
+    let mut membership = Some(membership);
     // One executor per shard and the signal executor.
     let budget = preflight::check(shards + 1)?;
     let clock = Clock::new();
@@ -498,6 +503,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             view.clone(),
             control.clone(),
         );
+        // The node's membership lives on its first shard.
+        let membership = if id == 0 { membership.take() } else { None };
         let shutdown = stop.foreign_child();
         let report = EndReport {
             id,
@@ -510,6 +517,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                     view,
                     clock,
                     control,
+                    membership,
                 };
                 let result =
                     run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
@@ -717,6 +725,50 @@ struct Replication {
     view: Arc<ShardView>,
     clock: Clock,
     control: MeshBuilder<Control, Full>,
+    /// The node's membership, for shard 0.
+    membership: Option<Membership>,
+}
+
+/// The node's membership: restored from `<data-dir>/cluster-state` if an earlier run persisted
+/// one (then `--seeds` are not used), else a new cluster of `members` (all Valid; this node
+/// alone without seeds).
+fn start_membership(
+    cfg: &ServeConfig,
+    members: &[NodeId],
+    target_n: usize,
+) -> Result<Membership, ServeError> {
+    let mcfg = MembershipConfig {
+        node: cfg.node_id,
+        peer_addr: cfg.peer_listen.map(|a| a.to_string()).unwrap_or_default(),
+        client_addr: cfg.listen.to_string(),
+        gossip_ms: cfg.gossip_ms,
+        request_timeout_ms: cfg.request_timeout_ms,
+        target_n,
+        partitions: PARTITIONS,
+    };
+    let persisted = cluster_state::read(&cfg.data_dir)
+        .map_err(|e| ServeError::Membership(e.to_string()))?;
+    let membership = match persisted {
+        Some(bytes) => {
+            tracing::info!(node = %cfg.node_id, "membership restored from the cluster state file");
+            Membership::restore(mcfg, &bytes)
+        }
+        None => {
+            let seeds: Vec<(NodeId, String)> = if cfg.peers.is_empty() {
+                Vec::new()
+            } else {
+                members
+                    .iter()
+                    .map(|id| {
+                        let addr = cfg.peers.get(id).copied().or(cfg.peer_listen);
+                        (*id, addr.map(|a| a.to_string()).unwrap_or_default())
+                    })
+                    .collect()
+            };
+            Membership::bootstrap(mcfg, &seeds)
+        }
+    };
+    membership.map_err(|e| ServeError::Membership(e.to_string()))
 }
 
 /// Bound on the connection attempt that tells a listener from leftover connections.
@@ -969,6 +1021,7 @@ async fn serve_shard(
         view,
         clock,
         control,
+        membership,
     } = replication;
     let Some(control) = unless(control.join(), shutdown.cancelled()).await else {
         return Ok(engine);
@@ -1020,6 +1073,7 @@ async fn serve_shard(
         inbound: RefCell::new(HashMap::new()),
         next_inbound: Cell::new(1),
         links: RefCell::new(HashMap::new()),
+        members: membership.map(|m| members::Driver::new(m, cfg.data_dir.clone())),
         peers: RefCell::new(view.peers.clone()),
         view_version: Cell::new(view.version),
         control: control_tx,
@@ -1031,6 +1085,7 @@ async fn serve_shard(
     glommio::spawn_local_into(run_ticks(Rc::downgrade(&shard), stop.clone()), foreground)
         .map_err(|e| runtime(format!("shard {id}: ticker"), e))?
         .detach();
+    shard.start_membership(stop.clone());
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
     let weak = Rc::downgrade(&shard);
@@ -1919,10 +1974,17 @@ impl Shard {
     /// Queues `msg` for node `to`, opening the link on first use.
     fn send_to_peer(self: &Rc<Self>, to: NodeId, msg: PeerMsg) {
         let (request_id, message) = peer::to_wire(msg);
-        let frame = Frame {
-            request_id,
-            message,
-        };
+        self.send_frame(
+            to,
+            Frame {
+                request_id,
+                message,
+            },
+        );
+    }
+
+    /// Queues `frame` for node `to`, opening the link on first use.
+    fn send_frame(self: &Rc<Self>, to: NodeId, frame: Frame) {
         let mut links = self.links.borrow_mut();
         let queue = match links.entry(to) {
             std::collections::hash_map::Entry::Occupied(queue) => queue.into_mut(),
@@ -1980,6 +2042,16 @@ impl Shard {
 
     /// Runs a request from node `from` through this shard's core and returns its answer.
     async fn serve_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+        // Node-wide CLUSTER messages of membership go to it (on shard 0), the rest to the core.
+        let message = match message {
+            Message::Cluster(c) if c.partition.is_none() => {
+                match self.serve_membership(from, c).await {
+                    Ok(answer) => return answer,
+                    Err(c) => Message::Cluster(c),
+                }
+            }
+            other => other,
+        };
         let id = self.next_inbound.get();
         self.next_inbound.set(id + 1);
         let msg = match peer::request_from_wire(id, message) {
@@ -2189,6 +2261,11 @@ async fn read_answers(
                     let Some(shard) = shard.upgrade() else {
                         return;
                     };
+                    // Membership's requests share the link; their ids are marked.
+                    if members::is_membership_id(frame.request_id) {
+                        shard.membership_answer(node, frame);
+                        continue;
+                    }
                     let msg = peer::answer_from_wire(frame.request_id, frame.message);
                     let outputs =
                         shard

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::membership::View;
 use crate::ring::Ring;
 
 use super::super::NodeId;
@@ -36,10 +37,37 @@ pub(super) struct ShardView {
     pub(super) version: u64,
     /// The ring requests are placed by.
     pub(super) ring: Ring,
-    /// The ring a committed change moves to, while its transfers run.
-    pub(super) pending: Option<Ring>,
+    /// The ring a committed change moves to, while its transfers run, with the epoch transfer
+    /// reports name.
+    pub(super) pending: Option<(u64, Ring)>,
     /// Peer address of every other member.
     pub(super) peers: BTreeMap<NodeId, SocketAddr>,
+}
+
+impl ShardView {
+    /// What a shard of node `me` needs from membership's `view`. A member whose peer address is
+    /// not an `IP:PORT` is left out (and logged): every address membership holds came from a
+    /// `--peer-listen`, which is one, so this only guards against a damaged state.
+    pub(super) fn from_view(me: NodeId, view: &View) -> ShardView {
+        let mut peers = BTreeMap::new();
+        for id in view.members.keys().copied().filter(|id| *id != me) {
+            let Some(addr) = view.peer_addr(id) else {
+                continue;
+            };
+            match addr.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    peers.insert(id, addr);
+                }
+                Err(_) => tracing::warn!(node = %id, addr, "member without a usable peer address"),
+            }
+        }
+        ShardView {
+            version: view.version,
+            ring: view.ring.clone(),
+            pending: view.pending.clone(),
+            peers,
+        }
+    }
 }
 
 /// What shards tell each other outside requests.
