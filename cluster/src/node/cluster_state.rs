@@ -33,7 +33,9 @@ pub enum StateFileError {
         source: std::io::Error,
     },
     /// The file is larger than any state this node writes.
-    #[error("cluster state file {path} is {len} bytes, above the limit of {CLUSTER_STATE_BYTES_MAX}")]
+    #[error(
+        "cluster state file {path} is {len} bytes, above the limit of {CLUSTER_STATE_BYTES_MAX}"
+    )]
     TooLarge {
         /// The file.
         path: PathBuf,

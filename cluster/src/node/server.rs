@@ -746,8 +746,8 @@ fn start_membership(
         target_n,
         partitions: PARTITIONS,
     };
-    let persisted = cluster_state::read(&cfg.data_dir)
-        .map_err(|e| ServeError::Membership(e.to_string()))?;
+    let persisted =
+        cluster_state::read(&cfg.data_dir).map_err(|e| ServeError::Membership(e.to_string()))?;
     let membership = match persisted {
         Some(bytes) => {
             tracing::info!(node = %cfg.node_id, "membership restored from the cluster state file");

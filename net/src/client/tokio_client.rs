@@ -297,9 +297,7 @@ impl AsyncConnection {
     /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
     /// arguments, and returns its text.
     pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
-        self.call(Request::admin(command, args))
-            .await?
-            .into_admin()
+        self.call(Request::admin(command, args)).await?.into_admin()
     }
 
     /// Sends `request` and waits for its reply, at most the configured timeout.

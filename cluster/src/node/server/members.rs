@@ -179,10 +179,11 @@ impl Shard {
         self.next_inbound.set(id + 1);
         let (tx, rx) = local_channel::new_bounded(1);
         self.inbound.borrow_mut().insert(id, tx);
-        let outputs = driver
-            .membership
-            .borrow_mut()
-            .handle_msg(self.clock.now_ms(), Some(from), msg);
+        let outputs =
+            driver
+                .membership
+                .borrow_mut()
+                .handle_msg(self.clock.now_ms(), Some(from), msg);
         self.membership_outputs(outputs);
         // Membership answers every request at once; the bound only guards the waiter.
         let bound = Duration::from_millis(self.request_timeout_ms);
@@ -216,12 +217,10 @@ impl Shard {
                     id,
                     &format!("answer of unknown sub-kind {}", ok.sub),
                 ),
-                Err(e) => {
-                    driver
-                        .membership
-                        .borrow_mut()
-                        .handle_failed(now, id, &e.to_string())
-                }
+                Err(e) => driver
+                    .membership
+                    .borrow_mut()
+                    .handle_failed(now, id, &e.to_string()),
             },
             Message::Error(e) => driver.membership.borrow_mut().handle_failed(
                 now,
@@ -356,10 +355,11 @@ impl Shard {
                     Ok(answer) => driver.membership.borrow_mut().handle_msg(now, None, answer),
                     Err(reason) => {
                         tracing::info!(%addr, %reason, "membership request failed");
-                        driver
-                            .membership
-                            .borrow_mut()
-                            .handle_failed(now, id, &format!("{addr}: {reason}"))
+                        driver.membership.borrow_mut().handle_failed(
+                            now,
+                            id,
+                            &format!("{addr}: {reason}"),
+                        )
                     }
                 };
                 shard.membership_outputs(outputs);
