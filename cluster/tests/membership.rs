@@ -8,10 +8,20 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use bytes::Bytes;
 use common::{BIN, ClusterNode, Server, data_dir, free_port, seeds, wait_for};
-use ringkv_net::{ClientError, ErrorCode};
+use ringkv_cluster::node::route::partition_of;
+use ringkv_cluster::object::{Object, Val};
+use ringkv_net::{
+    ClientError, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, ReplicaGet, Role,
+    decode_frame, encode_frame_to_vec,
+};
 
 /// The Dynamo (3, 2, 2) default bucket.
 const BUCKETS: &str = "\
@@ -26,6 +36,14 @@ const GOSSIP_MS: &str = "100";
 /// Rounds of a membership poll, each a pause of [`POLL_MS`] and one check.
 const POLLS: usize = 150;
 const POLL_MS: u64 = 100;
+/// Rounds of the poll for a committed change to finish (its transfers and the flip).
+const SETTLE_POLLS: usize = 600;
+/// The bucket the scenario writes to.
+const BUCKET: &[u8] = b"default";
+/// Bound on the writes of the scenario, so a stuck change cannot write forever.
+const WRITES_MAX: usize = 200_000;
+/// Fewest writes for the scenario to mean something: some land during each change.
+const WRITES_MIN: usize = 50;
 
 /// Three nodes bootstrapped from the same seeds and a fourth started alone, all running.
 fn three_and_a_fresh_one(name: &str) -> Vec<ClusterNode> {
@@ -184,5 +202,173 @@ fn join_spreads_commit_reaches_the_claimant_and_membership_survives_restart() {
             Some("valid"),
             "{status}"
         );
+    }
+}
+
+/// What a node's own replica of each key holds, read over a peer connection with REPLICA_GET
+/// (hint `None`: the node's replica, not a hint it keeps for another node).
+fn replica_values(peer_addr: &str, keys: &[Vec<u8>]) -> Vec<Option<Vec<Val>>> {
+    let limits = Limits::DEFAULT;
+    let mut stream = std::net::TcpStream::connect(peer_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut read_frame = |stream: &mut std::net::TcpStream| -> Frame {
+        let mut chunk = [0u8; 65536];
+        loop {
+            if let Some((frame, used)) = decode_frame(&buf, &limits).unwrap() {
+                buf.drain(..used);
+                return frame;
+            }
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "{peer_addr} closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let hello = Frame {
+        request_id: 1,
+        message: Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            cluster_name: "ringkv".into(),
+            node_name: Some("4000000@checker".into()),
+        }),
+    };
+    stream
+        .write_all(&encode_frame_to_vec(&hello, &limits).unwrap())
+        .unwrap();
+    assert!(matches!(read_frame(&mut stream).message, Message::HelloOk(_)));
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let get = Frame {
+            request_id: 2 + i as u64,
+            message: Message::ReplicaGet(ReplicaGet {
+                partition: partition_of(BUCKET, key).0,
+                hint: None,
+                bucket: Bytes::from_static(BUCKET),
+                key: Bytes::copy_from_slice(key),
+            }),
+        };
+        stream
+            .write_all(&encode_frame_to_vec(&get, &limits).unwrap())
+            .unwrap();
+        let answer = read_frame(&mut stream);
+        assert_eq!(answer.request_id, 2 + i as u64);
+        out.push(match answer.message {
+            Message::ReplicaGetOk(ok) => ok
+                .object
+                .map(|bytes| Object::decode(&bytes).unwrap().siblings()),
+            other => panic!("{peer_addr}: REPLICA_GET answered {other:?}"),
+        });
+    }
+    out
+}
+
+/// Waits until every node in `nodes` reports no pending transfers and `check` holds for its
+/// status text.
+fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool) {
+    for node in nodes {
+        wait_for(what, SETTLE_POLLS, POLL_MS, || {
+            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            let settled = status.lines().any(|l| l == "pending transfers: none");
+            if settled && check(&status) {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        });
+    }
+}
+
+/// The issue's scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins and
+/// receives its partitions; then one of the first three leaves. No acknowledged write is lost,
+/// no write fails, and at the end every replica holds every acknowledged value: with three
+/// nodes left and N=3, each of them is in every key's preference list, so each is read
+/// directly (REPLICA_GET over a peer connection) for every key.
+#[test]
+fn join_then_leave_under_writes_loses_nothing() {
+    let nodes = three_and_a_fresh_one("join-leave-writes");
+    let stop = Arc::new(AtomicBool::new(false));
+    // Writes go through the two nodes that stay, alternately, each key written once.
+    let targets = [nodes[0].addr.clone(), nodes[1].addr.clone()];
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut clients: Vec<_> = targets
+                .iter()
+                .map(|a| ringkv_net::Client::connect(a.as_str(), common::config()).unwrap())
+                .collect();
+            let (mut acked, mut errors) = (Vec::new(), Vec::new());
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) && i < WRITES_MAX {
+                let key = format!("key-{i}").into_bytes();
+                let value = format!("value-{i}").into_bytes();
+                match clients[i % 2].put(BUCKET, &key, &value, None) {
+                    Ok(_) => acked.push((key, value)),
+                    Err(e) => {
+                        errors.push(format!("put {i}: {e}"));
+                        // A broken connection would fail every later write: reconnect.
+                        clients[i % 2] =
+                            ringkv_net::Client::connect(targets[i % 2].as_str(), common::config())
+                                .unwrap();
+                    }
+                }
+                i += 1;
+            }
+            (acked, errors)
+        })
+    };
+
+    let joined = nodes[3].admin("cluster-join", &nodes[0].peer_addr).unwrap();
+    assert!(joined.starts_with("joined"), "{joined}");
+    for node in &nodes {
+        wait_for("node-4 known everywhere", POLLS, POLL_MS, || {
+            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            member_line(&status, 4).map(|_| ()).ok_or(status)
+        });
+    }
+    let committed = nodes[1].admin("cluster-commit", "").unwrap();
+    assert!(committed.starts_with("committed"), "{committed}");
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    wait_settled(&all, "node-4 owning partitions", |status| {
+        member_line(status, 4).is_some_and(|l| l[1] == "valid" && l[2] != "0.0%")
+    });
+
+    let left = nodes[2].admin("cluster-leave", "").unwrap();
+    assert!(left.contains("leave"), "{left}");
+    for node in &nodes {
+        wait_for("node-3 leaving everywhere", POLLS, POLL_MS, || {
+            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            match member_line(&status, 3) {
+                Some(line) if line[1] == "leaving" => Ok(()),
+                _ => Err(status),
+            }
+        });
+    }
+    let committed = nodes[0].admin("cluster-commit", "").unwrap();
+    assert!(committed.starts_with("committed"), "{committed}");
+    let staying = [&nodes[0], &nodes[1], &nodes[3]];
+    wait_settled(&staying, "node-3 removed", |status| {
+        member_line(status, 3).is_some_and(|l| l[1] == "removed")
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    let (acked, errors) = writer.join().unwrap();
+    assert!(errors.is_empty(), "client-visible errors: {errors:?}");
+    assert!(acked.len() >= WRITES_MIN, "only {} writes", acked.len());
+    let keys: Vec<Vec<u8>> = acked.iter().map(|(k, _)| k.clone()).collect();
+    for node in staying {
+        let held = replica_values(&node.peer_addr, &keys);
+        for ((key, value), held) in acked.iter().zip(held) {
+            assert_eq!(
+                held,
+                Some(vec![Val::Value(Bytes::copy_from_slice(value))]),
+                "node-{} holds {:?} for {}",
+                node.id,
+                held,
+                String::from_utf8_lossy(key)
+            );
+        }
     }
 }

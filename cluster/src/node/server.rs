@@ -54,6 +54,12 @@
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
+//! Membership: shard 0 owns the node's [`crate::membership::Membership`] (restored from
+//! `<data-dir>/cluster-state`, else bootstrapped from the seeds) and its shell, [`members`]:
+//! ADMIN frames from any shard and CLUSTER frames without a partition reach it there. Every
+//! shard takes its ring and its peer addresses from the latest view shard 0 published over a
+//! third mesh ([`view`]); a link to a member that was removed or moved is closed.
+//!
 //! A shard that fails (its executor cannot be created, its engine does not open, a listener
 //! cannot be bound, or it panics) ends the node the same way: its end cancels the token, shards
 //! still starting stop waiting for the mesh, every engine that was opened is closed (flushed,
