@@ -133,6 +133,14 @@ fn cli_prints_answers_and_fails_on_errors() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("invalid_request"), "{err}");
+    // A node without a peer listener could never be reached by its new cluster.
+    let out = Command::new(BIN)
+        .args(["cluster", "join", "--server", &server.addr, "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--peer-listen"), "{err}");
 }
 
 /// A fresh node joins through a seed; gossip spreads it to every member; a commit asked of a
@@ -238,7 +246,10 @@ fn replica_values(peer_addr: &str, keys: &[Vec<u8>]) -> Vec<Option<Vec<Val>>> {
     stream
         .write_all(&encode_frame_to_vec(&hello, &limits).unwrap())
         .unwrap();
-    assert!(matches!(read_frame(&mut stream).message, Message::HelloOk(_)));
+    assert!(matches!(
+        read_frame(&mut stream).message,
+        Message::HelloOk(_)
+    ));
     let mut out = Vec::with_capacity(keys.len());
     for (i, key) in keys.iter().enumerate() {
         let get = Frame {
@@ -270,7 +281,9 @@ fn replica_values(peer_addr: &str, keys: &[Vec<u8>]) -> Vec<Option<Vec<Val>>> {
 fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool) {
     for node in nodes {
         wait_for(what, SETTLE_POLLS, POLL_MS, || {
-            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
             let settled = status.lines().any(|l| l == "pending transfers: none");
             if settled && check(&status) {
                 Ok(())
@@ -324,7 +337,9 @@ fn join_then_leave_under_writes_loses_nothing() {
     assert!(joined.starts_with("joined"), "{joined}");
     for node in &nodes {
         wait_for("node-4 known everywhere", POLLS, POLL_MS, || {
-            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
             member_line(&status, 4).map(|_| ()).ok_or(status)
         });
     }
@@ -339,7 +354,9 @@ fn join_then_leave_under_writes_loses_nothing() {
     assert!(left.contains("leave"), "{left}");
     for node in &nodes {
         wait_for("node-3 leaving everywhere", POLLS, POLL_MS, || {
-            let status = node.admin("cluster-status", "").map_err(|e| e.to_string())?;
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
             match member_line(&status, 3) {
                 Some(line) if line[1] == "leaving" => Ok(()),
                 _ => Err(status),

@@ -748,7 +748,8 @@ fn start_membership(
         peer_addr: cfg.peer_listen.map(|a| a.to_string()).unwrap_or_default(),
         client_addr: cfg.listen.to_string(),
         gossip_ms: cfg.gossip_ms,
-        request_timeout_ms: cfg.request_timeout_ms,
+        // Membership's requests (gossip, join, commit) are answered at once by a live peer.
+        request_timeout_ms: cfg.replica_timeout_ms,
         target_n,
         partitions: PARTITIONS,
     };
@@ -1079,7 +1080,7 @@ async fn serve_shard(
         inbound: RefCell::new(HashMap::new()),
         next_inbound: Cell::new(1),
         links: RefCell::new(HashMap::new()),
-        members: membership.map(|m| members::Driver::new(m, cfg.data_dir.clone())),
+        members: membership.map(|m| members::Driver::new(m, cfg.data_dir.clone(), cfg.peer_listen)),
         peers: RefCell::new(view.peers.clone()),
         view_version: Cell::new(view.version),
         control: control_tx,
@@ -1125,9 +1126,11 @@ async fn serve_shard(
         let weak = Rc::downgrade(&shard);
         glommio::spawn_local_into(
             async move {
+                // Drained until every sender closed, even once the shard is gone, so a sender
+                // never waits on a full queue at shutdown.
                 while let Some(message) = rx.recv().await {
                     let Some(shard) = weak.upgrade() else {
-                        break;
+                        continue;
                     };
                     match message {
                         Control::View(view) => shard.apply_view(&view),

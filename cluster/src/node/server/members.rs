@@ -16,7 +16,7 @@
 //!   membership's ids with [`MEMBERSHIP_ID_BIT`] set, so the link's reader tells their answers
 //!   (CLUSTER_OK, or ERROR: `handle_failed`) from the core's. A request to an address whose node
 //!   is not known yet (a join's seed, [`MembershipOutput::SendAddr`]) goes on a connection of its
-//!   own: connect, HELLO, one request, one answer, close, all within the node's request timeout;
+//!   own: connect, HELLO, one request, one answer, close, all within `replica_timeout_ms`;
 //!   a failure at any step is `handle_failed`. A request from another node arrives on the peer
 //!   port (on any shard, forwarded to shard 0), gets a shard-local id like the core's inbound
 //!   requests, and its answer (a membership output that `is_answer`) goes back on the same
@@ -30,7 +30,8 @@
 //!   the last state written.
 //!
 //! Requests membership sent that get no answer (a lost link, a full queue) are timed out by
-//! membership itself (`MembershipConfig::request_timeout_ms`).
+//! membership itself (`MembershipConfig::request_timeout_ms`, which the node sets to its
+//! `replica_timeout_ms`: a live peer answers membership at once).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -75,12 +76,18 @@ pub(super) struct Driver {
     /// Whether a write of the state file is running.
     persisting: Cell<bool>,
     data_dir: PathBuf,
+    /// This node's peer address: a node without one cannot join a cluster.
+    peer_listen: Option<SocketAddr>,
     random: std::collections::hash_map::RandomState,
     rounds: Cell<u64>,
 }
 
 impl Driver {
-    pub(super) fn new(membership: Membership, data_dir: PathBuf) -> Self {
+    pub(super) fn new(
+        membership: Membership,
+        data_dir: PathBuf,
+        peer_listen: Option<SocketAddr>,
+    ) -> Self {
         Self {
             membership: RefCell::new(membership),
             admin: RefCell::new(HashMap::new()),
@@ -88,6 +95,7 @@ impl Driver {
             persist_next: RefCell::new(None),
             persisting: Cell::new(false),
             data_dir,
+            peer_listen,
             random: std::collections::hash_map::RandomState::new(),
             rounds: Cell::new(0),
         }
@@ -136,6 +144,12 @@ impl Shard {
             Ok(cmd) => cmd,
             Err(e) => return error_message(ErrorCode::InvalidRequest, e.to_string()),
         };
+        if matches!(cmd, AdminCmd::Join { .. }) && driver.peer_listen.is_none() {
+            return error_message(
+                ErrorCode::InvalidRequest,
+                "this node has no peer listener: restart it with --peer-listen to join a cluster",
+            );
+        }
         let req = driver.next_admin.get();
         driver.next_admin.set(req + 1);
         let (tx, rx) = local_channel::new_bounded(1);
@@ -334,7 +348,7 @@ impl Shard {
         let shard = Rc::downgrade(self);
         let spawned = self.store_work.spawn_into(
             async move {
-                let Some((id, bound)) = shard.upgrade().map(|s| (msg.id(), s.request_timeout_ms))
+                let Some((id, bound)) = shard.upgrade().map(|s| (msg.id(), s.replica_timeout_ms))
                 else {
                     return;
                 };
