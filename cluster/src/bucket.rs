@@ -153,6 +153,16 @@ impl Buckets {
         self.named.get(bucket).unwrap_or(&self.default)
     }
 
+    /// The largest `n` of any bucket: the replicas ring placement and partition transfers are
+    /// computed for.
+    pub fn max_n(&self) -> usize {
+        std::iter::once(&self.default)
+            .chain(self.named.values())
+            .map(|p| usize::from(p.n))
+            .max()
+            .unwrap_or(1)
+    }
+
     /// Checks every bucket's properties.
     pub fn validate(&self) -> Result<(), PropsError> {
         self.default.validate()?;

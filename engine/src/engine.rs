@@ -607,6 +607,13 @@ impl Engine {
     /// Streams the live keys and values of one partition, in key-digest order. Keys written after
     /// the call may or may not appear; a key deleted or dropped after the call does not.
     pub fn iter_partition(&self, partition: u32) -> PartitionIter {
+        self.iter_partition_after(partition, None)
+    }
+
+    /// Like [`Engine::iter_partition`], but only the keys whose fingerprint sorts after `after`:
+    /// with the fingerprint of the last key a previous iteration returned
+    /// ([`PartitionIter::next_entry`]), a paged scan resumes where it stopped.
+    pub fn iter_partition_after(&self, partition: u32, after: Option<KeyHash>) -> PartitionIter {
         let mut keys: Vec<KeyHash> = self
             .inner
             .st
@@ -614,7 +621,7 @@ impl Engine {
             .index
             .partition_entries(partition)
             .into_iter()
-            .filter(|(_, e)| !e.tombstone)
+            .filter(|(k, e)| !e.tombstone && after.is_none_or(|a| *k > a))
             .map(|(k, _)| k)
             .collect();
         keys.sort_unstable();
@@ -624,6 +631,11 @@ impl Engine {
             partition,
             keys,
         }
+    }
+
+    /// Partitions that hold at least one entry (a live key or a tombstone), in no order.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.inner.st.borrow().index.partitions()
     }
 
     /// Key fingerprints and value digests of one partition without any IO (for anti-entropy),
@@ -1009,6 +1021,13 @@ impl PartitionIter {
 
     /// The next (key, value), or `None` at the end.
     pub async fn next(&mut self) -> Option<Result<(Vec<u8>, Bytes), EngineError>> {
+        self.next_entry()
+            .await
+            .map(|r| r.map(|(_, key, value)| (key, value)))
+    }
+
+    /// The next (fingerprint, key, value), or `None` at the end.
+    pub async fn next_entry(&mut self) -> Option<Result<(KeyHash, Vec<u8>, Bytes), EngineError>> {
         let inner = self.inner.upgrade()?;
         while let Some(kh) = self.keys.pop() {
             let (seg, e) = {
@@ -1026,7 +1045,7 @@ impl PartitionIter {
                 Err(err) => return Some(Err(err)),
             };
             return Some(match record::decode(&raw) {
-                Ok(r) => Ok((r.key.to_vec(), Bytes::copy_from_slice(r.value))),
+                Ok(r) => Ok((kh, r.key.to_vec(), Bytes::copy_from_slice(r.value))),
                 Err(_) => Err(EngineError::Corrupt {
                     path: seg.path.clone(),
                     offset: e.loc.offset,

@@ -95,6 +95,26 @@ fn put_get_delete_restart_compact() {
             n += 1;
         }
         assert_eq!(n, 250);
+        // Paged in pages of 16 from the last fingerprint: every key once, in order.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut after = None;
+        loop {
+            let mut it = e.iter_partition_after(2, after);
+            let mut page = 0;
+            while page < 16
+                && let Some(kv) = it.next_entry().await
+            {
+                let (kh, k, _) = kv.unwrap();
+                assert!(after.is_none_or(|a| kh > a), "pages move forward");
+                assert!(seen.insert(k), "a key appears once");
+                after = Some(kh);
+                page += 1;
+            }
+            if page < 16 {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 250);
         e.drop_partition(2, Durability::Sync).await.unwrap();
         assert_eq!(e.get(2, b"k2").await.unwrap(), None);
         e.close().await.unwrap();

@@ -11,6 +11,11 @@
 //!   as with TCP connections that die with a process.
 //! - **Nemesis**: partitions that isolate a random subset, crash-restarts with random downtime,
 //!   message loss and duplication, all during the fault phase only.
+//! - **Membership**: in about half the runs an operator script changes the cluster while clients
+//!   write and faults strike: a spare node joins, a node leaves, a node is removed, or a join
+//!   then a leave; each staged change is committed, retried until the claimant accepts it.
+//!   Every node runs the real [`Membership`] (gossip, claimant, flips) and the cores pull and
+//!   hand off partitions; membership state survives crashes as the node's state file does.
 //! - **Clients**: each runs one operation at a time against a random node: read-modify-write of
 //!   a register (siblings merged by taking the largest), set-add (siblings merged by union), and
 //!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket.
@@ -19,10 +24,12 @@
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
 //!   records the values of the read its context came from; "saw" is the transitive closure);
 //!   an `lww` read has at most one sibling;
-//! - at the end, after faults stop, every node is up, hints have drained and every key has been
-//!   read with `r = n`: every acknowledged write is a sibling of the final state or was seen by a
-//!   write whose value is (transitively); every acknowledged set element is in the final set;
-//!   all home replicas of every key hold identical objects; no hint is left.
+//! - at the end, after faults stop, every node is up, hints have drained, membership changes are
+//!   complete (no pending ring, every node holds the same state, no transfer or handoff left),
+//!   and every key has been read with `r = n`: every acknowledged write is a sibling of the final
+//!   state or was seen by a write whose value is (transitively); every acknowledged set element is
+//!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
+//!   no node keeps replica data of a partition it does not replicate; no hint is left.
 //!
 //! Everything iterates `BTreeMap`s and draws from one `StdRng`, so a seed replays exactly; the
 //! run's trace hash ([`Outcome::trace`]) proves it.
@@ -35,10 +42,13 @@ use rand::{Rng, SeedableRng};
 use ringkv_cluster::NodeId;
 use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_cluster::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
+};
+use ringkv_cluster::membership::{
+    AdminCmd, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
 };
 use ringkv_cluster::object::Object;
-use ringkv_cluster::ring::{PartitionCount, Ring};
+use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
 use ringkv_net::{Get, Message, Put, Sibling};
 
 /// Size of an epoch lease; small so renewals happen in simulations.
@@ -73,6 +83,21 @@ pub struct Params {
     pub dw: u8,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
+    /// The membership change the operator script makes, if any.
+    pub change: Option<Change>,
+}
+
+/// A membership change scripted during the fault phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A spare node joins.
+    Join,
+    /// A node leaves.
+    Leave,
+    /// A node is removed by another.
+    Remove,
+    /// A spare joins, then a node leaves.
+    JoinLeave,
 }
 
 impl Params {
@@ -91,6 +116,17 @@ impl Params {
             partitions: rng.gen_bool(0.6),
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
             dw: rng.gen_range(0..=1),
+            // From a stream of its own, so the other knobs of a seed stay what they were.
+            change: {
+                let mut rng = StdRng::seed_from_u64(seed ^ 0x00c1_a55e);
+                match rng.gen_range(0..8) {
+                    0 => Some(Change::Join),
+                    1 => Some(Change::Leave),
+                    2 => Some(Change::Remove),
+                    3 => Some(Change::JoinLeave),
+                    _ => None,
+                }
+            },
         }
     }
 }
@@ -116,6 +152,43 @@ pub struct Outcome {
     pub crashes: usize,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
+    /// Membership changes committed (joins, leaves, removals).
+    pub changes: usize,
+    /// Partitions pulled for pending rings, over all nodes.
+    pub partitions_received: u64,
+    /// Partitions dropped after handoff, over all nodes.
+    pub partitions_dropped: u64,
+}
+
+/// What travels between simulated nodes.
+#[derive(Clone, Debug)]
+enum SimMsg {
+    Core(PeerMsg),
+    Member(MembershipMsg),
+}
+
+impl SimMsg {
+    fn is_answer(&self) -> bool {
+        match self {
+            SimMsg::Core(m) => m.is_answer(),
+            SimMsg::Member(m) => m.is_answer(),
+        }
+    }
+
+    /// The id a request and its answer share, apart for the two kinds.
+    fn id(&self) -> u64 {
+        match self {
+            SimMsg::Core(m) => m.id(),
+            SimMsg::Member(m) => m.id() | 1 << 63,
+        }
+    }
+}
+
+/// One operator step of the membership script.
+#[derive(Clone, Debug)]
+struct ScriptStep {
+    node: usize,
+    cmd: AdminCmd,
 }
 
 #[derive(Clone, Debug)]
@@ -124,7 +197,7 @@ struct Envelope {
     to: usize,
     to_incarnation: u32,
     from_incarnation: u32,
-    msg: PeerMsg,
+    msg: SimMsg,
 }
 
 #[derive(Debug)]
@@ -141,6 +214,19 @@ enum Event {
         node: usize,
         incarnation: u32,
     },
+    Scanned {
+        node: usize,
+        incarnation: u32,
+        id: u64,
+        partition: u32,
+        after: Option<Bytes>,
+        max_items: usize,
+    },
+    MemberTick {
+        node: usize,
+        incarnation: u32,
+    },
+    Admin,
     Flush {
         node: usize,
     },
@@ -181,6 +267,44 @@ impl Store {
         }
     }
 
+    /// Up to `max` replica keys of `partition` after the cursor (an encoded bucket and key).
+    fn scan(&self, partition: u32, after: Option<Bytes>, max: usize) -> ScanPage {
+        let after = after.map(|c| {
+            let (len, rest) = c.split_first().expect("sim cursors are non-empty");
+            let (b, k) = rest.split_at(usize::from(*len));
+            (Bytes::copy_from_slice(b), Bytes::copy_from_slice(k))
+        });
+        let mut items = Vec::new();
+        for key in self.keys() {
+            if key.partition != partition || key.space != Space::Primary {
+                continue;
+            }
+            if let Some((b, k)) = &after
+                && (&key.bucket, &key.key) <= (b, k)
+            {
+                continue;
+            }
+            if items.len() == max {
+                let last: &ScanItem = items.last().expect("max > 0");
+                let mut cursor = vec![last.bucket.len() as u8];
+                cursor.extend_from_slice(&last.bucket);
+                cursor.extend_from_slice(&last.key);
+                return ScanPage {
+                    items,
+                    next: Some(Bytes::from(cursor)),
+                };
+            }
+            if let Some(object) = self.read(&key) {
+                items.push(ScanItem {
+                    bucket: key.bucket.clone(),
+                    key: key.key.clone(),
+                    object,
+                });
+            }
+        }
+        ScanPage { items, next: None }
+    }
+
     fn keys(&self) -> BTreeSet<StoreKey> {
         let mut keys: BTreeSet<StoreKey> = self.durable.keys().cloned().collect();
         for (k, v) in &self.overlay {
@@ -206,6 +330,9 @@ struct SimNode {
     floor: Option<u32>,
     /// When the node has a tick scheduled.
     tick_at: Option<u64>,
+    membership: Option<Membership>,
+    /// The persisted membership state (the node's cluster-state file).
+    cluster_state: Option<Vec<u8>>,
 }
 
 /// What a client's current operation is waiting for.
@@ -287,6 +414,13 @@ pub struct Sim {
     verbose: bool,
     /// Final-phase read requests → the key they read.
     final_keys: BTreeMap<u64, (&'static [u8], usize)>,
+    /// Nodes clients use (a spare joins later and is not one of them).
+    client_nodes: usize,
+    /// Operator steps left; the first runs (and is retried) until it succeeds.
+    script: std::collections::VecDeque<ScriptStep>,
+    /// The ADMIN request of the step in progress, and its answer once it came.
+    admin: Option<(u64, Option<Result<String, String>>)>,
+    changes: usize,
 }
 
 fn key_bytes(k: usize) -> Bytes {
@@ -301,23 +435,20 @@ impl Sim {
     /// A cluster for `seed`.
     pub fn new(seed: u64) -> Sim {
         let params = Params::from_seed(seed);
-        let members: BTreeSet<NodeId> = (1..=params.nodes as u32).map(NodeId).collect();
-        let ring = Ring::new(
-            PartitionCount::new(16).expect("16 is a valid count"),
-            &members,
-            3,
-        )
-        .expect("valid members");
+        let spare = matches!(params.change, Some(Change::Join | Change::JoinLeave));
+        let total = params.nodes + usize::from(spare);
         let mut nodes = Vec::new();
-        for &id in &members {
+        for i in 0..total {
             nodes.push(SimNode {
-                id,
+                id: NodeId(i as u32 + 1),
                 core: None,
                 incarnation: 0,
                 store: Store::default(),
                 epoch_next: 1,
                 floor: Some(0),
                 tick_at: None,
+                membership: None,
+                cluster_state: None,
             });
         }
         let mut sim = Sim {
@@ -348,10 +479,16 @@ impl Sim {
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
             verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
+            client_nodes: 0,
+            script: std::collections::VecDeque::new(),
+            admin: None,
+            changes: 0,
         };
+        sim.client_nodes = sim.params.nodes;
         for n in 0..sim.nodes.len() {
-            sim.boot(n, ring.clone());
+            sim.boot(n);
         }
+        sim.plan_script();
         for c in 0..sim.clients.len() {
             let at = sim.rng.gen_range(0..50);
             sim.schedule(at, Event::ClientStart { client: c });
@@ -406,7 +543,39 @@ impl Sim {
         cfg
     }
 
-    fn boot(&mut self, n: usize, ring: Ring) {
+    fn member_config(&self, n: usize) -> MembershipConfig {
+        MembershipConfig {
+            node: self.nodes[n].id,
+            peer_addr: format!("n{n}"),
+            client_addr: format!("c{n}"),
+            gossip_ms: 200,
+            request_timeout_ms: 500,
+            target_n: 3,
+            partitions: PartitionCount::new(16).expect("16 is a valid count"),
+        }
+    }
+
+    /// The node's membership: restored from its state file, or the initial cluster (the spare
+    /// starts as a cluster of its own).
+    fn boot_membership(&self, n: usize) -> Membership {
+        let cfg = self.member_config(n);
+        if let Some(bytes) = &self.nodes[n].cluster_state {
+            return Membership::restore(cfg, bytes).expect("the state file reads back");
+        }
+        let seeds: Vec<(NodeId, String)> = if n < self.params.nodes {
+            (0..self.params.nodes)
+                .map(|i| (self.nodes[i].id, format!("n{i}")))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Membership::bootstrap(cfg, &seeds).expect("valid seeds")
+    }
+
+    fn boot(&mut self, n: usize) {
+        let mut membership = self.boot_membership(n);
+        let view = membership.view();
+        let ring = view.ring.clone();
         let cfg = self.config(self.nodes[n].id);
         let node = &mut self.nodes[n];
         let lease = EpochLease::new(node.epoch_next, LEASE_EPOCHS);
@@ -423,9 +592,169 @@ impl Sim {
             .into_iter()
             .filter(|k| matches!(k.space, Space::Hint(_)))
             .collect();
-        node.core = Some(Core::new(cfg, ring, lease, hints));
+        let stored: BTreeSet<u32> = node
+            .store
+            .keys()
+            .into_iter()
+            .filter(|k| k.space == Space::Primary)
+            .map(|k| k.partition)
+            .collect();
+        let mut core = Core::new(cfg, ring, lease, hints);
+        let now = self.now;
+        let mut outputs = core.set_view(now, view.ring, view.pending);
+        outputs.extend(core.set_stored_partitions(now, stored));
+        node.core = Some(core);
         node.tick_at = None;
+        let member_outputs = membership.start();
+        node.membership = Some(membership);
+        self.outputs(n, outputs);
+        self.member_outputs(n, member_outputs);
         self.reschedule_tick(n);
+        let incarnation = self.nodes[n].incarnation;
+        self.schedule(
+            1,
+            Event::MemberTick {
+                node: n,
+                incarnation,
+            },
+        );
+    }
+
+    /// The operator's steps for the run's change, starting during the fault phase.
+    fn plan_script(&mut self) {
+        let Some(change) = self.params.change else {
+            return;
+        };
+        let originals = self.params.nodes;
+        let pick = |sim: &mut Sim| sim.rng.gen_range(0..originals);
+        let mut steps = Vec::new();
+        if matches!(change, Change::Join | Change::JoinLeave) {
+            let seed = pick(self);
+            steps.push(ScriptStep {
+                node: originals,
+                cmd: AdminCmd::Join {
+                    seed: format!("n{seed}"),
+                },
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        if matches!(change, Change::Leave | Change::JoinLeave) {
+            let who = pick(self);
+            steps.push(ScriptStep {
+                node: who,
+                cmd: AdminCmd::Leave,
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        if change == Change::Remove {
+            let who = pick(self);
+            let by = (who + 1 + self.rng.gen_range(0..originals - 1)) % originals;
+            steps.push(ScriptStep {
+                node: by,
+                cmd: AdminCmd::Remove {
+                    node: self.nodes[who].id,
+                },
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        self.script = steps.into();
+        let at = self.rng.gen_range(100..1500);
+        self.schedule(at, Event::Admin);
+    }
+
+    /// Runs (or retries) the script's next step, or records the answer of the one in progress.
+    fn admin_step(&mut self) {
+        if let Some((_, Some(result))) = &self.admin {
+            let step = self.script.front().expect("an answered step is first");
+            // An answer lost on the way makes a retry find the step already done.
+            let done = match result {
+                Ok(_) => true,
+                Err(e) => {
+                    e.contains("nothing is staged")
+                        || e.contains("already leaving")
+                        || e.contains("already removed")
+                        || e.contains("only a fresh node joins")
+                }
+            };
+            if done {
+                if matches!(step.cmd, AdminCmd::Commit) {
+                    self.changes += 1;
+                }
+                self.script.pop_front();
+            }
+            self.admin = None;
+        }
+        if self.admin.is_some() {
+            // Still waiting: retry later (a lost request never answers).
+            self.admin = None;
+        }
+        let Some(step) = self.script.front().cloned() else {
+            return;
+        };
+        let pause = self.rng.gen_range(200..800);
+        self.schedule(pause, Event::Admin);
+        if self.nodes[step.node].membership.is_none() {
+            return;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        self.admin = Some((req, None));
+        let now = self.now;
+        let outputs = self.nodes[step.node]
+            .membership
+            .as_mut()
+            .expect("checked above")
+            .admin(now, req, step.cmd);
+        self.member_outputs(step.node, outputs);
+    }
+
+    fn member_outputs(&mut self, n: usize, outputs: Vec<MembershipOutput>) {
+        for out in outputs {
+            if self.verbose {
+                println!("{:>6} node-{} {out:?}", self.now, n + 1);
+            }
+            match out {
+                MembershipOutput::Send { to, msg } => {
+                    let to = node_index(to);
+                    self.mix(0x4000 + to as u64);
+                    self.send(n, to, SimMsg::Member(msg));
+                }
+                MembershipOutput::SendAddr { addr, msg } => {
+                    let to: usize = addr
+                        .strip_prefix('n')
+                        .and_then(|i| i.parse().ok())
+                        .expect("sim addresses are n<index>");
+                    self.send(n, to, SimMsg::Member(msg));
+                }
+                MembershipOutput::AdminReply { req, result } => {
+                    if let Some((r, answer)) = &mut self.admin
+                        && *r == req
+                    {
+                        *answer = Some(result);
+                    }
+                }
+                MembershipOutput::View(view) => {
+                    let now = self.now;
+                    if let Some(core) = self.nodes[n].core.as_mut() {
+                        let outputs = core.set_view(now, view.ring, view.pending);
+                        self.outputs(n, outputs);
+                    }
+                }
+                MembershipOutput::Persist(bytes) => self.nodes[n].cluster_state = Some(bytes),
+            }
+        }
     }
 
     fn schedule(&mut self, delay: u64, event: Event) {
@@ -484,26 +813,38 @@ impl Sim {
                 self.restart(n);
             }
         }
-        // Drain: let requests finish and hints reach their homes.
-        let drain_end = self.now + 30_000;
+        // Drain: let requests finish, hints reach their homes, and the membership script and the
+        // transfers it started complete.
+        let drain_end = self.now + 60_000;
         while self.now < drain_end {
             let busy = self.nodes.iter().any(|n| {
-                n.core
-                    .as_ref()
-                    .is_some_and(|c| c.hint_count() > 0 || c.ops_in_flight() > 0)
+                n.core.as_ref().is_some_and(|c| {
+                    c.hint_count() > 0
+                        || c.ops_in_flight() > 0
+                        || c.transfers_in_progress() != (0, 0)
+                })
             });
-            if !busy && self.requests.is_empty() {
+            if !busy && self.requests.is_empty() && self.membership_settled() {
                 break;
             }
             if !self.step() {
                 break;
             }
         }
+        assert!(
+            self.script.is_empty(),
+            "the membership script did not finish: {:?} left",
+            self.script
+        );
+        assert!(
+            self.membership_settled(),
+            "membership did not settle within the drain time"
+        );
         // Beliefs that a node is down expire (down_ms) before the final pass, as they would
         // in a cluster that has been healthy for a while.
         let quiet_end = self.now + 1_000;
         while self.now < quiet_end && self.step() {}
-        // Final read pass: every key read with r = n from node 0, repairing stale replicas.
+        // Final read pass: every key read with r = n from a member, repairing stale replicas.
         for (bucket, k) in self.all_keys() {
             self.final_read(bucket, k);
         }
@@ -515,7 +856,7 @@ impl Sim {
             }
         }
         self.check_final();
-        let mut stats = (0, 0, 0, 0);
+        let mut stats = (0, 0, 0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
@@ -523,6 +864,8 @@ impl Sim {
                 stats.1 += s.hints_delivered;
                 stats.2 += s.read_repairs;
                 stats.3 += s.batched_jobs;
+                stats.4 += s.partitions_received;
+                stats.5 += s.partitions_dropped;
             }
         }
         Outcome {
@@ -535,7 +878,41 @@ impl Sim {
             read_repairs: stats.2,
             crashes: self.crashes,
             batched_jobs: stats.3,
+            changes: self.changes,
+            partitions_received: stats.4,
+            partitions_dropped: stats.5,
         }
+    }
+
+    /// No script step left, no pending ring, every node up with the same membership state.
+    fn membership_settled(&self) -> bool {
+        if !self.script.is_empty() {
+            return false;
+        }
+        let mut states = self
+            .nodes
+            .iter()
+            .map(|n| n.membership.as_ref().map(|m| m.state()));
+        let Some(Some(first)) = states.next() else {
+            return false;
+        };
+        first.pending.is_none() && states.all(|s| s == Some(first))
+    }
+
+    /// The node final reads go through: the first member of the final ring.
+    fn reader(&self) -> usize {
+        let ring = self.final_ring();
+        node_index(*ring.members().first().expect("a ring has members"))
+    }
+
+    fn final_ring(&self) -> Ring {
+        self.nodes[0]
+            .membership
+            .as_ref()
+            .expect("every node is up at the end")
+            .state()
+            .ring
+            .clone()
     }
 
     /// Whether anything is still in motion: requests, hints, messages or storage operations.
@@ -564,19 +941,21 @@ impl Sim {
     fn final_read(&mut self, bucket: &'static [u8], k: usize) {
         let req = self.next_req;
         self.next_req += 1;
+        let reader = self.reader();
         // usize::MAX marks a final read rather than a client's.
-        self.requests.insert((0, req), usize::MAX);
+        self.requests.insert((reader, req), usize::MAX);
         self.final_reads
             .insert((bucket.to_vec(), k), Err("no answer".to_owned()));
         let message = Message::Get(Get {
             bucket: Bytes::from_static(bucket),
             key: key_bytes(k),
-            r: Some(3),
+            // Every replica: three, or fewer when the cluster shrank below three.
+            r: Some(self.final_ring().members().len().min(3) as u8),
             timeout_ms: Some(5_000),
         });
-        self.client_request(0, req, message);
-        // Remember which key the request was for.
+        // Remember which key the request was for (the answer may come at once).
         self.final_keys.insert(req, (bucket, k));
+        self.client_request(reader, req, message);
     }
 
     fn step(&mut self) -> bool {
@@ -637,6 +1016,35 @@ impl Sim {
                     self.outputs(node, outputs);
                 }
             }
+            Event::Scanned {
+                node,
+                incarnation,
+                id,
+                partition,
+                after,
+                max_items,
+            } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
+                    return;
+                }
+                let page = self.nodes[node].store.scan(partition, after, max_items);
+                let now = self.now;
+                let outputs = self.core(node).handle_scanned(now, id, Ok(page));
+                self.outputs(node, outputs);
+            }
+            Event::MemberTick { node, incarnation } => {
+                if self.nodes[node].incarnation != incarnation {
+                    return;
+                }
+                let random = self.rng.r#gen::<u64>();
+                let now = self.now;
+                if let Some(m) = self.nodes[node].membership.as_mut() {
+                    let outputs = m.handle_tick(now, random);
+                    self.member_outputs(node, outputs);
+                    self.schedule(100, Event::MemberTick { node, incarnation });
+                }
+            }
+            Event::Admin => self.admin_step(),
             Event::Flush { node } => {
                 self.nodes[node].store.sync();
                 let every = self.rng.gen_range(5..30);
@@ -693,6 +1101,7 @@ impl Sim {
         self.crashes += 1;
         let node = &mut self.nodes[n];
         node.core = None;
+        node.membership = None;
         node.store.overlay.clear();
         node.incarnation += 1;
         node.tick_at = None;
@@ -712,26 +1121,17 @@ impl Sim {
     }
 
     fn restart(&mut self, n: usize) {
-        let ring = self
-            .nodes
-            .iter()
-            .find_map(|x| x.core.as_ref().map(|c| c.ring().clone()))
-            .unwrap_or_else(|| {
-                let members: BTreeSet<NodeId> =
-                    (1..=self.params.nodes as u32).map(NodeId).collect();
-                Ring::new(PartitionCount::new(16).expect("valid"), &members, 3).expect("valid")
-            });
-        self.boot(n, ring);
+        self.boot(n);
     }
 
     fn reachable(&self, a: usize, b: usize) -> bool {
         self.island.contains(&a) == self.island.contains(&b)
     }
 
-    fn send(&mut self, from: usize, to: usize, msg: PeerMsg) {
+    fn send(&mut self, from: usize, to: usize, msg: SimMsg) {
         let from_incarnation = self.nodes[from].incarnation;
         let to_incarnation = if msg.is_answer() {
-            let id = answer_id(&msg);
+            let id = msg.id();
             // Kept after the first answer: a duplicated request's second answer belongs to the
             // same incarnation of the requester.
             match self.owed.get(&(from, to, id)).copied() {
@@ -755,7 +1155,7 @@ impl Sim {
         // Peer links are TCP: a message is never delivered twice by the network. Duplicates
         // stand for retries; a forwarded client request is not retried (a retry would be a new
         // write), so it is never duplicated.
-        let duplicable = !matches!(env.msg, PeerMsg::Forward { .. });
+        let duplicable = !matches!(env.msg, SimMsg::Core(PeerMsg::Forward { .. }));
         let copies = if duplicable
             && self.faults
             && self.rng.gen_range(0..1000) < self.params.dup_permille
@@ -789,8 +1189,7 @@ impl Sim {
                 // The requester restarted: its connection, and so this request, is gone.
                 return;
             }
-            self.owed
-                .insert((to, from, request_id(&msg)), from_incarnation);
+            self.owed.insert((to, from, msg.id()), from_incarnation);
         }
         self.mix(0x1000 + to as u64);
         if self.verbose {
@@ -803,8 +1202,18 @@ impl Sim {
         }
         let now = self.now;
         let from_id = self.nodes[from].id;
-        let outputs = self.core(to).handle_peer(now, from_id, msg);
-        self.outputs(to, outputs);
+        match msg {
+            SimMsg::Core(msg) => {
+                let outputs = self.core(to).handle_peer(now, from_id, msg);
+                self.outputs(to, outputs);
+            }
+            SimMsg::Member(msg) => {
+                if let Some(m) = self.nodes[to].membership.as_mut() {
+                    let outputs = m.handle_msg(now, Some(from_id), msg);
+                    self.member_outputs(to, outputs);
+                }
+            }
+        }
     }
 
     fn outputs(&mut self, n: usize, outputs: Vec<Output>) {
@@ -816,7 +1225,46 @@ impl Sim {
                 Output::Send { to, msg } => {
                     let to = node_index(to);
                     self.mix(0x2000 + to as u64);
-                    self.send(n, to, msg);
+                    self.send(n, to, SimMsg::Core(msg));
+                }
+                Output::Scan {
+                    id,
+                    partition,
+                    after,
+                    max_items,
+                    ..
+                } => {
+                    let delay = self.rng.gen_range(0..=3);
+                    let incarnation = self.nodes[n].incarnation;
+                    self.schedule(
+                        delay,
+                        Event::Scanned {
+                            node: n,
+                            incarnation,
+                            id,
+                            partition,
+                            after,
+                            max_items,
+                        },
+                    );
+                }
+                Output::TransferDone { epoch, partition } => {
+                    let now = self.now;
+                    if let Some(m) = self.nodes[n].membership.as_mut() {
+                        let outputs = m.transfer_done(now, epoch, partition);
+                        self.member_outputs(n, outputs);
+                    }
+                }
+                Output::DropPartition { partition } => {
+                    // As the engine does: the drop is durable before it is reported.
+                    let store = &mut self.nodes[n].store;
+                    store.sync();
+                    store
+                        .durable
+                        .retain(|k, _| !(k.partition == partition && k.space == Space::Primary));
+                    let now = self.now;
+                    let outputs = self.core(n).partition_dropped(now, partition);
+                    self.outputs(n, outputs);
                 }
                 Output::Store { id, key, op } => {
                     let delay = self.rng.gen_range(0..=3);
@@ -900,7 +1348,7 @@ impl Sim {
         let req = self.next_req;
         self.next_req += 1;
         // A random live node; if none is up the request fails at once.
-        let up: Vec<usize> = (0..self.nodes.len())
+        let up: Vec<usize> = (0..self.client_nodes)
             .filter(|&n| self.nodes[n].core.is_some())
             .collect();
         if up.is_empty() {
@@ -1133,8 +1581,23 @@ impl Sim {
                 );
             }
         }
+        // Every node has the final ring, and no node keeps replica data it does not replicate.
+        let ring = self.final_ring();
+        for n in &self.nodes {
+            let core = n.core.as_ref().expect("every node is up at the end");
+            assert_eq!(core.ring(), &ring, "{} runs an older ring", n.id);
+            for key in n.store.keys() {
+                if key.space == Space::Primary {
+                    let homes = ring.preference_list(PartitionId(key.partition), 3);
+                    assert!(
+                        homes.contains(&n.id),
+                        "{} still holds {key:?} of a partition it does not replicate",
+                        n.id
+                    );
+                }
+            }
+        }
         // Home replicas converged.
-        let ring = self.nodes[0].core.as_ref().expect("up").ring().clone();
         for (bucket, k) in self.all_keys() {
             {
                 let key = key_bytes(k);
@@ -1184,24 +1647,5 @@ fn decode_set(v: &Bytes) -> BTreeSet<String> {
     match text.split_once('|') {
         Some((_, rest)) if !rest.is_empty() => rest.split(',').map(str::to_owned).collect(),
         _ => BTreeSet::new(),
-    }
-}
-
-fn answer_id(msg: &PeerMsg) -> u64 {
-    match msg {
-        PeerMsg::ReplicaPutOk { id, .. }
-        | PeerMsg::ReplicaGetOk { id, .. }
-        | PeerMsg::ForwardReply { id, .. }
-        | PeerMsg::Failed { id, .. } => *id,
-        _ => unreachable!("only answers have answer ids"),
-    }
-}
-
-fn request_id(msg: &PeerMsg) -> u64 {
-    match msg {
-        PeerMsg::ReplicaPut { id, .. }
-        | PeerMsg::ReplicaGet { id, .. }
-        | PeerMsg::Forward { id, .. } => *id,
-        _ => unreachable!("only requests have request ids"),
     }
 }

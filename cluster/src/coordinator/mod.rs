@@ -77,6 +77,9 @@ use crate::node::NodeId;
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::ring::{PartitionId, Ring};
 
+mod transfer;
+pub use transfer::{HANDOFFS_MAX, PAGE_BYTES, PAGE_ITEMS, PULLS_MAX, ScanItem, ScanPage};
+
 /// Settings of a [`Core`].
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -104,6 +107,12 @@ pub struct CoreConfig {
     pub object_bytes_max: usize,
     /// Most keys coordinated at once (client requests beyond it are refused `overloaded`).
     pub ops_max: usize,
+    /// This core handles the partitions `p` with `p % shards == shard`.
+    pub shard: u32,
+    /// Cores of the node.
+    pub shards: u32,
+    /// Replicas partition transfers are computed for (the largest bucket `n`).
+    pub target_n: usize,
 }
 
 impl CoreConfig {
@@ -121,6 +130,9 @@ impl CoreConfig {
             hint_inflight_max: 64,
             object_bytes_max: 1 << 20,
             ops_max: 65_536,
+            shard: 0,
+            shards: 1,
+            target_n: 3,
         }
     }
 }
@@ -241,6 +253,23 @@ pub enum PeerMsg {
         /// The reply.
         reply: Message,
     },
+    /// Send a page of the receiver's replica of `partition`, after cursor `after`
+    /// (`transfer.rs`).
+    TransferPull {
+        /// Request id.
+        id: u64,
+        /// The partition.
+        partition: u32,
+        /// Where the previous page ended; `None` for the first page.
+        after: Option<Bytes>,
+    },
+    /// A page of a partition.
+    TransferPage {
+        /// Request id.
+        id: u64,
+        /// The keys and the next cursor.
+        page: ScanPage,
+    },
     /// A request failed on the receiver (storage error, bad input).
     Failed {
         /// Request id.
@@ -251,6 +280,21 @@ pub enum PeerMsg {
 }
 
 impl PeerMsg {
+    /// The id a request carries and its answer echoes.
+    pub fn id(&self) -> u64 {
+        match self {
+            PeerMsg::ReplicaPut { id, .. }
+            | PeerMsg::ReplicaPutOk { id, .. }
+            | PeerMsg::ReplicaGet { id, .. }
+            | PeerMsg::ReplicaGetOk { id, .. }
+            | PeerMsg::Forward { id, .. }
+            | PeerMsg::ForwardReply { id, .. }
+            | PeerMsg::TransferPull { id, .. }
+            | PeerMsg::TransferPage { id, .. }
+            | PeerMsg::Failed { id, .. } => *id,
+        }
+    }
+
     /// Whether this message answers a request (rather than being one).
     pub fn is_answer(&self) -> bool {
         matches!(
@@ -258,6 +302,7 @@ impl PeerMsg {
             PeerMsg::ReplicaPutOk { .. }
                 | PeerMsg::ReplicaGetOk { .. }
                 | PeerMsg::ForwardReply { .. }
+                | PeerMsg::TransferPage { .. }
                 | PeerMsg::Failed { .. }
         )
     }
@@ -292,6 +337,34 @@ pub enum Output {
     /// Persist a new epoch range above every range handed out so far and give it to
     /// [`Core::handle_epochs`].
     RenewEpochs,
+    /// Read a page of the replica of `partition`: up to `max_items` keys after cursor `after`
+    /// (and stop adding keys past `max_bytes`, keeping at least one), in a stable order; report
+    /// with [`Core::handle_scanned`] and the same `id`.
+    Scan {
+        /// Operation id.
+        id: u64,
+        /// The partition.
+        partition: u32,
+        /// Cursor from the previous page.
+        after: Option<Bytes>,
+        /// Most keys.
+        max_items: usize,
+        /// Byte budget.
+        max_bytes: usize,
+    },
+    /// This node now holds `partition` for the pending ring of `epoch`: tell membership
+    /// (`Membership::transfer_done`).
+    TransferDone {
+        /// The pending ring's epoch.
+        epoch: u64,
+        /// The partition.
+        partition: u32,
+    },
+    /// Drop the replica of `partition` (handed off), then call [`Core::partition_dropped`].
+    DropPartition {
+        /// The partition.
+        partition: u32,
+    },
 }
 
 /// Counters for metrics and tests.
@@ -309,6 +382,16 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
+    /// Partitions pulled for a pending ring.
+    pub partitions_received: u64,
+    /// Keys merged from pulled pages.
+    pub transferred_keys: u64,
+    /// Keys pushed to the current replicas by handoffs.
+    pub handed_off_keys: u64,
+    /// Partitions dropped after their handoff.
+    pub partitions_dropped: u64,
+    /// Write copies sent to the replicas a pending ring adds.
+    pub pending_copies: u64,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -414,6 +497,14 @@ enum Pending {
     PeerRead { to: ReplyTo2 },
     /// A hint read before delivery.
     HintRead { hint: StoreKey },
+    /// A page asked for by the pull of `partition`.
+    Pull { partition: u32 },
+    /// A scan for a peer's pull, answered to `to` with `id`.
+    ServeScan { to: NodeId, id: u64 },
+    /// A scan of a partition being handed off.
+    HandoffScan { partition: u32 },
+    /// A key of a handoff page pushed to a replica.
+    HandoffPut { partition: u32 },
 }
 
 /// Where the answer of a local storage read goes.
@@ -458,7 +549,14 @@ enum JobKind {
 #[derive(Debug, Clone, Copy)]
 enum ApplyDone {
     Peer(NodeId, u64),
-    Slot { op: u64, slot: usize },
+    Slot {
+        op: u64,
+        slot: usize,
+    },
+    /// A key of a pulled page (`transfer.rs`).
+    Transfer {
+        partition: u32,
+    },
     Nothing,
 }
 
@@ -496,6 +594,7 @@ pub struct Core {
     next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
+    transfers: transfer::Transfers,
 }
 
 impl Core {
@@ -510,6 +609,10 @@ impl Core {
         assert!(cfg.replica_timeout_ms > 0);
         assert!(cfg.hint_retry_ms > 0);
         assert!(cfg.hint_inflight_max > 0);
+        assert!(
+            cfg.shard < cfg.shards,
+            "a core's shard index is below the shard count"
+        );
         let floor = cfg.epoch_floor.unwrap_or(epochs.primary);
         assert!(
             floor <= epochs.primary,
@@ -540,6 +643,7 @@ impl Core {
             next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
+            transfers: transfer::Transfers::default(),
             cfg,
         };
         core.set_ring(core.ring.clone());
@@ -595,6 +699,7 @@ impl Core {
             self.timeouts.first().map(|(t, _)| *t),
             self.op_deadlines.first().map(|(t, _)| *t),
             (!self.hints.is_empty()).then_some(self.next_hint_round),
+            self.transfer_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -1038,6 +1143,24 @@ impl Core {
             }
             self.assign_slot(now, id, slot);
         }
+        if self.transfers.pending().is_some()
+            && let Some(op) = self.ops.get(&id)
+            && let OpKind::Write {
+                object: Some(object),
+                want_durable,
+                ..
+            } = &op.kind
+        {
+            let homes: Vec<NodeId> = op.slots.iter().map(|s| s.home).collect();
+            let key = StoreKey {
+                partition: op.partition,
+                space: Space::Primary,
+                bucket: op.bucket.clone(),
+                key: op.key.clone(),
+            };
+            let (object, durable) = (object.clone(), *want_durable);
+            self.send_to_pending(now, key, &homes, &object, durable);
+        }
         self.check_write(now, id);
     }
 
@@ -1054,7 +1177,9 @@ impl Core {
         let holder = if !op.used.contains(&home) && self.believed_up(home, now) {
             Some(home)
         } else {
-            walk[n..]
+            // The ring may have changed (and shrunk) since the op began.
+            walk.get(n..)
+                .unwrap_or_default()
                 .iter()
                 .copied()
                 .find(|f| !op.used.contains(f) && self.believed_up(*f, now))
@@ -1428,9 +1553,42 @@ impl Core {
     pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
         self.heard_from(from);
         match msg {
-            PeerMsg::ReplicaPut { id, .. } | PeerMsg::ReplicaGet { id, .. } => {
+            PeerMsg::ReplicaPut { id, ref key, .. }
+                if key.space == Space::Primary && self.dropping(key.partition) =>
+            {
+                self.out.push(Output::Send {
+                    to: from,
+                    msg: PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(
+                            ErrorCode::Overloaded,
+                            "the partition is being dropped here after its handoff",
+                        ),
+                    },
+                });
+            }
+            PeerMsg::ReplicaPut { id, ref key, .. } => {
+                if key.space == Space::Primary && !self.replicates(key.partition) {
+                    // A coordinator with an older ring: keep the write, and hand it on.
+                    self.foreign_write(now, from, id, key.partition);
+                }
                 self.local(id, msg, ReplyTo2::Peer(from, id));
             }
+            PeerMsg::ReplicaGet { id, .. } => {
+                self.local(id, msg, ReplyTo2::Peer(from, id));
+            }
+            PeerMsg::TransferPull {
+                id,
+                partition,
+                after,
+            } => self.serve_pull(from, id, partition, after),
+            PeerMsg::TransferPage { id, page } => match self.pending.remove(&id) {
+                Some(Pending::Pull { partition }) => self.pull_page(now, partition, page),
+                Some(other) => {
+                    self.pending.insert(id, other);
+                }
+                None => {}
+            },
             PeerMsg::Forward { id, request } => {
                 self.start(now, ReplyTo::Peer(from, id), request, true);
             }
@@ -1446,6 +1604,9 @@ impl Core {
                     if durable {
                         self.lock(hint, JobKind::DropHint { delivered: object });
                     }
+                }
+                Some(Pending::HandoffPut { partition }) => {
+                    self.handoff_acked(now, partition, durable)
                 }
                 Some(Pending::Repair { .. }) | None => {}
                 Some(other) => {
@@ -1491,6 +1652,10 @@ impl Core {
                         if let Some(h) = self.hints.get_mut(&hint) {
                             h.in_flight = false;
                         }
+                    }
+                    Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
+                    Some(Pending::HandoffPut { partition }) => {
+                        self.handoff_acked(now, partition, false)
                     }
                     _ => {}
                 }
@@ -1559,6 +1724,8 @@ impl Core {
                 }
             }
             Some(Pending::Repair { node }) => self.mark_down(node, now),
+            Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
+            Some(Pending::HandoffPut { partition }) => self.handoff_acked(now, partition, false),
             Some(Pending::Delivery { hint, .. }) => {
                 self.hints_in_flight -= 1;
                 if let Space::Hint(home) = hint.space {
@@ -1597,6 +1764,7 @@ impl Core {
             self.next_hint_round = now + self.cfg.hint_retry_ms;
             self.deliver_hints(now);
         }
+        self.transfer_round(now);
         self.take_output()
     }
 
@@ -1966,6 +2134,9 @@ impl Core {
                 }
             }
             JobKind::Apply { durable, then, .. } => {
+                if let ApplyDone::Peer(node, id) = then {
+                    self.replica_write_done(now, node, id);
+                }
                 if let Space::Hint(_) = j.key.space {
                     self.hints.entry(j.key.clone()).or_default();
                 }
@@ -1978,6 +2149,9 @@ impl Core {
                     ApplyDone::Slot { op, slot } => {
                         self.pending_slot_done(op, slot);
                         self.slot_answered(now, op, slot, SlotResult::Written { durable });
+                    }
+                    ApplyDone::Transfer { partition } => {
+                        self.transfer_applied(now, partition, true)
                     }
                     ApplyDone::Nothing => {}
                 }
@@ -1998,17 +2172,21 @@ impl Core {
                 );
             }
             JobKind::Apply { then, .. } => match then {
-                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                }),
+                ApplyDone::Peer(node, id) => {
+                    self.replica_write_done(now, node, id);
+                    self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::Failed {
+                            id,
+                            error: ErrorBody::new(ErrorCode::Internal, e),
+                        },
+                    });
+                }
                 ApplyDone::Slot { op, slot } => {
                     self.pending_slot_done(op, slot);
                     self.slot_answered(now, op, slot, SlotResult::Failed);
                 }
+                ApplyDone::Transfer { partition } => self.transfer_applied(now, partition, false),
                 ApplyDone::Nothing => {}
             },
             JobKind::DropHint { .. } => {}

@@ -28,14 +28,18 @@
 //! which the engine's key limit must leave room for.
 
 use bytes::Bytes;
+use ringkv_net::limits::BUCKET_BYTES_MAX;
+use ringkv_net::wire::{LenWidth, Reader, Writer};
 use ringkv_net::{
-    Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk, ReplicaPut,
-    ReplicaPutOk,
+    BodyError, Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk,
+    ReplicaPut, ReplicaPutOk,
 };
+
+use ringkv_engine::index::KeyHash;
 
 use super::NodeId;
 use super::route::{PARTITIONS, engine_key, partition_of};
-use crate::coordinator::{PeerMsg, Space, StoreKey};
+use crate::coordinator::{PeerMsg, ScanItem, ScanPage, Space, StoreKey};
 use crate::object::Object;
 use crate::ring::PARTITION_COUNT_MAX;
 
@@ -65,17 +69,42 @@ pub fn engine_location(key: &StoreKey) -> (u32, Vec<u8>) {
 /// key is not a hint key (damaged or written by something else).
 pub fn hint_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {
     let (home, rest) = engine_key.split_first_chunk::<HINT_KEY_PREFIX_BYTES>()?;
-    let (&len, rest) = rest.split_first()?;
+    let (bucket, key) = key_from_engine(rest)?;
+    Some(StoreKey {
+        partition,
+        space: Space::Hint(NodeId(u32::from_be_bytes(*home))),
+        bucket,
+        key,
+    })
+}
+
+/// The bucket and key of a replica's engine key ([`engine_key`]), or `None` if it is damaged.
+pub fn key_from_engine(engine_key: &[u8]) -> Option<(Bytes, Bytes)> {
+    let (&len, rest) = engine_key.split_first()?;
     let len = usize::from(len);
     if rest.len() < len {
         return None;
     }
     let (bucket, key) = rest.split_at(len);
-    Some(StoreKey {
-        partition,
-        space: Space::Hint(NodeId(u32::from_be_bytes(*home))),
-        bucket: Bytes::copy_from_slice(bucket),
-        key: Bytes::copy_from_slice(key),
+    Some((Bytes::copy_from_slice(bucket), Bytes::copy_from_slice(key)))
+}
+
+/// A scan cursor: the engine fingerprint of the last key of a page (digest, then check; little
+/// endian). Peers only echo it back.
+pub fn cursor_bytes(kh: KeyHash) -> Bytes {
+    let mut out = Vec::with_capacity(10);
+    out.extend_from_slice(&kh.digest.to_le_bytes());
+    out.extend_from_slice(&kh.check.to_le_bytes());
+    Bytes::from(out)
+}
+
+/// The fingerprint of a cursor made by [`cursor_bytes`], or `None` if it is not one.
+pub fn cursor_from_bytes(bytes: &[u8]) -> Option<KeyHash> {
+    let (digest, check) = bytes.split_first_chunk::<8>()?;
+    let check: [u8; 2] = check.try_into().ok()?;
+    Some(KeyHash {
+        digest: u64::from_le_bytes(*digest),
+        check: u16::from_le_bytes(check),
     })
 }
 
@@ -84,25 +113,102 @@ pub fn hello_name(node: NodeId, name: &str) -> String {
     format!("{}@{name}", node.0)
 }
 
-/// Sub-kinds of CLUSTER frames (`docs/PROTOCOL.md` §5.9). A request and its answer share the
-/// sub-kind. Numbers are never reused.
-pub mod sub {}
+/// Sub-kinds of CLUSTER frames (`docs/PROTOCOL.md` §5.9.1), all in one table. A request and its
+/// answer share the sub-kind unless noted. Numbers are never reused.
+pub mod sub {
+    pub use crate::membership::sub::{COMMIT, GOSSIP, JOIN, OUTCOME};
+    /// TRANSFER_PULL / TRANSFER_PAGE: a page of a partition (`coordinator/transfer.rs`).
+    pub const TRANSFER: u8 = 16;
+}
+
+/// Longest transfer cursor (it is the store's, opaque to peers).
+const CURSOR_BYTES_MAX: usize = 255;
+/// Most keys a TRANSFER_PAGE may carry.
+const PAGE_ITEMS_WIRE_MAX: usize = 4096;
+
+fn write_payload(write: impl FnOnce(&mut Writer<'_, Vec<u8>>)) -> Bytes {
+    let mut out = Vec::new();
+    write(&mut Writer::new(&mut out));
+    Bytes::from(out)
+}
+
+fn read_payload<T>(
+    payload: &[u8],
+    read: impl FnOnce(&mut Reader<'_>) -> Result<T, BodyError>,
+) -> Result<T, BodyError> {
+    let mut r = Reader::new(payload);
+    let value = read(&mut r)?;
+    r.finish()?;
+    Ok(value)
+}
+
+fn read_page(r: &mut Reader<'_>) -> Result<Result<ScanPage, String>, BodyError> {
+    let count = r.u32("items")? as usize;
+    if count > PAGE_ITEMS_WIRE_MAX {
+        return Err(BodyError::TooLarge {
+            field: "items",
+            len: count as u64,
+            max: PAGE_ITEMS_WIRE_MAX,
+        });
+    }
+    let mut items = Vec::with_capacity(count.min(r.remaining()));
+    let mut bad = None;
+    for _ in 0..count {
+        let bucket = r.bytes("bucket", LenWidth::U8, BUCKET_BYTES_MAX)?;
+        let key = r.bytes("key", LenWidth::U16, u16::MAX as usize)?;
+        let object = r.bytes("object", LenWidth::U32, u32::MAX as usize)?;
+        match decode_object(&object) {
+            Ok(object) => items.push(ScanItem {
+                bucket,
+                key,
+                object,
+            }),
+            Err(e) => bad = Some(e),
+        }
+    }
+    let next = r.opt("cursor", |r, f| r.bytes(f, LenWidth::U8, CURSOR_BYTES_MAX))?;
+    Ok(match bad {
+        Some(e) => Err(e),
+        None => Ok(ScanPage { items, next }),
+    })
+}
 
 /// A CLUSTER request as the core's message. Each sub-kind of [`sub`] gets an arm that reads its
 /// payload with `ringkv_net::wire::Reader` (which must consume it all) and maps a body error to
 /// `invalid_request`.
-fn cluster_request(_id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
-    Err(invalid(format!("unknown CLUSTER sub-kind {}", c.sub)))
+fn cluster_request(id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
+    let bad = |e: BodyError| invalid(format!("CLUSTER sub-kind {}: {e}", c.sub));
+    match (c.sub, c.partition) {
+        (sub::TRANSFER, Some(partition)) => {
+            let after = read_payload(&c.payload, |r| {
+                r.opt("cursor", |r, f| r.bytes(f, LenWidth::U8, CURSOR_BYTES_MAX))
+            })
+            .map_err(bad)?;
+            Ok(PeerMsg::TransferPull {
+                id,
+                partition,
+                after,
+            })
+        }
+        (sub, _) => Err(invalid(format!(
+            "unknown CLUSTER sub-kind {sub} (or a partition missing)"
+        ))),
+    }
 }
 
 /// A CLUSTER_OK answer as the core's message, the mirror of [`cluster_request`].
 fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
-    PeerMsg::Failed {
+    let failed = |message: String| PeerMsg::Failed {
         id,
-        error: ErrorBody::new(
-            ErrorCode::Internal,
-            format!("a peer answered unknown CLUSTER sub-kind {}", c.sub),
-        ),
+        error: ErrorBody::new(ErrorCode::Internal, message),
+    };
+    match c.sub {
+        sub::TRANSFER => match read_payload(&c.payload, read_page) {
+            Ok(Ok(page)) => PeerMsg::TransferPage { id, page },
+            Ok(Err(e)) => failed(e),
+            Err(e) => failed(format!("TRANSFER_PAGE: {e}")),
+        },
+        other => failed(format!("a peer answered unknown CLUSTER sub-kind {other}")),
     }
 }
 
@@ -272,6 +378,33 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
                 object: object.map(|o| Bytes::from(o.encode())),
             }),
         ),
+        PeerMsg::TransferPull {
+            id,
+            partition,
+            after,
+        } => (
+            id,
+            Message::Cluster(Cluster {
+                sub: sub::TRANSFER,
+                partition: Some(partition),
+                payload: write_payload(|w| w.opt_prefixed(LenWidth::U8, after.as_deref())),
+            }),
+        ),
+        PeerMsg::TransferPage { id, page } => (
+            id,
+            Message::ClusterOk(ClusterOk {
+                sub: sub::TRANSFER,
+                payload: write_payload(|w| {
+                    w.u32(page.items.len() as u32);
+                    for item in &page.items {
+                        w.prefixed(LenWidth::U8, &item.bucket);
+                        w.prefixed(LenWidth::U16, &item.key);
+                        w.prefixed(LenWidth::U32, &item.object.encode());
+                    }
+                    w.opt_prefixed(LenWidth::U8, page.next.as_deref());
+                }),
+            }),
+        ),
         PeerMsg::Forward { id, request } => (id, request),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
         PeerMsg::Failed { id, error } => (id, Message::Error(error)),
@@ -315,6 +448,16 @@ mod tests {
         assert_eq!(hk.len(), pk.len() + HINT_KEY_PREFIX_BYTES);
         assert_eq!(hint_from_engine(hint.partition, &hk), Some(hint));
         assert_eq!(hint_from_engine(0, &[0, 0, 0]), None);
+        assert_eq!(
+            key_from_engine(&pk),
+            Some((primary.bucket.clone(), primary.key.clone()))
+        );
+        let kh = KeyHash {
+            digest: 0x0102_0304_0506_0708,
+            check: 0x0a0b,
+        };
+        assert_eq!(cursor_from_bytes(&cursor_bytes(kh)), Some(kh));
+        assert_eq!(cursor_from_bytes(b"short"), None);
         assert_eq!(hint_from_engine(0, &[0, 0, 0, 1, 5, b'a']), None);
     }
 
@@ -334,6 +477,14 @@ mod tests {
                 key: key(Space::Primary),
             },
         ];
+        let pull = PeerMsg::TransferPull {
+            id: 10,
+            partition: 3,
+            after: Some(Bytes::from_static(b"cursor")),
+        };
+        let (id, wire) = to_wire(pull.clone());
+        assert_eq!(request_partition(&wire).unwrap(), Some(3));
+        assert_eq!(request_from_wire(id, wire).unwrap(), pull);
         for msg in requests {
             let (id, wire) = to_wire(msg.clone());
             assert_eq!(
@@ -362,6 +513,17 @@ mod tests {
             PeerMsg::Failed {
                 id: 9,
                 error: ErrorBody::new(ErrorCode::Timeout, "slow"),
+            },
+            PeerMsg::TransferPage {
+                id: 11,
+                page: ScanPage {
+                    items: vec![ScanItem {
+                        bucket: Bytes::from_static(b"cart"),
+                        key: Bytes::from_static(b"alice"),
+                        object: object(),
+                    }],
+                    next: None,
+                },
             },
         ];
         for msg in answers {

@@ -82,6 +82,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
@@ -89,6 +90,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
 use glommio::{
     ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+    yield_if_needed,
 };
 use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
@@ -99,7 +101,9 @@ use ringkv_net::{
 };
 
 use crate::bucket::Buckets;
-use crate::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, StoreOp};
+use crate::coordinator::{
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
+};
 use crate::membership::{Membership, MembershipConfig};
 use crate::object::Object;
 use crate::ring::PartitionId;
@@ -471,11 +475,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .copied()
         .chain(std::iter::once(cfg.node_id))
         .collect();
-    let target_n = std::iter::once(&cfg.buckets.default)
-        .chain(cfg.buckets.named.values())
-        .map(|p| usize::from(p.n))
-        .max()
-        .unwrap_or(1);
+    let target_n = cfg.buckets.max_n();
     let membership = start_membership(&cfg, &members, target_n)?;
     let view = Arc::new(ShardView::from_view(cfg.node_id, &membership.view()));
     let mut membership = Some(membership);
@@ -922,6 +922,9 @@ fn start_core(
     core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
     core_cfg.hint_retry_ms = cfg.hint_retry_ms;
     core_cfg.object_bytes_max = cfg.object_bytes_max();
+    core_cfg.shard = u32::try_from(id).expect("serve bounds the shard count");
+    core_cfg.shards = u32::try_from(cfg.cpus.len()).expect("serve bounds the shard count");
+    core_cfg.target_n = cfg.buckets.max_n();
     tracing::info!(
         shard = id,
         node = %cfg.node_id,
@@ -1092,6 +1095,7 @@ async fn serve_shard(
     glommio::spawn_local_into(run_ticks(Rc::downgrade(&shard), stop.clone()), foreground)
         .map_err(|e| runtime(format!("shard {id}: ticker"), e))?
         .detach();
+    shard.start_view(&view);
     shard.start_membership(stop.clone());
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
@@ -1134,6 +1138,9 @@ async fn serve_shard(
                     };
                     match message {
                         Control::View(view) => shard.apply_view(&view),
+                        Control::TransferDone { epoch, partition } => {
+                            shard.transfer_done(epoch, partition)
+                        }
                     }
                 }
             },
@@ -1892,6 +1899,15 @@ impl Shard {
                 Output::Send { to, msg } => self.send_to_peer(to, msg),
                 Output::Store { id, key, op } => self.spawn_store(id, key, op),
                 Output::RenewEpochs => self.spawn_renewal(),
+                Output::Scan {
+                    id,
+                    partition,
+                    after,
+                    max_items,
+                    max_bytes,
+                } => self.spawn_scan(id, partition, after, max_items, max_bytes),
+                Output::DropPartition { partition } => self.spawn_drop(partition),
+                Output::TransferDone { epoch, partition } => self.transfer_done(epoch, partition),
             }
         }
     }
@@ -1957,6 +1973,114 @@ impl Shard {
                 .await
                 .map(|_| None)
                 .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Reads a page of a partition's replicas for a transfer or handoff and reports it.
+    fn spawn_scan(
+        self: &Rc<Self>,
+        id: u64,
+        partition: u32,
+        after: Option<Bytes>,
+        max_items: usize,
+        max_bytes: usize,
+    ) {
+        let shard = self.clone();
+        let spawned = self.store_work.spawn_into(
+            async move {
+                let result = shard.scan(partition, after, max_items, max_bytes).await;
+                let outputs =
+                    shard
+                        .core
+                        .borrow_mut()
+                        .handle_scanned(shard.clock.now_ms(), id, result);
+                shard.carry_out(outputs);
+            },
+            self.foreground,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    async fn scan(
+        &self,
+        partition: u32,
+        after: Option<Bytes>,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<ScanPage, String> {
+        let after = match after {
+            Some(c) => Some(
+                peer::cursor_from_bytes(&c).ok_or_else(|| "a malformed scan cursor".to_string())?,
+            ),
+            None => None,
+        };
+        let mut it = self.engine.iter_partition_after(partition, after);
+        let mut page = ScanPage::default();
+        let mut bytes = 0;
+        let mut last = None;
+        while page.items.len() < max_items && (page.items.is_empty() || bytes < max_bytes) {
+            let Some(entry) = it.next_entry().await else {
+                return Ok(page);
+            };
+            let (kh, engine_key, value) = entry.map_err(|e| e.to_string())?;
+            last = Some(kh);
+            let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
+                tracing::warn!(
+                    shard = self.id,
+                    partition,
+                    "skipping a malformed replica key"
+                );
+                continue;
+            };
+            let object = Object::decode(&value).map_err(|e| {
+                format!("stored object in partition {partition} does not decode: {e}")
+            })?;
+            bytes += value.len();
+            page.items.push(ScanItem {
+                bucket,
+                key,
+                object,
+            });
+            yield_if_needed().await;
+        }
+        // Full page: the next one starts after its last key (an empty remainder gives an empty
+        // last page, which ends the scan).
+        page.next = last.map(peer::cursor_bytes);
+        Ok(page)
+    }
+
+    /// Drops a handed-off partition and tells the core.
+    fn spawn_drop(self: &Rc<Self>, partition: u32) {
+        let shard = self.clone();
+        let spawned = self.store_work.spawn_into(
+            async move {
+                match shard
+                    .engine
+                    .drop_partition(partition, Durability::Sync)
+                    .await
+                {
+                    Ok(_) => {
+                        let outputs = shard
+                            .core
+                            .borrow_mut()
+                            .partition_dropped(shard.clock.now_ms(), partition);
+                        shard.carry_out(outputs);
+                    }
+                    // The core keeps refusing writes to it; the operator sees why.
+                    Err(e) => tracing::error!(
+                        shard = shard.id,
+                        partition,
+                        error = %e,
+                        "cannot drop a handed-off partition"
+                    ),
+                }
+            },
+            self.foreground,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
         }
     }
 

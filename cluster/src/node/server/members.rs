@@ -250,6 +250,19 @@ impl Shard {
         self.membership_outputs(outputs);
     }
 
+    /// A partition of the pending ring of `epoch` was received by one of this node's shards.
+    pub(super) fn membership_transfer_done(self: &Rc<Self>, epoch: u64, partition: u32) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        let outputs =
+            driver
+                .membership
+                .borrow_mut()
+                .transfer_done(self.clock.now_ms(), epoch, partition);
+        self.membership_outputs(outputs);
+    }
+
     /// Carries out what membership asked for. Never called with membership borrowed.
     fn membership_outputs(self: &Rc<Self>, outputs: Vec<MembershipOutput>) {
         for output in outputs {

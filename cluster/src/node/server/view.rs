@@ -10,7 +10,10 @@
 //! a node that is no longer a member, or whose address changed, is closed: its queue is dropped,
 //! the link task ends once it has written what was queued, and the next message for the node
 //! opens a link to its new address. Requests in flight on a closed link get no answer and time
-//! out in the core, like those on a link that broke.
+//! out in the core, like those on a link that broke. The core gets both rings
+//! (`Core::set_view`), from which it starts pulls and handoffs; at start it also learns which
+//! partitions the engine holds. A partition the core reports received
+//! (`Output::TransferDone`) crosses the same mesh to shard 0's membership.
 //!
 //! Limits: views are small and rare (a membership change, not a request), so the mesh queue is
 //! short ([`CONTROL_QUEUE_MESSAGES_MAX`]); a sender waits when it is full. A shard applies views
@@ -25,6 +28,7 @@ use crate::membership::View;
 use crate::ring::Ring;
 
 use super::super::NodeId;
+use super::super::peer::HINT_PARTITION_BASE;
 use super::Shard;
 
 /// Capacity of each shard's queue in the control mesh, in messages.
@@ -75,6 +79,13 @@ impl ShardView {
 pub(super) enum Control {
     /// A new view, from shard 0 to every other shard.
     View(Arc<ShardView>),
+    /// A partition of the pending ring of `epoch` was received, from any shard to shard 0.
+    TransferDone {
+        /// Epoch of the pending ring.
+        epoch: u64,
+        /// The partition.
+        partition: u32,
+    },
 }
 
 impl Shard {
@@ -96,8 +107,48 @@ impl Shard {
             });
             peers.clone_from(&view.peers);
         }
-        // The core takes the rings; with no transfers running only the ring in use matters.
-        let _ = &view.pending;
-        self.core.borrow_mut().set_ring(view.ring.clone());
+        let outputs = self.core.borrow_mut().set_view(
+            self.clock.now_ms(),
+            view.ring.clone(),
+            view.pending.clone(),
+        );
+        self.carry_out(outputs);
+    }
+
+    /// Gives the core its first view and the partitions its engine holds, so it resumes pulls
+    /// towards a pending ring and hands off what this node no longer replicates.
+    pub(super) fn start_view(self: &Rc<Self>, view: &ShardView) {
+        let now = self.clock.now_ms();
+        let stored: Vec<u32> = self
+            .engine
+            .partitions()
+            .into_iter()
+            .filter(|p| p & HINT_PARTITION_BASE == 0)
+            .collect();
+        let mut outputs =
+            self.core
+                .borrow_mut()
+                .set_view(now, view.ring.clone(), view.pending.clone());
+        outputs.extend(self.core.borrow_mut().set_stored_partitions(now, stored));
+        self.carry_out(outputs);
+    }
+
+    /// Reports a received partition to membership, on shard 0.
+    pub(super) fn transfer_done(self: &Rc<Self>, epoch: u64, partition: u32) {
+        if self.id == 0 {
+            self.membership_transfer_done(epoch, partition);
+            return;
+        }
+        let shard = self.clone();
+        let spawned = self.store_work.spawn(async move {
+            // Fails only when the node is stopping; the pull is then redone by the next run.
+            let _ = shard
+                .control
+                .send_to(0, Control::TransferDone { epoch, partition })
+                .await;
+        });
+        if let Ok(task) = spawned {
+            task.detach();
+        }
     }
 }

@@ -1,0 +1,656 @@
+//! Moving partition data when the ring changes: pulls towards a pending ring, and handoff of
+//! partitions a node no longer replicates (sans-IO, part of [`Core`]).
+//!
+//! Membership ([`crate::membership`]) publishes the ring in force and, during a change, the
+//! pending ring; [`Core::set_view`] hands both to the core. For every partition of this core:
+//!
+//! - **Pull.** If this node is in the partition's preference list (for `target_n` replicas) of
+//!   the pending ring but not of the ring in force, it pulls the partition from a current replica:
+//!   [`PeerMsg::TransferPull`] asks for a page of at most [`PAGE_ITEMS`] keys (and about
+//!   [`PAGE_BYTES`]) after a cursor, the source scans its store ([`Output::Scan`]) and answers
+//!   [`PeerMsg::TransferPage`]; each object is merged into the local replica through the usual
+//!   per-key job (so it never overwrites a newer write), synced, and only then is the next page
+//!   asked for. The cursor is kept, so a failed or timed-out page is asked again (of the next
+//!   source) from where it stopped: transfers are bounded in memory and resumable. When the last
+//!   page is merged, [`Output::TransferDone`] reports the partition to membership.
+//! - **Writes during the change** go to the pending replicas too (best effort, not counted towards
+//!   `w`; `replicate` in the parent module), so a write the pull already passed still reaches the
+//!   new replica.
+//! - **Handoff.** A partition this node holds but no longer replicates (it left the preference
+//!   lists of both rings, or a stale coordinator wrote to it) is pushed, page by page, to every
+//!   current replica as synced [`PeerMsg::ReplicaPut`]s, and dropped ([`Output::DropPartition`])
+//!   only once every replica acknowledged every page of a complete pass during which no write
+//!   arrived. Between the drop request and [`Core::partition_dropped`] replica writes to it are
+//!   refused (the coordinator moves on to a fallback), so nothing acknowledged is dropped.
+//!   Dropping a replica without tombstones would let this node reissue dots it handed out (module
+//!   docs of the parent: epochs), so [`Core::partition_dropped`] raises the epoch floor to a fresh
+//!   epoch.
+//!
+//! Limits: at most [`PULLS_MAX`] pulls and [`HANDOFFS_MAX`] handoffs at once per core; a failed
+//! step waits `hint_retry_ms` before it is retried. A scan page is found by the store from the
+//! cursor (the engine's key order), which costs a pass over the partition's index per page.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use ringkv_net::{ErrorBody, ErrorCode};
+
+use super::{ApplyDone, Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey};
+use crate::node::NodeId;
+use crate::object::Object;
+use crate::ring::{PartitionId, Ring};
+
+/// Keys per transfer page.
+pub const PAGE_ITEMS: usize = 64;
+/// Bytes of objects per transfer page the store aims for (a page holds at least one key).
+pub const PAGE_BYTES: usize = 4 << 20;
+/// Pulls running at once per core.
+pub const PULLS_MAX: usize = 2;
+/// Handoffs running at once per core.
+pub const HANDOFFS_MAX: usize = 1;
+
+/// One key of a scan page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanItem {
+    /// Bucket.
+    pub bucket: Bytes,
+    /// Key.
+    pub key: Bytes,
+    /// The stored object.
+    pub object: Object,
+}
+
+/// What a store scan returns (see [`Output::Scan`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Keys after the cursor, in the store's order.
+    pub items: Vec<ScanItem>,
+    /// The cursor of the next page; `None` when the partition has no more keys.
+    pub next: Option<Bytes>,
+}
+
+#[derive(Debug)]
+enum Step {
+    /// Waiting to (re)start at `at`.
+    Idle { at: u64 },
+    /// A page was asked for.
+    Asking,
+    /// A page is being merged or pushed; `left` answers outstanding.
+    Applying {
+        left: usize,
+        failed: bool,
+        next: Option<Bytes>,
+    },
+    /// The drop was asked for (handoffs only).
+    Dropping,
+}
+
+#[derive(Debug)]
+struct Pull {
+    epoch: u64,
+    sources: Vec<NodeId>,
+    attempt: usize,
+    cursor: Option<Bytes>,
+    step: Step,
+}
+
+#[derive(Debug)]
+struct Handoff {
+    cursor: Option<Bytes>,
+    step: Step,
+    /// Replica writes applied since this pass began: the pass must be repeated.
+    writes: u64,
+}
+
+/// Transfer state of a core.
+#[derive(Debug, Default)]
+pub(super) struct Transfers {
+    pending: Option<(u64, Ring)>,
+    pulls: BTreeMap<u32, Pull>,
+    /// `(epoch, partition)` pulls finished and reported.
+    done: BTreeSet<(u64, u32)>,
+    handoffs: BTreeMap<u32, Handoff>,
+    /// Replica writes in flight to partitions this node does not replicate: (sender, request
+    /// id) → partition.
+    foreign: BTreeMap<(NodeId, u64), u32>,
+}
+
+impl Transfers {
+    /// The pending ring and its epoch.
+    pub(super) fn pending(&self) -> Option<&(u64, Ring)> {
+        self.pending.as_ref()
+    }
+}
+
+impl Core {
+    fn mine(&self, partition: u32) -> bool {
+        partition % self.cfg.shards == self.cfg.shard
+    }
+
+    fn in_pref(&self, ring: &Ring, partition: u32) -> bool {
+        ring.preference_list(PartitionId(partition), self.cfg.target_n)
+            .contains(&self.cfg.node)
+    }
+
+    /// Whether this node replicates `partition` in the ring in force or the pending one.
+    pub(super) fn replicates(&self, partition: u32) -> bool {
+        self.in_pref(&self.ring, partition)
+            || self
+                .transfers
+                .pending
+                .as_ref()
+                .is_some_and(|(_, p)| self.in_pref(p, partition))
+    }
+
+    /// The ring in force and the pending ring (with the epoch membership gave it) changed.
+    pub fn set_view(&mut self, now: u64, ring: Ring, pending: Option<(u64, Ring)>) -> Vec<Output> {
+        let before: Vec<u32> = (0..self.ring.partition_count().get())
+            .filter(|p| self.mine(*p) && self.replicates(*p))
+            .collect();
+        if ring != self.ring {
+            self.set_ring(ring);
+        }
+        self.transfers.pending = pending;
+        let epoch = self.transfers.pending.as_ref().map(|(e, _)| *e);
+        self.transfers.pulls.retain(|_, p| Some(p.epoch) == epoch);
+        if let Some((epoch, next)) = self.transfers.pending.clone() {
+            for p in 0..next.partition_count().get() {
+                if !self.mine(p)
+                    || self.in_pref(&self.ring, p)
+                    || !self.in_pref(&next, p)
+                    || self.transfers.done.contains(&(epoch, p))
+                    || self.transfers.pulls.contains_key(&p)
+                {
+                    continue;
+                }
+                let me = self.cfg.node;
+                let sources: Vec<NodeId> = self
+                    .ring
+                    .preference_list(PartitionId(p), self.cfg.target_n)
+                    .into_iter()
+                    .filter(|n| *n != me)
+                    .collect();
+                self.transfers.pulls.insert(
+                    p,
+                    Pull {
+                        epoch,
+                        sources,
+                        attempt: 0,
+                        cursor: None,
+                        step: Step::Idle { at: now },
+                    },
+                );
+            }
+        }
+        for p in before {
+            if !self.replicates(p) {
+                self.handoff_needed(now, p);
+            }
+        }
+        self.transfer_round(now);
+        self.take_output()
+    }
+
+    /// Partitions found in storage at start: those this node does not replicate are handed off.
+    pub fn set_stored_partitions(
+        &mut self,
+        now: u64,
+        partitions: impl IntoIterator<Item = u32>,
+    ) -> Vec<Output> {
+        for p in partitions {
+            if self.mine(p) && !self.replicates(p) {
+                self.handoff_needed(now, p);
+            }
+        }
+        self.transfer_round(now);
+        self.take_output()
+    }
+
+    /// A replica write to a partition this node does not replicate (a coordinator with an older
+    /// ring) arrived: it is kept, and the partition's handoff must not finish before it lands.
+    pub(super) fn foreign_write(&mut self, now: u64, from: NodeId, id: u64, partition: u32) {
+        self.transfers.foreign.insert((from, id), partition);
+        self.handoff_needed(now, partition);
+    }
+
+    /// The replica write `id` from `from` finished (or failed): if it was a foreign one, the
+    /// handoff of its partition goes around again so it is pushed too.
+    pub(super) fn replica_write_done(&mut self, now: u64, from: NodeId, id: u64) {
+        if let Some(partition) = self.transfers.foreign.remove(&(from, id)) {
+            self.handoff_needed(now, partition);
+        }
+    }
+
+    /// Schedules (or repeats) the handoff of `partition`.
+    pub(super) fn handoff_needed(&mut self, now: u64, partition: u32) {
+        match self.transfers.handoffs.get_mut(&partition) {
+            Some(h) => h.writes += 1,
+            None => {
+                self.transfers.handoffs.insert(
+                    partition,
+                    Handoff {
+                        cursor: None,
+                        step: Step::Idle { at: now },
+                        writes: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether replica writes to `partition` must be refused: it is being dropped.
+    pub(super) fn dropping(&self, partition: u32) -> bool {
+        self.transfers
+            .handoffs
+            .get(&partition)
+            .is_some_and(|h| matches!(h.step, Step::Dropping))
+    }
+
+    /// The shell dropped `partition` ([`Output::DropPartition`]).
+    pub fn partition_dropped(&mut self, now: u64, partition: u32) -> Vec<Output> {
+        if self.transfers.handoffs.remove(&partition).is_some() {
+            self.stats.partitions_dropped += 1;
+            // Dots this node issued for the dropped keys are gone from its store: continuing
+            // their actors could reissue them, so every key starts a fresh clock entry.
+            if let Some(epoch) = self.fresh_epoch() {
+                self.epochs.primary = epoch;
+                self.floor = epoch;
+            }
+        }
+        self.transfer_round(now);
+        self.take_output()
+    }
+
+    /// Starts whatever transfer step is due. Called on view changes, ticks and answers.
+    pub(super) fn transfer_round(&mut self, now: u64) {
+        let active = self
+            .transfers
+            .pulls
+            .values()
+            .filter(|p| !matches!(p.step, Step::Idle { .. }))
+            .count();
+        let due: Vec<u32> = self
+            .transfers
+            .pulls
+            .iter()
+            .filter(|(_, p)| matches!(p.step, Step::Idle { at } if at <= now))
+            .map(|(p, _)| *p)
+            .take(PULLS_MAX.saturating_sub(active))
+            .collect();
+        for p in due {
+            self.ask_page(now, p);
+        }
+        let active = self
+            .transfers
+            .handoffs
+            .values()
+            .filter(|h| !matches!(h.step, Step::Idle { .. }))
+            .count();
+        let due: Vec<u32> = self
+            .transfers
+            .handoffs
+            .iter()
+            .filter(|(_, h)| matches!(h.step, Step::Idle { at } if at <= now))
+            .map(|(p, _)| *p)
+            .take(HANDOFFS_MAX.saturating_sub(active))
+            .collect();
+        for p in due {
+            self.scan_for_handoff(p);
+        }
+    }
+
+    /// When a transfer step is due next, if one waits and may start (a step waiting only for a
+    /// free slot starts when a running one ends, not on a timer).
+    pub(super) fn transfer_deadline(&self) -> Option<u64> {
+        fn due<'a>(steps: impl Iterator<Item = &'a Step> + Clone, max: usize) -> Option<u64> {
+            let active = steps
+                .clone()
+                .filter(|s| !matches!(s, Step::Idle { .. }))
+                .count();
+            if active >= max {
+                return None;
+            }
+            steps
+                .filter_map(|s| match s {
+                    Step::Idle { at } => Some(*at),
+                    _ => None,
+                })
+                .min()
+        }
+        let pulls = due(self.transfers.pulls.values().map(|p| &p.step), PULLS_MAX);
+        let handoffs = due(
+            self.transfers.handoffs.values().map(|h| &h.step),
+            HANDOFFS_MAX,
+        );
+        pulls.into_iter().chain(handoffs).min()
+    }
+
+    fn ask_page(&mut self, now: u64, partition: u32) {
+        let id = self.id();
+        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+            return;
+        };
+        if pull.sources.is_empty() {
+            // Nobody holds the partition (a new ring whose old replicas are all removed).
+            pull.step = Step::Applying {
+                left: 0,
+                failed: false,
+                next: None,
+            };
+            self.pull_progress(now, partition);
+            return;
+        }
+        let source = pull.sources[pull.attempt % pull.sources.len()];
+        pull.step = Step::Asking;
+        let after = pull.cursor.clone();
+        self.pending.insert(id, Pending::Pull { partition });
+        self.timeouts
+            .insert((now + self.cfg.request_timeout_ms, id));
+        self.out.push(Output::Send {
+            to: source,
+            msg: PeerMsg::TransferPull {
+                id,
+                partition,
+                after,
+            },
+        });
+    }
+
+    /// A pull failed or timed out: retry later, from the next source, at the same cursor.
+    pub(super) fn pull_failed(&mut self, now: u64, partition: u32) {
+        if let Some(pull) = self.transfers.pulls.get_mut(&partition) {
+            pull.attempt += 1;
+            pull.step = Step::Idle {
+                at: now + self.cfg.hint_retry_ms,
+            };
+        }
+    }
+
+    /// A page arrived for the pull of `partition`.
+    pub(super) fn pull_page(&mut self, now: u64, partition: u32, page: ScanPage) {
+        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+            return;
+        };
+        pull.step = Step::Applying {
+            left: page.items.len(),
+            failed: false,
+            next: page.next,
+        };
+        for item in page.items {
+            let key = StoreKey {
+                partition,
+                space: Space::Primary,
+                bucket: item.bucket,
+                key: item.key,
+            };
+            self.stats.transferred_keys += 1;
+            self.lock(
+                key,
+                JobKind::Apply {
+                    object: item.object,
+                    durable: true,
+                    then: ApplyDone::Transfer { partition },
+                },
+            );
+        }
+        self.pull_progress(now, partition);
+    }
+
+    /// One merge of a pulled page finished (`ok`) or failed.
+    pub(super) fn transfer_applied(&mut self, now: u64, partition: u32, ok: bool) {
+        if let Some(Pull {
+            step: Step::Applying { left, failed, .. },
+            ..
+        }) = self.transfers.pulls.get_mut(&partition)
+        {
+            *left -= 1;
+            *failed |= !ok;
+        }
+        self.pull_progress(now, partition);
+    }
+
+    fn pull_progress(&mut self, now: u64, partition: u32) {
+        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+            return;
+        };
+        let Step::Applying { left, failed, next } = &pull.step else {
+            return;
+        };
+        if *left > 0 {
+            return;
+        }
+        if *failed {
+            pull.step = Step::Idle {
+                at: now + self.cfg.hint_retry_ms,
+            };
+            return;
+        }
+        match next.clone() {
+            Some(cursor) => {
+                pull.cursor = Some(cursor);
+                pull.step = Step::Idle { at: now };
+                self.transfer_round(now);
+            }
+            None => {
+                let epoch = pull.epoch;
+                self.transfers.pulls.remove(&partition);
+                self.transfers.done.insert((epoch, partition));
+                self.stats.partitions_received += 1;
+                self.out.push(Output::TransferDone { epoch, partition });
+                self.transfer_round(now);
+            }
+        }
+    }
+
+    /// A peer asks for a page of `partition` after `after`.
+    pub(super) fn serve_pull(
+        &mut self,
+        from: NodeId,
+        id: u64,
+        partition: u32,
+        after: Option<Bytes>,
+    ) {
+        let sid = self.id();
+        self.pending
+            .insert(sid, Pending::ServeScan { to: from, id });
+        self.out.push(Output::Scan {
+            id: sid,
+            partition,
+            after,
+            max_items: PAGE_ITEMS,
+            max_bytes: PAGE_BYTES,
+        });
+    }
+
+    fn scan_for_handoff(&mut self, partition: u32) {
+        let sid = self.id();
+        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+            return;
+        };
+        if h.cursor.is_none() {
+            h.writes = 0;
+        }
+        h.step = Step::Asking;
+        let after = h.cursor.clone();
+        self.pending.insert(sid, Pending::HandoffScan { partition });
+        self.out.push(Output::Scan {
+            id: sid,
+            partition,
+            after,
+            max_items: PAGE_ITEMS,
+            max_bytes: PAGE_BYTES,
+        });
+    }
+
+    /// The result of [`Output::Scan`] `id`.
+    pub fn handle_scanned(
+        &mut self,
+        now: u64,
+        id: u64,
+        result: Result<ScanPage, String>,
+    ) -> Vec<Output> {
+        match self.pending.remove(&id) {
+            Some(Pending::ServeScan { to, id }) => {
+                let msg = match result {
+                    Ok(page) => PeerMsg::TransferPage { id, page },
+                    Err(e) => PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(ErrorCode::Internal, e),
+                    },
+                };
+                self.out.push(Output::Send { to, msg });
+            }
+            Some(Pending::HandoffScan { partition }) => match result {
+                Ok(page) => self.push_page(now, partition, page),
+                Err(_) => self.handoff_failed(now, partition),
+            },
+            Some(other) => {
+                self.pending.insert(id, other);
+            }
+            None => {}
+        }
+        self.take_output()
+    }
+
+    fn push_page(&mut self, now: u64, partition: u32, page: ScanPage) {
+        let me = self.cfg.node;
+        let targets: Vec<NodeId> = self
+            .ring
+            .preference_list(PartitionId(partition), self.cfg.target_n)
+            .into_iter()
+            .filter(|n| *n != me)
+            .collect();
+        let mut left = 0;
+        for item in &page.items {
+            for to in &targets {
+                let id = self.id();
+                let key = StoreKey {
+                    partition,
+                    space: Space::Primary,
+                    bucket: item.bucket.clone(),
+                    key: item.key.clone(),
+                };
+                self.pending.insert(id, Pending::HandoffPut { partition });
+                self.timeouts
+                    .insert((now + self.cfg.replica_timeout_ms, id));
+                self.out.push(Output::Send {
+                    to: *to,
+                    msg: PeerMsg::ReplicaPut {
+                        id,
+                        key,
+                        object: item.object.clone(),
+                        durable: true,
+                    },
+                });
+                left += 1;
+            }
+        }
+        self.stats.handed_off_keys += page.items.len() as u64;
+        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+            h.step = Step::Applying {
+                left,
+                failed: false,
+                next: page.next,
+            };
+        }
+        self.handoff_progress(now, partition);
+    }
+
+    /// One pushed key was acknowledged (`ok`) or failed.
+    pub(super) fn handoff_acked(&mut self, now: u64, partition: u32, ok: bool) {
+        if let Some(Handoff {
+            step: Step::Applying { left, failed, .. },
+            ..
+        }) = self.transfers.handoffs.get_mut(&partition)
+        {
+            *left -= 1;
+            *failed |= !ok;
+        }
+        self.handoff_progress(now, partition);
+    }
+
+    fn handoff_failed(&mut self, now: u64, partition: u32) {
+        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+            h.step = Step::Idle {
+                at: now + self.cfg.hint_retry_ms,
+            };
+        }
+    }
+
+    fn handoff_progress(&mut self, now: u64, partition: u32) {
+        let replicated = self.replicates(partition);
+        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+            return;
+        };
+        let Step::Applying { left, failed, next } = &h.step else {
+            return;
+        };
+        if *left > 0 {
+            return;
+        }
+        if *failed {
+            self.handoff_failed(now, partition);
+            return;
+        }
+        match next.clone() {
+            Some(cursor) => {
+                h.cursor = Some(cursor);
+                h.step = Step::Idle { at: now };
+            }
+            None if h.writes > 0 || self.transfers.foreign.values().any(|p| *p == partition) => {
+                // Writes arrived during the pass: they may be behind the cursor. Again.
+                h.cursor = None;
+                h.step = Step::Idle { at: now };
+            }
+            None if replicated => {
+                // The ring came back to this node meanwhile: keep the data.
+                self.transfers.handoffs.remove(&partition);
+            }
+            None => {
+                h.step = Step::Dropping;
+                self.out.push(Output::DropPartition { partition });
+            }
+        }
+        self.transfer_round(now);
+    }
+
+    /// Best-effort copies of a coordinated write to the replicas the pending ring adds.
+    pub(super) fn send_to_pending(
+        &mut self,
+        now: u64,
+        key: StoreKey,
+        homes: &[NodeId],
+        object: &Object,
+        durable: bool,
+    ) {
+        let Some((_, next)) = &self.transfers.pending else {
+            return;
+        };
+        let extra: Vec<NodeId> = next
+            .preference_list(PartitionId(key.partition), homes.len())
+            .into_iter()
+            .filter(|n| !homes.contains(n) && *n != self.cfg.node)
+            .collect();
+        for to in extra {
+            let id = self.id();
+            self.pending.insert(id, Pending::Repair { node: to });
+            self.timeouts
+                .insert((now + self.cfg.replica_timeout_ms, id));
+            self.stats.pending_copies += 1;
+            self.out.push(Output::Send {
+                to,
+                msg: PeerMsg::ReplicaPut {
+                    id,
+                    key: key.clone(),
+                    object: object.clone(),
+                    durable,
+                },
+            });
+        }
+    }
+
+    /// Partitions being pulled or handed off (for status and tests).
+    pub fn transfers_in_progress(&self) -> (usize, usize) {
+        (self.transfers.pulls.len(), self.transfers.handoffs.len())
+    }
+}
