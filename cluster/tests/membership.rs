@@ -377,17 +377,37 @@ fn join_then_leave_under_writes_loses_nothing() {
     assert!(errors.is_empty(), "client-visible errors: {errors:?}");
     assert!(acked.len() >= WRITES_MIN, "only {} writes", acked.len());
     let keys: Vec<Vec<u8>> = acked.iter().map(|(k, _)| k.clone()).collect();
-    for node in staying {
-        let held = replica_values(&node.peer_addr, &keys);
-        for ((key, value), held) in acked.iter().zip(held) {
-            assert_eq!(
-                held,
-                Some(vec![Val::Value(Bytes::copy_from_slice(value))]),
-                "node-{} holds {:?} for {}",
-                node.id,
-                held,
-                String::from_utf8_lossy(key)
-            );
-        }
-    }
+    // Replicas converge through replica writes, hinted handoff and partition handoff; poll
+    // (bounded) until every node holds every acknowledged value.
+    wait_for(
+        "every replica holding every acknowledged value",
+        POLLS,
+        POLL_MS,
+        || {
+            let mut missing = Vec::new();
+            for node in staying {
+                let held = replica_values(&node.peer_addr, &keys);
+                for ((key, value), held) in acked.iter().zip(held) {
+                    if held != Some(vec![Val::Value(Bytes::copy_from_slice(value))]) {
+                        missing.push(format!(
+                            "node-{} holds {held:?} for {} (partition {})",
+                            node.id,
+                            String::from_utf8_lossy(key),
+                            partition_of(BUCKET, key).0
+                        ));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {} copies differ, e.g. {:?}",
+                    missing.len(),
+                    3 * acked.len(),
+                    &missing[..missing.len().min(5)]
+                ))
+            }
+        },
+    );
 }

@@ -1906,7 +1906,14 @@ impl Shard {
                     max_items,
                     max_bytes,
                 } => self.spawn_scan(id, partition, after, max_items, max_bytes),
-                Output::DropPartition { partition } => self.spawn_drop(partition),
+                Output::DropPartition { partition } => {
+                    tracing::info!(
+                        shard = self.id,
+                        partition,
+                        "dropping a handed-off partition"
+                    );
+                    self.spawn_drop(partition)
+                }
                 Output::TransferDone { epoch, partition } => self.transfer_done(epoch, partition),
             }
         }

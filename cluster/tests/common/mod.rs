@@ -152,6 +152,8 @@ pub struct ClusterNode {
     args: Vec<String>,
     /// Flags added at every start (`--seeds`, `--gossip-ms`).
     pub extra: Vec<String>,
+    /// Where the node's log goes (appended across restarts), beside its data directory.
+    pub log: PathBuf,
     child: Option<Child>,
 }
 
@@ -186,6 +188,7 @@ impl ClusterNode {
             peer_addr,
             args,
             extra: Vec::new(),
+            log: dir.join(format!("node-{id}.log")),
             child: None,
         }
     }
@@ -193,13 +196,21 @@ impl ClusterNode {
     /// Starts the process and waits (bounded) until it answers PING.
     pub fn start(&mut self) {
         assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // RINGKV_TEST_LOG raises the nodes' log level when a failure needs explaining.
+        let level = std::env::var("RINGKV_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let child = Command::new(BIN)
             .arg("serve")
             .args(&self.args)
             .args(&self.extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);

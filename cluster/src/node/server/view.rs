@@ -135,6 +135,7 @@ impl Shard {
 
     /// Reports a received partition to membership, on shard 0.
     pub(super) fn transfer_done(self: &Rc<Self>, epoch: u64, partition: u32) {
+        tracing::info!(shard = self.id, epoch, partition, "partition received");
         if self.id == 0 {
             self.membership_transfer_done(epoch, partition);
             return;
