@@ -997,7 +997,7 @@ impl Core {
             if let Some(slot) = op.slots.iter_mut().find(|s| s.home == me) {
                 slot.holder = Some(me);
             }
-            self.lock(key, JobKind::Coordinate { op: id });
+            self.lock(now, key, JobKind::Coordinate { op: id });
         } else {
             // No home reachable: coordinate without a local replica, on a fresh epoch.
             let Some(epoch) = self.fresh_epoch() else {
@@ -1231,7 +1231,7 @@ impl Core {
             },
         );
         if holder == me {
-            self.local(msg_id, msg, ReplyTo2::Slot { op: id, slot });
+            self.local(now, msg_id, msg, ReplyTo2::Slot { op: id, slot });
         } else {
             self.timeouts
                 .insert((now + self.cfg.replica_timeout_ms, msg_id));
@@ -1240,7 +1240,7 @@ impl Core {
     }
 
     /// Runs a replica request addressed to this node.
-    fn local(&mut self, msg_id: u64, msg: PeerMsg, to: ReplyTo2) {
+    fn local(&mut self, now: u64, msg_id: u64, msg: PeerMsg, to: ReplyTo2) {
         match msg {
             PeerMsg::ReplicaPut {
                 key,
@@ -1254,6 +1254,7 @@ impl Core {
                 };
                 let _ = msg_id;
                 self.lock(
+                    now,
                     key,
                     JobKind::Apply {
                         object,
@@ -1454,6 +1455,7 @@ impl Core {
             };
             if holder == self.cfg.node {
                 self.lock(
+                    now,
                     key,
                     JobKind::Apply {
                         object: merged.clone(),
@@ -1553,29 +1555,15 @@ impl Core {
     pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
         self.heard_from(from);
         match msg {
-            PeerMsg::ReplicaPut { id, ref key, .. }
-                if key.space == Space::Primary && self.dropping(key.partition) =>
-            {
-                self.out.push(Output::Send {
-                    to: from,
-                    msg: PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(
-                            ErrorCode::Overloaded,
-                            "the partition is being dropped here after its handoff",
-                        ),
-                    },
-                });
-            }
             PeerMsg::ReplicaPut { id, ref key, .. } => {
                 if key.space == Space::Primary && !self.replicates(key.partition) {
                     // A coordinator with an older ring: keep the write, and hand it on.
-                    self.foreign_write(now, from, id, key.partition);
+                    self.handoff_needed(now, key.partition);
                 }
-                self.local(id, msg, ReplyTo2::Peer(from, id));
+                self.local(now, id, msg, ReplyTo2::Peer(from, id));
             }
             PeerMsg::ReplicaGet { id, .. } => {
-                self.local(id, msg, ReplyTo2::Peer(from, id));
+                self.local(now, id, msg, ReplyTo2::Peer(from, id));
             }
             PeerMsg::TransferPull {
                 id,
@@ -1602,7 +1590,7 @@ impl Core {
                         h.in_flight = false;
                     }
                     if durable {
-                        self.lock(hint, JobKind::DropHint { delivered: object });
+                        self.lock(now, hint, JobKind::DropHint { delivered: object });
                     }
                 }
                 Some(Pending::HandoffPut { partition }) => {
@@ -1898,7 +1886,19 @@ impl Core {
 
     // ----- per-key jobs -----
 
-    fn lock(&mut self, key: StoreKey, kind: JobKind) {
+    fn lock(&mut self, now: u64, key: StoreKey, kind: JobKind) {
+        if key.space == Space::Primary && self.dropping(key.partition) {
+            // The shell is dropping the partition (a handoff finished): a write landing now
+            // could be dropped after it is acknowledged. The request fails; its coordinator
+            // moves on.
+            let job = Job {
+                key,
+                kind,
+                stage: Stage::Queued,
+                riders: Vec::new(),
+            };
+            return self.job_failed(now, job, "the partition is being dropped here".into());
+        }
         let id = self.id();
         self.jobs.insert(
             id,
@@ -2089,6 +2089,7 @@ impl Core {
     /// The batch's write is done (or was not needed): every job of it completes.
     fn job_written(&mut self, now: u64, job: u64) {
         let j = self.unlock(job);
+        self.stored_write(now, &j.key);
         let riders: Vec<Job> = j
             .riders
             .iter()
@@ -2134,9 +2135,6 @@ impl Core {
                 }
             }
             JobKind::Apply { durable, then, .. } => {
-                if let ApplyDone::Peer(node, id) = then {
-                    self.replica_write_done(now, node, id);
-                }
                 if let Space::Hint(_) = j.key.space {
                     self.hints.entry(j.key.clone()).or_default();
                 }
@@ -2172,16 +2170,13 @@ impl Core {
                 );
             }
             JobKind::Apply { then, .. } => match then {
-                ApplyDone::Peer(node, id) => {
-                    self.replica_write_done(now, node, id);
-                    self.out.push(Output::Send {
-                        to: node,
-                        msg: PeerMsg::Failed {
-                            id,
-                            error: ErrorBody::new(ErrorCode::Internal, e),
-                        },
-                    });
-                }
+                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(ErrorCode::Internal, e),
+                    },
+                }),
                 ApplyDone::Slot { op, slot } => {
                     self.pending_slot_done(op, slot);
                     self.slot_answered(now, op, slot, SlotResult::Failed);

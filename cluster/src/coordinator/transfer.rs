@@ -20,7 +20,7 @@
 //!   lists of both rings, or a stale coordinator wrote to it) is pushed, page by page, to every
 //!   current replica as synced [`PeerMsg::ReplicaPut`]s, and dropped ([`Output::DropPartition`])
 //!   only once every replica acknowledged every page of a complete pass during which no write
-//!   arrived. Between the drop request and [`Core::partition_dropped`] replica writes to it are
+//!   was stored there and none is in progress (no per-key job holds one of its keys). Between the drop request and [`Core::partition_dropped`] replica writes to it are
 //!   refused (the coordinator moves on to a fallback), so nothing acknowledged is dropped.
 //!   Dropping a replica without tombstones would let this node reissue dots it handed out (module
 //!   docs of the parent: epochs), so [`Core::partition_dropped`] raises the epoch floor to a fresh
@@ -48,6 +48,8 @@ pub const PAGE_BYTES: usize = 4 << 20;
 pub const PULLS_MAX: usize = 2;
 /// Handoffs running at once per core.
 pub const HANDOFFS_MAX: usize = 1;
+/// Wait before a handoff that found a write still landing looks again.
+const RECHECK_MS: u64 = 10;
 
 /// One key of a scan page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,9 +112,6 @@ pub(super) struct Transfers {
     /// `(epoch, partition)` pulls finished and reported.
     done: BTreeSet<(u64, u32)>,
     handoffs: BTreeMap<u32, Handoff>,
-    /// Replica writes in flight to partitions this node does not replicate: (sender, request
-    /// id) → partition.
-    foreign: BTreeMap<(NodeId, u64), u32>,
 }
 
 impl Transfers {
@@ -206,19 +205,19 @@ impl Core {
         self.take_output()
     }
 
-    /// A replica write to a partition this node does not replicate (a coordinator with an older
-    /// ring) arrived: it is kept, and the partition's handoff must not finish before it lands.
-    pub(super) fn foreign_write(&mut self, now: u64, from: NodeId, id: u64, partition: u32) {
-        self.transfers.foreign.insert((from, id), partition);
-        self.handoff_needed(now, partition);
+    /// A write to `key` was stored: if this node does not replicate its partition (a coordinator
+    /// or an op with an older ring wrote it), the partition is handed off (again).
+    pub(super) fn stored_write(&mut self, now: u64, key: &StoreKey) {
+        if key.space == Space::Primary && !self.replicates(key.partition) {
+            self.handoff_needed(now, key.partition);
+        }
     }
 
-    /// The replica write `id` from `from` finished (or failed): if it was a foreign one, the
-    /// handoff of its partition goes around again so it is pushed too.
-    pub(super) fn replica_write_done(&mut self, now: u64, from: NodeId, id: u64) {
-        if let Some(partition) = self.transfers.foreign.remove(&(from, id)) {
-            self.handoff_needed(now, partition);
-        }
+    /// Whether a per-key job holds a replica key of `partition`: a write may still land there.
+    fn writing_in(&self, partition: u32) -> bool {
+        self.locks
+            .keys()
+            .any(|k| k.partition == partition && k.space == Space::Primary)
     }
 
     /// Schedules (or repeats) the handoff of `partition`.
@@ -385,6 +384,7 @@ impl Core {
             };
             self.stats.transferred_keys += 1;
             self.lock(
+                now,
                 key,
                 JobKind::Apply {
                     object: item.object,
@@ -579,6 +579,7 @@ impl Core {
 
     fn handoff_progress(&mut self, now: u64, partition: u32) {
         let replicated = self.replicates(partition);
+        let busy = self.writing_in(partition);
         let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
             return;
         };
@@ -597,10 +598,17 @@ impl Core {
                 h.cursor = Some(cursor);
                 h.step = Step::Idle { at: now };
             }
-            None if h.writes > 0 || self.transfers.foreign.values().any(|p| *p == partition) => {
-                // Writes arrived during the pass: they may be behind the cursor. Again.
+            None if h.writes > 0 => {
+                // Writes landed during the pass: they may be behind the cursor. Again.
                 h.cursor = None;
                 h.step = Step::Idle { at: now };
+            }
+            None if busy => {
+                // A write is still landing: look again shortly, from the start.
+                h.cursor = None;
+                h.step = Step::Idle {
+                    at: now + RECHECK_MS,
+                };
             }
             None if replicated => {
                 // The ring came back to this node meanwhile: keep the data.
