@@ -1139,7 +1139,7 @@ async fn serve_shard(
                     match message {
                         Control::View(view) => shard.apply_view(&view),
                         Control::TransferDone { epoch, partition } => {
-                            shard.transfer_done(epoch, partition)
+                            shard.membership_transfer_done(epoch, partition)
                         }
                     }
                 }
