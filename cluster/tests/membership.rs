@@ -300,6 +300,17 @@ fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool
 /// pending, node-4 owning partitions, node-3 removed), after checking that no write failed.
 fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<(Vec<u8>, Vec<u8>)>) {
     let nodes = three_and_a_fresh_one(name);
+    // The measured phase starts once the three-node cluster takes a W=2 write through each node
+    // the writer uses (peer links are opened on first use, and a cold start is not what this
+    // scenario is about).
+    for (i, node) in nodes[..2].iter().enumerate() {
+        wait_for("a first write accepted", POLLS, POLL_MS, || {
+            node.client()
+                .put(BUCKET, format!("warm-up-{i}").as_bytes(), b"w", None)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    }
     let stop = Arc::new(AtomicBool::new(false));
     // Writes go through the two nodes that stay, alternately, each key written once.
     let targets = [nodes[0].addr.clone(), nodes[1].addr.clone()];
