@@ -294,11 +294,14 @@ fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool
     }
 }
 
+/// An acknowledged write: key and value.
+type Written = (Vec<u8>, Vec<u8>);
+
 /// The scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins and
 /// receives its partitions; then one of the first three leaves. Returns the nodes that stay
 /// and every acknowledged write, once both changes are complete everywhere (no transfer
 /// pending, node-4 owning partitions, node-3 removed), after checking that no write failed.
-fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<(Vec<u8>, Vec<u8>)>) {
+fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) {
     let nodes = three_and_a_fresh_one(name);
     // The measured phase starts once the three-node cluster takes a W=2 write through each node
     // the writer uses (peer links are opened on first use, and a cold start is not what this

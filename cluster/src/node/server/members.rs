@@ -34,7 +34,7 @@
 //! `replica_timeout_ms`: a live peer answers membership at once).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -75,6 +75,9 @@ pub(super) struct Driver {
     persist_next: RefCell<Option<Vec<u8>>>,
     /// Whether a write of the state file is running.
     persisting: Cell<bool>,
+    /// Membership outputs not carried out yet, and whether they are being carried out.
+    queue: RefCell<VecDeque<MembershipOutput>>,
+    draining: Cell<bool>,
     data_dir: PathBuf,
     /// This node's peer address: a node without one cannot join a cluster.
     peer_listen: Option<SocketAddr>,
@@ -94,6 +97,8 @@ impl Driver {
             next_admin: Cell::new(1),
             persist_next: RefCell::new(None),
             persisting: Cell::new(false),
+            queue: RefCell::new(VecDeque::new()),
+            draining: Cell::new(false),
             data_dir,
             peer_listen,
             random: std::collections::hash_map::RandomState::new(),
@@ -264,8 +269,31 @@ impl Shard {
     }
 
     /// Carries out what membership asked for. Never called with membership borrowed.
+    ///
+    /// Carrying out a view can call membership again (a core reports a partition received while
+    /// it takes the view); those outputs are queued behind the ones being carried out, never
+    /// run in the middle of them, so views and states reach the shards and the file in the order
+    /// membership produced them.
     fn membership_outputs(self: &Rc<Self>, outputs: Vec<MembershipOutput>) {
-        for output in outputs {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        driver.queue.borrow_mut().extend(outputs);
+        if driver.draining.replace(true) {
+            return;
+        }
+        loop {
+            let next = driver.queue.borrow_mut().pop_front();
+            let Some(output) = next else {
+                break;
+            };
+            self.membership_output(output);
+        }
+        driver.draining.set(false);
+    }
+
+    fn membership_output(self: &Rc<Self>, output: MembershipOutput) {
+        {
             match output {
                 MembershipOutput::Send { msg, .. } if msg.is_answer() => {
                     let (sub, payload) = msg.encode();

@@ -99,9 +99,17 @@ impl Shard {
             let mut peers = self.peers.borrow_mut();
             let mut links = self.links.borrow_mut();
             links.retain(|node, _| {
-                let keep = view.peers.get(node).is_some_and(|a| peers.get(node) == Some(a));
+                let keep = view
+                    .peers
+                    .get(node)
+                    .is_some_and(|a| peers.get(node) == Some(a));
                 if !keep {
-                    tracing::info!(shard = self.id, node = %node, "closing the link to a changed or removed member");
+                    tracing::info!(
+                        shard = self.id,
+                        node = %node,
+                        view = view.version,
+                        "closing the link to a changed or removed member"
+                    );
                 }
                 keep
             });
