@@ -17,13 +17,16 @@
 //!   transfer reports) that merges deterministically, and the staged join/leave/remove changes a
 //!   claimant commits and flips once partitions are transferred.
 //! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy; [`phi`]: phi-accrual
-//!   failure detection.
+//!   failure detection, which each coordinator keeps per peer.
+//! - [`admission`]: admission control of background work (Dynamo §6.5): the foreground's tail
+//!   latency sets the share background work gets.
 //! - [`node`]: [`NodeId`] and the node runtime (one shard per core, the client protocol,
 //!   shutdown) behind `ringkv serve`.
 //!
 //! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
 //! about this crate. See `docs/ARCHITECTURE.md` for the layers.
 
+pub mod admission;
 pub mod bucket;
 pub mod coordinator;
 pub mod dvv;

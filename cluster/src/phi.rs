@@ -10,8 +10,10 @@
 //!
 //! Like Cassandra's detector, the inter-arrival times are modelled as exponential with the mean of
 //! a bounded window ([`WINDOW_MAX`] samples), so `φ(t) = (t / mean) · log10(e)`. The mean is
-//! floored at [`MEAN_MIN_MS`] so a burst of back-to-back arrivals does not make a short pause look
-//! fatal, and capped by `mean_max_ms` so a peer silent from the start is still suspected.
+//! floored at the expected interval (the heartbeat period, and never below [`MEAN_MIN_MS`]): a
+//! burst of request traffic fills the window with tiny intervals, and without the floor the
+//! ordinary wait for the next heartbeat after the burst would look fatal. It is capped by
+//! `mean_max_ms` so a peer silent from the start is still suspected.
 //!
 //! The detector is local: every node (every shard) keeps its own, and nothing is gossiped about
 //! suspicion. Limits: memory is `WINDOW_MAX` samples per peer.
@@ -31,12 +33,14 @@ pub struct PhiDetector {
     intervals: VecDeque<u64>,
     sum: u64,
     last: Option<u64>,
+    mean_min_ms: f64,
     mean_max_ms: f64,
 }
 
 impl PhiDetector {
     /// A detector that assumes, before any sample, one arrival every `expected_interval_ms`
-    /// (the gossip interval), and never a mean above `4 ×` that.
+    /// (the heartbeat interval), and never a mean below that (nor below [`MEAN_MIN_MS`]) or
+    /// above `4 ×` that.
     pub fn new(expected_interval_ms: u64) -> Self {
         let expected = expected_interval_ms.max(1);
         let mut intervals = VecDeque::with_capacity(WINDOW_MAX);
@@ -45,6 +49,7 @@ impl PhiDetector {
             intervals,
             sum: expected,
             last: None,
+            mean_min_ms: (expected as f64).max(MEAN_MIN_MS),
             mean_max_ms: 4.0 * expected as f64,
         }
     }
@@ -72,7 +77,7 @@ impl PhiDetector {
             return 0.0;
         };
         let mean = (self.sum as f64 / self.intervals.len() as f64)
-            .clamp(MEAN_MIN_MS, self.mean_max_ms.max(MEAN_MIN_MS));
+            .clamp(self.mean_min_ms, self.mean_max_ms.max(self.mean_min_ms));
         let silence = now.saturating_sub(last) as f64;
         silence / mean * std::f64::consts::LOG10_E
     }
@@ -118,5 +123,19 @@ mod tests {
         assert!(!d.suspected(499 + 200, PHI_THRESHOLD_DEFAULT));
         assert_eq!(d.intervals.len(), WINDOW_MAX);
         assert_eq!(d.sum, d.intervals.iter().sum::<u64>());
+    }
+
+    /// After a burst of traffic has filled the window with 1 ms intervals, silence until the next
+    /// heartbeat (and a few more) is not suspicious; a long silence still is.
+    #[test]
+    fn a_burst_does_not_make_the_next_heartbeat_late() {
+        let mut d = PhiDetector::new(1000);
+        for t in 0..(2 * WINDOW_MAX as u64) {
+            d.arrived(t);
+        }
+        let last = 2 * WINDOW_MAX as u64 - 1;
+        assert!(!d.suspected(last + 1000, PHI_THRESHOLD_DEFAULT));
+        assert!(!d.suspected(last + 5000, PHI_THRESHOLD_DEFAULT));
+        assert!(d.suspected(last + 30_000, PHI_THRESHOLD_DEFAULT));
     }
 }

@@ -58,6 +58,8 @@ struct Node {
     id: u32,
     child: Option<Child>,
     addr: String,
+    /// Admin HTTP address (`/metrics`).
+    admin: String,
     args: Vec<String>,
 }
 
@@ -92,6 +94,20 @@ impl Node {
 
     fn client(&self) -> Client {
         Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// The sum of every sample of metric `name` in the node's `/metrics`.
+    fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
     }
 
     fn kill(&mut self) {
@@ -136,6 +152,7 @@ fn cluster(name: &str, count: u32, shards: usize, extra: &[&str]) -> Vec<Node> {
     let mut nodes: Vec<Node> = (1..=count)
         .map(|id| {
             let addr = format!("127.0.0.1:{}", free_port());
+            let admin = format!("127.0.0.1:{}", free_port());
             let data: &Path = &dir.join(format!("node-{id}"));
             let mut args: Vec<String> = vec![
                 "--config".into(),
@@ -154,12 +171,15 @@ fn cluster(name: &str, count: u32, shards: usize, extra: &[&str]) -> Vec<Node> {
                 seeds.clone(),
                 "--data-dir".into(),
                 data.display().to_string(),
+                "--admin-listen".into(),
+                admin.clone(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
             Node {
                 id,
                 child: None,
                 addr,
+                admin,
                 args,
             }
         })
@@ -366,4 +386,55 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
         Err(ClientError::Server { .. })
     ));
     c.ping().unwrap();
+}
+
+/// A full hint store refuses hints and counts them, and writes still succeed on the replicas
+/// that remain. Four nodes, a hint store of one byte: with node 3 killed, every replica write
+/// meant for it goes to the one fallback of its key, which refuses it (`overloaded`); the slot
+/// has no fallback left, and W=2 is met by the two live homes. `/metrics` shows the refusals and
+/// no hint held anywhere.
+#[test]
+fn a_full_hint_store_refuses_hints_and_counts_them() {
+    let mut nodes = cluster(
+        "hint-overflow",
+        4,
+        1,
+        &["--replica-timeout-ms", "500", "--hint-bytes-max", "1"],
+    );
+    nodes[2].kill();
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let mut a = nodes[0].client();
+    let mut homed = 0;
+    for i in 0..40 {
+        let k = format!("key-{i}").into_bytes();
+        a.put(b"b", &k, &k, None).unwrap();
+        if ring
+            .preference_list(partition_of(b"b", &k), 3)
+            .contains(&NodeId(3))
+        {
+            homed += 1;
+        }
+    }
+    assert!(homed > 0);
+    let live = [0, 1, 3];
+    let mut overflow = 0.0;
+    // Metrics are published by each shard's ticker: polled a bounded number of times.
+    for _ in 0..STARTUP_RETRIES {
+        overflow = live
+            .iter()
+            .map(|&i| nodes[i].metric("ringkv_hint_overflow_total"))
+            .sum();
+        if overflow > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    assert!(overflow > 0.0, "no refused hint counted");
+    for &i in &live {
+        assert_eq!(nodes[i].metric("ringkv_hints"), 0.0);
+        assert_eq!(nodes[i].metric("ringkv_hint_bytes"), 0.0);
+        assert_eq!(nodes[i].metric("ringkv_admission_background_share"), 1.0);
+    }
+    assert!(nodes[0].metric("ringkv_heartbeats_total") > 0.0);
 }

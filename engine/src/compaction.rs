@@ -1,8 +1,8 @@
 //! Compaction: rewrite the live records of mostly-garbage segments into new segments, then delete
 //! the old files.
 //!
-//! It runs in its own glommio task queue (explicit shares, `Latency::NotImportant`) and yields
-//! often, so foreground requests keep their latency. Correctness against concurrent writers:
+//! It runs in its own glommio task queue (explicit shares that `set_compaction_shares` adjusts,
+//! `Latency::NotImportant`) and yields often, so foreground requests keep their latency. Correctness against concurrent writers:
 //! - a record is copied only if the index points at it when it is looked at;
 //! - the index is switched to the copy only after the copy is durable, and only if the entry still
 //!   points at the original (compare-and-set): a write that superseded the key meanwhile wins and

@@ -37,5 +37,5 @@ pub use config::{Durability, EngineConfig};
 pub use engine::{Engine, PartitionIter};
 pub use error::EngineError;
 pub use io::{FaultPlan, IoClass};
-pub use recovery::{DamagedRegion, RecoveryReport};
+pub use recovery::{DamagedRegion, RecoveryReport, set_compaction_shares};
 pub use stats::EngineStats;

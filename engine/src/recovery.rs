@@ -148,18 +148,39 @@ pub(crate) fn parse_intent(bytes: &[u8]) -> Option<Vec<u64>> {
 thread_local! {
     static COMPACTION_QUEUE: std::cell::Cell<Option<(usize, glommio::TaskQueueHandle)>> =
         const { std::cell::Cell::new(None) };
+    /// Shares of this thread's compaction queue (see [`set_compaction_shares`]).
+    static COMPACTION_SHARES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets the CPU shares of the compaction queue of the calling executor's thread, clamped to
+/// `[1, 1000]`, effective within glommio's adjustment period (250 ms). Admission control of
+/// background work uses it to slow compaction when foreground latency rises; until it is
+/// called, the `compaction_shares` of the first engine opened on the executor apply.
+pub fn set_compaction_shares(shares: usize) {
+    COMPACTION_SHARES.with(|c| c.set(shares.clamp(1, 1000)));
+}
+
+/// Reads the thread's compaction shares every adjustment period.
+struct CompactionShares;
+
+impl glommio::SharesManager for CompactionShares {
+    fn shares(&self) -> usize {
+        COMPACTION_SHARES.with(|c| c.get()).max(1)
+    }
 }
 
 /// The background task queue for compaction, one per executor: glommio offers no way to remove a
-/// task queue, so engines opened and closed repeatedly on one executor share it. The shares of the
-/// first engine opened on an executor apply.
+/// task queue, so engines opened and closed repeatedly on one executor share it. Its shares are
+/// dynamic: those of the first engine opened on an executor, until [`set_compaction_shares`]
+/// changes them.
 fn compaction_queue(shares: usize) -> glommio::TaskQueueHandle {
     let ex = glommio::executor().id();
     COMPACTION_QUEUE.with(|c| match c.get() {
         Some((id, h)) if id == ex => h,
         _ => {
+            set_compaction_shares(shares);
             let h = glommio::executor().create_task_queue(
-                Shares::Static(shares),
+                Shares::Dynamic(Rc::new(CompactionShares)),
                 Latency::NotImportant,
                 "ringkv-compaction",
             );
@@ -407,4 +428,22 @@ pub(crate) async fn open(
         tasks: std::cell::RefCell::new(Vec::new()),
         _lock: lock,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use glommio::SharesManager;
+
+    use super::*;
+
+    /// The compaction queue reads the shares set last on its thread, clamped to glommio's range.
+    #[test]
+    fn compaction_shares_follow_the_setter() {
+        set_compaction_shares(7);
+        assert_eq!(CompactionShares.shares(), 7);
+        set_compaction_shares(0);
+        assert_eq!(CompactionShares.shares(), 1);
+        set_compaction_shares(5000);
+        assert_eq!(CompactionShares.shares(), 1000);
+    }
 }

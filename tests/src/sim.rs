@@ -24,12 +24,23 @@
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
 //!   records the values of the read its context came from; "saw" is the transitive closure);
 //!   an `lww` read has at most one sibling;
+//! - every replica write a node acknowledges is in its store (durably, if the acknowledgement
+//!   says so) when the acknowledgement leaves;
+//! - after every event, hint credit: a holder never has more hints in flight to a home than the
+//!   grant it uses, and that grant is one the home sent it (the simulator records every
+//!   HINT_CREDIT answer the network delivers); no grant is above `hint_credit_max`;
 //! - at the end, after faults stop, every node is up, hints have drained, membership changes are
 //!   complete (no pending ring, every node holds the same state, no transfer or handoff left),
 //!   and every key has been read with `r = n`: every acknowledged write is a sibling of the final
 //!   state or was seen by a write whose value is (transitively); every acknowledged set element is
 //!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
 //!   no node keeps replica data of a partition it does not replicate; no hint is left.
+//!
+//! A quarter of the seeds run with a tiny hint store ([`Params::hint_bytes_max`]), so fallbacks
+//! refuse most hints. The promises above still hold there: acknowledgements come from replicas
+//! that stored the write, and the final `r = n` read repairs the homes that missed a refused
+//! hint. (Nothing else would: until anti-entropy runs, a home that missed a refused hint for a
+//! key nobody reads again stays stale, which is why the final pass reads every key.)
 //!
 //! Everything iterates `BTreeMap`s and draws from one `StdRng`, so a seed replays exactly; the
 //! run's trace hash ([`Outcome::trace`]) proves it.
@@ -43,6 +54,7 @@ use ringkv_cluster::NodeId;
 use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_cluster::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
+    hint_bytes,
 };
 use ringkv_cluster::membership::{
     AdminCmd, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
@@ -57,6 +69,8 @@ const SIBLINGS_BUCKET: &[u8] = b"default";
 const LWW_BUCKET: &[u8] = b"sessions";
 /// Set-add keys are numbered from here; registers from 0.
 const SET_KEYS: usize = 1000;
+/// Most hints a home grants at once; small so windows fill.
+const HINT_CREDIT_MAX: u32 = 3;
 
 /// Knobs of one run, all derived from the seed by [`Params::from_seed`].
 #[derive(Clone, Debug)]
@@ -83,6 +97,8 @@ pub struct Params {
     pub dw: u8,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
+    /// The hint store's bound per node, when it is tiny (overflow runs).
+    pub hint_bytes_max: Option<u64>,
     /// The membership change the operator script makes, if any.
     pub change: Option<Change>,
 }
@@ -116,6 +132,8 @@ impl Params {
             partitions: rng.gen_bool(0.6),
             delay_max_ms: [2, 10, 40][rng.gen_range(0..3)],
             dw: rng.gen_range(0..=1),
+            // Drawn last so the other knobs of a seed stay what they were.
+            hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
             // From a stream of its own, so the other knobs of a seed stay what they were.
             change: {
                 let mut rng = StdRng::seed_from_u64(seed ^ 0x00c1_a55e);
@@ -152,6 +170,10 @@ pub struct Outcome {
     pub crashes: usize,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
+    /// Hint writes refused by a full hint store, over all nodes.
+    pub hint_overflow: u64,
+    /// Hint credit granted, over all nodes.
+    pub credits_granted: u64,
     /// Membership changes committed (joins, leaves, removals).
     pub changes: usize,
     /// Partitions pulled for pending rings, over all nodes.
@@ -173,6 +195,11 @@ impl SimMsg {
             SimMsg::Core(m) => m.is_answer(),
             SimMsg::Member(m) => m.is_answer(),
         }
+    }
+
+    /// A failure-detector heartbeat or its answer.
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, SimMsg::Core(m) if m.is_heartbeat())
     }
 
     /// The id a request and its answer share, apart for the two kinds.
@@ -414,6 +441,11 @@ pub struct Sim {
     verbose: bool,
     /// Final-phase read requests → the key they read.
     final_keys: BTreeMap<u64, (&'static [u8], usize)>,
+    /// Hint credit the network delivered: (holder, its incarnation, request id) → granted.
+    grants: BTreeMap<(usize, u32, u64), u32>,
+    /// Replica writes delivered and not yet acknowledged: (receiver, sender, request id) → what
+    /// and where (the acknowledgement checker).
+    puts: BTreeMap<(usize, usize, u64), (StoreKey, Object)>,
     /// Nodes clients use (a spare joins later and is not one of them).
     client_nodes: usize,
     /// Operator steps left; the first runs (and is retried) until it succeeds.
@@ -478,6 +510,8 @@ impl Sim {
             crashes: 0,
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
+            grants: BTreeMap::new(),
+            puts: BTreeMap::new(),
             verbose: std::env::var_os("RINGKV_SIM_TRACE").is_some(),
             client_nodes: 0,
             script: std::collections::VecDeque::new(),
@@ -540,6 +574,11 @@ impl Sim {
         cfg.down_ms = 400;
         cfg.hint_retry_ms = 200;
         cfg.hint_inflight_max = 4;
+        cfg.hint_credit_max = HINT_CREDIT_MAX;
+        cfg.heartbeat_ms = 100;
+        if let Some(max) = self.params.hint_bytes_max {
+            cfg.hint_bytes_max = max;
+        }
         cfg
     }
 
@@ -586,11 +625,16 @@ impl Sim {
         node.floor = self.params.durable_writes.then_some(floor);
         let mut cfg = cfg;
         cfg.epoch_floor = Some(floor);
-        let hints: Vec<StoreKey> = node
+        let hints: Vec<(StoreKey, u64)> = node
             .store
             .keys()
             .into_iter()
             .filter(|k| matches!(k.space, Space::Hint(_)))
+            .map(|k| {
+                let object = node.store.read(&k).expect("a listed key is stored");
+                let bytes = hint_bytes(&k, object.encoded_len());
+                (k, bytes)
+            })
             .collect();
         let stored: BTreeSet<u32> = node
             .store
@@ -856,7 +900,7 @@ impl Sim {
             }
         }
         self.check_final();
-        let mut stats = (0, 0, 0, 0, 0, 0);
+        let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
@@ -866,6 +910,8 @@ impl Sim {
                 stats.3 += s.batched_jobs;
                 stats.4 += s.partitions_received;
                 stats.5 += s.partitions_dropped;
+                stats.6 += s.hint_overflow;
+                stats.7 += s.credits_granted;
             }
         }
         Outcome {
@@ -881,6 +927,8 @@ impl Sim {
             changes: self.changes,
             partitions_received: stats.4,
             partitions_dropped: stats.5,
+            hint_overflow: stats.6,
+            credits_granted: stats.7,
         }
     }
 
@@ -922,10 +970,15 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|c| c.hint_count() > 0 || c.ops_in_flight() > 0)
         }) || !self.requests.is_empty()
-            || self
-                .events
-                .values()
-                .any(|e| matches!(e, Event::Stored { .. } | Event::Deliver(_)))
+            || self.events.values().any(|e| match e {
+                Event::Stored { .. } => true,
+                // Heartbeats and gossip never stop; they are not work in progress (membership
+                // has its own test, `membership_settled`).
+                Event::Deliver(env) => {
+                    !env.msg.is_heartbeat() && !matches!(env.msg, SimMsg::Member(_))
+                }
+                _ => false,
+            })
     }
 
     /// Every (bucket, key) a client may write.
@@ -1106,6 +1159,7 @@ impl Sim {
         node.incarnation += 1;
         node.tick_at = None;
         self.owed.retain(|(at, _, _), _| *at != n);
+        self.puts.retain(|(at, _, _), _| *at != n);
         // Client requests the node was coordinating are lost: their clients see a timeout.
         let lost: Vec<(usize, u64)> = self
             .requests
@@ -1129,6 +1183,9 @@ impl Sim {
     }
 
     fn send(&mut self, from: usize, to: usize, msg: SimMsg) {
+        if let SimMsg::Core(PeerMsg::ReplicaPutOk { id, durable }) = &msg {
+            self.check_ack(from, to, *id, *durable);
+        }
         let from_incarnation = self.nodes[from].incarnation;
         let to_incarnation = if msg.is_answer() {
             let id = msg.id();
@@ -1189,7 +1246,28 @@ impl Sim {
                 // The requester restarted: its connection, and so this request, is gone.
                 return;
             }
-            self.owed.insert((to, from, msg.id()), from_incarnation);
+            // Nothing waits for a heartbeat's answer: not recorded (it would pile up).
+            if !msg.is_heartbeat() {
+                self.owed.insert((to, from, msg.id()), from_incarnation);
+            }
+        }
+        if let SimMsg::Core(PeerMsg::ReplicaPut {
+            id, key, object, ..
+        }) = &msg
+        {
+            self.puts
+                .insert((to, from, *id), (key.clone(), object.clone()));
+        }
+        if let SimMsg::Core(PeerMsg::HintCreditOk { id, granted }) = &msg {
+            assert!(
+                *granted <= HINT_CREDIT_MAX,
+                "node {} granted {granted} hints, above the limit",
+                from + 1
+            );
+            // A duplicated request is answered twice; the holder uses the first answer.
+            self.grants
+                .entry((to, to_incarnation, *id))
+                .or_insert(*granted);
         }
         self.mix(0x1000 + to as u64);
         if self.verbose {
@@ -1214,6 +1292,64 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// An acknowledged replica write is stored: what node `n` holds for the key (durably, if it
+    /// said so) already contains the object it was sent.
+    fn check_ack(&mut self, n: usize, requester: usize, id: u64, durable: bool) {
+        let Some((key, object)) = self.puts.remove(&(n, requester, id)) else {
+            return;
+        };
+        let store = &self.nodes[n].store;
+        let held = if durable {
+            store.durable.get(&key).cloned()
+        } else {
+            store.read(&key)
+        };
+        let contains = held
+            .as_ref()
+            .is_some_and(|h| h.clone().merge(object.clone()) == *h);
+        assert!(
+            contains,
+            "node {} acknowledged a replica write of {key:?} (durable: {durable}) it does not hold",
+            n + 1
+        );
+    }
+
+    /// Hint credit (module docs): every window of node `n` uses a grant its home sent, and has
+    /// no more hints in flight than that grant.
+    fn check_credit(&self, n: usize) {
+        let node = &self.nodes[n];
+        let Some(core) = node.core.as_ref() else {
+            return;
+        };
+        let mut in_flight = 0;
+        for w in core.hint_windows() {
+            let sent = self.grants.get(&(n, node.incarnation, w.grant_id));
+            assert_eq!(
+                sent,
+                Some(&w.granted),
+                "node {} uses a grant of {} from {} that the home did not send ({sent:?})",
+                n + 1,
+                w.granted,
+                w.home
+            );
+            assert!(
+                w.in_flight <= w.granted,
+                "node {} has {} hints in flight to {}, above the {} granted",
+                n + 1,
+                w.in_flight,
+                w.home,
+                w.granted
+            );
+            in_flight += w.in_flight as usize;
+        }
+        assert_eq!(
+            in_flight,
+            core.hints_in_flight(),
+            "node {}: every hint in flight belongs to a window",
+            n + 1
+        );
     }
 
     fn outputs(&mut self, n: usize, outputs: Vec<Output>) {
@@ -1291,6 +1427,7 @@ impl Sim {
                 }
             }
         }
+        self.check_credit(n);
         self.reschedule_tick(n);
     }
 

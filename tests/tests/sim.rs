@@ -41,7 +41,7 @@ fn seeds_keep_the_promises() {
     }
     let count = env("RINGKV_SIM_SEEDS").unwrap_or(1000);
     let start = env("RINGKV_SIM_START").unwrap_or(0);
-    let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64);
+    let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut membership = (0usize, 0u64, 0u64);
     for seed in start..start + count {
         let o = run_seed(seed);
@@ -52,14 +52,17 @@ fn seeds_keep_the_promises() {
         totals.4 += o.read_repairs;
         totals.5 += o.crashes;
         totals.6 += o.batched_jobs;
+        totals.7 += o.hint_overflow;
+        totals.8 += o.credits_granted;
         membership.0 += o.changes;
         membership.1 += o.partitions_received;
         membership.2 += o.partitions_dropped;
     }
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
-         delivered, {} read repairs, {} crashes, {} batched jobs",
-        totals.0, totals.1, totals.2, totals.3, totals.4, totals.5, totals.6
+         delivered, {} read repairs, {} crashes, {} batched jobs, {} hints refused (store \
+         full), {} hint credits granted",
+        totals.0, totals.1, totals.2, totals.3, totals.4, totals.5, totals.6, totals.7, totals.8
     );
     println!(
         "membership: {} changes committed, {} partitions received, {} partitions dropped after \
@@ -72,6 +75,8 @@ fn seeds_keep_the_promises() {
         assert!(totals.4 > 0, "no run repaired a replica");
         assert!(totals.5 > 0, "no run crashed a node");
         assert!(totals.6 > 0, "no run batched jobs on a key");
+        assert!(totals.7 > 0, "no run filled a hint store");
+        assert!(totals.8 > 0, "no run granted hint credit");
         assert!(
             membership.0 > 0 && membership.1 > 0 && membership.2 > 0,
             "no run changed membership and moved partitions"

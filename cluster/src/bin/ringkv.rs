@@ -155,6 +155,19 @@ enum Command {
         /// Interval between membership gossip rounds, in ms [default: 1000].
         #[arg(long)]
         gossip_ms: Option<u64>,
+        /// Bytes of hints this node stores at most, split evenly across shards; past it hints
+        /// are refused `overloaded` [default: 1073741824 (1 GiB)].
+        #[arg(long)]
+        hint_bytes_max: Option<u64>,
+        /// Interval between failure-detector heartbeats to each peer, in ms [default: 1000].
+        #[arg(long)]
+        heartbeat_ms: Option<u64>,
+        /// Suspicion level (phi) above which a silent peer is believed down [default: 8].
+        #[arg(long)]
+        phi_threshold: Option<u32>,
+        /// Client p99 latency above which background work backs off, in µs [default: 10000].
+        #[arg(long)]
+        admission_p99_threshold_us: Option<u64>,
     },
     /// Print the value (or the siblings) of KEY (exit 1 if it does not exist).
     Get {
@@ -348,6 +361,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replica_timeout_ms,
             hint_retry_ms,
             gossip_ms,
+            hint_bytes_max,
+            heartbeat_ms,
+            phi_threshold,
+            admission_p99_threshold_us,
         } => {
             let file = match &config {
                 Some(path) => {
@@ -383,6 +400,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replica_timeout_ms,
                 hint_retry_ms,
                 gossip_ms,
+                hint_bytes_max,
+                heartbeat_ms,
+                phi_threshold,
+                admission_p99_threshold_us,
                 buckets: None,
             };
             let settings = Settings::resolve(flags, file)?;
@@ -411,6 +432,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.replica_timeout_ms = settings.replica_timeout_ms;
             cfg.hint_retry_ms = settings.hint_retry_ms;
             cfg.gossip_ms = settings.gossip_ms;
+            cfg.hint_bytes_max = settings.hint_bytes_max;
+            cfg.heartbeat_ms = settings.heartbeat_ms;
+            cfg.phi_threshold = settings.phi_threshold;
+            cfg.admission_p99_threshold_us = settings.admission_p99_threshold_us;
             serve(cfg)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -22,15 +22,21 @@
 //!   deadline passed) sends the merged object to each replica that returned something older: read
 //!   repair.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
-//!   coordinator believes that home unreachable (a request to it timed out or its connection
-//!   failed, less than `down_ms` ago), by the next node of the ring walk not already serving a
-//!   slot. A fallback stores what it receives as a *hint* naming the home, in a separate storage
-//!   space ([`Space::Hint`]), always synced whatever the durability mode, and answers reads of
-//!   that slot from it. When a slot's replica times
-//!   out during a request, the slot moves on to the next fallback.
-//! - **hinted handoff**: every `hint_retry_ms` the core sends each stored hint to its home (at most
-//!   `hint_inflight_max` at once); once the home acknowledges a durable write, the hint is removed
-//!   unless it changed meanwhile. The membership layer adds pacing and failure detection later.
+//!   coordinator believes that home unreachable (see failure detection below), by the next node
+//!   of the ring walk not already serving a slot. A fallback stores what it receives as a
+//!   *hint* naming the home, in a separate storage space ([`Space::Hint`]), always synced
+//!   whatever the durability mode, and answers reads of that slot from it. When a slot's replica
+//!   times out (or refuses a hint) during a request, the slot moves on to the next fallback.
+//! - **hinted handoff** (`hints.rs`): hints live in a store bounded in bytes (`hint_bytes_max`;
+//!   past it a fallback refuses hints with `overloaded` and the slot moves on). Every
+//!   `hint_retry_ms` the core asks each reachable home with hints for credit; the home grants
+//!   from its own load and the background share, and the holder never has more hints in flight
+//!   to it than granted. Once the home acknowledges a durable write, the hint is removed unless
+//!   it changed meanwhile.
+//! - **failure detection** (`liveness.rs`): "believed unreachable" is local: a phi-accrual
+//!   detector per peer, fed by every message from it and by a heartbeat every `heartbeat_ms`,
+//!   plus explicit suspicion for `down_ms` after a request to the peer timed out or its
+//!   connection failed.
 //!
 //! # Dots must never repeat: actors and epochs
 //!
@@ -77,6 +83,15 @@ use crate::node::NodeId;
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::ring::{PartitionId, Ring};
 
+mod hints;
+mod liveness;
+
+use hints::{HintState, HintStore};
+pub use hints::{HintWindow, hint_bytes};
+use liveness::Liveness;
+
+/// Default of [`CoreConfig::hint_bytes_max`]: 256 MiB per core.
+pub const HINT_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 mod transfer;
 pub use transfer::{HANDOFFS_MAX, PAGE_BYTES, PAGE_ITEMS, PULLS_MAX, ScanItem, ScanPage};
 
@@ -101,8 +116,18 @@ pub struct CoreConfig {
     pub down_ms: u64,
     /// Interval between hinted-handoff rounds.
     pub hint_retry_ms: u64,
-    /// Most hints in delivery at once.
+    /// Most hints in delivery at once (scaled down by the background share).
     pub hint_inflight_max: usize,
+    /// Bytes of hints this core stores at most (keys and objects); past it hints are refused.
+    pub hint_bytes_max: u64,
+    /// Most hints one credit grant allows.
+    pub hint_credit_max: u32,
+    /// Requests and key jobs in flight at which this core grants no hint credit.
+    pub hint_busy_ops: usize,
+    /// Interval between heartbeats to every other member.
+    pub heartbeat_ms: u64,
+    /// Suspicion level above which a silent peer is believed unreachable.
+    pub phi_threshold: f64,
     /// Largest encoded object a write may produce (the engine's value limit).
     pub object_bytes_max: usize,
     /// Most keys coordinated at once (client requests beyond it are refused `overloaded`).
@@ -128,6 +153,11 @@ impl CoreConfig {
             down_ms: 2_000,
             hint_retry_ms: 1_000,
             hint_inflight_max: 64,
+            hint_bytes_max: HINT_BYTES_MAX_DEFAULT,
+            hint_credit_max: 64,
+            hint_busy_ops: 1024,
+            heartbeat_ms: 1_000,
+            phi_threshold: crate::phi::PHI_THRESHOLD_DEFAULT,
             object_bytes_max: 1 << 20,
             ops_max: 65_536,
             shard: 0,
@@ -253,6 +283,33 @@ pub enum PeerMsg {
         /// The reply.
         reply: Message,
     },
+    /// May the sender deliver up to `wanted` hints to the receiver (their home)?
+    HintCredit {
+        /// Request id.
+        id: u64,
+        /// Ring partition of one of the hints (on a node with several cores, the core that owns
+        /// it, which will receive the hints, grants).
+        partition: u32,
+        /// Hints the sender has ready for the receiver (bounded by its in-flight budget).
+        wanted: u32,
+    },
+    /// The answer to [`PeerMsg::HintCredit`]: at most `granted` hints in flight (0: not now).
+    HintCreditOk {
+        /// Request id.
+        id: u64,
+        /// Hints the holder may have in flight to the receiver until they are all answered.
+        granted: u32,
+    },
+    /// A heartbeat: proof of life for the failure detector of the sender.
+    Ping {
+        /// Request id.
+        id: u64,
+    },
+    /// The answer to [`PeerMsg::Ping`].
+    Pong {
+        /// Request id.
+        id: u64,
+    },
     /// Send a page of the receiver's replica of `partition`, after cursor `after`
     /// (`transfer.rs`).
     TransferPull {
@@ -291,6 +348,10 @@ impl PeerMsg {
             | PeerMsg::ForwardReply { id, .. }
             | PeerMsg::TransferPull { id, .. }
             | PeerMsg::TransferPage { id, .. }
+            | PeerMsg::HintCredit { id, .. }
+            | PeerMsg::HintCreditOk { id, .. }
+            | PeerMsg::Ping { id }
+            | PeerMsg::Pong { id }
             | PeerMsg::Failed { id, .. } => *id,
         }
     }
@@ -302,9 +363,16 @@ impl PeerMsg {
             PeerMsg::ReplicaPutOk { .. }
                 | PeerMsg::ReplicaGetOk { .. }
                 | PeerMsg::ForwardReply { .. }
+                | PeerMsg::HintCreditOk { .. }
+                | PeerMsg::Pong { .. }
                 | PeerMsg::TransferPage { .. }
                 | PeerMsg::Failed { .. }
         )
+    }
+
+    /// Whether this message is a heartbeat or its answer (no request waits for it).
+    pub fn is_heartbeat(&self) -> bool {
+        matches!(self, PeerMsg::Ping { .. } | PeerMsg::Pong { .. })
     }
 }
 
@@ -382,6 +450,14 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
+    /// Hint writes refused because the hint store was full.
+    pub hint_overflow: u64,
+    /// Credit requests sent to homes.
+    pub credit_requests: u64,
+    /// Hints granted to holders, summed over grants.
+    pub credits_granted: u64,
+    /// Heartbeats sent.
+    pub heartbeats: u64,
     /// Partitions pulled for a pending ring.
     pub partitions_received: u64,
     /// Keys merged from pulled pages.
@@ -497,6 +573,8 @@ enum Pending {
     PeerRead { to: ReplyTo2 },
     /// A hint read before delivery.
     HintRead { hint: StoreKey },
+    /// A credit request to `home`.
+    Credit { home: NodeId },
     /// A page asked for by the pull of `partition`.
     Pull { partition: u32 },
     /// A scan for a peer's pull, answered to `to` with `id`.
@@ -560,12 +638,6 @@ enum ApplyDone {
     Nothing,
 }
 
-/// State of one stored hint.
-#[derive(Debug, Default)]
-struct HintState {
-    in_flight: bool,
-}
-
 /// The request-path state machine of one shard (module docs).
 pub struct Core {
     cfg: CoreConfig,
@@ -588,9 +660,10 @@ pub struct Core {
     locks: BTreeMap<StoreKey, VecDeque<u64>>,
     /// Store operation id → job id.
     job_ops: BTreeMap<u64, u64>,
-    down: BTreeMap<NodeId, u64>,
+    live: Liveness,
     hints: BTreeMap<StoreKey, HintState>,
     hints_in_flight: usize,
+    hint_store: HintStore,
     next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
@@ -599,12 +672,12 @@ pub struct Core {
 
 impl Core {
     /// A core for `cfg.node` on `ring`, with the epochs of this run and the hints found in storage
-    /// (keys in [`Space::Hint`]).
+    /// (keys in [`Space::Hint`], each with its size as [`hint_bytes`] counts it).
     pub fn new(
         cfg: CoreConfig,
         ring: Ring,
         epochs: EpochLease,
-        hints: impl IntoIterator<Item = StoreKey>,
+        hints: impl IntoIterator<Item = (StoreKey, u64)>,
     ) -> Core {
         assert!(cfg.replica_timeout_ms > 0);
         assert!(cfg.hint_retry_ms > 0);
@@ -633,13 +706,10 @@ impl Core {
             jobs: BTreeMap::new(),
             locks: BTreeMap::new(),
             job_ops: BTreeMap::new(),
-            down: BTreeMap::new(),
-            hints: hints
-                .into_iter()
-                .filter(|k| matches!(k.space, Space::Hint(_)))
-                .map(|k| (k, HintState::default()))
-                .collect(),
+            live: Liveness::default(),
+            hints: BTreeMap::new(),
             hints_in_flight: 0,
+            hint_store: HintStore::default(),
             next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
@@ -647,6 +717,7 @@ impl Core {
             cfg,
         };
         core.set_ring(core.ring.clone());
+        core.load_hints(hints);
         core
     }
 
@@ -699,6 +770,7 @@ impl Core {
             self.timeouts.first().map(|(t, _)| *t),
             self.op_deadlines.first().map(|(t, _)| *t),
             (!self.hints.is_empty()).then_some(self.next_hint_round),
+            Some(self.live.next_heartbeat),
             self.transfer_deadline(),
         ]
         .into_iter()
@@ -718,24 +790,6 @@ impl Core {
         let id = self.next_id;
         self.next_id += 1;
         id
-    }
-
-    fn believed_up(&self, node: NodeId, now: u64) -> bool {
-        node == self.cfg.node
-            || self
-                .down
-                .get(&node)
-                .is_none_or(|since| now >= since.saturating_add(self.cfg.down_ms))
-    }
-
-    fn mark_down(&mut self, node: NodeId, now: u64) {
-        if node != self.cfg.node {
-            self.down.insert(node, now);
-        }
-    }
-
-    fn heard_from(&mut self, node: NodeId) {
-        self.down.remove(&node);
     }
 
     /// A new epoch range (answer to [`Output::RenewEpochs`]).
@@ -1553,7 +1607,7 @@ impl Core {
 
     /// A message from node `from`.
     pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
-        self.heard_from(from);
+        self.heard_from(from, now);
         match msg {
             PeerMsg::ReplicaPut { id, ref key, .. } => {
                 if key.space == Space::Primary && !self.replicates(key.partition) {
@@ -1585,10 +1639,7 @@ impl Core {
                     self.slot_answered(now, op, slot, SlotResult::Written { durable })
                 }
                 Some(Pending::Delivery { hint, object }) => {
-                    self.hints_in_flight -= 1;
-                    if let Some(h) = self.hints.get_mut(&hint) {
-                        h.in_flight = false;
-                    }
+                    self.hint_settled(now, &hint, durable);
                     if durable {
                         self.lock(now, hint, JobKind::DropHint { delivered: object });
                     }
@@ -1623,6 +1674,20 @@ impl Core {
                 }
                 None => {}
             },
+            PeerMsg::HintCredit { id, wanted, .. } => self.grant_credit(from, id, wanted),
+            PeerMsg::HintCreditOk { id, granted } => match self.pending.remove(&id) {
+                Some(Pending::Credit { home }) => self.credit_answered(home, Some((id, granted))),
+                Some(other) => {
+                    self.pending.insert(id, other);
+                }
+                None => {}
+            },
+            PeerMsg::Ping { id } => self.out.push(Output::Send {
+                to: from,
+                msg: PeerMsg::Pong { id },
+            }),
+            // Its arrival is all it carries (`heard_from` above).
+            PeerMsg::Pong { .. } => {}
             PeerMsg::Failed { id, error: e } => {
                 match self.pending.remove(&id) {
                     Some(Pending::Slot { op, slot, .. }) => {
@@ -1635,12 +1700,8 @@ impl Core {
                             self.answer(o.reply_to, Message::Error(e));
                         }
                     }
-                    Some(Pending::Delivery { hint, .. }) => {
-                        self.hints_in_flight -= 1;
-                        if let Some(h) = self.hints.get_mut(&hint) {
-                            h.in_flight = false;
-                        }
-                    }
+                    Some(Pending::Delivery { hint, .. }) => self.hint_settled(now, &hint, false),
+                    Some(Pending::Credit { home }) => self.credit_answered(home, None),
                     Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
                     Some(Pending::HandoffPut { partition }) => {
                         self.handoff_acked(now, partition, false)
@@ -1664,6 +1725,7 @@ impl Core {
                 | Pending::Forward { node: n, .. }
                 | Pending::Repair { node: n } => *n == node,
                 Pending::Delivery { hint, .. } => hint.space == Space::Hint(node),
+                Pending::Credit { home } => *home == node,
                 _ => false,
             })
             .map(|(id, _)| *id)
@@ -1715,13 +1777,14 @@ impl Core {
             Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
             Some(Pending::HandoffPut { partition }) => self.handoff_acked(now, partition, false),
             Some(Pending::Delivery { hint, .. }) => {
-                self.hints_in_flight -= 1;
                 if let Space::Hint(home) = hint.space {
                     self.mark_down(home, now);
                 }
-                if let Some(h) = self.hints.get_mut(&hint) {
-                    h.in_flight = false;
-                }
+                self.hint_settled(now, &hint, false);
+            }
+            Some(Pending::Credit { home }) => {
+                self.mark_down(home, now);
+                self.credit_answered(home, None);
             }
             Some(other) => {
                 self.pending.insert(id, other);
@@ -1750,44 +1813,11 @@ impl Core {
         }
         if !self.hints.is_empty() && now >= self.next_hint_round {
             self.next_hint_round = now + self.cfg.hint_retry_ms;
-            self.deliver_hints(now);
+            self.ask_credit(now);
         }
+        self.heartbeat(now);
         self.transfer_round(now);
         self.take_output()
-    }
-
-    fn deliver_hints(&mut self, now: u64) {
-        let ready: Vec<StoreKey> = self
-            .hints
-            .iter()
-            .filter(|(k, h)| {
-                !h.in_flight
-                    && match k.space {
-                        Space::Hint(home) => self.believed_up(home, now),
-                        Space::Primary => false,
-                    }
-            })
-            .map(|(k, _)| k.clone())
-            .take(
-                self.cfg
-                    .hint_inflight_max
-                    .saturating_sub(self.hints_in_flight),
-            )
-            .collect();
-        for hint in ready {
-            self.hints_in_flight += 1;
-            if let Some(h) = self.hints.get_mut(&hint) {
-                h.in_flight = true;
-            }
-            let id = self.id();
-            self.pending
-                .insert(id, Pending::HintRead { hint: hint.clone() });
-            self.out.push(Output::Store {
-                id,
-                key: hint,
-                op: StoreOp::Read,
-            });
-        }
     }
 
     // ----- storage -----
@@ -1856,11 +1886,9 @@ impl Core {
                     });
                 }
                 Ok(None) | Err(_) => {
-                    self.hints_in_flight -= 1;
+                    self.hint_settled(now, &hint, false);
                     if result.is_ok() {
-                        self.hints.remove(&hint);
-                    } else if let Some(h) = self.hints.get_mut(&hint) {
-                        h.in_flight = false;
+                        self.hint_gone(&hint);
                     }
                 }
             },
@@ -2003,6 +2031,9 @@ impl Core {
             (Stage::Writing, Ok(_)) => self.job_written(now, job),
             (_, Err(e)) => {
                 let j = self.unlock(job);
+                if stage == Stage::Writing {
+                    self.hint_write_ended(&j.key);
+                }
                 for r in &j.riders {
                     let rider = self
                         .jobs
@@ -2025,7 +2056,7 @@ impl Core {
                 // Changed since it was sent (or already gone): kept for the next round.
                 if local.is_none() {
                     let key = j.key.clone();
-                    self.hints.remove(&key);
+                    self.hint_gone(&key);
                 }
                 self.unlock(job);
             }
@@ -2078,6 +2109,12 @@ impl Core {
                 JobKind::DropHint { .. } => unreachable!("hint removals run alone"),
             }
         }
+        if let Some(object) = &running
+            && is_hint(&key)
+            && let Err(e) = self.hint_reserve(&key, object)
+        {
+            return self.refuse_hint_batch(now, job, e);
+        }
         match running {
             Some(object) if local.as_ref() != Some(&object) || durable => {
                 self.job_write(job, StoreOp::Write { object, durable });
@@ -2089,6 +2126,7 @@ impl Core {
     /// The batch's write is done (or was not needed): every job of it completes.
     fn job_written(&mut self, now: u64, job: u64) {
         let j = self.unlock(job);
+        self.hint_write_ended(&j.key);
         self.stored_write(now, &j.key);
         let riders: Vec<Job> = j
             .riders
@@ -2135,9 +2173,6 @@ impl Core {
                 }
             }
             JobKind::Apply { durable, then, .. } => {
-                if let Space::Hint(_) = j.key.space {
-                    self.hints.entry(j.key.clone()).or_default();
-                }
                 let durable = durable || self.cfg.durable_writes || is_hint(&j.key);
                 match then {
                     ApplyDone::Peer(node, id) => self.out.push(Output::Send {
@@ -2155,7 +2190,7 @@ impl Core {
                 }
             }
             JobKind::DropHint { .. } => {
-                self.hints.remove(&j.key);
+                self.hint_gone(&j.key);
                 self.stats.hints_delivered += 1;
             }
         }

@@ -8,7 +8,9 @@
 //!
 //! Cluster settings: `node_id`, `peer_listen`, `seeds` (the initial member list, `ID@HOST:PORT`
 //! peer addresses; every node of a new cluster must be given the same list), `replica_timeout_ms`,
-//! `hint_retry_ms`, `gossip_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! `hint_retry_ms`, `gossip_ms`, `hint_bytes_max` (the node's hint store, split evenly across its
+//! shards), `heartbeat_ms` and `phi_threshold` (failure detection), `admission_p99_threshold_us`
+//! (admission control of background work), and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
 //! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
@@ -64,6 +66,16 @@ pub const REPLICA_TIMEOUT_MS_DEFAULT: u64 = 1000;
 pub const HINT_RETRY_MS_DEFAULT: u64 = 1000;
 /// Default interval between membership gossip rounds, in milliseconds.
 pub const GOSSIP_MS_DEFAULT: u64 = 1000;
+/// Default bound on the bytes of hints a node stores (all shards together): 1 GiB.
+pub const HINT_BYTES_MAX_DEFAULT: u64 = 1 << 30;
+/// Default interval between failure-detector heartbeats to each peer, in milliseconds.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 1000;
+/// Default suspicion level above which a silent peer is believed down.
+pub const PHI_THRESHOLD_DEFAULT: u32 = 8;
+/// Largest accepted `phi_threshold` (a silence of about 150 mean intervals).
+pub const PHI_THRESHOLD_MAX: u32 = 64;
+/// Default foreground p99 above which background work backs off, in microseconds.
+pub const ADMISSION_P99_THRESHOLD_US_DEFAULT: u64 = 10_000;
 /// Largest replica timeout or hint interval, in milliseconds: ten minutes.
 pub const PEER_INTERVAL_MS_MAX: u64 = 600_000;
 /// Longest node name: a peer HELLO carries `<id>@<name>` in 255 bytes, and an id takes up to 10.
@@ -146,6 +158,14 @@ pub struct FileConfig {
     pub hint_retry_ms: Option<u64>,
     /// Interval between membership gossip rounds, in milliseconds.
     pub gossip_ms: Option<u64>,
+    /// Bytes of hints the node stores at most, split evenly across shards.
+    pub hint_bytes_max: Option<u64>,
+    /// Interval between heartbeats to each peer, in milliseconds.
+    pub heartbeat_ms: Option<u64>,
+    /// Suspicion level (phi) above which a silent peer is believed down.
+    pub phi_threshold: Option<u32>,
+    /// Foreground p99 above which background work backs off, in microseconds.
+    pub admission_p99_threshold_us: Option<u64>,
     /// Bucket properties by bucket name (`default` for every other bucket).
     pub buckets: Option<BTreeMap<String, BucketTable>>,
 }
@@ -297,6 +317,14 @@ pub struct Settings {
     pub hint_retry_ms: u64,
     /// Interval between membership gossip rounds, in milliseconds.
     pub gossip_ms: u64,
+    /// Bytes of hints the node stores at most, split evenly across shards.
+    pub hint_bytes_max: u64,
+    /// Interval between heartbeats to each peer, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Suspicion level (phi) above which a silent peer is believed down.
+    pub phi_threshold: u32,
+    /// Foreground p99 above which background work backs off, in microseconds.
+    pub admission_p99_threshold_us: u64,
     /// Bucket properties, validated.
     pub buckets: Buckets,
 }
@@ -504,6 +532,45 @@ impl Settings {
                     .or(file.gossip_ms)
                     .unwrap_or(GOSSIP_MS_DEFAULT),
             )?,
+            hint_bytes_max: flags
+                .hint_bytes_max
+                .or(file.hint_bytes_max)
+                .unwrap_or(HINT_BYTES_MAX_DEFAULT),
+            heartbeat_ms: interval(
+                "heartbeat_ms",
+                flags
+                    .heartbeat_ms
+                    .or(file.heartbeat_ms)
+                    .unwrap_or(HEARTBEAT_MS_DEFAULT),
+            )?,
+            phi_threshold: match flags
+                .phi_threshold
+                .or(file.phi_threshold)
+                .unwrap_or(PHI_THRESHOLD_DEFAULT)
+            {
+                t @ 1..=PHI_THRESHOLD_MAX => t,
+                t => {
+                    return Err(ConfigError::Invalid {
+                        name: "phi_threshold",
+                        value: t.to_string(),
+                        reason: "must be in [1, 64]",
+                    });
+                }
+            },
+            admission_p99_threshold_us: match flags
+                .admission_p99_threshold_us
+                .or(file.admission_p99_threshold_us)
+                .unwrap_or(ADMISSION_P99_THRESHOLD_US_DEFAULT)
+            {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        name: "admission_p99_threshold_us",
+                        value: "0".to_owned(),
+                        reason: "must be at least 1",
+                    });
+                }
+                t => t,
+            },
             shutdown_drain_ms,
             request_timeout_ms,
             limits,

@@ -9,7 +9,10 @@
 //! counted once), from the decoded request to the reply being ready.
 //!
 //! Engine figures are a snapshot each shard copies from its engine every
-//! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that.
+//! [`ENGINE_REFRESH_MS`] milliseconds, so they lag by at most that. Coordinator figures (hinted
+//! handoff, forwarding, read repair, failure detection) and the admission controller's state are
+//! copied by each shard's ticker, at most one tick late; coordinator figures are rendered summed
+//! over shards, the admission state per shard (each shard has its own controller).
 //!
 //! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
 //! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
@@ -18,6 +21,99 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ringkv_engine::EngineStats;
+
+use crate::admission::AdmissionState;
+use crate::coordinator::CoreStats;
+
+/// What a shard's coordinator reports, beyond its counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreFigures {
+    /// The coordinator's counters.
+    pub stats: CoreStats,
+    /// Hints held.
+    pub hints: u64,
+    /// Bytes of hints held.
+    pub hint_bytes: u64,
+    /// Hints being delivered.
+    pub hints_in_flight: u64,
+    /// Peers the shard believes unreachable now.
+    pub peers_suspected: u64,
+}
+
+/// A per-shard admission series (name, kind, help, value).
+type AdmissionField = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardMetrics) -> String,
+);
+
+/// Coordinator figures published summed over shards (name, help, accessor).
+type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
+const CORE_FIELDS: [CoreField; 14] = [
+    (
+        "ringkv_forwarded_total",
+        "Writes forwarded to a home node.",
+        |c| c.stats.forwarded,
+    ),
+    (
+        "ringkv_hinted_writes_total",
+        "Replica writes sent to a fallback as hints.",
+        |c| c.stats.hinted_writes,
+    ),
+    (
+        "ringkv_hints_delivered_total",
+        "Hints delivered to their home and removed.",
+        |c| c.stats.hints_delivered,
+    ),
+    (
+        "ringkv_hint_overflow_total",
+        "Hints refused because the hint store was full.",
+        |c| c.stats.hint_overflow,
+    ),
+    (
+        "ringkv_hint_credit_requests_total",
+        "Hint credit asked of homes.",
+        |c| c.stats.credit_requests,
+    ),
+    (
+        "ringkv_hint_credits_granted_total",
+        "Hints this node allowed holders to send, summed over grants.",
+        |c| c.stats.credits_granted,
+    ),
+    (
+        "ringkv_read_repairs_total",
+        "Read-repair writes sent.",
+        |c| c.stats.read_repairs,
+    ),
+    (
+        "ringkv_slot_moves_total",
+        "Replica slots moved to a fallback during a request.",
+        |c| c.stats.slot_moves,
+    ),
+    (
+        "ringkv_batched_jobs_total",
+        "Key jobs that shared a read and a write with the job ahead.",
+        |c| c.stats.batched_jobs,
+    ),
+    (
+        "ringkv_heartbeats_total",
+        "Failure-detector heartbeats sent.",
+        |c| c.stats.heartbeats,
+    ),
+    ("ringkv_hints", "Hints held.", |c| c.hints),
+    ("ringkv_hint_bytes", "Bytes of hints held.", |c| {
+        c.hint_bytes
+    }),
+    ("ringkv_hints_in_flight", "Hints being delivered.", |c| {
+        c.hints_in_flight
+    }),
+    (
+        "ringkv_peers_suspected",
+        "Peers believed unreachable, summed over shards (each shard judges alone).",
+        |c| c.peers_suspected,
+    ),
+];
 
 /// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied).
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -101,6 +197,12 @@ pub struct ShardMetrics {
     connections_open: AtomicU64,
     connections_total: AtomicU64,
     engine: [AtomicU64; ENGINE_FIELDS.len()],
+    core: [AtomicU64; CORE_FIELDS.len()],
+    /// Background share in millionths.
+    admission_share_ppm: AtomicU64,
+    admission_p99_us: AtomicU64,
+    admission_threshold_us: AtomicU64,
+    admission_adjustments: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -132,6 +234,24 @@ impl ShardMetrics {
     /// A connection ended.
     pub fn connection_closed(&self) {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Publishes a snapshot of the shard's coordinator figures.
+    pub fn set_core(&self, figures: &CoreFigures) {
+        for (slot, (_, _, get)) in self.core.iter().zip(CORE_FIELDS) {
+            slot.store(get(figures), Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes the shard's admission-control state.
+    pub fn set_admission(&self, state: &AdmissionState) {
+        let ppm = (state.share * 1e6).round() as u64;
+        self.admission_share_ppm.store(ppm, Ordering::Relaxed);
+        self.admission_p99_us.store(state.p99_us, Ordering::Relaxed);
+        self.admission_threshold_us
+            .store(state.threshold_us, Ordering::Relaxed);
+        self.admission_adjustments
+            .store(state.adjustments, Ordering::Relaxed);
     }
 
     /// Publishes a snapshot of the shard's engine statistics.
@@ -248,6 +368,48 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
     }
+    for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(&mut out, name, kind, help);
+        let sum: u64 = shards.iter().map(|m| load(&m.core[f])).sum();
+        let _ = writeln!(out, "{name} {sum}");
+    }
+    let admission: [AdmissionField; 4] = [
+        (
+            "ringkv_admission_background_share",
+            "gauge",
+            "Share of background work admission control allows, in (0, 1].",
+            |m| format!("{}", load(&m.admission_share_ppm) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_p99_seconds",
+            "gauge",
+            "Client p99 latency over the controller's window at its last adjustment.",
+            |m| format!("{}", load(&m.admission_p99_us) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_threshold_seconds",
+            "gauge",
+            "Client p99 above which background work backs off.",
+            |m| format!("{}", load(&m.admission_threshold_us) as f64 / 1e6),
+        ),
+        (
+            "ringkv_admission_adjustments_total",
+            "counter",
+            "Changes of the background share.",
+            |m| load(&m.admission_adjustments).to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in admission {
+        family(&mut out, name, kind, help);
+        for (shard, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", value(m));
+        }
+    }
     out
 }
 
@@ -301,6 +463,36 @@ mod tests {
             "ringkv_request_duration_seconds_bucket{shard=\"0\",op=\"put\",le=\"+Inf\"} 2\n"
         ));
         assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"get\"} 1\n"));
+    }
+
+    /// Coordinator figures are summed over shards; the admission state is per shard.
+    #[test]
+    fn render_core_and_admission() {
+        let (a, b) = (ShardMetrics::default(), ShardMetrics::default());
+        let mut figures = CoreFigures {
+            hint_bytes: 100,
+            ..CoreFigures::default()
+        };
+        figures.stats.hint_overflow = 2;
+        a.set_core(&figures);
+        figures.stats.hint_overflow = 3;
+        b.set_core(&figures);
+        b.set_admission(&AdmissionState {
+            share: 0.25,
+            p99_us: 12_000,
+            threshold_us: 10_000,
+            adjustments: 4,
+        });
+        let text = render(&[&a, &b]);
+        assert!(
+            text.contains(
+                "# TYPE ringkv_hint_overflow_total counter\nringkv_hint_overflow_total 5\n"
+            )
+        );
+        assert!(text.contains("\nringkv_hint_bytes 200\n"));
+        assert!(text.contains("ringkv_admission_background_share{shard=\"1\"} 0.25\n"));
+        assert!(text.contains("ringkv_admission_p99_seconds{shard=\"1\"} 0.012\n"));
+        assert!(text.contains("ringkv_admission_adjustments_total{shard=\"1\"} 4\n"));
     }
 
     /// The admin paths and refusals.

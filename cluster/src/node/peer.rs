@@ -119,6 +119,15 @@ pub mod sub {
     pub use crate::membership::sub::{COMMIT, GOSSIP, JOIN, OUTCOME};
     /// TRANSFER_PULL / TRANSFER_PAGE: a page of a partition (`coordinator/transfer.rs`).
     pub const TRANSFER: u8 = 16;
+    /// [`PeerMsg::HintCredit`](crate::coordinator::PeerMsg::HintCredit) /
+    /// [`PeerMsg::HintCreditOk`](crate::coordinator::PeerMsg::HintCreditOk): request `wanted: u32`,
+    /// answer `granted: u32`; sent with the partition of a hint the holder has ready, so the
+    /// shard that will receive the hints grants.
+    pub const HINT_CREDIT: u8 = 32;
+    /// [`PeerMsg::Ping`](crate::coordinator::PeerMsg::Ping) /
+    /// [`PeerMsg::Pong`](crate::coordinator::PeerMsg::Pong): failure-detector heartbeat, empty
+    /// payloads, node-wide.
+    pub const HEARTBEAT: u8 = 33;
 }
 
 /// Longest transfer cursor (it is the store's, opaque to peers).
@@ -190,6 +199,18 @@ fn cluster_request(id: u64, c: Cluster) -> Result<PeerMsg, ErrorBody> {
                 after,
             })
         }
+        (sub::HINT_CREDIT, Some(partition)) => {
+            let wanted = read_payload(&c.payload, |r| r.u32("wanted")).map_err(bad)?;
+            Ok(PeerMsg::HintCredit {
+                id,
+                partition,
+                wanted,
+            })
+        }
+        (sub::HEARTBEAT, None) => {
+            read_payload(&c.payload, |_| Ok(())).map_err(bad)?;
+            Ok(PeerMsg::Ping { id })
+        }
         (sub, _) => Err(invalid(format!(
             "unknown CLUSTER sub-kind {sub} (or a partition missing)"
         ))),
@@ -207,6 +228,14 @@ fn cluster_answer(id: u64, c: ClusterOk) -> PeerMsg {
             Ok(Ok(page)) => PeerMsg::TransferPage { id, page },
             Ok(Err(e)) => failed(e),
             Err(e) => failed(format!("TRANSFER_PAGE: {e}")),
+        },
+        sub::HINT_CREDIT => match read_payload(&c.payload, |r| r.u32("granted")) {
+            Ok(granted) => PeerMsg::HintCreditOk { id, granted },
+            Err(e) => failed(format!("HINT_CREDIT answer: {e}")),
+        },
+        sub::HEARTBEAT => match read_payload(&c.payload, |_| Ok(())) {
+            Ok(()) => PeerMsg::Pong { id },
+            Err(e) => failed(format!("HEARTBEAT answer: {e}")),
         },
         other => failed(format!("a peer answered unknown CLUSTER sub-kind {other}")),
     }
@@ -407,6 +436,40 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
         ),
         PeerMsg::Forward { id, request } => (id, request),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
+        PeerMsg::HintCredit {
+            id,
+            partition,
+            wanted,
+        } => (
+            id,
+            Message::Cluster(Cluster {
+                sub: sub::HINT_CREDIT,
+                partition: Some(partition),
+                payload: write_payload(|w| w.u32(wanted)),
+            }),
+        ),
+        PeerMsg::HintCreditOk { id, granted } => (
+            id,
+            Message::ClusterOk(ClusterOk {
+                sub: sub::HINT_CREDIT,
+                payload: write_payload(|w| w.u32(granted)),
+            }),
+        ),
+        PeerMsg::Ping { id } => (
+            id,
+            Message::Cluster(Cluster {
+                sub: sub::HEARTBEAT,
+                partition: None,
+                payload: Bytes::new(),
+            }),
+        ),
+        PeerMsg::Pong { id } => (
+            id,
+            Message::ClusterOk(ClusterOk {
+                sub: sub::HEARTBEAT,
+                payload: Bytes::new(),
+            }),
+        ),
         PeerMsg::Failed { id, error } => (id, Message::Error(error)),
     }
 }

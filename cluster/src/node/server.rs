@@ -100,9 +100,11 @@ use ringkv_net::{
     encode_frame,
 };
 
+use crate::admission::{AdmissionConfig, AdmissionController};
 use crate::bucket::Buckets;
 use crate::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
+    hint_bytes,
 };
 use crate::membership::{Membership, MembershipConfig};
 use crate::object::Object;
@@ -112,7 +114,7 @@ use super::NodeId;
 use super::cluster_state;
 use super::config;
 use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
-use super::metrics::{self, Op, ShardMetrics};
+use super::metrics::{self, CoreFigures, Op, ShardMetrics};
 use super::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
 use super::preflight;
 use super::resp::{self, RespPlan};
@@ -132,6 +134,8 @@ const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
+/// CPU shares of the background queue at the full background share (foreground: 1000).
+pub const BACKGROUND_SHARES_MAX: usize = 250;
 /// Frames queued for one peer node before further ones are dropped (the core times them out).
 pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
 /// First wait before reconnecting to a peer after a failed connect or a lost connection.
@@ -191,6 +195,14 @@ pub struct ServeConfig {
     pub hint_retry_ms: u64,
     /// Interval between membership gossip rounds, in milliseconds.
     pub gossip_ms: u64,
+    /// Bytes of hints the node stores at most; each shard's core gets an even part.
+    pub hint_bytes_max: u64,
+    /// Interval between failure-detector heartbeats to each peer, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Suspicion level (phi) above which a silent peer is believed down.
+    pub phi_threshold: u32,
+    /// Client p99 latency above which background work backs off, in microseconds.
+    pub admission_p99_threshold_us: u64,
 }
 
 impl ServeConfig {
@@ -222,6 +234,10 @@ impl ServeConfig {
             replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
             hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
             gossip_ms: config::GOSSIP_MS_DEFAULT,
+            hint_bytes_max: config::HINT_BYTES_MAX_DEFAULT,
+            heartbeat_ms: config::HEARTBEAT_MS_DEFAULT,
+            phi_threshold: config::PHI_THRESHOLD_DEFAULT,
+            admission_p99_threshold_us: config::ADMISSION_P99_THRESHOLD_US_DEFAULT,
         }
     }
 
@@ -359,6 +375,11 @@ struct Shard {
     value_bytes_max: usize,
     /// The coordinator of this shard's partitions.
     core: RefCell<Core>,
+    /// Admission control of background work, fed with client request latencies.
+    admission: RefCell<AdmissionController>,
+    /// Hint delivery's storage work; its shares follow the admission controller.
+    background: TaskQueueHandle,
+    background_shares: Rc<BackgroundShares>,
     clock: Clock,
     node_id: NodeId,
     node_name: String,
@@ -912,7 +933,7 @@ fn start_core(
     replication: Replication,
     lease: EpochLease,
     floor: u32,
-    hints: Vec<StoreKey>,
+    hints: Vec<(StoreKey, u64)>,
 ) -> (Core, Replication) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
     core_cfg.buckets = cfg.buckets.clone();
@@ -921,6 +942,9 @@ fn start_core(
     core_cfg.request_timeout_ms = cfg.request_timeout_ms;
     core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
     core_cfg.hint_retry_ms = cfg.hint_retry_ms;
+    core_cfg.hint_bytes_max = cfg.hint_bytes_max / cfg.cpus.len().max(1) as u64;
+    core_cfg.heartbeat_ms = cfg.heartbeat_ms;
+    core_cfg.phi_threshold = f64::from(cfg.phi_threshold);
     core_cfg.object_bytes_max = cfg.object_bytes_max();
     core_cfg.shard = u32::try_from(id).expect("serve bounds the shard count");
     core_cfg.shards = u32::try_from(cfg.cpus.len()).expect("serve bounds the shard count");
@@ -1054,6 +1078,18 @@ async fn serve_shard(
         Latency::Matters(Duration::from_millis(1)),
         "requests",
     );
+    // Background work of the replication layer (hint delivery); its shares, and the engine's
+    // compaction shares, follow the admission controller.
+    let background_shares = Rc::new(BackgroundShares::default());
+    let background = glommio::executor().create_task_queue(
+        Shares::Dynamic(background_shares.clone()),
+        Latency::NotImportant,
+        "background",
+    );
+    let admission = AdmissionController::new(AdmissionConfig {
+        p99_threshold_us: cfg.admission_p99_threshold_us,
+        ..AdmissionConfig::default()
+    });
     let waiting = Rc::new(Waiting::default());
     let stop = CancellationToken::new();
     let shard = Rc::new(Shard {
@@ -1074,6 +1110,9 @@ async fn serve_shard(
         replica_timeout_ms: cfg.replica_timeout_ms,
         value_bytes_max: cfg.value_bytes_max,
         core: RefCell::new(core),
+        admission: RefCell::new(admission),
+        background,
+        background_shares,
         clock,
         node_id: cfg.node_id,
         node_name: cfg.node_name.clone(),
@@ -1373,6 +1412,7 @@ impl Shard {
         };
         if let Some(op) = op {
             let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.admission.borrow_mut().record(elapsed_us);
             let ok = !matches!(reply, Message::Error(_));
             self.metrics.record(op, elapsed_us, ok);
         }
@@ -1857,21 +1897,25 @@ async fn unless<T>(
     .await
 }
 
-/// Every hint stored in the hint partitions of the ring partitions `shard` owns.
+/// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
+/// it counts for in the hint store's bound.
 async fn scan_hints(
     engine: &Engine,
     shard: usize,
     shard_count: usize,
-) -> Result<Vec<StoreKey>, EngineError> {
+) -> Result<Vec<(StoreKey, u64)>, EngineError> {
     let mut hints = Vec::new();
     for partition in
         (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
     {
         let mut keys = engine.iter_partition(HINT_PARTITION_BASE | partition);
         while let Some(item) = keys.next().await {
-            let (key, _) = item?;
+            let (key, object) = item?;
             match peer::hint_from_engine(partition, &key) {
-                Some(hint) => hints.push(hint),
+                Some(hint) => {
+                    let bytes = hint_bytes(&hint, object.len());
+                    hints.push((hint, bytes));
+                }
                 None => tracing::warn!(shard, partition, "ignoring a malformed hint key"),
             }
         }
@@ -1922,6 +1966,11 @@ impl Shard {
     /// Runs one storage operation of the core in its own task and reports the result.
     fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
         let shard = self.clone();
+        let queue = if self.core.borrow().is_background(id) {
+            self.background
+        } else {
+            self.foreground
+        };
         let spawned = self.store_work.spawn_into(
             async move {
                 let result = shard.store(&key, op).await;
@@ -1932,7 +1981,7 @@ impl Shard {
                         .handle_stored(shard.clock.now_ms(), id, result);
                 shard.carry_out(outputs);
             },
-            self.foreground,
+            queue,
         );
         match spawned {
             Ok(task) => {
@@ -2235,6 +2284,56 @@ impl Shard {
     }
 }
 
+/// The CPU shares of the background queue: [`BACKGROUND_SHARES_MAX`] scaled by the admission
+/// controller's share, read by glommio every adjustment period.
+struct BackgroundShares {
+    share: Cell<f64>,
+}
+
+impl Default for BackgroundShares {
+    fn default() -> Self {
+        BackgroundShares {
+            share: Cell::new(1.0),
+        }
+    }
+}
+
+impl glommio::SharesManager for BackgroundShares {
+    fn shares(&self) -> usize {
+        scaled_shares(BACKGROUND_SHARES_MAX, self.share.get())
+    }
+}
+
+/// `max` shares scaled by `share`, at least 1.
+fn scaled_shares(max: usize, share: f64) -> usize {
+    ((max as f64 * share) as usize).clamp(1, max)
+}
+
+impl Shard {
+    /// Runs the admission controller and applies a changed share to the background queue, the
+    /// engine's compaction queue and the core; publishes the coordinator's figures.
+    fn admit(&self, now: u64) {
+        let changed = self.admission.borrow_mut().tick(now);
+        if let Some(share) = changed {
+            self.background_shares.share.set(share);
+            ringkv_engine::set_compaction_shares(scaled_shares(
+                self.engine.config().compaction_shares,
+                share,
+            ));
+            self.core.borrow_mut().set_background_share(share);
+        }
+        let core = self.core.borrow();
+        self.metrics.set_core(&CoreFigures {
+            stats: core.stats(),
+            hints: core.hint_count() as u64,
+            hint_bytes: core.hint_bytes(),
+            hints_in_flight: core.hints_in_flight() as u64,
+            peers_suspected: core.suspected_count(now) as u64,
+        });
+        self.metrics.set_admission(&self.admission.borrow().state());
+    }
+}
+
 /// Tells the core of the shard behind `shard` that `node` cannot be reached.
 fn peer_unreachable(shard: &Weak<Shard>, node: NodeId) {
     if let Some(shard) = shard.upgrade() {
@@ -2261,6 +2360,7 @@ async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
             return;
         };
         let now = shard.clock.now_ms();
+        shard.admit(now);
         let due = shard
             .core
             .borrow()

@@ -1,0 +1,413 @@
+//! Hinted handoff: the bounded hint store and receiver-paced delivery (credit).
+//!
+//! **Bound.** A fallback stores what it receives for an unreachable home as a hint
+//! ([`Space::Hint`]). Hints are the one thing a node accumulates because *other* nodes are down,
+//! so they are bounded: the core counts the bytes of every hint it holds ([`hint_bytes`]: bucket,
+//! key and encoded object), including the ones found in storage at start (the shell hands their
+//! sizes to [`Core::new`]), and refuses a hint write that would take the total past
+//! [`CoreConfig::hint_bytes_max`]. The refusal is a typed `overloaded` answer, so the coordinator
+//! moves the slot to the next fallback (or fails the request if `w` cannot be met); the write is
+//! never acknowledged and silently dropped. Each refusal counts in [`CoreStats::hint_overflow`].
+//! The size is reserved when the write is decided (under the key's lock), so writes running at
+//! once cannot overshoot together; an update that does not grow a hint is always accepted; a
+//! delivered or vanished hint frees its bytes. A replica that missed a refused hint is repaired
+//! later by read repair (and anti-entropy).
+//!
+//! **Credit.** A node coming back from a long outage would otherwise receive every hint its
+//! neighbours hold at once, competing with its client traffic (ScyllaDB users saw hint replay
+//! raise write latency by an order of magnitude). So the receiver paces delivery: each round
+//! (every `hint_retry_ms`), the holder asks every reachable home it holds hints for, that has no
+//! window open, for credit ([`PeerMsg::HintCredit`] with how many it has ready, bounded by its
+//! own in-flight budget). The home answers ([`PeerMsg::HintCreditOk`]) from its own state: at
+//! most `hint_credit_max`, scaled by its background share (admission control) and by how far its
+//! requests and key jobs in flight are below `hint_busy_ops`; nothing once they reach it. The
+//! holder then starts at most that many deliveries, and asks again only once every one of them
+//! was answered (a window). So the holder never has more hints in flight to a home than the
+//! home's last grant, and a busy home slows delivery to a trickle or stops it. A window that
+//! ended with every hint acknowledged asks again at the next tick, so an idle home drains at one
+//! grant per round trip; a refused or failed window waits for the next round.
+//!
+//! The holder's own budget, [`CoreConfig::hint_inflight_max`], is scaled by the background share
+//! too (at least one), so a node whose own clients suffer also slows what it sends.
+//!
+//! Limits: a hint round and a grant scan the hint map (`O(hints)`), which is fine for the
+//! bounded store; credit is granted by whichever core of the home receives the request, from
+//! that core's load.
+
+use std::collections::BTreeMap;
+
+use ringkv_net::{ErrorBody, ErrorCode, Message};
+
+use super::{
+    ApplyDone, Core, Job, JobKind, Output, PeerMsg, Pending, SlotResult, Space, StoreKey, StoreOp,
+};
+use crate::NodeId;
+use crate::object::Object;
+
+/// The bytes a hint counts for in the bound: its bucket, key and encoded object.
+pub fn hint_bytes(key: &StoreKey, object_bytes: usize) -> u64 {
+    (key.bucket.len() + key.key.len() + object_bytes) as u64
+}
+
+/// State of one stored hint.
+#[derive(Debug, Default)]
+pub(super) struct HintState {
+    /// Being read for delivery or sent to its home.
+    pub(super) in_flight: bool,
+    /// Bytes counted for it (reserved when its write was decided).
+    bytes: u64,
+    /// A write of it is running (it may not be in storage yet: not delivered meanwhile).
+    writing: bool,
+}
+
+/// A holder's delivery window to one home.
+#[derive(Debug, Default)]
+struct Window {
+    /// Outstanding credit request.
+    asking: Option<u64>,
+    /// The grant in use: its request id and size.
+    grant: Option<(u64, u32)>,
+    /// Deliveries in flight to the home.
+    in_flight: u32,
+    /// A delivery of the window was not acknowledged durably.
+    failed: bool,
+}
+
+/// The delivery window of a holder to one home, for checkers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HintWindow {
+    /// The home.
+    pub home: NodeId,
+    /// Id of the credit request whose grant is in use.
+    pub grant_id: u64,
+    /// Hints that grant allows in flight.
+    pub granted: u32,
+    /// Hints in flight to the home now.
+    pub in_flight: u32,
+}
+
+/// HintStore state beyond the hint map.
+#[derive(Debug)]
+pub(super) struct HintStore {
+    /// Bytes of every hint held.
+    bytes: u64,
+    /// Hints held per home.
+    per_home: BTreeMap<NodeId, usize>,
+    windows: BTreeMap<NodeId, Window>,
+    /// The background share from admission control, in `(0, 1]`.
+    share: f64,
+}
+
+impl Default for HintStore {
+    fn default() -> Self {
+        HintStore {
+            bytes: 0,
+            per_home: BTreeMap::new(),
+            windows: BTreeMap::new(),
+            share: 1.0,
+        }
+    }
+}
+
+fn home_of(key: &StoreKey) -> Option<NodeId> {
+    match key.space {
+        Space::Hint(home) => Some(home),
+        Space::Primary => None,
+    }
+}
+
+impl Core {
+    /// Takes in the hints found in storage at start.
+    pub(super) fn load_hints(&mut self, hints: impl IntoIterator<Item = (StoreKey, u64)>) {
+        for (key, bytes) in hints {
+            let Some(home) = home_of(&key) else {
+                continue;
+            };
+            let state = HintState {
+                in_flight: false,
+                bytes,
+                writing: false,
+            };
+            match self.hints.insert(key, state) {
+                Some(old) => self.hint_store.bytes -= old.bytes,
+                None => *self.hint_store.per_home.entry(home).or_default() += 1,
+            }
+            self.hint_store.bytes += bytes;
+        }
+    }
+
+    /// Bytes of the hints held (module docs).
+    pub fn hint_bytes(&self) -> u64 {
+        self.hint_store.bytes
+    }
+
+    /// The delivery windows with hints in flight or a grant in use.
+    pub fn hint_windows(&self) -> impl Iterator<Item = HintWindow> + '_ {
+        self.hint_store.windows.iter().filter_map(|(home, w)| {
+            w.grant.map(|(grant_id, granted)| HintWindow {
+                home: *home,
+                grant_id,
+                granted,
+                in_flight: w.in_flight,
+            })
+        })
+    }
+
+    /// The background share from admission control ([`crate::admission`]): scales the hint
+    /// credit this core grants and its own delivery budget. Clamped to `[0.01, 1]`.
+    pub fn set_background_share(&mut self, share: f64) {
+        self.hint_store.share = if share.is_nan() {
+            1.0
+        } else {
+            share.clamp(0.01, 1.0)
+        };
+    }
+
+    /// The background share in use.
+    pub fn background_share(&self) -> f64 {
+        self.hint_store.share
+    }
+
+    /// Whether storage operation `id` is background work (hint delivery), which the shell may
+    /// run in a lower-priority queue.
+    pub fn is_background(&self, id: u64) -> bool {
+        matches!(self.pending.get(&id), Some(Pending::HintRead { .. }))
+            || self
+                .job_ops
+                .get(&id)
+                .and_then(|j| self.jobs.get(j))
+                .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. }))
+    }
+
+    /// Most deliveries in flight at once, over all homes.
+    fn hint_budget(&self) -> usize {
+        ((self.cfg.hint_inflight_max as f64 * self.hint_store.share) as usize).max(1)
+    }
+
+    /// Reserves the size of `object` for hint `key` before it is written, or refuses it.
+    pub(super) fn hint_reserve(
+        &mut self,
+        key: &StoreKey,
+        object: &Object,
+    ) -> Result<(), ErrorBody> {
+        let home = home_of(key).expect("only hints are reserved");
+        let new = hint_bytes(key, object.encoded_len());
+        let old = self.hints.get(key).map_or(0, |h| h.bytes);
+        let total = self.hint_store.bytes - old + new;
+        if new > old && total > self.cfg.hint_bytes_max {
+            return Err(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "hint store full: {} of {} bytes held, a hint of {new} bytes does not fit",
+                    self.hint_store.bytes, self.cfg.hint_bytes_max
+                ),
+            ));
+        }
+        let state = self.hints.entry(key.clone()).or_insert_with(|| {
+            *self.hint_store.per_home.entry(home).or_default() += 1;
+            HintState::default()
+        });
+        state.bytes = new;
+        state.writing = true;
+        self.hint_store.bytes = total;
+        Ok(())
+    }
+
+    /// The write of `key` ended (done or failed); a hint may be delivered again.
+    pub(super) fn hint_write_ended(&mut self, key: &StoreKey) {
+        if let Some(h) = self.hints.get_mut(key) {
+            h.writing = false;
+        }
+    }
+
+    /// Hint `key` is no longer stored (delivered, or found missing): its bytes are freed.
+    pub(super) fn hint_gone(&mut self, key: &StoreKey) {
+        if self.hints.get(key).is_some_and(|h| h.writing) {
+            // A write of it started after the read that found nothing: it stays.
+            return;
+        }
+        if let Some(h) = self.hints.remove(key) {
+            self.hint_store.bytes -= h.bytes;
+            if let Some(home) = home_of(key)
+                && let Some(n) = self.hint_store.per_home.get_mut(&home)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.hint_store.per_home.remove(&home);
+                }
+            }
+        }
+    }
+
+    /// Refuses every job of the batch led by `job` (hint writes past the bound).
+    pub(super) fn refuse_hint_batch(&mut self, now: u64, job: u64, e: ErrorBody) {
+        let j = self.unlock(job);
+        let riders: Vec<Job> = j
+            .riders
+            .iter()
+            .map(|r| {
+                self.jobs
+                    .remove(r)
+                    .expect("a rider exists until its batch ends")
+            })
+            .collect();
+        for job in std::iter::once(j).chain(riders) {
+            self.stats.hint_overflow += 1;
+            match job.kind {
+                JobKind::Apply { then, .. } => match then {
+                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
+                        to: node,
+                        msg: PeerMsg::Failed {
+                            id,
+                            error: e.clone(),
+                        },
+                    }),
+                    ApplyDone::Slot { op, slot } => {
+                        self.pending_slot_done(op, slot);
+                        self.slot_answered(now, op, slot, SlotResult::Failed);
+                    }
+                    ApplyDone::Transfer { partition } => {
+                        self.transfer_applied(now, partition, false)
+                    }
+                    ApplyDone::Nothing => {}
+                },
+                JobKind::Coordinate { op } => self.fail_op(op, Message::Error(e.clone())),
+                JobKind::DropHint { .. } => {}
+            }
+        }
+    }
+
+    /// A delivery of `hint` ended: acknowledged durably (`delivered`) or not.
+    pub(super) fn hint_settled(&mut self, now: u64, hint: &StoreKey, delivered: bool) {
+        self.hints_in_flight -= 1;
+        if let Some(h) = self.hints.get_mut(hint) {
+            h.in_flight = false;
+        }
+        let Some(home) = home_of(hint) else {
+            return;
+        };
+        let Some(w) = self.hint_store.windows.get_mut(&home) else {
+            return;
+        };
+        w.in_flight -= 1;
+        w.failed |= !delivered;
+        if w.in_flight == 0 {
+            w.grant = None;
+            let failed = std::mem::take(&mut w.failed);
+            // The home kept up: ask again at the next tick rather than a round later.
+            if !failed && self.hint_store.per_home.contains_key(&home) {
+                self.next_hint_round = self.next_hint_round.min(now);
+            }
+        }
+    }
+
+    /// A hint round: asks every reachable home with hints and no open window for credit.
+    pub(super) fn ask_credit(&mut self, now: u64) {
+        let homes: Vec<(NodeId, usize)> = self
+            .hint_store
+            .per_home
+            .iter()
+            .map(|(h, n)| (*h, *n))
+            .collect();
+        for (home, held) in homes {
+            let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
+            if budget == 0 {
+                break;
+            }
+            if !self.believed_up(home, now) {
+                continue;
+            }
+            let w = self.hint_store.windows.entry(home).or_default();
+            if w.asking.is_some() || w.in_flight > 0 {
+                continue;
+            }
+            let wanted = u32::try_from(held.min(budget)).unwrap_or(u32::MAX);
+            let partition = self
+                .hints
+                .keys()
+                .find(|k| k.space == Space::Hint(home))
+                .map_or(0, |k| k.partition);
+            let w = self.hint_store.windows.entry(home).or_default();
+            let id = self.next_id;
+            self.next_id += 1;
+            w.asking = Some(id);
+            self.pending.insert(id, Pending::Credit { home });
+            self.timeouts
+                .insert((now + self.cfg.replica_timeout_ms, id));
+            self.stats.credit_requests += 1;
+            self.out.push(Output::Send {
+                to: home,
+                msg: PeerMsg::HintCredit {
+                    id,
+                    partition,
+                    wanted,
+                },
+            });
+        }
+    }
+
+    /// The home's answer to credit request `grant` (id, granted), or `None` if it failed or
+    /// timed out: starts at most `granted` deliveries.
+    pub(super) fn credit_answered(&mut self, home: NodeId, grant: Option<(u64, u32)>) {
+        let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
+        let w = self.hint_store.windows.entry(home).or_default();
+        w.asking = None;
+        let Some((id, granted)) = grant else {
+            return;
+        };
+        assert_eq!(w.in_flight, 0, "credit is asked with no window open");
+        let n = (granted as usize).min(budget);
+        if n == 0 {
+            return;
+        }
+        w.grant = Some((id, granted));
+        let ready: Vec<StoreKey> = self
+            .hints
+            .iter()
+            .filter(|(k, h)| !h.in_flight && !h.writing && k.space == Space::Hint(home))
+            .map(|(k, _)| k.clone())
+            .take(n)
+            .collect();
+        let w = self
+            .hint_store
+            .windows
+            .get_mut(&home)
+            .expect("entered above");
+        if ready.is_empty() {
+            w.grant = None;
+            return;
+        }
+        w.in_flight = ready.len() as u32;
+        for hint in ready {
+            self.hints_in_flight += 1;
+            if let Some(h) = self.hints.get_mut(&hint) {
+                h.in_flight = true;
+            }
+            let id = self.id();
+            self.pending
+                .insert(id, Pending::HintRead { hint: hint.clone() });
+            self.out.push(Output::Store {
+                id,
+                key: hint,
+                op: StoreOp::Read,
+            });
+        }
+    }
+
+    /// A holder asks for credit: granted from this core's load and background share.
+    pub(super) fn grant_credit(&mut self, from: NodeId, id: u64, wanted: u32) {
+        let busy = self.ops.len() + self.jobs.len();
+        let idle = 1.0 - (busy as f64 / self.cfg.hint_busy_ops.max(1) as f64).min(1.0);
+        let cap = wanted.min(self.cfg.hint_credit_max);
+        let mut granted = (f64::from(cap) * self.hint_store.share * idle) as u32;
+        if granted == 0 && cap > 0 && busy < self.cfg.hint_busy_ops {
+            // Not busy, only throttled: a trickle still drains the hints.
+            granted = 1;
+        }
+        self.stats.credits_granted += u64::from(granted);
+        self.out.push(Output::Send {
+            to: from,
+            msg: PeerMsg::HintCreditOk { id, granted },
+        });
+    }
+}
