@@ -303,16 +303,26 @@ type Written = (Vec<u8>, Vec<u8>);
 /// pending, node-4 owning partitions, node-3 removed), after checking that no write failed.
 fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) {
     let nodes = three_and_a_fresh_one(name);
-    // The measured phase starts once the three-node cluster takes a W=2 write through each node
-    // the writer uses (peer links are opened on first use, and a cold start is not what this
-    // scenario is about).
-    for (i, node) in nodes[..2].iter().enumerate() {
-        wait_for("a first write accepted", POLLS, POLL_MS, || {
-            node.client()
-                .put(BUCKET, format!("warm-up-{i}").as_bytes(), b"w", None)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        });
+    // The measured phase starts once the three-node cluster takes a W=2 write on each shard of
+    // each node the writer uses: a cold start is not what this scenario is about (cores that
+    // heartbeat a peer not started yet suspect it, and back off before reconnecting).
+    let warm_up: Vec<Vec<u8>> = (0..2)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("warm-up-{i}").into_bytes())
+                .find(|k| partition_of(BUCKET, k).0 % 2 == shard)
+                .unwrap()
+        })
+        .collect();
+    for node in &nodes[..2] {
+        for key in &warm_up {
+            wait_for("a first write accepted", POLLS, POLL_MS, || {
+                node.client()
+                    .put(BUCKET, key, b"w", None)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     // Writes go through the two nodes that stay, alternately, each key written once.
