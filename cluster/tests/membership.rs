@@ -113,6 +113,29 @@ fn admin_reaches_the_first_shard_from_any_shard() {
     assert!(client.admin("cluster-status", "").is_ok());
 }
 
+/// The async client runs operator commands too, with the same answers and errors.
+#[test]
+fn async_connections_run_admin_commands() {
+    let dir = data_dir("admin-async");
+    let server = Server::start(&dir, free_port());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = ringkv_net::AsyncConnection::connect(server.addr.as_str(), common::config())
+            .await
+            .unwrap();
+        let status = conn.admin("cluster-status", "").await.unwrap();
+        assert!(member_line(&status, 1).is_some(), "{status}");
+        match conn.admin("cluster-remove", "not-a-number").await {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::InvalidRequest),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
 /// `ringkv cluster status` prints the node's answer and exits 0; a command the node refuses
 /// exits 2 with the node's reason on stderr.
 #[test]
