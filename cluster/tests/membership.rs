@@ -19,8 +19,8 @@ use common::{BIN, ClusterNode, Server, data_dir, free_port, seeds, wait_for};
 use ringkv_cluster::node::route::partition_of;
 use ringkv_cluster::object::{Object, Val};
 use ringkv_net::{
-    ClientError, ErrorCode, Frame, Get, Hello, Limits, Message, PROTOCOL_VERSION, ReplicaGet, Role,
-    Sibling, decode_frame, encode_frame_to_vec,
+    ClientError, ErrorCode, Frame, Get, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet,
+    Role, Sibling, decode_frame, encode_frame_to_vec,
 };
 
 /// The Dynamo (3, 2, 2) default bucket.
@@ -67,6 +67,55 @@ fn three_and_a_fresh_one(name: &str) -> Vec<ClusterNode> {
         node.start();
     }
     nodes
+}
+
+/// Three nodes bootstrapped from the same seeds (no fourth), all running.
+fn three_seeded(name: &str) -> Vec<ClusterNode> {
+    let mut nodes = three_and_a_fresh_one(name);
+    nodes.truncate(3);
+    nodes
+}
+
+/// A node restarted on another peer port announces it (its restored entry takes this run's
+/// addresses), gossip spreads it, and the others' shards close their links to the old address
+/// and reach the new one: a write that needs all three replicas succeeds through another node.
+#[test]
+fn a_node_that_moved_is_reached_at_its_new_address() {
+    let mut nodes = three_seeded("moved-peer");
+    nodes[1].stop();
+    nodes[1].move_peer_port();
+    nodes[1].start();
+    let moved = nodes[1].peer_addr.clone();
+    for node in [&nodes[0], &nodes[2]] {
+        wait_for("the new address known", POLLS, POLL_MS, || {
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
+            match member_line(&status, 2) {
+                Some(line) if line.contains(&moved) => Ok(()),
+                _ => Err(status),
+            }
+        });
+    }
+    // With N=3 on three nodes node-1 is a home of every key, so it coordinates and needs
+    // node-2's answer for w = 3. Retried (bounded) while node-1 still suspects node-2 from its
+    // restart.
+    let mut client = nodes[0].client();
+    wait_for("a write with w = 3", POLLS, POLL_MS, || {
+        let put = Message::Put(Put {
+            bucket: Bytes::from_static(BUCKET),
+            key: Bytes::from_static(b"after-the-move"),
+            value: Bytes::from_static(b"v"),
+            context: None,
+            w: Some(3),
+            dw: None,
+            timeout_ms: None,
+        });
+        match client.request_message(put) {
+            Ok(Message::PutOk(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
 }
 
 /// The status line of `node` in a `cluster status` answer, as its words.

@@ -193,6 +193,17 @@ impl ClusterNode {
         }
     }
 
+    /// Gives the node a new peer port for its next start (a node that moved).
+    pub fn move_peer_port(&mut self) {
+        let moved = format!("127.0.0.1:{}", free_port());
+        for arg in &mut self.args {
+            if *arg == self.peer_addr {
+                arg.clone_from(&moved);
+            }
+        }
+        self.peer_addr = moved;
+    }
+
     /// Starts the process and waits (bounded) until it answers PING.
     pub fn start(&mut self) {
         assert!(self.child.is_none());
