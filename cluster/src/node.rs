@@ -7,7 +7,7 @@
 //!
 //! Its submodules are the node runtime: [`config`] (settings from file and flags, sans-IO),
 //! [`peer`] (peer messages on the wire and hints in the engine, sans-IO), [`epochs`] (the
-//! persisted epoch lease of a shard),
+//! persisted epoch lease of a shard), [`cluster_state`] (the node's persisted membership),
 //! [`metrics`] (counters, Prometheus text and admin HTTP answers, sans-IO),
 //! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
 //! requests, sans-IO), [`session`] (a connection's
@@ -21,6 +21,7 @@
 //! the actor of its dotted version vectors (`dvv.rs`), and an actor that restarts its counter would
 //! issue a dot that already names another value, which silently breaks causality for that key.
 
+pub mod cluster_state;
 pub mod config;
 pub mod epochs;
 pub mod metrics;

@@ -633,6 +633,11 @@ impl Engine {
         }
     }
 
+    /// Partitions that hold at least one entry (a live key or a tombstone), in no order.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.inner.st.borrow().index.partitions()
+    }
+
     /// Key fingerprints and value digests of one partition without any IO (for anti-entropy),
     /// sorted by digest. Tombstones are included with `tombstone` set.
     pub fn partition_digests(&self, partition: u32) -> Vec<(KeyHash, Entry)> {

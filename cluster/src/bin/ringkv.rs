@@ -1,13 +1,15 @@
 //! `ringkv`: the node server and its command-line client.
 //!
-//! `ringkv serve` runs a node, alone or in a static cluster (see `docs/OPERATIONS.md` for every
+//! `ringkv serve` runs a node, alone or in a cluster (see `docs/OPERATIONS.md` for every
 //! setting and flag); `ringkv get|put|del|ping` talk to a node through the blocking client in
 //! `ringkv-net`. `get` prints a single value raw on stdout for shell scripts; concurrent siblings
 //! come as a `siblings N` line followed by one `value LEN` line plus LEN raw bytes and a newline,
 //! or a `tombstone` line, per sibling. `--show-context` prints the causal context as
 //! `context HEX` on stderr, which `put`/`del --context HEX` accept; `del` without a context
 //! reads the key first and deletes what it read. A missing key exits 1 with
-//! "not found" on stderr. Exit codes: 0 success, 1 key not found, 2 any error.
+//! "not found" on stderr. `ringkv cluster join|leave|remove|plan|commit|status` sends one ADMIN
+//! command to the node at `--server` and prints its text answer. Exit codes: 0 success, 1 key
+//! not found, 2 any error.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -161,6 +163,9 @@ enum Command {
         /// [default: 86400000, one day].
         #[arg(long)]
         tombstone_grace_ms: Option<u64>,
+        /// Interval between membership gossip rounds, in ms [default: 1000].
+        #[arg(long)]
+        gossip_ms: Option<u64>,
         /// Bytes of hints this node stores at most, split evenly across shards; past it hints
         /// are refused `overloaded` [default: 1073741824 (1 GiB)].
         #[arg(long)]
@@ -210,6 +215,78 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Cluster membership: inspect it, stage changes, commit them.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct AdminTarget {
+    /// Client address of the node to talk to.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    server: String,
+    /// Cluster name sent in the handshake.
+    #[arg(long, default_value = "ringkv")]
+    cluster_name: String,
+    /// Timeout in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+/// `ringkv cluster ...`: each is one ADMIN command (`docs/PROTOCOL.md` §5.8.1) whose text
+/// answer is printed.
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Make the node at --server join the cluster of SEED (a member's peer address HOST:PORT).
+    Join {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Peer address of a member of the cluster to join.
+        seed: String,
+    },
+    /// Stage the departure of the node at --server (its partitions move to the others).
+    Leave {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Stage the removal of NODE (a node that is gone for good), asked of the node at --server.
+    Remove {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Id of the node to remove.
+        node: u32,
+    },
+    /// Show the staged changes and which partitions they would move where.
+    Plan {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Apply the staged changes.
+    Commit {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Members, their state and ownership, reachability as the node sees it, pending transfers.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+impl ClusterCommand {
+    /// The ADMIN command name, its text arguments, and the node to send it to.
+    fn admin(&self) -> (&'static str, String, &AdminTarget) {
+        match self {
+            Self::Join { target, seed } => ("cluster-join", seed.clone(), target),
+            Self::Leave { target } => ("cluster-leave", String::new(), target),
+            Self::Remove { target, node } => ("cluster-remove", node.to_string(), target),
+            Self::Plan { target } => ("cluster-plan", String::new(), target),
+            Self::Commit { target } => ("cluster-commit", String::new(), target),
+            Self::Status { target } => ("cluster-status", String::new(), target),
+        }
+    }
 }
 
 /// CPUs this process may run on, from the kernel's view of its affinity mask.
@@ -297,6 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ae_interval_ms,
             ae_keys_max,
             tombstone_grace_ms,
+            gossip_ms,
             hint_bytes_max,
             heartbeat_ms,
             phi_threshold,
@@ -338,6 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ae_interval_ms,
                 ae_keys_max,
                 tombstone_grace_ms,
+                gossip_ms,
                 hint_bytes_max,
                 heartbeat_ms,
                 phi_threshold,
@@ -372,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.ae_interval_ms = settings.ae_interval_ms;
             cfg.ae_keys_max = settings.ae_keys_max;
             cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
+            cfg.gossip_ms = settings.gossip_ms;
             cfg.hint_bytes_max = settings.hint_bytes_max;
             cfg.heartbeat_ms = settings.heartbeat_ms;
             cfg.phi_threshold = settings.phi_threshold;
@@ -471,6 +551,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ping { target } => {
             connect(&target)?.ping()?;
             println!("pong");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster { command } => {
+            let (name, args, target) = command.admin();
+            let config = ClientConfig {
+                cluster_name: target.cluster_name.clone(),
+                timeout: Duration::from_millis(target.timeout_ms),
+                ..ClientConfig::default()
+            };
+            let mut client = Client::connect(target.server.as_str(), config)
+                .with_context(|| format!("connect to {}", target.server))?;
+            let text = client.admin(name, &args).with_context(|| name.to_owned())?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes()).context("write to stdout")?;
+            if !text.is_empty() && !text.ends_with('\n') {
+                writeln!(out).context("write to stdout")?;
+            }
+            out.flush().context("write to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
     }

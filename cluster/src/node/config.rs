@@ -6,19 +6,20 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the static member list, `ID@HOST:PORT`
-//! peer addresses; every node must be given the same list), `replica_timeout_ms`,
-//! `hint_retry_ms`, `hint_bytes_max` (the node's hint store, split evenly across its shards),
-//! `heartbeat_ms` and `phi_threshold` (failure detection), `admission_p99_threshold_us`
+//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the initial member list, `ID@HOST:PORT`
+//! peer addresses; every node of a new cluster must be given the same list), `replica_timeout_ms`,
+//! `hint_retry_ms`, `gossip_ms`, `hint_bytes_max` (the node's hint store, split evenly across its
+//! shards), `heartbeat_ms` and `phi_threshold` (failure detection), `admission_p99_threshold_us`
 //! (admission control of background work), the anti-entropy settings `ae_interval_ms` (0 turns
-//! it off), `ae_keys_max` and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]` tables (`[buckets.default]` for
+//! it off), `ae_keys_max` and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]`
+//! tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
 //! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
 //! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
 //! RESP listener's bucket `redis`, when not configured, is the default bucket in `lww` mode.
 //!
-//! Limits: membership is static (no join or leave while running); seeds are resolved once, at
-//! startup, by the caller.
+//! Limits: seeds only bootstrap a new cluster (a node that persisted its membership restores it
+//! instead); they are resolved once, at startup, by the caller.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -73,6 +74,8 @@ pub const AE_KEYS_MAX_DEFAULT: usize = 256;
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 86_400_000;
 /// Longest tombstone grace period, in milliseconds: 30 days.
 pub const TOMBSTONE_GRACE_MS_MAX: u64 = 30 * 86_400_000;
+/// Default interval between membership gossip rounds, in milliseconds.
+pub const GOSSIP_MS_DEFAULT: u64 = 1000;
 /// Default bound on the bytes of hints a node stores (all shards together): 1 GiB.
 pub const HINT_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 /// Default interval between failure-detector heartbeats to each peer, in milliseconds.
@@ -169,6 +172,8 @@ pub struct FileConfig {
     pub ae_keys_max: Option<usize>,
     /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
     pub tombstone_grace_ms: Option<u64>,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: Option<u64>,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: Option<u64>,
     /// Interval between heartbeats to each peer, in milliseconds.
@@ -332,6 +337,8 @@ pub struct Settings {
     pub ae_keys_max: usize,
     /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
     pub tombstone_grace_ms: u64,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: u64,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: u64,
     /// Interval between heartbeats to each peer, in milliseconds.
@@ -575,6 +582,13 @@ impl Settings {
                 }
                 v
             },
+            gossip_ms: interval(
+                "gossip_ms",
+                flags
+                    .gossip_ms
+                    .or(file.gossip_ms)
+                    .unwrap_or(GOSSIP_MS_DEFAULT),
+            )?,
             hint_bytes_max: flags
                 .hint_bytes_max
                 .or(file.hint_bytes_max)

@@ -54,6 +54,12 @@
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
+//! Membership: shard 0 owns the node's [`crate::membership::Membership`] (restored from
+//! `<data-dir>/cluster-state`, else bootstrapped from the seeds) and its shell, [`members`]:
+//! ADMIN frames from any shard and CLUSTER frames without a partition reach it there. Every
+//! shard takes its ring and its peer addresses from the latest view shard 0 published over a
+//! third mesh ([`view`]); a link to a member that was removed or moved is closed.
+//!
 //! A shard that fails (its executor cannot be created, its engine does not open, a listener
 //! cannot be bound, or it panics) ends the node the same way: its end cancels the token, shards
 //! still starting stop waiting for the mesh, every engine that was opened is closed (flushed,
@@ -100,10 +106,12 @@ use crate::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
     hint_bytes,
 };
+use crate::membership::{Membership, MembershipConfig};
 use crate::object::Object;
-use crate::ring::{PartitionId, Ring};
+use crate::ring::PartitionId;
 
 use super::NodeId;
+use super::cluster_state;
 use super::config;
 use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
 use super::metrics::{self, CoreFigures, Op, ShardMetrics};
@@ -112,6 +120,11 @@ use super::preflight;
 use super::resp::{self, RespPlan};
 use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
+
+mod members;
+mod view;
+
+use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK_BYTES: usize = 64 << 10;
@@ -186,6 +199,8 @@ pub struct ServeConfig {
     pub ae_keys_max: usize,
     /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
     pub tombstone_grace_ms: u64,
+    /// Interval between membership gossip rounds, in milliseconds.
+    pub gossip_ms: u64,
     /// Bytes of hints the node stores at most; each shard's core gets an even part.
     pub hint_bytes_max: u64,
     /// Interval between failure-detector heartbeats to each peer, in milliseconds.
@@ -227,6 +242,7 @@ impl ServeConfig {
             ae_interval_ms: config::AE_INTERVAL_MS_DEFAULT,
             ae_keys_max: config::AE_KEYS_MAX_DEFAULT,
             tombstone_grace_ms: config::TOMBSTONE_GRACE_MS_DEFAULT,
+            gossip_ms: config::GOSSIP_MS_DEFAULT,
             hint_bytes_max: config::HINT_BYTES_MAX_DEFAULT,
             heartbeat_ms: config::HEARTBEAT_MS_DEFAULT,
             phi_threshold: config::PHI_THRESHOLD_DEFAULT,
@@ -261,6 +277,9 @@ pub enum ServeError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The node's membership could not be restored or started.
+    #[error("membership: {0}")]
+    Membership(String),
     /// A shard's epoch lease could not be read or persisted.
     #[error("shard {shard}: {source}")]
     Epochs {
@@ -382,7 +401,14 @@ struct Shard {
     next_inbound: Cell<u64>,
     /// Outbound queue of each peer node this shard has talked to.
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
-    peers: BTreeMap<NodeId, SocketAddr>,
+    /// The node's membership (shard 0 only).
+    members: Option<members::Driver>,
+    /// Peer address of every other member, from the view in use.
+    peers: RefCell<BTreeMap<NodeId, SocketAddr>>,
+    /// Version of the view in use ([`view`]).
+    view_version: Cell<u64>,
+    /// The control mesh: views from shard 0 to the others.
+    control: Senders<Control>,
     epochs_path: PathBuf,
     /// Whether this run keeps its floor file while it runs (`sync` durability).
     floor_file: bool,
@@ -475,15 +501,16 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     cfg.buckets
         .validate()
         .map_err(|e| ServeError::Config(e.to_string()))?;
-    let members = cfg
+    let members: Vec<NodeId> = cfg
         .peers
         .keys()
         .copied()
         .chain(std::iter::once(cfg.node_id))
         .collect();
     let target_n = cfg.buckets.max_n();
-    let ring = Ring::new(PARTITIONS, &members, target_n)
-        .map_err(|e| ServeError::Config(format!("ring: {e}")))?;
+    let membership = start_membership(&cfg, &members, target_n)?;
+    let view = Arc::new(ShardView::from_view(cfg.node_id, &membership.view()));
+    let mut membership = Some(membership);
     // One executor per shard and the signal executor.
     let budget = preflight::check(shards + 1)?;
     let clock = Clock::new();
@@ -499,19 +526,23 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
     let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
+    let control = MeshBuilder::<Control, _>::full(shards, CONTROL_QUEUE_MESSAGES_MAX);
     let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
     let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
     let mut first_error = None;
     for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
-        let (cfg, requests, replies, metrics, ring) = (
+        let (cfg, requests, replies, metrics, view, control) = (
             cfg.clone(),
             requests.clone(),
             replies.clone(),
             metrics.clone(),
-            ring.clone(),
+            view.clone(),
+            control.clone(),
         );
+        // The node's membership lives on its first shard.
+        let membership = if id == 0 { membership.take() } else { None };
         let shutdown = stop.foreign_child();
         let report = EndReport {
             id,
@@ -520,7 +551,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let replication = Replication { ring, clock };
+                let replication = Replication {
+                    view,
+                    clock,
+                    control,
+                    membership,
+                };
                 let result =
                     run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
                 report.send(result);
@@ -722,10 +758,56 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
     }
 }
 
-/// What a shard's core starts from.
+/// What a shard's core starts from, and how it learns of later views.
 struct Replication {
-    ring: Ring,
+    view: Arc<ShardView>,
     clock: Clock,
+    control: MeshBuilder<Control, Full>,
+    /// The node's membership, for shard 0.
+    membership: Option<Membership>,
+}
+
+/// The node's membership: restored from `<data-dir>/cluster-state` if an earlier run persisted
+/// one (then `--seeds` are not used), else a new cluster of `members` (all Valid; this node
+/// alone without seeds).
+fn start_membership(
+    cfg: &ServeConfig,
+    members: &[NodeId],
+    target_n: usize,
+) -> Result<Membership, ServeError> {
+    let mcfg = MembershipConfig {
+        node: cfg.node_id,
+        peer_addr: cfg.peer_listen.map(|a| a.to_string()).unwrap_or_default(),
+        client_addr: cfg.listen.to_string(),
+        gossip_ms: cfg.gossip_ms,
+        // Membership's requests (gossip, join, commit) are answered at once by a live peer.
+        request_timeout_ms: cfg.replica_timeout_ms,
+        target_n,
+        partitions: PARTITIONS,
+    };
+    let persisted =
+        cluster_state::read(&cfg.data_dir).map_err(|e| ServeError::Membership(e.to_string()))?;
+    let membership = match persisted {
+        Some(bytes) => {
+            tracing::info!(node = %cfg.node_id, "membership restored from the cluster state file");
+            Membership::restore(mcfg, &bytes)
+        }
+        None => {
+            let seeds: Vec<(NodeId, String)> = if cfg.peers.is_empty() {
+                Vec::new()
+            } else {
+                members
+                    .iter()
+                    .map(|id| {
+                        let addr = cfg.peers.get(id).copied().or(cfg.peer_listen);
+                        (*id, addr.map(|a| a.to_string()).unwrap_or_default())
+                    })
+                    .collect()
+            };
+            Membership::bootstrap(mcfg, &seeds)
+        }
+    };
+    membership.map_err(|e| ServeError::Membership(e.to_string()))
 }
 
 /// Bound on the connection attempt that tells a listener from leftover connections.
@@ -837,8 +919,9 @@ async fn run_shard(
     };
     let engine = match started {
         Some(started) => {
-            let (mut core, clock) = start_core(id, &cfg, replication, lease, floor, hints);
-            if let Err(source) = load_trees(&engine, &mut core, clock.now_ms(), id, &cfg).await {
+            let (mut core, replication) = start_core(id, &cfg, replication, lease, floor, hints);
+            let now = replication.clock.now_ms();
+            if let Err(source) = load_trees(&engine, &mut core, now, id, &cfg).await {
                 if let Err(closing) = close_engine(id, engine, dir.clone()).await {
                     tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
                 }
@@ -855,7 +938,7 @@ async fn run_shard(
                 started,
                 shutdown,
                 all_metrics,
-                (core, clock),
+                (core, replication),
             )
             .await?;
             // Served and stopping: once every write is synced, nothing this run issued can be
@@ -881,7 +964,7 @@ fn start_core(
     lease: EpochLease,
     floor: u32,
     hints: Vec<(StoreKey, u64)>,
-) -> (Core, Clock) {
+) -> (Core, Replication) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
     core_cfg.buckets = cfg.buckets.clone();
     core_cfg.durable_writes = cfg.durability == Durability::Sync;
@@ -907,8 +990,8 @@ fn start_core(
         epoch_floor = floor,
         "coordinator ready"
     );
-    let core = Core::new(core_cfg, replication.ring, lease, hints);
-    (core, replication.clock)
+    let core = Core::new(core_cfg, replication.view.ring.clone(), lease, hints);
+    (core, replication)
 }
 
 /// Records the epoch floor after a clean close (`epochs::FLOOR_FILE`).
@@ -999,8 +1082,20 @@ async fn serve_shard(
     started: Started,
     shutdown: CancellationToken,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
-    (core, clock): (Core, Clock),
+    (core, replication): (Core, Replication),
 ) -> Result<(Engine, u32), ServeError> {
+    let Replication {
+        view,
+        clock,
+        control,
+        membership,
+    } = replication;
+    let floor = core.epoch_floor();
+    let Some(control) = unless(control.join(), shutdown.cancelled()).await else {
+        return Ok((engine, floor));
+    };
+    let (control_tx, mut control_rx) =
+        control.map_err(|e| runtime(format!("shard {id}: control mesh"), e))?;
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let Started {
@@ -1061,7 +1156,10 @@ async fn serve_shard(
         inbound: RefCell::new(HashMap::new()),
         next_inbound: Cell::new(1),
         links: RefCell::new(HashMap::new()),
-        peers: cfg.peers.clone(),
+        members: membership.map(|m| members::Driver::new(m, cfg.data_dir.clone(), cfg.peer_listen)),
+        peers: RefCell::new(view.peers.clone()),
+        view_version: Cell::new(view.version),
+        control: control_tx,
         epochs_path: dir.join(EPOCHS_FILE),
         floor_file: cfg.durability == Durability::Sync,
         store_work: Gate::new(),
@@ -1071,6 +1169,8 @@ async fn serve_shard(
     glommio::spawn_local_into(run_ticks(Rc::downgrade(&shard), stop.clone()), foreground)
         .map_err(|e| runtime(format!("shard {id}: ticker"), e))?
         .detach();
+    shard.start_view(&view);
+    shard.start_membership(stop.clone());
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
     let weak = Rc::downgrade(&shard);
@@ -1102,6 +1202,31 @@ async fn serve_shard(
         }
     })
     .detach();
+
+    // Views from shard 0. A weak handle: the loop must not keep the shard from closing.
+    for (_, rx) in control_rx.streams() {
+        let weak = Rc::downgrade(&shard);
+        glommio::spawn_local_into(
+            async move {
+                // Drained until every sender closed, even once the shard is gone, so a sender
+                // never waits on a full queue at shutdown.
+                while let Some(message) = rx.recv().await {
+                    let Some(shard) = weak.upgrade() else {
+                        continue;
+                    };
+                    match message {
+                        Control::View(view) => shard.apply_view(&view),
+                        Control::TransferDone { epoch, partition } => {
+                            shard.membership_transfer_done(epoch, partition)
+                        }
+                    }
+                }
+            },
+            foreground,
+        )
+        .map_err(|e| runtime(format!("shard {id}: control loop"), e))?
+        .detach();
+    }
 
     // Replies from other shards: hand each to the task waiting for it.
     for (_, rx) in rep_rx.streams() {
@@ -1137,9 +1262,10 @@ async fn serve_shard(
                     };
                     let (shard, rep_tx) = (shard.clone(), rep_tx.clone());
                     let spawned = work.spawn(async move {
-                        let message = match req.peer {
-                            Some(from) => shard.serve_peer(from, req.message).await,
-                            None => shard.execute_local(req.partition, req.message).await,
+                        let message = match (req.peer, req.message) {
+                            (Some(from), message) => shard.serve_peer(from, message).await,
+                            (None, Message::Admin(admin)) => shard.admin_command(admin).await,
+                            (None, message) => shard.execute_local(req.partition, message).await,
                         };
                         let reply = ShardReply {
                             tag: req.tag,
@@ -1254,6 +1380,7 @@ async fn serve_shard(
     }
     // No request from this shard can follow; peers' loops end once every shard got here.
     shard.requests.close();
+    shard.control.close();
     for task in peer_loops.into_iter().flatten() {
         task.await;
     }
@@ -1334,6 +1461,12 @@ impl Shard {
     }
 
     async fn route(self: &Rc<Self>, message: Message) -> Message {
+        // Operator commands are answered by the first shard, which owns cluster-wide state.
+        let message = match message {
+            Message::Admin(admin) if self.id == 0 => return self.admin_command(admin).await,
+            admin @ Message::Admin(_) => return self.forward(0, 0, admin, None).await,
+            other => other,
+        };
         let (bucket, key) = match &message {
             Message::Get(m) => (&m.bucket, &m.key),
             Message::Put(m) => (&m.bucket, &m.key),
@@ -1901,10 +2034,15 @@ impl Shard {
                     max_items,
                     max_bytes,
                 } => self.spawn_scan(id, partition, after, max_items, max_bytes),
-                Output::DropPartition { partition } => self.spawn_drop(partition),
-                Output::TransferDone { epoch, partition } => {
-                    tracing::info!(shard = self.id, epoch, partition, "partition received");
+                Output::DropPartition { partition } => {
+                    tracing::info!(
+                        shard = self.id,
+                        partition,
+                        "dropping a handed-off partition"
+                    );
+                    self.spawn_drop(partition)
                 }
+                Output::TransferDone { epoch, partition } => self.transfer_done(epoch, partition),
             }
         }
     }
@@ -2137,16 +2275,23 @@ impl Shard {
     /// Queues `msg` for node `to`, opening the link on first use.
     fn send_to_peer(self: &Rc<Self>, to: NodeId, msg: PeerMsg) {
         let (request_id, message) = peer::to_wire(msg);
-        let frame = Frame {
-            request_id,
-            message,
-        };
+        self.send_frame(
+            to,
+            Frame {
+                request_id,
+                message,
+            },
+        );
+    }
+
+    /// Queues `frame` for node `to`, opening the link on first use.
+    fn send_frame(self: &Rc<Self>, to: NodeId, frame: Frame) {
         let mut links = self.links.borrow_mut();
         let queue = match links.entry(to) {
             std::collections::hash_map::Entry::Occupied(queue) => queue.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => {
-                let Some(addr) = self.peers.get(&to).copied() else {
-                    // Not a member (cannot happen with a static ring): the core times it out.
+                let Some(addr) = self.peers.borrow().get(&to).copied() else {
+                    // Not a member of the view in use: the core times it out.
                     tracing::warn!(shard = self.id, node = %to, "message for an unknown node dropped");
                     return;
                 };
@@ -2198,6 +2343,16 @@ impl Shard {
 
     /// Runs a request from node `from` through this shard's core and returns its answer.
     async fn serve_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+        // Node-wide CLUSTER messages of membership go to it (on shard 0), the rest to the core.
+        let message = match message {
+            Message::Cluster(c) if c.partition.is_none() => {
+                match self.serve_membership(from, c).await {
+                    Ok(answer) => return answer,
+                    Err(c) => Message::Cluster(c),
+                }
+            }
+            other => other,
+        };
         let id = self.next_inbound.get();
         self.next_inbound.set(id + 1);
         let msg = match peer::request_from_wire(id, message) {
@@ -2458,6 +2613,11 @@ async fn read_answers(
                     let Some(shard) = shard.upgrade() else {
                         return;
                     };
+                    // Membership's requests share the link; their ids are marked.
+                    if members::is_membership_id(frame.request_id) {
+                        shard.membership_answer(node, frame);
+                        continue;
+                    }
                     let msg = peer::answer_from_wire(frame.request_id, frame.message);
                     let outputs =
                         shard

@@ -11,8 +11,8 @@
 //! A session accepts one role ([`Session::new`] clients, [`Session::for_peers`] peers); the other
 //! is refused (`invalid_request`, closed), so a client can never send replica requests. A peer
 //! names itself `<id>@<name>` in HELLO ([`super::peer::parse_hello_name`]) and may then send
-//! REPLICA_PUT, REPLICA_GET and forwarded GET/PUT/DELETE; the shell executes them for
-//! [`Session::peer`].
+//! REPLICA_PUT, REPLICA_GET, CLUSTER and forwarded GET/PUT/DELETE; the shell executes them for
+//! [`Session::peer`]. ADMIN (operator commands) is a client request only.
 
 use ringkv_net::{ErrorBody, ErrorCode, Frame, HelloOk, Message, PROTOCOL_VERSION, Role};
 
@@ -26,8 +26,9 @@ pub enum Step {
     Reply(Frame),
     /// Send this reply, then close the connection.
     ReplyAndClose(Frame),
-    /// Execute this request (GET, PUT or DELETE; on a peer session also REPLICA_PUT and
-    /// REPLICA_GET) on the shard owning its key and reply with the result.
+    /// Execute this request (GET, PUT or DELETE; on a client session also ADMIN, which the
+    /// node's first shard answers; on a peer session also REPLICA_PUT, REPLICA_GET and CLUSTER)
+    /// on the shard owning it and reply with the result.
     Execute(Frame),
 }
 
@@ -164,6 +165,8 @@ impl Session {
             {
                 Step::Execute(frame)
             }
+            // Operator commands come from the `ringkv cluster` CLI, a client.
+            Message::Admin(_) if self.role == Role::Client => Step::Execute(frame),
             Message::Hello(_) => Step::Reply(error(
                 id,
                 ErrorCode::InvalidRequest,
@@ -304,5 +307,37 @@ mod tests {
             code(&client.on_frame(cluster)),
             Some(ErrorCode::InvalidRequest)
         );
+    }
+
+    /// ADMIN is executed for clients only and CLUSTER for peers only: a client can never send
+    /// cluster control, and a peer can never run an operator command.
+    #[test]
+    fn admin_for_clients_cluster_for_peers() {
+        let admin = Frame {
+            request_id: 4,
+            message: Message::Admin(ringkv_net::Admin {
+                command: "cluster-status".into(),
+                args: Bytes::new(),
+            }),
+        };
+        let cluster = Frame {
+            request_id: 5,
+            message: Message::Cluster(ringkv_net::Cluster {
+                sub: 1,
+                partition: None,
+                payload: Bytes::new(),
+            }),
+        };
+        let mut client = Session::new(info(), 0);
+        let _ = client.on_frame(hello("c", Role::Client));
+        assert!(matches!(client.on_frame(admin.clone()), Step::Execute(_)));
+        assert_eq!(
+            code(&client.on_frame(cluster.clone())),
+            Some(ErrorCode::InvalidRequest)
+        );
+        let mut peer = Session::for_peers(info(), 0);
+        let _ = peer.on_frame(hello_named("c", Role::Peer, Some("7@b")));
+        assert!(matches!(peer.on_frame(cluster), Step::Execute(_)));
+        assert_eq!(code(&peer.on_frame(admin)), Some(ErrorCode::InvalidRequest));
     }
 }

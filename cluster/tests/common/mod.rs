@@ -142,3 +142,170 @@ pub fn key(i: usize) -> Vec<u8> {
 pub fn value(i: usize, round: usize) -> Vec<u8> {
     format!("value {i} round {round}").into_bytes()
 }
+
+/// One node of a multi-node test cluster, with its own client and peer ports and data
+/// directory; killed on drop.
+pub struct ClusterNode {
+    pub id: u32,
+    pub addr: String,
+    pub peer_addr: String,
+    args: Vec<String>,
+    /// Flags added at every start (`--seeds`, `--gossip-ms`).
+    pub extra: Vec<String>,
+    /// Where the node's log goes (appended across restarts), beside its data directory.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    /// A node with `--shards 2`, buffered durability and the bucket file `buckets`, on free
+    /// ports; not started.
+    pub fn new(dir: &Path, id: u32, buckets: &Path) -> ClusterNode {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let peer_addr = format!("127.0.0.1:{}", free_port());
+        let mut args: Vec<String> = [
+            "--shards",
+            "2",
+            "--durability",
+            "buffered",
+            "--node-id",
+            &id.to_string(),
+            "--listen",
+            &addr,
+            "--peer-listen",
+            &peer_addr,
+            "--config",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(buckets.display().to_string());
+        args.push("--data-dir".into());
+        args.push(dir.join(format!("node-{id}")).display().to_string());
+        ClusterNode {
+            id,
+            addr,
+            peer_addr,
+            args,
+            extra: Vec::new(),
+            log: dir.join(format!("node-{id}.log")),
+            child: None,
+        }
+    }
+
+    /// Gives the node a new peer port for its next start (a node that moved).
+    pub fn move_peer_port(&mut self) {
+        let moved = format!("127.0.0.1:{}", free_port());
+        for arg in &mut self.args {
+            if *arg == self.peer_addr {
+                arg.clone_from(&moved);
+            }
+        }
+        self.peer_addr = moved;
+    }
+
+    /// Starts the process and waits (bounded) until it answers PING.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // RINGKV_TEST_LOG raises the nodes' log level when a failure needs explaining.
+        let level = std::env::var("RINGKV_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(&self.args)
+            .args(&self.extra)
+            .env("RUST_LOG", level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node {} exited during startup: {status}", self.id);
+            }
+            if let Ok(mut c) = Client::connect(&self.addr, config())
+                && c.ping().is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        panic!("node {} did not answer", self.id);
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// Runs an ADMIN command on this node.
+    pub fn admin(&self, command: &str, args: &str) -> Result<String, ringkv_net::ClientError> {
+        self.client().admin(command, args)
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        for _ in 0..STARTUP_RETRIES {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "node {} exited with {status}", self.id);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("node {} did not exit after SIGTERM", self.id);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `--seeds` for `nodes`, each `ID@PEER_ADDR`.
+pub fn seeds(nodes: &[(u32, &str)]) -> String {
+    nodes
+        .iter()
+        .map(|(id, addr)| format!("{id}@{addr}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Polls `check` up to `polls` times, `delay_ms` apart, until it answers `Some`; panics with
+/// `what` and the last observation otherwise.
+pub fn wait_for<T>(
+    what: &str,
+    polls: usize,
+    delay_ms: u64,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let mut last = String::new();
+    for _ in 0..polls {
+        match check() {
+            Ok(v) => return v,
+            Err(seen) => last = seen,
+        }
+        std::thread::sleep(Duration::from_millis(delay_ms));
+    }
+    panic!("{what}: not reached after {polls} polls; last seen:\n{last}");
+}

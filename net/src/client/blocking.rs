@@ -145,6 +145,12 @@ impl Client {
             .into_delete()
     }
 
+    /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
+    /// arguments, and returns its text.
+    pub fn admin(&mut self, command: &str, args: &str) -> Result<String, ClientError> {
+        self.request(Request::admin(command, args))?.into_admin()
+    }
+
     /// Sends one request and waits for its reply.
     pub fn request(&mut self, request: Request) -> Result<Reply, ClientError> {
         let expect = request.reply_kind();

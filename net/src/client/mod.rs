@@ -55,7 +55,7 @@ use crate::error::{EncodeError, FrameError};
 use crate::frame::PROTOCOL_VERSION;
 use crate::limits::Limits;
 use crate::message::{
-    Delete, ErrorCode, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
+    Admin, Delete, ErrorCode, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
 };
 
 /// Settings of one connection, blocking or async.
@@ -177,6 +177,13 @@ pub enum Request {
     },
     /// Check the node answers.
     Ping,
+    /// An operator command (`docs/PROTOCOL.md` §5.8), e.g. `cluster-status`.
+    Admin {
+        /// The command's name.
+        command: String,
+        /// Its arguments as the command defines them (UTF-8 text so far).
+        args: Bytes,
+    },
 }
 
 impl Request {
@@ -207,6 +214,14 @@ impl Request {
         }
     }
 
+    /// An ADMIN with text arguments.
+    pub fn admin(command: &str, args: &str) -> Self {
+        Request::Admin {
+            command: command.to_owned(),
+            args: Bytes::copy_from_slice(args.as_bytes()),
+        }
+    }
+
     /// The kind of the success reply.
     fn reply_kind(&self) -> Kind {
         match self {
@@ -214,6 +229,7 @@ impl Request {
             Request::Put { .. } => Kind::PutOk,
             Request::Delete { .. } => Kind::DeleteOk,
             Request::Ping => Kind::Pong,
+            Request::Admin { .. } => Kind::AdminOk,
         }
     }
 
@@ -252,6 +268,7 @@ impl Request {
                 timeout_ms: None,
             }),
             Request::Ping => Message::Ping,
+            Request::Admin { command, args } => Message::Admin(Admin { command, args }),
         }
     }
 }
@@ -267,6 +284,8 @@ pub enum Reply {
     Delete,
     /// PING answered.
     Pong,
+    /// An operator command's result.
+    Admin(Bytes),
 }
 
 impl Reply {
@@ -279,6 +298,7 @@ impl Reply {
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
             Message::Pong => Ok(Reply::Pong),
+            Message::AdminOk(ok) => Ok(Reply::Admin(ok.body)),
             other => Err(ClientError::Unexpected(other.kind().to_string())),
         }
     }
@@ -304,6 +324,15 @@ impl Reply {
         }
     }
 
+    /// The text of an ADMIN_OK; every command's result is UTF-8 text so far.
+    fn into_admin(self) -> Result<String, ClientError> {
+        match self {
+            Reply::Admin(body) => String::from_utf8(body.to_vec())
+                .map_err(|_| ClientError::Unexpected("ADMIN_OK body that is not UTF-8".into())),
+            other => Err(other.unexpected()),
+        }
+    }
+
     fn into_pong(self) -> Result<(), ClientError> {
         match self {
             Reply::Pong => Ok(()),
@@ -317,6 +346,7 @@ impl Reply {
             Reply::Put(_) => Kind::PutOk,
             Reply::Delete => Kind::DeleteOk,
             Reply::Pong => Kind::Pong,
+            Reply::Admin(_) => Kind::AdminOk,
         };
         ClientError::Unexpected(kind.to_string())
     }
@@ -475,6 +505,7 @@ mod tests {
             Request::put(b"b", b"k", b"v", None),
             Request::delete(b"b", b"k", None),
             Request::Ping,
+            Request::admin("cluster-status", ""),
         ] {
             let expect = request.reply_kind();
             assert_eq!(request.into_message().kind().reply(), Some(expect));

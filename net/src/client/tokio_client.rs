@@ -294,6 +294,12 @@ impl AsyncConnection {
             .into_delete()
     }
 
+    /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
+    /// arguments, and returns its text.
+    pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
+        self.call(Request::admin(command, args)).await?.into_admin()
+    }
+
     /// Sends `request` and waits for its reply, at most the configured timeout.
     pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
         self.call_timeout(request, self.inner.config.timeout).await

@@ -1,0 +1,517 @@
+//! The shell of the node's membership ([`crate::membership`]), on its first shard.
+//!
+//! Shard 0 owns the node's one [`Membership`] and carries out what it asks for; every decision
+//! (who to gossip with, when a join or commit is accepted, when the ring flips) is made there.
+//! This module only moves bytes and time:
+//!
+//! - **Time and randomness**: a ticker calls `handle_tick` every [`MEMBERSHIP_TICK_MS`] with
+//!   the node's clock and a random number from the standard library's per-process random
+//!   hasher keys (the gossip partner; it needs no cryptographic quality).
+//! - **Operator commands**: an ADMIN frame reaches shard 0 (see `route`), is parsed with
+//!   [`AdminCmd::parse`] (a parse error is answered `invalid_request` at once), and waits for
+//!   the [`MembershipOutput::AdminReply`] with its request id: ADMIN_OK with the text, or ERROR
+//!   `invalid_request` with the reason (membership gives no finer kind of failure).
+//! - **Messages between nodes** travel in CLUSTER frames without a partition. Requests to a
+//!   member go on shard 0's peer link to it, beside the core's requests; their request ids are
+//!   membership's ids with [`MEMBERSHIP_ID_BIT`] set, so the link's reader tells their answers
+//!   (CLUSTER_OK, or ERROR: `handle_failed`) from the core's. A request to an address whose node
+//!   is not known yet (a join's seed, [`MembershipOutput::SendAddr`]) goes on a connection of its
+//!   own: connect, HELLO, one request, one answer, close, all within `replica_timeout_ms`;
+//!   a failure at any step is `handle_failed`. A request from another node arrives on the peer
+//!   port (on any shard, forwarded to shard 0), gets a shard-local id like the core's inbound
+//!   requests, and its answer (a membership output that `is_answer`) goes back on the same
+//!   connection with the request's own id. A CLUSTER frame whose sub-kind membership does not
+//!   know goes to the core, which refuses it.
+//! - **Views**: every [`MembershipOutput::View`] is published to every shard (`view`).
+//! - **Persistence**: every [`MembershipOutput::Persist`] replaces `<data-dir>/cluster-state`
+//!   ([`cluster_state`]) off the shard thread. Writes run one at a time and only the latest
+//!   state waiting is written, so the file never goes back to an older state; shutdown waits for
+//!   the write in progress. A failed write is logged and the node runs on; a restart then finds
+//!   the last state written.
+//!
+//! Requests membership sent that get no answer (a lost link, a full queue) are timed out by
+//! membership itself (`MembershipConfig::request_timeout_ms`, which the node sets to its
+//! `replica_timeout_ms`: a live peer answers membership at once).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::sync::CancellationToken;
+use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, decode_frame};
+
+use crate::membership::{AdminCmd, Membership, MembershipMsg, MembershipOutput, View};
+use crate::node::cluster_state;
+
+use super::super::NodeId;
+use super::view::{Control, ShardView};
+use super::{Shard, connect_peer, error_message, unless};
+
+/// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
+pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
+/// Set in the request id of every membership request on a peer link; the core's ids stay far
+/// below it.
+pub(super) const MEMBERSHIP_ID_BIT: u64 = 1 << 62;
+
+/// Whether an answer on a peer link is for membership (not the link's HELLO).
+pub(super) fn is_membership_id(request_id: u64) -> bool {
+    request_id & MEMBERSHIP_ID_BIT != 0 && request_id != super::PEER_HELLO_ID
+}
+
+/// Shard 0's membership and what its shell keeps.
+pub(super) struct Driver {
+    membership: RefCell<Membership>,
+    /// ADMIN requests waiting for their answer, by the id given to `Membership::admin`.
+    admin: RefCell<HashMap<u64, LocalSender<Result<String, String>>>>,
+    next_admin: Cell<u64>,
+    /// The latest state to persist, if not yet written.
+    persist_next: RefCell<Option<Vec<u8>>>,
+    /// Whether a write of the state file is running.
+    persisting: Cell<bool>,
+    /// Membership outputs not carried out yet, and whether they are being carried out.
+    queue: RefCell<VecDeque<MembershipOutput>>,
+    draining: Cell<bool>,
+    data_dir: PathBuf,
+    /// This node's peer address: a node without one cannot join a cluster.
+    peer_listen: Option<SocketAddr>,
+    random: std::collections::hash_map::RandomState,
+    rounds: Cell<u64>,
+}
+
+impl Driver {
+    pub(super) fn new(
+        membership: Membership,
+        data_dir: PathBuf,
+        peer_listen: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            membership: RefCell::new(membership),
+            admin: RefCell::new(HashMap::new()),
+            next_admin: Cell::new(1),
+            persist_next: RefCell::new(None),
+            persisting: Cell::new(false),
+            queue: RefCell::new(VecDeque::new()),
+            draining: Cell::new(false),
+            data_dir,
+            peer_listen,
+            random: std::collections::hash_map::RandomState::new(),
+            rounds: Cell::new(0),
+        }
+    }
+
+    fn random(&self) -> u64 {
+        let round = self.rounds.get();
+        self.rounds.set(round.wrapping_add(1));
+        self.random.hash_one(round)
+    }
+}
+
+impl Shard {
+    fn driver(&self) -> Option<&Driver> {
+        self.members.as_ref()
+    }
+
+    /// Starts membership on shard 0: its first outputs (the view, the state) and its ticker.
+    pub(super) fn start_membership(self: &Rc<Self>, stop: CancellationToken) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        let outputs = driver.membership.borrow_mut().start();
+        self.membership_outputs(outputs);
+        let ticker = run_membership_ticks(Rc::downgrade(self), stop);
+        match glommio::spawn_local_into(ticker, self.foreground) {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start the membership ticker"),
+        }
+    }
+
+    /// Answers one operator command; runs on shard 0 only.
+    pub(super) async fn admin_command(self: &Rc<Self>, admin: Admin) -> Message {
+        let Some(driver) = self.driver() else {
+            return error_message(ErrorCode::Internal, "membership runs on the first shard");
+        };
+        let args = match std::str::from_utf8(&admin.args) {
+            Ok(args) => args,
+            Err(_) => {
+                return error_message(ErrorCode::InvalidRequest, "arguments are not UTF-8");
+            }
+        };
+        let cmd = match AdminCmd::parse(&admin.command, args) {
+            Ok(cmd) => cmd,
+            Err(e) => return error_message(ErrorCode::InvalidRequest, e.to_string()),
+        };
+        if matches!(cmd, AdminCmd::Join { .. }) && driver.peer_listen.is_none() {
+            return error_message(
+                ErrorCode::InvalidRequest,
+                "this node has no peer listener: restart it with --peer-listen to join a cluster",
+            );
+        }
+        let req = driver.next_admin.get();
+        driver.next_admin.set(req + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        driver.admin.borrow_mut().insert(req, tx);
+        let outputs = driver
+            .membership
+            .borrow_mut()
+            .admin(self.clock.now_ms(), req, cmd);
+        self.membership_outputs(outputs);
+        // Membership answers every command, at the latest when its request to a peer times out.
+        match rx.recv().await {
+            Some(Ok(text)) => Message::AdminOk(AdminOk {
+                body: bytes::Bytes::from(text.into_bytes()),
+            }),
+            Some(Err(reason)) => error_message(ErrorCode::InvalidRequest, reason),
+            None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+        }
+    }
+
+    /// A CLUSTER request without a partition from node `from`: membership's answer, or the
+    /// request back if it is not membership's (or this is not shard 0).
+    pub(super) async fn serve_membership(
+        self: &Rc<Self>,
+        from: NodeId,
+        cluster: Cluster,
+    ) -> Result<Message, Cluster> {
+        let Some(driver) = self.driver() else {
+            return Err(cluster);
+        };
+        let id = self.next_inbound.get();
+        let msg = match MembershipMsg::decode(id, cluster.sub, false, &cluster.payload) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err(cluster),
+            Err(e) => {
+                return Ok(error_message(
+                    ErrorCode::InvalidRequest,
+                    format!("CLUSTER sub-kind {}: {e}", cluster.sub),
+                ));
+            }
+        };
+        self.next_inbound.set(id + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.inbound.borrow_mut().insert(id, tx);
+        let outputs =
+            driver
+                .membership
+                .borrow_mut()
+                .handle_msg(self.clock.now_ms(), Some(from), msg);
+        self.membership_outputs(outputs);
+        // Membership answers every request at once; the bound only guards the waiter.
+        let bound = Duration::from_millis(self.request_timeout_ms);
+        Ok(
+            match unless(rx.recv(), glommio::timer::sleep(bound)).await {
+                Some(Some(answer)) => answer,
+                Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+                None => {
+                    self.inbound.borrow_mut().remove(&id);
+                    error_message(ErrorCode::Internal, "membership did not answer")
+                }
+            },
+        )
+    }
+
+    /// An answer on the link to `node` to one of membership's requests.
+    pub(super) fn membership_answer(self: &Rc<Self>, node: NodeId, frame: Frame) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        let id = frame.request_id & !MEMBERSHIP_ID_BIT;
+        let now = self.clock.now_ms();
+        let outputs = match frame.message {
+            Message::ClusterOk(ok) => match MembershipMsg::decode(id, ok.sub, true, &ok.payload) {
+                Ok(Some(msg)) => driver
+                    .membership
+                    .borrow_mut()
+                    .handle_msg(now, Some(node), msg),
+                Ok(None) => driver.membership.borrow_mut().handle_failed(
+                    now,
+                    id,
+                    &format!("answer of unknown sub-kind {}", ok.sub),
+                ),
+                Err(e) => driver
+                    .membership
+                    .borrow_mut()
+                    .handle_failed(now, id, &e.to_string()),
+            },
+            Message::Error(e) => driver.membership.borrow_mut().handle_failed(
+                now,
+                id,
+                &format!("{}: {}", e.code, e.message),
+            ),
+            other => driver.membership.borrow_mut().handle_failed(
+                now,
+                id,
+                &format!("answered with {}", other.kind()),
+            ),
+        };
+        self.membership_outputs(outputs);
+    }
+
+    /// A partition of the pending ring of `epoch` was received by one of this node's shards.
+    pub(super) fn membership_transfer_done(self: &Rc<Self>, epoch: u64, partition: u32) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        let outputs =
+            driver
+                .membership
+                .borrow_mut()
+                .transfer_done(self.clock.now_ms(), epoch, partition);
+        self.membership_outputs(outputs);
+    }
+
+    /// Carries out what membership asked for. Never called with membership borrowed.
+    ///
+    /// Carrying out a view can call membership again (a core reports a partition received while
+    /// it takes the view); those outputs are queued behind the ones being carried out, never
+    /// run in the middle of them, so views and states reach the shards and the file in the order
+    /// membership produced them.
+    fn membership_outputs(self: &Rc<Self>, outputs: Vec<MembershipOutput>) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        driver.queue.borrow_mut().extend(outputs);
+        if driver.draining.replace(true) {
+            return;
+        }
+        loop {
+            let next = driver.queue.borrow_mut().pop_front();
+            let Some(output) = next else {
+                break;
+            };
+            self.membership_output(output);
+        }
+        driver.draining.set(false);
+    }
+
+    fn membership_output(self: &Rc<Self>, output: MembershipOutput) {
+        {
+            match output {
+                MembershipOutput::Send { msg, .. } if msg.is_answer() => {
+                    let (sub, payload) = msg.encode();
+                    if let Some(waiter) = self.inbound.borrow_mut().remove(&msg.id()) {
+                        let _ = waiter.try_send(Message::ClusterOk(ClusterOk { sub, payload }));
+                    }
+                }
+                MembershipOutput::Send { to, msg } => {
+                    let (sub, payload) = msg.encode();
+                    let frame = Frame {
+                        request_id: msg.id() | MEMBERSHIP_ID_BIT,
+                        message: Message::Cluster(Cluster {
+                            sub,
+                            partition: None,
+                            payload,
+                        }),
+                    };
+                    self.send_frame(to, frame);
+                }
+                MembershipOutput::SendAddr { addr, msg } => self.send_once(addr, msg),
+                MembershipOutput::AdminReply { req, result } => {
+                    let waiter = self
+                        .driver()
+                        .and_then(|d| d.admin.borrow_mut().remove(&req));
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.try_send(result);
+                    }
+                }
+                MembershipOutput::View(view) => self.publish_view(&view),
+                MembershipOutput::Persist(bytes) => self.persist(bytes),
+            }
+        }
+    }
+
+    /// Makes `view` every shard's: this one at once, the others over the control mesh.
+    fn publish_view(self: &Rc<Self>, view: &View) {
+        let view = Arc::new(ShardView::from_view(self.node_id, view));
+        self.apply_view(&view);
+        let shard = self.clone();
+        let spawned = self.store_work.spawn(async move {
+            for to in (0..shard.shard_count).filter(|s| *s != shard.id) {
+                // Fails only when the node is stopping.
+                let _ = shard.control.send_to(to, Control::View(view.clone())).await;
+            }
+        });
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+
+    /// Queues `bytes` for the state file and starts the writer if it is idle.
+    fn persist(self: &Rc<Self>, bytes: Vec<u8>) {
+        let Some(driver) = self.driver() else {
+            return;
+        };
+        *driver.persist_next.borrow_mut() = Some(bytes);
+        if driver.persisting.get() {
+            return;
+        }
+        driver.persisting.set(true);
+        let shard = self.clone();
+        let spawned = self.store_work.spawn(async move {
+            loop {
+                let Some(driver) = shard.driver() else {
+                    return;
+                };
+                let Some(bytes) = driver.persist_next.borrow_mut().take() else {
+                    driver.persisting.set(false);
+                    return;
+                };
+                let dir = driver.data_dir.clone();
+                let written = glommio::executor()
+                    .spawn_blocking(move || cluster_state::write(&dir, &bytes))
+                    .await;
+                if let Err(e) = written {
+                    tracing::error!(error = %e, "cannot persist the cluster state");
+                }
+            }
+        });
+        match spawned {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(_) => {
+                driver.persisting.set(false);
+                tracing::warn!("stopping: the latest cluster state was not persisted");
+            }
+        }
+    }
+
+    /// Sends one request to `addr` on a connection of its own (module docs).
+    fn send_once(self: &Rc<Self>, addr: String, msg: MembershipMsg) {
+        let shard = Rc::downgrade(self);
+        let spawned = self.store_work.spawn_into(
+            async move {
+                let Some((id, bound)) = shard.upgrade().map(|s| (msg.id(), s.replica_timeout_ms))
+                else {
+                    return;
+                };
+                let outcome = unless(
+                    one_request(&shard, &addr, msg),
+                    glommio::timer::sleep(Duration::from_millis(bound)),
+                )
+                .await
+                .unwrap_or_else(|| Err("no answer in time".into()));
+                let Some(shard) = shard.upgrade() else {
+                    return;
+                };
+                let Some(driver) = shard.driver() else {
+                    return;
+                };
+                let now = shard.clock.now_ms();
+                let outputs = match outcome {
+                    Ok(answer) => driver.membership.borrow_mut().handle_msg(now, None, answer),
+                    Err(reason) => {
+                        tracing::info!(%addr, %reason, "membership request failed");
+                        driver.membership.borrow_mut().handle_failed(
+                            now,
+                            id,
+                            &format!("{addr}: {reason}"),
+                        )
+                    }
+                };
+                shard.membership_outputs(outputs);
+            },
+            self.foreground,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+}
+
+/// Connects to `addr`, sends `msg` and returns its decoded answer.
+async fn one_request(
+    shard: &Weak<Shard>,
+    addr: &str,
+    msg: MembershipMsg,
+) -> Result<MembershipMsg, String> {
+    let target = resolve(addr).await?;
+    let (hello, limits) = shard
+        .upgrade()
+        .map(|s| (s.peer_hello(), s.limits))
+        .ok_or("the shard stopped")?;
+    let mut stream = connect_peer(target, hello, limits).await?;
+    let id = msg.id();
+    let (sub, payload) = msg.encode();
+    let frame = Frame {
+        request_id: id | MEMBERSHIP_ID_BIT,
+        message: Message::Cluster(Cluster {
+            sub,
+            partition: None,
+            payload,
+        }),
+    };
+    let mut out = Vec::new();
+    ringkv_net::encode_frame(&frame, &limits, &mut out).map_err(|e| e.to_string())?;
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let answer = loop {
+        if let Some((frame, _)) = decode_frame(&buf, &limits).map_err(|e| e.to_string())? {
+            break frame;
+        }
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before answering".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let _ = stream.close().await;
+    match answer.message {
+        Message::ClusterOk(ok) => MembershipMsg::decode(id, ok.sub, true, &ok.payload)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("answer of unknown sub-kind {}", ok.sub)),
+        Message::Error(e) => Err(format!("{}: {}", e.code, e.message)),
+        other => Err(format!("answered with {}", other.kind())),
+    }
+}
+
+/// `addr` as a socket address; a host name is resolved off the shard thread.
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let name = addr.to_owned();
+    glommio::executor()
+        .spawn_blocking(move || {
+            name.to_socket_addrs()
+                .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{name} resolves to no address"))
+        })
+        .await
+}
+
+/// Drives membership's timers on shard 0.
+async fn run_membership_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+    loop {
+        let slept = unless(
+            glommio::timer::sleep(Duration::from_millis(MEMBERSHIP_TICK_MS)),
+            stop.cancelled(),
+        )
+        .await;
+        if slept.is_none() {
+            return;
+        }
+        let Some(shard) = shard.upgrade() else {
+            return;
+        };
+        let Some(driver) = shard.driver() else {
+            return;
+        };
+        let random = driver.random();
+        let outputs = driver
+            .membership
+            .borrow_mut()
+            .handle_tick(shard.clock.now_ms(), random);
+        shard.membership_outputs(outputs);
+    }
+}
