@@ -8,9 +8,10 @@
 //! number of retries.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -102,13 +103,8 @@ impl Node {
 
     /// The sum of every sample of metric `name` in the node's `/metrics`.
     fn metric(&self, name: &str) -> f64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.admin).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.lines()
+        common::admin_get(&self.admin, "/metrics")
+            .lines()
             .filter(|l| l.split([' ', '{']).next() == Some(name))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
@@ -393,32 +389,8 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
 }
 
 /// The body of `GET <path>` on a node's admin port.
-fn admin_get(node: &Node, path: &str) -> String {
-    let mut stream = TcpStream::connect(&node.admin).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
-
-/// A node's Merkle roots: (partition, n) → (keys, root).
 fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
-    admin_get(node, "/merkle")
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!(f.len(), 4, "{line}");
-            (
-                (f[0].parse().unwrap(), f[1].parse().unwrap()),
-                (f[2].parse().unwrap(), f[3].to_owned()),
-            )
-        })
-        .collect()
+    common::merkle(&node.admin)
 }
 
 /// Anti-entropy alone repairs a node that was killed under writes. Four nodes, N=3, R=W=2, one

@@ -149,6 +149,8 @@ pub struct ClusterNode {
     pub id: u32,
     pub addr: String,
     pub peer_addr: String,
+    /// The admin HTTP address (`/metrics`, `/merkle`).
+    pub admin: String,
     args: Vec<String>,
     /// Flags added at every start (`--seeds`, `--gossip-ms`).
     pub extra: Vec<String>,
@@ -163,6 +165,7 @@ impl ClusterNode {
     pub fn new(dir: &Path, id: u32, buckets: &Path) -> ClusterNode {
         let addr = format!("127.0.0.1:{}", free_port());
         let peer_addr = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = [
             "--shards",
             "2",
@@ -174,6 +177,8 @@ impl ClusterNode {
             &addr,
             "--peer-listen",
             &peer_addr,
+            "--admin-listen",
+            &admin,
             "--config",
         ]
         .iter()
@@ -186,6 +191,7 @@ impl ClusterNode {
             id,
             addr,
             peer_addr,
+            admin,
             args,
             extra: Vec::new(),
             log: dir.join(format!("node-{id}.log")),
@@ -308,4 +314,34 @@ pub fn wait_for<T>(
         std::thread::sleep(Duration::from_millis(delay_ms));
     }
     panic!("{what}: not reached after {polls} polls; last seen:\n{last}");
+}
+
+/// The body of `GET path` on an admin HTTP address, which must answer 200.
+pub fn admin_get(admin: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// A node's Merkle roots from `/merkle`: (partition, n) → (keys, root).
+pub fn merkle(admin: &str) -> std::collections::BTreeMap<(u32, u8), (u64, String)> {
+    admin_get(admin, "/merkle")
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!(f.len(), 4, "{line}");
+            (
+                (f[0].parse().unwrap(), f[1].parse().unwrap()),
+                (f[2].parse().unwrap(), f[3].to_owned()),
+            )
+        })
+        .collect()
 }
