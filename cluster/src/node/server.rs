@@ -2116,7 +2116,8 @@ impl Shard {
         }
     }
 
-    /// Reads a page of a partition's replicas for a transfer or handoff and reports it.
+    /// Reads a page of a partition's replicas for a transfer or handoff and reports it, in the
+    /// background queue (its shares follow the admission controller).
     fn spawn_scan(
         self: &Rc<Self>,
         id: u64,
@@ -2136,7 +2137,7 @@ impl Shard {
                         .handle_scanned(shard.clock.now_ms(), id, result);
                 shard.carry_out(outputs);
             },
-            self.foreground,
+            self.background,
         );
         if let Ok(task) = spawned {
             task.detach();
@@ -2217,7 +2218,7 @@ impl Shard {
                     ),
                 }
             },
-            self.foreground,
+            self.background,
         );
         if let Ok(task) = spawned {
             task.detach();
