@@ -87,6 +87,16 @@ enum Step {
     Dropping,
 }
 
+impl Step {
+    /// One answer of the page being applied came: `ok`, or a failure that repeats the page.
+    fn answered(&mut self, ok: bool) {
+        if let Step::Applying { left, failed, .. } = self {
+            *left -= 1;
+            *failed |= !ok;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pull {
     epoch: u64,
@@ -400,13 +410,8 @@ impl Core {
 
     /// One merge of a pulled page finished (`ok`) or failed.
     pub(super) fn transfer_applied(&mut self, now: u64, partition: u32, ok: bool) {
-        if let Some(Pull {
-            step: Step::Applying { left, failed, .. },
-            ..
-        }) = self.transfers.pulls.get_mut(&partition)
-        {
-            *left -= 1;
-            *failed |= !ok;
+        if let Some(pull) = self.transfers.pulls.get_mut(&partition) {
+            pull.step.answered(ok);
         }
         self.pull_progress(now, partition);
     }
@@ -560,13 +565,8 @@ impl Core {
 
     /// One pushed key was acknowledged (`ok`) or failed.
     pub(super) fn handoff_acked(&mut self, now: u64, partition: u32, ok: bool) {
-        if let Some(Handoff {
-            step: Step::Applying { left, failed, .. },
-            ..
-        }) = self.transfers.handoffs.get_mut(&partition)
-        {
-            *left -= 1;
-            *failed |= !ok;
+        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+            h.step.answered(ok);
         }
         self.handoff_progress(now, partition);
     }
