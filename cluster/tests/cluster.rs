@@ -394,11 +394,11 @@ fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
 }
 
 /// Anti-entropy alone repairs a node that was killed under writes. Four nodes, N=3, R=W=2, one
-/// shard each, anti-entropy every 10 ms; hint delivery is kept out of the way on purpose: every
-/// node runs with `--hint-retry-ms 600000` (ten minutes, the longest allowed), so the hints the
-/// fallback takes while node 3 is down stay on the fallback for the whole test (checked with
-/// `ringkv_hints`). Node 3 is killed (SIGKILL) while a writer puts and deletes keys through
-/// node 1, then restarted. Proof of repair: with the three other nodes frozen (SIGSTOP), node 3
+/// shard each, anti-entropy every 10 ms. Node 3 is killed (SIGKILL) while a writer puts and
+/// deletes keys through node 1; the fallbacks take hints for it. Before node 3 restarts, the
+/// hints are deleted on purpose (`ringkv cluster truncate-hints` on every other node, checked
+/// with `ringkv_hints` reaching 0), so nothing but anti-entropy can bring it the writes it
+/// missed. Proof of repair: with the three other nodes frozen (SIGSTOP), node 3
 /// alone answers R=1 reads (with a deadline shorter than the freeze, so no late reply from a
 /// frozen node can read-repair it) with the last acknowledged value of every key, and nothing
 /// for deleted keys; and every partition's replicas report the same Merkle root on `/merkle`.
@@ -411,8 +411,6 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         &[
             "--replica-timeout-ms",
             "500",
-            "--hint-retry-ms",
-            "600000",
             "--ae-interval-ms",
             "10",
             "--ae-keys-max",
@@ -469,6 +467,42 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         })
         .collect();
     assert!(!missed.is_empty());
+    // The fallbacks hold hints for node 3 (metrics are published every second: polled)...
+    let hints = |nodes: &[Node]| -> f64 {
+        [0, 1, 3]
+            .iter()
+            .map(|&i| nodes[i].metric("ringkv_hints"))
+            .sum()
+    };
+    let mut held = 0.0;
+    for _ in 0..HANDOFF_POLLS {
+        held = hints(&nodes);
+        if held > 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+    }
+    assert!(held > 0.0, "no fallback took a hint for node 3");
+    // ...and are deleted on purpose.
+    let mut truncated = 0u64;
+    for i in [0, 1, 3] {
+        let text = nodes[i].client().admin("hints-truncate", "").unwrap();
+        truncated += text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {text:?}"));
+    }
+    assert!(truncated > 0, "nothing was truncated");
+    let mut left = held;
+    for _ in 0..HANDOFF_POLLS {
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+        left = hints(&nodes);
+        if left == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0.0, "hints are left after truncation");
 
     nodes[2].start();
     nodes[2].wait_ready();
@@ -524,11 +558,11 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         }
     }
     assert!(repaired, "anti-entropy did not repair the restarted node");
-    let hints: f64 = nodes.iter().map(|n| n.metric("ringkv_hints")).sum();
-    assert!(
-        hints > 0.0,
-        "the hints are still on the fallback, undelivered"
-    );
+    let delivered: f64 = nodes
+        .iter()
+        .map(|n| n.metric("ringkv_hints_delivered_total"))
+        .sum();
+    assert_eq!(delivered, 0.0, "a hint reached node 3 after all");
     let repairs: f64 = nodes
         .iter()
         .map(|n| n.metric("ringkv_ae_keys_repaired_total"))

@@ -273,6 +273,11 @@ enum ClusterCommand {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Drop every hint the node at --server holds, undelivered (anti-entropy repairs the homes).
+    TruncateHints {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
 }
 
 impl ClusterCommand {
@@ -285,6 +290,7 @@ impl ClusterCommand {
             Self::Plan { target } => ("cluster-plan", String::new(), target),
             Self::Commit { target } => ("cluster-commit", String::new(), target),
             Self::Status { target } => ("cluster-status", String::new(), target),
+            Self::TruncateHints { target } => ("hints-truncate", String::new(), target),
         }
     }
 }

@@ -136,6 +136,20 @@ impl Core {
         }
     }
 
+    /// Removes every hint this core holds, undelivered (an operator's `ringkv cluster truncate-hints`,
+    /// like Cassandra's `nodetool truncatehints`): each is removed under its key's lock, so a hint
+    /// written while the removal is queued goes too, and nothing else is touched. The writes the
+    /// hints carried stay on the replicas that acknowledged them; anti-entropy brings them to
+    /// the homes. Returns how many hints were queued for removal.
+    pub fn truncate_hints(&mut self, now: u64) -> (usize, Vec<Output>) {
+        let keys: Vec<StoreKey> = self.hints.keys().cloned().collect();
+        let count = keys.len();
+        for key in keys {
+            self.lock(now, key, JobKind::DropHint { delivered: None });
+        }
+        (count, self.take_output())
+    }
+
     /// Bytes of the hints held (module docs).
     pub fn hint_bytes(&self) -> u64 {
         self.hint_store.bytes

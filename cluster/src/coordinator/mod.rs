@@ -553,6 +553,8 @@ pub struct CoreStats {
     pub hinted_writes: u64,
     /// Hints delivered to their home and removed.
     pub hints_delivered: u64,
+    /// Hints removed undelivered by [`Core::truncate_hints`].
+    pub hints_truncated: u64,
     /// Read-repair writes sent.
     pub read_repairs: u64,
     /// Slots moved to a fallback after a replica failed during a request.
@@ -740,7 +742,7 @@ enum JobKind {
         then: ApplyDone,
     },
     /// Remove a delivered hint if it still holds `delivered`.
-    DropHint { delivered: Object },
+    DropHint { delivered: Option<Object> },
     /// Remove a reaped tombstone if its digest is still `digest`.
     Reap { digest: u64 },
 }
@@ -1774,7 +1776,13 @@ impl Core {
                 Some(Pending::Delivery { hint, object }) => {
                     self.hint_settled(now, &hint, durable);
                     if durable {
-                        self.lock(now, hint, JobKind::DropHint { delivered: object });
+                        self.lock(
+                            now,
+                            hint,
+                            JobKind::DropHint {
+                                delivered: Some(object),
+                            },
+                        );
                     }
                 }
                 Some(Pending::HandoffPut { partition }) => {
@@ -2189,7 +2197,12 @@ impl Core {
     fn job_read_done(&mut self, now: u64, job: u64, local: Option<Object>) {
         let j = self.jobs.get(&job).expect("exists");
         if let JobKind::DropHint { delivered } = &j.kind {
-            if local.as_ref() == Some(delivered) {
+            // A delivered hint goes only if unchanged; a truncated one (`None`) whatever it holds.
+            let remove = match delivered {
+                Some(d) => local.as_ref() == Some(d),
+                None => local.is_some(),
+            };
+            if remove {
                 self.job_write(now, job, StoreOp::Remove);
             } else {
                 // Changed since it was sent (or already gone): kept for the next round.
@@ -2344,9 +2357,13 @@ impl Core {
                     ApplyDone::Nothing => {}
                 }
             }
-            JobKind::DropHint { .. } => {
+            JobKind::DropHint { delivered } => {
                 self.hint_gone(&j.key);
-                self.stats.hints_delivered += 1;
+                if delivered.is_some() {
+                    self.stats.hints_delivered += 1;
+                } else {
+                    self.stats.hints_truncated += 1;
+                }
             }
             JobKind::Reap { .. } => self.stats.tombstones_reaped += 1,
         }

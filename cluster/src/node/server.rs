@@ -96,8 +96,8 @@ use ringkv_engine::{Durability, Engine, EngineConfig, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
 use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
 use ringkv_net::{
-    ErrorBody, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Role, decode_frame,
-    encode_frame,
+    Admin, AdminOk, ErrorBody, ErrorCode, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Role,
+    decode_frame, encode_frame,
 };
 
 use crate::admission::{AdmissionConfig, AdmissionController};
@@ -132,6 +132,11 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 const WRITE_BATCH_BYTES_MAX: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_RETRY_DELAY_MS: u64 = 10;
+/// ADMIN command that drops every hint the node holds (`ringkv cluster truncate-hints`).
+pub const HINTS_TRUNCATE: &str = "hints-truncate";
+/// The per-shard part of [`HINTS_TRUNCATE`], sent between shards only.
+const HINTS_TRUNCATE_SHARD: &str = "hints-truncate-shard";
+
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
 /// CPU shares of the background queue at the full background share (foreground: 1000).
@@ -1264,6 +1269,11 @@ async fn serve_shard(
                     let spawned = work.spawn(async move {
                         let message = match (req.peer, req.message) {
                             (Some(from), message) => shard.serve_peer(from, message).await,
+                            (None, Message::Admin(admin))
+                                if admin.command == HINTS_TRUNCATE_SHARD =>
+                            {
+                                shard.truncate_hints_here()
+                            }
                             (None, Message::Admin(admin)) => shard.admin_command(admin).await,
                             (None, message) => shard.execute_local(req.partition, message).await,
                         };
@@ -1460,9 +1470,57 @@ impl Shard {
         reply
     }
 
+    /// `hints-truncate`: every shard of this node drops the hints it holds.
+    async fn truncate_hints_everywhere(self: &Rc<Self>) -> Message {
+        let mut total = 0u64;
+        for shard in 0..self.shard_count {
+            let answer = if shard == self.id {
+                self.truncate_hints_here()
+            } else {
+                let ask = Message::Admin(Admin {
+                    command: HINTS_TRUNCATE_SHARD.into(),
+                    args: Bytes::new(),
+                });
+                self.forward(shard, 0, ask, None).await
+            };
+            match answer {
+                Message::AdminOk(ok) => {
+                    total += std::str::from_utf8(&ok.body)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                other => return other,
+            }
+        }
+        Message::AdminOk(AdminOk {
+            body: Bytes::from(format!(
+                "removing {total} hints; the writes they carried stay on the replicas that \
+                 acknowledged them, and anti-entropy repairs their homes\n"
+            )),
+        })
+    }
+
+    /// This shard's part of `hints-truncate`: the count of hints queued for removal.
+    fn truncate_hints_here(self: &Rc<Self>) -> Message {
+        let (count, outputs) = self.core.borrow_mut().truncate_hints(self.clock.now_ms());
+        self.carry_out(outputs);
+        tracing::warn!(
+            shard = self.id,
+            hints = count,
+            "hints truncated by an operator"
+        );
+        Message::AdminOk(AdminOk {
+            body: Bytes::from(count.to_string()),
+        })
+    }
+
     async fn route(self: &Rc<Self>, message: Message) -> Message {
         // Operator commands are answered by the first shard, which owns cluster-wide state.
         let message = match message {
+            Message::Admin(admin) if admin.command == HINTS_TRUNCATE => {
+                return self.truncate_hints_everywhere().await;
+            }
             Message::Admin(admin) if self.id == 0 => return self.admin_command(admin).await,
             admin @ Message::Admin(_) => return self.forward(0, 0, admin, None).await,
             other => other,
