@@ -87,6 +87,49 @@ enum Step {
     Dropping,
 }
 
+/// The partitions and steps of a map of pulls or handoffs.
+fn steps<'a, T>(
+    map: &'a BTreeMap<u32, T>,
+    step: impl Fn(&'a T) -> &'a Step + Clone + 'a,
+) -> impl Iterator<Item = (u32, &'a Step)> + Clone + 'a {
+    map.iter().map(move |(p, t)| (*p, step(t)))
+}
+
+/// Slots left for steps to start, with at most `max` running.
+fn free_slots<'a>(steps: impl Iterator<Item = (u32, &'a Step)>, max: usize) -> usize {
+    let running = steps
+        .filter(|(_, s)| !matches!(s, Step::Idle { .. }))
+        .count();
+    max.saturating_sub(running)
+}
+
+/// Waiting steps whose time has come, as many as free slots allow.
+fn due_now<'a>(
+    steps: impl Iterator<Item = (u32, &'a Step)> + Clone,
+    max: usize,
+    now: u64,
+) -> Vec<u32> {
+    let slots = free_slots(steps.clone(), max);
+    steps
+        .filter(|(_, s)| matches!(s, Step::Idle { at } if *at <= now))
+        .map(|(p, _)| p)
+        .take(slots)
+        .collect()
+}
+
+/// When the next waiting step is due, if a slot is free for it.
+fn next_due<'a>(steps: impl Iterator<Item = (u32, &'a Step)> + Clone, max: usize) -> Option<u64> {
+    if free_slots(steps.clone(), max) == 0 {
+        return None;
+    }
+    steps
+        .filter_map(|(_, s)| match s {
+            Step::Idle { at } => Some(*at),
+            _ => None,
+        })
+        .min()
+}
+
 impl Step {
     /// One answer of the page being applied came: `ok`, or a failure that repeats the page.
     fn answered(&mut self, ok: bool) {
@@ -274,38 +317,16 @@ impl Core {
 
     /// Starts whatever transfer step is due. Called on view changes, ticks and answers.
     pub(super) fn transfer_round(&mut self, now: u64) {
-        let active = self
-            .transfers
-            .pulls
-            .values()
-            .filter(|p| !matches!(p.step, Step::Idle { .. }))
-            .count();
-        let due: Vec<u32> = self
-            .transfers
-            .pulls
-            .iter()
-            .filter(|(_, p)| matches!(p.step, Step::Idle { at } if at <= now))
-            .map(|(p, _)| *p)
-            .take(PULLS_MAX.saturating_sub(active))
-            .collect();
-        for p in due {
+        let pulls = due_now(steps(&self.transfers.pulls, |p| &p.step), PULLS_MAX, now);
+        for p in pulls {
             self.ask_page(now, p);
         }
-        let active = self
-            .transfers
-            .handoffs
-            .values()
-            .filter(|h| !matches!(h.step, Step::Idle { .. }))
-            .count();
-        let due: Vec<u32> = self
-            .transfers
-            .handoffs
-            .iter()
-            .filter(|(_, h)| matches!(h.step, Step::Idle { at } if at <= now))
-            .map(|(p, _)| *p)
-            .take(HANDOFFS_MAX.saturating_sub(active))
-            .collect();
-        for p in due {
+        let handoffs = due_now(
+            steps(&self.transfers.handoffs, |h| &h.step),
+            HANDOFFS_MAX,
+            now,
+        );
+        for p in handoffs {
             self.scan_for_handoff(p);
         }
     }
@@ -313,26 +334,8 @@ impl Core {
     /// When a transfer step is due next, if one waits and may start (a step waiting only for a
     /// free slot starts when a running one ends, not on a timer).
     pub(super) fn transfer_deadline(&self) -> Option<u64> {
-        fn due<'a>(steps: impl Iterator<Item = &'a Step> + Clone, max: usize) -> Option<u64> {
-            let active = steps
-                .clone()
-                .filter(|s| !matches!(s, Step::Idle { .. }))
-                .count();
-            if active >= max {
-                return None;
-            }
-            steps
-                .filter_map(|s| match s {
-                    Step::Idle { at } => Some(*at),
-                    _ => None,
-                })
-                .min()
-        }
-        let pulls = due(self.transfers.pulls.values().map(|p| &p.step), PULLS_MAX);
-        let handoffs = due(
-            self.transfers.handoffs.values().map(|h| &h.step),
-            HANDOFFS_MAX,
-        );
+        let pulls = next_due(steps(&self.transfers.pulls, |p| &p.step), PULLS_MAX);
+        let handoffs = next_due(steps(&self.transfers.handoffs, |h| &h.step), HANDOFFS_MAX);
         pulls.into_iter().chain(handoffs).min()
     }
 
