@@ -2516,20 +2516,31 @@ fn peer_unreachable(shard: &Weak<Shard>, node: NodeId) {
     }
 }
 
-/// Drives the core's timers: every [`TICK_MS`], a tick if the core has something due.
-async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+/// Calls `tick` with the shard every `period` until `stop` is cancelled, the shard is gone, or
+/// `tick` returns `false`. The shard is held only while `tick` runs.
+async fn run_periodic(
+    shard: Weak<Shard>,
+    stop: CancellationToken,
+    period: Duration,
+    mut tick: impl FnMut(&Rc<Shard>) -> bool,
+) {
     loop {
-        let slept = unless(
-            glommio::timer::sleep(Duration::from_millis(TICK_MS)),
-            stop.cancelled(),
-        )
-        .await;
+        let slept = unless(glommio::timer::sleep(period), stop.cancelled()).await;
         if slept.is_none() {
             return;
         }
         let Some(shard) = shard.upgrade() else {
             return;
         };
+        if !tick(&shard) {
+            return;
+        }
+    }
+}
+
+/// Drives the core's timers: every [`TICK_MS`], a tick if the core has something due.
+async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+    run_periodic(shard, stop, Duration::from_millis(TICK_MS), |shard| {
         let now = shard.clock.now_ms();
         shard.admit(now);
         let due = shard
@@ -2541,7 +2552,9 @@ async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
             let outputs = shard.core.borrow_mut().handle_tick(now);
             shard.carry_out(outputs);
         }
-    }
+        true
+    })
+    .await;
 }
 
 /// The outbound link of one shard to one peer node: connects when there is something to send,

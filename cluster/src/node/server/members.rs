@@ -52,7 +52,7 @@ use crate::node::cluster_state;
 
 use super::super::NodeId;
 use super::view::{Control, ShardView};
-use super::{Shard, connect_peer, error_message, unless};
+use super::{Shard, connect_peer, error_message, run_periodic, unless};
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
 pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
@@ -492,20 +492,10 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 
 /// Drives membership's timers on shard 0.
 async fn run_membership_ticks(shard: Weak<Shard>, stop: CancellationToken) {
-    loop {
-        let slept = unless(
-            glommio::timer::sleep(Duration::from_millis(MEMBERSHIP_TICK_MS)),
-            stop.cancelled(),
-        )
-        .await;
-        if slept.is_none() {
-            return;
-        }
-        let Some(shard) = shard.upgrade() else {
-            return;
-        };
+    let period = Duration::from_millis(MEMBERSHIP_TICK_MS);
+    run_periodic(shard, stop, period, |shard| {
         let Some(driver) = shard.driver() else {
-            return;
+            return false;
         };
         let random = driver.random();
         let outputs = driver
@@ -513,5 +503,7 @@ async fn run_membership_ticks(shard: Weak<Shard>, stop: CancellationToken) {
             .borrow_mut()
             .handle_tick(shard.clock.now_ms(), random);
         shard.membership_outputs(outputs);
-    }
+        true
+    })
+    .await;
 }
