@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 use ringkv_net::{ErrorBody, ErrorCode, Message};
 
 use super::{
-    ApplyDone, Core, Job, JobKind, Output, PeerMsg, Pending, SlotResult, Space, StoreKey, StoreOp,
+    ApplyDone, Core, JobKind, Output, PeerMsg, Pending, SlotResult, Space, StoreKey, StoreOp,
 };
 use crate::NodeId;
 use crate::object::Object;
@@ -257,15 +257,7 @@ impl Core {
     /// Refuses every job of the batch led by `job` (hint writes past the bound).
     pub(super) fn refuse_hint_batch(&mut self, now: u64, job: u64, e: ErrorBody) {
         let j = self.unlock(job);
-        let riders: Vec<Job> = j
-            .riders
-            .iter()
-            .map(|r| {
-                self.jobs
-                    .remove(r)
-                    .expect("a rider exists until its batch ends")
-            })
-            .collect();
+        let riders = self.take_riders(&j);
         for job in std::iter::once(j).chain(riders) {
             self.stats.hint_overflow += 1;
             match job.kind {

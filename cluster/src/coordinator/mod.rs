@@ -2146,6 +2146,18 @@ impl Core {
         self.out.push(Output::Store { id: sid, key, op });
     }
 
+    /// The jobs that rode along with `j` (its batch), taken out of the job table.
+    fn take_riders(&mut self, j: &Job) -> Vec<Job> {
+        j.riders
+            .iter()
+            .map(|r| {
+                self.jobs
+                    .remove(r)
+                    .expect("a rider exists until its batch ends")
+            })
+            .collect()
+    }
+
     /// Ends a job and starts the next one waiting for the same key.
     fn unlock(&mut self, job: u64) -> Job {
         let j = self.jobs.remove(&job).expect("a running job exists");
@@ -2181,11 +2193,7 @@ impl Core {
                 if stage == Stage::Writing {
                     self.hint_write_ended(&j.key);
                 }
-                for r in &j.riders {
-                    let rider = self
-                        .jobs
-                        .remove(r)
-                        .expect("a rider exists until its batch ends");
+                for rider in self.take_riders(&j) {
                     self.job_failed(now, rider, e.clone());
                 }
                 self.job_failed(now, j, e);
@@ -2296,15 +2304,7 @@ impl Core {
         let j = self.unlock(job);
         self.hint_write_ended(&j.key);
         self.stored_write(now, &j.key);
-        let riders: Vec<Job> = j
-            .riders
-            .iter()
-            .map(|r| {
-                self.jobs
-                    .remove(r)
-                    .expect("a rider exists until its batch ends")
-            })
-            .collect();
+        let riders = self.take_riders(&j);
         self.job_done(now, j);
         for rider in riders {
             self.job_done(now, rider);
