@@ -83,18 +83,7 @@ impl Node {
     }
 
     fn wait_ready(&mut self) {
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("node {} exited during startup: {status}", self.id);
-            }
-            if let Ok(mut c) = Client::connect(&self.addr, config())
-                && c.ping().is_ok()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        panic!("node {} did not answer", self.id);
+        common::wait_answering(self.child.as_mut().unwrap(), self.id, &self.addr);
     }
 
     fn client(&self) -> Client {

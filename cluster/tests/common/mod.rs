@@ -231,18 +231,7 @@ impl ClusterNode {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("node {} exited during startup: {status}", self.id);
-            }
-            if let Ok(mut c) = Client::connect(&self.addr, config())
-                && c.ping().is_ok()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        panic!("node {} did not answer", self.id);
+        wait_answering(self.child.as_mut().unwrap(), self.id, &self.addr);
     }
 
     pub fn client(&self) -> Client {
@@ -344,4 +333,21 @@ pub fn merkle(admin: &str) -> std::collections::BTreeMap<(u32, u8), (u64, String
             )
         })
         .collect()
+}
+
+/// Waits (bounded) until node `id`, the process `child`, answers PING at `addr`; panics if it
+/// exits or never answers.
+pub fn wait_answering(child: &mut std::process::Child, id: u32, addr: &str) {
+    for _ in 0..STARTUP_RETRIES {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("node {id} exited during startup: {status}");
+        }
+        if let Ok(mut c) = Client::connect(addr, config())
+            && c.ping().is_ok()
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    panic!("node {id} did not answer");
 }
