@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -42,14 +41,6 @@ dw = 1
 [buckets.sessions]
 mode = \"lww\"
 ";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config() -> ClientConfig {
     ClientConfig {
@@ -132,7 +123,7 @@ fn cluster(name: &str, count: u32, shards: usize, extra: &[&str]) -> Vec<Node> {
     std::fs::create_dir_all(&dir).unwrap();
     let buckets = dir.join("buckets.toml");
     std::fs::write(&buckets, BUCKETS).unwrap();
-    let peer_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+    let peer_ports: Vec<u16> = (0..count).map(|_| common::free_port()).collect();
     let seeds: Vec<String> = (1..=count)
         .zip(&peer_ports)
         .map(|(id, port)| format!("{id}@127.0.0.1:{port}"))
@@ -140,8 +131,8 @@ fn cluster(name: &str, count: u32, shards: usize, extra: &[&str]) -> Vec<Node> {
     let seeds = seeds.join(",");
     let mut nodes: Vec<Node> = (1..=count)
         .map(|id| {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let admin = format!("127.0.0.1:{}", free_port());
+            let addr = format!("127.0.0.1:{}", common::free_port());
+            let admin = format!("127.0.0.1:{}", common::free_port());
             let data: &Path = &dir.join(format!("node-{id}"));
             let mut args: Vec<String> = vec![
                 "--config".into(),

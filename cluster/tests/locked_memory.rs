@@ -9,8 +9,9 @@
 //! started by the same user at the same time would eat into the budget the tests measure.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -34,12 +35,7 @@ fn data_dir(name: &str) -> PathBuf {
 }
 
 fn free_addr() -> String {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", common::free_port())
 }
 
 fn has_ipc_lock() -> bool {

@@ -1,8 +1,8 @@
 //! `--spawn-local N`: a throwaway N-node ringkv cluster on loopback for the length of one run.
 //!
-//! Each node is a `ringkv serve` child process with its own client, RESP and peer ports (free
-//! ports picked by binding port 0), its own data directory under the data root, and the same seed
-//! list and bucket file. The buckets are Dynamo's usual (N, R, W): `n = min(3, N)`, `r = w` a
+//! Each node is a `ringkv serve` child process with its own client, RESP and peer addresses
+//! (free ports on this generator's own loopback address, see [`super::ports`]), its own data
+//! directory under the data root, and the same seed list and bucket file. The buckets are Dynamo's usual (N, R, W): `n = min(3, N)`, `r = w` a
 //! majority of `n` (so (3, 2, 2) on three nodes), `dw` durable acknowledgements (`--dw`, default
 //! 1: even on `buffered` nodes one replica syncs each write before it is acknowledged); `ycsb`, `sessions`
 //! and `redis` are last-write-wins, `cart` keeps siblings.
@@ -22,7 +22,6 @@
 //! generators that died without cleaning up.
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +29,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use ringkv_net::{Client, ClientConfig};
+
+use super::ports::free_addr;
 
 /// Most nodes `--spawn-local` starts.
 pub(crate) const NODES_MAX: usize = 16;
@@ -74,13 +75,6 @@ struct LocalNode {
     id: usize,
     child: Option<Child>,
     log: PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .context("binding a free port")?
-        .local_addr()?
-        .port())
 }
 
 /// The bucket tables of an `nodes`-node cluster whose writes wait for `dw` durable
@@ -224,14 +218,14 @@ impl LocalCluster {
         let buckets = root.join("buckets.toml");
         fs::write(&buckets, &buckets_toml)?;
 
-        let mut peer_ports = Vec::with_capacity(opts.nodes);
+        let mut peer_addrs = Vec::with_capacity(opts.nodes);
         for _ in 0..opts.nodes {
-            peer_ports.push(free_port()?);
+            peer_addrs.push(free_addr()?);
         }
-        let seeds: Vec<String> = peer_ports
+        let seeds: Vec<String> = peer_addrs
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1))
+            .map(|(i, a)| format!("{}@{a}", i + 1))
             .collect();
         let seeds = seeds.join(",");
 
@@ -244,10 +238,10 @@ impl LocalCluster {
             bin: bin.clone(),
             keep_data: opts.keep_data,
         };
-        for (i, peer_port) in peer_ports.iter().enumerate() {
+        for (i, peer_addr) in peer_addrs.iter().enumerate() {
             let id = i + 1;
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let resp = format!("127.0.0.1:{}", free_port()?);
+            let addr = free_addr()?.to_string();
+            let resp = free_addr()?.to_string();
             let log = root.join(format!("node-{id}.log"));
             let stderr = fs::File::create(&log)?;
             let mut cmd = Command::new(&bin);
@@ -258,7 +252,7 @@ impl LocalCluster {
                 .args(["--node-name", &format!("n{id}")])
                 .args(["--listen", &addr])
                 .args(["--resp-listen", &resp])
-                .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
+                .args(["--peer-listen", &peer_addr.to_string()])
                 .args(["--seeds", &seeds])
                 .args(["--shards", &opts.shards_per_node.to_string()])
                 .args(["--durability", &opts.durability])

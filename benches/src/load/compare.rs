@@ -31,6 +31,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 
 use super::cluster::{die_with_parent, find_ringkv, terminate};
+use super::ports::free_addr;
 use super::spec::parse_duration;
 use super::stats::{RunReport, fmt_us};
 use super::{RunArgs, measure};
@@ -169,12 +170,6 @@ impl Drop for Server {
         let _ = child.kill();
         let _ = child.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -330,8 +325,8 @@ fn run_pairing(
         let sys_dir = dir.join(system);
         fs::create_dir_all(&sys_dir)?;
         let sys_dir = sys_dir.canonicalize()?;
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        let server_addr = free_addr()?;
+        let addr = server_addr.to_string();
         let mut server = if system == "ringkv" {
             // `dw` is what makes a write durable whatever the node's durability mode: with the
             // default `dw = 1` a buffered node still syncs every write before acknowledging it.
@@ -349,7 +344,7 @@ fn run_pairing(
                 "--shards".into(),
                 "1".into(),
                 "--listen".into(),
-                format!("127.0.0.1:{}", free_port()?),
+                free_addr()?.to_string(),
                 "--resp-listen".into(),
                 addr.clone(),
                 "--durability".into(),
@@ -367,9 +362,9 @@ fn run_pairing(
         } else {
             let mut argv = vec![
                 "--port".into(),
-                port.to_string(),
+                server_addr.port().to_string(),
                 "--bind".into(),
-                "127.0.0.1".into(),
+                server_addr.ip().to_string(),
                 "--dir".into(),
                 sys_dir.display().to_string(),
                 "--daemonize".into(),

@@ -28,6 +28,7 @@ pub(crate) mod cluster;
 pub mod compare;
 pub mod keygen;
 mod ops;
+mod ports;
 mod resp_client;
 pub mod schedule;
 pub mod spec;

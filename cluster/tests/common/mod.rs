@@ -8,9 +8,11 @@
 // Each test binary uses its own subset of the helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ringkv_net::{Client, ClientConfig};
@@ -31,12 +33,24 @@ pub fn data_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A free loopback port no earlier call in this test process returned.
+///
+/// Binding port 0 and closing the listener does not reserve the port: the kernel may hand the
+/// same one to the next caller (a test running in parallel, or the next node of the same
+/// cluster) before the server binds it, or while a node is down between a stop and a restart.
+/// The process-wide set makes every port this process hands out distinct; ports already handed
+/// out stay bound while the next one is drawn, so the loop ends.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut held = Vec::new();
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+        held.push(listener);
+    }
 }
 
 /// A running server; killed on drop unless it was stopped.
