@@ -781,6 +781,19 @@ impl Membership {
         out
     }
 
+    /// Whether this node has been removed from the cluster (it left, or was removed).
+    pub fn removed(&self) -> bool {
+        self.state
+            .members
+            .get(&self.cfg.node)
+            .is_some_and(|m| m.status == Status::Removed)
+    }
+
+    /// Version of the latest view published ([`MembershipOutput::View`]).
+    pub fn view_version(&self) -> u64 {
+        self.view_version
+    }
+
     /// The gossiped state.
     pub fn state(&self) -> &ClusterState {
         &self.state
@@ -1606,12 +1619,16 @@ mod tests {
             assert_ne!(*n, NodeId(2));
             nodes.get_mut(n).unwrap().transfer_done(52_000, epoch, *p);
         }
+        assert!(!nodes[&NodeId(2)].removed());
         gossip_rounds(&mut nodes, 53_000, 8);
         for n in nodes.values() {
             assert!(n.state.pending.is_none());
             assert!(!n.state.ring.members().contains(&NodeId(2)));
             assert_eq!(n.state.members[&NodeId(2)].status, Status::Removed);
         }
+        // The leaver learns it is out (and then stops once it holds nothing); no one else does.
+        assert!(nodes[&NodeId(2)].removed());
+        assert!(nodes.values().filter(|n| n.removed()).count() == 1);
     }
 
     /// Commands parse strictly.

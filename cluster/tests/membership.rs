@@ -162,6 +162,13 @@ fn admin_reaches_the_first_shard_from_any_shard() {
         "{}",
         answers[0]
     );
+    assert!(
+        answers[0]
+            .lines()
+            .any(|l| l == "this node holds: 0 partitions to hand off, 0 hints"),
+        "{}",
+        answers[0]
+    );
     let mut client = server.client();
     match client.admin("no-such-command", "") {
         Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::InvalidRequest),
@@ -378,12 +385,12 @@ fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool
 /// An acknowledged write: key and value.
 type Written = (Vec<u8>, Vec<u8>);
 
-/// The scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins and
+/// The rebalancing scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins and
 /// receives its partitions; then one of the first three leaves. Returns the nodes that stay
 /// and every acknowledged write, once both changes are complete everywhere (no transfer
 /// pending, node-4 owning partitions, node-3 removed), after checking that no write failed.
 fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) {
-    let nodes = three_and_a_fresh_one(name);
+    let mut nodes = three_and_a_fresh_one(name);
     // The measured phase starts once the three-node cluster takes a W=2 write on each shard of
     // each node the writer uses: a cold start is not what this scenario is about (cores that
     // heartbeat a peer not started yet suspect it, and back off before reconnecting).
@@ -474,6 +481,22 @@ fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) 
     wait_settled(&staying, "node-3 removed", |status| {
         member_line(status, 3).is_some_and(|l| l[1] == "removed")
     });
+
+    // A node that left hands off everything it held, then stops by itself (as on SIGTERM).
+    let status = nodes[2].wait_exit(SETTLE_POLLS, POLL_MS);
+    assert!(status.success(), "node-3 exited with {status}");
+    for node in [&nodes[0], &nodes[1], &nodes[3]] {
+        wait_for("no partition left to hand off", POLLS, POLL_MS, || {
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
+            if status.contains("this node holds: 0 partitions to hand off") {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        });
+    }
 
     stop.store(true, Ordering::Relaxed);
     let (acked, errors) = writer.join().unwrap();
@@ -577,7 +600,7 @@ fn join_then_leave_under_writes_leaves_identical_replicas() {
             }
         },
     );
-    // The end condition: identical Merkle roots on every replica (each of the three
+    // The end condition: identical Merkle roots on every replica (each of the three
     // holds every partition, so their whole `/merkle` listings must be equal).
     wait_for(
         "identical Merkle roots on every replica",

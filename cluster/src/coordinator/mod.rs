@@ -880,6 +880,12 @@ impl Core {
         self.hints_in_flight
     }
 
+    /// Partitions held that this node no longer replicates, waiting to be handed off and
+    /// dropped.
+    pub fn handoff_count(&self) -> usize {
+        self.transfers.handoff_count()
+    }
+
     /// The epoch floor in use (module docs), for the shell to persist.
     pub fn epoch_floor(&self) -> u32 {
         self.floor

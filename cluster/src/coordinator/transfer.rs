@@ -172,6 +172,11 @@ impl Transfers {
     pub(super) fn pending(&self) -> Option<&(u64, Ring)> {
         self.pending.as_ref()
     }
+
+    /// Partitions waiting to be handed off and dropped.
+    pub(super) fn handoff_count(&self) -> usize {
+        self.handoffs.len()
+    }
 }
 
 impl Core {

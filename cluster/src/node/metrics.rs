@@ -43,6 +43,20 @@ pub struct CoreFigures {
     pub hints_in_flight: u64,
     /// Peers the shard believes unreachable now.
     pub peers_suspected: u64,
+    /// Partitions held that this node no longer replicates, not yet handed off and dropped.
+    pub handoffs: u64,
+}
+
+/// What a shard still holds for other nodes, as of the membership view it had applied: a
+/// removed node stops once every shard holds nothing (`server/members.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holding {
+    /// Version of the membership view the shard had applied when it published these figures.
+    pub view_version: u64,
+    /// Partitions waiting to be handed off and dropped.
+    pub handoffs: u64,
+    /// Hints held, delivered or not.
+    pub hints: u64,
 }
 
 /// A per-shard admission series (name, kind, help, value).
@@ -53,9 +67,14 @@ type AdmissionField = (
     fn(&ShardMetrics) -> String,
 );
 
+/// The gauge of partitions waiting for handoff.
+const HANDOFFS_PENDING: &str = "ringkv_handoffs_pending";
+/// The gauge of hints held.
+const HINTS: &str = "ringkv_hints";
+
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 19] = [
+const CORE_FIELDS: [CoreField; 20] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -106,13 +125,18 @@ const CORE_FIELDS: [CoreField; 19] = [
         "Failure-detector heartbeats sent.",
         |c| c.stats.heartbeats,
     ),
-    ("ringkv_hints", "Hints held.", |c| c.hints),
+    (HINTS, "Hints held.", |c| c.hints),
     ("ringkv_hint_bytes", "Bytes of hints held.", |c| {
         c.hint_bytes
     }),
     ("ringkv_hints_in_flight", "Hints being delivered.", |c| {
         c.hints_in_flight
     }),
+    (
+        HANDOFFS_PENDING,
+        "Partitions held that this node no longer replicates, waiting to be handed off and dropped.",
+        |c| c.handoffs,
+    ),
     (
         "ringkv_ae_exchanges_total",
         "Anti-entropy exchanges started (one partition tree with one other replica).",
@@ -228,6 +252,8 @@ pub struct ShardMetrics {
     connections_total: AtomicU64,
     engine: [AtomicU64; ENGINE_FIELDS.len()],
     core: [AtomicU64; CORE_FIELDS.len()],
+    /// The membership view version `core` was published under; stored after `core`.
+    view_version: AtomicU64,
     /// Background share in millionths.
     admission_share_ppm: AtomicU64,
     admission_p99_us: AtomicU64,
@@ -267,10 +293,30 @@ impl ShardMetrics {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Publishes a snapshot of the shard's coordinator figures.
-    pub fn set_core(&self, figures: &CoreFigures) {
+    /// Publishes a snapshot of the shard's coordinator figures, taken with the membership
+    /// view of `view_version` applied.
+    pub fn set_core(&self, figures: &CoreFigures, view_version: u64) {
         for (slot, (_, _, get)) in self.core.iter().zip(CORE_FIELDS) {
             slot.store(get(figures), Ordering::Relaxed);
+        }
+        // Released after the figures: a reader that sees this version sees figures at least
+        // as new (see `holding`).
+        self.view_version.store(view_version, Ordering::Release);
+    }
+
+    /// What the shard last published it holds for others.
+    pub fn holding(&self) -> Holding {
+        let view_version = self.view_version.load(Ordering::Acquire);
+        let field = |name: &str| {
+            CORE_FIELDS
+                .iter()
+                .position(|(n, _, _)| *n == name)
+                .map_or(0, |i| self.core[i].load(Ordering::Relaxed))
+        };
+        Holding {
+            view_version,
+            handoffs: field(HANDOFFS_PENDING),
+            hints: field(HINTS),
         }
     }
 
@@ -521,6 +567,31 @@ mod tests {
         assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"get\"} 1\n"));
     }
 
+    /// A shard's holding is read back as published, with the view it was taken under.
+    #[test]
+    fn holding_reads_back_what_was_published() {
+        let shard = ShardMetrics::default();
+        assert_eq!(shard.holding(), Holding::default());
+        shard.set_core(
+            &CoreFigures {
+                hints: 7,
+                handoffs: 3,
+                hint_bytes: 99,
+                ..CoreFigures::default()
+            },
+            12,
+        );
+        assert_eq!(
+            shard.holding(),
+            Holding {
+                view_version: 12,
+                handoffs: 3,
+                hints: 7
+            }
+        );
+        assert!(render(&[&shard]).contains("ringkv_handoffs_pending 3\n"));
+    }
+
     /// Coordinator figures are summed over shards; the admission state is per shard.
     #[test]
     fn render_core_and_admission() {
@@ -530,9 +601,9 @@ mod tests {
             ..CoreFigures::default()
         };
         figures.stats.hint_overflow = 2;
-        a.set_core(&figures);
+        a.set_core(&figures, 1);
         figures.stats.hint_overflow = 3;
-        b.set_core(&figures);
+        b.set_core(&figures, 1);
         b.set_admission(&AdmissionState {
             share: 0.25,
             p99_us: 12_000,

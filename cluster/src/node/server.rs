@@ -549,6 +549,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         // The node's membership lives on its first shard.
         let membership = if id == 0 { membership.take() } else { None };
         let shutdown = stop.foreign_child();
+        let stop_node = events_tx.clone();
         let report = EndReport {
             id,
             events: Some(events_tx.clone()),
@@ -561,6 +562,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                     clock,
                     control,
                     membership,
+                    stop_node,
                 };
                 let result =
                     run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
@@ -770,6 +772,8 @@ struct Replication {
     control: MeshBuilder<Control, Full>,
     /// The node's membership, for shard 0.
     membership: Option<Membership>,
+    /// Stops the node (shard 0: a removed node that handed everything off).
+    stop_node: mpsc::Sender<Event>,
 }
 
 /// The node's membership: restored from `<data-dir>/cluster-state` if an earlier run persisted
@@ -1094,6 +1098,7 @@ async fn serve_shard(
         clock,
         control,
         membership,
+        stop_node,
     } = replication;
     let floor = core.epoch_floor();
     let Some(control) = unless(control.join(), shutdown.cancelled()).await else {
@@ -1161,7 +1166,15 @@ async fn serve_shard(
         inbound: RefCell::new(HashMap::new()),
         next_inbound: Cell::new(1),
         links: RefCell::new(HashMap::new()),
-        members: membership.map(|m| members::Driver::new(m, cfg.data_dir.clone(), cfg.peer_listen)),
+        members: membership.map(|m| {
+            members::Driver::new(
+                m,
+                cfg.data_dir.clone(),
+                cfg.peer_listen,
+                all_metrics.clone(),
+                stop_node,
+            )
+        }),
         peers: RefCell::new(view.peers.clone()),
         view_version: Cell::new(view.version),
         control: control_tx,
@@ -2494,13 +2507,17 @@ impl Shard {
             self.core.borrow_mut().set_background_share(share);
         }
         let core = self.core.borrow();
-        self.metrics.set_core(&CoreFigures {
-            stats: core.stats(),
-            hints: core.hint_count() as u64,
-            hint_bytes: core.hint_bytes(),
-            hints_in_flight: core.hints_in_flight() as u64,
-            peers_suspected: core.suspected_count(now) as u64,
-        });
+        self.metrics.set_core(
+            &CoreFigures {
+                stats: core.stats(),
+                hints: core.hint_count() as u64,
+                hint_bytes: core.hint_bytes(),
+                hints_in_flight: core.hints_in_flight() as u64,
+                peers_suspected: core.suspected_count(now) as u64,
+                handoffs: core.handoff_count() as u64,
+            },
+            self.view_version.get(),
+        );
         self.metrics.set_admission(&self.admission.borrow().state());
     }
 }

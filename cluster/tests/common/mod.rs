@@ -277,6 +277,20 @@ impl ClusterNode {
         panic!("node {} did not exit after SIGTERM", self.id);
     }
 
+    /// Waits (`polls` rounds of `poll_ms`) for the node to exit by itself; panics if it is
+    /// still running then. Returns its exit status.
+    pub fn wait_exit(&mut self, polls: usize, poll_ms: u64) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        for _ in 0..polls {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(poll_ms));
+        }
+        panic!("node {} is still running", self.id);
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -29,6 +29,13 @@
 //!   the write in progress. A failed write is logged and the node runs on; a restart then finds
 //!   the last state written.
 //!
+//! - **Retiring**: a node that membership says is Removed (it left and the ring moved on, or an
+//!   operator removed it) keeps running while its shards hand off the partitions it held and
+//!   deliver the hints it holds for others; once every shard has published, under the latest
+//!   view, that it holds nothing ([`ShardMetrics::holding`], copied by each shard's ticker), the
+//!   node stops as on SIGTERM. A removed node restarted with nothing left stops at once. Until
+//!   then `cluster status` on it shows what it still holds.
+//!
 //! Requests membership sent that get no answer (a lost link, a full queue) are timed out by
 //! membership itself (`MembershipConfig::request_timeout_ms`, which the node sets to its
 //! `replica_timeout_ms`: a live peer answers membership at once).
@@ -39,7 +46,7 @@ use std::hash::BuildHasher;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,10 +56,11 @@ use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, 
 
 use crate::membership::{AdminCmd, Membership, MembershipMsg, MembershipOutput, View};
 use crate::node::cluster_state;
+use crate::node::metrics::{Holding, ShardMetrics};
 
 use super::super::NodeId;
 use super::view::{Control, ShardView};
-use super::{Shard, connect_peer, error_message, run_periodic, unless};
+use super::{Event, Shard, connect_peer, error_message, run_periodic, unless};
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
 pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
@@ -83,6 +91,27 @@ pub(super) struct Driver {
     peer_listen: Option<SocketAddr>,
     random: std::collections::hash_map::RandomState,
     rounds: Cell<u64>,
+    /// Every shard's published figures: what each still holds for others.
+    shards: Arc<[Arc<ShardMetrics>]>,
+    /// Stops the node once it is removed and holds nothing; taken when used.
+    retire: RefCell<Option<mpsc::Sender<Event>>>,
+    /// What the node held when last logged while removed: `(partitions, hints)`.
+    logged_holding: Cell<Option<(u64, u64)>>,
+}
+
+/// Whether a removed node may stop: every shard has published, under membership's latest view
+/// (`version`) or a newer one, that it holds no partition to hand off and no hint.
+fn may_retire(version: u64, holdings: &[Holding]) -> bool {
+    holdings
+        .iter()
+        .all(|h| h.view_version >= version && h.handoffs == 0 && h.hints == 0)
+}
+
+/// `(partitions to hand off, hints held)` summed over shards.
+fn held(holdings: &[Holding]) -> (u64, u64) {
+    holdings
+        .iter()
+        .fold((0, 0), |(p, h), x| (p + x.handoffs, h + x.hints))
 }
 
 impl Driver {
@@ -90,6 +119,8 @@ impl Driver {
         membership: Membership,
         data_dir: PathBuf,
         peer_listen: Option<SocketAddr>,
+        shards: Arc<[Arc<ShardMetrics>]>,
+        retire: mpsc::Sender<Event>,
     ) -> Self {
         Self {
             membership: RefCell::new(membership),
@@ -103,6 +134,55 @@ impl Driver {
             peer_listen,
             random: std::collections::hash_map::RandomState::new(),
             rounds: Cell::new(0),
+            shards,
+            retire: RefCell::new(Some(retire)),
+            logged_holding: Cell::new(None),
+        }
+    }
+
+    fn holdings(&self) -> Vec<Holding> {
+        self.shards.iter().map(|s| s.holding()).collect()
+    }
+
+    /// The line `cluster status` adds about this node's own work for others.
+    fn holding_line(&self) -> String {
+        let (partitions, hints) = held(&self.holdings());
+        let mut line =
+            format!("this node holds: {partitions} partitions to hand off, {hints} hints");
+        if self.membership.borrow().removed() {
+            line.push_str("; it was removed and stops once both are 0");
+        }
+        line
+    }
+
+    /// Stops the node if it is removed and holds nothing (module docs); logs what it still
+    /// holds when that changes.
+    fn maybe_retire(&self) {
+        let (removed, version) = {
+            let m = self.membership.borrow();
+            (m.removed(), m.view_version())
+        };
+        if !removed {
+            return;
+        }
+        let holdings = self.holdings();
+        if !may_retire(version, &holdings) {
+            let now = held(&holdings);
+            if self.logged_holding.replace(Some(now)) != Some(now) {
+                tracing::info!(
+                    partitions = now.0,
+                    hints = now.1,
+                    "removed from the cluster: handing off before stopping"
+                );
+            }
+            return;
+        }
+        if let Some(retire) = self.retire.borrow_mut().take() {
+            tracing::warn!(
+                "removed from the cluster and everything handed off: stopping this node"
+            );
+            // Fails only when the node is already stopping.
+            let _ = retire.send(Event::Stop);
         }
     }
 
@@ -155,6 +235,7 @@ impl Shard {
                 "this node has no peer listener: restart it with --peer-listen to join a cluster",
             );
         }
+        let status = cmd == AdminCmd::Status;
         let req = driver.next_admin.get();
         driver.next_admin.set(req + 1);
         let (tx, rx) = local_channel::new_bounded(1);
@@ -166,9 +247,15 @@ impl Shard {
         self.membership_outputs(outputs);
         // Membership answers every command, at the latest when its request to a peer times out.
         match rx.recv().await {
-            Some(Ok(text)) => Message::AdminOk(AdminOk {
-                body: bytes::Bytes::from(text.into_bytes()),
-            }),
+            Some(Ok(mut text)) => {
+                if status {
+                    text.push_str(&driver.holding_line());
+                    text.push('\n');
+                }
+                Message::AdminOk(AdminOk {
+                    body: bytes::Bytes::from(text.into_bytes()),
+                })
+            }
             Some(Err(reason)) => error_message(ErrorCode::InvalidRequest, reason),
             None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
         }
@@ -503,7 +590,33 @@ async fn run_membership_ticks(shard: Weak<Shard>, stop: CancellationToken) {
             .borrow_mut()
             .handle_tick(shard.clock.now_ms(), random);
         shard.membership_outputs(outputs);
+        driver.maybe_retire();
         true
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holding(view_version: u64, handoffs: u64, hints: u64) -> Holding {
+        Holding {
+            view_version,
+            handoffs,
+            hints,
+        }
+    }
+
+    /// A removed node stops only when every shard, under the latest view, holds nothing.
+    #[test]
+    fn retires_only_when_every_shard_is_empty_under_the_latest_view() {
+        assert!(may_retire(5, &[holding(5, 0, 0), holding(6, 0, 0)]));
+        // A shard that has not yet taken the view in which the node was removed may not have
+        // found the partitions it must hand off.
+        assert!(!may_retire(5, &[holding(5, 0, 0), holding(4, 0, 0)]));
+        assert!(!may_retire(5, &[holding(5, 1, 0), holding(5, 0, 0)]));
+        assert!(!may_retire(5, &[holding(5, 0, 0), holding(5, 0, 2)]));
+        assert_eq!(held(&[holding(5, 1, 2), holding(5, 3, 4)]), (4, 6));
+    }
 }
