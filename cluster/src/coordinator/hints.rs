@@ -30,6 +30,10 @@
 //! The holder's own budget, [`CoreConfig::hint_inflight_max`], is scaled by the background share
 //! too (at least one), so a node whose own clients suffer also slows what it sends.
 //!
+//! **Homes that left.** Delivery goes to [`Core::hint_target`]: the home while it is in the ring
+//! in force or the pending ring, else (it left the cluster) a current replica of the hint's
+//! partition, under the same credit. Hints therefore drain even when their home never returns.
+//!
 //! Limits: a hint round and a grant scan the hint map (`O(hints)`), which is fine for the
 //! bounded store; credit is granted by whichever core of the home receives the request, from
 //! that core's load.
@@ -43,6 +47,7 @@ use super::{
 };
 use crate::NodeId;
 use crate::object::Object;
+use crate::ring::PartitionId;
 
 /// The bytes a hint counts for in the bound: its bucket, key and encoded object.
 pub fn hint_bytes(key: &StoreKey, object_bytes: usize) -> u64 {
@@ -91,8 +96,6 @@ pub struct HintWindow {
 pub(super) struct HintStore {
     /// Bytes of every hint held.
     bytes: u64,
-    /// Hints held per home.
-    per_home: BTreeMap<NodeId, usize>,
     windows: BTreeMap<NodeId, Window>,
     /// The background share from admission control, in `(0, 1]`.
     share: f64,
@@ -102,7 +105,6 @@ impl Default for HintStore {
     fn default() -> Self {
         HintStore {
             bytes: 0,
-            per_home: BTreeMap::new(),
             windows: BTreeMap::new(),
             share: 1.0,
         }
@@ -120,17 +122,16 @@ impl Core {
     /// Takes in the hints found in storage at start.
     pub(super) fn load_hints(&mut self, hints: impl IntoIterator<Item = (StoreKey, u64)>) {
         for (key, bytes) in hints {
-            let Some(home) = home_of(&key) else {
+            if home_of(&key).is_none() {
                 continue;
-            };
+            }
             let state = HintState {
                 in_flight: false,
                 bytes,
                 writing: false,
             };
-            match self.hints.insert(key, state) {
-                Some(old) => self.hint_store.bytes -= old.bytes,
-                None => *self.hint_store.per_home.entry(home).or_default() += 1,
+            if let Some(old) = self.hints.insert(key, state) {
+                self.hint_store.bytes -= old.bytes;
             }
             self.hint_store.bytes += bytes;
         }
@@ -205,7 +206,7 @@ impl Core {
         key: &StoreKey,
         object: &Object,
     ) -> Result<(), ErrorBody> {
-        let home = home_of(key).expect("only hints are reserved");
+        assert!(home_of(key).is_some(), "only hints are reserved");
         let new = hint_bytes(key, object.encoded_len());
         let old = self.hints.get(key).map_or(0, |h| h.bytes);
         let total = self.hint_store.bytes - old + new;
@@ -218,10 +219,7 @@ impl Core {
                 ),
             ));
         }
-        let state = self.hints.entry(key.clone()).or_insert_with(|| {
-            *self.hint_store.per_home.entry(home).or_default() += 1;
-            HintState::default()
-        });
+        let state = self.hints.entry(key.clone()).or_default();
         state.bytes = new;
         state.writing = true;
         self.hint_store.bytes = total;
@@ -243,14 +241,6 @@ impl Core {
         }
         if let Some(h) = self.hints.remove(key) {
             self.hint_store.bytes -= h.bytes;
-            if let Some(home) = home_of(key)
-                && let Some(n) = self.hint_store.per_home.get_mut(&home)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    self.hint_store.per_home.remove(&home);
-                }
-            }
         }
     }
 
@@ -284,15 +274,49 @@ impl Core {
         }
     }
 
-    /// A delivery of `hint` ended: acknowledged durably (`delivered`) or not.
-    pub(super) fn hint_settled(&mut self, now: u64, hint: &StoreKey, delivered: bool) {
+    /// Where `hint` is delivered: its home while the home is in the ring in force or the
+    /// pending one; once the home has left the ring (it left, or was removed), the first other
+    /// node of the partition's current preference list, so hints never wait for a node that
+    /// will not come back. One current replica is enough: the write also reached the replicas
+    /// that acknowledged it, and anti-entropy brings it to the others. `None` when no other
+    /// node replicates the partition (the hint then stays).
+    pub(super) fn hint_target(&self, hint: &StoreKey) -> Option<NodeId> {
+        let home = home_of(hint)?;
+        let in_ring = self.ring.members().contains(&home)
+            || self
+                .transfers
+                .pending()
+                .is_some_and(|(_, p)| p.members().contains(&home));
+        if in_ring {
+            return Some(home);
+        }
+        self.ring
+            .preference_list(PartitionId(hint.partition), self.cfg.target_n)
+            .into_iter()
+            .find(|n| *n != self.cfg.node)
+    }
+
+    /// Hints ready to be delivered (not in flight, not being written) per delivery target.
+    fn hints_per_target(&self) -> BTreeMap<NodeId, usize> {
+        let mut per = BTreeMap::new();
+        for (k, h) in &self.hints {
+            if let Some(to) = self.hint_target(k)
+                && !h.in_flight
+                && !h.writing
+            {
+                *per.entry(to).or_default() += 1;
+            }
+        }
+        per
+    }
+
+    /// A delivery of `hint` to `to` ended: acknowledged durably (`delivered`) or not.
+    pub(super) fn hint_settled(&mut self, now: u64, hint: &StoreKey, to: NodeId, delivered: bool) {
         self.hints_in_flight -= 1;
         if let Some(h) = self.hints.get_mut(hint) {
             h.in_flight = false;
         }
-        let Some(home) = home_of(hint) else {
-            return;
-        };
+        let home = to;
         let Some(w) = self.hint_store.windows.get_mut(&home) else {
             return;
         };
@@ -302,21 +326,16 @@ impl Core {
             w.grant = None;
             let failed = std::mem::take(&mut w.failed);
             // The home kept up: ask again at the next tick rather than a round later.
-            if !failed && self.hint_store.per_home.contains_key(&home) {
+            if !failed {
                 self.next_hint_round = self.next_hint_round.min(now);
             }
         }
     }
 
-    /// A hint round: asks every reachable home with hints and no open window for credit.
+    /// A hint round: asks every reachable delivery target (a home, or the replica standing in
+    /// for a home that left the ring) with hints ready and no open window for credit.
     pub(super) fn ask_credit(&mut self, now: u64) {
-        let homes: Vec<(NodeId, usize)> = self
-            .hint_store
-            .per_home
-            .iter()
-            .map(|(h, n)| (*h, *n))
-            .collect();
-        for (home, held) in homes {
+        for (home, held) in self.hints_per_target() {
             let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
             if budget == 0 {
                 break;
@@ -332,7 +351,7 @@ impl Core {
             let partition = self
                 .hints
                 .keys()
-                .find(|k| k.space == Space::Hint(home))
+                .find(|k| self.hint_target(k) == Some(home))
                 .map_or(0, |k| k.partition);
             let w = self.hint_store.windows.entry(home).or_default();
             let id = self.next_id;
@@ -371,7 +390,7 @@ impl Core {
         let ready: Vec<StoreKey> = self
             .hints
             .iter()
-            .filter(|(k, h)| !h.in_flight && !h.writing && k.space == Space::Hint(home))
+            .filter(|(k, h)| !h.in_flight && !h.writing && self.hint_target(k) == Some(home))
             .map(|(k, _)| k.clone())
             .take(n)
             .collect();
@@ -391,8 +410,13 @@ impl Core {
                 h.in_flight = true;
             }
             let id = self.id();
-            self.pending
-                .insert(id, Pending::HintRead { hint: hint.clone() });
+            self.pending.insert(
+                id,
+                Pending::HintRead {
+                    hint: hint.clone(),
+                    to: home,
+                },
+            );
             self.out.push(Output::Store {
                 id,
                 key: hint,

@@ -688,12 +688,16 @@ enum Pending {
     Forward { op: u64, node: NodeId },
     /// A read repair sent to `node`; nothing waits for it.
     Repair { node: NodeId },
-    /// A hint sent to its home.
-    Delivery { hint: StoreKey, object: Object },
+    /// A hint sent to `to`: its home, or a current replica if the home left the ring.
+    Delivery {
+        hint: StoreKey,
+        object: Object,
+        to: NodeId,
+    },
     /// A replica read for a peer (or this node) that is a plain storage read.
     PeerRead { to: ReplyTo2 },
-    /// A hint read before delivery.
-    HintRead { hint: StoreKey },
+    /// A hint read before its delivery to `to`.
+    HintRead { hint: StoreKey, to: NodeId },
     /// A credit request to `home`.
     Credit { home: NodeId },
     /// A page asked for by the pull of `partition`.
@@ -1779,8 +1783,8 @@ impl Core {
                 Some(Pending::Slot { op, slot, .. }) => {
                     self.slot_answered(now, op, slot, SlotResult::Written { durable })
                 }
-                Some(Pending::Delivery { hint, object }) => {
-                    self.hint_settled(now, &hint, durable);
+                Some(Pending::Delivery { hint, object, to }) => {
+                    self.hint_settled(now, &hint, to, durable);
                     if durable {
                         self.lock(
                             now,
@@ -1847,7 +1851,9 @@ impl Core {
                             self.answer(o.reply_to, Message::Error(e));
                         }
                     }
-                    Some(Pending::Delivery { hint, .. }) => self.hint_settled(now, &hint, false),
+                    Some(Pending::Delivery { hint, to, .. }) => {
+                        self.hint_settled(now, &hint, to, false)
+                    }
                     Some(Pending::Credit { home }) => self.credit_answered(home, None),
                     Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
                     Some(Pending::HandoffPut { partition }) => {
@@ -1873,7 +1879,7 @@ impl Core {
                 Pending::Slot { node: n, .. }
                 | Pending::Forward { node: n, .. }
                 | Pending::Repair { node: n } => *n == node,
-                Pending::Delivery { hint, .. } => hint.space == Space::Hint(node),
+                Pending::Delivery { to, .. } => *to == node,
                 Pending::Credit { home } => *home == node,
                 _ => false,
             })
@@ -1925,11 +1931,9 @@ impl Core {
             Some(Pending::Repair { node }) => self.mark_down(node, now),
             Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
             Some(Pending::HandoffPut { partition }) => self.handoff_acked(now, partition, false),
-            Some(Pending::Delivery { hint, .. }) => {
-                if let Space::Hint(home) = hint.space {
-                    self.mark_down(home, now);
-                }
-                self.hint_settled(now, &hint, false);
+            Some(Pending::Delivery { hint, to, .. }) => {
+                self.mark_down(to, now);
+                self.hint_settled(now, &hint, to, false);
             }
             Some(Pending::Credit { home }) => {
                 self.mark_down(home, now);
@@ -2006,11 +2010,8 @@ impl Core {
                     self.slot_answered(now, op, slot, answer);
                 }
             },
-            Some(Pending::HintRead { hint }) => match result {
+            Some(Pending::HintRead { hint, to }) => match result {
                 Ok(Some(object)) => {
-                    let Space::Hint(home) = hint.space else {
-                        unreachable!("hints are in hint space")
-                    };
                     let mid = self.id();
                     let key = StoreKey {
                         space: Space::Primary,
@@ -2021,12 +2022,13 @@ impl Core {
                         Pending::Delivery {
                             hint,
                             object: object.clone(),
+                            to,
                         },
                     );
                     self.timeouts
                         .insert((now + self.cfg.replica_timeout_ms, mid));
                     self.out.push(Output::Send {
-                        to: home,
+                        to,
                         msg: PeerMsg::ReplicaPut {
                             id: mid,
                             key,
@@ -2036,7 +2038,7 @@ impl Core {
                     });
                 }
                 Ok(None) | Err(_) => {
-                    self.hint_settled(now, &hint, false);
+                    self.hint_settled(now, &hint, to, false);
                     if result.is_ok() {
                         self.hint_gone(&hint);
                     }
