@@ -667,6 +667,9 @@ struct Outstanding {
     deadline: u64,
     /// The ADMIN request waiting for it, if any.
     admin: Option<u64>,
+    /// A gossip sent while this node was out of the cluster: its answer shows a live member
+    /// merged that.
+    out: bool,
 }
 
 /// The membership state machine of one node (module docs).
@@ -679,6 +682,8 @@ pub struct Membership {
     outstanding: BTreeMap<u64, Outstanding>,
     /// When each peer was last heard from (any membership message).
     heard: BTreeMap<NodeId, u64>,
+    /// A live member answered a gossip that carried this node out of the cluster.
+    out_known: bool,
     out: Vec<MembershipOutput>,
 }
 
@@ -692,6 +697,7 @@ impl Membership {
             next_gossip: 0,
             outstanding: BTreeMap::new(),
             heard: BTreeMap::new(),
+            out_known: false,
             out: Vec::new(),
         }
     }
@@ -781,12 +787,29 @@ impl Membership {
         out
     }
 
-    /// Whether this node has been removed from the cluster (it left, or was removed).
-    pub fn removed(&self) -> bool {
+    /// Whether this node is out of the cluster and others know it, so it may stop once it holds
+    /// nothing for them: it is removed (it left, or an operator removed it), in neither the ring
+    /// in force nor the pending ring (it replicates nothing), and a live member answered a
+    /// gossip that carried that state. The last part matters when this node was the claimant:
+    /// it wrote the flip that took it out, and stopping before anyone merged it would leave the
+    /// others waiting for a claimant that is gone. A node removed while the ring still places
+    /// data on it keeps serving until the ring moves on.
+    pub fn retired(&self) -> bool {
+        self.out_known && self.out_of_cluster()
+    }
+
+    fn out_of_cluster(&self) -> bool {
+        let me = self.cfg.node;
         self.state
             .members
-            .get(&self.cfg.node)
+            .get(&me)
             .is_some_and(|m| m.status == Status::Removed)
+            && !self.state.ring.members().contains(&me)
+            && self
+                .state
+                .pending
+                .as_ref()
+                .is_none_or(|p| !p.members().contains(&me))
     }
 
     /// Version of the latest view published ([`MembershipOutput::View`]).
@@ -847,6 +870,7 @@ impl Membership {
             Outstanding {
                 deadline: now + self.cfg.request_timeout_ms,
                 admin,
+                out: false,
             },
         );
         id
@@ -882,6 +906,10 @@ impl Membership {
             if !partners.is_empty() {
                 let to = partners[(random % partners.len() as u64) as usize];
                 let id = self.request(now, None);
+                let out = self.out_of_cluster();
+                if let Some(o) = self.outstanding.get_mut(&id) {
+                    o.out = out;
+                }
                 let state = Box::new(self.state.clone());
                 self.out.push(MembershipOutput::Send {
                     to,
@@ -936,8 +964,9 @@ impl Membership {
                 self.reply_to(from, reply);
             }
             MembershipMsg::GossipOk { id, state } => {
-                if self.outstanding.remove(&id).is_some() {
+                if let Some(o) = self.outstanding.remove(&id) {
                     self.merge(&state);
+                    self.out_known |= o.out;
                 }
             }
             MembershipMsg::Join { id, member } => {
@@ -1619,16 +1648,79 @@ mod tests {
             assert_ne!(*n, NodeId(2));
             nodes.get_mut(n).unwrap().transfer_done(52_000, epoch, *p);
         }
-        assert!(!nodes[&NodeId(2)].removed());
+        assert!(!nodes[&NodeId(2)].retired());
         gossip_rounds(&mut nodes, 53_000, 8);
         for n in nodes.values() {
             assert!(n.state.pending.is_none());
             assert!(!n.state.ring.members().contains(&NodeId(2)));
             assert_eq!(n.state.members[&NodeId(2)].status, Status::Removed);
         }
-        // The leaver learns it is out (and then stops once it holds nothing); no one else does.
-        assert!(nodes[&NodeId(2)].removed());
-        assert!(nodes.values().filter(|n| n.removed()).count() == 1);
+        // The leaver learns it is out and, once a member answered its gossip, may stop (when it
+        // holds nothing); no one else may.
+        gossip_rounds(&mut nodes, 61_000, 2);
+        assert!(nodes[&NodeId(2)].retired());
+        assert!(nodes.values().filter(|n| n.retired()).count() == 1);
+    }
+
+    /// A claimant that leaves writes the flip that takes it out; it may stop only once a live
+    /// member answered a gossip carrying that flip, so the others never wait for it.
+    #[test]
+    fn a_leaving_claimant_retires_only_once_its_flip_has_spread() {
+        let ids = [1, 2, 3, 4];
+        let mut nodes: BTreeMap<NodeId, Membership> = ids
+            .iter()
+            .map(|&i| {
+                (
+                    NodeId(i),
+                    Membership::bootstrap(cfg(i), &seeds(&ids)).unwrap(),
+                )
+            })
+            .collect();
+        let out = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .admin(1_000, 1, AdminCmd::Leave);
+        pump(
+            &mut nodes,
+            1_000,
+            out.into_iter().map(|o| (NodeId(1), o)).collect(),
+        );
+        let out = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .admin(2_000, 2, AdminCmd::Commit);
+        pump(
+            &mut nodes,
+            2_000,
+            out.into_iter().map(|o| (NodeId(1), o)).collect(),
+        );
+        gossip_rounds(&mut nodes, 3_000, 4);
+        assert_eq!(nodes[&NodeId(1)].state.claimant(), Some(NodeId(1)));
+        let required = nodes[&NodeId(1)].required_transfers();
+        assert!(!required.is_empty());
+        let epoch = nodes[&NodeId(1)].state.epoch;
+        for (p, n) in &required {
+            nodes.get_mut(n).unwrap().transfer_done(10_000, epoch, *p);
+        }
+        // Reports reach the claimant, which flips: only it knows.
+        for id in [2, 3, 4] {
+            let state = nodes[&NodeId(id)].state.clone();
+            nodes.get_mut(&NodeId(1)).unwrap().merge(&state);
+        }
+        let _ = nodes.get_mut(&NodeId(1)).unwrap().handle_tick(11_000, 0);
+        let leaver = &nodes[&NodeId(1)];
+        assert!(leaver.out_of_cluster());
+        assert!(!leaver.retired(), "nobody else knows of the flip yet");
+        assert!(nodes[&NodeId(2)].state.pending.is_some());
+        gossip_rounds(&mut nodes, 20_000, 1);
+        assert!(nodes[&NodeId(1)].retired());
+        assert!(
+            nodes
+                .values()
+                .filter(|n| n.cfg.node != NodeId(1))
+                .any(|n| n.state.pending.is_none()),
+            "a member merged the flip before the leaver may stop"
+        );
     }
 
     /// Commands parse strictly.

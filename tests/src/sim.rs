@@ -15,7 +15,10 @@
 //!   write and faults strike: a spare node joins, a node leaves, a node is removed, or a join
 //!   then a leave; each staged change is committed, retried until the claimant accepts it.
 //!   Every node runs the real [`Membership`] (gossip, claimant, flips) and the cores pull and
-//!   hand off partitions; membership state survives crashes as the node's state file does.
+//!   hand off partitions; membership state survives crashes as the node's state file does. A
+//!   node out of the cluster stops for good once membership says others know it
+//!   ([`Membership::retired`]) and its core holds no partition to hand off and no hint, as a
+//!   real node stops itself; hints for it then go to current replicas.
 //! - **Clients**: each runs one operation at a time against a random node: read-modify-write of
 //!   a register (siblings merged by taking the largest), set-add (siblings merged by union), and
 //!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket.
@@ -29,7 +32,8 @@
 //! - after every event, hint credit: a holder never has more hints in flight to a home than the
 //!   grant it uses, and that grant is one the home sent it (the simulator records every
 //!   HINT_CREDIT answer the network delivers); no grant is above `hint_credit_max`;
-//! - at the end, after faults stop, every node is up, hints have drained, membership changes are
+//! - at the end, after faults stop, every node is up (but the retired ones, which must hold
+//!   nothing at all), hints have drained, membership changes are
 //!   complete (no pending ring, every node holds the same state, no transfer or handoff left),
 //!   and every key has been read with `r = n`: every acknowledged write is a sibling of the final
 //!   state or was seen by a write whose value is (transitively); every acknowledged set element is
@@ -221,6 +225,8 @@ pub struct Outcome {
     pub partitions_received: u64,
     /// Partitions dropped after handoff, over all nodes.
     pub partitions_dropped: u64,
+    /// Nodes that left the cluster, handed everything off and stopped.
+    pub retired: usize,
 }
 
 /// What travels between simulated nodes.
@@ -401,6 +407,9 @@ struct SimNode {
     membership: Option<Membership>,
     /// The persisted membership state (the node's cluster-state file).
     cluster_state: Option<Vec<u8>>,
+    /// Out of the cluster with nothing left to hand off: stopped for good, as a real node
+    /// stops itself.
+    retired: bool,
 }
 
 /// What a client's current operation is waiting for.
@@ -541,6 +550,7 @@ impl Sim {
                 tick_at: None,
                 membership: None,
                 cluster_state: None,
+                retired: false,
             });
         }
         let mut sim = Sim {
@@ -930,7 +940,7 @@ impl Sim {
         for node in &mut self.nodes {
             node.store.sync();
         }
-        for n in 0..self.nodes.len() {
+        for n in self.serving() {
             if self.nodes[n].core.is_none() {
                 self.restart(n);
             }
@@ -1047,6 +1057,7 @@ impl Sim {
             changes: self.changes,
             partitions_received: stats.4,
             partitions_dropped: stats.5,
+            retired: self.nodes.iter().filter(|n| n.retired).count(),
             hint_overflow: stats.6,
             credits_granted: stats.7,
             acked_deletes: self.deletes.iter().filter(|d| d.acked).count(),
@@ -1062,7 +1073,7 @@ impl Sim {
     /// Every core's trees describe its storage: a core built from the node's store has the same
     /// roots and key counts.
     fn check_trees(&mut self) {
-        for n in 0..self.nodes.len() {
+        for n in self.serving() {
             let id = self.nodes[n].id;
             let ring = self.nodes[n].core.as_ref().expect("up").ring().clone();
             let mut fresh = Core::new(
@@ -1091,7 +1102,7 @@ impl Sim {
     /// Every tree of every node, by (partition, n): each home's root.
     fn roots(&mut self) -> BTreeMap<(u32, u8), BTreeMap<NodeId, u64>> {
         let mut all: BTreeMap<(u32, u8), BTreeMap<NodeId, u64>> = BTreeMap::new();
-        for node in &mut self.nodes {
+        for node in self.nodes.iter_mut().filter(|n| !n.retired) {
             let id = node.id;
             let core = node
                 .core
@@ -1108,7 +1119,7 @@ impl Sim {
 
     /// The trees whose replicas' roots differ.
     fn diverged(&mut self) -> Vec<(u32, u8)> {
-        let ring = self.nodes[0].core.as_ref().expect("up").ring().clone();
+        let ring = self.final_ring();
         let roots = self.roots();
         let mut out = Vec::new();
         for (&(p, n), by_node) in &roots {
@@ -1168,7 +1179,8 @@ impl Sim {
         self.harness_reply = None;
         let req = self.next_req;
         self.next_req += 1;
-        let n = self.rng.gen_range(0..self.nodes.len());
+        let serving = self.serving();
+        let n = serving[self.rng.gen_range(0..serving.len())];
         self.requests.insert((n, req), HARNESS);
         self.client_request(n, req, message);
         let end = self.now + 10_000;
@@ -1226,6 +1238,7 @@ impl Sim {
         let mut states = self
             .nodes
             .iter()
+            .filter(|n| !n.retired)
             .map(|n| n.membership.as_ref().map(|m| m.state()));
         let Some(Some(first)) = states.next() else {
             return false;
@@ -1240,7 +1253,7 @@ impl Sim {
     }
 
     fn final_ring(&self) -> Ring {
-        self.nodes[0]
+        self.nodes[self.serving()[0]]
             .membership
             .as_ref()
             .expect("every node is up at the end")
@@ -1307,7 +1320,37 @@ impl Sim {
         self.mix(at);
         self.mix(seq);
         self.handle(event);
+        for n in 0..self.nodes.len() {
+            self.maybe_retire(n);
+        }
         true
+    }
+
+    /// Stops node `n` for good once membership says it is out of the cluster and its core holds
+    /// nothing for others (no partition to hand off, no hint), as a real node stops itself:
+    /// a clean stop (its store synced), never restarted.
+    fn maybe_retire(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        let (Some(core), Some(membership)) = (&node.core, &node.membership) else {
+            return;
+        };
+        if !membership.retired() || core.handoff_count() > 0 || core.hint_count() > 0 {
+            return;
+        }
+        if self.verbose {
+            println!("{:>6} node-{} retires", self.now, n + 1);
+        }
+        self.nodes[n].store.sync();
+        self.crash(n);
+        self.crashes -= 1;
+        self.nodes[n].retired = true;
+    }
+
+    /// Nodes still in service: every node but the retired ones.
+    fn serving(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|n| !self.nodes[*n].retired)
+            .collect()
     }
 
     fn handle(&mut self, event: Event) {
@@ -1413,7 +1456,7 @@ impl Sim {
                 }
             }
             Event::Restart { node } => {
-                if self.nodes[node].core.is_none() {
+                if self.nodes[node].core.is_none() && !self.nodes[node].retired {
                     self.restart(node);
                 }
             }
@@ -2018,6 +2061,16 @@ impl Sim {
                 "node {} still stores hints: {stored:?}",
                 n.id
             );
+            if n.retired {
+                // It handed everything off before it stopped.
+                let kept = n.store.keys();
+                assert!(
+                    kept.is_empty(),
+                    "node {} retired still holding {kept:?}",
+                    n.id
+                );
+                continue;
+            }
             let core = n.core.as_ref().expect("every node is up at the end");
             let hints: Vec<_> = core.hints().collect();
             assert!(
@@ -2101,7 +2154,7 @@ impl Sim {
         }
         // Every node has the final ring, and no node keeps replica data it does not replicate.
         let ring = self.final_ring();
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| !n.retired) {
             let core = n.core.as_ref().expect("every node is up at the end");
             assert_eq!(core.ring(), &ring, "{} runs an older ring", n.id);
             for key in n.store.keys() {

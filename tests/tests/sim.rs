@@ -43,7 +43,7 @@ fn seeds_keep_the_promises() {
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
-    let mut membership = (0usize, 0u64, 0u64);
+    let mut membership = (0usize, 0u64, 0u64, 0usize);
     for seed in start..start + count {
         let o = run_seed(seed);
         totals.0 += o.acked_writes;
@@ -65,6 +65,7 @@ fn seeds_keep_the_promises() {
         membership.0 += o.changes;
         membership.1 += o.partitions_received;
         membership.2 += o.partitions_dropped;
+        membership.3 += o.retired;
     }
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
@@ -79,8 +80,8 @@ fn seeds_keep_the_promises() {
     );
     println!(
         "membership: {} changes committed, {} partitions received, {} partitions dropped after \
-         handoff",
-        membership.0, membership.1, membership.2
+         handoff, {} nodes retired",
+        membership.0, membership.1, membership.2, membership.3
     );
     if count >= 100 {
         assert!(totals.1 > 0, "no run produced siblings");
@@ -98,6 +99,7 @@ fn seeds_keep_the_promises() {
             membership.0 > 0 && membership.1 > 0 && membership.2 > 0,
             "no run changed membership and moved partitions"
         );
+        assert!(membership.3 > 0, "no node that left handed off and retired");
     }
 }
 

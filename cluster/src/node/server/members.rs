@@ -29,8 +29,9 @@
 //!   the write in progress. A failed write is logged and the node runs on; a restart then finds
 //!   the last state written.
 //!
-//! - **Retiring**: a node that membership says is Removed (it left and the ring moved on, or an
-//!   operator removed it) keeps running while its shards hand off the partitions it held and
+//! - **Retiring**: a node that membership says is out of the cluster (removed, and in neither
+//!   the ring in force nor the pending one: it left, or an operator removed it, and the ring
+//!   moved on) keeps running while its shards hand off the partitions it held and
 //!   deliver the hints it holds for others; once every shard has published, under the latest
 //!   view, that it holds nothing ([`ShardMetrics::holding`], copied by each shard's ticker), the
 //!   node stops as on SIGTERM. A removed node restarted with nothing left stops at once. Until
@@ -149,7 +150,7 @@ impl Driver {
         let (partitions, hints) = held(&self.holdings());
         let mut line =
             format!("this node holds: {partitions} partitions to hand off, {hints} hints");
-        if self.membership.borrow().removed() {
+        if self.membership.borrow().retired() {
             line.push_str("; it was removed and stops once both are 0");
         }
         line
@@ -158,11 +159,11 @@ impl Driver {
     /// Stops the node if it is removed and holds nothing (module docs); logs what it still
     /// holds when that changes.
     fn maybe_retire(&self) {
-        let (removed, version) = {
+        let (retired, version) = {
             let m = self.membership.borrow();
-            (m.removed(), m.view_version())
+            (m.retired(), m.view_version())
         };
-        if !removed {
+        if !retired {
             return;
         }
         let holdings = self.holdings();
