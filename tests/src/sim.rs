@@ -829,9 +829,17 @@ impl Sim {
             // Still waiting: retry later (a lost request never answers).
             self.admin = None;
         }
-        let Some(step) = self.script.front().cloned() else {
+        let Some(mut step) = self.script.front().cloned() else {
             return;
         };
+        if self.nodes[step.node].retired && matches!(step.cmd, AdminCmd::Commit) {
+            // The commit took effect and the node it was asked of left and stopped before the
+            // answer arrived: the operator asks another node (which finds nothing staged).
+            step.node = self.serving()[0];
+            if let Some(front) = self.script.front_mut() {
+                front.node = step.node;
+            }
+        }
         let pause = self.rng.gen_range(200..800);
         self.schedule(pause, Event::Admin);
         if self.nodes[step.node].membership.is_none() {
