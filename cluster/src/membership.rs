@@ -445,6 +445,19 @@ impl AdminCmd {
     }
 }
 
+/// Why an operator command failed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    /// The cluster's state does not allow it (nothing staged, a change already pending, an
+    /// unknown or removed node, a node already in a cluster): retrying as is will not help.
+    #[error("{0}")]
+    Refused(String),
+    /// A node the command needed (the claimant, the seed) did not answer in time: the command
+    /// may or may not have taken effect, and retrying may succeed.
+    #[error("{0}")]
+    Unreachable(String),
+}
+
 /// Membership failures.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MembershipError {
@@ -651,8 +664,8 @@ pub enum MembershipOutput {
     AdminReply {
         /// The shell's request id.
         req: u64,
-        /// Text for the operator, or the reason it failed.
-        result: Result<String, String>,
+        /// Text for the operator, or why it failed.
+        result: Result<String, AdminError>,
     },
     /// Publish to every shard.
     View(View),
@@ -933,7 +946,9 @@ impl Membership {
         {
             self.out.push(MembershipOutput::AdminReply {
                 req,
-                result: Err(format!("the peer did not answer: {reason}")),
+                result: Err(AdminError::Unreachable(format!(
+                    "the peer did not answer: {reason}"
+                ))),
             });
         }
     }
@@ -1050,7 +1065,10 @@ impl Membership {
                 if let Some(o) = self.outstanding.remove(&id)
                     && let Some(req) = o.admin
                 {
-                    self.out.push(MembershipOutput::AdminReply { req, result });
+                    self.out.push(MembershipOutput::AdminReply {
+                        req,
+                        result: result.map_err(AdminError::Refused),
+                    });
                 }
             }
         }
@@ -1173,7 +1191,10 @@ impl Membership {
             },
             AdminCmd::Status => Ok(self.status_text(now)),
         };
-        self.out.push(MembershipOutput::AdminReply { req, result });
+        self.out.push(MembershipOutput::AdminReply {
+            req,
+            result: result.map_err(AdminError::Refused),
+        });
         self.take()
     }
 

@@ -229,6 +229,20 @@ fn cli_prints_answers_and_fails_on_errors() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("--peer-listen"), "{err}");
+    // A seed that does not answer: `timeout`, the kind that may be retried, not a refusal.
+    let peer = format!("127.0.0.1:{}", free_port());
+    let joiner = Server::start_with(&dir.join("joiner"), free_port(), &["--peer-listen", &peer]);
+    let silent_seed = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(BIN)
+        .args(["cluster", "join", "--server", &joiner.addr, &silent_seed])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("timeout") && err.contains("did not answer"),
+        "{err}"
+    );
 }
 
 /// A fresh node joins through a seed; gossip spreads it to every member; a commit asked of a

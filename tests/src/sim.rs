@@ -61,7 +61,7 @@ use ringkv_cluster::coordinator::{
     hint_bytes,
 };
 use ringkv_cluster::membership::{
-    AdminCmd, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
+    AdminCmd, AdminError, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
 };
 use ringkv_cluster::object::Object;
 use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
@@ -520,7 +520,7 @@ pub struct Sim {
     /// Operator steps left; the first runs (and is retried) until it succeeds.
     script: std::collections::VecDeque<ScriptStep>,
     /// The ADMIN request of the step in progress, and its answer once it came.
-    admin: Option<(u64, Option<Result<String, String>>)>,
+    admin: Option<(u64, Option<Result<String, AdminError>>)>,
     changes: usize,
 }
 
@@ -810,12 +810,13 @@ impl Sim {
             // An answer lost on the way makes a retry find the step already done.
             let done = match result {
                 Ok(_) => true,
-                Err(e) => {
+                Err(AdminError::Refused(e)) => {
                     e.contains("nothing is staged")
                         || e.contains("already leaving")
                         || e.contains("already removed")
                         || e.contains("only a fresh node joins")
                 }
+                Err(AdminError::Unreachable(_)) => false,
             };
             if done {
                 if matches!(step.cmd, AdminCmd::Commit) {

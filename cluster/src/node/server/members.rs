@@ -10,7 +10,9 @@
 //! - **Operator commands**: an ADMIN frame reaches shard 0 (see `route`), is parsed with
 //!   [`AdminCmd::parse`] (a parse error is answered `invalid_request` at once), and waits for
 //!   the [`MembershipOutput::AdminReply`] with its request id: ADMIN_OK with the text, or ERROR
-//!   `invalid_request` with the reason (membership gives no finer kind of failure).
+//!   with the reason: `invalid_request` when the cluster's state refuses the command,
+//!   `timeout` when a node it needed (the claimant, the seed) did not answer, so the command may
+//!   or may not have taken effect and may be retried.
 //! - **Messages between nodes** travel in CLUSTER frames without a partition. Requests to a
 //!   member go on shard 0's peer link to it, beside the core's requests; their request ids are
 //!   membership's ids with [`MEMBERSHIP_ID_BIT`] set, so the link's reader tells their answers
@@ -55,7 +57,7 @@ use glommio::channels::local_channel::{self, LocalSender};
 use glommio::sync::CancellationToken;
 use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, decode_frame};
 
-use crate::membership::{AdminCmd, Membership, MembershipMsg, MembershipOutput, View};
+use crate::membership::{AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View};
 use crate::node::cluster_state;
 use crate::node::metrics::{Holding, ShardMetrics};
 
@@ -78,7 +80,7 @@ pub(super) fn is_membership_id(request_id: u64) -> bool {
 pub(super) struct Driver {
     membership: RefCell<Membership>,
     /// ADMIN requests waiting for their answer, by the id given to `Membership::admin`.
-    admin: RefCell<HashMap<u64, LocalSender<Result<String, String>>>>,
+    admin: RefCell<HashMap<u64, LocalSender<Result<String, AdminError>>>>,
     next_admin: Cell<u64>,
     /// The latest state to persist, if not yet written.
     persist_next: RefCell<Option<Vec<u8>>>,
@@ -257,7 +259,10 @@ impl Shard {
                     body: bytes::Bytes::from(text.into_bytes()),
                 })
             }
-            Some(Err(reason)) => error_message(ErrorCode::InvalidRequest, reason),
+            Some(Err(AdminError::Refused(reason))) => {
+                error_message(ErrorCode::InvalidRequest, reason)
+            }
+            Some(Err(AdminError::Unreachable(reason))) => error_message(ErrorCode::Timeout, reason),
             None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
         }
     }
