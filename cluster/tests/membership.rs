@@ -178,7 +178,7 @@ fn admin_reaches_the_first_shard_from_any_shard() {
     assert!(client.admin("cluster-status", "").is_ok());
 }
 
-/// The async client runs operator commands too, with the same answers and errors.
+/// The async client and both pools run operator commands too, with the same answers and errors.
 #[test]
 fn async_connections_run_admin_commands() {
     let dir = data_dir("admin-async");
@@ -198,7 +198,25 @@ fn async_connections_run_admin_commands() {
             Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::InvalidRequest),
             other => panic!("{other:?}"),
         }
+        // The pools offer the same commands.
+        let pool = ringkv_net::AsyncPool::connect(
+            server.addr.as_str(),
+            common::config(),
+            ringkv_net::PoolConfig::default(),
+        )
+        .await
+        .unwrap();
+        let status = pool.admin("cluster-status", "").await.unwrap();
+        assert!(member_line(&status, 1).is_some(), "{status}");
     });
+    let pool = ringkv_net::Pool::connect(
+        server.addr.as_str(),
+        common::config(),
+        ringkv_net::PoolConfig::default(),
+    )
+    .unwrap();
+    let status = pool.admin("cluster-status", "").unwrap();
+    assert!(member_line(&status, 1).is_some(), "{status}");
 }
 
 /// `ringkv cluster status` prints the node's answer and exits 0; a command the node refuses

@@ -111,45 +111,7 @@ impl Client {
         self.broken
     }
 
-    /// Checks that the node answers.
-    pub fn ping(&mut self) -> Result<(), ClientError> {
-        self.request(Request::Ping)?.into_pong()
-    }
-
-    /// Reads `key` in `bucket`.
-    pub fn get(&mut self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
-        self.request(Request::get(bucket, key))?.into_get()
-    }
-
-    /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any. Returns
-    /// the new context.
-    pub fn put(
-        &mut self,
-        bucket: &[u8],
-        key: &[u8],
-        value: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<Bytes, ClientError> {
-        self.request(Request::put(bucket, key, value, context))?
-            .into_put()
-    }
-
-    /// Deletes `key` in `bucket`; deleting a missing key succeeds.
-    pub fn delete(
-        &mut self,
-        bucket: &[u8],
-        key: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<(), ClientError> {
-        self.request(Request::delete(bucket, key, context))?
-            .into_delete()
-    }
-
-    /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
-    /// arguments, and returns its text.
-    pub fn admin(&mut self, command: &str, args: &str) -> Result<String, ClientError> {
-        self.request(Request::admin(command, args))?.into_admin()
-    }
+    typed_requests!(blocking, &mut);
 
     /// Sends one request and waits for its reply.
     pub fn request(&mut self, request: Request) -> Result<Reply, ClientError> {
@@ -414,37 +376,7 @@ impl Pool {
         }
     }
 
-    /// Checks that the node answers.
-    pub fn ping(&self) -> Result<(), ClientError> {
-        self.with_client(|c| c.ping())
-    }
-
-    /// Reads `key` in `bucket`.
-    pub fn get(&self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
-        self.with_client(|c| c.get(bucket, key))
-    }
-
-    /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any. Returns
-    /// the new context.
-    pub fn put(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        value: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<Bytes, ClientError> {
-        self.with_client(|c| c.put(bucket, key, value, context))
-    }
-
-    /// Deletes `key` in `bucket`; deleting a missing key succeeds.
-    pub fn delete(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<(), ClientError> {
-        self.with_client(|c| c.delete(bucket, key, context))
-    }
+    typed_requests!(blocking, &);
 
     /// Sends one request and waits for its reply.
     pub fn request(&self, request: Request) -> Result<Reply, ClientError> {

@@ -34,6 +34,91 @@
 //! `w`, `dw`, `timeout_ms`) are left to the node's defaults, except through the blocking
 //! client's `request_message`, which sends any request message as given.
 
+/// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `admin`), written
+/// once over the method that sends a [`Request`] and returns its [`Reply`]: blocking clients call
+/// it `request` and take the receiver given (`&self` or `&mut self`); async clients call it
+/// `call`. Expanded inside each client's `impl` block, so they stay inherent methods.
+macro_rules! typed_requests {
+    (blocking, $($recv:tt)+) => {
+        /// Checks that the node answers.
+        pub fn ping($($recv)+ self) -> Result<(), ClientError> {
+            self.request(Request::Ping)?.into_pong()
+        }
+
+        /// Reads `key` in `bucket`: every sibling and the context.
+        pub fn get($($recv)+ self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
+            self.request(Request::get(bucket, key))?.into_get()
+        }
+
+        /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any.
+        /// Returns the new context.
+        pub fn put(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            value: &[u8],
+            context: Option<Bytes>,
+        ) -> Result<Bytes, ClientError> {
+            self.request(Request::put(bucket, key, value, context))?.into_put()
+        }
+
+        /// Deletes `key` in `bucket`; deleting a missing key succeeds.
+        pub fn delete(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            context: Option<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.request(Request::delete(bucket, key, context))?.into_delete()
+        }
+
+        /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
+        /// arguments, and returns its text.
+        pub fn admin($($recv)+ self, command: &str, args: &str) -> Result<String, ClientError> {
+            self.request(Request::admin(command, args))?.into_admin()
+        }
+    };
+    (async) => {
+        /// Checks that the node answers.
+        pub async fn ping(&self) -> Result<(), ClientError> {
+            self.call(Request::Ping).await?.into_pong()
+        }
+
+        /// Reads `key` in `bucket`: every sibling and the context.
+        pub async fn get(&self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
+            self.call(Request::get(bucket, key)).await?.into_get()
+        }
+
+        /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any.
+        /// Returns the new context.
+        pub async fn put(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            value: &[u8],
+            context: Option<Bytes>,
+        ) -> Result<Bytes, ClientError> {
+            self.call(Request::put(bucket, key, value, context)).await?.into_put()
+        }
+
+        /// Deletes `key` in `bucket`; deleting a missing key succeeds.
+        pub async fn delete(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            context: Option<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.call(Request::delete(bucket, key, context)).await?.into_delete()
+        }
+
+        /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
+        /// arguments, and returns its text.
+        pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
+            self.call(Request::admin(command, args)).await?.into_admin()
+        }
+    };
+}
+
 mod blocking;
 // The sans-IO core of the async client; the blocking client has one request at a time (or one
 // batch) and keeps its simpler bookkeeping.

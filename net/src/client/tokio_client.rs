@@ -258,47 +258,7 @@ impl AsyncConnection {
         self.inner.shared.lock().in_flight()
     }
 
-    /// Checks that the node answers.
-    pub async fn ping(&self) -> Result<(), ClientError> {
-        self.call(Request::Ping).await?.into_pong()
-    }
-
-    /// Reads `key` in `bucket`: every sibling and the context.
-    pub async fn get(&self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
-        self.call(Request::get(bucket, key)).await?.into_get()
-    }
-
-    /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any. Returns
-    /// the new context.
-    pub async fn put(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        value: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<Bytes, ClientError> {
-        self.call(Request::put(bucket, key, value, context))
-            .await?
-            .into_put()
-    }
-
-    /// Deletes `key` in `bucket`; deleting a missing key succeeds.
-    pub async fn delete(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<(), ClientError> {
-        self.call(Request::delete(bucket, key, context))
-            .await?
-            .into_delete()
-    }
-
-    /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
-    /// arguments, and returns its text.
-    pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
-        self.call(Request::admin(command, args)).await?.into_admin()
-    }
+    typed_requests!(async);
 
     /// Sends `request` and waits for its reply, at most the configured timeout.
     pub async fn call(&self, request: Request) -> Result<Reply, ClientError> {
@@ -542,41 +502,7 @@ impl AsyncPool {
         }
     }
 
-    /// Checks that the node answers.
-    pub async fn ping(&self) -> Result<(), ClientError> {
-        self.call(Request::Ping).await?.into_pong()
-    }
-
-    /// Reads `key` in `bucket`: every sibling and the context.
-    pub async fn get(&self, bucket: &[u8], key: &[u8]) -> Result<GetReply, ClientError> {
-        self.call(Request::get(bucket, key)).await?.into_get()
-    }
-
-    /// Writes `value` under `key` in `bucket`; `context` is what a GET returned, if any. Returns
-    /// the new context.
-    pub async fn put(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        value: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<Bytes, ClientError> {
-        self.call(Request::put(bucket, key, value, context))
-            .await?
-            .into_put()
-    }
-
-    /// Deletes `key` in `bucket`; deleting a missing key succeeds.
-    pub async fn delete(
-        &self,
-        bucket: &[u8],
-        key: &[u8],
-        context: Option<Bytes>,
-    ) -> Result<(), ClientError> {
-        self.call(Request::delete(bucket, key, context))
-            .await?
-            .into_delete()
-    }
+    typed_requests!(async);
 
     /// Sends `request` on the next connection and waits for its reply, at most the configured
     /// timeout.
