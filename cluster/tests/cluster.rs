@@ -280,6 +280,51 @@ fn concurrent_writes_become_siblings_and_a_context_resolves_them() {
     }
 }
 
+/// A node that restarts takes writes that need every replica as soon as it answers PING,
+/// through each other node and on each of their shards, without a retry. While it was down
+/// every shard of the others suspected it, and their links to it backed off after failed
+/// heartbeats; with no fallback in a three-node cluster, the coordinator must still try the
+/// suspected home (`assign_slot`'s last resort) and the link must reconnect within a replica
+/// timeout.
+#[test]
+fn a_restarted_node_takes_writes_needing_every_replica_at_once() {
+    let mut nodes = cluster("restart-at-once", 3, 2, &[]);
+    nodes[2].kill();
+    // Every shard of the two others suspects node 3, and has failed to reach it for a while
+    // (five heartbeat rounds to each of the two peers on each of two shards).
+    for node in &nodes[..2] {
+        let sent = node.metric("ringkv_heartbeats_total");
+        for round in 0..200 {
+            let suspected = node.metric("ringkv_peers_suspected");
+            if suspected >= 2.0 && node.metric("ringkv_heartbeats_total") >= sent + 20.0 {
+                break;
+            }
+            assert!(round < 199, "node {} never suspected node 3", node.id);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    nodes[2].start();
+    nodes[2].wait_ready();
+    for node in &nodes[..2] {
+        let mut client = node.client();
+        for k in 0..8 {
+            let put = Message::Put(Put {
+                bucket: Bytes::from_static(b"default"),
+                key: Bytes::from(format!("at-once-{}-{k}", node.id)),
+                value: Bytes::from_static(b"v"),
+                context: None,
+                w: Some(3),
+                dw: None,
+                timeout_ms: None,
+            });
+            match client.request_message(put) {
+                Ok(Message::PutOk(_)) => {}
+                other => panic!("node {} write {k}: {other:?}", node.id),
+            }
+        }
+    }
+}
+
 /// Sloppy quorum and hinted handoff. Four nodes, N=3, R=2, W=2 (with three nodes and N=3 every
 /// node is a home of every key, so there would be no fallback to hold hints). One node is killed
 /// with SIGKILL: writes and reads through the others keep succeeding, and writes whose home set

@@ -12,7 +12,8 @@
 //! alone would take many heartbeat intervals to notice a crash that a failed request proves).
 //!
 //! The coordinator asks [`Core::believed_up`] when it picks a slot's holder, a forward target
-//! or a home to deliver hints to, so a suspected home is skipped in favour of a fallback. There
+//! or a home to deliver hints to, so a suspected home is skipped in favour of a fallback (with
+//! no fallback believed up, a slot still tries its suspected home once, see `assign_slot`). There
 //! is no global view: every core (every shard of every node) decides alone from what it saw,
 //! and nothing about suspicion is sent to others.
 //!

@@ -1356,7 +1356,14 @@ impl Core {
     }
 
     /// Gives slot `slot` of op `id` a holder (its home if believed up, else the next unused
-    /// fallback) and sends it the request; a slot with nobody left stays empty.
+    /// fallback believed up, else, as a last resort, the suspected home if this op has not tried
+    /// it) and sends it the request; a slot with nobody left stays empty.
+    ///
+    /// The last resort is for suspicion that is out of date: a node that just started (or
+    /// restarted) is suspected by peers whose first heartbeats it missed, for up to `down_ms`,
+    /// and with no fallback to stand in (a cluster of `n` nodes) failing at once would refuse
+    /// writes a live node could take. A home that is really down fails the slot once (at its
+    /// connection's failure or the replica timeout), and the slot then stays empty.
     fn assign_slot(&mut self, now: u64, id: u64, slot: usize) {
         let me = self.cfg.node;
         let Some(op) = self.ops.get(&id) else {
@@ -1365,7 +1372,8 @@ impl Core {
         let home = op.slots[slot].home;
         let walk = &self.walks[op.partition as usize];
         let n = op.slots.len();
-        let holder = if !op.used.contains(&home) && self.believed_up(home, now) {
+        let untried = !op.used.contains(&home);
+        let holder = if untried && self.believed_up(home, now) {
             Some(home)
         } else {
             // The ring may have changed (and shrunk) since the op began.
@@ -1374,6 +1382,7 @@ impl Core {
                 .iter()
                 .copied()
                 .find(|f| !op.used.contains(f) && self.believed_up(*f, now))
+                .or(untried.then_some(home))
         };
         let op = self.ops.get_mut(&id).expect("looked up above");
         let s = &mut op.slots[slot];

@@ -145,8 +145,12 @@ pub const BACKGROUND_SHARES_MAX: usize = 250;
 pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
 /// First wait before reconnecting to a peer after a failed connect or a lost connection.
 pub const PEER_BACKOFF_MIN_MS: u64 = 50;
-/// Longest wait between reconnection attempts to a peer.
-pub const PEER_BACKOFF_MAX_MS: u64 = 2000;
+/// Longest wait between reconnection attempts to a peer. Frames queued meanwhile wait for the
+/// next attempt, so this must stay well below the replica timeout (1 s by default): a peer that
+/// returns is reached within it. A down peer still costs at most one connect per shard per
+/// this interval, and only while something is queued for it (heartbeats once a second,
+/// last-resort replica requests).
+pub const PEER_BACKOFF_MAX_MS: u64 = 250;
 /// Most 1 ms waits at shutdown for request tasks to let go of the shard.
 const STOP_POLLS_MAX: usize = 1000;
 /// Request id of the HELLO on an outbound peer connection; the core's ids count up from 1.
