@@ -20,9 +20,7 @@ use ringkv_cluster::node::NodeId;
 use ringkv_cluster::node::route::{PARTITIONS, partition_of};
 use ringkv_cluster::ring::PartitionId;
 use ringkv_cluster::ring::Ring;
-use ringkv_net::{
-    Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Put, Sibling,
-};
+use ringkv_net::{Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Sibling};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 const STARTUP_RETRIES: usize = 300;
@@ -308,15 +306,7 @@ fn a_restarted_node_takes_writes_needing_every_replica_at_once() {
     for node in &nodes[..2] {
         let mut client = node.client();
         for k in 0..8 {
-            let put = Message::Put(Put {
-                bucket: Bytes::from_static(b"default"),
-                key: Bytes::from(format!("at-once-{}-{k}", node.id)),
-                value: Bytes::from_static(b"v"),
-                context: None,
-                w: Some(3),
-                dw: None,
-                timeout_ms: None,
-            });
+            let put = common::put_w(b"default", format!("at-once-{}-{k}", node.id), b"v", 3);
             match client.request_message(put) {
                 Ok(Message::PutOk(_)) => {}
                 other => panic!("node {} write {k}: {other:?}", node.id),
@@ -397,15 +387,7 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
         assert_eq!(read.siblings, vec![Sibling::Value(k.clone().into())]);
     }
     // A quorum above N is refused with a typed error, and the connection stays usable.
-    let request = Message::Put(Put {
-        bucket: Bytes::from_static(b"b"),
-        key: Bytes::from_static(b"x"),
-        value: Bytes::from_static(b"x"),
-        context: None,
-        w: Some(4),
-        dw: None,
-        timeout_ms: None,
-    });
+    let request = common::put_w(b"b", Bytes::from_static(b"x"), b"x", 4);
     assert!(matches!(
         c.request_message(request),
         Err(ClientError::Server { .. })

@@ -19,8 +19,8 @@ use common::{BIN, ClusterNode, Server, data_dir, free_port, merkle, seeds, wait_
 use ringkv_cluster::node::route::partition_of;
 use ringkv_cluster::object::{Object, Val};
 use ringkv_net::{
-    ClientError, ErrorCode, Frame, Get, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet,
-    Role, Sibling, decode_frame, encode_frame_to_vec,
+    ClientError, ErrorCode, Frame, Get, Hello, Limits, Message, PROTOCOL_VERSION, ReplicaGet, Role,
+    Sibling, decode_frame, encode_frame_to_vec,
 };
 
 /// The Dynamo (3, 2, 2) default bucket.
@@ -111,15 +111,7 @@ fn a_node_that_moved_is_reached_at_its_new_address() {
     // restart.
     let mut client = nodes[0].client();
     wait_for("a write with w = 3", POLLS, POLL_MS, || {
-        let put = Message::Put(Put {
-            bucket: Bytes::from_static(BUCKET),
-            key: Bytes::from_static(b"after-the-move"),
-            value: Bytes::from_static(b"v"),
-            context: None,
-            w: Some(3),
-            dw: None,
-            timeout_ms: None,
-        });
+        let put = common::put_w(BUCKET, Bytes::from_static(b"after-the-move"), b"v", 3);
         match client.request_message(put) {
             Ok(Message::PutOk(_)) => Ok(()),
             other => Err(format!("{other:?}")),

@@ -15,7 +15,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ringkv_net::{Client, ClientConfig};
+use bytes::Bytes;
+use ringkv_net::{Client, ClientConfig, Message, Put};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 /// Enough keys that both shards own some with overwhelming probability (256 partitions).
@@ -147,6 +148,19 @@ pub fn config() -> ClientConfig {
         timeout: Duration::from_secs(10),
         ..ClientConfig::default()
     }
+}
+
+/// A blind PUT of `value` under `key` that needs `w` replies.
+pub fn put_w(bucket: &'static [u8], key: impl Into<Bytes>, value: &'static [u8], w: u8) -> Message {
+    Message::Put(Put {
+        bucket: Bytes::from_static(bucket),
+        key: key.into(),
+        value: Bytes::from_static(value),
+        context: None,
+        w: Some(w),
+        dw: None,
+        timeout_ms: None,
+    })
 }
 
 pub fn key(i: usize) -> Vec<u8> {
