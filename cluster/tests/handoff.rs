@@ -1,6 +1,7 @@
-//! Hinted handoff and failure detection of the coordinator, driven directly: one core of a
-//! four-node ring whose storage completes at once and whose messages the test reads and answers
-//! by hand. (The whole protocol under faults is the simulator's: `tests/tests/sim.rs`.)
+//! Hinted handoff, failure detection and partition handoff of the coordinator, driven directly:
+//! one core of a four-node ring whose storage completes at once (scans included) and whose
+//! messages the test reads and answers by hand. (The whole protocol under faults is the
+//! simulator's: `tests/tests/sim.rs`.)
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,7 +10,8 @@ use bytes::Bytes;
 use ringkv_cluster::NodeId;
 use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_cluster::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp, hint_bytes,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
+    hint_bytes,
 };
 use ringkv_cluster::object::{Lww, Object, Val};
 use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
@@ -81,8 +83,23 @@ impl Node {
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Send { to, msg } => self.sent.push((to, msg)),
+                Output::Scan { id, partition, .. } => {
+                    // The whole partition in one page.
+                    let items = self
+                        .store
+                        .iter()
+                        .filter(|(k, _)| k.partition == partition && k.space == Space::Primary)
+                        .map(|(k, o)| ScanItem {
+                            bucket: k.bucket.clone(),
+                            key: k.key.clone(),
+                            object: o.clone(),
+                        })
+                        .collect();
+                    let page = ScanPage { items, next: None };
+                    outputs.extend(self.core.handle_scanned(self.now, id, Ok(page)));
+                }
                 Output::Reply { .. } | Output::RenewEpochs => {}
-                other => panic!("no membership change in these tests: {other:?}"),
+                other => panic!("not expected in these tests: {other:?}"),
             }
         }
     }
@@ -471,4 +488,95 @@ fn a_silent_peer_is_suspected_and_skipped() {
     );
     node.peer(3_002, silent, PeerMsg::Pong { id: 1 });
     assert!(!node.core.suspects(silent, 3_003));
+}
+
+/// A node that stops replicating a partition hands it off; if the ring gives the partition back
+/// before the drop, the node keeps the data, and its anti-entropy tree (dropped with the first
+/// ring change, created empty with the second) is rebuilt from storage by one more handoff pass
+/// before the handoff ends, so the tree describes what is stored.
+#[test]
+fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
+    let mut node = Node::new(config(), Vec::new());
+    let partition = (0..8)
+        .find(|p| ring().preference_list(PartitionId(*p), 3).contains(&ME))
+        .unwrap();
+    let key = StoreKey {
+        partition,
+        space: Space::Primary,
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"kept"),
+    };
+    node.peer(0, NodeId(2), hint_put(1, &key, "v"));
+    node.take();
+    let keys_in = |node: &mut Node| {
+        node.core
+            .merkle_roots()
+            .iter()
+            .filter(|t| t.partition == partition)
+            .map(|t| t.keys)
+            .sum::<u64>()
+    };
+    assert_eq!(keys_in(&mut node), 1);
+
+    // The ring without this node: the partition is handed off (one page pushed).
+    let others: BTreeSet<NodeId> = (2..=4).map(NodeId).collect();
+    let without = Ring::new(PartitionCount::new(8).unwrap(), &others, 3).unwrap();
+    node.now = 10;
+    let out = node.core.set_view(10, without, None);
+    node.run(out);
+    let pushed = node.take();
+    assert!(!pushed.is_empty(), "nothing handed off");
+    // The ring comes back before the pushes are acknowledged.
+    let out = node.core.set_view(20, ring(), None);
+    node.run(out);
+    assert_eq!(keys_in(&mut node), 0, "the tree came back empty");
+    let ack = |node: &mut Node, msgs: Vec<(NodeId, PeerMsg)>, now: u64| {
+        for (to, m) in msgs {
+            if let PeerMsg::ReplicaPut { id, .. } = m {
+                node.peer(now, to, PeerMsg::ReplicaPutOk { id, durable: true });
+            }
+        }
+    };
+    ack(&mut node, pushed, 30);
+    // One more pass rebuilds the tree; once it is acknowledged the handoff ends, data kept.
+    for round in 0..10 {
+        node.tick(40 + round * 1_000);
+        let more = node.take();
+        ack(&mut node, more, 40 + round * 1_000);
+    }
+    assert_eq!(node.core.handoff_count(), 0, "the handoff did not end");
+    assert!(node.store.contains_key(&key), "the data was dropped");
+    assert_eq!(keys_in(&mut node), 1, "the tree does not describe storage");
+}
+
+/// A view whose ring in force drops this node from a partition while its pending ring keeps it
+/// there, taken in one step (gossip can bring both at once), leaves the partition's tree as it
+/// was: the data stays, so must its tree.
+#[test]
+fn a_view_that_keeps_a_partition_only_through_its_pending_ring_keeps_its_tree() {
+    let mut node = Node::new(config(), Vec::new());
+    let partition = (0..8)
+        .find(|p| ring().preference_list(PartitionId(*p), 3).contains(&ME))
+        .unwrap();
+    let key = StoreKey {
+        partition,
+        space: Space::Primary,
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"kept"),
+    };
+    node.peer(0, NodeId(2), hint_put(1, &key, "v"));
+    let others: BTreeSet<NodeId> = (2..=4).map(NodeId).collect();
+    let without = Ring::new(PartitionCount::new(8).unwrap(), &others, 3).unwrap();
+    node.now = 10;
+    let out = node.core.set_view(10, without, Some((2, ring())));
+    node.run(out);
+    let keys: u64 = node
+        .core
+        .merkle_roots()
+        .iter()
+        .filter(|t| t.partition == partition)
+        .map(|t| t.keys)
+        .sum();
+    assert_eq!(keys, 1, "the tree lost the stored key");
+    assert_eq!(node.core.handoff_count(), 0);
 }

@@ -313,6 +313,26 @@ impl Core {
         }
     }
 
+    /// Empties the trees of `partition` (a handoff pass rebuilds them from storage, see
+    /// `transfer.rs`), ending an exchange on one of them.
+    pub(super) fn ae_reset_partition(&mut self, partition: u32) {
+        for (_, tree) in self
+            .ae
+            .trees
+            .range_mut((partition, 0)..=(partition, u8::MAX))
+        {
+            *tree = Tree::default();
+        }
+        if self
+            .ae
+            .exchange
+            .as_ref()
+            .is_some_and(|x| x.tree.0 == partition)
+        {
+            self.ae_end();
+        }
+    }
+
     /// A stored replica object found at startup: the shell calls this for every key of
     /// [`Space::Primary`] before serving, so the trees describe the storage.
     pub fn load_replica(&mut self, now: u64, key: &StoreKey, object: &Object) {

@@ -24,7 +24,10 @@
 //!   refused (the coordinator moves on to a fallback), so nothing acknowledged is dropped.
 //!   Dropping a replica without tombstones would let this node reissue dots it handed out (module
 //!   docs of the parent: epochs), so [`Core::partition_dropped`] raises the epoch floor to a fresh
-//!   epoch.
+//!   epoch. If the ring gives the partition back before the drop, the data is kept, but its
+//!   anti-entropy tree went away with the first change and came back empty: one more pass, run
+//!   from an emptied tree and overtaken by no write, rebuilds it from the pages it scans before
+//!   the handoff ends.
 //!
 //! Limits: at most [`PULLS_MAX`] pulls and [`HANDOFFS_MAX`] handoffs at once per core; a failed
 //! step waits `hint_retry_ms` before it is retried. A scan page is found by the store from the
@@ -155,6 +158,9 @@ struct Handoff {
     step: Step,
     /// Replica writes applied since this pass began: the pass must be repeated.
     writes: u64,
+    /// This pass rebuilds the partition's anti-entropy trees: it began (from an emptied tree)
+    /// while this node replicated the partition, and the node has replicated it since.
+    fill: bool,
 }
 
 /// Transfer state of a core.
@@ -204,10 +210,13 @@ impl Core {
         let before: Vec<u32> = (0..self.ring.partition_count().get())
             .filter(|p| self.mine(*p) && self.replicates(*p))
             .collect();
+        // The pending ring first: `set_ring` recomputes the trees kept, and a partition this
+        // node replicates only in the new pending ring must not lose its tree (and be given an
+        // empty one) on the way.
+        self.transfers.pending = pending;
         if ring != self.ring {
             self.set_ring(ring);
         }
-        self.transfers.pending = pending;
         // Anti-entropy keeps trees for the pending ring's partitions too.
         self.ae_set_ring();
         let epoch = self.transfers.pending.as_ref().map(|(e, _)| *e);
@@ -246,6 +255,20 @@ impl Core {
                 self.handoff_needed(now, p);
             }
         }
+        // A partition this node stopped replicating lost its trees (anti-entropy keeps trees
+        // only for partitions it replicates): a pass rebuilding them no longer can.
+        let lapsed: Vec<u32> = self
+            .transfers
+            .handoffs
+            .keys()
+            .copied()
+            .filter(|p| !self.replicates(*p))
+            .collect();
+        for p in lapsed {
+            if let Some(h) = self.transfers.handoffs.get_mut(&p) {
+                h.fill = false;
+            }
+        }
         self.transfer_round(now);
         self.take_output()
     }
@@ -266,10 +289,17 @@ impl Core {
     }
 
     /// A write to `key` was stored: if this node does not replicate its partition (a coordinator
-    /// or an op with an older ring wrote it), the partition is handed off (again).
+    /// or an op with an older ring wrote it), the partition is handed off (again). A handoff
+    /// pass that runs while the partition is replicated again is repeated too: it is rebuilding
+    /// the partition's tree from what it scans, which a write behind it may have changed.
     pub(super) fn stored_write(&mut self, now: u64, key: &StoreKey) {
-        if key.space == Space::Primary && !self.replicates(key.partition) {
+        if key.space != Space::Primary {
+            return;
+        }
+        if !self.replicates(key.partition) {
             self.handoff_needed(now, key.partition);
+        } else if let Some(h) = self.transfers.handoffs.get_mut(&key.partition) {
+            h.writes += 1;
         }
     }
 
@@ -291,6 +321,7 @@ impl Core {
                         cursor: None,
                         step: Step::Idle { at: now },
                         writes: 0,
+                        fill: false,
                     },
                 );
             }
@@ -479,12 +510,22 @@ impl Core {
 
     fn scan_for_handoff(&mut self, partition: u32) {
         let sid = self.id();
+        let replicated = self.replicates(partition);
         let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
             return;
         };
         if h.cursor.is_none() {
             h.writes = 0;
+            // The ring came back to this node while it still held the partition: its trees
+            // were created empty, so this pass rebuilds them from what it scans.
+            h.fill = replicated;
+            if replicated {
+                self.ae_reset_partition(partition);
+            }
         }
+        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+            return;
+        };
         h.step = Step::Asking;
         let after = h.cursor.clone();
         self.pending.insert(sid, Pending::HandoffScan { partition });
@@ -535,8 +576,22 @@ impl Core {
             .into_iter()
             .filter(|n| *n != me)
             .collect();
+        let fill = self
+            .transfers
+            .handoffs
+            .get(&partition)
+            .is_some_and(|h| h.fill);
         let mut left = 0;
         for item in &page.items {
+            if fill {
+                let key = StoreKey {
+                    partition,
+                    space: Space::Primary,
+                    bucket: item.bucket.clone(),
+                    key: item.key.clone(),
+                };
+                self.ae_stored(now, &key, Some(&item.object));
+            }
             for to in &targets {
                 let id = self.id();
                 let key = StoreKey {
@@ -620,9 +675,16 @@ impl Core {
                     at: now + RECHECK_MS,
                 };
             }
-            None if replicated => {
-                // The ring came back to this node meanwhile: keep the data.
+            None if replicated && h.fill => {
+                // The ring came back to this node, and this pass, which no write overtook,
+                // rebuilt the partition's trees: keep the data.
                 self.transfers.handoffs.remove(&partition);
+            }
+            None if replicated => {
+                // The ring came back to this node meanwhile: one more pass, from the start,
+                // rebuilds the trees before the data is kept.
+                h.cursor = None;
+                h.step = Step::Idle { at: now };
             }
             None => {
                 h.step = Step::Dropping;
