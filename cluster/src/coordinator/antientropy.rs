@@ -877,18 +877,13 @@ impl Core {
             Err(_) => return,
         };
         self.stats.ae_keys_repaired += 1;
-        let mid = self.id();
-        self.pending.insert(mid, Pending::Repair { node: to });
-        self.timeouts
-            .insert((now + self.cfg.replica_timeout_ms, mid));
-        self.out.push(Output::Send {
-            to,
-            msg: PeerMsg::ReplicaPut {
-                id: mid,
+        self.send_request(now, to, Pending::Repair { node: to }, |id| {
+            PeerMsg::ReplicaPut {
+                id,
                 key,
                 object,
                 durable: false,
-            },
+            }
         });
     }
 

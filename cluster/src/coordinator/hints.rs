@@ -353,22 +353,15 @@ impl Core {
                 .keys()
                 .find(|k| self.hint_target(k) == Some(home))
                 .map_or(0, |k| k.partition);
-            let w = self.hint_store.windows.entry(home).or_default();
-            let id = self.next_id;
-            self.next_id += 1;
-            w.asking = Some(id);
-            self.pending.insert(id, Pending::Credit { home });
-            self.timeouts
-                .insert((now + self.cfg.replica_timeout_ms, id));
             self.stats.credit_requests += 1;
-            self.out.push(Output::Send {
-                to: home,
-                msg: PeerMsg::HintCredit {
+            let id = self.send_request(now, home, Pending::Credit { home }, |id| {
+                PeerMsg::HintCredit {
                     id,
                     partition,
                     wanted,
-                },
+                }
             });
+            self.hint_store.windows.entry(home).or_default().asking = Some(id);
         }
     }
 

@@ -929,6 +929,23 @@ impl Core {
         id
     }
 
+    /// Sends a request to `to` under a fresh id, remembering what its answer is for
+    /// (`pending`) and failing it after the replica timeout if none comes. Returns the id.
+    fn send_request(
+        &mut self,
+        now: u64,
+        to: NodeId,
+        pending: Pending,
+        msg: impl FnOnce(u64) -> PeerMsg,
+    ) -> u64 {
+        let id = self.id();
+        self.pending.insert(id, pending);
+        self.timeouts
+            .insert((now + self.cfg.replica_timeout_ms, id));
+        self.out.push(Output::Send { to, msg: msg(id) });
+        id
+    }
+
     /// A new epoch range (answer to [`Output::RenewEpochs`]).
     pub fn handle_epochs(&mut self, lease: EpochLease) {
         assert!(lease.next > self.epochs.next.max(self.epochs.primary));
@@ -2021,29 +2038,20 @@ impl Core {
             },
             Some(Pending::HintRead { hint, to }) => match result {
                 Ok(Some(object)) => {
-                    let mid = self.id();
                     let key = StoreKey {
                         space: Space::Primary,
                         ..hint.clone()
                     };
-                    self.pending.insert(
-                        mid,
-                        Pending::Delivery {
-                            hint,
-                            object: object.clone(),
-                            to,
-                        },
-                    );
-                    self.timeouts
-                        .insert((now + self.cfg.replica_timeout_ms, mid));
-                    self.out.push(Output::Send {
+                    let pending = Pending::Delivery {
+                        hint,
+                        object: object.clone(),
                         to,
-                        msg: PeerMsg::ReplicaPut {
-                            id: mid,
-                            key,
-                            object,
-                            durable: true,
-                        },
+                    };
+                    self.send_request(now, to, pending, |id| PeerMsg::ReplicaPut {
+                        id,
+                        key,
+                        object,
+                        durable: true,
                     });
                 }
                 Ok(None) | Err(_) => {

@@ -593,24 +593,20 @@ impl Core {
                 self.ae_stored(now, &key, Some(&item.object));
             }
             for to in &targets {
-                let id = self.id();
                 let key = StoreKey {
                     partition,
                     space: Space::Primary,
                     bucket: item.bucket.clone(),
                     key: item.key.clone(),
                 };
-                self.pending.insert(id, Pending::HandoffPut { partition });
-                self.timeouts
-                    .insert((now + self.cfg.replica_timeout_ms, id));
-                self.out.push(Output::Send {
-                    to: *to,
-                    msg: PeerMsg::ReplicaPut {
+                let object = item.object.clone();
+                self.send_request(now, *to, Pending::HandoffPut { partition }, |id| {
+                    PeerMsg::ReplicaPut {
                         id,
                         key,
-                        object: item.object.clone(),
+                        object,
                         durable: true,
-                    },
+                    }
                 });
                 left += 1;
             }
@@ -712,19 +708,14 @@ impl Core {
             .filter(|n| !homes.contains(n) && *n != self.cfg.node)
             .collect();
         for to in extra {
-            let id = self.id();
-            self.pending.insert(id, Pending::Repair { node: to });
-            self.timeouts
-                .insert((now + self.cfg.replica_timeout_ms, id));
             self.stats.pending_copies += 1;
-            self.out.push(Output::Send {
-                to,
-                msg: PeerMsg::ReplicaPut {
+            self.send_request(now, to, Pending::Repair { node: to }, |id| {
+                PeerMsg::ReplicaPut {
                     id,
                     key: key.clone(),
                     object: object.clone(),
                     durable,
-                },
+                }
             });
         }
     }
