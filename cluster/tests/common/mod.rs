@@ -111,21 +111,7 @@ impl Server {
 
     /// Sends SIGTERM and waits for the exit status (bounded).
     pub fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server did not exit after SIGTERM");
+        terminate(self.child.take().unwrap(), "server")
     }
 
     /// Kills the server with SIGKILL, as a crash would, and reaps it.
@@ -273,36 +259,19 @@ impl ClusterNode {
 
     /// SIGTERM, then waits (bounded) for a clean exit.
     pub fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        for _ in 0..STARTUP_RETRIES {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "node {} exited with {status}", self.id);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("node {} did not exit after SIGTERM", self.id);
+        let status = terminate(self.child.take().unwrap(), &format!("node {}", self.id));
+        assert!(status.success(), "node {} exited with {status}", self.id);
     }
 
     /// Waits (`polls` rounds of `poll_ms`) for the node to exit by itself; panics if it is
     /// still running then. Returns its exit status.
     pub fn wait_exit(&mut self, polls: usize, poll_ms: u64) -> ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        for _ in 0..polls {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(poll_ms));
-        }
-        panic!("node {} is still running", self.id);
+        let status = exited_within(self.child.as_mut().unwrap(), polls, poll_ms);
+        let Some(status) = status else {
+            panic!("node {} is still running", self.id);
+        };
+        self.child = None;
+        status
     }
 
     pub fn kill(&mut self) {
@@ -317,6 +286,34 @@ impl Drop for ClusterNode {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Polls (`polls` rounds of `poll_ms`) until `child` exits: its status, or `None` if it still
+/// runs.
+fn exited_within(child: &mut Child, polls: usize, poll_ms: u64) -> Option<ExitStatus> {
+    for _ in 0..polls {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(poll_ms));
+    }
+    None
+}
+
+/// Sends SIGTERM to `child` (`what`, for the panic) and returns its exit status; kills it and
+/// panics if it does not exit within the bounded wait.
+fn terminate(mut child: Child, what: &str) -> ExitStatus {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    if let Some(status) = exited_within(&mut child, STARTUP_RETRIES, RETRY_DELAY_MS) {
+        return status;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what} did not exit after SIGTERM");
 }
 
 /// `--seeds` for `nodes`, each `ID@PEER_ADDR`.
