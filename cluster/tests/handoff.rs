@@ -490,12 +490,8 @@ fn a_silent_peer_is_suspected_and_skipped() {
     assert!(!node.core.suspects(silent, 3_003));
 }
 
-/// A node that stops replicating a partition hands it off; if the ring gives the partition back
-/// before the drop, the node keeps the data, and its anti-entropy tree (dropped with the first
-/// ring change, created empty with the second) is rebuilt from storage by one more handoff pass
-/// before the handoff ends, so the tree describes what is stored.
-#[test]
-fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
+/// A node holding one replica key, written by a peer, in a partition it replicates.
+fn node_with_a_stored_key() -> (Node, StoreKey) {
     let mut node = Node::new(config(), Vec::new());
     let partition = (0..8)
         .find(|p| ring().preference_list(PartitionId(*p), 3).contains(&ME))
@@ -507,20 +503,38 @@ fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
         key: Bytes::from_static(b"kept"),
     };
     node.peer(0, NodeId(2), hint_put(1, &key, "v"));
+    (node, key)
+}
+
+/// The ring of the three other nodes.
+fn ring_without_me() -> Ring {
+    let others: BTreeSet<NodeId> = (2..=4).map(NodeId).collect();
+    Ring::new(PartitionCount::new(8).unwrap(), &others, 3).unwrap()
+}
+
+/// Keys in the node's anti-entropy trees of `partition`.
+fn keys_in(node: &mut Node, partition: u32) -> u64 {
+    node.core
+        .merkle_roots()
+        .iter()
+        .filter(|t| t.partition == partition)
+        .map(|t| t.keys)
+        .sum()
+}
+
+/// A node that stops replicating a partition hands it off; if the ring gives the partition back
+/// before the drop, the node keeps the data, and its anti-entropy tree (dropped with the first
+/// ring change, created empty with the second) is rebuilt from storage by one more handoff pass
+/// before the handoff ends, so the tree describes what is stored.
+#[test]
+fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
+    let (mut node, key) = node_with_a_stored_key();
+    let partition = key.partition;
     node.take();
-    let keys_in = |node: &mut Node| {
-        node.core
-            .merkle_roots()
-            .iter()
-            .filter(|t| t.partition == partition)
-            .map(|t| t.keys)
-            .sum::<u64>()
-    };
-    assert_eq!(keys_in(&mut node), 1);
+    assert_eq!(keys_in(&mut node, partition), 1);
 
     // The ring without this node: the partition is handed off (one page pushed).
-    let others: BTreeSet<NodeId> = (2..=4).map(NodeId).collect();
-    let without = Ring::new(PartitionCount::new(8).unwrap(), &others, 3).unwrap();
+    let without = ring_without_me();
     node.now = 10;
     let out = node.core.set_view(10, without, None);
     node.run(out);
@@ -529,7 +543,7 @@ fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
     // The ring comes back before the pushes are acknowledged.
     let out = node.core.set_view(20, ring(), None);
     node.run(out);
-    assert_eq!(keys_in(&mut node), 0, "the tree came back empty");
+    assert_eq!(keys_in(&mut node, partition), 0, "the tree came back empty");
     let ack = |node: &mut Node, msgs: Vec<(NodeId, PeerMsg)>, now: u64| {
         for (to, m) in msgs {
             if let PeerMsg::ReplicaPut { id, .. } = m {
@@ -546,7 +560,11 @@ fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
     }
     assert_eq!(node.core.handoff_count(), 0, "the handoff did not end");
     assert!(node.store.contains_key(&key), "the data was dropped");
-    assert_eq!(keys_in(&mut node), 1, "the tree does not describe storage");
+    assert_eq!(
+        keys_in(&mut node, partition),
+        1,
+        "the tree does not describe storage"
+    );
 }
 
 /// A view whose ring in force drops this node from a partition while its pending ring keeps it
@@ -554,29 +572,16 @@ fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
 /// was: the data stays, so must its tree.
 #[test]
 fn a_view_that_keeps_a_partition_only_through_its_pending_ring_keeps_its_tree() {
-    let mut node = Node::new(config(), Vec::new());
-    let partition = (0..8)
-        .find(|p| ring().preference_list(PartitionId(*p), 3).contains(&ME))
-        .unwrap();
-    let key = StoreKey {
-        partition,
-        space: Space::Primary,
-        bucket: Bytes::from_static(b"b"),
-        key: Bytes::from_static(b"kept"),
-    };
-    node.peer(0, NodeId(2), hint_put(1, &key, "v"));
-    let others: BTreeSet<NodeId> = (2..=4).map(NodeId).collect();
-    let without = Ring::new(PartitionCount::new(8).unwrap(), &others, 3).unwrap();
+    let (mut node, key) = node_with_a_stored_key();
+    let partition = key.partition;
+    let without = ring_without_me();
     node.now = 10;
     let out = node.core.set_view(10, without, Some((2, ring())));
     node.run(out);
-    let keys: u64 = node
-        .core
-        .merkle_roots()
-        .iter()
-        .filter(|t| t.partition == partition)
-        .map(|t| t.keys)
-        .sum();
-    assert_eq!(keys, 1, "the tree lost the stored key");
+    assert_eq!(
+        keys_in(&mut node, partition),
+        1,
+        "the tree lost the stored key"
+    );
     assert_eq!(node.core.handoff_count(), 0);
 }
