@@ -998,23 +998,28 @@ impl Core {
                     ..Overrides::default()
                 },
             ),
-            Message::Put(m) => (
-                m.bucket.clone(),
-                m.key.clone(),
-                m.timeout_ms,
+            Message::Put(ringkv_net::Put {
+                bucket,
+                key,
+                timeout_ms,
+                w,
+                dw,
+                ..
+            })
+            | Message::Delete(ringkv_net::Delete {
+                bucket,
+                key,
+                timeout_ms,
+                w,
+                dw,
+                ..
+            }) => (
+                bucket.clone(),
+                key.clone(),
+                *timeout_ms,
                 Overrides {
-                    w: m.w,
-                    dw: m.dw,
-                    ..Overrides::default()
-                },
-            ),
-            Message::Delete(m) => (
-                m.bucket.clone(),
-                m.key.clone(),
-                m.timeout_ms,
-                Overrides {
-                    w: m.w,
-                    dw: m.dw,
+                    w: *w,
+                    dw: *dw,
                     ..Overrides::default()
                 },
             ),
