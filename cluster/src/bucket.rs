@@ -6,6 +6,13 @@
 //! many siblings a key may accumulate before writes to it are refused. A request may override `r`,
 //! `w` and `dw` ([`Overrides`]); [`BucketProps::quorum`] checks the result.
 //!
+//! Quorums count distinct nodes. On a cluster with fewer members than a bucket's `n`, every member
+//! holds a copy and the bucket's own `r`, `w` and `dw` are capped at the member count
+//! ([`BucketProps::quorum_among`]): a lone node serves the default `(3, 2, 2)` bucket as
+//! `(1, 1, 1)`, and the same bucket gets its full quorums once the cluster has three members,
+//! without any setting changing. A request that itself asks for more than the members can give is
+//! refused (the caller asked for copies that do not exist), not capped.
+//!
 //! What this module does not own: where the properties come from. Today the node reads them from
 //! its configuration (`[buckets.<name>]` tables) and every node of a cluster must be given the
 //! same ones; distributing bucket properties through the cluster belongs to membership.
@@ -138,6 +145,23 @@ impl BucketProps {
     }
 }
 
+impl BucketProps {
+    /// The quorum for a request with `overrides` on a cluster of `members` nodes (module docs):
+    /// the bucket's own `r`, `w` and `dw` capped at the member count, then checked as by
+    /// [`BucketProps::quorum`]. An override is not capped.
+    pub fn quorum_among(&self, overrides: Overrides, members: usize) -> Result<Quorum, PropsError> {
+        // At least one member: a ring always holds this node.
+        let cap = u8::try_from(members.max(1)).unwrap_or(u8::MAX);
+        let capped = BucketProps {
+            r: self.r.min(cap),
+            w: self.w.min(cap),
+            dw: self.dw.min(cap),
+            ..*self
+        };
+        capped.quorum(overrides)
+    }
+}
+
 /// Every bucket's properties: named buckets, and the properties of any other bucket.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Buckets {
@@ -178,6 +202,25 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster smaller than `n` caps the bucket's quorums at its member count, so a lone node
+    /// serves the default bucket, but a request's own quorum is never lowered behind its back.
+    #[test]
+    fn small_clusters_cap_the_bucket_quorums() {
+        let p = BucketProps::default();
+        let q = p.quorum_among(Overrides::default(), 1).unwrap();
+        assert_eq!((q.n, q.r, q.w, q.dw), (3, 1, 1, 1));
+        let q = p.quorum_among(Overrides::default(), 2).unwrap();
+        assert_eq!((q.n, q.r, q.w, q.dw), (3, 2, 2, 1));
+        let q = p.quorum_among(Overrides::default(), 5).unwrap();
+        assert_eq!((q.n, q.r, q.w, q.dw), (3, 2, 2, 1));
+        let asked = Overrides {
+            w: Some(3),
+            ..Overrides::default()
+        };
+        let q = p.quorum_among(asked, 1).unwrap();
+        assert_eq!(q.w, 3, "an override is kept; the coordinator refuses it with the counts");
+    }
 
     /// Quorums outside what `n` allows are refused, with the numbers in the message.
     #[test]

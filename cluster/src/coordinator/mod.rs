@@ -1044,11 +1044,11 @@ impl Core {
             );
         }
         let props = *self.cfg.buckets.props(&bucket);
-        let quorum = match props.quorum(overrides) {
+        let members = self.ring.members().len();
+        let quorum = match props.quorum_among(overrides, members) {
             Ok(q) => q,
             Err(e) => return self.answer(reply_to, error(ErrorCode::InvalidRequest, e.0)),
         };
-        let members = self.ring.members().len();
         let n = usize::from(quorum.n).min(members);
         let partition = self.ring.partition_of(&bucket, &key).0;
         let deadline = now.saturating_add(
@@ -1083,8 +1083,9 @@ impl Core {
                 merged: None,
             },
         };
-        // With fewer members than `n`, every member is a home and quorums above the member
-        // count cannot be met: refused below with the counts.
+        // With fewer members than `n`, every member is a home; the bucket's quorums were capped
+        // at the member count, and a request's own quorum above it is refused below with the
+        // counts.
         let (r, w) = (usize::from(quorum.r), usize::from(quorum.w));
         match request {
             Message::Get(_) => {

@@ -13,10 +13,13 @@
 //! (admission control of background work), the anti-entropy settings `ae_interval_ms` (0 turns
 //! it off), `ae_keys_max` and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]`
 //! tables (`[buckets.default]` for
-//! every bucket not named). When the default bucket is not configured it is `n = min(3, members)`,
-//! `r = w` = a majority of that `n`, `dw = 1`, siblings: the Dynamo `(3, 2, 2)` on three or more
-//! nodes, and `(1, 1, 1)` on a node alone, so `ringkv serve` without settings still works. The
-//! RESP listener's bucket `redis`, when not configured, is the default bucket in `lww` mode.
+//! every bucket not named). When the default bucket is not configured it is the Dynamo
+//! `(n, r, w) = (3, 2, 2)` with `dw = 1` and siblings, whatever the node was started with: the
+//! replication of a key must not depend on how one node was started (a node restarted without
+//! `--seeds` that derived `n` from them would drop copies it still replicates). On a cluster with
+//! fewer members than `n` every member holds a copy and the bucket's quorums are capped at the
+//! member count ([`BucketProps::quorum_among`]), so `ringkv serve` alone still works. The RESP
+//! listener's bucket `redis`, when not configured, is the default bucket in `lww` mode.
 //!
 //! Limits: seeds only bootstrap a new cluster (a node that persisted its membership restores it
 //! instead); they are resolved once, at startup, by the caller.
@@ -39,7 +42,7 @@ use super::NodeId;
 use super::peer::HINT_KEY_PREFIX_BYTES;
 use super::resp::RESP_BUCKET;
 use super::route::engine_key_bytes_max;
-use crate::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET, MAX_SIBLINGS_DEFAULT};
+use crate::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET};
 use serde::Deserialize;
 
 /// Default data directory.
@@ -214,20 +217,6 @@ impl BucketTable {
             mode: self.mode.unwrap_or(base.mode),
             max_siblings: self.max_siblings.unwrap_or(base.max_siblings),
         }
-    }
-}
-
-/// The default bucket when none is configured, for a cluster of `members` nodes (module docs).
-pub fn default_bucket(members: usize) -> BucketProps {
-    let n = members.clamp(1, 3) as u8;
-    let majority = n / 2 + 1;
-    BucketProps {
-        n,
-        r: majority,
-        w: majority,
-        dw: 1,
-        mode: ConflictMode::Siblings,
-        max_siblings: MAX_SIBLINGS_DEFAULT,
     }
 }
 
@@ -490,11 +479,10 @@ impl Settings {
                 reason: "a node with peers needs a peer address (or an IP:PORT seed for its own id)",
             });
         }
-        let members = peers.len() + 1;
         let mut tables = flags.buckets.or(file.buckets).unwrap_or_default();
         let default = match tables.remove(DEFAULT_BUCKET) {
             Some(t) => t.over(BucketProps::default()),
-            None => default_bucket(members),
+            None => BucketProps::default(),
         };
         let mut buckets = Buckets {
             default,
@@ -690,11 +678,13 @@ mod tests {
         assert_eq!(s.inflight_per_connection_max, 128);
         assert_eq!(s.node_id, NodeId(1));
         assert!(s.peers.is_empty());
+        // The same default bucket as a node started with seeds (cluster_settings): a node's
+        // replication never depends on how it was started.
         let d = s.buckets.default;
-        assert_eq!((d.n, d.r, d.w, d.dw), (1, 1, 1, 1));
+        assert_eq!((d.n, d.r, d.w, d.dw), (3, 2, 2, 1));
     }
 
-    /// Seeds make the member set; the default bucket follows its size; bucket tables inherit
+    /// Seeds make the member set; the default bucket does not follow it; bucket tables inherit
     /// from the default bucket and are validated.
     #[test]
     fn cluster_settings() {

@@ -101,7 +101,7 @@ use ringkv_net::{
 };
 
 use crate::admission::{AdmissionConfig, AdmissionController};
-use crate::bucket::Buckets;
+use crate::bucket::{BucketProps, Buckets};
 use crate::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
     hint_bytes,
@@ -243,7 +243,7 @@ impl ServeConfig {
             peer_listen: None,
             peers: BTreeMap::new(),
             buckets: Buckets {
-                default: config::default_bucket(1),
+                default: BucketProps::default(),
                 named: BTreeMap::new(),
             },
             replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
