@@ -645,3 +645,217 @@ fn join_then_leave_under_writes_leaves_identical_replicas() {
         },
     );
 }
+
+/// Keys the defaults scenario writes at each of its steps.
+const DEFAULT_KEYS: usize = 30;
+
+/// Writes `DEFAULT_KEYS` keys named after `step` through `node` with the bucket's own quorum,
+/// retried (bounded) while a just-changed cluster settles; returns them with their values.
+fn write_step(node: &ClusterNode, step: &str) -> Vec<Written> {
+    let mut client = node.client();
+    (0..DEFAULT_KEYS)
+        .map(|i| {
+            let key = format!("{step}-{i}").into_bytes();
+            let value = format!("{step} value {i}").into_bytes();
+            wait_for("a write on defaults", POLLS, POLL_MS, || {
+                client
+                    .put(BUCKET, &key, &value, None)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+            (key, value)
+        })
+        .collect()
+}
+
+/// Polls (bounded) until every node of `holders` holds every write of `written` as its own
+/// replica, read over a peer connection: no client read repairs it on the way.
+fn wait_every_copy(holders: &[&ClusterNode], written: &[Written], what: &str) {
+    let keys: Vec<Vec<u8>> = written.iter().map(|(k, _)| k.clone()).collect();
+    wait_for(what, SETTLE_POLLS, POLL_MS, || {
+        for node in holders {
+            let held = replica_values(&node.peer_addr, &keys);
+            for ((key, value), held) in written.iter().zip(held) {
+                let want = Val::Value(Bytes::copy_from_slice(value));
+                if !held
+                    .as_ref()
+                    .is_some_and(|h| !h.is_empty() && h.iter().all(|v| *v == want))
+                {
+                    return Err(format!(
+                        "node-{} holds {held:?} for {}",
+                        node.id,
+                        String::from_utf8_lossy(key)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// A request with the whole `(3, 2, 2)` default bucket's replica count: r = 3 reads of every
+/// key through `node` answer its value (refused if `node` believed the bucket had fewer
+/// replicas).
+fn read_all_with_r3(node: &ClusterNode, written: &[Written]) {
+    let mut client = node.client();
+    for (key, value) in written {
+        let get = Message::Get(Get {
+            bucket: Bytes::from_static(BUCKET),
+            key: Bytes::copy_from_slice(key),
+            r: Some(3),
+            timeout_ms: None,
+        });
+        match client.request_message(get) {
+            Ok(Message::GetOk(ok))
+                if !ok.siblings.is_empty()
+                    && ok
+                        .siblings
+                        .iter()
+                        .all(|s| *s == Sibling::Value(Bytes::copy_from_slice(value))) => {}
+            other => panic!(
+                "node-{}: r = 3 read of {}: {other:?}",
+                node.id,
+                String::from_utf8_lossy(key)
+            ),
+        }
+    }
+}
+
+/// Stages a change with `admin` on `staging`, commits it on `committing`, and waits until the
+/// `settled` nodes report no pending transfer and `check` holds.
+fn change(
+    staging: &ClusterNode,
+    admin: (&str, &str),
+    committing: &ClusterNode,
+    settled: &[&ClusterNode],
+    check: impl Fn(&str) -> bool,
+) {
+    let staged = staging.admin(admin.0, admin.1).unwrap();
+    assert!(!staged.is_empty(), "{staged}");
+    wait_for("the change staged at the committer", POLLS, POLL_MS, || {
+        let plan = committing
+            .admin("cluster-plan", "")
+            .map_err(|e| e.to_string())?;
+        if plan.starts_with("nothing is staged") {
+            Err(plan)
+        } else {
+            Ok(())
+        }
+    });
+    let committed = committing.admin("cluster-commit", "").unwrap();
+    assert!(committed.starts_with("committed"), "{committed}");
+    wait_settled(settled, admin.0, check);
+}
+
+/// The path a user takes with no buckets file and no tuning: one node started alone takes
+/// writes; two more are started alone and joined; a restarted member keeps every copy; a
+/// fourth joins; one leaves and stops by itself; a killed one is removed. Nodes are started
+/// only with their id, ports and data directory, so the default bucket applies everywhere.
+///
+/// It proves what a node deriving `n` from how it was started got wrong: after the first
+/// joins every node holds every key (N = 3 on three nodes) and answers r = 3 reads; a node
+/// restarted without seeds still answers r = 3 and keeps its copies (it used to come back with
+/// n = 1 and hand them off); joins, the leave and the remove finish (bounded polls), and at
+/// every step the nodes that must hold a key hold it as their own replica.
+#[test]
+fn a_cluster_on_defaults_grows_restarts_shrinks_and_keeps_every_copy() {
+    let dir = data_dir("defaults");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut nodes: Vec<ClusterNode> = (1..=4)
+        .map(|id| ClusterNode::on_defaults(&dir, id))
+        .collect();
+    nodes[0].start();
+    // A node alone serves the (3, 2, 2) default bucket with the quorums capped at one member.
+    let mut written = write_step(&nodes[0], "alone");
+
+    nodes[1].start();
+    nodes[2].start();
+    for i in [1, 2] {
+        let joined = nodes[i].admin("cluster-join", &nodes[0].peer_addr).unwrap();
+        assert!(joined.starts_with("joined"), "{joined}");
+    }
+    wait_for("both joiners known to node-1", POLLS, POLL_MS, || {
+        let status = nodes[0]
+            .admin("cluster-status", "")
+            .map_err(|e| e.to_string())?;
+        let joining = [2, 3]
+            .iter()
+            .all(|&id| member_line(&status, id).is_some_and(|l| l[1] == "joining"));
+        if joining { Ok(()) } else { Err(status) }
+    });
+    let committed = nodes[0].admin("cluster-commit", "").unwrap();
+    assert!(committed.starts_with("committed"), "{committed}");
+    let three: Vec<&ClusterNode> = nodes[..3].iter().collect();
+    wait_settled(&three, "two joins on defaults", |status| {
+        [2, 3]
+            .iter()
+            .all(|&id| member_line(status, id).is_some_and(|l| l[1] == "valid" && l[2] != "0.0%"))
+    });
+    written.extend(write_step(&nodes[1], "three"));
+    wait_every_copy(&three, &written, "every copy on three nodes");
+    read_all_with_r3(&nodes[2], &written);
+
+    // A restart without seeds (node-2 never had any) changes nothing about replication.
+    nodes[1].stop();
+    nodes[1].start();
+    read_all_with_r3(&nodes[1], &written);
+    wait_for(
+        "nothing to hand off after the restart",
+        POLLS,
+        POLL_MS,
+        || {
+            let status = nodes[1]
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
+            if status.contains("this node holds: 0 partitions to hand off") {
+                Ok(())
+            } else {
+                Err(status)
+            }
+        },
+    );
+    let three: Vec<&ClusterNode> = nodes[..3].iter().collect();
+    wait_every_copy(&three, &written, "every copy after a restart");
+
+    // A fourth node joins, started alone as the docs say.
+    nodes[3].start();
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    change(
+        &nodes[3],
+        ("cluster-join", &nodes[0].peer_addr),
+        &nodes[2],
+        &all,
+        |status| member_line(status, 4).is_some_and(|l| l[1] == "valid" && l[2] != "0.0%"),
+    );
+    written.extend(write_step(&nodes[3], "four"));
+    read_all_with_r3(&nodes[3], &written);
+
+    // node-3 leaves, hands off what it held and stops by itself.
+    let staying: Vec<&ClusterNode> = [0, 1, 3].iter().map(|&i| &nodes[i]).collect();
+    change(
+        &nodes[2],
+        ("cluster-leave", ""),
+        &nodes[0],
+        &staying,
+        |status| member_line(status, 3).is_some_and(|l| l[1] == "removed"),
+    );
+    let status = nodes[2].wait_exit(SETTLE_POLLS, POLL_MS);
+    assert!(status.success(), "node-3 exited with {status}");
+    let staying: Vec<&ClusterNode> = [0, 1, 3].iter().map(|&i| &nodes[i]).collect();
+    wait_every_copy(&staying, &written, "every copy on the three that stay");
+    read_all_with_r3(&nodes[0], &written);
+
+    // node-2 is lost (kill -9) and removed: the two left hold every key between them, both of
+    // them, as a cluster smaller than n = 3 keeps a copy on every member.
+    nodes[1].kill();
+    let left: Vec<&ClusterNode> = [0, 3].iter().map(|&i| &nodes[i]).collect();
+    change(
+        &nodes[0],
+        ("cluster-remove", "2"),
+        &nodes[3],
+        &left,
+        |status| member_line(status, 2).is_some_and(|l| l[1] == "removed"),
+    );
+    written.extend(write_step(&nodes[3], "two"));
+    wait_every_copy(&left, &written, "every copy on the two left");
+}

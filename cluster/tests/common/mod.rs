@@ -177,14 +177,25 @@ impl ClusterNode {
     /// A node with `--shards 2`, buffered durability and the bucket file `buckets`, on free
     /// ports; not started.
     pub fn new(dir: &Path, id: u32, buckets: &Path) -> ClusterNode {
+        let mut node = ClusterNode::on_defaults(dir, id);
+        node.args.extend([
+            "--shards".into(),
+            "2".into(),
+            "--durability".into(),
+            "buffered".into(),
+            "--config".into(),
+            buckets.display().to_string(),
+        ]);
+        node
+    }
+
+    /// A node as a user starts one from the docs: its own id and ports, no configuration file
+    /// and no other setting; not started.
+    pub fn on_defaults(dir: &Path, id: u32) -> ClusterNode {
         let addr = format!("127.0.0.1:{}", free_port());
         let peer_addr = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let mut args: Vec<String> = [
-            "--shards",
-            "2",
-            "--durability",
-            "buffered",
             "--node-id",
             &id.to_string(),
             "--listen",
@@ -193,12 +204,10 @@ impl ClusterNode {
             &peer_addr,
             "--admin-listen",
             &admin,
-            "--config",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.push(buckets.display().to_string());
         args.push("--data-dir".into());
         args.push(dir.join(format!("node-{id}")).display().to_string());
         ClusterNode {
