@@ -219,7 +219,10 @@ mod tests {
             ..Overrides::default()
         };
         let q = p.quorum_among(asked, 1).unwrap();
-        assert_eq!(q.w, 3, "an override is kept; the coordinator refuses it with the counts");
+        assert_eq!(
+            q.w, 3,
+            "an override is kept; the coordinator refuses it with the counts"
+        );
     }
 
     /// Quorums outside what `n` allows are refused, with the numbers in the message.
