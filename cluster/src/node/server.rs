@@ -272,7 +272,7 @@ pub enum ServeError {
     /// The configuration is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// Another process listens on the address.
+    /// Another process listens on the address (and still did after a short wait).
     #[error("address {addr} is already in use (another ringkv node or another server?)")]
     AddrInUse {
         /// The listen address.
@@ -745,13 +745,48 @@ fn watch_signals(
     }
 }
 
-/// Fails fast when something already listens on `addr`, and resolves port 0 to a free port so
-/// every shard binds the same one.
+/// How long a start waits for a listening socket of a previous run of this node to go away
+/// before it reports the address in use.
+const PORT_FREE_WAIT_MS: u64 = 3000;
+/// Pause between two looks at a port that is still in use.
+const PORT_FREE_POLL_MS: u64 = 50;
+
+/// Fails when something keeps listening on `addr` for [`PORT_FREE_WAIT_MS`], and resolves port 0
+/// to a free port so every shard binds the same one.
+///
+/// Why wait at all: a node killed with SIGKILL has been reaped before the kernel finishes tearing
+/// down its io_uring instances, and requests still pending there (the listeners' accepts) keep
+/// the listening sockets open, accepting connections into their backlogs, for a few
+/// milliseconds after the process is gone. A supervisor that restarts the node at once would
+/// otherwise be told, falsely, that another server holds the port. A real other server still
+/// listens after the wait, and the start fails then, as clearly as before.
 fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+    let polls = PORT_FREE_WAIT_MS / PORT_FREE_POLL_MS;
+    for poll in 0..=polls {
+        match port_state(addr)? {
+            Some(free) => return Ok(free),
+            None if poll == 0 => tracing::info!(
+                %addr,
+                wait_ms = PORT_FREE_WAIT_MS,
+                "something listens on the address; waiting for a previous run's socket to close"
+            ),
+            None => {}
+        }
+        if poll < polls {
+            std::thread::sleep(std::time::Duration::from_millis(PORT_FREE_POLL_MS));
+        }
+    }
+    Err(ServeError::AddrInUse { addr })
+}
+
+/// One look at `addr`: the address to bind if no listener holds it (port 0 resolved), `None` if
+/// one does.
+fn port_state(addr: SocketAddr) -> Result<Option<SocketAddr>, ServeError> {
     // std's listener does not set SO_REUSEPORT, so this bind fails if any socket holds the port.
     match std::net::TcpListener::bind(addr) {
         Ok(probe) => probe
             .local_addr()
+            .map(Some)
             .map_err(|source| ServeError::Bind { addr, source }),
         // Connections of a previous run hold the port too, for as long as their clients keep
         // their end open (FIN-WAIT-2 here): glommio's listeners do not set SO_REUSEADDR, so
@@ -760,9 +795,9 @@ fn check_port_free(addr: SocketAddr) -> Result<SocketAddr, ServeError> {
         // a listener answers a connection attempt.
         Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
             if something_listens(addr) {
-                Err(ServeError::AddrInUse { addr })
+                Ok(None)
             } else {
-                Ok(addr)
+                Ok(Some(addr))
             }
         }
         Err(source) => Err(ServeError::Bind { addr, source }),
