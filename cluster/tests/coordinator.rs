@@ -372,3 +372,64 @@ fn a_reap_never_lets_a_dot_repeat() {
     assert_eq!(stats.tombstones_reaped, 1);
     assert_eq!(stats.floor_raises, 1);
 }
+
+/// A write sent to a node that is not one of the key's homes is forwarded to a home with what
+/// is left of the request's deadline: the whole of it at first, and, when that home is lost and
+/// the write moves to the next one, only the time that remains, so no home works on a request
+/// after its client stopped waiting.
+#[test]
+fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
+    use ringkv_cluster::coordinator::PeerMsg;
+    let me = NodeId(1);
+    let mut cfg = CoreConfig::new(me);
+    cfg.buckets = Buckets {
+        default: BucketProps { n: 2, ..props(2) },
+        named: BTreeMap::new(),
+    };
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 2).unwrap();
+    // A key whose two homes are other nodes.
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            let p = ring.partition_of(b"b", k.as_bytes());
+            !ring.preference_list(p, 2).contains(&me)
+        })
+        .unwrap();
+    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
+    let forwarded = |outputs: Vec<Output>| -> Vec<(NodeId, Option<u32>)> {
+        outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: PeerMsg::Forward { request, .. },
+                } => match request {
+                    Message::Put(m) => Some((to, m.timeout_ms)),
+                    other => panic!("forwarded {other:?}"),
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    let request = Message::Put(Put {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from(key),
+        value: Bytes::from_static(b"v"),
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: Some(2_000),
+    });
+    let first = forwarded(core.handle_client(100, 7, request));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, Some(2_000));
+    let second = forwarded(core.handle_unreachable(600, first[0].0));
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second[0].0, first[0].0);
+    assert_eq!(
+        second[0].1,
+        Some(1_500),
+        "500 ms of the 2000 ms were spent on the first home"
+    );
+}

@@ -57,7 +57,8 @@ struct Target {
     /// Cluster name sent in the handshake.
     #[arg(long, default_value = "ringkv")]
     cluster_name: String,
-    /// Per-request timeout in milliseconds.
+    /// Per-request timeout in milliseconds; also the node's deadline for the request, so the
+    /// node stops working on it when this command gives up.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
     /// Print the causal context as `context HEX` on stderr.
@@ -305,6 +306,11 @@ fn affinity_cpus() -> anyhow::Result<Vec<usize>> {
     Ok(parse_cpu_list(list)?)
 }
 
+/// The node's deadline for a request of this command: its `--timeout-ms`, in what the field holds.
+fn deadline_ms(t: &Target) -> u32 {
+    u32::try_from(t.timeout_ms).unwrap_or(u32::MAX).max(1)
+}
+
 fn connect(t: &Target) -> anyhow::Result<Client> {
     let config = ClientConfig {
         cluster_name: t.cluster_name.clone(),
@@ -470,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bucket: Bytes::from(target.bucket.clone().into_bytes()),
                 key: Bytes::from(key.into_bytes()),
                 r,
-                timeout_ms: None,
+                timeout_ms: Some(deadline_ms(&target)),
             });
             let reply = match connect(&target)?.request_message(request)? {
                 Message::GetOk(ok) => ok,
@@ -520,7 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 context: write.context.as_deref().map(unhex).transpose()?,
                 w: write.w,
                 dw: write.dw,
-                timeout_ms: None,
+                timeout_ms: Some(deadline_ms(&target)),
             });
             match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),
@@ -546,7 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 context,
                 w: write.w,
                 dw: write.dw,
-                timeout_ms: None,
+                timeout_ms: Some(deadline_ms(&target)),
             });
             match client.request_message(request)? {
                 Message::DeleteOk => {}

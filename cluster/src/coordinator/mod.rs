@@ -92,6 +92,10 @@ use hints::{HintState, HintStore};
 pub use hints::{HintWindow, hint_bytes};
 use liveness::Liveness;
 
+/// Longest deadline a request may ask for (`timeout_ms`), in ms: ten minutes. A larger one is
+/// cut to this, so an operation never holds its slot longer.
+pub const REQUEST_DEADLINE_MS_MAX: u64 = 600_000;
+
 /// Default of [`CoreConfig::hint_bytes_max`]: 256 MiB per core.
 pub const HINT_BYTES_MAX_DEFAULT: u64 = 256 << 20;
 mod transfer;
@@ -1054,7 +1058,7 @@ impl Core {
         let deadline = now.saturating_add(
             timeout_ms
                 .map_or(self.cfg.request_timeout_ms, u64::from)
-                .max(1),
+                .clamp(1, REQUEST_DEADLINE_MS_MAX),
         );
         let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
         let is_home = homes.contains(&self.cfg.node);
@@ -1123,7 +1127,7 @@ impl Core {
         }
     }
 
-    fn forward(&mut self, _now: u64, id: u64, home: NodeId) {
+    fn forward(&mut self, now: u64, id: u64, home: NodeId) {
         let Some(op) = self.ops.get_mut(&id) else {
             return;
         };
@@ -1139,7 +1143,15 @@ impl Core {
         let msg_id = self.next_id;
         self.next_id += 1;
         *pending = Some((home, msg_id));
-        let request = request.clone();
+        // The home gets what is left of the deadline, not the client's whole timeout again, so
+        // it stops when the client stopped waiting.
+        let left = u32::try_from(op.deadline.saturating_sub(now).max(1)).unwrap_or(u32::MAX);
+        let mut request = request.clone();
+        match &mut request {
+            Message::Put(m) => m.timeout_ms = Some(left),
+            Message::Delete(m) => m.timeout_ms = Some(left),
+            _ => unreachable!("only writes are forwarded"),
+        }
         // No replica timeout here: a slow home may still be coordinating, and asking another
         // home would write the value twice under two dots (it could then reappear after a
         // client resolved it). The request's deadline bounds the wait; only a lost connection

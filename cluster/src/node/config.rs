@@ -96,7 +96,7 @@ pub const NODE_NAME_BYTES_MAX: usize = 240;
 /// Default deadline of requests that name none, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Largest request deadline, in milliseconds: ten minutes (longer ones are shortened to it).
-pub const REQUEST_TIMEOUT_MS_MAX: u64 = 600_000;
+pub const REQUEST_TIMEOUT_MS_MAX: u64 = crate::coordinator::REQUEST_DEADLINE_MS_MAX;
 /// Default bound on the wait for connections to drain at shutdown, in milliseconds.
 pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 5000;
 /// Largest accepted shutdown drain, in milliseconds: ten minutes.

@@ -116,7 +116,7 @@ impl Client {
     /// Sends one request and waits for its reply.
     pub fn request(&mut self, request: Request) -> Result<Reply, ClientError> {
         let expect = request.reply_kind();
-        let message = self.call(request.into_message())?;
+        let message = self.call(request.into_message(self.config.timeout))?;
         if message.kind() != expect {
             self.broken = true;
             return Err(ClientError::Unexpected(message.kind().to_string()));
@@ -188,7 +188,7 @@ impl Client {
                 };
                 let frame = Frame {
                     request_id: first_id + i as u64,
-                    message: request.into_message(),
+                    message: request.into_message(self.config.timeout),
                 };
                 let start = out.len();
                 match encode_frame(&frame, &self.config.limits, &mut out) {

@@ -29,10 +29,14 @@
 //! PUT is not idempotent. The only retry is of a request that was provably never sent (the
 //! connection was already known to be broken when the request was about to go out).
 //!
+//! Deadlines travel with requests: every GET, PUT and DELETE carries the client's timeout for it
+//! as its `timeout_ms`, so the node stops working on a request (and answers `timeout`) when the
+//! client stops waiting for it, instead of at its own, longer, default.
+//!
 //! Limits: one server per client or pool (no ring awareness, no failover to another node); no TLS
-//! or authentication (the protocol has none); the quorum and deadline fields of requests (`r`,
-//! `w`, `dw`, `timeout_ms`) are left to the node's defaults, except through the blocking
-//! client's `request_message`, which sends any request message as given.
+//! or authentication (the protocol has none); the quorum fields of requests (`r`, `w`, `dw`) are
+//! left to the bucket's, except through the blocking client's `request_message`, which sends any
+//! request message as given.
 
 /// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `admin`), written
 /// once over the method that sends a [`Request`] and returns its [`Reply`]: blocking clients call
@@ -142,6 +146,14 @@ use crate::limits::Limits;
 use crate::message::{
     Admin, Delete, ErrorCode, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
 };
+
+/// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
+/// the field holds (the node caps it further).
+fn deadline_ms(timeout: Duration) -> u32 {
+    u32::try_from(timeout.as_millis())
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
 
 /// Settings of one connection, blocking or async.
 #[derive(Clone, Debug)]
@@ -318,13 +330,16 @@ impl Request {
         }
     }
 
-    fn into_message(self) -> Message {
+    /// The message for this request, with `deadline` (the client's timeout for it) as the
+    /// node's deadline.
+    fn into_message(self, deadline: Duration) -> Message {
+        let timeout_ms = Some(deadline_ms(deadline));
         match self {
             Request::Get { bucket, key } => Message::Get(Get {
                 bucket,
                 key,
                 r: None,
-                timeout_ms: None,
+                timeout_ms,
             }),
             Request::Put {
                 bucket,
@@ -338,7 +353,7 @@ impl Request {
                 context,
                 w: None,
                 dw: None,
-                timeout_ms: None,
+                timeout_ms,
             }),
             Request::Delete {
                 bucket,
@@ -350,7 +365,7 @@ impl Request {
                 context,
                 w: None,
                 dw: None,
-                timeout_ms: None,
+                timeout_ms,
             }),
             Request::Ping => Message::Ping,
             Request::Admin { command, args } => Message::Admin(Admin { command, args }),
@@ -593,7 +608,19 @@ mod tests {
             Request::admin("cluster-status", ""),
         ] {
             let expect = request.reply_kind();
-            assert_eq!(request.into_message().kind().reply(), Some(expect));
+            let message = request.into_message(Duration::from_millis(1500));
+            assert_eq!(message.kind().reply(), Some(expect));
+            let deadline = match &message {
+                Message::Get(m) => m.timeout_ms,
+                Message::Put(m) => m.timeout_ms,
+                Message::Delete(m) => m.timeout_ms,
+                _ => Some(1500),
+            };
+            assert_eq!(
+                deadline,
+                Some(1500),
+                "the client's timeout travels as the deadline"
+            );
         }
     }
 }

@@ -33,7 +33,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -272,14 +272,19 @@ impl AsyncConnection {
         request: Request,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
-        bounded(timeout, self.call_unbounded(request)).await
+        bounded(timeout, self.call_unbounded(request, timeout)).await
     }
 
-    /// Sends `request` and waits for its reply, however long that takes; the caller bounds it.
+    /// Sends `request` with `deadline` as the node's deadline and waits for its reply, however
+    /// long that takes; the caller bounds the wait.
     ///
     /// Fails with [`ClientError::Broken`] only if the request was not sent, so the caller may
     /// safely send it elsewhere.
-    async fn call_unbounded(&self, request: Request) -> Result<Reply, ClientError> {
+    async fn call_unbounded(
+        &self,
+        request: Request,
+        deadline: Duration,
+    ) -> Result<Reply, ClientError> {
         let inner = &*self.inner;
         if inner.shared.lock().is_broken() {
             return Err(ClientError::Broken);
@@ -304,7 +309,7 @@ impl AsyncConnection {
         };
         let frame = Frame {
             request_id,
-            message: request.into_message(),
+            message: request.into_message(deadline),
         };
         let mut out = BytesMut::new();
         encode_frame(&frame, &inner.config.limits, &mut out)?;
@@ -517,15 +522,21 @@ impl AsyncPool {
         request: Request,
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        let start = Instant::now();
+        // The node's deadline is what is left of the caller's once a connection is at hand.
+        let left = || timeout.saturating_sub(start.elapsed());
         bounded(timeout, async {
             let slot =
                 self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
             let connection = self.connection(slot).await?;
-            match connection.call_unbounded(request.clone()).await {
+            match connection.call_unbounded(request.clone(), left()).await {
                 // The connection broke between the check and the send, and the request was not
                 // sent: one more try, on its replacement, cannot apply it twice.
                 Err(ClientError::Broken) => {
-                    self.connection(slot).await?.call_unbounded(request).await
+                    self.connection(slot)
+                        .await?
+                        .call_unbounded(request, left())
+                        .await
                 }
                 other => other,
             }
