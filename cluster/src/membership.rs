@@ -105,6 +105,10 @@ pub struct Member {
     pub status: Status,
     /// Raised by one on every change of the entry.
     pub version: u64,
+    /// Names the data directory the node runs on (`node/identity.rs`); 0 when not known yet
+    /// (a seed's entry before the seed gossiped its own). A node that lost its data comes back
+    /// with another incarnation, and is refused under its old id.
+    pub incarnation: u64,
 }
 
 impl Member {
@@ -204,6 +208,7 @@ impl ClusterState {
             w.prefixed(LenWidth::U8, m.client_addr.as_bytes());
             w.u8(m.status as u8);
             w.u64(m.version);
+            w.u64(m.incarnation);
         }
         w.u64(self.epoch);
         w.u32(self.author.0);
@@ -226,7 +231,7 @@ impl ClusterState {
     /// Decodes what [`ClusterState::encode`] wrote, checking every count before allocating.
     pub fn decode(r: &mut Reader<'_>) -> Result<ClusterState, BodyError> {
         let format = r.u8("state_format")?;
-        if format != STATE_FORMAT {
+        if format != STATE_FORMAT && format != STATE_FORMAT_NO_INCARNATION {
             return Err(BodyError::BadValue {
                 field: "state_format",
                 value: u64::from(format),
@@ -244,6 +249,11 @@ impl ClusterState {
                 value: u64::from(s),
             })?;
             let version = r.u64("member_version")?;
+            let incarnation = if format == STATE_FORMAT_NO_INCARNATION {
+                0
+            } else {
+                r.u64("member_incarnation")?
+            };
             members.insert(
                 id,
                 Member {
@@ -252,6 +262,7 @@ impl ClusterState {
                     client_addr,
                     status,
                     version,
+                    incarnation,
                 },
             );
         }
@@ -290,7 +301,10 @@ impl ClusterState {
     }
 }
 
-const STATE_FORMAT: u8 = 1;
+/// The state's encoding: members carry their incarnation.
+const STATE_FORMAT: u8 = 2;
+/// The encoding before incarnations, still read (a state file written by an earlier version).
+const STATE_FORMAT_NO_INCARNATION: u8 = 1;
 
 fn bounded(n: u32, max: usize, field: &'static str) -> Result<usize, BodyError> {
     let n = n as usize;
@@ -379,6 +393,11 @@ pub struct MembershipConfig {
     pub target_n: usize,
     /// Partitions of a ring this node creates.
     pub partitions: PartitionCount,
+    /// This node's incarnation (`node/identity.rs`), never 0.
+    pub incarnation: u64,
+    /// The node's identity was created by this start, on an empty data directory: if the
+    /// cluster knows its id from another incarnation, this node is the impostor.
+    pub fresh: bool,
 }
 
 /// An operator command (ADMIN frames; `docs/PROTOCOL.md` §5.8.1).
@@ -572,6 +591,7 @@ impl MembershipMsg {
                 w.prefixed(LenWidth::U8, member.peer_addr.as_bytes());
                 w.prefixed(LenWidth::U8, member.client_addr.as_bytes());
                 w.u64(member.version);
+                w.u64(member.incarnation);
                 sub::JOIN
             }
             Self::JoinOk { state, .. } => {
@@ -621,6 +641,7 @@ impl MembershipMsg {
                     client_addr: r.string("client_addr", LenWidth::U8, NAME_BYTES_MAX)?,
                     status: Status::Joining,
                     version: r.u64("member_version")?,
+                    incarnation: r.u64("member_incarnation")?,
                 },
             },
             (sub::JOIN, true) => Self::JoinOk {
@@ -672,6 +693,9 @@ pub enum MembershipOutput {
     /// Write atomically to the node's cluster-state file (read back with
     /// [`Membership::restore`]).
     Persist(Vec<u8>),
+    /// This node's id belongs to another incarnation in the cluster: the node must stop without
+    /// serving under it (sent once; the text says what to do).
+    IdentityTaken(String),
 }
 
 /// A request this node sent and still waits for.
@@ -697,6 +721,9 @@ pub struct Membership {
     heard: BTreeMap<NodeId, u64>,
     /// A live member answered a gossip that carried this node out of the cluster.
     out_known: bool,
+    /// The cluster knows this node's id from another incarnation, and this node is fresh: it
+    /// merges nothing more ([`MembershipOutput::IdentityTaken`]).
+    identity_taken: bool,
     out: Vec<MembershipOutput>,
 }
 
@@ -711,6 +738,7 @@ impl Membership {
             outstanding: BTreeMap::new(),
             heard: BTreeMap::new(),
             out_known: false,
+            identity_taken: false,
             out: Vec::new(),
         }
     }
@@ -728,6 +756,7 @@ impl Membership {
             client_addr: cfg.client_addr.clone(),
             status: Status::Valid,
             version: 1,
+            incarnation: cfg.incarnation,
         };
         members.insert(cfg.node, me);
         for (id, addr) in seeds {
@@ -741,6 +770,7 @@ impl Membership {
                         status: Status::Valid,
                         // Below the node's own entry, which carries its client address.
                         version: 0,
+                        incarnation: 0,
                     },
                 );
             }
@@ -780,12 +810,16 @@ impl Membership {
         // Addresses may have changed between runs: this run's own entry wins from now on.
         let me = m.state.members.get(&m.cfg.node).cloned();
         if let Some(me) = me
-            && (me.peer_addr != m.cfg.peer_addr || me.client_addr != m.cfg.client_addr)
+            && (me.peer_addr != m.cfg.peer_addr
+                || me.client_addr != m.cfg.client_addr
+                || me.incarnation != m.cfg.incarnation)
         {
             let (peer, client) = (m.cfg.peer_addr.clone(), m.cfg.client_addr.clone());
+            let incarnation = m.cfg.incarnation;
             m.update_self(|e| {
                 e.peer_addr = peer;
                 e.client_addr = client;
+                e.incarnation = incarnation;
             });
         }
         Ok(m)
@@ -954,6 +988,41 @@ impl Membership {
     }
 
     fn merge(&mut self, other: &ClusterState) {
+        if self.identity_taken {
+            return;
+        }
+        let me = self.cfg.node;
+        let theirs = other
+            .members
+            .get(&me)
+            .filter(|e| e.incarnation != 0 && e.incarnation != self.cfg.incarnation);
+        if let Some(theirs) = theirs {
+            if self.cfg.fresh {
+                // This node was started on an empty data directory under an id the cluster knows
+                // from another data directory: it is the one that must go.
+                self.identity_taken = true;
+                self.out.push(MembershipOutput::IdentityTaken(format!(
+                    "{me} is a member of the cluster with another data directory (incarnation \
+                     {:016x}, this one {:016x}): a node that lost its data must come back under a \
+                     new id. Start it with an empty data directory and without --node-id (it \
+                     picks a new id), join it, and `ringkv cluster remove {}` the old id",
+                    theirs.incarnation, self.cfg.incarnation, me.0
+                )));
+                return;
+            }
+            // Another process claims this node's id: this node holds the id's data, so its own
+            // entry must win. Merge the rest, then outrank the claim.
+            let version = theirs.version;
+            let mut other = other.clone();
+            other.members.remove(&me);
+            self.state.merge(&other);
+            let incarnation = self.cfg.incarnation;
+            self.update_self(|e| {
+                e.version = e.version.max(version);
+                e.incarnation = incarnation;
+            });
+            return;
+        }
         if self.state.merge(other) {
             self.changed();
         }
@@ -987,6 +1056,27 @@ impl Membership {
             MembershipMsg::Join { id, member } => {
                 let known = self.state.members.get(&member.id).cloned();
                 match known {
+                    Some(m)
+                        if m.status != Status::Removed
+                            && m.incarnation != 0
+                            && m.incarnation != member.incarnation =>
+                    {
+                        // The id's node lost its data (or another node took its id): letting it
+                        // in would let it reissue dots the id already issued.
+                        self.reply_to(
+                            from,
+                            MembershipMsg::Outcome {
+                                id,
+                                result: Err(format!(
+                                    "{} is a member with another data directory; a node that \
+                                     lost its data joins under a new id (start it without \
+                                     --node-id) and the old id is removed",
+                                    m.id
+                                )),
+                            },
+                        );
+                        return self.take();
+                    }
                     Some(m) if m.status != Status::Removed && m.peer_addr != member.peer_addr => {
                         // Another live node already has this id: refuse rather than merge two
                         // nodes' identities.
@@ -1458,6 +1548,8 @@ mod tests {
             request_timeout_ms: 500,
             target_n: 3,
             partitions: PartitionCount::new(64).unwrap(),
+            incarnation: u64::from(node) + 100,
+            fresh: false,
         }
     }
 
@@ -1577,6 +1669,105 @@ mod tests {
                     .is_some()
             );
         }
+    }
+
+    /// A node that lost its data comes back under its old id with a new incarnation: a join
+    /// under that id is refused while the old entry stands, and a fresh node that learns from
+    /// gossip that its id belongs to another incarnation reports it once and merges nothing; a
+    /// node holding its id's data outranks such a claim instead of adopting it.
+    #[test]
+    fn an_id_from_another_incarnation_is_refused() {
+        let mut nodes = BTreeMap::new();
+        for i in 1..=3 {
+            nodes.insert(
+                NodeId(i),
+                Membership::bootstrap(cfg(i), &seeds(&[1, 2, 3])).unwrap(),
+            );
+        }
+        gossip_rounds(&mut nodes, 0, 3);
+        let known = nodes[&NodeId(1)].state.members[&NodeId(3)].incarnation;
+        assert_eq!(known, 103, "gossip spread node-3's incarnation");
+
+        // Node 3's data is wiped and it is started again as node-3, alone, then joined.
+        let wiped_cfg = MembershipConfig {
+            incarnation: 999,
+            fresh: true,
+            ..cfg(3)
+        };
+        let mut wiped = Membership::bootstrap(wiped_cfg.clone(), &[]).unwrap();
+        let out = wiped.admin(
+            10_000,
+            1,
+            AdminCmd::Join {
+                seed: "127.0.0.1:7001".into(),
+            },
+        );
+        let join = out
+            .into_iter()
+            .find_map(|o| match o {
+                MembershipOutput::SendAddr { msg, .. } => Some(msg),
+                _ => None,
+            })
+            .unwrap();
+        let answer = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .handle_msg(10_000, None, join);
+        assert!(
+            answer.iter().any(|o| matches!(
+                o,
+                MembershipOutput::Send {
+                    msg: MembershipMsg::Outcome { result: Err(e), .. },
+                    ..
+                } if e.contains("another data directory")
+            )),
+            "{answer:?}"
+        );
+
+        // Started with the old seeds instead: the first gossip tells it its id is taken.
+        let mut seeded = Membership::bootstrap(wiped_cfg, &seeds(&[1, 2, 3])).unwrap();
+        let state = Box::new(nodes[&NodeId(1)].state.clone());
+        let out = seeded.handle_msg(
+            11_000,
+            Some(NodeId(1)),
+            MembershipMsg::Gossip { id: 1, state },
+        );
+        let taken = out
+            .iter()
+            .filter(|o| matches!(o, MembershipOutput::IdentityTaken(_)))
+            .count();
+        assert_eq!(taken, 1, "{out:?}");
+        assert_eq!(seeded.state.members[&NodeId(3)].incarnation, 999);
+        let state = Box::new(nodes[&NodeId(2)].state.clone());
+        let again = seeded.handle_msg(
+            12_000,
+            Some(NodeId(2)),
+            MembershipMsg::Gossip { id: 2, state },
+        );
+        assert!(
+            !again
+                .iter()
+                .any(|o| matches!(o, MembershipOutput::IdentityTaken(_)))
+        );
+
+        // The real node-3 hears the impostor's state and keeps its own entry, outranking it.
+        let claim = Box::new(seeded.state.clone());
+        let real = nodes.get_mut(&NodeId(3)).unwrap();
+        let out = real.handle_msg(
+            13_000,
+            None,
+            MembershipMsg::Gossip {
+                id: 3,
+                state: claim.clone(),
+            },
+        );
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, MembershipOutput::IdentityTaken(_)))
+        );
+        let mine = &real.state.members[&NodeId(3)];
+        assert_eq!(mine.incarnation, 103);
+        assert!(mine.rank() > claim.members[&NodeId(3)].rank());
     }
 
     /// Join, commit, transfers reported, flip; then a leave the same way.

@@ -7,7 +7,8 @@
 //!
 //! Its submodules are the node runtime: [`config`] (settings from file and flags, sans-IO),
 //! [`peer`] (peer messages on the wire and hints in the engine, sans-IO), [`epochs`] (the
-//! persisted epoch lease of a shard), [`cluster_state`] (the node's persisted membership),
+//! persisted epoch lease of a shard), [`identity`] (the node id and incarnation a data directory
+//! is bound to), [`cluster_state`] (the node's persisted membership),
 //! [`metrics`] (counters, Prometheus text and admin HTTP answers, sans-IO),
 //! [`route`] (partition, shard and engine key of a request, sans-IO), [`resp`] (Redis commands onto
 //! requests, sans-IO), [`session`] (a connection's
@@ -15,8 +16,8 @@
 //! it starts) and [`server`] (the glommio shell: one executor and engine per shard, listeners, the
 //! channel mesh, shutdown).
 //!
-//! Limits and obligations: ids are assigned once, by the operator or the join procedure, and are
-//! never reused for a different node. A node that may have lost acknowledged writes (a wiped or
+//! Limits and obligations: ids are assigned once, by the operator or by the node itself on an
+//! empty data directory ([`identity`]), and are never reused for a different node. A node that may have lost acknowledged writes (a wiped or
 //! replaced disk, or buffered writes lost in a crash) must come back under a **new** id: it is also
 //! the actor of its dotted version vectors (`dvv.rs`), and an actor that restarts its counter would
 //! issue a dot that already names another value, which silently breaks causality for that key.
@@ -24,6 +25,7 @@
 pub mod cluster_state;
 pub mod config;
 pub mod epochs;
+pub mod identity;
 pub mod metrics;
 pub mod peer;
 pub mod preflight;

@@ -668,6 +668,9 @@ impl Sim {
             request_timeout_ms: 500,
             target_n: 3,
             partitions: PartitionCount::new(16).expect("16 is a valid count"),
+            // One data directory per simulated node for the whole run.
+            incarnation: n as u64 + 1,
+            fresh: false,
         }
     }
 
@@ -891,6 +894,10 @@ impl Sim {
                     }
                 }
                 MembershipOutput::Persist(bytes) => self.nodes[n].cluster_state = Some(bytes),
+                // Every simulated node keeps its identity for the whole run.
+                MembershipOutput::IdentityTaken(text) => {
+                    panic!("node-{} lost its identity: {text}", n + 1)
+                }
             }
         }
     }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use ringkv_cluster::node::NodeId;
 use ringkv_cluster::node::config::{DurabilityName, FileConfig, Settings};
+use ringkv_cluster::node::identity;
 use ringkv_cluster::node::route::parse_cpu_list;
 use ringkv_cluster::node::server::{ServeConfig, serve};
 use ringkv_net::{Client, ClientConfig, Delete, Get, Message, Put, Sibling};
@@ -137,7 +138,9 @@ enum Command {
         /// Largest value stored [default: 1048576 (1 MiB)].
         #[arg(long)]
         value_bytes_max: Option<usize>,
-        /// This node's id in the ring and in causality metadata [default: 1].
+        /// This node's id in the ring and in causality metadata, used on the first start of an
+        /// empty data directory [default: a random id, at least 65536]; a data directory keeps
+        /// the id it was created with (<data-dir>/node-identity), and another one is refused.
         #[arg(long)]
         node_id: Option<u32>,
         /// Peer protocol address; every shard listens on it [default: this node's seed, if any].
@@ -441,7 +444,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // More shards than allowed CPUs wrap around: useful for tests, not for speed.
                 cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
             }
-            let mut cfg = ServeConfig::new(settings.data_dir, settings.listen, cpus);
+            let mut cfg = ServeConfig::new(settings.data_dir.clone(), settings.listen, cpus);
+            // The data directory decides who this node is (a new one picks an id when none is
+            // given; `serve` writes it once its checks passed); the seeds are read as that node.
+            let identity = identity::resolve(&cfg.data_dir, settings.node_id.map(|n| n.0))?;
+            let seeds = settings.seed_view(identity.id)?;
+            cfg.peers = resolve_peers(&seeds.peers)?;
+            cfg.node_id = identity.id;
+            cfg.identity = Some(identity);
+            cfg.peer_listen = seeds.peer_listen;
             cfg.durability = settings.durability;
             cfg.resp_listen = settings.resp_listen;
             cfg.admin_listen = settings.admin_listen;
@@ -454,9 +465,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.request_timeout_ms = settings.request_timeout_ms;
             cfg.limits = settings.limits;
             cfg.value_bytes_max = settings.value_bytes_max;
-            cfg.peers = resolve_peers(&settings.peers)?;
-            cfg.node_id = settings.node_id;
-            cfg.peer_listen = settings.peer_listen;
             cfg.buckets = settings.buckets;
             cfg.replica_timeout_ms = settings.replica_timeout_ms;
             cfg.hint_retry_ms = settings.hint_retry_ms;

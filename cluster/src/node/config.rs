@@ -24,7 +24,7 @@
 //! Limits: seeds only bootstrap a new cluster (a node that persisted its membership restores it
 //! instead); they are resolved once, at startup, by the caller.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -310,12 +310,13 @@ pub struct Settings {
     pub limits: Limits,
     /// Largest value stored.
     pub value_bytes_max: usize,
-    /// This node's id.
-    pub node_id: NodeId,
-    /// Peer protocol address, if this node has peers or was given one.
+    /// The id asked for (`--node-id`); the node's identity file decides ([`super::identity`]).
+    pub node_id: Option<NodeId>,
+    /// Peer protocol address, if given.
     pub peer_listen: Option<SocketAddr>,
-    /// Every other member's peer address, unresolved (`HOST:PORT`).
-    pub peers: BTreeMap<NodeId, String>,
+    /// The seeds: every member of a new cluster (this node included) with its peer address,
+    /// unresolved (`HOST:PORT`).
+    pub seeds: BTreeMap<NodeId, String>,
     /// Time a replica has to answer before its slot moves on, in milliseconds.
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
@@ -340,14 +341,41 @@ pub struct Settings {
     pub buckets: Buckets,
 }
 
+/// What node `id` takes from the seeds: its peer address and its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeedView {
+    /// The peer address: `peer_listen` if given, else this node's own seed if it is `IP:PORT`.
+    pub peer_listen: Option<SocketAddr>,
+    /// Every other seed's peer address, unresolved.
+    pub peers: BTreeMap<NodeId, String>,
+}
+
 impl Settings {
-    /// The member set: this node and its peers.
-    pub fn members(&self) -> BTreeSet<NodeId> {
-        self.peers
-            .keys()
-            .copied()
-            .chain(std::iter::once(self.node_id))
-            .collect()
+    /// The seeds as node `id` (its identity, once known) sees them. A node given seeds must be
+    /// one of them, so every node of a new cluster claims the same ring over the same members,
+    /// and must have a peer address.
+    pub fn seed_view(&self, id: NodeId) -> Result<SeedView, ConfigError> {
+        let mut peers = self.seeds.clone();
+        let own_seed = peers.remove(&id);
+        if !peers.is_empty() && own_seed.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "seeds",
+                value: format!("(without {id})"),
+                reason: "the seeds must list this node with its own id; give --node-id on the \
+                         first start of a seeded node",
+            });
+        }
+        let peer_listen = self
+            .peer_listen
+            .or_else(|| own_seed.as_deref().and_then(|a| a.parse().ok()));
+        if !peers.is_empty() && peer_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "peer_listen",
+                value: "(none)".into(),
+                reason: "a node with peers needs a peer address (or an IP:PORT seed for its own id)",
+            });
+        }
+        Ok(SeedView { peer_listen, peers })
     }
 }
 
@@ -450,17 +478,21 @@ impl Settings {
                 reason: "must be in [1, 600000]",
             });
         }
-        let node_id = NodeId(flags.node_id.or(file.node_id).unwrap_or(NODE_ID_DEFAULT));
-        let mut peers = BTreeMap::new();
-        let mut own_seed = None;
+        let node_id = flags.node_id.or(file.node_id).map(NodeId);
+        if node_id == Some(NodeId(0)) {
+            return Err(ConfigError::Invalid {
+                name: "node_id",
+                value: "0".into(),
+                reason: "node ids start at 1",
+            });
+        }
+        let mut seeds = BTreeMap::new();
         for seed in flags.seeds.or(file.seeds).unwrap_or_default() {
             if seed.trim().is_empty() {
                 continue;
             }
             let (id, addr) = parse_seed(&seed)?;
-            if id == node_id {
-                own_seed = Some(addr);
-            } else if peers.insert(id, addr).is_some() {
+            if seeds.insert(id, addr).is_some() {
                 return Err(ConfigError::Invalid {
                     name: "seeds",
                     value: seed,
@@ -468,17 +500,7 @@ impl Settings {
                 });
             }
         }
-        let peer_listen = match flags.peer_listen.or(file.peer_listen) {
-            Some(addr) => Some(addr),
-            None => own_seed.as_deref().and_then(|a| a.parse().ok()),
-        };
-        if !peers.is_empty() && peer_listen.is_none() {
-            return Err(ConfigError::Invalid {
-                name: "peer_listen",
-                value: "(none)".into(),
-                reason: "a node with peers needs a peer address (or an IP:PORT seed for its own id)",
-            });
-        }
+        let peer_listen = flags.peer_listen.or(file.peer_listen);
         let mut tables = flags.buckets.or(file.buckets).unwrap_or_default();
         let default = match tables.remove(DEFAULT_BUCKET) {
             Some(t) => t.over(BucketProps::default()),
@@ -518,7 +540,7 @@ impl Settings {
         Ok(Self {
             node_id,
             peer_listen,
-            peers,
+            seeds,
             buckets,
             node_name,
             replica_timeout_ms: interval(
@@ -676,8 +698,8 @@ mod tests {
         assert_eq!(s.shards, None);
         assert_eq!(s.durability, Durability::Sync);
         assert_eq!(s.inflight_per_connection_max, 128);
-        assert_eq!(s.node_id, NodeId(1));
-        assert!(s.peers.is_empty());
+        assert_eq!(s.node_id, None);
+        assert!(s.seeds.is_empty());
         // The same default bucket as a node started with seeds (cluster_settings): a node's
         // replication never depends on how it was started.
         let d = s.buckets.default;
@@ -694,10 +716,13 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(FileConfig::default(), file).unwrap();
-        assert_eq!(s.node_id, NodeId(2));
-        assert_eq!(s.peer_listen.unwrap().to_string(), "127.0.0.1:7002");
-        assert_eq!(s.peers.len(), 2);
-        assert_eq!(s.members().len(), 3);
+        assert_eq!(s.node_id, Some(NodeId(2)));
+        let view = s.seed_view(NodeId(2)).unwrap();
+        assert_eq!(view.peer_listen.unwrap().to_string(), "127.0.0.1:7002");
+        assert_eq!(view.peers.len(), 2);
+        assert_eq!(s.seeds.len(), 3);
+        // A node whose identity is not among the seeds would claim another ring: refused.
+        assert!(s.seed_view(NodeId(9)).is_err());
         let d = s.buckets.default;
         assert_eq!((d.n, d.r, d.w, d.dw), (3, 2, 2, 1));
         let lww = s.buckets.props(b"sessions");
@@ -710,8 +735,10 @@ mod tests {
         assert!(Settings::resolve(FileConfig::default(), bad).is_err());
         let typo = FileConfig::parse("[buckets.default]\nnn = 1\n");
         assert!(typo.is_err());
-        let no_peer_addr = FileConfig::parse("seeds = [\"2@host:1\"]").unwrap();
-        assert!(Settings::resolve(FileConfig::default(), no_peer_addr).is_err());
+        let no_peer_addr =
+            FileConfig::parse("node_id = 1\nseeds = [\"1@host:7\", \"2@host:1\"]").unwrap();
+        let s = Settings::resolve(FileConfig::default(), no_peer_addr).unwrap();
+        assert!(s.seed_view(NodeId(1)).is_err());
         assert!(parse_seed("x@h:1").is_err());
         assert!(parse_seed("1@h").is_err());
     }

@@ -114,6 +114,7 @@ use super::NodeId;
 use super::cluster_state;
 use super::config;
 use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
+use super::identity::{self, Identity};
 use super::metrics::{self, CoreFigures, Op, ShardMetrics};
 use super::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
 use super::preflight;
@@ -192,6 +193,9 @@ pub struct ServeConfig {
     pub shutdown_drain_ms: u64,
     /// This node's id.
     pub node_id: NodeId,
+    /// The identity the caller resolved for `node_id` ([`identity::resolve`]); `None` makes
+    /// [`serve`] resolve it. [`serve`] writes `<data-dir>/node-identity` if it is new.
+    pub identity: Option<Identity>,
     /// Peer protocol address, shared by every shard's listener; `None` for a node alone.
     pub peer_listen: Option<SocketAddr>,
     /// Every other member's peer address.
@@ -240,6 +244,7 @@ impl ServeConfig {
             shutdown_drain_ms: config::SHUTDOWN_DRAIN_MS_DEFAULT,
             request_timeout_ms: config::REQUEST_TIMEOUT_MS_DEFAULT,
             node_id: NodeId(config::NODE_ID_DEFAULT),
+            identity: None,
             peer_listen: None,
             peers: BTreeMap::new(),
             buckets: Buckets {
@@ -289,6 +294,10 @@ pub enum ServeError {
     /// The node's membership could not be restored or started.
     #[error("membership: {0}")]
     Membership(String),
+    /// The node's identity could not be established, or the cluster knows its id from another
+    /// data directory.
+    #[error("node identity: {0}")]
+    Identity(String),
     /// A shard's epoch lease could not be read or persisted.
     #[error("shard {shard}: {source}")]
     Epochs {
@@ -516,12 +525,25 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .copied()
         .chain(std::iter::once(cfg.node_id))
         .collect();
+    let identity = match cfg.identity {
+        Some(identity) if identity.id == cfg.node_id => identity,
+        Some(identity) => {
+            return Err(ServeError::Config(format!(
+                "the identity of {} was given for {}",
+                identity.id, cfg.node_id
+            )));
+        }
+        None => identity::resolve(&cfg.data_dir, Some(cfg.node_id.0))
+            .map_err(|e| ServeError::Identity(e.to_string()))?,
+    };
     let target_n = cfg.buckets.max_n();
-    let membership = start_membership(&cfg, &members, target_n)?;
+    let membership = start_membership(&cfg, &identity, &members, target_n)?;
     let view = Arc::new(ShardView::from_view(cfg.node_id, &membership.view()));
     let mut membership = Some(membership);
     // One executor per shard and the signal executor.
     let budget = preflight::check(shards + 1)?;
+    // Written only now: a node refused by the checks above leaves its data directory untouched.
+    identity::persist(&cfg.data_dir, &identity).map_err(|e| ServeError::Identity(e.to_string()))?;
     let clock = Clock::new();
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
@@ -607,6 +629,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 stop.cancel();
                 continue;
             }
+            Event::Failed(e) => {
+                keep_first(&mut first_error, e);
+                stop.cancel();
+                continue;
+            }
             Event::ShardEnded { id, result } => (id, result),
         };
         // A report from a shard whose thread never started (its spawn failed) is not a running
@@ -652,6 +679,8 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 enum Event {
     /// The first SIGTERM or SIGINT arrived, or signals could no longer be read.
     Stop,
+    /// The node must stop and exit with this error (its id belongs to another incarnation).
+    Failed(ServeError),
     /// A shard ended. Without a result, its thread ended without running it to its end (the
     /// executor could not be built, or the shard panicked): joining the thread says why.
     ShardEnded {
@@ -820,6 +849,7 @@ struct Replication {
 /// alone without seeds).
 fn start_membership(
     cfg: &ServeConfig,
+    identity: &Identity,
     members: &[NodeId],
     target_n: usize,
 ) -> Result<Membership, ServeError> {
@@ -832,6 +862,8 @@ fn start_membership(
         request_timeout_ms: cfg.replica_timeout_ms,
         target_n,
         partitions: PARTITIONS,
+        incarnation: identity.incarnation,
+        fresh: identity.fresh,
     };
     let persisted =
         cluster_state::read(&cfg.data_dir).map_err(|e| ServeError::Membership(e.to_string()))?;

@@ -261,6 +261,51 @@ impl ClusterNode {
         Client::connect(&self.addr, config()).unwrap()
     }
 
+    /// Starts the process and waits (`polls` rounds of `poll_ms`) for it to exit by itself, as a
+    /// node that must refuse to run does; panics if it is still running then.
+    pub fn run_to_exit(&mut self, polls: usize, poll_ms: u64) -> ExitStatus {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(&self.args)
+            .args(&self.extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_exit(polls, poll_ms)
+    }
+
+    /// The node's arguments (before `extra`).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Drops the flag at `at` and its value from the node's arguments.
+    pub fn without_arg(&mut self, at: usize) {
+        self.args.drain(at..at + 2);
+    }
+
+    /// Runs the node on `dir` instead of its own data directory.
+    pub fn set_data_dir(&mut self, dir: &Path) {
+        let at = self.args.iter().position(|a| a == "--data-dir").unwrap();
+        self.args[at + 1] = dir.display().to_string();
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        let at = self.args.iter().position(|a| a == "--data-dir").unwrap();
+        PathBuf::from(&self.args[at + 1])
+    }
+
     /// Runs an ADMIN command on this node.
     pub fn admin(&self, command: &str, args: &str) -> Result<String, ringkv_net::ClientError> {
         self.client().admin(command, args)

@@ -63,7 +63,7 @@ use crate::node::metrics::{Holding, ShardMetrics};
 
 use super::super::NodeId;
 use super::view::{Control, ShardView};
-use super::{Event, Shard, connect_peer, error_message, run_periodic, unless};
+use super::{Event, ServeError, Shard, connect_peer, error_message, run_periodic, unless};
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
 pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
@@ -417,6 +417,14 @@ impl Shard {
                 }
                 MembershipOutput::View(view) => self.publish_view(&view),
                 MembershipOutput::Persist(bytes) => self.persist(bytes),
+                MembershipOutput::IdentityTaken(text) => {
+                    tracing::error!("{text}");
+                    let stop = self.driver().and_then(|d| d.retire.borrow_mut().take());
+                    if let Some(stop) = stop {
+                        // Fails only when the node is already stopping.
+                        let _ = stop.send(Event::Failed(ServeError::Identity(text)));
+                    }
+                }
             }
         }
     }
