@@ -433,3 +433,70 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
         "500 ms of the 2000 ms were spent on the first home"
     );
 }
+
+/// A write for a key this node is not a home of goes to a home that answers: the first home of
+/// the key's walk while it does, and the next one once the first has been silent for two
+/// heartbeat intervals, long before the failure detector would suspect it. (A forward is never
+/// moved once sent, so this choice is what keeps writes off a home that stopped.)
+#[test]
+fn a_forward_goes_to_a_home_that_answers() {
+    use ringkv_cluster::coordinator::PeerMsg;
+    let me = NodeId(1);
+    let mut cfg = CoreConfig::new(me);
+    cfg.heartbeat_ms = 1_000;
+    // The detector alone would not suspect anyone within this test.
+    cfg.phi_threshold = 1_000.0;
+    cfg.buckets = Buckets {
+        default: props(2),
+        named: BTreeMap::new(),
+    };
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 2).unwrap();
+    let (key, homes) = (0..)
+        .map(|i| format!("k{i}"))
+        .find_map(|k| {
+            let p = ring.partition_of(b"b", k.as_bytes());
+            let homes = ring.preference_list(p, 2);
+            (!homes.contains(&me)).then_some((k, homes))
+        })
+        .unwrap();
+    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
+    let put = |req: u64| {
+        Message::Put(Put {
+            bucket: Bytes::from_static(b"b"),
+            key: Bytes::from(key.clone()),
+            value: Bytes::from(format!("v{req}")),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: Some(10_000),
+        })
+    };
+    let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
+        outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: PeerMsg::Forward { .. },
+                } => Some(to),
+                _ => None,
+            })
+            .collect()
+    };
+    for home in &homes {
+        core.handle_peer(0, *home, PeerMsg::Pong { id: 0 });
+    }
+    assert_eq!(forwarded_to(core.handle_client(500, 1, put(1))), [homes[0]]);
+    // The second home keeps answering; the first has been silent since 0.
+    core.handle_peer(4_900, homes[1], PeerMsg::Pong { id: 0 });
+    assert_eq!(
+        forwarded_to(core.handle_client(5_000, 2, put(2))),
+        [homes[1]]
+    );
+    // Both silent: the walk's order again.
+    assert_eq!(
+        forwarded_to(core.handle_client(9_000, 3, put(3))),
+        [homes[0]]
+    );
+}

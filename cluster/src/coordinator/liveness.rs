@@ -24,6 +24,11 @@
 use std::collections::BTreeMap;
 
 use super::{Core, Output, PeerMsg};
+
+/// Heartbeat intervals of silence after which a peer is not chosen to coordinate a forwarded
+/// write while another home answers ([`Core::forward_target`]). The failure detector needs many
+/// more intervals to suspect it.
+pub(super) const RESPONSIVE_HEARTBEATS: u64 = 2;
 use crate::NodeId;
 use crate::phi::PhiDetector;
 
@@ -33,6 +38,8 @@ pub(super) struct Liveness {
     detectors: BTreeMap<NodeId, PhiDetector>,
     /// Peers suspected after a failed request, since when.
     down: BTreeMap<NodeId, u64>,
+    /// When each peer was last heard from.
+    last_heard: BTreeMap<NodeId, u64>,
     /// When the next heartbeat is due.
     pub(super) next_heartbeat: u64,
 }
@@ -81,6 +88,7 @@ impl Core {
     /// A message from `node` arrived at `now`.
     pub(super) fn heard_from(&mut self, node: NodeId, now: u64) {
         self.live.down.remove(&node);
+        self.live.last_heard.insert(node, now);
         if node == self.cfg.node || !self.ring.members().contains(&node) {
             return;
         }
@@ -90,6 +98,37 @@ impl Core {
             .entry(node)
             .or_insert_with(|| PhiDetector::new(interval))
             .arrived(now);
+    }
+
+    /// Whether `node` was heard from within the last [`RESPONSIVE_HEARTBEATS`] heartbeat
+    /// intervals (a peer never heard from yet counts as responsive: nothing says otherwise).
+    pub(super) fn responsive(&self, node: NodeId, now: u64) -> bool {
+        let window = self.cfg.heartbeat_ms.saturating_mul(RESPONSIVE_HEARTBEATS);
+        node == self.cfg.node
+            || self
+                .live
+                .last_heard
+                .get(&node)
+                .is_none_or(|t| now.saturating_sub(*t) <= window)
+    }
+
+    /// The home to forward a write to: the first of `homes` not in `tried` that is believed up
+    /// and responsive, else the first believed up. A write forwarded to a home that stopped
+    /// answering waits out its deadline (a forward is never moved while the home may still
+    /// apply it: the write would get two dots, and the later one could come back after a
+    /// client resolved it), so the choice avoids a home gone silent well before the failure
+    /// detector suspects it.
+    pub(super) fn forward_target(
+        &self,
+        homes: impl Iterator<Item = NodeId> + Clone,
+        tried: &std::collections::BTreeSet<NodeId>,
+        now: u64,
+    ) -> Option<NodeId> {
+        let candidates = homes.filter(|h| !tried.contains(h) && self.believed_up(*h, now));
+        candidates
+            .clone()
+            .find(|h| self.responsive(*h, now))
+            .or_else(|| candidates.clone().next())
     }
 
     /// Sends a heartbeat to every other member when one is due. A member seen for the first
@@ -109,6 +148,7 @@ impl Core {
             .collect();
         let interval = self.cfg.heartbeat_ms;
         self.live.detectors.retain(|n, _| members.contains(n));
+        self.live.last_heard.retain(|n, _| members.contains(n));
         for node in members {
             self.live.detectors.entry(node).or_insert_with(|| {
                 let mut d = PhiDetector::new(interval);

@@ -1107,7 +1107,7 @@ impl Core {
                 self.answer(reply_to, not_enough("write", 0, w, n));
             }
             Message::Put(_) | Message::Delete(_) if !is_home && !forwarded => {
-                let up: Option<NodeId> = homes.iter().copied().find(|h| self.believed_up(*h, now));
+                let up = self.forward_target(homes.iter().copied(), &BTreeSet::new(), now);
                 match up {
                     Some(home) => {
                         op.kind = OpKind::Forwarded {
@@ -1945,11 +1945,9 @@ impl Core {
             Some(Pending::Forward { op, node }) => {
                 self.mark_down(node, now);
                 let next = self.ops.get(&op).and_then(|o| match &o.kind {
-                    OpKind::Forwarded { tried, .. } => o
-                        .slots
-                        .iter()
-                        .map(|s| s.home)
-                        .find(|h| !tried.contains(h) && self.believed_up(*h, now)),
+                    OpKind::Forwarded { tried, .. } => {
+                        self.forward_target(o.slots.iter().map(|s| s.home), tried, now)
+                    }
                     _ => None,
                 });
                 match next {
