@@ -26,7 +26,13 @@
 //! # Changes: stage, plan, commit, transfer, flip
 //!
 //! `join` (run on the joining node, naming a seed's peer address), `leave` and `remove` only
-//! *stage* a change: they set a member's status. `plan` shows what committing would do: the ring
+//! *stage* a change: they set a member's status. A new node given plain seed addresses
+//! ([`MembershipConfig::contact_seeds`]) joins by itself: while it is a cluster of itself alone it
+//! asks one seed per `gossip_ms`, in turn, until one takes it in. Two such nodes that ask each
+//! other at once must not each take the other in (each would then drop its own cluster for the
+//! other's): a node that is itself still asking refuses a join from a node with a lower
+//! incarnation, and takes in one with a higher one (dropping its own pending ask), so exactly one
+//! of the two succeeds. `plan` shows what committing would do: the ring
 //! the claim function ([`Ring::claim`]) computes over the Joining and Valid members, which
 //! partitions change owner, and how many replica copies must move. `commit` sends the request to
 //! the **claimant** (the lowest id among Valid and Leaving members: deterministic, no election);
@@ -398,6 +404,10 @@ pub struct MembershipConfig {
     /// The node's identity was created by this start, on an empty data directory: if the
     /// cluster knows its id from another incarnation, this node is the impostor.
     pub fresh: bool,
+    /// Peer addresses of members to join (plain `HOST:PORT` seeds), this node's own excluded:
+    /// a node bootstrapped alone with these keeps asking them, in turn, to let it join until one
+    /// does ([`Membership::bootstrap`]). Empty for none.
+    pub contact_seeds: Vec<String>,
 }
 
 /// An operator command (ADMIN frames; `docs/PROTOCOL.md` §5.8.1).
@@ -709,6 +719,17 @@ struct Outstanding {
     out: bool,
 }
 
+/// Progress of a join through the contact seeds.
+#[derive(Debug)]
+struct AutoJoin {
+    /// Index of the next seed to ask.
+    next: usize,
+    /// When the next attempt may go.
+    at: u64,
+    /// The join request waiting for an answer.
+    pending: Option<u64>,
+}
+
 /// The membership state machine of one node (module docs).
 pub struct Membership {
     cfg: MembershipConfig,
@@ -724,6 +745,8 @@ pub struct Membership {
     /// The cluster knows this node's id from another incarnation, and this node is fresh: it
     /// merges nothing more ([`MembershipOutput::IdentityTaken`]).
     identity_taken: bool,
+    /// Joining through the contact seeds, until this node is in a cluster of more than itself.
+    auto_join: Option<AutoJoin>,
     out: Vec<MembershipOutput>,
 }
 
@@ -739,6 +762,7 @@ impl Membership {
             heard: BTreeMap::new(),
             out_known: false,
             identity_taken: false,
+            auto_join: None,
             out: Vec::new(),
         }
     }
@@ -786,7 +810,16 @@ impl Membership {
             pending: None,
             reports: BTreeMap::new(),
         };
-        Ok(Self::with_state(cfg, state))
+        let alone = seeds.is_empty() && !cfg.contact_seeds.is_empty();
+        let mut m = Self::with_state(cfg, state);
+        if alone {
+            m.auto_join = Some(AutoJoin {
+                next: 0,
+                at: 0,
+                pending: None,
+            });
+        }
+        Ok(m)
     }
 
     /// The state persisted by an earlier run ([`MembershipOutput::Persist`]).
@@ -807,6 +840,14 @@ impl Membership {
         r.finish()
             .map_err(|e| MembershipError::Damaged(e.to_string()))?;
         let mut m = Self::with_state(cfg, state);
+        // Stopped before its join through the seeds went through: it goes on asking.
+        if m.state.members.len() == 1 && !m.cfg.contact_seeds.is_empty() {
+            m.auto_join = Some(AutoJoin {
+                next: 0,
+                at: 0,
+                pending: None,
+            });
+        }
         // Addresses may have changed between runs: this run's own entry wins from now on.
         let me = m.state.members.get(&m.cfg.node).cloned();
         if let Some(me) = me
@@ -941,6 +982,7 @@ impl Membership {
         for id in expired {
             self.fail(id, "no answer in time");
         }
+        self.auto_join_tick(now);
         if now >= self.next_gossip {
             self.next_gossip = now + self.cfg.gossip_ms;
             let partners: Vec<NodeId> = self
@@ -966,6 +1008,39 @@ impl Membership {
         }
         self.maybe_flip();
         self.take()
+    }
+
+    /// Asks the next contact seed to let this node join, while it is a cluster of itself alone
+    /// and no earlier ask is waiting (one ask per `gossip_ms`, round-robin over the seeds).
+    fn auto_join_tick(&mut self, now: u64) {
+        let Some(a) = self.auto_join.as_mut() else {
+            return;
+        };
+        if self.state.members.len() > 1 {
+            self.auto_join = None;
+            return;
+        }
+        if a.pending
+            .is_some_and(|id| self.outstanding.contains_key(&id))
+            || now < a.at
+        {
+            return;
+        }
+        let seeds = &self.cfg.contact_seeds;
+        assert!(!seeds.is_empty(), "auto-join runs only with contact seeds");
+        let addr = seeds[a.next % seeds.len()].clone();
+        a.next = (a.next + 1) % seeds.len();
+        a.at = now + self.cfg.gossip_ms;
+        let id = self.request(now, None);
+        if let Some(a) = self.auto_join.as_mut() {
+            a.pending = Some(id);
+        }
+        if let Some(member) = self.state.members.get(&self.cfg.node).cloned() {
+            self.out.push(MembershipOutput::SendAddr {
+                addr,
+                msg: MembershipMsg::Join { id, member },
+            });
+        }
     }
 
     /// A request this node sent failed (connection refused, error answer).
@@ -1054,6 +1129,29 @@ impl Membership {
                 }
             }
             MembershipMsg::Join { id, member } => {
+                if let Some(a) = &self.auto_join
+                    && self.state.members.len() == 1
+                {
+                    // Two fresh nodes asking each other: the one with the lower incarnation
+                    // takes the other in, so exactly one of the two joins succeeds.
+                    if member.incarnation < self.cfg.incarnation {
+                        self.reply_to(
+                            from,
+                            MembershipMsg::Outcome {
+                                id,
+                                result: Err(format!(
+                                    "{} is itself joining a cluster; it joins this node instead",
+                                    self.cfg.node
+                                )),
+                            },
+                        );
+                        return self.take();
+                    }
+                    if let Some(pending) = a.pending {
+                        self.outstanding.remove(&pending);
+                    }
+                    self.auto_join = None;
+                }
                 let known = self.state.members.get(&member.id).cloned();
                 match known {
                     Some(m)
@@ -1550,6 +1648,7 @@ mod tests {
             partitions: PartitionCount::new(64).unwrap(),
             incarnation: u64::from(node) + 100,
             fresh: false,
+            contact_seeds: Vec::new(),
         }
     }
 
@@ -1668,6 +1767,55 @@ mod tests {
                     .unwrap()
                     .is_some()
             );
+        }
+    }
+
+    /// Fresh nodes given each other's addresses as plain seeds form one cluster by themselves:
+    /// each asks a seed to let it join; when two ask each other, the one with the lower
+    /// incarnation takes the other in, so no node ends up in two clusters. Then a commit gives
+    /// them the ring.
+    #[test]
+    fn fresh_nodes_with_plain_seeds_join_one_cluster() {
+        let mut nodes = BTreeMap::new();
+        for i in 1..=3u32 {
+            let mut c = cfg(i);
+            c.contact_seeds = (1..=3u32)
+                .filter(|j| *j != i)
+                .rev()
+                .map(|j| format!("127.0.0.1:{}", 7000 + j))
+                .collect();
+            nodes.insert(NodeId(i), Membership::bootstrap(c, &[]).unwrap());
+        }
+        for round in 0..6u64 {
+            let now = round * 1000;
+            let ids: Vec<NodeId> = nodes.keys().copied().collect();
+            for id in ids {
+                let out = nodes.get_mut(&id).unwrap().handle_tick(now, round);
+                pump(&mut nodes, now, out.into_iter().map(|o| (id, o)).collect());
+            }
+        }
+        let states: Vec<&ClusterState> = nodes.values().map(|n| &n.state).collect();
+        for s in &states {
+            assert_eq!(s.members.len(), 3, "{s:?}");
+            assert_eq!(*s, states[0]);
+        }
+        assert!(nodes.values().all(|n| n.auto_join.is_none()));
+        let out = nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .admin(7_000, 1, AdminCmd::Commit);
+        pump(
+            &mut nodes,
+            7_000,
+            out.into_iter().map(|o| (NodeId(1), o)).collect(),
+        );
+        // The commit went to the claimant (whichever node took the others in); gossip spreads it.
+        gossip_rounds(&mut nodes, 8_000, 6);
+        for n in nodes.values() {
+            let state = &n.state;
+            let next = state.pending.as_ref().unwrap_or(&state.ring);
+            assert_eq!(next.members().len(), 3, "{state:?}");
+            assert!(state.members.values().all(|m| m.status == Status::Valid));
         }
     }
 

@@ -951,3 +951,51 @@ fn a_node_that_lost_its_data_cannot_return_under_its_id() {
         "the wiped node exited with {status}"
     );
 }
+
+/// A new cluster needs no node ids: three nodes are started with no `--node-id` and the same
+/// plain `HOST:PORT` seed list (their peer addresses), as a user's configuration management
+/// would. They find each other and form one cluster by themselves; one `cluster commit` gives
+/// them the ring, and writes then reach all three copies.
+#[test]
+fn nodes_with_plain_seeds_form_a_cluster_without_ids() {
+    let dir = data_dir("plain-seeds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut nodes: Vec<ClusterNode> = (1..=3)
+        .map(|id| ClusterNode::on_defaults(&dir, id))
+        .collect();
+    let seed_list = nodes
+        .iter()
+        .map(|n| n.peer_addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    for node in &mut nodes {
+        let at = node_id_arg(node);
+        node.without_arg(at);
+        node.extra = vec!["--seeds".into(), seed_list.clone()];
+        node.start();
+    }
+    wait_for("one cluster of three", SETTLE_POLLS, POLL_MS, || {
+        for node in &nodes {
+            let status = node
+                .admin("cluster-status", "")
+                .map_err(|e| e.to_string())?;
+            let members = status.lines().filter(|l| l.starts_with("node-")).count();
+            if members != 3 {
+                return Err(status);
+            }
+        }
+        Ok(())
+    });
+    let committed = nodes[2].admin("cluster-commit", "").unwrap();
+    assert!(committed.starts_with("committed"), "{committed}");
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    wait_settled(&all, "the first ring in force", |status| {
+        status
+            .lines()
+            .filter(|l| l.starts_with("node-"))
+            .all(|l| l.split_whitespace().nth(1) == Some("valid") && !l.contains(" 0.0%"))
+    });
+    let written = write_step(&nodes[0], "plain");
+    read_all_with_r3(&nodes[1], &written);
+    wait_every_copy(&all, &written, "every copy on the three");
+}

@@ -671,6 +671,7 @@ impl Sim {
             // One data directory per simulated node for the whole run.
             incarnation: n as u64 + 1,
             fresh: false,
+            contact_seeds: Vec::new(),
         }
     }
 

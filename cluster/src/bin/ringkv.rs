@@ -146,8 +146,9 @@ enum Command {
         /// Peer protocol address; every shard listens on it [default: this node's seed, if any].
         #[arg(long)]
         peer_listen: Option<SocketAddr>,
-        /// Cluster members as ID@HOST:PORT peer addresses, comma-separated [default: none, a
-        /// one-node cluster].
+        /// Peer addresses, comma-separated: ID@HOST:PORT for every member of a new cluster (the
+        /// same list on every node), or HOST:PORT of members a new node asks to join by itself
+        /// [default: none, a one-node cluster]. Used on a node's first start only.
         #[arg(long, value_delimiter = ',')]
         seeds: Option<Vec<String>>,
         /// Time a replica has to answer before its slot moves on, in ms [default: 1000].
@@ -450,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let identity = identity::resolve(&cfg.data_dir, settings.node_id.map(|n| n.0))?;
             let seeds = settings.seed_view(identity.id)?;
             cfg.peers = resolve_peers(&seeds.peers)?;
+            cfg.contact_seeds = settings.contact_seeds.clone();
             cfg.node_id = identity.id;
             cfg.identity = Some(identity);
             cfg.peer_listen = seeds.peer_listen;

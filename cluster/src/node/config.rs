@@ -6,8 +6,9 @@
 //! are errors, so a misspelt setting is never silently ignored. `docs/OPERATIONS.md` lists every
 //! setting with its default.
 //!
-//! Cluster settings: `node_id`, `peer_listen`, `seeds` (the initial member list, `ID@HOST:PORT`
-//! peer addresses; every node of a new cluster must be given the same list), `replica_timeout_ms`,
+//! Cluster settings: `node_id`, `peer_listen`, `seeds` (either the initial member list of a new
+//! cluster, `ID@HOST:PORT` peer addresses, the same list on every node; or plain `HOST:PORT` peer
+//! addresses of members a new node joins by itself), `replica_timeout_ms`,
 //! `hint_retry_ms`, `gossip_ms`, `hint_bytes_max` (the node's hint store, split evenly across its
 //! shards), `heartbeat_ms` and `phi_threshold` (failure detection), `admission_p99_threshold_us`
 //! (admission control of background work), the anti-entropy settings `ae_interval_ms` (0 turns
@@ -240,6 +241,21 @@ pub fn parse_seed(seed: &str) -> Result<(NodeId, String), ConfigError> {
     Ok((NodeId(id), addr.to_owned()))
 }
 
+/// Checks a plain seed `HOST:PORT`.
+pub fn parse_contact_seed(seed: &str) -> Result<String, ConfigError> {
+    let seed = seed.trim();
+    match seed.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(seed.to_owned())
+        }
+        _ => Err(ConfigError::Invalid {
+            name: "seeds",
+            value: seed.to_owned(),
+            reason: "expected HOST:PORT or ID@HOST:PORT",
+        }),
+    }
+}
+
 fn interval(name: &'static str, value: u64) -> Result<u64, ConfigError> {
     if value == 0 || value > PEER_INTERVAL_MS_MAX {
         return Err(ConfigError::Invalid {
@@ -317,6 +333,9 @@ pub struct Settings {
     /// The seeds: every member of a new cluster (this node included) with its peer address,
     /// unresolved (`HOST:PORT`).
     pub seeds: BTreeMap<NodeId, String>,
+    /// Plain `HOST:PORT` seeds: members a new node asks to join, this node's own peer address
+    /// left out.
+    pub contact_seeds: Vec<String>,
     /// Time a replica has to answer before its slot moves on, in milliseconds.
     pub replica_timeout_ms: u64,
     /// Interval between hinted-handoff rounds, in milliseconds.
@@ -487,8 +506,13 @@ impl Settings {
             });
         }
         let mut seeds = BTreeMap::new();
+        let mut contact_seeds = Vec::new();
         for seed in flags.seeds.or(file.seeds).unwrap_or_default() {
             if seed.trim().is_empty() {
+                continue;
+            }
+            if !seed.contains('@') {
+                contact_seeds.push(parse_contact_seed(&seed)?);
                 continue;
             }
             let (id, addr) = parse_seed(&seed)?;
@@ -500,7 +524,25 @@ impl Settings {
                 });
             }
         }
+        if !seeds.is_empty() && !contact_seeds.is_empty() {
+            return Err(ConfigError::Invalid {
+                name: "seeds",
+                value: "(ID@HOST:PORT and HOST:PORT)".into(),
+                reason: "either every seed names its node (a new cluster of exactly these nodes) \
+                         or none does (members to join)",
+            });
+        }
         let peer_listen = flags.peer_listen.or(file.peer_listen);
+        if !contact_seeds.is_empty() && peer_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                name: "peer_listen",
+                value: "(none)".into(),
+                reason: "a node that joins through its seeds needs a peer address",
+            });
+        }
+        // This node's own address among the seeds (the same list on every node) is no one to
+        // join.
+        contact_seeds.retain(|s| s.parse::<SocketAddr>().ok() != peer_listen);
         let mut tables = flags.buckets.or(file.buckets).unwrap_or_default();
         let default = match tables.remove(DEFAULT_BUCKET) {
             Some(t) => t.over(BucketProps::default()),
@@ -541,6 +583,7 @@ impl Settings {
             node_id,
             peer_listen,
             seeds,
+            contact_seeds,
             buckets,
             node_name,
             replica_timeout_ms: interval(

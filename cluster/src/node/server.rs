@@ -200,6 +200,8 @@ pub struct ServeConfig {
     pub peer_listen: Option<SocketAddr>,
     /// Every other member's peer address.
     pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Peer addresses (`HOST:PORT`) of members this node, new and alone, asks to join.
+    pub contact_seeds: Vec<String>,
     /// Bucket properties.
     pub buckets: Buckets,
     /// Time a replica has to answer before its slot moves on, in milliseconds.
@@ -247,6 +249,7 @@ impl ServeConfig {
             identity: None,
             peer_listen: None,
             peers: BTreeMap::new(),
+            contact_seeds: Vec::new(),
             buckets: Buckets {
                 default: BucketProps::default(),
                 named: BTreeMap::new(),
@@ -864,6 +867,7 @@ fn start_membership(
         partitions: PARTITIONS,
         incarnation: identity.incarnation,
         fresh: identity.fresh,
+        contact_seeds: cfg.contact_seeds.clone(),
     };
     let persisted =
         cluster_state::read(&cfg.data_dir).map_err(|e| ServeError::Membership(e.to_string()))?;
