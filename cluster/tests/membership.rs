@@ -538,23 +538,9 @@ fn join_then_leave_under_writes_loses_no_acknowledged_write() {
     let mut client = nodes[0].client();
     let (mut wrong, mut duplicated) = (Vec::new(), 0usize);
     for (key, value) in &acked {
-        let request = Message::Get(Get {
-            bucket: Bytes::from_static(BUCKET),
-            key: Bytes::copy_from_slice(key),
-            r: Some(3),
-            timeout_ms: None,
-        });
-        match client.request_message(request) {
-            Ok(Message::GetOk(ok))
-                if !ok.siblings.is_empty()
-                    && ok
-                        .siblings
-                        .iter()
-                        .all(|s| *s == Sibling::Value(Bytes::copy_from_slice(value))) =>
-            {
-                duplicated += usize::from(ok.siblings.len() > 1);
-            }
-            other => wrong.push(format!("{}: {other:?}", String::from_utf8_lossy(key))),
+        match read_r3(&mut client, key, value) {
+            Ok(siblings) => duplicated += usize::from(siblings > 1),
+            Err(e) => wrong.push(e),
         }
     }
     // Shown with --nocapture: the size of the run, and writes that ended as several siblings
@@ -646,6 +632,15 @@ fn join_then_leave_under_writes_leaves_identical_replicas() {
     );
 }
 
+/// `count` nodes as users start them (no configuration file), not started.
+fn nodes_on_defaults(name: &str, count: u32) -> Vec<ClusterNode> {
+    let dir = data_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    (1..=count)
+        .map(|id| ClusterNode::on_defaults(&dir, id))
+        .collect()
+}
+
 /// Keys the defaults scenario writes at each of its steps.
 const DEFAULT_KEYS: usize = 30;
 
@@ -693,30 +688,37 @@ fn wait_every_copy(holders: &[&ClusterNode], written: &[Written], what: &str) {
     });
 }
 
+/// An r = 3 read of `key` (every replica of the default bucket must answer): the number of
+/// siblings if every one is `value`, else what came back.
+fn read_r3(client: &mut ringkv_net::Client, key: &[u8], value: &[u8]) -> Result<usize, String> {
+    let get = Message::Get(Get {
+        bucket: Bytes::from_static(BUCKET),
+        key: Bytes::copy_from_slice(key),
+        r: Some(3),
+        timeout_ms: None,
+    });
+    match client.request_message(get) {
+        Ok(Message::GetOk(ok))
+            if !ok.siblings.is_empty()
+                && ok
+                    .siblings
+                    .iter()
+                    .all(|s| *s == Sibling::Value(Bytes::copy_from_slice(value))) =>
+        {
+            Ok(ok.siblings.len())
+        }
+        other => Err(format!("{}: {other:?}", String::from_utf8_lossy(key))),
+    }
+}
+
 /// A request with the whole `(3, 2, 2)` default bucket's replica count: r = 3 reads of every
 /// key through `node` answer its value (refused if `node` believed the bucket had fewer
 /// replicas).
 fn read_all_with_r3(node: &ClusterNode, written: &[Written]) {
     let mut client = node.client();
     for (key, value) in written {
-        let get = Message::Get(Get {
-            bucket: Bytes::from_static(BUCKET),
-            key: Bytes::copy_from_slice(key),
-            r: Some(3),
-            timeout_ms: None,
-        });
-        match client.request_message(get) {
-            Ok(Message::GetOk(ok))
-                if !ok.siblings.is_empty()
-                    && ok
-                        .siblings
-                        .iter()
-                        .all(|s| *s == Sibling::Value(Bytes::copy_from_slice(value))) => {}
-            other => panic!(
-                "node-{}: r = 3 read of {}: {other:?}",
-                node.id,
-                String::from_utf8_lossy(key)
-            ),
+        if let Err(e) = read_r3(&mut client, key, value) {
+            panic!("node-{}: r = 3 read of {e}", node.id);
         }
     }
 }
@@ -759,11 +761,7 @@ fn change(
 /// every step the nodes that must hold a key hold it as their own replica.
 #[test]
 fn a_cluster_on_defaults_grows_restarts_shrinks_and_keeps_every_copy() {
-    let dir = data_dir("defaults");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut nodes: Vec<ClusterNode> = (1..=4)
-        .map(|id| ClusterNode::on_defaults(&dir, id))
-        .collect();
+    let mut nodes = nodes_on_defaults("defaults", 4);
     nodes[0].start();
     // A node alone serves the (3, 2, 2) default bucket with the quorums capped at one member.
     let mut written = write_step(&nodes[0], "alone");
@@ -958,11 +956,7 @@ fn a_node_that_lost_its_data_cannot_return_under_its_id() {
 /// them the ring, and writes then reach all three copies.
 #[test]
 fn nodes_with_plain_seeds_form_a_cluster_without_ids() {
-    let dir = data_dir("plain-seeds");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut nodes: Vec<ClusterNode> = (1..=3)
-        .map(|id| ClusterNode::on_defaults(&dir, id))
-        .collect();
+    let mut nodes = nodes_on_defaults("plain-seeds", 3);
     let seed_list = nodes
         .iter()
         .map(|n| n.peer_addr.clone())

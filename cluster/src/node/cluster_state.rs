@@ -64,11 +64,20 @@ pub fn read(data_dir: &Path) -> Result<Option<Vec<u8>>, StateFileError> {
 
 /// Replaces the state in `data_dir` by `bytes`, atomically and durably.
 pub fn write(data_dir: &Path, bytes: &[u8]) -> Result<(), StateFileError> {
-    let path = data_dir.join(CLUSTER_STATE_FILE);
-    let io = |source| StateFileError::Io {
-        path: path.clone(),
-        source,
-    };
+    replace_file(data_dir, CLUSTER_STATE_FILE, bytes)
+        .map_err(|(path, source)| StateFileError::Io { path, source })
+}
+
+/// Replaces the file `name` in `data_dir` (created if missing) by `bytes`, atomically and
+/// durably: a temporary file, synced, renamed over it, the directory synced (module docs). The
+/// error names the path that failed. Shared with the node's other small state files.
+pub(crate) fn replace_file(
+    data_dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), (PathBuf, std::io::Error)> {
+    let path = data_dir.join(name);
+    let io = |source| (path.clone(), source);
     std::fs::create_dir_all(data_dir).map_err(io)?;
     let tmp = path.with_extension("tmp");
     {

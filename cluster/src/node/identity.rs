@@ -23,11 +23,11 @@
 //! to a temporary file, synced and renamed, as the cluster-state file is. These functions block
 //! (file IO, fsync, `/dev/urandom`): call them before the executors start.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::NodeId;
-use super::cluster_state::CLUSTER_STATE_FILE;
+use super::cluster_state::{CLUSTER_STATE_FILE, replace_file};
 
 /// Name of the identity file in the node's data directory.
 pub const IDENTITY_FILE: &str = "node-identity";
@@ -251,22 +251,8 @@ fn format(identity: &Identity) -> String {
 
 /// Writes `identity` to `data_dir`, atomically and durably.
 fn write(data_dir: &Path, identity: &Identity) -> Result<(), IdentityError> {
-    let path = data_dir.join(IDENTITY_FILE);
-    let io = |source| IdentityError::Io {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(data_dir).map_err(io)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(format(identity).as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io)
+    replace_file(data_dir, IDENTITY_FILE, format(identity).as_bytes())
+        .map_err(|(path, source)| IdentityError::Io { path, source })
 }
 
 #[cfg(test)]
@@ -274,9 +260,10 @@ mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir()
-            .join("ringkv-identity-tests")
-            .join(format!("{name}-{}", std::process::id()));
+        // Unit tests have no CARGO_TARGET_TMPDIR; the workspace's target directory serves.
+        let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/unit-tmp")
+            .join(format!("identity-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
     }

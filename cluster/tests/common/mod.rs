@@ -235,14 +235,20 @@ impl ClusterNode {
 
     /// Starts the process and waits (bounded) until it answers PING.
     pub fn start(&mut self) {
+        // RINGKV_TEST_LOG raises the nodes' log level when a failure needs explaining.
+        let level = std::env::var("RINGKV_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        self.spawn(&level);
+        wait_answering(self.child.as_mut().unwrap(), self.id, &self.addr);
+    }
+
+    /// Starts the process, its stderr appended to its log.
+    fn spawn(&mut self, level: &str) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
-        // RINGKV_TEST_LOG raises the nodes' log level when a failure needs explaining.
-        let level = std::env::var("RINGKV_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let child = Command::new(BIN)
             .arg("serve")
             .args(&self.args)
@@ -254,7 +260,6 @@ impl ClusterNode {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_answering(self.child.as_mut().unwrap(), self.id, &self.addr);
     }
 
     pub fn client(&self) -> Client {
@@ -264,23 +269,7 @@ impl ClusterNode {
     /// Starts the process and waits (`polls` rounds of `poll_ms`) for it to exit by itself, as a
     /// node that must refuse to run does; panics if it is still running then.
     pub fn run_to_exit(&mut self, polls: usize, poll_ms: u64) -> ExitStatus {
-        assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("serve")
-            .args(&self.args)
-            .args(&self.extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.spawn("warn");
         self.wait_exit(polls, poll_ms)
     }
 
