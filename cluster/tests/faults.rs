@@ -60,11 +60,14 @@ const FAULT_MS: u64 = 3000;
 const QUIET_MS: u64 = 1000;
 /// Client threads of the workload.
 const CLIENTS: usize = 3;
-/// Bound on the requests of each client thread, so the workload ends even if the stop flag is
-/// never raised.
-const OPS_PER_CLIENT_MAX: usize = 20_000;
-/// Keys holding the sets.
+/// Bound on the requests of each client thread per nemesis step (about ten times what one
+/// makes in a step here), so the workload ends even if the stop flag is never raised.
+const OPS_PER_STEP_MAX: usize = 5_000;
+/// Sets written at a time: few, so that clients often update one concurrently (siblings).
 const SET_KEYS: usize = 4;
+/// Requests of a client thread after which it moves on to the next generation of set keys, so
+/// that a long run's sets stay far below the value size limit (each add grows its set).
+const SET_GENERATION_OPS: usize = 2_000;
 /// A client request's bound: past it a frozen or cut-off node's request is given up (and not
 /// counted as acknowledged).
 const CLIENT_TIMEOUT_MS: u64 = 3000;
@@ -281,8 +284,8 @@ fn schedule(rng: &mut Rng, steps: usize) -> Vec<Fault> {
 /// What a client thread saw acknowledged.
 #[derive(Default)]
 struct Acked {
-    /// (set key index, element) of every add whose PUT succeeded.
-    adds: Vec<(usize, String)>,
+    /// (set key, element) of every add whose PUT succeeded.
+    adds: Vec<(Vec<u8>, String)>,
     /// (key, value) of every unique-key PUT that succeeded.
     writes: Vec<(Vec<u8>, Vec<u8>)>,
     /// Requests that failed (timeouts, unreachable nodes, quorums not met): expected under
@@ -290,8 +293,9 @@ struct Acked {
     failed: usize,
 }
 
-fn set_key(i: usize) -> Vec<u8> {
-    format!("set-{i}").into_bytes()
+/// Set `i` of the generation of a client's request `op`.
+fn set_key(op: usize, i: usize) -> Vec<u8> {
+    format!("set-{}-{i}", op / SET_GENERATION_OPS).into_bytes()
 }
 
 /// The elements of a set value: newline-separated.
@@ -302,13 +306,14 @@ fn elements(value: &[u8]) -> impl Iterator<Item = &str> {
         .filter(|e| !e.is_empty())
 }
 
-/// One client thread: until `stop` (or [`OPS_PER_CLIENT_MAX`] requests), through a random node
+/// One client thread: until `stop` (or `ops_max` requests), through a random node
 /// each time, either adds a unique element to a random set (GET, union of every sibling plus
 /// the element, PUT with the GET's context) or writes a unique key once.
 fn client_thread(
     id: usize,
     seed: u64,
     addrs: Vec<String>,
+    ops_max: usize,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Acked> {
     std::thread::spawn(move || {
@@ -319,7 +324,7 @@ fn client_thread(
         };
         let mut clients: Vec<Option<Client>> = addrs.iter().map(|_| None).collect();
         let mut acked = Acked::default();
-        for op in 0..OPS_PER_CLIENT_MAX {
+        for op in 0..ops_max {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -334,9 +339,9 @@ fn client_thread(
                 continue;
             };
             let ok = if rng.below(2) == 0 {
-                let set = rng.below(SET_KEYS);
+                let set = set_key(op, rng.below(SET_KEYS));
                 let element = format!("c{id}-{op}");
-                add(client, set, &element).map(|()| acked.adds.push((set, element)))
+                add(client, &set, &element).map(|()| acked.adds.push((set, element)))
             } else {
                 let key = format!("unique-{id}-{op}").into_bytes();
                 let value = format!("value of {id}-{op}").into_bytes();
@@ -355,9 +360,8 @@ fn client_thread(
 }
 
 /// Adds `element` to set `set` by read-merge-write with the read's context.
-fn add(client: &mut Client, set: usize, element: &str) -> Result<(), ringkv_net::ClientError> {
-    let key = set_key(set);
-    let read = client.get(BUCKET, &key)?;
+fn add(client: &mut Client, key: &[u8], element: &str) -> Result<(), ringkv_net::ClientError> {
+    let read = client.get(BUCKET, key)?;
     let mut union: BTreeSet<&str> = BTreeSet::new();
     for sibling in &read.siblings {
         if let Sibling::Value(v) = sibling {
@@ -367,7 +371,7 @@ fn add(client: &mut Client, set: usize, element: &str) -> Result<(), ringkv_net:
     union.insert(element);
     let value = union.into_iter().collect::<Vec<_>>().join("\n");
     let context = Some(read.context).filter(|c| !c.is_empty());
-    client.put(BUCKET, &key, value.as_bytes(), context)?;
+    client.put(BUCKET, key, value.as_bytes(), context)?;
     Ok(())
 }
 
@@ -453,16 +457,16 @@ fn check_writes(
 fn check_sets(
     nodes: &[ClusterNode],
     ring: &Ring,
-    adds: &BTreeMap<usize, BTreeSet<String>>,
+    adds: &BTreeMap<Vec<u8>, BTreeSet<String>>,
 ) -> Result<(), String> {
-    let keys: Vec<Vec<u8>> = (0..SET_KEYS).map(set_key).collect();
+    let keys: Vec<Vec<u8>> = adds.keys().cloned().collect();
     let held: Vec<_> = nodes
         .iter()
         .map(|n| replica_values(&n.peer_addr, BUCKET, &keys))
         .collect();
     let mut missing = Vec::new();
-    for (&set, acked) in adds {
-        for home in homes(ring, partition_of(BUCKET, &keys[set])) {
+    for (set, (key, acked)) in adds.iter().enumerate() {
+        for home in homes(ring, partition_of(BUCKET, key)) {
             let mut union = BTreeSet::new();
             for v in held[home][set].iter().flatten() {
                 if let Val::Value(v) = v {
@@ -472,10 +476,11 @@ fn check_sets(
             let lost: Vec<&String> = acked.difference(&union).collect();
             if !lost.is_empty() {
                 missing.push(format!(
-                    "node-{} lacks {} of {} acknowledged adds of set-{set}, e.g. {:?}",
+                    "node-{} lacks {} of {} acknowledged adds of {}, e.g. {:?}",
                     home + 1,
                     lost.len(),
                     acked.len(),
+                    String::from_utf8_lossy(key),
                     &lost[..lost.len().min(5)]
                 ));
             }
@@ -556,7 +561,10 @@ fn acknowledged_writes_and_adds_survive_kills_freezes_and_partitions() {
     let stop = Arc::new(AtomicBool::new(false));
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
     let clients: Vec<JoinHandle<Acked>> = (0..CLIENTS)
-        .map(|id| client_thread(id, rng.next(), addrs.clone(), stop.clone()))
+        .map(|id| {
+            let ops_max = OPS_PER_STEP_MAX * (steps + 1);
+            client_thread(id, rng.next(), addrs.clone(), ops_max, stop.clone())
+        })
         .collect();
     for fault in &faults {
         std::thread::sleep(Duration::from_millis(QUIET_MS));
@@ -565,7 +573,7 @@ fn acknowledged_writes_and_adds_survive_kills_freezes_and_partitions() {
     std::thread::sleep(Duration::from_millis(QUIET_MS));
     stop.store(true, Ordering::Relaxed);
     let mut writes = Vec::new();
-    let mut adds: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    let mut adds: BTreeMap<Vec<u8>, BTreeSet<String>> = BTreeMap::new();
     let mut failed = 0;
     for client in clients {
         let acked = client.join().unwrap();
