@@ -60,8 +60,8 @@ const FAULT_MS: u64 = 3000;
 const QUIET_MS: u64 = 1000;
 /// Client threads of the workload.
 const CLIENTS: usize = 3;
-/// Bound on the requests of each client thread per nemesis step (about ten times what one
-/// makes in a step here), so the workload ends even if the stop flag is never raised.
+/// Bound on the requests of each client thread per nemesis step (over ten times what one makes
+/// in a step here), so the workload ends even if the stop flag is never raised.
 const OPS_PER_STEP_MAX: usize = 5_000;
 /// Sets written at a time: few, so that clients often update one concurrently (siblings).
 const SET_KEYS: usize = 4;
@@ -288,9 +288,9 @@ struct Acked {
     adds: Vec<(Vec<u8>, String)>,
     /// (key, value) of every unique-key PUT that succeeded.
     writes: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Requests that failed (timeouts, unreachable nodes, quorums not met): expected under
-    /// faults, shown for the size of the run.
-    failed: usize,
+    /// Requests that failed, by kind (timeouts, unreachable nodes, quorums not met): expected
+    /// under faults, shown for the size of the run.
+    failed: BTreeMap<String, usize>,
 }
 
 /// Set `i` of the generation of a client's request `op`.
@@ -333,7 +333,7 @@ fn client_thread(
                 clients[node] = Client::connect(&addrs[node], config.clone()).ok();
             }
             let Some(client) = clients[node].as_mut() else {
-                acked.failed += 1;
+                *acked.failed.entry("connect".into()).or_default() += 1;
                 // A killed node refuses at once: do not spin on it.
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -349,8 +349,13 @@ fn client_thread(
                     .put(BUCKET, &key, &value, None)
                     .map(|_| acked.writes.push((key, value)))
             };
-            if ok.is_err() {
-                acked.failed += 1;
+            if let Err(e) = ok {
+                let kind = match e {
+                    ringkv_net::ClientError::Server { code, .. } => code.to_string(),
+                    ringkv_net::ClientError::Timeout(_) => "client timeout".into(),
+                    other => other.to_string(),
+                };
+                *acked.failed.entry(kind).or_default() += 1;
                 // A timed-out connection may still receive the late reply: start afresh.
                 clients[node] = None;
             }
@@ -359,7 +364,7 @@ fn client_thread(
     })
 }
 
-/// Adds `element` to set `set` by read-merge-write with the read's context.
+/// Adds `element` to the set at `key` by read-merge-write with the read's context.
 fn add(client: &mut Client, key: &[u8], element: &str) -> Result<(), ringkv_net::ClientError> {
     let read = client.get(BUCKET, key)?;
     let mut union: BTreeSet<&str> = BTreeSet::new();
@@ -574,18 +579,20 @@ fn acknowledged_writes_and_adds_survive_kills_freezes_and_partitions() {
     stop.store(true, Ordering::Relaxed);
     let mut writes = Vec::new();
     let mut adds: BTreeMap<Vec<u8>, BTreeSet<String>> = BTreeMap::new();
-    let mut failed = 0;
+    let mut failed: BTreeMap<String, usize> = BTreeMap::new();
     for client in clients {
         let acked = client.join().unwrap();
         writes.extend(acked.writes);
         for (set, element) in acked.adds {
             adds.entry(set).or_default().insert(element);
         }
-        failed += acked.failed;
+        for (kind, count) in acked.failed {
+            *failed.entry(kind).or_default() += count;
+        }
     }
     let added: usize = adds.values().map(BTreeSet::len).sum();
     eprintln!(
-        "{} acknowledged writes, {added} acknowledged adds, {failed} failed requests",
+        "{} acknowledged writes, {added} acknowledged adds, failed requests: {failed:?}",
         writes.len()
     );
     assert!(
