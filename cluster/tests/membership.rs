@@ -8,20 +8,17 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use common::{BIN, ClusterNode, Server, data_dir, free_port, merkle, seeds, wait_for};
-use ringkv_cluster::node::route::partition_of;
-use ringkv_cluster::object::{Object, Val};
-use ringkv_net::{
-    ClientError, ErrorCode, Frame, Get, Hello, Limits, Message, PROTOCOL_VERSION, ReplicaGet, Role,
-    Sibling, decode_frame, encode_frame_to_vec,
+use common::{
+    BIN, ClusterNode, Server, data_dir, free_port, merkle, replica_values, seeds, wait_for,
 };
+use ringkv_cluster::node::route::partition_of;
+use ringkv_cluster::object::Val;
+use ringkv_net::{ClientError, ErrorCode, Get, Message, Sibling};
 
 /// The Dynamo (3, 2, 2) default bucket.
 const BUCKETS: &str = "\
@@ -325,69 +322,6 @@ fn join_spreads_commit_reaches_the_claimant_and_membership_survives_restart() {
     }
 }
 
-/// What a node's own replica of each key holds, read over a peer connection with REPLICA_GET
-/// (hint `None`: the node's replica, not a hint it keeps for another node).
-fn replica_values(peer_addr: &str, keys: &[Vec<u8>]) -> Vec<Option<Vec<Val>>> {
-    let limits = Limits::DEFAULT;
-    let mut stream = std::net::TcpStream::connect(peer_addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut buf = Vec::new();
-    let mut read_frame = |stream: &mut std::net::TcpStream| -> Frame {
-        let mut chunk = [0u8; 65536];
-        loop {
-            if let Some((frame, used)) = decode_frame(&buf, &limits).unwrap() {
-                buf.drain(..used);
-                return frame;
-            }
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "{peer_addr} closed the connection");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let hello = Frame {
-        request_id: 1,
-        message: Message::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Peer,
-            cluster_name: "ringkv".into(),
-            node_name: Some("4000000@checker".into()),
-        }),
-    };
-    stream
-        .write_all(&encode_frame_to_vec(&hello, &limits).unwrap())
-        .unwrap();
-    assert!(matches!(
-        read_frame(&mut stream).message,
-        Message::HelloOk(_)
-    ));
-    let mut out = Vec::with_capacity(keys.len());
-    for (i, key) in keys.iter().enumerate() {
-        let get = Frame {
-            request_id: 2 + i as u64,
-            message: Message::ReplicaGet(ReplicaGet {
-                partition: partition_of(BUCKET, key).0,
-                hint: None,
-                bucket: Bytes::from_static(BUCKET),
-                key: Bytes::copy_from_slice(key),
-            }),
-        };
-        stream
-            .write_all(&encode_frame_to_vec(&get, &limits).unwrap())
-            .unwrap();
-        let answer = read_frame(&mut stream);
-        assert_eq!(answer.request_id, 2 + i as u64);
-        out.push(match answer.message {
-            Message::ReplicaGetOk(ok) => ok
-                .object
-                .map(|bytes| Object::decode(&bytes).unwrap().siblings()),
-            other => panic!("{peer_addr}: REPLICA_GET answered {other:?}"),
-        });
-    }
-    out
-}
-
 /// Waits until every node in `nodes` reports no pending transfers and `check` holds for its
 /// status text.
 fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool) {
@@ -582,7 +516,7 @@ fn join_then_leave_under_writes_leaves_identical_replicas() {
         || {
             let mut missing = Vec::new();
             for node in staying {
-                let held = replica_values(&node.peer_addr, &keys);
+                let held = replica_values(&node.peer_addr, BUCKET, &keys);
                 for ((key, value), held) in acked.iter().zip(held) {
                     let want = Val::Value(Bytes::copy_from_slice(value));
                     let ok = held
@@ -669,7 +603,7 @@ fn wait_every_copy(holders: &[&ClusterNode], written: &[Written], what: &str) {
     let keys: Vec<Vec<u8>> = written.iter().map(|(k, _)| k.clone()).collect();
     wait_for(what, SETTLE_POLLS, POLL_MS, || {
         for node in holders {
-            let held = replica_values(&node.peer_addr, &keys);
+            let held = replica_values(&node.peer_addr, BUCKET, &keys);
             for ((key, value), held) in written.iter().zip(held) {
                 let want = Val::Value(Bytes::copy_from_slice(value));
                 if !held

@@ -394,3 +394,60 @@ async fn blocking_pool_replaces_a_broken_connection() {
     done_tx.send(()).unwrap();
     server.await.unwrap();
 }
+
+/// A signal caught while a blocking client waits for a reply does not fail the request. A read
+/// on a socket with a receive timeout is never restarted after a signal handler ran, whatever
+/// `SA_RESTART` says (socket(7)): it fails with EINTR, which the client must read through. The
+/// server holds the reply back while the test sends SIGUSR1 (caught by a handler that does
+/// nothing) to the client's thread a few times, then answers; the PING must succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Installing a signal handler and signalling one thread have no safe std interface.
+#[allow(unsafe_code)]
+async fn a_signal_during_a_blocking_read_does_not_fail_the_request() {
+    /// Signals sent while the reply is held back, [`SIGNAL_GAP`] apart: the first may land
+    /// before the client is blocked in read, the later ones find it there.
+    const SIGNALS: usize = 5;
+    const SIGNAL_GAP: Duration = Duration::from_millis(20);
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: installs a handler that does nothing for a signal no other test uses; the struct
+    // is zeroed (no flags, empty mask) before the handler is set.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
+            0
+        );
+    }
+    let (listener, addr) = listener().await;
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let mut conn = FakeConn::accept(&listener).await;
+        let frame = conn.next().await.unwrap();
+        got_tx.send(()).unwrap();
+        go_rx.await.unwrap();
+        conn.send(frame.request_id, answer(&frame.message)).await;
+        serve_well(conn).await;
+    });
+    let (thread_tx, thread_rx) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
+        thread_tx.send(unsafe { libc::pthread_self() }).unwrap();
+        let mut client = ringkv_net::Client::connect(addr.as_str(), config()).unwrap();
+        client.ping()
+    });
+    let thread = thread_rx.recv().unwrap();
+    got_rx.await.unwrap();
+    for _ in 0..SIGNALS {
+        // SAFETY: the thread is alive: it is blocked on the reply the server holds back.
+        assert_eq!(unsafe { libc::pthread_kill(thread, libc::SIGUSR1) }, 0);
+        tokio::time::sleep(SIGNAL_GAP).await;
+    }
+    go_tx.send(()).unwrap();
+    let pinged = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert!(pinged.is_ok(), "{pinged:?}");
+    server.await.unwrap();
+}

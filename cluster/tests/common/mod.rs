@@ -16,7 +16,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringkv_net::{Client, ClientConfig, Message, Put};
+use ringkv_cluster::node::route::partition_of;
+use ringkv_cluster::object::{Object, Val};
+use ringkv_net::{
+    Client, ClientConfig, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet, Role,
+    decode_frame, encode_frame_to_vec,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 /// Enough keys that both shards own some with overwhelming probability (256 partitions).
@@ -170,6 +175,9 @@ pub struct ClusterNode {
     pub extra: Vec<String>,
     /// Where the node's log goes (appended across restarts), beside its data directory.
     pub log: PathBuf,
+    /// The group id the process runs as, if not the test's own: a fault test gives each node its
+    /// own so that firewall rules can tell the nodes' sockets apart (`iptables -m owner`).
+    pub gid: Option<u32>,
     child: Option<Child>,
 }
 
@@ -218,6 +226,7 @@ impl ClusterNode {
             args,
             extra: Vec::new(),
             log: dir.join(format!("node-{id}.log")),
+            gid: None,
             child: None,
         }
     }
@@ -249,17 +258,19 @@ impl ClusterNode {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("serve")
             .args(&self.args)
             .args(&self.extra)
             .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .stderr(log);
+        if let Some(gid) = self.gid {
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
+        self.child = Some(command.spawn().unwrap());
     }
 
     pub fn client(&self) -> Client {
@@ -322,6 +333,21 @@ impl ClusterNode {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the running process with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} node {}", self.id);
+    }
+
+    /// How the process ended, if it was started and has exited by itself.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 }
 
@@ -402,6 +428,15 @@ pub fn admin_get(admin: &str, path: &str) -> String {
     body.to_owned()
 }
 
+/// The sum of every sample of metric `name` in `/metrics` on an admin HTTP address.
+pub fn metric(admin: &str, name: &str) -> f64 {
+    admin_get(admin, "/metrics")
+        .lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
 /// A node's Merkle roots from `/merkle`: (partition, n) → (keys, root).
 pub fn merkle(admin: &str) -> std::collections::BTreeMap<(u32, u8), (u64, String)> {
     admin_get(admin, "/merkle")
@@ -432,4 +467,73 @@ pub fn wait_answering(child: &mut std::process::Child, id: u32, addr: &str) {
         std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
     }
     panic!("node {id} did not answer");
+}
+
+/// What a node's own replica of each key of `bucket` holds, read over a peer connection with
+/// REPLICA_GET (hint `None`: the node's replica, not a hint it keeps for another node), so no
+/// client read repairs it on the way.
+pub fn replica_values(
+    peer_addr: &str,
+    bucket: &'static [u8],
+    keys: &[Vec<u8>],
+) -> Vec<Option<Vec<Val>>> {
+    use std::io::{Read, Write};
+    let limits = Limits::DEFAULT;
+    let mut stream = std::net::TcpStream::connect(peer_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut read_frame = |stream: &mut std::net::TcpStream| -> Frame {
+        let mut chunk = [0u8; 65536];
+        loop {
+            if let Some((frame, used)) = decode_frame(&buf, &limits).unwrap() {
+                buf.drain(..used);
+                return frame;
+            }
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "{peer_addr} closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let hello = Frame {
+        request_id: 1,
+        message: Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            cluster_name: "ringkv".into(),
+            node_name: Some("4000000@checker".into()),
+        }),
+    };
+    stream
+        .write_all(&encode_frame_to_vec(&hello, &limits).unwrap())
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).message,
+        Message::HelloOk(_)
+    ));
+    let mut out = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let get = Frame {
+            request_id: 2 + i as u64,
+            message: Message::ReplicaGet(ReplicaGet {
+                partition: partition_of(bucket, key).0,
+                hint: None,
+                bucket: Bytes::from_static(bucket),
+                key: Bytes::copy_from_slice(key),
+            }),
+        };
+        stream
+            .write_all(&encode_frame_to_vec(&get, &limits).unwrap())
+            .unwrap();
+        let answer = read_frame(&mut stream);
+        assert_eq!(answer.request_id, 2 + i as u64);
+        out.push(match answer.message {
+            Message::ReplicaGetOk(ok) => ok
+                .object
+                .map(|bytes| Object::decode(&bytes).unwrap().siblings()),
+            other => panic!("{peer_addr}: REPLICA_GET answered {other:?}"),
+        });
+    }
+    out
 }

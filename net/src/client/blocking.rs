@@ -255,10 +255,13 @@ impl Client {
                 self.buf.drain(..used);
                 return Ok(frame);
             }
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .map_err(|e| ClientError::io("read", e, timeout))?;
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                // A signal handler ran while the thread waited: with a receive timeout set the
+                // kernel never restarts the read (socket(7)), and the reply is still to come.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ClientError::io("read", e, timeout)),
+            };
             if n == 0 {
                 return Err(ClientError::Closed);
             }
