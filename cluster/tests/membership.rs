@@ -927,3 +927,72 @@ fn nodes_with_plain_seeds_form_a_cluster_without_ids() {
     read_all_with_r3(&nodes[1], &written);
     wait_every_copy(&all, &written, "every copy on the three");
 }
+
+/// Rounds of the poll for anti-entropy to repair a restarted node: 30 s, where walking its
+/// trees round-robin at the default interval takes minutes.
+const AE_REPAIR_POLLS: usize = 300;
+
+/// After a fault heals, anti-entropy repairs what it left behind at the pace of that data, not
+/// of one tree per interval: a node of three (N = 3, default settings, so about 128 trees per
+/// shard and one round-robin exchange per second) is killed, keys are written without it (with
+/// no fourth node there is no fallback to hold hints, so only anti-entropy can bring it the
+/// writes), and it is restarted. The replicas that stored the writes while it was down, or whose writes to it
+/// failed, exchange exactly those trees with it first, so its own replica holds every key within
+/// the bounded wait; walking the trees round-robin would take minutes.
+#[test]
+fn anti_entropy_repairs_what_a_fault_left_behind_first() {
+    let mut nodes = nodes_on_defaults("ae-suspects", 3);
+    let seed_list = seeds(
+        &nodes
+            .iter()
+            .map(|n| (n.id, n.peer_addr.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    for node in &mut nodes {
+        node.extra = vec!["--seeds".into(), seed_list.clone()];
+        node.start();
+    }
+    let mut client = nodes[0].client();
+    wait_for("a write on all three", POLLS, POLL_MS, || {
+        let put = common::put_w(BUCKET, Bytes::from_static(b"warm-up"), b"v", 3);
+        match client.request_message(put) {
+            Ok(Message::PutOk(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    nodes[2].kill();
+    let written = write_step(&nodes[0], "missed");
+    // Three nodes and N = 3: no node is left to take a hint for node-3, so nothing but
+    // anti-entropy (no key is read) can bring it these writes.
+    for node in &nodes[..2] {
+        assert_eq!(common::metric(&node.admin, "ringkv_hints"), 0.0);
+    }
+    nodes[2].start();
+    let keys: Vec<Vec<u8>> = written.iter().map(|(k, _)| k.clone()).collect();
+    wait_for(
+        "node-3 repaired by anti-entropy alone",
+        AE_REPAIR_POLLS,
+        POLL_MS,
+        || {
+            let held = replica_values(&nodes[2].peer_addr, BUCKET, &keys);
+            let missing = written
+                .iter()
+                .zip(held)
+                .filter(|((_, value), held)| {
+                    let want = Val::Value(Bytes::copy_from_slice(value));
+                    !held
+                        .as_ref()
+                        .is_some_and(|h| !h.is_empty() && h.iter().all(|v| *v == want))
+                })
+                .count();
+            if missing == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{missing} of {} keys missing on node-3",
+                    written.len()
+                ))
+            }
+        },
+    );
+}

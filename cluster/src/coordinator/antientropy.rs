@@ -47,11 +47,24 @@
 //! # Pacing
 //!
 //! Anti-entropy is background work with fixed bounds: one exchange at a time per core, one
-//! started per `ae_interval_ms`, at most `ae_keys_max` keys listed and repaired per direction per
-//! exchange. The interval is the single knob: the effective interval is `ae_interval_ms` divided
-//! by the core's background share from admission control ([`Core::set_background_share`], in
-//! `[0.01, 1]`), and [`Core::set_ae_interval_ms`] changes it (0 pauses anti-entropy). The reads of
-//! objects an exchange sends are background storage work ([`Core::is_background`]).
+//! round-robin exchange started per `ae_interval_ms`, at most `ae_keys_max` keys listed and
+//! repaired per direction per exchange. The interval is the single knob: the effective interval
+//! is `ae_interval_ms` divided by the core's background share from admission control
+//! ([`Core::set_background_share`], in `[0.01, 1]`), and [`Core::set_ae_interval_ms`] changes it
+//! (0 pauses anti-entropy). The reads of objects an exchange sends are background storage work
+//! ([`Core::is_background`]).
+//!
+//! The round-robin alone repairs a partition that missed a write only when its turn comes: one
+//! tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
+//! keeps **suspect pairs**, a tree and a replica of it that may lack something this core stored:
+//! the replica was believed down when a write of the tree was stored here, or a replica write to
+//! it failed or timed out. Suspect pairs are exchanged first, one after another, [`SUSPECT_GAP_MS`]
+//! apart (at most `ae_interval_ms`, stretched by the background share like the rounds), as soon
+//! as the replica is believed up again; a pair stops being suspect when an exchange finds it
+//! equal, and stays suspect when its exchange fails or repaired keys (a repair is capped at
+//! `ae_keys_max`; the next exchange checks). So the time to repair what a fault left behind
+//! follows the trees it touched, not the number of trees. The set holds at most one entry per
+//! (tree, replica); pairs whose tree or replica a ring change took away are dropped.
 //!
 //! # Reaping tombstones
 //!
@@ -104,7 +117,7 @@
 //! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
 //! reaping removes keys from trees.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
@@ -114,6 +127,10 @@ use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
 use crate::node::NodeId;
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring, key_hash};
+
+/// Gap between two exchanges of suspect pairs at a full background share, in ms (never more
+/// than `ae_interval_ms`; admission control stretches it as it does the rounds).
+pub(super) const SUSPECT_GAP_MS: u64 = 10;
 
 /// Most differing nodes of one level whose children the next level sends.
 pub(super) const LEVEL_PARENTS_MAX: usize = 16;
@@ -161,6 +178,11 @@ pub(super) struct AeState {
     pushes: BTreeMap<u64, (NodeId, StoreKey)>,
     /// The rings (in force, pending) the trees were last computed for.
     view: Option<(Ring, Option<Ring>)>,
+    /// Suspect pairs (module docs, *Pacing*): a tree and a replica of it that may lack what
+    /// this core stored, exchanged ahead of the round-robin.
+    suspects: BTreeSet<((u32, u8), NodeId)>,
+    /// When the next exchange of a suspect pair may start.
+    next_suspect: u64,
 }
 
 impl AeState {
@@ -176,6 +198,8 @@ impl AeState {
             last_raise: None,
             pushes: BTreeMap::new(),
             view: None,
+            suspects: BTreeSet::new(),
+            next_suspect: 0,
         }
     }
 }
@@ -204,6 +228,9 @@ struct Tomb {
 #[derive(Debug)]
 struct Exchange {
     tree: (u32, u8),
+    /// The peer of an exchange started for a suspect pair: put back among the suspects if the
+    /// exchange fails or repairs anything, so that a later one confirms the pair agrees.
+    suspect_peer: Option<NodeId>,
     /// Messages awaited: id → node.
     waiting: BTreeMap<u64, NodeId>,
     step: Step,
@@ -398,6 +425,16 @@ impl Core {
         let id = (key.partition, self.tree_n(&key.bucket));
         let hash = self.tree_hash(&key.bucket, &key.key);
         let me = self.cfg.node;
+        if !self.ae.trees.contains_key(&id) {
+            return;
+        }
+        // A replica believed down misses what is stored here now (its hint may be lost).
+        for i in 0..self.tree_homes(id).len() {
+            let home = self.tree_homes(id)[i];
+            if home != me && !self.believed_up(home, now) {
+                self.ae.suspects.insert((id, home));
+            }
+        }
         let Some(tree) = self.ae.trees.get_mut(&id) else {
             return;
         };
@@ -445,21 +482,63 @@ impl Core {
 
     /// When the next round is due, if anti-entropy runs and no exchange is in progress.
     pub(super) fn ae_deadline(&self) -> Option<u64> {
+        let next = if self.ae.suspects.is_empty() {
+            self.ae.next_round
+        } else {
+            self.ae.next_round.min(self.ae.next_suspect)
+        };
         (self.cfg.ae_interval_ms > 0 && self.ae.exchange.is_none() && !self.ae.order.is_empty())
-            .then_some(self.ae.next_round)
+            .then_some(next)
+    }
+
+    /// A replica write of `key` to `node` failed or timed out: `node` may lack it.
+    pub(super) fn ae_suspect(&mut self, partition: u32, bucket: &[u8], node: NodeId) {
+        let tree = (partition, self.tree_n(bucket));
+        if node != self.cfg.node && self.ae.trees.contains_key(&tree) {
+            self.ae.suspects.insert((tree, node));
+        }
+    }
+
+    /// The first suspect pair that can be exchanged now: its tree is here and its peer is a
+    /// replica believed up. Pairs whose tree or peer went away with a ring change are dropped.
+    fn next_suspect(&mut self, now: u64) -> Option<((u32, u8), NodeId)> {
+        let mut gone = Vec::new();
+        let mut found = None;
+        for &(tree, peer) in &self.ae.suspects {
+            if !self.ae.trees.contains_key(&tree) || !self.tree_homes(tree).contains(&peer) {
+                gone.push((tree, peer));
+            } else if self.believed_up(peer, now) {
+                found = Some((tree, peer));
+                break;
+            }
+        }
+        for pair in gone {
+            self.ae.suspects.remove(&pair);
+        }
+        found
     }
 
     /// Starts a round if one is due.
     pub(super) fn ae_tick(&mut self, now: u64) {
-        if self.cfg.ae_interval_ms == 0
-            || self.ae.exchange.is_some()
-            || now < self.ae.next_round
-            || self.ae.order.is_empty()
-        {
+        if self.cfg.ae_interval_ms == 0 || self.ae.exchange.is_some() || self.ae.order.is_empty() {
             return;
         }
         // Admission control scales background work: a share of 1/4 makes rounds 4 times rarer.
-        let interval = self.cfg.ae_interval_ms as f64 / self.background_share();
+        let share = self.background_share();
+        if !self.ae.suspects.is_empty() && now >= self.ae.next_suspect {
+            // Pushed forward whether or not a pair can go now (its replica may still be down),
+            // so a deadline in the past never makes the shell tick in a loop.
+            let gap = self.cfg.ae_interval_ms.min(SUSPECT_GAP_MS) as f64 / share;
+            self.ae.next_suspect = now + (gap as u64).max(1);
+            if let Some((tree, peer)) = self.next_suspect(now) {
+                self.ae.suspects.remove(&(tree, peer));
+                return self.ae_start(now, tree, peer, true);
+            }
+        }
+        if now < self.ae.next_round {
+            return;
+        }
+        let interval = self.cfg.ae_interval_ms as f64 / share;
         self.ae.next_round = now + interval as u64;
         let len = self.ae.order.len() as u64;
         let round = self.ae.round;
@@ -478,6 +557,11 @@ impl Core {
         else {
             return;
         };
+        self.ae_start(now, tree, peer, false);
+    }
+
+    /// Starts an exchange of `tree` with `peer` (for a suspect pair if `suspect`).
+    fn ae_start(&mut self, now: u64, tree: (u32, u8), peer: NodeId, suspect: bool) {
         self.stats.ae_exchanges += 1;
         let root = self
             .ae
@@ -488,6 +572,7 @@ impl Core {
             .root();
         self.ae.exchange = Some(Exchange {
             tree,
+            suspect_peer: suspect.then_some(peer),
             waiting: BTreeMap::new(),
             step: Step::Level { peer, depth: 0 },
         });
@@ -522,6 +607,15 @@ impl Core {
         self.ae.exchange = None;
     }
 
+    /// Ends the exchange without knowing whether its pair agrees: a suspect pair stays one.
+    fn ae_end_unsettled(&mut self) {
+        if let Some(x) = self.ae.exchange.take()
+            && let Some(peer) = x.suspect_peer
+        {
+            self.ae.suspects.insert((x.tree, peer));
+        }
+    }
+
     /// Whether `id` is a message the running exchange awaits from `from`; forgets it if so.
     fn ae_awaited(&mut self, from: NodeId, id: u64) -> bool {
         match self.ae.exchange.as_mut() {
@@ -541,14 +635,14 @@ impl Core {
             .as_ref()
             .is_some_and(|x| x.waiting.contains_key(&id))
         {
-            self.ae_end();
+            self.ae_end_unsettled();
         }
     }
 
     /// `from` answered `id` with an error.
     pub(super) fn ae_failed(&mut self, _now: u64, from: NodeId, id: u64) {
         if self.ae_awaited(from, id) {
-            self.ae_end();
+            self.ae_end_unsettled();
         }
     }
 
@@ -560,7 +654,7 @@ impl Core {
             .as_ref()
             .is_some_and(|x| x.waiting.values().any(|&n| n == node))
         {
-            self.ae_end();
+            self.ae_end_unsettled();
         }
     }
 
@@ -623,6 +717,11 @@ impl Core {
                 let Some(x) = self.ae.exchange.take() else {
                     return;
                 };
+                // Keys were listed because leaves differed: until an exchange finds the pair
+                // equal, it stays suspect (a repair is capped at `ae_keys_max` keys).
+                if let Some(peer) = x.suspect_peer {
+                    self.ae.suspects.insert((x.tree, peer));
+                }
                 for (bucket, key) in want.into_iter().take(self.cfg.ae_keys_max) {
                     let key = StoreKey {
                         partition: x.tree.0,
@@ -935,6 +1034,8 @@ impl Core {
         }
         self.ae.exchange = Some(Exchange {
             tree: tree_id,
+            // Reaping follows an exchange that found the trees equal: nothing is suspect.
+            suspect_peer: None,
             waiting: BTreeMap::new(),
             step: Step::Reap {
                 keys: ready.clone(),

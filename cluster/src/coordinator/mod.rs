@@ -1885,7 +1885,8 @@ impl Core {
             PeerMsg::Pong { .. } => {}
             PeerMsg::Failed { id, error: e } => {
                 match self.pending.remove(&id) {
-                    Some(Pending::Slot { op, slot, .. }) => {
+                    Some(Pending::Slot { op, slot, node }) => {
+                        self.write_missed(op, node);
                         self.slot_answered(now, op, slot, SlotResult::Failed)
                     }
                     Some(Pending::Forward { op, .. }) => {
@@ -1935,11 +1936,24 @@ impl Core {
         self.take_output()
     }
 
+    /// A replica write of write op `op` to `node` failed or timed out: anti-entropy looks at
+    /// that replica of the key's tree ahead of its round (`antientropy.rs`, *Pacing*).
+    fn write_missed(&mut self, op: u64, node: NodeId) {
+        let Some(o) = self.ops.get(&op) else {
+            return;
+        };
+        if matches!(o.kind, OpKind::Write { .. }) {
+            let (partition, bucket) = (o.partition, o.bucket.clone());
+            self.ae_suspect(partition, &bucket, node);
+        }
+    }
+
     /// Message `id` is given up on (timeout or lost connection).
     fn expire(&mut self, now: u64, id: u64) {
         match self.pending.remove(&id) {
             Some(Pending::Slot { op, slot, node }) => {
                 self.mark_down(node, now);
+                self.write_missed(op, node);
                 self.slot_answered(now, op, slot, SlotResult::Failed);
             }
             Some(Pending::Forward { op, node }) => {
