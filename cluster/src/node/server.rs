@@ -54,6 +54,10 @@
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
+//! Anti-entropy trees: a shard serves as soon as its engine is open and every shard has started;
+//! its core's Merkle trees are then built from the engine in the background ([`trees`]), and
+//! anti-entropy leaves each partition alone until its trees are built.
+//!
 //! Membership: shard 0 owns the node's [`crate::membership::Membership`] (restored from
 //! `<data-dir>/cluster-state`, else bootstrapped from the seeds) and its shell, [`members`]:
 //! ADMIN frames from any shard and CLUSTER frames without a partition reach it there. Every
@@ -103,7 +107,7 @@ use ringkv_net::{
 use crate::admission::{AdmissionConfig, AdmissionController};
 use crate::bucket::Buckets;
 use crate::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
     hint_bytes,
 };
 use crate::membership::{Membership, MembershipConfig};
@@ -122,6 +126,7 @@ use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 mod members;
+mod trees;
 mod view;
 
 use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
@@ -933,17 +938,9 @@ async fn run_shard(
     let engine = match started {
         Some(started) => {
             let (mut core, replication) = start_core(id, &cfg, replication, lease, floor, hints);
-            let now = replication.clock.now_ms();
-            if let Err(source) = load_trees(&engine, &mut core, now, id, &cfg).await {
-                if let Err(closing) = close_engine(id, engine, dir.clone()).await {
-                    tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
-                }
-                return Err(ServeError::Engine {
-                    shard: id,
-                    dir,
-                    source,
-                });
-            }
+            // The trees are built from the engine while the shard serves (`server/trees.rs`);
+            // until a partition's are, anti-entropy leaves them alone.
+            core.trees_loading(trees::partitions(id, cfg.cpus.len()));
             let (engine, floor) = serve_shard(
                 id,
                 &cfg,
@@ -1193,6 +1190,7 @@ async fn serve_shard(
         .detach();
     shard.start_view(&view);
     shard.start_membership(stop.clone());
+    shard.spawn_tree_load(trees::partitions(id, shard_count));
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
     let weak = Rc::downgrade(&shard);
@@ -2013,48 +2011,6 @@ async fn unless<T>(
     .await
 }
 
-/// Gives the core every replica object of the shard's partitions, so its anti-entropy trees
-/// describe the engine. Reads every stored object once: startup time grows with the data (the
-/// engine index's value digests are too weak, 15 bits, to stand for versions).
-async fn load_trees(
-    engine: &Engine,
-    core: &mut Core,
-    now: u64,
-    shard: usize,
-    cfg: &ServeConfig,
-) -> Result<(), EngineError> {
-    let shard_count = cfg.cpus.len();
-    let mut loaded = 0u64;
-    for partition in
-        (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
-    {
-        let mut items = engine.iter_partition(partition);
-        while let Some(item) = items.next().await {
-            let (engine_key, bytes) = item?;
-            let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
-                tracing::warn!(shard, partition, "ignoring a malformed replica key");
-                continue;
-            };
-            let key = StoreKey {
-                partition,
-                space: Space::Primary,
-                bucket,
-                key,
-            };
-            match Object::decode(&bytes) {
-                Ok(object) => {
-                    core.load_replica(now, &key, &object);
-                    loaded += 1;
-                }
-                // Left out of the tree: anti-entropy repairs the key from the other replicas.
-                Err(e) => tracing::warn!(shard, partition, error = %e, "undecodable object"),
-            }
-        }
-    }
-    tracing::info!(shard, keys = loaded, "anti-entropy trees built");
-    Ok(())
-}
-
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
 /// it counts for in the hint store's bound.
 async fn scan_hints(
@@ -2519,6 +2475,7 @@ impl Shard {
                 hints_in_flight: core.hints_in_flight() as u64,
                 peers_suspected: core.suspected_count(now) as u64,
                 handoffs: core.handoff_count() as u64,
+                trees_loading: core.trees_loading_count() as u64,
             },
             self.view_version.get(),
         );
