@@ -143,6 +143,7 @@
 //! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
 //! reaping removes keys from trees.
 
+use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
@@ -502,8 +503,18 @@ impl Core {
             return;
         };
         let leaf = leaf_of(hash) as u32;
-        let slot = (leaf, key.bucket.clone(), key.key.clone());
-        let old = tree.keys.get(&slot).copied();
+        // One search finds the old entry and places the new one: the startup load makes one
+        // such call per stored key. The key is copied, so the tree never pins a received
+        // frame's buffer (a key already present keeps its copy).
+        let slot = tree.keys.entry((
+            leaf,
+            Bytes::copy_from_slice(&key.bucket),
+            Bytes::copy_from_slice(&key.key),
+        ));
+        let old = match &slot {
+            MapEntry::Occupied(o) => Some(*o.get()),
+            MapEntry::Vacant(_) => None,
+        };
         let new = object.map(|o| {
             let digest = o.digest();
             let tomb = o.is_deleted().then(|| Tomb {
@@ -527,19 +538,15 @@ impl Core {
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
-        match new {
-            Some(e) => {
-                // Copied, so the tree never pins a received frame's buffer.
-                let slot = (
-                    leaf,
-                    Bytes::copy_from_slice(&key.bucket),
-                    Bytes::copy_from_slice(&key.key),
-                );
-                tree.keys.insert(slot, e);
+        match (slot, new) {
+            (MapEntry::Occupied(mut o), Some(e)) => *o.get_mut() = e,
+            (MapEntry::Occupied(o), None) => {
+                o.remove();
             }
-            None => {
-                tree.keys.remove(&slot);
+            (MapEntry::Vacant(v), Some(e)) => {
+                v.insert(e);
             }
+            (MapEntry::Vacant(_), None) => {}
         }
     }
 
