@@ -28,10 +28,11 @@
 //!
 //! Nothing on disk describes the trees: the engine's index keeps a 15-bit value digest per key,
 //! far too weak to stand for a version, so a restarted shard must read every stored object once.
-//! That costs time proportional to the data (about 130 µs a key with one read at a time, over two
-//! minutes for a million keys), and a node that waited for it before serving would make a
-//! rolling restart of a large store take hours. So the shard serves at once and loads the trees
-//! in the background:
+//! That costs time proportional to the data, and a node that waited for it before serving would
+//! make a rolling restart of a large store take hours (one random read per key, as the shard once
+//! did before serving, took over a minute and a half per million keys). So the shard serves at
+//! once and loads the trees in the background (the shell reads the objects in storage order,
+//! with large sequential reads, `node/server/trees.rs`):
 //!
 //! 1. before serving, the shell calls [`Core::trees_loading`] with every partition it will load;
 //!    their trees are *loading*;
@@ -57,7 +58,8 @@
 //! per-record digest kept by the engine in its hint files (a format change, and the trees also
 //! need each tombstone's clock for reaping, so tombstones would still be read). Reading in the
 //! background keeps one source of truth and makes the first request independent of the data
-//! size; the time until anti-entropy resumes still grows with it.
+//! size; the time until anti-entropy resumes still grows with it (a few seconds per million
+//! keys, docs/BENCHMARKS.md).
 //!
 //! # Exchanges
 //!
