@@ -9,21 +9,29 @@
 //! [`GAP_BYTES_MAX`]; so it reads at the device's bandwidth, and a mostly-garbage segment costs
 //! reads of its live records only.
 //!
-//! **What it returns, beside writers and compaction.** Segments are taken in ascending id order,
-//! [`SEGMENTS_PER_WALK`] per walk of the index, then, in a last walk, the segments created since
-//! the scan began. Compaction only moves a record into a segment newer than the one it leaves, and
-//! a walk sees each key at one location, so a key live throughout the scan is returned at least
-//! once, with the record that was its live one when its segment's walk ran; a record compaction
-//! moved after one walk and before a later one may be returned twice (identical bytes). A key
+//! **What it returns, beside writers and compaction.** Each walk of the index covers a range of
+//! segment ids: ascending groups of [`SEGMENTS_PER_WALK`] of the segments present when the scan
+//! began, then, last, every newer segment, whenever it was created. A walk looks at each key
+//! once. Compaction only moves a record into a segment newer than the one it leaves, so a key
+//! that no walk found in its range was, at each walk, past that walk's range, and the last walk
+//! finds it: a key live throughout the scan is returned at least once, with the record that was
+//! its live one when a walk looked at it; a record compaction moved between two walks may be
+//! returned twice (identical bytes). A key
 //! written or deleted after the walk that covered it may be returned with its older record, or
 //! not at all: a caller that races writers must prefer what it learns from its own writes (the
 //! cluster's tree load does). Records are read from the segment object the walk found, which
 //! keeps its file open, so a segment compaction deletes meanwhile still reads back.
 //!
+//! **Beside foreground work.** A walk visits one partition's index entries at a time and yields
+//! between partitions when its task's slice is used up; its records are kept in chunks of one
+//! window's span of one segment, and a chunk is sorted only when it is about to be read. So no
+//! step holds the thread for more than one partition's entries or one chunk's records, and the
+//! caller's task queue decides how much of the shard the scan takes.
+//!
 //! **Limits.** Memory: 16 bytes per live record of the segments of one walk (at most
 //! [`SEGMENTS_PER_WALK`] segments, so about 8 MiB per 64 MiB segment of 128-byte records), plus one
-//! window. Time: one walk of the whole index per group of segments. A record that fails its
-//! checksum is skipped, counted in the engine's corrupt reads and in
+//! window. Time: one walk of the wanted partitions' index entries per group of segments. A record
+//! that fails its checksum is skipped, counted in the engine's corrupt reads and in
 //! [`LiveScan::corrupt_records`], and logged; tombstones are not returned.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -69,28 +77,42 @@ struct Spot {
 pub struct LiveScan {
     inner: Weak<Inner>,
     wanted: Box<dyn Fn(u32) -> bool>,
-    /// Ids of the segments present when the scan began, not yet walked, ascending.
-    first: VecDeque<u64>,
+    /// Ranges of ids of the segments present when the scan began, [`SEGMENTS_PER_WALK`]
+    /// segments each, not yet walked, ascending.
+    first: VecDeque<(u64, u64)>,
     /// Highest segment id present when the scan began.
     last_id: u64,
     /// The last walk (segments created since the scan began) is done.
     walked_new: bool,
-    /// Segments of the last walk with their live records, sorted by offset, and how many of
-    /// those were read.
-    pending: VecDeque<(Rc<Segment>, Vec<Spot>, usize)>,
+    /// The live records of the last walk, in chunks, in (segment id, offset) order.
+    pending: VecDeque<Chunk>,
     corrupt: u64,
+}
+
+/// The live records of one segment whose offsets fall in one window-sized span.
+struct Chunk {
+    seg: Rc<Segment>,
+    spots: Vec<Spot>,
+    /// `spots` is sorted by offset (done when the chunk comes up for reading).
+    sorted: bool,
+    /// Spots already read.
+    done: usize,
 }
 
 impl LiveScan {
     pub(crate) fn new(inner: &Rc<Inner>, wanted: Box<dyn Fn(u32) -> bool>) -> LiveScan {
         let st = inner.st.borrow();
-        let mut first: Vec<u64> = st.segments.iter().flatten().map(|s| s.id).collect();
-        first.sort_unstable();
-        let last_id = first.last().copied().unwrap_or(0);
+        let mut ids: Vec<u64> = st.segments.iter().flatten().map(|s| s.id).collect();
+        ids.sort_unstable();
+        let last_id = ids.last().copied().unwrap_or(0);
+        let first = ids
+            .chunks(SEGMENTS_PER_WALK)
+            .map(|c| (c[0], c[c.len() - 1]))
+            .collect();
         LiveScan {
             inner: Rc::downgrade(inner),
             wanted,
-            first: first.into(),
+            first,
             last_id,
             walked_new: false,
             pending: VecDeque::new(),
@@ -111,17 +133,22 @@ impl LiveScan {
             if let Err(e) = inner.st.borrow().check_usable() {
                 return Some(Err(e));
             }
-            let Some((seg, spots, done)) = self.pending.front_mut() else {
-                if !self.walk(&inner) {
+            let Some(chunk) = self.pending.front_mut() else {
+                if !self.walk(&inner).await {
                     return None;
                 }
                 continue;
             };
-            if *done == spots.len() {
+            if chunk.done == chunk.spots.len() {
                 self.pending.pop_front();
                 continue;
             }
-            let from = *done;
+            if !chunk.sorted {
+                chunk.spots.sort_unstable_by_key(|s| s.offset);
+                chunk.sorted = true;
+            }
+            let spots = &chunk.spots;
+            let from = chunk.done;
             let start = spots[from].offset;
             let mut end = start + u64::from(spots[from].len);
             let mut to = from + 1;
@@ -133,63 +160,77 @@ impl LiveScan {
                 end = s_end;
                 to += 1;
             }
-            *done = to;
-            let seg = seg.clone();
+            chunk.done = to;
+            let seg = chunk.seg.clone();
             let window: Vec<Spot> = spots[from..to].to_vec();
             let records = self.read_window(&inner, &seg, &window, start, end).await;
             return Some(records);
         }
     }
 
-    /// Collects the live records of the next group of segments into `pending`; false when
-    /// every walk is done.
-    fn walk(&mut self, inner: &Inner) -> bool {
-        let st = inner.st.borrow();
-        // Which segments this walk covers: the next group of those present when the scan
-        // began (one compaction deleted meanwhile has moved its records to newer ones), else
-        // every segment created since.
-        let ids: Vec<u64> = if !self.first.is_empty() {
-            let n = self.first.len().min(SEGMENTS_PER_WALK);
-            self.first.drain(..n).collect()
-        } else if !self.walked_new {
-            self.walked_new = true;
-            let last = self.last_id;
-            st.segments
-                .iter()
-                .flatten()
-                .map(|s| s.id)
-                .filter(|&id| id > last)
-                .collect()
-        } else {
-            return false;
-        };
-        let mut by_slot: BTreeMap<u16, (Rc<Segment>, Vec<Spot>)> = st
-            .segments
-            .iter()
-            .flatten()
-            .filter(|s| ids.contains(&s.id))
-            .map(|s| (s.slot, (s.clone(), Vec::new())))
-            .collect();
-        st.index.for_each(|partition, _, e| {
-            if e.tombstone || !(self.wanted)(partition) {
-                return;
+    /// Collects the live records of the next group of segments into `pending`, one partition
+    /// at a time with a yield between partitions; false when every walk is done.
+    async fn walk(&mut self, inner: &Inner) -> bool {
+        // The ids this walk covers: the next group of the segments present when the scan began
+        // (ids are never reused, so no later segment falls in such a range), else every segment
+        // newer than those, whenever it was created, so a record compaction moves into a
+        // segment created during this very walk is still found in it.
+        let (lo, hi) = match self.first.pop_front() {
+            Some(range) => range,
+            None if !self.walked_new => {
+                self.walked_new = true;
+                (self.last_id + 1, u64::MAX)
             }
-            if let Some((_, spots)) = by_slot.get_mut(&e.loc.slot) {
-                spots.push(Spot {
-                    offset: e.loc.offset,
-                    len: e.loc.len,
-                    partition,
+            None => return false,
+        };
+        let partitions: Vec<u32> = {
+            let st = inner.st.borrow();
+            let mut partitions: Vec<u32> = st
+                .index
+                .partitions()
+                .into_iter()
+                .filter(|&p| (self.wanted)(p))
+                .collect();
+            partitions.sort_unstable();
+            partitions
+        };
+        // Segment id → (segment, chunk index → its records).
+        let mut found: BTreeMap<u64, (Rc<Segment>, BTreeMap<u64, Vec<Spot>>)> = BTreeMap::new();
+        for partition in partitions {
+            {
+                let st = inner.st.borrow();
+                st.index.for_each_in(partition, |_, e| {
+                    if e.tombstone {
+                        return;
+                    }
+                    let seg = st.segment(e.loc.slot);
+                    if seg.id < lo || seg.id > hi {
+                        return;
+                    }
+                    found
+                        .entry(seg.id)
+                        .or_insert_with(|| (seg.clone(), BTreeMap::new()))
+                        .1
+                        .entry(e.loc.offset / WINDOW_BYTES_MAX)
+                        .or_default()
+                        .push(Spot {
+                            offset: e.loc.offset,
+                            len: e.loc.len,
+                            partition,
+                        });
                 });
             }
-        });
-        let mut segs: Vec<(Rc<Segment>, Vec<Spot>)> = by_slot.into_values().collect();
-        segs.sort_by_key(|(s, _)| s.id);
-        for (seg, mut spots) in segs {
-            if spots.is_empty() {
-                continue;
+            glommio::yield_if_needed().await;
+        }
+        for (seg, chunks) in found.into_values() {
+            for spots in chunks.into_values() {
+                self.pending.push_back(Chunk {
+                    seg: seg.clone(),
+                    spots,
+                    sorted: false,
+                    done: 0,
+                });
             }
-            spots.sort_unstable_by_key(|s| s.offset);
-            self.pending.push_back((seg, spots, 0));
         }
         true
     }
