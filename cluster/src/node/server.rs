@@ -1131,8 +1131,8 @@ async fn serve_shard(
         Latency::Matters(Duration::from_millis(PREEMPT_MS)),
         "requests",
     );
-    // Background work of the replication layer (hint delivery); its shares, and the engine's
-    // compaction shares, follow the admission controller.
+    // Background work of the replication layer (hint delivery, the tree build after a start);
+    // its shares, and the engine's compaction shares, follow the admission controller.
     let background_shares = Rc::new(BackgroundShares::default());
     let background = glommio::executor().create_task_queue(
         Shares::Dynamic(background_shares.clone()),
