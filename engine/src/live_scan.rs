@@ -89,6 +89,9 @@ pub struct LiveScan {
     corrupt: u64,
 }
 
+/// What a walk found: segment id → (segment, chunk index (offset / window) → its records).
+type Found = BTreeMap<u64, (Rc<Segment>, BTreeMap<u64, Vec<Spot>>)>;
+
 /// The live records of one segment whose offsets fall in one window-sized span.
 struct Chunk {
     seg: Rc<Segment>,
@@ -194,8 +197,7 @@ impl LiveScan {
             partitions.sort_unstable();
             partitions
         };
-        // Segment id → (segment, chunk index → its records).
-        let mut found: BTreeMap<u64, (Rc<Segment>, BTreeMap<u64, Vec<Spot>>)> = BTreeMap::new();
+        let mut found = Found::new();
         for partition in partitions {
             {
                 let st = inner.st.borrow();
