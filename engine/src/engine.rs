@@ -633,6 +633,13 @@ impl Engine {
         }
     }
 
+    /// Every live record of the partitions `wanted` accepts, read in storage order with large
+    /// sequential reads: the bulk read of a caller rebuilding something from all of its data.
+    /// See [`LiveScan`] for what it returns while writes and compaction run.
+    pub fn scan_live(&self, wanted: impl Fn(u32) -> bool + 'static) -> crate::LiveScan {
+        crate::LiveScan::new(&self.inner, Box::new(wanted))
+    }
+
     /// Partitions that hold at least one entry (a live key or a tombstone), in no order.
     pub fn partitions(&self) -> Vec<u32> {
         self.inner.st.borrow().index.partitions()

@@ -273,6 +273,21 @@ impl Index {
         }
     }
 
+    /// Visits every entry of one partition (unordered).
+    pub fn for_each_in(&self, partition: u32, mut f: impl FnMut(KeyHash, Entry)) {
+        if let Some(t) = self.parts.get(&partition) {
+            for s in t.iter() {
+                f(
+                    KeyHash {
+                        digest: s.digest(),
+                        check: s.check,
+                    },
+                    s.entry(),
+                );
+            }
+        }
+    }
+
     /// Removes every entry for which `f` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(u32, Entry) -> bool) {
         let mut removed_tombstones = 0;

@@ -5,8 +5,9 @@
 //! grouped in ring partitions, in append-only segment files written with O_DIRECT through io_uring.
 //!
 //! What it does: group-committed writes with per-write durability ([`Durability::Sync`] or
-//! [`Durability::Buffered`]), tombstone deletes, partition iteration and dropping, a bounded value
-//! cache, background compaction in its own task queue, and crash recovery (hint files for speed,
+//! [`Durability::Buffered`]), tombstone deletes, partition iteration and dropping, scans of the
+//! live records of chosen partitions in storage order ([`LiveScan`]), a bounded value cache,
+//! background compaction in its own task queue, and crash recovery (hint files for speed,
 //! scanning with CRC checks for robustness, torn tails truncated, damaged records reported).
 //!
 //! What it does not do: no causality or replication (the cluster layer stores its version vectors
@@ -25,6 +26,7 @@ pub mod error;
 pub mod hint;
 pub mod index;
 pub mod io;
+pub mod live_scan;
 mod maintenance;
 pub mod record;
 mod recovery;
@@ -37,5 +39,6 @@ pub use config::{Durability, EngineConfig};
 pub use engine::{Engine, PartitionIter};
 pub use error::EngineError;
 pub use io::{FaultPlan, IoClass};
+pub use live_scan::{LiveRecord, LiveScan};
 pub use recovery::{DamagedRegion, RecoveryReport, set_compaction_shares};
 pub use stats::EngineStats;

@@ -300,6 +300,19 @@ enum Event {
         node: usize,
         incarnation: u32,
     },
+    /// A restarted node's tree load reads one partition from its store...
+    TreeRead {
+        node: usize,
+        incarnation: u32,
+        partition: u32,
+    },
+    /// ...and the objects it read reach the core later, after whatever writes came between.
+    TreeLoad {
+        node: usize,
+        incarnation: u32,
+        partition: u32,
+        items: Vec<(StoreKey, Object)>,
+    },
     Admin,
     Flush {
         node: usize,
@@ -726,14 +739,24 @@ impl Sim {
             .collect();
         let mut core = Core::new(cfg, ring, lease, hints);
         let now = self.now;
+        let partitions = core.ring().partition_count().get();
+        // As a shard does at startup: the trees are loaded from storage while the node serves,
+        // each partition read at a random time and loaded later still, so writes and
+        // anti-entropy messages race the load. Half the boots load before serving instead (the
+        // former startup), so both paths stay checked against each other.
+        let background = self.rng.gen_bool(0.5);
+        if background {
+            core.trees_loading(0..partitions);
+        }
         let mut outputs = core.set_view(now, view.ring, view.pending);
         outputs.extend(core.set_stored_partitions(now, stored));
-        // As a shard does at startup: the trees describe what storage holds.
-        for key in node.store.keys() {
-            if key.space == Space::Primary
-                && let Some(object) = node.store.read(&key)
-            {
-                core.load_replica(now, &key, &object);
+        if !background {
+            for key in node.store.keys() {
+                if key.space == Space::Primary
+                    && let Some(object) = node.store.read(&key)
+                {
+                    core.load_replica(now, &key, &object);
+                }
             }
         }
         node.core = Some(core);
@@ -751,6 +774,19 @@ impl Sim {
                 incarnation,
             },
         );
+        if background {
+            for partition in 0..partitions {
+                let delay = self.rng.gen_range(0..300);
+                self.schedule(
+                    delay,
+                    Event::TreeRead {
+                        node: n,
+                        incarnation,
+                        partition,
+                    },
+                );
+            }
+        }
     }
 
     /// The operator's steps for the run's change, starting during the fault phase.
@@ -1442,6 +1478,48 @@ impl Sim {
                     self.member_outputs(node, outputs);
                     self.schedule(100, Event::MemberTick { node, incarnation });
                 }
+            }
+            Event::TreeRead {
+                node,
+                incarnation,
+                partition,
+            } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
+                    return;
+                }
+                let store = &self.nodes[node].store;
+                let items: Vec<(StoreKey, Object)> = store
+                    .keys()
+                    .into_iter()
+                    .filter(|k| k.partition == partition && k.space == Space::Primary)
+                    .filter_map(|k| store.read(&k).map(|o| (k, o)))
+                    .collect();
+                let delay = self.rng.gen_range(1..100);
+                self.schedule(
+                    delay,
+                    Event::TreeLoad {
+                        node,
+                        incarnation,
+                        partition,
+                        items,
+                    },
+                );
+            }
+            Event::TreeLoad {
+                node,
+                incarnation,
+                partition,
+                items,
+            } => {
+                if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
+                    return;
+                }
+                let now = self.now;
+                let core = self.core(node);
+                for (key, object) in &items {
+                    core.load_replica(now, key, object);
+                }
+                core.trees_loaded(partition);
             }
             Event::Admin => self.admin_step(),
             Event::Flush { node } => {

@@ -11,7 +11,7 @@
 //! Every write of a primary replica (a coordinated write, a replica merge, a read repair, a hint
 //! delivered home, a reaped tombstone) updates the tree when its storage operation is issued,
 //! under the key's job lock, so the tree is a function of what the replica stores. A restarted
-//! shard rebuilds its trees from its storage ([`Core::load_replica`]).
+//! shard rebuilds its trees from its storage while it already serves (below).
 //!
 //! An item is `xxh3(tree hash ‖ digest)` where the digest is [`Object::digest`] (xxh3 of the
 //! canonical encoding: equal objects, equal digests). The *tree hash* of a key is its placement
@@ -23,6 +23,43 @@
 //! Beside the tree, the core keeps each key's digest (ordered by leaf), so listing a differing
 //! leaf costs no storage scan. That costs about 100 bytes plus the key's length per key, per
 //! replica; a tree costs about 37 KiB whatever its key count.
+//!
+//! # Building the trees at startup
+//!
+//! Nothing on disk describes the trees: the engine's index keeps a 15-bit value digest per key,
+//! far too weak to stand for a version, so a restarted shard must read every stored object once.
+//! That costs time proportional to the data, and a node that waited for it before serving would
+//! make a rolling restart of a large store take hours (one random read per key, as the shard once
+//! did before serving, took over a minute and a half per million keys). So the shard serves at
+//! once and loads the trees in the background (the shell reads the objects in storage order,
+//! with large sequential reads, `node/server/trees.rs`):
+//!
+//! 1. before serving, the shell calls [`Core::trees_loading`] with every partition it will load;
+//!    their trees are *loading*;
+//! 2. it reads the partitions' objects from storage, in the background, and hands each to
+//!    [`Core::load_replica`], then calls [`Core::trees_loaded`] once a partition is read whole;
+//! 3. anti-entropy leaves a loading partition alone: the core starts no exchange on its trees
+//!    and refuses the exchange and reap messages of peers for them ([`PeerMsg::AeLevel`],
+//!    [`PeerMsg::AeKeys`], [`PeerMsg::AeReap`]), so no exchange compares an incomplete tree, no
+//!    key is sent or asked for because a tree lacks it, and no tombstone is confirmed from one.
+//!
+//! Writes do not wait for the load, so a load races them: the shell may read an object, a write
+//! may then store a newer one (updating the tree under the key's lock, as always), and only then
+//! may the older read reach the core. To keep the newer digest, the core remembers, per loading
+//! partition, every key whose tree entry anything other than the load set since the load began
+//! (writes, removals, a merge re-checking the tree); the load skips those keys, whose entries
+//! are already what storage holds. The converse order needs nothing: a load that arrives first
+//! is replaced by the later write. So once a partition is loaded its trees equal trees built
+//! from storage with no writes running, which the simulator checks after every run. The
+//! remembered keys are bounded by the partition's keys and dropped when its load ends.
+//!
+//! Alternatives left out: persisting the trees at a clean stop (still a full read after a
+//! crash, and a validity check against the engine that is as hard as the problem); a strong
+//! per-record digest kept by the engine in its hint files (a format change, and the trees also
+//! need each tombstone's clock for reaping, so tombstones would still be read). Reading in the
+//! background keeps one source of truth and makes the first request independent of the data
+//! size; the time until anti-entropy resumes still grows with it (a few seconds per million
+//! keys, docs/BENCHMARKS.md).
 //!
 //! # Exchanges
 //!
@@ -111,12 +148,17 @@
 //!
 //! # Limits
 //!
+//! A partition's trees take no part in anti-entropy until the startup load has read all of its
+//! objects: replicas that missed writes while this node was down are repaired meanwhile only by
+//! read repair and hinted handoff.
+//!
 //! Membership is static: a ring change keeps the trees of the partitions still homed here and
 //! drops the others (partition transfer must raise floors, per the coordinator's obligation).
 //! Changing a bucket's `n` moves its keys to another tree only as they are written again. The
 //! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
 //! reaping removes keys from trees.
 
+use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
@@ -183,6 +225,9 @@ pub(super) struct AeState {
     suspects: BTreeSet<((u32, u8), NodeId)>,
     /// When the next exchange of a suspect pair may start.
     next_suspect: u64,
+    /// Partitions whose trees are loading from storage (module docs), each with the keys whose
+    /// entries something other than the load set since it began, which the load must skip.
+    loading: BTreeMap<u32, BTreeSet<(Bytes, Bytes)>>,
 }
 
 impl AeState {
@@ -200,6 +245,7 @@ impl AeState {
             view: None,
             suspects: BTreeSet::new(),
             next_suspect: 0,
+            loading: BTreeMap::new(),
         }
     }
 }
@@ -360,10 +406,50 @@ impl Core {
         }
     }
 
-    /// A stored replica object found at startup: the shell calls this for every key of
-    /// [`Space::Primary`] before serving, so the trees describe the storage.
+    /// The shell is about to load the trees of `partitions` from storage while it serves
+    /// (module docs): until [`Core::trees_loaded`] says a partition is read whole, anti-entropy
+    /// leaves its trees alone and the load does not overwrite entries writes set meanwhile.
+    pub fn trees_loading(&mut self, partitions: impl IntoIterator<Item = u32>) {
+        for p in partitions {
+            self.ae.loading.entry(p).or_default();
+        }
+        if self
+            .ae
+            .exchange
+            .as_ref()
+            .is_some_and(|x| self.ae.loading.contains_key(&x.tree.0))
+        {
+            self.ae_end();
+        }
+    }
+
+    /// A stored replica object, read from storage to build the trees: the shell calls this for
+    /// every key of [`Space::Primary`] of a partition, either before serving (nothing else runs)
+    /// or while it is loading (module docs), where a key written since the load began keeps the
+    /// entry its write set.
     pub fn load_replica(&mut self, now: u64, key: &StoreKey, object: &Object) {
-        self.tree_set(now, key, Some(object));
+        if let Some(touched) = self.ae.loading.get(&key.partition)
+            && touched.contains(&(key.bucket.clone(), key.key.clone()))
+        {
+            return;
+        }
+        self.tree_apply(now, key, Some(object));
+    }
+
+    /// Every object of `partition` was given to [`Core::load_replica`]: its trees describe the
+    /// storage, and anti-entropy may use them.
+    pub fn trees_loaded(&mut self, partition: u32) {
+        self.ae.loading.remove(&partition);
+    }
+
+    /// Partitions whose trees are still loading.
+    pub fn trees_loading_count(&self) -> usize {
+        self.ae.loading.len()
+    }
+
+    /// Whether the trees of `partition` are still loading.
+    fn tree_loading(&self, partition: u32) -> bool {
+        self.ae.loading.contains_key(&partition)
     }
 
     /// The raised floor of an [`Output::PersistFloor`] is persisted.
@@ -418,7 +504,24 @@ impl Core {
         }
     }
 
+    /// Sets `key`'s tree entry to what storage holds for it now (a write issued under its lock,
+    /// or a read that found it): a load still running for its partition must not overwrite it.
     fn tree_set(&mut self, now: u64, key: &StoreKey, object: Option<&Object>) {
+        if key.space != Space::Primary {
+            return;
+        }
+        if let Some(touched) = self.ae.loading.get_mut(&key.partition) {
+            // Copied, as the tree's keys are, so the set never pins a received frame's buffer.
+            touched.insert((
+                Bytes::copy_from_slice(&key.bucket),
+                Bytes::copy_from_slice(&key.key),
+            ));
+        }
+        self.tree_apply(now, key, object);
+    }
+
+    /// Sets `key`'s entry in its tree, if this core keeps that tree.
+    fn tree_apply(&mut self, now: u64, key: &StoreKey, object: Option<&Object>) {
         if key.space != Space::Primary {
             return;
         }
@@ -439,8 +542,18 @@ impl Core {
             return;
         };
         let leaf = leaf_of(hash) as u32;
-        let slot = (leaf, key.bucket.clone(), key.key.clone());
-        let old = tree.keys.get(&slot).copied();
+        // One search finds the old entry and places the new one: the startup load makes one
+        // such call per stored key. The key is copied, so the tree never pins a received
+        // frame's buffer (a key already present keeps its copy).
+        let slot = tree.keys.entry((
+            leaf,
+            Bytes::copy_from_slice(&key.bucket),
+            Bytes::copy_from_slice(&key.key),
+        ));
+        let old = match &slot {
+            MapEntry::Occupied(o) => Some(*o.get()),
+            MapEntry::Vacant(_) => None,
+        };
         let new = object.map(|o| {
             let digest = o.digest();
             let tomb = o.is_deleted().then(|| Tomb {
@@ -464,19 +577,15 @@ impl Core {
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
-        match new {
-            Some(e) => {
-                // Copied, so the tree never pins a received frame's buffer.
-                let slot = (
-                    leaf,
-                    Bytes::copy_from_slice(&key.bucket),
-                    Bytes::copy_from_slice(&key.key),
-                );
-                tree.keys.insert(slot, e);
+        match (slot, new) {
+            (MapEntry::Occupied(mut o), Some(e)) => *o.get_mut() = e,
+            (MapEntry::Occupied(o), None) => {
+                o.remove();
             }
-            None => {
-                tree.keys.remove(&slot);
+            (MapEntry::Vacant(v), Some(e)) => {
+                v.insert(e);
             }
+            (MapEntry::Vacant(_), None) => {}
         }
     }
 
@@ -499,15 +608,16 @@ impl Core {
         }
     }
 
-    /// The first suspect pair that can be exchanged now: its tree is here and its peer is a
-    /// replica believed up. Pairs whose tree or peer went away with a ring change are dropped.
+    /// The first suspect pair that can be exchanged now: its tree is here and loaded, and its
+    /// peer is a replica believed up. Pairs whose tree or peer went away with a ring change are dropped.
     fn next_suspect(&mut self, now: u64) -> Option<((u32, u8), NodeId)> {
         let mut gone = Vec::new();
         let mut found = None;
         for &(tree, peer) in &self.ae.suspects {
             if !self.ae.trees.contains_key(&tree) || !self.tree_homes(tree).contains(&peer) {
                 gone.push((tree, peer));
-            } else if self.believed_up(peer, now) {
+            } else if self.believed_up(peer, now) && !self.tree_loading(tree.0) {
+                // A loading tree waits for its load (module docs); the pair stays.
                 found = Some((tree, peer));
                 break;
             }
@@ -541,9 +651,19 @@ impl Core {
         let interval = self.cfg.ae_interval_ms as f64 / share;
         self.ae.next_round = now + interval as u64;
         let len = self.ae.order.len() as u64;
+        // The next tree whose partition is not loading (module docs); none: no round this time.
+        let mut skipped = 0;
+        while skipped < len && self.tree_loading(self.ae.order[(self.ae.round % len) as usize].0) {
+            self.ae.round += 1;
+            skipped += 1;
+        }
+        if skipped == len {
+            return;
+        }
         let round = self.ae.round;
         self.ae.round += 1;
         let tree = self.ae.order[(round % len) as usize];
+        debug_assert!(!self.tree_loading(tree.0));
         let peers = self.tree_peers(tree);
         if peers.is_empty() {
             // n = 1: nothing to compare with; tombstones need no confirmation.
@@ -668,6 +788,16 @@ impl Core {
         });
     }
 
+    /// Refuses an exchange or reap message for a tree still loading from storage: the peer's
+    /// exchange ends and its next round tries another tree or replica.
+    fn ae_refuse_loading(&mut self, to: NodeId, id: u64, partition: u32) {
+        self.ae_refuse(
+            to,
+            id,
+            format!("the trees of partition {partition} are still loading"),
+        );
+    }
+
     /// An anti-entropy message from `from`.
     pub(super) fn ae_handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) {
         match msg {
@@ -679,6 +809,9 @@ impl Core {
                 hashes,
             } => {
                 let depth = u32::from(depth);
+                if self.tree_loading(partition) {
+                    return self.ae_refuse_loading(from, id, partition);
+                }
                 let Some(tree) = self.ae.trees.get_mut(&(partition, n)) else {
                     return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
                 };
@@ -740,6 +873,10 @@ impl Core {
             } => {
                 let floor = self.ae.floor_durable;
                 let grace = self.cfg.tombstone_grace_ms;
+                // A loading tree may lack a tombstone it holds; refusing is the plain answer.
+                if self.tree_loading(partition) {
+                    return self.ae_refuse_loading(from, id, partition);
+                }
                 let Some(tree) = self.ae.trees.get(&(partition, n)) else {
                     return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
                 };
@@ -898,6 +1035,9 @@ impl Core {
         leaves: Vec<u32>,
         keys: Vec<AeKey>,
     ) {
+        if self.tree_loading(tree_id.0) {
+            return self.ae_refuse_loading(from, id, tree_id.0);
+        }
         let Some(tree) = self.ae.trees.get(&tree_id) else {
             return self.ae_refuse(
                 from,

@@ -45,6 +45,8 @@ pub struct CoreFigures {
     pub peers_suspected: u64,
     /// Partitions held that this node no longer replicates, not yet handed off and dropped.
     pub handoffs: u64,
+    /// Partitions whose anti-entropy trees are still being built from storage after a start.
+    pub trees_loading: u64,
 }
 
 /// What a shard still holds for other nodes, as of the membership view it had applied: a
@@ -74,7 +76,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 20] = [
+const CORE_FIELDS: [CoreField; 21] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -136,6 +138,11 @@ const CORE_FIELDS: [CoreField; 20] = [
         HANDOFFS_PENDING,
         "Partitions held that this node no longer replicates, waiting to be handed off and dropped.",
         |c| c.handoffs,
+    ),
+    (
+        "ringkv_ae_partitions_loading",
+        "Partitions whose anti-entropy trees are still being built from storage after a start; anti-entropy leaves them alone until then.",
+        |c| c.trees_loading,
     ),
     (
         "ringkv_ae_exchanges_total",

@@ -54,6 +54,10 @@
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
+//! Anti-entropy trees: a shard serves as soon as its engine is open and every shard has started;
+//! its core's Merkle trees are then built from the engine in the background ([`trees`]), and
+//! anti-entropy leaves each partition alone until its trees are built.
+//!
 //! Membership: shard 0 owns the node's [`crate::membership::Membership`] (restored from
 //! `<data-dir>/cluster-state`, else bootstrapped from the seeds) and its shell, [`members`]:
 //! ADMIN frames from any shard and CLUSTER frames without a partition reach it there. Every
@@ -103,7 +107,7 @@ use ringkv_net::{
 use crate::admission::{AdmissionConfig, AdmissionController};
 use crate::bucket::{BucketProps, Buckets};
 use crate::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
     hint_bytes,
 };
 use crate::membership::{Membership, MembershipConfig};
@@ -123,6 +127,7 @@ use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 mod members;
+mod trees;
 mod view;
 
 use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
@@ -140,6 +145,13 @@ const HINTS_TRUNCATE_SHARD: &str = "hints-truncate-shard";
 
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
+/// Longest a shard's task queue runs before the executor looks for other work (glommio's
+/// preempt timer). glommio lowers its 100 ms default to a queue's `Latency::Matters` only while
+/// that queue has runnable tasks, and a request's queue gets one only once the executor has
+/// polled the request's socket: so a background queue running alone (a compaction, the tree
+/// build after a start) would hold a request back for up to 100 ms. Equal to the request queue's
+/// latency; a preemption costs a ring poll, microseconds per millisecond of background work.
+pub const PREEMPT_MS: u64 = 1;
 /// CPU shares of the background queue at the full background share (foreground: 1000).
 pub const BACKGROUND_SHARES_MAX: usize = 250;
 /// Frames queued for one peer node before further ones are dropped (the core times them out).
@@ -585,6 +597,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
+            .preempt_timer(Duration::from_millis(PREEMPT_MS))
             .spawn(move || async move {
                 let replication = Replication {
                     view,
@@ -1004,17 +1017,9 @@ async fn run_shard(
     let engine = match started {
         Some(started) => {
             let (mut core, replication) = start_core(id, &cfg, replication, lease, floor, hints);
-            let now = replication.clock.now_ms();
-            if let Err(source) = load_trees(&engine, &mut core, now, id, &cfg).await {
-                if let Err(closing) = close_engine(id, engine, dir.clone()).await {
-                    tracing::error!(shard = id, error = %closing, "engine did not close cleanly");
-                }
-                return Err(ServeError::Engine {
-                    shard: id,
-                    dir,
-                    source,
-                });
-            }
+            // The trees are built from the engine while the shard serves (`server/trees.rs`);
+            // until a partition's are, anti-entropy leaves them alone.
+            core.trees_loading(trees::partitions(id, cfg.cpus.len()));
             let (engine, floor) = serve_shard(
                 id,
                 &cfg,
@@ -1194,11 +1199,11 @@ async fn serve_shard(
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
         Shares::Static(1000),
-        Latency::Matters(Duration::from_millis(1)),
+        Latency::Matters(Duration::from_millis(PREEMPT_MS)),
         "requests",
     );
-    // Background work of the replication layer (hint delivery); its shares, and the engine's
-    // compaction shares, follow the admission controller.
+    // Background work of the replication layer (hint delivery, the tree build after a start);
+    // its shares, and the engine's compaction shares, follow the admission controller.
     let background_shares = Rc::new(BackgroundShares::default());
     let background = glommio::executor().create_task_queue(
         Shares::Dynamic(background_shares.clone()),
@@ -1264,6 +1269,7 @@ async fn serve_shard(
         .detach();
     shard.start_view(&view);
     shard.start_membership(stop.clone());
+    shard.spawn_tree_load(trees::partitions(id, shard_count));
 
     // Engine figures for the admin listener; a weak handle so the engine can still be closed.
     let weak = Rc::downgrade(&shard);
@@ -2084,48 +2090,6 @@ async fn unless<T>(
     .await
 }
 
-/// Gives the core every replica object of the shard's partitions, so its anti-entropy trees
-/// describe the engine. Reads every stored object once: startup time grows with the data (the
-/// engine index's value digests are too weak, 15 bits, to stand for versions).
-async fn load_trees(
-    engine: &Engine,
-    core: &mut Core,
-    now: u64,
-    shard: usize,
-    cfg: &ServeConfig,
-) -> Result<(), EngineError> {
-    let shard_count = cfg.cpus.len();
-    let mut loaded = 0u64;
-    for partition in
-        (0..PARTITIONS.get()).filter(|p| shard_of(PartitionId(*p), shard_count) == shard)
-    {
-        let mut items = engine.iter_partition(partition);
-        while let Some(item) = items.next().await {
-            let (engine_key, bytes) = item?;
-            let Some((bucket, key)) = peer::key_from_engine(&engine_key) else {
-                tracing::warn!(shard, partition, "ignoring a malformed replica key");
-                continue;
-            };
-            let key = StoreKey {
-                partition,
-                space: Space::Primary,
-                bucket,
-                key,
-            };
-            match Object::decode(&bytes) {
-                Ok(object) => {
-                    core.load_replica(now, &key, &object);
-                    loaded += 1;
-                }
-                // Left out of the tree: anti-entropy repairs the key from the other replicas.
-                Err(e) => tracing::warn!(shard, partition, error = %e, "undecodable object"),
-            }
-        }
-    }
-    tracing::info!(shard, keys = loaded, "anti-entropy trees built");
-    Ok(())
-}
-
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
 /// it counts for in the hint store's bound.
 async fn scan_hints(
@@ -2590,6 +2554,7 @@ impl Shard {
                 hints_in_flight: core.hints_in_flight() as u64,
                 peers_suspected: core.suspected_count(now) as u64,
                 handoffs: core.handoff_count() as u64,
+                trees_loading: core.trees_loading_count() as u64,
             },
             self.view_version.get(),
         );
