@@ -16,10 +16,22 @@ use std::process::Command;
 use serde_json::Value;
 
 fn run(name: &str, extra: &[&str]) -> Value {
+    run_on(name, "1", "1s", extra)
+}
+
+/// A run on a local cluster of `nodes` nodes whose measured phase lasts `duration`.
+fn run_on(name: &str, nodes: &str, duration: &str, extra: &[&str]) -> Value {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let json = base.join(format!("loadgen-{name}-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_ringkv-bench"))
-        .args(["--spawn-local", "1", "--keys", "50", "--duration", "1s"])
+        .args([
+            "--spawn-local",
+            nodes,
+            "--keys",
+            "50",
+            "--duration",
+            duration,
+        ])
         .args(["--warmup", "200ms", "--connections", "2", "--pipeline", "2"])
         .arg("--data-root")
         .arg(base.join("loadgen-smoke"))
@@ -126,4 +138,31 @@ fn open_loop_runs_against_a_local_resp_port() {
         field(&r, &format!("open_loop.{f}"));
     }
     assert!(field(&r, "open_loop.sent").as_u64().unwrap() > 0);
+}
+
+/// `--churn` on three nodes: a fourth node joins and leaves during the measured phase, through
+/// the ADMIN requests an operator's `ringkv cluster` sends; every phase ran operations, both
+/// changes finished, and no operation failed in any phase (the store stays available while its
+/// membership changes). The latencies are not judged here (docs/BENCHMARKS.md records them).
+#[test]
+fn churn_joins_and_removes_a_node_without_failing_a_request() {
+    let r = run_on("churn", "3", "40s", &["--churn", "--rate", "200"]);
+    check_common(&r, &["read", "update"]);
+    let churn = field(&r, "churn");
+    assert!(
+        churn["events"]["failure"].is_null(),
+        "the change did not finish: {churn:#}"
+    );
+    assert!(field(churn, "events.join_secs").as_f64().unwrap() > 0.0);
+    assert!(field(churn, "events.leave_secs").as_f64().unwrap() > 0.0);
+    let phases = field(churn, "phases").as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["steady", "join", "settle", "leave", "after"]);
+    for p in phases {
+        assert!(
+            p["ops"].as_u64().unwrap() > 0,
+            "a phase without operations: {p:#}"
+        );
+        assert_eq!(p["errors"].as_u64().unwrap(), 0, "{p:#}");
+    }
 }

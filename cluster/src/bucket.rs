@@ -143,9 +143,7 @@ impl BucketProps {
         }
         Ok(q)
     }
-}
 
-impl BucketProps {
     /// The quorum for a request with `overrides` on a cluster of `members` nodes (module docs):
     /// the bucket's own `r`, `w` and `dw` capped at the member count, then checked as by
     /// [`BucketProps::quorum`]. An override is not capped.

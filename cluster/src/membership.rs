@@ -752,6 +752,14 @@ pub struct Membership {
 
 impl Membership {
     fn with_state(cfg: MembershipConfig, state: ClusterState) -> Membership {
+        // A cluster of this node alone, given members to join (new, or stopped before its join
+        // went through), asks them until one takes it in.
+        let auto_join =
+            (state.members.len() == 1 && !cfg.contact_seeds.is_empty()).then_some(AutoJoin {
+                next: 0,
+                at: 0,
+                pending: None,
+            });
         Membership {
             cfg,
             state,
@@ -762,7 +770,7 @@ impl Membership {
             heard: BTreeMap::new(),
             out_known: false,
             identity_taken: false,
-            auto_join: None,
+            auto_join,
             out: Vec::new(),
         }
     }
@@ -810,16 +818,7 @@ impl Membership {
             pending: None,
             reports: BTreeMap::new(),
         };
-        let alone = seeds.is_empty() && !cfg.contact_seeds.is_empty();
-        let mut m = Self::with_state(cfg, state);
-        if alone {
-            m.auto_join = Some(AutoJoin {
-                next: 0,
-                at: 0,
-                pending: None,
-            });
-        }
-        Ok(m)
+        Ok(Self::with_state(cfg, state))
     }
 
     /// The state persisted by an earlier run ([`MembershipOutput::Persist`]).
@@ -840,14 +839,6 @@ impl Membership {
         r.finish()
             .map_err(|e| MembershipError::Damaged(e.to_string()))?;
         let mut m = Self::with_state(cfg, state);
-        // Stopped before its join through the seeds went through: it goes on asking.
-        if m.state.members.len() == 1 && !m.cfg.contact_seeds.is_empty() {
-            m.auto_join = Some(AutoJoin {
-                next: 0,
-                at: 0,
-                pending: None,
-            });
-        }
         // Addresses may have changed between runs: this run's own entry wins from now on.
         let me = m.state.members.get(&m.cfg.node).cloned();
         if let Some(me) = me

@@ -176,39 +176,19 @@ impl Firewall {
                 let (gid_a, gid_b, port_a) =
                     (gid_a.to_string(), gid_b.to_string(), port_a.to_string());
                 // b's packets on connections b opens to a...
-                iptables(&[
-                    "-A",
-                    &self.drop_chain,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &port_a,
-                    "-m",
-                    "owner",
-                    "--gid-owner",
-                    &gid_b,
-                    "-j",
-                    "DROP",
-                ])
-                .unwrap();
+                self.drop_from(&gid_b, &["-p", "tcp", "--dport", &port_a]);
                 // ...and b's packets on connections a opened to b.
-                iptables(&[
-                    "-A",
-                    &self.drop_chain,
-                    "-m",
-                    "connmark",
-                    "--mark",
-                    &gid_a,
-                    "-m",
-                    "owner",
-                    "--gid-owner",
-                    &gid_b,
-                    "-j",
-                    "DROP",
-                ])
-                .unwrap();
+                self.drop_from(&gid_b, &["-m", "connmark", "--mark", &gid_a]);
             }
         }
+    }
+
+    /// Adds a rule dropping the packets of processes of group `gid` that match `matches`.
+    fn drop_from(&self, gid: &str, matches: &[&str]) {
+        let mut rule = vec!["-A", self.drop_chain.as_str()];
+        rule.extend_from_slice(matches);
+        rule.extend_from_slice(&["-m", "owner", "--gid-owner", gid, "-j", "DROP"]);
+        iptables(&rule).unwrap();
     }
 
     /// Packets the partition's rules dropped so far (`iptables -L -v -x` counters).

@@ -340,6 +340,20 @@ fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool
     }
 }
 
+/// Waits (bounded) until `node` reports no partition left to hand off.
+fn wait_nothing_to_hand_off(node: &ClusterNode) {
+    wait_for("no partition left to hand off", POLLS, POLL_MS, || {
+        let status = node
+            .admin("cluster-status", "")
+            .map_err(|e| e.to_string())?;
+        if status.contains("this node holds: 0 partitions to hand off") {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    });
+}
+
 /// An acknowledged write: key and value.
 type Written = (Vec<u8>, Vec<u8>);
 
@@ -444,16 +458,7 @@ fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) 
     let status = nodes[2].wait_exit(SETTLE_POLLS, POLL_MS);
     assert!(status.success(), "node-3 exited with {status}");
     for node in [&nodes[0], &nodes[1], &nodes[3]] {
-        wait_for("no partition left to hand off", POLLS, POLL_MS, || {
-            let status = node
-                .admin("cluster-status", "")
-                .map_err(|e| e.to_string())?;
-            if status.contains("this node holds: 0 partitions to hand off") {
-                Ok(())
-            } else {
-                Err(status)
-            }
-        });
+        wait_nothing_to_hand_off(node);
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -731,21 +736,7 @@ fn a_cluster_on_defaults_grows_restarts_shrinks_and_keeps_every_copy() {
     nodes[1].stop();
     nodes[1].start();
     read_all_with_r3(&nodes[1], &written);
-    wait_for(
-        "nothing to hand off after the restart",
-        POLLS,
-        POLL_MS,
-        || {
-            let status = nodes[1]
-                .admin("cluster-status", "")
-                .map_err(|e| e.to_string())?;
-            if status.contains("this node holds: 0 partitions to hand off") {
-                Ok(())
-            } else {
-                Err(status)
-            }
-        },
-    );
+    wait_nothing_to_hand_off(&nodes[1]);
     let three: Vec<&ClusterNode> = nodes[..3].iter().collect();
     wait_every_copy(&three, &written, "every copy after a restart");
 

@@ -24,7 +24,7 @@
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -58,10 +58,13 @@ pub(crate) struct ClusterOptions {
 /// A running local cluster; stopped on drop.
 pub(crate) struct LocalCluster {
     nodes: Vec<LocalNode>,
+    opts: ClusterOptions,
     /// Client protocol addresses, node by node.
     pub(crate) client_addrs: Vec<String>,
     /// RESP addresses, node by node.
     pub(crate) resp_addrs: Vec<String>,
+    /// Peer addresses, node by node.
+    pub(crate) peer_addrs: Vec<String>,
     /// The data root (node directories, logs, the bucket file).
     pub(crate) root: PathBuf,
     /// The bucket file every node was given.
@@ -231,7 +234,9 @@ impl LocalCluster {
 
         let mut cluster = Self {
             nodes: Vec::with_capacity(opts.nodes),
+            opts: opts.clone(),
             client_addrs: Vec::new(),
+            peer_addrs: Vec::new(),
             resp_addrs: Vec::new(),
             root: root.clone(),
             buckets_toml,
@@ -239,44 +244,114 @@ impl LocalCluster {
             keep_data: opts.keep_data,
         };
         for (i, peer_addr) in peer_addrs.iter().enumerate() {
-            let id = i + 1;
-            let addr = free_addr()?.to_string();
-            let resp = free_addr()?.to_string();
-            let log = root.join(format!("node-{id}.log"));
-            let stderr = fs::File::create(&log)?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("serve")
-                .arg("--config")
-                .arg(&buckets)
-                .args(["--node-id", &id.to_string()])
-                .args(["--node-name", &format!("n{id}")])
-                .args(["--listen", &addr])
-                .args(["--resp-listen", &resp])
-                .args(["--peer-listen", &peer_addr.to_string()])
-                .args(["--seeds", &seeds])
-                .args(["--shards", &opts.shards_per_node.to_string()])
-                .args(["--durability", &opts.durability])
-                .arg("--data-dir")
-                .arg(root.join(format!("node-{id}")))
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .process_group(0);
-            die_with_parent(&mut cmd);
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
-            cluster.nodes.push(LocalNode {
-                id,
-                child: Some(child),
-                log,
-            });
-            cluster.client_addrs.push(addr);
-            cluster.resp_addrs.push(resp);
+            cluster.spawn_node(i + 1, &peer_addr.to_string(), Some(&seeds), opts)?;
         }
         cluster.wait_ready()?;
         Ok(cluster)
+    }
+
+    /// Starts node `id` (1-based, in order) with the cluster's buckets and its own fresh
+    /// addresses: with `seeds` (`ID@ADDR,...`) and `--node-id id` for the nodes of the start,
+    /// without either for a node added later, which picks its own identity and joins when told.
+    fn spawn_node(
+        &mut self,
+        id: usize,
+        peer_addr: &str,
+        seeds: Option<&str>,
+        opts: &ClusterOptions,
+    ) -> anyhow::Result<()> {
+        let addr = free_addr()?.to_string();
+        let resp = free_addr()?.to_string();
+        let log = self.root.join(format!("node-{id}.log"));
+        let stderr = fs::File::create(&log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(self.root.join("buckets.toml"))
+            .args(["--node-name", &format!("n{id}")])
+            .args(["--listen", &addr])
+            .args(["--resp-listen", &resp])
+            .args(["--peer-listen", peer_addr])
+            .args(["--shards", &opts.shards_per_node.to_string()])
+            .args(["--durability", &opts.durability])
+            .arg("--data-dir")
+            .arg(self.root.join(format!("node-{id}")))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0);
+        if let Some(seeds) = seeds {
+            cmd.args(["--node-id", &id.to_string()])
+                .args(["--seeds", seeds]);
+        }
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.nodes.push(LocalNode {
+            id,
+            child: Some(child),
+            log,
+        });
+        self.client_addrs.push(addr);
+        self.resp_addrs.push(resp);
+        self.peer_addrs.push(peer_addr.to_owned());
+        Ok(())
+    }
+
+    /// Starts one more node, not yet a member (it is a one-node cluster of its own until it is
+    /// asked to join), and waits until it answers; returns its index. Call from the main thread,
+    /// like [`LocalCluster::start`].
+    pub(crate) fn add_node(&mut self) -> anyhow::Result<usize> {
+        ensure!(self.nodes.len() < NODES_MAX, "at most {NODES_MAX} nodes");
+        let peer_addr = free_addr()?.to_string();
+        let opts = self.opts.clone();
+        self.spawn_node(self.nodes.len() + 1, &peer_addr, None, &opts)?;
+        self.wait_ready()?;
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Sends the ADMIN command `command` (`cluster-status`, `cluster-join`, ...; the CLI's
+    /// `ringkv cluster ...` sends the same) to node `index` and returns its answer.
+    pub(crate) fn admin(&self, index: usize, command: &str, args: &str) -> anyhow::Result<String> {
+        let addr = self
+            .client_addrs
+            .get(index)
+            .with_context(|| format!("no node {index}"))?;
+        let config = ClientConfig {
+            timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        };
+        let mut client = Client::connect(addr.as_str(), config.clone())
+            .with_context(|| format!("connecting to {addr}"))?;
+        client
+            .admin(command, args)
+            .with_context(|| format!("{command} on {addr}"))
+    }
+
+    /// Whether node `index` has exited (and with what status); a node that left the cluster
+    /// stops by itself once it has handed everything off.
+    pub(crate) fn exited(&mut self, index: usize) -> anyhow::Result<Option<ExitStatus>> {
+        let node = self
+            .nodes
+            .get_mut(index)
+            .with_context(|| format!("no node {index}"))?;
+        let Some(child) = node.child.as_mut() else {
+            bail!("node {} was already reaped", node.id);
+        };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            node.child = None;
+        }
+        Ok(status)
+    }
+
+    /// The last lines of node `index`'s log.
+    pub(crate) fn log_tail(&self, index: usize) -> String {
+        self.nodes
+            .get(index)
+            .map_or_else(String::new, |n| log_tail(&n.log))
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@
 //! get [`DRAIN_TIMEOUTS`] request timeouts to finish, and those still unanswered are counted as
 //! `unfinished_at_end` errors.
 
+pub mod churn;
 pub(crate) mod cluster;
 pub mod compare;
 pub mod keygen;
@@ -47,6 +48,7 @@ use ringkv_net::{AsyncPool, ClientConfig, PoolConfig};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use churn::ChurnClock;
 use cluster::{ClusterOptions, LocalCluster};
 use keygen::KeyChooser;
 use ops::{Conn, Plan, Planner, execute};
@@ -163,6 +165,10 @@ pub struct RunArgs {
     /// Never print the per-second line (it is printed only when stdout is a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// With --spawn-local: during the measured phase a further node joins and then leaves, and
+    /// the report compares each phase with the steady state before it (see `churn`).
+    #[arg(long)]
+    pub churn: bool,
 }
 
 /// Shared state of a run.
@@ -175,6 +181,16 @@ struct Ctx {
     pipeline: usize,
     timeout: Duration,
     stop: Arc<AtomicBool>,
+    /// `--churn`: the measured phase's start (set here) and the current phase (set by the
+    /// churn controller); without `--churn` the phase stays 0.
+    churn: Arc<ChurnClock>,
+}
+
+/// What the load measured, before the report is built.
+struct Measured {
+    params: serde_json::Value,
+    preload: PreloadReport,
+    outcome: Outcome,
 }
 
 /// Runs the load generator with `args`: prints the results table, writes the JSON report if
@@ -225,6 +241,10 @@ pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
     if let Some(r) = args.rate {
         ensure!(r >= 1, "--rate must be at least 1");
     }
+    ensure!(
+        !args.churn || args.target.is_none(),
+        "--churn changes a cluster it started itself: use it with --spawn-local, not --target"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
         .enable_all()
@@ -270,7 +290,47 @@ pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
         },
         (None, None) => bail!("no target: give --target or --spawn-local"),
     };
-    let result = runtime.block_on(run_load(args, &target, cluster.as_ref(), stop));
+    let spawn_info = cluster.as_ref().map(|c| {
+        json!({
+            "nodes": c.client_addrs.len(),
+            "shards_per_node": args.node_shards.max(1),
+            "durability": args.durability,
+            "dw": args.dw,
+            "buckets_toml": c.buckets_toml,
+            "ringkv_bin": c.bin.display().to_string(),
+            "churn": args.churn,
+        })
+    });
+    let clock = Arc::new(ChurnClock::default());
+    let load = || {
+        runtime.block_on(run_load(
+            args,
+            &target,
+            spawn_info,
+            Arc::clone(&stop),
+            Arc::clone(&clock),
+        ))
+    };
+    let (measured, events) = match cluster.as_mut() {
+        Some(c) if args.churn => {
+            // The load runs on a thread of its own; this thread, which started the nodes,
+            // starts the joining node too and drives the change.
+            let load_done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let loader = s.spawn(|| {
+                    let measured = load();
+                    load_done.store(true, Ordering::SeqCst);
+                    measured
+                });
+                let events = churn::drive(c, &clock, args.duration, &load_done, &stop);
+                let measured = loader
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the load thread panicked")));
+                (measured, Some(events))
+            })
+        }
+        _ => (load(), None),
+    };
     // Connections and tasks go before the nodes, so the nodes see their clients leave.
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Some(c) = cluster.as_mut() {
@@ -278,7 +338,14 @@ pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
             eprintln!("warning: {problem}");
         }
     }
-    result
+    let Measured {
+        params,
+        preload,
+        outcome: (merged, measured, open_loop, timeline),
+    } = measured?;
+    Ok(RunReport::build(
+        params, preload, &merged, measured, open_loop, timeline, events,
+    ))
 }
 
 /// Sets `stop` on SIGINT or SIGTERM, so that the run ends early, reports what it measured and
@@ -337,20 +404,13 @@ async fn connect(target: &Target, i: usize, args: &RunArgs) -> anyhow::Result<Co
 fn params(
     args: &RunArgs,
     target: &Target,
-    cluster: Option<&LocalCluster>,
+    spawn_info: Option<serde_json::Value>,
     ctx: &Ctx,
 ) -> serde_json::Value {
     json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "target": target.to_string(),
-        "spawn_local": cluster.map(|c| json!({
-            "nodes": c.client_addrs.len(),
-            "shards_per_node": args.node_shards.max(1),
-            "durability": args.durability,
-            "dw": args.dw,
-            "buckets_toml": c.buckets_toml,
-            "ringkv_bin": c.bin.display().to_string(),
-        })),
+        "spawn_local": spawn_info,
         "workload": args.workload,
         "distribution": ctx.planner.chooser_distribution(),
         "keys": args.keys,
@@ -373,9 +433,10 @@ fn params(
 async fn run_load(
     args: &RunArgs,
     target: &Target,
-    cluster: Option<&LocalCluster>,
+    spawn_info: Option<serde_json::Value>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<RunReport> {
+    churn: Arc<ChurnClock>,
+) -> anyhow::Result<Measured> {
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         conns.push(connect(target, i, args).await?);
@@ -407,6 +468,7 @@ async fn run_load(
         pipeline: args.pipeline,
         timeout: args.timeout,
         stop,
+        churn,
     });
     eprintln!(
         "workload {} ({:?} keys), {} keys, values {} B, target {target}, {}",
@@ -431,14 +493,16 @@ async fn run_load(
         preload(&ctx, args.keys).await?
     };
     let live = !args.quiet && std::io::stdout().is_terminal();
-    let (merged, measured, open_loop, timeline) = match args.rate {
+    let outcome = match args.rate {
         None => closed_loop(&ctx, args.warmup, args.duration, live).await,
         Some(rate) => open_loop(&ctx, rate, args, live).await,
     };
-    let params = params(args, target, cluster, &ctx);
-    Ok(RunReport::build(
-        params, preload, &merged, measured, open_loop, timeline,
-    ))
+    let params = params(args, target, spawn_info, &ctx);
+    Ok(Measured {
+        params,
+        preload,
+        outcome,
+    })
 }
 
 /// Writes every key once (blind writes), retrying a failed write a bounded number of times.
@@ -591,6 +655,7 @@ async fn closed_loop(ctx: &Arc<Ctx>, warmup: Duration, duration: Duration, live:
     let start = Instant::now();
     let measure_start = start + warmup;
     let end = measure_start + duration;
+    let _ = ctx.churn.measure_start.set(measure_start);
     let mut recorders = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for (c, conn) in ctx.conns.iter().enumerate() {
@@ -611,9 +676,11 @@ async fn closed_loop(ctx: &Arc<Ctx>, warmup: Duration, duration: Duration, live:
                     if sent >= end {
                         break;
                     }
+                    let phase = ctx.churn.phase();
                     let outcome = execute(&conn, &ctx.bucket, &ctx.values, plan).await;
                     let failed = outcome.is_err();
-                    lock(&rec).record(plan.kind(), sent.elapsed(), &outcome, sent >= measure_start);
+                    let measured = sent >= measure_start;
+                    lock(&rec).record(plan.kind(), sent.elapsed(), &outcome, measured, phase);
                     if failed {
                         tokio::time::sleep(ERROR_PAUSE).await;
                     }
@@ -663,6 +730,7 @@ async fn open_loop(ctx: &Arc<Ctx>, rate: u64, args: &RunArgs, live: bool) -> Out
     let start = Instant::now();
     let measure_start = start + args.warmup;
     let end = measure_start + args.duration;
+    let _ = ctx.churn.measure_start.set(measure_start);
     let done = Arc::new(AtomicBool::new(false));
     let ticker = tokio::spawn(timeline(
         recorders.clone(),
@@ -804,10 +872,11 @@ fn dispatch(
             state.scheduled.fetch_add(1, Ordering::Relaxed);
         }
         let plan = planner.next(&mut rng);
+        let phase = ctx.churn.phase();
         let rec = Arc::clone(&recorders[lane]);
         if state.waiting.load(Ordering::Relaxed) >= BACKLOG_MAX {
             let failure = Err(ops::OpError("backlog_full".to_owned()));
-            lock(&rec).record(plan.kind(), Duration::ZERO, &failure, measured);
+            lock(&rec).record(plan.kind(), Duration::ZERO, &failure, measured, phase);
             continue;
         }
         let (ctx2, conn, slot, state2) = (
@@ -836,7 +905,7 @@ fn dispatch(
             drop(permit);
             {
                 let mut r = lock(&rec);
-                r.record(plan.kind(), replied - intended, &outcome, measured);
+                r.record(plan.kind(), replied - intended, &outcome, measured, phase);
                 if measured {
                     if held_back {
                         r.held_back += 1;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::churn::{ChurnEvents, PHASES};
 use super::ops::{OpError, Seen};
 use super::spec::OpKind;
 
@@ -49,6 +50,11 @@ pub(crate) struct Recorder {
     pub(crate) interval: Histogram<u64>,
     /// Since the last timeline tick: errors.
     pub(crate) interval_errors: u64,
+    /// `--churn`: latency of every measured operation, by the phase it started in
+    /// (`churn::PHASES`).
+    pub(crate) phases: Vec<Histogram<u64>>,
+    /// `--churn`: errors by phase.
+    pub(crate) phase_errors: Vec<u64>,
 }
 
 impl Recorder {
@@ -62,23 +68,29 @@ impl Recorder {
             held_back: 0,
             interval: new_histogram(),
             interval_errors: 0,
+            phases: PHASES.iter().map(|_| new_histogram()).collect(),
+            phase_errors: vec![0; PHASES.len()],
         }
     }
 
-    /// Records one finished operation; `measured` is false during warm-up.
+    /// Records one finished operation; `measured` is false during warm-up; `phase` is the
+    /// churn phase it started in (0 without `--churn`).
     pub(crate) fn record(
         &mut self,
         kind: OpKind,
         latency: Duration,
         outcome: &Result<Seen, OpError>,
         measured: bool,
+        phase: usize,
     ) {
         let latency_ns = ns(latency).min(LATENCY_NS_MAX);
+        let phase = phase.min(PHASES.len() - 1);
         match outcome {
             Ok(seen) => {
                 self.interval.saturating_record(latency_ns);
                 if measured {
                     self.latency[kind.index()].saturating_record(latency_ns);
+                    self.phases[phase].saturating_record(latency_ns);
                     if let Some(v) = seen {
                         *self.versions.entry(*v).or_default() += 1;
                     }
@@ -88,6 +100,7 @@ impl Recorder {
                 self.interval_errors += 1;
                 if measured {
                     *self.errors.entry(e.0.clone()).or_default() += 1;
+                    self.phase_errors[phase] += 1;
                 }
             }
         }
@@ -121,6 +134,12 @@ impl Recorder {
             .add(&other.service)
             .expect("histograms of identical bounds");
         self.held_back += other.held_back;
+        for (mine, theirs) in self.phases.iter_mut().zip(&other.phases) {
+            mine.add(theirs).expect("histograms of identical bounds");
+        }
+        for (mine, theirs) in self.phase_errors.iter_mut().zip(&other.phase_errors) {
+            *mine += theirs;
+        }
     }
 }
 
@@ -246,6 +265,69 @@ pub struct RunReport {
     pub open_loop: Option<OpenLoopReport>,
     /// One entry per second, warm-up included.
     pub timeline: Vec<Tick>,
+    /// `--churn`: the phases of the join and the leave (absent without `--churn`).
+    pub churn: Option<ChurnReport>,
+}
+
+/// `--churn`: what each phase of the change saw.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChurnReport {
+    /// When the phases began and how long the changes took.
+    pub events: ChurnEvents,
+    /// Phase by phase, in order (only phases that began).
+    pub phases: Vec<PhaseReport>,
+}
+
+/// One churn phase.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseReport {
+    /// `steady`, `join`, `settle`, `leave` or `after`.
+    pub name: &'static str,
+    /// Length of the phase, seconds.
+    pub secs: f64,
+    /// Successful operations that started in it.
+    pub ops: u64,
+    /// Failed operations that started in it.
+    pub errors: u64,
+    /// Their latency.
+    pub latency: Percentiles,
+    /// This phase's p99.9 over the steady phase's.
+    pub p999_vs_steady: f64,
+}
+
+impl ChurnReport {
+    /// Builds the phase table from the merged recorder and the change's timing; `measured_secs`
+    /// ends the last phase.
+    pub(crate) fn build(events: ChurnEvents, merged: &Recorder, measured_secs: f64) -> Self {
+        let starts = &events.phase_starts_secs;
+        let steady_p999 = Percentiles::of(&merged.phases[0]).p999_us;
+        let mut phases = Vec::new();
+        for (i, name) in PHASES.iter().enumerate() {
+            let Some(Some(from)) = starts.get(i) else {
+                continue;
+            };
+            let to = starts[i + 1..]
+                .iter()
+                .flatten()
+                .next()
+                .copied()
+                .unwrap_or(measured_secs);
+            let latency = Percentiles::of(&merged.phases[i]);
+            phases.push(PhaseReport {
+                name,
+                secs: (to - from).max(0.0),
+                ops: merged.phases[i].len(),
+                errors: merged.phase_errors[i],
+                p999_vs_steady: if steady_p999 > 0.0 {
+                    latency.p999_us / steady_p999
+                } else {
+                    0.0
+                },
+                latency,
+            });
+        }
+        Self { events, phases }
+    }
 }
 
 /// The preload phase.
@@ -268,6 +350,7 @@ impl RunReport {
         measured: Duration,
         open_loop: Option<OpenLoopReport>,
         timeline: Vec<Tick>,
+        churn: Option<ChurnEvents>,
     ) -> Self {
         let secs = measured.as_secs_f64().max(1e-9);
         let mut all = new_histogram();
@@ -304,6 +387,7 @@ impl RunReport {
                 .collect(),
             open_loop,
             timeline,
+            churn: churn.map(|events| ChurnReport::build(events, merged, secs)),
         }
     }
 
@@ -388,6 +472,42 @@ impl RunReport {
                 if o.valid { "valid" } else { "INVALID" },
                 o.verdict
             );
+        }
+        if let Some(c) = &self.churn {
+            let _ = writeln!(
+                s,
+                "churn (a fourth node joins, then leaves; latency in µs, each operation in the \
+                 phase it started in):"
+            );
+            let _ = writeln!(
+                s,
+                "{:<8} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>12}",
+                "phase", "secs", "ops", "errors", "p50", "p99", "p99.9", "max", "p99.9/steady"
+            );
+            for p in &c.phases {
+                let _ = writeln!(
+                    s,
+                    "{:<8} {:>7.1} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>12.2}",
+                    p.name,
+                    p.secs,
+                    p.ops,
+                    p.errors,
+                    fmt_us(p.latency.p50_us),
+                    fmt_us(p.latency.p99_us),
+                    fmt_us(p.latency.p999_us),
+                    fmt_us(p.latency.max_us),
+                    p.p999_vs_steady
+                );
+            }
+            if let Some(j) = c.events.join_secs {
+                let _ = writeln!(s, "join took {j:.1} s (join to every transfer done)");
+            }
+            if let Some(l) = c.events.leave_secs {
+                let _ = writeln!(s, "leave took {l:.1} s (leave to the node stopped)");
+            }
+            if let Some(f) = &c.events.failure {
+                let _ = writeln!(s, "CHURN UNFINISHED: {f}");
+            }
         }
         s
     }

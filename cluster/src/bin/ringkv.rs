@@ -310,9 +310,9 @@ fn affinity_cpus() -> anyhow::Result<Vec<usize>> {
     Ok(parse_cpu_list(list)?)
 }
 
-/// The node's deadline for a request of this command: its `--timeout-ms`, in what the field holds.
+/// The node's deadline for a request of this command: its `--timeout-ms`, as the clients send it.
 fn deadline_ms(t: &Target) -> u32 {
-    u32::try_from(t.timeout_ms).unwrap_or(u32::MAX).max(1)
+    ringkv_net::client::deadline_ms(Duration::from_millis(t.timeout_ms))
 }
 
 fn connect(t: &Target) -> anyhow::Result<Client> {

@@ -24,13 +24,13 @@
 use std::collections::BTreeMap;
 
 use super::{Core, Output, PeerMsg};
+use crate::NodeId;
+use crate::phi::PhiDetector;
 
 /// Heartbeat intervals of silence after which a peer is not chosen to coordinate a forwarded
 /// write while another home answers ([`Core::forward_target`]). The failure detector needs many
 /// more intervals to suspect it.
 pub(super) const RESPONSIVE_HEARTBEATS: u64 = 2;
-use crate::NodeId;
-use crate::phi::PhiDetector;
 
 /// Failure-detection state of a core.
 #[derive(Debug, Default)]

@@ -96,13 +96,6 @@ pub enum IdentityError {
     },
 }
 
-/// Reads the identity of `data_dir` and writes it there if the directory had none (module docs);
-/// `requested` is the configured `--node-id`, if any. Blocks.
-pub fn establish(data_dir: &Path, requested: Option<u32>) -> Result<Identity, IdentityError> {
-    let identity = resolve(data_dir, requested)?;
-    persist(data_dir, &identity)
-}
-
 /// The identity of `data_dir`: the one in its file, or a new one (module docs) that is not
 /// written yet ([`Identity::stored`] false), so that a node refused before it touches its data
 /// directory leaves nothing behind. Blocks.
@@ -258,6 +251,11 @@ fn write(data_dir: &Path, identity: &Identity) -> Result<(), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a start does: resolve, then write a new identity.
+    fn establish(data_dir: &Path, requested: Option<u32>) -> Result<Identity, IdentityError> {
+        persist(data_dir, &resolve(data_dir, requested)?)
+    }
 
     fn dir(name: &str) -> PathBuf {
         // Unit tests have no CARGO_TARGET_TMPDIR; the workspace's target directory serves.

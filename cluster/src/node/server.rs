@@ -91,7 +91,7 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::sync::{CancellationToken, ForeignCancellation, Gate, Semaphore};
+use glommio::sync::{CancellationToken as NodeStop, ForeignCancellation, Gate, Semaphore};
 use glommio::{
     ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
     yield_if_needed,
@@ -127,9 +127,11 @@ use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
 use super::session::{NodeInfo, Session, Step};
 
 mod members;
+mod stop;
 mod trees;
 mod view;
 
+use stop::StopToken;
 use view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
 
 /// Bytes asked of the socket per read.
@@ -448,7 +450,7 @@ struct Shard {
     /// Storage operations and epoch renewals in flight; closed at shutdown.
     store_work: Gate,
     /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.
-    stop: CancellationToken,
+    stop: StopToken,
     foreground: TaskQueueHandle,
 }
 
@@ -566,7 +568,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Whatever stops the node cancels this token: the first signal, or the end of any shard (a
     // shard ends before a signal only when it failed, and then the others must stop too). It
     // lives on this thread, which runs no executor; each executor attaches a foreign child of it.
-    let stop = CancellationToken::new();
+    let stop = NodeStop::new();
     let (events_tx, events) = mpsc::channel::<Event>();
     let signal_thread = watch_signals(stop.foreign_child(), events_tx.clone(), &budget)?;
 
@@ -579,14 +581,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
     let mut first_error = None;
     for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
-        let (cfg, requests, replies, metrics, view, control) = (
-            cfg.clone(),
-            requests.clone(),
-            replies.clone(),
-            metrics.clone(),
-            view.clone(),
-            control.clone(),
-        );
+        let meshes = Meshes {
+            requests: requests.clone(),
+            replies: replies.clone(),
+            control: control.clone(),
+        };
+        let (cfg, metrics, view) = (cfg.clone(), metrics.clone(), view.clone());
         // The node's membership lives on its first shard.
         let membership = if id == 0 { membership.take() } else { None };
         let shutdown = stop.foreign_child();
@@ -602,12 +602,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 let replication = Replication {
                     view,
                     clock,
-                    control,
                     membership,
                     stop_node,
                 };
-                let result =
-                    run_shard(id, cfg, requests, replies, shutdown, metrics, replication).await;
+                let result = run_shard(id, cfg, meshes, shutdown, metrics, replication).await;
                 report.send(result);
             });
         match spawned {
@@ -756,7 +754,7 @@ fn watch_signals(
     let thread = LocalExecutorBuilder::new(Placement::Unbound)
         .name("ringkv-signals")
         .spawn(move || async move {
-            let stop = stop.attach();
+            let stop = StopToken::attached(&stop);
             let signals = match glommio::signal::Signals::new(&[libc::SIGTERM, libc::SIGINT]) {
                 Ok(s) => s,
                 Err(e) => {
@@ -853,7 +851,6 @@ fn port_state(addr: SocketAddr) -> Result<Option<SocketAddr>, ServeError> {
 struct Replication {
     view: Arc<ShardView>,
     clock: Clock,
-    control: MeshBuilder<Control, Full>,
     /// The node's membership, for shard 0.
     membership: Option<Membership>,
     /// Stops the node (shard 0: a removed node that handed everything off).
@@ -932,13 +929,12 @@ fn something_listens(addr: SocketAddr) -> bool {
 async fn run_shard(
     id: usize,
     cfg: ServeConfig,
-    requests: MeshBuilder<ShardRequest, Full>,
-    replies: MeshBuilder<ShardReply, Full>,
-    shutdown: ForeignCancellation,
+    meshes: Meshes,
+    origin: ForeignCancellation,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     replication: Replication,
 ) -> Result<(), ServeError> {
-    let shutdown = shutdown.attach();
+    let shutdown = StopToken::attached(&origin);
     // Another shard failed before this one began: opening the engine only to close it would
     // delay the exit by a recovery.
     if shutdown.is_cancelled() {
@@ -1004,7 +1000,7 @@ async fn run_shard(
             });
         }
     };
-    let started = match start_shard(id, &cfg, requests, replies, &shutdown).await {
+    let started = match start_shard(id, &cfg, meshes, &origin).await {
         Ok(started) => started,
         Err(e) => {
             // The start's error is the one to report; a failed close after it is only logged.
@@ -1110,17 +1106,25 @@ struct Started {
     admin_listener: Option<TcpListener>,
     requests: (Senders<ShardRequest>, Receivers<ShardRequest>),
     replies: (Senders<ShardReply>, Receivers<ShardReply>),
+    control: (Senders<Control>, Receivers<Control>),
 }
 
-/// Binds the shard's listeners and joins the two meshes. Joining completes only once every shard
+/// The node's channel meshes between shards, as each shard joins them.
+struct Meshes {
+    requests: MeshBuilder<ShardRequest, Full>,
+    replies: MeshBuilder<ShardReply, Full>,
+    /// Views from shard 0 to the others.
+    control: MeshBuilder<Control, Full>,
+}
+
+/// Binds the shard's listeners and joins the meshes. Joining completes only once every shard
 /// has joined, so it is abandoned when the node stops first (another shard failed to start):
 /// then the answer is `None`.
 async fn start_shard(
     id: usize,
     cfg: &ServeConfig,
-    requests: MeshBuilder<ShardRequest, Full>,
-    replies: MeshBuilder<ShardReply, Full>,
-    shutdown: &CancellationToken,
+    meshes: Meshes,
+    stop: &ForeignCancellation,
 ) -> Result<Option<Started>, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
@@ -1145,14 +1149,18 @@ async fn start_shard(
         ),
         _ => None,
     };
-    let Some(requests) = unless(requests.join(), shutdown.cancelled()).await else {
+    let Some(requests) = join_mesh(meshes.requests, stop).await else {
         return Ok(None);
     };
     let requests = requests.map_err(|e| runtime(format!("shard {id}: request mesh"), e))?;
-    let Some(replies) = unless(replies.join(), shutdown.cancelled()).await else {
+    let Some(replies) = join_mesh(meshes.replies, stop).await else {
         return Ok(None);
     };
     let replies = replies.map_err(|e| runtime(format!("shard {id}: reply mesh"), e))?;
+    let Some(control) = join_mesh(meshes.control, stop).await else {
+        return Ok(None);
+    };
+    let control = control.map_err(|e| runtime(format!("shard {id}: control mesh"), e))?;
     Ok(Some(Started {
         listener,
         resp_listener,
@@ -1160,7 +1168,31 @@ async fn start_shard(
         admin_listener,
         requests,
         replies,
+        control,
     }))
+}
+
+/// Joins a channel mesh, or answers `None` once the node stops first (a shard that failed to
+/// start never joins, and the others must not wait for it).
+///
+/// glommio's join waits for the last shard by yielding in a loop, so the joining task is always
+/// runnable. The shard's own token learns of the stop from a task that another thread wakes,
+/// which such a busy executor may never get to run: a join raced against that token's
+/// `cancelled()` spun forever, and kept one more waker for every poll (memory grew by megabytes
+/// a second). So the stop's origin, shared across threads, is read on every poll instead; the
+/// join's own yield brings the next poll.
+async fn join_mesh<T: Send + 'static>(
+    mesh: MeshBuilder<T, Full>,
+    stop: &ForeignCancellation,
+) -> Option<glommio::Result<(Senders<T>, Receivers<T>), ()>> {
+    let mut join = std::pin::pin!(mesh.join());
+    std::future::poll_fn(|cx| {
+        if stop.is_cancelled() {
+            return std::task::Poll::Ready(None);
+        }
+        join.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 /// Serves until the node stops, drains, and hands the engine back for closing.
@@ -1169,23 +1201,16 @@ async fn serve_shard(
     cfg: &ServeConfig,
     engine: Engine,
     started: Started,
-    shutdown: CancellationToken,
+    shutdown: StopToken,
     all_metrics: Arc<[Arc<ShardMetrics>]>,
     (core, replication): (Core, Replication),
 ) -> Result<(Engine, u32), ServeError> {
     let Replication {
         view,
         clock,
-        control,
         membership,
         stop_node,
     } = replication;
-    let floor = core.epoch_floor();
-    let Some(control) = unless(control.join(), shutdown.cancelled()).await else {
-        return Ok((engine, floor));
-    };
-    let (control_tx, mut control_rx) =
-        control.map_err(|e| runtime(format!("shard {id}: control mesh"), e))?;
     let shard_count = cfg.cpus.len();
     let dir = cfg.data_dir.join(format!("shard-{id}"));
     let Started {
@@ -1195,6 +1220,7 @@ async fn serve_shard(
         admin_listener,
         requests: (req_tx, mut req_rx),
         replies: (rep_tx, mut rep_rx),
+        control: (control_tx, mut control_rx),
     } = started;
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
@@ -1215,7 +1241,7 @@ async fn serve_shard(
         ..AdmissionConfig::default()
     });
     let waiting = Rc::new(Waiting::default());
-    let stop = CancellationToken::new();
+    let stop = StopToken::new();
     let shard = Rc::new(Shard {
         id,
         shard_count,
@@ -1391,7 +1417,7 @@ async fn serve_shard(
     tracing::info!(shard = id, addr = %cfg.listen, "shard serving");
     let connections = Gate::new();
     // Cancelled when the drain after shutdown takes too long: stuck writers give up.
-    let abort = CancellationToken::new();
+    let abort = StopToken::new();
     if let Some(resp_listener) = resp_listener {
         let (shard, shutdown, abort, gate) = (
             shard.clone(),
@@ -1696,8 +1722,8 @@ impl Shard {
 async fn serve_connection(
     shard: Rc<Shard>,
     stream: TcpStream,
-    shutdown: CancellationToken,
-    abort: CancellationToken,
+    shutdown: StopToken,
+    abort: StopToken,
     role: Role,
 ) {
     // Small replies must not wait for Nagle's algorithm.
@@ -1788,8 +1814,8 @@ async fn serve_connection(
 async fn serve_resp(
     shard: Rc<Shard>,
     mut stream: TcpStream,
-    shutdown: CancellationToken,
-    abort: CancellationToken,
+    shutdown: StopToken,
+    abort: StopToken,
 ) {
     let _ = stream.set_nodelay(true);
     shard.metrics.connection_opened();
@@ -1955,11 +1981,7 @@ fn scopeguard(metrics: &ShardMetrics) -> ConnectionCount<'_> {
 }
 
 /// Answers one admin HTTP request (bounded head, bounded by shutdown) and closes.
-async fn serve_admin(
-    mut stream: TcpStream,
-    all: &[Arc<ShardMetrics>],
-    shutdown: &CancellationToken,
-) {
+async fn serve_admin(mut stream: TcpStream, all: &[Arc<ShardMetrics>], shutdown: &StopToken) {
     let mut head = Vec::new();
     let mut chunk = [0u8; 1024];
     while !metrics::head_complete(&head) {
@@ -1979,7 +2001,7 @@ async fn serve_admin(
 }
 
 /// Writes `bytes`, unless the connection fails or shutdown's drain runs out first.
-async fn write_or_abort(stream: &mut TcpStream, bytes: &[u8], abort: &CancellationToken) -> bool {
+async fn write_or_abort(stream: &mut TcpStream, bytes: &[u8], abort: &StopToken) -> bool {
     futures_lite::future::or(async { stream.write_all(bytes).await.is_ok() }, async {
         abort.cancelled().await;
         false
@@ -1996,7 +2018,7 @@ async fn write_replies(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     outbox: local_channel::LocalReceiver<Frame>,
     limits: Limits,
-    abort: CancellationToken,
+    abort: StopToken,
 ) {
     let mut out = Vec::new();
     while let Some(frame) = outbox.recv().await {
@@ -2062,7 +2084,7 @@ async fn accept_until<F: Future<Output = ()>>(
     listener: &TcpListener,
     what: &str,
     shard: usize,
-    stop: &CancellationToken,
+    stop: &StopToken,
     mut accepted: impl FnMut(TcpStream) -> F,
 ) {
     loop {
@@ -2577,7 +2599,7 @@ fn peer_unreachable(shard: &Weak<Shard>, node: NodeId) {
 /// `tick` returns `false`. The shard is held only while `tick` runs.
 async fn run_periodic(
     shard: Weak<Shard>,
-    stop: CancellationToken,
+    stop: StopToken,
     period: Duration,
     mut tick: impl FnMut(&Rc<Shard>) -> bool,
 ) {
@@ -2596,7 +2618,7 @@ async fn run_periodic(
 }
 
 /// Drives the core's timers: every [`TICK_MS`], a tick if the core has something due.
-async fn run_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+async fn run_ticks(shard: Weak<Shard>, stop: StopToken) {
     run_periodic(shard, stop, Duration::from_millis(TICK_MS), |shard| {
         let now = shard.clock.now_ms();
         shard.admit(now);
@@ -2621,7 +2643,7 @@ async fn run_link(
     node: NodeId,
     addr: SocketAddr,
     queue: LocalReceiver<Frame>,
-    stop: CancellationToken,
+    stop: StopToken,
 ) {
     let mut backoff_ms = PEER_BACKOFF_MIN_MS;
     loop {
@@ -2807,5 +2829,37 @@ fn encode_request(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
     if let Err(e) = encode_frame(frame, limits, out) {
         out.truncate(start);
         tracing::warn!(kind = %frame.message.kind(), error = %e, "peer request not sent");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A shard whose peer never joins leaves the join once the node stops, although the join
+    /// keeps its executor busy while it waits.
+    #[test]
+    fn a_mesh_join_ends_when_the_node_stops_before_every_shard_joined() {
+        let origin = NodeStop::new();
+        let foreign = origin.foreign_child();
+        let joining = Arc::new(AtomicBool::new(false));
+        let seen = joining.clone();
+        let shard = LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let mesh = MeshBuilder::<u8, Full>::full(2, 1);
+                let join = join_mesh(mesh, &foreign);
+                seen.store(true, Ordering::SeqCst);
+                join.await.is_none()
+            })
+            .expect("an executor starts");
+        while !joining.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // Let the join spin a little first (it is the case that hung); how long is immaterial.
+        std::thread::sleep(Duration::from_millis(20));
+        origin.cancel();
+        assert!(shard.join().expect("the shard's executor ends"));
     }
 }

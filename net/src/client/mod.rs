@@ -149,7 +149,7 @@ use crate::message::{
 
 /// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
 /// the field holds (the node caps it further).
-fn deadline_ms(timeout: Duration) -> u32 {
+pub fn deadline_ms(timeout: Duration) -> u32 {
     u32::try_from(timeout.as_millis())
         .unwrap_or(u32::MAX)
         .max(1)

@@ -54,7 +54,6 @@ use std::time::Duration;
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::sync::CancellationToken;
 use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, decode_frame};
 
 use crate::membership::{AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View};
@@ -62,6 +61,7 @@ use crate::node::cluster_state;
 use crate::node::metrics::{Holding, ShardMetrics};
 
 use super::super::NodeId;
+use super::stop::StopToken;
 use super::view::{Control, ShardView};
 use super::{Event, ServeError, Shard, connect_peer, error_message, run_periodic, unless};
 
@@ -202,7 +202,7 @@ impl Shard {
     }
 
     /// Starts membership on shard 0: its first outputs (the view, the state) and its ticker.
-    pub(super) fn start_membership(self: &Rc<Self>, stop: CancellationToken) {
+    pub(super) fn start_membership(self: &Rc<Self>, stop: StopToken) {
         let Some(driver) = self.driver() else {
             return;
         };
@@ -592,7 +592,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 /// Drives membership's timers on shard 0.
-async fn run_membership_ticks(shard: Weak<Shard>, stop: CancellationToken) {
+async fn run_membership_ticks(shard: Weak<Shard>, stop: StopToken) {
     let period = Duration::from_millis(MEMBERSHIP_TICK_MS);
     run_periodic(shard, stop, period, |shard| {
         let Some(driver) = shard.driver() else {
