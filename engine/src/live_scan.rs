@@ -22,8 +22,8 @@
 //! cluster's tree load does). Records are read from the segment object the walk found, which
 //! keeps its file open, so a segment compaction deletes meanwhile still reads back.
 //!
-//! **Beside foreground work.** A walk visits one partition's index entries at a time and yields
-//! between partitions when its task's slice is used up; its records are kept in chunks of one
+//! **Beside foreground work.** A walk visits one partition's index entries at a time and pauses
+//! between partitions after every millisecond of work ([`crate::pace`]); its records are kept in chunks of one
 //! window's span of one segment, and a chunk is sorted only when it is about to be read. So no
 //! step holds the thread for more than one partition's entries or one chunk's records, and the
 //! caller's task queue decides how much of the shard the scan takes.
@@ -43,6 +43,7 @@ use crate::engine::{Inner, read_record};
 use crate::error::EngineError;
 use crate::index::Location;
 use crate::io;
+use crate::pace::Pace;
 use crate::record::{self, RecordKind};
 use crate::segment::Segment;
 
@@ -198,6 +199,7 @@ impl LiveScan {
             partitions
         };
         let mut found = Found::new();
+        let mut pace = Pace::new();
         for partition in partitions {
             {
                 let st = inner.st.borrow();
@@ -222,7 +224,7 @@ impl LiveScan {
                         });
                 });
             }
-            glommio::yield_if_needed().await;
+            pace.step().await;
         }
         for (seg, chunks) in found.into_values() {
             for spots in chunks.into_values() {

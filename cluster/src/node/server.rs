@@ -147,13 +147,6 @@ const HINTS_TRUNCATE_SHARD: &str = "hints-truncate-shard";
 
 /// Period of the ticker that drives each core's timeouts and hinted handoff.
 pub const TICK_MS: u64 = 10;
-/// Longest a shard's task queue runs before the executor looks for other work (glommio's
-/// preempt timer). glommio lowers its 100 ms default to a queue's `Latency::Matters` only while
-/// that queue has runnable tasks, and a request's queue gets one only once the executor has
-/// polled the request's socket: so a background queue running alone (a compaction, the tree
-/// build after a start) would hold a request back for up to 100 ms. Equal to the request queue's
-/// latency; a preemption costs a ring poll, microseconds per millisecond of background work.
-pub const PREEMPT_MS: u64 = 1;
 /// CPU shares of the background queue at the full background share (foreground: 1000).
 pub const BACKGROUND_SHARES_MAX: usize = 250;
 /// Frames queued for one peer node before further ones are dropped (the core times them out).
@@ -597,7 +590,6 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         };
         let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
-            .preempt_timer(Duration::from_millis(PREEMPT_MS))
             .spawn(move || async move {
                 let replication = Replication {
                     view,
@@ -1225,7 +1217,7 @@ async fn serve_shard(
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
         Shares::Static(1000),
-        Latency::Matters(Duration::from_millis(PREEMPT_MS)),
+        Latency::Matters(Duration::from_millis(1)),
         "requests",
     );
     // Background work of the replication layer (hint delivery, the tree build after a start);

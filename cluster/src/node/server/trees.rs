@@ -12,8 +12,9 @@
 //! random read per key (`Engine::iter_partition`), which costs the device's latency for every
 //! key. The scan's order is the disk's, not the partitions', so every partition's trees are
 //! reported loaded together at the end. The task runs in the shard's background queue, whose
-//! shares follow admission control, so client requests keep their latency while it runs; it
-//! yields between objects when its slice is used up.
+//! shares follow admission control, and it pauses for a moment after every millisecond of work
+//! (`ringkv_engine::pace`): it is always runnable, and glommio would otherwise poll for the
+//! requests that arrived only after its 100 ms preempt period.
 //!
 //! Limits: the load holds one scan window (at most `ringkv_engine::live_scan::WINDOW_BYTES_MAX`
 //! bytes of records) and the locations of one group of segments at a time. It stops when the
@@ -66,6 +67,7 @@ impl Shard {
         // Replica partitions only: hint partitions (2^31 | p) are not in the set.
         let mut scan = self.engine.scan_live(move |p| wanted.contains(&p));
         let (mut keys, mut skipped) = (0u64, 0u64);
+        let mut pace = ringkv_engine::Pace::new();
         loop {
             if self.stop.is_cancelled() {
                 tracing::info!(
@@ -120,7 +122,7 @@ impl Shard {
                         skipped += 1;
                     }
                 }
-                glommio::yield_if_needed().await;
+                pace.step().await;
             }
         }
         let count = partitions.len();
