@@ -46,6 +46,18 @@
 //! Leaving members that own nothing become Removed. Replicas that dropped out of a preference
 //! list then hand their copies to the current replicas and drop them (the coordinator again).
 //!
+//! # How many bytes a change moves
+//!
+//! `plan`, `status` and a commit's answer give, beside the copies, their bytes: per copy, the
+//! size of its partition as the largest figure any replica of the partition in the ring in force
+//! reported. Every node reports the bytes it stores per partition ([`Membership::handle_stored`],
+//! fed by the shell from its engines) in a table gossiped beside the state (the SIZES sub-kind,
+//! to the same partner every round). The table is soft state, kept apart from [`ClusterState`]:
+//! figures change all the time and are only advice, so they are neither persisted nor published
+//! in views, and the state's encoding stays what nodes of earlier versions read. Copies whose
+//! replicas reported nothing (a node of an earlier version, one just started) print as "size
+//! unknown" (`sizes.rs`).
+//!
 //! # Limits
 //!
 //! One change at a time: `commit` is refused while a ring is pending. A down claimant stalls
@@ -62,6 +74,10 @@ use ringkv_net::{BodyError, limits::NAME_BYTES_MAX};
 
 use crate::node::NodeId;
 use crate::ring::{MEMBERS_MAX, PARTITION_COUNT_MAX, PartitionCount, PartitionId, Ring, RingError};
+
+mod sizes;
+
+pub use sizes::{ByteSum, NodeSizes, StoredSizes, human_bytes};
 
 /// A member's place in the cluster's life cycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -552,6 +568,20 @@ pub enum MembershipMsg {
         /// Success or the reason.
         result: Result<String, String>,
     },
+    /// Push-pull of the stored sizes: the sender's table.
+    Sizes {
+        /// Request id.
+        id: u64,
+        /// The table.
+        sizes: Box<StoredSizes>,
+    },
+    /// The receiver's table after merging.
+    SizesOk {
+        /// Request id.
+        id: u64,
+        /// The table.
+        sizes: Box<StoredSizes>,
+    },
 }
 
 /// CLUSTER sub-kinds of membership messages (`docs/PROTOCOL.md` §5.9.1).
@@ -564,6 +594,9 @@ pub mod sub {
     pub const COMMIT: u8 = 3;
     /// OUTCOME (answer only: to COMMIT, or a refused JOIN).
     pub const OUTCOME: u8 = 4;
+    /// SIZES / SIZES_OK. Nodes of earlier versions answer it `invalid_request`, which the
+    /// sender takes as a failed request.
+    pub const SIZES: u8 = 5;
 }
 
 impl MembershipMsg {
@@ -575,7 +608,9 @@ impl MembershipMsg {
             | Self::Join { id, .. }
             | Self::JoinOk { id, .. }
             | Self::Commit { id }
-            | Self::Outcome { id, .. } => *id,
+            | Self::Outcome { id, .. }
+            | Self::Sizes { id, .. }
+            | Self::SizesOk { id, .. } => *id,
         }
     }
 
@@ -583,7 +618,10 @@ impl MembershipMsg {
     pub fn is_answer(&self) -> bool {
         matches!(
             self,
-            Self::GossipOk { .. } | Self::JoinOk { .. } | Self::Outcome { .. }
+            Self::GossipOk { .. }
+                | Self::JoinOk { .. }
+                | Self::Outcome { .. }
+                | Self::SizesOk { .. }
         )
     }
 
@@ -620,6 +658,10 @@ impl MembershipMsg {
                 }
                 w.prefixed(LenWidth::U16, &text.as_bytes()[..end]);
                 sub::OUTCOME
+            }
+            Self::Sizes { sizes, .. } | Self::SizesOk { sizes, .. } => {
+                sizes.encode(&mut w);
+                sub::SIZES
             }
         };
         (sub, Bytes::from(out))
@@ -667,6 +709,14 @@ impl MembershipMsg {
                     result: if ok { Ok(text) } else { Err(text) },
                 }
             }
+            (sub::SIZES, false) => Self::Sizes {
+                id,
+                sizes: Box::new(StoredSizes::decode(&mut r)?),
+            },
+            (sub::SIZES, true) => Self::SizesOk {
+                id,
+                sizes: Box::new(StoredSizes::decode(&mut r)?),
+            },
             _ => return Ok(None),
         };
         r.finish()?;
@@ -747,6 +797,11 @@ pub struct Membership {
     identity_taken: bool,
     /// Joining through the contact seeds, until this node is in a cluster of more than itself.
     auto_join: Option<AutoJoin>,
+    /// What each node stores per partition, as gossiped (soft state: module docs).
+    sizes: StoredSizes,
+    /// This node's own figures, as the shell last gave them: its entry in `sizes` is kept equal
+    /// to them, above any stale copy gossip brings back.
+    stored: Option<BTreeMap<u32, u64>>,
     out: Vec<MembershipOutput>,
 }
 
@@ -771,6 +826,8 @@ impl Membership {
             out_known: false,
             identity_taken: false,
             auto_join,
+            sizes: StoredSizes::default(),
+            stored: None,
             out: Vec::new(),
         }
     }
@@ -995,6 +1052,16 @@ impl Membership {
                     to,
                     msg: MembershipMsg::Gossip { id, state },
                 });
+                // A node with no table yet has nothing to push and gets others' tables from
+                // their rounds, so it sends none.
+                if !self.sizes.is_empty() {
+                    let id = self.request(now, None);
+                    let sizes = Box::new(self.sizes.clone());
+                    self.out.push(MembershipOutput::Send {
+                        to,
+                        msg: MembershipMsg::Sizes { id, sizes },
+                    });
+                }
             }
         }
         self.maybe_flip();
@@ -1250,8 +1317,59 @@ impl Membership {
                     });
                 }
             }
+            MembershipMsg::Sizes { id, sizes } => {
+                self.merge_sizes(&sizes);
+                let reply = MembershipMsg::SizesOk {
+                    id,
+                    sizes: Box::new(self.sizes.clone()),
+                };
+                self.reply_to(from, reply);
+            }
+            MembershipMsg::SizesOk { id, sizes } => {
+                if self.outstanding.remove(&id).is_some() {
+                    self.merge_sizes(&sizes);
+                }
+            }
         }
         self.take()
+    }
+
+    /// This node's bytes stored per partition, as its engines count them now (the shell calls
+    /// this every few seconds; engine partitions that are not ring partitions, such as hints,
+    /// are left out here). Nothing to carry out: the figures leave with the next gossip round.
+    pub fn handle_stored(&mut self, _now: u64, mut stored: BTreeMap<u32, u64>) {
+        // Partitions past the ring's hold no replica data (the shell keeps hints there).
+        let q = self.state.ring.partition_count().get();
+        stored.retain(|p, bytes| *p < q && *bytes > 0);
+        self.stored = Some(stored);
+        self.keep_own_sizes();
+    }
+
+    /// Merges a gossiped table of stored sizes, then keeps it to the nodes that can be
+    /// replicas and puts this node's own figures back on top.
+    fn merge_sizes(&mut self, other: &StoredSizes) {
+        if self.identity_taken {
+            return;
+        }
+        self.sizes.merge(other);
+        self.keep_own_sizes();
+    }
+
+    /// Drops the entries of nodes that neither hold a place in the ring in force nor are live
+    /// members (the table stays as bounded as the member list), and makes this node's entry its
+    /// current figures under a number above any copy held.
+    fn keep_own_sizes(&mut self) {
+        let state = &self.state;
+        self.sizes.retain(|id| {
+            state.ring.members().contains(&id)
+                || state
+                    .members
+                    .get(&id)
+                    .is_some_and(|m| m.status != Status::Removed)
+        });
+        if let Some(stored) = &self.stored {
+            self.sizes.publish(self.cfg.node, stored);
+        }
     }
 
     /// Answers go back on the connection the request came on: the shell matches them by id, so
@@ -1723,16 +1841,19 @@ mod tests {
         assert_eq!(ab.members[&NodeId(2)].status, Status::Leaving);
     }
 
-    /// State survives its encoding, and garbage is an error, not a panic.
+    /// State survives its encoding (stored sizes are not part of it), and garbage is an error,
+    /// not a panic.
     #[test]
     fn state_round_trips() {
         let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
         a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
         a.admin(0, 2, AdminCmd::Commit);
         a.transfer_done(0, a.state.epoch, 5);
+        a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
         let bytes = a.persisted();
         let b = Membership::restore(cfg(1), &bytes).unwrap();
         assert_eq!(b.state, a.state);
+        assert!(b.sizes.is_empty(), "stored sizes are not persisted");
         assert!(matches!(
             Membership::restore(cfg(2), &bytes),
             Err(MembershipError::WrongNode { .. })
@@ -1751,8 +1872,13 @@ mod tests {
                 result: Err("x".into()),
             }
             .encode(),
+            MembershipMsg::SizesOk {
+                id: 1,
+                sizes: Box::new(a.sizes.clone()),
+            }
+            .encode(),
         ] {
-            let answer = sub == sub::OUTCOME;
+            let answer = matches!(sub, sub::OUTCOME | sub::SIZES);
             assert!(
                 MembershipMsg::decode(1, sub, answer, &payload)
                     .unwrap()
@@ -2072,6 +2198,39 @@ mod tests {
                 .any(|n| n.state.pending.is_none()),
             "a member merged the flip before the leaver may stop"
         );
+    }
+
+    /// A restarted node's gossip counters start again, and copies of its previous entry with
+    /// higher numbers are still around: its current figures must still win everywhere.
+    #[test]
+    fn a_restarted_node_s_figures_win_over_its_old_ones() {
+        let mut nodes = BTreeMap::new();
+        for i in 1..=3 {
+            nodes.insert(
+                NodeId(i),
+                Membership::bootstrap(cfg(i), &seeds(&[1, 2, 3])).unwrap(),
+            );
+        }
+        for (i, bytes) in [100u64, 200, 300].into_iter().enumerate() {
+            nodes
+                .get_mut(&NodeId(1))
+                .unwrap()
+                .handle_stored(i as u64, [(0, bytes)].into_iter().collect());
+        }
+        gossip_rounds(&mut nodes, 1_000, 4);
+        assert_eq!(nodes[&NodeId(2)].sizes.get(NodeId(1)).unwrap().seq, 3);
+
+        let persisted = nodes[&NodeId(1)].persisted();
+        let mut restarted = Membership::restore(cfg(1), &persisted).unwrap();
+        restarted.handle_stored(10_000, [(0, 7)].into_iter().collect());
+        assert_eq!(restarted.sizes.get(NodeId(1)).unwrap().seq, 1);
+        nodes.insert(NodeId(1), restarted);
+        gossip_rounds(&mut nodes, 11_000, 6);
+        for n in nodes.values() {
+            let entry = n.sizes.get(NodeId(1)).unwrap();
+            assert_eq!(entry.bytes, [(0, 7)].into_iter().collect(), "{entry:?}");
+            assert!(entry.seq > 3);
+        }
     }
 
     /// Commands parse strictly.
