@@ -1571,7 +1571,7 @@ impl Membership {
             ));
         }
         if self.state.pending.is_some() {
-            let left = self.pending_left();
+            let left = self.progress().left;
             return Err(format!(
                 "a change is still in progress ({left} transfers left); commit again once it is done"
             ));
@@ -1589,17 +1589,36 @@ impl Membership {
                 m.version += 1;
             }
         }
-        let copies = self.required_transfers().len();
+        let required = self.required_transfers();
+        let bytes = self.copy_bytes(&required);
         self.changed();
         self.maybe_flip();
         Ok(format!(
-            "committed: {moves} partitions change owner, {copies} replica copies to transfer"
+            "committed: {moves} partitions change owner, {} replica copies to transfer ({})",
+            required.len(),
+            bytes.about()
         ))
     }
 
-    fn pending_left(&self) -> usize {
+    /// The bytes of the copies `(partition, receiver)`: per copy, the size of its partition
+    /// that its replicas in the ring in force (the copy's sources) reported.
+    fn copy_bytes(&self, copies: &[(u32, NodeId)]) -> ByteSum {
+        let mut sum = ByteSum::default();
+        for (p, _) in copies {
+            let sources = self
+                .state
+                .ring
+                .preference_list(PartitionId(*p), self.cfg.target_n);
+            sum.add(self.sizes.partition_bytes(*p, &sources));
+        }
+        sum
+    }
+
+    /// How far the pending ring's transfers are (all zero when no ring is pending).
+    fn progress(&self) -> Progress {
         let epoch = self.state.epoch;
-        self.required_transfers()
+        let required = self.required_transfers();
+        let left: Vec<(u32, NodeId)> = required
             .iter()
             .filter(|(p, n)| {
                 !self
@@ -1608,18 +1627,29 @@ impl Membership {
                     .get(n)
                     .is_some_and(|r| r.epoch == epoch && r.done.contains(p))
             })
-            .count()
+            .copied()
+            .collect();
+        let progress = Progress {
+            left: left.len(),
+            total: required.len(),
+            left_bytes: self.copy_bytes(&left),
+            total_bytes: self.copy_bytes(&required),
+        };
+        assert!(progress.left <= progress.total);
+        progress
     }
 
     /// What `cluster plan` prints.
     pub fn plan_text(&self) -> String {
         let mut s = String::new();
         if self.state.pending.is_some() {
+            let p = self.progress();
             let _ = writeln!(
                 s,
-                "a change is in progress: {} of {} transfers left",
-                self.pending_left(),
-                self.required_transfers().len()
+                "a change is in progress: {} of {} transfers left ({})",
+                p.left,
+                p.total,
+                p.left_bytes.about_of(&p.total_bytes)
             );
             return s;
         }
@@ -1653,7 +1683,12 @@ impl Membership {
             let _ = writeln!(s, "  partition {}: {} -> {}", t.partition.0, t.from, t.to);
         }
         let copies = required(&self.state, &self.state.ring, &next, self.cfg.target_n);
-        let _ = writeln!(s, "replica copies to transfer: {}", copies.len());
+        let _ = writeln!(
+            s,
+            "replica copies to transfer: {} ({})",
+            copies.len(),
+            self.copy_bytes(&copies).about()
+        );
         s
     }
 
@@ -1710,17 +1745,28 @@ impl Membership {
             );
         }
         if self.state.pending.is_some() {
+            let p = self.progress();
             let _ = writeln!(
                 s,
-                "pending transfers: {} of {} left",
-                self.pending_left(),
-                self.required_transfers().len()
+                "pending transfers: {} of {} left ({})",
+                p.left,
+                p.total,
+                p.left_bytes.about_of(&p.total_bytes)
             );
         } else {
             let _ = writeln!(s, "pending transfers: none");
         }
         s
     }
+}
+
+/// The transfers of a pending ring: copies left and in all, in number and in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Progress {
+    left: usize,
+    total: usize,
+    left_bytes: ByteSum,
+    total_bytes: ByteSum,
 }
 
 /// `(partition, receiver)` pairs going from `ring` to `next` for `n` replicas (module docs).
@@ -1745,6 +1791,9 @@ fn required(state: &ClusterState, ring: &Ring, next: &Ring, n: usize) -> Vec<(u3
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Where the node keeps hints in its engine: no ring partition.
+    const HINT_PARTITION: u32 = 1 << 31;
 
     fn cfg(node: u32) -> MembershipConfig {
         MembershipConfig {
@@ -2197,6 +2246,237 @@ mod tests {
                 .filter(|n| n.cfg.node != NodeId(1))
                 .any(|n| n.state.pending.is_none()),
             "a member merged the flip before the leaver may stop"
+        );
+    }
+
+    /// Nodes 1 to `count` in a cluster, and node `count + 1` joined to it (not committed).
+    fn members_and_a_joiner(count: u32) -> BTreeMap<NodeId, Membership> {
+        let ids: Vec<u32> = (1..=count).collect();
+        let mut nodes = BTreeMap::new();
+        for &i in &ids {
+            nodes.insert(
+                NodeId(i),
+                Membership::bootstrap(cfg(i), &seeds(&ids)).unwrap(),
+            );
+        }
+        let joiner = count + 1;
+        nodes.insert(
+            NodeId(joiner),
+            Membership::bootstrap(cfg(joiner), &[]).unwrap(),
+        );
+        gossip_rounds(&mut nodes, 0, 3);
+        let out = nodes.get_mut(&NodeId(joiner)).unwrap().admin(
+            10_000,
+            1,
+            AdminCmd::Join {
+                seed: "127.0.0.1:7001".into(),
+            },
+        );
+        pump(
+            &mut nodes,
+            10_000,
+            out.into_iter().map(|o| (NodeId(joiner), o)).collect(),
+        );
+        gossip_rounds(&mut nodes, 11_000, 8);
+        nodes
+    }
+
+    /// The text of a successful admin command on `node`.
+    fn admin_text(nodes: &mut BTreeMap<NodeId, Membership>, node: u32, cmd: AdminCmd) -> String {
+        let out = nodes.get_mut(&NodeId(node)).unwrap().admin(30_000, 9, cmd);
+        let mut text = None;
+        let mut queue = Vec::new();
+        for o in out {
+            match o {
+                MembershipOutput::AdminReply { result, .. } => text = Some(result.unwrap()),
+                o => queue.push((NodeId(node), o)),
+            }
+        }
+        pump(nodes, 30_000, queue);
+        text.unwrap()
+    }
+
+    /// The line of `text` that starts with `prefix`.
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {text}"))
+    }
+
+    /// Bytes each of the three first nodes reports for partition `p`: nodes 1 and 2 the full
+    /// size, node 3 less (a replica that missed writes), so the largest report is the full one.
+    fn reported(node: u32, p: u32) -> u64 {
+        let full = 1024 * u64::from(p + 1);
+        if node == 3 { full / 2 } else { full }
+    }
+
+    /// The plan, a commit and the status give the bytes of the copies to move: per copy the
+    /// largest size the partition's current replicas reported. The joiner's own figures (it is
+    /// no source), partitions past the ring (hints) and nodes that reported nothing do not
+    /// count; before any report the size is unknown, never 0 bytes. Transfers reported lower
+    /// the bytes left until the flip.
+    #[test]
+    fn plan_and_status_show_the_bytes_to_move() {
+        let mut nodes = members_and_a_joiner(3);
+        let plan = admin_text(&mut nodes, 2, AdminCmd::Plan);
+        assert!(
+            line(&plan, "replica copies to transfer:").ends_with("(size unknown)"),
+            "{plan}"
+        );
+
+        let q = 64u32;
+        for id in 1..=3u32 {
+            let mut stored: BTreeMap<u32, u64> = (0..q).map(|p| (p, reported(id, p))).collect();
+            stored.insert(HINT_PARTITION | 5, 1 << 40);
+            nodes
+                .get_mut(&NodeId(id))
+                .unwrap()
+                .handle_stored(20_000, stored);
+        }
+        let joiner: BTreeMap<u32, u64> = (0..q).map(|p| (p, 1 << 40)).collect();
+        nodes
+            .get_mut(&NodeId(4))
+            .unwrap()
+            .handle_stored(20_000, joiner);
+        gossip_rounds(&mut nodes, 21_000, 6);
+        for n in nodes.values() {
+            assert_eq!(n.sizes, nodes[&NodeId(1)].sizes, "the table spread");
+            let one = n.sizes.get(NodeId(1)).unwrap();
+            assert_eq!(one.bytes.len(), q as usize, "hint partitions left out");
+        }
+
+        // With three nodes and n = 3 every node is a current replica of every partition, so
+        // each copy's size is the full one nodes 1 and 2 reported.
+        let copies = {
+            let n1 = &nodes[&NodeId(1)];
+            let next = n1.next_ring().unwrap().unwrap();
+            required(&n1.state, &n1.state.ring, &next, 3)
+        };
+        assert!(!copies.is_empty());
+        assert!(copies.iter().all(|(_, to)| *to == NodeId(4)));
+        let bytes_of =
+            |copies: &[(u32, NodeId)]| -> u64 { copies.iter().map(|(p, _)| reported(1, *p)).sum() };
+        let total = bytes_of(&copies);
+        let plan = admin_text(&mut nodes, 2, AdminCmd::Plan);
+        assert_eq!(
+            line(&plan, "replica copies to transfer:"),
+            format!(
+                "replica copies to transfer: {} (about {})",
+                copies.len(),
+                human_bytes(total)
+            ),
+            "{plan}"
+        );
+
+        let committed = admin_text(&mut nodes, 1, AdminCmd::Commit);
+        assert!(
+            committed.ends_with(&format!(
+                "{} replica copies to transfer (about {})",
+                copies.len(),
+                human_bytes(total)
+            )),
+            "{committed}"
+        );
+        gossip_rounds(&mut nodes, 31_000, 6);
+        let status = admin_text(&mut nodes, 3, AdminCmd::Status);
+        assert_eq!(
+            line(&status, "pending transfers:"),
+            format!(
+                "pending transfers: {0} of {0} left (about {1} of {1})",
+                copies.len(),
+                human_bytes(total)
+            ),
+            "{status}"
+        );
+
+        // Half the copies arrive.
+        let epoch = nodes[&NodeId(4)].state.epoch;
+        let (done, left) = copies.split_at(copies.len() / 2);
+        for (p, _) in done {
+            nodes
+                .get_mut(&NodeId(4))
+                .unwrap()
+                .transfer_done(32_000, epoch, *p);
+        }
+        gossip_rounds(&mut nodes, 33_000, 6);
+        let status = admin_text(&mut nodes, 2, AdminCmd::Status);
+        assert_eq!(
+            line(&status, "pending transfers:"),
+            format!(
+                "pending transfers: {} of {} left (about {} of {})",
+                left.len(),
+                copies.len(),
+                human_bytes(bytes_of(left)),
+                human_bytes(total)
+            ),
+            "{status}"
+        );
+        let plan = admin_text(&mut nodes, 2, AdminCmd::Plan);
+        assert!(
+            plan.starts_with(&format!(
+                "a change is in progress: {} of {} transfers left (about {} of {})",
+                left.len(),
+                copies.len(),
+                human_bytes(bytes_of(left)),
+                human_bytes(total)
+            )),
+            "{plan}"
+        );
+
+        for (p, _) in left {
+            nodes
+                .get_mut(&NodeId(4))
+                .unwrap()
+                .transfer_done(34_000, epoch, *p);
+        }
+        gossip_rounds(&mut nodes, 35_000, 8);
+        let status = admin_text(&mut nodes, 2, AdminCmd::Status);
+        assert_eq!(
+            line(&status, "pending transfers:"),
+            "pending transfers: none"
+        );
+    }
+
+    /// Copies whose current replicas have not reported (nodes of an earlier version never do)
+    /// are counted apart, as unknown, never as 0 bytes: with five nodes and n = 3 only the
+    /// copies of partitions node 1 replicates have a known size when only node 1 reports.
+    #[test]
+    fn copies_without_a_report_are_of_unknown_size() {
+        let mut nodes = members_and_a_joiner(5);
+        let plan = admin_text(&mut nodes, 2, AdminCmd::Plan);
+        assert!(
+            line(&plan, "replica copies to transfer:").ends_with("(size unknown)"),
+            "{plan}"
+        );
+        nodes
+            .get_mut(&NodeId(1))
+            .unwrap()
+            .handle_stored(20_000, (0..64).map(|p| (p, 4096)).collect());
+        gossip_rounds(&mut nodes, 21_000, 8);
+
+        let n1 = &nodes[&NodeId(1)];
+        let next = n1.next_ring().unwrap().unwrap();
+        let copies = required(&n1.state, &n1.state.ring, &next, 3);
+        let known = copies
+            .iter()
+            .filter(|(p, _)| {
+                n1.state
+                    .ring
+                    .preference_list(PartitionId(*p), 3)
+                    .contains(&NodeId(1))
+            })
+            .count();
+        let unknown = copies.len() - known;
+        assert!(known > 0 && unknown > 1, "{known} {unknown}");
+        let plan = admin_text(&mut nodes, 2, AdminCmd::Plan);
+        assert_eq!(
+            line(&plan, "replica copies to transfer:"),
+            format!(
+                "replica copies to transfer: {} (about {}; sizes of {unknown} copies unknown)",
+                copies.len(),
+                human_bytes(4096 * known as u64)
+            ),
+            "{plan}"
         );
     }
 
