@@ -322,6 +322,26 @@ fn join_spreads_commit_reaches_the_claimant_and_membership_survives_restart() {
     }
 }
 
+/// The bytes a `cluster plan` answer says the staged change moves (its `replica copies to
+/// transfer: N (about 12.4 MiB)` line), or `None` when it gives none (size unknown).
+fn plan_bytes(plan: &str) -> Option<f64> {
+    let line = plan
+        .lines()
+        .find(|l| l.starts_with("replica copies to transfer:"))?;
+    let figure = line.split("(about ").nth(1)?;
+    let mut words = figure.split_whitespace();
+    let value: f64 = words.next()?.parse().ok()?;
+    let unit = words.next()?.trim_end_matches([')', ';']);
+    let scale = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
 /// Waits until every node in `nodes` reports no pending transfers and `check` holds for its
 /// status text.
 fn wait_settled(nodes: &[&ClusterNode], what: &str, check: impl Fn(&str) -> bool) {
@@ -357,8 +377,9 @@ fn wait_nothing_to_hand_off(node: &ClusterNode) {
 /// An acknowledged write: key and value.
 type Written = (Vec<u8>, Vec<u8>);
 
-/// The rebalancing scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins and
-/// receives its partitions; then one of the first three leaves. Returns the nodes that stay
+/// The rebalancing scenario: three nodes (N=3, W=2) under continuous writes; a fourth joins (the
+/// plan giving a non-zero number of bytes to move) and receives its partitions, after which
+/// `status` shows no pending transfer; then one of the first three leaves. Returns the nodes that stay
 /// and every acknowledged write, once both changes are complete everywhere (no transfer
 /// pending, node-4 owning partitions, node-3 removed), after checking that no write failed.
 fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) {
@@ -427,6 +448,18 @@ fn join_then_leave_under_writes(name: &str) -> (Vec<ClusterNode>, Vec<Written>) 
             member_line(&status, 4).map(|_| ()).ok_or(status)
         });
     }
+    // The plan gives the bytes the join moves once every node's stored sizes reached the node
+    // asked (engines publish them every second, gossip spreads them): the warm-up and the
+    // writes so far are on the three replicas, so the figure is above 0.
+    wait_for("the plan's bytes to move", POLLS, POLL_MS, || {
+        let plan = nodes[2]
+            .admin("cluster-plan", "")
+            .map_err(|e| e.to_string())?;
+        match plan_bytes(&plan) {
+            Some(bytes) if bytes > 0.0 => Ok(()),
+            _ => Err(plan),
+        }
+    });
     let committed = nodes[1].admin("cluster-commit", "").unwrap();
     assert!(committed.starts_with("committed"), "{committed}");
     let all: Vec<&ClusterNode> = nodes.iter().collect();

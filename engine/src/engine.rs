@@ -645,6 +645,13 @@ impl Engine {
         self.inner.st.borrow().index.partitions()
     }
 
+    /// `(partition, bytes)` for every partition holding live records, in partition order: the
+    /// stored bytes of its live records (padded record lengths; tombstones not counted). Kept by
+    /// the index as entries change, so this costs one step per partition, not per key.
+    pub fn partition_live_bytes(&self) -> Vec<(u32, u64)> {
+        self.inner.st.borrow().index.partition_live_bytes()
+    }
+
     /// Key fingerprints and value digests of one partition without any IO (for anti-entropy),
     /// sorted by digest. Tombstones are included with `tombstone` set.
     pub fn partition_digests(&self, partition: u32) -> Vec<(KeyHash, Entry)> {

@@ -14,6 +14,10 @@
 //!
 //! Tombstones stay in the index until compaction proves no older record of the key survives in any
 //! segment; a get of a tombstoned key answers "absent" without IO.
+//!
+//! Each partition also keeps the bytes of the live (not tombstone) records its entries point at,
+//! kept up to date by every change of an entry, so the cluster can tell how much data a partition
+//! holds (what moving it would copy) without walking the table.
 
 use std::collections::BTreeMap;
 
@@ -141,11 +145,37 @@ fn join(v: [u32; 2]) -> u64 {
     v[0] as u64 | (v[1] as u64) << 32
 }
 
+/// Bytes an entry charges to its partition's live bytes: its record's, unless it is a tombstone
+/// (nothing reads or copies a tombstone's record).
+fn live_len(e: Entry) -> u64 {
+    if e.tombstone { 0 } else { u64::from(e.loc.len) }
+}
+
+/// One partition's entries.
+#[derive(Default)]
+struct Part {
+    table: HashTable<Slot>,
+    /// Sum of [`live_len`] over `table`.
+    live_bytes: u64,
+}
+
+impl Part {
+    /// Moves the live bytes from `old` (if any) to `new` (if any).
+    fn account(&mut self, old: Option<Entry>, new: Option<Entry>) {
+        let old = old.map_or(0, live_len);
+        assert!(
+            self.live_bytes >= old,
+            "live bytes below a record still counted"
+        );
+        self.live_bytes = self.live_bytes - old + new.map_or(0, live_len);
+    }
+}
+
 /// Index of all partitions of one engine. Partitions iterate in order (BTreeMap) so anything that
 /// walks the index is deterministic.
 #[derive(Default)]
 pub struct Index {
-    parts: BTreeMap<u32, HashTable<Slot>>,
+    parts: BTreeMap<u32, Part>,
     /// Entries with the tombstone flag (compaction rewrites old segments when they pile up).
     tombstones: usize,
 }
@@ -153,7 +183,7 @@ pub struct Index {
 impl Index {
     /// Looks up a key.
     pub fn get(&self, partition: u32, kh: KeyHash) -> Option<Entry> {
-        let t = self.parts.get(&partition)?;
+        let t = &self.parts.get(&partition)?.table;
         t.find(kh.digest, |s| {
             s.digest() == kh.digest && s.check == kh.check
         })
@@ -162,9 +192,9 @@ impl Index {
 
     /// Inserts or replaces a key's entry; returns the entry it replaced.
     pub fn upsert(&mut self, partition: u32, kh: KeyHash, e: Entry) -> Option<Entry> {
-        let t = self.parts.entry(partition).or_default();
+        let part = self.parts.entry(partition).or_default();
         let slot = Slot::new(kh, e);
-        match t.entry(
+        let old = match part.table.entry(
             kh.digest,
             |s| s.digest() == kh.digest && s.check == kh.check,
             |s| s.digest(),
@@ -173,15 +203,16 @@ impl Index {
                 let old = o.get().entry();
                 *o.get_mut() = slot;
                 self.tombstones -= old.tombstone as usize;
-                self.tombstones += e.tombstone as usize;
                 Some(old)
             }
             hashbrown::hash_table::Entry::Vacant(v) => {
                 v.insert(slot);
-                self.tombstones += e.tombstone as usize;
                 None
             }
-        }
+        };
+        self.tombstones += e.tombstone as usize;
+        part.account(old, Some(e));
+        old
     }
 
     /// Replaces the entry only if it still points at `expected` (compaction moving a record while
@@ -193,10 +224,10 @@ impl Index {
         expected: Location,
         e: Entry,
     ) -> bool {
-        let Some(t) = self.parts.get_mut(&partition) else {
+        let Some(part) = self.parts.get_mut(&partition) else {
             return false;
         };
-        match t.find_mut(kh.digest, |s| {
+        match part.table.find_mut(kh.digest, |s| {
             s.digest() == kh.digest && s.check == kh.check
         }) {
             Some(s) if s.entry().loc == expected => {
@@ -204,6 +235,7 @@ impl Index {
                 *s = Slot::new(kh, e);
                 self.tombstones -= old.tombstone as usize;
                 self.tombstones += e.tombstone as usize;
+                part.account(Some(old), Some(e));
                 true
             }
             _ => false,
@@ -212,8 +244,9 @@ impl Index {
 
     /// Removes the entry only if it still points at `expected`. Returns the removed entry.
     pub fn remove_if(&mut self, partition: u32, kh: KeyHash, expected: Location) -> Option<Entry> {
-        let t = self.parts.get_mut(&partition)?;
-        let o = t
+        let part = self.parts.get_mut(&partition)?;
+        let o = part
+            .table
             .find_entry(kh.digest, |s| {
                 s.digest() == kh.digest && s.check == kh.check
             })
@@ -222,8 +255,10 @@ impl Index {
             return None;
         }
         let (s, _) = o.remove();
-        self.tombstones -= s.entry().tombstone as usize;
-        Some(s.entry())
+        let old = s.entry();
+        self.tombstones -= old.tombstone as usize;
+        part.account(Some(old), None);
+        Some(old)
     }
 
     /// Removes a whole partition, returning its table for accounting.
@@ -231,7 +266,7 @@ impl Index {
         let gone: Vec<Entry> = self
             .parts
             .remove(&partition)
-            .map(|t| t.iter().map(Slot::entry).collect())
+            .map(|part| part.table.iter().map(Slot::entry).collect())
             .unwrap_or_default();
         self.tombstones -= gone.iter().filter(|e| e.tombstone).count();
         gone
@@ -241,8 +276,9 @@ impl Index {
     pub fn partition_entries(&self, partition: u32) -> Vec<(KeyHash, Entry)> {
         self.parts
             .get(&partition)
-            .map(|t| {
-                t.iter()
+            .map(|part| {
+                part.table
+                    .iter()
                     .map(|s| {
                         (
                             KeyHash {
@@ -259,8 +295,8 @@ impl Index {
 
     /// Visits every entry of every partition.
     pub fn for_each(&self, mut f: impl FnMut(u32, KeyHash, Entry)) {
-        for (&p, t) in &self.parts {
-            for s in t.iter() {
+        for (&p, part) in &self.parts {
+            for s in part.table.iter() {
                 f(
                     p,
                     KeyHash {
@@ -276,7 +312,7 @@ impl Index {
     /// Visits every entry of one partition (unordered).
     pub fn for_each_in(&self, partition: u32, mut f: impl FnMut(KeyHash, Entry)) {
         if let Some(t) = self.parts.get(&partition) {
-            for s in t.iter() {
+            for s in t.table.iter() {
                 f(
                     KeyHash {
                         digest: s.digest(),
@@ -291,13 +327,17 @@ impl Index {
     /// Removes every entry for which `f` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(u32, Entry) -> bool) {
         let mut removed_tombstones = 0;
-        for (&p, t) in self.parts.iter_mut() {
-            t.retain(|s| {
+        for (&p, part) in self.parts.iter_mut() {
+            let mut removed_live = 0;
+            part.table.retain(|s| {
                 let e = s.entry();
                 let k = keep(p, e);
                 removed_tombstones += (!k && e.tombstone) as usize;
+                removed_live += if k { 0 } else { live_len(e) };
                 k
             });
+            assert!(part.live_bytes >= removed_live);
+            part.live_bytes -= removed_live;
         }
         self.tombstones -= removed_tombstones;
     }
@@ -309,7 +349,7 @@ impl Index {
 
     /// Number of entries (live keys plus tombstones).
     pub fn len(&self) -> usize {
-        self.parts.values().map(HashTable::len).sum()
+        self.parts.values().map(|part| part.table.len()).sum()
     }
 
     /// Whether the index is empty.
@@ -321,17 +361,28 @@ impl Index {
     pub fn heap_bytes(&self) -> usize {
         self.parts
             .values()
-            .map(HashTable::allocation_size)
+            .map(|part| part.table.allocation_size())
             .sum::<usize>()
-            + self.parts.len() * std::mem::size_of::<(u32, HashTable<Slot>)>()
+            + self.parts.len() * std::mem::size_of::<(u32, Part)>()
     }
 
     /// Partitions that currently have entries.
     pub fn partitions(&self) -> Vec<u32> {
         self.parts
             .iter()
-            .filter(|(_, t)| !t.is_empty())
+            .filter(|(_, part)| !part.table.is_empty())
             .map(|(&p, _)| p)
+            .collect()
+    }
+
+    /// `(partition, bytes)` for every partition with live records, in partition order: the bytes
+    /// of the live records its entries point at (padded record lengths, key and headers
+    /// included). Costs one step per partition, not per key.
+    pub fn partition_live_bytes(&self) -> Vec<(u32, u64)> {
+        self.parts
+            .iter()
+            .filter(|(_, part)| part.live_bytes > 0)
+            .map(|(&p, part)| (p, part.live_bytes))
             .collect()
     }
 }
@@ -388,14 +439,45 @@ mod tests {
         assert_eq!(ix.upsert(5, kh, e1), None);
         assert_eq!(ix.get(5, kh), Some(e1));
         assert_eq!(ix.get(6, kh), None);
+        assert_eq!(ix.partition_live_bytes(), vec![(5, 40)]);
         // A compaction move that lost the race must not overwrite the newer entry.
         assert!(ix.replace_if(5, kh, e1.loc, e2));
         assert!(!ix.replace_if(5, kh, e1.loc, e1));
         assert_eq!(ix.get(5, kh), Some(e2));
         assert_eq!(ix.tombstones(), 1);
+        // A tombstone's record is not live data.
+        assert_eq!(ix.partition_live_bytes(), vec![]);
         assert_eq!(ix.remove_if(5, kh, e1.loc), None);
         assert_eq!(ix.remove_if(5, kh, e2.loc), Some(e2));
         assert!(ix.is_empty());
         assert_eq!(ix.tombstones(), 0);
+    }
+
+    /// Live bytes follow every change of an entry: a replaced value, a retain, a dropped
+    /// partition; partitions stay apart.
+    #[test]
+    fn live_bytes_follow_entries() {
+        let mut ix = Index::default();
+        let entry = |offset: u64, len: u32| Entry {
+            loc: Location {
+                slot: 1,
+                offset,
+                len,
+            },
+            tombstone: false,
+            version: 1,
+        };
+        let (a, b) = (KeyHash::of(b"a"), KeyHash::of(b"b"));
+        ix.upsert(1, a, entry(0, 64));
+        ix.upsert(1, b, entry(64, 128));
+        ix.upsert(2, a, entry(192, 8));
+        assert_eq!(ix.partition_live_bytes(), vec![(1, 192), (2, 8)]);
+        // A new value of a key replaces its old record's bytes.
+        ix.upsert(1, a, entry(200, 16));
+        assert_eq!(ix.partition_live_bytes(), vec![(1, 144), (2, 8)]);
+        ix.retain(|p, e| !(p == 1 && e.loc.len == 128));
+        assert_eq!(ix.partition_live_bytes(), vec![(1, 16), (2, 8)]);
+        ix.drop_partition(1);
+        assert_eq!(ix.partition_live_bytes(), vec![(2, 8)]);
     }
 }

@@ -14,9 +14,11 @@
 //! copied by each shard's ticker, at most one tick late; coordinator figures are rendered summed
 //! over shards, the admission state per shard (each shard has its own controller). The
 //! anti-entropy counters are coordinator figures too; each shard's Merkle roots are copied every
-//! [`ENGINE_REFRESH_MS`] into a list behind a mutex (the one snapshot that is not a number), read
+//! [`ENGINE_REFRESH_MS`] into a list behind a mutex (a snapshot that is not a number), read
 //! by `GET /merkle`: one line per tree, `partition n keys root` (root in hex), sorted by partition
-//! then `n`, shards merged.
+//! then `n`, shards merged. The live bytes of each ring partition in the shard's engine are copied
+//! the same way into a second list, which shard 0 gives membership to gossip
+//! (`server/members.rs`); at most one entry per ring partition, a few hundred.
 //!
 //! Limits: the admin protocol is a minimal HTTP/1.1 subset: one `GET` per connection, a request
 //! head of at most [`ADMIN_REQUEST_BYTES_MAX`] bytes, `Connection: close`.
@@ -267,6 +269,9 @@ pub struct ShardMetrics {
     admission_threshold_us: AtomicU64,
     admission_adjustments: AtomicU64,
     trees: Mutex<Vec<TreeRoot>>,
+    /// `(partition, live bytes)` of the ring partitions in the shard's engine; `None` until
+    /// first published.
+    partition_bytes: Mutex<Option<Vec<(u32, u64)>>>,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -342,6 +347,24 @@ impl ShardMetrics {
     pub fn set_trees(&self, trees: Vec<TreeRoot>) {
         // A writer that panicked left a whole list behind (it is replaced in one assignment).
         *self.trees.lock().unwrap_or_else(|e| e.into_inner()) = trees;
+    }
+
+    /// Publishes the live bytes of the ring partitions in the shard's engine (hints left out).
+    pub fn set_partition_bytes(&self, bytes: Vec<(u32, u64)>) {
+        // As with the trees, a panicked writer left a whole list behind.
+        *self
+            .partition_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+    }
+
+    /// What the shard last published of its partitions' live bytes; `None` before it first
+    /// did (which is not "nothing stored").
+    pub fn partition_bytes(&self) -> Option<Vec<(u32, u64)>> {
+        self.partition_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Publishes a snapshot of the shard's engine statistics.

@@ -1299,6 +1299,10 @@ async fn serve_shard(
                     shard.metrics.set_engine(&shard.engine.stats());
                     let trees = shard.core.borrow_mut().merkle_roots();
                     shard.metrics.set_trees(trees);
+                    // Hints are kept in engine partitions of their own: not replica data.
+                    let mut bytes = shard.engine.partition_live_bytes();
+                    bytes.retain(|(p, _)| *p < HINT_PARTITION_BASE);
+                    shard.metrics.set_partition_bytes(bytes);
                 }
                 None => break,
             }

@@ -39,12 +39,18 @@
 //!   node stops as on SIGTERM. A removed node restarted with nothing left stops at once. Until
 //!   then `cluster status` on it shows what it still holds.
 //!
+//! - **Stored bytes**: every [`STORED_REPORT_MS`] the ticker sums what every shard last
+//!   published of its partitions' live bytes ([`ShardMetrics::partition_bytes`]) and gives it to
+//!   membership (`handle_stored`), which gossips it for `cluster plan` and `status`. Nothing is
+//!   given until every shard has published once, so a node just started never claims to store
+//!   nothing.
+//!
 //! Requests membership sent that get no answer (a lost link, a full queue) are timed out by
 //! membership itself (`MembershipConfig::request_timeout_ms`, which the node sets to its
 //! `replica_timeout_ms`: a live peer answers membership at once).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -67,6 +73,9 @@ use super::{Event, ServeError, Shard, connect_peer, error_message, run_periodic,
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
 pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
+/// Interval between reports of the node's stored bytes to membership: as often as shards
+/// refresh the figures.
+pub(super) const STORED_REPORT_MS: u64 = crate::node::metrics::ENGINE_REFRESH_MS;
 /// Set in the request id of every membership request on a peer link; the core's ids stay far
 /// below it.
 pub(super) const MEMBERSHIP_ID_BIT: u64 = 1 << 62;
@@ -100,6 +109,8 @@ pub(super) struct Driver {
     retire: RefCell<Option<mpsc::Sender<Event>>>,
     /// What the node held when last logged while removed: `(partitions, hints)`.
     logged_holding: Cell<Option<(u64, u64)>>,
+    /// When the stored bytes are next given to membership.
+    next_stored_ms: Cell<u64>,
 }
 
 /// Whether a removed node may stop: every shard has published, under membership's latest view
@@ -140,7 +151,28 @@ impl Driver {
             shards,
             retire: RefCell::new(Some(retire)),
             logged_holding: Cell::new(None),
+            next_stored_ms: Cell::new(0),
         }
+    }
+
+    /// Gives membership the bytes the node stores per partition, summed over shards, at most
+    /// every [`STORED_REPORT_MS`] and only once every shard has published its figures.
+    fn report_stored(&self, now: u64) {
+        if now < self.next_stored_ms.get() {
+            return;
+        }
+        let mut stored: BTreeMap<u32, u64> = BTreeMap::new();
+        for shard in self.shards.iter() {
+            let Some(bytes) = shard.partition_bytes() else {
+                return;
+            };
+            for (p, b) in bytes {
+                let sum = stored.entry(p).or_default();
+                *sum = sum.saturating_add(b);
+            }
+        }
+        self.next_stored_ms.set(now + STORED_REPORT_MS);
+        self.membership.borrow_mut().handle_stored(now, stored);
     }
 
     fn holdings(&self) -> Vec<Holding> {
@@ -599,6 +631,7 @@ async fn run_membership_ticks(shard: Weak<Shard>, stop: StopToken) {
             return false;
         };
         let random = driver.random();
+        driver.report_stored(shard.clock.now_ms());
         let outputs = driver
             .membership
             .borrow_mut()
