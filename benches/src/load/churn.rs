@@ -8,12 +8,14 @@
 //!   started (empty data directory, no `--node-id`, no seeds: a one-node cluster of its own)
 //!   during this phase, so its start-up is not part of the change.
 //! - `join`: from `cluster join` (asked of the new node, naming node 1's peer address) and
-//!   `cluster commit` until every member is `valid` and `status` says `pending transfers:
-//!   none`, that is until every partition the new node takes is in place and the new ring is
-//!   in force.
+//!   `cluster commit` until every member is `valid`, `status` says `pending transfers: none`
+//!   (every partition the new node takes is in place and the new ring is in force), and every
+//!   node's `status` says it holds no partition to hand off (the old owners have pushed and
+//!   dropped what they no longer replicate).
 //! - `settle`: an eighth of `--duration` on four nodes.
 //! - `leave`: from `cluster leave` (asked of the new node) and `cluster commit` until the ring
-//!   without it is in force, it has handed everything off and it has stopped by itself.
+//!   without it is in force, it has handed everything off and stopped by itself, and no other
+//!   node holds a partition to hand off.
 //! - `after`: an eighth of `--duration` on the three nodes again; then the run ends (or at
 //!   `--duration`, whichever comes first: a change that has not finished by then is reported
 //!   as unfinished). So the join and the leave have five eighths of `--duration` between them.
@@ -114,10 +116,7 @@ pub(crate) fn drive(
         let seed = cluster.peer_addrs[0].clone();
         cluster.admin(new, "cluster-join", &seed)?;
         commit(cluster, load_done)?;
-        wait_for(cluster, load_done, |c| {
-            let status = c.admin(0, "cluster-status", "")?;
-            Ok(settled(&status))
-        })?;
+        wait_for(cluster, load_done, |c| everything_moved(c, None))?;
         events.join_secs = Some(joined.elapsed().as_secs_f64());
         eprintln!(
             "churn: join done in {:.1} s",
@@ -140,10 +139,7 @@ pub(crate) fn drive(
             ),
             None => Ok(false),
         })?;
-        wait_for(cluster, load_done, |c| {
-            let status = c.admin(0, "cluster-status", "")?;
-            Ok(settled(&status))
-        })?;
+        wait_for(cluster, load_done, |c| everything_moved(c, Some(new)))?;
         events.leave_secs = Some(left.elapsed().as_secs_f64());
         eprintln!("churn: leave done in {:.1} s", left.elapsed().as_secs_f64());
 
@@ -157,6 +153,28 @@ pub(crate) fn drive(
     }
     stop.store(true, Ordering::SeqCst);
     events
+}
+
+/// Whether the change is over: node 1's status shows no change in progress and every running
+/// node (all but `gone`) holds no partition it still has to hand off (the old owners push what
+/// they no longer replicate to its new replicas, and drop it, after the new ring is in force).
+fn everything_moved(cluster: &mut LocalCluster, gone: Option<usize>) -> anyhow::Result<bool> {
+    if !settled(&cluster.admin(0, "cluster-status", "")?) {
+        return Ok(false);
+    }
+    for i in (0..cluster.client_addrs.len()).filter(|i| Some(*i) != gone) {
+        if !handed_off(&cluster.admin(i, "cluster-status", "")?) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether a node's `cluster status` says it holds no partition to hand off.
+fn handed_off(status: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.starts_with("this node holds: 0 partitions to hand off"))
 }
 
 /// Whether a `cluster status` answer shows no change in progress: no pending transfers, and
@@ -236,5 +254,16 @@ mod tests {
         assert!(!settled(&pending));
         let removed = valid.replace("2          valid ", "2          removed");
         assert!(settled(&removed));
+    }
+
+    #[test]
+    fn handed_off_reads_the_holding_line() {
+        assert!(handed_off(
+            "x\nthis node holds: 0 partitions to hand off, 3 hints\n"
+        ));
+        assert!(!handed_off(
+            "x\nthis node holds: 10 partitions to hand off, 0 hints\n"
+        ));
+        assert!(!handed_off("no such line\n"));
     }
 }
