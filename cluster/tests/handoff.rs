@@ -53,6 +53,9 @@ struct Node {
     sent: Vec<(NodeId, PeerMsg)>,
     /// Time of the call being carried out.
     now: u64,
+    /// Store writes and syncs asked for.
+    writes: u64,
+    syncs: u64,
 }
 
 impl Node {
@@ -62,6 +65,8 @@ impl Node {
             store: BTreeMap::new(),
             sent: Vec::new(),
             now: 0,
+            writes: 0,
+            syncs: 0,
         }
     }
 
@@ -72,11 +77,17 @@ impl Node {
                     let result = match op {
                         StoreOp::Read => Ok(self.store.get(&key).cloned()),
                         StoreOp::Write { object, .. } => {
+                            self.writes += 1;
                             self.store.insert(key, object);
                             Ok(None)
                         }
                         StoreOp::Remove => {
                             self.store.remove(&key);
+                            Ok(None)
+                        }
+                        // Every write here is durable at once.
+                        StoreOp::Sync => {
+                            self.syncs += 1;
                             Ok(None)
                         }
                     };
@@ -584,4 +595,46 @@ fn a_view_that_keeps_a_partition_only_through_its_pending_ring_keeps_its_tree() 
         "the tree lost the stored key"
     );
     assert_eq!(node.core.handoff_count(), 0);
+}
+
+/// A durable replica write of an object the store already holds unchanged (most keys a
+/// handoff pushes after a join, which the new replica has just pulled) makes the store durable
+/// instead of writing the object again; a changed one is written; both answer durable.
+#[test]
+fn a_durable_put_of_an_unchanged_object_syncs_instead_of_rewriting() {
+    let (mut node, key) = node_with_a_stored_key();
+    node.take();
+    let (writes, syncs) = (node.writes, node.syncs);
+    let durable_put = |id: u64, object: Object| PeerMsg::ReplicaPut {
+        id,
+        key: key.clone(),
+        object,
+        durable: true,
+    };
+    // `node_with_a_stored_key` stored `object(1, "v")`.
+    node.peer(10, NodeId(2), durable_put(7, object(1, "v")));
+    assert_eq!((node.writes, node.syncs), (writes, syncs + 1));
+    assert_eq!(
+        node.take(),
+        vec![(
+            NodeId(2),
+            PeerMsg::ReplicaPutOk {
+                id: 7,
+                durable: true
+            }
+        )]
+    );
+    node.peer(20, NodeId(2), durable_put(8, object(2, "w")));
+    assert_eq!((node.writes, node.syncs), (writes + 1, syncs + 1));
+    assert_eq!(node.store[&key], object(2, "w"));
+    assert_eq!(
+        node.take(),
+        vec![(
+            NodeId(2),
+            PeerMsg::ReplicaPutOk {
+                id: 8,
+                durable: true
+            }
+        )]
+    );
 }

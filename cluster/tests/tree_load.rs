@@ -83,6 +83,8 @@ impl One {
                             self.store.remove(&key);
                             Ok(None)
                         }
+                        // Every write here is durable at once.
+                        StoreOp::Sync => Ok(None),
                     };
                     outputs.extend(self.core.handle_stored(0, id, result));
                 }

@@ -1433,6 +1433,10 @@ impl Sim {
                         store.overlay.insert(key, None);
                         Ok(None)
                     }
+                    StoreOp::Sync => {
+                        store.sync();
+                        Ok(None)
+                    }
                 };
                 let now = self.now;
                 let outputs = self.core(node).handle_stored(now, id, result);

@@ -500,7 +500,7 @@ impl Core {
         match op {
             StoreOp::Write { object, .. } => self.tree_set(now, key, Some(object)),
             StoreOp::Remove => self.tree_set(now, key, None),
-            StoreOp::Read => {}
+            StoreOp::Read | StoreOp::Sync => {}
         }
     }
 

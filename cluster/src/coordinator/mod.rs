@@ -247,6 +247,10 @@ pub enum StoreOp {
     },
     /// Remove the object (a delivered hint); answer `Ok(None)`.
     Remove,
+    /// Make every write stored so far durable, answer `Ok(None)`: asked instead of a durable
+    /// write of an object the store already holds unchanged (a merge that added nothing, as
+    /// most keys of a handoff after a join are), whose earlier write may not be synced yet.
+    Sync,
 }
 
 /// Messages between cores of different nodes. `id`s are chosen by the sender of a request,
@@ -2342,8 +2346,14 @@ impl Core {
             return self.refuse_hint_batch(now, job, e);
         }
         match running {
-            Some(object) if local.as_ref() != Some(&object) || durable => {
+            Some(object) if local.as_ref() != Some(&object) => {
                 self.job_write(now, job, StoreOp::Write { object, durable });
+            }
+            Some(_) if durable => {
+                // Unchanged: rewriting it would only add a record (and garbage for compaction);
+                // what the store holds must still be durable before the job answers.
+                self.ae_stored(now, &key, local.as_ref());
+                self.job_write(now, job, StoreOp::Sync);
             }
             _ => {
                 // Nothing to write: the replica's tree is re-checked against what is stored

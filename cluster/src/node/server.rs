@@ -2234,6 +2234,12 @@ impl Shard {
                     .map(|()| None)
                     .map_err(|e| e.to_string())
             }
+            StoreOp::Sync => self
+                .engine
+                .flush()
+                .await
+                .map(|()| None)
+                .map_err(|e| e.to_string()),
             // Losing a removal in a crash only delivers the hint again, and merging is idempotent.
             StoreOp::Remove => self
                 .engine
