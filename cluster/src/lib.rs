@@ -30,6 +30,8 @@ pub mod admission;
 pub mod bucket;
 pub mod coordinator;
 pub mod dvv;
+#[cfg(test)]
+mod fuzz;
 pub mod membership;
 pub mod merkle;
 pub mod node;

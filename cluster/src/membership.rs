@@ -1790,7 +1790,10 @@ fn required(state: &ClusterState, ring: &Ring, next: &Ring, n: usize) -> Vec<(u3
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::fuzz::{apply, damage};
 
     /// Where the node keeps hints in its engine: no ring partition.
     const HINT_PARTITION: u32 = 1 << 31;
@@ -2524,5 +2527,81 @@ mod tests {
         assert!(AdminCmd::parse("cluster-join", "").is_err());
         assert!(AdminCmd::parse("cluster-plan", "extra").is_err());
         assert!(AdminCmd::parse("cluster-dance", "").is_err());
+    }
+
+    /// A membership with three members, a committed removal, a transfer report and stored
+    /// sizes: its persisted state and its messages reach every part of the decoders.
+    fn busy() -> Membership {
+        let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
+        a.admin(0, 2, AdminCmd::Commit);
+        a.transfer_done(0, a.state.epoch, 5);
+        a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
+        a
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Membership messages come from peers: any payload of any sub-kind decodes to a
+        /// message, to `None` (not membership's) or to an error, never a panic.
+        #[test]
+        fn any_payload_decodes_or_fails_cleanly(
+            sub in 0u8..12,
+            answer in any::<bool>(),
+            bytes in prop::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let _ = MembershipMsg::decode(1, sub, answer, &bytes);
+        }
+
+        /// Damaged gossip, outcome and size messages, and a damaged `cluster-state` file,
+        /// decode or fail cleanly, never panic.
+        #[test]
+        fn damaged_messages_and_state_decode_or_fail_cleanly(
+            which in 0usize..4,
+            damage in prop::collection::vec(damage(), 1..4),
+        ) {
+            let a = busy();
+            let (sub, answer, bytes) = match which {
+                0 => {
+                    let (sub, payload) = MembershipMsg::Gossip {
+                        id: 1,
+                        state: Box::new(a.state.clone()),
+                    }
+                    .encode();
+                    (sub, false, payload.to_vec())
+                }
+                1 => {
+                    let (sub, payload) = MembershipMsg::SizesOk {
+                        id: 1,
+                        sizes: Box::new(a.sizes.clone()),
+                    }
+                    .encode();
+                    (sub, true, payload.to_vec())
+                }
+                2 => {
+                    let (sub, payload) = MembershipMsg::Outcome {
+                        id: 1,
+                        result: Err("refused".into()),
+                    }
+                    .encode();
+                    (sub, true, payload.to_vec())
+                }
+                _ => {
+                    // What a node does with a state file it could read: start from it.
+                    let bytes = apply(a.persisted(), &damage);
+                    if let Ok(m) = Membership::restore(cfg(1), &bytes) {
+                        let _ = (m.view(), m.status_text(0), m.plan_text());
+                    }
+                    return Ok(());
+                }
+            };
+            // What a node does with a message it could read: handle it.
+            if let Ok(Some(msg)) = MembershipMsg::decode(1, sub, answer, &apply(bytes, &damage)) {
+                let mut b = busy();
+                let _ = b.handle_msg(0, Some(NodeId(2)), msg);
+                let _ = (b.view(), b.status_text(0), b.plan_text());
+            }
+        }
     }
 }
