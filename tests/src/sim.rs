@@ -63,7 +63,7 @@ use ringkv_cluster::coordinator::{
 use ringkv_cluster::membership::{
     AdminCmd, AdminError, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
 };
-use ringkv_cluster::object::Object;
+use ringkv_cluster::object::{Object, Val};
 use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
 use ringkv_net::{Delete, Get, Message, Put, Sibling};
 
@@ -507,6 +507,10 @@ pub struct Sim {
     writes: BTreeMap<u64, WriteRecord>,
     /// Value → write id.
     by_value: BTreeMap<Bytes, u64>,
+    /// Value of an lww write → the stamps (timestamp, node) it was stored with: the one its
+    /// coordinator gave it, and another if a forward moved to a second coordinator after a
+    /// lost connection. What the last-write-wins check compares.
+    lww_stamps: BTreeMap<Bytes, BTreeSet<(u64, NodeId)>>,
     trace: u64,
     event_count: u64,
     sibling_reads: usize,
@@ -587,6 +591,7 @@ impl Sim {
             next_req: 1,
             writes: BTreeMap::new(),
             by_value: BTreeMap::new(),
+            lww_stamps: BTreeMap::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             event_count: 0,
             sibling_reads: 0,
@@ -1419,6 +1424,18 @@ impl Sim {
                 if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
                     return;
                 }
+                if let StoreOp::Write {
+                    object: Object::Lww(l),
+                    ..
+                } = &op
+                    && let Val::Value(v) = &l.val
+                {
+                    // Every copy of a write carries the stamp its coordinator chose.
+                    self.lww_stamps
+                        .entry(v.clone())
+                        .or_default()
+                        .insert((l.timestamp, l.node));
+                }
                 let store = &mut self.nodes[node].store;
                 let result = match op {
                     StoreOp::Read => Ok(store.read(&key)),
@@ -2217,9 +2234,22 @@ impl Sim {
                 );
             };
             if w.bucket == LWW_BUCKET {
-                // Last-write-wins loses concurrent writes by design, but never a write to one
+                // Last-write-wins loses concurrent writes by design, but never to a write with
+                // a lower stamp (whether or not that one was acknowledged), and never to one
                 // that was acknowledged before it started (all nodes share the virtual clock).
                 assert_eq!(values.len(), 1, "an lww key lost every write");
+                let stamps = |v: &Bytes| {
+                    self.lww_stamps
+                        .get(v)
+                        .expect("a stored lww value has the stamps it was stored with")
+                };
+                let (lost, won) = (stamps(&w.value), stamps(&values[0]));
+                assert!(
+                    won.last() >= lost.first(),
+                    "lww write {:?} (stamps {lost:?}) lost to {:?} (stamps {won:?})",
+                    w.value,
+                    values[0],
+                );
                 let winner = self
                     .by_value
                     .get(&values[0])
