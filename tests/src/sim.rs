@@ -1195,14 +1195,24 @@ impl Sim {
         out
     }
 
-    /// Steps until every replica set's trees are equal; panics past [`CONVERGE_MS_MAX`].
+    /// Steps until every replica set's trees are equal; panics past [`CONVERGE_MS_MAX`], and
+    /// if the homes' stores then differ (once no store operation is in flight).
     fn converge(&mut self, when: &str) {
         let end = self.now + CONVERGE_MS_MAX;
         let mut next_check = self.now;
         loop {
             if self.now >= next_check {
                 next_check = self.now + 250;
-                if self.diverged().is_empty() {
+                // Equal roots are judged on the stores too, once no store operation is in
+                // flight (a tree follows a write when it is issued): equal trees over
+                // differing stores would be repaired later by the final reads, unseen.
+                if self.diverged().is_empty() && !self.store_ops_pending() {
+                    let ring = self.final_ring();
+                    let differ = self.homes_differ(&ring);
+                    assert!(
+                        differ.is_empty(),
+                        "replica trees agree {when} but the stores differ: {differ:?}"
+                    );
                     return;
                 }
             }
@@ -1215,6 +1225,13 @@ impl Sim {
                 panic!("the simulation ran out of events {when}");
             }
         }
+    }
+
+    /// Whether a store operation has been issued and not yet carried out.
+    fn store_ops_pending(&self) -> bool {
+        self.events
+            .values()
+            .any(|e| matches!(e, Event::Stored { .. }))
     }
 
     /// Tombstones stored in home replicas, over all nodes.
@@ -2297,47 +2314,60 @@ impl Sim {
                 }
             }
         }
-        // Home replicas converged.
+        // Home replicas converged, and each home holds something for a key with an
+        // acknowledged write that the final read found.
         for (bucket, k) in self.all_keys() {
-            {
-                let key = key_bytes(k);
-                let partition = ring.partition_of(bucket, &key);
-                let homes = ring.preference_list(partition, 3);
-                let store_key = StoreKey {
-                    partition: partition.0,
-                    space: Space::Primary,
-                    bucket: Bytes::from_static(bucket),
-                    key: key.clone(),
-                };
-                let objects: Vec<Option<Object>> = homes
-                    .iter()
-                    .map(|h| self.nodes[node_index(*h)].store.read(&store_key))
-                    .collect();
-                let written = self
-                    .writes
-                    .values()
-                    .any(|w| w.bucket == bucket && w.key == k && w.acked);
-                let read_values = self
-                    .final_reads
-                    .get(&(bucket.to_vec(), k))
-                    .is_some_and(|r| r.as_ref().is_ok_and(|(v, _)| !v.is_empty()));
-                if written && read_values {
-                    assert!(
-                        objects[0].is_some(),
-                        "home {} has nothing for k{k}",
-                        homes[0]
-                    );
-                }
-                for o in &objects[1..] {
-                    assert_eq!(
-                        o,
-                        &objects[0],
-                        "home replicas of {}/k{k} differ",
-                        String::from_utf8_lossy(bucket)
-                    );
-                }
+            let written = self
+                .writes
+                .values()
+                .any(|w| w.bucket == bucket && w.key == k && w.acked);
+            let read_values = self
+                .final_reads
+                .get(&(bucket.to_vec(), k))
+                .is_some_and(|r| r.as_ref().is_ok_and(|(v, _)| !v.is_empty()));
+            if written && read_values {
+                let (home, object) = self.home_objects(&ring, bucket, k).swap_remove(0);
+                assert!(object.is_some(), "home {home} has nothing for k{k}");
             }
         }
+        let differ = self.homes_differ(&ring);
+        assert!(differ.is_empty(), "home replicas differ: {differ:?}");
+    }
+
+    /// What each home of `bucket`/`k` in `ring` stores for it, first home first.
+    fn home_objects(
+        &self,
+        ring: &Ring,
+        bucket: &'static [u8],
+        k: usize,
+    ) -> Vec<(NodeId, Option<Object>)> {
+        let key = key_bytes(k);
+        let partition = ring.partition_of(bucket, &key);
+        let store_key = StoreKey {
+            partition: partition.0,
+            space: Space::Primary,
+            bucket: Bytes::from_static(bucket),
+            key,
+        };
+        ring.preference_list(partition, 3)
+            .into_iter()
+            .map(|h| (h, self.nodes[node_index(h)].store.read(&store_key)))
+            .collect()
+    }
+
+    /// The keys whose homes in `ring` store different objects, with what each home holds.
+    fn homes_differ(&self, ring: &Ring) -> Vec<String> {
+        let mut out = Vec::new();
+        for (bucket, k) in self.all_keys() {
+            let objects = self.home_objects(ring, bucket, k);
+            if objects.iter().any(|(_, o)| o != &objects[0].1) {
+                out.push(format!(
+                    "{}/k{k}: {objects:?}",
+                    String::from_utf8_lossy(bucket)
+                ));
+            }
+        }
+        out
     }
 }
 
