@@ -199,6 +199,11 @@ pub struct Outcome {
     pub read_repairs: u64,
     /// Crashes injected.
     pub crashes: usize,
+    /// Messages dropped, messages duplicated and network partitions started by the fault
+    /// injection.
+    pub injected: (u64, u64, u64),
+    /// The parameters the seed drew.
+    pub params: Params,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
     /// Deletes acknowledged.
@@ -515,6 +520,8 @@ pub struct Sim {
     event_count: u64,
     sibling_reads: usize,
     crashes: usize,
+    /// Drops, duplicates and partitions injected (see [`Outcome::injected`]).
+    injected: (u64, u64, u64),
     /// Final-phase reads: (bucket, key) → result.
     final_reads: BTreeMap<(Vec<u8>, usize), FinalRead>,
     /// Print every output (`RINGKV_SIM_TRACE=1`).
@@ -596,6 +603,7 @@ impl Sim {
             event_count: 0,
             sibling_reads: 0,
             crashes: 0,
+            injected: (0, 0, 0),
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
             deletes: Vec::new(),
@@ -622,12 +630,14 @@ impl Sim {
         for n in 0..sim.nodes.len() {
             sim.schedule(10, Event::Flush { node: n });
         }
+        // The first partition and the first crash come early: a fault phase lasts only as long
+        // as the clients' operations, often a few hundred ms.
         if sim.params.partitions {
-            let at = sim.rng.gen_range(100..1500);
+            let at = sim.rng.gen_range(20..200);
             sim.schedule(at, Event::Partition);
         }
         if sim.params.crashes {
-            let at = sim.rng.gen_range(100..1500);
+            let at = sim.rng.gen_range(20..200);
             let node = sim.rng.gen_range(0..sim.nodes.len());
             sim.schedule(at, Event::Crash { node });
         }
@@ -1111,6 +1121,8 @@ impl Sim {
             hints_delivered: stats.1,
             read_repairs: stats.2,
             crashes: self.crashes,
+            injected: self.injected,
+            params: self.params.clone(),
             batched_jobs: stats.3,
             changes: self.changes,
             partitions_received: stats.4,
@@ -1595,6 +1607,7 @@ impl Sim {
             }
             Event::Partition => {
                 if self.faults {
+                    self.injected.2 += 1;
                     self.island.clear();
                     let size = self.rng.gen_range(1..self.nodes.len());
                     while self.island.len() < size {
@@ -1679,6 +1692,7 @@ impl Sim {
             msg,
         };
         if self.faults && self.rng.gen_range(0..1000) < self.params.drop_permille {
+            self.injected.0 += 1;
             return;
         }
         // Peer links are TCP: a message is never delivered twice by the network. Duplicates
@@ -1693,6 +1707,7 @@ impl Sim {
         } else {
             1
         };
+        self.injected.1 += copies - 1;
         for _ in 0..copies {
             let delay = self.rng.gen_range(1..=self.params.delay_max_ms);
             self.schedule(delay, Event::Deliver(env.clone()));

@@ -14,7 +14,10 @@ fn env(name: &str) -> Option<u64> {
 
 fn run_seed(seed: u64) -> Outcome {
     match catch_unwind(AssertUnwindSafe(|| Sim::new(seed).run())) {
-        Ok(outcome) => outcome,
+        Ok(outcome) => {
+            faults_were_injected(seed, &outcome);
+            outcome
+        }
         Err(e) => {
             let what = e
                 .downcast_ref::<String>()
@@ -29,12 +32,37 @@ fn run_seed(seed: u64) -> Outcome {
     }
 }
 
+/// The faults a seed's parameters turn on were injected in that very run, so that even one
+/// replayed seed notices a simulator that stopped injecting them: every run with partitions
+/// (or crashes) had at least one, and every run with any fault knob had some fault. (Drops and
+/// duplicates are not asked of each run one by one: at 10 per mille of a few hundred messages,
+/// a run may legitimately see none.)
+fn faults_were_injected(seed: u64, o: &Outcome) {
+    let p = &o.params;
+    let (drops, dups, partitions) = o.injected;
+    let why = format!(
+        "seed {seed}: {p:?}, injected (drops, duplicates, partitions) {:?}, crashes {}",
+        o.injected, o.crashes
+    );
+    assert!(
+        !p.partitions || partitions > 0,
+        "no partition was injected; {why}"
+    );
+    assert!(!p.crashes || o.crashes > 0, "no crash was injected; {why}");
+    let any_knob = p.partitions || p.crashes || p.drop_permille > 0 || p.dup_permille > 0;
+    assert!(
+        !any_knob || drops + dups + partitions + o.crashes as u64 > 0,
+        "no fault was injected; {why}"
+    );
+}
+
 /// Every seed keeps every promise the checkers test; the totals show the runs exercised the
 /// paths they are meant to (siblings, hints, repairs, crashes), so a simulator that silently
 /// stopped injecting faults would fail here.
 #[test]
 fn seeds_keep_the_promises() {
     if let Some(seed) = env("RINGKV_SIM_SEED") {
+        // Checks its own fault coverage (`faults_were_injected`), as every seed does.
         let outcome = run_seed(seed);
         println!("seed {seed}: {outcome:?}");
         return;
