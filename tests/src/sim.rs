@@ -40,6 +40,9 @@
 //!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
 //!   no node keeps replica data of a partition it does not replicate; no hint is left.
 //!
+//! A quarter of the seeds run with the buckets and durability a node resolves from its default
+//! settings ([`Params::defaults`]).
+//!
 //! A quarter of the seeds run with a tiny hint store ([`Params::hint_bytes_max`]), so fallbacks
 //! refuse most hints. The promises above still hold there: acknowledgements come from replicas
 //! that stored the write, and the final `r = n` read repairs the homes that missed a refused
@@ -63,8 +66,10 @@ use ringkv_cluster::coordinator::{
 use ringkv_cluster::membership::{
     AdminCmd, AdminError, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
 };
+use ringkv_cluster::node::config::{FileConfig, Settings};
 use ringkv_cluster::object::{Object, Val};
 use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
+use ringkv_engine::Durability;
 use ringkv_net::{Delete, Get, Message, Put, Sibling};
 
 /// Size of an epoch lease; small so renewals happen in simulations.
@@ -121,6 +126,9 @@ pub struct Params {
     pub hint_bytes_max: Option<u64>,
     /// The membership change the operator script makes, if any.
     pub change: Option<Change>,
+    /// The buckets and durability are what a node resolves from no flags and no config file
+    /// (`Settings::resolve`), not the knobs above: the defaults users run are simulated too.
+    pub defaults: bool,
 }
 
 /// A membership change scripted during the fault phase.
@@ -157,6 +165,8 @@ impl Params {
             // Drawn last so the other knobs of a seed stay what they were.
             hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
             // From a stream of its own, so the other knobs of a seed stay what they were.
+            // From a stream of its own, so the other knobs of a seed stay what they were.
+            defaults: StdRng::seed_from_u64(seed ^ 0x00de_fa17).gen_bool(0.25),
             change: {
                 let mut rng = StdRng::seed_from_u64(seed ^ 0x00c1_a55e);
                 match rng.gen_range(0..8) {
@@ -169,6 +179,18 @@ impl Params {
             },
         }
         .with_handoff(rng.gen_bool(0.8))
+        .with_defaults()
+    }
+
+    /// With `defaults`, the durability knobs are what the default settings resolve to, so the
+    /// simulator's model of syncs and epoch floors matches the buckets `Sim::config` gives.
+    fn with_defaults(mut self) -> Params {
+        if self.defaults {
+            let settings = default_settings();
+            self.durable_writes = settings.durability == Durability::Sync;
+            self.dw = settings.buckets.default.dw;
+        }
+        self
     }
 
     fn with_handoff(mut self, handoff: bool) -> Params {
@@ -646,6 +668,25 @@ impl Sim {
 
     fn config(&self, node: NodeId) -> CoreConfig {
         let mut cfg = CoreConfig::new(node);
+        if self.params.defaults {
+            // What `ringkv serve` resolves with no flags and no file; only the time scale below
+            // (timeouts, intervals) stays the simulator's.
+            let props = default_settings().buckets.default;
+            let mut named = BTreeMap::new();
+            named.insert(
+                LWW_BUCKET.to_vec(),
+                BucketProps {
+                    mode: ConflictMode::Lww,
+                    ..props
+                },
+            );
+            cfg.buckets = Buckets {
+                default: props,
+                named,
+            };
+            cfg.durable_writes = self.params.durable_writes;
+            return self.timing(cfg);
+        }
         let props = BucketProps {
             n: 3,
             r: 2,
@@ -671,6 +712,11 @@ impl Sim {
             named,
         };
         cfg.durable_writes = self.params.durable_writes;
+        self.timing(cfg)
+    }
+
+    /// The simulator's time scale and bounds, on top of the buckets `config` chose.
+    fn timing(&self, mut cfg: CoreConfig) -> CoreConfig {
         cfg.request_timeout_ms = 1_500;
         cfg.replica_timeout_ms = 150;
         cfg.down_ms = 400;
@@ -2384,6 +2430,12 @@ impl Sim {
         }
         out
     }
+}
+
+/// What `ringkv serve` resolves with no flags and no config file.
+fn default_settings() -> Settings {
+    Settings::resolve(FileConfig::default(), FileConfig::default())
+        .expect("the default settings resolve")
 }
 
 fn encode_set(tag: &str, set: &BTreeSet<String>) -> Bytes {
