@@ -992,7 +992,7 @@ async fn run_shard(
             });
         }
     };
-    let started = match start_shard(id, &cfg, meshes, &origin).await {
+    let started = match start_shard(id, &cfg, meshes, &shutdown).await {
         Ok(started) => started,
         Err(e) => {
             // The start's error is the one to report; a failed close after it is only logged.
@@ -1116,7 +1116,7 @@ async fn start_shard(
     id: usize,
     cfg: &ServeConfig,
     meshes: Meshes,
-    stop: &ForeignCancellation,
+    stop: &StopToken,
 ) -> Result<Option<Started>, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
@@ -1165,26 +1165,14 @@ async fn start_shard(
 }
 
 /// Joins a channel mesh, or answers `None` once the node stops first (a shard that failed to
-/// start never joins, and the others must not wait for it).
-///
-/// glommio's join waits for the last shard by yielding in a loop, so the joining task is always
-/// runnable. The shard's own token learns of the stop from a task that another thread wakes,
-/// which such a busy executor may never get to run: a join raced against that token's
-/// `cancelled()` spun forever, and kept one more waker for every poll (memory grew by megabytes
-/// a second). So the stop's origin, shared across threads, is read on every poll instead; the
-/// join's own yield brings the next poll.
+/// start never joins, and the others must not wait for it). glommio's join waits for the last
+/// shard by yielding in a loop, polling the stop each time: with glommio's own token every such
+/// poll kept one more waker (memory grew by megabytes a second); a [`StopToken`] keeps one.
 async fn join_mesh<T: Send + 'static>(
     mesh: MeshBuilder<T, Full>,
-    stop: &ForeignCancellation,
+    stop: &StopToken,
 ) -> Option<glommio::Result<(Senders<T>, Receivers<T>), ()>> {
-    let mut join = std::pin::pin!(mesh.join());
-    std::future::poll_fn(|cx| {
-        if stop.is_cancelled() {
-            return std::task::Poll::Ready(None);
-        }
-        join.as_mut().poll(cx).map(Some)
-    })
-    .await
+    unless(mesh.join(), stop.cancelled()).await
 }
 
 /// Serves until the node stops, drains, and hands the engine back for closing.
@@ -2850,8 +2838,9 @@ mod tests {
         let seen = joining.clone();
         let shard = LocalExecutorBuilder::default()
             .spawn(move || async move {
+                let stop = StopToken::attached(&foreign);
                 let mesh = MeshBuilder::<u8, Full>::full(2, 1);
-                let join = join_mesh(mesh, &foreign);
+                let join = join_mesh(mesh, &stop);
                 seen.store(true, Ordering::SeqCst);
                 join.await.is_none()
             })
@@ -2859,7 +2848,8 @@ mod tests {
         while !joining.load(Ordering::SeqCst) {
             std::thread::yield_now();
         }
-        // Let the join spin a little first (it is the case that hung); how long is immaterial.
+        // Let the join spin a little first, as a shard waiting for a failed one does; how long
+        // is immaterial.
         std::thread::sleep(Duration::from_millis(20));
         origin.cancel();
         assert!(shard.join().expect("the shard's executor ends"));
