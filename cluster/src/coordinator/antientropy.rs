@@ -517,6 +517,18 @@ impl Core {
                 Bytes::copy_from_slice(&key.key),
             ));
         }
+        // A replica believed down misses what is stored here now (its hint may be lost). Not
+        // for what a load reads back: that was stored before this run, not written now.
+        let id = (key.partition, self.tree_n(&key.bucket));
+        if self.ae.trees.contains_key(&id) {
+            let me = self.cfg.node;
+            for i in 0..self.tree_homes(id).len() {
+                let home = self.tree_homes(id)[i];
+                if home != me && !self.believed_up(home, now) {
+                    self.ae.suspects.insert((id, home));
+                }
+            }
+        }
         self.tree_apply(now, key, object);
     }
 
@@ -528,16 +540,6 @@ impl Core {
         let id = (key.partition, self.tree_n(&key.bucket));
         let hash = self.tree_hash(&key.bucket, &key.key);
         let me = self.cfg.node;
-        if !self.ae.trees.contains_key(&id) {
-            return;
-        }
-        // A replica believed down misses what is stored here now (its hint may be lost).
-        for i in 0..self.tree_homes(id).len() {
-            let home = self.tree_homes(id)[i];
-            if home != me && !self.believed_up(home, now) {
-                self.ae.suspects.insert((id, home));
-            }
-        }
         let Some(tree) = self.ae.trees.get_mut(&id) else {
             return;
         };
