@@ -274,45 +274,22 @@ impl Index {
 
     /// Key digests and entries of one partition (unordered).
     pub fn partition_entries(&self, partition: u32) -> Vec<(KeyHash, Entry)> {
-        self.parts
-            .get(&partition)
-            .map(|part| {
-                part.table
-                    .iter()
-                    .map(|s| {
-                        (
-                            KeyHash {
-                                digest: s.digest(),
-                                check: s.check,
-                            },
-                            s.entry(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut out = Vec::with_capacity(self.parts.get(&partition).map_or(0, |p| p.table.len()));
+        self.for_each_in(partition, |kh, e| out.push((kh, e)));
+        out
     }
 
     /// Visits every entry of every partition.
     pub fn for_each(&self, mut f: impl FnMut(u32, KeyHash, Entry)) {
-        for (&p, part) in &self.parts {
-            for s in part.table.iter() {
-                f(
-                    p,
-                    KeyHash {
-                        digest: s.digest(),
-                        check: s.check,
-                    },
-                    s.entry(),
-                );
-            }
+        for &p in self.parts.keys() {
+            self.for_each_in(p, |kh, e| f(p, kh, e));
         }
     }
 
     /// Visits every entry of one partition (unordered).
     pub fn for_each_in(&self, partition: u32, mut f: impl FnMut(KeyHash, Entry)) {
-        if let Some(t) = self.parts.get(&partition) {
-            for s in t.table.iter() {
+        if let Some(part) = self.parts.get(&partition) {
+            for s in part.table.iter() {
                 f(
                     KeyHash {
                         digest: s.digest(),
