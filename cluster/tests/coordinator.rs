@@ -3,12 +3,14 @@
 //! (Replication, faults and convergence are the simulator's: `tests/tests/sim.rs`.)
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use ringkv_cluster::NodeId;
 use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_cluster::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
+use ringkv_cluster::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
 use ringkv_cluster::object::Object;
 use ringkv_cluster::ring::{PartitionCount, Ring};
 use ringkv_net::{Delete, ErrorCode, Get, Message, Put, Sibling};
@@ -42,19 +44,7 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = match op {
-                        StoreOp::Read => Ok(self.store.get(&key).cloned()),
-                        StoreOp::Write { object, .. } => {
-                            self.store.insert(key, object);
-                            Ok(None)
-                        }
-                        StoreOp::Remove => {
-                            self.store.remove(&key);
-                            Ok(None)
-                        }
-                        // Every write here is durable at once.
-                        StoreOp::Sync => Ok(None),
-                    };
+                    let result = common::carry_out(&mut self.store, key, op);
                     outputs.extend(self.core.handle_stored(0, id, result));
                 }
                 Output::Reply { req, message } => {

@@ -4,6 +4,8 @@
 //! simulator's: `tests/tests/sim.rs`.)
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
@@ -74,23 +76,12 @@ impl Node {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = match op {
-                        StoreOp::Read => Ok(self.store.get(&key).cloned()),
-                        StoreOp::Write { object, .. } => {
-                            self.writes += 1;
-                            self.store.insert(key, object);
-                            Ok(None)
-                        }
-                        StoreOp::Remove => {
-                            self.store.remove(&key);
-                            Ok(None)
-                        }
-                        // Every write here is durable at once.
-                        StoreOp::Sync => {
-                            self.syncs += 1;
-                            Ok(None)
-                        }
-                    };
+                    match op {
+                        StoreOp::Write { .. } => self.writes += 1,
+                        StoreOp::Sync => self.syncs += 1,
+                        StoreOp::Read | StoreOp::Remove => {}
+                    }
+                    let result = common::carry_out(&mut self.store, key, op);
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Send { to, msg } => self.sent.push((to, msg)),

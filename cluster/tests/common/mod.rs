@@ -8,7 +8,7 @@
 // Each test binary uses its own subset of the helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ringkv_cluster::coordinator::{StoreKey, StoreOp};
 use ringkv_cluster::node::route::partition_of;
 use ringkv_cluster::object::{Object, Val};
 use ringkv_net::{
@@ -24,6 +25,27 @@ use ringkv_net::{
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
+
+/// Carries out a core's storage operation on an in-memory store, for tests that drive a core by
+/// hand; every write is durable at once, so a sync has nothing to do.
+pub fn carry_out(
+    store: &mut BTreeMap<StoreKey, Object>,
+    key: StoreKey,
+    op: StoreOp,
+) -> Result<Option<Object>, String> {
+    match op {
+        StoreOp::Read => Ok(store.get(&key).cloned()),
+        StoreOp::Write { object, .. } => {
+            store.insert(key, object);
+            Ok(None)
+        }
+        StoreOp::Remove => {
+            store.remove(&key);
+            Ok(None)
+        }
+        StoreOp::Sync => Ok(None),
+    }
+}
 /// Enough keys that both shards own some with overwhelming probability (256 partitions).
 pub const KEYS: usize = 200;
 pub const STARTUP_RETRIES: usize = 300;
