@@ -668,36 +668,23 @@ impl Sim {
 
     fn config(&self, node: NodeId) -> CoreConfig {
         let mut cfg = CoreConfig::new(node);
-        if self.params.defaults {
+        let props = if self.params.defaults {
             // What `ringkv serve` resolves with no flags and no file; only the time scale below
             // (timeouts, intervals) stays the simulator's.
-            let props = default_settings().buckets.default;
-            let mut named = BTreeMap::new();
-            named.insert(
-                LWW_BUCKET.to_vec(),
-                BucketProps {
-                    mode: ConflictMode::Lww,
-                    ..props
-                },
-            );
-            cfg.buckets = Buckets {
-                default: props,
-                named,
-            };
-            cfg.durable_writes = self.params.durable_writes;
-            return self.timing(cfg);
-        }
-        let props = BucketProps {
-            n: 3,
-            r: 2,
-            w: 2,
-            // With dw = 0 in a buffered run an acknowledged write may sit unsynced on every
-            // replica that acknowledged it; it is still safe here because crashes are at least
-            // 300 ms apart and every node flushes at least every 30 ms, so one crash never meets
-            // another's unsynced writes. dw = 1 syncs the coordinator's own write.
-            dw: self.params.dw,
-            mode: ConflictMode::Siblings,
-            max_siblings: 64,
+            default_settings().buckets.default
+        } else {
+            BucketProps {
+                n: 3,
+                r: 2,
+                w: 2,
+                // With dw = 0 in a buffered run an acknowledged write may sit unsynced on every
+                // replica that acknowledged it; it is still safe here because crashes are at
+                // least 300 ms apart and every node flushes at least every 30 ms, so one crash
+                // never meets another's unsynced writes. dw = 1 syncs the coordinator's own write.
+                dw: self.params.dw,
+                mode: ConflictMode::Siblings,
+                max_siblings: 64,
+            }
         };
         let mut named = BTreeMap::new();
         named.insert(
@@ -711,12 +698,9 @@ impl Sim {
             default: props,
             named,
         };
+        // With `defaults`, `Params::with_defaults` set this from the default settings.
         cfg.durable_writes = self.params.durable_writes;
-        self.timing(cfg)
-    }
-
-    /// The simulator's time scale and bounds, on top of the buckets `config` chose.
-    fn timing(&self, mut cfg: CoreConfig) -> CoreConfig {
+        // The simulator's time scale and bounds.
         cfg.request_timeout_ms = 1_500;
         cfg.replica_timeout_ms = 150;
         cfg.down_ms = 400;
