@@ -71,7 +71,6 @@ pub(crate) struct LocalCluster {
     pub(crate) buckets_toml: String,
     /// The node binary.
     pub(crate) bin: PathBuf,
-    keep_data: bool,
 }
 
 struct LocalNode {
@@ -241,10 +240,9 @@ impl LocalCluster {
             root: root.clone(),
             buckets_toml,
             bin: bin.clone(),
-            keep_data: opts.keep_data,
         };
         for (i, peer_addr) in peer_addrs.iter().enumerate() {
-            cluster.spawn_node(i + 1, &peer_addr.to_string(), Some(&seeds), opts)?;
+            cluster.spawn_node(i + 1, &peer_addr.to_string(), Some(&seeds))?;
         }
         cluster.wait_ready()?;
         Ok(cluster)
@@ -258,7 +256,6 @@ impl LocalCluster {
         id: usize,
         peer_addr: &str,
         seeds: Option<&str>,
-        opts: &ClusterOptions,
     ) -> anyhow::Result<()> {
         let addr = free_addr()?.to_string();
         let resp = free_addr()?.to_string();
@@ -272,8 +269,8 @@ impl LocalCluster {
             .args(["--listen", &addr])
             .args(["--resp-listen", &resp])
             .args(["--peer-listen", peer_addr])
-            .args(["--shards", &opts.shards_per_node.to_string()])
-            .args(["--durability", &opts.durability])
+            .args(["--shards", &self.opts.shards_per_node.to_string()])
+            .args(["--durability", &self.opts.durability])
             .arg("--data-dir")
             .arg(self.root.join(format!("node-{id}")))
             .env("RUST_LOG", "warn")
@@ -306,8 +303,7 @@ impl LocalCluster {
     pub(crate) fn add_node(&mut self) -> anyhow::Result<usize> {
         ensure!(self.nodes.len() < NODES_MAX, "at most {NODES_MAX} nodes");
         let peer_addr = free_addr()?.to_string();
-        let opts = self.opts.clone();
-        self.spawn_node(self.nodes.len() + 1, &peer_addr, None, &opts)?;
+        self.spawn_node(self.nodes.len() + 1, &peer_addr, None)?;
         self.wait_ready()?;
         Ok(self.nodes.len() - 1)
     }
@@ -425,7 +421,7 @@ impl LocalCluster {
                 }
             }
         }
-        if self.keep_data {
+        if self.opts.keep_data {
             let _ = fs::remove_file(self.root.join(RUNNING_MARKER));
         } else {
             let _ = fs::remove_dir_all(&self.root);
