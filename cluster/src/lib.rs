@@ -1,44 +1,41 @@
-//! ringkv-cluster: the Dynamo layer and the node runtime.
+//! ringkv-cluster: the node runtime behind `ringkv serve`.
 //!
-//! The Dynamo design as sans-IO state machines and pure functions (no IO, no clock, no
-//! randomness: every node computes the same result from the same input, and the simulator in
-//! `ringkv-tests` runs the same code), plus the glommio shell that runs one shard per core and the
-//! `ringkv` binary:
+//! The Dynamo logic lives in `ringkv-core` (sans-IO, no executor, no clock); this crate is the
+//! shell that feeds it: one glommio executor and one engine per core, the listeners, the channel
+//! mesh between shards, peer links, persistence of what the core decides, and shutdown. It uses
+//! `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
+//! about this crate.
 //!
-//! - [`ring`]: partitions (`Q`, a power of two), the key → partition hash, the claim function that
-//!   balances ownership with minimal movement, and preference lists with their fallbacks.
-//! - [`dvv`]: dotted version vector sets (causality and siblings per key), actors `(node, epoch)`,
-//!   and the version vectors clients carry as opaque contexts.
-//! - [`object`]: what a replica stores per key (siblings with their clock, or an lww version) and
-//!   how replicas merge. [`bucket`]: bucket properties and per-request quorums.
-//! - [`coordinator`]: the request path: quorum reads and writes, sloppy quorum and hinted
-//!   handoff, read repair, forwarding, epochs.
-//! - [`membership`]: gossiped cluster state (members, the ring in force and the pending one,
-//!   transfer reports) that merges deterministically, and the staged join/leave/remove changes a
-//!   claimant commits and flips once partitions are transferred.
-//! - [`merkle`]: incremental per-partition Merkle trees for anti-entropy; [`phi`]: phi-accrual
-//!   failure detection, which each coordinator keeps per peer.
-//! - [`admission`]: admission control of background work (Dynamo §6.5): the foreground's tail
-//!   latency sets the share background work gets.
-//! - [`node`]: [`NodeId`] and the node runtime (one shard per core, the client protocol,
-//!   shutdown) behind `ringkv serve`.
+//! Sans-IO parts (pure functions and state, tested without a runtime): [`config`] (settings from
+//! file and flags), [`peer`] (peer messages on the wire and hints in the engine), [`metrics`]
+//! (counters, Prometheus text and admin HTTP answers), [`route`] (partition, shard and engine key
+//! of a request), [`resp`] (Redis commands onto requests), [`session`] (a connection's protocol
+//! state).
 //!
-//! It uses `ringkv-engine` for storage and `ringkv-net` for the wire protocol; neither of those knows
-//! about this crate. See `docs/ARCHITECTURE.md` for the layers.
+//! Parts that touch the machine: [`epochs`] (the persisted epoch lease of a shard), [`identity`]
+//! (the node id and incarnation a data directory is bound to), [`cluster_state`] (the node's
+//! persisted membership), [`preflight`] (what the runtime needs from the kernel, checked before it
+//! starts) and [`server`] (the glommio shell: executors, listeners, the mesh, shutdown).
+//!
+//! What it must not own: Dynamo decisions (placement, causality, quorum counting, merge rules,
+//! membership transitions). Those belong to `ringkv-core`; a decision made here would not run
+//! under the simulator.
+//!
+//! Limits and obligations: node ids are assigned once, by the operator or by the node itself on an
+//! empty data directory ([`identity`]), and are never reused for a different node. A node that may
+//! have lost acknowledged writes (a wiped or replaced disk, or buffered writes lost in a crash)
+//! must come back under a **new** id: the id is also the actor of its dotted version vectors, and
+//! an actor that restarts its counter would issue a dot that already names another value, which
+//! silently breaks causality for that key.
 
-pub mod admission;
-pub mod bucket;
-pub mod coordinator;
-pub mod dvv;
-#[cfg(test)]
-mod fuzz;
-pub mod membership;
-pub mod merkle;
-pub mod node;
-pub mod object;
-pub mod phi;
-pub mod ring;
-
-pub use dvv::{DvvSet, Put, VersionVector};
-pub use node::NodeId;
-pub use ring::{PartitionCount, PartitionId, Ring};
+pub mod cluster_state;
+pub mod config;
+pub mod epochs;
+pub mod identity;
+pub mod metrics;
+pub mod peer;
+pub mod preflight;
+pub mod resp;
+pub mod route;
+pub mod server;
+pub mod session;

@@ -16,10 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringkv_cluster::node::NodeId;
-use ringkv_cluster::node::route::{PARTITIONS, partition_of};
-use ringkv_cluster::ring::PartitionId;
-use ringkv_cluster::ring::Ring;
+use ringkv_cluster::route::{PARTITIONS, partition_of};
+use ringkv_core::NodeId;
+use ringkv_core::ring::PartitionId;
+use ringkv_core::ring::Ring;
 use ringkv_net::{Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Sibling};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");

@@ -8,11 +8,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ringkv_cluster::NodeId;
-use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_cluster::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
-use ringkv_cluster::object::Object;
-use ringkv_cluster::ring::{PartitionCount, Ring};
+use ringkv_core::NodeId;
+use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
+use ringkv_core::object::Object;
+use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{Delete, ErrorCode, Get, Message, Put, Sibling};
 
 /// One node and its store; every output is carried out before a call returns.
@@ -260,7 +260,7 @@ fn clocks_never_outgrow_their_contexts() {
     let out = one.core.handle_unreachable(0, n1);
     one.run(out);
     let mut context: Option<Bytes> = None;
-    for i in 0..(ringkv_cluster::dvv::CONTEXT_ENTRIES_MAX as u64 + 10) {
+    for i in 0..(ringkv_core::dvv::CONTEXT_ENTRIES_MAX as u64 + 10) {
         let write = Message::Put(Put {
             bucket: Bytes::from_static(b"b"),
             key: key.clone(),
@@ -371,7 +371,7 @@ fn a_reap_never_lets_a_dot_repeat() {
 /// after its client stopped waiting.
 #[test]
 fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
-    use ringkv_cluster::coordinator::PeerMsg;
+    use ringkv_core::coordinator::PeerMsg;
     let me = NodeId(1);
     let mut cfg = CoreConfig::new(me);
     cfg.buckets = Buckets {
@@ -432,7 +432,7 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
 /// moved once sent, so this choice is what keeps writes off a home that stopped.)
 #[test]
 fn a_forward_goes_to_a_home_that_answers() {
-    use ringkv_cluster::coordinator::PeerMsg;
+    use ringkv_core::coordinator::PeerMsg;
     let me = NodeId(1);
     let mut cfg = CoreConfig::new(me);
     cfg.heartbeat_ms = 1_000;

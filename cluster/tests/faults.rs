@@ -39,10 +39,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{ClusterNode, data_dir, metric, replica_values, seeds, wait_for};
-use ringkv_cluster::node::NodeId;
-use ringkv_cluster::node::route::{PARTITIONS, partition_of};
-use ringkv_cluster::object::Val;
-use ringkv_cluster::ring::{PartitionId, Ring};
+use ringkv_cluster::route::{PARTITIONS, partition_of};
+use ringkv_core::NodeId;
+use ringkv_core::object::Val;
+use ringkv_core::ring::{PartitionId, Ring};
 use ringkv_net::{Client, ClientConfig, Sibling};
 
 /// Nodes of the cluster.

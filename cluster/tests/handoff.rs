@@ -9,14 +9,14 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ringkv_cluster::NodeId;
-use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_cluster::coordinator::{
+use ringkv_core::NodeId;
+use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
     hint_bytes,
 };
-use ringkv_cluster::object::{Lww, Object, Val};
-use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
+use ringkv_core::object::{Lww, Object, Val};
+use ringkv_core::ring::{PartitionCount, PartitionId, Ring};
 use ringkv_net::{ErrorCode, Message, Put};
 
 const ME: NodeId = NodeId(1);

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use common::{
     BIN, ClusterNode, Server, data_dir, free_port, merkle, replica_values, seeds, wait_for,
 };
-use ringkv_cluster::node::route::partition_of;
-use ringkv_cluster::object::Val;
+use ringkv_cluster::route::partition_of;
+use ringkv_core::object::Val;
 use ringkv_net::{ClientError, ErrorCode, Get, Message, Sibling};
 
 /// The Dynamo (3, 2, 2) default bucket.

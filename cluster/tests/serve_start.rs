@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ringkv_cluster::node::server::{ServeConfig, ServeError, serve};
+use ringkv_cluster::server::{ServeConfig, ServeError, serve};
 
 /// A bound on the wait for `serve` to return, so a node that hangs fails the test instead of
 /// hanging it; far beyond what stopping takes.

@@ -8,13 +8,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use ringkv_cluster::NodeId;
-use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_cluster::coordinator::{
+use ringkv_core::NodeId;
+use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::coordinator::{
     AeKey, Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, TreeRoot,
 };
-use ringkv_cluster::object::Object;
-use ringkv_cluster::ring::{PartitionCount, Ring};
+use ringkv_core::object::Object;
+use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{Delete, Message, Put};
 
 const PARTITIONS: u32 = 8;

@@ -57,18 +57,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ringkv_cluster::NodeId;
-use ringkv_cluster::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_cluster::coordinator::{
+use ringkv_cluster::config::{FileConfig, Settings};
+use ringkv_core::NodeId;
+use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
     hint_bytes,
 };
-use ringkv_cluster::membership::{
+use ringkv_core::membership::{
     AdminCmd, AdminError, Membership, MembershipConfig, MembershipMsg, MembershipOutput,
 };
-use ringkv_cluster::node::config::{FileConfig, Settings};
-use ringkv_cluster::object::{Object, Val};
-use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring};
+use ringkv_core::object::{Object, Val};
+use ringkv_core::ring::{PartitionCount, PartitionId, Ring};
 use ringkv_engine::Durability;
 use ringkv_net::{Delete, Get, Message, Put, Sibling};
 

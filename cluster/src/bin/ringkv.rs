@@ -21,11 +21,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use ringkv_cluster::node::NodeId;
-use ringkv_cluster::node::config::{DurabilityName, FileConfig, Settings};
-use ringkv_cluster::node::identity;
-use ringkv_cluster::node::route::parse_cpu_list;
-use ringkv_cluster::node::server::{ServeConfig, serve};
+use ringkv_cluster::config::{DurabilityName, FileConfig, Settings};
+use ringkv_cluster::identity;
+use ringkv_cluster::route::parse_cpu_list;
+use ringkv_cluster::server::{ServeConfig, serve};
+use ringkv_core::NodeId;
 use ringkv_net::{Client, ClientConfig, Delete, Get, Message, Put, Sibling};
 
 #[derive(Parser, Debug)]

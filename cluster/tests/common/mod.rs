@@ -16,9 +16,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringkv_cluster::coordinator::{StoreKey, StoreOp};
-use ringkv_cluster::node::route::partition_of;
-use ringkv_cluster::object::{Object, Val};
+use ringkv_cluster::route::partition_of;
+use ringkv_core::coordinator::{StoreKey, StoreOp};
+use ringkv_core::object::{Object, Val};
 use ringkv_net::{
     Client, ClientConfig, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet, Role,
     decode_frame, encode_frame_to_vec,

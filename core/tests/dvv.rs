@@ -1,4 +1,4 @@
-//! Property tests of the DVVSet laws stated in `cluster/src/dvv.rs`, and of the context decoder.
+//! Property tests of the DVVSet laws stated in `core/src/dvv.rs`, and of the context decoder.
 //!
 //! Clocks are not generated field by field: a random history of reads, writes (blind or based on
 //! an earlier read) and one-way syncs runs on up to four replicas, and every clock it produces
@@ -10,9 +10,9 @@
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
-use ringkv_cluster::dvv::Actor;
-use ringkv_cluster::dvv::{CONTEXT_ENTRIES_MAX, Dot, DvvSet, Put, VersionVector};
-use ringkv_cluster::node::NodeId;
+use ringkv_core::NodeId;
+use ringkv_core::dvv::Actor;
+use ringkv_core::dvv::{CONTEXT_ENTRIES_MAX, Dot, DvvSet, Put, VersionVector};
 
 type Clock = DvvSet<u32>;
 

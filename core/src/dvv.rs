@@ -72,7 +72,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::node::NodeId;
+use crate::NodeId;
 
 /// The author of causal events: a node in one of its *epochs*.
 ///

@@ -42,7 +42,7 @@ use ringkv_net::BodyError;
 use ringkv_net::wire::{Reader, Writer};
 
 use super::bounded;
-use crate::node::NodeId;
+use crate::NodeId;
 use crate::ring::{MEMBERS_MAX, PARTITION_COUNT_MAX};
 
 /// The table's encoding: the only one so far.

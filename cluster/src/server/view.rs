@@ -24,12 +24,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::membership::View;
-use crate::ring::Ring;
+use ringkv_core::membership::View;
+use ringkv_core::ring::Ring;
 
-use super::super::NodeId;
-use super::super::peer::HINT_PARTITION_BASE;
 use super::Shard;
+use crate::peer::HINT_PARTITION_BASE;
+use ringkv_core::NodeId;
 
 /// Capacity of each shard's queue in the control mesh, in messages.
 pub(super) const CONTROL_QUEUE_MESSAGES_MAX: usize = 64;

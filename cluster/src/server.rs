@@ -4,7 +4,7 @@
 //! [`serve`] checks that nothing listens on the listen address (glommio's listener always sets
 //! SO_REUSEPORT, so a second node would otherwise silently share the port; connections left over
 //! from a crashed run do not count) and that the kernel gives the process io_uring and enough
-//! locked memory ([`super::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
+//! locked memory ([`crate::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
 //! that reports the first signal, and one `LocalExecutor` per shard pinned to its CPU
 //! (`Placement::Fixed`). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
 //! listener on the shared address, joins two channel meshes (requests and replies between shards)
@@ -18,7 +18,7 @@
 //! stops reading and TCP pushes back. A request whose partition belongs to another shard crosses
 //! the request mesh as the decoded [`Message`] (never re-encoded), the owner executes it and sends
 //! the reply back over the reply mesh, where a waiting table routes it to the request's task.
-//! With `resp_listen` set, each shard also listens for Redis clients ([`super::resp`] maps their
+//! With `resp_listen` set, each shard also listens for Redis clients ([`crate::resp`] maps their
 //! commands onto the same requests; pipelined commands on distinct keys run together, commands
 //! on one key in order, and replies stay in command order, as RESP requires).
 //! A frame the codec rejects gets the codec's error frame; unless the codec says the stream can
@@ -37,7 +37,7 @@
 //! Every shard runs one [`Core`] (the sans-IO coordinator) for the partitions it owns. A client
 //! GET, PUT or DELETE reaches the owner shard as before and is handed to its core; the shell
 //! carries out the core's [`Output`]s: storage operations on the shard's engine (objects encoded
-//! with [`Object::encode`]; hints in their own engine partitions, see [`super::peer`]), replies
+//! with [`Object::encode`]; hints in their own engine partitions, see [`crate::peer`]), replies
 //! to the waiting request task, and messages to other nodes. Time reaches the core through a
 //! ticker that wakes every [`TICK_MS`] and calls `handle_tick` when `next_deadline` has passed
 //! (a fixed period keeps the shell simple; the cost is up to one tick of lateness on timeouts).
@@ -58,7 +58,7 @@
 //! its core's Merkle trees are then built from the engine in the background ([`trees`]), and
 //! anti-entropy leaves each partition alone until its trees are built.
 //!
-//! Membership: shard 0 owns the node's [`crate::membership::Membership`] (restored from
+//! Membership: shard 0 owns the node's [`ringkv_core::membership::Membership`] (restored from
 //! `<data-dir>/cluster-state`, else bootstrapped from the seeds) and its shell, [`members`]:
 //! ADMIN frames from any shard and CLUSTER frames without a partition reach it there. Every
 //! shard takes its ring and its peer addresses from the latest view shard 0 published over a
@@ -104,27 +104,27 @@ use ringkv_net::{
     decode_frame, encode_frame,
 };
 
-use crate::admission::{AdmissionConfig, AdmissionController};
-use crate::bucket::{BucketProps, Buckets};
-use crate::coordinator::{
+use ringkv_core::admission::{AdmissionConfig, AdmissionController};
+use ringkv_core::bucket::{BucketProps, Buckets};
+use ringkv_core::coordinator::{
     Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, StoreKey, StoreOp,
     hint_bytes,
 };
-use crate::membership::{Membership, MembershipConfig};
-use crate::object::Object;
-use crate::ring::PartitionId;
+use ringkv_core::membership::{Membership, MembershipConfig};
+use ringkv_core::object::Object;
+use ringkv_core::ring::PartitionId;
 
-use super::NodeId;
-use super::cluster_state;
-use super::config;
-use super::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
-use super::identity::{self, Identity};
-use super::metrics::{self, CoreFigures, Op, ShardMetrics};
-use super::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
-use super::preflight;
-use super::resp::{self, RespPlan};
-use super::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
-use super::session::{NodeInfo, Session, Step};
+use crate::cluster_state;
+use crate::config;
+use crate::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
+use crate::identity::{self, Identity};
+use crate::metrics::{self, CoreFigures, Op, ShardMetrics};
+use crate::peer::{self, HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
+use crate::preflight;
+use crate::resp::{self, RespPlan};
+use crate::route::{PARTITIONS, engine_key_bytes_max, partition_of, shard_of};
+use crate::session::{NodeInfo, Session, Step};
+use ringkv_core::NodeId;
 
 mod members;
 mod stop;
@@ -480,10 +480,10 @@ impl Clock {
 /// started (the signal mask is inherited by threads started afterwards).
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let shards = cfg.cpus.len();
-    if shards == 0 || shards > super::route::SHARDS_MAX {
+    if shards == 0 || shards > crate::route::SHARDS_MAX {
         return Err(ServeError::Config(format!(
             "shard count {shards} outside [1, {}]",
-            super::route::SHARDS_MAX
+            crate::route::SHARDS_MAX
         )));
     }
     let mut cfg = cfg;

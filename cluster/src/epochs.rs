@@ -1,7 +1,7 @@
 //! Epoch leases of a shard, persisted so that epochs never repeat across restarts.
 //!
 //! The coordinator's actors are `(node, epoch)` and a dot must never be issued twice (module docs
-//! of [`crate::coordinator`]), so every run of a shard needs epochs above every earlier run's. Each
+//! of [`ringkv_core::coordinator`]), so every run of a shard needs epochs above every earlier run's. Each
 //! shard keeps the next unleased epoch in `<data-dir>/shard-<i>/epochs` (decimal text). A lease
 //! reads it, writes `start + size` to a temporary file, syncs it, renames it over the old one and
 //! syncs the directory, and only then hands `[start, start + size)` to the core: a crash at any
@@ -22,8 +22,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::coordinator::EpochLease;
-use crate::node::route::SHARDS_MAX;
+use crate::route::SHARDS_MAX;
+use ringkv_core::coordinator::EpochLease;
 
 /// Epochs in each shard's block.
 pub const SHARD_EPOCHS: u32 = (1u64 << 32).div_ceil(SHARDS_MAX as u64) as u32;

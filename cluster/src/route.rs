@@ -12,7 +12,7 @@
 
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT};
 
-use crate::ring::{PartitionCount, PartitionId};
+use ringkv_core::ring::{PartitionCount, PartitionId};
 
 /// The ring's partition count for a node; fixed until the Dynamo layer makes it a cluster setting.
 pub const PARTITIONS: PartitionCount = PartitionCount::DEFAULT;

@@ -28,13 +28,13 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::coordinator::{Space, StoreKey};
-use crate::object::Object;
-use crate::ring::PartitionId;
+use ringkv_core::coordinator::{Space, StoreKey};
+use ringkv_core::object::Object;
+use ringkv_core::ring::PartitionId;
 
-use super::super::peer;
-use super::super::route::{PARTITIONS, shard_of};
 use super::Shard;
+use crate::peer;
+use crate::route::{PARTITIONS, shard_of};
 
 /// The ring partitions whose replicas shard `shard` of `shard_count` stores, in order.
 pub(super) fn partitions(shard: usize, shard_count: usize) -> Vec<u32> {

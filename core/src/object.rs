@@ -28,8 +28,8 @@
 
 use bytes::Bytes;
 
+use crate::NodeId;
 use crate::dvv::{Actor, ClockError, DvvSet, VersionVector};
-use crate::node::NodeId;
 
 const TAG_CAUSAL: u8 = 0x01;
 const TAG_LWW: u8 = 0x02;

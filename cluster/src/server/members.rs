@@ -1,4 +1,4 @@
-//! The shell of the node's membership ([`crate::membership`]), on its first shard.
+//! The shell of the node's membership ([`ringkv_core::membership`]), on its first shard.
 //!
 //! Shard 0 owns the node's one [`Membership`] and carries out what it asks for; every decision
 //! (who to gossip with, when a join or commit is accepted, when the ring flips) is made there.
@@ -62,20 +62,22 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::local_channel::{self, LocalSender};
 use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, decode_frame};
 
-use crate::membership::{AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View};
-use crate::node::cluster_state;
-use crate::node::metrics::{Holding, ShardMetrics};
+use crate::cluster_state;
+use crate::metrics::{Holding, ShardMetrics};
+use ringkv_core::membership::{
+    AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View,
+};
 
-use super::super::NodeId;
 use super::stop::StopToken;
 use super::view::{Control, ShardView};
 use super::{Event, ServeError, Shard, connect_peer, error_message, run_periodic, unless};
+use ringkv_core::NodeId;
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
 pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
 /// Interval between reports of the node's stored bytes to membership: as often as shards
 /// refresh the figures.
-pub(super) const STORED_REPORT_MS: u64 = crate::node::metrics::ENGINE_REFRESH_MS;
+pub(super) const STORED_REPORT_MS: u64 = crate::metrics::ENGINE_REFRESH_MS;
 /// Set in the request id of every membership request on a peer link; the core's ids stay far
 /// below it.
 pub(super) const MEMBERSHIP_ID_BIT: u64 = 1 << 62;

@@ -39,11 +39,11 @@ use ringkv_net::limits::{
     PUT_OVERHEAD_BYTES_MAX,
 };
 
-use super::NodeId;
-use super::peer::HINT_KEY_PREFIX_BYTES;
-use super::resp::RESP_BUCKET;
-use super::route::engine_key_bytes_max;
-use crate::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET};
+use crate::peer::HINT_KEY_PREFIX_BYTES;
+use crate::resp::RESP_BUCKET;
+use crate::route::engine_key_bytes_max;
+use ringkv_core::NodeId;
+use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET};
 use serde::Deserialize;
 
 /// Default data directory.
@@ -97,7 +97,7 @@ pub const NODE_NAME_BYTES_MAX: usize = 240;
 /// Default deadline of requests that name none, in milliseconds.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Largest request deadline, in milliseconds: ten minutes (longer ones are shortened to it).
-pub const REQUEST_TIMEOUT_MS_MAX: u64 = crate::coordinator::REQUEST_DEADLINE_MS_MAX;
+pub const REQUEST_TIMEOUT_MS_MAX: u64 = ringkv_core::coordinator::REQUEST_DEADLINE_MS_MAX;
 /// Default bound on the wait for connections to drain at shutdown, in milliseconds.
 pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 5000;
 /// Largest accepted shutdown drain, in milliseconds: ten minutes.
@@ -326,7 +326,7 @@ pub struct Settings {
     pub limits: Limits,
     /// Largest value stored.
     pub value_bytes_max: usize,
-    /// The id asked for (`--node-id`); the node's identity file decides ([`super::identity`]).
+    /// The id asked for (`--node-id`); the node's identity file decides ([`crate::identity`]).
     pub node_id: Option<NodeId>,
     /// Peer protocol address, if given.
     pub peer_listen: Option<SocketAddr>,

@@ -10,14 +10,14 @@
 //!
 //! A session accepts one role ([`Session::new`] clients, [`Session::for_peers`] peers); the other
 //! is refused (`invalid_request`, closed), so a client can never send replica requests. A peer
-//! names itself `<id>@<name>` in HELLO ([`super::peer::parse_hello_name`]) and may then send
+//! names itself `<id>@<name>` in HELLO ([`crate::peer::parse_hello_name`]) and may then send
 //! REPLICA_PUT, REPLICA_GET, CLUSTER and forwarded GET/PUT/DELETE; the shell executes them for
 //! [`Session::peer`]. ADMIN (operator commands) is a client request only.
 
 use ringkv_net::{ErrorBody, ErrorCode, Frame, HelloOk, Message, PROTOCOL_VERSION, Role};
 
-use super::NodeId;
-use super::peer::parse_hello_name;
+use crate::peer::parse_hello_name;
+use ringkv_core::NodeId;
 
 /// What the shell must do with one decoded frame.
 #[derive(Debug, PartialEq, Eq)]

@@ -26,8 +26,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::NodeId;
-use super::cluster_state::{CLUSTER_STATE_FILE, replace_file};
+use crate::cluster_state::{CLUSTER_STATE_FILE, replace_file};
+use ringkv_core::NodeId;
 
 /// Name of the identity file in the node's data directory.
 pub const IDENTITY_FILE: &str = "node-identity";

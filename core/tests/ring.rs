@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
-use ringkv_cluster::node::NodeId;
-use ringkv_cluster::ring::{PartitionCount, PartitionId, Ring, partition_of};
+use ringkv_core::NodeId;
+use ringkv_core::ring::{PartitionCount, PartitionId, Ring, partition_of};
 
 fn counts() -> impl Strategy<Value = PartitionCount> {
     prop_oneof![Just(8u32), Just(64), Just(256), Just(1024)]

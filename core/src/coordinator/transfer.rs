@@ -39,7 +39,7 @@ use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
 use super::{ApplyDone, Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey};
-use crate::node::NodeId;
+use crate::NodeId;
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring};
 

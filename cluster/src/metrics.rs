@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ringkv_engine::EngineStats;
 
-use crate::admission::AdmissionState;
-use crate::coordinator::{CoreStats, TreeRoot};
+use ringkv_core::admission::AdmissionState;
+use ringkv_core::coordinator::{CoreStats, TreeRoot};
 
 /// What a shard's coordinator reports, beyond its counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

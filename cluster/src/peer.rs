@@ -1,6 +1,6 @@
 //! Peer traffic on the wire and hints in the engine (sans-IO).
 //!
-//! The coordinator ([`crate::coordinator`]) speaks [`PeerMsg`]; nodes exchange frames of the
+//! The coordinator ([`ringkv_core::coordinator`]) speaks [`PeerMsg`]; nodes exchange frames of the
 //! binary protocol (`docs/PROTOCOL.md` §5.5–5.6). This module converts between the two, and maps
 //! the coordinator's [`StoreKey`]s onto engine partitions and keys:
 //!
@@ -37,11 +37,11 @@ use ringkv_net::{
 
 use ringkv_engine::index::KeyHash;
 
-use super::NodeId;
-use super::route::{PARTITIONS, engine_key, partition_of};
-use crate::coordinator::{AeKey, PeerMsg, ScanItem, ScanPage, Space, StoreKey};
-use crate::object::Object;
-use crate::ring::PARTITION_COUNT_MAX;
+use crate::route::{PARTITIONS, engine_key, partition_of};
+use ringkv_core::NodeId;
+use ringkv_core::coordinator::{AeKey, PeerMsg, ScanItem, ScanPage, Space, StoreKey};
+use ringkv_core::object::Object;
+use ringkv_core::ring::PARTITION_COUNT_MAX;
 
 /// First engine partition of hints: the high bit, far above any ring partition.
 pub const HINT_PARTITION_BASE: u32 = 1 << 31;
@@ -116,25 +116,25 @@ pub fn hello_name(node: NodeId, name: &str) -> String {
 /// Sub-kinds of CLUSTER frames (`docs/PROTOCOL.md` §5.9.1), all in one table. A request and its
 /// answer share the sub-kind unless noted. Numbers are never reused.
 pub mod sub {
-    pub use crate::membership::sub::{COMMIT, GOSSIP, JOIN, OUTCOME};
+    pub use ringkv_core::membership::sub::{COMMIT, GOSSIP, JOIN, OUTCOME};
     /// TRANSFER_PULL / TRANSFER_PAGE: a page of a partition (`coordinator/transfer.rs`).
     pub const TRANSFER: u8 = 16;
-    /// [`PeerMsg::HintCredit`](crate::coordinator::PeerMsg::HintCredit) /
-    /// [`PeerMsg::HintCreditOk`](crate::coordinator::PeerMsg::HintCreditOk): request `wanted: u32`,
+    /// [`PeerMsg::HintCredit`](ringkv_core::coordinator::PeerMsg::HintCredit) /
+    /// [`PeerMsg::HintCreditOk`](ringkv_core::coordinator::PeerMsg::HintCreditOk): request `wanted: u32`,
     /// answer `granted: u32`; sent with the partition of a hint the holder has ready, so the
     /// shard that will receive the hints grants.
     pub const HINT_CREDIT: u8 = 32;
-    /// [`PeerMsg::Ping`](crate::coordinator::PeerMsg::Ping) /
-    /// [`PeerMsg::Pong`](crate::coordinator::PeerMsg::Pong): failure-detector heartbeat, empty
+    /// [`PeerMsg::Ping`](ringkv_core::coordinator::PeerMsg::Ping) /
+    /// [`PeerMsg::Pong`](ringkv_core::coordinator::PeerMsg::Pong): failure-detector heartbeat, empty
     /// payloads, node-wide.
     pub const HEARTBEAT: u8 = 33;
-    /// Anti-entropy: hashes of some nodes of one tree level ([`crate::coordinator::PeerMsg::AeLevel`]).
+    /// Anti-entropy: hashes of some nodes of one tree level ([`ringkv_core::coordinator::PeerMsg::AeLevel`]).
     pub const AE_LEVEL: u8 = 48;
-    /// Anti-entropy: the keys of some leaves ([`crate::coordinator::PeerMsg::AeKeys`]).
+    /// Anti-entropy: the keys of some leaves ([`ringkv_core::coordinator::PeerMsg::AeKeys`]).
     pub const AE_KEYS: u8 = 49;
-    /// Tombstone reaping: confirm tombstones ([`crate::coordinator::PeerMsg::AeReap`]).
+    /// Tombstone reaping: confirm tombstones ([`ringkv_core::coordinator::PeerMsg::AeReap`]).
     pub const AE_REAP: u8 = 50;
-    /// Tombstone reaping: remove them ([`crate::coordinator::PeerMsg::AeDrop`]).
+    /// Tombstone reaping: remove them ([`ringkv_core::coordinator::PeerMsg::AeDrop`]).
     pub const AE_DROP: u8 = 51;
 }
 
@@ -304,11 +304,11 @@ fn ae_request(id: u64, s: u8, partition: u32, payload: &[u8]) -> Result<PeerMsg,
             let n = r.u8("n").map_err(body)?;
             let depth = r.u8("depth").map_err(body)?;
             let len = count(&mut r, "hashes", 12).map_err(body)?;
-            if len > crate::merkle::LEAVES {
+            if len > ringkv_core::merkle::LEAVES {
                 return Err(body(BodyError::TooLarge {
                     field: "hashes",
                     len: len as u64,
-                    max: crate::merkle::LEAVES,
+                    max: ringkv_core::merkle::LEAVES,
                 }));
             }
             let mut hashes = Vec::with_capacity(len);
@@ -738,7 +738,7 @@ fn cluster_ok(id: u64, sub: u8, write: impl FnOnce(&mut Writer<'_, Vec<u8>>)) ->
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::object::{Lww, Val};
+    use ringkv_core::object::{Lww, Val};
 
     fn key(space: Space) -> StoreKey {
         let bucket = Bytes::from_static(b"cart");

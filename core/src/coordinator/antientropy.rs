@@ -32,7 +32,7 @@
 //! make a rolling restart of a large store take hours (one random read per key, as the shard once
 //! did before serving, took over a minute and a half per million keys). So the shard serves at
 //! once and loads the trees in the background (the shell reads the objects in storage order,
-//! with large sequential reads, `node/server/trees.rs`):
+//! with large sequential reads, `cluster/src/server/trees.rs`):
 //!
 //! 1. before serving, the shell calls [`Core::trees_loading`] with every partition it will load;
 //!    their trees are *loading*;
@@ -165,8 +165,8 @@ use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
+use crate::NodeId;
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
-use crate::node::NodeId;
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring, key_hash};
 

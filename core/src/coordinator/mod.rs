@@ -77,9 +77,9 @@ use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
 use ringkv_net::{ErrorBody, ErrorCode, GetOk, Message, PutOk, Sibling};
 
+use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
-use crate::node::NodeId;
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::ring::{PartitionId, Ring};
 

@@ -72,7 +72,7 @@ use bytes::Bytes;
 use ringkv_net::wire::{LenWidth, Reader, Writer};
 use ringkv_net::{BodyError, limits::NAME_BYTES_MAX};
 
-use crate::node::NodeId;
+use crate::NodeId;
 use crate::ring::{MEMBERS_MAX, PARTITION_COUNT_MAX, PartitionCount, PartitionId, Ring, RingError};
 
 mod sizes;
@@ -127,7 +127,7 @@ pub struct Member {
     pub status: Status,
     /// Raised by one on every change of the entry.
     pub version: u64,
-    /// Names the data directory the node runs on (`node/identity.rs`); 0 when not known yet
+    /// Names the data directory the node runs on (`cluster/src/identity.rs`); 0 when not known yet
     /// (a seed's entry before the seed gossiped its own). A node that lost its data comes back
     /// with another incarnation, and is refused under its old id.
     pub incarnation: u64,
@@ -415,7 +415,7 @@ pub struct MembershipConfig {
     pub target_n: usize,
     /// Partitions of a ring this node creates.
     pub partitions: PartitionCount,
-    /// This node's incarnation (`node/identity.rs`), never 0.
+    /// This node's incarnation (`cluster/src/identity.rs`), never 0.
     pub incarnation: u64,
     /// The node's identity was created by this start, on an empty data directory: if the
     /// cluster knows its id from another incarnation, this node is the impostor.

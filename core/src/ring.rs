@@ -61,7 +61,7 @@ use std::collections::{BTreeMap, BTreeSet, btree_set};
 
 use xxhash_rust::xxh3::Xxh3Default;
 
-use crate::node::NodeId;
+use crate::NodeId;
 
 /// Smallest supported number of partitions.
 pub const PARTITION_COUNT_MIN: u32 = 8;
