@@ -58,9 +58,9 @@ use std::rc::{Rc, Weak};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalSender};
-use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message, decode_frame};
+use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message};
 
 use crate::cluster_state;
 use crate::metrics::{Holding, ShardMetrics};
@@ -68,9 +68,13 @@ use ringkv_core::membership::{
     AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View,
 };
 
+use super::driver::run_periodic;
+use super::lifecycle::Event;
+use super::links::{connect_peer, request_once};
 use super::stop::StopToken;
+use super::stop::unless;
 use super::view::{Control, ShardView};
-use super::{Event, ServeError, Shard, connect_peer, error_message, run_periodic, unless};
+use super::{ServeError, Shard, error_message};
 use ringkv_core::NodeId;
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
@@ -584,21 +588,7 @@ async fn one_request(
             payload,
         }),
     };
-    let mut out = Vec::new();
-    ringkv_net::encode_frame(&frame, &limits, &mut out).map_err(|e| e.to_string())?;
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 4096];
-    let answer = loop {
-        if let Some((frame, _)) = decode_frame(&buf, &limits).map_err(|e| e.to_string())? {
-            break frame;
-        }
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before answering".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
+    let answer = request_once(&mut stream, &frame, &limits, "closed before answering").await?;
     let _ = stream.close().await;
     match answer.message {
         Message::ClusterOk(ok) => MembershipMsg::decode(id, ok.sub, true, &ok.payload)

@@ -162,6 +162,19 @@ impl Drop for Cancelled<'_> {
     }
 }
 
+/// Runs `work` unless `stop` completes first, in which case it answers `None`: how every accept
+/// and read loop stops at shutdown, and how a request meets its deadline.
+pub(super) async fn unless<T>(
+    work: impl std::future::Future<Output = T>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Option<T> {
+    futures_lite::future::or(async { Some(work.await) }, async {
+        stop.await;
+        None
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -1,0 +1,491 @@
+//! Client and RESP connections: a reader that decodes requests with the shared frame buffer,
+//! runs them through the shard, and a writer that sends replies in batches; the accept loop that
+//! starts them.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::io::AsyncWriteExt;
+use glommio::channels::local_channel::{self};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{Gate, Semaphore};
+use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
+use ringkv_net::{ErrorCode, Frame, Limits, Message, Role, decode_frame, encode_frame};
+
+use crate::metrics::ShardMetrics;
+use crate::resp::{self, RespPlan};
+use crate::session::{Session, Step};
+
+use super::admin::serve_admin;
+use super::frames::ReadBuffer;
+use super::stop::StopToken;
+use super::stop::unless;
+use super::{ACCEPT_RETRY_DELAY_MS, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message};
+
+/// Serves one connection of `role` (a client, or another node on the peer port) until it closes,
+/// fails a frame, or the node shuts down.
+pub(super) async fn serve_connection(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    shutdown: StopToken,
+    abort: StopToken,
+    role: Role,
+) {
+    // Small replies must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    shard.metrics.connection_opened();
+    let _counted = scopeguard(&shard.metrics);
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    let (replies, outbox) = local_channel::new_bounded::<Frame>(shard.inflight_per_connection_max);
+    // Shared by the reader and every request task; the channel closes when the last one is gone.
+    let replies = Rc::new(replies);
+    let limits = shard.limits;
+    let writer = glommio::spawn_local(write_replies(writer, outbox, limits, abort));
+    let slots = Rc::new(Semaphore::new(shard.inflight_per_connection_max as u64));
+    let shard_index = u16::try_from(shard.id).expect("serve bounds the shard count");
+    let mut session = match role {
+        Role::Client => Session::new(shard.info.clone(), shard_index),
+        Role::Peer => Session::for_peers(shard.info.clone(), shard_index),
+    };
+    let mut frames = ReadBuffer::new(READ_CHUNK_BYTES);
+    'read: loop {
+        // Decode every complete frame buffered so far.
+        loop {
+            let frame = match frames.decode(|bytes| decode_frame(bytes, &limits)) {
+                Ok(None) => break,
+                Ok(Some(frame)) => frame,
+                Err(e) => {
+                    let _ = replies.send(e.error_frame()).await;
+                    match e.skip_len() {
+                        Some(len) => {
+                            frames.skip(len);
+                            continue;
+                        }
+                        None => break 'read,
+                    }
+                }
+            };
+            match session.on_frame(frame) {
+                Step::Reply(reply) => {
+                    if replies.send(reply).await.is_err() {
+                        break 'read;
+                    }
+                }
+                Step::ReplyAndClose(reply) => {
+                    let _ = replies.send(reply).await;
+                    break 'read;
+                }
+                Step::Execute(request) => {
+                    let Ok(permit) = slots.acquire_static_permit(1).await else {
+                        break 'read;
+                    };
+                    let (shard, replies) = (shard.clone(), replies.clone());
+                    let peer = session.peer();
+                    glommio::spawn_local(async move {
+                        let message = match peer {
+                            Some(from) => {
+                                let reply = shard.route_peer(from, request.message).await;
+                                drop(permit);
+                                reply
+                            }
+                            None => shard.execute(request.message, permit).await,
+                        };
+                        let reply = Frame {
+                            request_id: request.request_id,
+                            message,
+                        };
+                        let _ = replies.send(reply).await;
+                    })
+                    .detach();
+                }
+            }
+        }
+        let read = unless(frames.fill(&mut reader), shutdown.cancelled()).await;
+        match read {
+            None | Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    // In-flight requests keep clones of the sender; the writer ends after their replies.
+    drop(replies);
+    writer.await;
+}
+
+/// Serves one RESP2 connection: pipelined commands run in waves of distinct keys ([`RespWave`]),
+/// so each key sees its commands in order, and replies go out in command order, as Redis clients
+/// expect; replies to pipelined commands are written together.
+pub(super) async fn serve_resp(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    shutdown: StopToken,
+    abort: StopToken,
+) {
+    let _ = stream.set_nodelay(true);
+    shard.metrics.connection_opened();
+    let _counted = scopeguard(&shard.metrics);
+    let limits = RespLimits::DEFAULT;
+    let mut commands = ReadBuffer::new(READ_CHUNK_BYTES);
+    let mut out = Vec::new();
+    'read: loop {
+        let mut close = false;
+        let mut wave = RespWave::default();
+        loop {
+            let cmd = match commands.decode(|bytes| decode_command(bytes, &limits)) {
+                Ok(None) => break,
+                Ok(Some(cmd)) => cmd,
+                Err(e) => {
+                    // The stream can no longer be framed: answer as Redis does and close.
+                    wave.push_ready(e.reply());
+                    close = true;
+                    break;
+                }
+            };
+            // Redis ignores empty commands.
+            if cmd.is_empty() {
+                continue;
+            }
+            let plan = resp::plan(&cmd);
+            if !wave.admits(&plan) {
+                wave.run(&shard, &mut out).await;
+            }
+            match plan {
+                RespPlan::Reply(v) => wave.push_ready(v),
+                RespPlan::ReplyAndClose(v) => {
+                    wave.push_ready(v);
+                    close = true;
+                    break;
+                }
+                RespPlan::Execute(requests, how) => wave.push_execute(requests, how),
+            }
+            // Bounds the reply buffer when a client pipelines reads of large values.
+            if out.len() >= WRITE_BATCH_BYTES_MAX {
+                if !write_or_abort(&mut stream, &out, &abort).await {
+                    break 'read;
+                }
+                out.clear();
+            }
+        }
+        wave.run(&shard, &mut out).await;
+        if !out.is_empty() {
+            if !write_or_abort(&mut stream, &out, &abort).await {
+                break;
+            }
+            out.clear();
+        }
+        if close {
+            break;
+        }
+        let read = unless(commands.fill(&mut stream), shutdown.cancelled()).await;
+        match read {
+            None | Some(Ok(0)) | Some(Err(_)) => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// Most pipelined RESP commands executed at once on one connection.
+const RESP_WAVE_COMMANDS_MAX: usize = 128;
+
+/// Pipelined RESP commands that run together: Redis clients expect each connection's commands
+/// to take effect in order, so a wave holds commands on distinct keys only (a command touching
+/// a key already in the wave starts the next wave), runs them concurrently (so synced writes on
+/// one connection share group commits) and encodes the replies in command order.
+#[derive(Default)]
+struct RespWave {
+    commands: Vec<WaveCommand>,
+    keys: std::collections::BTreeSet<(bytes::Bytes, bytes::Bytes)>,
+}
+
+enum WaveCommand {
+    Ready(ringkv_net::resp::RespValue),
+    Execute(Vec<Message>, resp::Combine),
+}
+
+fn request_key(m: &Message) -> Option<(bytes::Bytes, bytes::Bytes)> {
+    match m {
+        Message::Get(g) => Some((g.bucket.clone(), g.key.clone())),
+        Message::Put(p) => Some((p.bucket.clone(), p.key.clone())),
+        Message::Delete(d) => Some((d.bucket.clone(), d.key.clone())),
+        _ => None,
+    }
+}
+
+impl RespWave {
+    /// Whether `plan` may join the wave without overtaking a command on the same key.
+    fn admits(&self, plan: &RespPlan) -> bool {
+        if self.commands.len() >= RESP_WAVE_COMMANDS_MAX {
+            return false;
+        }
+        match plan {
+            RespPlan::Execute(requests, _) => requests
+                .iter()
+                .filter_map(request_key)
+                .all(|k| !self.keys.contains(&k)),
+            RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) => true,
+        }
+    }
+
+    fn push_ready(&mut self, v: ringkv_net::resp::RespValue) {
+        self.commands.push(WaveCommand::Ready(v));
+    }
+
+    fn push_execute(&mut self, requests: Vec<Message>, how: resp::Combine) {
+        self.keys.extend(requests.iter().filter_map(request_key));
+        self.commands.push(WaveCommand::Execute(requests, how));
+    }
+
+    /// Runs the wave's commands (each one's requests in order, the commands concurrently) and
+    /// appends their replies to `out` in command order.
+    async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
+        self.keys.clear();
+        let mut tasks = Vec::with_capacity(self.commands.len());
+        for command in self.commands.drain(..) {
+            tasks.push(match command {
+                WaveCommand::Ready(v) => Err(v),
+                WaveCommand::Execute(requests, how) => {
+                    let shard = shard.clone();
+                    Ok(glommio::spawn_local(async move {
+                        let mut replies = Vec::with_capacity(requests.len());
+                        for request in requests {
+                            replies.push(shard.execute(request, ()).await);
+                        }
+                        resp::combine(how, &replies)
+                    }))
+                }
+            });
+        }
+        for task in tasks {
+            let reply = match task {
+                Err(v) => v,
+                Ok(task) => task.await,
+            };
+            encode_resp(&reply, out);
+        }
+    }
+}
+
+/// Counts a connection as closed when dropped, however its task ends.
+struct ConnectionCount<'a>(&'a ShardMetrics);
+
+impl Drop for ConnectionCount<'_> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}
+
+fn scopeguard(metrics: &ShardMetrics) -> ConnectionCount<'_> {
+    ConnectionCount(metrics)
+}
+
+/// Writes `bytes`, unless the connection fails or shutdown's drain runs out first.
+pub(super) async fn write_or_abort(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    abort: &StopToken,
+) -> bool {
+    futures_lite::future::or(async { stream.write_all(bytes).await.is_ok() }, async {
+        abort.cancelled().await;
+        false
+    })
+    .await
+}
+
+/// Writes replies in the order they complete, then closes the write side.
+///
+/// Replies already queued when the writer wakes are encoded into one buffer (up to
+/// [`WRITE_BATCH_BYTES_MAX`]) and sent with one write, so a pipelining client costs one syscall per
+/// batch rather than per reply.
+pub(super) async fn write_replies(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    outbox: local_channel::LocalReceiver<Frame>,
+    limits: Limits,
+    abort: StopToken,
+) {
+    let mut out = Vec::new();
+    while let Some(frame) = outbox.recv().await {
+        out.clear();
+        encode_reply(&frame, &limits, &mut out);
+        while out.len() < WRITE_BATCH_BYTES_MAX {
+            // Take what is already queued without waiting for more.
+            match futures_lite::future::poll_once(outbox.recv()).await {
+                Some(Some(frame)) => encode_reply(&frame, &limits, &mut out),
+                Some(None) | None => break,
+            }
+        }
+        let written =
+            futures_lite::future::or(async { writer.write_all(&out).await.is_ok() }, async {
+                abort.cancelled().await;
+                false
+            })
+            .await;
+        if !written {
+            // The peer is gone or the drain ran out; dropping the queue fails the request tasks'
+            // sends, so nothing waits on this connection any more.
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.close().await;
+}
+
+/// Appends `frame` to `out`, or an error frame saying why it could not be sent.
+pub(super) fn encode_reply(frame: &Frame, limits: &Limits, out: &mut Vec<u8>) {
+    let start = out.len();
+    if let Err(e) = encode_frame(frame, limits, out) {
+        // A reply over the frame limit (a value stored under larger limits): say so instead.
+        out.truncate(start);
+        let fallback = Frame {
+            request_id: frame.request_id,
+            message: error_message(ErrorCode::TooLarge, format!("reply not sent: {e}")),
+        };
+        // An error body is bounded far below any frame limit the codec accepts.
+        if encode_frame(&fallback, limits, out).is_err() {
+            out.truncate(start);
+        }
+    }
+}
+
+/// Runs a connection as a task of `gate` (so shutdown can wait for its last replies) in `queue`;
+/// the accept loop goes on at once.
+pub(super) fn spawn_connection(
+    gate: &Gate,
+    conn: impl Future<Output = ()> + 'static,
+    queue: glommio::TaskQueueHandle,
+) -> std::future::Ready<()> {
+    if let Ok(task) = gate.spawn_into(conn, queue) {
+        task.detach();
+    }
+    std::future::ready(())
+}
+
+/// Accepts connections on `listener` and hands each to `accepted` until `stop` is cancelled. A
+/// failed accept (e.g. out of file descriptors) is logged and retried after a pause, so the loop
+/// never spins.
+pub(super) async fn accept_until<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    what: &str,
+    shard: usize,
+    stop: &StopToken,
+    mut accepted: impl FnMut(TcpStream) -> F,
+) {
+    loop {
+        match unless(listener.accept(), stop.cancelled()).await {
+            None => break,
+            Some(Ok(stream)) => accepted(stream).await,
+            Some(Err(e)) => {
+                tracing::warn!(shard, listener = what, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_DELAY_MS)).await;
+            }
+        }
+    }
+}
+
+/// The listeners a shard accepts on; the admin listener only on shard 0.
+pub(super) struct Listeners {
+    pub(super) client: TcpListener,
+    pub(super) resp: Option<TcpListener>,
+    pub(super) peer: Option<TcpListener>,
+    pub(super) admin: Option<TcpListener>,
+}
+
+/// Accepts connections on every listener until `shutdown`, then waits (at most `drain_ms`) for
+/// the connections' last replies to be written; writers still stuck after that are aborted.
+pub(super) async fn serve_listeners(
+    shard: &Rc<Shard>,
+    listeners: Listeners,
+    shutdown: &StopToken,
+    all_metrics: &Arc<[Arc<ShardMetrics>]>,
+    drain_ms: u64,
+) {
+    let (id, foreground) = (shard.id, shard.foreground);
+    let connections = Gate::new();
+    // Cancelled when the drain after shutdown takes too long: stuck writers give up.
+    let abort = StopToken::new();
+    if let Some(resp_listener) = listeners.resp {
+        let (shard, shutdown, abort, gate) = (
+            shard.clone(),
+            shutdown.clone(),
+            abort.clone(),
+            connections.clone(),
+        );
+        let resp_loop = async move {
+            accept_until(&resp_listener, "RESP", shard.id, &shutdown, |stream| {
+                let conn = serve_resp(shard.clone(), stream, shutdown.clone(), abort.clone());
+                spawn_connection(&gate, conn, foreground)
+            })
+            .await;
+        };
+        if let Ok(task) = connections.spawn_into(resp_loop, foreground) {
+            task.detach();
+        }
+    }
+    if let Some(peer_listener) = listeners.peer {
+        let (shard, shutdown, abort, gate) = (
+            shard.clone(),
+            shutdown.clone(),
+            abort.clone(),
+            connections.clone(),
+        );
+        let peer_loop = async move {
+            accept_until(&peer_listener, "peer", shard.id, &shutdown, |stream| {
+                let conn = serve_connection(
+                    shard.clone(),
+                    stream,
+                    shutdown.clone(),
+                    abort.clone(),
+                    Role::Peer,
+                );
+                spawn_connection(&gate, conn, foreground)
+            })
+            .await;
+        };
+        if let Ok(task) = connections.spawn_into(peer_loop, foreground) {
+            task.detach();
+        }
+    }
+    if let Some(admin_listener) = listeners.admin {
+        let (shutdown, all) = (shutdown.clone(), all_metrics.clone());
+        let admin_loop = async move {
+            // One request at a time: scrapes are rare and answering one is cheap, so an admin
+            // client can never pile up tasks on the shard.
+            accept_until(&admin_listener, "admin", id, &shutdown, |stream| {
+                serve_admin(stream, &all, &shutdown)
+            })
+            .await;
+        };
+        if let Ok(task) = connections.spawn(admin_loop) {
+            task.detach();
+        }
+    }
+    accept_until(&listeners.client, "client", id, shutdown, |stream| {
+        let conn = serve_connection(
+            shard.clone(),
+            stream,
+            shutdown.clone(),
+            abort.clone(),
+            Role::Client,
+        );
+        spawn_connection(&connections, conn, foreground)
+    })
+    .await;
+    drop(listeners.client);
+    // Every connection has stopped reading; wait (bounded) for their last replies to be written.
+    let drained = unless(
+        connections.close(),
+        glommio::timer::sleep(Duration::from_millis(drain_ms)),
+    )
+    .await
+    .is_some();
+    if !drained {
+        tracing::warn!(
+            shard = id,
+            drain_ms,
+            "connections still writing at the end of the drain; dropping them"
+        );
+        abort.cancel();
+        // Closing again waits for the close already begun; aborted writers end promptly.
+        let _ = connections.close().await;
+    }
+}

@@ -1,0 +1,311 @@
+//! A shard's request routing: a client request runs on the shard owning its partition (here,
+//! or across the request mesh), under its deadline, and is counted.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::{Receivers, Senders};
+use glommio::channels::local_channel::{self};
+use glommio::sync::{Gate, Semaphore};
+use ringkv_net::{Admin, AdminOk, ErrorCode, Message};
+
+use crate::config;
+use crate::metrics::Op;
+use crate::route::{partition_of, shard_of};
+use ringkv_core::NodeId;
+
+use super::stop::unless;
+use super::{
+    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, Shard, ShardReply, ShardRequest, Waiting, error_message,
+};
+use glommio::Task;
+
+impl Shard {
+    /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it.
+    ///
+    /// The answer is `timeout` if the work takes longer than the request's `timeout_ms` (or the
+    /// node's `request_timeout_ms`). The work itself is never cancelled halfway, since a write
+    /// may already be in the engine's group commit: it runs on in its own task, holding `hold`
+    /// (the connection's in-flight slot) until it ends, so timed-out work still counts against
+    /// the connection's bound.
+    pub(super) async fn execute<H: 'static>(self: &Rc<Self>, message: Message, hold: H) -> Message {
+        let (op, requested_ms) = match &message {
+            Message::Get(m) => (Some(Op::Get), m.timeout_ms),
+            Message::Put(m) => (Some(Op::Put), m.timeout_ms),
+            Message::Delete(m) => (Some(Op::Delete), m.timeout_ms),
+            _ => (None, None),
+        };
+        let timeout_ms = requested_ms
+            .map_or(self.request_timeout_ms, u64::from)
+            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
+        if let Message::Put(m) = &message
+            && m.value.len() > self.value_bytes_max
+        {
+            return error_message(
+                ErrorCode::TooLarge,
+                format!(
+                    "value of {} bytes above the node's limit of {}",
+                    m.value.len(),
+                    self.value_bytes_max
+                ),
+            );
+        }
+        let start = Instant::now();
+        let shard = self.clone();
+        let mut work = glommio::spawn_local(async move {
+            let reply = shard.route(message).await;
+            drop(hold);
+            reply
+        });
+        let finished = unless(
+            &mut work,
+            glommio::timer::sleep(Duration::from_millis(timeout_ms)),
+        )
+        .await;
+        let reply = match finished {
+            Some(reply) => reply,
+            None => {
+                work.detach();
+                error_message(
+                    ErrorCode::Timeout,
+                    format!("no answer within {timeout_ms} ms; a write may still be applied"),
+                )
+            }
+        };
+        if let Some(op) = op {
+            let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.admission.borrow_mut().record(elapsed_us);
+            let ok = !matches!(reply, Message::Error(_));
+            self.metrics.record(op, elapsed_us, ok);
+        }
+        reply
+    }
+
+    /// `hints-truncate`: every shard of this node drops the hints it holds.
+    pub(super) async fn truncate_hints_everywhere(self: &Rc<Self>) -> Message {
+        let mut total = 0u64;
+        for shard in 0..self.shard_count {
+            let answer = if shard == self.id {
+                self.truncate_hints_here()
+            } else {
+                let ask = Message::Admin(Admin {
+                    command: HINTS_TRUNCATE_SHARD.into(),
+                    args: Bytes::new(),
+                });
+                self.forward(shard, 0, ask, None).await
+            };
+            match answer {
+                Message::AdminOk(ok) => {
+                    total += std::str::from_utf8(&ok.body)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+                other => return other,
+            }
+        }
+        Message::AdminOk(AdminOk {
+            body: Bytes::from(format!(
+                "removing {total} hints; the writes they carried stay on the replicas that \
+                 acknowledged them, and anti-entropy repairs their homes\n"
+            )),
+        })
+    }
+
+    /// This shard's part of `hints-truncate`: the count of hints queued for removal.
+    pub(super) fn truncate_hints_here(self: &Rc<Self>) -> Message {
+        let (count, outputs) = self.core.borrow_mut().truncate_hints(self.clock.now_ms());
+        self.carry_out(outputs);
+        tracing::warn!(
+            shard = self.id,
+            hints = count,
+            "hints truncated by an operator"
+        );
+        Message::AdminOk(AdminOk {
+            body: Bytes::from(count.to_string()),
+        })
+    }
+
+    pub(super) async fn route(self: &Rc<Self>, message: Message) -> Message {
+        // Operator commands are answered by the first shard, which owns cluster-wide state.
+        let message = match message {
+            Message::Admin(admin) if admin.command == HINTS_TRUNCATE => {
+                return self.truncate_hints_everywhere().await;
+            }
+            Message::Admin(admin) if self.id == 0 => return self.admin_command(admin).await,
+            admin @ Message::Admin(_) => return self.forward(0, 0, admin, None).await,
+            other => other,
+        };
+        let (bucket, key) = match &message {
+            Message::Get(m) => (&m.bucket, &m.key),
+            Message::Put(m) => (&m.bucket, &m.key),
+            Message::Delete(m) => (&m.bucket, &m.key),
+            other => {
+                return error_message(
+                    ErrorCode::Internal,
+                    format!("{} reached the executor", other.kind()),
+                );
+            }
+        };
+        let partition = partition_of(bucket, key);
+        let owner = shard_of(partition, self.shard_count);
+        if owner == self.id {
+            return self.execute_local(partition.0, message).await;
+        }
+        self.forward(owner, partition.0, message, None).await
+    }
+
+    pub(super) async fn forward(
+        &self,
+        owner: usize,
+        partition: u32,
+        message: Message,
+        peer: Option<NodeId>,
+    ) -> Message {
+        let tag = self.waiting.next_tag.get();
+        self.waiting.next_tag.set(tag + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.waiting.replies.borrow_mut().insert(tag, tx);
+        let request = ShardRequest {
+            tag,
+            origin: self.id,
+            partition,
+            message,
+            peer,
+        };
+        if self.requests.send_to(owner, request).await.is_err() {
+            self.waiting.replies.borrow_mut().remove(&tag);
+            return error_message(
+                ErrorCode::ShuttingDown,
+                format!("shard {owner} is stopping"),
+            );
+        }
+        match rx.recv().await {
+            Some(reply) => reply,
+            None => error_message(
+                ErrorCode::Internal,
+                format!("shard {owner} dropped a reply"),
+            ),
+        }
+    }
+
+    /// Executes a client request for a partition this shard owns: its core coordinates it.
+    pub(super) async fn execute_local(
+        self: &Rc<Self>,
+        partition: u32,
+        message: Message,
+    ) -> Message {
+        debug_assert_eq!(partition as usize % self.shard_count, self.id);
+        let req = self.next_client.get();
+        self.next_client.set(req + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.clients.borrow_mut().insert(req, tx);
+        let outputs = self
+            .core
+            .borrow_mut()
+            .handle_client(self.clock.now_ms(), req, message);
+        self.carry_out(outputs);
+        match rx.recv().await {
+            Some(reply) => reply,
+            None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+        }
+    }
+}
+
+/// Hands each reply from another shard to the task waiting for it.
+pub(super) fn spawn_reply_loops(waiting: &Rc<Waiting>, mut replies: Receivers<ShardReply>) {
+    for (_, rx) in replies.streams() {
+        let waiting = waiting.clone();
+        glommio::spawn_local(async move {
+            while let Some(reply) = rx.recv().await {
+                let sender = waiting.replies.borrow_mut().remove(&reply.tag);
+                if let Some(sender) = sender {
+                    // The waiter may have gone (its connection died); nothing to do then.
+                    let _ = sender.try_send(reply.message);
+                }
+            }
+        })
+        .detach();
+    }
+}
+
+/// Requests from other shards, executed here and answered on the reply mesh, at most
+/// `peer_inflight_max` at once.
+pub(super) struct MeshService {
+    loops: Vec<Option<Task<()>>>,
+    work: Gate,
+    replies: Rc<Senders<ShardReply>>,
+}
+
+impl MeshService {
+    pub(super) fn start(
+        shard: &Rc<Shard>,
+        mut requests: Receivers<ShardRequest>,
+        replies: Senders<ShardReply>,
+        inflight_max: usize,
+    ) -> MeshService {
+        let replies = Rc::new(replies);
+        let slots = Rc::new(Semaphore::new(inflight_max as u64));
+        let work = Gate::new();
+        let mut loops = Vec::new();
+        for (_, rx) in requests.streams() {
+            let (shard, replies, slots, work) =
+                (shard.clone(), replies.clone(), slots.clone(), work.clone());
+            let queue = shard.foreground;
+            loops.push(
+                glommio::spawn_local_into(
+                    async move {
+                        while let Some(req) = rx.recv().await {
+                            let Ok(permit) = slots.acquire_static_permit(1).await else {
+                                break;
+                            };
+                            let (shard, replies) = (shard.clone(), replies.clone());
+                            let spawned = work.spawn(async move {
+                                let (tag, origin) = (req.tag, req.origin);
+                                let message = shard.serve_mesh_request(req).await;
+                                // Fails only if the origin shard is gone; then nobody waits.
+                                let _ = replies.send_to(origin, ShardReply { tag, message }).await;
+                                drop(permit);
+                            });
+                            if let Ok(task) = spawned {
+                                task.detach();
+                            }
+                        }
+                    },
+                    queue,
+                )
+                .ok(),
+            );
+        }
+        MeshService {
+            loops,
+            work,
+            replies,
+        }
+    }
+
+    /// Waits until every other shard closed its side of the request mesh and every request it
+    /// sent was answered, then closes this shard's replies.
+    pub(super) async fn finish(self) {
+        for task in self.loops.into_iter().flatten() {
+            task.await;
+        }
+        let _ = self.work.close().await;
+        self.replies.close();
+    }
+}
+
+impl Shard {
+    /// Runs a request another shard of this node sent over the mesh.
+    async fn serve_mesh_request(self: &Rc<Self>, req: ShardRequest) -> Message {
+        match (req.peer, req.message) {
+            (Some(from), message) => self.serve_peer(from, message).await,
+            (None, Message::Admin(admin)) if admin.command == HINTS_TRUNCATE_SHARD => {
+                self.truncate_hints_here()
+            }
+            (None, Message::Admin(admin)) => self.admin_command(admin).await,
+            (None, message) => self.execute_local(req.partition, message).await,
+        }
+    }
+}
