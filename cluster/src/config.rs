@@ -267,6 +267,30 @@ fn interval(name: &'static str, value: u64) -> Result<u64, ConfigError> {
     Ok(value)
 }
 
+fn default_listen() -> SocketAddr {
+    LISTEN_DEFAULT
+        .parse()
+        .expect("the default listen address is a valid socket address")
+}
+
+/// `value` of setting `name` if it lies in `range`, else why not.
+fn in_range<T: PartialOrd + ToString>(
+    name: &'static str,
+    value: T,
+    range: impl std::ops::RangeBounds<T>,
+    reason: &'static str,
+) -> Result<T, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason,
+        })
+    }
+}
+
 /// A config file or flag that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -446,132 +470,45 @@ fn check_limits(limits: &Limits, value_bytes_max: usize) -> Result<(), ConfigErr
 impl Settings {
     /// Merges `flags` over `file` over the defaults and checks the result.
     pub fn resolve(flags: FileConfig, file: FileConfig) -> Result<Self, ConfigError> {
-        let listen = match flags.listen.or(file.listen) {
-            Some(addr) => addr,
-            None => LISTEN_DEFAULT
-                .parse()
-                .expect("the default listen address is a valid socket address"),
-        };
+        // The flag's value, else the file's, else `default`.
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                flags.$field.or(file.$field).unwrap_or($default)
+            };
+        }
+        let listen = flags.listen.or(file.listen).unwrap_or_else(default_listen);
         let shards = flags.shards.or(file.shards);
-        if shards == Some(0) {
-            return Err(ConfigError::Invalid {
-                name: "shards",
-                value: "0".into(),
-                reason: "a node needs at least one shard",
-            });
+        if let Some(count) = shards {
+            in_range("shards", count, 1.., "a node needs at least one shard")?;
         }
-        let shutdown_drain_ms = flags
-            .shutdown_drain_ms
-            .or(file.shutdown_drain_ms)
-            .unwrap_or(SHUTDOWN_DRAIN_MS_DEFAULT);
-        if shutdown_drain_ms > SHUTDOWN_DRAIN_MS_MAX {
-            return Err(ConfigError::Invalid {
-                name: "shutdown_drain_ms",
-                value: shutdown_drain_ms.to_string(),
-                reason: "must be at most 600000 (ten minutes)",
-            });
-        }
+        let shutdown_drain_ms = in_range(
+            "shutdown_drain_ms",
+            pick!(shutdown_drain_ms, SHUTDOWN_DRAIN_MS_DEFAULT),
+            0..=SHUTDOWN_DRAIN_MS_MAX,
+            "must be at most 600000 (ten minutes)",
+        )?;
         let limits = Limits {
-            frame_bytes_max: flags
-                .frame_bytes_max
-                .or(file.frame_bytes_max)
-                .unwrap_or(FRAME_BYTES_MAX_DEFAULT),
-            key_bytes_max: flags
-                .key_bytes_max
-                .or(file.key_bytes_max)
-                .unwrap_or(KEY_BYTES_MAX_DEFAULT),
+            frame_bytes_max: pick!(frame_bytes_max, FRAME_BYTES_MAX_DEFAULT),
+            key_bytes_max: pick!(key_bytes_max, KEY_BYTES_MAX_DEFAULT),
         };
-        let value_bytes_max = flags
-            .value_bytes_max
-            .or(file.value_bytes_max)
-            .unwrap_or(VALUE_BYTES_MAX_DEFAULT);
+        let value_bytes_max = pick!(value_bytes_max, VALUE_BYTES_MAX_DEFAULT);
         check_limits(&limits, value_bytes_max)?;
-        let request_timeout_ms = flags
-            .request_timeout_ms
-            .or(file.request_timeout_ms)
-            .unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
-        if request_timeout_ms == 0 || request_timeout_ms > REQUEST_TIMEOUT_MS_MAX {
-            return Err(ConfigError::Invalid {
-                name: "request_timeout_ms",
-                value: request_timeout_ms.to_string(),
-                reason: "must be in [1, 600000]",
-            });
+        let request_timeout_ms = in_range(
+            "request_timeout_ms",
+            pick!(request_timeout_ms, REQUEST_TIMEOUT_MS_DEFAULT),
+            1..=REQUEST_TIMEOUT_MS_MAX,
+            "must be in [1, 600000]",
+        )?;
+        let node_id = flags.node_id.or(file.node_id);
+        if let Some(id) = node_id {
+            in_range("node_id", id, 1.., "node ids start at 1")?;
         }
-        let node_id = flags.node_id.or(file.node_id).map(NodeId);
-        if node_id == Some(NodeId(0)) {
-            return Err(ConfigError::Invalid {
-                name: "node_id",
-                value: "0".into(),
-                reason: "node ids start at 1",
-            });
-        }
-        let mut seeds = BTreeMap::new();
-        let mut contact_seeds = Vec::new();
-        for seed in flags.seeds.or(file.seeds).unwrap_or_default() {
-            if seed.trim().is_empty() {
-                continue;
-            }
-            if !seed.contains('@') {
-                contact_seeds.push(parse_contact_seed(&seed)?);
-                continue;
-            }
-            let (id, addr) = parse_seed(&seed)?;
-            if seeds.insert(id, addr).is_some() {
-                return Err(ConfigError::Invalid {
-                    name: "seeds",
-                    value: seed,
-                    reason: "the same node id appears twice",
-                });
-            }
-        }
-        if !seeds.is_empty() && !contact_seeds.is_empty() {
-            return Err(ConfigError::Invalid {
-                name: "seeds",
-                value: "(ID@HOST:PORT and HOST:PORT)".into(),
-                reason: "either every seed names its node (a new cluster of exactly these nodes) \
-                         or none does (members to join)",
-            });
-        }
+        let node_id = node_id.map(NodeId);
         let peer_listen = flags.peer_listen.or(file.peer_listen);
-        if !contact_seeds.is_empty() && peer_listen.is_none() {
-            return Err(ConfigError::Invalid {
-                name: "peer_listen",
-                value: "(none)".into(),
-                reason: "a node that joins through its seeds needs a peer address",
-            });
-        }
-        // This node's own address among the seeds (the same list on every node) is no one to
-        // join.
-        contact_seeds.retain(|s| s.parse::<SocketAddr>().ok() != peer_listen);
-        let mut tables = flags.buckets.or(file.buckets).unwrap_or_default();
-        let default = match tables.remove(DEFAULT_BUCKET) {
-            Some(t) => t.over(BucketProps::default()),
-            None => BucketProps::default(),
-        };
-        let mut buckets = Buckets {
-            default,
-            named: tables
-                .into_iter()
-                .map(|(name, t)| (name.into_bytes(), t.over(default)))
-                .collect(),
-        };
-        // Redis clients carry no context: their bucket resolves by last write unless configured.
-        buckets
-            .named
-            .entry(RESP_BUCKET.to_vec())
-            .or_insert(BucketProps {
-                mode: ConflictMode::Lww,
-                ..default
-            });
-        buckets.validate().map_err(|e| ConfigError::Invalid {
-            name: "buckets",
-            value: e.0,
-            reason: "invalid bucket properties",
-        })?;
-        let node_name = flags
-            .node_name
-            .or(file.node_name)
-            .unwrap_or_else(|| NAME_DEFAULT.to_owned());
+        let (seeds, contact_seeds) =
+            resolve_seeds(flags.seeds.or(file.seeds).unwrap_or_default(), peer_listen)?;
+        let buckets = resolve_buckets(flags.buckets.or(file.buckets).unwrap_or_default())?;
+        let node_name = pick!(node_name, NAME_DEFAULT.to_owned());
         if node_name.len() > NODE_NAME_BYTES_MAX {
             return Err(ConfigError::Invalid {
                 name: "node_name",
@@ -588,143 +525,144 @@ impl Settings {
             node_name,
             replica_timeout_ms: interval(
                 "replica_timeout_ms",
-                flags
-                    .replica_timeout_ms
-                    .or(file.replica_timeout_ms)
-                    .unwrap_or(REPLICA_TIMEOUT_MS_DEFAULT),
+                pick!(replica_timeout_ms, REPLICA_TIMEOUT_MS_DEFAULT),
             )?,
-            hint_retry_ms: interval(
-                "hint_retry_ms",
-                flags
-                    .hint_retry_ms
-                    .or(file.hint_retry_ms)
-                    .unwrap_or(HINT_RETRY_MS_DEFAULT),
+            hint_retry_ms: interval("hint_retry_ms", pick!(hint_retry_ms, HINT_RETRY_MS_DEFAULT))?,
+            ae_interval_ms: in_range(
+                "ae_interval_ms",
+                pick!(ae_interval_ms, AE_INTERVAL_MS_DEFAULT),
+                0..=PEER_INTERVAL_MS_MAX,
+                "must be in [0, 600000]",
             )?,
-            ae_interval_ms: {
-                let v = flags
-                    .ae_interval_ms
-                    .or(file.ae_interval_ms)
-                    .unwrap_or(AE_INTERVAL_MS_DEFAULT);
-                if v > PEER_INTERVAL_MS_MAX {
-                    return Err(ConfigError::Invalid {
-                        name: "ae_interval_ms",
-                        value: v.to_string(),
-                        reason: "must be in [0, 600000]",
-                    });
-                }
-                v
-            },
-            ae_keys_max: bound(
-                "ae_keys_max",
-                flags
-                    .ae_keys_max
-                    .or(file.ae_keys_max)
-                    .unwrap_or(AE_KEYS_MAX_DEFAULT),
+            ae_keys_max: bound("ae_keys_max", pick!(ae_keys_max, AE_KEYS_MAX_DEFAULT))?,
+            tombstone_grace_ms: in_range(
+                "tombstone_grace_ms",
+                pick!(tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT),
+                1..=TOMBSTONE_GRACE_MS_MAX,
+                "must be in [1, 2592000000]",
             )?,
-            tombstone_grace_ms: {
-                let v = flags
-                    .tombstone_grace_ms
-                    .or(file.tombstone_grace_ms)
-                    .unwrap_or(TOMBSTONE_GRACE_MS_DEFAULT);
-                if v == 0 || v > TOMBSTONE_GRACE_MS_MAX {
-                    return Err(ConfigError::Invalid {
-                        name: "tombstone_grace_ms",
-                        value: v.to_string(),
-                        reason: "must be in [1, 2592000000]",
-                    });
-                }
-                v
-            },
-            gossip_ms: interval(
-                "gossip_ms",
-                flags
-                    .gossip_ms
-                    .or(file.gossip_ms)
-                    .unwrap_or(GOSSIP_MS_DEFAULT),
+            gossip_ms: interval("gossip_ms", pick!(gossip_ms, GOSSIP_MS_DEFAULT))?,
+            hint_bytes_max: pick!(hint_bytes_max, HINT_BYTES_MAX_DEFAULT),
+            heartbeat_ms: interval("heartbeat_ms", pick!(heartbeat_ms, HEARTBEAT_MS_DEFAULT))?,
+            phi_threshold: in_range(
+                "phi_threshold",
+                pick!(phi_threshold, PHI_THRESHOLD_DEFAULT),
+                1..=PHI_THRESHOLD_MAX,
+                "must be in [1, 64]",
             )?,
-            hint_bytes_max: flags
-                .hint_bytes_max
-                .or(file.hint_bytes_max)
-                .unwrap_or(HINT_BYTES_MAX_DEFAULT),
-            heartbeat_ms: interval(
-                "heartbeat_ms",
-                flags
-                    .heartbeat_ms
-                    .or(file.heartbeat_ms)
-                    .unwrap_or(HEARTBEAT_MS_DEFAULT),
+            admission_p99_threshold_us: in_range(
+                "admission_p99_threshold_us",
+                pick!(
+                    admission_p99_threshold_us,
+                    ADMISSION_P99_THRESHOLD_US_DEFAULT
+                ),
+                1..,
+                "must be at least 1",
             )?,
-            phi_threshold: match flags
-                .phi_threshold
-                .or(file.phi_threshold)
-                .unwrap_or(PHI_THRESHOLD_DEFAULT)
-            {
-                t @ 1..=PHI_THRESHOLD_MAX => t,
-                t => {
-                    return Err(ConfigError::Invalid {
-                        name: "phi_threshold",
-                        value: t.to_string(),
-                        reason: "must be in [1, 64]",
-                    });
-                }
-            },
-            admission_p99_threshold_us: match flags
-                .admission_p99_threshold_us
-                .or(file.admission_p99_threshold_us)
-                .unwrap_or(ADMISSION_P99_THRESHOLD_US_DEFAULT)
-            {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        name: "admission_p99_threshold_us",
-                        value: "0".to_owned(),
-                        reason: "must be at least 1",
-                    });
-                }
-                t => t,
-            },
             shutdown_drain_ms,
             request_timeout_ms,
             limits,
             value_bytes_max,
             resp_listen: flags.resp_listen.or(file.resp_listen),
             admin_listen: flags.admin_listen.or(file.admin_listen),
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT)),
+            data_dir: pick!(data_dir, PathBuf::from(DATA_DIR_DEFAULT)),
             listen,
             shards,
-            durability: flags
-                .durability
-                .or(file.durability)
-                .unwrap_or(DurabilityName::Sync)
-                .into(),
-            cluster_name: flags
-                .cluster_name
-                .or(file.cluster_name)
-                .unwrap_or_else(|| NAME_DEFAULT.to_owned()),
+            durability: pick!(durability, DurabilityName::Sync).into(),
+            cluster_name: pick!(cluster_name, NAME_DEFAULT.to_owned()),
             inflight_per_connection_max: bound(
                 "inflight_per_connection_max",
-                flags
-                    .inflight_per_connection_max
-                    .or(file.inflight_per_connection_max)
-                    .unwrap_or(INFLIGHT_PER_CONNECTION_MAX_DEFAULT),
+                pick!(
+                    inflight_per_connection_max,
+                    INFLIGHT_PER_CONNECTION_MAX_DEFAULT
+                ),
             )?,
             mesh_queue_messages_max: bound(
                 "mesh_queue_messages_max",
-                flags
-                    .mesh_queue_messages_max
-                    .or(file.mesh_queue_messages_max)
-                    .unwrap_or(MESH_QUEUE_MESSAGES_MAX_DEFAULT),
+                pick!(mesh_queue_messages_max, MESH_QUEUE_MESSAGES_MAX_DEFAULT),
             )?,
             peer_inflight_max: bound(
                 "peer_inflight_max",
-                flags
-                    .peer_inflight_max
-                    .or(file.peer_inflight_max)
-                    .unwrap_or(PEER_INFLIGHT_MAX_DEFAULT),
+                pick!(peer_inflight_max, PEER_INFLIGHT_MAX_DEFAULT),
             )?,
         })
     }
+}
+
+/// The seeds as named members (`ID@HOST:PORT`, a new cluster of exactly these nodes) or as
+/// contacts (`HOST:PORT`, members to join through), never both; this node's own address among
+/// the contacts is dropped.
+fn resolve_seeds(
+    listed: Vec<String>,
+    peer_listen: Option<SocketAddr>,
+) -> Result<(BTreeMap<NodeId, String>, Vec<String>), ConfigError> {
+    let mut seeds = BTreeMap::new();
+    let mut contact_seeds = Vec::new();
+    for seed in listed {
+        if seed.trim().is_empty() {
+            continue;
+        }
+        if !seed.contains('@') {
+            contact_seeds.push(parse_contact_seed(&seed)?);
+            continue;
+        }
+        let (id, addr) = parse_seed(&seed)?;
+        if seeds.insert(id, addr).is_some() {
+            return Err(ConfigError::Invalid {
+                name: "seeds",
+                value: seed,
+                reason: "the same node id appears twice",
+            });
+        }
+    }
+    if !seeds.is_empty() && !contact_seeds.is_empty() {
+        return Err(ConfigError::Invalid {
+            name: "seeds",
+            value: "(ID@HOST:PORT and HOST:PORT)".into(),
+            reason: "either every seed names its node (a new cluster of exactly these nodes) \
+                     or none does (members to join)",
+        });
+    }
+    if !contact_seeds.is_empty() && peer_listen.is_none() {
+        return Err(ConfigError::Invalid {
+            name: "peer_listen",
+            value: "(none)".into(),
+            reason: "a node that joins through its seeds needs a peer address",
+        });
+    }
+    // This node's own address among the seeds (the same list on every node) is no one to
+    // join.
+    contact_seeds.retain(|s| s.parse::<SocketAddr>().ok() != peer_listen);
+    Ok((seeds, contact_seeds))
+}
+
+/// The buckets file's tables over the defaults, with the RESP bucket added, checked.
+fn resolve_buckets(mut tables: BTreeMap<String, BucketTable>) -> Result<Buckets, ConfigError> {
+    let default = match tables.remove(DEFAULT_BUCKET) {
+        Some(t) => t.over(BucketProps::default()),
+        None => BucketProps::default(),
+    };
+    let mut buckets = Buckets {
+        default,
+        named: tables
+            .into_iter()
+            .map(|(name, t)| (name.into_bytes(), t.over(default)))
+            .collect(),
+    };
+    // Redis clients carry no context: their bucket resolves by last write unless configured.
+    buckets
+        .named
+        .entry(RESP_BUCKET.to_vec())
+        .or_insert(BucketProps {
+            mode: ConflictMode::Lww,
+            ..default
+        });
+    buckets.validate().map_err(|e| ConfigError::Invalid {
+        name: "buckets",
+        value: e.0,
+        reason: "invalid bucket properties",
+    })?;
+    Ok(buckets)
 }
 
 #[cfg(test)]

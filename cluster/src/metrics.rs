@@ -396,12 +396,24 @@ fn load(c: &AtomicU64) -> u64 {
 /// Renders every shard's metrics in the Prometheus text exposition format (version 0.0.4).
 pub fn render(shards: &[&ShardMetrics]) -> String {
     let mut out = String::new();
-    // Writing to a String cannot fail; the results are ignored for that reason.
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+    render_requests(&mut out, shards);
+    render_connections(&mut out, shards);
+    render_engine_and_core(&mut out, shards);
+    render_admission(&mut out, shards);
+    out
+}
+
+// Writing to a String cannot fail; the results of `writeln!` below are ignored for that reason.
+
+/// The HELP and TYPE lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Request counts, errors and the latency histogram, per shard and operation.
+fn render_requests(out: &mut String, shards: &[&ShardMetrics]) {
     family(
-        &mut out,
+        out,
         "ringkv_requests_total",
         "counter",
         "Client requests by operation.",
@@ -416,7 +428,7 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         }
     }
     family(
-        &mut out,
+        out,
         "ringkv_request_errors_total",
         "counter",
         "Requests answered with an error.",
@@ -431,7 +443,7 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         }
     }
     family(
-        &mut out,
+        out,
         "ringkv_request_duration_seconds",
         "histogram",
         "Request latency on the node.",
@@ -458,8 +470,12 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             );
         }
     }
+}
+
+/// Open and accepted connections, per shard.
+fn render_connections(out: &mut String, shards: &[&ShardMetrics]) {
     family(
-        &mut out,
+        out,
         "ringkv_connections_open",
         "gauge",
         "Open client connections.",
@@ -472,7 +488,7 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "ringkv_connections_total",
         "counter",
         "Accepted client connections.",
@@ -484,13 +500,17 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
             load(&m.connections_total)
         );
     }
+}
+
+/// The engine's figures per shard, and the coordinators' summed over shards.
+fn render_engine_and_core(out: &mut String, shards: &[&ShardMetrics]) {
     for (f, (name, help, _)) in ENGINE_FIELDS.iter().enumerate() {
         let kind = if name.ends_with("_total") {
             "counter"
         } else {
             "gauge"
         };
-        family(&mut out, name, kind, help);
+        family(out, name, kind, help);
         for (shard, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
@@ -501,10 +521,14 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         } else {
             "gauge"
         };
-        family(&mut out, name, kind, help);
+        family(out, name, kind, help);
         let sum: u64 = shards.iter().map(|m| load(&m.core[f])).sum();
         let _ = writeln!(out, "{name} {sum}");
     }
+}
+
+/// Admission control's state, per shard.
+fn render_admission(out: &mut String, shards: &[&ShardMetrics]) {
     let admission: [AdmissionField; 4] = [
         (
             "ringkv_admission_background_share",
@@ -532,12 +556,11 @@ pub fn render(shards: &[&ShardMetrics]) -> String {
         ),
     ];
     for (name, kind, help, value) in admission {
-        family(&mut out, name, kind, help);
+        family(out, name, kind, help);
         for (shard, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", value(m));
         }
     }
-    out
 }
 
 /// Whether `buf` holds a complete HTTP request head.

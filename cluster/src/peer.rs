@@ -542,6 +542,18 @@ fn wire_key(key: StoreKey) -> (u32, Option<u32>, Bytes, Bytes) {
     (key.partition, hint, key.bucket, key.key)
 }
 
+fn replica_put(key: StoreKey, object: &Object, durable: bool) -> Message {
+    let (partition, hint, bucket, key) = wire_key(key);
+    Message::ReplicaPut(ReplicaPut {
+        partition,
+        durable,
+        bucket,
+        key,
+        hint,
+        object: Bytes::from(object.encode()),
+    })
+}
+
 /// The frame id and message that carry `msg` (a request or an answer).
 pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
     match msg {
@@ -550,68 +562,40 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
             key,
             object,
             durable,
-        } => {
-            let (partition, hint, bucket, key) = wire_key(key);
-            (
-                id,
-                Message::ReplicaPut(ReplicaPut {
-                    partition,
-                    durable,
-                    bucket,
-                    key,
-                    hint,
-                    object: Bytes::from(object.encode()),
-                }),
-            )
-        }
+        } => (id, replica_put(key, &object, durable)),
         PeerMsg::ReplicaPutOk { id, durable } => {
             (id, Message::ReplicaPutOk(ReplicaPutOk { durable }))
         }
         PeerMsg::ReplicaGet { id, key } => {
             let (partition, hint, bucket, key) = wire_key(key);
-            (
-                id,
-                Message::ReplicaGet(ReplicaGet {
-                    partition,
-                    hint,
-                    bucket,
-                    key,
-                }),
-            )
+            let get = ReplicaGet {
+                partition,
+                hint,
+                bucket,
+                key,
+            };
+            (id, Message::ReplicaGet(get))
         }
-        PeerMsg::ReplicaGetOk { id, object } => (
-            id,
-            Message::ReplicaGetOk(ReplicaGetOk {
-                object: object.map(|o| Bytes::from(o.encode())),
-            }),
-        ),
+        PeerMsg::ReplicaGetOk { id, object } => {
+            let object = object.map(|o| Bytes::from(o.encode()));
+            (id, Message::ReplicaGetOk(ReplicaGetOk { object }))
+        }
         PeerMsg::TransferPull {
             id,
             partition,
             after,
-        } => (
-            id,
-            Message::Cluster(Cluster {
-                sub: sub::TRANSFER,
-                partition: Some(partition),
-                payload: write_payload(|w| w.opt_prefixed(LenWidth::U8, after.as_deref())),
-            }),
-        ),
-        PeerMsg::TransferPage { id, page } => (
-            id,
-            Message::ClusterOk(ClusterOk {
-                sub: sub::TRANSFER,
-                payload: write_payload(|w| {
-                    w.u32(page.items.len() as u32);
-                    for item in &page.items {
-                        w.prefixed(LenWidth::U8, &item.bucket);
-                        w.prefixed(LenWidth::U16, &item.key);
-                        w.prefixed(LenWidth::U32, &item.object.encode());
-                    }
-                    w.opt_prefixed(LenWidth::U8, page.next.as_deref());
-                }),
-            }),
-        ),
+        } => cluster(id, sub::TRANSFER, partition, |w| {
+            w.opt_prefixed(LenWidth::U8, after.as_deref())
+        }),
+        PeerMsg::TransferPage { id, page } => cluster_ok(id, sub::TRANSFER, |w| {
+            w.u32(page.items.len() as u32);
+            for item in &page.items {
+                w.prefixed(LenWidth::U8, &item.bucket);
+                w.prefixed(LenWidth::U16, &item.key);
+                w.prefixed(LenWidth::U32, &item.object.encode());
+            }
+            w.opt_prefixed(LenWidth::U8, page.next.as_deref());
+        }),
         PeerMsg::Forward { id, request } => (id, request),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
         PeerMsg::AeLevel {
@@ -674,21 +658,10 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
             id,
             partition,
             wanted,
-        } => (
-            id,
-            Message::Cluster(Cluster {
-                sub: sub::HINT_CREDIT,
-                partition: Some(partition),
-                payload: write_payload(|w| w.u32(wanted)),
-            }),
-        ),
-        PeerMsg::HintCreditOk { id, granted } => (
-            id,
-            Message::ClusterOk(ClusterOk {
-                sub: sub::HINT_CREDIT,
-                payload: write_payload(|w| w.u32(granted)),
-            }),
-        ),
+        } => cluster(id, sub::HINT_CREDIT, partition, |w| w.u32(wanted)),
+        PeerMsg::HintCreditOk { id, granted } => {
+            cluster_ok(id, sub::HINT_CREDIT, |w| w.u32(granted))
+        }
         PeerMsg::Ping { id } => (
             id,
             Message::Cluster(Cluster {
@@ -697,13 +670,7 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
                 payload: Bytes::new(),
             }),
         ),
-        PeerMsg::Pong { id } => (
-            id,
-            Message::ClusterOk(ClusterOk {
-                sub: sub::HEARTBEAT,
-                payload: Bytes::new(),
-            }),
-        ),
+        PeerMsg::Pong { id } => cluster_ok(id, sub::HEARTBEAT, |_| {}),
         PeerMsg::Failed { id, error } => (id, Message::Error(error)),
     }
 }

@@ -80,111 +80,115 @@ struct WriteOpts {
     dw: Option<u8>,
 }
 
+/// The settings of `ringkv serve`.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML file with settings (keys named like the flags, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for the node's data (one subdirectory per shard) [default: ./ringkv-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client protocol address; every shard listens on it (SO_REUSEPORT)
+    /// [default: 127.0.0.1:7878].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// RESP2 (Redis protocol) address, e.g. 127.0.0.1:6379 [default: disabled].
+    #[arg(long)]
+    resp_listen: Option<SocketAddr>,
+    /// Admin HTTP address serving /metrics and /health [default: disabled].
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
+    #[arg(long)]
+    shards: Option<usize>,
+    /// When writes are acknowledged [default: sync].
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+    /// Name of the cluster clients must give in their handshake [default: ringkv].
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// This node's name [default: ringkv].
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Requests executing at once per connection [default: 128].
+    #[arg(long)]
+    inflight_per_connection_max: Option<usize>,
+    /// Capacity of each shard-to-shard queue, in messages [default: 1024].
+    #[arg(long)]
+    mesh_queue_messages_max: Option<usize>,
+    /// Other shards' requests executing at once on a shard [default: 1024].
+    #[arg(long)]
+    peer_inflight_max: Option<usize>,
+    /// Bound on the wait for connections to drain at shutdown, in ms [default: 5000].
+    #[arg(long)]
+    shutdown_drain_ms: Option<u64>,
+    /// Deadline of requests that name none, in ms [default: 10000].
+    #[arg(long)]
+    request_timeout_ms: Option<u64>,
+    /// Largest frame accepted, header included [default: 17825792 (17 MiB)].
+    #[arg(long)]
+    frame_bytes_max: Option<usize>,
+    /// Largest key accepted [default: 1024].
+    #[arg(long)]
+    key_bytes_max: Option<usize>,
+    /// Largest value stored [default: 1048576 (1 MiB)].
+    #[arg(long)]
+    value_bytes_max: Option<usize>,
+    /// This node's id in the ring and in causality metadata, used on the first start of an
+    /// empty data directory [default: a random id, at least 65536]; a data directory keeps
+    /// the id it was created with (<data-dir>/node-identity), and another one is refused.
+    #[arg(long)]
+    node_id: Option<u32>,
+    /// Peer protocol address; every shard listens on it [default: this node's seed, if any].
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// Peer addresses, comma-separated: ID@HOST:PORT for every member of a new cluster (the
+    /// same list on every node), or HOST:PORT of members a new node asks to join by itself
+    /// [default: none, a one-node cluster]. Used on a node's first start only.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
+    /// Time a replica has to answer before its slot moves on, in ms [default: 1000].
+    #[arg(long)]
+    replica_timeout_ms: Option<u64>,
+    /// Interval between hinted-handoff rounds, in ms [default: 1000].
+    #[arg(long)]
+    hint_retry_ms: Option<u64>,
+    /// Interval between anti-entropy rounds of each shard, in ms; 0 turns anti-entropy
+    /// off [default: 1000].
+    #[arg(long)]
+    ae_interval_ms: Option<u64>,
+    /// Most keys one anti-entropy exchange lists and repairs in each direction [default: 256].
+    #[arg(long)]
+    ae_keys_max: Option<usize>,
+    /// How long every replica must have held a tombstone before it is reaped, in ms
+    /// [default: 86400000, one day].
+    #[arg(long)]
+    tombstone_grace_ms: Option<u64>,
+    /// Interval between membership gossip rounds, in ms [default: 1000].
+    #[arg(long)]
+    gossip_ms: Option<u64>,
+    /// Bytes of hints this node stores at most, split evenly across shards; past it hints
+    /// are refused `overloaded` [default: 1073741824 (1 GiB)].
+    #[arg(long)]
+    hint_bytes_max: Option<u64>,
+    /// Interval between failure-detector heartbeats to each peer, in ms [default: 1000].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Suspicion level (phi) above which a silent peer is believed down [default: 8].
+    #[arg(long)]
+    phi_threshold: Option<u32>,
+    /// Client p99 latency above which background work backs off, in µs [default: 10000].
+    #[arg(long)]
+    admission_p99_threshold_us: Option<u64>,
+}
+
 // Parsed once at startup, so the size of the serve variant costs nothing worth boxing for.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a node. Every setting can also come from --config; a flag overrides the file.
-    Serve {
-        /// TOML file with settings (keys named like the flags, with underscores).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Directory for the node's data (one subdirectory per shard) [default: ./ringkv-data].
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Client protocol address; every shard listens on it (SO_REUSEPORT)
-        /// [default: 127.0.0.1:7878].
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// RESP2 (Redis protocol) address, e.g. 127.0.0.1:6379 [default: disabled].
-        #[arg(long)]
-        resp_listen: Option<SocketAddr>,
-        /// Admin HTTP address serving /metrics and /health [default: disabled].
-        #[arg(long)]
-        admin_listen: Option<SocketAddr>,
-        /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
-        #[arg(long)]
-        shards: Option<usize>,
-        /// When writes are acknowledged [default: sync].
-        #[arg(long, value_enum)]
-        durability: Option<DurabilityArg>,
-        /// Name of the cluster clients must give in their handshake [default: ringkv].
-        #[arg(long)]
-        cluster_name: Option<String>,
-        /// This node's name [default: ringkv].
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Requests executing at once per connection [default: 128].
-        #[arg(long)]
-        inflight_per_connection_max: Option<usize>,
-        /// Capacity of each shard-to-shard queue, in messages [default: 1024].
-        #[arg(long)]
-        mesh_queue_messages_max: Option<usize>,
-        /// Other shards' requests executing at once on a shard [default: 1024].
-        #[arg(long)]
-        peer_inflight_max: Option<usize>,
-        /// Bound on the wait for connections to drain at shutdown, in ms [default: 5000].
-        #[arg(long)]
-        shutdown_drain_ms: Option<u64>,
-        /// Deadline of requests that name none, in ms [default: 10000].
-        #[arg(long)]
-        request_timeout_ms: Option<u64>,
-        /// Largest frame accepted, header included [default: 17825792 (17 MiB)].
-        #[arg(long)]
-        frame_bytes_max: Option<usize>,
-        /// Largest key accepted [default: 1024].
-        #[arg(long)]
-        key_bytes_max: Option<usize>,
-        /// Largest value stored [default: 1048576 (1 MiB)].
-        #[arg(long)]
-        value_bytes_max: Option<usize>,
-        /// This node's id in the ring and in causality metadata, used on the first start of an
-        /// empty data directory [default: a random id, at least 65536]; a data directory keeps
-        /// the id it was created with (<data-dir>/node-identity), and another one is refused.
-        #[arg(long)]
-        node_id: Option<u32>,
-        /// Peer protocol address; every shard listens on it [default: this node's seed, if any].
-        #[arg(long)]
-        peer_listen: Option<SocketAddr>,
-        /// Peer addresses, comma-separated: ID@HOST:PORT for every member of a new cluster (the
-        /// same list on every node), or HOST:PORT of members a new node asks to join by itself
-        /// [default: none, a one-node cluster]. Used on a node's first start only.
-        #[arg(long, value_delimiter = ',')]
-        seeds: Option<Vec<String>>,
-        /// Time a replica has to answer before its slot moves on, in ms [default: 1000].
-        #[arg(long)]
-        replica_timeout_ms: Option<u64>,
-        /// Interval between hinted-handoff rounds, in ms [default: 1000].
-        #[arg(long)]
-        hint_retry_ms: Option<u64>,
-        /// Interval between anti-entropy rounds of each shard, in ms; 0 turns anti-entropy
-        /// off [default: 1000].
-        #[arg(long)]
-        ae_interval_ms: Option<u64>,
-        /// Most keys one anti-entropy exchange lists and repairs in each direction [default: 256].
-        #[arg(long)]
-        ae_keys_max: Option<usize>,
-        /// How long every replica must have held a tombstone before it is reaped, in ms
-        /// [default: 86400000, one day].
-        #[arg(long)]
-        tombstone_grace_ms: Option<u64>,
-        /// Interval between membership gossip rounds, in ms [default: 1000].
-        #[arg(long)]
-        gossip_ms: Option<u64>,
-        /// Bytes of hints this node stores at most, split evenly across shards; past it hints
-        /// are refused `overloaded` [default: 1073741824 (1 GiB)].
-        #[arg(long)]
-        hint_bytes_max: Option<u64>,
-        /// Interval between failure-detector heartbeats to each peer, in ms [default: 1000].
-        #[arg(long)]
-        heartbeat_ms: Option<u64>,
-        /// Suspicion level (phi) above which a silent peer is believed down [default: 8].
-        #[arg(long)]
-        phi_threshold: Option<u32>,
-        /// Client p99 latency above which background work backs off, in µs [default: 10000].
-        #[arg(long)]
-        admission_p99_threshold_us: Option<u64>,
-    },
+    Serve(Box<ServeArgs>),
     /// Print the value (or the siblings) of KEY (exit 1 if it does not exist).
     Get {
         #[command(flatten)]
@@ -362,125 +366,129 @@ fn resolve_peers(peers: &BTreeMap<NodeId, String>) -> anyhow::Result<BTreeMap<No
         .collect()
 }
 
+/// `ringkv serve`: settings from flags over the file over the defaults, then the node.
+fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let ServeArgs {
+        config,
+        data_dir,
+        listen,
+        resp_listen,
+        admin_listen,
+        shards,
+        durability,
+        cluster_name,
+        node_name,
+        inflight_per_connection_max,
+        mesh_queue_messages_max,
+        peer_inflight_max,
+        shutdown_drain_ms,
+        request_timeout_ms,
+        frame_bytes_max,
+        key_bytes_max,
+        value_bytes_max,
+        node_id,
+        peer_listen,
+        seeds,
+        replica_timeout_ms,
+        hint_retry_ms,
+        ae_interval_ms,
+        ae_keys_max,
+        tombstone_grace_ms,
+        gossip_ms,
+        hint_bytes_max,
+        heartbeat_ms,
+        phi_threshold,
+        admission_p99_threshold_us,
+    } = args;
+    let file = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read config file {}", path.display()))?;
+            FileConfig::parse(&text).with_context(|| path.display().to_string())?
+        }
+        None => FileConfig::default(),
+    };
+    let flags = FileConfig {
+        data_dir,
+        listen,
+        resp_listen,
+        admin_listen,
+        shards,
+        durability: durability.map(|d| match d {
+            DurabilityArg::Sync => DurabilityName::Sync,
+            DurabilityArg::Buffered => DurabilityName::Buffered,
+        }),
+        cluster_name,
+        node_name,
+        inflight_per_connection_max,
+        mesh_queue_messages_max,
+        peer_inflight_max,
+        shutdown_drain_ms,
+        request_timeout_ms,
+        frame_bytes_max,
+        key_bytes_max,
+        value_bytes_max,
+        node_id,
+        peer_listen,
+        seeds,
+        replica_timeout_ms,
+        hint_retry_ms,
+        ae_interval_ms,
+        ae_keys_max,
+        tombstone_grace_ms,
+        gossip_ms,
+        hint_bytes_max,
+        heartbeat_ms,
+        phi_threshold,
+        admission_p99_threshold_us,
+        buckets: None,
+    };
+    let settings = Settings::resolve(flags, file)?;
+    let mut cpus = affinity_cpus()?;
+    if let Some(n) = settings.shards {
+        // More shards than allowed CPUs wrap around: useful for tests, not for speed.
+        cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
+    }
+    let mut cfg = ServeConfig::new(settings.data_dir.clone(), settings.listen, cpus);
+    // The data directory decides who this node is (a new one picks an id when none is
+    // given; `serve` writes it once its checks passed); the seeds are read as that node.
+    let identity = identity::resolve(&cfg.data_dir, settings.node_id.map(|n| n.0))?;
+    let seeds = settings.seed_view(identity.id)?;
+    cfg.peers = resolve_peers(&seeds.peers)?;
+    cfg.contact_seeds = settings.contact_seeds.clone();
+    cfg.node_id = identity.id;
+    cfg.identity = Some(identity);
+    cfg.peer_listen = seeds.peer_listen;
+    cfg.durability = settings.durability;
+    cfg.resp_listen = settings.resp_listen;
+    cfg.admin_listen = settings.admin_listen;
+    cfg.cluster_name = settings.cluster_name;
+    cfg.node_name = settings.node_name;
+    cfg.inflight_per_connection_max = settings.inflight_per_connection_max;
+    cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
+    cfg.peer_inflight_max = settings.peer_inflight_max;
+    cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
+    cfg.request_timeout_ms = settings.request_timeout_ms;
+    cfg.limits = settings.limits;
+    cfg.value_bytes_max = settings.value_bytes_max;
+    cfg.buckets = settings.buckets;
+    cfg.replica_timeout_ms = settings.replica_timeout_ms;
+    cfg.hint_retry_ms = settings.hint_retry_ms;
+    cfg.ae_interval_ms = settings.ae_interval_ms;
+    cfg.ae_keys_max = settings.ae_keys_max;
+    cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
+    cfg.gossip_ms = settings.gossip_ms;
+    cfg.hint_bytes_max = settings.hint_bytes_max;
+    cfg.heartbeat_ms = settings.heartbeat_ms;
+    cfg.phi_threshold = settings.phi_threshold;
+    cfg.admission_p99_threshold_us = settings.admission_p99_threshold_us;
+    serve(cfg)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve {
-            config,
-            data_dir,
-            listen,
-            resp_listen,
-            admin_listen,
-            shards,
-            durability,
-            cluster_name,
-            node_name,
-            inflight_per_connection_max,
-            mesh_queue_messages_max,
-            peer_inflight_max,
-            shutdown_drain_ms,
-            request_timeout_ms,
-            frame_bytes_max,
-            key_bytes_max,
-            value_bytes_max,
-            node_id,
-            peer_listen,
-            seeds,
-            replica_timeout_ms,
-            hint_retry_ms,
-            ae_interval_ms,
-            ae_keys_max,
-            tombstone_grace_ms,
-            gossip_ms,
-            hint_bytes_max,
-            heartbeat_ms,
-            phi_threshold,
-            admission_p99_threshold_us,
-        } => {
-            let file = match &config {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("read config file {}", path.display()))?;
-                    FileConfig::parse(&text).with_context(|| path.display().to_string())?
-                }
-                None => FileConfig::default(),
-            };
-            let flags = FileConfig {
-                data_dir,
-                listen,
-                resp_listen,
-                admin_listen,
-                shards,
-                durability: durability.map(|d| match d {
-                    DurabilityArg::Sync => DurabilityName::Sync,
-                    DurabilityArg::Buffered => DurabilityName::Buffered,
-                }),
-                cluster_name,
-                node_name,
-                inflight_per_connection_max,
-                mesh_queue_messages_max,
-                peer_inflight_max,
-                shutdown_drain_ms,
-                request_timeout_ms,
-                frame_bytes_max,
-                key_bytes_max,
-                value_bytes_max,
-                node_id,
-                peer_listen,
-                seeds,
-                replica_timeout_ms,
-                hint_retry_ms,
-                ae_interval_ms,
-                ae_keys_max,
-                tombstone_grace_ms,
-                gossip_ms,
-                hint_bytes_max,
-                heartbeat_ms,
-                phi_threshold,
-                admission_p99_threshold_us,
-                buckets: None,
-            };
-            let settings = Settings::resolve(flags, file)?;
-            let mut cpus = affinity_cpus()?;
-            if let Some(n) = settings.shards {
-                // More shards than allowed CPUs wrap around: useful for tests, not for speed.
-                cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
-            }
-            let mut cfg = ServeConfig::new(settings.data_dir.clone(), settings.listen, cpus);
-            // The data directory decides who this node is (a new one picks an id when none is
-            // given; `serve` writes it once its checks passed); the seeds are read as that node.
-            let identity = identity::resolve(&cfg.data_dir, settings.node_id.map(|n| n.0))?;
-            let seeds = settings.seed_view(identity.id)?;
-            cfg.peers = resolve_peers(&seeds.peers)?;
-            cfg.contact_seeds = settings.contact_seeds.clone();
-            cfg.node_id = identity.id;
-            cfg.identity = Some(identity);
-            cfg.peer_listen = seeds.peer_listen;
-            cfg.durability = settings.durability;
-            cfg.resp_listen = settings.resp_listen;
-            cfg.admin_listen = settings.admin_listen;
-            cfg.cluster_name = settings.cluster_name;
-            cfg.node_name = settings.node_name;
-            cfg.inflight_per_connection_max = settings.inflight_per_connection_max;
-            cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
-            cfg.peer_inflight_max = settings.peer_inflight_max;
-            cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
-            cfg.request_timeout_ms = settings.request_timeout_ms;
-            cfg.limits = settings.limits;
-            cfg.value_bytes_max = settings.value_bytes_max;
-            cfg.buckets = settings.buckets;
-            cfg.replica_timeout_ms = settings.replica_timeout_ms;
-            cfg.hint_retry_ms = settings.hint_retry_ms;
-            cfg.ae_interval_ms = settings.ae_interval_ms;
-            cfg.ae_keys_max = settings.ae_keys_max;
-            cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
-            cfg.gossip_ms = settings.gossip_ms;
-            cfg.hint_bytes_max = settings.hint_bytes_max;
-            cfg.heartbeat_ms = settings.heartbeat_ms;
-            cfg.phi_threshold = settings.phi_threshold;
-            cfg.admission_p99_threshold_us = settings.admission_p99_threshold_us;
-            serve(cfg)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve(args) => serve_command(*args),
         Command::Get { target, r, key } => {
             let request = Message::Get(Get {
                 bucket: Bytes::from(target.bucket.clone().into_bytes()),
