@@ -105,7 +105,7 @@ use std::time::Instant;
 
 use glommio::TaskQueueHandle;
 use glommio::channels::channel_mesh::Senders;
-use glommio::channels::local_channel::LocalSender;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
 use ringkv_engine::{Durability, Engine, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
@@ -397,11 +397,55 @@ struct ShardReply {
     message: Message,
 }
 
-/// Replies this shard waits for from other shards, by tag.
-#[derive(Default)]
-struct Waiting {
-    next_tag: Cell<u64>,
-    replies: RefCell<HashMap<u64, LocalSender<Message>>>,
+/// Tasks of a shard waiting for one answer each, by an id this table hands out: the one
+/// correlation mechanism of the shell. A shard keeps three: client requests waiting for the
+/// core's reply (`Output::Reply`), peer and membership requests waiting for an answer
+/// (`Output::Send` of an answer), and requests sent to another shard waiting for its reply over
+/// the mesh. The ids of outbound peer requests are the core's own (the core matches their
+/// answers), so they need no table here.
+///
+/// An answer whose waiter is gone (its deadline passed, its connection closed) is dropped.
+struct Waiters {
+    next: Cell<u64>,
+    waiting: RefCell<HashMap<u64, LocalSender<Message>>>,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            // Ids start at 1, so 0 is never a live id.
+            next: Cell::new(1),
+            waiting: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+impl Waiters {
+    /// A new id and the receiver its answer arrives on.
+    fn register(&self) -> (u64, LocalReceiver<Message>) {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.waiting.borrow_mut().insert(id, tx);
+        (id, rx)
+    }
+
+    /// Hands `message` to the task waiting on `id`, if it still waits.
+    fn answer(&self, id: u64, message: Message) {
+        if let Some(waiter) = self.waiting.borrow_mut().remove(&id) {
+            let _ = waiter.try_send(message);
+        }
+    }
+
+    /// Stops waiting on `id` (its waiter gave up).
+    fn forget(&self, id: u64) {
+        self.waiting.borrow_mut().remove(&id);
+    }
+
+    /// Fails every waiter: their receivers see the channel closed.
+    fn clear(&self) {
+        self.waiting.borrow_mut().clear();
+    }
 }
 
 /// One shard's state, shared by its tasks (never across threads).
@@ -413,7 +457,8 @@ struct Shard {
     limits: Limits,
     inflight_per_connection_max: usize,
     requests: Senders<ShardRequest>,
-    waiting: Rc<Waiting>,
+    /// Requests sent to other shards, waiting for their replies over the mesh.
+    waiting: Rc<Waiters>,
     metrics: Arc<ShardMetrics>,
     request_timeout_ms: u64,
     replica_timeout_ms: u64,
@@ -430,11 +475,10 @@ struct Shard {
     node_name: String,
     cluster_name: String,
     /// Client requests waiting for the core's reply, by the id given to `handle_client`.
-    clients: RefCell<HashMap<u64, LocalSender<Message>>>,
-    next_client: Cell<u64>,
-    /// Peer requests waiting for the core's answer, by the id given to `handle_peer`.
-    inbound: RefCell<HashMap<u64, LocalSender<Message>>>,
-    next_inbound: Cell<u64>,
+    clients: Waiters,
+    /// Peer requests waiting for the core's or membership's answer, by the id given to
+    /// `handle_peer` or `handle_msg`.
+    inbound: Waiters,
     /// Outbound queue of each peer node this shard has talked to.
     links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
     /// The node's membership (shard 0 only).

@@ -1,6 +1,17 @@
-//! The driver of a shard's core: carries out the core's outputs (storage, scans, replies, peer
-//! messages, epochs), runs its timers and admission control.
+//! The driver of a shard's core: the only code that feeds the core ([`Shard::drive`], one
+//! [`Input`] at a time, at the shard's clock) and carries out its outputs (storage, scans,
+//! replies, peer messages, epochs); it also runs the core's timers and admission control.
+//!
+//! Every other part of the shell turns what happened (a request, an answer, a finished storage
+//! operation, a lost link, a new view) into an [`Input`] and hands it here, so the borrow of
+//! the core, the reading of the clock and the dispatch of outputs are written once. The core is
+//! never borrowed while outputs are carried out, since carrying one out can feed the core again.
 
+use ringkv_core::NodeId;
+use ringkv_core::coordinator::{EpochLease, PeerMsg, ScanPage};
+use ringkv_core::object::Object;
+use ringkv_core::ring::Ring;
+use ringkv_net::Message;
 use std::cell::Cell;
 use std::path::Path;
 use std::rc::{Rc, Weak};
@@ -20,22 +31,115 @@ use super::stop::StopToken;
 use super::stop::unless;
 use super::{BACKGROUND_SHARES_MAX, Shard, TICK_MS};
 
+/// What the shell tells the core. Each variant is one of the core's entry points.
+pub(super) enum Input {
+    /// A client request for a partition this shard owns (`Core::handle_client`).
+    Client { req: u64, message: Message },
+    /// A request or an answer from another node (`Core::handle_peer`).
+    Peer { from: NodeId, msg: PeerMsg },
+    /// A peer link failed or could not connect (`Core::handle_unreachable`).
+    Unreachable { node: NodeId },
+    /// A storage operation finished (`Core::handle_stored`).
+    Stored {
+        id: u64,
+        result: Result<Option<Object>, String>,
+    },
+    /// A page of a partition was read for a transfer (`Core::handle_scanned`).
+    Scanned {
+        id: u64,
+        result: Result<ScanPage, String>,
+    },
+    /// A handed-off partition was dropped from the engine (`Core::partition_dropped`).
+    PartitionDropped { partition: u32 },
+    /// The core's next deadline has passed (`Core::handle_tick`).
+    Tick,
+    /// A new view of the cluster (`Core::set_view`); at start, with the partitions the engine
+    /// holds (`Core::set_stored_partitions`).
+    View {
+        ring: Ring,
+        pending: Option<(u64, Ring)>,
+        stored: Option<Vec<u32>>,
+    },
+    /// An operator dropped every hint (`Core::truncate_hints`).
+    TruncateHints,
+    /// A replica object read back by the tree load (`Core::load_replica`).
+    LoadReplica { key: StoreKey, object: Object },
+    /// The tree load read these partitions whole (`Core::trees_loaded`).
+    TreesLoaded { partitions: Vec<u32> },
+    /// A new epoch lease was persisted (`Core::handle_epochs`).
+    Epochs { lease: EpochLease },
+    /// A raised epoch floor was persisted (`Core::handle_floor_persisted`).
+    FloorPersisted { floor: u32 },
+    /// Admission control changed the background share (`Core::set_background_share`).
+    BackgroundShare { share: f64 },
+}
+
 impl Shard {
+    /// Feeds `input` to the core at the shard's clock and carries out what it asks for.
+    pub(super) fn drive(self: &Rc<Self>, input: Input) {
+        let now = self.clock.now_ms();
+        let outputs = {
+            let mut core = self.core.borrow_mut();
+            match input {
+                Input::Client { req, message } => core.handle_client(now, req, message),
+                Input::Peer { from, msg } => core.handle_peer(now, from, msg),
+                Input::Unreachable { node } => core.handle_unreachable(now, node),
+                Input::Stored { id, result } => core.handle_stored(now, id, result),
+                Input::Scanned { id, result } => core.handle_scanned(now, id, result),
+                Input::PartitionDropped { partition } => core.partition_dropped(now, partition),
+                Input::Tick => core.handle_tick(now),
+                Input::View {
+                    ring,
+                    pending,
+                    stored,
+                } => {
+                    let mut outputs = core.set_view(now, ring, pending);
+                    if let Some(stored) = stored {
+                        outputs.extend(core.set_stored_partitions(now, stored));
+                    }
+                    outputs
+                }
+                Input::TruncateHints => core.truncate_hints(now).1,
+                Input::LoadReplica { key, object } => {
+                    core.load_replica(now, &key, &object);
+                    Vec::new()
+                }
+                Input::TreesLoaded { partitions } => {
+                    for p in partitions {
+                        core.trees_loaded(p);
+                    }
+                    Vec::new()
+                }
+                Input::Epochs { lease } => {
+                    core.handle_epochs(lease);
+                    Vec::new()
+                }
+                Input::FloorPersisted { floor } => {
+                    core.handle_floor_persisted(floor);
+                    Vec::new()
+                }
+                Input::BackgroundShare { share } => {
+                    core.set_background_share(share);
+                    Vec::new()
+                }
+            }
+        };
+        if !outputs.is_empty() {
+            self.carry_out(outputs);
+        }
+    }
+
     /// Carries out what the core asked for. Never called with the core borrowed.
-    pub(super) fn carry_out(self: &Rc<Self>, outputs: Vec<Output>) {
+    fn carry_out(self: &Rc<Self>, outputs: Vec<Output>) {
         for output in outputs {
             match output {
                 Output::Reply { req, message } => {
                     // The request task may be gone (its deadline passed first): nothing to do.
-                    if let Some(waiter) = self.clients.borrow_mut().remove(&req) {
-                        let _ = waiter.try_send(message);
-                    }
+                    self.clients.answer(req, message);
                 }
                 Output::Send { msg, .. } if msg.is_answer() => {
                     let (id, message) = peer::to_wire(msg);
-                    if let Some(waiter) = self.inbound.borrow_mut().remove(&id) {
-                        let _ = waiter.try_send(message);
-                    }
+                    self.inbound.answer(id, message);
                 }
                 Output::Send { to, msg } => self.send_to_peer(to, msg),
                 Output::Store { id, key, op } => self.spawn_store(id, key, op),
@@ -72,12 +176,7 @@ impl Shard {
         let spawned = self.store_work.spawn_into(
             async move {
                 let result = shard.store(&key, op).await;
-                let outputs =
-                    shard
-                        .core
-                        .borrow_mut()
-                        .handle_stored(shard.clock.now_ms(), id, result);
-                shard.carry_out(outputs);
+                shard.drive(Input::Stored { id, result });
             },
             queue,
         );
@@ -87,12 +186,8 @@ impl Shard {
             }
             Err(_) => {
                 // Shutting down: the operation fails, so nothing waits for it.
-                let outputs = self.core.borrow_mut().handle_stored(
-                    self.clock.now_ms(),
-                    id,
-                    Err("the shard is stopping".into()),
-                );
-                self.carry_out(outputs);
+                let result = Err("the shard is stopping".into());
+                self.drive(Input::Stored { id, result });
             }
         }
     }
@@ -113,12 +208,7 @@ impl Shard {
         let spawned = self.store_work.spawn_into(
             async move {
                 let result = shard.scan(partition, after, max_items, max_bytes).await;
-                let outputs =
-                    shard
-                        .core
-                        .borrow_mut()
-                        .handle_scanned(shard.clock.now_ms(), id, result);
-                shard.carry_out(outputs);
+                shard.drive(Input::Scanned { id, result });
             },
             self.background,
         );
@@ -139,13 +229,7 @@ impl Shard {
                     .drop_partition(partition, Durability::Sync)
                     .await
                 {
-                    Ok(_) => {
-                        let outputs = shard
-                            .core
-                            .borrow_mut()
-                            .partition_dropped(shard.clock.now_ms(), partition);
-                        shard.carry_out(outputs);
-                    }
+                    Ok(_) => shard.drive(Input::PartitionDropped { partition }),
                     // The core keeps refusing writes to it; the operator sees why.
                     Err(e) => tracing::error!(
                         shard = shard.id,
@@ -171,7 +255,7 @@ impl Shard {
                 .spawn_blocking(move || epochs::lease(&path, id, EPOCH_LEASE_SIZE))
                 .await;
             match leased {
-                Ok(lease) => shard.core.borrow_mut().handle_epochs(lease),
+                Ok(lease) => shard.drive(Input::Epochs { lease }),
                 // The core keeps its remaining epochs and does not ask again; home writes are
                 // unaffected, writes coordinated away from every home fail once they run out.
                 Err(e) => tracing::error!(shard = id, error = %e, "cannot renew the epoch lease"),
@@ -187,7 +271,7 @@ impl Shard {
     /// floor counts as persisted at once: the next run after a crash starts above it anyway.
     pub(super) fn spawn_floor(self: &Rc<Self>, floor: u32) {
         if !self.floor_file {
-            self.core.borrow_mut().handle_floor_persisted(floor);
+            self.drive(Input::FloorPersisted { floor });
             return;
         }
         let shard = self.clone();
@@ -200,7 +284,7 @@ impl Shard {
                 .spawn_blocking(move || epochs::write_floor(&dir, Some(floor)))
                 .await;
             match written {
-                Ok(()) => shard.core.borrow_mut().handle_floor_persisted(floor),
+                Ok(()) => shard.drive(Input::FloorPersisted { floor }),
                 // Reaping of the tombstones the old floor keeps stays blocked (logged once).
                 Err(e) => tracing::error!(shard = id, error = %e, "cannot persist the epoch floor"),
             }
@@ -239,7 +323,7 @@ pub(super) fn scaled_shares(max: usize, share: f64) -> usize {
 impl Shard {
     /// Runs the admission controller and applies a changed share to the background queue, the
     /// engine's compaction queue and the core; publishes the coordinator's figures.
-    pub(super) fn admit(&self, now: u64) {
+    pub(super) fn admit(self: &Rc<Self>, now: u64) {
         let changed = self.admission.borrow_mut().tick(now);
         if let Some(share) = changed {
             self.background_shares.share.set(share);
@@ -247,7 +331,7 @@ impl Shard {
                 self.engine.config().compaction_shares,
                 share,
             ));
-            self.core.borrow_mut().set_background_share(share);
+            self.drive(Input::BackgroundShare { share });
         }
         let core = self.core.borrow();
         self.metrics.set_core(
@@ -299,8 +383,7 @@ pub(super) async fn run_ticks(shard: Weak<Shard>, stop: StopToken) {
             .next_deadline()
             .is_some_and(|deadline| deadline <= now);
         if due {
-            let outputs = shard.core.borrow_mut().handle_tick(now);
-            shard.carry_out(outputs);
+            shard.drive(Input::Tick);
         }
         true
     })

@@ -1,6 +1,7 @@
 //! The peer transport: outbound links to other nodes (connect, HELLO, batched writes, answers
 //! back to the core) and requests arriving from them.
 
+use super::driver::Input;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
@@ -111,26 +112,22 @@ impl Shard {
             }
             other => other,
         };
-        let id = self.next_inbound.get();
-        self.next_inbound.set(id + 1);
+        let (id, rx) = self.inbound.register();
         let msg = match peer::request_from_wire(id, message) {
             Ok(m) => m,
-            Err(e) => return Message::Error(e),
+            Err(e) => {
+                self.inbound.forget(id);
+                return Message::Error(e);
+            }
         };
-        let (tx, rx) = local_channel::new_bounded(1);
-        self.inbound.borrow_mut().insert(id, tx);
-        let outputs = self
-            .core
-            .borrow_mut()
-            .handle_peer(self.clock.now_ms(), from, msg);
-        self.carry_out(outputs);
+        self.drive(Input::Peer { from, msg });
         // The core answers every request by its deadline; this bound only guards the waiter.
         let bound = Duration::from_millis(self.request_timeout_ms.saturating_mul(2));
         match unless(rx.recv(), glommio::timer::sleep(bound)).await {
             Some(Some(answer)) => answer,
             Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
             None => {
-                self.inbound.borrow_mut().remove(&id);
+                self.inbound.forget(id);
                 error_message(ErrorCode::Timeout, "no answer from the coordinator")
             }
         }
@@ -140,11 +137,7 @@ impl Shard {
 /// Tells the core of the shard behind `shard` that `node` cannot be reached.
 pub(super) fn peer_unreachable(shard: &Weak<Shard>, node: NodeId) {
     if let Some(shard) = shard.upgrade() {
-        let outputs = shard
-            .core
-            .borrow_mut()
-            .handle_unreachable(shard.clock.now_ms(), node);
-        shard.carry_out(outputs);
+        shard.drive(Input::Unreachable { node });
     }
 }
 
@@ -301,11 +294,7 @@ pub(super) async fn read_answers(
                 continue;
             }
             let msg = peer::answer_from_wire(frame.request_id, frame.message);
-            let outputs = shard
-                .core
-                .borrow_mut()
-                .handle_peer(shard.clock.now_ms(), node, msg);
-            shard.carry_out(outputs);
+            shard.drive(Input::Peer { from: node, msg });
         }
         match frames.fill(&mut reader).await {
             Ok(0) | Err(_) => return,

@@ -315,20 +315,21 @@ impl Shard {
         let Some(driver) = self.driver() else {
             return Err(cluster);
         };
-        let id = self.next_inbound.get();
+        let (id, rx) = self.inbound.register();
         let msg = match MembershipMsg::decode(id, cluster.sub, false, &cluster.payload) {
             Ok(Some(msg)) => msg,
-            Ok(None) => return Err(cluster),
+            Ok(None) => {
+                self.inbound.forget(id);
+                return Err(cluster);
+            }
             Err(e) => {
+                self.inbound.forget(id);
                 return Ok(error_message(
                     ErrorCode::InvalidRequest,
                     format!("CLUSTER sub-kind {}: {e}", cluster.sub),
                 ));
             }
         };
-        self.next_inbound.set(id + 1);
-        let (tx, rx) = local_channel::new_bounded(1);
-        self.inbound.borrow_mut().insert(id, tx);
         let outputs =
             driver
                 .membership
@@ -342,7 +343,7 @@ impl Shard {
                 Some(Some(answer)) => answer,
                 Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
                 None => {
-                    self.inbound.borrow_mut().remove(&id);
+                    self.inbound.forget(id);
                     error_message(ErrorCode::Internal, "membership did not answer")
                 }
             },
@@ -428,9 +429,8 @@ impl Shard {
             match output {
                 MembershipOutput::Send { msg, .. } if msg.is_answer() => {
                     let (sub, payload) = msg.encode();
-                    if let Some(waiter) = self.inbound.borrow_mut().remove(&msg.id()) {
-                        let _ = waiter.try_send(Message::ClusterOk(ClusterOk { sub, payload }));
-                    }
+                    let answer = Message::ClusterOk(ClusterOk { sub, payload });
+                    self.inbound.answer(msg.id(), answer);
                 }
                 MembershipOutput::Send { to, msg } => {
                     let (sub, payload) = msg.encode();

@@ -1,12 +1,12 @@
 //! A shard's request routing: a client request runs on the shard owning its partition (here,
 //! or across the request mesh), under its deadline, and is counted.
 
+use super::driver::Input;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::{Receivers, Senders};
-use glommio::channels::local_channel::{self};
 use glommio::sync::{Gate, Semaphore};
 use ringkv_net::{Admin, AdminOk, ErrorCode, Message};
 
@@ -17,7 +17,7 @@ use ringkv_core::NodeId;
 
 use super::stop::unless;
 use super::{
-    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, Shard, ShardReply, ShardRequest, Waiting, error_message,
+    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, Shard, ShardReply, ShardRequest, Waiters, error_message,
 };
 use glommio::Task;
 
@@ -115,8 +115,8 @@ impl Shard {
 
     /// This shard's part of `hints-truncate`: the count of hints queued for removal.
     pub(super) fn truncate_hints_here(self: &Rc<Self>) -> Message {
-        let (count, outputs) = self.core.borrow_mut().truncate_hints(self.clock.now_ms());
-        self.carry_out(outputs);
+        let count = self.core.borrow().hint_count();
+        self.drive(Input::TruncateHints);
         tracing::warn!(
             shard = self.id,
             hints = count,
@@ -163,10 +163,7 @@ impl Shard {
         message: Message,
         peer: Option<NodeId>,
     ) -> Message {
-        let tag = self.waiting.next_tag.get();
-        self.waiting.next_tag.set(tag + 1);
-        let (tx, rx) = local_channel::new_bounded(1);
-        self.waiting.replies.borrow_mut().insert(tag, tx);
+        let (tag, rx) = self.waiting.register();
         let request = ShardRequest {
             tag,
             origin: self.id,
@@ -175,7 +172,7 @@ impl Shard {
             peer,
         };
         if self.requests.send_to(owner, request).await.is_err() {
-            self.waiting.replies.borrow_mut().remove(&tag);
+            self.waiting.forget(tag);
             return error_message(
                 ErrorCode::ShuttingDown,
                 format!("shard {owner} is stopping"),
@@ -197,15 +194,8 @@ impl Shard {
         message: Message,
     ) -> Message {
         debug_assert_eq!(partition as usize % self.shard_count, self.id);
-        let req = self.next_client.get();
-        self.next_client.set(req + 1);
-        let (tx, rx) = local_channel::new_bounded(1);
-        self.clients.borrow_mut().insert(req, tx);
-        let outputs = self
-            .core
-            .borrow_mut()
-            .handle_client(self.clock.now_ms(), req, message);
-        self.carry_out(outputs);
+        let (req, rx) = self.clients.register();
+        self.drive(Input::Client { req, message });
         match rx.recv().await {
             Some(reply) => reply,
             None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
@@ -214,16 +204,13 @@ impl Shard {
 }
 
 /// Hands each reply from another shard to the task waiting for it.
-pub(super) fn spawn_reply_loops(waiting: &Rc<Waiting>, mut replies: Receivers<ShardReply>) {
+pub(super) fn spawn_reply_loops(waiting: &Rc<Waiters>, mut replies: Receivers<ShardReply>) {
     for (_, rx) in replies.streams() {
         let waiting = waiting.clone();
         glommio::spawn_local(async move {
             while let Some(reply) = rx.recv().await {
-                let sender = waiting.replies.borrow_mut().remove(&reply.tag);
-                if let Some(sender) = sender {
-                    // The waiter may have gone (its connection died); nothing to do then.
-                    let _ = sender.try_send(reply.message);
-                }
+                // The waiter may have gone (its connection died); nothing to do then.
+                waiting.answer(reply.tag, reply.message);
             }
         })
         .detach();

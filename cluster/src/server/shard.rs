@@ -34,7 +34,7 @@ use super::stop::unless;
 use super::store::scan_hints;
 use super::view::{Control, ShardView};
 use super::{
-    Clock, STOP_POLLS_MAX, ServeConfig, ServeError, Shard, ShardReply, ShardRequest, Waiting,
+    Clock, STOP_POLLS_MAX, ServeConfig, ServeError, Shard, ShardReply, ShardRequest, Waiters,
     runtime,
 };
 use super::{members, trees};
@@ -430,7 +430,7 @@ fn new_shard(
         limits: cfg.limits,
         inflight_per_connection_max: cfg.inflight_per_connection_max,
         requests,
-        waiting: Rc::new(Waiting::default()),
+        waiting: Rc::new(Waiters::default()),
         metrics: all_metrics[id].clone(),
         request_timeout_ms: cfg.request_timeout_ms,
         replica_timeout_ms: cfg.replica_timeout_ms,
@@ -443,10 +443,8 @@ fn new_shard(
         node_id: cfg.node_id,
         node_name: cfg.node_name.clone(),
         cluster_name: cfg.cluster_name.clone(),
-        clients: RefCell::new(HashMap::new()),
-        next_client: Cell::new(1),
-        inbound: RefCell::new(HashMap::new()),
-        next_inbound: Cell::new(1),
+        clients: Waiters::default(),
+        inbound: Waiters::default(),
         links: RefCell::new(HashMap::new()),
         members: membership.map(|m| {
             members::Driver::new(
@@ -537,8 +535,8 @@ impl Shard {
         self.stop.cancel();
         self.links.borrow_mut().clear();
         let _ = self.store_work.close().await;
-        self.clients.borrow_mut().clear();
-        self.inbound.borrow_mut().clear();
+        self.clients.clear();
+        self.inbound.clear();
         // Tasks whose waiter was just dropped finish on their next poll; give them a moment.
         for _ in 0..STOP_POLLS_MAX {
             if Rc::strong_count(self) == 1 {

@@ -24,6 +24,7 @@
 //! engine error ends the load: the partitions keep anti-entropy off until the next start, and
 //! the error is logged; such an engine refuses every later operation anyway.
 
+use super::driver::Input;
 use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::Instant;
@@ -106,10 +107,10 @@ impl Shard {
                 };
                 match Object::decode(&record.value) {
                     Ok(object) => {
-                        // The clock is read after the engine's read: a tombstone's grace
-                        // period counts from when the tree learns of it, never from before.
-                        let now = self.clock.now_ms();
-                        self.core.borrow_mut().load_replica(now, &key, &object);
+                        // The clock is read after the engine's read (by `drive`): a
+                        // tombstone's grace period counts from when the tree learns of it,
+                        // never from before.
+                        self.drive(Input::LoadReplica { key, object });
                         keys += 1;
                     }
                     Err(e) => {
@@ -126,12 +127,7 @@ impl Shard {
             }
         }
         let count = partitions.len();
-        {
-            let mut core = self.core.borrow_mut();
-            for p in partitions {
-                core.trees_loaded(p);
-            }
-        }
+        self.drive(Input::TreesLoaded { partitions });
         tracing::info!(
             shard = self.id,
             partitions = count,

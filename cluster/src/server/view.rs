@@ -19,6 +19,7 @@
 //! short ([`CONTROL_QUEUE_MESSAGES_MAX`]); a sender waits when it is full. A shard applies views
 //! in the order shard 0 sent them; a view older than the one applied is ignored.
 
+use super::driver::Input;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -115,30 +116,27 @@ impl Shard {
             });
             peers.clone_from(&view.peers);
         }
-        let outputs = self.core.borrow_mut().set_view(
-            self.clock.now_ms(),
-            view.ring.clone(),
-            view.pending.clone(),
-        );
-        self.carry_out(outputs);
+        self.drive(Input::View {
+            ring: view.ring.clone(),
+            pending: view.pending.clone(),
+            stored: None,
+        });
     }
 
     /// Gives the core its first view and the partitions its engine holds, so it resumes pulls
     /// towards a pending ring and hands off what this node no longer replicates.
     pub(super) fn start_view(self: &Rc<Self>, view: &ShardView) {
-        let now = self.clock.now_ms();
         let stored: Vec<u32> = self
             .engine
             .partitions()
             .into_iter()
             .filter(|p| p & HINT_PARTITION_BASE == 0)
             .collect();
-        let mut outputs =
-            self.core
-                .borrow_mut()
-                .set_view(now, view.ring.clone(), view.pending.clone());
-        outputs.extend(self.core.borrow_mut().set_stored_partitions(now, stored));
-        self.carry_out(outputs);
+        self.drive(Input::View {
+            ring: view.ring.clone(),
+            pending: view.pending.clone(),
+            stored: Some(stored),
+        });
     }
 
     /// Reports a received partition to membership, on shard 0.
