@@ -1,0 +1,172 @@
+//! The nemesis: crashes and restarts, and the operator script that changes membership.
+
+use rand::Rng;
+use ringkv_core::membership::{AdminCmd, AdminError};
+
+use super::{Change, Event, Sim};
+
+/// One operator step of the membership script.
+#[derive(Clone, Debug)]
+pub(super) struct ScriptStep {
+    pub(super) node: usize,
+    pub(super) cmd: AdminCmd,
+}
+
+impl Sim {
+    /// The operator's steps for the run's change, starting during the fault phase.
+    pub(super) fn plan_script(&mut self) {
+        let Some(change) = self.params.change else {
+            return;
+        };
+        let originals = self.params.nodes;
+        let pick = |sim: &mut Sim| sim.rng.gen_range(0..originals);
+        let mut steps = Vec::new();
+        if matches!(change, Change::Join | Change::JoinLeave) {
+            let seed = pick(self);
+            steps.push(ScriptStep {
+                node: originals,
+                cmd: AdminCmd::Join {
+                    seed: format!("n{seed}"),
+                },
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        if matches!(change, Change::Leave | Change::JoinLeave) {
+            let who = pick(self);
+            steps.push(ScriptStep {
+                node: who,
+                cmd: AdminCmd::Leave,
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        if change == Change::Remove {
+            let who = pick(self);
+            let by = (who + 1 + self.rng.gen_range(0..originals - 1)) % originals;
+            steps.push(ScriptStep {
+                node: by,
+                cmd: AdminCmd::Remove {
+                    node: self.nodes[who].id,
+                },
+            });
+            let at = pick(self);
+            steps.push(ScriptStep {
+                node: at,
+                cmd: AdminCmd::Commit,
+            });
+        }
+        self.script = steps.into();
+        let at = self.rng.gen_range(100..1500);
+        self.schedule(at, Event::Admin);
+    }
+
+    /// Runs (or retries) the script's next step, or records the answer of the one in progress.
+    pub(super) fn admin_step(&mut self) {
+        if let Some((_, Some(result))) = &self.admin {
+            let step = self.script.front().expect("an answered step is first");
+            // An answer lost on the way makes a retry find the step already done.
+            let done = match result {
+                Ok(_) => true,
+                Err(AdminError::Refused(e)) => {
+                    e.contains("nothing is staged")
+                        || e.contains("already leaving")
+                        || e.contains("already removed")
+                        || e.contains("only a fresh node joins")
+                }
+                Err(AdminError::Unreachable(_)) => false,
+            };
+            if done {
+                if matches!(step.cmd, AdminCmd::Commit) {
+                    self.changes += 1;
+                }
+                self.script.pop_front();
+            }
+            self.admin = None;
+        }
+        if self.admin.is_some() {
+            // Still waiting: retry later (a lost request never answers).
+            self.admin = None;
+        }
+        let Some(mut step) = self.script.front().cloned() else {
+            return;
+        };
+        if self.nodes[step.node].retired && matches!(step.cmd, AdminCmd::Commit) {
+            // The commit took effect and the node it was asked of left and stopped before the
+            // answer arrived: the operator asks another node (which finds nothing staged).
+            step.node = self.serving()[0];
+            if let Some(front) = self.script.front_mut() {
+                front.node = step.node;
+            }
+        }
+        let pause = self.rng.gen_range(200..800);
+        self.schedule(pause, Event::Admin);
+        if self.nodes[step.node].membership.is_none() {
+            return;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        self.admin = Some((req, None));
+        let now = self.now;
+        let outputs = self.nodes[step.node]
+            .membership
+            .as_mut()
+            .expect("checked above")
+            .admin(now, req, step.cmd);
+        self.member_outputs(step.node, outputs);
+    }
+
+    pub(super) fn crash(&mut self, n: usize) {
+        self.crashes += 1;
+        let node = &mut self.nodes[n];
+        node.core = None;
+        node.membership = None;
+        node.store.overlay.clear();
+        node.incarnation += 1;
+        node.tick_at = None;
+        self.owed.retain(|(at, _, _), _| *at != n);
+        self.puts.retain(|(at, _, _), _| *at != n);
+        // Client requests the node was coordinating are lost: their clients see a timeout.
+        let lost: Vec<(usize, u64)> = self
+            .requests
+            .keys()
+            .filter(|(at, _)| *at == n)
+            .copied()
+            .collect();
+        for key in lost {
+            if let Some(client) = self.requests.remove(&key) {
+                self.client_failed(client, key.1);
+            }
+        }
+    }
+
+    pub(super) fn restart(&mut self, n: usize) {
+        self.boot(n);
+    }
+
+    /// Stops node `n` for good once membership says it is out of the cluster and its core holds
+    /// nothing for others (no partition to hand off, no hint), as a real node stops itself:
+    /// a clean stop (its store synced), never restarted.
+    pub(super) fn maybe_retire(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        let (Some(core), Some(membership)) = (&node.core, &node.membership) else {
+            return;
+        };
+        if !membership.retired() || core.handoff_count() > 0 || core.hint_count() > 0 {
+            return;
+        }
+        if self.verbose {
+            println!("{:>6} node-{} retires", self.now, n + 1);
+        }
+        self.nodes[n].store.sync();
+        self.crash(n);
+        self.crashes -= 1;
+        self.nodes[n].retired = true;
+    }
+}
