@@ -39,9 +39,8 @@ use ringkv_net::limits::{
     PUT_OVERHEAD_BYTES_MAX,
 };
 
-use crate::peer::HINT_KEY_PREFIX_BYTES;
+use crate::replica::{HINT_KEY_PREFIX_BYTES, engine_key_bytes_max};
 use crate::resp::RESP_BUCKET;
-use crate::route::engine_key_bytes_max;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET};
 use serde::Deserialize;

@@ -35,6 +35,7 @@ pub mod identity;
 pub mod metrics;
 pub mod peer;
 pub mod preflight;
+pub mod replica;
 pub mod resp;
 pub mod route;
 pub mod server;

@@ -1,8 +1,7 @@
-//! Peer traffic on the wire and hints in the engine (sans-IO).
+//! Peer traffic on the wire (sans-IO).
 //!
 //! The coordinator ([`ringkv_core::coordinator`]) speaks [`PeerMsg`]; nodes exchange frames of the
-//! binary protocol (`docs/PROTOCOL.md` §5.5–5.6). This module converts between the two, and maps
-//! the coordinator's [`StoreKey`]s onto engine partitions and keys:
+//! binary protocol (`docs/PROTOCOL.md` §5.5–5.6). This module converts between the two:
 //!
 //! - REPLICA_PUT / REPLICA_GET ↔ [`PeerMsg::ReplicaPut`] / [`PeerMsg::ReplicaGet`]; the `hint`
 //!   field names the home node of a [`Space::Hint`] key.
@@ -17,15 +16,7 @@
 //!   against the bytes received (`docs/PROTOCOL.md` §5.9). A sub-kind this build does not know is
 //!   answered `invalid_request`, so a newer peer learns it and carries on.
 //!
-//! Storage layout: a [`Space::Primary`] key lives in engine partition `partition` under
-//! [`engine_key`]`(bucket, key)`; a [`Space::Hint`]`(home)` key lives in engine partition
-//! [`HINT_PARTITION_BASE`]` | partition` under `home as u32 (big-endian) ‖ engine_key(bucket, key)`,
-//! so a node's hints never mix with its replicas, a fallback can list every hint of one ring
-//! partition with one partition scan, and hints for different homes of the same key stay apart.
-//!
-//! Limits: ring partitions are below [`PARTITION_COUNT_MAX`], so hint partitions never collide
-//! with replica partitions; a hint key is [`HINT_KEY_PREFIX_BYTES`] longer than its replica key,
-//! which the engine's key limit must leave room for.
+//! How stored keys map onto engine partitions and keys is [`crate::replica`]'s.
 
 use bytes::Bytes;
 use ringkv_net::limits::BUCKET_BYTES_MAX;
@@ -35,78 +26,10 @@ use ringkv_net::{
     ReplicaPut, ReplicaPutOk,
 };
 
-use ringkv_engine::index::KeyHash;
-
-use crate::route::{PARTITIONS, engine_key, partition_of};
+use crate::route::{PARTITIONS, partition_of};
 use ringkv_core::NodeId;
 use ringkv_core::coordinator::{AeKey, PeerMsg, ScanItem, ScanPage, Space, StoreKey};
 use ringkv_core::object::Object;
-use ringkv_core::ring::PARTITION_COUNT_MAX;
-
-/// First engine partition of hints: the high bit, far above any ring partition.
-pub const HINT_PARTITION_BASE: u32 = 1 << 31;
-/// Bytes a hint's engine key has before the replica's engine key: the home node id.
-pub const HINT_KEY_PREFIX_BYTES: usize = 4;
-
-const _: () = assert!(PARTITION_COUNT_MAX <= HINT_PARTITION_BASE);
-
-/// The engine partition and key of a stored key.
-pub fn engine_location(key: &StoreKey) -> (u32, Vec<u8>) {
-    debug_assert!(key.partition < HINT_PARTITION_BASE);
-    match key.space {
-        Space::Primary => (key.partition, engine_key(&key.bucket, &key.key)),
-        Space::Hint(home) => {
-            let inner = engine_key(&key.bucket, &key.key);
-            let mut k = Vec::with_capacity(HINT_KEY_PREFIX_BYTES + inner.len());
-            k.extend_from_slice(&home.0.to_be_bytes());
-            k.extend_from_slice(&inner);
-            (HINT_PARTITION_BASE | key.partition, k)
-        }
-    }
-}
-
-/// The hint stored in ring partition `partition` under engine key `engine_key`, or `None` if the
-/// key is not a hint key (damaged or written by something else).
-pub fn hint_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {
-    let (home, rest) = engine_key.split_first_chunk::<HINT_KEY_PREFIX_BYTES>()?;
-    let (bucket, key) = key_from_engine(rest)?;
-    Some(StoreKey {
-        partition,
-        space: Space::Hint(NodeId(u32::from_be_bytes(*home))),
-        bucket,
-        key,
-    })
-}
-
-/// The bucket and key of a replica's engine key ([`engine_key`]), or `None` if it is damaged.
-pub fn key_from_engine(engine_key: &[u8]) -> Option<(Bytes, Bytes)> {
-    let (&len, rest) = engine_key.split_first()?;
-    let len = usize::from(len);
-    if rest.len() < len {
-        return None;
-    }
-    let (bucket, key) = rest.split_at(len);
-    Some((Bytes::copy_from_slice(bucket), Bytes::copy_from_slice(key)))
-}
-
-/// A scan cursor: the engine fingerprint of the last key of a page (digest, then check; little
-/// endian). Peers only echo it back.
-pub fn cursor_bytes(kh: KeyHash) -> Bytes {
-    let mut out = Vec::with_capacity(10);
-    out.extend_from_slice(&kh.digest.to_le_bytes());
-    out.extend_from_slice(&kh.check.to_le_bytes());
-    Bytes::from(out)
-}
-
-/// The fingerprint of a cursor made by [`cursor_bytes`], or `None` if it is not one.
-pub fn cursor_from_bytes(bytes: &[u8]) -> Option<KeyHash> {
-    let (digest, check) = bytes.split_first_chunk::<8>()?;
-    let check: [u8; 2] = check.try_into().ok()?;
-    Some(KeyHash {
-        digest: u64::from_le_bytes(*digest),
-        check: u16::from_le_bytes(check),
-    })
-}
 
 /// The name a node gives in a peer HELLO: `<id>@<name>` (`docs/PROTOCOL.md` §5.1).
 pub fn hello_name(node: NodeId, name: &str) -> String {
@@ -724,31 +647,6 @@ mod tests {
             node: NodeId(2),
             val: Val::Value(Bytes::from_static(b"v")),
         })
-    }
-
-    /// Hints are stored apart from replicas and come back from their engine key.
-    #[test]
-    fn hint_keys_round_trip() {
-        let primary = key(Space::Primary);
-        let hint = key(Space::Hint(NodeId(9)));
-        let (pp, pk) = engine_location(&primary);
-        let (hp, hk) = engine_location(&hint);
-        assert_eq!(pp, primary.partition);
-        assert_eq!(hp, HINT_PARTITION_BASE | primary.partition);
-        assert_eq!(hk.len(), pk.len() + HINT_KEY_PREFIX_BYTES);
-        assert_eq!(hint_from_engine(hint.partition, &hk), Some(hint));
-        assert_eq!(hint_from_engine(0, &[0, 0, 0]), None);
-        assert_eq!(
-            key_from_engine(&pk),
-            Some((primary.bucket.clone(), primary.key.clone()))
-        );
-        let kh = KeyHash {
-            digest: 0x0102_0304_0506_0708,
-            check: 0x0a0b,
-        };
-        assert_eq!(cursor_from_bytes(&cursor_bytes(kh)), Some(kh));
-        assert_eq!(cursor_from_bytes(b"short"), None);
-        assert_eq!(hint_from_engine(0, &[0, 0, 0, 1, 5, b'a']), None);
     }
 
     /// Every peer message survives the trip through its frame; an undecodable object is a

@@ -1,30 +1,16 @@
-//! Where a request goes: partition, owning shard and engine key (sans-IO).
+//! Where a request goes: partition and owning shard (sans-IO).
 //!
 //! A node hashes `(bucket, key)` onto the ring's `Q` = 256 partitions ([`PARTITIONS`]) and gives
 //! partition `p` to shard `p % shards`, the rule `docs/PROTOCOL.md` §3.1 promises to shard-aware
-//! clients. The engine stores flat keys, so the bucket is folded into the engine key as a
-//! length-prefixed prefix: `len(bucket) as u8 ‖ bucket ‖ key`. The prefix keeps `("ab", "c")` and
-//! `("a", "bc")` apart, and a bucket is at most 255 bytes (the codec checks it), so one byte holds
-//! its length.
+//! clients. How a key is stored in the engine is [`crate::replica`]'s.
 //!
 //! This module also parses the kernel's CPU list format (`0-3,8`), used to default the shard count
 //! to the CPUs of the process's affinity mask. No IO here: callers read `/proc` themselves.
-
-use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT};
 
 use ringkv_core::ring::{PartitionCount, PartitionId};
 
 /// The ring's partition count for a node; fixed until the Dynamo layer makes it a cluster setting.
 pub const PARTITIONS: PartitionCount = PartitionCount::DEFAULT;
-
-/// Largest engine key a request can produce with default limits: the length byte, the longest
-/// bucket and the longest key the wire accepts.
-pub const ENGINE_KEY_BYTES_MAX: usize = engine_key_bytes_max(KEY_BYTES_MAX_DEFAULT);
-
-/// Largest engine key for requests whose keys are at most `key_bytes_max` bytes.
-pub const fn engine_key_bytes_max(key_bytes_max: usize) -> usize {
-    1 + BUCKET_BYTES_MAX + key_bytes_max
-}
 
 /// Most shards a node runs; HELLO_OK carries the count as a u16, and a node with more cores than
 /// this would be better split into several nodes anyway.
@@ -41,20 +27,6 @@ pub fn shard_of(partition: PartitionId, shards: usize) -> usize {
     assert!(shards <= SHARDS_MAX);
     // u32 -> usize is lossless on every platform glommio supports (64-bit Linux).
     partition.0 as usize % shards
-}
-
-/// The key the engine stores for `(bucket, key)`: `len(bucket) as u8 ‖ bucket ‖ key`.
-///
-/// # Panics
-///
-/// If the bucket is longer than [`BUCKET_BYTES_MAX`]; the codec never produces one.
-pub fn engine_key(bucket: &[u8], key: &[u8]) -> Vec<u8> {
-    let len = u8::try_from(bucket.len()).expect("the codec bounds buckets to 255 bytes");
-    let mut out = Vec::with_capacity(1 + bucket.len() + key.len());
-    out.push(len);
-    out.extend_from_slice(bucket);
-    out.extend_from_slice(key);
-    out
 }
 
 /// A CPU list that is not in the kernel's `Cpus_allowed_list` format.
@@ -101,15 +73,6 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, CpuListError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Bucket and key boundaries cannot be confused, so two buckets never share a key.
-    #[test]
-    fn engine_keys_keep_bucket_and_key_apart() {
-        assert_ne!(engine_key(b"ab", b"c"), engine_key(b"a", b"bc"));
-        assert_eq!(engine_key(b"b", b"k"), b"\x01bk".to_vec());
-        assert_eq!(engine_key(b"", b"k"), b"\x00k".to_vec());
-        assert!(engine_key(&[7; 255], &[1; 1024]).len() <= ENGINE_KEY_BYTES_MAX);
-    }
 
     /// Every partition has exactly one owner and the owners cycle through all shards.
     #[test]

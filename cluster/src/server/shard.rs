@@ -21,8 +21,7 @@ use ringkv_core::membership::Membership;
 
 use crate::epochs::{self, EPOCH_LEASE_SIZE, EPOCHS_FILE};
 use crate::metrics::{self, ShardMetrics};
-use crate::peer::{HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE};
-use crate::route::engine_key_bytes_max;
+use crate::replica::{HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE, engine_key_bytes_max};
 use crate::session::NodeInfo;
 
 use super::connection::{Listeners, serve_listeners};

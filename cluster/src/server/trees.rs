@@ -34,7 +34,7 @@ use ringkv_core::object::Object;
 use ringkv_core::ring::PartitionId;
 
 use super::Shard;
-use crate::peer;
+use crate::replica;
 use crate::route::{PARTITIONS, shard_of};
 
 /// The ring partitions whose replicas shard `shard` of `shard_count` stores, in order.
@@ -90,7 +90,7 @@ impl Shard {
                 }
             };
             for record in batch {
-                let Some((bucket, key)) = peer::key_from_engine(&record.key) else {
+                let Some((bucket, key)) = replica::key_from_engine(&record.key) else {
                     tracing::warn!(
                         shard = self.id,
                         partition = record.partition,

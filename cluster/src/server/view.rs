@@ -29,7 +29,7 @@ use ringkv_core::membership::View;
 use ringkv_core::ring::Ring;
 
 use super::Shard;
-use crate::peer::HINT_PARTITION_BASE;
+use crate::replica::HINT_PARTITION_BASE;
 use ringkv_core::NodeId;
 
 /// Capacity of each shard's queue in the control mesh, in messages.

@@ -121,7 +121,7 @@ impl Sim {
         };
         let store = &self.nodes[n].store;
         let held = if durable {
-            store.durable.get(&key).cloned()
+            store.read_durable(&key)
         } else {
             store.read(&key)
         };

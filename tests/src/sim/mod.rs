@@ -285,6 +285,7 @@ enum Event {
         partition: u32,
         after: Option<Bytes>,
         max_items: usize,
+        max_bytes: usize,
     },
     MemberTick {
         node: usize,
@@ -949,25 +950,7 @@ impl Sim {
                         .or_default()
                         .insert((l.timestamp, l.node));
                 }
-                let store = &mut self.nodes[node].store;
-                let result = match op {
-                    StoreOp::Read => Ok(store.read(&key)),
-                    StoreOp::Write { object, durable } => {
-                        store.overlay.insert(key, Some(object));
-                        if durable {
-                            store.sync();
-                        }
-                        Ok(None)
-                    }
-                    StoreOp::Remove => {
-                        store.overlay.insert(key, None);
-                        Ok(None)
-                    }
-                    StoreOp::Sync => {
-                        store.sync();
-                        Ok(None)
-                    }
-                };
+                let result = self.nodes[node].store.apply(&key, op);
                 let now = self.now;
                 let outputs = self.core(node).handle_stored(now, id, result);
                 self.outputs(node, outputs);
@@ -992,13 +975,16 @@ impl Sim {
                 partition,
                 after,
                 max_items,
+                max_bytes,
             } => {
                 if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
                     return;
                 }
-                let page = self.nodes[node].store.scan(partition, after, max_items);
+                let page = self.nodes[node]
+                    .store
+                    .scan(partition, after, max_items, max_bytes);
                 let now = self.now;
-                let outputs = self.core(node).handle_scanned(now, id, Ok(page));
+                let outputs = self.core(node).handle_scanned(now, id, page);
                 self.outputs(node, outputs);
             }
             Event::MemberTick { node, incarnation } => {
@@ -1135,7 +1121,7 @@ impl Sim {
                     partition,
                     after,
                     max_items,
-                    ..
+                    max_bytes,
                 } => {
                     let delay = self.rng.gen_range(0..=3);
                     let incarnation = self.nodes[n].incarnation;
@@ -1148,6 +1134,7 @@ impl Sim {
                             partition,
                             after,
                             max_items,
+                            max_bytes,
                         },
                     );
                 }
@@ -1160,11 +1147,7 @@ impl Sim {
                 }
                 Output::DropPartition { partition } => {
                     // As the engine does: the drop is durable before it is reported.
-                    let store = &mut self.nodes[n].store;
-                    store.sync();
-                    store
-                        .durable
-                        .retain(|k, _| !(k.partition == partition && k.space == Space::Primary));
+                    self.nodes[n].store.drop_partition(partition);
                     let now = self.now;
                     let outputs = self.core(n).partition_dropped(now, partition);
                     self.outputs(n, outputs);

@@ -127,7 +127,7 @@ impl Sim {
         let node = &mut self.nodes[n];
         node.core = None;
         node.membership = None;
-        node.store.overlay.clear();
+        node.store.crash();
         node.incarnation += 1;
         node.tick_at = None;
         self.owed.retain(|(at, _, _), _| *at != n);
