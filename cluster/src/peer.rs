@@ -30,6 +30,7 @@ use crate::route::{PARTITIONS, partition_of};
 use ringkv_core::NodeId;
 use ringkv_core::coordinator::{AeKey, PeerMsg, ScanItem, ScanPage, Space, StoreKey};
 use ringkv_core::object::Object;
+use ringkv_core::request::KeyRequest;
 
 /// The name a node gives in a peer HELLO: `<id>@<name>` (`docs/PROTOCOL.md` §5.1).
 pub fn hello_name(node: NodeId, name: &str) -> String {
@@ -415,9 +416,11 @@ pub fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody
                 key: m.key,
             },
         },
-        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_)) => {
-            PeerMsg::Forward { id, request }
-        }
+        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_)) => PeerMsg::Forward {
+            id,
+            request: KeyRequest::parse(request, PARTITIONS)
+                .map_err(|m| invalid(format!("{} is not a key request", m.kind())))?,
+        },
         Message::Cluster(c) => return cluster_request(id, c),
         other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
     })
@@ -519,7 +522,7 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
             }
             w.opt_prefixed(LenWidth::U8, page.next.as_deref());
         }),
-        PeerMsg::Forward { id, request } => (id, request),
+        PeerMsg::Forward { id, request } => (id, request.into_message()),
         PeerMsg::ForwardReply { id, reply } => (id, reply),
         PeerMsg::AeLevel {
             id,

@@ -16,8 +16,11 @@
 //! configured with siblings, GET answers the last value sibling and SET adds siblings.
 
 use bytes::Bytes;
+use ringkv_core::request::{KeyBody, KeyRequest};
 use ringkv_net::resp::{RespCommand, RespValue};
 use ringkv_net::{Delete, Get, Message, Put, Sibling};
+
+use crate::route::PARTITIONS;
 
 /// The bucket Redis keys live in.
 pub const RESP_BUCKET: &[u8] = b"redis";
@@ -30,7 +33,7 @@ pub enum RespPlan {
     /// Send this reply, then close the connection.
     ReplyAndClose(RespValue),
     /// Execute these requests one after the other, then [`combine`] their replies.
-    Execute(Vec<Message>, Combine),
+    Execute(Vec<KeyRequest>, Combine),
 }
 
 /// How the replies of a [`RespPlan::Execute`] become one RESP reply.
@@ -62,13 +65,14 @@ fn wrong_args(name: &str) -> RespPlan {
     )))
 }
 
-fn get(key: Bytes) -> Message {
-    Message::Get(Get {
+fn get(key: Bytes) -> KeyRequest {
+    let get = Get {
         bucket: Bytes::from_static(RESP_BUCKET),
         key,
         r: None,
         timeout_ms: None,
-    })
+    };
+    KeyRequest::new(KeyBody::Get(get), PARTITIONS)
 }
 
 /// Decides what to do with `cmd`.
@@ -121,7 +125,7 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
             let (Some(key), Some(value)) = (cmd.arg_bytes(1), cmd.arg_bytes(2)) else {
                 return wrong_args("set");
             };
-            let put = Message::Put(Put {
+            let put = Put {
                 bucket: Bytes::from_static(RESP_BUCKET),
                 key,
                 value,
@@ -129,7 +133,8 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
                 w: None,
                 dw: None,
                 timeout_ms: None,
-            });
+            };
+            let put = KeyRequest::new(KeyBody::Put(put), PARTITIONS);
             RespPlan::Execute(vec![put], Combine::Set)
         }
         "set" if argc > 3 => {
@@ -141,17 +146,18 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
         "exists" if argc >= 2 => RespPlan::Execute(args().map(get).collect(), Combine::Exists),
         "exists" => wrong_args("exists"),
         "del" if argc >= 2 => {
-            let mut requests: Vec<Message> = args().map(get).collect();
+            let mut requests: Vec<KeyRequest> = args().map(get).collect();
             let reads = requests.len();
             requests.extend(args().map(|key| {
-                Message::Delete(Delete {
+                let delete = Delete {
                     bucket: Bytes::from_static(RESP_BUCKET),
                     key,
                     context: None,
                     w: None,
                     dw: None,
                     timeout_ms: None,
-                })
+                };
+                KeyRequest::new(KeyBody::Delete(delete), PARTITIONS)
             }));
             RespPlan::Execute(requests, Combine::Del(reads))
         }
@@ -277,9 +283,9 @@ mod tests {
         assert_eq!(how, Combine::Del(2));
         assert_eq!(reqs.len(), 4);
         assert!(
-            matches!(&reqs[0], Message::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
+            matches!(reqs[0].body(), KeyBody::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
         );
-        assert!(matches!(&reqs[3], Message::Delete(d) if &d.key[..] == b"b"));
+        assert!(matches!(reqs[3].body(), KeyBody::Delete(d) if &d.key[..] == b"b"));
         let replies = [found(b"x"), missing(), Message::DeleteOk, Message::DeleteOk];
         assert_eq!(combine(how, &replies), RespValue::Integer(1));
         assert_eq!(

@@ -109,7 +109,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
 use ringkv_engine::{Durability, Engine, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
-use ringkv_net::{ErrorBody, ErrorCode, Frame, Limits, Message};
+use ringkv_net::{Admin, ErrorBody, ErrorCode, Frame, Limits, Message};
 
 use ringkv_core::admission::AdmissionController;
 use ringkv_core::bucket::{BucketProps, Buckets};
@@ -121,6 +121,7 @@ use crate::identity::Identity;
 use crate::metrics::ShardMetrics;
 use crate::session::NodeInfo;
 use ringkv_core::NodeId;
+use ringkv_core::request::KeyRequest;
 
 mod admin;
 mod connection;
@@ -382,12 +383,20 @@ struct ShardRequest {
     tag: u64,
     /// The sending shard, where the reply goes.
     origin: usize,
-    /// The key's partition (computed once, by the sender).
-    partition: u32,
-    /// The decoded request.
-    message: Message,
-    /// For a request from another node: that node (the owner runs it as a peer request).
-    peer: Option<NodeId>,
+    /// What the owner runs.
+    work: MeshWork,
+}
+
+/// What one shard asks another to run.
+#[derive(Debug)]
+enum MeshWork {
+    /// A client's key request for a partition the receiving shard owns.
+    Key(KeyRequest),
+    /// A request from node `from` for a partition the receiving shard owns (or, without a
+    /// partition, for the node: shard 0).
+    Peer { from: NodeId, message: Message },
+    /// An operator command, for shard 0 (or a shard's part of `hints-truncate`).
+    Admin(Admin),
 }
 
 /// The answer to a [`ShardRequest`].

@@ -63,7 +63,8 @@ impl One {
     }
 
     fn request_at(&mut self, now: u64, req: u64, message: Message) -> Message {
-        let out = self.core.handle_client(now, req, message);
+        let request = common::key_request(&self.core, message);
+        let out = self.core.handle_client(now, req, request);
         self.run(out);
         self.replies.remove(&req).expect("answered at once")
     }
@@ -396,7 +397,7 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
                 Output::Send {
                     to,
                     msg: PeerMsg::Forward { request, .. },
-                } => match request {
+                } => match request.into_message() {
                     Message::Put(m) => Some((to, m.timeout_ms)),
                     other => panic!("forwarded {other:?}"),
                 },
@@ -413,6 +414,7 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
         dw: None,
         timeout_ms: Some(2_000),
     });
+    let request = common::key_request(&core, request);
     let first = forwarded(core.handle_client(100, 7, request));
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].1, Some(2_000));
@@ -479,16 +481,22 @@ fn a_forward_goes_to_a_home_that_answers() {
     for home in &homes {
         core.handle_peer(0, *home, PeerMsg::Pong { id: 0 });
     }
-    assert_eq!(forwarded_to(core.handle_client(500, 1, put(1))), [homes[0]]);
+    let request = common::key_request(&core, put(1));
+    assert_eq!(
+        forwarded_to(core.handle_client(500, 1, request)),
+        [homes[0]]
+    );
     // The second home keeps answering; the first has been silent since 0.
     core.handle_peer(4_900, homes[1], PeerMsg::Pong { id: 0 });
+    let request = common::key_request(&core, put(2));
     assert_eq!(
-        forwarded_to(core.handle_client(5_000, 2, put(2))),
+        forwarded_to(core.handle_client(5_000, 2, request)),
         [homes[1]]
     );
     // Both silent: the walk's order again.
+    let request = common::key_request(&core, put(3));
     assert_eq!(
-        forwarded_to(core.handle_client(9_000, 3, put(3))),
+        forwarded_to(core.handle_client(9_000, 3, request)),
         [homes[0]]
     );
 }

@@ -408,7 +408,8 @@ fn credit_follows_the_home_load() {
     node.core.set_background_share(1.0);
     // Two writes waiting on replicas that never answer: the home is busy.
     for req in 0..2 {
-        let out = node.core.handle_client(
+        let out = common::handle_client(
+            &mut node.core,
             0,
             req,
             Message::Put(Put {
@@ -461,7 +462,8 @@ fn a_silent_peer_is_suspected_and_skipped() {
     assert!(node.core.suspects(silent, 3_001));
     assert!(!node.core.suspects(other, 3_001));
     assert!(!node.core.suspects(fallback, 3_001));
-    let out = node.core.handle_client(
+    let out = common::handle_client(
+        &mut node.core,
         3_001,
         1,
         Message::Put(Put {

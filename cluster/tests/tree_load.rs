@@ -90,7 +90,8 @@ impl One {
     fn client(&mut self, message: Message) {
         let req = self.next_req;
         self.next_req += 1;
-        let out = self.core.handle_client(0, req, message);
+        let request = common::key_request(&self.core, message);
+        let out = self.core.handle_client(0, req, request);
         self.run(out);
     }
 

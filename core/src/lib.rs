@@ -21,6 +21,7 @@
 //!   failure detection, which each coordinator keeps per peer.
 //! - [`admission`]: admission control of background work (Dynamo §6.5): the foreground's tail
 //!   latency sets the share background work gets.
+//! - [`request`]: a client's GET, PUT or DELETE parsed once, with its key's partition.
 //! - [`NodeId`]: the one name a node has in the ring and in causality metadata.
 //!
 //! What it must not own: sockets, files, executors, signals, the engine, configuration files. Its
@@ -38,6 +39,7 @@ pub mod membership;
 pub mod merkle;
 pub mod object;
 pub mod phi;
+pub mod request;
 pub mod ring;
 
 pub use dvv::{DvvSet, Put, VersionVector};

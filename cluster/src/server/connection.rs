@@ -6,12 +6,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
+use ringkv_core::request::KeyRequest;
 use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
-use ringkv_net::{ErrorCode, Frame, Limits, Message, Role, decode_frame, encode_frame};
+use ringkv_net::{ErrorCode, Frame, Limits, Role, decode_frame, encode_frame};
 
 use crate::metrics::ShardMetrics;
 use crate::resp::{self, RespPlan};
@@ -195,21 +197,17 @@ const RESP_WAVE_COMMANDS_MAX: usize = 128;
 #[derive(Default)]
 struct RespWave {
     commands: Vec<WaveCommand>,
-    keys: std::collections::BTreeSet<(bytes::Bytes, bytes::Bytes)>,
+    keys: std::collections::BTreeSet<(Bytes, Bytes)>,
 }
 
 enum WaveCommand {
     Ready(ringkv_net::resp::RespValue),
-    Execute(Vec<Message>, resp::Combine),
+    Execute(Vec<KeyRequest>, resp::Combine),
 }
 
-fn request_key(m: &Message) -> Option<(bytes::Bytes, bytes::Bytes)> {
-    match m {
-        Message::Get(g) => Some((g.bucket.clone(), g.key.clone())),
-        Message::Put(p) => Some((p.bucket.clone(), p.key.clone())),
-        Message::Delete(d) => Some((d.bucket.clone(), d.key.clone())),
-        _ => None,
-    }
+fn key_of(request: &KeyRequest) -> (Bytes, Bytes) {
+    let (bucket, key) = request.key();
+    (bucket.clone(), key.clone())
 }
 
 impl RespWave {
@@ -219,10 +217,9 @@ impl RespWave {
             return false;
         }
         match plan {
-            RespPlan::Execute(requests, _) => requests
-                .iter()
-                .filter_map(request_key)
-                .all(|k| !self.keys.contains(&k)),
+            RespPlan::Execute(requests, _) => {
+                requests.iter().all(|r| !self.keys.contains(&key_of(r)))
+            }
             RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) => true,
         }
     }
@@ -231,8 +228,8 @@ impl RespWave {
         self.commands.push(WaveCommand::Ready(v));
     }
 
-    fn push_execute(&mut self, requests: Vec<Message>, how: resp::Combine) {
-        self.keys.extend(requests.iter().filter_map(request_key));
+    fn push_execute(&mut self, requests: Vec<KeyRequest>, how: resp::Combine) {
+        self.keys.extend(requests.iter().map(key_of));
         self.commands.push(WaveCommand::Execute(requests, how));
     }
 
@@ -249,7 +246,7 @@ impl RespWave {
                     Ok(glommio::spawn_local(async move {
                         let mut replies = Vec::with_capacity(requests.len());
                         for request in requests {
-                            replies.push(shard.execute(request, ()).await);
+                            replies.push(shard.execute_key(request, ()).await);
                         }
                         resp::combine(how, &replies)
                     }))

@@ -10,8 +10,8 @@
 use ringkv_core::NodeId;
 use ringkv_core::coordinator::{EpochLease, PeerMsg, ScanPage};
 use ringkv_core::object::Object;
+use ringkv_core::request::KeyRequest;
 use ringkv_core::ring::Ring;
-use ringkv_net::Message;
 use std::cell::Cell;
 use std::path::Path;
 use std::rc::{Rc, Weak};
@@ -34,7 +34,7 @@ use super::{BACKGROUND_SHARES_MAX, Shard, TICK_MS};
 /// What the shell tells the core. Each variant is one of the core's entry points.
 pub(super) enum Input {
     /// A client request for a partition this shard owns (`Core::handle_client`).
-    Client { req: u64, message: Message },
+    Client { req: u64, request: KeyRequest },
     /// A request or an answer from another node (`Core::handle_peer`).
     Peer { from: NodeId, msg: PeerMsg },
     /// A peer link failed or could not connect (`Core::handle_unreachable`).
@@ -81,7 +81,7 @@ impl Shard {
         let outputs = {
             let mut core = self.core.borrow_mut();
             match input {
-                Input::Client { req, message } => core.handle_client(now, req, message),
+                Input::Client { req, request } => core.handle_client(now, req, request),
                 Input::Peer { from, msg } => core.handle_peer(now, from, msg),
                 Input::Unreachable { node } => core.handle_unreachable(now, node),
                 Input::Stored { id, result } => core.handle_stored(now, id, result),

@@ -26,7 +26,7 @@ use super::frames::ReadBuffer;
 use super::members;
 use super::stop::unless;
 use super::{
-    PEER_BACKOFF_MAX_MS, PEER_BACKOFF_MIN_MS, PEER_HELLO_ID, PEER_QUEUE_FRAMES_MAX,
+    MeshWork, PEER_BACKOFF_MAX_MS, PEER_BACKOFF_MIN_MS, PEER_HELLO_ID, PEER_QUEUE_FRAMES_MAX,
     READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message,
 };
 
@@ -94,9 +94,7 @@ impl Shard {
         if owner == self.id {
             self.serve_peer(from, message).await
         } else {
-            // The partition field only matters for client requests; peer requests carry theirs.
-            self.forward(owner, partition.unwrap_or(0), message, Some(from))
-                .await
+            self.forward(owner, MeshWork::Peer { from, message }).await
         }
     }
 

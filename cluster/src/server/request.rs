@@ -12,17 +12,19 @@ use ringkv_net::{Admin, AdminOk, ErrorCode, Message};
 
 use crate::config;
 use crate::metrics::Op;
-use crate::route::{partition_of, shard_of};
-use ringkv_core::NodeId;
+use crate::route::{PARTITIONS, shard_of};
+use ringkv_core::request::{KeyOp, KeyRequest};
 
 use super::stop::unless;
 use super::{
-    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, Shard, ShardReply, ShardRequest, Waiters, error_message,
+    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, MeshWork, Shard, ShardReply, ShardRequest, Waiters,
+    error_message,
 };
 use glommio::Task;
 
 impl Shard {
-    /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it.
+    /// Executes a request a connection received: a GET, PUT or DELETE here or on the shard
+    /// owning its partition, counted; an operator command on shard 0.
     ///
     /// The answer is `timeout` if the work takes longer than the request's `timeout_ms` (or the
     /// node's `request_timeout_ms`). The work itself is never cancelled halfway, since a write
@@ -30,31 +32,70 @@ impl Shard {
     /// (the connection's in-flight slot) until it ends, so timed-out work still counts against
     /// the connection's bound.
     pub(super) async fn execute<H: 'static>(self: &Rc<Self>, message: Message, hold: H) -> Message {
-        let (op, requested_ms) = match &message {
-            Message::Get(m) => (Some(Op::Get), m.timeout_ms),
-            Message::Put(m) => (Some(Op::Put), m.timeout_ms),
-            Message::Delete(m) => (Some(Op::Delete), m.timeout_ms),
-            _ => (None, None),
+        let request = match KeyRequest::parse(message, PARTITIONS) {
+            Ok(request) => request,
+            Err(Message::Admin(admin)) => {
+                let shard = self.clone();
+                let work = async move { shard.route_admin(admin).await };
+                return self.within_deadline(None, work, hold).await;
+            }
+            Err(other) => {
+                return error_message(
+                    ErrorCode::Internal,
+                    format!("{} reached the executor", other.kind()),
+                );
+            }
         };
-        let timeout_ms = requested_ms
-            .map_or(self.request_timeout_ms, u64::from)
-            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
-        if let Message::Put(m) = &message
-            && m.value.len() > self.value_bytes_max
-        {
+        self.execute_key(request, hold).await
+    }
+
+    /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it
+    /// (deadline and slot as [`Shard::execute`]).
+    pub(super) async fn execute_key<H: 'static>(
+        self: &Rc<Self>,
+        request: KeyRequest,
+        hold: H,
+    ) -> Message {
+        if request.value_len() > self.value_bytes_max {
             return error_message(
                 ErrorCode::TooLarge,
                 format!(
                     "value of {} bytes above the node's limit of {}",
-                    m.value.len(),
+                    request.value_len(),
                     self.value_bytes_max
                 ),
             );
         }
+        let op = match request.op() {
+            KeyOp::Get => Op::Get,
+            KeyOp::Put => Op::Put,
+            KeyOp::Delete => Op::Delete,
+        };
         let start = Instant::now();
+        let timeout_ms = request.timeout_ms();
         let shard = self.clone();
+        let work = async move { shard.route(request).await };
+        let reply = self.within_deadline(timeout_ms, work, hold).await;
+        let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.admission.borrow_mut().record(elapsed_us);
+        let ok = !matches!(reply, Message::Error(_));
+        self.metrics.record(op, elapsed_us, ok);
+        reply
+    }
+
+    /// Runs `work` in its own task, holding `hold` until it ends, and answers `timeout` once
+    /// `requested_ms` (or the node's `request_timeout_ms`) has passed without its answer.
+    async fn within_deadline<H: 'static>(
+        &self,
+        requested_ms: Option<u32>,
+        work: impl std::future::Future<Output = Message> + 'static,
+        hold: H,
+    ) -> Message {
+        let timeout_ms = requested_ms
+            .map_or(self.request_timeout_ms, u64::from)
+            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
         let mut work = glommio::spawn_local(async move {
-            let reply = shard.route(message).await;
+            let reply = work.await;
             drop(hold);
             reply
         });
@@ -63,7 +104,7 @@ impl Shard {
             glommio::timer::sleep(Duration::from_millis(timeout_ms)),
         )
         .await;
-        let reply = match finished {
+        match finished {
             Some(reply) => reply,
             None => {
                 work.detach();
@@ -72,14 +113,7 @@ impl Shard {
                     format!("no answer within {timeout_ms} ms; a write may still be applied"),
                 )
             }
-        };
-        if let Some(op) = op {
-            let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.admission.borrow_mut().record(elapsed_us);
-            let ok = !matches!(reply, Message::Error(_));
-            self.metrics.record(op, elapsed_us, ok);
         }
-        reply
     }
 
     /// `hints-truncate`: every shard of this node drops the hints it holds.
@@ -89,11 +123,11 @@ impl Shard {
             let answer = if shard == self.id {
                 self.truncate_hints_here()
             } else {
-                let ask = Message::Admin(Admin {
+                let ask = Admin {
                     command: HINTS_TRUNCATE_SHARD.into(),
                     args: Bytes::new(),
-                });
-                self.forward(shard, 0, ask, None).await
+                };
+                self.forward(shard, MeshWork::Admin(ask)).await
             };
             match answer {
                 Message::AdminOk(ok) => {
@@ -127,49 +161,33 @@ impl Shard {
         })
     }
 
-    pub(super) async fn route(self: &Rc<Self>, message: Message) -> Message {
-        // Operator commands are answered by the first shard, which owns cluster-wide state.
-        let message = match message {
-            Message::Admin(admin) if admin.command == HINTS_TRUNCATE => {
-                return self.truncate_hints_everywhere().await;
-            }
-            Message::Admin(admin) if self.id == 0 => return self.admin_command(admin).await,
-            admin @ Message::Admin(_) => return self.forward(0, 0, admin, None).await,
-            other => other,
-        };
-        let (bucket, key) = match &message {
-            Message::Get(m) => (&m.bucket, &m.key),
-            Message::Put(m) => (&m.bucket, &m.key),
-            Message::Delete(m) => (&m.bucket, &m.key),
-            other => {
-                return error_message(
-                    ErrorCode::Internal,
-                    format!("{} reached the executor", other.kind()),
-                );
-            }
-        };
-        let partition = partition_of(bucket, key);
-        let owner = shard_of(partition, self.shard_count);
-        if owner == self.id {
-            return self.execute_local(partition.0, message).await;
+    /// Operator commands are answered by the first shard, which owns cluster-wide state.
+    async fn route_admin(self: &Rc<Self>, admin: Admin) -> Message {
+        if admin.command == HINTS_TRUNCATE {
+            self.truncate_hints_everywhere().await
+        } else if self.id == 0 {
+            self.admin_command(admin).await
+        } else {
+            self.forward(0, MeshWork::Admin(admin)).await
         }
-        self.forward(owner, partition.0, message, None).await
     }
 
-    pub(super) async fn forward(
-        &self,
-        owner: usize,
-        partition: u32,
-        message: Message,
-        peer: Option<NodeId>,
-    ) -> Message {
+    /// Runs a key request on the shard owning its partition.
+    async fn route(self: &Rc<Self>, request: KeyRequest) -> Message {
+        let owner = shard_of(request.partition(), self.shard_count);
+        if owner == self.id {
+            return self.execute_local(request).await;
+        }
+        self.forward(owner, MeshWork::Key(request)).await
+    }
+
+    /// Has shard `owner` run `work` and waits for its answer.
+    pub(super) async fn forward(&self, owner: usize, work: MeshWork) -> Message {
         let (tag, rx) = self.waiting.register();
         let request = ShardRequest {
             tag,
             origin: self.id,
-            partition,
-            message,
-            peer,
+            work,
         };
         if self.requests.send_to(owner, request).await.is_err() {
             self.waiting.forget(tag);
@@ -188,14 +206,10 @@ impl Shard {
     }
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
-    pub(super) async fn execute_local(
-        self: &Rc<Self>,
-        partition: u32,
-        message: Message,
-    ) -> Message {
-        debug_assert_eq!(partition as usize % self.shard_count, self.id);
+    pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
+        debug_assert_eq!(request.partition().0 as usize % self.shard_count, self.id);
         let (req, rx) = self.clients.register();
-        self.drive(Input::Client { req, message });
+        self.drive(Input::Client { req, request });
         match rx.recv().await {
             Some(reply) => reply,
             None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
@@ -286,13 +300,13 @@ impl MeshService {
 impl Shard {
     /// Runs a request another shard of this node sent over the mesh.
     async fn serve_mesh_request(self: &Rc<Self>, req: ShardRequest) -> Message {
-        match (req.peer, req.message) {
-            (Some(from), message) => self.serve_peer(from, message).await,
-            (None, Message::Admin(admin)) if admin.command == HINTS_TRUNCATE_SHARD => {
+        match req.work {
+            MeshWork::Key(request) => self.execute_local(request).await,
+            MeshWork::Peer { from, message } => self.serve_peer(from, message).await,
+            MeshWork::Admin(admin) if admin.command == HINTS_TRUNCATE_SHARD => {
                 self.truncate_hints_here()
             }
-            (None, Message::Admin(admin)) => self.admin_command(admin).await,
-            (None, message) => self.execute_local(req.partition, message).await,
+            MeshWork::Admin(admin) => self.admin_command(admin).await,
         }
     }
 }

@@ -17,14 +17,26 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringkv_cluster::route::partition_of;
-use ringkv_core::coordinator::{StoreKey, StoreOp};
+use ringkv_core::coordinator::{Core, Output, StoreKey, StoreOp};
 use ringkv_core::object::{Object, Val};
+use ringkv_core::request::KeyRequest;
 use ringkv_net::{
     Client, ClientConfig, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet, Role,
     decode_frame, encode_frame_to_vec,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
+
+/// `message` as the key request a shard would hand `core` after parsing it.
+pub fn key_request(core: &Core, message: Message) -> KeyRequest {
+    KeyRequest::parse(message, core.ring().partition_count()).expect("a key request")
+}
+
+/// Hands a client's GET, PUT or DELETE to `core`, as a shard does.
+pub fn handle_client(core: &mut Core, now: u64, req: u64, message: Message) -> Vec<Output> {
+    let request = key_request(core, message);
+    core.handle_client(now, req, request)
+}
 
 /// Carries out a core's storage operation on an in-memory store, for tests that drive a core by
 /// hand; every write is durable at once, so a sync has nothing to do.

@@ -81,6 +81,7 @@ use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::object::{Lww, Object, Val, hlc_next};
+use crate::request::{KeyBody, KeyOp, KeyRequest};
 use crate::ring::{PartitionId, Ring};
 
 mod antientropy;
@@ -294,7 +295,7 @@ pub enum PeerMsg {
         /// Request id.
         id: u64,
         /// The client's request.
-        request: Message,
+        request: KeyRequest,
     },
     /// The answer to a [`PeerMsg::Forward`]: the reply for the client.
     ForwardReply {
@@ -659,7 +660,7 @@ enum OpKind {
     Read { replies: u8, merged: Option<Object> },
     /// A request forwarded to a home node.
     Forwarded {
-        request: Message,
+        request: KeyRequest,
         tried: BTreeSet<NodeId>,
         pending: Option<(NodeId, u64)>,
     },
@@ -980,7 +981,7 @@ impl Core {
     // ----- client requests -----
 
     /// A client request: GET, PUT or DELETE. The answer comes as [`Output::Reply`] with `req`.
-    pub fn handle_client(&mut self, now: u64, req: u64, request: Message) -> Vec<Output> {
+    pub fn handle_client(&mut self, now: u64, req: u64, request: KeyRequest) -> Vec<Output> {
         self.start(now, ReplyTo::Client(req), request, false);
         self.take_output()
     }
@@ -995,53 +996,22 @@ impl Core {
         }
     }
 
-    fn start(&mut self, now: u64, reply_to: ReplyTo, request: Message, forwarded: bool) {
-        let (bucket, key, timeout_ms, overrides) = match &request {
-            Message::Get(m) => (
-                m.bucket.clone(),
-                m.key.clone(),
-                m.timeout_ms,
-                Overrides {
-                    r: m.r,
-                    ..Overrides::default()
-                },
-            ),
-            Message::Put(ringkv_net::Put {
-                bucket,
-                key,
-                timeout_ms,
-                w,
-                dw,
-                ..
-            })
-            | Message::Delete(ringkv_net::Delete {
-                bucket,
-                key,
-                timeout_ms,
-                w,
-                dw,
-                ..
-            }) => (
-                bucket.clone(),
-                key.clone(),
-                *timeout_ms,
-                Overrides {
-                    w: *w,
-                    dw: *dw,
-                    ..Overrides::default()
-                },
-            ),
-            other => {
-                let kind = other.kind();
-                return self.answer(
-                    reply_to,
-                    error(
-                        ErrorCode::InvalidRequest,
-                        format!("{kind} is not a key request"),
-                    ),
-                );
-            }
+    fn start(&mut self, now: u64, reply_to: ReplyTo, request: KeyRequest, forwarded: bool) {
+        let overrides = match request.body() {
+            KeyBody::Get(m) => Overrides {
+                r: m.r,
+                ..Overrides::default()
+            },
+            KeyBody::Put(ringkv_net::Put { w, dw, .. })
+            | KeyBody::Delete(ringkv_net::Delete { w, dw, .. }) => Overrides {
+                w: *w,
+                dw: *dw,
+                ..Overrides::default()
+            },
         };
+        let (bucket, key) = request.key();
+        let (bucket, key) = (bucket.clone(), key.clone());
+        let timeout_ms = request.timeout_ms();
         if self.ops.len() >= self.cfg.ops_max {
             return self.answer(
                 reply_to,
@@ -1058,7 +1028,9 @@ impl Core {
             Err(e) => return self.answer(reply_to, error(ErrorCode::InvalidRequest, e.0)),
         };
         let n = usize::from(quorum.n).min(members);
-        let partition = self.ring.partition_of(&bucket, &key).0;
+        // Hashed once, where the request was parsed.
+        let partition = request.partition().0;
+        debug_assert_eq!(partition, self.ring.partition_of(&bucket, &key).0);
         let deadline = now.saturating_add(
             timeout_ms
                 .map_or(self.cfg.request_timeout_ms, u64::from)
@@ -1095,8 +1067,8 @@ impl Core {
         // at the member count, and a request's own quorum above it is refused below with the
         // counts.
         let (r, w) = (usize::from(quorum.r), usize::from(quorum.w));
-        match request {
-            Message::Get(_) => {
+        match request.op() {
+            KeyOp::Get => {
                 if r > n {
                     return self.answer(reply_to, not_enough("read", 0, r, n));
                 }
@@ -1107,10 +1079,10 @@ impl Core {
                 }
                 self.check_read(now, id);
             }
-            Message::Put(_) | Message::Delete(_) if w > n => {
+            KeyOp::Put | KeyOp::Delete if w > n => {
                 self.answer(reply_to, not_enough("write", 0, w, n));
             }
-            Message::Put(_) | Message::Delete(_) if !is_home && !forwarded => {
+            KeyOp::Put | KeyOp::Delete if !is_home && !forwarded => {
                 let up = self.forward_target(homes.iter().copied(), &BTreeSet::new(), now);
                 match up {
                     Some(home) => {
@@ -1126,8 +1098,7 @@ impl Core {
                     None => self.start_write(now, id, op, request, false),
                 }
             }
-            Message::Put(_) | Message::Delete(_) => self.start_write(now, id, op, request, is_home),
-            _ => unreachable!("other kinds were answered above"),
+            KeyOp::Put | KeyOp::Delete => self.start_write(now, id, op, request, is_home),
         }
     }
 
@@ -1151,11 +1122,8 @@ impl Core {
         // it stops when the client stopped waiting.
         let left = u32::try_from(op.deadline.saturating_sub(now).max(1)).unwrap_or(u32::MAX);
         let mut request = request.clone();
-        match &mut request {
-            Message::Put(m) => m.timeout_ms = Some(left),
-            Message::Delete(m) => m.timeout_ms = Some(left),
-            _ => unreachable!("only writes are forwarded"),
-        }
+        debug_assert!(request.op() != KeyOp::Get, "only writes are forwarded");
+        request.set_timeout_ms(left);
         // No replica timeout here: a slow home may still be coordinating, and asking another
         // home would write the value twice under two dots (it could then reappear after a
         // client resolved it). The request's deadline bounds the wait; only a lost connection
@@ -1172,11 +1140,11 @@ impl Core {
         });
     }
 
-    fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: Message, is_home: bool) {
-        let (write, context) = match request {
-            Message::Put(m) => (Write::Put(m.value), m.context),
-            Message::Delete(m) => (Write::Delete, m.context),
-            _ => unreachable!("start_write is called for writes"),
+    fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: KeyRequest, is_home: bool) {
+        let (write, context) = match request.into_body() {
+            KeyBody::Put(m) => (Write::Put(m.value), m.context),
+            KeyBody::Delete(m) => (Write::Delete, m.context),
+            KeyBody::Get(_) => unreachable!("start_write is called for writes"),
         };
         let context = match context.filter(|c| !c.is_empty()) {
             None => None,

@@ -1,6 +1,7 @@
 //! The clients: their operations, the records the checkers judge them by, and the final
 //! reads.
 
+use ringkv_core::request::KeyRequest;
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
@@ -140,7 +141,9 @@ impl Sim {
 
     pub(super) fn client_request(&mut self, n: usize, req: u64, message: Message) {
         let now = self.now;
-        let outputs = self.core(n).handle_client(now, req, message);
+        let partitions = self.core(n).ring().partition_count();
+        let request = KeyRequest::parse(message, partitions).expect("clients send key requests");
+        let outputs = self.core(n).handle_client(now, req, request);
         self.outputs(n, outputs);
     }
 
