@@ -107,15 +107,14 @@ use glommio::TaskQueueHandle;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
-use ringkv_engine::{Durability, Engine, EngineError};
+use ringkv_engine::{Engine, EngineError};
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
 use ringkv_net::{Admin, ErrorBody, ErrorCode, Frame, Limits, Message};
 
 use ringkv_core::admission::AdmissionController;
-use ringkv_core::bucket::{BucketProps, Buckets};
 use ringkv_core::coordinator::Core;
 
-use crate::config;
+use crate::config::{self, Settings};
 use crate::epochs::{self};
 use crate::identity::Identity;
 use crate::metrics::ShardMetrics;
@@ -173,120 +172,39 @@ const STOP_POLLS_MAX: usize = 1000;
 /// Request id of the HELLO on an outbound peer connection; the core's ids count up from 1.
 const PEER_HELLO_ID: u64 = u64::MAX;
 
-/// Everything a node needs to run.
+/// What a node runs with: its resolved settings, and what the caller resolved from them for
+/// this machine and this start (CPUs, identity, peer addresses).
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Root of the node's data; shard `i` keeps its engine in `shard-<i>` below it.
-    pub data_dir: PathBuf,
-    /// Client protocol address, shared by every shard's listener.
-    pub listen: SocketAddr,
-    /// RESP2 (Redis protocol) address, shared by every shard's listener; `None` disables it.
-    pub resp_listen: Option<SocketAddr>,
-    /// Admin HTTP address (`/metrics`, `/health`), served by shard 0; `None` disables it.
-    pub admin_listen: Option<SocketAddr>,
+    /// The node's settings, flags over file over defaults ([`Settings::resolve`]).
+    pub settings: Settings,
     /// One CPU per shard: shard `i` runs pinned to `cpus[i]`.
     pub cpus: Vec<usize>,
-    /// When a PUT or DELETE is acknowledged.
-    pub durability: Durability,
-    /// Cluster name clients must give in HELLO.
-    pub cluster_name: String,
-    /// This node's name, sent in HELLO_OK.
-    pub node_name: String,
-    /// Frame and key limits of the client protocol.
-    pub limits: Limits,
-    /// Largest value stored (the engine's limit); a larger PUT is answered `too_large`.
-    pub value_bytes_max: usize,
-    /// Most requests executing at once per connection; the reader stops reading beyond it.
-    pub inflight_per_connection_max: usize,
-    /// Capacity of each shard-to-shard queue of the request and reply meshes, in messages.
-    pub mesh_queue_messages_max: usize,
-    /// Most requests from other shards a shard executes at once.
-    pub peer_inflight_max: usize,
-    /// Deadline of a request that names none (`timeout_ms` absent), in milliseconds.
-    pub request_timeout_ms: u64,
-    /// How long shutdown waits for connections to write their last replies before dropping the
-    /// ones that are stuck (a client that stopped reading), in milliseconds.
-    pub shutdown_drain_ms: u64,
     /// This node's id.
     pub node_id: NodeId,
     /// The identity the caller resolved for `node_id` ([`identity::resolve`]); `None` makes
     /// [`serve`] resolve it. [`serve`] writes `<data-dir>/node-identity` if it is new.
     pub identity: Option<Identity>,
-    /// Peer protocol address, shared by every shard's listener; `None` for a node alone.
-    pub peer_listen: Option<SocketAddr>,
     /// Every other member's peer address.
     pub peers: BTreeMap<NodeId, SocketAddr>,
-    /// Peer addresses (`HOST:PORT`) of members this node, new and alone, asks to join.
-    pub contact_seeds: Vec<String>,
-    /// Bucket properties.
-    pub buckets: Buckets,
-    /// Time a replica has to answer before its slot moves on, in milliseconds.
-    pub replica_timeout_ms: u64,
-    /// Interval between hinted-handoff rounds, in milliseconds.
-    pub hint_retry_ms: u64,
-    /// Interval between anti-entropy rounds of each shard, in milliseconds (0: off).
-    pub ae_interval_ms: u64,
-    /// Most keys one anti-entropy exchange lists, and repairs in each direction.
-    pub ae_keys_max: usize,
-    /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
-    pub tombstone_grace_ms: u64,
-    /// Interval between membership gossip rounds, in milliseconds.
-    pub gossip_ms: u64,
-    /// Bytes of hints the node stores at most; each shard's core gets an even part.
-    pub hint_bytes_max: u64,
-    /// Interval between failure-detector heartbeats to each peer, in milliseconds.
-    pub heartbeat_ms: u64,
-    /// Suspicion level (phi) above which a silent peer is believed down.
-    pub phi_threshold: u32,
-    /// Client p99 latency above which background work backs off, in microseconds.
-    pub admission_p99_threshold_us: u64,
 }
 
 impl ServeConfig {
-    /// Defaults for a node on `listen` with data in `data_dir`, one shard per CPU in `cpus`.
-    pub fn new(data_dir: PathBuf, listen: SocketAddr, cpus: Vec<usize>) -> Self {
+    /// A node with `settings`, one shard per CPU in `cpus`, and no peers.
+    pub fn new(settings: Settings, cpus: Vec<usize>) -> Self {
         Self {
-            data_dir,
-            listen,
-            resp_listen: None,
-            admin_listen: None,
+            node_id: settings.node_id.unwrap_or(NodeId(config::NODE_ID_DEFAULT)),
+            settings,
             cpus,
-            durability: Durability::Sync,
-            cluster_name: config::NAME_DEFAULT.to_owned(),
-            node_name: config::NAME_DEFAULT.to_owned(),
-            limits: Limits::DEFAULT,
-            value_bytes_max: config::VALUE_BYTES_MAX_DEFAULT,
-            inflight_per_connection_max: config::INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
-            mesh_queue_messages_max: config::MESH_QUEUE_MESSAGES_MAX_DEFAULT,
-            peer_inflight_max: config::PEER_INFLIGHT_MAX_DEFAULT,
-            shutdown_drain_ms: config::SHUTDOWN_DRAIN_MS_DEFAULT,
-            request_timeout_ms: config::REQUEST_TIMEOUT_MS_DEFAULT,
-            node_id: NodeId(config::NODE_ID_DEFAULT),
             identity: None,
-            peer_listen: None,
             peers: BTreeMap::new(),
-            contact_seeds: Vec::new(),
-            buckets: Buckets {
-                default: BucketProps::default(),
-                named: BTreeMap::new(),
-            },
-            replica_timeout_ms: config::REPLICA_TIMEOUT_MS_DEFAULT,
-            hint_retry_ms: config::HINT_RETRY_MS_DEFAULT,
-            ae_interval_ms: config::AE_INTERVAL_MS_DEFAULT,
-            ae_keys_max: config::AE_KEYS_MAX_DEFAULT,
-            tombstone_grace_ms: config::TOMBSTONE_GRACE_MS_DEFAULT,
-            gossip_ms: config::GOSSIP_MS_DEFAULT,
-            hint_bytes_max: config::HINT_BYTES_MAX_DEFAULT,
-            heartbeat_ms: config::HEARTBEAT_MS_DEFAULT,
-            phi_threshold: config::PHI_THRESHOLD_DEFAULT,
-            admission_p99_threshold_us: config::ADMISSION_P99_THRESHOLD_US_DEFAULT,
         }
     }
 
     /// Largest encoded object a shard stores or sends: the engine's hard value limit, and small
     /// enough that a REPLICA_PUT carrying it fits a frame.
     fn object_bytes_max(&self) -> usize {
-        VALUE_BYTES_MAX.min(self.limits.frame_bytes_max - PUT_OVERHEAD_BYTES_MAX)
+        VALUE_BYTES_MAX.min(self.settings.limits.frame_bytes_max - PUT_OVERHEAD_BYTES_MAX)
     }
 }
 

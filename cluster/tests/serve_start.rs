@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use ringkv_cluster::config::{FileConfig, Settings};
 use ringkv_cluster::server::{ServeConfig, ServeError, serve};
 
 /// A bound on the wait for `serve` to return, so a node that hangs fails the test instead of
@@ -23,7 +24,13 @@ fn a_shard_without_an_executor_stops_the_node() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("serve-start-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cfg = ServeConfig::new(dir, "127.0.0.1:0".parse().unwrap(), vec![0, 1 << 20]);
+    let flags = FileConfig {
+        data_dir: Some(dir),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..FileConfig::default()
+    };
+    let settings = Settings::resolve(flags, FileConfig::default()).unwrap();
+    let cfg = ServeConfig::new(settings, vec![0, 1 << 20]);
     let (done_tx, done) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(serve(cfg));

@@ -449,39 +449,16 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         // More shards than allowed CPUs wrap around: useful for tests, not for speed.
         cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
     }
-    let mut cfg = ServeConfig::new(settings.data_dir.clone(), settings.listen, cpus);
-    // The data directory decides who this node is (a new one picks an id when none is
-    // given; `serve` writes it once its checks passed); the seeds are read as that node.
-    let identity = identity::resolve(&cfg.data_dir, settings.node_id.map(|n| n.0))?;
+    // The data directory decides who this node is (a new one picks an id when none is given;
+    // `serve` writes it once its checks passed); the seeds are read as that node.
+    let identity = identity::resolve(&settings.data_dir, settings.node_id.map(|n| n.0))?;
     let seeds = settings.seed_view(identity.id)?;
-    cfg.peers = resolve_peers(&seeds.peers)?;
-    cfg.contact_seeds = settings.contact_seeds.clone();
+    let peers = resolve_peers(&seeds.peers)?;
+    let mut cfg = ServeConfig::new(settings, cpus);
+    cfg.peers = peers;
     cfg.node_id = identity.id;
     cfg.identity = Some(identity);
-    cfg.peer_listen = seeds.peer_listen;
-    cfg.durability = settings.durability;
-    cfg.resp_listen = settings.resp_listen;
-    cfg.admin_listen = settings.admin_listen;
-    cfg.cluster_name = settings.cluster_name;
-    cfg.node_name = settings.node_name;
-    cfg.inflight_per_connection_max = settings.inflight_per_connection_max;
-    cfg.mesh_queue_messages_max = settings.mesh_queue_messages_max;
-    cfg.peer_inflight_max = settings.peer_inflight_max;
-    cfg.shutdown_drain_ms = settings.shutdown_drain_ms;
-    cfg.request_timeout_ms = settings.request_timeout_ms;
-    cfg.limits = settings.limits;
-    cfg.value_bytes_max = settings.value_bytes_max;
-    cfg.buckets = settings.buckets;
-    cfg.replica_timeout_ms = settings.replica_timeout_ms;
-    cfg.hint_retry_ms = settings.hint_retry_ms;
-    cfg.ae_interval_ms = settings.ae_interval_ms;
-    cfg.ae_keys_max = settings.ae_keys_max;
-    cfg.tombstone_grace_ms = settings.tombstone_grace_ms;
-    cfg.gossip_ms = settings.gossip_ms;
-    cfg.hint_bytes_max = settings.hint_bytes_max;
-    cfg.heartbeat_ms = settings.heartbeat_ms;
-    cfg.phi_threshold = settings.phi_threshold;
-    cfg.admission_p99_threshold_us = settings.admission_p99_threshold_us;
+    cfg.settings.peer_listen = seeds.peer_listen;
     serve(cfg)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -50,16 +50,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 identity.id, cfg.node_id
             )));
         }
-        None => identity::resolve(&cfg.data_dir, Some(cfg.node_id.0))
+        None => identity::resolve(&cfg.settings.data_dir, Some(cfg.node_id.0))
             .map_err(|e| ServeError::Identity(e.to_string()))?,
     };
-    let target_n = cfg.buckets.max_n();
+    let target_n = cfg.settings.buckets.max_n();
     let membership = start_membership(&cfg, &identity, &members, target_n)?;
     let view = Arc::new(ShardView::from_view(cfg.node_id, &membership.view()));
     // One executor per shard and the signal executor.
     let budget = preflight::check(shards + 1)?;
     // Written only now: a node refused by the checks above leaves its data directory untouched.
-    identity::persist(&cfg.data_dir, &identity).map_err(|e| ServeError::Identity(e.to_string()))?;
+    identity::persist(&cfg.settings.data_dir, &identity)
+        .map_err(|e| ServeError::Identity(e.to_string()))?;
     let clock = Clock::new();
     glommio::signal::block(&[libc::SIGTERM, libc::SIGINT])
         .map_err(|e| runtime("cannot block SIGTERM and SIGINT", e))?;
@@ -105,35 +106,38 @@ fn check_config(cfg: &mut ServeConfig) -> Result<(), ServeError> {
             crate::route::SHARDS_MAX
         )));
     }
-    cfg.listen = check_port_free(cfg.listen)?;
-    if let Some(addr) = cfg.resp_listen {
+    cfg.settings.listen = check_port_free(cfg.settings.listen)?;
+    if let Some(addr) = cfg.settings.resp_listen {
         let addr = check_port_free(addr)?;
-        if addr == cfg.listen {
+        if addr == cfg.settings.listen {
             return Err(ServeError::Config(format!(
                 "the RESP listener cannot share the client protocol's address {addr}"
             )));
         }
-        cfg.resp_listen = Some(addr);
+        cfg.settings.resp_listen = Some(addr);
     }
-    if let Some(addr) = cfg.admin_listen {
+    if let Some(addr) = cfg.settings.admin_listen {
         let addr = check_port_free(addr)?;
-        if addr == cfg.listen || Some(addr) == cfg.resp_listen {
+        if addr == cfg.settings.listen || Some(addr) == cfg.settings.resp_listen {
             return Err(ServeError::Config(format!(
                 "the admin listener cannot share another listener's address {addr}"
             )));
         }
-        cfg.admin_listen = Some(addr);
+        cfg.settings.admin_listen = Some(addr);
     }
-    if let Some(addr) = cfg.peer_listen {
+    if let Some(addr) = cfg.settings.peer_listen {
         let addr = check_port_free(addr)?;
-        if addr == cfg.listen || Some(addr) == cfg.resp_listen || Some(addr) == cfg.admin_listen {
+        if addr == cfg.settings.listen
+            || Some(addr) == cfg.settings.resp_listen
+            || Some(addr) == cfg.settings.admin_listen
+        {
             return Err(ServeError::Config(format!(
                 "the peer listener cannot share another listener's address {addr}"
             )));
         }
-        cfg.peer_listen = Some(addr);
+        cfg.settings.peer_listen = Some(addr);
     }
-    if !cfg.peers.is_empty() && cfg.peer_listen.is_none() {
+    if !cfg.peers.is_empty() && cfg.settings.peer_listen.is_none() {
         return Err(ServeError::Config(
             "a node with peers needs a peer listen address".into(),
         ));
@@ -144,7 +148,8 @@ fn check_config(cfg: &mut ServeConfig) -> Result<(), ServeError> {
             cfg.node_id
         )));
     }
-    cfg.buckets
+    cfg.settings
+        .buckets
         .validate()
         .map_err(|e| ServeError::Config(e.to_string()))
 }
@@ -168,8 +173,10 @@ impl ShardStart<'_> {
     fn spawn_all(mut self) -> (Vec<Option<ExecutorJoinHandle<()>>>, Option<ServeError>) {
         let cfg = self.cfg;
         let shards = cfg.cpus.len();
-        let requests = MeshBuilder::<ShardRequest, _>::full(shards, cfg.mesh_queue_messages_max);
-        let replies = MeshBuilder::<ShardReply, _>::full(shards, cfg.mesh_queue_messages_max);
+        let requests =
+            MeshBuilder::<ShardRequest, _>::full(shards, cfg.settings.mesh_queue_messages_max);
+        let replies =
+            MeshBuilder::<ShardReply, _>::full(shards, cfg.settings.mesh_queue_messages_max);
         let control = MeshBuilder::<Control, _>::full(shards, CONTROL_QUEUE_MESSAGES_MAX);
         let metrics: Arc<[Arc<ShardMetrics>]> = (0..shards)
             .map(|_| Arc::new(ShardMetrics::default()))
@@ -453,19 +460,23 @@ fn start_membership(
 ) -> Result<Membership, ServeError> {
     let mcfg = MembershipConfig {
         node: cfg.node_id,
-        peer_addr: cfg.peer_listen.map(|a| a.to_string()).unwrap_or_default(),
-        client_addr: cfg.listen.to_string(),
-        gossip_ms: cfg.gossip_ms,
+        peer_addr: cfg
+            .settings
+            .peer_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        client_addr: cfg.settings.listen.to_string(),
+        gossip_ms: cfg.settings.gossip_ms,
         // Membership's requests (gossip, join, commit) are answered at once by a live peer.
-        request_timeout_ms: cfg.replica_timeout_ms,
+        request_timeout_ms: cfg.settings.replica_timeout_ms,
         target_n,
         partitions: PARTITIONS,
         incarnation: identity.incarnation,
         fresh: identity.fresh,
-        contact_seeds: cfg.contact_seeds.clone(),
+        contact_seeds: cfg.settings.contact_seeds.clone(),
     };
-    let persisted =
-        cluster_state::read(&cfg.data_dir).map_err(|e| ServeError::Membership(e.to_string()))?;
+    let persisted = cluster_state::read(&cfg.settings.data_dir)
+        .map_err(|e| ServeError::Membership(e.to_string()))?;
     let membership = match persisted {
         Some(bytes) => {
             tracing::info!(node = %cfg.node_id, "membership restored from the cluster state file");
@@ -478,7 +489,7 @@ fn start_membership(
                 members
                     .iter()
                     .map(|id| {
-                        let addr = cfg.peers.get(id).copied().or(cfg.peer_listen);
+                        let addr = cfg.peers.get(id).copied().or(cfg.settings.peer_listen);
                         (*id, addr.map(|a| a.to_string()).unwrap_or_default())
                     })
                     .collect()

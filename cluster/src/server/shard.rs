@@ -64,14 +64,15 @@ pub(super) async fn run_shard(
     if shutdown.is_cancelled() {
         return Ok(());
     }
-    let dir = cfg.data_dir.join(format!("shard-{id}"));
+    let dir = cfg.settings.data_dir.join(format!("shard-{id}"));
     let mut ecfg = EngineConfig::new(&dir);
     // Hint keys carry the home node's id before the replica key.
-    ecfg.key_bytes_max = engine_key_bytes_max(cfg.limits.key_bytes_max) + HINT_KEY_PREFIX_BYTES;
+    ecfg.key_bytes_max =
+        engine_key_bytes_max(cfg.settings.limits.key_bytes_max) + HINT_KEY_PREFIX_BYTES;
     // The engine stores whole objects (every sibling and the clock), not single values; the
     // node's value limit is checked on client requests.
     ecfg.value_bytes_max = cfg.object_bytes_max();
-    ecfg.default_durability = cfg.durability;
+    ecfg.default_durability = cfg.settings.durability;
     let engine = Engine::open(ecfg)
         .await
         .map_err(|source| ServeError::Engine {
@@ -83,7 +84,7 @@ pub(super) async fn run_shard(
     // thread, and only once the engine holds the directory's lock: a second node refused by the
     // lock must not touch them.
     let lease_dir = dir.clone();
-    let sync = cfg.durability == Durability::Sync;
+    let sync = cfg.settings.durability == Durability::Sync;
     let leased = glommio::executor()
         .spawn_blocking(move || {
             // Read before the lease: a directory without a lease file has issued nothing.
@@ -175,22 +176,22 @@ pub(super) fn start_core(
     hints: Vec<(StoreKey, u64)>,
 ) -> (Core, Replication) {
     let mut core_cfg = CoreConfig::new(cfg.node_id);
-    core_cfg.buckets = cfg.buckets.clone();
-    core_cfg.durable_writes = cfg.durability == Durability::Sync;
+    core_cfg.buckets = cfg.settings.buckets.clone();
+    core_cfg.durable_writes = cfg.settings.durability == Durability::Sync;
     core_cfg.epoch_floor = Some(floor);
-    core_cfg.request_timeout_ms = cfg.request_timeout_ms;
-    core_cfg.replica_timeout_ms = cfg.replica_timeout_ms;
-    core_cfg.hint_retry_ms = cfg.hint_retry_ms;
-    core_cfg.ae_interval_ms = cfg.ae_interval_ms;
-    core_cfg.ae_keys_max = cfg.ae_keys_max;
-    core_cfg.tombstone_grace_ms = cfg.tombstone_grace_ms;
-    core_cfg.hint_bytes_max = cfg.hint_bytes_max / cfg.cpus.len().max(1) as u64;
-    core_cfg.heartbeat_ms = cfg.heartbeat_ms;
-    core_cfg.phi_threshold = f64::from(cfg.phi_threshold);
+    core_cfg.request_timeout_ms = cfg.settings.request_timeout_ms;
+    core_cfg.replica_timeout_ms = cfg.settings.replica_timeout_ms;
+    core_cfg.hint_retry_ms = cfg.settings.hint_retry_ms;
+    core_cfg.ae_interval_ms = cfg.settings.ae_interval_ms;
+    core_cfg.ae_keys_max = cfg.settings.ae_keys_max;
+    core_cfg.tombstone_grace_ms = cfg.settings.tombstone_grace_ms;
+    core_cfg.hint_bytes_max = cfg.settings.hint_bytes_max / cfg.cpus.len().max(1) as u64;
+    core_cfg.heartbeat_ms = cfg.settings.heartbeat_ms;
+    core_cfg.phi_threshold = f64::from(cfg.settings.phi_threshold);
     core_cfg.object_bytes_max = cfg.object_bytes_max();
     core_cfg.shard = u32::try_from(id).expect("serve bounds the shard count");
     core_cfg.shards = u32::try_from(cfg.cpus.len()).expect("serve bounds the shard count");
-    core_cfg.target_n = cfg.buckets.max_n();
+    core_cfg.target_n = cfg.settings.buckets.max_n();
     tracing::info!(
         shard = id,
         node = %cfg.node_id,
@@ -254,23 +255,27 @@ pub(super) async fn start_shard(
     meshes: Meshes,
     stop: &StopToken,
 ) -> Result<Option<Started>, ServeError> {
-    let listener = TcpListener::bind(cfg.listen)
-        .map_err(|e| runtime(format!("shard {id}: cannot listen on {}", cfg.listen), e))?;
-    let resp_listener = match cfg.resp_listen {
+    let listener = TcpListener::bind(cfg.settings.listen).map_err(|e| {
+        runtime(
+            format!("shard {id}: cannot listen on {}", cfg.settings.listen),
+            e,
+        )
+    })?;
+    let resp_listener = match cfg.settings.resp_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
         ),
         None => None,
     };
-    let peer_listener = match cfg.peer_listen {
+    let peer_listener = match cfg.settings.peer_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
         ),
         None => None,
     };
-    let admin_listener = match cfg.admin_listen {
+    let admin_listener = match cfg.settings.admin_listen {
         Some(addr) if id == 0 => Some(
             TcpListener::bind(addr)
                 .map_err(|e| runtime(format!("shard {id}: cannot listen on {addr}"), e))?,
@@ -352,9 +357,9 @@ pub(super) async fn serve_shard(
     spawn_engine_refresh(&shard, shutdown.clone());
     spawn_control_loops(&shard, control_rx)?;
     spawn_reply_loops(&shard.waiting, rep_rx);
-    let mesh = MeshService::start(&shard, req_rx, rep_tx, cfg.peer_inflight_max);
+    let mesh = MeshService::start(&shard, req_rx, rep_tx, cfg.settings.peer_inflight_max);
 
-    tracing::info!(shard = id, addr = %cfg.listen, "shard serving");
+    tracing::info!(shard = id, addr = %cfg.settings.listen, "shard serving");
     let listeners = Listeners {
         client: listener,
         resp: resp_listener,
@@ -366,7 +371,7 @@ pub(super) async fn serve_shard(
         listeners,
         &shutdown,
         &all_metrics,
-        cfg.shutdown_drain_ms,
+        cfg.settings.shutdown_drain_ms,
     )
     .await;
     // No request from this shard can follow; peers' loops end once every shard got here.
@@ -398,7 +403,7 @@ fn new_shard(
         stop_node,
     } = replication;
     let shard_count = cfg.cpus.len();
-    let dir = cfg.data_dir.join(format!("shard-{id}"));
+    let dir = cfg.settings.data_dir.join(format!("shard-{id}"));
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(
         Shares::Static(1000),
@@ -414,7 +419,7 @@ fn new_shard(
         "background",
     );
     let admission = AdmissionController::new(AdmissionConfig {
-        p99_threshold_us: cfg.admission_p99_threshold_us,
+        p99_threshold_us: cfg.settings.admission_p99_threshold_us,
         ..AdmissionConfig::default()
     });
     Rc::new(Shard {
@@ -422,34 +427,34 @@ fn new_shard(
         shard_count,
         engine,
         info: NodeInfo {
-            cluster_name: cfg.cluster_name.clone(),
-            node_name: cfg.node_name.clone(),
+            cluster_name: cfg.settings.cluster_name.clone(),
+            node_name: cfg.settings.node_name.clone(),
             shard_count: u16::try_from(shard_count).expect("serve bounds the shard count"),
         },
-        limits: cfg.limits,
-        inflight_per_connection_max: cfg.inflight_per_connection_max,
+        limits: cfg.settings.limits,
+        inflight_per_connection_max: cfg.settings.inflight_per_connection_max,
         requests,
         waiting: Rc::new(Waiters::default()),
         metrics: all_metrics[id].clone(),
-        request_timeout_ms: cfg.request_timeout_ms,
-        replica_timeout_ms: cfg.replica_timeout_ms,
-        value_bytes_max: cfg.value_bytes_max,
+        request_timeout_ms: cfg.settings.request_timeout_ms,
+        replica_timeout_ms: cfg.settings.replica_timeout_ms,
+        value_bytes_max: cfg.settings.value_bytes_max,
         core: RefCell::new(core),
         admission: RefCell::new(admission),
         background,
         background_shares,
         clock,
         node_id: cfg.node_id,
-        node_name: cfg.node_name.clone(),
-        cluster_name: cfg.cluster_name.clone(),
+        node_name: cfg.settings.node_name.clone(),
+        cluster_name: cfg.settings.cluster_name.clone(),
         clients: Waiters::default(),
         inbound: Waiters::default(),
         links: RefCell::new(HashMap::new()),
         members: membership.map(|m| {
             members::Driver::new(
                 m,
-                cfg.data_dir.clone(),
-                cfg.peer_listen,
+                cfg.settings.data_dir.clone(),
+                cfg.settings.peer_listen,
                 all_metrics.clone(),
                 stop_node,
             )
@@ -458,7 +463,7 @@ fn new_shard(
         view_version: Cell::new(view.version),
         control,
         epochs_path: dir.join(EPOCHS_FILE),
-        floor_file: cfg.durability == Durability::Sync,
+        floor_file: cfg.settings.durability == Durability::Sync,
         store_work: Gate::new(),
         stop: StopToken::new(),
         foreground,
