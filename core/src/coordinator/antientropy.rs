@@ -524,7 +524,7 @@ impl Core {
             let me = self.cfg.node;
             for i in 0..self.tree_homes(id).len() {
                 let home = self.tree_homes(id)[i];
-                if home != me && !self.believed_up(home, now) {
+                if home != me && !self.live.believed_up(home, now) {
                     self.ae.suspects.insert((id, home));
                 }
             }
@@ -618,7 +618,7 @@ impl Core {
         for &(tree, peer) in &self.ae.suspects {
             if !self.ae.trees.contains_key(&tree) || !self.tree_homes(tree).contains(&peer) {
                 gone.push((tree, peer));
-            } else if self.believed_up(peer, now) && !self.tree_loading(tree.0) {
+            } else if self.live.believed_up(peer, now) && !self.tree_loading(tree.0) {
                 // A loading tree waits for its load (module docs); the pair stays.
                 found = Some((tree, peer));
                 break;
@@ -675,7 +675,7 @@ impl Core {
         let first = ((round / len) % peers.len() as u64) as usize;
         let Some(peer) = (0..peers.len())
             .map(|i| peers[(first + i) % peers.len()])
-            .find(|&p| self.believed_up(p, now))
+            .find(|&p| self.live.believed_up(p, now))
         else {
             return;
         };
@@ -1168,7 +1168,7 @@ impl Core {
             return;
         }
         let peers = self.tree_peers(tree_id);
-        if peers.iter().any(|&p| !self.believed_up(p, now)) {
+        if peers.iter().any(|&p| !self.live.believed_up(p, now)) {
             return;
         }
         if peers.is_empty() {

@@ -340,7 +340,7 @@ impl Core {
             if budget == 0 {
                 break;
             }
-            if !self.believed_up(home, now) {
+            if !self.live.believed_up(home, now) {
                 continue;
             }
             let w = self.hint_store.windows.entry(home).or_default();

@@ -11,7 +11,7 @@
 //! connection, suspects it at once, for `down_ms` or until it is heard from again (the detector
 //! alone would take many heartbeat intervals to notice a crash that a failed request proves).
 //!
-//! The coordinator asks [`Core::believed_up`] when it picks a slot's holder, a forward target
+//! The coordinator asks `Liveness::believed_up` when it picks a slot's holder, a forward target
 //! or a home to deliver hints to, so a suspected home is skipped in favour of a fallback (with
 //! no fallback believed up, a slot still tries its suspected home once, see `assign_slot`). There
 //! is no global view: every core (every shard of every node) decides alone from what it saw,
@@ -21,7 +21,7 @@
 //! one message pair per member per interval per core. A heartbeat is fire-and-forget: nothing
 //! waits for its answer, so it leaves no state behind when lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Core, Output, PeerMsg};
 use crate::NodeId;
@@ -32,69 +32,75 @@ use crate::phi::PhiDetector;
 /// more intervals to suspect it.
 pub(super) const RESPONSIVE_HEARTBEATS: u64 = 2;
 
-/// Failure-detection state of a core.
-#[derive(Debug, Default)]
+/// Failure-detection state of a core: what it heard from every peer, and when, and what it
+/// concluded. Owns its own settings, so nothing else reaches into it.
+#[derive(Debug)]
 pub(super) struct Liveness {
+    /// This node: always believed up.
+    me: NodeId,
+    /// Interval between heartbeats, in milliseconds.
+    heartbeat_ms: u64,
+    /// How long a failed request keeps a peer suspected, unless it is heard from first.
+    down_ms: u64,
+    /// Suspicion level above which a silent peer is believed down.
+    phi_threshold: f64,
     detectors: BTreeMap<NodeId, PhiDetector>,
     /// Peers suspected after a failed request, since when.
     down: BTreeMap<NodeId, u64>,
     /// When each peer was last heard from.
     last_heard: BTreeMap<NodeId, u64>,
     /// When the next heartbeat is due.
-    pub(super) next_heartbeat: u64,
+    next_heartbeat: u64,
 }
 
-impl Core {
+impl Liveness {
+    pub(super) fn new(me: NodeId, heartbeat_ms: u64, down_ms: u64, phi_threshold: f64) -> Self {
+        Liveness {
+            me,
+            heartbeat_ms,
+            down_ms,
+            phi_threshold,
+            detectors: BTreeMap::new(),
+            down: BTreeMap::new(),
+            last_heard: BTreeMap::new(),
+            next_heartbeat: 0,
+        }
+    }
+
     /// Whether `node` is believed reachable at `now` (module docs).
     pub(super) fn believed_up(&self, node: NodeId, now: u64) -> bool {
-        if node == self.cfg.node {
+        if node == self.me {
             return true;
         }
         if self
-            .live
             .down
             .get(&node)
-            .is_some_and(|since| now < since.saturating_add(self.cfg.down_ms))
+            .is_some_and(|since| now < since.saturating_add(self.down_ms))
         {
             return false;
         }
-        self.live
-            .detectors
+        self.detectors
             .get(&node)
-            .is_none_or(|d| !d.suspected(now, self.cfg.phi_threshold))
-    }
-
-    /// Whether `node` is suspected at `now` (the opposite of [`Core::believed_up`]).
-    pub fn suspects(&self, node: NodeId, now: u64) -> bool {
-        !self.believed_up(node, now)
-    }
-
-    /// Other members suspected at `now`.
-    pub fn suspected_count(&self, now: u64) -> usize {
-        self.ring
-            .members()
-            .iter()
-            .filter(|m| !self.believed_up(**m, now))
-            .count()
+            .is_none_or(|d| !d.suspected(now, self.phi_threshold))
     }
 
     /// A request to `node` timed out or its connection failed: suspected now.
     pub(super) fn mark_down(&mut self, node: NodeId, now: u64) {
-        if node != self.cfg.node {
-            self.live.down.insert(node, now);
+        if node != self.me {
+            self.down.insert(node, now);
         }
     }
 
-    /// A message from `node` arrived at `now`.
-    pub(super) fn heard_from(&mut self, node: NodeId, now: u64) {
-        self.live.down.remove(&node);
-        self.live.last_heard.insert(node, now);
-        if node == self.cfg.node || !self.ring.members().contains(&node) {
+    /// A message from `node` arrived at `now`; `member` says whether it is a ring member (only
+    /// members are watched).
+    pub(super) fn heard_from(&mut self, node: NodeId, now: u64, member: bool) {
+        self.down.remove(&node);
+        self.last_heard.insert(node, now);
+        if node == self.me || !member {
             return;
         }
-        let interval = self.cfg.heartbeat_ms;
-        self.live
-            .detectors
+        let interval = self.heartbeat_ms;
+        self.detectors
             .entry(node)
             .or_insert_with(|| PhiDetector::new(interval))
             .arrived(now);
@@ -103,10 +109,9 @@ impl Core {
     /// Whether `node` was heard from within the last [`RESPONSIVE_HEARTBEATS`] heartbeat
     /// intervals (a peer never heard from yet counts as responsive: nothing says otherwise).
     pub(super) fn responsive(&self, node: NodeId, now: u64) -> bool {
-        let window = self.cfg.heartbeat_ms.saturating_mul(RESPONSIVE_HEARTBEATS);
-        node == self.cfg.node
+        let window = self.heartbeat_ms.saturating_mul(RESPONSIVE_HEARTBEATS);
+        node == self.me
             || self
-                .live
                 .last_heard
                 .get(&node)
                 .is_none_or(|t| now.saturating_sub(*t) <= window)
@@ -121,7 +126,7 @@ impl Core {
     pub(super) fn forward_target(
         &self,
         homes: impl Iterator<Item = NodeId> + Clone,
-        tried: &std::collections::BTreeSet<NodeId>,
+        tried: &BTreeSet<NodeId>,
         now: u64,
     ) -> Option<NodeId> {
         let candidates = homes.filter(|h| !tried.contains(h) && self.believed_up(*h, now));
@@ -131,30 +136,61 @@ impl Core {
             .or_else(|| candidates.clone().next())
     }
 
-    /// Sends a heartbeat to every other member when one is due. A member seen for the first
-    /// time starts being watched now.
-    pub(super) fn heartbeat(&mut self, now: u64) {
-        if now < self.live.next_heartbeat {
-            return;
+    /// When the next heartbeat is due.
+    pub(super) fn next_heartbeat(&self) -> u64 {
+        self.next_heartbeat
+    }
+
+    /// The members to send a heartbeat to, if one is due at `now`; forgets peers that are no
+    /// longer `members`, and starts watching a member seen for the first time.
+    fn heartbeat_due(&mut self, now: u64, members: &BTreeSet<NodeId>) -> Option<Vec<NodeId>> {
+        if now < self.next_heartbeat {
+            return None;
         }
-        self.live.next_heartbeat = now + self.cfg.heartbeat_ms;
-        let me = self.cfg.node;
-        let members: Vec<NodeId> = self
-            .ring
-            .members()
-            .iter()
-            .copied()
-            .filter(|m| *m != me)
-            .collect();
-        let interval = self.cfg.heartbeat_ms;
-        self.live.detectors.retain(|n, _| members.contains(n));
-        self.live.last_heard.retain(|n, _| members.contains(n));
-        for node in members {
-            self.live.detectors.entry(node).or_insert_with(|| {
+        self.next_heartbeat = now + self.heartbeat_ms;
+        let me = self.me;
+        let members: Vec<NodeId> = members.iter().copied().filter(|m| *m != me).collect();
+        let interval = self.heartbeat_ms;
+        self.detectors.retain(|n, _| members.contains(n));
+        self.last_heard.retain(|n, _| members.contains(n));
+        for node in &members {
+            self.detectors.entry(*node).or_insert_with(|| {
                 let mut d = PhiDetector::new(interval);
                 d.arrived(now);
                 d
             });
+        }
+        Some(members)
+    }
+}
+
+impl Core {
+    /// Whether `node` is suspected at `now` (the opposite of `Liveness::believed_up`).
+    pub fn suspects(&self, node: NodeId, now: u64) -> bool {
+        !self.live.believed_up(node, now)
+    }
+
+    /// Other members suspected at `now`.
+    pub fn suspected_count(&self, now: u64) -> usize {
+        self.ring
+            .members()
+            .iter()
+            .filter(|m| !self.live.believed_up(**m, now))
+            .count()
+    }
+
+    /// A message from `node` arrived at `now`.
+    pub(super) fn heard_from(&mut self, node: NodeId, now: u64) {
+        let member = self.ring.members().contains(&node);
+        self.live.heard_from(node, now, member);
+    }
+
+    /// Sends a heartbeat to every other member when one is due.
+    pub(super) fn heartbeat(&mut self, now: u64) {
+        let Some(members) = self.live.heartbeat_due(now, self.ring.members()) else {
+            return;
+        };
+        for node in members {
             let id = self.id();
             self.stats.heartbeats += 1;
             self.out.push(Output::Send {

@@ -843,7 +843,7 @@ impl Core {
             jobs: BTreeMap::new(),
             locks: BTreeMap::new(),
             job_ops: BTreeMap::new(),
-            live: Liveness::default(),
+            live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
             hints: BTreeMap::new(),
             hints_in_flight: 0,
             hint_store: HintStore::default(),
@@ -916,7 +916,7 @@ impl Core {
             self.op_deadlines.first().map(|(t, _)| *t),
             (!self.hints.is_empty()).then_some(self.next_hint_round),
             self.ae_deadline(),
-            Some(self.live.next_heartbeat),
+            Some(self.live.next_heartbeat()),
             self.transfer_deadline(),
         ]
         .into_iter()
@@ -1083,7 +1083,9 @@ impl Core {
                 self.answer(reply_to, not_enough("write", 0, w, n));
             }
             KeyOp::Put | KeyOp::Delete if !is_home && !forwarded => {
-                let up = self.forward_target(homes.iter().copied(), &BTreeSet::new(), now);
+                let up = self
+                    .live
+                    .forward_target(homes.iter().copied(), &BTreeSet::new(), now);
                 match up {
                     Some(home) => {
                         op.kind = OpKind::Forwarded {
@@ -1380,7 +1382,7 @@ impl Core {
         let walk = &self.walks[op.partition as usize];
         let n = op.slots.len();
         let untried = !op.used.contains(&home);
-        let holder = if untried && self.believed_up(home, now) {
+        let holder = if untried && self.live.believed_up(home, now) {
             Some(home)
         } else {
             // The ring may have changed (and shrunk) since the op began.
@@ -1388,7 +1390,7 @@ impl Core {
                 .unwrap_or_default()
                 .iter()
                 .copied()
-                .find(|f| !op.used.contains(f) && self.believed_up(*f, now))
+                .find(|f| !op.used.contains(f) && self.live.believed_up(*f, now))
                 .or(untried.then_some(home))
         };
         let op = self.ops.get_mut(&id).expect("looked up above");
@@ -1887,7 +1889,7 @@ impl Core {
     /// The shell lost its connection to `node` (or could not open one): everything outstanding
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
-        self.mark_down(node, now);
+        self.live.mark_down(node, now);
         self.ae_unreachable(now, node);
         let ids: Vec<u64> = self
             .pending
@@ -1924,15 +1926,16 @@ impl Core {
     fn expire(&mut self, now: u64, id: u64) {
         match self.pending.remove(&id) {
             Some(Pending::Slot { op, slot, node }) => {
-                self.mark_down(node, now);
+                self.live.mark_down(node, now);
                 self.write_missed(op, node);
                 self.slot_answered(now, op, slot, SlotResult::Failed);
             }
             Some(Pending::Forward { op, node }) => {
-                self.mark_down(node, now);
+                self.live.mark_down(node, now);
                 let next = self.ops.get(&op).and_then(|o| match &o.kind {
                     OpKind::Forwarded { tried, .. } => {
-                        self.forward_target(o.slots.iter().map(|s| s.home), tried, now)
+                        self.live
+                            .forward_target(o.slots.iter().map(|s| s.home), tried, now)
                     }
                     _ => None,
                 });
@@ -1956,15 +1959,15 @@ impl Core {
                     }
                 }
             }
-            Some(Pending::Repair { node }) => self.mark_down(node, now),
+            Some(Pending::Repair { node }) => self.live.mark_down(node, now),
             Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
             Some(Pending::HandoffPut { partition }) => self.handoff_acked(now, partition, false),
             Some(Pending::Delivery { hint, to, .. }) => {
-                self.mark_down(to, now);
+                self.live.mark_down(to, now);
                 self.hint_settled(now, &hint, to, false);
             }
             Some(Pending::Credit { home }) => {
-                self.mark_down(home, now);
+                self.live.mark_down(home, now);
                 self.credit_answered(home, None);
             }
             Some(other) => {
