@@ -328,16 +328,16 @@ struct ShardReply {
 /// correlation mechanism of the shell. A shard keeps three: client requests waiting for the
 /// core's reply (`Output::Reply`), peer and membership requests waiting for an answer
 /// (`Output::Send` of an answer), and requests sent to another shard waiting for its reply over
-/// the mesh. The ids of outbound peer requests are the core's own (the core matches their
+/// the mesh; shard 0 keeps a fourth for operator commands waiting for membership's answer. The ids of outbound peer requests are the core's own (the core matches their
 /// answers), so they need no table here.
 ///
 /// An answer whose waiter is gone (its deadline passed, its connection closed) is dropped.
-struct Waiters {
+struct Waiters<T = Message> {
     next: Cell<u64>,
-    waiting: RefCell<HashMap<u64, LocalSender<Message>>>,
+    waiting: RefCell<HashMap<u64, LocalSender<T>>>,
 }
 
-impl Default for Waiters {
+impl<T> Default for Waiters<T> {
     fn default() -> Self {
         Waiters {
             // Ids start at 1, so 0 is never a live id.
@@ -347,9 +347,9 @@ impl Default for Waiters {
     }
 }
 
-impl Waiters {
+impl<T> Waiters<T> {
     /// A new id and the receiver its answer arrives on.
-    fn register(&self) -> (u64, LocalReceiver<Message>) {
+    fn register(&self) -> (u64, LocalReceiver<T>) {
         let id = self.next.get();
         self.next.set(id + 1);
         let (tx, rx) = local_channel::new_bounded(1);
@@ -358,7 +358,7 @@ impl Waiters {
     }
 
     /// Hands `message` to the task waiting on `id`, if it still waits.
-    fn answer(&self, id: u64, message: Message) {
+    fn answer(&self, id: u64, message: T) {
         if let Some(waiter) = self.waiting.borrow_mut().remove(&id) {
             let _ = waiter.try_send(message);
         }

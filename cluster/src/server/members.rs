@@ -50,7 +50,7 @@
 //! `replica_timeout_ms`: a live peer answers membership at once).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::BuildHasher;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -59,7 +59,6 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use futures_lite::io::AsyncWriteExt;
-use glommio::channels::local_channel::{self, LocalSender};
 use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message};
 
 use crate::cluster_state;
@@ -74,7 +73,7 @@ use super::links::{connect_peer, request_once};
 use super::stop::StopToken;
 use super::stop::unless;
 use super::view::{Control, ShardView};
-use super::{ServeError, Shard, error_message};
+use super::{ServeError, Shard, Waiters, error_message};
 use ringkv_core::NodeId;
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
@@ -95,8 +94,7 @@ pub(super) fn is_membership_id(request_id: u64) -> bool {
 pub(super) struct Driver {
     membership: RefCell<Membership>,
     /// ADMIN requests waiting for their answer, by the id given to `Membership::admin`.
-    admin: RefCell<HashMap<u64, LocalSender<Result<String, AdminError>>>>,
-    next_admin: Cell<u64>,
+    admin: Waiters<Result<String, AdminError>>,
     /// The latest state to persist, if not yet written.
     persist_next: RefCell<Option<Vec<u8>>>,
     /// Whether a write of the state file is running.
@@ -144,8 +142,7 @@ impl Driver {
     ) -> Self {
         Self {
             membership: RefCell::new(membership),
-            admin: RefCell::new(HashMap::new()),
-            next_admin: Cell::new(1),
+            admin: Waiters::default(),
             persist_next: RefCell::new(None),
             persisting: Cell::new(false),
             queue: RefCell::new(VecDeque::new()),
@@ -277,10 +274,7 @@ impl Shard {
             );
         }
         let status = cmd == AdminCmd::Status;
-        let req = driver.next_admin.get();
-        driver.next_admin.set(req + 1);
-        let (tx, rx) = local_channel::new_bounded(1);
-        driver.admin.borrow_mut().insert(req, tx);
+        let (req, rx) = driver.admin.register();
         let outputs = driver
             .membership
             .borrow_mut()
@@ -446,11 +440,8 @@ impl Shard {
                 }
                 MembershipOutput::SendAddr { addr, msg } => self.send_once(addr, msg),
                 MembershipOutput::AdminReply { req, result } => {
-                    let waiter = self
-                        .driver()
-                        .and_then(|d| d.admin.borrow_mut().remove(&req));
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.try_send(result);
+                    if let Some(driver) = self.driver() {
+                        driver.admin.answer(req, result);
                     }
                 }
                 MembershipOutput::View(view) => self.publish_view(&view),
