@@ -36,8 +36,12 @@ impl Shard {
             Ok(request) => request,
             Err(Message::Admin(admin)) => {
                 let shard = self.clone();
-                let work = async move { shard.route_admin(admin).await };
-                return self.within_deadline(None, work, hold).await;
+                let work = glommio::spawn_local(async move {
+                    let reply = shard.route_admin(admin).await;
+                    drop(hold);
+                    reply
+                });
+                return self.within_deadline(None, work).await;
             }
             Err(other) => {
                 return error_message(
@@ -73,9 +77,15 @@ impl Shard {
         };
         let start = Instant::now();
         let timeout_ms = request.timeout_ms();
+        // Spawned here, so the request's work is its own task: the caller's future holds only
+        // its handle, however large the work's state grows.
         let shard = self.clone();
-        let work = async move { shard.route(request).await };
-        let reply = self.within_deadline(timeout_ms, work, hold).await;
+        let work = glommio::spawn_local(async move {
+            let reply = shard.route(request).await;
+            drop(hold);
+            reply
+        });
+        let reply = self.within_deadline(timeout_ms, work).await;
         let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.admission.borrow_mut().record(elapsed_us);
         let ok = !matches!(reply, Message::Error(_));
@@ -83,22 +93,13 @@ impl Shard {
         reply
     }
 
-    /// Runs `work` in its own task, holding `hold` until it ends, and answers `timeout` once
-    /// `requested_ms` (or the node's `request_timeout_ms`) has passed without its answer.
-    async fn within_deadline<H: 'static>(
-        &self,
-        requested_ms: Option<u32>,
-        work: impl std::future::Future<Output = Message> + 'static,
-        hold: H,
-    ) -> Message {
+    /// Waits for `work` (a task holding the connection's slot until it ends) and answers
+    /// `timeout` once `requested_ms` (or the node's `request_timeout_ms`) has passed without its
+    /// answer; the work then runs on, detached.
+    async fn within_deadline(&self, requested_ms: Option<u32>, mut work: Task<Message>) -> Message {
         let timeout_ms = requested_ms
             .map_or(self.request_timeout_ms, u64::from)
             .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
-        let mut work = glommio::spawn_local(async move {
-            let reply = work.await;
-            drop(hold);
-            reply
-        });
         let finished = unless(
             &mut work,
             glommio::timer::sleep(Duration::from_millis(timeout_ms)),
