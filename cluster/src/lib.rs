@@ -7,10 +7,13 @@
 //! about this crate.
 //!
 //! Sans-IO parts (pure functions and state, tested without a runtime): [`config`] (settings from
-//! file and flags), [`peer`] (peer messages on the wire and hints in the engine), [`metrics`]
-//! (counters, Prometheus text and admin HTTP answers), [`route`] (partition, shard and engine key
+//! file and flags), [`peer`] (peer messages on the wire), [`metrics`]
+//! (counters, Prometheus text and admin HTTP answers), [`route`] (partition and shard
 //! of a request), [`resp`] (Redis commands onto requests), [`session`] (a connection's protocol
-//! state).
+//! state), [`replica`] (the replica store and the storage-key layout, over the engine or the
+//! simulator's store).
+//!
+//! [`error`] is the one error type of a node's start and stop.
 //!
 //! Parts that touch the machine: [`epochs`] (the persisted epoch lease of a shard), [`identity`]
 //! (the node id and incarnation a data directory is bound to), [`cluster_state`] (the node's
@@ -31,6 +34,7 @@
 pub mod cluster_state;
 pub mod config;
 pub mod epochs;
+pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod peer;

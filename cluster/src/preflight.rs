@@ -37,7 +37,7 @@
 
 use glommio::{GlommioError, ReactorErrorKind};
 
-use crate::server::ServeError;
+use crate::error::ServeError;
 
 /// Smallest RLIMIT_MEMLOCK, in bytes, under which glommio builds an executor (its
 /// `MIN_MEMLOCK_LIMIT`; it gives no way to read it).

@@ -107,7 +107,7 @@ use glommio::TaskQueueHandle;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
-use ringkv_engine::{Engine, EngineError};
+use ringkv_engine::Engine;
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
 use ringkv_net::{Admin, ErrorBody, ErrorCode, Frame, Limits, Message};
 
@@ -115,7 +115,7 @@ use ringkv_core::admission::AdmissionController;
 use ringkv_core::coordinator::Core;
 
 use crate::config::{self, Settings};
-use crate::epochs::{self};
+pub use crate::error::ServeError;
 use crate::identity::Identity;
 use crate::metrics::ShardMetrics;
 use crate::session::NodeInfo;
@@ -208,90 +208,25 @@ impl ServeConfig {
     }
 }
 
-/// Why a node could not start or stop cleanly.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The configuration is unusable.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Another process listens on the address (and still did after a short wait).
-    #[error("address {addr} is already in use (another ringkv node or another server?)")]
-    AddrInUse {
-        /// The listen address.
-        addr: SocketAddr,
-    },
-    /// The address could not be bound for another reason.
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        /// The listen address.
-        addr: SocketAddr,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// The node's membership could not be restored or started.
-    #[error("membership: {0}")]
-    Membership(String),
-    /// The node's identity could not be established, or the cluster knows its id from another
-    /// data directory.
-    #[error("node identity: {0}")]
-    Identity(String),
-    /// A shard's epoch lease could not be read or persisted.
-    #[error("shard {shard}: {source}")]
-    Epochs {
-        /// The shard.
-        shard: usize,
-        /// What went wrong.
-        source: epochs::EpochError,
-    },
-    /// A shard's engine failed to open or to close.
-    #[error("shard {shard}: engine in {dir}: {source}")]
-    Engine {
-        /// The shard.
-        shard: usize,
-        /// Its engine directory.
-        dir: PathBuf,
-        /// The engine's error.
-        source: EngineError,
-    },
-    /// The kernel refuses this process an io_uring, which every executor is built on.
-    #[error("io_uring is not available: {reason}; {hint}")]
-    IoUringUnavailable {
-        /// What failed and the errno it failed with.
-        reason: String,
-        /// What to check or change.
-        hint: String,
-    },
-    /// The locked-memory limit (RLIMIT_MEMLOCK) is too low for the runtime.
-    #[error(
-        "not enough locked memory: RLIMIT_MEMLOCK is {limit_bytes} bytes and {cause}; this node \
-         alone needs at least {required_bytes} bytes: raise the limit for the user or service \
-         that runs ringkv (`ulimit -l {kib}` or more in its shell, LimitMEMLOCK= in its systemd \
-         unit, memlock in /etc/security/limits.conf, --ulimit memlock= for Docker)",
-        kib = .required_bytes.div_ceil(1024)
-    )]
-    LockedMemory {
-        /// What failed under the limit.
-        cause: String,
-        /// The soft limit this process runs under, in bytes.
-        limit_bytes: u64,
-        /// The least this node needs, in bytes, if no other process of the user holds any.
-        required_bytes: u64,
-    },
-    /// The runtime refused something (executor, listener, mesh, signals).
-    #[error("{what}: {message}")]
-    Runtime {
-        /// What was being done.
-        what: String,
-        /// The runtime's error.
-        message: String,
-    },
-}
-
 fn runtime(what: impl Into<String>, e: impl std::fmt::Display) -> ServeError {
     ServeError::Runtime {
         what: what.into(),
         message: e.to_string(),
     }
+}
+
+/// What the shard and signal threads tell [`serve`] (on the thread that called it).
+enum Event {
+    /// The first SIGTERM or SIGINT arrived, or signals could no longer be read.
+    Stop,
+    /// The node must stop and exit with this error (its id belongs to another incarnation).
+    Failed(ServeError),
+    /// A shard ended. Without a result, its thread ended without running it to its end (the
+    /// executor could not be built, or the shard panicked): joining the thread says why.
+    ShardEnded {
+        id: usize,
+        result: Option<Result<(), ServeError>>,
+    },
 }
 
 /// A GET, PUT or DELETE sent to the shard that owns its partition.

@@ -23,7 +23,7 @@ use super::view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
 
 use super::shard::{Meshes, Replication, run_shard};
 use super::stop::unless;
-use super::{Clock, ServeConfig, ServeError, ShardReply, ShardRequest, runtime};
+use super::{Clock, Event, ServeConfig, ServeError, ShardReply, ShardRequest, runtime};
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
 ///
@@ -288,20 +288,6 @@ fn wait_for_shards(
             keep_first(first_error, runtime(format!("shard {id}"), e));
         }
     }
-}
-
-/// What the shard and signal threads tell [`serve`].
-pub(super) enum Event {
-    /// The first SIGTERM or SIGINT arrived, or signals could no longer be read.
-    Stop,
-    /// The node must stop and exit with this error (its id belongs to another incarnation).
-    Failed(ServeError),
-    /// A shard ended. Without a result, its thread ended without running it to its end (the
-    /// executor could not be built, or the shard panicked): joining the thread says why.
-    ShardEnded {
-        id: usize,
-        result: Option<Result<(), ServeError>>,
-    },
 }
 
 /// Reports a shard's end to [`serve`] exactly once, however the shard's thread ends: dropped

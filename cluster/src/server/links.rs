@@ -23,12 +23,20 @@ use ringkv_core::NodeId;
 use super::stop::StopToken;
 
 use super::frames::ReadBuffer;
-use super::members;
 use super::stop::unless;
 use super::{
     MeshWork, PEER_BACKOFF_MAX_MS, PEER_BACKOFF_MIN_MS, PEER_HELLO_ID, PEER_QUEUE_FRAMES_MAX,
     READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message,
 };
+
+/// Set in the request id of every membership request on a peer link; the core's ids stay far
+/// below it.
+pub(super) const MEMBERSHIP_ID_BIT: u64 = 1 << 62;
+
+/// Whether an answer on a peer link is for membership (not the link's HELLO).
+pub(super) fn is_membership_id(request_id: u64) -> bool {
+    request_id & MEMBERSHIP_ID_BIT != 0 && request_id != PEER_HELLO_ID
+}
 
 impl Shard {
     /// Queues `msg` for node `to`, opening the link on first use.
@@ -287,7 +295,7 @@ pub(super) async fn read_answers(
                 return;
             };
             // Membership's requests share the link; their ids are marked.
-            if members::is_membership_id(frame.request_id) {
+            if is_membership_id(frame.request_id) {
                 shard.membership_answer(node, frame);
                 continue;
             }

@@ -15,7 +15,7 @@
 //!   or may not have taken effect and may be retried.
 //! - **Messages between nodes** travel in CLUSTER frames without a partition. Requests to a
 //!   member go on shard 0's peer link to it, beside the core's requests; their request ids are
-//!   membership's ids with [`MEMBERSHIP_ID_BIT`] set, so the link's reader tells their answers
+//!   membership's ids with `links::MEMBERSHIP_ID_BIT` set, so the link's reader tells their answers
 //!   (CLUSTER_OK, or ERROR: `handle_failed`) from the core's. A request to an address whose node
 //!   is not known yet (a join's seed, [`MembershipOutput::SendAddr`]) goes on a connection of its
 //!   own: connect, HELLO, one request, one answer, close, all within `replica_timeout_ms`;
@@ -68,12 +68,11 @@ use ringkv_core::membership::{
 };
 
 use super::driver::run_periodic;
-use super::lifecycle::Event;
-use super::links::{connect_peer, request_once};
+use super::links::{MEMBERSHIP_ID_BIT, connect_peer, request_once};
 use super::stop::StopToken;
 use super::stop::unless;
 use super::view::{Control, ShardView};
-use super::{ServeError, Shard, Waiters, error_message};
+use super::{Event, ServeError, Shard, Waiters, error_message};
 use ringkv_core::NodeId;
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
@@ -81,15 +80,6 @@ pub(super) const MEMBERSHIP_TICK_MS: u64 = 50;
 /// Interval between reports of the node's stored bytes to membership: as often as shards
 /// refresh the figures.
 pub(super) const STORED_REPORT_MS: u64 = crate::metrics::ENGINE_REFRESH_MS;
-/// Set in the request id of every membership request on a peer link; the core's ids stay far
-/// below it.
-pub(super) const MEMBERSHIP_ID_BIT: u64 = 1 << 62;
-
-/// Whether an answer on a peer link is for membership (not the link's HELLO).
-pub(super) fn is_membership_id(request_id: u64) -> bool {
-    request_id & MEMBERSHIP_ID_BIT != 0 && request_id != super::PEER_HELLO_ID
-}
-
 /// Shard 0's membership and what its shell keeps.
 pub(super) struct Driver {
     membership: RefCell<Membership>,

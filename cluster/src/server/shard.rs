@@ -24,9 +24,9 @@ use crate::metrics::{self, ShardMetrics};
 use crate::replica::{HINT_KEY_PREFIX_BYTES, HINT_PARTITION_BASE, engine_key_bytes_max};
 use crate::session::NodeInfo;
 
+use super::Event;
 use super::connection::{Listeners, serve_listeners};
 use super::driver::{BackgroundShares, run_ticks};
-use super::lifecycle::Event;
 use super::request::{MeshService, spawn_reply_loops};
 use super::stop::StopToken;
 use super::stop::unless;
