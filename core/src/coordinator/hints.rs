@@ -56,9 +56,9 @@ pub fn hint_bytes(key: &StoreKey, object_bytes: usize) -> u64 {
 
 /// State of one stored hint.
 #[derive(Debug, Default)]
-pub(super) struct HintState {
+struct HintState {
     /// Being read for delivery or sent to its home.
-    pub(super) in_flight: bool,
+    in_flight: bool,
     /// Bytes counted for it (reserved when its write was decided).
     bytes: u64,
     /// A write of it is running (it may not be in storage yet: not delivered meanwhile).
@@ -91,22 +91,149 @@ pub struct HintWindow {
     pub in_flight: u32,
 }
 
-/// HintStore state beyond the hint map.
+/// The hint store of a core: every hint it holds with its state, their bytes against the bound,
+/// the delivery windows to each home, and the share of the background that delivery may use.
+/// The core drives deliveries (it owns the key locks, the messages and the ring); this type
+/// keeps the books, so the bound and the in-flight counts have one owner.
 #[derive(Debug)]
 pub(super) struct HintStore {
+    /// Every hint held, by its stored key.
+    held: BTreeMap<StoreKey, HintState>,
     /// Bytes of every hint held.
     bytes: u64,
+    /// Most bytes of hints held ([`CoreConfig::hint_bytes_max`](super::CoreConfig::hint_bytes_max)).
+    bytes_max: u64,
+    /// Deliveries in flight, over all homes.
+    in_flight: usize,
+    /// Most deliveries in flight at full share.
+    in_flight_max: usize,
     windows: BTreeMap<NodeId, Window>,
     /// The background share from admission control, in `(0, 1]`.
     share: f64,
 }
 
-impl Default for HintStore {
-    fn default() -> Self {
+impl HintStore {
+    pub(super) fn new(bytes_max: u64, in_flight_max: usize) -> Self {
         HintStore {
+            held: BTreeMap::new(),
             bytes: 0,
+            bytes_max,
+            in_flight: 0,
+            in_flight_max,
             windows: BTreeMap::new(),
             share: 1.0,
+        }
+    }
+
+    /// Takes in the hints found in storage at start.
+    fn load(&mut self, hints: impl IntoIterator<Item = (StoreKey, u64)>) {
+        for (key, bytes) in hints {
+            if home_of(&key).is_none() {
+                continue;
+            }
+            let state = HintState {
+                in_flight: false,
+                bytes,
+                writing: false,
+            };
+            if let Some(old) = self.held.insert(key, state) {
+                self.bytes -= old.bytes;
+            }
+            self.bytes += bytes;
+        }
+    }
+
+    /// Every hint held.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &StoreKey> + '_ {
+        self.held.keys()
+    }
+
+    /// Hints held, with whether each is being delivered.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&StoreKey, bool)> + '_ {
+        self.held.iter().map(|(k, h)| (k, h.in_flight))
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Most deliveries in flight at once, over all homes, at the current share.
+    fn budget(&self) -> usize {
+        ((self.in_flight_max as f64 * self.share) as usize).max(1)
+    }
+
+    /// Reserves the size of `object` for hint `key` before it is written, or refuses it.
+    fn reserve(&mut self, key: &StoreKey, object: &Object) -> Result<(), ErrorBody> {
+        assert!(home_of(key).is_some(), "only hints are reserved");
+        let new = hint_bytes(key, object.encoded_len());
+        let old = self.held.get(key).map_or(0, |h| h.bytes);
+        let total = self.bytes - old + new;
+        if new > old && total > self.bytes_max {
+            return Err(ErrorBody::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "hint store full: {} of {} bytes held, a hint of {new} bytes does not fit",
+                    self.bytes, self.bytes_max
+                ),
+            ));
+        }
+        let state = self.held.entry(key.clone()).or_default();
+        state.bytes = new;
+        state.writing = true;
+        self.bytes = total;
+        Ok(())
+    }
+
+    /// The write of `key` ended (done or failed); it may be delivered again.
+    fn write_ended(&mut self, key: &StoreKey) {
+        if let Some(h) = self.held.get_mut(key) {
+            h.writing = false;
+        }
+    }
+
+    /// `key` is no longer stored (delivered, or found missing): its bytes are freed.
+    fn gone(&mut self, key: &StoreKey) {
+        if self.held.get(key).is_some_and(|h| h.writing) {
+            // A write of it started after the read that found nothing: it stays.
+            return;
+        }
+        if let Some(h) = self.held.remove(key) {
+            self.bytes -= h.bytes;
+        }
+    }
+
+    /// A delivery of `hint` to `to` ended: acknowledged durably (`delivered`) or not. True when
+    /// it closed `to`'s window with every delivery of it acknowledged.
+    fn settled(&mut self, hint: &StoreKey, to: NodeId, delivered: bool) -> bool {
+        self.in_flight -= 1;
+        if let Some(h) = self.held.get_mut(hint) {
+            h.in_flight = false;
+        }
+        let Some(w) = self.windows.get_mut(&to) else {
+            return false;
+        };
+        w.in_flight -= 1;
+        w.failed |= !delivered;
+        if w.in_flight > 0 {
+            return false;
+        }
+        w.grant = None;
+        !std::mem::take(&mut w.failed)
+    }
+
+    /// Marks `hint` in flight to a home.
+    fn start_delivery(&mut self, hint: &StoreKey) {
+        self.in_flight += 1;
+        if let Some(h) = self.held.get_mut(hint) {
+            h.in_flight = true;
         }
     }
 }
@@ -121,20 +248,7 @@ fn home_of(key: &StoreKey) -> Option<NodeId> {
 impl Core {
     /// Takes in the hints found in storage at start.
     pub(super) fn load_hints(&mut self, hints: impl IntoIterator<Item = (StoreKey, u64)>) {
-        for (key, bytes) in hints {
-            if home_of(&key).is_none() {
-                continue;
-            }
-            let state = HintState {
-                in_flight: false,
-                bytes,
-                writing: false,
-            };
-            if let Some(old) = self.hints.insert(key, state) {
-                self.hint_store.bytes -= old.bytes;
-            }
-            self.hint_store.bytes += bytes;
-        }
+        self.hints.load(hints);
     }
 
     /// Removes every hint this core holds, undelivered (an operator's `ringkv cluster truncate-hints`,
@@ -153,12 +267,12 @@ impl Core {
 
     /// Bytes of the hints held (module docs).
     pub fn hint_bytes(&self) -> u64 {
-        self.hint_store.bytes
+        self.hints.bytes
     }
 
     /// The delivery windows with hints in flight or a grant in use.
     pub fn hint_windows(&self) -> impl Iterator<Item = HintWindow> + '_ {
-        self.hint_store.windows.iter().filter_map(|(home, w)| {
+        self.hints.windows.iter().filter_map(|(home, w)| {
             w.grant.map(|(grant_id, granted)| HintWindow {
                 home: *home,
                 grant_id,
@@ -171,7 +285,7 @@ impl Core {
     /// The background share from admission control ([`crate::admission`]): scales the hint
     /// credit this core grants and its own delivery budget. Clamped to `[0.01, 1]`.
     pub fn set_background_share(&mut self, share: f64) {
-        self.hint_store.share = if share.is_nan() {
+        self.hints.share = if share.is_nan() {
             1.0
         } else {
             share.clamp(0.01, 1.0)
@@ -180,7 +294,7 @@ impl Core {
 
     /// The background share in use.
     pub fn background_share(&self) -> f64 {
-        self.hint_store.share
+        self.hints.share
     }
 
     /// Whether storage operation `id` is background work (hint delivery), which the shell may
@@ -195,53 +309,23 @@ impl Core {
                 .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. } | JobKind::Reap { .. }))
     }
 
-    /// Most deliveries in flight at once, over all homes.
-    fn hint_budget(&self) -> usize {
-        ((self.cfg.hint_inflight_max as f64 * self.hint_store.share) as usize).max(1)
-    }
-
     /// Reserves the size of `object` for hint `key` before it is written, or refuses it.
     pub(super) fn hint_reserve(
         &mut self,
         key: &StoreKey,
         object: &Object,
     ) -> Result<(), ErrorBody> {
-        assert!(home_of(key).is_some(), "only hints are reserved");
-        let new = hint_bytes(key, object.encoded_len());
-        let old = self.hints.get(key).map_or(0, |h| h.bytes);
-        let total = self.hint_store.bytes - old + new;
-        if new > old && total > self.cfg.hint_bytes_max {
-            return Err(ErrorBody::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "hint store full: {} of {} bytes held, a hint of {new} bytes does not fit",
-                    self.hint_store.bytes, self.cfg.hint_bytes_max
-                ),
-            ));
-        }
-        let state = self.hints.entry(key.clone()).or_default();
-        state.bytes = new;
-        state.writing = true;
-        self.hint_store.bytes = total;
-        Ok(())
+        self.hints.reserve(key, object)
     }
 
     /// The write of `key` ended (done or failed); a hint may be delivered again.
     pub(super) fn hint_write_ended(&mut self, key: &StoreKey) {
-        if let Some(h) = self.hints.get_mut(key) {
-            h.writing = false;
-        }
+        self.hints.write_ended(key);
     }
 
     /// Hint `key` is no longer stored (delivered, or found missing): its bytes are freed.
     pub(super) fn hint_gone(&mut self, key: &StoreKey) {
-        if self.hints.get(key).is_some_and(|h| h.writing) {
-            // A write of it started after the read that found nothing: it stays.
-            return;
-        }
-        if let Some(h) = self.hints.remove(key) {
-            self.hint_store.bytes -= h.bytes;
-        }
+        self.hints.gone(key);
     }
 
     /// Refuses every job of the batch led by `job` (hint writes past the bound).
@@ -299,7 +383,7 @@ impl Core {
     /// Hints ready to be delivered (not in flight, not being written) per delivery target.
     fn hints_per_target(&self) -> BTreeMap<NodeId, usize> {
         let mut per = BTreeMap::new();
-        for (k, h) in &self.hints {
+        for (k, h) in &self.hints.held {
             if let Some(to) = self.hint_target(k)
                 && !h.in_flight
                 && !h.writing
@@ -312,23 +396,9 @@ impl Core {
 
     /// A delivery of `hint` to `to` ended: acknowledged durably (`delivered`) or not.
     pub(super) fn hint_settled(&mut self, now: u64, hint: &StoreKey, to: NodeId, delivered: bool) {
-        self.hints_in_flight -= 1;
-        if let Some(h) = self.hints.get_mut(hint) {
-            h.in_flight = false;
-        }
-        let home = to;
-        let Some(w) = self.hint_store.windows.get_mut(&home) else {
-            return;
-        };
-        w.in_flight -= 1;
-        w.failed |= !delivered;
-        if w.in_flight == 0 {
-            w.grant = None;
-            let failed = std::mem::take(&mut w.failed);
+        if self.hints.settled(hint, to, delivered) {
             // The home kept up: ask again at the next tick rather than a round later.
-            if !failed {
-                self.next_hint_round = self.next_hint_round.min(now);
-            }
+            self.next_hint_round = self.next_hint_round.min(now);
         }
     }
 
@@ -336,14 +406,14 @@ impl Core {
     /// for a home that left the ring) with hints ready and no open window for credit.
     pub(super) fn ask_credit(&mut self, now: u64) {
         for (home, held) in self.hints_per_target() {
-            let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
+            let budget = self.hints.budget().saturating_sub(self.hints.in_flight);
             if budget == 0 {
                 break;
             }
             if !self.live.believed_up(home, now) {
                 continue;
             }
-            let w = self.hint_store.windows.entry(home).or_default();
+            let w = self.hints.windows.entry(home).or_default();
             if w.asking.is_some() || w.in_flight > 0 {
                 continue;
             }
@@ -361,15 +431,15 @@ impl Core {
                     wanted,
                 }
             });
-            self.hint_store.windows.entry(home).or_default().asking = Some(id);
+            self.hints.windows.entry(home).or_default().asking = Some(id);
         }
     }
 
     /// The home's answer to credit request `grant` (id, granted), or `None` if it failed or
     /// timed out: starts at most `granted` deliveries.
     pub(super) fn credit_answered(&mut self, home: NodeId, grant: Option<(u64, u32)>) {
-        let budget = self.hint_budget().saturating_sub(self.hints_in_flight);
-        let w = self.hint_store.windows.entry(home).or_default();
+        let budget = self.hints.budget().saturating_sub(self.hints.in_flight);
+        let w = self.hints.windows.entry(home).or_default();
         w.asking = None;
         let Some((id, granted)) = grant else {
             return;
@@ -382,26 +452,20 @@ impl Core {
         w.grant = Some((id, granted));
         let ready: Vec<StoreKey> = self
             .hints
+            .held
             .iter()
             .filter(|(k, h)| !h.in_flight && !h.writing && self.hint_target(k) == Some(home))
             .map(|(k, _)| k.clone())
             .take(n)
             .collect();
-        let w = self
-            .hint_store
-            .windows
-            .get_mut(&home)
-            .expect("entered above");
+        let w = self.hints.windows.get_mut(&home).expect("entered above");
         if ready.is_empty() {
             w.grant = None;
             return;
         }
         w.in_flight = ready.len() as u32;
         for hint in ready {
-            self.hints_in_flight += 1;
-            if let Some(h) = self.hints.get_mut(&hint) {
-                h.in_flight = true;
-            }
+            self.hints.start_delivery(&hint);
             let id = self.id();
             self.pending.insert(
                 id,
@@ -423,7 +487,7 @@ impl Core {
         let busy = self.ops.len() + self.jobs.len();
         let idle = 1.0 - (busy as f64 / self.cfg.hint_busy_ops.max(1) as f64).min(1.0);
         let cap = wanted.min(self.cfg.hint_credit_max);
-        let mut granted = (f64::from(cap) * self.hint_store.share * idle) as u32;
+        let mut granted = (f64::from(cap) * self.hints.share * idle) as u32;
         if granted == 0 && cap > 0 && busy < self.cfg.hint_busy_ops {
             // Not busy, only throttled: a trickle still drains the hints.
             granted = 1;

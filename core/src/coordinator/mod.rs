@@ -89,7 +89,7 @@ pub use antientropy::{AeKey, TreeRoot};
 mod hints;
 mod liveness;
 
-use hints::{HintState, HintStore};
+use hints::HintStore;
 pub use hints::{HintWindow, hint_bytes};
 use liveness::Liveness;
 
@@ -797,9 +797,7 @@ pub struct Core {
     /// Store operation id → job id.
     job_ops: BTreeMap<u64, u64>,
     live: Liveness,
-    hints: BTreeMap<StoreKey, HintState>,
-    hints_in_flight: usize,
-    hint_store: HintStore,
+    hints: HintStore,
     next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
@@ -844,9 +842,8 @@ impl Core {
             locks: BTreeMap::new(),
             job_ops: BTreeMap::new(),
             live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
-            hints: BTreeMap::new(),
-            hints_in_flight: 0,
-            hint_store: HintStore::default(),
+            hints: HintStore::new(cfg.hint_bytes_max, cfg.hint_inflight_max),
+
             next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
@@ -885,12 +882,12 @@ impl Core {
 
     /// The hints stored here, with whether each is being delivered.
     pub fn hints(&self) -> impl Iterator<Item = (&StoreKey, bool)> + '_ {
-        self.hints.iter().map(|(k, h)| (k, h.in_flight))
+        self.hints.iter()
     }
 
     /// Hints being delivered now.
     pub fn hints_in_flight(&self) -> usize {
-        self.hints_in_flight
+        self.hints.in_flight()
     }
 
     /// Partitions held that this node no longer replicates, waiting to be handed off and
