@@ -410,7 +410,9 @@ fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
 /// missed. Proof of repair: with the three other nodes frozen (SIGSTOP), node 3
 /// alone answers R=1 reads (with a deadline shorter than the freeze, so no late reply from a
 /// frozen node can read-repair it) with the last acknowledged value of every key, and nothing
-/// for deleted keys; and every partition's replicas report the same Merkle root on `/merkle`.
+/// for deleted keys; no node counted a read repair after node 3 restarted
+/// (`ringkv_read_repairs_total`); and every partition's replicas report the same Merkle root on
+/// `/merkle`.
 #[test]
 fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
     let mut nodes = cluster(
@@ -522,6 +524,14 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
     }
     assert!(truncated > 0, "nothing was truncated");
     assert_eq!(left, 0.0, "hints are left after truncation");
+    // Read repairs so far (while node 3 was down, among the others). None may follow: node 3 is
+    // to be repaired by anti-entropy alone, and a read repair would hide a failing one.
+    let read_repairs = |nodes: &[Node], of: &[usize]| -> f64 {
+        of.iter()
+            .map(|&i| nodes[i].metric("ringkv_read_repairs_total"))
+            .sum()
+    };
+    let read_repairs_before = read_repairs(&nodes, &[0, 1, 3]);
 
     nodes[2].start();
     nodes[2].wait_ready();
@@ -582,6 +592,13 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         .map(|n| n.metric("ringkv_hints_delivered_total"))
         .sum();
     assert_eq!(delivered, 0.0, "a hint reached node 3 after all");
+    // Counters are published at every tick of a shard (10 ms): one more moment, then compare.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        read_repairs(&nodes, &[0, 1, 2, 3]),
+        read_repairs_before,
+        "a read repair, not anti-entropy alone, repaired node 3"
+    );
     let repairs: f64 = nodes
         .iter()
         .map(|n| n.metric("ringkv_ae_keys_repaired_total"))
