@@ -14,6 +14,7 @@
 //! | [`links`] | the peer transport: outbound links, HELLO, peer requests arriving |
 //! | [`connection`] | client and RESP connections and the accept loops |
 //! | [`frames`] | the read buffer every connection decodes from |
+//! | [`readiness`] | one edge-triggered epoll set per shard that wakes accepted sockets' readers |
 //! | [`admin`] | the admin HTTP listener |
 //! | [`members`], [`view`] | the node's membership on shard 0 and the view every shard works from |
 //! | [`trees`] | building the anti-entropy trees from the engine after a start |
@@ -129,6 +130,7 @@ mod frames;
 mod lifecycle;
 mod links;
 mod members;
+mod readiness;
 mod request;
 mod shard;
 mod stop;

@@ -21,6 +21,7 @@ use crate::session::{Session, Step};
 
 use super::admin::serve_admin;
 use super::frames::ReadBuffer;
+use super::readiness::{Readiness, SocketReader};
 use super::stop::StopToken;
 use super::stop::unless;
 use super::{ACCEPT_RETRY_DELAY_MS, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message};
@@ -29,16 +30,21 @@ use super::{ACCEPT_RETRY_DELAY_MS, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MA
 /// fails a frame, or the node shuts down.
 pub(super) async fn serve_connection(
     shard: Rc<Shard>,
-    stream: TcpStream,
+    (stream, readiness): (TcpStream, Rc<Readiness>),
     shutdown: StopToken,
     abort: StopToken,
     role: Role,
 ) {
     // Small replies must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
+    let Some(reader) = register(&readiness, &stream, shard.id) else {
+        return;
+    };
     shard.metrics.connection_opened();
     let _counted = scopeguard(&shard.metrics);
-    let (mut reader, writer) = futures_lite::io::split(stream);
+    // The read half is kept so that the socket stays open while `reader` reads it, even if the
+    // writer ends first: a closed descriptor's number can be reused by the next accept.
+    let (_read_half, writer) = futures_lite::io::split(stream);
     let (replies, outbox) = local_channel::new_bounded::<Frame>(shard.inflight_per_connection_max);
     // Shared by the reader and every request task; the channel closes when the last one is gone.
     let replies = Rc::new(replies);
@@ -103,7 +109,7 @@ pub(super) async fn serve_connection(
                 }
             }
         }
-        let read = unless(frames.fill(&mut reader), shutdown.cancelled()).await;
+        let read = unless(frames.fill_from(&reader), shutdown.cancelled()).await;
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(_)) => {}
@@ -119,11 +125,14 @@ pub(super) async fn serve_connection(
 /// expect; replies to pipelined commands are written together.
 pub(super) async fn serve_resp(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    (mut stream, readiness): (TcpStream, Rc<Readiness>),
     shutdown: StopToken,
     abort: StopToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let Some(reader) = register(&readiness, &stream, shard.id) else {
+        return;
+    };
     shard.metrics.connection_opened();
     let _counted = scopeguard(&shard.metrics);
     let limits = RespLimits::DEFAULT;
@@ -178,13 +187,26 @@ pub(super) async fn serve_resp(
         if close {
             break;
         }
-        let read = unless(commands.fill(&mut stream), shutdown.cancelled()).await;
+        let read = unless(commands.fill_from(&reader), shutdown.cancelled()).await;
         match read {
             None | Some(Ok(0)) | Some(Err(_)) => break,
             Some(Ok(_)) => {}
         }
     }
+    drop(reader);
     let _ = stream.close().await;
+}
+
+/// Adds an accepted socket to the shard's readiness set; a socket the kernel will not add (out
+/// of memory, or past `max_user_watches`) is logged and closed, as a failed accept would be.
+fn register(readiness: &Rc<Readiness>, stream: &TcpStream, shard: usize) -> Option<SocketReader> {
+    match readiness.register(stream) {
+        Ok(reader) => Some(reader),
+        Err(e) => {
+            tracing::warn!(shard, error = %e, "connection not served: epoll registration failed");
+            None
+        }
+    }
 }
 
 /// Most pipelined RESP commands executed at once on one connection.
@@ -385,6 +407,8 @@ pub(super) struct Listeners {
     pub(super) resp: Option<TcpListener>,
     pub(super) peer: Option<TcpListener>,
     pub(super) admin: Option<TcpListener>,
+    /// Where accepted client, RESP and peer sockets wait for data.
+    pub(super) readiness: Rc<Readiness>,
 }
 
 /// Accepts connections on every listener until `shutdown`, then waits (at most `drain_ms`) for
@@ -397,19 +421,29 @@ pub(super) async fn serve_listeners(
     drain_ms: u64,
 ) {
     let (id, foreground) = (shard.id, shard.foreground);
+    let readiness = listeners.readiness;
+    // Runs until the last connection is gone, below.
+    let poll_stop = StopToken::new();
+    let poller = glommio::spawn_local_into(readiness.clone().run(poll_stop.clone()), foreground);
     let connections = Gate::new();
     // Cancelled when the drain after shutdown takes too long: stuck writers give up.
     let abort = StopToken::new();
     if let Some(resp_listener) = listeners.resp {
-        let (shard, shutdown, abort, gate) = (
+        let (shard, shutdown, abort, gate, readiness) = (
             shard.clone(),
             shutdown.clone(),
             abort.clone(),
             connections.clone(),
+            readiness.clone(),
         );
         let resp_loop = async move {
             accept_until(&resp_listener, "RESP", shard.id, &shutdown, |stream| {
-                let conn = serve_resp(shard.clone(), stream, shutdown.clone(), abort.clone());
+                let conn = serve_resp(
+                    shard.clone(),
+                    (stream, readiness.clone()),
+                    shutdown.clone(),
+                    abort.clone(),
+                );
                 spawn_connection(&gate, conn, foreground)
             })
             .await;
@@ -419,17 +453,18 @@ pub(super) async fn serve_listeners(
         }
     }
     if let Some(peer_listener) = listeners.peer {
-        let (shard, shutdown, abort, gate) = (
+        let (shard, shutdown, abort, gate, readiness) = (
             shard.clone(),
             shutdown.clone(),
             abort.clone(),
             connections.clone(),
+            readiness.clone(),
         );
         let peer_loop = async move {
             accept_until(&peer_listener, "peer", shard.id, &shutdown, |stream| {
                 let conn = serve_connection(
                     shard.clone(),
-                    stream,
+                    (stream, readiness.clone()),
                     shutdown.clone(),
                     abort.clone(),
                     Role::Peer,
@@ -459,7 +494,7 @@ pub(super) async fn serve_listeners(
     accept_until(&listeners.client, "client", id, shutdown, |stream| {
         let conn = serve_connection(
             shard.clone(),
-            stream,
+            (stream, readiness.clone()),
             shutdown.clone(),
             abort.clone(),
             Role::Client,
@@ -484,5 +519,9 @@ pub(super) async fn serve_listeners(
         abort.cancel();
         // Closing again waits for the close already begun; aborted writers end promptly.
         let _ = connections.close().await;
+    }
+    poll_stop.cancel();
+    if let Ok(poller) = poller {
+        poller.await;
     }
 }

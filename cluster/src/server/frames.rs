@@ -10,6 +10,8 @@
 
 use futures_lite::io::{AsyncRead, AsyncReadExt};
 
+use super::readiness::SocketReader;
+
 /// Bytes read from a connection and not yet decoded.
 pub(super) struct ReadBuffer {
     buf: Vec<u8>,
@@ -62,6 +64,15 @@ impl ReadBuffer {
         self.buf.drain(..self.used);
         self.used = 0;
         let n = reader.read(&mut self.chunk).await?;
+        self.buf.extend_from_slice(&self.chunk[..n]);
+        Ok(n)
+    }
+
+    /// [`fill`](Self::fill) from an accepted socket of the shard's readiness set.
+    pub(super) async fn fill_from(&mut self, socket: &SocketReader) -> std::io::Result<usize> {
+        self.buf.drain(..self.used);
+        self.used = 0;
+        let n = socket.read(&mut self.chunk).await?;
         self.buf.extend_from_slice(&self.chunk[..n]);
         Ok(n)
     }

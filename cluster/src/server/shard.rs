@@ -27,6 +27,7 @@ use crate::session::NodeInfo;
 use super::Event;
 use super::connection::{Listeners, serve_listeners};
 use super::driver::{BackgroundShares, run_ticks};
+use super::readiness::Readiness;
 use super::request::{MeshService, spawn_reply_loops};
 use super::stop::StopToken;
 use super::stop::unless;
@@ -365,6 +366,7 @@ pub(super) async fn serve_shard(
         resp: resp_listener,
         peer: peer_listener,
         admin: admin_listener,
+        readiness: Readiness::new().map_err(|e| runtime(format!("shard {id}: epoll"), e))?,
     };
     serve_listeners(
         &shard,

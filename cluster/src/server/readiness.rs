@@ -1,0 +1,261 @@
+//! Readiness of a shard's accepted sockets, from one edge-triggered epoll set, so that a busy
+//! shard reads its connections without the kernel interrupting it once per request.
+//!
+//! Why not glommio's own socket reads: glommio waits for a socket with a one-shot
+//! `IORING_OP_POLL_ADD` per wait (and arms one after every read that did not fill the buffer),
+//! and its rings are set up without `IORING_SETUP_COOP_TASKRUN`. The poll's completion then
+//! reaches a shard thread that is running with a reschedule interrupt (task work plus an IPI),
+//! once per request. Profiled with redis-benchmark at 50 connections on one pinned shard, that
+//! interrupt alone was about a fifth of the shard's CPU (docs/BENCHMARKS.md, "Node CPU per
+//! request").
+//!
+//! Here a socket joins the shard's epoll set once, edge-triggered, when its connection starts.
+//! A reader always tries a non-blocking `recv` first and waits only when the socket is empty; one
+//! poller task per shard collects the edges with `epoll_wait(.., 0)` once per scheduling round
+//! (as an event loop would) and wakes the readers they name. An edge that arrives while its reader
+//! is not waiting wakes nobody, which loses nothing: the reader's next step is a `recv`. When a
+//! few rounds in a row find nothing, the poller waits on the epoll descriptor itself through
+//! glommio (one poll for the whole set), so an idle shard sleeps in the kernel as before.
+//!
+//! Writes stay with glommio: they are direct `send`s that wait only when the socket buffer is
+//! full. Accepts, outbound peer links and the admin listener also keep glommio's reads: they
+//! are not per-request paths.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use glommio::io::PollableFd;
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{MsgFlags, recv};
+
+use super::stop::{StopToken, unless};
+
+/// Edges taken from the kernel per `epoll_wait`; more stay queued for the next round.
+const EVENTS_PER_WAIT: usize = 256;
+
+/// Rounds in a row that found no edge before the poller waits in the kernel. A round is one
+/// pass over every runnable task of the queue, so a few empty ones mean the shard has nothing
+/// to read now.
+const IDLE_ROUNDS_BEFORE_WAIT: u32 = 2;
+
+/// The epoll descriptor, in the form glommio can wait on.
+struct EpollFd(Epoll);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0.as_raw_fd()
+    }
+}
+
+/// One shard's epoll set and the readers waiting on it.
+pub(super) struct Readiness {
+    epoll: PollableFd<EpollFd>,
+    /// Per registered socket: the waker of its reader while it waits. Indexed by the token the
+    /// socket was registered with.
+    waiting: RefCell<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    wakers: Vec<Option<Waker>>,
+    in_use: Vec<bool>,
+    free: Vec<usize>,
+}
+
+impl Readiness {
+    /// An empty set, on the executor that calls this.
+    pub(super) fn new() -> io::Result<Rc<Readiness>> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let epoll = PollableFd::new(EpollFd(epoll))
+            .map_err(|e| io::Error::other(format!("epoll descriptor: {e}")))?;
+        Ok(Rc::new(Readiness {
+            epoll,
+            waiting: RefCell::new(Slots::default()),
+        }))
+    }
+
+    /// Adds `socket` to the set, for as long as the returned reader lives.
+    pub(super) fn register(self: &Rc<Self>, socket: &impl AsRawFd) -> io::Result<SocketReader> {
+        let fd = socket.as_raw_fd();
+        let token = {
+            let mut slots = self.waiting.borrow_mut();
+            let token = match slots.free.pop() {
+                Some(token) => token,
+                None => {
+                    slots.wakers.push(None);
+                    slots.in_use.push(false);
+                    slots.wakers.len() - 1
+                }
+            };
+            assert!(!slots.in_use[token], "a free token is not in use");
+            slots.in_use[token] = true;
+            token
+        };
+        let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        let event = EpollEvent::new(events, token as u64);
+        if let Err(e) = self.epoll.get_ref().0.add(borrow(fd, socket), event) {
+            self.release(token);
+            return Err(e.into());
+        }
+        Ok(SocketReader {
+            readiness: self.clone(),
+            token,
+            fd,
+        })
+    }
+
+    fn release(&self, token: usize) {
+        let mut slots = self.waiting.borrow_mut();
+        assert!(slots.in_use[token], "a token is released once");
+        slots.in_use[token] = false;
+        slots.wakers[token] = None;
+        slots.free.push(token);
+    }
+
+    /// Collects edges and wakes their readers until `stop` is cancelled (module docs).
+    pub(super) async fn run(self: Rc<Self>, stop: StopToken) {
+        let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
+        let mut idle_rounds = 0;
+        while !stop.is_cancelled() {
+            let found = match self.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+                Ok(found) => found,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    // Only a broken descriptor or buffer fails a zero-timeout wait; neither can
+                    // come back, and every reader of the shard depends on this loop.
+                    tracing::error!(error = %e, "epoll_wait failed; connection reads stop");
+                    return;
+                }
+            };
+            {
+                let mut slots = self.waiting.borrow_mut();
+                for event in &events[..found] {
+                    // A stale edge of a closed socket whose token was reused wakes a reader
+                    // that finds its socket empty and waits again.
+                    let token = usize::try_from(event.data()).unwrap_or(usize::MAX);
+                    if let Some(waker) = slots.wakers.get_mut(token).and_then(Option::take) {
+                        waker.wake();
+                    }
+                }
+            }
+            idle_rounds = if found == 0 { idle_rounds + 1 } else { 0 };
+            if idle_rounds > IDLE_ROUNDS_BEFORE_WAIT {
+                // Nothing to read for a while: sleep in the kernel until any socket has data.
+                if unless(self.epoll.readable(), stop.cancelled())
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                idle_rounds = 0;
+            } else {
+                futures_lite::future::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Borrows the descriptor of `socket`, which the caller holds for the borrow's life.
+#[allow(unsafe_code)]
+fn borrow<'a>(fd: RawFd, _socket: &'a impl AsRawFd) -> BorrowedFd<'a> {
+    // SAFETY: `fd` is `_socket`'s open descriptor, and the borrow cannot outlive `_socket`.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// The read side of one registered socket; the socket must outlive it.
+pub(super) struct SocketReader {
+    readiness: Rc<Readiness>,
+    token: usize,
+    fd: RawFd,
+}
+
+impl SocketReader {
+    /// Reads what the socket holds into `buf`, waiting for data if it holds none: the bytes
+    /// read, 0 at the end of the stream.
+    pub(super) async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read(cx, buf)).await
+    }
+
+    fn poll_read(&self, cx: &Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match recv(self.fd, buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(read) => return Poll::Ready(Ok(read)),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {
+                    // Empty now; the next edge of this socket wakes this waker. The poller runs
+                    // on this thread, so no edge can slip in between the read and this line.
+                    let mut slots = self.readiness.waiting.borrow_mut();
+                    slots.wakers[self.token] = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+}
+
+impl Drop for SocketReader {
+    fn drop(&mut self) {
+        // The socket leaves the set by itself when it is closed; removing it here could remove
+        // a newer socket that reused a descriptor number closed first. Until then a stale edge
+        // wakes whichever reader the token goes to next, which reads, finds nothing and waits.
+        self.readiness.release(self.token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_lite::io::AsyncWriteExt;
+    use glommio::LocalExecutorBuilder;
+    use glommio::net::{TcpListener, TcpStream};
+
+    /// A reader wakes for data that arrives while it waits, for data already there when it
+    /// starts, and sees the end of the stream; several sockets share the one poller.
+    #[test]
+    fn readers_wake_for_data_and_for_the_end_of_the_stream() {
+        LocalExecutorBuilder::default()
+            .spawn(|| async move {
+                let readiness = Readiness::new().expect("epoll");
+                let stop = StopToken::new();
+                let poller = glommio::spawn_local(readiness.clone().run(stop.clone()));
+                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+                let addr = listener.local_addr().expect("address");
+                let mut clients = Vec::new();
+                let mut readers = Vec::new();
+                for _ in 0..3 {
+                    clients.push(TcpStream::connect(addr).await.expect("connect"));
+                    let accepted = listener.accept().await.expect("accept");
+                    readers.push((readiness.register(&accepted).expect("register"), accepted));
+                }
+                // Already there before the first read.
+                clients[1].write_all(b"early").await.expect("write");
+                let mut buf = [0u8; 16];
+                let read = readers[1].0.read(&mut buf).await.expect("read");
+                assert_eq!(&buf[..read], b"early");
+                // Arrives while the reader waits.
+                let mut late = clients.pop().expect("three clients");
+                // The writer runs only once this task parks in the read below.
+                let writer = glommio::spawn_local(async move {
+                    late.write_all(b"late").await.expect("write");
+                    late.close().await.expect("close");
+                });
+                let read = readers[2].0.read(&mut buf).await.expect("read");
+                assert_eq!(&buf[..read], b"late");
+                writer.await;
+                assert_eq!(readers[2].0.read(&mut buf).await.expect("read"), 0);
+                // A closed registration frees its token for the next socket.
+                drop(readers.pop());
+                assert_eq!(readiness.waiting.borrow().free.len(), 1);
+                stop.cancel();
+                poller.await;
+            })
+            .expect("executor")
+            .join()
+            .expect("test executor");
+    }
+}
