@@ -158,7 +158,6 @@
 //! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
 //! reaping removes keys from trees.
 
-use std::collections::btree_map::Entry as MapEntry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
@@ -544,18 +543,12 @@ impl Core {
             return;
         };
         let leaf = leaf_of(hash) as u32;
-        // One search finds the old entry and places the new one: the startup load makes one
-        // such call per stored key. The key is copied, so the tree never pins a received
-        // frame's buffer (a key already present keeps its copy).
-        let slot = tree.keys.entry((
-            leaf,
-            Bytes::copy_from_slice(&key.bucket),
-            Bytes::copy_from_slice(&key.key),
-        ));
-        let old = match &slot {
-            MapEntry::Occupied(o) => Some(*o.get()),
-            MapEntry::Vacant(_) => None,
-        };
+        // Looked up with the request's own key (clones share its buffer); a key new to the tree
+        // is stored as a copy, so the tree never pins a received frame's buffer. Most writes
+        // update a key already present, so they copy nothing.
+        let probe = (leaf, key.bucket.clone(), key.key.clone());
+        let slot = tree.keys.get_mut(&probe);
+        let old = slot.as_deref().copied();
         let new = object.map(|o| {
             let digest = o.digest();
             let tomb = o.is_deleted().then(|| Tomb {
@@ -580,14 +573,21 @@ impl Core {
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
         match (slot, new) {
-            (MapEntry::Occupied(mut o), Some(e)) => *o.get_mut() = e,
-            (MapEntry::Occupied(o), None) => {
-                o.remove();
+            (Some(entry), Some(e)) => *entry = e,
+            (Some(_), None) => {
+                tree.keys.remove(&probe);
             }
-            (MapEntry::Vacant(v), Some(e)) => {
-                v.insert(e);
+            (None, Some(e)) => {
+                tree.keys.insert(
+                    (
+                        leaf,
+                        Bytes::copy_from_slice(&key.bucket),
+                        Bytes::copy_from_slice(&key.key),
+                    ),
+                    e,
+                );
             }
-            (MapEntry::Vacant(_), None) => {}
+            (None, None) => {}
         }
     }
 
