@@ -219,7 +219,10 @@ const RESP_WAVE_COMMANDS_MAX: usize = 128;
 #[derive(Default)]
 struct RespWave {
     commands: Vec<WaveCommand>,
+    /// The keys of the wave's commands, once a second command asks to join: a wave of one
+    /// command (a client that does not pipeline) never builds the set.
     keys: std::collections::BTreeSet<(Bytes, Bytes)>,
+    keyed: bool,
 }
 
 enum WaveCommand {
@@ -234,12 +237,20 @@ fn key_of(request: &KeyRequest) -> (Bytes, Bytes) {
 
 impl RespWave {
     /// Whether `plan` may join the wave without overtaking a command on the same key.
-    fn admits(&self, plan: &RespPlan) -> bool {
+    fn admits(&mut self, plan: &RespPlan) -> bool {
         if self.commands.len() >= RESP_WAVE_COMMANDS_MAX {
             return false;
         }
         match plan {
             RespPlan::Execute(requests, _) => {
+                if !self.keyed {
+                    for command in &self.commands {
+                        if let WaveCommand::Execute(requests, _) = command {
+                            self.keys.extend(requests.iter().map(key_of));
+                        }
+                    }
+                    self.keyed = true;
+                }
                 requests.iter().all(|r| !self.keys.contains(&key_of(r)))
             }
             RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) => true,
@@ -251,7 +262,9 @@ impl RespWave {
     }
 
     fn push_execute(&mut self, requests: Vec<KeyRequest>, how: resp::Combine) {
-        self.keys.extend(requests.iter().map(key_of));
+        if self.keyed {
+            self.keys.extend(requests.iter().map(key_of));
+        }
         self.commands.push(WaveCommand::Execute(requests, how));
     }
 
@@ -259,20 +272,29 @@ impl RespWave {
     /// appends their replies to `out` in command order.
     async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
         self.keys.clear();
+        self.keyed = false;
+        if self.commands.len() == 1 {
+            // Nothing to run beside it: the connection's task runs it, with no task of its own.
+            if let Some(command) = self.commands.pop() {
+                let reply = match command {
+                    WaveCommand::Ready(v) => v,
+                    WaveCommand::Execute(requests, how) => {
+                        execute_command(shard.clone(), requests, how).await
+                    }
+                };
+                encode_resp(&reply, out);
+            }
+            return;
+        }
         let mut tasks = Vec::with_capacity(self.commands.len());
         for command in self.commands.drain(..) {
             tasks.push(match command {
                 WaveCommand::Ready(v) => Err(v),
-                WaveCommand::Execute(requests, how) => {
-                    let shard = shard.clone();
-                    Ok(glommio::spawn_local(async move {
-                        let mut replies = Vec::with_capacity(requests.len());
-                        for request in requests {
-                            replies.push(shard.execute_key(request, ()).await);
-                        }
-                        resp::combine(how, &replies)
-                    }))
-                }
+                WaveCommand::Execute(requests, how) => Ok(glommio::spawn_local(execute_command(
+                    shard.clone(),
+                    requests,
+                    how,
+                ))),
             });
         }
         for task in tasks {
@@ -283,6 +305,19 @@ impl RespWave {
             encode_resp(&reply, out);
         }
     }
+}
+
+/// Runs one RESP command's requests in order and combines their replies into the command's.
+async fn execute_command(
+    shard: Rc<Shard>,
+    requests: Vec<KeyRequest>,
+    how: resp::Combine,
+) -> ringkv_net::resp::RespValue {
+    let mut replies = Vec::with_capacity(requests.len());
+    for request in requests {
+        replies.push(shard.execute_key(request, ()).await);
+    }
+    resp::combine(how, &replies)
 }
 
 /// Counts a connection as closed when dropped, however its task ends.
