@@ -20,9 +20,11 @@
 //! same few leaves; after the rotation the top bits (which pick the leaf) are the hash's next,
 //! uniformly spread bits.
 //!
-//! Beside the tree, the core keeps each key's digest (ordered by leaf), so listing a differing
-//! leaf costs no storage scan. That costs about 100 bytes plus the key's length per key, per
-//! replica; a tree costs about 37 KiB whatever its key count.
+//! Beside the tree, the core keeps each key's digest and leaf in a hash table, so listing a
+//! differing leaf costs no storage scan. The table is hashed, not ordered, because every replica
+//! write looks its key up in it on the request path, while a listing is a background step of an
+//! exchange: it walks the tree's table once and sorts what it takes. That costs about 120 bytes
+//! plus the key's length per key, per replica; a tree costs about 37 KiB whatever its key count.
 //!
 //! # Building the trees at startup
 //!
@@ -158,7 +160,8 @@
 //! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
 //! reaping removes keys from trees.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
@@ -252,12 +255,54 @@ impl AeState {
 #[derive(Debug, Default)]
 struct Tree {
     merkle: MerkleTree,
-    /// (leaf, bucket, key) → entry.
-    keys: BTreeMap<(u32, Bytes, Bytes), Entry>,
+    /// (bucket, key) → entry. Hashed, because every replica write looks its key up here; the
+    /// listings that need an order (a leaf's keys, tombstones to reap) are rare, background and
+    /// sorted when made ([`Tree::entries`]). The hasher is seeded with a constant, so a run
+    /// is reproducible (the simulator replays seeds).
+    keys: HashMap<(Bytes, Bytes), Entry, BuildHasherDefault<KeyHasher>>,
+}
+
+impl Tree {
+    /// The entries that `keep` selects, in (leaf, bucket, key) order.
+    fn entries(&self, keep: impl Fn(&Entry) -> bool) -> Vec<(&Bytes, &Bytes, &Entry)> {
+        let mut found: Vec<_> = self
+            .keys
+            .iter()
+            .filter(|(_, e)| keep(e))
+            .map(|((b, k), e)| (b, k, e))
+            .collect();
+        found.sort_unstable_by(|x, y| (x.2.leaf, x.0, x.1).cmp(&(y.2.leaf, y.0, y.1)));
+        found
+    }
+}
+
+/// Hashes a tree's keys: each piece through one-shot xxh3, seeded with the hash so far. Not
+/// keyed, like the engine's index (`engine/src/index.rs`): keys crafted to collide slow down
+/// the shard that stores them, and a fixed hash keeps simulated runs reproducible.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Lengths: mixed in with one multiplication, not a hash call.
+        self.0 = (self.0 ^ n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// The Merkle leaf of the key.
+    leaf: u32,
     digest: u64,
     tomb: Option<Tomb>,
 }
@@ -546,7 +591,7 @@ impl Core {
         // Looked up with the request's own key (clones share its buffer); a key new to the tree
         // is stored as a copy, so the tree never pins a received frame's buffer. Most writes
         // update a key already present, so they copy nothing.
-        let probe = (leaf, key.bucket.clone(), key.key.clone());
+        let probe = (key.bucket.clone(), key.key.clone());
         let slot = tree.keys.get_mut(&probe);
         let old = slot.as_deref().copied();
         let new = object.map(|o| {
@@ -556,6 +601,7 @@ impl Core {
                     Some(Entry {
                         digest: d,
                         tomb: Some(t),
+                        ..
                     }) if d == digest => t.since,
                     _ => now,
                 },
@@ -568,7 +614,7 @@ impl Core {
                     Object::Lww(_) => None,
                 },
             });
-            Entry { digest, tomb }
+            Entry { leaf, digest, tomb }
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
@@ -580,7 +626,6 @@ impl Core {
             (None, Some(e)) => {
                 tree.keys.insert(
                     (
-                        leaf,
                         Bytes::copy_from_slice(&key.bucket),
                         Bytes::copy_from_slice(&key.key),
                     ),
@@ -882,13 +927,11 @@ impl Core {
                 let Some(tree) = self.ae.trees.get(&(partition, n)) else {
                     return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
                 };
-                let bits = self.ring.partition_count().bits();
                 let held = keys
                     .into_iter()
                     .filter(|k| {
-                        let leaf = leaf_of(tree_hash(&k.bucket, &k.key, bits)) as u32;
                         tree.keys
-                            .get(&(leaf, k.bucket.clone(), k.key.clone()))
+                            .get(&(k.bucket.clone(), k.key.clone()))
                             .is_some_and(|e| {
                                 e.digest == k.digest
                                     && e.tomb.is_some_and(|t| {
@@ -993,17 +1036,17 @@ impl Core {
         leaves.dedup();
         let mut chosen = Vec::new();
         let mut keys = Vec::new();
+        let listed = t.entries(|e| leaves.binary_search(&e.leaf).is_ok());
+        let mut listed = listed.into_iter().peekable();
         for leaf in leaves {
-            let in_leaf: Vec<AeKey> = t
-                .keys
-                .range((leaf, Bytes::new(), Bytes::new())..)
-                .take_while(|((l, _, _), _)| *l == leaf)
-                .map(|((_, b, k), e)| AeKey {
+            let mut in_leaf = Vec::new();
+            while let Some((b, k, e)) = listed.next_if(|(_, _, e)| e.leaf == leaf) {
+                in_leaf.push(AeKey {
                     bucket: b.clone(),
                     key: k.clone(),
                     digest: e.digest,
-                })
-                .collect();
+                });
+            }
             if !chosen.is_empty() && keys.len() + in_leaf.len() > self.cfg.ae_keys_max {
                 break;
             }
@@ -1052,14 +1095,10 @@ impl Core {
             .map(|k| ((k.bucket, k.key), k.digest))
             .collect();
         let mut mine: BTreeMap<(Bytes, Bytes), u64> = BTreeMap::new();
-        for leaf in leaves {
-            for ((_, b, k), e) in tree
-                .keys
-                .range((leaf, Bytes::new(), Bytes::new())..)
-                .take_while(|((l, _, _), _)| *l == leaf)
-            {
-                mine.insert((b.clone(), k.clone()), e.digest);
-            }
+        let mut asked = leaves.clone();
+        asked.sort_unstable();
+        for (b, k, e) in tree.entries(|e| asked.binary_search(&e.leaf).is_ok()) {
+            mine.insert((b.clone(), k.clone()), e.digest);
         }
         let max = self.cfg.ae_keys_max;
         let want: Vec<(Bytes, Bytes)> = theirs
@@ -1138,7 +1177,7 @@ impl Core {
         };
         let mut ready = Vec::new();
         let mut blocked = false;
-        for ((_, b, k), e) in &tree.keys {
+        for (b, k, e) in tree.entries(|e| e.tomb.is_some()) {
             let Some(t) = e.tomb else { continue };
             if now < t.since.saturating_add(grace) {
                 continue;
