@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Server CPU per request over RESP, measured by redis-benchmark (docs/BENCHMARKS.md, "Server CPU
+# per request against Redis").
+#
+#   resp-cpu.sh DIR_A DIR_B ROUNDS TEST CONNS PIPELINE [DATA_ROOT]
+#
+# DIR_A and DIR_B each hold a release `ringkv` (pass the same one twice to compare one build with
+# Redis only). Every round runs A, then B, then Redis 7 (no persistence): each server alone,
+# pinned to CPU 0, with one shard and buffered writes that do not wait for a sync (`n = r = w =
+# 1`, `dw = 0`); redis-benchmark pinned to CPU 1 runs `-t TEST -c CONNS -P PIPELINE -d 100
+# -r 100000` for 50,000 requests of warm-up, then 300,000 while `perf stat -e task-clock`
+# counts the server. Prints ops/s and the server's CPU per request. Needs redis-server,
+# redis-benchmark and perf. DATA_ROOT (default target/resp-cpu) must be on a real filesystem.
+set -euo pipefail
+
+a=$1
+b=$2
+rounds=$3
+test=$4
+conns=$5
+pipeline=$6
+root=${7:-target/resp-cpu}
+requests=300000
+
+wait_ping() {
+  for _ in $(seq 100); do
+    redis-cli -p "$1" ping > /dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "server on port $1 did not answer" >&2
+  return 1
+}
+
+# measure TAG PID PORT: warm-up, then the counted run; prints one line.
+measure() {
+  local tag=$1 pid=$2 port=$3
+  taskset -c 1 redis-benchmark -p "$port" -t "$test" -n 50000 -c "$conns" -P "$pipeline" \
+    -d 100 -r 100000 -q > /dev/null 2>&1
+  perf stat -e task-clock -p "$pid" -x, -o "$root/stat.txt" &
+  local stat=$!
+  taskset -c 1 redis-benchmark -p "$port" -t "$test" -n "$requests" -c "$conns" \
+    -P "$pipeline" -d 100 -r 100000 -q > "$root/bench.txt" 2>&1
+  kill -INT "$stat"
+  wait "$stat" || true
+  local rate ms
+  rate=$(tr '\r' '\n' < "$root/bench.txt" | grep -o '[0-9.]* requests per second' | tail -1 |
+    cut -d' ' -f1)
+  ms=$(grep task-clock "$root/stat.txt" | cut -d, -f1)
+  awk -v t="$tag" -v r="$rate" -v m="$ms" -v n="$requests" -v x="$test" -v c="$conns" \
+    -v p="$pipeline" 'BEGIN { printf "%-6s %s c=%s P=%s  %.0f ops/s  server CPU %.2f us/request\n",
+      t, x, c, p, r, m * 1000 / n }'
+}
+
+ringkv() {
+  local bin=$1 tag=$2 port=$((20000 + RANDOM % 20000))
+  local dir=$root/$tag
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  printf '[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = 0\n' > "$dir/node.toml"
+  taskset -c 0 "$bin/ringkv" serve --config "$dir/node.toml" --data-dir "$dir/data" \
+    --listen "127.0.0.1:$((port + 1))" --resp-listen "127.0.0.1:$port" --shards 1 \
+    --durability buffered > "$dir/node.log" 2>&1 &
+  local node=$!
+  wait_ping "$port"
+  measure "$tag" "$node" "$port"
+  kill "$node"
+  wait "$node" 2> /dev/null || true
+}
+
+redis() {
+  local port=$((20000 + RANDOM % 20000))
+  taskset -c 0 redis-server --port "$port" --save '' --appendonly no > "$root/redis.log" 2>&1 &
+  local server=$!
+  wait_ping "$port"
+  measure redis "$server" "$port"
+  kill "$server"
+  wait "$server" 2> /dev/null || true
+}
+
+mkdir -p "$root"
+for _ in $(seq "$rounds"); do
+  ringkv "$a" a
+  ringkv "$b" b
+  redis
+done
