@@ -15,7 +15,10 @@
 //! it off), `ae_keys_max` and `tombstone_grace_ms`, and bucket properties as `[buckets.<name>]`
 //! tables (`[buckets.default]` for
 //! every bucket not named). When the default bucket is not configured it is the Dynamo
-//! `(n, r, w) = (3, 2, 2)` with `dw = 1` and siblings, whatever the node was started with: the
+//! `(n, r, w) = (3, 2, 2)` with siblings, whatever the node was started with, and `dw = 1` on a
+//! sync node, `dw = 0` on a buffered one (a buffered node acknowledges what it coordinates once
+//! buffered, and names at startup the buckets whose tables still ask for synced
+//! acknowledgements; `dw` decides no placement). The
 //! replication of a key must not depend on how one node was started (a node restarted without
 //! `--seeds` that derived `n` from them would drop copies it still replicates). On a cluster with
 //! fewer members than `n` every member holds a copy and the bucket's quorums are capped at the
@@ -393,6 +396,26 @@ pub struct SeedView {
 }
 
 impl Settings {
+    /// On a buffered node, the buckets whose writes still wait for synced acknowledgements
+    /// (`dw` above 0 in their table), by name, `default` for every bucket not named: the node
+    /// says so at startup, so a buffered node that syncs is never a surprise.
+    pub fn syncing_buckets(&self) -> Vec<String> {
+        if self.durability != Durability::Buffered {
+            return Vec::new();
+        }
+        let default = (self.buckets.default.dw > 0).then(|| DEFAULT_BUCKET.to_owned());
+        default
+            .into_iter()
+            .chain(
+                self.buckets
+                    .named
+                    .iter()
+                    .filter(|(_, props)| props.dw > 0)
+                    .map(|(name, _)| String::from_utf8_lossy(name).into_owned()),
+            )
+            .collect()
+    }
+
     /// The seeds as node `id` (its identity, once known) sees them. A node given seeds must be
     /// one of them, so every node of a new cluster claims the same ring over the same members,
     /// and must have a peer address.
@@ -506,7 +529,11 @@ impl Settings {
         let peer_listen = flags.peer_listen.or(file.peer_listen);
         let (seeds, contact_seeds) =
             resolve_seeds(flags.seeds.or(file.seeds).unwrap_or_default(), peer_listen)?;
-        let buckets = resolve_buckets(flags.buckets.or(file.buckets).unwrap_or_default())?;
+        let durability: Durability = pick!(durability, DurabilityName::Sync).into();
+        let buckets = resolve_buckets(
+            flags.buckets.or(file.buckets).unwrap_or_default(),
+            durability,
+        )?;
         let node_name = pick!(node_name, NAME_DEFAULT.to_owned());
         if node_name.len() > NODE_NAME_BYTES_MAX {
             return Err(ConfigError::Invalid {
@@ -567,7 +594,7 @@ impl Settings {
             data_dir: pick!(data_dir, PathBuf::from(DATA_DIR_DEFAULT)),
             listen,
             shards,
-            durability: pick!(durability, DurabilityName::Sync).into(),
+            durability,
             cluster_name: pick!(cluster_name, NAME_DEFAULT.to_owned()),
             inflight_per_connection_max: bound(
                 "inflight_per_connection_max",
@@ -635,11 +662,23 @@ fn resolve_seeds(
     Ok((seeds, contact_seeds))
 }
 
-/// The buckets file's tables over the defaults, with the RESP bucket added, checked.
-fn resolve_buckets(mut tables: BTreeMap<String, BucketTable>) -> Result<Buckets, ConfigError> {
+/// The buckets file's tables over the defaults, with the RESP bucket added, checked. On a
+/// buffered node the default `dw` is 0: a write it coordinates is acknowledged once buffered,
+/// as `--durability buffered` says, unless a table asks for synced acknowledgements.
+fn resolve_buckets(
+    mut tables: BTreeMap<String, BucketTable>,
+    durability: Durability,
+) -> Result<Buckets, ConfigError> {
+    let base = BucketProps {
+        dw: match durability {
+            Durability::Sync => BucketProps::default().dw,
+            Durability::Buffered => 0,
+        },
+        ..BucketProps::default()
+    };
     let default = match tables.remove(DEFAULT_BUCKET) {
-        Some(t) => t.over(BucketProps::default()),
-        None => BucketProps::default(),
+        Some(t) => t.over(base),
+        None => base,
     };
     let mut buckets = Buckets {
         default,
@@ -684,6 +723,40 @@ mod tests {
         // replication never depends on how it was started.
         let d = s.buckets.default;
         assert_eq!((d.n, d.r, d.w, d.dw), (3, 2, 2, 1));
+    }
+
+    /// A buffered node acknowledges its writes once buffered unless a bucket's table asks for
+    /// synced acknowledgements, and names those buckets; a sync node keeps `dw = 1`.
+    #[test]
+    fn buffered_nodes_do_not_sync_by_default_and_name_the_buckets_that_do() {
+        let buffered = FileConfig::parse("durability = \"buffered\"").unwrap();
+        let s = Settings::resolve(FileConfig::default(), buffered).unwrap();
+        assert_eq!(s.buckets.default.dw, 0);
+        assert_eq!(s.buckets.props(RESP_BUCKET).dw, 0);
+        assert!(s.syncing_buckets().is_empty());
+
+        let tables = FileConfig::parse(
+            "durability = \"buffered\"\n[buckets.carts]\ndw = 1\n[buckets.sessions]\nr = 1\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(FileConfig::default(), tables).unwrap();
+        assert_eq!(s.buckets.props(b"carts").dw, 1);
+        assert_eq!(s.buckets.props(b"sessions").dw, 0);
+        assert_eq!(s.syncing_buckets(), vec!["carts".to_owned()]);
+
+        let synced_default = FileConfig::parse(
+            "durability = \"buffered\"\n[buckets.default]\ndw = 1\n[buckets.sessions]\ndw = 0\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(FileConfig::default(), synced_default).unwrap();
+        assert_eq!(
+            s.syncing_buckets(),
+            vec!["default".to_owned(), "redis".to_owned()]
+        );
+
+        let sync = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(sync.buckets.default.dw, 1);
+        assert!(sync.syncing_buckets().is_empty());
     }
 
     /// Seeds make the member set; the default bucket does not follow it; bucket tables inherit

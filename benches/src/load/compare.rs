@@ -12,8 +12,8 @@
 //! Markdown file (docs/BENCHMARKS.md).
 //!
 //! ringkv's `redis` bucket is configured `n = r = w = 1`, with `dw = 0` in the buffered pairing
-//! (with the default `dw = 1` every write would be synced on a buffered node too) and `dw = 1`
-//! in the sync pairing.
+//! (a buffered node's default, stated so the table says what ran) and `dw = 1` in the sync
+//! pairing.
 //!
 //! redis-server is taken from `--redis-server` or the PATH; if it is missing it is installed with
 //! apt-get (as root, or through sudo). Server processes are stopped (SIGTERM, then SIGKILL) when
@@ -328,9 +328,8 @@ fn run_pairing(
         let server_addr = free_addr()?;
         let addr = server_addr.to_string();
         let mut server = if system == "ringkv" {
-            // `dw` is what makes a write durable whatever the node's durability mode: with the
-            // default `dw = 1` a buffered node still syncs every write before acknowledging it.
-            // Buffered is only buffered with `dw = 0`.
+            // `dw` is what makes a write durable whatever the node's durability mode; a buffered
+            // node's default is 0, a sync node's 1. Stated here so the table says what ran.
             let dw = u8::from(durability == "sync");
             let buckets = sys_dir.join("buckets.toml");
             fs::write(

@@ -35,6 +35,14 @@ use super::{Clock, Event, ServeConfig, ServeError, ShardReply, ShardRequest, run
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut cfg = cfg;
     check_config(&mut cfg)?;
+    let syncing = cfg.settings.syncing_buckets();
+    if !syncing.is_empty() {
+        tracing::warn!(
+            buckets = %syncing.join(", "),
+            "durability is buffered, but writes to these buckets still wait for synced \
+             acknowledgements: their tables set dw above 0 (dw = 0 acknowledges once buffered)"
+        );
+    }
     let shards = cfg.cpus.len();
     let members: Vec<NodeId> = cfg
         .peers
