@@ -182,6 +182,8 @@ pub struct FileConfig {
     pub gossip_ms: Option<u64>,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: Option<u64>,
+    /// Bytes of the node's value cache, split evenly across shards; 0 turns it off.
+    pub cache_bytes: Option<u64>,
     /// Interval between heartbeats to each peer, in milliseconds.
     pub heartbeat_ms: Option<u64>,
     /// Suspicion level (phi) above which a silent peer is believed down.
@@ -376,6 +378,9 @@ pub struct Settings {
     pub gossip_ms: u64,
     /// Bytes of hints the node stores at most, split evenly across shards.
     pub hint_bytes_max: u64,
+    /// Bytes of the node's value cache, split evenly across shards; `None` is a quarter of the
+    /// machine's memory ([`crate::preflight::default_cache_bytes`]), found when the node starts.
+    pub cache_bytes: Option<u64>,
     /// Interval between heartbeats to each peer, in milliseconds.
     pub heartbeat_ms: u64,
     /// Suspicion level (phi) above which a silent peer is believed down.
@@ -569,6 +574,7 @@ impl Settings {
             )?,
             gossip_ms: interval("gossip_ms", pick!(gossip_ms, GOSSIP_MS_DEFAULT))?,
             hint_bytes_max: pick!(hint_bytes_max, HINT_BYTES_MAX_DEFAULT),
+            cache_bytes: flags.cache_bytes.or(file.cache_bytes),
             heartbeat_ms: interval("heartbeat_ms", pick!(heartbeat_ms, HEARTBEAT_MS_DEFAULT))?,
             phi_threshold: in_range(
                 "phi_threshold",
@@ -757,6 +763,26 @@ mod tests {
         let sync = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
         assert_eq!(sync.buckets.default.dw, 1);
         assert!(sync.syncing_buckets().is_empty());
+    }
+
+    /// The value cache is the machine's share unless given, by file or flag.
+    #[test]
+    fn the_value_cache_comes_from_the_flag_the_file_or_the_machine() {
+        let sync = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        assert_eq!(sync.cache_bytes, None);
+        assert_eq!(sync.cache_bytes, None);
+        let file = FileConfig::parse("cache_bytes = 1048576").unwrap();
+        let flags = FileConfig {
+            cache_bytes: Some(0),
+            ..FileConfig::default()
+        };
+        assert_eq!(
+            Settings::resolve(FileConfig::default(), file.clone())
+                .unwrap()
+                .cache_bytes,
+            Some(1 << 20)
+        );
+        assert_eq!(Settings::resolve(flags, file).unwrap().cache_bytes, Some(0));
     }
 
     /// Seeds make the member set; the default bucket does not follow it; bucket tables inherit

@@ -224,6 +224,35 @@ fn locked_memory(cause: String, budget: &MemlockBudget) -> ServeError {
     }
 }
 
+/// The value cache of a node given no `cache_bytes`: a quarter of the memory the node may use,
+/// so a data set that fits in memory is served from it, with the rest left to the index, the
+/// engine's buffers, the anti-entropy tables and other processes. 256 MiB where the memory
+/// cannot be read.
+pub fn default_cache_bytes() -> u64 {
+    memory_bytes().map_or(CACHE_BYTES_FALLBACK, |bytes| bytes / 4)
+}
+
+/// The default cache where the machine's memory cannot be read.
+const CACHE_BYTES_FALLBACK: u64 = 256 << 20;
+
+/// The memory this process may use: the machine's (`MemTotal`), or the cgroup's limit if it is
+/// lower (a container).
+fn memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total = parse_mem_total(&meminfo)?;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|limit| limit.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total, |limit| limit.min(total)))
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
@@ -363,5 +392,16 @@ mod tests {
             ServeError::Runtime { what, .. } => assert_eq!(what, "shard 3"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_default_cache_is_a_quarter_of_the_memory() {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:        1000 kB\n";
+        assert_eq!(parse_mem_total(meminfo), Some(24_576_000 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: many kB\n"), None);
+        // This machine's memory can be read, so the fallback is not what a node gets here.
+        let total = memory_bytes().expect("/proc/meminfo is readable");
+        assert_eq!(default_cache_bytes(), total / 4);
     }
 }

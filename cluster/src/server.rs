@@ -203,6 +203,16 @@ impl ServeConfig {
         }
     }
 
+    /// Each shard's share of the node's value cache.
+    fn cache_bytes_per_shard(&self) -> usize {
+        let node = self
+            .settings
+            .cache_bytes
+            .unwrap_or_else(crate::preflight::default_cache_bytes);
+        let shards = u64::try_from(self.cpus.len().max(1)).unwrap_or(u64::MAX);
+        usize::try_from(node / shards).unwrap_or(usize::MAX)
+    }
+
     /// Largest encoded object a shard stores or sends: the engine's hard value limit, and small
     /// enough that a REPLICA_PUT carrying it fits a frame.
     fn object_bytes_max(&self) -> usize {

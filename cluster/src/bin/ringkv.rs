@@ -172,6 +172,11 @@ struct ServeArgs {
     /// are refused `overloaded` [default: 1073741824 (1 GiB)].
     #[arg(long)]
     hint_bytes_max: Option<u64>,
+    /// Bytes of the value cache, split evenly across shards; reads of cached values need no
+    /// disk read. 0 turns it off [default: a quarter of the machine's memory (cgroup limit if
+    /// lower)].
+    #[arg(long)]
+    cache_bytes: Option<u64>,
     /// Interval between failure-detector heartbeats to each peer, in ms [default: 1000].
     #[arg(long)]
     heartbeat_ms: Option<u64>,
@@ -396,6 +401,7 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tombstone_grace_ms,
         gossip_ms,
         hint_bytes_max,
+        cache_bytes,
         heartbeat_ms,
         phi_threshold,
         admission_p99_threshold_us,
@@ -438,6 +444,7 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tombstone_grace_ms,
         gossip_ms,
         hint_bytes_max,
+        cache_bytes,
         heartbeat_ms,
         phi_threshold,
         admission_p99_threshold_us,

@@ -35,6 +35,11 @@ use super::{Clock, Event, ServeConfig, ServeError, ShardReply, ShardRequest, run
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut cfg = cfg;
     check_config(&mut cfg)?;
+    tracing::info!(
+        bytes_per_shard = cfg.cache_bytes_per_shard(),
+        shards = cfg.cpus.len(),
+        "value cache budget"
+    );
     let syncing = cfg.settings.syncing_buckets();
     if !syncing.is_empty() {
         tracing::warn!(

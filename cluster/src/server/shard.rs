@@ -74,6 +74,7 @@ pub(super) async fn run_shard(
     // node's value limit is checked on client requests.
     ecfg.value_bytes_max = cfg.object_bytes_max();
     ecfg.default_durability = cfg.settings.durability;
+    ecfg.cache_bytes = cfg.cache_bytes_per_shard();
     let engine = Engine::open(ecfg)
         .await
         .map_err(|source| ServeError::Engine {
