@@ -90,7 +90,10 @@ impl ValueCache {
         }
     }
 
-    /// A write of a cached key: keep the entry current, or forget it when it was deleted.
+    /// A write of a key: keep a cached entry current, forget it when the key was deleted, and
+    /// admit a key not cached yet while the cache has room. A write never evicts: a write-heavy
+    /// load must not push out what reads brought in, but a data set that fits the budget is
+    /// cached as it is written, not only once each key has been read from disk.
     pub(crate) fn refresh(
         &mut self,
         partition: u32,
@@ -99,13 +102,20 @@ impl ValueCache {
         value: Option<&[u8]>,
     ) {
         let k = Self::key(partition, kh);
-        if !self.map.contains_key(&k) {
-            return;
-        }
+        let cached = self.map.contains_key(&k);
         match value {
-            Some(v) => self.insert(partition, kh, loc, Bytes::copy_from_slice(v)),
-            None => self.remove(k),
+            Some(v) if cached || self.has_room_for(v.len()) => {
+                self.insert(partition, kh, loc, Bytes::copy_from_slice(v));
+            }
+            Some(_) => {}
+            None if cached => self.remove(k),
+            None => {}
         }
+    }
+
+    /// Whether a value of `len` bytes fits without evicting anything.
+    fn has_room_for(&self, len: usize) -> bool {
+        self.used_bytes + len + ENTRY_OVERHEAD_BYTES <= self.budget_bytes
     }
 
     pub(crate) fn drop_partition(&mut self, partition: u32) {
@@ -190,5 +200,31 @@ mod tests {
         // The index moved on: the entry must not be served.
         assert!(c.get(0, kh, loc(100)).is_none());
         assert!(c.get(0, kh, loc(99)).is_none());
+    }
+
+    #[test]
+    fn writes_fill_free_room_and_never_evict() {
+        let kh = |digest| KeyHash { digest, check: 0 };
+        let mut c = ValueCache::new(16 * (ENTRY_OVERHEAD_BYTES + 100));
+        // Read-admitted keys fill half the budget.
+        for i in 0..8 {
+            c.insert(0, kh(i), loc(i), Bytes::from(vec![1u8; 100]));
+        }
+        // Writes of new keys take the free room, then are not admitted.
+        for i in 100..120 {
+            c.refresh(0, kh(i), loc(i), Some(&[2u8; 100]));
+        }
+        assert_eq!(c.len(), 16);
+        for i in 0..8 {
+            assert!(c.get(0, kh(i), loc(i)).is_some(), "read-admitted key {i}");
+        }
+        assert!(c.get(0, kh(107), loc(107)).is_some());
+        assert!(c.get(0, kh(108), loc(108)).is_none());
+        // A write of a cached key keeps it current; a deletion forgets it.
+        c.refresh(0, kh(1), loc(21), Some(&[3u8; 100]));
+        assert_eq!(c.get(0, kh(1), loc(21)).as_deref(), Some(&[3u8; 100][..]));
+        c.refresh(0, kh(1), loc(22), None);
+        assert!(c.get(0, kh(1), loc(21)).is_none());
+        assert_eq!(c.len(), 15);
     }
 }

@@ -539,8 +539,8 @@ impl Engine {
                             },
                         );
                         st.account_replace(old, loc.slot, loc.len);
-                        // Keep a cached hot key fresh; a write alone does not admit a key (write-heavy
-                        // loads would otherwise flush the cache of what is actually read).
+                        // Keep a cached key fresh; a write admits a new key only into free room
+                        // (write-heavy loads must not flush the cache of what is actually read).
                         inner.cache.borrow_mut().refresh(
                             partition,
                             kh,

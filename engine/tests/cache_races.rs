@@ -3,7 +3,8 @@
 //! whose disk read overlaps a `put` of the same key must not cache the old value under the old
 //! location: once compaction frees that slot and a later output places the key at the same
 //! (slot, offset, length), such an entry would be served as a hit. Gets cache only values whose
-//! location is still current when the read completes.
+//! location is still current when the read completes. (Writes cache a key only into free room,
+//! so the test fills the cache before it writes the key.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,6 +17,8 @@ fn cache_serves_overwritten_value_after_slot_reuse() {
         let mut cfg = common::config(&dir);
         cfg.compaction_segments_max = 1;
         cfg.compaction_garbage_ratio = 0.01;
+        // Room for k and seven of the fillers below, which writes admit while there is room.
+        cfg.cache_bytes = 8 * 30_100;
         let e = Engine::open(cfg.clone()).await.unwrap();
         let v1 = vec![b'1'; 1000];
         let v2 = vec![b'2'; 1000]; // same length: same record length
@@ -28,6 +31,9 @@ fn cache_serves_overwritten_value_after_slot_reuse() {
                 .unwrap();
         }
         assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
+        // A read of a filler the full cache does not hold admits it and evicts k, the oldest
+        // entry, so the get of k below reads the disk.
+        e.get(1, &filler(39)).await.unwrap();
 
         // A get of k reads the disk (k's block was flushed and trimmed from memory)...
         {
