@@ -368,6 +368,10 @@ struct Shard {
     floor_file: bool,
     /// Storage operations and epoch renewals in flight; closed at shutdown.
     store_work: Gate,
+    /// Storage operations that finished as they were issued, waiting to be fed to the core
+    /// once the outputs that issued them are carried out ([`Shard::drive`]). Never holds more
+    /// than one carry-out's operations: it is emptied before `drive` returns.
+    finished: std::cell::RefCell<std::collections::VecDeque<driver::Input>>,
     /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.
     stop: StopToken,
     foreground: TaskQueueHandle,

@@ -77,6 +77,20 @@ pub(super) enum Input {
 impl Shard {
     /// Feeds `input` to the core at the shard's clock and carries out what it asks for.
     pub(super) fn drive(self: &Rc<Self>, input: Input) {
+        self.feed(input);
+        // Storage operations that finished as they were issued, in the order they were issued,
+        // each after the outputs it came with.
+        loop {
+            let next = self.finished.borrow_mut().pop_front();
+            match next {
+                Some(input) => self.feed(input),
+                None => break,
+            }
+        }
+    }
+
+    /// One input to the core, and its outputs carried out.
+    fn feed(self: &Rc<Self>, input: Input) {
         let now = self.clock.now_ms();
         let outputs = {
             let mut core = self.core.borrow_mut();
@@ -165,8 +179,22 @@ impl Shard {
         }
     }
 
-    /// Runs one storage operation of the core in its own task and reports the result.
-    pub(super) fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
+    /// Runs one storage operation of the core and reports the result: at once when it needs no
+    /// wait (a cached or buffered value, a buffered write: most of them), else in a task of its
+    /// own. A task per operation cost a spawn and a turn of the scheduler for each of a
+    /// request's reads and writes.
+    fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
+        let shard = self.clone();
+        let mut work = Box::pin(async move { shard.store(&key, op).await });
+        // Polled once here with a waker that does nothing: a future that is not ready yet is
+        // polled again by its task, and a future must wake the waker of its latest poll.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(result) = work.as_mut().poll(&mut cx) {
+            self.finished
+                .borrow_mut()
+                .push_back(Input::Stored { id, result });
+            return;
+        }
         let shard = self.clone();
         let queue = if self.core.borrow().is_background(id) {
             self.background
@@ -175,7 +203,7 @@ impl Shard {
         };
         let spawned = self.store_work.spawn_into(
             async move {
-                let result = shard.store(&key, op).await;
+                let result = work.await;
                 shard.drive(Input::Stored { id, result });
             },
             queue,

@@ -468,6 +468,7 @@ fn new_shard(
         epochs_path: dir.join(EPOCHS_FILE),
         floor_file: cfg.settings.durability == Durability::Sync,
         store_work: Gate::new(),
+        finished: Default::default(),
         stop: StopToken::new(),
         foreground,
     })
