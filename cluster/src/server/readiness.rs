@@ -6,16 +6,20 @@
 //! and its rings are set up without `IORING_SETUP_COOP_TASKRUN`. The poll's completion then
 //! reaches a shard thread that is running with a reschedule interrupt (task work plus an IPI),
 //! once per request. Profiled with redis-benchmark at 50 connections on one pinned shard, that
-//! interrupt alone was about a fifth of the shard's CPU (docs/BENCHMARKS.md, "Node CPU per
-//! request").
+//! interrupt alone was about a fifth of the shard's CPU (docs/BENCHMARKS.md, "Server CPU per
+//! request against Redis").
 //!
 //! Here a socket joins the shard's epoll set once, edge-triggered, when its connection starts.
 //! A reader always tries a non-blocking `recv` first and waits only when the socket is empty; one
-//! poller task per shard collects the edges with `epoll_wait(.., 0)` once per scheduling round
-//! (as an event loop would) and wakes the readers they name. An edge that arrives while its reader
-//! is not waiting wakes nobody, which loses nothing: the reader's next step is a `recv`. When a
-//! few rounds in a row find nothing, the poller waits on the epoll descriptor itself through
-//! glommio (one poll for the whole set), so an idle shard sleeps in the kernel as before.
+//! poller task per shard collects the edges with `epoll_wait(.., 0)` (as an event loop would) and
+//! wakes the readers they name. An edge that arrives while its reader
+//! is not waiting wakes nobody, which loses nothing: the reader's next step is a `recv`. Between
+//! collections the poller waits on the epoll descriptor itself through glommio (one poll for the
+//! whole set): glommio submits that poll when it polls its rings between rounds of its task
+//! queues, and it completes at once when edges are waiting, so a busy shard collects edges once
+//! per executor loop, and an idle one sleeps in the kernel as before. The poller never yields to
+//! stay runnable: a queue that never empties keeps glommio from polling its rings, which would
+//! hold back the shard's disk I/O, timers and mesh channels until the next preemption.
 //!
 //! Writes stay with glommio: they are direct `send`s that wait only when the socket buffer is
 //! full. Accepts, outbound peer links and the admin listener also keep glommio's reads: they
@@ -36,11 +40,6 @@ use super::stop::{StopToken, unless};
 
 /// Edges taken from the kernel per `epoll_wait`; more stay queued for the next round.
 const EVENTS_PER_WAIT: usize = 256;
-
-/// Rounds in a row that found no edge before the poller waits in the kernel. A round is one
-/// pass over every runnable task of the queue, so a few empty ones mean the shard has nothing
-/// to read now.
-const IDLE_ROUNDS_BEFORE_WAIT: u32 = 2;
 
 /// The epoll descriptor, in the form glommio can wait on.
 struct EpollFd(Epoll);
@@ -119,7 +118,7 @@ impl Readiness {
     /// Collects edges and wakes their readers until `stop` is cancelled (module docs).
     pub(super) async fn run(self: Rc<Self>, stop: StopToken) {
         let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
-        let mut idle_rounds = 0;
+        let mut woken: Vec<Waker> = Vec::new();
         while !stop.is_cancelled() {
             let found = match self.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
                 Ok(found) => found,
@@ -133,27 +132,26 @@ impl Readiness {
             };
             {
                 let mut slots = self.waiting.borrow_mut();
-                for event in &events[..found] {
-                    // A stale edge of a closed socket whose token was reused wakes a reader
-                    // that finds its socket empty and waits again.
-                    let token = usize::try_from(event.data()).unwrap_or(usize::MAX);
-                    if let Some(waker) = slots.wakers.get_mut(token).and_then(Option::take) {
-                        waker.wake();
-                    }
-                }
+                // A stale edge of a closed socket whose token was reused wakes a reader that
+                // finds its socket empty and waits again.
+                woken.extend(events[..found].iter().filter_map(|event| {
+                    let token = usize::try_from(event.data()).ok()?;
+                    slots.wakers.get_mut(token).and_then(Option::take)
+                }));
             }
-            idle_rounds = if found == 0 { idle_rounds + 1 } else { 0 };
-            if idle_rounds > IDLE_ROUNDS_BEFORE_WAIT {
-                // Nothing to read for a while: sleep in the kernel until any socket has data.
-                if unless(self.epoll.readable(), stop.cancelled())
-                    .await
-                    .is_none()
-                {
+            // Woken with the table released.
+            woken.drain(..).for_each(Waker::wake);
+            // Parked until the set is readable, through one glommio poll. The poll is submitted,
+            // and its completion seen, only when the executor polls its rings between rounds of
+            // its task queues, so this loop runs at most once per executor loop, and never keeps
+            // a queue busy (that would hold back every other I/O of the shard).
+            match unless(self.epoll.readable(), stop.cancelled()).await {
+                None => return,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "waiting on the epoll set failed; connection reads stop");
                     return;
                 }
-                idle_rounds = 0;
-            } else {
-                futures_lite::future::yield_now().await;
             }
         }
     }
