@@ -179,24 +179,30 @@ impl Shard {
         }
     }
 
-    /// Runs one storage operation of the core and reports the result: at once when it needs no
-    /// wait (a cached or buffered value, a buffered write: most of them), else in a task of its
-    /// own. A task per operation cost a spawn and a turn of the scheduler for each of a
+    /// Runs one storage operation of the core and reports the result: a request's operation at
+    /// once when it needs no wait (a cached or buffered value, a buffered write: most of them),
+    /// else in a task of its own. A task per operation cost a spawn and a turn of the scheduler for each of a
     /// request's reads and writes.
     fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
         let shard = self.clone();
         let mut work = Box::pin(async move { shard.store(&key, op).await });
-        // Polled once here with a waker that does nothing: a future that is not ready yet is
-        // polled again by its task, and a future must wake the waker of its latest poll.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if let std::task::Poll::Ready(result) = work.as_mut().poll(&mut cx) {
-            self.finished
-                .borrow_mut()
-                .push_back(Input::Stored { id, result });
-            return;
+        // Background work (hints, anti-entropy, reaping) always runs in the background queue,
+        // whose shares admission control lowers when requests suffer; only a request's own
+        // operations are tried at once.
+        let background = self.core.borrow().is_background(id);
+        if !background {
+            // Polled once with a waker that does nothing: a future that is not ready yet is
+            // polled again by its task, and a future must wake the waker of its latest poll.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if let std::task::Poll::Ready(result) = work.as_mut().poll(&mut cx) {
+                self.finished
+                    .borrow_mut()
+                    .push_back(Input::Stored { id, result });
+                return;
+            }
         }
         let shard = self.clone();
-        let queue = if self.core.borrow().is_background(id) {
+        let queue = if background {
             self.background
         } else {
             self.foreground
