@@ -89,6 +89,14 @@ impl Shard {
         }
     }
 
+    /// An input that carrying out an output produced at once: fed to the core by [`drive`]
+    /// after the outputs being carried out, in order, never in the middle of them.
+    ///
+    /// [`drive`]: Shard::drive
+    fn report(&self, input: Input) {
+        self.finished.borrow_mut().push_back(input);
+    }
+
     /// One input to the core, and its outputs carried out.
     fn feed(self: &Rc<Self>, input: Input) {
         let now = self.clock.now_ms();
@@ -195,9 +203,7 @@ impl Shard {
             // polled again by its task, and a future must wake the waker of its latest poll.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             if let std::task::Poll::Ready(result) = work.as_mut().poll(&mut cx) {
-                self.finished
-                    .borrow_mut()
-                    .push_back(Input::Stored { id, result });
+                self.report(Input::Stored { id, result });
                 return;
             }
         }
@@ -221,7 +227,7 @@ impl Shard {
             Err(_) => {
                 // Shutting down: the operation fails, so nothing waits for it.
                 let result = Err("the shard is stopping".into());
-                self.drive(Input::Stored { id, result });
+                self.report(Input::Stored { id, result });
             }
         }
     }
@@ -303,9 +309,9 @@ impl Shard {
     /// Persists a raised epoch floor (tombstone reaping) off the shard thread, then tells the
     /// core. A `buffered` run keeps no floor file while it runs (a crash must leave none), so the
     /// floor counts as persisted at once: the next run after a crash starts above it anyway.
-    pub(super) fn spawn_floor(self: &Rc<Self>, floor: u32) {
+    fn spawn_floor(self: &Rc<Self>, floor: u32) {
         if !self.floor_file {
-            self.drive(Input::FloorPersisted { floor });
+            self.report(Input::FloorPersisted { floor });
             return;
         }
         let shard = self.clone();

@@ -96,7 +96,7 @@ impl Readiness {
         };
         let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
         let event = EpollEvent::new(events, token as u64);
-        if let Err(e) = self.epoll.get_ref().0.add(borrow(fd, socket), event) {
+        if let Err(e) = self.epoll.get_ref().0.add(borrow(socket), event) {
             self.release(token);
             return Err(e.into());
         }
@@ -157,11 +157,12 @@ impl Readiness {
     }
 }
 
-/// Borrows the descriptor of `socket`, which the caller holds for the borrow's life.
+/// Borrows the descriptor of `socket` for as long as `socket` is borrowed.
 #[allow(unsafe_code)]
-fn borrow<'a>(fd: RawFd, _socket: &'a impl AsRawFd) -> BorrowedFd<'a> {
-    // SAFETY: `fd` is `_socket`'s open descriptor, and the borrow cannot outlive `_socket`.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+fn borrow(socket: &impl AsRawFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is `socket`'s own, open while `socket` lives, and the borrow cannot
+    // outlive the borrow of `socket`.
+    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
 }
 
 /// The read side of one registered socket; the socket must outlive it.
