@@ -32,6 +32,7 @@ use clap::Parser;
 
 use super::cluster::{die_with_parent, find_ringkv, terminate};
 use super::ports::free_addr;
+use super::redis_benchmark::{self, ServerCost};
 use super::spec::parse_duration;
 use super::stats::{RunReport, fmt_us};
 use super::{RunArgs, measure};
@@ -87,6 +88,10 @@ pub struct CompareArgs {
     /// Append the tables, with the command and the machine, to this Markdown file.
     #[arg(long)]
     pub append: Option<PathBuf>,
+    /// Requests of the redis-benchmark run after each cell, which measures each server's CPU
+    /// and system calls per request; 0 skips it.
+    #[arg(long, default_value_t = 200_000)]
+    pub redis_benchmark_requests: u64,
 }
 
 #[derive(Parser)]
@@ -239,8 +244,14 @@ struct Cell {
     op: &'static str,
     connections: usize,
     pipeline: usize,
-    ringkv: RunReport,
-    redis: RunReport,
+    ringkv: Measured,
+    redis: Measured,
+}
+
+/// One server's results in one cell: this generator's run, then redis-benchmark's.
+struct Measured {
+    run: RunReport,
+    cost: Option<ServerCost>,
 }
 
 fn run_cell(
@@ -316,11 +327,12 @@ fn run_pairing(
     pairing: &str,
     ringkv: &Path,
     redis: &Path,
+    redis_benchmark: Option<&Path>,
 ) -> anyhow::Result<Vec<Cell>> {
     let (durability, redis_persistence) = pairing_servers(pairing)?;
     let dir = args.data_root.join(pairing);
     let _ = fs::remove_dir_all(&dir);
-    let mut results: Vec<Vec<RunReport>> = Vec::new();
+    let mut results: Vec<Vec<Measured>> = Vec::new();
     for system in ["ringkv", "redis"] {
         let sys_dir = dir.join(system);
         fs::create_dir_all(&sys_dir)?;
@@ -385,11 +397,30 @@ fn run_pairing(
         );
         run_cell(args, &addr, "SET", 50, 16, true)?;
         let mut reports = Vec::new();
+        let server_pid = server.child.as_ref().map(Child::id);
         for op in ["SET", "GET"] {
             for &c in &args.connections {
                 for &p in &args.pipelines {
                     eprintln!("== {pairing}: {system} {op} x{c} pipeline {p}");
-                    reports.push(run_cell(args, &addr, op, c, p, false)?);
+                    let run = run_cell(args, &addr, op, c, p, false)?;
+                    let cost = match (redis_benchmark, server_pid) {
+                        (Some(bin), Some(pid)) if args.redis_benchmark_requests > 0 => {
+                            Some(redis_benchmark::measure(&redis_benchmark::Run {
+                                bin,
+                                server_pid: pid,
+                                server: server_addr,
+                                op,
+                                connections: c,
+                                pipeline: p,
+                                keys: args.keys,
+                                value_size: args.value_size,
+                                requests: args.redis_benchmark_requests,
+                                scratch: &sys_dir,
+                            })?)
+                        }
+                        _ => None,
+                    };
+                    reports.push(Measured { run, cost });
                 }
             }
         }
@@ -440,7 +471,7 @@ fn table(pairing: &str, cells: &[Cell]) -> String {
     );
     let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for c in cells {
-        let (k, r) = (&c.ringkv, &c.redis);
+        let (k, r) = (&c.ringkv.run, &c.redis.run);
         let _ = writeln!(
             s,
             "| {} | {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {} | {}/{} |",
@@ -460,6 +491,51 @@ fn table(pairing: &str, cells: &[Cell]) -> String {
         );
     }
     s
+}
+
+/// The redis-benchmark table of a pairing, if it ran: each server's rate, and its CPU time and
+/// system calls per request.
+fn cost_table(cells: &[Cell], requests: u64) -> Option<String> {
+    let rows: Vec<_> = cells
+        .iter()
+        .filter_map(|c| Some((c, c.ringkv.cost?, c.redis.cost?)))
+        .collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let calls = |cost: &ServerCost| {
+        cost.syscalls_per_request
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.2}"))
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Measured by redis-benchmark ({requests} requests per cell, same keys and values), with \
+         each server's CPU time and system calls per request (`perf stat -p`):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| op | conns | pipeline | ringkv ops/s | CPU µs/req | syscalls/req | Redis ops/s | CPU µs/req | syscalls/req | ops/s ratio | CPU ratio |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for (c, k, r) in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} | {} | {} |",
+            c.op,
+            c.connections,
+            c.pipeline,
+            k.ops_per_sec,
+            k.cpu_us_per_request,
+            calls(&k),
+            r.ops_per_sec,
+            r.cpu_us_per_request,
+            calls(&r),
+            ratio(k.ops_per_sec, r.ops_per_sec),
+            ratio(k.cpu_us_per_request, r.cpu_us_per_request),
+        );
+    }
+    Some(s)
 }
 
 /// The 1-, 5- and 15-minute load averages.
@@ -488,10 +564,19 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_before = load_average();
     pin_self(args.generator_cpu)?;
+    // redis-benchmark comes with Redis (Debian's redis-tools, which redis-server depends on).
+    let redis_benchmark = which("redis-benchmark");
+    if redis_benchmark.is_none() && args.redis_benchmark_requests > 0 {
+        eprintln!("warning: redis-benchmark not found; its table is left out");
+    }
     let mut out = String::new();
     for pairing in &args.pairings {
-        let cells = run_pairing(&args, pairing, &ringkv, &redis)?;
-        let t = table(pairing, &cells);
+        let cells = run_pairing(&args, pairing, &ringkv, &redis, redis_benchmark.as_deref())?;
+        let mut t = table(pairing, &cells);
+        if let Some(costs) = cost_table(&cells, args.redis_benchmark_requests) {
+            t.push('\n');
+            t.push_str(&costs);
+        }
         println!("{t}");
         out.push_str(&t);
         out.push('\n');

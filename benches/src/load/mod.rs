@@ -30,6 +30,7 @@ pub mod compare;
 pub mod keygen;
 mod ops;
 mod ports;
+mod redis_benchmark;
 mod resp_client;
 pub mod schedule;
 pub mod spec;
