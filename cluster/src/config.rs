@@ -770,7 +770,6 @@ mod tests {
     fn the_value_cache_comes_from_the_flag_the_file_or_the_machine() {
         let sync = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
         assert_eq!(sync.cache_bytes, None);
-        assert_eq!(sync.cache_bytes, None);
         let file = FileConfig::parse("cache_bytes = 1048576").unwrap();
         let flags = FileConfig {
             cache_bytes: Some(0),

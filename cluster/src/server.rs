@@ -203,7 +203,7 @@ impl ServeConfig {
         }
     }
 
-    /// Each shard's share of the node's value cache.
+    /// Each shard's share of the node's value cache (`serve` settles the node's budget first).
     fn cache_bytes_per_shard(&self) -> usize {
         let node = self
             .settings

@@ -119,6 +119,10 @@ fn check_config(cfg: &mut ServeConfig) -> Result<(), ServeError> {
             crate::route::SHARDS_MAX
         )));
     }
+    // The machine's memory is read once, here, not by every shard.
+    cfg.settings
+        .cache_bytes
+        .get_or_insert_with(crate::preflight::default_cache_bytes);
     cfg.settings.listen = check_port_free(cfg.settings.listen)?;
     if let Some(addr) = cfg.settings.resp_listen {
         let addr = check_port_free(addr)?;
