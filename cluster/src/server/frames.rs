@@ -61,20 +61,28 @@ impl ReadBuffer {
         &mut self,
         reader: &mut R,
     ) -> std::io::Result<usize> {
-        self.buf.drain(..self.used);
-        self.used = 0;
-        let n = reader.read(&mut self.chunk).await?;
-        self.buf.extend_from_slice(&self.chunk[..n]);
-        Ok(n)
+        let n = reader.read(self.next_read()).await?;
+        Ok(self.append(n))
     }
 
     /// [`fill`](Self::fill) from an accepted socket of the shard's readiness set.
     pub(super) async fn fill_from(&mut self, socket: &SocketReader) -> std::io::Result<usize> {
+        let n = socket.read(self.next_read()).await?;
+        Ok(self.append(n))
+    }
+
+    /// Drops the decoded bytes; answers where the next read lands.
+    fn next_read(&mut self) -> &mut [u8] {
         self.buf.drain(..self.used);
         self.used = 0;
-        let n = socket.read(&mut self.chunk).await?;
+        &mut self.chunk
+    }
+
+    /// Appends the first `n` bytes of the read into [`next_read`](Self::next_read)'s buffer;
+    /// answers `n`.
+    fn append(&mut self, n: usize) -> usize {
         self.buf.extend_from_slice(&self.chunk[..n]);
-        Ok(n)
+        n
     }
 }
 
