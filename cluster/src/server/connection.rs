@@ -30,7 +30,8 @@ use super::{ACCEPT_RETRY_DELAY_MS, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MA
 /// fails a frame, or the node shuts down.
 pub(super) async fn serve_connection(
     shard: Rc<Shard>,
-    (stream, readiness): (TcpStream, Rc<Readiness>),
+    stream: TcpStream,
+    readiness: Rc<Readiness>,
     shutdown: StopToken,
     abort: StopToken,
     role: Role,
@@ -125,7 +126,8 @@ pub(super) async fn serve_connection(
 /// expect; replies to pipelined commands are written together.
 pub(super) async fn serve_resp(
     shard: Rc<Shard>,
-    (mut stream, readiness): (TcpStream, Rc<Readiness>),
+    mut stream: TcpStream,
+    readiness: Rc<Readiness>,
     shutdown: StopToken,
     abort: StopToken,
 ) {
@@ -475,7 +477,8 @@ pub(super) async fn serve_listeners(
             accept_until(&resp_listener, "RESP", shard.id, &shutdown, |stream| {
                 let conn = serve_resp(
                     shard.clone(),
-                    (stream, readiness.clone()),
+                    stream,
+                    readiness.clone(),
                     shutdown.clone(),
                     abort.clone(),
                 );
@@ -499,7 +502,8 @@ pub(super) async fn serve_listeners(
             accept_until(&peer_listener, "peer", shard.id, &shutdown, |stream| {
                 let conn = serve_connection(
                     shard.clone(),
-                    (stream, readiness.clone()),
+                    stream,
+                    readiness.clone(),
                     shutdown.clone(),
                     abort.clone(),
                     Role::Peer,
@@ -529,7 +533,8 @@ pub(super) async fn serve_listeners(
     accept_until(&listeners.client, "client", id, shutdown, |stream| {
         let conn = serve_connection(
             shard.clone(),
-            (stream, readiness.clone()),
+            stream,
+            readiness.clone(),
             shutdown.clone(),
             abort.clone(),
             Role::Client,
