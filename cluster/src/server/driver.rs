@@ -189,8 +189,8 @@ impl Shard {
 
     /// Runs one storage operation of the core and reports the result: a request's operation at
     /// once when it needs no wait (a cached or buffered value, a buffered write: most of them),
-    /// else in a task of its own. A task per operation cost a spawn and a turn of the scheduler for each of a
-    /// request's reads and writes.
+    /// else in a task of its own. A task per operation cost a spawn and a turn of the scheduler
+    /// for each of a request's reads and writes.
     fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
         let shard = self.clone();
         let mut work = Box::pin(async move { shard.store(&key, op).await });
