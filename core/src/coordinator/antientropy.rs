@@ -274,6 +274,13 @@ impl Tree {
         found.sort_unstable_by(|x, y| (x.2.leaf, x.0, x.1).cmp(&(y.2.leaf, y.0, y.1)));
         found
     }
+
+    /// The entries of `leaves`, in (leaf, bucket, key) order.
+    fn in_leaves(&self, leaves: &[u32]) -> Vec<(&Bytes, &Bytes, &Entry)> {
+        let mut sorted = leaves.to_vec();
+        sorted.sort_unstable();
+        self.entries(|e| sorted.binary_search(&e.leaf).is_ok())
+    }
 }
 
 /// Hashes a tree's keys: each piece through one-shot xxh3, seeded with the hash so far. Not
@@ -1036,8 +1043,7 @@ impl Core {
         leaves.dedup();
         let mut chosen = Vec::new();
         let mut keys = Vec::new();
-        let listed = t.entries(|e| leaves.binary_search(&e.leaf).is_ok());
-        let mut listed = listed.into_iter().peekable();
+        let mut listed = t.in_leaves(&leaves).into_iter().peekable();
         for leaf in leaves {
             let mut in_leaf = Vec::new();
             while let Some((b, k, e)) = listed.next_if(|(_, _, e)| e.leaf == leaf) {
@@ -1095,9 +1101,7 @@ impl Core {
             .map(|k| ((k.bucket, k.key), k.digest))
             .collect();
         let mut mine: BTreeMap<(Bytes, Bytes), u64> = BTreeMap::new();
-        let mut asked = leaves.clone();
-        asked.sort_unstable();
-        for (b, k, e) in tree.entries(|e| asked.binary_search(&e.leaf).is_ok()) {
+        for (b, k, e) in tree.in_leaves(&leaves) {
             mine.insert((b.clone(), k.clone()), e.digest);
         }
         let max = self.cfg.ae_keys_max;
