@@ -3,8 +3,8 @@
 //! whose disk read overlaps a `put` of the same key must not cache the old value under the old
 //! location: once compaction frees that slot and a later output places the key at the same
 //! (slot, offset, length), such an entry would be served as a hit. Gets cache only values whose
-//! location is still current when the read completes. (Writes cache a key only into free room,
-//! so the test fills the cache before it writes the key.)
+//! location is still current when the read completes. (Writes cache a key while the cache has
+//! room, so the test evicts the key by a read before the get that must go to the disk.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
