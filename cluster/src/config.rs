@@ -210,6 +210,9 @@ pub struct BucketTable {
     pub mode: Option<ConflictMode>,
     /// Sibling limit.
     pub max_siblings: Option<u16>,
+    /// Default time to live of writes that name no expiry, in milliseconds; 0 for none (to
+    /// turn off a default the `default` table set).
+    pub ttl_ms: Option<u64>,
 }
 
 impl BucketTable {
@@ -221,6 +224,11 @@ impl BucketTable {
             dw: self.dw.unwrap_or(base.dw),
             mode: self.mode.unwrap_or(base.mode),
             max_siblings: self.max_siblings.unwrap_or(base.max_siblings),
+            ttl_ms: match self.ttl_ms {
+                Some(0) => None,
+                Some(ms) => Some(ms),
+                None => base.ttl_ms,
+            },
         }
     }
 }

@@ -133,6 +133,7 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
                 w: None,
                 dw: None,
                 timeout_ms: None,
+                expiry: None,
             };
             let put = KeyRequest::new(KeyBody::Put(put), PARTITIONS);
             RespPlan::Execute(vec![put], Combine::Set)
@@ -240,6 +241,7 @@ mod tests {
         Message::GetOk(GetOk {
             siblings: vec![Sibling::Value(Bytes::from_static(v))],
             context: Bytes::new(),
+            expires_at_ms: None,
         })
     }
 
@@ -247,6 +249,7 @@ mod tests {
         Message::GetOk(GetOk {
             siblings: vec![],
             context: Bytes::new(),
+            expires_at_ms: None,
         })
     }
 

@@ -13,13 +13,15 @@ use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
 use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionCount, Ring};
-use ringkv_net::{Delete, ErrorCode, Get, Message, Put, Sibling};
+use ringkv_net::{Delete, ErrorCode, Expiry, Get, GetOk, Message, Put, Sibling};
 
 /// One node and its store; every output is carried out before a call returns.
 struct One {
     core: Core,
     store: BTreeMap<StoreKey, Object>,
     replies: BTreeMap<u64, Message>,
+    /// The time of the last call; storage completes at once, at that time.
+    now: u64,
 }
 
 impl One {
@@ -37,6 +39,7 @@ impl One {
             core: Core::new(cfg, ring, EpochLease::new(1, 8), []),
             store: BTreeMap::new(),
             replies: BTreeMap::new(),
+            now: 0,
         }
     }
 
@@ -45,7 +48,7 @@ impl One {
             match out {
                 Output::Store { id, key, op } => {
                     let result = common::carry_out(&mut self.store, key, op);
-                    outputs.extend(self.core.handle_stored(0, id, result));
+                    outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Reply { req, message } => {
                     self.replies.insert(req, message);
@@ -64,6 +67,7 @@ impl One {
 
     fn request_at(&mut self, now: u64, req: u64, message: Message) -> Message {
         let request = common::key_request(&self.core, message);
+        self.now = now;
         let out = self.core.handle_client(now, req, request);
         self.run(out);
         self.replies.remove(&req).expect("answered at once")
@@ -79,6 +83,7 @@ fn put(value: &str, context: Option<Bytes>, w: Option<u8>) -> Message {
         w,
         dw: None,
         timeout_ms: None,
+        expiry: None,
     })
 }
 
@@ -106,6 +111,7 @@ fn props(n: u8) -> BucketProps {
         dw: 0,
         mode: ConflictMode::Siblings,
         max_siblings: 3,
+        ttl_ms: None,
     }
 }
 
@@ -257,6 +263,7 @@ fn clocks_never_outgrow_their_contexts() {
         core: Core::new(cfg, ring, EpochLease::new(1, 4096), []),
         store: BTreeMap::new(),
         replies: BTreeMap::new(),
+        now: 0,
     };
     let out = one.core.handle_unreachable(0, n1);
     one.run(out);
@@ -270,6 +277,7 @@ fn clocks_never_outgrow_their_contexts() {
             w: None,
             dw: None,
             timeout_ms: None,
+            expiry: None,
         });
         let ack = one.request(10_000 + i, write);
         if let Message::Error(e) = &ack {
@@ -343,6 +351,7 @@ fn a_reap_never_lets_a_dot_repeat() {
     let mut now = 3;
     while now < 4 * grace && !one.store.is_empty() {
         now += 10;
+        one.now = now;
         let out = one.core.handle_tick(now);
         one.run(out);
     }
@@ -413,6 +422,7 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
         w: None,
         dw: None,
         timeout_ms: Some(2_000),
+        expiry: None,
     });
     let request = common::key_request(&core, request);
     let first = forwarded(core.handle_client(100, 7, request));
@@ -464,6 +474,7 @@ fn a_forward_goes_to_a_home_that_answers() {
             w: None,
             dw: None,
             timeout_ms: Some(10_000),
+            expiry: None,
         })
     };
     let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
@@ -499,4 +510,115 @@ fn a_forward_goes_to_a_home_that_answers() {
         forwarded_to(core.handle_client(9_000, 3, request)),
         [homes[0]]
     );
+}
+
+fn put_expiring(value: &str, expiry: Option<Expiry>) -> Message {
+    let Message::Put(p) = put(value, None, None) else {
+        unreachable!()
+    };
+    Message::Put(Put { expiry, ..p })
+}
+
+fn read_at(one: &mut One, now: u64, req: u64) -> GetOk {
+    match one.request_at(now, req, get(None)) {
+        Message::GetOk(ok) => ok,
+        other => panic!("read failed: {other:?}"),
+    }
+}
+
+/// A time to live becomes an absolute expiry at the coordinator: the value reads until then,
+/// with its expiry time, and from then on reads as missing, while the replica still holds the
+/// expiring version (expiry is a version, not an absence). A bucket's default time to live
+/// applies to writes that name none, `Never` overrides it, and a zero time to live is refused.
+#[test]
+fn expiry_is_stamped_by_the_coordinator_and_hides_the_value() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let ok = one.request_at(1_000, 1, put_expiring("s", Some(Expiry::Ttl { ms: 500 })));
+    assert!(matches!(ok, Message::PutOk(_)), "{ok:?}");
+    let live = read_at(&mut one, 1_499, 2);
+    assert_eq!(
+        live.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"s"))]
+    );
+    assert_eq!(live.expires_at_ms, Some(1_500));
+    let gone = read_at(&mut one, 1_500, 3);
+    assert!(gone.siblings.is_empty(), "{gone:?}");
+    assert_eq!(gone.expires_at_ms, None);
+    assert_eq!(one.store.len(), 1, "the expired version is still stored");
+    // An absolute time already past writes a value that is expired on arrival.
+    one.request_at(
+        2_000,
+        4,
+        put_expiring("t", Some(Expiry::At { unix_ms: 1_999 })),
+    );
+    assert!(read_at(&mut one, 2_000, 5).siblings.is_empty());
+    let zero = one.request_at(2_000, 6, put_expiring("u", Some(Expiry::Ttl { ms: 0 })));
+    assert_eq!(code(&zero), Some(ErrorCode::InvalidRequest));
+
+    let mut ttl = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ttl_ms: Some(100),
+        ..props(1)
+    });
+    ttl.request_at(10, 1, put_expiring("d", None));
+    assert_eq!(read_at(&mut ttl, 10, 2).expires_at_ms, Some(110));
+    assert!(read_at(&mut ttl, 110, 3).siblings.is_empty());
+    ttl.request_at(200, 4, put_expiring("p", Some(Expiry::Never)));
+    let kept = read_at(&mut ttl, u64::MAX / 2, 5);
+    assert_eq!(
+        kept.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"p"))]
+    );
+    assert_eq!(kept.expires_at_ms, None);
+}
+
+/// In a siblings bucket each sibling expires on its own: an expired sibling reads as a
+/// deletion beside the live one, and the key reads as missing once both have expired.
+#[test]
+fn siblings_expire_one_by_one() {
+    let mut one = One::new(props(1));
+    one.request_at(0, 1, put_expiring("a", Some(Expiry::Ttl { ms: 10 })));
+    one.request_at(0, 2, put_expiring("b", Some(Expiry::Ttl { ms: 20 })));
+    let both = read_at(&mut one, 5, 3);
+    assert_eq!(both.siblings.len(), 2);
+    assert_eq!(both.expires_at_ms, Some(20));
+    let one_left = read_at(&mut one, 15, 4);
+    assert_eq!(
+        one_left.siblings,
+        vec![Sibling::Tombstone, Sibling::Value(Bytes::from_static(b"b"))]
+    );
+    assert!(read_at(&mut one, 20, 5).siblings.is_empty());
+}
+
+/// An expired object is reaped like a tombstone once its expiry and the grace period have
+/// passed, and not before: storage and the tree lose the key without any delete being sent.
+#[test]
+fn expired_objects_are_reaped_after_the_grace() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let grace = 1_000;
+    one.core.set_ae_interval_ms(10);
+    one.request_at(0, 1, put_expiring("s", Some(Expiry::Ttl { ms: 5_000 })));
+    let mut now = 0;
+    while now < 5_000 + grace - 20 {
+        now += 10;
+        one.now = now;
+        let out = one.core.handle_tick(now);
+        one.run(out);
+    }
+    assert_eq!(one.store.len(), 1, "not reaped before expiry + grace");
+    while now < 5_000 + 4 * grace && !one.store.is_empty() {
+        now += 10;
+        one.now = now;
+        let out = one.core.handle_tick(now);
+        one.run(out);
+    }
+    assert!(one.store.is_empty(), "the expired object was reaped");
+    assert_eq!(one.core.merkle_roots()[0].keys, 0, "the key left the tree");
+    assert_eq!(one.core.stats().tombstones_reaped, 1);
 }

@@ -36,6 +36,7 @@ fn config() -> CoreConfig {
             dw: 0,
             mode: ConflictMode::Siblings,
             max_siblings: 8,
+            ttl_ms: None,
         },
         named: BTreeMap::new(),
     };
@@ -420,6 +421,7 @@ fn credit_follows_the_home_load() {
                 w: Some(3),
                 dw: None,
                 timeout_ms: None,
+                expiry: None,
             }),
         );
         node.run(out);
@@ -474,6 +476,7 @@ fn a_silent_peer_is_suspected_and_skipped() {
             w: None,
             dw: None,
             timeout_ms: None,
+            expiry: None,
         }),
     );
     node.now = 3_001;

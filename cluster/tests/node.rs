@@ -289,6 +289,7 @@ fn pipelined_requests_and_concurrent_connections() {
             dw: None,
             // A deadline the request names itself, far beyond any plausible delay.
             timeout_ms: Some(60_000),
+            expiry: None,
         });
         let frame = Frame {
             request_id: id,
@@ -379,6 +380,7 @@ fn pipelined_requests_and_concurrent_connections() {
         key: Bytes::from_static(b"big"),
         value: vec![0u8; (1 << 20) + 1].into(),
         context: None,
+        expiry: None,
     });
     reads.push(Request::Ping);
     let replies = c.pipeline(reads).unwrap();

@@ -27,6 +27,7 @@ fn props(n: u8) -> BucketProps {
         dw: 0,
         mode: ConflictMode::Siblings,
         max_siblings: 8,
+        ttl_ms: None,
     }
 }
 
@@ -104,6 +105,7 @@ impl One {
             w: None,
             dw: None,
             timeout_ms: None,
+            expiry: None,
         }));
     }
 

@@ -62,6 +62,9 @@ pub struct BucketProps {
     pub mode: ConflictMode,
     /// A write that would leave more siblings than this is refused (`too_many_siblings`).
     pub max_siblings: u16,
+    /// The time to live of a write that names no expiry (milliseconds); `None`: such writes
+    /// never expire.
+    pub ttl_ms: Option<u64>,
 }
 
 impl Default for BucketProps {
@@ -75,6 +78,7 @@ impl Default for BucketProps {
             dw: 1,
             mode: ConflictMode::Siblings,
             max_siblings: MAX_SIBLINGS_DEFAULT,
+            ttl_ms: None,
         }
     }
 }
@@ -120,6 +124,12 @@ impl BucketProps {
                 "max_siblings = {} outside [1, {SIBLINGS_MAX}]",
                 self.max_siblings
             )));
+        }
+        if self.ttl_ms == Some(0) {
+            return Err(PropsError(
+                "ttl_ms = 0: a default time to live is at least 1 ms (leave it out for none)"
+                    .into(),
+            ));
         }
         Ok(())
     }

@@ -6,6 +6,18 @@
 //! so a delete replicates, merges and supersedes like any write; reaping tombstones is
 //! anti-entropy's job (`coordinator/antientropy.rs`), which compares replicas by [`Object::digest`].
 //!
+//! # Expiry
+//!
+//! A value may carry an absolute expiry time ([`Val::Expiring`], 64-bit Unix milliseconds, set by
+//! the coordinator from the request's time to live). Expiry is part of the version, not an
+//! absence: replicas store, merge and digest the expiring value like any other, so two replicas
+//! holding it agree whether or not either has noticed that it expired, and nothing repairs it
+//! back and forth. Whether a value is live is a function of the version and the reader's clock
+//! ([`Val::live`]): from its expiry time on, a value reads as a deletion everywhere, and an
+//! object whose every version is a deletion or expired is reaped like a tombstone
+//! ([`Object::dead_from`]). An expired value never comes back to life, because no merge removes
+//! the expiry from a version; an older live version it superseded stays superseded.
+//!
 //! [`Object::merge`] is the one way replicas combine state (replica writes, read repair, hinted
 //! handoff): commutative, associative and idempotent, so replicas converge whatever the order of
 //! the exchanges. A causal object meeting a last-write-wins one (a bucket whose mode changed) keeps
@@ -21,6 +33,7 @@
 //!                                          values × val)
 //! lww:    0x02 | timestamp u64 | node u32 | val
 //! val:    0x00 (tombstone) | 0x01 | len u32 | len bytes
+//!       | 0x02 | expires_at_ms u64 | len u32 | len bytes   (an expiring value)
 //! ```
 //!
 //! [`Object::decode`] checks every length against the input before allocating, and the clock's
@@ -35,6 +48,7 @@ const TAG_CAUSAL: u8 = 0x01;
 const TAG_LWW: u8 = 0x02;
 const VAL_TOMBSTONE: u8 = 0x00;
 const VAL_VALUE: u8 = 0x01;
+const VAL_EXPIRING: u8 = 0x02;
 /// Bytes of one causal entry before its values.
 const ENTRY_HEAD_BYTES: usize = 4 + 4 + 8 + 2;
 
@@ -45,7 +59,60 @@ pub enum Val {
     Value(Bytes),
     /// A deletion.
     Tombstone,
+    /// A value that reads as a deletion from `expires_at_ms` (Unix milliseconds) on.
+    Expiring {
+        /// The value.
+        value: Bytes,
+        /// When it expires.
+        expires_at_ms: u64,
+    },
 }
+
+impl Val {
+    /// A value that expires at `expires_at_ms`, or that never does.
+    pub fn new(value: Bytes, expires_at_ms: Option<u64>) -> Val {
+        match expires_at_ms {
+            None => Val::Value(value),
+            Some(expires_at_ms) => Val::Expiring {
+                value,
+                expires_at_ms,
+            },
+        }
+    }
+
+    /// The value as a reader at `now_ms` sees it: `None` for a deletion or an expired value.
+    pub fn live(&self, now_ms: u64) -> Option<&Bytes> {
+        match self {
+            Val::Value(v) => Some(v),
+            Val::Expiring {
+                value,
+                expires_at_ms,
+            } if now_ms < *expires_at_ms => Some(value),
+            Val::Expiring { .. } | Val::Tombstone => None,
+        }
+    }
+
+    /// From when this version reads as a deletion: 0 for a tombstone, its expiry time for an
+    /// expiring value, never (`None`) for a plain value.
+    pub fn dead_from(&self) -> Option<u64> {
+        match self {
+            Val::Tombstone => Some(0),
+            Val::Expiring { expires_at_ms, .. } => Some(*expires_at_ms),
+            Val::Value(_) => None,
+        }
+    }
+
+    /// The expiry time of a value, if it has one.
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        match self {
+            Val::Expiring { expires_at_ms, .. } => Some(*expires_at_ms),
+            Val::Value(_) | Val::Tombstone => None,
+        }
+    }
+}
+
+/// A value's bytes and expiry, in the order [`Lww`] breaks ties by.
+type VersionKey<'a> = (&'a [u8], Option<u64>);
 
 /// A last-write-wins version.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -62,10 +129,14 @@ impl Lww {
     /// The order of versions: timestamp, then node, then the version itself, so that even two
     /// versions with the same stamp (a clock that stepped back across a restart) merge the same
     /// way on every replica.
-    fn key(&self) -> (u64, NodeId, Option<&[u8]>) {
+    fn key(&self) -> (u64, NodeId, Option<VersionKey<'_>>) {
         let val = match &self.val {
             Val::Tombstone => None,
-            Val::Value(v) => Some(v.as_ref()),
+            Val::Value(v) => Some((v.as_ref(), None)),
+            Val::Expiring {
+                value,
+                expires_at_ms,
+            } => Some((value.as_ref(), Some(*expires_at_ms))),
         };
         (self.timestamp, self.node, val)
     }
@@ -150,9 +221,28 @@ impl Object {
         }
     }
 
-    /// Whether every version is a deletion (a read answers "not found").
-    pub fn is_deleted(&self) -> bool {
-        self.siblings().iter().all(|v| *v == Val::Tombstone)
+    /// Whether every version is a deletion or expired at `now_ms` (a read answers "not found").
+    pub fn is_deleted_at(&self, now_ms: u64) -> bool {
+        self.dead_from().is_some_and(|t| t <= now_ms)
+    }
+
+    /// From when every version of the object reads as a deletion: 0 if all are tombstones, the
+    /// latest expiry if the rest expire, never (`None`) if a version is a plain value. Anti-entropy
+    /// reaps an object once this time and a grace period have passed on every replica.
+    pub fn dead_from(&self) -> Option<u64> {
+        let mut from = 0u64;
+        let mut visit = |v: &Val| match v.dead_from() {
+            Some(t) => {
+                from = from.max(t);
+                true
+            }
+            None => false,
+        };
+        let all = match self {
+            Object::Causal(c) => c.values().all(&mut visit),
+            Object::Lww(l) => visit(&l.val),
+        };
+        all.then_some(from)
     }
 
     /// The largest `lww` timestamp in the object (0 for causal ones), so a coordinator's clock
@@ -169,6 +259,7 @@ impl Object {
         let val_len = |v: &Val| match v {
             Val::Tombstone => 1,
             Val::Value(b) => 1 + 4 + b.len(),
+            Val::Expiring { value, .. } => 1 + 8 + 4 + value.len(),
         };
         match self {
             Object::Causal(clock) => {
@@ -288,6 +379,16 @@ fn encode_val(v: &Val, sink: &mut impl FnMut(&[u8])) {
             sink(&len.to_le_bytes());
             sink(b);
         }
+        Val::Expiring {
+            value,
+            expires_at_ms,
+        } => {
+            sink(&[VAL_EXPIRING]);
+            sink(&expires_at_ms.to_le_bytes());
+            let len = u32::try_from(value.len()).expect("values are bounded far below 4 GiB");
+            sink(&len.to_le_bytes());
+            sink(value);
+        }
     }
 }
 
@@ -328,18 +429,27 @@ impl Cursor<'_> {
         Ok(u64::from_le_bytes(self.take()?))
     }
 
+    fn value(&mut self) -> Result<Bytes, ObjectError> {
+        let len = self.u32()? as usize;
+        if len > self.remaining() {
+            return Err(ObjectError::Truncated { at: self.at });
+        }
+        let v = self.bytes.slice(self.at..self.at + len);
+        self.at += len;
+        Ok(v)
+    }
+
     fn val(&mut self) -> Result<Val, ObjectError> {
         let at = self.at;
         match self.u8()? {
             VAL_TOMBSTONE => Ok(Val::Tombstone),
-            VAL_VALUE => {
-                let len = self.u32()? as usize;
-                if len > self.remaining() {
-                    return Err(ObjectError::Truncated { at: self.at });
-                }
-                let v = self.bytes.slice(self.at..self.at + len);
-                self.at += len;
-                Ok(Val::Value(v))
+            VAL_VALUE => Ok(Val::Value(self.value()?)),
+            VAL_EXPIRING => {
+                let expires_at_ms = self.u64()?;
+                Ok(Val::Expiring {
+                    value: self.value()?,
+                    expires_at_ms,
+                })
             }
             tag => Err(ObjectError::BadTag { tag, at }),
         }
@@ -462,34 +572,146 @@ mod tests {
 
     /// Objects of a few actors, siblings and tombstones, or lww versions.
     fn objects() -> impl Strategy<Value = Object> {
-        let causal =
-            prop::collection::vec((1..4u32, any::<bool>(), 0..3usize), 0..6).prop_map(|puts| {
-                let mut clock = DvvSet::empty();
-                for (n, tomb, len) in puts {
-                    let val = if tomb {
-                        Val::Tombstone
-                    } else {
-                        Val::Value(Bytes::from(vec![b'v'; len]))
-                    };
-                    // Blind writes: each becomes a sibling.
-                    clock = DvvSet::update(Put::new(val), clock, actor(n));
-                }
-                Object::Causal(clock)
-            });
-        let lww = (any::<u64>(), any::<u32>(), prop::option::of(0..4usize)).prop_map(
-            |(timestamp, node, len)| {
+        let causal = prop::collection::vec(
+            (1..4u32, any::<bool>(), 0..3usize, prop::option::of(0..9u64)),
+            0..6,
+        )
+        .prop_map(|puts| {
+            let mut clock = DvvSet::empty();
+            for (n, tomb, len, expiry) in puts {
+                let val = if tomb {
+                    Val::Tombstone
+                } else {
+                    Val::new(Bytes::from(vec![b'v'; len]), expiry)
+                };
+                // Blind writes: each becomes a sibling.
+                clock = DvvSet::update(Put::new(val), clock, actor(n));
+            }
+            Object::Causal(clock)
+        });
+        let lww = (
+            any::<u64>(),
+            any::<u32>(),
+            prop::option::of(0..4usize),
+            prop::option::of(any::<u64>()),
+        )
+            .prop_map(|(timestamp, node, len, expiry)| {
                 Object::Lww(Lww {
                     timestamp,
                     node: NodeId(node),
-                    val: len.map_or(Val::Tombstone, |l| Val::Value(Bytes::from(vec![b'w'; l]))),
+                    val: len.map_or(Val::Tombstone, |l| {
+                        Val::new(Bytes::from(vec![b'w'; l]), expiry)
+                    }),
                 })
-            },
+            });
+        prop_oneof![causal, lww]
+    }
+
+    /// An expiring value reads as itself before its expiry and as a deletion from it on; an
+    /// object is dead from the latest expiry of its versions, and never while a plain value is
+    /// among them.
+    #[test]
+    fn expiry_is_a_function_of_the_version_and_the_clock() {
+        let e = |at| Val::new(Bytes::from_static(b"s"), Some(at));
+        assert_eq!(e(10).live(9), Some(&Bytes::from_static(b"s")));
+        assert_eq!(e(10).live(10), None);
+        assert_eq!(Val::Tombstone.live(0), None);
+        let a = DvvSet::update(Put::new(e(10)), DvvSet::empty(), actor(1));
+        let b = DvvSet::update(Put::new(e(20)), DvvSet::empty(), actor(2));
+        let both = Object::Causal(a.clone().sync(b));
+        assert_eq!(both.dead_from(), Some(20));
+        assert!(!both.is_deleted_at(19));
+        assert!(both.is_deleted_at(20));
+        let plain = DvvSet::update(
+            Put::new(Val::Value(Bytes::from_static(b"p"))),
+            DvvSet::empty(),
+            actor(3),
         );
+        let with_plain = Object::Causal(a.sync(plain));
+        assert_eq!(with_plain.dead_from(), None);
+        assert!(!with_plain.is_deleted_at(u64::MAX));
+        // The expiry is part of the version: the same value with another expiry is another
+        // version, with another digest.
+        let lww = |val| {
+            Object::Lww(Lww {
+                timestamp: 5,
+                node: NodeId(1),
+                val,
+            })
+        };
+        assert_ne!(lww(e(10)).digest(), lww(e(11)).digest());
+        assert_ne!(
+            lww(e(10)).digest(),
+            lww(Val::Value(Bytes::from_static(b"s"))).digest()
+        );
+    }
+
+    /// Objects as replicas of one key could hold them: a dot always names the same version
+    /// (its value and expiry are functions of the dot), which merges assume; each replica saw
+    /// some of each actor's writes, blind, or lww versions of one history.
+    fn replicas() -> impl Strategy<Value = Object> {
+        let version = |n: u32, counter: u64| {
+            let mix = u64::from(n) * 7 + counter * 3;
+            match mix % 4 {
+                0 => Val::Tombstone,
+                1 => Val::Value(Bytes::from(format!("{n}.{counter}"))),
+                _ => Val::new(Bytes::from(format!("{n}.{counter}")), Some(mix % 12)),
+            }
+        };
+        let causal = prop::collection::vec((1..4u32, 1..4u64), 0..6).prop_map(move |writes| {
+            let mut clock = DvvSet::empty();
+            for (n, upto) in writes {
+                // Actor n's writes 1..=upto, each superseding the one before (it saw it).
+                let mut own = DvvSet::empty();
+                for counter in 1..=upto {
+                    own = DvvSet::update(
+                        Put::new_with_context(own.join(), version(n, counter)),
+                        own,
+                        actor(n),
+                    );
+                }
+                clock = clock.sync(own);
+            }
+            Object::Causal(clock)
+        });
+        let lww = (0..6u64, 1..3u32).prop_map(move |(timestamp, n)| {
+            Object::Lww(Lww {
+                timestamp,
+                node: NodeId(n),
+                val: version(n, timestamp),
+            })
+        });
         prop_oneof![causal, lww]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// The merge laws (commutative, associative, idempotent) hold with expiring values, and
+        /// a merge never brings a version back to life: whatever is dead at a time in the merge
+        /// of two objects is a version one of them held, so an object's expired versions stay
+        /// expired, and the merge of two objects dead by `t` is dead by `t`.
+        #[test]
+        fn merges_keep_their_laws_and_never_revive(
+            a in replicas(),
+            b in replicas(),
+            c in replicas(),
+            now in 0..12u64,
+        ) {
+            prop_assert_eq!(a.clone().merge(b.clone()), b.clone().merge(a.clone()));
+            prop_assert_eq!(
+                a.clone().merge(b.clone()).merge(c.clone()),
+                a.clone().merge(b.clone().merge(c))
+            );
+            prop_assert_eq!(a.clone().merge(a.clone()), a.clone());
+            let m = a.clone().merge(b.clone());
+            if a.is_deleted_at(now) && b.is_deleted_at(now) {
+                prop_assert!(m.is_deleted_at(now));
+            }
+            for v in m.siblings() {
+                prop_assert!(a.siblings().contains(&v) || b.siblings().contains(&v));
+            }
+        }
 
         /// Stored objects come from disk and from peers: any bytes decode to an object or an
         /// error, never a panic, and whatever decodes encodes back to the same bytes.

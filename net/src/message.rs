@@ -368,6 +368,42 @@ pub struct GetOk {
     pub siblings: Vec<Sibling>,
     /// Opaque causal context to pass to the next PUT or DELETE of the key.
     pub context: Bytes,
+    /// When the key expires (Unix milliseconds): the latest expiry of its value siblings, if
+    /// every one of them expires; `None` if one never does, or if no value was found.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// When a written value expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Expiry {
+    /// This many milliseconds after the coordinator receives the write (at least 1).
+    Ttl {
+        /// The time to live.
+        ms: u64,
+    },
+    /// At this Unix time in milliseconds; a time already past writes a value that is expired
+    /// on arrival (a read finds nothing), as Redis's `EXAT` does.
+    At {
+        /// The expiry time.
+        unix_ms: u64,
+    },
+    /// Never, even in a bucket with a default time to live.
+    Never,
+}
+
+/// Expiry tags on the wire.
+const EXPIRY_TTL: u8 = 1;
+const EXPIRY_AT: u8 = 2;
+const EXPIRY_NEVER: u8 = 3;
+
+impl Expiry {
+    fn encoded_len(expiry: Option<Expiry>) -> usize {
+        match expiry {
+            None => 0,
+            Some(Expiry::Never) => 1,
+            Some(_) => 1 + 8,
+        }
+    }
 }
 
 /// PUT: write a value.
@@ -388,6 +424,8 @@ pub struct Put {
     pub dw: Option<u8>,
     /// Deadline in milliseconds; the node's default when absent.
     pub timeout_ms: Option<u32>,
+    /// When the value expires; the bucket's default time to live (if any) when absent.
+    pub expiry: Option<Expiry>,
 }
 
 /// PUT_OK: the write reached its quorum.
@@ -605,6 +643,8 @@ const F_SUB: &str = "sub";
 const F_PAYLOAD: &str = "payload";
 const F_CODE: &str = "code";
 const F_MESSAGE: &str = "message";
+const F_EXPIRY: &str = "expiry";
+const F_EXPIRES_AT_MS: &str = "expires_at_ms";
 
 /// Sibling tags on the wire.
 const SIBLING_TOMBSTONE: u8 = 0;
@@ -813,7 +853,9 @@ impl Message {
                         Sibling::Value(v) => 1 + prefixed_len(U32, v.len()),
                     })
                     .sum();
-                2 + siblings + prefixed_len(U32, m.context.len())
+                2 + siblings
+                    + prefixed_len(U32, m.context.len())
+                    + if m.expires_at_ms.is_some() { 8 } else { 0 }
             }
             Self::Put(m) => {
                 opt_len(m.w, 1)
@@ -822,6 +864,7 @@ impl Message {
                     + bucket_key_len(&m.bucket, &m.key)
                     + opt_prefixed_len(U32, m.context.as_deref())
                     + prefixed_len(U32, m.value.len())
+                    + Expiry::encoded_len(m.expiry)
             }
             Self::PutOk(m) => prefixed_len(U32, m.context.len()),
             Self::Delete(m) => {
@@ -884,6 +927,10 @@ impl Message {
                     }
                 }
                 w.prefixed(U32, &m.context);
+                // Optional trailing field: absent when `None`, so older bodies still decode.
+                if let Some(at) = m.expires_at_ms {
+                    w.u64(at);
+                }
             }
             Self::Put(m) => {
                 w.opt_u8(m.w);
@@ -893,6 +940,19 @@ impl Message {
                 w.prefixed(U16, &m.key);
                 w.opt_prefixed(U32, m.context.as_deref());
                 w.prefixed(U32, &m.value);
+                // Optional trailing field: absent when `None`, so older bodies still decode.
+                match m.expiry {
+                    None => {}
+                    Some(Expiry::Ttl { ms }) => {
+                        w.u8(EXPIRY_TTL);
+                        w.u64(ms);
+                    }
+                    Some(Expiry::At { unix_ms }) => {
+                        w.u8(EXPIRY_AT);
+                        w.u64(unix_ms);
+                    }
+                    Some(Expiry::Never) => w.u8(EXPIRY_NEVER),
+                }
             }
             Self::PutOk(m) => w.prefixed(U32, &m.context),
             Self::Delete(m) => {
@@ -1040,7 +1100,16 @@ impl Message {
                     siblings.push(sibling);
                 }
                 let context = r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?;
-                Self::GetOk(GetOk { siblings, context })
+                let expires_at_ms = if r.remaining() == 0 {
+                    None
+                } else {
+                    Some(r.u64(F_EXPIRES_AT_MS)?)
+                };
+                Self::GetOk(GetOk {
+                    siblings,
+                    context,
+                    expires_at_ms,
+                })
             }
             Kind::Put => {
                 let w = r.opt(F_W, Reader::u8)?;
@@ -1049,6 +1118,25 @@ impl Message {
                 let (bucket, key) = read_bucket_key(&mut r, limits)?;
                 let context = r.opt(F_CONTEXT, |r, f| r.bytes(f, U32, CONTEXT_BYTES_MAX))?;
                 let value = r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?;
+                let expiry = if r.remaining() == 0 {
+                    None
+                } else {
+                    Some(match r.u8(F_EXPIRY)? {
+                        EXPIRY_TTL => Expiry::Ttl {
+                            ms: r.u64(F_EXPIRY)?,
+                        },
+                        EXPIRY_AT => Expiry::At {
+                            unix_ms: r.u64(F_EXPIRY)?,
+                        },
+                        EXPIRY_NEVER => Expiry::Never,
+                        value => {
+                            return Err(BodyError::BadValue {
+                                field: F_EXPIRY,
+                                value: u64::from(value),
+                            });
+                        }
+                    })
+                };
                 Self::Put(Put {
                     bucket,
                     key,
@@ -1057,6 +1145,7 @@ impl Message {
                     w,
                     dw,
                     timeout_ms,
+                    expiry,
                 })
             }
             Kind::PutOk => Self::PutOk(PutOk {

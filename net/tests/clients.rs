@@ -87,6 +87,7 @@ fn answer(message: &Message) -> Message {
         Message::Get(get) => Message::GetOk(GetOk {
             siblings: vec![Sibling::Value(get.key.clone())],
             context: Bytes::from_static(b"ctx"),
+            expires_at_ms: None,
         }),
         Message::Put(put) => Message::PutOk(ringkv_net::PutOk {
             context: put.key.clone(),

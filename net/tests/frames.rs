@@ -426,6 +426,7 @@ fn encoder_enforces_limits() {
             w: None,
             dw: None,
             timeout_ms: None,
+            expiry: None,
         }),
     };
     let mut out = Vec::new();
@@ -470,6 +471,7 @@ fn encoder_enforces_limits() {
         message: Message::GetOk(GetOk {
             siblings: vec![Sibling::Tombstone; SIBLINGS_MAX + 1],
             context: Bytes::new(),
+            expires_at_ms: None,
         }),
     };
     assert!(matches!(
@@ -496,6 +498,7 @@ fn largest_put_fits_default_frame() {
             w: Some(3),
             dw: Some(3),
             timeout_ms: Some(u32::MAX),
+            expiry: None,
         }),
     };
     let bytes = encode(&f);

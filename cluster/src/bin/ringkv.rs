@@ -529,6 +529,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 w: write.w,
                 dw: write.dw,
                 timeout_ms: Some(deadline_ms(&target)),
+                expiry: None,
             });
             match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),

@@ -185,6 +185,7 @@ pub fn put_w(bucket: &'static [u8], key: impl Into<Bytes>, value: &'static [u8],
         w: Some(w),
         dw: None,
         timeout_ms: None,
+        expiry: None,
     })
 }
 

@@ -603,14 +603,16 @@ impl Core {
         let old = slot.as_deref().copied();
         let new = object.map(|o| {
             let digest = o.digest();
-            let tomb = o.is_deleted().then(|| Tomb {
+            // An object whose versions all expire is a tombstone from its last expiry on: it
+            // is reaped like one, a grace period after that time (module docs).
+            let tomb = o.dead_from().map(|dead_from| Tomb {
                 since: match old {
                     Some(Entry {
                         digest: d,
                         tomb: Some(t),
                         ..
                     }) if d == digest => t.since,
-                    _ => now,
+                    _ => now.max(dead_from),
                 },
                 own_epoch: match o {
                     Object::Causal(c) => c
@@ -1181,11 +1183,11 @@ impl Core {
         };
         let mut ready = Vec::new();
         let mut blocked = false;
-        for (b, k, e) in tree.entries(|e| e.tomb.is_some()) {
+        // Only tombstones past their grace are listed: a tree of expiring sessions holds many
+        // that are not dead yet.
+        let ripe = |e: &Entry| e.tomb.is_some_and(|t| now >= t.since.saturating_add(grace));
+        for (b, k, e) in tree.entries(ripe) {
             let Some(t) = e.tomb else { continue };
-            if now < t.since.saturating_add(grace) {
-                continue;
-            }
             if t.own_epoch.is_some_and(|ep| ep >= floor) {
                 blocked = true;
                 continue;

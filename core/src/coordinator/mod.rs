@@ -75,7 +75,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
-use ringkv_net::{ErrorBody, ErrorCode, GetOk, Message, PutOk, Sibling};
+use ringkv_net::{ErrorBody, ErrorCode, Expiry, GetOk, Message, PutOk, Sibling};
 
 use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
@@ -607,7 +607,8 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 /// The client operation of a request, decoded.
 #[derive(Clone, Debug)]
 enum Write {
-    Put(Bytes),
+    /// A value, and when it expires (Unix milliseconds, stamped by this coordinator).
+    Put(Bytes, Option<u64>),
     Delete,
 }
 
@@ -1141,7 +1142,28 @@ impl Core {
 
     fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: KeyRequest, is_home: bool) {
         let (write, context) = match request.into_body() {
-            KeyBody::Put(m) => (Write::Put(m.value), m.context),
+            KeyBody::Put(m) => {
+                // The coordinator turns a time to live into an absolute time, once, so every
+                // replica stores the same expiry (module docs of `object`).
+                let expires_at_ms = match m.expiry {
+                    Some(Expiry::Ttl { ms: 0 }) => {
+                        return self.answer(
+                            op.reply_to,
+                            error(ErrorCode::InvalidRequest, "a time to live is at least 1 ms"),
+                        );
+                    }
+                    Some(Expiry::Ttl { ms }) => Some(now.saturating_add(ms)),
+                    Some(Expiry::At { unix_ms }) => Some(unix_ms),
+                    Some(Expiry::Never) => None,
+                    None => self
+                        .cfg
+                        .buckets
+                        .props(&op.bucket)
+                        .ttl_ms
+                        .map(|ms| now.saturating_add(ms)),
+                };
+                (Write::Put(m.value, expires_at_ms), m.context)
+            }
             KeyBody::Delete(m) => (Write::Delete, m.context),
             KeyBody::Get(_) => unreachable!("start_write is called for writes"),
         };
@@ -1227,7 +1249,7 @@ impl Core {
             unreachable!("updated is called for writes");
         };
         let val = match write {
-            Write::Put(v) => Val::Value(v.clone()),
+            Write::Put(v, expires_at_ms) => Val::new(v.clone(), *expires_at_ms),
             Write::Delete => Val::Tombstone,
         };
         let props = self.cfg.buckets.props(&op.bucket);
@@ -1522,7 +1544,7 @@ impl Core {
             return;
         };
         if !op.replied && *replies >= op.quorum.r {
-            let reply = read_reply(merged.as_ref());
+            let reply = read_reply(merged.as_ref(), now);
             let to = op.reply_to;
             self.ops.get_mut(&id).expect("exists").replied = true;
             self.answer(to, reply);
@@ -2457,31 +2479,40 @@ fn not_enough(what: &str, got: usize, need: usize, replicas: usize) -> Message {
     )
 }
 
-/// GET_OK for a merged object: its siblings (tombstones only when a value is concurrent with
-/// them; a key whose versions are all deletions reads as missing) and its context.
-fn read_reply(merged: Option<&Object>) -> Message {
+/// GET_OK for a merged object at `now`: its siblings (tombstones only when a value is
+/// concurrent with them; a key whose versions are all deletions reads as missing; a value past
+/// its expiry reads as a deletion) and its context.
+fn read_reply(merged: Option<&Object>, now: u64) -> Message {
     let Some(object) = merged else {
         return Message::GetOk(GetOk {
             siblings: Vec::new(),
             context: Bytes::new(),
+            expires_at_ms: None,
         });
     };
     let context = match object {
         Object::Causal(_) => Bytes::from(object.context().encode()),
         Object::Lww(_) => Bytes::new(),
     };
-    if object.is_deleted() {
+    if object.is_deleted_at(now) {
         return Message::GetOk(GetOk {
             siblings: Vec::new(),
             context,
+            expires_at_ms: None,
         });
     }
-    let siblings: Vec<Sibling> = object
-        .siblings()
-        .into_iter()
-        .map(|v| match v {
-            Val::Value(b) => Sibling::Value(b),
-            Val::Tombstone => Sibling::Tombstone,
+    let versions = object.siblings();
+    // The key expires when its last live value does; a live value that never expires keeps it.
+    let expires_at_ms = versions
+        .iter()
+        .filter(|v| v.live(now).is_some())
+        .map(Val::expires_at_ms)
+        .try_fold(0u64, |latest, at| at.map(|at| latest.max(at)));
+    let siblings: Vec<Sibling> = versions
+        .iter()
+        .map(|v| match v.live(now) {
+            Some(b) => Sibling::Value(b.clone()),
+            None => Sibling::Tombstone,
         })
         .collect();
     if siblings.len() > SIBLINGS_MAX {
@@ -2493,5 +2524,9 @@ fn read_reply(merged: Option<&Object>) -> Message {
             ),
         );
     }
-    Message::GetOk(GetOk { siblings, context })
+    Message::GetOk(GetOk {
+        siblings,
+        context,
+        expires_at_ms,
+    })
 }

@@ -66,6 +66,20 @@ macro_rules! typed_requests {
             self.request(Request::put(bucket, key, value, context))?.into_put()
         }
 
+        /// Writes `value` as [`Self::put`] does, expiring as `expiry` says (a time to live, an
+        /// absolute time, or never despite the bucket's default).
+        pub fn put_expiring(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            value: &[u8],
+            context: Option<Bytes>,
+            expiry: $crate::message::Expiry,
+        ) -> Result<Bytes, ClientError> {
+            self.request(Request::put(bucket, key, value, context).expiring(expiry))?
+                .into_put()
+        }
+
         /// Deletes `key` in `bucket`; deleting a missing key succeeds.
         pub fn delete(
             $($recv)+ self,
@@ -103,6 +117,21 @@ macro_rules! typed_requests {
             context: Option<Bytes>,
         ) -> Result<Bytes, ClientError> {
             self.call(Request::put(bucket, key, value, context)).await?.into_put()
+        }
+
+        /// Writes `value` as [`Self::put`] does, expiring as `expiry` says (a time to live, an
+        /// absolute time, or never despite the bucket's default).
+        pub async fn put_expiring(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            value: &[u8],
+            context: Option<Bytes>,
+            expiry: $crate::message::Expiry,
+        ) -> Result<Bytes, ClientError> {
+            self.call(Request::put(bucket, key, value, context).expiring(expiry))
+                .await?
+                .into_put()
         }
 
         /// Deletes `key` in `bucket`; deleting a missing key succeeds.
@@ -144,7 +173,7 @@ use crate::error::{EncodeError, FrameError};
 use crate::frame::PROTOCOL_VERSION;
 use crate::limits::Limits;
 use crate::message::{
-    Admin, Delete, ErrorCode, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
+    Admin, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
 };
 
 /// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
@@ -262,6 +291,8 @@ pub enum Request {
         value: Bytes,
         /// Context from an earlier read, if any.
         context: Option<Bytes>,
+        /// When the value expires; the bucket's default when absent.
+        expiry: Option<Expiry>,
     },
     /// Delete a key.
     Delete {
@@ -299,7 +330,16 @@ impl Request {
             key: Bytes::copy_from_slice(key),
             value: Bytes::copy_from_slice(value),
             context,
+            expiry: None,
         }
+    }
+
+    /// This request with `expiry`, if it is a PUT; other requests are returned unchanged.
+    pub fn expiring(mut self, expiry: Expiry) -> Self {
+        if let Request::Put { expiry: e, .. } = &mut self {
+            *e = Some(expiry);
+        }
+        self
     }
 
     /// A DELETE, copying the bucket and key.
@@ -346,6 +386,7 @@ impl Request {
                 key,
                 value,
                 context,
+                expiry,
             } => Message::Put(Put {
                 bucket,
                 key,
@@ -354,6 +395,7 @@ impl Request {
                 w: None,
                 dw: None,
                 timeout_ms,
+                expiry,
             }),
             Request::Delete {
                 bucket,
@@ -392,9 +434,15 @@ impl Reply {
     /// The reply a success message stands for; any other message is a protocol violation.
     fn from_message(message: Message) -> Result<Self, ClientError> {
         match message {
-            Message::GetOk(GetOk { siblings, context }) => {
-                Ok(Reply::Get(GetReply { siblings, context }))
-            }
+            Message::GetOk(GetOk {
+                siblings,
+                context,
+                expires_at_ms,
+            }) => Ok(Reply::Get(GetReply {
+                siblings,
+                context,
+                expires_at_ms,
+            })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
             Message::Pong => Ok(Reply::Pong),
@@ -546,6 +594,8 @@ pub struct GetReply {
     pub siblings: Vec<Sibling>,
     /// Opaque causal context (empty on a single node).
     pub context: Bytes,
+    /// When the key expires (Unix milliseconds), if every value sibling expires.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl GetReply {

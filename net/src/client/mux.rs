@@ -162,6 +162,7 @@ mod tests {
         Message::GetOk(GetOk {
             siblings: vec![crate::message::Sibling::Value(Bytes::from_static(value))],
             context: Bytes::new(),
+            expires_at_ms: None,
         })
     }
 

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
-    Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Frame, Get, GetOk, Hello,
-    HelloOk, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
+    Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Expiry, Frame, Get, GetOk,
+    Hello, HelloOk, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
     Sibling,
 };
 
@@ -104,8 +104,20 @@ pub fn message() -> impl Strategy<Value = Message> {
     let get_ok = (
         proptest::collection::vec(sibling(), 0..=SIBLINGS_MAX),
         context(),
+        any::<Option<u64>>(),
     )
-        .prop_map(|(siblings, context)| Message::GetOk(GetOk { siblings, context }));
+        .prop_map(|(siblings, context, expires_at_ms)| {
+            Message::GetOk(GetOk {
+                siblings,
+                context,
+                expires_at_ms,
+            })
+        });
+    let expiry = proptest::option::of(prop_oneof![
+        any::<u64>().prop_map(|ms| Expiry::Ttl { ms }),
+        any::<u64>().prop_map(|unix_ms| Expiry::At { unix_ms }),
+        Just(Expiry::Never),
+    ]);
     let put = (
         bucket(),
         key(),
@@ -114,8 +126,9 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<Option<u8>>(),
         any::<Option<u8>>(),
         any::<Option<u32>>(),
+        expiry,
     )
-        .prop_map(|(bucket, key, value, context, w, dw, timeout_ms)| {
+        .prop_map(|(bucket, key, value, context, w, dw, timeout_ms, expiry)| {
             Message::Put(Put {
                 bucket,
                 key,
@@ -124,6 +137,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                 w,
                 dw,
                 timeout_ms,
+                expiry,
             })
         });
     let delete = (

@@ -507,6 +507,7 @@ impl Sim {
                 dw: self.params.dw,
                 mode: ConflictMode::Siblings,
                 max_siblings: 64,
+                ttl_ms: None,
             }
         };
         let mut named = BTreeMap::new();

@@ -199,7 +199,7 @@ impl Sim {
                     .keys()
                     .into_iter()
                     .filter(|k| k.space == Space::Primary)
-                    .filter(|k| n.store.read(k).is_some_and(|o| o.is_deleted()))
+                    .filter(|k| n.store.read(k).is_some_and(|o| o.is_deleted_at(self.now)))
                     .count()
             })
             .sum()

@@ -194,6 +194,7 @@ impl Sim {
             w: None,
             dw: None,
             timeout_ms: None,
+            expiry: None,
         });
         self.client_send(c, message);
     }
@@ -327,6 +328,7 @@ impl Sim {
                     w: None,
                     dw: None,
                     timeout_ms: None,
+                    expiry: None,
                 }));
                 if let Some(Message::PutOk(_)) = reply {
                     let now = self.now;
