@@ -1,24 +1,42 @@
 //! Redis commands onto ringkv requests (sans-IO): what the RESP2 listener does with a command.
 //!
 //! [`plan`] turns a parsed [`RespCommand`] into a [`RespPlan`]: a reply it can give at once
-//! (PING, ECHO, INFO, COMMAND, HELLO, SELECT 0, QUIT, errors), or ringkv requests for the shell to
-//! execute in order, plus how [`combine`] turns their replies into one RESP reply. Keys live in
-//! the bucket [`RESP_BUCKET`] (`redis`), which is last-write-wins unless configured otherwise:
-//! Redis clients have no causal contexts, so a SET must replace what is there rather than become
-//! a sibling of it. `redis-cli SET k v` and `ringkv get --bucket redis k` see the same value.
+//! (PING, ECHO, INFO, COMMAND, HELLO, CLIENT, AUTH, SELECT 0, QUIT, errors), or a [`Script`]:
+//! the ringkv requests the command needs, in one or two rounds (a read, then the writes the read
+//! decides), which the shell executes, feeding each round's replies back until the script ends
+//! with the command's reply. Keys live in the bucket [`RESP_BUCKET`] (`redis`), which is
+//! last-write-wins unless configured otherwise: Redis clients have no causal contexts, so a SET
+//! must replace what is there rather than become a sibling of it. `redis-cli SET k v` and
+//! `ringkv get --bucket redis k` see the same value. Every command, its options and what it
+//! guarantees across replicas is listed in `docs/PROTOCOL.md` §7.
 //!
-//! Supported: `GET`, `SET key value` (no options), `DEL`, `EXISTS`, `MGET`, `PING`, `ECHO`,
-//! `INFO`, `COMMAND` (an empty list, enough for redis-cli), `HELLO` (protocol 2 only; `HELLO 3`
-//! is `NOPROTO`), `SELECT 0`, `QUIT`. Anything else is `-ERR unknown command`, as in Redis.
+//! # Expiry
 //!
-//! Limits: DEL reads each key before deleting it to count what existed, so its count is not
-//! atomic with the deletes (a concurrent writer can make it off by one). If the `redis` bucket is
-//! configured with siblings, GET answers the last value sibling and SET adds siblings.
+//! `EX`/`PX`/`SETEX`/`EXPIRE` and the others become a PUT's [`Expiry`]: a relative time to live
+//! goes to the coordinator as is (it stamps the absolute time, so every replica agrees); an
+//! absolute time goes as given. `TTL`/`PTTL` answer from the expiry a read returns and this
+//! node's clock. Commands that keep a key's expiry while changing its value (`SET ... KEEPTTL`,
+//! `INCR`) read it first and write it back as an absolute time.
+//!
+//! # Read-then-write commands
+//!
+//! `SET NX|XX|GET|KEEPTTL`, `SETNX`, `GETDEL`, `GETEX`, `EXPIRE` and its variants, `PERSIST`,
+//! `INCR` and its variants read the key (at the bucket's `r`) and then write. Nothing holds the
+//! key between the two: two clients racing on one key may both see it absent and both "create"
+//! it, or both increment from the same value (the later write wins, one increment is lost). The
+//! same holds under sloppy quorum, where a write may land on fallbacks that never saw the
+//! other. This is Riak's `if_none_match`: a best-effort check, not a lock. Within one connection
+//! commands on one key run in order.
+//!
+//! Limits: `DEL`/`UNLINK` read each key before deleting it to count what existed, so the count
+//! is not atomic with the deletes. `MSET` is a write per key, not atomic. `DBSIZE` is an
+//! estimate (the shell's). If the `redis` bucket is configured with siblings, reads answer the
+//! last value sibling and blind writes add siblings.
 
 use bytes::Bytes;
 use ringkv_core::request::{KeyBody, KeyRequest};
 use ringkv_net::resp::{RespCommand, RespValue};
-use ringkv_net::{Delete, Get, Message, Put, Sibling};
+use ringkv_net::{Delete, Expiry, Get, Message, Put, Sibling};
 
 use crate::route::PARTITIONS;
 
@@ -32,23 +50,138 @@ pub enum RespPlan {
     Reply(RespValue),
     /// Send this reply, then close the connection.
     ReplyAndClose(RespValue),
-    /// Execute these requests one after the other, then [`combine`] their replies.
-    Execute(Vec<KeyRequest>, Combine),
+    /// Run this script ([`Script::start`]) and send the reply it ends with.
+    Run(Script),
+    /// Answer `DBSIZE`: the shell estimates the keys of [`RESP_BUCKET`].
+    DbSize,
 }
 
-/// How the replies of a [`RespPlan::Execute`] become one RESP reply.
+/// One connection's RESP state: what `CLIENT` commands set and read.
+#[derive(Debug, Default)]
+pub struct RespState {
+    /// The connection's id (`CLIENT ID`), unique on the node.
+    pub id: u64,
+    name: Option<Bytes>,
+}
+
+impl RespState {
+    /// The state of a new connection with id `id`.
+    pub fn new(id: u64) -> RespState {
+        RespState { id, name: None }
+    }
+}
+
+/// What a script asks of the shell next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Execute these requests (in order) and pass their replies to [`Script::resume`].
+    Run(Vec<KeyRequest>),
+    /// The command's reply: the script is over.
+    Done(RespValue),
+}
+
+/// A command that needs requests: its keys (so that a connection runs commands on one key in
+/// order) and the rounds of requests it makes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Script {
+    op: Op,
+    /// What the read round found, once it ran.
+    found: Vec<Found>,
+    round: Round,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Combine {
-    /// GET: the value or nil.
-    Get,
-    /// SET: `+OK`.
-    Set,
-    /// MGET: an array of values or nils.
-    MGet,
-    /// EXISTS: how many of the reads found a value.
-    Exists,
-    /// DEL: the first `n` replies are reads; count those that found a value.
-    Del(usize),
+enum Round {
+    NotStarted,
+    Reads,
+    Writes,
+}
+
+/// A key's value and expiry as a read found it; `None`: missing (or expired).
+type Found = Option<(Bytes, Option<u64>)>;
+
+/// How a SET-like write expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SetExpiry {
+    /// No option: the bucket's default (none for the `redis` bucket), which clears a key's
+    /// expiry as Redis's SET does.
+    Default,
+    /// This expiry.
+    Given(Expiry),
+    /// `KEEPTTL`: whatever the key has.
+    Keep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cond {
+    /// Only if the key is missing.
+    Nx,
+    /// Only if the key exists.
+    Xx,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SetReply {
+    /// `+OK`, or nil when the condition failed.
+    Ok,
+    /// The old value (`SET ... GET`).
+    Old,
+    /// `:1` if written, `:0` if not (`SETNX`).
+    Int,
+}
+
+/// `EXPIRE` conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpireCond {
+    Nx,
+    Xx,
+    Gt,
+    Lt,
+}
+
+/// The new expiry of `EXPIRE` and friends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum When {
+    /// Milliseconds from now (may be zero or negative: the key expires at once).
+    In(i64),
+    /// Unix milliseconds.
+    At(i64),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Op {
+    Get(Bytes),
+    MGet(Vec<Bytes>),
+    Exists(Vec<Bytes>),
+    Type(Bytes),
+    Ttl {
+        key: Bytes,
+        ms: bool,
+    },
+    Set {
+        key: Bytes,
+        value: Bytes,
+        cond: Option<Cond>,
+        expiry: SetExpiry,
+        reply: SetReply,
+    },
+    MSet(Vec<(Bytes, Bytes)>),
+    Del(Vec<Bytes>),
+    GetDel(Bytes),
+    GetEx {
+        key: Bytes,
+        expiry: Option<Expiry>,
+    },
+    Expire {
+        key: Bytes,
+        when: When,
+        cond: Option<ExpireCond>,
+    },
+    Persist(Bytes),
+    Incr {
+        key: Bytes,
+        by: i64,
+    },
 }
 
 fn err(message: impl Into<String>) -> RespValue {
@@ -65,6 +198,18 @@ fn wrong_args(name: &str) -> RespPlan {
     )))
 }
 
+fn syntax_error() -> RespPlan {
+    RespPlan::Reply(err("ERR syntax error"))
+}
+
+fn not_an_integer() -> RespPlan {
+    RespPlan::Reply(err("ERR value is not an integer or out of range"))
+}
+
+fn invalid_expire(name: &str) -> RespPlan {
+    RespPlan::Reply(err(format!("ERR invalid expire time in '{name}' command")))
+}
+
 fn get(key: Bytes) -> KeyRequest {
     let get = Get {
         bucket: Bytes::from_static(RESP_BUCKET),
@@ -75,25 +220,94 @@ fn get(key: Bytes) -> KeyRequest {
     KeyRequest::new(KeyBody::Get(get), PARTITIONS)
 }
 
-/// Decides what to do with `cmd`.
-pub fn plan(cmd: &RespCommand) -> RespPlan {
+fn put(key: Bytes, value: Bytes, expiry: Option<Expiry>) -> KeyRequest {
+    let put = Put {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        value,
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+        expiry,
+    };
+    KeyRequest::new(KeyBody::Put(put), PARTITIONS)
+}
+
+fn delete(key: Bytes) -> KeyRequest {
+    let delete = Delete {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    };
+    KeyRequest::new(KeyBody::Delete(delete), PARTITIONS)
+}
+
+/// A decimal integer argument, as Redis parses them (no sign `+`, no spaces).
+fn integer(arg: Option<&[u8]>) -> Option<i64> {
+    let s = std::str::from_utf8(arg?).ok()?;
+    if s.starts_with('+') || s.is_empty() {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A positive time in `unit_ms` milliseconds as an expiry argument: `None` when not a
+/// positive integer whose milliseconds fit.
+fn positive_ms(arg: Option<&[u8]>, unit_ms: i64) -> Result<u64, RespPlan> {
+    let n = integer(arg).ok_or_else(not_an_integer)?;
+    match n.checked_mul(unit_ms) {
+        Some(ms) if n > 0 => Ok(ms as u64),
+        _ => Err(RespPlan::Reply(err("ERR invalid expire time"))),
+    }
+}
+
+/// Parses one expiry option of SET or GETEX at `args[i]` (`EX`, `PX`, `EXAT`, `PXAT`); returns
+/// the expiry and how many arguments it took, `None` if `args[i]` is not one.
+fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expiry, RespPlan>> {
+    let opt = cmd.arg(i)?.to_ascii_lowercase();
+    let (unit, absolute) = match opt.as_slice() {
+        b"ex" => (1000, false),
+        b"px" => (1, false),
+        b"exat" => (1000, true),
+        b"pxat" => (1, true),
+        _ => return None,
+    };
+    let Some(arg) = cmd.arg(i + 1) else {
+        return Some(Err(syntax_error()));
+    };
+    Some(match positive_ms(Some(arg), unit) {
+        Ok(ms) if absolute => Ok(Expiry::At { unix_ms: ms }),
+        Ok(ms) => Ok(Expiry::Ttl { ms }),
+        Err(RespPlan::Reply(RespValue::Error(e))) if e.starts_with(b"ERR invalid expire") => {
+            Err(invalid_expire(name))
+        }
+        Err(e) => Err(e),
+    })
+}
+
+/// Decides what to do with `cmd` on a connection whose state is `state`.
+pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     let Some(name) = cmd.name() else {
         // Empty commands are ignored by Redis; the listener never passes them, answer anyway.
         return RespPlan::Reply(err("ERR empty command"));
     };
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
     let argc = cmd.len();
+    let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     // Arguments after the name, as shared slices of the command's buffer.
-    let args = || (1..argc).filter_map(|i| cmd.arg_bytes(i));
+    let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
+    let run = |op: Op| RespPlan::Run(Script::new(op));
     match name.as_str() {
         "ping" => match argc {
             1 => RespPlan::Reply(RespValue::Simple(Bytes::from_static(b"PONG"))),
-            2 => RespPlan::Reply(RespValue::Bulk(cmd.arg_bytes(1).unwrap_or_default())),
+            2 => RespPlan::Reply(RespValue::Bulk(arg(1))),
             _ => wrong_args("ping"),
         },
-        "echo" if argc == 2 => {
-            RespPlan::Reply(RespValue::Bulk(cmd.arg_bytes(1).unwrap_or_default()))
-        }
+        "echo" if argc == 2 => RespPlan::Reply(RespValue::Bulk(arg(1))),
         "echo" => wrong_args("echo"),
         "quit" => RespPlan::ReplyAndClose(ok()),
         "select" => match cmd.arg(1) {
@@ -106,63 +320,92 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
             "# Server\r\nredis_version:7.0.0\r\nringkv_version:{}\r\nredis_mode:standalone\r\n",
             env!("CARGO_PKG_VERSION")
         )))),
-        "hello" => match cmd.arg(1) {
-            None | Some(b"2") => RespPlan::Reply(RespValue::Array(vec![
-                RespValue::Bulk(Bytes::from_static(b"server")),
-                RespValue::Bulk(Bytes::from_static(b"redis")),
-                RespValue::Bulk(Bytes::from_static(b"version")),
-                RespValue::Bulk(Bytes::from_static(b"7.0.0")),
-                RespValue::Bulk(Bytes::from_static(b"proto")),
-                RespValue::Integer(2),
-                RespValue::Bulk(Bytes::from_static(b"mode")),
-                RespValue::Bulk(Bytes::from_static(b"standalone")),
-            ])),
-            Some(_) => RespPlan::Reply(err("NOPROTO unsupported protocol version")),
+        "hello" => hello(cmd, state),
+        "auth" => match argc {
+            2 => RespPlan::Reply(err(
+                "ERR AUTH <password> called without any password configured for the default \
+                 user. Are you sure your configuration is correct?",
+            )),
+            3 => auth(cmd.arg(1).unwrap_or_default()),
+            _ => wrong_args("auth"),
         },
-        "get" if argc == 2 => RespPlan::Execute(args().map(get).collect(), Combine::Get),
+        "client" => client(cmd, state),
+        "dbsize" if argc == 1 => RespPlan::DbSize,
+        "dbsize" => wrong_args("dbsize"),
+        "get" if argc == 2 => run(Op::Get(arg(1))),
         "get" => wrong_args("get"),
-        "set" if argc == 3 => {
-            let (Some(key), Some(value)) = (cmd.arg_bytes(1), cmd.arg_bytes(2)) else {
-                return wrong_args("set");
-            };
-            let put = Put {
-                bucket: Bytes::from_static(RESP_BUCKET),
-                key,
-                value,
-                context: None,
-                w: None,
-                dw: None,
-                timeout_ms: None,
-                expiry: None,
-            };
-            let put = KeyRequest::new(KeyBody::Put(put), PARTITIONS);
-            RespPlan::Execute(vec![put], Combine::Set)
-        }
-        "set" if argc > 3 => {
-            RespPlan::Reply(err("ERR syntax error (SET options are not supported)"))
-        }
-        "set" => wrong_args("set"),
-        "mget" if argc >= 2 => RespPlan::Execute(args().map(get).collect(), Combine::MGet),
+        "mget" if argc >= 2 => run(Op::MGet(keys(1))),
         "mget" => wrong_args("mget"),
-        "exists" if argc >= 2 => RespPlan::Execute(args().map(get).collect(), Combine::Exists),
+        "exists" if argc >= 2 => run(Op::Exists(keys(1))),
         "exists" => wrong_args("exists"),
-        "del" if argc >= 2 => {
-            let mut requests: Vec<KeyRequest> = args().map(get).collect();
-            let reads = requests.len();
-            requests.extend(args().map(|key| {
-                let delete = Delete {
-                    bucket: Bytes::from_static(RESP_BUCKET),
-                    key,
-                    context: None,
-                    w: None,
-                    dw: None,
-                    timeout_ms: None,
-                };
-                KeyRequest::new(KeyBody::Delete(delete), PARTITIONS)
-            }));
-            RespPlan::Execute(requests, Combine::Del(reads))
+        "type" if argc == 2 => run(Op::Type(arg(1))),
+        "type" => wrong_args("type"),
+        "ttl" | "pttl" if argc == 2 => run(Op::Ttl {
+            key: arg(1),
+            ms: name == "pttl",
+        }),
+        "ttl" | "pttl" => wrong_args(&name),
+        "set" if argc >= 3 => set(cmd),
+        "set" => wrong_args("set"),
+        "setnx" if argc == 3 => run(Op::Set {
+            key: arg(1),
+            value: arg(2),
+            cond: Some(Cond::Nx),
+            expiry: SetExpiry::Default,
+            reply: SetReply::Int,
+        }),
+        "setnx" => wrong_args("setnx"),
+        "setex" | "psetex" if argc == 4 => {
+            let unit = if name == "setex" { 1000 } else { 1 };
+            match positive_ms(cmd.arg(2), unit) {
+                Ok(ms) => run(Op::Set {
+                    key: arg(1),
+                    value: arg(3),
+                    cond: None,
+                    expiry: SetExpiry::Given(Expiry::Ttl { ms }),
+                    reply: SetReply::Ok,
+                }),
+                Err(RespPlan::Reply(RespValue::Error(e))) if e.starts_with(b"ERR invalid") => {
+                    invalid_expire(&name)
+                }
+                Err(e) => e,
+            }
         }
-        "del" => wrong_args("del"),
+        "setex" | "psetex" => wrong_args(&name),
+        "mset" if argc >= 3 && argc % 2 == 1 => run(Op::MSet(
+            (1..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
+        )),
+        "mset" => wrong_args("mset"),
+        "del" | "unlink" if argc >= 2 => run(Op::Del(keys(1))),
+        "del" | "unlink" => wrong_args(&name),
+        "getdel" if argc == 2 => run(Op::GetDel(arg(1))),
+        "getdel" => wrong_args("getdel"),
+        "getex" if argc >= 2 => getex(cmd),
+        "getex" => wrong_args("getex"),
+        "expire" | "pexpire" | "expireat" | "pexpireat" if argc >= 3 => expire(cmd, &name),
+        "expire" | "pexpire" | "expireat" | "pexpireat" => wrong_args(&name),
+        "persist" if argc == 2 => run(Op::Persist(arg(1))),
+        "persist" => wrong_args("persist"),
+        "incr" | "decr" if argc == 2 => run(Op::Incr {
+            key: arg(1),
+            by: if name == "incr" { 1 } else { -1 },
+        }),
+        "incr" | "decr" => wrong_args(&name),
+        "incrby" | "decrby" if argc == 3 => {
+            let Some(by) = integer(cmd.arg(2)) else {
+                return not_an_integer();
+            };
+            let by = if name == "incrby" {
+                Some(by)
+            } else {
+                by.checked_neg()
+            };
+            match by {
+                Some(by) => run(Op::Incr { key: arg(1), by }),
+                None => RespPlan::Reply(err("ERR decrement would overflow")),
+            }
+        }
+        "incrby" | "decrby" => wrong_args(&name),
         _ => RespPlan::Reply(err(format!(
             "ERR unknown command '{}'",
             name.escape_default()
@@ -170,63 +413,507 @@ pub fn plan(cmd: &RespCommand) -> RespPlan {
     }
 }
 
-/// The value a GET reply holds for Redis: the last value sibling, or nil.
-fn value_of(reply: &Message) -> Result<Option<Bytes>, RespValue> {
-    match reply {
-        Message::GetOk(ok) => Ok(ok.siblings.iter().rev().find_map(|s| match s {
-            Sibling::Value(v) => Some(v.clone()),
-            Sibling::Tombstone => None,
-        })),
-        Message::Error(e) => Err(err(format!("ERR {}: {}", e.code, e.message))),
-        other => Err(err(format!("ERR unexpected reply {}", other.kind()))),
+/// `HELLO [protover [AUTH user pass] [SETNAME name]]`: protocol 2 only, so that RESP3 clients
+/// fall back to RESP2 (`NOPROTO`, as Redis 5 answers).
+fn hello(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
+    match cmd.arg(1) {
+        None | Some(b"2") => {}
+        Some(v) if integer(Some(v)).is_none() => {
+            return RespPlan::Reply(err(
+                "ERR Protocol version is not an integer or out of range",
+            ));
+        }
+        Some(_) => return RespPlan::Reply(err("NOPROTO unsupported protocol version")),
+    }
+    let mut i = 2;
+    while i < cmd.len() {
+        match cmd.arg(i).map(<[u8]>::to_ascii_lowercase).as_deref() {
+            Some(b"auth") if i + 2 < cmd.len() => {
+                if let RespPlan::Reply(RespValue::Error(e)) =
+                    auth(cmd.arg(i + 1).unwrap_or_default())
+                {
+                    return RespPlan::Reply(RespValue::Error(e));
+                }
+                i += 3;
+            }
+            Some(b"setname") if i + 1 < cmd.len() => {
+                let name = cmd.arg_bytes(i + 1).unwrap_or_default();
+                if let Err(e) = set_name(state, name) {
+                    return e;
+                }
+                i += 2;
+            }
+            _ => {
+                return RespPlan::Reply(err(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(cmd.arg(i).unwrap_or_default())
+                )));
+            }
+        }
+    }
+    let text = |s: &'static [u8]| RespValue::Bulk(Bytes::from_static(s));
+    RespPlan::Reply(RespValue::Array(vec![
+        text(b"server"),
+        text(b"redis"),
+        text(b"version"),
+        text(b"7.0.0"),
+        text(b"proto"),
+        RespValue::Integer(2),
+        text(b"id"),
+        RespValue::Integer(i64::try_from(state.id).unwrap_or(i64::MAX)),
+        text(b"mode"),
+        text(b"standalone"),
+        text(b"role"),
+        text(b"master"),
+        text(b"modules"),
+        RespValue::Array(Vec::new()),
+    ]))
+}
+
+/// `AUTH user pass` as Redis answers it with no password configured: the default user takes
+/// any password, other users do not exist. (Authentication comes with TLS.)
+fn auth(user: &[u8]) -> RespPlan {
+    if user == b"default" {
+        RespPlan::Reply(ok())
+    } else {
+        RespPlan::Reply(err(
+            "WRONGPASS invalid username-password pair or user is disabled.",
+        ))
     }
 }
 
-/// Turns the replies of a [`RespPlan::Execute`] (in request order) into one RESP reply; the first
-/// error reply wins.
-pub fn combine(how: Combine, replies: &[Message]) -> RespValue {
-    let attempt = || -> Result<RespValue, RespValue> {
-        match how {
-            Combine::Get => {
-                let value = replies.first().map(value_of).transpose()?.flatten();
-                Ok(value.map_or(RespValue::Null, RespValue::Bulk))
+fn set_name(state: &mut RespState, name: Bytes) -> Result<(), RespPlan> {
+    if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+        return Err(RespPlan::Reply(err(
+            "ERR Client names cannot contain spaces, newlines or special characters.",
+        )));
+    }
+    state.name = (!name.is_empty()).then_some(name);
+    Ok(())
+}
+
+/// `CLIENT SETNAME|GETNAME|ID|SETINFO`, the subcommands clients send on connect.
+fn client(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
+    let Some(sub) = cmd.arg(1) else {
+        return wrong_args("client");
+    };
+    let sub = sub.to_ascii_lowercase();
+    match (sub.as_slice(), cmd.len()) {
+        (b"setname", 3) => match set_name(state, cmd.arg_bytes(2).unwrap_or_default()) {
+            Ok(()) => RespPlan::Reply(ok()),
+            Err(e) => e,
+        },
+        (b"getname", 2) => {
+            RespPlan::Reply(state.name.clone().map_or(RespValue::Null, RespValue::Bulk))
+        }
+        (b"id", 2) => RespPlan::Reply(RespValue::Integer(
+            i64::try_from(state.id).unwrap_or(i64::MAX),
+        )),
+        (b"setinfo", 4) => match cmd.arg(2).map(<[u8]>::to_ascii_lowercase).as_deref() {
+            Some(b"lib-name" | b"lib-ver") => RespPlan::Reply(ok()),
+            _ => RespPlan::Reply(err(format!(
+                "ERR Unrecognized option '{}'",
+                String::from_utf8_lossy(cmd.arg(2).unwrap_or_default())
+            ))),
+        },
+        (b"setname" | b"getname" | b"id" | b"setinfo", _) => RespPlan::Reply(err(format!(
+            "ERR wrong number of arguments for 'client|{}' command",
+            String::from_utf8_lossy(&sub)
+        ))),
+        _ => RespPlan::Reply(err(format!(
+            "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&sub)
+        ))),
+    }
+}
+
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
+fn set(cmd: &RespCommand) -> RespPlan {
+    let mut cond = None;
+    let mut get = false;
+    let mut expiry = SetExpiry::Default;
+    let mut i = 3;
+    while i < cmd.len() {
+        if let Some(parsed) = expiry_option(cmd, i, "set") {
+            if expiry != SetExpiry::Default {
+                return syntax_error();
             }
-            Combine::Set => match replies.first() {
-                Some(Message::PutOk(_)) => Ok(ok()),
-                Some(Message::Error(e)) => Err(err(format!("ERR {}: {}", e.code, e.message))),
-                _ => Err(err("ERR unexpected reply to SET")),
-            },
-            Combine::MGet => replies
-                .iter()
-                .map(|r| Ok(value_of(r)?.map_or(RespValue::Null, RespValue::Bulk)))
-                .collect::<Result<Vec<_>, _>>()
-                .map(RespValue::Array),
-            Combine::Exists | Combine::Del(_) => {
-                let reads = match how {
-                    Combine::Del(n) => n,
-                    _ => replies.len(),
+            match parsed {
+                Ok(e) => expiry = SetExpiry::Given(e),
+                Err(e) => return e,
+            }
+            i += 2;
+            continue;
+        }
+        match cmd.arg(i).map(<[u8]>::to_ascii_lowercase).as_deref() {
+            Some(b"nx") if cond.is_none() => cond = Some(Cond::Nx),
+            Some(b"xx") if cond.is_none() => cond = Some(Cond::Xx),
+            Some(b"get") => get = true,
+            Some(b"keepttl") if expiry == SetExpiry::Default => expiry = SetExpiry::Keep,
+            _ => return syntax_error(),
+        }
+        i += 1;
+    }
+    RespPlan::Run(Script::new(Op::Set {
+        key: cmd.arg_bytes(1).unwrap_or_default(),
+        value: cmd.arg_bytes(2).unwrap_or_default(),
+        cond,
+        expiry,
+        reply: if get { SetReply::Old } else { SetReply::Ok },
+    }))
+}
+
+/// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`.
+fn getex(cmd: &RespCommand) -> RespPlan {
+    let key = cmd.arg_bytes(1).unwrap_or_default();
+    let expiry = match cmd.len() {
+        2 => None,
+        3 if cmd
+            .arg(2)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"persist")) =>
+        {
+            Some(Expiry::Never)
+        }
+        4 => match expiry_option(cmd, 2, "getex") {
+            Some(Ok(e)) => Some(e),
+            Some(Err(e)) => return e,
+            None => return syntax_error(),
+        },
+        _ => return syntax_error(),
+    };
+    RespPlan::Run(Script::new(Op::GetEx { key, expiry }))
+}
+
+/// `EXPIRE key seconds [NX|XX|GT|LT]`, and `PEXPIRE`, `EXPIREAT`, `PEXPIREAT`.
+fn expire(cmd: &RespCommand, name: &str) -> RespPlan {
+    let Some(n) = integer(cmd.arg(2)) else {
+        return not_an_integer();
+    };
+    let unit = if name.starts_with('p') { 1 } else { 1000 };
+    let Some(ms) = n.checked_mul(unit) else {
+        return invalid_expire(name);
+    };
+    let when = if name.ends_with("at") {
+        When::At(ms)
+    } else {
+        When::In(ms)
+    };
+    let mut cond = None;
+    for i in 3..cmd.len() {
+        let c = match cmd.arg(i).map(<[u8]>::to_ascii_lowercase).as_deref() {
+            Some(b"nx") => ExpireCond::Nx,
+            Some(b"xx") => ExpireCond::Xx,
+            Some(b"gt") => ExpireCond::Gt,
+            Some(b"lt") => ExpireCond::Lt,
+            _ => {
+                return RespPlan::Reply(err(format!(
+                    "ERR Unsupported option {}",
+                    String::from_utf8_lossy(cmd.arg(i).unwrap_or_default())
+                )));
+            }
+        };
+        cond = match (cond, c) {
+            (None, c) => Some(c),
+            (Some(a), b) if a == b => Some(a),
+            (Some(ExpireCond::Gt), ExpireCond::Lt) | (Some(ExpireCond::Lt), ExpireCond::Gt) => {
+                return RespPlan::Reply(err(
+                    "ERR GT and LT options at the same time are not compatible",
+                ));
+            }
+            _ => {
+                return RespPlan::Reply(err(
+                    "ERR NX and XX, GT or LT options at the same time are not compatible",
+                ));
+            }
+        };
+    }
+    RespPlan::Run(Script::new(Op::Expire {
+        key: cmd.arg_bytes(1).unwrap_or_default(),
+        when,
+        cond,
+    }))
+}
+
+impl Script {
+    fn new(op: Op) -> Script {
+        Script {
+            op,
+            found: Vec::new(),
+            round: Round::NotStarted,
+        }
+    }
+
+    /// The keys (in [`RESP_BUCKET`]) the script reads or writes.
+    pub fn keys(&self) -> Vec<&Bytes> {
+        match &self.op {
+            Op::MGet(keys) | Op::Exists(keys) | Op::Del(keys) => keys.iter().collect(),
+            Op::MSet(pairs) => pairs.iter().map(|(k, _)| k).collect(),
+            Op::Get(key)
+            | Op::Type(key)
+            | Op::GetDel(key)
+            | Op::Persist(key)
+            | Op::Ttl { key, .. }
+            | Op::Set { key, .. }
+            | Op::GetEx { key, .. }
+            | Op::Expire { key, .. }
+            | Op::Incr { key, .. } => vec![key],
+        }
+    }
+
+    /// The first round: the reads the command decides on, or its writes when it needs no read.
+    pub fn start(&mut self) -> Step {
+        assert_eq!(self.round, Round::NotStarted, "a script starts once");
+        let writes = match &self.op {
+            Op::Set {
+                key,
+                value,
+                cond: None,
+                expiry,
+                reply: SetReply::Ok,
+            } if *expiry != SetExpiry::Keep => {
+                let expiry = match expiry {
+                    SetExpiry::Given(e) => Some(*e),
+                    SetExpiry::Default | SetExpiry::Keep => None,
                 };
-                let mut found = 0i64;
-                for r in &replies[..reads.min(replies.len())] {
-                    found += i64::from(value_of(r)?.is_some());
-                }
-                for r in replies.iter().skip(reads) {
-                    if let Message::Error(e) = r {
-                        return Err(err(format!("ERR {}: {}", e.code, e.message)));
-                    }
-                }
-                Ok(RespValue::Integer(found))
+                Some(vec![put(key.clone(), value.clone(), expiry)])
+            }
+            Op::MSet(pairs) => Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| put(k.clone(), v.clone(), None))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        match writes {
+            Some(writes) => {
+                self.round = Round::Writes;
+                Step::Run(writes)
+            }
+            None => {
+                self.round = Round::Reads;
+                Step::Run(self.keys().into_iter().cloned().map(get).collect())
             }
         }
-    };
-    attempt().unwrap_or_else(|e| e)
+    }
+
+    /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
+    /// request order, at `now_ms` (Unix milliseconds): the next round, or the reply.
+    pub fn resume(&mut self, replies: &[Message], now_ms: u64) -> Step {
+        if let Some(e) = replies.iter().find_map(error_of) {
+            return Step::Done(e);
+        }
+        match self.round {
+            Round::NotStarted => unreachable!("resume follows start"),
+            Round::Writes => Step::Done(self.written()),
+            Round::Reads => {
+                let mut found = Vec::with_capacity(replies.len());
+                for reply in replies {
+                    match found_of(reply) {
+                        Ok(f) => found.push(f),
+                        Err(e) => return Step::Done(e),
+                    }
+                }
+                self.found = found;
+                match self.after_reads(now_ms) {
+                    Ok(reply) => Step::Done(reply),
+                    Err(writes) => {
+                        self.round = Round::Writes;
+                        Step::Run(writes)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The reply once the reads ran, or (`Err`) the writes still to make.
+    fn after_reads(&self, now_ms: u64) -> Result<RespValue, Vec<KeyRequest>> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let first = self.found.first().cloned().flatten();
+        let value_or_nil = |f: &Found| {
+            f.as_ref()
+                .map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v.clone()))
+        };
+        match &self.op {
+            Op::Get(_) => Ok(value_or_nil(&first)),
+            Op::MGet(_) => Ok(RespValue::Array(
+                self.found.iter().map(value_or_nil).collect(),
+            )),
+            Op::Exists(_) => Ok(RespValue::Integer(count(&self.found))),
+            Op::Type(_) => Ok(RespValue::Simple(Bytes::from_static(if first.is_some() {
+                b"string"
+            } else {
+                b"none"
+            }))),
+            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first {
+                None => -2,
+                Some((_, None)) => -1,
+                Some((_, Some(at))) => {
+                    let left = i64::try_from(at)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(now)
+                        .max(0);
+                    if *ms { left } else { (left + 500) / 1000 }
+                }
+            })),
+            Op::Set {
+                key,
+                value,
+                cond,
+                expiry,
+                reply,
+            } => {
+                let allowed = match cond {
+                    None => true,
+                    Some(Cond::Nx) => first.is_none(),
+                    Some(Cond::Xx) => first.is_some(),
+                };
+                if !allowed {
+                    return Ok(match reply {
+                        SetReply::Ok => RespValue::Null,
+                        SetReply::Old => value_or_nil(&first),
+                        SetReply::Int => RespValue::Integer(0),
+                    });
+                }
+                let expiry = match expiry {
+                    SetExpiry::Default => None,
+                    SetExpiry::Given(e) => Some(*e),
+                    SetExpiry::Keep => Some(keep(&first)),
+                };
+                Err(vec![put(key.clone(), value.clone(), expiry)])
+            }
+            Op::Del(keys) => Err(keys.iter().cloned().map(delete).collect()),
+            Op::GetDel(key) => match first {
+                None => Ok(RespValue::Null),
+                Some(_) => Err(vec![delete(key.clone())]),
+            },
+            Op::GetEx { key, expiry } => match (&first, expiry) {
+                (None, _) | (Some(_), None) => Ok(value_or_nil(&first)),
+                (Some((value, _)), Some(e)) => Err(vec![put(key.clone(), value.clone(), Some(*e))]),
+            },
+            Op::Expire { key, when, cond } => {
+                let Some((value, current)) = first else {
+                    return Ok(RespValue::Integer(0));
+                };
+                let at = match *when {
+                    When::In(ms) => now.saturating_add(ms),
+                    When::At(ms) => ms,
+                };
+                let current = current.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+                // A key without an expiry counts as expiring never (later than any time).
+                let allowed = match cond {
+                    None => true,
+                    Some(ExpireCond::Nx) => current.is_none(),
+                    Some(ExpireCond::Xx) => current.is_some(),
+                    Some(ExpireCond::Gt) => current.is_some_and(|c| at > c),
+                    Some(ExpireCond::Lt) => current.is_none_or(|c| at < c),
+                };
+                if !allowed {
+                    return Ok(RespValue::Integer(0));
+                }
+                if at <= now {
+                    // As Redis: a time already past deletes the key.
+                    return Err(vec![delete(key.clone())]);
+                }
+                let expiry = match *when {
+                    When::In(ms) => Expiry::Ttl { ms: ms as u64 },
+                    When::At(ms) => Expiry::At { unix_ms: ms as u64 },
+                };
+                Err(vec![put(key.clone(), value, Some(expiry))])
+            }
+            Op::Persist(key) => match first {
+                Some((value, Some(_))) => Err(vec![put(key.clone(), value, Some(Expiry::Never))]),
+                _ => Ok(RespValue::Integer(0)),
+            },
+            Op::Incr { key, by } => {
+                let current = match &first {
+                    None => 0,
+                    Some((v, _)) => match integer(Some(v)) {
+                        Some(n) => n,
+                        None => return Ok(err("ERR value is not an integer or out of range")),
+                    },
+                };
+                let Some(next) = current.checked_add(*by) else {
+                    return Ok(err("ERR increment or decrement would overflow"));
+                };
+                let value = Bytes::from(next.to_string());
+                Err(vec![put(key.clone(), value, Some(keep(&first)))])
+            }
+            Op::MSet(_) => unreachable!("MSET writes without reading"),
+        }
+    }
+
+    /// The reply once the writes succeeded.
+    fn written(&self) -> RespValue {
+        let first = self.found.first().cloned().flatten();
+        match &self.op {
+            Op::Set { reply, .. } => match reply {
+                SetReply::Ok => ok(),
+                SetReply::Old => first.map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v)),
+                SetReply::Int => RespValue::Integer(1),
+            },
+            Op::MSet(_) => ok(),
+            Op::Del(_) => RespValue::Integer(count(&self.found)),
+            Op::GetDel(_) | Op::GetEx { .. } => {
+                first.map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v))
+            }
+            Op::Expire { .. } | Op::Persist(_) => RespValue::Integer(1),
+            Op::Incr { .. } => {
+                // The value just written; read back from the op, which holds the increment.
+                let Op::Incr { by, .. } = &self.op else {
+                    unreachable!("matched above")
+                };
+                let current = first.and_then(|(v, _)| integer(Some(&v))).unwrap_or(0);
+                RespValue::Integer(current.saturating_add(*by))
+            }
+            Op::Get(_) | Op::MGet(_) | Op::Exists(_) | Op::Type(_) | Op::Ttl { .. } => {
+                unreachable!("reads answer after their reads")
+            }
+        }
+    }
+}
+
+/// The expiry a write that keeps the key's must carry.
+fn keep(found: &Found) -> Expiry {
+    match found {
+        Some((_, Some(at))) => Expiry::At { unix_ms: *at },
+        _ => Expiry::Never,
+    }
+}
+
+fn count(found: &[Found]) -> i64 {
+    found.iter().filter(|f| f.is_some()).count() as i64
+}
+
+/// The RESP error for an error reply.
+fn error_of(reply: &Message) -> Option<RespValue> {
+    match reply {
+        Message::Error(e) => Some(err(format!("ERR {}: {}", e.code, e.message))),
+        _ => None,
+    }
+}
+
+/// What a GET reply found for Redis: the last value sibling and the key's expiry.
+fn found_of(reply: &Message) -> Result<Found, RespValue> {
+    match reply {
+        Message::GetOk(ok) => Ok(ok
+            .siblings
+            .iter()
+            .rev()
+            .find_map(|s| match s {
+                Sibling::Value(v) => Some(v.clone()),
+                Sibling::Tombstone => None,
+            })
+            .map(|v| (v, ok.expires_at_ms))),
+        other => Err(err(format!("ERR unexpected reply {}", other.kind()))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use ringkv_net::GetOk;
     use ringkv_net::resp::{RespLimits, decode_command};
+    use ringkv_net::{ErrorBody, ErrorCode, GetOk, PutOk};
 
     use super::*;
 
@@ -237,11 +924,15 @@ mod tests {
             .0
     }
 
-    fn found(v: &'static [u8]) -> Message {
+    fn plan_of(line: &str) -> RespPlan {
+        plan(&cmd(line), &mut RespState::new(7))
+    }
+
+    fn found(v: &'static [u8], expires_at_ms: Option<u64>) -> Message {
         Message::GetOk(GetOk {
             siblings: vec![Sibling::Value(Bytes::from_static(v))],
             context: Bytes::new(),
-            expires_at_ms: None,
+            expires_at_ms,
         })
     }
 
@@ -253,55 +944,322 @@ mod tests {
         })
     }
 
+    fn put_ok() -> Message {
+        Message::PutOk(PutOk {
+            context: Bytes::new(),
+        })
+    }
+
+    fn error_text(v: &RespValue) -> String {
+        match v {
+            RespValue::Error(e) => String::from_utf8_lossy(e).into_owned(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    fn reply_of(line: &str) -> RespValue {
+        match plan_of(line) {
+            RespPlan::Reply(v) => v,
+            other => panic!("{line}: not an immediate reply: {other:?}"),
+        }
+    }
+
+    /// Runs `line`'s script with `answer` giving each request's reply, at time `now`; returns
+    /// the reply and the requests made, round by round.
+    fn script(
+        line: &str,
+        now: u64,
+        mut answer: impl FnMut(&KeyRequest) -> Message,
+    ) -> (RespValue, Vec<Vec<KeyBody>>) {
+        let RespPlan::Run(mut s) = plan_of(line) else {
+            panic!("{line}: not a script")
+        };
+        let mut rounds = Vec::new();
+        let mut step = s.start();
+        loop {
+            match step {
+                Step::Done(v) => return (v, rounds),
+                Step::Run(requests) => {
+                    let replies: Vec<Message> = requests.iter().map(&mut answer).collect();
+                    rounds.push(requests.iter().map(|r| r.body().clone()).collect());
+                    step = s.resume(&replies, now);
+                }
+            }
+        }
+    }
+
+    /// A store of one key holding `value` with `expires`, answering reads and acknowledging
+    /// writes.
+    fn holding(value: Option<(&'static [u8], Option<u64>)>) -> impl FnMut(&KeyRequest) -> Message {
+        move |r| match r.body() {
+            KeyBody::Get(_) => value.map_or_else(missing, |(v, e)| found(v, e)),
+            KeyBody::Put(_) => put_ok(),
+            KeyBody::Delete(_) => Message::DeleteOk,
+        }
+    }
+
+    fn expiry_of(body: &KeyBody) -> Option<Expiry> {
+        match body {
+            KeyBody::Put(p) => p.expiry,
+            other => panic!("not a put: {other:?}"),
+        }
+    }
+
     /// Immediate replies and refusals match Redis's wording closely enough for its clients.
     #[test]
     fn immediate_replies() {
         assert_eq!(
-            plan(&cmd("PING")),
-            RespPlan::Reply(RespValue::Simple(Bytes::from_static(b"PONG")))
+            reply_of("PING"),
+            RespValue::Simple(Bytes::from_static(b"PONG"))
         );
-        assert_eq!(plan(&cmd("quit")), RespPlan::ReplyAndClose(ok()));
-        assert!(
-            matches!(plan(&cmd("HELLO 3")), RespPlan::Reply(RespValue::Error(e)) if e.starts_with(b"NOPROTO"))
+        assert_eq!(plan_of("quit"), RespPlan::ReplyAndClose(ok()));
+        assert!(error_text(&reply_of("HELLO 3")).starts_with("NOPROTO"));
+        assert!(error_text(&reply_of("FLUSHALL")).starts_with("ERR unknown command"));
+        assert!(error_text(&reply_of("GET")).starts_with("ERR wrong number"));
+        assert_eq!(
+            error_text(&reply_of("SET k v EX 0")),
+            "ERR invalid expire time in 'set' command"
         );
-        assert!(
-            matches!(plan(&cmd("FLUSHALL")), RespPlan::Reply(RespValue::Error(e)) if e.starts_with(b"ERR unknown command"))
+        assert_eq!(
+            error_text(&reply_of("SET k v EX ten")),
+            "ERR value is not an integer or out of range"
+        );
+        assert_eq!(error_text(&reply_of("SET k v NX XX")), "ERR syntax error");
+        assert_eq!(
+            error_text(&reply_of("SET k v EX 1 PX 5")),
+            "ERR syntax error"
+        );
+        assert_eq!(
+            error_text(&reply_of("SET k v KEEPTTL EX 5")),
+            "ERR syntax error"
+        );
+        assert_eq!(
+            error_text(&reply_of("SETEX k -1 v")),
+            "ERR invalid expire time in 'setex' command"
+        );
+        assert_eq!(
+            error_text(&reply_of("EXPIRE k 10 GT LT")),
+            "ERR GT and LT options at the same time are not compatible"
+        );
+        assert_eq!(
+            error_text(&reply_of("EXPIRE k 10 NX GT")),
+            "ERR NX and XX, GT or LT options at the same time are not compatible"
+        );
+        assert!(error_text(&reply_of("MSET a 1 b")).starts_with("ERR wrong number"));
+        assert!(error_text(&reply_of("CLIENT KILL x")).starts_with("ERR unknown subcommand"));
+        assert!(error_text(&reply_of("AUTH secret")).starts_with("ERR AUTH <password> called"));
+        assert!(error_text(&reply_of("AUTH alice pw")).starts_with("WRONGPASS"));
+        assert_eq!(reply_of("AUTH default pw"), ok());
+        assert_eq!(plan_of("DBSIZE"), RespPlan::DbSize);
+    }
+
+    /// CLIENT SETNAME and GETNAME keep the name on the connection's state; CLIENT ID and HELLO
+    /// give its id; HELLO can set the name too.
+    #[test]
+    fn connection_commands_keep_their_state() {
+        let mut state = RespState::new(42);
+        assert_eq!(
+            plan(&cmd("CLIENT GETNAME"), &mut state),
+            RespPlan::Reply(RespValue::Null)
+        );
+        assert_eq!(
+            plan(&cmd("CLIENT SETNAME web-1"), &mut state),
+            RespPlan::Reply(ok())
+        );
+        assert_eq!(
+            plan(&cmd("CLIENT GETNAME"), &mut state),
+            RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"web-1")))
+        );
+        assert_eq!(
+            plan(&cmd("CLIENT ID"), &mut state),
+            RespPlan::Reply(RespValue::Integer(42))
+        );
+        assert_eq!(
+            plan(&cmd("CLIENT SETINFO LIB-NAME redis-py"), &mut state),
+            RespPlan::Reply(ok())
+        );
+        let RespPlan::Reply(RespValue::Array(hello)) =
+            plan(&cmd("HELLO 2 AUTH default x SETNAME other"), &mut state)
+        else {
+            panic!("HELLO 2 answers its map as an array")
+        };
+        assert!(hello.contains(&RespValue::Integer(42)));
+        assert_eq!(
+            plan(&cmd("CLIENT GETNAME"), &mut state),
+            RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"other")))
         );
         assert!(matches!(
-            plan(&cmd("GET")),
-            RespPlan::Reply(RespValue::Error(_))
-        ));
-        assert!(matches!(
-            plan(&cmd("SET k v EX 10")),
+            plan(&cmd("CLIENT SETNAME has\tspace"), &mut state),
             RespPlan::Reply(RespValue::Error(_))
         ));
     }
 
-    /// Data commands become requests in the RESP bucket, and their replies combine as Redis's.
+    /// Plain SET writes at once, with its expiry as a time to live for the coordinator to
+    /// stamp; SET NX reads first and writes only if the key is missing; KEEPTTL writes the
+    /// key's expiry back as an absolute time.
+    #[test]
+    fn set_and_its_options() {
+        let (reply, rounds) = script("SET k v EX 10", 0, holding(None));
+        assert_eq!(reply, ok());
+        assert_eq!(rounds.len(), 1, "no read");
+        assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 10_000 }));
+        let (reply, rounds) = script("SET k v PXAT 5000", 0, holding(None));
+        assert_eq!(reply, ok());
+        assert_eq!(
+            expiry_of(&rounds[0][0]),
+            Some(Expiry::At { unix_ms: 5_000 })
+        );
+        let (reply, rounds) = script("SET k v NX", 0, holding(Some((b"old", None))));
+        assert_eq!(reply, RespValue::Null);
+        assert_eq!(rounds.len(), 1, "read, no write");
+        let (reply, rounds) = script("SET k v NX EX 5", 0, holding(None));
+        assert_eq!(reply, ok());
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Ttl { ms: 5_000 }));
+        let (reply, _) = script("SET k v XX GET", 0, holding(Some((b"old", None))));
+        assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"old")));
+        let (reply, rounds) = script("SET k v KEEPTTL", 0, holding(Some((b"old", Some(9_000)))));
+        assert_eq!(reply, ok());
+        assert_eq!(
+            expiry_of(&rounds[1][0]),
+            Some(Expiry::At { unix_ms: 9_000 })
+        );
+        let (reply, _) = script("SETNX k v", 0, holding(Some((b"old", None))));
+        assert_eq!(reply, RespValue::Integer(0));
+        let (reply, _) = script("SETNX k v", 0, holding(None));
+        assert_eq!(reply, RespValue::Integer(1));
+        let (_, rounds) = script("PSETEX k 1500 v", 0, holding(None));
+        assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 1_500 }));
+    }
+
+    /// TTL and PTTL answer -2 for a missing key, -1 for one without expiry, and the time left
+    /// by this node's clock (TTL rounded to the nearest second, as Redis does).
+    #[test]
+    fn ttl_answers_from_the_expiry_read() {
+        assert_eq!(script("TTL k", 0, holding(None)).0, RespValue::Integer(-2));
+        assert_eq!(
+            script("TTL k", 0, holding(Some((b"v", None)))).0,
+            RespValue::Integer(-1)
+        );
+        let expiring = || holding(Some((b"v", Some(10_000))));
+        assert_eq!(
+            script("PTTL k", 2_500, expiring()).0,
+            RespValue::Integer(7_500)
+        );
+        assert_eq!(script("TTL k", 2_500, expiring()).0, RespValue::Integer(8));
+    }
+
+    /// EXPIRE's conditions compare with the key's expiry (none counts as never); a time in the
+    /// past deletes the key; PERSIST writes the value back without expiry, only if it had one.
+    #[test]
+    fn expire_and_persist() {
+        let (reply, rounds) = script("EXPIRE k 10", 1_000, holding(Some((b"v", None))));
+        assert_eq!(reply, RespValue::Integer(1));
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Ttl { ms: 10_000 }));
+        assert_eq!(
+            script("EXPIRE k 10", 0, holding(None)).0,
+            RespValue::Integer(0)
+        );
+        assert_eq!(
+            script("EXPIRE k 10 GT", 0, holding(Some((b"v", None)))).0,
+            RespValue::Integer(0),
+            "no expiry is later than any"
+        );
+        assert_eq!(
+            script("EXPIRE k 10 LT", 0, holding(Some((b"v", None)))).0,
+            RespValue::Integer(1)
+        );
+        assert_eq!(
+            script("PEXPIRE k 10 GT", 0, holding(Some((b"v", Some(5))))).0,
+            RespValue::Integer(1)
+        );
+        assert_eq!(
+            script("EXPIRE k 10 XX", 0, holding(Some((b"v", None)))).0,
+            RespValue::Integer(0)
+        );
+        let (reply, rounds) = script("PEXPIREAT k 5", 1_000, holding(Some((b"v", None))));
+        assert_eq!(reply, RespValue::Integer(1));
+        assert!(
+            matches!(rounds[1][0], KeyBody::Delete(_)),
+            "a past time deletes"
+        );
+        let (reply, rounds) = script("PERSIST k", 0, holding(Some((b"v", Some(9)))));
+        assert_eq!(reply, RespValue::Integer(1));
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+        assert_eq!(
+            script("PERSIST k", 0, holding(Some((b"v", None)))).0,
+            RespValue::Integer(0)
+        );
+        let (reply, rounds) = script("GETEX k PERSIST", 0, holding(Some((b"v", Some(9)))));
+        assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+        let (reply, rounds) = script("GETEX k", 0, holding(Some((b"v", Some(9)))));
+        assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+        assert_eq!(rounds.len(), 1, "GETEX without options only reads");
+    }
+
+    /// Data commands become requests in the RESP bucket, and their replies combine as Redis's;
+    /// an error reply ends the script with an error.
     #[test]
     fn data_commands() {
-        let RespPlan::Execute(reqs, how) = plan(&cmd("DEL a b")) else {
-            panic!()
-        };
-        assert_eq!(how, Combine::Del(2));
-        assert_eq!(reqs.len(), 4);
+        let (reply, rounds) = script("DEL a b", 0, |r| match r.body() {
+            KeyBody::Get(g) if &g.key[..] == b"a" => found(b"x", None),
+            KeyBody::Get(_) => missing(),
+            _ => Message::DeleteOk,
+        });
+        assert_eq!(reply, RespValue::Integer(1));
+        assert_eq!(rounds.len(), 2);
         assert!(
-            matches!(reqs[0].body(), KeyBody::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
+            matches!(&rounds[0][0], KeyBody::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
         );
-        assert!(matches!(reqs[3].body(), KeyBody::Delete(d) if &d.key[..] == b"b"));
-        let replies = [found(b"x"), missing(), Message::DeleteOk, Message::DeleteOk];
-        assert_eq!(combine(how, &replies), RespValue::Integer(1));
+        assert!(matches!(&rounds[1][1], KeyBody::Delete(d) if &d.key[..] == b"b"));
+        let (reply, _) = script("MGET a b", 0, |r| match r.body() {
+            KeyBody::Get(g) if &g.key[..] == b"a" => found(b"x", None),
+            _ => missing(),
+        });
         assert_eq!(
-            combine(Combine::MGet, &[found(b"x"), missing()]),
+            reply,
             RespValue::Array(vec![
                 RespValue::Bulk(Bytes::from_static(b"x")),
                 RespValue::Null
             ])
         );
-        assert_eq!(combine(Combine::Get, &[missing()]), RespValue::Null);
         assert_eq!(
-            combine(Combine::Exists, &[found(b"x"), found(b"y")]),
+            script("EXISTS a a", 0, holding(Some((b"v", None)))).0,
             RespValue::Integer(2)
         );
+        assert_eq!(
+            script("TYPE a", 0, holding(Some((b"v", None)))).0,
+            RespValue::Simple(Bytes::from_static(b"string"))
+        );
+        let (reply, rounds) = script("GETDEL a", 0, holding(Some((b"v", None))));
+        assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+        assert!(matches!(rounds[1][0], KeyBody::Delete(_)));
+        let (reply, rounds) = script("MSET a 1 b 2", 0, holding(None));
+        assert_eq!(reply, ok());
+        assert_eq!(rounds[0].len(), 2);
+        let (reply, _) = script("GET a", 0, |_| {
+            Message::Error(ErrorBody::new(ErrorCode::Timeout, "slow"))
+        });
+        assert!(error_text(&reply).starts_with("ERR timeout"), "{reply:?}");
+    }
+
+    /// INCR family: a missing key counts from 0, the key's expiry is kept, a value that is not
+    /// an integer and an overflow are refused as Redis refuses them.
+    #[test]
+    fn increments() {
+        let (reply, rounds) = script("INCRBY k 5", 0, holding(Some((b"10", Some(99)))));
+        assert_eq!(reply, RespValue::Integer(15));
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::At { unix_ms: 99 }));
+        assert!(matches!(&rounds[1][0], KeyBody::Put(p) if &p.value[..] == b"15"));
+        assert_eq!(script("DECR k", 0, holding(None)).0, RespValue::Integer(-1));
+        assert_eq!(
+            error_text(&script("INCR k", 0, holding(Some((b"abc", None)))).0),
+            "ERR value is not an integer or out of range"
+        );
+        assert_eq!(
+            error_text(&script("INCR k", 0, holding(Some((b"9223372036854775807", None)))).0),
+            "ERR increment or decrement would overflow"
+        );
+        assert!(error_text(&reply_of("INCRBY k x")).starts_with("ERR value is not an integer"));
     }
 }

@@ -345,6 +345,8 @@ struct Shard {
     background: TaskQueueHandle,
     background_shares: Rc<BackgroundShares>,
     clock: Clock,
+    /// RESP connections accepted, for their ids.
+    resp_clients: Cell<u64>,
     node_id: NodeId,
     node_name: String,
     cluster_name: String,

@@ -11,8 +11,7 @@ use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
-use ringkv_core::request::KeyRequest;
-use ringkv_net::resp::{RespLimits, decode_command, encode_reply as encode_resp};
+use ringkv_net::resp::{RespLimits, RespValue, decode_command, encode_reply as encode_resp};
 use ringkv_net::{ErrorCode, Frame, Limits, Role, decode_frame, encode_frame};
 
 use crate::metrics::ShardMetrics;
@@ -138,6 +137,7 @@ pub(super) async fn serve_resp(
     shard.metrics.connection_opened();
     let _counted = scopeguard(&shard.metrics);
     let limits = RespLimits::DEFAULT;
+    let mut state = resp::RespState::new(shard.next_resp_client_id());
     let mut commands = ReadBuffer::new(READ_CHUNK_BYTES);
     let mut out = Vec::new();
     'read: loop {
@@ -158,7 +158,7 @@ pub(super) async fn serve_resp(
             if cmd.is_empty() {
                 continue;
             }
-            let plan = resp::plan(&cmd);
+            let plan = resp::plan(&cmd, &mut state);
             if !wave.admits(&plan) {
                 wave.run(&shard, &mut out).await;
             }
@@ -169,7 +169,8 @@ pub(super) async fn serve_resp(
                     close = true;
                     break;
                 }
-                RespPlan::Execute(requests, how) => wave.push_execute(requests, how),
+                RespPlan::Run(script) => wave.push_script(script),
+                RespPlan::DbSize => wave.push_ready(RespValue::Integer(shard.resp_key_estimate())),
             }
             // Bounds the reply buffer when a client pipelines reads of large values.
             if out.len() >= WRITE_BATCH_BYTES_MAX {
@@ -221,20 +222,15 @@ const RESP_WAVE_COMMANDS_MAX: usize = 128;
 #[derive(Default)]
 struct RespWave {
     commands: Vec<WaveCommand>,
-    /// The keys of the wave's commands, once a second command asks to join: a wave of one
-    /// command (a client that does not pipeline) never builds the set.
-    keys: std::collections::BTreeSet<(Bytes, Bytes)>,
+    /// The keys of the wave's commands (all in the RESP bucket), once a second command asks to
+    /// join: a wave of one command (a client that does not pipeline) never builds the set.
+    keys: std::collections::BTreeSet<Bytes>,
     keyed: bool,
 }
 
 enum WaveCommand {
-    Ready(ringkv_net::resp::RespValue),
-    Execute(Vec<KeyRequest>, resp::Combine),
-}
-
-fn key_of(request: &KeyRequest) -> (Bytes, Bytes) {
-    let (bucket, key) = request.key();
-    (bucket.clone(), key.clone())
+    Ready(RespValue),
+    Run(resp::Script),
 }
 
 impl RespWave {
@@ -244,30 +240,30 @@ impl RespWave {
             return false;
         }
         match plan {
-            RespPlan::Execute(requests, _) => {
+            RespPlan::Run(script) => {
                 if !self.keyed {
                     for command in &self.commands {
-                        if let WaveCommand::Execute(requests, _) = command {
-                            self.keys.extend(requests.iter().map(key_of));
+                        if let WaveCommand::Run(script) = command {
+                            self.keys.extend(script.keys().into_iter().cloned());
                         }
                     }
                     self.keyed = true;
                 }
-                requests.iter().all(|r| !self.keys.contains(&key_of(r)))
+                script.keys().into_iter().all(|k| !self.keys.contains(k))
             }
-            RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) => true,
+            RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) | RespPlan::DbSize => true,
         }
     }
 
-    fn push_ready(&mut self, v: ringkv_net::resp::RespValue) {
+    fn push_ready(&mut self, v: RespValue) {
         self.commands.push(WaveCommand::Ready(v));
     }
 
-    fn push_execute(&mut self, requests: Vec<KeyRequest>, how: resp::Combine) {
+    fn push_script(&mut self, script: resp::Script) {
         if self.keyed {
-            self.keys.extend(requests.iter().map(key_of));
+            self.keys.extend(script.keys().into_iter().cloned());
         }
-        self.commands.push(WaveCommand::Execute(requests, how));
+        self.commands.push(WaveCommand::Run(script));
     }
 
     /// Runs the wave's commands (each one's requests in order, the commands concurrently) and
@@ -280,9 +276,7 @@ impl RespWave {
             if let Some(command) = self.commands.pop() {
                 let reply = match command {
                     WaveCommand::Ready(v) => v,
-                    WaveCommand::Execute(requests, how) => {
-                        execute_command(shard.clone(), requests, how).await
-                    }
+                    WaveCommand::Run(script) => run_script(shard.clone(), script).await,
                 };
                 encode_resp(&reply, out);
             }
@@ -292,11 +286,9 @@ impl RespWave {
         for command in self.commands.drain(..) {
             tasks.push(match command {
                 WaveCommand::Ready(v) => Err(v),
-                WaveCommand::Execute(requests, how) => Ok(glommio::spawn_local(execute_command(
-                    shard.clone(),
-                    requests,
-                    how,
-                ))),
+                WaveCommand::Run(script) => {
+                    Ok(glommio::spawn_local(run_script(shard.clone(), script)))
+                }
             });
         }
         for task in tasks {
@@ -309,17 +301,22 @@ impl RespWave {
     }
 }
 
-/// Runs one RESP command's requests in order and combines their replies into the command's.
-async fn execute_command(
-    shard: Rc<Shard>,
-    requests: Vec<KeyRequest>,
-    how: resp::Combine,
-) -> ringkv_net::resp::RespValue {
-    let mut replies = Vec::with_capacity(requests.len());
-    for request in requests {
-        replies.push(shard.execute_key(request, ()).await);
+/// Runs one RESP command's script: each round's requests in order, their replies fed back,
+/// until the script ends with the command's reply.
+async fn run_script(shard: Rc<Shard>, mut script: resp::Script) -> RespValue {
+    let mut step = script.start();
+    loop {
+        match step {
+            resp::Step::Done(reply) => return reply,
+            resp::Step::Run(requests) => {
+                let mut replies = Vec::with_capacity(requests.len());
+                for request in requests {
+                    replies.push(shard.execute_key(request, ()).await);
+                }
+                step = script.resume(&replies, shard.now_ms());
+            }
+        }
     }
-    resp::combine(how, &replies)
 }
 
 /// Counts a connection as closed when dropped, however its task ends.

@@ -53,6 +53,30 @@ impl Shard {
         self.execute_key(request, hold).await
     }
 
+    /// Wall-clock Unix milliseconds, as the core sees them (RESP's `TTL` answers by it).
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// A new RESP connection's id (`CLIENT ID`): unique on the node, since the shard's index
+    /// is in its low bits.
+    pub(super) fn next_resp_client_id(&self) -> u64 {
+        let n = self.resp_clients.get() + 1;
+        self.resp_clients.set(n);
+        n * self.shard_count as u64 + self.id as u64
+    }
+
+    /// RESP's `DBSIZE`: an estimate of the keys of the RESP bucket ([`Core::key_estimate`]).
+    ///
+    /// [`Core::key_estimate`]: ringkv_core::coordinator::Core::key_estimate
+    pub(super) fn resp_key_estimate(&self) -> i64 {
+        let keys = self
+            .core
+            .borrow_mut()
+            .key_estimate(crate::resp::RESP_BUCKET, self.shard_count as u64);
+        i64::try_from(keys).unwrap_or(i64::MAX)
+    }
+
     /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it
     /// (deadline and slot as [`Shard::execute`]).
     pub(super) async fn execute_key<H: 'static>(

@@ -447,6 +447,7 @@ fn new_shard(
         background,
         background_shares,
         clock,
+        resp_clients: Cell::new(0),
         node_id: cfg.node_id,
         node_name: cfg.settings.node_name.clone(),
         cluster_name: cfg.settings.cluster_name.clone(),

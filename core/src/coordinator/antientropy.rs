@@ -530,6 +530,24 @@ impl Core {
             .collect()
     }
 
+    /// An estimate of the keys the cluster holds in buckets with `bucket`'s replica count,
+    /// from this core's trees: the keys of its primary replicas, times `shards` (this node's
+    /// shards, assumed to hold as many), times the members, divided by the replicas per key.
+    /// Approximate by design (Redis's `DBSIZE`): it counts other buckets of the same `n`, and
+    /// deletions and expired keys until they are reaped.
+    pub fn key_estimate(&mut self, bucket: &[u8], shards: u64) -> u64 {
+        let members = self.ring.members().len().max(1) as u64;
+        let n = u64::from(self.cfg.buckets.props(bucket).n).min(members);
+        let here: u64 = self
+            .ae
+            .trees
+            .iter()
+            .filter(|((_, tree_n), _)| u64::from(*tree_n) == n)
+            .map(|(_, t)| t.merkle.len())
+            .sum();
+        here.saturating_mul(shards).saturating_mul(members) / n.max(1)
+    }
+
     /// Whether storage operation `id` is an anti-entropy read (background work).
     pub(super) fn ae_is_background(&self, id: u64) -> bool {
         self.ae.pushes.contains_key(&id)
