@@ -215,6 +215,35 @@ fn cli_round_trip_and_refused_starts() {
     assert!(out.stdout.is_empty());
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "not found");
 
+    // --ttl: the key reads with its expiry until the node's clock passes it, then is not found.
+    let out = cli(&server, &["put", "--ttl", "400ms", "session", "s1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&server, &["get", "--show-expiry", "session"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"s1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let at: u64 = stderr
+        .trim()
+        .strip_prefix("expires_at_ms ")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no expiry printed: {stderr:?}"));
+    assert!(at > 0);
+    let mut expired = false;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        if cli(&server, &["get", "session"]).status.code() == Some(1) {
+            expired = true;
+            break;
+        }
+    }
+    assert!(expired, "the key expired");
+    let out = cli(&server, &["put", "--ttl", "0s", "session", "s2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a zero TTL is refused by the CLI"
+    );
+
     let taken = Command::new(BIN)
         .args(["serve", "--listen", &server.addr, "--data-dir"])
         .arg(data_dir("cli-second"))

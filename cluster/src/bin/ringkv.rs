@@ -26,7 +26,7 @@ use ringkv_cluster::identity;
 use ringkv_cluster::route::parse_cpu_list;
 use ringkv_cluster::server::{ServeConfig, serve};
 use ringkv_core::NodeId;
-use ringkv_net::{Client, ClientConfig, Delete, Get, Message, Put, Sibling};
+use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, Message, Put, Sibling};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +65,9 @@ struct Target {
     /// Print the causal context as `context HEX` on stderr.
     #[arg(long)]
     show_context: bool,
+    /// Print a key's expiry as `expires_at_ms MS` on stderr (get).
+    #[arg(long)]
+    show_expiry: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -210,6 +213,12 @@ enum Command {
         target: Target,
         #[command(flatten)]
         write: WriteOpts,
+        /// Time to live, e.g. `30s`, `15m`, `2h 30m`, `500ms` [default: the bucket's].
+        #[arg(long, value_parser = parse_ttl, conflicts_with = "no_expiry")]
+        ttl: Option<Duration>,
+        /// Never expire, even in a bucket with a default time to live.
+        #[arg(long)]
+        no_expiry: bool,
         /// The key.
         key: String,
         /// The value.
@@ -350,6 +359,15 @@ fn unhex(text: &str) -> anyhow::Result<Bytes> {
         .with_context(|| format!("context {text:?} is not hex"))
 }
 
+/// A `--ttl`: a duration as `humantime` reads it, of at least a millisecond.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_millis(1) {
+        return Err("a time to live is at least 1ms".into());
+    }
+    Ok(ttl)
+}
+
 fn show_context(target: &Target, context: &[u8]) {
     if target.show_context {
         eprintln!("context {}", hex(context));
@@ -485,6 +503,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 other => bail!("unexpected reply {}", other.kind()),
             };
             show_context(&target, &reply.context);
+            if target.show_expiry
+                && let Some(at) = reply.expires_at_ms
+            {
+                eprintln!("expires_at_ms {at}");
+            }
             if reply
                 .siblings
                 .iter()
@@ -518,9 +541,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Put {
             target,
             write,
+            ttl,
+            no_expiry,
             key,
             value,
         } => {
+            let expiry = match (ttl, no_expiry) {
+                (Some(ttl), _) => Some(Expiry::Ttl {
+                    ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                }),
+                (None, true) => Some(Expiry::Never),
+                (None, false) => None,
+            };
             let request = Message::Put(Put {
                 bucket: Bytes::from(target.bucket.clone().into_bytes()),
                 key: Bytes::from(key.into_bytes()),
@@ -529,7 +561,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 w: write.w,
                 dw: write.dw,
                 timeout_ms: Some(deadline_ms(&target)),
-                expiry: None,
+                expiry,
             });
             match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),
