@@ -798,7 +798,8 @@ mod tests {
     fn cluster_settings() {
         let file = FileConfig::parse(
             "node_id = 2\nseeds = [\"1@127.0.0.1:7001\", \"2@127.0.0.1:7002\", \"3@h:7003\"]\n\
-             [buckets.sessions]\nmode = \"lww\"\nr = 1\n",
+             [buckets.default]\nttl_ms = 60000\n[buckets.sessions]\nmode = \"lww\"\nr = 1\n\
+             [buckets.forever]\nttl_ms = 0\n",
         )
         .unwrap();
         let s = Settings::resolve(FileConfig::default(), file).unwrap();
@@ -816,6 +817,9 @@ mod tests {
             (lww.n, lww.r, lww.w, lww.mode),
             (3, 1, 2, ConflictMode::Lww)
         );
+        // `ttl_ms` is inherited from the default table, and 0 turns it off.
+        assert_eq!(lww.ttl_ms, Some(60_000));
+        assert_eq!(s.buckets.props(b"forever").ttl_ms, None);
 
         let bad = FileConfig::parse("[buckets.default]\nn = 1\nr = 2\n").unwrap();
         assert!(Settings::resolve(FileConfig::default(), bad).is_err());
