@@ -163,7 +163,7 @@ const CORE_FIELDS: [CoreField; 21] = [
     ),
     (
         "ringkv_tombstones_reaped_total",
-        "Tombstones removed once every replica held them past the grace period.",
+        "Tombstones and expired objects removed once every replica held them past the grace period.",
         |c| c.stats.tombstones_reaped,
     ),
     (

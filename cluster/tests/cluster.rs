@@ -675,3 +675,154 @@ fn a_full_hint_store_refuses_hints_and_counts_them() {
     }
     assert!(nodes[0].metric("ringkv_heartbeats_total") > 0.0);
 }
+
+fn put_expiring(c: &mut Client, key: &[u8], value: &[u8], ttl_ms: u64) {
+    c.put_expiring(
+        b"sessions",
+        key,
+        value,
+        None,
+        ringkv_net::Expiry::Ttl { ms: ttl_ms },
+    )
+    .unwrap();
+}
+
+/// Expiry across a cluster with a node down during the expiry. Four nodes, N=3, the `lww`
+/// `sessions` bucket. Every key first holds a value without expiry on all its replicas; node 3
+/// is killed; the keys are overwritten with a 1.5 s time to live (fallbacks take hints for node
+/// 3, which keeps the old, never-expiring value); the time to live passes. Then no node answers
+/// the key, node 3 restarts holding the old value, and the old value never comes back: reads
+/// through node 3 (R=2) find nothing from its first answer on, and once hints, read repair and
+/// anti-entropy have run, node 3 alone (the others frozen, R=1) finds nothing either: what
+/// reached it was the expiring version, which dominates the old one. Finally, with a 1 s grace,
+/// anti-entropy reaps the expired keys on every replica: every Merkle tree ends empty.
+#[test]
+fn expired_keys_stay_gone_when_a_node_returns_with_older_values() {
+    let mut nodes = cluster(
+        "expiry",
+        4,
+        1,
+        &[
+            "--replica-timeout-ms",
+            "500",
+            "--hint-retry-ms",
+            "200",
+            "--ae-interval-ms",
+            "20",
+            "--tombstone-grace-ms",
+            "1000",
+        ],
+    );
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let keys: Vec<Vec<u8>> = (0..24).map(|i| format!("sess-{i}").into_bytes()).collect();
+    let on_node_3: Vec<&Vec<u8>> = keys
+        .iter()
+        .filter(|k| {
+            ring.preference_list(partition_of(b"sessions", k), 3)
+                .contains(&NodeId(3))
+        })
+        .collect();
+    assert!(!on_node_3.is_empty());
+    let mut a = nodes[0].client();
+    for k in &keys {
+        a.put(b"sessions", k, b"old", None).unwrap();
+    }
+    // Every replica holds the old value before node 3 goes down.
+    for k in &keys {
+        let read = get_retrying(&mut a, b"sessions", k, 3);
+        assert_eq!(
+            read.siblings,
+            vec![Sibling::Value(Bytes::from_static(b"old"))]
+        );
+    }
+
+    nodes[2].kill();
+    for k in &keys {
+        put_expiring(&mut a, k, b"new", 1_500);
+    }
+    let read = get_with(&mut a, b"sessions", &keys[0], None);
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"new"))]
+    );
+    assert!(read.expires_at_ms.is_some(), "the read carries the expiry");
+    // Past the expiry, by the nodes' clocks: every live node reads nothing.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut gone = false;
+    for _ in 0..STARTUP_RETRIES {
+        if keys
+            .iter()
+            .all(|k| get_with(&mut a, b"sessions", k, None).siblings.is_empty())
+        {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    assert!(gone, "the keys expired");
+    for i in [1, 3] {
+        let mut c = nodes[i].client();
+        for k in &keys {
+            assert!(get_with(&mut c, b"sessions", k, None).siblings.is_empty());
+        }
+    }
+
+    nodes[2].start();
+    nodes[2].wait_ready();
+    // From node 3's first answer on, a quorum read never returns the old value it holds.
+    let mut c = nodes[2].client();
+    for k in &keys {
+        let read = get_retrying(&mut c, b"sessions", k, 2);
+        assert!(read.siblings.is_empty(), "{read:?}");
+    }
+    // Node 3 alone: the expiring version reached it (hints, read repair, anti-entropy).
+    let mut repaired = false;
+    for _ in 0..HANDOFF_POLLS {
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+        for i in [0, 1, 3] {
+            nodes[i].signal("STOP");
+        }
+        let mut alone = Client::connect(&nodes[2].addr, config()).unwrap();
+        let found_old = on_node_3.iter().any(|k| {
+            !get_with(&mut alone, b"sessions", k, Some(1))
+                .siblings
+                .is_empty()
+        });
+        for i in [0, 1, 3] {
+            nodes[i].signal("CONT");
+        }
+        if !found_old {
+            repaired = true;
+            break;
+        }
+    }
+    assert!(repaired, "node 3 still answers the old value alone");
+    for node in &nodes {
+        let mut c = node.client();
+        for k in &keys {
+            let read = get_retrying(&mut c, b"sessions", k, 3);
+            assert!(read.siblings.is_empty(), "node {}: {read:?}", node.id);
+        }
+    }
+    // The grace has passed: anti-entropy reaps the expired keys on every replica.
+    let mut reaped = false;
+    for _ in 0..HANDOFF_POLLS {
+        if nodes
+            .iter()
+            .all(|n| merkle(n).values().all(|(keys, _)| *keys == 0))
+        {
+            reaped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+    }
+    assert!(reaped, "expired keys were not reaped");
+    assert!(
+        nodes
+            .iter()
+            .map(|n| n.metric("ringkv_tombstones_reaped_total"))
+            .sum::<f64>()
+            > 0.0
+    );
+}
