@@ -166,3 +166,52 @@ fn churn_joins_and_removes_a_node_without_failing_a_request() {
         assert_eq!(p["errors"].as_u64().unwrap(), 0, "{p:#}");
     }
 }
+
+/// The session workload writes with a time to live, on both protocols: preloaded with a 100 ms
+/// time to live and then only read after the 200 ms warm-up, every key has expired by the
+/// node's clock, so every read finds nothing and the report counts them as expired reads.
+#[test]
+fn session_writes_expire_and_reads_of_them_are_counted() {
+    for (name, extra) in [("session", &[][..]), ("session-resp", &["--resp"][..])] {
+        let r = run(
+            name,
+            &[
+                &[
+                    "--workload",
+                    "session",
+                    "--ttl",
+                    "100ms",
+                    "--read-share",
+                    "0",
+                ],
+                extra,
+            ]
+            .concat(),
+        );
+        assert_eq!(field(&r, "params.ttl_ms").as_u64(), Some(100));
+        assert_eq!(field(&r, "errors_total").as_u64().unwrap(), 0, "{r:#}");
+        let r = run(
+            name,
+            &[
+                &[
+                    "--workload",
+                    "session",
+                    "--ttl",
+                    "100ms",
+                    "--read-share",
+                    "1",
+                ],
+                extra,
+            ]
+            .concat(),
+        );
+        let versions = field(&r, "versions_seen").as_object().unwrap();
+        let reads = field(&r, "operations.read.count").as_u64().unwrap();
+        assert!(reads > 0);
+        assert_eq!(
+            versions.get("0").and_then(Value::as_u64),
+            Some(reads),
+            "every read finds an expired key: {versions:?}"
+        );
+    }
+}

@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// `--read-share 0` writes only.
     #[arg(long)]
     pub read_share: Option<f64>,
+    /// Time to live of every write, e.g. `30s` [default: none; session: 10s]; `0` for none.
+    /// Reads of keys that expired count as missing (`versions seen per read: 0`).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
     /// Bucket on a ringkv target [default: ycsb (lww); cart: cart; session: sessions (lww)].
     #[arg(long)]
     pub bucket: Option<String>,
@@ -177,6 +181,8 @@ struct Ctx {
     conns: Vec<Conn>,
     bucket: Vec<u8>,
     values: Arc<[u8]>,
+    /// Time to live of writes.
+    ttl: Option<Duration>,
     planner: Planner,
     seed: u64,
     pipeline: usize,
@@ -417,6 +423,7 @@ fn params(
         "keys": args.keys,
         "value_size": ctx.planner.value_size.to_string(),
         "read_share": args.read_share,
+        "ttl_ms": ctx.ttl.map(|t| t.as_millis() as u64),
         "bucket": String::from_utf8_lossy(&ctx.bucket),
         "preload": !args.no_preload,
         "mode": if args.rate.is_some() { "open" } else { "closed" },
@@ -458,6 +465,10 @@ async fn run_load(
             .unwrap_or_else(|| args.workload.default_bucket().to_owned())
             .into_bytes(),
         values: values.into(),
+        ttl: args
+            .ttl
+            .or(args.workload.default_ttl())
+            .filter(|t| !t.is_zero()),
         planner: Planner {
             workload: args.workload,
             chooser: KeyChooser::new(distribution, args.keys),
@@ -543,7 +554,7 @@ async fn preload(ctx: &Arc<Ctx>, keys: u64) -> anyhow::Result<PreloadReport> {
                     };
                     let mut attempt = 0;
                     loop {
-                        match execute(&conn, &ctx.bucket, &ctx.values, plan).await {
+                        match execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, plan).await {
                             Ok(_) => break,
                             Err(e) => {
                                 attempt += 1;
@@ -678,7 +689,7 @@ async fn closed_loop(ctx: &Arc<Ctx>, warmup: Duration, duration: Duration, live:
                         break;
                     }
                     let phase = ctx.churn.phase();
-                    let outcome = execute(&conn, &ctx.bucket, &ctx.values, plan).await;
+                    let outcome = execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, plan).await;
                     let failed = outcome.is_err();
                     let measured = sent >= measure_start;
                     lock(&rec).record(plan.kind(), sent.elapsed(), &outcome, measured, phase);
@@ -901,7 +912,7 @@ fn dispatch(
             if measured {
                 state2.sent.fetch_add(1, Ordering::Relaxed);
             }
-            let outcome = execute(&conn, &ctx2.bucket, &ctx2.values, plan).await;
+            let outcome = execute(&conn, &ctx2.bucket, &ctx2.values, ctx2.ttl, plan).await;
             let replied = Instant::now();
             drop(permit);
             {

@@ -14,12 +14,13 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
 use rand::rngs::StdRng;
 use ringkv_net::resp::RespValue;
-use ringkv_net::{AsyncPool, ClientError, Sibling};
+use ringkv_net::{AsyncPool, ClientError, Expiry, Sibling};
 
 use super::keygen::KeyChooser;
 use super::resp_client::{RespConnection, RespFailure};
@@ -210,16 +211,33 @@ impl Conn {
         key: &[u8],
         value: &[u8],
         context: Option<Bytes>,
+        ttl: Option<Duration>,
     ) -> Result<(), OpError> {
+        let ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
         match self {
             Conn::Ringkv(pool) => {
-                pool.put(bucket, key, value, context).await?;
+                match ttl_ms {
+                    Some(ms) => {
+                        pool.put_expiring(bucket, key, value, context, Expiry::Ttl { ms })
+                            .await?
+                    }
+                    None => pool.put(bucket, key, value, context).await?,
+                };
                 Ok(())
             }
-            Conn::Resp(c) => match c.call(&[b"SET", key, value]).await? {
-                RespValue::Simple(_) => Ok(()),
-                other => Err(resp_unexpected(&other)),
-            },
+            Conn::Resp(c) => {
+                let reply = match ttl_ms {
+                    Some(ms) => {
+                        let ms = ms.to_string();
+                        c.call(&[b"SET", key, value, b"PX", ms.as_bytes()]).await?
+                    }
+                    None => c.call(&[b"SET", key, value]).await?,
+                };
+                match reply {
+                    RespValue::Simple(_) => Ok(()),
+                    other => Err(resp_unexpected(&other)),
+                }
+            }
         }
     }
 }
@@ -263,11 +281,12 @@ fn merged_cart(values: &[Bytes], item: u64, len: usize) -> Vec<u8> {
 }
 
 /// Runs `plan` on `conn`. `values` is the random buffer values are cut from (at least as long as
-/// the largest value).
+/// the largest value); writes carry `ttl` as their time to live.
 pub(crate) async fn execute(
     conn: &Conn,
     bucket: &[u8],
     values: &[u8],
+    ttl: Option<Duration>,
     plan: Plan,
 ) -> Result<Seen, OpError> {
     match plan {
@@ -276,20 +295,22 @@ pub(crate) async fn execute(
             Ok(Some(read.versions))
         }
         Plan::Update { key, len } | Plan::Insert { key, len } => {
-            conn.put(bucket, &key_of(key), &values[..len], None).await?;
+            conn.put(bucket, &key_of(key), &values[..len], None, ttl)
+                .await?;
             Ok(None)
         }
         Plan::ReadModifyWrite { key, len } => {
             let k = key_of(key);
             let read = conn.get(bucket, &k).await?;
-            conn.put(bucket, &k, &values[..len], read.context).await?;
+            conn.put(bucket, &k, &values[..len], read.context, ttl)
+                .await?;
             Ok(Some(read.versions))
         }
         Plan::Cart { key, item, len } => {
             let k = key_of(key);
             let read = conn.get(bucket, &k).await?;
             let cart = merged_cart(&read.values, item, len);
-            conn.put(bucket, &k, &cart, read.context).await?;
+            conn.put(bucket, &k, &cart, read.context, ttl).await?;
             Ok(Some(read.versions))
         }
     }

@@ -235,6 +235,15 @@ impl Workload {
         }
     }
 
+    /// The time to live of writes when `--ttl` is not given: sessions expire (short enough that
+    /// a default run of 20 s reads some expired ones), other workloads' values do not.
+    pub fn default_ttl(self) -> Option<Duration> {
+        match self {
+            Workload::Session => Some(Duration::from_secs(10)),
+            _ => None,
+        }
+    }
+
     /// The default value size (session values are small).
     pub fn default_value_size(self) -> ValueSize {
         match self {

@@ -441,6 +441,16 @@ impl RunReport {
                 .map(|(v, n)| format!("{v}: {:.4}%", 100.0 * *n as f64 / reads as f64))
                 .collect();
             let _ = writeln!(s, "versions seen per read: {}", list.join(", "));
+            // With a time to live, a read that finds nothing is an expired key: every key was
+            // written (preloaded) and the workloads that expire keys never delete.
+            if let Some(ttl_ms) = self.params.get("ttl_ms").and_then(|t| t.as_u64()) {
+                let expired = self.versions_seen.get("0").copied().unwrap_or(0);
+                let _ = writeln!(
+                    s,
+                    "expired reads (ttl {ttl_ms} ms): {expired} of {reads} ({:.2}%)",
+                    100.0 * expired as f64 / reads as f64
+                );
+            }
         }
         if !self.preload.errors.is_empty() {
             let list: Vec<String> = self
