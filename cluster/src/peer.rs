@@ -416,11 +416,13 @@ pub fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody
                 key: m.key,
             },
         },
-        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_)) => PeerMsg::Forward {
-            id,
-            request: KeyRequest::parse(request, PARTITIONS)
-                .map_err(|m| invalid(format!("{} is not a key request", m.kind())))?,
-        },
+        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_) | Message::Update(_)) => {
+            PeerMsg::Forward {
+                id,
+                request: KeyRequest::parse(request, PARTITIONS)
+                    .map_err(|m| invalid(format!("{} is not a key request", m.kind())))?,
+            }
+        }
         Message::Cluster(c) => return cluster_request(id, c),
         other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
     })
@@ -445,7 +447,7 @@ pub fn answer_from_wire(id: u64, message: Message) -> PeerMsg {
                 error: ErrorBody::new(ErrorCode::Internal, e),
             },
         },
-        reply @ (Message::GetOk(_) | Message::PutOk(_) | Message::DeleteOk) => {
+        reply @ (Message::GetOk(_) | Message::PutOk(_) | Message::DeleteOk | Message::UpdateOk) => {
             PeerMsg::ForwardReply { id, reply }
         }
         Message::Error(error) => PeerMsg::Failed { id, error },

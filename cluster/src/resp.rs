@@ -36,7 +36,7 @@
 use bytes::Bytes;
 use ringkv_core::request::{KeyBody, KeyRequest};
 use ringkv_net::resp::{RespCommand, RespValue};
-use ringkv_net::{Delete, Expiry, Get, Message, Put, Sibling};
+use ringkv_net::{Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
 
 use crate::route::PARTITIONS;
 
@@ -96,9 +96,6 @@ enum Round {
     Reads,
     Writes,
 }
-
-/// A key's value and expiry as a read found it; `None`: missing (or expired).
-type Found = Option<(Bytes, Option<u64>)>;
 
 /// How a SET-like write expires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +179,51 @@ enum Op {
         key: Bytes,
         by: i64,
     },
+    /// HSET, HMSET, HSETNX.
+    HSet {
+        key: Bytes,
+        pairs: Vec<(Bytes, Bytes)>,
+        reply: HSetReply,
+    },
+    /// HGET (one field) or HMGET (an array).
+    HGet {
+        key: Bytes,
+        fields: Vec<Bytes>,
+        array: bool,
+    },
+    HRead {
+        key: Bytes,
+        what: HRead,
+    },
+    HDel {
+        key: Bytes,
+        fields: Vec<Bytes>,
+    },
+    HIncrBy {
+        key: Bytes,
+        field: Bytes,
+        by: i64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HSetReply {
+    /// HSET: how many fields were added.
+    Added,
+    /// HMSET: `+OK`.
+    Ok,
+    /// HSETNX: `:1` if the field was new and set, `:0` if it existed.
+    IfNew,
+}
+
+/// The whole-hash reads.
+#[derive(Debug, PartialEq, Eq)]
+enum HRead {
+    All,
+    Keys,
+    Values,
+    Len,
+    Exists(Bytes),
 }
 
 fn err(message: impl Into<String>) -> RespValue {
@@ -232,6 +274,18 @@ fn put(key: Bytes, value: Bytes, expiry: Option<Expiry>) -> KeyRequest {
         expiry,
     };
     KeyRequest::new(KeyBody::Put(put), PARTITIONS)
+}
+
+fn update(key: Bytes, ops: Vec<MapOp>) -> KeyRequest {
+    let update = Update {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        ops,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    };
+    KeyRequest::new(KeyBody::Update(update), PARTITIONS)
 }
 
 fn delete(key: Bytes) -> KeyRequest {
@@ -406,6 +460,63 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             }
         }
         "incrby" | "decrby" => wrong_args(&name),
+        "hset" | "hmset" if argc >= 4 && argc.is_multiple_of(2) => run(Op::HSet {
+            key: arg(1),
+            pairs: (2..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
+            reply: if name == "hset" {
+                HSetReply::Added
+            } else {
+                HSetReply::Ok
+            },
+        }),
+        "hset" | "hmset" => wrong_args(&name),
+        "hsetnx" if argc == 4 => run(Op::HSet {
+            key: arg(1),
+            pairs: vec![(arg(2), arg(3))],
+            reply: HSetReply::IfNew,
+        }),
+        "hsetnx" => wrong_args("hsetnx"),
+        "hget" if argc == 3 => run(Op::HGet {
+            key: arg(1),
+            fields: vec![arg(2)],
+            array: false,
+        }),
+        "hget" => wrong_args("hget"),
+        "hmget" if argc >= 3 => run(Op::HGet {
+            key: arg(1),
+            fields: keys(2),
+            array: true,
+        }),
+        "hmget" => wrong_args("hmget"),
+        "hgetall" | "hkeys" | "hvals" | "hlen" if argc == 2 => run(Op::HRead {
+            key: arg(1),
+            what: match name.as_str() {
+                "hgetall" => HRead::All,
+                "hkeys" => HRead::Keys,
+                "hvals" => HRead::Values,
+                _ => HRead::Len,
+            },
+        }),
+        "hgetall" | "hkeys" | "hvals" | "hlen" => wrong_args(&name),
+        "hexists" if argc == 3 => run(Op::HRead {
+            key: arg(1),
+            what: HRead::Exists(arg(2)),
+        }),
+        "hexists" => wrong_args("hexists"),
+        "hdel" if argc >= 3 => run(Op::HDel {
+            key: arg(1),
+            fields: keys(2),
+        }),
+        "hdel" => wrong_args("hdel"),
+        "hincrby" if argc == 4 => match integer(cmd.arg(3)) {
+            Some(by) => run(Op::HIncrBy {
+                key: arg(1),
+                field: arg(2),
+                by,
+            }),
+            None => not_an_integer(),
+        },
+        "hincrby" => wrong_args("hincrby"),
         _ => RespPlan::Reply(err(format!(
             "ERR unknown command '{}'",
             name.escape_default()
@@ -634,6 +745,17 @@ fn expire(cmd: &RespCommand, name: &str) -> RespPlan {
     }))
 }
 
+/// The value of a `Result<T, RespValue>`, or (in [`Script::after_reads`]) the error reply it
+/// holds as the command's answer.
+macro_rules! or_reply {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(reply) => return Ok(reply),
+        }
+    };
+}
+
 impl Script {
     fn new(op: Op) -> Script {
         Script {
@@ -656,7 +778,12 @@ impl Script {
             | Op::Set { key, .. }
             | Op::GetEx { key, .. }
             | Op::Expire { key, .. }
-            | Op::Incr { key, .. } => vec![key],
+            | Op::Incr { key, .. }
+            | Op::HSet { key, .. }
+            | Op::HGet { key, .. }
+            | Op::HRead { key, .. }
+            | Op::HDel { key, .. }
+            | Op::HIncrBy { key, .. } => vec![key],
         }
     }
 
@@ -726,29 +853,38 @@ impl Script {
         }
     }
 
+    fn first(&self) -> &Found {
+        self.found.first().unwrap_or(&Found::Missing)
+    }
+
     /// The reply once the reads ran, or (`Err`) the writes still to make.
     fn after_reads(&self, now_ms: u64) -> Result<RespValue, Vec<KeyRequest>> {
         let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-        let first = self.found.first().cloned().flatten();
-        let value_or_nil = |f: &Found| {
-            f.as_ref()
-                .map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v.clone()))
-        };
+        let first = self.first();
         match &self.op {
-            Op::Get(_) => Ok(value_or_nil(&first)),
+            Op::Get(_) => Ok(string_or_nil(or_reply!(first.string()))),
+            // MGET answers nil for a key of another type, as Redis does.
             Op::MGet(_) => Ok(RespValue::Array(
-                self.found.iter().map(value_or_nil).collect(),
+                self.found
+                    .iter()
+                    .map(|f| {
+                        f.string()
+                            .ok()
+                            .flatten()
+                            .map_or(RespValue::Null, RespValue::Bulk)
+                    })
+                    .collect(),
             )),
             Op::Exists(_) => Ok(RespValue::Integer(count(&self.found))),
-            Op::Type(_) => Ok(RespValue::Simple(Bytes::from_static(if first.is_some() {
-                b"string"
-            } else {
-                b"none"
+            Op::Type(_) => Ok(RespValue::Simple(Bytes::from_static(match first {
+                Found::Missing => b"none",
+                Found::Str(..) => b"string",
+                Found::Hash(..) => b"hash",
             }))),
-            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first {
+            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first.expires() {
                 None => -2,
-                Some((_, None)) => -1,
-                Some((_, Some(at))) => {
+                Some(None) => -1,
+                Some(Some(at)) => {
                     let left = i64::try_from(at)
                         .unwrap_or(i64::MAX)
                         .saturating_sub(now)
@@ -763,36 +899,40 @@ impl Script {
                 expiry,
                 reply,
             } => {
+                let old = match reply {
+                    SetReply::Old => or_reply!(first.string()),
+                    SetReply::Ok | SetReply::Int => None,
+                };
                 let allowed = match cond {
                     None => true,
-                    Some(Cond::Nx) => first.is_none(),
-                    Some(Cond::Xx) => first.is_some(),
+                    Some(Cond::Nx) => first.is_missing(),
+                    Some(Cond::Xx) => !first.is_missing(),
                 };
                 if !allowed {
                     return Ok(match reply {
                         SetReply::Ok => RespValue::Null,
-                        SetReply::Old => value_or_nil(&first),
+                        SetReply::Old => string_or_nil(old),
                         SetReply::Int => RespValue::Integer(0),
                     });
                 }
                 let expiry = match expiry {
                     SetExpiry::Default => None,
                     SetExpiry::Given(e) => Some(*e),
-                    SetExpiry::Keep => Some(keep(&first)),
+                    SetExpiry::Keep => Some(keep(first)),
                 };
                 Err(vec![put(key.clone(), value.clone(), expiry)])
             }
             Op::Del(keys) => Err(keys.iter().cloned().map(delete).collect()),
-            Op::GetDel(key) => match first {
+            Op::GetDel(key) => match or_reply!(first.string()) {
                 None => Ok(RespValue::Null),
                 Some(_) => Err(vec![delete(key.clone())]),
             },
-            Op::GetEx { key, expiry } => match (&first, expiry) {
-                (None, _) | (Some(_), None) => Ok(value_or_nil(&first)),
-                (Some((value, _)), Some(e)) => Err(vec![put(key.clone(), value.clone(), Some(*e))]),
+            Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
+                (Some(value), Some(e)) => Err(vec![put(key.clone(), value, Some(*e))]),
+                (value, _) => Ok(string_or_nil(value)),
             },
             Op::Expire { key, when, cond } => {
-                let Some((value, current)) = first else {
+                let Some(current) = first.expires() else {
                     return Ok(RespValue::Integer(0));
                 };
                 let at = match *when {
@@ -819,16 +959,16 @@ impl Script {
                     When::In(ms) => Expiry::Ttl { ms: ms as u64 },
                     When::At(ms) => Expiry::At { unix_ms: ms as u64 },
                 };
-                Err(vec![put(key.clone(), value, Some(expiry))])
+                Err(vec![first.rewrite(key, expiry)])
             }
-            Op::Persist(key) => match first {
-                Some((value, Some(_))) => Err(vec![put(key.clone(), value, Some(Expiry::Never))]),
+            Op::Persist(key) => match first.expires() {
+                Some(Some(_)) => Err(vec![first.rewrite(key, Expiry::Never)]),
                 _ => Ok(RespValue::Integer(0)),
             },
             Op::Incr { key, by } => {
-                let current = match &first {
+                let current = match or_reply!(first.string()) {
                     None => 0,
-                    Some((v, _)) => match integer(Some(v)) {
+                    Some(v) => match integer(Some(&v)) {
                         Some(n) => n,
                         None => return Ok(err("ERR value is not an integer or out of range")),
                     },
@@ -837,7 +977,100 @@ impl Script {
                     return Ok(err("ERR increment or decrement would overflow"));
                 };
                 let value = Bytes::from(next.to_string());
-                Err(vec![put(key.clone(), value, Some(keep(&first)))])
+                Err(vec![put(key.clone(), value, Some(keep(first)))])
+            }
+            Op::HSet { key, pairs, reply } => {
+                let fields = or_reply!(first.hash());
+                if *reply == HSetReply::IfNew
+                    && pairs
+                        .iter()
+                        .any(|(f, _)| fields.iter().any(|(g, _)| g == f))
+                {
+                    return Ok(RespValue::Integer(0));
+                }
+                let ops = pairs
+                    .iter()
+                    .map(|(field, value)| MapOp::Set {
+                        field: field.clone(),
+                        value: value.clone(),
+                    })
+                    .collect();
+                Err(vec![update(key.clone(), ops)])
+            }
+            Op::HGet { fields, array, .. } => {
+                let hash = or_reply!(first.hash());
+                let values: Vec<RespValue> = fields
+                    .iter()
+                    .map(|f| {
+                        hash.iter()
+                            .find(|(g, _)| g == f)
+                            .map_or(RespValue::Null, |(_, v)| RespValue::Bulk(v.clone()))
+                    })
+                    .collect();
+                Ok(if *array {
+                    RespValue::Array(values)
+                } else {
+                    values.into_iter().next().unwrap_or(RespValue::Null)
+                })
+            }
+            Op::HRead { what, .. } => {
+                let hash = or_reply!(first.hash());
+                Ok(match what {
+                    HRead::All => RespValue::Array(
+                        hash.iter()
+                            .flat_map(|(f, v)| {
+                                [RespValue::Bulk(f.clone()), RespValue::Bulk(v.clone())]
+                            })
+                            .collect(),
+                    ),
+                    HRead::Keys => RespValue::Array(
+                        hash.iter()
+                            .map(|(f, _)| RespValue::Bulk(f.clone()))
+                            .collect(),
+                    ),
+                    HRead::Values => RespValue::Array(
+                        hash.iter()
+                            .map(|(_, v)| RespValue::Bulk(v.clone()))
+                            .collect(),
+                    ),
+                    HRead::Len => RespValue::Integer(hash.len() as i64),
+                    HRead::Exists(field) => {
+                        RespValue::Integer(i64::from(hash.iter().any(|(f, _)| f == field)))
+                    }
+                })
+            }
+            Op::HDel { key, fields } => {
+                let hash = or_reply!(first.hash());
+                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
+                let existing: Vec<MapOp> = names
+                    .into_iter()
+                    .filter(|f| hash.iter().any(|(g, _)| g == *f))
+                    .map(|f| MapOp::Delete { field: f.clone() })
+                    .collect();
+                if existing.is_empty() {
+                    return Ok(RespValue::Integer(0));
+                }
+                Err(vec![update(key.clone(), existing)])
+            }
+            Op::HIncrBy { key, field, by } => {
+                let hash = or_reply!(first.hash());
+                let current = match hash.iter().find(|(f, _)| f == field) {
+                    None => 0,
+                    Some((_, v)) => match integer(Some(v)) {
+                        Some(n) => n,
+                        None => return Ok(err("ERR hash value is not an integer")),
+                    },
+                };
+                let Some(next) = current.checked_add(*by) else {
+                    return Ok(err("ERR increment or decrement would overflow"));
+                };
+                Err(vec![update(
+                    key.clone(),
+                    vec![MapOp::Set {
+                        field: field.clone(),
+                        value: Bytes::from(next.to_string()),
+                    }],
+                )])
             }
             Op::MSet(_) => unreachable!("MSET writes without reading"),
         }
@@ -845,44 +1078,140 @@ impl Script {
 
     /// The reply once the writes succeeded.
     fn written(&self) -> RespValue {
-        let first = self.found.first().cloned().flatten();
+        let first = self.first();
         match &self.op {
             Op::Set { reply, .. } => match reply {
                 SetReply::Ok => ok(),
-                SetReply::Old => first.map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v)),
+                SetReply::Old => string_or_nil(first.string().ok().flatten()),
                 SetReply::Int => RespValue::Integer(1),
             },
             Op::MSet(_) => ok(),
             Op::Del(_) => RespValue::Integer(count(&self.found)),
-            Op::GetDel(_) | Op::GetEx { .. } => {
-                first.map_or(RespValue::Null, |(v, _)| RespValue::Bulk(v))
-            }
+            Op::GetDel(_) | Op::GetEx { .. } => string_or_nil(first.string().ok().flatten()),
             Op::Expire { .. } | Op::Persist(_) => RespValue::Integer(1),
-            Op::Incr { .. } => {
-                // The value just written; read back from the op, which holds the increment.
-                let Op::Incr { by, .. } = &self.op else {
-                    unreachable!("matched above")
-                };
-                let current = first.and_then(|(v, _)| integer(Some(&v))).unwrap_or(0);
+            Op::Incr { by, .. } => {
+                let current = first
+                    .string()
+                    .ok()
+                    .flatten()
+                    .and_then(|v| integer(Some(&v)))
+                    .unwrap_or(0);
                 RespValue::Integer(current.saturating_add(*by))
             }
-            Op::Get(_) | Op::MGet(_) | Op::Exists(_) | Op::Type(_) | Op::Ttl { .. } => {
-                unreachable!("reads answer after their reads")
+            Op::HSet { pairs, reply, .. } => match reply {
+                HSetReply::Added => {
+                    let hash = first.hash().unwrap_or_default();
+                    let names: std::collections::BTreeSet<&Bytes> =
+                        pairs.iter().map(|(f, _)| f).collect();
+                    let added = names
+                        .into_iter()
+                        .filter(|f| !hash.iter().any(|(g, _)| g == *f))
+                        .count();
+                    RespValue::Integer(added as i64)
+                }
+                HSetReply::IfNew => RespValue::Integer(1),
+                HSetReply::Ok => ok(),
+            },
+            Op::HDel { fields, .. } => {
+                let hash = first.hash().unwrap_or_default();
+                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
+                RespValue::Integer(
+                    names
+                        .into_iter()
+                        .filter(|f| hash.iter().any(|(g, _)| g == *f))
+                        .count() as i64,
+                )
             }
+            Op::HIncrBy { field, by, .. } => {
+                let current = first
+                    .hash()
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|(f, _)| f == field)
+                    .and_then(|(_, v)| integer(Some(v)))
+                    .unwrap_or(0);
+                RespValue::Integer(current.saturating_add(*by))
+            }
+            Op::Get(_)
+            | Op::MGet(_)
+            | Op::Exists(_)
+            | Op::Type(_)
+            | Op::Ttl { .. }
+            | Op::HGet { .. }
+            | Op::HRead { .. } => unreachable!("reads answer after their reads"),
         }
     }
 }
 
+/// What a read found under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Found {
+    /// Nothing (or only expired or deleted versions).
+    Missing,
+    /// A string, and its expiry.
+    Str(Bytes, Option<u64>),
+    /// A hash's fields, and its expiry.
+    Hash(Vec<(Bytes, Bytes)>, Option<u64>),
+}
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+
+impl Found {
+    fn is_missing(&self) -> bool {
+        *self == Found::Missing
+    }
+
+    /// The string, `None` if missing; a hash is a `WRONGTYPE` error.
+    fn string(&self) -> Result<Option<Bytes>, RespValue> {
+        match self {
+            Found::Missing => Ok(None),
+            Found::Str(v, _) => Ok(Some(v.clone())),
+            Found::Hash(..) => Err(err(WRONGTYPE)),
+        }
+    }
+
+    /// The hash's fields, empty if missing; a string is a `WRONGTYPE` error.
+    fn hash(&self) -> Result<Vec<(Bytes, Bytes)>, RespValue> {
+        match self {
+            Found::Missing => Ok(Vec::new()),
+            Found::Hash(fields, _) => Ok(fields.clone()),
+            Found::Str(..) => Err(err(WRONGTYPE)),
+        }
+    }
+
+    /// The key's expiry (`Some(None)`: none), or `None` if the key is missing.
+    fn expires(&self) -> Option<Option<u64>> {
+        match self {
+            Found::Missing => None,
+            Found::Str(_, e) | Found::Hash(_, e) => Some(*e),
+        }
+    }
+
+    /// The write that gives the key found a new expiry: the string written back, or the hash's
+    /// expiry register set.
+    fn rewrite(&self, key: &Bytes, expiry: Expiry) -> KeyRequest {
+        match self {
+            Found::Hash(..) => update(key.clone(), vec![MapOp::Expire(expiry)]),
+            Found::Str(value, _) => put(key.clone(), value.clone(), Some(expiry)),
+            Found::Missing => unreachable!("a missing key gets no new expiry"),
+        }
+    }
+}
+
+fn string_or_nil(v: Option<Bytes>) -> RespValue {
+    v.map_or(RespValue::Null, RespValue::Bulk)
+}
+
 /// The expiry a write that keeps the key's must carry.
 fn keep(found: &Found) -> Expiry {
-    match found {
-        Some((_, Some(at))) => Expiry::At { unix_ms: *at },
+    match found.expires() {
+        Some(Some(at)) => Expiry::At { unix_ms: at },
         _ => Expiry::Never,
     }
 }
 
 fn count(found: &[Found]) -> i64 {
-    found.iter().filter(|f| f.is_some()).count() as i64
+    found.iter().filter(|f| !f.is_missing()).count() as i64
 }
 
 /// The RESP error for an error reply.
@@ -893,18 +1222,24 @@ fn error_of(reply: &Message) -> Option<RespValue> {
     }
 }
 
-/// What a GET reply found for Redis: the last value sibling and the key's expiry.
+/// What a GET reply found for Redis: the last value sibling, or the map's fields, and the key's
+/// expiry.
 fn found_of(reply: &Message) -> Result<Found, RespValue> {
     match reply {
-        Message::GetOk(ok) => Ok(ok
-            .siblings
-            .iter()
-            .rev()
-            .find_map(|s| match s {
-                Sibling::Value(v) => Some(v.clone()),
-                Sibling::Tombstone => None,
-            })
-            .map(|v| (v, ok.expires_at_ms))),
+        Message::GetOk(ok) => {
+            if let Some(fields) = &ok.fields {
+                return Ok(Found::Hash(fields.clone(), ok.expires_at_ms));
+            }
+            Ok(ok
+                .siblings
+                .iter()
+                .rev()
+                .find_map(|s| match s {
+                    Sibling::Value(v) => Some(v.clone()),
+                    Sibling::Tombstone => None,
+                })
+                .map_or(Found::Missing, |v| Found::Str(v, ok.expires_at_ms)))
+        }
         other => Err(err(format!("ERR unexpected reply {}", other.kind()))),
     }
 }
@@ -933,6 +1268,7 @@ mod tests {
             siblings: vec![Sibling::Value(Bytes::from_static(v))],
             context: Bytes::new(),
             expires_at_ms,
+            fields: None,
         })
     }
 
@@ -941,6 +1277,7 @@ mod tests {
             siblings: vec![],
             context: Bytes::new(),
             expires_at_ms: None,
+            fields: None,
         })
     }
 
@@ -995,6 +1332,7 @@ mod tests {
             KeyBody::Get(_) => value.map_or_else(missing, |(v, e)| found(v, e)),
             KeyBody::Put(_) => put_ok(),
             KeyBody::Delete(_) => Message::DeleteOk,
+            KeyBody::Update(_) => Message::UpdateOk,
         }
     }
 
@@ -1261,5 +1599,152 @@ mod tests {
             "ERR increment or decrement would overflow"
         );
         assert!(error_text(&reply_of("INCRBY k x")).starts_with("ERR value is not an integer"));
+    }
+
+    fn hash(fields: &[(&'static [u8], &'static [u8])], expires_at_ms: Option<u64>) -> Message {
+        Message::GetOk(GetOk {
+            siblings: vec![],
+            context: Bytes::new(),
+            expires_at_ms,
+            fields: Some(
+                fields
+                    .iter()
+                    .map(|(f, v)| (Bytes::from_static(f), Bytes::from_static(v)))
+                    .collect(),
+            ),
+        })
+    }
+
+    /// A store of one key holding a hash, answering reads and acknowledging writes.
+    fn holding_hash(
+        fields: &'static [(&'static [u8], &'static [u8])],
+        expires_at_ms: Option<u64>,
+    ) -> impl FnMut(&KeyRequest) -> Message {
+        move |r| match r.body() {
+            KeyBody::Get(_) => hash(fields, expires_at_ms),
+            KeyBody::Update(_) => Message::UpdateOk,
+            other => panic!("a hash command sent {other:?}"),
+        }
+    }
+
+    fn ops_of(body: &KeyBody) -> Vec<MapOp> {
+        match body {
+            KeyBody::Update(u) => u.ops.clone(),
+            other => panic!("not an update: {other:?}"),
+        }
+    }
+
+    fn bulk(v: &'static [u8]) -> RespValue {
+        RespValue::Bulk(Bytes::from_static(v))
+    }
+
+    /// Hash commands read the hash and write only the fields they change (an UPDATE, each
+    /// field a last-write-wins register); replies count as Redis counts; a string key is
+    /// `WRONGTYPE` for them, and a hash key for string commands.
+    #[test]
+    fn hash_commands() {
+        const H: &[(&[u8], &[u8])] = &[(b"cart", b"3"), (b"user", b"alice")];
+        let (reply, rounds) = script("HSET h user bob n 1", 0, holding_hash(H, None));
+        assert_eq!(
+            reply,
+            RespValue::Integer(1),
+            "one field added, one replaced"
+        );
+        assert_eq!(ops_of(&rounds[1][0]).len(), 2);
+        assert_eq!(
+            script("HSETNX h user x", 0, holding_hash(H, None)).0,
+            RespValue::Integer(0)
+        );
+        assert_eq!(
+            script("HSETNX h z x", 0, holding_hash(H, None)).0,
+            RespValue::Integer(1)
+        );
+        assert_eq!(script("HMSET h a 1", 0, holding_hash(H, None)).0, ok());
+        assert_eq!(
+            script("HGET h user", 0, holding_hash(H, None)).0,
+            bulk(b"alice")
+        );
+        assert_eq!(
+            script("HGET h nope", 0, holding_hash(H, None)).0,
+            RespValue::Null
+        );
+        assert_eq!(
+            script("HMGET h user nope", 0, holding_hash(H, None)).0,
+            RespValue::Array(vec![bulk(b"alice"), RespValue::Null])
+        );
+        assert_eq!(
+            script("HGETALL h", 0, holding_hash(H, None)).0,
+            RespValue::Array(vec![
+                bulk(b"cart"),
+                bulk(b"3"),
+                bulk(b"user"),
+                bulk(b"alice")
+            ])
+        );
+        assert_eq!(
+            script("HKEYS h", 0, holding_hash(H, None)).0,
+            RespValue::Array(vec![bulk(b"cart"), bulk(b"user")])
+        );
+        assert_eq!(
+            script("HLEN h", 0, holding_hash(H, None)).0,
+            RespValue::Integer(2)
+        );
+        assert_eq!(
+            script("HEXISTS h cart", 0, holding_hash(H, None)).0,
+            RespValue::Integer(1)
+        );
+        let (reply, rounds) = script("HDEL h cart nope cart", 0, holding_hash(H, None));
+        assert_eq!(reply, RespValue::Integer(1));
+        assert_eq!(
+            ops_of(&rounds[1][0]),
+            vec![MapOp::Delete {
+                field: Bytes::from_static(b"cart")
+            }]
+        );
+        let (reply, rounds) = script("HDEL h nope", 0, holding_hash(H, None));
+        assert_eq!(reply, RespValue::Integer(0));
+        assert_eq!(rounds.len(), 1, "nothing to delete, nothing written");
+        assert_eq!(
+            script("HINCRBY h cart 4", 0, holding_hash(H, None)).0,
+            RespValue::Integer(7)
+        );
+        assert_eq!(
+            error_text(&script("HINCRBY h user 1", 0, holding_hash(H, None)).0),
+            "ERR hash value is not an integer"
+        );
+        // Expiry on a hash is its expiry register.
+        let (reply, rounds) = script("EXPIRE h 10", 0, holding_hash(H, None));
+        assert_eq!(reply, RespValue::Integer(1));
+        assert_eq!(
+            ops_of(&rounds[1][0]),
+            vec![MapOp::Expire(Expiry::Ttl { ms: 10_000 })]
+        );
+        assert_eq!(
+            script("TTL h", 1_000, holding_hash(H, Some(5_000))).0,
+            RespValue::Integer(4)
+        );
+        let (_, rounds) = script("PERSIST h", 0, holding_hash(H, Some(5_000)));
+        assert_eq!(ops_of(&rounds[1][0]), vec![MapOp::Expire(Expiry::Never)]);
+        assert_eq!(
+            script("TYPE h", 0, holding_hash(H, None)).0,
+            RespValue::Simple(Bytes::from_static(b"hash"))
+        );
+        assert!(error_text(&script("GET h", 0, holding_hash(H, None)).0).starts_with("WRONGTYPE"));
+        assert_eq!(
+            script("MGET h", 0, holding_hash(H, None)).0,
+            RespValue::Array(vec![RespValue::Null])
+        );
+        assert!(
+            error_text(&script("HGET s f", 0, holding(Some((b"v", None)))).0)
+                .starts_with("WRONGTYPE")
+        );
+        assert!(
+            error_text(&script("HSET s f v", 0, holding(Some((b"v", None)))).0)
+                .starts_with("WRONGTYPE")
+        );
+        assert_eq!(
+            script("HGETALL missing", 0, holding(None)).0,
+            RespValue::Array(Vec::new())
+        );
     }
 }

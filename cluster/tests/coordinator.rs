@@ -13,7 +13,7 @@ use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
 use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionCount, Ring};
-use ringkv_net::{Delete, ErrorCode, Expiry, Get, GetOk, Message, Put, Sibling};
+use ringkv_net::{Delete, ErrorCode, Expiry, Get, GetOk, MapOp, Message, Put, Sibling, Update};
 
 /// One node and its store; every output is carried out before a call returns.
 struct One {
@@ -621,4 +621,82 @@ fn expired_objects_are_reaped_after_the_grace() {
     assert!(one.store.is_empty(), "the expired object was reaped");
     assert_eq!(one.core.merkle_roots()[0].keys, 0, "the key left the tree");
     assert_eq!(one.core.stats().tombstones_reaped, 1);
+}
+
+fn update(ops: Vec<MapOp>) -> Message {
+    Message::Update(Update {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        ops,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    })
+}
+
+fn set(field: &'static [u8], value: &'static [u8]) -> MapOp {
+    MapOp::Set {
+        field: Bytes::from_static(field),
+        value: Bytes::from_static(value),
+    }
+}
+
+/// UPDATE writes a map's fields one by one in an lww bucket: a read answers the live fields
+/// and the hash's expiry; a whole-key PUT replaces the map and a later UPDATE starts a new one
+/// from nothing; a siblings bucket refuses UPDATE (its fields are last-write-wins registers).
+#[test]
+fn updates_write_map_fields() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let ok = one.request_at(
+        10,
+        1,
+        update(vec![set(b"user", b"alice"), set(b"cart", b"3")]),
+    );
+    assert_eq!(ok, Message::UpdateOk);
+    one.request_at(
+        20,
+        2,
+        update(vec![
+            MapOp::Delete {
+                field: Bytes::from_static(b"cart"),
+            },
+            MapOp::Expire(Expiry::Ttl { ms: 100 }),
+        ]),
+    );
+    let read = read_at(&mut one, 30, 3);
+    assert!(read.siblings.is_empty());
+    assert_eq!(
+        read.fields,
+        Some(vec![(
+            Bytes::from_static(b"user"),
+            Bytes::from_static(b"alice")
+        )])
+    );
+    assert_eq!(read.expires_at_ms, Some(120));
+    assert_eq!(read_at(&mut one, 120, 4).fields, None, "the hash expired");
+    // A whole-key write replaces the map; fields written after it start afresh.
+    one.request_at(200, 5, put("s", None, None));
+    let read = read_at(&mut one, 200, 6);
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"s"))]
+    );
+    assert_eq!(read.fields, None);
+    one.request_at(300, 7, update(vec![set(b"n", b"1")]));
+    let read = read_at(&mut one, 300, 8);
+    assert_eq!(
+        read.fields,
+        Some(vec![(Bytes::from_static(b"n"), Bytes::from_static(b"1"))])
+    );
+    assert_eq!(
+        read.expires_at_ms, None,
+        "the old expiry went with the replaced map"
+    );
+
+    let mut siblings = One::new(props(1));
+    let refused = siblings.request(1, update(vec![set(b"a", b"1")]));
+    assert_eq!(code(&refused), Some(ErrorCode::InvalidRequest));
 }

@@ -35,6 +35,7 @@ pub mod coordinator;
 pub mod dvv;
 #[cfg(test)]
 mod fuzz;
+pub mod map;
 pub mod membership;
 pub mod merkle;
 pub mod object;

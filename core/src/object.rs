@@ -32,6 +32,7 @@
 //! causal: 0x01 | entries u16 | entries × (node u32 | epoch u32 | counter u64 | values u16 |
 //!                                          values × val)
 //! lww:    0x02 | timestamp u64 | node u32 | val
+//! map:    0x03 | the map's encoding (`map.rs`)
 //! val:    0x00 (tombstone) | 0x01 | len u32 | len bytes
 //!       | 0x02 | expires_at_ms u64 | len u32 | len bytes   (an expiring value)
 //! ```
@@ -43,9 +44,11 @@ use bytes::Bytes;
 
 use crate::NodeId;
 use crate::dvv::{Actor, ClockError, DvvSet, VersionVector};
+use crate::map::{LwwMap, MapError};
 
 const TAG_CAUSAL: u8 = 0x01;
 const TAG_LWW: u8 = 0x02;
+const TAG_MAP: u8 = 0x03;
 const VAL_TOMBSTONE: u8 = 0x00;
 const VAL_VALUE: u8 = 0x01;
 const VAL_EXPIRING: u8 = 0x02;
@@ -149,6 +152,8 @@ pub enum Object {
     Causal(DvvSet<Val>),
     /// One version, the latest by timestamp.
     Lww(Lww),
+    /// A map of last-write-wins fields (a Redis hash, `map.rs`).
+    Map(LwwMap),
 }
 
 /// Bytes that are not an encoded object.
@@ -177,6 +182,9 @@ pub enum ObjectError {
     /// The clock breaks its invariants.
     #[error(transparent)]
     Clock(#[from] ClockError),
+    /// A map's encoding is damaged or not canonical.
+    #[error(transparent)]
+    Map(#[from] MapError),
 }
 
 /// The next hybrid logical clock timestamp after `last`, at wall-clock time `now_ms`: the
@@ -193,7 +201,20 @@ impl Object {
         match (self, other) {
             (Object::Causal(a), Object::Causal(b)) => Object::Causal(a.sync(b)),
             (Object::Lww(a), Object::Lww(b)) => Object::Lww(if b.key() > a.key() { b } else { a }),
-            (c @ Object::Causal(_), Object::Lww(_)) | (Object::Lww(_), c @ Object::Causal(_)) => c,
+            (Object::Map(a), Object::Map(b)) => Object::Map(a.join(b)),
+            // A whole-key write (a string or a deletion) newer than everything in the map
+            // replaces it; otherwise the map's newer writes stand and the whole-key write clears
+            // what came before it (module docs of `map`).
+            (Object::Lww(l), Object::Map(m)) | (Object::Map(m), Object::Lww(l)) => {
+                let stamp = (l.timestamp, l.node);
+                if stamp > m.latest() {
+                    Object::Lww(l)
+                } else {
+                    Object::Map(m.cleared_at(stamp))
+                }
+            }
+            (c @ Object::Causal(_), Object::Lww(_) | Object::Map(_))
+            | (Object::Lww(_) | Object::Map(_), c @ Object::Causal(_)) => c,
         }
     }
 
@@ -202,6 +223,8 @@ impl Object {
         match self {
             Object::Causal(c) => c.values().cloned().collect(),
             Object::Lww(l) => vec![l.val.clone()],
+            // A map's fields are not versions of one value (`Object::Map`, `LwwMap::live`).
+            Object::Map(_) => Vec::new(),
         }
     }
 
@@ -209,7 +232,7 @@ impl Object {
     pub fn sibling_count(&self) -> usize {
         match self {
             Object::Causal(c) => c.size(),
-            Object::Lww(_) => 1,
+            Object::Lww(_) | Object::Map(_) => 1,
         }
     }
 
@@ -217,7 +240,7 @@ impl Object {
     pub fn context(&self) -> VersionVector {
         match self {
             Object::Causal(c) => c.join(),
-            Object::Lww(_) => VersionVector::new(),
+            Object::Lww(_) | Object::Map(_) => VersionVector::new(),
         }
     }
 
@@ -241,6 +264,7 @@ impl Object {
         let all = match self {
             Object::Causal(c) => c.values().all(&mut visit),
             Object::Lww(l) => visit(&l.val),
+            Object::Map(m) => return m.dead_from(),
         };
         all.then_some(from)
     }
@@ -251,6 +275,7 @@ impl Object {
         match self {
             Object::Causal(_) => 0,
             Object::Lww(l) => l.timestamp,
+            Object::Map(m) => m.latest().0,
         }
     }
 
@@ -272,6 +297,7 @@ impl Object {
                         .sum::<usize>()
             }
             Object::Lww(l) => 1 + 8 + 4 + val_len(&l.val),
+            Object::Map(m) => 1 + m.encoded_len(),
         }
     }
 
@@ -311,6 +337,10 @@ impl Object {
                         encode_val(v, sink);
                     }
                 }
+            }
+            Object::Map(m) => {
+                sink(&[TAG_MAP]);
+                m.encode_into(sink);
             }
             Object::Lww(l) => {
                 sink(&[TAG_LWW]);
@@ -358,6 +388,12 @@ impl Object {
                     node,
                     val,
                 })
+            }
+            TAG_MAP => {
+                let rest = bytes.slice(1..);
+                let (map, used) = LwwMap::decode(&rest)?;
+                r.at += used;
+                Object::Map(map)
             }
             tag => return Err(ObjectError::BadTag { tag, at: 0 }),
         };
@@ -465,6 +501,7 @@ mod tests {
     use super::*;
     use crate::dvv::Put;
     use crate::fuzz::{apply, damage};
+    use crate::map::MapChange;
 
     fn actor(n: u32) -> Actor {
         Actor::new(NodeId(n), 1)
@@ -487,6 +524,17 @@ mod tests {
                 node: NodeId(3),
                 val: Val::Value(Bytes::from_static(b"yz")),
             }),
+            Object::Map(
+                LwwMap::from_changes(
+                    (9, NodeId(2)),
+                    &[
+                        MapChange::Set(Bytes::from_static(b"a"), Bytes::from_static(b"1")),
+                        MapChange::Delete(Bytes::from_static(b"b")),
+                        MapChange::Expire(Some(99)),
+                    ],
+                )
+                .cleared_at((3, NodeId(1))),
+            ),
         ];
         for o in objects {
             let bytes = Bytes::from(o.encode());
@@ -604,7 +652,27 @@ mod tests {
                     }),
                 })
             });
-        prop_oneof![causal, lww]
+        let map = (
+            1..u64::MAX,
+            any::<u32>(),
+            prop::collection::vec((0..3u8, prop::option::of(0..4usize)), 0..4),
+            prop::option::of(prop::option::of(any::<u64>())),
+        )
+            .prop_map(|(ts, node, fields, expiry)| {
+                let mut changes: Vec<MapChange> = fields
+                    .into_iter()
+                    .map(|(f, v)| {
+                        let f = Bytes::from(vec![b'f', f]);
+                        match v {
+                            Some(len) => MapChange::Set(f, Bytes::from(vec![b'v'; len])),
+                            None => MapChange::Delete(f),
+                        }
+                    })
+                    .collect();
+                changes.extend(expiry.map(MapChange::Expire));
+                Object::Map(LwwMap::from_changes((ts, NodeId(node)), &changes))
+            });
+        prop_oneof![causal, lww, map]
     }
 
     /// An expiring value reads as itself before its expiry and as a deletion from it on; an
@@ -681,7 +749,39 @@ mod tests {
                 val: version(n, timestamp),
             })
         });
-        prop_oneof![causal, lww]
+        // A key written whole (strings, deletions) and field by field (a hash): every stamp
+        // names one write, and a replica holds some of them.
+        let keyed = prop::collection::vec((0..8u64, 1..3u32), 0..6).prop_map(move |stamps| {
+            stamps
+                .into_iter()
+                .map(|(ts, n)| {
+                    if (ts + u64::from(n)) % 3 == 0 {
+                        return Object::Lww(Lww {
+                            timestamp: ts,
+                            node: NodeId(n),
+                            val: version(n, ts),
+                        });
+                    }
+                    let mut changes = vec![MapChange::Set(
+                        Bytes::from(format!("f{}", ts % 3)),
+                        Bytes::from(format!("{n}.{ts}")),
+                    )];
+                    if ts % 4 == 0 {
+                        changes.push(MapChange::Delete(Bytes::from(format!("f{}", (ts + 1) % 3))));
+                    }
+                    if ts % 2 == 1 {
+                        changes.push(MapChange::Expire((n == 2).then_some(ts * 2)));
+                    }
+                    Object::Map(LwwMap::from_changes((ts, NodeId(n)), &changes))
+                })
+                .reduce(Object::merge)
+                .unwrap_or(Object::Lww(Lww {
+                    timestamp: 0,
+                    node: NodeId(9),
+                    val: Val::Tombstone,
+                }))
+        });
+        prop_oneof![causal, lww, keyed]
     }
 
     proptest! {
@@ -705,7 +805,10 @@ mod tests {
             );
             prop_assert_eq!(a.clone().merge(a.clone()), a.clone());
             let m = a.clone().merge(b.clone());
-            if a.is_deleted_at(now) && b.is_deleted_at(now) {
+            // A map's expiry is a register a later EXPIRE or PERSIST may move (the RESP layer
+            // sends them only for keys its read found live): the clause is about versions.
+            let is_map = |o: &Object| matches!(o, Object::Map(_));
+            if a.is_deleted_at(now) && b.is_deleted_at(now) && !is_map(&a) && !is_map(&b) {
                 prop_assert!(m.is_deleted_at(now));
             }
             for v in m.siblings() {

@@ -1,6 +1,6 @@
 //! A client's key request, parsed once: which operation, on which key, in which partition.
 //!
-//! A GET, PUT or DELETE arrives as a wire [`Message`]; the node's shell turns it into a
+//! A GET, PUT, DELETE or UPDATE arrives as a wire [`Message`]; the node's shell turns it into a
 //! [`KeyRequest`] where it first sees it, hashing its key onto the ring once, and from then on
 //! the shell (its routing between shards, its counters) and the core (the coordinator, and a
 //! forward to another node) use the typed request. Its body is the wire body itself, so a
@@ -10,7 +10,7 @@
 //! count must not be given the request (it checks in debug builds).
 
 use bytes::Bytes;
-use ringkv_net::{Delete, Get, Message, Put};
+use ringkv_net::{Delete, Get, MapOp, Message, Put, Update};
 
 use crate::ring::{PartitionCount, PartitionId};
 
@@ -23,6 +23,8 @@ pub enum KeyOp {
     Put,
     /// A DELETE.
     Delete,
+    /// An UPDATE of a map's fields.
+    Update,
 }
 
 /// The typed body of a [`KeyRequest`].
@@ -34,6 +36,8 @@ pub enum KeyBody {
     Put(Put),
     /// A DELETE.
     Delete(Delete),
+    /// An UPDATE of a map's fields.
+    Update(Update),
 }
 
 /// A GET, PUT or DELETE with the partition of its key.
@@ -54,6 +58,7 @@ impl KeyRequest {
             Message::Get(m) => KeyBody::Get(m),
             Message::Put(m) => KeyBody::Put(m),
             Message::Delete(m) => KeyBody::Delete(m),
+            Message::Update(m) => KeyBody::Update(m),
             other => return Err(other),
         };
         Ok(KeyRequest::new(body, partitions))
@@ -72,6 +77,7 @@ impl KeyRequest {
             KeyBody::Get(_) => KeyOp::Get,
             KeyBody::Put(_) => KeyOp::Put,
             KeyBody::Delete(_) => KeyOp::Delete,
+            KeyBody::Update(_) => KeyOp::Update,
         }
     }
 
@@ -91,13 +97,24 @@ impl KeyRequest {
             KeyBody::Get(m) => m.timeout_ms,
             KeyBody::Put(m) => m.timeout_ms,
             KeyBody::Delete(m) => m.timeout_ms,
+            KeyBody::Update(m) => m.timeout_ms,
         }
     }
 
-    /// The bytes of the value a PUT writes; 0 for the others.
+    /// The bytes of the value a PUT writes, or the largest field value an UPDATE writes; 0 for
+    /// the others.
     pub fn value_len(&self) -> usize {
         match &self.body {
             KeyBody::Put(m) => m.value.len(),
+            KeyBody::Update(m) => m
+                .ops
+                .iter()
+                .map(|op| match op {
+                    MapOp::Set { value, .. } => value.len(),
+                    MapOp::Delete { .. } | MapOp::Expire(_) => 0,
+                })
+                .max()
+                .unwrap_or(0),
             KeyBody::Get(_) | KeyBody::Delete(_) => 0,
         }
     }
@@ -118,6 +135,7 @@ impl KeyRequest {
             KeyBody::Get(m) => &mut m.timeout_ms,
             KeyBody::Put(m) => &mut m.timeout_ms,
             KeyBody::Delete(m) => &mut m.timeout_ms,
+            KeyBody::Update(m) => &mut m.timeout_ms,
         };
         *field = Some(timeout_ms);
     }
@@ -128,6 +146,7 @@ impl KeyRequest {
             KeyBody::Get(m) => Message::Get(m),
             KeyBody::Put(m) => Message::Put(m),
             KeyBody::Delete(m) => Message::Delete(m),
+            KeyBody::Update(m) => Message::Update(m),
         }
     }
 }
@@ -136,7 +155,8 @@ fn body_key(body: &KeyBody) -> (&Bytes, &Bytes) {
     match body {
         KeyBody::Get(Get { bucket, key, .. })
         | KeyBody::Put(Put { bucket, key, .. })
-        | KeyBody::Delete(Delete { bucket, key, .. }) => (bucket, key),
+        | KeyBody::Delete(Delete { bucket, key, .. })
+        | KeyBody::Update(Update { bucket, key, .. }) => (bucket, key),
     }
 }
 

@@ -47,6 +47,6 @@ pub use frame::{
 pub use limits::{Limits, LimitsError};
 pub use message::{
     Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Expiry, Frame, Get, GetOk,
-    Hello, HelloOk, Kind, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
-    Role, Sibling,
+    Hello, HelloOk, Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut,
+    ReplicaPutOk, Role, Sibling, Update,
 };

@@ -43,6 +43,8 @@ pub enum Kind {
     Put = 0x11,
     /// Client delete (writes a tombstone).
     Delete = 0x12,
+    /// Client write of some fields of a map (a Redis hash).
+    Update = 0x13,
     /// Operator command (cluster membership and status), answered with a text body.
     Admin = 0x20,
     /// Replica write from a coordinator to a shard.
@@ -64,6 +66,8 @@ pub enum Kind {
     PutOk = 0x91,
     /// Reply to [`Kind::Delete`].
     DeleteOk = 0x92,
+    /// Reply to [`Kind::Update`].
+    UpdateOk = 0x93,
     /// Reply to [`Kind::Admin`].
     AdminOk = 0xA0,
     /// Reply to [`Kind::ReplicaPut`].
@@ -79,12 +83,13 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Kind {
     /// Every kind, in numeric order.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Get,
         Kind::Put,
         Kind::Delete,
+        Kind::Update,
         Kind::Admin,
         Kind::ReplicaPut,
         Kind::ReplicaGet,
@@ -95,6 +100,7 @@ impl Kind {
         Kind::GetOk,
         Kind::PutOk,
         Kind::DeleteOk,
+        Kind::UpdateOk,
         Kind::AdminOk,
         Kind::ReplicaPutOk,
         Kind::ReplicaGetOk,
@@ -109,6 +115,7 @@ impl Kind {
             0x10 => Self::Get,
             0x11 => Self::Put,
             0x12 => Self::Delete,
+            0x13 => Self::Update,
             0x20 => Self::Admin,
             0x40 => Self::ReplicaPut,
             0x41 => Self::ReplicaGet,
@@ -119,6 +126,7 @@ impl Kind {
             0x90 => Self::GetOk,
             0x91 => Self::PutOk,
             0x92 => Self::DeleteOk,
+            0x93 => Self::UpdateOk,
             0xA0 => Self::AdminOk,
             0xC0 => Self::ReplicaPutOk,
             0xC1 => Self::ReplicaGetOk,
@@ -152,6 +160,7 @@ impl Kind {
             Self::Get => "GET",
             Self::Put => "PUT",
             Self::Delete => "DELETE",
+            Self::Update => "UPDATE",
             Self::Admin => "ADMIN",
             Self::ReplicaPut => "REPLICA_PUT",
             Self::ReplicaGet => "REPLICA_GET",
@@ -162,6 +171,7 @@ impl Kind {
             Self::GetOk => "GET_OK",
             Self::PutOk => "PUT_OK",
             Self::DeleteOk => "DELETE_OK",
+            Self::UpdateOk => "UPDATE_OK",
             Self::AdminOk => "ADMIN_OK",
             Self::ReplicaPutOk => "REPLICA_PUT_OK",
             Self::ReplicaGetOk => "REPLICA_GET_OK",
@@ -371,7 +381,51 @@ pub struct GetOk {
     /// When the key expires (Unix milliseconds): the latest expiry of its value siblings, if
     /// every one of them expires; `None` if one never does, or if no value was found.
     pub expires_at_ms: Option<u64>,
+    /// For a key holding a map (a Redis hash): its live fields in name order, and no siblings.
+    pub fields: Option<Vec<(Bytes, Bytes)>>,
 }
+
+/// One change of an [`Update`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MapOp {
+    /// Set a field.
+    Set {
+        /// The field's name.
+        field: Bytes,
+        /// Its value.
+        value: Bytes,
+    },
+    /// Delete a field.
+    Delete {
+        /// The field's name.
+        field: Bytes,
+    },
+    /// Set or remove the key's expiry.
+    Expire(Expiry),
+}
+
+/// UPDATE: change some fields of the map under a key (a Redis hash), each field a
+/// last-write-wins register; a key that holds no map becomes one, unless its value is newer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Update {
+    /// Bucket name.
+    pub bucket: Bytes,
+    /// Key.
+    pub key: Bytes,
+    /// The changes, applied in order (at most [`MAP_OPS_MAX`]).
+    pub ops: Vec<MapOp>,
+    /// Write quorum; the bucket's default when absent.
+    pub w: Option<u8>,
+    /// Durable-write quorum; the bucket's default when absent.
+    pub dw: Option<u8>,
+    /// Deadline in milliseconds; the node's default when absent.
+    pub timeout_ms: Option<u32>,
+}
+
+/// Most changes one [`Update`] carries.
+pub const MAP_OPS_MAX: usize = 4096;
+/// Longest map field name.
+pub const FIELD_BYTES_MAX: usize = u16::MAX as usize;
 
 /// When a written value expires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -584,6 +638,10 @@ pub enum Message {
     Delete(Delete),
     /// DELETE_OK.
     DeleteOk,
+    /// UPDATE.
+    Update(Update),
+    /// UPDATE_OK.
+    UpdateOk,
     /// REPLICA_PUT.
     ReplicaPut(ReplicaPut),
     /// REPLICA_PUT_OK.
@@ -645,10 +703,55 @@ const F_CODE: &str = "code";
 const F_MESSAGE: &str = "message";
 const F_EXPIRY: &str = "expiry";
 const F_EXPIRES_AT_MS: &str = "expires_at_ms";
+const F_EXTENSION: &str = "extension";
+const F_FIELDS: &str = "fields";
+const F_FIELD: &str = "field";
+const F_OPS: &str = "ops";
+const F_OP: &str = "op";
+
+/// GET_OK's optional trailing extensions, each a tag and its payload, in tag order.
+const GET_OK_EXPIRES_AT: u8 = 1;
+const GET_OK_FIELDS: u8 = 2;
+/// UPDATE change tags.
+const OP_SET: u8 = 1;
+const OP_DELETE: u8 = 2;
+const OP_EXPIRE: u8 = 3;
 
 /// Sibling tags on the wire.
 const SIBLING_TOMBSTONE: u8 = 0;
 const SIBLING_VALUE: u8 = 1;
+
+fn write_expiry<B: BufMut>(w: &mut Writer<'_, B>, e: Expiry) {
+    match e {
+        Expiry::Ttl { ms } => {
+            w.u8(EXPIRY_TTL);
+            w.u64(ms);
+        }
+        Expiry::At { unix_ms } => {
+            w.u8(EXPIRY_AT);
+            w.u64(unix_ms);
+        }
+        Expiry::Never => w.u8(EXPIRY_NEVER),
+    }
+}
+
+fn read_expiry(r: &mut Reader<'_>) -> Result<Expiry, BodyError> {
+    Ok(match r.u8(F_EXPIRY)? {
+        EXPIRY_TTL => Expiry::Ttl {
+            ms: r.u64(F_EXPIRY)?,
+        },
+        EXPIRY_AT => Expiry::At {
+            unix_ms: r.u64(F_EXPIRY)?,
+        },
+        EXPIRY_NEVER => Expiry::Never,
+        value => {
+            return Err(BodyError::BadValue {
+                field: F_EXPIRY,
+                value: u64::from(value),
+            });
+        }
+    })
+}
 
 /// Encoded size of an `Option<u8>` / `Option<u32>` field.
 fn opt_len<T>(v: Option<T>, size: usize) -> usize {
@@ -694,6 +797,8 @@ impl Message {
             Self::PutOk(_) => Kind::PutOk,
             Self::Delete(_) => Kind::Delete,
             Self::DeleteOk => Kind::DeleteOk,
+            Self::Update(_) => Kind::Update,
+            Self::UpdateOk => Kind::UpdateOk,
             Self::ReplicaPut(_) => Kind::ReplicaPut,
             Self::ReplicaPutOk(_) => Kind::ReplicaPutOk,
             Self::ReplicaGet(_) => Kind::ReplicaGet,
@@ -736,8 +841,29 @@ impl Message {
                     });
                 }
             }
-            Self::Ping | Self::Pong | Self::DeleteOk | Self::ReplicaPutOk(_) => {}
+            Self::Ping | Self::Pong | Self::DeleteOk | Self::UpdateOk | Self::ReplicaPutOk(_) => {}
             Self::Get(m) => check_bucket_key(&m.bucket, &m.key, limits)?,
+            Self::Update(m) => {
+                check_bucket_key(&m.bucket, &m.key, limits)?;
+                if m.ops.is_empty() || m.ops.len() > MAP_OPS_MAX {
+                    return Err(EncodeError::InvalidField {
+                        field: F_OPS,
+                        reason: "an update carries 1 to MAP_OPS_MAX changes",
+                    });
+                }
+                for op in &m.ops {
+                    match op {
+                        MapOp::Set { field, value } => {
+                            check_len(F_FIELD, LenWidth::U16, field.len(), FIELD_BYTES_MAX)?;
+                            check_len(F_VALUE, LenWidth::U32, value.len(), VALUE_BYTES_MAX)?;
+                        }
+                        MapOp::Delete { field } => {
+                            check_len(F_FIELD, LenWidth::U16, field.len(), FIELD_BYTES_MAX)?
+                        }
+                        MapOp::Expire(_) => {}
+                    }
+                }
+            }
             Self::GetOk(m) => {
                 if m.siblings.len() > SIBLINGS_MAX {
                     return Err(EncodeError::FieldTooLarge {
@@ -752,6 +878,18 @@ impl Message {
                     }
                 }
                 check_len(F_CONTEXT, LenWidth::U32, m.context.len(), CONTEXT_BYTES_MAX)?;
+                if let Some(fields) = &m.fields {
+                    if !m.siblings.is_empty() {
+                        return Err(EncodeError::InvalidField {
+                            field: F_FIELDS,
+                            reason: "a map reads with its fields and no siblings",
+                        });
+                    }
+                    for (f, v) in fields {
+                        check_len(F_FIELD, LenWidth::U16, f.len(), FIELD_BYTES_MAX)?;
+                        check_len(F_VALUE, LenWidth::U32, v.len(), VALUE_BYTES_MAX)?;
+                    }
+                }
             }
             Self::Put(m) => {
                 check_bucket_key(&m.bucket, &m.key, limits)?;
@@ -839,7 +977,7 @@ impl Message {
                     + opt_prefixed_len(U8, m.node_name.as_deref().map(str::as_bytes))
             }
             Self::HelloOk(m) => 1 + 2 + 2 + prefixed_len(U8, m.node_name.len()),
-            Self::Ping | Self::Pong | Self::DeleteOk => 0,
+            Self::Ping | Self::Pong | Self::DeleteOk | Self::UpdateOk => 0,
             Self::ReplicaPutOk(_) => 1,
             Self::Get(m) => {
                 opt_len(m.r, 1) + opt_len(m.timeout_ms, 4) + bucket_key_len(&m.bucket, &m.key)
@@ -855,7 +993,16 @@ impl Message {
                     .sum();
                 2 + siblings
                     + prefixed_len(U32, m.context.len())
-                    + if m.expires_at_ms.is_some() { 8 } else { 0 }
+                    + if m.expires_at_ms.is_some() { 1 + 8 } else { 0 }
+                    + m.fields.as_ref().map_or(0, |fields| {
+                        1 + 4
+                            + fields
+                                .iter()
+                                .map(|(f, v)| {
+                                    prefixed_len(U16, f.len()) + prefixed_len(U32, v.len())
+                                })
+                                .sum::<usize>()
+                    })
             }
             Self::Put(m) => {
                 opt_len(m.w, 1)
@@ -865,6 +1012,23 @@ impl Message {
                     + opt_prefixed_len(U32, m.context.as_deref())
                     + prefixed_len(U32, m.value.len())
                     + Expiry::encoded_len(m.expiry)
+            }
+            Self::Update(m) => {
+                opt_len(m.w, 1)
+                    + opt_len(m.dw, 1)
+                    + opt_len(m.timeout_ms, 4)
+                    + bucket_key_len(&m.bucket, &m.key)
+                    + 2
+                    + m.ops
+                        .iter()
+                        .map(|op| match op {
+                            MapOp::Set { field, value } => {
+                                1 + prefixed_len(U16, field.len()) + prefixed_len(U32, value.len())
+                            }
+                            MapOp::Delete { field } => 1 + prefixed_len(U16, field.len()),
+                            MapOp::Expire(e) => 1 + Expiry::encoded_len(Some(*e)),
+                        })
+                        .sum::<usize>()
             }
             Self::PutOk(m) => prefixed_len(U32, m.context.len()),
             Self::Delete(m) => {
@@ -906,7 +1070,7 @@ impl Message {
                 w.u16(m.shard);
                 w.prefixed(U8, m.node_name.as_bytes());
             }
-            Self::Ping | Self::Pong | Self::DeleteOk => {}
+            Self::Ping | Self::Pong | Self::DeleteOk | Self::UpdateOk => {}
             Self::ReplicaPutOk(m) => w.flag(m.durable),
             Self::Get(m) => {
                 w.opt_u8(m.r);
@@ -927,9 +1091,20 @@ impl Message {
                     }
                 }
                 w.prefixed(U32, &m.context);
-                // Optional trailing field: absent when `None`, so older bodies still decode.
+                // Optional trailing extensions, in tag order; absent when unused, so bodies
+                // without them are what older builds sent.
                 if let Some(at) = m.expires_at_ms {
+                    w.u8(GET_OK_EXPIRES_AT);
                     w.u64(at);
+                }
+                if let Some(fields) = &m.fields {
+                    w.u8(GET_OK_FIELDS);
+                    // Bounded by the frame: far below 2^32 fields.
+                    w.u32(fields.len() as u32);
+                    for (f, v) in fields {
+                        w.prefixed(U16, f);
+                        w.prefixed(U32, v);
+                    }
                 }
             }
             Self::Put(m) => {
@@ -941,17 +1116,34 @@ impl Message {
                 w.opt_prefixed(U32, m.context.as_deref());
                 w.prefixed(U32, &m.value);
                 // Optional trailing field: absent when `None`, so older bodies still decode.
-                match m.expiry {
-                    None => {}
-                    Some(Expiry::Ttl { ms }) => {
-                        w.u8(EXPIRY_TTL);
-                        w.u64(ms);
+                if let Some(e) = m.expiry {
+                    write_expiry(w, e);
+                }
+            }
+            Self::Update(m) => {
+                w.opt_u8(m.w);
+                w.opt_u8(m.dw);
+                w.opt_u32(m.timeout_ms);
+                w.prefixed(U8, &m.bucket);
+                w.prefixed(U16, &m.key);
+                // Checked against MAP_OPS_MAX, which fits a u16.
+                w.u16(m.ops.len() as u16);
+                for op in &m.ops {
+                    match op {
+                        MapOp::Set { field, value } => {
+                            w.u8(OP_SET);
+                            w.prefixed(U16, field);
+                            w.prefixed(U32, value);
+                        }
+                        MapOp::Delete { field } => {
+                            w.u8(OP_DELETE);
+                            w.prefixed(U16, field);
+                        }
+                        MapOp::Expire(e) => {
+                            w.u8(OP_EXPIRE);
+                            write_expiry(w, *e);
+                        }
                     }
-                    Some(Expiry::At { unix_ms }) => {
-                        w.u8(EXPIRY_AT);
-                        w.u64(unix_ms);
-                    }
-                    Some(Expiry::Never) => w.u8(EXPIRY_NEVER),
                 }
             }
             Self::PutOk(m) => w.prefixed(U32, &m.context),
@@ -1100,15 +1292,57 @@ impl Message {
                     siblings.push(sibling);
                 }
                 let context = r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?;
-                let expires_at_ms = if r.remaining() == 0 {
-                    None
-                } else {
-                    Some(r.u64(F_EXPIRES_AT_MS)?)
-                };
+                let mut expires_at_ms = None;
+                let mut fields = None;
+                let mut last_tag = 0;
+                while r.remaining() > 0 {
+                    let tag = r.u8(F_EXTENSION)?;
+                    if tag <= last_tag {
+                        return Err(BodyError::BadValue {
+                            field: F_EXTENSION,
+                            value: u64::from(tag),
+                        });
+                    }
+                    last_tag = tag;
+                    match tag {
+                        GET_OK_EXPIRES_AT => expires_at_ms = Some(r.u64(F_EXPIRES_AT_MS)?),
+                        GET_OK_FIELDS => {
+                            let count = r.u32(F_FIELDS)? as usize;
+                            // Each field takes at least its two length prefixes.
+                            if count > r.remaining() / 6 {
+                                return Err(BodyError::Truncated {
+                                    field: F_FIELDS,
+                                    need: count as u64 * 6,
+                                    remaining: r.remaining(),
+                                });
+                            }
+                            let mut list = Vec::with_capacity(count);
+                            for _ in 0..count {
+                                let f = r.bytes(F_FIELD, U16, FIELD_BYTES_MAX)?;
+                                let v = r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?;
+                                list.push((f, v));
+                            }
+                            fields = Some(list);
+                        }
+                        other => {
+                            return Err(BodyError::BadValue {
+                                field: F_EXTENSION,
+                                value: u64::from(other),
+                            });
+                        }
+                    }
+                }
+                if fields.is_some() && !siblings.is_empty() {
+                    return Err(BodyError::BadValue {
+                        field: F_FIELDS,
+                        value: siblings.len() as u64,
+                    });
+                }
                 Self::GetOk(GetOk {
                     siblings,
                     context,
                     expires_at_ms,
+                    fields,
                 })
             }
             Kind::Put => {
@@ -1121,21 +1355,7 @@ impl Message {
                 let expiry = if r.remaining() == 0 {
                     None
                 } else {
-                    Some(match r.u8(F_EXPIRY)? {
-                        EXPIRY_TTL => Expiry::Ttl {
-                            ms: r.u64(F_EXPIRY)?,
-                        },
-                        EXPIRY_AT => Expiry::At {
-                            unix_ms: r.u64(F_EXPIRY)?,
-                        },
-                        EXPIRY_NEVER => Expiry::Never,
-                        value => {
-                            return Err(BodyError::BadValue {
-                                field: F_EXPIRY,
-                                value: u64::from(value),
-                            });
-                        }
-                    })
+                    Some(read_expiry(&mut r)?)
                 };
                 Self::Put(Put {
                     bucket,
@@ -1148,6 +1368,55 @@ impl Message {
                     expiry,
                 })
             }
+            Kind::Update => {
+                let w = r.opt(F_W, Reader::u8)?;
+                let dw = r.opt(F_DW, Reader::u8)?;
+                let timeout_ms = r.opt(F_TIMEOUT_MS, Reader::u32)?;
+                let (bucket, key) = read_bucket_key(&mut r, limits)?;
+                let count = usize::from(r.u16(F_OPS)?);
+                if count == 0 || count > MAP_OPS_MAX {
+                    return Err(BodyError::BadValue {
+                        field: F_OPS,
+                        value: count as u64,
+                    });
+                }
+                // Each change takes at least two bytes.
+                if count > r.remaining() / 2 {
+                    return Err(BodyError::Truncated {
+                        field: F_OPS,
+                        need: count as u64 * 2,
+                        remaining: r.remaining(),
+                    });
+                }
+                let mut ops = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ops.push(match r.u8(F_OP)? {
+                        OP_SET => MapOp::Set {
+                            field: r.bytes(F_FIELD, U16, FIELD_BYTES_MAX)?,
+                            value: r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?,
+                        },
+                        OP_DELETE => MapOp::Delete {
+                            field: r.bytes(F_FIELD, U16, FIELD_BYTES_MAX)?,
+                        },
+                        OP_EXPIRE => MapOp::Expire(read_expiry(&mut r)?),
+                        value => {
+                            return Err(BodyError::BadValue {
+                                field: F_OP,
+                                value: u64::from(value),
+                            });
+                        }
+                    });
+                }
+                Self::Update(Update {
+                    bucket,
+                    key,
+                    ops,
+                    w,
+                    dw,
+                    timeout_ms,
+                })
+            }
+            Kind::UpdateOk => Self::UpdateOk,
             Kind::PutOk => Self::PutOk(PutOk {
                 context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
             }),

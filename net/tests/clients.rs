@@ -88,6 +88,7 @@ fn answer(message: &Message) -> Message {
             siblings: vec![Sibling::Value(get.key.clone())],
             context: Bytes::from_static(b"ctx"),
             expires_at_ms: None,
+            fields: None,
         }),
         Message::Put(put) => Message::PutOk(ringkv_net::PutOk {
             context: put.key.clone(),

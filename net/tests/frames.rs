@@ -472,6 +472,7 @@ fn encoder_enforces_limits() {
             siblings: vec![Sibling::Tombstone; SIBLINGS_MAX + 1],
             context: Bytes::new(),
             expires_at_ms: None,
+            fields: None,
         }),
     };
     assert!(matches!(

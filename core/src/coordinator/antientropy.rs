@@ -638,7 +638,7 @@ impl Core {
                         .filter(|(a, _, _)| a.node == me)
                         .map(|(a, _, _)| a.epoch)
                         .max(),
-                    Object::Lww(_) => None,
+                    Object::Lww(_) | Object::Map(_) => None,
                 },
             });
             Entry { leaf, digest, tomb }

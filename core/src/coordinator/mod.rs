@@ -75,11 +75,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
-use ringkv_net::{ErrorBody, ErrorCode, Expiry, GetOk, Message, PutOk, Sibling};
+use ringkv_net::{ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message, PutOk, Sibling};
 
 use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
+use crate::map::{LwwMap, MapChange};
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::request::{KeyBody, KeyOp, KeyRequest};
 use crate::ring::{PartitionId, Ring};
@@ -610,6 +611,8 @@ enum Write {
     /// A value, and when it expires (Unix milliseconds, stamped by this coordinator).
     Put(Bytes, Option<u64>),
     Delete,
+    /// Changes of a map's fields (expiries already absolute).
+    Map(Vec<MapChange>),
 }
 
 /// One of the `n` replica positions of a request.
@@ -1001,7 +1004,8 @@ impl Core {
                 ..Overrides::default()
             },
             KeyBody::Put(ringkv_net::Put { w, dw, .. })
-            | KeyBody::Delete(ringkv_net::Delete { w, dw, .. }) => Overrides {
+            | KeyBody::Delete(ringkv_net::Delete { w, dw, .. })
+            | KeyBody::Update(ringkv_net::Update { w, dw, .. }) => Overrides {
                 w: *w,
                 dw: *dw,
                 ..Overrides::default()
@@ -1077,10 +1081,10 @@ impl Core {
                 }
                 self.check_read(now, id);
             }
-            KeyOp::Put | KeyOp::Delete if w > n => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update if w > n => {
                 self.answer(reply_to, not_enough("write", 0, w, n));
             }
-            KeyOp::Put | KeyOp::Delete if !is_home && !forwarded => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update if !is_home && !forwarded => {
                 let up = self
                     .live
                     .forward_target(homes.iter().copied(), &BTreeSet::new(), now);
@@ -1098,7 +1102,9 @@ impl Core {
                     None => self.start_write(now, id, op, request, false),
                 }
             }
-            KeyOp::Put | KeyOp::Delete => self.start_write(now, id, op, request, is_home),
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update => {
+                self.start_write(now, id, op, request, is_home)
+            }
         }
     }
 
@@ -1146,15 +1152,10 @@ impl Core {
                 // The coordinator turns a time to live into an absolute time, once, so every
                 // replica stores the same expiry (module docs of `object`).
                 let expires_at_ms = match m.expiry {
-                    Some(Expiry::Ttl { ms: 0 }) => {
-                        return self.answer(
-                            op.reply_to,
-                            error(ErrorCode::InvalidRequest, "a time to live is at least 1 ms"),
-                        );
-                    }
-                    Some(Expiry::Ttl { ms }) => Some(now.saturating_add(ms)),
-                    Some(Expiry::At { unix_ms }) => Some(unix_ms),
-                    Some(Expiry::Never) => None,
+                    Some(e) => match absolute(e, now) {
+                        Ok(at) => at,
+                        Err(e) => return self.answer(op.reply_to, Message::Error(e)),
+                    },
                     None => self
                         .cfg
                         .buckets
@@ -1165,6 +1166,30 @@ impl Core {
                 (Write::Put(m.value, expires_at_ms), m.context)
             }
             KeyBody::Delete(m) => (Write::Delete, m.context),
+            KeyBody::Update(m) => {
+                if self.cfg.buckets.props(&op.bucket).mode != ConflictMode::Lww {
+                    return self.answer(
+                        op.reply_to,
+                        error(
+                            ErrorCode::InvalidRequest,
+                            "map fields are last-write-wins registers: an UPDATE needs an lww \
+                             bucket",
+                        ),
+                    );
+                }
+                let mut changes = Vec::with_capacity(m.ops.len());
+                for change in m.ops {
+                    changes.push(match change {
+                        MapOp::Set { field, value } => MapChange::Set(field, value),
+                        MapOp::Delete { field } => MapChange::Delete(field),
+                        MapOp::Expire(e) => match absolute(e, now) {
+                            Ok(at) => MapChange::Expire(at),
+                            Err(e) => return self.answer(op.reply_to, Message::Error(e)),
+                        },
+                    });
+                }
+                (Write::Map(changes), None)
+            }
             KeyBody::Get(_) => unreachable!("start_write is called for writes"),
         };
         let context = match context.filter(|c| !c.is_empty()) {
@@ -1251,13 +1276,31 @@ impl Core {
         let val = match write {
             Write::Put(v, expires_at_ms) => Val::new(v.clone(), *expires_at_ms),
             Write::Delete => Val::Tombstone,
+            Write::Map(changes) => {
+                if matches!(local, Some(Object::Causal(_))) {
+                    return Err(ErrorBody::new(
+                        ErrorCode::InvalidRequest,
+                        "the key holds siblings from before its bucket became lww; write it \
+                         whole (PUT) or delete it before updating fields",
+                    ));
+                }
+                let seen = local.as_ref().map_or(0, Object::timestamp);
+                let timestamp = hlc_next(self.hlc_last.max(seen), now);
+                self.hlc_last = timestamp;
+                let new = Object::Map(LwwMap::from_changes((timestamp, self.cfg.node), changes));
+                let object = match local {
+                    Some(l) => l.merge(new),
+                    None => new,
+                };
+                return self.check_size(object);
+            }
         };
         let props = self.cfg.buckets.props(&op.bucket);
         let object = match props.mode {
             ConflictMode::Siblings => {
                 let server = match local {
                     Some(Object::Causal(c)) => c,
-                    Some(Object::Lww(_)) | None => DvvSet::empty(),
+                    Some(Object::Lww(_) | Object::Map(_)) | None => DvvSet::empty(),
                 };
                 let put = match context {
                     Some(vv) => Put::new_with_context(vv.clone(), val),
@@ -1318,13 +1361,18 @@ impl Core {
                 ));
             }
         }
+        self.check_size(object)
+    }
+
+    /// Refuses an object above the size limit.
+    fn check_size(&self, object: Object) -> Result<Object, ErrorBody> {
         let size = object.encoded_len();
         if size > self.cfg.object_bytes_max {
             return Err(ErrorBody::new(
                 ErrorCode::TooLarge,
                 format!(
-                    "the key's object would be {size} bytes with its siblings, above the limit \
-                     of {}; merge the siblings first",
+                    "the key's object would be {size} bytes with its siblings or fields, above \
+                     the limit of {}; merge the siblings or delete fields first",
                     self.cfg.object_bytes_max
                 ),
             ));
@@ -1527,6 +1575,10 @@ impl Core {
                     write: Write::Delete,
                     ..
                 } => Message::DeleteOk,
+                OpKind::Write {
+                    write: Write::Map(_),
+                    ..
+                } => Message::UpdateOk,
                 _ => Message::PutOk(PutOk { context }),
             };
             let to = op.reply_to;
@@ -2488,17 +2540,29 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             siblings: Vec::new(),
             context: Bytes::new(),
             expires_at_ms: None,
+            fields: None,
         });
     };
+    if let Object::Map(map) = object {
+        let fields = map.live(now);
+        let found = !fields.is_empty();
+        return Message::GetOk(GetOk {
+            siblings: Vec::new(),
+            context: Bytes::new(),
+            expires_at_ms: map.expires_at_ms().filter(|_| found),
+            fields: found.then_some(fields),
+        });
+    }
     let context = match object {
         Object::Causal(_) => Bytes::from(object.context().encode()),
-        Object::Lww(_) => Bytes::new(),
+        Object::Lww(_) | Object::Map(_) => Bytes::new(),
     };
     if object.is_deleted_at(now) {
         return Message::GetOk(GetOk {
             siblings: Vec::new(),
             context,
             expires_at_ms: None,
+            fields: None,
         });
     }
     let versions = object.siblings();
@@ -2528,5 +2592,19 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
         siblings,
         context,
         expires_at_ms,
+        fields: None,
     })
+}
+
+/// An expiry as absolute Unix milliseconds (`None`: never), from this coordinator's clock.
+fn absolute(expiry: Expiry, now: u64) -> Result<Option<u64>, ErrorBody> {
+    match expiry {
+        Expiry::Ttl { ms: 0 } => Err(ErrorBody::new(
+            ErrorCode::InvalidRequest,
+            "a time to live is at least 1 ms",
+        )),
+        Expiry::Ttl { ms } => Ok(Some(now.saturating_add(ms))),
+        Expiry::At { unix_ms } => Ok(Some(unix_ms)),
+        Expiry::Never => Ok(None),
+    }
 }

@@ -438,10 +438,12 @@ impl Reply {
                 siblings,
                 context,
                 expires_at_ms,
+                fields,
             }) => Ok(Reply::Get(GetReply {
                 siblings,
                 context,
                 expires_at_ms,
+                fields,
             })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
@@ -596,6 +598,8 @@ pub struct GetReply {
     pub context: Bytes,
     /// When the key expires (Unix milliseconds), if every value sibling expires.
     pub expires_at_ms: Option<u64>,
+    /// For a key holding a map (a Redis hash): its fields, in name order.
+    pub fields: Option<Vec<(Bytes, Bytes)>>,
 }
 
 impl GetReply {

@@ -163,6 +163,7 @@ mod tests {
             siblings: vec![crate::message::Sibling::Value(Bytes::from_static(value))],
             context: Bytes::new(),
             expires_at_ms: None,
+            fields: None,
         })
     }
 

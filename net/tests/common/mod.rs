@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
     Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Expiry, Frame, Get, GetOk,
-    Hello, HelloOk, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
-    Sibling,
+    Hello, HelloOk, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
+    Role, Sibling, Update,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -111,6 +111,48 @@ pub fn message() -> impl Strategy<Value = Message> {
                 siblings,
                 context,
                 expires_at_ms,
+                fields: None,
+            })
+        });
+    // A map's read: fields and no siblings.
+    let get_ok_map = (
+        proptest::collection::vec((bytes(64), bytes(256)), 0..8),
+        any::<Option<u64>>(),
+    )
+        .prop_map(|(fields, expires_at_ms)| {
+            Message::GetOk(GetOk {
+                siblings: Vec::new(),
+                context: Bytes::new(),
+                expires_at_ms,
+                fields: Some(fields),
+            })
+        });
+    let map_op = prop_oneof![
+        (bytes(64), bytes(256)).prop_map(|(field, value)| MapOp::Set { field, value }),
+        bytes(64).prop_map(|field| MapOp::Delete { field }),
+        prop_oneof![
+            any::<u64>().prop_map(|ms| Expiry::Ttl { ms }),
+            any::<u64>().prop_map(|unix_ms| Expiry::At { unix_ms }),
+            Just(Expiry::Never),
+        ]
+        .prop_map(MapOp::Expire),
+    ];
+    let update = (
+        bucket(),
+        key(),
+        proptest::collection::vec(map_op, 1..8),
+        any::<Option<u8>>(),
+        any::<Option<u8>>(),
+        any::<Option<u32>>(),
+    )
+        .prop_map(|(bucket, key, ops, w, dw, timeout_ms)| {
+            Message::Update(Update {
+                bucket,
+                key,
+                ops,
+                w,
+                dw,
+                timeout_ms,
             })
         });
     let expiry = proptest::option::of(prop_oneof![
@@ -217,10 +259,13 @@ pub fn message() -> impl Strategy<Value = Message> {
         Just(Message::Pong),
         get,
         get_ok,
+        get_ok_map,
         put,
         context().prop_map(|context| Message::PutOk(PutOk { context })),
         delete,
         Just(Message::DeleteOk),
+        update,
+        Just(Message::UpdateOk),
         replica_put,
         any::<bool>().prop_map(|durable| Message::ReplicaPutOk(ReplicaPutOk { durable })),
         replica_get,

@@ -126,6 +126,31 @@ def commands():
     assert r.type("c:none") == b"none"
     assert r.unlink("c:m1", "c:m2", "c:none") == 2
     assert isinstance(r.dbsize(), int)
+    # Hashes as session objects: fields one by one, expiry on the whole hash.
+    assert r.hset("c:h", mapping={"user": "alice", "cart": "3"}) == 2
+    assert r.hset("c:h", "user", "bob") == 0
+    assert not r.hsetnx("c:h", "user", "x")
+    assert r.hget("c:h", "user") == b"bob"
+    assert r.hmget("c:h", ["user", "none"]) == [b"bob", None]
+    assert r.hgetall("c:h") == {b"user": b"bob", b"cart": b"3"}
+    assert sorted(r.hkeys("c:h")) == [b"cart", b"user"]
+    assert sorted(r.hvals("c:h")) == [b"3", b"bob"]
+    assert r.hlen("c:h") == 2
+    assert r.hexists("c:h", "cart")
+    assert r.hincrby("c:h", "cart", 2) == 5
+    assert r.hdel("c:h", "cart", "none") == 1
+    assert r.type("c:h") == b"hash"
+    assert r.expire("c:h", 100)
+    assert 0 < r.ttl("c:h") <= 100
+    assert r.hset("c:h", "more", "1") == 1
+    assert r.ttl("c:h") > 0, "HSET keeps the hash's TTL"
+    try:
+        r.get("c:h")
+        raise AssertionError("GET of a hash must fail")
+    except redis.ResponseError as e:
+        assert "WRONGTYPE" in str(e)
+    assert r.delete("c:h") == 1
+    assert r.hgetall("c:h") == {}
     assert r.ping()
     r.set("c:text", "abc")
     try:
