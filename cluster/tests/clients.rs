@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{KEYS, Server, config, data_dir, free_port, key, value};
-use ringkv_net::{AsyncPool, ClientError, ErrorCode, Pool, PoolConfig, Reply, Request, Sibling};
+use ringkv_net::{
+    AsyncPool, ClientError, ErrorCode, Expiry, MapOp, Pool, PoolConfig, Reply, Request, Sibling,
+};
 
 const CONNECTIONS: usize = 4;
 
@@ -162,6 +164,28 @@ fn blocking_pool_from_many_threads() {
             });
         }
     });
+    // Map fields and expiry through the typed client (`redis` is an lww bucket on defaults).
+    pool.update(
+        b"redis",
+        b"map",
+        vec![
+            MapOp::Set {
+                field: Bytes::from_static(b"f"),
+                value: Bytes::from_static(b"v"),
+            },
+            MapOp::Expire(Expiry::Ttl { ms: 3_600_000 }),
+        ],
+    )
+    .unwrap();
+    let got = pool.get(b"redis", b"map").unwrap();
+    assert_eq!(
+        got.fields,
+        Some(vec![(Bytes::from_static(b"f"), Bytes::from_static(b"v"))])
+    );
+    assert!(got.expires_at_ms.is_some());
+    pool.put_expiring(b"pool", b"ttl", b"v", None, Expiry::Ttl { ms: 3_600_000 })
+        .unwrap();
+    assert!(pool.get(b"pool", b"ttl").unwrap().expires_at_ms.is_some());
     let stats = pool.stats();
     assert!(
         (1..=CONNECTIONS as u64).contains(&stats.connects_total),

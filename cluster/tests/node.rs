@@ -244,6 +244,54 @@ fn cli_round_trip_and_refused_starts() {
         "a zero TTL is refused by the CLI"
     );
 
+    // update: map fields in an lww bucket (`redis` is one on defaults); get prints them.
+    let update = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("update")
+            .args(args)
+            .args(["--server", &server.addr, "--bucket", "redis"])
+            .output()
+            .unwrap()
+    };
+    let out = update(&["--set", "user=alice", "--set", "cart=3", "sess"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = update(&["--del", "cart", "--ttl", "1h", "sess"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(BIN)
+        .args([
+            "get",
+            "--show-expiry",
+            "--server",
+            &server.addr,
+            "--bucket",
+            "redis",
+            "sess",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "fields 1\nfield 4\nuser\nvalue 5\nalice\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("expires_at_ms "));
+    let out = update(&["sess"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an update with no change is refused"
+    );
+    let out = cli(&server, &["update", "--set", "a=1", "sess"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a siblings bucket refuses map updates"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lww"),
+        "{out:?}"
+    );
+
     let taken = Command::new(BIN)
         .args(["serve", "--listen", &server.addr, "--data-dir"])
         .arg(data_dir("cli-second"))

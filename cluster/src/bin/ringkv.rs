@@ -26,7 +26,7 @@ use ringkv_cluster::identity;
 use ringkv_cluster::route::parse_cpu_list;
 use ringkv_cluster::server::{ServeConfig, serve};
 use ringkv_core::NodeId;
-use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, Message, Put, Sibling};
+use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -224,6 +224,28 @@ enum Command {
         /// The value.
         value: String,
     },
+    /// Change fields of the map (a Redis hash) under KEY, in an lww bucket: each field is a
+    /// last-write-wins register.
+    Update {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        write: WriteOpts,
+        /// Set FIELD to VALUE (repeatable).
+        #[arg(long = "set", value_name = "FIELD=VALUE", value_parser = parse_field)]
+        sets: Vec<(String, String)>,
+        /// Delete FIELD (repeatable).
+        #[arg(long = "del", value_name = "FIELD")]
+        dels: Vec<String>,
+        /// Time to live of the whole map, e.g. `30m`.
+        #[arg(long, value_parser = parse_ttl, conflicts_with = "no_expiry")]
+        ttl: Option<Duration>,
+        /// Remove the map's expiry.
+        #[arg(long)]
+        no_expiry: bool,
+        /// The key.
+        key: String,
+    },
     /// Delete KEY.
     Del {
         #[command(flatten)]
@@ -357,6 +379,14 @@ fn unhex(text: &str) -> anyhow::Result<Bytes> {
         .collect::<Result<Vec<u8>, _>>()
         .map(Bytes::from)
         .with_context(|| format!("context {text:?} is not hex"))
+}
+
+/// A `--set FIELD=VALUE`: split at the first `=`.
+fn parse_field(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((field, value)) => Ok((field.to_owned(), value.to_owned())),
+        None => Err(format!("{text:?} is not FIELD=VALUE")),
+    }
 }
 
 /// A `--ttl`: a duration as `humantime` reads it, of at least a millisecond.
@@ -508,15 +538,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             {
                 eprintln!("expires_at_ms {at}");
             }
-            if reply
-                .siblings
-                .iter()
-                .all(|s| matches!(s, Sibling::Tombstone))
+            if reply.fields.is_none()
+                && reply
+                    .siblings
+                    .iter()
+                    .all(|s| matches!(s, Sibling::Tombstone))
             {
                 eprintln!("not found");
                 return Ok(ExitCode::from(1));
             }
             let mut out = std::io::stdout().lock();
+            if let Some(fields) = &reply.fields {
+                // A map: `fields N`, then per field its name and value, each a `LEN` line and
+                // exactly LEN raw bytes and a newline, as siblings print.
+                writeln!(out, "fields {}", fields.len()).context("write to stdout")?;
+                for (name, value) in fields {
+                    writeln!(out, "field {}", name.len()).context("write to stdout")?;
+                    out.write_all(name).context("write to stdout")?;
+                    writeln!(out).context("write to stdout")?;
+                    writeln!(out, "value {}", value.len()).context("write to stdout")?;
+                    out.write_all(value).context("write to stdout")?;
+                    writeln!(out).context("write to stdout")?;
+                }
+                out.flush().context("write to stdout")?;
+                return Ok(ExitCode::SUCCESS);
+            }
             match reply.siblings.as_slice() {
                 [Sibling::Value(v)] => out.write_all(v).context("write to stdout")?,
                 siblings => {
@@ -565,6 +611,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),
+                other => bail!("unexpected reply {}", other.kind()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Update {
+            target,
+            write,
+            sets,
+            dels,
+            ttl,
+            no_expiry,
+            key,
+        } => {
+            let mut ops: Vec<MapOp> = sets
+                .into_iter()
+                .map(|(field, value)| MapOp::Set {
+                    field: Bytes::from(field.into_bytes()),
+                    value: Bytes::from(value.into_bytes()),
+                })
+                .collect();
+            ops.extend(dels.into_iter().map(|field| MapOp::Delete {
+                field: Bytes::from(field.into_bytes()),
+            }));
+            match (ttl, no_expiry) {
+                (Some(ttl), _) => ops.push(MapOp::Expire(Expiry::Ttl {
+                    ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                })),
+                (None, true) => ops.push(MapOp::Expire(Expiry::Never)),
+                (None, false) => {}
+            }
+            if ops.is_empty() {
+                bail!("nothing to update: give --set, --del, --ttl or --no-expiry");
+            }
+            if write.context.is_some() {
+                bail!("an update takes no --context: map fields are last-write-wins");
+            }
+            let request = Message::Update(Update {
+                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                key: Bytes::from(key.into_bytes()),
+                ops,
+                w: write.w,
+                dw: write.dw,
+                timeout_ms: Some(deadline_ms(&target)),
+            });
+            match connect(&target)?.request_message(request)? {
+                Message::UpdateOk => {}
                 other => bail!("unexpected reply {}", other.kind()),
             }
             Ok(ExitCode::SUCCESS)

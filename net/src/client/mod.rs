@@ -38,7 +38,7 @@
 //! left to the bucket's, except through the blocking client's `request_message`, which sends any
 //! request message as given.
 
-/// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `admin`), written
+/// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `update`, `admin`), written
 /// once over the method that sends a [`Request`] and returns its [`Reply`]: blocking clients call
 /// it `request` and take the receiver given (`&self` or `&mut self`); async clients call it
 /// `call`. Expanded inside each client's `impl` block, so they stay inherent methods.
@@ -88,6 +88,18 @@ macro_rules! typed_requests {
             context: Option<Bytes>,
         ) -> Result<(), ClientError> {
             self.request(Request::delete(bucket, key, context))?.into_delete()
+        }
+
+        /// Changes fields of the map (a Redis hash) under `key` in `bucket`, an `lww` bucket:
+        /// each field is a last-write-wins register, so concurrent updates of different fields
+        /// all stay.
+        pub fn update(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            ops: Vec<$crate::message::MapOp>,
+        ) -> Result<(), ClientError> {
+            self.request(Request::update(bucket, key, ops))?.into_update()
         }
 
         /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
@@ -144,6 +156,18 @@ macro_rules! typed_requests {
             self.call(Request::delete(bucket, key, context)).await?.into_delete()
         }
 
+        /// Changes fields of the map (a Redis hash) under `key` in `bucket`, an `lww` bucket:
+        /// each field is a last-write-wins register, so concurrent updates of different fields
+        /// all stay.
+        pub async fn update(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            ops: Vec<$crate::message::MapOp>,
+        ) -> Result<(), ClientError> {
+            self.call(Request::update(bucket, key, ops)).await?.into_update()
+        }
+
         /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
         /// arguments, and returns its text.
         pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
@@ -173,7 +197,8 @@ use crate::error::{EncodeError, FrameError};
 use crate::frame::PROTOCOL_VERSION;
 use crate::limits::Limits;
 use crate::message::{
-    Admin, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, Message, Put, PutOk, Role, Sibling,
+    Admin, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, MapOp, Message, Put, PutOk, Role,
+    Sibling, Update,
 };
 
 /// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
@@ -303,6 +328,15 @@ pub enum Request {
         /// Context from an earlier read, if any.
         context: Option<Bytes>,
     },
+    /// Change fields of a map.
+    Update {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// The changes, in order.
+        ops: Vec<MapOp>,
+    },
     /// Check the node answers.
     Ping,
     /// An operator command (`docs/PROTOCOL.md` §5.8), e.g. `cluster-status`.
@@ -351,6 +385,15 @@ impl Request {
         }
     }
 
+    /// An UPDATE of a map's fields, copying the bucket and key.
+    pub fn update(bucket: &[u8], key: &[u8], ops: Vec<MapOp>) -> Self {
+        Request::Update {
+            bucket: Bytes::copy_from_slice(bucket),
+            key: Bytes::copy_from_slice(key),
+            ops,
+        }
+    }
+
     /// An ADMIN with text arguments.
     pub fn admin(command: &str, args: &str) -> Self {
         Request::Admin {
@@ -365,6 +408,7 @@ impl Request {
             Request::Get { .. } => Kind::GetOk,
             Request::Put { .. } => Kind::PutOk,
             Request::Delete { .. } => Kind::DeleteOk,
+            Request::Update { .. } => Kind::UpdateOk,
             Request::Ping => Kind::Pong,
             Request::Admin { .. } => Kind::AdminOk,
         }
@@ -409,6 +453,14 @@ impl Request {
                 dw: None,
                 timeout_ms,
             }),
+            Request::Update { bucket, key, ops } => Message::Update(Update {
+                bucket,
+                key,
+                ops,
+                w: None,
+                dw: None,
+                timeout_ms,
+            }),
             Request::Ping => Message::Ping,
             Request::Admin { command, args } => Message::Admin(Admin { command, args }),
         }
@@ -424,6 +476,8 @@ pub enum Reply {
     Put(Bytes),
     /// A DELETE succeeded.
     Delete,
+    /// An UPDATE succeeded.
+    Update,
     /// PING answered.
     Pong,
     /// An operator command's result.
@@ -447,6 +501,7 @@ impl Reply {
             })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
+            Message::UpdateOk => Ok(Reply::Update),
             Message::Pong => Ok(Reply::Pong),
             Message::AdminOk(ok) => Ok(Reply::Admin(ok.body)),
             other => Err(ClientError::Unexpected(other.kind().to_string())),
@@ -474,6 +529,13 @@ impl Reply {
         }
     }
 
+    fn into_update(self) -> Result<(), ClientError> {
+        match self {
+            Reply::Update => Ok(()),
+            other => Err(other.unexpected()),
+        }
+    }
+
     /// The text of an ADMIN_OK; every command's result is UTF-8 text so far.
     fn into_admin(self) -> Result<String, ClientError> {
         match self {
@@ -495,6 +557,7 @@ impl Reply {
             Reply::Get(_) => Kind::GetOk,
             Reply::Put(_) => Kind::PutOk,
             Reply::Delete => Kind::DeleteOk,
+            Reply::Update => Kind::UpdateOk,
             Reply::Pong => Kind::Pong,
             Reply::Admin(_) => Kind::AdminOk,
         };
