@@ -78,6 +78,10 @@ pub const AE_INTERVAL_MS_DEFAULT: u64 = 1000;
 pub const AE_KEYS_MAX_DEFAULT: usize = 256;
 /// Default tombstone grace period, in milliseconds: one day.
 pub const TOMBSTONE_GRACE_MS_DEFAULT: u64 = 86_400_000;
+/// Default `expiry_grace_ms`: an hour. Shorter than a tombstone's day because a store of
+/// sessions expires its whole data set every few hours and keeps each expired key (index and
+/// tree entries) until it is reaped; see docs/OPERATIONS.md for what it must outlast.
+pub const EXPIRY_GRACE_MS_DEFAULT: u64 = 3_600_000;
 /// Longest tombstone grace period, in milliseconds: 30 days.
 pub const TOMBSTONE_GRACE_MS_MAX: u64 = 30 * 86_400_000;
 /// Default interval between membership gossip rounds, in milliseconds.
@@ -178,6 +182,8 @@ pub struct FileConfig {
     pub ae_keys_max: Option<usize>,
     /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
     pub tombstone_grace_ms: Option<u64>,
+    /// How long after its expiry an expired object is reaped, in milliseconds.
+    pub expiry_grace_ms: Option<u64>,
     /// Interval between membership gossip rounds, in milliseconds.
     pub gossip_ms: Option<u64>,
     /// Bytes of hints the node stores at most, split evenly across shards.
@@ -382,6 +388,8 @@ pub struct Settings {
     pub ae_keys_max: usize,
     /// How long every replica must have held a tombstone before it is reaped, in milliseconds.
     pub tombstone_grace_ms: u64,
+    /// How long after its expiry an expired object is reaped, in milliseconds.
+    pub expiry_grace_ms: u64,
     /// Interval between membership gossip rounds, in milliseconds.
     pub gossip_ms: u64,
     /// Bytes of hints the node stores at most, split evenly across shards.
@@ -577,6 +585,12 @@ impl Settings {
             tombstone_grace_ms: in_range(
                 "tombstone_grace_ms",
                 pick!(tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT),
+                1..=TOMBSTONE_GRACE_MS_MAX,
+                "must be in [1, 2592000000]",
+            )?,
+            expiry_grace_ms: in_range(
+                "expiry_grace_ms",
+                pick!(expiry_grace_ms, EXPIRY_GRACE_MS_DEFAULT),
                 1..=TOMBSTONE_GRACE_MS_MAX,
                 "must be in [1, 2592000000]",
             )?,
@@ -860,16 +874,25 @@ mod tests {
         assert_eq!(s.ae_interval_ms, AE_INTERVAL_MS_DEFAULT);
         assert_eq!(s.ae_keys_max, AE_KEYS_MAX_DEFAULT);
         assert_eq!(s.tombstone_grace_ms, TOMBSTONE_GRACE_MS_DEFAULT);
-        let file =
-            FileConfig::parse("ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n")
-                .unwrap();
+        assert_eq!(s.expiry_grace_ms, EXPIRY_GRACE_MS_DEFAULT);
+        let file = FileConfig::parse(
+            "ae_interval_ms = 0\nae_keys_max = 16\ntombstone_grace_ms = 5000\n\
+             expiry_grace_ms = 60000\n",
+        )
+        .unwrap();
         let s = Settings::resolve(FileConfig::default(), file).unwrap();
         assert_eq!(
-            (s.ae_interval_ms, s.ae_keys_max, s.tombstone_grace_ms),
-            (0, 16, 5000)
+            (
+                s.ae_interval_ms,
+                s.ae_keys_max,
+                s.tombstone_grace_ms,
+                s.expiry_grace_ms
+            ),
+            (0, 16, 5000, 60_000)
         );
         for bad in [
             "tombstone_grace_ms = 0",
+            "expiry_grace_ms = 0",
             "ae_keys_max = 0",
             "ae_interval_ms = 600001",
         ] {

@@ -709,7 +709,7 @@ fn expired_keys_stay_gone_when_a_node_returns_with_older_values() {
             "200",
             "--ae-interval-ms",
             "20",
-            "--tombstone-grace-ms",
+            "--expiry-grace-ms",
             "1000",
         ],
     );

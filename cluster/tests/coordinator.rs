@@ -29,6 +29,7 @@ impl One {
         let me = NodeId(1);
         let mut cfg = CoreConfig::new(me);
         cfg.tombstone_grace_ms = 1_000;
+        cfg.expiry_grace_ms = 1_000;
         cfg.buckets = Buckets {
             default: props,
             named: BTreeMap::new(),

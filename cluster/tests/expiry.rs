@@ -110,6 +110,7 @@ impl Net {
                 };
                 cfg.ae_interval_ms = AE_INTERVAL_MS;
                 cfg.tombstone_grace_ms = GRACE_MS;
+                cfg.expiry_grace_ms = GRACE_MS;
                 Core::new(cfg, ring.clone(), EpochLease::new(1, 64), [])
             })
             .collect();

@@ -168,6 +168,10 @@ struct ServeArgs {
     /// [default: 86400000, one day].
     #[arg(long)]
     tombstone_grace_ms: Option<u64>,
+    /// How long after its expiry an expired key is reaped, once every replica holds it, in ms
+    /// [default: 3600000, one hour].
+    #[arg(long)]
+    expiry_grace_ms: Option<u64>,
     /// Interval between membership gossip rounds, in ms [default: 1000].
     #[arg(long)]
     gossip_ms: Option<u64>,
@@ -447,6 +451,7 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ae_interval_ms,
         ae_keys_max,
         tombstone_grace_ms,
+        expiry_grace_ms,
         gossip_ms,
         hint_bytes_max,
         cache_bytes,
@@ -490,6 +495,7 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ae_interval_ms,
         ae_keys_max,
         tombstone_grace_ms,
+        expiry_grace_ms,
         gossip_ms,
         hint_bytes_max,
         cache_bytes,

@@ -187,6 +187,7 @@ pub(super) fn start_core(
     core_cfg.ae_interval_ms = cfg.settings.ae_interval_ms;
     core_cfg.ae_keys_max = cfg.settings.ae_keys_max;
     core_cfg.tombstone_grace_ms = cfg.settings.tombstone_grace_ms;
+    core_cfg.expiry_grace_ms = cfg.settings.expiry_grace_ms;
     core_cfg.hint_bytes_max = cfg.settings.hint_bytes_max / cfg.cpus.len().max(1) as u64;
     core_cfg.heartbeat_ms = cfg.settings.heartbeat_ms;
     core_cfg.phi_threshold = f64::from(cfg.settings.phi_threshold);

@@ -316,8 +316,11 @@ struct Entry {
 
 #[derive(Debug, Clone, Copy)]
 struct Tomb {
-    /// When this replica stored this tombstone.
+    /// When this replica stored this tombstone, or when the object expired if that is later.
     since: u64,
+    /// Dead by expiry (an expiring value or map), not by deletion: reaped after
+    /// `expiry_grace_ms` instead of `tombstone_grace_ms`.
+    expired: bool,
     /// The highest epoch of this node's entries in the clock, if any.
     own_epoch: Option<u32>,
 }
@@ -624,6 +627,7 @@ impl Core {
             // An object whose versions all expire is a tombstone from its last expiry on: it
             // is reaped like one, a grace period after that time (module docs).
             let tomb = o.dead_from().map(|dead_from| Tomb {
+                expired: dead_from > 0,
                 since: match old {
                     Some(Entry {
                         digest: d,
@@ -946,7 +950,6 @@ impl Core {
                 keys,
             } => {
                 let floor = self.ae.floor_durable;
-                let grace = self.cfg.tombstone_grace_ms;
                 // A loading tree may lack a tombstone it holds; refusing is the plain answer.
                 if self.tree_loading(partition) {
                     return self.ae_refuse_loading(from, id, partition);
@@ -962,7 +965,7 @@ impl Core {
                             .is_some_and(|e| {
                                 e.digest == k.digest
                                     && e.tomb.is_some_and(|t| {
-                                        now >= t.since.saturating_add(grace)
+                                        self.ripe(now, &t)
                                             && t.own_epoch.is_none_or(|ep| ep < floor)
                                     })
                             })
@@ -1203,7 +1206,7 @@ impl Core {
         let mut blocked = false;
         // Only tombstones past their grace are listed: a tree of expiring sessions holds many
         // that are not dead yet.
-        let ripe = |e: &Entry| e.tomb.is_some_and(|t| now >= t.since.saturating_add(grace));
+        let ripe = |e: &Entry| e.tomb.is_some_and(|t| self.ripe(now, &t));
         for (b, k, e) in tree.entries(ripe) {
             let Some(t) = e.tomb else { continue };
             if t.own_epoch.is_some_and(|ep| ep >= floor) {
@@ -1262,6 +1265,17 @@ impl Core {
                 true,
             );
         }
+    }
+
+    /// Whether `tomb` has been dead on this replica for its grace period: `tombstone_grace_ms`
+    /// for a deletion, `expiry_grace_ms` (from the expiry) for an expired object.
+    fn ripe(&self, now: u64, tomb: &Tomb) -> bool {
+        let grace = if tomb.expired {
+            self.cfg.expiry_grace_ms
+        } else {
+            self.cfg.tombstone_grace_ms
+        };
+        now >= tomb.since.saturating_add(grace)
     }
 
     /// A fresh epoch becomes the primary epoch and the floor (module docs, rule 3).

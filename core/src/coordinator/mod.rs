@@ -147,6 +147,9 @@ pub struct CoreConfig {
     pub ae_keys_max: usize,
     /// How long a tombstone is kept after this replica stored it before it may be reaped.
     pub tombstone_grace_ms: u64,
+    /// How long an expired object is kept after its expiry (or after this replica stored it,
+    /// if later) before it may be reaped.
+    pub expiry_grace_ms: u64,
     /// This core handles the partitions `p` with `p % shards == shard`.
     pub shard: u32,
     /// Cores of the node.
@@ -178,6 +181,7 @@ impl CoreConfig {
             ae_interval_ms: 1_000,
             ae_keys_max: 256,
             tombstone_grace_ms: 86_400_000,
+            expiry_grace_ms: 3_600_000,
             shard: 0,
             shards: 1,
             target_n: 3,
