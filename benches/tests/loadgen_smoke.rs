@@ -173,38 +173,21 @@ fn churn_joins_and_removes_a_node_without_failing_a_request() {
 #[test]
 fn session_writes_expire_and_reads_of_them_are_counted() {
     for (name, extra) in [("session", &[][..]), ("session-resp", &["--resp"][..])] {
-        let r = run(
-            name,
-            &[
-                &[
-                    "--workload",
-                    "session",
-                    "--ttl",
-                    "100ms",
-                    "--read-share",
-                    "0",
-                ],
-                extra,
-            ]
-            .concat(),
-        );
+        let session = |read_share: &str| {
+            let args = [
+                "--workload",
+                "session",
+                "--ttl",
+                "100ms",
+                "--read-share",
+                read_share,
+            ];
+            run(name, &[&args[..], extra].concat())
+        };
+        let r = session("0");
         assert_eq!(field(&r, "params.ttl_ms").as_u64(), Some(100));
         assert_eq!(field(&r, "errors_total").as_u64().unwrap(), 0, "{r:#}");
-        let r = run(
-            name,
-            &[
-                &[
-                    "--workload",
-                    "session",
-                    "--ttl",
-                    "100ms",
-                    "--read-share",
-                    "1",
-                ],
-                extra,
-            ]
-            .concat(),
-        );
+        let r = session("1");
         let versions = field(&r, "versions_seen").as_object().unwrap();
         let reads = field(&r, "operations.read.count").as_u64().unwrap();
         assert!(reads > 0);
