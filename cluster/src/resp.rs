@@ -8,7 +8,7 @@
 //! last-write-wins unless configured otherwise: Redis clients have no causal contexts, so a SET
 //! must replace what is there rather than become a sibling of it. `redis-cli SET k v` and
 //! `ringkv get --bucket redis k` see the same value. Every command, its options and what it
-//! guarantees across replicas is listed in `docs/PROTOCOL.md` §7.
+//! guarantees across replicas is listed in `docs/PROTOCOL.md` §8.1.
 //!
 //! # Expiry
 //!
@@ -18,10 +18,18 @@
 //! node's clock. Commands that keep a key's expiry while changing its value (`SET ... KEEPTTL`,
 //! `INCR`) read it first and write it back as an absolute time.
 //!
+//! # Hashes
+//!
+//! A hash is a map object (`ringkv_core::map`): hash commands read its fields and write only
+//! the fields they change with an UPDATE, so concurrent writes of different fields of one key
+//! all survive (each field is a last-write-wins register). `EXPIRE` and `PERSIST` on a hash
+//! update its expiry register. A hash command on a string key, and a string command on a hash
+//! key, answer `WRONGTYPE` by what the read found; `SET` replaces a key of either type.
+//!
 //! # Read-then-write commands
 //!
 //! `SET NX|XX|GET|KEEPTTL`, `SETNX`, `GETDEL`, `GETEX`, `EXPIRE` and its variants, `PERSIST`,
-//! `INCR` and its variants read the key (at the bucket's `r`) and then write. Nothing holds the
+//! `INCR` and its variants, and the hash writes read the key (at the bucket's `r`) and then write. Nothing holds the
 //! key between the two: two clients racing on one key may both see it absent and both "create"
 //! it, or both increment from the same value (the later write wins, one increment is lost). The
 //! same holds under sloppy quorum, where a write may land on fallbacks that never saw the

@@ -10,8 +10,9 @@
 //!   balances ownership with minimal movement, and preference lists with their fallbacks.
 //! - [`dvv`]: dotted version vector sets (causality and siblings per key), actors `(node, epoch)`,
 //!   and the version vectors clients carry as opaque contexts.
-//! - [`object`]: what a replica stores per key (siblings with their clock, or an lww version) and
-//!   how replicas merge. [`bucket`]: bucket properties and per-request quorums.
+//! - [`object`]: what a replica stores per key (siblings with their clock, an lww version, or a
+//!   map of lww fields from [`map`]), how replicas merge, and expiry as part of a version.
+//!   [`bucket`]: bucket properties and per-request quorums.
 //! - [`coordinator`]: the request path: quorum reads and writes, sloppy quorum and hinted
 //!   handoff, read repair, forwarding, epochs, partition transfer and anti-entropy.
 //! - [`membership`]: gossiped cluster state (members, the ring in force and the pending one,

@@ -8,7 +8,7 @@
 //! field resolve by stamp (the later wins, as for an `lww` value). The key's expiry is one more
 //! register (`EXPIRE` on a hash), stamped the same way.
 //!
-//! A write that replaces the whole key (a string `SET` or a `DEL`, an [`Lww`] version) clears
+//! A write that replaces the whole key (a string `SET` or a `DEL`, an [`crate::object::Lww`] version) clears
 //! every field stamped before it: [`LwwMap::cleared`] remembers the latest such stamp, and
 //! [`crate::object::Object::merge`] keeps whichever is newer, the whole-key write or the map.
 //!
