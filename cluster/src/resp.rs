@@ -26,15 +26,20 @@
 //! update its expiry register. A hash command on a string key, and a string command on a hash
 //! key, answer `WRONGTYPE` by what the read found; `SET` replaces a key of either type.
 //!
+//! # Conditional SET
+//!
+//! `SET NX|XX` and `SETNX` are one conditional PUT (`ringkv_net::Condition`), which the key's
+//! first reachable home decides under the key's lock: racing creators through any nodes get one
+//! `OK` while that home is reachable (the coordinator's module docs say what it cannot see).
+//!
 //! # Read-then-write commands
 //!
-//! `SET NX|XX|GET|KEEPTTL`, `SETNX`, `GETDEL`, `GETEX`, `EXPIRE` and its variants, `PERSIST`,
-//! `INCR` and its variants, and the hash writes read the key (at the bucket's `r`) and then write. Nothing holds the
-//! key between the two: two clients racing on one key may both see it absent and both "create"
-//! it, or both increment from the same value (the later write wins, one increment is lost). The
-//! same holds under sloppy quorum, where a write may land on fallbacks that never saw the
-//! other. This is Riak's `if_none_match`: a best-effort check, not a lock. Within one connection
-//! commands on one key run in order.
+//! `SET ... GET|KEEPTTL`, `GETDEL`, `GETEX`, `EXPIRE` and its variants, `PERSIST`, `INCR` and its
+//! variants, and the hash writes read the key (at the bucket's `r`) and then write. Nothing holds
+//! the key between the two: two clients racing on one key may both increment from the same value
+//! (the later write wins, one increment is lost). The same holds under sloppy quorum, where a
+//! write may land on fallbacks that never saw the other. Within one connection commands on one
+//! key run in order.
 //!
 //! Limits: `DEL`/`UNLINK` read each key before deleting it to count what existed, so the count
 //! is not atomic with the deletes. `MSET` is a write per key, not atomic. `DBSIZE` is an
@@ -44,7 +49,7 @@
 use bytes::Bytes;
 use ringkv_core::request::{KeyBody, KeyRequest};
 use ringkv_net::resp::{RespCommand, RespValue};
-use ringkv_net::{Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
+use ringkv_net::{Condition, Delete, ErrorCode, Expiry, Get, MapOp, Message, Put, Sibling, Update};
 
 use crate::route::PARTITIONS;
 
@@ -271,6 +276,11 @@ fn get(key: Bytes) -> KeyRequest {
 }
 
 fn put(key: Bytes, value: Bytes, expiry: Option<Expiry>) -> KeyRequest {
+    put_if(key, value, expiry, None)
+}
+
+/// A PUT that only writes if `cond` holds at the key's first reachable home.
+fn put_if(key: Bytes, value: Bytes, expiry: Option<Expiry>, cond: Option<Cond>) -> KeyRequest {
     let put = Put {
         bucket: Bytes::from_static(RESP_BUCKET),
         key,
@@ -280,6 +290,10 @@ fn put(key: Bytes, value: Bytes, expiry: Option<Expiry>) -> KeyRequest {
         dw: None,
         timeout_ms: None,
         expiry,
+        condition: cond.map(|c| match c {
+            Cond::Nx => Condition::IfAbsent,
+            Cond::Xx => Condition::IfPresent,
+        }),
     };
     KeyRequest::new(KeyBody::Put(put), PARTITIONS)
 }
@@ -799,18 +813,20 @@ impl Script {
     pub fn start(&mut self) -> Step {
         assert_eq!(self.round, Round::NotStarted, "a script starts once");
         let writes = match &self.op {
+            // Without GET or KEEPTTL nothing needs a read: NX and XX are conditions the key's
+            // first home checks (module docs).
             Op::Set {
                 key,
                 value,
-                cond: None,
+                cond,
                 expiry,
-                reply: SetReply::Ok,
+                reply: SetReply::Ok | SetReply::Int,
             } if *expiry != SetExpiry::Keep => {
                 let expiry = match expiry {
                     SetExpiry::Given(e) => Some(*e),
                     SetExpiry::Default | SetExpiry::Keep => None,
                 };
-                Some(vec![put(key.clone(), value.clone(), expiry)])
+                Some(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
             }
             Op::MSet(pairs) => Some(
                 pairs
@@ -835,6 +851,18 @@ impl Script {
     /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
     /// request order, at `now_ms` (Unix milliseconds): the next round, or the reply.
     pub fn resume(&mut self, replies: &[Message], now_ms: u64) -> Step {
+        if let Op::Set { reply, .. } = &self.op
+            && self.round == Round::Writes
+            && replies
+                .iter()
+                .any(|r| matches!(r, Message::Error(e) if e.code == ErrorCode::ConditionFailed))
+        {
+            return Step::Done(match reply {
+                SetReply::Ok => RespValue::Null,
+                SetReply::Int => RespValue::Integer(0),
+                SetReply::Old => string_or_nil(self.first().string().ok().flatten()),
+            });
+        }
         if let Some(e) = replies.iter().find_map(error_of) {
             return Step::Done(e);
         }
@@ -928,7 +956,7 @@ impl Script {
                     SetExpiry::Given(e) => Some(*e),
                     SetExpiry::Keep => Some(keep(first)),
                 };
-                Err(vec![put(key.clone(), value.clone(), expiry)])
+                Err(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
             }
             Op::Del(keys) => Err(keys.iter().cloned().map(delete).collect()),
             Op::GetDel(key) => match or_reply!(first.string()) {
@@ -1256,7 +1284,7 @@ fn found_of(reply: &Message) -> Result<Found, RespValue> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use ringkv_net::resp::{RespLimits, decode_command};
-    use ringkv_net::{ErrorBody, ErrorCode, GetOk, PutOk};
+    use ringkv_net::{ErrorBody, GetOk, PutOk};
 
     use super::*;
 
@@ -1338,9 +1366,22 @@ mod tests {
     fn holding(value: Option<(&'static [u8], Option<u64>)>) -> impl FnMut(&KeyRequest) -> Message {
         move |r| match r.body() {
             KeyBody::Get(_) => value.map_or_else(missing, |(v, e)| found(v, e)),
-            KeyBody::Put(_) => put_ok(),
+            // A conditional PUT is decided as the key's first home would, by what it holds.
+            KeyBody::Put(p) => match (p.condition, value.is_some()) {
+                (Some(Condition::IfAbsent), true) | (Some(Condition::IfPresent), false) => {
+                    Message::Error(ErrorBody::new(ErrorCode::ConditionFailed, "no"))
+                }
+                _ => put_ok(),
+            },
             KeyBody::Delete(_) => Message::DeleteOk,
             KeyBody::Update(_) => Message::UpdateOk,
+        }
+    }
+
+    fn condition_of(body: &KeyBody) -> Option<Condition> {
+        match body {
+            KeyBody::Put(p) => p.condition,
+            other => panic!("not a put: {other:?}"),
         }
     }
 
@@ -1455,14 +1496,21 @@ mod tests {
             expiry_of(&rounds[0][0]),
             Some(Expiry::At { unix_ms: 5_000 })
         );
+        // NX and XX are conditions of one write, decided by the key's first home: no read.
         let (reply, rounds) = script("SET k v NX", 0, holding(Some((b"old", None))));
         assert_eq!(reply, RespValue::Null);
-        assert_eq!(rounds.len(), 1, "read, no write");
+        assert_eq!(rounds.len(), 1, "one conditional write");
+        assert_eq!(condition_of(&rounds[0][0]), Some(Condition::IfAbsent));
         let (reply, rounds) = script("SET k v NX EX 5", 0, holding(None));
         assert_eq!(reply, ok());
-        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Ttl { ms: 5_000 }));
-        let (reply, _) = script("SET k v XX GET", 0, holding(Some((b"old", None))));
+        assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 5_000 }));
+        let (reply, rounds) = script("SET k v XX", 0, holding(None));
+        assert_eq!(reply, RespValue::Null);
+        assert_eq!(condition_of(&rounds[0][0]), Some(Condition::IfPresent));
+        // GET needs the old value: a read, then the conditional write.
+        let (reply, rounds) = script("SET k v XX GET", 0, holding(Some((b"old", None))));
         assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"old")));
+        assert_eq!(condition_of(&rounds[1][0]), Some(Condition::IfPresent));
         let (reply, rounds) = script("SET k v KEEPTTL", 0, holding(Some((b"old", Some(9_000)))));
         assert_eq!(reply, ok());
         assert_eq!(

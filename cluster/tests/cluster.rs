@@ -826,3 +826,76 @@ fn expired_keys_stay_gone_when_a_node_returns_with_older_values() {
             > 0.0
     );
 }
+
+/// Conditional writes serialize at the key's first home. Three nodes, the `lww` `sessions`
+/// bucket; for each of 40 keys, three threads (one per node) race an "if absent" PUT of their
+/// own value at the same moment (a barrier per key). Every node forwards the write to the key's
+/// first home, which decides under the key's lock: exactly one of the three succeeds per key,
+/// the others fail `condition_failed`, and every node then reads the winner's value (R=3).
+#[test]
+fn racing_conditional_writes_have_one_winner() {
+    use std::sync::{Arc, Barrier};
+
+    let nodes = cluster("conditional", 3, 1, &[]);
+    let keys: Vec<Vec<u8>> = (0..40).map(|i| format!("lock-{i}").into_bytes()).collect();
+    let barrier = Arc::new(Barrier::new(3));
+    let threads: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            let addr = node.addr.clone();
+            let keys = keys.clone();
+            let barrier = barrier.clone();
+            let me = node.id;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr, config()).unwrap();
+                let mut won = Vec::new();
+                for k in &keys {
+                    barrier.wait();
+                    let put = Message::Put(ringkv_net::Put {
+                        bucket: Bytes::from_static(b"sessions"),
+                        key: Bytes::from(k.clone()),
+                        value: Bytes::from(format!("node-{me}")),
+                        context: None,
+                        w: None,
+                        dw: None,
+                        timeout_ms: None,
+                        expiry: None,
+                        condition: Some(ringkv_net::Condition::IfAbsent),
+                    });
+                    match c.request_message(put) {
+                        Ok(Message::PutOk(_)) => won.push(k.clone()),
+                        Err(ClientError::Server {
+                            code: ErrorCode::ConditionFailed,
+                            ..
+                        }) => {}
+                        other => panic!("node {me}: {other:?}"),
+                    }
+                }
+                (me, won)
+            })
+        })
+        .collect();
+    let mut winner: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+    for t in threads {
+        let (me, won) = t.join().unwrap();
+        for k in won {
+            if let Some(other) = winner.insert(k.clone(), me) {
+                panic!(
+                    "{}: both node {other} and node {me} won",
+                    String::from_utf8_lossy(&k)
+                );
+            }
+        }
+    }
+    assert_eq!(winner.len(), keys.len(), "every key has a winner");
+    for node in &nodes {
+        let mut c = node.client();
+        for (k, me) in &winner {
+            let read = get_retrying(&mut c, b"sessions", k, 3);
+            assert_eq!(
+                read.siblings,
+                vec![Sibling::Value(Bytes::from(format!("node-{me}")))]
+            );
+        }
+    }
+}

@@ -13,7 +13,9 @@ use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
 use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionCount, Ring};
-use ringkv_net::{Delete, ErrorCode, Expiry, Get, GetOk, MapOp, Message, Put, Sibling, Update};
+use ringkv_net::{
+    Condition, Delete, ErrorCode, Expiry, Get, GetOk, MapOp, Message, Put, Sibling, Update,
+};
 
 /// One node and its store; every output is carried out before a call returns.
 struct One {
@@ -85,6 +87,7 @@ fn put(value: &str, context: Option<Bytes>, w: Option<u8>) -> Message {
         dw: None,
         timeout_ms: None,
         expiry: None,
+        condition: None,
     })
 }
 
@@ -279,6 +282,7 @@ fn clocks_never_outgrow_their_contexts() {
             dw: None,
             timeout_ms: None,
             expiry: None,
+            condition: None,
         });
         let ack = one.request(10_000 + i, write);
         if let Message::Error(e) = &ack {
@@ -424,6 +428,7 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
         dw: None,
         timeout_ms: Some(2_000),
         expiry: None,
+        condition: None,
     });
     let request = common::key_request(&core, request);
     let first = forwarded(core.handle_client(100, 7, request));
@@ -476,6 +481,7 @@ fn a_forward_goes_to_a_home_that_answers() {
             dw: None,
             timeout_ms: Some(10_000),
             expiry: None,
+            condition: None,
         })
     };
     let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
@@ -700,4 +706,48 @@ fn updates_write_map_fields() {
     let mut siblings = One::new(props(1));
     let refused = siblings.request(1, update(vec![set(b"a", b"1")]));
     assert_eq!(code(&refused), Some(ErrorCode::InvalidRequest));
+}
+
+fn put_if(value: &str, condition: Condition) -> Message {
+    let Message::Put(p) = put(value, None, None) else {
+        unreachable!()
+    };
+    Message::Put(Put {
+        condition: Some(condition),
+        ..p
+    })
+}
+
+/// A conditional PUT is checked against the coordinating home's replica: "if absent" writes a
+/// missing or expired key and refuses a live one with `condition_failed`; "if present" the
+/// reverse. A refused write stores nothing.
+#[test]
+fn conditional_puts_check_the_replica() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let first = one.request_at(10, 1, put_if("a", Condition::IfAbsent));
+    assert!(matches!(first, Message::PutOk(_)), "{first:?}");
+    let second = one.request_at(11, 2, put_if("b", Condition::IfAbsent));
+    assert_eq!(code(&second), Some(ErrorCode::ConditionFailed));
+    assert_eq!(
+        read_at(&mut one, 12, 3).siblings,
+        vec![Sibling::Value(Bytes::from_static(b"a"))]
+    );
+    let replace = one.request_at(13, 4, put_if("c", Condition::IfPresent));
+    assert!(matches!(replace, Message::PutOk(_)), "{replace:?}");
+    // An expired value counts as absent.
+    one.request_at(20, 5, put_expiring("d", Some(Expiry::Ttl { ms: 10 })));
+    let refused = one.request_at(29, 6, put_if("e", Condition::IfAbsent));
+    assert_eq!(code(&refused), Some(ErrorCode::ConditionFailed));
+    let after = one.request_at(30, 7, put_if("f", Condition::IfAbsent));
+    assert!(matches!(after, Message::PutOk(_)), "{after:?}");
+    let mut empty = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let nothing = empty.request_at(1, 1, put_if("x", Condition::IfPresent));
+    assert_eq!(code(&nothing), Some(ErrorCode::ConditionFailed));
+    assert!(empty.store.is_empty(), "a refused write stores nothing");
 }

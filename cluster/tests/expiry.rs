@@ -212,6 +212,7 @@ impl Net {
                     dw: None,
                     timeout_ms: None,
                     expiry: Some(ttl_ms.map_or(Expiry::Never, |ms| Expiry::Ttl { ms })),
+                    condition: None,
                 };
                 self.request(via, Message::Put(put));
             }

@@ -422,6 +422,7 @@ fn credit_follows_the_home_load() {
                 dw: None,
                 timeout_ms: None,
                 expiry: None,
+                condition: None,
             }),
         );
         node.run(out);
@@ -477,6 +478,7 @@ fn a_silent_peer_is_suspected_and_skipped() {
             dw: None,
             timeout_ms: None,
             expiry: None,
+            condition: None,
         }),
     );
     node.now = 3_001;

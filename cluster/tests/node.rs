@@ -367,6 +367,7 @@ fn pipelined_requests_and_concurrent_connections() {
             // A deadline the request names itself, far beyond any plausible delay.
             timeout_ms: Some(60_000),
             expiry: None,
+            condition: None,
         });
         let frame = Frame {
             request_id: id,

@@ -106,6 +106,7 @@ impl One {
             dw: None,
             timeout_ms: None,
             expiry: None,
+            condition: None,
         }));
     }
 

@@ -224,6 +224,8 @@ pub enum ErrorCode {
     TooManySiblings,
     /// The causal context does not decode.
     BadContext,
+    /// A conditional write's condition did not hold (the key existed, or did not).
+    ConditionFailed,
     /// Fewer replicas than requested (`r`, `w` or `dw`) answered.
     NotEnoughReplicas,
     /// The request's deadline passed. A write may or may not have been applied.
@@ -253,6 +255,7 @@ impl ErrorCode {
             Self::WrongShard => 0x0102,
             Self::TooManySiblings => 0x0103,
             Self::BadContext => 0x0104,
+            Self::ConditionFailed => 0x0105,
             Self::NotEnoughReplicas => 0x0201,
             Self::Timeout => 0x0202,
             Self::Overloaded => 0x0203,
@@ -276,6 +279,7 @@ impl ErrorCode {
             0x0102 => Self::WrongShard,
             0x0103 => Self::TooManySiblings,
             0x0104 => Self::BadContext,
+            0x0105 => Self::ConditionFailed,
             0x0201 => Self::NotEnoughReplicas,
             0x0202 => Self::Timeout,
             0x0203 => Self::Overloaded,
@@ -303,6 +307,7 @@ impl ErrorCode {
             Self::WrongShard => "wrong_shard",
             Self::TooManySiblings => "too_many_siblings",
             Self::BadContext => "bad_context",
+            Self::ConditionFailed => "condition_failed",
             Self::NotEnoughReplicas => "not_enough_replicas",
             Self::Timeout => "timeout",
             Self::Overloaded => "overloaded",
@@ -450,6 +455,10 @@ const EXPIRY_TTL: u8 = 1;
 const EXPIRY_AT: u8 = 2;
 const EXPIRY_NEVER: u8 = 3;
 
+/// PUT condition tags on the wire, after the expiry tags in the same trailing list.
+const CONDITION_IF_ABSENT: u8 = 4;
+const CONDITION_IF_PRESENT: u8 = 5;
+
 impl Expiry {
     fn encoded_len(expiry: Option<Expiry>) -> usize {
         match expiry {
@@ -480,6 +489,18 @@ pub struct Put {
     pub timeout_ms: Option<u32>,
     /// When the value expires; the bucket's default time to live (if any) when absent.
     pub expiry: Option<Expiry>,
+    /// Write only if the key holds a live value (or only if it does not), as the key's first
+    /// reachable home sees it; `condition_failed` otherwise.
+    pub condition: Option<Condition>,
+}
+
+/// The condition of a conditional PUT (Redis's `SET NX` and `SET XX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Condition {
+    /// Only if the key holds no live value.
+    IfAbsent,
+    /// Only if the key holds a live value.
+    IfPresent,
 }
 
 /// PUT_OK: the write reached its quorum.
@@ -704,6 +725,7 @@ const F_MESSAGE: &str = "message";
 const F_EXPIRY: &str = "expiry";
 const F_EXPIRES_AT_MS: &str = "expires_at_ms";
 const F_EXTENSION: &str = "extension";
+const F_CONDITION: &str = "condition";
 const F_FIELDS: &str = "fields";
 const F_FIELD: &str = "field";
 const F_OPS: &str = "ops";
@@ -1012,6 +1034,7 @@ impl Message {
                     + opt_prefixed_len(U32, m.context.as_deref())
                     + prefixed_len(U32, m.value.len())
                     + Expiry::encoded_len(m.expiry)
+                    + usize::from(m.condition.is_some())
             }
             Self::Update(m) => {
                 opt_len(m.w, 1)
@@ -1115,9 +1138,15 @@ impl Message {
                 w.prefixed(U16, &m.key);
                 w.opt_prefixed(U32, m.context.as_deref());
                 w.prefixed(U32, &m.value);
-                // Optional trailing field: absent when `None`, so older bodies still decode.
+                // Optional trailing extensions, in tag order (expiry 1..=3, condition 4..=5):
+                // absent when `None`, so older bodies still decode.
                 if let Some(e) = m.expiry {
                     write_expiry(w, e);
+                }
+                match m.condition {
+                    None => {}
+                    Some(Condition::IfAbsent) => w.u8(CONDITION_IF_ABSENT),
+                    Some(Condition::IfPresent) => w.u8(CONDITION_IF_PRESENT),
                 }
             }
             Self::Update(m) => {
@@ -1352,11 +1381,32 @@ impl Message {
                 let (bucket, key) = read_bucket_key(&mut r, limits)?;
                 let context = r.opt(F_CONTEXT, |r, f| r.bytes(f, U32, CONTEXT_BYTES_MAX))?;
                 let value = r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?;
-                let expiry = if r.remaining() == 0 {
-                    None
-                } else {
-                    Some(read_expiry(&mut r)?)
-                };
+                let mut expiry = None;
+                let mut condition = None;
+                while r.remaining() > 0 {
+                    let tag = r.peek_u8(F_EXPIRY)?;
+                    match tag {
+                        EXPIRY_TTL | EXPIRY_AT | EXPIRY_NEVER
+                            if expiry.is_none() && condition.is_none() =>
+                        {
+                            expiry = Some(read_expiry(&mut r)?)
+                        }
+                        CONDITION_IF_ABSENT | CONDITION_IF_PRESENT if condition.is_none() => {
+                            r.u8(F_CONDITION)?;
+                            condition = Some(if tag == CONDITION_IF_ABSENT {
+                                Condition::IfAbsent
+                            } else {
+                                Condition::IfPresent
+                            });
+                        }
+                        other => {
+                            return Err(BodyError::BadValue {
+                                field: F_EXTENSION,
+                                value: u64::from(other),
+                            });
+                        }
+                    }
+                }
                 Self::Put(Put {
                     bucket,
                     key,
@@ -1366,6 +1416,7 @@ impl Message {
                     dw,
                     timeout_ms,
                     expiry,
+                    condition,
                 })
             }
             Kind::Update => {

@@ -112,6 +112,15 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>(field)?[0])
     }
 
+    /// The next byte, left unread (a tag that decides how to read what follows).
+    pub fn peek_u8(&self, field: &'static str) -> Result<u8, BodyError> {
+        self.rest.first().copied().ok_or(BodyError::Truncated {
+            field,
+            need: 1,
+            remaining: 0,
+        })
+    }
+
     /// A little-endian u16.
     pub fn u16(&mut self, field: &'static str) -> Result<u16, BodyError> {
         Ok(u16::from_le_bytes(self.array(field)?))

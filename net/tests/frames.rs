@@ -427,6 +427,7 @@ fn encoder_enforces_limits() {
             dw: None,
             timeout_ms: None,
             expiry: None,
+            condition: None,
         }),
     };
     let mut out = Vec::new();
@@ -500,6 +501,7 @@ fn largest_put_fits_default_frame() {
             dw: Some(3),
             timeout_ms: Some(u32::MAX),
             expiry: None,
+            condition: None,
         }),
     };
     let bytes = encode(&f);

@@ -614,6 +614,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dw: write.dw,
                 timeout_ms: Some(deadline_ms(&target)),
                 expiry,
+                condition: None,
             });
             match connect(&target)?.request_message(request)? {
                 Message::PutOk(ok) => show_context(&target, &ok.context),

@@ -186,6 +186,7 @@ pub fn put_w(bucket: &'static [u8], key: impl Into<Bytes>, value: &'static [u8],
         dw: None,
         timeout_ms: None,
         expiry: None,
+        condition: None,
     })
 }
 

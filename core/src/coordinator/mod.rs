@@ -17,6 +17,14 @@
 //!   the sibling and size limits, writes locally, and then sends the new object to the other homes.
 //!   It answers once `w` replicas (itself included) acknowledged and `dw` of them durably; the
 //!   rest complete in the background until the request's deadline.
+//! - **conditional put** (`condition`: if absent, if present; Redis's `SET NX|XX`): decided by
+//!   the key's *first reachable home* (the first of its preference list this node believes up),
+//!   to which every other node forwards it, even another home. There the condition is checked
+//!   against the local replica under the key's job lock, the same lock every write of the key on
+//!   that node takes, so conditional writes through any nodes are serialized while that home is
+//!   reachable: of two racing `SET NX`, one succeeds and the other fails `condition_failed`. What
+//!   that home has not received (a write coordinated elsewhere while it was unreachable, not yet
+//!   repaired) it does not see; with no home reachable the condition is checked against nothing.
 //! - **get**: any node coordinates. It asks the `n` replicas, answers after `r` replies with the
 //!   merge of what they returned (siblings and context), and once every replica answered (or the
 //!   deadline passed) sends the merged object to each replica that returned something older: read
@@ -75,7 +83,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
-use ringkv_net::{ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message, PutOk, Sibling};
+use ringkv_net::{Condition, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message, PutOk, Sibling};
 
 use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
@@ -612,8 +620,9 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 /// The client operation of a request, decoded.
 #[derive(Clone, Debug)]
 enum Write {
-    /// A value, and when it expires (Unix milliseconds, stamped by this coordinator).
-    Put(Bytes, Option<u64>),
+    /// A value, when it expires (Unix milliseconds, stamped by this coordinator), and the
+    /// condition the local replica must meet.
+    Put(Bytes, Option<u64>, Option<Condition>),
     Delete,
     /// Changes of a map's fields (expiries already absolute).
     Map(Vec<MapChange>),
@@ -1044,6 +1053,7 @@ impl Core {
         );
         let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
         let is_home = homes.contains(&self.cfg.node);
+        let conditional = matches!(request.body(), KeyBody::Put(p) if p.condition.is_some());
         let id = self.id();
         let mut op = Op {
             reply_to,
@@ -1087,6 +1097,29 @@ impl Core {
             }
             KeyOp::Put | KeyOp::Delete | KeyOp::Update if w > n => {
                 self.answer(reply_to, not_enough("write", 0, w, n));
+            }
+            // A conditional write is decided by the key's first reachable home, under the
+            // key's lock there, so conditional writes through any node serialize while it is
+            // reachable (module docs, "Conditional writes").
+            KeyOp::Put if conditional && !forwarded => {
+                let me = self.cfg.node;
+                let primary = homes
+                    .iter()
+                    .copied()
+                    .find(|&h| h == me || self.live.believed_up(h, now));
+                match primary {
+                    Some(home) if home != me => {
+                        op.kind = OpKind::Forwarded {
+                            request,
+                            tried: BTreeSet::new(),
+                            pending: None,
+                        };
+                        self.ops.insert(id, op);
+                        self.op_deadlines.insert((deadline, id));
+                        self.forward(now, id, home);
+                    }
+                    _ => self.start_write(now, id, op, request, is_home),
+                }
             }
             KeyOp::Put | KeyOp::Delete | KeyOp::Update if !is_home && !forwarded => {
                 let up = self
@@ -1167,7 +1200,7 @@ impl Core {
                         .ttl_ms
                         .map(|ms| now.saturating_add(ms)),
                 };
-                (Write::Put(m.value, expires_at_ms), m.context)
+                (Write::Put(m.value, expires_at_ms, m.condition), m.context)
             }
             KeyBody::Delete(m) => (Write::Delete, m.context),
             KeyBody::Update(m) => {
@@ -1278,7 +1311,26 @@ impl Core {
             unreachable!("updated is called for writes");
         };
         let val = match write {
-            Write::Put(v, expires_at_ms) => Val::new(v.clone(), *expires_at_ms),
+            Write::Put(v, expires_at_ms, condition) => {
+                if let Some(condition) = condition {
+                    let present = local.as_ref().is_some_and(|o| !o.is_deleted_at(now));
+                    let holds = match condition {
+                        Condition::IfAbsent => !present,
+                        Condition::IfPresent => present,
+                    };
+                    if !holds {
+                        return Err(ErrorBody::new(
+                            ErrorCode::ConditionFailed,
+                            if present {
+                                "the key holds a value"
+                            } else {
+                                "the key holds no value"
+                            },
+                        ));
+                    }
+                }
+                Val::new(v.clone(), *expires_at_ms)
+            }
             Write::Delete => Val::Tombstone,
             Write::Map(changes) => {
                 if matches!(local, Some(Object::Causal(_))) {

@@ -440,6 +440,7 @@ impl Request {
                 dw: None,
                 timeout_ms,
                 expiry,
+                condition: None,
             }),
             Request::Delete {
                 bucket,

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
-    Admin, AdminOk, Cluster, ClusterOk, Delete, ErrorBody, ErrorCode, Expiry, Frame, Get, GetOk,
-    Hello, HelloOk, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
-    Role, Sibling, Update,
+    Admin, AdminOk, Cluster, ClusterOk, Condition, Delete, ErrorBody, ErrorCode, Expiry, Frame,
+    Get, GetOk, Hello, HelloOk, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut,
+    ReplicaPutOk, Role, Sibling, Update,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -168,20 +168,29 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<Option<u8>>(),
         any::<Option<u8>>(),
         any::<Option<u32>>(),
-        expiry,
+        (
+            expiry,
+            proptest::option::of(prop_oneof![
+                Just(Condition::IfAbsent),
+                Just(Condition::IfPresent)
+            ]),
+        ),
     )
-        .prop_map(|(bucket, key, value, context, w, dw, timeout_ms, expiry)| {
-            Message::Put(Put {
-                bucket,
-                key,
-                value,
-                context,
-                w,
-                dw,
-                timeout_ms,
-                expiry,
-            })
-        });
+        .prop_map(
+            |(bucket, key, value, context, w, dw, timeout_ms, (expiry, condition))| {
+                Message::Put(Put {
+                    bucket,
+                    key,
+                    value,
+                    context,
+                    w,
+                    dw,
+                    timeout_ms,
+                    expiry,
+                    condition,
+                })
+            },
+        );
     let delete = (
         bucket(),
         key(),

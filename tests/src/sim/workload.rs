@@ -195,6 +195,7 @@ impl Sim {
             dw: None,
             timeout_ms: None,
             expiry: None,
+            condition: None,
         });
         self.client_send(c, message);
     }
@@ -329,6 +330,7 @@ impl Sim {
                     dw: None,
                     timeout_ms: None,
                     expiry: None,
+                    condition: None,
                 }));
                 if let Some(Message::PutOk(_)) = reply {
                     let now = self.now;
