@@ -1055,7 +1055,7 @@ impl Core {
         let is_home = homes.contains(&self.cfg.node);
         let conditional = matches!(request.body(), KeyBody::Put(p) if p.condition.is_some());
         let id = self.id();
-        let mut op = Op {
+        let op = Op {
             reply_to,
             replied: false,
             partition,
@@ -1100,7 +1100,7 @@ impl Core {
             }
             // A conditional write is decided by the key's first reachable home, under the
             // key's lock there, so conditional writes through any node serialize while it is
-            // reachable (module docs, "Conditional writes").
+            // reachable (module docs, "conditional put").
             KeyOp::Put if conditional && !forwarded => {
                 let me = self.cfg.node;
                 let primary = homes
@@ -1109,14 +1109,7 @@ impl Core {
                     .find(|&h| h == me || self.live.believed_up(h, now));
                 match primary {
                     Some(home) if home != me => {
-                        op.kind = OpKind::Forwarded {
-                            request,
-                            tried: BTreeSet::new(),
-                            pending: None,
-                        };
-                        self.ops.insert(id, op);
-                        self.op_deadlines.insert((deadline, id));
-                        self.forward(now, id, home);
+                        self.forward_new(now, id, op, request, deadline, home)
                     }
                     _ => self.start_write(now, id, op, request, is_home),
                 }
@@ -1126,16 +1119,7 @@ impl Core {
                     .live
                     .forward_target(homes.iter().copied(), &BTreeSet::new(), now);
                 match up {
-                    Some(home) => {
-                        op.kind = OpKind::Forwarded {
-                            request,
-                            tried: BTreeSet::new(),
-                            pending: None,
-                        };
-                        self.ops.insert(id, op);
-                        self.op_deadlines.insert((deadline, id));
-                        self.forward(now, id, home);
-                    }
+                    Some(home) => self.forward_new(now, id, op, request, deadline, home),
                     None => self.start_write(now, id, op, request, false),
                 }
             }
@@ -1143,6 +1127,26 @@ impl Core {
                 self.start_write(now, id, op, request, is_home)
             }
         }
+    }
+
+    /// Starts op `id` as a write forwarded to `home`.
+    fn forward_new(
+        &mut self,
+        now: u64,
+        id: u64,
+        mut op: Op,
+        request: KeyRequest,
+        deadline: u64,
+        home: NodeId,
+    ) {
+        op.kind = OpKind::Forwarded {
+            request,
+            tried: BTreeSet::new(),
+            pending: None,
+        };
+        self.ops.insert(id, op);
+        self.op_deadlines.insert((deadline, id));
+        self.forward(now, id, home);
     }
 
     fn forward(&mut self, now: u64, id: u64, home: NodeId) {
