@@ -48,6 +48,7 @@
 
 use bytes::Bytes;
 use ringkv_core::request::{KeyBody, KeyRequest};
+use ringkv_net::message::{FIELD_BYTES_MAX, MAP_OPS_MAX};
 use ringkv_net::resp::{RespCommand, RespValue};
 use ringkv_net::{Condition, Delete, ErrorCode, Expiry, Get, MapOp, Message, Put, Sibling, Update};
 
@@ -377,6 +378,9 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     // Arguments after the name, as shared slices of the command's buffer.
     let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
     let run = |op: Op| RespPlan::Run(Script::new(op));
+    if let Some(refused) = hash_limits(cmd, &name) {
+        return refused;
+    }
     match name.as_str() {
         "ping" => match argc {
             1 => RespPlan::Reply(RespValue::Simple(Bytes::from_static(b"PONG"))),
@@ -544,6 +548,31 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             name.escape_default()
         ))),
     }
+}
+
+/// A hash command's fields become one UPDATE: its limits (fields per command, field name length)
+/// are checked here, where the client can be told. Values are bounded by the node's value limit,
+/// which answers its own error.
+fn hash_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
+    let fields: Vec<usize> = match name {
+        "hset" | "hmset" => (2..cmd.len()).step_by(2).collect(),
+        "hsetnx" | "hget" | "hexists" | "hincrby" => vec![2],
+        "hmget" | "hdel" => (2..cmd.len()).collect(),
+        _ => return None,
+    };
+    if fields.len() > MAP_OPS_MAX {
+        return Some(RespPlan::Reply(err(format!(
+            "ERR at most {MAP_OPS_MAX} fields in one hash command"
+        ))));
+    }
+    fields
+        .iter()
+        .any(|&i| cmd.arg(i).is_some_and(|f| f.len() > FIELD_BYTES_MAX))
+        .then(|| {
+            RespPlan::Reply(err(format!(
+                "ERR a hash field name is at most {FIELD_BYTES_MAX} bytes"
+            )))
+        })
 }
 
 /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: protocol 2 only, so that RESP3 clients
@@ -1802,5 +1831,31 @@ mod tests {
             script("HGETALL missing", 0, holding(None)).0,
             RespValue::Array(Vec::new())
         );
+        // Limits, sent as arrays (an inline command line is shorter than a long field name).
+        let array = |args: Vec<Vec<u8>>| {
+            let mut wire = format!("*{}\r\n", args.len()).into_bytes();
+            for a in &args {
+                wire.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                wire.extend_from_slice(a);
+                wire.extend_from_slice(b"\r\n");
+            }
+            let cmd = decode_command(&wire, &RespLimits::DEFAULT)
+                .unwrap()
+                .unwrap()
+                .0;
+            match plan(&cmd, &mut RespState::new(1)) {
+                RespPlan::Reply(v) => error_text(&v),
+                other => panic!("not refused: {other:?}"),
+            }
+        };
+        let long = vec![b'f'; FIELD_BYTES_MAX + 1];
+        let refused = array(vec![b"HSET".to_vec(), b"h".to_vec(), long, b"v".to_vec()]);
+        assert!(refused.contains("field name"), "{refused}");
+        let mut many = vec![b"HSET".to_vec(), b"h".to_vec()];
+        for i in 0..=MAP_OPS_MAX {
+            many.push(format!("f{i}").into_bytes());
+            many.push(b"v".to_vec());
+        }
+        assert!(array(many).contains("at most"));
     }
 }
