@@ -43,6 +43,9 @@ pub struct CoreFigures {
     pub hint_bytes: u64,
     /// Hints being delivered.
     pub hints_in_flight: u64,
+    /// Requests the coordinator is working on: answered or not, until their last replica
+    /// answered or their deadline passed.
+    pub ops_in_flight: u64,
     /// Peers the shard believes unreachable now.
     pub peers_suspected: u64,
     /// Partitions held that this node no longer replicates, not yet handed off and dropped.
@@ -78,7 +81,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 21] = [
+const CORE_FIELDS: [CoreField; 22] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -136,6 +139,11 @@ const CORE_FIELDS: [CoreField; 21] = [
     ("ringkv_hints_in_flight", "Hints being delivered.", |c| {
         c.hints_in_flight
     }),
+    (
+        "ringkv_ops_in_flight",
+        "Requests the coordinator is working on, answered or not (stragglers run to their deadline).",
+        |c| c.ops_in_flight,
+    ),
     (
         HANDOFFS_PENDING,
         "Partitions held that this node no longer replicates, waiting to be handed off and dropped.",

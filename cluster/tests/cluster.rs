@@ -28,8 +28,6 @@ const RETRY_DELAY_MS: u64 = 50;
 /// Rounds of the handoff poll, each a pause of [`HANDOFF_POLL_MS`] and one check.
 const HANDOFF_POLLS: usize = 150;
 const HANDOFF_POLL_MS: u64 = 200;
-/// Rounds of hint truncation before a test gives up on hints staying deleted.
-const TRUNCATE_ROUNDS: usize = 5;
 
 const BUCKETS: &str = "\
 [buckets.default]
@@ -494,35 +492,48 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
         std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
     }
     assert!(held > 0.0, "no fallback took a hint for node 3");
-    // ...and are deleted on purpose. A write acknowledged by two replicas may still be waiting
-    // out node 3's `replica_timeout_ms` and store its hint after a truncation: truncate until
-    // the count stays at zero past one more timeout and metrics publication (bounded rounds).
-    let mut left = held;
-    let mut truncated = 0u64;
-    for _ in 0..TRUNCATE_ROUNDS {
-        for i in [0, 1, 3] {
-            let text = nodes[i].client().admin("hints-truncate", "").unwrap();
-            truncated += text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("unexpected answer {text:?}"));
-        }
-        for _ in 0..HANDOFF_POLLS {
-            std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
-            left = hints(&nodes);
-            if left == 0.0 {
+    // ...and are deleted on purpose, once no write is still in flight: a write acknowledged by
+    // two replicas keeps working on its third slot (node 3's timeout, then a fallback's hint)
+    // until its deadline, and could store a hint after a truncation. The shards publish their
+    // figures every tick: two polls a publication apart that both read no request in flight
+    // (the writer has joined, so no new one starts) mean none is left.
+    let in_flight = |nodes: &[Node]| -> f64 {
+        [0, 1, 3]
+            .iter()
+            .map(|&i| nodes[i].metric("ringkv_ops_in_flight"))
+            .sum()
+    };
+    let mut drained = false;
+    for _ in 0..HANDOFF_POLLS {
+        if in_flight(&nodes) == 0.0 {
+            std::thread::sleep(Duration::from_millis(50));
+            if in_flight(&nodes) == 0.0 {
+                drained = true;
                 break;
             }
         }
-        // One replica timeout and one metrics publication later, still none: no straggler is left.
-        std::thread::sleep(Duration::from_millis(1600));
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+    }
+    assert!(drained, "writes are still in flight");
+    let held = hints(&nodes);
+    let mut truncated = 0u64;
+    for i in [0, 1, 3] {
+        let text = nodes[i].client().admin("hints-truncate", "").unwrap();
+        truncated += text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("unexpected answer {text:?}"));
+    }
+    assert!(truncated > 0, "nothing was truncated (held {held})");
+    let mut left = held;
+    for _ in 0..HANDOFF_POLLS {
         left = hints(&nodes);
         if left == 0.0 {
             break;
         }
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
     }
-    assert!(truncated > 0, "nothing was truncated");
     assert_eq!(left, 0.0, "hints are left after truncation");
     // Read repairs so far (while node 3 was down, among the others). None may follow: node 3 is
     // to be repaired by anti-entropy alone, and a read repair would hide a failing one.

@@ -380,6 +380,7 @@ impl Shard {
                 hints: core.hint_count() as u64,
                 hint_bytes: core.hint_bytes(),
                 hints_in_flight: core.hints_in_flight() as u64,
+                ops_in_flight: core.ops_in_flight() as u64,
                 peers_suspected: core.suspected_count(now) as u64,
                 handoffs: core.handoff_count() as u64,
                 trees_loading: core.trees_loading_count() as u64,
