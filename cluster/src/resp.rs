@@ -983,7 +983,7 @@ impl Script {
                 let expiry = match expiry {
                     SetExpiry::Default => None,
                     SetExpiry::Given(e) => Some(*e),
-                    SetExpiry::Keep => Some(keep(first)),
+                    SetExpiry::Keep => keep(first),
                 };
                 Err(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
             }
@@ -1042,7 +1042,7 @@ impl Script {
                     return Ok(err("ERR increment or decrement would overflow"));
                 };
                 let value = Bytes::from(next.to_string());
-                Err(vec![put(key.clone(), value, Some(keep(first)))])
+                Err(vec![put(key.clone(), value, keep(first))])
             }
             Op::HSet { key, pairs, reply } => {
                 let fields = or_reply!(first.hash());
@@ -1267,11 +1267,13 @@ fn string_or_nil(v: Option<Bytes>) -> RespValue {
     v.map_or(RespValue::Null, RespValue::Bulk)
 }
 
-/// The expiry a write that keeps the key's must carry.
-fn keep(found: &Found) -> Expiry {
+/// The expiry a write that keeps the key's must carry: its time, "never" for a key without
+/// one, and none (the bucket's default, as for a new key) for a missing key.
+fn keep(found: &Found) -> Option<Expiry> {
     match found.expires() {
-        Some(Some(at)) => Expiry::At { unix_ms: at },
-        _ => Expiry::Never,
+        Some(Some(at)) => Some(Expiry::At { unix_ms: at }),
+        Some(None) => Some(Expiry::Never),
+        None => None,
     }
 }
 
@@ -1674,7 +1676,15 @@ mod tests {
         assert_eq!(reply, RespValue::Integer(15));
         assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::At { unix_ms: 99 }));
         assert!(matches!(&rounds[1][0], KeyBody::Put(p) if &p.value[..] == b"15"));
-        assert_eq!(script("DECR k", 0, holding(None)).0, RespValue::Integer(-1));
+        let (reply, rounds) = script("DECR k", 0, holding(None));
+        assert_eq!(reply, RespValue::Integer(-1));
+        assert_eq!(
+            expiry_of(&rounds[1][0]),
+            None,
+            "a new counter takes the bucket's default"
+        );
+        let (_, rounds) = script("INCR k", 0, holding(Some((b"1", None))));
+        assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
         assert_eq!(
             error_text(&script("INCR k", 0, holding(Some((b"abc", None)))).0),
             "ERR value is not an integer or out of range"
