@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey};
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
 use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
@@ -24,6 +24,8 @@ struct One {
     replies: BTreeMap<u64, Message>,
     /// The time of the last call; storage completes at once, at that time.
     now: u64,
+    /// Storage writes fail (an engine that returned EIO and went failed).
+    failing_writes: bool,
 }
 
 impl One {
@@ -43,6 +45,7 @@ impl One {
             store: BTreeMap::new(),
             replies: BTreeMap::new(),
             now: 0,
+            failing_writes: false,
         }
     }
 
@@ -50,7 +53,11 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = common::carry_out(&mut self.store, key, op);
+                    let result = if self.failing_writes && matches!(op, StoreOp::Write { .. }) {
+                        Err("write failed: EIO (injected)".to_owned())
+                    } else {
+                        common::carry_out(&mut self.store, key, op)
+                    };
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Reply { req, message } => {
@@ -268,6 +275,7 @@ fn clocks_never_outgrow_their_contexts() {
         store: BTreeMap::new(),
         replies: BTreeMap::new(),
         now: 0,
+        failing_writes: false,
     };
     let out = one.core.handle_unreachable(0, n1);
     one.run(out);
@@ -750,4 +758,48 @@ fn conditional_puts_check_the_replica() {
     let nothing = empty.request_at(1, 1, put_if("x", Condition::IfPresent));
     assert_eq!(code(&nothing), Some(ErrorCode::ConditionFailed));
     assert!(empty.store.is_empty(), "a refused write stores nothing");
+}
+
+/// A storage write that fails (the engine returned EIO, or went failed after one) is never
+/// acknowledged: the coordinator answers an error for a PUT, a DELETE and an UPDATE, the store
+/// is unchanged, and a later read does not see the write. When storage recovers, writes are
+/// acknowledged again. (Deliberate bug it catches: a coordinator that counts its own failed
+/// local write as an acknowledgement.)
+#[test]
+fn failed_storage_writes_are_refused_not_acknowledged() {
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let ok = one.request_at(1, 1, put("before", None, None));
+    assert!(matches!(ok, Message::PutOk(_)), "{ok:?}");
+    let stored = one.store.clone();
+    one.failing_writes = true;
+    let refused = one.request_at(2, 2, put("lost", None, None));
+    assert!(
+        matches!(refused, Message::Error(_)),
+        "acknowledged: {refused:?}"
+    );
+    let delete = Message::Delete(Delete {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    });
+    assert!(matches!(one.request_at(3, 3, delete), Message::Error(_)));
+    let fields = one.request_at(4, 4, update(vec![set(b"f", b"v")]));
+    assert!(
+        matches!(fields, Message::Error(_)),
+        "acknowledged: {fields:?}"
+    );
+    assert_eq!(one.store, stored, "nothing was stored");
+    assert_eq!(
+        read_at(&mut one, 5, 5).siblings,
+        vec![Sibling::Value(Bytes::from_static(b"before"))]
+    );
+    one.failing_writes = false;
+    let again = one.request_at(6, 6, put("after", None, None));
+    assert!(matches!(again, Message::PutOk(_)), "{again:?}");
 }
