@@ -1,0 +1,739 @@
+//! The execution of one RESP command: a [`Script`] of one or two rounds of ringkv requests (the
+//! reads a command decides on, then its writes), fed each round's replies until it ends with the
+//! command's reply (sans-IO). `mod.rs` parses commands into scripts; this file owns what a command
+//! does with what it reads: conditions, expiries kept or replaced, `WRONGTYPE`, reply shapes.
+
+use bytes::Bytes;
+use ringkv_core::request::{KeyBody, KeyRequest};
+use ringkv_net::resp::RespValue;
+use ringkv_net::{Condition, Delete, ErrorCode, Expiry, Get, MapOp, Message, Put, Sibling, Update};
+
+use super::{RESP_BUCKET, err, integer, ok};
+use crate::route::PARTITIONS;
+
+/// What a script asks of the shell next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Execute these requests (in order) and pass their replies to [`Script::resume`].
+    Run(Vec<KeyRequest>),
+    /// The command's reply: the script is over.
+    Done(RespValue),
+}
+
+/// A command that needs requests: its keys (so that a connection runs commands on one key in
+/// order) and the rounds of requests it makes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Script {
+    op: Op,
+    /// What the read round found, once it ran.
+    found: Vec<Found>,
+    round: Round,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Round {
+    NotStarted,
+    Reads,
+    Writes,
+}
+
+/// How a SET-like write expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SetExpiry {
+    /// No option: the bucket's default (none for the `redis` bucket), which clears a key's
+    /// expiry as Redis's SET does.
+    Default,
+    /// This expiry.
+    Given(Expiry),
+    /// `KEEPTTL`: whatever the key has.
+    Keep,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cond {
+    /// Only if the key is missing.
+    Nx,
+    /// Only if the key exists.
+    Xx,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SetReply {
+    /// `+OK`, or nil when the condition failed.
+    Ok,
+    /// The old value (`SET ... GET`).
+    Old,
+    /// `:1` if written, `:0` if not (`SETNX`).
+    Int,
+}
+
+/// `EXPIRE` conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExpireCond {
+    Nx,
+    Xx,
+    Gt,
+    Lt,
+}
+
+/// The new expiry of `EXPIRE` and friends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum When {
+    /// Milliseconds from now (may be zero or negative: the key expires at once).
+    In(i64),
+    /// Unix milliseconds.
+    At(i64),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Op {
+    Get(Bytes),
+    MGet(Vec<Bytes>),
+    Exists(Vec<Bytes>),
+    Type(Bytes),
+    Ttl {
+        key: Bytes,
+        ms: bool,
+    },
+    Set {
+        key: Bytes,
+        value: Bytes,
+        cond: Option<Cond>,
+        expiry: SetExpiry,
+        reply: SetReply,
+    },
+    MSet(Vec<(Bytes, Bytes)>),
+    Del(Vec<Bytes>),
+    GetDel(Bytes),
+    GetEx {
+        key: Bytes,
+        expiry: Option<Expiry>,
+    },
+    Expire {
+        key: Bytes,
+        when: When,
+        cond: Option<ExpireCond>,
+    },
+    Persist(Bytes),
+    Incr {
+        key: Bytes,
+        by: i64,
+    },
+    /// HSET, HMSET, HSETNX.
+    HSet {
+        key: Bytes,
+        pairs: Vec<(Bytes, Bytes)>,
+        reply: HSetReply,
+    },
+    /// HGET (one field) or HMGET (an array).
+    HGet {
+        key: Bytes,
+        fields: Vec<Bytes>,
+        array: bool,
+    },
+    HRead {
+        key: Bytes,
+        what: HRead,
+    },
+    HDel {
+        key: Bytes,
+        fields: Vec<Bytes>,
+    },
+    HIncrBy {
+        key: Bytes,
+        field: Bytes,
+        by: i64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum HSetReply {
+    /// HSET: how many fields were added.
+    Added,
+    /// HMSET: `+OK`.
+    Ok,
+    /// HSETNX: `:1` if the field was new and set, `:0` if it existed.
+    IfNew,
+}
+
+/// The whole-hash reads.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum HRead {
+    All,
+    Keys,
+    Values,
+    Len,
+    Exists(Bytes),
+}
+
+fn get(key: Bytes) -> KeyRequest {
+    let get = Get {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        r: None,
+        timeout_ms: None,
+    };
+    KeyRequest::new(KeyBody::Get(get), PARTITIONS)
+}
+
+fn put(key: Bytes, value: Bytes, expiry: Option<Expiry>) -> KeyRequest {
+    put_if(key, value, expiry, None)
+}
+
+/// A PUT that only writes if `cond` holds at the key's first reachable home.
+fn put_if(key: Bytes, value: Bytes, expiry: Option<Expiry>, cond: Option<Cond>) -> KeyRequest {
+    let put = Put {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        value,
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+        expiry,
+        condition: cond.map(|c| match c {
+            Cond::Nx => Condition::IfAbsent,
+            Cond::Xx => Condition::IfPresent,
+        }),
+    };
+    KeyRequest::new(KeyBody::Put(put), PARTITIONS)
+}
+
+fn update(key: Bytes, ops: Vec<MapOp>) -> KeyRequest {
+    let update = Update {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        ops,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    };
+    KeyRequest::new(KeyBody::Update(update), PARTITIONS)
+}
+
+fn delete(key: Bytes) -> KeyRequest {
+    let delete = Delete {
+        bucket: Bytes::from_static(RESP_BUCKET),
+        key,
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    };
+    KeyRequest::new(KeyBody::Delete(delete), PARTITIONS)
+}
+
+/// The value of a `Result<T, RespValue>`, or (in [`Script::after_reads`]) the error reply it
+/// holds as the command's answer.
+macro_rules! or_reply {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(reply) => return Ok(reply),
+        }
+    };
+}
+
+impl Script {
+    pub(super) fn new(op: Op) -> Script {
+        Script {
+            op,
+            found: Vec::new(),
+            round: Round::NotStarted,
+        }
+    }
+
+    /// The keys (in [`RESP_BUCKET`]) the script reads or writes.
+    pub fn keys(&self) -> Vec<&Bytes> {
+        match &self.op {
+            Op::MGet(keys) | Op::Exists(keys) | Op::Del(keys) => keys.iter().collect(),
+            Op::MSet(pairs) => pairs.iter().map(|(k, _)| k).collect(),
+            Op::Get(key)
+            | Op::Type(key)
+            | Op::GetDel(key)
+            | Op::Persist(key)
+            | Op::Ttl { key, .. }
+            | Op::Set { key, .. }
+            | Op::GetEx { key, .. }
+            | Op::Expire { key, .. }
+            | Op::Incr { key, .. }
+            | Op::HSet { key, .. }
+            | Op::HGet { key, .. }
+            | Op::HRead { key, .. }
+            | Op::HDel { key, .. }
+            | Op::HIncrBy { key, .. } => vec![key],
+        }
+    }
+
+    /// The first round: the reads the command decides on, or its writes when it needs no read.
+    pub fn start(&mut self) -> Step {
+        assert_eq!(self.round, Round::NotStarted, "a script starts once");
+        let writes = match &self.op {
+            // Without GET or KEEPTTL nothing needs a read: NX and XX are conditions the key's
+            // first home checks (module docs).
+            Op::Set {
+                key,
+                value,
+                cond,
+                expiry,
+                reply: SetReply::Ok | SetReply::Int,
+            } if *expiry != SetExpiry::Keep => {
+                let expiry = match expiry {
+                    SetExpiry::Given(e) => Some(*e),
+                    SetExpiry::Default | SetExpiry::Keep => None,
+                };
+                Some(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
+            }
+            Op::MSet(pairs) => Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| put(k.clone(), v.clone(), None))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        match writes {
+            Some(writes) => {
+                self.round = Round::Writes;
+                Step::Run(writes)
+            }
+            None => {
+                self.round = Round::Reads;
+                Step::Run(self.keys().into_iter().cloned().map(get).collect())
+            }
+        }
+    }
+
+    /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
+    /// request order, at `now_ms` (Unix milliseconds): the next round, or the reply.
+    pub fn resume(&mut self, replies: &[Message], now_ms: u64) -> Step {
+        if let Op::Set { reply, .. } = &self.op
+            && self.round == Round::Writes
+            && replies
+                .iter()
+                .any(|r| matches!(r, Message::Error(e) if e.code == ErrorCode::ConditionFailed))
+        {
+            return Step::Done(match reply {
+                SetReply::Ok => RespValue::Null,
+                SetReply::Int => RespValue::Integer(0),
+                SetReply::Old => string_or_nil(self.first().string().ok().flatten()),
+            });
+        }
+        if let Some(e) = replies.iter().find_map(error_of) {
+            return Step::Done(e);
+        }
+        match self.round {
+            Round::NotStarted => unreachable!("resume follows start"),
+            Round::Writes => Step::Done(self.written()),
+            Round::Reads => {
+                let mut found = Vec::with_capacity(replies.len());
+                for reply in replies {
+                    match found_of(reply) {
+                        Ok(f) => found.push(f),
+                        Err(e) => return Step::Done(e),
+                    }
+                }
+                self.found = found;
+                match self.after_reads(now_ms) {
+                    Ok(reply) => Step::Done(reply),
+                    Err(writes) => {
+                        self.round = Round::Writes;
+                        Step::Run(writes)
+                    }
+                }
+            }
+        }
+    }
+
+    fn first(&self) -> &Found {
+        self.found.first().unwrap_or(&Found::Missing)
+    }
+
+    /// The reply once the reads ran, or (`Err`) the writes still to make.
+    fn after_reads(&self, now_ms: u64) -> Result<RespValue, Vec<KeyRequest>> {
+        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let first = self.first();
+        match &self.op {
+            Op::Get(_) => Ok(string_or_nil(or_reply!(first.string()))),
+            // MGET answers nil for a key of another type, as Redis does.
+            Op::MGet(_) => Ok(RespValue::Array(
+                self.found
+                    .iter()
+                    .map(|f| {
+                        f.string()
+                            .ok()
+                            .flatten()
+                            .map_or(RespValue::Null, RespValue::Bulk)
+                    })
+                    .collect(),
+            )),
+            Op::Exists(_) => Ok(RespValue::Integer(count(&self.found))),
+            Op::Type(_) => Ok(RespValue::Simple(Bytes::from_static(match first {
+                Found::Missing => b"none",
+                Found::Str(..) => b"string",
+                Found::Hash(..) => b"hash",
+            }))),
+            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first.expires() {
+                None => -2,
+                Some(None) => -1,
+                Some(Some(at)) => {
+                    let left = i64::try_from(at)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(now)
+                        .max(0);
+                    if *ms { left } else { (left + 500) / 1000 }
+                }
+            })),
+            Op::Set {
+                key,
+                value,
+                cond,
+                expiry,
+                reply,
+            } => {
+                let old = match reply {
+                    SetReply::Old => or_reply!(first.string()),
+                    SetReply::Ok | SetReply::Int => None,
+                };
+                let allowed = match cond {
+                    None => true,
+                    Some(Cond::Nx) => first.is_missing(),
+                    Some(Cond::Xx) => !first.is_missing(),
+                };
+                if !allowed {
+                    return Ok(match reply {
+                        SetReply::Ok => RespValue::Null,
+                        SetReply::Old => string_or_nil(old),
+                        SetReply::Int => RespValue::Integer(0),
+                    });
+                }
+                let expiry = match expiry {
+                    SetExpiry::Default => None,
+                    SetExpiry::Given(e) => Some(*e),
+                    SetExpiry::Keep => keep(first),
+                };
+                Err(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
+            }
+            Op::Del(keys) => Err(keys.iter().cloned().map(delete).collect()),
+            Op::GetDel(key) => match or_reply!(first.string()) {
+                None => Ok(RespValue::Null),
+                Some(_) => Err(vec![delete(key.clone())]),
+            },
+            Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
+                (Some(value), Some(e)) => Err(vec![put(key.clone(), value, Some(*e))]),
+                (value, _) => Ok(string_or_nil(value)),
+            },
+            Op::Expire { key, when, cond } => {
+                let Some(current) = first.expires() else {
+                    return Ok(RespValue::Integer(0));
+                };
+                let at = match *when {
+                    When::In(ms) => now.saturating_add(ms),
+                    When::At(ms) => ms,
+                };
+                let current = current.map(|c| i64::try_from(c).unwrap_or(i64::MAX));
+                // A key without an expiry counts as expiring never (later than any time).
+                let allowed = match cond {
+                    None => true,
+                    Some(ExpireCond::Nx) => current.is_none(),
+                    Some(ExpireCond::Xx) => current.is_some(),
+                    Some(ExpireCond::Gt) => current.is_some_and(|c| at > c),
+                    Some(ExpireCond::Lt) => current.is_none_or(|c| at < c),
+                };
+                if !allowed {
+                    return Ok(RespValue::Integer(0));
+                }
+                if at <= now {
+                    // As Redis: a time already past deletes the key.
+                    return Err(vec![delete(key.clone())]);
+                }
+                let expiry = match *when {
+                    When::In(ms) => Expiry::Ttl { ms: ms as u64 },
+                    When::At(ms) => Expiry::At { unix_ms: ms as u64 },
+                };
+                Err(vec![first.rewrite(key, expiry)])
+            }
+            Op::Persist(key) => match first.expires() {
+                Some(Some(_)) => Err(vec![first.rewrite(key, Expiry::Never)]),
+                _ => Ok(RespValue::Integer(0)),
+            },
+            Op::Incr { key, by } => {
+                let current = match or_reply!(first.string()) {
+                    None => 0,
+                    Some(v) => match integer(Some(&v)) {
+                        Some(n) => n,
+                        None => return Ok(err("ERR value is not an integer or out of range")),
+                    },
+                };
+                let Some(next) = current.checked_add(*by) else {
+                    return Ok(err("ERR increment or decrement would overflow"));
+                };
+                let value = Bytes::from(next.to_string());
+                Err(vec![put(key.clone(), value, keep(first))])
+            }
+            Op::HSet { key, pairs, reply } => {
+                let fields = or_reply!(first.hash());
+                if *reply == HSetReply::IfNew
+                    && pairs
+                        .iter()
+                        .any(|(f, _)| fields.iter().any(|(g, _)| g == f))
+                {
+                    return Ok(RespValue::Integer(0));
+                }
+                let ops = pairs
+                    .iter()
+                    .map(|(field, value)| MapOp::Set {
+                        field: field.clone(),
+                        value: value.clone(),
+                    })
+                    .collect();
+                Err(vec![update(key.clone(), ops)])
+            }
+            Op::HGet { fields, array, .. } => {
+                let hash = or_reply!(first.hash());
+                let values: Vec<RespValue> = fields
+                    .iter()
+                    .map(|f| {
+                        hash.iter()
+                            .find(|(g, _)| g == f)
+                            .map_or(RespValue::Null, |(_, v)| RespValue::Bulk(v.clone()))
+                    })
+                    .collect();
+                Ok(if *array {
+                    RespValue::Array(values)
+                } else {
+                    values.into_iter().next().unwrap_or(RespValue::Null)
+                })
+            }
+            Op::HRead { what, .. } => {
+                let hash = or_reply!(first.hash());
+                Ok(match what {
+                    HRead::All => RespValue::Array(
+                        hash.iter()
+                            .flat_map(|(f, v)| {
+                                [RespValue::Bulk(f.clone()), RespValue::Bulk(v.clone())]
+                            })
+                            .collect(),
+                    ),
+                    HRead::Keys => RespValue::Array(
+                        hash.iter()
+                            .map(|(f, _)| RespValue::Bulk(f.clone()))
+                            .collect(),
+                    ),
+                    HRead::Values => RespValue::Array(
+                        hash.iter()
+                            .map(|(_, v)| RespValue::Bulk(v.clone()))
+                            .collect(),
+                    ),
+                    HRead::Len => RespValue::Integer(hash.len() as i64),
+                    HRead::Exists(field) => {
+                        RespValue::Integer(i64::from(hash.iter().any(|(f, _)| f == field)))
+                    }
+                })
+            }
+            Op::HDel { key, fields } => {
+                let hash = or_reply!(first.hash());
+                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
+                let existing: Vec<MapOp> = names
+                    .into_iter()
+                    .filter(|f| hash.iter().any(|(g, _)| g == *f))
+                    .map(|f| MapOp::Delete { field: f.clone() })
+                    .collect();
+                if existing.is_empty() {
+                    return Ok(RespValue::Integer(0));
+                }
+                Err(vec![update(key.clone(), existing)])
+            }
+            Op::HIncrBy { key, field, by } => {
+                let hash = or_reply!(first.hash());
+                let current = match hash.iter().find(|(f, _)| f == field) {
+                    None => 0,
+                    Some((_, v)) => match integer(Some(v)) {
+                        Some(n) => n,
+                        None => return Ok(err("ERR hash value is not an integer")),
+                    },
+                };
+                let Some(next) = current.checked_add(*by) else {
+                    return Ok(err("ERR increment or decrement would overflow"));
+                };
+                Err(vec![update(
+                    key.clone(),
+                    vec![MapOp::Set {
+                        field: field.clone(),
+                        value: Bytes::from(next.to_string()),
+                    }],
+                )])
+            }
+            Op::MSet(_) => unreachable!("MSET writes without reading"),
+        }
+    }
+
+    /// The reply once the writes succeeded.
+    fn written(&self) -> RespValue {
+        let first = self.first();
+        match &self.op {
+            Op::Set { reply, .. } => match reply {
+                SetReply::Ok => ok(),
+                SetReply::Old => string_or_nil(first.string().ok().flatten()),
+                SetReply::Int => RespValue::Integer(1),
+            },
+            Op::MSet(_) => ok(),
+            Op::Del(_) => RespValue::Integer(count(&self.found)),
+            Op::GetDel(_) | Op::GetEx { .. } => string_or_nil(first.string().ok().flatten()),
+            Op::Expire { .. } | Op::Persist(_) => RespValue::Integer(1),
+            Op::Incr { by, .. } => {
+                let current = first
+                    .string()
+                    .ok()
+                    .flatten()
+                    .and_then(|v| integer(Some(&v)))
+                    .unwrap_or(0);
+                RespValue::Integer(current.saturating_add(*by))
+            }
+            Op::HSet { pairs, reply, .. } => match reply {
+                HSetReply::Added => {
+                    let hash = first.hash().unwrap_or_default();
+                    let names: std::collections::BTreeSet<&Bytes> =
+                        pairs.iter().map(|(f, _)| f).collect();
+                    let added = names
+                        .into_iter()
+                        .filter(|f| !hash.iter().any(|(g, _)| g == *f))
+                        .count();
+                    RespValue::Integer(added as i64)
+                }
+                HSetReply::IfNew => RespValue::Integer(1),
+                HSetReply::Ok => ok(),
+            },
+            Op::HDel { fields, .. } => {
+                let hash = first.hash().unwrap_or_default();
+                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
+                RespValue::Integer(
+                    names
+                        .into_iter()
+                        .filter(|f| hash.iter().any(|(g, _)| g == *f))
+                        .count() as i64,
+                )
+            }
+            Op::HIncrBy { field, by, .. } => {
+                let current = first
+                    .hash()
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|(f, _)| f == field)
+                    .and_then(|(_, v)| integer(Some(v)))
+                    .unwrap_or(0);
+                RespValue::Integer(current.saturating_add(*by))
+            }
+            Op::Get(_)
+            | Op::MGet(_)
+            | Op::Exists(_)
+            | Op::Type(_)
+            | Op::Ttl { .. }
+            | Op::HGet { .. }
+            | Op::HRead { .. } => unreachable!("reads answer after their reads"),
+        }
+    }
+}
+
+/// What a read found under a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Found {
+    /// Nothing (or only expired or deleted versions).
+    Missing,
+    /// A string, and its expiry.
+    Str(Bytes, Option<u64>),
+    /// A hash's fields, and its expiry.
+    Hash(Vec<(Bytes, Bytes)>, Option<u64>),
+}
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+
+impl Found {
+    fn is_missing(&self) -> bool {
+        *self == Found::Missing
+    }
+
+    /// The string, `None` if missing; a hash is a `WRONGTYPE` error.
+    fn string(&self) -> Result<Option<Bytes>, RespValue> {
+        match self {
+            Found::Missing => Ok(None),
+            Found::Str(v, _) => Ok(Some(v.clone())),
+            Found::Hash(..) => Err(err(WRONGTYPE)),
+        }
+    }
+
+    /// The hash's fields, empty if missing; a string is a `WRONGTYPE` error.
+    fn hash(&self) -> Result<Vec<(Bytes, Bytes)>, RespValue> {
+        match self {
+            Found::Missing => Ok(Vec::new()),
+            Found::Hash(fields, _) => Ok(fields.clone()),
+            Found::Str(..) => Err(err(WRONGTYPE)),
+        }
+    }
+
+    /// The key's expiry (`Some(None)`: none), or `None` if the key is missing.
+    fn expires(&self) -> Option<Option<u64>> {
+        match self {
+            Found::Missing => None,
+            Found::Str(_, e) | Found::Hash(_, e) => Some(*e),
+        }
+    }
+
+    /// The write that gives the key found a new expiry: the string written back, or the hash's
+    /// expiry register set.
+    fn rewrite(&self, key: &Bytes, expiry: Expiry) -> KeyRequest {
+        match self {
+            Found::Hash(..) => update(key.clone(), vec![MapOp::Expire(expiry)]),
+            Found::Str(value, _) => put(key.clone(), value.clone(), Some(expiry)),
+            Found::Missing => unreachable!("a missing key gets no new expiry"),
+        }
+    }
+}
+
+fn string_or_nil(v: Option<Bytes>) -> RespValue {
+    v.map_or(RespValue::Null, RespValue::Bulk)
+}
+
+/// The expiry a write that keeps the key's must carry: its time, "never" for a key without
+/// one, and none (the bucket's default, as for a new key) for a missing key.
+fn keep(found: &Found) -> Option<Expiry> {
+    match found.expires() {
+        Some(Some(at)) => Some(Expiry::At { unix_ms: at }),
+        Some(None) => Some(Expiry::Never),
+        None => None,
+    }
+}
+
+fn count(found: &[Found]) -> i64 {
+    found.iter().filter(|f| !f.is_missing()).count() as i64
+}
+
+/// The RESP error for an error reply.
+fn error_of(reply: &Message) -> Option<RespValue> {
+    match reply {
+        Message::Error(e) => Some(err(format!("ERR {}: {}", e.code, e.message))),
+        _ => None,
+    }
+}
+
+/// What a GET reply found for Redis: the last value sibling, or the map's fields, and the key's
+/// expiry.
+fn found_of(reply: &Message) -> Result<Found, RespValue> {
+    match reply {
+        Message::GetOk(ok) => {
+            if let Some(fields) = &ok.fields {
+                return Ok(Found::Hash(fields.clone(), ok.expires_at_ms));
+            }
+            Ok(ok
+                .siblings
+                .iter()
+                .rev()
+                .find_map(|s| match s {
+                    Sibling::Value(v) => Some(v.clone()),
+                    Sibling::Tombstone => None,
+                })
+                .map_or(Found::Missing, |v| Found::Str(v, ok.expires_at_ms)))
+        }
+        other => Err(err(format!("ERR unexpected reply {}", other.kind()))),
+    }
+}

@@ -1,0 +1,558 @@
+//! The RESP commands' plans and scripts, driven by hand: immediate replies and refusals, and
+//! each script's requests and reply against a scripted store.
+#![allow(clippy::unwrap_used)]
+use ringkv_net::resp::{RespLimits, decode_command};
+use ringkv_net::{ErrorBody, GetOk, PutOk};
+
+use super::*;
+use ringkv_core::request::{KeyBody, KeyRequest};
+use ringkv_net::{Condition, ErrorCode, MapOp, Message, Sibling};
+
+fn cmd(line: &str) -> RespCommand {
+    decode_command(format!("{line}\r\n").as_bytes(), &RespLimits::DEFAULT)
+        .unwrap()
+        .unwrap()
+        .0
+}
+
+fn plan_of(line: &str) -> RespPlan {
+    plan(&cmd(line), &mut RespState::new(7))
+}
+
+fn found(v: &'static [u8], expires_at_ms: Option<u64>) -> Message {
+    Message::GetOk(GetOk {
+        siblings: vec![Sibling::Value(Bytes::from_static(v))],
+        context: Bytes::new(),
+        expires_at_ms,
+        fields: None,
+    })
+}
+
+fn missing() -> Message {
+    Message::GetOk(GetOk {
+        siblings: vec![],
+        context: Bytes::new(),
+        expires_at_ms: None,
+        fields: None,
+    })
+}
+
+fn put_ok() -> Message {
+    Message::PutOk(PutOk {
+        context: Bytes::new(),
+    })
+}
+
+fn error_text(v: &RespValue) -> String {
+    match v {
+        RespValue::Error(e) => String::from_utf8_lossy(e).into_owned(),
+        other => panic!("not an error: {other:?}"),
+    }
+}
+
+fn reply_of(line: &str) -> RespValue {
+    match plan_of(line) {
+        RespPlan::Reply(v) => v,
+        other => panic!("{line}: not an immediate reply: {other:?}"),
+    }
+}
+
+/// Runs `line`'s script with `answer` giving each request's reply, at time `now`; returns
+/// the reply and the requests made, round by round.
+fn script(
+    line: &str,
+    now: u64,
+    mut answer: impl FnMut(&KeyRequest) -> Message,
+) -> (RespValue, Vec<Vec<KeyBody>>) {
+    let RespPlan::Run(mut s) = plan_of(line) else {
+        panic!("{line}: not a script")
+    };
+    let mut rounds = Vec::new();
+    let mut step = s.start();
+    loop {
+        match step {
+            Step::Done(v) => return (v, rounds),
+            Step::Run(requests) => {
+                let replies: Vec<Message> = requests.iter().map(&mut answer).collect();
+                rounds.push(requests.iter().map(|r| r.body().clone()).collect());
+                step = s.resume(&replies, now);
+            }
+        }
+    }
+}
+
+/// A store of one key holding `value` with `expires`, answering reads and acknowledging
+/// writes.
+fn holding(value: Option<(&'static [u8], Option<u64>)>) -> impl FnMut(&KeyRequest) -> Message {
+    move |r| match r.body() {
+        KeyBody::Get(_) => value.map_or_else(missing, |(v, e)| found(v, e)),
+        // A conditional PUT is decided as the key's first home would, by what it holds.
+        KeyBody::Put(p) => match (p.condition, value.is_some()) {
+            (Some(Condition::IfAbsent), true) | (Some(Condition::IfPresent), false) => {
+                Message::Error(ErrorBody::new(ErrorCode::ConditionFailed, "no"))
+            }
+            _ => put_ok(),
+        },
+        KeyBody::Delete(_) => Message::DeleteOk,
+        KeyBody::Update(_) => Message::UpdateOk,
+    }
+}
+
+fn condition_of(body: &KeyBody) -> Option<Condition> {
+    match body {
+        KeyBody::Put(p) => p.condition,
+        other => panic!("not a put: {other:?}"),
+    }
+}
+
+fn expiry_of(body: &KeyBody) -> Option<Expiry> {
+    match body {
+        KeyBody::Put(p) => p.expiry,
+        other => panic!("not a put: {other:?}"),
+    }
+}
+
+/// Immediate replies and refusals match Redis's wording closely enough for its clients.
+#[test]
+fn immediate_replies() {
+    assert_eq!(
+        reply_of("PING"),
+        RespValue::Simple(Bytes::from_static(b"PONG"))
+    );
+    assert_eq!(plan_of("quit"), RespPlan::ReplyAndClose(ok()));
+    assert!(error_text(&reply_of("HELLO 3")).starts_with("NOPROTO"));
+    assert!(error_text(&reply_of("FLUSHALL")).starts_with("ERR unknown command"));
+    assert!(error_text(&reply_of("GET")).starts_with("ERR wrong number"));
+    assert_eq!(
+        error_text(&reply_of("SET k v EX 0")),
+        "ERR invalid expire time in 'set' command"
+    );
+    assert_eq!(
+        error_text(&reply_of("SET k v EX ten")),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(error_text(&reply_of("SET k v NX XX")), "ERR syntax error");
+    assert_eq!(
+        error_text(&reply_of("SET k v EX 1 PX 5")),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        error_text(&reply_of("SET k v KEEPTTL EX 5")),
+        "ERR syntax error"
+    );
+    assert_eq!(
+        error_text(&reply_of("SETEX k -1 v")),
+        "ERR invalid expire time in 'setex' command"
+    );
+    assert_eq!(
+        error_text(&reply_of("EXPIRE k 10 GT LT")),
+        "ERR GT and LT options at the same time are not compatible"
+    );
+    assert_eq!(
+        error_text(&reply_of("EXPIRE k 10 NX GT")),
+        "ERR NX and XX, GT or LT options at the same time are not compatible"
+    );
+    assert!(error_text(&reply_of("MSET a 1 b")).starts_with("ERR wrong number"));
+    assert!(error_text(&reply_of("CLIENT KILL x")).starts_with("ERR unknown subcommand"));
+    assert!(error_text(&reply_of("AUTH secret")).starts_with("ERR AUTH <password> called"));
+    assert!(error_text(&reply_of("AUTH alice pw")).starts_with("WRONGPASS"));
+    assert_eq!(reply_of("AUTH default pw"), ok());
+    assert_eq!(plan_of("DBSIZE"), RespPlan::DbSize);
+}
+
+/// CLIENT SETNAME and GETNAME keep the name on the connection's state; CLIENT ID and HELLO
+/// give its id; HELLO can set the name too.
+#[test]
+fn connection_commands_keep_their_state() {
+    let mut state = RespState::new(42);
+    assert_eq!(
+        plan(&cmd("CLIENT GETNAME"), &mut state),
+        RespPlan::Reply(RespValue::Null)
+    );
+    assert_eq!(
+        plan(&cmd("CLIENT SETNAME web-1"), &mut state),
+        RespPlan::Reply(ok())
+    );
+    assert_eq!(
+        plan(&cmd("CLIENT GETNAME"), &mut state),
+        RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"web-1")))
+    );
+    assert_eq!(
+        plan(&cmd("CLIENT ID"), &mut state),
+        RespPlan::Reply(RespValue::Integer(42))
+    );
+    assert_eq!(
+        plan(&cmd("CLIENT SETINFO LIB-NAME redis-py"), &mut state),
+        RespPlan::Reply(ok())
+    );
+    let RespPlan::Reply(RespValue::Array(hello)) =
+        plan(&cmd("HELLO 2 AUTH default x SETNAME other"), &mut state)
+    else {
+        panic!("HELLO 2 answers its map as an array")
+    };
+    assert!(hello.contains(&RespValue::Integer(42)));
+    assert_eq!(
+        plan(&cmd("CLIENT GETNAME"), &mut state),
+        RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"other")))
+    );
+    assert!(matches!(
+        plan(&cmd("CLIENT SETNAME has\tspace"), &mut state),
+        RespPlan::Reply(RespValue::Error(_))
+    ));
+}
+
+/// Plain SET writes at once, with its expiry as a time to live for the coordinator to
+/// stamp; SET NX reads first and writes only if the key is missing; KEEPTTL writes the
+/// key's expiry back as an absolute time.
+#[test]
+fn set_and_its_options() {
+    let (reply, rounds) = script("SET k v EX 10", 0, holding(None));
+    assert_eq!(reply, ok());
+    assert_eq!(rounds.len(), 1, "no read");
+    assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 10_000 }));
+    let (reply, rounds) = script("SET k v PXAT 5000", 0, holding(None));
+    assert_eq!(reply, ok());
+    assert_eq!(
+        expiry_of(&rounds[0][0]),
+        Some(Expiry::At { unix_ms: 5_000 })
+    );
+    // NX and XX are conditions of one write, decided by the key's first home: no read.
+    let (reply, rounds) = script("SET k v NX", 0, holding(Some((b"old", None))));
+    assert_eq!(reply, RespValue::Null);
+    assert_eq!(rounds.len(), 1, "one conditional write");
+    assert_eq!(condition_of(&rounds[0][0]), Some(Condition::IfAbsent));
+    let (reply, rounds) = script("SET k v NX EX 5", 0, holding(None));
+    assert_eq!(reply, ok());
+    assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 5_000 }));
+    let (reply, rounds) = script("SET k v XX", 0, holding(None));
+    assert_eq!(reply, RespValue::Null);
+    assert_eq!(condition_of(&rounds[0][0]), Some(Condition::IfPresent));
+    // GET needs the old value: a read, then the conditional write.
+    let (reply, rounds) = script("SET k v XX GET", 0, holding(Some((b"old", None))));
+    assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"old")));
+    assert_eq!(condition_of(&rounds[1][0]), Some(Condition::IfPresent));
+    let (reply, rounds) = script("SET k v KEEPTTL", 0, holding(Some((b"old", Some(9_000)))));
+    assert_eq!(reply, ok());
+    assert_eq!(
+        expiry_of(&rounds[1][0]),
+        Some(Expiry::At { unix_ms: 9_000 })
+    );
+    let (reply, _) = script("SETNX k v", 0, holding(Some((b"old", None))));
+    assert_eq!(reply, RespValue::Integer(0));
+    let (reply, _) = script("SETNX k v", 0, holding(None));
+    assert_eq!(reply, RespValue::Integer(1));
+    let (_, rounds) = script("PSETEX k 1500 v", 0, holding(None));
+    assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 1_500 }));
+}
+
+/// TTL and PTTL answer -2 for a missing key, -1 for one without expiry, and the time left
+/// by this node's clock (TTL rounded to the nearest second, as Redis does).
+#[test]
+fn ttl_answers_from_the_expiry_read() {
+    assert_eq!(script("TTL k", 0, holding(None)).0, RespValue::Integer(-2));
+    assert_eq!(
+        script("TTL k", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(-1)
+    );
+    let expiring = || holding(Some((b"v", Some(10_000))));
+    assert_eq!(
+        script("PTTL k", 2_500, expiring()).0,
+        RespValue::Integer(7_500)
+    );
+    assert_eq!(script("TTL k", 2_500, expiring()).0, RespValue::Integer(8));
+}
+
+/// EXPIRE's conditions compare with the key's expiry (none counts as never); a time in the
+/// past deletes the key; PERSIST writes the value back without expiry, only if it had one.
+#[test]
+fn expire_and_persist() {
+    let (reply, rounds) = script("EXPIRE k 10", 1_000, holding(Some((b"v", None))));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Ttl { ms: 10_000 }));
+    assert_eq!(
+        script("EXPIRE k 10", 0, holding(None)).0,
+        RespValue::Integer(0)
+    );
+    assert_eq!(
+        script("EXPIRE k 10 GT", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(0),
+        "no expiry is later than any"
+    );
+    assert_eq!(
+        script("EXPIRE k 10 LT", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(1)
+    );
+    assert_eq!(
+        script("PEXPIRE k 10 GT", 0, holding(Some((b"v", Some(5))))).0,
+        RespValue::Integer(1)
+    );
+    assert_eq!(
+        script("EXPIRE k 10 XX", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(0)
+    );
+    let (reply, rounds) = script("PEXPIREAT k 5", 1_000, holding(Some((b"v", None))));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert!(
+        matches!(rounds[1][0], KeyBody::Delete(_)),
+        "a past time deletes"
+    );
+    let (reply, rounds) = script("PERSIST k", 0, holding(Some((b"v", Some(9)))));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+    assert_eq!(
+        script("PERSIST k", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(0)
+    );
+    let (reply, rounds) = script("GETEX k PERSIST", 0, holding(Some((b"v", Some(9)))));
+    assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+    let (reply, rounds) = script("GETEX k", 0, holding(Some((b"v", Some(9)))));
+    assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+    assert_eq!(rounds.len(), 1, "GETEX without options only reads");
+}
+
+/// Data commands become requests in the RESP bucket, and their replies combine as Redis's;
+/// an error reply ends the script with an error.
+#[test]
+fn data_commands() {
+    let (reply, rounds) = script("DEL a b", 0, |r| match r.body() {
+        KeyBody::Get(g) if &g.key[..] == b"a" => found(b"x", None),
+        KeyBody::Get(_) => missing(),
+        _ => Message::DeleteOk,
+    });
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(rounds.len(), 2);
+    assert!(
+        matches!(&rounds[0][0], KeyBody::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
+    );
+    assert!(matches!(&rounds[1][1], KeyBody::Delete(d) if &d.key[..] == b"b"));
+    let (reply, _) = script("MGET a b", 0, |r| match r.body() {
+        KeyBody::Get(g) if &g.key[..] == b"a" => found(b"x", None),
+        _ => missing(),
+    });
+    assert_eq!(
+        reply,
+        RespValue::Array(vec![
+            RespValue::Bulk(Bytes::from_static(b"x")),
+            RespValue::Null
+        ])
+    );
+    assert_eq!(
+        script("EXISTS a a", 0, holding(Some((b"v", None)))).0,
+        RespValue::Integer(2)
+    );
+    assert_eq!(
+        script("TYPE a", 0, holding(Some((b"v", None)))).0,
+        RespValue::Simple(Bytes::from_static(b"string"))
+    );
+    let (reply, rounds) = script("GETDEL a", 0, holding(Some((b"v", None))));
+    assert_eq!(reply, RespValue::Bulk(Bytes::from_static(b"v")));
+    assert!(matches!(rounds[1][0], KeyBody::Delete(_)));
+    let (reply, rounds) = script("MSET a 1 b 2", 0, holding(None));
+    assert_eq!(reply, ok());
+    assert_eq!(rounds[0].len(), 2);
+    let (reply, _) = script("GET a", 0, |_| {
+        Message::Error(ErrorBody::new(ErrorCode::Timeout, "slow"))
+    });
+    assert!(error_text(&reply).starts_with("ERR timeout"), "{reply:?}");
+}
+
+/// INCR family: a missing key counts from 0, the key's expiry is kept, a value that is not
+/// an integer and an overflow are refused as Redis refuses them.
+#[test]
+fn increments() {
+    let (reply, rounds) = script("INCRBY k 5", 0, holding(Some((b"10", Some(99)))));
+    assert_eq!(reply, RespValue::Integer(15));
+    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::At { unix_ms: 99 }));
+    assert!(matches!(&rounds[1][0], KeyBody::Put(p) if &p.value[..] == b"15"));
+    let (reply, rounds) = script("DECR k", 0, holding(None));
+    assert_eq!(reply, RespValue::Integer(-1));
+    assert_eq!(
+        expiry_of(&rounds[1][0]),
+        None,
+        "a new counter takes the bucket's default"
+    );
+    let (_, rounds) = script("INCR k", 0, holding(Some((b"1", None))));
+    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+    assert_eq!(
+        error_text(&script("INCR k", 0, holding(Some((b"abc", None)))).0),
+        "ERR value is not an integer or out of range"
+    );
+    assert_eq!(
+        error_text(&script("INCR k", 0, holding(Some((b"9223372036854775807", None)))).0),
+        "ERR increment or decrement would overflow"
+    );
+    assert!(error_text(&reply_of("INCRBY k x")).starts_with("ERR value is not an integer"));
+}
+
+fn hash(fields: &[(&'static [u8], &'static [u8])], expires_at_ms: Option<u64>) -> Message {
+    Message::GetOk(GetOk {
+        siblings: vec![],
+        context: Bytes::new(),
+        expires_at_ms,
+        fields: Some(
+            fields
+                .iter()
+                .map(|(f, v)| (Bytes::from_static(f), Bytes::from_static(v)))
+                .collect(),
+        ),
+    })
+}
+
+/// A store of one key holding a hash, answering reads and acknowledging writes.
+fn holding_hash(
+    fields: &'static [(&'static [u8], &'static [u8])],
+    expires_at_ms: Option<u64>,
+) -> impl FnMut(&KeyRequest) -> Message {
+    move |r| match r.body() {
+        KeyBody::Get(_) => hash(fields, expires_at_ms),
+        KeyBody::Update(_) => Message::UpdateOk,
+        other => panic!("a hash command sent {other:?}"),
+    }
+}
+
+fn ops_of(body: &KeyBody) -> Vec<MapOp> {
+    match body {
+        KeyBody::Update(u) => u.ops.clone(),
+        other => panic!("not an update: {other:?}"),
+    }
+}
+
+fn bulk(v: &'static [u8]) -> RespValue {
+    RespValue::Bulk(Bytes::from_static(v))
+}
+
+/// Hash commands read the hash and write only the fields they change (an UPDATE, each
+/// field a last-write-wins register); replies count as Redis counts; a string key is
+/// `WRONGTYPE` for them, and a hash key for string commands.
+#[test]
+fn hash_commands() {
+    const H: &[(&[u8], &[u8])] = &[(b"cart", b"3"), (b"user", b"alice")];
+    let (reply, rounds) = script("HSET h user bob n 1", 0, holding_hash(H, None));
+    assert_eq!(
+        reply,
+        RespValue::Integer(1),
+        "one field added, one replaced"
+    );
+    assert_eq!(ops_of(&rounds[1][0]).len(), 2);
+    assert_eq!(
+        script("HSETNX h user x", 0, holding_hash(H, None)).0,
+        RespValue::Integer(0)
+    );
+    assert_eq!(
+        script("HSETNX h z x", 0, holding_hash(H, None)).0,
+        RespValue::Integer(1)
+    );
+    assert_eq!(script("HMSET h a 1", 0, holding_hash(H, None)).0, ok());
+    assert_eq!(
+        script("HGET h user", 0, holding_hash(H, None)).0,
+        bulk(b"alice")
+    );
+    assert_eq!(
+        script("HGET h nope", 0, holding_hash(H, None)).0,
+        RespValue::Null
+    );
+    assert_eq!(
+        script("HMGET h user nope", 0, holding_hash(H, None)).0,
+        RespValue::Array(vec![bulk(b"alice"), RespValue::Null])
+    );
+    assert_eq!(
+        script("HGETALL h", 0, holding_hash(H, None)).0,
+        RespValue::Array(vec![
+            bulk(b"cart"),
+            bulk(b"3"),
+            bulk(b"user"),
+            bulk(b"alice")
+        ])
+    );
+    assert_eq!(
+        script("HKEYS h", 0, holding_hash(H, None)).0,
+        RespValue::Array(vec![bulk(b"cart"), bulk(b"user")])
+    );
+    assert_eq!(
+        script("HLEN h", 0, holding_hash(H, None)).0,
+        RespValue::Integer(2)
+    );
+    assert_eq!(
+        script("HEXISTS h cart", 0, holding_hash(H, None)).0,
+        RespValue::Integer(1)
+    );
+    let (reply, rounds) = script("HDEL h cart nope cart", 0, holding_hash(H, None));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(
+        ops_of(&rounds[1][0]),
+        vec![MapOp::Delete {
+            field: Bytes::from_static(b"cart")
+        }]
+    );
+    let (reply, rounds) = script("HDEL h nope", 0, holding_hash(H, None));
+    assert_eq!(reply, RespValue::Integer(0));
+    assert_eq!(rounds.len(), 1, "nothing to delete, nothing written");
+    assert_eq!(
+        script("HINCRBY h cart 4", 0, holding_hash(H, None)).0,
+        RespValue::Integer(7)
+    );
+    assert_eq!(
+        error_text(&script("HINCRBY h user 1", 0, holding_hash(H, None)).0),
+        "ERR hash value is not an integer"
+    );
+    // Expiry on a hash is its expiry register.
+    let (reply, rounds) = script("EXPIRE h 10", 0, holding_hash(H, None));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(
+        ops_of(&rounds[1][0]),
+        vec![MapOp::Expire(Expiry::Ttl { ms: 10_000 })]
+    );
+    assert_eq!(
+        script("TTL h", 1_000, holding_hash(H, Some(5_000))).0,
+        RespValue::Integer(4)
+    );
+    let (_, rounds) = script("PERSIST h", 0, holding_hash(H, Some(5_000)));
+    assert_eq!(ops_of(&rounds[1][0]), vec![MapOp::Expire(Expiry::Never)]);
+    assert_eq!(
+        script("TYPE h", 0, holding_hash(H, None)).0,
+        RespValue::Simple(Bytes::from_static(b"hash"))
+    );
+    assert!(error_text(&script("GET h", 0, holding_hash(H, None)).0).starts_with("WRONGTYPE"));
+    assert_eq!(
+        script("MGET h", 0, holding_hash(H, None)).0,
+        RespValue::Array(vec![RespValue::Null])
+    );
+    assert!(
+        error_text(&script("HGET s f", 0, holding(Some((b"v", None)))).0).starts_with("WRONGTYPE")
+    );
+    assert!(
+        error_text(&script("HSET s f v", 0, holding(Some((b"v", None)))).0)
+            .starts_with("WRONGTYPE")
+    );
+    assert_eq!(
+        script("HGETALL missing", 0, holding(None)).0,
+        RespValue::Array(Vec::new())
+    );
+    // Limits, sent as arrays (an inline command line is shorter than a long field name).
+    let array = |args: Vec<Vec<u8>>| {
+        let mut wire = format!("*{}\r\n", args.len()).into_bytes();
+        for a in &args {
+            wire.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            wire.extend_from_slice(a);
+            wire.extend_from_slice(b"\r\n");
+        }
+        let cmd = decode_command(&wire, &RespLimits::DEFAULT)
+            .unwrap()
+            .unwrap()
+            .0;
+        match plan(&cmd, &mut RespState::new(1)) {
+            RespPlan::Reply(v) => error_text(&v),
+            other => panic!("not refused: {other:?}"),
+        }
+    };
+    let long = vec![b'f'; FIELD_BYTES_MAX + 1];
+    let refused = array(vec![b"HSET".to_vec(), b"h".to_vec(), long, b"v".to_vec()]);
+    assert!(refused.contains("field name"), "{refused}");
+    let mut many = vec![b"HSET".to_vec(), b"h".to_vec()];
+    for i in 0..=MAP_OPS_MAX {
+        many.push(format!("f{i}").into_bytes());
+        many.push(b"v".to_vec());
+    }
+    assert!(array(many).contains("at most"));
+}
