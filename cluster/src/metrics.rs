@@ -351,6 +351,17 @@ impl ShardMetrics {
             .store(state.adjustments, Ordering::Relaxed);
     }
 
+    /// Keys in the shard's published Merkle trees of replica count `n`.
+    pub fn tree_keys(&self, n: u8) -> u64 {
+        self.trees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|t| t.n == n)
+            .map(|t| t.keys)
+            .sum()
+    }
+
     /// Publishes the shard's Merkle roots.
     pub fn set_trees(&self, trees: Vec<TreeRoot>) {
         // A writer that panicked left a whole list behind (it is replaced in one assignment).

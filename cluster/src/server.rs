@@ -334,6 +334,8 @@ struct Shard {
     /// Requests sent to other shards, waiting for their replies over the mesh.
     waiting: Rc<Waiters>,
     metrics: Arc<ShardMetrics>,
+    /// Every shard's metrics, for figures about the whole node (RESP's `DBSIZE`).
+    all_metrics: Arc<[Arc<ShardMetrics>]>,
     request_timeout_ms: u64,
     replica_timeout_ms: u64,
     value_bytes_max: usize,

@@ -89,7 +89,7 @@ fn flask_sessions_live_and_expire() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
-/// The `redis` crate's typed expiry commands: SET with EX, TTL/PTTL, EXPIRE with a condition,
+/// The `redis` crate's typed expiry commands, after DBSIZE of 20 keys written: SET with EX, TTL/PTTL, EXPIRE with a condition,
 /// PERSIST, SET NX/XX, GETDEL, INCR keeping the TTL, and a key that expires is gone for GET,
 /// EXISTS and TTL alike, and stays gone after PERSIST or a GET with KEEPTTL tries to revive it.
 #[test]
@@ -102,6 +102,21 @@ fn redis_crate_expiry_commands() {
         .get_connection_with_timeout(Duration::from_secs(10))
         .unwrap();
     con.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    // DBSIZE counts the node's keys across its shards (the other shards' as they last
+    // published them, every second: polled).
+    for i in 0..20 {
+        let () = con.set(format!("dbsize-{i}"), "v").unwrap();
+    }
+    let mut size = 0i64;
+    for _ in 0..100 {
+        size = redis::cmd("DBSIZE").query(&mut con).unwrap();
+        if size == 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(size, 20, "DBSIZE of a node holding 20 keys");
 
     let () = con.set_ex("s", "v", 100).unwrap();
     let ttl: i64 = con.ttl("s").unwrap();

@@ -66,14 +66,24 @@ impl Shard {
         n * self.shard_count as u64 + self.id as u64
     }
 
-    /// RESP's `DBSIZE`: an estimate of the keys of the RESP bucket ([`Core::key_estimate`]).
+    /// RESP's `DBSIZE`: an estimate of the keys of the RESP bucket ([`Core::key_estimate`]):
+    /// this shard's trees as they are, the other shards' as they last published them (every
+    /// second).
     ///
     /// [`Core::key_estimate`]: ringkv_core::coordinator::Core::key_estimate
     pub(super) fn resp_key_estimate(&self) -> i64 {
+        let others = |n: u8| -> u64 {
+            self.all_metrics
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != self.id)
+                .map(|(_, m)| m.tree_keys(n))
+                .sum()
+        };
         let keys = self
             .core
-            .borrow_mut()
-            .key_estimate(crate::resp::RESP_BUCKET, self.shard_count as u64);
+            .borrow()
+            .key_estimate(crate::resp::RESP_BUCKET, others);
         i64::try_from(keys).unwrap_or(i64::MAX)
     }
 

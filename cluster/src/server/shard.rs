@@ -440,6 +440,7 @@ fn new_shard(
         requests,
         waiting: Rc::new(Waiters::default()),
         metrics: all_metrics[id].clone(),
+        all_metrics: all_metrics.clone(),
         request_timeout_ms: cfg.settings.request_timeout_ms,
         replica_timeout_ms: cfg.settings.replica_timeout_ms,
         value_bytes_max: cfg.settings.value_bytes_max,

@@ -533,22 +533,26 @@ impl Core {
             .collect()
     }
 
-    /// An estimate of the keys the cluster holds in buckets with `bucket`'s replica count,
-    /// from this core's trees: the keys of its primary replicas, times `shards` (this node's
-    /// shards, assumed to hold as many), times the members, divided by the replicas per key.
-    /// Approximate by design (Redis's `DBSIZE`): it counts other buckets of the same `n`, and
-    /// deletions and expired keys until they are reaped.
-    pub fn key_estimate(&mut self, bucket: &[u8], shards: u64) -> u64 {
+    /// An estimate of the keys the cluster holds in buckets with `bucket`'s replica count: the
+    /// keys of this node's primary replicas (this core's trees, plus what `other_shards` says
+    /// the node's other shards hold in trees of a replica count), times the members, divided by
+    /// the replicas per key. Exact on one node; approximate in a cluster, by design (Redis's
+    /// `DBSIZE`): it counts other buckets of the same `n`, and deletions and expired keys until
+    /// they are reaped.
+    pub fn key_estimate(&self, bucket: &[u8], other_shards: impl Fn(u8) -> u64) -> u64 {
         let members = self.ring.members().len().max(1) as u64;
-        let n = u64::from(self.cfg.buckets.props(bucket).n).min(members);
+        let tree_n = self.tree_n(bucket);
+        // Copies per key: the bucket's `n`, or every member when there are fewer.
+        let n = u64::from(tree_n).min(members);
         let here: u64 = self
             .ae
             .trees
             .iter()
-            .filter(|((_, tree_n), _)| u64::from(*tree_n) == n)
+            .filter(|((_, t_n), _)| *t_n == tree_n)
             .map(|(_, t)| t.merkle.len())
             .sum();
-        here.saturating_mul(shards).saturating_mul(members) / n.max(1)
+        let node = here.saturating_add(other_shards(tree_n));
+        node.saturating_mul(members) / n.max(1)
     }
 
     /// Whether storage operation `id` is an anti-entropy read (background work).
