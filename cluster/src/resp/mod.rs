@@ -65,7 +65,7 @@ pub enum RespPlan {
     /// Send this reply, then close the connection.
     ReplyAndClose(RespValue),
     /// Run this script ([`Script::start`]) and send the reply it ends with.
-    Run(Script),
+    Run(Box<Script>),
     /// Answer `DBSIZE`: the shell estimates the keys of [`RESP_BUCKET`].
     DbSize,
 }
@@ -172,7 +172,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     // Arguments after the name, as shared slices of the command's buffer.
     let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
-    let run = |op: Op| RespPlan::Run(Script::new(op));
+    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
     if let Some(refused) = hash_limits(cmd, &name) {
         return refused;
     }
@@ -511,13 +511,13 @@ fn set(cmd: &RespCommand) -> RespPlan {
         }
         i += 1;
     }
-    RespPlan::Run(Script::new(Op::Set {
+    RespPlan::Run(Box::new(Script::new(Op::Set {
         key: cmd.arg_bytes(1).unwrap_or_default(),
         value: cmd.arg_bytes(2).unwrap_or_default(),
         cond,
         expiry,
         reply: if get { SetReply::Old } else { SetReply::Ok },
-    }))
+    })))
 }
 
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`.
@@ -538,7 +538,7 @@ fn getex(cmd: &RespCommand) -> RespPlan {
         },
         _ => return syntax_error(),
     };
-    RespPlan::Run(Script::new(Op::GetEx { key, expiry }))
+    RespPlan::Run(Box::new(Script::new(Op::GetEx { key, expiry })))
 }
 
 /// `EXPIRE key seconds [NX|XX|GT|LT]`, and `PEXPIRE`, `EXPIREAT`, `PEXPIREAT`.
@@ -584,9 +584,9 @@ fn expire(cmd: &RespCommand, name: &str) -> RespPlan {
             }
         };
     }
-    RespPlan::Run(Script::new(Op::Expire {
+    RespPlan::Run(Box::new(Script::new(Op::Expire {
         key: cmd.arg_bytes(1).unwrap_or_default(),
         when,
         cond,
-    }))
+    })))
 }

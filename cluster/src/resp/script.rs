@@ -28,6 +28,8 @@ pub struct Script {
     /// What the read round found, once it ran.
     found: Vec<Found>,
     round: Round,
+    /// The reply once the write round succeeds, decided with the writes.
+    then: Option<RespValue>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +242,7 @@ impl Script {
             op,
             found: Vec::new(),
             round: Round::NotStarted,
+            then: None,
         }
     }
 
@@ -276,25 +279,34 @@ impl Script {
                 value,
                 cond,
                 expiry,
-                reply: SetReply::Ok | SetReply::Int,
+                reply: reply @ (SetReply::Ok | SetReply::Int),
             } if *expiry != SetExpiry::Keep => {
                 let expiry = match expiry {
                     SetExpiry::Given(e) => Some(*e),
                     SetExpiry::Default | SetExpiry::Keep => None,
                 };
-                Some(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
+                let then = match reply {
+                    SetReply::Int => RespValue::Integer(1),
+                    SetReply::Ok | SetReply::Old => ok(),
+                };
+                Some((
+                    vec![put_if(key.clone(), value.clone(), expiry, *cond)],
+                    then,
+                ))
             }
-            Op::MSet(pairs) => Some(
+            Op::MSet(pairs) => Some((
                 pairs
                     .iter()
                     .map(|(k, v)| put(k.clone(), v.clone(), None))
                     .collect(),
-            ),
+                ok(),
+            )),
             _ => None,
         };
         match writes {
-            Some(writes) => {
+            Some((writes, then)) => {
                 self.round = Round::Writes;
+                self.then = Some(then);
                 Step::Run(writes)
             }
             None => {
@@ -324,7 +336,11 @@ impl Script {
         }
         match self.round {
             Round::NotStarted => unreachable!("resume follows start"),
-            Round::Writes => Step::Done(self.written()),
+            Round::Writes => Step::Done(
+                self.then
+                    .take()
+                    .expect("a write round was started with its reply"),
+            ),
             Round::Reads => {
                 let mut found = Vec::with_capacity(replies.len());
                 for reply in replies {
@@ -336,8 +352,9 @@ impl Script {
                 self.found = found;
                 match self.after_reads(now_ms) {
                     Ok(reply) => Step::Done(reply),
-                    Err(writes) => {
+                    Err((writes, then)) => {
                         self.round = Round::Writes;
+                        self.then = Some(then);
                         Step::Run(writes)
                     }
                 }
@@ -349,8 +366,9 @@ impl Script {
         self.found.first().unwrap_or(&Found::Missing)
     }
 
-    /// The reply once the reads ran, or (`Err`) the writes still to make.
-    fn after_reads(&self, now_ms: u64) -> Result<RespValue, Vec<KeyRequest>> {
+    /// The reply once the reads ran, or (`Err`) the writes still to make and the reply once
+    /// they succeed.
+    fn after_reads(&self, now_ms: u64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
         let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
         let first = self.first();
         match &self.op {
@@ -403,7 +421,7 @@ impl Script {
                 if !allowed {
                     return Ok(match reply {
                         SetReply::Ok => RespValue::Null,
-                        SetReply::Old => string_or_nil(old),
+                        SetReply::Old => string_or_nil(old.clone()),
                         SetReply::Int => RespValue::Integer(0),
                     });
                 }
@@ -412,15 +430,29 @@ impl Script {
                     SetExpiry::Given(e) => Some(*e),
                     SetExpiry::Keep => keep(first),
                 };
-                Err(vec![put_if(key.clone(), value.clone(), expiry, *cond)])
+                let then = match reply {
+                    SetReply::Ok => ok(),
+                    SetReply::Old => string_or_nil(old),
+                    SetReply::Int => RespValue::Integer(1),
+                };
+                Err((
+                    vec![put_if(key.clone(), value.clone(), expiry, *cond)],
+                    then,
+                ))
             }
-            Op::Del(keys) => Err(keys.iter().cloned().map(delete).collect()),
+            Op::Del(keys) => Err((
+                keys.iter().cloned().map(delete).collect(),
+                RespValue::Integer(count(&self.found)),
+            )),
             Op::GetDel(key) => match or_reply!(first.string()) {
                 None => Ok(RespValue::Null),
-                Some(_) => Err(vec![delete(key.clone())]),
+                Some(value) => Err((vec![delete(key.clone())], RespValue::Bulk(value))),
             },
             Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
-                (Some(value), Some(e)) => Err(vec![put(key.clone(), value, Some(*e))]),
+                (Some(value), Some(e)) => Err((
+                    vec![put(key.clone(), value.clone(), Some(*e))],
+                    RespValue::Bulk(value),
+                )),
                 (value, _) => Ok(string_or_nil(value)),
             },
             Op::Expire { key, when, cond } => {
@@ -445,16 +477,19 @@ impl Script {
                 }
                 if at <= now {
                     // As Redis: a time already past deletes the key.
-                    return Err(vec![delete(key.clone())]);
+                    return Err((vec![delete(key.clone())], RespValue::Integer(1)));
                 }
                 let expiry = match *when {
                     When::In(ms) => Expiry::Ttl { ms: ms as u64 },
                     When::At(ms) => Expiry::At { unix_ms: ms as u64 },
                 };
-                Err(vec![first.rewrite(key, expiry)])
+                Err((vec![first.rewrite(key, expiry)], RespValue::Integer(1)))
             }
             Op::Persist(key) => match first.expires() {
-                Some(Some(_)) => Err(vec![first.rewrite(key, Expiry::Never)]),
+                Some(Some(_)) => Err((
+                    vec![first.rewrite(key, Expiry::Never)],
+                    RespValue::Integer(1),
+                )),
                 _ => Ok(RespValue::Integer(0)),
             },
             Op::Incr { key, by } => {
@@ -469,7 +504,10 @@ impl Script {
                     return Ok(err("ERR increment or decrement would overflow"));
                 };
                 let value = Bytes::from(next.to_string());
-                Err(vec![put(key.clone(), value, keep(first))])
+                Err((
+                    vec![put(key.clone(), value, keep(first))],
+                    RespValue::Integer(next),
+                ))
             }
             Op::HSet { key, pairs, reply } => {
                 let fields = or_reply!(first.hash());
@@ -487,7 +525,20 @@ impl Script {
                         value: value.clone(),
                     })
                     .collect();
-                Err(vec![update(key.clone(), ops)])
+                let then = match reply {
+                    HSetReply::Added => {
+                        let names: std::collections::BTreeSet<&Bytes> =
+                            pairs.iter().map(|(f, _)| f).collect();
+                        let added = names
+                            .into_iter()
+                            .filter(|f| !fields.iter().any(|(g, _)| g == *f))
+                            .count();
+                        RespValue::Integer(added as i64)
+                    }
+                    HSetReply::IfNew => RespValue::Integer(1),
+                    HSetReply::Ok => ok(),
+                };
+                Err((vec![update(key.clone(), ops)], then))
             }
             Op::HGet { fields, array, .. } => {
                 let hash = or_reply!(first.hash());
@@ -542,7 +593,8 @@ impl Script {
                 if existing.is_empty() {
                     return Ok(RespValue::Integer(0));
                 }
-                Err(vec![update(key.clone(), existing)])
+                let deleted = RespValue::Integer(existing.len() as i64);
+                Err((vec![update(key.clone(), existing)], deleted))
             }
             Op::HIncrBy { key, field, by } => {
                 let hash = or_reply!(first.hash());
@@ -556,81 +608,18 @@ impl Script {
                 let Some(next) = current.checked_add(*by) else {
                     return Ok(err("ERR increment or decrement would overflow"));
                 };
-                Err(vec![update(
-                    key.clone(),
-                    vec![MapOp::Set {
-                        field: field.clone(),
-                        value: Bytes::from(next.to_string()),
-                    }],
-                )])
+                Err((
+                    vec![update(
+                        key.clone(),
+                        vec![MapOp::Set {
+                            field: field.clone(),
+                            value: Bytes::from(next.to_string()),
+                        }],
+                    )],
+                    RespValue::Integer(next),
+                ))
             }
             Op::MSet(_) => unreachable!("MSET writes without reading"),
-        }
-    }
-
-    /// The reply once the writes succeeded.
-    fn written(&self) -> RespValue {
-        let first = self.first();
-        match &self.op {
-            Op::Set { reply, .. } => match reply {
-                SetReply::Ok => ok(),
-                SetReply::Old => string_or_nil(first.string().ok().flatten()),
-                SetReply::Int => RespValue::Integer(1),
-            },
-            Op::MSet(_) => ok(),
-            Op::Del(_) => RespValue::Integer(count(&self.found)),
-            Op::GetDel(_) | Op::GetEx { .. } => string_or_nil(first.string().ok().flatten()),
-            Op::Expire { .. } | Op::Persist(_) => RespValue::Integer(1),
-            Op::Incr { by, .. } => {
-                let current = first
-                    .string()
-                    .ok()
-                    .flatten()
-                    .and_then(|v| integer(Some(&v)))
-                    .unwrap_or(0);
-                RespValue::Integer(current.saturating_add(*by))
-            }
-            Op::HSet { pairs, reply, .. } => match reply {
-                HSetReply::Added => {
-                    let hash = first.hash().unwrap_or_default();
-                    let names: std::collections::BTreeSet<&Bytes> =
-                        pairs.iter().map(|(f, _)| f).collect();
-                    let added = names
-                        .into_iter()
-                        .filter(|f| !hash.iter().any(|(g, _)| g == *f))
-                        .count();
-                    RespValue::Integer(added as i64)
-                }
-                HSetReply::IfNew => RespValue::Integer(1),
-                HSetReply::Ok => ok(),
-            },
-            Op::HDel { fields, .. } => {
-                let hash = first.hash().unwrap_or_default();
-                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
-                RespValue::Integer(
-                    names
-                        .into_iter()
-                        .filter(|f| hash.iter().any(|(g, _)| g == *f))
-                        .count() as i64,
-                )
-            }
-            Op::HIncrBy { field, by, .. } => {
-                let current = first
-                    .hash()
-                    .unwrap_or_default()
-                    .iter()
-                    .find(|(f, _)| f == field)
-                    .and_then(|(_, v)| integer(Some(v)))
-                    .unwrap_or(0);
-                RespValue::Integer(current.saturating_add(*by))
-            }
-            Op::Get(_)
-            | Op::MGet(_)
-            | Op::Exists(_)
-            | Op::Type(_)
-            | Op::Ttl { .. }
-            | Op::HGet { .. }
-            | Op::HRead { .. } => unreachable!("reads answer after their reads"),
         }
     }
 }

@@ -230,7 +230,7 @@ struct RespWave {
 
 enum WaveCommand {
     Ready(RespValue),
-    Run(resp::Script),
+    Run(Box<resp::Script>),
 }
 
 impl RespWave {
@@ -259,7 +259,7 @@ impl RespWave {
         self.commands.push(WaveCommand::Ready(v));
     }
 
-    fn push_script(&mut self, script: resp::Script) {
+    fn push_script(&mut self, script: Box<resp::Script>) {
         if self.keyed {
             self.keys.extend(script.keys().into_iter().cloned());
         }
@@ -303,7 +303,7 @@ impl RespWave {
 
 /// Runs one RESP command's script: each round's requests in order, their replies fed back,
 /// until the script ends with the command's reply.
-async fn run_script(shard: Rc<Shard>, mut script: resp::Script) -> RespValue {
+async fn run_script(shard: Rc<Shard>, mut script: Box<resp::Script>) -> RespValue {
     let mut step = script.start();
     loop {
         match step {
