@@ -1,8 +1,6 @@
 //! The clients: their operations, the records the checkers judge them by, and the final
 //! reads.
 
-use ringkv_core::coordinator::{Space, StoreKey};
-use ringkv_core::dvv::VersionVector;
 use ringkv_core::request::KeyRequest;
 use std::collections::BTreeSet;
 
@@ -285,8 +283,7 @@ impl Sim {
                 let pause = self.rng.gen_range(1..30);
                 self.schedule(pause, Event::ClientStart { client: c });
             }
-            (ClientState::Writing { write }, Message::PutOk(ok)) => {
-                self.check_own_write(n, write, &ok.context);
+            (ClientState::Writing { write }, Message::PutOk(_)) => {
                 let now = self.now;
                 let record = self
                     .writes
@@ -300,48 +297,6 @@ impl Sim {
             }
             (_, _) => self.client_failed(c, req),
         }
-    }
-
-    /// A home that coordinated a write acknowledges it only once its own replica holds it: the
-    /// replica's history covers the write's context (causal buckets), or holds a version (lww).
-    /// A home coordinates its writes itself (a node outside the homes forwards them, and is not
-    /// checked here); its own write sends no REPLICA_PUT_OK for `check_ack` to see. Today the
-    /// coordinator replicates only after its own write is stored, so with `w >= 2` no reply can
-    /// precede it (a coordinator counting its write when issued passed 300 seeds); the check is
-    /// for `w = 1` and for a coordinator that writes locally and remotely at once.
-    fn check_own_write(&self, n: usize, write: u64, context: &Bytes) {
-        let record = &self.writes[&write];
-        let Some(core) = self.nodes[n].core.as_ref() else {
-            return;
-        };
-        let ring = core.ring();
-        let key = key_bytes(record.key);
-        let partition = ring.partition_of(record.bucket, &key);
-        let homes = ring.preference_list(partition, ring.members().len().min(3));
-        let me = self.nodes[n].id;
-        if !homes.contains(&me) {
-            return;
-        }
-        let store_key = StoreKey {
-            partition: partition.0,
-            space: Space::Primary,
-            bucket: Bytes::from_static(record.bucket),
-            key,
-        };
-        let held = self.nodes[n].store.read(&store_key);
-        let holds = match (held, context.is_empty()) {
-            (None, _) => false,
-            (Some(_), true) => true,
-            (Some(object), false) => {
-                let written = VersionVector::decode(context).expect("a context the node encoded");
-                object.context().descends(&written)
-            }
-        };
-        assert!(
-            holds,
-            "{me} acknowledged write {write} of k{} to its client before its own replica held it",
-            record.key
-        );
     }
 
     pub(super) fn stale_phase(&mut self) {
