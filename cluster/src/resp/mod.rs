@@ -349,20 +349,22 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
 /// are checked here, where the client can be told. Values are bounded by the node's value limit,
 /// which answers its own error.
 fn hash_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
-    let fields: Vec<usize> = match name {
-        "hset" | "hmset" => (2..cmd.len()).step_by(2).collect(),
-        "hsetnx" | "hget" | "hexists" | "hincrby" => vec![2],
-        "hmget" | "hdel" => (2..cmd.len()).collect(),
+    // The arguments that name fields: every other one from the third (field, value pairs),
+    // the third alone, or every one from the third.
+    let (end, step) = match name {
+        "hset" | "hmset" => (cmd.len(), 2),
+        "hsetnx" | "hget" | "hexists" | "hincrby" => (cmd.len().min(3), 1),
+        "hmget" | "hdel" => (cmd.len(), 1),
         _ => return None,
     };
+    let mut fields = (2..end).step_by(step);
     if fields.len() > MAP_OPS_MAX {
         return Some(RespPlan::Reply(err(format!(
             "ERR at most {MAP_OPS_MAX} fields in one hash command"
         ))));
     }
     fields
-        .iter()
-        .any(|&i| cmd.arg(i).is_some_and(|f| f.len() > FIELD_BYTES_MAX))
+        .any(|i| cmd.arg(i).is_some_and(|f| f.len() > FIELD_BYTES_MAX))
         .then(|| {
             RespPlan::Reply(err(format!(
                 "ERR a hash field name is at most {FIELD_BYTES_MAX} bytes"
