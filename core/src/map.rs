@@ -39,6 +39,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::NodeId;
+use crate::object::{Cursor, ObjectError};
 
 /// When a write happened, as the map orders writes: the coordinator's hybrid logical clock
 /// timestamp, then its node.
@@ -77,17 +78,6 @@ pub struct LwwMap {
     fields: BTreeMap<Bytes, Cell>,
     /// The expiry register: its stamp and the expiry (`None`: never).
     expiry: Option<(Stamp, Option<u64>)>,
-}
-
-/// A map encoding that is not canonical or runs short.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum MapError {
-    /// Fewer bytes than the encoding needs.
-    #[error("map truncated")]
-    Truncated,
-    /// Fields out of order, stamped at or before the clear, or an unknown tag.
-    #[error("map not canonical: {0}")]
-    NotCanonical(&'static str),
 }
 
 impl Default for LwwMap {
@@ -257,81 +247,58 @@ impl LwwMap {
         }
     }
 
-    /// Decodes the encoding at the front of `bytes`; returns the map and the bytes it took.
-    /// Values are slices of `bytes` (no copy).
-    pub fn decode(bytes: &Bytes) -> Result<(LwwMap, usize), MapError> {
-        let mut at = 0usize;
-        let take = |at: &mut usize, n: usize| -> Result<Bytes, MapError> {
-            let end = at.checked_add(n).filter(|&e| e <= bytes.len());
-            let end = end.ok_or(MapError::Truncated)?;
-            let out = bytes.slice(*at..end);
-            *at = end;
-            Ok(out)
-        };
-        let u64_at = |at: &mut usize| -> Result<u64, MapError> {
-            let b = take(at, 8)?;
-            Ok(u64::from_le_bytes(b[..].try_into().expect("8 bytes")))
-        };
-        let u32_at = |at: &mut usize| -> Result<u32, MapError> {
-            let b = take(at, 4)?;
-            Ok(u32::from_le_bytes(b[..].try_into().expect("4 bytes")))
-        };
-        let stamp_at =
-            |at: &mut usize| -> Result<Stamp, MapError> { Ok((u64_at(at)?, NodeId(u32_at(at)?))) };
-        let cleared = stamp_at(&mut at)?;
-        let expiry = match take(&mut at, 1)?[0] {
+    /// Decodes the encoding at `r`'s position; refuses one that is not canonical (module docs).
+    /// Values are slices of the input (no copy).
+    pub(crate) fn decode(r: &mut Cursor<'_>) -> Result<LwwMap, ObjectError> {
+        let stamp =
+            |r: &mut Cursor<'_>| -> Result<Stamp, ObjectError> { Ok((r.u64()?, NodeId(r.u32()?))) };
+        let cleared = stamp(r)?;
+        let expiry = match r.u8()? {
             0 => None,
             tag @ (1 | 2) => {
-                let s = stamp_at(&mut at)?;
+                let s = stamp(r)?;
                 if s <= cleared {
-                    return Err(MapError::NotCanonical("expiry at or before the clear"));
+                    return Err(ObjectError::NotCanonical(
+                        "map expiry at or before the clear",
+                    ));
                 }
-                let e = if tag == 2 {
-                    Some(u64_at(&mut at)?)
-                } else {
-                    None
-                };
-                Some((s, e))
+                let at = if tag == 2 { Some(r.u64()?) } else { None };
+                Some((s, at))
             }
-            _ => return Err(MapError::NotCanonical("expiry tag")),
+            _ => return Err(ObjectError::NotCanonical("map expiry tag")),
         };
-        let count = u32_at(&mut at)? as usize;
+        let count = r.u32()? as usize;
         // Each field takes at least 15 bytes: the count is checked before anything is built.
-        if count > (bytes.len() - at) / 15 {
-            return Err(MapError::Truncated);
+        if count > r.remaining() / 15 {
+            return Err(r.truncated());
         }
         let mut fields = BTreeMap::new();
         let mut last: Option<Bytes> = None;
         for _ in 0..count {
-            let len = take(&mut at, 2)?;
-            let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
-            let name = take(&mut at, len)?;
+            let len = usize::from(r.u16()?);
+            let name = r.bytes(len)?;
             if last.as_ref().is_some_and(|l| *l >= name) {
-                return Err(MapError::NotCanonical("fields out of order"));
+                return Err(ObjectError::NotCanonical("map fields out of order"));
             }
-            let stamp = stamp_at(&mut at)?;
+            let stamp = stamp(r)?;
             if stamp <= cleared {
-                return Err(MapError::NotCanonical("field at or before the clear"));
+                return Err(ObjectError::NotCanonical(
+                    "map field at or before the clear",
+                ));
             }
-            let value = match take(&mut at, 1)?[0] {
+            let value = match r.u8()? {
                 0 => None,
-                1 => {
-                    let len = u32_at(&mut at)? as usize;
-                    Some(take(&mut at, len)?)
-                }
-                _ => return Err(MapError::NotCanonical("field tag")),
+                1 => Some(r.value()?),
+                _ => return Err(ObjectError::NotCanonical("map field tag")),
             };
             last = Some(name.clone());
             fields.insert(name, Cell { stamp, value });
         }
-        Ok((
-            LwwMap {
-                cleared,
-                fields,
-                expiry,
-            },
-            at,
-        ))
+        Ok(LwwMap {
+            cleared,
+            fields,
+            expiry,
+        })
     }
 }
 
@@ -412,10 +379,10 @@ mod tests {
             let mut bytes = Vec::new();
             a.encode_into(&mut |s: &[u8]| bytes.extend_from_slice(s));
             prop_assert_eq!(bytes.len(), a.encoded_len());
-            let bytes = Bytes::from(bytes);
-            let (decoded, used) = LwwMap::decode(&bytes).unwrap();
-            prop_assert_eq!(used, bytes.len());
-            prop_assert_eq!(decoded, a);
+            let object = crate::object::Object::Map(a);
+            prop_assert_eq!(bytes.len() + 1, object.encoded_len());
+            let decoded = crate::object::Object::decode(&Bytes::from(object.encode())).unwrap();
+            prop_assert_eq!(decoded, object);
         }
     }
 }

@@ -44,7 +44,7 @@ use bytes::Bytes;
 
 use crate::NodeId;
 use crate::dvv::{Actor, ClockError, DvvSet, VersionVector};
-use crate::map::{LwwMap, MapError};
+use crate::map::LwwMap;
 
 const TAG_CAUSAL: u8 = 0x01;
 const TAG_LWW: u8 = 0x02;
@@ -182,9 +182,10 @@ pub enum ObjectError {
     /// The clock breaks its invariants.
     #[error(transparent)]
     Clock(#[from] ClockError),
-    /// A map's encoding is damaged or not canonical.
-    #[error(transparent)]
-    Map(#[from] MapError),
+    /// A well-formed encoding that is not the canonical one (a map's fields out of order, or
+    /// stamped at or before its clear).
+    #[error("not canonical: {0}")]
+    NotCanonical(&'static str),
 }
 
 /// The next hybrid logical clock timestamp after `last`, at wall-clock time `now_ms`: the
@@ -389,12 +390,7 @@ impl Object {
                     val,
                 })
             }
-            TAG_MAP => {
-                let rest = bytes.slice(1..);
-                let (map, used) = LwwMap::decode(&rest)?;
-                r.at += used;
-                Object::Map(map)
-            }
+            TAG_MAP => Object::Map(LwwMap::decode(&mut r)?),
             tag => return Err(ObjectError::BadTag { tag, at: 0 }),
         };
         if r.remaining() > 0 {
@@ -428,13 +424,20 @@ fn encode_val(v: &Val, sink: &mut impl FnMut(&[u8])) {
     }
 }
 
-struct Cursor<'a> {
+/// Reads an encoding front to back, every length checked against what is left; for objects and
+/// the maps inside them (`map.rs`).
+pub(crate) struct Cursor<'a> {
     bytes: &'a Bytes,
     at: usize,
 }
 
 impl Cursor<'_> {
-    fn remaining(&self) -> usize {
+    /// Where the cursor is: an input that runs out here is [`ObjectError::Truncated`] at it.
+    pub(crate) fn truncated(&self) -> ObjectError {
+        ObjectError::Truncated { at: self.at }
+    }
+
+    pub(crate) fn remaining(&self) -> usize {
         self.bytes.len() - self.at
     }
 
@@ -449,30 +452,36 @@ impl Cursor<'_> {
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, ObjectError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ObjectError> {
         Ok(self.take::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, ObjectError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, ObjectError> {
         Ok(u16::from_le_bytes(self.take()?))
     }
 
-    fn u32(&mut self) -> Result<u32, ObjectError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ObjectError> {
         Ok(u32::from_le_bytes(self.take()?))
     }
 
-    fn u64(&mut self) -> Result<u64, ObjectError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ObjectError> {
         Ok(u64::from_le_bytes(self.take()?))
     }
 
-    fn value(&mut self) -> Result<Bytes, ObjectError> {
-        let len = self.u32()? as usize;
+    /// The next `len` bytes, as a slice of the input (no copy).
+    pub(crate) fn bytes(&mut self, len: usize) -> Result<Bytes, ObjectError> {
         if len > self.remaining() {
             return Err(ObjectError::Truncated { at: self.at });
         }
         let v = self.bytes.slice(self.at..self.at + len);
         self.at += len;
         Ok(v)
+    }
+
+    /// A `u32` length, then that many bytes.
+    pub(crate) fn value(&mut self) -> Result<Bytes, ObjectError> {
+        let len = self.u32()? as usize;
+        self.bytes(len)
     }
 
     fn val(&mut self) -> Result<Val, ObjectError> {
