@@ -714,6 +714,21 @@ fn updates_write_map_fields() {
     let mut siblings = One::new(props(1));
     let refused = siblings.request(1, update(vec![set(b"a", b"1")]));
     assert_eq!(code(&refused), Some(ErrorCode::InvalidRequest));
+    // A field name longer than a map encodes is refused, not a panic when it is stored.
+    let long = Message::Update(Update {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        ops: vec![MapOp::Delete {
+            field: Bytes::from(vec![b'f'; usize::from(u16::MAX) + 1]),
+        }],
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    });
+    assert_eq!(
+        code(&one.request_at(400, 9, long)),
+        Some(ErrorCode::InvalidRequest)
+    );
 }
 
 fn put_if(value: &str, condition: Condition) -> Message {

@@ -1218,6 +1218,23 @@ impl Core {
                         ),
                     );
                 }
+                // The codec bounds field names for frames; a request made in the node (RESP)
+                // is checked here too, since a map encodes names with a u16 length.
+                let long = m.ops.iter().any(|op| match op {
+                    MapOp::Set { field, .. } | MapOp::Delete { field } => {
+                        field.len() > usize::from(u16::MAX)
+                    }
+                    MapOp::Expire(_) => false,
+                });
+                if long {
+                    return self.answer(
+                        op.reply_to,
+                        error(
+                            ErrorCode::InvalidRequest,
+                            format!("a map field name is at most {} bytes", u16::MAX),
+                        ),
+                    );
+                }
                 let mut changes = Vec::with_capacity(m.ops.len());
                 for change in m.ops {
                     changes.push(match change {
