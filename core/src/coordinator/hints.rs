@@ -42,9 +42,7 @@ use std::collections::BTreeMap;
 
 use ringkv_net::{ErrorBody, ErrorCode, Message};
 
-use super::{
-    ApplyDone, Core, JobKind, Output, PeerMsg, Pending, SlotResult, Space, StoreKey, StoreOp,
-};
+use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::object::Object;
 use crate::ring::PartitionId;
@@ -335,23 +333,7 @@ impl Core {
         for job in std::iter::once(j).chain(riders) {
             self.stats.hint_overflow += 1;
             match job.kind {
-                JobKind::Apply { then, .. } => match then {
-                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                        to: node,
-                        msg: PeerMsg::Failed {
-                            id,
-                            error: e.clone(),
-                        },
-                    }),
-                    ApplyDone::Slot { op, slot } => {
-                        self.pending_slot_done(op, slot);
-                        self.slot_answered(now, op, slot, SlotResult::Failed);
-                    }
-                    ApplyDone::Transfer { partition } => {
-                        self.transfer_applied(now, partition, false)
-                    }
-                    ApplyDone::Nothing => {}
-                },
+                JobKind::Apply { then, .. } => self.replica_done(now, then, Err(e.clone())),
                 JobKind::Coordinate { op } => self.fail_op(op, Message::Error(e.clone())),
                 JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
             }

@@ -683,11 +683,23 @@ enum OpKind {
     },
 }
 
-/// Who gets the answer of a coordinated request.
+/// Who waits for what this core does: the answer of a request it coordinates
+/// ([`Core::answer`]: a client or a peer that forwarded it), or the outcome of a replica read or
+/// write it runs for a coordinator ([`Core::replica_done`]: a peer, one of its own ops' slots, a
+/// partition pull, or nobody). One type routes every answer, so each outcome is delivered in one
+/// place whatever started the work.
 #[derive(Clone, Copy, Debug)]
 enum ReplyTo {
+    /// A client of this shard, by the id the shell gave [`Core::handle_client`].
     Client(u64),
+    /// Request `id` of peer `node`.
     Peer(NodeId, u64),
+    /// Slot `slot` of op `op` of this core, whose replica is this node.
+    Slot { op: u64, slot: usize },
+    /// A key of a page pulled for `partition` (`transfer.rs`).
+    Transfer { partition: u32 },
+    /// Nobody: a read repair of this node's own replica.
+    Nobody,
 }
 
 #[derive(Debug)]
@@ -721,7 +733,7 @@ enum Pending {
         to: NodeId,
     },
     /// A replica read for a peer (or this node) that is a plain storage read.
-    PeerRead { to: ReplyTo2 },
+    PeerRead { to: ReplyTo },
     /// A hint read before its delivery to `to`.
     HintRead { hint: StoreKey, to: NodeId },
     /// A credit request to `home`.
@@ -734,13 +746,6 @@ enum Pending {
     HandoffScan { partition: u32 },
     /// A key of a handoff page pushed to a replica.
     HandoffPut { partition: u32 },
-}
-
-/// Where the answer of a local storage read goes.
-#[derive(Clone, Copy, Debug)]
-enum ReplyTo2 {
-    Peer(NodeId, u64),
-    Slot { op: u64, slot: usize },
 }
 
 /// A read-modify-write of one stored key, run under that key's lock.
@@ -769,26 +774,12 @@ enum JobKind {
     Apply {
         object: Object,
         durable: bool,
-        then: ApplyDone,
+        then: ReplyTo,
     },
     /// Remove a delivered hint if it still holds `delivered`.
     DropHint { delivered: Option<Object> },
     /// Remove a reaped tombstone if its digest is still `digest`.
     Reap { digest: u64 },
-}
-
-#[derive(Debug, Clone, Copy)]
-enum ApplyDone {
-    Peer(NodeId, u64),
-    Slot {
-        op: u64,
-        slot: usize,
-    },
-    /// A key of a pulled page (`transfer.rs`).
-    Transfer {
-        partition: u32,
-    },
-    Nothing,
 }
 
 /// The request-path state machine of one shard (module docs).
@@ -1000,6 +991,7 @@ impl Core {
         self.take_output()
     }
 
+    /// Answers a coordinated request.
     fn answer(&mut self, to: ReplyTo, message: Message) {
         match to {
             ReplyTo::Client(req) => self.out.push(Output::Reply { req, message }),
@@ -1007,6 +999,47 @@ impl Core {
                 to: node,
                 msg: PeerMsg::ForwardReply { id, reply: message },
             }),
+            ReplyTo::Slot { .. } | ReplyTo::Transfer { .. } | ReplyTo::Nobody => {
+                unreachable!("requests are coordinated for clients and peers only")
+            }
+        }
+    }
+
+    /// Delivers the outcome of a replica read or write run here: `Ok` with what it did, or
+    /// `Err` with why it failed.
+    fn replica_done(&mut self, now: u64, to: ReplyTo, outcome: Result<SlotResult, ErrorBody>) {
+        match (to, outcome) {
+            (ReplyTo::Peer(node, id), Ok(SlotResult::Written { durable })) => {
+                self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::ReplicaPutOk { id, durable },
+                })
+            }
+            (ReplyTo::Peer(node, id), Ok(SlotResult::Read(object))) => {
+                self.out.push(Output::Send {
+                    to: node,
+                    msg: PeerMsg::ReplicaGetOk { id, object },
+                })
+            }
+            (ReplyTo::Peer(node, id), Err(error)) => self.out.push(Output::Send {
+                to: node,
+                msg: PeerMsg::Failed { id, error },
+            }),
+            (ReplyTo::Peer(..), Ok(SlotResult::Failed)) => {
+                unreachable!("a failed replica operation carries its error")
+            }
+            (ReplyTo::Slot { op, slot }, outcome) => {
+                self.pending_slot_done(op, slot);
+                self.slot_answered(now, op, slot, outcome.unwrap_or(SlotResult::Failed));
+            }
+            (ReplyTo::Transfer { partition }, outcome) => {
+                let ok = matches!(outcome, Ok(SlotResult::Written { .. }));
+                self.transfer_applied(now, partition, ok);
+            }
+            (ReplyTo::Nobody, _) => {}
+            (ReplyTo::Client(_), _) => {
+                unreachable!("replica operations run for coordinators, not clients")
+            }
         }
     }
 
@@ -1584,7 +1617,7 @@ impl Core {
             },
         );
         if holder == me {
-            self.local(now, msg_id, msg, ReplyTo2::Slot { op: id, slot });
+            self.local(now, msg, ReplyTo::Slot { op: id, slot });
         } else {
             self.timeouts
                 .insert((now + self.cfg.replica_timeout_ms, msg_id));
@@ -1593,7 +1626,7 @@ impl Core {
     }
 
     /// Runs a replica request addressed to this node.
-    fn local(&mut self, now: u64, msg_id: u64, msg: PeerMsg, to: ReplyTo2) {
+    fn local(&mut self, now: u64, msg: PeerMsg, to: ReplyTo) {
         match msg {
             PeerMsg::ReplicaPut {
                 key,
@@ -1601,18 +1634,13 @@ impl Core {
                 durable,
                 ..
             } => {
-                let then = match to {
-                    ReplyTo2::Peer(n, id) => ApplyDone::Peer(n, id),
-                    ReplyTo2::Slot { op, slot } => ApplyDone::Slot { op, slot },
-                };
-                let _ = msg_id;
                 self.lock(
                     now,
                     key,
                     JobKind::Apply {
                         object,
                         durable,
-                        then,
+                        then: to,
                     },
                 );
             }
@@ -1817,7 +1845,7 @@ impl Core {
                     JobKind::Apply {
                         object: merged.clone(),
                         durable: false,
-                        then: ApplyDone::Nothing,
+                        then: ReplyTo::Nobody,
                     },
                 );
             } else {
@@ -1917,10 +1945,10 @@ impl Core {
                     // A coordinator with an older ring: keep the write, and hand it on.
                     self.handoff_needed(now, key.partition);
                 }
-                self.local(now, id, msg, ReplyTo2::Peer(from, id));
+                self.local(now, msg, ReplyTo::Peer(from, id));
             }
             PeerMsg::ReplicaGet { id, .. } => {
-                self.local(now, id, msg, ReplyTo2::Peer(from, id));
+                self.local(now, msg, ReplyTo::Peer(from, id));
             }
             PeerMsg::TransferPull {
                 id,
@@ -2168,27 +2196,12 @@ impl Core {
             return self.take_output();
         }
         match self.pending.remove(&id) {
-            Some(Pending::PeerRead { to }) => match (to, result) {
-                (ReplyTo2::Peer(node, rid), Ok(object)) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::ReplicaGetOk { id: rid, object },
-                }),
-                (ReplyTo2::Peer(node, rid), Err(e)) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::Failed {
-                        id: rid,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                }),
-                (ReplyTo2::Slot { op, slot }, result) => {
-                    let answer = match result {
-                        Ok(o) => SlotResult::Read(o),
-                        Err(_) => SlotResult::Failed,
-                    };
-                    self.pending_slot_done(op, slot);
-                    self.slot_answered(now, op, slot, answer);
-                }
-            },
+            Some(Pending::PeerRead { to }) => {
+                let outcome = result
+                    .map(SlotResult::Read)
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e));
+                self.replica_done(now, to, outcome);
+            }
             Some(Pending::HintRead { hint, to }) => match result {
                 Ok(Some(object)) => {
                     let key = StoreKey {
@@ -2526,20 +2539,7 @@ impl Core {
             }
             JobKind::Apply { durable, then, .. } => {
                 let durable = durable || self.cfg.durable_writes || is_hint(&j.key);
-                match then {
-                    ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                        to: node,
-                        msg: PeerMsg::ReplicaPutOk { id, durable },
-                    }),
-                    ApplyDone::Slot { op, slot } => {
-                        self.pending_slot_done(op, slot);
-                        self.slot_answered(now, op, slot, SlotResult::Written { durable });
-                    }
-                    ApplyDone::Transfer { partition } => {
-                        self.transfer_applied(now, partition, true)
-                    }
-                    ApplyDone::Nothing => {}
-                }
+                self.replica_done(now, then, Ok(SlotResult::Written { durable }));
             }
             JobKind::DropHint { delivered } => {
                 self.hint_gone(&j.key);
@@ -2561,21 +2561,9 @@ impl Core {
                     error(ErrorCode::Internal, format!("local write failed: {e}")),
                 );
             }
-            JobKind::Apply { then, .. } => match then {
-                ApplyDone::Peer(node, id) => self.out.push(Output::Send {
-                    to: node,
-                    msg: PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                }),
-                ApplyDone::Slot { op, slot } => {
-                    self.pending_slot_done(op, slot);
-                    self.slot_answered(now, op, slot, SlotResult::Failed);
-                }
-                ApplyDone::Transfer { partition } => self.transfer_applied(now, partition, false),
-                ApplyDone::Nothing => {}
-            },
+            JobKind::Apply { then, .. } => {
+                self.replica_done(now, then, Err(ErrorBody::new(ErrorCode::Internal, e)));
+            }
             JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
         }
     }

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
-use super::{ApplyDone, Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey};
+use super::{Core, JobKind, Output, PeerMsg, Pending, ReplyTo, Space, StoreKey};
 use crate::NodeId;
 use crate::object::Object;
 use crate::ring::{PartitionId, Ring};
@@ -440,7 +440,7 @@ impl Core {
                 JobKind::Apply {
                     object: item.object,
                     durable: true,
-                    then: ApplyDone::Transfer { partition },
+                    then: ReplyTo::Transfer { partition },
                 },
             );
         }
