@@ -7,8 +7,9 @@
 //!   field names the home node of a [`Space::Hint`] key.
 //! - REPLICA_PUT_OK / REPLICA_GET_OK ↔ the answers; an object that does not decode is a failed
 //!   replica ([`PeerMsg::Failed`]), never a panic and never a partial object.
-//! - A client GET, PUT or DELETE on a peer connection is a [`PeerMsg::Forward`]; whatever answers
-//!   it (GET_OK, PUT_OK, DELETE_OK) is the [`PeerMsg::ForwardReply`].
+//! - A client GET, PUT, DELETE or UPDATE on a peer connection is a [`PeerMsg::Forward`]; whatever
+//!   answers it (GET_OK, PUT_OK, DELETE_OK, UPDATE_OK) is the [`PeerMsg::ForwardReply`]. A request
+//!   is parsed once on arrival ([`PeerRequest::parse`]), so a forwarded one's key is hashed once.
 //! - ERROR answers any request: [`PeerMsg::Failed`].
 //! - Cluster control (gossip, anti-entropy, transfers, hint credit) travels in CLUSTER /
 //!   CLUSTER_OK frames: a sub-kind byte from [`sub`] and a payload written with
@@ -353,79 +354,110 @@ fn invalid(message: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::InvalidRequest, message)
 }
 
-/// The ring partition a peer request is for: the one it names (checked against its key, so a
-/// confused or hostile peer cannot store a key under another partition), or its key's partition
-/// for a forwarded client request. `None` for node-wide CLUSTER messages, which the node's first
-/// shard handles.
-pub fn request_partition(message: &Message) -> Result<Option<u32>, ErrorBody> {
-    let (named, bucket, key) = match message {
-        Message::Cluster(c) => {
-            return match c.partition {
-                Some(p) if p >= PARTITIONS.get() => Err(invalid(format!(
-                    "partition {p} outside the ring of {} partitions",
+/// A peer request parsed once on arrival, before it is routed to the shard that owns its
+/// partition: a forwarded client request is parsed into its [`KeyRequest`] here (its key hashed
+/// once, for the routing and the core alike), every other request keeps its frame until that
+/// shard turns it into a [`PeerMsg`] ([`PeerRequest::into_peer_msg`]).
+#[derive(Debug)]
+pub enum PeerRequest {
+    /// A client GET, PUT, DELETE or UPDATE a peer forwards for coordination.
+    Key(KeyRequest),
+    /// Any other request: replica reads and writes, and CLUSTER messages.
+    Wire {
+        /// The partition it is for, checked against its key; `None` for a node-wide CLUSTER
+        /// message, which the node's first shard handles.
+        partition: Option<u32>,
+        /// The request as received.
+        message: Message,
+    },
+}
+
+impl PeerRequest {
+    /// Parses a request received from a peer, checking the partition it names against its key
+    /// (so a confused or hostile peer cannot store a key under another partition).
+    pub fn parse(message: Message) -> Result<PeerRequest, ErrorBody> {
+        let (named, bucket, key) = match message {
+            Message::Cluster(c) => {
+                return match c.partition {
+                    Some(p) if p >= PARTITIONS.get() => Err(invalid(format!(
+                        "partition {p} outside the ring of {} partitions",
+                        PARTITIONS.get()
+                    ))),
+                    partition => Ok(PeerRequest::Wire {
+                        partition,
+                        message: Message::Cluster(c),
+                    }),
+                };
+            }
+            Message::ReplicaPut(ref m) => (m.partition, &m.bucket, &m.key),
+            Message::ReplicaGet(ref m) => (m.partition, &m.bucket, &m.key),
+            other => {
+                return KeyRequest::parse(other, PARTITIONS)
+                    .map(PeerRequest::Key)
+                    .map_err(|m| invalid(format!("{} is not a peer request", m.kind())));
+            }
+        };
+        let actual = partition_of(bucket, key).0;
+        if named != actual {
+            return Err(ErrorBody::new(
+                ErrorCode::WrongShard,
+                format!(
+                    "partition {named} named for a key of partition {actual} (ring of {} \
+                     partitions)",
                     PARTITIONS.get()
-                ))),
-                p => Ok(p),
-            };
+                ),
+            ));
         }
-        Message::ReplicaPut(m) => (Some(m.partition), &m.bucket, &m.key),
-        Message::ReplicaGet(m) => (Some(m.partition), &m.bucket, &m.key),
-        Message::Get(m) => (None, &m.bucket, &m.key),
-        Message::Put(m) => (None, &m.bucket, &m.key),
-        Message::Delete(m) => (None, &m.bucket, &m.key),
-        other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
-    };
-    let actual = partition_of(bucket, key).0;
-    match named {
-        Some(p) if p != actual => Err(ErrorBody::new(
-            ErrorCode::WrongShard,
-            format!(
-                "partition {p} named for a key of partition {actual} (ring of {} partitions)",
-                PARTITIONS.get()
-            ),
-        )),
-        _ => Ok(Some(actual)),
+        Ok(PeerRequest::Wire {
+            partition: Some(actual),
+            message,
+        })
+    }
+
+    /// The ring partition the request is for; `None` for a node-wide CLUSTER message.
+    pub fn partition(&self) -> Option<u32> {
+        match self {
+            PeerRequest::Key(request) => Some(request.partition().0),
+            PeerRequest::Wire { partition, .. } => *partition,
+        }
+    }
+
+    /// The request as the core takes it, given the id the receiving core will echo.
+    pub fn into_peer_msg(self, id: u64) -> Result<PeerMsg, ErrorBody> {
+        let message = match self {
+            PeerRequest::Key(request) => return Ok(PeerMsg::Forward { id, request }),
+            PeerRequest::Wire { message, .. } => message,
+        };
+        let space = |hint: Option<u32>| hint.map_or(Space::Primary, |h| Space::Hint(NodeId(h)));
+        Ok(match message {
+            Message::ReplicaPut(m) => PeerMsg::ReplicaPut {
+                id,
+                object: decode_object(&m.object).map_err(invalid)?,
+                key: StoreKey {
+                    partition: m.partition,
+                    space: space(m.hint),
+                    bucket: m.bucket,
+                    key: m.key,
+                },
+                durable: m.durable,
+            },
+            Message::ReplicaGet(m) => PeerMsg::ReplicaGet {
+                id,
+                key: StoreKey {
+                    partition: m.partition,
+                    space: space(m.hint),
+                    bucket: m.bucket,
+                    key: m.key,
+                },
+            },
+            Message::Cluster(c) => return cluster_request(id, c),
+            other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
+        })
     }
 }
 
 fn decode_object(bytes: &Bytes) -> Result<Object, String> {
     Object::decode(bytes).map_err(|e| format!("undecodable object: {e}"))
-}
-
-/// A peer request received as `message`, given the id the receiving core will echo.
-pub fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody> {
-    let space = |hint: Option<u32>| hint.map_or(Space::Primary, |h| Space::Hint(NodeId(h)));
-    Ok(match message {
-        Message::ReplicaPut(m) => PeerMsg::ReplicaPut {
-            id,
-            object: decode_object(&m.object).map_err(invalid)?,
-            key: StoreKey {
-                partition: m.partition,
-                space: space(m.hint),
-                bucket: m.bucket,
-                key: m.key,
-            },
-            durable: m.durable,
-        },
-        Message::ReplicaGet(m) => PeerMsg::ReplicaGet {
-            id,
-            key: StoreKey {
-                partition: m.partition,
-                space: space(m.hint),
-                bucket: m.bucket,
-                key: m.key,
-            },
-        },
-        request @ (Message::Get(_) | Message::Put(_) | Message::Delete(_) | Message::Update(_)) => {
-            PeerMsg::Forward {
-                id,
-                request: KeyRequest::parse(request, PARTITIONS)
-                    .map_err(|m| invalid(format!("{} is not a key request", m.kind())))?,
-            }
-        }
-        Message::Cluster(c) => return cluster_request(id, c),
-        other => return Err(invalid(format!("{} is not a peer request", other.kind()))),
-    })
 }
 
 /// An answer received as `message` for the request with id `id`.
@@ -652,6 +684,58 @@ mod tests {
             node: NodeId(2),
             val: Val::Value(Bytes::from_static(b"v")),
         })
+    }
+
+    fn request_partition(message: &Message) -> Result<Option<u32>, ErrorBody> {
+        PeerRequest::parse(message.clone()).map(|r| r.partition())
+    }
+
+    fn request_from_wire(id: u64, message: Message) -> Result<PeerMsg, ErrorBody> {
+        PeerRequest::parse(message)?.into_peer_msg(id)
+    }
+
+    /// Every client request a coordinator forwards (UPDATE too) arrives as a forward for its
+    /// key's partition, and travels back and forth unchanged.
+    #[test]
+    fn forwarded_client_requests_are_peer_requests() {
+        let (bucket, k) = (Bytes::from_static(b"sessions"), Bytes::from_static(b"s1"));
+        let bodies = [
+            Message::Get(ringkv_net::Get {
+                bucket: bucket.clone(),
+                key: k.clone(),
+                r: None,
+                timeout_ms: None,
+            }),
+            Message::Delete(ringkv_net::Delete {
+                bucket: bucket.clone(),
+                key: k.clone(),
+                context: None,
+                w: Some(2),
+                dw: None,
+                timeout_ms: None,
+            }),
+            Message::Update(ringkv_net::Update {
+                bucket: bucket.clone(),
+                key: k.clone(),
+                ops: vec![ringkv_net::MapOp::Set {
+                    field: Bytes::from_static(b"user"),
+                    value: Bytes::from_static(b"ada"),
+                }],
+                w: None,
+                dw: None,
+                timeout_ms: Some(500),
+            }),
+        ];
+        for body in bodies {
+            let request = KeyRequest::parse(body, PARTITIONS).unwrap();
+            let msg = PeerMsg::Forward { id: 9, request };
+            let (id, wire) = to_wire(msg.clone());
+            assert_eq!(
+                request_partition(&wire).unwrap(),
+                Some(partition_of(&bucket, &k).0)
+            );
+            assert_eq!(request_from_wire(id, wire).unwrap(), msg);
+        }
     }
 
     /// Every peer message survives the trip through its frame; an undecodable object is a

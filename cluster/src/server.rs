@@ -119,6 +119,7 @@ use crate::config::{self, Settings};
 pub use crate::error::ServeError;
 use crate::identity::Identity;
 use crate::metrics::ShardMetrics;
+use crate::peer::PeerRequest;
 use crate::session::NodeInfo;
 use ringkv_core::NodeId;
 use ringkv_core::request::KeyRequest;
@@ -259,7 +260,7 @@ enum MeshWork {
     Key(KeyRequest),
     /// A request from node `from` for a partition the receiving shard owns (or, without a
     /// partition, for the node: shard 0).
-    Peer { from: NodeId, message: Message },
+    Peer { from: NodeId, request: PeerRequest },
     /// An operator command, for shard 0 (or a shard's part of `hints-truncate`).
     Admin(Admin),
 }

@@ -20,7 +20,9 @@ use ringkv_cluster::route::{PARTITIONS, partition_of};
 use ringkv_core::NodeId;
 use ringkv_core::ring::PartitionId;
 use ringkv_core::ring::Ring;
-use ringkv_net::{Client, ClientConfig, ClientError, Delete, ErrorCode, Get, Message, Sibling};
+use ringkv_net::{
+    Client, ClientConfig, ClientError, Delete, ErrorCode, Get, MapOp, Message, Sibling,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
 const STARTUP_RETRIES: usize = 300;
@@ -38,6 +40,12 @@ dw = 1
 
 [buckets.sessions]
 mode = \"lww\"
+
+[buckets.single]
+mode = \"lww\"
+n = 1
+r = 1
+w = 1
 ";
 
 fn config() -> ClientConfig {
@@ -907,6 +915,47 @@ fn racing_conditional_writes_have_one_winner() {
                 read.siblings,
                 vec![Sibling::Value(Bytes::from(format!("node-{me}")))]
             );
+        }
+    }
+}
+
+/// A write a node does not home is forwarded to a node that does, whatever its kind. Three
+/// nodes and the `lww` bucket `single` (n = 1): most of 30 keys have their one home elsewhere,
+/// so node 1 forwards their map UPDATEs (and their PUTs); every node then reads each key's
+/// fields and value.
+#[test]
+fn updates_are_forwarded_to_the_home_like_any_write() {
+    let nodes = cluster("forward-update", 3, 1, &[]);
+    let mut c = nodes[0].client();
+    let keys: Vec<Vec<u8>> = (0..30)
+        .map(|i| format!("session-{i}").into_bytes())
+        .collect();
+    for k in &keys {
+        let ops = vec![MapOp::Set {
+            field: Bytes::from_static(b"user"),
+            value: Bytes::from(k.clone()),
+        }];
+        c.update(b"single", k, ops)
+            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(k)));
+        c.put(b"single", &[k.as_slice(), b"-v"].concat(), k, None)
+            .unwrap();
+    }
+    assert!(
+        nodes[0].metric("ringkv_forwarded_total") > 0.0,
+        "node 1 forwarded some of the writes"
+    );
+    for node in &nodes {
+        let mut c = node.client();
+        for k in &keys {
+            let read = c.get(b"single", k).unwrap();
+            assert_eq!(
+                read.fields,
+                Some(vec![(Bytes::from_static(b"user"), Bytes::from(k.clone()))]),
+                "{}",
+                String::from_utf8_lossy(k)
+            );
+            let value = c.get(b"single", &[k.as_slice(), b"-v"].concat()).unwrap();
+            assert_eq!(value.value(), Some(&Bytes::from(k.clone())));
         }
     }
 }

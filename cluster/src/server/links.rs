@@ -16,7 +16,7 @@ use ringkv_net::{
 use ringkv_core::coordinator::PeerMsg;
 use ringkv_core::ring::PartitionId;
 
-use crate::peer::{self};
+use crate::peer::{self, PeerRequest};
 use crate::route::shard_of;
 use ringkv_core::NodeId;
 
@@ -91,35 +91,42 @@ impl Shard {
         }
     }
 
-    /// A request from node `from` received by this shard: run here or on the owner shard.
+    /// A request from node `from` received by this shard: parsed once, then run here or on the
+    /// shard that owns its partition.
     pub(super) async fn route_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
-        let partition = match peer::request_partition(&message) {
-            Ok(p) => p,
+        let request = match PeerRequest::parse(message) {
+            Ok(r) => r,
             Err(e) => return Message::Error(e),
         };
         // Node-wide cluster messages (gossip) belong to the first shard, which owns membership.
-        let owner = partition.map_or(0, |p| shard_of(PartitionId(p), self.shard_count));
+        let owner = request
+            .partition()
+            .map_or(0, |p| shard_of(PartitionId(p), self.shard_count));
         if owner == self.id {
-            self.serve_peer(from, message).await
+            self.serve_peer(from, request).await
         } else {
-            self.forward(owner, MeshWork::Peer { from, message }).await
+            self.forward(owner, MeshWork::Peer { from, request }).await
         }
     }
 
     /// Runs a request from node `from` through this shard's core and returns its answer.
-    pub(super) async fn serve_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+    pub(super) async fn serve_peer(self: &Rc<Self>, from: NodeId, request: PeerRequest) -> Message {
         // Node-wide CLUSTER messages of membership go to it (on shard 0), the rest to the core.
-        let message = match message {
-            Message::Cluster(c) if c.partition.is_none() => {
-                match self.serve_membership(from, c).await {
-                    Ok(answer) => return answer,
-                    Err(c) => Message::Cluster(c),
-                }
-            }
+        let request = match request {
+            PeerRequest::Wire {
+                partition: None,
+                message: Message::Cluster(c),
+            } => match self.serve_membership(from, c).await {
+                Ok(answer) => return answer,
+                Err(c) => PeerRequest::Wire {
+                    partition: None,
+                    message: Message::Cluster(c),
+                },
+            },
             other => other,
         };
         let (id, rx) = self.inbound.register();
-        let msg = match peer::request_from_wire(id, message) {
+        let msg = match request.into_peer_msg(id) {
             Ok(m) => m,
             Err(e) => {
                 self.inbound.forget(id);

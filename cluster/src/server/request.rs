@@ -339,7 +339,7 @@ impl Shard {
     async fn serve_mesh_request(self: &Rc<Self>, req: ShardRequest) -> Message {
         match req.work {
             MeshWork::Key(request) => self.execute_local(request).await,
-            MeshWork::Peer { from, message } => self.serve_peer(from, message).await,
+            MeshWork::Peer { from, request } => self.serve_peer(from, request).await,
             MeshWork::Admin(admin) if admin.command == HINTS_TRUNCATE_SHARD => {
                 self.truncate_hints_here()
             }
