@@ -1,5 +1,12 @@
 //! Merkle anti-entropy and tombstone reaping: the background repair of replicas that missed
-//! writes, and the removal of deletions every replica holds (sans-IO, part of [`Core`]).
+//! writes, and the removal of deletions every replica holds (sans-IO).
+//!
+//! [`AntiEntropy`] owns all of it (trees, the exchange in progress, suspect pairs, the reaping
+//! floor) and is one of the types the [`Core`] owns: it reads the core through a `View` and
+//! emits through an `Outbox` (`context.rs`), and hands back, as an [`AeEffect`], the two steps
+//! that need the rest of the core (a reap, which raises the epoch floor, and the removal of a
+//! tombstone under its key's lock). The `impl Core` block at the end is the glue: the core's
+//! public methods for the shell, and the lending of its parts.
 //!
 //! # Trees
 //!
@@ -166,6 +173,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
+use super::context::{Outbox, View};
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
@@ -203,9 +211,12 @@ pub struct TreeRoot {
     pub root: u64,
 }
 
-/// Anti-entropy state of a core.
+/// The anti-entropy of a core: its trees, the exchange in progress, the suspect pairs and the
+/// tombstone-reaping state, with the methods that run them. It reads the core through a [`View`]
+/// and emits through an [`Outbox`] (`context.rs`); what needs the rest of the core (a per-key
+/// job, a fresh epoch) it returns as an [`AeEffect`].
 #[derive(Debug)]
-pub(super) struct AeState {
+pub(super) struct AntiEntropy {
     trees: BTreeMap<(u32, u8), Tree>,
     /// The trees, in round-robin order.
     order: Vec<(u32, u8)>,
@@ -218,8 +229,6 @@ pub(super) struct AeState {
     /// A raised floor not yet reported persisted.
     floor_pending: Option<u32>,
     last_raise: Option<u64>,
-    /// Reads of objects to send to a peer: store op id → (peer, key).
-    pushes: BTreeMap<u64, (NodeId, StoreKey)>,
     /// The rings (in force, pending) the trees were last computed for.
     view: Option<(Ring, Option<Ring>)>,
     /// Suspect pairs (module docs, *Pacing*): a tree and a replica of it that may lack what
@@ -230,26 +239,34 @@ pub(super) struct AeState {
     /// Partitions whose trees are loading from storage (module docs), each with the keys whose
     /// entries something other than the load set since it began, which the load must skip.
     loading: BTreeMap<u32, BTreeSet<(Bytes, Bytes)>>,
+    /// Reads of objects to send to peers that are still running.
+    pushes: usize,
 }
 
-impl AeState {
-    pub(super) fn new(floor: u32) -> AeState {
-        AeState {
-            trees: BTreeMap::new(),
-            order: Vec::new(),
-            round: 0,
-            next_round: 0,
-            exchange: None,
-            floor_durable: floor,
-            floor_pending: None,
-            last_raise: None,
-            pushes: BTreeMap::new(),
-            view: None,
-            suspects: BTreeSet::new(),
-            next_suspect: 0,
-            loading: BTreeMap::new(),
-        }
-    }
+/// Work anti-entropy hands back to the core, which owns what it needs. Each is the last step
+/// of the call that returns it, so the core carries it out right after, in the same order.
+#[derive(Debug)]
+pub(super) enum AeEffect {
+    /// Reap the tombstones of tree `(partition, n)` that are past their grace period
+    /// ([`Core::ae_reap`]): it was just found equal to its peers', or has none.
+    Reap((u32, u8)),
+    /// Remove each of these tombstones of `partition` under its key's lock, if its stored object
+    /// still has the confirmed digest.
+    Drop {
+        /// The partition.
+        partition: u32,
+        /// The tombstones.
+        keys: Vec<AeKey>,
+    },
+}
+
+/// The tombstones of a tree ready to be reaped, and whether the floor must be raised first.
+#[derive(Debug)]
+pub(super) struct ReapList {
+    ready: Vec<AeKey>,
+    /// Tombstones past their grace are held back only by rule 3: raise the floor (the core
+    /// takes a fresh epoch) and report it with [`AntiEntropy::floor_raised`].
+    pub(super) raise_floor: bool,
 }
 
 #[derive(Debug, Default)]
@@ -356,7 +373,7 @@ fn tree_hash(bucket: &[u8], key: &[u8], partition_bits: u32) -> u64 {
     key_hash(bucket, key).rotate_left(partition_bits)
 }
 
-impl Core {
+impl View<'_> {
     fn tree_hash(&self, bucket: &[u8], key: &[u8]) -> u64 {
         tree_hash(bucket, key, self.ring.partition_count().bits())
     }
@@ -383,37 +400,91 @@ impl Core {
             .collect()
     }
 
+    /// Whether `tomb` has been dead on this replica for its grace period: `tombstone_grace_ms`
+    /// for a deletion, `expiry_grace_ms` (from the expiry) for an expired object.
+    fn ripe(&self, now: u64, tomb: &Tomb) -> bool {
+        let grace = if tomb.expired {
+            self.cfg.expiry_grace_ms
+        } else {
+            self.cfg.tombstone_grace_ms
+        };
+        now >= tomb.since.saturating_add(grace)
+    }
+}
+
+/// A refusal of an exchange or reap message.
+fn refuse(o: &mut Outbox<'_>, to: NodeId, id: u64, message: String) {
+    o.send(
+        to,
+        PeerMsg::Failed {
+            id,
+            error: ErrorBody::new(ErrorCode::InvalidRequest, message),
+        },
+    );
+}
+
+/// Refuses an exchange or reap message for a tree still loading from storage: the peer's
+/// exchange ends and its next round tries another tree or replica.
+fn refuse_loading(o: &mut Outbox<'_>, to: NodeId, id: u64, partition: u32) {
+    refuse(
+        o,
+        to,
+        id,
+        format!("the trees of partition {partition} are still loading"),
+    );
+}
+
+fn no_tree(o: &mut Outbox<'_>, to: NodeId, id: u64, tree: (u32, u8)) {
+    refuse(o, to, id, format!("no tree ({}, {}) here", tree.0, tree.1));
+}
+
+impl AntiEntropy {
+    pub(super) fn new(floor: u32) -> AntiEntropy {
+        AntiEntropy {
+            trees: BTreeMap::new(),
+            order: Vec::new(),
+            round: 0,
+            next_round: 0,
+            exchange: None,
+            floor_durable: floor,
+            floor_pending: None,
+            last_raise: None,
+            view: None,
+            suspects: BTreeSet::new(),
+            next_suspect: 0,
+            loading: BTreeMap::new(),
+            pushes: 0,
+        }
+    }
+
     /// Recomputes which trees this core keeps (module docs), keeping those it already has: the
-    /// trees of the ring in force, which it exchanges, and those of the pending ring during a
+    /// trees of the ring in force, which it exchanges, and those of the `pending` ring during a
     /// membership change, so the keys a partition transfer writes are in the tree when the ring
     /// flips.
-    pub(super) fn ae_set_ring(&mut self) {
-        let (index, count) = (self.cfg.shard, self.cfg.shards);
+    pub(super) fn set_ring(&mut self, v: &View<'_>, pending: Option<&Ring>) {
+        let (index, count) = (v.cfg.shard, v.cfg.shards);
         assert!(count > 0 && index < count, "a shard index below the count");
-        let view = (
-            self.ring.clone(),
-            self.transfers.pending().map(|(_, r)| r.clone()),
-        );
-        if self.ae.view.as_ref() == Some(&view) {
+        let view = (v.ring.clone(), pending.cloned());
+        if self.view.as_ref() == Some(&view) {
             return;
         }
-        self.ae.view = Some(view);
-        let mut ns: Vec<u8> = std::iter::once(&self.cfg.buckets.default)
-            .chain(self.cfg.buckets.named.values())
+        self.view = Some(view);
+        let mut ns: Vec<u8> = std::iter::once(&v.cfg.buckets.default)
+            .chain(v.cfg.buckets.named.values())
             .map(|p| p.n)
             .collect();
         ns.sort_unstable();
         ns.dedup();
-        let me = self.cfg.node;
+        let me = v.cfg.node;
         let mut order = Vec::new();
-        let mut kept = std::collections::BTreeSet::new();
-        for p in (0..self.ring.partition_count().get()).filter(|p| p % count == index) {
+        let mut kept = BTreeSet::new();
+        for p in (0..v.ring.partition_count().get()).filter(|p| p % count == index) {
             for &n in &ns {
-                if self.tree_homes((p, n)).contains(&me) {
+                if v.tree_homes((p, n)).contains(&me) {
                     order.push((p, n));
                     kept.insert((p, n));
                 }
-                if let Some((_, pending)) = self.transfers.pending() {
+                if let Some(pending) = pending {
                     let n_pending = usize::from(n).min(pending.members().len());
                     if pending
                         .preference_list(PartitionId(p), n_pending)
@@ -424,105 +495,93 @@ impl Core {
                 }
             }
         }
-        let mut trees = std::mem::take(&mut self.ae.trees);
-        self.ae.trees = kept
+        let mut trees = std::mem::take(&mut self.trees);
+        self.trees = kept
             .into_iter()
             .map(|t| (t, trees.remove(&t).unwrap_or_default()))
             .collect();
-        self.ae.order = order;
+        self.order = order;
         if self
-            .ae
             .exchange
             .as_ref()
-            .is_some_and(|x| !self.ae.order.contains(&x.tree))
+            .is_some_and(|x| !self.order.contains(&x.tree))
         {
-            self.ae_end();
+            self.end();
         }
     }
 
     /// Empties the trees of `partition` (a handoff pass rebuilds them from storage, see
     /// `transfer.rs`), ending an exchange on one of them.
-    pub(super) fn ae_reset_partition(&mut self, partition: u32) {
-        for (_, tree) in self
-            .ae
-            .trees
-            .range_mut((partition, 0)..=(partition, u8::MAX))
-        {
+    pub(super) fn reset_partition(&mut self, partition: u32) {
+        for (_, tree) in self.trees.range_mut((partition, 0)..=(partition, u8::MAX)) {
             *tree = Tree::default();
         }
         if self
-            .ae
             .exchange
             .as_ref()
             .is_some_and(|x| x.tree.0 == partition)
         {
-            self.ae_end();
+            self.end();
         }
     }
 
-    /// The shell is about to load the trees of `partitions` from storage while it serves
-    /// (module docs): until [`Core::trees_loaded`] says a partition is read whole, anti-entropy
-    /// leaves its trees alone and the load does not overwrite entries writes set meanwhile.
-    pub fn trees_loading(&mut self, partitions: impl IntoIterator<Item = u32>) {
+    /// [`Core::trees_loading`].
+    pub(super) fn trees_loading(&mut self, partitions: impl IntoIterator<Item = u32>) {
         for p in partitions {
-            self.ae.loading.entry(p).or_default();
+            self.loading.entry(p).or_default();
         }
         if self
-            .ae
             .exchange
             .as_ref()
-            .is_some_and(|x| self.ae.loading.contains_key(&x.tree.0))
+            .is_some_and(|x| self.loading.contains_key(&x.tree.0))
         {
-            self.ae_end();
+            self.end();
         }
     }
 
-    /// A stored replica object, read from storage to build the trees: the shell calls this for
-    /// every key of [`Space::Primary`] of a partition, either before serving (nothing else runs)
-    /// or while it is loading (module docs), where a key written since the load began keeps the
-    /// entry its write set.
-    pub fn load_replica(&mut self, now: u64, key: &StoreKey, object: &Object) {
-        if let Some(touched) = self.ae.loading.get(&key.partition)
+    /// [`Core::load_replica`].
+    pub(super) fn load_replica(&mut self, v: &View<'_>, now: u64, key: &StoreKey, object: &Object) {
+        if let Some(touched) = self.loading.get(&key.partition)
             && touched.contains(&(key.bucket.clone(), key.key.clone()))
         {
             return;
         }
-        self.tree_apply(now, key, Some(object));
+        self.tree_apply(v, now, key, Some(object));
     }
 
-    /// Every object of `partition` was given to [`Core::load_replica`]: its trees describe the
-    /// storage, and anti-entropy may use them.
-    pub fn trees_loaded(&mut self, partition: u32) {
-        self.ae.loading.remove(&partition);
+    /// [`Core::trees_loaded`].
+    pub(super) fn trees_loaded(&mut self, partition: u32) {
+        self.loading.remove(&partition);
     }
 
     /// Partitions whose trees are still loading.
-    pub fn trees_loading_count(&self) -> usize {
-        self.ae.loading.len()
+    pub(super) fn loading_count(&self) -> usize {
+        self.loading.len()
     }
 
     /// Whether the trees of `partition` are still loading.
     fn tree_loading(&self, partition: u32) -> bool {
-        self.ae.loading.contains_key(&partition)
+        self.loading.contains_key(&partition)
     }
 
-    /// The raised floor of an [`Output::PersistFloor`] is persisted.
-    pub fn handle_floor_persisted(&mut self, floor: u32) {
-        self.ae.floor_durable = self.ae.floor_durable.max(floor);
-        if self.ae.floor_pending == Some(floor) {
-            self.ae.floor_pending = None;
+    /// [`Core::handle_floor_persisted`].
+    pub(super) fn floor_persisted(&mut self, floor: u32) {
+        self.floor_durable = self.floor_durable.max(floor);
+        if self.floor_pending == Some(floor) {
+            self.floor_pending = None;
         }
     }
 
-    /// Changes the interval between anti-entropy rounds (0 pauses them): the pacing knob.
-    pub fn set_ae_interval_ms(&mut self, interval_ms: u64) {
-        self.cfg.ae_interval_ms = interval_ms;
+    /// The core raised the floor to `floor` at `now` for a [`ReapList::raise_floor`]; it is
+    /// not persisted yet.
+    pub(super) fn floor_raised(&mut self, floor: u32, now: u64) {
+        self.floor_pending = Some(floor);
+        self.last_raise = Some(now);
     }
 
-    /// Every tree this core keeps, in (partition, n) order.
-    pub fn merkle_roots(&mut self) -> Vec<TreeRoot> {
-        self.ae
-            .trees
+    /// Every tree, in (partition, n) order.
+    pub(super) fn roots(&mut self) -> Vec<TreeRoot> {
+        self.trees
             .iter_mut()
             .map(|(&(partition, n), t)| TreeRoot {
                 partition,
@@ -533,60 +592,42 @@ impl Core {
             .collect()
     }
 
-    /// An estimate of the keys the cluster holds in buckets with `bucket`'s replica count: the
-    /// keys of this node's primary replicas (this core's trees, plus what `other_shards` says
-    /// the node's other shards hold in trees of a replica count), times the members, divided by
-    /// the replicas per key. Exact on one node; approximate in a cluster, by design (Redis's
-    /// `DBSIZE`): it counts other buckets of the same `n`, and deletions and expired keys until
-    /// they are reaped.
-    pub fn key_estimate(&self, bucket: &[u8], other_shards: impl Fn(u8) -> u64) -> u64 {
-        let members = self.ring.members().len().max(1) as u64;
-        let tree_n = self.tree_n(bucket);
-        // Copies per key: the bucket's `n`, or every member when there are fewer.
-        let n = u64::from(tree_n).min(members);
-        let here: u64 = self
-            .ae
-            .trees
+    /// Keys in this core's trees of replica count `n`.
+    pub(super) fn keys_of_n(&self, n: u8) -> u64 {
+        self.trees
             .iter()
-            .filter(|((_, t_n), _)| *t_n == tree_n)
+            .filter(|((_, t_n), _)| *t_n == n)
             .map(|(_, t)| t.merkle.len())
-            .sum();
-        let node = here.saturating_add(other_shards(tree_n));
-        node.saturating_mul(members) / n.max(1)
+            .sum()
     }
 
-    /// Whether storage operation `id` is an anti-entropy read (background work).
-    pub(super) fn ae_is_background(&self, id: u64) -> bool {
-        self.ae.pushes.contains_key(&id)
-    }
-
-    /// Whether an anti-entropy exchange is running.
-    pub fn ae_busy(&self) -> bool {
-        self.ae.exchange.is_some() || !self.ae.pushes.is_empty()
-    }
-
-    /// A merge under `key`'s lock found `stored` and had nothing to write: the tree is set to
-    /// what is stored (a no-op unless the tree had drifted).
-    pub(super) fn ae_stored(&mut self, now: u64, key: &StoreKey, stored: Option<&Object>) {
-        self.tree_set(now, key, stored);
+    /// Whether an exchange, or a read of objects to send, is running.
+    pub(super) fn busy(&self) -> bool {
+        self.exchange.is_some() || self.pushes > 0
     }
 
     /// A storage operation on `key` is issued under its lock: its tree follows.
-    pub(super) fn ae_written(&mut self, now: u64, key: &StoreKey, op: &StoreOp) {
+    pub(super) fn written(&mut self, v: &View<'_>, now: u64, key: &StoreKey, op: &StoreOp) {
         match op {
-            StoreOp::Write { object, .. } => self.tree_set(now, key, Some(object)),
-            StoreOp::Remove => self.tree_set(now, key, None),
+            StoreOp::Write { object, .. } => self.tree_set(v, now, key, Some(object)),
+            StoreOp::Remove => self.tree_set(v, now, key, None),
             StoreOp::Read | StoreOp::Sync => {}
         }
     }
 
     /// Sets `key`'s tree entry to what storage holds for it now (a write issued under its lock,
     /// or a read that found it): a load still running for its partition must not overwrite it.
-    fn tree_set(&mut self, now: u64, key: &StoreKey, object: Option<&Object>) {
+    pub(super) fn tree_set(
+        &mut self,
+        v: &View<'_>,
+        now: u64,
+        key: &StoreKey,
+        object: Option<&Object>,
+    ) {
         if key.space != Space::Primary {
             return;
         }
-        if let Some(touched) = self.ae.loading.get_mut(&key.partition) {
+        if let Some(touched) = self.loading.get_mut(&key.partition) {
             // Copied, as the tree's keys are, so the set never pins a received frame's buffer.
             touched.insert((
                 Bytes::copy_from_slice(&key.bucket),
@@ -595,28 +636,27 @@ impl Core {
         }
         // A replica believed down misses what is stored here now (its hint may be lost). Not
         // for what a load reads back: that was stored before this run, not written now.
-        let id = (key.partition, self.tree_n(&key.bucket));
-        if self.ae.trees.contains_key(&id) {
-            let me = self.cfg.node;
-            for i in 0..self.tree_homes(id).len() {
-                let home = self.tree_homes(id)[i];
-                if home != me && !self.live.believed_up(home, now) {
-                    self.ae.suspects.insert((id, home));
+        let id = (key.partition, v.tree_n(&key.bucket));
+        if self.trees.contains_key(&id) {
+            let me = v.cfg.node;
+            for &home in v.tree_homes(id) {
+                if home != me && !v.live.believed_up(home, now) {
+                    self.suspects.insert((id, home));
                 }
             }
         }
-        self.tree_apply(now, key, object);
+        self.tree_apply(v, now, key, object);
     }
 
     /// Sets `key`'s entry in its tree, if this core keeps that tree.
-    fn tree_apply(&mut self, now: u64, key: &StoreKey, object: Option<&Object>) {
+    fn tree_apply(&mut self, v: &View<'_>, now: u64, key: &StoreKey, object: Option<&Object>) {
         if key.space != Space::Primary {
             return;
         }
-        let id = (key.partition, self.tree_n(&key.bucket));
-        let hash = self.tree_hash(&key.bucket, &key.key);
-        let me = self.cfg.node;
-        let Some(tree) = self.ae.trees.get_mut(&id) else {
+        let id = (key.partition, v.tree_n(&key.bucket));
+        let hash = v.tree_hash(&key.bucket, &key.key);
+        let me = v.cfg.node;
+        let Some(tree) = self.trees.get_mut(&id) else {
             return;
         };
         let leaf = leaf_of(hash) as u32;
@@ -672,155 +712,164 @@ impl Core {
     }
 
     /// When the next round is due, if anti-entropy runs and no exchange is in progress.
-    pub(super) fn ae_deadline(&self) -> Option<u64> {
-        let next = if self.ae.suspects.is_empty() {
-            self.ae.next_round
+    pub(super) fn deadline(&self, v: &View<'_>) -> Option<u64> {
+        let next = if self.suspects.is_empty() {
+            self.next_round
         } else {
-            self.ae.next_round.min(self.ae.next_suspect)
+            self.next_round.min(self.next_suspect)
         };
-        (self.cfg.ae_interval_ms > 0 && self.ae.exchange.is_none() && !self.ae.order.is_empty())
+        (v.cfg.ae_interval_ms > 0 && self.exchange.is_none() && !self.order.is_empty())
             .then_some(next)
     }
 
-    /// A replica write of `key` to `node` failed or timed out: `node` may lack it.
-    pub(super) fn ae_suspect(&mut self, partition: u32, bucket: &[u8], node: NodeId) {
-        let tree = (partition, self.tree_n(bucket));
-        if node != self.cfg.node && self.ae.trees.contains_key(&tree) {
-            self.ae.suspects.insert((tree, node));
+    /// A replica write of a key of `bucket` in `partition` to `node` failed or timed out:
+    /// `node` may lack it.
+    pub(super) fn suspect(&mut self, v: &View<'_>, partition: u32, bucket: &[u8], node: NodeId) {
+        let tree = (partition, v.tree_n(bucket));
+        if node != v.cfg.node && self.trees.contains_key(&tree) {
+            self.suspects.insert((tree, node));
         }
     }
 
     /// The first suspect pair that can be exchanged now: its tree is here and loaded, and its
     /// peer is a replica believed up. Pairs whose tree or peer went away with a ring change are dropped.
-    fn next_suspect(&mut self, now: u64) -> Option<((u32, u8), NodeId)> {
+    fn next_suspect(&mut self, v: &View<'_>, now: u64) -> Option<((u32, u8), NodeId)> {
         let mut gone = Vec::new();
         let mut found = None;
-        for &(tree, peer) in &self.ae.suspects {
-            if !self.ae.trees.contains_key(&tree) || !self.tree_homes(tree).contains(&peer) {
+        for &(tree, peer) in &self.suspects {
+            if !self.trees.contains_key(&tree) || !v.tree_homes(tree).contains(&peer) {
                 gone.push((tree, peer));
-            } else if self.live.believed_up(peer, now) && !self.tree_loading(tree.0) {
+            } else if v.live.believed_up(peer, now) && !self.tree_loading(tree.0) {
                 // A loading tree waits for its load (module docs); the pair stays.
                 found = Some((tree, peer));
                 break;
             }
         }
         for pair in gone {
-            self.ae.suspects.remove(&pair);
+            self.suspects.remove(&pair);
         }
         found
     }
 
-    /// Starts a round if one is due.
-    pub(super) fn ae_tick(&mut self, now: u64) {
-        if self.cfg.ae_interval_ms == 0 || self.ae.exchange.is_some() || self.ae.order.is_empty() {
-            return;
+    /// Starts a round if one is due; `share` is the background share from admission control.
+    pub(super) fn tick(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        share: f64,
+    ) -> Option<AeEffect> {
+        if v.cfg.ae_interval_ms == 0 || self.exchange.is_some() || self.order.is_empty() {
+            return None;
         }
         // Admission control scales background work: a share of 1/4 makes rounds 4 times rarer.
-        let share = self.background_share();
-        if !self.ae.suspects.is_empty() && now >= self.ae.next_suspect {
+        if !self.suspects.is_empty() && now >= self.next_suspect {
             // Pushed forward whether or not a pair can go now (its replica may still be down),
             // so a deadline in the past never makes the shell tick in a loop.
-            let gap = self.cfg.ae_interval_ms.min(SUSPECT_GAP_MS) as f64 / share;
-            self.ae.next_suspect = now + (gap as u64).max(1);
-            if let Some((tree, peer)) = self.next_suspect(now) {
-                self.ae.suspects.remove(&(tree, peer));
-                return self.ae_start(now, tree, peer, true);
+            let gap = v.cfg.ae_interval_ms.min(SUSPECT_GAP_MS) as f64 / share;
+            self.next_suspect = now + (gap as u64).max(1);
+            if let Some((tree, peer)) = self.next_suspect(v, now) {
+                self.suspects.remove(&(tree, peer));
+                self.start(v, o, now, tree, peer, true);
+                return None;
             }
         }
-        if now < self.ae.next_round {
-            return;
+        if now < self.next_round {
+            return None;
         }
-        let interval = self.cfg.ae_interval_ms as f64 / share;
-        self.ae.next_round = now + interval as u64;
-        let len = self.ae.order.len() as u64;
+        let interval = v.cfg.ae_interval_ms as f64 / share;
+        self.next_round = now + interval as u64;
+        let len = self.order.len() as u64;
         // The next tree whose partition is not loading (module docs); none: no round this time.
         let mut skipped = 0;
-        while skipped < len && self.tree_loading(self.ae.order[(self.ae.round % len) as usize].0) {
-            self.ae.round += 1;
+        while skipped < len && self.tree_loading(self.order[(self.round % len) as usize].0) {
+            self.round += 1;
             skipped += 1;
         }
         if skipped == len {
-            return;
+            return None;
         }
-        let round = self.ae.round;
-        self.ae.round += 1;
-        let tree = self.ae.order[(round % len) as usize];
+        let round = self.round;
+        self.round += 1;
+        let tree = self.order[(round % len) as usize];
         debug_assert!(!self.tree_loading(tree.0));
-        let peers = self.tree_peers(tree);
+        let peers = v.tree_peers(tree);
         if peers.is_empty() {
             // n = 1: nothing to compare with; tombstones need no confirmation.
-            self.ae_reap(now, tree);
-            return;
+            return Some(AeEffect::Reap(tree));
         }
         let first = ((round / len) % peers.len() as u64) as usize;
-        let Some(peer) = (0..peers.len())
+        let peer = (0..peers.len())
             .map(|i| peers[(first + i) % peers.len()])
-            .find(|&p| self.live.believed_up(p, now))
-        else {
-            return;
-        };
-        self.ae_start(now, tree, peer, false);
+            .find(|&p| v.live.believed_up(p, now))?;
+        self.start(v, o, now, tree, peer, false);
+        None
     }
 
     /// Starts an exchange of `tree` with `peer` (for a suspect pair if `suspect`).
-    fn ae_start(&mut self, now: u64, tree: (u32, u8), peer: NodeId, suspect: bool) {
-        self.stats.ae_exchanges += 1;
+    fn start(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        tree: (u32, u8),
+        peer: NodeId,
+        suspect: bool,
+    ) {
+        o.stats.ae_exchanges += 1;
         let root = self
-            .ae
             .trees
             .get_mut(&tree)
             .expect("ordered trees exist")
             .merkle
             .root();
-        self.ae.exchange = Some(Exchange {
+        self.exchange = Some(Exchange {
             tree,
             suspect_peer: suspect.then_some(peer),
             waiting: BTreeMap::new(),
             step: Step::Level { peer, depth: 0 },
         });
-        self.ae_send(
-            now,
-            peer,
-            |id| PeerMsg::AeLevel {
-                id,
-                partition: tree.0,
-                n: tree.1,
-                depth: 0,
-                hashes: vec![(0, root)],
-            },
-            true,
-        );
+        self.send(v, o, now, peer, |id| PeerMsg::AeLevel {
+            id,
+            partition: tree.0,
+            n: tree.1,
+            depth: 0,
+            hashes: vec![(0, root)],
+        });
     }
 
-    /// Sends an exchange message to `to`, awaited (with a timeout) if `awaited`.
-    fn ae_send(&mut self, now: u64, to: NodeId, msg: impl FnOnce(u64) -> PeerMsg, awaited: bool) {
-        let id = self.id();
-        if awaited {
-            if let Some(x) = self.ae.exchange.as_mut() {
-                x.waiting.insert(id, to);
-            }
-            self.timeouts
-                .insert((now + self.cfg.replica_timeout_ms, id));
+    /// Sends a message of the exchange to `to`, which awaits its answer (with a timeout).
+    fn send(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        to: NodeId,
+        msg: impl FnOnce(u64) -> PeerMsg,
+    ) {
+        let timeout = v.cfg.replica_timeout_ms;
+        let id = o.request(now, timeout, to, Pending::Exchange { node: to }, msg);
+        if let Some(x) = self.exchange.as_mut() {
+            x.waiting.insert(id, to);
         }
-        self.out.push(Output::Send { to, msg: msg(id) });
     }
 
-    fn ae_end(&mut self) {
-        self.ae.exchange = None;
+    fn end(&mut self) {
+        self.exchange = None;
     }
 
     /// Ends the exchange without knowing whether its pair agrees: a suspect pair stays one.
-    fn ae_end_unsettled(&mut self) {
-        if let Some(x) = self.ae.exchange.take()
+    fn end_unsettled(&mut self) {
+        if let Some(x) = self.exchange.take()
             && let Some(peer) = x.suspect_peer
         {
-            self.ae.suspects.insert((x.tree, peer));
+            self.suspects.insert((x.tree, peer));
         }
     }
 
     /// Whether `id` is a message the running exchange awaits from `from`; forgets it if so.
-    fn ae_awaited(&mut self, from: NodeId, id: u64) -> bool {
-        match self.ae.exchange.as_mut() {
+    fn awaited(&mut self, from: NodeId, id: u64) -> bool {
+        match self.exchange.as_mut() {
             Some(x) if x.waiting.get(&id) == Some(&from) => {
                 x.waiting.remove(&id);
                 true
@@ -829,59 +878,45 @@ impl Core {
         }
     }
 
-    /// Message `id` timed out: if the exchange awaited it, the exchange ends.
-    pub(super) fn ae_expire(&mut self, _now: u64, id: u64) {
+    /// Message `id` of an exchange timed out: if the exchange awaited it, the exchange ends.
+    pub(super) fn expired(&mut self, id: u64) {
         if self
-            .ae
             .exchange
             .as_ref()
             .is_some_and(|x| x.waiting.contains_key(&id))
         {
-            self.ae_end_unsettled();
+            self.end_unsettled();
         }
     }
 
-    /// `from` answered `id` with an error.
-    pub(super) fn ae_failed(&mut self, _now: u64, from: NodeId, id: u64) {
-        if self.ae_awaited(from, id) {
-            self.ae_end_unsettled();
+    /// `from` answered message `id` of an exchange with an error.
+    pub(super) fn failed(&mut self, from: NodeId, id: u64) {
+        if self.awaited(from, id) {
+            self.end_unsettled();
         }
     }
 
     /// `node` is unreachable: an exchange waiting for it ends.
-    pub(super) fn ae_unreachable(&mut self, _now: u64, node: NodeId) {
+    pub(super) fn unreachable(&mut self, node: NodeId) {
         if self
-            .ae
             .exchange
             .as_ref()
             .is_some_and(|x| x.waiting.values().any(|&n| n == node))
         {
-            self.ae_end_unsettled();
+            self.end_unsettled();
         }
     }
 
-    fn ae_refuse(&mut self, to: NodeId, id: u64, message: String) {
-        self.out.push(Output::Send {
-            to,
-            msg: PeerMsg::Failed {
-                id,
-                error: ErrorBody::new(ErrorCode::InvalidRequest, message),
-            },
-        });
-    }
-
-    /// Refuses an exchange or reap message for a tree still loading from storage: the peer's
-    /// exchange ends and its next round tries another tree or replica.
-    fn ae_refuse_loading(&mut self, to: NodeId, id: u64, partition: u32) {
-        self.ae_refuse(
-            to,
-            id,
-            format!("the trees of partition {partition} are still loading"),
-        );
-    }
-
-    /// An anti-entropy message from `from`.
-    pub(super) fn ae_handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) {
+    /// An anti-entropy request from `from` (a peer's exchange or reap), or an answer to one of
+    /// this core's exchange messages (its outstanding entry already taken by the core).
+    pub(super) fn handle_peer(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        from: NodeId,
+        msg: PeerMsg,
+    ) -> Option<AeEffect> {
         match msg {
             PeerMsg::AeLevel {
                 id,
@@ -892,13 +927,16 @@ impl Core {
             } => {
                 let depth = u32::from(depth);
                 if self.tree_loading(partition) {
-                    return self.ae_refuse_loading(from, id, partition);
+                    refuse_loading(o, from, id, partition);
+                    return None;
                 }
-                let Some(tree) = self.ae.trees.get_mut(&(partition, n)) else {
-                    return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
+                let Some(tree) = self.trees.get_mut(&(partition, n)) else {
+                    no_tree(o, from, id, (partition, n));
+                    return None;
                 };
                 if depth > DEPTH {
-                    return self.ae_refuse(from, id, format!("tree level {depth} below leaves"));
+                    refuse(o, from, id, format!("tree level {depth} below leaves"));
+                    return None;
                 }
                 let theirs: Vec<(usize, u64)> =
                     hashes.iter().map(|&(i, h)| (i as usize, h)).collect();
@@ -908,15 +946,14 @@ impl Core {
                     .into_iter()
                     .map(|i| i as u32)
                     .collect();
-                self.out.push(Output::Send {
-                    to: from,
-                    msg: PeerMsg::AeLevelOk { id, differing },
-                });
+                o.send(from, PeerMsg::AeLevelOk { id, differing });
+                None
             }
             PeerMsg::AeLevelOk { id, differing } => {
-                if self.ae_awaited(from, id) {
-                    self.ae_level_answered(now, from, differing);
+                if self.awaited(from, id) {
+                    return self.level_answered(v, o, now, from, differing);
                 }
+                None
             }
             PeerMsg::AeKeys {
                 id,
@@ -924,28 +961,30 @@ impl Core {
                 n,
                 leaves,
                 keys,
-            } => self.ae_keys(now, from, id, (partition, n), leaves, keys),
+            } => {
+                self.keys(v, o, from, id, (partition, n), leaves, keys);
+                None
+            }
             PeerMsg::AeKeysOk { id, want } => {
-                if !self.ae_awaited(from, id) {
-                    return;
+                if !self.awaited(from, id) {
+                    return None;
                 }
-                let Some(x) = self.ae.exchange.take() else {
-                    return;
-                };
+                let x = self.exchange.take()?;
                 // Keys were listed because leaves differed: until an exchange finds the pair
                 // equal, it stays suspect (a repair is capped at `ae_keys_max` keys).
                 if let Some(peer) = x.suspect_peer {
-                    self.ae.suspects.insert((x.tree, peer));
+                    self.suspects.insert((x.tree, peer));
                 }
-                for (bucket, key) in want.into_iter().take(self.cfg.ae_keys_max) {
+                for (bucket, key) in want.into_iter().take(v.cfg.ae_keys_max) {
                     let key = StoreKey {
                         partition: x.tree.0,
                         space: Space::Primary,
                         bucket,
                         key,
                     };
-                    self.ae_push(from, key);
+                    self.push(o, from, key);
                 }
+                None
             }
             PeerMsg::AeReap {
                 id,
@@ -953,13 +992,15 @@ impl Core {
                 n,
                 keys,
             } => {
-                let floor = self.ae.floor_durable;
+                let floor = self.floor_durable;
                 // A loading tree may lack a tombstone it holds; refusing is the plain answer.
                 if self.tree_loading(partition) {
-                    return self.ae_refuse_loading(from, id, partition);
+                    refuse_loading(o, from, id, partition);
+                    return None;
                 }
-                let Some(tree) = self.ae.trees.get(&(partition, n)) else {
-                    return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
+                let Some(tree) = self.trees.get(&(partition, n)) else {
+                    no_tree(o, from, id, (partition, n));
+                    return None;
                 };
                 let held = keys
                     .into_iter()
@@ -969,22 +1010,20 @@ impl Core {
                             .is_some_and(|e| {
                                 e.digest == k.digest
                                     && e.tomb.is_some_and(|t| {
-                                        self.ripe(now, &t)
-                                            && t.own_epoch.is_none_or(|ep| ep < floor)
+                                        v.ripe(now, &t) && t.own_epoch.is_none_or(|ep| ep < floor)
                                     })
                             })
                     })
                     .map(|k| (k.bucket, k.key))
                     .collect();
-                self.out.push(Output::Send {
-                    to: from,
-                    msg: PeerMsg::AeReapOk { id, held },
-                });
+                o.send(from, PeerMsg::AeReapOk { id, held });
+                None
             }
             PeerMsg::AeReapOk { id, held } => {
-                if self.ae_awaited(from, id) {
-                    self.ae_reap_answered(now, held);
+                if self.awaited(from, id) {
+                    return self.reap_answered(v, o, now, held);
                 }
+                None
             }
             PeerMsg::AeDrop {
                 id,
@@ -992,42 +1031,48 @@ impl Core {
                 n,
                 keys,
             } => {
-                if !self.ae.trees.contains_key(&(partition, n)) {
-                    return self.ae_refuse(from, id, format!("no tree ({partition}, {n}) here"));
+                if !self.trees.contains_key(&(partition, n)) {
+                    no_tree(o, from, id, (partition, n));
+                    return None;
                 }
-                self.out.push(Output::Send {
-                    to: from,
-                    msg: PeerMsg::AeDropOk { id },
-                });
-                self.ae_drop(now, partition, keys);
+                o.send(from, PeerMsg::AeDropOk { id });
+                Some(AeEffect::Drop { partition, keys })
             }
             // Drops are not awaited: the removals are checked under each key's lock.
-            PeerMsg::AeDropOk { .. } => {}
+            PeerMsg::AeDropOk { .. } => None,
             _ => unreachable!("only anti-entropy messages come here"),
         }
     }
 
-    fn ae_level_answered(&mut self, now: u64, from: NodeId, differing: Vec<u32>) {
+    fn level_answered(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        from: NodeId,
+        differing: Vec<u32>,
+    ) -> Option<AeEffect> {
         let Some(Exchange {
             tree,
             step: Step::Level { peer, depth },
             ..
-        }) = self.ae.exchange
+        }) = self.exchange
         else {
-            return;
+            return None;
         };
         debug_assert_eq!(peer, from);
         if differing.is_empty() {
-            self.ae_end();
+            self.end();
             if depth == 0 {
-                self.stats.ae_in_sync += 1;
-                self.ae_reap(now, tree);
+                o.stats.ae_in_sync += 1;
+                return Some(AeEffect::Reap(tree));
             }
-            return;
+            return None;
         }
         // A ring change may have taken the tree away meanwhile.
-        let Some(t) = self.ae.trees.get_mut(&tree) else {
-            return self.ae_end();
+        let Some(t) = self.trees.get_mut(&tree) else {
+            self.end();
+            return None;
         };
         if depth < DEPTH {
             let width = FANOUT.pow(depth);
@@ -1045,24 +1090,20 @@ impl Core {
                 .flat_map(|&p| MerkleTree::children(depth, p))
                 .map(|c| (c as u32, level[c]))
                 .collect();
-            if let Some(x) = self.ae.exchange.as_mut() {
+            if let Some(x) = self.exchange.as_mut() {
                 x.step = Step::Level {
                     peer,
                     depth: depth + 1,
                 };
             }
-            return self.ae_send(
-                now,
-                peer,
-                |id| PeerMsg::AeLevel {
-                    id,
-                    partition: tree.0,
-                    n: tree.1,
-                    depth: (depth + 1) as u8,
-                    hashes,
-                },
-                true,
-            );
+            self.send(v, o, now, peer, |id| PeerMsg::AeLevel {
+                id,
+                partition: tree.0,
+                n: tree.1,
+                depth: (depth + 1) as u8,
+                hashes,
+            });
+            return None;
         }
         // Differing leaves: whole leaves, up to the key budget (at least one leaf).
         let mut leaves: Vec<u32> = differing;
@@ -1080,33 +1121,31 @@ impl Core {
                     digest: e.digest,
                 });
             }
-            if !chosen.is_empty() && keys.len() + in_leaf.len() > self.cfg.ae_keys_max {
+            if !chosen.is_empty() && keys.len() + in_leaf.len() > v.cfg.ae_keys_max {
                 break;
             }
             chosen.push(leaf);
             keys.extend(in_leaf);
         }
-        if let Some(x) = self.ae.exchange.as_mut() {
+        if let Some(x) = self.exchange.as_mut() {
             x.step = Step::Keys;
         }
-        self.ae_send(
-            now,
-            peer,
-            |id| PeerMsg::AeKeys {
-                id,
-                partition: tree.0,
-                n: tree.1,
-                leaves: chosen,
-                keys,
-            },
-            true,
-        );
+        self.send(v, o, now, peer, |id| PeerMsg::AeKeys {
+            id,
+            partition: tree.0,
+            n: tree.1,
+            leaves: chosen,
+            keys,
+        });
+        None
     }
 
     /// A peer's keys of some leaves: send what differs, ask for what is missing or differs.
-    fn ae_keys(
+    #[allow(clippy::too_many_arguments)] // One message's fields, taken apart by the caller.
+    fn keys(
         &mut self,
-        _now: u64,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
         from: NodeId,
         id: u64,
         tree_id: (u32, u8),
@@ -1114,14 +1153,10 @@ impl Core {
         keys: Vec<AeKey>,
     ) {
         if self.tree_loading(tree_id.0) {
-            return self.ae_refuse_loading(from, id, tree_id.0);
+            return refuse_loading(o, from, id, tree_id.0);
         }
-        let Some(tree) = self.ae.trees.get(&tree_id) else {
-            return self.ae_refuse(
-                from,
-                id,
-                format!("no tree ({}, {}) here", tree_id.0, tree_id.1),
-            );
+        let Some(tree) = self.trees.get(&tree_id) else {
+            return no_tree(o, from, id, tree_id);
         };
         let theirs: BTreeMap<(Bytes, Bytes), u64> = keys
             .into_iter()
@@ -1131,7 +1166,7 @@ impl Core {
         for (b, k, e) in tree.in_leaves(&leaves) {
             mine.insert((b.clone(), k.clone()), e.digest);
         }
-        let max = self.cfg.ae_keys_max;
+        let max = v.cfg.ae_keys_max;
         let want: Vec<(Bytes, Bytes)> = theirs
             .iter()
             .filter(|(k, d)| mine.get(*k) != Some(*d))
@@ -1144,10 +1179,7 @@ impl Core {
             .map(|(k, _)| k.clone())
             .take(max)
             .collect();
-        self.out.push(Output::Send {
-            to: from,
-            msg: PeerMsg::AeKeysOk { id, want },
-        });
+        o.send(from, PeerMsg::AeKeysOk { id, want });
         for (bucket, key) in send {
             let key = StoreKey {
                 partition: tree_id.0,
@@ -1155,40 +1187,43 @@ impl Core {
                 bucket,
                 key,
             };
-            self.ae_push(from, key);
+            self.push(o, from, key);
         }
     }
 
     /// Reads `key` to send it to `to` as a replica write (plain read: no lock, as hint delivery).
-    fn ae_push(&mut self, to: NodeId, key: StoreKey) {
-        let sid = self.id();
-        self.ae.pushes.insert(sid, (to, key.clone()));
-        self.out.push(Output::Store {
-            id: sid,
+    fn push(&mut self, o: &mut Outbox<'_>, to: NodeId, key: StoreKey) {
+        self.pushes += 1;
+        o.store(
+            Pending::Push {
+                to,
+                key: key.clone(),
+            },
             key,
-            op: StoreOp::Read,
-        });
+            StoreOp::Read,
+        );
     }
 
-    /// A storage read issued by anti-entropy finished.
-    pub(super) fn ae_read_done(
+    /// The read of `key` to send to `to` finished.
+    pub(super) fn push_read(
         &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
         now: u64,
-        id: u64,
+        (to, key): (NodeId, StoreKey),
         result: Result<Option<Object>, String>,
     ) {
-        let Some((to, key)) = self.ae.pushes.remove(&id) else {
-            return;
-        };
+        self.pushes -= 1;
         let object = match result {
             Ok(Some(object)) => object,
             // Gone (reaped meanwhile, or a tree that outlived its data): the tree learns it.
-            Ok(None) => return self.tree_set(now, &key, None),
+            Ok(None) => return self.tree_set(v, now, &key, None),
             // Unreadable: nothing to send; the next exchange retries.
             Err(_) => return,
         };
-        self.stats.ae_keys_repaired += 1;
-        self.send_request(now, to, Pending::Repair { node: to }, |id| {
+        o.stats.ae_keys_repaired += 1;
+        let timeout = v.cfg.replica_timeout_ms;
+        o.request(now, timeout, to, Pending::Repair { node: to }, |id| {
             PeerMsg::ReplicaPut {
                 id,
                 key,
@@ -1198,26 +1233,24 @@ impl Core {
         });
     }
 
-    /// Tree `tree` was just found equal to a peer's: starts reaping its tombstones past their
-    /// grace period (module docs), raising the floor first if that is what keeps them.
-    fn ae_reap(&mut self, now: u64, tree_id: (u32, u8)) {
-        let grace = self.cfg.tombstone_grace_ms;
-        let floor = self.ae.floor_durable;
-        let Some(tree) = self.ae.trees.get(&tree_id) else {
-            return;
-        };
+    /// The tombstones of `tree_id` past their grace period that may be reaped, and whether the
+    /// floor must be raised for those rule 3 holds back (module docs); `None` without the tree.
+    pub(super) fn reap_list(&self, v: &View<'_>, now: u64, tree_id: (u32, u8)) -> Option<ReapList> {
+        let grace = v.cfg.tombstone_grace_ms;
+        let floor = self.floor_durable;
+        let tree = self.trees.get(&tree_id)?;
         let mut ready = Vec::new();
         let mut blocked = false;
         // Only tombstones past their grace are listed: a tree of expiring sessions holds many
         // that are not dead yet.
-        let ripe = |e: &Entry| e.tomb.is_some_and(|t| self.ripe(now, &t));
+        let ripe = |e: &Entry| e.tomb.is_some_and(|t| v.ripe(now, &t));
         for (b, k, e) in tree.entries(ripe) {
             let Some(t) = e.tomb else { continue };
             if t.own_epoch.is_some_and(|ep| ep >= floor) {
                 blocked = true;
                 continue;
             }
-            if ready.len() < self.cfg.ae_keys_max {
+            if ready.len() < v.cfg.ae_keys_max {
                 ready.push(AeKey {
                     bucket: b.clone(),
                     key: k.clone(),
@@ -1225,26 +1258,39 @@ impl Core {
                 });
             }
         }
-        if blocked
-            && self.ae.floor_pending.is_none()
+        let raise_floor = blocked
+            && self.floor_pending.is_none()
             && self
-                .ae
                 .last_raise
-                .is_none_or(|at| now >= at.saturating_add(grace))
-        {
-            self.ae_raise_floor(now);
-        }
+                .is_none_or(|at| now >= at.saturating_add(grace));
+        Some(ReapList { ready, raise_floor })
+    }
+
+    /// Starts reaping the tombstones `list` found in `tree_id`: asks every other replica to
+    /// confirm them, or drops them at once when there is none.
+    pub(super) fn reap(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        tree_id: (u32, u8),
+        list: ReapList,
+    ) -> Option<AeEffect> {
+        let ready = list.ready;
         if ready.is_empty() {
-            return;
+            return None;
         }
-        let peers = self.tree_peers(tree_id);
-        if peers.iter().any(|&p| !self.live.believed_up(p, now)) {
-            return;
+        let peers = v.tree_peers(tree_id);
+        if peers.iter().any(|&p| !v.live.believed_up(p, now)) {
+            return None;
         }
         if peers.is_empty() {
-            return self.ae_drop(now, tree_id.0, ready);
+            return Some(AeEffect::Drop {
+                partition: tree_id.0,
+                keys: ready,
+            });
         }
-        self.ae.exchange = Some(Exchange {
+        self.exchange = Some(Exchange {
             tree: tree_id,
             // Reaping follows an exchange that found the trees equal: nothing is suspect.
             suspect_peer: None,
@@ -1257,29 +1303,127 @@ impl Core {
         });
         for peer in peers {
             let keys = ready.clone();
-            self.ae_send(
-                now,
+            self.send(v, o, now, peer, |id| PeerMsg::AeReap {
+                id,
+                partition: tree_id.0,
+                n: tree_id.1,
+                keys,
+            });
+        }
+        None
+    }
+
+    fn reap_answered(
+        &mut self,
+        _v: &View<'_>,
+        o: &mut Outbox<'_>,
+        _now: u64,
+        held: Vec<(Bytes, Bytes)>,
+    ) -> Option<AeEffect> {
+        let x = self.exchange.as_mut()?;
+        let Step::Reap {
+            held: counts, keys, ..
+        } = &mut x.step
+        else {
+            return None;
+        };
+        for k in held {
+            if keys.iter().any(|a| a.bucket == k.0 && a.key == k.1) {
+                *counts.entry(k).or_default() += 1;
+            }
+        }
+        if !x.waiting.is_empty() {
+            return None;
+        }
+        let Some(Exchange {
+            tree,
+            step: Step::Reap { keys, peers, held },
+            ..
+        }) = self.exchange.take()
+        else {
+            unreachable!("matched above")
+        };
+        let confirmed: Vec<AeKey> = keys
+            .into_iter()
+            .filter(|k| held.get(&(k.bucket.clone(), k.key.clone())) == Some(&peers.len()))
+            .collect();
+        if confirmed.is_empty() {
+            return None;
+        }
+        for peer in peers {
+            // Not awaited: each replica checks its removals under the keys' locks.
+            let id = o.id();
+            o.send(
                 peer,
-                |id| PeerMsg::AeReap {
+                PeerMsg::AeDrop {
                     id,
-                    partition: tree_id.0,
-                    n: tree_id.1,
-                    keys,
+                    partition: tree.0,
+                    n: tree.1,
+                    keys: confirmed.clone(),
                 },
-                true,
             );
+        }
+        Some(AeEffect::Drop {
+            partition: tree.0,
+            keys: confirmed,
+        })
+    }
+}
+
+impl Core {
+    /// Anti-entropy's state, with what it reads and writes of the core (`context.rs`).
+    fn ae_parts(&mut self) -> (&mut AntiEntropy, View<'_>, Outbox<'_>) {
+        (
+            &mut self.ae,
+            View {
+                cfg: &self.cfg,
+                ring: &self.ring,
+                walks: &self.walks,
+                live: &self.live,
+            },
+            Outbox {
+                next_id: &mut self.next_id,
+                pending: &mut self.pending,
+                timeouts: &mut self.timeouts,
+                out: &mut self.out,
+                stats: &mut self.stats,
+            },
+        )
+    }
+
+    /// Carries out what anti-entropy handed back.
+    fn ae_effect(&mut self, now: u64, effect: Option<AeEffect>) {
+        match effect {
+            None => {}
+            Some(AeEffect::Reap(tree)) => self.ae_reap(now, tree),
+            Some(AeEffect::Drop { partition, keys }) => {
+                for k in keys.into_iter().take(self.cfg.ae_keys_max) {
+                    let key = StoreKey {
+                        partition,
+                        space: Space::Primary,
+                        bucket: k.bucket,
+                        key: k.key,
+                    };
+                    self.lock(now, key, JobKind::Reap { digest: k.digest });
+                }
+            }
         }
     }
 
-    /// Whether `tomb` has been dead on this replica for its grace period: `tombstone_grace_ms`
-    /// for a deletion, `expiry_grace_ms` (from the expiry) for an expired object.
-    fn ripe(&self, now: u64, tomb: &Tomb) -> bool {
-        let grace = if tomb.expired {
-            self.cfg.expiry_grace_ms
-        } else {
-            self.cfg.tombstone_grace_ms
+    /// Tree `tree` was just found equal to its peers' (or has none): starts reaping its
+    /// tombstones past their grace period (module docs), raising the floor first if that is
+    /// what keeps them.
+    fn ae_reap(&mut self, now: u64, tree: (u32, u8)) {
+        let (ae, v, _) = self.ae_parts();
+        let Some(list) = ae.reap_list(&v, now, tree) else {
+            return;
         };
-        now >= tomb.since.saturating_add(grace)
+        if list.raise_floor {
+            self.ae_raise_floor(now);
+        }
+        let (ae, v, mut o) = self.ae_parts();
+        let effect = ae.reap(&v, &mut o, now, tree, list);
+        self.ae_effect(now, effect);
     }
 
     /// A fresh epoch becomes the primary epoch and the floor (module docs, rule 3).
@@ -1290,73 +1434,142 @@ impl Core {
         assert!(epoch > self.floor, "fresh epochs are above the floor");
         self.floor = epoch;
         self.epochs.primary = epoch;
-        self.ae.floor_pending = Some(epoch);
-        self.ae.last_raise = Some(now);
+        self.ae.floor_raised(epoch, now);
         self.stats.floor_raises += 1;
         self.out.push(Output::PersistFloor { floor: epoch });
     }
 
-    fn ae_reap_answered(&mut self, now: u64, held: Vec<(Bytes, Bytes)>) {
-        let Some(x) = self.ae.exchange.as_mut() else {
-            return;
-        };
-        let Step::Reap {
-            held: counts, keys, ..
-        } = &mut x.step
-        else {
-            return;
-        };
-        for k in held {
-            if keys.iter().any(|a| a.bucket == k.0 && a.key == k.1) {
-                *counts.entry(k).or_default() += 1;
-            }
-        }
-        if !x.waiting.is_empty() {
-            return;
-        }
-        let Some(Exchange {
-            tree,
-            step: Step::Reap { keys, peers, held },
-            ..
-        }) = self.ae.exchange.take()
-        else {
-            unreachable!("matched above")
-        };
-        let confirmed: Vec<AeKey> = keys
-            .into_iter()
-            .filter(|k| held.get(&(k.bucket.clone(), k.key.clone())) == Some(&peers.len()))
-            .collect();
-        if confirmed.is_empty() {
-            return;
-        }
-        for peer in peers {
-            let keys = confirmed.clone();
-            self.ae_send(
-                now,
-                peer,
-                |id| PeerMsg::AeDrop {
-                    id,
-                    partition: tree.0,
-                    n: tree.1,
-                    keys,
-                },
-                false,
-            );
-        }
-        self.ae_drop(now, tree.0, confirmed);
+    /// Recomputes the trees kept for the ring in force and the pending one.
+    pub(super) fn ae_set_ring(&mut self) {
+        let pending = self.transfers.pending().map(|(_, r)| r.clone());
+        let (ae, v, _) = self.ae_parts();
+        ae.set_ring(&v, pending.as_ref());
     }
 
-    /// Removes each tombstone whose stored object still has the confirmed digest.
-    fn ae_drop(&mut self, now: u64, partition: u32, keys: Vec<AeKey>) {
-        for k in keys.into_iter().take(self.cfg.ae_keys_max) {
-            let key = StoreKey {
-                partition,
-                space: Space::Primary,
-                bucket: k.bucket,
-                key: k.key,
-            };
-            self.lock(now, key, JobKind::Reap { digest: k.digest });
-        }
+    /// Starts an anti-entropy round if one is due.
+    pub(super) fn ae_tick(&mut self, now: u64) {
+        let share = self.background_share();
+        let (ae, v, mut o) = self.ae_parts();
+        let effect = ae.tick(&v, &mut o, now, share);
+        self.ae_effect(now, effect);
+    }
+
+    /// An anti-entropy message from `from`.
+    pub(super) fn ae_handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) {
+        let (ae, v, mut o) = self.ae_parts();
+        let effect = ae.handle_peer(&v, &mut o, now, from, msg);
+        self.ae_effect(now, effect);
+    }
+
+    /// A read of objects to send to a peer finished.
+    pub(super) fn ae_push_read(
+        &mut self,
+        now: u64,
+        push: (NodeId, StoreKey),
+        result: Result<Option<Object>, String>,
+    ) {
+        let (ae, v, mut o) = self.ae_parts();
+        ae.push_read(&v, &mut o, now, push, result);
+    }
+
+    /// A storage operation on `key` is issued under its lock: its tree follows.
+    pub(super) fn ae_written(&mut self, now: u64, key: &StoreKey, op: &StoreOp) {
+        let (ae, v, _) = self.ae_parts();
+        ae.written(&v, now, key, op);
+    }
+
+    /// A merge under `key`'s lock found `stored` and had nothing to write: the tree is set to
+    /// what is stored (a no-op unless the tree had drifted).
+    pub(super) fn ae_stored(&mut self, now: u64, key: &StoreKey, stored: Option<&Object>) {
+        let (ae, v, _) = self.ae_parts();
+        ae.tree_set(&v, now, key, stored);
+    }
+
+    /// A replica write of a key of `bucket` to `node` failed or timed out.
+    pub(super) fn ae_suspect(&mut self, partition: u32, bucket: &[u8], node: NodeId) {
+        let (ae, v, _) = self.ae_parts();
+        ae.suspect(&v, partition, bucket, node);
+    }
+
+    /// When the next anti-entropy round is due, if one can start.
+    pub(super) fn ae_deadline(&self) -> Option<u64> {
+        let v = View {
+            cfg: &self.cfg,
+            ring: &self.ring,
+            walks: &self.walks,
+            live: &self.live,
+        };
+        self.ae.deadline(&v)
+    }
+
+    /// The shell is about to load the trees of `partitions` from storage while it serves
+    /// (module docs): until [`Core::trees_loaded`] says a partition is read whole, anti-entropy
+    /// leaves its trees alone and the load does not overwrite entries writes set meanwhile.
+    pub fn trees_loading(&mut self, partitions: impl IntoIterator<Item = u32>) {
+        self.ae.trees_loading(partitions);
+    }
+
+    /// A stored replica object, read from storage to build the trees: the shell calls this for
+    /// every key of [`Space::Primary`] of a partition, either before serving (nothing else runs)
+    /// or while it is loading (module docs), where a key written since the load began keeps the
+    /// entry its write set.
+    pub fn load_replica(&mut self, now: u64, key: &StoreKey, object: &Object) {
+        let (ae, v, _) = self.ae_parts();
+        ae.load_replica(&v, now, key, object);
+    }
+
+    /// Every object of `partition` was given to [`Core::load_replica`]: its trees describe the
+    /// storage, and anti-entropy may use them.
+    pub fn trees_loaded(&mut self, partition: u32) {
+        self.ae.trees_loaded(partition);
+    }
+
+    /// Partitions whose trees are still loading.
+    pub fn trees_loading_count(&self) -> usize {
+        self.ae.loading_count()
+    }
+
+    /// The raised floor of an [`Output::PersistFloor`] is persisted.
+    pub fn handle_floor_persisted(&mut self, floor: u32) {
+        self.ae.floor_persisted(floor);
+    }
+
+    /// Changes the interval between anti-entropy rounds (0 pauses them): the pacing knob.
+    pub fn set_ae_interval_ms(&mut self, interval_ms: u64) {
+        self.cfg.ae_interval_ms = interval_ms;
+    }
+
+    /// Every tree this core keeps, in (partition, n) order.
+    pub fn merkle_roots(&mut self) -> Vec<TreeRoot> {
+        self.ae.roots()
+    }
+
+    /// An estimate of the keys the cluster holds in buckets with `bucket`'s replica count: the
+    /// keys of this node's primary replicas (this core's trees, plus what `other_shards` says
+    /// the node's other shards hold in trees of a replica count), times the members, divided by
+    /// the replicas per key. Exact on one node; approximate in a cluster, by design (Redis's
+    /// `DBSIZE`): it counts other buckets of the same `n`, and deletions and expired keys until
+    /// they are reaped.
+    pub fn key_estimate(&self, bucket: &[u8], other_shards: impl Fn(u8) -> u64) -> u64 {
+        let members = self.ring.members().len().max(1) as u64;
+        let tree_n = self.cfg.buckets.props(bucket).n;
+        // Copies per key: the bucket's `n`, or every member when there are fewer.
+        let n = u64::from(tree_n).min(members);
+        let node = self
+            .ae
+            .keys_of_n(tree_n)
+            .saturating_add(other_shards(tree_n));
+        node.saturating_mul(members) / n.max(1)
+    }
+
+    /// Whether an anti-entropy exchange is running.
+    pub fn ae_busy(&self) -> bool {
+        self.ae.busy()
+    }
+
+    /// Empties the trees of `partition` (a handoff pass rebuilds them).
+    pub(super) fn ae_reset_partition(&mut self, partition: u32) {
+        self.ae.reset_partition(partition);
     }
 }
 

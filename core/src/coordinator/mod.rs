@@ -94,7 +94,9 @@ use crate::request::{KeyBody, KeyOp, KeyRequest};
 use crate::ring::{PartitionId, Ring};
 
 mod antientropy;
+use antientropy::AntiEntropy;
 pub use antientropy::{AeKey, TreeRoot};
+mod context;
 mod hints;
 mod liveness;
 
@@ -746,6 +748,10 @@ enum Pending {
     HandoffScan { partition: u32 },
     /// A key of a handoff page pushed to a replica.
     HandoffPut { partition: u32 },
+    /// A message of the running anti-entropy exchange, sent to `node` (`antientropy.rs`).
+    Exchange { node: NodeId },
+    /// A read of `key` whose object anti-entropy sends to `to`.
+    Push { to: NodeId, key: StoreKey },
 }
 
 /// A read-modify-write of one stored key, run under that key's lock.
@@ -809,7 +815,7 @@ pub struct Core {
     next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
-    ae: antientropy::AeState,
+    ae: AntiEntropy,
     transfers: transfer::Transfers,
 }
 
@@ -855,7 +861,7 @@ impl Core {
             next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
-            ae: antientropy::AeState::new(floor),
+            ae: AntiEntropy::new(floor),
             transfers: transfer::Transfers::default(),
             cfg,
         };
@@ -1966,13 +1972,19 @@ impl Core {
                 self.start(now, ReplyTo::Peer(from, id), request, true);
             }
             PeerMsg::AeLevel { .. }
-            | PeerMsg::AeLevelOk { .. }
             | PeerMsg::AeKeys { .. }
-            | PeerMsg::AeKeysOk { .. }
             | PeerMsg::AeReap { .. }
-            | PeerMsg::AeReapOk { .. }
             | PeerMsg::AeDrop { .. }
             | PeerMsg::AeDropOk { .. } => self.ae_handle_peer(now, from, msg),
+            PeerMsg::AeLevelOk { id, .. }
+            | PeerMsg::AeKeysOk { id, .. }
+            | PeerMsg::AeReapOk { id, .. } => {
+                if matches!(self.pending.get(&id), Some(Pending::Exchange { node }) if *node == from)
+                {
+                    self.pending.remove(&id);
+                    self.ae_handle_peer(now, from, msg);
+                }
+            }
             PeerMsg::ReplicaPutOk { id, durable } => match self.pending.remove(&id) {
                 Some(Pending::Slot { op, slot, .. }) => {
                     self.slot_answered(now, op, slot, SlotResult::Written { durable })
@@ -2054,8 +2066,12 @@ impl Core {
                     Some(Pending::HandoffPut { partition }) => {
                         self.handoff_acked(now, partition, false)
                     }
-                    Some(_) => {}
-                    None => self.ae_failed(now, from, id),
+                    Some(Pending::Exchange { node }) if node == from => self.ae.failed(from, id),
+                    // From another node than the one asked: not its answer.
+                    Some(p @ Pending::Exchange { .. }) => {
+                        self.pending.insert(id, p);
+                    }
+                    Some(_) | None => {}
                 }
             }
         }
@@ -2066,7 +2082,7 @@ impl Core {
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
         self.live.mark_down(node, now);
-        self.ae_unreachable(now, node);
+        self.ae.unreachable(node);
         let ids: Vec<u64> = self
             .pending
             .iter()
@@ -2146,10 +2162,11 @@ impl Core {
                 self.live.mark_down(home, now);
                 self.credit_answered(home, None);
             }
+            Some(Pending::Exchange { .. }) => self.ae.expired(id),
             Some(other) => {
                 self.pending.insert(id, other);
             }
-            None => self.ae_expire(now, id),
+            None => {}
         }
     }
 
@@ -2227,10 +2244,11 @@ impl Core {
                     }
                 }
             },
+            Some(Pending::Push { to, key }) => self.ae_push_read(now, (to, key), result),
             Some(other) => {
                 self.pending.insert(id, other);
             }
-            None => self.ae_read_done(now, id, result),
+            None => {}
         }
         self.take_output()
     }

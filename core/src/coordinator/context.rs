@@ -1,0 +1,79 @@
+//! What the core lends its sub-machines: the [`View`] they read (settings, ring, failure
+//! detector) and the [`Outbox`] they write to (request ids, the table of outstanding requests,
+//! their timeouts, outputs and counters).
+//!
+//! A sub-machine (anti-entropy in `antientropy.rs`) owns its state and takes these two as
+//! parameters, so it reaches no field of the core it does not own: what it may read and what it
+//! may emit is in its signatures. The core lends both with disjoint borrows of its own fields
+//! ([`Core::ae_parts`](super::Core)), beside the sub-machine's state. Work that needs the rest
+//! of the core (a per-key job, a new epoch) goes back to it as an effect the sub-machine
+//! returns.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::liveness::Liveness;
+use super::{CoreConfig, CoreStats, Output, PeerMsg, Pending, StoreKey, StoreOp};
+use crate::NodeId;
+use crate::ring::Ring;
+
+/// What a sub-machine reads of the core.
+pub(super) struct View<'a> {
+    /// The core's settings.
+    pub(super) cfg: &'a CoreConfig,
+    /// The ring in force.
+    pub(super) ring: &'a Ring,
+    /// Walk order of every partition of `ring`.
+    pub(super) walks: &'a [Vec<NodeId>],
+    /// The failure detector.
+    pub(super) live: &'a Liveness,
+}
+
+/// Where a sub-machine's messages and storage operations go. Ids come from the core's one
+/// counter and answers are found in its one table of outstanding requests, so every answer
+/// reaches its owner through the same lookup.
+pub(super) struct Outbox<'a> {
+    pub(super) next_id: &'a mut u64,
+    pub(super) pending: &'a mut BTreeMap<u64, Pending>,
+    pub(super) timeouts: &'a mut BTreeSet<(u64, u64)>,
+    pub(super) out: &'a mut Vec<Output>,
+    /// The core's counters.
+    pub(super) stats: &'a mut CoreStats,
+}
+
+impl Outbox<'_> {
+    /// A fresh id for a message or storage operation.
+    pub(super) fn id(&mut self) -> u64 {
+        let id = *self.next_id;
+        *self.next_id += 1;
+        id
+    }
+
+    /// Sends `msg` to `to`; nothing waits for an answer.
+    pub(super) fn send(&mut self, to: NodeId, msg: PeerMsg) {
+        self.out.push(Output::Send { to, msg });
+    }
+
+    /// Sends a request to `to` under a fresh id, remembering what its answer is for
+    /// (`pending`) and giving it up after `timeout_ms`. Returns the id.
+    pub(super) fn request(
+        &mut self,
+        now: u64,
+        timeout_ms: u64,
+        to: NodeId,
+        pending: Pending,
+        msg: impl FnOnce(u64) -> PeerMsg,
+    ) -> u64 {
+        let id = self.id();
+        self.pending.insert(id, pending);
+        self.timeouts.insert((now + timeout_ms, id));
+        self.send(to, msg(id));
+        id
+    }
+
+    /// Runs a storage operation whose result goes to `pending`'s owner.
+    pub(super) fn store(&mut self, pending: Pending, key: StoreKey, op: StoreOp) {
+        let id = self.id();
+        self.pending.insert(id, pending);
+        self.out.push(Output::Store { id, key, op });
+    }
+}
