@@ -1,5 +1,11 @@
 //! Moving partition data when the ring changes: pulls towards a pending ring, and handoff of
-//! partitions a node no longer replicates (sans-IO, part of [`Core`]).
+//! partitions a node no longer replicates (sans-IO).
+//!
+//! [`Transfers`] owns the pulls and handoffs and is one of the types the [`Core`] owns: it reads
+//! the core through a `View`, emits through an `Outbox` (`context.rs`), and queues a
+//! [`TransferEffect`] for what needs the rest of the core (merging a pulled key under its lock,
+//! the anti-entropy trees a handoff pass rebuilds). The `impl Core` block at the end is the
+//! glue.
 //!
 //! Membership ([`crate::membership`]) publishes the ring in force and, during a change, the
 //! pending ring; [`Core::set_view`] hands both to the core. For every partition of this core:
@@ -38,6 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
+use super::context::{Outbox, View};
 use super::{Core, JobKind, Output, PeerMsg, Pending, ReplyTo, Space, StoreKey};
 use crate::NodeId;
 use crate::object::Object;
@@ -163,7 +170,11 @@ struct Handoff {
     fill: bool,
 }
 
-/// Transfer state of a core.
+/// The partition transfers of a core: pulls towards the pending ring and handoffs of partitions
+/// it no longer replicates, with the methods that run them. It reads the core through a
+/// [`View`] and emits through an [`Outbox`] (`context.rs`); what needs the rest of the core (a
+/// per-key merge, the anti-entropy trees) it queues as [`TransferEffect`]s, which the core
+/// carries out, in order, right after the call that queued them.
 #[derive(Debug, Default)]
 pub(super) struct Transfers {
     pending: Option<(u64, Ring)>,
@@ -171,6 +182,40 @@ pub(super) struct Transfers {
     /// `(epoch, partition)` pulls finished and reported.
     done: BTreeSet<(u64, u32)>,
     handoffs: BTreeMap<u32, Handoff>,
+    effects: Vec<TransferEffect>,
+}
+
+/// Work a transfer hands back to the core.
+#[derive(Debug)]
+pub(super) enum TransferEffect {
+    /// Merge a pulled key into the local replica (a per-key job, synced), then report it to
+    /// the pull of its partition.
+    Merge {
+        /// The key.
+        key: StoreKey,
+        /// The pulled object.
+        object: Object,
+    },
+    /// Empty the anti-entropy trees of a partition a handoff pass rebuilds.
+    ResetTrees(u32),
+    /// Set a key's anti-entropy entry to the object a rebuilding handoff pass scanned.
+    Fill {
+        /// The key.
+        key: StoreKey,
+        /// The stored object.
+        object: Object,
+    },
+}
+
+impl View<'_> {
+    fn mine(&self, partition: u32) -> bool {
+        partition % self.cfg.shards == self.cfg.shard
+    }
+
+    fn in_pref(&self, ring: &Ring, partition: u32) -> bool {
+        ring.preference_list(PartitionId(partition), self.cfg.target_n)
+            .contains(&self.cfg.node)
+    }
 }
 
 impl Transfers {
@@ -183,62 +228,52 @@ impl Transfers {
     pub(super) fn handoff_count(&self) -> usize {
         self.handoffs.len()
     }
-}
 
-impl Core {
-    fn mine(&self, partition: u32) -> bool {
-        partition % self.cfg.shards == self.cfg.shard
-    }
-
-    fn in_pref(&self, ring: &Ring, partition: u32) -> bool {
-        ring.preference_list(PartitionId(partition), self.cfg.target_n)
-            .contains(&self.cfg.node)
+    /// Partitions being pulled and handed off.
+    pub(super) fn in_progress(&self) -> (usize, usize) {
+        (self.pulls.len(), self.handoffs.len())
     }
 
     /// Whether this node replicates `partition` in the ring in force or the pending one.
-    pub(super) fn replicates(&self, partition: u32) -> bool {
-        self.in_pref(&self.ring, partition)
+    pub(super) fn replicates(&self, v: &View<'_>, partition: u32) -> bool {
+        v.in_pref(v.ring, partition)
             || self
-                .transfers
                 .pending
                 .as_ref()
-                .is_some_and(|(_, p)| self.in_pref(p, partition))
+                .is_some_and(|(_, p)| v.in_pref(p, partition))
     }
 
-    /// The ring in force and the pending ring (with the epoch membership gave it) changed.
-    pub fn set_view(&mut self, now: u64, ring: Ring, pending: Option<(u64, Ring)>) -> Vec<Output> {
-        let before: Vec<u32> = (0..self.ring.partition_count().get())
-            .filter(|p| self.mine(*p) && self.replicates(*p))
-            .collect();
-        // The pending ring first: `set_ring` recomputes the trees kept, and a partition this
-        // node replicates only in the new pending ring must not lose its tree (and be given an
-        // empty one) on the way.
-        self.transfers.pending = pending;
-        if ring != self.ring {
-            self.set_ring(ring);
-        }
-        // Anti-entropy keeps trees for the pending ring's partitions too.
-        self.ae_set_ring();
-        let epoch = self.transfers.pending.as_ref().map(|(e, _)| *e);
-        self.transfers.pulls.retain(|_, p| Some(p.epoch) == epoch);
-        if let Some((epoch, next)) = self.transfers.pending.clone() {
+    /// This core's partitions this node replicates.
+    fn replicated(&self, v: &View<'_>) -> Vec<u32> {
+        (0..v.ring.partition_count().get())
+            .filter(|p| v.mine(*p) && self.replicates(v, *p))
+            .collect()
+    }
+
+    /// The view changed to `v` and the pending ring set before it: pulls for the partitions
+    /// the pending ring gives this node, handoffs for those of `before` (replicated under the
+    /// old view) it no longer replicates.
+    fn view_changed(&mut self, v: &View<'_>, o: &mut Outbox<'_>, now: u64, before: Vec<u32>) {
+        let epoch = self.pending.as_ref().map(|(e, _)| *e);
+        self.pulls.retain(|_, p| Some(p.epoch) == epoch);
+        if let Some((epoch, next)) = self.pending.clone() {
             for p in 0..next.partition_count().get() {
-                if !self.mine(p)
-                    || self.in_pref(&self.ring, p)
-                    || !self.in_pref(&next, p)
-                    || self.transfers.done.contains(&(epoch, p))
-                    || self.transfers.pulls.contains_key(&p)
+                if !v.mine(p)
+                    || v.in_pref(v.ring, p)
+                    || !v.in_pref(&next, p)
+                    || self.done.contains(&(epoch, p))
+                    || self.pulls.contains_key(&p)
                 {
                     continue;
                 }
-                let me = self.cfg.node;
-                let sources: Vec<NodeId> = self
+                let me = v.cfg.node;
+                let sources: Vec<NodeId> = v
                     .ring
-                    .preference_list(PartitionId(p), self.cfg.target_n)
+                    .preference_list(PartitionId(p), v.cfg.target_n)
                     .into_iter()
                     .filter(|n| *n != me)
                     .collect();
-                self.transfers.pulls.insert(
+                self.pulls.insert(
                     p,
                     Pull {
                         epoch,
@@ -251,71 +286,56 @@ impl Core {
             }
         }
         for p in before {
-            if !self.replicates(p) {
+            if !self.replicates(v, p) {
                 self.handoff_needed(now, p);
             }
         }
         // A partition this node stopped replicating lost its trees (anti-entropy keeps trees
         // only for partitions it replicates): a pass rebuilding them no longer can.
-        let lapsed: Vec<u32> = self
-            .transfers
-            .handoffs
-            .keys()
-            .copied()
-            .filter(|p| !self.replicates(*p))
-            .collect();
-        for p in lapsed {
-            if let Some(h) = self.transfers.handoffs.get_mut(&p) {
+        for (&p, h) in self.handoffs.iter_mut() {
+            if !(v.in_pref(v.ring, p)
+                || self.pending.as_ref().is_some_and(|(_, r)| v.in_pref(r, p)))
+            {
                 h.fill = false;
             }
         }
-        self.transfer_round(now);
-        self.take_output()
+        self.round(v, o, now);
     }
 
     /// Partitions found in storage at start: those this node does not replicate are handed off.
-    pub fn set_stored_partitions(
+    fn stored_partitions(
         &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
         now: u64,
         partitions: impl IntoIterator<Item = u32>,
-    ) -> Vec<Output> {
+    ) {
         for p in partitions {
-            if self.mine(p) && !self.replicates(p) {
+            if v.mine(p) && !self.replicates(v, p) {
                 self.handoff_needed(now, p);
             }
         }
-        self.transfer_round(now);
-        self.take_output()
+        self.round(v, o, now);
     }
 
-    /// A write to `key` was stored: if this node does not replicate its partition (a coordinator
-    /// or an op with an older ring wrote it), the partition is handed off (again). A handoff
-    /// pass that runs while the partition is replicated again is repeated too: it is rebuilding
-    /// the partition's tree from what it scans, which a write behind it may have changed.
-    pub(super) fn stored_write(&mut self, now: u64, key: &StoreKey) {
+    /// [`Core::stored_write`].
+    fn stored_write(&mut self, v: &View<'_>, now: u64, key: &StoreKey) {
         if key.space != Space::Primary {
             return;
         }
-        if !self.replicates(key.partition) {
+        if !self.replicates(v, key.partition) {
             self.handoff_needed(now, key.partition);
-        } else if let Some(h) = self.transfers.handoffs.get_mut(&key.partition) {
+        } else if let Some(h) = self.handoffs.get_mut(&key.partition) {
             h.writes += 1;
         }
     }
 
-    /// Whether a per-key job holds a replica key of `partition`: a write may still land there.
-    fn writing_in(&self, partition: u32) -> bool {
-        self.locks
-            .keys()
-            .any(|k| k.partition == partition && k.space == Space::Primary)
-    }
-
     /// Schedules (or repeats) the handoff of `partition`.
     pub(super) fn handoff_needed(&mut self, now: u64, partition: u32) {
-        match self.transfers.handoffs.get_mut(&partition) {
+        match self.handoffs.get_mut(&partition) {
             Some(h) => h.writes += 1,
             None => {
-                self.transfers.handoffs.insert(
+                self.handoffs.insert(
                     partition,
                     Handoff {
                         cursor: None,
@@ -330,54 +350,39 @@ impl Core {
 
     /// Whether replica writes to `partition` must be refused: it is being dropped.
     pub(super) fn dropping(&self, partition: u32) -> bool {
-        self.transfers
-            .handoffs
+        self.handoffs
             .get(&partition)
             .is_some_and(|h| matches!(h.step, Step::Dropping))
     }
 
-    /// The shell dropped `partition` ([`Output::DropPartition`]).
-    pub fn partition_dropped(&mut self, now: u64, partition: u32) -> Vec<Output> {
-        if self.transfers.handoffs.remove(&partition).is_some() {
-            self.stats.partitions_dropped += 1;
-            // Dots this node issued for the dropped keys are gone from its store: continuing
-            // their actors could reissue them, so every key starts a fresh clock entry.
-            if let Some(epoch) = self.fresh_epoch() {
-                self.epochs.primary = epoch;
-                self.floor = epoch;
-            }
-        }
-        self.transfer_round(now);
-        self.take_output()
+    /// The shell dropped `partition`: whether it was a handoff's drop.
+    fn dropped(&mut self, partition: u32) -> bool {
+        self.handoffs.remove(&partition).is_some()
     }
 
     /// Starts whatever transfer step is due. Called on view changes, ticks and answers.
-    pub(super) fn transfer_round(&mut self, now: u64) {
-        let pulls = due_now(steps(&self.transfers.pulls, |p| &p.step), PULLS_MAX, now);
+    fn round(&mut self, v: &View<'_>, o: &mut Outbox<'_>, now: u64) {
+        let pulls = due_now(steps(&self.pulls, |p| &p.step), PULLS_MAX, now);
         for p in pulls {
-            self.ask_page(now, p);
+            self.ask_page(v, o, now, p);
         }
-        let handoffs = due_now(
-            steps(&self.transfers.handoffs, |h| &h.step),
-            HANDOFFS_MAX,
-            now,
-        );
+        let handoffs = due_now(steps(&self.handoffs, |h| &h.step), HANDOFFS_MAX, now);
         for p in handoffs {
-            self.scan_for_handoff(p);
+            self.scan_for_handoff(v, o, p);
         }
     }
 
     /// When a transfer step is due next, if one waits and may start (a step waiting only for a
     /// free slot starts when a running one ends, not on a timer).
-    pub(super) fn transfer_deadline(&self) -> Option<u64> {
-        let pulls = next_due(steps(&self.transfers.pulls, |p| &p.step), PULLS_MAX);
-        let handoffs = next_due(steps(&self.transfers.handoffs, |h| &h.step), HANDOFFS_MAX);
+    pub(super) fn deadline(&self) -> Option<u64> {
+        let pulls = next_due(steps(&self.pulls, |p| &p.step), PULLS_MAX);
+        let handoffs = next_due(steps(&self.handoffs, |h| &h.step), HANDOFFS_MAX);
         pulls.into_iter().chain(handoffs).min()
     }
 
-    fn ask_page(&mut self, now: u64, partition: u32) {
-        let id = self.id();
-        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+    fn ask_page(&mut self, v: &View<'_>, o: &mut Outbox<'_>, now: u64, partition: u32) {
+        let id = o.id();
+        let Some(pull) = self.pulls.get_mut(&partition) else {
             return;
         };
         if pull.sources.is_empty() {
@@ -387,38 +392,44 @@ impl Core {
                 failed: false,
                 next: None,
             };
-            self.pull_progress(now, partition);
+            self.pull_progress(v, o, now, partition);
             return;
         }
         let source = pull.sources[pull.attempt % pull.sources.len()];
         pull.step = Step::Asking;
         let after = pull.cursor.clone();
-        self.pending.insert(id, Pending::Pull { partition });
-        self.timeouts
-            .insert((now + self.cfg.request_timeout_ms, id));
-        self.out.push(Output::Send {
-            to: source,
-            msg: PeerMsg::TransferPull {
+        o.pending.insert(id, Pending::Pull { partition });
+        o.timeouts.insert((now + v.cfg.request_timeout_ms, id));
+        o.send(
+            source,
+            PeerMsg::TransferPull {
                 id,
                 partition,
                 after,
             },
-        });
+        );
     }
 
     /// A pull failed or timed out: retry later, from the next source, at the same cursor.
-    pub(super) fn pull_failed(&mut self, now: u64, partition: u32) {
-        if let Some(pull) = self.transfers.pulls.get_mut(&partition) {
+    fn pull_failed(&mut self, v: &View<'_>, now: u64, partition: u32) {
+        if let Some(pull) = self.pulls.get_mut(&partition) {
             pull.attempt += 1;
             pull.step = Step::Idle {
-                at: now + self.cfg.hint_retry_ms,
+                at: now + v.cfg.hint_retry_ms,
             };
         }
     }
 
-    /// A page arrived for the pull of `partition`.
-    pub(super) fn pull_page(&mut self, now: u64, partition: u32, page: ScanPage) {
-        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+    /// A page arrived for the pull of `partition`: each key is merged by the core.
+    fn pull_page(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        partition: u32,
+        page: ScanPage,
+    ) {
+        let Some(pull) = self.pulls.get_mut(&partition) else {
             return;
         };
         pull.step = Step::Applying {
@@ -433,30 +444,25 @@ impl Core {
                 bucket: item.bucket,
                 key: item.key,
             };
-            self.stats.transferred_keys += 1;
-            self.lock(
-                now,
+            o.stats.transferred_keys += 1;
+            self.effects.push(TransferEffect::Merge {
                 key,
-                JobKind::Apply {
-                    object: item.object,
-                    durable: true,
-                    then: ReplyTo::Transfer { partition },
-                },
-            );
+                object: item.object,
+            });
         }
-        self.pull_progress(now, partition);
+        self.pull_progress(v, o, now, partition);
     }
 
     /// One merge of a pulled page finished (`ok`) or failed.
-    pub(super) fn transfer_applied(&mut self, now: u64, partition: u32, ok: bool) {
-        if let Some(pull) = self.transfers.pulls.get_mut(&partition) {
+    fn applied(&mut self, v: &View<'_>, o: &mut Outbox<'_>, now: u64, partition: u32, ok: bool) {
+        if let Some(pull) = self.pulls.get_mut(&partition) {
             pull.step.answered(ok);
         }
-        self.pull_progress(now, partition);
+        self.pull_progress(v, o, now, partition);
     }
 
-    fn pull_progress(&mut self, now: u64, partition: u32) {
-        let Some(pull) = self.transfers.pulls.get_mut(&partition) else {
+    fn pull_progress(&mut self, v: &View<'_>, o: &mut Outbox<'_>, now: u64, partition: u32) {
+        let Some(pull) = self.pulls.get_mut(&partition) else {
             return;
         };
         let Step::Applying { left, failed, next } = &pull.step else {
@@ -467,7 +473,7 @@ impl Core {
         }
         if *failed {
             pull.step = Step::Idle {
-                at: now + self.cfg.hint_retry_ms,
+                at: now + v.cfg.hint_retry_ms,
             };
             return;
         }
@@ -475,31 +481,24 @@ impl Core {
             Some(cursor) => {
                 pull.cursor = Some(cursor);
                 pull.step = Step::Idle { at: now };
-                self.transfer_round(now);
+                self.round(v, o, now);
             }
             None => {
                 let epoch = pull.epoch;
-                self.transfers.pulls.remove(&partition);
-                self.transfers.done.insert((epoch, partition));
-                self.stats.partitions_received += 1;
-                self.out.push(Output::TransferDone { epoch, partition });
-                self.transfer_round(now);
+                self.pulls.remove(&partition);
+                self.done.insert((epoch, partition));
+                o.stats.partitions_received += 1;
+                o.out.push(Output::TransferDone { epoch, partition });
+                self.round(v, o, now);
             }
         }
     }
 
     /// A peer asks for a page of `partition` after `after`.
-    pub(super) fn serve_pull(
-        &mut self,
-        from: NodeId,
-        id: u64,
-        partition: u32,
-        after: Option<Bytes>,
-    ) {
-        let sid = self.id();
-        self.pending
-            .insert(sid, Pending::ServeScan { to: from, id });
-        self.out.push(Output::Scan {
+    fn serve_pull(o: &mut Outbox<'_>, from: NodeId, id: u64, partition: u32, after: Option<Bytes>) {
+        let sid = o.id();
+        o.pending.insert(sid, Pending::ServeScan { to: from, id });
+        o.out.push(Output::Scan {
             id: sid,
             partition,
             after,
@@ -508,10 +507,10 @@ impl Core {
         });
     }
 
-    fn scan_for_handoff(&mut self, partition: u32) {
-        let sid = self.id();
-        let replicated = self.replicates(partition);
-        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+    fn scan_for_handoff(&mut self, v: &View<'_>, o: &mut Outbox<'_>, partition: u32) {
+        let sid = o.id();
+        let replicated = self.replicates(v, partition);
+        let Some(h) = self.handoffs.get_mut(&partition) else {
             return;
         };
         if h.cursor.is_none() {
@@ -520,16 +519,16 @@ impl Core {
             // were created empty, so this pass rebuilds them from what it scans.
             h.fill = replicated;
             if replicated {
-                self.ae_reset_partition(partition);
+                self.effects.push(TransferEffect::ResetTrees(partition));
             }
         }
-        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+        let Some(h) = self.handoffs.get_mut(&partition) else {
             return;
         };
         h.step = Step::Asking;
         let after = h.cursor.clone();
-        self.pending.insert(sid, Pending::HandoffScan { partition });
-        self.out.push(Output::Scan {
+        o.pending.insert(sid, Pending::HandoffScan { partition });
+        o.out.push(Output::Scan {
             id: sid,
             partition,
             after,
@@ -538,49 +537,24 @@ impl Core {
         });
     }
 
-    /// The result of [`Output::Scan`] `id`.
-    pub fn handle_scanned(
+    /// A page scanned for the handoff of `partition`: pushes it to every current replica.
+    /// `busy`: a per-key job holds a replica key of the partition.
+    fn push_page(
         &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
         now: u64,
-        id: u64,
-        result: Result<ScanPage, String>,
-    ) -> Vec<Output> {
-        match self.pending.remove(&id) {
-            Some(Pending::ServeScan { to, id }) => {
-                let msg = match result {
-                    Ok(page) => PeerMsg::TransferPage { id, page },
-                    Err(e) => PeerMsg::Failed {
-                        id,
-                        error: ErrorBody::new(ErrorCode::Internal, e),
-                    },
-                };
-                self.out.push(Output::Send { to, msg });
-            }
-            Some(Pending::HandoffScan { partition }) => match result {
-                Ok(page) => self.push_page(now, partition, page),
-                Err(_) => self.handoff_failed(now, partition),
-            },
-            Some(other) => {
-                self.pending.insert(id, other);
-            }
-            None => {}
-        }
-        self.take_output()
-    }
-
-    fn push_page(&mut self, now: u64, partition: u32, page: ScanPage) {
-        let me = self.cfg.node;
-        let targets: Vec<NodeId> = self
+        (partition, busy): (u32, bool),
+        page: ScanPage,
+    ) {
+        let me = v.cfg.node;
+        let targets: Vec<NodeId> = v
             .ring
-            .preference_list(PartitionId(partition), self.cfg.target_n)
+            .preference_list(PartitionId(partition), v.cfg.target_n)
             .into_iter()
             .filter(|n| *n != me)
             .collect();
-        let fill = self
-            .transfers
-            .handoffs
-            .get(&partition)
-            .is_some_and(|h| h.fill);
+        let fill = self.handoffs.get(&partition).is_some_and(|h| h.fill);
         let mut left = 0;
         for item in &page.items {
             if fill {
@@ -590,7 +564,10 @@ impl Core {
                     bucket: item.bucket.clone(),
                     key: item.key.clone(),
                 };
-                self.ae_stored(now, &key, Some(&item.object));
+                self.effects.push(TransferEffect::Fill {
+                    key,
+                    object: item.object.clone(),
+                });
             }
             for to in &targets {
                 let key = StoreKey {
@@ -600,7 +577,8 @@ impl Core {
                     key: item.key.clone(),
                 };
                 let object = item.object.clone();
-                self.send_request(now, *to, Pending::HandoffPut { partition }, |id| {
+                let timeout = v.cfg.replica_timeout_ms;
+                o.request(now, timeout, *to, Pending::HandoffPut { partition }, |id| {
                     PeerMsg::ReplicaPut {
                         id,
                         key,
@@ -611,37 +589,50 @@ impl Core {
                 left += 1;
             }
         }
-        self.stats.handed_off_keys += page.items.len() as u64;
-        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+        o.stats.handed_off_keys += page.items.len() as u64;
+        if let Some(h) = self.handoffs.get_mut(&partition) {
             h.step = Step::Applying {
                 left,
                 failed: false,
                 next: page.next,
             };
         }
-        self.handoff_progress(now, partition);
+        self.handoff_progress(v, o, now, partition, busy);
     }
 
     /// One pushed key was acknowledged (`ok`) or failed.
-    pub(super) fn handoff_acked(&mut self, now: u64, partition: u32, ok: bool) {
-        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+    fn handoff_acked(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        (partition, busy): (u32, bool),
+        ok: bool,
+    ) {
+        if let Some(h) = self.handoffs.get_mut(&partition) {
             h.step.answered(ok);
         }
-        self.handoff_progress(now, partition);
+        self.handoff_progress(v, o, now, partition, busy);
     }
 
-    fn handoff_failed(&mut self, now: u64, partition: u32) {
-        if let Some(h) = self.transfers.handoffs.get_mut(&partition) {
+    fn handoff_failed(&mut self, v: &View<'_>, now: u64, partition: u32) {
+        if let Some(h) = self.handoffs.get_mut(&partition) {
             h.step = Step::Idle {
-                at: now + self.cfg.hint_retry_ms,
+                at: now + v.cfg.hint_retry_ms,
             };
         }
     }
 
-    fn handoff_progress(&mut self, now: u64, partition: u32) {
-        let replicated = self.replicates(partition);
-        let busy = self.writing_in(partition);
-        let Some(h) = self.transfers.handoffs.get_mut(&partition) else {
+    fn handoff_progress(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        partition: u32,
+        busy: bool,
+    ) {
+        let replicated = self.replicates(v, partition);
+        let Some(h) = self.handoffs.get_mut(&partition) else {
             return;
         };
         let Step::Applying { left, failed, next } = &h.step else {
@@ -651,7 +642,7 @@ impl Core {
             return;
         }
         if *failed {
-            self.handoff_failed(now, partition);
+            self.handoff_failed(v, now, partition);
             return;
         }
         match next.clone() {
@@ -674,7 +665,7 @@ impl Core {
             None if replicated && h.fill => {
                 // The ring came back to this node, and this pass, which no write overtook,
                 // rebuilt the partition's trees: keep the data.
-                self.transfers.handoffs.remove(&partition);
+                self.handoffs.remove(&partition);
             }
             None if replicated => {
                 // The ring came back to this node meanwhile: one more pass, from the start,
@@ -684,10 +675,260 @@ impl Core {
             }
             None => {
                 h.step = Step::Dropping;
-                self.out.push(Output::DropPartition { partition });
+                o.out.push(Output::DropPartition { partition });
+            }
+        }
+        self.round(v, o, now);
+    }
+
+    /// Best-effort copies of a coordinated write to the replicas the pending ring adds.
+    #[allow(clippy::too_many_arguments)] // A write's parts, as the coordinator holds them.
+    fn send_to_pending(
+        &self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        now: u64,
+        key: StoreKey,
+        homes: &[NodeId],
+        object: &Object,
+        durable: bool,
+    ) {
+        let Some((_, next)) = &self.pending else {
+            return;
+        };
+        let extra: Vec<NodeId> = next
+            .preference_list(PartitionId(key.partition), homes.len())
+            .into_iter()
+            .filter(|n| !homes.contains(n) && *n != v.cfg.node)
+            .collect();
+        for to in extra {
+            o.stats.pending_copies += 1;
+            let timeout = v.cfg.replica_timeout_ms;
+            o.request(now, timeout, to, Pending::Repair { node: to }, |id| {
+                PeerMsg::ReplicaPut {
+                    id,
+                    key: key.clone(),
+                    object: object.clone(),
+                    durable,
+                }
+            });
+        }
+    }
+}
+
+impl Core {
+    /// The transfers' state, with what they read and write of the core (`context.rs`).
+    fn transfer_parts(&mut self) -> (&mut Transfers, View<'_>, Outbox<'_>) {
+        (
+            &mut self.transfers,
+            View {
+                cfg: &self.cfg,
+                ring: &self.ring,
+                walks: &self.walks,
+                live: &self.live,
+            },
+            Outbox {
+                next_id: &mut self.next_id,
+                pending: &mut self.pending,
+                timeouts: &mut self.timeouts,
+                out: &mut self.out,
+                stats: &mut self.stats,
+            },
+        )
+    }
+
+    /// Carries out, in order, what the transfers queued.
+    fn transfer_effects(&mut self, now: u64) {
+        for effect in std::mem::take(&mut self.transfers.effects) {
+            match effect {
+                TransferEffect::Merge { key, object } => {
+                    let partition = key.partition;
+                    self.lock(
+                        now,
+                        key,
+                        JobKind::Apply {
+                            object,
+                            durable: true,
+                            then: ReplyTo::Transfer { partition },
+                        },
+                    );
+                }
+                TransferEffect::ResetTrees(partition) => self.ae_reset_partition(partition),
+                TransferEffect::Fill { key, object } => self.ae_stored(now, &key, Some(&object)),
+            }
+        }
+    }
+
+    /// Whether a per-key job holds a replica key of `partition`: a write may still land there.
+    fn writing_in(&self, partition: u32) -> bool {
+        self.locks
+            .keys()
+            .any(|k| k.partition == partition && k.space == Space::Primary)
+    }
+
+    /// Whether this node replicates `partition` in the ring in force or the pending one.
+    pub(super) fn replicates(&self, partition: u32) -> bool {
+        let v = View {
+            cfg: &self.cfg,
+            ring: &self.ring,
+            walks: &self.walks,
+            live: &self.live,
+        };
+        self.transfers.replicates(&v, partition)
+    }
+
+    /// The ring in force and the pending ring (with the epoch membership gave it) changed.
+    pub fn set_view(&mut self, now: u64, ring: Ring, pending: Option<(u64, Ring)>) -> Vec<Output> {
+        let before = {
+            let (t, v, _) = self.transfer_parts();
+            t.replicated(&v)
+        };
+        // The pending ring first: `set_ring` recomputes the trees kept, and a partition this
+        // node replicates only in the new pending ring must not lose its tree (and be given an
+        // empty one) on the way.
+        self.transfers.pending = pending;
+        if ring != self.ring {
+            self.set_ring(ring);
+        }
+        // Anti-entropy keeps trees for the pending ring's partitions too.
+        self.ae_set_ring();
+        let (t, v, mut o) = self.transfer_parts();
+        t.view_changed(&v, &mut o, now, before);
+        self.transfer_effects(now);
+        self.take_output()
+    }
+
+    /// Partitions found in storage at start: those this node does not replicate are handed off.
+    pub fn set_stored_partitions(
+        &mut self,
+        now: u64,
+        partitions: impl IntoIterator<Item = u32>,
+    ) -> Vec<Output> {
+        let (t, v, mut o) = self.transfer_parts();
+        t.stored_partitions(&v, &mut o, now, partitions);
+        self.transfer_effects(now);
+        self.take_output()
+    }
+
+    /// A write to `key` was stored: if this node does not replicate its partition (a coordinator
+    /// or an op with an older ring wrote it), the partition is handed off (again). A handoff
+    /// pass that runs while the partition is replicated again is repeated too: it is rebuilding
+    /// the partition's tree from what it scans, which a write behind it may have changed.
+    pub(super) fn stored_write(&mut self, now: u64, key: &StoreKey) {
+        let (t, v, _) = self.transfer_parts();
+        t.stored_write(&v, now, key);
+    }
+
+    /// Schedules (or repeats) the handoff of `partition`.
+    pub(super) fn handoff_needed(&mut self, now: u64, partition: u32) {
+        self.transfers.handoff_needed(now, partition);
+    }
+
+    /// Whether replica writes to `partition` must be refused: it is being dropped.
+    pub(super) fn dropping(&self, partition: u32) -> bool {
+        self.transfers.dropping(partition)
+    }
+
+    /// The shell dropped `partition` ([`Output::DropPartition`]).
+    pub fn partition_dropped(&mut self, now: u64, partition: u32) -> Vec<Output> {
+        if self.transfers.dropped(partition) {
+            self.stats.partitions_dropped += 1;
+            // Dots this node issued for the dropped keys are gone from its store: continuing
+            // their actors could reissue them, so every key starts a fresh clock entry.
+            if let Some(epoch) = self.fresh_epoch() {
+                self.epochs.primary = epoch;
+                self.floor = epoch;
             }
         }
         self.transfer_round(now);
+        self.take_output()
+    }
+
+    /// Starts whatever transfer step is due.
+    pub(super) fn transfer_round(&mut self, now: u64) {
+        let (t, v, mut o) = self.transfer_parts();
+        t.round(&v, &mut o, now);
+        self.transfer_effects(now);
+    }
+
+    /// When a transfer step is due next.
+    pub(super) fn transfer_deadline(&self) -> Option<u64> {
+        self.transfers.deadline()
+    }
+
+    /// A pull failed or timed out.
+    pub(super) fn pull_failed(&mut self, now: u64, partition: u32) {
+        let (t, v, _) = self.transfer_parts();
+        t.pull_failed(&v, now, partition);
+    }
+
+    /// A page arrived for the pull of `partition`.
+    pub(super) fn pull_page(&mut self, now: u64, partition: u32, page: ScanPage) {
+        let (t, v, mut o) = self.transfer_parts();
+        t.pull_page(&v, &mut o, now, partition, page);
+        self.transfer_effects(now);
+    }
+
+    /// One merge of a pulled page finished (`ok`) or failed.
+    pub(super) fn transfer_applied(&mut self, now: u64, partition: u32, ok: bool) {
+        let (t, v, mut o) = self.transfer_parts();
+        t.applied(&v, &mut o, now, partition, ok);
+        self.transfer_effects(now);
+    }
+
+    /// A peer asks for a page of `partition` after `after`.
+    pub(super) fn serve_pull(
+        &mut self,
+        from: NodeId,
+        id: u64,
+        partition: u32,
+        after: Option<Bytes>,
+    ) {
+        let (_, _, mut o) = self.transfer_parts();
+        Transfers::serve_pull(&mut o, from, id, partition, after);
+    }
+
+    /// The result of [`Output::Scan`] `id`.
+    pub fn handle_scanned(
+        &mut self,
+        now: u64,
+        id: u64,
+        result: Result<ScanPage, String>,
+    ) -> Vec<Output> {
+        match self.pending.remove(&id) {
+            Some(Pending::ServeScan { to, id }) => {
+                let msg = match result {
+                    Ok(page) => PeerMsg::TransferPage { id, page },
+                    Err(e) => PeerMsg::Failed {
+                        id,
+                        error: ErrorBody::new(ErrorCode::Internal, e),
+                    },
+                };
+                self.out.push(Output::Send { to, msg });
+            }
+            Some(Pending::HandoffScan { partition }) => {
+                let busy = self.writing_in(partition);
+                let (t, v, mut o) = self.transfer_parts();
+                match result {
+                    Ok(page) => t.push_page(&v, &mut o, now, (partition, busy), page),
+                    Err(_) => t.handoff_failed(&v, now, partition),
+                }
+                self.transfer_effects(now);
+            }
+            Some(other) => {
+                self.pending.insert(id, other);
+            }
+            None => {}
+        }
+        self.take_output()
+    }
+
+    /// One pushed key was acknowledged (`ok`) or failed.
+    pub(super) fn handoff_acked(&mut self, now: u64, partition: u32, ok: bool) {
+        let busy = self.writing_in(partition);
+        let (t, v, mut o) = self.transfer_parts();
+        t.handoff_acked(&v, &mut o, now, (partition, busy), ok);
+        self.transfer_effects(now);
     }
 
     /// Best-effort copies of a coordinated write to the replicas the pending ring adds.
@@ -699,29 +940,12 @@ impl Core {
         object: &Object,
         durable: bool,
     ) {
-        let Some((_, next)) = &self.transfers.pending else {
-            return;
-        };
-        let extra: Vec<NodeId> = next
-            .preference_list(PartitionId(key.partition), homes.len())
-            .into_iter()
-            .filter(|n| !homes.contains(n) && *n != self.cfg.node)
-            .collect();
-        for to in extra {
-            self.stats.pending_copies += 1;
-            self.send_request(now, to, Pending::Repair { node: to }, |id| {
-                PeerMsg::ReplicaPut {
-                    id,
-                    key: key.clone(),
-                    object: object.clone(),
-                    durable,
-                }
-            });
-        }
+        let (t, v, mut o) = self.transfer_parts();
+        t.send_to_pending(&v, &mut o, now, key, homes, object, durable);
     }
 
     /// Partitions being pulled or handed off (for status and tests).
     pub fn transfers_in_progress(&self) -> (usize, usize) {
-        (self.transfers.pulls.len(), self.transfers.handoffs.len())
+        self.transfers.in_progress()
     }
 }
