@@ -3,8 +3,9 @@
 //!
 //! The core speaks [`StoreKey`]s, [`StoreOp`]s and [`ScanPage`]s; beneath them is a store of
 //! bytes by engine partition and key ([`PartitionStore`]). Two implement it: the shard's engine
-//! (`server/store.rs`) and the cluster simulator's in-memory store (`ringkv-tests`), so the
-//! simulator runs this layout, the object encoding and the scan cursors, not a copy of them.
+//! (`server/store.rs`) and [`MemoryStore`] ([`memory`]), beneath the cluster simulator
+//! (`ringkv-tests`, wrapped to lose unsynced writes in a crash), so the simulator runs this
+//! layout, the object encoding and the scan cursors, not a copy of them.
 //!
 //! Storage layout: a [`Space::Primary`] key lives in engine partition `partition` under
 //! [`engine_key`]`(bucket, key)` (`len(bucket) as u8 ‖ bucket ‖ key`: the prefix keeps
@@ -34,6 +35,10 @@ use ringkv_core::NodeId;
 use ringkv_core::coordinator::{ScanItem, ScanPage, Space, StoreKey, StoreOp};
 use ringkv_core::object::Object;
 use ringkv_core::ring::PARTITION_COUNT_MAX;
+
+pub mod memory;
+
+pub use memory::MemoryStore;
 
 /// One live entry of a partition: its key's fingerprint, the key and the value.
 pub type Entry = (KeyHash, Vec<u8>, Bytes);

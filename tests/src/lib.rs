@@ -2,7 +2,7 @@
 //! simulator they use.
 //!
 //! - [`sim`]: a deterministic, seeded simulator running the real sans-IO coordinator of every
-//!   node over an in-memory store and a faulty virtual network, with checkers for the promises
+//!   node over the real replica layout on an in-memory store and a faulty virtual network, with checkers for the promises
 //!   of `docs/ARCHITECTURE.md` (no acknowledged write lost, siblings only for concurrent writes,
 //!   convergence). `tests/tests/sim.rs` runs it over many seeds. Its files: `mod.rs` (settings,
 //!   the event loop, the nodes), `network.rs`, `store.rs`, `nemesis.rs` (crashes and membership

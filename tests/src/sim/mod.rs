@@ -2,9 +2,11 @@
 //! in-memory store, virtual time, and a network and a nemesis driven by one seed.
 //!
 //! What is simulated:
-//! - **Storage**: per node, a durable map and an unsynced overlay. A write completes after a
-//!   random delay; `durable` writes (and a periodic flush, like the engine's group commit) move
-//!   the overlay into the durable map. A crash loses the overlay and every operation in flight.
+//! - **Storage**: per node, the real replica layout on the shared in-memory store
+//!   (`ringkv_cluster::replica::MemoryStore`) and a copy of what is synced. A write completes
+//!   after a random delay; `durable` writes (and a periodic flush, like the engine's group
+//!   commit) bring the synced copy up to date. A crash loses what was not synced and every
+//!   operation in flight.
 //! - **Network**: every message gets a random delay (so messages reorder), may be dropped or
 //!   duplicated, and is lost between partitioned nodes. Messages are addressed to an incarnation:
 //!   a node that restarted never receives what was sent to (or answered for) its previous life,

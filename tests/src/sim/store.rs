@@ -1,12 +1,18 @@
-//! The simulated store of a node: a durable map and an unsynced overlay that a crash loses, of
-//! bytes by engine partition and key, beneath the node's real replica layout.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! The simulated store of a node: the shared in-memory store
+//! ([`MemoryStore`](ringkv_cluster::replica::MemoryStore)) beneath the node's real replica
+//! layout, and what the simulator adds to it: writes that are not synced yet, which a crash
+//! loses.
+//!
+//! Two in-memory stores hold the node's bytes: `live`, what reads and scans see, and `durable`,
+//! what a crash would leave; the locations written since the last sync are the only ones where
+//! the two may differ. A sync copies those from `live` to `durable`, a crash copies them back.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use ringkv_cluster::replica::{self, Entry, PartitionScan, PartitionStore};
+use ringkv_cluster::replica::memory::MemoryScan;
+use ringkv_cluster::replica::{self, MemoryStore, PartitionStore};
 use ringkv_core::coordinator::{ScanPage, Space, StoreKey, StoreOp};
 use ringkv_core::object::Object;
 use ringkv_engine::Durability;
@@ -22,20 +28,20 @@ type Location = (u32, Vec<u8>);
 /// encoding, scans walk fingerprints and return the engine's cursors.
 #[derive(Default)]
 pub(super) struct Store {
-    durable: RefCell<BTreeMap<Location, Bytes>>,
-    /// Unsynced changes (`None` = removed), lost on crash.
-    overlay: RefCell<BTreeMap<Location, Option<Bytes>>>,
+    /// Every write, synced or not: what reads and scans see.
+    live: MemoryStore,
+    /// The writes synced so far: what a crash leaves.
+    durable: MemoryStore,
+    /// Locations written (or removed) since the last sync, where `live` and `durable` may
+    /// differ.
+    unsynced: RefCell<BTreeSet<Location>>,
 }
 
 impl PartitionStore for Store {
-    type Scan = SimScan;
+    type Scan = MemoryScan;
 
     async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Bytes>, String> {
-        let at = (partition, key.to_vec());
-        Ok(match self.overlay.borrow().get(&at) {
-            Some(v) => v.clone(),
-            None => self.durable.borrow().get(&at).cloned(),
-        })
+        self.live.get(partition, key).await
     }
 
     async fn put(
@@ -45,10 +51,8 @@ impl PartitionStore for Store {
         value: &[u8],
         durability: Durability,
     ) -> Result<(), String> {
-        let value = Bytes::copy_from_slice(value);
-        self.overlay
-            .borrow_mut()
-            .insert((partition, key.to_vec()), Some(value));
+        self.live.put(partition, key, value, durability).await?;
+        self.unsynced.borrow_mut().insert((partition, key.to_vec()));
         // As the engine's group commit: a synced write syncs everything written before it.
         if durability == Durability::Sync {
             self.sync();
@@ -62,9 +66,8 @@ impl PartitionStore for Store {
         key: &[u8],
         durability: Durability,
     ) -> Result<(), String> {
-        self.overlay
-            .borrow_mut()
-            .insert((partition, key.to_vec()), None);
+        self.live.delete(partition, key, durability).await?;
+        self.unsynced.borrow_mut().insert((partition, key.to_vec()));
         if durability == Durability::Sync {
             self.sync();
         }
@@ -76,32 +79,25 @@ impl PartitionStore for Store {
         Ok(())
     }
 
-    fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> SimScan {
-        let mut entries: Vec<Entry> = self
-            .live()
-            .into_iter()
-            .filter(|((p, _), _)| *p == partition)
-            .map(|((_, key), value)| (KeyHash::of(&key), key, value))
-            .filter(|(kh, _, _)| after.is_none_or(|a| *kh > a))
-            .collect();
-        // Popped from the back: the lowest fingerprint first, as the engine walks.
-        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-        SimScan(entries)
+    fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> MemoryScan {
+        self.live.scan_after(partition, after)
     }
 }
 
-/// A partition walk over a snapshot of the store.
-pub(super) struct SimScan(Vec<Entry>);
-
-impl PartitionScan for SimScan {
-    async fn next_entry(&mut self) -> Option<Result<Entry, String>> {
-        self.0.pop().map(Ok)
-    }
-}
-
-/// Runs a store operation that completes without waiting: the simulated store never waits.
+/// Runs a store operation that completes without waiting: the in-memory store never waits.
 fn now<T>(work: impl std::future::Future<Output = T>) -> T {
     futures_lite::future::block_on(work)
+}
+
+/// Makes `to`'s entry at `at` what `from`'s is (absent if `from` has none).
+fn copy_entry(from: &MemoryStore, to: &MemoryStore, at: &Location) {
+    let (partition, key) = at;
+    let value = now(from.get(*partition, key)).expect("the in-memory store does not fail");
+    match value {
+        Some(bytes) => now(to.put(*partition, key, &bytes, Durability::Buffered)),
+        None => now(to.delete(*partition, key, Durability::Buffered)),
+    }
+    .expect("the in-memory store does not fail");
 }
 
 impl Store {
@@ -112,9 +108,7 @@ impl Store {
 
     /// The object stored durably under `key`: what a crash now would leave.
     pub(super) fn read_durable(&self, key: &StoreKey) -> Option<Object> {
-        let at = replica::engine_location(key);
-        let bytes = self.durable.borrow().get(&at).cloned()?;
-        Some(Object::decode(&bytes).expect("stored objects decode"))
+        now(replica::apply(&self.durable, key, StoreOp::Read)).expect("stored objects decode")
     }
 
     /// Carries out one storage operation of the core.
@@ -137,48 +131,28 @@ impl Store {
 
     /// Makes every write durable.
     pub(super) fn sync(&self) {
-        let mut durable = self.durable.borrow_mut();
-        for (at, v) in std::mem::take(&mut *self.overlay.borrow_mut()) {
-            match v {
-                Some(bytes) => durable.insert(at, bytes),
-                None => durable.remove(&at),
-            };
+        for at in std::mem::take(&mut *self.unsynced.borrow_mut()) {
+            copy_entry(&self.live, &self.durable, &at);
         }
     }
 
     /// A crash: what was not synced is gone.
     pub(super) fn crash(&self) {
-        self.overlay.borrow_mut().clear();
+        for at in std::mem::take(&mut *self.unsynced.borrow_mut()) {
+            copy_entry(&self.durable, &self.live, &at);
+        }
     }
 
     /// Drops every replica of ring partition `partition` durably, as the engine does.
     pub(super) fn drop_partition(&self, partition: u32) {
         self.sync();
-        self.durable
-            .borrow_mut()
-            .retain(|(p, _), _| *p != partition);
-    }
-
-    /// Every value a read sees now, by location.
-    fn live(&self) -> BTreeMap<Location, Bytes> {
-        let mut live = self.durable.borrow().clone();
-        for (at, v) in self.overlay.borrow().iter() {
-            match v {
-                Some(bytes) => live.insert(at.clone(), bytes.clone()),
-                None => live.remove(at),
-            };
-        }
-        live
+        self.live.drop_partition(partition);
+        self.durable.drop_partition(partition);
     }
 
     /// Every stored key, replicas and hints, read back through the layout.
     pub(super) fn keys(&self) -> BTreeSet<StoreKey> {
-        self.live()
-            .into_keys()
-            .map(|(partition, key)| {
-                replica::store_key(partition, &key).expect("stored keys decode")
-            })
-            .collect()
+        self.live.keys().expect("stored keys decode")
     }
 }
 
