@@ -11,7 +11,7 @@
 //! (counters, Prometheus text and admin HTTP answers), [`route`] (partition and shard
 //! of a request), [`resp`] (Redis commands onto requests), [`session`] (a connection's protocol
 //! state), [`replica`] (the replica store and the storage-key layout, over the engine or the
-//! in-memory store the simulator uses).
+//! in-memory store the simulator and the hand-driven core tests use).
 //!
 //! [`error`] is the one error type of a node's start and stop.
 //!

@@ -3,9 +3,10 @@
 //!
 //! The core speaks [`StoreKey`]s, [`StoreOp`]s and [`ScanPage`]s; beneath them is a store of
 //! bytes by engine partition and key ([`PartitionStore`]). Two implement it: the shard's engine
-//! (`server/store.rs`) and [`MemoryStore`] ([`memory`]), beneath the cluster simulator
-//! (`ringkv-tests`, wrapped to lose unsynced writes in a crash), so the simulator runs this
-//! layout, the object encoding and the scan cursors, not a copy of them.
+//! (`server/store.rs`) and [`MemoryStore`] ([`memory`]), which the cluster simulator
+//! (`ringkv-tests`, wrapped to lose unsynced writes in a crash) and the tests that drive a core
+//! by hand store through, so they run this layout, the object encoding and the scan cursors, not
+//! a copy of them.
 //!
 //! Storage layout: a [`Space::Primary`] key lives in engine partition `partition` under
 //! [`engine_key`]`(bucket, key)` (`len(bucket) as u8 ‖ bucket ‖ key`: the prefix keeps

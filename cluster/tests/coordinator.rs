@@ -10,8 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
-use ringkv_core::object::Object;
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
     Condition, Delete, ErrorCode, Expiry, Get, GetOk, MapOp, Message, Put, Sibling, Update,
@@ -20,12 +19,12 @@ use ringkv_net::{
 /// One node and its store; every output is carried out before a call returns.
 struct One {
     core: Core,
-    store: BTreeMap<StoreKey, Object>,
+    /// Its store; `store.failing_writes` makes storage writes fail (an engine that returned EIO
+    /// and went failed).
+    store: common::TestStore,
     replies: BTreeMap<u64, Message>,
     /// The time of the last call; storage completes at once, at that time.
     now: u64,
-    /// Storage writes fail (an engine that returned EIO and went failed).
-    failing_writes: bool,
 }
 
 impl One {
@@ -42,10 +41,9 @@ impl One {
         let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 1).unwrap();
         One {
             core: Core::new(cfg, ring, EpochLease::new(1, 8), []),
-            store: BTreeMap::new(),
+            store: common::TestStore::default(),
             replies: BTreeMap::new(),
             now: 0,
-            failing_writes: false,
         }
     }
 
@@ -53,11 +51,7 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = if self.failing_writes && matches!(op, StoreOp::Write { .. }) {
-                        Err("write failed: EIO (injected)".to_owned())
-                    } else {
-                        common::carry_out(&mut self.store, key, op)
-                    };
+                    let result = common::carry_out(&self.store, key, op);
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Reply { req, message } => {
@@ -180,7 +174,7 @@ fn bad_contexts_and_unreachable_quorums_are_refused() {
     assert!(e.message.contains("0 of 2"), "{}", e.message);
     let invalid = one.request(3, get(Some(4)));
     assert_eq!(code(&invalid), Some(ErrorCode::InvalidRequest));
-    assert!(one.store.is_empty(), "nothing was written");
+    assert!(one.store.objects().is_empty(), "nothing was written");
 }
 
 /// An lww bucket answers one value, the last written, whatever the contexts.
@@ -272,10 +266,9 @@ fn clocks_never_outgrow_their_contexts() {
     };
     let mut one = One {
         core: Core::new(cfg, ring, EpochLease::new(1, 4096), []),
-        store: BTreeMap::new(),
+        store: common::TestStore::default(),
         replies: BTreeMap::new(),
         now: 0,
-        failing_writes: false,
     };
     let out = one.core.handle_unreachable(0, n1);
     one.run(out);
@@ -359,16 +352,16 @@ fn a_reap_never_lets_a_dot_repeat() {
         }),
     );
     assert_eq!(deleted, Message::DeleteOk);
-    assert_eq!(one.store.len(), 1, "the tombstone is stored");
+    assert_eq!(one.store.objects().len(), 1, "the tombstone is stored");
     // Ticks past the grace period: the first reap attempt raises the floor, a later one reaps.
     let mut now = 3;
-    while now < 4 * grace && !one.store.is_empty() {
+    while now < 4 * grace && !one.store.objects().is_empty() {
         now += 10;
         one.now = now;
         let out = one.core.handle_tick(now);
         one.run(out);
     }
-    assert!(one.store.is_empty(), "the tombstone was reaped");
+    assert!(one.store.objects().is_empty(), "the tombstone was reaped");
     assert_eq!(one.core.merkle_roots()[0].keys, 0, "the key left the tree");
     let blind = one.request_at(now, 4, put("blind", None, None));
     assert!(matches!(blind, Message::PutOk(_)), "{blind:?}");
@@ -562,7 +555,11 @@ fn expiry_is_stamped_by_the_coordinator_and_hides_the_value() {
     let gone = read_at(&mut one, 1_500, 3);
     assert!(gone.siblings.is_empty(), "{gone:?}");
     assert_eq!(gone.expires_at_ms, None);
-    assert_eq!(one.store.len(), 1, "the expired version is still stored");
+    assert_eq!(
+        one.store.objects().len(),
+        1,
+        "the expired version is still stored"
+    );
     // An absolute time already past writes a value that is expired on arrival.
     one.request_at(
         2_000,
@@ -626,14 +623,21 @@ fn expired_objects_are_reaped_after_the_grace() {
         let out = one.core.handle_tick(now);
         one.run(out);
     }
-    assert_eq!(one.store.len(), 1, "not reaped before expiry + grace");
-    while now < 5_000 + 4 * grace && !one.store.is_empty() {
+    assert_eq!(
+        one.store.objects().len(),
+        1,
+        "not reaped before expiry + grace"
+    );
+    while now < 5_000 + 4 * grace && !one.store.objects().is_empty() {
         now += 10;
         one.now = now;
         let out = one.core.handle_tick(now);
         one.run(out);
     }
-    assert!(one.store.is_empty(), "the expired object was reaped");
+    assert!(
+        one.store.objects().is_empty(),
+        "the expired object was reaped"
+    );
     assert_eq!(one.core.merkle_roots()[0].keys, 0, "the key left the tree");
     assert_eq!(one.core.stats().tombstones_reaped, 1);
 }
@@ -772,7 +776,10 @@ fn conditional_puts_check_the_replica() {
     });
     let nothing = empty.request_at(1, 1, put_if("x", Condition::IfPresent));
     assert_eq!(code(&nothing), Some(ErrorCode::ConditionFailed));
-    assert!(empty.store.is_empty(), "a refused write stores nothing");
+    assert!(
+        empty.store.objects().is_empty(),
+        "a refused write stores nothing"
+    );
 }
 
 /// A storage write that fails (the engine returned EIO, or went failed after one) is never
@@ -788,8 +795,8 @@ fn failed_storage_writes_are_refused_not_acknowledged() {
     });
     let ok = one.request_at(1, 1, put("before", None, None));
     assert!(matches!(ok, Message::PutOk(_)), "{ok:?}");
-    let stored = one.store.clone();
-    one.failing_writes = true;
+    let stored = one.store.objects();
+    one.store.failing_writes.set(true);
     let refused = one.request_at(2, 2, put("lost", None, None));
     assert!(
         matches!(refused, Message::Error(_)),
@@ -809,12 +816,12 @@ fn failed_storage_writes_are_refused_not_acknowledged() {
         matches!(fields, Message::Error(_)),
         "acknowledged: {fields:?}"
     );
-    assert_eq!(one.store, stored, "nothing was stored");
+    assert_eq!(one.store.objects(), stored, "nothing was stored");
     assert_eq!(
         read_at(&mut one, 5, 5).siblings,
         vec![Sibling::Value(Bytes::from_static(b"before"))]
     );
-    one.failing_writes = false;
+    one.store.failing_writes.set(false);
     let again = one.request_at(6, 6, put("after", None, None));
     assert!(matches!(again, Message::PutOk(_)), "{again:?}");
 }

@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use proptest::prelude::*;
+use ringkv_cluster::replica::MemoryStore;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
-use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey};
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, PeerMsg, Space};
 use ringkv_core::object::{Object, Val};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{Expiry, Get, Message, Put, Sibling};
@@ -73,7 +74,7 @@ struct Written {
 
 struct Net {
     cores: Vec<Core>,
-    stores: Vec<BTreeMap<StoreKey, Object>>,
+    stores: Vec<MemoryStore>,
     /// Each node's clock minus true time.
     offsets: Vec<i64>,
     queue: Vec<(usize, usize, PeerMsg)>,
@@ -116,7 +117,7 @@ impl Net {
             .collect();
         Net {
             cores,
-            stores: vec![BTreeMap::new(); NODES],
+            stores: vec![MemoryStore::new(); NODES],
             offsets,
             queue: Vec::new(),
             now: START_MS,
@@ -136,7 +137,7 @@ impl Net {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = common::carry_out(&mut self.stores[n], key, op);
+                    let result = common::carry_out(&self.stores[n], key, op);
                     let now = self.clock(n);
                     outputs.extend(self.cores[n].handle_stored(now, id, result));
                 }
@@ -163,10 +164,10 @@ impl Net {
 
     /// The version node `n`'s replica holds: its timestamp and node, and the write it is.
     fn held(&self, n: usize) -> Option<(u64, u32, usize, Option<u64>)> {
-        let (_, object) = self.stores[n]
-            .iter()
+        let (_, object) = common::stored(&self.stores[n])
+            .into_iter()
             .find(|(k, _)| k.space == Space::Primary)?;
-        let Object::Lww(l) = object else {
+        let Object::Lww(l) = &object else {
             panic!("an lww bucket stores lww versions: {object:?}")
         };
         let (value, expires) = match &l.val {

@@ -1,6 +1,7 @@
 //! Hinted handoff, failure detection and partition handoff of the coordinator, driven directly:
-//! one core of a four-node ring whose storage completes at once (scans included) and whose
-//! messages the test reads and answers by hand. (The whole protocol under faults is the
+//! one core of a four-node ring whose storage (scans included) runs through the replica layout on
+//! an in-memory store and completes at once, and whose messages the test reads and answers by
+//! hand. (The whole protocol under faults is the
 //! simulator's: `tests/tests/sim.rs`.)
 #![allow(clippy::unwrap_used)]
 
@@ -12,8 +13,7 @@ use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{
-    Core, CoreConfig, EpochLease, Output, PeerMsg, ScanItem, ScanPage, Space, StoreKey, StoreOp,
-    hint_bytes,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, hint_bytes,
 };
 use ringkv_core::object::{Lww, Object, Val};
 use ringkv_core::ring::{PartitionCount, PartitionId, Ring};
@@ -49,27 +49,22 @@ fn config() -> CoreConfig {
     cfg
 }
 
-/// One core, its store, and what it sent.
+/// One core, its store (which counts the writes and syncs asked for), and what it sent.
 struct Node {
     core: Core,
-    store: BTreeMap<StoreKey, Object>,
+    store: common::TestStore,
     sent: Vec<(NodeId, PeerMsg)>,
     /// Time of the call being carried out.
     now: u64,
-    /// Store writes and syncs asked for.
-    writes: u64,
-    syncs: u64,
 }
 
 impl Node {
     fn new(cfg: CoreConfig, hints: Vec<(StoreKey, u64)>) -> Node {
         Node {
             core: Core::new(cfg, ring(), EpochLease::new(1, 64), hints),
-            store: BTreeMap::new(),
+            store: common::TestStore::default(),
             sent: Vec::new(),
             now: 0,
-            writes: 0,
-            syncs: 0,
         }
     }
 
@@ -77,29 +72,19 @@ impl Node {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    match op {
-                        StoreOp::Write { .. } => self.writes += 1,
-                        StoreOp::Sync => self.syncs += 1,
-                        StoreOp::Read | StoreOp::Remove => {}
-                    }
-                    let result = common::carry_out(&mut self.store, key, op);
+                    let result = common::carry_out(&self.store, key, op);
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
                 Output::Send { to, msg } => self.sent.push((to, msg)),
-                Output::Scan { id, partition, .. } => {
-                    // The whole partition in one page.
-                    let items = self
-                        .store
-                        .iter()
-                        .filter(|(k, _)| k.partition == partition && k.space == Space::Primary)
-                        .map(|(k, o)| ScanItem {
-                            bucket: k.bucket.clone(),
-                            key: k.key.clone(),
-                            object: o.clone(),
-                        })
-                        .collect();
-                    let page = ScanPage { items, next: None };
-                    outputs.extend(self.core.handle_scanned(self.now, id, Ok(page)));
+                Output::Scan {
+                    id,
+                    partition,
+                    after,
+                    max_items,
+                    max_bytes,
+                } => {
+                    let page = common::scan(&self.store, partition, after, max_items, max_bytes);
+                    outputs.extend(self.core.handle_scanned(self.now, id, page));
                 }
                 Output::Reply { .. } | Output::RenewEpochs => {}
                 other => panic!("not expected in these tests: {other:?}"),
@@ -188,7 +173,7 @@ fn the_hint_store_is_bounded_in_bytes() {
     assert_eq!(node.core.hint_bytes(), 3 * size);
     assert_eq!(node.core.stats().hint_overflow, 1);
     assert!(
-        !node.store.contains_key(&k(3)),
+        !node.store.objects().contains_key(&k(3)),
         "a refused hint is not stored"
     );
 
@@ -204,12 +189,13 @@ fn the_hint_store_is_bounded_in_bytes() {
     // A restart with the stored hints counts them.
     let stored: Vec<(StoreKey, u64)> = node
         .store
+        .objects()
         .iter()
         .map(|(k, o)| (k.clone(), hint_bytes(k, o.encoded_len())))
         .collect();
     let total: u64 = stored.iter().map(|(_, b)| b).sum();
     let mut restarted = Node::new(cfg, stored);
-    restarted.store = node.store.clone();
+    restarted.store.memory = node.store.memory.clone();
     assert_eq!(restarted.core.hint_bytes(), total);
     assert!(total > 2 * size);
 
@@ -568,7 +554,10 @@ fn a_partition_that_comes_back_during_its_handoff_gets_its_tree_rebuilt() {
         ack(&mut node, more, 40 + round * 1_000);
     }
     assert_eq!(node.core.handoff_count(), 0, "the handoff did not end");
-    assert!(node.store.contains_key(&key), "the data was dropped");
+    assert!(
+        node.store.objects().contains_key(&key),
+        "the data was dropped"
+    );
     assert_eq!(
         keys_in(&mut node, partition),
         1,
@@ -602,7 +591,8 @@ fn a_view_that_keeps_a_partition_only_through_its_pending_ring_keeps_its_tree() 
 fn a_durable_put_of_an_unchanged_object_syncs_instead_of_rewriting() {
     let (mut node, key) = node_with_a_stored_key();
     node.take();
-    let (writes, syncs) = (node.writes, node.syncs);
+    let counts = |node: &Node| (node.store.writes.get(), node.store.syncs.get());
+    let (writes, syncs) = counts(&node);
     let durable_put = |id: u64, object: Object| PeerMsg::ReplicaPut {
         id,
         key: key.clone(),
@@ -611,7 +601,7 @@ fn a_durable_put_of_an_unchanged_object_syncs_instead_of_rewriting() {
     };
     // `node_with_a_stored_key` stored `object(1, "v")`.
     node.peer(10, NodeId(2), durable_put(7, object(1, "v")));
-    assert_eq!((node.writes, node.syncs), (writes, syncs + 1));
+    assert_eq!(counts(&node), (writes, syncs + 1));
     assert_eq!(
         node.take(),
         vec![(
@@ -623,8 +613,8 @@ fn a_durable_put_of_an_unchanged_object_syncs_instead_of_rewriting() {
         )]
     );
     node.peer(20, NodeId(2), durable_put(8, object(2, "w")));
-    assert_eq!((node.writes, node.syncs), (writes + 1, syncs + 1));
-    assert_eq!(node.store[&key], object(2, "w"));
+    assert_eq!(counts(&node), (writes + 1, syncs + 1));
+    assert_eq!(node.store.objects()[&key], object(2, "w"));
     assert_eq!(
         node.take(),
         vec![(

@@ -8,6 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
+use ringkv_cluster::replica::MemoryStore;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{
@@ -49,7 +50,7 @@ fn ring(members: &[u32]) -> Ring {
 /// A one-node cluster (n = 1) and its store; every output is carried out before a call returns.
 struct One {
     core: Core,
-    store: BTreeMap<StoreKey, Object>,
+    store: MemoryStore,
     next_req: u64,
 }
 
@@ -57,7 +58,7 @@ impl One {
     fn new() -> One {
         One {
             core: One::core(),
-            store: BTreeMap::new(),
+            store: MemoryStore::new(),
             next_req: 1,
         }
     }
@@ -76,7 +77,7 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    let result = common::carry_out(&mut self.store, key, op);
+                    let result = common::carry_out(&self.store, key, op);
                     outputs.extend(self.core.handle_stored(0, id, result));
                 }
                 Output::Reply { message, .. } => {
@@ -153,7 +154,7 @@ fn writes_during_the_load_keep_their_digests() {
     }
     one.restart();
     // The shell's reads happen first; the writes come in while the load is on its way.
-    let snapshot = one.store.clone();
+    let snapshot = common::stored(&one.store);
     for i in 0..16 {
         one.put(&format!("k{i}"), "v2");
     }
@@ -164,7 +165,7 @@ fn writes_during_the_load_keep_their_digests() {
         one.put(&format!("k{i}"), "new");
     }
     load(&mut one.core, &snapshot);
-    let expected = full_build(&one.store);
+    let expected = full_build(&common::stored(&one.store));
     assert_eq!(one.core.merkle_roots(), expected);
     // And the stale load did change something: without the writes the trees would differ.
     assert_ne!(full_build(&snapshot), expected);
@@ -180,11 +181,9 @@ fn a_load_interleaved_with_writes_equals_a_full_build() {
     }
     one.restart();
     for p in 0..PARTITIONS {
-        let snapshot: Vec<(StoreKey, Object)> = one
-            .store
-            .iter()
+        let snapshot: Vec<(StoreKey, Object)> = common::stored(&one.store)
+            .into_iter()
             .filter(|(k, _)| k.partition == p)
-            .map(|(k, o)| (k.clone(), o.clone()))
             .collect();
         // Writes to every partition between this partition's read and its load.
         for i in (p as usize * 7..200).step_by(25) {
@@ -198,7 +197,10 @@ fn a_load_interleaved_with_writes_equals_a_full_build() {
     for i in 0..10 {
         one.put(&format!("k{i}"), "after");
     }
-    assert_eq!(one.core.merkle_roots(), full_build(&one.store));
+    assert_eq!(
+        one.core.merkle_roots(),
+        full_build(&common::stored(&one.store))
+    );
 }
 
 fn sent(outputs: &[Output]) -> Vec<&PeerMsg> {

@@ -4,10 +4,16 @@
 //! the channel mesh) and a data directory under CARGO_TARGET_TMPDIR, waits with bounded retries
 //! until it answers PING, and kills it in a drop guard so a failing test never leaves a server
 //! behind. Nothing here waits on wall-clock time beyond a bounded number of retries.
+//!
+//! The tests that drive a core by hand share the rest: requests as a shard hands them to the
+//! core ([`handle_client`]), and storage carried out through the real replica layout, object
+//! encoding and scan cursors ([`carry_out`], [`scan`]) on the in-memory store, alone or as a
+//! [`TestStore`] that counts and fails writes.
 
 // Each test binary uses its own subset of the helpers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,10 +22,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_lite::future::block_on;
+use ringkv_cluster::replica::memory::MemoryScan;
+use ringkv_cluster::replica::{self, MemoryStore, PartitionStore};
 use ringkv_cluster::route::partition_of;
-use ringkv_core::coordinator::{Core, Output, StoreKey, StoreOp};
+use ringkv_core::coordinator::{Core, Output, ScanPage, StoreKey, StoreOp};
 use ringkv_core::object::{Object, Val};
 use ringkv_core::request::KeyRequest;
+use ringkv_engine::Durability;
+use ringkv_engine::index::KeyHash;
 use ringkv_net::{
     Client, ClientConfig, Frame, Hello, Limits, Message, PROTOCOL_VERSION, Put, ReplicaGet, Role,
     decode_frame, encode_frame_to_vec,
@@ -38,26 +49,98 @@ pub fn handle_client(core: &mut Core, now: u64, req: u64, message: Message) -> V
     core.handle_client(now, req, request)
 }
 
-/// Carries out a core's storage operation on an in-memory store, for tests that drive a core by
-/// hand; every write is durable at once, so a sync has nothing to do.
-pub fn carry_out(
-    store: &mut BTreeMap<StoreKey, Object>,
+/// Carries out a core's storage operation through the replica layout, for tests that drive a
+/// core by hand; an in-memory store never waits, so the operation completes here.
+pub fn carry_out<S: PartitionStore>(
+    store: &S,
     key: StoreKey,
     op: StoreOp,
 ) -> Result<Option<Object>, String> {
-    match op {
-        StoreOp::Read => Ok(store.get(&key).cloned()),
-        StoreOp::Write { object, .. } => {
-            store.insert(key, object);
-            Ok(None)
-        }
-        StoreOp::Remove => {
-            store.remove(&key);
-            Ok(None)
-        }
-        StoreOp::Sync => Ok(None),
+    block_on(replica::apply(store, &key, op))
+}
+
+/// Reads the page an [`Output::Scan`] asks for through the replica layout and its cursors, for
+/// tests that drive a core by hand.
+pub fn scan<S: PartitionStore>(
+    store: &S,
+    partition: u32,
+    after: Option<Bytes>,
+    max_items: usize,
+    max_bytes: usize,
+) -> Result<ScanPage, String> {
+    block_on(replica::scan_page(
+        store, partition, after, max_items, max_bytes,
+    ))
+}
+
+/// Every object in `store`, replicas and hints, by stored key.
+pub fn stored(store: &MemoryStore) -> BTreeMap<StoreKey, Object> {
+    store
+        .objects()
+        .expect("the core stores only what the layout reads back")
+}
+
+/// The in-memory store of a hand-driven core, with what its tests observe and inject: it counts
+/// the writes and syncs asked of it, and can fail every write, as an engine that returned EIO
+/// and went failed.
+#[derive(Clone, Debug, Default)]
+pub struct TestStore {
+    pub memory: MemoryStore,
+    /// Every write fails while set.
+    pub failing_writes: Cell<bool>,
+    /// Writes asked for, failed ones included.
+    pub writes: Cell<u64>,
+    /// Syncs asked for.
+    pub syncs: Cell<u64>,
+}
+
+impl TestStore {
+    /// Every object stored, replicas and hints, by stored key.
+    pub fn objects(&self) -> BTreeMap<StoreKey, Object> {
+        stored(&self.memory)
     }
 }
+
+impl PartitionStore for TestStore {
+    type Scan = MemoryScan;
+
+    async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Bytes>, String> {
+        self.memory.get(partition, key).await
+    }
+
+    async fn put(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<(), String> {
+        self.writes.set(self.writes.get() + 1);
+        if self.failing_writes.get() {
+            return Err("write failed: EIO (injected)".to_owned());
+        }
+        self.memory.put(partition, key, value, durability).await
+    }
+
+    async fn delete(
+        &self,
+        partition: u32,
+        key: &[u8],
+        durability: Durability,
+    ) -> Result<(), String> {
+        self.memory.delete(partition, key, durability).await
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        self.syncs.set(self.syncs.get() + 1);
+        self.memory.flush().await
+    }
+
+    fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> MemoryScan {
+        self.memory.scan_after(partition, after)
+    }
+}
+
 /// Enough keys that both shards own some with overwhelming probability (256 partitions).
 pub const KEYS: usize = 200;
 pub const STARTUP_RETRIES: usize = 300;
