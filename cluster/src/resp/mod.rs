@@ -170,9 +170,6 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
-    // Arguments after the name, as shared slices of the command's buffer.
-    let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
-    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
     if let Some(refused) = hash_limits(cmd, &name) {
         return refused;
     }
@@ -207,6 +204,18 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
         "client" => client(cmd, state),
         "dbsize" if argc == 1 => RespPlan::DbSize,
         "dbsize" => wrong_args("dbsize"),
+        _ => string_plan(cmd, &name),
+    }
+}
+
+/// [`plan`] of the string, key and expiry commands (`name` in lower case).
+fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
+    let argc = cmd.len();
+    let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
+    // Arguments after the name, as shared slices of the command's buffer.
+    let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
+    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    match name {
         "get" if argc == 2 => run(Op::Get(arg(1))),
         "get" => wrong_args("get"),
         "mget" if argc >= 2 => run(Op::MGet(keys(1))),
@@ -219,7 +228,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             key: arg(1),
             ms: name == "pttl",
         }),
-        "ttl" | "pttl" => wrong_args(&name),
+        "ttl" | "pttl" => wrong_args(name),
         "set" if argc >= 3 => set(cmd),
         "set" => wrong_args("set"),
         "setnx" if argc == 3 => run(Op::Set {
@@ -241,31 +250,31 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
                     reply: SetReply::Ok,
                 }),
                 Err(RespPlan::Reply(RespValue::Error(e))) if e.starts_with(b"ERR invalid") => {
-                    invalid_expire(&name)
+                    invalid_expire(name)
                 }
                 Err(e) => e,
             }
         }
-        "setex" | "psetex" => wrong_args(&name),
+        "setex" | "psetex" => wrong_args(name),
         "mset" if argc >= 3 && argc % 2 == 1 => run(Op::MSet(
             (1..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
         )),
         "mset" => wrong_args("mset"),
         "del" | "unlink" if argc >= 2 => run(Op::Del(keys(1))),
-        "del" | "unlink" => wrong_args(&name),
+        "del" | "unlink" => wrong_args(name),
         "getdel" if argc == 2 => run(Op::GetDel(arg(1))),
         "getdel" => wrong_args("getdel"),
         "getex" if argc >= 2 => getex(cmd),
         "getex" => wrong_args("getex"),
-        "expire" | "pexpire" | "expireat" | "pexpireat" if argc >= 3 => expire(cmd, &name),
-        "expire" | "pexpire" | "expireat" | "pexpireat" => wrong_args(&name),
+        "expire" | "pexpire" | "expireat" | "pexpireat" if argc >= 3 => expire(cmd, name),
+        "expire" | "pexpire" | "expireat" | "pexpireat" => wrong_args(name),
         "persist" if argc == 2 => run(Op::Persist(arg(1))),
         "persist" => wrong_args("persist"),
         "incr" | "decr" if argc == 2 => run(Op::Incr {
             key: arg(1),
             by: if name == "incr" { 1 } else { -1 },
         }),
-        "incr" | "decr" => wrong_args(&name),
+        "incr" | "decr" => wrong_args(name),
         "incrby" | "decrby" if argc == 3 => {
             let Some(by) = integer(cmd.arg(2)) else {
                 return not_an_integer();
@@ -280,7 +289,19 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
                 None => RespPlan::Reply(err("ERR decrement would overflow")),
             }
         }
-        "incrby" | "decrby" => wrong_args(&name),
+        "incrby" | "decrby" => wrong_args(name),
+        _ => hash_plan(cmd, name),
+    }
+}
+
+/// [`plan`] of the hash commands (`name` in lower case).
+fn hash_plan(cmd: &RespCommand, name: &str) -> RespPlan {
+    let argc = cmd.len();
+    let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
+    // Arguments after the name, as shared slices of the command's buffer.
+    let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
+    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    match name {
         "hset" | "hmset" if argc >= 4 && argc.is_multiple_of(2) => run(Op::HSet {
             key: arg(1),
             pairs: (2..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
@@ -290,7 +311,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
                 HSetReply::Ok
             },
         }),
-        "hset" | "hmset" => wrong_args(&name),
+        "hset" | "hmset" => wrong_args(name),
         "hsetnx" if argc == 4 => run(Op::HSet {
             key: arg(1),
             pairs: vec![(arg(2), arg(3))],
@@ -311,14 +332,14 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
         "hmget" => wrong_args("hmget"),
         "hgetall" | "hkeys" | "hvals" | "hlen" if argc == 2 => run(Op::HRead {
             key: arg(1),
-            what: match name.as_str() {
+            what: match name {
                 "hgetall" => HRead::All,
                 "hkeys" => HRead::Keys,
                 "hvals" => HRead::Values,
                 _ => HRead::Len,
             },
         }),
-        "hgetall" | "hkeys" | "hvals" | "hlen" => wrong_args(&name),
+        "hgetall" | "hkeys" | "hvals" | "hlen" => wrong_args(name),
         "hexists" if argc == 3 => run(Op::HRead {
             key: arg(1),
             what: HRead::Exists(arg(2)),

@@ -369,7 +369,30 @@ impl Script {
     /// The reply once the reads ran, or (`Err`) the writes still to make and the reply once
     /// they succeed.
     fn after_reads(&self, now_ms: u64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
-        let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        match &self.op {
+            Op::Get(_)
+            | Op::MGet(_)
+            | Op::Exists(_)
+            | Op::Type(_)
+            | Op::Del(_)
+            | Op::GetDel(_)
+            | Op::GetEx { .. }
+            | Op::Incr { .. } => self.string_after_reads(),
+            Op::Set { .. } => self.set_after_read(),
+            Op::Ttl { .. } | Op::Expire { .. } | Op::Persist(_) => {
+                self.expiry_after_read(i64::try_from(now_ms).unwrap_or(i64::MAX))
+            }
+            Op::HSet { .. }
+            | Op::HGet { .. }
+            | Op::HRead { .. }
+            | Op::HDel { .. }
+            | Op::HIncrBy { .. } => self.hash_after_read(),
+            Op::MSet(_) => unreachable!("MSET writes without reading"),
+        }
+    }
+
+    /// [`Script::after_reads`] of the string commands other than SET.
+    fn string_after_reads(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
         let first = self.first();
         match &self.op {
             Op::Get(_) => Ok(string_or_nil(or_reply!(first.string()))),
@@ -391,17 +414,46 @@ impl Script {
                 Found::Str(..) => b"string",
                 Found::Hash(..) => b"hash",
             }))),
-            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first.expires() {
-                None => -2,
-                Some(None) => -1,
-                Some(Some(at)) => {
-                    let left = i64::try_from(at)
-                        .unwrap_or(i64::MAX)
-                        .saturating_sub(now)
-                        .max(0);
-                    if *ms { left } else { (left + 500) / 1000 }
-                }
-            })),
+            Op::Del(keys) => Err((
+                keys.iter().cloned().map(delete).collect(),
+                RespValue::Integer(count(&self.found)),
+            )),
+            Op::GetDel(key) => match or_reply!(first.string()) {
+                None => Ok(RespValue::Null),
+                Some(value) => Err((vec![delete(key.clone())], RespValue::Bulk(value))),
+            },
+            Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
+                (Some(value), Some(e)) => Err((
+                    vec![put(key.clone(), value.clone(), Some(*e))],
+                    RespValue::Bulk(value),
+                )),
+                (value, _) => Ok(string_or_nil(value)),
+            },
+            Op::Incr { key, by } => {
+                let current = match or_reply!(first.string()) {
+                    None => 0,
+                    Some(v) => match integer(Some(&v)) {
+                        Some(n) => n,
+                        None => return Ok(err("ERR value is not an integer or out of range")),
+                    },
+                };
+                let Some(next) = current.checked_add(*by) else {
+                    return Ok(err("ERR increment or decrement would overflow"));
+                };
+                let value = Bytes::from(next.to_string());
+                Err((
+                    vec![put(key.clone(), value, keep(first))],
+                    RespValue::Integer(next),
+                ))
+            }
+            _ => unreachable!("a string command"),
+        }
+    }
+
+    /// [`Script::after_reads`] of SET and its variants.
+    fn set_after_read(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+        let first = self.first();
+        match &self.op {
             Op::Set {
                 key,
                 value,
@@ -440,21 +492,25 @@ impl Script {
                     then,
                 ))
             }
-            Op::Del(keys) => Err((
-                keys.iter().cloned().map(delete).collect(),
-                RespValue::Integer(count(&self.found)),
-            )),
-            Op::GetDel(key) => match or_reply!(first.string()) {
-                None => Ok(RespValue::Null),
-                Some(value) => Err((vec![delete(key.clone())], RespValue::Bulk(value))),
-            },
-            Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
-                (Some(value), Some(e)) => Err((
-                    vec![put(key.clone(), value.clone(), Some(*e))],
-                    RespValue::Bulk(value),
-                )),
-                (value, _) => Ok(string_or_nil(value)),
-            },
+            _ => unreachable!("a SET"),
+        }
+    }
+
+    /// [`Script::after_reads`] of the expiry commands, at `now` (Unix ms).
+    fn expiry_after_read(&self, now: i64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+        let first = self.first();
+        match &self.op {
+            Op::Ttl { ms, .. } => Ok(RespValue::Integer(match first.expires() {
+                None => -2,
+                Some(None) => -1,
+                Some(Some(at)) => {
+                    let left = i64::try_from(at)
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(now)
+                        .max(0);
+                    if *ms { left } else { (left + 500) / 1000 }
+                }
+            })),
             Op::Expire { key, when, cond } => {
                 let Some(current) = first.expires() else {
                     return Ok(RespValue::Integer(0));
@@ -492,23 +548,14 @@ impl Script {
                 )),
                 _ => Ok(RespValue::Integer(0)),
             },
-            Op::Incr { key, by } => {
-                let current = match or_reply!(first.string()) {
-                    None => 0,
-                    Some(v) => match integer(Some(&v)) {
-                        Some(n) => n,
-                        None => return Ok(err("ERR value is not an integer or out of range")),
-                    },
-                };
-                let Some(next) = current.checked_add(*by) else {
-                    return Ok(err("ERR increment or decrement would overflow"));
-                };
-                let value = Bytes::from(next.to_string());
-                Err((
-                    vec![put(key.clone(), value, keep(first))],
-                    RespValue::Integer(next),
-                ))
-            }
+            _ => unreachable!("an expiry command"),
+        }
+    }
+
+    /// [`Script::after_reads`] of the hash commands.
+    fn hash_after_read(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+        let first = self.first();
+        match &self.op {
             Op::HSet { key, pairs, reply } => {
                 let fields = or_reply!(first.hash());
                 if *reply == HSetReply::IfNew
@@ -619,7 +666,7 @@ impl Script {
                     RespValue::Integer(next),
                 ))
             }
-            Op::MSet(_) => unreachable!("MSET writes without reading"),
+            _ => unreachable!("a hash command"),
         }
     }
 }
