@@ -57,7 +57,9 @@ impl One {
                 Output::Reply { req, message } => {
                     self.replies.insert(req, message);
                 }
-                Output::Send { to, .. } => panic!("a one-node cluster sent to {to}"),
+                Output::Send { to, .. } | Output::Answer { to, .. } => {
+                    panic!("a one-node cluster sent to {to}")
+                }
                 Output::RenewEpochs => {}
                 Output::PersistFloor { floor } => self.core.handle_floor_persisted(floor),
                 other => panic!("a one-node cluster with a fixed ring moved data: {other:?}"),

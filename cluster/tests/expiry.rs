@@ -141,7 +141,9 @@ impl Net {
                     let now = self.clock(n);
                     outputs.extend(self.cores[n].handle_stored(now, id, result));
                 }
-                Output::Send { to, msg } => self.queue.push((n, to.0 as usize - 1, msg)),
+                Output::Send { to, msg } | Output::Answer { to, msg } => {
+                    self.queue.push((n, to.0 as usize - 1, msg))
+                }
                 Output::Reply { req, message } => {
                     self.replies.insert((n, req), message);
                 }

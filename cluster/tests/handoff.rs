@@ -75,7 +75,7 @@ impl Node {
                     let result = common::carry_out(&self.store, key, op);
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
-                Output::Send { to, msg } => self.sent.push((to, msg)),
+                Output::Send { to, msg } | Output::Answer { to, msg } => self.sent.push((to, msg)),
                 Output::Scan {
                     id,
                     partition,

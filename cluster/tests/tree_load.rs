@@ -207,7 +207,7 @@ fn sent(outputs: &[Output]) -> Vec<&PeerMsg> {
     outputs
         .iter()
         .filter_map(|o| match o {
-            Output::Send { msg, .. } => Some(msg),
+            Output::Send { msg, .. } | Output::Answer { msg, .. } => Some(msg),
             _ => None,
         })
         .collect()

@@ -159,7 +159,7 @@ impl Shard {
                     // The request task may be gone (its deadline passed first): nothing to do.
                     self.clients.answer(req, message);
                 }
-                Output::Send { msg, .. } if msg.is_answer() => {
+                Output::Answer { msg, .. } => {
                     let (id, message) = peer::to_wire(msg);
                     self.inbound.answer(id, message);
                 }

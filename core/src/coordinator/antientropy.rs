@@ -414,7 +414,7 @@ impl View<'_> {
 
 /// A refusal of an exchange or reap message.
 fn refuse(o: &mut Outbox<'_>, to: NodeId, id: u64, message: String) {
-    o.send(
+    o.answer(
         to,
         PeerMsg::Failed {
             id,
@@ -946,7 +946,7 @@ impl AntiEntropy {
                     .into_iter()
                     .map(|i| i as u32)
                     .collect();
-                o.send(from, PeerMsg::AeLevelOk { id, differing });
+                o.answer(from, PeerMsg::AeLevelOk { id, differing });
                 None
             }
             PeerMsg::AeLevelOk { id, differing } => {
@@ -1016,7 +1016,7 @@ impl AntiEntropy {
                     })
                     .map(|k| (k.bucket, k.key))
                     .collect();
-                o.send(from, PeerMsg::AeReapOk { id, held });
+                o.answer(from, PeerMsg::AeReapOk { id, held });
                 None
             }
             PeerMsg::AeReapOk { id, held } => {
@@ -1035,7 +1035,7 @@ impl AntiEntropy {
                     no_tree(o, from, id, (partition, n));
                     return None;
                 }
-                o.send(from, PeerMsg::AeDropOk { id });
+                o.answer(from, PeerMsg::AeDropOk { id });
                 Some(AeEffect::Drop { partition, keys })
             }
             // Drops are not awaited: the removals are checked under each key's lock.
@@ -1179,7 +1179,7 @@ impl AntiEntropy {
             .map(|(k, _)| k.clone())
             .take(max)
             .collect();
-        o.send(from, PeerMsg::AeKeysOk { id, want });
+        o.answer(from, PeerMsg::AeKeysOk { id, want });
         for (bucket, key) in send {
             let key = StoreKey {
                 partition: tree_id.0,

@@ -48,9 +48,16 @@ impl Outbox<'_> {
         id
     }
 
-    /// Sends `msg` to `to`; nothing waits for an answer.
+    /// Sends request `msg` to `to`; nothing waits for its answer.
     pub(super) fn send(&mut self, to: NodeId, msg: PeerMsg) {
+        debug_assert!(!msg.is_answer(), "a request, not an answer: {msg:?}");
         self.out.push(Output::Send { to, msg });
+    }
+
+    /// Answers request `msg.id()` of `to` with `msg`.
+    pub(super) fn answer(&mut self, to: NodeId, msg: PeerMsg) {
+        debug_assert!(msg.is_answer(), "an answer, not a request: {msg:?}");
+        self.out.push(Output::Answer { to, msg });
     }
 
     /// Sends a request to `to` under a fresh id, remembering what its answer is for

@@ -476,7 +476,7 @@ impl Core {
             granted = 1;
         }
         self.stats.credits_granted += u64::from(granted);
-        self.out.push(Output::Send {
+        self.out.push(Output::Answer {
             to: from,
             msg: PeerMsg::HintCreditOk { id, granted },
         });

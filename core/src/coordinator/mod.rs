@@ -512,6 +512,15 @@ pub enum Output {
         /// The message.
         msg: PeerMsg,
     },
+    /// Answer request `msg.id()` of node `to` with `msg`, on the connection the request came
+    /// on. Apart from [`Output::Send`], whose requests go on this node's own link to the peer
+    /// and are timed out by the core: an answer goes back where its request came from.
+    Answer {
+        /// The node that asked.
+        to: NodeId,
+        /// The answer (one that [`PeerMsg::is_answer`]).
+        msg: PeerMsg,
+    },
     /// Run a storage operation and report it with [`Core::handle_stored`] and the same `id`.
     Store {
         /// Operation id.
@@ -1001,7 +1010,7 @@ impl Core {
     fn answer(&mut self, to: ReplyTo, message: Message) {
         match to {
             ReplyTo::Client(req) => self.out.push(Output::Reply { req, message }),
-            ReplyTo::Peer(node, id) => self.out.push(Output::Send {
+            ReplyTo::Peer(node, id) => self.out.push(Output::Answer {
                 to: node,
                 msg: PeerMsg::ForwardReply { id, reply: message },
             }),
@@ -1016,18 +1025,18 @@ impl Core {
     fn replica_done(&mut self, now: u64, to: ReplyTo, outcome: Result<SlotResult, ErrorBody>) {
         match (to, outcome) {
             (ReplyTo::Peer(node, id), Ok(SlotResult::Written { durable })) => {
-                self.out.push(Output::Send {
+                self.out.push(Output::Answer {
                     to: node,
                     msg: PeerMsg::ReplicaPutOk { id, durable },
                 })
             }
             (ReplyTo::Peer(node, id), Ok(SlotResult::Read(object))) => {
-                self.out.push(Output::Send {
+                self.out.push(Output::Answer {
                     to: node,
                     msg: PeerMsg::ReplicaGetOk { id, object },
                 })
             }
-            (ReplyTo::Peer(node, id), Err(error)) => self.out.push(Output::Send {
+            (ReplyTo::Peer(node, id), Err(error)) => self.out.push(Output::Answer {
                 to: node,
                 msg: PeerMsg::Failed { id, error },
             }),
@@ -2039,7 +2048,7 @@ impl Core {
                 }
                 None => {}
             },
-            PeerMsg::Ping { id } => self.out.push(Output::Send {
+            PeerMsg::Ping { id } => self.out.push(Output::Answer {
                 to: from,
                 msg: PeerMsg::Pong { id },
             }),

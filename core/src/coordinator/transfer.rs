@@ -904,7 +904,7 @@ impl Core {
                         error: ErrorBody::new(ErrorCode::Internal, e),
                     },
                 };
-                self.out.push(Output::Send { to, msg });
+                self.out.push(Output::Answer { to, msg });
             }
             Some(Pending::HandoffScan { partition }) => {
                 let busy = self.writing_in(partition);

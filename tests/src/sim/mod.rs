@@ -1113,8 +1113,17 @@ impl Sim {
             if self.verbose {
                 println!("{:>6} node-{} {out:?}", self.now, n + 1);
             }
+            let answer = matches!(out, Output::Answer { .. });
             match out {
-                Output::Send { to, msg } => {
+                Output::Send { to, msg } | Output::Answer { to, msg } => {
+                    // Requests and answers travel alike here; the node's shell sends an answer
+                    // on the connection its request came on, so the core must tell them apart.
+                    assert!(
+                        msg.is_answer() == answer,
+                        "node-{}: {msg:?} output as {}",
+                        n + 1,
+                        if answer { "an answer" } else { "a request" }
+                    );
                     let to = node_index(to);
                     self.mix(0x2000 + to as u64);
                     self.send(n, to, SimMsg::Core(msg));
