@@ -356,7 +356,7 @@ pub struct Sim {
     island: BTreeSet<usize>,
     faults: bool,
     /// Answers owed: (answering node, requester, request id) → requester's incarnation.
-    owed: BTreeMap<(usize, usize, u64), u32>,
+    owed: BTreeMap<(usize, usize, network::MsgId), u32>,
     /// Client requests in flight: (node, req) → client.
     requests: BTreeMap<(usize, u64), usize>,
     next_req: u64,

@@ -27,13 +27,22 @@ impl SimMsg {
         matches!(self, SimMsg::Core(m) if m.is_heartbeat())
     }
 
-    /// The id a request and its answer share, apart for the two kinds.
-    pub(super) fn id(&self) -> u64 {
+    /// The id a request and its answer share, tagged with its kind: the core and membership
+    /// count their ids apart, so the same number can name one request of each.
+    pub(super) fn id(&self) -> MsgId {
         match self {
-            SimMsg::Core(m) => m.id(),
-            SimMsg::Member(m) => m.id() | 1 << 63,
+            SimMsg::Core(m) => MsgId::Core(m.id()),
+            SimMsg::Member(m) => MsgId::Member(m.id()),
         }
     }
+}
+
+/// A request's id as the simulator books it (answers owed): the sender's own id, with whose it
+/// is. Messages are delivered as typed values, so this only keys the simulator's bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum MsgId {
+    Core(u64),
+    Member(u64),
 }
 
 #[derive(Clone, Debug)]
