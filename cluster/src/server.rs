@@ -68,8 +68,10 @@
 //! greeted with HELLO (role peer, `<id>@<name>`), fed by a bounded queue (a full queue drops the
 //! message; the core times it out). A failed connect or a lost connection is reported to the core
 //! (`handle_unreachable`), and the next connect waits a backoff that doubles from
-//! [`PEER_BACKOFF_MIN_MS`] to [`PEER_BACKOFF_MAX_MS`]. Answers on an outbound connection go to the
-//! core of the shard that owns it, which sent the request. A request arriving on an inbound peer
+//! [`PEER_BACKOFF_MIN_MS`] to [`PEER_BACKOFF_MAX_MS`]. A link gives every request it carries a
+//! wire id of its own and remembers whose request it is (the core's, or on shard 0
+//! membership's), so an answer on an outbound connection goes back to whoever sent the request
+//! ([`links`]). A request arriving on an inbound peer
 //! connection goes to the shard owning its partition (over the mesh when that is another shard),
 //! whose core executes it; the answer returns on the same connection with the same request id.
 //!
@@ -110,7 +112,7 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
 use ringkv_engine::Engine;
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
-use ringkv_net::{Admin, ErrorBody, ErrorCode, Frame, Limits, Message};
+use ringkv_net::{Admin, ErrorBody, ErrorCode, Limits, Message};
 
 use ringkv_core::admission::AdmissionController;
 use ringkv_core::coordinator::Core;
@@ -172,7 +174,9 @@ pub const PEER_BACKOFF_MIN_MS: u64 = 50;
 pub const PEER_BACKOFF_MAX_MS: u64 = 250;
 /// Most 1 ms waits at shutdown for request tasks to let go of the shard.
 const STOP_POLLS_MAX: usize = 1000;
-/// Request id of the HELLO on an outbound peer connection; the core's ids count up from 1.
+/// Request id of the HELLO on an outbound peer connection. The HELLO is answered before any
+/// request is written, so the id only has to differ from nothing; a link's request ids count up
+/// from 1 and never reach it anyway.
 const PEER_HELLO_ID: u64 = u64::MAX;
 
 /// What a node runs with: its resolved settings, and what the caller resolved from them for
@@ -272,25 +276,78 @@ struct ShardReply {
     message: Message,
 }
 
-/// Tasks of a shard waiting for one answer each, by an id this table hands out: the one
-/// correlation mechanism of the shell. A shard keeps three: client requests waiting for the
-/// core's reply (`Output::Reply`), peer and membership requests waiting for an answer
-/// (`Output::Send` of an answer), and requests sent to another shard waiting for its reply over
-/// the mesh; shard 0 keeps a fourth for operator commands waiting for membership's answer. The ids of outbound peer requests are the core's own (the core matches their
-/// answers), so they need no table here.
+/// Values kept under ids this table hands out, until their answer takes them: the one
+/// correlation mechanism of the shell. A shard keeps one per kind of thing waiting:
+///
+/// - through [`Waiters`], tasks waiting for one answer each: client requests waiting for the
+///   core's reply (`Output::Reply`), peer and membership requests waiting for an answer
+///   (`Output::Send` of an answer), requests sent to another shard waiting for its reply over
+///   the mesh, and on shard 0 operator commands waiting for membership's answer;
+/// - per outbound peer link, the owner of every request queued or sent on it (`links`): its
+///   ids are the wire ids of the link's requests, so the core's and membership's requests
+///   share the link without sharing an id space, and each answer goes back to its owner under
+///   the owner's own id.
+///
+/// Ids count up from 1 in the order they are handed out, so 0 is never a live id and a
+/// table's live ids are ordered by age.
+struct Pending<V> {
+    next: Cell<u64>,
+    entries: RefCell<HashMap<u64, V>>,
+}
+
+impl<V> Default for Pending<V> {
+    fn default() -> Self {
+        Pending {
+            next: Cell::new(1),
+            entries: RefCell::new(HashMap::new()),
+        }
+    }
+}
+
+impl<V> Pending<V> {
+    /// Keeps `value` under a new id, which it returns.
+    fn insert(&self, value: V) -> u64 {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let previous = self.entries.borrow_mut().insert(id, value);
+        assert!(previous.is_none(), "id {id} handed out twice");
+        id
+    }
+
+    /// The value kept under `id`, which the table forgets; `None` if it is not kept (never
+    /// handed out, taken already, or forgotten).
+    fn take(&self, id: u64) -> Option<V> {
+        self.entries.borrow_mut().remove(&id)
+    }
+
+    /// Keeps only the entries for which `keep` holds.
+    fn retain(&self, mut keep: impl FnMut(u64) -> bool) {
+        self.entries.borrow_mut().retain(|id, _| keep(*id));
+    }
+
+    /// Forgets every entry.
+    fn clear(&self) {
+        self.entries.borrow_mut().clear();
+    }
+
+    /// Entries kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+}
+
+/// Tasks of a shard waiting for one answer each, by an id handed out by a [`Pending`] table.
 ///
 /// An answer whose waiter is gone (its deadline passed, its connection closed) is dropped.
 struct Waiters<T = Message> {
-    next: Cell<u64>,
-    waiting: RefCell<HashMap<u64, LocalSender<T>>>,
+    waiting: Pending<LocalSender<T>>,
 }
 
 impl<T> Default for Waiters<T> {
     fn default() -> Self {
         Waiters {
-            // Ids start at 1, so 0 is never a live id.
-            next: Cell::new(1),
-            waiting: RefCell::new(HashMap::new()),
+            waiting: Pending::default(),
         }
     }
 }
@@ -298,28 +355,25 @@ impl<T> Default for Waiters<T> {
 impl<T> Waiters<T> {
     /// A new id and the receiver its answer arrives on.
     fn register(&self) -> (u64, LocalReceiver<T>) {
-        let id = self.next.get();
-        self.next.set(id + 1);
         let (tx, rx) = local_channel::new_bounded(1);
-        self.waiting.borrow_mut().insert(id, tx);
-        (id, rx)
+        (self.waiting.insert(tx), rx)
     }
 
     /// Hands `message` to the task waiting on `id`, if it still waits.
     fn answer(&self, id: u64, message: T) {
-        if let Some(waiter) = self.waiting.borrow_mut().remove(&id) {
+        if let Some(waiter) = self.waiting.take(id) {
             let _ = waiter.try_send(message);
         }
     }
 
     /// Stops waiting on `id` (its waiter gave up).
     fn forget(&self, id: u64) {
-        self.waiting.borrow_mut().remove(&id);
+        self.waiting.take(id);
     }
 
     /// Fails every waiter: their receivers see the channel closed.
     fn clear(&self) {
-        self.waiting.borrow_mut().clear();
+        self.waiting.clear();
     }
 }
 
@@ -358,8 +412,9 @@ struct Shard {
     /// Peer requests waiting for the core's or membership's answer, by the id given to
     /// `handle_peer` or `handle_msg`.
     inbound: Waiters,
-    /// Outbound queue of each peer node this shard has talked to.
-    links: RefCell<HashMap<NodeId, LocalSender<Frame>>>,
+    /// Outbound link of each peer node this shard has talked to: its queue and the owners of
+    /// its requests.
+    links: RefCell<HashMap<NodeId, links::Link>>,
     /// The node's membership (shard 0 only).
     members: Option<members::Driver>,
     /// Peer address of every other member, from the view in use.

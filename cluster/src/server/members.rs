@@ -14,9 +14,10 @@
 //!   `timeout` when a node it needed (the claimant, the seed) did not answer, so the command may
 //!   or may not have taken effect and may be retried.
 //! - **Messages between nodes** travel in CLUSTER frames without a partition. Requests to a
-//!   member go on shard 0's peer link to it, beside the core's requests; their request ids are
-//!   membership's ids with `links::MEMBERSHIP_ID_BIT` set, so the link's reader tells their answers
-//!   (CLUSTER_OK, or ERROR: `handle_failed`) from the core's. A request to an address whose node
+//!   member go on shard 0's peer link to it, beside the core's requests: the link gives each a
+//!   wire id of its own and remembers it is membership's, under membership's id, so its answer
+//!   (CLUSTER_OK, or ERROR: `handle_failed`) comes back here (`links`, *Correlation*). A request
+//!   to an address whose node
 //!   is not known yet (a join's seed, [`MembershipOutput::SendAddr`]) goes on a connection of its
 //!   own: connect, HELLO, one request, one answer, close, all within `replica_timeout_ms`;
 //!   a failure at any step is `handle_failed`. A request from another node arrives on the peer
@@ -68,7 +69,7 @@ use ringkv_core::membership::{
 };
 
 use super::driver::run_periodic;
-use super::links::{MEMBERSHIP_ID_BIT, connect_peer, request_once};
+use super::links::{Owner, connect_peer, request_once};
 use super::stop::StopToken;
 use super::stop::unless;
 use super::view::{Control, ShardView};
@@ -334,14 +335,13 @@ impl Shard {
         )
     }
 
-    /// An answer on the link to `node` to one of membership's requests.
-    pub(super) fn membership_answer(self: &Rc<Self>, node: NodeId, frame: Frame) {
+    /// `message` answered membership's request `id` on the link to `node`.
+    pub(super) fn membership_answer(self: &Rc<Self>, node: NodeId, id: u64, message: Message) {
         let Some(driver) = self.driver() else {
             return;
         };
-        let id = frame.request_id & !MEMBERSHIP_ID_BIT;
         let now = self.clock.now_ms();
-        let outputs = match frame.message {
+        let outputs = match message {
             Message::ClusterOk(ok) => match MembershipMsg::decode(id, ok.sub, true, &ok.payload) {
                 Ok(Some(msg)) => driver
                     .membership
@@ -418,15 +418,12 @@ impl Shard {
                 }
                 MembershipOutput::Send { to, msg } => {
                     let (sub, payload) = msg.encode();
-                    let frame = Frame {
-                        request_id: msg.id() | MEMBERSHIP_ID_BIT,
-                        message: Message::Cluster(Cluster {
-                            sub,
-                            partition: None,
-                            payload,
-                        }),
-                    };
-                    self.send_frame(to, frame);
+                    let message = Message::Cluster(Cluster {
+                        sub,
+                        partition: None,
+                        payload,
+                    });
+                    self.send_request(to, Owner::Membership(msg.id()), message);
                 }
                 MembershipOutput::SendAddr { addr, msg } => self.send_once(addr, msg),
                 MembershipOutput::AdminReply { req, result } => {
@@ -561,8 +558,9 @@ async fn one_request(
     let mut stream = connect_peer(target, hello, limits).await?;
     let id = msg.id();
     let (sub, payload) = msg.encode();
+    // The connection carries this request alone, so membership's own id serves on the wire.
     let frame = Frame {
-        request_id: id | MEMBERSHIP_ID_BIT,
+        request_id: id,
         message: Message::Cluster(Cluster {
             sub,
             partition: None,
