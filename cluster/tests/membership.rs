@@ -871,13 +871,15 @@ fn own_id(node: &ClusterNode) -> u32 {
 #[test]
 fn a_node_that_lost_its_data_cannot_return_under_its_id() {
     let mut nodes = three_seeded("wiped-node");
-    // Every node has heard every other's entry (with its incarnation) once node-3 is known up.
+    // Node-1 holds node-3's own entry, with its incarnation, once it shows node-3's client
+    // address: the seeds bootstrap the others' entries without one. Node-3 is up too.
+    let client = nodes[2].addr.clone();
     wait_for("node-3 known everywhere", POLLS, POLL_MS, || {
         let status = nodes[0]
             .admin("cluster-status", "")
             .map_err(|e| e.to_string())?;
         match member_line(&status, 3) {
-            Some(line) if line.iter().any(|w| w == "up") => Ok(()),
+            Some(line) if line.contains(&client) && line.iter().any(|w| w == "up") => Ok(()),
             _ => Err(status),
         }
     });

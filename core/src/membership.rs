@@ -73,6 +73,7 @@ use ringkv_net::wire::{LenWidth, Reader, Writer};
 use ringkv_net::{BodyError, limits::NAME_BYTES_MAX};
 
 use crate::NodeId;
+use crate::coordinator::Core;
 use crate::ring::{MEMBERS_MAX, PARTITION_COUNT_MAX, PartitionCount, PartitionId, Ring, RingError};
 
 mod sizes;
@@ -503,6 +504,45 @@ pub enum AdminError {
     Unreachable(String),
 }
 
+/// Whether a member is reachable, as the node's failure detector sees it: the coordinator's
+/// liveness ([`Core::suspects`]) on the shard that runs membership, the view that decides
+/// where requests go. Membership keeps no view of its own, so `cluster status` cannot say a
+/// node is up while requests route around it. Each shard's coordinator judges alone; status
+/// shows the first shard's judgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Believed reachable: heard from recently enough, and no request to it failed lately.
+    Up,
+    /// Suspected: silent for too long (φ above the threshold), or a request to it failed or
+    /// its connection was lost within the coordinator's `down_ms`.
+    Suspected,
+    /// Not in the ring in force, so not watched (no heartbeats): a joining member, or one
+    /// waiting for the ring that takes it in.
+    Unwatched,
+}
+
+impl Reach {
+    /// What `core` believes of `node` at `now`.
+    pub fn of(core: &Core, node: NodeId, now: u64) -> Reach {
+        if core.suspects(node, now) {
+            Reach::Suspected
+        } else if core.ring().members().contains(&node) {
+            Reach::Up
+        } else {
+            Reach::Unwatched
+        }
+    }
+
+    /// The word `cluster status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reach::Up => "up",
+            Reach::Suspected => "suspected",
+            Reach::Unwatched => "unwatched",
+        }
+    }
+}
+
 /// Membership failures.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MembershipError {
@@ -788,8 +828,6 @@ pub struct Membership {
     next_id: u64,
     next_gossip: u64,
     outstanding: BTreeMap<u64, Outstanding>,
-    /// When each peer was last heard from (any membership message).
-    heard: BTreeMap<NodeId, u64>,
     /// A live member answered a gossip that carried this node out of the cluster.
     out_known: bool,
     /// The cluster knows this node's id from another incarnation, and this node is fresh: it
@@ -822,7 +860,6 @@ impl Membership {
             next_id: 1,
             next_gossip: 0,
             outstanding: BTreeMap::new(),
-            heard: BTreeMap::new(),
             out_known: false,
             identity_taken: false,
             auto_join,
@@ -1162,15 +1199,14 @@ impl Membership {
     }
 
     /// A message from another node (`from` is `None` when the sender is not known by id yet).
+    /// It takes the time like every entry point, though no message needs it: when a peer was
+    /// last heard from is the failure detector's business ([`Reach`]), not membership's.
     pub fn handle_msg(
         &mut self,
-        now: u64,
+        _now: u64,
         from: Option<NodeId>,
         msg: MembershipMsg,
     ) -> Vec<MembershipOutput> {
-        if let Some(from) = from {
-            self.heard.insert(from, now);
-        }
         match msg {
             MembershipMsg::Gossip { id, state } => {
                 self.merge(&state);
@@ -1450,7 +1486,15 @@ impl Membership {
     }
 
     /// An operator command; the answer comes as [`MembershipOutput::AdminReply`] with `req`.
-    pub fn admin(&mut self, now: u64, req: u64, cmd: AdminCmd) -> Vec<MembershipOutput> {
+    /// `reach` is the node's failure detector's view of a member, which `status` shows
+    /// ([`Reach`]); the other commands do not look at it.
+    pub fn admin(
+        &mut self,
+        now: u64,
+        req: u64,
+        cmd: AdminCmd,
+        reach: &dyn Fn(NodeId) -> Reach,
+    ) -> Vec<MembershipOutput> {
         let result = match cmd {
             AdminCmd::Join { seed } => {
                 if self.state.members.len() > 1 {
@@ -1486,7 +1530,7 @@ impl Membership {
                 }
                 None => Err("no valid member to act as claimant".into()),
             },
-            AdminCmd::Status => Ok(self.status_text(now)),
+            AdminCmd::Status => Ok(self.status_text(reach)),
         };
         self.out.push(MembershipOutput::AdminReply {
             req,
@@ -1692,8 +1736,9 @@ impl Membership {
         s
     }
 
-    /// What `cluster status` prints.
-    pub fn status_text(&self, now: u64) -> String {
+    /// What `cluster status` prints; `reach` gives the reachability column (module docs of
+    /// [`Reach`]).
+    pub fn status_text(&self, reach: &dyn Fn(NodeId) -> Reach) -> String {
         let mut s = String::new();
         let q = f64::from(self.state.ring.partition_count().get());
         let own = self.state.ring.ownership_counts();
@@ -1721,17 +1766,11 @@ impl Membership {
                 )
             });
             let reach = if m.id == self.cfg.node {
-                "self".to_string()
+                "self"
             } else if m.status == Status::Removed {
-                "-".to_string()
+                "-"
             } else {
-                match self.heard.get(&m.id) {
-                    Some(t) if now.saturating_sub(*t) <= 3 * self.cfg.gossip_ms => {
-                        format!("up (heard {} ms ago)", now.saturating_sub(*t))
-                    }
-                    Some(t) => format!("unreachable (silent {} ms)", now.saturating_sub(*t)),
-                    None => "unknown (not heard yet)".to_string(),
-                }
+                reach(m.id).name()
             };
             let _ = writeln!(
                 s,
@@ -1794,6 +1833,12 @@ mod tests {
 
     use super::*;
     use crate::fuzz::{apply, damage};
+
+    /// The failure detector of these tests: every member up (membership does not look at it
+    /// but for `status`).
+    fn up(_: NodeId) -> Reach {
+        Reach::Up
+    }
 
     /// Where the node keeps hints in its engine: no ring partition.
     const HINT_PARTITION: u32 = 1 << 31;
@@ -1879,8 +1924,8 @@ mod tests {
     fn merge_commutes_and_is_idempotent() {
         let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
         let mut b = Membership::bootstrap(cfg(2), &seeds(&[1, 2, 3])).unwrap();
-        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
-        b.admin(0, 1, AdminCmd::Leave);
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) }, &up);
+        b.admin(0, 1, AdminCmd::Leave, &up);
         let (sa, sb) = (a.state.clone(), b.state.clone());
         let mut ab = sa.clone();
         ab.merge(&sb);
@@ -1898,8 +1943,8 @@ mod tests {
     #[test]
     fn state_round_trips() {
         let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
-        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
-        a.admin(0, 2, AdminCmd::Commit);
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) }, &up);
+        a.admin(0, 2, AdminCmd::Commit, &up);
         a.transfer_done(0, a.state.epoch, 5);
         a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
         let bytes = a.persisted();
@@ -1972,7 +2017,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(1))
             .unwrap()
-            .admin(7_000, 1, AdminCmd::Commit);
+            .admin(7_000, 1, AdminCmd::Commit, &up);
         pump(
             &mut nodes,
             7_000,
@@ -2018,6 +2063,7 @@ mod tests {
             AdminCmd::Join {
                 seed: "127.0.0.1:7001".into(),
             },
+            &up,
         );
         let join = out
             .into_iter()
@@ -2105,6 +2151,7 @@ mod tests {
             AdminCmd::Join {
                 seed: "127.0.0.1:7002".into(),
             },
+            &up,
         );
         pump(
             &mut nodes,
@@ -2117,7 +2164,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(3))
             .unwrap()
-            .admin(20_000, 2, AdminCmd::Commit);
+            .admin(20_000, 2, AdminCmd::Commit, &up);
         pump(
             &mut nodes,
             20_000,
@@ -2131,7 +2178,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(1))
             .unwrap()
-            .admin(22_000, 3, AdminCmd::Commit);
+            .admin(22_000, 3, AdminCmd::Commit, &up);
         assert!(matches!(
             &out[..],
             [MembershipOutput::AdminReply { result: Err(_), .. }]
@@ -2153,7 +2200,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(2))
             .unwrap()
-            .admin(40_000, 4, AdminCmd::Leave);
+            .admin(40_000, 4, AdminCmd::Leave, &up);
         pump(
             &mut nodes,
             40_000,
@@ -2163,7 +2210,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(1))
             .unwrap()
-            .admin(50_000, 5, AdminCmd::Commit);
+            .admin(50_000, 5, AdminCmd::Commit, &up);
         pump(
             &mut nodes,
             50_000,
@@ -2208,7 +2255,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(1))
             .unwrap()
-            .admin(1_000, 1, AdminCmd::Leave);
+            .admin(1_000, 1, AdminCmd::Leave, &up);
         pump(
             &mut nodes,
             1_000,
@@ -2217,7 +2264,7 @@ mod tests {
         let out = nodes
             .get_mut(&NodeId(1))
             .unwrap()
-            .admin(2_000, 2, AdminCmd::Commit);
+            .admin(2_000, 2, AdminCmd::Commit, &up);
         pump(
             &mut nodes,
             2_000,
@@ -2253,6 +2300,33 @@ mod tests {
     }
 
     /// Nodes 1 to `count` in a cluster, and node `count + 1` joined to it (not committed).
+    /// `status` shows the reachability the failure detector gives for every other member
+    /// that is not removed, and nothing of its own: the node itself is `self` whatever the
+    /// detector says.
+    #[test]
+    fn status_shows_the_failure_detectors_view() {
+        let mut nodes = members_and_a_joiner(3);
+        let detector = |n: NodeId| match n.0 {
+            1 => Reach::Suspected,
+            2 => Reach::Up,
+            3 => Reach::Suspected,
+            _ => Reach::Unwatched,
+        };
+        let out = nodes
+            .get_mut(&NodeId(3))
+            .unwrap()
+            .admin(30_000, 9, AdminCmd::Status, &detector);
+        let [MembershipOutput::AdminReply { result, .. }] = out.as_slice() else {
+            panic!("{out:?}");
+        };
+        let status = result.clone().unwrap();
+        assert!(line(&status, "node ").ends_with("reachability"), "{status}");
+        assert!(line(&status, "node-1 ").ends_with(" suspected"), "{status}");
+        assert!(line(&status, "node-2 ").ends_with(" up"), "{status}");
+        assert!(line(&status, "node-3 ").ends_with(" self"), "{status}");
+        assert!(line(&status, "node-4 ").ends_with(" unwatched"), "{status}");
+    }
+
     fn members_and_a_joiner(count: u32) -> BTreeMap<NodeId, Membership> {
         let ids: Vec<u32> = (1..=count).collect();
         let mut nodes = BTreeMap::new();
@@ -2274,6 +2348,7 @@ mod tests {
             AdminCmd::Join {
                 seed: "127.0.0.1:7001".into(),
             },
+            &up,
         );
         pump(
             &mut nodes,
@@ -2286,7 +2361,10 @@ mod tests {
 
     /// The text of a successful admin command on `node`.
     fn admin_text(nodes: &mut BTreeMap<NodeId, Membership>, node: u32, cmd: AdminCmd) -> String {
-        let out = nodes.get_mut(&NodeId(node)).unwrap().admin(30_000, 9, cmd);
+        let out = nodes
+            .get_mut(&NodeId(node))
+            .unwrap()
+            .admin(30_000, 9, cmd, &up);
         let mut text = None;
         let mut queue = Vec::new();
         for o in out {
@@ -2533,8 +2611,8 @@ mod tests {
     /// sizes: its persisted state and its messages reach every part of the decoders.
     fn busy() -> Membership {
         let mut a = Membership::bootstrap(cfg(1), &seeds(&[1, 2, 3])).unwrap();
-        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) });
-        a.admin(0, 2, AdminCmd::Commit);
+        a.admin(0, 1, AdminCmd::Remove { node: NodeId(3) }, &up);
+        a.admin(0, 2, AdminCmd::Commit, &up);
         a.transfer_done(0, a.state.epoch, 5);
         a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
         a
@@ -2591,7 +2669,7 @@ mod tests {
                     // What a node does with a state file it could read: start from it.
                     let bytes = apply(a.persisted(), &damage);
                     if let Ok(m) = Membership::restore(cfg(1), &bytes) {
-                        let _ = (m.view(), m.status_text(0), m.plan_text());
+                        let _ = (m.view(), m.status_text(&up), m.plan_text());
                     }
                     return Ok(());
                 }
@@ -2600,7 +2678,7 @@ mod tests {
             if let Ok(Some(msg)) = MembershipMsg::decode(1, sub, answer, &apply(bytes, &damage)) {
                 let mut b = busy();
                 let _ = b.handle_msg(0, Some(NodeId(2)), msg);
-                let _ = (b.view(), b.status_text(0), b.plan_text());
+                let _ = (b.view(), b.status_text(&up), b.plan_text());
             }
         }
     }

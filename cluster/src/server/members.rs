@@ -12,7 +12,9 @@
 //!   the [`MembershipOutput::AdminReply`] with its request id: ADMIN_OK with the text, or ERROR
 //!   with the reason: `invalid_request` when the cluster's state refuses the command,
 //!   `timeout` when a node it needed (the claimant, the seed) did not answer, so the command may
-//!   or may not have taken effect and may be retried.
+//!   or may not have taken effect and may be retried. `cluster status` shows each member's
+//!   reachability as this shard's core, the node's failure detector, sees it ([`Reach`]):
+//!   membership keeps no liveness view of its own.
 //! - **Messages between nodes** travel in CLUSTER frames without a partition. Requests to a
 //!   member go on shard 0's peer link to it, beside the core's requests: the link gives each a
 //!   wire id of its own and remembers it is membership's, under membership's id, so its answer
@@ -65,7 +67,7 @@ use ringkv_net::{Admin, AdminOk, Cluster, ClusterOk, ErrorCode, Frame, Message};
 use crate::cluster_state;
 use crate::metrics::{Holding, ShardMetrics};
 use ringkv_core::membership::{
-    AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, View,
+    AdminCmd, AdminError, Membership, MembershipMsg, MembershipOutput, Reach, View,
 };
 
 use super::driver::run_periodic;
@@ -266,10 +268,14 @@ impl Shard {
         }
         let status = cmd == AdminCmd::Status;
         let (req, rx) = driver.admin.register();
-        let outputs = driver
-            .membership
-            .borrow_mut()
-            .admin(self.clock.now_ms(), req, cmd);
+        let now = self.clock.now_ms();
+        let outputs = {
+            // Status shows this shard's core's view of the members: the node's one failure
+            // detector (`Reach`).
+            let core = self.core.borrow();
+            let reach = |node| Reach::of(&core, node, now);
+            driver.membership.borrow_mut().admin(now, req, cmd, &reach)
+        };
         self.membership_outputs(outputs);
         // Membership answers every command, at the latest when its request to a peer times out.
         match rx.recv().await {

@@ -1,7 +1,7 @@
 //! The nemesis: crashes and restarts, and the operator script that changes membership.
 
 use rand::Rng;
-use ringkv_core::membership::{AdminCmd, AdminError};
+use ringkv_core::membership::{AdminCmd, AdminError, Reach};
 
 use super::{Change, Event, Sim};
 
@@ -114,11 +114,14 @@ impl Sim {
         self.next_req += 1;
         self.admin = Some((req, None));
         let now = self.now;
-        let outputs = self.nodes[step.node]
+        let node = &mut self.nodes[step.node];
+        let core = node.core.as_ref();
+        let reach = |m| core.map_or(Reach::Unwatched, |c| Reach::of(c, m, now));
+        let outputs = node
             .membership
             .as_mut()
             .expect("checked above")
-            .admin(now, req, step.cmd);
+            .admin(now, req, step.cmd, &reach);
         self.member_outputs(step.node, outputs);
     }
 
