@@ -2,7 +2,8 @@
 //! detector) and the [`Outbox`] they write to (request ids, the table of outstanding requests,
 //! their timeouts, outputs and counters).
 //!
-//! A sub-machine (anti-entropy in `antientropy.rs`) owns its state and takes these two as
+//! A sub-machine (the hint store in `hints.rs`, anti-entropy in `antientropy.rs`, partition
+//! transfers in `transfer.rs`) owns its state and takes these two as
 //! parameters, so it reaches no field of the core it does not own: what it may read and what it
 //! may emit is in its signatures. The core lends both with disjoint borrows of its own fields
 //! ([`Core::ae_parts`](super::Core)), beside the sub-machine's state. Work that needs the rest

@@ -30,7 +30,7 @@
 //! The holder's own budget, [`CoreConfig::hint_inflight_max`], is scaled by the background share
 //! too (at least one), so a node whose own clients suffer also slows what it sends.
 //!
-//! **Homes that left.** Delivery goes to [`Core::hint_target`]: the home while it is in the ring
+//! **Homes that left.** Delivery goes to `HintStore::target`: the home while it is in the ring
 //! in force or the pending ring, else (it left the cluster) a current replica of the hint's
 //! partition, under the same credit. Hints therefore drain even when their home never returns.
 //!
@@ -42,10 +42,11 @@ use std::collections::BTreeMap;
 
 use ringkv_net::{ErrorBody, ErrorCode, Message};
 
+use super::context::{Outbox, View};
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::object::Object;
-use crate::ring::PartitionId;
+use crate::ring::{PartitionId, Ring};
 
 /// The bytes a hint counts for in the bound: its bucket, key and encoded object.
 pub fn hint_bytes(key: &StoreKey, object_bytes: usize) -> u64 {
@@ -90,9 +91,10 @@ pub struct HintWindow {
 }
 
 /// The hint store of a core: every hint it holds with its state, their bytes against the bound,
-/// the delivery windows to each home, and the share of the background that delivery may use.
-/// The core drives deliveries (it owns the key locks, the messages and the ring); this type
-/// keeps the books, so the bound and the in-flight counts have one owner.
+/// the delivery windows to each home, the share of the background that delivery may use, and
+/// the credit rounds that pace delivery. Like anti-entropy it reads the core through a `View`
+/// and emits through an `Outbox` (`context.rs`); the key locks (writing a hint, removing a
+/// delivered one) stay with the core, which tells this type how they end.
 #[derive(Debug)]
 pub(super) struct HintStore {
     /// Every hint held, by its stored key.
@@ -108,6 +110,8 @@ pub(super) struct HintStore {
     windows: BTreeMap<NodeId, Window>,
     /// The background share from admission control, in `(0, 1]`.
     share: f64,
+    /// When the next credit round is due.
+    next_round: u64,
 }
 
 impl HintStore {
@@ -120,6 +124,7 @@ impl HintStore {
             in_flight_max,
             windows: BTreeMap::new(),
             share: 1.0,
+            next_round: 0,
         }
     }
 
@@ -234,8 +239,176 @@ impl HintStore {
             h.in_flight = true;
         }
     }
+
+    /// When the next credit round is due, if any hint is held.
+    pub(super) fn deadline(&self) -> Option<u64> {
+        (!self.is_empty()).then_some(self.next_round)
+    }
+
+    /// Where `hint` is delivered: its home while the home is in the ring in force or the
+    /// `pending` one; once the home has left the ring (it left, or was removed), the first other
+    /// node of the partition's current preference list, so hints never wait for a node that
+    /// will not come back. One current replica is enough: the write also reached the replicas
+    /// that acknowledged it, and anti-entropy brings it to the others. `None` when no other
+    /// node replicates the partition (the hint then stays).
+    fn target(v: &View<'_>, pending: Option<&Ring>, hint: &StoreKey) -> Option<NodeId> {
+        let home = home_of(hint)?;
+        let in_ring = v.ring.members().contains(&home)
+            || pending.is_some_and(|p| p.members().contains(&home));
+        if in_ring {
+            return Some(home);
+        }
+        v.ring
+            .preference_list(PartitionId(hint.partition), v.cfg.target_n)
+            .into_iter()
+            .find(|n| *n != v.cfg.node)
+    }
+
+    /// Hints ready to be delivered (not in flight, not being written) per delivery target.
+    fn per_target(&self, v: &View<'_>, pending: Option<&Ring>) -> BTreeMap<NodeId, usize> {
+        let mut per = BTreeMap::new();
+        for (k, h) in &self.held {
+            if let Some(to) = Self::target(v, pending, k)
+                && !h.in_flight
+                && !h.writing
+            {
+                *per.entry(to).or_default() += 1;
+            }
+        }
+        per
+    }
+
+    /// Runs a credit round if one is due.
+    pub(super) fn tick(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        pending: Option<&Ring>,
+        now: u64,
+    ) {
+        if !self.is_empty() && now >= self.next_round {
+            self.next_round = now + v.cfg.hint_retry_ms;
+            self.ask_credit(v, o, pending, now);
+        }
+    }
+
+    /// A hint round: asks every reachable delivery target (a home, or the replica standing in
+    /// for a home that left the ring) with hints ready and no open window for credit.
+    fn ask_credit(&mut self, v: &View<'_>, o: &mut Outbox<'_>, pending: Option<&Ring>, now: u64) {
+        for (home, held) in self.per_target(v, pending) {
+            let budget = self.budget().saturating_sub(self.in_flight);
+            if budget == 0 {
+                break;
+            }
+            if !v.live.believed_up(home, now) {
+                continue;
+            }
+            let w = self.windows.entry(home).or_default();
+            if w.asking.is_some() || w.in_flight > 0 {
+                continue;
+            }
+            let wanted = u32::try_from(held.min(budget)).unwrap_or(u32::MAX);
+            let partition = self
+                .keys()
+                .find(|k| Self::target(v, pending, k) == Some(home))
+                .map_or(0, |k| k.partition);
+            o.stats.credit_requests += 1;
+            let timeout = v.cfg.replica_timeout_ms;
+            let id = o.request(now, timeout, home, Pending::Credit { home }, |id| {
+                PeerMsg::HintCredit {
+                    id,
+                    partition,
+                    wanted,
+                }
+            });
+            self.windows.entry(home).or_default().asking = Some(id);
+        }
+    }
+
+    /// The home's answer to credit request `grant` (id, granted), or `None` if it failed or
+    /// timed out: starts at most `granted` deliveries.
+    pub(super) fn credit_answered(
+        &mut self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        pending: Option<&Ring>,
+        home: NodeId,
+        grant: Option<(u64, u32)>,
+    ) {
+        let budget = self.budget().saturating_sub(self.in_flight);
+        let w = self.windows.entry(home).or_default();
+        w.asking = None;
+        let Some((id, granted)) = grant else {
+            return;
+        };
+        assert_eq!(w.in_flight, 0, "credit is asked with no window open");
+        let n = (granted as usize).min(budget);
+        if n == 0 {
+            return;
+        }
+        w.grant = Some((id, granted));
+        let ready: Vec<StoreKey> = self
+            .held
+            .iter()
+            .filter(|(k, h)| {
+                !h.in_flight && !h.writing && Self::target(v, pending, k) == Some(home)
+            })
+            .map(|(k, _)| k.clone())
+            .take(n)
+            .collect();
+        let w = self.windows.get_mut(&home).expect("entered above");
+        if ready.is_empty() {
+            w.grant = None;
+            return;
+        }
+        w.in_flight = ready.len() as u32;
+        for hint in ready {
+            self.start_delivery(&hint);
+            let to_read = Pending::HintRead {
+                hint: hint.clone(),
+                to: home,
+            };
+            o.store(to_read, hint, StoreOp::Read);
+        }
+    }
+
+    /// A holder asks for credit: granted from this core's load (`busy`: its requests and key
+    /// jobs in flight) and background share.
+    pub(super) fn grant_credit(
+        &self,
+        v: &View<'_>,
+        o: &mut Outbox<'_>,
+        (from, id): (NodeId, u64),
+        wanted: u32,
+        busy: usize,
+    ) {
+        let idle = 1.0 - (busy as f64 / v.cfg.hint_busy_ops.max(1) as f64).min(1.0);
+        let cap = wanted.min(v.cfg.hint_credit_max);
+        let mut granted = (f64::from(cap) * self.share * idle) as u32;
+        if granted == 0 && cap > 0 && busy < v.cfg.hint_busy_ops {
+            // Not busy, only throttled: a trickle still drains the hints.
+            granted = 1;
+        }
+        o.stats.credits_granted += u64::from(granted);
+        o.answer(from, PeerMsg::HintCreditOk { id, granted });
+    }
+
+    /// A delivery of `hint` to `to` ended at `now`: acknowledged durably (`delivered`) or not.
+    pub(super) fn delivery_ended(
+        &mut self,
+        now: u64,
+        hint: &StoreKey,
+        to: NodeId,
+        delivered: bool,
+    ) {
+        if self.settled(hint, to, delivered) {
+            // The home kept up: ask again at the next tick rather than a round later.
+            self.next_round = self.next_round.min(now);
+        }
+    }
 }
 
+/// The home node a hint key is held for; `None` for a replica key.
 fn home_of(key: &StoreKey) -> Option<NodeId> {
     match key.space {
         Space::Hint(home) => Some(home),
@@ -341,144 +514,49 @@ impl Core {
         }
     }
 
-    /// Where `hint` is delivered: its home while the home is in the ring in force or the
-    /// pending one; once the home has left the ring (it left, or was removed), the first other
-    /// node of the partition's current preference list, so hints never wait for a node that
-    /// will not come back. One current replica is enough: the write also reached the replicas
-    /// that acknowledged it, and anti-entropy brings it to the others. `None` when no other
-    /// node replicates the partition (the hint then stays).
-    pub(super) fn hint_target(&self, hint: &StoreKey) -> Option<NodeId> {
-        let home = home_of(hint)?;
-        let in_ring = self.ring.members().contains(&home)
-            || self
-                .transfers
-                .pending()
-                .is_some_and(|(_, p)| p.members().contains(&home));
-        if in_ring {
-            return Some(home);
-        }
-        self.ring
-            .preference_list(PartitionId(hint.partition), self.cfg.target_n)
-            .into_iter()
-            .find(|n| *n != self.cfg.node)
-    }
-
-    /// Hints ready to be delivered (not in flight, not being written) per delivery target.
-    fn hints_per_target(&self) -> BTreeMap<NodeId, usize> {
-        let mut per = BTreeMap::new();
-        for (k, h) in &self.hints.held {
-            if let Some(to) = self.hint_target(k)
-                && !h.in_flight
-                && !h.writing
-            {
-                *per.entry(to).or_default() += 1;
-            }
-        }
-        per
+    /// The hint store, with what it reads and writes of the core (`context.rs`) and the
+    /// pending ring.
+    fn hint_parts(&mut self) -> (&mut HintStore, View<'_>, Outbox<'_>, Option<&Ring>) {
+        (
+            &mut self.hints,
+            View {
+                cfg: &self.cfg,
+                ring: &self.ring,
+                walks: &self.walks,
+                live: &self.live,
+            },
+            Outbox {
+                next_id: &mut self.next_id,
+                pending: &mut self.pending,
+                timeouts: &mut self.timeouts,
+                out: &mut self.out,
+                stats: &mut self.stats,
+            },
+            self.transfers.pending().map(|(_, r)| r),
+        )
     }
 
     /// A delivery of `hint` to `to` ended: acknowledged durably (`delivered`) or not.
     pub(super) fn hint_settled(&mut self, now: u64, hint: &StoreKey, to: NodeId, delivered: bool) {
-        if self.hints.settled(hint, to, delivered) {
-            // The home kept up: ask again at the next tick rather than a round later.
-            self.next_hint_round = self.next_hint_round.min(now);
-        }
+        self.hints.delivery_ended(now, hint, to, delivered);
     }
 
-    /// A hint round: asks every reachable delivery target (a home, or the replica standing in
-    /// for a home that left the ring) with hints ready and no open window for credit.
-    pub(super) fn ask_credit(&mut self, now: u64) {
-        for (home, held) in self.hints_per_target() {
-            let budget = self.hints.budget().saturating_sub(self.hints.in_flight);
-            if budget == 0 {
-                break;
-            }
-            if !self.live.believed_up(home, now) {
-                continue;
-            }
-            let w = self.hints.windows.entry(home).or_default();
-            if w.asking.is_some() || w.in_flight > 0 {
-                continue;
-            }
-            let wanted = u32::try_from(held.min(budget)).unwrap_or(u32::MAX);
-            let partition = self
-                .hints
-                .keys()
-                .find(|k| self.hint_target(k) == Some(home))
-                .map_or(0, |k| k.partition);
-            self.stats.credit_requests += 1;
-            let id = self.send_request(now, home, Pending::Credit { home }, |id| {
-                PeerMsg::HintCredit {
-                    id,
-                    partition,
-                    wanted,
-                }
-            });
-            self.hints.windows.entry(home).or_default().asking = Some(id);
-        }
+    /// Runs a credit round if one is due.
+    pub(super) fn hint_tick(&mut self, now: u64) {
+        let (hints, v, mut o, pending) = self.hint_parts();
+        hints.tick(&v, &mut o, pending, now);
     }
 
-    /// The home's answer to credit request `grant` (id, granted), or `None` if it failed or
-    /// timed out: starts at most `granted` deliveries.
+    /// The answer to a credit request to `home` (`None`: it failed or timed out).
     pub(super) fn credit_answered(&mut self, home: NodeId, grant: Option<(u64, u32)>) {
-        let budget = self.hints.budget().saturating_sub(self.hints.in_flight);
-        let w = self.hints.windows.entry(home).or_default();
-        w.asking = None;
-        let Some((id, granted)) = grant else {
-            return;
-        };
-        assert_eq!(w.in_flight, 0, "credit is asked with no window open");
-        let n = (granted as usize).min(budget);
-        if n == 0 {
-            return;
-        }
-        w.grant = Some((id, granted));
-        let ready: Vec<StoreKey> = self
-            .hints
-            .held
-            .iter()
-            .filter(|(k, h)| !h.in_flight && !h.writing && self.hint_target(k) == Some(home))
-            .map(|(k, _)| k.clone())
-            .take(n)
-            .collect();
-        let w = self.hints.windows.get_mut(&home).expect("entered above");
-        if ready.is_empty() {
-            w.grant = None;
-            return;
-        }
-        w.in_flight = ready.len() as u32;
-        for hint in ready {
-            self.hints.start_delivery(&hint);
-            let id = self.id();
-            self.pending.insert(
-                id,
-                Pending::HintRead {
-                    hint: hint.clone(),
-                    to: home,
-                },
-            );
-            self.out.push(Output::Store {
-                id,
-                key: hint,
-                op: StoreOp::Read,
-            });
-        }
+        let (hints, v, mut o, pending) = self.hint_parts();
+        hints.credit_answered(&v, &mut o, pending, home, grant);
     }
 
-    /// A holder asks for credit: granted from this core's load and background share.
+    /// A holder asks for credit.
     pub(super) fn grant_credit(&mut self, from: NodeId, id: u64, wanted: u32) {
         let busy = self.ops.len() + self.jobs.len();
-        let idle = 1.0 - (busy as f64 / self.cfg.hint_busy_ops.max(1) as f64).min(1.0);
-        let cap = wanted.min(self.cfg.hint_credit_max);
-        let mut granted = (f64::from(cap) * self.hints.share * idle) as u32;
-        if granted == 0 && cap > 0 && busy < self.cfg.hint_busy_ops {
-            // Not busy, only throttled: a trickle still drains the hints.
-            granted = 1;
-        }
-        self.stats.credits_granted += u64::from(granted);
-        self.out.push(Output::Answer {
-            to: from,
-            msg: PeerMsg::HintCreditOk { id, granted },
-        });
+        let (hints, v, mut o, _) = self.hint_parts();
+        hints.grant_credit(&v, &mut o, (from, id), wanted, busy);
     }
 }

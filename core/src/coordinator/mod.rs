@@ -821,7 +821,6 @@ pub struct Core {
     job_ops: BTreeMap<u64, u64>,
     live: Liveness,
     hints: HintStore,
-    next_hint_round: u64,
     out: Vec<Output>,
     stats: CoreStats,
     ae: AntiEntropy,
@@ -867,7 +866,6 @@ impl Core {
             live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
             hints: HintStore::new(cfg.hint_bytes_max, cfg.hint_inflight_max),
 
-            next_hint_round: 0,
             out: Vec::new(),
             stats: CoreStats::default(),
             ae: AntiEntropy::new(floor),
@@ -934,7 +932,7 @@ impl Core {
         let mut next = [
             self.timeouts.first().map(|(t, _)| *t),
             self.op_deadlines.first().map(|(t, _)| *t),
-            (!self.hints.is_empty()).then_some(self.next_hint_round),
+            self.hints.deadline(),
             self.ae_deadline(),
             Some(self.live.next_heartbeat()),
             self.transfer_deadline(),
@@ -2197,10 +2195,7 @@ impl Core {
             self.op_deadlines.pop_first();
             self.end_op(now, id, true);
         }
-        if !self.hints.is_empty() && now >= self.next_hint_round {
-            self.next_hint_round = now + self.cfg.hint_retry_ms;
-            self.ask_credit(now);
-        }
+        self.hint_tick(now);
         self.ae_tick(now);
         self.heartbeat(now);
         self.transfer_round(now);
