@@ -22,7 +22,7 @@
 //!   failure detection, which each coordinator keeps per peer.
 //! - [`admission`]: admission control of background work (Dynamo §6.5): the foreground's tail
 //!   latency sets the share background work gets.
-//! - [`request`]: a client's GET, PUT or DELETE parsed once, with its key's partition.
+//! - [`request`]: a client's GET, PUT, DELETE or UPDATE parsed once, with its key's partition.
 //! - [`NodeId`]: the one name a node has in the ring and in causality metadata.
 //!
 //! What it must not own: sockets, files, executors, signals, the engine, configuration files. Its
