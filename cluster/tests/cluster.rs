@@ -582,9 +582,22 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
                 break;
             }
         }
-        // Past every read's deadline before the others wake: their late replies find nothing
-        // to repair.
-        std::thread::sleep(Duration::from_millis(400));
+        // Every read has ended (past its deadline) before the others wake: their late replies
+        // find nothing to repair. Waited for, not assumed from a pause: node 3 publishes its
+        // requests in flight every tick, so two polls a publication apart that both read none
+        // (no new read starts meanwhile) mean every read is over.
+        let mut ended = false;
+        for _ in 0..HANDOFF_POLLS {
+            if nodes[2].metric("ringkv_ops_in_flight") == 0.0 {
+                std::thread::sleep(Duration::from_millis(50));
+                if nodes[2].metric("ringkv_ops_in_flight") == 0.0 {
+                    ended = true;
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+        }
+        assert!(ended, "node 3's reads are still in flight");
         for i in [0, 1, 3] {
             nodes[i].signal("CONT");
         }
