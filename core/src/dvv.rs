@@ -122,6 +122,11 @@ const CONTEXT_ENTRY_BYTES: usize = 4 + 4 + 8;
 pub const CONTEXT_BYTES_MAX: usize =
     CONTEXT_HEADER_BYTES + CONTEXT_ENTRIES_MAX * CONTEXT_ENTRY_BYTES;
 
+/// Largest counter a clock or a context may hold: far above any count a key reaches (a dot per
+/// write), far below where `counter + 1` overflows. Decoded clocks and contexts are refused
+/// above it, so damaged or hostile bytes cannot bring a counter that the next write, or a
+/// merge's arithmetic, would overflow.
+pub const COUNTER_MAX: u64 = 1 << 62;
 const _: () = assert!(CONTEXT_ENTRIES_MAX as u64 <= u32::MAX as u64);
 const _: () = assert!(CONTEXT_BYTES_MAX == 4101);
 
@@ -180,8 +185,10 @@ pub enum ClockError {
         /// Index of the offending entry.
         index: usize,
     },
-    /// A zero counter, or more live values than events.
-    #[error("clock entry {index} has a zero counter or more values than events")]
+    /// A zero counter, one above [`COUNTER_MAX`], or more live values than events.
+    #[error(
+        "clock entry {index} has a zero counter, one above the limit, or more values than events"
+    )]
     BadCounter {
         /// Index of the offending entry.
         index: usize,
@@ -569,7 +576,7 @@ impl<V: Eq> DvvSet<V> {
             {
                 return Err(ClockError::Unordered { index });
             }
-            if counter == 0 || values.len() as u64 > counter {
+            if counter == 0 || counter > COUNTER_MAX || values.len() as u64 > counter {
                 return Err(ClockError::BadCounter { index });
             }
             clock.entries.push(Entry {

@@ -271,7 +271,7 @@ impl ClusterState {
                 field: "status",
                 value: u64::from(s),
             })?;
-            let version = r.u64("member_version")?;
+            let version = counter(r, "member_version")?;
             let incarnation = if format == STATE_FORMAT_NO_INCARNATION {
                 0
             } else {
@@ -289,7 +289,7 @@ impl ClusterState {
                 },
             );
         }
-        let epoch = r.u64("epoch")?;
+        let epoch = counter(r, "epoch")?;
         let author = NodeId(r.u32("author")?);
         let ring = decode_ring(r)?;
         let pending = if r.flag("pending")? {
@@ -301,7 +301,7 @@ impl ClusterState {
         let mut reports = BTreeMap::new();
         for _ in 0..count {
             let id = NodeId(r.u32("report_node")?);
-            let epoch = r.u64("report_epoch")?;
+            let epoch = counter(r, "report_epoch")?;
             let n = bounded(
                 r.u32("report_done")?,
                 PARTITION_COUNT_MAX as usize,
@@ -353,8 +353,22 @@ fn encode_ring(w: &mut Writer<'_, Vec<u8>>, ring: &Ring) {
     }
 }
 
+/// Largest version or epoch a decoded state or message may carry: far above any real count
+/// (each change raises one by one), far below where raising it overflows. Damaged or hostile
+/// bytes with a larger one are refused, not taken in to overflow at the next change.
+const COUNT_MAX: u64 = 1 << 62;
+
+/// Reads a version or an epoch, refusing one above [`COUNT_MAX`].
+fn counter(r: &mut Reader<'_>, field: &'static str) -> Result<u64, BodyError> {
+    let value = r.u64(field)?;
+    if value > COUNT_MAX {
+        return Err(BodyError::BadValue { field, value });
+    }
+    Ok(value)
+}
+
 fn decode_ring(r: &mut Reader<'_>) -> Result<Ring, BodyError> {
-    let version = r.u64("ring_version")?;
+    let version = counter(r, "ring_version")?;
     let count = bounded(r.u32("ring_members")?, MEMBERS_MAX, "ring_members")?;
     let mut members = BTreeSet::new();
     for _ in 0..count {
@@ -732,7 +746,7 @@ impl MembershipMsg {
                     peer_addr: r.string("peer_addr", LenWidth::U8, NAME_BYTES_MAX)?,
                     client_addr: r.string("client_addr", LenWidth::U8, NAME_BYTES_MAX)?,
                     status: Status::Joining,
-                    version: r.u64("member_version")?,
+                    version: counter(&mut r, "member_version")?,
                     incarnation: r.u64("member_incarnation")?,
                 },
             },
@@ -2616,6 +2630,23 @@ mod tests {
         a.transfer_done(0, a.state.epoch, 5);
         a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
         a
+    }
+
+    /// Found by the `membership_decode` fuzz target (`fuzz/`): a JOIN whose member version is
+    /// `u64::MAX` decoded, and handling it overflowed raising the version. Versions and epochs
+    /// above `COUNT_MAX` are refused.
+    #[test]
+    fn a_version_near_overflow_is_refused() {
+        let payload = [
+            0x00, 0x00, 0x56, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0x07, 0x00, 0x04, 0xcc, 0xcc, 0xcc, 0xcc,
+        ];
+        assert!(MembershipMsg::decode(7, sub::JOIN, false, &payload).is_err());
+        let mut state = Membership::bootstrap(cfg(1), &[]).unwrap().state.clone();
+        state.epoch = u64::MAX;
+        let mut bytes = Vec::new();
+        state.encode(&mut Writer::new(&mut bytes));
+        assert!(ClusterState::decode(&mut Reader::new(&bytes)).is_err());
     }
 
     proptest! {

@@ -87,7 +87,7 @@ use ringkv_net::{Condition, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message,
 
 use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
-use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
+use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, COUNTER_MAX, DvvSet, Put, VersionVector};
 use crate::map::{LwwMap, MapChange};
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::request::{KeyBody, KeyOp, KeyRequest};
@@ -2600,9 +2600,6 @@ enum SlotResult {
 
 /// Most jobs sharing one read and one write of a key.
 const BATCH_JOBS_MAX: usize = 64;
-
-/// Largest context counter accepted (module docs: far above any real count, far below overflow).
-const COUNTER_MAX: u64 = 1 << 62;
 
 fn is_hint(key: &StoreKey) -> bool {
     matches!(key.space, Space::Hint(_))
