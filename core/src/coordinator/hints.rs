@@ -471,14 +471,14 @@ impl Core {
     /// Whether storage operation `id` is background work (hint delivery), which the shell may
     /// run in a lower-priority queue.
     pub fn is_background(&self, id: u64) -> bool {
-        matches!(
-            self.pending.get(&id),
-            Some(Pending::HintRead { .. } | Pending::Push { .. })
-        ) || self
-            .job_ops
-            .get(&id)
-            .and_then(|j| self.jobs.get(j))
-            .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. } | JobKind::Reap { .. }))
+        match self.pending.get(&id) {
+            Some(Pending::HintRead { .. } | Pending::Push { .. }) => true,
+            Some(Pending::Job { job }) => self
+                .jobs
+                .get(job)
+                .is_some_and(|j| matches!(j.kind, JobKind::DropHint { .. } | JobKind::Reap { .. })),
+            _ => false,
+        }
     }
 
     /// Reserves the size of `object` for hint `key` before it is written, or refuses it.

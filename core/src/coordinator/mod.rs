@@ -761,6 +761,8 @@ enum Pending {
     Exchange { node: NodeId },
     /// A read of `key` whose object anti-entropy sends to `to`.
     Push { to: NodeId, key: StoreKey },
+    /// A storage operation of per-key job `job`.
+    Job { job: u64 },
 }
 
 /// A read-modify-write of one stored key, run under that key's lock.
@@ -817,8 +819,6 @@ pub struct Core {
     jobs: BTreeMap<u64, Job>,
     /// Per stored key: the job holding the lock first, then the ones waiting.
     locks: BTreeMap<StoreKey, VecDeque<u64>>,
-    /// Store operation id → job id.
-    job_ops: BTreeMap<u64, u64>,
     live: Liveness,
     hints: HintStore,
     out: Vec<Output>,
@@ -862,7 +862,6 @@ impl Core {
             timeouts: BTreeSet::new(),
             jobs: BTreeMap::new(),
             locks: BTreeMap::new(),
-            job_ops: BTreeMap::new(),
             live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
             hints: HintStore::new(cfg.hint_bytes_max, cfg.hint_inflight_max),
 
@@ -2074,11 +2073,12 @@ impl Core {
                         self.handoff_acked(now, partition, false)
                     }
                     Some(Pending::Exchange { node }) if node == from => self.ae.failed(from, id),
-                    // From another node than the one asked: not its answer.
-                    Some(p @ Pending::Exchange { .. }) => {
-                        self.pending.insert(id, p);
+                    Some(Pending::Repair { .. }) | None => {}
+                    // From another node than the one asked, or an id of a storage operation:
+                    // not its answer, which is left in place.
+                    Some(other) => {
+                        self.pending.insert(id, other);
                     }
-                    Some(_) | None => {}
                 }
             }
         }
@@ -2212,11 +2212,8 @@ impl Core {
         id: u64,
         result: Result<Option<Object>, String>,
     ) -> Vec<Output> {
-        if let Some(job) = self.job_ops.remove(&id) {
-            self.job_step(now, job, result);
-            return self.take_output();
-        }
         match self.pending.remove(&id) {
+            Some(Pending::Job { job }) => self.job_step(now, job, result),
             Some(Pending::PeerRead { to }) => {
                 let outcome = result
                     .map(SlotResult::Read)
@@ -2340,7 +2337,7 @@ impl Core {
         let j = self.jobs.get_mut(&job).expect("a queued job exists");
         j.stage = Stage::Reading;
         j.riders = riders;
-        self.job_ops.insert(sid, job);
+        self.pending.insert(sid, Pending::Job { job });
         self.out.push(Output::Store {
             id: sid,
             key,
@@ -2355,7 +2352,7 @@ impl Core {
         let key = j.key.clone();
         // The replica's tree follows every write of it (anti-entropy).
         self.ae_written(now, &key, &op);
-        self.job_ops.insert(sid, job);
+        self.pending.insert(sid, Pending::Job { job });
         self.out.push(Output::Store { id: sid, key, op });
     }
 
