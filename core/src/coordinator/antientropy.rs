@@ -173,7 +173,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
-use super::context::{Outbox, View};
+use super::context::{Outbox, View, lend};
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
@@ -1373,22 +1373,8 @@ impl AntiEntropy {
 impl Core {
     /// Anti-entropy's state, with what it reads and writes of the core (`context.rs`).
     fn ae_parts(&mut self) -> (&mut AntiEntropy, View<'_>, Outbox<'_>) {
-        (
-            &mut self.ae,
-            View {
-                cfg: &self.cfg,
-                ring: &self.ring,
-                walks: &self.walks,
-                live: &self.live,
-            },
-            Outbox {
-                next_id: &mut self.next_id,
-                pending: &mut self.pending,
-                timeouts: &mut self.timeouts,
-                out: &mut self.out,
-                stats: &mut self.stats,
-            },
-        )
+        let (v, o) = lend!(self);
+        (&mut self.ae, v, o)
     }
 
     /// Carries out what anti-entropy handed back.
@@ -1493,13 +1479,7 @@ impl Core {
 
     /// When the next anti-entropy round is due, if one can start.
     pub(super) fn ae_deadline(&self) -> Option<u64> {
-        let v = View {
-            cfg: &self.cfg,
-            ring: &self.ring,
-            walks: &self.walks,
-            live: &self.live,
-        };
-        self.ae.deadline(&v)
+        self.ae.deadline(&self.view())
     }
 
     /// The shell is about to load the trees of `partitions` from storage while it serves

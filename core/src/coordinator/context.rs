@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::liveness::Liveness;
-use super::{CoreConfig, CoreStats, Output, PeerMsg, Pending, StoreKey, StoreOp};
+use super::{Core, CoreConfig, CoreStats, Output, PeerMsg, Pending, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::ring::Ring;
 
@@ -83,5 +83,45 @@ impl Outbox<'_> {
         let id = self.id();
         self.pending.insert(id, pending);
         self.out.push(Output::Store { id, key, op });
+    }
+}
+
+/// The core's [`View`] and [`Outbox`] at once, borrowed field by field from `$core` (a
+/// `&mut Core`), so that the caller may borrow a sub-machine's state beside them.
+macro_rules! lend {
+    ($core:ident) => {
+        (
+            $crate::coordinator::context::View {
+                cfg: &$core.cfg,
+                ring: &$core.ring,
+                walks: &$core.walks,
+                live: &$core.live,
+            },
+            $crate::coordinator::context::Outbox {
+                next_id: &mut $core.next_id,
+                pending: &mut $core.pending,
+                timeouts: &mut $core.timeouts,
+                out: &mut $core.out,
+                stats: &mut $core.stats,
+            },
+        )
+    };
+}
+pub(super) use lend;
+
+impl Core {
+    /// What a sub-machine reads of the core, alone.
+    pub(super) fn view(&self) -> View<'_> {
+        View {
+            cfg: &self.cfg,
+            ring: &self.ring,
+            walks: &self.walks,
+            live: &self.live,
+        }
+    }
+
+    /// Where the core's own steps emit, alone.
+    pub(super) fn outbox(&mut self) -> Outbox<'_> {
+        lend!(self).1
     }
 }

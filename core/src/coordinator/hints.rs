@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 
 use ringkv_net::{ErrorBody, ErrorCode, Message};
 
-use super::context::{Outbox, View};
+use super::context::{Outbox, View, lend};
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::object::Object;
@@ -517,23 +517,9 @@ impl Core {
     /// The hint store, with what it reads and writes of the core (`context.rs`) and the
     /// pending ring.
     fn hint_parts(&mut self) -> (&mut HintStore, View<'_>, Outbox<'_>, Option<&Ring>) {
-        (
-            &mut self.hints,
-            View {
-                cfg: &self.cfg,
-                ring: &self.ring,
-                walks: &self.walks,
-                live: &self.live,
-            },
-            Outbox {
-                next_id: &mut self.next_id,
-                pending: &mut self.pending,
-                timeouts: &mut self.timeouts,
-                out: &mut self.out,
-                stats: &mut self.stats,
-            },
-            self.transfers.pending().map(|(_, r)| r),
-        )
+        let (v, o) = lend!(self);
+        let pending = self.transfers.pending().map(|(_, r)| r);
+        (&mut self.hints, v, o, pending)
     }
 
     /// A delivery of `hint` to `to` ended: acknowledged durably (`delivered`) or not.

@@ -950,9 +950,7 @@ impl Core {
     }
 
     fn id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        self.outbox().id()
     }
 
     /// Sends a request to `to` under a fresh id, remembering what its answer is for
@@ -964,12 +962,8 @@ impl Core {
         pending: Pending,
         msg: impl FnOnce(u64) -> PeerMsg,
     ) -> u64 {
-        let id = self.id();
-        self.pending.insert(id, pending);
-        self.timeouts
-            .insert((now + self.cfg.replica_timeout_ms, id));
-        self.out.push(Output::Send { to, msg: msg(id) });
-        id
+        let timeout = self.cfg.replica_timeout_ms;
+        self.outbox().request(now, timeout, to, pending, msg)
     }
 
     /// A new epoch range (answer to [`Output::RenewEpochs`]).

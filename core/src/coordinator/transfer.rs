@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
-use super::context::{Outbox, View};
+use super::context::{Outbox, View, lend};
 use super::{Core, JobKind, Output, PeerMsg, Pending, ReplyTo, Space, StoreKey};
 use crate::NodeId;
 use crate::object::Object;
@@ -719,22 +719,8 @@ impl Transfers {
 impl Core {
     /// The transfers' state, with what they read and write of the core (`context.rs`).
     fn transfer_parts(&mut self) -> (&mut Transfers, View<'_>, Outbox<'_>) {
-        (
-            &mut self.transfers,
-            View {
-                cfg: &self.cfg,
-                ring: &self.ring,
-                walks: &self.walks,
-                live: &self.live,
-            },
-            Outbox {
-                next_id: &mut self.next_id,
-                pending: &mut self.pending,
-                timeouts: &mut self.timeouts,
-                out: &mut self.out,
-                stats: &mut self.stats,
-            },
-        )
+        let (v, o) = lend!(self);
+        (&mut self.transfers, v, o)
     }
 
     /// Carries out, in order, what the transfers queued.
@@ -768,13 +754,7 @@ impl Core {
 
     /// Whether this node replicates `partition` in the ring in force or the pending one.
     pub(super) fn replicates(&self, partition: u32) -> bool {
-        let v = View {
-            cfg: &self.cfg,
-            ring: &self.ring,
-            walks: &self.walks,
-            live: &self.live,
-        };
-        self.transfers.replicates(&v, partition)
+        self.transfers.replicates(&self.view(), partition)
     }
 
     /// The ring in force and the pending ring (with the epoch membership gave it) changed.
