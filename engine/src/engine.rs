@@ -953,7 +953,7 @@ pub(crate) async fn flush_segment(
 }
 
 /// A sealed segment reached the disk: write its hint file and release its memory. A failed hint
-/// write is not fatal (recovery scans the segment instead), only logged and counted.
+/// write or sync is not fatal, only logged and counted; see [`drop_failed_hint`] for why.
 pub(crate) async fn finish_sealed(inner: &Inner, seg: &Segment) {
     assert!(seg.sealed.get());
     assert_eq!(
@@ -967,8 +967,26 @@ pub(crate) async fn finish_sealed(inner: &Inner, seg: &Segment) {
         let c = &inner.counters;
         c.hint_write_failures.set(c.hint_write_failures.get() + 1);
         tracing::warn!(error = %e, segment = seg.id, "hint file not written; recovery will scan the segment");
+        drop_failed_hint(&seg.hint_path).await;
     }
     seg.finished.set(true);
+}
+
+/// Removes a hint file whose write or sync failed.
+///
+/// Why a failed hint is not fatal, unlike a failed sync of a segment or of the compaction intent
+/// (fsyncgate: after a failed sync nothing about the file's state on disk is known): a hint is
+/// derived from a segment that is already durable, nothing is acknowledged on its durability and
+/// nothing is deleted because of it, and it is written once and never synced again, so no later
+/// sync can report a false success for it. Its state being unknown, it is removed rather than left
+/// for recovery's checks (CRC, segment id, lengths) alone; if the removal does not reach the disk
+/// either, those checks still refuse a damaged hint, and a valid one is correct by construction.
+/// The cost of the failure is one scan of the segment at the next open. A failing device shows at
+/// the next sync of the log, which is fatal.
+pub(crate) async fn drop_failed_hint(path: &std::path::Path) {
+    if let Err(e) = io::remove(path).await {
+        tracing::warn!(error = %e, "could not remove a hint file whose write failed");
+    }
 }
 
 /// Hint-file bytes written per IO; the file is built and written chunk by chunk with yields in

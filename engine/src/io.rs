@@ -5,6 +5,11 @@
 //! [`FaultPlan`]: tests arm it to make the n-th write or sync fail, which is how the engine's
 //! handling of IO errors (fatal, reported to every waiting writer, nothing acknowledged lost) is
 //! exercised without a broken disk. An unarmed plan costs two `Cell` reads per IO.
+//!
+//! A sync can be made to fail in two ways ([`SyncFailure`]): instead of the syscall (the data
+//! may not be durable) or after it ran (the data is durable, yet the caller is told it failed, as
+//! Linux does when writeback of the file failed earlier). The engine cannot tell the two apart
+//! and must not try: after a failed sync of a data file it stops (see [`crate::EngineError`]).
 
 use std::cell::Cell;
 use std::path::Path;
@@ -27,7 +32,8 @@ pub enum IoClass {
     Log,
     /// Compaction output segments and the compaction intent file.
     Compaction,
-    /// Hint files.
+    /// Hint files (derived data: their failures are counted, not fatal; see
+    /// `docs/ARCHITECTURE.md` §3.5).
     Hint,
     /// Preparing the next segment file in advance (its directory sync).
     Spare,
@@ -35,12 +41,23 @@ pub enum IoClass {
 
 const CLASSES: usize = 4;
 
+/// Where an injected sync failure happens relative to the real `fdatasync` (or directory sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SyncFailure {
+    /// Instead of the syscall: what was written may not be durable.
+    BeforeSyscall,
+    /// After the syscall returned success: what was written is durable, but the caller is told
+    /// the sync failed (Linux reports a writeback error at the next sync of the file, whatever
+    /// that sync itself achieved).
+    AfterSyscall,
+}
+
 /// Injected IO failures, for tests. Per class, a countdown on writes and one on syncs; when a
 /// countdown reaches zero that operation fails (once per arming).
 #[derive(Debug, Default)]
 pub struct FaultPlan {
     writes_until_failure: [Cell<Option<u64>>; CLASSES],
-    syncs_until_failure: [Cell<Option<u64>>; CLASSES],
+    syncs_until_failure: [Cell<Option<(u64, SyncFailure)>>; CLASSES],
     writes: [Cell<u64>; CLASSES],
     syncs: [Cell<u64>; CLASSES],
 }
@@ -56,9 +73,10 @@ impl FaultPlan {
         self.writes_until_failure[class as usize].set(Some(n));
     }
 
-    /// Makes the sync of `class` after `n` more successful ones fail (0: the next one).
-    pub fn fail_sync_after(&self, class: IoClass, n: u64) {
-        self.syncs_until_failure[class as usize].set(Some(n));
+    /// Makes the sync of `class` after `n` more successful ones fail (0: the next one), before
+    /// or after the real syscall.
+    pub fn fail_sync_after(&self, class: IoClass, n: u64, when: SyncFailure) {
+        self.syncs_until_failure[class as usize].set(Some((n, when)));
     }
 
     /// Writes of `class` issued so far (successful or not).
@@ -71,6 +89,7 @@ impl FaultPlan {
         self.syncs[class as usize].get()
     }
 
+    /// Counts one operation; whether the countdown picks this one.
     fn tick(count: &Cell<u64>, countdown: &Cell<Option<u64>>) -> bool {
         count.set(count.get() + 1);
         match countdown.get() {
@@ -91,9 +110,21 @@ impl FaultPlan {
         Self::tick(&self.writes[i], &self.writes_until_failure[i])
     }
 
-    fn sync_fails(&self, class: IoClass) -> bool {
+    fn sync_fails(&self, class: IoClass) -> Option<SyncFailure> {
         let i = class as usize;
-        Self::tick(&self.syncs[i], &self.syncs_until_failure[i])
+        self.syncs[i].set(self.syncs[i].get() + 1);
+        let countdown = &self.syncs_until_failure[i];
+        match countdown.get() {
+            Some((0, when)) => {
+                countdown.set(None);
+                Some(when)
+            }
+            Some((n, when)) => {
+                countdown.set(Some((n - 1, when)));
+                None
+            }
+            None => None,
+        }
     }
 }
 
@@ -176,12 +207,21 @@ pub async fn sync(
     faults: &FaultPlan,
     class: IoClass,
 ) -> Result<(), EngineError> {
-    if faults.sync_fails(class) {
+    let fault = faults.sync_fails(class);
+    if fault == Some(SyncFailure::BeforeSyscall) {
         return Err(EngineError::io("fdatasync", path, injected("fdatasync")));
     }
     file.fdatasync()
         .await
-        .map_err(|e| EngineError::io("fdatasync", path, e.into()))
+        .map_err(|e| EngineError::io("fdatasync", path, e.into()))?;
+    if fault == Some(SyncFailure::AfterSyscall) {
+        return Err(EngineError::io(
+            "fdatasync",
+            path,
+            injected("fdatasync (after the syscall)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file.
@@ -269,7 +309,8 @@ pub async fn remove(path: &Path) -> Result<(), EngineError> {
 
 /// Syncs a directory so file creations and removals in it are durable (a sync of `class`).
 pub async fn sync_dir(path: &Path, faults: &FaultPlan, class: IoClass) -> Result<(), EngineError> {
-    if faults.sync_fails(class) {
+    let fault = faults.sync_fails(class);
+    if fault == Some(SyncFailure::BeforeSyscall) {
         return Err(EngineError::io(
             "sync dir",
             path,
@@ -284,5 +325,13 @@ pub async fn sync_dir(path: &Path, faults: &FaultPlan, class: IoClass) -> Result
         .map_err(|e| EngineError::io("sync dir", path, e.into()))?;
     d.close()
         .await
-        .map_err(|e| EngineError::io("close dir", path, e.into()))
+        .map_err(|e| EngineError::io("close dir", path, e.into()))?;
+    if fault == Some(SyncFailure::AfterSyscall) {
+        return Err(EngineError::io(
+            "sync dir",
+            path,
+            injected("directory sync (after the syscall)"),
+        ));
+    }
+    Ok(())
 }

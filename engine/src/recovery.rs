@@ -334,6 +334,7 @@ pub(crate) async fn open(
                 let bytes = hint::encode(h, &s.entries);
                 if let Err(e) = io::write_file(&hpath, &faults, IoClass::Hint, &bytes).await {
                     tracing::warn!(error = %e, "could not write hint file; the next start scans again");
+                    crate::engine::drop_failed_hint(&hpath).await;
                 }
                 Table::Owned(HintTable::parse(bytes).expect("freshly encoded hint table is valid"))
             }
