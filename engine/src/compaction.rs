@@ -20,6 +20,9 @@
 //! Sealed segments smaller than an eighth of `segment_bytes` are merged whenever there are two or
 //! more of them, so a store that restarts often does not pile up small files.
 //!
+//! Each step of that protocol is a crash point tests can arm ([`crate::io::CompactionStep`]), so
+//! recovery is tested from every state a pass can leave on disk.
+//!
 //! A damaged record met while copying is counted, logged and dropped; if the index pointed at it,
 //! the key is removed from the index (the cluster's anti-entropy repairs it from a replica).
 
@@ -29,7 +32,7 @@ use std::time::Duration;
 use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
 use crate::index::{Entry, KeyHash, Location};
-use crate::io::{self, IoClass};
+use crate::io::{self, CompactionStep, IoClass};
 use crate::record::RecordKind;
 use crate::recovery::{INTENT_FILE, parse_intent};
 use crate::scan;
@@ -363,6 +366,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
     // A record was left behind because a newer one superseded it; that newer one may still be
     // only in memory. Make the log durable before the inputs can go.
     crate::engine::flush_all(inner).await?;
+    inner.faults.reached(CompactionStep::OutputsSynced);
     // Every live record of the inputs now lives elsewhere (or is reaped); record the intent to
     // delete them durably, then delete.
     let ids: Vec<u64> = inputs.iter().map(|s| s.id).collect();
@@ -379,6 +383,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
     io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
+    inner.faults.reached(CompactionStep::IntentSynced);
     {
         let mut st = inner.st.borrow_mut();
         for (p, key, loc) in reaps {
@@ -396,13 +401,17 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
             st.free_slot(s.slot);
         }
     }
-    for s in &inputs {
+    for (i, s) in inputs.iter().enumerate() {
         io::remove(&s.path).await.map_err(|e| fail(inner, e))?;
         io::remove(&s.hint_path).await.map_err(|e| fail(inner, e))?;
+        if i == 0 {
+            inner.faults.reached(CompactionStep::FirstInputRemoved);
+        }
     }
     io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
+    inner.faults.reached(CompactionStep::InputsRemoved);
     io::remove(&intent_path).await.map_err(|e| fail(inner, e))?;
     report.segments_compacted = inputs.len();
     let c = &inner.counters;
@@ -430,6 +439,7 @@ async fn finish_output(
     flush_segment(inner, o, IoClass::Compaction)
         .await
         .map_err(|e| fail(inner, e))?;
+    inner.faults.reached(CompactionStep::OutputWritten);
     let file = o.file().expect("a flushed output has a file");
     io::sync(&file, &o.path, &inner.faults, IoClass::Compaction)
         .await

@@ -10,6 +10,13 @@
 //! may not be durable) or after it ran (the data is durable, yet the caller is told it failed, as
 //! Linux does when writeback of the file failed earlier). The engine cannot tell the two apart
 //! and must not try: after a failed sync of a data file it stops (see [`crate::EngineError`]).
+//!
+//! The plan also holds the compaction crash points ([`CompactionStep`]): a test's child process
+//! arms one and the process kills itself when compaction reaches that step, so recovery is tested
+//! from each intermediate state of a pass on disk. It lives here, compiled into every build,
+//! because the tests that use it are integration tests (which cannot see `cfg(test)`) and a cargo
+//! feature would build the crate twice for one suite; unarmed, it costs one `Cell` read per step
+//! of a pass, and nothing outside tests arms it.
 
 use std::cell::Cell;
 use std::path::Path;
@@ -52,7 +59,36 @@ pub enum SyncFailure {
     AfterSyscall,
 }
 
-/// Injected IO failures, for tests. Per class, a countdown on writes and one on syncs; when a
+/// A step of a compaction pass at which a test can crash the process
+/// ([`FaultPlan::crash_at`]). In the order a pass reaches them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CompactionStep {
+    /// The first output segment is written, not yet synced; the index still points at the
+    /// inputs and no intent exists.
+    OutputWritten,
+    /// Every output is durable and the index switched to the copies; no intent yet.
+    OutputsSynced,
+    /// The intent (ids of the inputs) is written and synced, with its directory; nothing is
+    /// deleted yet.
+    IntentSynced,
+    /// The files of the first input are removed, those of the others not yet.
+    FirstInputRemoved,
+    /// Every input is removed and the directory synced; the intent is still there.
+    InputsRemoved,
+}
+
+impl CompactionStep {
+    /// Every step, in the order a pass reaches them.
+    pub const ALL: [CompactionStep; 5] = [
+        CompactionStep::OutputWritten,
+        CompactionStep::OutputsSynced,
+        CompactionStep::IntentSynced,
+        CompactionStep::FirstInputRemoved,
+        CompactionStep::InputsRemoved,
+    ];
+}
+
+/// Injected IO failures and crash points, for tests. Per class, a countdown on writes and one on syncs; when a
 /// countdown reaches zero that operation fails (once per arming).
 #[derive(Debug, Default)]
 pub struct FaultPlan {
@@ -60,6 +96,7 @@ pub struct FaultPlan {
     syncs_until_failure: [Cell<Option<(u64, SyncFailure)>>; CLASSES],
     writes: [Cell<u64>; CLASSES],
     syncs: [Cell<u64>; CLASSES],
+    crash_at: Cell<Option<CompactionStep>>,
 }
 
 impl FaultPlan {
@@ -77,6 +114,25 @@ impl FaultPlan {
     /// or after the real syscall.
     pub fn fail_sync_after(&self, class: IoClass, n: u64, when: SyncFailure) {
         self.syncs_until_failure[class as usize].set(Some((n, when)));
+    }
+
+    /// Kills the process with SIGKILL (no destructor, no flush, no core dump) when a compaction
+    /// pass reaches `step`. Only for a test's child process: whoever arms this loses the process.
+    pub fn crash_at(&self, step: CompactionStep) {
+        self.crash_at.set(Some(step));
+    }
+
+    /// Called by compaction at each of its steps.
+    #[allow(unsafe_code)]
+    pub(crate) fn reached(&self, step: CompactionStep) {
+        if self.crash_at.get() == Some(step) {
+            // SAFETY: kill(2) on our own pid takes no pointers; SIGKILL cannot be caught, so
+            // the call does not return.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            unreachable!("SIGKILL to ourselves returned");
+        }
     }
 
     /// Writes of `class` issued so far (successful or not).

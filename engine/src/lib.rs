@@ -39,7 +39,7 @@ pub use compaction::CompactionReport;
 pub use config::{Durability, EngineConfig};
 pub use engine::{Engine, PartitionIter};
 pub use error::EngineError;
-pub use io::{FaultPlan, IoClass, SyncFailure};
+pub use io::{CompactionStep, FaultPlan, IoClass, SyncFailure};
 pub use live_scan::{LiveRecord, LiveScan};
 pub use pace::Pace;
 pub use recovery::{DamagedRegion, RecoveryReport, set_compaction_shares};
