@@ -49,6 +49,10 @@ fn faults_were_injected(seed: u64, o: &Outcome) {
         "no partition was injected; {why}"
     );
     assert!(!p.crashes || o.crashes > 0, "no crash was injected; {why}");
+    assert!(
+        !p.store_faults || o.store_faults.0 > 0,
+        "no storage fault was armed; {why}"
+    );
     let any_knob = p.partitions || p.crashes || p.drop_permille > 0 || p.dup_permille > 0;
     assert!(
         !any_knob || drops + dups + partitions + o.crashes as u64 > 0,
@@ -72,6 +76,8 @@ fn seeds_keep_the_promises() {
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64, 0usize);
+    // Storage faults that struck, acknowledged writes by dw, dw = 0 writes lost unsynced.
+    let mut durability = (0usize, [0usize; 3], 0usize);
     // One hash over every seed's trace, in seed order: a change that claims to leave behaviour
     // alone (a refactor) prints the same value for the same seed range.
     let mut traces = 0xcbf2_9ce4_8422_2325u64;
@@ -98,6 +104,11 @@ fn seeds_keep_the_promises() {
         membership.1 += o.partitions_received;
         membership.2 += o.partitions_dropped;
         membership.3 += o.retired;
+        durability.0 += o.store_faults.1;
+        for (total, n) in durability.1.iter_mut().zip(o.acked_by_dw) {
+            *total += n;
+        }
+        durability.2 += o.lost_unsynced;
     }
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
@@ -116,6 +127,11 @@ fn seeds_keep_the_promises() {
          handoff, {} nodes retired",
         membership.0, membership.1, membership.2, membership.3
     );
+    println!(
+        "durability: {} storage faults, acknowledged writes by dw (0, 1, 2) {:?}, {} dw = 0 \
+         writes or deletes lost unsynced by crashes",
+        durability.0, durability.1, durability.2
+    );
     if count >= 100 {
         assert!(totals.1 > 0, "no run produced siblings");
         assert!(totals.2 > 0 && totals.3 > 0, "no run used hinted handoff");
@@ -133,6 +149,16 @@ fn seeds_keep_the_promises() {
             "no run changed membership and moved partitions"
         );
         assert!(membership.3 > 0, "no node that left handed off and retired");
+        assert!(durability.0 > 0, "no storage fault struck");
+        assert!(
+            durability.2 > 0,
+            "no run lost a dw = 0 write with every unsynced copy (the crashes never met the window)"
+        );
+        assert!(
+            durability.1.iter().all(|n| *n > 0),
+            "some dw was never acknowledged: {:?}",
+            durability.1
+        );
     }
 }
 

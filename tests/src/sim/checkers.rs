@@ -10,7 +10,7 @@ use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionId, Ring};
 use ringkv_net::Sibling;
 
-use super::workload::{decode_set, key_bytes};
+use super::workload::{WriteRecord, decode_set, key_bytes};
 use super::{CONVERGE_MS_MAX, LEASE_EPOCHS, LWW_BUCKET, SIBLINGS_BUCKET, Sim, node_index};
 
 impl Sim {
@@ -91,8 +91,14 @@ impl Sim {
                 next_check = self.now + 250;
                 // Equal roots are judged on the stores too, once no store operation is in
                 // flight (a tree follows a write when it is issued): equal trees over
-                // differing stores would be repaired later by the final reads, unseen.
-                if self.diverged().is_empty() && !self.store_ops_pending() {
+                // differing stores would be repaired later by the final reads, unseen. Trees
+                // still loading are empty, and agree when every node restarted at once (a power
+                // loss just before the heal): they are judged once loaded.
+                let loading = self
+                    .nodes
+                    .iter()
+                    .any(|n| n.core.as_ref().is_some_and(|c| c.trees_loading_count() > 0));
+                if !loading && self.diverged().is_empty() && !self.store_ops_pending() {
                     let ring = self.final_ring();
                     let differ = self.homes_differ(&ring);
                     assert!(
@@ -271,6 +277,11 @@ impl Sim {
             for v in values {
                 let superseded =
                     d.saw.contains(v) || d.saw.iter().any(|s| self.seen_by(s).contains(v));
+                // A `dw = 0` delete whose every tombstone a crash erased unsynced is lost.
+                if superseded && self.unsuperseded_unsynced(v, d.dw) {
+                    self.lost_unsynced.set(self.lost_unsynced.get() + 1);
+                    continue;
+                }
                 assert!(
                     !superseded,
                     "deleted value {v:?} of k{} came back: final siblings {values:?}",
@@ -279,7 +290,8 @@ impl Sim {
             }
         }
         // Every acknowledged write survives, or was seen by a surviving write, or was
-        // superseded by a delete.
+        // superseded by a delete; or it asked for `dw = 0` and crashes lost every copy before
+        // one was synced (the durability checker).
         for w in self.writes.values().filter(|w| w.acked) {
             let Some(Ok((values, _))) = self.final_reads.get(&(w.bucket.to_vec(), w.key)) else {
                 panic!(
@@ -290,40 +302,19 @@ impl Sim {
                 );
             };
             if w.bucket == LWW_BUCKET {
-                // Last-write-wins loses concurrent writes by design, but never to a write with
-                // a lower stamp (whether or not that one was acknowledged), and never to one
-                // that was acknowledged before it started (all nodes share the virtual clock).
-                assert_eq!(values.len(), 1, "an lww key lost every write");
-                let stamps = |v: &Bytes| {
-                    self.lww_stamps
-                        .get(v)
-                        .expect("a stored lww value has the stamps it was stored with")
-                };
-                let (lost, won) = (stamps(&w.value), stamps(&values[0]));
-                assert!(
-                    won.last() >= lost.first(),
-                    "lww write {:?} (stamps {lost:?}) lost to {:?} (stamps {won:?})",
-                    w.value,
-                    values[0],
-                );
-                let winner = self
-                    .by_value
-                    .get(&values[0])
-                    .map(|id| &self.writes[id])
-                    .expect("the final lww value was written by a client");
-                if let Some(acked_at) = winner.acked_at {
-                    assert!(
-                        w.started_at <= acked_at,
-                        "lww write {:?} started after {:?} was acknowledged, yet lost to it",
-                        w.value,
-                        winner.value
-                    );
+                if let Some(violation) = self.lww_violation(w, values) {
+                    assert!(self.lost_unsynced(&w.value, w.dw), "{violation}");
+                    self.lost_unsynced.set(self.lost_unsynced.get() + 1);
                 }
                 continue;
             }
             let present = values.contains(&w.value)
                 || values.iter().any(|f| self.seen_by(f).contains(&w.value))
                 || deleted.get(&w.key).is_some_and(|d| d.contains(&w.value));
+            if !present && self.lost_unsynced(&w.value, w.dw) {
+                self.lost_unsynced.set(self.lost_unsynced.get() + 1);
+                continue;
+            }
             assert!(
                 present,
                 "acknowledged write {:?} to k{} is lost: final siblings {:?}",
@@ -371,6 +362,43 @@ impl Sim {
         }
         let differ = self.homes_differ(&ring);
         assert!(differ.is_empty(), "home replicas differ: {differ:?}");
+    }
+
+    /// Why the final value of an lww key breaks last-write-wins for the acknowledged write `w`,
+    /// if it does. Last-write-wins loses concurrent writes by design, but never to a write with a
+    /// lower stamp (whether or not that one was acknowledged), and never to one that was
+    /// acknowledged before it started (all nodes share the virtual clock).
+    fn lww_violation(&self, w: &WriteRecord, values: &[Bytes]) -> Option<String> {
+        if values.len() != 1 {
+            return Some(format!(
+                "an lww key lost every write: {:?} is not in {values:?}",
+                w.value
+            ));
+        }
+        let stamps = |v: &Bytes| {
+            self.lww_stamps
+                .get(v)
+                .expect("a stored lww value has the stamps it was stored with")
+        };
+        let (lost, won) = (stamps(&w.value), stamps(&values[0]));
+        if won.last() < lost.first() {
+            return Some(format!(
+                "lww write {:?} (stamps {lost:?}) lost to {:?} (stamps {won:?})",
+                w.value, values[0],
+            ));
+        }
+        let winner = self
+            .by_value
+            .get(&values[0])
+            .map(|id| &self.writes[id])
+            .expect("the final lww value was written by a client");
+        match winner.acked_at {
+            Some(acked_at) if w.started_at > acked_at => Some(format!(
+                "lww write {:?} started after {:?} was acknowledged, yet lost to it",
+                w.value, winner.value
+            )),
+            _ => None,
+        }
     }
 
     /// What each home of `bucket`/`k` in `ring` stores for it, first home first.

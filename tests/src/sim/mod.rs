@@ -4,15 +4,21 @@
 //! What is simulated:
 //! - **Storage**: per node, the real replica layout on the shared in-memory store
 //!   (`ringkv_cluster::replica::MemoryStore`) and a copy of what is synced. A write completes
-//!   after a random delay; `durable` writes (and a periodic flush, like the engine's group
-//!   commit) bring the synced copy up to date. A crash loses what was not synced and every
-//!   operation in flight.
+//!   after a random delay; `durable` writes (and a periodic flush every 5 ms up to
+//!   [`Params::flush_ms_max`], like the engine's group commit) bring the synced copy up to date.
+//!   A crash loses what was not synced and every operation in flight. In 30% of the runs
+//!   ([`Params::store_faults`]) the nemesis arms storage faults: the next write or sync of a
+//!   node's store fails (EIO), and the store then fails every operation, as the engine after a
+//!   failed write or fsync, until a supervisor restarts the node 5-200 ms later.
 //! - **Network**: every message gets a random delay (so messages reorder), may be dropped or
 //!   duplicated, and is lost between partitioned nodes. Messages are addressed to an incarnation:
 //!   a node that restarted never receives what was sent to (or answered for) its previous life,
 //!   as with TCP connections that die with a process.
 //! - **Nemesis**: partitions that isolate a random subset, crash-restarts with random downtime,
-//!   message loss and duplication, all during the fault phase only.
+//!   message loss and duplication, storage faults, all during the fault phase only. In
+//!   group-crash runs ([`Params::group_crashes`]) half the crashes take several nodes down at once
+//!   (half of those every node), and once a run every node loses power a few ms after a write is
+//!   acknowledged, before most flush.
 //! - **Membership**: in about half the runs an operator script changes the cluster while clients
 //!   write and faults strike: a spare node joins, a node leaves, a node is removed, or a join
 //!   then a leave; each staged change is committed, retried until the claimant accepts it.
@@ -23,7 +29,8 @@
 //!   real node stops itself; hints for it then go to current replicas.
 //! - **Clients**: each runs one operation at a time against a random node: read-modify-write of
 //!   a register (siblings merged by taking the largest), set-add (siblings merged by union), and
-//!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket.
+//!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket. Each bucket has its
+//!   own `dw`, 0, 1 or 2.
 //!
 //! Checkers:
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
@@ -31,6 +38,11 @@
 //!   an `lww` read has at most one sibling;
 //! - every replica write a node acknowledges is in its store (durably, if the acknowledgement
 //!   says so) when the acknowledgement leaves;
+//! - durability (`durability.rs`): a write acknowledged with `dw = k` has a synced copy on `k`
+//!   nodes when the client gets PUT_OK (a delete: what it superseded, when it gets DELETE_OK);
+//!   at the end, an acknowledged write (or delete) with `dw = 0` may be missing only if no synced
+//!   copy ever covered it and a crash erased an unsynced one; every other is kept to the final
+//!   checks below;
 //! - after every event, hint credit: a holder never has more hints in flight to a home than the
 //!   grant it uses, and that grant is one the home sent it (the simulator records every
 //!   HINT_CREDIT answer the network delivers); no grant is above `hint_credit_max`;
@@ -38,7 +50,8 @@
 //!   nothing at all), hints have drained, membership changes are
 //!   complete (no pending ring, every node holds the same state, no transfer or handoff left),
 //!   and every key has been read with `r = n`: every acknowledged write is a sibling of the final
-//!   state or was seen by a write whose value is (transitively); every acknowledged set element is
+//!   state or was seen by a write whose value is (transitively), or lost as `dw = 0` allows;
+//!   every acknowledged set element is
 //!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
 //!   no node keeps replica data of a partition it does not replicate; no hint is left.
 //!
@@ -72,6 +85,7 @@ use ringkv_engine::Durability;
 use ringkv_net::Message;
 
 mod checkers;
+mod durability;
 mod nemesis;
 mod network;
 mod store;
@@ -79,7 +93,7 @@ mod workload;
 
 use nemesis::ScriptStep;
 use network::{Envelope, SimMsg};
-use store::Store;
+use store::{Fault, Store};
 use workload::{Client, ClientState, DeleteRecord, FinalRead, WriteRecord};
 
 /// Size of an epoch lease; small so renewals happen in simulations.
@@ -121,8 +135,20 @@ pub struct Params {
     pub crashes: bool,
     /// Whether the network partitions.
     pub partitions: bool,
-    /// Durable acknowledgements a write needs.
+    /// Durable acknowledgements a write to the `siblings` bucket needs.
     pub dw: u8,
+    /// Durable acknowledgements a write to the `lww` bucket needs.
+    pub lww_dw: u8,
+    /// Longest pause between two periodic flushes of a node's store, in ms: the bound of the
+    /// engine's group commit on what a crash can lose. Long in some runs, so crashes often
+    /// find unsynced writes.
+    pub flush_ms_max: u64,
+    /// Whether a crash may take several nodes down at once (a rack losing power): their
+    /// unsynced writes are lost together, so a write acknowledged with `dw = 0` can be lost.
+    pub group_crashes: bool,
+    /// Whether stores fail writes and syncs (EIO): a failed store refuses every later
+    /// operation until its node restarts, as the engine does, and a supervisor restarts it.
+    pub store_faults: bool,
     /// Largest one-way message delay in ms.
     pub delay_max_ms: u64,
     /// Whether writes can be hinted. Without handoff the run has three nodes, so every node is
@@ -175,8 +201,13 @@ impl Params {
             // Drawn last so the other knobs of a seed stay what they were.
             hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
             // From a stream of its own, so the other knobs of a seed stay what they were.
-            // From a stream of its own, so the other knobs of a seed stay what they were.
             defaults: StdRng::seed_from_u64(seed ^ 0x00de_fa17).gen_bool(0.25),
+            // Durability and storage faults from a stream of their own too; `dw` stays the
+            // main stream's draw in two thirds of the runs and is 2 in the rest.
+            lww_dw: 0,
+            flush_ms_max: 30,
+            group_crashes: false,
+            store_faults: false,
             change: {
                 let mut rng = StdRng::seed_from_u64(seed ^ 0x00c1_a55e);
                 match rng.gen_range(0..8) {
@@ -189,7 +220,19 @@ impl Params {
             },
         }
         .with_handoff(rng.gen_bool(0.8))
+        .with_durability(&mut StdRng::seed_from_u64(seed ^ 0x0d0a_b1e5))
         .with_defaults()
+    }
+
+    fn with_durability(mut self, rng: &mut StdRng) -> Params {
+        if rng.gen_bool(1.0 / 3.0) {
+            self.dw = 2;
+        }
+        self.lww_dw = rng.gen_range(0..=2);
+        self.flush_ms_max = [30, 300, 1_000][rng.gen_range(0..3)];
+        self.group_crashes = self.crashes && rng.gen_bool(0.5);
+        self.store_faults = rng.gen_bool(0.3);
+        self
     }
 
     /// With `defaults`, the durability knobs are what the default settings resolve to, so the
@@ -199,6 +242,7 @@ impl Params {
             let settings = default_settings();
             self.durable_writes = settings.durability == Durability::Sync;
             self.dw = settings.buckets.default.dw;
+            self.lww_dw = settings.buckets.default.dw;
         }
         self
     }
@@ -264,6 +308,15 @@ pub struct Outcome {
     pub partitions_dropped: u64,
     /// Nodes that left the cluster, handed everything off and stopped.
     pub retired: usize,
+    /// Storage faults the nemesis armed, and those that struck (each failed a store until its
+    /// node restarted; one armed on a node that stores nothing more in the fault phase never
+    /// strikes).
+    pub store_faults: (usize, usize),
+    /// Writes acknowledged, by the `dw` they asked for (0, 1, 2).
+    pub acked_by_dw: [usize; 3],
+    /// Acknowledged `dw = 0` writes (and deletes) that crashes lost before any sync, as `dw = 0`
+    /// allows.
+    pub lost_unsynced: usize,
 }
 
 #[derive(Debug)]
@@ -318,6 +371,17 @@ enum Event {
     },
     Restart {
         node: usize,
+    },
+    /// Every node loses power at once (a targeted crash: see `Sim::maybe_power_loss`).
+    PowerLoss,
+    /// The nemesis arms a storage fault on a node's store.
+    StoreFault {
+        node: usize,
+    },
+    /// A supervisor restarts a node whose store failed.
+    Supervise {
+        node: usize,
+        incarnation: u32,
     },
     Partition,
     Heal,
@@ -397,6 +461,14 @@ pub struct Sim {
     /// The ADMIN request of the step in progress, and its answer once it came.
     admin: Option<(u64, Option<Result<String, AdminError>>)>,
     changes: usize,
+    /// Where every written value was stored and synced (the durability checker).
+    copies: durability::Copies,
+    store_faults_armed: usize,
+    store_failures: usize,
+    /// Whether the run's targeted power loss was scheduled.
+    power_loss: bool,
+    /// Acknowledged writes and deletes the final check let go as lost unsynced (`dw = 0`).
+    lost_unsynced: std::cell::Cell<usize>,
 }
 
 fn node_index(id: NodeId) -> usize {
@@ -464,6 +536,11 @@ impl Sim {
             script: std::collections::VecDeque::new(),
             admin: None,
             changes: 0,
+            copies: durability::Copies::default(),
+            store_faults_armed: 0,
+            store_failures: 0,
+            power_loss: false,
+            lost_unsynced: std::cell::Cell::new(0),
         };
         sim.client_nodes = sim.params.nodes;
         for n in 0..sim.nodes.len() {
@@ -488,40 +565,59 @@ impl Sim {
             let node = sim.rng.gen_range(0..sim.nodes.len());
             sim.schedule(at, Event::Crash { node });
         }
+        if sim.params.store_faults {
+            let at = sim.rng.gen_range(20..200);
+            let node = sim.rng.gen_range(0..sim.nodes.len());
+            sim.schedule(at, Event::StoreFault { node });
+        }
         sim
+    }
+
+    /// The properties of `bucket` every node runs with.
+    pub(super) fn bucket_props(&self, bucket: &[u8]) -> BucketProps {
+        if self.params.defaults {
+            // What `ringkv serve` resolves with no flags and no file; only the time scale
+            // (timeouts, intervals) stays the simulator's.
+            let props = default_settings().buckets.default;
+            return if bucket == LWW_BUCKET {
+                BucketProps {
+                    mode: ConflictMode::Lww,
+                    ..props
+                }
+            } else {
+                props
+            };
+        }
+        let props = BucketProps {
+            n: 3,
+            r: 2,
+            w: 2,
+            // With dw = 0 in a buffered run an acknowledged write may sit unsynced on every
+            // replica that acknowledged it, and a crash of all of them together loses it (the
+            // durability checker allows exactly that); dw = 1 syncs the coordinator's own
+            // write, dw = 2 one replica's more.
+            dw: self.params.dw,
+            mode: ConflictMode::Siblings,
+            max_siblings: 64,
+            ttl_ms: None,
+        };
+        if bucket == LWW_BUCKET {
+            BucketProps {
+                mode: ConflictMode::Lww,
+                dw: self.params.lww_dw,
+                ..props
+            }
+        } else {
+            props
+        }
     }
 
     fn config(&self, node: NodeId) -> CoreConfig {
         let mut cfg = CoreConfig::new(node);
-        let props = if self.params.defaults {
-            // What `ringkv serve` resolves with no flags and no file; only the time scale below
-            // (timeouts, intervals) stays the simulator's.
-            default_settings().buckets.default
-        } else {
-            BucketProps {
-                n: 3,
-                r: 2,
-                w: 2,
-                // With dw = 0 in a buffered run an acknowledged write may sit unsynced on every
-                // replica that acknowledged it; it is still safe here because crashes are at
-                // least 300 ms apart and every node flushes at least every 30 ms, so one crash
-                // never meets another's unsynced writes. dw = 1 syncs the coordinator's own write.
-                dw: self.params.dw,
-                mode: ConflictMode::Siblings,
-                max_siblings: 64,
-                ttl_ms: None,
-            }
-        };
         let mut named = BTreeMap::new();
-        named.insert(
-            LWW_BUCKET.to_vec(),
-            BucketProps {
-                mode: ConflictMode::Lww,
-                ..props
-            },
-        );
+        named.insert(LWW_BUCKET.to_vec(), self.bucket_props(LWW_BUCKET));
         cfg.buckets = Buckets {
-            default: props,
+            default: self.bucket_props(SIBLINGS_BUCKET),
             named,
         };
         // With `defaults`, `Params::with_defaults` set this from the default settings.
@@ -752,6 +848,15 @@ impl Sim {
         // Heal: no more faults, every node up.
         self.faults = false;
         self.island.clear();
+        // A store that failed cannot sync: its supervisor restarts the node now, losing what
+        // it had not synced, before the others sync what they hold. Faults armed and not yet
+        // struck never strike.
+        for n in self.serving() {
+            self.nodes[n].store.disarm();
+            if self.nodes[n].store.failed() && self.nodes[n].core.is_some() {
+                self.crash(n);
+            }
+        }
         for node in &mut self.nodes {
             node.store.sync();
         }
@@ -884,6 +989,15 @@ impl Sim {
             floor_raises: ae.3,
             stale_writes: self.stale_writes,
             converge_ms,
+            store_faults: (self.store_faults_armed, self.store_failures),
+            acked_by_dw: {
+                let mut by = [0; 3];
+                for w in self.writes.values().filter(|w| w.acked) {
+                    by[usize::from(w.dw.min(2))] += 1;
+                }
+                by
+            },
+            lost_unsynced: self.lost_unsynced.get(),
         }
     }
 
@@ -915,7 +1029,11 @@ impl Sim {
         self.mix(at);
         self.mix(seq);
         self.handle(event);
+        self.note_synced();
         for n in 0..self.nodes.len() {
+            if self.nodes[n].store.newly_failed() {
+                self.store_failed(n);
+            }
             self.maybe_retire(n);
         }
         true
@@ -952,6 +1070,9 @@ impl Sim {
                         .entry(v.clone())
                         .or_default()
                         .insert((l.timestamp, l.node));
+                }
+                if let StoreOp::Write { object, .. } = &op {
+                    self.note_values(&key, object);
                 }
                 let result = self.nodes[node].store.apply(&key, op);
                 let now = self.now;
@@ -1011,6 +1132,11 @@ impl Sim {
                     return;
                 }
                 let store = &self.nodes[node].store;
+                // As a shard does: a failed engine ends the load, and the partition keeps
+                // anti-entropy off until the next start.
+                if store.failed() {
+                    return;
+                }
                 let items: Vec<(StoreKey, Object)> = store
                     .keys()
                     .into_iter()
@@ -1046,26 +1172,33 @@ impl Sim {
             }
             Event::Admin => self.admin_step(),
             Event::Flush { node } => {
-                self.nodes[node].store.sync();
+                // A node that is down has no flusher running.
+                if self.nodes[node].core.is_some() {
+                    self.nodes[node].store.flush_periodic();
+                }
                 // Once faults stop nothing crashes, so what is unsynced no longer matters: the
                 // periodic flush stops (every store is synced at the heal) and the long quiet
                 // phases cost fewer events.
                 if self.faults {
-                    let every = self.rng.gen_range(5..30);
+                    let every = self.rng.gen_range(5..self.params.flush_ms_max);
                     self.schedule(every, Event::Flush { node });
                 }
             }
             Event::ClientStart { client } => self.client_start(client),
             Event::Crash { node } => {
                 if self.faults && self.nodes[node].core.is_some() {
-                    self.crash(node);
-                    let down = if self.params.long_outages && self.rng.gen_bool(0.5) {
-                        self.rng
-                            .gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
-                    } else {
-                        self.rng.gen_range(50..2_000)
-                    };
-                    self.schedule(down, Event::Restart { node });
+                    // Half the crashes of a group-crash run take more nodes down in the same
+                    // instant (half of those every node: a power loss), each losing what it
+                    // had not synced.
+                    let mut size = 1;
+                    if self.params.group_crashes && self.rng.gen_bool(0.5) {
+                        size = if self.rng.gen_bool(0.5) {
+                            self.nodes.len()
+                        } else {
+                            self.rng.gen_range(2..=self.nodes.len())
+                        };
+                    }
+                    self.crash_group(node, size);
                 }
                 if self.faults {
                     let next = self.rng.gen_range(300..3_000);
@@ -1076,6 +1209,41 @@ impl Sim {
             Event::Restart { node } => {
                 if self.nodes[node].core.is_none() && !self.nodes[node].retired {
                     self.restart(node);
+                }
+            }
+            Event::PowerLoss => {
+                if self.faults {
+                    let up = self
+                        .serving()
+                        .into_iter()
+                        .find(|n| self.nodes[*n].core.is_some());
+                    if let Some(node) = up {
+                        self.crash_group(node, self.nodes.len());
+                    }
+                }
+            }
+            Event::StoreFault { node } => {
+                if self.faults {
+                    let fault = if self.rng.gen_bool(0.5) {
+                        Fault::Write
+                    } else {
+                        Fault::Sync
+                    };
+                    self.nodes[node].store.arm(fault);
+                    self.store_faults_armed += 1;
+                    let next = self.rng.gen_range(300..3_000);
+                    let node = self.rng.gen_range(0..self.nodes.len());
+                    self.schedule(next, Event::StoreFault { node });
+                }
+            }
+            Event::Supervise { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation
+                    && self.nodes[node].core.is_some()
+                    && !self.nodes[node].retired
+                {
+                    self.crash(node);
+                    let down = self.rng.gen_range(20..300);
+                    self.schedule(down, Event::Restart { node });
                 }
             }
             Event::Partition => {
@@ -1158,11 +1326,14 @@ impl Sim {
                     }
                 }
                 Output::DropPartition { partition } => {
-                    // As the engine does: the drop is durable before it is reported.
-                    self.nodes[n].store.drop_partition(partition);
-                    let now = self.now;
-                    let outputs = self.core(n).partition_dropped(now, partition);
-                    self.outputs(n, outputs);
+                    // As the engine does: the drop is durable before it is reported. A failed
+                    // store refuses it, and the node, as a shard does, reports nothing: the
+                    // core keeps refusing writes to the partition until the restart.
+                    if self.nodes[n].store.drop_partition(partition).is_ok() {
+                        let now = self.now;
+                        let outputs = self.core(n).partition_dropped(now, partition);
+                        self.outputs(n, outputs);
+                    }
                 }
                 Output::Store { id, key, op } => {
                     let delay = self.rng.gen_range(0..=3);

@@ -1,9 +1,10 @@
-//! The nemesis: crashes and restarts, and the operator script that changes membership.
+//! The nemesis: crashes and restarts, storage faults and the supervisor that restarts a node
+//! whose store failed, and the operator script that changes membership.
 
 use rand::Rng;
 use ringkv_core::membership::{AdminCmd, AdminError, Reach};
 
-use super::{Change, Event, Sim};
+use super::{Change, Event, Sim, TOMBSTONE_GRACE_MS};
 
 /// One operator step of the membership script.
 #[derive(Clone, Debug)]
@@ -127,10 +128,13 @@ impl Sim {
 
     pub(super) fn crash(&mut self, n: usize) {
         self.crashes += 1;
+        // What was synced before the crash is judged before the crash erases the rest.
+        self.note_synced();
+        let lost = self.nodes[n].store.crash();
+        self.note_crash(n, lost);
         let node = &mut self.nodes[n];
         node.core = None;
         node.membership = None;
-        node.store.crash();
         node.incarnation += 1;
         node.tick_at = None;
         self.owed.retain(|(at, _, _), _| *at != n);
@@ -149,8 +153,61 @@ impl Sim {
         }
     }
 
+    /// Crashes `first` and up to `size - 1` more nodes that are up, in the same instant, each
+    /// restarting after its own downtime.
+    pub(super) fn crash_group(&mut self, first: usize, size: usize) {
+        let mut group = vec![first];
+        let mut others: Vec<usize> = (0..self.nodes.len())
+            .filter(|&o| o != first && self.nodes[o].core.is_some())
+            .collect();
+        while group.len() < size && !others.is_empty() {
+            let at = self.rng.gen_range(0..others.len());
+            group.push(others.swap_remove(at));
+        }
+        for node in group {
+            self.crash(node);
+            let down = if self.params.long_outages && self.rng.gen_bool(0.5) {
+                self.rng
+                    .gen_range(TOMBSTONE_GRACE_MS..TOMBSTONE_GRACE_MS * 4)
+            } else {
+                self.rng.gen_range(50..2_000)
+            };
+            self.schedule(down, Event::Restart { node });
+        }
+    }
+
+    /// A write was just acknowledged: in a group-crash run, once per run, every node loses
+    /// power a few ms later, before most of them flush, so writes acknowledged with `dw = 0` are
+    /// lost with every copy (crashes at random times rarely meet unsynced writes on every
+    /// replica at once).
+    pub(super) fn maybe_power_loss(&mut self) {
+        if self.params.group_crashes && self.faults && !self.power_loss && self.rng.gen_bool(0.1) {
+            self.power_loss = true;
+            let after = self.rng.gen_range(0..=5);
+            self.schedule(after, Event::PowerLoss);
+        }
+    }
+
     pub(super) fn restart(&mut self, n: usize) {
         self.boot(n);
+    }
+
+    /// Node `n`'s store just failed: it refuses everything until the node restarts, which its
+    /// supervisor does soon (a process that exits on a fatal storage error and is started again).
+    pub(super) fn store_failed(&mut self, n: usize) {
+        self.store_failures += 1;
+        if self.verbose {
+            println!("{:>6} node-{} store failed", self.now, n + 1);
+        }
+        let incarnation = self.nodes[n].incarnation;
+        let after = self.rng.gen_range(5..200);
+        self.schedule(
+            after,
+            Event::Supervise {
+                node: n,
+                incarnation,
+            },
+        );
     }
 
     /// Stops node `n` for good once membership says it is out of the cluster and its core holds

@@ -45,6 +45,8 @@ pub(super) struct DeleteRecord {
     /// Values returned by the read whose context the delete carried.
     pub(super) saw: Vec<Bytes>,
     pub(super) acked: bool,
+    /// The bucket's `dw` it was sent with.
+    pub(super) dw: u8,
 }
 
 /// A write a client issued.
@@ -61,6 +63,8 @@ pub(super) struct WriteRecord {
     /// When the client sent it, and when it was acknowledged.
     pub(super) started_at: u64,
     pub(super) acked_at: Option<u64>,
+    /// The bucket's `dw` it was sent with.
+    pub(super) dw: u8,
 }
 
 pub(super) struct Client {
@@ -171,6 +175,7 @@ impl Sim {
             _ => (Bytes::from(format!("{tag}|")), None),
         };
         let id = self.writes.len() as u64;
+        let props = self.bucket_props(bucket);
         self.writes.insert(
             id,
             WriteRecord {
@@ -182,6 +187,7 @@ impl Sim {
                 acked: false,
                 started_at: self.now,
                 acked_at: None,
+                dw: props.dw,
             },
         );
         self.by_value.insert(value.clone(), id);
@@ -207,10 +213,12 @@ impl Sim {
         saw: Vec<Bytes>,
         context: Option<Bytes>,
     ) {
+        let props = self.bucket_props(SIBLINGS_BUCKET);
         self.deletes.push(DeleteRecord {
             key,
             saw,
             acked: false,
+            dw: props.dw,
         });
         self.clients[c].state = ClientState::Deleting {
             delete: self.deletes.len() - 1,
@@ -278,12 +286,19 @@ impl Sim {
                 }
             }
             (ClientState::Deleting { delete }, Message::DeleteOk) => {
+                let d = &self.deletes[delete];
+                let (saw, dw) = (d.saw.clone(), d.dw);
+                self.check_acked_delete(&saw, dw);
                 self.deletes[delete].acked = true;
                 self.clients[c].state = ClientState::Idle;
                 let pause = self.rng.gen_range(1..30);
                 self.schedule(pause, Event::ClientStart { client: c });
             }
             (ClientState::Writing { write }, Message::PutOk(_)) => {
+                let w = &self.writes[&write];
+                let (value, dw) = (w.value.clone(), w.dw);
+                self.check_acked_write(&value, dw);
+                self.maybe_power_loss();
                 let now = self.now;
                 let record = self
                     .writes
@@ -307,6 +322,7 @@ impl Sim {
             {
                 let value = Bytes::from(format!("post-k{k}-{tag}|"));
                 let id = self.writes.len() as u64;
+                let props = self.bucket_props(SIBLINGS_BUCKET);
                 self.by_value.insert(value.clone(), id);
                 self.writes.insert(
                     id,
@@ -319,6 +335,7 @@ impl Sim {
                         acked: false,
                         started_at: self.now,
                         acked_at: None,
+                        dw: props.dw,
                     },
                 );
                 let reply = self.call(Message::Put(Put {

@@ -1,0 +1,263 @@
+//! The durability checker: which nodes ever stored, and ever synced, a copy of each written value,
+//! and what acknowledgements and the final state owe to that.
+//!
+//! A stored object *covers* a value written to its key if it holds the value or something that
+//! superseded it: a `siblings` object's clock contains one of the value's dots; an `lww` object's
+//! stamp is at least one the value was stored with. It *supersedes* the value if it covers it
+//! without holding that dot. Values are unique (the workload tags them), so a value names a write.
+//! For every value the simulator records on which nodes a sync ever made a covering (and a
+//! superseding) object durable (the store's sync log), and whether a crash ever erased an
+//! unsynced copy that covered (or superseded) it where the synced copy did not.
+//!
+//! What is checked:
+//! - when a client receives PUT_OK, `dw` distinct nodes have synced a copy that covers the write;
+//!   when it receives DELETE_OK, every value its read returned is superseded by a synced copy on
+//!   `dw` nodes. A store that failed syncs nothing, so a node whose write failed never counts;
+//! - at the end, an acknowledged write that the final state neither holds nor superseded, or a
+//!   value an acknowledged delete superseded that comes back, is a violation unless the write (the
+//!   delete) asked for `dw = 0` and it was lost the only way `dw = 0` allows: no synced copy ever
+//!   covered (superseded) the value on any node, and a crash erased an unsynced one. Crashes here
+//!   lose only unsynced data, so a write acknowledged with `dw >= 1` (synced on that many nodes
+//!   when acknowledged) must survive whatever crashed.
+//!
+//! Limits: "ever" is the whole run. Values a write stored twice under two dots (a forward retried
+//! on a second coordinator) are covered by either. `w` is not checked at acknowledgement, only
+//! `dw`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use ringkv_cluster::replica;
+use ringkv_core::coordinator::StoreKey;
+use ringkv_core::dvv::Dot;
+use ringkv_core::object::{Object, Val};
+
+use super::Sim;
+use super::store::Entry;
+
+/// Nodes by value: where a value was ever covered (or superseded) in some way.
+type Where = BTreeMap<Bytes, BTreeSet<usize>>;
+
+/// The durability checker's records (module docs).
+#[derive(Default)]
+pub(super) struct Copies {
+    /// Every dot each value was stored with.
+    dots: BTreeMap<Bytes, BTreeSet<Dot>>,
+    /// The values written to each (bucket, key).
+    by_key: BTreeMap<(Bytes, Bytes), BTreeSet<Bytes>>,
+    /// Nodes where a sync made a covering object durable.
+    synced: Where,
+    /// Nodes where a sync made a superseding object durable.
+    superseded_synced: Where,
+    /// Values an unsynced copy of which (covering them) a crash erased.
+    erased: BTreeSet<Bytes>,
+    /// Values an unsynced superseding copy of which a crash erased.
+    unsuperseded: BTreeSet<Bytes>,
+}
+
+fn value_of(val: &Val) -> Option<&Bytes> {
+    match val {
+        Val::Value(v) | Val::Expiring { value: v, .. } => Some(v),
+        Val::Tombstone => None,
+    }
+}
+
+impl Sim {
+    /// Records the dots and values of an object about to be written under `key` (with its lww
+    /// stamps already recorded).
+    pub(super) fn note_values(&mut self, key: &StoreKey, object: &Object) {
+        let values = self
+            .copies
+            .by_key
+            .entry((key.bucket.clone(), key.key.clone()))
+            .or_default();
+        match object {
+            Object::Causal(c) => {
+                for (dot, val) in c.dots() {
+                    if let Some(v) = value_of(val) {
+                        values.insert(v.clone());
+                        self.copies.dots.entry(v.clone()).or_default().insert(dot);
+                    }
+                }
+            }
+            Object::Lww(l) => {
+                if let Some(v) = value_of(&l.val)
+                    && values.insert(v.clone())
+                {
+                    // An lww value is covered by any version with a higher stamp, which may
+                    // have been stored before this value existed: every copy of the key is
+                    // judged now. (A causal value's dot is covered only by objects that
+                    // descend from the first write of it, all written after this.)
+                    self.note_held(key, v);
+                }
+            }
+            Object::Map(_) => {}
+        }
+    }
+
+    /// Records where synced copies of `key` now cover `value`.
+    fn note_held(&mut self, key: &StoreKey, value: &Bytes) {
+        for n in 0..self.nodes.len() {
+            let store = &self.nodes[n].store;
+            let copies: Vec<StoreKey> = store
+                .keys()
+                .into_iter()
+                .filter(|k| k.bucket == key.bucket && k.key == key.key)
+                .collect();
+            for k in copies {
+                if store
+                    .read_durable(&k)
+                    .is_some_and(|o| self.covering(&k, &o).0.contains(value))
+                {
+                    self.copies
+                        .synced
+                        .entry(value.clone())
+                        .or_default()
+                        .insert(n);
+                }
+            }
+        }
+    }
+
+    /// The values written to `key` that `object` covers, and those of them it supersedes.
+    fn covering(&self, key: &StoreKey, object: &Object) -> (Vec<Bytes>, Vec<Bytes>) {
+        let (mut covered, mut superseded) = (Vec::new(), Vec::new());
+        let Some(values) = self
+            .copies
+            .by_key
+            .get(&(key.bucket.clone(), key.key.clone()))
+        else {
+            return (covered, superseded);
+        };
+        match object {
+            Object::Causal(c) => {
+                let clock = c.join();
+                let held: BTreeSet<Dot> = c.dots().map(|(d, _)| d).collect();
+                for v in values {
+                    let Some(dots) = self.copies.dots.get(v) else {
+                        continue;
+                    };
+                    let mut seen = dots.iter().filter(|d| clock.contains(**d)).peekable();
+                    if seen.peek().is_none() {
+                        continue;
+                    }
+                    covered.push(v.clone());
+                    if seen.any(|d| !held.contains(d)) {
+                        superseded.push(v.clone());
+                    }
+                }
+            }
+            Object::Lww(l) => {
+                let stamp = (l.timestamp, l.node);
+                for v in values {
+                    let Some(stamps) = self.lww_stamps.get(v) else {
+                        continue;
+                    };
+                    if stamps.first().is_some_and(|s| *s <= stamp) {
+                        covered.push(v.clone());
+                        if value_of(&l.val) != Some(v) {
+                            superseded.push(v.clone());
+                        }
+                    }
+                }
+            }
+            Object::Map(_) => {}
+        }
+        (covered, superseded)
+    }
+
+    /// Takes every store's sync log: what was synced where.
+    pub(super) fn note_synced(&mut self) {
+        for n in 0..self.nodes.len() {
+            for (key, object) in decoded(self.nodes[n].store.take_synced()) {
+                let (covered, superseded) = self.covering(&key, &object);
+                for v in covered {
+                    self.copies.synced.entry(v).or_default().insert(n);
+                }
+                for v in superseded {
+                    self.copies
+                        .superseded_synced
+                        .entry(v)
+                        .or_default()
+                        .insert(n);
+                }
+            }
+        }
+    }
+
+    /// Node `n` crashed and lost `lost` (what those locations held before): values covered (or
+    /// superseded) there that the synced copy left behind does not cover (supersede) were erased.
+    pub(super) fn note_crash(&mut self, n: usize, lost: Vec<Entry>) {
+        for (key, object) in decoded(lost) {
+            let (covered, superseded) = self.covering(&key, &object);
+            let (kept, kept_superseded) = match self.nodes[n].store.read_durable(&key) {
+                Some(durable) => self.covering(&key, &durable),
+                None => (Vec::new(), Vec::new()),
+            };
+            for v in covered.into_iter().filter(|v| !kept.contains(v)) {
+                self.copies.erased.insert(v);
+            }
+            for v in superseded
+                .into_iter()
+                .filter(|v| !kept_superseded.contains(v))
+            {
+                self.copies.unsuperseded.insert(v);
+            }
+        }
+    }
+
+    /// A client was told its write of `value` succeeded: `dw` nodes synced it.
+    pub(super) fn check_acked_write(&mut self, value: &Bytes, dw: u8) {
+        self.note_synced();
+        let synced = self.copies.synced.get(value).map_or(0, BTreeSet::len);
+        assert!(
+            synced >= usize::from(dw),
+            "write {value:?} acknowledged with dw = {dw} but synced on {synced} nodes ({:?})",
+            self.copies.synced.get(value)
+        );
+    }
+
+    /// A client was told its delete succeeded: every value its read returned is superseded by a
+    /// synced copy on `dw` nodes.
+    pub(super) fn check_acked_delete(&mut self, saw: &[Bytes], dw: u8) {
+        self.note_synced();
+        for value in saw {
+            let synced = self
+                .copies
+                .superseded_synced
+                .get(value)
+                .map_or(0, BTreeSet::len);
+            assert!(
+                synced >= usize::from(dw),
+                "a delete of {value:?} acknowledged with dw = {dw} but superseded durably on \
+                 {synced} nodes"
+            );
+        }
+    }
+
+    /// Whether an acknowledged write of `value` with `dw` may be missing at the end: `dw = 0`,
+    /// no synced copy ever covered it and a crash erased an unsynced one.
+    pub(super) fn lost_unsynced(&self, value: &Bytes, dw: u8) -> bool {
+        dw == 0 && !self.copies.synced.contains_key(value) && self.copies.erased.contains(value)
+    }
+
+    /// Whether `value`, superseded by an acknowledged delete with `dw`, may come back: `dw = 0`,
+    /// no synced copy ever superseded it and a crash erased an unsynced one that did.
+    pub(super) fn unsuperseded_unsynced(&self, value: &Bytes, dw: u8) -> bool {
+        dw == 0
+            && !self.copies.superseded_synced.contains_key(value)
+            && self.copies.unsuperseded.contains(value)
+    }
+}
+
+/// The stored keys and objects of logged entries (removals left out).
+fn decoded(entries: Vec<Entry>) -> Vec<(StoreKey, Object)> {
+    entries
+        .into_iter()
+        .filter_map(|((partition, engine_key), bytes)| {
+            let key = replica::store_key(partition, &engine_key).expect("stored keys decode");
+            let object = Object::decode(&bytes?).expect("stored objects decode");
+            Some((key, object))
+        })
+        .collect()
+}
