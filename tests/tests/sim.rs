@@ -53,7 +53,12 @@ fn faults_were_injected(seed: u64, o: &Outcome) {
         !p.store_faults || o.store_faults.0 > 0,
         "no storage fault was armed; {why}"
     );
-    let any_knob = p.partitions || p.crashes || p.drop_permille > 0 || p.dup_permille > 0;
+    // Message loss and duplication count only where the run is long enough for them to be
+    // expected: at 1% of a few hundred messages, a run with none is chance, not a simulator
+    // that stopped injecting (`events` overcounts the messages, so this errs towards skipping).
+    let expected = |permille: u32| o.events * u64::from(permille) / 1000 >= 100;
+    let any_knob =
+        p.partitions || p.crashes || expected(p.drop_permille) || expected(p.dup_permille);
     assert!(
         !any_knob || drops + dups + partitions + o.crashes as u64 > 0,
         "no fault was injected; {why}"
