@@ -17,9 +17,16 @@
 //!   status rank ([`Status::Removed`] > [`Status::Leaving`] > [`Status::Valid`] >
 //!   [`Status::Joining`]), so a removal is never undone by a stale entry.
 //! - **Rings**: the ring in force and the pending ring being moved to, as one record with an
-//!   `epoch` and the id of its author; the highest `(epoch, author)` wins. Only the claimant writes
-//!   it, so in a settled cluster there is one author; two claimants that raced (different views of
-//!   who is valid) still resolve to the same record everywhere.
+//!   `epoch` and the id of its author; the highest `(epoch, author)` wins, except that a record
+//!   whose author the merged members list as [`Status::Joining`] ranks below every other. Only
+//!   the claimant writes it, so in a settled cluster there is one author; two claimants that raced
+//!   (different views of who is valid) still resolve to the same record everywhere. The joining
+//!   rule is for a node that asked to join and never got the answer (it crashed, or the answer was
+//!   lost): it still holds the one-node ring it started with, and as soon as it hears the
+//!   cluster's gossip, which lists it as joining, that ring loses to the cluster's, and the
+//!   cluster never takes it, whatever its `(epoch, author)`. Without the rule, a joiner with a
+//!   higher id than the claimant replaced the ring of the whole cluster with its own one-node
+//!   ring.
 //! - **Transfer reports**: per receiving node, the partitions it has received for the pending ring
 //!   of a given epoch. Only that node writes its report; the highest `(epoch, count)` wins.
 //!
@@ -179,7 +186,9 @@ impl ClusterState {
                 }
             }
         }
-        if (other.epoch, other.author) > (self.epoch, self.author) {
+        // Compared after the members merged, so both sides judge the authors by the same
+        // entries (module docs, *Rings*).
+        if self.ring_key(other) > self.ring_key(self) {
             self.epoch = other.epoch;
             self.author = other.author;
             self.ring = other.ring.clone();
@@ -214,6 +223,16 @@ impl ClusterState {
             .filter(|m| matches!(m.status, Status::Joining | Status::Valid))
             .map(|m| m.id)
             .collect()
+    }
+
+    /// How `state`'s ring record ranks in this state's view of the members: a record written by
+    /// a node this state knows as joining ranks below every other, then `(epoch, author)`.
+    fn ring_key(&self, state: &ClusterState) -> (bool, u64, NodeId) {
+        let joining = self
+            .members
+            .get(&state.author)
+            .is_some_and(|m| m.status == Status::Joining);
+        (!joining, state.epoch, state.author)
     }
 
     /// Whether anything is staged: the next member set differs from the ring's.
@@ -2630,6 +2649,59 @@ mod tests {
         a.transfer_done(0, a.state.epoch, 5);
         a.handle_stored(0, [(3, 4096), (9, 1)].into_iter().collect());
         a
+    }
+
+    /// A node that asked to join and never got the answer (it was lost, or the node crashed)
+    /// still holds the one-node ring it started with, authored by itself. When the cluster's
+    /// gossip reaches it (listing it as joining), it takes the cluster's ring; and its own ring,
+    /// which outranked the claimant's by `(epoch, author)` with a higher node id, never replaces
+    /// the cluster's. Before the rule, every member of the cluster took the joiner's one-node
+    /// ring as the ring in force (seed 1968 of the simulator).
+    #[test]
+    fn a_joiner_without_its_answer_never_imposes_its_own_ring() {
+        let seeds: Vec<(NodeId, String)> = (1..=4)
+            .map(|i| (NodeId(i), format!("127.0.0.1:{}", 7000 + i)))
+            .collect();
+        let mut claimant = Membership::bootstrap(cfg(1), &seeds).unwrap();
+        let mut seed = Membership::bootstrap(cfg(2), &seeds).unwrap();
+        let cluster_ring = seed.state.ring.clone();
+        let mut joiner = Membership::bootstrap(cfg(5), &[]).unwrap();
+        let own_ring = joiner.state.ring.clone();
+        assert_ne!(own_ring, cluster_ring);
+        // The JOIN reaches the seed, whose answer is lost.
+        let member = joiner.state.members[&NodeId(5)].clone();
+        let _ = seed.handle_msg(10, Some(NodeId(5)), MembershipMsg::Join { id: 1, member });
+        // The seed's gossip reaches the joiner: it learns it is joining, and takes the ring.
+        let gossip = MembershipMsg::Gossip {
+            id: 2,
+            state: Box::new(seed.state.clone()),
+        };
+        let _ = joiner.handle_msg(20, Some(NodeId(2)), gossip);
+        assert_eq!(joiner.state.members[&NodeId(5)].status, Status::Joining);
+        assert_eq!(
+            joiner.state.ring, cluster_ring,
+            "the joiner kept its own ring"
+        );
+        // Its own ring, gossiped by a copy that never heard from the cluster, is never taken.
+        let mut stale = Membership::bootstrap(cfg(5), &[]).unwrap();
+        stale.state.merge(&seed.state);
+        stale.state.ring = own_ring.clone();
+        stale.state.author = NodeId(5);
+        for node in [&mut claimant, &mut seed] {
+            let _ = node.handle_msg(
+                30,
+                Some(NodeId(5)),
+                MembershipMsg::Gossip {
+                    id: 3,
+                    state: Box::new(stale.state.clone()),
+                },
+            );
+            assert_eq!(
+                node.state.ring, cluster_ring,
+                "{:?} took the joiner's ring",
+                node.cfg.node
+            );
+        }
     }
 
     /// Found by the `membership_decode` fuzz target (`fuzz/`): a JOIN whose member version is
