@@ -10,7 +10,9 @@
 //! unsynced copy that covered (or superseded) it where the synced copy did not.
 //!
 //! What is checked:
-//! - when a client receives PUT_OK, `dw` distinct nodes have synced a copy that covers the write;
+//! - when a client receives PUT_OK, `w` distinct nodes have stored a copy that covers the write
+//!   (a replica or a hint; so a coordinator that counts its own write before storing it, or one
+//!   acknowledgement too many, is caught), and `dw` of them have synced one;
 //!   when it receives DELETE_OK, every value its read returned is superseded by a synced copy on
 //!   `dw` nodes. A store that failed syncs nothing, so a node whose write failed never counts;
 //! - at the end, an acknowledged write that the final state neither holds nor superseded, or a
@@ -21,8 +23,7 @@
 //!   when acknowledged) must survive whatever crashed.
 //!
 //! Limits: "ever" is the whole run. Values a write stored twice under two dots (a forward retried
-//! on a second coordinator) are covered by either. `w` is not checked at acknowledgement, only
-//! `dw`.
+//! on a second coordinator) are covered by either.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +46,8 @@ pub(super) struct Copies {
     dots: BTreeMap<Bytes, BTreeSet<Dot>>,
     /// The values written to each (bucket, key).
     by_key: BTreeMap<(Bytes, Bytes), BTreeSet<Bytes>>,
+    /// Nodes whose store took a write of a covering object (a replica or a hint).
+    stored: Where,
     /// Nodes where a sync made a covering object durable.
     synced: Where,
     /// Nodes where a sync made a superseding object durable.
@@ -95,7 +98,7 @@ impl Sim {
         }
     }
 
-    /// Records where synced copies of `key` now cover `value`.
+    /// Records where copies of `key` now cover `value`, and where synced ones do.
     fn note_held(&mut self, key: &StoreKey, value: &Bytes) {
         for n in 0..self.nodes.len() {
             let store = &self.nodes[n].store;
@@ -105,6 +108,16 @@ impl Sim {
                 .filter(|k| k.bucket == key.bucket && k.key == key.key)
                 .collect();
             for k in copies {
+                if store
+                    .read(&k)
+                    .is_some_and(|o| self.covering(&k, &o).0.contains(value))
+                {
+                    self.copies
+                        .stored
+                        .entry(value.clone())
+                        .or_default()
+                        .insert(n);
+                }
                 if store
                     .read_durable(&k)
                     .is_some_and(|o| self.covering(&k, &o).0.contains(value))
@@ -206,8 +219,22 @@ impl Sim {
         }
     }
 
-    /// A client was told its write of `value` succeeded: `dw` nodes synced it.
-    pub(super) fn check_acked_write(&mut self, value: &Bytes, dw: u8) {
+    /// Node `n`'s store took a write of `object` under `key`.
+    pub(super) fn note_stored(&mut self, n: usize, key: &StoreKey, object: &Object) {
+        for v in self.covering(key, object).0 {
+            self.copies.stored.entry(v).or_default().insert(n);
+        }
+    }
+
+    /// A client was told its write of `value` succeeded: `w` nodes stored it, and `dw` of them
+    /// synced it.
+    pub(super) fn check_acked_write(&mut self, value: &Bytes, w: u8, dw: u8) {
+        let stored = self.copies.stored.get(value).map_or(0, BTreeSet::len);
+        assert!(
+            stored >= usize::from(w),
+            "write {value:?} acknowledged with w = {w} but stored on {stored} nodes ({:?})",
+            self.copies.stored.get(value)
+        );
         self.note_synced();
         let synced = self.copies.synced.get(value).map_or(0, BTreeSet::len);
         assert!(

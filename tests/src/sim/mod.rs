@@ -38,8 +38,9 @@
 //!   an `lww` read has at most one sibling;
 //! - every replica write a node acknowledges is in its store (durably, if the acknowledgement
 //!   says so) when the acknowledgement leaves;
-//! - durability (`durability.rs`): a write acknowledged with `dw = k` has a synced copy on `k`
-//!   nodes when the client gets PUT_OK (a delete: what it superseded, when it gets DELETE_OK);
+//! - durability (`durability.rs`): a write acknowledged with `w` and `dw = k` has a stored
+//!   copy (a replica or a hint, including the coordinator's own) on `w` nodes and a synced copy on
+//!   `k` nodes when the client gets PUT_OK (a delete: what it superseded, when it gets DELETE_OK);
 //!   at the end, an acknowledged write (or delete) with `dw = 0` may be missing only if no synced
 //!   copy ever covered it and a crash erased an unsynced one; every other is kept to the final
 //!   checks below;
@@ -1071,10 +1072,17 @@ impl Sim {
                         .or_default()
                         .insert((l.timestamp, l.node));
                 }
-                if let StoreOp::Write { object, .. } = &op {
-                    self.note_values(&key, object);
-                }
+                let written = match &op {
+                    StoreOp::Write { object, .. } => {
+                        self.note_values(&key, object);
+                        Some(object.clone())
+                    }
+                    _ => None,
+                };
                 let result = self.nodes[node].store.apply(&key, op);
+                if let (Ok(_), Some(object)) = (&result, written) {
+                    self.note_stored(node, &key, &object);
+                }
                 let now = self.now;
                 let outputs = self.core(node).handle_stored(now, id, result);
                 self.outputs(node, outputs);

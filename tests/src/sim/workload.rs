@@ -297,7 +297,8 @@ impl Sim {
             (ClientState::Writing { write }, Message::PutOk(_)) => {
                 let w = &self.writes[&write];
                 let (value, dw) = (w.value.clone(), w.dw);
-                self.check_acked_write(&value, dw);
+                let quorum = self.bucket_props(w.bucket).w;
+                self.check_acked_write(&value, quorum, dw);
                 self.maybe_power_loss();
                 let now = self.now;
                 let record = self
