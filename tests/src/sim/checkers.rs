@@ -258,13 +258,18 @@ impl Sim {
                 core.hints_in_flight()
             );
         }
-        // Values a delete superseded: what its read returned, and what those writes saw.
+        // Values a delete superseded: what its read returned, and what those writes saw. Only
+        // a delete that was acknowledged, or provably applied (a store took an object that
+        // supersedes the value), excuses a value's absence: a failed or unanswered delete that
+        // reached no store must not hide a lost write.
         let mut deleted: BTreeMap<usize, BTreeSet<Bytes>> = BTreeMap::new();
         for d in &self.deletes {
             let set = deleted.entry(d.key).or_default();
             for v in &d.saw {
-                set.insert(v.clone());
-                set.extend(self.seen_by(v));
+                if d.acked || self.ever_superseded(v) {
+                    set.insert(v.clone());
+                    set.extend(self.seen_by(v));
+                }
             }
         }
         // A deleted value never comes back: no final sibling is a value an acknowledged delete

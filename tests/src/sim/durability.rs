@@ -48,6 +48,8 @@ pub(super) struct Copies {
     by_key: BTreeMap<(Bytes, Bytes), BTreeSet<Bytes>>,
     /// Nodes whose store took a write of a covering object (a replica or a hint).
     stored: Where,
+    /// Nodes whose store took a write of a superseding object.
+    superseded_stored: Where,
     /// Nodes where a sync made a covering object durable.
     synced: Where,
     /// Nodes where a sync made a superseding object durable.
@@ -221,9 +223,24 @@ impl Sim {
 
     /// Node `n`'s store took a write of `object` under `key`.
     pub(super) fn note_stored(&mut self, n: usize, key: &StoreKey, object: &Object) {
-        for v in self.covering(key, object).0 {
+        let (covered, superseded) = self.covering(key, object);
+        for v in covered {
             self.copies.stored.entry(v).or_default().insert(n);
         }
+        for v in superseded {
+            self.copies
+                .superseded_stored
+                .entry(v)
+                .or_default()
+                .insert(n);
+        }
+    }
+
+    /// Whether some node's store ever took an object that supersedes `value` (a write that saw
+    /// it, or a delete's tombstone): what makes a delete that was never acknowledged provably
+    /// applied.
+    pub(super) fn ever_superseded(&self, value: &Bytes) -> bool {
+        self.copies.superseded_stored.contains_key(value)
     }
 
     /// A client was told its write of `value` succeeded: `w` nodes stored it, and `dw` of them

@@ -51,7 +51,9 @@
 //!   nothing at all), hints have drained, membership changes are
 //!   complete (no pending ring, every node holds the same state, no transfer or handoff left),
 //!   and every key has been read with `r = n`: every acknowledged write is a sibling of the final
-//!   state or was seen by a write whose value is (transitively), or lost as `dw = 0` allows;
+//!   state or was seen by a write whose value is (transitively), or was superseded by a delete
+//!   that was acknowledged or provably applied (a store took a superseding object; a delete that
+//!   failed before reaching any store excuses nothing), or lost as `dw = 0` allows;
 //!   every acknowledged set element is
 //!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
 //!   no node keeps replica data of a partition it does not replicate; no hint is left.
