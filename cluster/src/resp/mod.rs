@@ -260,7 +260,12 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
             (1..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
         )),
         "mset" => wrong_args("mset"),
-        "del" | "unlink" if argc >= 2 => run(Op::Del(keys(1))),
+        "del" | "unlink" if argc >= 2 => {
+            // A key named twice is deleted, and counted, once (as Redis does).
+            let named: std::collections::BTreeSet<Bytes> =
+                (1..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
+            run(Op::Del(named.into_iter().collect()))
+        }
         "del" | "unlink" => wrong_args(name),
         "getdel" if argc == 2 => run(Op::GetDel(arg(1))),
         "getdel" => wrong_args("getdel"),

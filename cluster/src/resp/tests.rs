@@ -326,6 +326,13 @@ fn data_commands() {
         matches!(&rounds[0][0], KeyBody::Get(g) if &g.bucket[..] == RESP_BUCKET && &g.key[..] == b"a")
     );
     assert!(matches!(&rounds[1][1], KeyBody::Delete(d) if &d.key[..] == b"b"));
+    // A key named twice is read, deleted and counted once.
+    let (reply, rounds) = script("DEL a a", 0, |r| match r.body() {
+        KeyBody::Get(_) => found(b"x", None),
+        _ => Message::DeleteOk,
+    });
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!((rounds[0].len(), rounds[1].len()), (1, 1));
     let (reply, _) = script("MGET a b", 0, |r| match r.body() {
         KeyBody::Get(g) if &g.key[..] == b"a" => found(b"x", None),
         _ => missing(),
