@@ -240,6 +240,8 @@ impl RespWave {
             return false;
         }
         match plan {
+            // Alone in the wave: nothing to overtake, and no key set to build.
+            RespPlan::Run(_) if self.commands.is_empty() => true,
             RespPlan::Run(script) => {
                 if !self.keyed {
                     for command in &self.commands {
