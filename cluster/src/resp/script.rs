@@ -559,9 +559,7 @@ impl Script {
             Op::HSet { key, pairs, reply } => {
                 let fields = or_reply!(first.hash());
                 if *reply == HSetReply::IfNew
-                    && pairs
-                        .iter()
-                        .any(|(f, _)| fields.iter().any(|(g, _)| g == f))
+                    && pairs.iter().any(|(f, _)| field(fields, f).is_some())
                 {
                     return Ok(RespValue::Integer(0));
                 }
@@ -578,7 +576,7 @@ impl Script {
                             pairs.iter().map(|(f, _)| f).collect();
                         let added = names
                             .into_iter()
-                            .filter(|f| !fields.iter().any(|(g, _)| g == *f))
+                            .filter(|f| field(fields, f).is_none())
                             .count();
                         RespValue::Integer(added as i64)
                     }
@@ -591,11 +589,7 @@ impl Script {
                 let hash = or_reply!(first.hash());
                 let values: Vec<RespValue> = fields
                     .iter()
-                    .map(|f| {
-                        hash.iter()
-                            .find(|(g, _)| g == f)
-                            .map_or(RespValue::Null, |(_, v)| RespValue::Bulk(v.clone()))
-                    })
+                    .map(|f| field(hash, f).map_or(RespValue::Null, |v| RespValue::Bulk(v.clone())))
                     .collect();
                 Ok(if *array {
                     RespValue::Array(values)
@@ -624,8 +618,8 @@ impl Script {
                             .collect(),
                     ),
                     HRead::Len => RespValue::Integer(hash.len() as i64),
-                    HRead::Exists(field) => {
-                        RespValue::Integer(i64::from(hash.iter().any(|(f, _)| f == field)))
+                    HRead::Exists(name) => {
+                        RespValue::Integer(i64::from(field(hash, name).is_some()))
                     }
                 })
             }
@@ -634,7 +628,7 @@ impl Script {
                 let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
                 let existing: Vec<MapOp> = names
                     .into_iter()
-                    .filter(|f| hash.iter().any(|(g, _)| g == *f))
+                    .filter(|f| field(hash, f).is_some())
                     .map(|f| MapOp::Delete { field: f.clone() })
                     .collect();
                 if existing.is_empty() {
@@ -645,9 +639,9 @@ impl Script {
             }
             Op::HIncrBy { key, field, by } => {
                 let hash = or_reply!(first.hash());
-                let current = match hash.iter().find(|(f, _)| f == field) {
+                let current = match self::field(hash, field) {
                     None => 0,
-                    Some((_, v)) => match integer(Some(v)) {
+                    Some(v) => match integer(Some(v)) {
                         Some(n) => n,
                         None => return Ok(err("ERR hash value is not an integer")),
                     },
@@ -699,10 +693,10 @@ impl Found {
     }
 
     /// The hash's fields, empty if missing; a string is a `WRONGTYPE` error.
-    fn hash(&self) -> Result<Vec<(Bytes, Bytes)>, RespValue> {
+    fn hash(&self) -> Result<&[(Bytes, Bytes)], RespValue> {
         match self {
-            Found::Missing => Ok(Vec::new()),
-            Found::Hash(fields, _) => Ok(fields.clone()),
+            Found::Missing => Ok(&[]),
+            Found::Hash(fields, _) => Ok(fields),
             Found::Str(..) => Err(err(WRONGTYPE)),
         }
     }
@@ -744,6 +738,13 @@ fn count(found: &[Found]) -> i64 {
     found.iter().filter(|f| !f.is_missing()).count() as i64
 }
 
+/// The value of field `name` of a hash's fields (in name order).
+fn field<'a>(hash: &'a [(Bytes, Bytes)], name: &Bytes) -> Option<&'a Bytes> {
+    hash.binary_search_by(|(f, _)| f.cmp(name))
+        .ok()
+        .map(|i| &hash[i].1)
+}
+
 /// The RESP error for an error reply.
 fn error_of(reply: &Message) -> Option<RespValue> {
     match reply {
@@ -758,6 +759,8 @@ fn found_of(reply: &Message) -> Result<Found, RespValue> {
     match reply {
         Message::GetOk(ok) => {
             if let Some(fields) = &ok.fields {
+                // In name order (GET_OK's fields are), so fields are found by binary search.
+                debug_assert!(fields.windows(2).all(|w| w[0].0 < w[1].0));
                 return Ok(Found::Hash(fields.clone(), ok.expires_at_ms));
             }
             Ok(ok
