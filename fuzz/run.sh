@@ -4,9 +4,10 @@
 #   fuzz/run.sh [RUNS]      # RUNS inputs per target, default 1000000
 #
 # libFuzzer's sanitizer flags need the nightly toolchain. Where there is none (or cargo-fuzz
-# cannot be installed, or the targets do not build on this nightly), it says so and exits 0:
-# the default suite's proptest fuzzing still runs. A crash it finds fails it, with the input
-# saved under fuzz/artifacts/<target>/.
+# cannot be installed, or the sanitizer build fails on this nightly), it says so and exits 0:
+# the default suite's proptest fuzzing still runs, and CI checks on stable that the targets
+# build (`.ci/run`), so a target broken by an API change fails there. A crash it finds fails
+# it, with the input saved under fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")"
 runs=${1:-1000000}
