@@ -270,6 +270,19 @@ impl Object {
         all.then_some(from)
     }
 
+    /// Whether the object is dead by expiry alone: it has versions, and every one is an expiring
+    /// value (a map: a field is set and the map expires). An object with a deletion among its
+    /// versions is not, even if another version expires later: anti-entropy keeps a deletion
+    /// for the tombstone grace and an expired object only for the shorter expiry grace.
+    pub fn dead_by_expiry(&self) -> bool {
+        let expiring = |v: &Val| matches!(v, Val::Expiring { .. });
+        match self {
+            Object::Causal(c) => c.values().next().is_some() && c.values().all(expiring),
+            Object::Lww(l) => expiring(&l.val),
+            Object::Map(m) => m.dead_from().is_some_and(|t| t > 0),
+        }
+    }
+
     /// The largest `lww` timestamp in the object (0 for causal ones), so a coordinator's clock
     /// stays above every timestamp it has seen.
     pub fn timestamp(&self) -> u64 {
@@ -791,6 +804,38 @@ mod tests {
                 }))
         });
         prop_oneof![causal, lww, keyed]
+    }
+
+    /// A deletion concurrent with an expiring value is kept for the tombstone grace, not the
+    /// expiry grace, though the object is dead only from the value's expiry: only an object
+    /// whose every version expires is dead by expiry.
+    #[test]
+    fn a_deletion_beside_an_expiring_value_is_not_dead_by_expiry() {
+        let expiring = Val::Expiring {
+            value: Bytes::from_static(b"v"),
+            expires_at_ms: 5_000,
+        };
+        let clock = |vals: Vec<Val>| {
+            let entries = vals
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (Actor::new(NodeId(i as u32 + 1), 1), 1, vec![v]));
+            Object::Causal(DvvSet::from_entries(entries).unwrap())
+        };
+        let both = clock(vec![Val::Tombstone, expiring.clone()]);
+        assert_eq!(both.dead_from(), Some(5_000));
+        assert!(!both.dead_by_expiry());
+        assert!(clock(vec![expiring.clone()]).dead_by_expiry());
+        assert!(!clock(vec![Val::Tombstone]).dead_by_expiry());
+        let lww = |val| {
+            Object::Lww(Lww {
+                timestamp: 1,
+                node: NodeId(1),
+                val,
+            })
+        };
+        assert!(lww(expiring).dead_by_expiry());
+        assert!(!lww(Val::Tombstone).dead_by_expiry());
     }
 
     /// Found by the `object_decode` fuzz target (`fuzz/`): a clock entry with a counter near

@@ -124,7 +124,11 @@
 //!    replica from when it stored the tombstone, lets hints, read repairs and other in-flight
 //!    copies of older versions arrive before the deletion leaves: an older version that arrives
 //!    after the reap would come back. It must therefore exceed how long a fallback can hold a
-//!    hint (or a message be in flight) after the home it is for got the tombstone;
+//!    hint (or a message be in flight) after the home it is for got the tombstone. An object
+//!    dead by expiry alone (every version an expiring value, no deletion among them:
+//!    [`Object::dead_by_expiry`]) counts as a tombstone from its last expiry on, with the
+//!    shorter `expiry_grace_ms`: every replica holds the same expiry, so no older version can
+//!    outlive it; a deletion beside an expiring value keeps the tombstone grace;
 //! 3. a replica allows a tombstone's reaping only if every entry of its own node in the
 //!    tombstone's clock has an epoch below its **persisted epoch floor**;
 //! 4. each replica then removes its copy under the key's lock only if the digest is still the
@@ -161,11 +165,11 @@
 //! objects: replicas that missed writes while this node was down are repaired meanwhile only by
 //! read repair and hinted handoff.
 //!
-//! Membership is static: a ring change keeps the trees of the partitions still homed here and
-//! drops the others (partition transfer must raise floors, per the coordinator's obligation).
-//! Changing a bucket's `n` moves its keys to another tree only as they are written again. The
-//! per-key digests live in memory (above). Keys are not expired (no TTL exists yet), so only
-//! reaping removes keys from trees.
+//! A ring change keeps the trees of the partitions still homed here (or homed here by the
+//! pending ring) and drops the others (partition transfer must raise floors, per the
+//! coordinator's obligation). Changing a bucket's `n` moves its keys to another tree only as
+//! they are written again. The per-key digests live in memory (above). Expired objects stay in
+//! the trees until they are reaped like tombstones, so only reaping removes keys from trees.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -671,7 +675,7 @@ impl AntiEntropy {
             // An object whose versions all expire is a tombstone from its last expiry on: it
             // is reaped like one, a grace period after that time (module docs).
             let tomb = o.dead_from().map(|dead_from| Tomb {
-                expired: dead_from > 0,
+                expired: o.dead_by_expiry(),
                 since: match old {
                     Some(Entry {
                         digest: d,
