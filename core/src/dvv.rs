@@ -174,6 +174,12 @@ pub enum DecodeError {
         /// Index of the offending entry.
         index: usize,
     },
+    /// A counter above [`COUNTER_MAX`]: forged or damaged, and it would overflow the next dot.
+    #[error("context entry {index} has a counter above {COUNTER_MAX}")]
+    CounterTooLarge {
+        /// Index of the offending entry.
+        index: usize,
+    },
 }
 
 /// Why stored clock entries were rejected by [`DvvSet::from_entries`].
@@ -348,6 +354,9 @@ impl VersionVector {
             }
             if counter == 0 {
                 return Err(DecodeError::ZeroCounter { index });
+            }
+            if counter > COUNTER_MAX {
+                return Err(DecodeError::CounterTooLarge { index });
             }
             previous = Some(actor);
             counters.insert(actor, counter);

@@ -87,7 +87,7 @@ use ringkv_net::{Condition, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message,
 
 use crate::NodeId;
 use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
-use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, COUNTER_MAX, DvvSet, Put, VersionVector};
+use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::map::{LwwMap, MapChange};
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::request::{KeyBody, KeyOp, KeyRequest};
@@ -1292,17 +1292,7 @@ impl Core {
         let context = match context.filter(|c| !c.is_empty()) {
             None => None,
             Some(bytes) => match VersionVector::decode(&bytes) {
-                // No actor coordinates 2^62 writes of one key: a larger counter is forged or
-                // damaged, and would overflow the next dot.
-                Ok(vv) if vv.iter().any(|(_, c)| c > COUNTER_MAX) => {
-                    return self.answer(
-                        op.reply_to,
-                        error(
-                            ErrorCode::BadContext,
-                            format!("context counter above {COUNTER_MAX}"),
-                        ),
-                    );
-                }
+                // Counters above `COUNTER_MAX` are refused by the decoder.
                 Ok(vv) => Some(vv),
                 Err(e) => {
                     return self.answer(op.reply_to, error(ErrorCode::BadContext, e.to_string()));
