@@ -18,7 +18,8 @@
 //! - at the end, an acknowledged write that the final state neither holds nor superseded, or a
 //!   value an acknowledged delete superseded that comes back, is a violation unless the write (the
 //!   delete) asked for `dw = 0` and it was lost the only way `dw = 0` allows: no synced copy ever
-//!   covered (superseded) the value on any node, and a crash erased an unsynced one. Crashes here
+//!   covered (superseded) the value on any node, and on every node that stored a copy a crash
+//!   erased an unsynced one. Crashes here
 //!   lose only unsynced data, so a write acknowledged with `dw >= 1` (synced on that many nodes
 //!   when acknowledged) must survive whatever crashed.
 //!
@@ -54,10 +55,10 @@ pub(super) struct Copies {
     synced: Where,
     /// Nodes where a sync made a superseding object durable.
     superseded_synced: Where,
-    /// Values an unsynced copy of which (covering them) a crash erased.
-    erased: BTreeSet<Bytes>,
-    /// Values an unsynced superseding copy of which a crash erased.
-    unsuperseded: BTreeSet<Bytes>,
+    /// Nodes where a crash erased an unsynced copy covering the value.
+    erased: Where,
+    /// Nodes where a crash erased an unsynced copy superseding the value.
+    unsuperseded: Where,
 }
 
 fn value_of(val: &Val) -> Option<&Bytes> {
@@ -210,13 +211,13 @@ impl Sim {
                 None => (Vec::new(), Vec::new()),
             };
             for v in covered.into_iter().filter(|v| !kept.contains(v)) {
-                self.copies.erased.insert(v);
+                self.copies.erased.entry(v).or_default().insert(n);
             }
             for v in superseded
                 .into_iter()
                 .filter(|v| !kept_superseded.contains(v))
             {
-                self.copies.unsuperseded.insert(v);
+                self.copies.unsuperseded.entry(v).or_default().insert(n);
             }
         }
     }
@@ -280,17 +281,32 @@ impl Sim {
     }
 
     /// Whether an acknowledged write of `value` with `dw` may be missing at the end: `dw = 0`,
-    /// no synced copy ever covered it and a crash erased an unsynced one.
+    /// no synced copy ever covered it, and on every node that stored a copy a crash erased one.
     pub(super) fn lost_unsynced(&self, value: &Bytes, dw: u8) -> bool {
-        dw == 0 && !self.copies.synced.contains_key(value) && self.copies.erased.contains(value)
+        dw == 0
+            && !self.copies.synced.contains_key(value)
+            && all_erased(self.copies.stored.get(value), self.copies.erased.get(value))
     }
 
     /// Whether `value`, superseded by an acknowledged delete with `dw`, may come back: `dw = 0`,
-    /// no synced copy ever superseded it and a crash erased an unsynced one that did.
+    /// no synced copy ever superseded it, and on every node that stored a superseding copy a
+    /// crash erased one.
     pub(super) fn unsuperseded_unsynced(&self, value: &Bytes, dw: u8) -> bool {
         dw == 0
             && !self.copies.superseded_synced.contains_key(value)
-            && self.copies.unsuperseded.contains(value)
+            && all_erased(
+                self.copies.superseded_stored.get(value),
+                self.copies.unsuperseded.get(value),
+            )
+    }
+}
+
+/// Whether crashes erased a copy on every node that stored one (and there was one): only then
+/// can a copy nobody synced be gone from every node without a bug.
+fn all_erased(stored: Option<&BTreeSet<usize>>, erased: Option<&BTreeSet<usize>>) -> bool {
+    match (stored, erased) {
+        (Some(stored), Some(erased)) => stored.is_subset(erased),
+        _ => false,
     }
 }
 
