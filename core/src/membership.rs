@@ -375,7 +375,8 @@ fn encode_ring(w: &mut Writer<'_, Vec<u8>>, ring: &Ring) {
 /// Largest version or epoch a decoded state or message may carry: far above any real count
 /// (each change raises one by one), far below where raising it overflows. Damaged or hostile
 /// bytes with a larger one are refused, not taken in to overflow at the next change.
-const COUNT_MAX: u64 = 1 << 62;
+/// The same bound as a clock's counters.
+const COUNT_MAX: u64 = crate::dvv::COUNTER_MAX;
 
 /// Reads a version or an epoch, refusing one above [`COUNT_MAX`].
 fn counter(r: &mut Reader<'_>, field: &'static str) -> Result<u64, BodyError> {
@@ -2332,7 +2333,6 @@ mod tests {
         );
     }
 
-    /// Nodes 1 to `count` in a cluster, and node `count + 1` joined to it (not committed).
     /// `status` shows the reachability the failure detector gives for every other member
     /// that is not removed, and nothing of its own: the node itself is `self` whatever the
     /// detector says.
@@ -2360,6 +2360,7 @@ mod tests {
         assert!(line(&status, "node-4 ").ends_with(" unwatched"), "{status}");
     }
 
+    /// Nodes 1 to `count` in a cluster, and node `count + 1` joined to it (not committed).
     fn members_and_a_joiner(count: u32) -> BTreeMap<NodeId, Membership> {
         let ids: Vec<u32> = (1..=count).collect();
         let mut nodes = BTreeMap::new();

@@ -40,7 +40,7 @@ pub enum KeyBody {
     Update(Update),
 }
 
-/// A GET, PUT or DELETE with the partition of its key.
+/// A GET, PUT, DELETE or UPDATE with the partition of its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRequest {
     body: KeyBody,

@@ -1025,7 +1025,7 @@ impl AntiEntropy {
             }
             PeerMsg::AeReapOk { id, held } => {
                 if self.awaited(from, id) {
-                    return self.reap_answered(v, o, now, held);
+                    return self.reap_answered(o, held);
                 }
                 None
             }
@@ -1317,13 +1317,7 @@ impl AntiEntropy {
         None
     }
 
-    fn reap_answered(
-        &mut self,
-        _v: &View<'_>,
-        o: &mut Outbox<'_>,
-        _now: u64,
-        held: Vec<(Bytes, Bytes)>,
-    ) -> Option<AeEffect> {
+    fn reap_answered(&mut self, o: &mut Outbox<'_>, held: Vec<(Bytes, Bytes)>) -> Option<AeEffect> {
         let x = self.exchange.as_mut()?;
         let Step::Reap {
             held: counts, keys, ..
@@ -1431,9 +1425,9 @@ impl Core {
 
     /// Recomputes the trees kept for the ring in force and the pending one.
     pub(super) fn ae_set_ring(&mut self) {
-        let pending = self.transfers.pending().map(|(_, r)| r.clone());
-        let (ae, v, _) = self.ae_parts();
-        ae.set_ring(&v, pending.as_ref());
+        let (v, _) = lend!(self);
+        let pending = self.transfers.pending().map(|(_, r)| r);
+        self.ae.set_ring(&v, pending);
     }
 
     /// Starts an anti-entropy round if one is due.

@@ -305,7 +305,7 @@ pub enum PeerMsg {
         /// The object.
         object: Option<Object>,
     },
-    /// Coordinate this client request (GET, PUT or DELETE) for the sender.
+    /// Coordinate this client request (GET, PUT, DELETE or UPDATE) for the sender.
     Forward {
         /// Request id.
         id: u64,
@@ -991,7 +991,7 @@ impl Core {
 
     // ----- client requests -----
 
-    /// A client request: GET, PUT or DELETE. The answer comes as [`Output::Reply`] with `req`.
+    /// A client request: GET, PUT, DELETE or UPDATE. The answer comes as [`Output::Reply`] with `req`.
     pub fn handle_client(&mut self, now: u64, req: u64, request: KeyRequest) -> Vec<Output> {
         self.start(now, ReplyTo::Client(req), request, false);
         self.take_output()
