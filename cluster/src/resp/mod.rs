@@ -127,13 +127,13 @@ fn integer(arg: Option<&[u8]>) -> Option<i64> {
     s.parse().ok()
 }
 
-/// A positive time in `unit_ms` milliseconds as an expiry argument: `None` when not a
-/// positive integer whose milliseconds fit.
-fn positive_ms(arg: Option<&[u8]>, unit_ms: i64) -> Result<u64, RespPlan> {
+/// A positive time in `unit_ms` milliseconds as the expiry argument of command `name`: the
+/// error Redis gives when it is not an integer, or not positive, or its milliseconds overflow.
+fn positive_ms(arg: Option<&[u8]>, unit_ms: i64, name: &str) -> Result<u64, RespPlan> {
     let n = integer(arg).ok_or_else(not_an_integer)?;
     match n.checked_mul(unit_ms) {
         Some(ms) if n > 0 => Ok(ms as u64),
-        _ => Err(RespPlan::Reply(err("ERR invalid expire time"))),
+        _ => Err(invalid_expire(name)),
     }
 }
 
@@ -151,14 +151,13 @@ fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expir
     let Some(arg) = cmd.arg(i + 1) else {
         return Some(Err(syntax_error()));
     };
-    Some(match positive_ms(Some(arg), unit) {
-        Ok(ms) if absolute => Ok(Expiry::At { unix_ms: ms }),
-        Ok(ms) => Ok(Expiry::Ttl { ms }),
-        Err(RespPlan::Reply(RespValue::Error(e))) if e.starts_with(b"ERR invalid expire") => {
-            Err(invalid_expire(name))
+    Some(positive_ms(Some(arg), unit, name).map(|ms| {
+        if absolute {
+            Expiry::At { unix_ms: ms }
+        } else {
+            Expiry::Ttl { ms }
         }
-        Err(e) => Err(e),
-    })
+    }))
 }
 
 /// Decides what to do with `cmd` on a connection whose state is `state`.
@@ -241,7 +240,7 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
         "setnx" => wrong_args("setnx"),
         "setex" | "psetex" if argc == 4 => {
             let unit = if name == "setex" { 1000 } else { 1 };
-            match positive_ms(cmd.arg(2), unit) {
+            match positive_ms(cmd.arg(2), unit, name) {
                 Ok(ms) => run(Op::Set {
                     key: arg(1),
                     value: arg(3),
@@ -249,9 +248,6 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
                     expiry: SetExpiry::Given(Expiry::Ttl { ms }),
                     reply: SetReply::Ok,
                 }),
-                Err(RespPlan::Reply(RespValue::Error(e))) if e.starts_with(b"ERR invalid") => {
-                    invalid_expire(name)
-                }
                 Err(e) => e,
             }
         }

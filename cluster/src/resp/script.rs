@@ -275,25 +275,10 @@ impl Script {
             // Without GET or KEEPTTL nothing needs a read: NX and XX are conditions the key's
             // first home checks (module docs).
             Op::Set {
-                key,
-                value,
-                cond,
+                reply: SetReply::Ok | SetReply::Int,
                 expiry,
-                reply: reply @ (SetReply::Ok | SetReply::Int),
-            } if *expiry != SetExpiry::Keep => {
-                let expiry = match expiry {
-                    SetExpiry::Given(e) => Some(*e),
-                    SetExpiry::Default | SetExpiry::Keep => None,
-                };
-                let then = match reply {
-                    SetReply::Int => RespValue::Integer(1),
-                    SetReply::Ok | SetReply::Old => ok(),
-                };
-                Some((
-                    vec![put_if(key.clone(), value.clone(), expiry, *cond)],
-                    then,
-                ))
-            }
+                ..
+            } if *expiry != SetExpiry::Keep => Some(self.set_write(&Found::Missing, None)),
             Op::MSet(pairs) => Some((
                 pairs
                     .iter()
@@ -454,13 +439,7 @@ impl Script {
     fn set_after_read(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
         let first = self.first();
         match &self.op {
-            Op::Set {
-                key,
-                value,
-                cond,
-                expiry,
-                reply,
-            } => {
+            Op::Set { cond, reply, .. } => {
                 let old = match reply {
                     SetReply::Old => or_reply!(first.string()),
                     SetReply::Ok | SetReply::Int => None,
@@ -477,23 +456,39 @@ impl Script {
                         SetReply::Int => RespValue::Integer(0),
                     });
                 }
-                let expiry = match expiry {
-                    SetExpiry::Default => None,
-                    SetExpiry::Given(e) => Some(*e),
-                    SetExpiry::Keep => keep(first),
-                };
-                let then = match reply {
-                    SetReply::Ok => ok(),
-                    SetReply::Old => string_or_nil(old),
-                    SetReply::Int => RespValue::Integer(1),
-                };
-                Err((
-                    vec![put_if(key.clone(), value.clone(), expiry, *cond)],
-                    then,
-                ))
+                Err(self.set_write(first, old))
             }
             _ => unreachable!("a SET"),
         }
+    }
+
+    /// A SET's write, with the expiry it keeps from `found` (KEEPTTL), and the reply once it
+    /// succeeds (`old`: the value GET asked for).
+    fn set_write(&self, found: &Found, old: Option<Bytes>) -> (Vec<KeyRequest>, RespValue) {
+        let Op::Set {
+            key,
+            value,
+            cond,
+            expiry,
+            reply,
+        } = &self.op
+        else {
+            unreachable!("a SET")
+        };
+        let expiry = match expiry {
+            SetExpiry::Default => None,
+            SetExpiry::Given(e) => Some(*e),
+            SetExpiry::Keep => keep(found),
+        };
+        let then = match reply {
+            SetReply::Ok => ok(),
+            SetReply::Old => string_or_nil(old),
+            SetReply::Int => RespValue::Integer(1),
+        };
+        (
+            vec![put_if(key.clone(), value.clone(), expiry, *cond)],
+            then,
+        )
     }
 
     /// [`Script::after_reads`] of the expiry commands, at `now` (Unix ms).
