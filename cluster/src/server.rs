@@ -281,7 +281,7 @@ struct ShardReply {
 ///
 /// - through [`Waiters`], tasks waiting for one answer each: client requests waiting for the
 ///   core's reply (`Output::Reply`), peer and membership requests waiting for an answer
-///   (`Output::Send` of an answer), requests sent to another shard waiting for its reply over
+///   (`Output::Answer`), requests sent to another shard waiting for its reply over
 ///   the mesh, and on shard 0 operator commands waiting for membership's answer;
 /// - per outbound peer link, the owner of every request queued or sent on it (`links`): its
 ///   ids are the wire ids of the link's requests, so the core's and membership's requests

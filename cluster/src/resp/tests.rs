@@ -202,8 +202,8 @@ fn connection_commands_keep_their_state() {
 }
 
 /// Plain SET writes at once, with its expiry as a time to live for the coordinator to
-/// stamp; SET NX reads first and writes only if the key is missing; KEEPTTL writes the
-/// key's expiry back as an absolute time.
+/// stamp; SET NX is one conditional write, decided by the key's first home; KEEPTTL reads
+/// first and writes the key's expiry back as an absolute time.
 #[test]
 fn set_and_its_options() {
     let (reply, rounds) = script("SET k v EX 10", 0, holding(None));

@@ -66,9 +66,9 @@ impl Shard {
         n * self.shard_count as u64 + self.id as u64
     }
 
-    /// RESP's `DBSIZE`: an estimate of the keys of the RESP bucket ([`Core::key_estimate`]):
-    /// this shard's trees as they are, the other shards' as they last published them (every
-    /// second).
+    /// RESP's `DBSIZE`: an estimate of the keys in buckets with the RESP bucket's `n`
+    /// ([`Core::key_estimate`]): this shard's trees as they are, the other shards' as they last
+    /// published them (every second).
     ///
     /// [`Core::key_estimate`]: ringkv_core::coordinator::Core::key_estimate
     pub(super) fn resp_key_estimate(&self) -> i64 {
