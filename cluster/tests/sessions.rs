@@ -89,9 +89,10 @@ fn flask_sessions_live_and_expire() {
     assert_eq!(server.terminate().code(), Some(0));
 }
 
-/// The `redis` crate's typed expiry commands, after DBSIZE of 20 keys written: SET with EX, TTL/PTTL, EXPIRE with a condition,
-/// PERSIST, SET NX/XX, GETDEL, INCR keeping the TTL, and a key that expires is gone for GET,
-/// EXISTS and TTL alike, and stays gone after PERSIST or a GET with KEEPTTL tries to revive it.
+/// The `redis` crate's typed expiry commands, after DBSIZE of 20 keys written: SET with EX,
+/// TTL/PTTL, EXPIRE with a condition, PERSIST, SET NX/XX, GETDEL, INCR keeping the TTL, and a
+/// key that expires is gone for GET, EXISTS and TTL alike, and stays gone after PERSIST or a
+/// `SET XX` tries to revive it.
 #[test]
 fn redis_crate_expiry_commands() {
     use redis::{Commands, SetExpiry, SetOptions};

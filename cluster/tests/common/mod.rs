@@ -82,7 +82,8 @@ pub fn stored(store: &MemoryStore) -> BTreeMap<StoreKey, Object> {
 
 /// The in-memory store of a hand-driven core, with what its tests observe and inject: it counts
 /// the writes and syncs asked of it, and can fail every write, as an engine that returned EIO
-/// and went failed.
+/// and went failed. Removals (delivered hints, reaped tombstones) are neither counted nor
+/// failed: no test here needs them to be.
 #[derive(Clone, Debug, Default)]
 pub struct TestStore {
     pub memory: MemoryStore,

@@ -9,7 +9,8 @@
 //!   A crash loses what was not synced and every operation in flight. In 30% of the runs
 //!   ([`Params::store_faults`]) the nemesis arms storage faults: the next write or sync of a
 //!   node's store fails (EIO), and the store then fails every operation, as the engine after a
-//!   failed write or fsync, until a supervisor restarts the node 5-200 ms later.
+//!   failed write or fsync, until a supervisor stops the node 5-200 ms later and restarts it
+//!   20-300 ms after that.
 //! - **Network**: every message gets a random delay (so messages reorder), may be dropped or
 //!   duplicated, and is lost between partitioned nodes. Messages are addressed to an incarnation:
 //!   a node that restarted never receives what was sent to (or answered for) its previous life,
