@@ -279,12 +279,20 @@ async fn compaction_case(dir: std::path::PathBuf, fault: Option<Fault>) -> PassO
     let model = compaction_workload(&e).await;
     // The sealed segments' hint files are written in the background; wait (bounded) until each
     // has had its sync, so an armed hint failure hits the pass's output.
+    let mut caught_up = false;
     for _ in 0..10_000 {
         if plan.syncs(IoClass::Hint) + 1 >= e.stats().segments {
+            caught_up = true;
             break;
         }
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
+    // Otherwise an armed hint failure would hit a log segment's hint, and the case would
+    // test something else while its assertions still passed.
+    assert!(
+        caught_up,
+        "the sealed segments' hint files were never synced"
+    );
     let syncs_before = plan.syncs(IoClass::Compaction);
     match fault {
         Some(Fault::Write(class, n)) => plan.fail_write_after(class, n),
