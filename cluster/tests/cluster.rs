@@ -403,7 +403,28 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
     c.ping().unwrap();
 }
 
-/// The body of `GET <path>` on a node's admin port.
+/// Waits (bounded) until `of`'s nodes have no request in flight, while no new one starts. The
+/// shards publish their figures every tick (10 ms): two polls a publication apart that both
+/// read none mean none is left.
+fn none_in_flight(nodes: &[Node], of: &[usize]) -> bool {
+    let in_flight = || -> f64 {
+        of.iter()
+            .map(|&i| nodes[i].metric("ringkv_ops_in_flight"))
+            .sum()
+    };
+    for _ in 0..HANDOFF_POLLS {
+        if in_flight() == 0.0 {
+            std::thread::sleep(Duration::from_millis(50));
+            if in_flight() == 0.0 {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    false
+}
+
+/// The Merkle tree roots a node's admin port reports, by (partition, n).
 fn merkle(node: &Node) -> BTreeMap<(u32, u8), (u64, String)> {
     common::merkle(&node.admin)
 }
@@ -502,27 +523,12 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
     assert!(held > 0.0, "no fallback took a hint for node 3");
     // ...and are deleted on purpose, once no write is still in flight: a write acknowledged by
     // two replicas keeps working on its third slot (node 3's timeout, then a fallback's hint)
-    // until its deadline, and could store a hint after a truncation. The shards publish their
-    // figures every tick: two polls a publication apart that both read no request in flight
-    // (the writer has joined, so no new one starts) mean none is left.
-    let in_flight = |nodes: &[Node]| -> f64 {
-        [0, 1, 3]
-            .iter()
-            .map(|&i| nodes[i].metric("ringkv_ops_in_flight"))
-            .sum()
-    };
-    let mut drained = false;
-    for _ in 0..HANDOFF_POLLS {
-        if in_flight(&nodes) == 0.0 {
-            std::thread::sleep(Duration::from_millis(50));
-            if in_flight(&nodes) == 0.0 {
-                drained = true;
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
-    }
-    assert!(drained, "writes are still in flight");
+    // until its deadline, and could store a hint after a truncation (the writer has joined, so
+    // no new one starts).
+    assert!(
+        none_in_flight(&nodes, &[0, 1, 3]),
+        "writes are still in flight"
+    );
     let held = hints(&nodes);
     let mut truncated = 0u64;
     for i in [0, 1, 3] {
@@ -583,21 +589,12 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
             }
         }
         // Every read has ended (past its deadline) before the others wake: their late replies
-        // find nothing to repair. Waited for, not assumed from a pause: node 3 publishes its
-        // requests in flight every tick, so two polls a publication apart that both read none
-        // (no new read starts meanwhile) mean every read is over.
-        let mut ended = false;
-        for _ in 0..HANDOFF_POLLS {
-            if nodes[2].metric("ringkv_ops_in_flight") == 0.0 {
-                std::thread::sleep(Duration::from_millis(50));
-                if nodes[2].metric("ringkv_ops_in_flight") == 0.0 {
-                    ended = true;
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
-        }
-        assert!(ended, "node 3's reads are still in flight");
+        // find nothing to repair. Waited for, not assumed from a pause (no new read starts
+        // meanwhile).
+        assert!(
+            none_in_flight(&nodes, &[2]),
+            "node 3's reads are still in flight"
+        );
         for i in [0, 1, 3] {
             nodes[i].signal("CONT");
         }
