@@ -83,6 +83,31 @@ struct WriteOpts {
     dw: Option<u8>,
 }
 
+/// When a written value (or a whole map) expires.
+#[derive(clap::Args, Debug)]
+struct ExpiryOpts {
+    /// Time to live, e.g. `30s`, `15m`, `2h 30m`, `500ms` [default: the bucket's].
+    #[arg(long, value_parser = parse_ttl, conflicts_with = "no_expiry")]
+    ttl: Option<Duration>,
+    /// Never expire, even in a bucket with a default time to live (for a map: remove its
+    /// expiry).
+    #[arg(long)]
+    no_expiry: bool,
+}
+
+impl ExpiryOpts {
+    /// The expiry the options ask for; `None` for the bucket's default.
+    fn expiry(&self) -> Option<Expiry> {
+        match (self.ttl, self.no_expiry) {
+            (Some(ttl), _) => Some(Expiry::Ttl {
+                ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            }),
+            (None, true) => Some(Expiry::Never),
+            (None, false) => None,
+        }
+    }
+}
+
 /// The settings of `ringkv serve`.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
@@ -217,12 +242,8 @@ enum Command {
         target: Target,
         #[command(flatten)]
         write: WriteOpts,
-        /// Time to live, e.g. `30s`, `15m`, `2h 30m`, `500ms` [default: the bucket's].
-        #[arg(long, value_parser = parse_ttl, conflicts_with = "no_expiry")]
-        ttl: Option<Duration>,
-        /// Never expire, even in a bucket with a default time to live.
-        #[arg(long)]
-        no_expiry: bool,
+        #[command(flatten)]
+        expiry: ExpiryOpts,
         /// The key.
         key: String,
         /// The value.
@@ -241,12 +262,8 @@ enum Command {
         /// Delete FIELD (repeatable).
         #[arg(long = "del", value_name = "FIELD")]
         dels: Vec<String>,
-        /// Time to live of the whole map, e.g. `30m`.
-        #[arg(long, value_parser = parse_ttl, conflicts_with = "no_expiry")]
-        ttl: Option<Duration>,
-        /// Remove the map's expiry.
-        #[arg(long)]
-        no_expiry: bool,
+        #[command(flatten)]
+        expiry: ExpiryOpts,
         /// The key.
         key: String,
     },
@@ -593,18 +610,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Put {
             target,
             write,
-            ttl,
-            no_expiry,
+            expiry,
             key,
             value,
         } => {
-            let expiry = match (ttl, no_expiry) {
-                (Some(ttl), _) => Some(Expiry::Ttl {
-                    ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                }),
-                (None, true) => Some(Expiry::Never),
-                (None, false) => None,
-            };
+            let expiry = expiry.expiry();
             let request = Message::Put(Put {
                 bucket: Bytes::from(target.bucket.clone().into_bytes()),
                 key: Bytes::from(key.into_bytes()),
@@ -627,8 +637,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             write,
             sets,
             dels,
-            ttl,
-            no_expiry,
+            expiry,
             key,
         } => {
             let mut ops: Vec<MapOp> = sets
@@ -641,13 +650,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ops.extend(dels.into_iter().map(|field| MapOp::Delete {
                 field: Bytes::from(field.into_bytes()),
             }));
-            match (ttl, no_expiry) {
-                (Some(ttl), _) => ops.push(MapOp::Expire(Expiry::Ttl {
-                    ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                })),
-                (None, true) => ops.push(MapOp::Expire(Expiry::Never)),
-                (None, false) => {}
-            }
+            ops.extend(expiry.expiry().map(MapOp::Expire));
             if ops.is_empty() {
                 bail!("nothing to update: give --set, --del, --ttl or --no-expiry");
             }
