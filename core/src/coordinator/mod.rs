@@ -1390,15 +1390,9 @@ impl Core {
                          whole (PUT) or delete it before updating fields",
                     ));
                 }
-                let seen = local.as_ref().map_or(0, Object::timestamp);
-                let timestamp = hlc_next(self.hlc_last.max(seen), now);
-                self.hlc_last = timestamp;
+                let timestamp = lww_stamp(&mut self.hlc_last, local.as_ref(), now);
                 let new = Object::Map(LwwMap::from_changes((timestamp, self.cfg.node), changes));
-                let object = match local {
-                    Some(l) => l.merge(new),
-                    None => new,
-                };
-                return self.check_size(object);
+                return self.check_size(merged(local, new));
             }
         };
         let props = self.cfg.buckets.props(&op.bucket);
@@ -1441,18 +1435,12 @@ impl Core {
                 ))
             }
             ConflictMode::Lww => {
-                let seen = local.as_ref().map_or(0, Object::timestamp);
-                let timestamp = hlc_next(self.hlc_last.max(seen), now);
-                self.hlc_last = timestamp;
                 let new = Object::Lww(Lww {
-                    timestamp,
+                    timestamp: lww_stamp(&mut self.hlc_last, local.as_ref(), now),
                     node: self.cfg.node,
                     val,
                 });
-                match local {
-                    Some(l) => l.merge(new),
-                    None => new,
-                }
+                merged(local, new)
             }
         };
         if let Object::Causal(clock) = &object {
@@ -2581,6 +2569,22 @@ enum SlotResult {
 
 /// Most jobs sharing one read and one write of a key.
 const BATCH_JOBS_MAX: usize = 64;
+
+/// The stamp of a new `lww` version (or map change) of a key whose replica holds `local`: the
+/// hybrid logical clock past everything the core (`hlc_last`) and the replica have seen.
+fn lww_stamp(hlc_last: &mut u64, local: Option<&Object>, now: u64) -> u64 {
+    let seen = local.map_or(0, Object::timestamp);
+    *hlc_last = hlc_next((*hlc_last).max(seen), now);
+    *hlc_last
+}
+
+/// `new` merged into the replica's `local` object, if any.
+fn merged(local: Option<Object>, new: Object) -> Object {
+    match local {
+        Some(l) => l.merge(new),
+        None => new,
+    }
+}
 
 fn is_hint(key: &StoreKey) -> bool {
     matches!(key.space, Space::Hint(_))
