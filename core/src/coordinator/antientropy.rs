@@ -882,7 +882,8 @@ impl AntiEntropy {
         }
     }
 
-    /// Message `id` of an exchange timed out: if the exchange awaited it, the exchange ends.
+    /// Message `id` of an exchange timed out, or its peer became unreachable: if the exchange
+    /// awaited it, the exchange ends.
     pub(super) fn expired(&mut self, id: u64) {
         if self
             .exchange
@@ -896,17 +897,6 @@ impl AntiEntropy {
     /// `from` answered message `id` of an exchange with an error.
     pub(super) fn failed(&mut self, from: NodeId, id: u64) {
         if self.awaited(from, id) {
-            self.end_unsettled();
-        }
-    }
-
-    /// `node` is unreachable: an exchange waiting for it ends.
-    pub(super) fn unreachable(&mut self, node: NodeId) {
-        if self
-            .exchange
-            .as_ref()
-            .is_some_and(|x| x.waiting.values().any(|&n| n == node))
-        {
             self.end_unsettled();
         }
     }

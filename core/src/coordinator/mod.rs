@@ -2061,14 +2061,14 @@ impl Core {
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
         self.live.mark_down(node, now);
-        self.ae.unreachable(node);
         let ids: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| match p {
                 Pending::Slot { node: n, .. }
                 | Pending::Forward { node: n, .. }
-                | Pending::Repair { node: n } => *n == node,
+                | Pending::Repair { node: n }
+                | Pending::Exchange { node: n } => *n == node,
                 Pending::Delivery { to, .. } => *to == node,
                 Pending::Credit { home } => *home == node,
                 _ => false,

@@ -216,6 +216,11 @@ impl View<'_> {
         ring.preference_list(PartitionId(partition), self.cfg.target_n)
             .contains(&self.cfg.node)
     }
+
+    /// Whether this node replicates `partition` in the ring in force or the `pending` one.
+    fn replicates(&self, pending: Option<&Ring>, partition: u32) -> bool {
+        self.in_pref(self.ring, partition) || pending.is_some_and(|p| self.in_pref(p, partition))
+    }
 }
 
 impl Transfers {
@@ -236,11 +241,7 @@ impl Transfers {
 
     /// Whether this node replicates `partition` in the ring in force or the pending one.
     pub(super) fn replicates(&self, v: &View<'_>, partition: u32) -> bool {
-        v.in_pref(v.ring, partition)
-            || self
-                .pending
-                .as_ref()
-                .is_some_and(|(_, p)| v.in_pref(p, partition))
+        v.replicates(self.pending.as_ref().map(|(_, r)| r), partition)
     }
 
     /// This core's partitions this node replicates.
@@ -292,10 +293,9 @@ impl Transfers {
         }
         // A partition this node stopped replicating lost its trees (anti-entropy keeps trees
         // only for partitions it replicates): a pass rebuilding them no longer can.
+        let pending = self.pending.as_ref().map(|(_, r)| r);
         for (&p, h) in self.handoffs.iter_mut() {
-            if !(v.in_pref(v.ring, p)
-                || self.pending.as_ref().is_some_and(|(_, r)| v.in_pref(r, p)))
-            {
+            if !v.replicates(pending, p) {
                 h.fill = false;
             }
         }
