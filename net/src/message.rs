@@ -427,6 +427,120 @@ pub struct Update {
     pub timeout_ms: Option<u32>,
 }
 
+/// The convergent data type an [`Apply`] works on (the key's type once it exists).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CrdtType {
+    /// A counter: increments and decrements by any node all count.
+    Counter = 1,
+    /// An add-wins set of byte strings.
+    Set = 2,
+    /// A map of named fields, each a register, a counter, a set or a flag.
+    Map = 3,
+}
+
+/// A change of one field of a map ([`CrdtOp::Field`]). The first change of a field gives it
+/// its kind; a change of another kind on an existing field is refused (`wrong_type`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FieldOp {
+    /// A register field: set its value (last write wins).
+    Assign(Bytes),
+    /// A counter field: add this (negative: subtract).
+    Increment(i64),
+    /// A set field: add an element.
+    Add(Bytes),
+    /// A set field: remove an element (the adds the coordinator has seen).
+    Remove(Bytes),
+    /// A flag field: enable it (an enable concurrent with a disable wins).
+    Enable,
+    /// A flag field: disable it.
+    Disable,
+}
+
+/// One operation of an [`Apply`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CrdtOp {
+    /// A counter: add this (negative: subtract).
+    Increment(i64),
+    /// A set: add an element.
+    Add(Bytes),
+    /// A set: remove an element (the adds the coordinator has seen; an add it has not seen
+    /// survives, as a concurrent one would).
+    Remove(Bytes),
+    /// A map: change a field.
+    Field {
+        /// The field's name.
+        name: Bytes,
+        /// The change.
+        op: FieldOp,
+    },
+    /// A map: remove a field (what the coordinator has seen of it).
+    RemoveField(Bytes),
+    /// Any type: set or remove the key's expiry.
+    Expire(Expiry),
+}
+
+/// APPLY: operations on the convergent data type under a key. The coordinator applies them to
+/// its replica and replicates the merged state; nothing is read first by the client, and no
+/// siblings result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Apply {
+    /// Bucket name.
+    pub bucket: Bytes,
+    /// Key.
+    pub key: Bytes,
+    /// The key's type; operations of another type are refused (`invalid_request`), and a key
+    /// holding another type answers `wrong_type`.
+    pub crdt: CrdtType,
+    /// The operations, applied in order (at most [`CRDT_OPS_MAX`]).
+    pub ops: Vec<CrdtOp>,
+    /// The client's id for this operation: a retry with the same id is applied once (within
+    /// the window `docs/ARCHITECTURE.md` states); `None` for no deduplication.
+    pub op_id: Option<u64>,
+    /// Whether APPLY_OK carries the value after the operations.
+    pub return_value: bool,
+    /// Write quorum; the bucket's default when absent.
+    pub w: Option<u8>,
+    /// Durable-write quorum; the bucket's default when absent.
+    pub dw: Option<u8>,
+    /// Deadline in milliseconds; the node's default when absent.
+    pub timeout_ms: Option<u32>,
+}
+
+/// Most operations one [`Apply`] carries.
+pub const CRDT_OPS_MAX: usize = 4096;
+
+/// The value of one field of a map, as read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FieldValue {
+    /// A register's value.
+    Register(Bytes),
+    /// A counter's value.
+    Counter(i64),
+    /// A set's elements, in byte order.
+    Set(Vec<Bytes>),
+    /// An enabled flag (a disabled flag is absent).
+    Flag,
+}
+
+/// The value of a convergent data type, as read.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CrdtValue {
+    /// A counter's value.
+    Counter(i64),
+    /// A set's elements, in byte order.
+    Set(Vec<Bytes>),
+    /// A map's present fields, in name order.
+    Map(Vec<(Bytes, FieldValue)>),
+}
+
+/// APPLY_OK: the operations were applied (and replicated as the quorums asked).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ApplyOk {
+    /// The value after the operations, when the request asked for it.
+    pub value: Option<CrdtValue>,
+}
+
 /// Most changes one [`Update`] carries.
 pub const MAP_OPS_MAX: usize = 4096;
 /// Longest map field name.
