@@ -33,6 +33,7 @@
 pub mod admission;
 pub mod bucket;
 pub mod coordinator;
+pub mod crdt;
 pub mod dvv;
 #[cfg(test)]
 mod fuzz;

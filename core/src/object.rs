@@ -33,6 +33,7 @@
 //!                                          values × val)
 //! lww:    0x02 | timestamp u64 | node u32 | val
 //! map:    0x03 | the map's encoding (`map.rs`)
+//! crdt:   0x04 | the convergent type's encoding (`crdt.rs`)
 //! val:    0x00 (tombstone) | 0x01 | len u32 | len bytes
 //!       | 0x02 | expires_at_ms u64 | len u32 | len bytes   (an expiring value)
 //! ```
@@ -43,12 +44,14 @@
 use bytes::Bytes;
 
 use crate::NodeId;
+use crate::crdt::Crdt;
 use crate::dvv::{Actor, ClockError, DvvSet, VersionVector};
 use crate::map::LwwMap;
 
 const TAG_CAUSAL: u8 = 0x01;
 const TAG_LWW: u8 = 0x02;
 const TAG_MAP: u8 = 0x03;
+const TAG_CRDT: u8 = 0x04;
 const VAL_TOMBSTONE: u8 = 0x00;
 const VAL_VALUE: u8 = 0x01;
 const VAL_EXPIRING: u8 = 0x02;
@@ -154,6 +157,8 @@ pub enum Object {
     Lww(Lww),
     /// A map of last-write-wins fields (a Redis hash, `map.rs`).
     Map(LwwMap),
+    /// A convergent data type: a counter, a set or a map (`crdt.rs`).
+    Crdt(Crdt),
 }
 
 /// Bytes that are not an encoded object.
@@ -214,9 +219,43 @@ impl Object {
                     Object::Map(m.cleared_at(stamp))
                 }
             }
-            (c @ Object::Causal(_), Object::Lww(_) | Object::Map(_))
-            | (Object::Lww(_) | Object::Map(_), c @ Object::Causal(_)) => c,
+            (Object::Crdt(a), Object::Crdt(b)) => Object::Crdt(a.join(b)),
+            // A convergent state is a whole-key write stamped with its generation (the write it
+            // replaced, so it wins a tie with it): a plain value or a map stamped later replaces
+            // it, and what the map holds from before it is cleared (`crdt.rs`, merge).
+            (Object::Crdt(c), Object::Lww(l)) | (Object::Lww(l), Object::Crdt(c)) => {
+                if c.generation() >= (l.timestamp, l.node) {
+                    Object::Crdt(c)
+                } else {
+                    Object::Lww(l)
+                }
+            }
+            (Object::Crdt(c), Object::Map(m)) | (Object::Map(m), Object::Crdt(c)) => {
+                if c.generation() >= m.latest() {
+                    Object::Crdt(c)
+                } else {
+                    Object::Map(m.cleared_at(c.generation()))
+                }
+            }
+            (c @ Object::Causal(_), Object::Lww(_) | Object::Map(_) | Object::Crdt(_))
+            | (Object::Lww(_) | Object::Map(_) | Object::Crdt(_), c @ Object::Causal(_)) => c,
         }
+    }
+
+    /// The actors of the object's causal history (none for `lww` objects).
+    pub fn actors(&self) -> impl Iterator<Item = Actor> + '_ {
+        let causal = match self {
+            Object::Causal(c) => Some(c.entries().map(|(a, _, _)| a)),
+            _ => None,
+        };
+        let crdt = match self {
+            Object::Crdt(c) => Some(c.actors()),
+            _ => None,
+        };
+        causal
+            .into_iter()
+            .flatten()
+            .chain(crdt.into_iter().flatten())
     }
 
     /// The concurrent versions, in a deterministic order.
@@ -224,8 +263,9 @@ impl Object {
         match self {
             Object::Causal(c) => c.values().cloned().collect(),
             Object::Lww(l) => vec![l.val.clone()],
-            // A map's fields are not versions of one value (`Object::Map`, `LwwMap::live`).
-            Object::Map(_) => Vec::new(),
+            // A map's fields are not versions of one value (`Object::Map`, `LwwMap::live`),
+            // nor is a convergent state (`Crdt::value`).
+            Object::Map(_) | Object::Crdt(_) => Vec::new(),
         }
     }
 
@@ -233,7 +273,7 @@ impl Object {
     pub fn sibling_count(&self) -> usize {
         match self {
             Object::Causal(c) => c.size(),
-            Object::Lww(_) | Object::Map(_) => 1,
+            Object::Lww(_) | Object::Map(_) | Object::Crdt(_) => 1,
         }
     }
 
@@ -241,7 +281,7 @@ impl Object {
     pub fn context(&self) -> VersionVector {
         match self {
             Object::Causal(c) => c.join(),
-            Object::Lww(_) | Object::Map(_) => VersionVector::new(),
+            Object::Lww(_) | Object::Map(_) | Object::Crdt(_) => VersionVector::new(),
         }
     }
 
@@ -266,6 +306,7 @@ impl Object {
             Object::Causal(c) => c.values().all(&mut visit),
             Object::Lww(l) => visit(&l.val),
             Object::Map(m) => return m.dead_from(),
+            Object::Crdt(c) => return c.dead_from(),
         };
         all.then_some(from)
     }
@@ -280,6 +321,7 @@ impl Object {
             Object::Causal(c) => c.values().next().is_some() && c.values().all(expiring),
             Object::Lww(l) => expiring(&l.val),
             Object::Map(m) => m.dead_from().is_some_and(|t| t > 0),
+            Object::Crdt(c) => c.dead_from().is_some_and(|t| t > 0),
         }
     }
 
@@ -290,6 +332,7 @@ impl Object {
             Object::Causal(_) => 0,
             Object::Lww(l) => l.timestamp,
             Object::Map(m) => m.latest().0,
+            Object::Crdt(c) => c.latest().0,
         }
     }
 
@@ -312,6 +355,7 @@ impl Object {
             }
             Object::Lww(l) => 1 + 8 + 4 + val_len(&l.val),
             Object::Map(m) => 1 + m.encoded_len(),
+            Object::Crdt(c) => 1 + c.encoded_len(),
         }
     }
 
@@ -355,6 +399,10 @@ impl Object {
             Object::Map(m) => {
                 sink(&[TAG_MAP]);
                 m.encode_into(sink);
+            }
+            Object::Crdt(c) => {
+                sink(&[TAG_CRDT]);
+                c.encode_into(sink);
             }
             Object::Lww(l) => {
                 sink(&[TAG_LWW]);
@@ -404,6 +452,7 @@ impl Object {
                 })
             }
             TAG_MAP => Object::Map(LwwMap::decode(&mut r)?),
+            TAG_CRDT => Object::Crdt(Crdt::decode(&mut r)?),
             tag => return Err(ObjectError::BadTag { tag, at: 0 }),
         };
         if r.remaining() > 0 {
@@ -803,7 +852,34 @@ mod tests {
                     val: Val::Tombstone,
                 }))
         });
-        prop_oneof![causal, lww, keyed]
+        // Convergent states of a few generations (stamps of the writes above they replaced):
+        // each actor's own states are prefixes of one history, so a dot names one event.
+        let crdt = (
+            prop::sample::select(vec![(0u64, 0u32), (2, 1), (3, 2), (5, 1), (7, 2)]),
+            prop::collection::vec((1..3u32, 1..4u64), 1..3),
+        )
+            .prop_map(|((ts, n), own)| {
+                let generation = (ts, NodeId(n));
+                let mut state = Crdt::new(generation);
+                for (a, upto) in own {
+                    let mut mine = Crdt::new(generation);
+                    for k in 1..=upto {
+                        let op = [ringkv_net::CrdtOp::Increment(k as i64)];
+                        mine.apply(
+                            actor(a),
+                            (ts + k, NodeId(a)),
+                            ringkv_net::CrdtType::Counter,
+                            &op,
+                            None,
+                            0,
+                        )
+                        .unwrap();
+                    }
+                    state = state.join(mine);
+                }
+                Object::Crdt(state)
+            });
+        prop_oneof![causal, lww, keyed, crdt]
     }
 
     /// A deletion concurrent with an expiring value is kept for the tombstone grace, not the

@@ -46,7 +46,8 @@ pub use frame::{
 };
 pub use limits::{Limits, LimitsError};
 pub use message::{
-    Admin, AdminOk, Cluster, ClusterOk, Condition, Delete, ErrorBody, ErrorCode, Expiry, Frame,
-    Get, GetOk, Hello, HelloOk, Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk,
-    ReplicaPut, ReplicaPutOk, Role, Sibling, Update,
+    Admin, AdminOk, Apply, ApplyOk, Cluster, ClusterOk, Condition, CrdtOp, CrdtType, CrdtValue,
+    Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello, HelloOk,
+    Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
+    Sibling, Update,
 };

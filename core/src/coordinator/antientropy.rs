@@ -684,14 +684,7 @@ impl AntiEntropy {
                     }) if d == digest => t.since,
                     _ => now.max(dead_from),
                 },
-                own_epoch: match o {
-                    Object::Causal(c) => c
-                        .entries()
-                        .filter(|(a, _, _)| a.node == me)
-                        .map(|(a, _, _)| a.epoch)
-                        .max(),
-                    Object::Lww(_) | Object::Map(_) => None,
-                },
+                own_epoch: o.actors().filter(|a| a.node == me).map(|a| a.epoch).max(),
             });
             Entry { leaf, digest, tomb }
         });

@@ -1400,7 +1400,9 @@ impl Core {
             ConflictMode::Siblings => {
                 let server = match local {
                     Some(Object::Causal(c)) => c,
-                    Some(Object::Lww(_) | Object::Map(_)) | None => DvvSet::empty(),
+                    Some(Object::Lww(_) | Object::Map(_) | Object::Crdt(_)) | None => {
+                        DvvSet::empty()
+                    }
                 };
                 let put = match context {
                     Some(vv) => Put::new_with_context(vv.clone(), val),
@@ -1477,14 +1479,11 @@ impl Core {
     /// The actor a home coordinator uses for a key whose local replica is `local`.
     fn home_actor(&self, local: Option<&Object>) -> Actor {
         let me = self.cfg.node;
-        let continued = match local {
-            Some(Object::Causal(c)) => c
-                .entries()
-                .map(|(a, _, _)| a)
+        let continued = local.and_then(|o| {
+            o.actors()
                 .filter(|a| a.node == me && a.epoch >= self.floor)
-                .max(),
-            _ => None,
-        };
+                .max()
+        });
         continued.unwrap_or(Actor::new(me, self.epochs.primary))
     }
 
@@ -2624,7 +2623,7 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
     }
     let context = match object {
         Object::Causal(_) => Bytes::from(object.context().encode()),
-        Object::Lww(_) | Object::Map(_) => Bytes::new(),
+        Object::Lww(_) | Object::Map(_) | Object::Crdt(_) => Bytes::new(),
     };
     if object.is_deleted_at(now) {
         return Message::GetOk(GetOk {
