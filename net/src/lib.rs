@@ -5,7 +5,8 @@
 //! implementation.
 //!
 //! - [`frame`]: the 20-byte frame header, [`decode_frame`] and [`encode_frame`].
-//! - [`message`]: message kinds and typed bodies (handshake, client ops, peer replica ops, errors).
+//! - [`message`]: message kinds and typed bodies (handshake, client ops including operations on
+//!   convergent data types, peer replica ops, errors).
 //! - [`limits`]: every size limit, as named constants and the configurable [`Limits`].
 //! - [`error`]: typed errors naming the frame, field and limit at fault.
 //! - [`wire`]: the bounds-checked field reader and writer every body uses, public so the cluster
@@ -46,8 +47,8 @@ pub use frame::{
 };
 pub use limits::{Limits, LimitsError};
 pub use message::{
-    Admin, AdminOk, Apply, ApplyOk, Cluster, ClusterOk, Condition, CrdtOp, CrdtType, CrdtValue,
-    Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello, HelloOk,
-    Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role,
-    Sibling, Update,
+    Admin, AdminOk, Apply, ApplyOk, CRDT_OPS_MAX, Cluster, ClusterOk, Condition, CrdtOp, CrdtType,
+    CrdtValue, Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello,
+    HelloOk, Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
+    Role, Sibling, Update,
 };

@@ -10,10 +10,13 @@
 //! these ranges; a receiver that does not know a kind answers `unknown_kind` and carries on.
 //!
 //! What the codec checks: lengths against the limits in [`crate::limits`], tags and enums against
-//! their allowed values, strings for UTF-8, and the one structural relation `shard < shard_count`.
-//! What it does not check: anything that needs node state or configuration beyond [`Limits`]
-//! (whether `r <= n`, whether a bucket exists, whether a client may send peer requests). Those are
-//! request-level errors the node answers without closing the connection.
+//! their allowed values, strings for UTF-8, and a few structural relations: `shard <
+//! shard_count`, a GET_OK with map fields or a convergent value has no siblings, and a
+//! convergent value's set elements and map fields are in strictly increasing order (the
+//! submodule `crdt` encodes APPLY, APPLY_OK and those values). What it does not check: anything
+//! that needs node state or configuration beyond [`Limits`] (whether `r <= n`, whether a bucket
+//! exists, whether a client may send peer requests, whether an APPLY's operations fit its type).
+//! Those are request-level errors the node answers without closing the connection.
 //!
 //! Byte fields are [`Bytes`] so messages can be moved across cores and cloned without copying;
 //! decoding copies each field once out of the receive buffer.
@@ -28,6 +31,8 @@ use crate::limits::{
     SIBLINGS_MAX, VALUE_BYTES_MAX,
 };
 use crate::wire::{LenWidth, Reader, Writer, check_len, opt_prefixed_len, prefixed_len};
+
+mod crdt;
 
 /// The kind byte of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,6 +50,8 @@ pub enum Kind {
     Delete = 0x12,
     /// Client write of some fields of a map (a Redis hash).
     Update = 0x13,
+    /// Client operations on a convergent data type (a counter, a set, a map).
+    Apply = 0x14,
     /// Operator command (cluster membership and status), answered with a text body.
     Admin = 0x20,
     /// Replica write from a coordinator to a shard.
@@ -68,6 +75,8 @@ pub enum Kind {
     DeleteOk = 0x92,
     /// Reply to [`Kind::Update`].
     UpdateOk = 0x93,
+    /// Reply to [`Kind::Apply`].
+    ApplyOk = 0x94,
     /// Reply to [`Kind::Admin`].
     AdminOk = 0xA0,
     /// Reply to [`Kind::ReplicaPut`].
@@ -83,13 +92,14 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Kind {
     /// Every kind, in numeric order.
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Get,
         Kind::Put,
         Kind::Delete,
         Kind::Update,
+        Kind::Apply,
         Kind::Admin,
         Kind::ReplicaPut,
         Kind::ReplicaGet,
@@ -101,6 +111,7 @@ impl Kind {
         Kind::PutOk,
         Kind::DeleteOk,
         Kind::UpdateOk,
+        Kind::ApplyOk,
         Kind::AdminOk,
         Kind::ReplicaPutOk,
         Kind::ReplicaGetOk,
@@ -116,6 +127,7 @@ impl Kind {
             0x11 => Self::Put,
             0x12 => Self::Delete,
             0x13 => Self::Update,
+            0x14 => Self::Apply,
             0x20 => Self::Admin,
             0x40 => Self::ReplicaPut,
             0x41 => Self::ReplicaGet,
@@ -127,6 +139,7 @@ impl Kind {
             0x91 => Self::PutOk,
             0x92 => Self::DeleteOk,
             0x93 => Self::UpdateOk,
+            0x94 => Self::ApplyOk,
             0xA0 => Self::AdminOk,
             0xC0 => Self::ReplicaPutOk,
             0xC1 => Self::ReplicaGetOk,
@@ -161,6 +174,7 @@ impl Kind {
             Self::Put => "PUT",
             Self::Delete => "DELETE",
             Self::Update => "UPDATE",
+            Self::Apply => "APPLY",
             Self::Admin => "ADMIN",
             Self::ReplicaPut => "REPLICA_PUT",
             Self::ReplicaGet => "REPLICA_GET",
@@ -172,6 +186,7 @@ impl Kind {
             Self::PutOk => "PUT_OK",
             Self::DeleteOk => "DELETE_OK",
             Self::UpdateOk => "UPDATE_OK",
+            Self::ApplyOk => "APPLY_OK",
             Self::AdminOk => "ADMIN_OK",
             Self::ReplicaPutOk => "REPLICA_PUT_OK",
             Self::ReplicaGetOk => "REPLICA_GET_OK",
@@ -226,6 +241,9 @@ pub enum ErrorCode {
     BadContext,
     /// A conditional write's condition did not hold (the key existed, or did not).
     ConditionFailed,
+    /// The key holds another type than the request works on: a plain value or an UPDATE map
+    /// under an APPLY, another convergent data type, or a map field of another kind.
+    WrongType,
     /// Fewer replicas than requested (`r`, `w` or `dw`) answered.
     NotEnoughReplicas,
     /// The request's deadline passed. A write may or may not have been applied.
@@ -256,6 +274,7 @@ impl ErrorCode {
             Self::TooManySiblings => 0x0103,
             Self::BadContext => 0x0104,
             Self::ConditionFailed => 0x0105,
+            Self::WrongType => 0x0106,
             Self::NotEnoughReplicas => 0x0201,
             Self::Timeout => 0x0202,
             Self::Overloaded => 0x0203,
@@ -280,6 +299,7 @@ impl ErrorCode {
             0x0103 => Self::TooManySiblings,
             0x0104 => Self::BadContext,
             0x0105 => Self::ConditionFailed,
+            0x0106 => Self::WrongType,
             0x0201 => Self::NotEnoughReplicas,
             0x0202 => Self::Timeout,
             0x0203 => Self::Overloaded,
@@ -308,6 +328,7 @@ impl ErrorCode {
             Self::TooManySiblings => "too_many_siblings",
             Self::BadContext => "bad_context",
             Self::ConditionFailed => "condition_failed",
+            Self::WrongType => "wrong_type",
             Self::NotEnoughReplicas => "not_enough_replicas",
             Self::Timeout => "timeout",
             Self::Overloaded => "overloaded",
@@ -388,6 +409,8 @@ pub struct GetOk {
     pub expires_at_ms: Option<u64>,
     /// For a key holding a map (a Redis hash): its live fields in name order, and no siblings.
     pub fields: Option<Vec<(Bytes, Bytes)>>,
+    /// For a key holding a convergent data type: its value, and no siblings.
+    pub crdt: Option<CrdtValue>,
 }
 
 /// One change of an [`Update`].
@@ -777,6 +800,10 @@ pub enum Message {
     Update(Update),
     /// UPDATE_OK.
     UpdateOk,
+    /// APPLY.
+    Apply(Apply),
+    /// APPLY_OK.
+    ApplyOk(ApplyOk),
     /// REPLICA_PUT.
     ReplicaPut(ReplicaPut),
     /// REPLICA_PUT_OK.
@@ -844,10 +871,12 @@ const F_FIELDS: &str = "fields";
 const F_FIELD: &str = "field";
 const F_OPS: &str = "ops";
 const F_OP: &str = "op";
+const F_CRDT: &str = "crdt";
 
 /// GET_OK's optional trailing extensions, each a tag and its payload, in tag order.
 const GET_OK_EXPIRES_AT: u8 = 1;
 const GET_OK_FIELDS: u8 = 2;
+const GET_OK_CRDT: u8 = 3;
 /// UPDATE change tags.
 const OP_SET: u8 = 1;
 const OP_DELETE: u8 = 2;
@@ -935,6 +964,8 @@ impl Message {
             Self::DeleteOk => Kind::DeleteOk,
             Self::Update(_) => Kind::Update,
             Self::UpdateOk => Kind::UpdateOk,
+            Self::Apply(_) => Kind::Apply,
+            Self::ApplyOk(_) => Kind::ApplyOk,
             Self::ReplicaPut(_) => Kind::ReplicaPut,
             Self::ReplicaPutOk(_) => Kind::ReplicaPutOk,
             Self::ReplicaGet(_) => Kind::ReplicaGet,
@@ -1026,7 +1057,19 @@ impl Message {
                         check_len(F_VALUE, LenWidth::U32, v.len(), VALUE_BYTES_MAX)?;
                     }
                 }
+                if let Some(value) = &m.crdt {
+                    if !m.siblings.is_empty() || m.fields.is_some() {
+                        return Err(EncodeError::InvalidField {
+                            field: F_CRDT,
+                            reason: "a convergent data type reads with its value, no siblings \
+                                     and no map fields",
+                        });
+                    }
+                    crdt::check_value(value)?;
+                }
             }
+            Self::Apply(m) => crdt::check_apply(m, limits)?,
+            Self::ApplyOk(m) => crdt::check_apply_ok(m)?,
             Self::Put(m) => {
                 check_bucket_key(&m.bucket, &m.key, limits)?;
                 if let Some(c) = &m.context {
@@ -1139,7 +1182,10 @@ impl Message {
                                 })
                                 .sum::<usize>()
                     })
+                    + m.crdt.as_ref().map_or(0, |v| 1 + crdt::value_len(v))
             }
+            Self::Apply(m) => crdt::apply_len(m),
+            Self::ApplyOk(m) => crdt::apply_ok_len(m),
             Self::Put(m) => {
                 opt_len(m.w, 1)
                     + opt_len(m.dw, 1)
@@ -1243,7 +1289,13 @@ impl Message {
                         w.prefixed(U32, v);
                     }
                 }
+                if let Some(v) = &m.crdt {
+                    w.u8(GET_OK_CRDT);
+                    crdt::write_value(w, v);
+                }
             }
+            Self::Apply(m) => crdt::write_apply(w, m),
+            Self::ApplyOk(m) => crdt::write_apply_ok(w, m),
             Self::Put(m) => {
                 w.opt_u8(m.w);
                 w.opt_u8(m.dw);
@@ -1437,6 +1489,7 @@ impl Message {
                 let context = r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?;
                 let mut expires_at_ms = None;
                 let mut fields = None;
+                let mut crdt_value = None;
                 let mut last_tag = 0;
                 while r.remaining() > 0 {
                     let tag = r.u8(F_EXTENSION)?;
@@ -1467,6 +1520,7 @@ impl Message {
                             }
                             fields = Some(list);
                         }
+                        GET_OK_CRDT => crdt_value = Some(crdt::read_value(&mut r)?),
                         other => {
                             return Err(BodyError::BadValue {
                                 field: F_EXTENSION,
@@ -1481,13 +1535,30 @@ impl Message {
                         value: siblings.len() as u64,
                     });
                 }
+                // A convergent data type reads as its value alone: the error names the sibling
+                // count beside it, or the tag of the map fields beside it.
+                if crdt_value.is_some() && !siblings.is_empty() {
+                    return Err(BodyError::BadValue {
+                        field: F_CRDT,
+                        value: siblings.len() as u64,
+                    });
+                }
+                if crdt_value.is_some() && fields.is_some() {
+                    return Err(BodyError::BadValue {
+                        field: F_CRDT,
+                        value: u64::from(GET_OK_FIELDS),
+                    });
+                }
                 Self::GetOk(GetOk {
                     siblings,
                     context,
                     expires_at_ms,
                     fields,
+                    crdt: crdt_value,
                 })
             }
+            Kind::Apply => Self::Apply(crdt::read_apply(&mut r, limits)?),
+            Kind::ApplyOk => Self::ApplyOk(crdt::read_apply_ok(&mut r)?),
             Kind::Put => {
                 let w = r.opt(F_W, Reader::u8)?;
                 let dw = r.opt(F_DW, Reader::u8)?;
@@ -1687,6 +1758,9 @@ mod tests {
         }
         assert!(ErrorCode::Timeout.is_transient());
         assert!(!ErrorCode::BadFrame.is_transient());
+        assert_eq!(ErrorCode::from_u16(0x0106), ErrorCode::WrongType);
+        assert_eq!(ErrorCode::WrongType.name(), "wrong_type");
+        assert!(!ErrorCode::WrongType.is_transient());
         assert_eq!(ErrorCode::Other(0x7777).to_string(), "error 0x7777");
     }
 

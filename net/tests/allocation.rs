@@ -196,6 +196,20 @@ fn decoders_allocate_in_proportion_to_input() {
         frame(Kind::ReplicaGetOk, &[&[1][..], &max32].concat()),
         frame(Kind::Error, &[1, 0, 0xFF, 0xFF]),
         frame(Kind::Hello, &[1, 1, 0xFF]),
+        // Convergent values and operations: 4 billion set elements or map fields, a nested
+        // set of as many, and 4095 operations, each declared in a few bytes.
+        frame(Kind::ApplyOk, &[&[1, 2][..], &max32].concat()),
+        frame(Kind::ApplyOk, &[&[1, 3][..], &max32].concat()),
+        frame(
+            Kind::ApplyOk,
+            &[&[1, 3, 1, 0, 0, 0, 1, 0, b's', 3][..], &max32].concat(),
+        ),
+        frame(Kind::ApplyOk, &[&[1, 2, 1, 0, 0, 0][..], &max32].concat()),
+        frame(Kind::Apply, &[0, 0, 0, 0, 0, 0, 1, 0, 0, 0xFF, 0x0F, 1]),
+        frame(
+            Kind::GetOk,
+            &[&[0, 0, 0, 0, 0, 0, 3, 2][..], &max32].concat(),
+        ),
     ];
     for input in &hostile {
         let start = std::time::Instant::now();

@@ -89,6 +89,7 @@ fn answer(message: &Message) -> Message {
             context: Bytes::from_static(b"ctx"),
             expires_at_ms: None,
             fields: None,
+            crdt: None,
         }),
         Message::Put(put) => Message::PutOk(ringkv_net::PutOk {
             context: put.key.clone(),

@@ -474,6 +474,7 @@ fn encoder_enforces_limits() {
             context: Bytes::new(),
             expires_at_ms: None,
             fields: None,
+            crdt: None,
         }),
     };
     assert!(matches!(

@@ -25,6 +25,7 @@ fn found(v: &'static [u8], expires_at_ms: Option<u64>) -> Message {
         context: Bytes::new(),
         expires_at_ms,
         fields: None,
+        crdt: None,
     })
 }
 
@@ -34,6 +35,7 @@ fn missing() -> Message {
         context: Bytes::new(),
         expires_at_ms: None,
         fields: None,
+        crdt: None,
     })
 }
 
@@ -403,6 +405,7 @@ fn hash(fields: &[(&'static [u8], &'static [u8])], expires_at_ms: Option<u64>) -
                 .map(|(f, v)| (Bytes::from_static(f), Bytes::from_static(v)))
                 .collect(),
         ),
+        crdt: None,
     })
 }
 

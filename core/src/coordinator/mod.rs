@@ -2609,6 +2609,7 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             context: Bytes::new(),
             expires_at_ms: None,
             fields: None,
+            crdt: None,
         });
     };
     if let Object::Map(map) = object {
@@ -2619,6 +2620,7 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             context: Bytes::new(),
             expires_at_ms: map.expires_at_ms().filter(|_| found),
             fields: found.then_some(fields),
+            crdt: None,
         });
     }
     let context = match object {
@@ -2631,6 +2633,7 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             context,
             expires_at_ms: None,
             fields: None,
+            crdt: None,
         });
     }
     let versions = object.siblings();
@@ -2661,6 +2664,7 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
         context,
         expires_at_ms,
         fields: None,
+        crdt: None,
     })
 }
 

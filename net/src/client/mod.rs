@@ -197,8 +197,8 @@ use crate::error::{EncodeError, FrameError};
 use crate::frame::PROTOCOL_VERSION;
 use crate::limits::Limits;
 use crate::message::{
-    Admin, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, MapOp, Message, Put, PutOk, Role,
-    Sibling, Update,
+    Admin, CrdtValue, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, MapOp, Message, Put,
+    PutOk, Role, Sibling, Update,
 };
 
 /// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
@@ -494,11 +494,13 @@ impl Reply {
                 context,
                 expires_at_ms,
                 fields,
+                crdt,
             }) => Ok(Reply::Get(GetReply {
                 siblings,
                 context,
                 expires_at_ms,
                 fields,
+                crdt,
             })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
@@ -664,6 +666,9 @@ pub struct GetReply {
     pub expires_at_ms: Option<u64>,
     /// For a key holding a map (a Redis hash): its fields, in name order.
     pub fields: Option<Vec<(Bytes, Bytes)>>,
+    /// For a key holding a convergent data type (a counter, a set, a map): its value. A
+    /// missing key has none, whatever type its APPLYs would give it.
+    pub crdt: Option<CrdtValue>,
 }
 
 impl GetReply {

@@ -164,6 +164,7 @@ mod tests {
             context: Bytes::new(),
             expires_at_ms: None,
             fields: None,
+            crdt: None,
         })
     }
 

@@ -10,9 +10,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
-    Admin, AdminOk, Cluster, ClusterOk, Condition, Delete, ErrorBody, ErrorCode, Expiry, Frame,
-    Get, GetOk, Hello, HelloOk, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut,
-    ReplicaPutOk, Role, Sibling, Update,
+    Admin, AdminOk, Apply, ApplyOk, Cluster, ClusterOk, Condition, CrdtOp, CrdtType, CrdtValue,
+    Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello, HelloOk,
+    MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
+    Update,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -58,6 +59,69 @@ fn sibling() -> impl Strategy<Value = Sibling> {
     prop_oneof![
         1 => Just(Sibling::Tombstone),
         3 => bytes(64).prop_map(Sibling::Value),
+    ]
+}
+
+fn expiry() -> impl Strategy<Value = Expiry> {
+    prop_oneof![
+        any::<u64>().prop_map(|ms| Expiry::Ttl { ms }),
+        any::<u64>().prop_map(|unix_ms| Expiry::At { unix_ms }),
+        Just(Expiry::Never),
+    ]
+}
+
+fn crdt_type() -> impl Strategy<Value = CrdtType> {
+    prop_oneof![
+        Just(CrdtType::Counter),
+        Just(CrdtType::Set),
+        Just(CrdtType::Map)
+    ]
+}
+
+fn field_op() -> impl Strategy<Value = FieldOp> {
+    prop_oneof![
+        bytes(256).prop_map(FieldOp::Assign),
+        any::<i64>().prop_map(FieldOp::Increment),
+        bytes(64).prop_map(FieldOp::Add),
+        bytes(64).prop_map(FieldOp::Remove),
+        Just(FieldOp::Enable),
+        Just(FieldOp::Disable),
+    ]
+}
+
+/// Any operation, whatever the APPLY's type: the codec leaves matching them to the node.
+fn crdt_op() -> impl Strategy<Value = CrdtOp> {
+    prop_oneof![
+        any::<i64>().prop_map(CrdtOp::Increment),
+        bytes(64).prop_map(CrdtOp::Add),
+        bytes(64).prop_map(CrdtOp::Remove),
+        (bytes(64), field_op()).prop_map(|(name, op)| CrdtOp::Field { name, op }),
+        bytes(64).prop_map(CrdtOp::RemoveField),
+        expiry().prop_map(CrdtOp::Expire),
+    ]
+}
+
+/// A set's elements: distinct and in byte order, the one order values are encoded in.
+fn elements() -> impl Strategy<Value = Vec<Bytes>> {
+    proptest::collection::btree_set(bytes(32), 0..8).prop_map(|s| s.into_iter().collect())
+}
+
+fn field_value() -> impl Strategy<Value = FieldValue> {
+    prop_oneof![
+        bytes(256).prop_map(FieldValue::Register),
+        any::<i64>().prop_map(FieldValue::Counter),
+        elements().prop_map(FieldValue::Set),
+        Just(FieldValue::Flag),
+    ]
+}
+
+/// Any value of a convergent data type, its sets and maps in byte order.
+pub fn crdt_value() -> impl Strategy<Value = CrdtValue> {
+    prop_oneof![
+        any::<i64>().prop_map(CrdtValue::Counter),
+        elements().prop_map(CrdtValue::Set),
+        proptest::collection::btree_map(bytes(64), field_value(), 0..8)
+            .prop_map(|m| CrdtValue::Map(m.into_iter().collect())),
     ]
 }
 
@@ -112,6 +176,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                 context,
                 expires_at_ms,
                 fields: None,
+                crdt: None,
             })
         });
     // A map's read: fields and no siblings.
@@ -125,17 +190,25 @@ pub fn message() -> impl Strategy<Value = Message> {
                 context: Bytes::new(),
                 expires_at_ms,
                 fields: Some(fields),
+                crdt: None,
             })
         });
+    // A convergent data type's read: its value and no siblings.
+    let get_ok_crdt = (crdt_value(), context(), any::<Option<u64>>()).prop_map(
+        |(value, context, expires_at_ms)| {
+            Message::GetOk(GetOk {
+                siblings: Vec::new(),
+                context,
+                expires_at_ms,
+                fields: None,
+                crdt: Some(value),
+            })
+        },
+    );
     let map_op = prop_oneof![
         (bytes(64), bytes(256)).prop_map(|(field, value)| MapOp::Set { field, value }),
         bytes(64).prop_map(|field| MapOp::Delete { field }),
-        prop_oneof![
-            any::<u64>().prop_map(|ms| Expiry::Ttl { ms }),
-            any::<u64>().prop_map(|unix_ms| Expiry::At { unix_ms }),
-            Just(Expiry::Never),
-        ]
-        .prop_map(MapOp::Expire),
+        expiry().prop_map(MapOp::Expire),
     ];
     let update = (
         bucket(),
@@ -155,11 +228,37 @@ pub fn message() -> impl Strategy<Value = Message> {
                 timeout_ms,
             })
         });
-    let expiry = proptest::option::of(prop_oneof![
-        any::<u64>().prop_map(|ms| Expiry::Ttl { ms }),
-        any::<u64>().prop_map(|unix_ms| Expiry::At { unix_ms }),
-        Just(Expiry::Never),
-    ]);
+    let apply = (
+        bucket(),
+        key(),
+        crdt_type(),
+        proptest::collection::vec(crdt_op(), 1..8),
+        any::<Option<u64>>(),
+        any::<bool>(),
+        (
+            any::<Option<u8>>(),
+            any::<Option<u8>>(),
+            any::<Option<u32>>(),
+        ),
+    )
+        .prop_map(
+            |(bucket, key, crdt, ops, op_id, return_value, (w, dw, timeout_ms))| {
+                Message::Apply(Apply {
+                    bucket,
+                    key,
+                    crdt,
+                    ops,
+                    op_id,
+                    return_value,
+                    w,
+                    dw,
+                    timeout_ms,
+                })
+            },
+        );
+    let apply_ok =
+        proptest::option::of(crdt_value()).prop_map(|value| Message::ApplyOk(ApplyOk { value }));
+    let expiry = proptest::option::of(expiry());
     let put = (
         bucket(),
         key(),
@@ -273,8 +372,11 @@ pub fn message() -> impl Strategy<Value = Message> {
         context().prop_map(|context| Message::PutOk(PutOk { context })),
         delete,
         Just(Message::DeleteOk),
+        get_ok_crdt,
         update,
         Just(Message::UpdateOk),
+        apply,
+        apply_ok,
         replica_put,
         any::<bool>().prop_map(|durable| Message::ReplicaPutOk(ReplicaPutOk { durable })),
         replica_get,
