@@ -740,9 +740,11 @@ fn field<'a>(hash: &'a [(Bytes, Bytes)], name: &Bytes) -> Option<&'a Bytes> {
         .map(|i| &hash[i].1)
 }
 
-/// The RESP error for an error reply.
+/// The RESP error for an error reply; a key of another type is Redis's own `WRONGTYPE`, which
+/// clients recognise.
 fn error_of(reply: &Message) -> Option<RespValue> {
     match reply {
+        Message::Error(e) if e.code == ErrorCode::WrongType => Some(err(WRONGTYPE)),
         Message::Error(e) => Some(err(format!("ERR {}: {}", e.code, e.message))),
         _ => None,
     }

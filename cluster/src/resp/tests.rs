@@ -566,3 +566,17 @@ fn hash_commands() {
     }
     assert!(array(many).contains("at most"));
 }
+
+/// A node's `wrong_type` reaches a Redis client as Redis's own `WRONGTYPE` error, which client
+/// libraries recognise; other node errors keep their code and message.
+#[test]
+fn node_errors_become_redis_errors() {
+    let refuse = |code| move |_: &KeyRequest| Message::Error(ErrorBody::new(code, "refused"));
+    let (reply, _) = script("GET k", 0, refuse(ErrorCode::WrongType));
+    assert_eq!(
+        error_text(&reply),
+        "WRONGTYPE Operation against a key holding the wrong kind of value"
+    );
+    let (reply, _) = script("GET k", 0, refuse(ErrorCode::Overloaded));
+    assert_eq!(error_text(&reply), "ERR overloaded: refused");
+}
