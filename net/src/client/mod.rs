@@ -38,7 +38,8 @@
 //! left to the bucket's, except through the blocking client's `request_message`, which sends any
 //! request message as given.
 
-/// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `update`, `admin`), written
+/// The typed requests every client offers (`ping`, `get`, `put`, `delete`, `update`, `apply` and
+/// its shorthands `increment`, `set_add`, `set_remove`, `admin`), written
 /// once over the method that sends a [`Request`] and returns its [`Reply`]: blocking clients call
 /// it `request` and take the receiver given (`&self` or `&mut self`); async clients call it
 /// `call`. Expanded inside each client's `impl` block, so they stay inherent methods.
@@ -100,6 +101,61 @@ macro_rules! typed_requests {
             ops: Vec<$crate::message::MapOp>,
         ) -> Result<(), ClientError> {
             self.request(Request::update(bucket, key, ops))?.into_update()
+        }
+
+        /// Applies `ops` to the convergent data type of type `crdt` under `key` in `bucket`
+        /// (`docs/PROTOCOL.md` §5.4.2). `op_id` makes a retry count once (within the node's
+        /// deduplication window); with `return_value` the value after the operations comes back.
+        /// A key holding another type fails with a `ClientError::Server` of code `WrongType`.
+        pub fn apply(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            crdt: $crate::message::CrdtType,
+            ops: Vec<$crate::message::CrdtOp>,
+            op_id: Option<u64>,
+            return_value: bool,
+        ) -> Result<Option<$crate::message::CrdtValue>, ClientError> {
+            self.request(Request::apply(bucket, key, crdt, ops, op_id, return_value))?
+                .into_apply()
+        }
+
+        /// Adds `by` (negative: subtracts) to the counter under `key` in `bucket` and returns
+        /// its new value. Give an `op_id` to retry safely: the same id counts once.
+        pub fn increment(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            by: i64,
+            op_id: Option<u64>,
+        ) -> Result<i64, ClientError> {
+            self.request(Request::increment(bucket, key, by, op_id))?
+                .into_counter()
+        }
+
+        /// Adds `elements` (at least one) to the set under `key` in `bucket`.
+        pub fn set_add(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            elements: Vec<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.request(Request::set_add(bucket, key, elements))?
+                .into_apply()
+                .map(drop)
+        }
+
+        /// Removes `elements` (at least one) from the set under `key` in `bucket`: the adds
+        /// the coordinating node has seen; a concurrent add survives.
+        pub fn set_remove(
+            $($recv)+ self,
+            bucket: &[u8],
+            key: &[u8],
+            elements: Vec<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.request(Request::set_remove(bucket, key, elements))?
+                .into_apply()
+                .map(drop)
         }
 
         /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
@@ -168,6 +224,65 @@ macro_rules! typed_requests {
             self.call(Request::update(bucket, key, ops)).await?.into_update()
         }
 
+        /// Applies `ops` to the convergent data type of type `crdt` under `key` in `bucket`
+        /// (`docs/PROTOCOL.md` §5.4.2). `op_id` makes a retry count once (within the node's
+        /// deduplication window); with `return_value` the value after the operations comes back.
+        /// A key holding another type fails with a `ClientError::Server` of code `WrongType`.
+        pub async fn apply(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            crdt: $crate::message::CrdtType,
+            ops: Vec<$crate::message::CrdtOp>,
+            op_id: Option<u64>,
+            return_value: bool,
+        ) -> Result<Option<$crate::message::CrdtValue>, ClientError> {
+            self.call(Request::apply(bucket, key, crdt, ops, op_id, return_value))
+                .await?
+                .into_apply()
+        }
+
+        /// Adds `by` (negative: subtracts) to the counter under `key` in `bucket` and returns
+        /// its new value. Give an `op_id` to retry safely: the same id counts once.
+        pub async fn increment(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            by: i64,
+            op_id: Option<u64>,
+        ) -> Result<i64, ClientError> {
+            self.call(Request::increment(bucket, key, by, op_id))
+                .await?
+                .into_counter()
+        }
+
+        /// Adds `elements` (at least one) to the set under `key` in `bucket`.
+        pub async fn set_add(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            elements: Vec<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.call(Request::set_add(bucket, key, elements))
+                .await?
+                .into_apply()
+                .map(drop)
+        }
+
+        /// Removes `elements` (at least one) from the set under `key` in `bucket`: the adds
+        /// the coordinating node has seen; a concurrent add survives.
+        pub async fn set_remove(
+            &self,
+            bucket: &[u8],
+            key: &[u8],
+            elements: Vec<Bytes>,
+        ) -> Result<(), ClientError> {
+            self.call(Request::set_remove(bucket, key, elements))
+                .await?
+                .into_apply()
+                .map(drop)
+        }
+
         /// Runs an operator command (`docs/PROTOCOL.md` §5.8.1), e.g. `cluster-status` with no
         /// arguments, and returns its text.
         pub async fn admin(&self, command: &str, args: &str) -> Result<String, ClientError> {
@@ -197,8 +312,8 @@ use crate::error::{EncodeError, FrameError};
 use crate::frame::PROTOCOL_VERSION;
 use crate::limits::Limits;
 use crate::message::{
-    Admin, CrdtValue, Delete, ErrorCode, Expiry, Get, GetOk, Hello, Kind, MapOp, Message, Put,
-    PutOk, Role, Sibling, Update,
+    Admin, Apply, ApplyOk, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, Get, GetOk,
+    Hello, Kind, MapOp, Message, Put, PutOk, Role, Sibling, Update,
 };
 
 /// A client timeout as a request's `timeout_ms`: whole milliseconds, at least 1, at most what
@@ -337,6 +452,21 @@ pub enum Request {
         /// The changes, in order.
         ops: Vec<MapOp>,
     },
+    /// Operations on a convergent data type.
+    Apply {
+        /// Bucket.
+        bucket: Bytes,
+        /// Key.
+        key: Bytes,
+        /// The key's type.
+        crdt: CrdtType,
+        /// The operations, in order.
+        ops: Vec<CrdtOp>,
+        /// The id that makes a retry count once, if any.
+        op_id: Option<u64>,
+        /// Whether the reply carries the value after the operations.
+        return_value: bool,
+    },
     /// Check the node answers.
     Ping,
     /// An operator command (`docs/PROTOCOL.md` §5.8), e.g. `cluster-status`.
@@ -394,6 +524,50 @@ impl Request {
         }
     }
 
+    /// An APPLY, copying the bucket and key.
+    pub fn apply(
+        bucket: &[u8],
+        key: &[u8],
+        crdt: CrdtType,
+        ops: Vec<CrdtOp>,
+        op_id: Option<u64>,
+        return_value: bool,
+    ) -> Self {
+        Request::Apply {
+            bucket: Bytes::copy_from_slice(bucket),
+            key: Bytes::copy_from_slice(key),
+            crdt,
+            ops,
+            op_id,
+            return_value,
+        }
+    }
+
+    /// An APPLY adding `by` to a counter and asking for its new value.
+    pub fn increment(bucket: &[u8], key: &[u8], by: i64, op_id: Option<u64>) -> Self {
+        Self::apply(
+            bucket,
+            key,
+            CrdtType::Counter,
+            vec![CrdtOp::Increment(by)],
+            op_id,
+            true,
+        )
+    }
+
+    /// An APPLY adding `elements` to a set. Adding is idempotent, so a retry needs no `op_id`.
+    pub fn set_add(bucket: &[u8], key: &[u8], elements: Vec<Bytes>) -> Self {
+        let ops = elements.into_iter().map(CrdtOp::Add).collect();
+        Self::apply(bucket, key, CrdtType::Set, ops, None, false)
+    }
+
+    /// An APPLY removing `elements` from a set. Removing is idempotent, so a retry needs no
+    /// `op_id`.
+    pub fn set_remove(bucket: &[u8], key: &[u8], elements: Vec<Bytes>) -> Self {
+        let ops = elements.into_iter().map(CrdtOp::Remove).collect();
+        Self::apply(bucket, key, CrdtType::Set, ops, None, false)
+    }
+
     /// An ADMIN with text arguments.
     pub fn admin(command: &str, args: &str) -> Self {
         Request::Admin {
@@ -409,6 +583,7 @@ impl Request {
             Request::Put { .. } => Kind::PutOk,
             Request::Delete { .. } => Kind::DeleteOk,
             Request::Update { .. } => Kind::UpdateOk,
+            Request::Apply { .. } => Kind::ApplyOk,
             Request::Ping => Kind::Pong,
             Request::Admin { .. } => Kind::AdminOk,
         }
@@ -462,6 +637,24 @@ impl Request {
                 dw: None,
                 timeout_ms,
             }),
+            Request::Apply {
+                bucket,
+                key,
+                crdt,
+                ops,
+                op_id,
+                return_value,
+            } => Message::Apply(Apply {
+                bucket,
+                key,
+                crdt,
+                ops,
+                op_id,
+                return_value,
+                w: None,
+                dw: None,
+                timeout_ms,
+            }),
             Request::Ping => Message::Ping,
             Request::Admin { command, args } => Message::Admin(Admin { command, args }),
         }
@@ -479,6 +672,8 @@ pub enum Reply {
     Delete,
     /// An UPDATE succeeded.
     Update,
+    /// An APPLY succeeded, with the value after it if the request asked for it.
+    Apply(Option<CrdtValue>),
     /// PING answered.
     Pong,
     /// An operator command's result.
@@ -505,6 +700,7 @@ impl Reply {
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
             Message::DeleteOk => Ok(Reply::Delete),
             Message::UpdateOk => Ok(Reply::Update),
+            Message::ApplyOk(ApplyOk { value }) => Ok(Reply::Apply(value)),
             Message::Pong => Ok(Reply::Pong),
             Message::AdminOk(ok) => Ok(Reply::Admin(ok.body)),
             other => Err(ClientError::Unexpected(other.kind().to_string())),
@@ -539,6 +735,27 @@ impl Reply {
         }
     }
 
+    fn into_apply(self) -> Result<Option<CrdtValue>, ClientError> {
+        match self {
+            Reply::Apply(value) => Ok(value),
+            other => Err(other.unexpected()),
+        }
+    }
+
+    /// A counter's value from an APPLY_OK that was asked for it; a missing value or one of
+    /// another type is the server breaking the protocol.
+    fn into_counter(self) -> Result<i64, ClientError> {
+        match self.into_apply()? {
+            Some(CrdtValue::Counter(n)) => Ok(n),
+            Some(_) => Err(ClientError::Unexpected(
+                "APPLY_OK with a value that is not a counter".into(),
+            )),
+            None => Err(ClientError::Unexpected(
+                "APPLY_OK without the value it was asked for".into(),
+            )),
+        }
+    }
+
     /// The text of an ADMIN_OK; every command's result is UTF-8 text so far.
     fn into_admin(self) -> Result<String, ClientError> {
         match self {
@@ -561,6 +778,7 @@ impl Reply {
             Reply::Put(_) => Kind::PutOk,
             Reply::Delete => Kind::DeleteOk,
             Reply::Update => Kind::UpdateOk,
+            Reply::Apply(_) => Kind::ApplyOk,
             Reply::Pong => Kind::Pong,
             Reply::Admin(_) => Kind::AdminOk,
         };
@@ -727,6 +945,8 @@ mod tests {
             Request::get(b"b", b"k"),
             Request::put(b"b", b"k", b"v", None),
             Request::delete(b"b", b"k", None),
+            Request::update(b"b", b"k", vec![MapOp::Expire(Expiry::Never)]),
+            Request::increment(b"b", b"k", 1, None),
             Request::Ping,
             Request::admin("cluster-status", ""),
         ] {
@@ -737,6 +957,8 @@ mod tests {
                 Message::Get(m) => m.timeout_ms,
                 Message::Put(m) => m.timeout_ms,
                 Message::Delete(m) => m.timeout_ms,
+                Message::Update(m) => m.timeout_ms,
+                Message::Apply(m) => m.timeout_ms,
                 _ => Some(1500),
             };
             assert_eq!(
@@ -745,5 +967,103 @@ mod tests {
                 "the client's timeout travels as the deadline"
             );
         }
+    }
+
+    /// The APPLY shorthands build the operations and flags their names promise, with the
+    /// client's deadline and the bucket's quorums.
+    #[test]
+    fn apply_shorthands_build_their_messages() {
+        let deadline = Duration::from_millis(1500);
+        let apply = |crdt, ops, op_id, return_value| {
+            Message::Apply(Apply {
+                bucket: Bytes::from_static(b"b"),
+                key: Bytes::from_static(b"k"),
+                crdt,
+                ops,
+                op_id,
+                return_value,
+                w: None,
+                dw: None,
+                timeout_ms: Some(1500),
+            })
+        };
+        assert_eq!(
+            Request::increment(b"b", b"k", -3, Some(7)).into_message(deadline),
+            apply(
+                CrdtType::Counter,
+                vec![CrdtOp::Increment(-3)],
+                Some(7),
+                true
+            )
+        );
+        let elements = vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")];
+        assert_eq!(
+            Request::set_add(b"b", b"k", elements.clone()).into_message(deadline),
+            apply(
+                CrdtType::Set,
+                vec![
+                    CrdtOp::Add(Bytes::from_static(b"x")),
+                    CrdtOp::Add(Bytes::from_static(b"y"))
+                ],
+                None,
+                false
+            )
+        );
+        assert_eq!(
+            Request::set_remove(b"b", b"k", elements).into_message(deadline),
+            apply(
+                CrdtType::Set,
+                vec![
+                    CrdtOp::Remove(Bytes::from_static(b"x")),
+                    CrdtOp::Remove(Bytes::from_static(b"y"))
+                ],
+                None,
+                false
+            )
+        );
+    }
+
+    /// APPLY_OK becomes the value it carries; `increment` accepts only a counter, and any other
+    /// reply to an APPLY is the server breaking the protocol.
+    #[test]
+    fn apply_replies_map_to_values() {
+        let ok = |value| Reply::from_message(Message::ApplyOk(ApplyOk { value })).unwrap();
+        assert_eq!(
+            ok(Some(CrdtValue::Counter(5))).into_apply().unwrap(),
+            Some(CrdtValue::Counter(5))
+        );
+        assert_eq!(ok(Some(CrdtValue::Counter(-5))).into_counter().unwrap(), -5);
+        assert_eq!(ok(None).into_apply().unwrap(), None);
+        assert!(matches!(
+            ok(None).into_counter(),
+            Err(ClientError::Unexpected(_))
+        ));
+        assert!(matches!(
+            ok(Some(CrdtValue::Set(Vec::new()))).into_counter(),
+            Err(ClientError::Unexpected(_))
+        ));
+        match Reply::Update.into_apply() {
+            Err(ClientError::Unexpected(kind)) => assert_eq!(kind, "UPDATE_OK"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A GET of a convergent data type surfaces its value beside the (empty) siblings.
+    #[test]
+    fn get_reply_carries_a_crdt_value() {
+        let value = CrdtValue::Set(vec![Bytes::from_static(b"a")]);
+        let reply = Reply::from_message(Message::GetOk(GetOk {
+            siblings: Vec::new(),
+            context: Bytes::new(),
+            expires_at_ms: Some(9),
+            fields: None,
+            crdt: Some(value.clone()),
+        }))
+        .unwrap()
+        .into_get()
+        .unwrap();
+        assert_eq!(reply.crdt, Some(value));
+        assert_eq!(reply.expires_at_ms, Some(9));
+        assert_eq!(reply.value(), None);
     }
 }
