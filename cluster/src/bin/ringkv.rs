@@ -7,9 +7,10 @@
 //! or a `tombstone` line, per sibling. `--show-context` prints the causal context as
 //! `context HEX` on stderr, which `put`/`del --context HEX` accept; `del` without a context
 //! reads the key first and deletes what it read. A missing key exits 1 with
-//! "not found" on stderr. `ringkv cluster join|leave|remove|plan|commit|status` sends one ADMIN
-//! command to the node at `--server` and prints its text answer. Exit codes: 0 success, 1 key
-//! not found, 2 any error.
+//! "not found" on stderr. `ringkv counter|set|map` write and read the convergent data types (one
+//! APPLY or one GET each; their output forms are in `ringkv/crdt.rs`). `ringkv cluster
+//! join|leave|remove|plan|commit|status` sends one ADMIN command to the node at `--server` and
+//! prints its text answer. Exit codes: 0 success, 1 key not found, 2 any error.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -27,6 +28,11 @@ use ringkv_cluster::route::parse_cpu_list;
 use ringkv_cluster::server::{ServeConfig, serve};
 use ringkv_core::NodeId;
 use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
+
+// Beside this file rather than in it, and not directly in src/bin, where cargo would take it
+// for a binary of its own.
+#[path = "ringkv/crdt.rs"]
+mod crdt;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -266,6 +272,21 @@ enum Command {
         expiry: ExpiryOpts,
         /// The key.
         key: String,
+    },
+    /// A counter that converges: increments through any node all count.
+    Counter {
+        #[command(subcommand)]
+        command: crdt::CounterCommand,
+    },
+    /// A set that converges: elements added through any node; a concurrent add beats a remove.
+    Set {
+        #[command(subcommand)]
+        command: crdt::SetCommand,
+    },
+    /// A map that converges, of registers, counters, sets and flags.
+    Map {
+        #[command(subcommand)]
+        command: crdt::MapCommand,
     },
     /// Delete KEY.
     Del {
@@ -561,6 +582,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             {
                 eprintln!("expires_at_ms {at}");
             }
+            if let Some(value) = &reply.crdt {
+                // A convergent data type prints as the read command of its type prints it.
+                let mut out = std::io::stdout().lock();
+                crdt::write_value(&mut out, value).context("write to stdout")?;
+                out.flush().context("write to stdout")?;
+                return Ok(ExitCode::SUCCESS);
+            }
             if reply.fields.is_none()
                 && reply
                     .siblings
@@ -697,6 +725,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Counter { command } => crdt::counter(command),
+        Command::Set { command } => crdt::set(command),
+        Command::Map { command } => crdt::map(command),
         Command::Ping { target } => {
             connect(&target)?.ping()?;
             println!("pong");
