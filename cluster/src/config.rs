@@ -45,7 +45,7 @@ use ringkv_net::limits::{
 use crate::replica::{HINT_KEY_PREFIX_BYTES, engine_key_bytes_max};
 use crate::resp::RESP_BUCKET;
 use ringkv_core::NodeId;
-use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode, DEFAULT_BUCKET};
+use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode, DEFAULT_BUCKET};
 use serde::Deserialize;
 
 /// Default data directory.
@@ -219,6 +219,9 @@ pub struct BucketTable {
     /// Default time to live of writes that name no expiry, in milliseconds; 0 for none (to
     /// turn off a default the `default` table set).
     pub ttl_ms: Option<u64>,
+    /// `counter`, `set` or `map`: the convergent data type every key of the bucket holds.
+    #[serde(rename = "type")]
+    pub data_type: Option<BucketType>,
 }
 
 impl BucketTable {
@@ -235,6 +238,8 @@ impl BucketTable {
                 Some(ms) => Some(ms),
                 None => base.ttl_ms,
             },
+            // A bucket's type is its own: a typed `default` table does not type the others.
+            data_type: self.data_type,
         }
     }
 }
@@ -723,6 +728,16 @@ fn resolve_buckets(
             mode: ConflictMode::Lww,
             ..default
         });
+    // One bucket of each convergent type, so counters, sets and maps work on defaults.
+    for (data_type, name) in BucketType::BUILT_IN {
+        buckets
+            .named
+            .entry(name.as_bytes().to_vec())
+            .or_insert(BucketProps {
+                data_type: Some(data_type),
+                ..default
+            });
+    }
     buckets.validate().map_err(|e| ConfigError::Invalid {
         name: "buckets",
         value: e.0,

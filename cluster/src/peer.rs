@@ -479,9 +479,11 @@ pub fn answer_from_wire(id: u64, message: Message) -> PeerMsg {
                 error: ErrorBody::new(ErrorCode::Internal, e),
             },
         },
-        reply @ (Message::GetOk(_) | Message::PutOk(_) | Message::DeleteOk | Message::UpdateOk) => {
-            PeerMsg::ForwardReply { id, reply }
-        }
+        reply @ (Message::GetOk(_)
+        | Message::PutOk(_)
+        | Message::DeleteOk
+        | Message::UpdateOk
+        | Message::ApplyOk(_)) => PeerMsg::ForwardReply { id, reply },
         Message::Error(error) => PeerMsg::Failed { id, error },
         Message::ClusterOk(c) => cluster_answer(id, c),
         other => PeerMsg::Failed {

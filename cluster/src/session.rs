@@ -159,9 +159,11 @@ impl Session {
                 request_id: id,
                 message: Message::Pong,
             }),
-            Message::Get(_) | Message::Put(_) | Message::Delete(_) | Message::Update(_) => {
-                Step::Execute(frame)
-            }
+            Message::Get(_)
+            | Message::Put(_)
+            | Message::Delete(_)
+            | Message::Update(_)
+            | Message::Apply(_) => Step::Execute(frame),
             Message::ReplicaPut(_) | Message::ReplicaGet(_) | Message::Cluster(_)
                 if self.role == Role::Peer =>
             {

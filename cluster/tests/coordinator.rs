@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use ringkv_core::NodeId;
-use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
-    Condition, Delete, ErrorCode, Expiry, Get, GetOk, MapOp, Message, Put, Sibling, Update,
+    Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, FieldOp,
+    FieldValue, Get, GetOk, MapOp, Message, Put, Sibling, Update,
 };
 
 /// One node and its store; every output is carried out before a call returns.
@@ -119,6 +120,7 @@ fn props(n: u8) -> BucketProps {
         mode: ConflictMode::Siblings,
         max_siblings: 3,
         ttl_ms: None,
+        data_type: None,
     }
 }
 
@@ -826,4 +828,207 @@ fn failed_storage_writes_are_refused_not_acknowledged() {
     one.store.failing_writes.set(false);
     let again = one.request_at(6, 6, put("after", None, None));
     assert!(matches!(again, Message::PutOk(_)), "{again:?}");
+}
+
+fn apply(key: &'static [u8], crdt: CrdtType, ops: Vec<CrdtOp>, op_id: Option<u64>) -> Message {
+    Message::Apply(Apply {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(key),
+        crdt,
+        ops,
+        op_id,
+        return_value: true,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    })
+}
+
+fn incr(by: i64, op_id: Option<u64>) -> Message {
+    apply(b"k", CrdtType::Counter, vec![CrdtOp::Increment(by)], op_id)
+}
+
+fn applied(m: Message) -> CrdtValue {
+    match m {
+        Message::ApplyOk(ApplyOk { value: Some(v) }) => v,
+        other => panic!("not applied: {other:?}"),
+    }
+}
+
+fn read_crdt(one: &mut One, now: u64, req: u64) -> Option<CrdtValue> {
+    read_at(one, now, req).crdt
+}
+
+fn lww_props() -> BucketProps {
+    BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    }
+}
+
+fn b(s: &str) -> Bytes {
+    Bytes::from(s.to_owned())
+}
+
+/// Counters, sets and maps take operations, answer with their value, and read back through
+/// GET; a delete clears the key, and the next operation starts from nothing.
+#[test]
+fn convergent_types_apply_read_and_clear() {
+    let mut one = One::new(lww_props());
+    assert_eq!(
+        applied(one.request(1, incr(5, None))),
+        CrdtValue::Counter(5)
+    );
+    assert_eq!(
+        applied(one.request(2, incr(-7, None))),
+        CrdtValue::Counter(-2)
+    );
+    assert_eq!(read_crdt(&mut one, 0, 3), Some(CrdtValue::Counter(-2)));
+    let add = |e: &str| CrdtOp::Add(b(e));
+    let set = one.request(
+        4,
+        apply(b"s", CrdtType::Set, vec![add("x"), add("y")], None),
+    );
+    assert_eq!(applied(set), CrdtValue::Set(vec![b("x"), b("y")]));
+    let removed = one.request(
+        5,
+        apply(b"s", CrdtType::Set, vec![CrdtOp::Remove(b("x"))], None),
+    );
+    assert_eq!(applied(removed), CrdtValue::Set(vec![b("y")]));
+    let field = |name: &str, op| CrdtOp::Field { name: b(name), op };
+    let cart = one.request(
+        6,
+        apply(
+            b"m",
+            CrdtType::Map,
+            vec![
+                field("sku-1", FieldOp::Increment(2)),
+                field("owner", FieldOp::Assign(b("ann"))),
+            ],
+            None,
+        ),
+    );
+    assert_eq!(
+        applied(cart),
+        CrdtValue::Map(vec![
+            (b("owner"), FieldValue::Register(b("ann"))),
+            (b("sku-1"), FieldValue::Counter(2)),
+        ])
+    );
+    let deleted = one.request(
+        7,
+        Message::Delete(Delete {
+            bucket: Bytes::from_static(b"b"),
+            key: Bytes::from_static(b"k"),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        }),
+    );
+    assert_eq!(deleted, Message::DeleteOk);
+    assert_eq!(read_crdt(&mut one, 0, 8), None);
+    assert!(read_at(&mut one, 0, 9).siblings.is_empty());
+    assert_eq!(
+        applied(one.request(10, incr(1, None))),
+        CrdtValue::Counter(1)
+    );
+}
+
+/// A retried operation id is applied once; a new id counts again.
+#[test]
+fn a_retried_operation_counts_once() {
+    let mut one = One::new(lww_props());
+    assert_eq!(
+        applied(one.request(1, incr(3, Some(42)))),
+        CrdtValue::Counter(3)
+    );
+    assert_eq!(
+        applied(one.request(2, incr(3, Some(42)))),
+        CrdtValue::Counter(3)
+    );
+    assert_eq!(
+        applied(one.request(3, incr(3, Some(43)))),
+        CrdtValue::Counter(6)
+    );
+}
+
+/// An operation on a key of another type is `wrong_type`; a plain integer becomes a counter (as
+/// Redis's INCR of a string does); a typed bucket refuses plain writes and other types, and an
+/// untyped bucket that keeps siblings refuses convergent types.
+#[test]
+fn types_are_checked() {
+    let mut one = One::new(lww_props());
+    assert!(matches!(
+        one.request(1, put("12", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(
+        applied(one.request(2, incr(1, None))),
+        CrdtValue::Counter(13)
+    );
+    let on_counter = one.request(
+        3,
+        apply(b"k", CrdtType::Set, vec![CrdtOp::Add(b("x"))], None),
+    );
+    assert_eq!(code(&on_counter), Some(ErrorCode::WrongType));
+    // A PUT replaces a counter, as SET does in Redis.
+    assert!(matches!(
+        one.request(4, put("word", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(
+        code(&one.request(5, incr(1, None))),
+        Some(ErrorCode::WrongType)
+    );
+    let mixed = one.request(
+        6,
+        apply(b"z", CrdtType::Counter, vec![CrdtOp::Add(b("x"))], None),
+    );
+    assert_eq!(code(&mixed), Some(ErrorCode::InvalidRequest));
+
+    let mut typed = One::new(BucketProps {
+        data_type: Some(BucketType::Counter),
+        ..props(1)
+    });
+    assert_eq!(
+        code(&typed.request(1, put("x", None, None))),
+        Some(ErrorCode::InvalidRequest)
+    );
+    let set = typed.request(
+        2,
+        apply(b"k", CrdtType::Set, vec![CrdtOp::Add(b("x"))], None),
+    );
+    assert_eq!(code(&set), Some(ErrorCode::InvalidRequest));
+    assert_eq!(
+        applied(typed.request(3, incr(2, None))),
+        CrdtValue::Counter(2)
+    );
+
+    let mut siblings = One::new(props(1));
+    assert_eq!(
+        code(&siblings.request(1, incr(1, None))),
+        Some(ErrorCode::InvalidRequest)
+    );
+    assert!(siblings.store.objects().is_empty(), "nothing was written");
+}
+
+/// A counter with a time to live reads as missing once it passes, and the next increment
+/// starts from nothing, as in Redis.
+#[test]
+fn an_expired_counter_starts_afresh() {
+    let mut one = One::new(lww_props());
+    let ops = vec![
+        CrdtOp::Increment(4),
+        CrdtOp::Expire(Expiry::Ttl { ms: 100 }),
+    ];
+    assert_eq!(
+        applied(one.request_at(1_000, 1, apply(b"k", CrdtType::Counter, ops, None))),
+        CrdtValue::Counter(4)
+    );
+    assert_eq!(read_at(&mut one, 1_050, 2).expires_at_ms, Some(1_100));
+    assert_eq!(read_crdt(&mut one, 1_100, 3), None);
+    let again = one.request_at(1_200, 4, incr(1, None));
+    assert_eq!(applied(again), CrdtValue::Counter(1));
+    assert_eq!(read_at(&mut one, 9_000, 5).expires_at_ms, None);
 }

@@ -106,6 +106,7 @@ impl Net {
                         mode: ConflictMode::Lww,
                         max_siblings: 8,
                         ttl_ms: None,
+                        data_type: None,
                     },
                     named: BTreeMap::new(),
                 };

@@ -37,6 +37,7 @@ fn config() -> CoreConfig {
             mode: ConflictMode::Siblings,
             max_siblings: 8,
             ttl_ms: None,
+            data_type: None,
         },
         named: BTreeMap::new(),
     };

@@ -29,6 +29,7 @@ fn props(n: u8) -> BucketProps {
         mode: ConflictMode::Siblings,
         max_siblings: 8,
         ttl_ms: None,
+        data_type: None,
     }
 }
 

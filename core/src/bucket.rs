@@ -47,6 +47,36 @@ pub enum ConflictMode {
     Lww,
 }
 
+/// The convergent data type every key of a bucket holds (`type = "counter"` in its table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BucketType {
+    /// Counters.
+    Counter,
+    /// Add-wins sets.
+    Set,
+    /// Maps of registers, counters, sets and flags.
+    Map,
+}
+
+impl BucketType {
+    /// Every type, each with the bucket of that type a node has without configuration.
+    pub const BUILT_IN: [(BucketType, &'static str); 3] = [
+        (BucketType::Counter, "counters"),
+        (BucketType::Set, "sets"),
+        (BucketType::Map, "maps"),
+    ];
+
+    /// The wire type of the bucket's keys.
+    pub fn crdt(self) -> ringkv_net::CrdtType {
+        match self {
+            BucketType::Counter => ringkv_net::CrdtType::Counter,
+            BucketType::Set => ringkv_net::CrdtType::Set,
+            BucketType::Map => ringkv_net::CrdtType::Map,
+        }
+    }
+}
+
 /// A bucket's properties.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BucketProps {
@@ -65,6 +95,9 @@ pub struct BucketProps {
     /// The time to live of a write that names no expiry (milliseconds); `None`: such writes
     /// never expire.
     pub ttl_ms: Option<u64>,
+    /// The convergent data type every key holds; `None`: any (plain values, and in an `lww`
+    /// bucket convergent types too, each key the type its first operation gives it).
+    pub data_type: Option<BucketType>,
 }
 
 impl Default for BucketProps {
@@ -79,6 +112,7 @@ impl Default for BucketProps {
             mode: ConflictMode::Siblings,
             max_siblings: MAX_SIBLINGS_DEFAULT,
             ttl_ms: None,
+            data_type: None,
         }
     }
 }

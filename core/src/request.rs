@@ -1,6 +1,6 @@
 //! A client's key request, parsed once: which operation, on which key, in which partition.
 //!
-//! A GET, PUT, DELETE or UPDATE arrives as a wire [`Message`]; the node's shell turns it into a
+//! A GET, PUT, DELETE, UPDATE or APPLY arrives as a wire [`Message`]; the node's shell turns it into a
 //! [`KeyRequest`] where it first sees it, hashing its key onto the ring once, and from then on
 //! the shell (its routing between shards, its counters) and the core (the coordinator, and a
 //! forward to another node) use the typed request. Its body is the wire body itself, so a
@@ -10,7 +10,7 @@
 //! count must not be given the request (it checks in debug builds).
 
 use bytes::Bytes;
-use ringkv_net::{Delete, Get, MapOp, Message, Put, Update};
+use ringkv_net::{Apply, CrdtOp, Delete, FieldOp, Get, MapOp, Message, Put, Update};
 
 use crate::ring::{PartitionCount, PartitionId};
 
@@ -25,6 +25,8 @@ pub enum KeyOp {
     Delete,
     /// An UPDATE of a map's fields.
     Update,
+    /// An APPLY of operations on a convergent data type.
+    Apply,
 }
 
 /// The typed body of a [`KeyRequest`].
@@ -38,9 +40,11 @@ pub enum KeyBody {
     Delete(Delete),
     /// An UPDATE of a map's fields.
     Update(Update),
+    /// An APPLY of operations on a convergent data type.
+    Apply(Apply),
 }
 
-/// A GET, PUT, DELETE or UPDATE with the partition of its key.
+/// A GET, PUT, DELETE, UPDATE or APPLY with the partition of its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRequest {
     body: KeyBody,
@@ -59,6 +63,7 @@ impl KeyRequest {
             Message::Put(m) => KeyBody::Put(m),
             Message::Delete(m) => KeyBody::Delete(m),
             Message::Update(m) => KeyBody::Update(m),
+            Message::Apply(m) => KeyBody::Apply(m),
             other => return Err(other),
         };
         Ok(KeyRequest::new(body, partitions))
@@ -78,6 +83,7 @@ impl KeyRequest {
             KeyBody::Put(_) => KeyOp::Put,
             KeyBody::Delete(_) => KeyOp::Delete,
             KeyBody::Update(_) => KeyOp::Update,
+            KeyBody::Apply(_) => KeyOp::Apply,
         }
     }
 
@@ -98,11 +104,12 @@ impl KeyRequest {
             KeyBody::Put(m) => m.timeout_ms,
             KeyBody::Delete(m) => m.timeout_ms,
             KeyBody::Update(m) => m.timeout_ms,
+            KeyBody::Apply(m) => m.timeout_ms,
         }
     }
 
-    /// The bytes of the value a PUT writes, or the largest field value an UPDATE writes; 0 for
-    /// the others.
+    /// The bytes of the value a PUT writes, or the largest field value or element an UPDATE or
+    /// an APPLY writes; 0 for the others.
     pub fn value_len(&self) -> usize {
         match &self.body {
             KeyBody::Put(m) => m.value.len(),
@@ -112,6 +119,19 @@ impl KeyRequest {
                 .map(|op| match op {
                     MapOp::Set { value, .. } => value.len(),
                     MapOp::Delete { .. } | MapOp::Expire(_) => 0,
+                })
+                .max()
+                .unwrap_or(0),
+            KeyBody::Apply(m) => m
+                .ops
+                .iter()
+                .map(|op| match op {
+                    CrdtOp::Add(e) | CrdtOp::Remove(e) => e.len(),
+                    CrdtOp::Field { op, .. } => match op {
+                        FieldOp::Assign(v) | FieldOp::Add(v) | FieldOp::Remove(v) => v.len(),
+                        FieldOp::Increment(_) | FieldOp::Enable | FieldOp::Disable => 0,
+                    },
+                    CrdtOp::Increment(_) | CrdtOp::RemoveField(_) | CrdtOp::Expire(_) => 0,
                 })
                 .max()
                 .unwrap_or(0),
@@ -136,6 +156,7 @@ impl KeyRequest {
             KeyBody::Put(m) => &mut m.timeout_ms,
             KeyBody::Delete(m) => &mut m.timeout_ms,
             KeyBody::Update(m) => &mut m.timeout_ms,
+            KeyBody::Apply(m) => &mut m.timeout_ms,
         };
         *field = Some(timeout_ms);
     }
@@ -147,6 +168,7 @@ impl KeyRequest {
             KeyBody::Put(m) => Message::Put(m),
             KeyBody::Delete(m) => Message::Delete(m),
             KeyBody::Update(m) => Message::Update(m),
+            KeyBody::Apply(m) => Message::Apply(m),
         }
     }
 }
@@ -156,7 +178,8 @@ fn body_key(body: &KeyBody) -> (&Bytes, &Bytes) {
         KeyBody::Get(Get { bucket, key, .. })
         | KeyBody::Put(Put { bucket, key, .. })
         | KeyBody::Delete(Delete { bucket, key, .. })
-        | KeyBody::Update(Update { bucket, key, .. }) => (bucket, key),
+        | KeyBody::Update(Update { bucket, key, .. })
+        | KeyBody::Apply(Apply { bucket, key, .. }) => (bucket, key),
     }
 }
 

@@ -27,6 +27,7 @@ use ringkv_cluster::identity;
 use ringkv_cluster::route::parse_cpu_list;
 use ringkv_cluster::server::{ServeConfig, serve};
 use ringkv_core::NodeId;
+use ringkv_core::bucket::DEFAULT_BUCKET;
 use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
 
 // Beside this file rather than in it, and not directly in src/bin, where cargo would take it
@@ -58,9 +59,10 @@ struct Target {
     /// Node to talk to.
     #[arg(long, default_value = "127.0.0.1:7878")]
     server: String,
-    /// Bucket of the key.
-    #[arg(long, default_value = "default")]
-    bucket: String,
+    /// Bucket of the key [default: `default`; for `counter`, `set` and `map`, the node's
+    /// built-in bucket of that type: `counters`, `sets`, `maps`].
+    #[arg(long)]
+    bucket: Option<String>,
     /// Cluster name sent in the handshake.
     #[arg(long, default_value = "ringkv")]
     cluster_name: String,
@@ -74,6 +76,13 @@ struct Target {
     /// Print a key's expiry as `expires_at_ms MS` on stderr (get).
     #[arg(long)]
     show_expiry: bool,
+}
+
+impl Target {
+    /// The bucket given, or `fallback`.
+    fn bucket_or(&self, fallback: &str) -> Bytes {
+        Bytes::from(self.bucket.as_deref().unwrap_or(fallback).to_owned())
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -567,7 +576,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve_command(*args),
         Command::Get { target, r, key } => {
             let request = Message::Get(Get {
-                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                bucket: target.bucket_or(DEFAULT_BUCKET),
                 key: Bytes::from(key.into_bytes()),
                 r,
                 timeout_ms: Some(deadline_ms(&target)),
@@ -644,7 +653,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let expiry = expiry.expiry();
             let request = Message::Put(Put {
-                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                bucket: target.bucket_or(DEFAULT_BUCKET),
                 key: Bytes::from(key.into_bytes()),
                 value: Bytes::from(value.into_bytes()),
                 context: write.context.as_deref().map(unhex).transpose()?,
@@ -686,7 +695,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("an update takes no --context: map fields are last-write-wins");
             }
             let request = Message::Update(Update {
-                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                bucket: target.bucket_or(DEFAULT_BUCKET),
                 key: Bytes::from(key.into_bytes()),
                 ops,
                 w: write.w,
@@ -707,12 +716,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // what is there now instead.
                 None => Some(
                     client
-                        .get(target.bucket.as_bytes(), key.as_bytes())?
+                        .get(&target.bucket_or(DEFAULT_BUCKET), key.as_bytes())?
                         .context,
                 ),
             };
             let request = Message::Delete(Delete {
-                bucket: Bytes::from(target.bucket.clone().into_bytes()),
+                bucket: target.bucket_or(DEFAULT_BUCKET),
                 key: Bytes::from(key.into_bytes()),
                 context,
                 w: write.w,

@@ -97,6 +97,7 @@ fn holding(value: Option<(&'static [u8], Option<u64>)>) -> impl FnMut(&KeyReques
         },
         KeyBody::Delete(_) => Message::DeleteOk,
         KeyBody::Update(_) => Message::UpdateOk,
+        KeyBody::Apply(_) => Message::ApplyOk(ringkv_net::ApplyOk { value: None }),
     }
 }
 

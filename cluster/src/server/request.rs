@@ -108,8 +108,9 @@ impl Shard {
             KeyOp::Get => Op::Get,
             KeyOp::Put => Op::Put,
             KeyOp::Delete => Op::Delete,
-            // A map's field update is a write like a PUT, and counted as one.
-            KeyOp::Update => Op::Put,
+            // A map's field update and an operation on a convergent type are writes like a
+            // PUT, and counted as one.
+            KeyOp::Update | KeyOp::Apply => Op::Put,
         };
         let start = Instant::now();
         let timeout_ms = request.timeout_ms();

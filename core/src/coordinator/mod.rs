@@ -83,10 +83,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
-use ringkv_net::{Condition, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message, PutOk, Sibling};
+use ringkv_net::{
+    ApplyOk, Condition, CrdtOp, CrdtType, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message,
+    PutOk, Sibling,
+};
 
 use crate::NodeId;
-use crate::bucket::{Buckets, ConflictMode, Overrides, Quorum};
+use crate::bucket::{BucketProps, Buckets, ConflictMode, Overrides, Quorum};
+use crate::crdt::{self, Crdt, CrdtError};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::map::{LwwMap, MapChange};
 use crate::object::{Lww, Object, Val, hlc_next};
@@ -637,6 +641,13 @@ enum Write {
     Delete,
     /// Changes of a map's fields (expiries already absolute).
     Map(Vec<MapChange>),
+    /// Operations on a convergent data type (expiries already absolute).
+    Crdt {
+        crdt: CrdtType,
+        ops: Vec<CrdtOp>,
+        op_id: Option<u64>,
+        return_value: bool,
+    },
 }
 
 /// One of the `n` replica positions of a request.
@@ -1057,7 +1068,8 @@ impl Core {
             },
             KeyBody::Put(ringkv_net::Put { w, dw, .. })
             | KeyBody::Delete(ringkv_net::Delete { w, dw, .. })
-            | KeyBody::Update(ringkv_net::Update { w, dw, .. }) => Overrides {
+            | KeyBody::Update(ringkv_net::Update { w, dw, .. })
+            | KeyBody::Apply(ringkv_net::Apply { w, dw, .. }) => Overrides {
                 w: *w,
                 dw: *dw,
                 ..Overrides::default()
@@ -1092,7 +1104,13 @@ impl Core {
         );
         let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
         let is_home = homes.contains(&self.cfg.node);
-        let conditional = matches!(request.body(), KeyBody::Put(p) if p.condition.is_some());
+        // Conditional writes, and operations on convergent types (so that a retry meets the
+        // replica that recorded the first attempt's id), go to the key's first reachable home.
+        let first_home = match request.body() {
+            KeyBody::Put(p) => p.condition.is_some(),
+            KeyBody::Apply(_) => true,
+            KeyBody::Get(_) | KeyBody::Delete(_) | KeyBody::Update(_) => false,
+        };
         let id = self.id();
         let op = Op {
             reply_to,
@@ -1134,13 +1152,13 @@ impl Core {
                 }
                 self.check_read(now, id);
             }
-            KeyOp::Put | KeyOp::Delete | KeyOp::Update if w > n => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update | KeyOp::Apply if w > n => {
                 self.answer(reply_to, not_enough("write", 0, w, n));
             }
             // A conditional write is decided by the key's first reachable home, under the
             // key's lock there, so conditional writes through any node serialize while it is
             // reachable (module docs, "conditional put").
-            KeyOp::Put if conditional && !forwarded => {
+            KeyOp::Put | KeyOp::Apply if first_home && !forwarded => {
                 let me = self.cfg.node;
                 let primary = homes
                     .iter()
@@ -1153,7 +1171,7 @@ impl Core {
                     _ => self.start_write(now, id, op, request, is_home),
                 }
             }
-            KeyOp::Put | KeyOp::Delete | KeyOp::Update if !is_home && !forwarded => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update | KeyOp::Apply if !is_home && !forwarded => {
                 let up = self
                     .live
                     .forward_target(homes.iter().copied(), &BTreeSet::new(), now);
@@ -1162,7 +1180,7 @@ impl Core {
                     None => self.start_write(now, id, op, request, false),
                 }
             }
-            KeyOp::Put | KeyOp::Delete | KeyOp::Update => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update | KeyOp::Apply => {
                 self.start_write(now, id, op, request, is_home)
             }
         }
@@ -1227,6 +1245,21 @@ impl Core {
     }
 
     fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: KeyRequest, is_home: bool) {
+        let props = *self.cfg.buckets.props(&op.bucket);
+        if let Some(t) = props.data_type
+            && matches!(request.op(), KeyOp::Put | KeyOp::Update)
+        {
+            return self.answer(
+                op.reply_to,
+                error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the bucket holds {}s: change its keys with APPLY, or delete them",
+                        crdt::type_name(t.crdt())
+                    ),
+                ),
+            );
+        }
         let (write, context) = match request.into_body() {
             KeyBody::Put(m) => {
                 // The coordinator turns a time to live into an absolute time, once, so every
@@ -1287,6 +1320,10 @@ impl Core {
                 }
                 (Write::Map(changes), None)
             }
+            KeyBody::Apply(m) => match crdt_write(m, &props, now) {
+                Ok(write) => (write, None),
+                Err(e) => return self.answer(op.reply_to, Message::Error(e)),
+            },
             KeyBody::Get(_) => unreachable!("start_write is called for writes"),
         };
         let context = match context.filter(|c| !c.is_empty()) {
@@ -1360,6 +1397,7 @@ impl Core {
         let OpKind::Write { write, context, .. } = &op.kind else {
             unreachable!("updated is called for writes");
         };
+        let props = *self.cfg.buckets.props(&op.bucket);
         let val = match write {
             Write::Put(v, expires_at_ms, condition) => {
                 if let Some(condition) = condition {
@@ -1381,7 +1419,45 @@ impl Core {
                 }
                 Val::new(v.clone(), *expires_at_ms)
             }
+            // A DELETE of a convergent key removes what this replica has seen of it (`crdt.rs`):
+            // a tombstone would replace it whole, concurrent adds included.
+            Write::Delete
+                if matches!(local, Some(Object::Crdt(_))) || props.data_type.is_some() =>
+            {
+                let mut state = match local {
+                    Some(Object::Crdt(c)) => c,
+                    _ => Crdt::new(crdt::FIRST_GENERATION),
+                };
+                state.clear();
+                return Ok(Object::Crdt(state));
+            }
             Write::Delete => Val::Tombstone,
+            Write::Crdt {
+                crdt, ops, op_id, ..
+            } => {
+                let stamp = (
+                    lww_stamp(&mut self.hlc_last, local.as_ref(), now),
+                    self.cfg.node,
+                );
+                let (mut state, ops) = crdt_base(local, *crdt, ops, now)?;
+                if op_id.is_some_and(|id| state.saw_op(id)) {
+                    // A retry of an applied operation: acknowledged again, applied once.
+                    return Ok(Object::Crdt(state));
+                }
+                state
+                    .apply(actor, stamp, *crdt, &ops, *op_id, now)
+                    .map_err(crdt_error)?;
+                return self.check_size(Object::Crdt(state));
+            }
+            Write::Map(_)
+                if local
+                    .as_ref()
+                    .is_some_and(|o| matches!(o, Object::Crdt(c) if c.value(now).is_some())) =>
+            {
+                return Err(wrong_type(
+                    "the key holds a convergent type, not a map of registers",
+                ));
+            }
             Write::Map(changes) => {
                 if matches!(local, Some(Object::Causal(_))) {
                     return Err(ErrorBody::new(
@@ -1395,7 +1471,6 @@ impl Core {
                 return self.check_size(merged(local, new));
             }
         };
-        let props = self.cfg.buckets.props(&op.bucket);
         let object = match props.mode {
             ConflictMode::Siblings => {
                 let server = match local {
@@ -1667,6 +1742,16 @@ impl Core {
                     write: Write::Map(_),
                     ..
                 } => Message::UpdateOk,
+                OpKind::Write {
+                    write: Write::Crdt { return_value, .. },
+                    object,
+                    ..
+                } => Message::ApplyOk(ApplyOk {
+                    value: match object {
+                        Some(Object::Crdt(c)) if *return_value => c.value(now),
+                        _ => None,
+                    },
+                }),
                 _ => Message::PutOk(PutOk { context }),
             };
             let to = op.reply_to;
@@ -2612,6 +2697,16 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             crdt: None,
         });
     };
+    if let Object::Crdt(c) = object {
+        let value = c.value(now);
+        return Message::GetOk(GetOk {
+            siblings: Vec::new(),
+            context: Bytes::new(),
+            expires_at_ms: c.expires_at_ms().filter(|_| value.is_some()),
+            fields: None,
+            crdt: value,
+        });
+    }
     if let Object::Map(map) = object {
         let fields = map.live(now);
         let found = !fields.is_empty();
@@ -2669,6 +2764,116 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
 }
 
 /// An expiry as absolute Unix milliseconds (`None`: never), from this coordinator's clock.
+fn wrong_type(message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::WrongType, message)
+}
+
+/// The write an APPLY asks for, checked against its bucket, with its expiries made absolute.
+fn crdt_write(m: ringkv_net::Apply, props: &BucketProps, now: u64) -> Result<Write, ErrorBody> {
+    match props.data_type {
+        Some(t) if t.crdt() != m.crdt => {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the bucket holds {}s, not {}s",
+                    crdt::type_name(t.crdt()),
+                    crdt::type_name(m.crdt)
+                ),
+            ));
+        }
+        Some(_) => {}
+        // Against a sibling, a convergent state would lose every merge (causal objects win, so
+        // that no sibling is dropped silently): an untyped bucket must resolve by last write.
+        None if props.mode != ConflictMode::Lww => {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidRequest,
+                "convergent types need a bucket with a `type`, or an lww bucket",
+            ));
+        }
+        None => {}
+    }
+    let mut ops = Vec::with_capacity(m.ops.len());
+    for op in m.ops {
+        ops.push(match op {
+            CrdtOp::Expire(e) => CrdtOp::Expire(match absolute(e, now)? {
+                Some(unix_ms) => Expiry::At { unix_ms },
+                None => Expiry::Never,
+            }),
+            CrdtOp::Field { name, .. } | CrdtOp::RemoveField(name)
+                if name.len() > usize::from(u16::MAX) =>
+            {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidRequest,
+                    format!("a map field name is at most {} bytes", u16::MAX),
+                ));
+            }
+            op => op,
+        });
+    }
+    Ok(Write::Crdt {
+        crdt: m.crdt,
+        ops,
+        op_id: m.op_id,
+        return_value: m.return_value,
+    })
+}
+
+/// The state an operation on a convergent type starts from, given the replica's `local`
+/// object, and the operations to apply to it (`crdt.rs`, merge): the live state itself; a new
+/// generation over an expired one, over a deletion or an expired value; a counter over a plain
+/// value that is an integer (Redis's `INCR` of a string). Anything else holds another type.
+fn crdt_base(
+    local: Option<Object>,
+    crdt: CrdtType,
+    ops: &[CrdtOp],
+    now: u64,
+) -> Result<(Crdt, Vec<CrdtOp>), ErrorBody> {
+    let fresh = |generation| Ok((Crdt::new(generation), ops.to_vec()));
+    match local {
+        None => fresh(crdt::FIRST_GENERATION),
+        Some(Object::Crdt(c)) if c.expires_at_ms().is_some_and(|at| at <= now) => fresh(c.latest()),
+        Some(Object::Crdt(c)) => Ok((c, ops.to_vec())),
+        Some(Object::Lww(l)) => match l.val.live(now) {
+            None => fresh((l.timestamp, l.node)),
+            Some(v) => {
+                let number = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok());
+                match number {
+                    Some(start) if crdt == CrdtType::Counter => {
+                        let mut all = Vec::with_capacity(ops.len() + 1);
+                        all.push(CrdtOp::Increment(start));
+                        all.extend_from_slice(ops);
+                        Ok((Crdt::new((l.timestamp, l.node)), all))
+                    }
+                    _ => Err(wrong_type(format!(
+                        "the key holds a plain value, not a {}",
+                        crdt::type_name(crdt)
+                    ))),
+                }
+            }
+        },
+        Some(Object::Map(m)) if m.live(now).is_empty() => fresh(m.latest()),
+        Some(Object::Map(_)) => Err(wrong_type(format!(
+            "the key holds a map of registers (a hash), not a {}",
+            crdt::type_name(crdt)
+        ))),
+        Some(Object::Causal(_)) => Err(wrong_type(format!(
+            "the key holds siblings from before its bucket resolved by last write, not a {}",
+            crdt::type_name(crdt)
+        ))),
+    }
+}
+
+fn crdt_error(e: CrdtError) -> ErrorBody {
+    let code = match e {
+        CrdtError::WrongType { .. } => ErrorCode::WrongType,
+        CrdtError::Mismatch { .. } | CrdtError::Overflow => ErrorCode::InvalidRequest,
+        CrdtError::TooMany { .. } | CrdtError::TooManyActors(_) => ErrorCode::TooLarge,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
 fn absolute(expiry: Expiry, now: u64) -> Result<Option<u64>, ErrorBody> {
     match expiry {
         Expiry::Ttl { ms: 0 } => Err(ErrorBody::new(

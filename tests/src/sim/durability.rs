@@ -97,7 +97,8 @@ impl Sim {
                     self.note_held(key, v);
                 }
             }
-            Object::Map(_) => {}
+            // Convergent types have checks of their own.
+            Object::Map(_) | Object::Crdt(_) => {}
         }
     }
 
@@ -177,7 +178,8 @@ impl Sim {
                     }
                 }
             }
-            Object::Map(_) => {}
+            // Convergent types have checks of their own.
+            Object::Map(_) | Object::Crdt(_) => {}
         }
         (covered, superseded)
     }

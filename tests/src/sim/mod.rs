@@ -603,6 +603,7 @@ impl Sim {
             dw: self.params.dw,
             mode: ConflictMode::Siblings,
             max_siblings: 64,
+            data_type: None,
             ttl_ms: None,
         };
         if bucket == LWW_BUCKET {

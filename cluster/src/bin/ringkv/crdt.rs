@@ -34,6 +34,8 @@ use ringkv_net::{
     Apply, CrdtOp, CrdtType, CrdtValue, FieldOp, FieldValue, Get, GetOk, Message, Sibling,
 };
 
+use ringkv_core::bucket::BucketType;
+
 use super::{ExpiryOpts, Target, connect, deadline_ms, parse_field, show_context};
 
 /// The options of a write to a convergent data type.
@@ -283,7 +285,7 @@ fn apply(
 ) -> anyhow::Result<Option<CrdtValue>> {
     ops.extend(opts.expiry.expiry().map(CrdtOp::Expire));
     let request = Message::Apply(Apply {
-        bucket: Bytes::from(target.bucket.clone().into_bytes()),
+        bucket: target.bucket_or(built_in(crdt)),
         key: bytes_of(key),
         crdt,
         ops,
@@ -299,12 +301,21 @@ fn apply(
     }
 }
 
+/// The node's built-in bucket of type `crdt`, where the commands go without `--bucket`.
+fn built_in(crdt: CrdtType) -> &'static str {
+    let (_, name) = BucketType::BUILT_IN
+        .into_iter()
+        .find(|(t, _)| t.crdt() == crdt)
+        .expect("every type has a built-in bucket");
+    name
+}
+
 /// Reads the key of `args`, expecting a value of type `crdt`, and prints it; a missing key
 /// prints "not found" on stderr and exits 1.
 fn print_read(args: &ReadArgs, crdt: CrdtType) -> anyhow::Result<ExitCode> {
     let target = &args.target;
     let request = Message::Get(Get {
-        bucket: Bytes::from(target.bucket.clone().into_bytes()),
+        bucket: target.bucket_or(built_in(crdt)),
         key: Bytes::from(args.key.clone().into_bytes()),
         r: args.r,
         timeout_ms: Some(deadline_ms(target)),
