@@ -664,9 +664,28 @@ fn set(field: &'static [u8], value: &'static [u8]) -> MapOp {
     }
 }
 
+/// The register fields of a map a read found.
+fn registers(read: &GetOk) -> Option<Vec<(Bytes, Bytes)>> {
+    assert_eq!(read.fields, None, "maps read as convergent values");
+    match &read.crdt {
+        None => None,
+        Some(CrdtValue::Map(fields)) => Some(
+            fields
+                .iter()
+                .map(|(name, v)| match v {
+                    FieldValue::Register(v) => (name.clone(), v.clone()),
+                    other => panic!("field {name:?} is {other:?}"),
+                })
+                .collect(),
+        ),
+        Some(other) => panic!("not a map: {other:?}"),
+    }
+}
+
 /// UPDATE writes a map's fields one by one in an lww bucket: a read answers the live fields
-/// and the hash's expiry; a whole-key PUT replaces the map and a later UPDATE starts a new one
-/// from nothing; a siblings bucket refuses UPDATE (its fields are last-write-wins registers).
+/// and the hash's expiry; a whole-key PUT replaces the map, an UPDATE of the plain value is
+/// `wrong_type`, and after a delete an UPDATE starts a new map from nothing; a siblings bucket
+/// refuses UPDATE.
 #[test]
 fn updates_write_map_fields() {
     let mut one = One::new(BucketProps {
@@ -691,15 +710,13 @@ fn updates_write_map_fields() {
     );
     let read = read_at(&mut one, 30, 3);
     assert!(read.siblings.is_empty());
-    assert_eq!(
-        read.fields,
-        Some(vec![(
-            Bytes::from_static(b"user"),
-            Bytes::from_static(b"alice")
-        )])
-    );
+    assert_eq!(registers(&read), Some(vec![(b("user"), b("alice"))]));
     assert_eq!(read.expires_at_ms, Some(120));
-    assert_eq!(read_at(&mut one, 120, 4).fields, None, "the hash expired");
+    assert_eq!(
+        registers(&read_at(&mut one, 120, 4)),
+        None,
+        "the hash expired"
+    );
     // A whole-key write replaces the map; fields written after it start afresh.
     one.request_at(200, 5, put("s", None, None));
     let read = read_at(&mut one, 200, 6);
@@ -707,13 +724,30 @@ fn updates_write_map_fields() {
         read.siblings,
         vec![Sibling::Value(Bytes::from_static(b"s"))]
     );
-    assert_eq!(read.fields, None);
-    one.request_at(300, 7, update(vec![set(b"n", b"1")]));
-    let read = read_at(&mut one, 300, 8);
-    assert_eq!(
-        read.fields,
-        Some(vec![(Bytes::from_static(b"n"), Bytes::from_static(b"1"))])
+    assert_eq!(registers(&read), None);
+    // Fields of a key holding a plain value are `wrong_type`, as in Redis; once it is deleted,
+    // an UPDATE starts a new map.
+    let on_value = one.request_at(250, 10, update(vec![set(b"n", b"0")]));
+    assert_eq!(code(&on_value), Some(ErrorCode::WrongType));
+    let deleted = one.request_at(
+        260,
+        11,
+        Message::Delete(Delete {
+            bucket: Bytes::from_static(b"b"),
+            key: Bytes::from_static(b"k"),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        }),
     );
+    assert_eq!(deleted, Message::DeleteOk);
+    assert_eq!(
+        one.request_at(300, 7, update(vec![set(b"n", b"1")])),
+        Message::UpdateOk
+    );
+    let read = read_at(&mut one, 300, 8);
+    assert_eq!(registers(&read), Some(vec![(b("n"), b("1"))]));
     assert_eq!(
         read.expires_at_ms, None,
         "the old expiry went with the replaced map"

@@ -296,6 +296,9 @@ pub enum CrdtError {
         /// The request's type.
         crdt: &'static str,
     },
+    /// An increment of a register field that does not hold an integer.
+    #[error("field {0} holds a value that is not an integer")]
+    NotAnInteger(String),
     /// A counter would leave the `i64` range.
     #[error("increment or decrement would overflow")]
     Overflow,
@@ -598,14 +601,44 @@ impl Crdt {
             .keys()
             .find(|(n, k)| n == name && *k != kind)
             .map(|(_, k)| *k);
-        if let Some(holds) = other {
-            return Err(CrdtError::WrongType {
-                what: format!("field {}", String::from_utf8_lossy(name)),
-                holds: kind_name(holds),
-                wanted: kind_name(kind),
-            });
+        let mut start = None;
+        match (other, op) {
+            (None, _) => {}
+            // An assignment replaces a field of any kind, as Redis's HSET does; an increment
+            // turns a register holding an integer into a counter from it, as HINCRBY does.
+            (Some(_), FieldOp::Assign(_)) => self.map.retain(|(n, _), _| n != name),
+            (Some(FieldKind::Register), FieldOp::Increment(_)) => {
+                let key = (name.clone(), FieldKind::Register);
+                let number = match self.map.get(&key).map(Store::value) {
+                    Some(FieldValue::Register(v)) => std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|t| t.parse::<i64>().ok()),
+                    _ => None,
+                };
+                let Some(n) = number else {
+                    return Err(CrdtError::NotAnInteger(
+                        String::from_utf8_lossy(name).into_owned(),
+                    ));
+                };
+                self.map.remove(&key);
+                start = Some(n);
+            }
+            (Some(holds), _) => {
+                return Err(CrdtError::WrongType {
+                    what: format!("field {}", String::from_utf8_lossy(name)),
+                    holds: kind_name(holds),
+                    wanted: kind_name(kind),
+                });
+            }
         }
         let key = (name.clone(), kind);
+        if let (Some(n), Some(Store::Counter(s))) = (start, self.map.get_mut(&key)) {
+            increment(s, actor, dot, n)?;
+        } else if let Some(n) = start {
+            let mut s = Slots::default();
+            increment(&mut s, actor, dot, n)?;
+            self.map.insert(key.clone(), Store::Counter(s));
+        }
         let store = self
             .map
             .entry(key.clone())
@@ -1034,12 +1067,48 @@ mod tests {
                 actor(1),
                 (9, NodeId(1)),
                 CrdtType::Map,
-                &[f("qty", FieldOp::Assign(b("x")))],
+                &[f("qty", FieldOp::Add(b("x")))],
                 None,
                 0,
             )
             .unwrap_err();
         assert!(matches!(err, CrdtError::WrongType { .. }), "{err}");
+        // As Redis's HSET and HINCRBY: an assignment replaces a field of another kind, and an
+        // increment turns a register holding an integer into a counter.
+        let mut r = m.clone();
+        apply(
+            &mut r,
+            1,
+            10,
+            CrdtType::Map,
+            &[f("qty", FieldOp::Assign(b("41")))],
+        );
+        apply(
+            &mut r,
+            1,
+            11,
+            CrdtType::Map,
+            &[f("qty", FieldOp::Increment(1))],
+        );
+        let Some(CrdtValue::Map(fields)) = r.value(0) else {
+            panic!("a map")
+        };
+        assert!(
+            fields.contains(&(b("qty"), FieldValue::Counter(42))),
+            "{fields:?}"
+        );
+        let err = r
+            .clone()
+            .apply(
+                actor(1),
+                (12, NodeId(1)),
+                CrdtType::Map,
+                &[f("note", FieldOp::Increment(1))],
+                None,
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CrdtError::NotAnInteger(_)), "{err}");
         let err = m
             .clone()
             .apply(

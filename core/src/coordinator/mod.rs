@@ -84,15 +84,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
 use ringkv_net::{
-    ApplyOk, Condition, CrdtOp, CrdtType, ErrorBody, ErrorCode, Expiry, GetOk, MapOp, Message,
-    PutOk, Sibling,
+    ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, ErrorBody, ErrorCode, Expiry, FieldOp,
+    FieldValue, GetOk, MapOp, Message, PutOk, Sibling,
 };
 
 use crate::NodeId;
-use crate::bucket::{BucketProps, Buckets, ConflictMode, Overrides, Quorum};
+use crate::bucket::{BucketProps, BucketType, Buckets, ConflictMode, Overrides, Quorum};
 use crate::crdt::{self, Crdt, CrdtError};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
-use crate::map::{LwwMap, MapChange};
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::request::{KeyBody, KeyOp, KeyRequest};
 use crate::ring::{PartitionId, Ring};
@@ -639,14 +638,14 @@ enum Write {
     /// condition the local replica must meet.
     Put(Bytes, Option<u64>, Option<Condition>),
     Delete,
-    /// Changes of a map's fields (expiries already absolute).
-    Map(Vec<MapChange>),
-    /// Operations on a convergent data type (expiries already absolute).
+    /// Operations on a convergent data type (expiries already absolute); `update` for an
+    /// UPDATE's field changes, which are a map's register operations answered UPDATE_OK.
     Crdt {
         crdt: CrdtType,
         ops: Vec<CrdtOp>,
         op_id: Option<u64>,
         return_value: bool,
+        update: bool,
     },
 }
 
@@ -1246,8 +1245,14 @@ impl Core {
 
     fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: KeyRequest, is_home: bool) {
         let props = *self.cfg.buckets.props(&op.bucket);
+        let plain = match request.op() {
+            KeyOp::Put => true,
+            // An UPDATE's fields are a map's registers.
+            KeyOp::Update => props.data_type != Some(BucketType::Map),
+            KeyOp::Get | KeyOp::Delete | KeyOp::Apply => false,
+        };
         if let Some(t) = props.data_type
-            && matches!(request.op(), KeyOp::Put | KeyOp::Update)
+            && plain
         {
             return self.answer(
                 op.reply_to,
@@ -1279,46 +1284,51 @@ impl Core {
                 (Write::Put(m.value, expires_at_ms, m.condition), m.context)
             }
             KeyBody::Delete(m) => (Write::Delete, m.context),
+            // An UPDATE's fields are registers of the map type (`crdt.rs`).
             KeyBody::Update(m) => {
-                if self.cfg.buckets.props(&op.bucket).mode != ConflictMode::Lww {
-                    return self.answer(
-                        op.reply_to,
-                        error(
-                            ErrorCode::InvalidRequest,
-                            "map fields are last-write-wins registers: an UPDATE needs an lww \
-                             bucket",
-                        ),
-                    );
-                }
-                // The codec bounds field names for frames; a request made in the node (RESP)
-                // is checked here too, since a map encodes names with a u16 length.
-                let long = m.ops.iter().any(|op| match op {
-                    MapOp::Set { field, .. } | MapOp::Delete { field } => {
-                        field.len() > usize::from(u16::MAX)
-                    }
-                    MapOp::Expire(_) => false,
-                });
-                if long {
-                    return self.answer(
-                        op.reply_to,
-                        error(
-                            ErrorCode::InvalidRequest,
-                            format!("a map field name is at most {} bytes", u16::MAX),
-                        ),
-                    );
-                }
-                let mut changes = Vec::with_capacity(m.ops.len());
-                for change in m.ops {
-                    changes.push(match change {
-                        MapOp::Set { field, value } => MapChange::Set(field, value),
-                        MapOp::Delete { field } => MapChange::Delete(field),
-                        MapOp::Expire(e) => match absolute(e, now) {
-                            Ok(at) => MapChange::Expire(at),
-                            Err(e) => return self.answer(op.reply_to, Message::Error(e)),
+                let ops = m
+                    .ops
+                    .into_iter()
+                    .map(|op| match op {
+                        MapOp::Set { field, value } => CrdtOp::Field {
+                            name: field,
+                            op: FieldOp::Assign(value),
                         },
-                    });
+                        MapOp::Delete { field } => CrdtOp::RemoveField(field),
+                        MapOp::Expire(e) => CrdtOp::Expire(e),
+                    })
+                    .collect();
+                let apply = ringkv_net::Apply {
+                    bucket: m.bucket,
+                    key: m.key,
+                    crdt: CrdtType::Map,
+                    ops,
+                    op_id: None,
+                    return_value: false,
+                    w: m.w,
+                    dw: m.dw,
+                    timeout_ms: m.timeout_ms,
+                };
+                match crdt_write(apply, &props, now) {
+                    Ok(Write::Crdt {
+                        crdt,
+                        ops,
+                        op_id,
+                        return_value,
+                        ..
+                    }) => (
+                        Write::Crdt {
+                            crdt,
+                            ops,
+                            op_id,
+                            return_value,
+                            update: true,
+                        },
+                        None,
+                    ),
+                    Ok(_) => unreachable!("crdt_write makes a convergent write"),
+                    Err(e) => return self.answer(op.reply_to, Message::Error(e)),
                 }
-                (Write::Map(changes), None)
             }
             KeyBody::Apply(m) => match crdt_write(m, &props, now) {
                 Ok(write) => (write, None),
@@ -1448,27 +1458,6 @@ impl Core {
                     .apply(actor, stamp, *crdt, &ops, *op_id, now)
                     .map_err(crdt_error)?;
                 return self.check_size(Object::Crdt(state));
-            }
-            Write::Map(_)
-                if local
-                    .as_ref()
-                    .is_some_and(|o| matches!(o, Object::Crdt(c) if c.value(now).is_some())) =>
-            {
-                return Err(wrong_type(
-                    "the key holds a convergent type, not a map of registers",
-                ));
-            }
-            Write::Map(changes) => {
-                if matches!(local, Some(Object::Causal(_))) {
-                    return Err(ErrorBody::new(
-                        ErrorCode::InvalidRequest,
-                        "the key holds siblings from before its bucket became lww; write it \
-                         whole (PUT) or delete it before updating fields",
-                    ));
-                }
-                let timestamp = lww_stamp(&mut self.hlc_last, local.as_ref(), now);
-                let new = Object::Map(LwwMap::from_changes((timestamp, self.cfg.node), changes));
-                return self.check_size(merged(local, new));
             }
         };
         let object = match props.mode {
@@ -1739,7 +1728,7 @@ impl Core {
                     ..
                 } => Message::DeleteOk,
                 OpKind::Write {
-                    write: Write::Map(_),
+                    write: Write::Crdt { update: true, .. },
                     ..
                 } => Message::UpdateOk,
                 OpKind::Write {
@@ -2707,15 +2696,20 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             crdt: value,
         });
     }
+    // A hash written before maps were a convergent type reads as one: its fields are registers.
     if let Object::Map(map) = object {
         let fields = map.live(now);
         let found = !fields.is_empty();
+        let fields = fields
+            .into_iter()
+            .map(|(name, value)| (name, FieldValue::Register(value)))
+            .collect();
         return Message::GetOk(GetOk {
             siblings: Vec::new(),
             context: Bytes::new(),
             expires_at_ms: map.expires_at_ms().filter(|_| found),
-            fields: found.then_some(fields),
-            crdt: None,
+            fields: None,
+            crdt: found.then_some(CrdtValue::Map(fields)),
         });
     }
     let context = match object {
@@ -2815,6 +2809,7 @@ fn crdt_write(m: ringkv_net::Apply, props: &BucketProps, now: u64) -> Result<Wri
         ops,
         op_id: m.op_id,
         return_value: m.return_value,
+        update: false,
     })
 }
 
@@ -2854,8 +2849,26 @@ fn crdt_base(
             }
         },
         Some(Object::Map(m)) if m.live(now).is_empty() => fresh(m.latest()),
+        // A hash written before maps were a convergent type becomes one: its live fields are
+        // the new state's first registers, in the generation of its latest write.
+        Some(Object::Map(m)) if crdt == CrdtType::Map => {
+            let mut all: Vec<CrdtOp> = m
+                .live(now)
+                .into_iter()
+                .map(|(name, value)| CrdtOp::Field {
+                    name,
+                    op: FieldOp::Assign(value),
+                })
+                .collect();
+            all.extend(
+                m.expires_at_ms()
+                    .map(|unix_ms| CrdtOp::Expire(Expiry::At { unix_ms })),
+            );
+            all.extend_from_slice(ops);
+            Ok((Crdt::new(m.latest()), all))
+        }
         Some(Object::Map(_)) => Err(wrong_type(format!(
-            "the key holds a map of registers (a hash), not a {}",
+            "the key holds a hash, not a {}",
             crdt::type_name(crdt)
         ))),
         Some(Object::Causal(_)) => Err(wrong_type(format!(
@@ -2868,7 +2881,9 @@ fn crdt_base(
 fn crdt_error(e: CrdtError) -> ErrorBody {
     let code = match e {
         CrdtError::WrongType { .. } => ErrorCode::WrongType,
-        CrdtError::Mismatch { .. } | CrdtError::Overflow => ErrorCode::InvalidRequest,
+        CrdtError::Mismatch { .. } | CrdtError::Overflow | CrdtError::NotAnInteger(_) => {
+            ErrorCode::InvalidRequest
+        }
         CrdtError::TooMany { .. } | CrdtError::TooManyActors(_) => ErrorCode::TooLarge,
     };
     ErrorBody::new(code, e.to_string())

@@ -694,7 +694,8 @@ impl Reply {
                 siblings,
                 context,
                 expires_at_ms,
-                fields,
+                // A map's registers are what UPDATE writes, whichever form the node sent.
+                fields: fields.or_else(|| registers(crdt.as_ref()?)),
                 crdt,
             })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
@@ -873,6 +874,18 @@ impl ClientError {
     }
 }
 
+/// The register fields of a map value, in name order; `None` for another type.
+fn registers(value: &CrdtValue) -> Option<Vec<(Bytes, Bytes)>> {
+    let CrdtValue::Map(fields) = value else {
+        return None;
+    };
+    let registers = fields.iter().filter_map(|(name, v)| match v {
+        crate::message::FieldValue::Register(v) => Some((name.clone(), v.clone())),
+        _ => None,
+    });
+    Some(registers.collect())
+}
+
 /// The result of a GET: the key's siblings and the context to write back with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetReply {
@@ -882,7 +895,8 @@ pub struct GetReply {
     pub context: Bytes,
     /// When the key expires (Unix milliseconds), if every value sibling expires.
     pub expires_at_ms: Option<u64>,
-    /// For a key holding a map (a Redis hash): its fields, in name order.
+    /// For a key holding a map (a Redis hash): its register fields (what UPDATE writes), in
+    /// name order; the whole map is in `crdt`.
     pub fields: Option<Vec<(Bytes, Bytes)>>,
     /// For a key holding a convergent data type (a counter, a set, a map): its value. A
     /// missing key has none, whatever type its APPLYs would give it.
