@@ -138,6 +138,7 @@ fn flags_and_defaults() {
     assert_eq!(Workload::D.default_distribution(), Distribution::Latest);
     assert_eq!(Workload::A.default_bucket(), "ycsb");
     assert_eq!(Workload::Cart.default_bucket(), "cart");
+    assert_eq!(Workload::CartMap.default_bucket(), "maps");
 }
 
 fn counts(chooser: &mut KeyChooser, keys: u64, draws: usize, seed: u64) -> BTreeMap<u64, u64> {

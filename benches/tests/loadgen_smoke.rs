@@ -102,7 +102,7 @@ fn check_common(r: &Value, kinds: &[&str]) {
 }
 
 /// A closed-loop YCSB A run through the binary protocol; a cart run, whose reads and
-/// write-backs go through siblings and contexts.
+/// write-backs go through siblings and contexts; a map cart run, checked for lost adds.
 #[test]
 fn closed_loop_runs_against_a_local_node() {
     let r = run("a", &["--workload", "a"]);
@@ -112,6 +112,24 @@ fn closed_loop_runs_against_a_local_node() {
 
     let r = run("cart", &["--workload", "cart"]);
     check_common(&r, &["cart"]);
+
+    // The map cart reads every cart back: every acknowledged add is counted, none twice.
+    let r = run("cart-map", &["--workload", "cart-map"]);
+    assert!(field(&r, "ops").as_u64().unwrap() > 0, "no operations");
+    assert_eq!(field(&r, "errors_total").as_u64().unwrap(), 0, "{r:#}");
+    assert_eq!(field(&r, "cart_check.carts").as_u64().unwrap(), 50);
+    assert_eq!(field(&r, "cart_check.unread_carts").as_u64().unwrap(), 0);
+    assert!(field(&r, "cart_check.acked_adds").as_u64().unwrap() >= 50);
+    assert_eq!(
+        field(&r, "cart_check.lost_adds").as_u64().unwrap(),
+        0,
+        "{r:#}"
+    );
+    assert_eq!(
+        field(&r, "cart_check.over_counted").as_u64().unwrap(),
+        0,
+        "{r:#}"
+    );
 }
 
 /// An open-loop run through the node's RESP port reports its schedule bookkeeping.

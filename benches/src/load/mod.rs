@@ -52,12 +52,12 @@ use tokio::sync::Semaphore;
 use churn::ChurnClock;
 use cluster::{ClusterOptions, LocalCluster};
 use keygen::KeyChooser;
-use ops::{Conn, Plan, Planner, execute};
+use ops::{CART_ITEMS, CartLedger, Conn, Plan, Planner, execute};
 use resp_client::RespConnection;
 use spec::{Distribution, Protocol, Target, ValueSize, Workload, parse_duration};
 use stats::{
-    OpenLoopReport, Percentiles, PreloadReport, Recorder, RunReport, SharedRecorder, Tick, lock,
-    new_histogram,
+    CartCheck, OpenLoopReport, Percentiles, PreloadReport, Recorder, RunReport, SharedRecorder,
+    Tick, lock, new_histogram,
 };
 
 /// Most operations the open loop keeps waiting for an in-flight slot.
@@ -68,6 +68,8 @@ pub const DRAIN_TIMEOUTS: u32 = 2;
 const PRELOAD_ATTEMPTS_MAX: u32 = 20;
 /// Pause after a failed preload write.
 const PRELOAD_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Reads of a map cart when the run checks it, at most.
+const CART_CHECK_ATTEMPTS: u32 = 5;
 /// Pause of a closed-loop worker after an error, so that a dead target is not spun on.
 const ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// Most connections, and most operations in flight per connection.
@@ -183,6 +185,8 @@ struct Ctx {
     values: Arc<[u8]>,
     /// Time to live of writes.
     ttl: Option<Duration>,
+    /// The map carts' adds, sent and acknowledged (`cart-map`).
+    ledger: CartLedger,
     planner: Planner,
     seed: u64,
     pipeline: usize,
@@ -198,6 +202,7 @@ struct Measured {
     params: serde_json::Value,
     preload: PreloadReport,
     outcome: Outcome,
+    cart_check: Option<CartCheck>,
 }
 
 /// Runs the load generator with `args`: prints the results table, writes the JSON report if
@@ -349,10 +354,13 @@ pub fn measure(args: &RunArgs) -> anyhow::Result<RunReport> {
         params,
         preload,
         outcome: (merged, measured, open_loop, timeline),
+        cart_check,
     } = measured?;
-    Ok(RunReport::build(
+    let mut report = RunReport::build(
         params, preload, &merged, measured, open_loop, timeline, events,
-    ))
+    );
+    report.cart_check = cart_check;
+    Ok(report)
 }
 
 /// Sets `stop` on SIGINT or SIGTERM, so that the run ends early, reports what it measured and
@@ -469,6 +477,7 @@ async fn run_load(
             .ttl
             .or(args.workload.default_ttl())
             .filter(|t| !t.is_zero()),
+        ledger: CartLedger::default(),
         planner: Planner {
             workload: args.workload,
             chooser: KeyChooser::new(distribution, args.keys),
@@ -510,11 +519,50 @@ async fn run_load(
         Some(rate) => open_loop(&ctx, rate, args, live).await,
     };
     let params = params(args, target, spawn_info, &ctx);
+    let cart_check = match args.workload {
+        Workload::CartMap => Some(check_carts(&ctx).await),
+        _ => None,
+    };
     Ok(Measured {
         params,
         preload,
         outcome,
+        cart_check,
     })
+}
+
+/// Reads every map cart the run wrote (at the bucket's read quorum, retried a few times) and
+/// compares each item's quantity with the adds sent and acknowledged: below the acknowledged
+/// count is a lost add, above the sent count a counted retry or an invention.
+async fn check_carts(ctx: &Ctx) -> CartCheck {
+    let carts = ctx.ledger.carts();
+    eprintln!("checking {} map carts ...", carts.len());
+    let mut check = CartCheck::default();
+    for (i, (key, items)) in carts.into_iter().enumerate() {
+        check.carts += 1;
+        let conn = &ctx.conns[i % ctx.conns.len()];
+        let mut read = None;
+        for _ in 0..CART_CHECK_ATTEMPTS {
+            match conn.cart_items(&ctx.bucket, key).await {
+                Ok(found) => {
+                    read = Some(found);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(PRELOAD_RETRY_PAUSE).await,
+            }
+        }
+        let Some(found) = read else {
+            check.unread_carts += 1;
+            continue;
+        };
+        for (item, sent, acked) in items {
+            check.acked_adds += acked;
+            let have = u64::try_from(found.get(&item).copied().unwrap_or(0)).unwrap_or(0);
+            check.lost_adds += acked.saturating_sub(have);
+            check.over_counted += have.saturating_sub(sent);
+        }
+    }
+    check
 }
 
 /// Writes every key once (blind writes), retrying a failed write a bounded number of times.
@@ -546,6 +594,13 @@ async fn preload(ctx: &Arc<Ctx>, keys: u64) -> anyhow::Result<PreloadReport> {
                             item: rng.gen_range(0..1_000_000),
                             len: ctx.planner.value_size.max.max(16),
                         },
+                        // A map cart starts with one item too; a failed add is retried with
+                        // its id, so it counts once.
+                        Workload::CartMap => Plan::CartAdd {
+                            key,
+                            item: rng.gen_range(0..CART_ITEMS),
+                            op_id: rng.r#gen(),
+                        },
                         _ => Plan::Insert {
                             key,
                             len: rng
@@ -554,7 +609,9 @@ async fn preload(ctx: &Arc<Ctx>, keys: u64) -> anyhow::Result<PreloadReport> {
                     };
                     let mut attempt = 0;
                     loop {
-                        match execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, plan).await {
+                        match execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, &ctx.ledger, plan)
+                            .await
+                        {
                             Ok(_) => break,
                             Err(e) => {
                                 attempt += 1;
@@ -689,7 +746,8 @@ async fn closed_loop(ctx: &Arc<Ctx>, warmup: Duration, duration: Duration, live:
                         break;
                     }
                     let phase = ctx.churn.phase();
-                    let outcome = execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, plan).await;
+                    let outcome =
+                        execute(&conn, &ctx.bucket, &ctx.values, ctx.ttl, &ctx.ledger, plan).await;
                     let failed = outcome.is_err();
                     let measured = sent >= measure_start;
                     lock(&rec).record(plan.kind(), sent.elapsed(), &outcome, measured, phase);
@@ -912,7 +970,15 @@ fn dispatch(
             if measured {
                 state2.sent.fetch_add(1, Ordering::Relaxed);
             }
-            let outcome = execute(&conn, &ctx2.bucket, &ctx2.values, ctx2.ttl, plan).await;
+            let outcome = execute(
+                &conn,
+                &ctx2.bucket,
+                &ctx2.values,
+                ctx2.ttl,
+                &ctx2.ledger,
+                plan,
+            )
+            .await;
             let replied = Instant::now();
             drop(permit);
             {

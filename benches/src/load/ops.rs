@@ -9,7 +9,10 @@
 //! value is a comma-separated list of item numbers: a cart update reads the cart, merges its
 //! siblings (the union of their items, as the Dynamo paper's shopping cart does), adds one item
 //! and writes the result back with the context of the read, keeping the largest item numbers that fit
-//! the value size.
+//! the value size. A map cart (`cart-map`) is a convergent map from item number to quantity (a
+//! counter field): an add is one APPLY that adds one to an item, with no read, and a
+//! [`CartLedger`] counts what was sent and acknowledged per item, so that the run can check
+//! afterwards that no acknowledged add was lost.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,7 +23,9 @@ use bytes::Bytes;
 use rand::Rng;
 use rand::rngs::StdRng;
 use ringkv_net::resp::RespValue;
-use ringkv_net::{AsyncPool, ClientError, Expiry, Sibling};
+use ringkv_net::{
+    AsyncPool, ClientError, CrdtOp, CrdtType, CrdtValue, Expiry, FieldOp, FieldValue, Sibling,
+};
 
 use super::keygen::KeyChooser;
 use super::resp_client::{RespConnection, RespFailure};
@@ -41,6 +46,8 @@ pub(crate) enum Plan {
     ReadModifyWrite { key: u64, len: usize },
     /// GET the cart, merge siblings, add `item`, PUT with the context (at most `len` bytes).
     Cart { key: u64, item: u64, len: usize },
+    /// Add one to `item` of the map cart `key`, as operation `op_id`.
+    CartAdd { key: u64, item: u64, op_id: u64 },
 }
 
 impl Plan {
@@ -51,7 +58,7 @@ impl Plan {
             Plan::Update { .. } => OpKind::Update,
             Plan::Insert { .. } => OpKind::Insert,
             Plan::ReadModifyWrite { .. } => OpKind::ReadModifyWrite,
-            Plan::Cart { .. } => OpKind::Cart,
+            Plan::Cart { .. } | Plan::CartAdd { .. } => OpKind::Cart,
         }
     }
 }
@@ -116,7 +123,47 @@ impl Planner {
                 item: rng.gen_range(0..1_000_000),
                 len: self.value_size.max.max(16),
             },
+            Workload::CartMap => Plan::CartAdd {
+                key: self.chooser.next(rng, keys),
+                item: rng.gen_range(0..CART_ITEMS),
+                op_id: rng.r#gen(),
+            },
         }
+    }
+}
+
+/// Distinct items of a map cart: few, so that quantities grow and adds to one item race.
+pub(crate) const CART_ITEMS: u64 = 20;
+
+/// Per (cart, item) of the map carts: adds sent, and adds acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct CartLedger(std::sync::Mutex<std::collections::BTreeMap<(u64, u64), (u64, u64)>>);
+
+impl CartLedger {
+    fn record(&self, key: u64, item: u64, acked: bool) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = map.entry((key, item)).or_default();
+        if acked {
+            entry.1 += 1;
+        } else {
+            entry.0 += 1;
+        }
+    }
+
+    /// Every cart with its items' (sent, acknowledged) counts.
+    pub(crate) fn carts(&self) -> std::collections::BTreeMap<u64, Vec<(u64, u64, u64)>> {
+        let map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut carts: std::collections::BTreeMap<u64, Vec<(u64, u64, u64)>> = Default::default();
+        for (&(key, item), &(sent, acked)) in map.iter() {
+            carts.entry(key).or_default().push((item, sent, acked));
+        }
+        carts
     }
 }
 
@@ -242,6 +289,76 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Adds one to `item` of the map cart `key` (HINCRBY on RESP).
+    async fn cart_add(
+        &self,
+        bucket: &[u8],
+        key: &[u8],
+        item: u64,
+        op_id: u64,
+    ) -> Result<(), OpError> {
+        let item = Bytes::from(item.to_string());
+        match self {
+            Conn::Ringkv(pool) => {
+                let ops = vec![CrdtOp::Field {
+                    name: item,
+                    op: FieldOp::Increment(1),
+                }];
+                pool.apply(bucket, key, CrdtType::Map, ops, Some(op_id), false)
+                    .await?;
+                Ok(())
+            }
+            Conn::Resp(c) => match c.call(&[b"HINCRBY", key, &item, b"1"]).await? {
+                RespValue::Integer(_) => Ok(()),
+                other => Err(resp_unexpected(&other)),
+            },
+        }
+    }
+
+    /// The quantity of every item of the map cart `key` (HGETALL on RESP).
+    pub(crate) async fn cart_items(
+        &self,
+        bucket: &[u8],
+        key: u64,
+    ) -> Result<std::collections::BTreeMap<u64, i64>, OpError> {
+        let key = key_of(key);
+        let mut items = std::collections::BTreeMap::new();
+        let mut add = |name: &[u8], n: i64| {
+            if let Some(item) = std::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+                items.insert(item, n);
+            }
+        };
+        match self {
+            Conn::Ringkv(pool) => match pool.get(bucket, &key).await?.crdt {
+                Some(CrdtValue::Map(fields)) => {
+                    for (name, value) in fields {
+                        if let FieldValue::Counter(n) = value {
+                            add(&name, n);
+                        }
+                    }
+                }
+                None => {}
+                Some(other) => return Err(OpError(format!("not a map cart: {other:?}"))),
+            },
+            Conn::Resp(c) => match c.call(&[b"HGETALL", &key]).await? {
+                RespValue::Array(pairs) => {
+                    for pair in pairs.chunks(2) {
+                        if let [RespValue::Bulk(name), RespValue::Bulk(n)] = pair
+                            && let Some(n) =
+                                std::str::from_utf8(n).ok().and_then(|s| s.parse().ok())
+                        {
+                            add(name, n);
+                        }
+                    }
+                }
+                other => return Err(resp_unexpected(&other)),
+            },
+        }
+        Ok(items)
+    }
+}
+
 /// The error kind of an unexpected RESP reply: an error reply by its code (`resp_ERR`), anything
 /// else as `resp_unexpected`.
 fn resp_unexpected(v: &RespValue) -> OpError {
@@ -281,15 +398,23 @@ fn merged_cart(values: &[Bytes], item: u64, len: usize) -> Vec<u8> {
 }
 
 /// Runs `plan` on `conn`. `values` is the random buffer values are cut from (at least as long as
-/// the largest value); writes carry `ttl` as their time to live.
+/// the largest value); writes carry `ttl` as their time to live; map cart adds are counted in
+/// `ledger`.
 pub(crate) async fn execute(
     conn: &Conn,
     bucket: &[u8],
     values: &[u8],
     ttl: Option<Duration>,
+    ledger: &CartLedger,
     plan: Plan,
 ) -> Result<Seen, OpError> {
     match plan {
+        Plan::CartAdd { key, item, op_id } => {
+            ledger.record(key, item, false);
+            conn.cart_add(bucket, &key_of(key), item, op_id).await?;
+            ledger.record(key, item, true);
+            Ok(None)
+        }
         Plan::Read { key } => {
             let read = conn.get(bucket, &key_of(key)).await?;
             Ok(Some(read.versions))

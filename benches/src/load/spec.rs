@@ -196,6 +196,11 @@ pub enum Workload {
     /// Shopping cart: read the cart, merge its siblings, add an item, write back with the
     /// context of the read.
     Cart,
+    /// Shopping cart on the convergent map type: add one to an item's quantity (a counter
+    /// field) with one APPLY, no read; the report checks that no acknowledged add was lost.
+    #[value(name = "cart-map")]
+    #[serde(rename = "cart-map")]
+    CartMap,
     /// Sessions: 80% blind writes of small values, 20% reads, on a last-write-wins bucket.
     Session,
 }
@@ -210,6 +215,7 @@ impl Workload {
             Workload::D => "d",
             Workload::F => "f",
             Workload::Cart => "cart",
+            Workload::CartMap => "cart-map",
             Workload::Session => "session",
         }
     }
@@ -226,10 +232,12 @@ impl Workload {
     /// The bucket the workload uses on a ringkv target when `--bucket` is not given. YCSB's
     /// updates are blind writes, so they go to a last-write-wins bucket (in a siblings bucket
     /// every blind write would add a sibling until `max_siblings` refuses the next one); the cart
-    /// writes with contexts into a siblings bucket.
+    /// writes with contexts into a siblings bucket, the map cart into the nodes' built-in
+    /// bucket of maps.
     pub fn default_bucket(self) -> &'static str {
         match self {
             Workload::Cart => "cart",
+            Workload::CartMap => "maps",
             Workload::Session => "sessions",
             _ => "ycsb",
         }

@@ -267,6 +267,24 @@ pub struct RunReport {
     pub timeline: Vec<Tick>,
     /// `--churn`: the phases of the join and the leave (absent without `--churn`).
     pub churn: Option<ChurnReport>,
+    /// `cart-map`: the carts read back after the run against the adds sent and acknowledged.
+    pub cart_check: Option<CartCheck>,
+}
+
+/// The map carts read back after a `cart-map` run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CartCheck {
+    /// Carts the run wrote.
+    pub carts: u64,
+    /// Carts whose read failed every attempt (not judged).
+    pub unread_carts: u64,
+    /// Adds acknowledged, over the carts read.
+    pub acked_adds: u64,
+    /// Acknowledged adds missing from an item's quantity (must be 0).
+    pub lost_adds: u64,
+    /// Quantity above the adds sent to an item (a retry counted twice; must be 0 without
+    /// retries through a coordinator that had not seen the first attempt).
+    pub over_counted: u64,
 }
 
 /// `--churn`: what each phase of the change saw.
@@ -388,6 +406,7 @@ impl RunReport {
             open_loop,
             timeline,
             churn: churn.map(|events| ChurnReport::build(events, merged, secs)),
+            cart_check: None,
         }
     }
 
@@ -451,6 +470,14 @@ impl RunReport {
                     100.0 * expired as f64 / reads as f64
                 );
             }
+        }
+        if let Some(c) = &self.cart_check {
+            let _ = writeln!(
+                s,
+                "map carts read back: {} carts ({} unread), {} acknowledged adds, lost adds {}, \
+                 counted beyond what was sent {}",
+                c.carts, c.unread_carts, c.acked_adds, c.lost_adds, c.over_counted
+            );
         }
         if !self.preload.errors.is_empty() {
             let list: Vec<String> = self
