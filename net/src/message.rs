@@ -433,7 +433,8 @@ pub enum MapOp {
 }
 
 /// UPDATE: change some fields of the map under a key (a Redis hash), each field a
-/// last-write-wins register; a key that holds no map becomes one, unless its value is newer.
+/// last-write-wins register of the convergent map type ([`Apply`]'s register operations); a
+/// missing key becomes a map, a key holding a plain value answers `wrong_type`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Update {
     /// Bucket name.
