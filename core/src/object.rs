@@ -606,6 +606,7 @@ mod tests {
                 )
                 .cleared_at((3, NodeId(1))),
             ),
+            Object::Crdt(sample_crdt()),
         ];
         for o in objects {
             let bytes = Bytes::from(o.encode());
@@ -689,7 +690,31 @@ mod tests {
         assert!(hlc_next(0, 5) >= 5 << 16);
     }
 
-    /// Objects of a few actors, siblings and tombstones, or lww versions.
+    /// A convergent map with a field of every kind, an op log and an expiry, after a remove.
+    fn sample_crdt() -> Crdt {
+        use ringkv_net::{CrdtOp, CrdtType, FieldOp};
+        let f = |name: &'static [u8], op| CrdtOp::Field {
+            name: Bytes::from_static(name),
+            op,
+        };
+        let mut c = Crdt::new((4, NodeId(2)));
+        let ops = [
+            f(b"r", FieldOp::Assign(Bytes::from_static(b"v"))),
+            f(b"c", FieldOp::Increment(-3)),
+            f(b"s", FieldOp::Add(Bytes::from_static(b"e"))),
+            f(b"s", FieldOp::Add(Bytes::from_static(b"g"))),
+            f(b"f", FieldOp::Enable),
+            CrdtOp::Expire(ringkv_net::Expiry::At { unix_ms: 99 }),
+        ];
+        c.apply(actor(1), (5, NodeId(1)), CrdtType::Map, &ops, Some(7), 0)
+            .unwrap();
+        let remove = [f(b"s", FieldOp::Remove(Bytes::from_static(b"e")))];
+        c.apply(actor(2), (6, NodeId(2)), CrdtType::Map, &remove, None, 0)
+            .unwrap();
+        c
+    }
+
+    /// Objects of a few actors, siblings and tombstones, lww versions, or a convergent state.
     fn objects() -> impl Strategy<Value = Object> {
         let causal = prop::collection::vec(
             (1..4u32, any::<bool>(), 0..3usize, prop::option::of(0..9u64)),
@@ -743,7 +768,7 @@ mod tests {
                 changes.extend(expiry.map(MapChange::Expire));
                 Object::Map(LwwMap::from_changes((ts, NodeId(node)), &changes))
             });
-        prop_oneof![causal, lww, map]
+        prop_oneof![causal, lww, map, Just(Object::Crdt(sample_crdt()))]
     }
 
     /// An expiring value reads as itself before its expiry and as a deletion from it on; an
