@@ -1066,3 +1066,29 @@ fn an_expired_counter_starts_afresh() {
     assert_eq!(applied(again), CrdtValue::Counter(1));
     assert_eq!(read_at(&mut one, 9_000, 5).expires_at_ms, None);
 }
+
+/// A plain integer with a time to live that an increment turns into a counter keeps its expiry,
+/// as Redis's INCR keeps a string's; an expiry in the same request replaces it.
+#[test]
+fn a_counter_made_from_an_expiring_integer_keeps_its_expiry() {
+    let mut one = One::new(lww_props());
+    let put = one.request_at(1_000, 1, put_expiring("41", Some(Expiry::Ttl { ms: 500 })));
+    assert!(matches!(put, Message::PutOk(_)), "{put:?}");
+    assert_eq!(
+        applied(one.request_at(1_100, 2, incr(1, None))),
+        CrdtValue::Counter(42)
+    );
+    let read = read_at(&mut one, 1_200, 3);
+    assert_eq!(read.crdt, Some(CrdtValue::Counter(42)));
+    assert_eq!(read.expires_at_ms, Some(1_500), "the value's expiry");
+    assert_eq!(read_crdt(&mut one, 1_500, 4), None, "expired with it");
+
+    let put = one.request_at(2_000, 5, put_expiring("7", Some(Expiry::Ttl { ms: 500 })));
+    assert!(matches!(put, Message::PutOk(_)), "{put:?}");
+    let ops = vec![CrdtOp::Increment(1), CrdtOp::Expire(Expiry::Never)];
+    assert_eq!(
+        applied(one.request_at(2_100, 6, apply(b"k", CrdtType::Counter, ops, None))),
+        CrdtValue::Counter(8)
+    );
+    assert_eq!(read_at(&mut one, 2_200, 7).expires_at_ms, None);
+}

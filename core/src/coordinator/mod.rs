@@ -2816,7 +2816,8 @@ fn crdt_write(m: ringkv_net::Apply, props: &BucketProps, now: u64) -> Result<Wri
 /// The state an operation on a convergent type starts from, given the replica's `local`
 /// object, and the operations to apply to it (`crdt.rs`, merge): the live state itself; a new
 /// generation over an expired one, over a deletion or an expired value; a counter over a plain
-/// value that is an integer (Redis's `INCR` of a string). Anything else holds another type.
+/// value that is an integer, keeping the value's expiry (Redis's `INCR` of a string keeps its
+/// time to live). Anything else holds another type.
 fn crdt_base(
     local: Option<Object>,
     crdt: CrdtType,
@@ -2836,8 +2837,14 @@ fn crdt_base(
                     .and_then(|s| s.parse::<i64>().ok());
                 match number {
                     Some(start) if crdt == CrdtType::Counter => {
-                        let mut all = Vec::with_capacity(ops.len() + 1);
+                        // The value's expiry goes first, so that an expiry among `ops` wins.
+                        let mut all = Vec::with_capacity(ops.len() + 2);
                         all.push(CrdtOp::Increment(start));
+                        all.extend(
+                            l.val
+                                .expires_at_ms()
+                                .map(|unix_ms| CrdtOp::Expire(Expiry::At { unix_ms })),
+                        );
                         all.extend_from_slice(ops);
                         Ok((Crdt::new((l.timestamp, l.node)), all))
                     }
