@@ -792,9 +792,10 @@ mod tests {
         )
         .unwrap();
         let s = Settings::resolve(FileConfig::default(), synced_default).unwrap();
+        // The `redis` bucket and the built-in convergent buckets copy the default's `dw`.
         assert_eq!(
             s.syncing_buckets(),
-            vec!["default".to_owned(), "redis".to_owned()]
+            ["default", "counters", "maps", "redis", "sets"].map(str::to_owned)
         );
 
         let sync = Settings::resolve(FileConfig::default(), FileConfig::default()).unwrap();
