@@ -3,28 +3,56 @@
 //! [`plan`] turns a parsed [`RespCommand`] into a [`RespPlan`]: a reply it can give at once
 //! (PING, ECHO, INFO, COMMAND, HELLO, CLIENT, AUTH, SELECT 0, QUIT, errors), or a [`Script`]:
 //! the ringkv requests the command needs, in one or two rounds (a read, then the writes the read
-//! decides), which the shell executes, feeding each round's replies back until the script ends
-//! with the command's reply. Keys live in the bucket [`RESP_BUCKET`] (`redis`), which is
+//! decides; or a write alone, and for a refused increment a read that words the error), which
+//! the shell executes, feeding each round's replies back until the script ends with the
+//! command's reply. Keys live in the bucket [`RESP_BUCKET`] (`redis`), which is
 //! last-write-wins unless configured otherwise: Redis clients have no causal contexts, so a SET
 //! must replace what is there rather than become a sibling of it. `redis-cli SET k v` and
 //! `ringkv get --bucket redis k` see the same value. Every command, its options and what it
 //! guarantees across replicas is listed in `docs/PROTOCOL.md` §8.1.
 //!
-//! # Expiry
+//! # Types
 //!
-//! `EX`/`PX`/`SETEX`/`EXPIRE` and the others become a PUT's [`Expiry`]: a relative time to live
-//! goes to the coordinator as is (it stamps the absolute time, so every replica agrees); an
-//! absolute time goes as given. `TTL`/`PTTL` answer from the expiry a read returns and this
-//! node's clock. Commands that keep a key's expiry while changing its value (`SET ... KEEPTTL`,
-//! `INCR`) read it first and write it back as an absolute time.
+//! As in Redis, the command that creates a key gives it its type: a string (a plain value, last
+//! write wins), a counter, a set or a hash (the convergent types of `ringkv_core::crdt`, written
+//! with APPLY). A command on a key of another type answers `WRONGTYPE`, by what its read found
+//! or by the node's `wrong_type`; `SET` replaces a key of any type. A counter is a string to
+//! Redis clients, as an `INCR`'d key is in Redis: `GET`, `MGET`, `GETDEL`, `GETEX` and
+//! `SET ... GET` read it as its decimal value, `TYPE` says `string`.
+//!
+//! # Counters
+//!
+//! `INCR`, `DECR`, `INCRBY` and `DECRBY` are one APPLY of an increment, with no read: the key's
+//! first reachable home applies it to what it holds and answers the value after it, which is the
+//! reply. Increments through any nodes all count, concurrent or across a partition (their
+//! replicas merge). A missing key starts from 0; a string holding an integer becomes a counter
+//! from it, keeping its expiry. When the node refuses an increment, a read decides the Redis
+//! error (`script.rs`): a string that is not an integer, or `WRONGTYPE`; an overflow is Redis's
+//! own text. `HINCRBY` is the same on a counter field of a hash.
 //!
 //! # Hashes
 //!
-//! A hash is a map object (`ringkv_core::map`): hash commands read its fields and write only
-//! the fields they change with an UPDATE, so concurrent writes of different fields of one key
-//! all survive (each field is a last-write-wins register). `EXPIRE` and `PERSIST` on a hash
-//! update its expiry register. A hash command on a string key, and a string command on a hash
-//! key, answer `WRONGTYPE` by what the read found; `SET` replaces a key of either type.
+//! A hash is the convergent map: hash commands write only the fields they change with an APPLY,
+//! so concurrent writes of different fields of one key all survive. `HSET`, `HMSET` and
+//! `HSETNX` assign register fields (the last write wins per field), `HDEL` removes fields, and
+//! `HINCRBY` increments a counter field (two through two nodes both count). A counter field reads
+//! as its decimal value, as in a Redis hash; `HSET` over it makes it a register again, and
+//! `HINCRBY` of a register holding an integer makes it a counter from it. Fields of kinds only
+//! ringkv's own clients make (sets, flags) are not shown to Redis clients.
+//!
+//! # Expiry
+//!
+//! `EX`/`PX`/`SETEX` and the others become a PUT's [`Expiry`]: a relative time to live goes to
+//! the coordinator as is (it stamps the absolute time, so every replica agrees); an absolute
+//! time goes as given. `TTL`/`PTTL` answer from the expiry a read returns and this node's clock.
+//! `SET ... KEEPTTL` reads the key's expiry first and writes it back as an absolute time.
+//! `EXPIRE`, `PERSIST` and `GETEX` write a string back with its new expiry, and set the expiry
+//! register of a counter, set or hash with an APPLY of its type (its last write wins); the
+//! operations on a convergent key keep that register, so `INCR` or `HSET` keep the key's
+//! time to live as in Redis. What differs: a time already past deletes the key (a DELETE), and a
+//! DELETE of a convergent key removes what its coordinator has seen, so an increment concurrent
+//! with it (or with `DEL`) survives with what its coordinator had counted, where Redis would
+//! have ordered the two.
 //!
 //! # Conditional SET
 //!
@@ -34,25 +62,32 @@
 //!
 //! # Read-then-write commands
 //!
-//! `SET ... GET|KEEPTTL`, `GETDEL`, `GETEX`, `EXPIRE` and its variants, `PERSIST`, `INCR` and its
-//! variants, and the hash writes read the key (at the bucket's `r`) and then write. Nothing holds
-//! the key between the two: two clients racing on one key may both increment from the same value
-//! (the later write wins, one increment is lost). The same holds under sloppy quorum, where a
-//! write may land on fallbacks that never saw the other. Within one connection commands on one
-//! key run in order.
+//! `SET ... GET|KEEPTTL`, `GETDEL`, `GETEX` with an option, `EXPIRE` and its variants,
+//! `PERSIST`, `DEL`, `UNLINK`, `HSET`, `HSETNX` and `HDEL` read the key (at the
+//! bucket's `r`) and then write; the read decides the reply (a count, an old value), the
+//! conditions (`HSETNX`, `EXPIRE NX|XX|GT|LT`) and the type check. Nothing holds the key between
+//! the two, so a reply may miss what another client did meanwhile, and a condition may no longer
+//! hold when the write lands. The writes to counters, sets and hashes are operations that merge
+//! with what others wrote meanwhile (per member, and per field, the last assignment winning);
+//! a string written back with a new expiry (`GETEX`, `EXPIRE`, `PERSIST`) replaces a `SET` that
+//! landed in between. Under sloppy quorum, a write may also land on fallbacks the read never
+//! saw. The counter commands (`INCR` and its variants, `HINCRBY`) and `HMSET` write without
+//! reading. Within one connection commands on one key run in order.
 //!
 //! Files: this one parses commands ([`plan`]); `script.rs` runs them ([`Script`]); `tests.rs`
 //! drives both by hand.
 //!
 //! Limits: `DEL`/`UNLINK` read each key before deleting it to count what existed, so the count
 //! is not atomic with the deletes. `MSET` is a write per key, not atomic. `DBSIZE` is an
-//! estimate (the shell's). If the `redis` bucket is configured with siblings, reads answer the
-//! last value sibling and blind writes add siblings.
+//! estimate (the shell's). A Redis client's retry of an increment is a new command: an
+//! increment whose reply was lost (a timeout) may count twice. If the `redis` bucket is
+//! configured with siblings, reads answer the last value sibling, blind writes add siblings, and
+//! the node refuses counters, sets and hashes (convergent types need a last-write-wins bucket).
 
 use bytes::Bytes;
-use ringkv_net::Expiry;
-use ringkv_net::message::{FIELD_BYTES_MAX, MAP_OPS_MAX};
+use ringkv_net::message::FIELD_BYTES_MAX;
 use ringkv_net::resp::{RespCommand, RespValue};
+use ringkv_net::{CRDT_OPS_MAX, Expiry};
 
 /// The bucket Redis keys live in.
 pub const RESP_BUCKET: &[u8] = b"redis";
@@ -110,8 +145,11 @@ fn syntax_error() -> RespPlan {
     RespPlan::Reply(err("ERR syntax error"))
 }
 
+/// Redis's error for an argument, or a string value, that is not an integer.
+const NOT_AN_INTEGER: &str = "ERR value is not an integer or out of range";
+
 fn not_an_integer() -> RespPlan {
-    RespPlan::Reply(err("ERR value is not an integer or out of range"))
+    RespPlan::Reply(err(NOT_AN_INTEGER))
 }
 
 fn invalid_expire(name: &str) -> RespPlan {
@@ -169,7 +207,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
-    if let Some(refused) = hash_limits(cmd, &name) {
+    if let Some(refused) = op_limits(cmd, &name) {
         return refused;
     }
     match name.as_str() {
@@ -367,10 +405,10 @@ fn hash_plan(cmd: &RespCommand, name: &str) -> RespPlan {
     }
 }
 
-/// A hash command's fields become one UPDATE: its limits (fields per command, field name length)
-/// are checked here, where the client can be told. Values are bounded by the node's value limit,
-/// which answers its own error.
-fn hash_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
+/// A hash write becomes one APPLY: its limits (fields per command, field name length) are checked
+/// here, where the client can be told. Values are bounded by the node's value limit, and a map's
+/// size by the node, which answer their own errors.
+fn op_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
     // The arguments that name fields: every other one from the third (field, value pairs),
     // the third alone, or every one from the third.
     let (end, step) = match name {
@@ -380,9 +418,9 @@ fn hash_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
         _ => return None,
     };
     let mut fields = (2..end).step_by(step);
-    if fields.len() > MAP_OPS_MAX {
+    if fields.len() > CRDT_OPS_MAX {
         return Some(RespPlan::Reply(err(format!(
-            "ERR at most {MAP_OPS_MAX} fields in one hash command"
+            "ERR at most {CRDT_OPS_MAX} fields in one hash command"
         ))));
     }
     fields

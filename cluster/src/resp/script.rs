@@ -2,13 +2,23 @@
 //! reads a command decides on, then its writes), fed each round's replies until it ends with the
 //! command's reply (sans-IO). `mod.rs` parses commands into scripts; this file owns what a command
 //! does with what it reads: conditions, expiries kept or replaced, `WRONGTYPE`, reply shapes.
+//!
+//! Counter commands (`INCR` and its variants, `HINCRBY`) write first. When the node refuses the
+//! write, a read of the key decides which Redis error the client gets (a string that is not an
+//! integer, or a key of another type), rather than the text of the node's message: that read is
+//! the script's last round, and only refused increments make it.
+
+use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use ringkv_core::request::{KeyBody, KeyRequest};
 use ringkv_net::resp::RespValue;
-use ringkv_net::{Condition, Delete, ErrorCode, Expiry, Get, MapOp, Message, Put, Sibling, Update};
+use ringkv_net::{
+    Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, FieldOp,
+    FieldValue, Get, Message, Put, Sibling,
+};
 
-use super::{RESP_BUCKET, err, integer, ok};
+use super::{NOT_AN_INTEGER, RESP_BUCKET, err, integer, ok};
 use crate::route::PARTITIONS;
 
 /// What a script asks of the shell next.
@@ -28,7 +38,9 @@ pub struct Script {
     /// What the read round found, once it ran.
     found: Vec<Found>,
     round: Round,
-    /// The reply once the write round succeeds, decided with the writes.
+    /// The reply once the write round succeeds, decided with the writes (none for the counter
+    /// commands, whose reply is the value the write answers); in the explaining round, the
+    /// error to give if the read does not explain the refusal.
     then: Option<RespValue>,
 }
 
@@ -37,6 +49,8 @@ enum Round {
     NotStarted,
     Reads,
     Writes,
+    /// A read after a refused increment, to word the error as Redis does (module docs).
+    Explain,
 }
 
 /// How a SET-like write expires.
@@ -201,16 +215,21 @@ fn put_if(key: Bytes, value: Bytes, expiry: Option<Expiry>, cond: Option<Cond>) 
     KeyRequest::new(KeyBody::Put(put), PARTITIONS)
 }
 
-fn update(key: Bytes, ops: Vec<MapOp>) -> KeyRequest {
-    let update = Update {
+/// An APPLY of `ops` on the convergent `crdt` under `key`, answering the value after them if
+/// `return_value`. No operation id: a Redis client's retry is a new command.
+fn apply(key: Bytes, crdt: CrdtType, ops: Vec<CrdtOp>, return_value: bool) -> KeyRequest {
+    let apply = Apply {
         bucket: Bytes::from_static(RESP_BUCKET),
         key,
+        crdt,
         ops,
+        op_id: None,
+        return_value,
         w: None,
         dw: None,
         timeout_ms: None,
     };
-    KeyRequest::new(KeyBody::Update(update), PARTITIONS)
+    KeyRequest::new(KeyBody::Apply(apply), PARTITIONS)
 }
 
 fn delete(key: Bytes) -> KeyRequest {
@@ -278,20 +297,52 @@ impl Script {
                 reply: SetReply::Ok | SetReply::Int,
                 expiry,
                 ..
-            } if *expiry != SetExpiry::Keep => Some(self.set_write(&Found::Missing, None)),
+            } if *expiry != SetExpiry::Keep => {
+                let (writes, then) = self.set_write(&Found::Missing, None);
+                Some((writes, Some(then)))
+            }
             Op::MSet(pairs) => Some((
                 pairs
                     .iter()
                     .map(|(k, v)| put(k.clone(), v.clone(), None))
                     .collect(),
-                ok(),
+                Some(ok()),
             )),
+            // Counters are convergent: an increment is one operation the coordinator applies to
+            // what it holds, with no read first, and answers the value after it.
+            Op::Incr { key, by } => Some((
+                vec![apply(
+                    key.clone(),
+                    CrdtType::Counter,
+                    vec![CrdtOp::Increment(*by)],
+                    true,
+                )],
+                None,
+            )),
+            Op::HIncrBy { key, field, by } => Some((
+                vec![apply(
+                    key.clone(),
+                    CrdtType::Map,
+                    vec![CrdtOp::Field {
+                        name: field.clone(),
+                        op: FieldOp::Increment(*by),
+                    }],
+                    true,
+                )],
+                None,
+            )),
+            // HMSET answers OK whatever was there: the node refuses a key of another type.
+            Op::HSet {
+                key,
+                pairs,
+                reply: HSetReply::Ok,
+            } => Some((vec![assign(key, pairs)], Some(ok()))),
             _ => None,
         };
         match writes {
             Some((writes, then)) => {
                 self.round = Round::Writes;
-                self.then = Some(then);
+                self.then = then;
                 Step::Run(writes)
             }
             None => {
@@ -304,29 +355,14 @@ impl Script {
     /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
     /// request order, at `now_ms` (Unix milliseconds): the next round, or the reply.
     pub fn resume(&mut self, replies: &[Message], now_ms: u64) -> Step {
-        if let Op::Set { reply, .. } = &self.op
-            && self.round == Round::Writes
-            && replies
-                .iter()
-                .any(|r| matches!(r, Message::Error(e) if e.code == ErrorCode::ConditionFailed))
-        {
-            return Step::Done(match reply {
-                SetReply::Ok => RespValue::Null,
-                SetReply::Int => RespValue::Integer(0),
-                SetReply::Old => string_or_nil(self.first().string().ok().flatten()),
-            });
-        }
-        if let Some(e) = replies.iter().find_map(error_of) {
-            return Step::Done(e);
-        }
         match self.round {
             Round::NotStarted => unreachable!("resume follows start"),
-            Round::Writes => Step::Done(
-                self.then
-                    .take()
-                    .expect("a write round was started with its reply"),
-            ),
+            Round::Writes => self.after_writes(replies),
+            Round::Explain => Step::Done(self.explain(replies)),
             Round::Reads => {
+                if let Some(e) = replies.iter().find_map(error_of) {
+                    return Step::Done(e);
+                }
                 let mut found = Vec::with_capacity(replies.len());
                 for reply in replies {
                     match found_of(reply) {
@@ -347,6 +383,98 @@ impl Script {
         }
     }
 
+    /// The reply once the write round answered: refusals as Redis words them, the counter
+    /// commands' new value, or the reply decided with the writes.
+    fn after_writes(&mut self, replies: &[Message]) -> Step {
+        if let Op::Set { reply, .. } = &self.op
+            && replies
+                .iter()
+                .any(|r| matches!(r, Message::Error(e) if e.code == ErrorCode::ConditionFailed))
+        {
+            return Step::Done(match reply {
+                SetReply::Ok => RespValue::Null,
+                SetReply::Int => RespValue::Integer(0),
+                SetReply::Old => string_or_nil(self.first().string().ok().flatten()),
+            });
+        }
+        let refused = replies.iter().find_map(|r| match r {
+            Message::Error(e) => Some((r, e)),
+            _ => None,
+        });
+        if let Some((reply, e)) = refused {
+            // The node's invalid_request for an increment is an overflow (or a bucket that takes
+            // no counters), worded for a person: Redis's text is the same with `ERR`.
+            let own = || err(format!("ERR {}", e.message));
+            return match (&self.op, e.code) {
+                // A plain value that is not an integer, or a key of another type: the read says.
+                (Op::Incr { key, .. }, ErrorCode::WrongType) => {
+                    let key = key.clone();
+                    self.explain_with(key, err(WRONGTYPE))
+                }
+                (Op::Incr { .. }, ErrorCode::InvalidRequest) => Step::Done(own()),
+                // A field that is not an integer, or an overflow: the read says.
+                (Op::HIncrBy { key, .. }, ErrorCode::InvalidRequest) => {
+                    let key = key.clone();
+                    let otherwise = own();
+                    self.explain_with(key, otherwise)
+                }
+                _ => Step::Done(error_of(reply).expect("an error reply is an error")),
+            };
+        }
+        Step::Done(match &self.op {
+            Op::Incr { .. } => match replies.first() {
+                Some(Message::ApplyOk(ApplyOk {
+                    value: Some(CrdtValue::Counter(n)),
+                })) => RespValue::Integer(*n),
+                other => unexpected(other),
+            },
+            Op::HIncrBy { field, .. } => match replies.first() {
+                Some(Message::ApplyOk(ApplyOk {
+                    value: Some(CrdtValue::Map(fields)),
+                })) => match fields.iter().find(|(name, _)| name == field) {
+                    Some((_, FieldValue::Counter(n))) => RespValue::Integer(*n),
+                    _ => err("ERR the field is not a counter after HINCRBY"),
+                },
+                other => unexpected(other),
+            },
+            _ => self
+                .then
+                .take()
+                .expect("a write round was started with its reply"),
+        })
+    }
+
+    /// Starts the explaining round: a read of `key`, and `otherwise` as the error to give if it
+    /// does not explain the refusal.
+    fn explain_with(&mut self, key: Bytes, otherwise: RespValue) -> Step {
+        self.round = Round::Explain;
+        self.then = Some(otherwise);
+        Step::Run(vec![get(key)])
+    }
+
+    /// The error of a refused increment, by what the key holds now.
+    fn explain(&mut self, replies: &[Message]) -> RespValue {
+        let otherwise = self
+            .then
+            .take()
+            .expect("the explaining round was started with its error");
+        let Some(Ok(found)) = replies.first().map(found_of) else {
+            return otherwise;
+        };
+        match &self.op {
+            Op::Incr { .. } if matches!(found, Found::Str(..)) => err(NOT_AN_INTEGER),
+            Op::HIncrBy { field, .. } => match found.hash() {
+                Ok(hash)
+                    if self::field(hash, field).is_some_and(|v| integer(Some(v)).is_none()) =>
+                {
+                    err("ERR hash value is not an integer")
+                }
+                _ => otherwise,
+            },
+            _ => otherwise,
+        }
+    }
+
     fn first(&self) -> &Found {
         self.found.first().unwrap_or(&Found::Missing)
     }
@@ -361,18 +489,17 @@ impl Script {
             | Op::Type(_)
             | Op::Del(_)
             | Op::GetDel(_)
-            | Op::GetEx { .. }
-            | Op::Incr { .. } => self.string_after_reads(),
+            | Op::GetEx { .. } => self.string_after_reads(),
             Op::Set { .. } => self.set_after_read(),
             Op::Ttl { .. } | Op::Expire { .. } | Op::Persist(_) => {
                 self.expiry_after_read(i64::try_from(now_ms).unwrap_or(i64::MAX))
             }
-            Op::HSet { .. }
-            | Op::HGet { .. }
-            | Op::HRead { .. }
-            | Op::HDel { .. }
-            | Op::HIncrBy { .. } => self.hash_after_read(),
-            Op::MSet(_) => unreachable!("MSET writes without reading"),
+            Op::HSet { .. } | Op::HGet { .. } | Op::HRead { .. } | Op::HDel { .. } => {
+                self.hash_after_read()
+            }
+            Op::MSet(_) | Op::Incr { .. } | Op::HIncrBy { .. } => {
+                unreachable!("writes without reading")
+            }
         }
     }
 
@@ -394,9 +521,11 @@ impl Script {
                     .collect(),
             )),
             Op::Exists(_) => Ok(RespValue::Integer(count(&self.found))),
+            // Redis's INCR makes a string: a counter is one to Redis clients.
             Op::Type(_) => Ok(RespValue::Simple(Bytes::from_static(match first {
                 Found::Missing => b"none",
-                Found::Str(..) => b"string",
+                Found::Str(..) | Found::Counter(..) => b"string",
+                Found::Set(..) => b"set",
                 Found::Hash(..) => b"hash",
             }))),
             Op::Del(keys) => Err((
@@ -407,30 +536,13 @@ impl Script {
                 None => Ok(RespValue::Null),
                 Some(value) => Err((vec![delete(key.clone())], RespValue::Bulk(value))),
             },
+            // A string is written back with the new expiry, a counter's expiry register set.
             Op::GetEx { key, expiry } => match (or_reply!(first.string()), expiry) {
-                (Some(value), Some(e)) => Err((
-                    vec![put(key.clone(), value.clone(), Some(*e))],
-                    RespValue::Bulk(value),
-                )),
+                (Some(value), Some(e)) => {
+                    Err((vec![first.rewrite(key, *e)], RespValue::Bulk(value)))
+                }
                 (value, _) => Ok(string_or_nil(value)),
             },
-            Op::Incr { key, by } => {
-                let current = match or_reply!(first.string()) {
-                    None => 0,
-                    Some(v) => match integer(Some(&v)) {
-                        Some(n) => n,
-                        None => return Ok(err("ERR value is not an integer or out of range")),
-                    },
-                };
-                let Some(next) = current.checked_add(*by) else {
-                    return Ok(err("ERR increment or decrement would overflow"));
-                };
-                let value = Bytes::from(next.to_string());
-                Err((
-                    vec![put(key.clone(), value, keep(first))],
-                    RespValue::Integer(next),
-                ))
-            }
             _ => unreachable!("a string command"),
         }
     }
@@ -558,17 +670,9 @@ impl Script {
                 {
                     return Ok(RespValue::Integer(0));
                 }
-                let ops = pairs
-                    .iter()
-                    .map(|(field, value)| MapOp::Set {
-                        field: field.clone(),
-                        value: value.clone(),
-                    })
-                    .collect();
                 let then = match reply {
                     HSetReply::Added => {
-                        let names: std::collections::BTreeSet<&Bytes> =
-                            pairs.iter().map(|(f, _)| f).collect();
+                        let names: BTreeSet<&Bytes> = pairs.iter().map(|(f, _)| f).collect();
                         let added = names
                             .into_iter()
                             .filter(|f| field(fields, f).is_none())
@@ -578,7 +682,7 @@ impl Script {
                     HSetReply::IfNew => RespValue::Integer(1),
                     HSetReply::Ok => ok(),
                 };
-                Err((vec![update(key.clone(), ops)], then))
+                Err((vec![assign(key, pairs)], then))
             }
             Op::HGet { fields, array, .. } => {
                 let hash = or_reply!(first.hash());
@@ -618,46 +722,41 @@ impl Script {
                     }
                 })
             }
+            // The read counts the fields that existed; once it found one, the write removes
+            // every field named (what the coordinator has seen of each: a field the read missed
+            // goes too, as the client asked).
             Op::HDel { key, fields } => {
                 let hash = or_reply!(first.hash());
-                let names: std::collections::BTreeSet<&Bytes> = fields.iter().collect();
-                let existing: Vec<MapOp> = names
-                    .into_iter()
-                    .filter(|f| field(hash, f).is_some())
-                    .map(|f| MapOp::Delete { field: f.clone() })
-                    .collect();
-                if existing.is_empty() {
+                let names: BTreeSet<&Bytes> = fields.iter().collect();
+                let existing = names.iter().filter(|f| field(hash, f).is_some()).count();
+                if existing == 0 {
                     return Ok(RespValue::Integer(0));
                 }
-                let deleted = RespValue::Integer(existing.len() as i64);
-                Err((vec![update(key.clone(), existing)], deleted))
-            }
-            Op::HIncrBy { key, field, by } => {
-                let hash = or_reply!(first.hash());
-                let current = match self::field(hash, field) {
-                    None => 0,
-                    Some(v) => match integer(Some(v)) {
-                        Some(n) => n,
-                        None => return Ok(err("ERR hash value is not an integer")),
-                    },
-                };
-                let Some(next) = current.checked_add(*by) else {
-                    return Ok(err("ERR increment or decrement would overflow"));
-                };
+                let ops = names
+                    .into_iter()
+                    .map(|f| CrdtOp::RemoveField(f.clone()))
+                    .collect();
                 Err((
-                    vec![update(
-                        key.clone(),
-                        vec![MapOp::Set {
-                            field: field.clone(),
-                            value: Bytes::from(next.to_string()),
-                        }],
-                    )],
-                    RespValue::Integer(next),
+                    vec![apply(key.clone(), CrdtType::Map, ops, false)],
+                    RespValue::Integer(existing as i64),
                 ))
             }
             _ => unreachable!("a hash command"),
         }
     }
+}
+
+/// The APPLY that assigns a hash's fields (register fields of the convergent map, each last
+/// write wins; an assignment replaces a counter field, as HSET replaces a value HINCRBY made).
+fn assign(key: &Bytes, pairs: &[(Bytes, Bytes)]) -> KeyRequest {
+    let ops = pairs
+        .iter()
+        .map(|(name, value)| CrdtOp::Field {
+            name: name.clone(),
+            op: FieldOp::Assign(value.clone()),
+        })
+        .collect();
+    apply(key.clone(), CrdtType::Map, ops, false)
 }
 
 /// What a read found under a key.
@@ -667,7 +766,11 @@ enum Found {
     Missing,
     /// A string, and its expiry.
     Str(Bytes, Option<u64>),
-    /// A hash's fields, and its expiry.
+    /// A counter's value, and its expiry.
+    Counter(i64, Option<u64>),
+    /// A set's members in byte order, and its expiry.
+    Set(Vec<Bytes>, Option<u64>),
+    /// A hash's fields in name order as Redis shows them, and its expiry.
     Hash(Vec<(Bytes, Bytes)>, Option<u64>),
 }
 
@@ -678,21 +781,23 @@ impl Found {
         *self == Found::Missing
     }
 
-    /// The string, `None` if missing; a hash is a `WRONGTYPE` error.
+    /// The string, `None` if missing; a counter reads as its decimal value (Redis's INCR makes
+    /// a string); a set or a hash is a `WRONGTYPE` error.
     fn string(&self) -> Result<Option<Bytes>, RespValue> {
         match self {
             Found::Missing => Ok(None),
             Found::Str(v, _) => Ok(Some(v.clone())),
-            Found::Hash(..) => Err(err(WRONGTYPE)),
+            Found::Counter(n, _) => Ok(Some(Bytes::from(n.to_string()))),
+            Found::Set(..) | Found::Hash(..) => Err(err(WRONGTYPE)),
         }
     }
 
-    /// The hash's fields, empty if missing; a string is a `WRONGTYPE` error.
+    /// The hash's fields, empty if missing; another type is a `WRONGTYPE` error.
     fn hash(&self) -> Result<&[(Bytes, Bytes)], RespValue> {
         match self {
             Found::Missing => Ok(&[]),
             Found::Hash(fields, _) => Ok(fields),
-            Found::Str(..) => Err(err(WRONGTYPE)),
+            Found::Str(..) | Found::Counter(..) | Found::Set(..) => Err(err(WRONGTYPE)),
         }
     }
 
@@ -700,18 +805,24 @@ impl Found {
     fn expires(&self) -> Option<Option<u64>> {
         match self {
             Found::Missing => None,
-            Found::Str(_, e) | Found::Hash(_, e) => Some(*e),
+            Found::Str(_, e) | Found::Counter(_, e) | Found::Set(_, e) | Found::Hash(_, e) => {
+                Some(*e)
+            }
         }
     }
 
-    /// The write that gives the key found a new expiry: the string written back, or the hash's
-    /// expiry register set.
+    /// The write that gives the key found a new expiry: the string written back, or the
+    /// expiry register of the convergent type set (an APPLY of the key's type, so that it
+    /// changes nothing else).
     fn rewrite(&self, key: &Bytes, expiry: Expiry) -> KeyRequest {
-        match self {
-            Found::Hash(..) => update(key.clone(), vec![MapOp::Expire(expiry)]),
-            Found::Str(value, _) => put(key.clone(), value.clone(), Some(expiry)),
+        let crdt = match self {
+            Found::Str(value, _) => return put(key.clone(), value.clone(), Some(expiry)),
+            Found::Counter(..) => CrdtType::Counter,
+            Found::Set(..) => CrdtType::Set,
+            Found::Hash(..) => CrdtType::Map,
             Found::Missing => unreachable!("a missing key gets no new expiry"),
-        }
+        };
+        apply(key.clone(), crdt, vec![CrdtOp::Expire(expiry)], false)
     }
 }
 
@@ -750,15 +861,46 @@ fn error_of(reply: &Message) -> Option<RespValue> {
     }
 }
 
-/// What a GET reply found for Redis: the last value sibling, or the map's fields, and the key's
-/// expiry.
+fn unexpected(reply: Option<&Message>) -> RespValue {
+    err(format!(
+        "ERR unexpected reply {}",
+        reply.map_or("(none)", |r| r.kind().name())
+    ))
+}
+
+/// A map field as a Redis hash shows it: a register's value, a counter's decimal value (as
+/// HINCRBY leaves a field in Redis). Set and flag fields, which only ringkv's own clients make,
+/// have no Redis form and are not shown.
+fn hash_field((name, value): &(Bytes, FieldValue)) -> Option<(Bytes, Bytes)> {
+    match value {
+        FieldValue::Register(v) => Some((name.clone(), v.clone())),
+        FieldValue::Counter(n) => Some((name.clone(), Bytes::from(n.to_string()))),
+        FieldValue::Set(_) | FieldValue::Flag => None,
+    }
+}
+
+/// What a GET reply found for Redis: the convergent value, or the last value sibling, and the
+/// key's expiry.
 fn found_of(reply: &Message) -> Result<Found, RespValue> {
     match reply {
         Message::GetOk(ok) => {
-            if let Some(fields) = &ok.fields {
-                // In name order (GET_OK's fields are), so fields are found by binary search.
-                debug_assert!(fields.windows(2).all(|w| w[0].0 < w[1].0));
-                return Ok(Found::Hash(fields.clone(), ok.expires_at_ms));
+            let expires = ok.expires_at_ms;
+            match &ok.crdt {
+                Some(CrdtValue::Counter(n)) => return Ok(Found::Counter(*n, expires)),
+                Some(CrdtValue::Set(members)) => {
+                    // In byte order, so members are found by binary search.
+                    debug_assert!(members.windows(2).all(|w| w[0] < w[1]));
+                    return Ok(Found::Set(members.clone(), expires));
+                }
+                Some(CrdtValue::Map(fields)) => {
+                    // In name order, so fields are found by binary search.
+                    debug_assert!(fields.windows(2).all(|w| w[0].0 < w[1].0));
+                    return Ok(Found::Hash(
+                        fields.iter().filter_map(hash_field).collect(),
+                        expires,
+                    ));
+                }
+                None => {}
             }
             Ok(ok
                 .siblings

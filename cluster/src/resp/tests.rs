@@ -2,11 +2,13 @@
 //! each script's requests and reply against a scripted store.
 #![allow(clippy::unwrap_used)]
 use ringkv_net::resp::{RespLimits, decode_command};
-use ringkv_net::{ErrorBody, GetOk, PutOk};
+use ringkv_net::{
+    ApplyOk, CrdtOp, CrdtType, CrdtValue, ErrorBody, FieldOp, FieldValue, GetOk, PutOk,
+};
 
 use super::*;
 use ringkv_core::request::{KeyBody, KeyRequest};
-use ringkv_net::{Condition, ErrorCode, MapOp, Message, Sibling};
+use ringkv_net::{Condition, ErrorCode, Message, Sibling};
 
 fn cmd(line: &str) -> RespCommand {
     decode_command(format!("{line}\r\n").as_bytes(), &RespLimits::DEFAULT)
@@ -96,9 +98,56 @@ fn holding(value: Option<(&'static [u8], Option<u64>)>) -> impl FnMut(&KeyReques
             _ => put_ok(),
         },
         KeyBody::Delete(_) => Message::DeleteOk,
-        KeyBody::Update(_) => Message::UpdateOk,
-        KeyBody::Apply(_) => Message::ApplyOk(ringkv_net::ApplyOk { value: None }),
+        KeyBody::Update(u) => panic!("the RESP layer sends no UPDATE: {u:?}"),
+        KeyBody::Apply(_) => Message::ApplyOk(ApplyOk { value: None }),
     }
+}
+
+/// A store of one key that answers reads with `read` and APPLY with `applied`, and
+/// acknowledges other writes.
+fn store(read: Message, applied: Message) -> impl FnMut(&KeyRequest) -> Message {
+    move |r| match r.body() {
+        KeyBody::Get(_) => read.clone(),
+        KeyBody::Put(_) => put_ok(),
+        KeyBody::Delete(_) => Message::DeleteOk,
+        KeyBody::Update(u) => panic!("the RESP layer sends no UPDATE: {u:?}"),
+        KeyBody::Apply(_) => applied.clone(),
+    }
+}
+
+/// A read of a convergent value with its expiry.
+fn crdt(value: CrdtValue, expires_at_ms: Option<u64>) -> Message {
+    Message::GetOk(GetOk {
+        siblings: vec![],
+        context: Bytes::new(),
+        expires_at_ms,
+        fields: None,
+        crdt: Some(value),
+    })
+}
+
+fn apply_ok(value: Option<CrdtValue>) -> Message {
+    Message::ApplyOk(ApplyOk { value })
+}
+
+fn refused(code: ErrorCode, message: &str) -> Message {
+    Message::Error(ErrorBody::new(code, message))
+}
+
+/// The type, operations and `return_value` of an APPLY.
+fn apply_of(body: &KeyBody) -> (CrdtType, Vec<CrdtOp>, bool) {
+    match body {
+        KeyBody::Apply(a) => {
+            assert_eq!(&a.bucket[..], RESP_BUCKET);
+            assert_eq!(a.op_id, None);
+            (a.crdt, a.ops.clone(), a.return_value)
+        }
+        other => panic!("not an apply: {other:?}"),
+    }
+}
+
+fn b(s: &'static str) -> Bytes {
+    Bytes::from_static(s.as_bytes())
 }
 
 fn condition_of(body: &KeyBody) -> Option<Condition> {
@@ -367,65 +416,216 @@ fn data_commands() {
     assert!(error_text(&reply).starts_with("ERR timeout"), "{reply:?}");
 }
 
-/// INCR family: a missing key counts from 0, the key's expiry is kept, a value that is not
-/// an integer and an overflow are refused as Redis refuses them.
+/// INCR and its variants are one APPLY of an increment on a counter, with no read: the node
+/// makes the counter (from nothing, or from a string holding an integer) and answers its value,
+/// which is the reply. A refusal is worded as Redis words it: `wrong_type` is a string that is
+/// not an integer or a key of another type, which a read decides; an overflow is Redis's text.
 #[test]
-fn increments() {
-    let (reply, rounds) = script("INCRBY k 5", 0, holding(Some((b"10", Some(99)))));
-    assert_eq!(reply, RespValue::Integer(15));
-    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::At { unix_ms: 99 }));
-    assert!(matches!(&rounds[1][0], KeyBody::Put(p) if &p.value[..] == b"15"));
-    let (reply, rounds) = script("DECR k", 0, holding(None));
-    assert_eq!(reply, RespValue::Integer(-1));
-    assert_eq!(
-        expiry_of(&rounds[1][0]),
-        None,
-        "a new counter takes the bucket's default"
+fn increments_are_counter_operations() {
+    let (reply, rounds) = script(
+        "INCRBY k 5",
+        0,
+        store(missing(), apply_ok(Some(CrdtValue::Counter(15)))),
     );
-    let (_, rounds) = script("INCR k", 0, holding(Some((b"1", None))));
-    assert_eq!(expiry_of(&rounds[1][0]), Some(Expiry::Never));
+    assert_eq!(reply, RespValue::Integer(15));
+    assert_eq!(rounds.len(), 1, "no read");
     assert_eq!(
-        error_text(&script("INCR k", 0, holding(Some((b"abc", None)))).0),
+        apply_of(&rounds[0][0]),
+        (CrdtType::Counter, vec![CrdtOp::Increment(5)], true),
+        "no expiry: the counter keeps its own"
+    );
+    for (line, by) in [("INCR k", 1), ("DECR k", -1), ("DECRBY k 7", -7)] {
+        let (_, rounds) = script(
+            line,
+            0,
+            store(missing(), apply_ok(Some(CrdtValue::Counter(0)))),
+        );
+        assert_eq!(
+            apply_of(&rounds[0][0]).1,
+            vec![CrdtOp::Increment(by)],
+            "{line}"
+        );
+    }
+
+    // A string that is not an integer: the node answers wrong_type, the read finds the string.
+    let (reply, rounds) = script(
+        "INCR k",
+        0,
+        store(
+            found(b"abc", None),
+            refused(ErrorCode::WrongType, "plain value"),
+        ),
+    );
+    assert_eq!(
+        error_text(&reply),
         "ERR value is not an integer or out of range"
     );
+    assert_eq!(rounds.len(), 2);
+    assert!(
+        matches!(rounds[1][0], KeyBody::Get(_)),
+        "the explaining read"
+    );
+    // A key of another type: the read finds it, and the error stays WRONGTYPE.
+    let set = crdt(CrdtValue::Set(vec![b("x")]), None);
+    let (reply, _) = script(
+        "INCR k",
+        0,
+        store(set, refused(ErrorCode::WrongType, "a set")),
+    );
+    assert!(error_text(&reply).starts_with("WRONGTYPE"), "{reply:?}");
+    // An overflow is the node's invalid_request, in Redis's words.
+    let (reply, rounds) = script(
+        "INCR k",
+        0,
+        store(
+            found(b"9223372036854775807", None),
+            refused(
+                ErrorCode::InvalidRequest,
+                "increment or decrement would overflow",
+            ),
+        ),
+    );
     assert_eq!(
-        error_text(&script("INCR k", 0, holding(Some((b"9223372036854775807", None)))).0),
+        error_text(&reply),
         "ERR increment or decrement would overflow"
     );
+    assert_eq!(rounds.len(), 1, "no read to explain an overflow");
+    // Other failures keep the node's code.
+    let (reply, _) = script(
+        "INCR k",
+        0,
+        store(missing(), refused(ErrorCode::Timeout, "slow")),
+    );
+    assert_eq!(error_text(&reply), "ERR timeout: slow");
     assert!(error_text(&reply_of("INCRBY k x")).starts_with("ERR value is not an integer"));
+    assert_eq!(
+        error_text(&reply_of("DECRBY k -9223372036854775808")),
+        "ERR decrement would overflow"
+    );
+}
+
+/// A counter is a string to Redis clients: GET and MGET answer its decimal value, TYPE says
+/// `string`; EXISTS and DEL count it, DEL and GETDEL delete it (a DELETE clears it), SET and
+/// SET ... GET replace it; its expiry is its expiry register, which TTL reads and EXPIRE,
+/// PERSIST and GETEX set with an APPLY of the counter type.
+#[test]
+fn counters_read_as_strings() {
+    let counter = || store(crdt(CrdtValue::Counter(15), Some(9_000)), apply_ok(None));
+    assert_eq!(script("GET k", 0, counter()).0, bulk(b"15"));
+    assert_eq!(
+        script("MGET k", 0, counter()).0,
+        RespValue::Array(vec![bulk(b"15")])
+    );
+    assert_eq!(
+        script("TYPE k", 0, counter()).0,
+        RespValue::Simple(Bytes::from_static(b"string"))
+    );
+    assert_eq!(script("EXISTS k", 0, counter()).0, RespValue::Integer(1));
+    let (reply, rounds) = script("DEL k", 0, counter());
+    assert_eq!(reply, RespValue::Integer(1));
+    assert!(matches!(rounds[1][0], KeyBody::Delete(_)));
+    assert_eq!(
+        script("PTTL k", 1_000, counter()).0,
+        RespValue::Integer(8_000)
+    );
+    let (reply, rounds) = script("EXPIRE k 100", 1_000, counter());
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(
+        apply_of(&rounds[1][0]),
+        (
+            CrdtType::Counter,
+            vec![CrdtOp::Expire(Expiry::Ttl { ms: 100_000 })],
+            false
+        )
+    );
+    let (_, rounds) = script("PERSIST k", 0, counter());
+    assert_eq!(
+        apply_of(&rounds[1][0]).1,
+        vec![CrdtOp::Expire(Expiry::Never)]
+    );
+    let (reply, rounds) = script("PEXPIREAT k 5", 1_000, counter());
+    assert_eq!(reply, RespValue::Integer(1));
+    assert!(
+        matches!(rounds[1][0], KeyBody::Delete(_)),
+        "a past time deletes"
+    );
+    let (reply, rounds) = script("GETEX k EX 60", 0, counter());
+    assert_eq!(reply, bulk(b"15"));
+    assert_eq!(
+        apply_of(&rounds[1][0]),
+        (
+            CrdtType::Counter,
+            vec![CrdtOp::Expire(Expiry::Ttl { ms: 60_000 })],
+            false
+        )
+    );
+    let (reply, rounds) = script("GETDEL k", 0, counter());
+    assert_eq!(reply, bulk(b"15"));
+    assert!(matches!(rounds[1][0], KeyBody::Delete(_)));
+    let (reply, rounds) = script("SET k v GET", 0, counter());
+    assert_eq!(reply, bulk(b"15"));
+    assert!(matches!(&rounds[1][0], KeyBody::Put(p) if &p.value[..] == b"v"));
+    let (_, rounds) = script("SET k v KEEPTTL", 0, counter());
+    assert_eq!(
+        expiry_of(&rounds[1][0]),
+        Some(Expiry::At { unix_ms: 9_000 })
+    );
+    let (reply, _) = script("SETNX k v", 0, |r: &KeyRequest| match r.body() {
+        KeyBody::Put(_) => refused(ErrorCode::ConditionFailed, "the key holds a value"),
+        other => panic!("{other:?}"),
+    });
+    assert_eq!(reply, RespValue::Integer(0), "a counter is a value for NX");
+    // Hash and set commands on a counter are WRONGTYPE, by the read.
+    for line in ["HGET k f", "HSET k f v"] {
+        let (reply, rounds) = script(line, 0, counter());
+        assert!(
+            error_text(&reply).starts_with("WRONGTYPE"),
+            "{line}: {reply:?}"
+        );
+        assert_eq!(rounds.len(), 1, "{line}: nothing written");
+    }
 }
 
 fn hash(fields: &[(&'static [u8], &'static [u8])], expires_at_ms: Option<u64>) -> Message {
-    Message::GetOk(GetOk {
-        siblings: vec![],
-        context: Bytes::new(),
-        expires_at_ms,
-        fields: Some(
+    crdt(
+        CrdtValue::Map(
             fields
                 .iter()
-                .map(|(f, v)| (Bytes::from_static(f), Bytes::from_static(v)))
+                .map(|(f, v)| {
+                    (
+                        Bytes::from_static(f),
+                        FieldValue::Register(Bytes::from_static(v)),
+                    )
+                })
                 .collect(),
         ),
-        crdt: None,
-    })
+        expires_at_ms,
+    )
 }
 
-/// A store of one key holding a hash, answering reads and acknowledging writes.
+/// A store of one key holding a hash, answering reads and acknowledging writes (an APPLY of
+/// the map type).
 fn holding_hash(
     fields: &'static [(&'static [u8], &'static [u8])],
     expires_at_ms: Option<u64>,
 ) -> impl FnMut(&KeyRequest) -> Message {
     move |r| match r.body() {
         KeyBody::Get(_) => hash(fields, expires_at_ms),
-        KeyBody::Update(_) => Message::UpdateOk,
+        KeyBody::Apply(a) if a.crdt == CrdtType::Map => apply_ok(None),
         other => panic!("a hash command sent {other:?}"),
     }
 }
 
-fn ops_of(body: &KeyBody) -> Vec<MapOp> {
-    match body {
-        KeyBody::Update(u) => u.ops.clone(),
-        other => panic!("not an update: {other:?}"),
+fn ops_of(body: &KeyBody) -> Vec<CrdtOp> {
+    let (crdt, ops, _) = apply_of(body);
+    assert_eq!(crdt, CrdtType::Map);
+    ops
+}
+
+fn assign(name: &'static str, value: &'static str) -> CrdtOp {
+    CrdtOp::Field {
+        name: b(name),
+        op: FieldOp::Assign(b(value)),
     }
 }
 
@@ -433,9 +633,10 @@ fn bulk(v: &'static [u8]) -> RespValue {
     RespValue::Bulk(Bytes::from_static(v))
 }
 
-/// Hash commands read the hash and write only the fields they change (an UPDATE, each
-/// field a last-write-wins register); replies count as Redis counts; a string key is
-/// `WRONGTYPE` for them, and a hash key for string commands.
+/// Hash commands read the hash (a convergent map) and write only the fields they change (an
+/// APPLY: each field a last-write-wins register); replies count as Redis counts; HMSET writes
+/// without a read, the node refusing a key of another type; a string key is `WRONGTYPE` for
+/// them, and a hash key for string commands.
 #[test]
 fn hash_commands() {
     const H: &[(&[u8], &[u8])] = &[(b"cart", b"3"), (b"user", b"alice")];
@@ -445,16 +646,28 @@ fn hash_commands() {
         RespValue::Integer(1),
         "one field added, one replaced"
     );
-    assert_eq!(ops_of(&rounds[1][0]).len(), 2);
+    assert_eq!(
+        ops_of(&rounds[1][0]),
+        vec![assign("user", "bob"), assign("n", "1")]
+    );
     assert_eq!(
         script("HSETNX h user x", 0, holding_hash(H, None)).0,
         RespValue::Integer(0)
     );
-    assert_eq!(
-        script("HSETNX h z x", 0, holding_hash(H, None)).0,
-        RespValue::Integer(1)
-    );
-    assert_eq!(script("HMSET h a 1", 0, holding_hash(H, None)).0, ok());
+    let (reply, rounds) = script("HSETNX h z x", 0, holding_hash(H, None));
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(ops_of(&rounds[1][0]), vec![assign("z", "x")]);
+    let (reply, rounds) = script("HMSET h a 1", 0, holding_hash(H, None));
+    assert_eq!(reply, ok());
+    assert_eq!(rounds.len(), 1, "HMSET writes without a read");
+    assert_eq!(ops_of(&rounds[0][0]), vec![assign("a", "1")]);
+    let (reply, _) = script("HMSET s a 1", 0, |_: &KeyRequest| {
+        refused(
+            ErrorCode::WrongType,
+            "the key holds a plain value, not a map",
+        )
+    });
+    assert!(error_text(&reply).starts_with("WRONGTYPE"), "{reply:?}");
     assert_eq!(
         script("HGET h user", 0, holding_hash(H, None)).0,
         bulk(b"alice")
@@ -481,6 +694,10 @@ fn hash_commands() {
         RespValue::Array(vec![bulk(b"cart"), bulk(b"user")])
     );
     assert_eq!(
+        script("HVALS h", 0, holding_hash(H, None)).0,
+        RespValue::Array(vec![bulk(b"3"), bulk(b"alice")])
+    );
+    assert_eq!(
         script("HLEN h", 0, holding_hash(H, None)).0,
         RespValue::Integer(2)
     );
@@ -492,39 +709,39 @@ fn hash_commands() {
     assert_eq!(reply, RespValue::Integer(1));
     assert_eq!(
         ops_of(&rounds[1][0]),
-        vec![MapOp::Delete {
-            field: Bytes::from_static(b"cart")
-        }]
+        vec![
+            CrdtOp::RemoveField(b("cart")),
+            CrdtOp::RemoveField(b("nope"))
+        ],
+        "once one existed, every field named goes"
     );
     let (reply, rounds) = script("HDEL h nope", 0, holding_hash(H, None));
     assert_eq!(reply, RespValue::Integer(0));
     assert_eq!(rounds.len(), 1, "nothing to delete, nothing written");
-    assert_eq!(
-        script("HINCRBY h cart 4", 0, holding_hash(H, None)).0,
-        RespValue::Integer(7)
-    );
-    assert_eq!(
-        error_text(&script("HINCRBY h user 1", 0, holding_hash(H, None)).0),
-        "ERR hash value is not an integer"
-    );
-    // Expiry on a hash is its expiry register.
+    // Expiry on a hash is the map's expiry register.
     let (reply, rounds) = script("EXPIRE h 10", 0, holding_hash(H, None));
     assert_eq!(reply, RespValue::Integer(1));
     assert_eq!(
         ops_of(&rounds[1][0]),
-        vec![MapOp::Expire(Expiry::Ttl { ms: 10_000 })]
+        vec![CrdtOp::Expire(Expiry::Ttl { ms: 10_000 })]
     );
     assert_eq!(
         script("TTL h", 1_000, holding_hash(H, Some(5_000))).0,
         RespValue::Integer(4)
     );
     let (_, rounds) = script("PERSIST h", 0, holding_hash(H, Some(5_000)));
-    assert_eq!(ops_of(&rounds[1][0]), vec![MapOp::Expire(Expiry::Never)]);
+    assert_eq!(ops_of(&rounds[1][0]), vec![CrdtOp::Expire(Expiry::Never)]);
     assert_eq!(
         script("TYPE h", 0, holding_hash(H, None)).0,
         RespValue::Simple(Bytes::from_static(b"hash"))
     );
-    assert!(error_text(&script("GET h", 0, holding_hash(H, None)).0).starts_with("WRONGTYPE"));
+    for line in ["GET h", "GETDEL h", "SET h v GET"] {
+        let (reply, _) = script(line, 0, holding_hash(H, None));
+        assert!(
+            error_text(&reply).starts_with("WRONGTYPE"),
+            "{line}: {reply:?}"
+        );
+    }
     assert_eq!(
         script("MGET h", 0, holding_hash(H, None)).0,
         RespValue::Array(vec![RespValue::Null])
@@ -561,11 +778,102 @@ fn hash_commands() {
     let refused = array(vec![b"HSET".to_vec(), b"h".to_vec(), long, b"v".to_vec()]);
     assert!(refused.contains("field name"), "{refused}");
     let mut many = vec![b"HSET".to_vec(), b"h".to_vec()];
-    for i in 0..=MAP_OPS_MAX {
+    for i in 0..=CRDT_OPS_MAX {
         many.push(format!("f{i}").into_bytes());
         many.push(b"v".to_vec());
     }
     assert!(array(many).contains("at most"));
+}
+
+/// HINCRBY is one APPLY of a counter field's increment, with no read, and answers the field's
+/// value after it; a counter field reads as its decimal value, as in a Redis hash; fields of
+/// kinds a Redis hash cannot hold are not shown. A refusal is worded as Redis words it: a field
+/// that is not an integer, or an overflow, which a read decides; WRONGTYPE for another type.
+#[test]
+fn hincrby_is_a_counter_field() {
+    let cart = CrdtValue::Map(vec![
+        (b("cart"), FieldValue::Counter(7)),
+        (b("user"), FieldValue::Register(b("alice"))),
+    ]);
+    let (reply, rounds) = script(
+        "HINCRBY h cart 4",
+        0,
+        store(missing(), apply_ok(Some(cart.clone()))),
+    );
+    assert_eq!(reply, RespValue::Integer(7));
+    assert_eq!(rounds.len(), 1, "no read");
+    assert_eq!(
+        apply_of(&rounds[0][0]),
+        (
+            CrdtType::Map,
+            vec![CrdtOp::Field {
+                name: b("cart"),
+                op: FieldOp::Increment(4)
+            }],
+            true
+        )
+    );
+    let mut shown = cart.clone();
+    if let CrdtValue::Map(fields) = &mut shown {
+        fields.push((b("vip"), FieldValue::Flag));
+        fields.push((b("zz-tags"), FieldValue::Set(vec![b("a")])));
+    }
+    let read = || store(crdt(shown.clone(), None), apply_ok(None));
+    assert_eq!(
+        script("HGETALL h", 0, read()).0,
+        RespValue::Array(vec![
+            bulk(b"cart"),
+            bulk(b"7"),
+            bulk(b"user"),
+            bulk(b"alice")
+        ])
+    );
+    assert_eq!(script("HGET h cart", 0, read()).0, bulk(b"7"));
+    assert_eq!(script("HLEN h", 0, read()).0, RespValue::Integer(2));
+    assert_eq!(script("HEXISTS h vip", 0, read()).0, RespValue::Integer(0));
+    // HSET over a counter field replaces it: it existed, so it is not counted as new.
+    let (reply, rounds) = script("HSET h cart 1", 0, read());
+    assert_eq!(reply, RespValue::Integer(0));
+    assert_eq!(ops_of(&rounds[1][0]), vec![assign("cart", "1")]);
+
+    let not_integer = refused(
+        ErrorCode::InvalidRequest,
+        "field user holds a value that is not an integer",
+    );
+    let (reply, rounds) = script(
+        "HINCRBY h user 1",
+        0,
+        store(crdt(cart.clone(), None), not_integer),
+    );
+    assert_eq!(error_text(&reply), "ERR hash value is not an integer");
+    assert!(
+        matches!(rounds[1][0], KeyBody::Get(_)),
+        "the explaining read"
+    );
+    let overflow = refused(
+        ErrorCode::InvalidRequest,
+        "increment or decrement would overflow",
+    );
+    let (reply, _) = script(
+        "HINCRBY h cart 9223372036854775807",
+        0,
+        store(crdt(cart, None), overflow),
+    );
+    assert_eq!(
+        error_text(&reply),
+        "ERR increment or decrement would overflow"
+    );
+    let (reply, rounds) = script(
+        "HINCRBY k f 1",
+        0,
+        store(
+            found(b"v", None),
+            refused(ErrorCode::WrongType, "plain value"),
+        ),
+    );
+    assert!(error_text(&reply).starts_with("WRONGTYPE"), "{reply:?}");
+    assert_eq!(rounds.len(), 1, "WRONGTYPE needs no read");
+    assert!(error_text(&reply_of("HINCRBY h f x")).starts_with("ERR value is not an integer"));
 }
 
 /// A node's `wrong_type` reaches a Redis client as Redis's own `WRONGTYPE` error, which client
