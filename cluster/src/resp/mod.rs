@@ -30,6 +30,14 @@
 //! error (`script.rs`): a string that is not an integer, or `WRONGTYPE`; an overflow is Redis's
 //! own text. `HINCRBY` is the same on a counter field of a hash.
 //!
+//! # Sets
+//!
+//! A set is the add-wins set. `SADD` and `SREM` read the set first, because their reply counts
+//! the members that were new (or there), and an APPLY answers only the set after it; then one
+//! APPLY adds every member named, or removes every member named once the read found one. Adds of
+//! one key through any nodes all survive; a remove removes the adds its coordinator has seen (an
+//! add it has not seen survives). An empty set reads as a missing key, as in Redis.
+//!
 //! # Hashes
 //!
 //! A hash is the convergent map: hash commands write only the fields they change with an APPLY,
@@ -48,7 +56,7 @@
 //! `SET ... KEEPTTL` reads the key's expiry first and writes it back as an absolute time.
 //! `EXPIRE`, `PERSIST` and `GETEX` write a string back with its new expiry, and set the expiry
 //! register of a counter, set or hash with an APPLY of its type (its last write wins); the
-//! operations on a convergent key keep that register, so `INCR` or `HSET` keep the key's
+//! operations on a convergent key keep that register, so `INCR`, `SADD` or `HSET` keep the key's
 //! time to live as in Redis. What differs: a time already past deletes the key (a DELETE), and a
 //! DELETE of a convergent key removes what its coordinator has seen, so an increment concurrent
 //! with it (or with `DEL`) survives with what its coordinator had counted, where Redis would
@@ -63,7 +71,7 @@
 //! # Read-then-write commands
 //!
 //! `SET ... GET|KEEPTTL`, `GETDEL`, `GETEX` with an option, `EXPIRE` and its variants,
-//! `PERSIST`, `DEL`, `UNLINK`, `HSET`, `HSETNX` and `HDEL` read the key (at the
+//! `PERSIST`, `DEL`, `UNLINK`, `HSET`, `HSETNX`, `HDEL`, `SADD` and `SREM` read the key (at the
 //! bucket's `r`) and then write; the read decides the reply (a count, an old value), the
 //! conditions (`HSETNX`, `EXPIRE NX|XX|GT|LT`) and the type check. Nothing holds the key between
 //! the two, so a reply may miss what another client did meanwhile, and a condition may no longer
@@ -124,7 +132,7 @@ mod script;
 #[cfg(test)]
 mod tests;
 
-use script::{Cond, ExpireCond, HRead, HSetReply, Op, SetExpiry, SetReply, When};
+use script::{Cond, ExpireCond, HRead, HSetReply, Op, SRead, SetExpiry, SetReply, When};
 pub use script::{Script, Step};
 
 fn err(message: impl Into<String>) -> RespValue {
@@ -398,6 +406,34 @@ fn hash_plan(cmd: &RespCommand, name: &str) -> RespPlan {
             None => not_an_integer(),
         },
         "hincrby" => wrong_args("hincrby"),
+        _ => set_plan(cmd, name),
+    }
+}
+
+/// [`plan`] of the set commands (`name` in lower case).
+fn set_plan(cmd: &RespCommand, name: &str) -> RespPlan {
+    let argc = cmd.len();
+    let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
+    let members = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
+    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    let read = |what: SRead| run(Op::SRead { key: arg(1), what });
+    match name {
+        "sadd" if argc >= 3 => run(Op::SAdd {
+            key: arg(1),
+            members: members(2),
+        }),
+        "srem" if argc >= 3 => run(Op::SRem {
+            key: arg(1),
+            members: members(2),
+        }),
+        "sadd" | "srem" => wrong_args(name),
+        "smembers" if argc == 2 => read(SRead::Members),
+        "scard" if argc == 2 => read(SRead::Card),
+        "smembers" | "scard" => wrong_args(name),
+        "sismember" if argc == 3 => read(SRead::IsMember(arg(2))),
+        "sismember" => wrong_args("sismember"),
+        "smismember" if argc >= 3 => read(SRead::MIsMember(members(2))),
+        "smismember" => wrong_args("smismember"),
         _ => RespPlan::Reply(err(format!(
             "ERR unknown command '{}'",
             name.escape_default()
@@ -405,9 +441,9 @@ fn hash_plan(cmd: &RespCommand, name: &str) -> RespPlan {
     }
 }
 
-/// A hash write becomes one APPLY: its limits (fields per command, field name length) are checked
-/// here, where the client can be told. Values are bounded by the node's value limit, and a map's
-/// size by the node, which answer their own errors.
+/// A hash or set write becomes one APPLY: its limits (fields or members per command, field name
+/// length) are checked here, where the client can be told. Values and members are bounded by the
+/// node's value limit, and a set's or map's size by the node, which answer their own errors.
 fn op_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
     // The arguments that name fields: every other one from the third (field, value pairs),
     // the third alone, or every one from the third.
@@ -415,6 +451,11 @@ fn op_limits(cmd: &RespCommand, name: &str) -> Option<RespPlan> {
         "hset" | "hmset" => (cmd.len(), 2),
         "hsetnx" | "hget" | "hexists" | "hincrby" => (cmd.len().min(3), 1),
         "hmget" | "hdel" => (cmd.len(), 1),
+        "sadd" | "srem" if cmd.len().saturating_sub(2) > CRDT_OPS_MAX => {
+            return Some(RespPlan::Reply(err(format!(
+                "ERR at most {CRDT_OPS_MAX} members in one set command"
+            ))));
+        }
         _ => return None,
     };
     let mut fields = (2..end).step_by(step);

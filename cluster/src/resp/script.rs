@@ -160,6 +160,18 @@ pub(super) enum Op {
         field: Bytes,
         by: i64,
     },
+    SAdd {
+        key: Bytes,
+        members: Vec<Bytes>,
+    },
+    SRem {
+        key: Bytes,
+        members: Vec<Bytes>,
+    },
+    SRead {
+        key: Bytes,
+        what: SRead,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +192,19 @@ pub(super) enum HRead {
     Values,
     Len,
     Exists(Bytes),
+}
+
+/// The set reads.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SRead {
+    /// SMEMBERS.
+    Members,
+    /// SCARD.
+    Card,
+    /// SISMEMBER.
+    IsMember(Bytes),
+    /// SMISMEMBER.
+    MIsMember(Vec<Bytes>),
 }
 
 fn get(key: Bytes) -> KeyRequest {
@@ -283,7 +308,10 @@ impl Script {
             | Op::HGet { key, .. }
             | Op::HRead { key, .. }
             | Op::HDel { key, .. }
-            | Op::HIncrBy { key, .. } => vec![key],
+            | Op::HIncrBy { key, .. }
+            | Op::SAdd { key, .. }
+            | Op::SRem { key, .. }
+            | Op::SRead { key, .. } => vec![key],
         }
     }
 
@@ -497,6 +525,7 @@ impl Script {
             Op::HSet { .. } | Op::HGet { .. } | Op::HRead { .. } | Op::HDel { .. } => {
                 self.hash_after_read()
             }
+            Op::SAdd { .. } | Op::SRem { .. } | Op::SRead { .. } => self.members_after_read(),
             Op::MSet(_) | Op::Incr { .. } | Op::HIncrBy { .. } => {
                 unreachable!("writes without reading")
             }
@@ -744,6 +773,55 @@ impl Script {
             _ => unreachable!("a hash command"),
         }
     }
+
+    /// [`Script::after_reads`] of the set commands.
+    fn members_after_read(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+        let first = self.first();
+        let set = or_reply!(first.set());
+        // In byte order (GET_OK's elements are), so members are found by binary search.
+        let has = |m: &Bytes| set.binary_search(m).is_ok();
+        let flag = |b: bool| RespValue::Integer(i64::from(b));
+        match &self.op {
+            // The reply counts the members the read did not find: the APPLY's answer is the set
+            // after the adds, which holds every member named whether it was new or not. The adds
+            // are written whatever the read found, so a member a stale read saw is added again
+            // (an add the coordinator has not seen removed survives a concurrent remove).
+            Op::SAdd { key, members } => {
+                let named: BTreeSet<&Bytes> = members.iter().collect();
+                let added = named.iter().filter(|m| !has(m)).count();
+                let ops = named.into_iter().map(|m| CrdtOp::Add(m.clone())).collect();
+                Err((
+                    vec![apply(key.clone(), CrdtType::Set, ops, false)],
+                    RespValue::Integer(added as i64),
+                ))
+            }
+            // As HDEL: the read counts; once it found a member, every member named is removed.
+            Op::SRem { key, members } => {
+                let named: BTreeSet<&Bytes> = members.iter().collect();
+                let removed = named.iter().filter(|m| has(m)).count();
+                if removed == 0 {
+                    return Ok(RespValue::Integer(0));
+                }
+                let ops = named
+                    .into_iter()
+                    .map(|m| CrdtOp::Remove(m.clone()))
+                    .collect();
+                Err((
+                    vec![apply(key.clone(), CrdtType::Set, ops, false)],
+                    RespValue::Integer(removed as i64),
+                ))
+            }
+            Op::SRead { what, .. } => Ok(match what {
+                SRead::Members => {
+                    RespValue::Array(set.iter().cloned().map(RespValue::Bulk).collect())
+                }
+                SRead::Card => RespValue::Integer(set.len() as i64),
+                SRead::IsMember(m) => flag(has(m)),
+                SRead::MIsMember(ms) => RespValue::Array(ms.iter().map(|m| flag(has(m))).collect()),
+            }),
+            _ => unreachable!("a set command"),
+        }
+    }
 }
 
 /// The APPLY that assigns a hash's fields (register fields of the convergent map, each last
@@ -798,6 +876,15 @@ impl Found {
             Found::Missing => Ok(&[]),
             Found::Hash(fields, _) => Ok(fields),
             Found::Str(..) | Found::Counter(..) | Found::Set(..) => Err(err(WRONGTYPE)),
+        }
+    }
+
+    /// The set's members, empty if missing; another type is a `WRONGTYPE` error.
+    fn set(&self) -> Result<&[Bytes], RespValue> {
+        match self {
+            Found::Missing => Ok(&[]),
+            Found::Set(members, _) => Ok(members),
+            Found::Str(..) | Found::Counter(..) | Found::Hash(..) => Err(err(WRONGTYPE)),
         }
     }
 

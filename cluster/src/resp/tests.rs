@@ -576,7 +576,7 @@ fn counters_read_as_strings() {
     });
     assert_eq!(reply, RespValue::Integer(0), "a counter is a value for NX");
     // Hash and set commands on a counter are WRONGTYPE, by the read.
-    for line in ["HGET k f", "HSET k f v"] {
+    for line in ["HGET k f", "HSET k f v", "SADD k m", "SMEMBERS k"] {
         let (reply, rounds) = script(line, 0, counter());
         assert!(
             error_text(&reply).starts_with("WRONGTYPE"),
@@ -586,6 +586,110 @@ fn counters_read_as_strings() {
     }
 }
 
+/// Sets are the convergent add-wins set. SADD and SREM read first, because their reply counts
+/// the members that were (not) there and the APPLY's answer is the set after the operations;
+/// SADD then adds every member named, SREM removes every member named once the read found one.
+/// The reads answer from the set's members; another type is WRONGTYPE both ways.
+#[test]
+fn set_commands() {
+    let xy = || {
+        store(
+            crdt(CrdtValue::Set(vec![b("x"), b("y")]), Some(5_000)),
+            apply_ok(None),
+        )
+    };
+    let (reply, rounds) = script("SADD s x z z", 0, xy());
+    assert_eq!(reply, RespValue::Integer(1), "z is new, x was there");
+    assert_eq!(
+        apply_of(&rounds[1][0]),
+        (
+            CrdtType::Set,
+            vec![CrdtOp::Add(b("x")), CrdtOp::Add(b("z"))],
+            false
+        )
+    );
+    let (reply, _) = script("SADD s a b", 0, store(missing(), apply_ok(None)));
+    assert_eq!(reply, RespValue::Integer(2));
+    let (reply, rounds) = script("SREM s x nope", 0, xy());
+    assert_eq!(reply, RespValue::Integer(1));
+    assert_eq!(
+        apply_of(&rounds[1][0]).1,
+        vec![CrdtOp::Remove(b("nope")), CrdtOp::Remove(b("x"))]
+    );
+    let (reply, rounds) = script("SREM s nope", 0, xy());
+    assert_eq!(reply, RespValue::Integer(0));
+    assert_eq!(rounds.len(), 1, "nothing to remove, nothing written");
+    assert_eq!(
+        script("SMEMBERS s", 0, xy()).0,
+        RespValue::Array(vec![bulk(b"x"), bulk(b"y")])
+    );
+    assert_eq!(script("SCARD s", 0, xy()).0, RespValue::Integer(2));
+    assert_eq!(script("SISMEMBER s y", 0, xy()).0, RespValue::Integer(1));
+    assert_eq!(script("SISMEMBER s z", 0, xy()).0, RespValue::Integer(0));
+    assert_eq!(
+        script("SMISMEMBER s z x", 0, xy()).0,
+        RespValue::Array(vec![RespValue::Integer(0), RespValue::Integer(1)])
+    );
+    assert_eq!(
+        script("SMEMBERS none", 0, holding(None)).0,
+        RespValue::Array(Vec::new())
+    );
+    assert_eq!(
+        script("SCARD none", 0, holding(None)).0,
+        RespValue::Integer(0)
+    );
+    assert_eq!(
+        script("TYPE s", 0, xy()).0,
+        RespValue::Simple(Bytes::from_static(b"set"))
+    );
+    assert_eq!(script("TTL s", 1_000, xy()).0, RespValue::Integer(4));
+    let (_, rounds) = script("EXPIRE s 10", 0, xy());
+    assert_eq!(
+        apply_of(&rounds[1][0]),
+        (
+            CrdtType::Set,
+            vec![CrdtOp::Expire(Expiry::Ttl { ms: 10_000 })],
+            false
+        )
+    );
+    // WRONGTYPE both ways: set commands on a string, string and hash commands on a set.
+    for line in [
+        "SADD k m",
+        "SREM k m",
+        "SMEMBERS k",
+        "SCARD k",
+        "SISMEMBER k m",
+    ] {
+        let (reply, rounds) = script(line, 0, holding(Some((b"v", None))));
+        assert!(
+            error_text(&reply).starts_with("WRONGTYPE"),
+            "{line}: {reply:?}"
+        );
+        assert_eq!(rounds.len(), 1, "{line}: nothing written");
+    }
+    for line in [
+        "GET s",
+        "GETDEL s",
+        "GETEX s PERSIST",
+        "SET s v GET",
+        "HGET s f",
+        "HLEN s",
+    ] {
+        let (reply, _) = script(line, 0, xy());
+        assert!(
+            error_text(&reply).starts_with("WRONGTYPE"),
+            "{line}: {reply:?}"
+        );
+    }
+    assert_eq!(
+        script("MGET s", 0, xy()).0,
+        RespValue::Array(vec![RespValue::Null])
+    );
+    assert!(error_text(&reply_of("SADD s")).starts_with("ERR wrong number"));
+    assert!(error_text(&reply_of("SISMEMBER s")).starts_with("ERR wrong number"));
+}
+
+/// A read of a hash: a convergent map of register fields.
 fn hash(fields: &[(&'static [u8], &'static [u8])], expires_at_ms: Option<u64>) -> Message {
     crdt(
         CrdtValue::Map(
@@ -735,7 +839,7 @@ fn hash_commands() {
         script("TYPE h", 0, holding_hash(H, None)).0,
         RespValue::Simple(Bytes::from_static(b"hash"))
     );
-    for line in ["GET h", "GETDEL h", "SET h v GET"] {
+    for line in ["GET h", "GETDEL h", "SET h v GET", "SADD h m", "SCARD h"] {
         let (reply, _) = script(line, 0, holding_hash(H, None));
         assert!(
             error_text(&reply).starts_with("WRONGTYPE"),
@@ -783,6 +887,9 @@ fn hash_commands() {
         many.push(b"v".to_vec());
     }
     assert!(array(many).contains("at most"));
+    let mut members = vec![b"SADD".to_vec(), b"s".to_vec()];
+    members.extend((0..=CRDT_OPS_MAX).map(|i| format!("m{i}").into_bytes()));
+    assert!(array(members).contains("members"));
 }
 
 /// HINCRBY is one APPLY of a counter field's increment, with no read, and answers the field's
