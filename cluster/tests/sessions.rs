@@ -1,9 +1,9 @@
 //! Session stores that no one here wrote, unchanged, against a node on default settings through
 //! its RESP port: express-session + connect-redis + node-redis (npm) and Flask-Session + redis-py
 //! (PyPI) store, read, refresh, destroy and expire sessions; the `redis` crate's typed commands
-//! for expiry get Redis's answers. The libraries are pinned in `tests/sessions/` and installed by
-//! `tests/sessions/setup.sh` (which `.ci/run` runs too), so these tests need node, npm and
-//! python3 with venv, and the package registries the first time.
+//! for expiry, counters, sets and hashes get Redis's answers. The libraries are pinned in
+//! `tests/sessions/` and installed by `tests/sessions/setup.sh` (which `.ci/run` runs too), so
+//! these tests need node, npm and python3 with venv, and the package registries the first time.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -181,6 +181,162 @@ fn redis_crate_expiry_commands() {
         .unwrap();
     assert_eq!(revived, None, "XX finds no key to replace");
     assert_eq!(con.get::<_, Option<String>>("short").unwrap(), None);
+    drop(con);
+    assert_eq!(server.terminate().code(), Some(0));
+}
+
+/// The `redis` crate's commands on the convergent types, on a node on defaults: INCR and its
+/// variants make a counter on a new key and on a string holding an integer, GET reads it as a
+/// string, and EXPIRE and TTL work on it; SADD, SREM and the set reads; HINCRBY makes a counter
+/// field that HGETALL shows as a number beside a register field; a command on a key of another
+/// type is WRONGTYPE, and INCR of a string that is not an integer is Redis's own error.
+#[test]
+fn redis_crate_counters_sets_and_hashes() {
+    use std::collections::{HashMap, HashSet};
+
+    use redis::Commands;
+
+    let (server, port) = node("redis-types");
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .unwrap();
+    con.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    // Counters: a new key, then a string holding an integer.
+    let n: i64 = redis::cmd("INCR").arg("hits").query(&mut con).unwrap();
+    assert_eq!(n, 1);
+    let n: i64 = con.incr("hits", 10).unwrap();
+    assert_eq!(n, 11);
+    let n: i64 = redis::cmd("DECR").arg("hits").query(&mut con).unwrap();
+    assert_eq!(n, 10);
+    let n: i64 = con.decr("hits", 4).unwrap();
+    assert_eq!(n, 6);
+    assert_eq!(
+        con.get::<_, Option<String>>("hits").unwrap().as_deref(),
+        Some("6")
+    );
+    assert_eq!(
+        con.mget::<_, Vec<Option<String>>>(&["hits", "none"])
+            .unwrap(),
+        vec![Some("6".to_owned()), None]
+    );
+    assert_eq!(
+        redis::cmd("TYPE")
+            .arg("hits")
+            .query::<String>(&mut con)
+            .unwrap(),
+        "string"
+    );
+    let () = con.set("views", "41").unwrap();
+    let n: i64 = redis::cmd("INCR").arg("views").query(&mut con).unwrap();
+    assert_eq!(n, 42);
+    let n: i64 = con.incr("views", -2).unwrap();
+    assert_eq!(n, 40);
+    let n: i64 = redis::cmd("DECR").arg("views").query(&mut con).unwrap();
+    assert_eq!(n, 39);
+    assert_eq!(
+        con.get::<_, Option<String>>("views").unwrap().as_deref(),
+        Some("39")
+    );
+
+    // A counter's expiry: EXPIRE sets it, TTL reads it, an increment keeps it, PERSIST clears it.
+    assert_eq!(con.ttl::<_, i64>("hits").unwrap(), -1);
+    assert!(con.expire::<_, bool>("hits", 100).unwrap());
+    let ttl: i64 = con.ttl("hits").unwrap();
+    assert!((1..=100).contains(&ttl), "{ttl}");
+    let n: i64 = con.incr("hits", 1).unwrap();
+    assert_eq!(n, 7);
+    let ttl: i64 = con.ttl("hits").unwrap();
+    assert!(
+        (1..=100).contains(&ttl),
+        "an increment keeps the TTL: {ttl}"
+    );
+    assert!(con.persist::<_, bool>("hits").unwrap());
+    assert_eq!(con.ttl::<_, i64>("hits").unwrap(), -1);
+
+    // Sets.
+    assert_eq!(con.sadd::<_, _, i64>("tags", &["a", "b", "a"]).unwrap(), 2);
+    assert_eq!(con.sadd::<_, _, i64>("tags", &["b", "c"]).unwrap(), 1);
+    assert_eq!(con.srem::<_, _, i64>("tags", &["a", "z"]).unwrap(), 1);
+    assert_eq!(
+        con.smembers::<_, HashSet<String>>("tags").unwrap(),
+        HashSet::from(["b".to_owned(), "c".to_owned()])
+    );
+    assert!(con.sismember::<_, _, bool>("tags", "b").unwrap());
+    assert!(!con.sismember::<_, _, bool>("tags", "a").unwrap());
+    assert_eq!(con.scard::<_, i64>("tags").unwrap(), 2);
+    assert_eq!(
+        con.smismember::<_, _, Vec<bool>>("tags", &["c", "a"])
+            .unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        redis::cmd("TYPE")
+            .arg("tags")
+            .query::<String>(&mut con)
+            .unwrap(),
+        "set"
+    );
+
+    // A hash with a counter field beside a register field.
+    let n: i64 = con.hincr("cart", "items", 2).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(con.hset::<_, _, _, i64>("cart", "owner", "ann").unwrap(), 1);
+    let n: i64 = con.hincr("cart", "items", 3).unwrap();
+    assert_eq!(n, 5);
+    assert_eq!(
+        con.hgetall::<_, HashMap<String, String>>("cart").unwrap(),
+        HashMap::from([
+            ("items".to_owned(), "5".to_owned()),
+            ("owner".to_owned(), "ann".to_owned())
+        ])
+    );
+    assert_eq!(
+        con.hget::<_, _, Option<String>>("cart", "items")
+            .unwrap()
+            .as_deref(),
+        Some("5")
+    );
+    assert_eq!(
+        redis::cmd("TYPE")
+            .arg("cart")
+            .query::<String>(&mut con)
+            .unwrap(),
+        "hash"
+    );
+
+    // WRONGTYPE both ways, and Redis's error for a string that is not an integer.
+    let code = |e: redis::RedisError| e.code().map(str::to_owned);
+    let sadd = con.sadd::<_, _, i64>("hits", "x").unwrap_err();
+    assert_eq!(code(sadd).as_deref(), Some("WRONGTYPE"));
+    let incr = redis::cmd("INCR")
+        .arg("tags")
+        .query::<i64>(&mut con)
+        .unwrap_err();
+    assert_eq!(code(incr).as_deref(), Some("WRONGTYPE"));
+    let get = con.get::<_, Option<String>>("cart").unwrap_err();
+    assert_eq!(code(get).as_deref(), Some("WRONGTYPE"));
+    let () = con.set("word", "abc").unwrap();
+    let incr = redis::cmd("INCR")
+        .arg("word")
+        .query::<i64>(&mut con)
+        .unwrap_err();
+    assert!(
+        incr.to_string()
+            .contains("value is not an integer or out of range"),
+        "{incr}"
+    );
+
+    // DEL counts and clears convergent keys; the next increment starts from nothing.
+    assert_eq!(
+        con.del::<_, i64>(&["hits", "tags", "cart", "none"])
+            .unwrap(),
+        3
+    );
+    assert_eq!(con.exists::<_, i64>(&["hits", "tags", "cart"]).unwrap(), 0);
+    let n: i64 = redis::cmd("INCR").arg("hits").query(&mut con).unwrap();
+    assert_eq!(n, 1);
     drop(con);
     assert_eq!(server.terminate().code(), Some(0));
 }
