@@ -644,10 +644,12 @@ fn anti_entropy_alone_repairs_a_node_killed_under_writes() {
     assert_eq!(delivered, 0.0, "a hint reached node 3 after all");
     // Counters are published at every tick of a shard (10 ms): one more moment, then compare.
     std::thread::sleep(Duration::from_millis(100));
+    let per_node: Vec<f64> = (0..4).map(|i| read_repairs(&nodes, &[i])).collect();
     assert_eq!(
         read_repairs(&nodes, &[0, 1, 2, 3]),
         read_repairs_before,
-        "a read repair, not anti-entropy alone, repaired node 3"
+        "a read repair, not anti-entropy alone, repaired node 3 (read repairs per node now: \
+         {per_node:?})"
     );
     let repairs: f64 = nodes
         .iter()
