@@ -6,12 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::coordinator::{Core, EpochLease, Space, StoreKey};
+use ringkv_core::crdt::Crdt;
 use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionId, Ring};
-use ringkv_net::Sibling;
+use ringkv_net::{CrdtValue, Sibling};
 
-use super::workload::{WriteRecord, decode_set, key_bytes};
-use super::{CONVERGE_MS_MAX, LEASE_EPOCHS, LWW_BUCKET, SIBLINGS_BUCKET, Sim, node_index};
+use super::workload::{CrdtKind, CrdtRecord, WriteRecord, decode_set, key_bytes};
+use super::{
+    CONVERGE_MS_MAX, COUNTERS_BUCKET, LEASE_EPOCHS, LWW_BUCKET, SETS_BUCKET, SIBLINGS_BUCKET, Sim,
+    node_index,
+};
 
 impl Sim {
     /// Every core's trees describe its storage: a core built from the node's store has the same
@@ -466,5 +470,256 @@ impl Sim {
             .state()
             .ring
             .clone()
+    }
+}
+
+/// What the convergent checks counted (see [`Sim::check_convergent`]).
+pub(super) struct ConvergentTally {
+    /// How much the final counters exceed the increments their logs name, summed over keys.
+    pub(super) double_counted: i64,
+    /// Acknowledged removes whose coordinator held the add: held to staying removed.
+    pub(super) removes_checked: usize,
+    /// Acknowledged removes whose coordinator had not received the add: the add may win, so
+    /// nothing is required of them.
+    pub(super) removes_unseen: usize,
+    /// Acknowledged operations missing from the final state as `dw = 0` allows.
+    pub(super) lost_unsynced: usize,
+}
+
+impl Sim {
+    /// A node sent a replica write of convergent state `state` under `key`. The first replica
+    /// write naming a remove's operation id is the state the remove's coordinator made: its
+    /// coordinator sends it to the other replicas as soon as its own write is done (or at once,
+    /// with no home to write locally), before any other node can have read a state naming the
+    /// remove. Records whether that state holds the remove's add, i.e. whether the coordinator
+    /// had received the add when it applied the remove; if it had, the element must be gone
+    /// from that state.
+    pub(super) fn note_coordinated(&mut self, key: &StoreKey, state: &Crdt) {
+        if key.bucket != SETS_BUCKET {
+            return;
+        }
+        let made: Vec<usize> = self
+            .removes_pending
+            .iter()
+            .copied()
+            .filter(|&r| {
+                let remove = &self.crdt_ops[r];
+                key_bytes(remove.key) == key.key && state.saw_op(remove.op_id)
+            })
+            .collect();
+        for r in made {
+            self.removes_pending.remove(&r);
+            let CrdtKind::Remove { element, add } = &self.crdt_ops[r].kind else {
+                unreachable!("only removes are pending")
+            };
+            let add_id = self.crdt_ops[*add].op_id;
+            let held = state.saw_op(add_id);
+            if held {
+                let kept = matches!(
+                    state.value(self.now),
+                    Some(CrdtValue::Set(elements)) if elements.iter().any(|e| e == element.as_bytes())
+                );
+                assert!(
+                    !kept,
+                    "sets/k{}: the remove of {element} (op id {}) was applied over its add (op id \
+                     {add_id}) and left the element in: {state:?}",
+                    self.crdt_ops[r].key, self.crdt_ops[r].op_id
+                );
+            }
+            self.crdt_ops[r].saw_add = Some(held);
+        }
+    }
+
+    /// The final checks of the convergent types (module docs), once `check_final` found the
+    /// homes of every key holding identical objects:
+    ///
+    /// - every home holds a convergent state (or nothing) for a counter or set key, and the
+    ///   final `r = n` read returned that state's value;
+    /// - every acknowledged operation is in the final state (its operation log names it),
+    ///   unless it was lost as `dw = 0` allows (the durability checker's records);
+    /// - counters: no acknowledged increment is lost and nothing is counted that was never sent:
+    ///   `acknowledged ≤ value ≤ sent + retried`; and, sharper, the value counts exactly the
+    ///   increments the state's log names, each once or (retried) twice;
+    /// - sets: every element present was added to the key; every acknowledged add is present
+    ///   unless a remove of its element was sent (or `dw = 0` lost it); an acknowledged remove
+    ///   whose coordinator held the add (`note_coordinated`) keeps the element out.
+    pub(super) fn check_convergent(&self) -> ConvergentTally {
+        let ring = self.final_ring();
+        let mut tally = ConvergentTally {
+            double_counted: 0,
+            removes_checked: 0,
+            removes_unseen: 0,
+            lost_unsynced: 0,
+        };
+        let keys = self
+            .all_keys()
+            .into_iter()
+            .filter(|(b, _)| [COUNTERS_BUCKET, SETS_BUCKET].contains(b));
+        for (bucket, k) in keys {
+            let what = format!("{}/k{k}", String::from_utf8_lossy(bucket));
+            let ops: Vec<&CrdtRecord> = self
+                .crdt_ops
+                .iter()
+                .filter(|o| o.bucket == bucket && o.key == k)
+                .collect();
+            let homes = self.home_objects(&ring, bucket, k);
+            for (home, object) in &homes {
+                assert!(
+                    matches!(object, None | Some(Object::Crdt(_))),
+                    "{what}: home {home} holds {object:?}, not a convergent state"
+                );
+            }
+            let state = match &homes[0].1 {
+                Some(Object::Crdt(state)) => Some(state),
+                _ => None,
+            };
+            let value = state.and_then(|s| s.value(self.now));
+            let read = self.final_crdt.get(&(bucket.to_vec(), k));
+            assert_eq!(
+                read,
+                Some(&value),
+                "{what}: the final read returned {read:?}, the homes hold {value:?}"
+            );
+            let names = |o: &CrdtRecord| state.is_some_and(|s| s.saw_op(o.op_id));
+            let lost = |o: &CrdtRecord| self.lost_unsynced(&o.name, o.dw);
+            // A set key that became empty is reaped by anti-entropy like a tombstone, and its
+            // operation log goes with it: there only the value checks below apply.
+            let reaped = self
+                .crdt_reaped
+                .contains(&(Bytes::from_static(bucket), key_bytes(k)));
+            for o in ops.iter().filter(|o| o.acked && !names(o) && !reaped) {
+                assert!(
+                    lost(o),
+                    "{what}: acknowledged {:?} (op id {}, dw = {}, {} attempts) is lost: the \
+                     final state's operation log does not name it; the state reads {value:?}",
+                    o.kind,
+                    o.op_id,
+                    o.dw,
+                    o.attempts
+                );
+                self.lost_unsynced.set(self.lost_unsynced.get() + 1);
+                tally.lost_unsynced += 1;
+            }
+            if bucket == COUNTERS_BUCKET {
+                let value = match value {
+                    None => 0,
+                    Some(CrdtValue::Counter(v)) => v,
+                    Some(other) => panic!("{what} holds {other:?}, not a counter"),
+                };
+                let amount = |o: &&CrdtRecord| match o.kind {
+                    CrdtKind::Increment(by) => by,
+                    _ => unreachable!("counter keys get increments only"),
+                };
+                let sum = |keep: &dyn Fn(&CrdtRecord) -> bool| -> i64 {
+                    ops.iter().filter(|o| keep(o)).map(amount).sum()
+                };
+                let acked = sum(&|o| o.acked && !lost(o));
+                let sent = sum(&|_| true);
+                // A retry counts again when its coordinator had not received the first attempt
+                // (`crdt.rs`, retries: a sloppy coordinator, or the first attempt's home down), so
+                // a retried increment may legitimately count twice.
+                let retried = sum(&|o| o.attempts > 1);
+                let why = || {
+                    let list: Vec<String> = ops
+                        .iter()
+                        .map(|o| {
+                            format!(
+                                "#{} {:?} acked={} attempts={} named={} lost={}",
+                                o.op_id,
+                                o.kind,
+                                o.acked,
+                                o.attempts,
+                                names(o),
+                                lost(o)
+                            )
+                        })
+                        .collect();
+                    format!("increments: {}; state: {state:?}", list.join(", "))
+                };
+                assert!(
+                    acked <= value,
+                    "{what}: value {value} is below the {acked} its acknowledged increments add \
+                     up to (an acknowledged increment was lost); {}",
+                    why()
+                );
+                assert!(
+                    value <= sent + retried,
+                    "{what}: value {value} is above the {sent} sent (+{retried} for retries that \
+                     may count twice): it counts what was never sent; {}",
+                    why()
+                );
+                // Sharper, from the state's own log: it counts every increment the log names,
+                // once, or twice for a retried one, and nothing else.
+                let named = sum(&|o| names(o));
+                let named_retried = sum(&|o| names(o) && o.attempts > 1);
+                assert!(
+                    named <= value && value <= named + named_retried,
+                    "{what}: value {value}, but its log names increments adding up to {named} \
+                     (+{named_retried} retried); {}",
+                    why()
+                );
+                tally.double_counted += value - named;
+                continue;
+            }
+            let elements: BTreeSet<Bytes> = match value {
+                None => BTreeSet::new(),
+                Some(CrdtValue::Set(elements)) => elements.into_iter().collect(),
+                Some(other) => panic!("{what} holds {other:?}, not a set"),
+            };
+            let added = |e: &Bytes| {
+                ops.iter()
+                    .any(|o| matches!(&o.kind, CrdtKind::Add(a) if a.as_bytes() == e))
+            };
+            for e in &elements {
+                assert!(
+                    added(e),
+                    "{what}: element {e:?} was never added to the key; final set {elements:?}"
+                );
+            }
+            for o in ops.iter().filter(|o| o.acked) {
+                match &o.kind {
+                    CrdtKind::Add(e) => {
+                        let removed = ops.iter().any(
+                            |r| matches!(&r.kind, CrdtKind::Remove { element, .. } if element == e),
+                        );
+                        assert!(
+                            removed || elements.contains(e.as_bytes()) || lost(o),
+                            "{what}: acknowledged add of {e} (op id {}, dw = {}) is lost, and no \
+                             remove of it was sent; final set {elements:?}",
+                            o.op_id,
+                            o.dw
+                        );
+                    }
+                    // A remove removes what its coordinator had received (`crdt.rs`): under a
+                    // sloppy quorum that coordinator may not have the add although the add was
+                    // acknowledged before the remove was sent, and then the add wins. Only a
+                    // remove whose coordinator provably held the add must keep the element out.
+                    CrdtKind::Remove { element, add } => match o.saw_add {
+                        Some(true) => {
+                            tally.removes_checked += 1;
+                            assert!(
+                                !elements.contains(element.as_bytes()) || lost(o),
+                                "{what}: {element} came back: its remove (op id {}, dw = {}) was \
+                                 acknowledged and its coordinator held the add (op id {}); \
+                                 final set {elements:?}",
+                                o.op_id,
+                                o.dw,
+                                self.crdt_ops[*add].op_id
+                            );
+                        }
+                        Some(false) => tally.removes_unseen += 1,
+                        // An acknowledgement needs a second replica, which only a replica write
+                        // of the coordinator's state reaches.
+                        None => panic!(
+                            "{what}: the remove of {element} (op id {}) was acknowledged, yet no \
+                             replica write of its coordinator's state was seen",
+                            o.op_id
+                        ),
+                    },
+                    CrdtKind::Increment(_) => unreachable!("set keys get adds and removes"),
+                }
+            }
+        }
+        tally
     }
 }

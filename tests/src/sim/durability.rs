@@ -23,8 +23,20 @@
 //!   lose only unsynced data, so a write acknowledged with `dw >= 1` (synced on that many nodes
 //!   when acknowledged) must survive whatever crashed.
 //!
+//! Convergent operations (increments, set adds and removes) are judged the same way, each under
+//! a name of its own ([`Sim::note_op`]): a stored `Object::Crdt` covers an operation when its
+//! operation log names the operation's id ([`Crdt::saw_op`]; every simulated operation carries
+//! one, and a key sees fewer than the log keeps per actor, so a state holds an operation's effect
+//! exactly when its log names it). Nothing supersedes one here: removes are operations of their
+//! own. An APPLY_OK is held to `w` and `dw` as a PUT_OK, and the final convergent checks
+//! (`checkers.rs`, [`Sim::check_convergent`]) excuse a missing operation only as `dw = 0`
+//! allows, through [`Sim::lost_unsynced`].
+//!
 //! Limits: "ever" is the whole run. Values a write stored twice under two dots (a forward retried
-//! on a second coordinator) are covered by either.
+//! on a second coordinator) are covered by either, and an increment retried on a second
+//! coordinator by either attempt.
+//!
+//! [`Crdt::saw_op`]: ringkv_core::crdt::Crdt::saw_op
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,6 +48,7 @@ use ringkv_core::object::{Object, Val};
 
 use super::Sim;
 use super::store::Entry;
+use super::workload::key_bytes;
 
 /// Nodes by value: where a value was ever covered (or superseded) in some way.
 type Where = BTreeMap<Bytes, BTreeSet<usize>>;
@@ -59,6 +72,8 @@ pub(super) struct Copies {
     erased: Where,
     /// Nodes where a crash erased an unsynced copy superseding the value.
     unsuperseded: Where,
+    /// The operation id of each convergent operation's name.
+    op_ids: BTreeMap<Bytes, u64>,
 }
 
 fn value_of(val: &Val) -> Option<&Bytes> {
@@ -69,6 +84,17 @@ fn value_of(val: &Val) -> Option<&Bytes> {
 }
 
 impl Sim {
+    /// Records convergent operation `op_id` on `bucket`/`key` under `name`, before it is sent,
+    /// so every copy of the key is judged for it from then on.
+    pub(super) fn note_op(&mut self, bucket: &'static [u8], key: usize, name: &Bytes, op_id: u64) {
+        self.copies
+            .by_key
+            .entry((Bytes::from_static(bucket), key_bytes(key)))
+            .or_default()
+            .insert(name.clone());
+        self.copies.op_ids.insert(name.clone(), op_id);
+    }
+
     /// Records the dots and values of an object about to be written under `key` (with its lww
     /// stamps already recorded).
     pub(super) fn note_values(&mut self, key: &StoreKey, object: &Object) {
@@ -97,7 +123,8 @@ impl Sim {
                     self.note_held(key, v);
                 }
             }
-            // Convergent types have checks of their own.
+            // Maps of registers are not simulated; convergent operations are named when they
+            // are sent (`note_op`).
             Object::Map(_) | Object::Crdt(_) => {}
         }
     }
@@ -178,8 +205,17 @@ impl Sim {
                     }
                 }
             }
-            // Convergent types have checks of their own.
-            Object::Map(_) | Object::Crdt(_) => {}
+            Object::Crdt(state) => {
+                for v in values {
+                    if let Some(id) = self.copies.op_ids.get(v)
+                        && state.saw_op(*id)
+                    {
+                        covered.push(v.clone());
+                    }
+                }
+            }
+            // Maps of registers are not simulated.
+            Object::Map(_) => {}
         }
         (covered, superseded)
     }

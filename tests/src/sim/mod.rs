@@ -31,7 +31,11 @@
 //! - **Clients**: each runs one operation at a time against a random node: read-modify-write of
 //!   a register (siblings merged by taking the largest), set-add (siblings merged by union), and
 //!   blind writes, on a `siblings` bucket; plain writes on an `lww` bucket. Each bucket has its
-//!   own `dw`, 0, 1 or 2.
+//!   own `dw`, 0, 1 or 2. Three operations in fourteen are convergent (`workload.rs`): APPLYs
+//!   that increment a key of a counter bucket, add a unique element to a key of a set bucket, or
+//!   remove an element the client added and saw acknowledged; the typed buckets replicate as the
+//!   `siblings` bucket does. Each carries an operation id, and a failed increment is re-sent once
+//!   with the same id.
 //!
 //! Checkers:
 //! - after every read a client gets: no two siblings where one's write saw the other (each write
@@ -57,7 +61,20 @@
 //!   failed before reaching any store excuses nothing), or lost as `dw = 0` allows;
 //!   every acknowledged set element is
 //!   in the final set; all home replicas of every key (in the final ring) hold identical objects;
-//!   no node keeps replica data of a partition it does not replicate; no hint is left.
+//!   no node keeps replica data of a partition it does not replicate; no hint is left;
+//! - convergent types (`checkers.rs`, `check_convergent`), at the end: the homes of every
+//!   counter and set key hold one convergent state (or nothing) and the final read returns its
+//!   value; every acknowledged operation is named by that state's operation log, or was lost as
+//!   `dw = 0` allows (the durability checker judges operations by the states whose logs name
+//!   them, and holds APPLY_OK to `w` and `dw` as PUT_OK); a counter is at least the sum of its
+//!   acknowledged increments and at most the sum of those sent (a retried one counted twice: a
+//!   retry whose coordinator had not received the first attempt applies it again, as `crdt.rs`
+//!   documents), and exactly the increments its log names, each once or, retried, twice; a set
+//!   holds only elements added to it and every acknowledged add whose element no remove was sent
+//!   for. A remove removes what its coordinator had received, which under a sloppy quorum may
+//!   miss an acknowledged add; the simulator sees the state the coordinator made (the first
+//!   replica write naming the remove), and an acknowledged remove whose coordinator held the add
+//!   must have taken the element out then and keep it out for good.
 //!
 //! A quarter of the seeds run with the buckets and durability a node resolves from its default
 //! settings ([`Params::defaults`]).
@@ -78,15 +95,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ringkv_cluster::config::{FileConfig, Settings};
 use ringkv_core::NodeId;
-use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
+use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
 use ringkv_core::coordinator::{
-    Core, CoreConfig, EpochLease, Output, Space, StoreKey, StoreOp, hint_bytes,
+    Core, CoreConfig, EpochLease, Output, PeerMsg, Space, StoreKey, StoreOp, hint_bytes,
 };
 use ringkv_core::membership::{AdminError, Membership, MembershipConfig, MembershipOutput};
 use ringkv_core::object::{Object, Val};
 use ringkv_core::ring::PartitionCount;
 use ringkv_engine::Durability;
-use ringkv_net::Message;
+use ringkv_net::{CrdtValue, Message};
 
 mod checkers;
 mod durability;
@@ -98,7 +115,7 @@ mod workload;
 use nemesis::ScriptStep;
 use network::{Envelope, SimMsg};
 use store::{Fault, Store};
-use workload::{Client, ClientState, DeleteRecord, FinalRead, WriteRecord};
+use workload::{Client, ClientState, CrdtRecord, DeleteRecord, FinalRead, WriteRecord};
 
 /// Size of an epoch lease; small so renewals happen in simulations.
 const LEASE_EPOCHS: u32 = 16;
@@ -106,6 +123,15 @@ const SIBLINGS_BUCKET: &[u8] = b"default";
 const LWW_BUCKET: &[u8] = b"sessions";
 /// Set-add keys are numbered from here; registers from 0.
 const SET_KEYS: usize = 1000;
+/// The counter bucket (`data_type = counter`); the name of a node's built-in one, so runs with
+/// the default settings use the bucket a node has without configuration.
+const COUNTERS_BUCKET: &[u8] = b"counters";
+/// The add-wins set bucket (`data_type = set`), likewise the built-in one's name.
+const SETS_BUCKET: &[u8] = b"sets";
+/// Counter keys are numbered from here, and convergent set keys from [`CRDT_SET_KEYS`]: keys of
+/// their own, so a failure message names the key without its bucket being ambiguous.
+const COUNTER_KEYS: usize = 2000;
+const CRDT_SET_KEYS: usize = 3000;
 /// Anti-entropy round interval.
 const AE_INTERVAL_MS: u64 = 200;
 /// Tombstone grace period: above how long a hint can wait on a fallback after its home got the
@@ -318,9 +344,24 @@ pub struct Outcome {
     pub store_faults: (usize, usize),
     /// Writes acknowledged, by the `dw` they asked for (0, 1, 2).
     pub acked_by_dw: [usize; 3],
-    /// Acknowledged `dw = 0` writes (and deletes) that crashes lost before any sync, as `dw = 0`
-    /// allows.
+    /// Acknowledged `dw = 0` writes (and deletes, and convergent operations) that crashes lost
+    /// before any sync, as `dw = 0` allows.
     pub lost_unsynced: usize,
+    /// Convergent operations (increments, adds, removes) acknowledged.
+    pub crdt_acked: usize,
+    /// Increments re-sent with the same operation id after a failed attempt.
+    pub crdt_retries: usize,
+    /// How much the final counters exceed the increments they name (a retry applied again by
+    /// a coordinator that had not received the first attempt), summed over counter keys.
+    pub double_counted: i64,
+    /// Acknowledged removes whose coordinator held the add, so the element must stay removed.
+    pub removes_checked: usize,
+    /// Acknowledged removes whose coordinator had not received the add: the add may win, so
+    /// nothing is required of them.
+    pub removes_unseen: usize,
+    /// Acknowledged convergent operations (`dw = 0`) that crashes lost before any sync (counted
+    /// in [`Outcome::lost_unsynced`] too).
+    pub crdt_lost_unsynced: usize,
 }
 
 #[derive(Debug)]
@@ -471,8 +512,19 @@ pub struct Sim {
     store_failures: usize,
     /// Whether the run's targeted power loss was scheduled.
     power_loss: bool,
-    /// Acknowledged writes and deletes the final check let go as lost unsynced (`dw = 0`).
+    /// Acknowledged writes, deletes and convergent operations the final checks let go as lost
+    /// unsynced (`dw = 0`).
     lost_unsynced: std::cell::Cell<usize>,
+    /// Convergent operations clients issued, by record id (the operation id is derived from it).
+    crdt_ops: Vec<CrdtRecord>,
+    /// Removes whose coordinator's state (the first replica write naming the remove's operation
+    /// id) has not been seen yet.
+    removes_pending: BTreeSet<usize>,
+    /// Final-phase reads of convergent keys: (bucket, key) → the value GET_OK carried.
+    final_crdt: BTreeMap<(Vec<u8>, usize), Option<CrdtValue>>,
+    /// Convergent keys (bucket, key) whose home replica some store removed: reaped by
+    /// anti-entropy once empty, which takes the key's operation log with it.
+    crdt_reaped: BTreeSet<(Bytes, Bytes)>,
 }
 
 fn node_index(id: NodeId) -> usize {
@@ -511,6 +563,8 @@ impl Sim {
                     state: ClientState::Idle,
                     ops_left: params.ops_per_client,
                     seq: 0,
+                    added: Vec::new(),
+                    retry: None,
                 })
                 .collect(),
             params,
@@ -545,6 +599,10 @@ impl Sim {
             store_failures: 0,
             power_loss: false,
             lost_unsynced: std::cell::Cell::new(0),
+            crdt_ops: Vec::new(),
+            removes_pending: BTreeSet::new(),
+            final_crdt: BTreeMap::new(),
+            crdt_reaped: BTreeSet::new(),
         };
         sim.client_nodes = sim.params.nodes;
         for n in 0..sim.nodes.len() {
@@ -579,10 +637,22 @@ impl Sim {
 
     /// The properties of `bucket` every node runs with.
     pub(super) fn bucket_props(&self, bucket: &[u8]) -> BucketProps {
+        let data_type = match bucket {
+            COUNTERS_BUCKET => Some(BucketType::Counter),
+            SETS_BUCKET => Some(BucketType::Set),
+            _ => None,
+        };
         if self.params.defaults {
             // What `ringkv serve` resolves with no flags and no file; only the time scale
             // (timeouts, intervals) stays the simulator's.
-            let props = default_settings().buckets.default;
+            let settings = default_settings();
+            if data_type.is_some() {
+                // The node's built-in bucket of that type.
+                let props = *settings.buckets.props(bucket);
+                assert_eq!(props.data_type, data_type, "a built-in typed bucket");
+                return props;
+            }
+            let props = settings.buckets.default;
             return if bucket == LWW_BUCKET {
                 BucketProps {
                     mode: ConflictMode::Lww,
@@ -613,14 +683,18 @@ impl Sim {
                 ..props
             }
         } else {
-            props
+            // The typed buckets replicate as the siblings bucket does; their keys hold
+            // convergent states, which merge without siblings.
+            BucketProps { data_type, ..props }
         }
     }
 
     fn config(&self, node: NodeId) -> CoreConfig {
         let mut cfg = CoreConfig::new(node);
         let mut named = BTreeMap::new();
-        named.insert(LWW_BUCKET.to_vec(), self.bucket_props(LWW_BUCKET));
+        for bucket in [LWW_BUCKET, COUNTERS_BUCKET, SETS_BUCKET] {
+            named.insert(bucket.to_vec(), self.bucket_props(bucket));
+        }
         cfg.buckets = Buckets {
             default: self.bucket_props(SIBLINGS_BUCKET),
             named,
@@ -950,6 +1024,7 @@ impl Sim {
         }
         self.check_trees();
         self.check_final();
+        let convergent = self.check_convergent();
         let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
         let mut ae = (0, 0, 0, 0);
         for n in &self.nodes {
@@ -1003,6 +1078,12 @@ impl Sim {
                 by
             },
             lost_unsynced: self.lost_unsynced.get(),
+            crdt_acked: self.crdt_ops.iter().filter(|o| o.acked).count(),
+            crdt_retries: self.crdt_ops.iter().filter(|o| o.attempts > 1).count(),
+            double_counted: convergent.double_counted,
+            removes_checked: convergent.removes_checked,
+            removes_unseen: convergent.removes_unseen,
+            crdt_lost_unsynced: convergent.lost_unsynced,
         }
     }
 
@@ -1080,6 +1161,14 @@ impl Sim {
                     StoreOp::Write { object, .. } => {
                         self.note_values(&key, object);
                         Some(object.clone())
+                    }
+                    StoreOp::Remove
+                        if key.space == Space::Primary
+                            && [COUNTERS_BUCKET, SETS_BUCKET].contains(&&key.bucket[..]) =>
+                    {
+                        self.crdt_reaped
+                            .insert((key.bucket.clone(), key.key.clone()));
+                        None
                     }
                     _ => None,
                 };
@@ -1296,6 +1385,14 @@ impl Sim {
             let answer = matches!(out, Output::Answer { .. });
             match out {
                 Output::Send { to, msg } | Output::Answer { to, msg } => {
+                    if let PeerMsg::ReplicaPut {
+                        key,
+                        object: Object::Crdt(state),
+                        ..
+                    } = &msg
+                    {
+                        self.note_coordinated(key, state);
+                    }
                     // Requests and answers travel alike here; the node's shell sends an answer
                     // on the connection its request came on, so the core must tell them apart.
                     assert!(

@@ -1,14 +1,33 @@
 //! The clients: their operations, the records the checkers judge them by, and the final
 //! reads.
+//!
+//! Convergent types: a client increments counters (`COUNTERS_BUCKET`), adds unique elements to
+//! sets (`SETS_BUCKET`) and removes elements it added once their add was acknowledged. Every
+//! such operation carries an operation id of its own, derived from its record, so the
+//! checkers can ask any stored state whether it holds the operation ([`Crdt::saw_op`]); a
+//! failed increment is re-sent once with the same id (a client's retry).
+//!
+//! [`Crdt::saw_op`]: ringkv_core::crdt::Crdt::saw_op
 
+use ringkv_core::crdt::OP_LOG_MAX;
 use ringkv_core::request::KeyRequest;
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use rand::Rng;
-use ringkv_net::{Delete, Get, Message, Put};
+use ringkv_net::{Apply, CrdtOp, CrdtType, Delete, Get, Message, Put};
 
-use super::{Event, HARNESS, LWW_BUCKET, SET_KEYS, SIBLINGS_BUCKET, Sim, node_index};
+use super::{
+    COUNTER_KEYS, COUNTERS_BUCKET, CRDT_SET_KEYS, Event, HARNESS, LWW_BUCKET, SET_KEYS,
+    SETS_BUCKET, SIBLINGS_BUCKET, Sim, node_index,
+};
+
+/// Most attempts (first sends and retries) on one convergent key in a run. An attempt a
+/// coordinator applies pushes its id into that coordinator's operation log, which keeps the last
+/// `OP_LOG_MAX` ids per actor: below that, a state holds an operation exactly when its log names
+/// it, which the checkers rely on. A client that would pass it writes a register instead.
+const CRDT_ATTEMPTS_PER_KEY_MAX: usize = 48;
+const _: () = assert!(CRDT_ATTEMPTS_PER_KEY_MAX < OP_LOG_MAX);
 
 /// What a client's current operation is waiting for.
 #[derive(Clone, Debug)]
@@ -26,6 +45,10 @@ pub(super) enum ClientState {
     Deleting {
         delete: usize,
     },
+    /// An APPLY of convergent operation record `op`.
+    Applying {
+        op: usize,
+    },
     Done,
 }
 
@@ -36,6 +59,53 @@ pub(super) enum WriteKind {
     Blind,
     Lww,
     Delete,
+    Increment,
+    CrdtAdd,
+    CrdtRemove,
+}
+
+/// What a convergent operation does.
+#[derive(Clone, Debug)]
+pub(super) enum CrdtKind {
+    /// Adds `k ≥ 1` to a counter.
+    Increment(i64),
+    /// Adds a unique element to a set.
+    Add(String),
+    /// Removes the element that add record `add` (of the same client, acknowledged before this
+    /// was sent) added.
+    Remove { element: String, add: usize },
+}
+
+/// A convergent operation a client issued.
+#[derive(Clone, Debug)]
+pub(super) struct CrdtRecord {
+    pub(super) bucket: &'static [u8],
+    pub(super) key: usize,
+    pub(super) kind: CrdtKind,
+    /// The operation id every attempt carries.
+    pub(super) op_id: u64,
+    /// The operation's name in the durability checker's records (`durability.rs`).
+    pub(super) name: Bytes,
+    /// Sends: 1, or 2 for an increment re-sent after its first attempt failed.
+    pub(super) attempts: u8,
+    pub(super) acked: bool,
+    /// The bucket's `dw` it was sent with.
+    pub(super) dw: u8,
+    /// Removes: whether the state the remove's coordinator made (the first replica write that
+    /// names the remove) holds the add, i.e. whether the coordinator had the add when it applied
+    /// the remove; `None` until that write is seen.
+    pub(super) saw_add: Option<bool>,
+}
+
+impl CrdtRecord {
+    /// The operation as sent.
+    fn op(&self) -> CrdtOp {
+        match &self.kind {
+            CrdtKind::Increment(k) => CrdtOp::Increment(*k),
+            CrdtKind::Add(e) => CrdtOp::Add(Bytes::from(e.clone())),
+            CrdtKind::Remove { element, .. } => CrdtOp::Remove(Bytes::from(element.clone())),
+        }
+    }
 }
 
 /// A delete a client issued (read-modify-delete on a register key).
@@ -71,6 +141,10 @@ pub(super) struct Client {
     pub(super) state: ClientState,
     pub(super) ops_left: usize,
     pub(super) seq: u64,
+    /// Add records of this client that were acknowledged and whose element it has not removed.
+    pub(super) added: Vec<usize>,
+    /// An increment to re-send (once) before the next operation.
+    pub(super) retry: Option<usize>,
 }
 
 /// A final-phase read: the sibling values and context, or why it failed.
@@ -81,20 +155,38 @@ impl Sim {
         if !matches!(self.clients[c].state, ClientState::Idle) {
             return;
         }
+        if let Some(op) = self.clients[c].retry.take() {
+            return self.crdt_send(c, op);
+        }
         if self.clients[c].ops_left == 0 {
             self.clients[c].state = ClientState::Done;
             return;
         }
         self.clients[c].ops_left -= 1;
-        let kind = match self.rng.gen_range(0..11) {
+        // Convergent operations take 3 in 14, so the other kinds stay most of the traffic.
+        let kind = match self.rng.gen_range(0..14) {
             0..=3 => WriteKind::Register,
             4..=6 => WriteKind::SetAdd,
             7 => WriteKind::Blind,
             8 | 9 => WriteKind::Lww,
-            _ => WriteKind::Delete,
+            10 => WriteKind::Delete,
+            11 => WriteKind::Increment,
+            12 => WriteKind::CrdtAdd,
+            _ => WriteKind::CrdtRemove,
+        };
+        let index = self.rng.gen_range(0..self.params.keys);
+        let kind = match kind {
+            WriteKind::Increment | WriteKind::CrdtAdd | WriteKind::CrdtRemove => {
+                if self.crdt_start(c, kind, index) {
+                    return;
+                }
+                // The key had its share of operations (`CRDT_ATTEMPTS_PER_KEY_MAX`).
+                WriteKind::Register
+            }
+            other => other,
         };
         // Sets live on their own keys: a register write would legitimately replace a set.
-        let key = self.rng.gen_range(0..self.params.keys)
+        let key = index
             + if matches!(kind, WriteKind::SetAdd) {
                 SET_KEYS
             } else {
@@ -108,6 +200,9 @@ impl Sim {
                     SIBLINGS_BUCKET
                 };
                 self.client_write(c, bucket, key, kind, Vec::new(), None);
+            }
+            WriteKind::Increment | WriteKind::CrdtAdd | WriteKind::CrdtRemove => {
+                unreachable!("convergent operations started above")
             }
             WriteKind::Register | WriteKind::SetAdd | WriteKind::Delete => {
                 self.clients[c].state = ClientState::Reading {
@@ -124,6 +219,103 @@ impl Sim {
                 self.client_send(c, message);
             }
         }
+    }
+
+    /// Starts a convergent operation of `kind` on key `index` of its bucket (a remove: on the
+    /// key of an add it picks); false, and nothing sent, if that key had its share of attempts.
+    fn crdt_start(&mut self, c: usize, kind: WriteKind, index: usize) -> bool {
+        // A remove removes an element this client added and saw acknowledged; with none, the
+        // client adds one instead.
+        let kind = match kind {
+            WriteKind::CrdtRemove if self.clients[c].added.is_empty() => WriteKind::CrdtAdd,
+            kind => kind,
+        };
+        let (bucket, key, pick) = match kind {
+            WriteKind::Increment => (COUNTERS_BUCKET, COUNTER_KEYS + index, None),
+            WriteKind::CrdtRemove => {
+                let pick = self.rng.gen_range(0..self.clients[c].added.len());
+                let add = &self.crdt_ops[self.clients[c].added[pick]];
+                (SETS_BUCKET, add.key, Some(pick))
+            }
+            _ => (SETS_BUCKET, CRDT_SET_KEYS + index, None),
+        };
+        // The key's attempts, counting two for every increment (it may be re-sent).
+        let attempts = |increment: bool| if increment { 2 } else { 1 };
+        let taken: usize = self
+            .crdt_ops
+            .iter()
+            .filter(|o| o.bucket == bucket && o.key == key)
+            .map(|o| attempts(matches!(o.kind, CrdtKind::Increment(_))))
+            .sum();
+        if taken + attempts(matches!(kind, WriteKind::Increment)) > CRDT_ATTEMPTS_PER_KEY_MAX {
+            return false;
+        }
+        self.clients[c].seq += 1;
+        let tag = format!("c{c}s{}", self.clients[c].seq);
+        let kind = match pick {
+            Some(pick) => {
+                let add = self.clients[c].added.swap_remove(pick);
+                let CrdtKind::Add(element) = &self.crdt_ops[add].kind else {
+                    unreachable!("a client's added list holds adds")
+                };
+                CrdtKind::Remove {
+                    element: element.clone(),
+                    add,
+                }
+            }
+            None if matches!(kind, WriteKind::Increment) => {
+                CrdtKind::Increment(self.rng.gen_range(1..=5))
+            }
+            None => CrdtKind::Add(tag),
+        };
+        let id = self.crdt_ops.len();
+        let op_id = id as u64 + 1;
+        let name = Bytes::from(format!(
+            "{}/k{key}#{op_id}",
+            String::from_utf8_lossy(bucket)
+        ));
+        self.note_op(bucket, key, &name, op_id);
+        if matches!(kind, CrdtKind::Remove { .. }) {
+            self.removes_pending.insert(id);
+        }
+        let dw = self.bucket_props(bucket).dw;
+        self.crdt_ops.push(CrdtRecord {
+            bucket,
+            key,
+            kind,
+            op_id,
+            name,
+            attempts: 0,
+            acked: false,
+            dw,
+            saw_add: None,
+        });
+        self.crdt_send(c, id);
+        true
+    }
+
+    /// Sends (or re-sends) convergent operation `op` as an APPLY.
+    fn crdt_send(&mut self, c: usize, op: usize) {
+        let record = &mut self.crdt_ops[op];
+        record.attempts += 1;
+        let crdt = if record.bucket == COUNTERS_BUCKET {
+            CrdtType::Counter
+        } else {
+            CrdtType::Set
+        };
+        let message = Message::Apply(Apply {
+            bucket: Bytes::from_static(record.bucket),
+            key: key_bytes(record.key),
+            crdt,
+            ops: vec![record.op()],
+            op_id: Some(record.op_id),
+            return_value: false,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        });
+        self.clients[c].state = ClientState::Applying { op };
+        self.client_send(c, message);
     }
 
     pub(super) fn client_send(&mut self, c: usize, message: Message) -> u64 {
@@ -245,6 +437,15 @@ impl Sim {
             )));
             return;
         }
+        if let ClientState::Applying { op } = self.clients[c].state {
+            // A client's retry: the same operation id once more, through whatever node the
+            // client picks next. The store applies it once if the retry's coordinator has the
+            // first attempt, and again if it has not (`crdt.rs`, retries).
+            let record = &self.crdt_ops[op];
+            if matches!(record.kind, CrdtKind::Increment(_)) && record.attempts == 1 {
+                self.clients[c].retry = Some(op);
+            }
+        }
         self.clients[c].state = ClientState::Idle;
         let pause = self.rng.gen_range(1..50);
         self.schedule(pause, Event::ClientStart { client: c });
@@ -264,6 +465,9 @@ impl Sim {
             let result = match message {
                 Message::GetOk(ok) => {
                     let values = self.check_read(bucket, &ok.siblings);
+                    if [COUNTERS_BUCKET, SETS_BUCKET].contains(&bucket) {
+                        self.final_crdt.insert((bucket.to_vec(), k), ok.crdt);
+                    }
                     Ok((values, ok.context))
                 }
                 other => Err(format!("{other:?}")),
@@ -307,6 +511,22 @@ impl Sim {
                     .expect("a write being acknowledged was recorded");
                 record.acked = true;
                 record.acked_at = Some(now);
+                self.clients[c].state = ClientState::Idle;
+                let pause = self.rng.gen_range(1..30);
+                self.schedule(pause, Event::ClientStart { client: c });
+            }
+            (ClientState::Applying { op }, Message::ApplyOk(_)) => {
+                let record = &self.crdt_ops[op];
+                let (name, bucket, dw) = (record.name.clone(), record.bucket, record.dw);
+                let quorum = self.bucket_props(bucket).w;
+                // Held to `w` and `dw` as a PUT is: the operation's name stands for every
+                // state whose operation log holds it (`durability.rs`).
+                self.check_acked_write(&name, quorum, dw);
+                self.maybe_power_loss();
+                self.crdt_ops[op].acked = true;
+                if matches!(self.crdt_ops[op].kind, CrdtKind::Add(_)) {
+                    self.clients[c].added.push(op);
+                }
                 self.clients[c].state = ClientState::Idle;
                 let pause = self.rng.gen_range(1..30);
                 self.schedule(pause, Event::ClientStart { client: c });
@@ -382,6 +602,8 @@ impl Sim {
             .map(|k| (SIBLINGS_BUCKET, k))
             .chain((0..keys).map(|k| (SIBLINGS_BUCKET, SET_KEYS + k)))
             .chain((0..keys).map(|k| (LWW_BUCKET, k)))
+            .chain((0..keys).map(|k| (COUNTERS_BUCKET, COUNTER_KEYS + k)))
+            .chain((0..keys).map(|k| (SETS_BUCKET, CRDT_SET_KEYS + k)))
             .collect()
     }
 
