@@ -69,7 +69,9 @@
 //!   them, and holds APPLY_OK to `w` and `dw` as PUT_OK); a counter is at least the sum of its
 //!   acknowledged increments and at most the sum of those sent (a retried one counted twice: a
 //!   retry whose coordinator had not received the first attempt applies it again, as `crdt.rs`
-//!   documents), and exactly the increments its log names, each once or, retried, twice; a set
+//!   documents; but not one that reached a home whose replica already named it, which must
+//!   acknowledge it without applying it), and exactly the increments its log names, each once
+//!   or, retried, at most twice; a set
 //!   holds only elements added to it and every acknowledged add whose element no remove was sent
 //!   for. A remove removes what its coordinator had received, which under a sloppy quorum may
 //!   miss an acknowledged add; the simulator sees the state the coordinator made (the first
@@ -351,6 +353,9 @@ pub struct Outcome {
     pub crdt_acked: usize,
     /// Increments re-sent with the same operation id after a failed attempt.
     pub crdt_retries: usize,
+    /// Of those, retries whose coordinator's replica held the first attempt: each must count
+    /// once.
+    pub retries_held: usize,
     /// How much the final counters exceed the increments they name (a retry applied again by
     /// a coordinator that had not received the first attempt), summed over counter keys.
     pub double_counted: i64,
@@ -525,6 +530,8 @@ pub struct Sim {
     /// Convergent keys (bucket, key) whose home replica some store removed: reaped by
     /// anti-entropy once empty, which takes the key's operation log with it.
     crdt_reaped: BTreeSet<(Bytes, Bytes)>,
+    /// Retried increments forwarded to a home: (forwarding node, forward's id) → record.
+    retry_forwards: BTreeMap<(usize, u64), usize>,
 }
 
 fn node_index(id: NodeId) -> usize {
@@ -603,6 +610,7 @@ impl Sim {
             removes_pending: BTreeSet::new(),
             final_crdt: BTreeMap::new(),
             crdt_reaped: BTreeSet::new(),
+            retry_forwards: BTreeMap::new(),
         };
         sim.client_nodes = sim.params.nodes;
         for n in 0..sim.nodes.len() {
@@ -1080,6 +1088,7 @@ impl Sim {
             lost_unsynced: self.lost_unsynced.get(),
             crdt_acked: self.crdt_ops.iter().filter(|o| o.acked).count(),
             crdt_retries: self.crdt_ops.iter().filter(|o| o.attempts > 1).count(),
+            retries_held: self.crdt_ops.iter().filter(|o| o.retry_must_dedup).count(),
             double_counted: convergent.double_counted,
             removes_checked: convergent.removes_checked,
             removes_unseen: convergent.removes_unseen,

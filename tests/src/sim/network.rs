@@ -137,6 +137,12 @@ impl Sim {
             self.puts
                 .insert((to, from, *id), (key.clone(), object.clone()));
         }
+        if let SimMsg::Core(PeerMsg::Forward { id, .. }) = &msg
+            && let Some(op) = self.retry_forwards.remove(&(from, *id))
+        {
+            // A retried increment reaches the home that coordinates it.
+            self.note_retry_coordinator(to, op);
+        }
         if let SimMsg::Core(PeerMsg::HintCreditOk { id, granted }) = &msg {
             assert!(
                 *granted <= HINT_CREDIT_MAX,

@@ -9,6 +9,7 @@
 //!
 //! [`Crdt::saw_op`]: ringkv_core::crdt::Crdt::saw_op
 
+use ringkv_core::coordinator::{Output, PeerMsg};
 use ringkv_core::crdt::OP_LOG_MAX;
 use ringkv_core::request::KeyRequest;
 use std::collections::BTreeSet;
@@ -95,6 +96,9 @@ pub(super) struct CrdtRecord {
     /// names the remove) holds the add, i.e. whether the coordinator had the add when it applied
     /// the remove; `None` until that write is seen.
     pub(super) saw_add: Option<bool>,
+    /// Retried increments: the retry reached a coordinator whose own replica already held the
+    /// first attempt, so it must be acknowledged without counting again.
+    pub(super) retry_must_dedup: bool,
 }
 
 impl CrdtRecord {
@@ -270,6 +274,7 @@ impl Sim {
         };
         let id = self.crdt_ops.len();
         let op_id = id as u64 + 1;
+        debug_assert_eq!(crdt_record(op_id), id);
         let name = Bytes::from(format!(
             "{}/k{key}#{op_id}",
             String::from_utf8_lossy(bucket)
@@ -289,6 +294,7 @@ impl Sim {
             acked: false,
             dw,
             saw_add: None,
+            retry_must_dedup: false,
         });
         self.crdt_send(c, id);
         true
@@ -337,9 +343,32 @@ impl Sim {
 
     pub(super) fn client_request(&mut self, n: usize, req: u64, message: Message) {
         let now = self.now;
+        // A retried increment: the node that coordinates it is judged once known (it forwards
+        // the request to the key's first reachable home, or coordinates it itself).
+        let retry = match &message {
+            Message::Apply(Apply {
+                op_id: Some(id), ..
+            }) => Some(crdt_record(*id)).filter(|&op| self.crdt_ops[op].attempts > 1),
+            _ => None,
+        };
         let partitions = self.core(n).ring().partition_count();
         let request = KeyRequest::parse(message, partitions).expect("clients send key requests");
         let outputs = self.core(n).handle_client(now, req, request);
+        if let Some(op) = retry {
+            let forward = outputs.iter().find_map(|o| match o {
+                Output::Send {
+                    msg: PeerMsg::Forward { id, .. },
+                    ..
+                } => Some(*id),
+                _ => None,
+            });
+            match forward {
+                Some(id) => {
+                    self.retry_forwards.insert((n, id), op);
+                }
+                None => self.note_retry_coordinator(n, op),
+            }
+        }
         self.outputs(n, outputs);
     }
 
@@ -632,6 +661,11 @@ impl Sim {
         self.final_keys.insert(req, (bucket, k));
         self.client_request(reader, req, message);
     }
+}
+
+/// The record of convergent operation id `op_id` (ids start at 1, records at 0).
+pub(super) fn crdt_record(op_id: u64) -> usize {
+    usize::try_from(op_id - 1).expect("operation ids count records")
 }
 
 pub(super) fn key_bytes(k: usize) -> Bytes {
