@@ -11,7 +11,7 @@ use ringkv_core::object::Object;
 use ringkv_core::ring::{PartitionId, Ring};
 use ringkv_net::{CrdtValue, Sibling};
 
-use super::workload::{CrdtKind, CrdtRecord, WriteRecord, decode_set, key_bytes};
+use super::workload::{Coordinated, CrdtKind, CrdtRecord, WriteRecord, decode_set, key_bytes};
 use super::{
     CONVERGE_MS_MAX, COUNTERS_BUCKET, LEASE_EPOCHS, LWW_BUCKET, SETS_BUCKET, SIBLINGS_BUCKET, Sim,
     node_index,
@@ -492,8 +492,12 @@ impl Sim {
     /// coordinator sends it to the other replicas as soon as its own write is done (or at once,
     /// with no home to write locally), before any other node can have read a state naming the
     /// remove. Records whether that state holds the remove's add, i.e. whether the coordinator
-    /// had received the add when it applied the remove; if it had, the element must be gone
-    /// from that state.
+    /// had received the add when it applied the remove, and whether it still holds the element.
+    ///
+    /// Judged only for acknowledged removes (`check_convergent`): an acknowledgement needs a
+    /// second replica, which only the remove's own replica write reaches. A remove that failed
+    /// may have sent none, and then the first write naming it can be that of a later operation
+    /// coordinated in the same batch, over an add merged in after the remove.
     pub(super) fn note_coordinated(&mut self, key: &StoreKey, state: &Crdt) {
         if key.bucket != SETS_BUCKET {
             return;
@@ -512,21 +516,16 @@ impl Sim {
             let CrdtKind::Remove { element, add } = &self.crdt_ops[r].kind else {
                 unreachable!("only removes are pending")
             };
-            let add_id = self.crdt_ops[*add].op_id;
-            let held = state.saw_op(add_id);
-            if held {
-                let kept = matches!(
-                    state.value(self.now),
-                    Some(CrdtValue::Set(elements)) if elements.iter().any(|e| e == element.as_bytes())
-                );
-                assert!(
-                    !kept,
-                    "sets/k{}: the remove of {element} (op id {}) was applied over its add (op id \
-                     {add_id}) and left the element in: {state:?}",
-                    self.crdt_ops[r].key, self.crdt_ops[r].op_id
-                );
-            }
-            self.crdt_ops[r].saw_add = Some(held);
+            let held = state.saw_op(self.crdt_ops[*add].op_id);
+            let left_in = matches!(
+                state.value(self.now),
+                Some(CrdtValue::Set(elements)) if elements.iter().any(|e| e == element.as_bytes())
+            );
+            self.crdt_ops[r].coordinated = Some(Coordinated {
+                held_add: held,
+                left_in,
+                state: state.clone(),
+            });
         }
     }
 
@@ -731,9 +730,15 @@ impl Sim {
                     // sloppy quorum that coordinator may not have the add although the add was
                     // acknowledged before the remove was sent, and then the add wins. Only a
                     // remove whose coordinator provably held the add must keep the element out.
-                    CrdtKind::Remove { element, add } => match o.saw_add {
-                        Some(true) => {
+                    CrdtKind::Remove { element, add } => match &o.coordinated {
+                        Some(made) if made.held_add => {
                             tally.removes_checked += 1;
+                            assert!(
+                                !made.left_in,
+                                "{what}: the remove of {element} (op id {}) was applied over its \
+                                 add (op id {}) and left the element in: {:?}",
+                                o.op_id, self.crdt_ops[*add].op_id, made.state
+                            );
                             assert!(
                                 !elements.contains(element.as_bytes()) || lost(o),
                                 "{what}: {element} came back: its remove (op id {}, dw = {}) was \
@@ -744,7 +749,7 @@ impl Sim {
                                 self.crdt_ops[*add].op_id
                             );
                         }
-                        Some(false) => tally.removes_unseen += 1,
+                        Some(_) => tally.removes_unseen += 1,
                         // An acknowledgement needs a second replica, which only a replica write
                         // of the coordinator's state reaches.
                         None => panic!(

@@ -10,7 +10,7 @@
 //! [`Crdt::saw_op`]: ringkv_core::crdt::Crdt::saw_op
 
 use ringkv_core::coordinator::{Output, PeerMsg};
-use ringkv_core::crdt::OP_LOG_MAX;
+use ringkv_core::crdt::{Crdt, OP_LOG_MAX};
 use ringkv_core::request::KeyRequest;
 use std::collections::BTreeSet;
 
@@ -92,13 +92,24 @@ pub(super) struct CrdtRecord {
     pub(super) acked: bool,
     /// The bucket's `dw` it was sent with.
     pub(super) dw: u8,
-    /// Removes: whether the state the remove's coordinator made (the first replica write that
-    /// names the remove) holds the add, i.e. whether the coordinator had the add when it applied
-    /// the remove; `None` until that write is seen.
-    pub(super) saw_add: Option<bool>,
+    /// Removes: what the state the remove's coordinator made (the first replica write that
+    /// names the remove) shows; `None` until that write is seen.
+    pub(super) coordinated: Option<Coordinated>,
     /// Retried increments: the retry reached a coordinator whose own replica already held the
     /// first attempt, so it must be acknowledged without counting again.
     pub(super) retry_must_dedup: bool,
+}
+
+/// The state a remove's coordinator made, as its first replica write shows it.
+#[derive(Clone, Debug)]
+pub(super) struct Coordinated {
+    /// It holds the remove's add: the coordinator had received the add when it applied the
+    /// remove.
+    pub(super) held_add: bool,
+    /// It still holds the element.
+    pub(super) left_in: bool,
+    /// The state, for a failure message.
+    pub(super) state: Crdt,
 }
 
 impl CrdtRecord {
@@ -293,7 +304,7 @@ impl Sim {
             attempts: 0,
             acked: false,
             dw,
-            saw_add: None,
+            coordinated: None,
             retry_must_dedup: false,
         });
         self.crdt_send(c, id);
