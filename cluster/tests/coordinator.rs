@@ -95,6 +95,17 @@ fn put(value: &str, context: Option<Bytes>, w: Option<u8>) -> Message {
     })
 }
 
+fn delete(context: Option<Bytes>) -> Message {
+    Message::Delete(Delete {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"k"),
+        context,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    })
+}
+
 fn get(r: Option<u8>) -> Message {
     Message::Get(Get {
         bucket: Bytes::from_static(b"b"),
@@ -343,18 +354,7 @@ fn a_reap_never_lets_a_dot_repeat() {
     let v1 = one.request_at(0, 1, put("v1", None, None));
     let stale = context(&v1);
     let read = one.request_at(1, 2, get(None));
-    let deleted = one.request_at(
-        2,
-        3,
-        Message::Delete(Delete {
-            bucket: Bytes::from_static(b"b"),
-            key: Bytes::from_static(b"k"),
-            context: Some(context(&read)),
-            w: None,
-            dw: None,
-            timeout_ms: None,
-        }),
-    );
+    let deleted = one.request_at(2, 3, delete(Some(context(&read))));
     assert_eq!(deleted, Message::DeleteOk);
     assert_eq!(one.store.objects().len(), 1, "the tombstone is stored");
     // Ticks past the grace period: the first reap attempt raises the floor, a later one reaps.
@@ -729,18 +729,7 @@ fn updates_write_map_fields() {
     // an UPDATE starts a new map.
     let on_value = one.request_at(250, 10, update(vec![set(b"n", b"0")]));
     assert_eq!(code(&on_value), Some(ErrorCode::WrongType));
-    let deleted = one.request_at(
-        260,
-        11,
-        Message::Delete(Delete {
-            bucket: Bytes::from_static(b"b"),
-            key: Bytes::from_static(b"k"),
-            context: None,
-            w: None,
-            dw: None,
-            timeout_ms: None,
-        }),
-    );
+    let deleted = one.request_at(260, 11, delete(None));
     assert_eq!(deleted, Message::DeleteOk);
     assert_eq!(
         one.request_at(300, 7, update(vec![set(b"n", b"1")])),
@@ -840,15 +829,10 @@ fn failed_storage_writes_are_refused_not_acknowledged() {
         matches!(refused, Message::Error(_)),
         "acknowledged: {refused:?}"
     );
-    let delete = Message::Delete(Delete {
-        bucket: Bytes::from_static(b"b"),
-        key: Bytes::from_static(b"k"),
-        context: None,
-        w: None,
-        dw: None,
-        timeout_ms: None,
-    });
-    assert!(matches!(one.request_at(3, 3, delete), Message::Error(_)));
+    assert!(matches!(
+        one.request_at(3, 3, delete(None)),
+        Message::Error(_)
+    ));
     let fields = one.request_at(4, 4, update(vec![set(b"f", b"v")]));
     assert!(
         matches!(fields, Message::Error(_)),
@@ -949,17 +933,7 @@ fn convergent_types_apply_read_and_clear() {
             (b("sku-1"), FieldValue::Counter(2)),
         ])
     );
-    let deleted = one.request(
-        7,
-        Message::Delete(Delete {
-            bucket: Bytes::from_static(b"b"),
-            key: Bytes::from_static(b"k"),
-            context: None,
-            w: None,
-            dw: None,
-            timeout_ms: None,
-        }),
-    );
+    let deleted = one.request(7, delete(None));
     assert_eq!(deleted, Message::DeleteOk);
     assert_eq!(read_crdt(&mut one, 0, 8), None);
     assert!(read_at(&mut one, 0, 9).siblings.is_empty());
