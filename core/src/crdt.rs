@@ -49,12 +49,15 @@
 //!   over.
 //!
 //! Retries: an [`ringkv_net::Apply`] may carry a client operation id. The coordinator records
-//! the last [`OP_LOG_MAX`] ids of its actor in the state (a slot like any other), and a request
-//! whose id any actor recorded is acknowledged without being applied again. Operations are
-//! coordinated by the key's first reachable home, so a retry meets the replica that applied the
-//! first attempt while that home is up; a retry after more than [`OP_LOG_MAX`] later identified
-//! operations through the same actor, or through a replica that has not yet received the first
-//! attempt, counts again.
+//! the last [`OP_LOG_MAX`] ids of its actor in the state (a slot like any other, so the ids
+//! replicate with it), and a request whose id any actor recorded is acknowledged without being
+//! applied again. Operations are coordinated at any home of the key, as plain writes are: a
+//! retry through the same node meets the replica that applied the first attempt, and a retry
+//! through another home meets it once the first attempt has replicated there. A retry after
+//! more than [`OP_LOG_MAX`] later identified operations through the same actor, or through a
+//! replica that has not yet received the first attempt (the first attempt's coordinator was cut
+//! off, which is also why the client got no answer), counts again; so does one that arrives
+//! after anti-entropy reaped the emptied key, whose ids went with it.
 //!
 //! # Laws
 //!
@@ -1358,7 +1361,7 @@ mod tests {
                 );
                 prop_assert_eq!(x.clone().join(x.clone()), x.clone());
                 for s in states {
-                    let object = Object::Crdt(s.clone());
+                    let object = Object::Crdt(Box::new(s.clone()));
                     let bytes = Bytes::from(object.encode());
                     prop_assert_eq!(object.encoded_len(), bytes.len());
                     prop_assert_eq!(Object::decode(&bytes).unwrap(), object);

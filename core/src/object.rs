@@ -157,8 +157,9 @@ pub enum Object {
     Lww(Lww),
     /// A map of last-write-wins fields (a Redis hash, `map.rs`).
     Map(LwwMap),
-    /// A convergent data type: a counter, a set or a map (`crdt.rs`).
-    Crdt(Crdt),
+    /// A convergent data type: a counter, a set or a map (`crdt.rs`). Boxed: it is larger than
+    /// the other kinds, and every object is moved through merges, slots and store results.
+    Crdt(Box<Crdt>),
 }
 
 /// Bytes that are not an encoded object.
@@ -219,7 +220,7 @@ impl Object {
                     Object::Map(m.cleared_at(stamp))
                 }
             }
-            (Object::Crdt(a), Object::Crdt(b)) => Object::Crdt(a.join(b)),
+            (Object::Crdt(a), Object::Crdt(b)) => Object::Crdt(Box::new((*a).join(*b))),
             // A convergent state is a whole-key write stamped with its generation (the write it
             // replaced, so it wins a tie with it): a plain value or a map stamped later replaces
             // it, and what the map holds from before it is cleared (`crdt.rs`, merge).
@@ -452,7 +453,7 @@ impl Object {
                 })
             }
             TAG_MAP => Object::Map(LwwMap::decode(&mut r)?),
-            TAG_CRDT => Object::Crdt(Crdt::decode(&mut r)?),
+            TAG_CRDT => Object::Crdt(Box::new(Crdt::decode(&mut r)?)),
             tag => return Err(ObjectError::BadTag { tag, at: 0 }),
         };
         if r.remaining() > 0 {
@@ -606,7 +607,7 @@ mod tests {
                 )
                 .cleared_at((3, NodeId(1))),
             ),
-            Object::Crdt(sample_crdt()),
+            Object::Crdt(Box::new(sample_crdt())),
         ];
         for o in objects {
             let bytes = Bytes::from(o.encode());
@@ -768,7 +769,12 @@ mod tests {
                 changes.extend(expiry.map(MapChange::Expire));
                 Object::Map(LwwMap::from_changes((ts, NodeId(node)), &changes))
             });
-        prop_oneof![causal, lww, map, Just(Object::Crdt(sample_crdt()))]
+        prop_oneof![
+            causal,
+            lww,
+            map,
+            Just(Object::Crdt(Box::new(sample_crdt())))
+        ]
     }
 
     /// An expiring value reads as itself before its expiry and as a deletion from it on; an
@@ -902,7 +908,7 @@ mod tests {
                     }
                     state = state.join(mine);
                 }
-                Object::Crdt(state)
+                Object::Crdt(Box::new(state))
             });
         prop_oneof![causal, lww, keyed, crdt]
     }

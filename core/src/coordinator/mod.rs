@@ -1103,13 +1103,12 @@ impl Core {
         );
         let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
         let is_home = homes.contains(&self.cfg.node);
-        // Conditional writes, and operations on convergent types (so that a retry meets the
-        // replica that recorded the first attempt's id), go to the key's first reachable home.
-        let first_home = match request.body() {
-            KeyBody::Put(p) => p.condition.is_some(),
-            KeyBody::Apply(_) => true,
-            KeyBody::Get(_) | KeyBody::Delete(_) | KeyBody::Update(_) => false,
-        };
+        // Conditional writes go to the key's first reachable home. Operations on convergent
+        // types need no single coordinator (replicas merge them), so like other writes they run
+        // at any home: a retry through the same node meets the replica that recorded the first
+        // attempt's id, and one through another node meets it once the first attempt has
+        // replicated there (`crdt.rs`, retries).
+        let conditional = matches!(request.body(), KeyBody::Put(p) if p.condition.is_some());
         let id = self.id();
         let op = Op {
             reply_to,
@@ -1157,7 +1156,7 @@ impl Core {
             // A conditional write is decided by the key's first reachable home, under the
             // key's lock there, so conditional writes through any node serialize while it is
             // reachable (module docs, "conditional put").
-            KeyOp::Put | KeyOp::Apply if first_home && !forwarded => {
+            KeyOp::Put if conditional && !forwarded => {
                 let me = self.cfg.node;
                 let primary = homes
                     .iter()
@@ -1436,7 +1435,7 @@ impl Core {
             {
                 let mut state = match local {
                     Some(Object::Crdt(c)) => c,
-                    _ => Crdt::new(crdt::FIRST_GENERATION),
+                    _ => Box::new(Crdt::new(crdt::FIRST_GENERATION)),
                 };
                 state.clear();
                 return Ok(Object::Crdt(state));
@@ -1452,12 +1451,12 @@ impl Core {
                 let (mut state, ops) = crdt_base(local, *crdt, ops, now)?;
                 if op_id.is_some_and(|id| state.saw_op(id)) {
                     // A retry of an applied operation: acknowledged again, applied once.
-                    return Ok(Object::Crdt(state));
+                    return Ok(Object::Crdt(Box::new(state)));
                 }
                 state
                     .apply(actor, stamp, *crdt, &ops, *op_id, now)
                     .map_err(crdt_error)?;
-                return self.check_size(Object::Crdt(state));
+                return self.check_size(Object::Crdt(Box::new(state)));
             }
         };
         let object = match props.mode {
@@ -2828,7 +2827,7 @@ fn crdt_base(
     match local {
         None => fresh(crdt::FIRST_GENERATION),
         Some(Object::Crdt(c)) if c.expires_at_ms().is_some_and(|at| at <= now) => fresh(c.latest()),
-        Some(Object::Crdt(c)) => Ok((c, ops.to_vec())),
+        Some(Object::Crdt(c)) => Ok((*c, ops.to_vec())),
         Some(Object::Lww(l)) => match l.val.live(now) {
             None => fresh((l.timestamp, l.node)),
             Some(v) => {
