@@ -51,13 +51,13 @@
 //! Retries: an [`ringkv_net::Apply`] may carry a client operation id. The coordinator records
 //! the last [`OP_LOG_MAX`] ids of its actor in the state (a slot like any other, so the ids
 //! replicate with it), and a request whose id any actor recorded is acknowledged without being
-//! applied again. Operations are coordinated at any home of the key, as plain writes are: a
-//! retry through the same node meets the replica that applied the first attempt, and a retry
-//! through another home meets it once the first attempt has replicated there. A retry after
-//! more than [`OP_LOG_MAX`] later identified operations through the same actor, or through a
-//! replica that has not yet received the first attempt (the first attempt's coordinator was cut
-//! off, which is also why the client got no answer), counts again; so does one that arrives
-//! after anti-entropy reaped the emptied key, whose ids went with it.
+//! applied again. Operations are coordinated by the key's first reachable home, so a retry
+//! meets the replica that applied the first attempt while that home is up, and another home
+//! once the first attempt has replicated there. A retry counts again if it comes after more
+//! than [`OP_LOG_MAX`] later identified operations through the same actor, through a replica
+//! that has not received the first attempt (the first attempt's coordinator was cut off, which
+//! is also why the client got no answer: the simulator sees this under partitions), or after
+//! anti-entropy reaped the emptied key, whose ids went with it.
 //!
 //! # Laws
 //!

@@ -22,8 +22,8 @@
 //!
 //! # Counters
 //!
-//! `INCR`, `DECR`, `INCRBY` and `DECRBY` are one APPLY of an increment, with no read: a home of
-//! the key applies it to what it holds and answers the value after it, which is the
+//! `INCR`, `DECR`, `INCRBY` and `DECRBY` are one APPLY of an increment, with no read: the key's
+//! first reachable home applies it to what it holds and answers the value after it, which is the
 //! reply. Increments through any nodes all count, concurrent or across a partition (their
 //! replicas merge). A missing key starts from 0; a string holding an integer becomes a counter
 //! from it, keeping its expiry. When the node refuses an increment, a read decides the Redis

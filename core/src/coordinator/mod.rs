@@ -1103,12 +1103,17 @@ impl Core {
         );
         let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
         let is_home = homes.contains(&self.cfg.node);
-        // Conditional writes go to the key's first reachable home. Operations on convergent
-        // types need no single coordinator (replicas merge them), so like other writes they run
-        // at any home: a retry through the same node meets the replica that recorded the first
-        // attempt's id, and one through another node meets it once the first attempt has
-        // replicated there (`crdt.rs`, retries).
-        let conditional = matches!(request.body(), KeyBody::Put(p) if p.condition.is_some());
+        // Conditional writes, and operations on convergent types, go to the key's first
+        // reachable home. For the latter it is not needed for convergence (replicas merge), but
+        // a retry then meets the replica that recorded the first attempt's id, and a hot key's
+        // operations queue at one replica (one state change replicated at a time) instead of
+        // every home merging the others' states concurrently: measured on carts, coordinating at
+        // any home gave a 2-3x longer p99.9 (docs/BENCHMARKS.md, "Carts").
+        let first_home = match request.body() {
+            KeyBody::Put(p) => p.condition.is_some(),
+            KeyBody::Apply(_) => true,
+            KeyBody::Get(_) | KeyBody::Delete(_) | KeyBody::Update(_) => false,
+        };
         let id = self.id();
         let op = Op {
             reply_to,
@@ -1156,7 +1161,7 @@ impl Core {
             // A conditional write is decided by the key's first reachable home, under the
             // key's lock there, so conditional writes through any node serialize while it is
             // reachable (module docs, "conditional put").
-            KeyOp::Put if conditional && !forwarded => {
+            KeyOp::Put | KeyOp::Apply if first_home && !forwarded => {
                 let me = self.cfg.node;
                 let primary = homes
                     .iter()

@@ -355,7 +355,7 @@ impl Sim {
     pub(super) fn client_request(&mut self, n: usize, req: u64, message: Message) {
         let now = self.now;
         // A retried increment: the node that coordinates it is judged once known (it forwards
-        // the request to a home of the key, or coordinates it itself).
+        // the request to the key's first reachable home, or coordinates it itself).
         let retry = match &message {
             Message::Apply(Apply {
                 op_id: Some(id), ..
