@@ -1066,3 +1066,89 @@ fn a_counter_made_from_an_expiring_integer_keeps_its_expiry() {
     );
     assert_eq!(read_at(&mut one, 2_200, 7).expires_at_ms, None);
 }
+
+/// A home that is not the key's first home forwards an APPLY, an UPDATE and a DELETE in a
+/// bucket that may hold convergent types to the first home (so that the home that applied a
+/// counter's increments also decides its deletion, and clears it instead of writing a
+/// tombstone that would replace it whole); a DELETE in a siblings bucket, which carries its
+/// context, it coordinates itself.
+#[test]
+fn convergent_writes_and_their_deletes_go_to_the_first_home() {
+    use ringkv_core::coordinator::PeerMsg;
+    let me = NodeId(1);
+    let mut cfg = CoreConfig::new(me);
+    cfg.phi_threshold = 1_000.0;
+    cfg.buckets = Buckets {
+        default: props(3),
+        named: BTreeMap::from([(
+            b"l".to_vec(),
+            BucketProps {
+                mode: ConflictMode::Lww,
+                ..props(3)
+            },
+        )]),
+    };
+    let members: BTreeSet<NodeId> = (1..=3).map(NodeId).collect();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 3).unwrap();
+    let first_of = |bucket: &[u8], k: &str| {
+        ring.preference_list(ring.partition_of(bucket, k.as_bytes()), 3)[0]
+    };
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| first_of(b"l", k) != me && first_of(b"b", k) != me)
+        .unwrap();
+    let first = first_of(b"l", &key);
+    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
+    for home in [NodeId(2), NodeId(3)] {
+        core.handle_peer(0, home, PeerMsg::Pong { id: 0 });
+    }
+    let forwarded_to = |outputs: &[Output]| -> Vec<NodeId> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: PeerMsg::Forward { .. },
+                } => Some(*to),
+                _ => None,
+            })
+            .collect()
+    };
+    let delete_in = |bucket: &'static [u8]| {
+        Message::Delete(Delete {
+            bucket: Bytes::from_static(bucket),
+            key: Bytes::from(key.clone()),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: None,
+        })
+    };
+    let apply = Message::Apply(Apply {
+        bucket: Bytes::from_static(b"l"),
+        key: Bytes::from(key.clone()),
+        crdt: CrdtType::Counter,
+        ops: vec![CrdtOp::Increment(1)],
+        op_id: None,
+        return_value: false,
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    });
+    let update = Message::Update(Update {
+        bucket: Bytes::from_static(b"l"),
+        key: Bytes::from(key.clone()),
+        ops: vec![set(b"f", b"v")],
+        w: None,
+        dw: None,
+        timeout_ms: None,
+    });
+    for (req, message) in [(1, apply), (2, update), (3, delete_in(b"l"))] {
+        let request = common::key_request(&core, message);
+        let out = core.handle_client(10, req, request);
+        assert_eq!(forwarded_to(&out), [first], "request {req}");
+    }
+    let request = common::key_request(&core, delete_in(b"b"));
+    let out = core.handle_client(10, 4, request);
+    assert!(forwarded_to(&out).is_empty(), "{out:?}");
+}

@@ -35,7 +35,8 @@
 //! - **Removing a map field concurrently with an update keeps the field**, with what the
 //!   update's coordinator had: for a counter field, that coordinator's total (its earlier counts
 //!   included); for a set field, the elements it added; for a register, its value.
-//! - **Deleting the whole key** (DELETE) removes everything its coordinator has seen; the key
+//! - **Deleting the whole key** (DELETE, coordinated by the key's first reachable home like the
+//!   operations) removes everything its coordinator has seen; the key
 //!   reads as missing, and anti-entropy reaps it like a tombstone once every replica agrees. A
 //!   later operation starts from nothing: the old elements do not come back, and no sibling is
 //!   left. An increment concurrent with the deletion keeps its coordinator's total, as above.

@@ -1109,10 +1109,16 @@ impl Core {
         // operations queue at one replica (one state change replicated at a time) instead of
         // every home merging the others' states concurrently: measured on carts, coordinating at
         // any home gave a 2-3x longer p99.9 (docs/BENCHMARKS.md, "Carts").
+        // So do an UPDATE (a map's register operations) and, where keys may hold convergent
+        // types (an lww or a typed bucket), a DELETE: it clears what its coordinator has seen of
+        // a convergent key, and a home that never received the key would write a tombstone
+        // instead, which replaces the state whole, increments that reach the others later
+        // included (`crdt.rs`, merge).
         let first_home = match request.body() {
             KeyBody::Put(p) => p.condition.is_some(),
-            KeyBody::Apply(_) => true,
-            KeyBody::Get(_) | KeyBody::Delete(_) | KeyBody::Update(_) => false,
+            KeyBody::Apply(_) | KeyBody::Update(_) => true,
+            KeyBody::Delete(_) => props.mode == ConflictMode::Lww || props.data_type.is_some(),
+            KeyBody::Get(_) => false,
         };
         let id = self.id();
         let op = Op {
@@ -1161,7 +1167,9 @@ impl Core {
             // A conditional write is decided by the key's first reachable home, under the
             // key's lock there, so conditional writes through any node serialize while it is
             // reachable (module docs, "conditional put").
-            KeyOp::Put | KeyOp::Apply if first_home && !forwarded => {
+            KeyOp::Put | KeyOp::Delete | KeyOp::Update | KeyOp::Apply
+                if first_home && !forwarded =>
+            {
                 let me = self.cfg.node;
                 let primary = homes
                     .iter()
