@@ -105,7 +105,7 @@ use ringkv_net::{CrdtOp, CrdtType, CrdtValue, Expiry, FieldOp, FieldValue};
 
 use crate::NodeId;
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, COUNTER_MAX};
-use crate::map::Stamp;
+use crate::map::{Stamp, expiry_out, stamp_out};
 use crate::object::{Cursor, ObjectError};
 
 /// Operation ids an actor remembers for deduplication (module docs).
@@ -705,18 +705,7 @@ impl Crdt {
             actor_out(actor, sink);
             sink(&n.to_le_bytes());
         }
-        match &self.expiry {
-            None => sink(&[0]),
-            Some((s, None)) => {
-                sink(&[1]);
-                stamp_out(s, sink);
-            }
-            Some((s, Some(at))) => {
-                sink(&[2]);
-                stamp_out(s, sink);
-                sink(&at.to_le_bytes());
-            }
-        }
+        expiry_out(&self.expiry, sink);
         slots_out(&self.oplog, sink, |ids, sink| {
             sink(&[u8::try_from(ids.len()).expect("the op log is bounded")]);
             for id in ids {
@@ -847,11 +836,6 @@ fn increment(slots: &mut Slots<Tally>, actor: Actor, dot: u64, by: i64) -> Resul
 fn count16(n: usize) -> u16 {
     u16::try_from(n)
         .expect("slots and clocks have at most one entry per actor, and actors are bounded")
-}
-
-fn stamp_out(s: &Stamp, sink: &mut impl FnMut(&[u8])) {
-    sink(&s.0.to_le_bytes());
-    sink(&s.1.0.to_le_bytes());
 }
 
 fn actor_out(a: &Actor, sink: &mut impl FnMut(&[u8])) {

@@ -210,23 +210,8 @@ impl LwwMap {
 
     /// Feeds the encoding (module docs) to `sink`.
     pub fn encode_into(&self, sink: &mut impl FnMut(&[u8])) {
-        let stamp = |s: &Stamp, sink: &mut dyn FnMut(&[u8])| {
-            sink(&s.0.to_le_bytes());
-            sink(&s.1.0.to_le_bytes());
-        };
-        stamp(&self.cleared, sink);
-        match &self.expiry {
-            None => sink(&[0]),
-            Some((s, None)) => {
-                sink(&[1]);
-                stamp(s, sink);
-            }
-            Some((s, Some(at))) => {
-                sink(&[2]);
-                stamp(s, sink);
-                sink(&at.to_le_bytes());
-            }
-        }
+        stamp_out(&self.cleared, sink);
+        expiry_out(&self.expiry, sink);
         let count =
             u32::try_from(self.fields.len()).expect("fields are bounded by the object size");
         sink(&count.to_le_bytes());
@@ -234,7 +219,7 @@ impl LwwMap {
             let len = u16::try_from(name.len()).expect("field names are checked at 64 KiB");
             sink(&len.to_le_bytes());
             sink(name);
-            stamp(&cell.stamp, sink);
+            stamp_out(&cell.stamp, sink);
             match &cell.value {
                 None => sink(&[0]),
                 Some(v) => {
@@ -299,6 +284,29 @@ impl LwwMap {
             fields,
             expiry,
         })
+    }
+}
+
+/// Feeds a stamp's encoding (`ts u64 | node u32`) to `sink`.
+pub(crate) fn stamp_out(s: &Stamp, sink: &mut impl FnMut(&[u8])) {
+    sink(&s.0.to_le_bytes());
+    sink(&s.1.0.to_le_bytes());
+}
+
+/// Feeds an expiry register's encoding to `sink`: `0x00` (none) | `0x01 stamp` (never) |
+/// `0x02 stamp at u64`. Maps and convergent states write it alike.
+pub(crate) fn expiry_out(expiry: &Option<(Stamp, Option<u64>)>, sink: &mut impl FnMut(&[u8])) {
+    match expiry {
+        None => sink(&[0]),
+        Some((s, None)) => {
+            sink(&[1]);
+            stamp_out(s, sink);
+        }
+        Some((s, Some(at))) => {
+            sink(&[2]);
+            stamp_out(s, sink);
+            sink(&at.to_le_bytes());
+        }
     }
 }
 
