@@ -5,7 +5,7 @@
 //! before maps were convergent — with the errors a client sees. The write path itself is the
 //! coordinator's (`mod.rs`, `Core::updated`).
 
-use ringkv_net::{CrdtOp, CrdtType, ErrorBody, ErrorCode, Expiry, FieldOp};
+use ringkv_net::{CrdtOp, CrdtType, ErrorBody, ErrorCode, Expiry, FieldOp, MapOp};
 
 use super::{Write, absolute};
 use crate::bucket::{BucketProps, ConflictMode};
@@ -16,20 +16,63 @@ fn wrong_type(message: impl Into<String>) -> ErrorBody {
     ErrorBody::new(ErrorCode::WrongType, message)
 }
 
-/// The write an APPLY asks for, checked against its bucket, with its expiries made absolute.
-pub(super) fn crdt_write(
+/// The write an APPLY asks for, checked against its bucket.
+pub(super) fn apply_write(
     m: ringkv_net::Apply,
     props: &BucketProps,
     now: u64,
 ) -> Result<Write, ErrorBody> {
+    Ok(Write::Crdt {
+        crdt: m.crdt,
+        ops: checked(m.crdt, m.ops, props, now)?,
+        op_id: m.op_id,
+        return_value: m.return_value,
+        update: false,
+    })
+}
+
+/// The write an UPDATE asks for: a map's register operations, answered UPDATE_OK.
+pub(super) fn update_write(
+    m: ringkv_net::Update,
+    props: &BucketProps,
+    now: u64,
+) -> Result<Write, ErrorBody> {
+    let ops = m
+        .ops
+        .into_iter()
+        .map(|op| match op {
+            MapOp::Set { field, value } => CrdtOp::Field {
+                name: field,
+                op: FieldOp::Assign(value),
+            },
+            MapOp::Delete { field } => CrdtOp::RemoveField(field),
+            MapOp::Expire(e) => CrdtOp::Expire(e),
+        })
+        .collect();
+    Ok(Write::Crdt {
+        crdt: CrdtType::Map,
+        ops: checked(CrdtType::Map, ops, props, now)?,
+        op_id: None,
+        return_value: false,
+        update: true,
+    })
+}
+
+/// `ops` on a `crdt` checked against the bucket, with their expiries made absolute.
+fn checked(
+    crdt: CrdtType,
+    ops: Vec<CrdtOp>,
+    props: &BucketProps,
+    now: u64,
+) -> Result<Vec<CrdtOp>, ErrorBody> {
     match props.data_type {
-        Some(t) if t.crdt() != m.crdt => {
+        Some(t) if t.crdt() != crdt => {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidRequest,
                 format!(
                     "the bucket holds {}s, not {}s",
                     crdt::type_name(t.crdt()),
-                    crdt::type_name(m.crdt)
+                    crdt::type_name(crdt)
                 ),
             ));
         }
@@ -44,9 +87,9 @@ pub(super) fn crdt_write(
         }
         None => {}
     }
-    let mut ops = Vec::with_capacity(m.ops.len());
-    for op in m.ops {
-        ops.push(match op {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        out.push(match op {
             CrdtOp::Expire(e) => CrdtOp::Expire(match absolute(e, now)? {
                 Some(unix_ms) => Expiry::At { unix_ms },
                 None => Expiry::Never,
@@ -62,13 +105,7 @@ pub(super) fn crdt_write(
             op => op,
         });
     }
-    Ok(Write::Crdt {
-        crdt: m.crdt,
-        ops,
-        op_id: m.op_id,
-        return_value: m.return_value,
-        update: false,
-    })
+    Ok(out)
 }
 
 /// The state an operation on a convergent type starts from, given the replica's `local`

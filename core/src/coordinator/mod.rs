@@ -84,8 +84,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
 use ringkv_net::{
-    ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, ErrorBody, ErrorCode, Expiry, FieldOp,
-    FieldValue, GetOk, MapOp, Message, PutOk, Sibling,
+    ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, ErrorBody, ErrorCode, Expiry, FieldValue,
+    GetOk, Message, PutOk, Sibling,
 };
 
 use crate::NodeId;
@@ -95,7 +95,7 @@ use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::object::{Lww, Object, Val, hlc_next};
 use crate::request::{KeyBody, KeyOp, KeyRequest};
 use crate::ring::{PartitionId, Ring};
-use convergent::{crdt_base, crdt_error, crdt_write};
+use convergent::{apply_write, crdt_base, crdt_error, update_write};
 
 mod antientropy;
 use antientropy::AntiEntropy;
@@ -1299,52 +1299,11 @@ impl Core {
             }
             KeyBody::Delete(m) => (Write::Delete, m.context),
             // An UPDATE's fields are registers of the map type (`crdt.rs`).
-            KeyBody::Update(m) => {
-                let ops = m
-                    .ops
-                    .into_iter()
-                    .map(|op| match op {
-                        MapOp::Set { field, value } => CrdtOp::Field {
-                            name: field,
-                            op: FieldOp::Assign(value),
-                        },
-                        MapOp::Delete { field } => CrdtOp::RemoveField(field),
-                        MapOp::Expire(e) => CrdtOp::Expire(e),
-                    })
-                    .collect();
-                let apply = ringkv_net::Apply {
-                    bucket: m.bucket,
-                    key: m.key,
-                    crdt: CrdtType::Map,
-                    ops,
-                    op_id: None,
-                    return_value: false,
-                    w: m.w,
-                    dw: m.dw,
-                    timeout_ms: m.timeout_ms,
-                };
-                match crdt_write(apply, &props, now) {
-                    Ok(Write::Crdt {
-                        crdt,
-                        ops,
-                        op_id,
-                        return_value,
-                        ..
-                    }) => (
-                        Write::Crdt {
-                            crdt,
-                            ops,
-                            op_id,
-                            return_value,
-                            update: true,
-                        },
-                        None,
-                    ),
-                    Ok(_) => unreachable!("crdt_write makes a convergent write"),
-                    Err(e) => return self.answer(op.reply_to, Message::Error(e)),
-                }
-            }
-            KeyBody::Apply(m) => match crdt_write(m, &props, now) {
+            KeyBody::Update(m) => match update_write(m, &props, now) {
+                Ok(write) => (write, None),
+                Err(e) => return self.answer(op.reply_to, Message::Error(e)),
+            },
+            KeyBody::Apply(m) => match apply_write(m, &props, now) {
                 Ok(write) => (write, None),
                 Err(e) => return self.answer(op.reply_to, Message::Error(e)),
             },
@@ -1520,7 +1479,10 @@ impl Core {
                     node: self.cfg.node,
                     val,
                 });
-                merged(local, new)
+                match local {
+                    Some(l) => l.merge(new),
+                    None => new,
+                }
             }
         };
         if let Object::Causal(clock) = &object {
@@ -2663,14 +2625,6 @@ fn lww_stamp(hlc_last: &mut u64, local: Option<&Object>, now: u64) -> u64 {
     let seen = local.map_or(0, Object::timestamp);
     *hlc_last = hlc_next((*hlc_last).max(seen), now);
     *hlc_last
-}
-
-/// `new` merged into the replica's `local` object, if any.
-fn merged(local: Option<Object>, new: Object) -> Object {
-    match local {
-        Some(l) => l.merge(new),
-        None => new,
-    }
 }
 
 fn is_hint(key: &StoreKey) -> bool {
