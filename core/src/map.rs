@@ -1,4 +1,7 @@
-//! A map with a last-write-wins register per field: what a Redis hash is in a replicated store.
+//! A map with a last-write-wins register per field: what a Redis hash was here before maps became
+//! a convergent type (`crdt.rs`). Nodes still decode, merge and read these objects (older nodes
+//! wrote them), and convert one at its next UPDATE or APPLY; they write no new ones. What follows
+//! is how they were written and how they merge.
 //!
 //! Session stores write a hash one field at a time (`HSET session:1 user alice`); two
 //! application servers updating different fields of one session at once must both keep their
@@ -60,7 +63,9 @@ impl Cell {
     }
 }
 
-/// One change a map write makes, at the write's stamp.
+/// One change a map write makes, at the write's stamp. Nodes no longer write these maps (an
+/// UPDATE writes the convergent map, `crdt.rs`); tests build the ones older nodes stored.
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapChange {
     /// Set a field.
@@ -93,6 +98,7 @@ impl Default for LwwMap {
 
 impl LwwMap {
     /// The map a write at `stamp` makes of `changes` (later changes of a field win).
+    #[cfg(test)]
     pub fn from_changes(stamp: Stamp, changes: &[MapChange]) -> LwwMap {
         let mut map = LwwMap::default();
         assert!(
