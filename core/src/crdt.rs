@@ -636,17 +636,14 @@ impl Crdt {
             }
         }
         let key = (name.clone(), kind);
-        if let (Some(n), Some(Store::Counter(s))) = (start, self.map.get_mut(&key)) {
-            increment(s, actor, dot, n)?;
-        } else if let Some(n) = start {
-            let mut s = Slots::default();
-            increment(&mut s, actor, dot, n)?;
-            self.map.insert(key.clone(), Store::Counter(s));
-        }
         let store = self
             .map
             .entry(key.clone())
             .or_insert_with(|| Store::empty(kind));
+        // The register's integer is the counter's start, counted as this operation's too.
+        if let (Some(n), Store::Counter(s)) = (start, &mut *store) {
+            increment(s, actor, dot, n)?;
+        }
         match (&mut *store, op) {
             (Store::Register(s), FieldOp::Assign(v)) => {
                 *s = Slots::only(actor, dot, (stamp, v.clone()))
