@@ -35,6 +35,7 @@ use ringkv_net::{
 };
 
 use ringkv_core::bucket::BucketType;
+use ringkv_core::crdt::type_name;
 
 use super::{ExpiryOpts, Target, connect, deadline_ms, parse_field, show_context};
 
@@ -354,10 +355,9 @@ fn value_of(reply: GetOk, crdt: CrdtType) -> anyhow::Result<Option<CrdtValue>> {
         }
         return Ok(Some(value));
     }
+    // Only a node of an older version answers a map in this form.
     if reply.fields.is_some() {
-        bail!(
-            "the key holds a map of registers written by `ringkv update`; read it with `ringkv get`"
-        );
+        bail!("the key holds a map of registers (an older node's form); read it with `ringkv get`");
     }
     if reply
         .siblings
@@ -374,14 +374,6 @@ fn type_of(value: &CrdtValue) -> CrdtType {
         CrdtValue::Counter(_) => CrdtType::Counter,
         CrdtValue::Set(_) => CrdtType::Set,
         CrdtValue::Map(_) => CrdtType::Map,
-    }
-}
-
-fn type_name(crdt: CrdtType) -> &'static str {
-    match crdt {
-        CrdtType::Counter => "counter",
-        CrdtType::Set => "set",
-        CrdtType::Map => "map",
     }
 }
 
@@ -611,7 +603,7 @@ mod tests {
             value_of(map, CrdtType::Map)
                 .unwrap_err()
                 .to_string()
-                .contains("ringkv update")
+                .contains("an older node's form")
         );
     }
 
