@@ -179,7 +179,7 @@ fn blocking_pool_from_many_threads() {
     .unwrap();
     let got = pool.get(b"redis", b"map").unwrap();
     assert_eq!(
-        got.fields,
+        got.registers(),
         Some(vec![(Bytes::from_static(b"f"), Bytes::from_static(b"v"))])
     );
     assert!(got.expires_at_ms.is_some());

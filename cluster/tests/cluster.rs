@@ -982,7 +982,7 @@ fn updates_are_forwarded_to_the_home_like_any_write() {
         for k in &keys {
             let read = c.get(b"single", k).unwrap();
             assert_eq!(
-                read.fields,
+                read.registers(),
                 Some(vec![(Bytes::from_static(b"user"), Bytes::from(k.clone()))]),
                 "{}",
                 String::from_utf8_lossy(k)

@@ -694,8 +694,7 @@ impl Reply {
                 siblings,
                 context,
                 expires_at_ms,
-                // A map's registers are what UPDATE writes, whichever form the node sent.
-                fields: fields.or_else(|| registers(crdt.as_ref()?)),
+                fields,
                 crdt,
             })),
             Message::PutOk(PutOk { context }) => Ok(Reply::Put(context)),
@@ -874,18 +873,6 @@ impl ClientError {
     }
 }
 
-/// The register fields of a map value, in name order; `None` for another type.
-fn registers(value: &CrdtValue) -> Option<Vec<(Bytes, Bytes)>> {
-    let CrdtValue::Map(fields) = value else {
-        return None;
-    };
-    let registers = fields.iter().filter_map(|(name, v)| match v {
-        crate::message::FieldValue::Register(v) => Some((name.clone(), v.clone())),
-        _ => None,
-    });
-    Some(registers.collect())
-}
-
 /// The result of a GET: the key's siblings and the context to write back with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GetReply {
@@ -895,8 +882,8 @@ pub struct GetReply {
     pub context: Bytes,
     /// When the key expires (Unix milliseconds), if every value sibling expires.
     pub expires_at_ms: Option<u64>,
-    /// For a key holding a map (a Redis hash): its register fields (what UPDATE writes), in
-    /// name order; the whole map is in `crdt`.
+    /// A map as a node of an older version answers it (its fields, in name order); this
+    /// version's nodes answer maps in `crdt`. [`GetReply::registers`] reads either.
     pub fields: Option<Vec<(Bytes, Bytes)>>,
     /// For a key holding a convergent data type (a counter, a set, a map): its value. A
     /// missing key has none, whatever type its APPLYs would give it.
@@ -904,6 +891,22 @@ pub struct GetReply {
 }
 
 impl GetReply {
+    /// The register fields of a map (what UPDATE writes), in name order, whichever form the
+    /// node answered in; `None` when the key holds no map.
+    pub fn registers(&self) -> Option<Vec<(Bytes, Bytes)>> {
+        if let Some(fields) = &self.fields {
+            return Some(fields.clone());
+        }
+        let Some(CrdtValue::Map(fields)) = &self.crdt else {
+            return None;
+        };
+        let registers = fields.iter().filter_map(|(name, v)| match v {
+            crate::message::FieldValue::Register(v) => Some((name.clone(), v.clone())),
+            _ => None,
+        });
+        Some(registers.collect())
+    }
+
     /// The value, when there is exactly one live sibling.
     pub fn value(&self) -> Option<&Bytes> {
         match self.siblings.as_slice() {
