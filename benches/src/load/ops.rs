@@ -260,7 +260,7 @@ impl Conn {
         context: Option<Bytes>,
         ttl: Option<Duration>,
     ) -> Result<(), OpError> {
-        let ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1));
+        let ttl_ms = ttl_ms(ttl);
         match self {
             Conn::Ringkv(pool) => {
                 match ttl_ms {
@@ -287,32 +287,44 @@ impl Conn {
             }
         }
     }
-}
 
-impl Conn {
-    /// Adds one to `item` of the map cart `key` (HINCRBY on RESP).
+    /// Adds one to `item` of the map cart `key`, and gives the cart `ttl` as its time to live
+    /// (HINCRBY, then PEXPIRE, on RESP).
     async fn cart_add(
         &self,
         bucket: &[u8],
         key: &[u8],
         item: u64,
         op_id: u64,
+        ttl: Option<Duration>,
     ) -> Result<(), OpError> {
         let item = Bytes::from(item.to_string());
+        let ttl_ms = ttl_ms(ttl);
         match self {
             Conn::Ringkv(pool) => {
-                let ops = vec![CrdtOp::Field {
+                let mut ops = vec![CrdtOp::Field {
                     name: item,
                     op: FieldOp::Increment(1),
                 }];
+                ops.extend(ttl_ms.map(|ms| CrdtOp::Expire(Expiry::Ttl { ms })));
                 pool.apply(bucket, key, CrdtType::Map, ops, Some(op_id), false)
                     .await?;
                 Ok(())
             }
-            Conn::Resp(c) => match c.call(&[b"HINCRBY", key, &item, b"1"]).await? {
-                RespValue::Integer(_) => Ok(()),
-                other => Err(resp_unexpected(&other)),
-            },
+            Conn::Resp(c) => {
+                match c.call(&[b"HINCRBY", key, &item, b"1"]).await? {
+                    RespValue::Integer(_) => {}
+                    other => return Err(resp_unexpected(&other)),
+                }
+                if let Some(ms) = ttl_ms {
+                    let ms = ms.to_string();
+                    match c.call(&[b"PEXPIRE", key, ms.as_bytes()]).await? {
+                        RespValue::Integer(_) => {}
+                        other => return Err(resp_unexpected(&other)),
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -357,6 +369,11 @@ impl Conn {
         }
         Ok(items)
     }
+}
+
+/// A time to live in whole milliseconds, at least 1 (what both protocols carry).
+fn ttl_ms(ttl: Option<Duration>) -> Option<u64> {
+    ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
 }
 
 /// The error kind of an unexpected RESP reply: an error reply by its code (`resp_ERR`), anything
@@ -411,7 +428,8 @@ pub(crate) async fn execute(
     match plan {
         Plan::CartAdd { key, item, op_id } => {
             ledger.record(key, item, false);
-            conn.cart_add(bucket, &key_of(key), item, op_id).await?;
+            conn.cart_add(bucket, &key_of(key), item, op_id, ttl)
+                .await?;
             ledger.record(key, item, true);
             Ok(None)
         }
