@@ -459,8 +459,8 @@ impl Script {
             Op::HIncrBy { field, .. } => match replies.first() {
                 Some(Message::ApplyOk(ApplyOk {
                     value: Some(CrdtValue::Map(fields)),
-                })) => match fields.iter().find(|(name, _)| name == field) {
-                    Some((_, FieldValue::Counter(n))) => RespValue::Integer(*n),
+                })) => match self::field(fields, field) {
+                    Some(FieldValue::Counter(n)) => RespValue::Integer(*n),
                     _ => err("ERR the field is not a counter after HINCRBY"),
                 },
                 other => unexpected(other),
@@ -709,7 +709,7 @@ impl Script {
                         RespValue::Integer(added as i64)
                     }
                     HSetReply::IfNew => RespValue::Integer(1),
-                    HSetReply::Ok => ok(),
+                    HSetReply::Ok => unreachable!("HMSET writes without reading"),
                 };
                 Err((vec![assign(key, pairs)], then))
             }
@@ -931,8 +931,8 @@ fn count(found: &[Found]) -> i64 {
     found.iter().filter(|f| !f.is_missing()).count() as i64
 }
 
-/// The value of field `name` of a hash's fields (in name order).
-fn field<'a>(hash: &'a [(Bytes, Bytes)], name: &Bytes) -> Option<&'a Bytes> {
+/// The value of field `name` of a hash's or a map's fields (in name order).
+fn field<'a, V>(hash: &'a [(Bytes, V)], name: &Bytes) -> Option<&'a V> {
     hash.binary_search_by(|(f, _)| f.cmp(name))
         .ok()
         .map(|i| &hash[i].1)
@@ -999,6 +999,6 @@ fn found_of(reply: &Message) -> Result<Found, RespValue> {
                 })
                 .map_or(Found::Missing, |v| Found::Str(v, ok.expires_at_ms)))
         }
-        other => Err(err(format!("ERR unexpected reply {}", other.kind()))),
+        other => Err(unexpected(Some(other))),
     }
 }
