@@ -975,6 +975,9 @@ fn types_are_checked() {
         applied(one.request(2, incr(1, None))),
         CrdtValue::Counter(13)
     );
+    // A live counter is a value for a conditional write (Redis's SETNX on an INCR'd key).
+    let if_absent = one.request(20, put_if("x", Condition::IfAbsent));
+    assert_eq!(code(&if_absent), Some(ErrorCode::ConditionFailed));
     let on_counter = one.request(
         3,
         apply(b"k", CrdtType::Set, vec![CrdtOp::Add(b("x"))], None),
