@@ -1155,3 +1155,53 @@ fn convergent_writes_and_their_deletes_go_to_the_first_home() {
     let out = core.handle_client(10, 4, request);
     assert!(forwarded_to(&out).is_empty(), "{out:?}");
 }
+
+/// A home that every fallback stands in for is still tried once when it is suspected: in a
+/// three-node cluster a write needing every replica goes to node 3 although node 1's core
+/// marked it unreachable (a node that just restarted is suspected by peers that missed its
+/// first heartbeats), and is acknowledged once node 3 stores it. Refusing at once would turn
+/// an out-of-date suspicion into a refused write (`assign_slot`'s last resort).
+#[test]
+fn a_suspected_home_with_no_fallback_is_still_tried_once() {
+    use ringkv_core::coordinator::PeerMsg;
+    let me = NodeId(1);
+    let mut cfg = CoreConfig::new(me);
+    cfg.buckets = Buckets {
+        default: props(3),
+        named: BTreeMap::new(),
+    };
+    let members: BTreeSet<NodeId> = (1..=3).map(NodeId).collect();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 3).unwrap();
+    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
+    let store = common::TestStore::default();
+    for peer in [NodeId(2), NodeId(3)] {
+        core.handle_peer(0, peer, PeerMsg::Pong { id: 0 });
+    }
+    core.handle_unreachable(100, NodeId(3));
+    let request = common::key_request(&core, put("v", None, Some(3)));
+    let mut outputs = core.handle_client(200, 1, request);
+    let mut sent_to = BTreeSet::new();
+    let mut reply = None;
+    while let Some(out) = outputs.pop() {
+        match out {
+            Output::Store { id, key, op } => {
+                let result = common::carry_out(&store, key, op);
+                outputs.extend(core.handle_stored(200, id, result));
+            }
+            Output::Send {
+                to,
+                msg: PeerMsg::ReplicaPut { id, durable, .. },
+            } => {
+                sent_to.insert(to);
+                outputs.extend(core.handle_peer(200, to, PeerMsg::ReplicaPutOk { id, durable }));
+            }
+            Output::Reply { message, .. } => reply = Some(message),
+            _ => {}
+        }
+    }
+    assert!(
+        sent_to.contains(&NodeId(3)),
+        "the suspected home was not tried: sent to {sent_to:?}, answered {reply:?}"
+    );
+    assert!(matches!(reply, Some(Message::PutOk(_))), "{reply:?}");
+}
