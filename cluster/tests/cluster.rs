@@ -311,11 +311,15 @@ fn concurrent_writes_become_siblings_and_a_context_resolves_them() {
 /// through each other node and on each of their shards, without a retry. While it was down
 /// every shard of the others suspected it, and their links to it backed off after failed
 /// heartbeats; with no fallback in a three-node cluster, the coordinator must still try the
-/// suspected home (`assign_slot`'s last resort) and the link must reconnect within a replica
-/// timeout.
+/// suspected home (`assign_slot`'s last resort) and the link must reconnect.
+///
+/// The replica timeout is long (10 s) so that nothing here races a clock: without the last
+/// resort every write is refused `not_enough_replicas` at once, whatever the timeout, and on a
+/// loaded machine a reconnect and a first replica write still finish well inside it. (How soon
+/// a link retries is bounded by its backoff constants, not by this test.)
 #[test]
 fn a_restarted_node_takes_writes_needing_every_replica_at_once() {
-    let mut nodes = cluster("restart-at-once", 3, 2, &[]);
+    let mut nodes = cluster("restart-at-once", 3, 2, &["--replica-timeout-ms", "10000"]);
     nodes[2].kill();
     // Every shard of the two others suspects node 3, and has failed to reach it for a while
     // (five heartbeat rounds to each of the two peers on each of two shards).
@@ -424,21 +428,26 @@ fn writes_survive_a_dead_node_and_hints_reach_it_when_it_returns() {
     c.ping().unwrap();
 }
 
-/// Waits (bounded) until `of`'s nodes have no request in flight, while no new one starts. The
-/// shards publish their figures every tick (10 ms): two polls a publication apart that both
-/// read none mean none is left.
+/// Waits (bounded) until `of`'s nodes have no request in flight, while no new one starts.
+///
+/// A shard publishes its figures at its ticks, so a figure read right after a request was
+/// answered may predate the request (a shard descheduled under load ticks late). Only a
+/// publication seen to follow the call counts: one whose heartbeat counter (published with
+/// the in-flight gauge, and advancing every heartbeat) moved past its value at the call. Each
+/// node here runs one shard, so a node's sums are its shard's figures.
 fn none_in_flight(nodes: &[Node], of: &[usize]) -> bool {
+    let beats = |i: usize| nodes[i].metric("ringkv_heartbeats_total");
+    let at_call: Vec<f64> = of.iter().map(|&i| beats(i)).collect();
     let in_flight = || -> f64 {
         of.iter()
             .map(|&i| nodes[i].metric("ringkv_ops_in_flight"))
             .sum()
     };
     for _ in 0..HANDOFF_POLLS {
-        if in_flight() == 0.0 {
-            std::thread::sleep(Duration::from_millis(50));
-            if in_flight() == 0.0 {
-                return true;
-            }
+        let published_since = of.iter().zip(&at_call).all(|(&i, &b)| beats(i) > b);
+        // Read again after the fresh publication was seen, so the gauge is at least as new.
+        if published_since && in_flight() == 0.0 {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
     }
