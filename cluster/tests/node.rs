@@ -617,6 +617,46 @@ fn resp_listener_speaks_redis() {
         assert_eq!(replies[3 * i], RespValue::Simple("OK".into()));
         assert_eq!(replies[3 * i + 2], bulk(v.as_bytes()), "GET after SET {v}");
     }
+    // Commands of several rounds (GETDEL reads, then deletes; HSET reads, then writes) run
+    // their rounds together with the others of their wave, each gets its own answers, and a
+    // command that repeats a key applies it in order.
+    assert_eq!(
+        call(&mut s, &[&["SET", "g1", "one"], &["SET", "g2", "two"]]),
+        vec![RespValue::Simple("OK".into()); 2]
+    );
+    assert_eq!(
+        call(
+            &mut s,
+            &[
+                &["GETDEL", "g1"],
+                &["MSET", "d", "a", "d", "b"],
+                &["GETDEL", "nope"],
+                &["HSET", "h", "f", "v", "f2", "w"],
+                &["GETDEL", "g2"],
+                &["PING"],
+            ]
+        ),
+        vec![
+            bulk(b"one"),
+            RespValue::Simple("OK".into()),
+            RespValue::Null,
+            RespValue::Integer(2),
+            bulk(b"two"),
+            RespValue::Simple("PONG".into()),
+        ]
+    );
+    assert_eq!(
+        call(
+            &mut s,
+            &[
+                &["GET", "g1"],
+                &["GET", "d"],
+                &["HGET", "h", "f2"],
+                &["GET", "g2"]
+            ]
+        ),
+        vec![RespValue::Null, bulk(b"b"), bulk(b"w"), RespValue::Null]
+    );
     // The CLI reads what Redis wrote (in the RESP bucket).
     let out = Command::new(BIN)
         .args(["get", "--server", &server.addr, "--bucket", "redis", "r2"])

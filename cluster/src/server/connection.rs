@@ -268,53 +268,77 @@ impl RespWave {
         self.commands.push(WaveCommand::Run(script));
     }
 
-    /// Runs the wave's commands (each one's requests in order, the commands concurrently) and
-    /// appends their replies to `out` in command order.
+    /// Runs the wave's commands and appends their replies to `out` in command order.
+    ///
+    /// A command alone runs in the connection's task. Several advance together a round at a
+    /// time: every script's next requests go to [`Shard::execute_keys`] as one batch, so a
+    /// round of a pipeline costs no task or timer per command, and synced writes share group
+    /// commits. A command's own requests keep their order (the batch keeps it per key).
     async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
         self.keys.clear();
         self.keyed = false;
         if self.commands.len() == 1 {
-            // Nothing to run beside it: the connection's task runs it, with no task of its own.
             if let Some(command) = self.commands.pop() {
                 let reply = match command {
                     WaveCommand::Ready(v) => v,
-                    WaveCommand::Run(script) => run_script(shard.clone(), script).await,
+                    WaveCommand::Run(script) => run_script(shard, script).await,
                 };
                 encode_resp(&reply, out);
             }
             return;
         }
-        let mut tasks = Vec::with_capacity(self.commands.len());
+        let mut replies: Vec<Option<RespValue>> = Vec::with_capacity(self.commands.len());
+        // Scripts waiting for a round: (their command's place, the script, its requests).
+        let mut running = Vec::new();
         for command in self.commands.drain(..) {
-            tasks.push(match command {
-                WaveCommand::Ready(v) => Err(v),
-                WaveCommand::Run(script) => {
-                    Ok(glommio::spawn_local(run_script(shard.clone(), script)))
-                }
-            });
+            match command {
+                WaveCommand::Ready(v) => replies.push(Some(v)),
+                WaveCommand::Run(mut script) => match script.start() {
+                    resp::Step::Done(reply) => replies.push(Some(reply)),
+                    resp::Step::Run(requests) => {
+                        running.push((replies.len(), script, requests));
+                        replies.push(None);
+                    }
+                },
+            }
         }
-        for task in tasks {
-            let reply = match task {
-                Err(v) => v,
-                Ok(task) => task.await,
-            };
+        while !running.is_empty() {
+            let mut batch = Vec::new();
+            let mut counts = Vec::with_capacity(running.len());
+            for (_, _, requests) in &mut running {
+                counts.push(requests.len());
+                batch.append(requests);
+            }
+            let answers = shard.execute_keys(batch).await;
+            let now = shard.now_ms();
+            let mut next = Vec::new();
+            let mut at = 0;
+            for ((place, mut script, _), count) in running.into_iter().zip(counts) {
+                match script.resume(&answers[at..at + count], now) {
+                    resp::Step::Done(reply) => replies[place] = Some(reply),
+                    resp::Step::Run(requests) => next.push((place, script, requests)),
+                }
+                at += count;
+            }
+            running = next;
+        }
+        for reply in replies {
+            let reply = reply.unwrap_or_else(|| {
+                unreachable!("every command of a wave ends with a reply before the wave does")
+            });
             encode_resp(&reply, out);
         }
     }
 }
 
-/// Runs one RESP command's script: each round's requests in order, their replies fed back,
-/// until the script ends with the command's reply.
-async fn run_script(shard: Rc<Shard>, mut script: Box<resp::Script>) -> RespValue {
+/// Runs a script to its reply, a round of requests at a time ([`Shard::execute_keys`]).
+async fn run_script(shard: &Rc<Shard>, mut script: Box<resp::Script>) -> RespValue {
     let mut step = script.start();
     loop {
         match step {
             resp::Step::Done(reply) => return reply,
             resp::Step::Run(requests) => {
-                let mut replies = Vec::with_capacity(requests.len());
-                for request in requests {
-                    replies.push(shard.execute_key(request, ()).await);
-                }
+                let replies = shard.execute_keys(requests).await;
                 step = script.resume(&replies, shard.now_ms());
             }
         }

@@ -21,6 +21,7 @@ use super::{
     error_message,
 };
 use glommio::Task;
+use glommio::channels::local_channel::LocalReceiver;
 
 impl Shard {
     /// Executes a request a connection received: a GET, PUT or DELETE here or on the shard
@@ -41,7 +42,7 @@ impl Shard {
                     drop(hold);
                     reply
                 });
-                return self.within_deadline(None, work).await;
+                return self.within_deadline(self.timeout_ms(None), work).await;
             }
             Err(other) => {
                 return error_message(
@@ -94,26 +95,12 @@ impl Shard {
         request: KeyRequest,
         hold: H,
     ) -> Message {
-        if request.value_len() > self.value_bytes_max {
-            return error_message(
-                ErrorCode::TooLarge,
-                format!(
-                    "value of {} bytes above the node's limit of {}",
-                    request.value_len(),
-                    self.value_bytes_max
-                ),
-            );
+        if let Some(refused) = self.refuse(&request) {
+            return refused;
         }
-        let op = match request.op() {
-            KeyOp::Get => Op::Get,
-            KeyOp::Put => Op::Put,
-            KeyOp::Delete => Op::Delete,
-            // A map's field update and an operation on a convergent type are writes like a
-            // PUT, and counted as one.
-            KeyOp::Update | KeyOp::Apply => Op::Put,
-        };
+        let op = metric_op(&request);
         let start = Instant::now();
-        let timeout_ms = request.timeout_ms();
+        let timeout_ms = self.timeout_ms(request.timeout_ms());
         // Spawned here, so the request's work is its own task: the caller's future holds only
         // its handle, however large the work's state grows.
         let shard = self.clone();
@@ -123,20 +110,112 @@ impl Shard {
             reply
         });
         let reply = self.within_deadline(timeout_ms, work).await;
+        self.count(op, start, &reply);
+        reply
+    }
+
+    /// Executes a batch of key requests (a RESP wave's round) and returns their answers in
+    /// order, each as [`Shard::execute_key`] answers it, without a task or a timer per request.
+    ///
+    /// Requests for this shard's partitions go to the core at once, in order: a buffered write
+    /// or a cached read is usually answered before the next is handed over, and requests on one
+    /// key queue on the core's key lock in the order given, so a batch may repeat a key. A
+    /// request for another shard gets the task that carries it over the mesh. Answers are
+    /// collected in order; a timer is set only for an answer not there when its turn comes,
+    /// and covers what is left of that request's deadline (which runs from the batch's start).
+    /// The core's work is never cancelled: an answer past its deadline is dropped.
+    pub(super) async fn execute_keys(self: &Rc<Self>, requests: Vec<KeyRequest>) -> Vec<Message> {
+        enum Wait {
+            Refused(Message),
+            Local(u64, LocalReceiver<Message>),
+            Remote(Task<Message>),
+        }
+        let start = Instant::now();
+        let mut waits = Vec::with_capacity(requests.len());
+        for request in requests {
+            let op = metric_op(&request);
+            let timeout_ms = self.timeout_ms(request.timeout_ms());
+            let wait = if let Some(refused) = self.refuse(&request) {
+                Wait::Refused(refused)
+            } else {
+                let owner = shard_of(request.partition(), self.shard_count);
+                if owner == self.id {
+                    let (req, rx) = self.start_local(request);
+                    Wait::Local(req, rx)
+                } else {
+                    let shard = self.clone();
+                    Wait::Remote(glommio::spawn_local(async move {
+                        shard.forward(owner, MeshWork::Key(request)).await
+                    }))
+                }
+            };
+            waits.push((op, timeout_ms, wait));
+        }
+        let mut replies = Vec::with_capacity(waits.len());
+        for (op, timeout_ms, wait) in waits {
+            let left = Duration::from_millis(timeout_ms).saturating_sub(start.elapsed());
+            let reply = match wait {
+                Wait::Refused(refused) => {
+                    replies.push(refused);
+                    continue;
+                }
+                Wait::Local(req, rx) => match by_deadline(rx.recv(), left).await {
+                    Some(Some(reply)) => reply,
+                    Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+                    None => {
+                        self.clients.forget(req);
+                        timed_out(timeout_ms)
+                    }
+                },
+                Wait::Remote(mut task) => match by_deadline(&mut task, left).await {
+                    Some(reply) => reply,
+                    None => {
+                        task.detach();
+                        timed_out(timeout_ms)
+                    }
+                },
+            };
+            self.count(op, start, &reply);
+            replies.push(reply);
+        }
+        replies
+    }
+
+    /// The answer for a request refused before any work: a value above the node's limit.
+    fn refuse(&self, request: &KeyRequest) -> Option<Message> {
+        (request.value_len() > self.value_bytes_max).then(|| {
+            error_message(
+                ErrorCode::TooLarge,
+                format!(
+                    "value of {} bytes above the node's limit of {}",
+                    request.value_len(),
+                    self.value_bytes_max
+                ),
+            )
+        })
+    }
+
+    /// A request's deadline in milliseconds: its own `timeout_ms`, or the node's
+    /// `request_timeout_ms`, within the node's bounds.
+    fn timeout_ms(&self, requested_ms: Option<u32>) -> u64 {
+        requested_ms
+            .map_or(self.request_timeout_ms, u64::from)
+            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX)
+    }
+
+    /// Counts an answered request of `op` started at `start`: its latency feeds admission
+    /// control and the request metrics.
+    fn count(&self, op: Op, start: Instant, reply: &Message) {
         let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.admission.borrow_mut().record(elapsed_us);
         let ok = !matches!(reply, Message::Error(_));
         self.metrics.record(op, elapsed_us, ok);
-        reply
     }
 
     /// Waits for `work` (a task holding the connection's slot until it ends) and answers
-    /// `timeout` once `requested_ms` (or the node's `request_timeout_ms`) has passed without its
-    /// answer; the work then runs on, detached.
-    async fn within_deadline(&self, requested_ms: Option<u32>, mut work: Task<Message>) -> Message {
-        let timeout_ms = requested_ms
-            .map_or(self.request_timeout_ms, u64::from)
-            .clamp(1, config::REQUEST_TIMEOUT_MS_MAX);
+    /// `timeout` once `timeout_ms` has passed without its answer; the work then runs on,
+    /// detached.
+    async fn within_deadline(&self, timeout_ms: u64, mut work: Task<Message>) -> Message {
         let finished = unless(
             &mut work,
             glommio::timer::sleep(Duration::from_millis(timeout_ms)),
@@ -146,10 +225,7 @@ impl Shard {
             Some(reply) => reply,
             None => {
                 work.detach();
-                error_message(
-                    ErrorCode::Timeout,
-                    format!("no answer within {timeout_ms} ms; a write may still be applied"),
-                )
+                timed_out(timeout_ms)
             }
         }
     }
@@ -245,14 +321,53 @@ impl Shard {
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
-        debug_assert_eq!(request.partition().0 as usize % self.shard_count, self.id);
-        let (req, rx) = self.clients.register();
-        self.drive(Input::Client { req, request });
+        let (_, rx) = self.start_local(request);
         match rx.recv().await {
             Some(reply) => reply,
             None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
         }
     }
+}
+
+impl Shard {
+    /// Hands a client request for a partition this shard owns to its core; the answer arrives
+    /// on the receiver, under the returned id.
+    fn start_local(self: &Rc<Self>, request: KeyRequest) -> (u64, LocalReceiver<Message>) {
+        debug_assert_eq!(request.partition().0 as usize % self.shard_count, self.id);
+        let (req, rx) = self.clients.register();
+        self.drive(Input::Client { req, request });
+        (req, rx)
+    }
+}
+
+/// The metric a key request is counted under: a map's field update and an operation on a
+/// convergent type are writes like a PUT, and counted as one.
+fn metric_op(request: &KeyRequest) -> Op {
+    match request.op() {
+        KeyOp::Get => Op::Get,
+        KeyOp::Put | KeyOp::Update | KeyOp::Apply => Op::Put,
+        KeyOp::Delete => Op::Delete,
+    }
+}
+
+/// The answer to a request whose deadline passed.
+fn timed_out(timeout_ms: u64) -> Message {
+    error_message(
+        ErrorCode::Timeout,
+        format!("no answer within {timeout_ms} ms; a write may still be applied"),
+    )
+}
+
+/// `work`'s output if it is ready now or within `left`; no timer is set for work already done.
+async fn by_deadline<F: std::future::Future>(work: F, left: Duration) -> Option<F::Output> {
+    let mut work = std::pin::pin!(work);
+    if let Some(done) = futures_lite::future::poll_once(work.as_mut()).await {
+        return Some(done);
+    }
+    if left.is_zero() {
+        return None;
+    }
+    unless(work, glommio::timer::sleep(left)).await
 }
 
 /// Hands each reply from another shard to the task waiting for it.
