@@ -1,6 +1,7 @@
 //! Building anti-entropy trees while a core serves (module docs of `coordinator/antientropy.rs`,
-//! "Building the trees at startup"), driven directly: cores whose storage operations complete at
-//! once, and loads whose reads the test takes before the writes that race them.
+//! "Building the trees at startup"), and the pace of the exchanges that compare them
+//! ("Pacing"), driven directly: cores whose storage operations complete at once, and loads
+//! whose reads the test takes before the writes that race them.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -321,4 +322,62 @@ fn loaded_partitions_exchange_while_others_load() {
         }
     }
     assert_eq!(exchanged, BTreeSet::from([5]));
+}
+
+/// Exchanges are paced while a core has foreground work and walk every tree at once when it is
+/// idle (module docs of `antientropy.rs`, *Pacing*): with a 1 s interval, a core whose peer
+/// reads from it every 10 ms starts at most one round-robin exchange per second; once nothing
+/// came for a second, it compares all its trees within a tenth of a second.
+#[test]
+fn exchanges_run_back_to_back_once_the_core_is_idle() {
+    use ringkv_core::coordinator::Space;
+    let (me, peer) = (NodeId(1), NodeId(2));
+    let mut cfg = config(me, 2);
+    cfg.ae_interval_ms = 1_000;
+    let mut core = Core::new(cfg, ring(&[1, 2]), EpochLease::new(1, 8), []);
+    // Ticks every 10 ms for `ms`, the peer finding every tree equal; returns the partitions
+    // whose exchanges started, in order. `busy`: the peer reads a key at every tick.
+    let mut now = 1_000;
+    let mut read_id = 0;
+    let mut run = |core: &mut Core, ms: u64, busy: bool| -> Vec<u32> {
+        let mut started = Vec::new();
+        for _ in 0..ms / 10 {
+            now += 10;
+            if busy {
+                read_id += 1;
+                let key = StoreKey {
+                    partition: 0,
+                    space: Space::Primary,
+                    bucket: Bytes::from_static(b"b"),
+                    key: Bytes::from_static(b"k"),
+                };
+                core.handle_peer(now, peer, PeerMsg::ReplicaGet { id: read_id, key });
+            }
+            for m in sent(&core.handle_tick(now)) {
+                if let PeerMsg::AeLevel { id, partition, .. } = m {
+                    started.push(*partition);
+                    let answer = PeerMsg::AeLevelOk {
+                        id: *id,
+                        differing: Vec::new(),
+                    };
+                    core.handle_peer(now, peer, answer);
+                }
+            }
+        }
+        started
+    };
+    let busy = run(&mut core, 3_000, true);
+    assert!(
+        busy.len() <= 3,
+        "{} exchanges in 3 s under foreground work",
+        busy.len()
+    );
+    // The first idle second is still paced; the walk follows.
+    let idle = run(&mut core, 1_100, false);
+    assert!(idle.len() >= PARTITIONS as usize, "{idle:?}");
+    assert_eq!(
+        idle.iter().collect::<BTreeSet<_>>().len(),
+        PARTITIONS as usize,
+        "{idle:?}"
+    );
 }

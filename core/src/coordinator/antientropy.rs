@@ -100,8 +100,13 @@
 //! (0 pauses anti-entropy). The reads of objects an exchange sends are background storage work
 //! ([`Core::is_background`]).
 //!
-//! The round-robin alone repairs a partition that missed a write only when its turn comes: one
-//! tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
+//! While the core is idle (no request coordinated and no replica read or write from a peer for
+//! [`IDLE_AFTER_MS`]), rounds start [`IDLE_GAP_MS`] apart instead (never further apart than
+//! `ae_interval_ms`), whatever the share: nothing is there to protect, and a cluster that has
+//! just healed from faults compares every tree within a second or so rather than one a second.
+//!
+//! Under load, the round-robin alone repairs a partition that missed a write only when its
+//! turn comes: one tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
 //! keeps **suspect pairs**, a tree and a replica of it that may lack something this core stored:
 //! the replica was believed down when a write of the tree was stored here, or a replica write to
 //! it failed or timed out. Suspect pairs are exchanged first, one after another, [`SUSPECT_GAP_MS`]
@@ -188,6 +193,13 @@ use crate::ring::{PartitionId, Ring, key_hash};
 /// than `ae_interval_ms`; admission control stretches it as it does the rounds).
 pub(super) const SUSPECT_GAP_MS: u64 = 10;
 
+/// Time without foreground work after which a core counts as idle, in ms.
+pub(super) const IDLE_AFTER_MS: u64 = 1_000;
+
+/// Gap between two round-robin exchanges while the core is idle, in ms (never more than
+/// `ae_interval_ms`): nothing waits for the core, so it walks its trees at once.
+pub(super) const IDLE_GAP_MS: u64 = 10;
+
 /// Most differing nodes of one level whose children the next level sends.
 pub(super) const LEVEL_PARENTS_MAX: usize = 16;
 
@@ -227,6 +239,11 @@ pub(super) struct AntiEntropy {
     /// Rounds started.
     round: u64,
     next_round: u64,
+    /// When the last round-robin round started.
+    last_round: u64,
+    /// When this core last took foreground work (a request to coordinate, a replica read or
+    /// write from a peer); `None` before the first. Rounds come faster while it is idle.
+    foreground_at: Option<u64>,
     exchange: Option<Exchange>,
     /// The floor known to be persisted (rule 3 of the module docs).
     floor_durable: u32,
@@ -449,6 +466,8 @@ impl AntiEntropy {
             order: Vec::new(),
             round: 0,
             next_round: 0,
+            last_round: 0,
+            foreground_at: None,
             exchange: None,
             floor_durable: floor,
             floor_pending: None,
@@ -708,12 +727,30 @@ impl AntiEntropy {
         }
     }
 
+    /// The core took foreground work at `now`: rounds go back to their paced interval.
+    pub(super) fn foreground(&mut self, now: u64) {
+        self.foreground_at = Some(now);
+    }
+
+    /// When the next round-robin round is due: a paced interval after the last, or sooner once
+    /// the core is idle (module docs, *Pacing*).
+    fn round_due(&self, v: &View<'_>) -> u64 {
+        let idle_from = self
+            .foreground_at
+            .map_or(0, |t| t.saturating_add(IDLE_AFTER_MS));
+        let idle_due = idle_from.max(
+            self.last_round
+                .saturating_add(v.cfg.ae_interval_ms.min(IDLE_GAP_MS)),
+        );
+        self.next_round.min(idle_due)
+    }
+
     /// When the next round is due, if anti-entropy runs and no exchange is in progress.
     pub(super) fn deadline(&self, v: &View<'_>) -> Option<u64> {
         let next = if self.suspects.is_empty() {
-            self.next_round
+            self.round_due(v)
         } else {
-            self.next_round.min(self.next_suspect)
+            self.round_due(v).min(self.next_suspect)
         };
         (v.cfg.ae_interval_ms > 0 && self.exchange.is_none() && !self.order.is_empty())
             .then_some(next)
@@ -771,11 +808,12 @@ impl AntiEntropy {
                 return None;
             }
         }
-        if now < self.next_round {
+        if now < self.round_due(v) {
             return None;
         }
         let interval = v.cfg.ae_interval_ms as f64 / share;
         self.next_round = now + interval as u64;
+        self.last_round = now;
         let len = self.order.len() as u64;
         // The next tree whose partition is not loading (module docs); none: no round this time.
         let mut skipped = 0;

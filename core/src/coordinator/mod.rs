@@ -1062,6 +1062,7 @@ impl Core {
     }
 
     fn start(&mut self, now: u64, reply_to: ReplyTo, request: KeyRequest, forwarded: bool) {
+        self.ae.foreground(now);
         let overrides = match request.body() {
             KeyBody::Get(m) => Overrides {
                 r: m.r,
@@ -1974,6 +1975,7 @@ impl Core {
         self.heard_from(from, now);
         match msg {
             PeerMsg::ReplicaPut { id, ref key, .. } => {
+                self.ae.foreground(now);
                 if key.space == Space::Primary && !self.replicates(key.partition) {
                     // A coordinator with an older ring: keep the write, and hand it on.
                     self.handoff_needed(now, key.partition);
@@ -1981,6 +1983,7 @@ impl Core {
                 self.local(now, msg, ReplyTo::Peer(from, id));
             }
             PeerMsg::ReplicaGet { id, .. } => {
+                self.ae.foreground(now);
                 self.local(now, msg, ReplyTo::Peer(from, id));
             }
             PeerMsg::TransferPull {
