@@ -288,6 +288,8 @@ pub(super) struct ReapList {
     /// Tombstones past their grace are held back only by rule 3: raise the floor (the core
     /// takes a fresh epoch) and report it with [`AntiEntropy::floor_raised`].
     pub(super) raise_floor: bool,
+    /// When the tree's first tombstone is past its grace (now or earlier if some are).
+    ripe_from: u64,
 }
 
 #[derive(Debug, Default)]
@@ -298,6 +300,10 @@ struct Tree {
     /// sorted when made ([`Tree::entries`]). The hasher is seeded with a constant, so a run
     /// is reproducible (the simulator replays seeds).
     keys: HashMap<(Bytes, Bytes), Entry, BuildHasherDefault<KeyHasher>>,
+    /// No tombstone of the tree is past its grace before this time (a lower bound: set exactly
+    /// by a reaping walk, lowered by every tombstone stored since). A reap before it walks
+    /// nothing, so a tree without tombstones costs nothing however often it is found equal.
+    ripe_from: u64,
 }
 
 impl Tree {
@@ -424,12 +430,17 @@ impl View<'_> {
     /// Whether `tomb` has been dead on this replica for its grace period: `tombstone_grace_ms`
     /// for a deletion, `expiry_grace_ms` (from the expiry) for an expired object.
     fn ripe(&self, now: u64, tomb: &Tomb) -> bool {
+        now >= self.ripe_from(tomb)
+    }
+
+    /// When `tomb` is past its grace.
+    fn ripe_from(&self, tomb: &Tomb) -> u64 {
         let grace = if tomb.expired {
             self.cfg.expiry_grace_ms
         } else {
             self.cfg.tombstone_grace_ms
         };
-        now >= tomb.since.saturating_add(grace)
+        tomb.since.saturating_add(grace)
     }
 }
 
@@ -709,6 +720,9 @@ impl AntiEntropy {
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
+        if let Some(t) = new.and_then(|e| e.tomb) {
+            tree.ripe_from = tree.ripe_from.min(v.ripe_from(&t));
+        }
         match (slot, new) {
             (Some(entry), Some(e)) => *entry = e,
             (Some(_), None) => {
@@ -1266,9 +1280,23 @@ impl AntiEntropy {
         let tree = self.trees.get(&tree_id)?;
         let mut ready = Vec::new();
         let mut blocked = false;
+        if now < tree.ripe_from {
+            return Some(ReapList {
+                ready,
+                raise_floor: false,
+                ripe_from: tree.ripe_from,
+            });
+        }
         // Only tombstones past their grace are listed: a tree of expiring sessions holds many
-        // that are not dead yet.
-        let ripe = |e: &Entry| e.tomb.is_some_and(|t| v.ripe(now, &t));
+        // that are not dead yet. The walk also finds when the first of them will be.
+        let next = std::cell::Cell::new(u64::MAX);
+        let ripe = |e: &Entry| {
+            e.tomb.is_some_and(|t| {
+                let from = v.ripe_from(&t);
+                next.set(next.get().min(from));
+                now >= from
+            })
+        };
         for (b, k, e) in tree.entries(ripe) {
             let Some(t) = e.tomb else { continue };
             if t.own_epoch.is_some_and(|ep| ep >= floor) {
@@ -1288,7 +1316,11 @@ impl AntiEntropy {
             && self
                 .last_raise
                 .is_none_or(|at| now >= at.saturating_add(grace));
-        Some(ReapList { ready, raise_floor })
+        Some(ReapList {
+            ready,
+            raise_floor,
+            ripe_from: next.get(),
+        })
     }
 
     /// Starts reaping the tombstones `list` found in `tree_id`: asks every other replica to
@@ -1301,6 +1333,9 @@ impl AntiEntropy {
         tree_id: (u32, u8),
         list: ReapList,
     ) -> Option<AeEffect> {
+        if let Some(tree) = self.trees.get_mut(&tree_id) {
+            tree.ripe_from = list.ripe_from;
+        }
         let ready = list.ready;
         if ready.is_empty() {
             return None;
