@@ -327,7 +327,8 @@ fn loaded_partitions_exchange_while_others_load() {
 /// Exchanges are paced while a core has foreground work and walk every tree at once when it is
 /// idle (module docs of `antientropy.rs`, *Pacing*): with a 1 s interval, a core whose peer
 /// reads from it every 10 ms starts at most one round-robin exchange per second; once nothing
-/// came for a second, it compares all its trees within a tenth of a second.
+/// came for a second, it compares all its trees within a tenth of a second, twice, then rests
+/// at the paced interval.
 #[test]
 fn exchanges_run_back_to_back_once_the_core_is_idle() {
     use ringkv_core::coordinator::Space;
@@ -380,4 +381,13 @@ fn exchanges_run_back_to_back_once_the_core_is_idle() {
         PARTITIONS as usize,
         "{idle:?}"
     );
+    // Two passes over the trees that changed nothing: it rests at the paced interval again.
+    let resting = run(&mut core, 3_000, false);
+    assert!(
+        idle.len() + resting.len() <= 2 * PARTITIONS as usize + 4,
+        "{} exchanges while idle, {} more after",
+        idle.len(),
+        resting.len()
+    );
+    assert!(!resting.is_empty(), "the paced rounds go on");
 }

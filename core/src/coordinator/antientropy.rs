@@ -104,6 +104,8 @@
 //! [`IDLE_AFTER_MS`]), rounds start [`IDLE_GAP_MS`] apart instead (never further apart than
 //! `ae_interval_ms`), whatever the share: nothing is there to protect, and a cluster that has
 //! just healed from faults compares every tree within a second or so rather than one a second.
+//! After [`IDLE_PASSES`] passes over the trees in which no tree changed, the core rests at the
+//! paced interval again, so an idle node does not keep exchanging equal trees.
 //!
 //! Under load, the round-robin alone repairs a partition that missed a write only when its
 //! turn comes: one tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
@@ -200,6 +202,11 @@ pub(super) const IDLE_AFTER_MS: u64 = 1_000;
 /// `ae_interval_ms`): nothing waits for the core, so it walks its trees at once.
 pub(super) const IDLE_GAP_MS: u64 = 10;
 
+/// Passes over its trees an idle core makes at [`IDLE_GAP_MS`] before it rests at the paced
+/// interval, unless a tree changes meanwhile: two, so that with three replicas each tree meets
+/// both of its other replicas (the peer rotates from one pass to the next).
+pub(super) const IDLE_PASSES: u64 = 2;
+
 /// Most differing nodes of one level whose children the next level sends.
 pub(super) const LEVEL_PARENTS_MAX: usize = 16;
 
@@ -244,6 +251,8 @@ pub(super) struct AntiEntropy {
     /// When this core last took foreground work (a request to coordinate, a replica read or
     /// write from a peer); `None` before the first. Rounds come faster while it is idle.
     foreground_at: Option<u64>,
+    /// Rounds started at the idle pace since a tree last changed or foreground work came.
+    idle_rounds: u64,
     exchange: Option<Exchange>,
     /// The floor known to be persisted (rule 3 of the module docs).
     floor_durable: u32,
@@ -479,6 +488,7 @@ impl AntiEntropy {
             next_round: 0,
             last_round: 0,
             foreground_at: None,
+            idle_rounds: 0,
             exchange: None,
             floor_durable: floor,
             floor_pending: None,
@@ -720,6 +730,8 @@ impl AntiEntropy {
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
+        // A repair (or any store) may leave more to compare: an idle core walks on.
+        self.idle_rounds = 0;
         if let Some(t) = new.and_then(|e| e.tomb) {
             tree.ripe_from = tree.ripe_from.min(v.ripe_from(&t));
         }
@@ -744,11 +756,15 @@ impl AntiEntropy {
     /// The core took foreground work at `now`: rounds go back to their paced interval.
     pub(super) fn foreground(&mut self, now: u64) {
         self.foreground_at = Some(now);
+        self.idle_rounds = 0;
     }
 
     /// When the next round-robin round is due: a paced interval after the last, or sooner once
     /// the core is idle (module docs, *Pacing*).
     fn round_due(&self, v: &View<'_>) -> u64 {
+        if self.idle_rounds >= IDLE_PASSES.saturating_mul(self.order.len() as u64) {
+            return self.next_round;
+        }
         let idle_from = self
             .foreground_at
             .map_or(0, |t| t.saturating_add(IDLE_AFTER_MS));
@@ -824,6 +840,9 @@ impl AntiEntropy {
         }
         if now < self.round_due(v) {
             return None;
+        }
+        if now < self.next_round {
+            self.idle_rounds += 1;
         }
         let interval = v.cfg.ae_interval_ms as f64 / share;
         self.next_round = now + interval as u64;
