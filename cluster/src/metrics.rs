@@ -81,11 +81,16 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 22] = [
+const CORE_FIELDS: [CoreField; 23] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
         |c| c.stats.forwarded,
+    ),
+    (
+        "ringkv_forwards_moved_total",
+        "Forwarded writes moved on to another home after the first lost its connection or was silent.",
+        |c| c.stats.forwards_moved,
     ),
     (
         "ringkv_hinted_writes_total",

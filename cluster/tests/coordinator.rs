@@ -1223,3 +1223,87 @@ fn a_suspected_home_with_no_fallback_is_still_tried_once() {
     );
     assert!(matches!(reply, Some(Message::PutOk(_))), "{reply:?}");
 }
+
+/// A forwarded plain PUT to a last-write-wins bucket moves on to the key's next home when its
+/// home is silent past the replica timeout (stopped, or cut off with its connection open), so
+/// one silent home does not hold the write to its deadline; the same PUT to a siblings bucket
+/// waits (a second home would store it under a second dot), as does a conditional PUT.
+#[test]
+fn a_forward_to_a_silent_home_moves_on_only_where_a_second_apply_is_harmless() {
+    use ringkv_core::coordinator::PeerMsg;
+    let me = NodeId(1);
+    let mut cfg = CoreConfig::new(me);
+    cfg.replica_timeout_ms = 500;
+    cfg.phi_threshold = 1_000.0;
+    let mut named = BTreeMap::new();
+    named.insert(
+        b"lww".to_vec(),
+        BucketProps {
+            mode: ConflictMode::Lww,
+            ..props(2)
+        },
+    );
+    cfg.buckets = Buckets {
+        default: props(2),
+        named,
+    };
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 2).unwrap();
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            [&b"lww"[..], b"b"].iter().all(|bucket| {
+                let p = ring.partition_of(bucket, k.as_bytes());
+                !ring.preference_list(p, 2).contains(&me)
+            })
+        })
+        .unwrap();
+    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
+    let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
+        outputs
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: PeerMsg::Forward { .. },
+                } => Some(to),
+                _ => None,
+            })
+            .collect()
+    };
+    let put = |bucket: &'static [u8], condition: Option<Condition>| {
+        Message::Put(Put {
+            bucket: Bytes::from_static(bucket),
+            key: Bytes::from(key.clone()),
+            value: Bytes::from_static(b"v"),
+            context: None,
+            w: None,
+            dw: None,
+            timeout_ms: Some(5_000),
+            expiry: None,
+            condition,
+        })
+    };
+    let cases = [
+        (&b"lww"[..], None, true),
+        (&b"b"[..], None, false),
+        (&b"lww"[..], Some(Condition::IfAbsent), false),
+    ];
+    let mut now = 0;
+    for (req, (bucket, condition, moves)) in (1..).zip(cases) {
+        now += 10_000;
+        let request = common::key_request(&core, put(bucket, condition));
+        let first = forwarded_to(core.handle_client(now, req, request));
+        assert_eq!(first.len(), 1, "{first:?}");
+        let later = forwarded_to(core.handle_tick(now + 499));
+        assert!(later.is_empty(), "moved before the replica timeout");
+        let later = forwarded_to(core.handle_tick(now + 500));
+        if moves {
+            assert_eq!(later.len(), 1, "{later:?}");
+            assert_ne!(later[0], first[0]);
+        } else {
+            let bucket = String::from_utf8_lossy(bucket);
+            assert!(later.is_empty(), "{bucket} {condition:?} moved: {later:?}");
+        }
+    }
+}

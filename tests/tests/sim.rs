@@ -78,7 +78,9 @@ fn seeds_keep_the_promises() {
     }
     let count = env("RINGKV_SIM_SEEDS").unwrap_or(1000);
     let start = env("RINGKV_SIM_START").unwrap_or(0);
-    let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
+    let mut totals = (
+        0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64, 0u64,
+    );
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64, 0usize);
     // Storage faults that struck, acknowledged writes by dw, dw = 0 writes lost unsynced.
@@ -109,6 +111,7 @@ fn seeds_keep_the_promises() {
         ae.6 = ae.6.max(o.converge_ms);
         totals.7 += o.hint_overflow;
         totals.8 += o.credits_granted;
+        totals.9 += o.forwards_moved;
         membership.0 += o.changes;
         membership.1 += o.partitions_received;
         membership.2 += o.partitions_dropped;
@@ -129,8 +132,17 @@ fn seeds_keep_the_promises() {
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
          delivered, {} read repairs, {} crashes, {} batched jobs, {} hints refused (store \
-         full), {} hint credits granted",
-        totals.0, totals.1, totals.2, totals.3, totals.4, totals.5, totals.6, totals.7, totals.8
+         full), {} hint credits granted, {} forwards moved",
+        totals.0,
+        totals.1,
+        totals.2,
+        totals.3,
+        totals.4,
+        totals.5,
+        totals.6,
+        totals.7,
+        totals.8,
+        totals.9
     );
     println!(
         "anti-entropy: {} acknowledged deletes, {} exchanges, {} keys repaired, {} tombstones \

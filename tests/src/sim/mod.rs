@@ -301,6 +301,8 @@ pub struct Outcome {
     pub sibling_reads: usize,
     /// Hinted writes, over all nodes.
     pub hinted_writes: u64,
+    /// Forwarded writes moved on to another home, over all nodes.
+    pub forwards_moved: u64,
     /// Hints delivered, over all nodes.
     pub hints_delivered: u64,
     /// Read repairs sent, over all nodes.
@@ -1033,7 +1035,7 @@ impl Sim {
         self.check_trees();
         self.check_final();
         let convergent = self.check_convergent();
-        let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
+        let mut stats = (0, 0, 0, 0, 0, 0, 0, 0, 0);
         let mut ae = (0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
@@ -1050,6 +1052,7 @@ impl Sim {
                 stats.5 += s.partitions_dropped;
                 stats.6 += s.hint_overflow;
                 stats.7 += s.credits_granted;
+                stats.8 += s.forwards_moved;
             }
         }
         Outcome {
@@ -1058,6 +1061,7 @@ impl Sim {
             acked_writes: self.writes.values().filter(|w| w.acked).count(),
             sibling_reads: self.sibling_reads,
             hinted_writes: stats.0,
+            forwards_moved: stats.8,
             hints_delivered: stats.1,
             read_repairs: stats.2,
             crashes: self.crashes,
