@@ -21,7 +21,7 @@ use ringkv_core::NodeId;
 use ringkv_core::ring::PartitionId;
 use ringkv_core::ring::Ring;
 use ringkv_net::{
-    Client, ClientConfig, ClientError, Delete, ErrorCode, Get, MapOp, Message, Sibling,
+    Client, ClientConfig, ClientError, Delete, ErrorCode, Get, MapOp, Message, Put, Sibling,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringkv");
@@ -1183,4 +1183,42 @@ fn increments_through_two_nodes_apart_both_count() {
         std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
     }
     panic!("the nodes read {seen:?}, not both increments");
+}
+
+/// A request whose deadline passes before its quorum answers is answered `timeout` at its
+/// deadline, not at the replica timeout, and the connection serves the next request: two of
+/// three nodes frozen, a write needing all three with a 400 ms deadline, through the binary
+/// protocol (whose waits are on the core's answer, with a timer only for what is not answered
+/// at once).
+#[test]
+fn a_request_past_its_deadline_is_answered_timeout() {
+    let nodes = cluster("deadline", 3, 1, &["--replica-timeout-ms", "5000"]);
+    let mut c = nodes[0].client();
+    c.put(b"b", b"before", b"v", None).unwrap();
+    for node in &nodes[1..] {
+        node.signal("STOP");
+    }
+    let put = Message::Put(Put {
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"late"),
+        value: Bytes::from_static(b"v"),
+        context: None,
+        w: Some(3),
+        dw: None,
+        timeout_ms: Some(400),
+        expiry: None,
+        condition: None,
+    });
+    let answer = c.request_message(put);
+    for node in &nodes[1..] {
+        node.signal("CONT");
+    }
+    match answer {
+        Err(ClientError::Server {
+            code: ErrorCode::Timeout,
+            ..
+        }) => {}
+        other => panic!("expected a timeout answer: {other:?}"),
+    }
+    c.put(b"b", b"after", b"v", None).unwrap();
 }

@@ -88,19 +88,37 @@ pub(super) async fn serve_connection(
                     let Ok(permit) = slots.acquire_static_permit(1).await else {
                         break 'read;
                     };
+                    let request_id = request.request_id;
+                    // A peer's request always gets a task; a client's only if it is not
+                    // answered at once (most buffered writes and cached reads are).
+                    let work = match session.peer() {
+                        Some(from) => Ok((from, request.message, permit)),
+                        None => match shard.execute_at_once(request.message, permit).await {
+                            Ok(message) => {
+                                let reply = Frame {
+                                    request_id,
+                                    message,
+                                };
+                                if replies.send(reply).await.is_err() {
+                                    break 'read;
+                                }
+                                continue;
+                            }
+                            Err(unfinished) => Err(unfinished),
+                        },
+                    };
                     let (shard, replies) = (shard.clone(), replies.clone());
-                    let peer = session.peer();
                     glommio::spawn_local(async move {
-                        let message = match peer {
-                            Some(from) => {
-                                let reply = shard.route_peer(from, request.message).await;
+                        let message = match work {
+                            Ok((from, message, permit)) => {
+                                let reply = shard.route_peer(from, message).await;
                                 drop(permit);
                                 reply
                             }
-                            None => shard.execute(request.message, permit).await,
+                            Err(unfinished) => shard.finish_request(unfinished).await,
                         };
                         let reply = Frame {
-                            request_id: request.request_id,
+                            request_id,
                             message,
                         };
                         let _ = replies.send(reply).await;

@@ -24,34 +24,92 @@ use glommio::Task;
 use glommio::channels::local_channel::LocalReceiver;
 
 impl Shard {
-    /// Executes a request a connection received: a GET, PUT or DELETE here or on the shard
-    /// owning its partition, counted; an operator command on shard 0.
+    /// Executes a request a connection received, as far as it goes without waiting: a GET, PUT
+    /// or DELETE here or on the shard owning its partition, counted; an operator command on
+    /// shard 0. Returns the answer if it is there at once (a buffered write or a cached read on
+    /// this shard usually is), so the connection sends it without a task of its own; otherwise
+    /// what is left to wait for, which [`Shard::finish_request`] completes.
     ///
     /// The answer is `timeout` if the work takes longer than the request's `timeout_ms` (or the
     /// node's `request_timeout_ms`). The work itself is never cancelled halfway, since a write
-    /// may already be in the engine's group commit: it runs on in its own task, holding `hold`
-    /// (the connection's in-flight slot) until it ends, so timed-out work still counts against
-    /// the connection's bound.
-    pub(super) async fn execute<H: 'static>(self: &Rc<Self>, message: Message, hold: H) -> Message {
+    /// may already be in the engine's group commit: work that can outlive the deadline (an
+    /// operator command, a request another shard runs) runs in its own task holding `hold` (the
+    /// connection's in-flight slot) until it ends, so it still counts against the connection's
+    /// bound; this shard's core ends a request's work by the same deadline, so `hold` is
+    /// released with the answer or the timeout.
+    pub(super) async fn execute_at_once<H: 'static>(
+        self: &Rc<Self>,
+        message: Message,
+        hold: H,
+    ) -> Result<Message, Unfinished<H>> {
         let request = match KeyRequest::parse(message, PARTITIONS) {
             Ok(request) => request,
-            Err(Message::Admin(admin)) => {
+            Err(Message::Admin(admin)) => return Err(Unfinished::Admin(admin, hold)),
+            Err(other) => {
+                return Ok(error_message(
+                    ErrorCode::Internal,
+                    format!("{} reached the executor", other.kind()),
+                ));
+            }
+        };
+        let start = Instant::now();
+        let (started, hold) = self.begin(request, hold);
+        let Started {
+            op,
+            timeout_ms,
+            wait,
+        } = started;
+        let wait = match wait {
+            Wait::Refused(refused) => return Ok(refused),
+            Wait::Local(req, rx) => match futures_lite::future::poll_once(rx.recv()).await {
+                Some(answer) => {
+                    let reply = answer.unwrap_or_else(|| {
+                        error_message(ErrorCode::ShuttingDown, "the shard stopped")
+                    });
+                    self.count(op, start, &reply);
+                    return Ok(reply);
+                }
+                None => Wait::Local(req, rx),
+            },
+            remote @ Wait::Remote(_) => remote,
+        };
+        let started = Started {
+            op,
+            timeout_ms,
+            wait,
+        };
+        Err(Unfinished::Key {
+            started,
+            hold,
+            start,
+        })
+    }
+
+    /// Waits for what [`Shard::execute_at_once`] left: the answer, or `timeout` at the deadline.
+    pub(super) async fn finish_request<H: 'static>(
+        self: &Rc<Self>,
+        unfinished: Unfinished<H>,
+    ) -> Message {
+        match unfinished {
+            Unfinished::Admin(admin, hold) => {
                 let shard = self.clone();
                 let work = glommio::spawn_local(async move {
                     let reply = shard.route_admin(admin).await;
                     drop(hold);
                     reply
                 });
-                return self.within_deadline(self.timeout_ms(None), work).await;
+                self.within_deadline(self.timeout_ms(None), work).await
             }
-            Err(other) => {
-                return error_message(
-                    ErrorCode::Internal,
-                    format!("{} reached the executor", other.kind()),
-                );
+            Unfinished::Key {
+                started,
+                hold,
+                start,
+            } => {
+                let reply = self.finish(started, start).await;
+                drop(hold);
+                reply
             }
-        };
-        self.execute_key(request, hold).await
+        }
     }
 
     /// Wall-clock Unix milliseconds, as the core sees them (RESP's `TTL` answers by it).
@@ -88,97 +146,92 @@ impl Shard {
         i64::try_from(keys).unwrap_or(i64::MAX)
     }
 
-    /// Executes a GET, PUT or DELETE here or on the shard owning its partition, and counts it
-    /// (deadline and slot as [`Shard::execute`]).
-    pub(super) async fn execute_key<H: 'static>(
-        self: &Rc<Self>,
-        request: KeyRequest,
-        hold: H,
-    ) -> Message {
-        if let Some(refused) = self.refuse(&request) {
-            return refused;
-        }
-        let op = metric_op(&request);
-        let start = Instant::now();
-        let timeout_ms = self.timeout_ms(request.timeout_ms());
-        // Spawned here, so the request's work is its own task: the caller's future holds only
-        // its handle, however large the work's state grows.
-        let shard = self.clone();
-        let work = glommio::spawn_local(async move {
-            let reply = shard.route(request).await;
-            drop(hold);
-            reply
-        });
-        let reply = self.within_deadline(timeout_ms, work).await;
-        self.count(op, start, &reply);
-        reply
-    }
-
     /// Executes a batch of key requests (a RESP wave's round) and returns their answers in
-    /// order, each as [`Shard::execute_key`] answers it, without a task or a timer per request.
+    /// order, each as a connection's request is answered ([`Shard::execute_at_once`]).
     ///
-    /// Requests for this shard's partitions go to the core at once, in order: a buffered write
-    /// or a cached read is usually answered before the next is handed over, and requests on one
-    /// key queue on the core's key lock in the order given, so a batch may repeat a key. A
-    /// request for another shard gets the task that carries it over the mesh. Answers are
-    /// collected in order; a timer is set only for an answer not there when its turn comes,
-    /// and covers what is left of that request's deadline (which runs from the batch's start).
-    /// The core's work is never cancelled: an answer past its deadline is dropped.
+    /// No request gets a task or a timer of its own: requests for this shard's partitions go to
+    /// the core at once, in order (a buffered write or a cached read is usually answered before
+    /// the next is handed over, and requests on one key queue on the core's key lock in the
+    /// order given, so a batch may repeat a key); a request for another shard gets the task
+    /// that carries it over the mesh. Answers are collected in order; a timer is set only for
+    /// an answer not there when its turn comes, and covers what is left of that request's
+    /// deadline (which runs from the batch's start). The core's work is never cancelled: it
+    /// ends by the same deadline, and an answer past it is dropped.
     pub(super) async fn execute_keys(self: &Rc<Self>, requests: Vec<KeyRequest>) -> Vec<Message> {
-        enum Wait {
-            Refused(Message),
-            Local(u64, LocalReceiver<Message>),
-            Remote(Task<Message>),
-        }
         let start = Instant::now();
-        let mut waits = Vec::with_capacity(requests.len());
-        for request in requests {
-            let op = metric_op(&request);
-            let timeout_ms = self.timeout_ms(request.timeout_ms());
-            let wait = if let Some(refused) = self.refuse(&request) {
-                Wait::Refused(refused)
-            } else {
-                let owner = shard_of(request.partition(), self.shard_count);
-                if owner == self.id {
-                    let (req, rx) = self.start_local(request);
-                    Wait::Local(req, rx)
-                } else {
-                    let shard = self.clone();
-                    Wait::Remote(glommio::spawn_local(async move {
-                        shard.forward(owner, MeshWork::Key(request)).await
-                    }))
-                }
-            };
-            waits.push((op, timeout_ms, wait));
-        }
-        let mut replies = Vec::with_capacity(waits.len());
-        for (op, timeout_ms, wait) in waits {
-            let left = Duration::from_millis(timeout_ms).saturating_sub(start.elapsed());
-            let reply = match wait {
-                Wait::Refused(refused) => {
-                    replies.push(refused);
-                    continue;
-                }
-                Wait::Local(req, rx) => match by_deadline(rx.recv(), left).await {
-                    Some(Some(reply)) => reply,
-                    Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
-                    None => {
-                        self.clients.forget(req);
-                        timed_out(timeout_ms)
-                    }
-                },
-                Wait::Remote(mut task) => match by_deadline(&mut task, left).await {
-                    Some(reply) => reply,
-                    None => {
-                        task.detach();
-                        timed_out(timeout_ms)
-                    }
-                },
-            };
-            self.count(op, start, &reply);
-            replies.push(reply);
+        let started: Vec<Started> = requests
+            .into_iter()
+            .map(|request| self.begin(request, ()).0)
+            .collect();
+        let mut replies = Vec::with_capacity(started.len());
+        for one in started {
+            replies.push(self.finish(one, start).await);
         }
         replies
+    }
+
+    /// Starts a key request: refused at once, handed to this shard's core, or sent to the
+    /// owning shard by a task that keeps `hold` (the connection's slot) until that shard
+    /// answers, since its work runs on past a deadline. `hold` comes back when no task took it;
+    /// the caller keeps it until the answer (the core ends its work by the same deadline).
+    fn begin<H: 'static>(self: &Rc<Self>, request: KeyRequest, hold: H) -> (Started, Option<H>) {
+        let op = metric_op(&request);
+        let timeout_ms = self.timeout_ms(request.timeout_ms());
+        let (wait, hold) = if let Some(refused) = self.refuse(&request) {
+            (Wait::Refused(refused), Some(hold))
+        } else {
+            let owner = shard_of(request.partition(), self.shard_count);
+            if owner == self.id {
+                let (req, rx) = self.start_local(request);
+                (Wait::Local(req, rx), Some(hold))
+            } else {
+                let shard = self.clone();
+                let task = glommio::spawn_local(async move {
+                    let reply = shard.forward(owner, MeshWork::Key(request)).await;
+                    drop(hold);
+                    reply
+                });
+                (Wait::Remote(task), None)
+            }
+        };
+        let started = Started {
+            op,
+            timeout_ms,
+            wait,
+        };
+        (started, hold)
+    }
+
+    /// Waits for a started request's answer until its deadline (counted from `start`) and
+    /// counts it; a timer is set only if the answer is not there yet.
+    async fn finish(&self, started: Started, start: Instant) -> Message {
+        let Started {
+            op,
+            timeout_ms,
+            wait,
+        } = started;
+        let left = Duration::from_millis(timeout_ms).saturating_sub(start.elapsed());
+        let reply = match wait {
+            // Refused before any work: not counted, as nothing was executed.
+            Wait::Refused(refused) => return refused,
+            Wait::Local(req, rx) => match by_deadline(rx.recv(), left).await {
+                Some(Some(reply)) => reply,
+                Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+                None => {
+                    self.clients.forget(req);
+                    timed_out(timeout_ms)
+                }
+            },
+            Wait::Remote(mut task) => match by_deadline(&mut task, left).await {
+                Some(reply) => reply,
+                None => {
+                    task.detach();
+                    timed_out(timeout_ms)
+                }
+            },
+        };
+        self.count(op, start, &reply);
+        reply
     }
 
     /// The answer for a request refused before any work: a value above the node's limit.
@@ -286,15 +339,6 @@ impl Shard {
         }
     }
 
-    /// Runs a key request on the shard owning its partition.
-    async fn route(self: &Rc<Self>, request: KeyRequest) -> Message {
-        let owner = shard_of(request.partition(), self.shard_count);
-        if owner == self.id {
-            return self.execute_local(request).await;
-        }
-        self.forward(owner, MeshWork::Key(request)).await
-    }
-
     /// Has shard `owner` run `work` and waits for its answer.
     pub(super) async fn forward(&self, owner: usize, work: MeshWork) -> Message {
         let (tag, rx) = self.waiting.register();
@@ -338,6 +382,37 @@ impl Shard {
         self.drive(Input::Client { req, request });
         (req, rx)
     }
+}
+
+/// What a connection's request still waits for ([`Shard::execute_at_once`]).
+pub(super) enum Unfinished<H> {
+    /// An operator command, with the connection's slot.
+    Admin(Admin, H),
+    /// A key request under way, the connection's slot unless a task took it, and when it
+    /// started.
+    Key {
+        started: Started,
+        hold: Option<H>,
+        start: Instant,
+    },
+}
+
+/// A key request under way ([`Shard::begin`]): what it is counted as, its deadline, and where
+/// its answer comes from.
+pub(super) struct Started {
+    op: Op,
+    timeout_ms: u64,
+    wait: Wait,
+}
+
+/// Where a started request's answer comes from.
+enum Wait {
+    /// Refused before any work.
+    Refused(Message),
+    /// This shard's core, under a client request id.
+    Local(u64, LocalReceiver<Message>),
+    /// The task that asked the owning shard.
+    Remote(Task<Message>),
 }
 
 /// The metric a key request is counted under: a map's field update and an operation on a
