@@ -449,6 +449,21 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
     );
 }
 
+/// The nodes `outputs` forward a client request to.
+fn forwarded_to(outputs: Vec<Output>) -> Vec<NodeId> {
+    use ringkv_core::coordinator::PeerMsg;
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                to,
+                msg: PeerMsg::Forward { .. },
+            } => Some(to),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A write for a key this node is not a home of goes to a home that answers: the first home of
 /// the key's walk while it does, and the next one once the first has been silent for two
 /// heartbeat intervals, long before the failure detector would suspect it. (A forward is never
@@ -488,18 +503,6 @@ fn a_forward_goes_to_a_home_that_answers() {
             expiry: None,
             condition: None,
         })
-    };
-    let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
-        outputs
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::Send {
-                    to,
-                    msg: PeerMsg::Forward { .. },
-                } => Some(to),
-                _ => None,
-            })
-            .collect()
     };
     for home in &homes {
         core.handle_peer(0, *home, PeerMsg::Pong { id: 0 });
@@ -1230,7 +1233,6 @@ fn a_suspected_home_with_no_fallback_is_still_tried_once() {
 /// waits (a second home would store it under a second dot), as does a conditional PUT.
 #[test]
 fn a_forward_to_a_silent_home_moves_on_only_where_a_second_apply_is_harmless() {
-    use ringkv_core::coordinator::PeerMsg;
     let me = NodeId(1);
     let mut cfg = CoreConfig::new(me);
     cfg.replica_timeout_ms = 500;
@@ -1259,18 +1261,6 @@ fn a_forward_to_a_silent_home_moves_on_only_where_a_second_apply_is_harmless() {
         })
         .unwrap();
     let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
-    let forwarded_to = |outputs: Vec<Output>| -> Vec<NodeId> {
-        outputs
-            .into_iter()
-            .filter_map(|o| match o {
-                Output::Send {
-                    to,
-                    msg: PeerMsg::Forward { .. },
-                } => Some(to),
-                _ => None,
-            })
-            .collect()
-    };
     let put = |bucket: &'static [u8], condition: Option<Condition>| {
         Message::Put(Put {
             bucket: Bytes::from_static(bucket),
