@@ -89,7 +89,7 @@ const CORE_FIELDS: [CoreField; 23] = [
     ),
     (
         "ringkv_forwards_moved_total",
-        "Forwarded writes moved on to another home after the first lost its connection or was silent.",
+        "Forwarded writes moved on to another home after the connection to the first was lost.",
         |c| c.stats.forwards_moved,
     ),
     (

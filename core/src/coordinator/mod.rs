@@ -587,8 +587,7 @@ pub enum Output {
 pub struct CoreStats {
     /// Requests forwarded to a home node.
     pub forwarded: u64,
-    /// Forwarded requests moved on to another home: the first lost its connection, or was
-    /// silent past the replica timeout.
+    /// Forwarded requests moved on to another home after the connection to the first was lost.
     pub forwards_moved: u64,
     /// Replica writes sent to fallbacks with a hint.
     pub hinted_writes: u64,
@@ -1245,19 +1244,13 @@ impl Core {
         let mut request = request.clone();
         debug_assert!(request.op() != KeyOp::Get, "only writes are forwarded");
         request.set_timeout_ms(left);
-        // A silent home (stopped, or cut off with its connection still open) would hold the
-        // request until its deadline. A plain last-write-wins PUT moves on to the next home
-        // after the replica timeout: if the silent home applied it too, the value is the same
-        // and only its stamp differs, which last-write-wins allows for a write still in flight.
-        // Anything else waits for its deadline or a lost connection (`handle_unreachable`):
-        // a sibling write would be stored twice under two dots (and could reappear after a
-        // client resolved it), a conditional write could win twice, an operation on a
-        // convergent type could count twice, and a delete must stay at the first home
-        // (`convergent.rs`).
-        if self.movable_forward(&request) {
-            self.timeouts
-                .insert((now + self.cfg.replica_timeout_ms, msg_id));
-        }
+        // No replica timeout here: a slow home may still be coordinating, and asking another
+        // home would apply the write twice. Under siblings that is a second dot (it could then
+        // reappear after a client resolved it). Under last-write-wins it is worse than it
+        // looks: a home frozen with the request in its socket applies it when it resumes, with
+        // a fresh stamp, over a write the client made after the second home acknowledged this
+        // one. The request's deadline bounds the wait; only a lost connection
+        // (`handle_unreachable`) moves the request to the next home.
         self.pending
             .insert(msg_id, Pending::Forward { op: id, node: home });
         self.stats.forwarded += 1;
@@ -1268,19 +1261,6 @@ impl Core {
                 request,
             },
         });
-    }
-
-    /// Whether a forwarded `request` may go on to another home when its home is silent past the
-    /// replica timeout (`forward` says why only these): a PUT without a condition to a
-    /// last-write-wins bucket.
-    fn movable_forward(&self, request: &KeyRequest) -> bool {
-        match request.body() {
-            KeyBody::Put(put) => {
-                put.condition.is_none()
-                    && self.cfg.buckets.props(&put.bucket).mode == ConflictMode::Lww
-            }
-            _ => false,
-        }
     }
 
     fn start_write(&mut self, now: u64, id: u64, mut op: Op, request: KeyRequest, is_home: bool) {
