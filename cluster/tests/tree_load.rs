@@ -15,7 +15,7 @@ use ringkv_core::bucket::{BucketProps, Buckets, ConflictMode};
 use ringkv_core::coordinator::{
     AeKey, Core, CoreConfig, EpochLease, Output, PeerMsg, StoreKey, TreeRoot,
 };
-use ringkv_core::object::Object;
+use ringkv_core::object::{Lww, Object, Val};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{Delete, Message, Put};
 
@@ -390,4 +390,25 @@ fn exchanges_run_back_to_back_once_the_core_is_idle() {
         resting.len()
     );
     assert!(!resting.is_empty(), "the paced rounds go on");
+    // A read changes no tree: after it the core rests on.
+    let after_read = {
+        run(&mut core, 10, true);
+        run(&mut core, 1_500, false)
+    };
+    assert!(after_read.len() <= 2, "{after_read:?}");
+    // A tree whose content changes (here a load) sends the idle core over its trees again.
+    let key = StoreKey {
+        partition: 3,
+        space: Space::Primary,
+        bucket: Bytes::from_static(b"b"),
+        key: Bytes::from_static(b"new"),
+    };
+    let object = Object::Lww(Lww {
+        timestamp: 1,
+        node: NodeId(2),
+        val: Val::Value(Bytes::from_static(b"v")),
+    });
+    core.load_replica(0, &key, &object);
+    let walked = run(&mut core, 200, false);
+    assert!(walked.len() >= PARTITIONS as usize, "{walked:?}");
 }

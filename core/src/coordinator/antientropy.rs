@@ -105,7 +105,10 @@
 //! `ae_interval_ms`), whatever the share: nothing is there to protect, and a cluster that has
 //! just healed from faults compares every tree within a second or so rather than one a second.
 //! After [`IDLE_PASSES`] passes over the trees in which no tree changed, the core rests at the
-//! paced interval again, so an idle node does not keep exchanging equal trees.
+//! paced interval until a tree's content changes again (a write or a repair; a read, such as a
+//! health check, does not wake it), so an idle node does not keep exchanging equal trees. A
+//! replica write from a peer counts as foreground work, whether a coordinator's or an
+//! exchange's repair, so each repair holds back the idle pace at both ends for a second.
 //!
 //! Under load, the round-robin alone repairs a partition that missed a write only when its
 //! turn comes: one tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
@@ -251,7 +254,7 @@ pub(super) struct AntiEntropy {
     /// When this core last took foreground work (a request to coordinate, a replica read or
     /// write from a peer); `None` before the first. Rounds come faster while it is idle.
     foreground_at: Option<u64>,
-    /// Rounds started at the idle pace since a tree last changed or foreground work came.
+    /// Rounds started at the idle pace since a tree's content last changed.
     idle_rounds: u64,
     exchange: Option<Exchange>,
     /// The floor known to be persisted (rule 3 of the module docs).
@@ -730,8 +733,12 @@ impl AntiEntropy {
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
-        // A repair (or any store) may leave more to compare: an idle core walks on.
-        self.idle_rounds = 0;
+        // What changed may differ from the other replicas (a write, or a repair that may have
+        // more behind it): an idle core walks its trees again. A merge that changed nothing
+        // does not count, so a difference that is never repaired cannot keep it walking.
+        if old.map(|e| e.digest) != new.map(|e| e.digest) {
+            self.idle_rounds = 0;
+        }
         if let Some(t) = new.and_then(|e| e.tomb) {
             tree.ripe_from = tree.ripe_from.min(v.ripe_from(&t));
         }
@@ -756,7 +763,6 @@ impl AntiEntropy {
     /// The core took foreground work at `now`: rounds go back to their paced interval.
     pub(super) fn foreground(&mut self, now: u64) {
         self.foreground_at = Some(now);
-        self.idle_rounds = 0;
     }
 
     /// When the next round-robin round is due: a paced interval after the last, or sooner once
