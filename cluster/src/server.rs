@@ -96,7 +96,7 @@
 //! shard that panics or whose engine cannot be handed back at close drops its engine unclosed,
 //! which the next start recovers like a crash. A request's deadline (`timeout_ms`, or
 //! `request_timeout_ms`) bounds when it is answered, not the work: timed-out work runs to its end
-//! (see `Shard::execute`).
+//! (see `Shard::execute_at_once`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};

@@ -1185,11 +1185,12 @@ fn increments_through_two_nodes_apart_both_count() {
     panic!("the nodes read {seen:?}, not both increments");
 }
 
-/// A request whose deadline passes before its quorum answers is answered `timeout` at its
-/// deadline, not at the replica timeout, and the connection serves the next request: two of
-/// three nodes frozen, a write needing all three with a 400 ms deadline, through the binary
-/// protocol (whose waits are on the core's answer, with a timer only for what is not answered
-/// at once).
+/// A request whose deadline passes before its quorum answers is answered `timeout`, not
+/// `not_enough_replicas` after the 5 s replica timeout nor never, and the connection serves the
+/// next request: two of three nodes frozen, a write needing all three with a 400 ms deadline,
+/// through the binary protocol. (The core ends the request at its deadline and the
+/// connection's wait has a timer for it; either answers, so this checks what the client sees,
+/// not which one did.)
 #[test]
 fn a_request_past_its_deadline_is_answered_timeout() {
     let nodes = cluster("deadline", 3, 1, &["--replica-timeout-ms", "5000"]);

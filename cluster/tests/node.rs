@@ -619,7 +619,7 @@ fn resp_listener_speaks_redis() {
     }
     // Commands of several rounds (GETDEL reads, then deletes; HSET reads, then writes) run
     // their rounds together with the others of their wave, each gets its own answers, and a
-    // command that repeats a key applies it in order.
+    // command that names a key twice leaves its last value (as Redis does).
     assert_eq!(
         call(&mut s, &[&["SET", "g1", "one"], &["SET", "g2", "two"]]),
         vec![RespValue::Simple("OK".into()); 2]

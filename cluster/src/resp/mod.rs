@@ -298,9 +298,25 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
             }
         }
         "setex" | "psetex" => wrong_args(name),
-        "mset" if argc >= 3 && argc % 2 == 1 => run(Op::MSet(
-            (1..argc).step_by(2).map(|i| (arg(i), arg(i + 1))).collect(),
-        )),
+        "mset" if argc >= 3 && argc % 2 == 1 => {
+            // A key named twice is written once, with its last value (what Redis leaves): a
+            // round of requests never holds two writes of one key, whose order a batch spread
+            // over shards would not keep (`Shard::execute_keys`).
+            let mut pairs: Vec<(Bytes, Bytes)> = Vec::with_capacity(argc / 2);
+            let mut place: std::collections::HashMap<Bytes, usize> =
+                std::collections::HashMap::new();
+            for i in (1..argc).step_by(2) {
+                let (key, value) = (arg(i), arg(i + 1));
+                match place.get(&key) {
+                    Some(&at) => pairs[at].1 = value,
+                    None => {
+                        place.insert(key.clone(), pairs.len());
+                        pairs.push((key, value));
+                    }
+                }
+            }
+            run(Op::MSet(pairs))
+        }
         "mset" => wrong_args("mset"),
         "del" | "unlink" if argc >= 2 => {
             // A key named twice is deleted, and counted, once (as Redis does).

@@ -410,6 +410,23 @@ fn data_commands() {
     let (reply, rounds) = script("MSET a 1 b 2", 0, holding(None));
     assert_eq!(reply, ok());
     assert_eq!(rounds[0].len(), 2);
+    // A key named twice is written once, with its last value.
+    let (reply, rounds) = script("MSET a 1 b 2 a 3", 0, holding(None));
+    assert_eq!(reply, ok());
+    let written: Vec<(Bytes, Bytes)> = rounds[0]
+        .iter()
+        .map(|body| match body {
+            KeyBody::Put(p) => (p.key.clone(), p.value.clone()),
+            other => panic!("MSET sent {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            (Bytes::from_static(b"a"), Bytes::from_static(b"3")),
+            (Bytes::from_static(b"b"), Bytes::from_static(b"2")),
+        ]
+    );
     let (reply, _) = script("GET a", 0, |_| {
         Message::Error(ErrorBody::new(ErrorCode::Timeout, "slow"))
     });

@@ -291,7 +291,8 @@ impl RespWave {
     /// A command alone runs in the connection's task. Several advance together a round at a
     /// time: every script's next requests go to [`Shard::execute_keys`] as one batch, so a
     /// round of a pipeline costs no task or timer per command, and synced writes share group
-    /// commits. A command's own requests keep their order (the batch keeps it per key).
+    /// commits. The wave's keys are distinct and a command writes each of its keys once, as a
+    /// batch requires.
     async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
         self.keys.clear();
         self.keyed = false;

@@ -35,8 +35,9 @@ impl Shard {
     /// may already be in the engine's group commit: work that can outlive the deadline (an
     /// operator command, a request another shard runs) runs in its own task holding `hold` (the
     /// connection's in-flight slot) until it ends, so it still counts against the connection's
-    /// bound; this shard's core ends a request's work by the same deadline, so `hold` is
-    /// released with the answer or the timeout.
+    /// bound; this shard's core answers a request by the same deadline, so `hold` is released
+    /// with the answer or the timeout (storage and replica writes the core started may run on,
+    /// holding no slot).
     pub(super) async fn execute_at_once<H: 'static>(
         self: &Rc<Self>,
         message: Message,
@@ -151,12 +152,15 @@ impl Shard {
     ///
     /// No request gets a task or a timer of its own: requests for this shard's partitions go to
     /// the core at once, in order (a buffered write or a cached read is usually answered before
-    /// the next is handed over, and requests on one key queue on the core's key lock in the
-    /// order given, so a batch may repeat a key); a request for another shard gets the task
-    /// that carries it over the mesh. Answers are collected in order; a timer is set only for
-    /// an answer not there when its turn comes, and covers what is left of that request's
-    /// deadline (which runs from the batch's start). The core's work is never cancelled: it
-    /// ends by the same deadline, and an answer past it is dropped.
+    /// the next is handed over); a request for another shard gets the task that carries it over
+    /// the mesh. The requests run concurrently, so a batch must not hold two writes of one key
+    /// (the tasks of another shard's requests may reach it in either order): a RESP wave's
+    /// commands are on distinct keys, and a command writes each of its keys once. Answers are
+    /// collected in order; a timer is set only for an answer not there when its turn comes, and
+    /// covers what is left of that request's deadline. Each request is counted from the batch's
+    /// start until its answer is taken: replies go out in order, so that is what the client
+    /// waits. The core's work is never cancelled: the core answers by the same deadline (its
+    /// storage and replica writes may run on), and an answer past it is dropped.
     pub(super) async fn execute_keys(self: &Rc<Self>, requests: Vec<KeyRequest>) -> Vec<Message> {
         let start = Instant::now();
         let started: Vec<Started> = requests
