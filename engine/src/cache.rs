@@ -64,6 +64,19 @@ impl ValueCache {
             return; // one value must not wipe out a large share of the cache
         }
         let k = Self::key(partition, kh);
+        if let Some(slot) = self.map.get_mut(&k) {
+            // A key cached already (most writes of a hot key) keeps its slot and its place in
+            // the clock, so overwrites leave no stale clock entries behind, unless it grows
+            // past the room left.
+            let old = slot.value.len();
+            if self.used_bytes - old + value.len() <= self.budget_bytes {
+                self.used_bytes = self.used_bytes - old + value.len();
+                slot.loc = loc;
+                slot.value = value;
+                slot.referenced = true;
+                return;
+            }
+        }
         self.remove(k);
         while self.used_bytes + cost > self.budget_bytes {
             if !self.evict_one() {
@@ -174,6 +187,26 @@ mod tests {
             offset: o * 8,
             len: 8,
         }
+    }
+
+    /// Overwriting a cached key updates its slot: the clock keeps one entry for it, the value
+    /// and location are the new ones, and the bytes are counted once.
+    #[test]
+    fn overwrites_keep_one_clock_entry() {
+        let mut c = ValueCache::new(8 * (ENTRY_OVERHEAD_BYTES + 100));
+        let kh = KeyHash {
+            digest: 7,
+            check: 1,
+        };
+        for i in 0..10_000u64 {
+            c.insert(0, kh, loc(i), Bytes::from(vec![(i % 256) as u8; 100]));
+        }
+        assert_eq!(c.clock.len(), 1);
+        assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 100);
+        assert!(c.get(0, kh, loc(9_998)).is_none(), "the old location");
+        c.insert(0, kh, loc(1), Bytes::from(vec![3u8; 50]));
+        assert_eq!(c.get(0, kh, loc(1)), Some(Bytes::from(vec![3u8; 50])));
+        assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 50);
     }
 
     #[test]
