@@ -197,6 +197,10 @@ pub struct Params {
     /// The buckets and durability are what a node resolves from no flags and no config file
     /// (`Settings::resolve`), not the knobs above: the defaults users run are simulated too.
     pub defaults: bool,
+    /// Whether nodes freeze (a stopped process, a long stall): a frozen node handles nothing,
+    /// and what reaches it (messages, client requests, its timers, storage completions) waits
+    /// and is handled in order when it thaws, possibly long after its senders gave up.
+    pub freezes: bool,
 }
 
 /// A membership change scripted during the fault phase.
@@ -234,6 +238,7 @@ impl Params {
             hint_bytes_max: rng.gen_bool(0.25).then(|| rng.gen_range(0..200)),
             // From a stream of its own, so the other knobs of a seed stay what they were.
             defaults: StdRng::seed_from_u64(seed ^ 0x00de_fa17).gen_bool(0.25),
+            freezes: StdRng::seed_from_u64(seed ^ 0x0f4e_e2e5).gen_bool(0.3),
             // Durability and storage faults from a stream of their own too; `dw` stays the
             // main stream's draw in two thirds of the runs and is 2 in the rest.
             lww_dw: 0,
@@ -309,6 +314,10 @@ pub struct Outcome {
     pub read_repairs: u64,
     /// Crashes injected.
     pub crashes: usize,
+    /// Freezes injected.
+    pub freezes: usize,
+    /// Freeze events that found every node down (nothing to freeze).
+    pub freezes_blocked: usize,
     /// Messages dropped, messages duplicated and network partitions started by the fault
     /// injection.
     pub injected: (u64, u64, u64),
@@ -437,6 +446,15 @@ enum Event {
     },
     Partition,
     Heal,
+    /// The nemesis freezes a running node for a while ([`Params::freezes`]).
+    Freeze,
+    /// A client request that reached a frozen node, handled when it thaws.
+    ClientRequest {
+        node: usize,
+        incarnation: u32,
+        req: u64,
+        message: Message,
+    },
 }
 
 struct SimNode {
@@ -457,6 +475,8 @@ struct SimNode {
     /// Out of the cluster with nothing left to hand off: stopped for good, as a real node
     /// stops itself.
     retired: bool,
+    /// Frozen until then: every event for the node waits for that time.
+    frozen_until: Option<u64>,
 }
 
 /// One simulated cluster run.
@@ -487,6 +507,9 @@ pub struct Sim {
     event_count: u64,
     sibling_reads: usize,
     crashes: usize,
+    /// Freezes injected, and freeze events that found no running node to freeze.
+    freezes: usize,
+    freezes_blocked: usize,
     /// Drops, duplicates and partitions injected (see [`Outcome::injected`]).
     injected: (u64, u64, u64),
     /// Final-phase reads: (bucket, key) → result.
@@ -556,6 +579,7 @@ impl Sim {
                 epoch_next: 1,
                 floor: Some(0),
                 tick_at: None,
+                frozen_until: None,
                 membership: None,
                 cluster_state: None,
                 retired: false,
@@ -589,6 +613,8 @@ impl Sim {
             event_count: 0,
             sibling_reads: 0,
             crashes: 0,
+            freezes: 0,
+            freezes_blocked: 0,
             injected: (0, 0, 0),
             final_reads: BTreeMap::new(),
             final_keys: BTreeMap::new(),
@@ -641,6 +667,10 @@ impl Sim {
             let at = sim.rng.gen_range(20..200);
             let node = sim.rng.gen_range(0..sim.nodes.len());
             sim.schedule(at, Event::StoreFault { node });
+        }
+        if sim.params.freezes {
+            let at = sim.rng.gen_range(10..100);
+            sim.schedule(at, Event::Freeze);
         }
         sim
     }
@@ -1066,6 +1096,8 @@ impl Sim {
             read_repairs: stats.2,
             crashes: self.crashes,
             injected: self.injected,
+            freezes: self.freezes,
+            freezes_blocked: self.freezes_blocked,
             params: self.params.clone(),
             batched_jobs: stats.3,
             changes: self.changes,
@@ -1145,7 +1177,34 @@ impl Sim {
             .collect()
     }
 
+    /// The node an event happens on, if it is one a frozen node would hold.
+    fn held_by(event: &Event) -> Option<usize> {
+        match event {
+            Event::Deliver(env) => Some(env.to),
+            Event::Stored { node, .. }
+            | Event::Tick { node, .. }
+            | Event::Scanned { node, .. }
+            | Event::MemberTick { node, .. }
+            | Event::TreeRead { node, .. }
+            | Event::TreeLoad { node, .. }
+            | Event::ClientRequest { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
     fn handle(&mut self, event: Event) {
+        if let Some(node) = Self::held_by(&event)
+            && let Some(until) = self.nodes[node].frozen_until
+            && self.now < until
+        {
+            // Handled in order when the node thaws.
+            if let Event::Tick { .. } = event {
+                self.nodes[node].tick_at = Some(until);
+            }
+            self.seq += 1;
+            self.events.insert((until, self.seq), event);
+            return;
+        }
         match event {
             Event::Deliver(env) => self.deliver(env),
             Event::Stored {
@@ -1373,6 +1432,44 @@ impl Sim {
                     self.schedule(heal, Event::Heal);
                 }
             }
+            Event::Freeze => {
+                let now = self.now;
+                let running: Vec<usize> = (0..self.nodes.len())
+                    .filter(|&n| {
+                        self.nodes[n].core.is_some()
+                            && self.nodes[n].frozen_until.is_none_or(|t| t <= now)
+                    })
+                    .collect();
+                if self.faults && running.is_empty() {
+                    self.freezes_blocked += 1;
+                }
+                if self.faults && !running.is_empty() {
+                    let node = running[self.rng.gen_range(0..running.len())];
+                    let until = now + self.rng.gen_range(200..2_000);
+                    self.nodes[node].frozen_until = Some(until);
+                    self.freezes += 1;
+                }
+                if self.faults {
+                    // With every node down (a power loss), soon again.
+                    let next = if running.is_empty() {
+                        self.rng.gen_range(10..50)
+                    } else {
+                        self.rng.gen_range(300..3_000)
+                    };
+                    self.schedule(next, Event::Freeze);
+                }
+            }
+            Event::ClientRequest {
+                node,
+                incarnation,
+                req,
+                message,
+            } => {
+                // A request in the socket of a node killed meanwhile is lost with it.
+                if self.nodes[node].incarnation == incarnation && self.nodes[node].core.is_some() {
+                    self.client_request(node, req, message);
+                }
+            }
             Event::Heal => {
                 self.island.clear();
                 if self.faults {
@@ -1405,6 +1502,19 @@ impl Sim {
                     } = &msg
                     {
                         self.note_coordinated(key, state);
+                    }
+                    // A write's stamp is known from its replica writes too: a home that batched
+                    // it under a higher-stamped one never stores it as itself.
+                    if let PeerMsg::ReplicaPut {
+                        object: Object::Lww(l),
+                        ..
+                    } = &msg
+                        && let Val::Value(v) = &l.val
+                    {
+                        self.lww_stamps
+                            .entry(v.clone())
+                            .or_default()
+                            .insert((l.timestamp, l.node));
                     }
                     // Requests and answers travel alike here; the node's shell sends an answer
                     // on the connection its request came on, so the core must tell them apart.

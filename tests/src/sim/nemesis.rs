@@ -137,6 +137,7 @@ impl Sim {
         node.membership = None;
         node.incarnation += 1;
         node.tick_at = None;
+        node.frozen_until = None;
         self.owed.retain(|(at, _, _), _| *at != n);
         self.puts.retain(|(at, _, _), _| *at != n);
         // Client requests the node was coordinating are lost: their clients see a timeout.

@@ -353,6 +353,23 @@ impl Sim {
     }
 
     pub(super) fn client_request(&mut self, n: usize, req: u64, message: Message) {
+        if let Some(until) = self.nodes[n].frozen_until
+            && self.now < until
+        {
+            // A frozen node reads the request from its socket when it thaws.
+            let delay = until - self.now;
+            let incarnation = self.nodes[n].incarnation;
+            self.schedule(
+                delay,
+                Event::ClientRequest {
+                    node: n,
+                    incarnation,
+                    req,
+                    message,
+                },
+            );
+            return;
+        }
         let now = self.now;
         // A retried increment: the node that coordinates it is judged once known (it forwards
         // the request to the key's first reachable home, or coordinates it itself).
