@@ -1193,6 +1193,22 @@ impl Sim {
     }
 
     fn handle(&mut self, event: Event) {
+        // A forwarded write is what a node acts on late to most effect (its sender may have
+        // moved on): some freezes strike a node just as one reaches it.
+        if let Event::Deliver(env) = &event
+            && matches!(env.msg, SimMsg::Core(PeerMsg::Forward { .. }))
+            && self.params.freezes
+            && self.faults
+            && self.nodes[env.to].core.is_some()
+            && self.nodes[env.to]
+                .frozen_until
+                .is_none_or(|t| t <= self.now)
+            && self.rng.gen_range(0..10) == 0
+        {
+            let until = self.now + self.rng.gen_range(200..2_000);
+            self.nodes[env.to].frozen_until = Some(until);
+            self.freezes += 1;
+        }
         if let Some(node) = Self::held_by(&event)
             && let Some(until) = self.nodes[node].frozen_until
             && self.now < until
