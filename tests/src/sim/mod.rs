@@ -1233,17 +1233,8 @@ impl Sim {
                 if self.nodes[node].incarnation != incarnation || self.nodes[node].core.is_none() {
                     return;
                 }
-                if let StoreOp::Write {
-                    object: Object::Lww(l),
-                    ..
-                } = &op
-                    && let Val::Value(v) = &l.val
-                {
-                    // Every copy of a write carries the stamp its coordinator chose.
-                    self.lww_stamps
-                        .entry(v.clone())
-                        .or_default()
-                        .insert((l.timestamp, l.node));
+                if let StoreOp::Write { object, .. } = &op {
+                    self.note_lww_stamp(object);
                 }
                 let written = match &op {
                     StoreOp::Write { object, .. } => {
@@ -1496,6 +1487,19 @@ impl Sim {
         }
     }
 
+    /// Records the stamp an `lww` value was written with: every copy of a write carries the
+    /// stamp its coordinator chose.
+    fn note_lww_stamp(&mut self, object: &Object) {
+        if let Object::Lww(l) = object
+            && let Val::Value(v) = &l.val
+        {
+            self.lww_stamps
+                .entry(v.clone())
+                .or_default()
+                .insert((l.timestamp, l.node));
+        }
+    }
+
     fn core(&mut self, n: usize) -> &mut Core {
         self.nodes[n]
             .core
@@ -1521,16 +1525,8 @@ impl Sim {
                     }
                     // A write's stamp is known from its replica writes too: a home that batched
                     // it under a higher-stamped one never stores it as itself.
-                    if let PeerMsg::ReplicaPut {
-                        object: Object::Lww(l),
-                        ..
-                    } = &msg
-                        && let Val::Value(v) = &l.val
-                    {
-                        self.lww_stamps
-                            .entry(v.clone())
-                            .or_default()
-                            .insert((l.timestamp, l.node));
+                    if let PeerMsg::ReplicaPut { object, .. } = &msg {
+                        self.note_lww_stamp(object);
                     }
                     // Requests and answers travel alike here; the node's shell sends an answer
                     // on the connection its request came on, so the core must tell them apart.
