@@ -320,6 +320,11 @@ impl<V> Pending<V> {
         self.entries.borrow_mut().remove(&id)
     }
 
+    /// Whether `id` is kept.
+    fn holds(&self, id: u64) -> bool {
+        self.entries.borrow().contains_key(&id)
+    }
+
     /// Keeps only the entries for which `keep` holds.
     fn retain(&self, mut keep: impl FnMut(u64) -> bool) {
         self.entries.borrow_mut().retain(|id, _| keep(*id));
@@ -364,6 +369,11 @@ impl<T> Waiters<T> {
         if let Some(waiter) = self.waiting.take(id) {
             let _ = waiter.try_send(message);
         }
+    }
+
+    /// Whether a waiter still waits on `id`: not yet answered, forgotten or cleared.
+    fn waits(&self, id: u64) -> bool {
+        self.waiting.holds(id)
     }
 
     /// Stops waiting on `id` (its waiter gave up).
@@ -463,4 +473,9 @@ impl Clock {
 
 fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error(ErrorBody::new(code, message))
+}
+
+/// The answer to a request whose shard closed its table of waiters before answering.
+fn shard_stopped() -> Message {
+    error_message(ErrorCode::ShuttingDown, "the shard stopped")
 }

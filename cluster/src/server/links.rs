@@ -63,7 +63,7 @@ use super::frames::ReadBuffer;
 use super::stop::unless;
 use super::{
     MeshWork, PEER_BACKOFF_MAX_MS, PEER_BACKOFF_MIN_MS, PEER_HELLO_ID, PEER_QUEUE_FRAMES_MAX,
-    Pending, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message,
+    Pending, READ_CHUNK_BYTES, Shard, WRITE_BATCH_BYTES_MAX, error_message, shard_stopped,
 };
 
 /// Who sent a request on a peer link, and under which of its own ids: where its answer goes.
@@ -217,7 +217,7 @@ impl Shard {
         let bound = Duration::from_millis(self.request_timeout_ms.saturating_mul(2));
         match unless(rx.recv(), glommio::timer::sleep(bound)).await {
             Some(Some(answer)) => answer,
-            Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+            Some(None) => shard_stopped(),
             None => {
                 self.inbound.forget(id);
                 error_message(ErrorCode::Timeout, "no answer from the coordinator")

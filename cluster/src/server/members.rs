@@ -75,7 +75,7 @@ use super::links::{Owner, connect_peer, request_once};
 use super::stop::StopToken;
 use super::stop::unless;
 use super::view::{Control, ShardView};
-use super::{Event, ServeError, Shard, Waiters, error_message};
+use super::{Event, ServeError, Shard, Waiters, error_message, shard_stopped};
 use ringkv_core::NodeId;
 
 /// Period of the ticker that drives membership (gossip rounds, request timeouts, flips).
@@ -292,7 +292,7 @@ impl Shard {
                 error_message(ErrorCode::InvalidRequest, reason)
             }
             Some(Err(AdminError::Unreachable(reason))) => error_message(ErrorCode::Timeout, reason),
-            None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+            None => shard_stopped(),
         }
     }
 
@@ -332,7 +332,7 @@ impl Shard {
         Ok(
             match unless(rx.recv(), glommio::timer::sleep(bound)).await {
                 Some(Some(answer)) => answer,
-                Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+                Some(None) => shard_stopped(),
                 None => {
                     self.inbound.forget(id);
                     error_message(ErrorCode::Internal, "membership did not answer")

@@ -18,7 +18,7 @@ use ringkv_core::request::{KeyOp, KeyRequest};
 use super::stop::unless;
 use super::{
     HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, MeshWork, Shard, ShardReply, ShardRequest, Waiters,
-    error_message,
+    error_message, shard_stopped,
 };
 use glommio::Task;
 use glommio::channels::local_channel::LocalReceiver;
@@ -55,30 +55,16 @@ impl Shard {
         };
         let start = Instant::now();
         let (started, hold) = self.begin(request, hold);
-        let Started {
-            op,
-            timeout_ms,
-            wait,
-        } = started;
-        let wait = match wait {
-            Wait::Refused(refused) => return Ok(refused),
-            Wait::Local(req, rx) => match futures_lite::future::poll_once(rx.recv()).await {
-                Some(answer) => {
-                    let reply = answer.unwrap_or_else(|| {
-                        error_message(ErrorCode::ShuttingDown, "the shard stopped")
-                    });
-                    self.count(op, start, &reply);
-                    return Ok(reply);
-                }
-                None => Wait::Local(req, rx),
-            },
-            remote @ Wait::Remote(_) => remote,
+        let answered = match &started.wait {
+            Wait::Refused(_) => true,
+            // The core took the waiter when it answered (or the shard closed the table).
+            Wait::Local(req, _) => !self.clients.waits(*req),
+            Wait::Remote(_) => false,
         };
-        let started = Started {
-            op,
-            timeout_ms,
-            wait,
-        };
+        if answered {
+            // `finish` takes an answer that is there without setting a timer.
+            return Ok(self.finish(started, start).await);
+        }
         Err(Unfinished::Key {
             started,
             hold,
@@ -219,8 +205,7 @@ impl Shard {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return refused,
             Wait::Local(req, rx) => match by_deadline(rx.recv(), left).await {
-                Some(Some(reply)) => reply,
-                Some(None) => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
+                Some(answer) => answer.unwrap_or_else(shard_stopped),
                 None => {
                     self.clients.forget(req);
                     timed_out(timeout_ms)
@@ -370,14 +355,9 @@ impl Shard {
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
         let (_, rx) = self.start_local(request);
-        match rx.recv().await {
-            Some(reply) => reply,
-            None => error_message(ErrorCode::ShuttingDown, "the shard stopped"),
-        }
+        rx.recv().await.unwrap_or_else(shard_stopped)
     }
-}
 
-impl Shard {
     /// Hands a client request for a partition this shard owns to its core; the answer arrives
     /// on the receiver, under the returned id.
     fn start_local(self: &Rc<Self>, request: KeyRequest) -> (u64, LocalReceiver<Message>) {
