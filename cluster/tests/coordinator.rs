@@ -450,15 +450,15 @@ fn a_forwarded_write_carries_what_is_left_of_its_deadline() {
 }
 
 /// The nodes `outputs` forward a client request to.
-fn forwarded_to(outputs: Vec<Output>) -> Vec<NodeId> {
+fn forwarded_to(outputs: &[Output]) -> Vec<NodeId> {
     use ringkv_core::coordinator::PeerMsg;
     outputs
-        .into_iter()
+        .iter()
         .filter_map(|o| match o {
             Output::Send {
                 to,
                 msg: PeerMsg::Forward { .. },
-            } => Some(to),
+            } => Some(*to),
             _ => None,
         })
         .collect()
@@ -509,20 +509,20 @@ fn a_forward_goes_to_a_home_that_answers() {
     }
     let request = common::key_request(&core, put(1));
     assert_eq!(
-        forwarded_to(core.handle_client(500, 1, request)),
+        forwarded_to(&core.handle_client(500, 1, request)),
         [homes[0]]
     );
     // The second home keeps answering; the first has been silent since 0.
     core.handle_peer(4_900, homes[1], PeerMsg::Pong { id: 0 });
     let request = common::key_request(&core, put(2));
     assert_eq!(
-        forwarded_to(core.handle_client(5_000, 2, request)),
+        forwarded_to(&core.handle_client(5_000, 2, request)),
         [homes[1]]
     );
     // Both silent: the walk's order again.
     let request = common::key_request(&core, put(3));
     assert_eq!(
-        forwarded_to(core.handle_client(9_000, 3, request)),
+        forwarded_to(&core.handle_client(9_000, 3, request)),
         [homes[0]]
     );
 }
@@ -1126,18 +1126,6 @@ fn convergent_writes_and_their_deletes_go_to_the_first_home() {
     for home in [NodeId(2), NodeId(3)] {
         core.handle_peer(0, home, PeerMsg::Pong { id: 0 });
     }
-    let forwarded_to = |outputs: &[Output]| -> Vec<NodeId> {
-        outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Send {
-                    to,
-                    msg: PeerMsg::Forward { .. },
-                } => Some(*to),
-                _ => None,
-            })
-            .collect()
-    };
     let delete_in = |bucket: &'static [u8]| {
         Message::Delete(Delete {
             bucket: Bytes::from_static(bucket),
@@ -1280,11 +1268,11 @@ fn a_forward_to_a_silent_home_is_not_moved_while_it_may_still_apply_it() {
     for (req, bucket) in (1..).zip([&b"lww"[..], b"b"]) {
         now += 10_000;
         let request = common::key_request(&core, put(bucket));
-        let first = forwarded_to(core.handle_client(now, req, request));
+        let first = forwarded_to(&core.handle_client(now, req, request));
         assert_eq!(first.len(), 1, "{first:?}");
         let bucket = String::from_utf8_lossy(bucket);
         for at in [500, 1_000, 4_999] {
-            let later = forwarded_to(core.handle_tick(now + at));
+            let later = forwarded_to(&core.handle_tick(now + at));
             assert!(later.is_empty(), "{bucket}: moved at {at} ms: {later:?}");
         }
         let end = core.handle_tick(now + 5_000);
