@@ -84,9 +84,7 @@ fn seeds_keep_the_promises() {
     }
     let count = env("RINGKV_SIM_SEEDS").unwrap_or(1000);
     let start = env("RINGKV_SIM_START").unwrap_or(0);
-    let mut totals = (
-        0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64, 0u64,
-    );
+    let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut freezes = 0usize;
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64, 0usize);
@@ -118,7 +116,6 @@ fn seeds_keep_the_promises() {
         ae.6 = ae.6.max(o.converge_ms);
         totals.7 += o.hint_overflow;
         totals.8 += o.credits_granted;
-        totals.9 += o.forwards_moved;
         freezes += o.freezes;
         membership.0 += o.changes;
         membership.1 += o.partitions_received;
@@ -140,7 +137,7 @@ fn seeds_keep_the_promises() {
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
          delivered, {} read repairs, {} crashes, {} batched jobs, {} hints refused (store \
-         full), {} hint credits granted, {} forwards moved, {} freezes",
+         full), {} hint credits granted, {} freezes",
         totals.0,
         totals.1,
         totals.2,
@@ -150,7 +147,6 @@ fn seeds_keep_the_promises() {
         totals.6,
         totals.7,
         totals.8,
-        totals.9,
         freezes
     );
     println!(

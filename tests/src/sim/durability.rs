@@ -342,9 +342,7 @@ impl Sim {
                 self.copies.unsuperseded.get(value),
             )
     }
-}
 
-impl Sim {
     /// For a last-write-wins value: the nodes whose store now holds its key (as a replica or
     /// a hint) at its coordinator's stamp or a higher one, and those that hold it durably. A
     /// home that batches concurrent writes of one key stores only the highest-stamped, so a

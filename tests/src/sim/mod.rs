@@ -306,8 +306,6 @@ pub struct Outcome {
     pub sibling_reads: usize,
     /// Hinted writes, over all nodes.
     pub hinted_writes: u64,
-    /// Forwarded writes moved on to another home, over all nodes.
-    pub forwards_moved: u64,
     /// Hints delivered, over all nodes.
     pub hints_delivered: u64,
     /// Read repairs sent, over all nodes.
@@ -1065,7 +1063,7 @@ impl Sim {
         self.check_trees();
         self.check_final();
         let convergent = self.check_convergent();
-        let mut stats = (0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
         let mut ae = (0, 0, 0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
@@ -1082,7 +1080,6 @@ impl Sim {
                 stats.5 += s.partitions_dropped;
                 stats.6 += s.hint_overflow;
                 stats.7 += s.credits_granted;
-                stats.8 += s.forwards_moved;
             }
         }
         Outcome {
@@ -1091,7 +1088,6 @@ impl Sim {
             acked_writes: self.writes.values().filter(|w| w.acked).count(),
             sibling_reads: self.sibling_reads,
             hinted_writes: stats.0,
-            forwards_moved: stats.8,
             hints_delivered: stats.1,
             read_repairs: stats.2,
             crashes: self.crashes,
@@ -1199,15 +1195,10 @@ impl Sim {
             && matches!(env.msg, SimMsg::Core(PeerMsg::Forward { .. }))
             && self.params.freezes
             && self.faults
-            && self.nodes[env.to].core.is_some()
-            && self.nodes[env.to]
-                .frozen_until
-                .is_none_or(|t| t <= self.now)
+            && self.running(env.to)
             && self.rng.gen_range(0..10) == 0
         {
-            let until = self.now + self.rng.gen_range(200..2_000);
-            self.nodes[env.to].frozen_until = Some(until);
-            self.freezes += 1;
+            self.freeze(env.to);
         }
         if let Some(node) = Self::held_by(&event)
             && let Some(until) = self.nodes[node].frozen_until
@@ -1440,21 +1431,14 @@ impl Sim {
                 }
             }
             Event::Freeze => {
-                let now = self.now;
-                let running: Vec<usize> = (0..self.nodes.len())
-                    .filter(|&n| {
-                        self.nodes[n].core.is_some()
-                            && self.nodes[n].frozen_until.is_none_or(|t| t <= now)
-                    })
-                    .collect();
+                let running: Vec<usize> =
+                    (0..self.nodes.len()).filter(|&n| self.running(n)).collect();
                 if self.faults && running.is_empty() {
                     self.freezes_blocked += 1;
                 }
                 if self.faults && !running.is_empty() {
                     let node = running[self.rng.gen_range(0..running.len())];
-                    let until = now + self.rng.gen_range(200..2_000);
-                    self.nodes[node].frozen_until = Some(until);
-                    self.freezes += 1;
+                    self.freeze(node);
                 }
                 if self.faults {
                     // With every node down (a power loss), soon again.
@@ -1485,6 +1469,23 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Whether node `n` is up and not frozen.
+    fn running(&self, n: usize) -> bool {
+        self.nodes[n].core.is_some() && !self.frozen(n)
+    }
+
+    /// Whether node `n` is frozen now.
+    pub(super) fn frozen(&self, n: usize) -> bool {
+        self.nodes[n].frozen_until.is_some_and(|t| self.now < t)
+    }
+
+    /// Freezes node `n` for 200 ms to 2 s.
+    fn freeze(&mut self, n: usize) {
+        let until = self.now + self.rng.gen_range(200..2_000);
+        self.nodes[n].frozen_until = Some(until);
+        self.freezes += 1;
     }
 
     /// Records the stamp an `lww` value was written with: every copy of a write carries the

@@ -353,14 +353,11 @@ impl Sim {
     }
 
     pub(super) fn client_request(&mut self, n: usize, req: u64, message: Message) {
-        if let Some(until) = self.nodes[n].frozen_until
-            && self.now < until
-        {
+        if let Some(until) = self.nodes[n].frozen_until.filter(|_| self.frozen(n)) {
             // A frozen node reads the request from its socket when it thaws.
-            let delay = until - self.now;
             let incarnation = self.nodes[n].incarnation;
             self.schedule(
-                delay,
+                until - self.now,
                 Event::ClientRequest {
                     node: n,
                     incarnation,
