@@ -111,10 +111,10 @@
 //! exchange's repair, so each repair holds back the idle pace at both ends for a second.
 //!
 //! Under load, the round-robin alone repairs a partition that missed a write only when its
-//! turn comes: one tree per interval, so minutes on a node with a hundred trees per core. A core therefore also
-//! keeps **suspect pairs**, a tree and a replica of it that may lack something this core stored:
-//! the replica was believed down when a write of the tree was stored here, or a replica write to
-//! it failed or timed out. Suspect pairs are exchanged first, one after another, [`SUSPECT_GAP_MS`]
+//! turn comes: one tree per interval, so minutes on a node with a hundred trees per core. A
+//! core therefore also keeps **suspect pairs**, a tree and a replica of it that may lack
+//! something this core stored: the replica was believed down when a write of the tree was
+//! stored here, or a replica write to it failed or timed out. Suspect pairs are exchanged first, one after another, [`SUSPECT_GAP_MS`]
 //! apart (at most `ae_interval_ms`, stretched by the background share like the rounds), as soon
 //! as the replica is believed up again; a pair stops being suspect when an exchange finds it
 //! equal, and stays suspect when its exchange fails or repaired keys (a repair is capped at
@@ -783,11 +783,10 @@ impl AntiEntropy {
 
     /// When the next round is due, if anti-entropy runs and no exchange is in progress.
     pub(super) fn deadline(&self, v: &View<'_>) -> Option<u64> {
-        let next = if self.suspects.is_empty() {
-            self.round_due(v)
-        } else {
-            self.round_due(v).min(self.next_suspect)
-        };
+        let mut next = self.round_due(v);
+        if !self.suspects.is_empty() {
+            next = next.min(self.next_suspect);
+        }
         (v.cfg.ae_interval_ms > 0 && self.exchange.is_none() && !self.order.is_empty())
             .then_some(next)
     }
