@@ -181,13 +181,13 @@
 //! they are written again. The per-key digests live in memory (above). Expired objects stay in
 //! the trees until they are reaped like tombstones, so only reaping removes keys from trees.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
 
 use super::context::{Outbox, View, lend};
+use super::key_table::KeyTable;
 use super::{Core, JobKind, Output, PeerMsg, Pending, Space, StoreKey, StoreOp};
 use crate::NodeId;
 use crate::merkle::{DEPTH, FANOUT, MerkleTree, leaf_of};
@@ -307,11 +307,10 @@ pub(super) struct ReapList {
 #[derive(Debug, Default)]
 struct Tree {
     merkle: MerkleTree,
-    /// (bucket, key) → entry. Hashed, because every replica write looks its key up here; the
-    /// listings that need an order (a leaf's keys, tombstones to reap) are rare, background and
-    /// sorted when made ([`Tree::entries`]). The hasher is seeded with a constant, so a run
-    /// is reproducible (the simulator replays seeds).
-    keys: HashMap<(Bytes, Bytes), Entry, BuildHasherDefault<KeyHasher>>,
+    /// (bucket, key) → entry, found by the key's tree hash. Hashed, because every replica write
+    /// looks its key up here; the listings that need an order (a leaf's keys, tombstones to
+    /// reap) are rare, background and sorted when made ([`Tree::entries`]).
+    keys: KeyTable<Entry>,
     /// No tombstone of the tree is past its grace before this time (a lower bound: set exactly
     /// by a reaping walk, lowered by every tombstone stored since). A reap before it walks
     /// nothing, so a tree without tombstones costs nothing however often it is found equal.
@@ -320,45 +319,17 @@ struct Tree {
 
 impl Tree {
     /// The entries that `keep` selects, in (leaf, bucket, key) order.
-    fn entries(&self, keep: impl Fn(&Entry) -> bool) -> Vec<(&Bytes, &Bytes, &Entry)> {
-        let mut found: Vec<_> = self
-            .keys
-            .iter()
-            .filter(|(_, e)| keep(e))
-            .map(|((b, k), e)| (b, k, e))
-            .collect();
+    fn entries(&self, keep: impl Fn(&Entry) -> bool) -> Vec<(&[u8], &[u8], &Entry)> {
+        let mut found: Vec<_> = self.keys.iter().filter(|(_, _, e)| keep(e)).collect();
         found.sort_unstable_by(|x, y| (x.2.leaf, x.0, x.1).cmp(&(y.2.leaf, y.0, y.1)));
         found
     }
 
     /// The entries of `leaves`, in (leaf, bucket, key) order.
-    fn in_leaves(&self, leaves: &[u32]) -> Vec<(&Bytes, &Bytes, &Entry)> {
+    fn in_leaves(&self, leaves: &[u32]) -> Vec<(&[u8], &[u8], &Entry)> {
         let mut sorted = leaves.to_vec();
         sorted.sort_unstable();
         self.entries(|e| sorted.binary_search(&e.leaf).is_ok())
-    }
-}
-
-/// Hashes a tree's keys: each piece through one-shot xxh3, seeded with the hash so far. Not
-/// keyed, like the engine's index (`engine/src/index.rs`): keys crafted to collide slow down
-/// the shard that stores them, and a fixed hash keeps simulated runs reproducible.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.0 = xxhash_rust::xxh3::xxh3_64_with_seed(bytes, self.0);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        // Lengths: mixed in with one multiplication, not a hash call.
-        self.0 = (self.0 ^ n as u64)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(29);
     }
 }
 
@@ -707,11 +678,9 @@ impl AntiEntropy {
             return;
         };
         let leaf = leaf_of(hash) as u32;
-        // Looked up with the request's own key (clones share its buffer); a key new to the tree
-        // is stored as a copy, so the tree never pins a received frame's buffer. Most writes
-        // update a key already present, so they copy nothing.
-        let probe = (key.bucket.clone(), key.key.clone());
-        let slot = tree.keys.get_mut(&probe);
+        // A key new to the tree is stored as a copy (`KeyTable`), so the tree never pins a
+        // received frame's buffer. Most writes update a key already present: they copy nothing.
+        let slot = tree.keys.get_mut(hash, &key.bucket, &key.key);
         let old = slot.as_deref().copied();
         let new = object.map(|o| {
             let digest = o.digest();
@@ -745,17 +714,9 @@ impl AntiEntropy {
         match (slot, new) {
             (Some(entry), Some(e)) => *entry = e,
             (Some(_), None) => {
-                tree.keys.remove(&probe);
+                tree.keys.remove(hash, &key.bucket, &key.key);
             }
-            (None, Some(e)) => {
-                tree.keys.insert(
-                    (
-                        Bytes::copy_from_slice(&key.bucket),
-                        Bytes::copy_from_slice(&key.key),
-                    ),
-                    e,
-                );
-            }
+            (None, Some(e)) => tree.keys.insert(hash, &key.bucket, &key.key, e),
             (None, None) => {}
         }
     }
@@ -1069,7 +1030,7 @@ impl AntiEntropy {
                     .into_iter()
                     .filter(|k| {
                         tree.keys
-                            .get(&(k.bucket.clone(), k.key.clone()))
+                            .get(v.tree_hash(&k.bucket, &k.key), &k.bucket, &k.key)
                             .is_some_and(|e| {
                                 e.digest == k.digest
                                     && e.tomb.is_some_and(|t| {
@@ -1179,8 +1140,8 @@ impl AntiEntropy {
             let mut in_leaf = Vec::new();
             while let Some((b, k, e)) = listed.next_if(|(_, _, e)| e.leaf == leaf) {
                 in_leaf.push(AeKey {
-                    bucket: b.clone(),
-                    key: k.clone(),
+                    bucket: Bytes::copy_from_slice(b),
+                    key: Bytes::copy_from_slice(k),
                     digest: e.digest,
                 });
             }
@@ -1227,7 +1188,10 @@ impl AntiEntropy {
             .collect();
         let mut mine: BTreeMap<(Bytes, Bytes), u64> = BTreeMap::new();
         for (b, k, e) in tree.in_leaves(&leaves) {
-            mine.insert((b.clone(), k.clone()), e.digest);
+            mine.insert(
+                (Bytes::copy_from_slice(b), Bytes::copy_from_slice(k)),
+                e.digest,
+            );
         }
         let max = v.cfg.ae_keys_max;
         let want: Vec<(Bytes, Bytes)> = theirs
@@ -1329,8 +1293,8 @@ impl AntiEntropy {
             }
             if ready.len() < v.cfg.ae_keys_max {
                 ready.push(AeKey {
-                    bucket: b.clone(),
-                    key: k.clone(),
+                    bucket: Bytes::copy_from_slice(b),
+                    key: Bytes::copy_from_slice(k),
                     digest: e.digest,
                 });
             }

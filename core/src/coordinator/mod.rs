@@ -103,6 +103,7 @@ pub use antientropy::{AeKey, TreeRoot};
 mod context;
 mod convergent;
 mod hints;
+mod key_table;
 mod liveness;
 
 use hints::HintStore;

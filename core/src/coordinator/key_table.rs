@@ -1,0 +1,246 @@
+//! The key table of an anti-entropy tree: (bucket, key) → entry, for every key the tree holds.
+//!
+//! Every replica write looks its key up here, so a lookup should touch the table and nothing
+//! else. Two choices make that so:
+//! - Slots are found by the key's tree hash, which the caller has already computed for the
+//!   Merkle leaf; the table hashes nothing itself, and a probe compares the stored hash before
+//!   any key byte.
+//! - Bucket and key are packed into one buffer, inline in the slot when short (redis-benchmark's
+//!   and YCSB's keys in their buckets are), on the heap otherwise. A table keyed by two
+//!   separately allocated byte strings compared each of them through a pointer: two cache
+//!   misses per write, and two allocations per key.
+//!
+//! Not keyed by a secret, like the engine's index (`engine/src/index.rs`): keys crafted to
+//! collide slow down the shard that stores them, and a fixed hash keeps simulated runs
+//! reproducible.
+
+use hashbrown::HashTable;
+
+/// Bytes of a packed (bucket, key) held in the slot itself.
+const INLINE: usize = 30;
+
+/// A bucket and key in one buffer: the bucket's length as a LEB128 varint, the bucket, the key.
+#[derive(Debug, Clone)]
+enum Packed {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+/// The varint that starts a packed key: `len` in 7-bit groups, low group first.
+fn length_prefix(mut len: usize, out: &mut [u8; 10]) -> &[u8] {
+    let mut i = 0;
+    loop {
+        let low = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out[i] = low;
+            return &out[..=i];
+        }
+        out[i] = low | 0x80;
+        i += 1;
+    }
+}
+
+impl Packed {
+    fn new(bucket: &[u8], key: &[u8]) -> Self {
+        let mut prefix = [0; 10];
+        let prefix = length_prefix(bucket.len(), &mut prefix);
+        let len = prefix.len() + bucket.len() + key.len();
+        if len <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..prefix.len()].copy_from_slice(prefix);
+            bytes[prefix.len()..prefix.len() + bucket.len()].copy_from_slice(bucket);
+            bytes[prefix.len() + bucket.len()..len].copy_from_slice(key);
+            // Checked just above: `len` fits `INLINE`, which fits a byte.
+            Packed::Inline {
+                len: len as u8,
+                bytes,
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(len);
+            bytes.extend_from_slice(prefix);
+            bytes.extend_from_slice(bucket);
+            bytes.extend_from_slice(key);
+            Packed::Heap(bytes.into_boxed_slice())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Packed::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Packed::Heap(bytes) => bytes,
+        }
+    }
+
+    /// The bucket and the key.
+    fn parts(&self) -> (&[u8], &[u8]) {
+        let bytes = self.bytes();
+        let mut bucket_len = 0usize;
+        let mut at = 0;
+        // Written by `new`: a varint of at most ten bytes, then at least that many bytes.
+        for (i, &b) in bytes.iter().enumerate() {
+            bucket_len |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                at = i + 1;
+                break;
+            }
+        }
+        let (bucket, key) = bytes[at..].split_at(bucket_len);
+        (bucket, key)
+    }
+
+    fn is(&self, bucket: &[u8], key: &[u8]) -> bool {
+        self.parts() == (bucket, key)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Slot<V> {
+    hash: u64,
+    key: Packed,
+    value: V,
+}
+
+/// (bucket, key) → `V`, each key found by its tree hash (module docs). Every method takes the
+/// hash the caller computed for the key; the same key must always come with the same hash.
+#[derive(Debug, Clone)]
+pub(super) struct KeyTable<V> {
+    table: HashTable<Slot<V>>,
+}
+
+impl<V> Default for KeyTable<V> {
+    fn default() -> Self {
+        Self {
+            table: HashTable::new(),
+        }
+    }
+}
+
+/// Where a slot goes in the table. A tree hash ends in the partition's bits (the same for every
+/// key of one tree), and the table picks a bucket by the low bits and a tag by the top ones: the
+/// rotation puts varying bits in both places.
+fn place(hash: u64) -> u64 {
+    hash.rotate_left(32)
+}
+
+impl<V> KeyTable<V> {
+    pub(super) fn get(&self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<&V> {
+        self.table
+            .find(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .map(|s| &s.value)
+    }
+
+    pub(super) fn get_mut(&mut self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<&mut V> {
+        self.table
+            .find_mut(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .map(|s| &mut s.value)
+    }
+
+    /// Sets `key`'s value.
+    pub(super) fn insert(&mut self, hash: u64, bucket: &[u8], key: &[u8], value: V) {
+        match self.table.entry(
+            place(hash),
+            |s| s.hash == hash && s.key.is(bucket, key),
+            |s| place(s.hash),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().value = value,
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(Slot {
+                    hash,
+                    key: Packed::new(bucket, key),
+                    value,
+                });
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<V> {
+        self.table
+            .find_entry(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .ok()
+            .map(|o| o.remove().0.value)
+    }
+
+    /// Every (bucket, key, value), in no particular order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], &V)> {
+        self.table.iter().map(|s| {
+            let (bucket, key) = s.key.parts();
+            (bucket, key, &s.value)
+        })
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    #[test]
+    fn packs_short_keys_inline_and_long_ones_on_the_heap() {
+        let short = Packed::new(b"default", b"key:000000012345");
+        assert!(matches!(short, Packed::Inline { .. }));
+        assert_eq!(short.parts(), (&b"default"[..], &b"key:000000012345"[..]));
+        let bucket = vec![7u8; 300];
+        let long = Packed::new(&bucket, b"k");
+        assert!(matches!(long, Packed::Heap(_)));
+        assert_eq!(long.parts(), (&bucket[..], &b"k"[..]));
+        // Bucket and key split where they were given, though the bytes run on alike.
+        assert!(!Packed::new(b"ab", b"c").is(b"a", b"bc"));
+    }
+
+    proptest! {
+        /// The table answers as a map of (bucket, key) does, for keys inline and on the heap
+        /// and hashes that collide (the hash is a few bits of the key, so many keys share one).
+        #[test]
+        fn behaves_as_a_map(ops in prop::collection::vec(
+            (0u8..3, prop::collection::vec(any::<u8>(), 0..40),
+             prop::collection::vec(any::<u8>(), 0..3), any::<u32>()),
+            1..200,
+        )) {
+            let mut table = KeyTable::default();
+            let mut model = BTreeMap::new();
+            let hash = |b: &[u8], k: &[u8]| (b.len() + k.len()) as u64 % 5;
+            for (op, bucket, key, value) in ops {
+                let h = hash(&bucket, &key);
+                match op {
+                    0 => {
+                        table.insert(h, &bucket, &key, value);
+                        model.insert((bucket.clone(), key.clone()), value);
+                    }
+                    1 => {
+                        prop_assert_eq!(
+                            table.remove(h, &bucket, &key),
+                            model.remove(&(bucket.clone(), key.clone()))
+                        );
+                    }
+                    _ => {
+                        if let Some(v) = table.get_mut(h, &bucket, &key) {
+                            *v = v.wrapping_add(1);
+                        }
+                        if let Some(v) = model.get_mut(&(bucket.clone(), key.clone())) {
+                            *v = v.wrapping_add(1);
+                        }
+                    }
+                }
+                prop_assert_eq!(
+                    table.get(h, &bucket, &key),
+                    model.get(&(bucket.clone(), key.clone()))
+                );
+                prop_assert_eq!(table.len(), model.len());
+            }
+            let mut listed: Vec<_> = table
+                .iter()
+                .map(|(b, k, v)| ((b.to_vec(), k.to_vec()), *v))
+                .collect();
+            listed.sort();
+            prop_assert_eq!(listed, model.into_iter().collect::<Vec<_>>());
+        }
+    }
+}
