@@ -6,9 +6,10 @@
 //! Eviction is CLOCK (second chance): a hit sets a reference bit, the hand evicts entries whose
 //! bit is clear. The budget counts value bytes plus a fixed per-entry overhead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 
 use crate::index::{KeyHash, Location};
 
@@ -18,6 +19,7 @@ const ENTRY_OVERHEAD_BYTES: usize = 96;
 type Key = (u32, u64, u16);
 
 struct Slot {
+    key: Key,
     loc: Location,
     value: Bytes,
     referenced: bool,
@@ -27,7 +29,9 @@ struct Slot {
 pub(crate) struct ValueCache {
     budget_bytes: usize,
     used_bytes: usize,
-    map: HashMap<Key, Slot>,
+    /// Found by the key's digest, which is already a hash of the key (xxh3): nothing is hashed
+    /// again, as in the index (`index.rs`).
+    map: HashTable<Slot>,
     clock: VecDeque<(Key, u64)>,
     generation: u64,
 }
@@ -37,7 +41,7 @@ impl ValueCache {
         Self {
             budget_bytes,
             used_bytes: 0,
-            map: HashMap::new(),
+            map: HashTable::new(),
             clock: VecDeque::new(),
             generation: 0,
         }
@@ -47,9 +51,17 @@ impl ValueCache {
         (partition, kh.digest, kh.check)
     }
 
+    fn find(&self, k: Key) -> Option<&Slot> {
+        self.map.find(k.1, |s| s.key == k)
+    }
+
+    fn find_mut(&mut self, k: Key) -> Option<&mut Slot> {
+        self.map.find_mut(k.1, |s| s.key == k)
+    }
+
     pub(crate) fn get(&mut self, partition: u32, kh: KeyHash, loc: Location) -> Option<Bytes> {
         let k = Self::key(partition, kh);
-        let slot = self.map.get_mut(&k)?;
+        let slot = self.find_mut(k)?;
         if slot.loc != loc {
             self.remove(k);
             return None;
@@ -59,25 +71,51 @@ impl ValueCache {
     }
 
     pub(crate) fn insert(&mut self, partition: u32, kh: KeyHash, loc: Location, value: Bytes) {
-        let cost = value.len() + ENTRY_OVERHEAD_BYTES;
-        if cost > self.budget_bytes / 8 {
-            return; // one value must not wipe out a large share of the cache
+        if !self.admissible(value.len()) {
+            return;
         }
         let k = Self::key(partition, kh);
-        if let Some(slot) = self.map.get_mut(&k) {
-            // A key cached already (most writes of a hot key) keeps its slot and its place in
-            // the clock, so overwrites leave no stale clock entries behind, unless it grows
-            // past the room left.
-            let old = slot.value.len();
-            if self.used_bytes - old + value.len() <= self.budget_bytes {
-                self.used_bytes = self.used_bytes - old + value.len();
-                slot.loc = loc;
-                slot.value = value;
-                slot.referenced = true;
-                return;
-            }
+        if self.overwrite(k, loc, value.len(), || value.clone()) {
+            return;
         }
         self.remove(k);
+        self.insert_new(k, loc, value);
+    }
+
+    /// Whether a value of `len` bytes may be cached at all: one value must not wipe out a large
+    /// share of the cache.
+    fn admissible(&self, len: usize) -> bool {
+        len + ENTRY_OVERHEAD_BYTES <= self.budget_bytes / 8
+    }
+
+    /// Replaces the value of `k` in place if it is cached and the new value fits the room left.
+    /// A key cached already (most writes of a hot key) keeps its slot and its place in the
+    /// clock, so overwrites leave no stale clock entries behind.
+    fn overwrite(
+        &mut self,
+        k: Key,
+        loc: Location,
+        len: usize,
+        value: impl FnOnce() -> Bytes,
+    ) -> bool {
+        let (budget, used) = (self.budget_bytes, self.used_bytes);
+        let Some(slot) = self.find_mut(k) else {
+            return false;
+        };
+        let old = slot.value.len();
+        if used - old + len > budget {
+            return false;
+        }
+        slot.loc = loc;
+        slot.value = value();
+        slot.referenced = true;
+        self.used_bytes = used - old + len;
+        true
+    }
+
+    /// Caches `k`, which is not cached, evicting what it must.
+    fn insert_new(&mut self, k: Key, loc: Location, value: Bytes) {
+        let cost = value.len() + ENTRY_OVERHEAD_BYTES;
         while self.used_bytes + cost > self.budget_bytes {
             if !self.evict_one() {
                 break;
@@ -85,28 +123,33 @@ impl ValueCache {
         }
         self.generation += 1;
         self.used_bytes += cost;
-        self.map.insert(
-            k,
+        self.map.insert_unique(
+            k.1,
             Slot {
+                key: k,
                 loc,
                 value,
                 referenced: false,
                 generation: self.generation,
             },
+            |s| s.key.1,
         );
         self.clock.push_back((k, self.generation));
         // Stale clock entries (removed or replaced slots) are skipped lazily; keep them bounded.
         if self.clock.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.clock
-                .retain(|(k, g)| map.get(k).is_some_and(|s| s.generation == *g));
+            self.clock.retain(|(k, g)| {
+                map.find(k.1, |s| s.key == *k)
+                    .is_some_and(|s| s.generation == *g)
+            });
         }
     }
 
     /// A write of a key: keep a cached entry current, forget it when the key was deleted, and
     /// admit a key not cached yet while the cache has room. A write never evicts: a write-heavy
     /// load must not push out what reads brought in, but a data set that fits the budget is
-    /// cached as it is written, not only once each key has been read from disk.
+    /// cached as it is written, not only once each key has been read from disk. A write of a
+    /// cached key finds its slot once.
     pub(crate) fn refresh(
         &mut self,
         partition: u32,
@@ -115,14 +158,19 @@ impl ValueCache {
         value: Option<&[u8]>,
     ) {
         let k = Self::key(partition, kh);
-        let cached = self.map.contains_key(&k);
         match value {
-            Some(v) if cached || self.has_room_for(v.len()) => {
-                self.insert(partition, kh, loc, Bytes::copy_from_slice(v));
+            Some(v) if self.admissible(v.len()) => {
+                if self.overwrite(k, loc, v.len(), || Bytes::copy_from_slice(v)) {
+                    return;
+                }
+                let cached = self.find(k).is_some();
+                if cached || self.has_room_for(v.len()) {
+                    self.remove(k);
+                    self.insert_new(k, loc, Bytes::copy_from_slice(v));
+                }
             }
-            Some(_) => {}
-            None if cached => self.remove(k),
-            None => {}
+            // Too large to cache: a cached older value must not be served for it.
+            Some(_) | None => self.remove(k),
         }
     }
 
@@ -132,26 +180,27 @@ impl ValueCache {
     }
 
     pub(crate) fn drop_partition(&mut self, partition: u32) {
-        let gone: Vec<Key> = self
-            .map
-            .keys()
-            .filter(|k| k.0 == partition)
-            .copied()
-            .collect();
-        for k in gone {
-            self.remove(k);
-        }
+        let mut freed = 0;
+        self.map.retain(|s| {
+            let keep = s.key.0 != partition;
+            if !keep {
+                freed += s.value.len() + ENTRY_OVERHEAD_BYTES;
+            }
+            keep
+        });
+        self.used_bytes -= freed;
     }
 
     fn remove(&mut self, k: Key) {
-        if let Some(s) = self.map.remove(&k) {
+        if let Ok(o) = self.map.find_entry(k.1, |s| s.key == k) {
+            let (s, _) = o.remove();
             self.used_bytes -= s.value.len() + ENTRY_OVERHEAD_BYTES;
         }
     }
 
     fn evict_one(&mut self) -> bool {
         while let Some((k, g)) = self.clock.pop_front() {
-            match self.map.get_mut(&k) {
+            match self.find_mut(k) {
                 Some(s) if s.generation == g => {
                     if s.referenced {
                         s.referenced = false;
