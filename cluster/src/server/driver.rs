@@ -77,13 +77,17 @@ pub(super) enum Input {
 impl Shard {
     /// Feeds `input` to the core at the shard's clock and carries out what it asks for.
     pub(super) fn drive(self: &Rc<Self>, input: Input) {
-        self.feed(input);
+        // One reading of the clock for the whole call: what follows runs without yielding, in
+        // microseconds, and the core's time is in milliseconds (a reading costs more than a
+        // small request's storage operation).
+        let now = self.clock.now_ms();
+        self.feed(now, input);
         // Storage operations that finished as they were issued, in the order they were issued,
         // each after the outputs it came with.
         loop {
             let next = self.finished.borrow_mut().pop_front();
             match next {
-                Some(input) => self.feed(input),
+                Some(input) => self.feed(now, input),
                 None => break,
             }
         }
@@ -97,9 +101,8 @@ impl Shard {
         self.finished.borrow_mut().push_back(input);
     }
 
-    /// One input to the core, and its outputs carried out.
-    fn feed(self: &Rc<Self>, input: Input) {
-        let now = self.clock.now_ms();
+    /// One input to the core at `now`, and its outputs carried out.
+    fn feed(self: &Rc<Self>, now: u64, input: Input) {
         let outputs = {
             let mut core = self.core.borrow_mut();
             match input {
