@@ -10,7 +10,7 @@
 //! of the core (a per-key job, a new epoch) goes back to it as an effect the sub-machine
 //! returns.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::liveness::Liveness;
 use super::{Core, CoreConfig, CoreStats, Output, PeerMsg, Pending, StoreKey, StoreOp};
@@ -34,7 +34,7 @@ pub(super) struct View<'a> {
 /// reaches its owner through the same lookup.
 pub(super) struct Outbox<'a> {
     pub(super) next_id: &'a mut u64,
-    pub(super) pending: &'a mut BTreeMap<u64, Pending>,
+    pub(super) pending: &'a mut super::Table<u64, Pending>,
     pub(super) timeouts: &'a mut BTreeSet<(u64, u64)>,
     pub(super) out: &'a mut Vec<Output>,
     /// The core's counters.

@@ -79,7 +79,8 @@
 //! siblings fails with `too_many_siblings`. Everything is ordered (`BTreeMap`) so a simulated run
 //! is a function of its seed.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
@@ -814,6 +815,12 @@ enum JobKind {
     Reap { digest: u64 },
 }
 
+/// The core's tables of what is in flight, keyed by its ids or by stored keys. Hashed: every
+/// request inserts into and removes from several of them, and a B-tree moved entries of hundreds
+/// of bytes around at each. The hash has no random seed, so a simulated run replays; what
+/// iterates one where order matters sorts what it found.
+type Table<K, V> = HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
+
 /// The request-path state machine of one shard (module docs).
 pub struct Core {
     cfg: CoreConfig,
@@ -825,15 +832,15 @@ pub struct Core {
     floor: u32,
     hlc_last: u64,
     next_id: u64,
-    ops: BTreeMap<u64, Op>,
+    ops: Table<u64, Op>,
     /// Deadlines of ops, for ticks.
     op_deadlines: BTreeSet<(u64, u64)>,
-    pending: BTreeMap<u64, Pending>,
+    pending: Table<u64, Pending>,
     /// Timeouts of outstanding messages: (deadline, id).
     timeouts: BTreeSet<(u64, u64)>,
-    jobs: BTreeMap<u64, Job>,
+    jobs: Table<u64, Job>,
     /// Per stored key: the job holding the lock first, then the ones waiting.
-    locks: BTreeMap<StoreKey, VecDeque<u64>>,
+    locks: Table<StoreKey, VecDeque<u64>>,
     live: Liveness,
     hints: HintStore,
     out: Vec<Output>,
@@ -871,12 +878,12 @@ impl Core {
             floor,
             hlc_last: 0,
             next_id: 1,
-            ops: BTreeMap::new(),
+            ops: Table::default(),
             op_deadlines: BTreeSet::new(),
-            pending: BTreeMap::new(),
+            pending: Table::default(),
             timeouts: BTreeSet::new(),
-            jobs: BTreeMap::new(),
-            locks: BTreeMap::new(),
+            jobs: Table::default(),
+            locks: Table::default(),
             live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
             hints: HintStore::new(cfg.hint_bytes_max, cfg.hint_inflight_max),
 
@@ -2119,7 +2126,7 @@ impl Core {
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
         self.live.mark_down(node, now);
-        let ids: Vec<u64> = self
+        let mut ids: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| match p {
@@ -2133,6 +2140,8 @@ impl Core {
             })
             .map(|(id, _)| *id)
             .collect();
+        // In the order they were sent (the table's own order is its hash's).
+        ids.sort_unstable();
         for id in ids {
             self.expire(now, id);
         }
