@@ -63,7 +63,7 @@ impl Shard {
         };
         if answered {
             // `finish` takes an answer that is there without setting a timer.
-            return Ok(self.finish(started, start).await);
+            return Ok(self.finish(started, start, &mut TakenAt::default()).await);
         }
         Err(Unfinished::Key {
             started,
@@ -92,7 +92,7 @@ impl Shard {
                 hold,
                 start,
             } => {
-                let reply = self.finish(started, start).await;
+                let reply = self.finish(started, start, &mut TakenAt::default()).await;
                 drop(hold);
                 reply
             }
@@ -154,8 +154,9 @@ impl Shard {
             .map(|request| self.begin(request, ()).0)
             .collect();
         let mut replies = Vec::with_capacity(started.len());
+        let mut taken = TakenAt::default();
         for one in started {
-            replies.push(self.finish(one, start).await);
+            replies.push(self.finish(one, start, &mut taken).await);
         }
         replies
     }
@@ -193,14 +194,18 @@ impl Shard {
     }
 
     /// Waits for a started request's answer until its deadline (counted from `start`) and
-    /// counts it; a timer is set only if the answer is not there yet.
-    async fn finish(&self, started: Started, start: Instant) -> Message {
+    /// counts it until `taken`; a timer is set only if the answer is not there yet.
+    async fn finish(&self, started: Started, start: Instant, taken: &mut TakenAt) -> Message {
         let Started {
             op,
             timeout_ms,
             wait,
         } = started;
-        let left = Duration::from_millis(timeout_ms).saturating_sub(start.elapsed());
+        let mut waited = false;
+        let left = || {
+            waited = true;
+            Duration::from_millis(timeout_ms).saturating_sub(start.elapsed())
+        };
         let reply = match wait {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return refused,
@@ -219,7 +224,10 @@ impl Shard {
                 }
             },
         };
-        self.count(op, start, &reply);
+        if waited {
+            taken.waited();
+        }
+        self.count(op, taken.now().saturating_duration_since(start), &reply);
         reply
     }
 
@@ -247,8 +255,8 @@ impl Shard {
 
     /// Counts an answered request of `op` started at `start`: its latency feeds admission
     /// control and the request metrics.
-    fn count(&self, op: Op, start: Instant, reply: &Message) {
-        let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    fn count(&self, op: Op, elapsed: Duration, reply: &Message) {
+        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.admission.borrow_mut().record(elapsed_us);
         let ok = !matches!(reply, Message::Error(_));
         self.metrics.record(op, elapsed_us, ok);
@@ -417,16 +425,38 @@ fn timed_out(timeout_ms: u64) -> Message {
     )
 }
 
-/// `work`'s output if it is ready now or within `left`; no timer is set for work already done.
-async fn by_deadline<F: std::future::Future>(work: F, left: Duration) -> Option<F::Output> {
+/// `work`'s output if it is ready now or within the time `left` gives; no timer is set (and the
+/// clock is not read) for work already done.
+async fn by_deadline<F: std::future::Future>(
+    work: F,
+    left: impl FnOnce() -> Duration,
+) -> Option<F::Output> {
     let mut work = std::pin::pin!(work);
     if let Some(done) = futures_lite::future::poll_once(work.as_mut()).await {
         return Some(done);
     }
+    let left = left();
     if left.is_zero() {
         return None;
     }
     unless(work, glommio::timer::sleep(left)).await
+}
+
+/// When answers are taken, for counting them: answers taken one after another without waiting
+/// (a batch's cached reads and buffered writes) share one reading of the clock, which costs as
+/// much as a small request's storage operation; an answer that was waited for takes a new one.
+#[derive(Default)]
+struct TakenAt(Option<Instant>);
+
+impl TakenAt {
+    fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+
+    /// Time passed: the next answer reads the clock again.
+    fn waited(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// Hands each reply from another shard to the task waiting for it.
