@@ -104,11 +104,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use glommio::TaskQueueHandle;
 use glommio::channels::channel_mesh::Senders;
-use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::sync::Gate;
 use ringkv_engine::Engine;
 use ringkv_net::limits::{PUT_OVERHEAD_BYTES_MAX, VALUE_BYTES_MAX};
@@ -292,14 +292,16 @@ struct ShardReply {
 /// table's live ids are ordered by age.
 struct Pending<V> {
     next: Cell<u64>,
-    entries: RefCell<HashMap<u64, V>>,
+    /// Hashed without a random seed: ids are not chosen by a peer, and every request inserts
+    /// and removes one.
+    entries: RefCell<HashMap<u64, V, rustc_hash::FxBuildHasher>>,
 }
 
 impl<V> Default for Pending<V> {
     fn default() -> Self {
         Pending {
             next: Cell::new(1),
-            entries: RefCell::new(HashMap::new()),
+            entries: RefCell::new(HashMap::default()),
         }
     }
 }
@@ -320,19 +322,19 @@ impl<V> Pending<V> {
         self.entries.borrow_mut().remove(&id)
     }
 
-    /// Whether `id` is kept.
-    fn holds(&self, id: u64) -> bool {
-        self.entries.borrow().contains_key(&id)
+    /// `f` applied to the value kept under `id`, if it is kept.
+    fn update<R>(&self, id: u64, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+        self.entries.borrow_mut().get_mut(&id).map(f)
+    }
+
+    /// Forgets every entry, handing them out.
+    fn drain(&self) -> Vec<V> {
+        self.entries.borrow_mut().drain().map(|(_, v)| v).collect()
     }
 
     /// Keeps only the entries for which `keep` holds.
     fn retain(&self, mut keep: impl FnMut(u64) -> bool) {
         self.entries.borrow_mut().retain(|id, _| keep(*id));
-    }
-
-    /// Forgets every entry.
-    fn clear(&self) {
-        self.entries.borrow_mut().clear();
     }
 
     /// Entries kept.
@@ -344,9 +346,20 @@ impl<V> Pending<V> {
 
 /// Tasks of a shard waiting for one answer each, by an id handed out by a [`Pending`] table.
 ///
-/// An answer whose waiter is gone (its deadline passed, its connection closed) is dropped.
+/// An answer waits in the table until its task takes it; one whose waiter is gone (its deadline
+/// passed, its connection closed: the [`Ticket`] was dropped) is dropped. No channel and no
+/// allocation per request: a request answered at once (most buffered writes and cached reads)
+/// costs an insertion and a removal.
 struct Waiters<T = Message> {
-    waiting: Pending<LocalSender<T>>,
+    waiting: Pending<Answer<T>>,
+}
+
+/// A waiter's entry.
+enum Answer<T> {
+    /// Not answered yet; the waker of the task once it has looked.
+    Awaited(Option<Waker>),
+    /// Answered, not taken yet.
+    Ready(T),
 }
 
 impl<T> Default for Waiters<T> {
@@ -358,22 +371,35 @@ impl<T> Default for Waiters<T> {
 }
 
 impl<T> Waiters<T> {
-    /// A new id and the receiver its answer arrives on.
-    fn register(&self) -> (u64, LocalReceiver<T>) {
-        let (tx, rx) = local_channel::new_bounded(1);
-        (self.waiting.insert(tx), rx)
+    /// A new id, and the ticket its answer is taken with.
+    fn register(self: &Rc<Self>) -> Ticket<T> {
+        Ticket {
+            id: self.waiting.insert(Answer::Awaited(None)),
+            table: self.clone(),
+        }
     }
 
     /// Hands `message` to the task waiting on `id`, if it still waits.
     fn answer(&self, id: u64, message: T) {
-        if let Some(waiter) = self.waiting.take(id) {
-            let _ = waiter.try_send(message);
+        let waker = self.waiting.update(id, |entry| match entry {
+            Answer::Awaited(waker) => {
+                let waker = waker.take();
+                *entry = Answer::Ready(message);
+                waker
+            }
+            // Answered twice: the first answer stands.
+            Answer::Ready(_) => None,
+        });
+        if let Some(waker) = waker.flatten() {
+            waker.wake();
         }
     }
 
     /// Whether a waiter still waits on `id`: not yet answered, forgotten or cleared.
     fn waits(&self, id: u64) -> bool {
-        self.waiting.holds(id)
+        self.waiting
+            .update(id, |entry| matches!(entry, Answer::Awaited(_)))
+            .unwrap_or(false)
     }
 
     /// Stops waiting on `id` (its waiter gave up).
@@ -381,9 +407,59 @@ impl<T> Waiters<T> {
         self.waiting.take(id);
     }
 
-    /// Fails every waiter: their receivers see the channel closed.
+    /// Fails every waiter: each finds its answer will not come.
     fn clear(&self) {
-        self.waiting.clear();
+        for entry in self.waiting.drain() {
+            if let Answer::Awaited(Some(waker)) = entry {
+                waker.wake();
+            }
+        }
+    }
+
+    /// The answer to `id` if it came (taken from the table), `None` if it will not come
+    /// (forgotten or cleared), or pending with `cx`'s waker kept.
+    fn poll_answer(&self, id: u64, cx: &mut std::task::Context<'_>) -> Poll<Option<T>> {
+        let ready = self.waiting.update(id, |entry| match entry {
+            Answer::Ready(_) => true,
+            Answer::Awaited(waker) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                false
+            }
+        });
+        match ready {
+            None => Poll::Ready(None),
+            Some(false) => Poll::Pending,
+            Some(true) => match self.waiting.take(id) {
+                Some(Answer::Ready(answer)) => Poll::Ready(Some(answer)),
+                _ => Poll::Ready(None),
+            },
+        }
+    }
+}
+
+/// The claim of one waiting task on its answer ([`Waiters::register`]); dropping it forgets the
+/// id, so an answer that comes later is dropped, not kept.
+struct Ticket<T = Message> {
+    id: u64,
+    table: Rc<Waiters<T>>,
+}
+
+impl<T> Ticket<T> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The answer, or `None` if it will not come (the table was cleared: the shard stops).
+    async fn recv(&self) -> Option<T> {
+        std::future::poll_fn(|cx| self.table.poll_answer(self.id, cx)).await
+    }
+}
+
+impl<T> Drop for Ticket<T> {
+    fn drop(&mut self) {
+        self.table.forget(self.id);
     }
 }
 
@@ -418,10 +494,10 @@ struct Shard {
     node_name: String,
     cluster_name: String,
     /// Client requests waiting for the core's reply, by the id given to `handle_client`.
-    clients: Waiters,
+    clients: Rc<Waiters>,
     /// Peer requests waiting for the core's or membership's answer, by the id given to
     /// `handle_peer` or `handle_msg`.
-    inbound: Waiters,
+    inbound: Rc<Waiters>,
     /// Outbound link of each peer node this shard has talked to: its queue and the owners of
     /// its requests.
     links: RefCell<HashMap<NodeId, links::Link>>,
@@ -478,4 +554,84 @@ fn error_message(code: ErrorCode, message: impl Into<String>) -> Message {
 /// The answer to a request whose shard closed its table of waiters before answering.
 fn shard_stopped() -> Message {
     error_message(ErrorCode::ShuttingDown, "the shard stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Wake};
+
+    use super::*;
+
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn poll(ticket: &Ticket<u32>, waker: &Waker) -> Poll<Option<u32>> {
+        ticket
+            .table
+            .poll_answer(ticket.id(), &mut Context::from_waker(waker))
+    }
+
+    /// An answer before the task looks is kept for it; one after wakes it; either is taken once
+    /// and leaves nothing behind.
+    #[test]
+    fn answers_reach_their_ticket_early_or_late() {
+        let table = Rc::new(Waiters::<u32>::default());
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let early = table.register();
+        table.answer(early.id(), 1);
+        assert!(!table.waits(early.id()));
+        assert_eq!(poll(&early, &waker), Poll::Ready(Some(1)));
+        assert_eq!(table.waiting.len(), 0);
+
+        let late = table.register();
+        assert_eq!(poll(&late, &waker), Poll::Pending);
+        assert!(table.waits(late.id()));
+        table.answer(late.id(), 2);
+        table.answer(late.id(), 3);
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "woken once");
+        assert_eq!(
+            poll(&late, &waker),
+            Poll::Ready(Some(2)),
+            "the first answer"
+        );
+        assert_eq!(table.waiting.len(), 0);
+    }
+
+    /// A dropped ticket forgets its id, so an answer that comes later is not kept; clearing
+    /// wakes every waiter, which then finds no answer will come.
+    #[test]
+    fn dropped_tickets_keep_nothing_and_clearing_wakes_waiters() {
+        let table = Rc::new(Waiters::<u32>::default());
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        let gone = table.register();
+        let id = gone.id();
+        drop(gone);
+        table.answer(id, 1);
+        assert_eq!(table.waiting.len(), 0);
+
+        let answered = table.register();
+        table.answer(answered.id(), 2);
+        drop(answered);
+        assert_eq!(
+            table.waiting.len(),
+            0,
+            "an answer not taken goes with its ticket"
+        );
+
+        let waiting = table.register();
+        assert_eq!(poll(&waiting, &waker), Poll::Pending);
+        table.clear();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert_eq!(poll(&waiting, &waker), Poll::Ready(None));
+    }
 }

@@ -204,24 +204,18 @@ impl Shard {
             },
             other => other,
         };
-        let (id, rx) = self.inbound.register();
-        let msg = match request.into_peer_msg(id) {
+        let ticket = self.inbound.register();
+        let msg = match request.into_peer_msg(ticket.id()) {
             Ok(m) => m,
-            Err(e) => {
-                self.inbound.forget(id);
-                return Message::Error(e);
-            }
+            Err(e) => return Message::Error(e),
         };
         self.drive(Input::Peer { from, msg });
         // The core answers every request by its deadline; this bound only guards the waiter.
         let bound = Duration::from_millis(self.request_timeout_ms.saturating_mul(2));
-        match unless(rx.recv(), glommio::timer::sleep(bound)).await {
+        match unless(ticket.recv(), glommio::timer::sleep(bound)).await {
             Some(Some(answer)) => answer,
             Some(None) => shard_stopped(),
-            None => {
-                self.inbound.forget(id);
-                error_message(ErrorCode::Timeout, "no answer from the coordinator")
-            }
+            None => error_message(ErrorCode::Timeout, "no answer from the coordinator"),
         }
     }
 }

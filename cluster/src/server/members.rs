@@ -87,7 +87,7 @@ pub(super) const STORED_REPORT_MS: u64 = crate::metrics::ENGINE_REFRESH_MS;
 pub(super) struct Driver {
     membership: RefCell<Membership>,
     /// ADMIN requests waiting for their answer, by the id given to `Membership::admin`.
-    admin: Waiters<Result<String, AdminError>>,
+    admin: Rc<Waiters<Result<String, AdminError>>>,
     /// The latest state to persist, if not yet written.
     persist_next: RefCell<Option<Vec<u8>>>,
     /// Whether a write of the state file is running.
@@ -135,7 +135,7 @@ impl Driver {
     ) -> Self {
         Self {
             membership: RefCell::new(membership),
-            admin: Waiters::default(),
+            admin: Rc::new(Waiters::default()),
             persist_next: RefCell::new(None),
             persisting: Cell::new(false),
             queue: RefCell::new(VecDeque::new()),
@@ -267,7 +267,8 @@ impl Shard {
             );
         }
         let status = cmd == AdminCmd::Status;
-        let (req, rx) = driver.admin.register();
+        let ticket = driver.admin.register();
+        let req = ticket.id();
         let now = self.clock.now_ms();
         let outputs = {
             // Status shows this shard's core's view of the members: the node's one failure
@@ -278,7 +279,7 @@ impl Shard {
         };
         self.membership_outputs(outputs);
         // Membership answers every command, at the latest when its request to a peer times out.
-        match rx.recv().await {
+        match ticket.recv().await {
             Some(Ok(mut text)) => {
                 if status {
                     text.push_str(&driver.holding_line());
@@ -306,15 +307,11 @@ impl Shard {
         let Some(driver) = self.driver() else {
             return Err(cluster);
         };
-        let (id, rx) = self.inbound.register();
-        let msg = match MembershipMsg::decode(id, cluster.sub, false, &cluster.payload) {
+        let ticket = self.inbound.register();
+        let msg = match MembershipMsg::decode(ticket.id(), cluster.sub, false, &cluster.payload) {
             Ok(Some(msg)) => msg,
-            Ok(None) => {
-                self.inbound.forget(id);
-                return Err(cluster);
-            }
+            Ok(None) => return Err(cluster),
             Err(e) => {
-                self.inbound.forget(id);
                 return Ok(error_message(
                     ErrorCode::InvalidRequest,
                     format!("CLUSTER sub-kind {}: {e}", cluster.sub),
@@ -330,13 +327,10 @@ impl Shard {
         // Membership answers every request at once; the bound only guards the waiter.
         let bound = Duration::from_millis(self.request_timeout_ms);
         Ok(
-            match unless(rx.recv(), glommio::timer::sleep(bound)).await {
+            match unless(ticket.recv(), glommio::timer::sleep(bound)).await {
                 Some(Some(answer)) => answer,
                 Some(None) => shard_stopped(),
-                None => {
-                    self.inbound.forget(id);
-                    error_message(ErrorCode::Internal, "membership did not answer")
-                }
+                None => error_message(ErrorCode::Internal, "membership did not answer"),
             },
         )
     }

@@ -17,11 +17,10 @@ use ringkv_core::request::{KeyOp, KeyRequest};
 
 use super::stop::unless;
 use super::{
-    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, MeshWork, Shard, ShardReply, ShardRequest, Waiters,
-    error_message, shard_stopped,
+    HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, MeshWork, Shard, ShardReply, ShardRequest, Ticket,
+    Waiters, error_message, shard_stopped,
 };
 use glommio::Task;
-use glommio::channels::local_channel::LocalReceiver;
 
 impl Shard {
     /// Executes a request a connection received, as far as it goes without waiting: a GET, PUT
@@ -58,7 +57,7 @@ impl Shard {
         let answered = match &started.wait {
             Wait::Refused(_) => true,
             // The core took the waiter when it answered (or the shard closed the table).
-            Wait::Local(req, _) => !self.clients.waits(*req),
+            Wait::Local(ticket) => !self.clients.waits(ticket.id()),
             Wait::Remote(_) => false,
         };
         if answered {
@@ -173,8 +172,7 @@ impl Shard {
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
-                let (req, rx) = self.start_local(request);
-                (Wait::Local(req, rx), Some(hold))
+                (Wait::Local(self.start_local(request)), Some(hold))
             } else {
                 let shard = self.clone();
                 let task = glommio::spawn_local(async move {
@@ -209,12 +207,10 @@ impl Shard {
         let reply = match wait {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return refused,
-            Wait::Local(req, rx) => match by_deadline(rx.recv(), left).await {
+            // A ticket dropped unanswered forgets its id: a late answer is dropped.
+            Wait::Local(ticket) => match by_deadline(ticket.recv(), left).await {
                 Some(answer) => answer.unwrap_or_else(shard_stopped),
-                None => {
-                    self.clients.forget(req);
-                    timed_out(timeout_ms)
-                }
+                None => timed_out(timeout_ms),
             },
             Wait::Remote(mut task) => match by_deadline(&mut task, left).await {
                 Some(reply) => reply,
@@ -338,20 +334,19 @@ impl Shard {
 
     /// Has shard `owner` run `work` and waits for its answer.
     pub(super) async fn forward(&self, owner: usize, work: MeshWork) -> Message {
-        let (tag, rx) = self.waiting.register();
+        let ticket = self.waiting.register();
         let request = ShardRequest {
-            tag,
+            tag: ticket.id(),
             origin: self.id,
             work,
         };
         if self.requests.send_to(owner, request).await.is_err() {
-            self.waiting.forget(tag);
             return error_message(
                 ErrorCode::ShuttingDown,
                 format!("shard {owner} is stopping"),
             );
         }
-        match rx.recv().await {
+        match ticket.recv().await {
             Some(reply) => reply,
             None => error_message(
                 ErrorCode::Internal,
@@ -362,17 +357,20 @@ impl Shard {
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
-        let (_, rx) = self.start_local(request);
-        rx.recv().await.unwrap_or_else(shard_stopped)
+        let ticket = self.start_local(request);
+        ticket.recv().await.unwrap_or_else(shard_stopped)
     }
 
-    /// Hands a client request for a partition this shard owns to its core; the answer arrives
-    /// on the receiver, under the returned id.
-    fn start_local(self: &Rc<Self>, request: KeyRequest) -> (u64, LocalReceiver<Message>) {
+    /// Hands a client request for a partition this shard owns to its core; the answer is
+    /// taken with the returned ticket.
+    fn start_local(self: &Rc<Self>, request: KeyRequest) -> Ticket {
         debug_assert_eq!(request.partition().0 as usize % self.shard_count, self.id);
-        let (req, rx) = self.clients.register();
-        self.drive(Input::Client { req, request });
-        (req, rx)
+        let ticket = self.clients.register();
+        self.drive(Input::Client {
+            req: ticket.id(),
+            request,
+        });
+        ticket
     }
 }
 
@@ -401,8 +399,8 @@ pub(super) struct Started {
 enum Wait {
     /// Refused before any work.
     Refused(Message),
-    /// This shard's core, under a client request id.
-    Local(u64, LocalReceiver<Message>),
+    /// This shard's core, under a client request's ticket.
+    Local(Ticket),
     /// The task that asked the owning shard.
     Remote(Task<Message>),
 }

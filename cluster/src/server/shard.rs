@@ -453,8 +453,8 @@ fn new_shard(
         node_id: cfg.node_id,
         node_name: cfg.settings.node_name.clone(),
         cluster_name: cfg.settings.cluster_name.clone(),
-        clients: Waiters::default(),
-        inbound: Waiters::default(),
+        clients: Rc::new(Waiters::default()),
+        inbound: Rc::new(Waiters::default()),
         links: RefCell::new(HashMap::new()),
         members: membership.map(|m| {
             members::Driver::new(
