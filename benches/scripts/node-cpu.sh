@@ -17,7 +17,9 @@ rounds=${3:-3}
 root=${4:-target/node-cpu}
 
 run() {
-  local bin=$1 tag=$2 port=$((20000 + RANDOM % 20000))
+  # Below the kernel's ephemeral range (32768 and up by default), where a client's
+  # outgoing connections could hold the port.
+  local bin=$1 tag=$2 port=$((20000 + RANDOM % 12000))
   local dir=$root/$tag
   rm -rf "$dir"
   mkdir -p "$dir"

@@ -52,7 +52,9 @@ measure() {
 }
 
 ringkv() {
-  local bin=$1 tag=$2 port=$((20000 + RANDOM % 20000))
+  # Below the kernel's ephemeral range (32768 and up by default), where a client's
+  # outgoing connections could hold the port.
+  local bin=$1 tag=$2 port=$((20000 + RANDOM % 12000))
   local dir=$root/$tag
   rm -rf "$dir"
   mkdir -p "$dir"
@@ -68,7 +70,7 @@ ringkv() {
 }
 
 redis() {
-  local port=$((20000 + RANDOM % 20000))
+  local port=$((20000 + RANDOM % 12000))
   taskset -c 0 redis-server --port "$port" --save '' --appendonly no > "$root/redis.log" 2>&1 &
   local server=$!
   wait_ping "$port"
