@@ -327,9 +327,13 @@ impl<V> Pending<V> {
         self.entries.borrow_mut().get_mut(&id).map(f)
     }
 
-    /// Forgets every entry, handing them out.
-    fn drain(&self) -> Vec<V> {
-        self.entries.borrow_mut().drain().map(|(_, v)| v).collect()
+    /// Forgets every entry for which `take` holds, handing them out.
+    fn take_if(&self, mut take: impl FnMut(&V) -> bool) -> Vec<V> {
+        self.entries
+            .borrow_mut()
+            .extract_if(|_, v| take(v))
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Keeps only the entries for which `keep` holds.
@@ -407,9 +411,14 @@ impl<T> Waiters<T> {
         self.waiting.take(id);
     }
 
-    /// Fails every waiter: each finds its answer will not come.
+    /// Fails every waiter still awaiting its answer: each finds it will not come. An answer
+    /// already given stays for its ticket: the work it reports was done (a write applied), and
+    /// answering `shutting_down` instead would invite a retry that applies it twice.
     fn clear(&self) {
-        for entry in self.waiting.drain() {
+        for entry in self
+            .waiting
+            .take_if(|entry| matches!(entry, Answer::Awaited(_)))
+        {
             if let Answer::Awaited(Some(waker)) = entry {
                 waker.wake();
             }
@@ -419,15 +428,19 @@ impl<T> Waiters<T> {
     /// The answer to `id` if it came (taken from the table), `None` if it will not come
     /// (forgotten or cleared), or pending with `cx`'s waker kept.
     fn poll_answer(&self, id: u64, cx: &mut std::task::Context<'_>) -> Poll<Option<T>> {
+        // A waker replaced is dropped after the table's borrow ends: dropping it may drop a task
+        // that holds a ticket of this table.
+        let mut replaced = None;
         let ready = self.waiting.update(id, |entry| match entry {
             Answer::Ready(_) => true,
             Answer::Awaited(waker) => {
                 if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
+                    replaced = waker.replace(cx.waker().clone());
                 }
                 false
             }
         });
+        drop(replaced);
         match ready {
             None => Poll::Ready(None),
             Some(false) => Poll::Pending,
@@ -488,6 +501,8 @@ struct Shard {
     background: TaskQueueHandle,
     background_shares: Rc<BackgroundShares>,
     clock: Clock,
+    /// The time the core was last fed at ([`Shard::drive`]).
+    fed_at: Cell<u64>,
     /// RESP connections accepted, for their ids.
     resp_clients: Cell<u64>,
     node_id: NodeId,
@@ -607,7 +622,8 @@ mod tests {
     }
 
     /// A dropped ticket forgets its id, so an answer that comes later is not kept; clearing
-    /// wakes every waiter, which then finds no answer will come.
+    /// wakes every waiter still awaiting, which then finds no answer will come, and keeps an
+    /// answer already given for its ticket.
     #[test]
     fn dropped_tickets_keep_nothing_and_clearing_wakes_waiters() {
         let table = Rc::new(Waiters::<u32>::default());
@@ -630,8 +646,15 @@ mod tests {
 
         let waiting = table.register();
         assert_eq!(poll(&waiting, &waker), Poll::Pending);
+        let answered = table.register();
+        table.answer(answered.id(), 4);
         table.clear();
         assert_eq!(count.0.load(Ordering::Relaxed), 1);
         assert_eq!(poll(&waiting, &waker), Poll::Ready(None));
+        assert_eq!(
+            poll(&answered, &waker),
+            Poll::Ready(Some(4)),
+            "an answer given before the clearing is still taken"
+        );
     }
 }

@@ -145,11 +145,12 @@ impl ValueCache {
         }
     }
 
-    /// A write of a key: keep a cached entry current, forget it when the key was deleted, and
-    /// admit a key not cached yet while the cache has room. A write never evicts: a write-heavy
-    /// load must not push out what reads brought in, but a data set that fits the budget is
-    /// cached as it is written, not only once each key has been read from disk. A write of a
-    /// cached key finds its slot once.
+    /// A write of a key: keep a cached entry current, forget it when the key was deleted (or
+    /// its new value is too large to cache), and admit a key not cached yet while the cache has
+    /// room. A write evicts only to make room for a cached key's grown value: a write-heavy load
+    /// must not push out what reads brought in, but a data set that fits the budget is cached as
+    /// it is written, not only once each key has been read from disk. A write of a cached key
+    /// finds its slot once.
     pub(crate) fn refresh(
         &mut self,
         partition: u32,
@@ -308,5 +309,25 @@ mod tests {
         c.refresh(0, kh(1), loc(22), None);
         assert!(c.get(0, kh(1), loc(21)).is_none());
         assert_eq!(c.len(), 15);
+    }
+
+    /// A write too large to cache forgets the key's older value, and dropping a partition
+    /// gives back the bytes of its entries only.
+    #[test]
+    fn oversized_writes_and_dropped_partitions_free_their_bytes() {
+        let kh = |digest| KeyHash { digest, check: 0 };
+        let mut c = ValueCache::new(16 * (ENTRY_OVERHEAD_BYTES + 100));
+        c.refresh(0, kh(1), loc(1), Some(&[1u8; 100]));
+        c.refresh(1, kh(2), loc(2), Some(&[2u8; 100]));
+        assert_eq!(c.used_bytes(), 2 * (ENTRY_OVERHEAD_BYTES + 100));
+        let huge = vec![3u8; 16 * 100];
+        c.refresh(0, kh(1), loc(3), Some(&huge));
+        assert!(c.get(0, kh(1), loc(3)).is_none());
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 100);
+        c.refresh(0, kh(4), loc(4), Some(&[4u8; 50]));
+        c.drop_partition(0);
+        assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 100);
+        assert_eq!(c.get(1, kh(2), loc(2)).as_deref(), Some(&[2u8; 100][..]));
     }
 }

@@ -103,6 +103,10 @@ impl Shard {
 
     /// One input to the core at `now`, and its outputs carried out.
     fn feed(self: &Rc<Self>, now: u64, input: Input) {
+        // A drive nested in this one (a view applied while outputs are carried out) may have
+        // fed a later reading: the core never sees its time go back.
+        let now = now.max(self.fed_at.get());
+        self.fed_at.set(now);
         let outputs = {
             let mut core = self.core.borrow_mut();
             match input {

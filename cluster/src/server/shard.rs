@@ -449,6 +449,7 @@ fn new_shard(
         background,
         background_shares,
         clock,
+        fed_at: Cell::new(0),
         resp_clients: Cell::new(0),
         node_id: cfg.node_id,
         node_name: cfg.settings.node_name.clone(),

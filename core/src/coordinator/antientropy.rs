@@ -1182,28 +1182,27 @@ impl AntiEntropy {
         let Some(tree) = self.trees.get(&tree_id) else {
             return no_tree(o, from, id, tree_id);
         };
-        let theirs: BTreeMap<(Bytes, Bytes), u64> = keys
-            .into_iter()
-            .map(|k| ((k.bucket, k.key), k.digest))
+        // Compared as borrowed bytes: only the keys to send are copied out of the tree.
+        let theirs: BTreeMap<(&[u8], &[u8]), &AeKey> = keys
+            .iter()
+            .map(|k| ((&k.bucket[..], &k.key[..]), k))
             .collect();
-        let mut mine: BTreeMap<(Bytes, Bytes), u64> = BTreeMap::new();
-        for (b, k, e) in tree.in_leaves(&leaves) {
-            mine.insert(
-                (Bytes::copy_from_slice(b), Bytes::copy_from_slice(k)),
-                e.digest,
-            );
-        }
+        let mine: BTreeMap<(&[u8], &[u8]), u64> = tree
+            .in_leaves(&leaves)
+            .into_iter()
+            .map(|(b, k, e)| ((b, k), e.digest))
+            .collect();
         let max = v.cfg.ae_keys_max;
         let want: Vec<(Bytes, Bytes)> = theirs
             .iter()
-            .filter(|(k, d)| mine.get(*k) != Some(*d))
-            .map(|(k, _)| k.clone())
+            .filter(|(id, k)| mine.get(*id) != Some(&k.digest))
+            .map(|(_, k)| (k.bucket.clone(), k.key.clone()))
             .take(max)
             .collect();
         let send: Vec<(Bytes, Bytes)> = mine
             .iter()
-            .filter(|(k, d)| theirs.get(*k) != Some(*d))
-            .map(|(k, _)| k.clone())
+            .filter(|(id, d)| theirs.get(*id).map(|k| k.digest) != Some(**d))
+            .map(|((b, k), _)| (Bytes::copy_from_slice(b), Bytes::copy_from_slice(k)))
             .take(max)
             .collect();
         o.answer(from, PeerMsg::AeKeysOk { id, want });

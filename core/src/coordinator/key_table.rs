@@ -18,6 +18,7 @@ use hashbrown::HashTable;
 
 /// Bytes of a packed (bucket, key) held in the slot itself.
 const INLINE: usize = 30;
+const _: () = assert!(INLINE <= u8::MAX as usize, "an inline length is a byte");
 
 /// A bucket and key in one buffer: the bucket's length as a LEB128 varint, the bucket, the key.
 #[derive(Debug, Clone)]
@@ -85,6 +86,10 @@ impl Packed {
                 break;
             }
         }
+        debug_assert!(
+            at > 0 && bytes.len() >= at + bucket_len,
+            "a packed key starts with its bucket's length"
+        );
         let (bucket, key) = bytes[at..].split_at(bucket_len);
         (bucket, key)
     }
@@ -182,6 +187,8 @@ mod tests {
 
     use proptest::prelude::*;
 
+    /// Short keys live in the slot, long ones (a bucket whose length takes two varint bytes
+    /// among them) on the heap, and both give back the bucket and key they were made of.
     #[test]
     fn packs_short_keys_inline_and_long_ones_on_the_heap() {
         let short = Packed::new(b"default", b"key:000000012345");
@@ -193,6 +200,14 @@ mod tests {
         assert_eq!(long.parts(), (&bucket[..], &b"k"[..]));
         // Bucket and key split where they were given, though the bytes run on alike.
         assert!(!Packed::new(b"ab", b"c").is(b"a", b"bc"));
+        assert_eq!(Packed::new(b"", b"k").parts(), (&b""[..], &b"k"[..]));
+        let mut table = KeyTable::default();
+        table.insert(9, &bucket, b"k", 1);
+        table.insert(9, &bucket[..299], b"k", 2);
+        assert_eq!(table.get(9, &bucket, b"k"), Some(&1));
+        assert_eq!(table.get(9, &bucket[..299], b"k"), Some(&2));
+        assert_eq!(table.remove(9, &bucket, b"k"), Some(1));
+        assert_eq!(table.get(9, &bucket, b"k"), None);
     }
 
     proptest! {

@@ -76,8 +76,9 @@
 //!
 //! Limits: the sibling limit is enforced where writes are coordinated; merges of concurrent writes
 //! on replicas may exceed it, and a read whose merge has more than the wire's `SIBLINGS_MAX`
-//! siblings fails with `too_many_siblings`. Everything is ordered (`BTreeMap`) so a simulated run
-//! is a function of its seed.
+//! siblings fails with `too_many_siblings`. A simulated run is a function of its seed: maps that
+//! are walked in order are `BTreeMap`s, the tables of work in flight hash without a random seed
+//! (`Table`), and what walks one of those where order matters sorts what it found.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasherDefault;

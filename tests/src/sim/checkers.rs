@@ -827,6 +827,8 @@ mod tests {
         assert!(excused(&[delete(1, &["b"], false)], &[]).is_empty());
     }
 
+    /// A delete that was acknowledged, or that some store took, excuses the values it read
+    /// and what they saw, and nothing else.
     #[test]
     fn an_acknowledged_or_applied_delete_excuses_what_it_read_and_what_that_saw() {
         let both = [(1, Bytes::from_static(b"a")), (1, Bytes::from_static(b"b"))];
