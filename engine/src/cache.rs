@@ -51,10 +51,6 @@ impl ValueCache {
         (partition, kh.digest, kh.check)
     }
 
-    fn find(&self, k: Key) -> Option<&Slot> {
-        self.map.find(k.1, |s| s.key == k)
-    }
-
     fn find_mut(&mut self, k: Key) -> Option<&mut Slot> {
         self.map.find_mut(k.1, |s| s.key == k)
     }
@@ -71,15 +67,10 @@ impl ValueCache {
     }
 
     pub(crate) fn insert(&mut self, partition: u32, kh: KeyHash, loc: Location, value: Bytes) {
-        if !self.admissible(value.len()) {
-            return;
+        if self.admissible(value.len()) {
+            let len = value.len();
+            self.place(Self::key(partition, kh), loc, len, || value, true);
         }
-        let k = Self::key(partition, kh);
-        if self.overwrite(k, loc, value.len(), || value.clone()) {
-            return;
-        }
-        self.remove(k);
-        self.insert_new(k, loc, value);
     }
 
     /// Whether a value of `len` bytes may be cached at all: one value must not wipe out a large
@@ -88,29 +79,38 @@ impl ValueCache {
         len + ENTRY_OVERHEAD_BYTES <= self.budget_bytes / 8
     }
 
-    /// Replaces the value of `k` in place if it is cached and the new value fits the room left.
-    /// A key cached already (most writes of a hot key) keeps its slot and its place in the
-    /// clock, so overwrites leave no stale clock entries behind.
-    fn overwrite(
+    /// Caches `value` (`len` bytes) for `k`. A key cached already (most writes of a hot key)
+    /// keeps its slot and its place in the clock when the new value fits the room left, so
+    /// overwrites leave no stale clock entries behind; otherwise it is cached anew, evicting
+    /// what it must. A key not cached yet is cached only if `admit_new`. One lookup when the
+    /// key is cached and fits.
+    fn place(
         &mut self,
         k: Key,
         loc: Location,
         len: usize,
         value: impl FnOnce() -> Bytes,
-    ) -> bool {
+        admit_new: bool,
+    ) {
         let (budget, used) = (self.budget_bytes, self.used_bytes);
-        let Some(slot) = self.find_mut(k) else {
-            return false;
+        let cached = match self.find_mut(k) {
+            Some(slot) => {
+                let old = slot.value.len();
+                if used - old + len <= budget {
+                    slot.loc = loc;
+                    slot.value = value();
+                    slot.referenced = true;
+                    self.used_bytes = used - old + len;
+                    return;
+                }
+                true
+            }
+            None => false,
         };
-        let old = slot.value.len();
-        if used - old + len > budget {
-            return false;
+        if cached || admit_new {
+            self.remove(k);
+            self.insert_new(k, loc, value());
         }
-        slot.loc = loc;
-        slot.value = value();
-        slot.referenced = true;
-        self.used_bytes = used - old + len;
-        true
     }
 
     /// Caches `k`, which is not cached, evicting what it must.
@@ -161,14 +161,8 @@ impl ValueCache {
         let k = Self::key(partition, kh);
         match value {
             Some(v) if self.admissible(v.len()) => {
-                if self.overwrite(k, loc, v.len(), || Bytes::copy_from_slice(v)) {
-                    return;
-                }
-                let cached = self.find(k).is_some();
-                if cached || self.has_room_for(v.len()) {
-                    self.remove(k);
-                    self.insert_new(k, loc, Bytes::copy_from_slice(v));
-                }
+                let room = self.has_room_for(v.len());
+                self.place(k, loc, v.len(), || Bytes::copy_from_slice(v), room);
             }
             // Too large to cache: a cached older value must not be served for it.
             Some(_) | None => self.remove(k),
