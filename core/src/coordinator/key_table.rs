@@ -21,7 +21,7 @@ const INLINE: usize = 30;
 const _: () = assert!(INLINE <= u8::MAX as usize, "an inline length is a byte");
 
 /// A bucket and key in one buffer: the bucket's length as a LEB128 varint, the bucket, the key.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Packed {
     Inline { len: u8, bytes: [u8; INLINE] },
     Heap(Box<[u8]>),
@@ -99,7 +99,7 @@ impl Packed {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Slot<V> {
     hash: u64,
     key: Packed,
@@ -108,7 +108,7 @@ struct Slot<V> {
 
 /// (bucket, key) → `V`, each key found by its tree hash (module docs). Every method takes the
 /// hash the caller computed for the key; the same key must always come with the same hash.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct KeyTable<V> {
     table: HashTable<Slot<V>>,
 }
@@ -128,26 +128,31 @@ fn place(hash: u64) -> u64 {
     hash.rotate_left(32)
 }
 
+/// Whether a slot holds the key with `hash`, `bucket` and `key`: the stored hash first, so a
+/// probe reads key bytes only for a likely match.
+fn is<'a, V>(hash: u64, bucket: &'a [u8], key: &'a [u8]) -> impl Fn(&Slot<V>) -> bool + 'a {
+    move |s| s.hash == hash && s.key.is(bucket, key)
+}
+
 impl<V> KeyTable<V> {
     pub(super) fn get(&self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<&V> {
         self.table
-            .find(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .find(place(hash), is(hash, bucket, key))
             .map(|s| &s.value)
     }
 
     pub(super) fn get_mut(&mut self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<&mut V> {
         self.table
-            .find_mut(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .find_mut(place(hash), is(hash, bucket, key))
             .map(|s| &mut s.value)
     }
 
     /// Sets `key`'s value.
     pub(super) fn insert(&mut self, hash: u64, bucket: &[u8], key: &[u8], value: V) {
-        match self.table.entry(
-            place(hash),
-            |s| s.hash == hash && s.key.is(bucket, key),
-            |s| place(s.hash),
-        ) {
+        match self
+            .table
+            .entry(place(hash), is(hash, bucket, key), |s| place(s.hash))
+        {
             hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().value = value,
             hashbrown::hash_table::Entry::Vacant(v) => {
                 v.insert(Slot {
@@ -161,7 +166,7 @@ impl<V> KeyTable<V> {
 
     pub(super) fn remove(&mut self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<V> {
         self.table
-            .find_entry(place(hash), |s| s.hash == hash && s.key.is(bucket, key))
+            .find_entry(place(hash), is(hash, bucket, key))
             .ok()
             .map(|o| o.remove().0.value)
     }
