@@ -294,7 +294,7 @@ struct Pending<V> {
     next: Cell<u64>,
     /// Hashed without a random seed: ids are not chosen by a peer, and every request inserts
     /// and removes one.
-    entries: RefCell<HashMap<u64, V, rustc_hash::FxBuildHasher>>,
+    entries: RefCell<rustc_hash::FxHashMap<u64, V>>,
 }
 
 impl<V> Default for Pending<V> {

@@ -80,8 +80,7 @@
 //! are walked in order are `BTreeMap`s, the tables of work in flight hash without a random seed
 //! (`Table`), and what walks one of those where order matters sorts what it found.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::{BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use ringkv_net::limits::SIBLINGS_MAX;
@@ -820,7 +819,7 @@ enum JobKind {
 /// request inserts into and removes from several of them, and a B-tree moved entries of hundreds
 /// of bytes around at each. The hash has no random seed, so a simulated run replays; what
 /// iterates one where order matters sorts what it found.
-type Table<K, V> = HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
+type Table<K, V> = rustc_hash::FxHashMap<K, V>;
 
 /// The request-path state machine of one shard (module docs).
 pub struct Core {
