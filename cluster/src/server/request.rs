@@ -56,7 +56,7 @@ impl Shard {
         let (started, hold) = self.begin(request, hold);
         let answered = match &started.wait {
             Wait::Refused(_) => true,
-            // The core took the waiter when it answered (or the shard closed the table).
+            // The core answered at once (or the shard closed the table).
             Wait::Local(ticket) => !self.clients.waits(ticket.id()),
             Wait::Remote(_) => false,
         };
