@@ -1430,26 +1430,22 @@ impl Sim {
                     self.schedule(heal, Event::Heal);
                 }
             }
-            Event::Freeze => {
+            Event::Freeze if self.faults => {
                 let running: Vec<usize> =
                     (0..self.nodes.len()).filter(|&n| self.running(n)).collect();
-                if self.faults && running.is_empty() {
+                let next = if running.is_empty() {
+                    // Every node down (a power loss): soon again.
                     self.freezes_blocked += 1;
-                }
-                if self.faults && !running.is_empty() {
+                    self.rng.gen_range(10..50)
+                } else {
                     let node = running[self.rng.gen_range(0..running.len())];
                     self.freeze(node);
-                }
-                if self.faults {
-                    // With every node down (a power loss), soon again.
-                    let next = if running.is_empty() {
-                        self.rng.gen_range(10..50)
-                    } else {
-                        self.rng.gen_range(300..3_000)
-                    };
-                    self.schedule(next, Event::Freeze);
-                }
+                    self.rng.gen_range(300..3_000)
+                };
+                self.schedule(next, Event::Freeze);
             }
+            // The fault phase is over: no more freezes.
+            Event::Freeze => {}
             Event::ClientRequest {
                 node,
                 incarnation,
