@@ -588,6 +588,13 @@ mod tests {
         }
     }
 
+    /// An empty table, and a waker whose wakes `Count` counts.
+    fn table_and_waker() -> (Rc<Waiters<u32>>, Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        let waker = Waker::from(count.clone());
+        (Rc::new(Waiters::default()), count, waker)
+    }
+
     fn poll(ticket: &Ticket<u32>, waker: &Waker) -> Poll<Option<u32>> {
         ticket
             .table
@@ -598,9 +605,7 @@ mod tests {
     /// and leaves nothing behind.
     #[test]
     fn answers_reach_their_ticket_early_or_late() {
-        let table = Rc::new(Waiters::<u32>::default());
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(count.clone());
+        let (table, count, waker) = table_and_waker();
         let early = table.register();
         table.answer(early.id(), 1);
         assert!(!table.waits(early.id()));
@@ -626,9 +631,7 @@ mod tests {
     /// answer already given for its ticket.
     #[test]
     fn dropped_tickets_keep_nothing_and_clearing_wakes_waiters() {
-        let table = Rc::new(Waiters::<u32>::default());
-        let count = Arc::new(Count::default());
-        let waker = Waker::from(count.clone());
+        let (table, count, waker) = table_and_waker();
         let gone = table.register();
         let id = gone.id();
         drop(gone);
