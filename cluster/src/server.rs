@@ -24,8 +24,8 @@
 //! SO_REUSEPORT, so a second node would otherwise silently share the port; connections left over
 //! from a crashed run do not count) and that the kernel gives the process io_uring and enough
 //! locked memory ([`crate::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
-//! that reports the first signal, and one `LocalExecutor` per shard pinned to its CPU
-//! (`Placement::Fixed`). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
+//! that reports the first signal, and one `LocalExecutor` per shard, pinned to its CPU when each
+//! shard has one of its own and otherwise free over the allowed CPUs ([`ShardCpus`]). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
 //! listener on the shared address, joins two channel meshes (requests and replies between shards)
 //! and accepts connections. The thread that called [`serve`] holds the one cancellation token
 //! every executor watches and waits for the shards to end.
@@ -185,8 +185,8 @@ const PEER_HELLO_ID: u64 = u64::MAX;
 pub struct ServeConfig {
     /// The node's settings, flags over file over defaults ([`Settings::resolve`]).
     pub settings: Settings,
-    /// One CPU per shard: shard `i` runs pinned to `cpus[i]`.
-    pub cpus: Vec<usize>,
+    /// How many shards, and where they run.
+    pub cpus: ShardCpus,
     /// This node's id.
     pub node_id: NodeId,
     /// The identity the caller resolved for `node_id` ([`identity::resolve`]); `None` makes
@@ -197,8 +197,8 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// A node with `settings`, one shard per CPU in `cpus`, and no peers.
-    pub fn new(settings: Settings, cpus: Vec<usize>) -> Self {
+    /// A node with `settings`, its shards placed as `cpus` says, and no peers.
+    pub fn new(settings: Settings, cpus: ShardCpus) -> Self {
         Self {
             node_id: settings.node_id.unwrap_or(NodeId(config::NODE_ID_DEFAULT)),
             settings,
@@ -214,7 +214,7 @@ impl ServeConfig {
             .settings
             .cache_bytes
             .unwrap_or_else(crate::preflight::default_cache_bytes);
-        let shards = u64::try_from(self.cpus.len().max(1)).unwrap_or(u64::MAX);
+        let shards = u64::try_from(self.cpus.shards().max(1)).unwrap_or(u64::MAX);
         usize::try_from(node / shards).unwrap_or(usize::MAX)
     }
 
@@ -222,6 +222,72 @@ impl ServeConfig {
     /// enough that a REPLICA_PUT carrying it fits a frame.
     fn object_bytes_max(&self) -> usize {
         VALUE_BYTES_MAX.min(self.settings.limits.frame_bytes_max - PUT_OVERHEAD_BYTES_MAX)
+    }
+}
+
+/// How many shards a node runs and where the kernel may run them.
+///
+/// Thread-per-core pays when a shard has a core to itself: its caches stay warm and nothing
+/// else is scheduled under it. A node that shares its CPUs (fewer shards than the CPUs it may
+/// use, or several nodes on one machine started with `--shards 1`) must not pin: every such node
+/// would pin its first shard to the same first CPU and queue behind the others there while the
+/// rest of the machine idles. Such shards float over the allowed CPUs and the kernel balances them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardCpus {
+    /// Shard `i` runs pinned to CPU `cpus[i]`.
+    Pinned(Vec<usize>),
+    /// `shards` shards, each free to run on any CPU of `cpus`.
+    Shared {
+        /// Number of shards.
+        shards: usize,
+        /// The CPUs they may run on.
+        cpus: Vec<usize>,
+    },
+}
+
+impl ShardCpus {
+    /// Placement for a process allowed to run on `allowed` that asked for `shards` shards (none:
+    /// one per allowed CPU). Pinned exactly when every shard gets a CPU of its own and every
+    /// allowed CPU gets a shard; otherwise shared.
+    pub fn choose(allowed: Vec<usize>, shards: Option<usize>) -> Self {
+        match shards {
+            Some(n) if n != allowed.len() => Self::Shared {
+                shards: n,
+                cpus: allowed,
+            },
+            _ => Self::Pinned(allowed),
+        }
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        match self {
+            Self::Pinned(cpus) => cpus.len(),
+            Self::Shared { shards, .. } => *shards,
+        }
+    }
+
+    /// Where shard `shard` runs, for glommio, and the same in words for errors and logs.
+    fn placement(&self, shard: usize) -> Result<(glommio::Placement, String), ServeError> {
+        match self {
+            Self::Pinned(cpus) => {
+                let cpu = cpus[shard];
+                Ok((glommio::Placement::Fixed(cpu), format!("CPU {cpu}")))
+            }
+            Self::Shared { cpus, .. } => {
+                let set = glommio::CpuSet::online()
+                    .map_err(|e| runtime("cannot list the online CPUs", e))?
+                    .filter(|l| cpus.contains(&l.cpu));
+                let words = format!("CPUs {cpus:?}");
+                if set.is_empty() {
+                    return Err(runtime(
+                        format!("cannot start shard {shard} on {words}"),
+                        "none of them is online",
+                    ));
+                }
+                Ok((glommio::Placement::Fenced(set), words))
+            }
+        }
     }
 }
 
@@ -577,6 +643,31 @@ mod tests {
     use std::task::{Context, Wake};
 
     use super::*;
+
+    /// Pinned only with exactly one shard per allowed CPU; fewer or more shards share the CPUs.
+    #[test]
+    fn shards_pin_only_when_each_has_a_cpu() {
+        let allowed = vec![2, 5];
+        assert_eq!(
+            ShardCpus::choose(allowed.clone(), None),
+            ShardCpus::Pinned(vec![2, 5])
+        );
+        assert_eq!(
+            ShardCpus::choose(allowed.clone(), Some(2)),
+            ShardCpus::Pinned(vec![2, 5])
+        );
+        for n in [1, 3] {
+            let chosen = ShardCpus::choose(allowed.clone(), Some(n));
+            assert_eq!(
+                chosen,
+                ShardCpus::Shared {
+                    shards: n,
+                    cpus: vec![2, 5]
+                }
+            );
+            assert_eq!(chosen.shards(), n);
+        }
+    }
 
     /// Counts its wakes.
     #[derive(Default)]

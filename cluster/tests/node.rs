@@ -999,3 +999,72 @@ fn a_restart_serves_while_its_trees_build_and_builds_them_exactly() {
     assert_eq!(raced, quiet);
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+/// The CPUs each thread of `pid` named after a shard may run on, as the kernel says.
+fn shard_thread_cpus(pid: u32) -> Vec<Vec<usize>> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // the thread ended while we looked
+        };
+        if !name.starts_with("shard-") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        lists.push(allowed_list(&status));
+    }
+    lists.sort();
+    lists
+}
+
+/// The `Cpus_allowed_list` of a `/proc/.../status` text.
+fn allowed_list(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    ringkv_cluster::route::parse_cpu_list(list).unwrap()
+}
+
+/// A shard is pinned to a CPU only when each shard has one of its own. A node started with fewer
+/// shards than the CPUs it may use (`--shards 1`, as every node of a cluster on one machine is)
+/// leaves its shard free over all of them: pinned, every such node put its shard on the first
+/// CPU, where they queued behind each other while the other CPUs idled. A shard per allowed CPU
+/// pins each to a different one. Fails if either placement is changed.
+#[test]
+fn shards_are_pinned_only_to_cpus_of_their_own() {
+    let allowed = allowed_list(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let one = Server::start_shards(&data_dir("placement-one"), free_port(), 1, "buffered", &[]);
+    let lists = shard_thread_cpus(one.pid());
+    assert!(!lists.is_empty(), "no shard thread found");
+    for list in &lists {
+        assert_eq!(list, &allowed, "one shard runs on every allowed CPU");
+    }
+    assert_eq!(one.terminate().code(), Some(0));
+
+    let each = allowed.len();
+    let all = Server::start_shards(
+        &data_dir("placement-all"),
+        free_port(),
+        each,
+        "buffered",
+        &[],
+    );
+    let mut pinned: Vec<usize> = shard_thread_cpus(all.pid())
+        .into_iter()
+        .map(|list| {
+            assert_eq!(
+                list.len(),
+                1,
+                "a shard with a CPU of its own is pinned to it"
+            );
+            list[0]
+        })
+        .collect();
+    pinned.dedup();
+    assert_eq!(pinned, allowed, "every allowed CPU has its shard");
+    assert_eq!(all.terminate().code(), Some(0));
+}

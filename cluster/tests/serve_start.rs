@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use ringkv_cluster::config::{FileConfig, Settings};
-use ringkv_cluster::server::{ServeConfig, ServeError, serve};
+use ringkv_cluster::server::{ServeConfig, ServeError, ShardCpus, serve};
 
 /// A bound on the wait for `serve` to return, so a node that hangs fails the test instead of
 /// hanging it; far beyond what stopping takes.
@@ -30,7 +30,7 @@ fn a_shard_without_an_executor_stops_the_node() {
         ..FileConfig::default()
     };
     let settings = Settings::resolve(flags, FileConfig::default()).unwrap();
-    let cfg = ServeConfig::new(settings, vec![0, 1 << 20]);
+    let cfg = ServeConfig::new(settings, ShardCpus::Pinned(vec![0, 1 << 20]));
     let (done_tx, done) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(serve(cfg));

@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ringkv_cluster::config::{DurabilityName, FileConfig, Settings};
 use ringkv_cluster::identity;
 use ringkv_cluster::route::parse_cpu_list;
-use ringkv_cluster::server::{ServeConfig, serve};
+use ringkv_cluster::server::{ServeConfig, ShardCpus, serve};
 use ringkv_core::NodeId;
 use ringkv_core::bucket::DEFAULT_BUCKET;
 use ringkv_net::{Client, ClientConfig, Delete, Expiry, Get, MapOp, Message, Put, Sibling, Update};
@@ -142,7 +142,8 @@ struct ServeArgs {
     /// Admin HTTP address serving /metrics and /health [default: disabled].
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
-    /// Number of shards (one per CPU) [default: the CPUs in the process's affinity mask].
+    /// Number of shards [default: the CPUs in the process's affinity mask]. With one shard per
+    /// CPU of the mask each is pinned to its CPU; any other count shares the mask's CPUs unpinned.
     #[arg(long)]
     shards: Option<usize>,
     /// When writes are acknowledged [default: sync].
@@ -552,11 +553,7 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<ExitCode> {
         buckets: None,
     };
     let settings = Settings::resolve(flags, file)?;
-    let mut cpus = affinity_cpus()?;
-    if let Some(n) = settings.shards {
-        // More shards than allowed CPUs wrap around: useful for tests, not for speed.
-        cpus = (0..n).map(|i| cpus[i % cpus.len()]).collect();
-    }
+    let cpus = ShardCpus::choose(affinity_cpus()?, settings.shards);
     // The data directory decides who this node is (a new one picks an id when none is given;
     // `serve` writes it once its checks passed); the seeds are read as that node.
     let identity = identity::resolve(&settings.data_dir, settings.node_id.map(|n| n.0))?;

@@ -23,7 +23,7 @@ use super::view::{CONTROL_QUEUE_MESSAGES_MAX, Control, ShardView};
 
 use super::shard::{Meshes, Replication, run_shard};
 use super::stop::unless;
-use super::{Clock, Event, ServeConfig, ServeError, ShardReply, ShardRequest, runtime};
+use super::{Clock, Event, ServeConfig, ServeError, ShardCpus, ShardReply, ShardRequest, runtime};
 
 /// Runs a node until SIGTERM or SIGINT, then shuts it down cleanly.
 ///
@@ -35,9 +35,18 @@ use super::{Clock, Event, ServeConfig, ServeError, ShardReply, ShardRequest, run
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let mut cfg = cfg;
     check_config(&mut cfg)?;
+    match &cfg.cpus {
+        ShardCpus::Pinned(cpus) => tracing::info!(?cpus, "each shard pinned to its own CPU"),
+        ShardCpus::Shared { shards, cpus } => tracing::info!(
+            shards,
+            ?cpus,
+            "shards not pinned: they share these CPUs with each other and other processes \
+             (a shard per allowed CPU pins each, e.g. `taskset -c 0 ringkv serve --shards 1`)"
+        ),
+    }
     tracing::info!(
         bytes_per_shard = cfg.cache_bytes_per_shard(),
-        shards = cfg.cpus.len(),
+        shards = cfg.cpus.shards(),
         "value cache budget"
     );
     let syncing = cfg.settings.syncing_buckets();
@@ -48,7 +57,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
              acknowledgements: their tables set dw above 0 (dw = 0 acknowledges once buffered)"
         );
     }
-    let shards = cfg.cpus.len();
+    let shards = cfg.cpus.shards();
     let members: Vec<NodeId> = cfg
         .peers
         .keys()
@@ -112,7 +121,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 /// Checks the settings `serve` cannot run with, and that nothing else listens on the node's
 /// addresses (resolving port 0 to a free port, so every shard binds the same one).
 fn check_config(cfg: &mut ServeConfig) -> Result<(), ServeError> {
-    let shards = cfg.cpus.len();
+    let shards = cfg.cpus.shards();
     if shards == 0 || shards > crate::route::SHARDS_MAX {
         return Err(ServeError::Config(format!(
             "shard count {shards} outside [1, {}]",
@@ -184,12 +193,12 @@ struct ShardStart<'a> {
 }
 
 impl ShardStart<'_> {
-    /// Starts one executor per shard, pinned to its CPU. Stops at the first that cannot be
+    /// Starts one executor per shard where [`ShardCpus`] places it. Stops at the first that cannot be
     /// started and returns its error beside the threads already running (they wait in the mesh
     /// for the missing shard until the node's stop releases them).
     fn spawn_all(mut self) -> (Vec<Option<ExecutorJoinHandle<()>>>, Option<ServeError>) {
         let cfg = self.cfg;
-        let shards = cfg.cpus.len();
+        let shards = cfg.cpus.shards();
         let requests =
             MeshBuilder::<ShardRequest, _>::full(shards, cfg.settings.mesh_queue_messages_max);
         let replies =
@@ -199,7 +208,11 @@ impl ShardStart<'_> {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect();
         let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
-        for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
+        for id in 0..shards {
+            let (placement, place) = match cfg.cpus.placement(id) {
+                Ok(p) => p,
+                Err(e) => return (threads, Some(e)),
+            };
             let meshes = Meshes {
                 requests: requests.clone(),
                 replies: replies.clone(),
@@ -219,7 +232,7 @@ impl ShardStart<'_> {
                 id,
                 events: Some(self.events.clone()),
             };
-            let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .spawn(move || async move {
                     let replication = Replication {
@@ -234,7 +247,7 @@ impl ShardStart<'_> {
             match spawned {
                 Ok(thread) => threads[id] = Some(thread),
                 Err(e) => {
-                    let what = format!("cannot start shard {id} on CPU {cpu}");
+                    let what = format!("cannot start shard {id} on {place}");
                     let error = preflight::executor_error(what, e, self.budget);
                     return (threads, Some(error));
                 }

@@ -114,7 +114,7 @@ pub(super) async fn run_shard(
             return Err(ServeError::Epochs { shard: id, source });
         }
     };
-    let hints = match scan_hints(&engine, id, cfg.cpus.len()).await {
+    let hints = match scan_hints(&engine, id, cfg.cpus.shards()).await {
         Ok(hints) => hints,
         Err(source) => {
             if let Err(closing) = close_engine(id, engine, dir.clone()).await {
@@ -142,7 +142,7 @@ pub(super) async fn run_shard(
             let (mut core, replication) = start_core(id, &cfg, replication, lease, floor, hints);
             // The trees are built from the engine while the shard serves (`server/trees.rs`);
             // until a partition's are, anti-entropy leaves them alone.
-            core.trees_loading(trees::partitions(id, cfg.cpus.len()));
+            core.trees_loading(trees::partitions(id, cfg.cpus.shards()));
             let (engine, floor) = serve_shard(
                 id,
                 &cfg,
@@ -188,12 +188,12 @@ pub(super) fn start_core(
     core_cfg.ae_keys_max = cfg.settings.ae_keys_max;
     core_cfg.tombstone_grace_ms = cfg.settings.tombstone_grace_ms;
     core_cfg.expiry_grace_ms = cfg.settings.expiry_grace_ms;
-    core_cfg.hint_bytes_max = cfg.settings.hint_bytes_max / cfg.cpus.len().max(1) as u64;
+    core_cfg.hint_bytes_max = cfg.settings.hint_bytes_max / cfg.cpus.shards().max(1) as u64;
     core_cfg.heartbeat_ms = cfg.settings.heartbeat_ms;
     core_cfg.phi_threshold = f64::from(cfg.settings.phi_threshold);
     core_cfg.object_bytes_max = cfg.object_bytes_max();
     core_cfg.shard = u32::try_from(id).expect("serve bounds the shard count");
-    core_cfg.shards = u32::try_from(cfg.cpus.len()).expect("serve bounds the shard count");
+    core_cfg.shards = u32::try_from(cfg.cpus.shards()).expect("serve bounds the shard count");
     core_cfg.target_n = cfg.settings.buckets.max_n();
     tracing::info!(
         shard = id,
@@ -406,7 +406,7 @@ fn new_shard(
         membership,
         stop_node,
     } = replication;
-    let shard_count = cfg.cpus.len();
+    let shard_count = cfg.cpus.shards();
     let dir = cfg.settings.data_dir.join(format!("shard-{id}"));
     // Client requests preempt background work (compaction runs in the engine's own queue).
     let foreground = glommio::executor().create_task_queue(

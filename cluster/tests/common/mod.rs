@@ -196,9 +196,26 @@ impl Server {
 
     /// A server with the given `--durability` and extra flags.
     pub fn start_durable(dir: &Path, port: u16, durability: &str, extra: &[&str]) -> Server {
+        Self::start_shards(dir, port, 2, durability, extra)
+    }
+
+    /// A server with `shards` shards, the given `--durability` and extra flags.
+    pub fn start_shards(
+        dir: &Path,
+        port: u16,
+        shards: usize,
+        durability: &str,
+        extra: &[&str],
+    ) -> Server {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(BIN)
-            .args(["serve", "--shards", "2", "--durability", durability])
+            .args([
+                "serve",
+                "--shards",
+                &shards.to_string(),
+                "--durability",
+                durability,
+            ])
             .args(extra)
             .arg("--listen")
             .arg(&addr)
@@ -230,6 +247,11 @@ impl Server {
 
     pub fn client(&self) -> Client {
         Client::connect(&self.addr, config()).unwrap()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     /// Sends SIGTERM and waits for the exit status (bounded).
