@@ -95,7 +95,21 @@ fn check_common(r: &Value, kinds: &[&str]) {
     ] {
         field(r, f);
     }
-    assert!(!field(r, "timeline").as_array().unwrap().is_empty());
+    let timeline = field(r, "timeline").as_array().unwrap();
+    assert!(!timeline.is_empty());
+    // Every second names its slowest operation per connection, and a second with operations
+    // has one on some connection.
+    let connections = field(r, "params.connections").as_u64().unwrap() as usize;
+    for tick in timeline {
+        let slowest = tick["slowest_us_by_connection"].as_array().unwrap();
+        assert_eq!(slowest.len(), connections, "{tick}");
+        if tick["ops"].as_u64().unwrap() > 0 {
+            assert!(
+                slowest.iter().any(|us| us.as_f64().unwrap() > 0.0),
+                "{tick}"
+            );
+        }
+    }
     // Every key was preloaded, so every read saw at least one version.
     let versions = field(r, "versions_seen").as_object().unwrap();
     assert!(versions.keys().all(|v| v != "0"), "{versions:?}");

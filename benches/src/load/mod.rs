@@ -669,8 +669,15 @@ async fn timeline(
         let now = Instant::now();
         let mut h = new_histogram();
         let mut errors = 0;
+        let mut slowest_us_by_connection: Vec<f64> = Vec::new();
         for r in &recorders {
             let mut r = lock(r);
+            if slowest_us_by_connection.len() <= r.connection {
+                slowest_us_by_connection.resize(r.connection + 1, 0.0);
+            }
+            let slowest = r.interval.max() as f64 / 1000.0;
+            let mine = &mut slowest_us_by_connection[r.connection];
+            *mine = f64::max(*mine, slowest);
             h.add(&r.interval).expect("histograms of identical bounds");
             r.interval.reset();
             errors += r.interval_errors;
@@ -693,6 +700,7 @@ async fn timeline(
             p50_us: p.p50_us,
             p99_us: p.p99_us,
             errors,
+            slowest_us_by_connection,
         };
         if live {
             println!(
@@ -713,7 +721,7 @@ async fn timeline(
 type Outcome = (Recorder, Duration, Option<OpenLoopReport>, Vec<Tick>);
 
 fn merge(recorders: &[SharedRecorder]) -> Recorder {
-    let mut merged = Recorder::new();
+    let mut merged = Recorder::new(0);
     for r in recorders {
         merged.absorb(&lock(r));
     }
@@ -730,7 +738,7 @@ async fn closed_loop(ctx: &Arc<Ctx>, warmup: Duration, duration: Duration, live:
     for (c, conn) in ctx.conns.iter().enumerate() {
         for p in 0..ctx.pipeline {
             let worker = (c * ctx.pipeline + p) as u64;
-            let rec: SharedRecorder = Arc::new(Mutex::new(Recorder::new()));
+            let rec: SharedRecorder = Arc::new(Mutex::new(Recorder::new(c)));
             recorders.push(Arc::clone(&rec));
             let (ctx, conn) = (Arc::clone(ctx), conn.clone());
             let mut planner = ctx.planner.clone();
@@ -786,7 +794,7 @@ struct OpenState {
 async fn open_loop(ctx: &Arc<Ctx>, rate: u64, args: &RunArgs, live: bool) -> Outcome {
     let lanes = ctx.conns.len();
     let recorders: Vec<SharedRecorder> = (0..lanes)
-        .map(|_| Arc::new(Mutex::new(Recorder::new())))
+        .map(|c| Arc::new(Mutex::new(Recorder::new(c))))
         .collect();
     let slots: Vec<Arc<Semaphore>> = (0..lanes)
         .map(|_| Arc::new(Semaphore::new(ctx.pipeline)))

@@ -55,11 +55,15 @@ pub(crate) struct Recorder {
     pub(crate) phases: Vec<Histogram<u64>>,
     /// `--churn`: errors by phase.
     pub(crate) phase_errors: Vec<u64>,
+    /// The connection this recorder's operations went over (`--target` address `connection %
+    /// addresses`).
+    pub(crate) connection: usize,
 }
 
 impl Recorder {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(connection: usize) -> Self {
         Self {
+            connection,
             latency: OpKind::ALL.iter().map(|_| new_histogram()).collect(),
             errors: BTreeMap::new(),
             versions: BTreeMap::new(),
@@ -211,6 +215,10 @@ pub struct Tick {
     pub p99_us: f64,
     /// Errors in this second.
     pub errors: u64,
+    /// The slowest successful operation of this second on each connection, µs (0: none).
+    /// Connection `i` goes to target address `i % addresses`, so a stall of one node shows in
+    /// its connections only.
+    pub slowest_us_by_connection: Vec<f64>,
 }
 
 /// The open loop's own bookkeeping: did the generator keep its schedule?
