@@ -191,10 +191,9 @@ const CORE_FIELDS: [CoreField; 23] = [
     ),
 ];
 
-/// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied).
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000,
-];
+/// Upper bounds of the latency histogram buckets, in microseconds (`+Inf` is implied): the
+/// engine's, so request and group-commit latencies read against the same bounds.
+pub use ringkv_engine::LATENCY_BUCKETS_US;
 /// How often a shard copies its engine's statistics into its metrics.
 pub const ENGINE_REFRESH_MS: u64 = 1000;
 /// Largest admin request head (request line and headers).
@@ -212,7 +211,7 @@ pub enum Op {
 }
 
 const OPS: [(Op, &str); 3] = [(Op::Get, "get"), (Op::Put, "put"), (Op::Delete, "delete")];
-const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+const BUCKETS: usize = ringkv_engine::LATENCY_BUCKETS;
 
 /// Engine figures published as gauges (name, help, accessor).
 type EngineField = (&'static str, &'static str, fn(&EngineStats) -> u64);
@@ -273,6 +272,9 @@ pub struct ShardMetrics {
     connections_open: AtomicU64,
     connections_total: AtomicU64,
     engine: [AtomicU64; ENGINE_FIELDS.len()],
+    /// The engine's group commits per latency bucket (not cumulative), and their summed µs.
+    flush_buckets: [AtomicU64; BUCKETS],
+    flush_sum_us: AtomicU64,
     core: [AtomicU64; CORE_FIELDS.len()],
     /// The membership view version `core` was published under; stored after `core`.
     view_version: AtomicU64,
@@ -299,11 +301,10 @@ impl ShardMetrics {
         if !ok {
             add(&self.errors[i], 1);
         }
-        let bucket = LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| elapsed_us <= b)
-            .unwrap_or(LATENCY_BUCKETS_US.len());
-        add(&self.latency_buckets[i][bucket], 1);
+        add(
+            &self.latency_buckets[i][ringkv_engine::latency_bucket(elapsed_us)],
+            1,
+        );
         add(&self.latency_sum_us[i], elapsed_us);
     }
 
@@ -396,6 +397,11 @@ impl ShardMetrics {
         for (slot, (_, _, get)) in self.engine.iter().zip(ENGINE_FIELDS) {
             slot.store(get(stats), Ordering::Relaxed);
         }
+        for (slot, n) in self.flush_buckets.iter().zip(stats.flush_latency_buckets) {
+            slot.store(n, Ordering::Relaxed);
+        }
+        self.flush_sum_us
+            .store(stats.flush_latency_sum_us, Ordering::Relaxed);
     }
 }
 
@@ -475,25 +481,40 @@ fn render_requests(out: &mut String, shards: &[&ShardMetrics]) {
     for (shard, m) in shards.iter().enumerate() {
         for (op, name) in OPS {
             let i = op as usize;
-            let mut cumulative = 0;
-            for (b, upper) in LATENCY_BUCKETS_US.iter().enumerate() {
-                cumulative += load(&m.latency_buckets[i][b]);
-                let le = *upper as f64 / 1e6;
-                let _ = writeln!(
-                    out,
-                    "ringkv_request_duration_seconds_bucket{{shard=\"{shard}\",op=\"{name}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            cumulative += load(&m.latency_buckets[i][BUCKETS - 1]);
-            let sum = load(&m.latency_sum_us[i]) as f64 / 1e6;
-            let _ = writeln!(
+            histogram(
                 out,
-                "ringkv_request_duration_seconds_bucket{{shard=\"{shard}\",op=\"{name}\",le=\"+Inf\"}} {cumulative}\n\
-                 ringkv_request_duration_seconds_sum{{shard=\"{shard}\",op=\"{name}\"}} {sum}\n\
-                 ringkv_request_duration_seconds_count{{shard=\"{shard}\",op=\"{name}\"}} {cumulative}"
+                "ringkv_request_duration_seconds",
+                &format!("shard=\"{shard}\",op=\"{name}\""),
+                &m.latency_buckets[i],
+                load(&m.latency_sum_us[i]),
             );
         }
     }
+}
+
+/// The bucket, sum and count lines of one labelled histogram series, from per-bucket counts of
+/// [`LATENCY_BUCKETS_US`] (the last one `+Inf`) and the summed microseconds.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: &[AtomicU64; BUCKETS],
+    sum_us: u64,
+) {
+    let mut cumulative = 0;
+    for (b, upper) in LATENCY_BUCKETS_US.iter().enumerate() {
+        cumulative += load(&buckets[b]);
+        let le = *upper as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    cumulative += load(&buckets[BUCKETS - 1]);
+    let sum = sum_us as f64 / 1e6;
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}\n\
+         {name}_sum{{{labels}}} {sum}\n\
+         {name}_count{{{labels}}} {cumulative}"
+    );
 }
 
 /// Open and accepted connections, per shard.
@@ -538,6 +559,21 @@ fn render_engine_and_core(out: &mut String, shards: &[&ShardMetrics]) {
         for (shard, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", load(&m.engine[f]));
         }
+    }
+    family(
+        out,
+        "ringkv_engine_flush_duration_seconds",
+        "histogram",
+        "Group commits by how long their writes and syncs took; every synced write waits for one.",
+    );
+    for (shard, m) in shards.iter().enumerate() {
+        histogram(
+            out,
+            "ringkv_engine_flush_duration_seconds",
+            &format!("shard=\"{shard}\""),
+            &m.flush_buckets,
+            load(&m.flush_sum_us),
+        );
     }
     for (f, (name, help, _)) in CORE_FIELDS.iter().enumerate() {
         let kind = if name.ends_with("_total") {
@@ -642,6 +678,38 @@ mod tests {
             "ringkv_request_duration_seconds_bucket{shard=\"0\",op=\"put\",le=\"+Inf\"} 2\n"
         ));
         assert!(text.contains("ringkv_requests_total{shard=\"0\",op=\"get\"} 1\n"));
+    }
+
+    /// The engine's group commits render as a cumulative histogram per shard, in seconds.
+    #[test]
+    fn render_flush_histogram() {
+        let m = ShardMetrics::default();
+        let mut stats = EngineStats::default();
+        // Two group commits of at most 500 µs, one of at most 100 ms, one past every bound.
+        stats.flush_latency_buckets[3] = 2;
+        stats.flush_latency_buckets[9] = 1;
+        stats.flush_latency_buckets[BUCKETS - 1] = 1;
+        stats.flush_latency_sum_us = 2_500_000;
+        m.set_engine(&stats);
+        let text = render(&[&m]);
+        assert!(text.contains("# TYPE ringkv_engine_flush_duration_seconds histogram\n"));
+        for (le, n) in [
+            ("0.00025", 0),
+            ("0.0005", 2),
+            ("0.025", 2),
+            ("0.1", 3),
+            ("1", 3),
+        ] {
+            let line = format!(
+                "ringkv_engine_flush_duration_seconds_bucket{{shard=\"0\",le=\"{le}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains(
+            "ringkv_engine_flush_duration_seconds_bucket{shard=\"0\",le=\"+Inf\"} 4\n\
+             ringkv_engine_flush_duration_seconds_sum{shard=\"0\"} 2.5\n\
+             ringkv_engine_flush_duration_seconds_count{shard=\"0\"} 4\n"
+        ));
     }
 
     /// A shard's holding is read back as published, with the view it was taken under.

@@ -863,6 +863,7 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         st.buffered_since = None;
         (e, st.writing.iter().cloned().collect::<Vec<_>>())
     };
+    let started = Instant::now();
     let result = async {
         for seg in &segs {
             flush_segment(inner, seg, IoClass::Log).await?;
@@ -878,8 +879,7 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         Ok::<(), EngineError>(())
     }
     .await;
-    let c = &inner.counters;
-    c.flushes.set(c.flushes.get() + 1);
+    inner.counters.record_flush(started.elapsed());
     {
         let mut st = inner.st.borrow_mut();
         let waiters = std::mem::take(&mut st.waiters);

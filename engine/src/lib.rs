@@ -43,4 +43,4 @@ pub use io::{CompactionStep, FaultPlan, IoClass, SyncFailure};
 pub use live_scan::{LiveRecord, LiveScan};
 pub use pace::Pace;
 pub use recovery::{DamagedRegion, RecoveryReport, set_compaction_shares};
-pub use stats::EngineStats;
+pub use stats::{EngineStats, LATENCY_BUCKETS, LATENCY_BUCKETS_US, latency_bucket};

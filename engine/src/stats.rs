@@ -4,8 +4,25 @@
 //! store, cheap enough for every operation.
 
 use std::cell::Cell;
+use std::time::Duration;
 
 use crate::engine::Inner;
+
+/// Upper bounds, in microseconds, of the buckets of a latency histogram (`+Inf` is implied): the
+/// engine's group commits here, a node's requests in its metrics.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000,
+];
+/// Buckets of a latency histogram, the `+Inf` one included.
+pub const LATENCY_BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// The bucket of [`LATENCY_BUCKETS_US`] that `us` falls in.
+pub fn latency_bucket(us: u64) -> usize {
+    LATENCY_BUCKETS_US
+        .iter()
+        .position(|&b| us <= b)
+        .unwrap_or(LATENCY_BUCKETS_US.len())
+}
 
 /// Monotonic counters, updated in place.
 #[derive(Default)]
@@ -24,6 +41,21 @@ pub(crate) struct Counters {
     pub(crate) tombstones_reaped: Cell<u64>,
     pub(crate) compaction_damaged_records: Cell<u64>,
     pub(crate) segment_prepare_failures: Cell<u64>,
+    /// Group commits by how long they took (writes and syncs), per [`LATENCY_BUCKETS_US`].
+    pub(crate) flush_buckets: [Cell<u64>; LATENCY_BUCKETS],
+    pub(crate) flush_us_total: Cell<u64>,
+}
+
+impl Counters {
+    /// Counts one group commit that took `elapsed`.
+    pub(crate) fn record_flush(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = &self.flush_buckets[latency_bucket(us)];
+        bucket.set(bucket.get() + 1);
+        self.flush_us_total
+            .set(self.flush_us_total.get().saturating_add(us));
+        self.flushes.set(self.flushes.get() + 1);
+    }
 }
 
 /// A snapshot of an engine's counters and gauges.
@@ -41,6 +73,12 @@ pub struct EngineStats {
     pub disk_reads: u64,
     /// Group commits (each one write per pending segment plus one fdatasync per file).
     pub flushes: u64,
+    /// Group commits by how long their writes and syncs took, per bucket of
+    /// [`LATENCY_BUCKETS_US`] (not cumulative; the last bucket is `+Inf`). A disk that stops
+    /// completing writes for a while shows here first: every synced write waits for it.
+    pub flush_latency_buckets: [u64; LATENCY_BUCKETS],
+    /// Summed duration of the group commits, in microseconds.
+    pub flush_latency_sum_us: u64,
     /// Bytes handed to the disk by flushes (including rewritten partial blocks).
     pub bytes_written: u64,
     /// Reads that found a record failing its checksum.
@@ -92,6 +130,8 @@ pub(crate) fn snapshot(inner: &Inner) -> EngineStats {
         cache_hits: c.cache_hits.get(),
         disk_reads: c.disk_reads.get(),
         flushes: c.flushes.get(),
+        flush_latency_buckets: std::array::from_fn(|b| c.flush_buckets[b].get()),
+        flush_latency_sum_us: c.flush_us_total.get(),
         bytes_written: c.bytes_written.get(),
         corrupt_reads: c.corrupt_reads.get(),
         hint_write_failures: c.hint_write_failures.get(),
