@@ -741,6 +741,23 @@ fn admin_health_and_metrics() {
         open = sum(&http_get(&admin, "/metrics"), "ringkv_connections_open");
     }
     assert_eq!(open, 1);
+    // Every group commit is in the flush histogram once the engines' figures were refreshed
+    // (each second): its count equals the flushes, and the puts above made some. A refresh can
+    // fall between the two lines of one scrape, so a differing pair is looked at again.
+    let mut flushes = (0, 0);
+    for _ in 0..STARTUP_RETRIES {
+        let metrics = http_get(&admin, "/metrics");
+        flushes = (
+            sum(&metrics, "ringkv_engine_flushes_total"),
+            sum(&metrics, "ringkv_engine_flush_duration_seconds_count"),
+        );
+        if flushes.0 > 0 && flushes.0 == flushes.1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    assert!(flushes.0 > 0, "no group commit counted");
+    assert_eq!(flushes.0, flushes.1, "(flushes, histogram count)");
     assert!(http_get(&admin, "/nope").starts_with("HTTP/1.1 404"));
     drop(c);
     assert_eq!(server.terminate().code(), Some(0));
