@@ -2,9 +2,10 @@
 //!
 //! Write path: a put validates sizes, appends the encoded record to the active segment's memory
 //! tail, updates the index, and then either returns (`Buffered`) or waits for the flush epoch it
-//! joined to be written and synced (`Sync`). One flusher task per engine writes every segment's
-//! pending bytes with one write per segment and one `fdatasync` per file per flush, so all writers
-//! that joined an epoch share that IO (group commit). Flushes run one at a time, in order, which
+//! joined to be written durably (`Sync`). One flusher task per engine writes every segment's
+//! pending bytes with one write per segment per flush, durable when it completes (log segments
+//! are `O_DSYNC`, [`io::create_log`]), so all writers that joined an epoch share that IO (group
+//! commit). Flushes run one at a time, in order, which
 //! makes acknowledged durability prefix-ordered: when a write is acknowledged durable, every write
 //! accepted before it is durable too (unacknowledged writes have no order on power loss).
 //!
@@ -871,8 +872,9 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         for seg in &segs {
             let to = seg.flushed.get();
             if seg.synced.get() < to {
-                let file = seg.file().expect("flushed segments have files");
-                io::sync(&file, &seg.path, &inner.faults, IoClass::Log).await?;
+                // Every log segment is created O_DSYNC (`io::create_log`): the writes above
+                // were durable when they completed.
+                io::synced_by_writes(&seg.path, &inner.faults, IoClass::Log)?;
                 seg.synced.set(to);
             }
         }
@@ -930,7 +932,14 @@ pub(crate) async fn flush_segment(
     let file = match seg.file() {
         Some(f) => f,
         None => {
-            let f = Rc::new(io::open_rw(&seg.path, true).await?);
+            // Log segments are written durably as they go (the group commit relies on it);
+            // compaction's outputs are synced once, when they are complete.
+            let f = if class == IoClass::Log {
+                io::create_log(&seg.path).await?
+            } else {
+                io::open_rw(&seg.path, true).await?
+            };
+            let f = Rc::new(f);
             io::sync_dir(&inner.cfg.dir, &inner.faults, class).await?;
             *seg.file.borrow_mut() = Some(f.clone());
             f

@@ -70,7 +70,8 @@ async fn prepare_spare(inner: &Inner) -> Result<(), EngineError> {
         id
     };
     let path = segment_path(&inner.cfg.dir, id);
-    let file = io::open_rw(&path, true).await?;
+    // The spare becomes the next log segment, so it is created like one.
+    let file = io::create_log(&path).await?;
     if let Err(e) = io::sync_dir(&inner.cfg.dir, &inner.faults, IoClass::Spare).await {
         drop(file);
         let _ = io::remove(&path).await;

@@ -71,7 +71,7 @@ pub struct EngineStats {
     pub cache_hits: u64,
     /// Gets that read the disk.
     pub disk_reads: u64,
-    /// Group commits (each one write per pending segment plus one fdatasync per file).
+    /// Group commits (each one durable write per pending segment).
     pub flushes: u64,
     /// Group commits by how long their writes and syncs took, per bucket of
     /// [`LATENCY_BUCKETS_US`] (not cumulative; the last bucket is `+Inf`). A disk that stops

@@ -259,3 +259,67 @@ fn group_commits_are_timed() {
         e.close().await.unwrap();
     });
 }
+
+/// The open log segment files of this process under `dir`, with their open flags from
+/// `/proc/self/fdinfo`.
+fn open_segment_flags(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    let mut found = Vec::new();
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let fd = fd.unwrap();
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue; // closed while we looked
+        };
+        if !target.starts_with(dir) || target.extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        )) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        found.push((target, flags));
+    }
+    found
+}
+
+/// A group commit no longer calls `fdatasync` on the log: it relies on every writable log
+/// segment (the active one and the prepared spare) being open with O_DSYNC, so that its writes
+/// are durable when they complete. Fails if a log segment is created without it, which would
+/// leave "synced" writes in the disk's volatile cache.
+#[test]
+fn log_segments_are_written_durably() {
+    common::run(|dir| async move {
+        let e = Engine::open(common::config(&dir)).await.unwrap();
+        // Enough to roll a few of its 1 MiB segments, so that spares were prepared and taken.
+        for i in 0..400u32 {
+            e.put(
+                0,
+                format!("k{i}").as_bytes(),
+                &[7u8; 8 << 10],
+                Durability::Sync,
+            )
+            .await
+            .unwrap();
+        }
+        let writable: Vec<_> = open_segment_flags(&dir)
+            .into_iter()
+            .filter(|(_, flags)| flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
+            .collect();
+        assert!(!writable.is_empty(), "no writable segment open");
+        for (path, flags) in &writable {
+            assert_ne!(
+                flags & libc::O_DSYNC as u32,
+                0,
+                "{} is open for writing without O_DSYNC (flags {flags:o})",
+                path.display()
+            );
+        }
+        e.close().await.unwrap();
+    });
+}
