@@ -193,9 +193,9 @@ struct ShardStart<'a> {
 }
 
 impl ShardStart<'_> {
-    /// Starts one executor per shard where [`ShardCpus`] places it. Stops at the first that cannot be
-    /// started and returns its error beside the threads already running (they wait in the mesh
-    /// for the missing shard until the node's stop releases them).
+    /// Starts one executor per shard where [`ShardCpus`] places it. Stops at the first that
+    /// cannot be started and returns its error beside the threads already running (they wait in
+    /// the mesh for the missing shard until the node's stop releases them).
     fn spawn_all(mut self) -> (Vec<Option<ExecutorJoinHandle<()>>>, Option<ServeError>) {
         let cfg = self.cfg;
         let shards = cfg.cpus.shards();
