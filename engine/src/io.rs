@@ -188,6 +188,29 @@ fn injected(what: &str) -> std::io::Error {
     std::io::Error::other(format!("injected {what} failure"))
 }
 
+/// A sync operation as errors name it: the operation, and the words of an injected failure.
+type SyncOp = (&'static str, &'static str);
+const FDATASYNC: SyncOp = ("fdatasync", "fdatasync");
+const DIR_SYNC: SyncOp = ("sync dir", "directory sync");
+
+/// The error of sync operation `op` on `path` if the injected `fault` is the one for this
+/// moment, before or after the syscall (`at`).
+fn injected_sync(
+    fault: Option<SyncFailure>,
+    at: SyncFailure,
+    (op, what): SyncOp,
+    path: &Path,
+) -> Result<(), EngineError> {
+    if fault != Some(at) {
+        return Ok(());
+    }
+    let what = match at {
+        SyncFailure::BeforeSyscall => what.to_owned(),
+        SyncFailure::AfterSyscall => format!("{what} (after the syscall)"),
+    };
+    Err(EngineError::io(op, path, injected(&what)))
+}
+
 /// Opens (creating if needed) a file for reading and writing with O_DIRECT.
 pub async fn open_rw(path: &Path, create_new: bool) -> Result<DmaFile, EngineError> {
     let mut o = OpenOptions::new();
@@ -223,17 +246,9 @@ pub fn synced_by_writes(
     faults: &FaultPlan,
     class: IoClass,
 ) -> Result<(), EngineError> {
-    match faults.sync_fails(class) {
-        Some(SyncFailure::BeforeSyscall) => {
-            Err(EngineError::io("fdatasync", path, injected("fdatasync")))
-        }
-        Some(SyncFailure::AfterSyscall) => Err(EngineError::io(
-            "fdatasync",
-            path,
-            injected("fdatasync (after the syscall)"),
-        )),
-        None => Ok(()),
-    }
+    let fault = faults.sync_fails(class);
+    injected_sync(fault, SyncFailure::BeforeSyscall, FDATASYNC, path)?;
+    injected_sync(fault, SyncFailure::AfterSyscall, FDATASYNC, path)
 }
 
 /// Opens a file read-only with O_DIRECT.
@@ -300,20 +315,11 @@ pub async fn sync(
     class: IoClass,
 ) -> Result<(), EngineError> {
     let fault = faults.sync_fails(class);
-    if fault == Some(SyncFailure::BeforeSyscall) {
-        return Err(EngineError::io("fdatasync", path, injected("fdatasync")));
-    }
+    injected_sync(fault, SyncFailure::BeforeSyscall, FDATASYNC, path)?;
     file.fdatasync()
         .await
         .map_err(|e| EngineError::io("fdatasync", path, e.into()))?;
-    if fault == Some(SyncFailure::AfterSyscall) {
-        return Err(EngineError::io(
-            "fdatasync",
-            path,
-            injected("fdatasync (after the syscall)"),
-        ));
-    }
-    Ok(())
+    injected_sync(fault, SyncFailure::AfterSyscall, FDATASYNC, path)
 }
 
 /// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file.
@@ -402,13 +408,7 @@ pub async fn remove(path: &Path) -> Result<(), EngineError> {
 /// Syncs a directory so file creations and removals in it are durable (a sync of `class`).
 pub async fn sync_dir(path: &Path, faults: &FaultPlan, class: IoClass) -> Result<(), EngineError> {
     let fault = faults.sync_fails(class);
-    if fault == Some(SyncFailure::BeforeSyscall) {
-        return Err(EngineError::io(
-            "sync dir",
-            path,
-            injected("directory sync"),
-        ));
-    }
+    injected_sync(fault, SyncFailure::BeforeSyscall, DIR_SYNC, path)?;
     let d = glommio::io::Directory::open(path)
         .await
         .map_err(|e| EngineError::io("open dir", path, e.into()))?;
@@ -418,12 +418,5 @@ pub async fn sync_dir(path: &Path, faults: &FaultPlan, class: IoClass) -> Result
     d.close()
         .await
         .map_err(|e| EngineError::io("close dir", path, e.into()))?;
-    if fault == Some(SyncFailure::AfterSyscall) {
-        return Err(EngineError::io(
-            "sync dir",
-            path,
-            injected("directory sync (after the syscall)"),
-        ));
-    }
-    Ok(())
+    injected_sync(fault, SyncFailure::AfterSyscall, DIR_SYNC, path)
 }
