@@ -25,10 +25,11 @@
 //! from a crashed run do not count) and that the kernel gives the process io_uring and enough
 //! locked memory ([`crate::preflight`]), blocks SIGTERM and SIGINT, starts a small signal executor
 //! that reports the first signal, and one `LocalExecutor` per shard, pinned to its CPU when each
-//! shard has one of its own and otherwise free over the allowed CPUs ([`ShardCpus`]). Each shard opens its own engine in `<data-dir>/shard-<i>`, binds its own
-//! listener on the shared address, joins two channel meshes (requests and replies between shards)
-//! and accepts connections. The thread that called [`serve`] holds the one cancellation token
-//! every executor watches and waits for the shards to end.
+//! shard has one of its own and otherwise free over the allowed CPUs ([`ShardCpus`]). Each shard
+//! opens its own engine in `<data-dir>/shard-<i>`, binds its own listener on the shared address,
+//! joins two channel meshes (requests and replies between shards) and accepts connections. The
+//! thread that called [`serve`] holds the one cancellation token every executor watches and waits
+//! for the shards to end.
 //!
 //! A connection is a reader task and a writer task joined by a bounded queue. The reader decodes
 //! frames, asks the [`Session`] what each one means and spawns one task per GET/PUT/DELETE, so
@@ -267,25 +268,28 @@ impl ShardCpus {
         }
     }
 
-    /// Where shard `shard` runs, for glommio, and the same in words for errors and logs.
-    fn placement(&self, shard: usize) -> Result<(glommio::Placement, String), ServeError> {
+    /// Where each shard runs, for glommio, and the same in words for errors and logs. The online
+    /// CPUs are read once, whatever the shard count.
+    fn placements(&self) -> Result<Vec<(glommio::Placement, String)>, ServeError> {
         match self {
-            Self::Pinned(cpus) => {
-                let cpu = cpus[shard];
-                Ok((glommio::Placement::Fixed(cpu), format!("CPU {cpu}")))
-            }
-            Self::Shared { cpus, .. } => {
+            Self::Pinned(cpus) => Ok(cpus
+                .iter()
+                .map(|&cpu| (glommio::Placement::Fixed(cpu), format!("CPU {cpu}")))
+                .collect()),
+            Self::Shared { shards, cpus } => {
                 let set = glommio::CpuSet::online()
                     .map_err(|e| runtime("cannot list the online CPUs", e))?
                     .filter(|l| cpus.contains(&l.cpu));
                 let words = format!("CPUs {cpus:?}");
                 if set.is_empty() {
                     return Err(runtime(
-                        format!("cannot start shard {shard} on {words}"),
+                        format!("cannot start a shard on {words}"),
                         "none of them is online",
                     ));
                 }
-                Ok((glommio::Placement::Fenced(set), words))
+                Ok((0..*shards)
+                    .map(|_| (glommio::Placement::Fenced(set.clone()), words.clone()))
+                    .collect())
             }
         }
     }

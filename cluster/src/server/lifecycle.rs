@@ -208,11 +208,11 @@ impl ShardStart<'_> {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect();
         let mut threads: Vec<Option<ExecutorJoinHandle<()>>> = (0..shards).map(|_| None).collect();
-        for id in 0..shards {
-            let (placement, place) = match cfg.cpus.placement(id) {
-                Ok(p) => p,
-                Err(e) => return (threads, Some(e)),
-            };
+        let placements = match cfg.cpus.placements() {
+            Ok(p) => p,
+            Err(e) => return (threads, Some(e)),
+        };
+        for (id, (placement, place)) in placements.into_iter().enumerate() {
             let meshes = Meshes {
                 requests: requests.clone(),
                 replies: replies.clone(),
