@@ -5,9 +5,9 @@
 //! joined to be written durably (`Sync`). One flusher task per engine writes every segment's
 //! pending bytes with one write per segment per flush, durable when it completes (log segments
 //! are `O_DSYNC`, [`io::create_log`]), so all writers that joined an epoch share that IO (group
-//! commit). Flushes run one at a time, in order, which
-//! makes acknowledged durability prefix-ordered: when a write is acknowledged durable, every write
-//! accepted before it is durable too (unacknowledged writes have no order on power loss).
+//! commit). Flushes run one at a time, in order, which makes acknowledged durability
+//! prefix-ordered: when a write is acknowledged durable, every write accepted before it is
+//! durable too (unacknowledged writes have no order on power loss).
 //!
 //! Read path: index lookup (no IO), then the value cache, the memory tail, or one O_DIRECT read
 //! through io_uring; the record's CRC and full key are checked before a value is returned.
