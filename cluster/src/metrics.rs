@@ -564,7 +564,7 @@ fn render_engine_and_core(out: &mut String, shards: &[&ShardMetrics]) {
         out,
         "ringkv_engine_flush_duration_seconds",
         "histogram",
-        "Group commits by how long their writes and syncs took; every synced write waits for one.",
+        "Group commits by how long their durable writes took; every synced write waits for one.",
     );
     for (shard, m) in shards.iter().enumerate() {
         histogram(

@@ -40,7 +40,7 @@ pub(crate) struct Counters {
     pub(crate) tombstones_reaped: Cell<u64>,
     pub(crate) compaction_damaged_records: Cell<u64>,
     pub(crate) segment_prepare_failures: Cell<u64>,
-    /// Group commits by how long they took (writes and syncs), per [`LATENCY_BUCKETS_US`].
+    /// Group commits by how long their durable writes took, per [`LATENCY_BUCKETS_US`].
     pub(crate) flush_buckets: [Cell<u64>; LATENCY_BUCKETS],
     pub(crate) flush_us_total: Cell<u64>,
 }
@@ -71,7 +71,7 @@ pub struct EngineStats {
     pub disk_reads: u64,
     /// Group commits (each one durable write per pending segment).
     pub flushes: u64,
-    /// Group commits by how long their writes and syncs took, per bucket of
+    /// Group commits by how long their durable writes took, per bucket of
     /// [`LATENCY_BUCKETS_US`] (not cumulative; the last bucket is `+Inf`). A disk that stops
     /// completing writes for a while shows here first: every synced write waits for it.
     pub flush_latency_buckets: [u64; LATENCY_BUCKETS],
