@@ -48,7 +48,7 @@ pub use frame::{
 pub use limits::{Limits, LimitsError};
 pub use message::{
     Admin, AdminOk, Apply, ApplyOk, CRDT_OPS_MAX, Cluster, ClusterOk, Condition, CrdtOp, CrdtType,
-    CrdtValue, Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello,
-    HelloOk, Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
-    Role, Sibling, Update,
+    CrdtValue, Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, ForwardPut, Frame, Get,
+    GetOk, Hello, HelloOk, Kind, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut,
+    ReplicaPutOk, Role, Sibling, Update,
 };

@@ -61,6 +61,9 @@ pub enum Kind {
     /// Cluster control between nodes (gossip, anti-entropy, transfers, hint credit): a sub-kind
     /// and a payload whose layout the cluster layer owns.
     Cluster = 0x42,
+    /// A PUT one node forwards to a home of its key, with the time after which the home must
+    /// not start it.
+    ForwardPut = 0x43,
     /// Error reply to any request.
     Error = 0x80,
     /// Reply to [`Kind::Hello`].
@@ -85,6 +88,8 @@ pub enum Kind {
     ReplicaGetOk = 0xC1,
     /// Reply to [`Kind::Cluster`].
     ClusterOk = 0xC2,
+    /// Reply to [`Kind::ForwardPut`].
+    ForwardPutOk = 0xC3,
 }
 
 /// The bit that turns a request kind into its reply kind.
@@ -92,7 +97,7 @@ pub const REPLY_BIT: u8 = 0x80;
 
 impl Kind {
     /// Every kind, in numeric order.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 25] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Get,
@@ -104,6 +109,7 @@ impl Kind {
         Kind::ReplicaPut,
         Kind::ReplicaGet,
         Kind::Cluster,
+        Kind::ForwardPut,
         Kind::Error,
         Kind::HelloOk,
         Kind::Pong,
@@ -116,6 +122,7 @@ impl Kind {
         Kind::ReplicaPutOk,
         Kind::ReplicaGetOk,
         Kind::ClusterOk,
+        Kind::ForwardPutOk,
     ];
 
     /// Decodes a kind byte; `None` for kinds this build does not know.
@@ -132,6 +139,7 @@ impl Kind {
             0x40 => Self::ReplicaPut,
             0x41 => Self::ReplicaGet,
             0x42 => Self::Cluster,
+            0x43 => Self::ForwardPut,
             0x80 => Self::Error,
             0x81 => Self::HelloOk,
             0x82 => Self::Pong,
@@ -144,6 +152,7 @@ impl Kind {
             0xC0 => Self::ReplicaPutOk,
             0xC1 => Self::ReplicaGetOk,
             0xC2 => Self::ClusterOk,
+            0xC3 => Self::ForwardPutOk,
             _ => return None,
         })
     }
@@ -179,6 +188,7 @@ impl Kind {
             Self::ReplicaPut => "REPLICA_PUT",
             Self::ReplicaGet => "REPLICA_GET",
             Self::Cluster => "CLUSTER",
+            Self::ForwardPut => "FORWARD_PUT",
             Self::Error => "ERROR",
             Self::HelloOk => "HELLO_OK",
             Self::Pong => "PONG",
@@ -191,6 +201,7 @@ impl Kind {
             Self::ReplicaPutOk => "REPLICA_PUT_OK",
             Self::ReplicaGetOk => "REPLICA_GET_OK",
             Self::ClusterOk => "CLUSTER_OK",
+            Self::ForwardPutOk => "FORWARD_PUT_OK",
         }
     }
 }
@@ -696,6 +707,17 @@ pub struct ReplicaGet {
     pub key: Bytes,
 }
 
+/// FORWARD_PUT: a PUT that a node outside its key's homes forwards to one of them, which must
+/// not start it after `apply_by_ms` (`docs/PROTOCOL.md` §5.10). Answered FORWARD_PUT_OK (a PUT_OK
+/// body) or ERROR.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ForwardPut {
+    /// Unix milliseconds after which the home refuses it (`timeout`) instead of applying it.
+    pub apply_by_ms: u64,
+    /// The client's PUT.
+    pub put: Put,
+}
+
 /// REPLICA_PUT_OK: the object was merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReplicaPutOk {
@@ -821,6 +843,10 @@ pub enum Message {
     Cluster(Cluster),
     /// CLUSTER_OK.
     ClusterOk(ClusterOk),
+    /// FORWARD_PUT.
+    ForwardPut(ForwardPut),
+    /// FORWARD_PUT_OK.
+    ForwardPutOk(PutOk),
     /// ERROR.
     Error(ErrorBody),
 }
@@ -865,6 +891,7 @@ const F_PAYLOAD: &str = "payload";
 const F_CODE: &str = "code";
 const F_MESSAGE: &str = "message";
 const F_EXPIRY: &str = "expiry";
+const F_APPLY_BY_MS: &str = "apply_by_ms";
 const F_EXPIRES_AT_MS: &str = "expires_at_ms";
 const F_EXTENSION: &str = "extension";
 const F_CONDITION: &str = "condition";
@@ -916,6 +943,87 @@ fn read_expiry(r: &mut Reader<'_>) -> Result<Expiry, BodyError> {
                 value: u64::from(value),
             });
         }
+    })
+}
+
+/// Exact length of a PUT body (also the tail of a FORWARD_PUT's).
+fn put_len(m: &Put) -> usize {
+    use LenWidth::U32;
+    opt_len(m.w, 1)
+        + opt_len(m.dw, 1)
+        + opt_len(m.timeout_ms, 4)
+        + bucket_key_len(&m.bucket, &m.key)
+        + opt_prefixed_len(U32, m.context.as_deref())
+        + prefixed_len(U32, m.value.len())
+        + Expiry::encoded_len(m.expiry)
+        + usize::from(m.condition.is_some())
+}
+
+/// Writes a PUT body (also the tail of a FORWARD_PUT's).
+fn write_put<B: BufMut>(w: &mut Writer<'_, B>, m: &Put) {
+    use LenWidth::{U8, U16, U32};
+    w.opt_u8(m.w);
+    w.opt_u8(m.dw);
+    w.opt_u32(m.timeout_ms);
+    w.prefixed(U8, &m.bucket);
+    w.prefixed(U16, &m.key);
+    w.opt_prefixed(U32, m.context.as_deref());
+    w.prefixed(U32, &m.value);
+    // Optional trailing extensions, in tag order (expiry 1..=3, condition 4..=5): absent when
+    // `None`, so older bodies still decode.
+    if let Some(e) = m.expiry {
+        write_expiry(w, e);
+    }
+    match m.condition {
+        None => {}
+        Some(Condition::IfAbsent) => w.u8(CONDITION_IF_ABSENT),
+        Some(Condition::IfPresent) => w.u8(CONDITION_IF_PRESENT),
+    }
+}
+
+/// Reads a PUT body (also the tail of a FORWARD_PUT's), up to the end of the body.
+fn read_put(r: &mut Reader<'_>, limits: &Limits) -> Result<Put, BodyError> {
+    use LenWidth::U32;
+    let w = r.opt(F_W, Reader::u8)?;
+    let dw = r.opt(F_DW, Reader::u8)?;
+    let timeout_ms = r.opt(F_TIMEOUT_MS, Reader::u32)?;
+    let (bucket, key) = read_bucket_key(r, limits)?;
+    let context = r.opt(F_CONTEXT, |r, f| r.bytes(f, U32, CONTEXT_BYTES_MAX))?;
+    let value = r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?;
+    let mut expiry = None;
+    let mut condition = None;
+    while r.remaining() > 0 {
+        let tag = r.peek_u8(F_EXPIRY)?;
+        match tag {
+            EXPIRY_TTL | EXPIRY_AT | EXPIRY_NEVER if expiry.is_none() && condition.is_none() => {
+                expiry = Some(read_expiry(r)?)
+            }
+            CONDITION_IF_ABSENT | CONDITION_IF_PRESENT if condition.is_none() => {
+                r.u8(F_CONDITION)?;
+                condition = Some(if tag == CONDITION_IF_ABSENT {
+                    Condition::IfAbsent
+                } else {
+                    Condition::IfPresent
+                });
+            }
+            other => {
+                return Err(BodyError::BadValue {
+                    field: F_EXTENSION,
+                    value: u64::from(other),
+                });
+            }
+        }
+    }
+    Ok(Put {
+        bucket,
+        key,
+        value,
+        context,
+        w,
+        dw,
+        timeout_ms,
+        expiry,
+        condition,
     })
 }
 
@@ -975,6 +1083,8 @@ impl Message {
             Self::AdminOk(_) => Kind::AdminOk,
             Self::Cluster(_) => Kind::Cluster,
             Self::ClusterOk(_) => Kind::ClusterOk,
+            Self::ForwardPut(_) => Kind::ForwardPut,
+            Self::ForwardPutOk(_) => Kind::ForwardPutOk,
             Self::Error(_) => Kind::Error,
         }
     }
@@ -1071,14 +1181,14 @@ impl Message {
             }
             Self::Apply(m) => crdt::check_apply(m, limits)?,
             Self::ApplyOk(m) => crdt::check_apply_ok(m)?,
-            Self::Put(m) => {
+            Self::Put(m) | Self::ForwardPut(ForwardPut { put: m, .. }) => {
                 check_bucket_key(&m.bucket, &m.key, limits)?;
                 if let Some(c) = &m.context {
                     check_len(F_CONTEXT, LenWidth::U32, c.len(), CONTEXT_BYTES_MAX)?;
                 }
                 check_len(F_VALUE, LenWidth::U32, m.value.len(), VALUE_BYTES_MAX)?;
             }
-            Self::PutOk(m) => {
+            Self::PutOk(m) | Self::ForwardPutOk(m) => {
                 check_len(F_CONTEXT, LenWidth::U32, m.context.len(), CONTEXT_BYTES_MAX)?;
             }
             Self::Delete(m) => {
@@ -1187,16 +1297,8 @@ impl Message {
             }
             Self::Apply(m) => crdt::apply_len(m),
             Self::ApplyOk(m) => crdt::apply_ok_len(m),
-            Self::Put(m) => {
-                opt_len(m.w, 1)
-                    + opt_len(m.dw, 1)
-                    + opt_len(m.timeout_ms, 4)
-                    + bucket_key_len(&m.bucket, &m.key)
-                    + opt_prefixed_len(U32, m.context.as_deref())
-                    + prefixed_len(U32, m.value.len())
-                    + Expiry::encoded_len(m.expiry)
-                    + usize::from(m.condition.is_some())
-            }
+            Self::Put(m) => put_len(m),
+            Self::ForwardPut(m) => 8 + put_len(&m.put),
             Self::Update(m) => {
                 opt_len(m.w, 1)
                     + opt_len(m.dw, 1)
@@ -1214,7 +1316,7 @@ impl Message {
                         })
                         .sum::<usize>()
             }
-            Self::PutOk(m) => prefixed_len(U32, m.context.len()),
+            Self::PutOk(m) | Self::ForwardPutOk(m) => prefixed_len(U32, m.context.len()),
             Self::Delete(m) => {
                 opt_len(m.w, 1)
                     + opt_len(m.dw, 1)
@@ -1297,24 +1399,10 @@ impl Message {
             }
             Self::Apply(m) => crdt::write_apply(w, m),
             Self::ApplyOk(m) => crdt::write_apply_ok(w, m),
-            Self::Put(m) => {
-                w.opt_u8(m.w);
-                w.opt_u8(m.dw);
-                w.opt_u32(m.timeout_ms);
-                w.prefixed(U8, &m.bucket);
-                w.prefixed(U16, &m.key);
-                w.opt_prefixed(U32, m.context.as_deref());
-                w.prefixed(U32, &m.value);
-                // Optional trailing extensions, in tag order (expiry 1..=3, condition 4..=5):
-                // absent when `None`, so older bodies still decode.
-                if let Some(e) = m.expiry {
-                    write_expiry(w, e);
-                }
-                match m.condition {
-                    None => {}
-                    Some(Condition::IfAbsent) => w.u8(CONDITION_IF_ABSENT),
-                    Some(Condition::IfPresent) => w.u8(CONDITION_IF_PRESENT),
-                }
+            Self::Put(m) => write_put(w, m),
+            Self::ForwardPut(m) => {
+                w.u64(m.apply_by_ms);
+                write_put(w, &m.put);
             }
             Self::Update(m) => {
                 w.opt_u8(m.w);
@@ -1342,7 +1430,7 @@ impl Message {
                     }
                 }
             }
-            Self::PutOk(m) => w.prefixed(U32, &m.context),
+            Self::PutOk(m) | Self::ForwardPutOk(m) => w.prefixed(U32, &m.context),
             Self::Delete(m) => {
                 w.opt_u8(m.w);
                 w.opt_u8(m.dw);
@@ -1560,51 +1648,11 @@ impl Message {
             }
             Kind::Apply => Self::Apply(crdt::read_apply(&mut r, limits)?),
             Kind::ApplyOk => Self::ApplyOk(crdt::read_apply_ok(&mut r)?),
-            Kind::Put => {
-                let w = r.opt(F_W, Reader::u8)?;
-                let dw = r.opt(F_DW, Reader::u8)?;
-                let timeout_ms = r.opt(F_TIMEOUT_MS, Reader::u32)?;
-                let (bucket, key) = read_bucket_key(&mut r, limits)?;
-                let context = r.opt(F_CONTEXT, |r, f| r.bytes(f, U32, CONTEXT_BYTES_MAX))?;
-                let value = r.bytes(F_VALUE, U32, VALUE_BYTES_MAX)?;
-                let mut expiry = None;
-                let mut condition = None;
-                while r.remaining() > 0 {
-                    let tag = r.peek_u8(F_EXPIRY)?;
-                    match tag {
-                        EXPIRY_TTL | EXPIRY_AT | EXPIRY_NEVER
-                            if expiry.is_none() && condition.is_none() =>
-                        {
-                            expiry = Some(read_expiry(&mut r)?)
-                        }
-                        CONDITION_IF_ABSENT | CONDITION_IF_PRESENT if condition.is_none() => {
-                            r.u8(F_CONDITION)?;
-                            condition = Some(if tag == CONDITION_IF_ABSENT {
-                                Condition::IfAbsent
-                            } else {
-                                Condition::IfPresent
-                            });
-                        }
-                        other => {
-                            return Err(BodyError::BadValue {
-                                field: F_EXTENSION,
-                                value: u64::from(other),
-                            });
-                        }
-                    }
-                }
-                Self::Put(Put {
-                    bucket,
-                    key,
-                    value,
-                    context,
-                    w,
-                    dw,
-                    timeout_ms,
-                    expiry,
-                    condition,
-                })
-            }
+            Kind::Put => Self::Put(read_put(&mut r, limits)?),
+            Kind::ForwardPut => Self::ForwardPut(ForwardPut {
+                apply_by_ms: r.u64(F_APPLY_BY_MS)?,
+                put: read_put(&mut r, limits)?,
+            }),
             Kind::Update => {
                 let w = r.opt(F_W, Reader::u8)?;
                 let dw = r.opt(F_DW, Reader::u8)?;
@@ -1655,6 +1703,9 @@ impl Message {
             }
             Kind::UpdateOk => Self::UpdateOk,
             Kind::PutOk => Self::PutOk(PutOk {
+                context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
+            }),
+            Kind::ForwardPutOk => Self::ForwardPutOk(PutOk {
                 context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
             }),
             Kind::Delete => {

@@ -11,9 +11,9 @@ use proptest::prelude::*;
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT, NAME_BYTES_MAX, SIBLINGS_MAX};
 use ringkv_net::{
     Admin, AdminOk, Apply, ApplyOk, Cluster, ClusterOk, Condition, CrdtOp, CrdtType, CrdtValue,
-    Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, Frame, Get, GetOk, Hello, HelloOk,
-    MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk, Role, Sibling,
-    Update,
+    Delete, ErrorBody, ErrorCode, Expiry, FieldOp, FieldValue, ForwardPut, Frame, Get, GetOk,
+    Hello, HelloOk, MapOp, Message, Put, PutOk, ReplicaGet, ReplicaGetOk, ReplicaPut, ReplicaPutOk,
+    Role, Sibling, Update,
 };
 
 /// Arbitrary bytes of at most `max` bytes, biased towards the empty string and the maximum.
@@ -289,7 +289,12 @@ pub fn message() -> impl Strategy<Value = Message> {
                     condition,
                 })
             },
-        );
+        )
+        .boxed();
+    let forward_put = (any::<u64>(), put.clone()).prop_map(|(apply_by_ms, put)| match put {
+        Message::Put(put) => Message::ForwardPut(ForwardPut { apply_by_ms, put }),
+        _ => unreachable!("the put strategy makes PUTs"),
+    });
     let delete = (
         bucket(),
         key(),
@@ -370,6 +375,8 @@ pub fn message() -> impl Strategy<Value = Message> {
         get_ok_map,
         put,
         context().prop_map(|context| Message::PutOk(PutOk { context })),
+        forward_put,
+        context().prop_map(|context| Message::ForwardPutOk(PutOk { context })),
         delete,
         Just(Message::DeleteOk),
         get_ok_crdt,
