@@ -81,7 +81,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 23] = [
+const CORE_FIELDS: [CoreField; 24] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -89,8 +89,14 @@ const CORE_FIELDS: [CoreField; 23] = [
     ),
     (
         "ringkv_forwards_moved_total",
-        "Forwarded writes moved on to another home after the connection to the first was lost.",
+        "Forwarded writes moved on to another home: the connection to the first was lost, or it \
+         stayed silent for a last-write-wins put.",
         |c| c.stats.forwards_moved,
+    ),
+    (
+        "ringkv_forwards_refused_total",
+        "Forwarded writes this node refused as a home, read after their apply-by time.",
+        |c| c.stats.forwards_refused,
     ),
     (
         "ringkv_hinted_writes_total",

@@ -8,8 +8,10 @@
 //! - REPLICA_PUT_OK / REPLICA_GET_OK ↔ the answers; an object that does not decode is a failed
 //!   replica ([`PeerMsg::Failed`]), never a panic and never a partial object.
 //! - A client GET, PUT, DELETE or UPDATE on a peer connection is a [`PeerMsg::Forward`]; whatever
-//!   answers it (GET_OK, PUT_OK, DELETE_OK, UPDATE_OK) is the [`PeerMsg::ForwardReply`]. A request
-//!   is parsed once on arrival ([`PeerRequest::parse`]), so a forwarded one's key is hashed once.
+//!   answers it (GET_OK, PUT_OK, DELETE_OK, UPDATE_OK) is the [`PeerMsg::ForwardReply`]. A forward
+//!   with an apply-by time is a FORWARD_PUT (a PUT and that time), answered FORWARD_PUT_OK. A
+//!   request is parsed once on arrival ([`PeerRequest::parse`]), so a forwarded one's key is
+//!   hashed once.
 //! - ERROR answers any request: [`PeerMsg::Failed`].
 //! - Cluster control (gossip, anti-entropy, transfers, hint credit) travels in CLUSTER /
 //!   CLUSTER_OK frames: a sub-kind byte from [`sub`] and a payload written with
@@ -23,8 +25,8 @@ use bytes::Bytes;
 use ringkv_net::limits::BUCKET_BYTES_MAX;
 use ringkv_net::wire::{LenWidth, Reader, Writer};
 use ringkv_net::{
-    BodyError, Cluster, ClusterOk, ErrorBody, ErrorCode, Message, ReplicaGet, ReplicaGetOk,
-    ReplicaPut, ReplicaPutOk,
+    BodyError, Cluster, ClusterOk, ErrorBody, ErrorCode, ForwardPut, Message, ReplicaGet,
+    ReplicaGetOk, ReplicaPut, ReplicaPutOk,
 };
 
 use crate::route::{PARTITIONS, partition_of};
@@ -360,8 +362,14 @@ fn invalid(message: impl Into<String>) -> ErrorBody {
 /// shard turns it into a [`PeerMsg`] ([`PeerRequest::into_peer_msg`]).
 #[derive(Debug)]
 pub enum PeerRequest {
-    /// A client GET, PUT, DELETE or UPDATE a peer forwards for coordination.
-    Key(KeyRequest),
+    /// A client GET, PUT, DELETE or UPDATE a peer forwards for coordination, and the time after
+    /// which it must not start ([`PeerMsg::Forward`]).
+    Key {
+        /// The client's request.
+        request: KeyRequest,
+        /// Set by a FORWARD_PUT.
+        apply_by: Option<u64>,
+    },
     /// Any other request: replica reads and writes, and CLUSTER messages.
     Wire {
         /// The partition it is for, checked against its key; `None` for a node-wide CLUSTER
@@ -392,8 +400,12 @@ impl PeerRequest {
             Message::ReplicaPut(ref m) => (m.partition, &m.bucket, &m.key),
             Message::ReplicaGet(ref m) => (m.partition, &m.bucket, &m.key),
             other => {
-                return KeyRequest::parse(other, PARTITIONS)
-                    .map(PeerRequest::Key)
+                let (message, apply_by) = match other {
+                    Message::ForwardPut(f) => (Message::Put(f.put), Some(f.apply_by_ms)),
+                    other => (other, None),
+                };
+                return KeyRequest::parse(message, PARTITIONS)
+                    .map(|request| PeerRequest::Key { request, apply_by })
                     .map_err(|m| invalid(format!("{} is not a peer request", m.kind())));
             }
         };
@@ -417,7 +429,7 @@ impl PeerRequest {
     /// The ring partition the request is for; `None` for a node-wide CLUSTER message.
     pub fn partition(&self) -> Option<u32> {
         match self {
-            PeerRequest::Key(request) => Some(request.partition().0),
+            PeerRequest::Key { request, .. } => Some(request.partition().0),
             PeerRequest::Wire { partition, .. } => *partition,
         }
     }
@@ -425,7 +437,13 @@ impl PeerRequest {
     /// The request as the core takes it, given the id the receiving core will echo.
     pub fn into_peer_msg(self, id: u64) -> Result<PeerMsg, ErrorBody> {
         let message = match self {
-            PeerRequest::Key(request) => return Ok(PeerMsg::Forward { id, request }),
+            PeerRequest::Key { request, apply_by } => {
+                return Ok(PeerMsg::Forward {
+                    id,
+                    request,
+                    apply_by,
+                });
+            }
             PeerRequest::Wire { message, .. } => message,
         };
         let space = |hint: Option<u32>| hint.map_or(Space::Primary, |h| Space::Hint(NodeId(h)));
@@ -484,6 +502,10 @@ pub fn answer_from_wire(id: u64, message: Message) -> PeerMsg {
         | Message::DeleteOk
         | Message::UpdateOk
         | Message::ApplyOk(_)) => PeerMsg::ForwardReply { id, reply },
+        Message::ForwardPutOk(ok) => PeerMsg::ForwardReply {
+            id,
+            reply: Message::PutOk(ok),
+        },
         Message::Error(error) => PeerMsg::Failed { id, error },
         Message::ClusterOk(c) => cluster_answer(id, c),
         other => PeerMsg::Failed {
@@ -558,7 +580,16 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
             }
             w.opt_prefixed(LenWidth::U8, page.next.as_deref());
         }),
-        PeerMsg::Forward { id, request } => (id, request.into_message()),
+        PeerMsg::Forward {
+            id,
+            request,
+            apply_by,
+        } => match (request.into_message(), apply_by) {
+            (Message::Put(put), Some(apply_by_ms)) => {
+                (id, Message::ForwardPut(ForwardPut { apply_by_ms, put }))
+            }
+            (message, _) => (id, message),
+        },
         PeerMsg::ForwardReply { id, reply } => (id, reply),
         PeerMsg::AeLevel {
             id,
@@ -730,7 +761,11 @@ mod tests {
         ];
         for body in bodies {
             let request = KeyRequest::parse(body, PARTITIONS).unwrap();
-            let msg = PeerMsg::Forward { id: 9, request };
+            let msg = PeerMsg::Forward {
+                id: 9,
+                request,
+                apply_by: None,
+            };
             let (id, wire) = to_wire(msg.clone());
             assert_eq!(
                 request_partition(&wire).unwrap(),
@@ -738,6 +773,46 @@ mod tests {
             );
             assert_eq!(request_from_wire(id, wire).unwrap(), msg);
         }
+    }
+
+    /// A forward with an apply-by time travels as FORWARD_PUT and comes back with that time;
+    /// its FORWARD_PUT_OK answer is the client's PUT_OK, and an ERROR its failure.
+    #[test]
+    fn a_forward_with_an_apply_by_time_is_a_forward_put() {
+        let put = Message::Put(ringkv_net::Put {
+            bucket: Bytes::from_static(b"sessions"),
+            key: Bytes::from_static(b"s1"),
+            value: Bytes::from_static(b"v"),
+            context: None,
+            w: Some(2),
+            dw: None,
+            timeout_ms: Some(900),
+            expiry: Some(ringkv_net::Expiry::Ttl { ms: 60_000 }),
+            condition: None,
+        });
+        let request = KeyRequest::parse(put.clone(), PARTITIONS).unwrap();
+        let msg = PeerMsg::Forward {
+            id: 4,
+            request,
+            apply_by: Some(1_700_000_000_123),
+        };
+        let (id, wire) = to_wire(msg.clone());
+        let Message::ForwardPut(f) = &wire else {
+            panic!("not a FORWARD_PUT: {wire:?}");
+        };
+        assert_eq!(f.apply_by_ms, 1_700_000_000_123);
+        assert_eq!(Message::Put(f.put.clone()), put);
+        assert_eq!(request_from_wire(id, wire).unwrap(), msg);
+        let ok = ringkv_net::PutOk {
+            context: Bytes::from_static(b"ctx"),
+        };
+        assert_eq!(
+            answer_from_wire(4, Message::ForwardPutOk(ok.clone())),
+            PeerMsg::ForwardReply {
+                id: 4,
+                reply: Message::PutOk(ok),
+            }
+        );
     }
 
     /// Every peer message survives the trip through its frame; an undecodable object is a

@@ -164,7 +164,10 @@ impl Session {
             | Message::Delete(_)
             | Message::Update(_)
             | Message::Apply(_) => Step::Execute(frame),
-            Message::ReplicaPut(_) | Message::ReplicaGet(_) | Message::Cluster(_)
+            Message::ReplicaPut(_)
+            | Message::ReplicaGet(_)
+            | Message::Cluster(_)
+            | Message::ForwardPut(_)
                 if self.role == Role::Peer =>
             {
                 Step::Execute(frame)

@@ -1223,3 +1223,57 @@ fn a_request_past_its_deadline_is_answered_timeout() {
     }
     c.put(b"b", b"after", b"v", None).unwrap();
 }
+
+/// A last-write-wins put sent to a node that is no home of its key, whose first home has just
+/// been stopped (SIGSTOP) with its connection open, is moved to the next home after the replica
+/// timeout and acknowledged, not held until the client's deadline; and once the stopped home
+/// resumes and reads the forward from its socket, it refuses it, so the old value does not
+/// overwrite one written after it. Four nodes, `n = 3`, `w = 2`. Heartbeats a minute apart keep
+/// the stopped home trusted (it answered a read just before), so the forward goes to it and the
+/// move is what is tested.
+#[test]
+fn a_session_write_moves_off_a_stopped_home_which_refuses_it_on_resuming() {
+    let members: BTreeSet<NodeId> = (1..=4).map(NodeId).collect();
+    let ring = Ring::new(PARTITIONS, &members, 3).unwrap();
+    let (key, home) = (0..)
+        .map(|i| format!("session-{i}"))
+        .find_map(|k| {
+            let homes = ring.preference_list(partition_of(b"sessions", k.as_bytes()), 3);
+            (!homes.contains(&NodeId(1))).then(|| (k, homes[0]))
+        })
+        .unwrap();
+    let nodes = cluster("forward-move", 4, 1, &["--heartbeat-ms", "60000"]);
+    let home = &nodes[home.0 as usize - 1];
+    let mut c = nodes[0].client();
+    // Node 1 hears from every home of the key, the first included.
+    let read = get_with(&mut c, b"sessions", key.as_bytes(), Some(3));
+    assert!(read.siblings.is_empty(), "{read:?}");
+
+    home.signal("STOP");
+    let first = c.put(b"sessions", key.as_bytes(), b"v1", None);
+    let second = c.put(b"sessions", key.as_bytes(), b"v2", None);
+    home.signal("CONT");
+    first.expect("the write through a stopped home's forward");
+    second.expect("the write after it");
+    // Metrics are published a moment after the fact: polled.
+    let (mut moved, mut refused) = (0.0, 0.0);
+    for _ in 0..HANDOFF_POLLS {
+        moved = nodes[0].metric("ringkv_forwards_moved_total");
+        refused = home.metric("ringkv_forwards_refused_total");
+        if moved >= 1.0 && refused >= 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+    }
+    assert_eq!(moved, 1.0, "the forward was not moved off the stopped home");
+    assert_eq!(
+        refused, 1.0,
+        "the resumed home did not refuse the late forward"
+    );
+    let read = get_with(&mut c, b"sessions", key.as_bytes(), Some(3));
+    assert_eq!(
+        read.siblings,
+        vec![Sibling::Value(Bytes::from_static(b"v2"))],
+        "the later write was overwritten"
+    );
+}

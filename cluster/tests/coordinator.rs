@@ -13,8 +13,8 @@ use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
-    Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, FieldOp,
-    FieldValue, Get, GetOk, MapOp, Message, Put, Sibling, Update,
+    Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorBody, ErrorCode, Expiry,
+    FieldOp, FieldValue, Get, GetOk, MapOp, Message, Put, Sibling, Update,
 };
 
 /// One node and its store; every output is carried out before a call returns.
@@ -466,8 +466,8 @@ fn forwarded_to(outputs: &[Output]) -> Vec<NodeId> {
 
 /// A write for a key this node is not a home of goes to a home that answers: the first home of
 /// the key's walk while it does, and the next one once the first has been silent for two
-/// heartbeat intervals, long before the failure detector would suspect it. (A forward is never
-/// moved once sent, so this choice is what keeps writes off a home that stopped.)
+/// heartbeat intervals, long before the failure detector would suspect it. (Most forwards are
+/// never moved once sent, so this choice is what keeps writes off a home that stopped.)
 #[test]
 fn a_forward_goes_to_a_home_that_answers() {
     use ringkv_core::coordinator::PeerMsg;
@@ -1215,14 +1215,24 @@ fn a_suspected_home_with_no_fallback_is_still_tried_once() {
     assert!(matches!(reply, Some(Message::PutOk(_))), "{reply:?}");
 }
 
-/// A forward to a silent home (stopped, or cut off with its connection open) is not moved to
-/// another home while the first may still apply it, in a last-write-wins bucket as in a siblings
-/// one: the client gets `timeout` at its deadline. A home frozen with the request in its socket
-/// applies it when it resumes, with a fresh stamp, so a moved write would be applied twice and
-/// could overwrite a write the client made after the second home acknowledged it. (A lost
-/// connection does move it: `a_forwarded_write_carries_what_is_left_of_its_deadline`.)
-#[test]
-fn a_forward_to_a_silent_home_is_not_moved_while_it_may_still_apply_it() {
+/// The forwards in `outputs`: (home, message id, apply-by time).
+fn forwards(outputs: &[Output]) -> Vec<(NodeId, u64, Option<u64>)> {
+    use ringkv_core::coordinator::PeerMsg;
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send {
+                to,
+                msg: PeerMsg::Forward { id, apply_by, .. },
+            } => Some((*to, *id, *apply_by)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A core of node 1 in a ring of four with `n = 2`, a siblings bucket `b` (the default) and a
+/// last-write-wins bucket `lww`, and a key of which node 1 is no home in either bucket.
+fn forwarding_core() -> (Core, String) {
     let me = NodeId(1);
     let mut cfg = CoreConfig::new(me);
     cfg.replica_timeout_ms = 500;
@@ -1250,29 +1260,72 @@ fn a_forward_to_a_silent_home_is_not_moved_while_it_may_still_apply_it() {
             })
         })
         .unwrap();
-    let mut core = Core::new(cfg, ring, EpochLease::new(1, 8), []);
-    let put = |bucket: &'static [u8]| {
-        Message::Put(Put {
-            bucket: Bytes::from_static(bucket),
-            key: Bytes::from(key.clone()),
-            value: Bytes::from_static(b"v"),
-            context: None,
-            w: None,
-            dw: None,
-            timeout_ms: Some(5_000),
-            expiry: None,
-            condition: None,
-        })
+    (Core::new(cfg, ring, EpochLease::new(1, 8), []), key)
+}
+
+fn forwarded_put(bucket: &'static [u8], key: &str, condition: Option<Condition>) -> Message {
+    Message::Put(Put {
+        bucket: Bytes::from_static(bucket),
+        key: Bytes::from(key.to_owned()),
+        value: Bytes::from_static(b"v"),
+        context: None,
+        w: None,
+        dw: None,
+        timeout_ms: Some(5_000),
+        expiry: None,
+        condition,
+    })
+}
+
+/// A forward to a silent home (stopped, or cut off with its connection open) moves to the next
+/// home only when a second home applying it too cannot show: an unconditional put in a
+/// last-write-wins bucket. It carries an apply-by time half a replica timeout ahead, and moves
+/// once the home has been silent for a whole one. In a siblings bucket (a second dot could come
+/// back after a client resolved it) and for a conditional put (decided at one home) the
+/// forward carries no apply-by time and waits for its home: the client gets `timeout` at its
+/// deadline. (A lost connection moves any forward:
+/// `a_forwarded_write_carries_what_is_left_of_its_deadline`.)
+#[test]
+fn a_forward_to_a_silent_home_moves_only_when_a_second_application_cannot_show() {
+    let (mut core, key) = forwarding_core();
+    let mut now = 10_000;
+    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+    let first = forwards(&core.handle_client(now, 1, request));
+    let [(home, _, apply_by)] = first[..] else {
+        panic!("one forward: {first:?}");
     };
-    let mut now = 0;
-    for (req, bucket) in (1..).zip([&b"lww"[..], b"b"]) {
+    assert_eq!(apply_by, Some(now + 250), "half a replica timeout ahead");
+    assert!(forwards(&core.handle_tick(now + 499)).is_empty());
+    let moved = forwards(&core.handle_tick(now + 500));
+    let [(next, _, next_by)] = moved[..] else {
+        panic!("the lww put was not moved at the replica timeout: {moved:?}");
+    };
+    assert_ne!(next, home);
+    assert_eq!(next_by, Some(now + 750));
+    assert_eq!(core.stats().forwards_moved, 1);
+
+    for (req, bucket, condition) in [
+        (2, &b"b"[..], None),
+        (3, &b"lww"[..], Some(Condition::IfAbsent)),
+    ] {
         now += 10_000;
-        let request = common::key_request(&core, put(bucket));
-        let first = forwarded_to(&core.handle_client(now, req, request));
-        assert_eq!(first.len(), 1, "{first:?}");
+        let message = Message::Put(match forwarded_put(b"b", &key, condition) {
+            Message::Put(p) => Put {
+                bucket: Bytes::from_static(bucket),
+                ..p
+            },
+            _ => unreachable!(),
+        });
+        let request = common::key_request(&core, message);
+        let first = forwards(&core.handle_client(now, req, request));
         let bucket = String::from_utf8_lossy(bucket);
+        assert_eq!(first.len(), 1, "{bucket}: {first:?}");
+        assert_eq!(
+            first[0].2, None,
+            "{bucket}: an apply-by time on a forward that never moves"
+        );
         for at in [500, 1_000, 4_999] {
-            let later = forwarded_to(&core.handle_tick(now + at));
+            let later = forwards(&core.handle_tick(now + at));
             assert!(later.is_empty(), "{bucket}: moved at {at} ms: {later:?}");
         }
         let end = core.handle_tick(now + 5_000);
@@ -1282,4 +1335,85 @@ fn a_forward_to_a_silent_home_is_not_moved_while_it_may_still_apply_it() {
         });
         assert!(answered, "{bucket}: no timeout at the deadline: {end:?}");
     }
+    assert_eq!(core.stats().forwards_moved, 1);
+}
+
+/// A home that reads a forward after its apply-by time (it was stopped, or cut off, with the
+/// request in its socket, and its sender may have moved it since) refuses it with `timeout` and
+/// writes nothing; one read in time is coordinated.
+#[test]
+fn a_home_refuses_a_forward_read_after_its_apply_by_time() {
+    use ringkv_core::coordinator::PeerMsg;
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let core = &mut one.core;
+    let now = 50_000;
+    let forward = |core: &Core, id, apply_by| PeerMsg::Forward {
+        id,
+        request: common::key_request(core, put("late", None, None)),
+        apply_by: Some(apply_by),
+    };
+    let late = forward(core, 7, now - 1);
+    let outputs = core.handle_peer(now, NodeId(2), late);
+    let refused = outputs.iter().any(|o| {
+        matches!(o, Output::Answer { to: NodeId(2), msg: PeerMsg::ForwardReply { id: 7, reply } }
+            if code(reply) == Some(ErrorCode::Timeout))
+    });
+    assert!(refused, "a late forward was not refused: {outputs:?}");
+    assert!(
+        !outputs.iter().any(|o| matches!(o, Output::Store { .. })),
+        "a late forward reached storage: {outputs:?}"
+    );
+    assert_eq!(core.stats().forwards_refused, 1);
+    let in_time = forward(core, 8, now);
+    let outputs = core.handle_peer(now, NodeId(2), in_time);
+    assert!(
+        outputs.iter().any(|o| matches!(o, Output::Store { .. })),
+        "a forward in time was not coordinated: {outputs:?}"
+    );
+    assert_eq!(core.stats().forwards_refused, 1);
+}
+
+/// A home that answers `unknown_kind` to a forward with an apply-by time is an older build: the
+/// forward is sent to it again without one (so it never moves), and so are later forwards to
+/// it, until the connection to it is lost.
+#[test]
+fn an_older_home_gets_plain_forwards_until_its_connection_is_lost() {
+    use ringkv_core::coordinator::PeerMsg;
+    let (mut core, key) = forwarding_core();
+    let now = 10_000;
+    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+    let first = forwards(&core.handle_client(now, 1, request));
+    let [(home, id, Some(_))] = first[..] else {
+        panic!("one forward with an apply-by time: {first:?}");
+    };
+    let unknown = PeerMsg::Failed {
+        id,
+        error: ErrorBody::new(ErrorCode::UnknownKind, "unknown kind 0x43"),
+    };
+    let again = forwards(&core.handle_peer(now + 1, home, unknown));
+    assert!(
+        matches!(again[..], [(h, _, None)] if h == home),
+        "not sent again plain to the same home: {again:?}"
+    );
+    assert!(
+        forwards(&core.handle_tick(now + 4_000)).is_empty(),
+        "a plain forward moved"
+    );
+    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+    let later = forwards(&core.handle_client(now + 10, 2, request));
+    assert!(
+        matches!(later[..], [(h, _, None)] if h == home),
+        "{later:?}"
+    );
+    core.handle_unreachable(now + 20, home);
+    core.handle_peer(now + 30, home, PeerMsg::Ping { id: 1 });
+    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+    let after = forwards(&core.handle_client(now + 40, 3, request));
+    assert!(
+        after.iter().all(|(_, _, by)| by.is_some()),
+        "still plain after the connection was lost: {after:?}"
+    );
 }

@@ -86,6 +86,8 @@ fn seeds_keep_the_promises() {
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut freezes = 0usize;
+    // Forwards moved to another home, and refused by a home as read after their apply-by time.
+    let mut forwards = (0u64, 0u64);
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64, 0usize);
     // Storage faults that struck, acknowledged writes by dw, dw = 0 writes lost unsynced.
@@ -117,6 +119,8 @@ fn seeds_keep_the_promises() {
         totals.7 += o.hint_overflow;
         totals.8 += o.credits_granted;
         freezes += o.freezes;
+        forwards.0 += o.forwards.0;
+        forwards.1 += o.forwards.1;
         membership.0 += o.changes;
         membership.1 += o.partitions_received;
         membership.2 += o.partitions_dropped;
@@ -154,6 +158,10 @@ fn seeds_keep_the_promises() {
          reaped, {} floor raises, {} writes with pre-delete contexts, convergence within {} ms",
         ae.0, ae.1, ae.2, ae.3, ae.4, ae.5, ae.6
     );
+    println!(
+        "forwards: {} moved to another home, {} refused as read after their apply-by time",
+        forwards.0, forwards.1
+    );
     println!("traces of seeds {start}..{}: {traces:#018x}", start + count);
     println!(
         "membership: {} changes committed, {} partitions received, {} partitions dropped after \
@@ -189,6 +197,10 @@ fn seeds_keep_the_promises() {
         assert!(ae.3 > 0 && ae.4 > 0, "no run reaped a tombstone");
         assert!(ae.5 > 0, "no run wrote with a pre-delete context");
         assert!(totals.7 > 0, "no run filled a hint store");
+        assert!(
+            forwards.0 > 0 && forwards.1 > 0,
+            "no run moved a forward off a silent home, or refused a late one: {forwards:?}"
+        );
         assert!(totals.8 > 0, "no run granted hint credit");
         assert!(
             membership.0 > 0 && membership.1 > 0 && membership.2 > 0,

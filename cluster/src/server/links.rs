@@ -173,6 +173,16 @@ impl Shard {
     /// A request from node `from` received by this shard: parsed once, then run here or on the
     /// shard that owns its partition.
     pub(super) async fn route_peer(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
+        // A FORWARD_PUT is answered FORWARD_PUT_OK where a PUT would be answered PUT_OK.
+        let forward_put = matches!(message, Message::ForwardPut(_));
+        let answer = self.route_peer_request(from, message).await;
+        match answer {
+            Message::PutOk(ok) if forward_put => Message::ForwardPutOk(ok),
+            other => other,
+        }
+    }
+
+    async fn route_peer_request(self: &Rc<Self>, from: NodeId, message: Message) -> Message {
         let request = match PeerRequest::parse(message) {
             Ok(r) => r,
             Err(e) => return Message::Error(e),

@@ -118,11 +118,12 @@ impl Liveness {
     }
 
     /// The home to forward a write to: the first of `homes` not in `tried` that is believed up
-    /// and responsive, else the first believed up. A write forwarded to a home that stopped
-    /// answering waits out its deadline (a forward is never moved while the home may still
-    /// apply it: the write would get two dots, and the later one could come back after a
-    /// client resolved it), so the choice avoids a home gone silent well before the failure
-    /// detector suspects it.
+    /// and responsive, else the first believed up. Most writes forwarded to a home that
+    /// stopped answering wait out their deadline (they are not moved while the home may still
+    /// apply them: a siblings write would get two dots, and the later one could come back after
+    /// a client resolved it; only a last-write-wins put moves, see the module docs of
+    /// `coordinator`), so the choice avoids a home gone silent well before the failure detector
+    /// suspects it.
     pub(super) fn forward_target(
         &self,
         homes: impl Iterator<Item = NodeId> + Clone,

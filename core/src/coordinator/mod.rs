@@ -17,6 +17,19 @@
 //!   the sibling and size limits, writes locally, and then sends the new object to the other homes.
 //!   It answers once `w` replicas (itself included) acknowledged and `dw` of them durably; the
 //!   rest complete in the background until the request's deadline.
+//! - **forwarding to a silent home**: a forward waits for its home, however long, because a
+//!   home that is slow, stopped or cut off may still apply it, and a second home applying it
+//!   too would write it twice. The one forward that may move is an unconditional put in a
+//!   last-write-wins bucket (sessions): it carries an *apply-by* time, half the replica
+//!   timeout after it is sent, and a home that reads it later (it was stopped or cut off with
+//!   the request in its socket) refuses it without applying it. If the home has not answered
+//!   a full replica timeout after the send, the forwarder moves it to the next home. The half
+//!   timeout between the two is the clock difference between nodes this tolerates. A home that
+//!   started it in time and then stalled may still finish it later; its stamp is then older than
+//!   the next home's, so it never overwrites the moved write nor anything written after it.
+//!   Siblings buckets, conditional writes and convergent operations never move: a second dot, a
+//!   second decision or a second increment would show. A home that answers `unknown_kind` (an
+//!   older build) gets plain forwards, which never move, until its connection is lost.
 //! - **conditional put** (`condition`: if absent, if present; Redis's `SET NX|XX`): decided by
 //!   the key's *first reachable home* (the first of its preference list this node believes up),
 //!   to which every other node forwards it, even another home. There the condition is checked
@@ -318,6 +331,10 @@ pub enum PeerMsg {
         id: u64,
         /// The client's request.
         request: KeyRequest,
+        /// The time (the cores' Unix milliseconds) after which the home must not start it:
+        /// set on a forward the sender may move to another home if this one stays silent
+        /// (module docs, "forwarding"), absent on the others.
+        apply_by: Option<u64>,
     },
     /// The answer to a [`PeerMsg::Forward`]: the reply for the client.
     ForwardReply {
@@ -589,8 +606,11 @@ pub enum Output {
 pub struct CoreStats {
     /// Requests forwarded to a home node.
     pub forwarded: u64,
-    /// Forwarded requests moved on to another home after the connection to the first was lost.
+    /// Forwarded requests moved on to another home: the connection to the first was lost, or
+    /// it stayed silent past a movable forward's apply-by time.
     pub forwards_moved: u64,
+    /// Forwards this node refused as a home because they reached it after their apply-by time.
+    pub forwards_refused: u64,
     /// Replica writes sent to fallbacks with a hint.
     pub hinted_writes: u64,
     /// Hints delivered to their home and removed.
@@ -749,8 +769,12 @@ struct Op {
 enum Pending {
     /// A replica write or read of slot `slot` of op `op`, sent to `node` (maybe this node).
     Slot { op: u64, slot: usize, node: NodeId },
-    /// A forwarded request.
-    Forward { op: u64, node: NodeId },
+    /// A forwarded request; `apply_by` whether it carried an apply-by time.
+    Forward {
+        op: u64,
+        node: NodeId,
+        apply_by: bool,
+    },
     /// A read repair sent to `node`; nothing waits for it.
     Repair { node: NodeId },
     /// A hint sent to `to`: its home, or a current replica if the home left the ring.
@@ -838,6 +862,9 @@ pub struct Core {
     pending: Table<u64, Pending>,
     /// Timeouts of outstanding messages: (deadline, id).
     timeouts: BTreeSet<(u64, u64)>,
+    /// Homes that answered `unknown_kind` to a forward with an apply-by time: an older build,
+    /// sent plain forwards until the connection to it is lost (module docs).
+    plain_forwards: BTreeSet<NodeId>,
     jobs: Table<u64, Job>,
     /// Per stored key: the job holding the lock first, then the ones waiting.
     locks: Table<StoreKey, VecDeque<u64>>,
@@ -882,6 +909,7 @@ impl Core {
             op_deadlines: BTreeSet::new(),
             pending: Table::default(),
             timeouts: BTreeSet::new(),
+            plain_forwards: BTreeSet::new(),
             jobs: Table::default(),
             locks: Table::default(),
             live: Liveness::new(cfg.node, cfg.heartbeat_ms, cfg.down_ms, cfg.phi_threshold),
@@ -1252,21 +1280,35 @@ impl Core {
         let mut request = request.clone();
         debug_assert!(request.op() != KeyOp::Get, "only writes are forwarded");
         request.set_timeout_ms(left);
-        // No replica timeout here: a slow home may still be coordinating, and asking another
-        // home would apply the write twice. Under siblings that is a second dot (it could then
-        // reappear after a client resolved it). Under last-write-wins it is worse than it
-        // looks: a home frozen with the request in its socket applies it when it resumes, with
-        // a fresh stamp, over a write the client made after the second home acknowledged this
-        // one. The request's deadline bounds the wait; only a lost connection
-        // (`handle_unreachable`) moves the request to the next home.
-        self.pending
-            .insert(msg_id, Pending::Forward { op: id, node: home });
+        // Only a forward that may move has a timeout (module docs, "forwarding to a silent
+        // home"): any other waits for its home, however slow, because a second home would apply
+        // it twice (under siblings a second dot, which could come back after a client resolved
+        // it). The request's deadline bounds that wait, and a lost connection
+        // (`handle_unreachable`) moves it to the next home.
+        let movable = !self.plain_forwards.contains(&home) && {
+            let lww = self.cfg.buckets.props(&op.bucket).mode == ConflictMode::Lww;
+            lww && matches!(request.body(), KeyBody::Put(p) if p.condition.is_none())
+        };
+        let timeout = self.cfg.replica_timeout_ms;
+        let apply_by = movable.then(|| now.saturating_add(timeout / 2));
+        if movable {
+            self.timeouts.insert((now.saturating_add(timeout), msg_id));
+        }
+        self.pending.insert(
+            msg_id,
+            Pending::Forward {
+                op: id,
+                node: home,
+                apply_by: movable,
+            },
+        );
         self.stats.forwarded += 1;
         self.out.push(Output::Send {
             to: home,
             msg: PeerMsg::Forward {
                 id: msg_id,
                 request,
+                apply_by,
             },
         });
     }
@@ -2011,9 +2053,28 @@ impl Core {
                 }
                 None => {}
             },
-            PeerMsg::Forward { id, request } => {
-                self.start(now, ReplyTo::Peer(from, id), request, true);
-            }
+            PeerMsg::Forward {
+                id,
+                request,
+                apply_by,
+            } => match apply_by {
+                // Its sender may already have moved it to another home (module docs).
+                Some(by) if now > by => {
+                    self.stats.forwards_refused += 1;
+                    self.answer(
+                        ReplyTo::Peer(from, id),
+                        error(
+                            ErrorCode::Timeout,
+                            format!(
+                                "the forwarded write reached its home {} ms after its apply-by \
+                                 time and was not applied",
+                                now - by
+                            ),
+                        ),
+                    );
+                }
+                _ => self.start(now, ReplyTo::Peer(from, id), request, true),
+            },
             PeerMsg::AeLevel { .. }
             | PeerMsg::AeKeys { .. }
             | PeerMsg::AeReap { .. }
@@ -2094,6 +2155,14 @@ impl Core {
                         self.write_missed(op, node);
                         self.slot_answered(now, op, slot, SlotResult::Failed)
                     }
+                    // An older home that does not know forwards with an apply-by time: it gets
+                    // plain forwards from now on (module docs).
+                    Some(Pending::Forward {
+                        op, apply_by: true, ..
+                    }) if e.code == ErrorCode::UnknownKind => {
+                        self.plain_forwards.insert(from);
+                        self.forward(now, op, from);
+                    }
                     Some(Pending::Forward { op, .. }) => {
                         // The home coordinated and failed: its answer is the client's answer.
                         if let Some(o) = self.ops.remove(&op) {
@@ -2126,6 +2195,8 @@ impl Core {
     /// there fails now instead of at its timeout, and the node is believed unreachable.
     pub fn handle_unreachable(&mut self, now: u64, node: NodeId) -> Vec<Output> {
         self.live.mark_down(node, now);
+        // It may come back as a newer build.
+        self.plain_forwards.remove(&node);
         let mut ids: Vec<u64> = self
             .pending
             .iter()
@@ -2168,7 +2239,7 @@ impl Core {
                 self.write_missed(op, node);
                 self.slot_answered(now, op, slot, SlotResult::Failed);
             }
-            Some(Pending::Forward { op, node }) => {
+            Some(Pending::Forward { op, node, .. }) => {
                 self.live.mark_down(node, now);
                 let next = self.ops.get(&op).and_then(|o| match &o.kind {
                     OpKind::Forwarded { tried, .. } => {

@@ -306,6 +306,9 @@ pub struct Outcome {
     pub sibling_reads: usize,
     /// Hinted writes, over all nodes.
     pub hinted_writes: u64,
+    /// Forwards moved to another home, and forwards a home refused as read after their
+    /// apply-by time, over all nodes.
+    pub forwards: (u64, u64),
     /// Hints delivered, over all nodes.
     pub hints_delivered: u64,
     /// Read repairs sent, over all nodes.
@@ -1065,9 +1068,12 @@ impl Sim {
         let convergent = self.check_convergent();
         let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
         let mut ae = (0, 0, 0, 0);
+        let mut forwards = (0, 0);
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
+                forwards.0 += s.forwards_moved;
+                forwards.1 += s.forwards_refused;
                 stats.0 += s.hinted_writes;
                 stats.1 += s.hints_delivered;
                 stats.2 += s.read_repairs;
@@ -1088,6 +1094,7 @@ impl Sim {
             acked_writes: self.writes.values().filter(|w| w.acked).count(),
             sibling_reads: self.sibling_reads,
             hinted_writes: stats.0,
+            forwards,
             hints_delivered: stats.1,
             read_repairs: stats.2,
             crashes: self.crashes,
