@@ -95,7 +95,7 @@ const CORE_FIELDS: [CoreField; 24] = [
     ),
     (
         "ringkv_forwards_refused_total",
-        "Forwarded writes this node refused as a home, read after their apply-by time.",
+        "Forwarded writes this node refused as a home, read or stamped after their apply-by time.",
         |c| c.stats.forwards_refused,
     ),
     (

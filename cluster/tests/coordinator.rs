@@ -1338,12 +1338,14 @@ fn a_forward_to_a_silent_home_moves_only_when_a_second_application_cannot_show()
     assert_eq!(core.stats().forwards_moved, 1);
 }
 
-/// A home that reads a forward after its apply-by time (it was stopped, or cut off, with the
-/// request in its socket, and its sender may have moved it since) refuses it with `timeout` and
-/// writes nothing; one read in time is coordinated.
+/// A home refuses a forward with `expired`, writing nothing, when it reads it after its apply-by
+/// time (it was stopped, or cut off, with the request in its socket, and its sender may have
+/// moved it since), and also when it started it in time but would stamp it after that time (it
+/// stalled between the two: stopped, or behind a slow storage read). One stamped in time is
+/// written.
 #[test]
-fn a_home_refuses_a_forward_read_after_its_apply_by_time() {
-    use ringkv_core::coordinator::PeerMsg;
+fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
+    use ringkv_core::coordinator::{PeerMsg, StoreOp};
     let mut one = One::new(BucketProps {
         mode: ConflictMode::Lww,
         ..props(1)
@@ -1355,25 +1357,120 @@ fn a_home_refuses_a_forward_read_after_its_apply_by_time() {
         request: common::key_request(core, put("late", None, None)),
         apply_by: Some(apply_by),
     };
-    let late = forward(core, 7, now - 1);
-    let outputs = core.handle_peer(now, NodeId(2), late);
-    let refused = outputs.iter().any(|o| {
-        matches!(o, Output::Answer { to: NodeId(2), msg: PeerMsg::ForwardReply { id: 7, reply } }
-            if code(reply) == Some(ErrorCode::Timeout))
-    });
-    assert!(refused, "a late forward was not refused: {outputs:?}");
+    let refused = |outputs: &[Output], id: u64| {
+        outputs.iter().any(|o| {
+            matches!(o, Output::Answer { to: NodeId(2), msg: PeerMsg::ForwardReply { id: i, reply } }
+                if *i == id && code(reply) == Some(ErrorCode::Expired))
+        })
+    };
+    let writes = |outputs: &[Output]| {
+        outputs
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Output::Store {
+                        op: StoreOp::Write { .. },
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let read_of = |outputs: &[Output]| {
+        outputs
+            .iter()
+            .find_map(|o| match o {
+                Output::Store {
+                    id,
+                    op: StoreOp::Read,
+                    ..
+                } => Some(*id),
+                _ => None,
+            })
+            .expect("a read of the local replica")
+    };
+
+    // Read late: refused on arrival, storage untouched.
+    let outputs = core.handle_peer(now, NodeId(2), forward(core, 7, now - 1));
+    assert!(refused(&outputs, 7), "not refused on arrival: {outputs:?}");
     assert!(
         !outputs.iter().any(|o| matches!(o, Output::Store { .. })),
         "a late forward reached storage: {outputs:?}"
     );
     assert_eq!(core.stats().forwards_refused, 1);
-    let in_time = forward(core, 8, now);
-    let outputs = core.handle_peer(now, NodeId(2), in_time);
+
+    // Started in time, its local read completes after the apply-by time: refused, unwritten.
+    let outputs = core.handle_peer(now, NodeId(2), forward(core, 8, now + 10));
+    let read = read_of(&outputs);
+    let outputs = core.handle_stored(now + 11, read, Ok(None));
     assert!(
-        outputs.iter().any(|o| matches!(o, Output::Store { .. })),
-        "a forward in time was not coordinated: {outputs:?}"
+        refused(&outputs, 8),
+        "not refused at its stamp: {outputs:?}"
     );
-    assert_eq!(core.stats().forwards_refused, 1);
+    assert_eq!(
+        writes(&outputs),
+        0,
+        "written after its apply-by time: {outputs:?}"
+    );
+    assert_eq!(core.stats().forwards_refused, 2);
+
+    // Stamped in time: written.
+    let outputs = core.handle_peer(now + 20, NodeId(2), forward(core, 9, now + 30));
+    let read = read_of(&outputs);
+    let outputs = core.handle_stored(now + 30, read, Ok(None));
+    assert_eq!(
+        writes(&outputs),
+        1,
+        "a forward in time was not written: {outputs:?}"
+    );
+    assert_eq!(core.stats().forwards_refused, 2);
+}
+
+/// A forwarder whose home refuses its forward as expired (read late, or that home's clock is
+/// ahead) moves it to the next home at once, not at its own timer, and not back to the client.
+#[test]
+fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
+    use ringkv_core::coordinator::PeerMsg;
+    let (mut core, key) = forwarding_core();
+    let now = 10_000;
+    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+    let first = forwards(&core.handle_client(now, 1, request));
+    let [(home, id, Some(_))] = first[..] else {
+        panic!("one forward with an apply-by time: {first:?}");
+    };
+    let refusal = PeerMsg::Failed {
+        id,
+        error: ErrorBody::new(ErrorCode::Expired, "read 600 ms after its apply-by time"),
+    };
+    let outputs = core.handle_peer(now + 5, home, refusal);
+    assert!(
+        !outputs.iter().any(|o| matches!(o, Output::Reply { .. })),
+        "the refusal went to the client: {outputs:?}"
+    );
+    let moved = forwards(&outputs);
+    assert!(
+        matches!(moved[..], [(h, _, Some(_))] if h != home),
+        "not moved to another home: {moved:?}"
+    );
+    assert_eq!(core.stats().forwards_moved, 1);
+}
+
+/// A forward whose client deadline comes before a replica timeout would pass carries no
+/// apply-by time: it could only move after the client stopped waiting.
+#[test]
+fn a_forward_with_too_short_a_deadline_to_move_carries_no_apply_by_time() {
+    let (mut core, key) = forwarding_core();
+    let message = match forwarded_put(b"lww", &key, None) {
+        Message::Put(p) => Message::Put(Put {
+            timeout_ms: Some(500),
+            ..p
+        }),
+        _ => unreachable!(),
+    };
+    let request = common::key_request(&core, message);
+    let sent = forwards(&core.handle_client(10_000, 1, request));
+    assert!(matches!(sent[..], [(_, _, None)]), "{sent:?}");
 }
 
 /// A home that answers `unknown_kind` to a forward with an apply-by time is an older build: the
@@ -1413,7 +1510,7 @@ fn an_older_home_gets_plain_forwards_until_its_connection_is_lost() {
     let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
     let after = forwards(&core.handle_client(now + 40, 3, request));
     assert!(
-        after.iter().all(|(_, _, by)| by.is_some()),
+        matches!(after[..], [(h, _, Some(_))] if h == home),
         "still plain after the connection was lost: {after:?}"
     );
 }

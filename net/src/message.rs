@@ -263,6 +263,9 @@ pub enum ErrorCode {
     Overloaded,
     /// The node is shutting down.
     ShuttingDown,
+    /// A FORWARD_PUT reached its home after its apply-by time; nothing was written, so its
+    /// sender may send it to another home.
+    Expired,
     /// A bug or an unexpected failure on the node.
     Internal,
     /// A code this build does not know (from a newer node); treat it like [`ErrorCode::Internal`].
@@ -290,6 +293,7 @@ impl ErrorCode {
             Self::Timeout => 0x0202,
             Self::Overloaded => 0x0203,
             Self::ShuttingDown => 0x0204,
+            Self::Expired => 0x0205,
             Self::Internal => 0x0301,
             Self::Other(code) => code,
         }
@@ -315,6 +319,7 @@ impl ErrorCode {
             0x0202 => Self::Timeout,
             0x0203 => Self::Overloaded,
             0x0204 => Self::ShuttingDown,
+            0x0205 => Self::Expired,
             0x0301 => Self::Internal,
             other => Self::Other(other),
         }
@@ -344,6 +349,7 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
+            Self::Expired => "expired",
             Self::Internal => "internal",
             Self::Other(_) => "other",
         }
@@ -708,7 +714,7 @@ pub struct ReplicaGet {
 }
 
 /// FORWARD_PUT: a PUT that a node outside its key's homes forwards to one of them, which must
-/// not start it after `apply_by_ms` (`docs/PROTOCOL.md` §5.10). Answered FORWARD_PUT_OK (a PUT_OK
+/// not start it after `apply_by_ms` (`docs/PROTOCOL.md` §5.6.1). Answered FORWARD_PUT_OK (a PUT_OK
 /// body) or ERROR.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ForwardPut {

@@ -159,7 +159,8 @@ fn seeds_keep_the_promises() {
         ae.0, ae.1, ae.2, ae.3, ae.4, ae.5, ae.6
     );
     println!(
-        "forwards: {} moved to another home, {} refused as read after their apply-by time",
+        "forwards: {} moved to another home, {} refused as read or stamped after their apply-by \
+         time",
         forwards.0, forwards.1
     );
     println!("traces of seeds {start}..{}: {traces:#018x}", start + count);

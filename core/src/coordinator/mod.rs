@@ -21,15 +21,18 @@
 //!   home that is slow, stopped or cut off may still apply it, and a second home applying it
 //!   too would write it twice. The one forward that may move is an unconditional put in a
 //!   last-write-wins bucket (sessions): it carries an *apply-by* time, half the replica
-//!   timeout after it is sent, and a home that reads it later (it was stopped or cut off with
-//!   the request in its socket) refuses it without applying it. If the home has not answered
-//!   a full replica timeout after the send, the forwarder moves it to the next home. The half
-//!   timeout between the two is the clock difference between nodes this tolerates. A home that
-//!   started it in time and then stalled may still finish it later; its stamp is then older than
-//!   the next home's, so it never overwrites the moved write nor anything written after it.
-//!   Siblings buckets, conditional writes and convergent operations never move: a second dot, a
-//!   second decision or a second increment would show. A home that answers `unknown_kind` (an
-//!   older build) gets plain forwards, which never move, until its connection is lost.
+//!   timeout after it is sent, and a home refuses it with `expired`, writing nothing, if it reads
+//!   it after that time (it was stopped or cut off with the request in its socket) or would
+//!   stamp it after that time (it started it in time and stalled before its local read
+//!   completed). If the home has not answered a full replica timeout after the send, or refused
+//!   it, the forwarder moves it to the next home (and coordinates it itself once every home was
+//!   tried). So a home that applies it anyway stamped it by the apply-by time, and the next home
+//!   stamps it half a replica timeout later: the first copy overwrites neither the moved write
+//!   nor anything written after it, as long as node clocks (which lead the stamps) agree within
+//!   that half timeout. Siblings buckets, conditional writes and convergent operations never
+//!   move: a second dot, a second decision or a second increment would show. A home that answers
+//!   `unknown_kind` (an older build) gets plain forwards, which never move, until its connection
+//!   is lost.
 //! - **conditional put** (`condition`: if absent, if present; Redis's `SET NX|XX`): decided by
 //!   the key's *first reachable home* (the first of its preference list this node believes up),
 //!   to which every other node forwards it, even another home. There the condition is checked
@@ -609,7 +612,8 @@ pub struct CoreStats {
     /// Forwarded requests moved on to another home: the connection to the first was lost, or
     /// it stayed silent past a movable forward's apply-by time.
     pub forwards_moved: u64,
-    /// Forwards this node refused as a home because they reached it after their apply-by time.
+    /// Forwards this node refused as a home because it read them, or would have stamped them,
+    /// after their apply-by time.
     pub forwards_refused: u64,
     /// Replica writes sent to fallbacks with a hint.
     pub hinted_writes: u64,
@@ -655,6 +659,19 @@ pub struct CoreStats {
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error(ErrorBody::new(code, message))
+}
+
+/// A forward refused because it reached its home, or its stamp, `now - by` ms after its apply-by
+/// time `by`: nothing was written.
+fn expired(now: u64, by: u64) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Expired,
+        format!(
+            "the forwarded write reached its home {} ms after its apply-by time and was not \
+             applied",
+            now - by
+        ),
+    )
 }
 
 /// The client operation of a request, decoded.
@@ -758,6 +775,9 @@ struct Op {
     key: Bytes,
     quorum: Quorum,
     deadline: u64,
+    /// A forward's apply-by time: the write is refused, not applied, if it would be stamped
+    /// after it (module docs, "forwarding to a silent home").
+    apply_by: Option<u64>,
     slots: Vec<Slot>,
     /// Every node that served a slot of this request (a fallback is used once).
     used: BTreeSet<NodeId>,
@@ -1043,7 +1063,7 @@ impl Core {
 
     /// A client request: GET, PUT, DELETE or UPDATE. The answer comes as [`Output::Reply`] with `req`.
     pub fn handle_client(&mut self, now: u64, req: u64, request: KeyRequest) -> Vec<Output> {
-        self.start(now, ReplyTo::Client(req), request, false);
+        self.start(now, ReplyTo::Client(req), request, false, None);
         self.take_output()
     }
 
@@ -1099,7 +1119,14 @@ impl Core {
         }
     }
 
-    fn start(&mut self, now: u64, reply_to: ReplyTo, request: KeyRequest, forwarded: bool) {
+    fn start(
+        &mut self,
+        now: u64,
+        reply_to: ReplyTo,
+        request: KeyRequest,
+        forwarded: bool,
+        apply_by: Option<u64>,
+    ) {
         self.ae.foreground(now);
         let overrides = match request.body() {
             KeyBody::Get(m) => Overrides {
@@ -1170,6 +1197,7 @@ impl Core {
             key,
             quorum,
             deadline,
+            apply_by,
             slots: homes
                 .iter()
                 .map(|&home| Slot {
@@ -1289,7 +1317,9 @@ impl Core {
             let lww = self.cfg.buckets.props(&op.bucket).mode == ConflictMode::Lww;
             lww && matches!(request.body(), KeyBody::Put(p) if p.condition.is_none())
         };
+        // A move at or after the client's deadline would only apply the write a second time.
         let timeout = self.cfg.replica_timeout_ms;
+        let movable = movable && now.saturating_add(timeout) < op.deadline;
         let apply_by = movable.then(|| now.saturating_add(timeout / 2));
         if movable {
             self.timeouts.insert((now.saturating_add(timeout), msg_id));
@@ -1433,6 +1463,15 @@ impl Core {
         now: u64,
     ) -> Result<Object, ErrorBody> {
         let op = self.ops.get(&id).expect("the op of a running write exists");
+        // Checked where the stamp is taken: a home that started the forward in time may have
+        // stalled since (stopped, or behind a slow storage read), and its sender may have moved
+        // it meanwhile (module docs, "forwarding to a silent home").
+        if let Some(by) = op.apply_by
+            && now > by
+        {
+            self.stats.forwards_refused += 1;
+            return Err(expired(now, by));
+        }
         let OpKind::Write { write, context, .. } = &op.kind else {
             unreachable!("updated is called for writes");
         };
@@ -2061,19 +2100,9 @@ impl Core {
                 // Its sender may already have moved it to another home (module docs).
                 Some(by) if now > by => {
                     self.stats.forwards_refused += 1;
-                    self.answer(
-                        ReplyTo::Peer(from, id),
-                        error(
-                            ErrorCode::Timeout,
-                            format!(
-                                "the forwarded write reached its home {} ms after its apply-by \
-                                 time and was not applied",
-                                now - by
-                            ),
-                        ),
-                    );
+                    self.answer(ReplyTo::Peer(from, id), Message::Error(expired(now, by)));
                 }
-                _ => self.start(now, ReplyTo::Peer(from, id), request, true),
+                _ => self.start(now, ReplyTo::Peer(from, id), request, true, apply_by),
             },
             PeerMsg::AeLevel { .. }
             | PeerMsg::AeKeys { .. }
@@ -2163,6 +2192,10 @@ impl Core {
                         self.plain_forwards.insert(from);
                         self.forward(now, op, from);
                     }
+                    // Refused unapplied, read late (or its clock is ahead): the next home.
+                    Some(Pending::Forward {
+                        op, apply_by: true, ..
+                    }) if e.code == ErrorCode::Expired => self.move_forward(now, op),
                     Some(Pending::Forward { op, .. }) => {
                         // The home coordinated and failed: its answer is the client's answer.
                         if let Some(o) = self.ops.remove(&op) {
@@ -2231,6 +2264,40 @@ impl Core {
         }
     }
 
+    /// Sends forwarded op `op` to the next home it has not tried, or coordinates it here when
+    /// none is left.
+    fn move_forward(&mut self, now: u64, op: u64) {
+        let next = self.ops.get(&op).and_then(|o| match &o.kind {
+            OpKind::Forwarded { tried, .. } => {
+                self.live
+                    .forward_target(o.slots.iter().map(|s| s.home), tried, now)
+            }
+            _ => None,
+        });
+        match next {
+            Some(home) => {
+                self.stats.forwards_moved += 1;
+                self.forward(now, op, home);
+            }
+            None => {
+                // Every home failed: coordinate here after all.
+                if let Some(mut o) = self.ops.remove(&op) {
+                    self.op_deadlines.remove(&(o.deadline, op));
+                    let OpKind::Forwarded { request, .. } = std::mem::replace(
+                        &mut o.kind,
+                        OpKind::Read {
+                            replies: 0,
+                            merged: None,
+                        },
+                    ) else {
+                        return;
+                    };
+                    self.start_write(now, op, o, request, false);
+                }
+            }
+        }
+    }
+
     /// Message `id` is given up on (timeout or lost connection).
     fn expire(&mut self, now: u64, id: u64) {
         match self.pending.remove(&id) {
@@ -2241,35 +2308,7 @@ impl Core {
             }
             Some(Pending::Forward { op, node, .. }) => {
                 self.live.mark_down(node, now);
-                let next = self.ops.get(&op).and_then(|o| match &o.kind {
-                    OpKind::Forwarded { tried, .. } => {
-                        self.live
-                            .forward_target(o.slots.iter().map(|s| s.home), tried, now)
-                    }
-                    _ => None,
-                });
-                match next {
-                    Some(home) => {
-                        self.stats.forwards_moved += 1;
-                        self.forward(now, op, home);
-                    }
-                    None => {
-                        // Every home failed: coordinate here after all.
-                        if let Some(mut o) = self.ops.remove(&op) {
-                            self.op_deadlines.remove(&(o.deadline, op));
-                            let OpKind::Forwarded { request, .. } = std::mem::replace(
-                                &mut o.kind,
-                                OpKind::Read {
-                                    replies: 0,
-                                    merged: None,
-                                },
-                            ) else {
-                                return;
-                            };
-                            self.start_write(now, op, o, request, false);
-                        }
-                    }
-                }
+                self.move_forward(now, op);
             }
             Some(Pending::Repair { node }) => self.live.mark_down(node, now),
             Some(Pending::Pull { partition }) => self.pull_failed(now, partition),

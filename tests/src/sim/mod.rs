@@ -306,8 +306,8 @@ pub struct Outcome {
     pub sibling_reads: usize,
     /// Hinted writes, over all nodes.
     pub hinted_writes: u64,
-    /// Forwards moved to another home, and forwards a home refused as read after their
-    /// apply-by time, over all nodes.
+    /// Forwards moved to another home, and forwards a home refused as read or stamped after
+    /// their apply-by time, over all nodes.
     pub forwards: (u64, u64),
     /// Hints delivered, over all nodes.
     pub hints_delivered: u64,
