@@ -982,10 +982,15 @@ fn updates_are_forwarded_to_the_home_like_any_write() {
         c.put(b"single", &[k.as_slice(), b"-v"].concat(), k, None)
             .unwrap();
     }
-    assert!(
-        nodes[0].metric("ringkv_forwarded_total") > 0.0,
-        "node 1 forwarded some of the writes"
-    );
+    // Metrics are published a moment after the fact: polled.
+    let forwarded = (0..HANDOFF_POLLS).any(|_| {
+        let some = nodes[0].metric("ringkv_forwarded_total") > 0.0;
+        if !some {
+            std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
+        }
+        some
+    });
+    assert!(forwarded, "node 1 forwarded none of the writes");
     for node in &nodes {
         let mut c = node.client();
         for k in &keys {
