@@ -90,7 +90,7 @@ const CORE_FIELDS: [CoreField; 24] = [
     (
         "ringkv_forwards_moved_total",
         "Forwarded writes moved on to another home: the connection to the first was lost, or it \
-         stayed silent for a last-write-wins put.",
+         stayed silent for a last-write-wins put, or refused it.",
         |c| c.stats.forwards_moved,
     ),
     (

@@ -1428,49 +1428,86 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
 }
 
 /// A forwarder whose home refuses its forward as expired (read late, or that home's clock is
-/// ahead) moves it to the next home at once, not at its own timer, and not back to the client.
+/// ahead) moves it to the next home at once, not at its own timer, and not back to the client,
+/// whether the refusal comes as the wire delivers it (`Failed`) or as a core answers it (a
+/// reply). When every home has refused, the client is answered `timeout` and nothing is
+/// written here: the homes are up, and this node's clock is the one behind.
 #[test]
 fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
     use ringkv_core::coordinator::PeerMsg;
-    let (mut core, key) = forwarding_core();
-    let now = 10_000;
-    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
-    let first = forwards(&core.handle_client(now, 1, request));
-    let [(home, id, Some(_))] = first[..] else {
-        panic!("one forward with an apply-by time: {first:?}");
-    };
-    let refusal = PeerMsg::Failed {
+    let refusal = || ErrorBody::new(ErrorCode::Expired, "read 600 ms after its apply-by time");
+    let as_failed = |id| PeerMsg::Failed {
         id,
-        error: ErrorBody::new(ErrorCode::Expired, "read 600 ms after its apply-by time"),
+        error: refusal(),
     };
-    let outputs = core.handle_peer(now + 5, home, refusal);
-    assert!(
-        !outputs.iter().any(|o| matches!(o, Output::Reply { .. })),
-        "the refusal went to the client: {outputs:?}"
-    );
-    let moved = forwards(&outputs);
-    assert!(
-        matches!(moved[..], [(h, _, Some(_))] if h != home),
-        "not moved to another home: {moved:?}"
-    );
-    assert_eq!(core.stats().forwards_moved, 1);
+    let as_reply = |id| PeerMsg::ForwardReply {
+        id,
+        reply: Message::Error(refusal()),
+    };
+    for refuse in [&as_failed as &dyn Fn(u64) -> PeerMsg, &as_reply] {
+        let (mut core, key) = forwarding_core();
+        let now = 10_000;
+        let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
+        let first = forwards(&core.handle_client(now, 1, request));
+        let [(home, id, Some(_))] = first[..] else {
+            panic!("one forward with an apply-by time: {first:?}");
+        };
+        let outputs = core.handle_peer(now + 5, home, refuse(id));
+        assert!(
+            !outputs.iter().any(|o| matches!(o, Output::Reply { .. })),
+            "the refusal went to the client: {outputs:?}"
+        );
+        let moved = forwards(&outputs);
+        let [(next, next_id, Some(_))] = moved[..] else {
+            panic!("not moved to another home: {moved:?}");
+        };
+        assert_ne!(next, home);
+        assert_eq!(core.stats().forwards_moved, 1);
+
+        let outputs = core.handle_peer(now + 10, next, refuse(next_id));
+        let answered = outputs.iter().any(|o| {
+            matches!(o, Output::Reply { req: 1, message } if code(message) == Some(ErrorCode::Timeout))
+        });
+        assert!(answered, "no timeout once every home refused: {outputs:?}");
+        assert!(
+            !outputs
+                .iter()
+                .any(|o| matches!(o, Output::Store { .. } | Output::Send { .. })),
+            "written or sent again after every home refused: {outputs:?}"
+        );
+    }
 }
 
-/// A forward whose client deadline comes before a replica timeout would pass carries no
-/// apply-by time: it could only move after the client stopped waiting.
+/// A forward whose client deadline ends before a replica timeout would pass still carries an
+/// apply-by time, never after that deadline, so a home that reads it after the client gave up
+/// refuses it; it is not moved, since a move could only come after the client stopped waiting.
 #[test]
-fn a_forward_with_too_short_a_deadline_to_move_carries_no_apply_by_time() {
-    let (mut core, key) = forwarding_core();
-    let message = match forwarded_put(b"lww", &key, None) {
-        Message::Put(p) => Message::Put(Put {
-            timeout_ms: Some(500),
-            ..p
-        }),
-        _ => unreachable!(),
-    };
-    let request = common::key_request(&core, message);
-    let sent = forwards(&core.handle_client(10_000, 1, request));
-    assert!(matches!(sent[..], [(_, _, None)]), "{sent:?}");
+fn a_forward_with_too_short_a_deadline_to_move_is_still_refused_late() {
+    for (timeout_ms, apply_after) in [(500, 250), (100, 100)] {
+        let (mut core, key) = forwarding_core();
+        let message = match forwarded_put(b"lww", &key, None) {
+            Message::Put(p) => Message::Put(Put {
+                timeout_ms: Some(timeout_ms),
+                ..p
+            }),
+            _ => unreachable!(),
+        };
+        let request = common::key_request(&core, message);
+        let now = 10_000;
+        let sent = forwards(&core.handle_client(now, 1, request));
+        assert!(
+            matches!(sent[..], [(_, _, Some(by))] if by == now + apply_after),
+            "{timeout_ms} ms: {sent:?}"
+        );
+        let end = core.handle_tick(now + u64::from(timeout_ms));
+        assert!(forwards(&end).is_empty(), "{timeout_ms} ms: moved: {end:?}");
+        assert!(
+            end.iter()
+                .any(|o| matches!(o, Output::Reply { req: 1, message }
+                if code(message) == Some(ErrorCode::Timeout))),
+            "{timeout_ms} ms: no timeout at the deadline: {end:?}"
+        );
+    }
 }
 
 /// A home that answers `unknown_kind` to a forward with an apply-by time is an older build: the

@@ -714,11 +714,11 @@ pub struct ReplicaGet {
 }
 
 /// FORWARD_PUT: a PUT that a node outside its key's homes forwards to one of them, which must
-/// not start it after `apply_by_ms` (`docs/PROTOCOL.md` §5.6.1). Answered FORWARD_PUT_OK (a PUT_OK
+/// not apply it after `apply_by_ms` (`docs/PROTOCOL.md` §5.6.1). Answered FORWARD_PUT_OK (a PUT_OK
 /// body) or ERROR.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ForwardPut {
-    /// Unix milliseconds after which the home refuses it (`timeout`) instead of applying it.
+    /// Unix milliseconds after which the home refuses it (`expired`) instead of applying it.
     pub apply_by_ms: u64,
     /// The client's PUT.
     pub put: Put,

@@ -24,12 +24,15 @@
 //!   timeout after it is sent, and a home refuses it with `expired`, writing nothing, if it reads
 //!   it after that time (it was stopped or cut off with the request in its socket) or would
 //!   stamp it after that time (it started it in time and stalled before its local read
-//!   completed). If the home has not answered a full replica timeout after the send, or refused
-//!   it, the forwarder moves it to the next home (and coordinates it itself once every home was
-//!   tried). So a home that applies it anyway stamped it by the apply-by time, and the next home
+//!   completed). If the home has not answered a full replica timeout after the send, the
+//!   forwarder moves it to the next home (and coordinates it itself once every home stayed
+//!   silent, as when none is reachable); if the home refused it, at once (and once every home
+//!   refused, it answers the client `timeout`: the homes are up, and its own clock is behind).
+//!   So a home that applies it anyway stamped it by the apply-by time, and the next home
 //!   stamps it half a replica timeout later: the first copy overwrites neither the moved write
 //!   nor anything written after it, as long as node clocks (which lead the stamps) agree within
-//!   that half timeout. Siblings buckets, conditional writes and convergent operations never
+//!   that half timeout. The apply-by time is never after the client's deadline, and a forward
+//!   whose deadline comes before its move would is refused late but never moved. Siblings buckets, conditional writes and convergent operations never
 //!   move: a second dot, a second decision or a second increment would show. A home that answers
 //!   `unknown_kind` (an older build) gets plain forwards, which never move, until its connection
 //!   is lost.
@@ -334,9 +337,9 @@ pub enum PeerMsg {
         id: u64,
         /// The client's request.
         request: KeyRequest,
-        /// The time (the cores' Unix milliseconds) after which the home must not start it:
-        /// set on a forward the sender may move to another home if this one stays silent
-        /// (module docs, "forwarding"), absent on the others.
+        /// The time (the cores' Unix milliseconds) after which the home must not apply it:
+        /// set on a forward the sender may move to another home (module docs, "forwarding to a
+        /// silent home"), absent on the others.
         apply_by: Option<u64>,
     },
     /// The answer to a [`PeerMsg::Forward`]: the reply for the client.
@@ -610,7 +613,7 @@ pub struct CoreStats {
     /// Requests forwarded to a home node.
     pub forwarded: u64,
     /// Forwarded requests moved on to another home: the connection to the first was lost, or
-    /// it stayed silent past a movable forward's apply-by time.
+    /// it stayed silent for a replica timeout after a movable forward, or refused it.
     pub forwards_moved: u64,
     /// Forwards this node refused as a home because it read them, or would have stamped them,
     /// after their apply-by time.
@@ -1317,11 +1320,13 @@ impl Core {
             let lww = self.cfg.buckets.props(&op.bucket).mode == ConflictMode::Lww;
             lww && matches!(request.body(), KeyBody::Put(p) if p.condition.is_none())
         };
-        // A move at or after the client's deadline would only apply the write a second time.
+        // Such a forward always carries its apply-by time, never later than the client's
+        // deadline, so a home that reads it after the client gave up refuses it; it moves on
+        // silence only if the move comes before that deadline (after it, a move could only
+        // apply the write a second time).
         let timeout = self.cfg.replica_timeout_ms;
-        let movable = movable && now.saturating_add(timeout) < op.deadline;
-        let apply_by = movable.then(|| now.saturating_add(timeout / 2));
-        if movable {
+        let apply_by = movable.then(|| now.saturating_add(timeout / 2).min(op.deadline));
+        if movable && now.saturating_add(timeout) < op.deadline {
             self.timeouts.insert((now.saturating_add(timeout), msg_id));
         }
         self.pending.insert(
@@ -2153,6 +2158,13 @@ impl Core {
                 None => {}
             },
             PeerMsg::ForwardReply { id, reply } => match self.pending.remove(&id) {
+                // Refused unapplied (a core answers its refusal as a reply; the wire turns it
+                // into `Failed`, handled the same below).
+                Some(Pending::Forward {
+                    op, apply_by: true, ..
+                }) if matches!(&reply, Message::Error(e) if e.code == ErrorCode::Expired) => {
+                    self.forward_refused(now, op)
+                }
                 Some(Pending::Forward { op, .. }) => {
                     if let Some(o) = self.ops.remove(&op) {
                         self.op_deadlines.remove(&(o.deadline, op));
@@ -2195,7 +2207,7 @@ impl Core {
                     // Refused unapplied, read late (or its clock is ahead): the next home.
                     Some(Pending::Forward {
                         op, apply_by: true, ..
-                    }) if e.code == ErrorCode::Expired => self.move_forward(now, op),
+                    }) if e.code == ErrorCode::Expired => self.forward_refused(now, op),
                     Some(Pending::Forward { op, .. }) => {
                         // The home coordinated and failed: its answer is the client's answer.
                         if let Some(o) = self.ops.remove(&op) {
@@ -2261,6 +2273,34 @@ impl Core {
         if matches!(o.kind, OpKind::Write { .. }) {
             let (partition, bucket) = (o.partition, o.bucket.clone());
             self.ae_suspect(partition, &bucket, node);
+        }
+    }
+
+    /// A home refused forwarded op `op` unapplied (`expired`): the next home it has not tried,
+    /// if any. With none left the client is answered `timeout` rather than the write being
+    /// coordinated here: the homes answer, so they are up, and refusals from all of them mean
+    /// this node's clock is behind theirs, where a stamp of its own could lose to older writes.
+    fn forward_refused(&mut self, now: u64, op: u64) {
+        let untried = self.ops.get(&op).is_some_and(|o| match &o.kind {
+            OpKind::Forwarded { tried, .. } => self
+                .live
+                .forward_target(o.slots.iter().map(|s| s.home), tried, now)
+                .is_some(),
+            _ => false,
+        });
+        if untried {
+            return self.move_forward(now, op);
+        }
+        if let Some(o) = self.ops.remove(&op) {
+            self.op_deadlines.remove(&(o.deadline, op));
+            self.answer(
+                o.reply_to,
+                error(
+                    ErrorCode::Timeout,
+                    "every home refused the forwarded write as reaching it after its apply-by \
+                     time; nothing was written (is this node's clock behind its peers'?)",
+                ),
+            );
         }
     }
 
