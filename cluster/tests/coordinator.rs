@@ -1277,6 +1277,17 @@ fn forwarded_put(bucket: &'static [u8], key: &str, condition: Option<Condition>)
     })
 }
 
+/// Client request 1 at `now`, a last-write-wins put of `key`, which `core` forwards: the home it
+/// went to and the forward's id. It carries an apply-by time.
+fn lww_forward(core: &mut Core, key: &str, now: u64) -> (NodeId, u64) {
+    let request = common::key_request(core, forwarded_put(b"lww", key, None));
+    let first = forwards(&core.handle_client(now, 1, request));
+    let [(home, id, Some(_))] = first[..] else {
+        panic!("one forward with an apply-by time: {first:?}");
+    };
+    (home, id)
+}
+
 /// A forward to a silent home (stopped, or cut off with its connection open) moves to the next
 /// home only when a second home applying it too cannot show: an unconditional put in a
 /// last-write-wins bucket. It carries an apply-by time half a replica timeout ahead, and moves
@@ -1447,11 +1458,7 @@ fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
     for refuse in [&as_failed as &dyn Fn(u64) -> PeerMsg, &as_reply] {
         let (mut core, key) = forwarding_core();
         let now = 10_000;
-        let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
-        let first = forwards(&core.handle_client(now, 1, request));
-        let [(home, id, Some(_))] = first[..] else {
-            panic!("one forward with an apply-by time: {first:?}");
-        };
+        let (home, id) = lww_forward(&mut core, &key, now);
         let outputs = core.handle_peer(now + 5, home, refuse(id));
         assert!(
             !outputs.iter().any(|o| matches!(o, Output::Reply { .. })),
@@ -1518,11 +1525,7 @@ fn an_older_home_gets_plain_forwards_until_its_connection_is_lost() {
     use ringkv_core::coordinator::PeerMsg;
     let (mut core, key) = forwarding_core();
     let now = 10_000;
-    let request = common::key_request(&core, forwarded_put(b"lww", &key, None));
-    let first = forwards(&core.handle_client(now, 1, request));
-    let [(home, id, Some(_))] = first[..] else {
-        panic!("one forward with an apply-by time: {first:?}");
-    };
+    let (home, id) = lww_forward(&mut core, &key, now);
     let unknown = PeerMsg::Failed {
         id,
         error: ErrorBody::new(ErrorCode::UnknownKind, "unknown kind 0x43"),
