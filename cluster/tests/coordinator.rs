@@ -1485,6 +1485,25 @@ fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
     }
 }
 
+/// A refusal that arrives after the forwarder moved the forward on its timer finds nothing to
+/// answer: no second move, and nothing for the client.
+#[test]
+fn a_refusal_after_the_move_is_ignored() {
+    use ringkv_core::coordinator::PeerMsg;
+    let (mut core, key) = forwarding_core();
+    let now = 10_000;
+    let (home, id) = lww_forward(&mut core, &key, now);
+    let moved = forwards(&core.handle_tick(now + 500));
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let late = PeerMsg::Failed {
+        id,
+        error: ErrorBody::new(ErrorCode::Expired, "read late"),
+    };
+    let outputs = core.handle_peer(now + 600, home, late);
+    assert!(outputs.is_empty(), "{outputs:?}");
+    assert_eq!(core.stats().forwards_moved, 1);
+}
+
 /// A forward whose client deadline ends before a replica timeout would pass still carries an
 /// apply-by time, never after that deadline, so a home that reads it after the client gave up
 /// refuses it; it is not moved, since a move could only come after the client stopped waiting.
