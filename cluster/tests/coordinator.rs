@@ -11,6 +11,7 @@ use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
 use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output};
+use ringkv_core::object::{Object, Val};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
     Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorBody, ErrorCode, Expiry,
@@ -1436,6 +1437,68 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
         "a forward in time was not written: {outputs:?}"
     );
     assert_eq!(core.stats().forwards_refused, 2);
+}
+
+/// A forward refused at its stamp inside a batch (writes of one key that queued behind the same
+/// write, then share one local read) fails alone: the client write batched with it is written,
+/// with its own value.
+#[test]
+fn a_forward_refused_in_a_batch_leaves_the_batch_written() {
+    use ringkv_core::coordinator::{PeerMsg, StoreOp};
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    let core = &mut one.core;
+    let now = 50_000;
+    let store_id = |outputs: &[Output], read: bool| {
+        outputs
+            .iter()
+            .find_map(|o| match o {
+                Output::Store { id, op, .. } if matches!(op, StoreOp::Read) == read => Some(*id),
+                _ => None,
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no storage {}: {outputs:?}",
+                    ["write", "read"][usize::from(read)]
+                )
+            })
+    };
+    // A first write holds the key; the forward and a client write queue behind it.
+    let first = common::handle_client(core, now, 4, put("first", None, None));
+    let first_read = store_id(&first, true);
+    let forward = PeerMsg::Forward {
+        id: 7,
+        request: common::key_request(core, put("forwarded", None, None)),
+        apply_by: Some(now + 10),
+    };
+    assert!(core.handle_peer(now, NodeId(2), forward).is_empty());
+    assert!(common::handle_client(core, now + 1, 5, put("client", None, None)).is_empty());
+    let first_write = store_id(&core.handle_stored(now + 2, first_read, Ok(None)), false);
+    // The first is written: the two queued writes start together, with one read.
+    let batch_read = store_id(&core.handle_stored(now + 3, first_write, Ok(None)), true);
+    let outputs = core.handle_stored(now + 11, batch_read, Ok(None));
+    let refused = outputs.iter().any(|o| {
+        matches!(o, Output::Answer { msg: PeerMsg::ForwardReply { id: 7, reply }, .. }
+            if code(reply) == Some(ErrorCode::Expired))
+    });
+    assert!(refused, "the forward was not refused: {outputs:?}");
+    let written: Vec<_> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Store {
+                op: StoreOp::Write { object, .. },
+                ..
+            } => Some(object.clone()),
+            _ => None,
+        })
+        .collect();
+    let [Object::Lww(lww)] = &written[..] else {
+        panic!("not one lww write: {written:?} in {outputs:?}");
+    };
+    assert_eq!(lww.val, Val::Value(Bytes::from_static(b"client")));
+    assert_eq!(core.stats().batched_jobs, 1, "the two did not share a read");
 }
 
 /// A forwarder whose home refuses its forward as expired (read late, or that home's clock is
