@@ -32,10 +32,10 @@
 //!   stamps it half a replica timeout later: the first copy overwrites neither the moved write
 //!   nor anything written after it, as long as node clocks (which lead the stamps) agree within
 //!   that half timeout. The apply-by time is never after the client's deadline, and a forward
-//!   whose deadline comes before its move would is refused late but never moved. Siblings buckets, conditional writes and convergent operations never
-//!   move: a second dot, a second decision or a second increment would show. A home that answers
-//!   `unknown_kind` (an older build) gets plain forwards, which never move, until its connection
-//!   is lost.
+//!   whose deadline comes before its move would is refused late but never moved. Siblings
+//!   buckets, conditional writes and convergent operations never move: a second dot, a second
+//!   decision or a second increment would show. A home that answers `unknown_kind` (an older
+//!   build) gets plain forwards, which never move, until its connection is lost.
 //! - **conditional put** (`condition`: if absent, if present; Redis's `SET NX|XX`): decided by
 //!   the key's *first reachable home* (the first of its preference list this node believes up),
 //!   to which every other node forwards it, even another home. There the condition is checked
@@ -2072,6 +2072,15 @@ impl Core {
     /// A message from node `from`.
     pub fn handle_peer(&mut self, now: u64, from: NodeId, msg: PeerMsg) -> Vec<Output> {
         self.heard_from(from, now);
+        // An error answer is a failure however it travelled: a core answers a forward's error as
+        // its reply, and the wire delivers every ERROR frame as `Failed`.
+        let msg = match msg {
+            PeerMsg::ForwardReply {
+                id,
+                reply: Message::Error(error),
+            } => PeerMsg::Failed { id, error },
+            other => other,
+        };
         match msg {
             PeerMsg::ReplicaPut { id, ref key, .. } => {
                 self.ae.foreground(now);
@@ -2158,13 +2167,6 @@ impl Core {
                 None => {}
             },
             PeerMsg::ForwardReply { id, reply } => match self.pending.remove(&id) {
-                // Refused unapplied (a core answers its refusal as a reply; the wire turns it
-                // into `Failed`, handled the same below).
-                Some(Pending::Forward {
-                    op, apply_by: true, ..
-                }) if matches!(&reply, Message::Error(e) if e.code == ErrorCode::Expired) => {
-                    self.forward_refused(now, op)
-                }
                 Some(Pending::Forward { op, .. }) => {
                     if let Some(o) = self.ops.remove(&op) {
                         self.op_deadlines.remove(&(o.deadline, op));
@@ -2281,15 +2283,8 @@ impl Core {
     /// coordinated here: the homes answer, so they are up, and refusals from all of them mean
     /// this node's clock is behind theirs, where a stamp of its own could lose to older writes.
     fn forward_refused(&mut self, now: u64, op: u64) {
-        let untried = self.ops.get(&op).is_some_and(|o| match &o.kind {
-            OpKind::Forwarded { tried, .. } => self
-                .live
-                .forward_target(o.slots.iter().map(|s| s.home), tried, now)
-                .is_some(),
-            _ => false,
-        });
-        if untried {
-            return self.move_forward(now, op);
+        if self.move_forward(now, op) {
+            return;
         }
         if let Some(o) = self.ops.remove(&op) {
             self.op_deadlines.remove(&(o.deadline, op));
@@ -2304,9 +2299,9 @@ impl Core {
         }
     }
 
-    /// Sends forwarded op `op` to the next home it has not tried, or coordinates it here when
-    /// none is left.
-    fn move_forward(&mut self, now: u64, op: u64) {
+    /// Sends forwarded op `op` to the next home it has not tried; false if none is left (or
+    /// the op is gone).
+    fn move_forward(&mut self, now: u64, op: u64) -> bool {
         let next = self.ops.get(&op).and_then(|o| match &o.kind {
             OpKind::Forwarded { tried, .. } => {
                 self.live
@@ -2314,28 +2309,30 @@ impl Core {
             }
             _ => None,
         });
-        match next {
-            Some(home) => {
-                self.stats.forwards_moved += 1;
-                self.forward(now, op, home);
-            }
-            None => {
-                // Every home failed: coordinate here after all.
-                if let Some(mut o) = self.ops.remove(&op) {
-                    self.op_deadlines.remove(&(o.deadline, op));
-                    let OpKind::Forwarded { request, .. } = std::mem::replace(
-                        &mut o.kind,
-                        OpKind::Read {
-                            replies: 0,
-                            merged: None,
-                        },
-                    ) else {
-                        return;
-                    };
-                    self.start_write(now, op, o, request, false);
-                }
-            }
-        }
+        let Some(home) = next else {
+            return false;
+        };
+        self.stats.forwards_moved += 1;
+        self.forward(now, op, home);
+        true
+    }
+
+    /// Coordinates forwarded op `op` here after all: every home failed.
+    fn coordinate_forward_here(&mut self, now: u64, op: u64) {
+        let Some(mut o) = self.ops.remove(&op) else {
+            return;
+        };
+        self.op_deadlines.remove(&(o.deadline, op));
+        let OpKind::Forwarded { request, .. } = std::mem::replace(
+            &mut o.kind,
+            OpKind::Read {
+                replies: 0,
+                merged: None,
+            },
+        ) else {
+            return;
+        };
+        self.start_write(now, op, o, request, false);
     }
 
     /// Message `id` is given up on (timeout or lost connection).
@@ -2348,7 +2345,9 @@ impl Core {
             }
             Some(Pending::Forward { op, node, .. }) => {
                 self.live.mark_down(node, now);
-                self.move_forward(now, op);
+                if !self.move_forward(now, op) {
+                    self.coordinate_forward_here(now, op);
+                }
             }
             Some(Pending::Repair { node }) => self.live.mark_down(node, now),
             Some(Pending::Pull { partition }) => self.pull_failed(now, partition),
