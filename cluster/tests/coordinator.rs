@@ -1350,6 +1350,47 @@ fn a_forward_to_a_silent_home_moves_only_when_a_second_application_cannot_show()
     assert_eq!(core.stats().forwards_moved, 1);
 }
 
+/// The id of the first storage read (`read`) or write in `outputs`.
+fn store_id(outputs: &[Output], read: bool) -> u64 {
+    use ringkv_core::coordinator::StoreOp;
+    outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::Store { id, op, .. } if matches!(op, StoreOp::Read) == read => Some(*id),
+            _ => None,
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no storage {}: {outputs:?}",
+                ["write", "read"][usize::from(read)]
+            )
+        })
+}
+
+/// The objects `outputs` writes to storage.
+fn stored_objects(outputs: &[Output]) -> Vec<Object> {
+    use ringkv_core::coordinator::StoreOp;
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Store {
+                op: StoreOp::Write { object, .. },
+                ..
+            } => Some(object.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `outputs` refuse forward `id` of node 2 as `expired`.
+fn refused_expired(outputs: &[Output], id: u64) -> bool {
+    use ringkv_core::coordinator::PeerMsg;
+    outputs.iter().any(|o| {
+        matches!(o, Output::Answer { to: NodeId(2), msg: PeerMsg::ForwardReply { id: i, reply } }
+            if *i == id && code(reply) == Some(ErrorCode::Expired))
+    })
+}
+
 /// A home refuses a forward with `expired`, writing nothing, when it reads it after its apply-by
 /// time (it was stopped, or cut off, with the request in its socket, and its sender may have
 /// moved it since), and also when it started it in time but would stamp it after that time (it
@@ -1357,7 +1398,7 @@ fn a_forward_to_a_silent_home_moves_only_when_a_second_application_cannot_show()
 /// written.
 #[test]
 fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
-    use ringkv_core::coordinator::{PeerMsg, StoreOp};
+    use ringkv_core::coordinator::PeerMsg;
     let mut one = One::new(BucketProps {
         mode: ConflictMode::Lww,
         ..props(1)
@@ -1369,43 +1410,12 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
         request: common::key_request(core, put("late", None, None)),
         apply_by: Some(apply_by),
     };
-    let refused = |outputs: &[Output], id: u64| {
-        outputs.iter().any(|o| {
-            matches!(o, Output::Answer { to: NodeId(2), msg: PeerMsg::ForwardReply { id: i, reply } }
-                if *i == id && code(reply) == Some(ErrorCode::Expired))
-        })
-    };
-    let writes = |outputs: &[Output]| {
-        outputs
-            .iter()
-            .filter(|o| {
-                matches!(
-                    o,
-                    Output::Store {
-                        op: StoreOp::Write { .. },
-                        ..
-                    }
-                )
-            })
-            .count()
-    };
-    let read_of = |outputs: &[Output]| {
-        outputs
-            .iter()
-            .find_map(|o| match o {
-                Output::Store {
-                    id,
-                    op: StoreOp::Read,
-                    ..
-                } => Some(*id),
-                _ => None,
-            })
-            .expect("a read of the local replica")
-    };
-
     // Read late: refused on arrival, storage untouched.
     let outputs = core.handle_peer(now, NodeId(2), forward(core, 7, now - 1));
-    assert!(refused(&outputs, 7), "not refused on arrival: {outputs:?}");
+    assert!(
+        refused_expired(&outputs, 7),
+        "not refused on arrival: {outputs:?}"
+    );
     assert!(
         !outputs.iter().any(|o| matches!(o, Output::Store { .. })),
         "a late forward reached storage: {outputs:?}"
@@ -1414,14 +1424,14 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
 
     // Started in time, its local read completes after the apply-by time: refused, unwritten.
     let outputs = core.handle_peer(now, NodeId(2), forward(core, 8, now + 10));
-    let read = read_of(&outputs);
+    let read = store_id(&outputs, true);
     let outputs = core.handle_stored(now + 11, read, Ok(None));
     assert!(
-        refused(&outputs, 8),
+        refused_expired(&outputs, 8),
         "not refused at its stamp: {outputs:?}"
     );
     assert_eq!(
-        writes(&outputs),
+        stored_objects(&outputs).len(),
         0,
         "written after its apply-by time: {outputs:?}"
     );
@@ -1429,10 +1439,10 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
 
     // Stamped in time: written.
     let outputs = core.handle_peer(now + 20, NodeId(2), forward(core, 9, now + 30));
-    let read = read_of(&outputs);
+    let read = store_id(&outputs, true);
     let outputs = core.handle_stored(now + 30, read, Ok(None));
     assert_eq!(
-        writes(&outputs),
+        stored_objects(&outputs).len(),
         1,
         "a forward in time was not written: {outputs:?}"
     );
@@ -1444,27 +1454,13 @@ fn a_home_refuses_a_forward_it_would_apply_after_its_apply_by_time() {
 /// with its own value.
 #[test]
 fn a_forward_refused_in_a_batch_leaves_the_batch_written() {
-    use ringkv_core::coordinator::{PeerMsg, StoreOp};
+    use ringkv_core::coordinator::PeerMsg;
     let mut one = One::new(BucketProps {
         mode: ConflictMode::Lww,
         ..props(1)
     });
     let core = &mut one.core;
     let now = 50_000;
-    let store_id = |outputs: &[Output], read: bool| {
-        outputs
-            .iter()
-            .find_map(|o| match o {
-                Output::Store { id, op, .. } if matches!(op, StoreOp::Read) == read => Some(*id),
-                _ => None,
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "no storage {}: {outputs:?}",
-                    ["write", "read"][usize::from(read)]
-                )
-            })
-    };
     // A first write holds the key; the forward and a client write queue behind it.
     let first = common::handle_client(core, now, 4, put("first", None, None));
     let first_read = store_id(&first, true);
@@ -1479,21 +1475,11 @@ fn a_forward_refused_in_a_batch_leaves_the_batch_written() {
     // The first is written: the two queued writes start together, with one read.
     let batch_read = store_id(&core.handle_stored(now + 3, first_write, Ok(None)), true);
     let outputs = core.handle_stored(now + 11, batch_read, Ok(None));
-    let refused = outputs.iter().any(|o| {
-        matches!(o, Output::Answer { msg: PeerMsg::ForwardReply { id: 7, reply }, .. }
-            if code(reply) == Some(ErrorCode::Expired))
-    });
-    assert!(refused, "the forward was not refused: {outputs:?}");
-    let written: Vec<_> = outputs
-        .iter()
-        .filter_map(|o| match o {
-            Output::Store {
-                op: StoreOp::Write { object, .. },
-                ..
-            } => Some(object.clone()),
-            _ => None,
-        })
-        .collect();
+    assert!(
+        refused_expired(&outputs, 7),
+        "the forward was not refused: {outputs:?}"
+    );
+    let written = stored_objects(&outputs);
     let [Object::Lww(lww)] = &written[..] else {
         panic!("not one lww write: {written:?} in {outputs:?}");
     };
