@@ -363,7 +363,7 @@ fn invalid(message: impl Into<String>) -> ErrorBody {
 #[derive(Debug)]
 pub enum PeerRequest {
     /// A client GET, PUT, DELETE or UPDATE a peer forwards for coordination, and the time after
-    /// which it must not start ([`PeerMsg::Forward`]).
+    /// which it must not be applied ([`PeerMsg::Forward`]).
     Key {
         /// The client's request.
         request: KeyRequest,
@@ -588,7 +588,10 @@ pub fn to_wire(msg: PeerMsg) -> (u64, Message) {
             (Message::Put(put), Some(apply_by_ms)) => {
                 (id, Message::ForwardPut(ForwardPut { apply_by_ms, put }))
             }
-            (message, _) => (id, message),
+            (message, apply_by) => {
+                debug_assert!(apply_by.is_none(), "only a PUT carries an apply-by time");
+                (id, message)
+            }
         },
         PeerMsg::ForwardReply { id, reply } => (id, reply),
         PeerMsg::AeLevel {
@@ -776,7 +779,7 @@ mod tests {
     }
 
     /// A forward with an apply-by time travels as FORWARD_PUT and comes back with that time;
-    /// its FORWARD_PUT_OK answer is the client's PUT_OK, and an ERROR its failure.
+    /// its FORWARD_PUT_OK answer is the client's PUT_OK.
     #[test]
     fn a_forward_with_an_apply_by_time_is_a_forward_put() {
         let put = Message::Put(ringkv_net::Put {

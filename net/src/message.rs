@@ -62,7 +62,7 @@ pub enum Kind {
     /// and a payload whose layout the cluster layer owns.
     Cluster = 0x42,
     /// A PUT one node forwards to a home of its key, with the time after which the home must
-    /// not start it.
+    /// not apply it.
     ForwardPut = 0x43,
     /// Error reply to any request.
     Error = 0x80,
@@ -1708,12 +1708,16 @@ impl Message {
                 })
             }
             Kind::UpdateOk => Self::UpdateOk,
-            Kind::PutOk => Self::PutOk(PutOk {
-                context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
-            }),
-            Kind::ForwardPutOk => Self::ForwardPutOk(PutOk {
-                context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
-            }),
+            Kind::PutOk | Kind::ForwardPutOk => {
+                let ok = PutOk {
+                    context: r.bytes(F_CONTEXT, U32, CONTEXT_BYTES_MAX)?,
+                };
+                if kind == Kind::PutOk {
+                    Self::PutOk(ok)
+                } else {
+                    Self::ForwardPutOk(ok)
+                }
+            }
             Kind::Delete => {
                 let w = r.opt(F_W, Reader::u8)?;
                 let dw = r.opt(F_DW, Reader::u8)?;
