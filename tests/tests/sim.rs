@@ -86,7 +86,8 @@ fn seeds_keep_the_promises() {
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut freezes = 0usize;
-    // Forwards moved to another home, and refused by a home as read after their apply-by time.
+    // Forwards moved to another home, and refused by a home as read or stamped after their
+    // apply-by time.
     let mut forwards = (0u64, 0u64);
     let mut ae = (0usize, 0u64, 0u64, 0u64, 0u64, 0usize, 0u64);
     let mut membership = (0usize, 0u64, 0u64, 0usize);
