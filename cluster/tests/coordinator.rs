@@ -1341,13 +1341,20 @@ fn a_forward_to_a_silent_home_moves_only_when_a_second_application_cannot_show()
             assert!(later.is_empty(), "{bucket}: moved at {at} ms: {later:?}");
         }
         let end = core.handle_tick(now + 5_000);
-        let answered = end.iter().any(|o| {
-            matches!(o, Output::Reply { req: r, message }
-                if *r == req && code(message) == Some(ErrorCode::Timeout))
-        });
-        assert!(answered, "{bucket}: no timeout at the deadline: {end:?}");
+        assert!(
+            timed_out(&end, req),
+            "{bucket}: no timeout at the deadline: {end:?}"
+        );
     }
     assert_eq!(core.stats().forwards_moved, 1);
+}
+
+/// Whether `outputs` answer client request `req` with `timeout`.
+fn timed_out(outputs: &[Output], req: u64) -> bool {
+    outputs.iter().any(|o| {
+        matches!(o, Output::Reply { req: r, message }
+            if *r == req && code(message) == Some(ErrorCode::Timeout))
+    })
 }
 
 /// The id of the first storage read (`read`) or write in `outputs`.
@@ -1521,10 +1528,10 @@ fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
         assert_eq!(core.stats().forwards_moved, 1);
 
         let outputs = core.handle_peer(now + 10, next, refuse(next_id));
-        let answered = outputs.iter().any(|o| {
-            matches!(o, Output::Reply { req: 1, message } if code(message) == Some(ErrorCode::Timeout))
-        });
-        assert!(answered, "no timeout once every home refused: {outputs:?}");
+        assert!(
+            timed_out(&outputs, 1),
+            "no timeout once every home refused: {outputs:?}"
+        );
         assert!(
             !outputs
                 .iter()
@@ -1577,9 +1584,7 @@ fn a_forward_with_too_short_a_deadline_to_move_is_still_refused_late() {
         let end = core.handle_tick(now + u64::from(timeout_ms));
         assert!(forwards(&end).is_empty(), "{timeout_ms} ms: moved: {end:?}");
         assert!(
-            end.iter()
-                .any(|o| matches!(o, Output::Reply { req: 1, message }
-                if code(message) == Some(ErrorCode::Timeout))),
+            timed_out(&end, 1),
             "{timeout_ms} ms: no timeout at the deadline: {end:?}"
         );
     }
