@@ -153,14 +153,16 @@ impl Shard {
                 }
             }
         };
-        if !outputs.is_empty() {
+        if outputs.is_empty() {
+            self.core.borrow_mut().recycle(outputs);
+        } else {
             self.carry_out(outputs);
         }
     }
 
     /// Carries out what the core asked for. Never called with the core borrowed.
-    fn carry_out(self: &Rc<Self>, outputs: Vec<Output>) {
-        for output in outputs {
+    fn carry_out(self: &Rc<Self>, mut outputs: Vec<Output>) {
+        for output in outputs.drain(..) {
             match output {
                 Output::Reply { req, message } => {
                     // The request task may be gone (its deadline passed first): nothing to do.
@@ -192,6 +194,8 @@ impl Shard {
                 Output::TransferDone { epoch, partition } => self.transfer_done(epoch, partition),
             }
         }
+        // The core is not borrowed here (the calls above borrow it only for their own feeds).
+        self.core.borrow_mut().recycle(outputs);
     }
 
     /// Runs one storage operation of the core and reports the result: a request's operation at

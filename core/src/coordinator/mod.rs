@@ -136,6 +136,10 @@ pub const REQUEST_DEADLINE_MS_MAX: u64 = 600_000;
 
 /// Default of [`CoreConfig::hint_bytes_max`]: 256 MiB per core.
 pub const HINT_BYTES_MAX_DEFAULT: u64 = 256 << 20;
+
+/// Output lists [`Core::recycle`] keeps, and the most outputs one of them may have room for.
+const SPARE_LISTS_MAX: usize = 4;
+const SPARE_OUTPUTS_MAX: usize = 256;
 mod transfer;
 pub use transfer::{HANDOFFS_MAX, PAGE_BYTES, PAGE_ITEMS, PULLS_MAX, ScanItem, ScanPage};
 
@@ -894,6 +898,9 @@ pub struct Core {
     live: Liveness,
     hints: HintStore,
     out: Vec<Output>,
+    /// Emptied output lists the shell gave back ([`Core::recycle`]), so that a call's first
+    /// output does not allocate: one list per nested call at most.
+    spare: Vec<Vec<Output>>,
     stats: CoreStats,
     ae: AntiEntropy,
     transfers: transfer::Transfers,
@@ -939,6 +946,7 @@ impl Core {
             hints: HintStore::new(cfg.hint_bytes_max, cfg.hint_inflight_max),
 
             out: Vec::new(),
+            spare: Vec::new(),
             stats: CoreStats::default(),
             ae: AntiEntropy::new(floor),
             transfers: transfer::Transfers::default(),
@@ -1019,7 +1027,19 @@ impl Core {
     }
 
     fn take_output(&mut self) -> Vec<Output> {
-        std::mem::take(&mut self.out)
+        let next = self.spare.pop().unwrap_or_default();
+        std::mem::replace(&mut self.out, next)
+    }
+
+    /// Gives back a list of outputs the shell has carried out, for the core to fill again: on
+    /// the request path every call returns outputs, and a fresh list cost an allocation each.
+    /// Kept only while few (calls nest when carrying out one feeds the core again) and small
+    /// (a burst of outputs does not stay allocated).
+    pub fn recycle(&mut self, mut outputs: Vec<Output>) {
+        outputs.clear();
+        if self.spare.len() < SPARE_LISTS_MAX && outputs.capacity() <= SPARE_OUTPUTS_MAX {
+            self.spare.push(outputs);
+        }
     }
 
     fn id(&mut self) -> u64 {
