@@ -107,6 +107,7 @@ use ringkv_net::{
     ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, ErrorBody, ErrorCode, Expiry, FieldValue,
     GetOk, Message, PutOk, Sibling,
 };
+use smallvec::SmallVec;
 
 use crate::NodeId;
 use crate::bucket::{BucketType, Buckets, ConflictMode, Overrides, Quorum};
@@ -773,6 +774,10 @@ enum ReplyTo {
     Nobody,
 }
 
+/// Nodes a request keeps inline (its homes, the nodes that served it) before they spill to the
+/// heap: more than the replica counts buckets use in practice.
+const USED_INLINE: usize = 5;
+
 #[derive(Debug)]
 struct Op {
     reply_to: ReplyTo,
@@ -786,9 +791,19 @@ struct Op {
     /// after it (module docs, "forwarding to a silent home").
     apply_by: Option<u64>,
     slots: Vec<Slot>,
-    /// Every node that served a slot of this request (a fallback is used once).
-    used: BTreeSet<NodeId>,
+    /// Every node that served a slot of this request (a fallback is used once). Inline: a
+    /// request has a few homes, and most use no fallback.
+    used: SmallVec<[NodeId; USED_INLINE]>,
     kind: OpKind,
+}
+
+impl Op {
+    /// Records that `node` served a slot of this request.
+    fn use_node(&mut self, node: NodeId) {
+        if !self.used.contains(&node) {
+            self.used.push(node);
+        }
+    }
 }
 
 /// What an outstanding message or storage operation belongs to.
@@ -1192,7 +1207,10 @@ impl Core {
                 .map_or(self.cfg.request_timeout_ms, u64::from)
                 .clamp(1, REQUEST_DEADLINE_MS_MAX),
         );
-        let homes: Vec<NodeId> = self.walks[partition as usize][..n].to_vec();
+        // Copied out of the walk (the core is borrowed mutably below), on the stack for the
+        // usual replica counts.
+        let homes: SmallVec<[NodeId; USED_INLINE]> =
+            SmallVec::from_slice(&self.walks[partition as usize][..n]);
         let is_home = homes.contains(&self.cfg.node);
         // Conditional writes, and operations on convergent types, go to the key's first
         // reachable home. For the latter it is not needed for convergence (replicas merge), but
@@ -1231,7 +1249,7 @@ impl Core {
                     read: None,
                 })
                 .collect(),
-            used: BTreeSet::new(),
+            used: SmallVec::new(),
             kind: OpKind::Read {
                 replies: 0,
                 merged: None,
@@ -1455,7 +1473,7 @@ impl Core {
             // The coordinator's own slot is served by the local update.
             let me = self.cfg.node;
             let op = self.ops.get_mut(&id).expect("inserted above");
-            op.used.insert(me);
+            op.use_node(me);
             if let Some(slot) = op.slots.iter_mut().find(|s| s.home == me) {
                 slot.holder = Some(me);
             }
@@ -1722,8 +1740,8 @@ impl Core {
         let Some(holder) = holder else {
             return;
         };
-        op.used.insert(holder);
         let key = s.key(op.partition, &op.bucket, &op.key);
+        op.use_node(holder);
         let msg_id = self.next_id;
         self.next_id += 1;
         let op = self.ops.get_mut(&id).expect("looked up above");
