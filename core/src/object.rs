@@ -261,13 +261,19 @@ impl Object {
 
     /// The concurrent versions, in a deterministic order.
     pub fn siblings(&self) -> Vec<Val> {
-        match self {
-            Object::Causal(c) => c.values().cloned().collect(),
-            Object::Lww(l) => vec![l.val.clone()],
+        self.versions().cloned().collect()
+    }
+
+    /// The concurrent versions, as [`Object::siblings`] lists them, without copying them.
+    pub fn versions(&self) -> impl Iterator<Item = &Val> {
+        let (causal, lww) = match self {
+            Object::Causal(c) => (Some(c.values()), None),
+            Object::Lww(l) => (None, Some(&l.val)),
             // A map's fields are not versions of one value (`Object::Map`, `LwwMap::live`),
             // nor is a convergent state (`Crdt::value`).
-            Object::Map(_) | Object::Crdt(_) => Vec::new(),
-        }
+            Object::Map(_) | Object::Crdt(_) => (None, None),
+        };
+        causal.into_iter().flatten().chain(lww)
     }
 
     /// How many concurrent versions there are.

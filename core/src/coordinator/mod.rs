@@ -2901,15 +2901,14 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             crdt: None,
         });
     }
-    let versions = object.siblings();
     // The key expires when its last live value does; a live value that never expires keeps it.
-    let expires_at_ms = versions
-        .iter()
+    let expires_at_ms = object
+        .versions()
         .filter(|v| v.live(now).is_some())
         .map(Val::expires_at_ms)
         .try_fold(0u64, |latest, at| at.map(|at| latest.max(at)));
-    let siblings: Vec<Sibling> = versions
-        .iter()
+    let siblings: Vec<Sibling> = object
+        .versions()
         .map(|v| match v.live(now) {
             Some(b) => Sibling::Value(b.clone()),
             None => Sibling::Tombstone,
