@@ -31,6 +31,7 @@ use glommio::yield_if_needed;
 use ringkv_engine::index::KeyHash;
 use ringkv_engine::{Durability, Engine, PartitionIter};
 use ringkv_net::limits::{BUCKET_BYTES_MAX, KEY_BYTES_MAX_DEFAULT};
+use smallvec::SmallVec;
 
 use ringkv_core::NodeId;
 use ringkv_core::coordinator::{ScanItem, ScanPage, Space, StoreKey, StoreOp};
@@ -232,12 +233,18 @@ pub const fn engine_key_bytes_max(key_bytes_max: usize) -> usize {
 ///
 /// If the bucket is longer than [`BUCKET_BYTES_MAX`]; the codec never produces one.
 pub fn engine_key(bucket: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut out = EngineKey::new();
+    push_engine_key(&mut out, bucket, key);
+    out.into_vec()
+}
+
+/// Appends [`engine_key`]`(bucket, key)` to `out`.
+fn push_engine_key(out: &mut EngineKey, bucket: &[u8], key: &[u8]) {
     let len = u8::try_from(bucket.len()).expect("the codec bounds buckets to 255 bytes");
-    let mut out = Vec::with_capacity(1 + bucket.len() + key.len());
+    out.reserve(1 + bucket.len() + key.len());
     out.push(len);
     out.extend_from_slice(bucket);
     out.extend_from_slice(key);
-    out
 }
 
 /// First engine partition of hints: the high bit, far above any ring partition.
@@ -247,19 +254,27 @@ pub const HINT_KEY_PREFIX_BYTES: usize = 4;
 
 const _: () = assert!(PARTITION_COUNT_MAX <= HINT_PARTITION_BASE);
 
-/// The engine partition and key of a stored key.
-pub fn engine_location(key: &StoreKey) -> (u32, Vec<u8>) {
+/// Bytes of an engine key kept on the stack: every storage operation builds one, and most
+/// buckets and keys are short.
+const ENGINE_KEY_INLINE: usize = 64;
+
+/// An engine key as [`engine_location`] builds it: inline up to [`ENGINE_KEY_INLINE`] bytes.
+pub type EngineKey = SmallVec<[u8; ENGINE_KEY_INLINE]>;
+
+/// The engine partition and key of a stored key: a hint's key is its home's id before the
+/// replica's [`engine_key`].
+pub fn engine_location(key: &StoreKey) -> (u32, EngineKey) {
     debug_assert!(key.partition < HINT_PARTITION_BASE);
-    match key.space {
-        Space::Primary => (key.partition, engine_key(&key.bucket, &key.key)),
+    let mut k = EngineKey::new();
+    let partition = match key.space {
+        Space::Primary => key.partition,
         Space::Hint(home) => {
-            let inner = engine_key(&key.bucket, &key.key);
-            let mut k = Vec::with_capacity(HINT_KEY_PREFIX_BYTES + inner.len());
             k.extend_from_slice(&home.0.to_be_bytes());
-            k.extend_from_slice(&inner);
-            (HINT_PARTITION_BASE | key.partition, k)
+            HINT_PARTITION_BASE | key.partition
         }
-    }
+    };
+    push_engine_key(&mut k, &key.bucket, &key.key);
+    (partition, k)
 }
 
 /// The hint stored in ring partition `partition` under engine key `engine_key`, or `None` if the
