@@ -291,10 +291,12 @@ impl Script {
     }
 
     /// The keys (in [`RESP_BUCKET`]) the script reads or writes.
-    pub fn keys(&self) -> Vec<&Bytes> {
-        match &self.op {
-            Op::MGet(keys) | Op::Exists(keys) | Op::Del(keys) => keys.iter().collect(),
-            Op::MSet(pairs) => pairs.iter().map(|(k, _)| k).collect(),
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        // One shape for every command, so that asking costs no allocation: a list of keys, or
+        // the keys of a list of pairs.
+        let (keys, pairs): (&[Bytes], &[(Bytes, Bytes)]) = match &self.op {
+            Op::MGet(keys) | Op::Exists(keys) | Op::Del(keys) => (keys, &[]),
+            Op::MSet(pairs) => (&[], pairs),
             Op::Get(key)
             | Op::Type(key)
             | Op::GetDel(key)
@@ -311,8 +313,9 @@ impl Script {
             | Op::HIncrBy { key, .. }
             | Op::SAdd { key, .. }
             | Op::SRem { key, .. }
-            | Op::SRead { key, .. } => vec![key],
-        }
+            | Op::SRead { key, .. } => (std::slice::from_ref(key), &[]),
+        };
+        keys.iter().chain(pairs.iter().map(|(k, _)| k))
     }
 
     /// The first round: the reads the command decides on, or its writes when it needs no read.
@@ -375,7 +378,7 @@ impl Script {
             }
             None => {
                 self.round = Round::Reads;
-                Step::Run(self.keys().into_iter().cloned().map(get).collect())
+                Step::Run(self.keys().cloned().map(get).collect())
             }
         }
     }

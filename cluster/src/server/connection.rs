@@ -6,13 +6,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
 use ringkv_net::resp::{RespLimits, RespValue, decode_command, encode_reply as encode_resp};
 use ringkv_net::{ErrorCode, Frame, Limits, Role, decode_frame, encode_frame};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::metrics::ShardMetrics;
 use crate::resp::{self, RespPlan};
@@ -241,9 +241,12 @@ const RESP_WAVE_COMMANDS_MAX: usize = 128;
 #[derive(Default)]
 struct RespWave {
     commands: Vec<WaveCommand>,
-    /// The keys of the wave's commands (all in the RESP bucket), once a second command asks to
-    /// join: a wave of one command (a client that does not pipeline) never builds the set.
-    keys: std::collections::BTreeSet<Bytes>,
+    /// Hashes of the keys of the wave's commands (all in the RESP bucket), once a second
+    /// command asks to join: a wave of one command (a client that does not pipeline) never
+    /// builds them. Hashes, not keys: nothing is copied or allocated per command (the vector
+    /// keeps its room from wave to wave), and two keys that share a hash only end a wave early,
+    /// which keeps the order all the same.
+    keys: Vec<u64>,
     keyed: bool,
 }
 
@@ -265,12 +268,12 @@ impl RespWave {
                 if !self.keyed {
                     for command in &self.commands {
                         if let WaveCommand::Run(script) = command {
-                            self.keys.extend(script.keys().into_iter().cloned());
+                            self.keys.extend(script.keys().map(|k| xxh3_64(k)));
                         }
                     }
                     self.keyed = true;
                 }
-                script.keys().into_iter().all(|k| !self.keys.contains(k))
+                script.keys().all(|k| !self.keys.contains(&xxh3_64(k)))
             }
             RespPlan::Reply(_) | RespPlan::ReplyAndClose(_) | RespPlan::DbSize => true,
         }
@@ -282,7 +285,7 @@ impl RespWave {
 
     fn push_script(&mut self, script: Box<resp::Script>) {
         if self.keyed {
-            self.keys.extend(script.keys().into_iter().cloned());
+            self.keys.extend(script.keys().map(|k| xxh3_64(k)));
         }
         self.commands.push(WaveCommand::Run(script));
     }
