@@ -208,17 +208,29 @@ fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expir
 
 /// Decides what to do with `cmd` on a connection whose state is `state`.
 pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
+    /// Bytes of a command name lower-cased without an allocation; longer names (no command has
+    /// one) take a `String`.
+    const COMMAND_NAME_INLINE: usize = 32;
     let Some(name) = cmd.name() else {
         // Empty commands are ignored by Redis; the listener never passes them, answer anyway.
         return RespPlan::Reply(err("ERR empty command"));
     };
-    let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+    // Lower-cased on the stack: every command is planned, and command names are short.
+    let mut lower = [0u8; COMMAND_NAME_INLINE];
+    let name: std::borrow::Cow<'_, str> = match lower.get_mut(..name.len()) {
+        Some(inline) => {
+            inline.copy_from_slice(name);
+            inline.make_ascii_lowercase();
+            String::from_utf8_lossy(inline)
+        }
+        None => String::from_utf8_lossy(name).to_ascii_lowercase().into(),
+    };
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     if let Some(refused) = op_limits(cmd, &name) {
         return refused;
     }
-    match name.as_str() {
+    match &*name {
         "ping" => match argc {
             1 => RespPlan::Reply(RespValue::Simple(Bytes::from_static(b"PONG"))),
             2 => RespPlan::Reply(RespValue::Bulk(arg(1))),
