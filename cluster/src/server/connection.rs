@@ -243,10 +243,10 @@ struct RespWave {
     commands: Vec<WaveCommand>,
     /// Hashes of the keys of the wave's commands (all in the RESP bucket), once a second
     /// command asks to join: a wave of one command (a client that does not pipeline) never
-    /// builds them. Hashes, not keys: nothing is copied or allocated per command (the vector
-    /// keeps its room from wave to wave), and two keys that share a hash only end a wave early,
-    /// which keeps the order all the same.
-    keys: Vec<u64>,
+    /// builds them. Hashes, not keys: no key is copied per command, and two keys that share a
+    /// hash only end a wave early, which keeps the order all the same. A set, not a list: an
+    /// MGET or MSET may carry tens of thousands of keys.
+    keys: rustc_hash::FxHashSet<u64>,
     keyed: bool,
 }
 
