@@ -1627,3 +1627,23 @@ fn an_older_home_gets_plain_forwards_until_its_connection_is_lost() {
         "still plain after the connection was lost: {after:?}"
     );
 }
+
+/// A list of outputs given back to the core (`Core::recycle`) is filled again from empty: what
+/// it held is never carried out twice, even when the shell gives it back unconsumed.
+#[test]
+fn a_recycled_output_list_comes_back_empty() {
+    let mut one = One::new(props(1));
+    // The core fills the list it kept from the call before and hands a recycled one on to the
+    // next: three calls see a given-back list come round again.
+    for req in 1..=3 {
+        let request = common::key_request(&one.core, get(None));
+        let outputs = one.core.handle_client(0, req, request);
+        let reads = outputs
+            .iter()
+            .filter(|o| matches!(o, Output::Store { .. }))
+            .count();
+        assert_eq!(reads, 1, "request {req}'s storage read alone: {outputs:?}");
+        // Given back with its read still in it, as a careless shell might.
+        one.core.recycle(outputs);
+    }
+}

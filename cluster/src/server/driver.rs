@@ -124,7 +124,9 @@ impl Shard {
                 } => {
                     let mut outputs = core.set_view(now, ring, pending);
                     if let Some(stored) = stored {
-                        outputs.extend(core.set_stored_partitions(now, stored));
+                        let mut more = core.set_stored_partitions(now, stored);
+                        outputs.append(&mut more);
+                        core.recycle(more);
                     }
                     outputs
                 }

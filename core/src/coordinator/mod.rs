@@ -1052,7 +1052,10 @@ impl Core {
     /// (a burst of outputs does not stay allocated).
     pub fn recycle(&mut self, mut outputs: Vec<Output>) {
         outputs.clear();
-        if self.spare.len() < SPARE_LISTS_MAX && outputs.capacity() <= SPARE_OUTPUTS_MAX {
+        // A list that never held anything would only allocate when used.
+        if self.spare.len() < SPARE_LISTS_MAX
+            && (1..=SPARE_OUTPUTS_MAX).contains(&outputs.capacity())
+        {
             self.spare.push(outputs);
         }
     }
