@@ -369,7 +369,8 @@ mod tests {
         let (hp, hk) = engine_location(&hint);
         assert_eq!(pp, primary.partition);
         assert_eq!(hp, HINT_PARTITION_BASE | primary.partition);
-        assert_eq!(hk.len(), pk.len() + HINT_KEY_PREFIX_BYTES);
+        assert_eq!(pk.as_slice(), b"\x04cartalice");
+        assert_eq!(hk.as_slice(), b"\x00\x00\x00\x09\x04cartalice");
         assert_eq!(hint_from_engine(hint.partition, &hk), Some(hint));
         assert_eq!(hint_from_engine(0, &[0, 0, 0]), None);
         assert_eq!(
