@@ -995,14 +995,15 @@ fn updates_are_forwarded_to_the_home_like_any_write() {
             .unwrap();
     }
     // Metrics are published a moment after the fact: polled.
-    let forwarded = (0..HANDOFF_POLLS).any(|_| {
-        let some = nodes[0].metric("ringkv_forwarded_total") > 0.0;
-        if !some {
-            std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
-        }
-        some
-    });
-    assert!(forwarded, "node 1 forwarded none of the writes");
+    common::wait_for(
+        "node 1 forwarded some of the writes",
+        HANDOFF_POLLS,
+        HANDOFF_POLL_MS,
+        || match nodes[0].metric("ringkv_forwarded_total") {
+            n if n > 0.0 => Ok(()),
+            n => Err(format!("ringkv_forwarded_total {n}")),
+        },
+    );
     for node in &nodes {
         let mut c = node.client();
         for k in &keys {
