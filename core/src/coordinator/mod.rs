@@ -675,8 +675,8 @@ fn expired(now: u64, by: u64) -> ErrorBody {
     ErrorBody::new(
         ErrorCode::Expired,
         format!(
-            "the forwarded write reached its home {} ms after its apply-by time and was not \
-             applied",
+            "the forwarded write was due on its home {} ms after its apply-by time (read or \
+             stamped late) and was not applied",
             now - by
         ),
     )
