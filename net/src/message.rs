@@ -263,8 +263,8 @@ pub enum ErrorCode {
     Overloaded,
     /// The node is shutting down.
     ShuttingDown,
-    /// A FORWARD_PUT reached its home after its apply-by time; nothing was written, so its
-    /// sender may send it to another home.
+    /// A FORWARD_PUT was read, or was due to be stamped, by its home after its apply-by time;
+    /// nothing was written, so its sender may send it to another home.
     Expired,
     /// A bug or an unexpected failure on the node.
     Internal,
