@@ -1494,6 +1494,19 @@ fn a_forward_refused_in_a_batch_leaves_the_batch_written() {
     assert_eq!(core.stats().batched_jobs, 1, "the two did not share a read");
 }
 
+/// A home's refusal of a forward as expired.
+fn expired_refusal() -> ErrorBody {
+    ErrorBody::new(ErrorCode::Expired, "read 600 ms after its apply-by time")
+}
+
+/// [`expired_refusal`] of forward `id`, as the wire delivers it.
+fn expired_failure(id: u64) -> ringkv_core::coordinator::PeerMsg {
+    ringkv_core::coordinator::PeerMsg::Failed {
+        id,
+        error: expired_refusal(),
+    }
+}
+
 /// A forwarder whose home refuses its forward as expired (read late, or that home's clock is
 /// ahead) moves it to the next home at once, not at its own timer, and not back to the client,
 /// whether the refusal comes as the wire delivers it (`Failed`) or as a core answers it (a
@@ -1502,16 +1515,12 @@ fn a_forward_refused_in_a_batch_leaves_the_batch_written() {
 #[test]
 fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
     use ringkv_core::coordinator::PeerMsg;
-    let refusal = || ErrorBody::new(ErrorCode::Expired, "read 600 ms after its apply-by time");
-    let as_failed = |id| PeerMsg::Failed {
-        id,
-        error: refusal(),
-    };
+    // The same refusal as a core answers it: a reply carrying the error.
     let as_reply = |id| PeerMsg::ForwardReply {
         id,
-        reply: Message::Error(refusal()),
+        reply: Message::Error(expired_refusal()),
     };
-    for refuse in [&as_failed as &dyn Fn(u64) -> PeerMsg, &as_reply] {
+    for refuse in [&expired_failure as &dyn Fn(u64) -> PeerMsg, &as_reply] {
         let (mut core, key) = forwarding_core();
         let now = 10_000;
         let (home, id) = lww_forward(&mut core, &key, now);
@@ -1545,17 +1554,12 @@ fn a_forward_refused_as_expired_moves_to_the_next_home_at_once() {
 /// answer: no second move, and nothing for the client.
 #[test]
 fn a_refusal_after_the_move_is_ignored() {
-    use ringkv_core::coordinator::PeerMsg;
     let (mut core, key) = forwarding_core();
     let now = 10_000;
     let (home, id) = lww_forward(&mut core, &key, now);
     let moved = forwards(&core.handle_tick(now + 500));
     assert_eq!(moved.len(), 1, "{moved:?}");
-    let late = PeerMsg::Failed {
-        id,
-        error: ErrorBody::new(ErrorCode::Expired, "read late"),
-    };
-    let outputs = core.handle_peer(now + 600, home, late);
+    let outputs = core.handle_peer(now + 600, home, expired_failure(id));
     assert!(outputs.is_empty(), "{outputs:?}");
     assert_eq!(core.stats().forwards_moved, 1);
 }
