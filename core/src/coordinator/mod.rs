@@ -670,7 +670,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
 }
 
 /// A forward refused because it reached its home, or its stamp, `now - by` ms after its apply-by
-/// time `by`: nothing was written.
+/// time `by`: nothing was written. Given by [`Core::refuse_late`].
 fn expired(now: u64, by: u64) -> ErrorBody {
     ErrorBody::new(
         ErrorCode::Expired,
@@ -1512,12 +1512,10 @@ impl Core {
         // Checked where the stamp is taken: a home that started the forward in time may have
         // stalled since (stopped, or behind a slow storage read), and its sender may have moved
         // it meanwhile (module docs, "forwarding to a silent home").
-        if let Some(by) = op.apply_by
-            && now > by
-        {
-            self.stats.forwards_refused += 1;
-            return Err(expired(now, by));
+        if let Some(refused) = self.refuse_late(now, op.apply_by) {
+            return Err(refused);
         }
+        let op = &self.ops[&id];
         let OpKind::Write { write, context, .. } = &op.kind else {
             unreachable!("updated is called for writes");
         };
@@ -2151,13 +2149,10 @@ impl Core {
                 id,
                 request,
                 apply_by,
-            } => match apply_by {
+            } => match self.refuse_late(now, apply_by) {
                 // Its sender may already have moved it to another home (module docs).
-                Some(by) if now > by => {
-                    self.stats.forwards_refused += 1;
-                    self.answer(ReplyTo::Peer(from, id), Message::Error(expired(now, by)));
-                }
-                _ => self.start(now, ReplyTo::Peer(from, id), request, true, apply_by),
+                Some(refused) => self.answer(ReplyTo::Peer(from, id), Message::Error(refused)),
+                None => self.start(now, ReplyTo::Peer(from, id), request, true, apply_by),
             },
             PeerMsg::AeLevel { .. }
             | PeerMsg::AeKeys { .. }
@@ -2317,6 +2312,15 @@ impl Core {
             let (partition, bucket) = (o.partition, o.bucket.clone());
             self.ae_suspect(partition, &bucket, node);
         }
+    }
+
+    /// As a home, the refusal of a forward whose apply-by time `apply_by` has passed at `now`
+    /// (counted), or `None` if it may still be applied: checked when it arrives and again
+    /// where its stamp is taken.
+    fn refuse_late(&mut self, now: u64, apply_by: Option<u64>) -> Option<ErrorBody> {
+        let by = apply_by.filter(|&by| now > by)?;
+        self.stats.forwards_refused += 1;
+        Some(expired(now, by))
     }
 
     /// A home refused forwarded op `op` unapplied (`expired`): the next home it has not tried,
