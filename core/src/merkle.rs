@@ -24,6 +24,11 @@
 //! protocol (who asks whom, pacing) belongs to the anti-entropy driver; this module only owns the
 //! tree.
 //!
+//! Every level lives in one array and the dirty flags in a bitset inside the tree, so a write
+//! touches the cache line of its leaf and nothing else: with a tree per partition a shard holds
+//! megabytes of leaves, and a layout with a separate allocation per level (and per level's
+//! flags) cost a cache miss per write on those headers alone.
+//!
 //! Limits: a tree costs `8 · (LEAVES + LEAVES/(FANOUT−1))` bytes (about 37 KiB) whatever the
 //! number of keys; with many keys per leaf, a differing leaf means exchanging all of its keys.
 
@@ -39,13 +44,26 @@ pub const LEAVES: usize = FANOUT.pow(DEPTH);
 const _: () = assert!(FANOUT.is_power_of_two());
 const _: () = assert!(LEAVES == 4096);
 
+/// Where level `depth` starts in [`MerkleTree::nodes`]: the levels above it hold
+/// `1 + FANOUT + … + FANOUT^(depth−1)` nodes.
+const fn level_start(depth: u32) -> usize {
+    (FANOUT.pow(depth) - 1) / (FANOUT - 1)
+}
+
+/// Inner nodes (every level but the leaves), which alone can be dirty.
+const INNER: usize = level_start(DEPTH);
+/// Nodes of the whole tree.
+const NODES: usize = level_start(DEPTH + 1);
+/// Words of the dirty bitset.
+const DIRTY_WORDS: usize = INNER.div_ceil(64);
+
 /// One partition replica's tree.
 #[derive(Clone, Debug)]
 pub struct MerkleTree {
-    /// `levels[0]` is the root (one hash), `levels[DEPTH]` the leaves.
-    levels: Vec<Vec<u64>>,
-    /// Per level, whether each node's hash must be recomputed from its children.
-    dirty: Vec<Vec<bool>>,
+    /// Every level, root first: level `d` is `nodes[level_start(d)..level_start(d + 1)]`.
+    nodes: Box<[u64]>,
+    /// Bit `i` set: inner node `nodes[i]` must be recomputed from its children.
+    dirty: [u64; DIRTY_WORDS],
     /// Keys accounted for (inserted minus removed).
     items: u64,
 }
@@ -76,19 +94,15 @@ impl MerkleTree {
         static EMPTY: std::sync::OnceLock<MerkleTree> = std::sync::OnceLock::new();
         EMPTY
             .get_or_init(|| {
-                let mut levels = Vec::with_capacity(DEPTH as usize + 1);
-                let mut dirty = Vec::with_capacity(DEPTH as usize + 1);
-                for depth in 0..=DEPTH {
-                    let width = FANOUT.pow(depth);
-                    levels.push(vec![0; width]);
-                    // Inner levels start dirty so the first read computes them from the leaves.
-                    dirty.push(vec![depth < DEPTH; width]);
-                }
                 let mut empty = MerkleTree {
-                    levels,
-                    dirty,
+                    nodes: vec![0; NODES].into_boxed_slice(),
+                    dirty: [0; DIRTY_WORDS],
                     items: 0,
                 };
+                // Inner nodes start dirty so the first read computes them from the leaves.
+                for i in 0..INNER {
+                    empty.mark(i);
+                }
                 empty.refresh();
                 empty
             })
@@ -124,40 +138,59 @@ impl MerkleTree {
             delta ^= item_hash(key_hash, v);
             self.items += 1;
         }
-        self.levels[DEPTH as usize][leaf] ^= delta;
+        self.nodes[level_start(DEPTH) + leaf] ^= delta;
+        // Marks the path up to the root, stopping at the first node already marked: its own
+        // path was marked with it.
         let mut index = leaf;
-        for depth in (0..DEPTH as usize).rev() {
+        for depth in (0..DEPTH).rev() {
             index /= FANOUT;
-            self.dirty[depth][index] = true;
+            let node = level_start(depth) + index;
+            if self.is_dirty(node) {
+                break;
+            }
+            self.mark(node);
         }
+    }
+
+    fn is_dirty(&self, node: usize) -> bool {
+        self.dirty[node / 64] & (1 << (node % 64)) != 0
+    }
+
+    fn mark(&mut self, node: usize) {
+        self.dirty[node / 64] |= 1 << (node % 64);
     }
 
     fn refresh(&mut self) {
         // Every update marks its path up to the root, so a clean root means a clean tree.
-        if !self.dirty[0][0] {
+        if !self.is_dirty(0) {
             return;
         }
-        for depth in (0..DEPTH as usize).rev() {
-            let (upper, lower) = self.levels.split_at_mut(depth + 1);
-            let (parents, children) = (&mut upper[depth], &lower[0]);
-            for (i, parent) in parents.iter_mut().enumerate() {
-                if !self.dirty[depth][i] {
+        for depth in (0..DEPTH).rev() {
+            let (start, below) = (level_start(depth), level_start(depth + 1));
+            for i in 0..FANOUT.pow(depth) {
+                let node = start + i;
+                if !self.is_dirty(node) {
                     continue;
                 }
+                let children = below + i * FANOUT;
                 let mut bytes = [0u8; 8 * FANOUT];
-                for (c, child) in children[i * FANOUT..(i + 1) * FANOUT].iter().enumerate() {
+                for (c, child) in self.nodes[children..children + FANOUT].iter().enumerate() {
                     bytes[c * 8..(c + 1) * 8].copy_from_slice(&child.to_le_bytes());
                 }
-                *parent = xxh3_64(&bytes);
-                self.dirty[depth][i] = false;
+                self.nodes[node] = xxh3_64(&bytes);
+                self.dirty[node / 64] &= !(1 << (node % 64));
             }
         }
+        debug_assert!(
+            self.dirty.iter().all(|w| *w == 0),
+            "a refreshed tree has no dirty node"
+        );
     }
 
     /// The root hash: equal for replicas holding the same versions of the same keys.
     pub fn root(&mut self) -> u64 {
         self.refresh();
-        self.levels[0][0]
+        self.nodes[0]
     }
 
     /// The hashes of level `depth` (0 = root, [`DEPTH`] = leaves).
@@ -168,7 +201,7 @@ impl MerkleTree {
     pub fn level(&mut self, depth: u32) -> &[u64] {
         assert!(depth <= DEPTH, "level {depth} below the leaves");
         self.refresh();
-        &self.levels[depth as usize]
+        &self.nodes[level_start(depth)..level_start(depth + 1)]
     }
 
     /// Of the `(index, hash)` pairs another replica sent for level `depth`, the indexes whose hash
@@ -216,6 +249,42 @@ mod tests {
         }
         assert_eq!(a.root(), MerkleTree::new().root());
         assert!(a.is_empty());
+    }
+
+    /// The root read between writes (each read clears the dirty flags, and the next writes mark
+    /// only part of their paths) is the root of the same keys computed from the leaves alone.
+    #[test]
+    fn reads_between_writes_leave_no_stale_inner_hash() {
+        fn from_leaves(leaves: &[u64]) -> u64 {
+            let mut level = leaves.to_vec();
+            while level.len() > 1 {
+                level = level
+                    .chunks(FANOUT)
+                    .map(|children| {
+                        let bytes: Vec<u8> =
+                            children.iter().flat_map(|c| c.to_le_bytes()).collect();
+                        xxh3_64(&bytes)
+                    })
+                    .collect();
+            }
+            level[0]
+        }
+        let mut tree = MerkleTree::new();
+        for i in 0..3000u64 {
+            // Two writes under one parent, then one elsewhere, then a read.
+            tree.update(h(i), None, Some(i));
+            tree.update(h(i + 1_000_000), None, Some(i));
+            if i % 7 == 0 {
+                tree.update(h(i), Some(i), Some(i + 1));
+                tree.update(h(i), Some(i + 1), Some(i));
+            }
+            if i % 3 == 0 {
+                let root = tree.root();
+                assert_eq!(root, from_leaves(tree.level(DEPTH)), "after write {i}");
+            }
+        }
+        assert_eq!(tree.root(), from_leaves(tree.level(DEPTH)));
+        assert_ne!(tree.root(), MerkleTree::new().root());
     }
 
     /// One changed version is found by descending only through differing nodes, down to its
