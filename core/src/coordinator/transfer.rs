@@ -217,9 +217,18 @@ impl View<'_> {
             .contains(&self.cfg.node)
     }
 
+    /// [`View::in_pref`] of the ring in force, read off its walks: every replica write asks,
+    /// so this allocates nothing.
+    fn in_force_pref(&self, partition: u32) -> bool {
+        self.walks[partition as usize]
+            .iter()
+            .take(self.cfg.target_n)
+            .any(|&n| n == self.cfg.node)
+    }
+
     /// Whether this node replicates `partition` in the ring in force or the `pending` one.
     fn replicates(&self, pending: Option<&Ring>, partition: u32) -> bool {
-        self.in_pref(self.ring, partition) || pending.is_some_and(|p| self.in_pref(p, partition))
+        self.in_force_pref(partition) || pending.is_some_and(|p| self.in_pref(p, partition))
     }
 }
 
@@ -260,7 +269,7 @@ impl Transfers {
         if let Some((epoch, next)) = self.pending.clone() {
             for p in 0..next.partition_count().get() {
                 if !v.mine(p)
-                    || v.in_pref(v.ring, p)
+                    || v.in_force_pref(p)
                     || !v.in_pref(&next, p)
                     || self.done.contains(&(epoch, p))
                     || self.pulls.contains_key(&p)
