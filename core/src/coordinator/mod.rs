@@ -99,6 +99,7 @@
 //! are walked in order are `BTreeMap`s, the tables of work in flight hash without a random seed
 //! (`Table`), and what walks one of those where order matters sorts what it found.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
 
 use bytes::Bytes;
@@ -847,6 +848,30 @@ enum Pending {
     Job { job: u64 },
 }
 
+/// The jobs of one stored key: the one holding its lock, then the ones waiting. The holder is
+/// kept inline, so the lock of a key nobody waits for (most of them) allocates nothing.
+#[derive(Debug)]
+struct LockQueue {
+    holder: u64,
+    waiting: VecDeque<u64>,
+}
+
+impl LockQueue {
+    fn new(holder: u64) -> Self {
+        LockQueue {
+            holder,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// The holder is done: the next job holds the lock, and is answered; `None` if nobody
+    /// waits (the queue is then to be dropped).
+    fn release(&mut self) -> Option<u64> {
+        self.holder = self.waiting.pop_front()?;
+        Some(self.holder)
+    }
+}
+
 /// A read-modify-write of one stored key, run under that key's lock.
 #[derive(Debug)]
 struct Job {
@@ -909,7 +934,7 @@ pub struct Core {
     plain_forwards: BTreeSet<NodeId>,
     jobs: Table<u64, Job>,
     /// Per stored key: the job holding the lock first, then the ones waiting.
-    locks: Table<StoreKey, VecDeque<u64>>,
+    locks: Table<StoreKey, LockQueue>,
     live: Liveness,
     hints: HintStore,
     out: Vec<Output>,
@@ -2527,10 +2552,12 @@ impl Core {
                 riders: Vec::new(),
             },
         );
-        let queue = self.locks.entry(key).or_default();
-        queue.push_back(id);
-        if queue.len() == 1 {
-            self.job_read(id);
+        match self.locks.entry(key) {
+            Entry::Occupied(mut queue) => queue.get_mut().waiting.push_back(id),
+            Entry::Vacant(slot) => {
+                slot.insert(LockQueue::new(id));
+                self.job_read(id);
+            }
         }
     }
 
@@ -2553,16 +2580,12 @@ impl Core {
                 .locks
                 .get_mut(&key)
                 .expect("a queued job has a lock queue");
-            assert_eq!(
-                queue.front(),
-                Some(&job),
-                "the job to start is first in line"
-            );
+            assert_eq!(queue.holder, job, "the job to start is first in line");
             while riders.len() < BATCH_JOBS_MAX
-                && let Some(&next) = queue.get(1)
+                && let Some(&next) = queue.waiting.front()
                 && batchable(&self.jobs[&next].kind)
             {
-                queue.remove(1);
+                queue.waiting.pop_front();
                 riders.push(next);
             }
         }
@@ -2611,12 +2634,8 @@ impl Core {
             .locks
             .get_mut(&j.key)
             .expect("a running job holds its lock");
-        assert_eq!(
-            queue.pop_front(),
-            Some(job),
-            "the running job is first in line"
-        );
-        match queue.front().copied() {
+        assert_eq!(queue.holder, job, "the running job is first in line");
+        match queue.release() {
             Some(next) => self.job_read(next),
             None => {
                 self.locks.remove(&j.key);
@@ -2680,7 +2699,7 @@ impl Core {
         // The batch, in arrival order: each coordination continues from the object the ones
         // before it produced (so dots stay consecutive), each merge folds into it.
         let key = j.key.clone();
-        let batch: Vec<u64> = std::iter::once(job)
+        let batch: SmallVec<[u64; 8]> = std::iter::once(job)
             .chain(j.riders.iter().copied())
             .collect();
         let mut running = local.clone();
