@@ -16,8 +16,11 @@
 //! anything is allocated, a line that has not ended within its limit is an error rather than a
 //! reason to buffer more, and the whole command must fit `message_bytes_max`. Parsing is
 //! stateless: the caller passes everything received so far, and the parser answers "need more"
-//! after scanning without allocating; only a complete command is copied, once, into a single
-//! buffer with argument offsets, so memory is proportional to the bytes received.
+//! after scanning without allocating; a complete command is one buffer with argument offsets, so
+//! memory is proportional to the bytes received. [`decode_command`] copies that buffer out of
+//! what it was given; a server that reads into a [`bytes::BytesMut`] parses with
+//! [`parse_command`] and hands the command the bytes it split off its read buffer
+//! ([`RespParsed::with_bytes`]): no copy, and no allocation for the command's buffer.
 //!
 //! Errors are [`RespError`]s whose messages follow Redis's ("Protocol error: ..."); the server
 //! sends [`RespError::reply`] and closes the connection, as Redis does, because the stream can no
@@ -26,6 +29,7 @@
 //! RESP3 is out of scope: `HELLO 3` is the listener's to refuse with `NOPROTO`.
 
 use bytes::{BufMut, Bytes};
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::limits::{FRAME_BYTES_MAX_DEFAULT, VALUE_BYTES_MAX};
@@ -177,13 +181,51 @@ impl RespError {
     }
 }
 
+/// Arguments a command keeps inline, without allocating: a `SET` with an expiry and a
+/// condition has six.
+const ARGS_INLINE: usize = 6;
+
+/// `(start, end)` of each argument of a command in its buffer; `u32` suffices since messages are
+/// at most [`RESP_MESSAGE_BYTES_MAX_HARD`].
+type ArgRanges = SmallVec<[(u32, u32); ARGS_INLINE]>;
+
 /// One parsed command: its arguments, stored in one buffer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RespCommand {
     buf: Bytes,
-    /// `(start, end)` of each argument in `buf`; `u32` suffices since messages are at most
-    /// [`RESP_MESSAGE_BYTES_MAX_HARD`].
-    args: Vec<(u32, u32)>,
+    args: ArgRanges,
+}
+
+/// A command parsed where it lies ([`parse_command`]), waiting for its bytes.
+#[derive(Debug)]
+pub struct RespParsed {
+    args: ArgRanges,
+    /// An inline command's unescaped arguments: its own buffer, unlike an array's.
+    unescaped: Option<Vec<u8>>,
+}
+
+impl RespParsed {
+    /// The command, given `bytes`: exactly the bytes [`parse_command`] parsed it from (the
+    /// `used` it answered), which it keeps and slices rather than copies. An inline command
+    /// keeps its own unescaped bytes instead.
+    ///
+    /// # Panics
+    ///
+    /// If `bytes` are too short for the arguments, so not the ones parsed.
+    pub fn with_bytes(self, bytes: Bytes) -> RespCommand {
+        let buf = match self.unescaped {
+            Some(own) => Bytes::from(own),
+            None => bytes,
+        };
+        assert!(
+            self.args.iter().all(|&(_, e)| e as usize <= buf.len()),
+            "a command is given the bytes it was parsed from"
+        );
+        RespCommand {
+            buf,
+            args: self.args,
+        }
+    }
 }
 
 impl RespCommand {
@@ -465,13 +507,31 @@ fn check_message_len(end: usize, limits: &RespLimits) -> Result<(), RespError> {
 /// Parses the command at the start of `buf`.
 ///
 /// Returns `Ok(None)` if more bytes are needed, or the command and the number of bytes it used.
-/// Several pipelined commands are parsed by calling again after dropping the used bytes.
+/// Several pipelined commands are parsed by calling again after dropping the used bytes. The
+/// command holds a copy of its bytes; [`parse_command`] avoids the copy.
 ///
 /// Panics if `limits` exceed [`RESP_MESSAGE_BYTES_MAX_HARD`] (see [`RespLimits::validate`]).
 pub fn decode_command(
     buf: &[u8],
     limits: &RespLimits,
 ) -> Result<Option<(RespCommand, usize)>, RespError> {
+    Ok(parse_command(buf, limits)?.map(|(parsed, used)| {
+        let bytes = match parsed.unescaped {
+            Some(_) => Bytes::new(),
+            None => Bytes::copy_from_slice(&buf[..used]),
+        };
+        (parsed.with_bytes(bytes), used)
+    }))
+}
+
+/// [`decode_command`] without the copy: the parsed command and the number of bytes it used,
+/// which the caller gives it back as a shared [`Bytes`] ([`RespParsed::with_bytes`]).
+///
+/// Panics if `limits` exceed [`RESP_MESSAGE_BYTES_MAX_HARD`] (see [`RespLimits::validate`]).
+pub fn parse_command(
+    buf: &[u8],
+    limits: &RespLimits,
+) -> Result<Option<(RespParsed, usize)>, RespError> {
     assert!(
         limits.message_bytes_max <= RESP_MESSAGE_BYTES_MAX_HARD,
         "RespLimits must be validated"
@@ -527,22 +587,22 @@ fn walk_multibulk(
 fn decode_multibulk(
     buf: &[u8],
     limits: &RespLimits,
-) -> Result<Option<(RespCommand, usize)>, RespError> {
+) -> Result<Option<(RespParsed, usize)>, RespError> {
     // First pass: validate and find the end without allocating, so an incomplete command costs
     // nothing however large its declared sizes.
     let Some(end) = walk_multibulk(buf, limits, |_, _| {})? else {
         return Ok(None);
     };
-    let mut ranges = Vec::new();
+    let mut ranges = ArgRanges::new();
     let again = walk_multibulk(buf, limits, |s, e| {
         // end <= message_bytes_max <= RESP_MESSAGE_BYTES_MAX_HARD, which fits a u32.
         ranges.push((s as u32, e as u32));
     })?;
     assert_eq!(again, Some(end), "second pass over validated input differs");
     Ok(Some((
-        RespCommand {
-            buf: Bytes::copy_from_slice(&buf[..end]),
+        RespParsed {
             args: ranges,
+            unescaped: None,
         },
         end,
     )))
@@ -567,7 +627,7 @@ fn split_inline(
     line: &[u8],
     limits: &RespLimits,
     out: &mut Vec<u8>,
-    args: &mut Vec<(u32, u32)>,
+    args: &mut ArgRanges,
 ) -> Result<(), RespError> {
     let n = line.len();
     let mut p = 0;
@@ -658,7 +718,7 @@ fn split_inline(
 fn decode_inline(
     buf: &[u8],
     limits: &RespLimits,
-) -> Result<Option<(RespCommand, usize)>, RespError> {
+) -> Result<Option<(RespParsed, usize)>, RespError> {
     let window = &buf[..buf.len().min(limits.inline_bytes_max + 1)];
     let Some(nl) = window.iter().position(|&b| b == b'\n') else {
         if buf.len() > limits.inline_bytes_max {
@@ -671,13 +731,13 @@ fn decode_inline(
     let line = &buf[..nl];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let mut out = Vec::with_capacity(line.len());
-    let mut args = Vec::new();
+    let mut args = ArgRanges::new();
     split_inline(line, limits, &mut out, &mut args)?;
     assert!(out.len() <= line.len(), "unescaping never grows the input");
     Ok(Some((
-        RespCommand {
-            buf: Bytes::from(out),
+        RespParsed {
             args,
+            unescaped: Some(out),
         },
         nl + 1,
     )))

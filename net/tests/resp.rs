@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use ringkv_net::resp::{
     RESP_REPLY_DEPTH_MAX, RespLimits, RespValue, decode_command, decode_reply, encode_command,
-    encode_reply,
+    encode_reply, parse_command,
 };
 
 const L: RespLimits = RespLimits::DEFAULT;
@@ -67,13 +67,18 @@ fn reply_value() -> impl Strategy<Value = RespValue> {
 }
 
 /// Decoding never panics; whatever is accepted used a non-empty prefix that parses to the same
-/// command on its own.
+/// command on its own, and to the same command when parsed in place and given that prefix as
+/// shared bytes (what the server does).
 fn check_command_decoder(buf: &[u8]) {
     if let Ok(Some((c, used))) = decode_command(buf, &L) {
         assert!(used > 0 && used <= buf.len());
         let (again, used_again) = decode_command(&buf[..used], &L).unwrap().unwrap();
         assert_eq!(again, c);
         assert_eq!(used_again, used);
+        let shared = Bytes::copy_from_slice(buf);
+        let (parsed, used_in_place) = parse_command(&shared, &L).unwrap().unwrap();
+        assert_eq!(used_in_place, used);
+        assert_eq!(parsed.with_bytes(shared.slice(..used)), c);
     }
 }
 

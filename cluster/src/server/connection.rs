@@ -10,7 +10,9 @@ use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
-use ringkv_net::resp::{RespLimits, RespValue, decode_command, encode_reply as encode_resp};
+use ringkv_net::resp::{
+    RespLimits, RespParsed, RespValue, encode_reply as encode_resp, parse_command,
+};
 use ringkv_net::{ErrorCode, Frame, Limits, Role, decode_frame, encode_frame};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -162,7 +164,8 @@ pub(super) async fn serve_resp(
         let mut close = false;
         let mut wave = RespWave::default();
         loop {
-            let cmd = match commands.decode(|bytes| decode_command(bytes, &limits)) {
+            let parse = |bytes: &[u8]| parse_command(bytes, &limits);
+            let cmd = match commands.decode_shared(parse, RespParsed::with_bytes) {
                 Ok(None) => break,
                 Ok(Some(cmd)) => cmd,
                 Err(e) => {

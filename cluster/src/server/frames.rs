@@ -2,21 +2,25 @@
 //! peer links and their handshakes all read bytes into one of these and take complete items
 //! (frames, RESP commands) off its front with their codec.
 //!
-//! Decoded bytes are dropped only when the next read is due, so a batch of pipelined requests
-//! that arrived in one read is decoded with no copying; the buffer then keeps at most one
-//! partial item plus one read. Limits: an item is bounded by its codec's limits (the frame
-//! limit, RESP's bulk and argument limits), which a codec enforces as soon as the item's header
-//! is buffered, so the buffer never grows past one item and one read.
+//! The buffer is a [`BytesMut`]: a decoded item's bytes are stepped over, or split off and
+//! handed to the item as a shared [`Bytes`] ([`ReadBuffer::decode_shared`], RESP commands), so a
+//! command's key and value are slices of what was read, not copies. Once every item split off
+//! has been dropped, the next read reuses the same memory (`BytesMut` reclaims it when no
+//! `Bytes` shares it any more); an item kept longer only keeps its own allocation alive, and
+//! whatever must outlive a request (a tree's key, a cached value) is copied where it is kept.
+//! Limits: an item is bounded by its codec's limits (the frame limit, RESP's bulk and argument
+//! limits), which a codec enforces as soon as the item's header is buffered, so the buffer
+//! never grows past one item and one read.
 
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::io::{AsyncRead, AsyncReadExt};
 
 use super::readiness::SocketReader;
 
 /// Bytes read from a connection and not yet decoded.
 pub(super) struct ReadBuffer {
-    buf: Vec<u8>,
-    /// Bytes at the front of `buf` already decoded (or skipped).
-    used: usize,
+    /// Bytes read and not yet decoded.
+    buf: BytesMut,
     /// Where each read lands before it is appended.
     chunk: Vec<u8>,
 }
@@ -25,8 +29,7 @@ impl ReadBuffer {
     /// A buffer that reads up to `chunk_bytes` at a time.
     pub(super) fn new(chunk_bytes: usize) -> Self {
         ReadBuffer {
-            buf: Vec::with_capacity(chunk_bytes),
-            used: 0,
+            buf: BytesMut::with_capacity(chunk_bytes),
             chunk: vec![0u8; chunk_bytes],
         }
     }
@@ -37,7 +40,7 @@ impl ReadBuffer {
         &mut self,
         decode: impl FnOnce(&[u8]) -> Result<Option<(T, usize)>, E>,
     ) -> Result<Option<T>, E> {
-        match decode(&self.buf[self.used..])? {
+        match decode(&self.buf)? {
             None => Ok(None),
             Some((item, len)) => {
                 self.skip(len);
@@ -46,17 +49,33 @@ impl ReadBuffer {
         }
     }
 
-    /// Steps over `len` buffered bytes (an item the codec rejected but can skip).
-    pub(super) fn skip(&mut self, len: usize) {
-        debug_assert!(
-            self.used + len <= self.buf.len(),
-            "skipped past the buffered bytes"
-        );
-        self.used = (self.used + len).min(self.buf.len());
+    /// Like [`decode`](Self::decode), but the item is finished by `build` from what `parse`
+    /// answered and the bytes it took, split off the buffer without copying.
+    pub(super) fn decode_shared<P, T, E>(
+        &mut self,
+        parse: impl FnOnce(&[u8]) -> Result<Option<(P, usize)>, E>,
+        build: impl FnOnce(P, Bytes) -> T,
+    ) -> Result<Option<T>, E> {
+        match parse(&self.buf)? {
+            None => Ok(None),
+            Some((parsed, len)) => {
+                assert!(
+                    len <= self.buf.len(),
+                    "a codec took more bytes than it was given"
+                );
+                let bytes = self.buf.split_to(len).freeze();
+                Ok(Some(build(parsed, bytes)))
+            }
+        }
     }
 
-    /// Drops the decoded bytes and reads once from `reader`: the bytes read, 0 at the end of
-    /// the stream.
+    /// Steps over `len` buffered bytes (an item the codec rejected but can skip).
+    pub(super) fn skip(&mut self, len: usize) {
+        debug_assert!(len <= self.buf.len(), "skipped past the buffered bytes");
+        self.buf.advance(len.min(self.buf.len()));
+    }
+
+    /// Reads once from `reader`: the bytes read, 0 at the end of the stream.
     pub(super) async fn fill<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
@@ -71,10 +90,8 @@ impl ReadBuffer {
         Ok(self.append(n))
     }
 
-    /// Drops the decoded bytes; answers where the next read lands.
+    /// Where the next read lands.
     fn next_read(&mut self) -> &mut [u8] {
-        self.buf.drain(..self.used);
-        self.used = 0;
         &mut self.chunk
     }
 
@@ -119,7 +136,36 @@ mod tests {
                 }
             }
             assert_eq!(items, vec![b"ab".to_vec(), b"c".to_vec(), b"def".to_vec()]);
-            assert!(frames.buf.is_empty() || frames.used == frames.buf.len());
+            assert!(frames.buf.is_empty());
+        });
+    }
+
+    /// Items split off the buffer share its memory: their bytes are what was read, and once
+    /// they are dropped the next read lands in the same allocation.
+    #[test]
+    fn shared_items_are_slices_of_the_buffer_and_its_memory_is_reused() {
+        futures_lite::future::block_on(async {
+            let stream: Vec<u8> = [2, b'a', b'b', 1, b'c'].repeat(2);
+            let mut reader = futures_lite::io::Cursor::new(stream);
+            let mut frames = ReadBuffer::new(5);
+            let parse = |buf: &[u8]| decode(buf).map(|o| o.map(|(_, len)| ((), len)));
+            frames.fill(&mut reader).await.expect("a cursor reads");
+            let start = frames.buf.as_ptr();
+            let ab = frames.decode_shared(parse, |(), b| b).expect("decodes");
+            let c = frames.decode_shared(parse, |(), b| b).expect("decodes");
+            assert_eq!(ab.as_deref(), Some(&[2, b'a', b'b'][..]));
+            assert_eq!(c.as_deref(), Some(&[1, b'c'][..]));
+            assert_eq!(ab.as_ref().map(|b| b.as_ptr()), Some(start), "not a copy");
+            assert_eq!(frames.decode_shared(parse, |(), b| b), Ok(None));
+            drop((ab, c));
+            frames.fill(&mut reader).await.expect("a cursor reads");
+            assert_eq!(
+                frames.buf.as_ptr(),
+                start,
+                "the read landed in the same memory"
+            );
+            let again = frames.decode_shared(parse, |(), b| b).expect("decodes");
+            assert_eq!(again.as_deref(), Some(&[2, b'a', b'b'][..]));
         });
     }
 
