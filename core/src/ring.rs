@@ -192,6 +192,17 @@ impl PartitionId {
 /// byte strings. The key needs no prefix because it is last. This hash is part of the on-disk and
 /// on-wire contract (it decides where data lives), so it must never change for an existing cluster.
 pub fn key_hash(bucket: &[u8], key: &[u8]) -> u64 {
+    // Every request hashes its key: the usual sizes are hashed in one call over a copy on the
+    // stack, which costs a fraction of the streaming hasher's set-up. Both hash the same bytes.
+    const ON_STACK: usize = 128;
+    let len = 8 + bucket.len() + key.len();
+    if len <= ON_STACK {
+        let mut bytes = [0u8; ON_STACK];
+        bytes[..8].copy_from_slice(&(bucket.len() as u64).to_le_bytes());
+        bytes[8..8 + bucket.len()].copy_from_slice(bucket);
+        bytes[8 + bucket.len()..len].copy_from_slice(key);
+        return xxhash_rust::xxh3::xxh3_64(&bytes[..len]);
+    }
     let mut hasher = Xxh3Default::new();
     hasher.update(&(bucket.len() as u64).to_le_bytes());
     hasher.update(bucket);
@@ -699,14 +710,26 @@ mod tests {
         ids.into_iter().map(NodeId).collect()
     }
 
-    /// The streamed hash equals the one-shot hash of the documented byte string, so the encoding
-    /// in the docs is the real one.
+    /// The hash equals the one-shot hash of the documented byte string, so the encoding in the
+    /// docs is the real one: for keys hashed on the stack and for longer ones, streamed, on both
+    /// sides of the limit between them.
     #[test]
     fn key_hash_is_xxh3_of_length_prefixed_bucket_and_key() {
         let mut bytes = 3u64.to_le_bytes().to_vec();
         bytes.extend_from_slice(b"abcxyz");
         assert_eq!(key_hash(b"abc", b"xyz"), xxhash_rust::xxh3::xxh3_64(&bytes));
         assert_ne!(key_hash(b"ab", b"c"), key_hash(b"a", b"bc"));
+        for len in [0, 1, 100, 113, 114, 115, 120, 200, 300, 5000] {
+            let key: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut bytes = 6u64.to_le_bytes().to_vec();
+            bytes.extend_from_slice(b"bucket");
+            bytes.extend_from_slice(&key);
+            assert_eq!(
+                key_hash(b"bucket", &key),
+                xxhash_rust::xxh3::xxh3_64(&bytes),
+                "key of {len} bytes"
+            );
+        }
     }
 
     #[test]
