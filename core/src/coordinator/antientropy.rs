@@ -1223,7 +1223,7 @@ impl AntiEntropy {
         o.store(
             Pending::Push {
                 to,
-                key: key.clone(),
+                key: Box::new(key.clone()),
             },
             key,
             StoreOp::Read,

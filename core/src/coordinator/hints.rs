@@ -365,7 +365,7 @@ impl HintStore {
         for hint in ready {
             self.start_delivery(&hint);
             let to_read = Pending::HintRead {
-                hint: hint.clone(),
+                hint: Box::new(hint.clone()),
                 to: home,
             };
             o.store(to_read, hint, StoreOp::Read);

@@ -807,7 +807,9 @@ impl Op {
     }
 }
 
-/// What an outstanding message or storage operation belongs to.
+/// What an outstanding message or storage operation belongs to. Every request's slots and
+/// storage operations go in and out of the table of these, so the variants of background work
+/// that carry a key or an object box them: the type stays a few words, moved inline.
 #[derive(Debug)]
 enum Pending {
     /// A replica write or read of slot `slot` of op `op`, sent to `node` (maybe this node).
@@ -822,14 +824,14 @@ enum Pending {
     Repair { node: NodeId },
     /// A hint sent to `to`: its home, or a current replica if the home left the ring.
     Delivery {
-        hint: StoreKey,
-        object: Object,
+        hint: Box<StoreKey>,
+        object: Box<Object>,
         to: NodeId,
     },
     /// A replica read for a peer (or this node) that is a plain storage read.
     PeerRead { to: ReplyTo },
     /// A hint read before its delivery to `to`.
-    HintRead { hint: StoreKey, to: NodeId },
+    HintRead { hint: Box<StoreKey>, to: NodeId },
     /// A credit request to `home`.
     Credit { home: NodeId },
     /// A page asked for by the pull of `partition`.
@@ -843,7 +845,7 @@ enum Pending {
     /// A message of the running anti-entropy exchange, sent to `node` (`antientropy.rs`).
     Exchange { node: NodeId },
     /// A read of `key` whose object anti-entropy sends to `to`.
-    Push { to: NodeId, key: StoreKey },
+    Push { to: NodeId, key: Box<StoreKey> },
     /// A storage operation of per-key job `job`.
     Job { job: u64 },
 }
@@ -2202,9 +2204,9 @@ impl Core {
                     if durable {
                         self.lock(
                             now,
-                            hint,
+                            *hint,
                             JobKind::DropHint {
-                                delivered: Some(object),
+                                delivered: Some(*object),
                             },
                         );
                     }
@@ -2485,11 +2487,11 @@ impl Core {
                 Ok(Some(object)) => {
                     let key = StoreKey {
                         space: Space::Primary,
-                        ..hint.clone()
+                        ..(*hint).clone()
                     };
                     let pending = Pending::Delivery {
                         hint,
-                        object: object.clone(),
+                        object: Box::new(object.clone()),
                         to,
                     };
                     self.send_request(now, to, pending, |id| PeerMsg::ReplicaPut {
@@ -2506,7 +2508,7 @@ impl Core {
                     }
                 }
             },
-            Some(Pending::Push { to, key }) => self.ae_push_read(now, (to, key), result),
+            Some(Pending::Push { to, key }) => self.ae_push_read(now, (to, *key), result),
             Some(other) => {
                 self.pending.insert(id, other);
             }
