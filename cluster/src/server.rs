@@ -627,8 +627,14 @@ impl Clock {
     }
 
     fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX / 2);
-        self.base_unix_ms.saturating_add(elapsed)
+        self.ms_at(Instant::now())
+    }
+
+    /// The clock's time at `at` (a reading taken earlier, or the start for one before it).
+    fn ms_at(&self, at: Instant) -> u64 {
+        let elapsed = at.saturating_duration_since(self.start).as_millis();
+        self.base_unix_ms
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX / 2))
     }
 }
 

@@ -80,7 +80,12 @@ impl Shard {
         // One reading of the clock for the whole call: what follows runs without yielding, in
         // microseconds, and the core's time is in milliseconds (a reading costs more than a
         // small request's storage operation).
-        let now = self.clock.now_ms();
+        self.drive_at(self.clock.now_ms(), input);
+    }
+
+    /// [`drive`](Self::drive) at `now`, a reading the caller already took (a batch of requests
+    /// shares one).
+    pub(super) fn drive_at(self: &Rc<Self>, now: u64, input: Input) {
         self.feed(now, input);
         // Storage operations that finished as they were issued, in the order they were issued,
         // each after the outputs it came with.

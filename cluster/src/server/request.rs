@@ -53,7 +53,7 @@ impl Shard {
             }
         };
         let start = Instant::now();
-        let (started, hold) = self.begin(request, hold);
+        let (started, hold) = self.begin(request, hold, start);
         let answered = match &started.wait {
             Wait::Refused(_) => true,
             // The core answered at once (or the shard closed the table).
@@ -150,7 +150,7 @@ impl Shard {
         let start = Instant::now();
         let started: Vec<Started> = requests
             .into_iter()
-            .map(|request| self.begin(request, ()).0)
+            .map(|request| self.begin(request, (), start).0)
             .collect();
         let mut replies = Vec::with_capacity(started.len());
         let mut taken = TakenAt::default();
@@ -164,7 +164,15 @@ impl Shard {
     /// owning shard by a task that keeps `hold` (the connection's slot) until that shard
     /// answers, since its work runs on past a deadline. `hold` comes back when no task took it;
     /// the caller keeps it until the answer (the core ends its work by the same deadline).
-    fn begin<H: 'static>(self: &Rc<Self>, request: KeyRequest, hold: H) -> (Started, Option<H>) {
+    ///
+    /// `at` is when the request (or its batch) arrived: the core's time for it, so a batch reads
+    /// the clock once.
+    fn begin<H: 'static>(
+        self: &Rc<Self>,
+        request: KeyRequest,
+        hold: H,
+        at: Instant,
+    ) -> (Started, Option<H>) {
         let op = metric_op(&request);
         let timeout_ms = self.timeout_ms(request.timeout_ms());
         let (wait, hold) = if let Some(refused) = self.refuse(&request) {
@@ -172,7 +180,7 @@ impl Shard {
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
-                (Wait::Local(self.start_local(request)), Some(hold))
+                (Wait::Local(self.start_local(request, at)), Some(hold))
             } else {
                 let shard = self.clone();
                 let task = glommio::spawn_local(async move {
@@ -357,19 +365,20 @@ impl Shard {
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
-        let ticket = self.start_local(request);
+        let ticket = self.start_local(request, Instant::now());
         ticket.recv().await.unwrap_or_else(shard_stopped)
     }
 
     /// Hands a client request for a partition this shard owns to its core; the answer is
     /// taken with the returned ticket.
-    fn start_local(self: &Rc<Self>, request: KeyRequest) -> Ticket {
+    fn start_local(self: &Rc<Self>, request: KeyRequest, at: Instant) -> Ticket {
         debug_assert_eq!(request.partition().0 as usize % self.shard_count, self.id);
         let ticket = self.clients.register();
-        self.drive(Input::Client {
+        let input = Input::Client {
             req: ticket.id(),
             request,
-        });
+        };
+        self.drive_at(self.clock.ms_at(at), input);
         ticket
     }
 }
