@@ -37,6 +37,24 @@ use crate::recovery::RecoveryReport;
 use crate::segment::Segment;
 use crate::stats::{Counters, EngineStats};
 
+/// What the in-memory part of a read found ([`Engine::get`]).
+enum Lookup {
+    /// The answer: absent, or the cached value.
+    Answer(Option<Bytes>),
+    /// The key's record is in this segment, not cached.
+    OnDisk(KeyHash, Rc<Segment>, Entry),
+}
+
+/// What the part of a write that needs no wait did ([`Engine::put`]).
+enum Append {
+    /// The record was appended in this epoch.
+    Written(u64),
+    /// A deletion of an absent key: nothing to write.
+    Absent,
+    /// The unflushed tail is full: a flush of this epoch was asked for, nothing was written.
+    Full(u64),
+}
+
 /// A per-shard log-structured key-value store.
 pub struct Engine {
     pub(crate) inner: Rc<Inner>,
@@ -362,21 +380,12 @@ impl Engine {
     /// Reads the value of `key` in `partition`; `None` if absent or deleted.
     pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Bytes>, EngineError> {
         self.check_key(key)?;
-        let kh = KeyHash::of(key);
         let c = &self.inner.counters;
         c.gets.set(c.gets.get() + 1);
-        let (seg, entry) = {
-            let st = self.inner.st.borrow();
-            st.check_usable()?;
-            match st.index.get(partition, kh) {
-                Some(e) if !e.tombstone => (st.segment(e.loc.slot).clone(), e),
-                _ => return Ok(None),
-            }
+        let (kh, seg, entry) = match self.lookup(partition, key)? {
+            Lookup::Answer(value) => return Ok(value),
+            Lookup::OnDisk(kh, seg, entry) => (kh, seg, entry),
         };
-        if let Some(v) = self.inner.cache.borrow_mut().get(partition, kh, entry.loc) {
-            c.cache_hits.set(c.cache_hits.get() + 1);
-            return Ok(Some(v));
-        }
         let raw = read_record(&self.inner, &seg, entry.loc).await?;
         let rec = record::decode(&raw).map_err(|_| {
             c.corrupt_reads.set(c.corrupt_reads.get() + 1);
@@ -412,6 +421,44 @@ impl Engine {
         Ok(Some(value))
     }
 
+    /// [`get`](Self::get) when the answer is in memory (the key is absent, or its value is
+    /// cached), without a wait; `Ok(None)` when the value must be read from its segment.
+    pub fn get_now(
+        &self,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Option<Option<Bytes>>, EngineError> {
+        Ok(match self.lookup(partition, key)? {
+            Lookup::Answer(value) => {
+                // Counted only when answered: otherwise the caller reads with `get`, which counts.
+                let c = &self.inner.counters;
+                c.gets.set(c.gets.get() + 1);
+                Some(value)
+            }
+            Lookup::OnDisk(..) => None,
+        })
+    }
+
+    /// The part of a read that needs no wait: the index, then the value cache.
+    fn lookup(&self, partition: u32, key: &[u8]) -> Result<Lookup, EngineError> {
+        self.check_key(key)?;
+        let kh = KeyHash::of(key);
+        let c = &self.inner.counters;
+        let (seg, entry) = {
+            let st = self.inner.st.borrow();
+            st.check_usable()?;
+            match st.index.get(partition, kh) {
+                Some(e) if !e.tombstone => (st.segment(e.loc.slot).clone(), e),
+                _ => return Ok(Lookup::Answer(None)),
+            }
+        };
+        if let Some(v) = self.inner.cache.borrow_mut().get(partition, kh, entry.loc) {
+            c.cache_hits.set(c.cache_hits.get() + 1);
+            return Ok(Lookup::Answer(Some(v)));
+        }
+        Ok(Lookup::OnDisk(kh, seg, entry))
+    }
+
     /// Stores `value` under `key` in `partition`.
     pub async fn put(
         &self,
@@ -433,6 +480,58 @@ impl Engine {
         self.write(RecordKind::Put, partition, key, value, durability)
             .await
             .map(|_| ())
+    }
+
+    /// [`put`](Self::put) of a buffered write when it needs no wait (the unflushed tail has room
+    /// for it: most writes); `Ok(None)` when it must wait for a flush, having written nothing.
+    pub fn put_buffered_now(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<()>, EngineError> {
+        self.check_key(key)?;
+        let max = self.inner.cfg.value_bytes_max;
+        if value.len() > max {
+            return Err(EngineError::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        let appended = self.append(RecordKind::Put, partition, key, value, Durability::Buffered)?;
+        Ok(match appended {
+            Append::Full(_) => None,
+            Append::Written(_) | Append::Absent => {
+                let c = &self.inner.counters;
+                c.puts.set(c.puts.get() + 1);
+                Some(())
+            }
+        })
+    }
+
+    /// [`delete`](Self::delete) of a buffered deletion when it needs no wait; `Ok(None)` when it
+    /// must wait for a flush, having written nothing.
+    pub fn delete_buffered_now(
+        &self,
+        partition: u32,
+        key: &[u8],
+    ) -> Result<Option<bool>, EngineError> {
+        self.check_key(key)?;
+        let appended = self.append(
+            RecordKind::Tombstone,
+            partition,
+            key,
+            &[],
+            Durability::Buffered,
+        )?;
+        Ok(match appended {
+            Append::Full(_) => None,
+            Append::Written(_) | Append::Absent => {
+                let c = &self.inner.counters;
+                c.deletes.set(c.deletes.get() + 1);
+                Some(matches!(appended, Append::Written(_)))
+            }
+        })
     }
 
     /// Deletes `key` by writing a tombstone. Returns whether the key existed; deleting an absent
@@ -471,22 +570,55 @@ impl Engine {
         durability: Durability,
     ) -> Result<bool, EngineError> {
         let inner = &self.inner;
-        let rec_len = record::record_len(key.len(), value.len()) as u64;
-        // Backpressure: wait for flushes while the unwritten tail is over its bound (a single
-        // record larger than the bound is let through alone).
         loop {
-            let epoch = {
-                let mut st = inner.st.borrow_mut();
-                st.check_usable()?;
-                let pending: u64 = st.writing.iter().map(|s| s.unflushed()).sum();
-                if pending == 0 || pending + rec_len <= inner.cfg.write_buffer_bytes_max as u64 {
-                    break;
+            match self.append(kind, partition, key, value, durability)? {
+                // Backpressure: wait for flushes while the unwritten tail is over its bound.
+                Append::Full(epoch) => wait_durable(inner, epoch).await?,
+                Append::Absent => {
+                    // Nothing to delete; but the tombstone (or drop) that made the key absent
+                    // may not be durable yet, and a `Sync` caller is promised durability.
+                    if durability == Durability::Sync {
+                        flush_all(inner).await?;
+                    }
+                    return Ok(false);
                 }
+                Append::Written(epoch) => {
+                    if durability == Durability::Sync {
+                        wait_durable(inner, epoch).await?;
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    /// The part of a write that needs no wait: the record appended to the active segment and
+    /// indexed, unless the unflushed tail has no room for it (a single record larger than the
+    /// bound is let through alone), in which case a flush is asked for and nothing is written.
+    fn append(
+        &self,
+        kind: RecordKind,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<Append, EngineError> {
+        let inner = &self.inner;
+        let rec_len = record::record_len(key.len(), value.len()) as u64;
+        let full = {
+            let mut st = inner.st.borrow_mut();
+            st.check_usable()?;
+            let pending: u64 = st.writing.iter().map(|s| s.unflushed()).sum();
+            if pending == 0 || pending + rec_len <= inner.cfg.write_buffer_bytes_max as u64 {
+                None
+            } else {
                 st.sync_requested = true;
-                st.open_epoch
-            };
+                Some(st.open_epoch)
+            }
+        };
+        if let Some(epoch) = full {
             inner.flush_wake.notify();
-            wait_durable(inner, epoch).await?;
+            return Ok(Append::Full(epoch));
         }
         let appended = {
             let mut st = inner.st.borrow_mut();
@@ -576,20 +708,12 @@ impl Engine {
             }
         };
         let Some((epoch, wake_flusher)) = appended else {
-            // Nothing to delete; but the tombstone (or drop) that made the key absent may not be
-            // durable yet, and a `Sync` caller is promised durability.
-            if durability == Durability::Sync {
-                flush_all(inner).await?;
-            }
-            return Ok(false);
+            return Ok(Append::Absent);
         };
         if wake_flusher {
             inner.flush_wake.notify();
         }
-        if durability == Durability::Sync {
-            wait_durable(inner, epoch).await?;
-        }
-        Ok(true)
+        Ok(Append::Written(epoch))
     }
 
     /// Makes every write accepted so far durable.

@@ -319,3 +319,54 @@ fn log_segments_are_written_durably() {
         e.close().await.unwrap();
     });
 }
+
+/// The calls that never wait answer what the waiting ones would, and decline, having done
+/// nothing, exactly when a wait is needed: a value only on disk, a write buffer with no room.
+#[test]
+fn calls_without_a_wait_answer_or_decline() {
+    common::run(|dir| async move {
+        let mut cfg = common::config(&dir);
+        cfg.cache_bytes = 0;
+        cfg.write_buffer_bytes_max = 64 << 10;
+        let e = Engine::open(cfg).await.unwrap();
+        assert_eq!(e.get_now(0, b"absent").unwrap(), Some(None));
+        assert_eq!(e.put_buffered_now(0, b"k", b"v").unwrap(), Some(()));
+        // With no cache the value is in its segment only: declined, then read by `get`.
+        assert_eq!(e.get_now(0, b"k").unwrap(), None);
+        assert_eq!(e.get(0, b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        // Nothing yields between these calls, so nothing flushes: the unflushed tail fills.
+        let big = vec![7u8; 30 << 10];
+        let mut declined = None;
+        for i in 0..8u32 {
+            if e.put_buffered_now(0, format!("big{i}").as_bytes(), &big)
+                .unwrap()
+                .is_none()
+            {
+                declined = Some(format!("big{i}"));
+                break;
+            }
+        }
+        let declined = declined.expect("a full write buffer declines a write");
+        assert_eq!(e.get(0, declined.as_bytes()).await.unwrap(), None);
+        e.put(0, declined.as_bytes(), &big, Durability::Buffered)
+            .await
+            .unwrap();
+        assert_eq!(
+            e.get(0, declined.as_bytes()).await.unwrap().as_deref(),
+            Some(&big[..])
+        );
+        e.flush().await.unwrap();
+        assert_eq!(e.delete_buffered_now(0, b"k").unwrap(), Some(true));
+        assert_eq!(e.delete_buffered_now(0, b"k").unwrap(), Some(false));
+        assert_eq!(e.get_now(0, b"k").unwrap(), Some(None));
+        let too_long = vec![0u8; 1025];
+        assert!(matches!(
+            e.put_buffered_now(0, &too_long, b"x"),
+            Err(EngineError::KeyTooLarge { .. })
+        ));
+        assert!(matches!(
+            e.put_buffered_now(0, b"k", &vec![0u8; (64 << 10) + 1]),
+            Err(EngineError::ValueTooLarge { .. })
+        ));
+    });
+}
