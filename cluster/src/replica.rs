@@ -73,6 +73,20 @@ pub trait PartitionStore {
     ) -> Result<(), String>;
     /// Makes every write so far durable.
     async fn flush(&self) -> Result<(), String>;
+    /// [`get`](Self::get) when it needs no wait (the answer is in memory), else `None`. A store
+    /// that has no such path keeps the default.
+    fn get_now(&self, _partition: u32, _key: &[u8]) -> Option<Result<Option<Bytes>, String>> {
+        None
+    }
+    /// A buffered [`put`](Self::put) when it needs no wait, else `None` (nothing written).
+    fn put_now(&self, _partition: u32, _key: &[u8], _value: &[u8]) -> Option<Result<(), String>> {
+        None
+    }
+    /// A buffered [`delete`](Self::delete) when it needs no wait, else `None` (nothing
+    /// written).
+    fn delete_now(&self, _partition: u32, _key: &[u8]) -> Option<Result<(), String>> {
+        None
+    }
     /// The live entries of `partition` whose fingerprint is above `after`, in fingerprint order.
     fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> Self::Scan;
 }
@@ -121,6 +135,25 @@ impl PartitionStore for Engine {
         Engine::flush(self).await.map_err(|e| e.to_string())
     }
 
+    fn get_now(&self, partition: u32, key: &[u8]) -> Option<Result<Option<Bytes>, String>> {
+        Engine::get_now(self, partition, key)
+            .map_err(|e| e.to_string())
+            .transpose()
+    }
+
+    fn put_now(&self, partition: u32, key: &[u8], value: &[u8]) -> Option<Result<(), String>> {
+        Engine::put_buffered_now(self, partition, key, value)
+            .map_err(|e| e.to_string())
+            .transpose()
+    }
+
+    fn delete_now(&self, partition: u32, key: &[u8]) -> Option<Result<(), String>> {
+        Engine::delete_buffered_now(self, partition, key)
+            .map(|done| done.map(|_| ()))
+            .map_err(|e| e.to_string())
+            .transpose()
+    }
+
     fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> EngineScan {
         EngineScan(self.iter_partition_after(partition, after))
     }
@@ -140,6 +173,41 @@ impl PartitionScan for EngineScan {
     }
 }
 
+/// [`apply`] when the operation needs no wait (a read answered from memory, a buffered write
+/// or removal with room in the write buffer: most of a request's operations), else `None`,
+/// having done nothing. It spares the caller the future of [`apply`], which is large to build
+/// and to move into a task.
+pub fn apply_now<S: PartitionStore>(
+    store: &S,
+    key: &StoreKey,
+    op: &StoreOp,
+) -> Option<Result<Option<Object>, String>> {
+    let (partition, engine_key) = engine_location(key);
+    match op {
+        StoreOp::Read => Some(match store.get_now(partition, &engine_key)? {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => decode_stored(partition, &bytes).map(Some),
+            Err(e) => Err(e),
+        }),
+        StoreOp::Write {
+            object,
+            durable: false,
+        } => store
+            .put_now(partition, &engine_key, &object.encode())
+            .map(|r| r.map(|()| None)),
+        StoreOp::Remove => store
+            .delete_now(partition, &engine_key)
+            .map(|r| r.map(|()| None)),
+        StoreOp::Write { durable: true, .. } | StoreOp::Sync => None,
+    }
+}
+
+/// A stored object, decoded.
+fn decode_stored(partition: u32, bytes: &Bytes) -> Result<Object, String> {
+    Object::decode(bytes)
+        .map_err(|e| format!("stored object in partition {partition} does not decode: {e}"))
+}
+
 /// Carries out one storage operation of the core.
 pub async fn apply<S: PartitionStore>(
     store: &S,
@@ -150,9 +218,7 @@ pub async fn apply<S: PartitionStore>(
     match op {
         StoreOp::Read => match store.get(partition, &engine_key).await? {
             None => Ok(None),
-            Some(bytes) => Object::decode(&bytes).map(Some).map_err(|e| {
-                format!("stored object in partition {partition} does not decode: {e}")
-            }),
+            Some(bytes) => decode_stored(partition, &bytes).map(Some),
         },
         StoreOp::Write { object, durable } => {
             let durability = if durable {

@@ -210,12 +210,17 @@ impl Shard {
     /// else in a task of its own. A task per operation cost a spawn and a turn of the scheduler
     /// for each of a request's reads and writes.
     fn spawn_store(self: &Rc<Self>, id: u64, key: StoreKey, op: StoreOp) {
-        let shard = self.clone();
-        let mut work = Box::pin(async move { shard.store(&key, op).await });
         // Background work (hints, anti-entropy, reaping) always runs in the background queue,
         // whose shares admission control lowers when requests suffer; only a request's own
-        // operations are tried at once.
+        // operations are tried at once: first by the store's calls that never wait, which
+        // build no future at all (most operations), then by polling the operation's future.
         let background = self.core.borrow().is_background(id);
+        if !background && let Some(result) = self.store_now(&key, &op) {
+            self.report(Input::Stored { id, result });
+            return;
+        }
+        let shard = self.clone();
+        let mut work = Box::pin(async move { shard.store(&key, op).await });
         if !background {
             // Polled once with a waker that does nothing: a future that is not ready yet is
             // polled again by its task, and a future must wake the waker of its latest poll.

@@ -41,6 +41,15 @@ pub(super) async fn scan_hints(
 }
 
 impl Shard {
+    /// [`store`](Self::store) when the operation needs no wait, else `None` (nothing done).
+    pub(super) fn store_now(
+        &self,
+        key: &StoreKey,
+        op: &StoreOp,
+    ) -> Option<Result<Option<Object>, String>> {
+        replica::apply_now(&self.engine, key, op)
+    }
+
     /// One storage operation of the core on this shard's engine.
     pub(super) async fn store(
         &self,
