@@ -377,6 +377,17 @@ impl Engine {
         Ok(())
     }
 
+    fn check_value(&self, value: &[u8]) -> Result<(), EngineError> {
+        let max = self.inner.cfg.value_bytes_max;
+        if value.len() > max {
+            return Err(EngineError::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Reads the value of `key` in `partition`; `None` if absent or deleted.
     pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Bytes>, EngineError> {
         self.check_key(key)?;
@@ -468,13 +479,7 @@ impl Engine {
         durability: Durability,
     ) -> Result<(), EngineError> {
         self.check_key(key)?;
-        let max = self.inner.cfg.value_bytes_max;
-        if value.len() > max {
-            return Err(EngineError::ValueTooLarge {
-                len: value.len(),
-                max,
-            });
-        }
+        self.check_value(value)?;
         let c = &self.inner.counters;
         c.puts.set(c.puts.get() + 1);
         self.write(RecordKind::Put, partition, key, value, durability)
@@ -491,13 +496,7 @@ impl Engine {
         value: &[u8],
     ) -> Result<Option<()>, EngineError> {
         self.check_key(key)?;
-        let max = self.inner.cfg.value_bytes_max;
-        if value.len() > max {
-            return Err(EngineError::ValueTooLarge {
-                len: value.len(),
-                max,
-            });
-        }
+        self.check_value(value)?;
         let appended = self.append(RecordKind::Put, partition, key, value, Durability::Buffered)?;
         Ok(match appended {
             Append::Full(_) => None,
