@@ -5,7 +5,9 @@
 #   resp-cpu.sh DIR_A DIR_B ROUNDS TEST CONNS PIPELINE [DATA_ROOT]
 #
 # DIR_A and DIR_B each hold a release `ringkv` (pass the same one twice to compare one build with
-# Redis only). Every round runs A, then B, then Redis 7 (no persistence): each server alone,
+# Redis only). Every round runs A and B, in turn first (A first in odd rounds, B in even ones:
+# the second server of a round has read higher than the first on this machine, whichever build
+# it was), then Redis 7 (no persistence): each server alone,
 # pinned to CPU 0, with one shard and buffered writes that do not wait for a sync (`n = r = w =
 # 1`, `dw = 0`); redis-benchmark pinned to CPU 1 runs `-t TEST -c CONNS -P PIPELINE -d 100
 # -r 100000` for 50,000 requests of warm-up, then 300,000 while `perf stat -e task-clock`
@@ -80,8 +82,13 @@ redis() {
 }
 
 mkdir -p "$root"
-for _ in $(seq "$rounds"); do
-  ringkv "$a" a
-  ringkv "$b" b
+for round in $(seq "$rounds"); do
+  if ((round % 2)); then
+    ringkv "$a" a
+    ringkv "$b" b
+  else
+    ringkv "$b" b
+    ringkv "$a" a
+  fi
   redis
 done
