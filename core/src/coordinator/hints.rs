@@ -188,7 +188,11 @@ impl HintStore {
                 ),
             ));
         }
-        let state = self.held.entry(key.clone()).or_default();
+        if !self.held.contains_key(key) {
+            // Held for as long as the hint lives: a copy, never a slice of a request's buffer.
+            self.held.insert(key.detached(), HintState::default());
+        }
+        let state = self.held.get_mut(key).expect("inserted above");
         state.bytes = new;
         state.writing = true;
         self.bytes = total;
@@ -544,5 +548,37 @@ impl Core {
         let busy = self.ops.len() + self.jobs.len();
         let (hints, v, mut o, _) = self.hint_parts();
         hints.grant_credit(&v, &mut o, (from, id), wanted, busy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::object::{Lww, Val};
+
+    /// A hint's key is held in buffers of its own: a request's key may be a slice of the whole
+    /// buffer its connection read, which the hint, living for hours, would otherwise keep.
+    #[test]
+    fn a_held_hint_keeps_no_slice_of_the_request_buffer() {
+        let read = Bytes::from(vec![b'x'; 64 << 10]);
+        let key = StoreKey {
+            partition: 1,
+            space: Space::Hint(NodeId(3)),
+            bucket: read.slice(10..14),
+            key: read.slice(20..30),
+        };
+        let object = Object::Lww(Lww {
+            timestamp: 1,
+            node: NodeId(1),
+            val: Val::Value(Bytes::from_static(b"v")),
+        });
+        let mut store = HintStore::new(1 << 20, 8);
+        store.reserve(&key, &object).expect("room for one hint");
+        let (held, _) = store.iter().next().expect("the hint is held");
+        assert_eq!(held, &key);
+        let within = |b: &Bytes| read.as_ptr_range().contains(&b.as_ptr());
+        assert!(!within(&held.bucket) && !within(&held.key));
     }
 }

@@ -281,6 +281,20 @@ pub struct StoreKey {
     pub key: Bytes,
 }
 
+impl StoreKey {
+    /// The same key in buffers of its own. A request's bucket and key may be slices of the
+    /// buffer its connection read them into (a whole read's worth of memory), so what keeps a
+    /// key beyond the request (the hint store) keeps a copy.
+    pub fn detached(&self) -> StoreKey {
+        StoreKey {
+            partition: self.partition,
+            space: self.space,
+            bucket: Bytes::copy_from_slice(&self.bucket),
+            key: Bytes::copy_from_slice(&self.key),
+        }
+    }
+}
+
 /// A storage operation for the shell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreOp {
