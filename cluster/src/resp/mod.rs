@@ -576,7 +576,9 @@ fn set_name(state: &mut RespState, name: Bytes) -> Result<(), RespPlan> {
             "ERR Client names cannot contain spaces, newlines or special characters.",
         )));
     }
-    state.name = (!name.is_empty()).then_some(name);
+    // Kept for the connection's life: a copy, not a slice of the buffer the command was read
+    // into (which it would keep whole).
+    state.name = (!name.is_empty()).then(|| Bytes::copy_from_slice(&name));
     Ok(())
 }
 

@@ -1008,3 +1008,21 @@ fn node_errors_become_redis_errors() {
     let (reply, _) = script("GET k", 0, refuse(ErrorCode::Overloaded));
     assert_eq!(error_text(&reply), "ERR overloaded: refused");
 }
+
+/// A connection's name outlives the command that set it, so it is a copy: a command parsed in
+/// place is a slice of the whole buffer its connection read.
+#[test]
+fn a_client_name_keeps_no_slice_of_the_read_buffer() {
+    let mut wire = b"*3\r\n$6\r\nCLIENT\r\n$7\r\nSETNAME\r\n$4\r\ncart\r\n".to_vec();
+    wire.resize(64 << 10, b'x');
+    let read = Bytes::from(wire);
+    let (parsed, used) = ringkv_net::resp::parse_command(&read, &RespLimits::DEFAULT)
+        .unwrap()
+        .unwrap();
+    let command = parsed.with_bytes(read.slice(..used));
+    let mut state = RespState::new(7);
+    assert!(matches!(plan(&command, &mut state), RespPlan::Reply(_)));
+    let name = state.name.clone().expect("the name is set");
+    assert_eq!(&name[..], b"cart");
+    assert!(!read.as_ptr_range().contains(&name.as_ptr()));
+}
