@@ -6,11 +6,15 @@
 //! handed to the item as a shared [`Bytes`] ([`ReadBuffer::decode_shared`], RESP commands), so a
 //! command's key and value are slices of what was read, not copies. Once every item split off
 //! has been dropped, the next read reuses the same memory (`BytesMut` reclaims it when no
-//! `Bytes` shares it any more); an item kept longer only keeps its own allocation alive, and
-//! whatever must outlive a request (a tree's key, a cached value) is copied where it is kept.
+//! `Bytes` shares it any more). A slice kept alive keeps its whole allocation, so what is kept
+//! beyond a request copies the bytes it keeps: a tree's key, a cached value, a held hint's key
+//! (`StoreKey::detached`), a connection's name.
+//!
 //! Limits: an item is bounded by its codec's limits (the frame limit, RESP's bulk and argument
-//! limits), which a codec enforces as soon as the item's header is buffered, so the buffer
-//! never grows past one item and one read.
+//! limits), which a codec enforces as soon as the item's header is buffered. Decoded bytes are
+//! moved out of the way only when that is cheap (`BytesMut` moves a partial item to the front
+//! once what was consumed before it is at least as long), so the buffer holds at most about
+//! twice one item and one read.
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::io::{AsyncRead, AsyncReadExt};
