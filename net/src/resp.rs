@@ -588,17 +588,27 @@ fn decode_multibulk(
     buf: &[u8],
     limits: &RespLimits,
 ) -> Result<Option<(RespParsed, usize)>, RespError> {
-    // First pass: validate and find the end without allocating, so an incomplete command costs
-    // nothing however large its declared sizes.
-    let Some(end) = walk_multibulk(buf, limits, |_, _| {})? else {
+    // One pass validates, finds the end and keeps the offsets while they fit inline, so an
+    // incomplete command allocates nothing however large its declared sizes. A command with more
+    // arguments than that is walked a second time, once it is known to be complete.
+    // (end <= message_bytes_max <= RESP_MESSAGE_BYTES_MAX_HARD, which fits a u32.)
+    let mut ranges = ArgRanges::new();
+    let mut spilled = false;
+    let Some(end) = walk_multibulk(buf, limits, |s, e| {
+        if ranges.len() < ARGS_INLINE {
+            ranges.push((s as u32, e as u32));
+        } else {
+            spilled = true;
+        }
+    })?
+    else {
         return Ok(None);
     };
-    let mut ranges = ArgRanges::new();
-    let again = walk_multibulk(buf, limits, |s, e| {
-        // end <= message_bytes_max <= RESP_MESSAGE_BYTES_MAX_HARD, which fits a u32.
-        ranges.push((s as u32, e as u32));
-    })?;
-    assert_eq!(again, Some(end), "second pass over validated input differs");
+    if spilled {
+        ranges.clear();
+        let again = walk_multibulk(buf, limits, |s, e| ranges.push((s as u32, e as u32)))?;
+        assert_eq!(again, Some(end), "second pass over validated input differs");
+    }
     Ok(Some((
         RespParsed {
             args: ranges,
