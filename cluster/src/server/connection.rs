@@ -160,9 +160,11 @@ pub(super) async fn serve_resp(
     let mut state = resp::RespState::new(shard.next_resp_client_id());
     let mut commands = ReadBuffer::new(READ_CHUNK_BYTES);
     let mut out = Vec::new();
+    // One wave for the connection's life: each pass runs it empty, and it keeps the room its
+    // lists and key set grew to, so a pipelining client's waves allocate none of it again.
+    let mut wave = RespWave::default();
     'read: loop {
         let mut close = false;
-        let mut wave = RespWave::default();
         loop {
             let parse = |bytes: &[u8]| parse_command(bytes, &limits);
             let cmd = match commands.decode_shared(parse, RespParsed::with_bytes) {
@@ -237,6 +239,9 @@ fn register(readiness: &Rc<Readiness>, stream: &TcpStream, shard: usize) -> Opti
 /// Most pipelined RESP commands executed at once on one connection.
 const RESP_WAVE_COMMANDS_MAX: usize = 128;
 
+/// Most key hashes whose room a connection's wave keeps from one wave to the next.
+const WAVE_KEYS_KEPT: usize = 1024;
+
 /// Pipelined RESP commands that run together: Redis clients expect each connection's commands
 /// to take effect in order, so a wave holds commands on distinct keys only (a command touching
 /// a key already in the wave starts the next wave), runs them concurrently (so synced writes on
@@ -301,7 +306,12 @@ impl RespWave {
     /// commits. The wave's keys are distinct and a command writes each of its keys once, as a
     /// batch requires.
     async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
-        self.keys.clear();
+        if self.keys.capacity() > WAVE_KEYS_KEPT {
+            // Not the room an MGET of thousands of keys made, kept for the connection's life.
+            self.keys = rustc_hash::FxHashSet::default();
+        } else {
+            self.keys.clear();
+        }
         self.keyed = false;
         if self.commands.len() == 1 {
             if let Some(command) = self.commands.pop() {
