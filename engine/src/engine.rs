@@ -497,15 +497,12 @@ impl Engine {
     ) -> Result<Option<()>, EngineError> {
         self.check_key(key)?;
         self.check_value(value)?;
-        let appended = self.append(RecordKind::Put, partition, key, value, Durability::Buffered)?;
-        Ok(match appended {
-            Append::Full(_) => None,
-            Append::Written(_) | Append::Absent => {
-                let c = &self.inner.counters;
-                c.puts.set(c.puts.get() + 1);
-                Some(())
-            }
-        })
+        let done = self.write_buffered_now(RecordKind::Put, partition, key, value)?;
+        if done.is_some() {
+            let c = &self.inner.counters;
+            c.puts.set(c.puts.get() + 1);
+        }
+        Ok(done.map(|_| ()))
     }
 
     /// [`delete`](Self::delete) of a buffered deletion when it needs no wait; `Ok(None)` when it
@@ -516,21 +513,30 @@ impl Engine {
         key: &[u8],
     ) -> Result<Option<bool>, EngineError> {
         self.check_key(key)?;
-        let appended = self.append(
-            RecordKind::Tombstone,
-            partition,
-            key,
-            &[],
-            Durability::Buffered,
-        )?;
-        Ok(match appended {
-            Append::Full(_) => None,
-            Append::Written(_) | Append::Absent => {
-                let c = &self.inner.counters;
-                c.deletes.set(c.deletes.get() + 1);
-                Some(matches!(appended, Append::Written(_)))
-            }
-        })
+        let done = self.write_buffered_now(RecordKind::Tombstone, partition, key, &[])?;
+        if done.is_some() {
+            let c = &self.inner.counters;
+            c.deletes.set(c.deletes.get() + 1);
+        }
+        Ok(done)
+    }
+
+    /// A buffered [`write`](Self::write) when it needs no wait: whether a record was written,
+    /// or `None` when the write buffer is full (nothing written).
+    fn write_buffered_now(
+        &self,
+        kind: RecordKind,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<bool>, EngineError> {
+        Ok(
+            match self.append(kind, partition, key, value, Durability::Buffered)? {
+                Append::Full(_) => None,
+                Append::Written(_) => Some(true),
+                Append::Absent => Some(false),
+            },
+        )
     }
 
     /// Deletes `key` by writing a tombstone. Returns whether the key existed; deleting an absent
