@@ -10,10 +10,23 @@
 //! request against Redis").
 //!
 //! Here a socket joins the shard's epoll set once, edge-triggered, when its connection starts.
-//! A reader always tries a non-blocking `recv` first and waits only when the socket is empty; one
-//! poller task per shard collects the edges with `epoll_wait(.., 0)` (as an event loop would) and
-//! wakes the readers they name. An edge that arrives while its reader
-//! is not waiting wakes nobody, which loses nothing: the reader's next step is a `recv`. Between
+//! One poller task per shard collects the edges with `epoll_wait(.., 0)` (as an event loop
+//! would), records for each socket that an edge came, and wakes the readers they name. A reader
+//! tries a non-blocking `recv` and waits only when the socket is empty, with one saving: after a
+//! `recv` that returned less than it asked for, the socket is known to be empty (below), and the
+//! reader waits for the socket's next edge without a second `recv` that would only answer
+//! `EAGAIN`. At one request per round trip, the common case of a client that waits for each
+//! answer, that is one system call of three per request (docs/BENCHMARKS.md).
+//!
+//! Why a short read means an empty socket: a TCP `recv` copies until it has what was asked or
+//! the receive queue and the socket's backlog are both empty. Every byte that arrives later is
+//! queued with a wakeup of the socket, which puts an edge on the epoll set. The poller collects
+//! that edge at its next round, so a reader waiting for it loses nothing; an edge of bytes that
+//! arrived before the `recv` (collected after it) only costs one `recv` that finds nothing.
+//! The end of the stream is the exception: a short read returns the bytes before a FIN without
+//! reporting it, and the FIN's edge may have been taken with theirs. So an edge that says the
+//! peer closed its side (or the socket failed) makes every later read of that socket ask.
+//! An edge that arrives while its reader is not waiting wakes nobody and is remembered. Between
 //! collections the poller waits on the epoll descriptor itself through glommio (one poll for the
 //! whole set): glommio submits that poll when it polls its rings between rounds of its task
 //! queues, and it completes at once when edges are waiting, so a busy shard collects edges once
@@ -25,7 +38,7 @@
 //! full. Accepts, outbound peer links and the admin listener also keep glommio's reads: they
 //! are not per-request paths.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
@@ -61,6 +74,12 @@ pub(super) struct Readiness {
 #[derive(Default)]
 struct Slots {
     wakers: Vec<Option<Waker>>,
+    /// Per token: whether an edge was collected since its reader last called `recv`.
+    edged: Vec<bool>,
+    /// Per token: whether an edge said the peer closed its side or the socket failed. A short
+    /// read does not show the end of the stream behind the bytes it returned, and the edge that
+    /// announced it may have been taken with theirs, so from then on every read asks.
+    ended: Vec<bool>,
     in_use: Vec<bool>,
     free: Vec<usize>,
 }
@@ -86,12 +105,17 @@ impl Readiness {
                 Some(token) => token,
                 None => {
                     slots.wakers.push(None);
+                    slots.edged.push(false);
+                    slots.ended.push(false);
                     slots.in_use.push(false);
                     slots.wakers.len() - 1
                 }
             };
             assert!(!slots.in_use[token], "a free token is not in use");
             slots.in_use[token] = true;
+            // A new reader's first step is a `recv`, whatever a closed socket's edges said.
+            slots.edged[token] = false;
+            slots.ended[token] = false;
             token
         };
         let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
@@ -104,6 +128,8 @@ impl Readiness {
             readiness: self.clone(),
             token,
             fd,
+            empty: Cell::new(false),
+            recvs: Cell::new(0),
         })
     }
 
@@ -134,8 +160,13 @@ impl Readiness {
                 let mut slots = self.waiting.borrow_mut();
                 // A stale edge of a closed socket whose token was reused wakes a reader that
                 // finds its socket empty and waits again.
+                let ends = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
                 woken.extend(events[..found].iter().filter_map(|event| {
                     let token = usize::try_from(event.data()).ok()?;
+                    *slots.edged.get_mut(token)? = true;
+                    if event.events().intersects(ends) {
+                        slots.ended[token] = true;
+                    }
                     slots.wakers.get_mut(token).and_then(Option::take)
                 }));
             }
@@ -170,6 +201,10 @@ pub(super) struct SocketReader {
     readiness: Rc<Readiness>,
     token: usize,
     fd: RawFd,
+    /// The last `recv` found the socket empty, or emptied it (it read less than it asked for).
+    empty: Cell<bool>,
+    /// `recv` calls made, for tests.
+    recvs: Cell<u64>,
 }
 
 impl SocketReader {
@@ -180,13 +215,28 @@ impl SocketReader {
     }
 
     fn poll_read(&self, cx: &Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        {
+            let mut slots = self.readiness.waiting.borrow_mut();
+            if self.empty.get() && !slots.edged[self.token] && !slots.ended[self.token] {
+                // Empty at the last `recv`, and nothing arrived since (module docs): wait for
+                // the next edge. The poller runs on this thread, so none slips in meanwhile.
+                slots.wakers[self.token] = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            // Edges from here on are of bytes this `recv` may not see.
+            slots.edged[self.token] = false;
+        }
         loop {
+            self.recvs.set(self.recvs.get() + 1);
             match recv(self.fd, buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(read) => return Poll::Ready(Ok(read)),
+                Ok(read) => {
+                    self.empty.set(read < buf.len());
+                    return Poll::Ready(Ok(read));
+                }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => {
-                    // Empty now; the next edge of this socket wakes this waker. The poller runs
-                    // on this thread, so no edge can slip in between the read and this line.
+                    // Empty now; the next edge of this socket wakes this waker.
+                    self.empty.set(true);
                     let mut slots = self.readiness.waiting.borrow_mut();
                     slots.wakers[self.token] = Some(cx.waker().clone());
                     return Poll::Pending;
@@ -250,6 +300,73 @@ mod tests {
                 // A closed registration frees its token for the next socket.
                 drop(readers.pop());
                 assert_eq!(readiness.waiting.borrow().free.len(), 1);
+                stop.cancel();
+                poller.await;
+            })
+            .expect("executor")
+            .join()
+            .expect("test executor");
+    }
+
+    /// After a read that emptied the socket, a reader waits for the next edge without asking the
+    /// kernel again (one `recv` per read, none answering `EAGAIN`), and still gets every byte:
+    /// of data that arrives later, of reads that fill the buffer, and of the end of the stream.
+    #[test]
+    fn a_reader_that_emptied_its_socket_waits_for_an_edge_without_a_recv() {
+        LocalExecutorBuilder::default()
+            .spawn(|| async move {
+                let readiness = Readiness::new().expect("epoll");
+                let stop = StopToken::new();
+                let poller = glommio::spawn_local(readiness.clone().run(stop.clone()));
+                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+                let addr = listener.local_addr().expect("address");
+                let mut client = TcpStream::connect(addr).await.expect("connect");
+                let accepted = listener.accept().await.expect("accept");
+                let reader = readiness.register(&accepted).expect("register");
+                let mut buf = [0u8; 16];
+                // Each message is written once the reader waits for it, so every edge is
+                // collected before the `recv` it leads to.
+                let mut writes = Vec::new();
+                for message in [&b"first"[..], b"second"] {
+                    let waiting = readiness.clone();
+                    let token = reader.token;
+                    let writer = glommio::spawn_local(async move {
+                        while waiting.waiting.borrow().wakers[token].is_none() {
+                            futures_lite::future::yield_now().await;
+                        }
+                        client.write_all(message).await.expect("write");
+                        client
+                    });
+                    let read = reader.read(&mut buf).await.expect("read");
+                    assert_eq!(&buf[..read], message);
+                    client = writer.await;
+                    writes.push(reader.recvs.get());
+                }
+                // The first read found the socket empty (one `recv` answered EAGAIN); the second
+                // knew it was, and waited without asking.
+                assert_eq!(writes, [2, 3]);
+                // More than one buffer: full reads go on reading, the short last one stops.
+                let long: Vec<u8> = (0..40u8).collect();
+                client.write_all(&long).await.expect("write");
+                client.close().await.expect("close");
+                let mut got = Vec::new();
+                loop {
+                    // A read that missed the end of the stream would wait for ever: fail instead.
+                    let read = futures_lite::future::or(
+                        async { Some(reader.read(&mut buf).await.expect("read")) },
+                        async {
+                            glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+                            None
+                        },
+                    )
+                    .await
+                    .expect("the end of the stream is read");
+                    if read == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..read]);
+                }
+                assert_eq!(got, long);
                 stop.cancel();
                 poller.await;
             })
