@@ -1277,20 +1277,27 @@ fn a_session_write_moves_off_a_stopped_home_which_refuses_it_on_resuming() {
     home.signal("CONT");
     first.expect("the write through a stopped home's forward");
     second.expect("the write after it");
-    // Metrics are published a moment after the fact: polled.
+    // Metrics are published a moment after the fact: polled. The first move marks the stopped
+    // home down for `down_ms` (2 s), so the second write normally goes to the next home at once;
+    // on a machine slow enough that the mark lapses first, the second write is forwarded to the
+    // stopped home and moved as well. Either way every forward the stopped home received was
+    // moved, and it refuses each one when it resumes.
     let (mut moved, mut refused) = (0.0, 0.0);
     for _ in 0..HANDOFF_POLLS {
         moved = nodes[0].metric("ringkv_forwards_moved_total");
         refused = home.metric("ringkv_forwards_refused_total");
-        if moved >= 1.0 && refused >= 1.0 {
+        if moved >= 1.0 && refused >= moved {
             break;
         }
         std::thread::sleep(Duration::from_millis(HANDOFF_POLL_MS));
     }
-    assert_eq!(moved, 1.0, "the forward was not moved off the stopped home");
+    assert!(
+        (1.0..=2.0).contains(&moved),
+        "the forward was not moved off the stopped home: {moved} moves"
+    );
     assert_eq!(
-        refused, 1.0,
-        "the resumed home did not refuse the late forward"
+        refused, moved,
+        "the resumed home did not refuse every late forward"
     );
     let read = get_with(&mut c, b"sessions", key.as_bytes(), Some(3));
     assert_eq!(
