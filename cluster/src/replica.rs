@@ -87,6 +87,21 @@ pub trait PartitionStore {
     fn delete_now(&self, _partition: u32, _key: &[u8]) -> Option<Result<(), String>> {
         None
     }
+    /// [`put`](Self::put) of a synced write without its wait: the flush epoch to wait for with
+    /// [`wait_durable`](Self::wait_durable), or `None` when the store cannot (nothing done).
+    fn put_sync_now(
+        &self,
+        _partition: u32,
+        _key: &[u8],
+        _value: &[u8],
+    ) -> Option<Result<u64, String>> {
+        None
+    }
+    /// Waits until flush epoch `epoch` of [`put_sync_now`](Self::put_sync_now) is durable:
+    /// the newest durable epoch.
+    async fn wait_durable(&self, epoch: u64) -> Result<u64, String> {
+        Ok(epoch)
+    }
     /// The live entries of `partition` whose fingerprint is above `after`, in fingerprint order.
     fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> Self::Scan;
 }
@@ -154,6 +169,23 @@ impl PartitionStore for Engine {
             .transpose()
     }
 
+    fn put_sync_now(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Option<Result<u64, String>> {
+        Engine::put_sync_now(self, partition, key, value)
+            .map_err(|e| e.to_string())
+            .transpose()
+    }
+
+    async fn wait_durable(&self, epoch: u64) -> Result<u64, String> {
+        Engine::wait_durable(self, epoch)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     fn scan_after(&self, partition: u32, after: Option<KeyHash>) -> EngineScan {
         EngineScan(self.iter_partition_after(partition, after))
     }
@@ -200,6 +232,25 @@ pub fn apply_now<S: PartitionStore>(
             .map(|r| r.map(|()| None)),
         StoreOp::Write { durable: true, .. } | StoreOp::Sync => None,
     }
+}
+
+/// A synced write of the core without its wait ([`PartitionStore::put_sync_now`]): the flush
+/// epoch that makes it durable, or `None` for any other operation, or when the store must wait
+/// first (nothing done: use [`apply`]).
+pub fn durable_write_now<S: PartitionStore>(
+    store: &S,
+    key: &StoreKey,
+    op: &StoreOp,
+) -> Option<Result<u64, String>> {
+    let StoreOp::Write {
+        object,
+        durable: true,
+    } = op
+    else {
+        return None;
+    };
+    let (partition, engine_key) = engine_location(key);
+    store.put_sync_now(partition, &engine_key, &object.encode())
 }
 
 /// A stored object, decoded.

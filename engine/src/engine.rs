@@ -505,6 +505,37 @@ impl Engine {
         Ok(done.map(|_| ()))
     }
 
+    /// [`put`](Self::put) of a synced write, without its wait: the record is appended and a flush
+    /// asked for. Answers the flush epoch whose completion makes the write durable (wait for it
+    /// with [`wait_durable`](Self::wait_durable)), or `Ok(None)` when the unflushed tail has no
+    /// room for it (nothing written: use `put`). Many writes waiting on one flush then need one
+    /// waiter between them, not a future each.
+    pub fn put_sync_now(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<u64>, EngineError> {
+        self.check_key(key)?;
+        self.check_value(value)?;
+        match self.append(RecordKind::Put, partition, key, value, Durability::Sync)? {
+            Append::Written(epoch) => {
+                let c = &self.inner.counters;
+                c.puts.set(c.puts.get() + 1);
+                Ok(Some(epoch))
+            }
+            // `Absent` answers deletions of absent keys only.
+            Append::Full(_) | Append::Absent => Ok(None),
+        }
+    }
+
+    /// Waits until flush epoch `epoch` (from [`put_sync_now`](Self::put_sync_now)) is durable;
+    /// an error if the engine failed first. Answers the newest durable epoch, `epoch` or later.
+    pub async fn wait_durable(&self, epoch: u64) -> Result<u64, EngineError> {
+        wait_durable(&self.inner, epoch).await?;
+        Ok(self.inner.st.borrow().durable_epoch)
+    }
+
     /// [`delete`](Self::delete) of a buffered deletion when it needs no wait; `Ok(None)` when it
     /// must wait for a flush, having written nothing.
     pub fn delete_buffered_now(

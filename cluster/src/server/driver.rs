@@ -219,6 +219,18 @@ impl Shard {
             self.report(Input::Stored { id, result });
             return;
         }
+        // A synced write waits for its flush beside the others of its group commit
+        // (`store.rs`). Not once the shard stops: the watcher may be gone.
+        if !background
+            && !self.stop.is_cancelled()
+            && let Some(appended) = self.durable_write_now(&key, &op)
+        {
+            match appended {
+                Ok(epoch) => self.await_durable(epoch, id),
+                Err(e) => self.report(Input::Stored { id, result: Err(e) }),
+            }
+            return;
+        }
         let shard = self.clone();
         let mut work = Box::pin(async move { shard.store(&key, op).await });
         if !background {

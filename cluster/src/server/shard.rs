@@ -31,7 +31,7 @@ use super::readiness::Readiness;
 use super::request::{MeshService, spawn_reply_loops};
 use super::stop::StopToken;
 use super::stop::unless;
-use super::store::scan_hints;
+use super::store::{run_durable_waits, scan_hints};
 use super::view::{Control, ShardView};
 use super::{
     Clock, STOP_POLLS_MAX, ServeConfig, ServeError, Shard, ShardReply, ShardRequest, Waiters,
@@ -354,6 +354,14 @@ pub(super) async fn serve_shard(
     )
     .map_err(|e| runtime(format!("shard {id}: ticker"), e))?
     .detach();
+    shard
+        .store_work
+        .spawn_into(
+            run_durable_waits(Rc::downgrade(&shard), shard.stop.clone()),
+            shard.foreground,
+        )
+        .map_err(|e| runtime(format!("shard {id}: durable writes"), e))?
+        .detach();
     shard.start_view(&view);
     shard.start_membership(shard.stop.clone());
     shard.spawn_tree_load(trees::partitions(id, shard.shard_count));
@@ -473,6 +481,8 @@ fn new_shard(
         floor_file: cfg.settings.durability == Durability::Sync,
         store_work: Gate::new(),
         finished: Default::default(),
+        durable_waits: Default::default(),
+        durable_watcher: Cell::new(None),
         stop: StopToken::new(),
         foreground,
     })

@@ -1,6 +1,16 @@
 //! The shard's replica store: the core's storage operations and transfer scans run through the
-//! replica layout ([`crate::replica`]) onto the shard's engine; and the hints found in the
-//! engine at start, listed for the core.
+//! replica layout ([`crate::replica`]) onto the shard's engine; the synced writes waiting for
+//! their flush; and the hints found in the engine at start, listed for the core.
+//!
+//! A synced write is appended at once and waits only for its flush epoch ([`Shard::
+//! await_durable`]). One watcher per shard ([`run_durable_waits`]) waits for the oldest epoch
+//! and, when a flush completes, reports every write it made durable, in one pass. A write
+//! waited in a task of its own before: a future, a task and a wakeup each, for writes that a
+//! group commit finishes together.
+
+use std::future::poll_fn;
+use std::rc::{Rc, Weak};
+use std::task::Poll;
 
 use bytes::Bytes;
 use ringkv_engine::{Engine, EngineError};
@@ -13,6 +23,8 @@ use crate::replica::{self, HINT_PARTITION_BASE};
 use crate::route::{PARTITIONS, shard_of};
 
 use super::Shard;
+use super::driver::Input;
+use super::stop::StopToken;
 
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
 /// it counts for in the hint store's bound.
@@ -50,6 +62,35 @@ impl Shard {
         replica::apply_now(&self.engine, key, op)
     }
 
+    /// A synced write of the core without its wait: the flush epoch it waits for, else `None`
+    /// (nothing done).
+    pub(super) fn durable_write_now(
+        &self,
+        key: &StoreKey,
+        op: &StoreOp,
+    ) -> Option<Result<u64, String>> {
+        replica::durable_write_now(&self.engine, key, op)
+    }
+
+    /// Reports operation `id` to the core once flush epoch `epoch` is durable.
+    pub(super) fn await_durable(&self, epoch: u64, id: u64) {
+        let mut waits = self.durable_waits.borrow_mut();
+        assert!(
+            waits.back().is_none_or(|&(last, _)| last <= epoch),
+            "flush epochs only grow"
+        );
+        waits.push_back((epoch, id));
+        drop(waits);
+        if let Some(watcher) = self.durable_watcher.take() {
+            watcher.wake();
+        }
+    }
+
+    /// The oldest flush epoch a write waits for.
+    fn oldest_durable_wait(&self) -> Option<u64> {
+        self.durable_waits.borrow().front().map(|&(epoch, _)| epoch)
+    }
+
     /// One storage operation of the core on this shard's engine.
     pub(super) async fn store(
         &self,
@@ -68,5 +109,62 @@ impl Shard {
         max_bytes: usize,
     ) -> Result<ScanPage, String> {
         replica::scan_page(&self.engine, partition, after, max_items, max_bytes).await
+    }
+}
+
+/// Reports the synced writes of [`Shard::await_durable`] as their flushes complete (module
+/// docs), until the shard stops with none left waiting. Runs in the shard's storage gate, so
+/// the shard's stop waits for the writes still waiting.
+pub(super) async fn run_durable_waits(shard: Weak<Shard>, stop: StopToken) {
+    loop {
+        let oldest = futures_lite::future::or(
+            poll_fn(|cx| {
+                let Some(shard) = shard.upgrade() else {
+                    return Poll::Ready(None);
+                };
+                match shard.oldest_durable_wait() {
+                    Some(epoch) => Poll::Ready(Some(epoch)),
+                    None => {
+                        shard.durable_watcher.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    }
+                }
+            }),
+            async {
+                stop.cancelled().await;
+                shard.upgrade().and_then(|s| s.oldest_durable_wait())
+            },
+        )
+        .await;
+        let Some(epoch) = oldest else {
+            return;
+        };
+        let Some(shard) = shard.upgrade() else {
+            return;
+        };
+        let durable = replica::PartitionStore::wait_durable(&shard.engine, epoch).await;
+        report_durable(&shard, durable);
+    }
+}
+
+/// Feeds the core every waiting write that `durable` (the newest durable epoch, or the engine's
+/// failure) settles: the writes of one group commit, under one reading of the clock.
+fn report_durable(shard: &Rc<Shard>, durable: Result<u64, String>) {
+    let now = shard.clock.now_ms();
+    loop {
+        let settled = {
+            let mut waits = shard.durable_waits.borrow_mut();
+            match (waits.front(), &durable) {
+                (Some(&(epoch, _)), Ok(reached)) if epoch > *reached => None,
+                (Some(_), _) => waits.pop_front(),
+                (None, _) => None,
+            }
+        };
+        let Some((_, id)) = settled else {
+            return;
+        };
+        let result = durable.as_ref().map(|_| None).map_err(Clone::clone);
+        // Borrows nothing of the queue: the core may issue more synced writes meanwhile.
+        shard.drive_at(now, Input::Stored { id, result });
     }
 }
