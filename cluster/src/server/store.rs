@@ -8,8 +8,9 @@
 //! waited in a task of its own before: a future, a task and a wakeup each, for writes that a
 //! group commit finishes together.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::rc::{Rc, Weak};
+use std::rc::Weak;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -143,28 +144,49 @@ pub(super) async fn run_durable_waits(shard: Weak<Shard>, stop: StopToken) {
             return;
         };
         let durable = replica::PartitionStore::wait_durable(&shard.engine, epoch).await;
-        report_durable(&shard, durable);
+        // The writes of one group commit; a large one steps aside between writes when the
+        // shard's other tasks are due.
+        loop {
+            // A statement of its own: the queue's borrow ends here, before the core is fed.
+            let next = settled(&mut shard.durable_waits.borrow_mut(), &durable);
+            let Some(id) = next else {
+                break;
+            };
+            let result = durable.as_ref().map(|_| None).map_err(Clone::clone);
+            // The core may issue more synced writes meanwhile.
+            shard.drive(Input::Stored { id, result });
+            glommio::yield_if_needed().await;
+        }
     }
 }
 
-/// Feeds the core every waiting write that `durable` (the newest durable epoch, or the engine's
-/// failure) settles: the writes of one group commit, under one reading of the clock.
-fn report_durable(shard: &Rc<Shard>, durable: Result<u64, String>) {
-    let now = shard.clock.now_ms();
-    loop {
-        let settled = {
-            let mut waits = shard.durable_waits.borrow_mut();
-            match (waits.front(), &durable) {
-                (Some(&(epoch, _)), Ok(reached)) if epoch > *reached => None,
-                (Some(_), _) => waits.pop_front(),
-                (None, _) => None,
-            }
-        };
-        let Some((_, id)) = settled else {
-            return;
-        };
-        let result = durable.as_ref().map(|_| None).map_err(Clone::clone);
-        // Borrows nothing of the queue: the core may issue more synced writes meanwhile.
-        shard.drive_at(now, Input::Stored { id, result });
+/// The oldest waiting write that `durable` (the newest durable epoch, or the engine's failure)
+/// settles, taken off the queue.
+fn settled(waits: &mut VecDeque<(u64, u64)>, durable: &Result<u64, String>) -> Option<u64> {
+    match (waits.front(), durable) {
+        (Some(&(epoch, _)), Ok(reached)) if epoch > *reached => None,
+        (Some(_), _) => waits.pop_front().map(|(_, id)| id),
+        (None, _) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flush settles the writes of its epoch and of earlier ones, in order, and none of a
+    /// later epoch; the engine's failure settles (fails) every write still waiting.
+    #[test]
+    fn a_flush_settles_its_epoch_and_no_later_one() {
+        let mut waits = VecDeque::from([(3, 10), (3, 11), (4, 12), (6, 13)]);
+        let flushed = Ok(3);
+        assert_eq!(settled(&mut waits, &flushed), Some(10));
+        assert_eq!(settled(&mut waits, &flushed), Some(11));
+        assert_eq!(settled(&mut waits, &flushed), None);
+        assert_eq!(settled(&mut waits, &Ok(5)), Some(12));
+        assert_eq!(settled(&mut waits, &Ok(5)), None);
+        let failed = Err("the disk failed".to_string());
+        assert_eq!(settled(&mut waits, &failed), Some(13));
+        assert_eq!(settled(&mut waits, &failed), None);
     }
 }
