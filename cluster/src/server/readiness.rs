@@ -263,43 +263,20 @@ mod tests {
     use glommio::LocalExecutorBuilder;
     use glommio::net::{TcpListener, TcpStream};
 
-    /// A reader wakes for data that arrives while it waits, for data already there when it
-    /// starts, and sees the end of the stream; several sockets share the one poller.
-    #[test]
-    fn readers_wake_for_data_and_for_the_end_of_the_stream() {
+    /// Runs `test` on an executor with a readiness set whose poller runs, and a listener on
+    /// loopback; stops the poller after it.
+    fn with_poller<F, Fut>(test: F)
+    where
+        F: FnOnce(Rc<Readiness>, TcpListener) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         LocalExecutorBuilder::default()
             .spawn(|| async move {
                 let readiness = Readiness::new().expect("epoll");
                 let stop = StopToken::new();
                 let poller = glommio::spawn_local(readiness.clone().run(stop.clone()));
                 let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-                let addr = listener.local_addr().expect("address");
-                let mut clients = Vec::new();
-                let mut readers = Vec::new();
-                for _ in 0..3 {
-                    clients.push(TcpStream::connect(addr).await.expect("connect"));
-                    let accepted = listener.accept().await.expect("accept");
-                    readers.push((readiness.register(&accepted).expect("register"), accepted));
-                }
-                // Already there before the first read.
-                clients[1].write_all(b"early").await.expect("write");
-                let mut buf = [0u8; 16];
-                let read = readers[1].0.read(&mut buf).await.expect("read");
-                assert_eq!(&buf[..read], b"early");
-                // Arrives while the reader waits.
-                let mut late = clients.pop().expect("three clients");
-                // The writer runs only once this task parks in the read below.
-                let writer = glommio::spawn_local(async move {
-                    late.write_all(b"late").await.expect("write");
-                    late.close().await.expect("close");
-                });
-                let read = readers[2].0.read(&mut buf).await.expect("read");
-                assert_eq!(&buf[..read], b"late");
-                writer.await;
-                assert_eq!(readers[2].0.read(&mut buf).await.expect("read"), 0);
-                // A closed registration frees its token for the next socket.
-                drop(readers.pop());
-                assert_eq!(readiness.waiting.borrow().free.len(), 1);
+                test(readiness, listener).await;
                 stop.cancel();
                 poller.await;
             })
@@ -308,70 +285,95 @@ mod tests {
             .expect("test executor");
     }
 
+    /// A reader wakes for data that arrives while it waits, for data already there when it
+    /// starts, and sees the end of the stream; several sockets share the one poller.
+    #[test]
+    fn readers_wake_for_data_and_for_the_end_of_the_stream() {
+        with_poller(|readiness, listener| async move {
+            let addr = listener.local_addr().expect("address");
+            let mut clients = Vec::new();
+            let mut readers = Vec::new();
+            for _ in 0..3 {
+                clients.push(TcpStream::connect(addr).await.expect("connect"));
+                let accepted = listener.accept().await.expect("accept");
+                readers.push((readiness.register(&accepted).expect("register"), accepted));
+            }
+            // Already there before the first read.
+            clients[1].write_all(b"early").await.expect("write");
+            let mut buf = [0u8; 16];
+            let read = readers[1].0.read(&mut buf).await.expect("read");
+            assert_eq!(&buf[..read], b"early");
+            // Arrives while the reader waits.
+            let mut late = clients.pop().expect("three clients");
+            // The writer runs only once this task parks in the read below.
+            let writer = glommio::spawn_local(async move {
+                late.write_all(b"late").await.expect("write");
+                late.close().await.expect("close");
+            });
+            let read = readers[2].0.read(&mut buf).await.expect("read");
+            assert_eq!(&buf[..read], b"late");
+            writer.await;
+            assert_eq!(readers[2].0.read(&mut buf).await.expect("read"), 0);
+            // A closed registration frees its token for the next socket.
+            drop(readers.pop());
+            assert_eq!(readiness.waiting.borrow().free.len(), 1);
+        });
+    }
+
     /// After a read that emptied the socket, a reader waits for the next edge without asking the
     /// kernel again (one `recv` per read, none answering `EAGAIN`), and still gets every byte:
     /// of data that arrives later, of reads that fill the buffer, and of the end of the stream.
     #[test]
     fn a_reader_that_emptied_its_socket_waits_for_an_edge_without_a_recv() {
-        LocalExecutorBuilder::default()
-            .spawn(|| async move {
-                let readiness = Readiness::new().expect("epoll");
-                let stop = StopToken::new();
-                let poller = glommio::spawn_local(readiness.clone().run(stop.clone()));
-                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-                let addr = listener.local_addr().expect("address");
-                let mut client = TcpStream::connect(addr).await.expect("connect");
-                let accepted = listener.accept().await.expect("accept");
-                let reader = readiness.register(&accepted).expect("register");
-                let mut buf = [0u8; 16];
-                // Each message is written once the reader waits for it, so every edge is
-                // collected before the `recv` it leads to.
-                let mut writes = Vec::new();
-                for message in [&b"first"[..], b"second"] {
-                    let waiting = readiness.clone();
-                    let token = reader.token;
-                    let writer = glommio::spawn_local(async move {
-                        while waiting.waiting.borrow().wakers[token].is_none() {
-                            futures_lite::future::yield_now().await;
-                        }
-                        client.write_all(message).await.expect("write");
-                        client
-                    });
-                    let read = reader.read(&mut buf).await.expect("read");
-                    assert_eq!(&buf[..read], message);
-                    client = writer.await;
-                    writes.push(reader.recvs.get());
-                }
-                // The first read found the socket empty (one `recv` answered EAGAIN); the second
-                // knew it was, and waited without asking.
-                assert_eq!(writes, [2, 3]);
-                // More than one buffer: full reads go on reading, the short last one stops.
-                let long: Vec<u8> = (0..40u8).collect();
-                client.write_all(&long).await.expect("write");
-                client.close().await.expect("close");
-                let mut got = Vec::new();
-                loop {
-                    // A read that missed the end of the stream would wait for ever: fail instead.
-                    let read = futures_lite::future::or(
-                        async { Some(reader.read(&mut buf).await.expect("read")) },
-                        async {
-                            glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
-                            None
-                        },
-                    )
-                    .await
-                    .expect("the end of the stream is read");
-                    if read == 0 {
-                        break;
+        with_poller(|readiness, listener| async move {
+            let addr = listener.local_addr().expect("address");
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            let accepted = listener.accept().await.expect("accept");
+            let reader = readiness.register(&accepted).expect("register");
+            let mut buf = [0u8; 16];
+            // Each message is written once the reader waits for it, so every edge is
+            // collected before the `recv` it leads to.
+            let mut writes = Vec::new();
+            for message in [&b"first"[..], b"second"] {
+                let waiting = readiness.clone();
+                let token = reader.token;
+                let writer = glommio::spawn_local(async move {
+                    while waiting.waiting.borrow().wakers[token].is_none() {
+                        futures_lite::future::yield_now().await;
                     }
-                    got.extend_from_slice(&buf[..read]);
+                    client.write_all(message).await.expect("write");
+                    client
+                });
+                let read = reader.read(&mut buf).await.expect("read");
+                assert_eq!(&buf[..read], message);
+                client = writer.await;
+                writes.push(reader.recvs.get());
+            }
+            // The first read found the socket empty (one `recv` answered EAGAIN); the second
+            // knew it was, and waited without asking.
+            assert_eq!(writes, [2, 3]);
+            // More than one buffer: full reads go on reading, the short last one stops.
+            let long: Vec<u8> = (0..40u8).collect();
+            client.write_all(&long).await.expect("write");
+            client.close().await.expect("close");
+            let mut got = Vec::new();
+            loop {
+                // A read that missed the end of the stream would wait for ever: fail instead.
+                let read = futures_lite::future::or(
+                    async { Some(reader.read(&mut buf).await.expect("read")) },
+                    async {
+                        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+                        None
+                    },
+                )
+                .await
+                .expect("the end of the stream is read");
+                if read == 0 {
+                    break;
                 }
-                assert_eq!(got, long);
-                stop.cancel();
-                poller.await;
-            })
-            .expect("executor")
-            .join()
-            .expect("test executor");
+                got.extend_from_slice(&buf[..read]);
+            }
+            assert_eq!(got, long);
+        });
     }
 }
