@@ -220,8 +220,10 @@ pub(super) async fn serve_resp(
             Some(Ok(_)) => {}
         }
     }
-    drop(reader);
+    // The socket leaves the epoll set when it closes; only then may its token go to another
+    // connection, or an edge of this one (its peer's FIN, say) could mark the next reader's.
     let _ = stream.close().await;
+    drop(reader);
 }
 
 /// Adds an accepted socket to the shard's readiness set; a socket the kernel will not add (out

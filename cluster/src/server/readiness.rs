@@ -18,14 +18,18 @@
 //! `EAGAIN`. At one request per round trip, the common case of a client that waits for each
 //! answer, that is one system call of three per request (docs/BENCHMARKS.md).
 //!
-//! Why a short read means an empty socket: a TCP `recv` copies until it has what was asked or
-//! the receive queue and the socket's backlog are both empty. Every byte that arrives later is
-//! queued with a wakeup of the socket, which puts an edge on the epoll set. The poller collects
-//! that edge at its next round, so a reader waiting for it loses nothing; an edge of bytes that
-//! arrived before the `recv` (collected after it) only costs one `recv` that finds nothing.
-//! The end of the stream is the exception: a short read returns the bytes before a FIN without
-//! reporting it, and the FIN's edge may have been taken with theirs. So an edge that says the
-//! peer closed its side (or the socket failed) makes every later read of that socket ask.
+//! Why a short read means an empty socket: a non-blocking TCP `recv` copies until it has what
+//! was asked or the receive queue is empty. Segments that arrive during the `recv` wait in the
+//! socket's backlog, which the `recv` hands to the receive queue as it releases the socket, and
+//! every byte queued after the copy ended comes with a wakeup of the socket: an edge on the epoll
+//! set. The poller collects that edge at its next round, so a reader waiting for it loses
+//! nothing; an edge of bytes that arrived before the `recv` (collected after it) only costs one
+//! `recv` that finds nothing. Two exceptions make every later read of a socket ask:
+//! - the end of the stream: a short read returns the bytes before a FIN without reporting it,
+//!   and the FIN's edge may have been taken with theirs; so does an error (RST);
+//! - urgent data (`MSG_OOB`): a `recv` stops at the urgent mark once it copied anything, with
+//!   bytes after the mark still queued and no new edge coming. Its edge carries `EPOLLPRI`.
+//!
 //! An edge that arrives while its reader is not waiting wakes nobody and is remembered. Between
 //! collections the poller waits on the epoll descriptor itself through glommio (one poll for the
 //! whole set): glommio submits that poll when it polls its rings between rounds of its task
@@ -76,9 +80,9 @@ struct Slots {
     wakers: Vec<Option<Waker>>,
     /// Per token: whether an edge was collected since its reader last called `recv`.
     edged: Vec<bool>,
-    /// Per token: whether an edge said the peer closed its side or the socket failed. A short
-    /// read does not show the end of the stream behind the bytes it returned, and the edge that
-    /// announced it may have been taken with theirs, so from then on every read asks.
+    /// Per token: whether an edge said the peer closed its side, the socket failed or urgent
+    /// data came: a short read may then leave something unread with no edge to follow (module
+    /// docs), so from then on every read asks.
     ended: Vec<bool>,
     in_use: Vec<bool>,
     free: Vec<usize>,
@@ -118,7 +122,10 @@ impl Readiness {
             slots.ended[token] = false;
             token
         };
-        let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+        let events = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLPRI
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
         let event = EpollEvent::new(events, token as u64);
         if let Err(e) = self.epoll.get_ref().0.add(borrow(socket), event) {
             self.release(token);
@@ -160,7 +167,10 @@ impl Readiness {
                 let mut slots = self.waiting.borrow_mut();
                 // A stale edge of a closed socket whose token was reused wakes a reader that
                 // finds its socket empty and waits again.
-                let ends = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+                let ends = EpollFlags::EPOLLRDHUP
+                    | EpollFlags::EPOLLHUP
+                    | EpollFlags::EPOLLERR
+                    | EpollFlags::EPOLLPRI;
                 woken.extend(events[..found].iter().filter_map(|event| {
                     let token = usize::try_from(event.data()).ok()?;
                     *slots.edged.get_mut(token)? = true;
@@ -374,6 +384,49 @@ mod tests {
                 got.extend_from_slice(&buf[..read]);
             }
             assert_eq!(got, long);
+        });
+    }
+
+    /// Urgent data stops a `recv` at its mark with bytes still queued after it, and no edge
+    /// follows for those: the edge that announced the urgent byte (`EPOLLPRI`) makes the reader
+    /// ask again, so the bytes after the mark are read. The edge is collected before the first
+    /// read, as when a reader is woken by it.
+    #[test]
+    fn bytes_after_an_urgent_mark_are_read() {
+        with_poller(|readiness, listener| async move {
+            let addr = listener.local_addr().expect("address");
+            // A blocking client: connect completes through the listen backlog.
+            let mut client = std::net::TcpStream::connect(addr).expect("connect");
+            let accepted = listener.accept().await.expect("accept");
+            let reader = readiness.register(&accepted).expect("register");
+            use std::io::Write;
+            client.write_all(b"first\r\n").expect("write");
+            nix::sys::socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&client),
+                b"!",
+                MsgFlags::MSG_OOB,
+            )
+            .expect("urgent byte");
+            client.write_all(b"second\r\n").expect("write");
+            while !readiness.waiting.borrow().edged[reader.token] {
+                futures_lite::future::yield_now().await;
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            while got.len() < b"first\r\nsecond\r\n".len() {
+                // Waiting for an edge that never comes would hang: fail instead.
+                let read = futures_lite::future::or(
+                    async { Some(reader.read(&mut buf).await.expect("read")) },
+                    async {
+                        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+                        None
+                    },
+                )
+                .await
+                .expect("the bytes after the urgent mark are read");
+                got.extend_from_slice(&buf[..read]);
+            }
+            assert_eq!(got, b"first\r\nsecond\r\n");
         });
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! A synced write is appended at once and waits only for its flush epoch ([`Shard::
 //! await_durable`]). One watcher per shard ([`run_durable_waits`]) waits for the oldest epoch
-//! and, when a flush completes, reports every write it made durable, in one pass. A write
+//! and, when a flush completes, reports every write it made durable, one after another,
+//! stepping aside between them only when the shard's other tasks are due. A write
 //! waited in a task of its own before: a future, a task and a wakeup each, for writes that a
 //! group commit finishes together.
 
