@@ -273,6 +273,20 @@ mod tests {
     use glommio::LocalExecutorBuilder;
     use glommio::net::{TcpListener, TcpStream};
 
+    /// A read, or a failure saying `what` did not happen: a reader waiting for an edge that
+    /// never comes would otherwise hang the test. The bound is far above any read's time.
+    async fn read_or_fail(reader: &SocketReader, buf: &mut [u8], what: &str) -> usize {
+        futures_lite::future::or(
+            async { Some(reader.read(buf).await.expect("read")) },
+            async {
+                glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
+                None
+            },
+        )
+        .await
+        .expect(what)
+    }
+
     /// Runs `test` on an executor with a readiness set whose poller runs, and a listener on
     /// loopback; stops the poller after it.
     fn with_poller<F, Fut>(test: F)
@@ -368,16 +382,7 @@ mod tests {
             client.close().await.expect("close");
             let mut got = Vec::new();
             loop {
-                // A read that missed the end of the stream would wait for ever: fail instead.
-                let read = futures_lite::future::or(
-                    async { Some(reader.read(&mut buf).await.expect("read")) },
-                    async {
-                        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
-                        None
-                    },
-                )
-                .await
-                .expect("the end of the stream is read");
+                let read = read_or_fail(&reader, &mut buf, "the end of the stream is read").await;
                 if read == 0 {
                     break;
                 }
@@ -414,16 +419,8 @@ mod tests {
             let mut got = Vec::new();
             let mut buf = [0u8; 64];
             while got.len() < b"first\r\nsecond\r\n".len() {
-                // Waiting for an edge that never comes would hang: fail instead.
-                let read = futures_lite::future::or(
-                    async { Some(reader.read(&mut buf).await.expect("read")) },
-                    async {
-                        glommio::timer::sleep(std::time::Duration::from_secs(30)).await;
-                        None
-                    },
-                )
-                .await
-                .expect("the bytes after the urgent mark are read");
+                let read =
+                    read_or_fail(&reader, &mut buf, "the bytes after the mark are read").await;
                 got.extend_from_slice(&buf[..read]);
             }
             assert_eq!(got, b"first\r\nsecond\r\n");
