@@ -495,14 +495,9 @@ impl Engine {
         key: &[u8],
         value: &[u8],
     ) -> Result<Option<()>, EngineError> {
-        self.check_key(key)?;
-        self.check_value(value)?;
-        let done = self.write_buffered_now(RecordKind::Put, partition, key, value)?;
-        if done.is_some() {
-            let c = &self.inner.counters;
-            c.puts.set(c.puts.get() + 1);
-        }
-        Ok(done.map(|_| ()))
+        Ok(self
+            .put_appended(partition, key, value, Durability::Buffered)?
+            .map(|_| ()))
     }
 
     /// [`put`](Self::put) of a synced write, without its wait: the record is appended and a flush
@@ -516,17 +511,31 @@ impl Engine {
         key: &[u8],
         value: &[u8],
     ) -> Result<Option<u64>, EngineError> {
+        self.put_appended(partition, key, value, Durability::Sync)
+    }
+
+    /// The part of a [`put`](Self::put) that needs no wait: the epoch the record joined, or
+    /// `None` when the unflushed tail is full (nothing written).
+    fn put_appended(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        durability: Durability,
+    ) -> Result<Option<u64>, EngineError> {
         self.check_key(key)?;
         self.check_value(value)?;
-        match self.append(RecordKind::Put, partition, key, value, Durability::Sync)? {
-            Append::Written(epoch) => {
-                let c = &self.inner.counters;
-                c.puts.set(c.puts.get() + 1);
-                Ok(Some(epoch))
-            }
-            // `Absent` answers deletions of absent keys only.
-            Append::Full(_) | Append::Absent => Ok(None),
-        }
+        Ok(
+            match self.append(RecordKind::Put, partition, key, value, durability)? {
+                Append::Written(epoch) => {
+                    let c = &self.inner.counters;
+                    c.puts.set(c.puts.get() + 1);
+                    Some(epoch)
+                }
+                // `Absent` answers deletions of absent keys only.
+                Append::Full(_) | Append::Absent => None,
+            },
+        )
     }
 
     /// Waits until flush epoch `epoch` (from [`put_sync_now`](Self::put_sync_now)) is durable;
@@ -544,30 +553,22 @@ impl Engine {
         key: &[u8],
     ) -> Result<Option<bool>, EngineError> {
         self.check_key(key)?;
-        let done = self.write_buffered_now(RecordKind::Tombstone, partition, key, &[])?;
+        let done = match self.append(
+            RecordKind::Tombstone,
+            partition,
+            key,
+            &[],
+            Durability::Buffered,
+        )? {
+            Append::Full(_) => None,
+            Append::Written(_) => Some(true),
+            Append::Absent => Some(false),
+        };
         if done.is_some() {
             let c = &self.inner.counters;
             c.deletes.set(c.deletes.get() + 1);
         }
         Ok(done)
-    }
-
-    /// A buffered [`write`](Self::write) when it needs no wait: whether a record was written,
-    /// or `None` when the write buffer is full (nothing written).
-    fn write_buffered_now(
-        &self,
-        kind: RecordKind,
-        partition: u32,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<Option<bool>, EngineError> {
-        Ok(
-            match self.append(kind, partition, key, value, Durability::Buffered)? {
-                Append::Full(_) => None,
-                Append::Written(_) => Some(true),
-                Append::Absent => Some(false),
-            },
-        )
     }
 
     /// Deletes `key` by writing a tombstone. Returns whether the key existed; deleting an absent
