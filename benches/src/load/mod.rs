@@ -132,7 +132,9 @@ pub struct RunArgs {
     /// Reads of keys that expired count as missing (`versions seen per read: 0`).
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
-    /// Bucket on a ringkv target [default: ycsb (lww); cart: cart; session: sessions (lww)].
+    /// Bucket on a ringkv target [default: ycsb; cart: cart; session: sessions]. --spawn-local
+    /// makes ycsb and sessions lww; on another cluster a bucket keeps siblings unless its
+    /// buckets file says otherwise, and blind writes then pile up as siblings.
     #[arg(long)]
     pub bucket: Option<String>,
     /// Skip the preload (the keys must already exist).

@@ -459,13 +459,19 @@ impl RunReport {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             let _ = writeln!(s, "errors: {}", list.join(", "));
+            let bucket = self.params.get("bucket").and_then(|b| b.as_str());
+            if let Some(hint) = siblings_hint(&self.errors, bucket.unwrap_or("?")) {
+                let _ = writeln!(s, "{hint}");
+            }
         }
         let reads: u64 = self.versions_seen.values().sum();
         if reads > 0 {
-            let list: Vec<String> = self
-                .versions_seen
+            // In numeric order: the map's keys are strings ("10" sorts before "2").
+            let mut seen: Vec<(&String, &u64)> = self.versions_seen.iter().collect();
+            seen.sort_by_key(|(v, _)| v.parse::<u64>().unwrap_or(u64::MAX));
+            let list: Vec<String> = seen
                 .iter()
-                .map(|(v, n)| format!("{v}: {:.4}%", 100.0 * *n as f64 / reads as f64))
+                .map(|(v, n)| format!("{v}: {:.4}%", 100.0 * **n as f64 / reads as f64))
                 .collect();
             let _ = writeln!(s, "versions seen per read: {}", list.join(", "));
             // With a time to live, a read that finds nothing is an expired key: every key was
@@ -558,6 +564,21 @@ impl RunReport {
     }
 }
 
+/// Why a run's writes were refused with `too_many_siblings`, and what to change: the bucket keeps
+/// siblings on the target (the default on a cluster without a buckets file), and writes that send
+/// no context pile up as siblings until the node refuses them.
+fn siblings_hint(errors: &BTreeMap<String, u64>, bucket: &str) -> Option<String> {
+    errors.contains_key("server_too_many_siblings").then(|| {
+        format!(
+            "hint: bucket `{bucket}` keeps siblings on this target, and the workload's updates and \
+             inserts are blind writes (no context), so concurrent ones pile up as siblings until \
+             the node refuses them. Give every node's buckets file `[buckets.{bucket}]` with \
+             `mode = \"lww\"` (what --spawn-local writes), choose an lww bucket with --bucket, or \
+             run -w f, whose writes carry the context of their read."
+        )
+    })
+}
+
 /// A latency in µs with about three significant digits.
 pub(crate) fn fmt_us(us: f64) -> String {
     if us >= 100.0 {
@@ -566,5 +587,24 @@ pub(crate) fn fmt_us(us: f64) -> String {
         format!("{:.1}", us)
     } else {
         format!("{:.2}", us)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run refused for siblings names the bucket and the fixes; other errors give no hint.
+    #[test]
+    fn a_run_refused_for_siblings_says_how_to_avoid_them() {
+        let mut errors = BTreeMap::new();
+        errors.insert("server_timeout".to_owned(), 3);
+        assert_eq!(siblings_hint(&errors, "ycsb"), None);
+        errors.insert("server_too_many_siblings".to_owned(), 95_964);
+        let hint = siblings_hint(&errors, "ycsb").expect("a hint");
+        assert!(hint.contains("bucket `ycsb` keeps siblings"), "{hint}");
+        assert!(hint.contains("[buckets.ycsb]"), "{hint}");
+        assert!(hint.contains("mode = \"lww\""), "{hint}");
+        assert!(hint.contains("-w f"), "{hint}");
     }
 }
