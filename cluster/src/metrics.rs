@@ -81,7 +81,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 24] = [
+const CORE_FIELDS: [CoreField; 25] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -137,6 +137,11 @@ const CORE_FIELDS: [CoreField; 24] = [
         "ringkv_batched_jobs_total",
         "Key jobs that shared a read and a write with the job ahead.",
         |c| c.stats.batched_jobs,
+    ),
+    (
+        "ringkv_blind_writes_total",
+        "Last-write-wins writes made without reading the local replica.",
+        |c| c.stats.blind_writes,
     ),
     (
         "ringkv_heartbeats_total",

@@ -27,6 +27,8 @@ struct One {
     replies: BTreeMap<u64, Message>,
     /// The time of the last call; storage completes at once, at that time.
     now: u64,
+    /// Storage reads carried out.
+    reads: usize,
 }
 
 impl One {
@@ -46,6 +48,7 @@ impl One {
             store: common::TestStore::default(),
             replies: BTreeMap::new(),
             now: 0,
+            reads: 0,
         }
     }
 
@@ -53,6 +56,9 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
+                    if matches!(op, ringkv_core::coordinator::StoreOp::Read) {
+                        self.reads += 1;
+                    }
                     let result = common::carry_out(&self.store, key, op);
                     outputs.extend(self.core.handle_stored(self.now, id, result));
                 }
@@ -215,6 +221,67 @@ fn lww_keeps_the_last_write() {
     );
 }
 
+/// An lww PUT over a key whose stored object is known to be a plain lww value skips the read of
+/// the local replica. Its stamp is still above the stored one, even one stamped by a clock far
+/// ahead (loaded from storage as a restart does), so it is the write a read would have made.
+/// A new key and a conditional PUT still read.
+#[test]
+fn an_lww_put_over_a_known_lww_value_skips_the_read() {
+    use ringkv_core::coordinator::StoreOp;
+    use ringkv_core::object::Lww;
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    assert!(matches!(
+        one.request_at(10, 1, put("a", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, 1, "a new key is read");
+    assert!(matches!(
+        one.request_at(11, 2, put("b", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, 1, "a known lww value is not");
+    assert_eq!(one.core.stats().blind_writes, 1);
+
+    let (key, _) = one.store.objects().into_iter().next().unwrap();
+    let ahead = u64::MAX / 4;
+    let future = Object::Lww(Lww {
+        timestamp: ahead,
+        node: NodeId(9),
+        val: Val::new(Bytes::from_static(b"ahead"), None),
+    });
+    common::carry_out(
+        &one.store,
+        key.clone(),
+        StoreOp::Write {
+            object: future.clone(),
+            durable: false,
+        },
+    )
+    .unwrap();
+    one.core.load_replica(12, &key, &future);
+    assert!(matches!(
+        one.request_at(13, 3, put("c", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, 1);
+    match one.store.objects().get(&key) {
+        Some(Object::Lww(l)) => assert!(l.timestamp > ahead, "stamped {} <= {ahead}", l.timestamp),
+        other => panic!("not an lww object: {other:?}"),
+    }
+    assert_eq!(
+        read_at(&mut one, 14, 4).siblings,
+        vec![Sibling::Value(Bytes::from_static(b"c"))]
+    );
+
+    let reads = one.reads;
+    let kept = one.request_at(15, 5, put_if("d", Condition::IfAbsent));
+    assert_eq!(code(&kept), Some(ErrorCode::ConditionFailed));
+    assert_eq!(one.reads, reads + 1, "a condition reads the replica");
+}
+
 /// A context naming this node's own actor at an absurd counter: `bad_context`, not a crash of
 /// the core (the next dot would overflow).
 #[test]
@@ -285,6 +352,7 @@ fn clocks_never_outgrow_their_contexts() {
         store: common::TestStore::default(),
         replies: BTreeMap::new(),
         now: 0,
+        reads: 0,
     };
     let out = one.core.handle_unreachable(0, n1);
     one.run(out);

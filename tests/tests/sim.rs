@@ -86,6 +86,7 @@ fn seeds_keep_the_promises() {
     let start = env("RINGKV_SIM_START").unwrap_or(0);
     let mut totals = (0usize, 0usize, 0u64, 0u64, 0u64, 0usize, 0u64, 0u64, 0u64);
     let mut freezes = 0usize;
+    let mut blind_writes = 0u64;
     // Forwards moved to another home, and refused by a home as read or stamped after their
     // apply-by time.
     let mut forwards = (0u64, 0u64);
@@ -120,6 +121,7 @@ fn seeds_keep_the_promises() {
         totals.7 += o.hint_overflow;
         totals.8 += o.credits_granted;
         freezes += o.freezes;
+        blind_writes += o.blind_writes;
         forwards.0 += o.forwards.0;
         forwards.1 += o.forwards.1;
         membership.0 += o.changes;
@@ -142,7 +144,7 @@ fn seeds_keep_the_promises() {
     println!(
         "{count} seeds: {} acknowledged writes, {} reads with siblings, {} hinted writes, {} hints \
          delivered, {} read repairs, {} crashes, {} batched jobs, {} hints refused (store \
-         full), {} hint credits granted, {} freezes",
+         full), {} hint credits granted, {} freezes, {} lww writes made without a read",
         totals.0,
         totals.1,
         totals.2,
@@ -152,7 +154,8 @@ fn seeds_keep_the_promises() {
         totals.6,
         totals.7,
         totals.8,
-        freezes
+        freezes,
+        blind_writes
     );
     println!(
         "anti-entropy: {} acknowledged deletes, {} exchanges, {} keys repaired, {} tombstones \
@@ -194,6 +197,10 @@ fn seeds_keep_the_promises() {
         assert!(totals.4 > 0, "no run repaired a replica");
         assert!(totals.5 > 0, "no run crashed a node");
         assert!(totals.6 > 0, "no run batched jobs on a key");
+        assert!(
+            blind_writes > 0,
+            "no run wrote an lww key without reading it"
+        );
         assert!(ae.0 > 0, "no run deleted a key");
         assert!(ae.2 > 0, "anti-entropy never repaired a replica");
         assert!(ae.3 > 0 && ae.4 > 0, "no run reaped a tombstone");

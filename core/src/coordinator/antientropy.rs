@@ -337,6 +337,10 @@ impl Tree {
 struct Entry {
     /// The Merkle leaf of the key.
     leaf: u32,
+    /// The stored object's stamp if it is a plain last-write-wins value (`Object::Lww`), else 0
+    /// (a stamp of 0 is read as unknown): a blind write of an `lww` bucket stamps above it
+    /// without reading the object ([`AntiEntropy::stored_lww`]).
+    lww_stamp: u64,
     digest: u64,
     tomb: Option<Tomb>,
 }
@@ -698,7 +702,15 @@ impl AntiEntropy {
                 },
                 own_epoch: o.actors().filter(|a| a.node == me).map(|a| a.epoch).max(),
             });
-            Entry { leaf, digest, tomb }
+            Entry {
+                leaf,
+                lww_stamp: match o {
+                    Object::Lww(l) => l.timestamp,
+                    _ => 0,
+                },
+                digest,
+                tomb,
+            }
         });
         tree.merkle
             .update(hash, old.map(|e| e.digest), new.map(|e| e.digest));
@@ -719,6 +731,21 @@ impl AntiEntropy {
             (None, Some(e)) => tree.keys.insert(hash, &key.bucket, &key.key, e),
             (None, None) => {}
         }
+    }
+
+    /// The stamp of the plain last-write-wins object `key` is known to hold in storage: its tree
+    /// is kept here and not loading, and its entry says so. The entry follows every write issued
+    /// under the key's lock, so while the caller holds that lock the answer is what storage
+    /// holds; a key without an entry is not known (its tree may be refilling).
+    pub(super) fn stored_lww(&self, v: &View<'_>, key: &StoreKey) -> Option<u64> {
+        if key.space != Space::Primary || self.tree_loading(key.partition) {
+            return None;
+        }
+        let id = (key.partition, v.tree_n(&key.bucket));
+        let tree = self.trees.get(&id)?;
+        let hash = v.tree_hash(&key.bucket, &key.key);
+        let stamp = tree.keys.get(hash, &key.bucket, &key.key)?.lww_stamp;
+        (stamp > 0).then_some(stamp)
     }
 
     /// The core took foreground work at `now`: rounds go back to their paced interval.

@@ -650,6 +650,8 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
+    /// `lww` writes made without reading the local replica ([`Core::blind_lww`]).
+    pub blind_writes: u64,
     /// Anti-entropy exchanges started (one tree with one other replica).
     pub ae_exchanges: u64,
     /// Anti-entropy exchanges that found the two trees equal.
@@ -2568,13 +2570,52 @@ impl Core {
                 riders: Vec::new(),
             },
         );
+        let blind = self.blind_lww(&key, id);
         match self.locks.entry(key) {
             Entry::Occupied(mut queue) => queue.get_mut().waiting.push_back(id),
             Entry::Vacant(slot) => {
                 slot.insert(LockQueue::new(id));
-                self.job_read(id);
+                match blind {
+                    // Nothing to read (`blind_lww`): the clock passes the stored stamp, as
+                    // `lww_stamp` does with a read object, and the write is made from there.
+                    Some(stamp) => {
+                        self.hlc_last = self.hlc_last.max(stamp);
+                        self.jobs.get_mut(&id).expect("inserted above").stage = Stage::Reading;
+                        self.stats.blind_writes += 1;
+                        self.job_read_done(now, id, Local::Blind);
+                    }
+                    None => self.job_read(id),
+                }
             }
         }
+    }
+
+    /// The stored stamp, when job `id`, a coordination about to take `key`'s free lock, may skip
+    /// reading the local replica: an unconditional PUT of an `lww` bucket over a stored object
+    /// known to be a plain `lww` value, whose stamp its anti-entropy entry keeps. Such a write,
+    /// stamped above that stamp, replaces the object whatever it holds, so the write made from
+    /// an absent key with the clock past the stamp is the one the read would have given
+    /// (`lww_stamp`), without the read. Anything else reads: a new key, a condition, a map or
+    /// siblings in storage, a tree still loading or being refilled by a handoff pass.
+    fn blind_lww(&self, key: &StoreKey, id: u64) -> Option<u64> {
+        let Some(JobKind::Coordinate { op }) = self.jobs.get(&id).map(|j| &j.kind) else {
+            return None;
+        };
+        let op = self.ops.get(op)?;
+        let props = self.cfg.buckets.props(&op.bucket);
+        let plain = matches!(
+            op.kind,
+            OpKind::Write {
+                write: Write::Put(_, _, None),
+                ..
+            }
+        ) && props.mode == ConflictMode::Lww
+            && props.data_type.is_none()
+            && !self.transfers.handing_off(key.partition);
+        if !plain {
+            return None;
+        }
+        self.ae.stored_lww(&self.view(), key)
     }
 
     /// Starts the job first in line for its key, taking along the coordinations and merges
@@ -2667,7 +2708,7 @@ impl Core {
             .expect("a job with a store op exists")
             .stage;
         match (stage, result) {
-            (Stage::Reading, Ok(local)) => self.job_read_done(now, job, local),
+            (Stage::Reading, Ok(local)) => self.job_read_done(now, job, Local::Read(local)),
             (Stage::Writing, Ok(_)) => self.job_written(now, job),
             (_, Err(e)) => {
                 let j = self.unlock(job);
@@ -2683,8 +2724,16 @@ impl Core {
         }
     }
 
-    fn job_read_done(&mut self, now: u64, job: u64, local: Option<Object>) {
+    fn job_read_done(&mut self, now: u64, job: u64, local: Local) {
+        let (local, blind) = match local {
+            Local::Read(local) => (local, false),
+            Local::Blind => (None, true),
+        };
         let j = self.jobs.get(&job).expect("exists");
+        assert!(
+            !blind || (j.riders.is_empty() && matches!(j.kind, JobKind::Coordinate { .. })),
+            "only a lone coordination writes blind"
+        );
         if let JobKind::DropHint { delivered } = &j.kind {
             // A delivered hint goes only if unchanged; a truncated one (`None`) whatever it holds.
             let remove = match delivered {
@@ -2780,7 +2829,10 @@ impl Core {
             _ => {
                 // Nothing to write: the replica's tree is re-checked against what is stored
                 // (anti-entropy), so a tree that missed a write heals when the key is merged.
-                self.ae_stored(now, &key, local.as_ref());
+                // A blind write's failure read nothing to check the tree against.
+                if !blind {
+                    self.ae_stored(now, &key, local.as_ref());
+                }
                 self.job_written(now, job)
             }
         }
@@ -2857,6 +2909,13 @@ impl Core {
             JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
         }
     }
+}
+
+/// What a job starts from: the local replica's object as read, or, for a blind `lww` write
+/// ([`Core::blind_lww`]), nothing read (the write replaces whatever is stored).
+enum Local {
+    Read(Option<Object>),
+    Blind,
 }
 
 #[derive(Debug)]

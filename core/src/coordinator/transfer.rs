@@ -364,6 +364,12 @@ impl Transfers {
             .is_some_and(|h| matches!(h.step, Step::Dropping))
     }
 
+    /// Whether a handoff of `partition` runs (its pass may be refilling the partition's trees
+    /// from pages scanned before the latest writes).
+    pub(super) fn handing_off(&self, partition: u32) -> bool {
+        self.handoffs.contains_key(&partition)
+    }
+
     /// The shell dropped `partition`: whether it was a handoff's drop.
     fn dropped(&mut self, partition: u32) -> bool {
         self.handoffs.remove(&partition).is_some()

@@ -326,6 +326,8 @@ pub struct Outcome {
     pub params: Params,
     /// Jobs that shared a key's read and write with another, over all nodes.
     pub batched_jobs: u64,
+    /// `lww` writes made without reading the local replica, over all nodes.
+    pub blind_writes: u64,
     /// Deletes acknowledged.
     pub acked_deletes: usize,
     /// Anti-entropy exchanges, over all nodes.
@@ -1069,9 +1071,11 @@ impl Sim {
         let mut stats = (0, 0, 0, 0, 0, 0, 0, 0);
         let mut ae = (0, 0, 0, 0);
         let mut forwards = (0, 0);
+        let mut blind_writes = 0;
         for n in &self.nodes {
             if let Some(c) = &n.core {
                 let s = c.stats();
+                blind_writes += s.blind_writes;
                 forwards.0 += s.forwards_moved;
                 forwards.1 += s.forwards_refused;
                 stats.0 += s.hinted_writes;
@@ -1103,6 +1107,7 @@ impl Sim {
             freezes_blocked: self.freezes_blocked,
             params: self.params.clone(),
             batched_jobs: stats.3,
+            blind_writes,
             changes: self.changes,
             partitions_received: stats.4,
             partitions_dropped: stats.5,
