@@ -280,6 +280,43 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
     let kept = one.request_at(15, 5, put_if("d", Condition::IfAbsent));
     assert_eq!(code(&kept), Some(ErrorCode::ConditionFailed));
     assert_eq!(one.reads, reads + 1, "a condition reads the replica");
+
+    // While the partition's trees load from storage, the entry is not trusted.
+    one.core.trees_loading([key.partition]);
+    assert!(matches!(
+        one.request_at(16, 6, put("e", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, reads + 2, "a loading tree reads the replica");
+    one.core.trees_loaded(key.partition);
+    assert!(matches!(
+        one.request_at(17, 7, put("f", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, reads + 2);
+
+    // A stamp at the clock's end cannot be passed: the write merges, and loses to it.
+    let last = Object::Lww(Lww {
+        timestamp: u64::MAX,
+        node: NodeId(9),
+        val: Val::new(Bytes::from_static(b"last"), None),
+    });
+    common::carry_out(
+        &one.store,
+        key.clone(),
+        StoreOp::Write {
+            object: last.clone(),
+            durable: false,
+        },
+    )
+    .unwrap();
+    one.core.load_replica(18, &key, &last);
+    assert!(matches!(
+        one.request_at(19, 8, put("g", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, reads + 3, "a stamp at the clock's end is read");
+    assert_eq!(one.store.objects().get(&key), Some(&last));
 }
 
 /// A context naming this node's own actor at an absurd counter: `bad_context`, not a crash of
@@ -316,10 +353,15 @@ fn lww_write_onto_siblings_supersedes_them() {
         ..props(1)
     });
     after.store = std::mem::take(&mut before.store);
+    // The siblings known to the tree (as a load from storage leaves them) are still read, not
+    // overwritten blind.
+    let (key, siblings) = after.store.objects().into_iter().next().unwrap();
+    after.core.load_replica(0, &key, &siblings);
     assert!(matches!(
         after.request(3, put("new", None, None)),
         Message::PutOk(_)
     ));
+    assert_eq!(after.reads, 1, "siblings in storage are read");
     let Message::GetOk(read) = after.request(4, get(None)) else {
         panic!("read failed")
     };

@@ -650,7 +650,8 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
-    /// `lww` writes made without reading the local replica ([`Core::blind_lww`]).
+    /// `lww` puts that skipped reading the local replica ([`Core::blind_lww`]), a put then
+    /// refused (too large, or a forward past its apply-by time) included.
     pub blind_writes: u64,
     /// Anti-entropy exchanges started (one tree with one other replica).
     pub ae_exchanges: u64,
@@ -2615,7 +2616,11 @@ impl Core {
         if !plain {
             return None;
         }
-        self.ae.stored_lww(&self.view(), key)
+        // A stamp at the clock's end cannot be passed (`hlc_next` saturates): such a write must
+        // merge with what is stored.
+        self.ae
+            .stored_lww(&self.view(), key)
+            .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)
     }
 
     /// Starts the job first in line for its key, taking along the coordinations and merges
