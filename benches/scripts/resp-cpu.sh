@@ -24,14 +24,8 @@ pipeline=$6
 root=${7:-target/resp-cpu}
 requests=300000
 
-wait_ping() {
-  for _ in $(seq 100); do
-    redis-cli -p "$1" ping > /dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "server on port $1 did not answer" >&2
-  return 1
-}
+# shellcheck source=resp-common.sh
+source "$(dirname "$0")/resp-common.sh"
 
 # measure TAG PID PORT: warm-up, then the counted run; prints one line.
 measure() {

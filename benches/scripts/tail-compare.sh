@@ -27,14 +27,8 @@ case $durability in
   *) echo "DURABILITY is buffered or sync, not $durability" >&2; exit 2 ;;
 esac
 
-wait_ping() {
-  for _ in $(seq 100); do
-    redis-cli -p "$1" ping > /dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "server on port $1 did not answer" >&2
-  return 1
-}
+# shellcheck source=resp-common.sh
+source "$(dirname "$0")/resp-common.sh"
 
 # load TAG PORT: one measured run; prints one line.
 load() {
