@@ -319,6 +319,66 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
     assert_eq!(one.store.objects().get(&key), Some(&last));
 }
 
+/// A replica merge of an lww value newer than the known stored one writes it without a read; an
+/// older one still reads, and the stored value stays.
+#[test]
+fn a_newer_lww_replica_value_is_merged_without_a_read() {
+    use ringkv_core::coordinator::{PeerMsg, StoreOp};
+    use ringkv_core::object::Lww;
+    let mut one = One::new(BucketProps {
+        mode: ConflictMode::Lww,
+        ..props(1)
+    });
+    assert!(matches!(
+        one.request_at(10, 1, put("a", None, None)),
+        Message::PutOk(_)
+    ));
+    let (key, stored) = one.store.objects().into_iter().next().unwrap();
+    let Object::Lww(stored) = stored else {
+        panic!("not an lww object: {stored:?}")
+    };
+    // Carries out a peer's replica write, counting storage reads; returns whether it was
+    // answered.
+    let replica_put = |one: &mut One, id: u64, timestamp: u64, value: &'static [u8]| {
+        let msg = PeerMsg::ReplicaPut {
+            id,
+            key: key.clone(),
+            object: Object::Lww(Lww {
+                timestamp,
+                node: NodeId(2),
+                val: Val::new(Bytes::from_static(value), None),
+            }),
+            durable: false,
+        };
+        let mut outputs = one.core.handle_peer(20, NodeId(2), msg);
+        let mut answered = false;
+        while let Some(out) = outputs.pop() {
+            match out {
+                Output::Store { id, key, op } => {
+                    if matches!(op, StoreOp::Read) {
+                        one.reads += 1;
+                    }
+                    let result = common::carry_out(&one.store, key, op);
+                    outputs.extend(one.core.handle_stored(20, id, result));
+                }
+                Output::Answer { to, .. } => answered |= to == NodeId(2),
+                _ => {}
+            }
+        }
+        answered
+    };
+    let reads = one.reads;
+    assert!(replica_put(&mut one, 1, stored.timestamp + 1, b"newer"));
+    assert_eq!(one.reads, reads, "a newer value is merged blind");
+    let newer = one.store.objects().get(&key).cloned();
+    assert!(
+        matches!(&newer, Some(Object::Lww(l)) if l.val == Val::new(Bytes::from_static(b"newer"), None))
+    );
+    assert!(replica_put(&mut one, 2, stored.timestamp, b"older"));
+    assert_eq!(one.reads, reads + 1, "an older value is read and merged");
+    assert_eq!(one.store.objects().get(&key).cloned(), newer);
+}
+
 /// A context naming this node's own actor at an absurd counter: `bad_context`, not a crash of
 /// the core (the next dot would overflow).
 #[test]

@@ -650,8 +650,9 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
-    /// `lww` puts that skipped reading the local replica ([`Core::blind_lww`]), a put then
-    /// refused (too large, or a forward past its apply-by time) included.
+    /// `lww` writes that skipped reading the local replica ([`Core::blind_lww`]): coordinated
+    /// puts (one then refused, too large or a forward past its apply-by time, included) and
+    /// replica merges of a newer value.
     pub blind_writes: u64,
     /// Anti-entropy exchanges started (one tree with one other replica).
     pub ae_exchanges: u64,
@@ -2577,50 +2578,69 @@ impl Core {
             Entry::Vacant(slot) => {
                 slot.insert(LockQueue::new(id));
                 match blind {
-                    // Nothing to read (`blind_lww`): the clock passes the stored stamp, as
-                    // `lww_stamp` does with a read object, and the write is made from there.
-                    Some(stamp) => {
-                        self.hlc_last = self.hlc_last.max(stamp);
+                    None => self.job_read(id),
+                    // Nothing to read (`blind_lww`). A coordination's clock passes the stored
+                    // stamp, as `lww_stamp` does with a read object; the write is made from
+                    // there, and a replica's newer value replaces the stored one.
+                    Some(blind) => {
+                        if let Blind::Coordinate { stored } = blind {
+                            self.hlc_last = self.hlc_last.max(stored);
+                        }
                         self.jobs.get_mut(&id).expect("inserted above").stage = Stage::Reading;
                         self.stats.blind_writes += 1;
                         self.job_read_done(now, id, Local::Blind);
                     }
-                    None => self.job_read(id),
                 }
             }
         }
     }
 
-    /// The stored stamp, when job `id`, a coordination about to take `key`'s free lock, may skip
-    /// reading the local replica: an unconditional PUT of an `lww` bucket over a stored object
-    /// known to be a plain `lww` value, whose stamp its anti-entropy entry keeps. Such a write,
-    /// stamped above that stamp, replaces the object whatever it holds, so the write made from
-    /// an absent key with the clock past the stamp is the one the read would have given
-    /// (`lww_stamp`), without the read. Anything else reads: a new key, a condition, a map or
-    /// siblings in storage, a tree still loading or being refilled by a handoff pass.
-    fn blind_lww(&self, key: &StoreKey, id: u64) -> Option<u64> {
-        let Some(JobKind::Coordinate { op }) = self.jobs.get(&id).map(|j| &j.kind) else {
-            return None;
-        };
-        let op = self.ops.get(op)?;
-        let props = self.cfg.buckets.props(&op.bucket);
-        let plain = matches!(
-            op.kind,
-            OpKind::Write {
-                write: Write::Put(_, _, None),
-                ..
-            }
-        ) && props.mode == ConflictMode::Lww
-            && props.data_type.is_none()
-            && !self.transfers.handing_off(key.partition);
-        if !plain {
+    /// Whether job `id`, about to take `key`'s free lock, may skip reading the local replica,
+    /// because the stored object is known to be a plain `lww` value (its anti-entropy entry
+    /// keeps the stamp) that the job's write replaces whatever it holds:
+    /// - a coordinated unconditional PUT of an `lww` bucket: stamped above the stored stamp
+    ///   (the clock passes it first), the write made from an absent key is the one the read
+    ///   would have given (`lww_stamp`);
+    /// - a replica's `lww` value stamped above the stored one: the merge keeps it.
+    ///
+    /// Anything else reads: a new key, a condition, a map or siblings in storage, an older or
+    /// equal stamp, a tree still loading or being refilled by a handoff pass.
+    fn blind_lww(&self, key: &StoreKey, id: u64) -> Option<Blind> {
+        if self.transfers.handing_off(key.partition) {
             return None;
         }
-        // A stamp at the clock's end cannot be passed (`hlc_next` saturates): such a write must
-        // merge with what is stored.
-        self.ae
-            .stored_lww(&self.view(), key)
-            .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)
+        match &self.jobs.get(&id)?.kind {
+            JobKind::Coordinate { op } => {
+                let op = self.ops.get(op)?;
+                let props = self.cfg.buckets.props(&op.bucket);
+                let plain = matches!(
+                    op.kind,
+                    OpKind::Write {
+                        write: Write::Put(_, _, None),
+                        ..
+                    }
+                ) && props.mode == ConflictMode::Lww
+                    && props.data_type.is_none();
+                if !plain {
+                    return None;
+                }
+                // A stamp at the clock's end cannot be passed (`hlc_next` saturates): such a
+                // write must merge with what is stored.
+                let stored = self
+                    .ae
+                    .stored_lww(&self.view(), key)
+                    .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)?;
+                Some(Blind::Coordinate { stored })
+            }
+            JobKind::Apply {
+                object: Object::Lww(new),
+                ..
+            } => {
+                let stored = self.ae.stored_lww(&self.view(), key)?;
+                (new.timestamp > stored).then_some(Blind::Apply)
+            }
+            JobKind::Apply { .. } | JobKind::DropHint { .. } | JobKind::Reap { .. } => None,
+        }
     }
 
     /// Starts the job first in line for its key, taking along the coordinations and merges
@@ -2736,8 +2756,10 @@ impl Core {
         };
         let j = self.jobs.get(&job).expect("exists");
         assert!(
-            !blind || (j.riders.is_empty() && matches!(j.kind, JobKind::Coordinate { .. })),
-            "only a lone coordination writes blind"
+            !blind
+                || (j.riders.is_empty()
+                    && matches!(j.kind, JobKind::Coordinate { .. } | JobKind::Apply { .. })),
+            "only a lone coordination or merge writes blind"
         );
         if let JobKind::DropHint { delivered } = &j.kind {
             // A delivered hint goes only if unchanged; a truncated one (`None`) whatever it holds.
@@ -2914,6 +2936,14 @@ impl Core {
             JobKind::DropHint { .. } | JobKind::Reap { .. } => {}
         }
     }
+}
+
+/// Why a job may write without reading the local replica ([`Core::blind_lww`]).
+enum Blind {
+    /// A coordinated `lww` put, over a stored value with this stamp.
+    Coordinate { stored: u64 },
+    /// A replica's `lww` value newer than the stored one.
+    Apply,
 }
 
 /// What a job starts from: the local replica's object as read, or, for a blind `lww` write
