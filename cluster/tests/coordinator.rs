@@ -221,23 +221,42 @@ fn lww_keeps_the_last_write() {
     );
 }
 
+/// A one-node lww store holding one key, written once at time 10 (a read: the key was new).
+fn lww_one_with_a_key() -> (One, ringkv_core::coordinator::StoreKey) {
+    let mut one = One::new(lww_props());
+    assert!(matches!(
+        one.request_at(10, 1, put("a", None, None)),
+        Message::PutOk(_)
+    ));
+    assert_eq!(one.reads, 1, "a new key is read");
+    let (key, _) = one.store.objects().into_iter().next().unwrap();
+    (one, key)
+}
+
+/// An lww value stamped `timestamp` by node 9, written to `one`'s store under `key` and loaded
+/// into its tree, as a restart's load of the store would.
+fn load_lww(one: &mut One, key: &ringkv_core::coordinator::StoreKey, timestamp: u64) -> Object {
+    let object = Object::Lww(ringkv_core::object::Lww {
+        timestamp,
+        node: NodeId(9),
+        val: Val::new(Bytes::from(timestamp.to_string()), None),
+    });
+    let write = ringkv_core::coordinator::StoreOp::Write {
+        object: object.clone(),
+        durable: false,
+    };
+    common::carry_out(&one.store, key.clone(), write).unwrap();
+    one.core.load_replica(one.now, key, &object);
+    object
+}
+
 /// An lww PUT over a key whose stored object is known to be a plain lww value skips the read of
 /// the local replica. Its stamp is still above the stored one, even one stamped by a clock far
 /// ahead (loaded from storage as a restart does), so it is the write a read would have made.
 /// A new key and a conditional PUT still read.
 #[test]
 fn an_lww_put_over_a_known_lww_value_skips_the_read() {
-    use ringkv_core::coordinator::StoreOp;
-    use ringkv_core::object::Lww;
-    let mut one = One::new(BucketProps {
-        mode: ConflictMode::Lww,
-        ..props(1)
-    });
-    assert!(matches!(
-        one.request_at(10, 1, put("a", None, None)),
-        Message::PutOk(_)
-    ));
-    assert_eq!(one.reads, 1, "a new key is read");
+    let (mut one, key) = lww_one_with_a_key();
     assert!(matches!(
         one.request_at(11, 2, put("b", None, None)),
         Message::PutOk(_)
@@ -245,23 +264,8 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
     assert_eq!(one.reads, 1, "a known lww value is not");
     assert_eq!(one.core.stats().blind_writes, 1);
 
-    let (key, _) = one.store.objects().into_iter().next().unwrap();
     let ahead = u64::MAX / 4;
-    let future = Object::Lww(Lww {
-        timestamp: ahead,
-        node: NodeId(9),
-        val: Val::new(Bytes::from_static(b"ahead"), None),
-    });
-    common::carry_out(
-        &one.store,
-        key.clone(),
-        StoreOp::Write {
-            object: future.clone(),
-            durable: false,
-        },
-    )
-    .unwrap();
-    one.core.load_replica(12, &key, &future);
+    load_lww(&mut one, &key, ahead);
     assert!(matches!(
         one.request_at(13, 3, put("c", None, None)),
         Message::PutOk(_)
@@ -296,21 +300,7 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
     assert_eq!(one.reads, reads + 2);
 
     // A stamp at the clock's end cannot be passed: the write merges, and loses to it.
-    let last = Object::Lww(Lww {
-        timestamp: u64::MAX,
-        node: NodeId(9),
-        val: Val::new(Bytes::from_static(b"last"), None),
-    });
-    common::carry_out(
-        &one.store,
-        key.clone(),
-        StoreOp::Write {
-            object: last.clone(),
-            durable: false,
-        },
-    )
-    .unwrap();
-    one.core.load_replica(18, &key, &last);
+    let last = load_lww(&mut one, &key, u64::MAX);
     assert!(matches!(
         one.request_at(19, 8, put("g", None, None)),
         Message::PutOk(_)
@@ -325,17 +315,9 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
 fn a_newer_lww_replica_value_is_merged_without_a_read() {
     use ringkv_core::coordinator::{PeerMsg, StoreOp};
     use ringkv_core::object::Lww;
-    let mut one = One::new(BucketProps {
-        mode: ConflictMode::Lww,
-        ..props(1)
-    });
-    assert!(matches!(
-        one.request_at(10, 1, put("a", None, None)),
-        Message::PutOk(_)
-    ));
-    let (key, stored) = one.store.objects().into_iter().next().unwrap();
-    let Object::Lww(stored) = stored else {
-        panic!("not an lww object: {stored:?}")
+    let (mut one, key) = lww_one_with_a_key();
+    let Some(Object::Lww(stored)) = one.store.objects().get(&key).cloned() else {
+        panic!("not an lww object")
     };
     // Carries out a peer's replica write, counting storage reads; returns whether it was
     // answered.
