@@ -918,8 +918,7 @@ async fn open_loop(ctx: &Arc<Ctx>, rate: u64, args: &RunArgs, live: bool) -> Out
 /// Asks the kernel to wake this thread's sleeps on time: the default timer slack (50 µs) made
 /// every open-loop operation start about 50 µs late, lateness charged to the target's latency
 /// (against Redis the dispatch lag's median fell from about 84 to about 40 µs,
-/// docs/BENCHMARKS.md). Failing
-/// leaves the default, which the dispatch lag then shows.
+/// docs/BENCHMARKS.md). Failing leaves the default, which the dispatch lag then shows.
 #[allow(unsafe_code)]
 fn tight_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only changes this thread's
