@@ -81,7 +81,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 25] = [
+const CORE_FIELDS: [CoreField; 26] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -142,6 +142,11 @@ const CORE_FIELDS: [CoreField; 25] = [
         "ringkv_blind_writes_total",
         "Last-write-wins writes made without reading the local replica.",
         |c| c.stats.blind_writes,
+    ),
+    (
+        "ringkv_local_reads_total",
+        "Client GETs answered from this node's own store without a coordinated read.",
+        |c| c.stats.local_reads,
     ),
     (
         "ringkv_heartbeats_total",

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
-use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output};
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreOp};
 use ringkv_core::object::{Object, Val};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
@@ -56,7 +56,7 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    if matches!(op, ringkv_core::coordinator::StoreOp::Read) {
+                    if matches!(op, StoreOp::Read) {
                         self.reads += 1;
                     }
                     let result = common::carry_out(&self.store, key, op);
@@ -140,6 +140,103 @@ fn props(n: u8) -> BucketProps {
         ttl_ms: None,
         data_type: None,
     }
+}
+
+/// The answer `one` gives a GET (`r` as asked) both ways: coordinated, and read locally as a
+/// shard does when the core allows it (`None` in place of the latter if it does not).
+fn both_reads(one: &mut One, now: u64, req: u64, r: Option<u8>) -> (Message, Option<Message>) {
+    let request = common::key_request(&one.core, get(r));
+    let local = one.core.local_read(now, &request).map(|key| {
+        let stored = common::carry_out(&one.store, key, StoreOp::Read).unwrap();
+        one.core.local_read_reply(now, stored.as_ref())
+    });
+    (one.request_at(now, req, get(r)), local)
+}
+
+/// A GET whose only replica is this node, asking for `r = 1`, may be read by the shell itself,
+/// and the answer is the coordinated read's for every kind of stored key: absent, a value,
+/// siblings, a deletion beside a value, an expired value, a convergent counter. Any other GET,
+/// and any other request, is coordinated.
+#[test]
+fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer() {
+    let mut checked = 0;
+    let mut same = |one: &mut One, now: u64, what: &str| {
+        checked += 1;
+        let (coordinated, local) = both_reads(one, now, 1_000 + checked, None);
+        assert!(
+            matches!(coordinated, Message::GetOk(_)),
+            "{what}: {coordinated:?}"
+        );
+        assert_eq!(local.as_ref(), Some(&coordinated), "{what}");
+    };
+    let mut one = One::new(props(1));
+    same(&mut one, 0, "absent");
+    one.request_at(0, 1, put("a", None, None));
+    same(&mut one, 0, "a value");
+    one.request_at(0, 2, put("b", None, None));
+    same(&mut one, 0, "two siblings");
+    let ctx = context(&one.request_at(0, 3, get(None)));
+    one.request_at(0, 4, delete(Some(ctx)));
+    one.request_at(0, 5, put("c", None, None));
+    same(&mut one, 0, "a deletion beside a value");
+    let mut lww = One::new(lww_props());
+    lww.request_at(10, 1, put_expiring("s", Some(Expiry::Ttl { ms: 5 })));
+    same(&mut lww, 12, "a live expiring value");
+    same(&mut lww, 15, "an expired value");
+    lww.request_at(20, 2, incr(3, None));
+    same(&mut lww, 20, "a counter");
+    assert_eq!(one.core.stats().local_reads, 4);
+    assert_eq!(lww.core.stats().local_reads, 3);
+
+    // A bucket with more replicas than members reads locally too: its `n` is capped at one.
+    let mut capped = One::new(props(3));
+    capped.request_at(0, 1, put("x", None, None));
+    let (coordinated, local) = both_reads(&mut capped, 0, 2, None);
+    assert_eq!(local, Some(coordinated));
+    // An `r` above the one replica is the coordinated read's to refuse, with its counts.
+    let (refused, local) = both_reads(&mut capped, 0, 3, Some(2));
+    assert_eq!(
+        code(&refused),
+        Some(ErrorCode::NotEnoughReplicas),
+        "{refused:?}"
+    );
+    assert_eq!(local, None);
+    let request = common::key_request(&capped.core, put("y", None, None));
+    assert!(capped.core.local_read(0, &request).is_none(), "a put");
+
+    // With two members, a key of `n = 1` is read here only if this node is its home, and a
+    // key of `n = 2` never.
+    let me = NodeId(1);
+    let members: BTreeSet<NodeId> = [me, NodeId(2)].into();
+    let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 2).unwrap();
+    let mut cfg = CoreConfig::new(me);
+    let mut named = BTreeMap::new();
+    named.insert(b"two".to_vec(), props(2));
+    cfg.buckets = Buckets {
+        default: props(1),
+        named,
+    };
+    let mut core = Core::new(cfg, ring.clone(), EpochLease::new(1, 8), []);
+    let mut homes = BTreeSet::new();
+    for i in 0..64 {
+        let key = Bytes::from(format!("k{i}"));
+        let home = ring.preference_list(ring.partition_of(b"b", &key), 1)[0];
+        for bucket in [&b"b"[..], b"two"] {
+            let request = common::key_request(
+                &core,
+                Message::Get(Get {
+                    bucket: Bytes::copy_from_slice(bucket),
+                    key: key.clone(),
+                    r: None,
+                    timeout_ms: None,
+                }),
+            );
+            let here = core.local_read(0, &request).is_some();
+            assert_eq!(here, bucket == b"b" && home == me, "{bucket:?} {key:?}");
+        }
+        homes.insert(home);
+    }
+    assert_eq!(homes.len(), 2, "keys of both homes were tried");
 }
 
 /// Blind writes pile up as siblings until the bucket's limit, then are refused with a message
@@ -241,7 +338,7 @@ fn load_lww(one: &mut One, key: &ringkv_core::coordinator::StoreKey, timestamp: 
         node: NodeId(9),
         val: Val::new(Bytes::from(timestamp.to_string()), None),
     });
-    let write = ringkv_core::coordinator::StoreOp::Write {
+    let write = StoreOp::Write {
         object: object.clone(),
         durable: false,
     };
@@ -1511,7 +1608,6 @@ fn timed_out(outputs: &[Output], req: u64) -> bool {
 
 /// The id of the first storage read (`read`) or write in `outputs`.
 fn store_id(outputs: &[Output], read: bool) -> u64 {
-    use ringkv_core::coordinator::StoreOp;
     outputs
         .iter()
         .find_map(|o| match o {

@@ -758,6 +758,18 @@ fn admin_health_and_metrics() {
     }
     assert!(flushes.0 > 0, "no group commit counted");
     assert_eq!(flushes.0, flushes.1, "(flushes, histogram count)");
+    // A node alone on defaults is the only replica of every key, and the puts left their
+    // values in the cache: each GET was answered from the shard's own store without being
+    // coordinated. The core's figures are published a moment late.
+    let mut local_reads = 0;
+    for _ in 0..STARTUP_RETRIES {
+        local_reads = sum(&http_get(&admin, "/metrics"), "ringkv_local_reads_total");
+        if local_reads == 7 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
+    }
+    assert_eq!(local_reads, 7);
     assert!(http_get(&admin, "/nope").starts_with("HTTP/1.1 404"));
     drop(c);
     assert_eq!(server.terminate().code(), Some(0));

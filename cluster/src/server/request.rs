@@ -13,6 +13,7 @@ use ringkv_net::{Admin, AdminOk, ErrorCode, Message};
 use crate::config;
 use crate::metrics::Op;
 use crate::route::{PARTITIONS, shard_of};
+use ringkv_core::coordinator::StoreOp;
 use ringkv_core::request::{KeyOp, KeyRequest};
 
 use super::stop::unless;
@@ -55,7 +56,7 @@ impl Shard {
         let start = Instant::now();
         let (started, hold) = self.begin(request, hold, start);
         let answered = match &started.wait {
-            Wait::Refused(_) => true,
+            Wait::Refused(_) | Wait::Answered(_) => true,
             // The core answered at once (or the shard closed the table).
             Wait::Local(ticket) => !self.clients.waits(ticket.id()),
             Wait::Remote(_) => false,
@@ -180,7 +181,11 @@ impl Shard {
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
-                (Wait::Local(self.start_local(request, at)), Some(hold))
+                let wait = match self.read_here(&request, at) {
+                    Some(answer) => Wait::Answered(answer),
+                    None => Wait::Local(self.start_local(request, at)),
+                };
+                (wait, Some(hold))
             } else {
                 let shard = self.clone();
                 let task = glommio::spawn_local(async move {
@@ -215,6 +220,7 @@ impl Shard {
         let reply = match wait {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return *refused,
+            Wait::Answered(answer) => answer,
             // A ticket dropped unanswered forgets its id: a late answer is dropped.
             Wait::Local(ticket) => match by_deadline(ticket.recv(), left).await {
                 Some(answer) => answer.unwrap_or_else(shard_stopped),
@@ -365,8 +371,33 @@ impl Shard {
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
-        let ticket = self.start_local(request, Instant::now());
+        let at = Instant::now();
+        if let Some(answer) = self.read_here(&request, at) {
+            return answer;
+        }
+        let ticket = self.start_local(request, at);
         ticket.recv().await.unwrap_or_else(shard_stopped)
+    }
+
+    /// The answer to a GET this shard's core lets it read from its own store
+    /// ([`Core::local_read`]), read at once; `None` if the request is not such a GET, or its
+    /// read would wait for storage or failed (the core then coordinates it, reading again).
+    ///
+    /// [`Core::local_read`]: ringkv_core::coordinator::Core::local_read
+    fn read_here(&self, request: &KeyRequest, at: Instant) -> Option<Message> {
+        if request.op() != KeyOp::Get {
+            return None;
+        }
+        // The core's time never goes back, as in `feed`.
+        let now = self.clock.ms_at(at).max(self.fed_at.get());
+        self.fed_at.set(now);
+        let key = self.core.borrow_mut().local_read(now, request)?;
+        let stored = self.store_now(&key, &StoreOp::Read)?.ok()?;
+        Some(
+            self.core
+                .borrow_mut()
+                .local_read_reply(now, stored.as_ref()),
+        )
     }
 
     /// Hands a client request for a partition this shard owns to its core; the answer is
@@ -409,6 +440,9 @@ enum Wait {
     /// Refused before any work. Boxed: refusals are rare, and every started request of a batch
     /// is moved a few times on its way to its answer.
     Refused(Box<Message>),
+    /// Answered when it started: a GET read from this shard's own store
+    /// ([`Shard::read_here`]).
+    Answered(Message),
     /// This shard's core, under a client request's ticket.
     Local(Ticket),
     /// The task that asked the owning shard.

@@ -48,6 +48,12 @@
 //!   merge of what they returned (siblings and context), and once every replica answered (or the
 //!   deadline passed) sends the merged object to each replica that returned something older: read
 //!   repair.
+//! - **local reads**: a GET whose only replica is this node (its bucket's `n` is 1, or the ring
+//!   has one member) and that asks for `r = 1` has nothing to wait for, merge or repair: the
+//!   coordinated read would read this node's store once and answer what it found. The shell
+//!   reads such a key itself ([`Core::local_read`]) and answers with [`Core::local_read_reply`],
+//!   the same answer, without an op, a slot or a pending entry. A read that would wait for
+//!   storage, or fails, is coordinated as any other.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
 //!   coordinator believes that home unreachable (see failure detection below), by the next node
 //!   of the ring walk not already serving a slot. A fallback stores what it receives as a
@@ -654,6 +660,9 @@ pub struct CoreStats {
     /// puts (one then refused, too large or a forward past its apply-by time, included) and
     /// replica merges of a newer value.
     pub blind_writes: u64,
+    /// Client GETs answered from this node's own store without being coordinated
+    /// ([`Core::local_read`]).
+    pub local_reads: u64,
     /// Anti-entropy exchanges started (one tree with one other replica).
     pub ae_exchanges: u64,
     /// Anti-entropy exchanges that found the two trees equal.
@@ -1151,6 +1160,50 @@ impl Core {
     pub fn handle_client(&mut self, now: u64, req: u64, request: KeyRequest) -> Vec<Output> {
         self.start(now, ReplyTo::Client(req), request, false, None);
         self.take_output()
+    }
+
+    /// The stored key a client GET reads when this node can answer it from its own store alone
+    /// (module docs, "Local reads"), `None` when the GET must be coordinated. The shell reads the
+    /// key at once and answers with [`Core::local_read_reply`]; if the read would wait for
+    /// storage or fails, it hands the request to [`Core::handle_client`] instead, which reads
+    /// again and handles it like any other.
+    pub fn local_read(&mut self, now: u64, request: &KeyRequest) -> Option<StoreKey> {
+        let KeyBody::Get(get) = request.body() else {
+            return None;
+        };
+        let (bucket, key) = request.key();
+        let members = self.ring.members().len();
+        let overrides = Overrides {
+            r: get.r,
+            ..Overrides::default()
+        };
+        let quorum = self
+            .cfg
+            .buckets
+            .props(bucket)
+            .quorum_among(overrides, members)
+            .ok()?;
+        let partition = request.partition().0;
+        let only_here = usize::from(quorum.n).min(members) == 1
+            && quorum.r == 1
+            && self.walks[partition as usize].first() == Some(&self.cfg.node);
+        if !only_here {
+            return None;
+        }
+        self.ae.foreground(now);
+        Some(StoreKey {
+            partition,
+            space: Space::Primary,
+            bucket: bucket.clone(),
+            key: key.clone(),
+        })
+    }
+
+    /// The answer to a GET that [`Core::local_read`] let the shell read itself, from what the
+    /// store held: the answer the coordinated read gives for the same object.
+    pub fn local_read_reply(&mut self, now: u64, stored: Option<&Object>) -> Message {
+        self.stats.local_reads += 1;
+        read_reply(stored, now)
     }
 
     /// Answers a coordinated request.
