@@ -11,8 +11,9 @@
 # pinned to CPU 0, with one shard and buffered writes that do not wait for a sync (`n = r = w =
 # 1`, `dw = 0`); redis-benchmark pinned to CPU 1 runs `-t TEST -c CONNS -P PIPELINE -d 100
 # -r 100000` for 50,000 requests of warm-up, then 300,000 while `perf stat -e task-clock`
-# counts the server. Prints ops/s and the server's CPU per request. Needs redis-server,
-# redis-benchmark and perf. DATA_ROOT (default target/resp-cpu) must be on a real filesystem.
+# counts the server; a GET run first fills the key space with 500,000 SETs. Prints ops/s and
+# the server's CPU per request. Needs redis-server, redis-benchmark and perf. DATA_ROOT
+# (default target/resp-cpu) must be on a real filesystem.
 set -euo pipefail
 
 a=$1
@@ -30,6 +31,12 @@ source "$(dirname "$0")/resp-common.sh"
 # measure TAG PID PORT: warm-up, then the counted run; prints one line.
 measure() {
   local tag=$1 pid=$2 port=$3
+  if [ "$test" = get ]; then
+    # A GET of an absent key is an index miss and nothing more: fill the key space first
+    # (500,000 SETs over 100,000 keys leave about 0.7% of them absent).
+    taskset -c 1 redis-benchmark -p "$port" -t set -n 500000 -c 50 -P 16 -d 100 -r 100000 \
+      -q > /dev/null 2>&1
+  fi
   taskset -c 1 redis-benchmark -p "$port" -t "$test" -n 50000 -c "$conns" -P "$pipeline" \
     -d 100 -r 100000 -q > /dev/null 2>&1
   perf stat -e task-clock -p "$pid" -x, -o "$root/stat.txt" &
