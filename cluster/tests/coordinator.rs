@@ -304,10 +304,12 @@ fn lww_keeps_the_last_write() {
         ..props(1)
     });
     for (i, v) in ["a", "b", "c"].into_iter().enumerate() {
-        assert!(matches!(
-            one.request(i as u64, put(v, None, None)),
-            Message::PutOk(_)
-        ));
+        // No context to write back with: a later write replaces this one whatever it says.
+        let ok = one.request(i as u64, put(v, None, None));
+        assert!(
+            matches!(&ok, Message::PutOk(p) if p.context.is_empty()),
+            "{ok:?}"
+        );
     }
     let Message::GetOk(read) = one.request(9, get(None)) else {
         panic!("read failed")
@@ -315,6 +317,14 @@ fn lww_keeps_the_last_write() {
     assert_eq!(
         read.siblings,
         vec![Sibling::Value(Bytes::from_static(b"c"))]
+    );
+    assert!(read.context.is_empty());
+    // A siblings bucket's write answers the context of what it wrote.
+    let mut causal = One::new(props(1));
+    let ok = causal.request(1, put("a", None, None));
+    assert!(
+        matches!(&ok, Message::PutOk(p) if !p.context.is_empty()),
+        "{ok:?}"
     );
 }
 

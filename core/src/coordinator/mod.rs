@@ -1929,9 +1929,11 @@ impl Core {
         };
         let (w, dw) = (op.quorum.w, op.quorum.dw);
         if !op.replied && acks >= w && durable_acks >= dw {
+            // As a read answers: only causal objects have a context to write back with.
             let context = match &op.kind {
                 OpKind::Write {
-                    object: Some(o), ..
+                    object: Some(o @ Object::Causal(_)),
+                    ..
                 } => Bytes::from(o.context().encode()),
                 _ => Bytes::new(),
             };
