@@ -81,7 +81,7 @@ const HINTS: &str = "ringkv_hints";
 
 /// Coordinator figures published summed over shards (name, help, accessor).
 type CoreField = (&'static str, &'static str, fn(&CoreFigures) -> u64);
-const CORE_FIELDS: [CoreField; 26] = [
+const CORE_FIELDS: [CoreField; 27] = [
     (
         "ringkv_forwarded_total",
         "Writes forwarded to a home node.",
@@ -147,6 +147,11 @@ const CORE_FIELDS: [CoreField; 26] = [
         "ringkv_local_reads_total",
         "Client GETs answered from this node's own store without a coordinated read.",
         |c| c.stats.local_reads,
+    ),
+    (
+        "ringkv_local_writes_total",
+        "Client PUTs written to this node's own store without a coordinated write.",
+        |c| c.stats.local_writes,
     ),
     (
         "ringkv_heartbeats_total",

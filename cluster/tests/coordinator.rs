@@ -33,6 +33,11 @@ struct One {
 
 impl One {
     fn new(props: BucketProps) -> One {
+        One::with(props, |_| {})
+    }
+
+    /// [`One::new`] with its configuration changed by `change`.
+    fn with(props: BucketProps, change: impl FnOnce(&mut CoreConfig)) -> One {
         let me = NodeId(1);
         let mut cfg = CoreConfig::new(me);
         cfg.tombstone_grace_ms = 1_000;
@@ -41,6 +46,7 @@ impl One {
             default: props,
             named: BTreeMap::new(),
         };
+        change(&mut cfg);
         let members: BTreeSet<NodeId> = [me].into();
         let ring = Ring::new(PartitionCount::new(8).unwrap(), &members, 1).unwrap();
         One {
@@ -237,6 +243,114 @@ fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer(
         homes.insert(home);
     }
     assert_eq!(homes.len(), 2, "keys of both homes were tried");
+}
+
+/// A put `one` may write itself as a shard does ([`Core::local_write`]), written and answered;
+/// `None` if the core does not allow it.
+fn local_put(one: &mut One, now: u64, message: Message) -> Option<Message> {
+    let request = common::key_request(&one.core, message);
+    let write = one.core.local_write(now, &request)?;
+    common::carry_out(&one.store, write.key.clone(), clone_op(&write.op)).unwrap();
+    Some(one.core.local_write_done(now, write))
+}
+
+fn clone_op(op: &StoreOp) -> StoreOp {
+    match op {
+        StoreOp::Write { object, durable } => StoreOp::Write {
+            object: object.clone(),
+            durable: *durable,
+        },
+        other => panic!("a local write is a write: {other:?}"),
+    }
+}
+
+/// An unconditional put of an `lww` bucket whose only replica is here, over a key whose stored
+/// stamp is known, may be written by the shell itself; it stores the object, sets the tree and
+/// answers as the coordinated write does (two cores fed the same writes stay identical, one
+/// coordinating every write, the other writing locally where allowed). A new key, a condition,
+/// a context, `w` or `dw` above what one replica gives, a node that syncs its writes, a
+/// siblings bucket, a key with a job in flight and a tree still loading are coordinated.
+#[test]
+fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
+    let buffered = |cfg: &mut CoreConfig| cfg.durable_writes = false;
+    let mut coordinated = One::with(lww_props(), buffered);
+    let mut local = One::with(lww_props(), buffered);
+    let ttl = |ms| put_expiring("e", Some(Expiry::Ttl { ms }));
+    let writes = [
+        (10, put("v1", None, None), false),
+        (20, put("v2", None, None), true),
+        (20, put("v3", None, None), true),
+        (30, ttl(5), true),
+        (40, put("v4", None, None), true),
+    ];
+    for (i, (now, message, allowed)) in writes.into_iter().enumerate() {
+        let want = coordinated.request_at(now, i as u64, message.clone());
+        let got = match local_put(&mut local, now, message.clone()) {
+            Some(answer) => {
+                assert!(allowed, "write {i} was written locally");
+                answer
+            }
+            None => {
+                assert!(!allowed, "write {i} was coordinated");
+                local.request_at(now, i as u64, message)
+            }
+        };
+        assert_eq!(got, want, "write {i}");
+        assert_eq!(
+            local.store.objects(),
+            coordinated.store.objects(),
+            "write {i}"
+        );
+        assert_eq!(local.core.merkle_roots(), coordinated.core.merkle_roots());
+    }
+    assert_eq!(local.core.stats().local_writes, 4);
+    assert_eq!(local.core.stats().blind_writes, 4);
+    assert_eq!(
+        read_at(&mut local, 50, 90),
+        read_at(&mut coordinated, 50, 90)
+    );
+    // A value stamped far ahead (a replica whose clock ran ahead): the local write's stamp
+    // passes it, and the write replaces it.
+    let (key, _) = local.store.objects().into_iter().next().unwrap();
+    let ahead = 1 << 60;
+    load_lww(&mut local, &key, ahead);
+    assert!(local_put(&mut local, 50, put("v5", None, None)).is_some());
+    let read = read_at(&mut local, 50, 91);
+    assert_eq!(read.siblings, vec![Sibling::Value(b("v5"))]);
+    match &local.store.objects()[&key] {
+        Object::Lww(lww) => assert!(lww.timestamp > ahead, "{lww:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    let refused = |one: &mut One, message: Message, why: &str| {
+        let request = common::key_request(&one.core, message);
+        assert!(one.core.local_write(60, &request).is_none(), "{why}");
+    };
+    refused(&mut local, put_if("c", Condition::IfPresent), "a condition");
+    let ctx = Some(Bytes::from_static(b"\x01\x00\x00\x00\x00"));
+    refused(&mut local, put("c", ctx, None), "a context");
+    refused(&mut local, put("c", None, Some(2)), "w = 2");
+    let Message::Put(p) = put("c", None, None) else {
+        unreachable!()
+    };
+    refused(&mut local, Message::Put(Put { dw: Some(1), ..p }), "dw = 1");
+    refused(&mut local, get(None), "a get");
+    // A job of the key holds its lock until its write is stored.
+    let request = common::key_request(&local.core, put("w", None, None));
+    let outputs = local.core.handle_client(60, 91, request);
+    refused(&mut local, put("c", None, None), "a job in flight");
+    local.run(outputs);
+    assert!(local_put(&mut local, 60, put("c", None, None)).is_some());
+    let partition = common::key_request(&local.core, get(None)).partition().0;
+    local.core.trees_loading([partition]);
+    refused(&mut local, put("c", None, None), "a loading tree");
+
+    let mut synced = One::new(lww_props());
+    synced.request_at(0, 1, put("a", None, None));
+    refused(&mut synced, put("b", None, None), "synced writes");
+    let mut siblings = One::with(props(1), buffered);
+    siblings.request_at(0, 1, put("a", None, None));
+    refused(&mut siblings, put("b", None, None), "a siblings bucket");
 }
 
 /// Blind writes pile up as siblings until the bucket's limit, then are refused with a message

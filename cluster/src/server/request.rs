@@ -181,7 +181,7 @@ impl Shard {
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
-                let wait = match self.read_here(&request, at) {
+                let wait = match self.serve_here(&request, at) {
                     Some(answer) => Wait::Answered(answer),
                     None => Wait::Local(self.start_local(request, at)),
                 };
@@ -372,32 +372,41 @@ impl Shard {
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
         let at = Instant::now();
-        if let Some(answer) = self.read_here(&request, at) {
+        if let Some(answer) = self.serve_here(&request, at) {
             return answer;
         }
         let ticket = self.start_local(request, at);
         ticket.recv().await.unwrap_or_else(shard_stopped)
     }
 
-    /// The answer to a GET this shard's core lets it read from its own store
-    /// ([`Core::local_read`]), read at once; `None` if the request is not such a GET, or its
-    /// read would wait for storage or failed (the core then coordinates it, reading again).
+    /// The answer to a GET or PUT this shard's core lets it serve from its own store alone
+    /// ([`Core::local_read`], [`Core::local_write`]), served at once; `None` if the request is
+    /// not such a GET or PUT, or its storage operation would wait or failed (the core then
+    /// coordinates it, and carries the operation out again).
     ///
     /// [`Core::local_read`]: ringkv_core::coordinator::Core::local_read
-    fn read_here(&self, request: &KeyRequest, at: Instant) -> Option<Message> {
-        if request.op() != KeyOp::Get {
+    /// [`Core::local_write`]: ringkv_core::coordinator::Core::local_write
+    fn serve_here(&self, request: &KeyRequest, at: Instant) -> Option<Message> {
+        let op = request.op();
+        if !matches!(op, KeyOp::Get | KeyOp::Put) {
             return None;
         }
         // The core's time never goes back, as in `feed`.
         let now = self.clock.ms_at(at).max(self.fed_at.get());
         self.fed_at.set(now);
-        let key = self.core.borrow_mut().local_read(now, request)?;
-        let stored = self.store_now(&key, &StoreOp::Read)?.ok()?;
-        Some(
-            self.core
-                .borrow_mut()
-                .local_read_reply(now, stored.as_ref()),
-        )
+        if op == KeyOp::Get {
+            let key = self.core.borrow_mut().local_read(now, request)?;
+            let stored = self.store_now(&key, &StoreOp::Read)?.ok()?;
+            Some(
+                self.core
+                    .borrow_mut()
+                    .local_read_reply(now, stored.as_ref()),
+            )
+        } else {
+            let write = self.core.borrow_mut().local_write(now, request)?;
+            self.store_now(&write.key, &write.op)?.ok()?;
+            Some(self.core.borrow_mut().local_write_done(now, write))
+        }
     }
 
     /// Hands a client request for a partition this shard owns to its core; the answer is
@@ -440,8 +449,8 @@ enum Wait {
     /// Refused before any work. Boxed: refusals are rare, and every started request of a batch
     /// is moved a few times on its way to its answer.
     Refused(Box<Message>),
-    /// Answered when it started: a GET read from this shard's own store
-    /// ([`Shard::read_here`]).
+    /// Answered when it started: a GET or PUT served by this shard's own store
+    /// ([`Shard::serve_here`]).
     Answered(Message),
     /// This shard's core, under a client request's ticket.
     Local(Ticket),

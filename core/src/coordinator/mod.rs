@@ -48,12 +48,18 @@
 //!   merge of what they returned (siblings and context), and once every replica answered (or the
 //!   deadline passed) sends the merged object to each replica that returned something older: read
 //!   repair.
-//! - **local reads**: a GET whose only replica is this node (its bucket's `n` is 1, or the ring
-//!   has one member) and that asks for `r = 1` has nothing to wait for, merge or repair: the
-//!   coordinated read would read this node's store once and answer what it found. The shell
-//!   reads such a key itself ([`Core::local_read`]) and answers with [`Core::local_read_reply`],
-//!   the same answer, without an op, a slot or a pending entry. A read that would wait for
-//!   storage, or fails, is coordinated as any other.
+//! - **local reads and writes**: a GET whose only replica is this node (its bucket's `n` is 1,
+//!   or the ring has one member) and that asks for `r = 1` has nothing to wait for, merge or
+//!   repair: the coordinated read would read this node's store once and answer what it found.
+//!   The shell reads such a key itself ([`Core::local_read`]) and answers with
+//!   [`Core::local_read_reply`], the same answer, without an op, a slot or a pending entry. So
+//!   does an unconditional PUT of an `lww` bucket with that one replica, `w = 1` and `dw = 0`,
+//!   on a node that does not sync its writes, when its key has no job in flight or queued and
+//!   it could be written blind (its stored stamp known, `Core::blind_lww`):
+//!   [`Core::local_write`] stamps the object the coordinated write would have written, the
+//!   shell writes it, and [`Core::local_write_done`] updates the tree and answers. Nothing runs
+//!   between the two calls, so the key's lock is not needed. A read or write that would wait
+//!   for storage, or fails, is coordinated as any other.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
 //!   coordinator believes that home unreachable (see failure detection below), by the next node
 //!   of the ring walk not already serving a slot. A fallback stores what it receives as a
@@ -117,7 +123,7 @@ use ringkv_net::{
 use smallvec::SmallVec;
 
 use crate::NodeId;
-use crate::bucket::{BucketType, Buckets, ConflictMode, Overrides, Quorum};
+use crate::bucket::{BucketProps, BucketType, Buckets, ConflictMode, Overrides, Quorum};
 use crate::crdt::{self, Crdt};
 use crate::dvv::{Actor, CONTEXT_ENTRIES_MAX, DvvSet, Put, VersionVector};
 use crate::object::{Lww, Object, Val, hlc_next};
@@ -319,6 +325,16 @@ pub enum StoreOp {
     /// write of an object the store already holds unchanged (a merge that added nothing, as
     /// most keys of a handoff after a join are), whose earlier write may not be synced yet.
     Sync,
+}
+
+/// A client PUT that [`Core::local_write`] lets the shell write itself: the storage write to
+/// carry out at once, then to hand back to [`Core::local_write_done`].
+#[derive(Debug)]
+pub struct LocalWrite {
+    /// The key written.
+    pub key: StoreKey,
+    /// The write: an `lww` object, not synced (a local write asks for no durable copy).
+    pub op: StoreOp,
 }
 
 /// Messages between cores of different nodes. `id`s are chosen by the sender of a request,
@@ -656,13 +672,16 @@ pub struct CoreStats {
     pub slot_moves: u64,
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
-    /// `lww` writes that skipped reading the local replica ([`Core::blind_lww`]): coordinated
+    /// `lww` writes that skipped reading the local replica (`Core::blind_lww`): coordinated
     /// puts (one then refused, too large or a forward past its apply-by time, included) and
     /// replica merges of a newer value.
     pub blind_writes: u64,
     /// Client GETs answered from this node's own store without being coordinated
     /// ([`Core::local_read`]).
     pub local_reads: u64,
+    /// Client PUTs written to this node's own store without being coordinated
+    /// ([`Core::local_write`]); each is a blind write too.
+    pub local_writes: u64,
     /// Anti-entropy exchanges started (one tree with one other replica).
     pub ae_exchanges: u64,
     /// Anti-entropy exchanges that found the two trees equal.
@@ -1206,6 +1225,84 @@ impl Core {
         read_reply(stored, now)
     }
 
+    /// The storage write of a client PUT this node can make alone, without coordinating it
+    /// (module docs, "Local reads and writes"), `None` when the PUT must be coordinated. The
+    /// shell carries the write out at once and answers with [`Core::local_write_done`]; if the
+    /// write would wait for storage or fails, it hands the request to [`Core::handle_client`]
+    /// instead, which stamps and writes it again (the stamp taken here is then skipped, as any
+    /// stamp of a write that failed).
+    pub fn local_write(&mut self, now: u64, request: &KeyRequest) -> Option<LocalWrite> {
+        let KeyBody::Put(put) = request.body() else {
+            return None;
+        };
+        // A context is checked, and refused if malformed, by the coordinated path.
+        let plain = put.condition.is_none() && put.context.as_ref().is_none_or(Bytes::is_empty);
+        if !plain || self.cfg.durable_writes {
+            return None;
+        }
+        let (bucket, key) = request.key();
+        let props = *self.cfg.buckets.props(bucket);
+        if props.mode != ConflictMode::Lww || props.data_type.is_some() {
+            return None;
+        }
+        let members = self.ring.members().len();
+        let overrides = Overrides {
+            w: put.w,
+            dw: put.dw,
+            ..Overrides::default()
+        };
+        let quorum = props.quorum_among(overrides, members).ok()?;
+        let partition = request.partition().0;
+        let alone = usize::from(quorum.n).min(members) == 1
+            && quorum.w == 1
+            && quorum.dw == 0
+            && self.walks[partition as usize].first() == Some(&self.cfg.node);
+        if !alone || self.dropping(partition) {
+            return None;
+        }
+        let key = StoreKey {
+            partition,
+            space: Space::Primary,
+            bucket: bucket.clone(),
+            key: key.clone(),
+        };
+        // A job of the key in flight or queued writes first: this one would overtake it.
+        if self.locks.contains_key(&key) {
+            return None;
+        }
+        let stored = self.passable_lww(&key)?;
+        let expires_at_ms = expires_at(put.expiry, &props, now).ok()?;
+        // As a blind coordinated write (`Core::lock`): the clock passes the stored stamp, and
+        // the write is made as from an absent key.
+        self.hlc_last = self.hlc_last.max(stored);
+        let object = Object::Lww(Lww {
+            timestamp: lww_stamp(&mut self.hlc_last, None, now),
+            node: self.cfg.node,
+            val: Val::new(put.value.clone(), expires_at_ms),
+        });
+        let object = self.check_size(object).ok()?;
+        self.ae.foreground(now);
+        Some(LocalWrite {
+            key,
+            op: StoreOp::Write {
+                object,
+                durable: false,
+            },
+        })
+    }
+
+    /// The answer to a PUT [`Core::local_write`] let the shell write, once the store wrote it:
+    /// the replica's tree and the transfers follow the write, as after a coordinated one.
+    pub fn local_write_done(&mut self, now: u64, write: LocalWrite) -> Message {
+        self.ae_written(now, &write.key, &write.op);
+        self.stored_write(now, &write.key);
+        self.stats.blind_writes += 1;
+        self.stats.local_writes += 1;
+        Message::PutOk(PutOk {
+            context: Bytes::new(),
+        })
+    }
+
     /// Answers a coordinated request.
     fn answer(&mut self, to: ReplyTo, message: Message) {
         match to {
@@ -1511,19 +1608,9 @@ impl Core {
         }
         let (write, context) = match request.into_body() {
             KeyBody::Put(m) => {
-                // The coordinator turns a time to live into an absolute time, once, so every
-                // replica stores the same expiry (module docs of `object`).
-                let expires_at_ms = match m.expiry {
-                    Some(e) => match absolute(e, now) {
-                        Ok(at) => at,
-                        Err(e) => return self.answer(op.reply_to, Message::Error(e)),
-                    },
-                    None => self
-                        .cfg
-                        .buckets
-                        .props(&op.bucket)
-                        .ttl_ms
-                        .map(|ms| now.saturating_add(ms)),
+                let expires_at_ms = match expires_at(m.expiry, &props, now) {
+                    Ok(at) => at,
+                    Err(e) => return self.answer(op.reply_to, Message::Error(e)),
                 };
                 (Write::Put(m.value, expires_at_ms, m.condition), m.context)
             }
@@ -2661,9 +2748,6 @@ impl Core {
     /// Anything else reads: a new key, a condition, a map or siblings in storage, an older or
     /// equal stamp, a tree still loading or being refilled by a handoff pass.
     fn blind_lww(&self, key: &StoreKey, id: u64) -> Option<Blind> {
-        if self.transfers.handing_off(key.partition) {
-            return None;
-        }
         match &self.jobs.get(&id)?.kind {
             JobKind::Coordinate { op } => {
                 let op = self.ops.get(op)?;
@@ -2679,23 +2763,35 @@ impl Core {
                 if !plain {
                     return None;
                 }
-                // A stamp at the clock's end cannot be passed (`hlc_next` saturates): such a
-                // write must merge with what is stored.
-                let stored = self
-                    .ae
-                    .stored_lww(&self.view(), key)
-                    .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)?;
+                let stored = self.passable_lww(key)?;
                 Some(Blind::Coordinate { stored })
             }
             JobKind::Apply {
                 object: Object::Lww(new),
                 ..
             } => {
-                let stored = self.ae.stored_lww(&self.view(), key)?;
+                let stored = self.known_lww(key)?;
                 (new.timestamp > stored).then_some(Blind::Apply)
             }
             JobKind::Apply { .. } | JobKind::DropHint { .. } | JobKind::Reap { .. } => None,
         }
+    }
+
+    /// The stamp of the plain `lww` value `key` holds, when its anti-entropy entry knows it and
+    /// the entry can be trusted: not while a handoff pass may be refilling the partition's trees
+    /// from pages scanned before the latest writes ([`Core::blind_lww`]).
+    fn known_lww(&self, key: &StoreKey) -> Option<u64> {
+        if self.transfers.handing_off(key.partition) {
+            return None;
+        }
+        self.ae.stored_lww(&self.view(), key)
+    }
+
+    /// [`Core::known_lww`] when a put can be stamped above it: a stamp at the clock's end
+    /// cannot be passed (`hlc_next` saturates), so such a write must merge with what is stored.
+    fn passable_lww(&self, key: &StoreKey) -> Option<u64> {
+        self.known_lww(key)
+            .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)
     }
 
     /// Starts the job first in line for its key, taking along the coordinations and merges
@@ -3124,6 +3220,20 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
 }
 
 /// An expiry as absolute Unix milliseconds (`None`: never), from this coordinator's clock.
+/// When a put's value expires, as its coordinator stamps it: the put's own expiry, else the
+/// bucket's time to live. The coordinator turns a time to live into an absolute time, once, so
+/// every replica stores the same expiry (module docs of `object`).
+fn expires_at(
+    expiry: Option<Expiry>,
+    props: &BucketProps,
+    now: u64,
+) -> Result<Option<u64>, ErrorBody> {
+    match expiry {
+        Some(e) => absolute(e, now),
+        None => Ok(props.ttl_ms.map(|ms| now.saturating_add(ms))),
+    }
+}
+
 fn absolute(expiry: Expiry, now: u64) -> Result<Option<u64>, ErrorBody> {
     match expiry {
         Expiry::Ttl { ms: 0 } => Err(ErrorBody::new(
