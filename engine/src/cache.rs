@@ -69,7 +69,8 @@ impl ValueCache {
         // A small value is copied rather than shared: sharing touches the count kept beside
         // the buffer, a cache miss of its own for a key not read lately, while the copy reads
         // the bytes the caller reads next anyway. Measured on GETs of 100-byte values: about 5%
-        // less CPU per read (docs/BENCHMARKS.md, "Results: reads served by the shard itself").
+        // less CPU per read (docs/BENCHMARKS.md, "Results: reads and writes served by the
+        // shard itself").
         Some(if slot.value.len() <= COPY_BYTES_MAX {
             Bytes::copy_from_slice(&slot.value)
         } else {
