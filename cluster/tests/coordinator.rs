@@ -341,6 +341,15 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     refused(&mut local, put("c", None, None), "a job in flight");
     local.run(outputs);
     assert!(local_put(&mut local, 60, put("c", None, None)).is_some());
+    // A ring change pending: its new replicas get a copy of every write, which only the
+    // coordinated path sends.
+    let ring = local.core.ring().clone();
+    let members: BTreeSet<NodeId> = [NodeId(1), NodeId(2)].into();
+    let next = Ring::new(PartitionCount::new(8).unwrap(), &members, 1).unwrap();
+    let _ = local.core.set_view(60, ring.clone(), Some((1, next)));
+    refused(&mut local, put("c", None, None), "a ring change pending");
+    let _ = local.core.set_view(60, ring, None);
+    assert!(local_put(&mut local, 60, put("c", None, None)).is_some());
     let partition = common::key_request(&local.core, get(None)).partition().0;
     local.core.trees_loading([partition]);
     refused(&mut local, put("c", None, None), "a loading tree");

@@ -54,8 +54,9 @@
 //!   The shell reads such a key itself ([`Core::local_read`]) and answers with
 //!   [`Core::local_read_reply`], the same answer, without an op, a slot or a pending entry. So
 //!   does an unconditional PUT of an `lww` bucket with that one replica, `w = 1` and `dw = 0`,
-//!   on a node that does not sync its writes, when its key has no job in flight or queued and
-//!   it could be written blind (its stored stamp known, `Core::blind_lww`):
+//!   on a node that does not sync its writes and with no ring change pending (whose new
+//!   replicas get a copy of every write), when its key has no job in flight or queued and it
+//!   could be written blind (its stored stamp known, `Core::blind_lww`):
 //!   [`Core::local_write`] stamps the object the coordinated write would have written, the
 //!   shell writes it, and [`Core::local_write_done`] updates the tree and answers. Nothing runs
 //!   between the two calls, so the key's lock is not needed. A read or write that would wait
@@ -673,8 +674,8 @@ pub struct CoreStats {
     /// Jobs that shared a read and a write of their key with a job ahead of them.
     pub batched_jobs: u64,
     /// `lww` writes that skipped reading the local replica (`Core::blind_lww`): coordinated
-    /// puts (one then refused, too large or a forward past its apply-by time, included) and
-    /// replica merges of a newer value.
+    /// puts (one then refused, too large or a forward past its apply-by time, included), local
+    /// puts ([`Core::local_write`]) and replica merges of a newer value.
     pub blind_writes: u64,
     /// Client GETs answered from this node's own store without being coordinated
     /// ([`Core::local_read`]).
@@ -1182,7 +1183,7 @@ impl Core {
     }
 
     /// The stored key a client GET reads when this node can answer it from its own store alone
-    /// (module docs, "Local reads"), `None` when the GET must be coordinated. The shell reads the
+    /// (module docs, "local reads and writes"), `None` when the GET must be coordinated. The shell reads the
     /// key at once and answers with [`Core::local_read_reply`]; if the read would wait for
     /// storage or fails, it hands the request to [`Core::handle_client`] instead, which reads
     /// again and handles it like any other.
@@ -1226,7 +1227,7 @@ impl Core {
     }
 
     /// The storage write of a client PUT this node can make alone, without coordinating it
-    /// (module docs, "Local reads and writes"), `None` when the PUT must be coordinated. The
+    /// (module docs, "local reads and writes"), `None` when the PUT must be coordinated. The
     /// shell carries the write out at once and answers with [`Core::local_write_done`]; if the
     /// write would wait for storage or fails, it hands the request to [`Core::handle_client`]
     /// instead, which stamps and writes it again (the stamp taken here is then skipped, as any
@@ -1257,7 +1258,9 @@ impl Core {
             && quorum.w == 1
             && quorum.dw == 0
             && self.walks[partition as usize].first() == Some(&self.cfg.node);
-        if !alone || self.dropping(partition) {
+        // During a ring change a write also goes to the pending ring's replicas (`transfer.rs`),
+        // which only the coordinated path sends.
+        if !alone || self.dropping(partition) || self.transfers.pending().is_some() {
             return None;
         }
         let key = StoreKey {
@@ -3219,7 +3222,6 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
     })
 }
 
-/// An expiry as absolute Unix milliseconds (`None`: never), from this coordinator's clock.
 /// When a put's value expires, as its coordinator stamps it: the put's own expiry, else the
 /// bucket's time to live. The coordinator turns a time to live into an absolute time, once, so
 /// every replica stores the same expiry (module docs of `object`).
@@ -3234,6 +3236,7 @@ fn expires_at(
     }
 }
 
+/// An expiry as absolute Unix milliseconds (`None`: never), from this coordinator's clock.
 fn absolute(expiry: Expiry, now: u64) -> Result<Option<u64>, ErrorBody> {
     match expiry {
         Expiry::Ttl { ms: 0 } => Err(ErrorBody::new(
