@@ -177,7 +177,7 @@ impl Shard {
         let op = metric_op(&request);
         let timeout_ms = self.timeout_ms(request.timeout_ms());
         let (wait, hold) = if let Some(refused) = self.refuse(&request) {
-            (Wait::Refused(Box::new(refused)), Some(hold))
+            (Wait::Refused(refused), Some(hold))
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
@@ -219,7 +219,7 @@ impl Shard {
         };
         let reply = match wait {
             // Refused before any work: not counted, as nothing was executed.
-            Wait::Refused(refused) => return *refused,
+            Wait::Refused(refused) => return refused,
             Wait::Answered(answer) => answer,
             // A ticket dropped unanswered forgets its id: a late answer is dropped.
             Wait::Local(ticket) => match by_deadline(ticket.recv(), left).await {
@@ -446,9 +446,8 @@ pub(super) struct Started {
 
 /// Where a started request's answer comes from.
 enum Wait {
-    /// Refused before any work. Boxed: refusals are rare, and every started request of a batch
-    /// is moved a few times on its way to its answer.
-    Refused(Box<Message>),
+    /// Refused before any work.
+    Refused(Message),
     /// Answered when it started: a GET or PUT served by this shard's own store
     /// ([`Shard::serve_here`]).
     Answered(Message),
