@@ -797,16 +797,30 @@ fn a_lone_node_serves_resp_reads_and_overwrites_from_its_own_store() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
-    // A write only skips its read once the partition's tree is built.
-    let mut loading = u64::MAX;
+    // A write only skips its read once the partition's tree is built. Each shard publishes its
+    // figures a moment after it starts, the core's first, then its admission share (never 0):
+    // a shard with a share published has published whether its trees are loading.
+    let mut loaded = false;
     for _ in 0..STARTUP_RETRIES {
-        loading = metric("ringkv_ae_partitions_loading");
-        if loading == 0 {
+        let metrics = common::admin_get(&admin, "/metrics");
+        let published = (0..2).all(|shard| {
+            let share = format!("ringkv_admission_background_share{{shard=\"{shard}\"}} ");
+            metrics
+                .lines()
+                .filter_map(|l| l.strip_prefix(share.as_str()))
+                .any(|v| v.parse::<f64>().unwrap() > 0.0)
+        });
+        let loading = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ringkv_ae_partitions_loading "))
+            .map(|v| v.parse::<u64>().unwrap());
+        if published && loading == Some(0) {
+            loaded = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
     }
-    assert_eq!(loading, 0);
+    assert!(loaded, "the trees were not built");
     let client = redis::Client::open(format!("redis://{resp}/")).unwrap();
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(15))
