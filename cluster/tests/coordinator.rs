@@ -354,6 +354,29 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     local.core.trees_loading([partition]);
     refused(&mut local, put("c", None, None), "a loading tree");
 
+    // A store that declines the write (it would wait, or failed): the shell hands the put to
+    // the coordinated path, which stamps it again, above the stamp it dropped.
+    let mut fallback = One::with(lww_props(), buffered);
+    fallback.request_at(0, 1, put("a", None, None));
+    let request = common::key_request(&fallback.core, put("b", None, None));
+    let dropped = fallback.core.local_write(10, &request).unwrap();
+    let StoreOp::Write {
+        object: Object::Lww(first),
+        ..
+    } = &dropped.op
+    else {
+        panic!("{dropped:?}")
+    };
+    let answer = fallback.request_at(10, 2, put("b", None, None));
+    assert!(matches!(answer, Message::PutOk(_)), "{answer:?}");
+    match &fallback.store.objects()[&dropped.key] {
+        Object::Lww(stored) => {
+            assert!(stored.timestamp > first.timestamp, "{stored:?} {first:?}");
+            assert_eq!(stored.val, first.val);
+        }
+        other => panic!("{other:?}"),
+    }
+
     let mut synced = One::new(lww_props());
     synced.request_at(0, 1, put("a", None, None));
     refused(&mut synced, put("b", None, None), "synced writes");
