@@ -245,13 +245,15 @@ fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer(
     assert_eq!(homes.len(), 2, "keys of both homes were tried");
 }
 
-/// A put `one` may write itself as a shard does ([`Core::local_write`]), written and answered;
-/// `None` if the core does not allow it.
-fn local_put(one: &mut One, now: u64, message: Message) -> Option<Message> {
+/// A put `one` may write itself as a shard does ([`Core::local_write`]), written and answered,
+/// with whether the write was a synced one; `None` if the core does not allow it.
+fn local_put(one: &mut One, now: u64, message: Message) -> Option<(Message, bool)> {
     let request = common::key_request(&one.core, message);
     let write = one.core.local_write(now, &request)?;
-    common::carry_out(&one.store, write.key.clone(), clone_op(&write.op)).unwrap();
-    Some(one.core.local_write_done(now, write))
+    let op = clone_op(&write.op);
+    let durable = matches!(op, StoreOp::Write { durable: true, .. });
+    common::carry_out(&one.store, write.key.clone(), op).unwrap();
+    Some((one.core.local_write_done(now, write), durable))
 }
 
 fn clone_op(op: &StoreOp) -> StoreOp {
@@ -273,42 +275,57 @@ fn clone_op(op: &StoreOp) -> StoreOp {
 #[test]
 fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     let buffered = |cfg: &mut CoreConfig| cfg.durable_writes = false;
-    let mut coordinated = One::with(lww_props(), buffered);
-    let mut local = One::with(lww_props(), buffered);
     let ttl = |ms| put_expiring("e", Some(Expiry::Ttl { ms }));
-    let writes = [
-        (10, put("v1", None, None), false),
-        (20, put("v2", None, None), true),
-        (20, put("v3", None, None), true),
-        (30, ttl(5), true),
-        (40, put("v4", None, None), true),
-    ];
-    for (i, (now, message, allowed)) in writes.into_iter().enumerate() {
-        let want = coordinated.request_at(now, i as u64, message.clone());
-        let got = match local_put(&mut local, now, message.clone()) {
-            Some(answer) => {
-                assert!(allowed, "write {i} was written locally");
-                answer
-            }
-            None => {
-                assert!(!allowed, "write {i} was coordinated");
-                local.request_at(now, i as u64, message)
-            }
-        };
-        assert_eq!(got, want, "write {i}");
+    let Message::Put(p) = put("v5", None, None) else {
+        unreachable!()
+    };
+    let dw1 = Message::Put(Put { dw: Some(1), ..p });
+    // A buffered node, then one that syncs its writes (the default): each write is synced
+    // exactly when the coordinated one syncs its home's copy.
+    for sync in [false, true] {
+        let change = |cfg: &mut CoreConfig| cfg.durable_writes = sync;
+        let mut coordinated = One::with(lww_props(), change);
+        let mut local = One::with(lww_props(), change);
+        let writes = [
+            (10, put("v1", None, None), false),
+            (20, put("v2", None, None), true),
+            (20, put("v3", None, None), true),
+            (30, ttl(5), true),
+            (40, put("v4", None, None), true),
+            (40, dw1.clone(), true),
+        ];
+        for (i, (now, message, allowed)) in writes.into_iter().enumerate() {
+            let want = coordinated.request_at(now, i as u64, message.clone());
+            let got = match local_put(&mut local, now, message.clone()) {
+                Some((answer, durable)) => {
+                    assert!(allowed, "write {i} was written locally (sync {sync})");
+                    let synced = sync || i == 5;
+                    assert_eq!(durable, synced, "write {i} (sync {sync})");
+                    answer
+                }
+                None => {
+                    assert!(!allowed, "write {i} was coordinated (sync {sync})");
+                    local.request_at(now, i as u64, message)
+                }
+            };
+            assert_eq!(got, want, "write {i}");
+            assert_eq!(
+                local.store.objects(),
+                coordinated.store.objects(),
+                "write {i}"
+            );
+            assert_eq!(local.core.merkle_roots(), coordinated.core.merkle_roots());
+            assert_eq!(local.store.syncs.get(), coordinated.store.syncs.get());
+        }
+        assert_eq!(local.core.stats().local_writes, 5);
+        assert_eq!(local.core.stats().blind_writes, 5);
         assert_eq!(
-            local.store.objects(),
-            coordinated.store.objects(),
-            "write {i}"
+            read_at(&mut local, 50, 90),
+            read_at(&mut coordinated, 50, 90)
         );
-        assert_eq!(local.core.merkle_roots(), coordinated.core.merkle_roots());
     }
-    assert_eq!(local.core.stats().local_writes, 4);
-    assert_eq!(local.core.stats().blind_writes, 4);
-    assert_eq!(
-        read_at(&mut local, 50, 90),
-        read_at(&mut coordinated, 50, 90)
-    );
+    let mut local = One::with(lww_props(), buffered);
+    local.request_at(10, 1, put("v1", None, None));
     // A value stamped far ahead (a replica whose clock ran ahead): the local write's stamp
     // passes it, and the write replaces it.
     let (key, _) = local.store.objects().into_iter().next().unwrap();
@@ -330,10 +347,6 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     let ctx = Some(Bytes::from_static(b"\x01\x00\x00\x00\x00"));
     refused(&mut local, put("c", ctx, None), "a context");
     refused(&mut local, put("c", None, Some(2)), "w = 2");
-    let Message::Put(p) = put("c", None, None) else {
-        unreachable!()
-    };
-    refused(&mut local, Message::Put(Put { dw: Some(1), ..p }), "dw = 1");
     refused(&mut local, get(None), "a get");
     // A job of the key holds its lock until its write is stored.
     let request = common::key_request(&local.core, put("w", None, None));
@@ -377,9 +390,6 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
         other => panic!("{other:?}"),
     }
 
-    let mut synced = One::new(lww_props());
-    synced.request_at(0, 1, put("a", None, None));
-    refused(&mut synced, put("b", None, None), "synced writes");
     let mut siblings = One::with(props(1), buffered);
     siblings.request_at(0, 1, put("a", None, None));
     refused(&mut siblings, put("b", None, None), "a siblings bucket");

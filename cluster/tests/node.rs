@@ -782,12 +782,24 @@ fn admin_health_and_metrics() {
 /// yet. Metrics are published a moment late, hence the bounded polls.
 #[test]
 fn a_lone_node_serves_resp_reads_and_overwrites_from_its_own_store() {
-    let dir = data_dir("local");
+    lone_node_serves_locally("buffered");
+}
+
+/// As above on a node that syncs its writes (the default durability): its overwrites are
+/// written locally too, each answered once its group commit is durable.
+#[test]
+fn a_lone_synced_node_serves_resp_reads_and_overwrites_from_its_own_store() {
+    lone_node_serves_locally("sync");
+}
+
+fn lone_node_serves_locally(durability: &str) {
+    let dir = data_dir(&format!("local-{durability}"));
     let admin = format!("127.0.0.1:{}", free_port());
     let resp = format!("127.0.0.1:{}", free_port());
-    let server = Server::start_with(
+    let server = Server::start_durable(
         &dir,
         free_port(),
+        durability,
         &["--admin-listen", &admin, "--resp-listen", &resp],
     );
     let metric = |name: &str| -> u64 {

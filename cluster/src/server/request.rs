@@ -15,6 +15,7 @@ use crate::metrics::Op;
 use crate::route::{PARTITIONS, shard_of};
 use ringkv_core::coordinator::StoreOp;
 use ringkv_core::request::{KeyOp, KeyRequest};
+use ringkv_engine::EngineError;
 
 use super::stop::unless;
 use super::{
@@ -57,6 +58,7 @@ impl Shard {
         let (started, hold) = self.begin(request, hold, start);
         let answered = match &started.wait {
             Wait::Refused(_) | Wait::Answered(_) => true,
+            Wait::Synced { .. } => false,
             // The core answered at once (or the shard closed the table).
             Wait::Local(ticket) => !self.clients.waits(ticket.id()),
             Wait::Remote(_) => false,
@@ -182,7 +184,8 @@ impl Shard {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
                 let wait = match self.serve_here(&request, at) {
-                    Some(answer) => Wait::Answered(answer),
+                    Some(Served::Now(answer)) => Wait::Answered(answer),
+                    Some(Served::Synced { epoch, answer }) => Wait::Synced { epoch, answer },
                     None => Wait::Local(self.start_local(request, at)),
                 };
                 (wait, Some(hold))
@@ -221,6 +224,12 @@ impl Shard {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return refused,
             Wait::Answered(answer) => answer,
+            Wait::Synced { epoch, answer } => {
+                match by_deadline(self.engine.wait_durable(epoch), left).await {
+                    Some(durable) => when_durable(durable, answer),
+                    None => timed_out(timeout_ms),
+                }
+            }
             // A ticket dropped unanswered forgets its id: a late answer is dropped.
             Wait::Local(ticket) => match by_deadline(ticket.recv(), left).await {
                 Some(answer) => answer.unwrap_or_else(shard_stopped),
@@ -372,8 +381,12 @@ impl Shard {
     /// Executes a client request for a partition this shard owns: its core coordinates it.
     pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
         let at = Instant::now();
-        if let Some(answer) = self.serve_here(&request, at) {
-            return answer;
+        match self.serve_here(&request, at) {
+            Some(Served::Now(answer)) => return answer,
+            Some(Served::Synced { epoch, answer }) => {
+                return when_durable(self.engine.wait_durable(epoch).await, answer);
+            }
+            None => {}
         }
         let ticket = self.start_local(request, at);
         ticket.recv().await.unwrap_or_else(shard_stopped)
@@ -381,12 +394,13 @@ impl Shard {
 
     /// The answer to a GET or PUT this shard's core lets it serve from its own store alone
     /// ([`Core::local_read`], [`Core::local_write`]), served at once; `None` if the request is
-    /// not such a GET or PUT, or its storage operation would wait or failed (the core then
-    /// coordinates it, and carries the operation out again).
+    /// not such a GET or PUT, or its storage operation would wait for the store to take it or
+    /// failed (the core then coordinates it, and carries the operation out again). A synced
+    /// write's answer waits for its group commit.
     ///
     /// [`Core::local_read`]: ringkv_core::coordinator::Core::local_read
     /// [`Core::local_write`]: ringkv_core::coordinator::Core::local_write
-    fn serve_here(&self, request: &KeyRequest, at: Instant) -> Option<Message> {
+    fn serve_here(&self, request: &KeyRequest, at: Instant) -> Option<Served> {
         let op = request.op();
         if !matches!(op, KeyOp::Get | KeyOp::Put) {
             return None;
@@ -397,16 +411,22 @@ impl Shard {
         if op == KeyOp::Get {
             let key = self.core.borrow_mut().local_read(now, request)?;
             let stored = self.store_now(&key, &StoreOp::Read)?.ok()?;
-            Some(
-                self.core
-                    .borrow_mut()
-                    .local_read_reply(now, stored.as_ref()),
-            )
-        } else {
-            let write = self.core.borrow_mut().local_write(now, request)?;
-            self.store_now(&write.key, &write.op)?.ok()?;
-            Some(self.core.borrow_mut().local_write_done(now, write))
+            let answer = self
+                .core
+                .borrow_mut()
+                .local_read_reply(now, stored.as_ref());
+            return Some(Served::Now(answer));
         }
+        let write = self.core.borrow_mut().local_write(now, request)?;
+        if matches!(write.op, StoreOp::Write { durable: true, .. }) {
+            let epoch = self.durable_write_now(&write.key, &write.op)?.ok()?;
+            let answer = self.core.borrow_mut().local_write_done(now, write);
+            return Some(Served::Synced { epoch, answer });
+        }
+        self.store_now(&write.key, &write.op)?.ok()?;
+        Some(Served::Now(
+            self.core.borrow_mut().local_write_done(now, write),
+        ))
     }
 
     /// Hands a client request for a partition this shard owns to its core; the answer is
@@ -444,6 +464,23 @@ pub(super) struct Started {
     wait: Wait,
 }
 
+/// What a request served by this shard's own store answers ([`Shard::serve_here`]).
+enum Served {
+    /// This, now.
+    Now(Message),
+    /// This, once flush epoch `epoch`, which holds the request's synced write, is durable.
+    Synced { epoch: u64, answer: Message },
+}
+
+/// A synced write's `answer` once its flush completed (`durable`), or the flush's failure: the
+/// coordinated path answers a failed local write so too.
+fn when_durable(durable: Result<u64, EngineError>, answer: Message) -> Message {
+    match durable {
+        Ok(_) => answer,
+        Err(e) => error_message(ErrorCode::Internal, format!("local write failed: {e}")),
+    }
+}
+
 /// Where a started request's answer comes from.
 enum Wait {
     /// Refused before any work.
@@ -451,6 +488,8 @@ enum Wait {
     /// Answered when it started: a GET or PUT served by this shard's own store
     /// ([`Shard::serve_here`]).
     Answered(Message),
+    /// A synced PUT this shard wrote itself, answered once flush epoch `epoch` is durable.
+    Synced { epoch: u64, answer: Message },
     /// This shard's core, under a client request's ticket.
     Local(Ticket),
     /// The task that asked the owning shard.

@@ -53,14 +53,16 @@
 //!   repair: the coordinated read would read this node's store once and answer what it found.
 //!   The shell reads such a key itself ([`Core::local_read`]) and answers with
 //!   [`Core::local_read_reply`], the same answer, without an op, a slot or a pending entry. So
-//!   does an unconditional PUT of an `lww` bucket with that one replica, `w = 1` and `dw = 0`,
-//!   on a node that does not sync its writes and with no ring change pending (whose new
-//!   replicas get a copy of every write), when its key has no job in flight or queued and it
-//!   could be written blind (its stored stamp known, `Core::blind_lww`):
-//!   [`Core::local_write`] stamps the object the coordinated write would have written, the
-//!   shell writes it, and [`Core::local_write_done`] updates the tree and answers. Nothing runs
-//!   between the two calls, so the key's lock is not needed. A read or write that would wait
-//!   for storage, or fails, is coordinated as any other.
+//!   does an unconditional PUT of an `lww` bucket with that one replica and `w = 1`, with no
+//!   ring change pending (whose new replicas get a copy of every write), when its key has no
+//!   job in flight or queued and it could be written blind (its stored stamp known,
+//!   `Core::blind_lww`): [`Core::local_write`] stamps the object the coordinated write would
+//!   have written, the shell writes it, and [`Core::local_write_done`] updates the tree and
+//!   answers. Nothing runs between the two calls, so the key's lock is not needed. A synced
+//!   write (a `sync` node, or `dw = 1`) is answered once the group commit that holds it is
+//!   durable, as the coordinated write is; a write of the same key meanwhile is not held back
+//!   by it, and is acknowledged only with its own commit, which comes no earlier. A read or
+//!   write that would wait for storage to take it, or fails, is coordinated as any other.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
 //!   coordinator believes that home unreachable (see failure detection below), by the next node
 //!   of the ring walk not already serving a slot. A fallback stores what it receives as a
@@ -334,7 +336,8 @@ pub enum StoreOp {
 pub struct LocalWrite {
     /// The key written.
     pub key: StoreKey,
-    /// The write: an `lww` object, not synced (a local write asks for no durable copy).
+    /// The write: an `lww` object, synced when the node syncs its writes or the put asks for
+    /// `dw = 1`.
     pub op: StoreOp,
 }
 
@@ -1228,17 +1231,18 @@ impl Core {
 
     /// The storage write of a client PUT this node can make alone, without coordinating it
     /// (module docs, "local reads and writes"), `None` when the PUT must be coordinated. The
-    /// shell carries the write out at once and answers with [`Core::local_write_done`]; if the
-    /// write would wait for storage or fails, it hands the request to [`Core::handle_client`]
-    /// instead, which stamps and writes it again (the stamp taken here is then skipped, as any
-    /// stamp of a write that failed).
+    /// shell carries the write out at once and answers with [`Core::local_write_done`], once
+    /// the write is durable if it is a synced one; if the write would wait for storage to take
+    /// it, or fails, the shell hands the request to [`Core::handle_client`] instead, which
+    /// stamps and writes it again (the stamp taken here is then skipped, as any stamp of a
+    /// write that failed).
     pub fn local_write(&mut self, now: u64, request: &KeyRequest) -> Option<LocalWrite> {
         let KeyBody::Put(put) = request.body() else {
             return None;
         };
         // A context is checked, and refused if malformed, by the coordinated path.
         let plain = put.condition.is_none() && put.context.as_ref().is_none_or(Bytes::is_empty);
-        if !plain || self.cfg.durable_writes {
+        if !plain {
             return None;
         }
         let (bucket, key) = request.key();
@@ -1256,7 +1260,7 @@ impl Core {
         let partition = request.partition().0;
         let alone = usize::from(quorum.n).min(members) == 1
             && quorum.w == 1
-            && quorum.dw == 0
+            && quorum.dw <= 1
             && self.walks[partition as usize].first() == Some(&self.cfg.node);
         // During a ring change a write also goes to the pending ring's replicas (`transfer.rs`),
         // which only the coordinated path sends.
@@ -1285,17 +1289,18 @@ impl Core {
         });
         let object = self.check_size(object).ok()?;
         self.ae.foreground(now);
+        // Synced as the coordinated write syncs its home's copy, which is then its one
+        // durable acknowledgement.
+        let durable = self.cfg.durable_writes || quorum.dw > 0;
         Some(LocalWrite {
             key,
-            op: StoreOp::Write {
-                object,
-                durable: false,
-            },
+            op: StoreOp::Write { object, durable },
         })
     }
 
-    /// The answer to a PUT [`Core::local_write`] let the shell write, once the store wrote it:
-    /// the replica's tree and the transfers follow the write, as after a coordinated one.
+    /// The answer to a PUT [`Core::local_write`] let the shell write, once the store took it
+    /// (a synced write's answer then waits for its flush): the replica's tree and the transfers
+    /// follow the write, as after a coordinated one.
     pub fn local_write_done(&mut self, now: u64, write: LocalWrite) -> Message {
         self.ae_written(now, &write.key, &write.op);
         self.stored_write(now, &write.key);
