@@ -607,7 +607,7 @@ struct Shard {
     /// operation id), epochs in order. One watcher reports a whole flush's writes when it
     /// completes (`store.rs`), instead of a task per write. Bounded by the core's operations in
     /// flight.
-    durable_waits: std::cell::RefCell<std::collections::VecDeque<(u64, u64)>>,
+    durable_waits: std::cell::RefCell<std::collections::VecDeque<(u64, store::DurableWait)>>,
     /// The watcher's waker while it waits for a first write.
     durable_watcher: Cell<Option<std::task::Waker>>,
     /// Cancelled at shutdown once no request can arrive any more: ends the ticker and links.

@@ -27,6 +27,7 @@ use crate::metrics::CoreFigures;
 use crate::peer::{self};
 
 use super::stop::StopToken;
+use super::store::DurableWait;
 
 use super::stop::unless;
 use super::{BACKGROUND_SHARES_MAX, Shard, TICK_MS};
@@ -226,7 +227,7 @@ impl Shard {
             && let Some(appended) = self.durable_write_now(&key, &op)
         {
             match appended {
-                Ok(epoch) => self.await_durable(epoch, id),
+                Ok(epoch) => self.await_durable(epoch, DurableWait::Core(id)),
                 Err(e) => self.report(Input::Stored { id, result: Err(e) }),
             }
             return;

@@ -15,9 +15,9 @@ use crate::metrics::Op;
 use crate::route::{PARTITIONS, shard_of};
 use ringkv_core::coordinator::StoreOp;
 use ringkv_core::request::{KeyOp, KeyRequest};
-use ringkv_engine::EngineError;
 
 use super::stop::unless;
+use super::store::DurableWait;
 use super::{
     HINTS_TRUNCATE, HINTS_TRUNCATE_SHARD, MeshWork, Shard, ShardReply, ShardRequest, Ticket,
     Waiters, error_message, shard_stopped,
@@ -58,7 +58,6 @@ impl Shard {
         let (started, hold) = self.begin(request, hold, start);
         let answered = match &started.wait {
             Wait::Refused(_) | Wait::Answered(_) => true,
-            Wait::Synced { .. } => false,
             // The core answered at once (or the shard closed the table).
             Wait::Local(ticket) => !self.clients.waits(ticket.id()),
             Wait::Remote(_) => false,
@@ -185,7 +184,7 @@ impl Shard {
             if owner == self.id {
                 let wait = match self.serve_here(&request, at) {
                     Some(Served::Now(answer)) => Wait::Answered(answer),
-                    Some(Served::Synced { epoch, answer }) => Wait::Synced { epoch, answer },
+                    Some(Served::Later(ticket)) => Wait::Local(ticket),
                     None => Wait::Local(self.start_local(request, at)),
                 };
                 (wait, Some(hold))
@@ -224,12 +223,6 @@ impl Shard {
             // Refused before any work: not counted, as nothing was executed.
             Wait::Refused(refused) => return refused,
             Wait::Answered(answer) => answer,
-            Wait::Synced { epoch, answer } => {
-                match by_deadline(self.engine.wait_durable(epoch), left).await {
-                    Some(durable) => when_durable(durable, answer),
-                    None => timed_out(timeout_ms),
-                }
-            }
             // A ticket dropped unanswered forgets its id: a late answer is dropped.
             Wait::Local(ticket) => match by_deadline(ticket.recv(), left).await {
                 Some(answer) => answer.unwrap_or_else(shard_stopped),
@@ -383,8 +376,8 @@ impl Shard {
         let at = Instant::now();
         match self.serve_here(&request, at) {
             Some(Served::Now(answer)) => return answer,
-            Some(Served::Synced { epoch, answer }) => {
-                return when_durable(self.engine.wait_durable(epoch).await, answer);
+            Some(Served::Later(ticket)) => {
+                return ticket.recv().await.unwrap_or_else(shard_stopped);
             }
             None => {}
         }
@@ -419,9 +412,19 @@ impl Shard {
         }
         let write = self.core.borrow_mut().local_write(now, request)?;
         if matches!(write.op, StoreOp::Write { durable: true, .. }) {
+            // The flush's watcher answers it (`store.rs`); once the shard stops it may be gone.
+            if self.stop.is_cancelled() {
+                return None;
+            }
             let epoch = self.durable_write_now(&write.key, &write.op)?.ok()?;
             let answer = self.core.borrow_mut().local_write_done(now, write);
-            return Some(Served::Synced { epoch, answer });
+            let ticket = self.clients.register();
+            let wait = DurableWait::Client {
+                ticket: ticket.id(),
+                answer,
+            };
+            self.await_durable(epoch, wait);
+            return Some(Served::Later(ticket));
         }
         self.store_now(&write.key, &write.op)?.ok()?;
         Some(Served::Now(
@@ -468,17 +471,8 @@ pub(super) struct Started {
 enum Served {
     /// This, now.
     Now(Message),
-    /// This, once flush epoch `epoch`, which holds the request's synced write, is durable.
-    Synced { epoch: u64, answer: Message },
-}
-
-/// A synced write's `answer` once its flush completed (`durable`), or the flush's failure: the
-/// coordinated path answers a failed local write so too.
-fn when_durable(durable: Result<u64, EngineError>, answer: Message) -> Message {
-    match durable {
-        Ok(_) => answer,
-        Err(e) => error_message(ErrorCode::Internal, format!("local write failed: {e}")),
-    }
+    /// What this ticket gets: a synced write's answer, once its flush is durable.
+    Later(Ticket),
 }
 
 /// Where a started request's answer comes from.
@@ -488,8 +482,6 @@ enum Wait {
     /// Answered when it started: a GET or PUT served by this shard's own store
     /// ([`Shard::serve_here`]).
     Answered(Message),
-    /// A synced PUT this shard wrote itself, answered once flush epoch `epoch` is durable.
-    Synced { epoch: u64, answer: Message },
     /// This shard's core, under a client request's ticket.
     Local(Ticket),
     /// The task that asked the owning shard.

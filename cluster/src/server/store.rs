@@ -5,9 +5,14 @@
 //! A synced write is appended at once and waits only for its flush epoch ([`Shard::
 //! await_durable`]). One watcher per shard ([`run_durable_waits`]) waits for the oldest epoch
 //! and, when a flush completes, reports every write it made durable, one after another,
-//! stepping aside between them only when the shard's other tasks are due. A write
+//! stepping aside between them only when the shard's other tasks are due: to the core, or, for a
+//! client's write the shard made itself (`Core::local_write`), to the client's ticket. A write
 //! waited in a task of its own before: a future, a task and a wakeup each, for writes that a
-//! group commit finishes together.
+//! group commit finishes together. A client's request does not wait for the engine's flush
+//! itself either: the engine wakes every waiter at every flush, and glommio's timer (the
+//! request's deadline) registers itself anew, and stays registered until it expires, each time
+//! it is polled while pending, so every wakeup of a request before its own flush left a timer
+//! behind (measured: a third of a synced SET's CPU went to scanning them).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -24,9 +29,11 @@ use ringkv_core::ring::PartitionId;
 use crate::replica::{self, HINT_PARTITION_BASE};
 use crate::route::{PARTITIONS, shard_of};
 
-use super::Shard;
+use ringkv_net::{ErrorCode, Message};
+
 use super::driver::Input;
 use super::stop::StopToken;
+use super::{Shard, error_message};
 
 /// Every hint stored in the hint partitions of the ring partitions `shard` owns, with the bytes
 /// it counts for in the hint store's bound.
@@ -74,14 +81,14 @@ impl Shard {
         replica::durable_write_now(&self.engine, key, op)
     }
 
-    /// Reports operation `id` to the core once flush epoch `epoch` is durable.
-    pub(super) fn await_durable(&self, epoch: u64, id: u64) {
+    /// Reports `wait` once flush epoch `epoch` is durable.
+    pub(super) fn await_durable(&self, epoch: u64, wait: DurableWait) {
         let mut waits = self.durable_waits.borrow_mut();
         assert!(
             waits.back().is_none_or(|&(last, _)| last <= epoch),
             "flush epochs only grow"
         );
-        waits.push_back((epoch, id));
+        waits.push_back((epoch, wait));
         drop(waits);
         if let Some(watcher) = self.durable_watcher.take() {
             watcher.wake();
@@ -150,20 +157,42 @@ pub(super) async fn run_durable_waits(shard: Weak<Shard>, stop: StopToken) {
         loop {
             // A statement of its own: the queue's borrow ends here, before the core is fed.
             let next = settled(&mut shard.durable_waits.borrow_mut(), &durable);
-            let Some(id) = next else {
+            let Some(wait) = next else {
                 break;
             };
-            let result = durable.as_ref().map(|_| None).map_err(Clone::clone);
-            // The core may issue more synced writes meanwhile.
-            shard.drive(Input::Stored { id, result });
+            match wait {
+                DurableWait::Core(id) => {
+                    let result = durable.as_ref().map(|_| None).map_err(Clone::clone);
+                    // The core may issue more synced writes meanwhile.
+                    shard.drive(Input::Stored { id, result });
+                }
+                DurableWait::Client { ticket, answer } => {
+                    let answer = match &durable {
+                        Ok(_) => answer,
+                        // As the core answers a failed write it coordinates.
+                        Err(e) => {
+                            error_message(ErrorCode::Internal, format!("local write failed: {e}"))
+                        }
+                    };
+                    shard.clients.answer(ticket, answer);
+                }
+            }
             glommio::yield_if_needed().await;
         }
     }
 }
 
+/// Who waits for a synced write's flush ([`Shard::await_durable`]).
+pub(super) enum DurableWait {
+    /// Storage operation `id` of the core, reported as its result.
+    Core(u64),
+    /// A client's write the shard made itself: `answer` goes to the client's `ticket`.
+    Client { ticket: u64, answer: Message },
+}
+
 /// The oldest waiting write that `durable` (the newest durable epoch, or the engine's failure)
 /// settles, taken off the queue.
-fn settled(waits: &mut VecDeque<(u64, u64)>, durable: &Result<u64, String>) -> Option<u64> {
+fn settled<T>(waits: &mut VecDeque<(u64, T)>, durable: &Result<u64, String>) -> Option<T> {
     match (waits.front(), durable) {
         (Some(&(epoch, _)), Ok(reached)) if epoch > *reached => None,
         (Some(_), _) => waits.pop_front().map(|(_, id)| id),
