@@ -14,6 +14,9 @@
 # counts the server; a GET run first fills the key space with 500,000 SETs. Prints ops/s and
 # the server's CPU per request. Needs redis-server, redis-benchmark and perf. DATA_ROOT
 # (default target/resp-cpu) must be on a real filesystem.
+#
+# With DURABILITY=sync in the environment, ringkv runs `--durability sync` with `dw = 1` (a
+# write is acknowledged once synced) and Redis with `--appendonly yes --appendfsync always`.
 set -euo pipefail
 
 a=$1
@@ -24,6 +27,15 @@ conns=$5
 pipeline=$6
 root=${7:-target/resp-cpu}
 requests=300000
+durability=${DURABILITY:-buffered}
+case $durability in
+  buffered) dw=0 redis_persistence=(--appendonly no) ;;
+  sync) dw=1 redis_persistence=(--appendonly yes --appendfsync always) ;;
+  *)
+    echo "DURABILITY is buffered or sync, not $durability" >&2
+    exit 2
+    ;;
+esac
 
 # shellcheck source=resp-common.sh
 source "$(dirname "$0")/resp-common.sh"
@@ -61,10 +73,10 @@ ringkv() {
   local dir=$root/$tag
   rm -rf "$dir"
   mkdir -p "$dir"
-  printf '[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = 0\n' > "$dir/node.toml"
+  printf '[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = %s\n' "$dw" > "$dir/node.toml"
   taskset -c 0 "$bin/ringkv" serve --config "$dir/node.toml" --data-dir "$dir/data" \
     --listen "127.0.0.1:$((port + 1))" --resp-listen "127.0.0.1:$port" --shards 1 \
-    --durability buffered > "$dir/node.log" 2>&1 &
+    --durability "$durability" > "$dir/node.log" 2>&1 &
   local node=$!
   wait_ping "$port"
   measure "$tag" "$node" "$port"
@@ -74,7 +86,10 @@ ringkv() {
 
 redis() {
   local port=$((20000 + RANDOM % 12000))
-  taskset -c 0 redis-server --port "$port" --save '' --appendonly no > "$root/redis.log" 2>&1 &
+  rm -rf "$root/redis"
+  mkdir -p "$root/redis"
+  taskset -c 0 redis-server --port "$port" --save '' --dir "$root/redis" "${redis_persistence[@]}" \
+    > "$root/redis.log" 2>&1 &
   local server=$!
   wait_ping "$port"
   measure redis "$server" "$port"
