@@ -377,7 +377,15 @@ impl Shard {
         match self.serve_here(&request, at) {
             Some(Served::Now(answer)) => return answer,
             Some(Served::Later(ticket)) => {
-                return ticket.recv().await.unwrap_or_else(shard_stopped);
+                // The core answers a request it coordinates by its deadline; a synced write
+                // served here is answered by its flush, so the deadline is kept here. The
+                // sending shard holds a slot until this answer.
+                let timeout_ms = self.timeout_ms(request.timeout_ms());
+                let left = || Duration::from_millis(timeout_ms).saturating_sub(at.elapsed());
+                return match by_deadline(ticket.recv(), left).await {
+                    Some(answer) => answer.unwrap_or_else(shard_stopped),
+                    None => timed_out(timeout_ms),
+                };
             }
             None => {}
         }
