@@ -603,10 +603,11 @@ struct Shard {
     /// once the outputs that issued them are carried out ([`Shard::drive`]). Never holds more
     /// than one carry-out's operations: it is emptied before `drive` returns.
     finished: std::cell::RefCell<std::collections::VecDeque<driver::Input>>,
-    /// Synced writes appended to the engine and waiting for their flush: (flush epoch,
-    /// operation id), epochs in order. One watcher reports a whole flush's writes when it
-    /// completes (`store.rs`), instead of a task per write. Bounded by the core's operations in
-    /// flight.
+    /// Synced writes appended to the engine and waiting for their flush: (flush epoch, who
+    /// waits: a core operation or a client's ticket), epochs in order. One watcher reports a
+    /// whole flush's writes when it completes (`store.rs`), instead of a task per write.
+    /// Bounded by the core's operations in flight and the connections' requests in flight
+    /// (and, past their deadlines, by the flushes the disk still owes them).
     durable_waits: std::cell::RefCell<std::collections::VecDeque<(u64, store::DurableWait)>>,
     /// The watcher's waker while it waits for a first write.
     durable_watcher: Cell<Option<std::task::Waker>>,

@@ -167,14 +167,9 @@ pub(super) async fn run_durable_waits(shard: Weak<Shard>, stop: StopToken) {
                     shard.drive(Input::Stored { id, result });
                 }
                 DurableWait::Client { ticket, answer } => {
-                    let answer = match &durable {
-                        Ok(_) => answer,
-                        // As the core answers a failed write it coordinates.
-                        Err(e) => {
-                            error_message(ErrorCode::Internal, format!("local write failed: {e}"))
-                        }
-                    };
-                    shard.clients.answer(ticket, answer);
+                    shard
+                        .clients
+                        .answer(ticket, client_answer(&durable, answer));
                 }
             }
             glommio::yield_if_needed().await;
@@ -188,6 +183,15 @@ pub(super) enum DurableWait {
     Core(u64),
     /// A client's write the shard made itself: `answer` goes to the client's `ticket`.
     Client { ticket: u64, answer: Message },
+}
+
+/// What a client whose write a flush settled gets: its `answer`, or, if the engine failed, the
+/// error the core answers a failed write it coordinates with.
+fn client_answer(durable: &Result<u64, String>, answer: Message) -> Message {
+    match durable {
+        Ok(_) => answer,
+        Err(e) => error_message(ErrorCode::Internal, format!("local write failed: {e}")),
+    }
 }
 
 /// The oldest waiting write that `durable` (the newest durable epoch, or the engine's failure)
@@ -218,5 +222,25 @@ mod tests {
         let failed = Err("the disk failed".to_string());
         assert_eq!(settled(&mut waits, &failed), Some(13));
         assert_eq!(settled(&mut waits, &failed), None);
+    }
+
+    /// A client's synced write settled by a flush gets its answer; settled by the engine's
+    /// failure, an error naming it, never the answer.
+    #[test]
+    fn a_client_gets_its_answer_only_from_a_flush_that_made_it_durable() {
+        let ok = || {
+            Message::PutOk(ringkv_net::PutOk {
+                context: Bytes::new(),
+            })
+        };
+        assert_eq!(client_answer(&Ok(7), ok()), ok());
+        let failed = client_answer(&Err("the disk failed".to_string()), ok());
+        match failed {
+            Message::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Internal);
+                assert!(e.message.contains("the disk failed"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
