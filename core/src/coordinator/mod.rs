@@ -60,9 +60,12 @@
 //!   have written, the shell writes it, and [`Core::local_write_done`] updates the tree and
 //!   answers. Nothing runs between the two calls, so the key's lock is not needed. A synced
 //!   write (a `sync` node, or `dw = 1`) is answered once the group commit that holds it is
-//!   durable, as the coordinated write is; a write of the same key meanwhile is not held back
-//!   by it, and is acknowledged only with its own commit, which comes no earlier. A read or
-//!   write that would wait for storage to take it, or fails, is coordinated as any other.
+//!   durable, as the coordinated write is, but it holds no lock meanwhile: a later synced write
+//!   of the key is not held back by it, and is acknowledged only with its own commit, which
+//!   comes no earlier; and a read, or a conditional write's check, may see its value before
+//!   it is durable (a read may on the coordinated path too; a conditional write there waits
+//!   for the lock). A read or write that would wait for storage to take it, or fails, is
+//!   coordinated as any other.
 //! - **sloppy quorum**: each of the `n` slots of a request is served by its home node, or, if the
 //!   coordinator believes that home unreachable (see failure detection below), by the next node
 //!   of the ring walk not already serving a slot. A fallback stores what it receives as a
@@ -1186,10 +1189,10 @@ impl Core {
     }
 
     /// The stored key a client GET reads when this node can answer it from its own store alone
-    /// (module docs, "local reads and writes"), `None` when the GET must be coordinated. The shell reads the
-    /// key at once and answers with [`Core::local_read_reply`]; if the read would wait for
-    /// storage or fails, it hands the request to [`Core::handle_client`] instead, which reads
-    /// again and handles it like any other.
+    /// (module docs, "local reads and writes"), `None` when the GET must be coordinated. The
+    /// shell reads the key at once and answers with [`Core::local_read_reply`]; if the read
+    /// would wait for storage or fails, it hands the request to [`Core::handle_client`]
+    /// instead, which reads again and handles it like any other.
     pub fn local_read(&mut self, now: u64, request: &KeyRequest) -> Option<StoreKey> {
         let KeyBody::Get(get) = request.body() else {
             return None;
