@@ -31,8 +31,9 @@
 //! differing leaf costs no storage scan (and, for a plain lww value, its stamp: an lww write
 //! over it need not read it, `Core::blind_lww`). The table is hashed, not ordered, because
 //! every replica write looks its key up in it on the request path, while a listing is a
-//! background step of an exchange: it walks the tree's table once and sorts what it takes. That costs about 130 bytes
-//! plus the key's length per key, per replica; a tree costs about 37 KiB whatever its key count.
+//! background step of an exchange: it walks the tree's table once and sorts what it takes.
+//! That costs about 130 bytes plus the key's length per key, per replica; a tree costs about
+//! 37 KiB whatever its key count.
 //!
 //! # Building the trees at startup
 //!
