@@ -1198,31 +1198,40 @@ impl Core {
             return None;
         };
         let (bucket, key) = request.key();
-        let members = self.ring.members().len();
         let overrides = Overrides {
             r: get.r,
             ..Overrides::default()
         };
-        let quorum = self
-            .cfg
-            .buckets
-            .props(bucket)
-            .quorum_among(overrides, members)
-            .ok()?;
-        let partition = request.partition().0;
-        let only_here = usize::from(quorum.n).min(members) == 1
-            && quorum.r == 1
-            && self.walks[partition as usize].first() == Some(&self.cfg.node);
-        if !only_here {
+        let props = self.cfg.buckets.props(bucket);
+        let quorum = self.sole_replica(request, props, overrides)?;
+        if quorum.r != 1 {
             return None;
         }
         self.ae.foreground(now);
         Some(StoreKey {
-            partition,
+            partition: request.partition().0,
             space: Space::Primary,
             bucket: bucket.clone(),
             key: key.clone(),
         })
+    }
+
+    /// The quorum of a client request of a bucket with `props` and the request's `overrides`,
+    /// if this node is its key's only replica (the bucket's `n` is 1, or the ring has one
+    /// member): a request [`Core::local_read`] or [`Core::local_write`] may let the shell
+    /// serve alone.
+    fn sole_replica(
+        &self,
+        request: &KeyRequest,
+        props: &BucketProps,
+        overrides: Overrides,
+    ) -> Option<Quorum> {
+        let members = self.ring.members().len();
+        let quorum = props.quorum_among(overrides, members).ok()?;
+        let partition = request.partition().0 as usize;
+        let alone = usize::from(quorum.n).min(members) == 1
+            && self.walks[partition].first() == Some(&self.cfg.node);
+        alone.then_some(quorum)
     }
 
     /// The answer to a GET that [`Core::local_read`] let the shell read itself, from what the
@@ -1250,24 +1259,23 @@ impl Core {
         }
         let (bucket, key) = request.key();
         let props = *self.cfg.buckets.props(bucket);
-        if props.mode != ConflictMode::Lww || props.data_type.is_some() {
+        if !plain_lww(&props) {
             return None;
         }
-        let members = self.ring.members().len();
         let overrides = Overrides {
             w: put.w,
             dw: put.dw,
             ..Overrides::default()
         };
-        let quorum = props.quorum_among(overrides, members).ok()?;
+        let quorum = self.sole_replica(request, &props, overrides)?;
         let partition = request.partition().0;
-        let alone = usize::from(quorum.n).min(members) == 1
-            && quorum.w == 1
-            && quorum.dw <= 1
-            && self.walks[partition as usize].first() == Some(&self.cfg.node);
         // During a ring change a write also goes to the pending ring's replicas (`transfer.rs`),
         // which only the coordinated path sends.
-        if !alone || self.dropping(partition) || self.transfers.pending().is_some() {
+        if quorum.w != 1
+            || quorum.dw > 1
+            || self.dropping(partition)
+            || self.transfers.pending().is_some()
+        {
             return None;
         }
         let key = StoreKey {
@@ -1285,11 +1293,7 @@ impl Core {
         // As a blind coordinated write (`Core::lock`): the clock passes the stored stamp, and
         // the write is made as from an absent key.
         self.hlc_last = self.hlc_last.max(stored);
-        let object = Object::Lww(Lww {
-            timestamp: lww_stamp(&mut self.hlc_last, None, now),
-            node: self.cfg.node,
-            val: Val::new(put.value.clone(), expires_at_ms),
-        });
+        let object = self.lww_version(None, Val::new(put.value.clone(), expires_at_ms), now);
         let object = self.check_size(object).ok()?;
         self.ae.foreground(now);
         // Synced as the coordinated write syncs its home's copy, which is then its one
@@ -1809,11 +1813,7 @@ impl Core {
                 ))
             }
             ConflictMode::Lww => {
-                let new = Object::Lww(Lww {
-                    timestamp: lww_stamp(&mut self.hlc_last, local.as_ref(), now),
-                    node: self.cfg.node,
-                    val,
-                });
+                let new = self.lww_version(local.as_ref(), val, now);
                 match local {
                     Some(l) => l.merge(new),
                     None => new,
@@ -1833,6 +1833,16 @@ impl Core {
             }
         }
         self.check_size(object)
+    }
+
+    /// A new `lww` version of `val` from this coordinator, stamped past every stamp it has seen
+    /// and past the local replica's `local`.
+    fn lww_version(&mut self, local: Option<&Object>, val: Val, now: u64) -> Object {
+        Object::Lww(Lww {
+            timestamp: lww_stamp(&mut self.hlc_last, local, now),
+            node: self.cfg.node,
+            val,
+        })
     }
 
     /// Refuses an object above the size limit.
@@ -2769,8 +2779,7 @@ impl Core {
                         write: Write::Put(_, _, None),
                         ..
                     }
-                ) && props.mode == ConflictMode::Lww
-                    && props.data_type.is_none();
+                ) && plain_lww(props);
                 if !plain {
                     return None;
                 }
@@ -3228,6 +3237,12 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
         fields: None,
         crdt: None,
     })
+}
+
+/// Whether a bucket's keys are plain last-write-wins values, which an unconditional put
+/// replaces whatever they hold (`Core::blind_lww`).
+fn plain_lww(props: &BucketProps) -> bool {
+    props.mode == ConflictMode::Lww && props.data_type.is_none()
 }
 
 /// When a put's value expires, as its coordinator stamps it: the put's own expiry, else the
