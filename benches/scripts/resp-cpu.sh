@@ -67,25 +67,17 @@ measure() {
 }
 
 ringkv() {
-  # Below the kernel's ephemeral range (32768 and up by default), where a client's
-  # outgoing connections could hold the port.
-  local bin=$1 tag=$2 port=$((20000 + RANDOM % 12000))
-  local dir=$root/$tag
-  rm -rf "$dir"
-  mkdir -p "$dir"
-  printf '[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = %s\n' "$dw" > "$dir/node.toml"
-  taskset -c 0 "$bin/ringkv" serve --config "$dir/node.toml" --data-dir "$dir/data" \
-    --listen "127.0.0.1:$((port + 1))" --resp-listen "127.0.0.1:$port" --shards 1 \
-    --durability "$durability" > "$dir/node.log" 2>&1 &
-  local node=$!
-  wait_ping "$port"
-  measure "$tag" "$node" "$port"
-  kill "$node"
-  wait "$node" 2> /dev/null || true
+  local bin=$1 tag=$2 port
+  port=$(resp_port)
+  start_ringkv "$bin" "$root/$tag" "$port" "$durability" "$dw"
+  measure "$tag" "$NODE_PID" "$port"
+  kill "$NODE_PID"
+  wait "$NODE_PID" 2> /dev/null || true
 }
 
 redis() {
-  local port=$((20000 + RANDOM % 12000))
+  local port
+  port=$(resp_port)
   rm -rf "$root/redis"
   mkdir -p "$root/redis"
   taskset -c 0 redis-server --port "$port" --save '' --dir "$root/redis" "${redis_persistence[@]}" \

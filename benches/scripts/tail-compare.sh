@@ -41,25 +41,17 @@ load() {
 }
 
 ringkv() {
-  # Below the kernel's ephemeral range (32768 and up by default), where a client's outgoing
-  # connections could hold the port.
-  local port=$((20000 + RANDOM % 12000))
-  local dir=$root/ringkv
-  rm -rf "$dir"
-  mkdir -p "$dir"
-  printf '[buckets.default]\nn = 1\nr = 1\nw = 1\ndw = %s\n' "$dw" > "$dir/node.toml"
-  taskset -c 0 "$bins/ringkv" serve --config "$dir/node.toml" --data-dir "$dir/data" \
-    --listen "127.0.0.1:$((port + 1))" --resp-listen "127.0.0.1:$port" --shards 1 \
-    --durability "$durability" > "$dir/node.log" 2>&1 &
-  local pid=$!
-  wait_ping "$port"
+  local port
+  port=$(resp_port)
+  start_ringkv "$bins" "$root/ringkv" "$port" "$durability" "$dw"
   load ringkv "$port"
-  kill "$pid"
-  wait "$pid" 2> /dev/null || true
+  kill "$NODE_PID"
+  wait "$NODE_PID" 2> /dev/null || true
 }
 
 redis() {
-  local port=$((20000 + RANDOM % 12000))
+  local port
+  port=$(resp_port)
   local dir=$root/redis
   rm -rf "$dir"
   mkdir -p "$dir"
