@@ -802,13 +802,6 @@ fn lone_node_serves_locally(durability: &str) {
         durability,
         &["--admin-listen", &admin, "--resp-listen", &resp],
     );
-    let metric = |name: &str| -> u64 {
-        common::admin_get(&admin, "/metrics")
-            .lines()
-            .filter(|l| l.split([' ', '{']).next() == Some(name))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
-    };
     // A write only skips its read once the partition's tree is built. Each shard publishes its
     // figures a moment after it starts, the core's first, then its admission share (never 0):
     // a shard with a share published has published whether its trees are loading.
@@ -848,18 +841,18 @@ fn lone_node_serves_locally(durability: &str) {
     assert_eq!(got.as_deref(), Some("c"));
     let absent: Option<String> = redis::cmd("GET").arg("nope").query(&mut con).unwrap();
     assert_eq!(absent, None);
-    let mut counts = (0, 0);
+    let mut counts = (0.0, 0.0);
     for _ in 0..STARTUP_RETRIES {
         counts = (
-            metric("ringkv_local_writes_total"),
-            metric("ringkv_local_reads_total"),
+            common::metric(&admin, "ringkv_local_writes_total"),
+            common::metric(&admin, "ringkv_local_reads_total"),
         );
-        if counts == (2, 2) {
+        if counts == (2.0, 2.0) {
             break;
         }
         std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
     }
-    assert_eq!(counts, (2, 2), "(local writes, local reads)");
+    assert_eq!(counts, (2.0, 2.0), "(local writes, local reads)");
     drop(con);
     assert_eq!(server.terminate().code(), Some(0));
 }
