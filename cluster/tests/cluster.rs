@@ -96,11 +96,7 @@ impl Node {
 
     /// The sum of every sample of metric `name` in the node's `/metrics`.
     fn metric(&self, name: &str) -> f64 {
-        common::admin_get(&self.admin, "/metrics")
-            .lines()
-            .filter(|l| l.split([' ', '{']).next() == Some(name))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum()
+        common::metric(&self.admin, name)
     }
 
     /// A Redis connection to the node's RESP port.
