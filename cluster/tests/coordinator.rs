@@ -250,20 +250,11 @@ fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer(
 fn local_put(one: &mut One, now: u64, message: Message) -> Option<(Message, bool)> {
     let request = common::key_request(&one.core, message);
     let write = one.core.local_write(now, &request)?;
-    let op = clone_op(&write.op);
-    let durable = matches!(op, StoreOp::Write { durable: true, .. });
-    common::carry_out(&one.store, write.key.clone(), op).unwrap();
+    let StoreOp::Write { durable, .. } = write.op else {
+        panic!("a local write is a write: {:?}", write.op)
+    };
+    common::carry_out(&one.store, write.key.clone(), write.op.clone()).unwrap();
     Some((one.core.local_write_done(now, write), durable))
-}
-
-fn clone_op(op: &StoreOp) -> StoreOp {
-    match op {
-        StoreOp::Write { object, durable } => StoreOp::Write {
-            object: object.clone(),
-            durable: *durable,
-        },
-        other => panic!("a local write is a write: {other:?}"),
-    }
 }
 
 /// An unconditional put of an `lww` bucket whose only replica is here, over a key whose stored
