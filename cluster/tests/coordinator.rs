@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use ringkv_core::NodeId;
 use ringkv_core::bucket::{BucketProps, BucketType, Buckets, ConflictMode};
-use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreOp};
+use ringkv_core::coordinator::{Core, CoreConfig, EpochLease, Output, StoreKey, StoreOp};
 use ringkv_core::object::{Object, Val};
 use ringkv_core::ring::{PartitionCount, Ring};
 use ringkv_net::{
@@ -62,11 +62,7 @@ impl One {
         while let Some(out) = outputs.pop() {
             match out {
                 Output::Store { id, key, op } => {
-                    if matches!(op, StoreOp::Read) {
-                        self.reads += 1;
-                    }
-                    let result = common::carry_out(&self.store, key, op);
-                    outputs.extend(self.core.handle_stored(self.now, id, result));
+                    outputs.extend(self.store(self.now, id, key, op));
                 }
                 Output::Reply { req, message } => {
                     self.replies.insert(req, message);
@@ -79,6 +75,15 @@ impl One {
                 other => panic!("a one-node cluster with a fixed ring moved data: {other:?}"),
             }
         }
+    }
+
+    /// Carries out storage operation `id` at `now`, counting reads; the core's outputs.
+    fn store(&mut self, now: u64, id: u64, key: StoreKey, op: StoreOp) -> Vec<Output> {
+        if matches!(op, StoreOp::Read) {
+            self.reads += 1;
+        }
+        let result = common::carry_out(&self.store, key, op);
+        self.core.handle_stored(now, id, result)
     }
 
     fn request(&mut self, req: u64, message: Message) -> Message {
@@ -476,7 +481,7 @@ fn lww_keeps_the_last_write() {
 }
 
 /// A one-node lww store holding one key, written once at time 10 (a read: the key was new).
-fn lww_one_with_a_key() -> (One, ringkv_core::coordinator::StoreKey) {
+fn lww_one_with_a_key() -> (One, StoreKey) {
     let mut one = One::new(lww_props());
     assert!(matches!(
         one.request_at(10, 1, put("a", None, None)),
@@ -489,7 +494,7 @@ fn lww_one_with_a_key() -> (One, ringkv_core::coordinator::StoreKey) {
 
 /// An lww value stamped `timestamp` by node 9, written to `one`'s store under `key` and loaded
 /// into its tree, as a restart's load of the store would.
-fn load_lww(one: &mut One, key: &ringkv_core::coordinator::StoreKey, timestamp: u64) -> Object {
+fn load_lww(one: &mut One, key: &StoreKey, timestamp: u64) -> Object {
     let object = Object::Lww(ringkv_core::object::Lww {
         timestamp,
         node: NodeId(9),
@@ -567,7 +572,7 @@ fn an_lww_put_over_a_known_lww_value_skips_the_read() {
 /// older one still reads, and the stored value stays.
 #[test]
 fn a_newer_lww_replica_value_is_merged_without_a_read() {
-    use ringkv_core::coordinator::{PeerMsg, StoreOp};
+    use ringkv_core::coordinator::PeerMsg;
     use ringkv_core::object::Lww;
     let (mut one, key) = lww_one_with_a_key();
     let Some(Object::Lww(stored)) = one.store.objects().get(&key).cloned() else {
@@ -590,13 +595,7 @@ fn a_newer_lww_replica_value_is_merged_without_a_read() {
         let mut answered = false;
         while let Some(out) = outputs.pop() {
             match out {
-                Output::Store { id, key, op } => {
-                    if matches!(op, StoreOp::Read) {
-                        one.reads += 1;
-                    }
-                    let result = common::carry_out(&one.store, key, op);
-                    outputs.extend(one.core.handle_stored(20, id, result));
-                }
+                Output::Store { id, key, op } => outputs.extend(one.store(20, id, key, op)),
                 Output::Answer { to, .. } => answered |= to == NodeId(2),
                 _ => {}
             }
