@@ -29,6 +29,7 @@ use glommio::TaskQueueHandle;
 use crate::cache::ValueCache;
 use crate::config::{Durability, EngineConfig};
 use crate::error::EngineError;
+use crate::group_commit::Gather;
 use crate::hint::HintEntry;
 use crate::index::{Entry, Index, KeyHash, Location, SEGMENT_SLOTS_MAX, value_digest};
 use crate::io::{self, FaultPlan, IoClass};
@@ -98,6 +99,8 @@ pub(crate) struct State {
     pub(crate) sync_requested: bool,
     /// When the oldest unflushed `Buffered` write of the open epoch was accepted.
     pub(crate) buffered_since: Option<Instant>,
+    /// When a wanted flush starts: at once, or once the writers of the last one are back.
+    pub(crate) gather: Gather,
     pub(crate) failed: Option<Arc<EngineError>>,
     pub(crate) closed: bool,
     pub(crate) compacting: bool,
@@ -650,6 +653,7 @@ impl Engine {
                 None
             } else {
                 st.sync_requested = true;
+                st.gather.urgent();
                 Some(st.open_epoch)
             }
         };
@@ -733,6 +737,7 @@ impl Engine {
                 let wake_flusher = match durability {
                     Durability::Sync => {
                         st.sync_requested = true;
+                        st.gather.synced_write();
                         true
                     }
                     Durability::Buffered => {
@@ -846,6 +851,7 @@ impl Engine {
             }
             // An empty flush still finishes sealed segments (hint files), so always run one.
             st.sync_requested = true;
+            st.gather.urgent();
             st.open_epoch
         };
         self.inner.flush_wake.notify();
@@ -935,6 +941,7 @@ pub(crate) async fn flush_all(inner: &Inner) -> Result<(), EngineError> {
             return Ok(());
         }
         st.sync_requested = true;
+        st.gather.urgent();
         st.open_epoch
     };
     inner.flush_wake.notify();
@@ -984,19 +991,26 @@ async fn flusher(weak: Weak<Inner>, wake: Rc<Wake>) {
                 if st.failed.is_some() {
                     return;
                 }
-                if st.sync_requested {
-                    break;
-                }
-                match st.buffered_since {
-                    Some(t) => {
-                        let due = t + inner.cfg.flush_interval;
-                        if Instant::now() >= due {
-                            break;
+                // A wanted flush may wait for the writers of the last one to come back
+                // (`group_commit.rs`), a millisecond at most, even past a buffered write's
+                // flush interval.
+                let gather = st
+                    .sync_requested
+                    .then(|| st.gather.wait_until(Instant::now()));
+                match gather {
+                    Some(None) => break,
+                    Some(Some(until)) => Some(until),
+                    None => match st.buffered_since {
+                        Some(t) => {
+                            let due = t + inner.cfg.flush_interval;
+                            if Instant::now() >= due {
+                                break;
+                            }
+                            Some(due)
                         }
-                        Some(due)
-                    }
-                    None if wake.is_shutdown() => return,
-                    None => None,
+                        None if wake.is_shutdown() => return,
+                        None => None,
+                    },
                 }
             };
             match deadline {
@@ -1023,6 +1037,7 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         st.open_epoch += 1;
         st.sync_requested = false;
         st.buffered_since = None;
+        st.gather.started();
         (e, st.writing.iter().cloned().collect::<Vec<_>>())
     };
     let started = Instant::now();
@@ -1042,9 +1057,11 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         Ok::<(), EngineError>(())
     }
     .await;
-    inner.counters.record_flush(started.elapsed());
+    let took = started.elapsed();
+    inner.counters.record_flush(took);
     {
         let mut st = inner.st.borrow_mut();
+        st.gather.completed(started + took, took);
         let waiters = std::mem::take(&mut st.waiters);
         match &result {
             Ok(()) => {

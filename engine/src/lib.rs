@@ -15,14 +15,15 @@
 //! across keys. Values are kept whole in memory while read or written.
 //!
 //! Layout of the crate: [`record`] and [`hint`] are the file formats, [`scan`] the recovery
-//! scanner and [`index`] the in-memory index, all sans-IO; `engine`, `recovery` and `compaction`
-//! do the IO through the seam in [`io`]. The file formats are documented in `docs/ARCHITECTURE.md`.
+//! scanner, [`index`] the in-memory index and `group_commit` the rule for when a flush starts,
+//! all sans-IO; `engine`, `recovery` and `compaction` do the IO through the seam in [`io`]. The file formats are documented in `docs/ARCHITECTURE.md`.
 
 mod cache;
 mod compaction;
 pub mod config;
 mod engine;
 pub mod error;
+mod group_commit;
 pub mod hint;
 pub mod index;
 pub mod io;

@@ -251,6 +251,7 @@ pub(crate) async fn open(
         waiters: Vec::new(),
         sync_requested: false,
         buffered_since: None,
+        gather: Default::default(),
         failed: None,
         closed: false,
         compacting: false,
