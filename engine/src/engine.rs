@@ -732,13 +732,13 @@ impl Engine {
                     }
                     RecordKind::SegmentHeader => unreachable!(),
                 }
-                // The flusher needs waking only when its plan changes: a sync writer now waits, or
-                // the first buffered write of the epoch starts the flush-interval clock.
+                // The flusher needs waking only when its plan changes: a sync writer now waits,
+                // or makes the group it waits for whole (`group_commit.rs`), or the first
+                // buffered write of the epoch starts the flush-interval clock.
                 let wake_flusher = match durability {
                     Durability::Sync => {
                         st.sync_requested = true;
-                        st.gather.synced_write();
-                        true
+                        st.gather.synced_write()
                     }
                     Durability::Buffered => {
                         let first = st.buffered_since.is_none();
@@ -991,12 +991,22 @@ async fn flusher(weak: Weak<Inner>, wake: Rc<Wake>) {
                 if st.failed.is_some() {
                     return;
                 }
+                debug_assert_eq!(
+                    st.sync_requested,
+                    st.gather.wanted(),
+                    "a flush is wanted exactly when the gather knows why"
+                );
                 // A wanted flush may wait for the writers of the last one to come back
                 // (`group_commit.rs`), a millisecond at most, even past a buffered write's
-                // flush interval.
-                let gather = st
-                    .sync_requested
-                    .then(|| st.gather.wait_until(Instant::now()));
+                // flush interval. Not once the engine is dropped: its wake then resolves at
+                // once, and waiting would spin.
+                let gather = st.sync_requested.then(|| {
+                    if wake.is_shutdown() {
+                        None
+                    } else {
+                        st.gather.wait_until(Instant::now())
+                    }
+                });
                 match gather {
                     Some(None) => break,
                     Some(Some(until)) => Some(until),
