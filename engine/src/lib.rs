@@ -16,7 +16,8 @@
 //!
 //! Layout of the crate: [`record`] and [`hint`] are the file formats, [`scan`] the recovery
 //! scanner, [`index`] the in-memory index and `group_commit` the rule for when a flush starts,
-//! all sans-IO; `engine`, `recovery` and `compaction` do the IO through the seam in [`io`]. The file formats are documented in `docs/ARCHITECTURE.md`.
+//! all sans-IO; `engine`, `recovery` and `compaction` do the IO through the seam in [`io`]. The
+//! file formats are documented in `docs/ARCHITECTURE.md`.
 
 mod cache;
 mod compaction;
