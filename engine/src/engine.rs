@@ -95,11 +95,10 @@ pub(crate) struct State {
     /// Every epoch up to and including this one is durable.
     pub(crate) durable_epoch: u64,
     pub(crate) waiters: Vec<Waker>,
-    /// A `Sync` writer waits on the open epoch: flush now.
-    pub(crate) sync_requested: bool,
     /// When the oldest unflushed `Buffered` write of the open epoch was accepted.
     pub(crate) buffered_since: Option<Instant>,
-    /// When a wanted flush starts: at once, or once the writers of the last one are back.
+    /// Whether a flush is wanted (a `Sync` writer waits on the open epoch, or a flush is needed
+    /// at once), and when it starts: at once, or once the writers of the last one are back.
     pub(crate) gather: Gather,
     pub(crate) failed: Option<Arc<EngineError>>,
     pub(crate) closed: bool,
@@ -652,7 +651,6 @@ impl Engine {
             if pending == 0 || pending + rec_len <= inner.cfg.write_buffer_bytes_max as u64 {
                 None
             } else {
-                st.sync_requested = true;
                 st.gather.urgent();
                 Some(st.open_epoch)
             }
@@ -736,10 +734,7 @@ impl Engine {
                 // or makes the group it waits for whole (`group_commit.rs`), or the first
                 // buffered write of the epoch starts the flush-interval clock.
                 let wake_flusher = match durability {
-                    Durability::Sync => {
-                        st.sync_requested = true;
-                        st.gather.synced_write()
-                    }
+                    Durability::Sync => st.gather.synced_write(),
                     Durability::Buffered => {
                         let first = st.buffered_since.is_none();
                         st.buffered_since.get_or_insert_with(Instant::now);
@@ -850,7 +845,6 @@ impl Engine {
                 active.sealed.set(true);
             }
             // An empty flush still finishes sealed segments (hint files), so always run one.
-            st.sync_requested = true;
             st.gather.urgent();
             st.open_epoch
         };
@@ -940,7 +934,6 @@ pub(crate) async fn flush_all(inner: &Inner) -> Result<(), EngineError> {
         if st.writing.iter().all(|s| s.synced.get() == s.len.get()) {
             return Ok(());
         }
-        st.sync_requested = true;
         st.gather.urgent();
         st.open_epoch
     };
@@ -991,26 +984,22 @@ async fn flusher(weak: Weak<Inner>, wake: Rc<Wake>) {
                 if st.failed.is_some() {
                     return;
                 }
-                debug_assert_eq!(
-                    st.sync_requested,
-                    st.gather.wanted(),
-                    "a flush is wanted exactly when the gather knows why"
-                );
-                // A wanted flush may wait for the writers of the last one to come back
-                // (`group_commit.rs`), a millisecond at most, even past a buffered write's
-                // flush interval. Not once the engine is dropped: its wake then resolves at
-                // once, and waiting would spin.
-                let gather = st.sync_requested.then(|| {
-                    if wake.is_shutdown() {
+                if st.gather.wanted() {
+                    // A wanted flush may wait for the writers of the last one to come back
+                    // (`group_commit.rs`), a millisecond at most, even past a buffered write's
+                    // flush interval. Not once the engine is dropped: its wake then resolves at
+                    // once, and waiting would spin.
+                    let until = if wake.is_shutdown() {
                         None
                     } else {
                         st.gather.wait_until(Instant::now())
+                    };
+                    if until.is_none() {
+                        break;
                     }
-                });
-                match gather {
-                    Some(None) => break,
-                    Some(Some(until)) => Some(until),
-                    None => match st.buffered_since {
+                    until
+                } else {
+                    match st.buffered_since {
                         Some(t) => {
                             let due = t + inner.cfg.flush_interval;
                             if Instant::now() >= due {
@@ -1020,7 +1009,7 @@ async fn flusher(weak: Weak<Inner>, wake: Rc<Wake>) {
                         }
                         None if wake.is_shutdown() => return,
                         None => None,
-                    },
+                    }
                 }
             };
             match deadline {
@@ -1045,7 +1034,6 @@ pub(crate) async fn flush_once(inner: &Rc<Inner>) -> Result<(), ()> {
         let mut st = inner.st.borrow_mut();
         let e = st.open_epoch;
         st.open_epoch += 1;
-        st.sync_requested = false;
         st.buffered_since = None;
         st.gather.started();
         (e, st.writing.iter().cloned().collect::<Vec<_>>())

@@ -249,7 +249,6 @@ pub(crate) async fn open(
         open_epoch: 1,
         durable_epoch: 0,
         waiters: Vec::new(),
-        sync_requested: false,
         buffered_since: None,
         gather: Default::default(),
         failed: None,
