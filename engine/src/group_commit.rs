@@ -109,6 +109,14 @@ mod tests {
         }
     }
 
+    /// A flush of what waits, during which `during` more synced writes arrive, completed at
+    /// `done` after `took`.
+    fn flush(g: &mut Gather, during: u32, done: Instant, took: Duration) {
+        g.started();
+        writes(g, during);
+        g.completed(done, took);
+    }
+
     /// The flusher is woken by the first write a flush is wanted for and by the one that makes
     /// the group whole, not by those in between, which its deadline covers.
     #[test]
@@ -127,8 +135,7 @@ mod tests {
         assert!(!g.synced_write());
         assert!(g.synced_write(), "all four are back");
         assert_eq!(g.wait_until(t0), None);
-        g.started();
-        g.completed(t0 + FLUSH, FLUSH);
+        flush(&mut g, 0, t0 + FLUSH, FLUSH);
         g.urgent();
         assert!(g.wanted(), "a flush needed at once, with no write waiting");
     }
@@ -141,9 +148,8 @@ mod tests {
         writes(&mut g, 1);
         assert_eq!(g.wait_until(t0), None, "nothing completed yet");
         for round in 1..=3u32 {
-            g.started();
             let done = t0 + FLUSH * round;
-            g.completed(done, FLUSH);
+            flush(&mut g, 0, done, FLUSH);
             writes(&mut g, 1);
             assert_eq!(g.wait_until(done), None, "round {round}");
         }
@@ -158,19 +164,16 @@ mod tests {
         // The first group (24) is flushed; the second (26) arrives while it runs.
         writes(&mut g, 24);
         assert_eq!(g.wait_until(t0), None);
-        g.started();
-        writes(&mut g, 26);
         let done = t0 + FLUSH;
-        g.completed(done, FLUSH);
+        flush(&mut g, 26, done, FLUSH);
         // The second group waits for the first, back a moment later.
         assert_eq!(g.wait_until(done), Some(done + FLUSH));
         writes(&mut g, 23);
         assert_eq!(g.wait_until(done + FLUSH / 4), Some(done + FLUSH));
         writes(&mut g, 1);
         assert_eq!(g.wait_until(done + FLUSH / 4), None, "all 50 are in");
-        g.started();
         let done = done + FLUSH / 4 + FLUSH;
-        g.completed(done, FLUSH);
+        flush(&mut g, 0, done, FLUSH);
         // One group of 50 now: the next flush starts when all 50 are back, not before.
         writes(&mut g, 49);
         assert!(g.wait_until(done).is_some());
@@ -185,15 +188,13 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Gather::default();
         writes(&mut g, 8);
-        g.started();
-        g.completed(t0 + FLUSH, FLUSH);
+        flush(&mut g, 0, t0 + FLUSH, FLUSH);
         writes(&mut g, 3);
         let until = g.wait_until(t0 + FLUSH).expect("waits for the other five");
         assert_eq!(until, t0 + FLUSH * 2);
         assert_eq!(g.wait_until(until), None, "not past the last flush's time");
-        g.started();
         let done = until + FLUSH;
-        g.completed(done, FLUSH);
+        flush(&mut g, 0, done, FLUSH);
         writes(&mut g, 3);
         assert_eq!(
             g.wait_until(done),
@@ -208,8 +209,7 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Gather::default();
         writes(&mut g, 4);
-        g.started();
-        g.completed(t0, Duration::from_secs(2));
+        flush(&mut g, 0, t0, Duration::from_secs(2));
         writes(&mut g, 1);
         assert_eq!(g.wait_until(t0), Some(t0 + GATHER_WAIT_MAX));
     }
@@ -221,15 +221,12 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Gather::default();
         writes(&mut g, 10);
-        g.started();
-        g.completed(t0, FLUSH);
+        flush(&mut g, 0, t0, FLUSH);
         writes(&mut g, 1);
         assert!(g.wait_until(t0).is_some());
         g.urgent();
         assert_eq!(g.wait_until(t0), None);
-        g.started();
-        writes(&mut g, 3);
-        g.completed(t0 + FLUSH, FLUSH);
+        flush(&mut g, 3, t0 + FLUSH, FLUSH);
         assert!(g.wait_until(t0 + FLUSH).is_some(), "urgency is spent");
     }
 }
