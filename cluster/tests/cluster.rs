@@ -116,14 +116,9 @@ impl Node {
         }
     }
 
-    /// Sends `signal` (`STOP`, `CONT`) with kill(1).
+    /// Sends `signal` (`STOP`, `CONT`); a `STOP` returns once the node is stopped.
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        common::send_signal(self.child.as_ref().unwrap().id(), signal);
     }
 }
 

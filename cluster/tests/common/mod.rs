@@ -477,14 +477,9 @@ impl ClusterNode {
         }
     }
 
-    /// Sends `signal` (`STOP`, `CONT`) to the running process with kill(1).
+    /// Sends `signal` (`STOP`, `CONT`) to the running process ([`send_signal`]).
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        let ok = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill -{signal} node {}", self.id);
+        send_signal(self.child.as_ref().unwrap().id(), signal);
     }
 
     /// How the process ended, if it was started and has exited by itself.
@@ -525,6 +520,44 @@ fn terminate(mut child: Child, what: &str) -> ExitStatus {
     let _ = child.kill();
     let _ = child.wait();
     panic!("{what} did not exit after SIGTERM");
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid` with kill(1); a `STOP` returns only once
+/// every thread of the process has stopped. kill(1) returns once the signal is queued, and the
+/// threads stop one after another as each is next scheduled: on a busy machine a node's shard
+/// thread could still serve a request the test sends next, and a test that means "the node is
+/// frozen" would then test something else.
+pub fn send_signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{signal} {pid}");
+    if signal != "STOP" {
+        return;
+    }
+    wait_for(&format!("process {pid} stopped"), 1000, 10, || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
+        let mut running = String::new();
+        for task in tasks.flatten() {
+            // A thread that ended meanwhile has no stat to read, and needs no stopping.
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if !matches!(state, Some('T' | 't')) {
+                running.push_str(&format!("{stat}\n"));
+            }
+        }
+        if running.is_empty() {
+            Ok(())
+        } else {
+            Err(running)
+        }
+    });
 }
 
 /// `--seeds` for `nodes`, each `ID@PEER_ADDR`.
