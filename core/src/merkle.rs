@@ -24,13 +24,24 @@
 //! protocol (who asks whom, pacing) belongs to the anti-entropy driver; this module only owns the
 //! tree.
 //!
-//! Every level lives in one array and the dirty flags in a bitset inside the tree, so a write
-//! touches the cache line of its leaf and nothing else: with a tree per partition a shard holds
-//! megabytes of leaves, and a layout with a separate allocation per level (and per level's
-//! flags) cost a cache miss per write on those headers alone.
+//! Every level lives in one array and the dirty flags in a bitset inside the tree: with a tree
+//! per partition a shard holds megabytes of leaves, and a layout with a separate allocation per
+//! level (and per level's flags) cost a cache miss per write on those headers alone.
+//!
+//! # Writes are applied in batches
+//!
+//! A write does not touch its leaf: it appends the leaf's change to the tree's pending list,
+//! which is applied whole when it holds [`PENDING_MAX`] changes or when the tree is next read.
+//! The leaves of a shard's trees are megabytes, so a leaf changed at once was a cache miss on
+//! every write, paid in turn; a batch issues its misses back to back, where the processor
+//! overlaps them, and a leaf changed twice in a batch is fetched once. The list's end, where
+//! writes append, is one cache line per tree. Reads see every write: each applies the list
+//! first.
 //!
 //! Limits: a tree costs `8 · (LEAVES + LEAVES/(FANOUT−1))` bytes (about 37 KiB) whatever the
-//! number of keys; with many keys per leaf, a differing leaf means exchanging all of its keys.
+//! number of keys, and up to `16 · PENDING_MAX` bytes (4 KiB) more for its pending list once
+//! it has been written; with many keys per leaf, a differing leaf means exchanging all of its
+//! keys.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -43,6 +54,10 @@ pub const LEAVES: usize = FANOUT.pow(DEPTH);
 
 const _: () = assert!(FANOUT.is_power_of_two());
 const _: () = assert!(LEAVES == 4096);
+const _: () = assert!(
+    LEAVES <= 1 << 16,
+    "a pending change names its leaf in 16 bits"
+);
 
 /// Where level `depth` starts in [`MerkleTree::nodes`]: the levels above it hold
 /// `1 + FANOUT + … + FANOUT^(depth−1)` nodes.
@@ -56,6 +71,9 @@ const INNER: usize = level_start(DEPTH);
 const NODES: usize = level_start(DEPTH + 1);
 /// Words of the dirty bitset.
 const DIRTY_WORDS: usize = INNER.div_ceil(64);
+/// Leaf changes a tree holds before it applies them (module docs, "Writes are applied in
+/// batches").
+pub const PENDING_MAX: usize = 256;
 
 /// One partition replica's tree.
 #[derive(Clone, Debug)]
@@ -64,8 +82,11 @@ pub struct MerkleTree {
     nodes: Box<[u64]>,
     /// Bit `i` set: inner node `nodes[i]` must be recomputed from its children.
     dirty: [u64; DIRTY_WORDS],
-    /// Keys accounted for (inserted minus removed).
+    /// Keys accounted for (inserted minus removed), pending changes included.
     items: u64,
+    /// Leaf changes not applied yet: (leaf, XOR delta), fewer than [`PENDING_MAX`] between
+    /// calls. Its allocation is kept once made, so a tree written to allocates once.
+    pending: Vec<(u16, u64)>,
 }
 
 impl Default for MerkleTree {
@@ -98,6 +119,7 @@ impl MerkleTree {
                     nodes: vec![0; NODES].into_boxed_slice(),
                     dirty: [0; DIRTY_WORDS],
                     items: 0,
+                    pending: Vec::new(),
                 };
                 // Inner nodes start dirty so the first read computes them from the leaves.
                 for i in 0..INNER {
@@ -138,18 +160,36 @@ impl MerkleTree {
             delta ^= item_hash(key_hash, v);
             self.items += 1;
         }
-        self.nodes[level_start(DEPTH) + leaf] ^= delta;
-        // Marks the path up to the root, stopping at the first node already marked: its own
-        // path was marked with it.
-        let mut index = leaf;
-        for depth in (0..DEPTH).rev() {
-            index /= FANOUT;
-            let node = level_start(depth) + index;
-            if self.is_dirty(node) {
-                break;
-            }
-            self.mark(node);
+        if self.pending.capacity() == 0 {
+            self.pending.reserve_exact(PENDING_MAX);
         }
+        // A leaf index is below `LEAVES`, which fits 16 bits.
+        self.pending.push((leaf as u16, delta));
+        if self.pending.len() >= PENDING_MAX {
+            self.apply_pending();
+        }
+    }
+
+    /// Applies the pending leaf changes (module docs).
+    fn apply_pending(&mut self) {
+        let leaves = level_start(DEPTH);
+        for &(leaf, delta) in &self.pending {
+            self.nodes[leaves + usize::from(leaf)] ^= delta;
+        }
+        for i in 0..self.pending.len() {
+            // Marks the path up to the root, stopping at the first node already marked: its
+            // own path was marked with it.
+            let mut index = usize::from(self.pending[i].0);
+            for depth in (0..DEPTH).rev() {
+                index /= FANOUT;
+                let node = level_start(depth) + index;
+                if self.is_dirty(node) {
+                    break;
+                }
+                self.mark(node);
+            }
+        }
+        self.pending.clear();
     }
 
     fn is_dirty(&self, node: usize) -> bool {
@@ -161,7 +201,9 @@ impl MerkleTree {
     }
 
     fn refresh(&mut self) {
-        // Every update marks its path up to the root, so a clean root means a clean tree.
+        self.apply_pending();
+        // Every applied change marks its path up to the root, so a clean root means a clean
+        // tree.
         if !self.is_dirty(0) {
             return;
         }
@@ -285,6 +327,41 @@ mod tests {
         }
         assert_eq!(tree.root(), from_leaves(tree.level(DEPTH)));
         assert_ne!(tree.root(), MerkleTree::new().root());
+    }
+
+    /// Writes applied in batches (many without a read between them, so whole batches apply
+    /// when full and a partial one when read) give the tree that writes applied one by one
+    /// give, leaves and root: a tree read after every write applies each at once.
+    #[test]
+    fn batched_writes_give_the_tree_of_writes_applied_one_by_one() {
+        let mut batched = MerkleTree::new();
+        let mut eager = MerkleTree::new();
+        let mut write = |i: u64, old: Option<u64>, new: Option<u64>| {
+            batched.update(h(i), old, new);
+            eager.update(h(i), old, new);
+            eager.root();
+        };
+        let keys = 3 * PENDING_MAX as u64 + 17;
+        for i in 0..keys {
+            write(i, None, Some(i));
+        }
+        for i in (0..keys).step_by(3) {
+            write(i, Some(i), Some(i + 1));
+        }
+        for i in (0..keys).step_by(5) {
+            let old = if i % 3 == 0 { i + 1 } else { i };
+            write(i, Some(old), None);
+        }
+        assert_eq!(batched.len(), eager.len());
+        assert_eq!(batched.level(DEPTH), eager.level(DEPTH));
+        assert_eq!(batched.root(), eager.root());
+        assert_ne!(batched.root(), MerkleTree::new().root());
+        // A few more, fewer than a batch: the read applies them.
+        for i in keys..keys + 5 {
+            batched.update(h(i), None, Some(i));
+            eager.update(h(i), None, Some(i));
+        }
+        assert_eq!(batched.root(), eager.root());
     }
 
     /// One changed version is found by descending only through differing nodes, down to its
