@@ -21,6 +21,35 @@ type Key = (u32, u64, u16);
 /// Values up to this size are copied out of the cache on a hit, larger ones shared.
 const COPY_BYTES_MAX: usize = 256;
 
+/// A small value copied out of the cache on a hit ([`copy_out`]).
+struct SmallCopy {
+    len: u16,
+    bytes: [u8; COPY_BYTES_MAX],
+}
+
+const _: () = assert!(COPY_BYTES_MAX <= u16::MAX as usize);
+
+impl AsRef<[u8]> for SmallCopy {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// A copy of `value`, at most [`COPY_BYTES_MAX`] bytes, in one allocation with its count. A
+/// `Bytes` made from a `Vec` allocates its count apart, when it is first cloned or sliced, which
+/// a reader decoding the value does at once: two allocations per hit, and two frees. A buffer
+/// shared by the copies of many hits would cost none, but one copy kept by a request waiting
+/// out a silent replica would keep the whole buffer.
+fn copy_out(value: &[u8]) -> Bytes {
+    let mut copy = SmallCopy {
+        // Checked by the caller: at most `COPY_BYTES_MAX`, which fits 16 bits.
+        len: value.len() as u16,
+        bytes: [0; COPY_BYTES_MAX],
+    };
+    copy.bytes[..value.len()].copy_from_slice(value);
+    Bytes::from_owner(copy)
+}
+
 struct Slot {
     key: Key,
     loc: Location,
@@ -72,7 +101,7 @@ impl ValueCache {
         // less CPU per read (docs/BENCHMARKS.md, "Results: reads and writes served by the
         // shard itself").
         Some(if slot.value.len() <= COPY_BYTES_MAX {
-            Bytes::copy_from_slice(&slot.value)
+            copy_out(&slot.value)
         } else {
             slot.value.clone()
         })
@@ -263,6 +292,38 @@ mod tests {
         c.insert(0, kh, loc(1), Bytes::from(vec![3u8; 50]));
         assert_eq!(c.get(0, kh, loc(1)), Some(Bytes::from(vec![3u8; 50])));
         assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 50);
+    }
+
+    /// Hits of small values are copies: each equal to what was cached, sliced as a decoder
+    /// slices it, and unchanged when the cached value changes. A large value is shared.
+    #[test]
+    fn hits_are_copies_of_small_values() {
+        let kh = |digest| KeyHash { digest, check: 0 };
+        let value = |i: u64| Bytes::from(vec![(i % 251) as u8; COPY_BYTES_MAX - (i % 7) as usize]);
+        let keys = 64u64;
+        let mut c = ValueCache::new(1 << 20);
+        for i in 0..keys {
+            c.insert(0, kh(i), loc(i), value(i));
+        }
+        let rounds = 3;
+        let mut hits = Vec::new();
+        for _ in 0..rounds {
+            for i in 0..keys {
+                hits.push((i, c.get(0, kh(i), loc(i)).expect("cached")));
+            }
+        }
+        for i in 0..keys {
+            c.insert(0, kh(i), loc(i), Bytes::from(vec![0xee; 10]));
+        }
+        for (i, hit) in &hits {
+            assert_eq!(hit, &value(*i), "hit of key {i}");
+            // A slice of a copy (a decoder's) sees the same bytes.
+            assert_eq!(hit.slice(1..), value(*i).slice(1..));
+        }
+        let large = Bytes::from(vec![9u8; COPY_BYTES_MAX + 1]);
+        c.insert(0, kh(1000), loc(1000), large.clone());
+        let hit = c.get(0, kh(1000), loc(1000)).expect("cached");
+        assert_eq!(hit.as_ptr(), large.as_ptr(), "a large value is shared");
     }
 
     #[test]
