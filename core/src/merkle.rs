@@ -31,17 +31,16 @@
 //! # Writes are applied in batches
 //!
 //! A write does not touch its leaf: it appends the leaf's change to the tree's pending list,
-//! which is applied whole when it holds [`PENDING_MAX`] changes or when the tree is next read.
+//! which is applied whole when it holds [`PENDING_CHANGES_MAX`] changes or when the tree is next read.
 //! The leaves of a shard's trees are megabytes, so a leaf changed at once was a cache miss on
 //! every write, paid in turn; a batch issues its misses back to back, where the processor
 //! overlaps them, and a leaf changed twice in a batch is fetched once. The list's end, where
 //! writes append, is one cache line per tree. Reads see every write: each applies the list
 //! first.
 //!
-//! Limits: a tree costs `8 · (LEAVES + LEAVES/(FANOUT−1))` bytes (about 37 KiB) whatever the
-//! number of keys, and up to `16 · PENDING_MAX` bytes (4 KiB) more for its pending list once
-//! it has been written; with many keys per leaf, a differing leaf means exchanging all of its
-//! keys.
+//! Limits: a tree costs `8 · (LEAVES + LEAVES/(FANOUT−1))` bytes (about 34 KiB) whatever the
+//! number of keys, and `16 · PENDING_CHANGES_MAX` bytes (4 KiB) more for its pending list once it
+//! has been written; with many keys per leaf, a differing leaf means exchanging all of its keys.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -73,7 +72,7 @@ const NODES: usize = level_start(DEPTH + 1);
 const DIRTY_WORDS: usize = INNER.div_ceil(64);
 /// Leaf changes a tree holds before it applies them (module docs, "Writes are applied in
 /// batches").
-pub const PENDING_MAX: usize = 256;
+pub const PENDING_CHANGES_MAX: usize = 256;
 
 /// One partition replica's tree.
 #[derive(Clone, Debug)]
@@ -84,8 +83,9 @@ pub struct MerkleTree {
     dirty: [u64; DIRTY_WORDS],
     /// Keys accounted for (inserted minus removed), pending changes included.
     items: u64,
-    /// Leaf changes not applied yet: (leaf, XOR delta), fewer than [`PENDING_MAX`] between
-    /// calls. Its allocation is kept once made, so a tree written to allocates once.
+    /// Leaf changes not applied yet: (leaf, XOR delta), fewer than [`PENDING_CHANGES_MAX`]
+    /// between calls. Sized to the most on the first write and kept, so a tree written to
+    /// allocates for it once.
     pending: Vec<(u16, u64)>,
 }
 
@@ -161,18 +161,21 @@ impl MerkleTree {
             self.items += 1;
         }
         if self.pending.capacity() == 0 {
-            self.pending.reserve_exact(PENDING_MAX);
+            self.pending.reserve_exact(PENDING_CHANGES_MAX);
         }
         // A leaf index is below `LEAVES`, which fits 16 bits.
         self.pending.push((leaf as u16, delta));
-        if self.pending.len() >= PENDING_MAX {
+        if self.pending.len() >= PENDING_CHANGES_MAX {
             self.apply_pending();
         }
+        debug_assert!(self.pending.len() < PENDING_CHANGES_MAX);
     }
 
     /// Applies the pending leaf changes (module docs).
     fn apply_pending(&mut self) {
         let leaves = level_start(DEPTH);
+        // The leaves first, in a loop of their own: its loads are independent of each other, so
+        // their cache misses overlap; the marking below reads the small dirty bitset only.
         for &(leaf, delta) in &self.pending {
             self.nodes[leaves + usize::from(leaf)] ^= delta;
         }
@@ -341,7 +344,7 @@ mod tests {
             eager.update(h(i), old, new);
             eager.root();
         };
-        let keys = 3 * PENDING_MAX as u64 + 17;
+        let keys = 3 * PENDING_CHANGES_MAX as u64 + 17;
         for i in 0..keys {
             write(i, None, Some(i));
         }
@@ -353,6 +356,10 @@ mod tests {
             write(i, Some(old), None);
         }
         assert_eq!(batched.len(), eager.len());
+        assert!(
+            batched.pending.len() < PENDING_CHANGES_MAX,
+            "full batches are applied"
+        );
         assert_eq!(batched.level(DEPTH), eager.level(DEPTH));
         assert_eq!(batched.root(), eager.root());
         assert_ne!(batched.root(), MerkleTree::new().root());
