@@ -21,6 +21,31 @@ type Key = (u32, u64, u16);
 /// Values up to this size are copied out of the cache on a hit, larger ones shared.
 const COPY_BYTES_MAX: usize = 256;
 
+/// A written value as the cache may keep it: the writer's own buffer when it hands one over,
+/// kept as it is, or a slice, copied only if the cache keeps it.
+pub(crate) enum Written<'a> {
+    /// Borrowed from the writer.
+    Slice(&'a [u8]),
+    /// Handed over by the writer.
+    Owned(Bytes),
+}
+
+impl Written<'_> {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        match self {
+            Written::Slice(s) => s,
+            Written::Owned(b) => b,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Written::Slice(s) => Bytes::copy_from_slice(s),
+            Written::Owned(b) => b,
+        }
+    }
+}
+
 /// A small value copied out of the cache on a hit ([`copy_out`]).
 struct SmallCopy {
     len: u16,
@@ -203,13 +228,14 @@ impl ValueCache {
         partition: u32,
         kh: KeyHash,
         loc: Location,
-        value: Option<&[u8]>,
+        value: Option<Written<'_>>,
     ) {
         let k = Self::key(partition, kh);
         match value {
-            Some(v) if self.admissible(v.len()) => {
-                let room = self.has_room_for(v.len());
-                self.place(k, loc, v.len(), || Bytes::copy_from_slice(v), room);
+            Some(v) if self.admissible(v.as_slice().len()) => {
+                let len = v.as_slice().len();
+                let room = self.has_room_for(len);
+                self.place(k, loc, len, || v.into_bytes(), room);
             }
             // Too large to cache: a cached older value must not be served for it.
             Some(_) | None => self.remove(k),
@@ -387,7 +413,7 @@ mod tests {
         }
         // Writes of new keys take the free room, then are not admitted.
         for i in 100..120 {
-            c.refresh(0, kh(i), loc(i), Some(&[2u8; 100]));
+            c.refresh(0, kh(i), loc(i), Some(Written::Slice(&[2u8; 100])));
         }
         assert_eq!(c.len(), 16);
         for i in 0..8 {
@@ -396,7 +422,7 @@ mod tests {
         assert!(c.get(0, kh(107), loc(107)).is_some());
         assert!(c.get(0, kh(108), loc(108)).is_none());
         // A write of a cached key keeps it current; a deletion forgets it.
-        c.refresh(0, kh(1), loc(21), Some(&[3u8; 100]));
+        c.refresh(0, kh(1), loc(21), Some(Written::Slice(&[3u8; 100])));
         assert_eq!(c.get(0, kh(1), loc(21)).as_deref(), Some(&[3u8; 100][..]));
         c.refresh(0, kh(1), loc(22), None);
         assert!(c.get(0, kh(1), loc(21)).is_none());
@@ -409,15 +435,15 @@ mod tests {
     fn oversized_writes_and_dropped_partitions_free_their_bytes() {
         let kh = |digest| KeyHash { digest, check: 0 };
         let mut c = ValueCache::new(16 * (ENTRY_OVERHEAD_BYTES + 100));
-        c.refresh(0, kh(1), loc(1), Some(&[1u8; 100]));
-        c.refresh(1, kh(2), loc(2), Some(&[2u8; 100]));
+        c.refresh(0, kh(1), loc(1), Some(Written::Slice(&[1u8; 100])));
+        c.refresh(1, kh(2), loc(2), Some(Written::Slice(&[2u8; 100])));
         assert_eq!(c.used_bytes(), 2 * (ENTRY_OVERHEAD_BYTES + 100));
         let huge = vec![3u8; 16 * 100];
-        c.refresh(0, kh(1), loc(3), Some(&huge));
+        c.refresh(0, kh(1), loc(3), Some(Written::Slice(&huge)));
         assert!(c.get(0, kh(1), loc(3)).is_none());
         assert_eq!(c.len(), 1);
         assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 100);
-        c.refresh(0, kh(4), loc(4), Some(&[4u8; 50]));
+        c.refresh(0, kh(4), loc(4), Some(Written::Slice(&[4u8; 50])));
         c.drop_partition(0);
         assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 100);
         assert_eq!(c.get(1, kh(2), loc(2)).as_deref(), Some(&[2u8; 100][..]));

@@ -26,7 +26,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use glommio::TaskQueueHandle;
 
-use crate::cache::ValueCache;
+use crate::cache::{ValueCache, Written};
 use crate::config::{Durability, EngineConfig};
 use crate::error::EngineError;
 use crate::group_commit::Gather;
@@ -491,14 +491,17 @@ impl Engine {
 
     /// [`put`](Self::put) of a buffered write when it needs no wait (the unflushed tail has room
     /// for it: most writes); `Ok(None)` when it must wait for a flush, having written nothing.
+    ///
+    /// Takes the value's buffer: the value cache keeps it, when it keeps the value, instead of a
+    /// copy (a writer that encoded the value has just allocated it). A declined write drops it.
     pub fn put_buffered_now(
         &self,
         partition: u32,
         key: &[u8],
-        value: &[u8],
+        value: Bytes,
     ) -> Result<Option<()>, EngineError> {
         Ok(self
-            .put_appended(partition, key, value, Durability::Buffered)?
+            .put_appended(partition, key, Written::Owned(value), Durability::Buffered)?
             .map(|_| ()))
     }
 
@@ -507,13 +510,14 @@ impl Engine {
     /// with [`wait_durable`](Self::wait_durable)), or `Ok(None)` when the unflushed tail has no
     /// room for it (nothing written: use `put`). Many writes waiting on one flush then need one
     /// waiter between them, not a future each.
+    /// Takes the value's buffer, as [`put_buffered_now`](Self::put_buffered_now) does.
     pub fn put_sync_now(
         &self,
         partition: u32,
         key: &[u8],
-        value: &[u8],
+        value: Bytes,
     ) -> Result<Option<u64>, EngineError> {
-        self.put_appended(partition, key, value, Durability::Sync)
+        self.put_appended(partition, key, Written::Owned(value), Durability::Sync)
     }
 
     /// The part of a [`put`](Self::put) that needs no wait: the epoch the record joined, or
@@ -522,11 +526,11 @@ impl Engine {
         &self,
         partition: u32,
         key: &[u8],
-        value: &[u8],
+        value: Written<'_>,
         durability: Durability,
     ) -> Result<Option<u64>, EngineError> {
         self.check_key(key)?;
-        self.check_value(value)?;
+        self.check_value(value.as_slice())?;
         Ok(
             match self.append(RecordKind::Put, partition, key, value, durability)? {
                 Append::Written(epoch) => {
@@ -559,7 +563,7 @@ impl Engine {
             RecordKind::Tombstone,
             partition,
             key,
-            &[],
+            Written::Slice(&[]),
             Durability::Buffered,
         )? {
             Append::Full(_) => None,
@@ -610,7 +614,7 @@ impl Engine {
     ) -> Result<bool, EngineError> {
         let inner = &self.inner;
         loop {
-            match self.append(kind, partition, key, value, durability)? {
+            match self.append(kind, partition, key, Written::Slice(value), durability)? {
                 // Backpressure: wait for flushes while the unwritten tail is over its bound.
                 Append::Full(epoch) => wait_durable(inner, epoch).await?,
                 Append::Absent => {
@@ -639,10 +643,11 @@ impl Engine {
         kind: RecordKind,
         partition: u32,
         key: &[u8],
-        value: &[u8],
+        written: Written<'_>,
         durability: Durability,
     ) -> Result<Append, EngineError> {
         let inner = &self.inner;
+        let value = written.as_slice();
         let rec_len = record::record_len(key.len(), value.len()) as u64;
         let full = {
             let mut st = inner.st.borrow_mut();
@@ -717,7 +722,7 @@ impl Engine {
                             partition,
                             kh,
                             loc,
-                            (!tombstone).then_some(value),
+                            (!tombstone).then_some(written),
                         );
                     }
                     RecordKind::DropPartition => {

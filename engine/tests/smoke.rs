@@ -3,6 +3,7 @@
 
 mod common;
 
+use bytes::Bytes;
 use ringkv_engine::{Durability, Engine, EngineError};
 
 #[test]
@@ -330,7 +331,11 @@ fn calls_without_a_wait_answer_or_decline() {
         cfg.write_buffer_bytes_max = 64 << 10;
         let e = Engine::open(cfg).await.unwrap();
         assert_eq!(e.get_now(0, b"absent").unwrap(), Some(None));
-        assert_eq!(e.put_buffered_now(0, b"k", b"v").unwrap(), Some(()));
+        assert_eq!(
+            e.put_buffered_now(0, b"k", Bytes::from_static(b"v"))
+                .unwrap(),
+            Some(())
+        );
         // With no cache the value is in its segment only: declined, then read by `get`.
         assert_eq!(e.get_now(0, b"k").unwrap(), None);
         assert_eq!(e.get(0, b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
@@ -338,7 +343,7 @@ fn calls_without_a_wait_answer_or_decline() {
         let big = vec![7u8; 30 << 10];
         let mut declined = None;
         for i in 0..8u32 {
-            if e.put_buffered_now(0, format!("big{i}").as_bytes(), &big)
+            if e.put_buffered_now(0, format!("big{i}").as_bytes(), Bytes::from(big.clone()))
                 .unwrap()
                 .is_none()
             {
@@ -361,11 +366,11 @@ fn calls_without_a_wait_answer_or_decline() {
         assert_eq!(e.get_now(0, b"k").unwrap(), Some(None));
         let too_long = vec![0u8; 1025];
         assert!(matches!(
-            e.put_buffered_now(0, &too_long, b"x"),
+            e.put_buffered_now(0, &too_long, Bytes::from_static(b"x")),
             Err(EngineError::KeyTooLarge { .. })
         ));
         assert!(matches!(
-            e.put_buffered_now(0, b"k", &vec![0u8; (64 << 10) + 1]),
+            e.put_buffered_now(0, b"k", Bytes::from(vec![0u8; (64 << 10) + 1])),
             Err(EngineError::ValueTooLarge { .. })
         ));
     });
@@ -381,8 +386,14 @@ fn a_synced_put_without_its_wait_names_the_flush_that_makes_it_durable() {
         let mut cfg = common::config(&dir);
         cfg.write_buffer_bytes_max = 64 << 10;
         let e = Engine::open(cfg.clone()).await.unwrap();
-        let first = e.put_sync_now(0, b"a", b"1").unwrap().expect("room");
-        let second = e.put_sync_now(0, b"b", b"2").unwrap().expect("room");
+        let first = e
+            .put_sync_now(0, b"a", Bytes::from_static(b"1"))
+            .unwrap()
+            .expect("room");
+        let second = e
+            .put_sync_now(0, b"b", Bytes::from_static(b"2"))
+            .unwrap()
+            .expect("room");
         assert_eq!(first, second, "writes made together share a flush");
         let reached = e.wait_durable(second).await.unwrap();
         assert!(reached >= second);
@@ -390,7 +401,7 @@ fn a_synced_put_without_its_wait_names_the_flush_that_makes_it_durable() {
         let big = vec![7u8; 30 << 10];
         let declined = (0..8u32)
             .find(|i| {
-                e.put_sync_now(0, format!("big{i}").as_bytes(), &big)
+                e.put_sync_now(0, format!("big{i}").as_bytes(), Bytes::from(big.clone()))
                     .unwrap()
                     .is_none()
             })
