@@ -494,6 +494,8 @@ impl Engine {
     ///
     /// Takes the value's buffer: the value cache keeps it, when it keeps the value, instead of a
     /// copy (a writer that encoded the value has just allocated it). A declined write drops it.
+    /// A value cut from a larger buffer (a network read's) would keep all of that buffer alive
+    /// while cached: pass a buffer of the value's own.
     pub fn put_buffered_now(
         &self,
         partition: u32,
