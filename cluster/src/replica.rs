@@ -80,7 +80,7 @@ pub trait PartitionStore {
     }
     /// A buffered [`put`](Self::put) when it needs no wait, else `None` (nothing written). It
     /// takes the value's buffer, which a store may keep (the engine's value cache does).
-    fn put_now(&self, _partition: u32, _key: &[u8], _value: Bytes) -> Option<Result<(), String>> {
+    fn put_now(&self, _partition: u32, _key: &[u8], _value: Vec<u8>) -> Option<Result<(), String>> {
         None
     }
     /// A buffered [`delete`](Self::delete) when it needs no wait, else `None` (nothing
@@ -94,7 +94,7 @@ pub trait PartitionStore {
         &self,
         _partition: u32,
         _key: &[u8],
-        _value: Bytes,
+        _value: Vec<u8>,
     ) -> Option<Result<u64, String>> {
         None
     }
@@ -157,7 +157,7 @@ impl PartitionStore for Engine {
             .transpose()
     }
 
-    fn put_now(&self, partition: u32, key: &[u8], value: Bytes) -> Option<Result<(), String>> {
+    fn put_now(&self, partition: u32, key: &[u8], value: Vec<u8>) -> Option<Result<(), String>> {
         Engine::put_buffered_now(self, partition, key, value)
             .map_err(|e| e.to_string())
             .transpose()
@@ -174,7 +174,7 @@ impl PartitionStore for Engine {
         &self,
         partition: u32,
         key: &[u8],
-        value: Bytes,
+        value: Vec<u8>,
     ) -> Option<Result<u64, String>> {
         Engine::put_sync_now(self, partition, key, value)
             .map_err(|e| e.to_string())
@@ -226,7 +226,7 @@ pub fn apply_now<S: PartitionStore>(
             object,
             durable: false,
         } => store
-            .put_now(partition, &engine_key, Bytes::from(object.encode()))
+            .put_now(partition, &engine_key, object.encode())
             .map(|r| r.map(|()| None)),
         StoreOp::Remove => store
             .delete_now(partition, &engine_key)
@@ -251,7 +251,7 @@ pub fn durable_write_now<S: PartitionStore>(
         return None;
     };
     let (partition, engine_key) = engine_location(key);
-    store.put_sync_now(partition, &engine_key, Bytes::from(object.encode()))
+    store.put_sync_now(partition, &engine_key, object.encode())
 }
 
 /// A stored object, decoded.

@@ -370,6 +370,8 @@ impl Object {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut |b: &[u8]| out.extend_from_slice(b));
+        // Sized exactly: the engine keeps the buffer as it is in its value cache.
+        debug_assert_eq!(out.len(), out.capacity(), "encoded_len is exact");
         out
     }
 

@@ -268,6 +268,13 @@ impl Digests {
     };
 }
 
+/// A value handed over by its writer, as the value cache may keep it: a boxed slice gives back
+/// any spare capacity (none for an encoding sized in advance), so the cache's count of value
+/// bytes is what the buffer holds.
+fn owned(value: Vec<u8>) -> Written<'static> {
+    Written::Owned(Bytes::from(value.into_boxed_slice()))
+}
+
 /// Appends an encoded record to a writable segment's memory tail; returns its location.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn append_record(
@@ -492,18 +499,18 @@ impl Engine {
     /// [`put`](Self::put) of a buffered write when it needs no wait (the unflushed tail has room
     /// for it: most writes); `Ok(None)` when it must wait for a flush, having written nothing.
     ///
-    /// Takes the value's buffer: the value cache keeps it, when it keeps the value, instead of a
-    /// copy (a writer that encoded the value has just allocated it). A declined write drops it.
-    /// A value cut from a larger buffer (a network read's) would keep all of that buffer alive
-    /// while cached: pass a buffer of the value's own.
+    /// Takes the value's buffer: the value cache keeps it, when it caches the value, instead of
+    /// a copy (a writer that encoded the value has just allocated it). A `Vec` of its own, so
+    /// what is cached can never pin a larger buffer it was cut from; spare capacity is given
+    /// back first (none for an encoding sized in advance). A declined write drops it.
     pub fn put_buffered_now(
         &self,
         partition: u32,
         key: &[u8],
-        value: Bytes,
+        value: Vec<u8>,
     ) -> Result<Option<()>, EngineError> {
         Ok(self
-            .put_appended(partition, key, Written::Owned(value), Durability::Buffered)?
+            .put_appended(partition, key, owned(value), Durability::Buffered)?
             .map(|_| ()))
     }
 
@@ -512,14 +519,15 @@ impl Engine {
     /// with [`wait_durable`](Self::wait_durable)), or `Ok(None)` when the unflushed tail has no
     /// room for it (nothing written: use `put`). Many writes waiting on one flush then need one
     /// waiter between them, not a future each.
+    ///
     /// Takes the value's buffer, as [`put_buffered_now`](Self::put_buffered_now) does.
     pub fn put_sync_now(
         &self,
         partition: u32,
         key: &[u8],
-        value: Bytes,
+        value: Vec<u8>,
     ) -> Result<Option<u64>, EngineError> {
-        self.put_appended(partition, key, Written::Owned(value), Durability::Sync)
+        self.put_appended(partition, key, owned(value), Durability::Sync)
     }
 
     /// The part of a [`put`](Self::put) that needs no wait: the epoch the record joined, or

@@ -3,7 +3,6 @@
 
 mod common;
 
-use bytes::Bytes;
 use ringkv_engine::{Durability, Engine, EngineError};
 
 #[test]
@@ -332,8 +331,7 @@ fn calls_without_a_wait_answer_or_decline() {
         let e = Engine::open(cfg).await.unwrap();
         assert_eq!(e.get_now(0, b"absent").unwrap(), Some(None));
         assert_eq!(
-            e.put_buffered_now(0, b"k", Bytes::from_static(b"v"))
-                .unwrap(),
+            e.put_buffered_now(0, b"k", b"v".to_vec()).unwrap(),
             Some(())
         );
         // With no cache the value is in its segment only: declined, then read by `get`.
@@ -343,7 +341,7 @@ fn calls_without_a_wait_answer_or_decline() {
         let big = vec![7u8; 30 << 10];
         let mut declined = None;
         for i in 0..8u32 {
-            if e.put_buffered_now(0, format!("big{i}").as_bytes(), Bytes::from(big.clone()))
+            if e.put_buffered_now(0, format!("big{i}").as_bytes(), big.clone())
                 .unwrap()
                 .is_none()
             {
@@ -366,11 +364,11 @@ fn calls_without_a_wait_answer_or_decline() {
         assert_eq!(e.get_now(0, b"k").unwrap(), Some(None));
         let too_long = vec![0u8; 1025];
         assert!(matches!(
-            e.put_buffered_now(0, &too_long, Bytes::from_static(b"x")),
+            e.put_buffered_now(0, &too_long, b"x".to_vec()),
             Err(EngineError::KeyTooLarge { .. })
         ));
         assert!(matches!(
-            e.put_buffered_now(0, b"k", Bytes::from(vec![0u8; (64 << 10) + 1])),
+            e.put_buffered_now(0, b"k", vec![0u8; (64 << 10) + 1]),
             Err(EngineError::ValueTooLarge { .. })
         ));
     });
@@ -387,11 +385,11 @@ fn a_synced_put_without_its_wait_names_the_flush_that_makes_it_durable() {
         cfg.write_buffer_bytes_max = 64 << 10;
         let e = Engine::open(cfg.clone()).await.unwrap();
         let first = e
-            .put_sync_now(0, b"a", Bytes::from_static(b"1"))
+            .put_sync_now(0, b"a", b"1".to_vec())
             .unwrap()
             .expect("room");
         let second = e
-            .put_sync_now(0, b"b", Bytes::from_static(b"2"))
+            .put_sync_now(0, b"b", b"2".to_vec())
             .unwrap()
             .expect("room");
         assert_eq!(first, second, "writes made together share a flush");
@@ -401,7 +399,7 @@ fn a_synced_put_without_its_wait_names_the_flush_that_makes_it_durable() {
         let big = vec![7u8; 30 << 10];
         let declined = (0..8u32)
             .find(|i| {
-                e.put_sync_now(0, format!("big{i}").as_bytes(), Bytes::from(big.clone()))
+                e.put_sync_now(0, format!("big{i}").as_bytes(), big.clone())
                     .unwrap()
                     .is_none()
             })
