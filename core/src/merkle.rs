@@ -176,13 +176,16 @@ impl MerkleTree {
         let leaves = level_start(DEPTH);
         // The leaves first, in a loop of their own: its loads are independent of each other, so
         // their cache misses overlap; the marking below reads the small dirty bitset only.
-        for &(leaf, delta) in &self.pending {
+        // Taken out while applied (the marking borrows the tree), and put back to keep its
+        // allocation.
+        let mut pending = std::mem::take(&mut self.pending);
+        for &(leaf, delta) in &pending {
             self.nodes[leaves + usize::from(leaf)] ^= delta;
         }
-        for i in 0..self.pending.len() {
+        for &(leaf, _) in &pending {
             // Marks the path up to the root, stopping at the first node already marked: its
             // own path was marked with it.
-            let mut index = usize::from(self.pending[i].0);
+            let mut index = usize::from(leaf);
             for depth in (0..DEPTH).rev() {
                 index /= FANOUT;
                 let node = level_start(depth) + index;
@@ -192,7 +195,8 @@ impl MerkleTree {
                 self.mark(node);
             }
         }
-        self.pending.clear();
+        pending.clear();
+        self.pending = pending;
     }
 
     fn is_dirty(&self, node: usize) -> bool {
