@@ -30,6 +30,14 @@ pub(crate) enum Written<'a> {
     Owned(Bytes),
 }
 
+impl Written<'static> {
+    /// A value its writer hands over: a boxed slice gives back any spare capacity (none for an
+    /// encoding sized in advance), so the cache's count of value bytes is what the buffer holds.
+    pub(crate) fn handed_over(value: Vec<u8>) -> Self {
+        Written::Owned(Bytes::from(value.into_boxed_slice()))
+    }
+}
+
 impl Written<'_> {
     pub(crate) fn as_slice(&self) -> &[u8] {
         match self {

@@ -268,13 +268,6 @@ impl Digests {
     };
 }
 
-/// A value handed over by its writer, as the value cache may keep it: a boxed slice gives back
-/// any spare capacity (none for an encoding sized in advance), so the cache's count of value
-/// bytes is what the buffer holds.
-fn owned(value: Vec<u8>) -> Written<'static> {
-    Written::Owned(Bytes::from(value.into_boxed_slice()))
-}
-
 /// Appends an encoded record to a writable segment's memory tail; returns its location.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn append_record(
@@ -510,7 +503,12 @@ impl Engine {
         value: Vec<u8>,
     ) -> Result<Option<()>, EngineError> {
         Ok(self
-            .put_appended(partition, key, owned(value), Durability::Buffered)?
+            .put_appended(
+                partition,
+                key,
+                Written::handed_over(value),
+                Durability::Buffered,
+            )?
             .map(|_| ()))
     }
 
@@ -527,7 +525,12 @@ impl Engine {
         key: &[u8],
         value: Vec<u8>,
     ) -> Result<Option<u64>, EngineError> {
-        self.put_appended(partition, key, owned(value), Durability::Sync)
+        self.put_appended(
+            partition,
+            key,
+            Written::handed_over(value),
+            Durability::Sync,
+        )
     }
 
     /// The part of a [`put`](Self::put) that needs no wait: the epoch the record joined, or
