@@ -70,7 +70,7 @@ fn allocations<R>(f: impl FnOnce() -> R) -> (R, usize) {
 }
 
 #[test]
-fn cache_hits_allocate_once_and_handed_over_writes_not_at_all() {
+fn cache_hits_allocate_once_and_handed_over_writes_are_not_copied() {
     common::run(|dir| async move {
         let e = Engine::open(common::config(&dir)).await.unwrap();
         // A stored object's size: a 100-byte value and its header. The write admits it into
