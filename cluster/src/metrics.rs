@@ -236,7 +236,7 @@ const BUCKETS: usize = ringkv_engine::LATENCY_BUCKETS;
 
 /// Engine figures published as gauges (name, help, accessor).
 type EngineField = (&'static str, &'static str, fn(&EngineStats) -> u64);
-const ENGINE_FIELDS: [EngineField; 10] = [
+const ENGINE_FIELDS: [EngineField; 11] = [
     (
         "ringkv_engine_keys",
         "Index entries (live keys and tombstones).",
@@ -257,6 +257,11 @@ const ENGINE_FIELDS: [EngineField; 10] = [
         "ringkv_engine_bytes_written_total",
         "Bytes handed to the disk.",
         |s| s.bytes_written,
+    ),
+    (
+        "ringkv_engine_zeroed_bytes_total",
+        "Bytes of zeros written ahead of log segments' tails, so that group commits overwrite.",
+        |s| s.zeroed_bytes,
     ),
     ("ringkv_engine_flushes_total", "Group commits.", |s| {
         s.flushes

@@ -1143,6 +1143,14 @@ pub(crate) async fn flush_segment(
         let m = seg.mem.borrow();
         (m.start, seg.len.get(), io::dma_copy(&file, &m.bytes))
     };
+    if class == IoClass::Log {
+        // Not into zeros still being written (`ahead.rs`); and once this write is issued, the
+        // next zeros start past it.
+        seg.ahead.before_write(start + buf.len() as u64).await;
+        if seg.ahead.wants_zeros(inner.cfg.segment_bytes) && !seg.sealed.get() {
+            inner.maintenance_wake.notify();
+        }
+    }
     io::write_buf(&file, &seg.path, &inner.faults, class, start, buf).await?;
     assert!(
         seg.flushed.get() <= end,

@@ -44,9 +44,12 @@ pub enum IoClass {
     Hint,
     /// Preparing the next segment file in advance (its directory sync).
     Spare,
+    /// Zeros written ahead of the active log segment's tail (`engine/src/ahead.rs`; not fatal:
+    /// a failure only stops them for that segment).
+    Ahead,
 }
 
-const CLASSES: usize = 4;
+const CLASSES: usize = 5;
 
 /// Where an injected sync failure happens relative to the real `fdatasync` (or directory sync).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -19,6 +19,7 @@
 //! all sans-IO; `engine`, `recovery` and `compaction` do the IO through the seam in [`io`]. The
 //! file formats are documented in `docs/ARCHITECTURE.md`.
 
+mod ahead;
 mod cache;
 mod compaction;
 pub mod config;

@@ -16,6 +16,7 @@ use std::rc::Rc;
 
 use glommio::io::DmaFile;
 
+use crate::ahead::Ahead;
 use crate::hint::HintEntry;
 use crate::io::IO_BLOCK_BYTES;
 
@@ -51,6 +52,8 @@ pub(crate) struct Segment {
     pub(crate) mem: RefCell<MemTail>,
     /// Hint entries of the records appended so far, written out as the hint file when sealed.
     pub(crate) hints: RefCell<Vec<HintEntry>>,
+    /// Zeros written ahead of the tail of a log segment being written (`ahead.rs`).
+    pub(crate) ahead: Ahead,
 }
 
 impl Segment {
@@ -75,6 +78,7 @@ impl Segment {
             finished: Cell::new(false),
             mem: RefCell::new(MemTail::default()),
             hints: RefCell::new(Vec::new()),
+            ahead: Ahead::default(),
         }
     }
 

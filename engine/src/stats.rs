@@ -33,6 +33,8 @@ pub(crate) struct Counters {
     pub(crate) cache_hits: Cell<u64>,
     pub(crate) disk_reads: Cell<u64>,
     pub(crate) bytes_written: Cell<u64>,
+    pub(crate) zeroed_bytes: Cell<u64>,
+    pub(crate) zero_write_failures: Cell<u64>,
     pub(crate) corrupt_reads: Cell<u64>,
     pub(crate) hint_write_failures: Cell<u64>,
     pub(crate) compactions: Cell<u64>,
@@ -79,6 +81,12 @@ pub struct EngineStats {
     pub flush_latency_sum_us: u64,
     /// Bytes handed to the disk by flushes (including rewritten partial blocks).
     pub bytes_written: u64,
+    /// Bytes of zeros written ahead of log segments' tails, so that group commits overwrite
+    /// instead of growing the file (`engine/src/ahead.rs`).
+    pub zeroed_bytes: u64,
+    /// Zero writes ahead of a log tail that failed (not fatal: that segment's group commits
+    /// grow the file instead).
+    pub zero_write_failures: u64,
     /// Reads that found a record failing its checksum.
     pub corrupt_reads: u64,
     /// Hint files that could not be written.
@@ -132,6 +140,8 @@ pub(crate) fn snapshot(inner: &Inner) -> EngineStats {
         flush_latency_buckets: std::array::from_fn(|b| c.flush_buckets[b].get()),
         flush_latency_sum_us: c.flush_us_total.get(),
         bytes_written: c.bytes_written.get(),
+        zeroed_bytes: c.zeroed_bytes.get(),
+        zero_write_failures: c.zero_write_failures.get(),
         corrupt_reads: c.corrupt_reads.get(),
         hint_write_failures: c.hint_write_failures.get(),
         compactions: c.compactions.get(),

@@ -6,11 +6,12 @@
 //! concurrent `Sync` writers whose values are big enough to roll segments. A sync fails either
 //! instead of the syscall or after it really ran ([`SyncFailure`]): the data being durable does
 //! not make the error any less fatal, because the engine cannot know which case it is in.
-//! Failures of the background IO classes (hint files, preparing the next segment file) must not
-//! be fatal: no writer sees an error and the failure is counted; a hint file whose write or sync
-//! failed is not trusted at the next open (its segment is scanned). After each case the store is
-//! reopened without faults and every acknowledged put must read back exactly, every put that
-//! failed must read back exactly or not at all.
+//! Failures of the background IO classes (hint files, preparing the next segment file, zeros
+//! written ahead of the log's tail) must not be fatal: no writer sees an error and the failure
+//! is counted; a hint file whose write or sync failed is not trusted at the next open (its
+//! segment is scanned). After each case the store is reopened without faults and every
+//! acknowledged put must read back exactly, every put that failed must read back exactly or not
+//! at all.
 //!
 //! A second sweep fails, one case each, every sync of a compaction pass (output file creation,
 //! output, intent, intent directory, deletions), before and after the syscall, while `Sync`
@@ -115,6 +116,7 @@ async fn case(dir: std::path::PathBuf, fault: Fault) -> Outcome {
                 stats.hint_write_failures > 0
             }
             Fault::Sync(IoClass::Spare, ..) => stats.segment_prepare_failures > 0,
+            Fault::Write(IoClass::Ahead, _) => stats.zero_write_failures > 0,
             _ => true,
         };
         if injected {
@@ -202,6 +204,18 @@ fn injected_write_and_sync_errors_lose_no_acknowledged_write() {
                 assert_eq!(o.stats.segment_prepare_failures, 1, "{fault:?}");
                 assert_eq!(o.reopened.segments_scanned, 0, "{fault:?}");
             }
+            // A zero write ahead of the log's tail: that segment's group commits grow the file
+            // instead, and the zeros already written read as its unwritten end.
+            let fault = Fault::Write(IoClass::Ahead, n);
+            let o = case(dir.join("store"), fault).await;
+            assert_eq!(o.writers_failed, 0, "{fault:?}");
+            assert_eq!(o.stats.zero_write_failures, 1, "{fault:?}");
+            assert!(
+                o.stats.zeroed_bytes > 0,
+                "{fault:?}: other segments are zeroed ahead"
+            );
+            assert_eq!(o.reopened.segments_scanned, 0, "{fault:?}");
+            assert!(o.reopened.torn_tails.is_empty(), "{fault:?}");
         }
     });
 }
