@@ -326,8 +326,10 @@ impl RespWave {
             return;
         }
         let mut replies: Vec<Option<RespValue>> = Vec::with_capacity(self.commands.len());
-        // Scripts waiting for a round: (their command's place, the script, its requests).
-        let mut running = Vec::new();
+        // Scripts waiting for a round: (their command's place, the script, its requests). Sized
+        // for the whole wave, as most commands are one-round scripts: grown push by push, these
+        // vectors were a reallocation every few commands of a pipelined wave.
+        let mut running = Vec::with_capacity(self.commands.len());
         for command in self.commands.drain(..) {
             match command {
                 WaveCommand::Ready(v) => replies.push(Some(v)),
@@ -341,7 +343,8 @@ impl RespWave {
             }
         }
         while !running.is_empty() {
-            let mut batch = Vec::new();
+            let mut batch =
+                Vec::with_capacity(running.iter().map(|(_, _, requests)| requests.len()).sum());
             let mut counts = Vec::with_capacity(running.len());
             for (_, _, requests) in &mut running {
                 counts.push(requests.len());
