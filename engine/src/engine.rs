@@ -71,6 +71,8 @@ pub(crate) struct Inner {
     pub(crate) flush_wake: Rc<Wake>,
     pub(crate) compaction_wake: Rc<Wake>,
     pub(crate) maintenance_wake: Rc<Wake>,
+    /// Wakes the task that writes zeros ahead of the log's tail (`ahead.rs`).
+    pub(crate) zero_wake: Rc<Wake>,
     pub(crate) compaction_queue: TaskQueueHandle,
     pub(crate) tasks: RefCell<Vec<glommio::task::JoinHandle<()>>>,
     /// Held for the engine's lifetime: an exclusive lock on the data directory.
@@ -158,6 +160,7 @@ impl Drop for Inner {
         self.flush_wake.shutdown();
         self.compaction_wake.shutdown();
         self.maintenance_wake.shutdown();
+        self.zero_wake.shutdown();
     }
 }
 
@@ -335,6 +338,14 @@ impl Engine {
         let flusher =
             glommio::spawn_local(flusher(Rc::downgrade(&inner), inner.flush_wake.clone())).detach();
         inner.tasks.borrow_mut().push(flusher);
+        // On the flusher's queue, not maintenance's: a flusher waiting for zeros in flight
+        // (`ahead.rs`) must not wait for a background share as well.
+        let zeros = glommio::spawn_local(crate::ahead::run(
+            Rc::downgrade(&inner),
+            inner.zero_wake.clone(),
+        ))
+        .detach();
+        inner.tasks.borrow_mut().push(zeros);
         let maintenance = glommio::spawn_local_into(
             crate::maintenance::run(Rc::downgrade(&inner), inner.maintenance_wake.clone()),
             inner.compaction_queue,
@@ -885,6 +896,7 @@ impl Engine {
         self.inner.flush_wake.shutdown();
         self.inner.compaction_wake.shutdown();
         self.inner.maintenance_wake.shutdown();
+        self.inner.zero_wake.shutdown();
         let tasks = std::mem::take(&mut *self.inner.tasks.borrow_mut());
         for t in tasks {
             t.await;
@@ -901,6 +913,7 @@ impl Drop for Engine {
         self.inner.flush_wake.shutdown();
         self.inner.compaction_wake.shutdown();
         self.inner.maintenance_wake.shutdown();
+        self.inner.zero_wake.shutdown();
     }
 }
 
@@ -1148,7 +1161,7 @@ pub(crate) async fn flush_segment(
         // next zeros start past it.
         seg.ahead.before_write(start + buf.len() as u64).await;
         if seg.ahead.wants_zeros(inner.cfg.segment_bytes) && !seg.sealed.get() {
-            inner.maintenance_wake.notify();
+            inner.zero_wake.notify();
         }
     }
     io::write_buf(&file, &seg.path, &inner.faults, class, start, buf).await?;

@@ -2,9 +2,9 @@
 //! - finishing sealed segments: writing their hint files;
 //! - preparing the next segment file before the active one fills up: created and its directory
 //!   entry synced, so the flush that rolls to a new segment does no file creation and no
-//!   directory sync (one journal commit fewer in that flush's latency);
-//! - writing zeros ahead of the active log segment's tail, a chunk at a time, so that group
-//!   commits overwrite blocks the file has instead of growing it (`ahead.rs`).
+//!   directory sync (one journal commit fewer in that flush's latency).
+//!
+//! Zeros ahead of the active segment's tail are written by a task of their own (`ahead.rs`).
 //!
 //! Measured and rejected: zero-filling the whole prepared file to `segment_bytes` instead. Writing
 //! 64 MiB of zeros in the background at every roll competed with foreground syncs on the same
@@ -55,64 +55,11 @@ pub(crate) async fn run(weak: Weak<Inner>, wake: Rc<Wake>) {
                     .set(c.segment_prepare_failures.get() + 1);
                 tracing::warn!(error = %e, "could not prepare the next segment file");
             }
-            zero_ahead(&inner, &wake).await;
             if wake.is_shutdown() && inner.st.borrow().to_finish.is_empty() {
                 return;
             }
         }
         wake.wait().await;
-    }
-}
-
-/// Keeps zeros written ahead of the active log segment's tail, a chunk at a time, until they
-/// are far enough ahead (`ahead.rs`). A failed zero write is logged and stops them for that
-/// segment; the flusher's writes go on, growing the file as they would without zeros.
-async fn zero_ahead(inner: &Inner, wake: &Wake) {
-    while !wake.is_shutdown() {
-        let (seg, file, range) = {
-            let st = inner.st.borrow();
-            if st.closed || st.failed.is_some() {
-                return;
-            }
-            let Some(seg) = st.active.clone() else { return };
-            let Some(file) = seg.file() else { return };
-            if seg.sealed.get() {
-                return;
-            }
-            let Some(range) = seg.ahead.next_zeros(inner.cfg.segment_bytes) else {
-                return;
-            };
-            (seg, file, range)
-        };
-        seg.ahead.started(range);
-        let (start, end) = range;
-        let mut zeros = file.alloc_dma_buffer((end - start) as usize);
-        zeros.as_bytes_mut().fill(0);
-        let written = io::write_buf(
-            &file,
-            &seg.path,
-            &inner.faults,
-            IoClass::Ahead,
-            start,
-            zeros,
-        )
-        .await;
-        match &written {
-            Ok(()) => {
-                let c = &inner.counters;
-                c.zeroed_bytes.set(c.zeroed_bytes.get() + (end - start));
-            }
-            Err(e) => {
-                let c = &inner.counters;
-                c.zero_write_failures.set(c.zero_write_failures.get() + 1);
-                tracing::warn!(
-                    error = %e,
-                    segment = %seg.path.display(),
-                    "could not write zeros ahead of the log; its group commits will grow the file"
-                );
-            }
-        }
-        seg.ahead.finished(written.is_ok());
     }
 }
 

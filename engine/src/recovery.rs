@@ -425,6 +425,7 @@ pub(crate) async fn open(
         flush_wake: Rc::new(Wake::default()),
         compaction_wake: Rc::new(Wake::default()),
         maintenance_wake: Rc::new(Wake::default()),
+        zero_wake: Rc::new(Wake::default()),
         compaction_queue,
         tasks: std::cell::RefCell::new(Vec::new()),
         _lock: lock,

@@ -97,6 +97,7 @@ impl Segment {
         s.synced.set(len);
         s.sealed.set(true);
         s.finished.set(true);
+        s.ahead.stop();
         s.mem.borrow_mut().start = len;
         *s.file.borrow_mut() = Some(Rc::new(file));
         s
