@@ -73,10 +73,11 @@ async fn write_within_the_zeros(e: &Engine, dir: &Path) {
     );
 }
 
-async fn read_back(e: &Engine) {
-    for i in 0..100 {
-        let got = e.get(0, format!("k{i}").as_bytes()).await.unwrap();
-        assert_eq!(got.as_deref(), Some(&value(i)[..]), "k{i}");
+/// Reads back `key(i)` → `value(i)` for `i` in `0..n`, and checks the reopen found no damage.
+async fn read_back(e: &Engine, n: u32, key: fn(u32) -> String, value: fn(u32) -> Vec<u8>) {
+    for i in 0..n {
+        let got = e.get(0, key(i).as_bytes()).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&value(i)[..]), "{}", key(i));
     }
     let report = e.recovery_report();
     assert!(report.torn_tails.is_empty(), "{:?}", report.torn_tails);
@@ -87,6 +88,18 @@ async fn read_back(e: &Engine) {
     );
 }
 
+fn small_key(i: u32) -> String {
+    format!("k{i}")
+}
+
+fn big_key(i: u32) -> String {
+    format!("b{i}")
+}
+
+fn big(i: u32) -> Vec<u8> {
+    format!("big {i} ").bytes().cycle().take(60_000).collect()
+}
+
 #[test]
 fn group_commits_overwrite_zeros_and_a_reopen_reads_them_as_the_end() {
     common::run(|dir| async move {
@@ -94,7 +107,7 @@ fn group_commits_overwrite_zeros_and_a_reopen_reads_them_as_the_end() {
         write_within_the_zeros(&e, &dir).await;
         e.close().await.unwrap();
         let e = Engine::open(cfg).await.unwrap();
-        read_back(&e).await;
+        read_back(&e, 100, small_key, value).await;
         e.close().await.unwrap();
     });
 }
@@ -109,7 +122,7 @@ fn a_crash_over_zeros_ahead_loses_no_synced_write() {
         drop(e);
         let e = common::open_after_drop(&cfg).await;
         assert!(e.recovery_report().segments_scanned >= 1);
-        read_back(&e).await;
+        read_back(&e, 100, small_key, value).await;
         e.close().await.unwrap();
     });
 }
@@ -138,10 +151,8 @@ fn synced_writes_past_many_zero_chunks_and_segments_survive_a_crash() {
         let e = Engine::open(cfg.clone()).await.unwrap();
         // 300 values of 60 KB: about 18 MB, so group commits cross many zero chunks (and may
         // catch up with one in flight) and the log rolls to new segments twice.
-        let big =
-            |i: u32| -> Vec<u8> { format!("big {i} ").bytes().cycle().take(60_000).collect() };
         for i in 0..300u32 {
-            e.put(0, format!("b{i}").as_bytes(), &big(i), Durability::Sync)
+            e.put(0, big_key(i).as_bytes(), &big(i), Durability::Sync)
                 .await
                 .unwrap();
         }
@@ -154,17 +165,7 @@ fn synced_writes_past_many_zero_chunks_and_segments_survive_a_crash() {
         );
         drop(e);
         let e = common::open_after_drop(&cfg).await;
-        for i in 0..300u32 {
-            let got = e.get(0, format!("b{i}").as_bytes()).await.unwrap();
-            assert_eq!(got.as_deref(), Some(&big(i)[..]), "b{i}");
-        }
-        let report = e.recovery_report();
-        assert!(report.torn_tails.is_empty(), "{:?}", report.torn_tails);
-        assert!(
-            report.corrupt_regions.is_empty(),
-            "{:?}",
-            report.corrupt_regions
-        );
+        read_back(&e, 300, big_key, big).await;
         e.close().await.unwrap();
     });
 }
