@@ -15,11 +15,11 @@
 //! of the flusher's last data write, [`CHUNK_BYTES`] at a time, up to the segment's size, from
 //! the segment's first data write on (a first zero chunk before it would only make that write
 //! wait). The task runs on the flusher's queue, not the background one: the flusher may wait
-//! for a zero write in flight (below), and must not wait for a background share as well. Zeroing the
-//! whole file at creation was tried and rejected earlier (`maintenance.rs`): 64 MiB in one go
-//! competed with the foreground's syncs on the same disk. Ahead of the tail, the zeros cost one
-//! more write of each byte of the log, in chunks, and an unused tail of at most a chunk and a half
-//! when the segment is sealed early.
+//! for a zero write in flight (below), and must not wait for a background share as well.
+//! Zeroing the whole file at creation was tried and rejected earlier (`maintenance.rs`): 64 MiB
+//! in one go competed with the foreground's syncs on the same disk. Ahead of the tail, the zeros
+//! cost one more write of each byte of the log, in chunks, and an unused tail of at most a chunk
+//! and a half when the segment is sealed early.
 //!
 //! The one rule that makes it safe: a zero write never covers bytes a data write was issued for,
 //! nor one that will be issued while it is in flight. The task starts a zero write at or past
@@ -157,7 +157,7 @@ pub(crate) async fn run(weak: Weak<Inner>, wake: Rc<Wake>) {
 }
 
 /// Keeps zeros written ahead of the active log segment's tail, a chunk at a time, until they
-/// are far enough ahead (`ahead.rs`). A failed zero write is logged and stops them for that
+/// are far enough ahead (module docs). A failed zero write is logged and stops them for that
 /// segment; the flusher's writes go on, growing the file as they would without zeros.
 async fn zero_ahead(inner: &Inner, wake: &Wake) {
     while !wake.is_shutdown() {
