@@ -236,7 +236,7 @@ const BUCKETS: usize = ringkv_engine::LATENCY_BUCKETS;
 
 /// Engine figures published as gauges (name, help, accessor).
 type EngineField = (&'static str, &'static str, fn(&EngineStats) -> u64);
-const ENGINE_FIELDS: [EngineField; 11] = [
+const ENGINE_FIELDS: [EngineField; 14] = [
     (
         "ringkv_engine_keys",
         "Index entries (live keys and tombstones).",
@@ -262,6 +262,21 @@ const ENGINE_FIELDS: [EngineField; 11] = [
         "ringkv_engine_zeroed_bytes_total",
         "Bytes of zeros written ahead of log segments' tails, so that group commits overwrite.",
         |s| s.zeroed_bytes,
+    ),
+    (
+        "ringkv_engine_hint_write_failures_total",
+        "Hint files that could not be written (not fatal: their segments are scanned at open).",
+        |s| s.hint_write_failures,
+    ),
+    (
+        "ringkv_engine_segment_prepare_failures_total",
+        "Next segment files that could not be prepared (not fatal: the flusher creates them).",
+        |s| s.segment_prepare_failures,
+    ),
+    (
+        "ringkv_engine_zero_write_failures_total",
+        "Zero writes ahead of a log tail that failed (not fatal: that segment's commits grow it).",
+        |s| s.zero_write_failures,
     ),
     ("ringkv_engine_flushes_total", "Group commits.", |s| {
         s.flushes
@@ -736,6 +751,32 @@ mod tests {
              ringkv_engine_flush_duration_seconds_sum{shard=\"0\"} 2.5\n\
              ringkv_engine_flush_duration_seconds_count{shard=\"0\"} 4\n"
         ));
+    }
+
+    /// The engine's background IO failures, never fatal and so never seen by a client, are
+    /// counters an operator can alert on.
+    #[test]
+    fn render_background_io_failures() {
+        let m = ShardMetrics::default();
+        let stats = EngineStats {
+            hint_write_failures: 2,
+            segment_prepare_failures: 3,
+            zero_write_failures: 5,
+            zeroed_bytes: 7 << 20,
+            ..EngineStats::default()
+        };
+        m.set_engine(&stats);
+        let text = render(&[&m]);
+        for (name, n) in [
+            ("ringkv_engine_hint_write_failures_total", 2),
+            ("ringkv_engine_segment_prepare_failures_total", 3),
+            ("ringkv_engine_zero_write_failures_total", 5),
+            ("ringkv_engine_zeroed_bytes_total", 7 << 20),
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}");
+            let line = format!("{name}{{shard=\"0\"}} {n}\n");
+            assert!(text.contains(&line), "{line}");
+        }
     }
 
     /// A shard's holding is read back as published, with the view it was taken under.
