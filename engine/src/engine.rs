@@ -155,12 +155,19 @@ impl Wake {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Tells every background task to stop (each finishes the IO step it is in).
+    fn shutdown_tasks(&self) {
         self.flush_wake.shutdown();
         self.compaction_wake.shutdown();
         self.maintenance_wake.shutdown();
         self.zero_wake.shutdown();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown_tasks();
     }
 }
 
@@ -893,10 +900,7 @@ impl Engine {
     /// Tells the background tasks to stop and waits for them. Maintenance finishes the sealed
     /// segments it was handed (hint files) before it exits.
     async fn stop_tasks(&self) {
-        self.inner.flush_wake.shutdown();
-        self.inner.compaction_wake.shutdown();
-        self.inner.maintenance_wake.shutdown();
-        self.inner.zero_wake.shutdown();
+        self.inner.shutdown_tasks();
         let tasks = std::mem::take(&mut *self.inner.tasks.borrow_mut());
         for t in tasks {
             t.await;
@@ -910,10 +914,7 @@ impl Engine {
 /// [`EngineError::Locked`] for a moment.
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.inner.flush_wake.shutdown();
-        self.inner.compaction_wake.shutdown();
-        self.inner.maintenance_wake.shutdown();
-        self.inner.zero_wake.shutdown();
+        self.inner.shutdown_tasks();
     }
 }
 
