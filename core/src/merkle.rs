@@ -31,9 +31,9 @@
 //! # Writes are applied in batches
 //!
 //! A write does not touch its leaf: it appends the leaf's change to the tree's pending list,
-//! which is applied whole when it holds [`PENDING_CHANGES_MAX`] changes or when the tree is next read.
-//! The leaves of a shard's trees are megabytes, so a leaf changed at once was a cache miss on
-//! every write, paid in turn; a batch issues its misses back to back, where the processor
+//! which is applied whole when it holds [`PENDING_CHANGES_MAX`] changes or when the tree is next
+//! read. The leaves of a shard's trees are megabytes, so a leaf changed at once was a cache miss
+//! on every write, paid in turn; a batch issues its misses back to back, where the processor
 //! overlaps them, and a leaf changed twice in a batch is fetched once. The list's end, where
 //! writes append, is one cache line per tree. Reads see every write: each applies the list
 //! first.

@@ -58,7 +58,7 @@ pub(crate) struct Ahead {
     zeroed: Cell<u64>,
     /// The zero write in flight, as `[start, end)`.
     in_flight: Cell<Option<(u64, u64)>>,
-    /// No more zero writes for this segment: one failed.
+    /// No more zero writes for this segment: one failed, or the segment is only read.
     stopped: Cell<bool>,
     /// The flusher, waiting for the zero write in flight to finish.
     waiter: RefCell<Option<Waker>>,
@@ -218,6 +218,12 @@ mod tests {
         futures_lite::future::block_on(a.before_write(end));
     }
 
+    /// A zero write of `range` issued and completed.
+    fn zero(a: &Ahead, range: (u64, u64)) {
+        a.started(range);
+        a.finished(true);
+    }
+
     #[test]
     fn zeros_start_past_every_data_write_and_stop_when_far_enough_ahead() {
         let a = Ahead::default();
@@ -251,8 +257,7 @@ mod tests {
         let end = (CHUNK_BYTES / 2).next_multiple_of(IO_BLOCK_BYTES) + IO_BLOCK_BYTES;
         write(&a, IO_BLOCK_BYTES);
         assert_eq!(a.next_zeros(size), Some((IO_BLOCK_BYTES, end)));
-        a.started((IO_BLOCK_BYTES, end));
-        a.finished(true);
+        zero(&a, (IO_BLOCK_BYTES, end));
         assert_eq!(a.next_zeros(size), None, "the segment is covered");
     }
 
