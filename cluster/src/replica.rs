@@ -395,6 +395,13 @@ pub fn engine_location(key: &StoreKey) -> (u32, EngineKey) {
     (partition, k)
 }
 
+/// [`engine_location`] of a replica (not a hint) of `bucket`/`key` in `partition`.
+pub fn engine_location_primary(partition: u32, bucket: &[u8], key: &[u8]) -> (u32, EngineKey) {
+    let mut k = EngineKey::new();
+    push_engine_key(&mut k, bucket, key);
+    (partition, k)
+}
+
 /// The hint stored in ring partition `partition` under engine key `engine_key`, or `None` if the
 /// key is not a hint key (damaged or written by something else).
 pub fn hint_from_engine(partition: u32, engine_key: &[u8]) -> Option<StoreKey> {

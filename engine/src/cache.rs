@@ -126,6 +126,23 @@ impl ValueCache {
         self.map.find_mut(k.1, |s| s.key == k)
     }
 
+    /// Asks the CPU to load the slots a coming lookup or refresh of the key compares.
+    pub(crate) fn prefetch(&self, kh: KeyHash) {
+        for slot in self.map.iter_hash(kh.digest) {
+            crate::prefetch::value(slot);
+        }
+    }
+
+    /// Asks the CPU to load the value cached for the key, if its slot is found: a hit copies
+    /// it, and a write of the key frees it. Best after [`prefetch`](Self::prefetch) of the
+    /// key, when the slot has had time to arrive.
+    pub(crate) fn prefetch_value(&self, partition: u32, kh: KeyHash) {
+        let k = Self::key(partition, kh);
+        if let Some(slot) = self.map.find(k.1, |s| s.key == k) {
+            crate::prefetch::block(&slot.value);
+        }
+    }
+
     pub(crate) fn get(&mut self, partition: u32, kh: KeyHash, loc: Location) -> Option<Bytes> {
         let k = Self::key(partition, kh);
         let slot = self.find_mut(k)?;

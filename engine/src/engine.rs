@@ -470,6 +470,32 @@ impl Engine {
         })
     }
 
+    /// Asks the CPU to load what coming reads or writes of `keys` (partition, key) look up
+    /// first: their index slots and their cache slots. A batch's keys are all hashed before
+    /// any table is probed, so that the probes run close together and their cache misses
+    /// overlap.
+    pub fn prefetch<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = (u32, K)>) {
+        let hashed: Vec<(u32, KeyHash)> = keys
+            .into_iter()
+            .map(|(partition, key)| (partition, KeyHash::of(key.as_ref())))
+            .collect();
+        let Ok(cache) = self.inner.cache.try_borrow() else {
+            return;
+        };
+        for &(_, kh) in &hashed {
+            cache.prefetch(kh);
+        }
+        if let Ok(st) = self.inner.st.try_borrow() {
+            for &(partition, kh) in &hashed {
+                st.index.prefetch(partition, kh);
+            }
+        }
+        // By now the cache slots have had the index probes' time to arrive.
+        for &(partition, kh) in &hashed {
+            cache.prefetch_value(partition, kh);
+        }
+    }
+
     /// The part of a read that needs no wait: the index, then the value cache.
     fn lookup(&self, partition: u32, key: &[u8]) -> Result<Lookup, EngineError> {
         self.check_key(key)?;

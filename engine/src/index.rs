@@ -190,6 +190,16 @@ impl Index {
         .map(Slot::entry)
     }
 
+    /// Asks the CPU to load the slots a coming [`get`](Self::get) or [`upsert`](Self::upsert)
+    /// of the key compares.
+    pub fn prefetch(&self, partition: u32, kh: KeyHash) {
+        if let Some(part) = self.parts.get(&partition) {
+            for slot in part.table.iter_hash(kh.digest) {
+                crate::prefetch::value(slot);
+            }
+        }
+    }
+
     /// Inserts or replaces a key's entry; returns the entry it replaced.
     pub fn upsert(&mut self, partition: u32, kh: KeyHash, e: Entry) -> Option<Entry> {
         let part = self.parts.entry(partition).or_default();

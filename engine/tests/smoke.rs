@@ -416,3 +416,58 @@ fn a_synced_put_without_its_wait_names_the_flush_that_makes_it_durable() {
         e.close().await.unwrap();
     });
 }
+
+/// `prefetch` is a hint and nothing else: over cached keys, keys read from disk, deleted and
+/// absent keys, a partition never written and an empty batch, the reads and writes after it
+/// answer as they would without it, and the cache's counts do not move.
+#[test]
+fn prefetch_changes_no_answer() {
+    common::run(|dir| async move {
+        let mut cfg = common::config(&dir);
+        // Room for a few values only: most keys are read from disk.
+        cfg.cache_bytes = 1024;
+        let e = Engine::open(cfg).await.unwrap();
+        for i in 0..200u32 {
+            let value = format!("v{i}").repeat(10);
+            e.put(
+                i % 2,
+                format!("k{i}").as_bytes(),
+                value.as_bytes(),
+                Durability::Buffered,
+            )
+            .await
+            .unwrap();
+        }
+        assert!(e.delete(1, b"k1", Durability::Buffered).await.unwrap());
+        let keys: Vec<(u32, Vec<u8>)> = (0..220u32)
+            .map(|i| (i % 3, format!("k{i}").into_bytes()))
+            .chain([(7, b"k0".to_vec()), (0, Vec::new())])
+            .collect();
+        e.prefetch(std::iter::empty::<(u32, &[u8])>());
+        let before = e.stats();
+        e.prefetch(keys.iter().map(|(p, k)| (*p, k.as_slice())));
+        let after = e.stats();
+        assert_eq!(
+            (after.cache_hits, after.gets, after.puts),
+            (before.cache_hits, before.gets, before.puts)
+        );
+        for (p, k) in &keys {
+            let i: Option<u32> = std::str::from_utf8(&k[1.min(k.len())..])
+                .ok()
+                .and_then(|n| n.parse().ok());
+            let want = i
+                .filter(|&i| i < 200 && i % 2 == *p && (*p, i) != (1, 1))
+                .map(|i| format!("v{i}").repeat(10));
+            let got = e.get(*p, k).await.unwrap();
+            assert_eq!(
+                got.as_deref(),
+                want.as_deref().map(str::as_bytes),
+                "{p} {k:?}"
+            );
+        }
+        // A write of a prefetched key stores the new value.
+        e.prefetch([(0, b"k0")]);
+        e.put(0, b"k0", b"new", Durability::Buffered).await.unwrap();
+        assert_eq!(e.get(0, b"k0").await.unwrap().unwrap(), &b"new"[..]);
+    });
+}

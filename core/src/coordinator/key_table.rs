@@ -135,6 +135,13 @@ fn is<'a, V>(hash: u64, bucket: &'a [u8], key: &'a [u8]) -> impl Fn(&Slot<V>) ->
 }
 
 impl<V> KeyTable<V> {
+    /// Asks the CPU to load the slots a coming lookup of the key with `hash` compares.
+    pub(super) fn prefetch(&self, hash: u64) {
+        for slot in self.table.iter_hash(place(hash)) {
+            crate::prefetch::value(slot);
+        }
+    }
+
     pub(super) fn get(&self, hash: u64, bucket: &[u8], key: &[u8]) -> Option<&V> {
         self.table
             .find(place(hash), is(hash, bucket, key))

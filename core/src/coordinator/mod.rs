@@ -2798,6 +2798,12 @@ impl Core {
         }
     }
 
+    /// Asks the CPU to load what coming local reads or writes of `keys` (partition, bucket,
+    /// key) look up in the core's own tables, for a batch served together.
+    pub fn prefetch<'k>(&self, keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>) {
+        self.ae.prefetch(&self.view(), keys);
+    }
+
     /// The stamp of the plain `lww` value `key` holds, when its anti-entropy entry knows it and
     /// the entry can be trusted: not while a handoff pass may be refilling the partition's trees
     /// from pages scanned before the latest writes ([`Core::blind_lww`]).

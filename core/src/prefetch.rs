@@ -1,0 +1,27 @@
+//! A hint to the CPU to start loading memory it will read soon. The engine keeps the same
+//! helper: neither crate depends on the other, and this one is too small for a crate of its own.
+
+/// Starts loading the cache lines of `value` (one or two for a slot of a hash table) into
+/// every cache level, without waiting for them.
+#[inline]
+pub(crate) fn value<T>(value: &T) {
+    let start = (value as *const T).cast::<u8>();
+    line(start);
+    let last = start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1));
+    if (last as usize) / 64 != (start as usize) / 64 {
+        line(last);
+    }
+}
+
+#[inline]
+fn line(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: a prefetch only hints the memory system; it reads nothing into the program and
+    // cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
