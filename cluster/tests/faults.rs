@@ -18,7 +18,8 @@
 //! one side and the other end (the peer port it connects to, for the node that opened the
 //! connection; the mark, for the node that accepted it) is on the other. Clients (this process)
 //! reach every node throughout. The rules live in chains named after this process, so parallel
-//! runs do not interfere, and a drop guard removes them even when the test panics. This needs
+//! runs do not interfere, and a drop guard removes them even when the test panics; a run
+//! killed before its guard ran leaves them behind, and the next run removes them. This needs
 //! root and the `iptables` command (`.ci/run` installs it): without them the test fails, it
 //! does not skip.
 //!
@@ -119,10 +120,62 @@ struct Firewall {
     nodes: Vec<(u32, u16)>,
 }
 
+/// Removes both chains of a run, unhooking them from OUTPUT first; reports what fails.
+fn remove_chains(chains: [&str; 2]) {
+    for chain in chains {
+        for step in [
+            vec!["-D", "OUTPUT", "-j", chain],
+            vec!["-F", chain],
+            vec!["-X", chain],
+        ] {
+            if let Err(e) = iptables(&step) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// The process ids of runs whose chains are in the firewall but whose process is gone: a run
+/// killed before its `Drop` ran (a timeout, kill -9). Their rules would stay hooked into
+/// OUTPUT, be walked by every packet the machine sends, and drop the packets of a later run
+/// that happened to get the same group ids and ports.
+fn stale_runs() -> Vec<u32> {
+    let Ok(out) = Command::new("iptables").args(["-w", "-S"]).output() else {
+        return Vec::new();
+    };
+    let mut runs: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("-N ringkv-fault-"))
+        .filter_map(|rest| rest.strip_suffix("-m"))
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    runs.sort_unstable();
+    runs.dedup();
+    runs
+}
+
+/// Serialises the removal of stale chains with the tests that make chains for it to find.
+static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Removes the chains of every [`stale_runs`] run.
+fn remove_stale_runs() {
+    let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    for pid in stale_runs() {
+        eprintln!("removing the firewall chains of run {pid}, which is gone");
+        remove_chains([
+            &format!("ringkv-fault-{pid}-m"),
+            &format!("ringkv-fault-{pid}-d"),
+        ]);
+    }
+}
+
 impl Firewall {
     /// Creates the chains and the marking rules for `nodes` (group id, peer port), and hooks
-    /// both chains into OUTPUT. Panics with what to install when iptables is not usable.
+    /// both chains into OUTPUT, after removing those of runs that died without removing
+    /// theirs ([`stale_runs`]). Panics with what to install when iptables is not usable.
     fn new(nodes: Vec<(u32, u16)>) -> Firewall {
+        remove_stale_runs();
         let tag = std::process::id();
         let firewall = Firewall {
             mark_chain: format!("ringkv-fault-{tag}-m"),
@@ -216,17 +269,7 @@ impl Firewall {
 impl Drop for Firewall {
     fn drop(&mut self) {
         // Best effort: runs while a panic unwinds, so it reports instead of panicking again.
-        for chain in [&self.mark_chain, &self.drop_chain] {
-            for step in [
-                vec!["-D", "OUTPUT", "-j", chain],
-                vec!["-F", chain],
-                vec!["-X", chain],
-            ] {
-                if let Err(e) = iptables(&step) {
-                    eprintln!("cleanup: {e}");
-                }
-            }
-        }
+        remove_chains([&self.mark_chain, &self.drop_chain]);
     }
 }
 
@@ -484,6 +527,75 @@ fn check_sets(
 /// partition's replicas report one Merkle root, every acknowledged write and add is on every
 /// home replica (read directly), and no node panicked or exited: the promises of no silent loss
 /// and convergence, checked on real processes.
+/// The chains of a run killed before it removed them (a process id no process has: above any
+/// `pid_max`), hooked into OUTPUT with a drop rule as a partition leaves them, are gone after
+/// the next run's cleanup; the chains of a live process (this test's parent: chains named after
+/// this process would be the fault test's own) are left alone.
+#[test]
+fn chains_of_a_killed_run_are_removed() {
+    let dead = 4_000_000_000u32;
+    let live = std::os::unix::process::parent_id();
+    let chains = |pid: u32| {
+        [
+            format!("ringkv-fault-{pid}-m"),
+            format!("ringkv-fault-{pid}-d"),
+        ]
+    };
+    let listed = |name: &str| {
+        let out = Command::new("iptables")
+            .args(["-w", "-S"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .any(|l| l == format!("-N {name}"))
+    };
+    {
+        let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in [dead, live] {
+            let [m, d] = chains(pid);
+            for chain in [&m, &d] {
+                iptables(&["-N", chain]).unwrap_or_else(|e| {
+                    panic!("needs root and iptables (.ci/run installs it): {e}")
+                });
+                iptables(&["-I", "OUTPUT", "1", "-j", chain]).unwrap();
+            }
+            // Matches no packet: a group id no process of this machine runs under.
+            iptables(&[
+                "-A",
+                &d,
+                "-p",
+                "tcp",
+                "--dport",
+                "1",
+                "-m",
+                "owner",
+                "--gid-owner",
+                "3999999999",
+                "-j",
+                "DROP",
+            ])
+            .unwrap();
+        }
+    }
+    remove_stale_runs();
+    let [dead_m, dead_d] = chains(dead);
+    let [live_m, live_d] = chains(live);
+    let left = (
+        listed(&dead_m),
+        listed(&dead_d),
+        listed(&live_m),
+        listed(&live_d),
+    );
+    remove_chains([&live_m, &live_d]);
+    assert_eq!(
+        left,
+        (false, false, true, true),
+        "(dead m, dead d, live m, live d) listed"
+    );
+}
+
 #[test]
 fn acknowledged_writes_and_adds_survive_kills_freezes_and_partitions() {
     let seed = std::env::var("RINGKV_FAULT_SEED")
