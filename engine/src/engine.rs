@@ -475,10 +475,10 @@ impl Engine {
     /// any table is probed, so that the probes run close together and their cache misses
     /// overlap.
     pub fn prefetch<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = (u32, K)>) {
-        let hashed: Vec<(u32, KeyHash)> = keys
-            .into_iter()
-            .map(|(partition, key)| (partition, KeyHash::of(key.as_ref())))
-            .collect();
+        let keys = keys.into_iter();
+        // Sized once: the caller's filter leaves only an upper bound.
+        let mut hashed = Vec::with_capacity(keys.size_hint().1.unwrap_or(0));
+        hashed.extend(keys.map(|(partition, key)| (partition, KeyHash::of(key.as_ref()))));
         let Ok(cache) = self.inner.cache.try_borrow() else {
             return;
         };

@@ -744,13 +744,13 @@ impl AntiEntropy {
         v: &View<'_>,
         keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
     ) {
-        let found: Vec<(&Tree, u64)> = keys
-            .into_iter()
-            .filter_map(|(partition, bucket, key)| {
-                let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
-                Some((tree, v.tree_hash(bucket, key)))
-            })
-            .collect();
+        let keys = keys.into_iter();
+        // Sized once: the caller's filter leaves only an upper bound.
+        let mut found: Vec<(&Tree, u64)> = Vec::with_capacity(keys.size_hint().1.unwrap_or(0));
+        found.extend(keys.filter_map(|(partition, bucket, key)| {
+            let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
+            Some((tree, v.tree_hash(bucket, key)))
+        }));
         for (tree, hash) in found {
             tree.keys.prefetch(hash);
         }
