@@ -245,7 +245,7 @@ const ENGINE_FIELDS: [EngineField; 14] = [
     ("ringkv_engine_segments", "Segment files.", |s| s.segments),
     (
         "ringkv_engine_segment_bytes",
-        "Bytes in segment files.",
+        "Bytes of records in segment files (a file may hold more: zeros written ahead of the log).",
         |s| s.segment_bytes,
     ),
     (
