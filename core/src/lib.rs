@@ -42,7 +42,6 @@ pub mod membership;
 pub mod merkle;
 pub mod object;
 pub mod phi;
-mod prefetch;
 pub mod request;
 pub mod ring;
 

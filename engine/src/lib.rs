@@ -32,7 +32,7 @@ pub mod io;
 pub mod live_scan;
 mod maintenance;
 pub mod pace;
-mod prefetch;
+pub mod prefetch;
 pub mod record;
 mod recovery;
 pub mod scan;

@@ -1,12 +1,20 @@
-//! A hint to the CPU to start loading memory it will read soon.
+//! Hints to the CPU to start loading memory it will read soon. Public, so that the node's
+//! runtime can hand [`first_and_last`] to the sans-IO core, which keeps no architecture code
+//! of its own.
 
 /// Starts loading the cache lines of `value` (one or two for a slot of a hash table) into
 /// every cache level, without waiting for them.
 #[inline]
 pub(crate) fn value<T>(value: &T) {
-    let start = (value as *const T).cast::<u8>();
+    first_and_last((value as *const T).cast(), std::mem::size_of::<T>());
+}
+
+/// Starts loading the cache lines of the first and the last of the `len` bytes at `start`:
+/// all of them for up to two lines, as a hash table's slot is. Reads nothing itself.
+#[inline]
+pub fn first_and_last(start: *const u8, len: usize) {
     line(start);
-    let last = start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1));
+    let last = start.wrapping_add(len.saturating_sub(1));
     if (last as usize) / 64 != (start as usize) / 64 {
         line(last);
     }

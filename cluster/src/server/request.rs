@@ -175,10 +175,13 @@ impl Shard {
                     && shard_of(r.partition(), self.shard_count) == self.id
             })
         };
-        self.core.borrow().prefetch(here().map(|r| {
-            let (bucket, key) = r.key();
-            (r.partition().0, &bucket[..], &key[..])
-        }));
+        self.core.borrow().prefetch(
+            here().map(|r| {
+                let (bucket, key) = r.key();
+                (r.partition().0, &bucket[..], &key[..])
+            }),
+            ringkv_engine::prefetch::first_and_last,
+        );
         self.engine.prefetch(here().map(|r| {
             let (bucket, key) = r.key();
             crate::replica::engine_location_primary(r.partition().0, bucket, key)

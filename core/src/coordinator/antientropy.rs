@@ -736,13 +736,14 @@ impl AntiEntropy {
         }
     }
 
-    /// Asks the CPU to load the key-table slots coming writes of `keys` (partition, bucket,
-    /// key) look up: every key's tree and hash first, then the probes, close together so that
-    /// their cache misses overlap.
+    /// Hands `hint` the key-table slots coming writes of `keys` (partition, bucket, key) look
+    /// up: every key's tree and hash first, then the probes, close together so that the cache
+    /// misses of the loads `hint` asks for overlap.
     pub(super) fn prefetch<'k>(
         &self,
         v: &View<'_>,
         keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
+        hint: &mut impl FnMut(*const u8, usize),
     ) {
         let keys = keys.into_iter();
         // Sized once: the caller's filter leaves only an upper bound.
@@ -752,7 +753,7 @@ impl AntiEntropy {
             Some((tree, v.tree_hash(bucket, key)))
         }));
         for (tree, hash) in found {
-            tree.keys.prefetch(hash);
+            tree.keys.prefetch(hash, hint);
         }
     }
 

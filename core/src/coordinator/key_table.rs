@@ -135,10 +135,14 @@ fn is<'a, V>(hash: u64, bucket: &'a [u8], key: &'a [u8]) -> impl Fn(&Slot<V>) ->
 }
 
 impl<V> KeyTable<V> {
-    /// Asks the CPU to load the slots a coming lookup of the key with `hash` compares.
-    pub(super) fn prefetch(&self, hash: u64) {
+    /// Hands `hint` the address and size of each slot a coming lookup of the key with `hash`
+    /// compares, for it to ask the CPU to load them.
+    pub(super) fn prefetch(&self, hash: u64, hint: &mut impl FnMut(*const u8, usize)) {
         for slot in self.table.iter_hash(place(hash)) {
-            crate::prefetch::value(slot);
+            hint(
+                (slot as *const Slot<V>).cast(),
+                std::mem::size_of::<Slot<V>>(),
+            );
         }
     }
 
@@ -220,6 +224,41 @@ mod tests {
         assert_eq!(table.get(9, &bucket[..299], b"k"), Some(&2));
         assert_eq!(table.remove(9, &bucket, b"k"), Some(1));
         assert_eq!(table.get(9, &bucket, b"k"), None);
+    }
+
+    /// A prefetch hands over the slot that holds the key: a range of a slot's size around the
+    /// key's value, among at most a few candidates that share the hash's tag. A key not in the
+    /// table may hand over none or some, but never the slot of a key it is not.
+    #[test]
+    fn prefetch_hints_the_slot_of_the_key() {
+        let mut table = KeyTable::default();
+        for i in 0..1000u64 {
+            table.insert(
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                b"b",
+                &i.to_le_bytes(),
+                i,
+            );
+        }
+        for i in (0..1000u64).step_by(7) {
+            let hash = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let value = table.get(hash, b"b", &i.to_le_bytes()).unwrap() as *const u64 as usize;
+            let mut hinted = Vec::new();
+            table.prefetch(hash, &mut |at, len| hinted.push((at as usize, len)));
+            assert!(!hinted.is_empty() && hinted.len() <= 4, "{i}: {hinted:?}");
+            assert!(
+                hinted
+                    .iter()
+                    .all(|&(_, len)| len == std::mem::size_of::<Slot<u64>>()),
+                "{hinted:?}"
+            );
+            assert!(
+                hinted
+                    .iter()
+                    .any(|&(at, len)| (at..at + len).contains(&value)),
+                "{i}: no hinted slot holds the key's value at {value:#x}: {hinted:?}"
+            );
+        }
     }
 
     proptest! {

@@ -2798,10 +2798,16 @@ impl Core {
         }
     }
 
-    /// Asks the CPU to load what coming local reads or writes of `keys` (partition, bucket,
-    /// key) look up in the core's own tables, for a batch served together.
-    pub fn prefetch<'k>(&self, keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>) {
-        self.ae.prefetch(&self.view(), keys);
+    /// Hands `hint` the memory that coming local reads or writes of `keys` (partition, bucket,
+    /// key) look up first in the core's own tables, as (address, bytes), for a batch served
+    /// together: the shell's `hint` asks the CPU to load it, which the core, free of
+    /// architecture code, does not do itself.
+    pub fn prefetch<'k>(
+        &self,
+        keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
+        mut hint: impl FnMut(*const u8, usize),
+    ) {
+        self.ae.prefetch(&self.view(), keys, &mut hint);
     }
 
     /// The stamp of the plain `lww` value `key` holds, when its anti-entropy entry knows it and
