@@ -383,16 +383,13 @@ pub type EngineKey = SmallVec<[u8; ENGINE_KEY_INLINE]>;
 /// replica's [`engine_key`].
 pub fn engine_location(key: &StoreKey) -> (u32, EngineKey) {
     debug_assert!(key.partition < HINT_PARTITION_BASE);
-    let mut k = EngineKey::new();
-    let partition = match key.space {
-        Space::Primary => key.partition,
-        Space::Hint(home) => {
-            k.extend_from_slice(&home.0.to_be_bytes());
-            HINT_PARTITION_BASE | key.partition
-        }
+    let Space::Hint(home) = key.space else {
+        return engine_location_primary(key.partition, &key.bucket, &key.key);
     };
+    let mut k = EngineKey::new();
+    k.extend_from_slice(&home.0.to_be_bytes());
     push_engine_key(&mut k, &key.bucket, &key.key);
-    (partition, k)
+    (HINT_PARTITION_BASE | key.partition, k)
 }
 
 /// [`engine_location`] of a replica (not a hint) of `bucket`/`key` in `partition`.

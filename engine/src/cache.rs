@@ -126,20 +126,27 @@ impl ValueCache {
         self.map.find_mut(k.1, |s| s.key == k)
     }
 
-    /// Asks the CPU to load the slots a coming lookup or refresh of the key compares.
-    pub(crate) fn prefetch(&self, kh: KeyHash) {
+    /// Hands `hint` the (address, bytes) of each slot a coming lookup or refresh of the key
+    /// compares, for it to ask the CPU to load them (`crate::prefetch::range`).
+    pub(crate) fn prefetch(&self, kh: KeyHash, hint: &mut impl FnMut(*const u8, usize)) {
         for slot in self.map.iter_hash(kh.digest) {
-            crate::prefetch::value(slot);
+            hint((slot as *const Slot).cast(), std::mem::size_of::<Slot>());
         }
     }
 
-    /// Asks the CPU to load the value cached for the key, if its slot is found: a hit copies
-    /// it, and a write of the key frees it. Best after [`prefetch`](Self::prefetch) of the
+    /// Hands `hint` the value cached for the key, if its slot is found, with the word before
+    /// it: a hit copies the value, and a write of the key frees its block, which reads the
+    /// allocator's size of the block first. Best after [`prefetch`](Self::prefetch) of the
     /// key, when the slot has had time to arrive.
-    pub(crate) fn prefetch_value(&self, partition: u32, kh: KeyHash) {
+    pub(crate) fn prefetch_value(
+        &self,
+        partition: u32,
+        kh: KeyHash,
+        hint: &mut impl FnMut(*const u8, usize),
+    ) {
         let k = Self::key(partition, kh);
         if let Some(slot) = self.map.find(k.1, |s| s.key == k) {
-            crate::prefetch::block(&slot.value);
+            hint(slot.value.as_ptr().wrapping_sub(8), slot.value.len() + 8);
         }
     }
 
@@ -349,6 +356,40 @@ mod tests {
         c.insert(0, kh, loc(1), Bytes::from(vec![3u8; 50]));
         assert_eq!(c.get(0, kh, loc(1)), Some(Bytes::from(vec![3u8; 50])));
         assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 50);
+    }
+
+    /// The prefetch hands over the slot of a cached key (one of the ranges holds it) and, for
+    /// its value, the value's bytes and the word before them; a key not cached hands over no
+    /// value.
+    #[test]
+    fn prefetch_hints_the_slot_and_the_value_of_the_key() {
+        let mut c = ValueCache::new(1 << 20);
+        let kh = |digest: u64| KeyHash {
+            digest: digest.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            check: 1,
+        };
+        for i in 0..500u64 {
+            c.insert(3, kh(i), loc(i), Bytes::from(vec![i as u8; 100]));
+        }
+        for i in (0..500u64).step_by(11) {
+            let k = ValueCache::key(3, kh(i));
+            let slot = c.map.find(k.1, |s| s.key == k).unwrap();
+            let (slot_at, value_at) = (slot as *const Slot as usize, slot.value.as_ptr() as usize);
+            let mut hinted = Vec::new();
+            c.prefetch(kh(i), &mut |at, len| hinted.push((at as usize, len)));
+            assert!(
+                hinted
+                    .iter()
+                    .any(|&(at, len)| at == slot_at && len == std::mem::size_of::<Slot>()),
+                "{i}: {hinted:?}"
+            );
+            let mut values = Vec::new();
+            c.prefetch_value(3, kh(i), &mut |at, len| values.push((at as usize, len)));
+            assert_eq!(values, vec![(value_at - 8, 108)], "{i}");
+        }
+        let mut none = Vec::new();
+        c.prefetch_value(4, kh(1), &mut |at, len| none.push((at as usize, len)));
+        assert!(none.is_empty(), "another partition's key: {none:?}");
     }
 
     /// Hits of small values (the largest included) are copies, not the cached buffer: each

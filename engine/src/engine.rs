@@ -479,20 +479,21 @@ impl Engine {
         // Sized once: the caller's filter leaves only an upper bound.
         let mut hashed = Vec::with_capacity(keys.size_hint().1.unwrap_or(0));
         hashed.extend(keys.map(|(partition, key)| (partition, KeyHash::of(key.as_ref()))));
+        let hint = &mut crate::prefetch::range;
         let Ok(cache) = self.inner.cache.try_borrow() else {
             return;
         };
         for &(_, kh) in &hashed {
-            cache.prefetch(kh);
+            cache.prefetch(kh, hint);
         }
         if let Ok(st) = self.inner.st.try_borrow() {
             for &(partition, kh) in &hashed {
-                st.index.prefetch(partition, kh);
+                st.index.prefetch(partition, kh, hint);
             }
         }
         // By now the cache slots have had the index probes' time to arrive.
         for &(partition, kh) in &hashed {
-            cache.prefetch_value(partition, kh);
+            cache.prefetch_value(partition, kh, hint);
         }
     }
 

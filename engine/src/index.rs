@@ -190,12 +190,13 @@ impl Index {
         .map(Slot::entry)
     }
 
-    /// Asks the CPU to load the slots a coming [`get`](Self::get) or [`upsert`](Self::upsert)
-    /// of the key compares.
-    pub fn prefetch(&self, partition: u32, kh: KeyHash) {
+    /// Hands `hint` the (address, bytes) of each slot a coming [`get`](Self::get) or
+    /// [`upsert`](Self::upsert) of the key compares, for it to ask the CPU to load them
+    /// (`crate::prefetch::range`).
+    pub fn prefetch(&self, partition: u32, kh: KeyHash, hint: &mut impl FnMut(*const u8, usize)) {
         if let Some(part) = self.parts.get(&partition) {
             for slot in part.table.iter_hash(kh.digest) {
-                crate::prefetch::value(slot);
+                hint((slot as *const Slot).cast(), std::mem::size_of::<Slot>());
             }
         }
     }
@@ -398,6 +399,43 @@ mod tests {
             },
         ] {
             assert_eq!(Location::unpack(loc.pack()), loc);
+        }
+    }
+
+    /// The prefetch hands over the slot of the key (one of the ranges is it), and nothing for
+    /// a partition the index does not have.
+    #[test]
+    fn prefetch_hints_the_slot_of_the_key() {
+        let mut ix = Index::default();
+        let entry = Entry {
+            loc: Location {
+                slot: 1,
+                offset: 0,
+                len: 8,
+            },
+            tombstone: false,
+            version: 0,
+        };
+        for i in 0..1000u32 {
+            ix.upsert(5, KeyHash::of(&i.to_le_bytes()), entry);
+        }
+        for i in (0..1000u32).step_by(13) {
+            let kh = KeyHash::of(&i.to_le_bytes());
+            let slot = ix.parts[&5]
+                .table
+                .find(kh.digest, |s| {
+                    s.digest() == kh.digest && s.check == kh.check
+                })
+                .unwrap() as *const Slot as usize;
+            let mut hinted = Vec::new();
+            ix.prefetch(5, kh, &mut |at, len| hinted.push((at as usize, len)));
+            assert!(
+                hinted.contains(&(slot, std::mem::size_of::<Slot>())),
+                "{i}: {hinted:?}"
+            );
+            let mut other = Vec::new();
+            ix.prefetch(6, kh, &mut |at, len| other.push((at as usize, len)));
+            assert!(other.is_empty(), "{other:?}");
         }
     }
 

@@ -1,34 +1,18 @@
-//! Hints to the CPU to start loading memory it will read soon. Public, so that the node's
-//! runtime can hand [`first_and_last`] to the sans-IO core, which keeps no architecture code
-//! of its own.
+//! Hints to the CPU to start loading memory it will read soon; on other architectures than
+//! x86-64 they do nothing. Public, so that the node's runtime can hand [`range`] to the sans-IO
+//! core, which keeps no architecture code of its own.
 
-/// Starts loading the cache lines of `value` (one or two for a slot of a hash table) into
-/// every cache level, without waiting for them.
-#[inline]
-pub(crate) fn value<T>(value: &T) {
-    first_and_last((value as *const T).cast(), std::mem::size_of::<T>());
-}
+/// Bytes of a cache line.
+const LINE_BYTES: usize = 64;
 
-/// Starts loading the cache lines of the first and the last of the `len` bytes at `start`:
-/// all of them for up to two lines, as a hash table's slot is. Reads nothing itself.
+/// Starts loading every cache line of the `len` bytes at `start` (a slot of a hash table: a
+/// few lines at most). Reads nothing itself.
 #[inline]
-pub fn first_and_last(start: *const u8, len: usize) {
-    line(start);
-    let last = start.wrapping_add(len.saturating_sub(1));
-    if (last as usize) / 64 != (start as usize) / 64 {
-        line(last);
-    }
-}
-
-/// Starts loading a heap block's bytes as [`value`] does, and the word before them: the
-/// allocator's size of the block, which freeing it reads first.
-#[inline]
-pub(crate) fn block(bytes: &[u8]) {
-    let start = bytes.as_ptr();
-    line(start.wrapping_sub(8));
-    line(start);
-    if let Some(last) = bytes.len().checked_sub(1) {
-        line(start.wrapping_add(last));
+pub fn range(start: *const u8, len: usize) {
+    let first = start as usize / LINE_BYTES;
+    let last = start.wrapping_add(len.saturating_sub(1)) as usize / LINE_BYTES;
+    for n in 0..=last.saturating_sub(first) {
+        line(start.wrapping_add(n * LINE_BYTES));
     }
 }
 

@@ -107,7 +107,8 @@ pub struct EngineStats {
     pub index_bytes: u64,
     /// Segment files.
     pub segments: u64,
-    /// Bytes in segment files (valid data, excluding alignment padding of the last block).
+    /// Bytes of records in segment files (valid data, excluding alignment padding of the last
+    /// block, and the zeros written ahead of the log).
     pub segment_bytes: u64,
     /// Bytes of records the index points at.
     pub live_bytes: u64,

@@ -164,28 +164,30 @@ impl Shard {
     }
 
     /// Asks the CPU to load what the gets and puts of a batch served here look up first, all
-    /// before the first is served, so that their cache misses overlap.
+    /// before the first is served, so that their cache misses overlap: the engine's slots and
+    /// cached values for both, the core's anti-entropy slots for the puts (a get does not look
+    /// there).
     fn prefetch(&self, requests: &[KeyRequest]) {
         if requests.len() < 2 {
             return;
         }
-        let here = || {
-            requests.iter().filter(|r| {
-                matches!(r.op(), KeyOp::Get | KeyOp::Put)
-                    && shard_of(r.partition(), self.shard_count) == self.id
+        let here = |ops: &'static [KeyOp]| {
+            requests.iter().filter(move |r| {
+                ops.contains(&r.op()) && shard_of(r.partition(), self.shard_count) == self.id
             })
         };
         self.core.borrow().prefetch(
-            here().map(|r| {
+            here(&[KeyOp::Put]).map(|r| {
                 let (bucket, key) = r.key();
                 (r.partition().0, &bucket[..], &key[..])
             }),
-            ringkv_engine::prefetch::first_and_last,
+            ringkv_engine::prefetch::range,
         );
-        self.engine.prefetch(here().map(|r| {
-            let (bucket, key) = r.key();
-            crate::replica::engine_location_primary(r.partition().0, bucket, key)
-        }));
+        self.engine
+            .prefetch(here(&[KeyOp::Get, KeyOp::Put]).map(|r| {
+                let (bucket, key) = r.key();
+                crate::replica::engine_location_primary(r.partition().0, bucket, key)
+            }));
     }
 
     /// Starts a key request: refused at once, handed to this shard's core, or sent to the

@@ -227,8 +227,7 @@ mod tests {
     }
 
     /// A prefetch hands over the slot that holds the key: a range of a slot's size around the
-    /// key's value, among at most a few candidates that share the hash's tag. A key not in the
-    /// table may hand over none or some, but never the slot of a key it is not.
+    /// key's value, among at most a few candidates that share the hash's tag.
     #[test]
     fn prefetch_hints_the_slot_of_the_key() {
         let mut table = KeyTable::default();

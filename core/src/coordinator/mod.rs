@@ -2798,10 +2798,10 @@ impl Core {
         }
     }
 
-    /// Hands `hint` the memory that coming local reads or writes of `keys` (partition, bucket,
-    /// key) look up first in the core's own tables, as (address, bytes), for a batch served
-    /// together: the shell's `hint` asks the CPU to load it, which the core, free of
-    /// architecture code, does not do itself.
+    /// Hands `hint` the memory that coming local writes of `keys` (partition, bucket, key) look
+    /// up first in the core's own tables (their anti-entropy entries), as (address, bytes), for
+    /// a batch served together: the shell's `hint` asks the CPU to load it, which the core,
+    /// free of architecture code, does not do itself. Reads look at none of it.
     pub fn prefetch<'k>(
         &self,
         keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
