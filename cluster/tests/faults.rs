@@ -19,7 +19,9 @@
 //! connection; the mark, for the node that accepted it) is on the other. Clients (this process)
 //! reach every node throughout. The rules live in chains named after this process, so parallel
 //! runs do not interfere, and a drop guard removes them even when the test panics; a run
-//! killed before its guard ran leaves them behind, and the next run removes them. This needs
+//! killed before its guard ran leaves them behind, and the next run removes them (a run is
+//! gone when no process has its id: this assumes the runs that share the firewall, that is the
+//! network namespace, also share the process id namespace, as on one machine). This needs
 //! root and the `iptables` command (`.ci/run` installs it): without them the test fails, it
 //! does not skip.
 //!
@@ -146,7 +148,8 @@ fn stale_runs() -> Vec<u32> {
     let mut runs: Vec<u32> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.strip_prefix("-N ringkv-fault-"))
-        .filter_map(|rest| rest.strip_suffix("-m"))
+        // Either chain: a run killed while removing its chains may have left one.
+        .filter_map(|rest| rest.strip_suffix("-m").or_else(|| rest.strip_suffix("-d")))
         .filter_map(|pid| pid.parse().ok())
         .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
         .collect();
@@ -155,12 +158,19 @@ fn stale_runs() -> Vec<u32> {
     runs
 }
 
-/// Serialises the removal of stale chains with the tests that make chains for it to find.
-static SETUP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Serialises the removal of stale chains with the making of chains for it to find, across
+/// the test processes of this machine (the lock is released when the file closes).
+fn setup_lock() -> std::fs::File {
+    let path = std::env::temp_dir().join("ringkv-fault-firewall.lock");
+    let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
+    file
+}
 
 /// Removes the chains of every [`stale_runs`] run.
 fn remove_stale_runs() {
-    let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    let _setup = setup_lock();
     for pid in stale_runs() {
         eprintln!("removing the firewall chains of run {pid}, which is gone");
         remove_chains([
@@ -521,19 +531,15 @@ fn check_sets(
     }
 }
 
-/// Five nodes on defaults (`--durability sync`, the default anti-entropy pace) take a set
-/// workload and unique-key writes through random nodes while a seeded nemesis kills and
-/// restarts, freezes and partitions them one at a time. After healing, hints drain, every
-/// partition's replicas report one Merkle root, every acknowledged write and add is on every
-/// home replica (read directly), and no node panicked or exited: the promises of no silent loss
-/// and convergence, checked on real processes.
 /// The chains of a run killed before it removed them (a process id no process has: above any
 /// `pid_max`), hooked into OUTPUT with a drop rule as a partition leaves them, are gone after
 /// the next run's cleanup; the chains of a live process (this test's parent: chains named after
 /// this process would be the fault test's own) are left alone.
 #[test]
 fn chains_of_a_killed_run_are_removed() {
-    let dead = 4_000_000_000u32;
+    // Above any `pid_max` (at most 2^22), and this process's own, so parallel runs of this
+    // test use distinct chains.
+    let dead = 4_000_000_000 + std::process::id();
     let live = std::os::unix::process::parent_id();
     let chains = |pid: u32| {
         [
@@ -552,9 +558,13 @@ fn chains_of_a_killed_run_are_removed() {
             .any(|l| l == format!("-N {name}"))
     };
     {
-        let _setup = SETUP.lock().unwrap_or_else(|e| e.into_inner());
+        let _setup = setup_lock();
         for pid in [dead, live] {
             let [m, d] = chains(pid);
+            if listed(&m) || listed(&d) {
+                // Left by a run of this test killed in the middle.
+                remove_chains([&m, &d]);
+            }
             for chain in [&m, &d] {
                 iptables(&["-N", chain]).unwrap_or_else(|e| {
                     panic!("needs root and iptables (.ci/run installs it): {e}")
@@ -596,6 +606,12 @@ fn chains_of_a_killed_run_are_removed() {
     );
 }
 
+/// Five nodes on defaults (`--durability sync`, the default anti-entropy pace) take a set
+/// workload and unique-key writes through random nodes while a seeded nemesis kills and
+/// restarts, freezes and partitions them one at a time. After healing, hints drain, every
+/// partition's replicas report one Merkle root, every acknowledged write and add is on every
+/// home replica (read directly), and no node panicked or exited: the promises of no silent loss
+/// and convergence, checked on real processes.
 #[test]
 fn acknowledged_writes_and_adds_survive_kills_freezes_and_partitions() {
     let seed = std::env::var("RINGKV_FAULT_SEED")
