@@ -1284,9 +1284,8 @@ impl Core {
             bucket: bucket.clone(),
             key: key.clone(),
         };
-        // A job of the key in flight or queued writes first: this one would overtake it. (The
-        // emptiness test spares the common case the key's hash.)
-        if !self.locks.is_empty() && self.locks.contains_key(&key) {
+        // A job of the key in flight or queued writes first: this one would overtake it.
+        if self.locks.contains_key(&key) {
             return None;
         }
         let stored = self.passable_lww(&key)?;
