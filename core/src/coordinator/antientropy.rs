@@ -745,13 +745,15 @@ impl AntiEntropy {
         keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
         hint: &mut impl FnMut(*const u8, usize),
     ) {
-        let keys = keys.into_iter();
-        // Sized once: the caller's filter leaves only an upper bound.
-        let mut found: Vec<(&Tree, u64)> = Vec::with_capacity(keys.size_hint().1.unwrap_or(0));
-        found.extend(keys.filter_map(|(partition, bucket, key)| {
-            let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
-            Some((tree, v.tree_hash(bucket, key)))
-        }));
+        // On the stack for a pipelined round's usual size: a batch with no put (a wave of
+        // reads) allocates nothing here.
+        let found: smallvec::SmallVec<[(&Tree, u64); 32]> = keys
+            .into_iter()
+            .filter_map(|(partition, bucket, key)| {
+                let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
+                Some((tree, v.tree_hash(bucket, key)))
+            })
+            .collect();
         for (tree, hash) in found {
             tree.keys.prefetch(hash, hint);
         }
