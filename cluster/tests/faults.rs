@@ -142,12 +142,9 @@ fn remove_chains(chains: [&str; 2]) {
 /// OUTPUT, be walked by every packet the machine sends, and drop the packets of a later run
 /// that happened to get the same group ids and ports.
 fn stale_runs() -> Vec<u32> {
-    let Ok(out) = Command::new("iptables").args(["-w", "-S"]).output() else {
-        return Vec::new();
-    };
-    let mut runs: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("-N ringkv-fault-"))
+    let mut runs: Vec<u32> = chain_names()
+        .iter()
+        .filter_map(|name| name.strip_prefix("ringkv-fault-"))
         // Either chain: a run killed while removing its chains may have left one.
         .filter_map(|rest| rest.strip_suffix("-m").or_else(|| rest.strip_suffix("-d")))
         .filter_map(|pid| pid.parse().ok())
@@ -156,6 +153,19 @@ fn stale_runs() -> Vec<u32> {
     runs.sort_unstable();
     runs.dedup();
     runs
+}
+
+/// The names of the chains the firewall's filter table has (`iptables -S`); none when it
+/// cannot be listed.
+fn chain_names() -> Vec<String> {
+    let Ok(out) = Command::new("iptables").args(["-w", "-S"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("-N "))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Serialises the removal of stale chains with the making of chains for it to find, across
@@ -547,16 +557,7 @@ fn chains_of_a_killed_run_are_removed() {
             format!("ringkv-fault-{pid}-d"),
         ]
     };
-    let listed = |name: &str| {
-        let out = Command::new("iptables")
-            .args(["-w", "-S"])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .any(|l| l == format!("-N {name}"))
-    };
+    let listed = |name: &str| chain_names().iter().any(|n| n == name);
     {
         let _setup = setup_lock();
         for pid in [dead, live] {
