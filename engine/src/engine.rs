@@ -471,14 +471,15 @@ impl Engine {
     }
 
     /// Asks the CPU to load what coming reads or writes of `keys` (partition, key) look up
-    /// first: their index slots and their cache slots. A batch's keys are all hashed before
-    /// any table is probed, so that the probes run close together and their cache misses
-    /// overlap.
+    /// first: their cache slots, their index slots, then their cached values. A batch's keys
+    /// are all hashed before any table is probed, so that the probes run close together and
+    /// their cache misses overlap.
     pub fn prefetch<K: AsRef<[u8]>>(&self, keys: impl IntoIterator<Item = (u32, K)>) {
-        let keys = keys.into_iter();
-        // Sized once: the caller's filter leaves only an upper bound.
-        let mut hashed = Vec::with_capacity(keys.size_hint().1.unwrap_or(0));
-        hashed.extend(keys.map(|(partition, key)| (partition, KeyHash::of(key.as_ref()))));
+        // On the stack for a pipelined round's usual size.
+        let hashed: smallvec::SmallVec<[(u32, KeyHash); 32]> = keys
+            .into_iter()
+            .map(|(partition, key)| (partition, KeyHash::of(key.as_ref())))
+            .collect();
         let hint = &mut crate::prefetch::range;
         let Ok(cache) = self.inner.cache.try_borrow() else {
             return;
