@@ -188,6 +188,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use ringkv_net::{ErrorBody, ErrorCode};
+use rustc_hash::FxHashMap;
 
 use super::context::{Outbox, View, lend};
 use super::key_table::KeyTable;
@@ -240,13 +241,26 @@ pub struct TreeRoot {
     pub root: u64,
 }
 
+/// When what [`AntiEntropy::tree_apply`] sets a tree entry for was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Written now: a replica believed down misses it.
+    Now,
+    /// Read back by a startup load: stored before this run, so no replica is suspected of
+    /// missing it.
+    Before,
+}
+
 /// The anti-entropy of a core: its trees, the exchange in progress, the suspect pairs and the
 /// tombstone-reaping state, with the methods that run them. It reads the core through a [`View`]
 /// and emits through an [`Outbox`] (`context.rs`); what needs the rest of the core (a per-key
 /// job, a fresh epoch) it returns as an [`AeEffect`].
 #[derive(Debug)]
 pub(super) struct AntiEntropy {
-    trees: BTreeMap<(u32, u8), Tree>,
+    /// The trees by (partition, n). Every write looks its tree up, more than once: a hash map
+    /// answers in one probe where an ordered map of a few hundred trees compared keys at each
+    /// level. What must be ordered (`roots`) sorts; the round-robin keeps its own `order`.
+    trees: FxHashMap<(u32, u8), Tree>,
     /// The trees, in round-robin order.
     order: Vec<(u32, u8)>,
     /// Rounds started.
@@ -463,7 +477,7 @@ fn no_tree(o: &mut Outbox<'_>, to: NodeId, id: u64, tree: (u32, u8)) {
 impl AntiEntropy {
     pub(super) fn new(floor: u32) -> AntiEntropy {
         AntiEntropy {
-            trees: BTreeMap::new(),
+            trees: FxHashMap::default(),
             order: Vec::new(),
             round: 0,
             next_round: 0,
@@ -538,7 +552,7 @@ impl AntiEntropy {
     /// Empties the trees of `partition` (a handoff pass rebuilds them from storage, see
     /// `transfer.rs`), ending an exchange on one of them.
     pub(super) fn reset_partition(&mut self, partition: u32) {
-        for (_, tree) in self.trees.range_mut((partition, 0)..=(partition, u8::MAX)) {
+        for (_, tree) in self.trees.iter_mut().filter(|((p, _), _)| *p == partition) {
             *tree = Tree::default();
         }
         if self
@@ -571,7 +585,7 @@ impl AntiEntropy {
         {
             return;
         }
-        self.tree_apply(v, now, key, Some(object));
+        self.tree_apply(v, now, key, Some(object), Written::Before);
     }
 
     /// [`Core::trees_loaded`].
@@ -606,7 +620,8 @@ impl AntiEntropy {
 
     /// Every tree, in (partition, n) order.
     pub(super) fn roots(&mut self) -> Vec<TreeRoot> {
-        self.trees
+        let mut roots: Vec<TreeRoot> = self
+            .trees
             .iter_mut()
             .map(|(&(partition, n), t)| TreeRoot {
                 partition,
@@ -614,7 +629,9 @@ impl AntiEntropy {
                 keys: t.merkle.len(),
                 root: t.merkle.root(),
             })
-            .collect()
+            .collect();
+        roots.sort_unstable_by_key(|r| (r.partition, r.n));
+        roots
     }
 
     /// Keys in this core's trees of replica count `n`.
@@ -659,22 +676,18 @@ impl AntiEntropy {
                 Bytes::copy_from_slice(&key.key),
             ));
         }
-        // A replica believed down misses what is stored here now (its hint may be lost). Not
-        // for what a load reads back: that was stored before this run, not written now.
-        let id = (key.partition, v.tree_n(&key.bucket));
-        if self.trees.contains_key(&id) {
-            let me = v.cfg.node;
-            for &home in v.tree_homes(id) {
-                if home != me && !v.live.believed_up(home, now) {
-                    self.suspects.insert((id, home));
-                }
-            }
-        }
-        self.tree_apply(v, now, key, object);
+        self.tree_apply(v, now, key, object, Written::Now);
     }
 
     /// Sets `key`'s entry in its tree, if this core keeps that tree.
-    fn tree_apply(&mut self, v: &View<'_>, now: u64, key: &StoreKey, object: Option<&Object>) {
+    fn tree_apply(
+        &mut self,
+        v: &View<'_>,
+        now: u64,
+        key: &StoreKey,
+        object: Option<&Object>,
+        written: Written,
+    ) {
         if key.space != Space::Primary {
             return;
         }
@@ -684,6 +697,14 @@ impl AntiEntropy {
         let Some(tree) = self.trees.get_mut(&id) else {
             return;
         };
+        if written == Written::Now {
+            // A replica believed down misses what is stored here now (its hint may be lost).
+            for &home in v.tree_homes(id) {
+                if home != me && !v.live.believed_up(home, now) {
+                    self.suspects.insert((id, home));
+                }
+            }
+        }
         let leaf = leaf_of(hash) as u32;
         // A key new to the tree is stored as a copy (`KeyTable`), so the tree never pins a
         // received frame's buffer. Most writes update a key already present: they copy nothing.
