@@ -290,7 +290,8 @@ impl Script {
         }
     }
 
-    /// The keys (in [`RESP_BUCKET`]) the script reads or writes.
+    /// The keys (in [`RESP_BUCKET`]) the script reads or writes. Asked before
+    /// [`Script::start`]: a SET that needs no read moves its key into its write there.
     pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
         // One shape for every command, so that asking costs no allocation: a list of keys, or
         // the keys of a list of pairs.
@@ -329,8 +330,18 @@ impl Script {
                 expiry,
                 ..
             } if *expiry != SetExpiry::Keep => {
-                let (writes, then) = self.set_write(&Found::Missing, None);
-                Some((writes, Some(then)))
+                let (expiry, then) = self.set_parts(&Found::Missing, None);
+                let Op::Set {
+                    key, value, cond, ..
+                } = &mut self.op
+                else {
+                    unreachable!("a SET")
+                };
+                // The write is the script's only round and nothing reads its key or value after
+                // it: they move into the request, which spares a count up and down on the
+                // connection's buffer each (shared, so atomic).
+                let write = put_if(std::mem::take(key), std::mem::take(value), expiry, *cond);
+                Some((vec![write], Some(then)))
             }
             Op::MSet(pairs) => Some((
                 pairs
@@ -609,14 +620,22 @@ impl Script {
     /// A SET's write, with the expiry it keeps from `found` (KEEPTTL), and the reply once it
     /// succeeds (`old`: the value GET asked for).
     fn set_write(&self, found: &Found, old: Option<Bytes>) -> (Vec<KeyRequest>, RespValue) {
+        let (expiry, then) = self.set_parts(found, old);
         let Op::Set {
-            key,
-            value,
-            cond,
-            expiry,
-            reply,
+            key, value, cond, ..
         } = &self.op
         else {
+            unreachable!("a SET")
+        };
+        (
+            vec![put_if(key.clone(), value.clone(), expiry, *cond)],
+            then,
+        )
+    }
+
+    /// A SET's expiry, keeping `found`'s for KEEPTTL, and its reply once the write succeeds.
+    fn set_parts(&self, found: &Found, old: Option<Bytes>) -> (Option<Expiry>, RespValue) {
+        let Op::Set { expiry, reply, .. } = &self.op else {
             unreachable!("a SET")
         };
         let expiry = match expiry {
@@ -629,10 +648,7 @@ impl Script {
             SetReply::Old => string_or_nil(old),
             SetReply::Int => RespValue::Integer(1),
         };
-        (
-            vec![put_if(key.clone(), value.clone(), expiry, *cond)],
-            then,
-        )
+        (expiry, then)
     }
 
     /// [`Script::after_reads`] of the expiry commands, at `now` (Unix ms).
