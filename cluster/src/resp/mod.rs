@@ -108,7 +108,7 @@ pub enum RespPlan {
     /// Send this reply, then close the connection.
     ReplyAndClose(RespValue),
     /// Run this script ([`Script::start`]) and send the reply it ends with.
-    Run(Box<Script>),
+    Run(Script),
     /// Answer `DBSIZE`: the shell estimates the keys of [`RESP_BUCKET`].
     DbSize,
 }
@@ -149,8 +149,10 @@ fn wrong_args(name: &str) -> RespPlan {
     )))
 }
 
+const SYNTAX_ERROR: &str = "ERR syntax error";
+
 fn syntax_error() -> RespPlan {
-    RespPlan::Reply(err("ERR syntax error"))
+    RespPlan::Reply(err(SYNTAX_ERROR))
 }
 
 /// Redis's error for an argument, or a string value, that is not an integer.
@@ -160,8 +162,8 @@ fn not_an_integer() -> RespPlan {
     RespPlan::Reply(err(NOT_AN_INTEGER))
 }
 
-fn invalid_expire(name: &str) -> RespPlan {
-    RespPlan::Reply(err(format!("ERR invalid expire time in '{name}' command")))
+fn invalid_expire(name: &str) -> RespValue {
+    err(format!("ERR invalid expire time in '{name}' command"))
 }
 
 /// A decimal integer argument, as Redis parses them (no sign `+`, no spaces).
@@ -175,8 +177,11 @@ fn integer(arg: Option<&[u8]>) -> Option<i64> {
 
 /// A positive time in `unit_ms` milliseconds as the expiry argument of command `name`: the
 /// error Redis gives when it is not an integer, or not positive, or its milliseconds overflow.
-fn positive_ms(arg: Option<&[u8]>, unit_ms: i64, name: &str) -> Result<u64, RespPlan> {
-    let n = integer(arg).ok_or_else(not_an_integer)?;
+///
+/// Errors here and in the other argument helpers are replies, not plans: a plan holds a
+/// script in place, too large a value to hand back through every `Result`.
+fn positive_ms(arg: Option<&[u8]>, unit_ms: i64, name: &str) -> Result<u64, RespValue> {
+    let n = integer(arg).ok_or_else(|| err(NOT_AN_INTEGER))?;
     match n.checked_mul(unit_ms) {
         Some(ms) if n > 0 => Ok(ms as u64),
         _ => Err(invalid_expire(name)),
@@ -185,7 +190,7 @@ fn positive_ms(arg: Option<&[u8]>, unit_ms: i64, name: &str) -> Result<u64, Resp
 
 /// Parses one expiry option of SET or GETEX at `args[i]` (`EX`, `PX`, `EXAT`, `PXAT`); returns
 /// the expiry and how many arguments it took, `None` if `args[i]` is not one.
-fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expiry, RespPlan>> {
+fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expiry, RespValue>> {
     let opt = cmd.arg(i)?.to_ascii_lowercase();
     let (unit, absolute) = match opt.as_slice() {
         b"ex" => (1000, false),
@@ -195,7 +200,7 @@ fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expir
         _ => return None,
     };
     let Some(arg) = cmd.arg(i + 1) else {
-        return Some(Err(syntax_error()));
+        return Some(Err(err(SYNTAX_ERROR)));
     };
     Some(positive_ms(Some(arg), unit, name).map(|ms| {
         if absolute {
@@ -271,7 +276,7 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     // Arguments after the name, as shared slices of the command's buffer.
     let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
-    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    let run = |op: Op| RespPlan::Run(Script::new(op));
     match name {
         "get" if argc == 2 => run(Op::Get(arg(1))),
         "get" => wrong_args("get"),
@@ -306,7 +311,7 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
                     expiry: SetExpiry::Given(Expiry::Ttl { ms }),
                     reply: SetReply::Ok,
                 }),
-                Err(e) => e,
+                Err(e) => RespPlan::Reply(e),
             }
         }
         "setex" | "psetex" => wrong_args(name),
@@ -375,7 +380,7 @@ fn hash_plan(cmd: &RespCommand, name: &str) -> RespPlan {
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     // Arguments after the name, as shared slices of the command's buffer.
     let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
-    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    let run = |op: Op| RespPlan::Run(Script::new(op));
     match name {
         "hset" | "hmset" if argc >= 4 && argc.is_multiple_of(2) => run(Op::HSet {
             key: arg(1),
@@ -443,7 +448,7 @@ fn set_plan(cmd: &RespCommand, name: &str) -> RespPlan {
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     let members = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
-    let run = |op: Op| RespPlan::Run(Box::new(Script::new(op)));
+    let run = |op: Op| RespPlan::Run(Script::new(op));
     let read = |what: SRead| run(Op::SRead { key: arg(1), what });
     match name {
         "sadd" if argc >= 3 => run(Op::SAdd {
@@ -527,7 +532,7 @@ fn hello(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             Some(b"setname") if i + 1 < cmd.len() => {
                 let name = cmd.arg_bytes(i + 1).unwrap_or_default();
                 if let Err(e) = set_name(state, name) {
-                    return e;
+                    return RespPlan::Reply(e);
                 }
                 i += 2;
             }
@@ -570,11 +575,11 @@ fn auth(user: &[u8]) -> RespPlan {
     }
 }
 
-fn set_name(state: &mut RespState, name: Bytes) -> Result<(), RespPlan> {
+fn set_name(state: &mut RespState, name: Bytes) -> Result<(), RespValue> {
     if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
-        return Err(RespPlan::Reply(err(
+        return Err(err(
             "ERR Client names cannot contain spaces, newlines or special characters.",
-        )));
+        ));
     }
     // Kept for the connection's life: a copy, not a slice of the buffer the command was read
     // into (which it would keep whole).
@@ -591,7 +596,7 @@ fn client(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     match (sub.as_slice(), cmd.len()) {
         (b"setname", 3) => match set_name(state, cmd.arg_bytes(2).unwrap_or_default()) {
             Ok(()) => RespPlan::Reply(ok()),
-            Err(e) => e,
+            Err(e) => RespPlan::Reply(e),
         },
         (b"getname", 2) => {
             RespPlan::Reply(state.name.clone().map_or(RespValue::Null, RespValue::Bulk))
@@ -630,7 +635,7 @@ fn set(cmd: &RespCommand) -> RespPlan {
             }
             match parsed {
                 Ok(e) => expiry = SetExpiry::Given(e),
-                Err(e) => return e,
+                Err(e) => return RespPlan::Reply(e),
             }
             i += 2;
             continue;
@@ -644,13 +649,13 @@ fn set(cmd: &RespCommand) -> RespPlan {
         }
         i += 1;
     }
-    RespPlan::Run(Box::new(Script::new(Op::Set {
+    RespPlan::Run(Script::new(Op::Set {
         key: cmd.arg_bytes(1).unwrap_or_default(),
         value: cmd.arg_bytes(2).unwrap_or_default(),
         cond,
         expiry,
         reply: if get { SetReply::Old } else { SetReply::Ok },
-    })))
+    }))
 }
 
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`.
@@ -666,12 +671,12 @@ fn getex(cmd: &RespCommand) -> RespPlan {
         }
         4 => match expiry_option(cmd, 2, "getex") {
             Some(Ok(e)) => Some(e),
-            Some(Err(e)) => return e,
+            Some(Err(e)) => return RespPlan::Reply(e),
             None => return syntax_error(),
         },
         _ => return syntax_error(),
     };
-    RespPlan::Run(Box::new(Script::new(Op::GetEx { key, expiry })))
+    RespPlan::Run(Script::new(Op::GetEx { key, expiry }))
 }
 
 /// `EXPIRE key seconds [NX|XX|GT|LT]`, and `PEXPIRE`, `EXPIREAT`, `PEXPIREAT`.
@@ -681,7 +686,7 @@ fn expire(cmd: &RespCommand, name: &str) -> RespPlan {
     };
     let unit = if name.starts_with('p') { 1 } else { 1000 };
     let Some(ms) = n.checked_mul(unit) else {
-        return invalid_expire(name);
+        return RespPlan::Reply(invalid_expire(name));
     };
     let when = if name.ends_with("at") {
         When::At(ms)
@@ -717,9 +722,9 @@ fn expire(cmd: &RespCommand, name: &str) -> RespPlan {
             }
         };
     }
-    RespPlan::Run(Box::new(Script::new(Op::Expire {
+    RespPlan::Run(Script::new(Op::Expire {
         key: cmd.arg_bytes(1).unwrap_or_default(),
         when,
         cond,
-    })))
+    }))
 }

@@ -17,15 +17,20 @@ use ringkv_net::{
     Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, FieldOp,
     FieldValue, Get, Message, Put, Sibling,
 };
+use smallvec::{SmallVec, smallvec};
 
 use super::{NOT_AN_INTEGER, RESP_BUCKET, err, integer, ok};
 use crate::route::PARTITIONS;
+
+/// A round's requests. Most commands make one request a round (a GET, a SET): it is held in
+/// place, so a pipelined wave of them allocates nothing per command for its rounds.
+pub(crate) type Requests = SmallVec<[KeyRequest; 1]>;
 
 /// What a script asks of the shell next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
     /// Execute these requests (in order) and pass their replies to [`Script::resume`].
-    Run(Vec<KeyRequest>),
+    Run(Requests),
     /// The command's reply: the script is over.
     Done(RespValue),
 }
@@ -35,8 +40,8 @@ pub enum Step {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Script {
     op: Op,
-    /// What the read round found, once it ran.
-    found: Vec<Found>,
+    /// What the read round found, once it ran: in place for the usual read of one key.
+    found: SmallVec<[Found; 1]>,
     round: Round,
     /// The reply once the write round succeeds, decided with the writes (none for the counter
     /// commands, whose reply is the value the write answers); in the explaining round, the
@@ -284,7 +289,7 @@ impl Script {
     pub(super) fn new(op: Op) -> Script {
         Script {
             op,
-            found: Vec::new(),
+            found: SmallVec::new(),
             round: Round::NotStarted,
             then: None,
         }
@@ -341,7 +346,7 @@ impl Script {
                 // it: they move into the request, which spares a count up and down on the
                 // connection's buffer each (shared, so atomic).
                 let write = put_if(std::mem::take(key), std::mem::take(value), expiry, *cond);
-                Some((vec![write], Some(then)))
+                Some((smallvec![write], Some(then)))
             }
             Op::MSet(pairs) => Some((
                 pairs
@@ -353,7 +358,7 @@ impl Script {
             // Counters are convergent: an increment is one operation the coordinator applies to
             // what it holds, with no read first, and answers the value after it.
             Op::Incr { key, by } => Some((
-                vec![apply(
+                smallvec![apply(
                     key.clone(),
                     CrdtType::Counter,
                     vec![CrdtOp::Increment(*by)],
@@ -362,7 +367,7 @@ impl Script {
                 None,
             )),
             Op::HIncrBy { key, field, by } => Some((
-                vec![apply(
+                smallvec![apply(
                     key.clone(),
                     CrdtType::Map,
                     vec![CrdtOp::Field {
@@ -378,7 +383,7 @@ impl Script {
                 key,
                 pairs,
                 reply: HSetReply::Ok,
-            } => Some((vec![assign(key, pairs)], Some(ok()))),
+            } => Some((smallvec![assign(key, pairs)], Some(ok()))),
             _ => None,
         };
         match writes {
@@ -405,7 +410,7 @@ impl Script {
                 if let Some(e) = replies.iter().find_map(error_of) {
                     return Step::Done(e);
                 }
-                let mut found = Vec::with_capacity(replies.len());
+                let mut found = SmallVec::with_capacity(replies.len());
                 for reply in replies {
                     match found_of(reply) {
                         Ok(f) => found.push(f),
@@ -418,7 +423,7 @@ impl Script {
                     Err((writes, then)) => {
                         self.round = Round::Writes;
                         self.then = Some(then);
-                        Step::Run(writes)
+                        Step::Run(Requests::from_vec(writes))
                     }
                 }
             }
@@ -491,7 +496,7 @@ impl Script {
     fn explain_with(&mut self, key: Bytes, otherwise: RespValue) -> Step {
         self.round = Round::Explain;
         self.then = Some(otherwise);
-        Step::Run(vec![get(key)])
+        Step::Run(smallvec![get(key)])
     }
 
     /// The error of a refused increment, by what the key holds now.

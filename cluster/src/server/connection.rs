@@ -262,7 +262,7 @@ struct RespWave {
 
 enum WaveCommand {
     Ready(RespValue),
-    Run(Box<resp::Script>),
+    Run(resp::Script),
 }
 
 impl RespWave {
@@ -293,7 +293,7 @@ impl RespWave {
         self.commands.push(WaveCommand::Ready(v));
     }
 
-    fn push_script(&mut self, script: Box<resp::Script>) {
+    fn push_script(&mut self, script: resp::Script) {
         if self.keyed {
             self.keys.extend(script.keys().map(|k| xxh3_64(k)));
         }
@@ -348,7 +348,7 @@ impl RespWave {
             let mut counts = Vec::with_capacity(running.len());
             for (_, _, requests) in &mut running {
                 counts.push(requests.len());
-                batch.append(requests);
+                batch.extend(requests.drain(..));
             }
             let answers = shard.execute_keys(batch).await;
             let now = shard.now_ms();
@@ -373,13 +373,13 @@ impl RespWave {
 }
 
 /// Runs a script to its reply, a round of requests at a time ([`Shard::execute_keys`]).
-async fn run_script(shard: &Rc<Shard>, mut script: Box<resp::Script>) -> RespValue {
+async fn run_script(shard: &Rc<Shard>, mut script: resp::Script) -> RespValue {
     let mut step = script.start();
     loop {
         match step {
             resp::Step::Done(reply) => return reply,
             resp::Step::Run(requests) => {
-                let replies = shard.execute_keys(requests).await;
+                let replies = shard.execute_keys(requests.into_vec()).await;
                 step = script.resume(&replies, shard.now_ms());
             }
         }
