@@ -258,8 +258,16 @@ struct RespWave {
     /// MGET or MSET may carry tens of thousands of keys.
     keys: rustc_hash::FxHashSet<u64>,
     keyed: bool,
+    /// The places in `commands` of the scripts waiting for a round, and how many requests
+    /// each made for it; then the same for the round after. Kept from wave to wave (a wave
+    /// holds at most [`RESP_WAVE_COMMANDS_MAX`] commands): a pipelined wave allocates only
+    /// its batch of requests and their answers.
+    running: Vec<(usize, usize)>,
+    next: Vec<(usize, usize)>,
 }
 
+/// A command of a wave, run in place: a script is never moved once in the wave, and becomes
+/// its reply when it ends.
 enum WaveCommand {
     Ready(RespValue),
     Run(resp::Script),
@@ -325,48 +333,44 @@ impl RespWave {
             }
             return;
         }
-        let mut replies: Vec<Option<RespValue>> = Vec::with_capacity(self.commands.len());
-        // Scripts waiting for a round: (their command's place, the script, its requests). Sized
-        // for the whole wave, as most commands are one-round scripts: grown push by push, these
-        // vectors were a reallocation every few commands of a pipelined wave.
-        let mut running = Vec::with_capacity(self.commands.len());
-        for command in self.commands.drain(..) {
-            match command {
-                WaveCommand::Ready(v) => replies.push(Some(v)),
-                WaveCommand::Run(mut script) => match script.start() {
-                    resp::Step::Done(reply) => replies.push(Some(reply)),
+        let mut batch = Vec::with_capacity(self.commands.len());
+        self.running.clear();
+        for (place, command) in self.commands.iter_mut().enumerate() {
+            if let WaveCommand::Run(script) = command {
+                match script.start() {
+                    resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
                     resp::Step::Run(requests) => {
-                        running.push((replies.len(), script, requests));
-                        replies.push(None);
+                        self.running.push((place, requests.len()));
+                        batch.extend(requests);
                     }
-                },
+                }
             }
         }
-        while !running.is_empty() {
-            let mut batch =
-                Vec::with_capacity(running.iter().map(|(_, _, requests)| requests.len()).sum());
-            let mut counts = Vec::with_capacity(running.len());
-            for (_, _, requests) in &mut running {
-                counts.push(requests.len());
-                batch.extend(requests.drain(..));
-            }
-            let answers = shard.execute_keys(batch).await;
+        while !self.running.is_empty() {
+            let answers = shard.execute_keys(std::mem::take(&mut batch)).await;
             let now = shard.now_ms();
-            let mut next = Vec::new();
+            self.next.clear();
             let mut at = 0;
-            for ((place, mut script, _), count) in running.into_iter().zip(counts) {
+            for &(place, count) in &self.running {
+                let command = &mut self.commands[place];
+                let WaveCommand::Run(script) = command else {
+                    unreachable!("a command waiting for a round is a script")
+                };
                 match script.resume(&answers[at..at + count], now) {
-                    resp::Step::Done(reply) => replies[place] = Some(reply),
-                    resp::Step::Run(requests) => next.push((place, script, requests)),
+                    resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
+                    resp::Step::Run(requests) => {
+                        self.next.push((place, requests.len()));
+                        batch.extend(requests);
+                    }
                 }
                 at += count;
             }
-            running = next;
+            std::mem::swap(&mut self.running, &mut self.next);
         }
-        for reply in replies {
-            let reply = reply.unwrap_or_else(|| {
+        for command in self.commands.drain(..) {
+            let WaveCommand::Ready(reply) = command else {
                 unreachable!("every command of a wave ends with a reply before the wave does")
-            });
+            };
             encode_resp(&reply, out);
         }
     }
