@@ -266,8 +266,8 @@ struct RespWave {
     next: Vec<(usize, usize)>,
 }
 
-/// A command of a wave, run in place: a script is never moved once in the wave, and becomes
-/// its reply when it ends.
+/// A command of a wave: a script runs where it lies in the wave's `commands` and is replaced
+/// there by its reply.
 enum WaveCommand {
     Ready(RespValue),
     Run(resp::Script),
@@ -315,6 +315,9 @@ impl RespWave {
     /// round of a pipeline costs no task or timer per command, and synced writes share group
     /// commits. The wave's keys are distinct and a command writes each of its keys once, as a
     /// batch requires.
+    ///
+    /// Not to be cancelled: the wave is dropped with the future, as the commands of an
+    /// interrupted run are left half run.
     async fn run(&mut self, shard: &Rc<Shard>, out: &mut Vec<u8>) {
         if self.keys.capacity() > WAVE_KEYS_KEPT {
             // Not the room an MGET of thousands of keys made, kept for the connection's life.
@@ -333,6 +336,7 @@ impl RespWave {
             }
             return;
         }
+        // Sized for the usual wave of one request per command (an MGET or MSET grows it).
         let mut batch = Vec::with_capacity(self.commands.len());
         self.running.clear();
         for (place, command) in self.commands.iter_mut().enumerate() {
@@ -359,6 +363,11 @@ impl RespWave {
                 match script.resume(&answers[at..at + count], now) {
                     resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
                     resp::Step::Run(requests) => {
+                        if batch.capacity() == 0 {
+                            // A round after the first, sized once: grown push by push, it
+                            // reallocated every few commands.
+                            batch.reserve(self.running.len());
+                        }
                         self.next.push((place, requests.len()));
                         batch.extend(requests);
                     }
