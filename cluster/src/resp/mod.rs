@@ -133,7 +133,7 @@ mod script;
 mod tests;
 
 use script::{Cond, ExpireCond, HRead, HSetReply, Op, SRead, SetExpiry, SetReply, When};
-pub use script::{Script, Step};
+pub use script::{Requests, Script, Step};
 
 fn err(message: impl Into<String>) -> RespValue {
     RespValue::Error(Bytes::from(message.into()))
@@ -149,6 +149,8 @@ fn wrong_args(name: &str) -> RespPlan {
     )))
 }
 
+/// Redis's error for arguments it cannot parse, as a plan ([`syntax_error`]) or as the error
+/// of an argument helper.
 const SYNTAX_ERROR: &str = "ERR syntax error";
 
 fn syntax_error() -> RespPlan {

@@ -24,7 +24,7 @@ use crate::route::PARTITIONS;
 
 /// A round's requests. Most commands make one request a round (a GET, a SET): it is held in
 /// place, so a pipelined wave of them allocates nothing per command for its rounds.
-pub(crate) type Requests = SmallVec<[KeyRequest; 1]>;
+pub type Requests = SmallVec<[KeyRequest; 1]>;
 
 /// What a script asks of the shell next.
 #[derive(Debug, PartialEq, Eq)]
@@ -298,6 +298,11 @@ impl Script {
     /// The keys (in [`RESP_BUCKET`]) the script reads or writes. Asked before
     /// [`Script::start`]: a SET that needs no read moves its key into its write there.
     pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        debug_assert_eq!(
+            self.round,
+            Round::NotStarted,
+            "a script's keys before it starts"
+        );
         // One shape for every command, so that asking costs no allocation: a list of keys, or
         // the keys of a list of pairs.
         let (keys, pairs): (&[Bytes], &[(Bytes, Bytes)]) = match &self.op {
@@ -393,8 +398,9 @@ impl Script {
                 Step::Run(writes)
             }
             None => {
+                let reads = self.keys().cloned().map(get).collect();
                 self.round = Round::Reads;
-                Step::Run(self.keys().cloned().map(get).collect())
+                Step::Run(reads)
             }
         }
     }
