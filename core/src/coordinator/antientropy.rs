@@ -244,7 +244,8 @@ pub struct TreeRoot {
 /// When what [`AntiEntropy::tree_apply`] sets a tree entry for was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Written {
-    /// Written now: a replica believed down misses it.
+    /// Set under the key's lock from what storage holds now (a write, a merge, a read that
+    /// found it): a replica believed down may miss it.
     Now,
     /// Read back by a startup load: stored before this run, so no replica is suspected of
     /// missing it.
@@ -679,7 +680,8 @@ impl AntiEntropy {
         self.tree_apply(v, now, key, object, Written::Now);
     }
 
-    /// Sets `key`'s entry in its tree, if this core keeps that tree.
+    /// Sets `key`'s entry in its tree, if this core keeps that tree; for what is stored
+    /// [`Written::Now`], also marks each replica of the tree believed down as a suspect.
     fn tree_apply(
         &mut self,
         v: &View<'_>,
