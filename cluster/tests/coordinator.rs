@@ -2055,3 +2055,21 @@ fn a_recycled_output_list_comes_back_empty() {
         one.core.recycle(outputs);
     }
 }
+
+/// The trees' roots come in (partition, n) order, whatever order the core keeps its trees in:
+/// a node's `/merkle` and the checkers that compare two nodes' roots pair them by place.
+#[test]
+fn merkle_roots_come_in_partition_and_n_order() {
+    let mut one = One::with(props(1), |cfg| {
+        cfg.buckets.named.insert(b"three".to_vec(), props(3));
+        cfg.buckets.named.insert(b"two".to_vec(), props(2));
+    });
+    let roots: Vec<(u32, u8)> = one
+        .core
+        .merkle_roots()
+        .iter()
+        .map(|r| (r.partition, r.n))
+        .collect();
+    let expected: Vec<(u32, u8)> = (0..8).flat_map(|p| [(p, 1), (p, 2), (p, 3)]).collect();
+    assert_eq!(roots, expected);
+}

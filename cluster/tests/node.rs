@@ -657,6 +657,35 @@ fn resp_listener_speaks_redis() {
         ),
         vec![RespValue::Null, bulk(b"b"), bulk(b"w"), RespValue::Null]
     );
+    // A refused increment takes a round more to explain its refusal (a read of what the key
+    // holds), while the one-round commands of its wave end before it: the replies keep the
+    // commands' order, and the next wave on the connection starts clean.
+    assert_eq!(
+        call(
+            &mut s,
+            &[
+                &["SET", "word", "abc"],
+                &["SET", "w1", "x"],
+                &["INCR", "word"],
+                &["GET", "w1"],
+                &["PING"],
+            ]
+        ),
+        vec![
+            RespValue::Simple("OK".into()),
+            RespValue::Simple("OK".into()),
+            RespValue::Error("ERR value is not an integer or out of range".into()),
+            bulk(b"x"),
+            RespValue::Simple("PONG".into()),
+        ]
+    );
+    assert_eq!(
+        call(
+            &mut s,
+            &[&["INCR", "n1"], &["GET", "word"], &["INCR", "n1"]]
+        ),
+        vec![RespValue::Integer(1), bulk(b"abc"), RespValue::Integer(2)]
+    );
     // The CLI reads what Redis wrote (in the RESP bucket).
     let out = Command::new(BIN)
         .args(["get", "--server", &server.addr, "--bucket", "redis", "r2"])

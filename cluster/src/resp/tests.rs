@@ -157,6 +157,14 @@ fn condition_of(body: &KeyBody) -> Option<Condition> {
     }
 }
 
+/// A put's key and value.
+fn written(body: &KeyBody) -> (&[u8], &[u8]) {
+    match body {
+        KeyBody::Put(p) => (&p.key, &p.value),
+        other => panic!("not a put: {other:?}"),
+    }
+}
+
 fn expiry_of(body: &KeyBody) -> Option<Expiry> {
     match body {
         KeyBody::Put(p) => p.expiry,
@@ -295,6 +303,21 @@ fn set_and_its_options() {
     assert_eq!(reply, RespValue::Integer(1));
     let (_, rounds) = script("PSETEX k 1500 v", 0, holding(None));
     assert_eq!(expiry_of(&rounds[0][0]), Some(Expiry::Ttl { ms: 1_500 }));
+    // Every form writes the command's key and value, whether they move into the write (no
+    // read first) or are copied to it after a read.
+    for line in [
+        "SET k v",
+        "SET k v NX EX 5",
+        "SET k v XX GET",
+        "SET k v KEEPTTL",
+        "SETNX k v",
+        "PSETEX k 1500 v",
+        "SETEX k 2 v",
+    ] {
+        let (_, rounds) = script(line, 0, holding(Some((b"old", None))));
+        let write = rounds.last().and_then(|r| r.first()).expect("a write");
+        assert_eq!(written(write), (&b"k"[..], &b"v"[..]), "{line}");
+    }
 }
 
 /// TTL and PTTL answer -2 for a missing key, -1 for one without expiry, and the time left
