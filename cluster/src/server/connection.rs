@@ -261,7 +261,8 @@ struct RespWave {
     /// The places in `commands` of the scripts waiting for a round, and how many requests
     /// each made for it; then the same for the round after. Kept from wave to wave (a wave
     /// holds at most [`RESP_WAVE_COMMANDS_MAX`] commands): a pipelined wave allocates only
-    /// its batch of requests and their answers.
+    /// for its batch: the requests, [`Shard::execute_keys`]'s list of them started, and their
+    /// answers.
     running: Vec<(usize, usize)>,
     next: Vec<(usize, usize)>,
 }
