@@ -236,7 +236,7 @@ const BUCKETS: usize = ringkv_engine::LATENCY_BUCKETS;
 
 /// Engine figures published as gauges (name, help, accessor).
 type EngineField = (&'static str, &'static str, fn(&EngineStats) -> u64);
-const ENGINE_FIELDS: [EngineField; 14] = [
+const ENGINE_FIELDS: [EngineField; 15] = [
     (
         "ringkv_engine_keys",
         "Index entries (live keys and tombstones).",
@@ -285,6 +285,11 @@ const ENGINE_FIELDS: [EngineField; 14] = [
         "ringkv_engine_compactions_total",
         "Compaction passes that rewrote segments.",
         |s| s.compactions,
+    ),
+    (
+        "ringkv_engine_compaction_read_bytes_total",
+        "Segment bytes compaction read to copy live records out.",
+        |s| s.compaction_bytes_read,
     ),
     (
         "ringkv_engine_corrupt_reads_total",

@@ -23,19 +23,27 @@
 //! Each step of that protocol is a crash point tests can arm ([`crate::io::CompactionStep`]), so
 //! recovery is tested from every state a pass can leave on disk.
 //!
-//! A damaged record met while copying is counted, logged and dropped; if the index pointed at it,
-//! the key is removed from the index (the cluster's anti-entropy repairs it from a replica).
+//! An input is listed from its hint file, and only the records the index still points at are
+//! read, each checked against its entry; without a usable hint the whole segment is read and
+//! scanned. A damaged record met while copying is counted, logged and dropped; if the index
+//! pointed at it, the key is removed from the index (the cluster's anti-entropy repairs it from a
+//! replica).
 
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+use std::path::Path;
+
+use glommio::io::{DmaFile, ReadResult};
+
 use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
+use crate::hint::{HintEntry, HintTable};
 use crate::index::{Entry, KeyHash, Location};
 use crate::io::{self, CompactionStep, IoClass};
-use crate::record::RecordKind;
+use crate::record::{self, RecordKind};
 use crate::recovery::{INTENT_FILE, parse_intent};
-use crate::scan;
+use crate::scan::{self, ScanOutcome};
 use crate::segment::{Segment, hint_path, segment_path};
 
 /// Sealed segments shorter than `segment_bytes / SMALL_SEGMENT_FRACTION` are merged.
@@ -66,6 +74,145 @@ struct Move {
     from: Location,
     to: Location,
     entry: Entry,
+}
+
+/// Bytes between two live records below which one read takes both, rather than two reads
+/// each with a round trip to the disk.
+const READ_GAP_BYTES: u64 = 64 << 10;
+
+/// Where a pass finds one input's records, and their bytes.
+enum Source {
+    /// The records its hint file lists that the index still pointed at when the pass read the
+    /// hint: the rest are garbage for good, since nothing points the index back into a sealed
+    /// segment. Only the bytes around these are read, a window at a time, and each record is
+    /// checked against its entry before it is copied.
+    Hinted {
+        entries: Vec<HintEntry>,
+        /// The last bytes read and the offset they start at.
+        window: Option<(u64, ReadResult)>,
+        /// Records that failed their check: `(partition, key, where)`.
+        damaged: Vec<(u32, KeyHash, Location)>,
+    },
+    /// The whole segment read into memory and scanned (no usable hint file).
+    Scanned { bytes: Vec<u8>, scan: ScanOutcome },
+}
+
+impl Source {
+    fn entries(&self) -> &[HintEntry] {
+        match self {
+            Source::Hinted { entries, .. } => entries,
+            Source::Scanned { scan, .. } => &scan.entries,
+        }
+    }
+
+    /// The bytes of entry `i`, or `None` if they are damaged (noted in `damaged`).
+    async fn record(
+        &mut self,
+        inner: &Inner,
+        file: &DmaFile,
+        path: &Path,
+        slot: u16,
+        i: usize,
+    ) -> Result<Option<&[u8]>, EngineError> {
+        let (entries, window, damaged) = match self {
+            Source::Scanned { bytes, scan } => {
+                let e = &scan.entries[i];
+                return Ok(Some(&bytes[e.offset as usize..(e.offset + e.len) as usize]));
+            }
+            Source::Hinted {
+                entries,
+                window,
+                damaged,
+            } => (entries, window, damaged),
+        };
+        let e = entries[i];
+        let (start, end) = (e.offset as u64, e.offset as u64 + e.len as u64);
+        let covered =
+            matches!(window, Some((at, r)) if *at <= start && end <= *at + r.len() as u64);
+        if !covered {
+            // One read takes the following records too while they are close and it stays
+            // within a chunk.
+            let mut last = end;
+            for next in &entries[i + 1..] {
+                let (s, t) = (next.offset as u64, next.offset as u64 + next.len as u64);
+                if s - last > READ_GAP_BYTES || t - start > io::READ_CHUNK_BYTES as u64 {
+                    break;
+                }
+                last = t;
+            }
+            let r = io::read_exact_at(file, path, start, (last - start) as usize).await?;
+            count_read(inner, r.len());
+            *window = Some((start, r));
+        }
+        let Some((at, r)) = window.as_ref() else {
+            unreachable!("the window was just read")
+        };
+        let from = (start - at) as usize;
+        let bytes = r.get(from..from + e.len as usize);
+        // A short read (a file cut behind our back) or bytes that are not the listed record
+        // are damage, like a record that fails its CRC.
+        let intact = bytes.and_then(|b| record::decode(b).ok().map(|r| (b, r)));
+        match intact {
+            Some((b, r)) if r.len == b.len() && scan::entry_of(&r, e.offset as usize) == e => {
+                Ok(Some(b))
+            }
+            _ => {
+                let loc = Location {
+                    slot,
+                    offset: start,
+                    len: e.len,
+                };
+                damaged.push((e.partition, e.key, loc));
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The records of `input` its hint file lists that the index still points at (and current drop
+/// markers), or `None` if the hint is missing, unreadable or not this segment's: the pass then
+/// scans the segment instead, as recovery does.
+async fn hinted_records(inner: &Inner, input: &Segment) -> Option<Vec<HintEntry>> {
+    let file = io::open_ro(&input.hint_path).await.ok()?;
+    let read = io::read_all(&file, &input.hint_path).await;
+    drop(file);
+    let table = match read {
+        Ok(bytes) => HintTable::parse(bytes),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read a hint file; compaction scans its segment");
+            None
+        }
+    }?;
+    let h = table.header();
+    if h.segment_id != input.id || h.data_len as u64 != input.len.get() {
+        return None;
+    }
+    let mut kept = Vec::new();
+    for (n, e) in table.iter().enumerate() {
+        if n % 1024 == 0 {
+            glommio::yield_if_needed().await;
+        }
+        let st = inner.st.borrow();
+        let live = match e.kind {
+            RecordKind::SegmentHeader => false,
+            RecordKind::Put | RecordKind::Tombstone => st
+                .index
+                .get(e.partition, e.key)
+                .is_some_and(|cur| cur.loc.slot == input.slot && cur.loc.offset == e.offset as u64),
+            RecordKind::DropPartition => st.dropped.get(&e.partition) == Some(&e.seqno),
+        };
+        if live {
+            kept.push(e);
+        }
+    }
+    Some(kept)
+}
+
+/// Counts segment bytes a pass read.
+fn count_read(inner: &Inner, bytes: usize) {
+    let c = &inner.counters;
+    c.compaction_bytes_read
+        .set(c.compaction_bytes_read.get() + bytes as u64);
 }
 
 /// Clears the "compaction running" flag however the pass ends.
@@ -246,13 +393,25 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
 
     for input in &inputs {
         let file = input.file().expect("finished segments have files");
-        let mut bytes = io::read_all(&file, &input.path)
-            .await
-            .map_err(|e| fail(inner, e))?;
-        bytes.truncate(input.len.get() as usize);
-        let s = scan::scan(&bytes);
         report.bytes_before += input.len.get();
-        for e in &s.entries {
+        let mut source = match hinted_records(inner, input).await {
+            Some(entries) => Source::Hinted {
+                entries,
+                window: None,
+                damaged: Vec::new(),
+            },
+            None => {
+                let mut bytes = io::read_all(&file, &input.path)
+                    .await
+                    .map_err(|e| fail(inner, e))?;
+                count_read(inner, bytes.len());
+                bytes.truncate(input.len.get() as usize);
+                let scan = scan::scan(&bytes);
+                Source::Scanned { bytes, scan }
+            }
+        };
+        for i in 0..source.entries().len() {
+            let e = source.entries()[i];
             glommio::yield_if_needed().await;
             // A full output is finished before the next decision, so deciding whether a record
             // is live and appending it happen with no await in between.
@@ -267,6 +426,14 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                 slot: input.slot,
                 offset: e.offset as u64,
                 len: e.len,
+            };
+            // The record's bytes are at hand before the decision, since reading them awaits.
+            let Some(rec) = source
+                .record(inner, &file, &input.path, input.slot, i)
+                .await
+                .map_err(|e| fail(inner, e))?
+            else {
+                continue;
             };
             // Decide and pick the output in one borrow; no await until the record is appended.
             let target = {
@@ -310,8 +477,7 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                 }
             };
             let Some(o) = target else { continue };
-            let rec = &bytes[e.offset as usize..(e.offset + e.len) as usize];
-            let to = append_raw(&o, rec, *e);
+            let to = append_raw(&o, rec, e);
             report.records_copied += 1;
             if matches!(e.kind, RecordKind::Put | RecordKind::Tombstone) {
                 let entry = Entry {
@@ -333,7 +499,22 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
                     .map_err(|e| fail(inner, e))?;
             }
         }
-        if s.damaged() {
+        if let Source::Hinted { damaged, .. } = &source
+            && !damaged.is_empty()
+        {
+            // A record the hint listed failed its check when read: the key is lost here, unless
+            // it was written again meanwhile.
+            let mut lost = 0u64;
+            let mut st = inner.st.borrow_mut();
+            for (p, key, loc) in damaged {
+                lost += st.index.remove_if(*p, *key, *loc).is_some() as u64;
+            }
+            report.damaged_records += damaged.len() as u64;
+            tracing::error!(path = %input.path.display(), lost_keys = lost, "compaction found damaged records");
+        }
+        if let Source::Scanned { scan: s, .. } = &source
+            && s.damaged()
+        {
             // Entries pointing into damaged bytes were not copied; forget them.
             let mut lost = 0u64;
             let slot = input.slot;

@@ -39,6 +39,7 @@ pub(crate) struct Counters {
     pub(crate) hint_write_failures: Cell<u64>,
     pub(crate) compactions: Cell<u64>,
     pub(crate) compaction_bytes_reclaimed: Cell<u64>,
+    pub(crate) compaction_bytes_read: Cell<u64>,
     pub(crate) tombstones_reaped: Cell<u64>,
     pub(crate) compaction_damaged_records: Cell<u64>,
     pub(crate) segment_prepare_failures: Cell<u64>,
@@ -95,6 +96,9 @@ pub struct EngineStats {
     pub compactions: u64,
     /// Segment bytes freed by compaction.
     pub compaction_bytes_reclaimed: u64,
+    /// Segment bytes compaction read to copy live records out (a hint file lets it skip dead
+    /// ones).
+    pub compaction_bytes_read: u64,
     /// Tombstones removed for good by compaction.
     pub tombstones_reaped: u64,
     /// Damaged records compaction found (and could not copy).
@@ -147,6 +151,7 @@ pub(crate) fn snapshot(inner: &Inner) -> EngineStats {
         hint_write_failures: c.hint_write_failures.get(),
         compactions: c.compactions.get(),
         compaction_bytes_reclaimed: c.compaction_bytes_reclaimed.get(),
+        compaction_bytes_read: c.compaction_bytes_read.get(),
         tombstones_reaped: c.tombstones_reaped.get(),
         compaction_damaged_records: c.compaction_damaged_records.get(),
         segment_prepare_failures: c.segment_prepare_failures.get(),
