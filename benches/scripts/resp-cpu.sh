@@ -10,10 +10,14 @@
 # it was), then Redis 7 (no persistence): each server alone,
 # pinned to CPU 0, with one shard and buffered writes that do not wait for a sync (`n = r = w =
 # 1`, `dw = 0`); redis-benchmark pinned to CPU 1 runs `-t TEST -c CONNS -P PIPELINE -d 100
-# -r 100000` for 50,000 requests of warm-up, then 300,000 while `perf stat -e task-clock`
+# -r 100000` for 50,000 requests of warm-up, then REQUESTS while `perf stat -e task-clock`
 # counts the server; a GET run first fills the key space with 500,000 SETs. Prints ops/s and
 # the server's CPU per request. Needs redis-server, redis-benchmark and perf. DATA_ROOT
 # (default target/resp-cpu) must be on a real filesystem.
+#
+# REQUESTS in the environment changes the counted run's length (default 300,000). Overwriting
+# SETs leave garbage that compaction collects from about a million of them on, so a run of a few
+# million counts its share too.
 #
 # With DURABILITY=sync in the environment, ringkv runs `--durability sync` with `dw = 1` (a
 # write is acknowledged once synced) and Redis with `--appendonly yes --appendfsync always`.
@@ -26,7 +30,7 @@ test=$4
 conns=$5
 pipeline=$6
 root=${7:-target/resp-cpu}
-requests=300000
+requests=${REQUESTS:-300000}
 durability=${DURABILITY:-buffered}
 case $durability in
   buffered) dw=0 redis_persistence=(--appendonly no) ;;
