@@ -89,7 +89,7 @@ enum Source {
     Hinted {
         entries: Vec<HintEntry>,
         /// The last bytes read and the offset they start at.
-        window: Option<(u64, ReadResult)>,
+        window: Option<(u64, Window)>,
         /// Records that failed their check: `(partition, key, where)`.
         damaged: Vec<(u32, KeyHash, Location)>,
     },
@@ -140,7 +140,7 @@ impl Source {
                 }
                 last = t;
             }
-            let r = io::read_exact_at(file, path, start, (last - start) as usize).await?;
+            let r = read_window(file, path, start, (last - start) as usize).await?;
             count_read(inner, r.len());
             *window = Some((start, r));
         }
@@ -167,6 +167,46 @@ impl Source {
             }
         }
     }
+}
+
+/// Bytes read for a window: the read's own buffer, or a copy if one read came back short.
+enum Window {
+    Read(ReadResult),
+    Copied(Vec<u8>),
+}
+
+impl std::ops::Deref for Window {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Window::Read(r) => r,
+            Window::Copied(v) => v,
+        }
+    }
+}
+
+/// Reads `want` bytes at `start`. A read that comes back short is continued, as `io::read_all`
+/// does: only the file's end leaves the window short, and the records past it are then damage.
+async fn read_window(
+    file: &DmaFile,
+    path: &Path,
+    start: u64,
+    want: usize,
+) -> Result<Window, EngineError> {
+    let r = io::read_exact_at(file, path, start, want).await?;
+    if r.len() >= want || r.is_empty() {
+        return Ok(Window::Read(r));
+    }
+    let mut v = r.to_vec();
+    while v.len() < want {
+        let more = io::read_exact_at(file, path, start + v.len() as u64, want - v.len()).await?;
+        if more.is_empty() {
+            break;
+        }
+        v.extend_from_slice(&more);
+    }
+    Ok(Window::Copied(v))
 }
 
 /// The records of `input` its hint file lists that the index still points at (and current drop
@@ -387,7 +427,8 @@ pub(crate) async fn run(inner: &Rc<Inner>) -> Result<CompactionReport, EngineErr
     let mut out = Output { inner, seg: None };
     let mut moves: Vec<Move> = Vec::new();
     // Tombstones and drop markers found reapable; applied only once the inputs' deletion is
-    // durably decided, so a pass that stops early leaves the index as it found it.
+    // durably decided, so a pass that stops early leaves the index as it found it (but for the
+    // keys of damaged records, which leave it once their input is read).
     let mut reaps: Vec<(u32, KeyHash, Location)> = Vec::new();
     let mut drop_reaps: Vec<(u32, u64)> = Vec::new();
 

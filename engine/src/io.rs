@@ -28,7 +28,8 @@ use crate::error::EngineError;
 
 /// Block size all writes are aligned to; a multiple of every O_DIRECT alignment we meet.
 pub const IO_BLOCK_BYTES: u64 = 4096;
-/// Largest single read issued while streaming a whole file.
+/// Largest single read issued while streaming a whole file, and the most one compaction read
+/// takes of a segment's live records (a single larger record is read alone).
 pub const READ_CHUNK_BYTES: usize = 1 << 20;
 
 /// Which part of the engine an IO belongs to; faults are armed per class so a test injects

@@ -1,7 +1,7 @@
 //! Segment scanner (sans-IO): turns a segment's bytes into hint entries plus a damage report.
 //!
-//! Used by recovery for segments without a usable hint file and by compaction, which must not copy
-//! damaged bytes. The rules:
+//! Used by recovery and by compaction for segments without a usable hint file (compaction must not
+//! copy damaged bytes; with a hint it checks each record it copies instead). The rules:
 //! - records are decoded from offset 0 in order; each must pass its CRC;
 //! - at an invalid position the scanner probes every following 8-byte aligned offset for a valid
 //!   record; if it finds one, the bytes in between are a *corrupt region* (counted and reported) and
