@@ -166,3 +166,41 @@ fn a_damaged_live_record_is_dropped_and_counted_not_copied() {
         e.close().await.unwrap();
     });
 }
+
+/// Live records farther apart than one read spans, and a run of them longer than one read: the
+/// pass reads several windows, and every record comes back exactly, also after a reopen.
+#[test]
+fn live_records_far_apart_and_in_a_long_run_take_several_reads() {
+    common::run(|dir| async move {
+        let mut c = cfg(&dir);
+        c.segment_bytes = 8 << 20;
+        const N: usize = 7000;
+        // Every 100th key (about 100 KB apart, past the 64 KiB gap one read spans) and a run of
+        // 1,500 (about 1.5 MB, past the 1 MiB one read takes) keep their first record.
+        let kept = |i: usize| i.is_multiple_of(100) || (1500..3000).contains(&i);
+        let want = |i: usize| value(i, if kept(i) { 1 } else { 2 });
+        let e = Engine::open(c.clone()).await.unwrap();
+        for i in 0..N {
+            e.put(0, &key(i), &value(i, 1), Durability::Buffered)
+                .await
+                .unwrap();
+        }
+        for i in (0..N).filter(|&i| !kept(i)) {
+            e.put(0, &key(i), &value(i, 2), Durability::Buffered)
+                .await
+                .unwrap();
+        }
+        e.flush().await.unwrap();
+        let (before, read) = compact(&e).await;
+        assert!(read * 2 < before, "read {read} of {before}");
+        let check = |e: Engine, when: &'static str| async move {
+            for i in 0..N {
+                let got = e.get(0, &key(i)).await.unwrap();
+                assert_eq!(got.as_deref(), Some(&want(i)[..]), "key {i} {when}");
+            }
+            e.close().await.unwrap();
+        };
+        check(e, "after the pass").await;
+        check(Engine::open(c).await.unwrap(), "after a reopen").await;
+    });
+}
