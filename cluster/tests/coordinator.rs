@@ -253,8 +253,8 @@ fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer(
 /// A put `one` may write itself as a shard does ([`Core::local_write`]), written and answered,
 /// with whether the write was a synced one; `None` if the core does not allow it.
 fn local_put(one: &mut One, now: u64, message: Message) -> Option<(Message, bool)> {
-    let request = common::key_request(&one.core, message);
-    let write = one.core.local_write(now, &request)?;
+    let mut request = common::key_request(&one.core, message);
+    let write = one.core.local_write(now, &mut request)?;
     let StoreOp::Write { durable, .. } = write.op else {
         panic!("a local write is a write: {:?}", write.op)
     };
@@ -335,9 +335,13 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
         other => panic!("{other:?}"),
     }
 
+    // A refused put keeps its key and value for the coordinated path, also when refused after
+    // they moved into the write (a job in flight, a loading tree, a value too large).
     let refused = |one: &mut One, message: Message, why: &str| {
-        let request = common::key_request(&one.core, message);
-        assert!(one.core.local_write(60, &request).is_none(), "{why}");
+        let mut request = common::key_request(&one.core, message);
+        let before = request.clone();
+        assert!(one.core.local_write(60, &mut request).is_none(), "{why}");
+        assert_eq!(request, before, "{why}");
     };
     refused(&mut local, put_if("c", Condition::IfPresent), "a condition");
     let ctx = Some(Bytes::from_static(b"\x01\x00\x00\x00\x00"));
@@ -367,8 +371,9 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     // the coordinated path, which stamps it again, above the stamp it dropped.
     let mut fallback = One::with(lww_props(), buffered);
     fallback.request_at(0, 1, put("a", None, None));
-    let request = common::key_request(&fallback.core, put("b", None, None));
-    let dropped = fallback.core.local_write(10, &request).unwrap();
+    let mut request = common::key_request(&fallback.core, put("b", None, None));
+    let before = request.clone();
+    let dropped = fallback.core.local_write(10, &mut request).unwrap();
     let StoreOp::Write {
         object: Object::Lww(first),
         ..
@@ -376,9 +381,14 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     else {
         panic!("{dropped:?}")
     };
+    let first = first.clone();
+    let dropped_key = dropped.key.clone();
+    assert_ne!(request, before, "the write holds the key and value");
+    dropped.give_back(&mut request);
+    assert_eq!(request, before, "given back as it came");
     let answer = fallback.request_at(10, 2, put("b", None, None));
     assert!(matches!(answer, Message::PutOk(_)), "{answer:?}");
-    match &fallback.store.objects()[&dropped.key] {
+    match &fallback.store.objects()[&dropped_key] {
         Object::Lww(stored) => {
             assert!(stored.timestamp > first.timestamp, "{stored:?} {first:?}");
             assert_eq!(stored.val, first.val);
@@ -389,6 +399,15 @@ fn an_lww_put_whose_only_replica_is_here_is_written_locally_as_coordinated() {
     let mut siblings = One::with(props(1), buffered);
     siblings.request_at(0, 1, put("a", None, None));
     refused(&mut siblings, put("b", None, None), "a siblings bucket");
+
+    let mut small = One::with(lww_props(), |cfg: &mut CoreConfig| {
+        cfg.durable_writes = false;
+        cfg.object_bytes_max = 64;
+    });
+    small.request_at(0, 1, put("a", None, None));
+    let large = String::from_utf8(vec![b'x'; 100]).unwrap();
+    refused(&mut small, put(&large, None, None), "a value too large");
+    assert!(local_put(&mut small, 10, put("c", None, None)).is_some());
 }
 
 /// Blind writes pile up as siblings until the bucket's limit, then are refused with a message

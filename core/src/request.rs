@@ -144,6 +144,13 @@ impl KeyRequest {
         &self.body
     }
 
+    /// The typed request, to move parts out of and back (`Core::local_write`); the key's
+    /// partition is not recomputed, so a part moved out must come back before the request is
+    /// used again.
+    pub(crate) fn body_mut(&mut self) -> &mut KeyBody {
+        &mut self.body
+    }
+
     /// The typed request, taken apart.
     pub fn into_body(self) -> KeyBody {
         self.body

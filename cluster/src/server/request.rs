@@ -199,7 +199,7 @@ impl Shard {
     /// the clock once.
     fn begin<H: 'static>(
         self: &Rc<Self>,
-        request: KeyRequest,
+        mut request: KeyRequest,
         hold: H,
         at: Instant,
     ) -> (Started, Option<H>) {
@@ -210,7 +210,7 @@ impl Shard {
         } else {
             let owner = shard_of(request.partition(), self.shard_count);
             if owner == self.id {
-                let wait = match self.serve_here(&request, at) {
+                let wait = match self.serve_here(&mut request, at) {
                     Some(Served::Now(answer)) => Wait::Answered(answer),
                     Some(Served::Later(ticket)) => Wait::Local(ticket),
                     None => Wait::Local(self.start_local(request, at)),
@@ -400,9 +400,9 @@ impl Shard {
     }
 
     /// Executes a client request for a partition this shard owns: its core coordinates it.
-    pub(super) async fn execute_local(self: &Rc<Self>, request: KeyRequest) -> Message {
+    pub(super) async fn execute_local(self: &Rc<Self>, mut request: KeyRequest) -> Message {
         let at = Instant::now();
-        match self.serve_here(&request, at) {
+        match self.serve_here(&mut request, at) {
             Some(Served::Now(answer)) => return answer,
             Some(Served::Later(ticket)) => {
                 // The core answers a request it coordinates by its deadline; a synced write
@@ -425,11 +425,12 @@ impl Shard {
     /// ([`Core::local_read`], [`Core::local_write`]), served at once; `None` if the request is
     /// not such a GET or PUT, or its storage operation would wait for the store to take it or
     /// failed (the core then coordinates it, and carries the operation out again). A synced
-    /// write's answer waits for its group commit.
+    /// write's answer waits for its group commit. A PUT served here leaves `request` without
+    /// its key and value (they moved into the write); one not served has them back.
     ///
     /// [`Core::local_read`]: ringkv_core::coordinator::Core::local_read
     /// [`Core::local_write`]: ringkv_core::coordinator::Core::local_write
-    fn serve_here(&self, request: &KeyRequest, at: Instant) -> Option<Served> {
+    fn serve_here(&self, request: &mut KeyRequest, at: Instant) -> Option<Served> {
         let op = request.op();
         if !matches!(op, KeyOp::Get | KeyOp::Put) {
             return None;
@@ -449,10 +450,15 @@ impl Shard {
         let write = self.core.borrow_mut().local_write(now, request)?;
         if matches!(write.op, StoreOp::Write { durable: true, .. }) {
             // The flush's watcher answers it (`store.rs`); once the shard stops it may be gone.
-            if self.stop.is_cancelled() {
+            let epoch = if self.stop.is_cancelled() {
+                None
+            } else {
+                self.durable_write_now(&write.key, &write.op)
+            };
+            let Some(Ok(epoch)) = epoch else {
+                write.give_back(request);
                 return None;
-            }
-            let epoch = self.durable_write_now(&write.key, &write.op)?.ok()?;
+            };
             let answer = self.core.borrow_mut().local_write_done(now, write);
             let ticket = self.clients.register();
             let wait = DurableWait::Client {
@@ -462,7 +468,10 @@ impl Shard {
             self.await_durable(epoch, wait);
             return Some(Served::Later(ticket));
         }
-        self.store_now(&write.key, &write.op)?.ok()?;
+        if !matches!(self.store_now(&write.key, &write.op), Some(Ok(_))) {
+            write.give_back(request);
+            return None;
+        }
         Some(Served::Now(
             self.core.borrow_mut().local_write_done(now, write),
         ))

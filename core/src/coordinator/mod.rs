@@ -334,7 +334,9 @@ pub enum StoreOp {
 }
 
 /// A client PUT that [`Core::local_write`] lets the shell write itself: the storage write to
-/// carry out at once, then to hand back to [`Core::local_write_done`].
+/// carry out at once, then to hand back to [`Core::local_write_done`]. It holds the PUT's key
+/// and value, moved out of the request; a write the shell cannot carry out gives them back
+/// ([`LocalWrite::give_back`]).
 #[derive(Debug)]
 pub struct LocalWrite {
     /// The key written.
@@ -342,6 +344,34 @@ pub struct LocalWrite {
     /// The write: an `lww` object, synced when the node syncs its writes or the put asks for
     /// `dw = 1`.
     pub op: StoreOp,
+}
+
+impl LocalWrite {
+    /// Puts the key and value back into the request they were moved out of, for the
+    /// coordinated path to take it as it came.
+    pub fn give_back(self, request: &mut KeyRequest) {
+        let StoreOp::Write { object, .. } = self.op else {
+            unreachable!("a local write writes an object")
+        };
+        put_back(request, self.key.key, object);
+    }
+}
+
+/// Moves `key` and the value of the `lww` object a local write built back into the PUT
+/// `request` they came from.
+fn put_back(request: &mut KeyRequest, key: Bytes, object: Object) {
+    let KeyBody::Put(put) = request.body_mut() else {
+        unreachable!("a local write is a PUT's")
+    };
+    let Object::Lww(Lww { val, .. }) = object else {
+        unreachable!("a local write is an lww object")
+    };
+    debug_assert!(put.key.is_empty() && put.value.is_empty());
+    put.key = key;
+    put.value = match val {
+        Val::Value(value) | Val::Expiring { value, .. } => value,
+        Val::Tombstone => unreachable!("a PUT writes a value"),
+    };
 }
 
 /// Messages between cores of different nodes. `id`s are chosen by the sender of a request,
@@ -1247,8 +1277,10 @@ impl Core {
     /// the write is durable if it is a synced one; if the write would wait for storage to take
     /// it, or fails, the shell hands the request to [`Core::handle_client`] instead, which
     /// stamps and writes it again (the stamp taken here is then skipped, as any stamp of a
-    /// write that failed).
-    pub fn local_write(&mut self, now: u64, request: &KeyRequest) -> Option<LocalWrite> {
+    /// write that failed), once [`LocalWrite::give_back`] has put back the key and value the
+    /// write moved out of the request. A request whose write was carried out is left without
+    /// them: it is only to be dropped.
+    pub fn local_write(&mut self, now: u64, request: &mut KeyRequest) -> Option<LocalWrite> {
         let KeyBody::Put(put) = request.body() else {
             return None;
         };
@@ -1257,7 +1289,7 @@ impl Core {
         if !plain {
             return None;
         }
-        let (bucket, key) = request.key();
+        let (bucket, _) = request.key();
         let props = *self.cfg.buckets.props(bucket);
         if !plain_lww(&props) {
             return None;
@@ -1278,23 +1310,42 @@ impl Core {
         {
             return None;
         }
+        let Ok(expires_at_ms) = expires_at(put.expiry, &props, now) else {
+            return None;
+        };
+        // The key and value move into the write, so that neither is shared twice (each share
+        // and its drop is a locked count update); every refusal below puts them back.
+        let bucket = bucket.clone();
+        let KeyBody::Put(put) = request.body_mut() else {
+            unreachable!("matched above")
+        };
         let key = StoreKey {
             partition,
             space: Space::Primary,
-            bucket: bucket.clone(),
-            key: key.clone(),
+            bucket,
+            key: std::mem::take(&mut put.key),
         };
+        let value = std::mem::take(&mut put.value);
         // A job of the key in flight or queued writes first: this one would overtake it.
-        if self.locks.contains_key(&key) {
+        let stored = if self.locks.contains_key(&key) {
+            None
+        } else {
+            self.passable_lww(&key)
+        };
+        let Some(stored) = stored else {
+            put.key = key.key;
+            put.value = value;
             return None;
-        }
-        let stored = self.passable_lww(&key)?;
-        let expires_at_ms = expires_at(put.expiry, &props, now).ok()?;
+        };
         // As a blind coordinated write (`Core::lock`): the clock passes the stored stamp, and
         // the write is made as from an absent key.
         self.hlc_last = self.hlc_last.max(stored);
-        let object = self.lww_version(None, Val::new(put.value.clone(), expires_at_ms), now);
-        let object = self.check_size(object).ok()?;
+        let object = self.lww_version(None, Val::new(value, expires_at_ms), now);
+        // As `check_size`, which the coordinated path then refuses it with.
+        if object.encoded_len() > self.cfg.object_bytes_max {
+            put_back(request, key.key, object);
+            return None;
+        }
         self.ae.foreground(now);
         // Synced as the coordinated write syncs its home's copy, which is then its one
         // durable acknowledgement.
