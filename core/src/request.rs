@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use ringkv_net::{Apply, CrdtOp, Delete, FieldOp, Get, MapOp, Message, Put, Update};
 
-use crate::ring::{PartitionCount, PartitionId};
+use crate::ring::{PartitionCount, PartitionId, key_hash, partition_of_hash};
 
 /// The operation of a [`KeyRequest`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,9 @@ pub enum KeyBody {
 pub struct KeyRequest {
     body: KeyBody,
     partition: PartitionId,
+    /// The key's [`key_hash`], which the partition is taken from and anti-entropy places the
+    /// key in its tree by: hashed once per request.
+    hash: u64,
 }
 
 impl KeyRequest {
@@ -72,8 +75,12 @@ impl KeyRequest {
     /// The key request of `body`, in a ring of `partitions` partitions.
     pub fn new(body: KeyBody, partitions: PartitionCount) -> KeyRequest {
         let (bucket, key) = body_key(&body);
-        let partition = partitions.partition_of(bucket, key);
-        KeyRequest { body, partition }
+        let hash = key_hash(bucket, key);
+        KeyRequest {
+            body,
+            partition: partition_of_hash(partitions, hash),
+            hash,
+        }
     }
 
     /// The operation.
@@ -90,6 +97,11 @@ impl KeyRequest {
     /// The partition of the key.
     pub fn partition(&self) -> PartitionId {
         self.partition
+    }
+
+    /// The key's placement hash ([`key_hash`] of the bucket and the key).
+    pub fn key_hash(&self) -> u64 {
+        self.hash
     }
 
     /// The bucket and the key.

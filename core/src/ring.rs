@@ -216,7 +216,11 @@ pub fn key_hash(bucket: &[u8], key: &[u8]) -> u64 {
 /// union of partitions `2p` and `2p + 1` of a ring with `2Q`: partitions are contiguous ranges of
 /// the hash space, which keeps a future split of the ring a local operation.
 pub fn partition_of(count: PartitionCount, bucket: &[u8], key: &[u8]) -> PartitionId {
-    let hash = key_hash(bucket, key);
+    partition_of_hash(count, key_hash(bucket, key))
+}
+
+/// The partition of a key whose [`key_hash`] is `hash` (see [`partition_of`]).
+pub fn partition_of_hash(count: PartitionCount, hash: u64) -> PartitionId {
     let partition = hash >> (64 - count.bits());
     debug_assert!(partition < u64::from(count.get()));
     PartitionId(partition as u32)

@@ -177,10 +177,7 @@ impl Shard {
             })
         };
         self.core.borrow().prefetch(
-            here(&[KeyOp::Put]).map(|r| {
-                let (bucket, key) = r.key();
-                (r.partition().0, &bucket[..], &key[..])
-            }),
+            here(&[KeyOp::Put]).map(|r| (r.partition().0, &r.key().0[..], r.key_hash())),
             ringkv_engine::prefetch::range,
         );
         self.engine

@@ -405,9 +405,20 @@ fn tree_hash(bucket: &[u8], key: &[u8], partition_bits: u32) -> u64 {
     key_hash(bucket, key).rotate_left(partition_bits)
 }
 
+/// The placement hash of `key` ([`key_hash`]), for a caller that does not have it at hand; a
+/// client request carries its own (`KeyRequest::key_hash`).
+pub(super) fn placement(key: &StoreKey) -> u64 {
+    key_hash(&key.bucket, &key.key)
+}
+
 impl View<'_> {
     fn tree_hash(&self, bucket: &[u8], key: &[u8]) -> u64 {
         tree_hash(bucket, key, self.ring.partition_count().bits())
+    }
+
+    /// The tree hash of the key whose placement hash is `placement` (module docs).
+    fn tree_hash_of(&self, placement: u64) -> u64 {
+        placement.rotate_left(self.ring.partition_count().bits())
     }
 
     /// The tree a bucket's keys belong to: the bucket's `n`, not capped by the member count, so
@@ -586,7 +597,7 @@ impl AntiEntropy {
         {
             return;
         }
-        self.tree_apply(v, now, key, Some(object), Written::Before);
+        self.tree_apply(v, now, (key, placement(key)), Some(object), Written::Before);
     }
 
     /// [`Core::trees_loaded`].
@@ -649,8 +660,9 @@ impl AntiEntropy {
         self.exchange.is_some() || self.pushes > 0
     }
 
-    /// A storage operation on `key` is issued under its lock: its tree follows.
-    pub(super) fn written(&mut self, v: &View<'_>, now: u64, key: &StoreKey, op: &StoreOp) {
+    /// A storage operation on `key` (with its placement hash) is issued under its lock: its
+    /// tree follows.
+    pub(super) fn written(&mut self, v: &View<'_>, now: u64, key: (&StoreKey, u64), op: &StoreOp) {
         match op {
             StoreOp::Write { object, .. } => self.tree_set(v, now, key, Some(object)),
             StoreOp::Remove => self.tree_set(v, now, key, None),
@@ -658,13 +670,14 @@ impl AntiEntropy {
         }
     }
 
-    /// Sets `key`'s tree entry to what storage holds for it now (a write issued under its lock,
-    /// or a read that found it): a load still running for its partition must not overwrite it.
+    /// Sets `key`'s tree entry (the key with its placement hash) to what storage holds for it
+    /// now (a write issued under its lock, or a read that found it): a load still running for
+    /// its partition must not overwrite it.
     pub(super) fn tree_set(
         &mut self,
         v: &View<'_>,
         now: u64,
-        key: &StoreKey,
+        (key, placement): (&StoreKey, u64),
         object: Option<&Object>,
     ) {
         if key.space != Space::Primary {
@@ -677,7 +690,7 @@ impl AntiEntropy {
                 Bytes::copy_from_slice(&key.key),
             ));
         }
-        self.tree_apply(v, now, key, object, Written::Now);
+        self.tree_apply(v, now, (key, placement), object, Written::Now);
     }
 
     /// Sets `key`'s entry in its tree, if this core keeps that tree; for what is stored
@@ -686,15 +699,20 @@ impl AntiEntropy {
         &mut self,
         v: &View<'_>,
         now: u64,
-        key: &StoreKey,
+        (key, placement): (&StoreKey, u64),
         object: Option<&Object>,
         written: Written,
     ) {
         if key.space != Space::Primary {
             return;
         }
+        debug_assert_eq!(
+            placement,
+            self::placement(key),
+            "the key's own placement hash"
+        );
         let id = (key.partition, v.tree_n(&key.bucket));
-        let hash = v.tree_hash(&key.bucket, &key.key);
+        let hash = v.tree_hash_of(placement);
         let me = v.cfg.node;
         let Some(tree) = self.trees.get_mut(&id) else {
             return;
@@ -765,16 +783,16 @@ impl AntiEntropy {
     pub(super) fn prefetch<'k>(
         &self,
         v: &View<'_>,
-        keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
+        keys: impl IntoIterator<Item = (u32, &'k [u8], u64)>,
         hint: &mut impl FnMut(*const u8, usize),
     ) {
         // On the stack for a pipelined round's usual size: a batch with no put (a wave of
         // reads) allocates nothing here.
         let found: smallvec::SmallVec<[(&Tree, u64); 32]> = keys
             .into_iter()
-            .filter_map(|(partition, bucket, key)| {
+            .filter_map(|(partition, bucket, placement)| {
                 let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
-                Some((tree, v.tree_hash(bucket, key)))
+                Some((tree, v.tree_hash_of(placement)))
             })
             .collect();
         for (tree, hash) in found {
@@ -782,17 +800,26 @@ impl AntiEntropy {
         }
     }
 
-    /// The stamp of the plain last-write-wins object `key` is known to hold in storage: its tree
-    /// is kept here and not loading, and its entry says so. The entry follows every write issued
+    /// The stamp of the plain last-write-wins object `key` (with its placement hash) is known to
+    /// hold in storage: its tree is kept here and not loading, and its entry says so. The entry follows every write issued
     /// under the key's lock, so while the caller holds that lock the answer is what storage
     /// holds; a key without an entry is not known (its tree may be refilling).
-    pub(super) fn stored_lww(&self, v: &View<'_>, key: &StoreKey) -> Option<u64> {
+    pub(super) fn stored_lww(
+        &self,
+        v: &View<'_>,
+        (key, placement): (&StoreKey, u64),
+    ) -> Option<u64> {
         if key.space != Space::Primary || self.tree_loading(key.partition) {
             return None;
         }
+        debug_assert_eq!(
+            placement,
+            self::placement(key),
+            "the key's own placement hash"
+        );
         let id = (key.partition, v.tree_n(&key.bucket));
         let tree = self.trees.get(&id)?;
-        let hash = v.tree_hash(&key.bucket, &key.key);
+        let hash = v.tree_hash_of(placement);
         let stamp = tree.keys.get(hash, &key.bucket, &key.key)?.lww_stamp;
         (stamp > 0).then_some(stamp)
     }
@@ -1319,7 +1346,7 @@ impl AntiEntropy {
         let object = match result {
             Ok(Some(object)) => object,
             // Gone (reaped meanwhile, or a tree that outlived its data): the tree learns it.
-            Ok(None) => return self.tree_set(v, now, &key, None),
+            Ok(None) => return self.tree_set(v, now, (&key, placement(&key)), None),
             // Unreadable: nothing to send; the next exchange retries.
             Err(_) => return,
         };
@@ -1575,8 +1602,9 @@ impl Core {
         ae.push_read(&v, &mut o, now, push, result);
     }
 
-    /// A storage operation on `key` is issued under its lock: its tree follows.
-    pub(super) fn ae_written(&mut self, now: u64, key: &StoreKey, op: &StoreOp) {
+    /// A storage operation on `key` (with its placement hash) is issued under its lock: its
+    /// tree follows.
+    pub(super) fn ae_written(&mut self, now: u64, key: (&StoreKey, u64), op: &StoreOp) {
         let (ae, v, _) = self.ae_parts();
         ae.written(&v, now, key, op);
     }
@@ -1585,7 +1613,7 @@ impl Core {
     /// what is stored (a no-op unless the tree had drifted).
     pub(super) fn ae_stored(&mut self, now: u64, key: &StoreKey, stored: Option<&Object>) {
         let (ae, v, _) = self.ae_parts();
-        ae.tree_set(&v, now, key, stored);
+        ae.tree_set(&v, now, (key, placement(key)), stored);
     }
 
     /// A replica write of a key of `bucket` to `node` failed or timed out.

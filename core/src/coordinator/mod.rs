@@ -344,6 +344,8 @@ pub struct LocalWrite {
     /// The write: an `lww` object, synced when the node syncs its writes or the put asks for
     /// `dw = 1`.
     pub op: StoreOp,
+    /// The key's placement hash, from the request.
+    placement: u64,
 }
 
 impl LocalWrite {
@@ -1316,6 +1318,7 @@ impl Core {
         // The key and value move into the write, so that neither is shared twice (each share
         // and its drop is a locked count update); every refusal below puts them back.
         let bucket = bucket.clone();
+        let placement = request.key_hash();
         let KeyBody::Put(put) = request.body_mut() else {
             unreachable!("matched above")
         };
@@ -1330,7 +1333,7 @@ impl Core {
         let stored = if self.locks.contains_key(&key) {
             None
         } else {
-            self.passable_lww(&key)
+            self.passable_lww((&key, placement))
         };
         let Some(stored) = stored else {
             put.key = key.key;
@@ -1353,6 +1356,7 @@ impl Core {
         Some(LocalWrite {
             key,
             op: StoreOp::Write { object, durable },
+            placement,
         })
     }
 
@@ -1360,7 +1364,7 @@ impl Core {
     /// (a synced write's answer then waits for its flush): the replica's tree and the transfers
     /// follow the write, as after a coordinated one.
     pub fn local_write_done(&mut self, now: u64, write: LocalWrite) -> Message {
-        self.ae_written(now, &write.key, &write.op);
+        self.ae_written(now, (&write.key, write.placement), &write.op);
         self.stored_write(now, &write.key);
         self.stats.blind_writes += 1;
         self.stats.local_writes += 1;
@@ -2834,27 +2838,28 @@ impl Core {
                 if !plain {
                     return None;
                 }
-                let stored = self.passable_lww(key)?;
+                let stored = self.passable_lww((key, antientropy::placement(key)))?;
                 Some(Blind::Coordinate { stored })
             }
             JobKind::Apply {
                 object: Object::Lww(new),
                 ..
             } => {
-                let stored = self.known_lww(key)?;
+                let stored = self.known_lww((key, antientropy::placement(key)))?;
                 (new.timestamp > stored).then_some(Blind::Apply)
             }
             JobKind::Apply { .. } | JobKind::DropHint { .. } | JobKind::Reap { .. } => None,
         }
     }
 
-    /// Hands `hint` the memory that coming local writes of `keys` (partition, bucket, key) look
-    /// up first in the core's own tables (their anti-entropy entries), as (address, bytes), for
-    /// a batch served together: the shell's `hint` asks the CPU to load it, which the core,
-    /// free of architecture code, does not do itself. Reads look at none of it.
+    /// Hands `hint` the memory that coming local writes of `keys` (partition, bucket, placement
+    /// hash: [`KeyRequest::key_hash`]) look up first in the core's own tables (their
+    /// anti-entropy entries), as (address, bytes), for a batch served together: the shell's
+    /// `hint` asks the CPU to load it, which the core, free of architecture code, does not do
+    /// itself. Reads look at none of it.
     pub fn prefetch<'k>(
         &self,
-        keys: impl IntoIterator<Item = (u32, &'k [u8], &'k [u8])>,
+        keys: impl IntoIterator<Item = (u32, &'k [u8], u64)>,
         mut hint: impl FnMut(*const u8, usize),
     ) {
         self.ae.prefetch(&self.view(), keys, &mut hint);
@@ -2863,8 +2868,8 @@ impl Core {
     /// The stamp of the plain `lww` value `key` holds, when its anti-entropy entry knows it and
     /// the entry can be trusted: not while a handoff pass may be refilling the partition's trees
     /// from pages scanned before the latest writes ([`Core::blind_lww`]).
-    fn known_lww(&self, key: &StoreKey) -> Option<u64> {
-        if self.transfers.handing_off(key.partition) {
+    fn known_lww(&self, key: (&StoreKey, u64)) -> Option<u64> {
+        if self.transfers.handing_off(key.0.partition) {
             return None;
         }
         self.ae.stored_lww(&self.view(), key)
@@ -2872,7 +2877,7 @@ impl Core {
 
     /// [`Core::known_lww`] when a put can be stamped above it: a stamp at the clock's end
     /// cannot be passed (`hlc_next` saturates), so such a write must merge with what is stored.
-    fn passable_lww(&self, key: &StoreKey) -> Option<u64> {
+    fn passable_lww(&self, key: (&StoreKey, u64)) -> Option<u64> {
         self.known_lww(key)
             .filter(|&stamp| stamp.max(self.hlc_last) < u64::MAX)
     }
@@ -2926,7 +2931,7 @@ impl Core {
         j.stage = Stage::Writing;
         let key = j.key.clone();
         // The replica's tree follows every write of it (anti-entropy).
-        self.ae_written(now, &key, &op);
+        self.ae_written(now, (&key, antientropy::placement(&key)), &op);
         self.pending.insert(sid, Pending::Job { job });
         self.out.push(Output::Store { id: sid, key, op });
     }
