@@ -58,7 +58,10 @@
 //!   job in flight or queued and it could be written blind (its stored stamp known,
 //!   `Core::blind_lww`): [`Core::local_write`] stamps the object the coordinated write would
 //!   have written, the shell writes it, and [`Core::local_write_done`] updates the tree and
-//!   answers. Nothing runs between the two calls, so the key's lock is not needed. A synced
+//!   answers. The write holds the put's key and value, moved out of the request
+//!   ([`LocalWrite::give_back`] returns them if the shell cannot write it), and finds the key's
+//!   tree by the request's own placement hash ([`KeyRequest::key_hash`]), so the key is hashed
+//!   once. Nothing runs between the two calls, so the key's lock is not needed. A synced
 //!   write (a `sync` node, or `dw = 1`) is answered once the group commit that holds it is
 //!   durable, as the coordinated write is, but it holds no lock meanwhile: a later synced write
 //!   of the key is not held back by it, and is acknowledged only with its own commit, which
