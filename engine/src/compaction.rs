@@ -34,9 +34,9 @@ use std::time::Duration;
 
 use std::path::Path;
 
-use glommio::io::{DmaFile, ReadResult};
+use glommio::io::DmaFile;
 
-use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
+use crate::engine::{Inner, RecordBytes, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
 use crate::hint::{HintEntry, HintTable};
 use crate::index::{Entry, KeyHash, Location};
@@ -89,7 +89,7 @@ enum Source {
     Hinted {
         entries: Vec<HintEntry>,
         /// The last bytes read and the offset they start at.
-        window: Option<(u64, Window)>,
+        window: Option<(u64, RecordBytes)>,
         /// Records that failed their check: `(partition, key, where)`.
         damaged: Vec<(u32, KeyHash, Location)>,
     },
@@ -169,23 +169,6 @@ impl Source {
     }
 }
 
-/// Bytes read for a window: the read's own buffer, or a copy if one read came back short.
-enum Window {
-    Read(ReadResult),
-    Copied(Vec<u8>),
-}
-
-impl std::ops::Deref for Window {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Window::Read(r) => r,
-            Window::Copied(v) => v,
-        }
-    }
-}
-
 /// Reads `want` bytes at `start`. A read that comes back short is continued, as `io::read_all`
 /// does: only the file's end leaves the window short, and the records past it are then damage.
 async fn read_window(
@@ -193,10 +176,10 @@ async fn read_window(
     path: &Path,
     start: u64,
     want: usize,
-) -> Result<Window, EngineError> {
+) -> Result<RecordBytes, EngineError> {
     let r = io::read_exact_at(file, path, start, want).await?;
     if r.len() >= want || r.is_empty() {
-        return Ok(Window::Read(r));
+        return Ok(RecordBytes::Disk(r));
     }
     let mut v = r.to_vec();
     while v.len() < want {
@@ -206,7 +189,7 @@ async fn read_window(
         }
         v.extend_from_slice(&more);
     }
-    Ok(Window::Copied(v))
+    Ok(RecordBytes::Mem(v))
 }
 
 /// The records of `input` its hint file lists that the index still points at (and current drop

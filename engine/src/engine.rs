@@ -946,8 +946,8 @@ impl Drop for Engine {
     }
 }
 
-/// A record's bytes: copied out of a segment's memory tail, or the DMA buffer of the disk read
-/// (no second copy).
+/// A record's bytes (or a compaction pass's window of records): copied out of a segment's memory
+/// tail or of short reads, or the DMA buffer of the disk read (no second copy).
 pub(crate) enum RecordBytes {
     Mem(Vec<u8>),
     Disk(glommio::io::ReadResult),
