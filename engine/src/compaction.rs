@@ -38,7 +38,7 @@ use glommio::io::DmaFile;
 
 use crate::engine::{Inner, RecordBytes, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
-use crate::hint::{HintEntry, HintTable};
+use crate::hint::{HINT_ENTRY_BYTES, HintEntry, HintStream};
 use crate::index::{Entry, KeyHash, Location};
 use crate::io::{self, CompactionStep, IoClass};
 use crate::record::{self, RecordKind};
@@ -79,6 +79,10 @@ struct Move {
 /// Bytes between two live records below which one read takes both, rather than two reads
 /// each with a round trip to the disk.
 const READ_GAP_BYTES: u64 = 64 << 10;
+
+/// Hint bytes checked, and their entries looked up in the index, between two yields: 1,024
+/// entries.
+const HINT_PIECE_BYTES: usize = 1024 * HINT_ENTRY_BYTES;
 
 /// Where a pass finds one input's records, and their bytes.
 enum Source {
@@ -196,39 +200,62 @@ async fn read_window(
 /// markers), or `None` if the hint is missing, unreadable or not this segment's: the pass then
 /// scans the segment instead, as recovery does.
 async fn hinted_records(inner: &Inner, input: &Segment) -> Option<Vec<HintEntry>> {
-    let file = io::open_ro(&input.hint_path).await.ok()?;
-    let read = io::read_all(&file, &input.hint_path).await;
-    drop(file);
-    let table = match read {
-        Ok(bytes) => HintTable::parse(bytes),
+    let path = &input.hint_path;
+    let file = io::open_ro(path).await.ok()?;
+    let size = match file.file_size().await {
+        Ok(size) => size,
         Err(e) => {
-            tracing::warn!(error = %e, "could not read a hint file; compaction scans its segment");
-            None
+            tracing::warn!(error = %e, "could not stat a hint file; compaction scans its segment");
+            return None;
         }
-    }?;
-    let h = table.header();
-    if h.segment_id != input.id || h.data_len as u64 != input.len.get() {
-        return None;
-    }
+    };
+    // Read and checked a piece at a time, with a yield between pieces: a 64 MiB segment of
+    // small records has a hint of about 15 MB, which parsed in one step held the thread for
+    // about 5 ms. An entry is kept as soon as it is read, and trusted only once the whole file
+    // passed its check.
+    let mut stream = HintStream::new();
     let mut kept = Vec::new();
-    for (n, e) in table.iter().enumerate() {
-        if n % 1024 == 0 {
+    let mut pos = 0u64;
+    while pos < size {
+        let want = io::READ_CHUNK_BYTES.min((size - pos) as usize);
+        let chunk = match io::read_exact_at(&file, path, pos, want).await {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a hint file; compaction scans its segment");
+                return None;
+            }
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        for piece in chunk.chunks(HINT_PIECE_BYTES) {
+            let valid = {
+                let st = inner.st.borrow();
+                stream.feed(piece, |e| {
+                    let live = match e.kind {
+                        RecordKind::SegmentHeader => false,
+                        RecordKind::Put | RecordKind::Tombstone => {
+                            st.index.get(e.partition, e.key).is_some_and(|cur| {
+                                cur.loc.slot == input.slot && cur.loc.offset == e.offset as u64
+                            })
+                        }
+                        RecordKind::DropPartition => st.dropped.get(&e.partition) == Some(&e.seqno),
+                    };
+                    if live {
+                        kept.push(e);
+                    }
+                })
+            };
+            if !valid {
+                return None;
+            }
             glommio::yield_if_needed().await;
         }
-        let st = inner.st.borrow();
-        let live = match e.kind {
-            RecordKind::SegmentHeader => false,
-            RecordKind::Put | RecordKind::Tombstone => st
-                .index
-                .get(e.partition, e.key)
-                .is_some_and(|cur| cur.loc.slot == input.slot && cur.loc.offset == e.offset as u64),
-            RecordKind::DropPartition => st.dropped.get(&e.partition) == Some(&e.seqno),
-        };
-        if live {
-            kept.push(e);
-        }
+        pos += chunk.len() as u64;
     }
-    Some(kept)
+    drop(file);
+    let h = stream.finish()?;
+    (h.segment_id == input.id && h.data_len as u64 == input.len.get()).then_some(kept)
 }
 
 /// Counts segment bytes a pass read.
