@@ -333,9 +333,9 @@ impl HintStream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn roundtrip_and_damage_is_refused() {
-        let entries: Vec<HintEntry> = (0..10u32)
+    /// `n` entries of records of 64 bytes, one after the other from offset 48.
+    fn listed(n: u32) -> Vec<HintEntry> {
+        (0..n)
             .map(|i| HintEntry {
                 key: KeyHash::of(&i.to_le_bytes()),
                 seqno: 100 + i as u64,
@@ -349,7 +349,12 @@ mod tests {
                 },
                 version: (i * 7) as u16,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn roundtrip_and_damage_is_refused() {
+        let entries = listed(10);
         let h = HintHeader {
             segment_id: 9,
             created_seqno: 99,
@@ -389,17 +394,7 @@ mod tests {
     #[test]
     fn a_stream_accepts_what_parse_accepts_in_pieces_of_any_size() {
         use rand::{Rng, SeedableRng, rngs::StdRng};
-        let entries: Vec<HintEntry> = (0..200u32)
-            .map(|i| HintEntry {
-                key: KeyHash::of(&i.to_le_bytes()),
-                seqno: 10 + i as u64,
-                partition: i % 5,
-                offset: 48 + i * 64,
-                len: 64,
-                kind: RecordKind::Put,
-                version: (i * 3) as u16 & 0x7fff,
-            })
-            .collect();
+        let entries = listed(200);
         let h = HintHeader {
             segment_id: 3,
             created_seqno: 5,
