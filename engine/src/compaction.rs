@@ -80,8 +80,8 @@ struct Move {
 /// each with a round trip to the disk.
 const READ_GAP_BYTES: u64 = 64 << 10;
 
-/// Hint bytes checked, and their entries looked up in the index, between two yields: 1,024
-/// entries.
+/// Hint bytes checked, and their entries looked up in the index, between two chances to yield
+/// to foreground work (`yield_if_needed`): 1,024 entries.
 const HINT_PIECE_BYTES: usize = 1024 * HINT_ENTRY_BYTES;
 
 /// Where a pass finds one input's records, and their bytes.
@@ -209,8 +209,8 @@ async fn hinted_records(inner: &Inner, input: &Segment) -> Option<Vec<HintEntry>
             return None;
         }
     };
-    // Read and checked a piece at a time, with a yield between pieces: a 64 MiB segment of
-    // small records has a hint of about 15 MB, which parsed in one step held the thread for
+    // Read and checked a piece at a time, with a chance to yield between pieces: a 64 MiB segment
+    // of small records has a hint of about 15 MB, which parsed in one step held the thread for
     // about 5 ms. An entry is kept as soon as it is read, and trusted only once the whole file
     // passed its check.
     let mut stream = HintStream::new();
