@@ -36,11 +36,11 @@ use std::path::Path;
 
 use glommio::io::DmaFile;
 
-use crate::engine::{Inner, RecordBytes, Wake, append_raw, finish_sealed, flush_segment};
+use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
 use crate::hint::{HINT_ENTRY_BYTES, HintEntry, HintStream};
 use crate::index::{Entry, KeyHash, Location};
-use crate::io::{self, CompactionStep, IoClass};
+use crate::io::{self, CompactionStep, IoClass, ReadBytes};
 use crate::record::{self, RecordKind};
 use crate::recovery::{INTENT_FILE, parse_intent};
 use crate::scan::{self, ScanOutcome};
@@ -93,7 +93,7 @@ enum Source {
     Hinted {
         entries: Vec<HintEntry>,
         /// The last bytes read and the offset they start at.
-        window: Option<(u64, RecordBytes)>,
+        window: Option<(u64, ReadBytes)>,
         /// Records that failed their check: `(partition, key, where)`.
         damaged: Vec<(u32, KeyHash, Location)>,
     },
@@ -144,7 +144,7 @@ impl Source {
                 }
                 last = t;
             }
-            let r = read_window(file, path, start, (last - start) as usize).await?;
+            let r = io::read_exact_at(file, path, start, (last - start) as usize).await?;
             count_read(inner, r.len());
             *window = Some((start, r));
         }
@@ -171,29 +171,6 @@ impl Source {
             }
         }
     }
-}
-
-/// Reads `want` bytes at `start`. A read that comes back short is continued, as `io::read_all`
-/// does: only the file's end leaves the window short, and the records past it are then damage.
-async fn read_window(
-    file: &DmaFile,
-    path: &Path,
-    start: u64,
-    want: usize,
-) -> Result<RecordBytes, EngineError> {
-    let r = io::read_exact_at(file, path, start, want).await?;
-    if r.len() >= want || r.is_empty() {
-        return Ok(RecordBytes::Disk(r));
-    }
-    let mut v = r.to_vec();
-    while v.len() < want {
-        let more = io::read_exact_at(file, path, start + v.len() as u64, want - v.len()).await?;
-        if more.is_empty() {
-            break;
-        }
-        v.extend_from_slice(&more);
-    }
-    Ok(RecordBytes::Mem(v))
 }
 
 /// The records of `input` its hint file lists that the index still points at (and current drop

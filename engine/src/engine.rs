@@ -946,31 +946,14 @@ impl Drop for Engine {
     }
 }
 
-/// A record's bytes (or a compaction pass's window of records): copied out of a segment's memory
-/// tail or of short reads, or the DMA buffer of the disk read (no second copy).
-pub(crate) enum RecordBytes {
-    Mem(Vec<u8>),
-    Disk(glommio::io::ReadResult),
-}
-
-impl std::ops::Deref for RecordBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            RecordBytes::Mem(v) => v,
-            RecordBytes::Disk(r) => r,
-        }
-    }
-}
-
 /// Reads a record's bytes, from memory if the segment still holds them there.
 pub(crate) async fn read_record(
     inner: &Inner,
     seg: &Segment,
     loc: Location,
-) -> Result<RecordBytes, EngineError> {
+) -> Result<io::ReadBytes, EngineError> {
     if let Some(b) = seg.read_mem(loc.offset, loc.len as usize) {
-        return Ok(RecordBytes::Mem(b));
+        return Ok(io::ReadBytes::Mem(b));
     }
     let file = seg.file().expect("bytes not in memory are in the file");
     let c = &inner.counters;
@@ -983,7 +966,7 @@ pub(crate) async fn read_record(
             reason: "record extends past end of file",
         });
     }
-    Ok(RecordBytes::Disk(r))
+    Ok(r)
 }
 
 /// Makes every log write accepted so far durable (no-op when nothing is pending).

@@ -326,16 +326,51 @@ pub async fn sync(
     injected_sync(fault, SyncFailure::AfterSyscall, FDATASYNC, path)
 }
 
-/// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file.
+/// Bytes read from a file (or a segment's memory tail): the DMA buffer of the read itself, with
+/// no second copy, or a copy when they came from memory or from more than one read.
+pub enum ReadBytes {
+    /// A copy.
+    Mem(Vec<u8>),
+    /// The read's own buffer.
+    Disk(glommio::io::ReadResult),
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadBytes::Mem(v) => v,
+            ReadBytes::Disk(r) => r,
+        }
+    }
+}
+
+/// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file: a read
+/// that comes back short before it is continued from where it stopped.
 pub async fn read_exact_at(
     file: &DmaFile,
     path: &Path,
     pos: u64,
     len: usize,
-) -> Result<glommio::io::ReadResult, EngineError> {
-    file.read_at(pos, len)
-        .await
-        .map_err(|e| EngineError::io("read", path, e.into()))
+) -> Result<ReadBytes, EngineError> {
+    let read = |at: u64, want: usize| async move {
+        file.read_at(at, want)
+            .await
+            .map_err(|e| EngineError::io("read", path, e.into()))
+    };
+    let r = read(pos, len).await?;
+    if r.len() >= len || r.is_empty() {
+        return Ok(ReadBytes::Disk(r));
+    }
+    let mut v = r.to_vec();
+    while v.len() < len {
+        let more = read(pos + v.len() as u64, len - v.len()).await?;
+        if more.is_empty() {
+            break;
+        }
+        v.extend_from_slice(&more);
+    }
+    Ok(ReadBytes::Mem(v))
 }
 
 /// Reads a whole file into memory in bounded chunks.
