@@ -177,34 +177,31 @@ impl Source {
 /// markers), or `None` if the hint is missing, unreadable or not this segment's: the pass then
 /// scans the segment instead, as recovery does.
 async fn hinted_records(inner: &Inner, input: &Segment) -> Option<Vec<HintEntry>> {
-    let path = &input.hint_path;
-    let file = io::open_ro(path).await.ok()?;
-    let size = match file.file_size().await {
-        Ok(size) => size,
+    let file = io::open_ro(&input.hint_path).await.ok()?;
+    match live_in_hint(inner, input, &file).await {
+        Ok(kept) => kept,
         Err(e) => {
-            tracing::warn!(error = %e, "could not stat a hint file; compaction scans its segment");
-            return None;
+            tracing::warn!(error = %e, "could not read a hint file; compaction scans its segment");
+            None
         }
-    };
+    }
+}
+
+/// [`hinted_records`] from the opened hint `file`: `Ok(None)` if it is not a valid hint of
+/// `input`.
+async fn live_in_hint(
+    inner: &Inner,
+    input: &Segment,
+    file: &DmaFile,
+) -> Result<Option<Vec<HintEntry>>, EngineError> {
     // Read and checked a piece at a time, with a chance to yield between pieces: a 64 MiB segment
     // of small records has a hint of about 15 MB, which parsed in one step held the thread for
     // about 5 ms. An entry is kept as soon as it is read, and trusted only once the whole file
     // passed its check.
+    let mut chunks = io::Chunks::new(file, &input.hint_path).await?;
     let mut stream = HintStream::new();
     let mut kept = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let want = io::READ_CHUNK_BYTES.min((size - pos) as usize);
-        let chunk = match io::read_exact_at(&file, path, pos, want).await {
-            Ok(chunk) => chunk,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read a hint file; compaction scans its segment");
-                return None;
-            }
-        };
-        if chunk.is_empty() {
-            break;
-        }
+    while let Some(chunk) = chunks.next().await? {
         for piece in chunk.chunks(HINT_PIECE_BYTES) {
             let valid = {
                 let st = inner.st.borrow();
@@ -224,15 +221,15 @@ async fn hinted_records(inner: &Inner, input: &Segment) -> Option<Vec<HintEntry>
                 })
             };
             if !valid {
-                return None;
+                return Ok(None);
             }
             glommio::yield_if_needed().await;
         }
-        pos += chunk.len() as u64;
     }
-    drop(file);
-    let h = stream.finish()?;
-    (h.segment_id == input.id && h.data_len as u64 == input.len.get()).then_some(kept)
+    Ok(stream
+        .finish()
+        .filter(|h| h.segment_id == input.id && h.data_len as u64 == input.len.get())
+        .map(|_| kept))
 }
 
 /// Counts segment bytes a pass read.

@@ -373,22 +373,56 @@ pub async fn read_exact_at(
     Ok(ReadBytes::Mem(v))
 }
 
+/// A file read from its start in chunks of at most [`READ_CHUNK_BYTES`], up to the size it had
+/// when the reading began.
+pub struct Chunks<'a> {
+    file: &'a DmaFile,
+    path: &'a Path,
+    pos: u64,
+    size: u64,
+}
+
+impl<'a> Chunks<'a> {
+    /// Starts reading `file`.
+    pub async fn new(file: &'a DmaFile, path: &'a Path) -> Result<Chunks<'a>, EngineError> {
+        let size = file
+            .file_size()
+            .await
+            .map_err(|e| EngineError::io("stat", path, e.into()))?;
+        Ok(Chunks {
+            file,
+            path,
+            pos: 0,
+            size,
+        })
+    }
+
+    /// The file's size when the reading began.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next chunk, or `None` at the end (also an end that came early, the file cut short).
+    pub async fn next(&mut self) -> Result<Option<ReadBytes>, EngineError> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        let want = READ_CHUNK_BYTES.min((self.size - self.pos) as usize);
+        let r = read_exact_at(self.file, self.path, self.pos, want).await?;
+        if r.is_empty() {
+            return Ok(None);
+        }
+        self.pos += r.len() as u64;
+        Ok(Some(r))
+    }
+}
+
 /// Reads a whole file into memory in bounded chunks.
 pub async fn read_all(file: &DmaFile, path: &Path) -> Result<Vec<u8>, EngineError> {
-    let size = file
-        .file_size()
-        .await
-        .map_err(|e| EngineError::io("stat", path, e.into()))?;
-    let mut out = Vec::with_capacity(size as usize);
-    let mut pos = 0u64;
-    while pos < size {
-        let want = READ_CHUNK_BYTES.min((size - pos) as usize);
-        let r = read_exact_at(file, path, pos, want).await?;
-        if r.is_empty() {
-            break;
-        }
+    let mut chunks = Chunks::new(file, path).await?;
+    let mut out = Vec::with_capacity(chunks.size() as usize);
+    while let Some(r) = chunks.next().await? {
         out.extend_from_slice(&r);
-        pos += r.len() as u64;
         glommio::yield_if_needed().await;
     }
     Ok(out)
