@@ -801,9 +801,10 @@ impl AntiEntropy {
     }
 
     /// The stamp of the plain last-write-wins object `key` (with its placement hash) is known to
-    /// hold in storage: its tree is kept here and not loading, and its entry says so. The entry follows every write issued
-    /// under the key's lock, so while the caller holds that lock the answer is what storage
-    /// holds; a key without an entry is not known (its tree may be refilling).
+    /// hold in storage: its tree is kept here and not loading, and its entry says so. The entry
+    /// follows every write issued under the key's lock, so while the caller holds that lock the
+    /// answer is what storage holds; a key without an entry is not known (its tree may be
+    /// refilling).
     pub(super) fn stored_lww(
         &self,
         v: &View<'_>,
