@@ -133,7 +133,7 @@ mod script;
 mod tests;
 
 use script::{Cond, ExpireCond, HRead, HSetReply, Op, SRead, SetExpiry, SetReply, When};
-pub use script::{Requests, Script, Step};
+pub use script::{Script, Step};
 
 fn err(message: impl Into<String>) -> RespValue {
     RespValue::Error(Bytes::from(message.into()))

@@ -17,20 +17,19 @@ use ringkv_net::{
     Apply, ApplyOk, Condition, CrdtOp, CrdtType, CrdtValue, Delete, ErrorCode, Expiry, FieldOp,
     FieldValue, Get, Message, Put, Sibling,
 };
-use smallvec::{SmallVec, smallvec};
+use smallvec::SmallVec;
 
 use super::{NOT_AN_INTEGER, RESP_BUCKET, err, integer, ok};
 use crate::route::PARTITIONS;
 
-/// A round's requests. Most commands make one request a round (a GET, a SET): it is held in
-/// place, so a pipelined wave of them allocates nothing per command for its rounds.
-pub type Requests = SmallVec<[KeyRequest; 1]>;
-
 /// What a script asks of the shell next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Execute these requests (in order) and pass their replies to [`Script::resume`].
-    Run(Requests),
+    /// Execute the requests the script pushed onto the caller's batch, this many (the last of
+    /// the batch, in order), and pass their replies to [`Script::resume`]. Pushed, not returned:
+    /// a pipelined wave gathers its commands' requests in one list, and a request (some 180
+    /// bytes) is written there once rather than moved through a return value on its way.
+    Run(usize),
     /// The command's reply: the script is over.
     Done(RespValue),
 }
@@ -329,10 +328,19 @@ impl Script {
         keys.iter().chain(pairs.iter().map(|(k, _)| k))
     }
 
-    /// The first round: the reads the command decides on, or its writes when it needs no read.
-    pub fn start(&mut self) -> Step {
+    /// The first round, pushed onto `batch`: the reads the command decides on, or its writes
+    /// when it needs no read.
+    pub fn start(&mut self, batch: &mut Vec<KeyRequest>) -> Step {
         assert_eq!(self.round, Round::NotStarted, "a script starts once");
-        let writes = match &self.op {
+        // A GET reads nothing of its key after its read: the key moves into the request, as a
+        // SET's does below.
+        if let Op::Get(key) = &mut self.op {
+            batch.push(get(std::mem::take(key)));
+            self.round = Round::Reads;
+            return Step::Run(1);
+        }
+        let before = batch.len();
+        let then = match &self.op {
             // Without GET or KEEPTTL nothing needs a read: NX and XX are conditions the key's
             // first home checks (module docs).
             Op::Set {
@@ -350,29 +358,31 @@ impl Script {
                 // The write is the script's only round and nothing reads its key or value after
                 // it: they move into the request, which spares a count up and down on the
                 // connection's buffer each (shared, so atomic).
-                let write = put_if(std::mem::take(key), std::mem::take(value), expiry, *cond);
-                Some((smallvec![write], Some(then)))
+                batch.push(put_if(
+                    std::mem::take(key),
+                    std::mem::take(value),
+                    expiry,
+                    *cond,
+                ));
+                Some(Some(then))
             }
-            Op::MSet(pairs) => Some((
-                pairs
-                    .iter()
-                    .map(|(k, v)| put(k.clone(), v.clone(), None))
-                    .collect(),
-                Some(ok()),
-            )),
+            Op::MSet(pairs) => {
+                batch.extend(pairs.iter().map(|(k, v)| put(k.clone(), v.clone(), None)));
+                Some(Some(ok()))
+            }
             // Counters are convergent: an increment is one operation the coordinator applies to
             // what it holds, with no read first, and answers the value after it.
-            Op::Incr { key, by } => Some((
-                smallvec![apply(
+            Op::Incr { key, by } => {
+                batch.push(apply(
                     key.clone(),
                     CrdtType::Counter,
                     vec![CrdtOp::Increment(*by)],
                     true,
-                )],
-                None,
-            )),
-            Op::HIncrBy { key, field, by } => Some((
-                smallvec![apply(
+                ));
+                Some(None)
+            }
+            Op::HIncrBy { key, field, by } => {
+                batch.push(apply(
                     key.clone(),
                     CrdtType::Map,
                     vec![CrdtOp::Field {
@@ -380,37 +390,45 @@ impl Script {
                         op: FieldOp::Increment(*by),
                     }],
                     true,
-                )],
-                None,
-            )),
+                ));
+                Some(None)
+            }
             // HMSET answers OK whatever was there: the node refuses a key of another type.
             Op::HSet {
                 key,
                 pairs,
                 reply: HSetReply::Ok,
-            } => Some((smallvec![assign(key, pairs)], Some(ok()))),
+            } => {
+                batch.push(assign(key, pairs));
+                Some(Some(ok()))
+            }
             _ => None,
         };
-        match writes {
-            Some((writes, then)) => {
+        match then {
+            Some(then) => {
                 self.round = Round::Writes;
                 self.then = then;
-                Step::Run(writes)
             }
             None => {
-                let reads = self.keys().cloned().map(get).collect();
+                batch.extend(self.keys().cloned().map(get));
                 self.round = Round::Reads;
-                Step::Run(reads)
             }
         }
+        Step::Run(batch.len() - before)
     }
 
     /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
-    /// request order, at `now_ms` (Unix milliseconds): the next round, or the reply.
-    pub fn resume(&mut self, replies: &[Message], now_ms: u64) -> Step {
+    /// request order, at `now_ms` (Unix milliseconds): the next round (pushed onto `batch`), or
+    /// the reply.
+    pub fn resume(
+        &mut self,
+        replies: &[Message],
+        now_ms: u64,
+        batch: &mut Vec<KeyRequest>,
+    ) -> Step {
         match self.round {
             Round::NotStarted => unreachable!("resume follows start"),
-            Round::Writes => self.after_writes(replies),
+            Round::Writes => self.after_writes(replies, batch),
             Round::Explain => Step::Done(self.explain(replies)),
             Round::Reads => {
                 if let Some(e) = replies.iter().find_map(error_of) {
@@ -429,7 +447,9 @@ impl Script {
                     Err((writes, then)) => {
                         self.round = Round::Writes;
                         self.then = Some(then);
-                        Step::Run(Requests::from_vec(writes))
+                        let n = writes.len();
+                        batch.extend(writes);
+                        Step::Run(n)
                     }
                 }
             }
@@ -438,7 +458,7 @@ impl Script {
 
     /// The reply once the write round answered: refusals as Redis words them, the counter
     /// commands' new value, or the reply decided with the writes.
-    fn after_writes(&mut self, replies: &[Message]) -> Step {
+    fn after_writes(&mut self, replies: &[Message], batch: &mut Vec<KeyRequest>) -> Step {
         if let Op::Set { reply, .. } = &self.op
             && replies
                 .iter()
@@ -462,14 +482,14 @@ impl Script {
                 // A plain value that is not an integer, or a key of another type: the read says.
                 (Op::Incr { key, .. }, ErrorCode::WrongType) => {
                     let key = key.clone();
-                    self.explain_with(key, err(WRONGTYPE))
+                    self.explain_with(key, err(WRONGTYPE), batch)
                 }
                 (Op::Incr { .. }, ErrorCode::InvalidRequest) => Step::Done(own()),
                 // A field that is not an integer, or an overflow: the read says.
                 (Op::HIncrBy { key, .. }, ErrorCode::InvalidRequest) => {
                     let key = key.clone();
                     let otherwise = own();
-                    self.explain_with(key, otherwise)
+                    self.explain_with(key, otherwise, batch)
                 }
                 _ => Step::Done(error_of(reply).expect("an error reply is an error")),
             };
@@ -499,10 +519,16 @@ impl Script {
 
     /// Starts the explaining round: a read of `key`, and `otherwise` as the error to give if it
     /// does not explain the refusal.
-    fn explain_with(&mut self, key: Bytes, otherwise: RespValue) -> Step {
+    fn explain_with(
+        &mut self,
+        key: Bytes,
+        otherwise: RespValue,
+        batch: &mut Vec<KeyRequest>,
+    ) -> Step {
         self.round = Round::Explain;
         self.then = Some(otherwise);
-        Step::Run(smallvec![get(key)])
+        batch.push(get(key));
+        Step::Run(1)
     }
 
     /// The error of a refused increment, by what the key holds now.

@@ -72,14 +72,40 @@ fn script(
         panic!("{line}: not a script")
     };
     let mut rounds = Vec::new();
-    let mut step = s.start();
+    // The batch holds another command's request first, as a wave's does: a script pushes its
+    // own after it, says how many, and leaves the rest alone.
+    let other = || {
+        KeyRequest::new(
+            KeyBody::Delete(ringkv_net::Delete {
+                bucket: Bytes::from_static(RESP_BUCKET),
+                key: Bytes::from_static(b"another command's key"),
+                context: None,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+            }),
+            crate::route::PARTITIONS,
+        )
+    };
+    let mut batch = vec![other()];
+    let mut step = s.start(&mut batch);
     loop {
         match step {
-            Step::Done(v) => return (v, rounds),
-            Step::Run(requests) => {
+            Step::Done(v) => {
+                assert_eq!(
+                    batch,
+                    vec![other()],
+                    "{line}: a finished script pushed nothing"
+                );
+                return (v, rounds);
+            }
+            Step::Run(n) => {
+                assert_eq!(batch.len(), 1 + n, "{line}: pushed what it says");
+                assert_eq!(batch[0], other(), "{line}: the batch's other request");
+                let requests = batch.split_off(1);
                 let replies: Vec<Message> = requests.iter().map(&mut answer).collect();
                 rounds.push(requests.iter().map(|r| r.body().clone()).collect());
-                step = s.resume(&replies, now);
+                step = s.resume(&replies, now, &mut batch);
             }
         }
     }

@@ -10,10 +10,11 @@ use futures_lite::io::AsyncWriteExt;
 use glommio::channels::local_channel::{self};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Gate, Semaphore};
+use ringkv_core::request::KeyRequest;
 use ringkv_net::resp::{
     RespLimits, RespParsed, RespValue, encode_reply as encode_resp, parse_command,
 };
-use ringkv_net::{ErrorCode, Frame, Limits, Role, decode_frame, encode_frame};
+use ringkv_net::{ErrorCode, Frame, Limits, Message, Role, decode_frame, encode_frame};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::metrics::ShardMetrics;
@@ -244,6 +245,9 @@ const RESP_WAVE_COMMANDS_MAX: usize = 128;
 /// Most key hashes whose room a connection's wave keeps from one wave to the next.
 const WAVE_KEYS_KEPT: usize = 1024;
 
+/// Most requests (and answers) whose room a connection's wave keeps from one round to the next.
+const WAVE_BATCH_KEPT: usize = 1024;
+
 /// Pipelined RESP commands that run together: Redis clients expect each connection's commands
 /// to take effect in order, so a wave holds commands on distinct keys only (a command touching
 /// a key already in the wave starts the next wave), runs them concurrently (so synced writes on
@@ -260,11 +264,14 @@ struct RespWave {
     keyed: bool,
     /// The places in `commands` of the scripts waiting for a round, and how many requests
     /// each made for it; then the same for the round after. Kept from wave to wave (a wave
-    /// holds at most [`RESP_WAVE_COMMANDS_MAX`] commands): a pipelined wave allocates only
-    /// for its batch: the requests, [`Shard::execute_keys`]'s list of them started, and their
-    /// answers.
+    /// holds at most [`RESP_WAVE_COMMANDS_MAX`] commands).
     running: Vec<(usize, usize)>,
     next: Vec<(usize, usize)>,
+    /// A round's requests, which the scripts push, and their answers, in the same order; kept
+    /// from round to round and wave to wave (up to [`WAVE_BATCH_KEPT`] each), so a round
+    /// allocates for neither.
+    batch: Vec<KeyRequest>,
+    answers: Vec<Message>,
 }
 
 /// A command of a wave: a script runs where it lies in the wave's `commands` and is replaced
@@ -326,33 +333,41 @@ impl RespWave {
         } else {
             self.keys.clear();
         }
+        if self.batch.capacity() > WAVE_BATCH_KEPT {
+            // Nor the room of an MSET's requests and answers.
+            self.batch = Vec::new();
+            self.answers = Vec::new();
+        }
         self.keyed = false;
+        debug_assert!(
+            self.batch.is_empty(),
+            "a wave's round takes all its requests"
+        );
         if self.commands.len() == 1 {
             if let Some(command) = self.commands.pop() {
                 let reply = match command {
                     WaveCommand::Ready(v) => v,
-                    WaveCommand::Run(script) => run_script(shard, script).await,
+                    WaveCommand::Run(script) => {
+                        run_script(shard, script, &mut self.batch, &mut self.answers).await
+                    }
                 };
                 encode_resp(&reply, out);
             }
             return;
         }
-        // Sized for the usual wave of one request per command (an MGET or MSET grows it).
-        let mut batch = Vec::with_capacity(self.commands.len());
+        // Sized once for the usual wave of one request per command (an MGET or MSET grows it).
+        self.batch.reserve(self.commands.len());
         self.running.clear();
         for (place, command) in self.commands.iter_mut().enumerate() {
             if let WaveCommand::Run(script) = command {
-                match script.start() {
+                match script.start(&mut self.batch) {
                     resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
-                    resp::Step::Run(requests) => {
-                        self.running.push((place, requests.len()));
-                        batch.extend(requests);
-                    }
+                    resp::Step::Run(count) => self.running.push((place, count)),
                 }
             }
         }
         while !self.running.is_empty() {
-            let answers = shard.execute_keys(std::mem::take(&mut batch)).await;
+            shard.execute_keys(&mut self.batch, &mut self.answers).await;
             let now = shard.now_ms();
             self.next.clear();
             let mut at = 0;
@@ -361,17 +376,9 @@ impl RespWave {
                 let WaveCommand::Run(script) = command else {
                     unreachable!("a command waiting for a round is a script")
                 };
-                match script.resume(&answers[at..at + count], now) {
+                match script.resume(&self.answers[at..at + count], now, &mut self.batch) {
                     resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
-                    resp::Step::Run(requests) => {
-                        if batch.capacity() == 0 {
-                            // A round after the first, sized once: grown push by push, it
-                            // reallocated every few commands.
-                            batch.reserve(self.running.len());
-                        }
-                        self.next.push((place, requests.len()));
-                        batch.extend(requests);
-                    }
+                    resp::Step::Run(count) => self.next.push((place, count)),
                 }
                 at += count;
             }
@@ -386,15 +393,21 @@ impl RespWave {
     }
 }
 
-/// Runs a script to its reply, a round of requests at a time ([`Shard::execute_keys`]).
-async fn run_script(shard: &Rc<Shard>, mut script: resp::Script) -> RespValue {
-    let mut step = script.start();
+/// Runs a script to its reply, a round of requests at a time ([`Shard::execute_keys`]), with
+/// `batch` and `answers` for each round's requests and their answers.
+async fn run_script(
+    shard: &Rc<Shard>,
+    mut script: resp::Script,
+    batch: &mut Vec<KeyRequest>,
+    answers: &mut Vec<Message>,
+) -> RespValue {
+    let mut step = script.start(batch);
     loop {
         match step {
             resp::Step::Done(reply) => return reply,
-            resp::Step::Run(requests) => {
-                let replies = shard.execute_keys(requests.into_vec()).await;
-                step = script.resume(&replies, shard.now_ms());
+            resp::Step::Run(_) => {
+                shard.execute_keys(batch, answers).await;
+                step = script.resume(answers, shard.now_ms(), batch);
             }
         }
     }

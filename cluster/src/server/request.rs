@@ -134,8 +134,10 @@ impl Shard {
         i64::try_from(keys).unwrap_or(i64::MAX)
     }
 
-    /// Executes a batch of key requests (a RESP wave's round) and returns their answers in
-    /// order, each as a connection's request is answered ([`Shard::execute_at_once`]).
+    /// Executes a batch of key requests (a RESP wave's round), taking them all from `requests`,
+    /// and puts their answers in `answers` in order (what it held before is dropped), each
+    /// answered as a connection's request is ([`Shard::execute_at_once`]). Both lists keep
+    /// their room for the next round.
     ///
     /// No request gets a task or a timer of its own: requests for this shard's partitions go to
     /// the core at once, in order (a buffered write or a cached read is usually answered before
@@ -148,19 +150,23 @@ impl Shard {
     /// start until its answer is taken: replies go out in order, so that is what the client
     /// waits. The core's work is never cancelled: the core answers by the same deadline (its
     /// storage and replica writes may run on), and an answer past it is dropped.
-    pub(super) async fn execute_keys(self: &Rc<Self>, requests: Vec<KeyRequest>) -> Vec<Message> {
+    pub(super) async fn execute_keys(
+        self: &Rc<Self>,
+        requests: &mut Vec<KeyRequest>,
+        answers: &mut Vec<Message>,
+    ) {
         let start = Instant::now();
-        self.prefetch(&requests);
+        self.prefetch(requests);
+        answers.clear();
         let started: Vec<Started> = requests
-            .into_iter()
+            .drain(..)
             .map(|request| self.begin(request, (), start).0)
             .collect();
-        let mut replies = Vec::with_capacity(started.len());
+        answers.reserve(started.len());
         let mut taken = TakenAt::default();
         for one in started {
-            replies.push(self.finish(one, start, &mut taken).await);
+            answers.push(self.finish(one, start, &mut taken).await);
         }
-        replies
     }
 
     /// Asks the CPU to load what the gets and puts of a batch served here look up first, all
