@@ -348,16 +348,21 @@ fn add(counter: &AtomicU64, n: u64) {
 impl ShardMetrics {
     /// Counts one request of `op` that took `elapsed_us` and succeeded or not.
     pub fn record(&self, op: Op, elapsed_us: u64, ok: bool) {
+        self.record_n(op, elapsed_us, ok, 1);
+    }
+
+    /// `n` requests of `op` answered after `elapsed_us` each.
+    pub fn record_n(&self, op: Op, elapsed_us: u64, ok: bool, n: u64) {
         let i = op as usize;
-        add(&self.requests[i], 1);
+        add(&self.requests[i], n);
         if !ok {
-            add(&self.errors[i], 1);
+            add(&self.errors[i], n);
         }
         add(
             &self.latency_buckets[i][ringkv_engine::latency_bucket(elapsed_us)],
-            1,
+            n,
         );
-        add(&self.latency_sum_us[i], elapsed_us);
+        add(&self.latency_sum_us[i], elapsed_us.saturating_mul(n));
     }
 
     /// A connection was accepted.

@@ -707,8 +707,9 @@ fn resp_listener_speaks_redis() {
 }
 
 /// The admin listener: `/health` answers ok, and `/metrics` counts exactly the requests made,
-/// summed over shards (each request is counted once, by the shard that received it), with the
-/// open connection visible while it is open.
+/// summed over shards (each request is counted once, by the shard that received it), those of
+/// pipelined RESP commands included, each once in the latency histogram too, with the open
+/// connection visible while it is open.
 #[test]
 fn admin_health_and_metrics() {
     fn http_get(addr: &str, path: &str) -> String {
@@ -730,7 +731,12 @@ fn admin_health_and_metrics() {
 
     let dir = data_dir("admin");
     let admin = format!("127.0.0.1:{}", free_port());
-    let server = Server::start_with(&dir, free_port(), &["--admin-listen", &admin]);
+    let resp = format!("127.0.0.1:{}", free_port());
+    let server = Server::start_with(
+        &dir,
+        free_port(),
+        &["--admin-listen", &admin, "--resp-listen", &resp],
+    );
     let health = http_get(&admin, "/health");
     assert!(health.starts_with("HTTP/1.1 200 OK"), "{health}");
     assert!(health.ends_with("ok\n"));
@@ -745,19 +751,15 @@ fn admin_health_and_metrics() {
     c.delete(b"m", &key(0), None).unwrap();
     let metrics = http_get(&admin, "/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200 OK"));
-    let count = |op: &str| {
+    let count = |metrics: &str, what: &str, op: &str| {
         (0..2)
-            .map(|shard| {
-                sum(
-                    &metrics,
-                    &format!("ringkv_requests_total{{shard=\"{shard}\",op=\"{op}\"}}"),
-                )
-            })
+            .map(|shard| sum(metrics, &format!("{what}{{shard=\"{shard}\",op=\"{op}\"}}")))
             .sum::<u64>()
     };
-    assert_eq!(count("put"), 20);
-    assert_eq!(count("get"), 7);
-    assert_eq!(count("delete"), 1);
+    let requests = |op: &str| count(&metrics, "ringkv_requests_total", op);
+    assert_eq!(requests("put"), 20);
+    assert_eq!(requests("get"), 7);
+    assert_eq!(requests("delete"), 1);
     assert_eq!(sum(&metrics, "ringkv_request_errors_total"), 0);
     // This client's connection is open; the startup probes' close as the server notices their
     // EOF, which may come after a scrape, hence the bounded retries.
@@ -799,6 +801,42 @@ fn admin_health_and_metrics() {
         std::thread::sleep(Duration::from_millis(RETRY_DELAY_MS));
     }
     assert_eq!(local_reads, 7);
+    // One pipeline over RESP: waves of distinct keys, requests answered at once and requests
+    // sent to the other shard side by side. 10 SETs, 5 GETs (two of absent keys), and an INCR
+    // of a string: its increment is refused (a failed put) and a read words the error.
+    let mut pipe = redis::pipe();
+    for i in 0..10 {
+        pipe.cmd("SET").arg(format!("p{i}")).arg("v");
+    }
+    for i in 7..12 {
+        pipe.cmd("GET").arg(format!("p{i}"));
+    }
+    pipe.cmd("INCR").arg("p0");
+    let mut con = redis::Client::open(format!("redis://{resp}/"))
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(15))
+        .unwrap();
+    // The client reports the pipeline's one error reply, the last.
+    let failed = pipe
+        .query::<Vec<redis::Value>>(&mut con)
+        .expect_err("the INCR of a string is refused")
+        .to_string();
+    assert!(
+        failed.contains("Index 15") && failed.contains("not an integer"),
+        "{failed}"
+    );
+    drop(con);
+    let metrics = http_get(&admin, "/metrics");
+    let requests = |op: &str| count(&metrics, "ringkv_requests_total", op);
+    assert_eq!(requests("put"), 20 + 10 + 1);
+    assert_eq!(requests("get"), 7 + 5 + 1);
+    assert_eq!(requests("delete"), 1);
+    assert_eq!(count(&metrics, "ringkv_request_errors_total", "put"), 1);
+    assert_eq!(sum(&metrics, "ringkv_request_errors_total"), 1);
+    assert_eq!(
+        sum(&metrics, "ringkv_request_duration_seconds_count"),
+        31 + 13 + 1
+    );
     assert!(http_get(&admin, "/nope").starts_with("HTTP/1.1 404"));
     drop(c);
     assert_eq!(server.terminate().code(), Some(0));

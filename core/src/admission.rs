@@ -99,8 +99,13 @@ impl AdmissionController {
 
     /// A foreground request completed after `latency_us`.
     pub fn record(&mut self, latency_us: u64) {
+        self.record_n(latency_us, 1);
+    }
+
+    /// `n` foreground requests completed after `latency_us` each.
+    pub fn record_n(&mut self, latency_us: u64, n: u64) {
         self.current
-            .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+            .saturating_record_n(latency_us.clamp(1, LATENCY_US_MAX), n);
     }
 
     /// Time passed: adjusts the share when an interval ended. Returns the new share if it

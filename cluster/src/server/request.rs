@@ -158,14 +158,58 @@ impl Shard {
         let start = Instant::now();
         self.prefetch(requests);
         answers.clear();
-        let started: Vec<Started> = requests
-            .drain(..)
-            .map(|request| self.begin(request, (), start).0)
-            .collect();
-        answers.reserve(started.len());
+        answers.reserve(requests.len());
+        // An answer there when its request started goes straight to its place, and is counted
+        // with the others there before the next request that waits: all were taken when that
+        // one's turn came. Only requests that wait are kept as started, since a started
+        // request (some 190 bytes) moved through a list and back costs more than serving a
+        // buffered write.
+        let mut ready = Tally::default();
+        let mut waiting = Vec::new();
+        for request in requests.drain(..) {
+            let Started {
+                op,
+                timeout_ms,
+                wait,
+            } = self.begin(request, (), start).0;
+            match wait {
+                // Refused before any work: not counted, as nothing was executed.
+                Wait::Refused(refused) => answers.push(refused),
+                Wait::Answered(answer) => {
+                    ready.add(op, !matches!(answer, Message::Error(_)));
+                    answers.push(answer);
+                }
+                wait => {
+                    let started = Started {
+                        op,
+                        timeout_ms,
+                        wait,
+                    };
+                    waiting.push((answers.len(), started, std::mem::take(&mut ready)));
+                    // Its place, until the answer comes.
+                    answers.push(Message::Pong);
+                }
+            }
+        }
         let mut taken = TakenAt::default();
-        for one in started {
-            answers.push(self.finish(one, start, &mut taken).await);
+        for (at, started, before) in waiting {
+            self.count_tally(&before, start, &mut taken);
+            answers[at] = self.finish(started, start, &mut taken).await;
+        }
+        self.count_tally(&ready, start, &mut taken);
+    }
+
+    /// Counts the requests of `tally`, answered by `taken` (one reading of the clock for all).
+    fn count_tally(&self, tally: &Tally, start: Instant, taken: &mut TakenAt) {
+        if tally.is_empty() {
+            return;
+        }
+        let elapsed = taken.now().saturating_duration_since(start);
+        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let mut admission = self.admission.borrow_mut();
+        for (op, ok, n) in tally.counts() {
+            admission.record_n(elapsed_us, u64::from(n));
+            self.metrics.record_n(op, elapsed_us, ok, u64::from(n));
         }
     }
 
@@ -576,6 +620,30 @@ async fn by_deadline<F: std::future::Future>(
 /// much as a small request's storage operation; an answer that was waited for takes a new one.
 #[derive(Default)]
 struct TakenAt(Option<Instant>);
+
+/// Answered requests counted together: how many of each operation succeeded and failed.
+#[derive(Default)]
+struct Tally([[u32; 2]; 3]);
+
+impl Tally {
+    fn add(&mut self, op: Op, ok: bool) {
+        self.0[op as usize][usize::from(ok)] += 1;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().flatten().all(|&n| n == 0)
+    }
+
+    /// Each operation and outcome with its count, those counted only.
+    fn counts(&self) -> impl Iterator<Item = (Op, bool, u32)> + '_ {
+        [Op::Get, Op::Put, Op::Delete]
+            .into_iter()
+            .flat_map(move |op| {
+                [false, true].map(|ok| (op, ok, self.0[op as usize][usize::from(ok)]))
+            })
+            .filter(|&(_, _, n)| n > 0)
+    }
+}
 
 impl TakenAt {
     fn now(&mut self) -> Instant {
