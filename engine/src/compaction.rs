@@ -36,7 +36,7 @@ use std::path::Path;
 
 use glommio::io::DmaFile;
 
-use crate::engine::{Inner, Wake, append_raw, finish_sealed, flush_segment};
+use crate::engine::{Inner, State, Wake, append_raw, finish_sealed, flush_segment};
 use crate::error::EngineError;
 use crate::hint::{HINT_ENTRY_BYTES, HintEntry, HintStream};
 use crate::index::{Entry, KeyHash, Location};
@@ -83,6 +83,11 @@ const READ_GAP_BYTES: u64 = 64 << 10;
 /// Hint bytes checked, and their entries looked up in the index, between two chances to yield
 /// to foreground work (`yield_if_needed`): 1,024 entries.
 const HINT_PIECE_BYTES: usize = 1024 * HINT_ENTRY_BYTES;
+
+/// How many hint entries ahead of its index lookup a pass asks for an entry's index slot: enough
+/// lookups in flight to cover a miss's latency, few enough that the slots are still cached when
+/// their turn comes.
+const INDEX_PREFETCH_AHEAD: usize = 8;
 
 /// Where a pass finds one input's records, and their bytes.
 enum Source {
@@ -201,28 +206,14 @@ async fn live_in_hint(
     let mut chunks = io::Chunks::new(file, &input.hint_path).await?;
     let mut stream = HintStream::new();
     let mut kept = Vec::new();
+    let mut piece_entries = Vec::with_capacity(HINT_PIECE_BYTES / HINT_ENTRY_BYTES);
     while let Some(chunk) = chunks.next().await? {
         for piece in chunk.chunks(HINT_PIECE_BYTES) {
-            let valid = {
-                let st = inner.st.borrow();
-                stream.feed(piece, |e| {
-                    let live = match e.kind {
-                        RecordKind::SegmentHeader => false,
-                        RecordKind::Put | RecordKind::Tombstone => {
-                            st.index.get(e.partition, e.key).is_some_and(|cur| {
-                                cur.loc.slot == input.slot && cur.loc.offset == e.offset as u64
-                            })
-                        }
-                        RecordKind::DropPartition => st.dropped.get(&e.partition) == Some(&e.seqno),
-                    };
-                    if live {
-                        kept.push(e);
-                    }
-                })
-            };
-            if !valid {
+            piece_entries.clear();
+            if !stream.feed(piece, |e| piece_entries.push(e)) {
                 return Ok(None);
             }
+            keep_live(&inner.st.borrow(), input, &piece_entries, &mut kept);
             glommio::yield_if_needed().await;
         }
     }
@@ -230,6 +221,33 @@ async fn live_in_hint(
         .finish()
         .filter(|h| h.segment_id == input.id && h.data_len as u64 == input.len.get())
         .map(|_| kept))
+}
+
+/// Appends to `kept` the entries of `entries` that are still live in `input`: records the index
+/// points at there, and drop markers still current.
+fn keep_live(st: &State, input: &Segment, entries: &[HintEntry], kept: &mut Vec<HintEntry>) {
+    for (i, e) in entries.iter().enumerate() {
+        // The index slot of the entry a few ahead is asked for now: the lookups then wait for
+        // memory side by side, not one after another (each is a cache miss once the index
+        // outgrows the CPU's caches).
+        if let Some(ahead) = entries.get(i + INDEX_PREFETCH_AHEAD)
+            && matches!(ahead.kind, RecordKind::Put | RecordKind::Tombstone)
+        {
+            st.index
+                .prefetch(ahead.partition, ahead.key, &mut crate::prefetch::range);
+        }
+        let live = match e.kind {
+            RecordKind::SegmentHeader => false,
+            RecordKind::Put | RecordKind::Tombstone => st
+                .index
+                .get(e.partition, e.key)
+                .is_some_and(|cur| cur.loc.slot == input.slot && cur.loc.offset == e.offset as u64),
+            RecordKind::DropPartition => st.dropped.get(&e.partition) == Some(&e.seqno),
+        };
+        if live {
+            kept.push(*e);
+        }
+    }
 }
 
 /// Counts segment bytes a pass read.
