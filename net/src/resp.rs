@@ -259,6 +259,17 @@ impl RespCommand {
             .map(|&(s, e)| self.buf.slice(s as usize..e as usize))
     }
 
+    /// Argument `i`, taking the command's buffer over: the command's last use. Where
+    /// [`RespCommand::arg_bytes`] adds a holder of the buffer (an atomic count, as the buffer
+    /// may be shared with the rest of a connection's reads), this hands over the command's own.
+    pub fn into_arg(self, i: usize) -> Option<Bytes> {
+        let &(start, end) = self.args.get(i)?;
+        let mut buf = self.buf;
+        buf.truncate(end as usize);
+        bytes::Buf::advance(&mut buf, start as usize);
+        Some(buf)
+    }
+
     /// All arguments in order.
     pub fn args(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
         self.args
@@ -897,6 +908,34 @@ mod tests {
         assert_eq!(cmd(b"*0\r\n"), Ok(Some((vec![], 4))));
         assert_eq!(cmd(b"*-1\r\n"), Ok(Some((vec![], 5))));
         assert_eq!(cmd(b"*1\r\n$0\r\n\r\n"), Ok(Some((vec![vec![]], 10))));
+    }
+
+    /// A command's argument taken with its buffer is the argument, for every argument of
+    /// multibulk and inline commands (whose arguments have a buffer of their own), in a buffer
+    /// shared with other commands, and nothing past the last argument.
+    #[test]
+    fn an_argument_taken_with_the_buffer_is_the_argument() {
+        let input = b"*3\r\n$3\r\nSET\r\n$2\r\nk1\r\n$5\r\nhello\r\nset  \"a b\" c\r\n";
+        let shared = Bytes::copy_from_slice(input);
+        let mut at = 0;
+        let mut seen = 0;
+        while let Some((parsed, used)) =
+            parse_command(&shared[at..], &RespLimits::default()).unwrap()
+        {
+            let command = parsed.with_bytes(shared.slice(at..at + used));
+            for i in 0..command.len() {
+                let expected = command.arg(i).map(<[u8]>::to_vec);
+                assert_eq!(
+                    command.clone().into_arg(i).map(|b| b.to_vec()),
+                    expected,
+                    "{i}"
+                );
+                seen += 1;
+            }
+            assert_eq!(command.clone().into_arg(command.len()), None);
+            at += used;
+        }
+        assert_eq!((at, seen), (input.len(), 6));
     }
 
     /// Inline commands follow Redis's splitting and quoting rules.

@@ -213,8 +213,9 @@ fn expiry_option(cmd: &RespCommand, i: usize, name: &str) -> Option<Result<Expir
     }))
 }
 
-/// Decides what to do with `cmd` on a connection whose state is `state`.
-pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
+/// Decides what to do with `cmd` on a connection whose state is `state`. Taken whole: a GET's
+/// key and a SET's value take its buffer over ([`RespCommand::into_arg`]).
+pub fn plan(cmd: RespCommand, state: &mut RespState) -> RespPlan {
     /// Bytes of a command name lower-cased without an allocation; longer names (no command has
     /// one) take a `String`.
     const COMMAND_NAME_INLINE: usize = 32;
@@ -234,7 +235,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
     };
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
-    if let Some(refused) = op_limits(cmd, &name) {
+    if let Some(refused) = op_limits(&cmd, &name) {
         return refused;
     }
     match &*name {
@@ -256,7 +257,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             "# Server\r\nredis_version:7.0.0\r\nringkv_version:{}\r\nredis_mode:standalone\r\n",
             env!("CARGO_PKG_VERSION")
         )))),
-        "hello" => hello(cmd, state),
+        "hello" => hello(&cmd, state),
         "auth" => match argc {
             2 => RespPlan::Reply(err(
                 "ERR AUTH <password> called without any password configured for the default \
@@ -265,7 +266,7 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
             3 => auth(cmd.arg(1).unwrap_or_default()),
             _ => wrong_args("auth"),
         },
-        "client" => client(cmd, state),
+        "client" => client(&cmd, state),
         "dbsize" if argc == 1 => RespPlan::DbSize,
         "dbsize" => wrong_args("dbsize"),
         _ => string_plan(cmd, &name),
@@ -273,14 +274,14 @@ pub fn plan(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
 }
 
 /// [`plan`] of the string, key and expiry commands (`name` in lower case).
-fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
+fn string_plan(cmd: RespCommand, name: &str) -> RespPlan {
     let argc = cmd.len();
     let arg = |i: usize| cmd.arg_bytes(i).unwrap_or_default();
     // Arguments after the name, as shared slices of the command's buffer.
     let keys = |from: usize| (from..argc).filter_map(|i| cmd.arg_bytes(i)).collect();
     let run = |op: Op| RespPlan::Run(Script::new(op));
     match name {
-        "get" if argc == 2 => run(Op::Get(arg(1))),
+        "get" if argc == 2 => run(Op::Get(cmd.into_arg(1).unwrap_or_default())),
         "get" => wrong_args("get"),
         "mget" if argc >= 2 => run(Op::MGet(keys(1))),
         "mget" => wrong_args("mget"),
@@ -346,9 +347,9 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
         "del" | "unlink" => wrong_args(name),
         "getdel" if argc == 2 => run(Op::GetDel(arg(1))),
         "getdel" => wrong_args("getdel"),
-        "getex" if argc >= 2 => getex(cmd),
+        "getex" if argc >= 2 => getex(&cmd),
         "getex" => wrong_args("getex"),
-        "expire" | "pexpire" | "expireat" | "pexpireat" if argc >= 3 => expire(cmd, name),
+        "expire" | "pexpire" | "expireat" | "pexpireat" if argc >= 3 => expire(&cmd, name),
         "expire" | "pexpire" | "expireat" | "pexpireat" => wrong_args(name),
         "persist" if argc == 2 => run(Op::Persist(arg(1))),
         "persist" => wrong_args("persist"),
@@ -372,7 +373,7 @@ fn string_plan(cmd: &RespCommand, name: &str) -> RespPlan {
             }
         }
         "incrby" | "decrby" => wrong_args(name),
-        _ => hash_plan(cmd, name),
+        _ => hash_plan(&cmd, name),
     }
 }
 
@@ -625,13 +626,13 @@ fn client(cmd: &RespCommand, state: &mut RespState) -> RespPlan {
 }
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
-fn set(cmd: &RespCommand) -> RespPlan {
+fn set(cmd: RespCommand) -> RespPlan {
     let mut cond = None;
     let mut get = false;
     let mut expiry = SetExpiry::Default;
     let mut i = 3;
     while i < cmd.len() {
-        if let Some(parsed) = expiry_option(cmd, i, "set") {
+        if let Some(parsed) = expiry_option(&cmd, i, "set") {
             if expiry != SetExpiry::Default {
                 return syntax_error();
             }
@@ -653,7 +654,7 @@ fn set(cmd: &RespCommand) -> RespPlan {
     }
     RespPlan::Run(Script::new(Op::Set {
         key: cmd.arg_bytes(1).unwrap_or_default(),
-        value: cmd.arg_bytes(2).unwrap_or_default(),
+        value: cmd.into_arg(2).unwrap_or_default(),
         cond,
         expiry,
         reply: if get { SetReply::Old } else { SetReply::Ok },

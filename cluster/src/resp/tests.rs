@@ -18,7 +18,7 @@ fn cmd(line: &str) -> RespCommand {
 }
 
 fn plan_of(line: &str) -> RespPlan {
-    plan(&cmd(line), &mut RespState::new(7))
+    plan(cmd(line), &mut RespState::new(7))
 }
 
 fn found(v: &'static [u8], expires_at_ms: Option<u64>) -> Message {
@@ -252,37 +252,37 @@ fn immediate_replies() {
 fn connection_commands_keep_their_state() {
     let mut state = RespState::new(42);
     assert_eq!(
-        plan(&cmd("CLIENT GETNAME"), &mut state),
+        plan(cmd("CLIENT GETNAME"), &mut state),
         RespPlan::Reply(RespValue::Null)
     );
     assert_eq!(
-        plan(&cmd("CLIENT SETNAME web-1"), &mut state),
+        plan(cmd("CLIENT SETNAME web-1"), &mut state),
         RespPlan::Reply(ok())
     );
     assert_eq!(
-        plan(&cmd("CLIENT GETNAME"), &mut state),
+        plan(cmd("CLIENT GETNAME"), &mut state),
         RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"web-1")))
     );
     assert_eq!(
-        plan(&cmd("CLIENT ID"), &mut state),
+        plan(cmd("CLIENT ID"), &mut state),
         RespPlan::Reply(RespValue::Integer(42))
     );
     assert_eq!(
-        plan(&cmd("CLIENT SETINFO LIB-NAME redis-py"), &mut state),
+        plan(cmd("CLIENT SETINFO LIB-NAME redis-py"), &mut state),
         RespPlan::Reply(ok())
     );
     let RespPlan::Reply(RespValue::Array(hello)) =
-        plan(&cmd("HELLO 2 AUTH default x SETNAME other"), &mut state)
+        plan(cmd("HELLO 2 AUTH default x SETNAME other"), &mut state)
     else {
         panic!("HELLO 2 answers its map as an array")
     };
     assert!(hello.contains(&RespValue::Integer(42)));
     assert_eq!(
-        plan(&cmd("CLIENT GETNAME"), &mut state),
+        plan(cmd("CLIENT GETNAME"), &mut state),
         RespPlan::Reply(RespValue::Bulk(Bytes::from_static(b"other")))
     );
     assert!(matches!(
-        plan(&cmd("CLIENT SETNAME has\tspace"), &mut state),
+        plan(cmd("CLIENT SETNAME has\tspace"), &mut state),
         RespPlan::Reply(RespValue::Error(_))
     ));
 }
@@ -934,7 +934,7 @@ fn hash_commands() {
             .unwrap()
             .unwrap()
             .0;
-        match plan(&cmd, &mut RespState::new(1)) {
+        match plan(cmd, &mut RespState::new(1)) {
             RespPlan::Reply(v) => error_text(&v),
             other => panic!("not refused: {other:?}"),
         }
@@ -1070,7 +1070,7 @@ fn a_client_name_keeps_no_slice_of_the_read_buffer() {
         .unwrap();
     let command = parsed.with_bytes(read.slice(..used));
     let mut state = RespState::new(7);
-    assert!(matches!(plan(&command, &mut state), RespPlan::Reply(_)));
+    assert!(matches!(plan(command, &mut state), RespPlan::Reply(_)));
     let name = state.name.clone().expect("the name is set");
     assert_eq!(&name[..], b"cart");
     assert!(!read.as_ptr_range().contains(&name.as_ptr()));

@@ -182,7 +182,7 @@ pub(super) async fn serve_resp(
             if cmd.is_empty() {
                 continue;
             }
-            let plan = resp::plan(&cmd, &mut state);
+            let plan = resp::plan(cmd, &mut state);
             if !wave.admits(&plan) {
                 wave.run(&shard, &mut out).await;
             }
