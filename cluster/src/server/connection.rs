@@ -267,9 +267,9 @@ struct RespWave {
     /// holds at most [`RESP_WAVE_COMMANDS_MAX`] commands).
     running: Vec<(usize, usize)>,
     next: Vec<(usize, usize)>,
-    /// A round's requests, which the scripts push, and their answers, in the same order; kept
-    /// from round to round and wave to wave (up to [`WAVE_BATCH_KEPT`] each), so a round
-    /// allocates for neither.
+    /// A round's requests, which the scripts push, and their answers, in the same order. Their
+    /// room is kept from round to round and wave to wave (up to [`WAVE_BATCH_KEPT`] each), so
+    /// a round allocates for neither; the answers themselves go when the wave's rounds end.
     batch: Vec<KeyRequest>,
     answers: Vec<Message>,
 }
@@ -333,11 +333,6 @@ impl RespWave {
         } else {
             self.keys.clear();
         }
-        if self.batch.capacity() > WAVE_BATCH_KEPT {
-            // Nor the room of an MSET's requests and answers.
-            self.batch = Vec::new();
-            self.answers = Vec::new();
-        }
         self.keyed = false;
         debug_assert!(
             self.batch.is_empty(),
@@ -353,6 +348,7 @@ impl RespWave {
                 };
                 encode_resp(&reply, out);
             }
+            self.end_rounds();
             return;
         }
         // Sized once for the usual wave of one request per command (an MGET or MSET grows it).
@@ -384,11 +380,27 @@ impl RespWave {
             }
             std::mem::swap(&mut self.running, &mut self.next);
         }
+        self.end_rounds();
         for command in self.commands.drain(..) {
             let WaveCommand::Ready(reply) = command else {
                 unreachable!("every command of a wave ends with a reply before the wave does")
             };
             encode_resp(&reply, out);
+        }
+    }
+
+    /// Drops the last round's answers, whose values an idle connection would otherwise keep,
+    /// and the room of a batch larger than [`WAVE_BATCH_KEPT`] (an MSET's requests and
+    /// answers).
+    fn end_rounds(&mut self) {
+        debug_assert!(
+            self.batch.is_empty(),
+            "a finished round took all its requests"
+        );
+        self.answers.clear();
+        if self.batch.capacity() > WAVE_BATCH_KEPT || self.answers.capacity() > WAVE_BATCH_KEPT {
+            self.batch = Vec::new();
+            self.answers = Vec::new();
         }
     }
 }
