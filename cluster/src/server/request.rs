@@ -176,7 +176,7 @@ impl Shard {
                 // Refused before any work: not counted, as nothing was executed.
                 Wait::Refused(refused) => answers.push(refused),
                 Wait::Answered(answer) => {
-                    ready.add(op, !matches!(answer, Message::Error(_)));
+                    ready.add(op, succeeded(&answer));
                     answers.push(answer);
                 }
                 wait => {
@@ -205,11 +205,8 @@ impl Shard {
             return;
         }
         let elapsed = taken.now().saturating_duration_since(start);
-        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let mut admission = self.admission.borrow_mut();
         for (op, ok, n) in tally.counts() {
-            admission.record_n(elapsed_us, u64::from(n));
-            self.metrics.record_n(op, elapsed_us, ok, u64::from(n));
+            self.count_n(op, elapsed, ok, u64::from(n));
         }
     }
 
@@ -342,10 +339,14 @@ impl Shard {
     /// Counts an answered request of `op` started at `start`: its latency feeds admission
     /// control and the request metrics.
     fn count(&self, op: Op, elapsed: Duration, reply: &Message) {
+        self.count_n(op, elapsed, succeeded(reply), 1);
+    }
+
+    /// Counts `n` requests of `op`, each answered after `elapsed`, all succeeded or all not.
+    fn count_n(&self, op: Op, elapsed: Duration, ok: bool, n: u64) {
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.admission.borrow_mut().record(elapsed_us);
-        let ok = !matches!(reply, Message::Error(_));
-        self.metrics.record(op, elapsed_us, ok);
+        self.admission.borrow_mut().record_n(elapsed_us, n);
+        self.metrics.record_n(op, elapsed_us, ok, n);
     }
 
     /// Waits for `work` (a task holding the connection's slot until it ends) and answers
@@ -587,6 +588,11 @@ fn metric_op(request: &KeyRequest) -> Op {
         KeyOp::Put | KeyOp::Update | KeyOp::Apply => Op::Put,
         KeyOp::Delete => Op::Delete,
     }
+}
+
+/// Whether `answer` counts as a success: anything but an error.
+fn succeeded(answer: &Message) -> bool {
+    !matches!(answer, Message::Error(_))
 }
 
 /// The answer to a request whose deadline passed.
