@@ -332,13 +332,6 @@ impl Script {
     /// when it needs no read.
     pub fn start(&mut self, batch: &mut Vec<KeyRequest>) -> Step {
         assert_eq!(self.round, Round::NotStarted, "a script starts once");
-        // A GET reads nothing of its key after its read: the key moves into the request, as a
-        // SET's does below.
-        if let Op::Get(key) = &mut self.op {
-            batch.push(get(std::mem::take(key)));
-            self.round = Round::Reads;
-            return Step::Run(1);
-        }
         let before = batch.len();
         let then = match &self.op {
             // Without GET or KEEPTTL nothing needs a read: NX and XX are conditions the key's
@@ -410,7 +403,12 @@ impl Script {
                 self.then = then;
             }
             None => {
-                batch.extend(self.keys().cloned().map(get));
+                match &mut self.op {
+                    // A GET reads nothing of its key after its read: the key moves into the
+                    // request, as a SET's does above.
+                    Op::Get(key) => batch.push(get(std::mem::take(key))),
+                    _ => batch.extend(self.keys().cloned().map(get)),
+                }
                 self.round = Round::Reads;
             }
         }
