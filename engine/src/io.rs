@@ -346,7 +346,7 @@ impl std::ops::Deref for ReadBytes {
 }
 
 /// Reads `len` bytes at `pos` (any alignment). Returns fewer bytes only at end of file: a read
-/// that comes back short before it is continued from where it stopped.
+/// that comes back short before the end is continued from where it stopped.
 pub async fn read_exact_at(
     file: &DmaFile,
     path: &Path,
