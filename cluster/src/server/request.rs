@@ -161,9 +161,9 @@ impl Shard {
         answers.reserve(requests.len());
         // An answer there when its request started goes straight to its place, and is counted
         // with the others there before the next request that waits: all were taken when that
-        // one's turn came. Only requests that wait are kept as started, since a started
-        // request (some 190 bytes) moved through a list and back costs more than serving a
-        // buffered write.
+        // one's turn came. Only requests that wait are kept as started: moving every started
+        // request (some 190 bytes) into a list and out again was a visible share of a pipelined
+        // request's CPU (docs/BENCHMARKS.md, "Results: a round's requests written once").
         let mut ready = Tally::default();
         let mut waiting = Vec::new();
         for request in requests.drain(..) {
