@@ -177,6 +177,18 @@ impl ValueCache {
         }
     }
 
+    /// Compaction copied the record at `from` to `to`, and the index points at the copy now:
+    /// a value cached from `from` is the copy's value, so it stays cached under its new place.
+    /// Without this, every pass would drop the cached values of all the records it moves, and
+    /// their next reads would go to the disk.
+    pub(crate) fn relocate(&mut self, partition: u32, kh: KeyHash, from: Location, to: Location) {
+        if let Some(slot) = self.find_mut(Self::key(partition, kh))
+            && slot.loc == from
+        {
+            slot.loc = to;
+        }
+    }
+
     /// Whether a value of `len` bytes may be cached at all: one value must not wipe out a large
     /// share of the cache.
     fn admissible(&self, len: usize) -> bool {
@@ -356,6 +368,27 @@ mod tests {
         c.insert(0, kh, loc(1), Bytes::from(vec![3u8; 50]));
         assert_eq!(c.get(0, kh, loc(1)), Some(Bytes::from(vec![3u8; 50])));
         assert_eq!(c.used_bytes(), ENTRY_OVERHEAD_BYTES + 50);
+    }
+
+    /// A relocated entry is a hit at its new location only, and only an entry cached from the
+    /// location the record moved from follows it: one cached from another location (a newer
+    /// write the move did not see) stays where it is.
+    #[test]
+    fn relocation_follows_only_the_moved_location() {
+        let mut c = ValueCache::new(1 << 20);
+        let kh = KeyHash {
+            digest: 7,
+            check: 1,
+        };
+        c.insert(0, kh, loc(1), Bytes::from_static(b"v"));
+        c.relocate(0, kh, loc(1), loc(5));
+        assert_eq!(c.get(0, kh, loc(5)), Some(Bytes::from_static(b"v")));
+        c.relocate(0, kh, loc(2), loc(9));
+        c.relocate(1, kh, loc(5), loc(9));
+        assert_eq!(c.get(0, kh, loc(5)), Some(Bytes::from_static(b"v")));
+        assert_eq!(c.len(), 1);
+        assert!(c.get(0, kh, loc(1)).is_none(), "the old location no longer hits");
+        assert_eq!(c.len(), 0, "and a miss at a stale location drops the entry");
     }
 
     /// The prefetch hands over the slot of a cached key (one of the ranges holds it) and, for

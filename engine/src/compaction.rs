@@ -671,10 +671,11 @@ async fn finish_output(
     o.synced.set(o.len.get());
     report.bytes_after += o.len.get();
     finish_sealed(inner, o).await;
-    let st = inner.st.borrow_mut();
-    let mut st = st;
+    let mut st = inner.st.borrow_mut();
+    let mut cache = inner.cache.borrow_mut();
     for m in moves.drain(..) {
         if st.index.replace_if(m.partition, m.key, m.from, m.entry) {
+            cache.relocate(m.partition, m.key, m.from, m.to);
             st.account_replace(
                 Some(Entry {
                     loc: m.from,
