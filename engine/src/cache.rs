@@ -387,7 +387,10 @@ mod tests {
         c.relocate(1, kh, loc(5), loc(9));
         assert_eq!(c.get(0, kh, loc(5)), Some(Bytes::from_static(b"v")));
         assert_eq!(c.len(), 1);
-        assert!(c.get(0, kh, loc(1)).is_none(), "the old location no longer hits");
+        assert!(
+            c.get(0, kh, loc(1)).is_none(),
+            "the old location no longer hits"
+        );
         assert_eq!(c.len(), 0, "and a miss at a stale location drops the entry");
     }
 
