@@ -5,10 +5,6 @@
 //! (slot, offset, length), such an entry would be served as a hit. Gets cache only values whose
 //! location is still current when the read completes. (Writes cache a key while the cache has
 //! room, so the test evicts the key by a read before the get that must go to the disk.)
-//!
-//! The other way round, a value compaction moves stays cached: the copy holds the same value,
-//! so its entry follows the record to its new location rather than sending the next read of
-//! the key to the disk.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -74,67 +70,6 @@ fn cache_serves_overwritten_value_after_slot_reuse() {
             Some(&v2[..]),
             "stale cached value served for an overwritten key"
         );
-        e.close().await.unwrap();
-    });
-}
-
-#[test]
-fn values_moved_by_compaction_stay_cached() {
-    common::run(|dir| async move {
-        let mut cfg = common::config(&dir);
-        // Room for every key below: writes cache what they write.
-        cfg.cache_bytes = 8 << 20;
-        let e = Engine::open(cfg).await.unwrap();
-        const KEYS: usize = 1000;
-        const KEPT: usize = 100;
-        let key = |i: usize| format!("key-{i:04}").into_bytes();
-        let value = |i: usize, round: u8| {
-            let mut v = vec![round; 1000];
-            v[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            v
-        };
-        // The first segments end up a tenth live: every key but the last `KEPT` is written
-        // again.
-        for i in 0..KEYS {
-            e.put(0, &key(i), &value(i, 1), Durability::Buffered)
-                .await
-                .unwrap();
-        }
-        for i in 0..KEYS - KEPT {
-            e.put(0, &key(i), &value(i, 2), Durability::Buffered)
-                .await
-                .unwrap();
-        }
-        e.flush().await.unwrap();
-        let kept = || KEYS - KEPT..KEYS;
-        let before = e.stats();
-        for i in kept() {
-            assert_eq!(e.get(0, &key(i)).await.unwrap(), Some(value(i, 1).into()));
-        }
-        let cached = e.stats();
-        assert_eq!(
-            (cached.cache_hits - before.cache_hits, cached.disk_reads),
-            (KEPT as u64, before.disk_reads),
-            "the kept keys are cached before the pass"
-        );
-
-        let r = e.compact().await.unwrap();
-        assert!(r.records_copied >= KEPT as u64, "{r:?}");
-        for i in kept() {
-            assert_eq!(e.get(0, &key(i)).await.unwrap(), Some(value(i, 1).into()));
-        }
-        let after = e.stats();
-        assert_eq!(
-            (after.cache_hits - cached.cache_hits, after.disk_reads),
-            (KEPT as u64, cached.disk_reads),
-            "every moved value is read from the cache, none from the disk"
-        );
-        // A write after the move replaces the value the entry followed with.
-        let i = KEYS - 1;
-        e.put(0, &key(i), &value(i, 3), Durability::Buffered)
-            .await
-            .unwrap();
-        assert_eq!(e.get(0, &key(i)).await.unwrap(), Some(value(i, 3).into()));
         e.close().await.unwrap();
     });
 }

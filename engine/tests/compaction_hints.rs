@@ -2,7 +2,8 @@
 //! index still points at, each checked against its hint entry before it is copied. Without a
 //! usable hint file (missing, or failing its CRC) it reads and scans the whole segment. Either
 //! way every live value survives, and a damaged live record is dropped and counted, never
-//! copied.
+//! copied. A value the pass moves stays cached: the copy holds the same value, so its cache
+//! entry follows the record to its new location rather than sending the next read to the disk.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -202,5 +203,47 @@ fn live_records_far_apart_and_in_a_long_run_take_several_reads() {
         };
         check(e, "after the pass").await;
         check(Engine::open(c).await.unwrap(), "after a reopen").await;
+    });
+}
+
+#[test]
+fn values_moved_by_compaction_stay_cached() {
+    common::run(|dir| async move {
+        let mut c = cfg(&dir);
+        // Room for every key: writes cache what they write.
+        c.cache_bytes = 8 << 20;
+        let e = Engine::open(c).await.unwrap();
+        fill(&e).await;
+        let kept = || KEYS - KEPT..KEYS;
+        let read_kept = || async {
+            for i in kept() {
+                let got = e.get(0, &key(i)).await.unwrap();
+                assert_eq!(got.as_deref(), Some(&expected(i)[..]), "key {i}");
+            }
+            e.stats()
+        };
+        let before = e.stats();
+        let cached = read_kept().await;
+        assert_eq!(
+            (cached.cache_hits - before.cache_hits, cached.disk_reads),
+            (KEPT as u64, before.disk_reads),
+            "the kept keys are cached before the pass"
+        );
+        let r = e.compact().await.unwrap();
+        assert!(r.records_copied >= KEPT as u64, "{r:?}");
+        let after = read_kept().await;
+        assert_eq!(
+            (after.cache_hits - cached.cache_hits, after.disk_reads),
+            (KEPT as u64, cached.disk_reads),
+            "every moved value is read from the cache, none from the disk"
+        );
+        // A write after the move replaces the value the entry followed with.
+        let last = KEYS - 1;
+        e.put(0, &key(last), &value(last, 3), Durability::Buffered)
+            .await
+            .unwrap();
+        let got = e.get(0, &key(last)).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&value(last, 3)[..]));
+        e.close().await.unwrap();
     });
 }
