@@ -1,8 +1,10 @@
 //! Bounded per-shard cache of values, so hot keys are served without disk reads.
 //!
-//! Entries are keyed by (partition, key fingerprint) and remember the record location they were
-//! read from; a lookup only hits when the index still points at that location, so an update,
-//! delete, drop or compaction move invalidates an entry without any explicit bookkeeping.
+//! Entries are keyed by (partition, key fingerprint) and remember the location of the record
+//! their value is; a lookup only hits when the index still points at that location, so an entry
+//! that missed a change of its key is never served. Writes keep entries current (`refresh`),
+//! a partition drop removes its entries, and compaction carries an entry to the copy of its
+//! record (`relocate`), which holds the same value.
 //! Eviction is CLOCK (second chance): a hit sets a reference bit, the hand evicts entries whose
 //! bit is clear. The budget counts value bytes plus a fixed per-entry overhead.
 
