@@ -435,14 +435,17 @@ impl Engine {
         let value = Bytes::copy_from_slice(rec.value);
         // Cache only what is still current: a write or a compaction may have moved the key while
         // this read was on disk, and caching the old value under its old location could serve it
-        // again once that segment slot is reused.
-        let current = self
-            .inner
-            .st
-            .borrow()
-            .index
-            .get(partition, kh)
-            .map(|e| e.loc);
+        // again once that segment slot is reused. The same location is not enough: if the
+        // segment read was compacted away meanwhile and its slot reused, the key's current
+        // record can sit at the very same offset in the new segment, so the slot must still
+        // hold the segment that was read.
+        let current = {
+            let st = self.inner.st.borrow();
+            st.index
+                .get(partition, kh)
+                .filter(|e| Rc::ptr_eq(st.segment(e.loc.slot), &seg))
+                .map(|e| e.loc)
+        };
         if current == Some(entry.loc) {
             self.inner
                 .cache

@@ -3,8 +3,10 @@
 //! whose disk read overlaps a `put` of the same key must not cache the old value under the old
 //! location: once compaction frees that slot and a later output places the key at the same
 //! (slot, offset, length), such an entry would be served as a hit. Gets cache only values whose
-//! location is still current when the read completes. (Writes cache a key while the cache has
-//! room, so the test evicts the key by a read before the get that must go to the disk.)
+//! location is still current when the read completes, in the segment they read: a read held on
+//! the disk while the slot is freed and reused can find the key's current record at its very
+//! location, in the segment that took the slot. (Writes cache a key while the cache has room,
+//! so the tests evict the key by a read before the get that must go to the disk.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -69,6 +71,61 @@ fn cache_serves_overwritten_value_after_slot_reuse() {
             got.as_deref(),
             Some(&v2[..]),
             "stale cached value served for an overwritten key"
+        );
+        e.close().await.unwrap();
+    });
+}
+
+/// The same slot reuse with the get still on the disk all along: it read `v1` at slot 0 @48,
+/// and by the time it completes, `k`'s current record (`v2`, same length) sits at slot 0 @48
+/// again, in the output that took the freed slot. The location is current, but it is another
+/// record: the get must not cache `v1` under it.
+#[test]
+fn a_read_held_across_slot_reuse_caches_nothing() {
+    common::run(|dir| async move {
+        let mut cfg = common::config(&dir);
+        cfg.compaction_segments_max = 1;
+        cfg.compaction_garbage_ratio = 0.01;
+        cfg.cache_bytes = 8 * 30_100;
+        let e = Engine::open(cfg.clone()).await.unwrap();
+        let v1 = vec![b'1'; 1000];
+        let v2 = vec![b'2'; 1000];
+        e.put(0, b"k", &v1, Durability::Sync).await.unwrap();
+        let filler = |i: usize| format!("f{i}").into_bytes();
+        for i in 0..40 {
+            e.put(1, &filler(i), &[7u8; 30_000], Durability::Sync)
+                .await
+                .unwrap();
+        }
+        assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
+        e.get(1, &filler(39)).await.unwrap();
+
+        {
+            let get = e.get(0, b"k");
+            futures_lite::pin!(get);
+            assert!(
+                futures_lite::future::poll_once(&mut get).await.is_none(),
+                "the get waits for its disk read"
+            );
+            e.put(0, b"k", &v2, Durability::Buffered).await.unwrap();
+            for i in 0..40 {
+                e.put(1, &filler(i), &[8u8; 30_000], Durability::Sync)
+                    .await
+                    .unwrap();
+            }
+            e.flush().await.unwrap();
+            let r = e.compact().await.unwrap();
+            assert_eq!((r.segments_compacted, r.records_copied), (1, 0), "{r:?}");
+            let r = e.compact().await.unwrap();
+            assert_eq!(r.segments_compacted, 1, "{r:?}");
+            // The get completes only now, with what it read before any of this.
+            assert_eq!(get.await.unwrap().as_deref(), Some(&v1[..]));
+        }
+        let got = e.get(0, b"k").await.unwrap();
+        assert_eq!(
+            got.map(|v| (v.len(), v[0])),
+            Some((v2.len(), b'2')),
+            "a read held across the slot's reuse cached its old value"
         );
         e.close().await.unwrap();
     });
