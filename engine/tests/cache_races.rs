@@ -13,44 +13,41 @@ mod common;
 
 use ringkv_engine::{Durability, Engine};
 
-#[test]
-fn cache_serves_overwritten_value_after_slot_reuse() {
-    common::run(|dir| async move {
-        let mut cfg = common::config(&dir);
-        cfg.compaction_segments_max = 1;
-        cfg.compaction_garbage_ratio = 0.01;
-        // Room for k and seven of the fillers below, which writes admit while there is room.
-        cfg.cache_bytes = 8 * 30_100;
-        let e = Engine::open(cfg.clone()).await.unwrap();
-        let v1 = vec![b'1'; 1000];
-        let v2 = vec![b'2'; 1000]; // same length: same record length
-        // Segment slot 0: header, then k=v1 at offset 48 (its first record).
-        e.put(0, b"k", &v1, Durability::Sync).await.unwrap();
-        let filler = |i: usize| format!("f{i}").into_bytes();
-        for i in 0..40 {
-            e.put(1, &filler(i), &[7u8; 30_000], Durability::Sync)
-                .await
-                .unwrap();
-        }
-        assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
-        // A read of a filler the full cache does not hold admits it and evicts k, the oldest
-        // entry, so the get of k below reads the disk.
-        e.get(1, &filler(39)).await.unwrap();
+/// When the get of k (at slot 0 @48, read from the disk) completes, relative to the rest.
+#[derive(Clone, Copy, PartialEq)]
+enum GetEnds {
+    /// Right after k is overwritten (the new record in slot 1).
+    AfterTheWrite,
+    /// Only once slot 0 was freed and reused, with k's current record at slot 0 @48 again.
+    AfterTheReuse,
+}
 
-        // A get of k reads the disk (k's block was flushed and trimmed from memory)...
-        {
-            let get = e.get(0, b"k");
-            futures_lite::pin!(get);
-            assert!(
-                futures_lite::future::poll_once(&mut get).await.is_none(),
-                "the get waits for its disk read"
-            );
-            // ...while k is overwritten (the new record lands in slot 1).
-            e.put(0, b"k", &v2, Durability::Buffered).await.unwrap();
-            // The get answers v1 (fine: it started first) and caches (k, slot 0 @48, v1).
-            assert_eq!(get.await.unwrap().as_deref(), Some(&v1[..]));
-        }
+/// k=v1 read from the disk while it is overwritten with v2 (same length, so same record length),
+/// slot 0 is compacted away, and compacting slot 1 places k's current record at slot 0 @48, the
+/// location the read read; then k must read v2.
+async fn read_across_slot_reuse(dir: std::path::PathBuf, ends: GetEnds) {
+    let mut cfg = common::config(&dir);
+    cfg.compaction_segments_max = 1;
+    cfg.compaction_garbage_ratio = 0.01;
+    // Room for k and seven of the fillers below, which writes admit while there is room.
+    cfg.cache_bytes = 8 * 30_100;
+    let e = Engine::open(cfg.clone()).await.unwrap();
+    let v1 = vec![b'1'; 1000];
+    let v2 = vec![b'2'; 1000];
+    // Segment slot 0: header, then k=v1 at offset 48 (its first record).
+    e.put(0, b"k", &v1, Durability::Sync).await.unwrap();
+    let filler = |i: usize| format!("f{i}").into_bytes();
+    for i in 0..40 {
+        e.put(1, &filler(i), &[7u8; 30_000], Durability::Sync)
+            .await
+            .unwrap();
+    }
+    assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
+    // A read of a filler the full cache does not hold admits it and evicts k, the oldest
+    // entry, so the get of k below reads the disk.
+    e.get(1, &filler(39)).await.unwrap();
 
+    let reuse_slot_0 = || async {
         // Make slot 0 all garbage, seal slot 1 (the next active segment takes a new slot),
         // then compact slot 0 away: slot 0 goes back to the free list.
         for i in 0..40 {
@@ -60,73 +57,50 @@ fn cache_serves_overwritten_value_after_slot_reuse() {
         }
         e.flush().await.unwrap();
         let r = e.compact().await.unwrap();
-        assert_eq!(r.records_copied, 0, "{r:?}");
-        assert_eq!(r.segments_compacted, 1, "{r:?}");
-        // Compact slot 1: its first live record is k (the fillers before it were overwritten),
-        // so the output (taking free slot 0) holds k at offset 48 with the same length.
+        assert_eq!((r.segments_compacted, r.records_copied), (1, 0), "{r:?}");
+        // Compact slot 1: its first live record is k (the fillers before it were
+        // overwritten), so the output (taking free slot 0) holds k at offset 48 with the same
+        // length.
         let r = e.compact().await.unwrap();
         assert_eq!(r.segments_compacted, 1, "{r:?}");
-        let got = e.get(0, b"k").await.unwrap();
-        assert_eq!(
-            got.as_deref(),
-            Some(&v2[..]),
-            "stale cached value served for an overwritten key"
+    };
+    {
+        // A get of k reads the disk (k's block was flushed and trimmed from memory)...
+        let get = e.get(0, b"k");
+        futures_lite::pin!(get);
+        assert!(
+            futures_lite::future::poll_once(&mut get).await.is_none(),
+            "the get waits for its disk read"
         );
-        e.close().await.unwrap();
-    });
+        // ...while k is overwritten.
+        e.put(0, b"k", &v2, Durability::Buffered).await.unwrap();
+        if ends == GetEnds::AfterTheReuse {
+            reuse_slot_0().await;
+        }
+        // The get answers v1 (fine: it started first), with what it read before the write.
+        assert_eq!(get.await.unwrap().as_deref(), Some(&v1[..]));
+    }
+    if ends == GetEnds::AfterTheWrite {
+        reuse_slot_0().await;
+    }
+    let got = e.get(0, b"k").await.unwrap();
+    assert_eq!(
+        got.map(|v| (v.len(), v[0])),
+        Some((v2.len(), b'2')),
+        "stale cached value served for an overwritten key"
+    );
+    e.close().await.unwrap();
 }
 
-/// The same slot reuse with the get still on the disk all along: it read `v1` at slot 0 @48,
-/// and by the time it completes, `k`'s current record (`v2`, same length) sits at slot 0 @48
-/// again, in the output that took the freed slot. The location is current, but it is another
-/// record: the get must not cache `v1` under it.
+#[test]
+fn cache_serves_overwritten_value_after_slot_reuse() {
+    common::run(|dir| read_across_slot_reuse(dir, GetEnds::AfterTheWrite));
+}
+
+/// The get is still on the disk when k's current record sits at slot 0 @48 again, in the output
+/// that took the freed slot: the location is current, but it is another record, and the get must
+/// not cache its v1 under it.
 #[test]
 fn a_read_held_across_slot_reuse_caches_nothing() {
-    common::run(|dir| async move {
-        let mut cfg = common::config(&dir);
-        cfg.compaction_segments_max = 1;
-        cfg.compaction_garbage_ratio = 0.01;
-        cfg.cache_bytes = 8 * 30_100;
-        let e = Engine::open(cfg.clone()).await.unwrap();
-        let v1 = vec![b'1'; 1000];
-        let v2 = vec![b'2'; 1000];
-        e.put(0, b"k", &v1, Durability::Sync).await.unwrap();
-        let filler = |i: usize| format!("f{i}").into_bytes();
-        for i in 0..40 {
-            e.put(1, &filler(i), &[7u8; 30_000], Durability::Sync)
-                .await
-                .unwrap();
-        }
-        assert_eq!(e.stats().segments, 2, "slot 0 sealed, slot 1 active");
-        e.get(1, &filler(39)).await.unwrap();
-
-        {
-            let get = e.get(0, b"k");
-            futures_lite::pin!(get);
-            assert!(
-                futures_lite::future::poll_once(&mut get).await.is_none(),
-                "the get waits for its disk read"
-            );
-            e.put(0, b"k", &v2, Durability::Buffered).await.unwrap();
-            for i in 0..40 {
-                e.put(1, &filler(i), &[8u8; 30_000], Durability::Sync)
-                    .await
-                    .unwrap();
-            }
-            e.flush().await.unwrap();
-            let r = e.compact().await.unwrap();
-            assert_eq!((r.segments_compacted, r.records_copied), (1, 0), "{r:?}");
-            let r = e.compact().await.unwrap();
-            assert_eq!(r.segments_compacted, 1, "{r:?}");
-            // The get completes only now, with what it read before any of this.
-            assert_eq!(get.await.unwrap().as_deref(), Some(&v1[..]));
-        }
-        let got = e.get(0, b"k").await.unwrap();
-        assert_eq!(
-            got.map(|v| (v.len(), v[0])),
-            Some((v2.len(), b'2')),
-            "a read held across the slot's reuse cached its old value"
-        );
-        e.close().await.unwrap();
-    });
+    common::run(|dir| read_across_slot_reuse(dir, GetEnds::AfterTheReuse));
 }
