@@ -443,10 +443,9 @@ impl Engine {
             let st = self.inner.st.borrow();
             st.index
                 .get(partition, kh)
-                .filter(|e| Rc::ptr_eq(st.segment(e.loc.slot), &seg))
-                .map(|e| e.loc)
+                .is_some_and(|e| e.loc == entry.loc && Rc::ptr_eq(st.segment(e.loc.slot), &seg))
         };
-        if current == Some(entry.loc) {
+        if current {
             self.inner
                 .cache
                 .borrow_mut()
