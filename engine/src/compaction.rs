@@ -84,11 +84,6 @@ const READ_GAP_BYTES: u64 = 64 << 10;
 /// to foreground work (`yield_if_needed`): 1,024 entries.
 const HINT_PIECE_BYTES: usize = 1024 * HINT_ENTRY_BYTES;
 
-/// How many hint entries ahead of its index lookup a pass asks for an entry's index slot: enough
-/// lookups in flight to cover a miss's latency, few enough that the slots are still cached when
-/// their turn comes.
-const INDEX_PREFETCH_AHEAD: usize = 8;
-
 /// Where a pass finds one input's records, and their bytes.
 enum Source {
     /// The records its hint file lists that the index still pointed at when the pass read the
@@ -230,7 +225,7 @@ fn keep_live(st: &State, input: &Segment, entries: &[HintEntry], kept: &mut Vec<
         // The index slot of the entry a few ahead is asked for now: the lookups then wait for
         // memory side by side, not one after another (each is a cache miss once the index
         // outgrows the CPU's caches).
-        if let Some(ahead) = entries.get(i + INDEX_PREFETCH_AHEAD)
+        if let Some(ahead) = entries.get(i + crate::index::PREFETCH_AHEAD)
             && matches!(ahead.kind, RecordKind::Put | RecordKind::Tombstone)
         {
             st.index

@@ -26,6 +26,11 @@ use crate::record::RECORD_ALIGN;
 
 mod table;
 
+/// How many entries ahead of its lookup a walk over hint entries (compaction's, recovery's) asks
+/// for an entry's index line: enough lookups in flight to cover a miss's latency, few enough that
+/// the lines are still cached when their turn comes.
+pub(crate) const PREFETCH_AHEAD: usize = 8;
+
 /// Most segments the index can address.
 pub const SEGMENT_SLOTS_MAX: usize = 1 << 15;
 const OFFSET_BITS: u32 = 27;

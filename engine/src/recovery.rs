@@ -25,7 +25,7 @@ use crate::config::EngineConfig;
 use crate::engine::{Inner, State, Wake};
 use crate::error::EngineError;
 use crate::hint::{self, HintHeader, HintTable};
-use crate::index::{Entry, Index, Location};
+use crate::index::{Entry, Index, Location, PREFETCH_AHEAD};
 use crate::io::{self, FaultPlan, IoClass};
 use crate::record::RecordKind;
 use crate::scan;
@@ -362,6 +362,15 @@ pub(crate) async fn open(
     let mut n = 0u64;
     for (&slot, t) in &tables {
         for i in 0..t.len() {
+            // Each lookup below is a cache miss once the index outgrows the CPU's caches: ask
+            // for the line of the entry a few ahead now, so that the misses overlap.
+            if i + PREFETCH_AHEAD < t.len() {
+                let ahead = t.get(i + PREFETCH_AHEAD);
+                if matches!(ahead.kind, RecordKind::Put | RecordKind::Tombstone) {
+                    st.index
+                        .prefetch(ahead.partition, ahead.key, &mut crate::prefetch::range);
+                }
+            }
             let e = t.get(i);
             report.records += 1;
             if !matches!(e.kind, RecordKind::Put | RecordKind::Tombstone) {
