@@ -205,6 +205,38 @@ fn a_load_interleaved_with_writes_equals_a_full_build() {
     );
 }
 
+/// A write goes to the tree of its bucket's `n`, also when buckets differ in `n`: a core whose
+/// buckets all share one `n` skips the lookup of the bucket (`AntiEntropy::one_n`), and this
+/// one must not.
+#[test]
+fn writes_go_to_the_tree_of_their_buckets_n() {
+    let mut cfg = config(NodeId(1), 1);
+    cfg.buckets.named.insert(b"two".to_vec(), props(2));
+    let mut one = One {
+        core: Core::new(cfg, ring(&[1]), EpochLease::new(1, 8), []),
+        store: MemoryStore::new(),
+        next_req: 1,
+    };
+    for (bucket, keys) in [(&b"b"[..], 0..5), (&b"two"[..], 0..3)] {
+        for k in keys {
+            one.client(Message::Put(Put {
+                bucket: Bytes::copy_from_slice(bucket),
+                key: Bytes::from(format!("k{k}")),
+                value: Bytes::from_static(b"v"),
+                context: None,
+                w: None,
+                dw: None,
+                timeout_ms: None,
+                expiry: None,
+                condition: None,
+            }));
+        }
+    }
+    let roots = one.core.merkle_roots();
+    let keys_of = |n: u8| -> u64 { roots.iter().filter(|r| r.n == n).map(|r| r.keys).sum() };
+    assert_eq!((keys_of(1), keys_of(2)), (5, 3));
+}
+
 fn sent(outputs: &[Output]) -> Vec<&PeerMsg> {
     outputs
         .iter()

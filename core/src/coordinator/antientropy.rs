@@ -282,6 +282,10 @@ pub(super) struct AntiEntropy {
     last_raise: Option<u64>,
     /// The rings (in force, pending) the trees were last computed for.
     view: Option<(Ring, Option<Ring>)>,
+    /// The `n` of every bucket when they all share one (the default buckets do), so a write
+    /// finds its tree without looking its bucket up: three lookups of a bucket name per write
+    /// were 2.6% of a pipelined SET's CPU.
+    one_n: Option<u8>,
     /// Suspect pairs (module docs, *Pacing*): a tree and a replica of it that may lack what
     /// this core stored, exchanged ahead of the round-robin.
     suspects: BTreeSet<((u32, u8), NodeId)>,
@@ -501,11 +505,19 @@ impl AntiEntropy {
             floor_pending: None,
             last_raise: None,
             view: None,
+            one_n: None,
             suspects: BTreeSet::new(),
             next_suspect: 0,
             loading: BTreeMap::new(),
             pushes: 0,
         }
+    }
+
+    /// The `n` of the tree a key of `bucket` belongs to ([`View::tree_n`]).
+    fn tree_n(&self, v: &View<'_>, bucket: &[u8]) -> u8 {
+        let n = self.one_n.unwrap_or_else(|| v.tree_n(bucket));
+        debug_assert_eq!(n, v.tree_n(bucket), "every bucket has the one n");
+        n
     }
 
     /// Recomputes which trees this core keeps (module docs), keeping those it already has: the
@@ -526,6 +538,10 @@ impl AntiEntropy {
             .collect();
         ns.sort_unstable();
         ns.dedup();
+        self.one_n = match ns[..] {
+            [n] => Some(n),
+            _ => None,
+        };
         let me = v.cfg.node;
         let mut order = Vec::new();
         let mut kept = BTreeSet::new();
@@ -711,7 +727,7 @@ impl AntiEntropy {
             self::placement(key),
             "the key's own placement hash"
         );
-        let id = (key.partition, v.tree_n(&key.bucket));
+        let id = (key.partition, self.tree_n(v, &key.bucket));
         let hash = v.tree_hash_of(placement);
         let me = v.cfg.node;
         let Some(tree) = self.trees.get_mut(&id) else {
@@ -791,7 +807,7 @@ impl AntiEntropy {
         let found: smallvec::SmallVec<[(&Tree, u64); 32]> = keys
             .into_iter()
             .filter_map(|(partition, bucket, placement)| {
-                let tree = self.trees.get(&(partition, v.tree_n(bucket)))?;
+                let tree = self.trees.get(&(partition, self.tree_n(v, bucket)))?;
                 Some((tree, v.tree_hash_of(placement)))
             })
             .collect();
@@ -818,7 +834,7 @@ impl AntiEntropy {
             self::placement(key),
             "the key's own placement hash"
         );
-        let id = (key.partition, v.tree_n(&key.bucket));
+        let id = (key.partition, self.tree_n(v, &key.bucket));
         let tree = self.trees.get(&id)?;
         let hash = v.tree_hash_of(placement);
         let stamp = tree.keys.get(hash, &key.bucket, &key.key)?.lww_stamp;
@@ -859,7 +875,7 @@ impl AntiEntropy {
     /// A replica write of a key of `bucket` in `partition` to `node` failed or timed out:
     /// `node` may lack it.
     pub(super) fn suspect(&mut self, v: &View<'_>, partition: u32, bucket: &[u8], node: NodeId) {
-        let tree = (partition, v.tree_n(bucket));
+        let tree = (partition, self.tree_n(v, bucket));
         if node != v.cfg.node && self.trees.contains_key(&tree) {
             self.suspects.insert((tree, node));
         }
