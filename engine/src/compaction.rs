@@ -222,7 +222,7 @@ async fn live_in_hint(
 /// points at there, and drop markers still current.
 fn keep_live(st: &State, input: &Segment, entries: &[HintEntry], kept: &mut Vec<HintEntry>) {
     for (i, e) in entries.iter().enumerate() {
-        // The index slot of the entry a few ahead is asked for now: the lookups then wait for
+        // The index line of the entry a few ahead is asked for now: the lookups then wait for
         // memory side by side, not one after another (each is a cache miss once the index
         // outgrows the CPU's caches).
         if let Some(ahead) = entries.get(i + crate::index::PREFETCH_AHEAD)

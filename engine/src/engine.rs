@@ -868,7 +868,7 @@ impl Engine {
         crate::LiveScan::new(&self.inner, Box::new(wanted))
     }
 
-    /// Partitions that hold at least one entry (a live key or a tombstone), in no order.
+    /// Partitions that hold at least one entry (a live key or a tombstone), in id order.
     pub fn partitions(&self) -> Vec<u32> {
         self.inner.st.borrow().index.partitions()
     }

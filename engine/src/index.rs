@@ -1,4 +1,4 @@
-//! In-memory index: per partition, key digest → record location, 20 bytes per key.
+//! In-memory index: per partition, key digest → record location, in 20-byte slots.
 //!
 //! Keys are identified by an 80-bit fingerprint of xxh3-128 (64 bits used as the hash-table hash,
 //! 16 more stored as a check), so the index size does not depend on key length. Two distinct keys
@@ -212,7 +212,8 @@ impl Index {
 
     /// Hands `hint` the (address, bytes) of the line a coming [`get`](Self::get) or
     /// [`upsert`](Self::upsert) of the key reads first, for it to ask the CPU to load it
-    /// (`crate::prefetch::range`). Waits for no memory but the partition's table header.
+    /// (`crate::prefetch::range`). Waits for no memory but the partition map's and the partition
+    /// table's headers, which a batch's other keys keep cached.
     pub fn prefetch(&self, partition: u32, kh: KeyHash, hint: &mut impl FnMut(*const u8, usize)) {
         if let Some(part) = self.parts.get(&partition) {
             part.table.prefetch(kh.digest, hint);
@@ -355,7 +356,9 @@ impl Index {
             .values()
             .map(|part| part.table.allocation_size())
             .sum::<usize>()
-            + self.parts.capacity() * (std::mem::size_of::<(u32, Part)>() + 1)
+            // The map's buckets (a power of two, at most 7/8 used), each with a control byte.
+            + (self.parts.capacity() * 8 / 7).next_power_of_two()
+                * (std::mem::size_of::<(u32, Part)>() + 1)
     }
 
     /// Partitions that currently have entries, in id order.

@@ -116,19 +116,27 @@ impl Table {
 
     /// Where the key's slot is: (line, position in it).
     fn locate(&self, digest: u64, check: u16) -> Option<(usize, usize)> {
+        self.probe(digest, check).0
+    }
+
+    /// [`locate`](Self::locate), with the number of lines it read (tests count them).
+    #[inline(always)]
+    fn probe(&self, digest: u64, check: u16) -> (Option<(usize, usize)>, usize) {
+        let mut read = 0;
         if self.lines.is_empty() {
-            return None;
+            return (None, read);
         }
         for at in Probe::new(digest, self.lines.len()) {
+            read += 1;
             let line = &self.lines[at];
             if let Some(i) = line.position(digest, check) {
-                return Some((at, i));
+                return (Some((at, i)), read);
             }
             if line.overflow == 0 {
-                return None;
+                return (None, read);
             }
         }
-        None
+        (None, read)
     }
 
     pub(super) fn find(&self, digest: u64, check: u16) -> Option<&Slot> {
@@ -242,20 +250,6 @@ impl Table {
                 }
             }
         }
-    }
-
-    /// Lines a lookup of the key reads (tests: probe lengths).
-    #[cfg(test)]
-    fn lines_read(&self, digest: u64, check: u16) -> usize {
-        let mut read = 0;
-        for at in Probe::new(digest, self.lines.len()) {
-            read += 1;
-            let line = &self.lines[at];
-            if line.position(digest, check).is_some() || line.overflow == 0 {
-                break;
-            }
-        }
-        read
     }
 
     /// Checks every count against the entries (tests).
@@ -391,7 +385,7 @@ mod tests {
             let total: usize = range
                 .map(|k| {
                     let kh = KeyHash::of(&k.to_le_bytes());
-                    t.lines_read(kh.digest, kh.check)
+                    t.probe(kh.digest, kh.check).1
                 })
                 .sum();
             total as f64 / n as f64
@@ -400,6 +394,22 @@ mod tests {
         let misses = read(k..k + 10_000);
         assert!(hits < 1.7, "hits read {hits} lines");
         assert!(misses < 3.0, "misses read {misses} lines");
+    }
+
+    /// The table doubles when an insert would fill more than 7/8 of its slots, and not before:
+    /// 8 lines hold 21 keys, the 22nd doubles them.
+    #[test]
+    fn the_table_doubles_past_seven_eighths() {
+        let mut t = Table::default();
+        let mut lines = Vec::new();
+        for k in 0..43 {
+            t.upsert(slot(k, k));
+            lines.push(t.lines.len());
+        }
+        assert_eq!(lines[20], 8, "21 keys in 8 lines");
+        assert_eq!(lines[21], 16, "the 22nd key doubles them");
+        assert_eq!(lines[41], 16, "42 keys in 16 lines");
+        assert_eq!(lines[42], 32);
     }
 
     #[test]
