@@ -100,8 +100,12 @@ impl One {
     }
 
     fn put(&mut self, key: &str, value: &str) {
+        self.put_in(b"b", key, value);
+    }
+
+    fn put_in(&mut self, bucket: &[u8], key: &str, value: &str) {
         self.client(Message::Put(Put {
-            bucket: Bytes::from_static(b"b"),
+            bucket: Bytes::copy_from_slice(bucket),
             key: Bytes::from(key.to_owned()),
             value: Bytes::from(value.to_owned()),
             context: None,
@@ -219,17 +223,7 @@ fn writes_go_to_the_tree_of_their_buckets_n() {
     };
     for (bucket, keys) in [(&b"b"[..], 0..5), (&b"two"[..], 0..3)] {
         for k in keys {
-            one.client(Message::Put(Put {
-                bucket: Bytes::copy_from_slice(bucket),
-                key: Bytes::from(format!("k{k}")),
-                value: Bytes::from_static(b"v"),
-                context: None,
-                w: None,
-                dw: None,
-                timeout_ms: None,
-                expiry: None,
-                condition: None,
-            }));
+            one.put_in(bucket, &format!("k{k}"), "v");
         }
     }
     let roots = one.core.merkle_roots();
