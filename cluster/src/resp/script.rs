@@ -417,10 +417,11 @@ impl Script {
 
     /// Takes the replies of the round [`Script::start`] or the previous `resume` asked for, in
     /// request order, at `now_ms` (Unix milliseconds): the next round (pushed onto `batch`), or
-    /// the reply.
+    /// the reply. A read's value moves out of its reply (a GET's on into the reply it makes):
+    /// each copy of a cached value's handle is an atomic count up and one down again.
     pub fn resume(
         &mut self,
-        replies: &[Message],
+        replies: &mut [Message],
         now_ms: u64,
         batch: &mut Vec<KeyRequest>,
     ) -> Step {
@@ -530,12 +531,12 @@ impl Script {
     }
 
     /// The error of a refused increment, by what the key holds now.
-    fn explain(&mut self, replies: &[Message]) -> RespValue {
+    fn explain(&mut self, replies: &mut [Message]) -> RespValue {
         let otherwise = self
             .then
             .take()
             .expect("the explaining round was started with its error");
-        let Some(Ok(found)) = replies.first().map(found_of) else {
+        let Some(Ok(found)) = replies.first_mut().map(found_of) else {
             return otherwise;
         };
         match &self.op {
@@ -558,7 +559,7 @@ impl Script {
 
     /// The reply once the reads ran, or (`Err`) the writes still to make and the reply once
     /// they succeed.
-    fn after_reads(&self, now_ms: u64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+    fn after_reads(&mut self, now_ms: u64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
         match &self.op {
             Op::Get(_)
             | Op::MGet(_)
@@ -582,10 +583,18 @@ impl Script {
     }
 
     /// [`Script::after_reads`] of the string commands other than SET.
-    fn string_after_reads(&self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+    fn string_after_reads(&mut self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
+        if let Op::Get(_) = self.op {
+            let found = self
+                .found
+                .first_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            return Ok(string_or_nil(or_reply!(found.into_string())));
+        }
         let first = self.first();
         match &self.op {
-            Op::Get(_) => Ok(string_or_nil(or_reply!(first.string()))),
+            Op::Get(_) => unreachable!("answered above"),
             // MGET answers nil for a key of another type, as Redis does.
             Op::MGet(_) => Ok(RespValue::Array(
                 self.found
@@ -892,9 +901,10 @@ fn assign(key: &Bytes, pairs: &[(Bytes, Bytes)]) -> KeyRequest {
 }
 
 /// What a read found under a key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 enum Found {
     /// Nothing (or only expired or deleted versions).
+    #[default]
     Missing,
     /// A string, and its expiry.
     Str(Bytes, Option<u64>),
@@ -911,6 +921,14 @@ const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kin
 impl Found {
     fn is_missing(&self) -> bool {
         *self == Found::Missing
+    }
+
+    /// [`Found::string`], moving the value out.
+    fn into_string(self) -> Result<Option<Bytes>, RespValue> {
+        match self {
+            Found::Str(v, _) => Ok(Some(v)),
+            other => other.string(),
+        }
     }
 
     /// The string, `None` if missing; a counter reads as its decimal value (Redis's INCR makes
@@ -1022,7 +1040,7 @@ fn hash_field((name, value): &(Bytes, FieldValue)) -> Option<(Bytes, Bytes)> {
 
 /// What a GET reply found for Redis: the convergent value, or the last value sibling, and the
 /// key's expiry.
-fn found_of(reply: &Message) -> Result<Found, RespValue> {
+fn found_of(reply: &mut Message) -> Result<Found, RespValue> {
     match reply {
         Message::GetOk(ok) => {
             let expires = ok.expires_at_ms;
@@ -1045,10 +1063,10 @@ fn found_of(reply: &Message) -> Result<Found, RespValue> {
             }
             Ok(ok
                 .siblings
-                .iter()
+                .iter_mut()
                 .rev()
                 .find_map(|s| match s {
-                    Sibling::Value(v) => Some(v.clone()),
+                    Sibling::Value(v) => Some(std::mem::take(v)),
                     Sibling::Tombstone => None,
                 })
                 .map_or(Found::Missing, |v| Found::Str(v, ok.expires_at_ms)))

@@ -103,9 +103,9 @@ fn script(
                 assert_eq!(batch.len(), 1 + n, "{line}: pushed what it says");
                 assert_eq!(batch[0], other(), "{line}: the batch's other request");
                 let requests = batch.split_off(1);
-                let replies: Vec<Message> = requests.iter().map(&mut answer).collect();
+                let mut replies: Vec<Message> = requests.iter().map(&mut answer).collect();
                 rounds.push(requests.iter().map(|r| r.body().clone()).collect());
-                step = s.resume(&replies, now, &mut batch);
+                step = s.resume(&mut replies, now, &mut batch);
             }
         }
     }

@@ -368,7 +368,7 @@ impl RespWave {
                 let WaveCommand::Run(script) = command else {
                     unreachable!("a command waiting for a round is a script")
                 };
-                match script.resume(&self.answers[at..at + count], now, &mut self.batch) {
+                match script.resume(&mut self.answers[at..at + count], now, &mut self.batch) {
                     resp::Step::Done(reply) => *command = WaveCommand::Ready(reply),
                     resp::Step::Run(count) => self.next.push((place, count)),
                 }
