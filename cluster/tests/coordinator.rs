@@ -159,7 +159,7 @@ fn both_reads(one: &mut One, now: u64, req: u64, r: Option<u8>) -> (Message, Opt
     let request = common::key_request(&one.core, get(r));
     let local = one.core.local_read(now, &request).map(|key| {
         let stored = common::carry_out(&one.store, key, StoreOp::Read).unwrap();
-        one.core.local_read_reply(now, stored.as_ref())
+        one.core.local_read_reply(now, stored)
     });
     (one.request_at(now, req, get(r)), local)
 }
@@ -193,11 +193,16 @@ fn a_get_whose_only_replica_is_here_is_read_locally_with_the_coordinated_answer(
     let mut lww = One::new(lww_props());
     lww.request_at(10, 1, put_expiring("s", Some(Expiry::Ttl { ms: 5 })));
     same(&mut lww, 12, "a live expiring value");
+    same(&mut lww, 14, "an expiring value in its last millisecond");
     same(&mut lww, 15, "an expired value");
-    lww.request_at(20, 2, incr(3, None));
+    lww.request_at(16, 2, put_expiring("p", None));
+    same(&mut lww, 16, "a plain value");
+    lww.request_at(17, 3, delete(None));
+    same(&mut lww, 17, "a deleted value");
+    lww.request_at(20, 4, incr(3, None));
     same(&mut lww, 20, "a counter");
     assert_eq!(one.core.stats().local_reads, 4);
-    assert_eq!(lww.core.stats().local_reads, 3);
+    assert_eq!(lww.core.stats().local_reads, 6);
 
     // A bucket with more replicas than members reads locally too: its `n` is capped at one.
     let mut capped = One::new(props(3));

@@ -98,6 +98,18 @@ impl Val {
         }
     }
 
+    /// [`Val::live`], taking the version: its value moves out.
+    pub fn into_live(self, now_ms: u64) -> Option<Bytes> {
+        match self {
+            Val::Value(v) => Some(v),
+            Val::Expiring {
+                value,
+                expires_at_ms,
+            } if now_ms < expires_at_ms => Some(value),
+            Val::Expiring { .. } | Val::Tombstone => None,
+        }
+    }
+
     /// From when this version reads as a deletion: 0 for a tombstone, its expiry time for an
     /// expiring value, never (`None`) for a plain value.
     pub fn dead_from(&self) -> Option<u64> {

@@ -488,10 +488,7 @@ impl Shard {
         if op == KeyOp::Get {
             let key = self.core.borrow_mut().local_read(now, request)?;
             let stored = self.store_now(&key, &StoreOp::Read)?.ok()?;
-            let answer = self
-                .core
-                .borrow_mut()
-                .local_read_reply(now, stored.as_ref());
+            let answer = self.core.borrow_mut().local_read_reply(now, stored);
             return Some(Served::Now(answer));
         }
         let write = self.core.borrow_mut().local_write(now, request)?;

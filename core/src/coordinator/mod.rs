@@ -1270,10 +1270,15 @@ impl Core {
     }
 
     /// The answer to a GET that [`Core::local_read`] let the shell read itself, from what the
-    /// store held: the answer the coordinated read gives for the same object.
-    pub fn local_read_reply(&mut self, now: u64, stored: Option<&Object>) -> Message {
+    /// store held: the answer the coordinated read gives for the same object. It takes the
+    /// object, so that a plain last-write-wins value (most reads) moves into the answer: a copy
+    /// of a cached value's handle is an atomic count up, and its drop one down.
+    pub fn local_read_reply(&mut self, now: u64, stored: Option<Object>) -> Message {
         self.stats.local_reads += 1;
-        read_reply(stored, now)
+        match stored {
+            Some(Object::Lww(lww)) => lww_read_reply(lww, now),
+            other => read_reply(other.as_ref(), now),
+        }
     }
 
     /// The storage write of a client PUT this node can make alone, without coordinating it
@@ -3305,6 +3310,23 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
         siblings,
         context,
         expires_at_ms,
+        fields: None,
+        crdt: None,
+    })
+}
+
+/// [`read_reply`] of a plain last-write-wins object, taking it: one version, no context; a
+/// deleted or expired one answers no sibling and no expiry.
+fn lww_read_reply(lww: Lww, now: u64) -> Message {
+    let expires_at_ms = lww.val.expires_at_ms();
+    let siblings = match lww.val.into_live(now) {
+        Some(value) => vec![Sibling::Value(value)],
+        None => Vec::new(),
+    };
+    Message::GetOk(GetOk {
+        expires_at_ms: expires_at_ms.filter(|_| !siblings.is_empty()),
+        siblings,
+        context: Bytes::new(),
         fields: None,
         crdt: None,
     })
