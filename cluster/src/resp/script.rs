@@ -557,6 +557,14 @@ impl Script {
         self.found.first().unwrap_or(&Found::Missing)
     }
 
+    /// [`Script::first`], taken: what is left in its place is `Missing`.
+    fn take_first(&mut self) -> Found {
+        self.found
+            .first_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// The reply once the reads ran, or (`Err`) the writes still to make and the reply once
     /// they succeed.
     fn after_reads(&mut self, now_ms: u64) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
@@ -585,16 +593,11 @@ impl Script {
     /// [`Script::after_reads`] of the string commands other than SET.
     fn string_after_reads(&mut self) -> Result<RespValue, (Vec<KeyRequest>, RespValue)> {
         if let Op::Get(_) = self.op {
-            let found = self
-                .found
-                .first_mut()
-                .map(std::mem::take)
-                .unwrap_or_default();
-            return Ok(string_or_nil(or_reply!(found.into_string())));
+            // The value moves on into the reply (`resume`).
+            return Ok(string_or_nil(or_reply!(self.take_first().into_string())));
         }
         let first = self.first();
         match &self.op {
-            Op::Get(_) => unreachable!("answered above"),
             // MGET answers nil for a key of another type, as Redis does.
             Op::MGet(_) => Ok(RespValue::Array(
                 self.found
