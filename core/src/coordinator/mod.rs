@@ -3245,6 +3245,10 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
             crdt: None,
         });
     };
+    if let Object::Lww(lww) = object {
+        // One version: the answer [`Core::local_read_reply`] gives, which takes the object.
+        return lww_read_reply(lww.clone(), now);
+    }
     if let Object::Crdt(c) = object {
         let value = c.value(now);
         return Message::GetOk(GetOk {
@@ -3315,8 +3319,8 @@ fn read_reply(merged: Option<&Object>, now: u64) -> Message {
     })
 }
 
-/// [`read_reply`] of a plain last-write-wins object, taking it: one version, no context; a
-/// deleted or expired one answers no sibling and no expiry.
+/// [`read_reply`] of a plain last-write-wins object, taking it so that its value moves into the
+/// answer: one version, no context; a deleted or expired one answers no sibling and no expiry.
 fn lww_read_reply(lww: Lww, now: u64) -> Message {
     let expires_at_ms = lww.val.expires_at_ms();
     let siblings = match lww.val.into_live(now) {
