@@ -225,11 +225,8 @@ fn keep_live(st: &State, input: &Segment, entries: &[HintEntry], kept: &mut Vec<
         // The index line of the entry a few ahead is asked for now: the lookups then wait for
         // memory side by side, not one after another (each is a cache miss once the index
         // outgrows the CPU's caches).
-        if let Some(ahead) = entries.get(i + crate::index::PREFETCH_AHEAD)
-            && matches!(ahead.kind, RecordKind::Put | RecordKind::Tombstone)
-        {
-            st.index
-                .prefetch(ahead.partition, ahead.key, &mut crate::prefetch::range);
+        if let Some(ahead) = entries.get(i + crate::index::PREFETCH_AHEAD) {
+            st.index.prefetch_hinted(ahead);
         }
         let live = match e.kind {
             RecordKind::SegmentHeader => false,

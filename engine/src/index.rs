@@ -220,6 +220,18 @@ impl Index {
         }
     }
 
+    /// [`prefetch`](Self::prefetch) of the key a hint entry names, if it names one (a put or a
+    /// tombstone). The walks over hint entries (compaction's, recovery's) call it
+    /// [`PREFETCH_AHEAD`] entries ahead of their lookups.
+    pub(crate) fn prefetch_hinted(&self, e: &crate::hint::HintEntry) {
+        if matches!(
+            e.kind,
+            crate::record::RecordKind::Put | crate::record::RecordKind::Tombstone
+        ) {
+            self.prefetch(e.partition, e.key, &mut crate::prefetch::range);
+        }
+    }
+
     /// Inserts or replaces a key's entry; returns the entry it replaced.
     pub fn upsert(&mut self, partition: u32, kh: KeyHash, e: Entry) -> Option<Entry> {
         let part = self.parts.entry(partition).or_default();

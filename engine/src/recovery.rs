@@ -365,11 +365,7 @@ pub(crate) async fn open(
             // Each lookup below is a cache miss once the index outgrows the CPU's caches: ask
             // for the line of the entry a few ahead now, so that the misses overlap.
             if i + PREFETCH_AHEAD < t.len() {
-                let ahead = t.get(i + PREFETCH_AHEAD);
-                if matches!(ahead.kind, RecordKind::Put | RecordKind::Tombstone) {
-                    st.index
-                        .prefetch(ahead.partition, ahead.key, &mut crate::prefetch::range);
-                }
+                st.index.prefetch_hinted(&t.get(i + PREFETCH_AHEAD));
             }
             let e = t.get(i);
             report.records += 1;
